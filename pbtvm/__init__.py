@@ -1,0 +1,18 @@
+"""pbtvm: PrecisionBatching on TVM.
+
+k-bit weights are stored as binary planes; at run time activations are quantized per row and
+split into planes too, and each layer becomes AND + popcount over planes with a shift-accumulate.
+
+>>> m = pbtvm.compile(model, (x,), target="llvm", bits=4)   # doctest: +SKIP
+>>> y = m(x, bitlayers=3)                                  # doctest: +SKIP
+>>> m.export("model.so"); m2 = pbtvm.load("model.so")      # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from .bitplane import PRESETS, BitplaneFormat  # noqa: E402
+from .compiler import compile  # noqa: E402, A004
+from .library import LibraryError  # noqa: E402
+from .runtime import CompiledModel, load  # noqa: E402
+
+__all__ = ["BitplaneFormat", "CompiledModel", "LibraryError", "PRESETS", "compile", "load", "__version__"]

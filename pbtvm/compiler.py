@@ -1,0 +1,168 @@
+"""``pbtvm.compile``: torch.nn.Module -> PB-compiled model (torch.export + Relax + TVM build)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from typing import Any
+
+
+from . import __version__
+from ._tvm import TVM_VERSION, tvm
+from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
+from .cuda import nvcc_compile_hook
+from .relay_passes import pb_passes
+from .relay_passes.pb_linear_rewrite import weight_key
+from .runtime import MANIFEST_SCHEMA, CompiledModel
+from .target import resolve_target, target_summary
+
+logger = logging.getLogger(__name__)
+
+
+def import_model(model: Any, example_inputs: tuple, dynamic_batch: bool = True) -> tuple[tvm.IRModule, list[dict], bool]:
+    """Import a torch module with ``torch.export`` + ``from_exported_program``.
+
+    Returns the Relax module, the input specs (dtype, shape with None for a dynamic batch) and
+    whether the batch dimension is dynamic. If torch cannot export a dynamic batch (the model
+    specialises on it), the batch is fixed with a warning.
+    """
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple | list):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if not example_inputs:
+        raise ValueError("example_inputs is empty: give one example tensor per model input")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0:
+            raise ValueError(f"example input {i} is a scalar; inputs need a batch dimension")
+    model = model.eval()
+    exported, dynamic = None, False
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple({0: batch} for _ in example_inputs)
+        try:
+            exported = torch.export.export(model, example_inputs, dynamic_shapes=shapes)
+            dynamic = True
+        except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
+            warnings.warn(f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
+                          "the model is compiled for the example batch size only", stacklevel=3)
+    if exported is None:
+        exported = torch.export.export(model, example_inputs)
+    mod = from_exported_program(exported)
+    specs = [
+        {"dtype": str(x.dtype).replace("torch.", ""), "shape": [None if (dynamic and d == 0) else int(s) for d, s in enumerate(x.shape)]}
+        for x in example_inputs
+    ]
+    return mod, specs, dynamic
+
+
+def _layer_names(model: Any) -> dict[str, str]:
+    names = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and hasattr(weight, "detach"):
+            names.setdefault(weight_key(weight.detach().cpu().numpy()), f"{name} ({type(module).__name__})")
+    return names
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model: Any,
+    example_inputs: Any,
+    target: Any = "llvm",
+    bits: int = 4,
+    act_bits: int = DEFAULT_ACT_BITS,
+    *,
+    layout: str = "kNW",
+    dynamic_batch: bool = True,
+) -> CompiledModel:
+    """Compile a torch model with PrecisionBatching.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    example_inputs : torch.Tensor or tuple of torch.Tensor
+        One example per model input; dimension 0 is the batch and stays dynamic when possible.
+    target : str, dict or tvm.target.Target
+        ``"llvm"`` (host CPU), ``"cuda"`` (local GPU) or an explicit target such as
+        ``{"kind": "cuda", "arch": "sm_90"}`` (works without a GPU: the kernels are built with
+        nvcc and can be exported).
+    bits : int
+        Weight bits, 1..16.
+    act_bits : int
+        Activation bits, 2..16 (dynamic per-row scale).
+    layout : str
+        Weight plane layout, see :data:`pbtvm.bitplane.LAYOUTS`.
+    dynamic_batch : bool
+        Export with a symbolic batch dimension.
+
+    Returns
+    -------
+    CompiledModel
+        Callable as ``m(*inputs, bitlayers=None)``; ``m.export(path)`` writes a deployable .so.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bits or act_bits out of range, unknown target, non-tensor inputs.
+    """
+    fmt = BitplaneFormat(bits, act_bits, layout=layout)
+    tvm_target = resolve_target(target)
+    t0 = time.perf_counter()
+    mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch)
+    logger.info("imported model in %.1fs", time.perf_counter() - t0)
+
+    rewrite, passes = pb_passes(fmt, tvm_target)
+    with tvm_target:
+        mod = passes(mod)
+    report = rewrite.report
+    names = _layer_names(model)
+    converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
+    skipped = [{"name": names.get(s["weight_key"] or "", s["op"]), **s} for s in report.skipped]
+    if skipped:
+        listed = ", ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+        warnings.warn(f"pbtvm: {len(skipped)} layer(s) stay in full precision: {listed}", stacklevel=2)
+    if not converted:
+        warnings.warn("pbtvm: no dense layer was converted to PrecisionBatching", stacklevel=2)
+
+    summary = target_summary(tvm_target)
+    t1 = time.perf_counter()
+    hook = nvcc_compile_hook(summary["arch"]) if summary["kind"] == "cuda" else contextlib.nullcontext()
+    with hook:
+        executable = tvm.compile(mod, target=tvm_target)
+    logger.info("built in %.1fs", time.perf_counter() - t1)
+
+    with torch_no_grad():
+        out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "pbtvm_version": __version__,
+        "tvm_version": TVM_VERSION,
+        "format": fmt.to_dict(),
+        "target": summary,
+        "inputs": specs,
+        "dynamic_batch": dynamic,
+        "single_output": not isinstance(out, tuple | list),
+        "has_bitlayers": bool(converted),
+        "layers": {"converted": converted, "skipped": skipped},
+    }
+    return CompiledModel(executable, manifest, "cuda" if summary["kind"] == "cuda" else "cpu")
+
+
+@contextlib.contextmanager
+def torch_no_grad():  # noqa: ANN201
+    """``torch.no_grad`` without importing torch at module import."""
+    import torch
+
+    with torch.no_grad():
+        yield
+
+
+__all__ = ["compile", "import_model"]

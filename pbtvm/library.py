@@ -1,0 +1,275 @@
+"""The deployable .so: TVM's module blob plus a pbtvm manifest, both in named ELF sections.
+
+Layout of an exported library (Linux ELF):
+
+* ``.pbtvm_manifest``: the manifest JSON (format version, bits, target, TVM version, layers),
+  readable without loading the library (``pbtvm inspect``, and the checks :func:`pbtvm.load`
+  makes before it hands the file to TVM).
+* ``.pbtvm_devbin``: the symbol ``__tvm_ffi__library_bin`` that TVM's loader reads: the
+  serialized import tree (VM bytecode, device modules). Any CUDA module that still holds CUDA
+  source is replaced by an nvcc-built fatbin here, so loading needs no compiler.
+
+TVM's blob format (tvm-ffi ``SerializeModuleToBytes``): ``u64 nbytes``, then a u64-vector of
+import-tree row pointers, a u64-vector of child indices, then per module a string ``kind`` and,
+unless the kind is ``_lib``, a byte string payload. Strings are ``u64 length`` + bytes. A CUDA
+payload is ``fmt`` string, function table, code bytes (code last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import tvm_ffi
+
+from .cuda import compile_fatbin
+
+MANIFEST_SECTION = ".pbtvm_manifest"
+DEVBIN_SECTION = ".pbtvm_devbin"
+BLOB_SYMBOL = "__tvm_ffi__library_bin"
+
+
+class LibraryError(ValueError):
+    """A file is not a (valid) pbtvm library."""
+
+
+# ====================================================================== ELF
+def read_elf_section(path: str, name: str) -> bytes | None:
+    """Bytes of section ``name`` in the ELF64 file ``path``, or None if it has no such section.
+
+    Raises
+    ------
+    LibraryError
+        If the file is not a little-endian ELF64 object or its headers are truncated.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or len(data) < 64:
+        raise LibraryError(f"{path} is not an ELF shared library")
+    if data[4] != 2 or data[5] != 1:
+        raise LibraryError(f"{path}: only little-endian ELF64 libraries are supported")
+    try:
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        sections = []
+        for i in range(shnum):
+            off = shoff + i * shentsize
+            sh_name, _, _, _, sh_offset, sh_size = struct.unpack_from("<IIQQQQ", data, off)
+            sections.append((sh_name, sh_offset, sh_size))
+        _, str_off, str_size = sections[shstrndx]
+        strtab = data[str_off : str_off + str_size]
+        for sh_name, sh_offset, sh_size in sections:
+            end = strtab.index(b"\0", sh_name)
+            if strtab[sh_name:end].decode() == name:
+                if sh_offset + sh_size > len(data):
+                    raise LibraryError(f"{path}: section {name} runs past the end of the file (truncated?)")
+                return data[sh_offset : sh_offset + sh_size]
+    except (struct.error, IndexError, ValueError) as err:
+        if isinstance(err, LibraryError):
+            raise
+        raise LibraryError(f"{path}: corrupt ELF headers ({err})") from err
+    return None
+
+
+# ====================================================================== TVM blob
+@dataclass
+class BlobModule:
+    """One module of the serialized import tree."""
+
+    kind: str
+    payload: bytes | None  # None for "_lib" (the DSO itself)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def u64(self) -> int:
+        (v,) = struct.unpack_from("<Q", self.data, self.pos)
+        self.pos += 8
+        return v
+
+    def raw(self) -> bytes:
+        n = self.u64()
+        if self.pos + n > len(self.data):
+            raise LibraryError("TVM module blob is truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def vec(self) -> list[int]:
+        return [self.u64() for _ in range(self.u64())]
+
+
+def _u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
+def _raw(b: bytes) -> bytes:
+    return _u64(len(b)) + b
+
+
+def parse_blob(blob: bytes) -> tuple[list[int], list[int], list[BlobModule]]:
+    """Split a packed import blob (with its u64 size header) into tree and modules."""
+    r = _Reader(blob)
+    try:
+        total = r.u64()
+        if total + 8 != len(blob):
+            raise LibraryError(f"TVM module blob says {total} bytes but holds {len(blob) - 8}")
+        row_ptr, children = r.vec(), r.vec()
+        modules = []
+        for _ in range(max(len(row_ptr) - 1, 0)):
+            kind = r.raw().decode()
+            modules.append(BlobModule(kind, None if kind == "_lib" else r.raw()))
+    except struct.error as err:
+        raise LibraryError("TVM module blob is truncated") from err
+    return row_ptr, children, modules
+
+
+def serialize_blob(row_ptr: list[int], children: list[int], modules: list[BlobModule]) -> bytes:
+    """Inverse of :func:`parse_blob`."""
+    body = _u64(len(row_ptr)) + b"".join(map(_u64, row_ptr)) + _u64(len(children)) + b"".join(map(_u64, children))
+    for m in modules:
+        body += _raw(m.kind.encode()) + (b"" if m.payload is None else _raw(m.payload))
+    return _u64(len(body)) + body
+
+
+def cuda_payload_format(payload: bytes) -> str:
+    """The ``fmt`` of a CUDA module payload: ``cuda`` (source), ``ptx``, ``cubin`` or ``fatbin``."""
+    return _Reader(payload).raw().decode()
+
+
+def cuda_payload_code(payload: bytes) -> bytes:
+    """The code bytes (last field) of a CUDA payload, found by its length prefix."""
+    head = 8 + len(cuda_payload_format(payload))
+    for pos in range(head, len(payload) - 7):  # first match = the longest tail = the code
+        if struct.unpack_from("<Q", payload, pos)[0] == len(payload) - pos - 8:
+            return payload[pos + 8 :]
+    raise LibraryError("cannot find the code in a CUDA module payload")
+
+
+def _source_to_fatbin(payload: bytes, sources: list[str], arch: str) -> bytes:
+    fmt = cuda_payload_format(payload)
+    if fmt in ("cubin", "fatbin"):
+        return payload
+    if fmt != "cuda":
+        raise LibraryError(f"CUDA module in format {fmt!r}: pbtvm exports only compiled cubin/fatbin")
+    head = 8 + len(fmt)
+    for src in sources:
+        tail = _raw(src.encode())
+        if payload.endswith(tail):
+            fmap = payload[head : len(payload) - len(tail)]
+            return _raw(b"fatbin") + fmap + _raw(compile_fatbin(src, arch))
+    raise LibraryError("CUDA source in the module blob does not match any CUDA module's source")
+
+
+def _cuda_sources(mod: Any) -> list[str]:
+    out, stack, seen = [], [mod], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if m.kind == "cuda":
+            out.append(str(m.inspect_source("cuda")) or str(m.inspect_source()))
+        stack.extend(m.imports)
+    return out
+
+
+def _c_array(name: str, section: str, data: bytes) -> str:
+    """C/C++ source defining an exported, unmangled byte array in its own ELF section."""
+    body = ",".join(str(b) for b in data)
+    return (
+        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
+        f'__attribute__((section("{section}"), used, aligned(8), visibility("default")))\n'
+        f"extern const unsigned char {name}[{len(data)}];\n"
+        f"const unsigned char {name}[{len(data)}] = {{{body}}};\n"
+        "#ifdef __cplusplus\n}\n#endif\n"
+    )
+
+
+def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | None) -> None:
+    """Write ``executable`` (a ``tvm.runtime.Executable``) as one .so with the manifest inside.
+
+    Parameters
+    ----------
+    executable : tvm.runtime.Executable
+    path : str
+        Output path of the shared library.
+    manifest : dict
+        JSON-serialisable manifest, stored in ``.pbtvm_manifest``.
+    cuda_arch : str or None
+        ``sm_XY`` to compile any remaining CUDA source for; None for CPU modules.
+    """
+    manifest_bytes = json.dumps(manifest, sort_keys=True).encode() + b"\0"
+    pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
+
+    def fpack_imports(mod: Any, is_system_lib: bool, prefix: str, workspace: str) -> str:
+        if is_system_lib or prefix:
+            raise ValueError("pbtvm exports are shared libraries, not system libs")
+        row_ptr, children, modules = parse_blob(bytes(pack(mod).numpy()))
+        sources = None
+        for m in modules:
+            if m.kind == "cuda":
+                if cuda_arch is None:
+                    raise LibraryError("the module has CUDA kernels but no CUDA arch was given")
+                sources = sources if sources is not None else _cuda_sources(mod)
+                m.payload = _source_to_fatbin(m.payload, sources, cuda_arch)
+        out = os.path.join(workspace, "pbtvm_devc.c")
+        with open(out, "w") as f:
+            f.write(_c_array(BLOB_SYMBOL, DEVBIN_SECTION, serialize_blob(row_ptr, children, modules)))
+        return out
+
+    with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp:
+        manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
+        with open(manifest_c, "w") as f:
+            f.write(_c_array("pbtvm_manifest", MANIFEST_SECTION, manifest_bytes))
+        executable.mod.export_library(path, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of a pbtvm library, without loading it.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    LibraryError
+        If the file is not an ELF library, has no pbtvm manifest, or the manifest is corrupt.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    raw = read_elf_section(path, MANIFEST_SECTION)
+    if raw is None:
+        raise LibraryError(f"{path} is not a pbtvm module (no {MANIFEST_SECTION} section)")
+    try:
+        return json.loads(raw.rstrip(b"\0").decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LibraryError(f"{path}: the pbtvm manifest is corrupt ({err})") from err
+
+
+def device_modules(path: str) -> list[dict]:
+    """Kinds and formats of the device modules packed in a pbtvm library (for ``inspect``)."""
+    blob = read_elf_section(path, DEVBIN_SECTION)
+    if blob is None:
+        return []
+    _, _, modules = parse_blob(blob)
+    out = []
+    for m in modules:
+        entry = {"kind": m.kind, "bytes": 0 if m.payload is None else len(m.payload)}
+        if m.kind == "cuda":
+            entry["format"] = cuda_payload_format(m.payload)
+        out.append(entry)
+    return out
+
+
+def cuda_binaries(path: str) -> list[bytes]:
+    """The compiled CUDA images (fatbin/cubin bytes) packed in a pbtvm library."""
+    blob = read_elf_section(path, DEVBIN_SECTION)
+    if blob is None:
+        return []
+    return [cuda_payload_code(m.payload) for m in parse_blob(blob)[2] if m.kind == "cuda"]

@@ -1,0 +1,22 @@
+"""Pure TE computes for PrecisionBatching; schedules live in ``pbtvm.schedules``.
+
+Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (``"act_pack"``
+or ``"pb_gemm"``) and the format fields, so schedule rules read the format instead of guessing.
+"""
+
+from .act_pack import act_quantize_pack
+from .pb_gemm import pb_dense, pb_int_product
+
+__all__ = ["act_quantize_pack", "pb_dense", "pb_int_product", "kernel_attrs"]
+
+
+def kernel_attrs(kernel: str, fmt, k_dim: int) -> dict:  # noqa: ANN001 - BitplaneFormat
+    """PrimFunc attributes for a PB kernel; schedules and the tuner key on them."""
+    return {
+        "pbtvm.kernel": kernel,
+        "pbtvm.bits": fmt.bits,
+        "pbtvm.act_bits": fmt.act_bits,
+        "pbtvm.layout": fmt.layout,
+        "pbtvm.k": int(k_dim),
+        "pbtvm.format_version": fmt.version,
+    }

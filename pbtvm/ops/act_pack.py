@@ -1,0 +1,68 @@
+"""TE: run-time activation quantization (dynamic per-row scale) fused with bitplane packing."""
+
+from __future__ import annotations
+
+from .._tvm import te, tir
+from ..bitplane import WORD_BITS, BitplaneFormat
+from .common import plane_bit
+
+__all__ = ["act_quantize_pack"]
+
+
+def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
+    """Quantize ``x`` per row to ``fmt.act_bits`` and pack it into bitplanes.
+
+    Mirrors :func:`pbtvm.quantize.quantize_activations` + :func:`pbtvm.bitplane.pack_activations`
+    bit for bit.
+
+    Parameters
+    ----------
+    x : te.Tensor, float32, shape [B, K]
+        B may be symbolic.
+    fmt : BitplaneFormat
+
+    Returns
+    -------
+    list of te.Tensor
+        ``xp`` uint32 [act_bits, B, ceil(K/32)], ``x_scale`` float32 [B] and
+        ``rowsum`` [B] (``fmt.accumulator_dtype(K)``, the sum of the activation codes).
+    """
+    if x.dtype != "float32":
+        raise TypeError(f"act_quantize_pack expects float32 activations, got {x.dtype}")
+    batch, k_dim = x.shape
+    k_int = int(k_dim)
+    nwords = fmt.words(k_int)
+    qmax = float(fmt.act_qmax)
+    acc_dtype = fmt.accumulator_dtype(k_int)
+    r = te.reduce_axis((0, k_dim), "r")
+    amax = te.compute((batch,), lambda b: te.max(tir.abs(x[b, r]), axis=r), name="pb_amax")
+    x_scale = te.compute((batch,), lambda b: amax[b] / tir.const(qmax, "float32"), name="pb_xscale")
+    inv = te.compute(
+        (batch,),
+        lambda b: tir.if_then_else(
+            amax[b] > tir.const(0, "float32"),
+            tir.const(qmax, "float32") / amax[b],
+            tir.const(0, "float32"),
+        ),
+        name="pb_xinv",
+    )
+    xq = te.compute(
+        (batch, k_dim),
+        lambda b, k: tir.max(
+            tir.min(tir.floor(x[b, k] * inv[b] + tir.const(0.5, "float32")), tir.const(qmax, "float32")),
+            tir.const(-qmax, "float32"),
+        ).astype("int32"),
+        name="pb_xq",
+    )
+    t = te.reduce_axis((0, WORD_BITS), "t")
+
+    def pack(p, b, w):  # noqa: ANN001, ANN202
+        kk = w * WORD_BITS + t
+        bit = tir.bitwise_and(tir.shift_right(xq[b, tir.min(kk, k_int - 1)], plane_bit(p, fmt.act_bits).astype("int32")), 1)
+        bit = tir.if_then_else(kk < k_int, bit, 0).astype("uint32")
+        return te.sum(tir.shift_left(bit, t.astype("uint32")), axis=t)
+
+    xp = te.compute((fmt.act_bits, batch, nwords), pack, name="pb_xpack")
+    r2 = te.reduce_axis((0, k_dim), "r2")
+    rowsum = te.compute((batch,), lambda b: te.sum(xq[b, r2].astype(acc_dtype), axis=r2), name="pb_rowsum")
+    return [xp, x_scale, rowsum]

@@ -1,0 +1,115 @@
+"""TE: the PrecisionBatching product over bitplanes and its float epilogue.
+
+``acc[b, n] = sum_{i < bitlayers} sum_j sum_w c_i d_j popcount(W[i, n, w] & X[j, b, w])``
+
+``bitlayers`` is a symbolic TIR variable, so one compiled kernel serves every precision 1..k
+and reads only the planes it accumulates.
+"""
+
+from __future__ import annotations
+
+from .._tvm import te, tir
+from ..bitplane import BitplaneFormat
+from .common import plane_coefficient
+
+__all__ = ["pb_int_product", "pb_dense", "GEMM_BLOCK", "SCHEDULE_RULE"]
+
+#: Name of the reduction block every PB schedule looks for.
+GEMM_BLOCK = "pb_gemm"
+#: Tag on the reduction block; MetaSchedule custom rules are registered under this name.
+SCHEDULE_RULE = "pbtvm_bitplane_gemm"
+
+
+def _rows(wp: te.Tensor, fmt: BitplaneFormat) -> tir.PrimExpr:
+    return wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]
+
+
+def _check(xp: te.Tensor, wp: te.Tensor, fmt: BitplaneFormat, k_dim: int) -> None:
+    want = fmt.weight_shape(int(_rows(wp, fmt)), k_dim)
+    if tuple(int(s) for s in wp.shape) != want:
+        raise ValueError(f"packed weights have shape {tuple(wp.shape)}, {fmt.name} wants {want}")
+    if int(xp.shape[0]) != fmt.act_bits or int(xp.shape[2]) != fmt.words(k_dim):
+        raise ValueError(f"packed activations have shape {tuple(xp.shape)}, incompatible with {fmt.name}, K={k_dim}")
+
+
+def _plane_sum(xp: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: BitplaneFormat, k_dim: int) -> te.Tensor:
+    _check(xp, wp, fmt, k_dim)
+    acc_dtype = fmt.accumulator_dtype(k_dim)
+    batch, n_rows = xp.shape[1], _rows(wp, fmt)
+    i = te.reduce_axis((0, bitlayers), "i")
+    j = te.reduce_axis((0, fmt.act_bits), "j")
+    w = te.reduce_axis((0, xp.shape[2]), "w")
+    signed_w = fmt.codebook == "twos_complement"
+
+    def body(b, n):  # noqa: ANN001, ANN202
+        pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(i, n, w)], xp[j, b, w])).astype(acc_dtype)
+        coef = plane_coefficient(i, fmt.bits, signed_w, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
+        return te.sum(pc * coef, axis=[i, j, w])
+
+    return te.compute((batch, n_rows), body, name=GEMM_BLOCK, attrs={"schedule_rule": SCHEDULE_RULE})
+
+
+def pb_int_product(
+    xp: te.Tensor, rowsum: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: BitplaneFormat, k_dim: int
+) -> te.Tensor:
+    """Exact integer PB product, equal to :func:`pbtvm.bitplane.bitplane_matmul`.
+
+    Parameters
+    ----------
+    xp : te.Tensor, uint32, [act_bits, B, W]
+    rowsum : te.Tensor, [B], accumulator dtype
+    wp : te.Tensor, uint32, ``fmt.weight_shape(N, K)``
+    bitlayers : PrimExpr, int64
+        Number of top weight planes to accumulate, 1..bits.
+    fmt : BitplaneFormat
+    k_dim : int
+        Unpadded K.
+
+    Returns
+    -------
+    te.Tensor, ``fmt.accumulator_dtype(K)``, [B, N]
+    """
+    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim)
+    off = fmt.weight_offset
+    return te.compute(acc.shape, lambda b, n: acc[b, n] + tir.const(off, acc.dtype) * rowsum[b], name="pb_acc")
+
+
+def pb_dense(
+    xp: te.Tensor,
+    x_scale: te.Tensor,
+    rowsum: te.Tensor,
+    wp: te.Tensor,
+    w_scale: te.Tensor,
+    bias: te.Tensor | None,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+    k_dim: int,
+) -> te.Tensor:
+    """PB linear layer on packed activations: ``(acc + (off + corr) rowsum) s_x s_w + bias``.
+
+    Parameters
+    ----------
+    xp, rowsum, wp, bitlayers, fmt, k_dim
+        As in :func:`pb_int_product`.
+    x_scale : te.Tensor, float32, [B]
+    w_scale : te.Tensor, float32, [N]
+    bias : te.Tensor, float32, [N], or None
+
+    Returns
+    -------
+    te.Tensor, float32, [B, N]
+        Matches :func:`pbtvm.quantize.pb_linear_reference` within float32 rounding.
+    """
+    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim)
+    # Offset (bipolar) plus the expected value of the dropped planes, (2^(k-L) - 1) / 2.
+    dropped = (tir.const(fmt.bits, "int64") - bitlayers.astype("int64")).astype("int64")
+    corr = (tir.shift_left(tir.const(1, "int64"), dropped) - 1).astype("float32") * tir.const(0.5, "float32")
+    if fmt.codebook == "bipolar":
+        corr = tir.const(0.0, "float32")
+    off = tir.const(float(fmt.weight_offset), "float32") + corr
+
+    def epilogue(b, n):  # noqa: ANN001, ANN202
+        y = (acc[b, n].astype("float32") + off * rowsum[b].astype("float32")) * x_scale[b] * w_scale[n]
+        return y + bias[n] if bias is not None else y
+
+    return te.compute(acc.shape, epilogue, name="pb_out")

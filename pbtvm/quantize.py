@@ -1,0 +1,116 @@
+"""Quantizers (numpy): per-channel weights at compile time, per-row activations at run time.
+
+No retraining and no calibration data: weights use round-to-nearest with a per-output-channel
+scale; activations get a dynamic per-row scale computed from the row's own max, so nothing wraps
+(the paper's code used unscaled fixed point, which overflows on large activations).
+
+The activation rounding is ``floor(x * inv_scale + 0.5)`` in float32 (``inv_scale`` =
+``act_qmax / amax``) because the TE operator computes exactly that on every target; numpy's
+round-half-even would differ from CUDA's ``roundf`` on ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bitplane import BitplaneFormat, bitplane_matmul, pack_activations, plane_rowsum
+
+__all__ = ["quantize_weights", "quantize_activations", "pb_linear_reference"]
+
+
+def quantize_weights(w: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a float weight matrix per output channel.
+
+    Parameters
+    ----------
+    w : np.ndarray, float, shape [N, K]
+        Weight matrix (``nn.Linear.weight`` layout: out x in).
+    fmt : BitplaneFormat
+
+    Returns
+    -------
+    q : np.ndarray, int32, shape [N, K]
+        Codes: symmetric ``-(2^(k-1)-1)..2^(k-1)-1`` for two's complement; ``+-1`` for bipolar.
+    scale : np.ndarray, float32, shape [N]
+        ``w ~= q * scale[:, None]``. Two's complement: ``max|w| / qmax``; bipolar: ``mean|w|``
+        (the least-squares scale for sign codes). All-zero rows get scale 0.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be 2-D [N, K], got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise TypeError(f"weights must be floating point, got {w.dtype}")
+    w = w.astype(np.float32)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights contain NaN or Inf")
+    if fmt.codebook == "bipolar":
+        scale = np.abs(w).mean(axis=1).astype(np.float32)
+        q = np.where(w >= 0, 1, -1).astype(np.int32)
+        return q, scale
+    qmax = fmt.weight_qmax
+    scale = (np.abs(w).max(axis=1) / qmax).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.round(w / safe[:, None]), -qmax, qmax).astype(np.int32)
+    return q, scale
+
+
+def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize activations per row with a dynamic symmetric scale (the run-time step).
+
+    Parameters
+    ----------
+    x : np.ndarray, float32, shape [B, K]
+    fmt : BitplaneFormat
+        Uses ``act_bits``.
+
+    Returns
+    -------
+    xq : np.ndarray, int32, shape [B, K]
+        Codes in ``-act_qmax..act_qmax``.
+    scale : np.ndarray, float32, shape [B]
+        ``x ~= xq * scale[:, None]``; 0 for all-zero rows.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"activations must be 2-D [B, K], got shape {x.shape}")
+    qmax = np.float32(fmt.act_qmax)
+    amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
+    inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    scale = (amax / qmax).astype(np.float32)
+    v = np.floor(x * inv[:, None] + np.float32(0.5))
+    xq = np.clip(v, -qmax, qmax).astype(np.int32)
+    return xq, scale
+
+
+def pb_linear_reference(
+    x: np.ndarray,
+    wp: np.ndarray,
+    w_scale: np.ndarray,
+    bias: np.ndarray | None,
+    fmt: BitplaneFormat,
+    bitlayers: int | None = None,
+) -> np.ndarray:
+    """Float reference of one PB linear layer, step for step as the compiled kernels do it.
+
+    Parameters
+    ----------
+    x : np.ndarray, float32, shape [B, K]
+    wp : np.ndarray, uint32, shape ``fmt.weight_shape(N, K)``
+    w_scale : np.ndarray, float32, shape [N]
+    bias : np.ndarray, float32, shape [N], or None
+    fmt : BitplaneFormat
+    bitlayers : int, optional
+
+    Returns
+    -------
+    np.ndarray, float32, shape [B, N]
+        ``(acc + corr * rowsum) * s_x[b] * s_w[n] + bias[n]``.
+    """
+    xq, xs = quantize_activations(x, fmt)
+    xp = pack_activations(xq, fmt)
+    acc = bitplane_matmul(wp, xp, fmt, bitlayers)
+    corr = fmt.truncation_correction(bitlayers) * plane_rowsum(xp, fmt)[:, None]
+    y = (acc + corr) * xs[:, None].astype(np.float64) * np.asarray(w_scale, np.float64)[None, :]
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)[None, :]
+    return y.astype(np.float32)

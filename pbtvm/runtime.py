@@ -1,0 +1,212 @@
+"""Running compiled PB models: the callable :class:`CompiledModel` and :func:`load`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from . import library
+from ._tvm import TVM_VERSION, relax, tvm
+from .bitplane import FORMAT_VERSION, BitplaneFormat
+from .target import local_cuda_arch
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = 1
+
+
+class CompiledModel:
+    """A PB-compiled model: call it like the torch module it came from.
+
+    Parameters
+    ----------
+    module : tvm.runtime.Executable or tvm.runtime.Module
+        Built Relax VM executable (from ``tvm.compile``) or a loaded library.
+    manifest : dict
+        What was compiled (see :func:`pbtvm.compile`).
+    device : str
+        ``"cpu"`` or ``"cuda"`` (optionally ``"cuda:N"``).
+    """
+
+    def __init__(self, module: Any, manifest: dict, device: str) -> None:
+        self._module = module
+        self.manifest = manifest
+        self.format = BitplaneFormat.from_dict(manifest["format"])
+        self.device = device
+        self._vm = None
+        self._dev = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def bits(self) -> int:
+        """Weight bits k."""
+        return self.format.bits
+
+    @property
+    def converted_layers(self) -> list[str]:
+        """Names of the layers running in PrecisionBatching."""
+        return [layer["name"] for layer in self.manifest["layers"]["converted"]]
+
+    @property
+    def fp32_layers(self) -> list[str]:
+        """Layers left in full precision."""
+        return [layer["name"] for layer in self.manifest["layers"]["skipped"]]
+
+    # ------------------------------------------------------------------ running
+    def _ensure_vm(self) -> None:
+        if self._vm is not None:
+            return
+        kind, _, index = self.device.partition(":")
+        if kind == "cuda":
+            arch = local_cuda_arch()
+            if arch is None:
+                raise RuntimeError("this model was compiled for CUDA but no CUDA device is available")
+            want = self.manifest["target"].get("arch")
+            if want and want != arch:
+                raise RuntimeError(f"this model was compiled for {want}; the local GPU is {arch}: recompile it")
+            self._dev = tvm.cuda(int(index or 0))
+        else:
+            self._dev = tvm.cpu(0)
+        self._vm = relax.VirtualMachine(self._module, self._dev)
+
+    def _to_tvm(self, value: Any, spec: dict, index: int) -> Any:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            torch = None
+        if torch is not None and isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).replace("torch.", "")
+            shape = tuple(value.shape)
+        elif isinstance(value, np.ndarray):
+            dtype, shape = str(value.dtype), value.shape
+        else:
+            raise TypeError(f"input {index} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+        if dtype != spec["dtype"]:
+            raise TypeError(f"input {index} has dtype {dtype}, the model was compiled for {spec['dtype']}")
+        want = spec["shape"]
+        if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=True)):
+            shown = tuple("batch" if w is None else w for w in want)
+            raise ValueError(f"input {index} has shape {tuple(shape)}, the model expects {shown}")
+        if any(s == 0 for s in shape):
+            raise ValueError(f"input {index} has an empty dimension: {tuple(shape)}")
+        if torch is not None and isinstance(value, torch.Tensor):
+            value = value.detach()
+            on_device = (value.device.type == "cuda") == (self._dev.dlpack_device_type() == 2)
+            if on_device and value.is_contiguous():
+                return tvm.runtime.from_dlpack(value)
+            value = value.cpu().contiguous().numpy()
+        return tvm.runtime.tensor(np.ascontiguousarray(value), self._dev)
+
+    def __call__(self, *inputs: Any, bitlayers: int | None = None) -> Any:
+        """Run the model.
+
+        Parameters
+        ----------
+        *inputs : torch.Tensor or numpy.ndarray
+            As the example inputs given to :func:`pbtvm.compile`; the batch (first) dimension may
+            differ.
+        bitlayers : int, optional
+            Run-time precision knob: accumulate only the top ``bitlayers`` weight planes
+            (1..bits; default all). Changing it never recompiles.
+
+        Returns
+        -------
+        torch.Tensor / numpy.ndarray, or a tuple of them
+            Same kind as the first input, same structure as the torch model's output.
+        """
+        specs = self.manifest["inputs"]
+        if len(inputs) != len(specs):
+            raise TypeError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
+        layers = self.format.check_bitlayers(bitlayers)
+        self._ensure_vm()
+        args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
+        if self.manifest["has_bitlayers"]:
+            args.append(tvm.runtime.ShapeTuple([layers]))
+        out = self._vm["main"](*args)
+        outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
+        as_torch = _is_torch(inputs[0])
+        converted = [_from_tvm(o, as_torch) for o in outs]
+        return converted[0] if self.manifest["single_output"] else tuple(converted)
+
+    # ------------------------------------------------------------------ export
+    def export(self, path: str) -> str:
+        """Write the model as one deployable .so (needs only the TVM runtime to load).
+
+        Returns the path written.
+        """
+        path = os.fspath(path)
+        if not hasattr(self._module, "mod"):
+            raise ValueError("this model was loaded from a library; copy the .so instead of re-exporting")
+        arch = self.manifest["target"].get("arch")
+        library.export_library(self._module, path, self.manifest, arch)
+        return path
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"CompiledModel({self.format.name}, target={m['target']}, "
+            f"{len(m['layers']['converted'])} PB layers, {len(m['layers']['skipped'])} fp32)"
+        )
+
+
+def _is_torch(value: Any) -> bool:
+    try:
+        import torch
+
+        return isinstance(value, torch.Tensor)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _from_tvm(value: Any, as_torch: bool) -> Any:
+    if as_torch:
+        import torch
+
+        return torch.from_dlpack(value)
+    return value.numpy()
+
+
+def check_manifest(manifest: dict, path: str) -> None:
+    """Raise :class:`library.LibraryError` if ``manifest`` cannot be served by this pbtvm/TVM."""
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise library.LibraryError(f"{path}: manifest schema {manifest.get('schema')} is not {MANIFEST_SCHEMA}")
+    fmt_version = manifest.get("format", {}).get("version")
+    if fmt_version != FORMAT_VERSION:
+        raise library.LibraryError(f"{path}: bitplane format version {fmt_version}, this pbtvm reads {FORMAT_VERSION}")
+    if manifest.get("tvm_version") != TVM_VERSION:
+        raise library.LibraryError(
+            f"{path} was built with TVM {manifest.get('tvm_version')}, this is TVM {TVM_VERSION}: recompile it"
+        )
+
+
+def load(path: str, device: str | None = None) -> CompiledModel:
+    """Load a library written by :meth:`CompiledModel.export`.
+
+    Parameters
+    ----------
+    path : str
+    device : str, optional
+        ``"cpu"`` or ``"cuda"``/``"cuda:N"``; defaults to the target the library was built for.
+
+    Raises
+    ------
+    FileNotFoundError, pbtvm.library.LibraryError
+        Missing file; not a pbtvm library; corrupt; built by another TVM or format version; or
+        its target does not match ``device``.
+    """
+    path = os.fspath(path)
+    manifest = library.read_manifest(path)
+    check_manifest(manifest, path)
+    kind = manifest["target"]["kind"]
+    built_for = "cuda" if kind == "cuda" else "cpu"
+    device = device or built_for
+    if device.partition(":")[0] != built_for:
+        raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
+    try:
+        module = tvm.runtime.load_module(path)
+    except Exception as err:  # noqa: BLE001 - TVM raises several types for a bad file
+        raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
+    return CompiledModel(module, manifest, device)

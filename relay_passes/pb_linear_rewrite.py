@@ -1,0 +1,306 @@
+"""Rewrite dense layers with constant weights into PrecisionBatching kernels.
+
+Matches what ``from_exported_program`` emits for ``nn.Linear`` and friends::
+
+    matmul(x, permute_dims(W))            W: constant [N, K] (also under broadcast_to)
+    matmul(x, C)                          C: constant [K, N]
+    add(<one of the above>, b)            b: constant [N], either operand order
+
+for 2-D and higher-rank ``x`` (flattened to [-1, K] and reshaped back), float32/16 activations.
+Each match becomes ``call_tir(act_pack)`` + ``call_tir(pb_dense)`` on pre-packed weight planes.
+Identical weight constants are quantized and packed once; layers that read the same activation
+share one activation pack. Every rewritten function gains a last parameter
+``bitlayers: R.Shape([L])`` - the run-time precision knob. Anything else that looks like a layer
+(matmuls with a non-constant operand, convolutions) is left in full precision and listed in the
+:class:`ConversionReport` (the caller warns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pbtvm._tvm import relax, te, tir, tvm
+from pbtvm.bitplane import BitplaneFormat, pack_weights
+from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
+from pbtvm.quantize import quantize_weights
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+logger = logging.getLogger(__name__)
+
+#: Layer ops that PB does not convert; they are reported as kept in full precision.
+UNCONVERTED_LAYER_OPS = (
+    "relax.nn.conv1d",
+    "relax.nn.conv2d",
+    "relax.nn.conv3d",
+    "relax.nn.conv1d_transpose",
+    "relax.nn.conv2d_transpose",
+)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ConversionReport:
+    """What the rewrite converted and what it left in full precision.
+
+    ``converted``: one dict per rewritten layer (``weight_key``, ``shape`` [N, K], ``bias``).
+    ``skipped``: one dict per layer-like op left alone (``op``, ``reason``, ``weight_key`` or None).
+    ``weight_key`` is :func:`weight_key` of the float weight, so callers can map layers back to
+    module names.
+    """
+
+    converted: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+def weight_key(array: np.ndarray) -> str:
+    """Content hash of a weight array (dtype, shape and bytes); equal weights share a key."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.sha1(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _op_name(expr: relax.Expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+@dataclass
+class _Linear:
+    x: relax.Expr
+    weight: np.ndarray  # [N, K] float
+    bias: np.ndarray | None
+    result: relax.Expr
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport) -> None:
+        super().__init__(mod)
+        self.fmt = fmt
+        self.report = report
+        self.bitlayers = tir.Var("bitlayers", "int64")
+        self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant]] = {}
+        self._act_packs: list[tuple[relax.Expr, relax.Expr]] = []
+        self._linears: list[_Linear] = []
+        self.n_rewritten = 0
+
+    # ------------------------------------------------------------------ matching helpers
+    def _unwrap(self, expr: relax.Expr) -> relax.Expr:
+        while isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if bound is None:
+                break
+            expr = bound
+        return expr
+
+    def _constant(self, expr: relax.Expr) -> np.ndarray | None:
+        expr = self._unwrap(expr)
+        return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
+
+    def _weight_of(self, rhs: relax.Expr) -> tuple[np.ndarray | None, str]:
+        """W [N, K] from the matmul's right operand, or (None, reason)."""
+        rhs = self._unwrap(rhs)
+        if _op_name(rhs) == "relax.broadcast_to":
+            rhs = self._unwrap(rhs.args[0])
+        if _op_name(rhs) == "relax.permute_dims":
+            axes = rhs.attrs.axes
+            inner = self._constant(rhs.args[0])
+            if inner is None:
+                return None, "weight is not a constant"
+            if inner.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+                return None, f"unsupported weight transpose of shape {inner.shape}"
+            return inner, ""
+        const = self._constant(rhs)
+        if const is None:
+            return None, "weight is not a constant"
+        if const.ndim != 2:
+            return None, f"weight has rank {const.ndim}, not 2"
+        return const.T, ""
+
+    def _match_matmul(self, call: relax.Call) -> tuple[relax.Expr | None, np.ndarray | None, str]:
+        x, rhs = call.args
+        weight, reason = self._weight_of(rhs)
+        if weight is None:
+            return None, None, reason
+        if not np.issubdtype(weight.dtype, np.floating):
+            return None, None, f"weight dtype {weight.dtype} is not floating point"
+        xv = self._unwrap(x)
+        if _op_name(xv) == "relax.broadcast_to":  # the exporter's no-op broadcast of 3-D inputs
+            inner = xv.args[0]
+            if tvm.ir.structural_equal(inner.ty.shape, x.ty.shape):
+                x = inner
+        ty = x.ty
+        if not isinstance(ty, relax.TensorType) or ty.ndim < 2 or ty.shape is None:
+            return None, None, "activation has unknown rank or shape"
+        if str(ty.dtype) not in FLOAT_DTYPES:
+            return None, None, f"activation dtype {ty.dtype} is not floating point"
+        k_dim = ty.shape.values[-1]
+        if not isinstance(k_dim, tir.IntImm) or int(k_dim) != weight.shape[1]:
+            return None, None, f"activation K {k_dim} does not match weight {weight.shape}"
+        return x, weight, ""
+
+    # ------------------------------------------------------------------ emission
+    def _emit_te(self, fn, inputs: list[relax.Expr], name: str, attrs: dict, prim_args: tuple = ()) -> relax.Expr:  # noqa: ANN001
+        """Like ``call_te`` but without its int64 index normalisation.
+
+        ``call_te`` widens every loop-derived integer to int64, which turns the int32 popcount
+        accumulation into ``int32(int64(acc) + ...)``; TVM's cross-thread reduction then finds no
+        reducer. Building the PrimFunc here keeps static loops int32.
+        """
+        holders = [te.placeholder(e.ty.shape.values, str(e.ty.dtype), f"in{i}") for i, e in enumerate(inputs)]
+        outs = fn(*holders, *prim_args)
+        outs = list(outs) if isinstance(outs, list | tuple) else [outs]
+        func = te.create_prim_func([*holders, *prim_args, *outs]).without_attr("global_symbol").with_attrs(attrs)
+        gvar = self.builder_.add_func(func, name)
+        args = [*inputs, *(relax.prim_value(p) for p in prim_args)]
+        out_ty = [relax.TensorType(o.shape, o.dtype) for o in outs]
+        return relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0])
+
+    def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant]:
+        key = weight_key(weight)
+        if key not in self._packed_weights:
+            q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
+            self._packed_weights[key] = (relax.const(pack_weights(q, self.fmt), "uint32"), relax.const(scale, "float32"))
+        return self._packed_weights[key]
+
+    def _act_pack(self, x2: relax.Expr, k_dim: int) -> relax.Expr:
+        for src, packed in self._act_packs:
+            if src.same_as(x2):
+                return packed
+        fmt = self.fmt
+        packed = self.builder_.emit(
+            self._emit_te(
+                lambda x: act_quantize_pack(x, fmt),
+                [x2],
+                f"pb_act_pack_a{fmt.act_bits}_k{k_dim}",
+                kernel_attrs("act_pack", fmt, k_dim),
+            )
+        )
+        self._act_packs.append((x2, packed))
+        return packed
+
+    def _emit_linear(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+        n_out, k_dim = (int(d) for d in weight.shape)
+        ty = x.ty
+        dims = list(ty.shape.values)
+        x2 = x
+        if ty.ndim != 2:
+            x2 = self.builder_.emit(relax.op.reshape(x2, [-1, k_dim]))
+        if str(ty.dtype) != "float32":
+            x2 = self.builder_.emit(relax.op.astype(x2, "float32"))
+        packed = self._act_pack(x2, k_dim)
+        xp, xs, rowsum = (self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(3))
+        wp, ws = self._packed(weight)
+        tensors = [xp, xs, rowsum, wp, ws]
+        if bias is not None:
+            tensors.append(relax.const(np.asarray(bias, np.float32), "float32"))
+        fmt = self.fmt
+        has_bias = bias is not None
+
+        def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):  # noqa: ANN001, ANN202
+            b_t = rest[0] if has_bias else None
+            return pb_dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
+
+        out = self._emit_te(
+            compute,
+            tensors,
+            f"pb_dense_{fmt.name}_n{n_out}_k{k_dim}",
+            kernel_attrs("pb_gemm", fmt, k_dim),
+            (self.bitlayers,),
+        )
+        if str(ty.dtype) != "float32":
+            out = relax.op.astype(self.builder_.emit(out), ty.dtype)
+        if ty.ndim != 2:
+            out = relax.op.reshape(self.builder_.emit(out), dims[:-1] + [n_out])
+        self.n_rewritten += 1
+        return out
+
+    def _record(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, result: relax.Expr) -> relax.Expr:
+        self._linears.append(_Linear(x, weight, bias, result))
+        return result
+
+    def _linear_of(self, expr: relax.Expr) -> _Linear | None:
+        bound = self._unwrap(expr) if isinstance(expr, relax.Var) else expr
+        for lin in self._linears:
+            if lin.result.same_as(bound):
+                return lin
+        return None
+
+    # ------------------------------------------------------------------ visitor
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = self.visit_expr_post_order(call)
+        name = _op_name(call)
+        if name == "relax.add":
+            for lhs, rhs in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                lin = self._linear_of(lhs)
+                bias = self._constant(rhs)
+                if lin is not None and lin.bias is None and bias is not None and bias.shape == (lin.weight.shape[0],):
+                    self.n_rewritten -= 1  # the bias-free version becomes dead code
+                    self._linears.remove(lin)
+                    return self._record(lin.x, lin.weight, bias, self._emit_linear(lin.x, lin.weight, bias))
+        elif name == "relax.matmul":
+            x, weight, reason = self._match_matmul(call)
+            if weight is not None:
+                return self._record(x, weight, None, self._emit_linear(x, weight, None))
+            self.report.skipped.append({"op": name, "reason": reason, "weight_key": None})
+        elif name in UNCONVERTED_LAYER_OPS:
+            w = self._constant(call.args[1])
+            key = weight_key(w) if w is not None else None
+            self.report.skipped.append({"op": name, "reason": "not a dense layer", "weight_key": key})
+        return call
+
+    def rewrite(self, func: relax.Function) -> relax.Function:
+        """Rewrite one function; adds the ``bitlayers`` parameter if anything was converted."""
+        before = self.n_rewritten
+        new_func = self.visit_expr(func)
+        if self.n_rewritten == before:
+            return func
+        param = relax.Var("bitlayers", relax.ShapeType([self.bitlayers]))
+        return relax.Function(
+            list(new_func.params) + [param], new_func.body, new_func.ret_ty, new_func.is_pure, new_func.attrs
+        )
+
+    def finish_report(self) -> None:
+        """Record the converted layers in the report."""
+        for lin in self._linears:
+            self.report.converted.append(
+                {"weight_key": weight_key(lin.weight), "shape": list(lin.weight.shape), "bias": lin.bias is not None}
+            )
+
+
+@tvm.transform.module_pass(opt_level=0, name="PBLinearRewrite")
+class PBLinearRewrite:
+    """Module pass: every dense layer with a constant weight becomes a PB kernel pair.
+
+    Parameters
+    ----------
+    fmt : BitplaneFormat
+        Weight bits, activation bits and layout of every converted layer.
+
+    Attributes
+    ----------
+    report : ConversionReport
+        Filled by the last run.
+    """
+
+    def __init__(self, fmt: BitplaneFormat) -> None:
+        self.fmt = fmt
+        self.report = ConversionReport()
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        self.report = ConversionReport()
+        rewriter = _Rewriter(mod, self.fmt, self.report)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.rewrite(func))
+        rewriter.finish_report()
+        mod = rewriter.builder_.get()
+        mod = relax.transform.DeadCodeElimination()(mod)
+        logger.info("PBLinearRewrite: %d layers converted, %d left", len(self.report.converted), len(self.report.skipped))
+        return mod
