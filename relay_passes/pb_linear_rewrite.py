@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import tvm_ffi
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat, pack_weights
@@ -133,7 +134,7 @@ class _Rewriter(PyExprMutator):
         xv = self._unwrap(x)
         if _op_name(xv) == "relax.broadcast_to":  # the exporter's no-op broadcast of 3-D inputs
             inner = xv.args[0]
-            if tvm.ir.structural_equal(inner.ty.shape, x.ty.shape):
+            if tvm_ffi.structural_equal(inner.ty.shape, x.ty.shape):
                 x = inner
         ty = x.ty
         if not isinstance(ty, relax.TensorType) or ty.ndim < 2 or ty.shape is None:
@@ -153,13 +154,29 @@ class _Rewriter(PyExprMutator):
         accumulation into ``int32(int64(acc) + ...)``; TVM's cross-thread reduction then finds no
         reducer. Building the PrimFunc here keeps static loops int32.
         """
-        holders = [te.placeholder(e.ty.shape.values, str(e.ty.dtype), f"in{i}") for i, e in enumerate(inputs)]
+        # Symbolic dims (``n * 3`` after a reshape) become fresh PrimFunc variables, matched up
+        # across inputs, so the PrimFunc binds them from its buffers' shapes.
+        fresh: list[tuple[tir.PrimExpr, tir.Var]] = []
+
+        def dim(d: tir.PrimExpr) -> tir.PrimExpr:
+            if isinstance(d, tir.IntImm):
+                return d
+            for expr, var in fresh:
+                if tvm_ffi.structural_equal(expr, d):
+                    return var
+            fresh.append((d, tir.Var(f"d{len(fresh)}", "int64")))
+            return fresh[-1][1]
+
+        def undim(d: tir.PrimExpr) -> tir.PrimExpr:
+            return next((expr for expr, var in fresh if var.same_as(d)), d)
+
+        holders = [te.placeholder([dim(d) for d in e.ty.shape.values], str(e.ty.dtype), f"in{i}") for i, e in enumerate(inputs)]
         outs = fn(*holders, *prim_args)
         outs = list(outs) if isinstance(outs, list | tuple) else [outs]
         func = te.create_prim_func([*holders, *prim_args, *outs]).without_attr("global_symbol").with_attrs(attrs)
         gvar = self.builder_.add_func(func, name)
         args = [*inputs, *(relax.prim_value(p) for p in prim_args)]
-        out_ty = [relax.TensorType(o.shape, o.dtype) for o in outs]
+        out_ty = [relax.TensorType([undim(d) for d in o.shape], o.dtype) for o in outs]
         return relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0])
 
     def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant]:
@@ -210,7 +227,7 @@ class _Rewriter(PyExprMutator):
         out = self._emit_te(
             compute,
             tensors,
-            f"pb_dense_{fmt.name}_n{n_out}_k{k_dim}",
+            f"pb_dense_{fmt.name}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
             kernel_attrs("pb_gemm", fmt, k_dim),
             (self.bitlayers,),
         )

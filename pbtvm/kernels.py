@@ -1,0 +1,59 @@
+"""Standalone PB kernels (outside a model): for tests, benchmarks and tuning.
+
+Each builder returns the scheduled PrimFunc; :func:`build` compiles it for a target.
+"""
+
+from __future__ import annotations
+
+from ._tvm import te, tir, tvm
+from .bitplane import BitplaneFormat
+from .ops import act_quantize_pack, kernel_attrs, pb_dense, pb_int_product
+
+
+def _batch_var() -> tir.Var:
+    return tir.Var("batch", "int64")
+
+
+def act_pack_func(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
+    """``(x f32 [B, K]) -> (xp, x_scale, rowsum)`` with a symbolic B."""
+    x = te.placeholder((_batch_var(), k_dim), "float32", "x")
+    return te.create_prim_func([x, *act_quantize_pack(x, fmt)]).with_attrs(kernel_attrs("act_pack", fmt, k_dim))
+
+
+def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tuple:
+    batch = _batch_var()
+    xp = te.placeholder((fmt.act_bits, batch, fmt.words(k_dim)), "uint32", "xp")
+    xs = te.placeholder((batch,), "float32", "x_scale")
+    rs = te.placeholder((batch,), fmt.accumulator_dtype(k_dim), "rowsum")
+    wp = te.placeholder(fmt.weight_shape(n_out, k_dim), "uint32", "wp")
+    return xp, xs, rs, wp, tir.Var("bitlayers", "int64")
+
+
+def int_product_func(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tir.PrimFunc:
+    """``(xp, rowsum, wp, bitlayers) -> acc [B, N]`` (exact integers)."""
+    xp, _, rs, wp, layers = _operands(fmt, n_out, k_dim)
+    acc = pb_int_product(xp, rs, wp, layers, fmt, k_dim)
+    return te.create_prim_func([xp, rs, wp, layers, acc]).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
+
+
+def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
+    """``(xp, x_scale, rowsum, wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``."""
+    xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim)
+    ws = te.placeholder((n_out,), "float32", "w_scale")
+    b = te.placeholder((n_out,), "float32", "bias") if bias else None
+    y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
+    args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
+    return te.create_prim_func(args).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
+
+
+def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:
+    """Schedule ``func`` with the default rule for ``target`` (unless told not to) and compile it."""
+    from .cuda import nvcc_compile_hook
+    from .schedules import apply_default_schedule
+
+    if schedule:
+        func = apply_default_schedule(func, target)
+    if target.kind.name == "cuda":
+        with nvcc_compile_hook(str(target.export()["arch"])):
+            return tvm.compile(func, target=target)
+    return tvm.compile(func, target=target)

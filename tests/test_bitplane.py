@@ -1,0 +1,138 @@
+"""The format dataclass and the numpy reference (pack, unpack, exact integer product)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import quantize as qz
+from pbtvm._tvm import tir
+from pbtvm.ops.common import plane_coefficient
+
+ALL_BITS = [*range(1, 9), 16]
+
+
+@pytest.mark.parametrize("name", sorted(bp.PRESETS))
+def test_pack_unpack_roundtrip_and_exact_product(name, rng):
+    fmt = bp.PRESETS[name]
+    n, k, b = int(rng.integers(1, 40)), int(rng.integers(1, 130)), int(rng.integers(1, 5))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((b, k)).astype(np.float32) * 3
+    q, _ = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    assert wp.shape == fmt.weight_shape(n, k) and wp.dtype == np.uint32
+    np.testing.assert_array_equal(bp.unpack_weights(wp, k, fmt), q)
+    xq, _ = qz.quantize_activations(x, fmt)
+    xp = bp.pack_activations(xq, fmt)
+    np.testing.assert_array_equal(bp.unpack_planes(xp, k, signed=True), xq)
+    np.testing.assert_array_equal(bp.bitplane_matmul(wp, xp, fmt), xq.astype(np.int64) @ q.T.astype(np.int64))
+    np.testing.assert_array_equal(bp.plane_rowsum(xp, fmt), xq.sum(1))
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_bitlayers_truncates_low_planes(bits, rng):
+    fmt = bp.BitplaneFormat(bits, 8)
+    q, _ = qz.quantize_weights(rng.standard_normal((9, 70)).astype(np.float32), fmt)
+    xq, _ = qz.quantize_activations(rng.standard_normal((3, 70)).astype(np.float32), fmt)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    for layers in range(1, bits + 1):
+        drop = bits - layers
+        q_trunc = q if fmt.codebook == "bipolar" else (q.astype(np.int64) >> drop) << drop
+        got = bp.bitplane_matmul(wp, xp, fmt, layers)
+        np.testing.assert_array_equal(got, xq.astype(np.int64) @ q_trunc.T)
+
+
+def test_full_range_codes_including_most_negative(rng):
+    for bits in ALL_BITS[1:]:
+        fmt = bp.BitplaneFormat(bits, 16)
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        q = rng.integers(lo, hi + 1, size=(5, 33))
+        q[0, 0], q[0, 1] = lo, hi
+        xq = rng.integers(-(2**15), 2**15, size=(2, 33))
+        got = bp.bitplane_matmul(bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt), fmt)
+        np.testing.assert_array_equal(got, xq @ q.T)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_tir_coefficients_mirror_format(bits):
+    fmt = bp.BitplaneFormat(bits, 8)
+    signed = fmt.codebook == "twos_complement"
+    for p, c in enumerate(fmt.plane_coefficients()):
+        value = _eval_int(plane_coefficient(tir.const(p, "int32"), bits, signed, "int64"))
+        assert value == c, (p, value, c)
+    for p, d in enumerate(fmt.act_plane_coefficients):
+        assert _eval_int(plane_coefficient(tir.const(p, "int32"), 8, True, "int64")) == d
+
+
+def _eval_int(expr) -> int:  # noqa: ANN001
+    from tvm.sym.analyzer import Analyzer
+
+    return int(Analyzer().simplify(expr))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"bits": 0}, ValueError),
+        ({"bits": 17}, ValueError),
+        ({"bits": 4.0}, TypeError),
+        ({"bits": 4, "act_bits": 1}, ValueError),
+        ({"bits": 4, "act_bits": 17}, ValueError),
+        ({"bits": 1, "codebook": "twos_complement"}, ValueError),
+        ({"bits": 3, "codebook": "bipolar"}, ValueError),
+        ({"bits": 4, "layout": "NWk"}, ValueError),
+        ({"bits": 4, "word_dtype": "uint64"}, ValueError),
+        ({"bits": 4, "version": 99}, ValueError),
+    ],
+)
+def test_format_validation(kwargs, error):
+    with pytest.raises(error):
+        bp.BitplaneFormat(**kwargs)
+
+
+def test_format_is_frozen_hashable_and_roundtrips():
+    fmt = bp.BitplaneFormat(4, 8)
+    assert hash(fmt) == hash(bp.BitplaneFormat(4, 8))
+    assert bp.BitplaneFormat.from_dict(fmt.to_dict()) == fmt
+    with pytest.raises(AttributeError):
+        fmt.bits = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="unknown"):
+        bp.BitplaneFormat.from_dict({**fmt.to_dict(), "bogus": 1})
+
+
+def test_bitlayers_validation():
+    fmt = bp.BitplaneFormat(4, 8)
+    assert fmt.check_bitlayers(None) == 4
+    for bad in (0, 5, -1):
+        with pytest.raises(ValueError, match="bitlayers"):
+            fmt.check_bitlayers(bad)
+    assert fmt.truncation_correction(4) == 0.0
+    assert fmt.truncation_correction(2) == 1.5
+
+
+def test_accumulator_dtype_switches_to_int64_when_needed():
+    assert bp.BitplaneFormat(4, 8).accumulator_dtype(4096) == "int32"
+    assert bp.BitplaneFormat(16, 16).accumulator_dtype(4096) == "int64"
+
+
+def test_quantizer_errors():
+    fmt = bp.BitplaneFormat(4, 8)
+    with pytest.raises(TypeError, match="floating"):
+        qz.quantize_weights(np.ones((2, 3), np.int32), fmt)
+    with pytest.raises(ValueError, match="2-D"):
+        qz.quantize_weights(np.ones(3, np.float32), fmt)
+    with pytest.raises(ValueError, match="NaN"):
+        qz.quantize_weights(np.full((2, 2), np.nan, np.float32), fmt)
+    with pytest.raises(ValueError, match="out of range"):
+        bp.pack_weights(np.full((1, 4), 9), fmt)
+
+
+def test_activation_quantizer_is_dynamic_and_does_not_wrap(rng):
+    fmt = bp.BitplaneFormat(4, 8)
+    x = rng.standard_normal((3, 50)).astype(np.float32) * np.array([[1e-3], [1.0], [1e4]], np.float32)
+    xq, scale = qz.quantize_activations(x, fmt)
+    assert np.abs(xq).max() <= fmt.act_qmax
+    np.testing.assert_allclose(xq * scale[:, None], x, atol=float(scale.max()) * 0.5 + 1e-6)
+    xq0, s0 = qz.quantize_activations(np.zeros((1, 5), np.float32), fmt)
+    assert not xq0.any() and s0[0] == 0

@@ -1,0 +1,107 @@
+"""TE operators compiled for the CPU equal the numpy reference exactly (integers) or closely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
+from pbtvm.target import resolve_target
+
+CPU = resolve_target("llvm")
+BITS = [*range(1, 9), 16]
+ACT_BITS = [2, 4, 8, 16]
+
+
+def _t(a: np.ndarray):  # noqa: ANN202
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+def _problem(rng, fmt):  # noqa: ANN001, ANN202
+    n = int(rng.integers(1, 48)) | 1  # odd N
+    k = int(rng.integers(1, 200))
+    if k % 32 == 0:
+        k += int(rng.integers(1, 31))  # K not a multiple of 32
+    b = int(rng.integers(1, 6))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = (rng.standard_normal((b, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    return n, k, b, w, x, q, ws, xq, xs
+
+
+@pytest.mark.parametrize("act_bits", ACT_BITS)
+@pytest.mark.parametrize("bits", BITS)
+def test_int_product_exact(bits, act_bits, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits)
+    n, k, b, _, _, q, _, xq, _ = _problem(rng, fmt)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    rowsum = xq.sum(1).astype(fmt.accumulator_dtype(k))
+    kern = kernels.build(kernels.int_product_func(fmt, n, k), CPU)
+    out = _t(np.full((b, n), -7, fmt.accumulator_dtype(k)))
+    kern(_t(xp), _t(rowsum), _t(wp), bits, out)
+    np.testing.assert_array_equal(out.numpy(), xq.astype(np.int64) @ q.T.astype(np.int64))
+    for layers in range(1, bits + 1):  # one kernel serves every precision
+        kern(_t(xp), _t(rowsum), _t(wp), layers, out)
+        np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"bitlayers={layers}")
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w4a8-NkW", "w1a8", "w16a16"])
+def test_int_product_layouts_and_codebooks(name, rng):
+    fmt = bp.PRESETS[name]
+    n, k, b, _, _, q, _, xq, _ = _problem(rng, fmt)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    kern = kernels.build(kernels.int_product_func(fmt, n, k), CPU)
+    out = _t(np.zeros((b, n), fmt.accumulator_dtype(k)))
+    kern(_t(xp), _t(xq.sum(1).astype(fmt.accumulator_dtype(k))), _t(wp), fmt.bits, out)
+    np.testing.assert_array_equal(out.numpy(), xq.astype(np.int64) @ q.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("act_bits", ACT_BITS)
+def test_act_pack_bit_exact(act_bits, rng):
+    fmt = bp.BitplaneFormat(4, act_bits)
+    _, k, b, _, x, _, _, _, _ = _problem(rng, fmt)
+    x[0, : min(3, k)] = 0.0
+    if b > 1:
+        x[1] = 0.0  # an all-zero row: scale 0, codes 0
+    xq, xs = qz.quantize_activations(x, fmt)
+    kern = kernels.build(kernels.act_pack_func(fmt, k), CPU)
+    xp = _t(np.full((act_bits, b, fmt.words(k)), 0xDEADBEEF, np.uint32))
+    scale = _t(np.full(b, -1, np.float32))
+    rowsum = _t(np.full(b, -1, fmt.accumulator_dtype(k)))
+    kern(_t(x), xp, scale, rowsum)
+    np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale.numpy(), xs)
+    np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_dense_matches_float_reference(bits, rng):
+    """Float epilogue: relative tolerance 1e-5 against the float64 reference of the same steps."""
+    fmt = bp.BitplaneFormat(bits, 8)
+    n, k, b, _, x, q, ws, xq, xs = _problem(rng, fmt)
+    bias = rng.standard_normal(n).astype(np.float32)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    kern = kernels.build(kernels.dense_func(fmt, n, k, bias=True), CPU)
+    y = _t(np.full((b, n), np.nan, np.float32))
+    for layers in range(1, bits + 1):
+        kern(_t(xp), _t(xs), _t(xq.sum(1).astype(fmt.accumulator_dtype(k))), _t(wp), _t(ws), _t(bias), layers, y)
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_truncation_correction_reduces_error(rng):
+    """Dropping planes with the midpoint correction beats plain truncation on average."""
+    fmt = bp.BitplaneFormat(8, 8)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    x = np.abs(rng.standard_normal((8, 256))).astype(np.float32)  # one-signed rows expose the bias
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    exact = x @ w.T
+    corrected = qz.pb_linear_reference(x, wp, ws, None, fmt, 4)
+    plain = bp.bitplane_matmul(wp, bp.pack_activations(xq, fmt), fmt, 4) * xs[:, None] * ws[None, :]
+    assert np.abs(corrected - exact).mean() < 0.5 * np.abs(plain - exact).mean()

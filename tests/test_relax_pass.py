@@ -1,0 +1,176 @@
+"""PBLinearRewrite: Before/Expected structural equality, numerics, sharing, what stays fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import quantize as qz
+from pbtvm._tvm import relax, te, tir, tvm
+from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
+from pbtvm.relay_passes import PBLinearRewrite
+from pbtvm.target import resolve_target
+
+FMT = bp.BitplaneFormat(4, 8)
+K, N = 40, 16
+
+
+def _linear_module(w: np.ndarray, b: np.ndarray | None, bias_first: bool = False, ndim: int = 2) -> tvm.IRModule:
+    """What from_exported_program emits for nn.Linear: matmul(x, permute_dims(W)) [+ b]."""
+    batch = tir.Var("n", "int64")
+    shape = [batch, K] if ndim == 2 else [batch, 3, K]
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(relax.const(w), [1, 0]))
+            y = bb.emit(relax.op.matmul(x, wt, out_dtype="float32"))
+            if b is not None:
+                args = (relax.const(b), y) if bias_first else (y, relax.const(b))
+                y = bb.emit(relax.op.add(*args))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
+    """Hand-built result: pack the activation, then one PB dense call on packed constants."""
+    batch = tir.Var("n", "int64")
+    layers = tir.Var("bitlayers", "int64")
+    x = relax.Var("x", relax.TensorType([batch, K], "float32"))
+    bl = relax.Var("bitlayers", relax.ShapeType([layers]))
+    q, ws = qz.quantize_weights(w, FMT)
+    wp = bp.pack_weights(q, FMT)
+
+    def prim(fn, holders, name, kernel, extra=()):  # noqa: ANN001, ANN202
+        outs = fn(*holders, *extra)
+        outs = list(outs) if isinstance(outs, list) else [outs]
+        f = te.create_prim_func([*holders, *extra, *outs]).without_attr("global_symbol")
+        types = [relax.TensorType([batch if isinstance(d, tir.Var) else d for d in o.shape], o.dtype) for o in outs]
+        return f.with_attrs(kernel_attrs(kernel, FMT, K)), types
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, bl]):
+        with bb.dataflow():
+            xh = te.placeholder([tir.Var("d0", "int64"), tir.IntImm("int64", K)], "float32", "in0")
+            f_pack, pack_ty = prim(lambda t: act_quantize_pack(t, FMT), [xh], "act_pack", "act_pack")
+            g_pack = bb.add_func(f_pack, f"pb_act_pack_a8_k{K}")
+            packed = bb.emit(relax.call_tir(g_pack, [x], pack_ty))
+            xp, xs, rs = (bb.emit(relax.TupleGetItem(packed, i)) for i in range(3))
+            d0 = tir.Var("d0", "int64")
+            holders = [te.placeholder([d0 if isinstance(d, tir.Var) else d for d in v.ty.shape.values], str(v.ty.dtype), f"in{i}")
+                       for i, v in enumerate([xp, xs, rs])]
+            consts = [relax.const(wp, "uint32"), relax.const(ws, "float32"), relax.const(b, "float32")]
+            holders += [te.placeholder(c.ty.shape.values, str(c.ty.dtype), f"in{3 + i}") for i, c in enumerate(consts)]
+            f_dense, dense_ty = prim(lambda *t: pb_dense(*t[:6], t[6], FMT, K), holders, "dense", "pb_gemm", (layers,))
+            g_dense = bb.add_func(f_dense, f"pb_dense_w4a8_n{N}_k{K}_bias")
+            y = bb.emit(relax.call_tir(g_dense, [xp, xs, rs, *consts, relax.prim_value(layers)], dense_ty[0]))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_structural_equal_to_expected(bias_first, rng):
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    rewrite = PBLinearRewrite(FMT)
+    after = rewrite(_linear_module(w, b, bias_first))
+    tvm.ir.assert_structural_equal(after, _expected(w, b))
+    assert len(rewrite.report.converted) == 1 and rewrite.report.converted[0]["bias"]
+    assert not rewrite.report.skipped
+
+
+def _run(mod: tvm.IRModule, *args):  # noqa: ANN002, ANN202
+    target = resolve_target("llvm")
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in args])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_numerics_match_reference(ndim, with_bias, rng):
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    mod = PBLinearRewrite(FMT)(_linear_module(w, b, ndim=ndim))
+    x = rng.standard_normal((5, K) if ndim == 2 else (5, 3, K)).astype(np.float32)
+    q, ws = qz.quantize_weights(w, FMT)
+    wp = bp.pack_weights(q, FMT)
+    for layers in (1, 4):
+        y = _run(mod, x, tvm.runtime.ShapeTuple([layers])).numpy()
+        ref = qz.pb_linear_reference(x.reshape(-1, K), wp, ws, b, FMT, layers).reshape(*x.shape[:-1], N)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def _count_packed(mod: tvm.IRModule) -> int:
+    """Distinct uint32 weight constants passed to calls in main."""
+    consts = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            args = list(value.args[1].fields) if isinstance(value, relax.Call) and isinstance(value.args[1], relax.Tuple) else []
+            for a in args:
+                if isinstance(a, tvm.ir.Constant) and str(a.value.dtype) == "uint32":
+                    if not any(a.same_as(c) for c in consts):
+                        consts.append(a)
+    return len(consts)
+
+
+def test_identical_weights_packed_once_and_activation_packed_once(rng):
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    batch = tir.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([batch, K], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y1 = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(relax.const(w.copy()), [1, 0]))))
+            y2 = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(relax.const(w.copy()), [1, 0]))))
+            out = bb.emit_output(bb.emit(relax.op.add(y1, y2)))
+        bb.emit_func_output(out)
+    rewrite = PBLinearRewrite(FMT)
+    mod = rewrite(bb.get())
+    assert len(rewrite.report.converted) == 2
+    assert _count_packed(mod) == 1
+    text = mod["main"].script()
+    assert text.count("pb_act_pack") == 1, text
+
+
+def test_unsupported_layers_are_reported_and_left_alone(rng):
+    batch = tir.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([batch, 1, 8, 8], "float32"))
+    z = relax.Var("z", relax.TensorType([batch, 8], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, z]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.standard_normal((2, 1, 3, 3)).astype(np.float32))))
+            m = bb.emit(relax.op.matmul(z, relax.op.permute_dims(z)))  # activation x activation
+            out = bb.emit_output(relax.Tuple([c, m]))
+        bb.emit_func_output(out)
+    before = bb.get()
+    rewrite = PBLinearRewrite(FMT)
+    after = rewrite(before)
+    ops = sorted(s["op"] for s in rewrite.report.skipped)
+    assert ops == ["relax.matmul", "relax.nn.conv2d"]
+    assert "bitlayers" not in [p.name for p in after["main"].params]
+    tvm.ir.assert_structural_equal(after, before)
+
+
+def test_broadcast_to_variant(rng):
+    """The 3-D exporter path: matmul(broadcast_to(x), broadcast_to(permute_dims(W)))."""
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = relax.Var("x", relax.TensorType([2, 3, K], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            xb = bb.emit(relax.op.broadcast_to(x, [2, 3, K]))
+            wt = bb.emit(relax.op.broadcast_to(relax.op.permute_dims(relax.const(w), [1, 0]), [K, N]))
+            out = bb.emit_output(bb.emit(relax.op.matmul(xb, wt)))
+        bb.emit_func_output(out)
+    rewrite = PBLinearRewrite(FMT)
+    mod = rewrite(bb.get())
+    assert len(rewrite.report.converted) == 1
+    xv = rng.standard_normal((2, 3, K)).astype(np.float32)
+    q, ws = qz.quantize_weights(w, FMT)
+    ref = qz.pb_linear_reference(xv.reshape(-1, K), bp.pack_weights(q, FMT), ws, None, FMT).reshape(2, 3, N)
+    np.testing.assert_allclose(_run(mod, xv, tvm.runtime.ShapeTuple([4])).numpy(), ref, rtol=1e-5, atol=1e-5)
