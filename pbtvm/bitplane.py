@@ -255,13 +255,13 @@ def pack_planes(codes: np.ndarray, nbits: int) -> np.ndarray:
         raise ValueError(f"codes must be a 2-D integer array, got {codes.dtype} {codes.shape}")
     rows, k_dim = codes.shape
     kw = BitplaneFormat.words(k_dim)
-    padded = np.zeros((rows, kw * WORD_BITS), np.uint64)
-    padded[:, :k_dim] = codes.astype(np.int64).astype(np.uint64) & np.uint64((1 << nbits) - 1)
-    shifts = np.arange(nbits - 1, -1, -1, dtype=np.uint64)
-    planes = (padded[None] >> shifts[:, None, None]) & np.uint64(1)
-    planes = planes.reshape(nbits, rows, kw, WORD_BITS)
-    words = (planes << np.arange(WORD_BITS, dtype=np.uint64)).sum(-1, dtype=np.uint64)
-    return words.astype(np.uint32)
+    u = codes.astype(np.int64, copy=False)
+    out = np.empty((nbits, rows, kw), np.uint32)
+    bits = np.zeros((rows, kw * WORD_BITS), np.uint8)
+    for p in range(nbits):  # one plane at a time keeps memory at O(rows * K) bytes
+        bits[:, :k_dim] = (u >> (nbits - 1 - p)) & 1
+        out[p] = np.packbits(bits, axis=1, bitorder="little").view("<u4").reshape(rows, kw)
+    return out
 
 
 def unpack_planes(planes: np.ndarray, k_dim: int, signed: bool) -> np.ndarray:

@@ -1,0 +1,197 @@
+"""pbtvm.compile / CompiledModel / export / load on the CPU, including bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import quantize as qz
+
+from .models import MLP, WithConv
+
+
+@pytest.fixture(scope="module")
+def mlp():  # noqa: ANN201
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(mlp):  # noqa: ANN001, ANN201
+    return pbtvm.compile(mlp, (torch.randn(2, 40),), target="llvm", bits=4)
+
+
+def _reference(model: MLP, x: np.ndarray, bits: int, act_bits: int = 8, bitlayers: int | None = None) -> np.ndarray:
+    """The numpy PB reference applied layer by layer."""
+    fmt = bp.BitplaneFormat(bits, act_bits)
+    h = x
+    for i, layer in enumerate(model.layers):
+        q, s = qz.quantize_weights(layer.weight.detach().numpy(), fmt)
+        h = qz.pb_linear_reference(h, bp.pack_weights(q, fmt), s, layer.bias.detach().numpy(), fmt, bitlayers)
+        if i < len(model.layers) - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+def test_torch_in_torch_out_numpy_in_numpy_out_dynamic_batch(compiled, mlp):
+    for batch in (1, 3, 17):
+        x = torch.randn(batch, 40)
+        y = compiled(x)
+        assert isinstance(y, torch.Tensor) and y.shape == (batch, 10)
+        yn = compiled(x.numpy())
+        assert isinstance(yn, np.ndarray)
+        np.testing.assert_array_equal(y.numpy(), yn)
+        np.testing.assert_allclose(yn, _reference(mlp, x.numpy(), 4), rtol=1e-4, atol=1e-4)
+
+
+def test_bitlayers_knob_matches_reference_and_never_compiles(compiled, mlp, monkeypatch):
+    import tvm
+
+    def boom(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("compilation triggered at run time")
+
+    for mod, name in ((tvm, "compile"), (tvm.relax, "build"), (tvm.tirx, "build"), (tvm.te, "create_prim_func")):
+        monkeypatch.setattr(mod, name, boom)
+    x = np.random.default_rng(1).standard_normal((4, 40)).astype(np.float32)
+    errors = []
+    for layers in range(1, 5):
+        y = compiled(x, bitlayers=layers)
+        np.testing.assert_allclose(y, _reference(mlp, x, 4, bitlayers=layers), rtol=1e-4, atol=1e-4)
+        errors.append(np.abs(y - mlp(torch.from_numpy(x)).detach().numpy()).mean())
+    assert errors[-1] < errors[0]  # more planes, closer to fp32
+
+
+def test_layers_report_and_manifest(compiled):
+    assert compiled.converted_layers == ["layers.0 (Linear)", "layers.1 (Linear)", "layers.2 (Linear)"]
+    assert compiled.fp32_layers == []
+    m = compiled.manifest
+    assert m["format"]["bits"] == 4 and m["target"]["kind"] == "llvm" and m["target"]["mcpu"]
+    assert m["inputs"] == [{"dtype": "float32", "shape": [None, 40]}]
+
+
+def test_unsupported_layers_warn_with_names():
+    torch.manual_seed(0)
+    model = WithConv().eval()
+    with pytest.warns(UserWarning, match=r"conv \(Conv2d\)"):
+        cm = pbtvm.compile(model, (torch.randn(2, 1, 8, 8),), bits=8)
+    assert cm.converted_layers == ["fc (Linear)"]
+    x = torch.randn(3, 1, 8, 8)
+    np.testing.assert_allclose(cm(x).numpy(), model(x).detach().numpy(), atol=0.05)
+
+
+def test_export_load_fresh_process_bit_identical(compiled, tmp_path):
+    path = str(tmp_path / "mlp.so")
+    compiled.export(path)
+    x = np.random.default_rng(2).standard_normal((5, 40)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for layers in (4, 2):
+        np.save(tmp_path / f"y{layers}.npy", compiled(x, bitlayers=layers))
+    script = f"""
+import numpy as np, pbtvm, tvm
+def boom(*a, **k): raise AssertionError("compiler used after load")
+tvm.compile = tvm.relax.build = tvm.tirx.build = boom
+m = pbtvm.load({path!r})
+x = np.load({str(tmp_path / 'x.npy')!r})
+for layers in (4, 2):
+    assert np.array_equal(m(x, bitlayers=layers), np.load({str(tmp_path)!r} + f"/y{{layers}}.npy")), layers
+print("OK", m)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 0}, ValueError, "bits must be in 1..16"),
+        ({"bits": 17}, ValueError, "bits must be in 1..16"),
+        ({"bits": 4, "act_bits": 1}, ValueError, "act_bits"),
+        ({"bits": 4, "target": "rocm"}, ValueError, "unsupported target"),
+        ({"bits": 4, "target": 3}, TypeError, "target must be"),
+    ],
+)
+def test_compile_rejects_bad_arguments(mlp, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pbtvm.compile(mlp, (torch.randn(2, 40),), **kwargs)
+
+
+def test_compile_rejects_bad_models_and_inputs(mlp):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pbtvm.compile(lambda x: x, (torch.randn(2, 40),))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        pbtvm.compile(mlp, (np.zeros((2, 40), np.float32),))
+
+
+def test_call_rejects_bad_inputs(compiled):
+    with pytest.raises(ValueError, match=r"shape \(2, 41\)"):
+        compiled(torch.randn(2, 41))
+    with pytest.raises(TypeError, match="dtype float64"):
+        compiled(np.zeros((2, 40)))
+    with pytest.raises(TypeError, match="takes 1 input"):
+        compiled(torch.randn(2, 40), torch.randn(2, 40))
+    with pytest.raises(ValueError, match="bitlayers must be in 1..4"):
+        compiled(torch.randn(2, 40), bitlayers=5)
+    with pytest.raises(TypeError, match="torch.Tensor or numpy"):
+        compiled([1.0] * 40)
+
+
+def test_load_rejects_foreign_corrupt_and_mismatched_files(compiled, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        pbtvm.load(str(tmp_path / "missing.so"))
+    text = tmp_path / "notes.so"
+    text.write_text("hello")
+    with pytest.raises(pbtvm.LibraryError, match="not an ELF"):
+        pbtvm.load(str(text))
+    foreign = tmp_path / "foreign.so"
+    src = tmp_path / "f.c"
+    src.write_text("int f(void) { return 1; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(foreign), str(src)], check=True)
+    with pytest.raises(pbtvm.LibraryError, match="not a pbtvm module"):
+        pbtvm.load(str(foreign))
+    good = tmp_path / "good.so"
+    compiled.export(str(good))
+    truncated = tmp_path / "truncated.so"
+    truncated.write_bytes(good.read_bytes()[: os.path.getsize(good) // 2])
+    with pytest.raises(pbtvm.LibraryError):
+        pbtvm.load(str(truncated))
+    with pytest.raises(pbtvm.LibraryError, match="compiled for llvm"):
+        pbtvm.load(str(good), device="cuda")
+
+
+def test_load_rejects_other_tvm_version(compiled, tmp_path, monkeypatch):
+    good = tmp_path / "good.so"
+    compiled.export(str(good))
+    monkeypatch.setattr(pbtvm.runtime, "TVM_VERSION", "0.0.1")
+    with pytest.raises(pbtvm.LibraryError, match="built with TVM"):
+        pbtvm.load(str(good))
+
+
+def test_cuda_without_arch_and_without_gpu_is_a_clear_error(mlp):
+    from pbtvm.target import local_cuda_arch
+
+    if local_cuda_arch() is not None:
+        pytest.skip("a GPU is present: target='cuda' resolves")
+    with pytest.raises(ValueError, match="explicit arch"):
+        pbtvm.compile(mlp, (torch.randn(2, 40),), target="cuda")
+
+
+def test_no_converted_layer_warns():
+    class Plain(torch.nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return torch.relu(x) * 2
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = pbtvm.compile(Plain(), (torch.randn(2, 3),))
+    assert any("no dense layer" in str(w.message) for w in caught)
+    x = torch.randn(4, 3)
+    np.testing.assert_allclose(cm(x).numpy(), (torch.relu(x) * 2).numpy())

@@ -1,0 +1,87 @@
+"""CUDA code generation and export without a GPU (nvcc must be installed: these fail, not skip)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels, library
+from pbtvm.cuda import find_nvcc
+from pbtvm.target import resolve_target
+from pbtvm.tools import cuobjdump, find_cuda_tool
+
+from .models import MLP
+
+SM90 = {"kind": "cuda", "arch": "sm_90"}
+
+
+def test_nvcc_is_installed():
+    assert find_nvcc()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
+def test_pb_kernels_generate_warp_reduction_code(bits):
+    target = resolve_target(SM90)
+    fmt = bp.BitplaneFormat(bits, 8)
+    for func in (kernels.dense_func(fmt, 33, 100), kernels.act_pack_func(fmt, 100)):
+        from pbtvm.schedules import apply_default_schedule
+
+        scheduled = apply_default_schedule(func, target)
+        assert scheduled.attrs["tirx.is_scheduled"]
+        ex = kernels.build(func, target)
+        (dev,) = ex.mod.imports
+        assert dev.kind == "cuda"
+    src = str(dev.inspect_source("cuda")) or str(dev.inspect_source())
+    assert "__global__" in src
+
+
+def test_gemm_uses_popcount_and_shuffle_reduction():
+    target = resolve_target(SM90)
+    ex = kernels.build(kernels.dense_func(bp.BitplaneFormat(4, 8), 64, 256), target)
+    src = str(ex.mod.imports[0].inspect_source("cuda")) or str(ex.mod.imports[0].inspect_source())
+    assert "__popc" in src
+    assert "__shfl" in src  # cross-thread (warp) reduction, not a serial loop per thread
+
+
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory):  # noqa: ANN001, ANN201
+    torch.manual_seed(0)
+    cm = pbtvm.compile(MLP(), (torch.randn(2, 40),), target=SM90, bits=4)
+    path = str(tmp_path_factory.mktemp("cuda") / "mlp_sm90.so")
+    cm.export(path)
+    return cm, path
+
+
+def test_cuda_export_holds_sm90_binary_not_source(cuda_library, tmp_path):
+    cm, path = cuda_library
+    assert cm.manifest["target"] == {"kind": "cuda", "arch": "sm_90"}
+    mods = library.device_modules(path)
+    cuda = [m for m in mods if m["kind"] == "cuda"]
+    assert len(cuda) == 1 and cuda[0]["format"] == "fatbin", mods
+    (binary,) = library.cuda_binaries(path)
+    assert b"__global__" not in binary and b".version" not in binary[:64]  # neither CUDA source nor PTX
+    if find_cuda_tool("cuobjdump") is None:
+        pytest.fail("cuobjdump missing: pip install nvidia-cuda-cuobjdump")
+    listing = cuobjdump(["--list-elf"], binary, str(tmp_path))
+    assert "sm_90" in listing, listing
+    assert "No PTX" in cuobjdump(["--list-ptx"], binary, str(tmp_path))
+
+
+def test_cuda_library_manifest_and_cpu_load_error(cuda_library):
+    _, path = cuda_library
+    assert library.read_manifest(path)["format"]["bits"] == 4
+    with pytest.raises(pbtvm.LibraryError, match="compiled for cuda"):
+        pbtvm.load(path, device="cpu")
+
+
+def test_running_cuda_model_without_gpu_is_a_clear_error(cuda_library):
+    from pbtvm.target import local_cuda_arch
+
+    if local_cuda_arch() is not None:
+        pytest.skip("a GPU is present")
+    cm, _ = cuda_library
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cm(np.zeros((1, 40), np.float32))
