@@ -82,12 +82,18 @@ def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict) -> flo
     key = (n, k, bits)
     if key not in cache:
         target = resolve_target("cuda")
-        cache[key] = (kernels.build(kernels.act_pack_func(fmt, k), target), kernels.build(kernels.dense_func(fmt, n, k), target))
+        cache[key] = (
+            kernels.build(kernels.act_pack_func(fmt, k), target),
+            kernels.build(kernels.dense_func(fmt, n, k), target),
+        )
     pack, dense = cache[key]
     wbytes = bits * n * fmt.words(k) * 4
     sets = n_sets_for(wbytes, l2)
     acc = getattr(torch, fmt.accumulator_dtype(k))
-    ws = [(rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda")) for _ in range(sets)]
+    ws = [
+        (rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda"))
+        for _ in range(sets)
+    ]
     xs = [torch.randn(batch, k, device="cuda") for _ in range(sets)]
     xp = torch.empty(fmt.act_bits, batch, fmt.words(k), dtype=torch.int32, device="cuda").view(torch.uint32)
     sx, rs = torch.empty(batch, device="cuda"), torch.empty(batch, dtype=acc, device="cuda")
@@ -155,13 +161,26 @@ def main(argv: list[str] | None = None) -> int:
                 pb = bench_pb(n, k, batch, bits, l2, cache)
                 fmt = bp.BitplaneFormat(bits, 8)
                 roof = (bits * n * fmt.words(k) * 4 + batch * (k + n) * 4) / bw
-                rows.append({"shape": shape, "batch": batch, "bits": bits, "pb_us": pb * 1e6, "roof_us": roof * 1e6,
-                             "pct_roof": 100 * roof / pb, "fp16_us": fp16 * 1e6, "fp32_us": fp32 * 1e6,
-                             "int4_us": None if int4 is None else int4 * 1e6})
+                rows.append(
+                    {
+                        "shape": shape,
+                        "batch": batch,
+                        "bits": bits,
+                        "pb_us": pb * 1e6,
+                        "roof_us": roof * 1e6,
+                        "pct_roof": 100 * roof / pb,
+                        "fp16_us": fp16 * 1e6,
+                        "fp32_us": fp32 * 1e6,
+                        "int4_us": None if int4 is None else int4 * 1e6,
+                    }
+                )
                 r = rows[-1]
-                print(f"  {shape:>11} b={batch:<2} W{bits}A8  pb {r['pb_us']:8.1f} us  roof {r['roof_us']:6.1f}  "
-                      f"fp16 {r['fp16_us']:7.1f}  fp32 {r['fp32_us']:7.1f}  int4 {r['int4_us'] or float('nan'):7.1f}  "
-                      f"[{time.time() - t0:.0f}s]", flush=True)
+                print(
+                    f"  {shape:>11} b={batch:<2} W{bits}A8  pb {r['pb_us']:8.1f} us  roof {r['roof_us']:6.1f}  "
+                    f"fp16 {r['fp16_us']:7.1f}  fp32 {r['fp32_us']:7.1f}  int4 {r['int4_us'] or float('nan'):7.1f}  "
+                    f"[{time.time() - t0:.0f}s]",
+                    flush=True,
+                )
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -171,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         i4 = f"{r['int4_us'] / r['pb_us']:.2f}" if r["int4_us"] else "n/a"
-        print(f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['pb_us']:.1f} | {r['pct_roof']:.0f}% | "
-              f"{r['fp16_us'] / r['pb_us']:.2f} | {r['fp32_us'] / r['pb_us']:.2f} | {i4} |")
+        print(
+            f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['pb_us']:.1f} | {r['pct_roof']:.0f}% | "
+            f"{r['fp16_us'] / r['pb_us']:.2f} | {r['fp32_us'] / r['pb_us']:.2f} | {i4} |"
+        )
     return 0
 
 

@@ -316,9 +316,7 @@ def plane_rowsum(xp: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     return (d[:, None] * pc).sum(0)
 
 
-def bitplane_matmul(
-    wp: np.ndarray, xp: np.ndarray, fmt: BitplaneFormat, bitlayers: int | None = None
-) -> np.ndarray:
+def bitplane_matmul(wp: np.ndarray, xp: np.ndarray, fmt: BitplaneFormat, bitlayers: int | None = None) -> np.ndarray:
     """Exact integer PB product from packed planes, as the kernels compute it.
 
     Parameters

@@ -8,7 +8,6 @@ import time
 import warnings
 from typing import Any
 
-
 from . import __version__
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
@@ -21,7 +20,9 @@ from .target import resolve_target, target_summary
 logger = logging.getLogger(__name__)
 
 
-def import_model(model: Any, example_inputs: tuple, dynamic_batch: bool = True) -> tuple[tvm.IRModule, list[dict], bool]:
+def import_model(
+    model: Any, example_inputs: tuple, dynamic_batch: bool = True
+) -> tuple[tvm.IRModule, list[dict], bool]:
     """Import a torch module with ``torch.export`` + ``from_exported_program``.
 
     Returns the Relax module, the input specs (dtype, shape with None for a dynamic batch) and
@@ -48,17 +49,25 @@ def import_model(model: Any, example_inputs: tuple, dynamic_batch: bool = True) 
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} for _ in example_inputs)
+        # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
+        traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
         try:
-            exported = torch.export.export(model, example_inputs, dynamic_shapes=shapes)
+            exported = torch.export.export(model, traced, dynamic_shapes=shapes)
             dynamic = True
         except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
-            warnings.warn(f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
-                          "the model is compiled for the example batch size only", stacklevel=3)
+            warnings.warn(
+                f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
+                "the model is compiled for the example batch size only",
+                stacklevel=3,
+            )
     if exported is None:
         exported = torch.export.export(model, example_inputs)
     mod = from_exported_program(exported)
     specs = [
-        {"dtype": str(x.dtype).replace("torch.", ""), "shape": [None if (dynamic and d == 0) else int(s) for d, s in enumerate(x.shape)]}
+        {
+            "dtype": str(x.dtype).replace("torch.", ""),
+            "shape": [None if (dynamic and d == 0) else int(s) for d, s in enumerate(x.shape)],
+        }
         for x in example_inputs
     ]
     return mod, specs, dynamic

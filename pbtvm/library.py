@@ -53,7 +53,7 @@ def read_elf_section(path: str, name: str) -> bytes | None:
     if data[4] != 2 or data[5] != 1:
         raise LibraryError(f"{path}: only little-endian ELF64 libraries are supported")
     try:
-        shoff, = struct.unpack_from("<Q", data, 0x28)
+        (shoff,) = struct.unpack_from("<Q", data, 0x28)
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
         sections = []
         for i in range(shnum):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from pbtvm._tvm import tir, tvm
 from pbtvm.schedules import apply_default_schedule
+
+from pbtvm._tvm import tir, tvm
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class ApplyPBSchedules:
         database); falls back to the default rule when it returns None.
     """
 
-    def __init__(self, target: tvm.target.Target, lookup: Callable[[tir.PrimFunc], tir.PrimFunc | None] | None = None) -> None:
+    def __init__(
+        self, target: tvm.target.Target, lookup: Callable[[tir.PrimFunc], tir.PrimFunc | None] | None = None
+    ) -> None:
         self.target = target
         self.lookup = lookup
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm_ffi
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat, pack_weights
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
 from pbtvm.quantize import quantize_weights
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ class _Rewriter(PyExprMutator):
         def undim(d: tir.PrimExpr) -> tir.PrimExpr:
             return next((expr for expr, var in fresh if var.same_as(d)), d)
 
-        holders = [te.placeholder([dim(d) for d in e.ty.shape.values], str(e.ty.dtype), f"in{i}") for i, e in enumerate(inputs)]
+        holders = [
+            te.placeholder([dim(d) for d in e.ty.shape.values], str(e.ty.dtype), f"in{i}") for i, e in enumerate(inputs)
+        ]
         outs = fn(*holders, *prim_args)
         outs = list(outs) if isinstance(outs, list | tuple) else [outs]
         func = te.create_prim_func([*holders, *prim_args, *outs]).without_attr("global_symbol").with_attrs(attrs)
@@ -183,7 +185,10 @@ class _Rewriter(PyExprMutator):
         key = weight_key(weight)
         if key not in self._packed_weights:
             q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
-            self._packed_weights[key] = (relax.const(pack_weights(q, self.fmt), "uint32"), relax.const(scale, "float32"))
+            self._packed_weights[key] = (
+                relax.const(pack_weights(q, self.fmt), "uint32"),
+                relax.const(scale, "float32"),
+            )
         return self._packed_weights[key]
 
     def _act_pack(self, x2: relax.Expr, k_dim: int) -> relax.Expr:
@@ -319,5 +324,7 @@ class PBLinearRewrite:
         rewriter.finish_report()
         mod = rewriter.builder_.get()
         mod = relax.transform.DeadCodeElimination()(mod)
-        logger.info("PBLinearRewrite: %d layers converted, %d left", len(self.report.converted), len(self.report.skipped))
+        logger.info(
+            "PBLinearRewrite: %d layers converted, %d left", len(self.report.converted), len(self.report.skipped)
+        )
         return mod

@@ -9,7 +9,9 @@ from .apply_pb_schedules import ApplyPBSchedules
 from .pb_linear_rewrite import PBLinearRewrite
 
 
-def pb_passes(fmt: BitplaneFormat, target: tvm.target.Target, lookup=None) -> tuple[PBLinearRewrite, tvm.transform.Pass]:  # noqa: ANN001
+def pb_passes(
+    fmt: BitplaneFormat, target: tvm.target.Target, lookup=None
+) -> tuple[PBLinearRewrite, tvm.transform.Pass]:  # noqa: ANN001
     """Return the rewrite pass (kept for its report) and the whole PB pipeline.
 
     Phases: (1) graph rewrite of dense layers into PB kernels; (2) schedules for the PB kernels.

@@ -22,6 +22,7 @@ class CPUBitplaneGemm(ScheduleRule):
     target_kinds = ("llvm",)
 
     def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
         gemm = sch.get_sblock(GEMM_BLOCK)
         b, n, i, j, w = sch.get_loops(gemm)
         if tunable:
@@ -43,6 +44,7 @@ class CPUActPack(ScheduleRule):
     target_kinds = ("llvm",)
 
     def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
         sch.compute_inline(sch.get_sblock("pb_xinv"))
         sch.compute_inline(sch.get_sblock("pb_xq"))
         pack = sch.get_sblock("pb_xpack")

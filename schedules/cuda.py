@@ -29,6 +29,7 @@ class CUDABitplaneGemm(ScheduleRule):
     target_kinds = ("cuda",)
 
     def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
         gemm = sch.get_sblock(GEMM_BLOCK)
         (epilogue,) = sch.get_consumers(gemm)
         b, n, i, j, w = sch.get_loops(gemm)
@@ -53,6 +54,7 @@ class CUDAActPack(ScheduleRule):
     target_kinds = ("cuda",)
 
     def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
         sch.compute_inline(sch.get_sblock("pb_xinv"))
         sch.compute_inline(sch.get_sblock("pb_xq"))
         for name in ("pb_amax", "pb_rowsum"):

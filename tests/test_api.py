@@ -99,7 +99,7 @@ import numpy as np, pbtvm, tvm
 def boom(*a, **k): raise AssertionError("compiler used after load")
 tvm.compile = tvm.relax.build = tvm.tirx.build = boom
 m = pbtvm.load({path!r})
-x = np.load({str(tmp_path / 'x.npy')!r})
+x = np.load({str(tmp_path / "x.npy")!r})
 for layers in (4, 2):
     assert np.array_equal(m(x, bitlayers=layers), np.load({str(tmp_path)!r} + f"/y{{layers}}.npy")), layers
 print("OK", m)

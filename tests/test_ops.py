@@ -46,7 +46,9 @@ def test_int_product_exact(bits, act_bits, rng):
     np.testing.assert_array_equal(out.numpy(), xq.astype(np.int64) @ q.T.astype(np.int64))
     for layers in range(1, bits + 1):  # one kernel serves every precision
         kern(_t(xp), _t(rowsum), _t(wp), layers, out)
-        np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"bitlayers={layers}")
+        np.testing.assert_array_equal(
+            out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"bitlayers={layers}"
+        )
 
 
 @pytest.mark.parametrize("name", ["w4a8", "w4a8-NkW", "w1a8", "w16a16"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pbtvm.relay_passes import PBLinearRewrite
 
 from pbtvm import bitplane as bp
 from pbtvm import quantize as qz
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
-from pbtvm.relay_passes import PBLinearRewrite
 from pbtvm.target import resolve_target
 
 FMT = bp.BitplaneFormat(4, 8)
@@ -59,8 +59,12 @@ def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
             packed = bb.emit(relax.call_tir(g_pack, [x], pack_ty))
             xp, xs, rs = (bb.emit(relax.TupleGetItem(packed, i)) for i in range(3))
             d0 = tir.Var("d0", "int64")
-            holders = [te.placeholder([d0 if isinstance(d, tir.Var) else d for d in v.ty.shape.values], str(v.ty.dtype), f"in{i}")
-                       for i, v in enumerate([xp, xs, rs])]
+            holders = [
+                te.placeholder(
+                    [d0 if isinstance(d, tir.Var) else d for d in v.ty.shape.values], str(v.ty.dtype), f"in{i}"
+                )
+                for i, v in enumerate([xp, xs, rs])
+            ]
             consts = [relax.const(wp, "uint32"), relax.const(ws, "float32"), relax.const(b, "float32")]
             holders += [te.placeholder(c.ty.shape.values, str(c.ty.dtype), f"in{3 + i}") for i, c in enumerate(consts)]
             f_dense, dense_ty = prim(lambda *t: pb_dense(*t[:6], t[6], FMT, K), holders, "dense", "pb_gemm", (layers,))
@@ -109,7 +113,11 @@ def _count_packed(mod: tvm.IRModule) -> int:
     for block in mod["main"].body.blocks:
         for binding in block.bindings:
             value = binding.value
-            args = list(value.args[1].fields) if isinstance(value, relax.Call) and isinstance(value.args[1], relax.Tuple) else []
+            args = (
+                list(value.args[1].fields)
+                if isinstance(value, relax.Call) and isinstance(value.args[1], relax.Tuple)
+                else []
+            )
             for a in args:
                 if isinstance(a, tvm.ir.Constant) and str(a.value.dtype) == "uint32":
                     if not any(a.same_as(c) for c in consts):

@@ -58,7 +58,9 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
 
     def pack(p, b, w):  # noqa: ANN001, ANN202
         kk = w * WORD_BITS + t
-        bit = tir.bitwise_and(tir.shift_right(xq[b, tir.min(kk, k_int - 1)], plane_bit(p, fmt.act_bits).astype("int32")), 1)
+        bit = tir.bitwise_and(
+            tir.shift_right(xq[b, tir.min(kk, k_int - 1)], plane_bit(p, fmt.act_bits).astype("int32")), 1
+        )
         bit = tir.if_then_else(kk < k_int, bit, 0).astype("uint32")
         return te.sum(tir.shift_left(bit, t.astype("uint32")), axis=t)
 
