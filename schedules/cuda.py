@@ -1,12 +1,14 @@
 """CUDA default schedules for the PB kernels (no tuning needed, never DLight's Fallback).
 
-``pb_gemm``: one warp per output element ``(b, n)``; the 32 lanes split the K words (coalesced
-128-byte reads of each weight plane), each lane loops over weight planes and, unrolled, over
-activation planes, and a warp shuffle reduction combines the lanes. The epilogue runs right after
-the reduction in the same kernel.
+``pb_gemm``: a warp per output row ``n``; its 32 lanes split the K words, reading 4 consecutive
+words (16 bytes) per lane per weight plane when K allows, so every plane row is one coalesced
+512-byte sweep. Each lane loops over weight planes, its words and, unrolled, the activation
+planes; a warp-shuffle reduction combines the lanes and the epilogue runs in the same kernel.
+Batch rows are a serial loop inside the warp, so a weight row is fetched from DRAM once per call
+whatever the batch (later rows hit L1).
 
-``act_pack``: one block per row for the max and row-sum reductions (cross-thread), one thread
-per packed word for quantize+pack.
+``act_pack``: one thread block per activation row does everything in one launch: the row's
+max-abs (cross-thread), its scale, quantize+pack (a thread per packed word) and the code sum.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from .rules import ScheduleRule
 
 #: Warps (output rows) per thread block in the default GEMM schedule.
 WARPS_PER_BLOCK = 4
-#: Threads per block for elementwise and reduction parts of the activation pack.
+#: Words per lane per vector load (4 x uint32 = 16 bytes).
+VECTOR_WORDS = 4
+#: Threads per block of the activation pack.
 PACK_THREADS = 128
 
 
 class CUDABitplaneGemm(ScheduleRule):
-    """Warp-per-output reduction schedule for ``pb_gemm`` + epilogue."""
+    """Warp-per-row reduction schedule for ``pb_gemm`` + epilogue."""
 
     kernel = "pb_gemm"
     target_kinds = ("cuda",)
@@ -33,22 +37,27 @@ class CUDABitplaneGemm(ScheduleRule):
         gemm = sch.get_sblock(GEMM_BLOCK)
         (epilogue,) = sch.get_consumers(gemm)
         b, n, i, j, w = sch.get_loops(gemm)
+        words = int(sch.get(w).extent)
         warps = sch.sample_categorical([1, 2, 4, 8], [0.25] * 4) if tunable else WARPS_PER_BLOCK
         no, ni = sch.split(n, [None, warps])
-        wo, wi = sch.split(w, [None, 32])
-        sch.reorder(b, no, ni, wi, i, wo, j)
-        # Fusing b into blockIdx.x would defeat LowerCrossThreadReduction (TVM 0.27): keep b on y.
-        sch.bind(b, "blockIdx.y")
+        vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+        wo, wi, v = sch.split(w, [None, 32, vec])
+        sch.reorder(no, ni, b, wi, i, wo, v, j)
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
         sch.bind(wi, "threadIdx.x")
+        if vec > 1:
+            weights = sch.cache_read(gemm, 0, "local")  # reads are (weights, activations)
+            sch.compute_at(weights, wo)
+            sch.vectorize(sch.get_loops(weights)[-1])
+        sch.unroll(v)
         sch.unroll(j)
-        sch.reverse_compute_at(epilogue, ni)
+        sch.reverse_compute_at(epilogue, b)
         sch.set_scope(gemm, 0, "local")
 
 
 class CUDAActPack(ScheduleRule):
-    """Block-per-row reductions and thread-per-word packing for ``act_pack``."""
+    """One block per activation row for the whole quantize+pack."""
 
     kernel = "act_pack"
     target_kinds = ("cuda",)
@@ -57,20 +66,31 @@ class CUDAActPack(ScheduleRule):
         """See :meth:`ScheduleRule.schedule`."""
         sch.compute_inline(sch.get_sblock("pb_xinv"))
         sch.compute_inline(sch.get_sblock("pb_xq"))
-        for name in ("pb_amax", "pb_rowsum"):
-            blk = sch.get_sblock(name)
-            b, r = sch.get_loops(blk)
-            ro, ri = sch.split(r, [None, PACK_THREADS])
-            sch.reorder(b, ri, ro)
-            sch.bind(b, "blockIdx.x")
-            sch.bind(ri, "threadIdx.x")
-        for name in ("pb_xscale",):
-            (b,) = sch.get_loops(sch.get_sblock(name))
-            bo, bi = sch.split(b, [None, 32])
-            sch.bind(bo, "blockIdx.x")
-            sch.bind(bi, "threadIdx.x")
-        p, b, w, t = sch.get_loops(sch.get_sblock("pb_xpack"))
-        fo, fi = sch.split(sch.fuse(p, b, w), [None, PACK_THREADS])
-        sch.bind(fo, "blockIdx.x")
-        sch.bind(fi, "threadIdx.x")
+        # Anchor on the row's max-abs (the one non-output block), then pull every output stage
+        # of that row into the same thread block.
+        amax = sch.get_sblock("pb_amax")
+        b, r = sch.get_loops(amax)
+        sch.bind(b, "blockIdx.x")
+        sch.set_scope(amax, 0, "shared")
+        ro, ri = sch.split(r, [None, PACK_THREADS])
+        sch.reorder(ri, ro)
+        sch.bind(ri, "threadIdx.x")
+        for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
+            sch.reverse_compute_at(sch.get_sblock(name), b)
+        pack = sch.get_sblock("pb_xpack")
+        p, w, t = sch.get_loops(pack)[1:]
+        sch.reorder(w, p, t)
+        wo, wi = sch.split(w, [None, PACK_THREADS])
+        sch.bind(wi, "threadIdx.x")
+        # Build each thread's words in registers: read 32 activations once, OR bits into all planes.
+        words = sch.cache_write(pack, 0, "local")
+        sch.reverse_compute_at(words, wi)
+        p, t = sch.get_loops(pack)[-2:]
+        sch.decompose_reduction(pack, p)
+        sch.reorder(t, p)
         sch.unroll(t)
+        sch.unroll(p)
+        r2 = sch.get_loops(sch.get_sblock("pb_rowsum"))[-1]
+        ro2, ri2 = sch.split(r2, [None, PACK_THREADS])
+        sch.reorder(ri2, ro2)
+        sch.bind(ri2, "threadIdx.x")
