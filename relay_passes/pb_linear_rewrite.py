@@ -160,7 +160,7 @@ class _Rewriter(PyExprMutator):
 
         def dim(d: tir.PrimExpr) -> tir.PrimExpr:
             if isinstance(d, tir.IntImm):
-                return d
+                return int(d)  # static dims as plain ints: int32 loops, as the schedules expect
             for expr, var in fresh:
                 if tvm_ffi.structural_equal(expr, d):
                     return var

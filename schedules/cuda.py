@@ -78,18 +78,25 @@ class CUDAActPack(ScheduleRule):
         for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
             sch.reverse_compute_at(sch.get_sblock(name), b)
         pack = sch.get_sblock("pb_xpack")
-        p, w, t = sch.get_loops(pack)[1:]
-        sch.reorder(w, p, t)
-        wo, wi = sch.split(w, [None, PACK_THREADS])
-        sch.bind(wi, "threadIdx.x")
-        # Build each thread's words in registers: read 32 activations once, OR bits into all planes.
-        words = sch.cache_write(pack, 0, "local")
-        sch.reverse_compute_at(words, wi)
-        p, t = sch.get_loops(pack)[-2:]
-        sch.decompose_reduction(pack, p)
-        sch.reorder(t, p)
-        sch.unroll(t)
-        sch.unroll(p)
+        loops = sch.get_loops(pack)[1:]
+        if len(loops) == 2:
+            # One word per row (K <= 32): reverse_compute_at dropped the word loop; a thread per plane.
+            p, t = loops
+            sch.bind(p, "threadIdx.x")
+            sch.unroll(t)
+        else:
+            p, w, t = loops
+            sch.reorder(w, p, t)
+            wo, wi = sch.split(w, [None, PACK_THREADS])
+            sch.bind(wi, "threadIdx.x")
+            # Build each thread's words in registers: read 32 activations once, OR bits into all planes.
+            words = sch.cache_write(pack, 0, "local")
+            sch.reverse_compute_at(words, wi)
+            p, t = sch.get_loops(pack)[-2:]
+            sch.decompose_reduction(pack, p)
+            sch.reorder(t, p)
+            sch.unroll(t)
+            sch.unroll(p)
         r2 = sch.get_loops(sch.get_sblock("pb_rowsum"))[-1]
         ro2, ri2 = sch.split(r2, [None, PACK_THREADS])
         sch.reorder(ri2, ro2)

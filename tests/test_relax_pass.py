@@ -53,7 +53,7 @@ def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     with bb.function("main", [x, bl]):
         with bb.dataflow():
-            xh = te.placeholder([tir.Var("d0", "int64"), tir.IntImm("int64", K)], "float32", "in0")
+            xh = te.placeholder([tir.Var("d0", "int64"), K], "float32", "in0")
             f_pack, pack_ty = prim(lambda t: act_quantize_pack(t, FMT), [xh], "act_pack", "act_pack")
             g_pack = bb.add_func(f_pack, f"pb_act_pack_a8_k{K}")
             packed = bb.emit(relax.call_tir(g_pack, [x], pack_ty))
@@ -61,12 +61,15 @@ def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
             d0 = tir.Var("d0", "int64")
             holders = [
                 te.placeholder(
-                    [d0 if isinstance(d, tir.Var) else d for d in v.ty.shape.values], str(v.ty.dtype), f"in{i}"
+                    [d0 if isinstance(d, tir.Var) else int(d) for d in v.ty.shape.values], str(v.ty.dtype), f"in{i}"
                 )
                 for i, v in enumerate([xp, xs, rs])
             ]
             consts = [relax.const(wp, "uint32"), relax.const(ws, "float32"), relax.const(b, "float32")]
-            holders += [te.placeholder(c.ty.shape.values, str(c.ty.dtype), f"in{3 + i}") for i, c in enumerate(consts)]
+            holders += [
+                te.placeholder([int(d) for d in c.ty.shape.values], str(c.ty.dtype), f"in{3 + i}")
+                for i, c in enumerate(consts)
+            ]
             f_dense, dense_ty = prim(lambda *t: pb_dense(*t[:6], t[6], FMT, K), holders, "dense", "pb_gemm", (layers,))
             g_dense = bb.add_func(f_dense, f"pb_dense_w4a8_n{N}_k{K}_bias")
             y = bb.emit(relax.call_tir(g_dense, [xp, xs, rs, *consts, relax.prim_value(layers)], dense_ty[0]))
