@@ -77,7 +77,7 @@ def rand_u32(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device="cuda").view(torch.uint32)
 
 
-def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict) -> float:
+def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: str = "layer") -> float:
     fmt = bp.BitplaneFormat(bits, 8)
     key = (n, k, bits)
     if key not in cache:
@@ -100,9 +100,11 @@ def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict) -> flo
     y = torch.empty(batch, n, device="cuda")
 
     def step(i: int) -> None:
-        pack(xs[i], xp, sx, rs)
-        w, s, b = ws[i]
-        dense(xp, sx, rs, w, s, b, bits, y)
+        if part != "gemm":
+            pack(xs[i], xp, sx, rs)
+        if part != "pack":
+            w, s, b = ws[i]
+            dense(xp, sx, rs, w, s, b, bits, y)
 
     return graph_time(step, sets)
 
@@ -141,13 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--breakdown", action="store_true", help="also time the pack and PB kernels alone")
+    ap.add_argument("--variant", choices=["default", "prefetch"], default="default", help="CUDA GEMM schedule variant")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
+    if args.variant == "prefetch":
+        from pbtvm.schedules import cuda as cuda_rules
+
+        cuda_rules.PREFETCH_ALL_PLANES = True
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     bw = measure_bandwidth()
+    print(f"variant {args.variant}")
     print(f"device {props.name}, L2 {l2 / 1e6:.0f} MB, copy bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}")
     rows, cache = [], {}
     t0 = time.time()
@@ -175,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 r = rows[-1]
+                if args.breakdown:
+                    r["pack_us"] = bench_pb(n, k, batch, bits, l2, cache, "pack") * 1e6
+                    r["gemm_us"] = bench_pb(n, k, batch, bits, l2, cache, "gemm") * 1e6
+                    print(f"    pack alone {r['pack_us']:.1f} us, PB kernel alone {r['gemm_us']:.1f} us")
                 print(
                     f"  {shape:>11} b={batch:<2} W{bits}A8  pb {r['pb_us']:8.1f} us  roof {r['roof_us']:6.1f}  "
                     f"fp16 {r['fp16_us']:7.1f}  fp32 {r['fp32_us']:7.1f}  int4 {r['int4_us'] or float('nan'):7.1f}  "

@@ -22,6 +22,10 @@ from .rules import ScheduleRule
 WARPS_PER_BLOCK = 4
 #: Words per lane per vector load (4 x uint32 = 16 bytes).
 VECTOR_WORDS = 4
+#: Experimental: unroll the plane loop to its static maximum and prefetch every plane (faster
+#: issue, but reads all planes even when bitlayers < bits). Off by default; the benchmark's
+#: ``--variant prefetch`` measures it.
+PREFETCH_ALL_PLANES = False
 #: Threads per block of the activation pack.
 PACK_THREADS = 128
 
@@ -42,14 +46,26 @@ class CUDABitplaneGemm(ScheduleRule):
         no, ni = sch.split(n, [None, warps])
         vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
         wo, wi, v = sch.split(w, [None, 32, vec])
-        sch.reorder(no, ni, b, wi, i, wo, v, j)
+        # bitlayers is symbolic: split it by the static plane count so the plane loop unrolls and
+        # all planes' loads are issued together (predicated by i < bitlayers).
+        if PREFETCH_ALL_PLANES:
+            # Loads of every plane issued together; reads all planes whatever bitlayers is.
+            io, ii = sch.split(i, [None, int(func.attrs["pbtvm.bits"])])
+            sch.reorder(no, ni, b, wi, io, wo, ii, v, j)
+            anchor = wo
+        else:
+            # Only the top bitlayers planes are read: the run-time knob saves DRAM traffic.
+            sch.reorder(no, ni, b, wi, i, wo, v, j)
+            anchor = wo
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
         sch.bind(wi, "threadIdx.x")
         if vec > 1:
             weights = sch.cache_read(gemm, 0, "local")  # reads are (weights, activations)
-            sch.compute_at(weights, wo)
+            sch.compute_at(weights, anchor)
             sch.vectorize(sch.get_loops(weights)[-1])
+        if PREFETCH_ALL_PLANES:
+            sch.unroll(ii)
         sch.unroll(v)
         sch.unroll(j)
         sch.reverse_compute_at(epilogue, b)
@@ -75,6 +91,7 @@ class CUDAActPack(ScheduleRule):
         ro, ri = sch.split(r, [None, PACK_THREADS])
         sch.reorder(ri, ro)
         sch.bind(ri, "threadIdx.x")
+        sch.unroll(ro)  # independent loads in flight instead of a load-use chain
         for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
             sch.reverse_compute_at(sch.get_sblock(name), b)
         pack = sch.get_sblock("pb_xpack")
@@ -101,3 +118,4 @@ class CUDAActPack(ScheduleRule):
         ro2, ri2 = sch.split(r2, [None, PACK_THREADS])
         sch.reorder(ri2, ro2)
         sch.bind(ri2, "threadIdx.x")
+        sch.unroll(ro2)
