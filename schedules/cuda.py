@@ -22,10 +22,9 @@ from .rules import ScheduleRule
 WARPS_PER_BLOCK = 4
 #: Words per lane per vector load (4 x uint32 = 16 bytes).
 VECTOR_WORDS = 4
-#: Experimental: unroll the plane loop to its static maximum and prefetch every plane (faster
-#: issue, but reads all planes even when bitlayers < bits). Off by default; the benchmark's
-#: ``--variant prefetch`` measures it.
-PREFETCH_ALL_PLANES = False
+#: Activation pack layout: "split" (3 launches, parallel over words) or "fused" (1 launch, a
+#: block per row). Measured on an H100 (BENCHMARKS.md); the faster one is the default.
+PACK_VARIANT = "split"
 #: Threads per block of the activation pack.
 PACK_THREADS = 128
 
@@ -48,24 +47,16 @@ class CUDABitplaneGemm(ScheduleRule):
         wo, wi, v = sch.split(w, [None, 32, vec])
         # bitlayers is symbolic: split it by the static plane count so the plane loop unrolls and
         # all planes' loads are issued together (predicated by i < bitlayers).
-        if PREFETCH_ALL_PLANES:
-            # Loads of every plane issued together; reads all planes whatever bitlayers is.
-            io, ii = sch.split(i, [None, int(func.attrs["pbtvm.bits"])])
-            sch.reorder(no, ni, b, wi, io, wo, ii, v, j)
-            anchor = wo
-        else:
-            # Only the top bitlayers planes are read: the run-time knob saves DRAM traffic.
-            sch.reorder(no, ni, b, wi, i, wo, v, j)
-            anchor = wo
+        # Only the top bitlayers planes are read: the run-time knob saves DRAM traffic. (Unrolling
+        # the plane loop to its static maximum and prefetching all planes measured slower.)
+        sch.reorder(no, ni, b, wi, i, wo, v, j)
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
         sch.bind(wi, "threadIdx.x")
         if vec > 1:
             weights = sch.cache_read(gemm, 0, "local")  # reads are (weights, activations)
-            sch.compute_at(weights, anchor)
+            sch.compute_at(weights, wo)
             sch.vectorize(sch.get_loops(weights)[-1])
-        if PREFETCH_ALL_PLANES:
-            sch.unroll(ii)
         sch.unroll(v)
         sch.unroll(j)
         sch.reverse_compute_at(epilogue, b)
@@ -73,7 +64,7 @@ class CUDABitplaneGemm(ScheduleRule):
 
 
 class CUDAActPack(ScheduleRule):
-    """One block per activation row for the whole quantize+pack."""
+    """Activation quantize+pack: ``PACK_VARIANT`` picks one of two measured layouts."""
 
     kernel = "act_pack"
     target_kinds = ("cuda",)
@@ -82,40 +73,64 @@ class CUDAActPack(ScheduleRule):
         """See :meth:`ScheduleRule.schedule`."""
         sch.compute_inline(sch.get_sblock("pb_xinv"))
         sch.compute_inline(sch.get_sblock("pb_xq"))
-        # Anchor on the row's max-abs (the one non-output block), then pull every output stage
-        # of that row into the same thread block.
-        amax = sch.get_sblock("pb_amax")
-        b, r = sch.get_loops(amax)
-        sch.bind(b, "blockIdx.x")
-        sch.set_scope(amax, 0, "shared")
-        ro, ri = sch.split(r, [None, PACK_THREADS])
-        sch.reorder(ri, ro)
-        sch.bind(ri, "threadIdx.x")
-        sch.unroll(ro)  # independent loads in flight instead of a load-use chain
-        for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
-            sch.reverse_compute_at(sch.get_sblock(name), b)
-        pack = sch.get_sblock("pb_xpack")
-        loops = sch.get_loops(pack)[1:]
-        if len(loops) == 2:
-            # One word per row (K <= 32): reverse_compute_at dropped the word loop; a thread per plane.
-            p, t = loops
-            sch.bind(p, "threadIdx.x")
-            sch.unroll(t)
+        if PACK_VARIANT == "fused":
+            _pack_fused(sch)
         else:
-            p, w, t = loops
-            sch.reorder(w, p, t)
-            wo, wi = sch.split(w, [None, PACK_THREADS])
-            sch.bind(wi, "threadIdx.x")
-            # Build each thread's words in registers: read 32 activations once, OR bits into all planes.
-            words = sch.cache_write(pack, 0, "local")
-            sch.reverse_compute_at(words, wi)
-            p, t = sch.get_loops(pack)[-2:]
-            sch.decompose_reduction(pack, p)
-            sch.reorder(t, p)
-            sch.unroll(t)
-            sch.unroll(p)
-        r2 = sch.get_loops(sch.get_sblock("pb_rowsum"))[-1]
-        ro2, ri2 = sch.split(r2, [None, PACK_THREADS])
-        sch.reorder(ri2, ro2)
-        sch.bind(ri2, "threadIdx.x")
-        sch.unroll(ro2)
+            _pack_split(sch)
+
+
+def _row_reduction(sch: s_tir.Schedule, r: s_tir.LoopRV) -> None:
+    """Split a per-row reduction across PACK_THREADS lanes (cross-thread) with unrolled loads."""
+    ro, ri = sch.split(r, [None, PACK_THREADS])
+    sch.reorder(ri, ro)
+    sch.bind(ri, "threadIdx.x")
+    sch.unroll(ro)  # independent loads in flight instead of a load-use chain
+
+
+def _pack_split(sch: s_tir.Schedule) -> None:
+    """Three launches: row max (block per row), scale, and a thread per (plane, row, word)."""
+    for name in ("pb_amax", "pb_rowsum"):
+        b, r = sch.get_loops(sch.get_sblock(name))
+        sch.bind(b, "blockIdx.x")
+        _row_reduction(sch, r)
+    (b,) = sch.get_loops(sch.get_sblock("pb_xscale"))
+    bo, bi = sch.split(b, [None, 32])
+    sch.bind(bo, "blockIdx.x")
+    sch.bind(bi, "threadIdx.x")
+    pack = sch.get_sblock("pb_xpack")
+    p, b, w, t = sch.get_loops(pack)
+    fo, fi = sch.split(sch.fuse(p, b, w), [None, PACK_THREADS])
+    sch.bind(fo, "blockIdx.x")
+    sch.bind(fi, "threadIdx.x")
+    sch.unroll(t)
+
+
+def _pack_fused(sch: s_tir.Schedule) -> None:
+    """One launch, one block per row: max, scale, pack (a thread per word) and code sum."""
+    amax = sch.get_sblock("pb_amax")
+    b, r = sch.get_loops(amax)
+    sch.bind(b, "blockIdx.x")
+    sch.set_scope(amax, 0, "shared")
+    _row_reduction(sch, r)
+    for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
+        sch.reverse_compute_at(sch.get_sblock(name), b)
+    pack = sch.get_sblock("pb_xpack")
+    loops = sch.get_loops(pack)[1:]
+    if len(loops) == 2:
+        # One word per row (K <= 32): reverse_compute_at dropped the word loop; a thread per plane.
+        p, t = loops
+        sch.bind(p, "threadIdx.x")
+        sch.unroll(t)
+    else:
+        p, w, t = loops
+        sch.reorder(w, p, t)
+        wo, wi = sch.split(w, [None, PACK_THREADS])
+        sch.bind(wi, "threadIdx.x")
+        words = sch.cache_write(pack, 0, "local")  # read 32 activations once, OR into every plane
+        sch.reverse_compute_at(words, wi)
+        p, t = sch.get_loops(pack)[-2:]
+        sch.decompose_reduction(pack, p)
+        sch.reorder(t, p)
+        sch.unroll(t)
+        sch.unroll(p)
+    _row_reduction(sch, sch.get_loops(sch.get_sblock("pb_rowsum"))[-1])
