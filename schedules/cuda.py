@@ -80,11 +80,13 @@ class CUDAActPack(ScheduleRule):
 
 
 def _row_reduction(sch: s_tir.Schedule, r: s_tir.LoopRV) -> None:
-    """Split a per-row reduction across PACK_THREADS lanes (cross-thread) with unrolled loads."""
+    """Split a per-row reduction across PACK_THREADS lanes (cross-thread reduction).
+
+    Unrolling the serial part measured slower on an H100 (BENCHMARKS.md), so it stays a loop.
+    """
     ro, ri = sch.split(r, [None, PACK_THREADS])
     sch.reorder(ri, ro)
     sch.bind(ri, "threadIdx.x")
-    sch.unroll(ro)  # independent loads in flight instead of a load-use chain
 
 
 def _pack_split(sch: s_tir.Schedule) -> None:
