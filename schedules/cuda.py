@@ -4,8 +4,7 @@
 words (16 bytes) per lane per weight plane when K allows, so every plane row is one coalesced
 512-byte sweep. Each lane loops over weight planes, its words and, unrolled, the activation
 planes; a warp-shuffle reduction combines the lanes and the epilogue runs in the same kernel.
-Batch rows are a serial loop inside the warp, so a weight row is fetched from DRAM once per call
-whatever the batch (later rows hit L1).
+Batch rows go to ``blockIdx.y``; blocks of other rows re-read the weights, mostly from L2.
 
 ``act_pack``: one thread block per activation row does everything in one launch: the row's
 max-abs (cross-thread), its scale, quantize+pack (a thread per packed word) and the code sum.
@@ -49,7 +48,10 @@ class CUDABitplaneGemm(ScheduleRule):
         # all planes' loads are issued together (predicated by i < bitlayers).
         # Only the top bitlayers planes are read: the run-time knob saves DRAM traffic. (Unrolling
         # the plane loop to its static maximum and prefetching all planes measured slower.)
-        sch.reorder(no, ni, b, wi, i, wo, v, j)
+        sch.reorder(b, no, ni, wi, i, wo, v, j)
+        # Batch rows on blockIdx.y measured faster than a serial batch loop inside the warp
+        # (BENCHMARKS.md). Fusing b into blockIdx.x would defeat LowerCrossThreadReduction.
+        sch.bind(b, "blockIdx.y")
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
         sch.bind(wi, "threadIdx.x")
@@ -59,7 +61,7 @@ class CUDABitplaneGemm(ScheduleRule):
             sch.vectorize(sch.get_loops(weights)[-1])
         sch.unroll(v)
         sch.unroll(j)
-        sch.reverse_compute_at(epilogue, b)
+        sch.reverse_compute_at(epilogue, ni)
         sch.set_scope(gemm, 0, "local")
 
 
