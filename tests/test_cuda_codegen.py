@@ -22,11 +22,12 @@ def test_nvcc_is_installed():
     assert find_nvcc()
 
 
+@pytest.mark.parametrize("layout", ["kNW", "NkW"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
-def test_pb_kernels_generate_warp_reduction_code(bits):
+def test_pb_kernels_generate_warp_reduction_code(bits, layout):
     target = resolve_target(SM90)
-    fmt = bp.BitplaneFormat(bits, 8)
-    for func in (kernels.dense_func(fmt, 33, 100), kernels.act_pack_func(fmt, 100)):
+    fmt = bp.BitplaneFormat(bits, 8, layout=layout)
+    for func in (kernels.dense_func(fmt, 33, 100), kernels.dense_func(fmt, 64, 4096), kernels.act_pack_func(fmt, 100)):
         from pbtvm.schedules import apply_default_schedule
 
         scheduled = apply_default_schedule(func, target)

@@ -22,10 +22,11 @@ def _t(a: np.ndarray):  # noqa: ANN202
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cuda(0))
 
 
+@pytest.mark.parametrize("layout", ["kNW", "NkW"])
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("bits", [*range(1, 9), 16])
-def test_int_product_exact_on_gpu(bits, act_bits, rng):
-    fmt = bp.BitplaneFormat(bits, act_bits)
+def test_int_product_exact_on_gpu(bits, act_bits, layout, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
     n, k, b = 257, 1000 + int(rng.integers(0, 31)), 5
     q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     xq, _ = qz.quantize_activations(rng.standard_normal((b, k)).astype(np.float32), fmt)
