@@ -6,8 +6,9 @@ words (16 bytes) per lane per weight plane when K allows, so every plane row is 
 planes; a warp-shuffle reduction combines the lanes and the epilogue runs in the same kernel.
 Batch rows go to ``blockIdx.y``; blocks of other rows re-read the weights, mostly from L2.
 
-``act_pack``: one thread block per activation row does everything in one launch: the row's
-max-abs (cross-thread), its scale, quantize+pack (a thread per packed word) and the code sum.
+``act_pack``: by default ("split") three launches: a block per row for the max-abs and the code
+sum (cross-thread reductions), a thread per scale, and a thread per packed (plane, row, word).
+The "fused" variant does a row in one block and one launch; it measured slower.
 """
 
 from __future__ import annotations
@@ -44,9 +45,7 @@ class CUDABitplaneGemm(ScheduleRule):
         no, ni = sch.split(n, [None, warps])
         vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
         wo, wi, v = sch.split(w, [None, 32, vec])
-        # bitlayers is symbolic: split it by the static plane count so the plane loop unrolls and
-        # all planes' loads are issued together (predicated by i < bitlayers).
-        # Only the top bitlayers planes are read: the run-time knob saves DRAM traffic. (Unrolling
+        # The plane loop keeps its symbolic bitlayers extent: only the top bitlayers planes are read: the run-time knob saves DRAM traffic. (Unrolling
         # the plane loop to its static maximum and prefetching all planes measured slower.)
         sch.reorder(b, no, ni, wi, i, wo, v, j)
         # Batch rows on blockIdx.y measured faster than a serial batch loop inside the warp
