@@ -11,7 +11,7 @@ from typing import Any
 from . import __version__
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
-from .cuda import nvcc_compile_hook
+from .cuda import build
 from .relay_passes import pb_passes
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
@@ -143,9 +143,7 @@ def compile(  # noqa: A001 - the public name users expect
 
     summary = target_summary(tvm_target)
     t1 = time.perf_counter()
-    hook = nvcc_compile_hook(summary["arch"]) if summary["kind"] == "cuda" else contextlib.nullcontext()
-    with hook:
-        executable = tvm.compile(mod, target=tvm_target)
+    executable = build(mod, tvm_target)
     logger.info("built in %.1fs", time.perf_counter() - t1)
 
     with torch_no_grad():

@@ -12,22 +12,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import tvm_ffi
+
+from .tools import find_cuda_tool
 
 logger = logging.getLogger(__name__)
 
 
 def find_nvcc() -> str:
-    """Path of nvcc (``$CUDA_HOME/bin`` first, then PATH); raises RuntimeError if missing."""
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    found = shutil.which("nvcc")
+    """Path of nvcc; raises RuntimeError if it is missing."""
+    found = find_cuda_tool("nvcc")
     if found is None:
         raise RuntimeError("nvcc was not found (set CUDA_HOME or put it on PATH): it is needed to build CUDA kernels")
     return found
@@ -72,3 +71,23 @@ def nvcc_compile_hook(arch: str) -> Iterator[None]:
     finally:
         if previous is not None:
             tvm_ffi.register_global_func(name, previous, override=True)
+
+
+def build(mod: Any, target: Any) -> Any:
+    """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule or tvm.tirx.PrimFunc
+    target : tvm.target.Target
+
+    Returns
+    -------
+    tvm.runtime.Executable
+    """
+    from ._tvm import tvm
+
+    if target.kind.name != "cuda":
+        return tvm.compile(mod, target=target)
+    with nvcc_compile_hook(str(target.export()["arch"])):
+        return tvm.compile(mod, target=target)

@@ -48,12 +48,9 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
 
 def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:
     """Schedule ``func`` with the default rule for ``target`` (unless told not to) and compile it."""
-    from .cuda import nvcc_compile_hook
+    from .cuda import build as cuda_aware_build
     from .schedules import apply_default_schedule
 
     if schedule:
         func = apply_default_schedule(func, target)
-    if target.kind.name == "cuda":
-        with nvcc_compile_hook(str(target.export()["arch"])):
-            return tvm.compile(func, target=target)
-    return tvm.compile(func, target=target)
+    return cuda_aware_build(func, target)

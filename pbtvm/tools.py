@@ -1,4 +1,4 @@
-"""Locate CUDA binary tools (cuobjdump) here or in the ``nvidia-cuda-cuobjdump`` wheel."""
+"""Locate CUDA tools (nvcc, cuobjdump, nvdisasm) in a CUDA install, on PATH or in pip wheels."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import subprocess
 
 
 def find_cuda_tool(name: str) -> str | None:
-    """Path of ``cuobjdump``/``nvdisasm``: PATH, ``$CUDA_HOME/bin``, then pip's nvidia wheels."""
+    """Path of a CUDA tool (nvcc, cuobjdump, nvdisasm), or None.
+
+    Looks in ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin``, then PATH, then the
+    ``bin`` folders of pip's ``nvidia-*`` wheels.
+    """
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", name)):
+            return os.path.join(home, "bin", name)
     found = shutil.which(name)
     if found:
         return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "bin", name)):
-            return os.path.join(home, "bin", name)
     for root in site.getsitepackages() + [site.getusersitepackages()]:
         hits = sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "bin", name)))
         if hits:
