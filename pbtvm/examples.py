@@ -91,3 +91,11 @@ def accuracy(predict, x: np.ndarray, y: np.ndarray) -> float:  # noqa: ANN001
     """Top-1 accuracy in percent of ``predict(x) -> logits``."""
     logits = np.asarray(predict(x))
     return float((logits.argmax(1) == y).mean() * 100)
+
+
+def torch_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:  # noqa: ANN001
+    """Top-1 accuracy in percent of a torch model (fp32 reference), without autograd."""
+    import torch
+
+    with torch.no_grad():
+        return accuracy(lambda batch: model(torch.from_numpy(batch)).numpy(), x, y)

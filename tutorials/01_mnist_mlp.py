@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, mnist_split, train_mnist_mlp
+from pbtvm.examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true")
@@ -29,8 +29,7 @@ args = parser.parse_args()
 # ----------------------
 split = mnist_split(seed=0)
 model = train_mnist_mlp(split, epochs=3 if args.quick else 12)
-with torch.no_grad():
-    fp32 = accuracy(lambda x: model(torch.from_numpy(x)).numpy(), split.x_test, split.y_test)
+fp32 = torch_accuracy(model, split.x_test, split.y_test)
 print(f"fp32: {fp32:.1f}%")
 
 # %%
