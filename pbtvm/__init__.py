@@ -6,13 +6,14 @@ split into planes too, and each layer becomes AND + popcount over planes with a 
 >>> m = pbtvm.compile(model, (x,), target="llvm", bits=4)   # doctest: +SKIP
 >>> y = m(x, bitlayers=3)                                  # doctest: +SKIP
 >>> m.export("model.so"); m2 = pbtvm.load("model.so")      # doctest: +SKIP
+>>> pbtvm.compile(model, (x,), tune=True, work_dir="logs/")  # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
 
 from .bitplane import PRESETS, BitplaneFormat  # noqa: E402
-from .compiler import compile  # noqa: E402, A004
+from .compiler import compile, tune  # noqa: E402, A004
 from .library import LibraryError  # noqa: E402
 from .runtime import CompiledModel, load  # noqa: E402
 
-__all__ = ["BitplaneFormat", "CompiledModel", "LibraryError", "PRESETS", "compile", "load", "__version__"]
+__all__ = ["BitplaneFormat", "CompiledModel", "LibraryError", "PRESETS", "compile", "load", "tune", "__version__"]

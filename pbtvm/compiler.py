@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from typing import Any
@@ -12,9 +13,10 @@ from . import __version__
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
-from .relay_passes import pb_passes
+from .relay_passes import ApplyPBSchedules, PBLinearRewrite
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
+from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import resolve_target, target_summary
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,72 @@ def _layer_names(model: Any) -> dict[str, str]:
     return names
 
 
+def _rewrite(model: Any, example_inputs: Any, fmt: BitplaneFormat, tvm_target: tvm.target.Target, dynamic_batch: bool):  # noqa: ANN202
+    """Import the model and run the PB graph rewrite (kernels not yet scheduled)."""
+    t0 = time.perf_counter()
+    mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch)
+    logger.info("imported model in %.1fs", time.perf_counter() - t0)
+    rewrite = PBLinearRewrite(fmt)
+    with tvm_target:
+        mod = rewrite(mod)
+    report = rewrite.report
+    names = _layer_names(model)
+    converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
+    skipped = [{"name": names.get(s["weight_key"] or "", s["op"]), **s} for s in report.skipped]
+    return mod, specs, dynamic, converted, skipped
+
+
+def _pb_gemms(mod: tvm.IRModule) -> list:
+    return [f for _, f in mod.functions_items() if (getattr(f, "attrs", None) or {}).get("pbtvm.kernel") == "pb_gemm"]
+
+
+def tune(
+    model: Any,
+    example_inputs: Any,
+    target: Any = "llvm",
+    bits: int = 4,
+    act_bits: int = DEFAULT_ACT_BITS,
+    *,
+    work_dir: str | os.PathLike = "pbtvm_logs",
+    trials: int = 64,
+    batch: int = 1,
+    layout: str = "kNW",
+    runner: Any = None,
+    progress: Any = None,
+) -> TuneReport:
+    """Search schedules for a model's PB kernels with MetaSchedule; write the tuning log.
+
+    A later ``compile(..., work_dir=work_dir)`` uses the log without searching.
+
+    Parameters
+    ----------
+    model, example_inputs, target, bits, act_bits, layout
+        As in :func:`compile`.
+    work_dir : path
+        Tuning log directory (one JSON database per target arch inside).
+    trials : int
+        Measured candidates per distinct kernel.
+    batch : int
+        Batch size to tune for (kernels keep a dynamic batch; the schedule is tuned at this one).
+    runner : MetaSchedule Runner, optional
+        E.g. an ``RPCRunner`` for remote devices; default measures locally.
+    progress : callable, optional
+        Receives progress lines (default: stderr).
+
+    Returns
+    -------
+    pbtvm.schedules.tuning.TuneReport
+    """
+    fmt = BitplaneFormat(bits, act_bits, layout=layout)
+    tvm_target = resolve_target(target)
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True)
+    return tune_kernels(
+        _pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
+    )
+
+
 def compile(  # noqa: A001 - the public name users expect
     model: Any,
     example_inputs: Any,
@@ -91,6 +159,10 @@ def compile(  # noqa: A001 - the public name users expect
     *,
     layout: str = "kNW",
     dynamic_batch: bool = True,
+    tune: bool = False,
+    work_dir: str | os.PathLike | None = None,
+    trials: int = 64,
+    tune_batch: int = 1,
 ) -> CompiledModel:
     """Compile a torch model with PrecisionBatching.
 
@@ -111,6 +183,14 @@ def compile(  # noqa: A001 - the public name users expect
         Weight plane layout, see :data:`pbtvm.bitplane.LAYOUTS`.
     dynamic_batch : bool
         Export with a symbolic batch dimension.
+    tune : bool
+        Search schedules with MetaSchedule first (needs ``work_dir``); kernels already in the
+        log are not searched again.
+    work_dir : path, optional
+        Tuning log directory. Without ``tune`` an existing log is used as is (no search); a log
+        for another target / TVM / format version is ignored with a warning.
+    trials, tune_batch : int
+        Candidates per kernel and batch size when tuning (see :func:`tune`).
 
     Returns
     -------
@@ -120,26 +200,32 @@ def compile(  # noqa: A001 - the public name users expect
     Raises
     ------
     ValueError, TypeError
-        Bits or act_bits out of range, unknown target, non-tensor inputs.
+        Bits or act_bits out of range, unknown target, non-tensor inputs, ``tune`` without
+        ``work_dir``.
+    pbtvm.schedules.tuning.TuningLogError
+        The tuning log in ``work_dir`` is corrupt.
     """
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
     tvm_target = resolve_target(target)
-    t0 = time.perf_counter()
-    mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch)
-    logger.info("imported model in %.1fs", time.perf_counter() - t0)
-
-    rewrite, passes = pb_passes(fmt, tvm_target)
-    with tvm_target:
-        mod = passes(mod)
-    report = rewrite.report
-    names = _layer_names(model)
-    converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
-    skipped = [{"name": names.get(s["weight_key"] or "", s["op"]), **s} for s in report.skipped]
+    if tune and work_dir is None:
+        raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
+    mod, specs, dynamic, converted, skipped = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch)
     if skipped:
         listed = ", ".join(f"{s['name']}: {s['reason']}" for s in skipped)
         warnings.warn(f"pbtvm: {len(skipped)} layer(s) stay in full precision: {listed}", stacklevel=2)
     if not converted:
         warnings.warn("pbtvm: no dense layer was converted to PrecisionBatching", stacklevel=2)
+
+    tuning, lookup = None, None
+    if tune:
+        tune_kernels(_pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
+    if work_dir is not None:
+        lookup, used = tuned_lookup(work_dir, tvm_target, tune_batch)
+        tuning = {"work_dir": str(work_dir), "batch": tune_batch, "tuned_kernels": used}
+    with tvm_target:
+        mod = ApplyPBSchedules(tvm_target, lookup)(mod)
+    if tuning is not None:
+        logger.info("%d PB kernel(s) scheduled from the tuning log", len(tuning["tuned_kernels"]))
 
     summary = target_summary(tvm_target)
     t1 = time.perf_counter()
@@ -159,6 +245,7 @@ def compile(  # noqa: A001 - the public name users expect
         "single_output": not isinstance(out, tuple | list),
         "has_bitlayers": bool(converted),
         "layers": {"converted": converted, "skipped": skipped},
+        "tuning": tuning,
     }
     return CompiledModel(executable, manifest, "cuda" if summary["kind"] == "cuda" else "cpu")
 
@@ -172,4 +259,4 @@ def torch_no_grad():  # noqa: ANN201
         yield
 
 
-__all__ = ["compile", "import_model"]
+__all__ = ["compile", "import_model", "tune"]

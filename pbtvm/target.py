@@ -11,6 +11,14 @@ logger = logging.getLogger(__name__)
 
 #: Portable x86-64 level that has POPCNT; used when the host CPU cannot be named.
 FALLBACK_MCPU = "x86-64-v2"
+#: Per-block limits every arch from sm_70 on shares; MetaSchedule's GPU verifier needs them and
+#: TVM only fills them in when it can query a local GPU.
+CUDA_LIMITS = {
+    "max_shared_memory_per_block": 49152,
+    "max_threads_per_block": 1024,
+    "thread_warp_size": 32,
+    "registers_per_block": 65536,
+}
 
 
 def host_mcpu() -> str:
@@ -71,6 +79,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
                     "e.g. target={'kind': 'cuda', 'arch': 'sm_90'}"
                 )
             spec["arch"] = arch
+        for key, value in CUDA_LIMITS.items():
+            spec.setdefault(key, value)
         return tvm.target.Target(_clean(spec), host=host)
     raise ValueError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'")
 

@@ -1,9 +1,10 @@
-"""Schedule rules for the PrecisionBatching kernels, one module per target kind.
+"""Schedule rules for the PrecisionBatching kernels, one module per target kind, and their tuning.
 
-Installed as ``pbtvm.schedules``. A rule is an object with
-``apply(func, target, tunable=False) -> s_tir.Schedule | None``; ``None`` means "not mine".
+Installed as ``pbtvm.schedules``. A rule (:class:`ScheduleRule`) has a measured default schedule
+and a tunable template; :mod:`.tuning` registers the templates as MetaSchedule custom rules,
+runs the search and reads / writes the tuning log.
 """
 
-from .rules import ScheduleRule, apply_default_schedule, rules_for
+from .rules import ScheduleRule, apply_default_schedule, rule_for, rules_for
 
-__all__ = ["ScheduleRule", "apply_default_schedule", "rules_for"]
+__all__ = ["ScheduleRule", "apply_default_schedule", "rule_for", "rules_for"]

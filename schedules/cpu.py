@@ -9,30 +9,45 @@ from __future__ import annotations
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
-from .rules import ScheduleRule
+from .rules import ScheduleRule, sample_unroll
 
 #: Output rows per parallel task.
 ROW_TILE = 16
 
 
 class CPUBitplaneGemm(ScheduleRule):
-    """``pb_gemm`` + epilogue: tasks over N tiles, the epilogue computed per output row."""
+    """``pb_gemm`` + epilogue: tasks over N tiles, the epilogue computed per output row.
+
+    Tunable template: the row tile (``sample_perfect_tile``) and the unroll depth are sampled;
+    the batch loop outside or inside the row tile is a structural variant (inside re-uses each
+    weight row across the batch while it is in L1).
+    """
 
     kernel = "pb_gemm"
     target_kinds = ("llvm",)
 
-    def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+    def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
+        """See :meth:`ScheduleRule.variants`."""
+        return [{"batch_inner": False}, {"batch_inner": True}]
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         gemm = sch.get_sblock(GEMM_BLOCK)
         b, n, i, j, w = sch.get_loops(gemm)
         if tunable:
-            tile = sch.sample_categorical([4, 8, 16, 32, 64], [0.2] * 5)
-            no, ni = sch.split(n, [None, tile])
+            no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
         else:
             no, ni = sch.split(n, [None, ROW_TILE])
-        sch.reorder(no, b, ni, i, w, j)
+        if variant.get("batch_inner", False):
+            sch.reorder(no, ni, b, i, w, j)
+        else:
+            sch.reorder(no, b, ni, i, w, j)
         sch.parallel(no)
         sch.unroll(j)
+        if tunable:
+            sample_unroll(sch, ni)
         (epilogue,) = sch.get_consumers(gemm)
         sch.reverse_compute_at(epilogue, ni)
 
@@ -43,7 +58,9 @@ class CPUActPack(ScheduleRule):
     kernel = "act_pack"
     target_kinds = ("llvm",)
 
-    def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         sch.compute_inline(sch.get_sblock("pb_xinv"))
         sch.compute_inline(sch.get_sblock("pb_xq"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
-from .rules import ScheduleRule
+from .rules import ScheduleRule, sample_unroll
 
 #: Warps (output rows) per thread block in the default GEMM schedule.
 WARPS_PER_BLOCK = 4
@@ -30,32 +30,68 @@ PACK_THREADS = 128
 
 
 class CUDABitplaneGemm(ScheduleRule):
-    """Warp-per-row reduction schedule for ``pb_gemm`` + epilogue."""
+    """Warp-per-row reduction schedule for ``pb_gemm`` + epilogue.
+
+    Tunable template. Sampled knobs: rows per block (``sample_perfect_tile``, up to 8 warps),
+    warps that split K per row (``threadIdx.z``, cross-warp reduction through shared memory),
+    explicit unroll depth. Structural variants: words per 128-bit vector load (1, 2 or 4
+    consecutive uint32 per lane, where K allows) and whether the block stages the activation
+    planes in shared memory (cooperative fetch) or reads them through L1.
+    """
 
     kernel = "pb_gemm"
     target_kinds = ("cuda",)
 
-    def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+    def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
+        """See :meth:`ScheduleRule.variants`."""
+        words = _words(func)
+        vecs = [v for v in (1, 2, VECTOR_WORDS) if words % (32 * v) == 0] or [1]
+        return [{"vec": v, "x_shared": xs} for v in vecs for xs in (False, True)]
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         gemm = sch.get_sblock(GEMM_BLOCK)
         (epilogue,) = sch.get_consumers(gemm)
         b, n, i, j, w = sch.get_loops(gemm)
         words = int(sch.get(w).extent)
-        warps = sch.sample_categorical([1, 2, 4, 8], [0.25] * 4) if tunable else WARPS_PER_BLOCK
-        no, ni = sch.split(n, [None, warps])
-        vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
-        wo, wi, v = sch.split(w, [None, 32, vec])
-        # The plane loop keeps its symbolic bitlayers extent: only the top bitlayers planes are read: the run-time knob saves DRAM traffic. (Unrolling
-        # the plane loop to its static maximum and prefetching all planes measured slower.)
-        sch.reorder(b, no, ni, wi, i, wo, v, j)
+        if tunable:
+            vec = variant.get("vec", 1)
+            rows = sch.sample_perfect_tile(n, n=2, max_innermost_factor=8)
+            splits = [k for k in (1, 2, 4) if k == 1 or words % (32 * vec * k) == 0 or vec == 1]
+            kw = sch.sample_categorical(splits, [1.0 / len(splits)] * len(splits))
+            no, ni = sch.split(n, rows)
+            wo, wz, wi, v = sch.split(w, [None, kw, 32, vec])
+            x_shared = variant.get("x_shared", False)
+        else:
+            vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+            no, ni = sch.split(n, [None, WARPS_PER_BLOCK])
+            wo, wz, wi, v = sch.split(w, [None, 1, 32, vec])
+            x_shared = False
+        # The plane loop keeps its symbolic bitlayers extent: only the top bitlayers planes are
+        # read, so the run-time knob saves DRAM traffic. (Unrolling the plane loop to its static
+        # maximum and prefetching all planes measured slower.)
+        sch.reorder(b, no, ni, wz, wi, i, wo, v, j)
         # Batch rows on blockIdx.y measured faster than a serial batch loop inside the warp
         # (BENCHMARKS.md). Fusing b into blockIdx.x would defeat LowerCrossThreadReduction.
         sch.bind(b, "blockIdx.y")
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
+        sch.bind(wz, "threadIdx.z")
         sch.bind(wi, "threadIdx.x")
+        if tunable:
+            sample_unroll(sch, i)
+        if x_shared:
+            acts = sch.cache_read(gemm, 1, "shared")  # reads are (weights, activations)
+            sch.compute_at(acts, no)
+            fused = sch.fuse(*sch.get_loops(acts)[2:])
+            _, ty, tz, tx = sch.split(fused, [None, sch.get(ni).extent if not tunable else rows[1], kw, 32])
+            sch.bind(ty, "threadIdx.y")
+            sch.bind(tz, "threadIdx.z")
+            sch.bind(tx, "threadIdx.x")
         if vec > 1:
-            weights = sch.cache_read(gemm, 0, "local")  # reads are (weights, activations)
+            weights = sch.cache_read(gemm, 0, "local")
             sch.compute_at(weights, wo)
             sch.vectorize(sch.get_loops(weights)[-1])
         sch.unroll(v)
@@ -64,13 +100,20 @@ class CUDABitplaneGemm(ScheduleRule):
         sch.set_scope(gemm, 0, "local")
 
 
+def _words(func: tir.PrimFunc) -> int:
+    """Packed words per row (the last dimension of the activation planes ``xp``)."""
+    return int(func.params[0].shape[-1])
+
+
 class CUDAActPack(ScheduleRule):
     """Activation quantize+pack: ``PACK_VARIANT`` picks one of two measured layouts."""
 
     kernel = "act_pack"
     target_kinds = ("cuda",)
 
-    def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         sch.compute_inline(sch.get_sblock("pb_xinv"))
         sch.compute_inline(sch.get_sblock("pb_xq"))

@@ -1,4 +1,12 @@
-"""Rule protocol and dispatch: which rule schedules which PB PrimFunc on which target."""
+"""Rule protocol and dispatch: which rule schedules which PB PrimFunc on which target.
+
+A rule has a *default* schedule (measured, no search) and a *tunable template*: a set of
+structural variants (:meth:`ScheduleRule.variants`), each a MetaSchedule design space whose
+numeric knobs are sampled (``sample_perfect_tile``, ``sample_categorical``) so that the
+evolutionary search and the XGBoost cost model can explore them. Structure that changes the
+sequence of schedule instructions must be a variant, not a sample: a trace replays its
+instructions with new decisions, it cannot take another branch of Python code.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +16,72 @@ from pbtvm._tvm import s_tir, tir, tvm
 
 logger = logging.getLogger(__name__)
 
+UNROLL_STEPS = (0, 16, 64, 512)
+
 
 class ScheduleRule:
     """A schedule for one PB kernel kind on one target kind.
 
     Subclasses set ``kernel`` (the PrimFunc's ``pbtvm.kernel`` attribute) and ``target_kinds``,
-    and implement :meth:`schedule`.
+    and implement :meth:`schedule` (and :meth:`variants` if the template has structural choices).
     """
 
     kernel: str = ""
     target_kinds: tuple[str, ...] = ()
 
-    def apply(self, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool = False) -> s_tir.Schedule | None:
-        """Schedule ``func`` for ``target``, or return None if this rule does not handle it."""
+    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+        """Whether this rule handles ``func`` on ``target``."""
         attrs = func.attrs or {}
-        if target.kind.name not in self.target_kinds or attrs.get("pbtvm.kernel") != self.kernel:
+        return target.kind.name in self.target_kinds and attrs.get("pbtvm.kernel") == self.kernel
+
+    def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
+        """Structural variants of the tunable template (one MetaSchedule design space each)."""
+        return [{}]
+
+    def apply(
+        self, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool = False, variant: dict | None = None
+    ) -> s_tir.Schedule | None:
+        """Schedule ``func`` for ``target``, or return None if this rule does not handle it.
+
+        ``tunable=False`` gives the default schedule; ``tunable=True`` samples the knobs of
+        ``variant`` (default: the first variant).
+        """
+        if not self.matches(func, target):
             return None
         sch = s_tir.Schedule(func, debug_mask="all" if tunable else 0)
-        self.schedule(sch, func, target, tunable)
+        if tunable:
+            self.schedule(sch, func, target, True, variant if variant is not None else self.variants(func, target)[0])
+        else:
+            self.schedule(sch, func, target, False, {})
         return sch
 
-    def schedule(self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> None:
-        """Transform ``sch`` in place; ``tunable`` asks for sampled (``sample_*``) decisions."""
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """Transform ``sch`` in place.
+
+        ``tunable`` asks for sampled (``sample_*``) decisions within the structural ``variant``.
+        """
         raise NotImplementedError
 
 
-def rules_for(target: tvm.target.Target) -> list[ScheduleRule]:
-    """The default rules for a target kind (``llvm`` or ``cuda``)."""
+def sample_unroll(sch: s_tir.Schedule, loop: s_tir.LoopRV) -> None:
+    """Sample an explicit-unroll depth for the loops under ``loop`` (a tunable knob).
+
+    The pragma goes on a loop, not on the root block as MetaSchedule's own rules do: in TVM
+    0.27 annotating the root block breaks copy-on-write, so a later primitive edits the
+    function every other design space was copied from.
+    """
+    depth = sch.sample_categorical(list(UNROLL_STEPS), [1.0 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
+    sch.annotate(loop, "pragma_auto_unroll_max_step", depth)
+    sch.annotate(loop, "pragma_unroll_explicit", 1)
+
+
+def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
+    """The rules for a target (or target kind, ``"llvm"`` or ``"cuda"``)."""
     from . import cpu, cuda
 
-    kind = target.kind.name
+    kind = target if isinstance(target, str) else target.kind.name
     if kind == "llvm":
         return [cpu.CPUActPack(), cpu.CPUBitplaneGemm()]
     if kind == "cuda":
@@ -45,8 +89,8 @@ def rules_for(target: tvm.target.Target) -> list[ScheduleRule]:
     raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")
 
 
-def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir.PrimFunc:
-    """Apply the first matching default rule; the result is marked scheduled for DLight.
+def rule_for(func: tir.PrimFunc, target: tvm.target.Target) -> ScheduleRule:
+    """The rule that handles ``func`` on ``target``.
 
     Raises
     ------
@@ -54,7 +98,18 @@ def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir
         If ``func`` is a PB kernel that no rule for ``target`` handles.
     """
     for rule in rules_for(target):
-        sch = rule.apply(func, target)
-        if sch is not None:
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if rule.matches(func, target):
+            return rule
     raise ValueError(f"no schedule rule for PB kernel {func.attrs.get('pbtvm.kernel')!r} on {target.kind.name}")
+
+
+def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir.PrimFunc:
+    """Apply the default schedule of the matching rule; the result is marked scheduled for DLight.
+
+    Raises
+    ------
+    ValueError
+        If ``func`` is a PB kernel that no rule for ``target`` handles.
+    """
+    sch = rule_for(func, target).apply(func, target)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

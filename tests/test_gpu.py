@@ -69,3 +69,26 @@ def test_model_on_gpu_matches_cpu_and_reloads(tmp_path):
     gpu.export(path)
     again = pbtvm.load(path)
     np.testing.assert_array_equal(again(x), gpu(x))
+
+
+@pytest.mark.parametrize(("bits", "k"), [(4, 4096), (3, 1000), (1, 2048)])
+def test_sampled_tunable_schedules_exact_on_gpu(bits, k, rng):
+    """Every design space of the CUDA template, with random knobs, computes the exact product."""
+    from pbtvm.schedules import tuning
+
+    from pbtvm.cuda import build
+
+    target = resolve_target("cuda")
+    fmt = bp.BitplaneFormat(bits, 8)
+    n, b = 96, 3
+    func = kernels.int_product_func(fmt, n, k)
+    q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    xq, _ = qz.quantize_activations(rng.standard_normal((b, k)).astype(np.float32), fmt)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    rowsum = xq.sum(1).astype(fmt.accumulator_dtype(k))
+    for sch in tuning.sample_candidates(func, target, 3, seed=int(rng.integers(1 << 20))):
+        kern = build(tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True), target)
+        out = _t(np.full((b, n), -7, fmt.accumulator_dtype(k)))
+        for layers in (1, bits):
+            kern(_t(xp), _t(rowsum), _t(wp), layers, out)
+            np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=str(sch.trace))

@@ -1,0 +1,583 @@
+"""MetaSchedule search over the tunable PB templates, and the tuning log it writes.
+
+* :func:`register_custom_rules` registers each target's PB rule as a MetaSchedule custom rule
+  (``s_tir.meta_schedule.<target key>.pbtvm_bitplane_gemm``), the name TVM's ``ApplyCustomRule``
+  looks up for blocks tagged ``schedule_rule=pbtvm_bitplane_gemm``. Every structural variant of
+  the template is one design space; its sampled knobs are explored by the evolutionary search
+  with the XGBoost cost model.
+* Kernels have a symbolic batch and a symbolic ``bitlayers``; MetaSchedule measures concrete
+  workloads, so a kernel is tuned as :func:`workload` (batch and bitlayers fixed) and the winning
+  trace is replayed onto the symbolic kernel at compile time (:func:`tuned_lookup`).
+* The tuning log is a MetaSchedule JSON database in ``work_dir/<target key>/`` next to a small
+  ``pbtvm_log.json`` stating the TVM version, bitplane-format version and target it was made
+  for; :class:`TuningLog` ignores a log made for anything else with a warning and raises
+  :class:`TuningLogError` on a corrupt one. Tuning holds an exclusive file lock on the log, so
+  two runs into one ``work_dir`` take turns instead of interleaving records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import tvm_ffi
+from tvm.ir.utils import derived_object
+
+from pbtvm._tvm import TVM_VERSION, meta_schedule, s_tir, tir, tvm
+from pbtvm.bitplane import FORMAT_VERSION
+from pbtvm.ops.pb_gemm import SCHEDULE_RULE
+
+from .rules import ScheduleRule, rule_for, rules_for
+
+logger = logging.getLogger(__name__)
+
+#: Version of the ``pbtvm_log.json`` layout.
+LOG_SCHEMA = 1
+LOG_META = "pbtvm_log.json"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+#: MetaSchedule target keys -> the target kind whose rules serve them.
+_RULE_KEYS = {"cpu": "llvm", "cuda": "cuda"}
+
+
+class TuningLogError(ValueError):
+    """A tuning log that cannot be read (corrupt JSON, truncated, wrong layout)."""
+
+
+# --------------------------------------------------------------------------- custom rules
+def _custom_rule(kind: str) -> Callable:
+    def apply(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
+        func = sch.mod["main"]
+        rule = next(r for r in rules_for(kind) if r.kernel == "pb_gemm")
+        spaces = []
+        for variant in rule.variants(func, None):
+            space = sch.copy()
+            rule.schedule(space, func, None, True, variant)
+            spaces.append(space)
+        return spaces
+
+    return apply
+
+
+def register_custom_rules() -> None:
+    """Register the PB templates under the names MetaSchedule's ``ApplyCustomRule`` looks up."""
+    for key, kind in _RULE_KEYS.items():
+        name = f"s_tir.meta_schedule.{key}.{SCHEDULE_RULE}"
+        tvm.register_global_func(name, _custom_rule(kind), override=True)
+
+
+# --------------------------------------------------------------------------- workloads
+def workload(func: tir.PrimFunc, batch: int = 1) -> tir.PrimFunc:
+    """``func`` with its symbolic dimensions set to ``batch`` and ``bitlayers`` to all planes.
+
+    Parameters
+    ----------
+    func : tir.PrimFunc
+        A PB kernel (``pbtvm.kernel`` attribute) with symbolic batch and a ``bitlayers`` scalar.
+    batch : int
+        The batch size to tune for.
+
+    Returns
+    -------
+    tir.PrimFunc
+        Static-shape copy with ``global_symbol`` "main", the unit MetaSchedule measures.
+    """
+    bits = int(func.attrs["pbtvm.bits"])
+    binds: dict = {}
+    for param in func.params:
+        if tir.is_buffer_var(param):
+            if any(not isinstance(d, tir.IntImm) for d in param.shape):
+                shape = [d if isinstance(d, tir.IntImm) else tir.const(batch, str(d.ty)) for d in param.shape]
+                binds[param] = tir.decl_buffer(
+                    shape, param.dtype, param.name, elem_offset=param.elem_offset, offset_factor=param.offset_factor
+                )
+        else:
+            binds[param] = tir.const(bits, str(param.ty))
+    return func.specialize(binds).with_attr("global_symbol", "main")
+
+
+def _space_generator(target: tvm.target.Target) -> object:
+    ms = meta_schedule()
+    post = ms.postproc
+    postprocs = [post.VerifyGPUCode()] if target.kind.name == "cuda" else []
+    return ms.space_generator.PostOrderApply(
+        sch_rules=[ms.schedule_rule.ApplyCustomRule()],
+        postprocs=postprocs,
+        mutator_probs={ms.mutator.MutateTileSize(): 0.6, ms.mutator.MutateUnroll(): 0.4},
+    )
+
+
+def tune_context(func: tir.PrimFunc, target: tvm.target.Target, batch: int = 1, seed: int = -1) -> object:
+    """A MetaSchedule ``TuneContext`` for one PB kernel with the pbtvm design spaces."""
+    register_custom_rules()
+    ms = meta_schedule()
+    mod = tvm.IRModule({"main": workload(func, batch)})
+    return ms.TuneContext(
+        mod,
+        target=target,
+        space_generator=_space_generator(target),
+        search_strategy="evolutionary",
+        task_name=kernel_name(func),
+        rand_state=seed,
+        num_threads=max(1, os.cpu_count() or 1),
+    )
+
+
+def sample_candidates(func: tir.PrimFunc, target: tvm.target.Target, count: int, seed: int = 0, batch: int = 1):  # noqa: ANN201
+    """``count`` random schedules from every design space, postprocessed as the search would.
+
+    Returns
+    -------
+    list of s_tir.Schedule
+        Candidates whose postprocessors all passed (a candidate the GPU verifier rejects is
+        dropped, as in the search).
+    """
+    out = []
+    for i in range(count):
+        ctx = tune_context(func, target, batch, seed=seed + i)
+        for space in ctx.generate_design_space():
+            sch = space.copy()
+            if all(p.apply(sch) for p in ctx.space_generator.postprocs):
+                out.append(sch)
+    return out
+
+
+def kernel_name(func: tir.PrimFunc) -> str:
+    """A readable task name: kernel kind, format and shape, e.g. ``pb_gemm_w4a8_kNW_4096x4096``."""
+    a = func.attrs
+    n_rows = _out_rows(func)
+    return f"{a['pbtvm.kernel']}_w{a['pbtvm.bits']}a{a['pbtvm.act_bits']}_{a['pbtvm.layout']}_{n_rows}x{a['pbtvm.k']}"
+
+
+def _out_rows(func: tir.PrimFunc) -> int:
+    return int(func.params[-1].shape[-1])
+
+
+# --------------------------------------------------------------------------- the log
+def target_key(target: tvm.target.Target) -> str:
+    """Directory name of a target's log: kind plus arch (CUDA) or mcpu (LLVM)."""
+    attrs = target.attrs
+    detail = attrs.get("arch") if target.kind.name == "cuda" else attrs.get("mcpu")
+    return f"{target.kind.name}-{detail or 'generic'}"
+
+
+@dataclass
+class TuningLog:
+    """The MetaSchedule database of one target inside a ``work_dir``.
+
+    Parameters
+    ----------
+    work_dir : path
+        Holds one sub-directory per target key.
+    target : tvm.target.Target
+    """
+
+    work_dir: Path
+    target: tvm.target.Target
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir)
+
+    @property
+    def path(self) -> Path:
+        """``work_dir/<target key>``."""
+        return self.work_dir / target_key(self.target)
+
+    def expected_meta(self) -> dict:
+        """What ``pbtvm_log.json`` must say for this log to be used."""
+        return {
+            "schema": LOG_SCHEMA,
+            "tvm_version": TVM_VERSION,
+            "format_version": FORMAT_VERSION,
+            "target_key": target_key(self.target),
+            "target": str(self.target),
+        }
+
+    def _mismatch(self) -> str | None:
+        meta_path = self.path / LOG_META
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise TuningLogError(f"tuning log {meta_path} is corrupt: {err}") from None
+        if not isinstance(meta, dict):
+            raise TuningLogError(f"tuning log {meta_path} is corrupt: expected a JSON object")
+        want = self.expected_meta()
+        for key in ("schema", "tvm_version", "format_version", "target_key"):
+            if meta.get(key) != want[key]:
+                return f"{key} is {meta.get(key)!r}, this build needs {want[key]!r}"
+        return None
+
+    def _check_records(self) -> None:
+        for name in (WORKLOADS, RECORDS):
+            path = self.path / name
+            if not path.exists():
+                continue
+            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TuningLogError(f"tuning log {path} is corrupt at line {lineno}: {err}") from None
+                if not isinstance(row, list) or len(row) < 2:
+                    raise TuningLogError(f"tuning log {path} is corrupt at line {lineno}: not a MetaSchedule record")
+
+    def usable(self) -> bool:
+        """Whether a log for this target exists and was made by this TVM and format version.
+
+        Warns (and returns False) when ``work_dir`` only holds logs for other targets or the
+        log is from another version; raises :class:`TuningLogError` when it is corrupt.
+        """
+        if not (self.path / LOG_META).exists():
+            others = [Path(p).parent.name for p in sorted(str(q) for q in self.work_dir.glob(f"*/{LOG_META}"))]
+            if others:
+                warnings.warn(
+                    f"pbtvm: {self.work_dir} has tuning logs for {', '.join(others)} but none for "
+                    f"{target_key(self.target)}; logs from another target are ignored (default schedules used)",
+                    stacklevel=3,
+                )
+            return False
+        why = self._mismatch()
+        if why is not None:
+            warnings.warn(f"pbtvm: ignoring tuning log {self.path}: {why}", stacklevel=3)
+            return False
+        self._check_records()
+        return True
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool) -> Iterator[None]:
+        """Hold the log's file lock (exclusive while tuning, shared while reading)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as fh:
+            if exclusive:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.warning("another tuning run holds %s; waiting for it", self.path)
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+            else:
+                fcntl.flock(fh, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def database(self, create: bool = False) -> object | None:
+        """The MetaSchedule ``JSONDatabase``, or None if there is no usable log.
+
+        ``create=True`` (tuning) starts a fresh log when there is none, and moves a log made
+        for another version aside to ``<key>.stale-<time>`` with a warning.
+        """
+        ms = meta_schedule()
+        if not self.work_dir.exists() and not create:
+            warnings.warn(
+                f"pbtvm: tuning work_dir {self.work_dir} does not exist; default schedules used", stacklevel=3
+            )
+            return None
+        if self.usable():
+            return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+        if not create:
+            return None
+        if (self.path / LOG_META).exists():
+            stale = self.path.with_name(f"{self.path.name}.stale-{int(time.time())}")
+            self.path.rename(stale)
+            warnings.warn(f"pbtvm: moved the old tuning log aside to {stale}", stacklevel=3)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / LOG_META).write_text(json.dumps(self.expected_meta(), indent=1) + "\n")
+        return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+
+
+# --------------------------------------------------------------------------- search
+@dataclass
+class KernelReport:
+    """What tuning did for one kernel; times in microseconds."""
+
+    name: str
+    trials: int = 0
+    built: int = 0
+    build_failed: int = 0
+    run_failed: int = 0
+    default_us: float | None = None
+    best_us: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Default-template time over the best time in the log (>= 1 by construction)."""
+        if self.default_us is None or self.best_us is None:
+            return None
+        return self.default_us / self.best_us
+
+
+@dataclass
+class TuneReport:
+    """Outcome of :func:`tune_kernels`."""
+
+    log: str
+    target: str
+    seconds: float = 0.0
+    kernels: list[KernelReport] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A plain-text table, one row per kernel."""
+        rows = [
+            f"{'kernel':<40} {'trials':>6} {'built':>6} {'failed':>6} {'default us':>11} {'best us':>9} {'gain':>6}"
+        ]
+        for k in self.kernels:
+            gain = f"{k.speedup:.2f}x" if k.speedup else "-"
+            d = f"{k.default_us:.2f}" if k.default_us else "-"
+            b = f"{k.best_us:.2f}" if k.best_us else "-"
+            rows.append(
+                f"{k.name:<40} {k.trials:>6} {k.built:>6} {k.build_failed + k.run_failed:>6} {d:>11} {b:>9} {gain:>6}"
+            )
+        rows.append(f"tuning time {self.seconds:.1f}s, log {self.log}")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form."""
+        return {
+            "log": self.log,
+            "target": self.target,
+            "seconds": self.seconds,
+            "kernels": [asdict(k) for k in self.kernels],
+        }
+
+
+def _callback(reports: list[KernelReport], progress: Callable[[str], None] | None):  # noqa: ANN202
+    ms = meta_schedule()
+
+    @derived_object
+    class _Count(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):  # noqa: ANN001, ANN202
+            rep = reports[task_id]
+            for b, r in zip(builder_results, runner_results, strict=False):
+                rep.trials += 1
+                if b.error_msg:
+                    rep.build_failed += 1
+                    continue
+                rep.built += 1
+                if r.error_msg:
+                    rep.run_failed += 1
+                    logger.debug("run failed: %s", r.error_msg[:400])
+                    continue
+                us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                rep.best_us = us if rep.best_us is None else min(rep.best_us, us)
+            if progress is not None:
+                best = f"{rep.best_us:.2f} us" if rep.best_us else "-"
+                progress(
+                    f"[pbtvm tune] {rep.name}: {rep.trials} trials ({rep.build_failed} build / "
+                    f"{rep.run_failed} run failures), best {best}"
+                )
+
+    return _Count()
+
+
+def _measure_default(func: tir.PrimFunc, target: tvm.target.Target, batch: int, builder, runner) -> tuple:  # noqa: ANN001
+    """Build and run the default schedule through the same builder/runner as the search."""
+    ms = meta_schedule()
+    mod = tvm.IRModule({"main": workload(func, batch)})
+    sch = rule_for(func, target).apply(mod["main"], target)
+    (res,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if res.error_msg:
+        return sch, None
+    args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    (fut,) = runner.run([ms.runner.RunnerInput(res.artifact_path, device, args)])
+    out = fut.result()
+    if out.error_msg:
+        return sch, None
+    return sch, [float(s) for s in out.run_secs]
+
+
+def default_builder(target: tvm.target.Target) -> object:
+    """LocalBuilder with a timeout long enough for nvcc and one worker per core."""
+    ms = meta_schedule()
+    timeout = 180.0 if target.kind.name == "cuda" else 60.0
+    return ms.builder.LocalBuilder(max_workers=max(1, os.cpu_count() or 1), timeout_sec=timeout)
+
+
+def default_runner(target: tvm.target.Target) -> object:
+    """LocalRunner timing each candidate as a median-friendly repeat of short loops."""
+    ms = meta_schedule()
+    cfg = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    return ms.runner.LocalRunner(evaluator_config=cfg, timeout_sec=60.0)
+
+
+def tune_kernels(
+    funcs: list[tir.PrimFunc],
+    target: tvm.target.Target,
+    work_dir: str | os.PathLike,
+    *,
+    trials_per_kernel: int = 64,
+    batch: int = 1,
+    trials_per_iter: int = 16,
+    builder: object | None = None,
+    runner: object | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> TuneReport:
+    """Search schedules for PB GEMM kernels and record them in ``work_dir``'s log.
+
+    Parameters
+    ----------
+    funcs : list of tir.PrimFunc
+        PB kernels (``pbtvm.kernel == "pb_gemm"``); duplicates (same workload) are tuned once,
+        kernels already in the log are skipped.
+    target : tvm.target.Target
+    work_dir : path
+    trials_per_kernel : int
+        Measured candidates per kernel.
+    batch : int
+        Batch size the kernels are tuned for.
+    builder, runner : MetaSchedule Builder / Runner, optional
+        Default: :func:`default_builder` / :func:`default_runner` (local). Pass an ``RPCRunner``
+        to measure on remote devices.
+    progress : callable, optional
+        Receives one line per search round (default: print to stderr).
+
+    Returns
+    -------
+    TuneReport
+        Per kernel: trials, candidates built / failed, default and best time.
+    """
+    ms = meta_schedule()
+    if progress is None:
+
+        def progress(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+    log = TuningLog(Path(work_dir), target)
+    builder = builder or default_builder(target)
+    runner = runner or default_runner(target)
+    t0 = time.perf_counter()
+    with log.locked(exclusive=True):
+        database = log.database(create=True)
+        tasks, reports, seen = [], [], set()
+        for func in funcs:
+            if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
+                continue
+            mod = tvm.IRModule({"main": workload(func, batch)})
+            key = tvm_ffi.structural_hash(mod)
+            if key in seen:
+                continue
+            seen.add(key)
+            name = kernel_name(func)
+            if database.has_workload(mod) and database.get_top_k(database.commit_workload(mod), 1):
+                progress(f"[pbtvm tune] {name}: already in the log, skipped")
+                continue
+            rep = KernelReport(name)
+            sch, secs = _measure_default(func, target, batch, builder, runner)
+            if secs:
+                rep.default_us = 1e6 * sum(secs) / len(secs)
+                database.commit_tuning_record(
+                    ms.database.TuningRecord(
+                        sch.trace,
+                        database.commit_workload(mod),
+                        secs,
+                        target,
+                        ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]),
+                    )
+                )
+            tasks.append(tune_context(func, target, batch, seed=seed + len(tasks)))
+            reports.append(rep)
+        if tasks:
+            progress(f"[pbtvm tune] {len(tasks)} kernel(s), {trials_per_kernel} trials each, log {log.path}")
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _callback(reports, progress)]
+            ms.tune.tune_tasks(
+                tasks=tasks,
+                task_weights=[1.0] * len(tasks),
+                work_dir=str(log.path),
+                max_trials_global=trials_per_kernel * len(tasks),
+                max_trials_per_task=trials_per_kernel,
+                num_trials_per_iter=trials_per_iter,
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=callbacks,
+                task_scheduler="gradient" if len(tasks) > 1 else "round-robin",
+            )
+        for rep, task in zip(reports, tasks, strict=True):
+            top = database.get_top_k(database.commit_workload(task.mod), 1)
+            if top:
+                secs = [float(s) for s in top[0].run_secs]
+                rep.best_us = 1e6 * sum(secs) / len(secs)
+    return TuneReport(str(log.path), str(target), time.perf_counter() - t0, reports)
+
+
+def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
+    """Apply a trace found on :func:`workload` to the symbolic kernel ``func``.
+
+    The templates' instructions do not depend on the batch or ``bitlayers`` extents, so the
+    trace (with its sampled decisions) replays on the kernel that keeps both symbolic.
+    """
+    sch = s_tir.Schedule(func)
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch.mod["main"]
+
+
+def tuned_lookup(
+    work_dir: str | os.PathLike, target: tvm.target.Target, batch: int = 1
+) -> tuple[Callable[[tir.PrimFunc], tir.PrimFunc | None] | None, list[str]]:
+    """A ``lookup(func)`` for :class:`pbtvm.relay_passes.ApplyPBSchedules` backed by the log.
+
+    Returns
+    -------
+    lookup : callable or None
+        None when ``work_dir`` holds no usable log for ``target`` (a warning says why).
+    used : list of str
+        Filled with the names of the kernels that got a tuned schedule, as lookups happen.
+    """
+    log = TuningLog(Path(work_dir), target)
+    with log.locked(exclusive=False) if log.path.exists() else contextlib.nullcontext():
+        database = log.database(create=False)
+    used: list[str] = []
+    if database is None:
+        return None, used
+
+    def lookup(func: tir.PrimFunc) -> tir.PrimFunc | None:
+        if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
+            return None
+        mod = tvm.IRModule({"main": workload(func, batch)})
+        if not database.has_workload(mod):
+            return None
+        record = database.query_tuning_record(mod, target, "main")
+        if record is None:
+            return None
+        try:
+            scheduled = replay(func, record.trace)
+        except Exception as err:  # noqa: BLE001 - a stale trace must not break compilation
+            warnings.warn(
+                f"pbtvm: tuned schedule for {kernel_name(func)} does not apply ({err}); default used", stacklevel=2
+            )
+            return None
+        used.append(kernel_name(func))
+        return scheduled
+
+    return lookup, used
+
+
+__all__ = [
+    "KernelReport",
+    "ScheduleRule",
+    "TuneReport",
+    "TuningLog",
+    "TuningLogError",
+    "kernel_name",
+    "register_custom_rules",
+    "replay",
+    "sample_candidates",
+    "target_key",
+    "tune_context",
+    "tune_kernels",
+    "tuned_lookup",
+    "workload",
+]

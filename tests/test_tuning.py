@@ -1,0 +1,196 @@
+"""MetaSchedule templates and tuning logs: sampled schedules are exact, logs are reused or refused.
+
+The search itself runs in ``test_tune_then_compile_from_log`` (a few trials on the CPU); the CUDA
+template is checked by building sampled candidates with nvcc (running them needs a GPU:
+``tests/test_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from pbtvm.schedules import tuning
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
+from pbtvm.cuda import build as cuda_build
+from pbtvm.target import resolve_target
+
+from .models import MLP
+
+CPU = resolve_target("llvm")
+SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+
+
+def _t(a: np.ndarray):  # noqa: ANN202
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+@pytest.mark.parametrize(("bits", "act_bits", "n", "k"), [(4, 8, 48, 200), (3, 6, 33, 96), (1, 8, 20, 64)])
+def test_sampled_cpu_schedules_are_exact(bits, act_bits, n, k, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits)
+    func = kernels.int_product_func(fmt, n, k)
+    cands = tuning.sample_candidates(func, CPU, 3, seed=int(rng.integers(1 << 20)))
+    assert len(cands) == 3 * len(tuning.rules_for(CPU)[1].variants(func, CPU))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q, _ = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        xq, _ = qz.quantize_activations(x, fmt)
+        xp, rowsum = bp.pack_activations(xq, fmt), xq.sum(1).astype(fmt.accumulator_dtype(k))
+        for sch in cands:
+            kern = cuda_build(tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True), CPU)
+            out = _t(np.full((batch, n), -7, fmt.accumulator_dtype(k)))
+            for layers in (1, bits):
+                kern(_t(xp), _t(rowsum), _t(wp), layers, out)
+                np.testing.assert_array_equal(
+                    out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=str(sch.trace)
+                )
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 4096), (40, 650)])
+def test_sampled_cuda_schedules_build_with_nvcc(n, k):
+    fmt = bp.BitplaneFormat(4, 8)
+    func = kernels.dense_func(fmt, n, k)
+    variants = tuning.rules_for(SM90)[1].variants(func, SM90)
+    assert {v["x_shared"] for v in variants} == {False, True}
+    if k == 4096:
+        assert {v["vec"] for v in variants} == {1, 2, 4}
+    cands = tuning.sample_candidates(func, SM90, 2, seed=5)
+    assert len(cands) >= len(variants)
+    shared = 0
+    for sch in cands:
+        ex = cuda_build(tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True), SM90)
+        (dev,) = ex.mod.imports
+        src = str(dev.inspect_source("cuda")) or str(dev.inspect_source())
+        assert "__global__" in src
+        shared += "__shared__" in src
+    assert shared > 0  # the shared-memory activation variant was generated
+
+
+def test_custom_rule_is_registered_under_the_block_tag():
+    tuning.register_custom_rules()
+    for key in ("cpu", "cuda"):
+        assert tvm.get_global_func(f"s_tir.meta_schedule.{key}.pbtvm_bitplane_gemm", allow_missing=True)
+
+
+def test_workload_fixes_batch_and_bitlayers():
+    func = kernels.dense_func(bp.BitplaneFormat(3, 8), 16, 64)
+    wl = tuning.workload(func, batch=4)
+    assert len(wl.params) == len(func.params) - 1  # bitlayers is gone
+    assert [int(d) for d in wl.params[0].shape] == [8, 4, 2]
+
+
+def _mlp():  # noqa: ANN202
+    torch.manual_seed(0)
+    return MLP((64, 48, 10)).eval(), (torch.randn(2, 64),)
+
+
+def test_tune_then_compile_from_log(tmp_path, monkeypatch):
+    model, example = _mlp()
+    lines = []
+    report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
+    assert len(report.kernels) == 2
+    for k in report.kernels:
+        assert k.trials >= 4 and k.built >= 1 and k.build_failed == 0
+        assert k.default_us and k.best_us and k.best_us <= k.default_us + 1e-9  # the default is in the log
+    assert any("trials" in line for line in lines)
+    (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (log / "database_tuning_record.json").read_text().count("\n") >= 8
+
+    # A second tuning run skips kernels already in the log.
+    again = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
+    assert again.kernels == []
+
+    # Compiling from the log searches nothing and gives the default schedule's numbers.
+    def no_search(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("compile searched although the log has every kernel")
+
+    monkeypatch.setattr(tuning, "tune_kernels", no_search)
+    monkeypatch.setattr(pbtvm.compiler, "tune_kernels", no_search)
+    tuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    plain = pbtvm.compile(model, example, "llvm", bits=4)
+    assert len(tuned.manifest["tuning"]["tuned_kernels"]) == 2
+    x = torch.randn(5, 64)
+    np.testing.assert_allclose(tuned(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def _fake_log(path, target):  # noqa: ANN001, ANN202
+    log = tuning.TuningLog(path, target)
+    with log.locked(exclusive=True):
+        assert log.database(create=True) is not None
+    return log
+
+
+def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
+    _fake_log(tmp_path, resolve_target({"kind": "cuda", "arch": "sm_80"}))
+    with pytest.warns(UserWarning, match="cuda-sm_80 but none for cuda-sm_90"):
+        lookup, _ = tuning.tuned_lookup(tmp_path, SM90)
+    assert lookup is None
+
+
+@pytest.mark.parametrize(("key", "value"), [("tvm_version", "0.19.0"), ("format_version", 0)])
+def test_log_from_another_version_is_ignored_with_a_warning(tmp_path, key, value):
+    log = _fake_log(tmp_path, CPU)
+    meta = json.loads((log.path / tuning.LOG_META).read_text())
+    meta[key] = value
+    (log.path / tuning.LOG_META).write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=f"ignoring tuning log .*{key}"):
+        lookup, _ = tuning.tuned_lookup(tmp_path, CPU)
+    assert lookup is None
+    with warnings.catch_warnings(record=True) as caught:  # tuning moves it aside and starts afresh
+        warnings.simplefilter("always")
+        assert log.database(create=True) is not None
+    assert any("moved the old tuning log aside" in str(w.message) for w in caught)
+    assert tuning.TuningLog(tmp_path, CPU).usable()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_corrupt_log_is_a_clear_error(tmp_path, damage):
+    log = _fake_log(tmp_path, CPU)
+    rec = log.path / tuning.RECORDS
+    if damage == "garbage":
+        rec.write_text('[0, {"trace": "ok"}]\nnot json at all\n')
+    else:
+        rec.write_text('[0, [["GetSBlock", [], ["pb_gemm"')
+    with pytest.raises(tuning.TuningLogError, match=f"{rec.name} is corrupt at line"):
+        tuning.tuned_lookup(tmp_path, CPU)
+    (log.path / tuning.LOG_META).write_text("{oops")
+    with pytest.raises(tuning.TuningLogError, match="pbtvm_log.json is corrupt"):
+        tuning.tuned_lookup(tmp_path, CPU)
+
+
+def test_tuning_runs_into_one_work_dir_take_turns(tmp_path):
+    """A second process cannot write the log while a tuning run holds it."""
+    log = _fake_log(tmp_path, CPU)
+    probe = textwrap.dedent(
+        f"""
+        import fcntl, sys
+        fh = open({str(log.path / ".lock")!r}, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(3)
+        sys.exit(0)
+        """
+    )
+    with log.locked(exclusive=True):
+        assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 3
+    assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+
+
+def test_compile_tune_needs_work_dir():
+    model, example = _mlp()
+    with pytest.raises(ValueError, match="needs a work_dir"):
+        pbtvm.compile(model, example, "llvm", tune=True)
