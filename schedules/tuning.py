@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -411,6 +412,46 @@ def default_runner(target: tvm.target.Target) -> object:
     return ms.runner.LocalRunner(evaluator_config=cfg, timeout_sec=60.0)
 
 
+def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object:
+    """A MetaSchedule ``RPCRunner`` measuring on every free device registered as ``key``.
+
+    Parameters
+    ----------
+    tracker : str
+        ``host:port`` of a TVM RPC tracker (``python -m tvm.exec.rpc_tracker``).
+    key : str
+        Device key the servers registered with (``python -m tvm.exec.rpc_server --key``).
+    session_timeout : float
+        Seconds one measurement session may take.
+
+    Raises
+    ------
+    ValueError
+        Malformed address, tracker unreachable, or no server with ``key`` registered.
+    """
+    from tvm import rpc
+
+    ms = meta_schedule()
+    host, sep, port = tracker.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"RPC tracker address must be host:port, got {tracker!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()  # TVM's own connect retries for 60 s
+        summary = rpc.connect_tracker(host, int(port)).summary()
+    except Exception as err:  # noqa: BLE001 - socket errors of every kind
+        raise ValueError(f"cannot reach the RPC tracker at {tracker}: {err}") from None
+    servers = sum(1 for s in summary.get("server_info", []) if str(s.get("key", "")).split(":")[-1] == key)
+    if servers == 0:
+        known = sorted({str(s.get("key", "")).split(":")[-1] for s in summary.get("server_info", [])})
+        raise ValueError(f"no RPC server registered with key {key!r} at {tracker} (keys there: {known or 'none'})")
+    cfg = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    rpc_cfg = ms.runner.RPCConfig(
+        tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=session_timeout
+    )
+    logger.info("measuring on %d RPC server(s) with key %s", servers, key)
+    return ms.runner.RPCRunner(rpc_cfg, cfg, max_workers=servers)
+
+
 def tune_kernels(
     funcs: list[tir.PrimFunc],
     target: tvm.target.Target,
@@ -574,6 +615,7 @@ __all__ = [
     "kernel_name",
     "register_custom_rules",
     "replay",
+    "rpc_runner",
     "sample_candidates",
     "target_key",
     "tune_context",
