@@ -95,8 +95,11 @@ class CompiledModel:
         if torch is not None and isinstance(value, torch.Tensor):
             value = value.detach()
             on_device = (value.device.type == "cuda") == (self._dev.dlpack_device_type() == 2)
-            if on_device and value.is_contiguous():
+            # Zero-copy needs TVM's 64-byte alignment; a slice of a larger tensor may lack it.
+            if on_device and value.is_contiguous() and value.data_ptr() % 64 == 0:
                 return tvm.runtime.from_dlpack(value)
+            if on_device and value.device.type == "cuda":
+                return tvm.runtime.from_dlpack(value.clone(memory_format=torch.contiguous_format))
             value = value.cpu().contiguous().numpy()
         return tvm.runtime.tensor(np.ascontiguousarray(value), self._dev)
 

@@ -52,6 +52,14 @@ def test_torch_in_torch_out_numpy_in_numpy_out_dynamic_batch(compiled, mlp):
         np.testing.assert_allclose(yn, _reference(mlp, x.numpy(), 4), rtol=1e-4, atol=1e-4)
 
 
+def test_unaligned_tensor_slices_are_accepted(compiled):
+    """A row slice of a larger tensor is not 64-byte aligned (TVM's zero-copy needs that)."""
+    base = torch.randn(4, 40)
+    for start in (1, 2, 3):  # 160, 320, 480 bytes in: 32-byte misaligned for odd starts
+        x = base[start:]
+        np.testing.assert_array_equal(compiled(x).numpy(), compiled(x.clone()).numpy())
+
+
 def test_bitlayers_knob_matches_reference_and_never_compiles(compiled, mlp, monkeypatch):
     import tvm
 

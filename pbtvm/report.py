@@ -1,0 +1,221 @@
+"""Accuracy / latency trade-off report: sweeps, a table and a Pareto plot (``pbtvm eval``).
+
+The sweep axes are the weight bitwidth (one compile each), the run-time ``bitlayers`` knob
+(one compiled model, no recompilation) and optionally act_bits; every point is measured:
+held-out accuracy and the median batch-1 latency of the compiled model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASELINE = "fp32 (torch)"
+
+
+def _progress(items: list, desc: str):  # noqa: ANN202
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return items
+
+
+def _latency_ms(fn: Any, x: Any, repeat: int) -> float:
+    fn(x)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def evaluate_tradeoffs(
+    bits: list[int], act_bits_sweep: list[int] = (), knob: bool = True, target: Any = "llvm", repeat: int = 30
+) -> list[dict]:
+    """Train the MNIST MLP once, compile it at every setting, measure accuracy and latency.
+
+    Parameters
+    ----------
+    bits : list of int
+        Weight bitwidths (act_bits 8).
+    act_bits_sweep : list of int
+        Activation bitwidths to try at W4 (empty: none).
+    knob : bool
+        Also sweep ``bitlayers`` 1..max(bits) on the widest model.
+    target : str or dict
+        Where the compiled models run (latency is measured there).
+    repeat : int
+        Timed batch-1 calls per point (median).
+
+    Returns
+    -------
+    list of dict
+        One row per point: ``series``, ``config``, ``bits``, ``bitlayers``, ``act_bits``,
+        ``accuracy`` (%), ``latency_ms``.
+    """
+    import torch
+
+    import pbtvm
+
+    from .examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
+
+    if not bits:
+        raise ValueError("give at least one weight bitwidth")
+    split = mnist_split(seed=0)
+    model = train_mnist_mlp(split, epochs=4)
+    example = (torch.from_numpy(split.x_train[:2]),)
+    x1 = torch.from_numpy(split.x_test[:1])
+    rows = []
+    with torch.no_grad():
+        fp32_ms = _latency_ms(model, x1, repeat)
+    rows.append(
+        {
+            "series": BASELINE,
+            "config": "fp32",
+            "bits": 32,
+            "bitlayers": None,
+            "act_bits": 32,
+            "accuracy": torch_accuracy(model, split.x_test, split.y_test),
+            "latency_ms": fp32_ms,
+        }
+    )
+    compiled = {}
+    for b in _progress(sorted(bits), "weight bits"):
+        m = pbtvm.compile(model, example, target=target, bits=b, act_bits=8)
+        compiled[b] = m
+        rows.append(
+            {
+                "series": "weight bits (A8)",
+                "config": f"W{b}A8",
+                "bits": b,
+                "bitlayers": b,
+                "act_bits": 8,
+                "accuracy": accuracy(m, split.x_test, split.y_test),
+                "latency_ms": _latency_ms(m, x1, repeat),
+            }
+        )
+    top = max(bits)
+    if knob and top > 1:
+        m = compiled[top]
+        for layers in _progress(list(range(1, top)), "bitlayers"):
+
+            def fn(x, n=layers):  # noqa: ANN001, ANN202
+                return m(x, bitlayers=n)
+
+            rows.append(
+                {
+                    "series": f"run-time bitlayers (W{top} model)",
+                    "config": f"W{top}A8 L={layers}",
+                    "bits": top,
+                    "bitlayers": layers,
+                    "act_bits": 8,
+                    "accuracy": accuracy(fn, split.x_test, split.y_test),
+                    "latency_ms": _latency_ms(fn, x1, repeat),
+                }
+            )
+    for a in _progress(list(act_bits_sweep), "act bits"):
+        m = pbtvm.compile(model, example, target=target, bits=4, act_bits=a)
+        rows.append(
+            {
+                "series": "activation bits (W4)",
+                "config": f"W4A{a}",
+                "bits": 4,
+                "bitlayers": 4,
+                "act_bits": a,
+                "accuracy": accuracy(m, split.x_test, split.y_test),
+                "latency_ms": _latency_ms(m, x1, repeat),
+            }
+        )
+    return rows
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Points no other point beats on both latency (lower) and accuracy (higher), by latency."""
+    front = []
+    for r in sorted(rows, key=lambda r: (r["latency_ms"], -r["accuracy"])):
+        if not front or r["accuracy"] > front[-1]["accuracy"]:
+            front.append(r)
+    return front
+
+
+def write_table(rows: list[dict], path: str | None = None) -> str:
+    """Markdown table of the rows (returned); also written to ``path`` (.md, or .csv)."""
+    lines = ["| config | series | accuracy % | latency ms (batch 1) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['series']} | {r['accuracy']:.1f} | {r['latency_ms']:.3f} |")
+    text = "\n".join(lines)
+    if path:
+        if str(path).endswith(".csv"):
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            Path(path).write_text(buf.getvalue())
+        else:
+            Path(path).write_text(text + "\n")
+    return text
+
+
+def plot_pareto(rows: list[dict], path: str) -> dict:
+    """Accuracy vs latency scatter per series, the Pareto front, fp32 marked; saved as PNG.
+
+    Also writes ``<path>.json`` with the plotted series (for tests and scripts).
+
+    Returns
+    -------
+    dict
+        ``{series name: [[latency_ms, accuracy], ...]}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for r in rows:
+        series.setdefault(r["series"], []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    markers = iter(["o", "s", "^", "D", "v"])
+    for name, pts in series.items():
+        xs = [p["latency_ms"] for p in pts]
+        ys = [p["accuracy"] for p in pts]
+        if name == BASELINE:
+            ax.axhline(ys[0], color="grey", ls="--", lw=1)
+            ax.scatter(xs, ys, marker="*", s=160, color="black", label=name, zorder=3)
+        else:
+            ax.scatter(xs, ys, marker=next(markers), s=45, label=name, zorder=3)
+        for p in pts:
+            ax.annotate(
+                p["config"], (p["latency_ms"], p["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
+    front = pareto_front(rows)
+    ax.plot(
+        [p["latency_ms"] for p in front],
+        [p["accuracy"] for p in front],
+        color="tab:red",
+        lw=1,
+        alpha=0.6,
+        label="Pareto front",
+        zorder=2,
+    )
+    ax.set_xlabel("latency per sample, batch 1 (ms)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("PrecisionBatching: accuracy vs latency (MNIST MLP)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    data = {name: [[p["latency_ms"], p["accuracy"]] for p in pts] for name, pts in series.items()}
+    data["Pareto front"] = [[p["latency_ms"], p["accuracy"]] for p in front]
+    Path(f"{path}.json").write_text(json.dumps(data, indent=1))
+    return data

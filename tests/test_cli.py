@@ -1,0 +1,145 @@
+"""The ``pbtvm`` command line: every subcommand once, and a bad-input case for each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from pbtvm.cli import main
+
+from .models import MLP
+
+MODEL_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+        return model, (torch.randn(2, 64),)
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+@pytest.fixture
+def spec(tmp_path):  # noqa: ANN001, ANN201
+    path = tmp_path / "zoo.py"
+    path.write_text(MODEL_FILE)
+    return f"{path}:make"
+
+
+def _run(argv, capsys):  # noqa: ANN001, ANN202
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "pbtvm.cli", "--help"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0
+    for cmd in ("compile", "tune", "bench", "eval", "inspect"):
+        assert cmd in proc.stdout
+
+
+def test_compile_and_inspect(spec, tmp_path, capsys):
+    so = tmp_path / "m.so"
+    code, out, _ = _run(["compile", spec, "--bits", 3, "-o", so], capsys)
+    assert code == 0 and so.exists() and "2 layer(s) in PrecisionBatching" in out
+    code, out, _ = _run(["inspect", so], capsys)
+    assert code == 0 and "W3A8" in out and out.count("PB ") == 2
+    code, out, _ = _run(["inspect", so, "--json"], capsys)
+    assert json.loads(out)["format"]["bits"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compile", "missing.py:make", "-o", "x.so"], "missing.py does not exist"),
+        (["compile", "{spec_dir}/zoo.py:not_a_model", "-o", "x.so"], "must return (model, example_inputs)"),
+        (["compile", "{spec_dir}/zoo.py:make", "--bits", "0", "-o", "x.so"], "bits"),
+        (["compile", "{spec_dir}/zoo.py:make", "--target", "metal", "-o", "x.so"], "unsupported target kind"),
+        (["compile", "model.pt", "-o", "x.so"], "model file model.pt does not exist"),
+        (["compile", "justaname", "-o", "x.so"], "MODEL must be"),
+    ],
+)
+def test_compile_bad_input(argv, message, spec, tmp_path, capsys):
+    argv = [a.replace("{spec_dir}", str(tmp_path)) for a in argv]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert err.startswith("pbtvm: error:") and message in err and "Traceback" not in err
+
+
+def test_pt_model_needs_input_shape(tmp_path, capsys):
+    path = tmp_path / "mlp.pt"
+    torch.save(MLP((16, 8, 4)), path)
+    code, _, err = _run(["compile", path, "-o", tmp_path / "x.so"], capsys)
+    assert code == 2 and "--input-shape" in err
+    code, out, _ = _run(["compile", path, "--input-shape", "1x16", "-o", tmp_path / "x.so"], capsys)
+    assert code == 0, out
+
+
+def test_inspect_bad_input(tmp_path, capsys):
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"\x7fELF" + bytes(100))
+    code, _, err = _run(["inspect", junk], capsys)
+    assert code == 2 and "junk.so" in err
+    code, _, err = _run(["inspect", tmp_path / "nothing"], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = _run(["inspect", tmp_path], capsys)
+    assert code == 2 and "no pbtvm tuning log" in err
+
+
+def test_tune_then_inspect_log(spec, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    code, out, _ = _run(["tune", spec, "--work-dir", logs, "--trials", 2], capsys)
+    assert code == 0 and "pb_gemm_w4a8" in out and "tuning time" in out
+    code, out, _ = _run(["inspect", logs], capsys)
+    assert code == 0 and "2 kernel workload(s)" in out
+    code, out, _ = _run(["compile", spec, "--work-dir", logs, "-o", tmp_path / "t.so"], capsys)
+    assert code == 0 and "2 kernel(s) scheduled from the tuning log" in out
+
+
+def test_tune_bad_input(spec, capsys):
+    code, _, err = _run(["tune", spec, "--work-dir", "logs", "--rpc", "127.0.0.1:9190"], capsys)
+    assert code == 2 and "--rpc and --key go together" in err
+    code, _, err = _run(["tune", spec, "--work-dir", "logs", "--trials", 0], capsys)
+    assert code == 2 and "trials must be >= 1" in err
+
+
+def test_bench(spec, capsys):
+    code, out, _ = _run(["bench", spec, "--batch", 2, "--repeat", 3], capsys)
+    assert code == 0 and "torch fp32" in out and "PB W4A8" in out and "vs fp32" in out
+    code, _, err = _run(["bench", spec, "--target", "{not json"], capsys)
+    assert code == 2 and "not valid JSON" in err
+
+
+def test_eval_writes_table_and_pareto_png(tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    png, table = tmp_path / "pareto.png", tmp_path / "t.md"
+    code, out, _ = _run(["eval", "mnist-mlp", "--bits", "1,4", "--plot", png, "--table", table], capsys)
+    assert code == 0 and "| W4A8 |" in out and "| fp32 |" in out
+    assert table.read_text().count("\n") >= 2 + 2 + 3  # header, fp32, W1, W4, bitlayers 1..3
+    img = mpimg.imread(png)
+    assert img.shape[0] > 300 and img.shape[1] > 500
+    assert float(np.std(img[..., :3])) > 0.05  # not blank
+    series = json.loads((tmp_path / "pareto.png.json").read_text())
+    assert set(series) == {"fp32 (torch)", "weight bits (A8)", "run-time bitlayers (W4 model)", "Pareto front"}
+    assert len(series["weight bits (A8)"]) == 2 and len(series["run-time bitlayers (W4 model)"]) == 3
+
+
+def test_eval_bad_input(capsys):
+    code, _, err = _run(["eval", "zoo.py:make"], capsys)
+    assert code == 2 and "built-in task is mnist-mlp" in err
+    code, _, err = _run(["eval", "mnist-mlp", "--bits", "4,x"], capsys)
+    assert code == 2 and "comma-separated" in err
