@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from pbtvm.schedules import apply_default_schedule
-
 from pbtvm._tvm import tir, tvm
+from pbtvm.schedules import apply_default_schedule
 
 logger = logging.getLogger(__name__)
 

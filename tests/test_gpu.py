@@ -74,9 +74,8 @@ def test_model_on_gpu_matches_cpu_and_reloads(tmp_path):
 @pytest.mark.parametrize(("bits", "k"), [(4, 4096), (3, 1000), (1, 2048)])
 def test_sampled_tunable_schedules_exact_on_gpu(bits, k, rng):
     """Every design space of the CUDA template, with random knobs, computes the exact product."""
-    from pbtvm.schedules import tuning
-
     from pbtvm.cuda import build
+    from pbtvm.schedules import tuning
 
     target = resolve_target("cuda")
     fmt = bp.BitplaneFormat(bits, 8)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pbtvm.relay_passes import PBLinearRewrite
 
 from pbtvm import bitplane as bp
 from pbtvm import quantize as qz
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
+from pbtvm.relay_passes import PBLinearRewrite
 from pbtvm.target import resolve_target
 
 FMT = bp.BitplaneFormat(4, 8)

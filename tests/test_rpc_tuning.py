@@ -2,93 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from pbtvm.schedules import tuning
 
 import pbtvm
+from pbtvm.rpc_cluster import local_cluster
+from pbtvm.schedules import tuning
 
 from .models import MLP
 
 KEY = "pbtvm-loopback"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_servers(tracker: str, count: int, timeout: float = 60.0) -> None:
-    from tvm import rpc
-
-    host, port = tracker.split(":")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            info = rpc.connect_tracker(host, int(port)).summary().get("server_info", [])
-            if sum(str(s.get("key", "")).endswith(KEY) for s in info) >= count:
-                return
-        except Exception:  # noqa: BLE001, S110 - tracker still starting
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{count} RPC servers did not register at {tracker} within {timeout}s")
-
-
 @pytest.fixture
-def rpc_cluster(tmp_path):  # noqa: ANN201
-    """A tracker and two servers on 127.0.0.1, killed afterwards; yields (address, server logs)."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs, logs = [], []
-    with open(tmp_path / "tracker.log", "w") as fh:
-        tracker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_tracker",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--port-end",
-                str(port + 1),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    procs.append(tracker)
-    try:
-        for i in range(2):
-            log = tmp_path / f"server{i}.log"
-            logs.append(log)
-            sport = _free_port()
-            cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport)]
-            cmd += ["--port-end", str(sport + 1)]
-            cmd += ["--tracker", f"127.0.0.1:{port}", "--key", KEY]
-            with open(log, "w") as fh:
-                procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
-        for _ in range(60):  # the tracker listens once TVM is imported
-            if tracker.poll() is not None:
-                raise RuntimeError(f"the RPC tracker exited: {(tmp_path / 'tracker.log').read_text()[-2000:]}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.5)
-        _wait_for_servers(f"127.0.0.1:{port}", 2)
-        yield f"127.0.0.1:{port}", logs
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
+def rpc_cluster(tmp_path):  # noqa: ANN001, ANN201
+    """A tracker and two servers on 127.0.0.1, stopped afterwards; yields (address, server logs)."""
+    with local_cluster(KEY, servers=2, log_dir=tmp_path) as cluster:
+        yield cluster
 
 
 def test_rpc_tuning_uses_every_server_and_the_log_is_reused(rpc_cluster, tmp_path):

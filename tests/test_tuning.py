@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from pbtvm.schedules import tuning
 
 import pbtvm
 from pbtvm import bitplane as bp
@@ -24,6 +23,7 @@ from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.cuda import build as cuda_build
+from pbtvm.schedules import tuning
 from pbtvm.target import resolve_target
 
 from .models import MLP

@@ -1,0 +1,96 @@
+"""A TVM RPC tracker plus servers on this machine: try distributed tuning without a farm.
+
+On real hardware the tracker runs somewhere reachable and every GPU machine runs
+``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY``; ``pbtvm tune --rpc HOST:PORT
+--key KEY`` then measures candidates on all of them. :func:`local_cluster` starts the same
+processes on 127.0.0.1 (for tests and tutorial 04) and always stops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def registered_servers(address: str, key: str) -> int:
+    """How many servers with ``key`` the tracker at ``host:port`` lists (0 if unreachable)."""
+    from tvm import rpc
+
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        info = rpc.connect_tracker(host, int(port)).summary().get("server_info", [])
+    except Exception:  # noqa: BLE001 - not up yet
+        return 0
+    return sum(1 for s in info if str(s.get("key", "")).split(":")[-1] == key)
+
+
+@contextlib.contextmanager
+def local_cluster(
+    key: str, servers: int = 2, log_dir: str | os.PathLike | None = None, timeout: float = 90.0
+) -> Iterator[tuple[str, list[Path]]]:
+    """Run a tracker and ``servers`` RPC servers on 127.0.0.1 for the duration of the block.
+
+    Yields
+    ------
+    address : str
+        ``127.0.0.1:<port>`` of the tracker.
+    logs : list of Path
+        One log file per server (each measured candidate shows up as a ``load_module`` line).
+
+    Raises
+    ------
+    RuntimeError
+        If the tracker exits or the servers do not register within ``timeout`` seconds.
+    """
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pbtvm-rpc-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+    try:
+        with open(log_dir / "tracker.log", "w") as fh:
+            cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1"]
+            procs.append(
+                subprocess.Popen(
+                    [*cmd, "--port", str(port), "--port-end", str(port + 1)],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+        for i in range(servers):
+            logs.append(log_dir / f"server{i}.log")
+            sport = free_port()
+            cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport)]
+            cmd += ["--port-end", str(sport + 1), "--tracker", address, "--key", key]
+            with open(logs[-1], "w") as fh:
+                procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
+        deadline = time.time() + timeout
+        while registered_servers(address, key) < servers:
+            if procs[0].poll() is not None:
+                raise RuntimeError(f"the RPC tracker exited: {(log_dir / 'tracker.log').read_text()[-2000:]}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{servers} RPC servers did not register at {address} within {timeout:.0f}s")
+            time.sleep(0.5)
+        yield address, logs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
