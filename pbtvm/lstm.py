@@ -1,0 +1,259 @@
+"""LSTM layers with PrecisionBatching, for any sequence length, and a stateful step API.
+
+``torch.export`` unrolls ``nn.LSTM`` over a fixed length, so pbtvm lowers an LSTM from the
+module's weights instead, layer by layer:
+
+* the input projection of all time steps at once: one PB GEMM ``[T*B, I] x W_ih^T`` (+ both
+  biases), a :class:`~pbtvm.runtime.CompiledModel` with a dynamic row count;
+* one *cell* per step: PB GEMV on ``W_hh`` with the activation pack of ``h``, then the gate
+  nonlinearities and the cell update, which TVM fuses into one elementwise kernel.
+
+The time loop runs in :class:`PBLSTM` (the sequence length is a run-time value; nothing is
+compiled after :func:`compile_lstm`). Both compiled pieces come from :func:`pbtvm.compile`, so
+the bitplane format, quantizer, schedules and tuning logs are the foundation's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
+
+
+def _torch():  # noqa: ANN202
+    import torch
+
+    return torch
+
+
+class _InputProjection:  # built lazily so that importing pbtvm does not import torch
+    @staticmethod
+    def module(w_ih: Any, bias: Any) -> Any:
+        torch = _torch()
+        lin = torch.nn.Linear(w_ih.shape[1], w_ih.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w_ih)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin.eval()
+
+
+def _cell_module(w_hh: Any) -> Any:
+    torch = _torch()
+
+    class Cell(torch.nn.Module):
+        """``(gx, h, c) -> (h', c')``: gates = gx + h W_hh^T, PyTorch's gate order i, f, g, o."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hh = torch.nn.Linear(w_hh.shape[1], w_hh.shape[0], bias=False)
+            with torch.no_grad():
+                self.hh.weight.copy_(w_hh)
+
+        def forward(self, gx: Any, h: Any, c: Any) -> tuple:  # noqa: D102
+            gates = gx + self.hh(h)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c2), c2
+
+    return Cell().eval()
+
+
+class PBLSTM:
+    """An ``nn.LSTM`` compiled with PrecisionBatching; call it like the torch module.
+
+    Use :func:`compile_lstm` to build one.
+
+    Attributes
+    ----------
+    format : BitplaneFormat
+    num_layers, hidden_size, input_size : int
+    batch_first : bool
+    """
+
+    def __init__(self, projections: list, cells: list, lstm: Any, fmt: BitplaneFormat) -> None:
+        self._proj = projections
+        self._cells = cells
+        self.format = fmt
+        self.num_layers = lstm.num_layers
+        self.hidden_size = lstm.hidden_size
+        self.input_size = lstm.input_size
+        self.batch_first = lstm.batch_first
+
+    def initial_state(self, batch: int, device: str = "cpu") -> tuple[Any, Any]:
+        """Zero ``(h, c)``, each float32 [num_layers, batch, hidden]."""
+        torch = _torch()
+        z = torch.zeros(self.num_layers, batch, self.hidden_size, device=device)
+        return z, z.clone()
+
+    def __call__(self, x: Any, state: tuple[Any, Any] | None = None, bitlayers: int | None = None) -> tuple:
+        """Run a whole sequence.
+
+        Parameters
+        ----------
+        x : torch.Tensor, float32, [T, B, I] (or [B, T, I] if ``batch_first``)
+            Any T >= 1 and B >= 1; no recompilation.
+        state : (h0, c0), optional
+            Each [num_layers, B, hidden]; zeros when omitted.
+        bitlayers : int, optional
+            Run-time precision knob of every PB kernel (1..bits).
+
+        Returns
+        -------
+        y : torch.Tensor, [T, B, hidden] (or [B, T, hidden])
+        (h_n, c_n) : torch.Tensor, each [num_layers, B, hidden]
+        """
+        torch = _torch()
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(np.asarray(x))
+        if x.ndim != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"LSTM input must be [T, B, {self.input_size}] (batch_first={self.batch_first}), got {tuple(x.shape)}"
+            )
+        if x.dtype != torch.float32:
+            raise TypeError(f"LSTM input must be float32, got {x.dtype}")
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        steps, batch = int(x.shape[0]), int(x.shape[1])
+        if steps < 1 or batch < 1:
+            raise ValueError(f"LSTM input needs at least one step and one sequence, got {tuple(x.shape)}")
+        h0, c0 = state if state is not None else self.initial_state(batch, str(x.device))
+        want = (self.num_layers, batch, self.hidden_size)
+        if tuple(h0.shape) != want or tuple(c0.shape) != want:
+            raise ValueError(f"state must be two tensors of shape {want}, got {tuple(h0.shape)}, {tuple(c0.shape)}")
+        layer_in = x.contiguous()
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            gx = self._proj[layer](layer_in.reshape(steps * batch, -1), bitlayers=bitlayers).reshape(steps, batch, -1)
+            h, c = h0[layer].contiguous(), c0[layer].contiguous()
+            outs = []
+            for t in range(steps):
+                h, c = self._cells[layer](gx[t], h, c, bitlayers=bitlayers)
+                outs.append(h)
+            layer_in = torch.stack(outs)
+            hs.append(h)
+            cs.append(c)
+        y = layer_in.transpose(0, 1) if self.batch_first else layer_in
+        return y, (torch.stack(hs), torch.stack(cs))
+
+    def step(self, x_t: Any, state: tuple[Any, Any] | None = None, bitlayers: int | None = None) -> tuple:
+        """One time step for generation: ``x_t`` [B, I] -> (h_top [B, hidden], new state)."""
+        y, state = self(x_t.unsqueeze(1 if self.batch_first else 0), state, bitlayers)
+        return (y[:, 0] if self.batch_first else y[0]), state
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write every compiled piece as a .so plus ``lstm.json`` into ``directory``.
+
+        :func:`load_lstm` reads it back with only the TVM runtime (no compiler).
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for layer in range(self.num_layers):
+            self._proj[layer].export(out / f"proj{layer}.so")
+            self._cells[layer].export(out / f"cell{layer}.so")
+        meta = {
+            "kind": "pbtvm.lstm",
+            "num_layers": self.num_layers,
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "batch_first": self.batch_first,
+            "format": self.format.to_dict(),
+        }
+        (out / "lstm.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"PBLSTM({self.format.name}, layers={self.num_layers}, input={self.input_size}, "
+            f"hidden={self.hidden_size}, batch_first={self.batch_first})"
+        )
+
+
+def compile_lstm(
+    lstm: Any, target: Any = "llvm", bits: int = 4, act_bits: int = DEFAULT_ACT_BITS, **compile_kwargs: Any
+) -> PBLSTM:
+    """Compile an ``nn.LSTM`` (any number of layers, with or without bias, batch_first either way).
+
+    Parameters
+    ----------
+    lstm : torch.nn.LSTM
+        Unidirectional, no projection (``proj_size=0``).
+    target, bits, act_bits, compile_kwargs
+        As in :func:`pbtvm.compile` (e.g. ``work_dir`` for a tuning log).
+
+    Returns
+    -------
+    PBLSTM
+
+    Raises
+    ------
+    TypeError, ValueError
+        Not an ``nn.LSTM``; bidirectional or projected LSTMs; bits out of range.
+    """
+    from .compiler import compile as pb_compile
+
+    torch = _torch()
+    if not isinstance(lstm, torch.nn.LSTM):
+        raise TypeError(f"compile_lstm takes a torch.nn.LSTM, got {type(lstm).__name__}")
+    if lstm.bidirectional:
+        raise ValueError("bidirectional LSTMs are not supported yet")
+    if getattr(lstm, "proj_size", 0):
+        raise ValueError("LSTMs with proj_size are not supported yet")
+    fmt = BitplaneFormat(bits, act_bits)
+    hidden = lstm.hidden_size
+    projections, cells = [], []
+    with torch.no_grad():
+        for layer in range(lstm.num_layers):
+            w_ih = getattr(lstm, f"weight_ih_l{layer}").detach().float()
+            w_hh = getattr(lstm, f"weight_hh_l{layer}").detach().float()
+            bias = None
+            if lstm.bias:
+                bias = (getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).detach().float()
+            proj = _InputProjection.module(w_ih, bias)
+            projections.append(
+                pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **compile_kwargs)
+            )
+            example = (torch.zeros(2, 4 * hidden), torch.zeros(2, hidden), torch.zeros(2, hidden))
+            cells.append(pb_compile(_cell_module(w_hh), example, target, bits, act_bits, **compile_kwargs))
+    return PBLSTM(projections, cells, lstm, fmt)
+
+
+def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM:
+    """Load an LSTM written by :meth:`PBLSTM.export`.
+
+    Raises
+    ------
+    FileNotFoundError, pbtvm.LibraryError
+        Missing directory or pieces; a piece that is not a pbtvm library.
+    """
+    from .library import LibraryError
+    from .runtime import load
+
+    path = Path(directory)
+    try:
+        meta = json.loads((path / "lstm.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds no exported PB LSTM (lstm.json is missing)") from None
+    except json.JSONDecodeError as err:
+        raise LibraryError(f"{path / 'lstm.json'} is corrupt: {err}") from None
+    if meta.get("kind") != "pbtvm.lstm":
+        raise LibraryError(f"{path / 'lstm.json'} does not describe a pbtvm LSTM")
+    layers = int(meta["num_layers"])
+    projections = [load(path / f"proj{i}.so", device) for i in range(layers)]
+    cells = [load(path / f"cell{i}.so", device) for i in range(layers)]
+    shape = SimpleNamespace(
+        num_layers=layers,
+        hidden_size=meta["hidden_size"],
+        input_size=meta["input_size"],
+        batch_first=meta["batch_first"],
+    )
+    return PBLSTM(projections, cells, shape, BitplaneFormat.from_dict(meta["format"]))
+
+
+__all__ = ["PBLSTM", "compile_lstm", "load_lstm"]
