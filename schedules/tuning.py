@@ -313,6 +313,7 @@ class KernelReport:
     run_failed: int = 0
     default_us: float | None = None
     best_us: float | None = None
+    first_error: str | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -367,11 +368,14 @@ def _callback(reports: list[KernelReport], progress: Callable[[str], None] | Non
                 rep.trials += 1
                 if b.error_msg:
                     rep.build_failed += 1
+                    rep.first_error = rep.first_error or b.error_msg[:2000]
+                    logger.warning("candidate build failed: %s", b.error_msg.strip().splitlines()[-1][:300])
                     continue
                 rep.built += 1
                 if r.error_msg:
                     rep.run_failed += 1
-                    logger.debug("run failed: %s", r.error_msg[:400])
+                    rep.first_error = rep.first_error or r.error_msg[:2000]
+                    logger.warning("candidate run failed: %s", r.error_msg.strip().splitlines()[-1][:300])
                     continue
                 us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
                 rep.best_us = us if rep.best_us is None else min(rep.best_us, us)
@@ -403,9 +407,13 @@ def _measure_default(func: tir.PrimFunc, target: tvm.target.Target, batch: int, 
 
 
 def default_builder(target: tvm.target.Target) -> object:
-    """LocalBuilder with a timeout long enough for nvcc and one worker per core."""
+    """LocalBuilder with one worker per core and a generous timeout.
+
+    MetaSchedule's default 30 s killed nvcc builds; a fresh worker also spends ~25 s importing
+    TVM before its first build, more on a loaded machine.
+    """
     ms = meta_schedule()
-    timeout = 180.0 if target.kind.name == "cuda" else 60.0
+    timeout = 300.0
     return ms.builder.LocalBuilder(max_workers=max(1, os.cpu_count() or 1), timeout_sec=timeout)
 
 

@@ -103,7 +103,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
     assert len(report.kernels) == 2
     for k in report.kernels:
-        assert k.trials >= 4 and k.built >= 1 and k.build_failed == 0
+        assert k.trials >= 4 and k.built >= 1 and k.build_failed == 0, k.first_error
         assert k.default_us and k.best_us and k.best_us <= k.default_us + 1e-9  # the default is in the log
     assert any("trials" in line for line in lines)
     (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
