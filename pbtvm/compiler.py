@@ -99,6 +99,19 @@ def _rewrite(model: Any, example_inputs: Any, fmt: BitplaneFormat, tvm_target: t
     return mod, specs, dynamic, converted, skipped
 
 
+def _warn_recurrent(model: Any) -> None:
+    """torch.export unrolls recurrent layers over the example's length: say so, and what to use."""
+    import torch
+
+    rnns = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.nn.RNNBase)]
+    if rnns:
+        warnings.warn(
+            f"pbtvm: {', '.join(rnns)} is recurrent; torch.export unrolls it, so the compiled model only runs "
+            "the example's sequence length. Use pbtvm.lstm.compile_lstm for any length and a step API.",
+            stacklevel=3,
+        )
+
+
 def _pb_gemms(mod: tvm.IRModule) -> list:
     return [f for _, f in mod.functions_items() if (getattr(f, "attrs", None) or {}).get("pbtvm.kernel") == "pb_gemm"]
 
@@ -209,6 +222,7 @@ def compile(  # noqa: A001 - the public name users expect
     tvm_target = resolve_target(target)
     if tune and work_dir is None:
         raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
+    _warn_recurrent(model)
     mod, specs, dynamic, converted, skipped = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch)
     if skipped:
         listed = ", ".join(f"{s['name']}: {s['reason']}" for s in skipped)

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tvm_ffi
 from tvm.ir.utils import derived_object
@@ -357,7 +358,7 @@ class TuneReport:
         }
 
 
-def _callback(reports: list[KernelReport], progress: Callable[[str], None] | None):  # noqa: ANN202
+def _callback(reports: list[KernelReport], progress: Callable[[str], None] | None, bar: Any = None):  # noqa: ANN202
     ms = meta_schedule()
 
     @derived_object
@@ -379,8 +380,11 @@ def _callback(reports: list[KernelReport], progress: Callable[[str], None] | Non
                     continue
                 us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
                 rep.best_us = us if rep.best_us is None else min(rep.best_us, us)
-            if progress is not None:
-                best = f"{rep.best_us:.2f} us" if rep.best_us else "-"
+            best = f"{rep.best_us:.2f} us" if rep.best_us else "-"
+            if bar is not None:
+                bar.update(len(builder_results))
+                bar.set_postfix_str(f"{rep.name} best {best}", refresh=False)
+            elif progress is not None:
                 progress(
                     f"[pbtvm tune] {rep.name}: {rep.trials} trials ({rep.build_failed} build / "
                     f"{rep.run_failed} run failures), best {best}"
@@ -502,10 +506,12 @@ def tune_kernels(
         Per kernel: trials, candidates built / failed, default and best time.
     """
     ms = meta_schedule()
-    if progress is None:
+    bar = None
+    if progress is None:  # a progress bar on stderr, messages above it
+        from tqdm import tqdm
 
-        def progress(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
+        bar = tqdm(total=0, desc="pbtvm tune", unit="trial", file=sys.stderr, disable=None)
+        progress = bar.write
 
     log = TuningLog(Path(work_dir), target)
     builder = builder or default_builder(target)
@@ -543,7 +549,10 @@ def tune_kernels(
             reports.append(rep)
         if tasks:
             progress(f"[pbtvm tune] {len(tasks)} kernel(s), {trials_per_kernel} trials each, log {log.path}")
-            callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _callback(reports, progress)]
+            if bar is not None:
+                bar.total = trials_per_kernel * len(tasks)
+                bar.refresh()
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _callback(reports, progress, bar)]
             ms.tune.tune_tasks(
                 tasks=tasks,
                 task_weights=[1.0] * len(tasks),
@@ -563,6 +572,8 @@ def tune_kernels(
             if top:
                 secs = [float(s) for s in top[0].run_secs]
                 rep.best_us = 1e6 * sum(secs) / len(secs)
+    if bar is not None:
+        bar.close()
     return TuneReport(str(log.path), str(target), time.perf_counter() - t0, reports)
 
 

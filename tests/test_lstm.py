@@ -123,3 +123,16 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "lstm.json").write_text("{")
     with pytest.raises(pbtvm.LibraryError, match="corrupt"):
         load_lstm(tmp_path)
+
+
+def test_compile_on_a_model_with_an_lstm_points_to_compile_lstm():
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(4, 8)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.rnn(x)[0]
+
+    with pytest.warns(UserWarning, match="rnn is recurrent.*compile_lstm"):
+        pbtvm.compile(Tagger(), (torch.randn(3, 2, 4),), dynamic_batch=False)
