@@ -222,8 +222,8 @@ def compile(  # noqa: A001 - the public name users expect
     tvm_target = resolve_target(target)
     if tune and work_dir is None:
         raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
-    _warn_recurrent(model)
     mod, specs, dynamic, converted, skipped = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch)
+    _warn_recurrent(model)
     if skipped:
         listed = ", ".join(f"{s['name']}: {s['reason']}" for s in skipped)
         warnings.warn(f"pbtvm: {len(skipped)} layer(s) stay in full precision: {listed}", stacklevel=2)
