@@ -358,6 +358,11 @@ class TuneReport:
         }
 
 
+def _note_failure(rep: KernelReport, stage: str, message: str) -> None:
+    rep.first_error = rep.first_error or message[:2000]
+    logger.warning("candidate %s failed: %s", stage, message.strip().splitlines()[-1][:300])
+
+
 def _callback(reports: list[KernelReport], progress: Callable[[str], None] | None, bar: Any = None):  # noqa: ANN202
     ms = meta_schedule()
 
@@ -369,14 +374,12 @@ def _callback(reports: list[KernelReport], progress: Callable[[str], None] | Non
                 rep.trials += 1
                 if b.error_msg:
                     rep.build_failed += 1
-                    rep.first_error = rep.first_error or b.error_msg[:2000]
-                    logger.warning("candidate build failed: %s", b.error_msg.strip().splitlines()[-1][:300])
+                    _note_failure(rep, "build", b.error_msg)
                     continue
                 rep.built += 1
                 if r.error_msg:
                     rep.run_failed += 1
-                    rep.first_error = rep.first_error or r.error_msg[:2000]
-                    logger.warning("candidate run failed: %s", r.error_msg.strip().splitlines()[-1][:300])
+                    _note_failure(rep, "run", r.error_msg)
                     continue
                 us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
                 rep.best_us = us if rep.best_us is None else min(rep.best_us, us)
