@@ -1,8 +1,8 @@
 """Tune PB layer kernels with MetaSchedule and compare with the default template.
 
 Prints, per shape: trials, candidates built / failed, default vs best time (measured by the same
-runner), gain, then the time to recompile every kernel from the log. The default subset is sized
-to fit in ~20 minutes of GPU time at 64 trials.
+runner), gain, then the time to replay every kernel's schedule from the log. The default shapes are
+meant as the ~20-minute GPU tuning subset; their GPU duration has not been measured yet.
 
     python benchmarks/tune_layers.py --target cuda --trials 64 --work-dir logs/h100
     python benchmarks/tune_layers.py --target llvm --shapes 1024x1024,4096x4096 --trials 32
