@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -128,22 +127,19 @@ def _bits_list(text: str) -> list[int]:
         raise CLIError(f"--bits must be comma-separated integers, got {text!r}") from None
 
 
+def _model_and_options(args: argparse.Namespace) -> tuple[Any, tuple, dict]:
+    """The MODEL argument resolved, and the target / bits / act_bits every command passes on."""
+    model, example = load_model(args.model, args.input_shape)
+    return model, example, {"target": _target(args.target), "bits": args.bits, "act_bits": args.act_bits}
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_compile(args: argparse.Namespace) -> int:
     """``pbtvm compile``."""
     import pbtvm
 
-    model, example = load_model(args.model, args.input_shape)
-    m = pbtvm.compile(
-        model,
-        example,
-        target=_target(args.target),
-        bits=args.bits,
-        act_bits=args.act_bits,
-        tune=args.tune,
-        work_dir=args.work_dir,
-        trials=args.trials,
-    )
+    model, example, options = _model_and_options(args)
+    m = pbtvm.compile(model, example, **options, tune=args.tune, work_dir=args.work_dir, trials=args.trials)
     m.export(args.output)
     layers = m.manifest["layers"]
     print(f"wrote {args.output}: W{args.bits}A{args.act_bits}, target {m.manifest['target']}")
@@ -163,17 +159,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if (args.rpc is None) != (args.key is None):
         raise CLIError("--rpc and --key go together (tracker host:port and the device key)")
     runner = tuning.rpc_runner(args.rpc, args.key) if args.rpc else None
-    model, example = load_model(args.model, args.input_shape)
+    model, example, options = _model_and_options(args)
     report = pbtvm.tune(
-        model,
-        example,
-        target=_target(args.target),
-        bits=args.bits,
-        act_bits=args.act_bits,
-        work_dir=args.work_dir,
-        trials=args.trials,
-        batch=args.batch,
-        runner=runner,
+        model, example, **options, work_dir=args.work_dir, trials=args.trials, batch=args.batch, runner=runner
     )
     print(report.table() if report.kernels else f"every kernel is already in the log {report.log}")
     return 0
@@ -230,28 +218,16 @@ def _inspect_log(path: Path) -> int:
     return 0
 
 
-def _median_ms(fn: Any, x: Any, repeat: int, sync: Any = None) -> float:
-    fn(x)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(x)
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """``pbtvm bench``: whole-model latency of PB vs torch fp32 (and fp16 on CUDA)."""
     import torch
 
     import pbtvm
 
-    model, example = load_model(args.model, args.input_shape)
-    target = _target(args.target)
-    m = pbtvm.compile(model, example, target=target, bits=args.bits, act_bits=args.act_bits, work_dir=args.work_dir)
+    from .report import median_latency_ms
+
+    model, example, options = _model_and_options(args)
+    m = pbtvm.compile(model, example, **options, work_dir=args.work_dir)
     cuda = m.manifest["target"]["kind"] == "cuda"
     x = example[0][:1].repeat(args.batch, *([1] * (example[0].ndim - 1)))
     rows = []
@@ -259,11 +235,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dev = "cuda" if cuda else "cpu"
     with torch.no_grad():
         base = model.to(dev)
-        rows.append(("torch fp32", _median_ms(base, x.to(dev), args.repeat, sync)))
+        rows.append(("torch fp32", median_latency_ms(base, x.to(dev), args.repeat, sync)))
         if cuda:
             half = model.half().to(dev)
-            rows.append(("torch fp16", _median_ms(half, x.half().to(dev), args.repeat, sync)))
-    rows.append((f"PB W{args.bits}A{args.act_bits}", _median_ms(m, x.to(dev), args.repeat, sync)))
+            rows.append(("torch fp16", median_latency_ms(half, x.half().to(dev), args.repeat, sync)))
+    rows.append((f"PB W{args.bits}A{args.act_bits}", median_latency_ms(m, x.to(dev), args.repeat, sync)))
     print(f"batch {args.batch}, {args.repeat} runs, median latency on {m.manifest['target']}")
     print(f"{'model':<16}{'ms':>10}{'vs fp32':>10}")
     for name, ms in rows:

@@ -32,16 +32,15 @@ def _torch():  # noqa: ANN202
     return torch
 
 
-class _InputProjection:  # built lazily so that importing pbtvm does not import torch
-    @staticmethod
-    def module(w_ih: Any, bias: Any) -> Any:
-        torch = _torch()
-        lin = torch.nn.Linear(w_ih.shape[1], w_ih.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w_ih)
-            if bias is not None:
-                lin.bias.copy_(bias)
-        return lin.eval()
+def _projection_module(w_ih: Any, bias: Any) -> Any:
+    """``nn.Linear`` computing the input projection ``x W_ih^T (+ b_ih + b_hh)`` of every step."""
+    torch = _torch()
+    lin = torch.nn.Linear(w_ih.shape[1], w_ih.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w_ih)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin.eval()
 
 
 def _cell_module(w_hh: Any) -> Any:
@@ -215,7 +214,7 @@ def compile_lstm(
             bias = None
             if lstm.bias:
                 bias = (getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).detach().float()
-            proj = _InputProjection.module(w_ih, bias)
+            proj = _projection_module(w_ih, bias)
             projections.append(
                 pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **compile_kwargs)
             )

@@ -28,12 +28,19 @@ def _progress(items: list, desc: str):  # noqa: ANN202
         return items
 
 
-def _latency_ms(fn: Any, x: Any, repeat: int) -> float:
+def median_latency_ms(fn: Any, x: Any, repeat: int, sync: Any = None) -> float:
+    """Median wall time of ``fn(x)`` in ms over ``repeat`` calls after one warm-up call.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called inside the timed region for devices
+    that run asynchronously.
+    """
     fn(x)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn(x)
+        if sync is not None:
+            sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
@@ -76,7 +83,7 @@ def evaluate_tradeoffs(
     x1 = torch.from_numpy(split.x_test[:1])
     rows = []
     with torch.no_grad():
-        fp32_ms = _latency_ms(model, x1, repeat)
+        fp32_ms = median_latency_ms(model, x1, repeat)
     rows.append(
         {
             "series": BASELINE,
@@ -100,7 +107,7 @@ def evaluate_tradeoffs(
                 "bitlayers": b,
                 "act_bits": 8,
                 "accuracy": accuracy(m, split.x_test, split.y_test),
-                "latency_ms": _latency_ms(m, x1, repeat),
+                "latency_ms": median_latency_ms(m, x1, repeat),
             }
         )
     top = max(bits)
@@ -119,7 +126,7 @@ def evaluate_tradeoffs(
                     "bitlayers": layers,
                     "act_bits": 8,
                     "accuracy": accuracy(fn, split.x_test, split.y_test),
-                    "latency_ms": _latency_ms(fn, x1, repeat),
+                    "latency_ms": median_latency_ms(fn, x1, repeat),
                 }
             )
     for a in _progress(list(act_bits_sweep), "act bits"):
@@ -132,7 +139,7 @@ def evaluate_tradeoffs(
                 "bitlayers": 4,
                 "act_bits": a,
                 "accuracy": accuracy(m, split.x_test, split.y_test),
-                "latency_ms": _latency_ms(m, x1, repeat),
+                "latency_ms": median_latency_ms(m, x1, repeat),
             }
         )
     return rows

@@ -26,17 +26,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def registered_servers(address: str, key: str) -> int:
-    """How many servers with ``key`` the tracker at ``host:port`` lists (0 if unreachable)."""
+def server_keys(host: str, port: int, timeout: float = 5.0) -> list[str]:
+    """The device key of every server registered at the tracker ``host:port``, one per server.
+
+    Raises
+    ------
+    OSError, RuntimeError
+        The tracker cannot be reached (checked with a plain socket first: TVM's own connect
+        retries for 60 s).
+    """
     from tvm import rpc
 
+    socket.create_connection((host, port), timeout=timeout).close()
+    info = rpc.connect_tracker(host, port).summary().get("server_info", [])
+    return [str(s.get("key", "")).split(":")[-1] for s in info]
+
+
+def registered_servers(address: str, key: str) -> int:
+    """How many servers with ``key`` the tracker at ``host:port`` lists (0 if unreachable)."""
     host, port = address.rsplit(":", 1)
     try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-        info = rpc.connect_tracker(host, int(port)).summary().get("server_info", [])
+        return server_keys(host, int(port), timeout=2).count(key)
     except Exception:  # noqa: BLE001 - not up yet
         return 0
-    return sum(1 for s in info if str(s.get("key", "")).split(":")[-1] == key)
 
 
 @contextlib.contextmanager

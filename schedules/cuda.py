@@ -59,7 +59,7 @@ class CUDABitplaneGemm(ScheduleRule):
         if tunable:
             vec = variant.get("vec", 1)
             rows = sch.sample_perfect_tile(n, n=2, max_innermost_factor=8)
-            splits = [k for k in (1, 2, 4) if k == 1 or words % (32 * vec * k) == 0 or vec == 1]
+            splits = [k for k in (1, 2, 4) if vec == 1 or words % (32 * vec * k) == 0]
             kw = sch.sample_categorical(splits, [1.0 / len(splits)] * len(splits))
             no, ni = sch.split(n, rows)
             wo, wz, wi, v = sch.split(w, [None, kw, 32, vec])
@@ -86,7 +86,7 @@ class CUDABitplaneGemm(ScheduleRule):
             acts = sch.cache_read(gemm, 1, "shared")  # reads are (weights, activations)
             sch.compute_at(acts, no)
             fused = sch.fuse(*sch.get_loops(acts)[2:])
-            _, ty, tz, tx = sch.split(fused, [None, sch.get(ni).extent if not tunable else rows[1], kw, 32])
+            _, ty, tz, tx = sch.split(fused, [None, rows[1], kw, 32])  # x_shared is tunable-only
             sch.bind(ty, "threadIdx.y")
             sch.bind(tz, "threadIdx.z")
             sch.bind(tx, "threadIdx.x")

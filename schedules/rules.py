@@ -38,21 +38,10 @@ class ScheduleRule:
         """Structural variants of the tunable template (one MetaSchedule design space each)."""
         return [{}]
 
-    def apply(
-        self, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool = False, variant: dict | None = None
-    ) -> s_tir.Schedule | None:
-        """Schedule ``func`` for ``target``, or return None if this rule does not handle it.
-
-        ``tunable=False`` gives the default schedule; ``tunable=True`` samples the knobs of
-        ``variant`` (default: the first variant).
-        """
-        if not self.matches(func, target):
-            return None
-        sch = s_tir.Schedule(func, debug_mask="all" if tunable else 0)
-        if tunable:
-            self.schedule(sch, func, target, True, variant if variant is not None else self.variants(func, target)[0])
-        else:
-            self.schedule(sch, func, target, False, {})
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        """The default schedule of ``func`` (no sampled decisions); see :func:`rule_for`."""
+        sch = s_tir.Schedule(func, debug_mask=0)
+        self.schedule(sch, func, target, False, {})
         return sch
 
     def schedule(

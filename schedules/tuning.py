@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import warnings
@@ -424,11 +423,14 @@ def default_builder(target: tvm.target.Target) -> object:
     return ms.builder.LocalBuilder(max_workers=max(1, os.cpu_count() or 1), timeout_sec=timeout)
 
 
+def _evaluator_config() -> object:
+    """How every runner times a candidate: 3 repeats of at least 20 calls and 20 ms."""
+    return meta_schedule().runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
+
+
 def default_runner(target: tvm.target.Target) -> object:
     """LocalRunner timing each candidate as a median-friendly repeat of short loops."""
-    ms = meta_schedule()
-    cfg = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
-    return ms.runner.LocalRunner(evaluator_config=cfg, timeout_sec=60.0)
+    return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=60.0)
 
 
 def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object:
@@ -448,27 +450,25 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
     ValueError
         Malformed address, tracker unreachable, or no server with ``key`` registered.
     """
-    from tvm import rpc
+    from pbtvm.rpc_cluster import server_keys
 
     ms = meta_schedule()
     host, sep, port = tracker.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"RPC tracker address must be host:port, got {tracker!r}")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()  # TVM's own connect retries for 60 s
-        summary = rpc.connect_tracker(host, int(port)).summary()
+        keys = server_keys(host, int(port))
     except Exception as err:  # noqa: BLE001 - socket errors of every kind
         raise ValueError(f"cannot reach the RPC tracker at {tracker}: {err}") from None
-    servers = sum(1 for s in summary.get("server_info", []) if str(s.get("key", "")).split(":")[-1] == key)
+    servers = keys.count(key)
     if servers == 0:
-        known = sorted({str(s.get("key", "")).split(":")[-1] for s in summary.get("server_info", [])})
+        known = sorted(set(keys))
         raise ValueError(f"no RPC server registered with key {key!r} at {tracker} (keys there: {known or 'none'})")
-    cfg = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
     rpc_cfg = ms.runner.RPCConfig(
         tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=session_timeout
     )
     logger.info("measuring on %d RPC server(s) with key %s", servers, key)
-    return ms.runner.RPCRunner(rpc_cfg, cfg, max_workers=servers)
+    return ms.runner.RPCRunner(rpc_cfg, _evaluator_config(), max_workers=servers)
 
 
 def tune_kernels(
