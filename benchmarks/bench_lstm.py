@@ -4,6 +4,10 @@ One step = embedding lookup, every LSTM layer, the output head (vocabulary logit
 random (latency does not depend on training). Medians over ``--tokens`` steps with the state
 carried, after a warm-up. Prints a short table last.
 
+``--unfused`` also times the same PB model with the step built the pre-fusion way (``pbtvm.compile``
+of a torch cell: activation pack, PB GEMV and the gate math as separate kernels, 3 + 1 + 1
+launches on CUDA) against the fused step (one kernel per layer), side by side.
+
     python benchmarks/bench_lstm.py --target cuda --hidden 650 --layers 2 --bits 4
     python benchmarks/bench_lstm.py --target llvm --hidden 256      # CPU
 """
@@ -15,6 +19,7 @@ import time
 
 import torch
 
+import pbtvm
 from pbtvm.ptb import PBWordLM, word_lm
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,6 +29,7 @@ parser.add_argument("--layers", type=int, default=2)
 parser.add_argument("--vocab", type=int, default=10000)
 parser.add_argument("--bits", default="1,2,4,8")
 parser.add_argument("--tokens", type=int, default=200)
+parser.add_argument("--unfused", action="store_true", help="also time the unfused (pre-fusion) step")
 args = parser.parse_args()
 target = json.loads(args.target) if args.target.startswith("{") else args.target
 cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
@@ -49,6 +55,32 @@ def per_token_us(step) -> float:
     return 1e6 * statistics.median(times)
 
 
+class UnfusedCell(torch.nn.Module):
+    """The step as a torch module, ``(gx, h, c) -> (h', c')``: what pbtvm.compile splits into kernels."""
+
+    def __init__(self, w_hh: torch.Tensor) -> None:
+        super().__init__()
+        self.hh = torch.nn.Linear(w_hh.shape[1], w_hh.shape[0], bias=False)
+        with torch.no_grad():
+            self.hh.weight.copy_(w_hh)
+
+    def forward(self, gx, h, c):  # noqa: ANN001, ANN201, D102
+        i, f, g, o = (gx + self.hh(h)).chunk(4, dim=1)
+        c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c2), c2
+
+
+def pb_step(pb):  # noqa: ANN001, ANN201
+    def step(tok, state):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            emb = pb.embedding.to(dev)(tok[0])
+        h, state = pb.lstm.step(emb, state)
+        pb.head(h)
+        return state
+
+    return step
+
+
 rows = []
 with torch.no_grad():
     for name, dtype in [("torch fp32", torch.float32)] + ([("torch fp16", torch.float16)] if cuda else []):
@@ -61,17 +93,19 @@ with torch.no_grad():
             return state
 
         rows.append((name, per_token_us(step)))
+
+
 for bits in [int(b) for b in args.bits.split(",")]:
     pb = PBWordLM(model, target, bits=bits)
-
-    def step(tok, state, pb=pb):
-        with torch.no_grad():
-            emb = pb.embedding.to(dev)(tok[0])
-        h, state = pb.lstm.step(emb, state)
-        pb.head(h)
-        return state
-
-    rows.append((f"PB W{bits}A8", per_token_us(step)))
+    rows.append((f"PB W{bits}A8", per_token_us(pb_step(pb))))
+    if args.unfused:
+        h = args.hidden
+        example = (torch.zeros(2, 4 * h), torch.zeros(2, h), torch.zeros(2, h))
+        pb.lstm._cells = [
+            pbtvm.compile(UnfusedCell(getattr(model.lstm, f"weight_hh_l{k}").detach()), example, target, bits)
+            for k in range(args.layers)
+        ]
+        rows.append((f"  unfused W{bits}", per_token_us(pb_step(pb))))
 
 base = rows[0][1]
 print(f"\nLSTM LM step, batch 1, {args.layers}x{args.hidden}, vocab {args.vocab}, target {target}")

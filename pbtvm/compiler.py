@@ -230,9 +230,60 @@ def compile(  # noqa: A001 - the public name users expect
     if not converted:
         warnings.warn("pbtvm: no dense layer was converted to PrecisionBatching", stacklevel=2)
 
-    tuning, lookup = None, None
     if tune:
         tune_kernels(_pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
+    with torch_no_grad():
+        out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
+    return build_model(
+        mod,
+        fmt,
+        tvm_target,
+        specs,
+        dynamic=dynamic,
+        single_output=not isinstance(out, tuple | list),
+        converted=converted,
+        skipped=skipped,
+        work_dir=work_dir,
+        tune_batch=tune_batch,
+    )
+
+
+def build_model(
+    mod: tvm.IRModule,
+    fmt: BitplaneFormat,
+    tvm_target: tvm.target.Target,
+    specs: list[dict],
+    *,
+    dynamic: bool,
+    single_output: bool,
+    converted: list[dict],
+    skipped: list[dict] = (),
+    work_dir: str | os.PathLike | None = None,
+    tune_batch: int = 1,
+) -> CompiledModel:
+    """Schedule the PB kernels of a Relax module (tuning log first, else default), build it.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Relax ``main`` taking the inputs of ``specs`` plus ``bitlayers: R.Shape([L])`` when
+        ``converted`` is not empty; PB PrimFuncs tagged ``pbtvm.kernel``.
+    fmt, tvm_target
+        Format and resolved target of the kernels.
+    specs : list of dict
+        Input ``dtype`` and ``shape`` (None for the dynamic batch), as in the manifest.
+    dynamic, single_output : bool
+        Whether the batch is dynamic; whether ``main`` returns one tensor (else a tuple).
+    converted, skipped : list of dict
+        Layers in PB / left in fp32, for the manifest (``name``, ``shape`` ...).
+    work_dir, tune_batch
+        Tuning log to take schedules from, see :func:`compile`.
+
+    Returns
+    -------
+    CompiledModel
+    """
+    tuning, lookup = None, None
     if work_dir is not None:
         lookup, used = tuned_lookup(work_dir, tvm_target, tune_batch)
         tuning = {"work_dir": str(work_dir), "batch": tune_batch, "tuned_kernels": used}
@@ -245,9 +296,6 @@ def compile(  # noqa: A001 - the public name users expect
     t1 = time.perf_counter()
     executable = build(mod, tvm_target)
     logger.info("built in %.1fs", time.perf_counter() - t1)
-
-    with torch_no_grad():
-        out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "pbtvm_version": __version__,
@@ -256,9 +304,9 @@ def compile(  # noqa: A001 - the public name users expect
         "target": summary,
         "inputs": specs,
         "dynamic_batch": dynamic,
-        "single_output": not isinstance(out, tuple | list),
+        "single_output": single_output,
         "has_bitlayers": bool(converted),
-        "layers": {"converted": converted, "skipped": skipped},
+        "layers": {"converted": list(converted), "skipped": list(skipped)},
         "tuning": tuning,
     }
     return CompiledModel(executable, manifest, "cuda" if summary["kind"] == "cuda" else "cpu")
@@ -273,4 +321,4 @@ def torch_no_grad():  # noqa: ANN201
         yield
 
 
-__all__ = ["compile", "import_model", "tune"]
+__all__ = ["build_model", "compile", "import_model", "tune"]

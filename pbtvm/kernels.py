@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ._tvm import te, tir, tvm
 from .bitplane import BitplaneFormat
-from .ops import act_quantize_pack, kernel_attrs, pb_dense, pb_int_product
+from .ops import act_quantize_pack, kernel_attrs, pb_dense, pb_int_product, pb_lstm_cell
 
 
 def _batch_var() -> tir.Var:
@@ -44,6 +44,22 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
     y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
+
+
+def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
+    """``(gx [B, 4H], h [B, H], c [B, H], wp, w_scale [4H], bitlayers) -> (h', c')``, one LSTM step.
+
+    ``wp``/``w_scale`` hold ``W_hh`` unit-major (see :func:`pbtvm.ops.unit_major_rows`).
+    """
+    batch = _batch_var()
+    gx = te.placeholder((batch, 4 * hidden), "float32", "gx")
+    h = te.placeholder((batch, hidden), "float32", "h")
+    c = te.placeholder((batch, hidden), "float32", "c")
+    wp = te.placeholder(fmt.weight_shape(4 * hidden, hidden), "uint32", "wp")
+    ws = te.placeholder((4 * hidden,), "float32", "w_scale")
+    layers = tir.Var("bitlayers", "int64")
+    outs = pb_lstm_cell(gx, h, c, wp, ws, layers, fmt)
+    return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(kernel_attrs("pb_lstm_cell", fmt, hidden))
 
 
 def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:

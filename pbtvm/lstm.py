@@ -5,12 +5,15 @@ module's weights instead, layer by layer:
 
 * the input projection of all time steps at once: one PB GEMM ``[T*B, I] x W_ih^T`` (+ both
   biases), a :class:`~pbtvm.runtime.CompiledModel` with a dynamic row count;
-* one *cell* per step: PB GEMV on ``W_hh`` with the activation pack of ``h``, then the gate
-  nonlinearities and the cell update, which TVM fuses into one elementwise kernel.
+* one fused *step* kernel per layer and time step (:func:`pbtvm.ops.pb_lstm_cell`): the
+  activation pack of ``h``, the PB GEMV on ``W_hh``, the gate nonlinearities and the cell
+  update - a single kernel launch on CUDA, a single function call on CPU.
 
 The time loop runs in :class:`PBLSTM` (the sequence length is a run-time value; nothing is
-compiled after :func:`compile_lstm`). Both compiled pieces come from :func:`pbtvm.compile`, so
-the bitplane format, quantizer, schedules and tuning logs are the foundation's.
+compiled after :func:`compile_lstm`). The projection comes from :func:`pbtvm.compile`, the step
+from :func:`pbtvm.compiler.build_model`; both use the foundation's bitplane format, quantizer and
+schedule rules, and the projection's GEMMs use a tuning log when one is given (the step kernel
+has a default schedule only).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
+from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat, pack_weights
+from .target import resolve_target
 
 
 def _torch():  # noqa: ANN202
@@ -43,25 +47,42 @@ def _projection_module(w_ih: Any, bias: Any) -> Any:
     return lin.eval()
 
 
-def _cell_module(w_hh: Any) -> Any:
-    torch = _torch()
+def _cell_model(w_hh: np.ndarray, fmt: BitplaneFormat, tvm_target: Any, name: str, **build_kwargs: Any) -> Any:
+    """The fused step ``(gx [B, 4H], h [B, H], c [B, H]) -> (h', c')`` as a CompiledModel.
 
-    class Cell(torch.nn.Module):
-        """``(gx, h, c) -> (h', c')``: gates = gx + h W_hh^T, PyTorch's gate order i, f, g, o."""
+    ``main`` is one ``call_tir`` of :func:`pbtvm.kernels.lstm_cell_func` (one kernel launch on
+    CUDA) with ``W_hh`` packed unit-major as a constant.
+    """
+    from ._tvm import relax, tir
+    from .compiler import build_model
+    from .kernels import lstm_cell_func
+    from .ops import unit_major_rows
+    from .quantize import quantize_weights
+    from .relay_passes.pb_linear_rewrite import weight_key
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.hh = torch.nn.Linear(w_hh.shape[1], w_hh.shape[0], bias=False)
-            with torch.no_grad():
-                self.hh.weight.copy_(w_hh)
-
-        def forward(self, gx: Any, h: Any, c: Any) -> tuple:  # noqa: D102
-            gates = gx + self.hh(h)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c2), c2
-
-    return Cell().eval()
+    hidden = w_hh.shape[1]
+    q, w_scale = quantize_weights(w_hh[unit_major_rows(hidden)], fmt)
+    batch, layers = tir.Var("batch", "int64"), tir.Var("bitlayers", "int64")
+    state = relax.TensorType([batch, hidden], "float32")
+    params = [
+        relax.Var("gx", relax.TensorType([batch, 4 * hidden], "float32")),
+        relax.Var("h", state),
+        relax.Var("c", state),
+        relax.Var("bitlayers", relax.ShapeType([layers])),
+    ]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        kernel = bb.add_func(
+            lstm_cell_func(fmt, hidden).without_attr("global_symbol"), f"pb_lstm_cell_{fmt.name}_h{hidden}"
+        )
+        weights = [relax.const(pack_weights(q, fmt), "uint32"), relax.const(w_scale, "float32")]
+        out = bb.emit(relax.call_tir(kernel, [*params[:3], *weights, relax.prim_value(layers)], [state, state]))
+        bb.emit_func_output(out)
+    specs = [{"dtype": "float32", "shape": [None, d]} for d in (4 * hidden, hidden, hidden)]
+    converted = [{"name": name, "weight_key": weight_key(w_hh), "shape": [4 * hidden, hidden], "bias": False}]
+    return build_model(
+        bb.get(), fmt, tvm_target, specs, dynamic=True, single_output=False, converted=converted, **build_kwargs
+    )
 
 
 class PBLSTM:
@@ -204,8 +225,9 @@ def compile_lstm(
         raise ValueError("bidirectional LSTMs are not supported yet")
     if getattr(lstm, "proj_size", 0):
         raise ValueError("LSTMs with proj_size are not supported yet")
-    fmt = BitplaneFormat(bits, act_bits)
-    hidden = lstm.hidden_size
+    fmt = BitplaneFormat(bits, act_bits, layout=compile_kwargs.get("layout", "kNW"))
+    tvm_target = resolve_target(target)
+    build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch") if k in compile_kwargs}
     projections, cells = [], []
     with torch.no_grad():
         for layer in range(lstm.num_layers):
@@ -218,8 +240,7 @@ def compile_lstm(
             projections.append(
                 pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **compile_kwargs)
             )
-            example = (torch.zeros(2, 4 * hidden), torch.zeros(2, hidden), torch.zeros(2, hidden))
-            cells.append(pb_compile(_cell_module(w_hh), example, target, bits, act_bits, **compile_kwargs))
+            cells.append(_cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", **build_kwargs))
     return PBLSTM(projections, cells, lstm, fmt)
 
 

@@ -114,3 +114,42 @@ def pb_linear_reference(
     if bias is not None:
         y = y + np.asarray(bias, np.float64)[None, :]
     return y.astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def pb_lstm_cell_reference(
+    gx: np.ndarray,
+    h: np.ndarray,
+    c: np.ndarray,
+    wp: np.ndarray,
+    w_scale: np.ndarray,
+    fmt: BitplaneFormat,
+    bitlayers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float reference of one fused PB LSTM step (:func:`pbtvm.ops.pb_lstm_cell`).
+
+    Parameters
+    ----------
+    gx : np.ndarray, float32, [B, 4H]
+        Input projection plus biases, PyTorch gate order (i, f, g, o).
+    h, c : np.ndarray, float32, [B, H]
+    wp : np.ndarray, uint32, ``fmt.weight_shape(4H, H)``
+        Packed ``W_hh`` rows in unit-major order (row ``4u + g``).
+    w_scale : np.ndarray, float32, [4H], unit-major
+    fmt : BitplaneFormat
+    bitlayers : int, optional
+
+    Returns
+    -------
+    (h', c') : np.ndarray, float32, each [B, H]
+    """
+    batch, hidden = h.shape
+    rec = pb_linear_reference(h, wp, w_scale, None, fmt, bitlayers).reshape(batch, hidden, 4)
+    pre = gx.reshape(batch, 4, hidden).transpose(0, 2, 1).astype(np.float64) + rec
+    i, f, g, o = (pre[:, :, k] for k in range(4))
+    c_new = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+    h_new = _sigmoid(o) * np.tanh(c_new)
+    return h_new.astype(np.float32), c_new.astype(np.float32)

@@ -7,6 +7,7 @@ Needs a target ``mcpu`` with a popcount instruction (``pbtvm.target`` sees to th
 from __future__ import annotations
 
 from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
 from .rules import ScheduleRule, sample_unroll
@@ -62,9 +63,45 @@ class CPUActPack(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        sch.compute_inline(sch.get_sblock("pb_xinv"))
-        sch.compute_inline(sch.get_sblock("pb_xq"))
-        pack = sch.get_sblock("pb_xpack")
-        p, b, w, t = sch.get_loops(pack)
-        sch.parallel(sch.fuse(p, b, w))
-        sch.unroll(t)
+        _schedule_pack(sch)
+
+
+def _schedule_pack(sch: s_tir.Schedule) -> None:
+    """Quantization inlined into packing; packing parallel over (plane, row, word)."""
+    sch.compute_inline(sch.get_sblock("pb_xinv"))
+    sch.compute_inline(sch.get_sblock("pb_xq"))
+    pack = sch.get_sblock("pb_xpack")
+    p, b, w, t = sch.get_loops(pack)
+    sch.parallel(sch.fuse(p, b, w))
+    sch.unroll(t)
+
+
+class CPULSTMCell(ScheduleRule):
+    """``pb_lstm_cell``: pack ``h`` (parallel), then tasks over tiles of hidden units.
+
+    Each task runs the PB GEMV for its units' four gate rows (adjacent, the weights are
+    unit-major) and finishes their cell update; one function call per step.
+    """
+
+    kernel = "pb_lstm_cell"
+    target_kinds = ("llvm",)
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
+        _schedule_pack(sch)
+        b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
+        uo, _ = sch.split(u, [None, ROW_TILE // 4])  # ROW_TILE gate rows = ROW_TILE / 4 hidden units
+        sch.reorder(uo, b)
+        sch.compute_at(sch.get_sblock(CELL_C_BLOCK), b)
+        gemm = sch.get_sblock(GEMM_BLOCK)
+        (gates,) = sch.get_consumers(gemm)
+        sch.compute_at(gates, b)
+        (row,) = sch.get_loops(gates)[2:]
+        sch.compute_at(gemm, row)  # one row at a time: its accumulator stays in a register
+        loops = sch.get_loops(gemm)[3:]  # (plane, act plane[, word]): K <= 32 has no word loop
+        if len(loops) == 3:
+            sch.reorder(loops[0], loops[2], loops[1])
+        sch.unroll(loops[1])
+        sch.parallel(uo)

@@ -14,6 +14,7 @@ The "fused" variant does a row in one block and one launch; it measured slower.
 from __future__ import annotations
 
 from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
 from .rules import ScheduleRule, sample_unroll
@@ -27,6 +28,8 @@ VECTOR_WORDS = 4
 PACK_VARIANT = "split"
 #: Threads per block of the activation pack.
 PACK_THREADS = 128
+#: Hidden units per thread block in the fused LSTM cell (a warp per gate row: 4x as many warps).
+CELL_UNITS = 2
 
 
 class CUDABitplaneGemm(ScheduleRule):
@@ -151,6 +154,35 @@ def _pack_split(sch: s_tir.Schedule) -> None:
     sch.unroll(t)
 
 
+def _pack_words(sch: s_tir.Schedule, pack: s_tir.SBlockRV, loops: list, threads_y: int) -> None:
+    """Pack with a thread per word: quantize its 32 activations once, OR them into every plane.
+
+    ``loops`` are the pack block's (plane, word, bit) loops, or (plane, bit) when the row has
+    a single word (a loop of extent 1 disappears under ``compute_at``); the threads are
+    ``threads_y`` x 32.
+    """
+    if len(loops) == 2:  # a thread per plane
+        p, t = loops
+        _, ty, tx = sch.split(p, [None, threads_y, 32])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), tx)
+        sch.unroll(t)
+        return
+    p, w, t = loops
+    sch.reorder(w, p, t)
+    _, ty, tx = sch.split(w, [None, threads_y, 32])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    words = sch.cache_write(pack, 0, "local")
+    sch.reverse_compute_at(words, tx)
+    p, t = sch.get_loops(pack)[-2:]
+    sch.decompose_reduction(pack, p)
+    sch.reorder(t, p)
+    sch.unroll(t)
+    sch.unroll(p)
+
+
 def _pack_fused(sch: s_tir.Schedule) -> None:
     """One launch, one block per row: max, scale, pack (a thread per word) and code sum."""
     amax = sch.get_sblock("pb_amax")
@@ -180,3 +212,84 @@ def _pack_fused(sch: s_tir.Schedule) -> None:
         sch.unroll(t)
         sch.unroll(p)
     _row_reduction(sch, sch.get_loops(sch.get_sblock("pb_rowsum"))[-1])
+
+
+class CUDALSTMCell(ScheduleRule):
+    """``pb_lstm_cell`` in one launch: a block per (batch row, ``CELL_UNITS`` hidden units).
+
+    The block packs ``h`` into shared memory (every block packs the whole row: ``h`` is read
+    from L2, the recurrent weights from DRAM), then a warp per gate row runs the PB GEMV as in
+    :class:`CUDABitplaneGemm`'s default (with its own warp-level code sum and scale), the gate
+    values meet in shared memory, and a thread per hidden unit updates ``c`` and ``h``.
+    """
+
+    kernel = "pb_lstm_cell"
+    target_kinds = ("cuda",)
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
+        sch.compute_inline(sch.get_sblock("pb_xinv"))
+        sch.compute_inline(sch.get_sblock("pb_xq"))
+        b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
+        uo, ui = sch.split(u, [None, CELL_UNITS])
+        cell_c = sch.get_sblock(CELL_C_BLOCK)
+        sch.compute_at(cell_c, uo)
+        sch.set_scope(cell_c, 0, "local")  # each thread reads back only the units it wrote
+        gemm = sch.get_sblock(GEMM_BLOCK)
+        (gates,) = sch.get_consumers(gemm)
+        sch.compute_at(gates, uo)
+        (row,) = sch.get_loops(gates)[2:]
+        for name in (GEMM_BLOCK, "pb_rowsum", "pb_xscale"):
+            sch.compute_at(sch.get_sblock(name), row)
+        for name in ("pb_xpack", "pb_amax"):
+            sch.compute_at(sch.get_sblock(name), uo)
+        sch.bind(b, "blockIdx.y")
+        sch.bind(uo, "blockIdx.x")
+        sch.bind(row, "threadIdx.y")
+        warps = 4 * CELL_UNITS
+        # The row's GEMV: 32 lanes split the words (vector loads when K allows), warp reduction.
+        # With a single word per row (H <= 32) compute_at drops the word loop: no lane split.
+        loops = sch.get_loops(gemm)[3:]
+        if len(loops) == 3:
+            i, j, w = loops
+            words = int(sch.get(w).extent)
+            vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+            wo, wi, v = sch.split(w, [None, 32, vec])
+            sch.reorder(wi, i, wo, v, j)
+            sch.bind(wi, "threadIdx.x")
+            if vec > 1:
+                weights = sch.cache_read(gemm, 0, "local")
+                sch.compute_at(weights, wo)
+                sch.vectorize(sch.get_loops(weights)[-1])
+            sch.unroll(v)
+        else:
+            i, j = loops
+        sch.unroll(j)
+        sch.set_scope(gemm, 0, "local")
+        sch.set_scope(gates, 0, "shared")
+        # Per-warp code sum (warp reduction) and scale, in registers.
+        rowsum = sch.get_sblock("pb_rowsum")
+        (r,) = sch.get_loops(rowsum)[3:]
+        ro, ri = sch.split(r, [None, 32])
+        sch.reorder(ri, ro)
+        sch.bind(ri, "threadIdx.x")
+        sch.set_scope(rowsum, 0, "local")
+        sch.set_scope(sch.get_sblock("pb_xscale"), 0, "local")
+        # Block-wide max |h| and cooperative pack into shared memory.
+        amax = sch.get_sblock("pb_amax")
+        (r,) = sch.get_loops(amax)[2:]
+        ro, ry, rx = sch.split(r, [None, warps, 32])
+        sch.reorder(ry, rx, ro)
+        sch.bind(ry, "threadIdx.y")
+        sch.bind(rx, "threadIdx.x")
+        sch.set_scope(amax, 0, "shared")
+        pack = sch.get_sblock("pb_xpack")
+        sch.set_scope(pack, 0, "shared")
+        _pack_words(sch, pack, sch.get_loops(pack)[2:], warps)
+        # A thread per hidden unit for the cell update (c' then h', the same thread per unit).
+        for loop in (sch.get_loops(cell_c)[-1], ui):
+            _, ty, tx = sch.split(loop, [None, warps, 32])
+            sch.bind(ty, "threadIdx.y")
+            sch.bind(tx, "threadIdx.x")

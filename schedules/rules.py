@@ -72,9 +72,9 @@ def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
 
     kind = target if isinstance(target, str) else target.kind.name
     if kind == "llvm":
-        return [cpu.CPUActPack(), cpu.CPUBitplaneGemm()]
+        return [cpu.CPUActPack(), cpu.CPUBitplaneGemm(), cpu.CPULSTMCell()]
     if kind == "cuda":
-        return [cuda.CUDAActPack(), cuda.CUDABitplaneGemm()]
+        return [cuda.CUDAActPack(), cuda.CUDABitplaneGemm(), cuda.CUDALSTMCell()]
     raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")
 
 

@@ -1,13 +1,14 @@
 """Pure TE computes for PrecisionBatching; schedules live in ``pbtvm.schedules``.
 
-Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (``"act_pack"``
-or ``"pb_gemm"``) and the format fields, so schedule rules read the format instead of guessing.
+Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (``"act_pack"``,
+``"pb_gemm"`` or ``"pb_lstm_cell"``) and the format fields, so schedule rules read the format instead of guessing.
 """
 
 from .act_pack import act_quantize_pack
+from .lstm_cell import pb_lstm_cell, unit_major_rows
 from .pb_gemm import pb_dense, pb_int_product
 
-__all__ = ["act_quantize_pack", "pb_dense", "pb_int_product", "kernel_attrs"]
+__all__ = ["act_quantize_pack", "pb_dense", "pb_int_product", "pb_lstm_cell", "unit_major_rows", "kernel_attrs"]
 
 
 def kernel_attrs(kernel: str, fmt, k_dim: int) -> dict:  # noqa: ANN001 - BitplaneFormat

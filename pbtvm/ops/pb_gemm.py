@@ -109,7 +109,9 @@ def pb_dense(
     off = tir.const(float(fmt.weight_offset), "float32") + corr
 
     def epilogue(b, n):  # noqa: ANN001, ANN202
-        y = (acc[b, n].astype("float32") + off * rowsum[b].astype("float32")) * x_scale[b] * w_scale[n]
+        # x_scale and rowsum are read before acc so that a PrimFunc computing them too (the fused
+        # LSTM cell) orders their blocks before the GEMM; the float arithmetic is unchanged.
+        y = (x_scale[b] * (off * rowsum[b].astype("float32") + acc[b, n].astype("float32"))) * w_scale[n]
         return y + bias[n] if bias is not None else y
 
     return te.compute(acc.shape, epilogue, name="pb_out")

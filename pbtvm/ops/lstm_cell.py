@@ -1,0 +1,98 @@
+"""TE: one fused PrecisionBatching LSTM step (activation pack of ``h``, PB GEMV on ``W_hh``, cell).
+
+``(gx, h, c) -> (h', c')`` with PyTorch's gate order (i, f, g, o)::
+
+    gates = gx + pb_dense(pack(h), W_hh)        # W_hh rows stored unit-major, see below
+    c'    = sigmoid(f) * c + sigmoid(i) * tanh(g)
+    h'    = sigmoid(o) * tanh(c')
+
+The packed recurrent weight holds ``W_hh`` with its rows permuted *unit-major*: row ``4u + g``
+is PyTorch's row ``g * H + u`` (:func:`unit_major_rows`). The four gate rows of a hidden unit are
+then adjacent, so a schedule can give a thread block whole hidden units and finish the cell
+update in the same kernel. Quantization is per row, so the permutation changes no value.
+The activation pack is :func:`act_quantize_pack` unchanged (dynamic per-row scale), so the
+fused step equals the unfused kernels bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._tvm import te, tir
+from ..bitplane import BitplaneFormat
+from .act_pack import act_quantize_pack
+from .pb_gemm import pb_dense
+
+__all__ = ["pb_lstm_cell", "unit_major_rows", "CELL_BLOCK", "CELL_C_BLOCK", "GATES_BLOCK"]
+
+#: Name of the output compute; TE names its two blocks (h' and c', one loop nest) ``<name>_v0/_v1``.
+CELL_BLOCK = "pb_lstm_cell"
+#: Name of the block computing c' (an intermediate the output blocks read).
+CELL_C_BLOCK = "pb_lstm_c"
+#: Name of the PB epilogue block producing the recurrent gate pre-activations.
+GATES_BLOCK = "pb_out"
+
+
+def unit_major_rows(hidden: int) -> np.ndarray:
+    """Row order that makes ``W_hh[order]`` unit-major: ``order[4u + g] = g * hidden + u``.
+
+    Returns
+    -------
+    np.ndarray, int64, [4 * hidden]
+    """
+    return (np.arange(4)[None, :] * hidden + np.arange(hidden)[:, None]).reshape(-1)
+
+
+def pb_lstm_cell(
+    gx: te.Tensor,
+    h: te.Tensor,
+    c: te.Tensor,
+    wp: te.Tensor,
+    w_scale: te.Tensor,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+) -> list[te.Tensor]:
+    """One LSTM step with the recurrent product in PrecisionBatching.
+
+    Parameters
+    ----------
+    gx : te.Tensor, float32, [B, 4H]
+        Input projection of this step plus both biases, PyTorch gate order (rows ``g * H + u``).
+    h, c : te.Tensor, float32, [B, H]
+        Previous hidden and cell state.
+    wp : te.Tensor, uint32, ``fmt.weight_shape(4H, H)``
+        Packed ``W_hh[unit_major_rows(H)]``.
+    w_scale : te.Tensor, float32, [4H]
+        Per-row weight scales, unit-major like ``wp``.
+    bitlayers : PrimExpr, int64
+        Run-time precision knob, 1..bits.
+    fmt : BitplaneFormat
+
+    Returns
+    -------
+    list of te.Tensor
+        ``h'`` and ``c'``, float32 [B, H].
+    """
+    batch, hidden = h.shape
+    n_hidden = int(hidden)
+    if tuple(int(d) for d in gx.shape[1:]) != (4 * n_hidden,) or tuple(int(d) for d in c.shape[1:]) != (n_hidden,):
+        raise ValueError(f"LSTM cell wants gx [B, {4 * n_hidden}] and c [B, {n_hidden}], got {gx.shape}, {c.shape}")
+    xp, x_scale, rowsum = act_quantize_pack(h, fmt)
+    gates = pb_dense(xp, x_scale, rowsum, wp, w_scale, None, bitlayers, fmt, n_hidden)
+
+    def pre(b, u, g):  # noqa: ANN001, ANN202
+        return gates[b, u * 4 + g] + gx[b, g * n_hidden + u]
+
+    c_next = te.compute(
+        (batch, hidden),
+        lambda b, u: tir.sigmoid(pre(b, u, 1)) * c[b, u] + tir.sigmoid(pre(b, u, 0)) * tir.tanh(pre(b, u, 2)),
+        name=CELL_C_BLOCK,
+    )
+    # h' and c' leave from one block pair (one loop nest) that schedules split and attach to;
+    # c' is computed once, in the block above.
+    h_new, c_new = te.compute(
+        (batch, hidden),
+        lambda b, u: [tir.sigmoid(pre(b, u, 3)) * tir.tanh(c_next[b, u]), c_next[b, u]],
+        name=CELL_BLOCK,
+    )
+    return [h_new, c_new]

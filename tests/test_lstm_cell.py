@@ -1,0 +1,123 @@
+"""The fused PB LSTM step kernel: numpy reference, CPU results, CUDA code (one kernel), GPU results."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels, library
+from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
+from pbtvm.lstm import compile_lstm
+from pbtvm.ops import unit_major_rows
+from pbtvm.target import resolve_target
+
+SM90 = {"kind": "cuda", "arch": "sm_90"}
+#: Float tolerance of the fused kernel vs the float64 numpy reference (float32 gate arithmetic).
+ATOL = 2e-5
+
+
+def _case(rng: np.random.Generator, hidden: int, batch: int, fmt: bp.BitplaneFormat) -> tuple:
+    w_hh = (rng.standard_normal((4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    q, w_scale = qz.quantize_weights(w_hh[unit_major_rows(hidden)], fmt)
+    gx = rng.standard_normal((batch, 4 * hidden)).astype(np.float32)
+    h = np.tanh(2 * rng.standard_normal((batch, hidden))).astype(np.float32)
+    c = rng.standard_normal((batch, hidden)).astype(np.float32)
+    return w_hh, bp.pack_weights(q, fmt), w_scale, gx, h, c
+
+
+def _run(kern, device, gx, h, c, wp, w_scale, layers):  # noqa: ANN001, ANN202
+    batch, hidden = h.shape
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in (gx, h, c, wp, w_scale)]
+    outs = [tvm.runtime.tensor(np.full((batch, hidden), np.nan, np.float32), device) for _ in range(2)]
+    kern(*args, layers, *outs)
+    return outs[0].numpy(), outs[1].numpy()
+
+
+def test_unit_major_rows_groups_the_four_gates_of_a_unit():
+    order = unit_major_rows(3)
+    assert order.tolist() == [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]
+    assert sorted(order.tolist()) == list(range(12))
+
+
+def test_reference_equals_the_unfused_step_in_pytorch_row_order(rng):
+    """Unit-major packing changes no value: per-row quantization commutes with the permutation."""
+    fmt = bp.BitplaneFormat(4, 8)
+    w_hh, wp, w_scale, gx, h, c = _case(rng, 40, 3, fmt)
+    q, s = qz.quantize_weights(w_hh, fmt)
+    gates = gx + qz.pb_linear_reference(h, bp.pack_weights(q, fmt), s, None, fmt)
+    i, f, g, o = np.split(gates.astype(np.float64), 4, axis=1)
+    sig = torch.sigmoid
+    c_ref = sig(torch.from_numpy(f)) * torch.from_numpy(c) + sig(torch.from_numpy(i)) * torch.tanh(torch.from_numpy(g))
+    h_ref = sig(torch.from_numpy(o)) * torch.tanh(c_ref)
+    h_new, c_new = qz.pb_lstm_cell_reference(gx, h, c, wp, w_scale, fmt)
+    np.testing.assert_allclose(c_new, c_ref.numpy(), atol=1e-6)
+    np.testing.assert_allclose(h_new, h_ref.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "bits", "act_bits", "layout"),
+    [(20, 4, 8, "kNW"), (32, 1, 8, "kNW"), (50, 3, 16, "NkW"), (100, 8, 8, "kNW"), (256, 16, 16, "kNW")],
+)
+def test_fused_cell_matches_reference_on_cpu(hidden, bits, act_bits, layout, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    _, wp, w_scale, gx, h, c = _case(rng, hidden, 3, fmt)
+    kern = kernels.build(kernels.lstm_cell_func(fmt, hidden), resolve_target("llvm"))
+    for layers in sorted({1, (bits + 1) // 2, bits}):
+        got_h, got_c = _run(kern, tvm.cpu(0), gx, h, c, wp, w_scale, layers)
+        ref_h, ref_c = qz.pb_lstm_cell_reference(gx, h, c, wp, w_scale, fmt, layers)
+        np.testing.assert_allclose(got_h, ref_h, atol=ATOL, err_msg=f"h, L={layers}")
+        np.testing.assert_allclose(got_c, ref_c, atol=ATOL, err_msg=f"c, L={layers}")
+
+
+def test_fused_cell_rejects_mismatched_shapes():
+    from pbtvm._tvm import te
+    from pbtvm.ops import pb_lstm_cell
+
+    fmt = bp.BitplaneFormat(4, 8)
+    h = te.placeholder((2, 16), "float32", "h")
+    with pytest.raises(ValueError, match="gx"):
+        pb_lstm_cell(te.placeholder((2, 60), "float32", "gx"), h, h, None, None, None, fmt)
+
+
+def _kernels_in(source: str) -> list[str]:
+    return re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;]*?\{', source)
+
+
+@pytest.mark.parametrize(("hidden", "bits"), [(20, 4), (25, 3), (650, 4), (1500, 2), (4096, 8)])
+def test_fused_cell_is_one_cuda_kernel_and_builds_with_nvcc(hidden, bits):
+    fmt = bp.BitplaneFormat(bits, 8)
+    ex = kernels.build(kernels.lstm_cell_func(fmt, hidden), resolve_target(SM90))  # nvcc runs here
+    (dev,) = ex.mod.imports
+    src = str(dev.inspect_source("cuda")) or str(dev.inspect_source())
+    assert len(_kernels_in(src)) == 1, _kernels_in(src)
+    assert "__popc" in src and "__shfl" in src and "__shared__" in src
+
+
+def test_lstm_step_is_one_kernel_per_layer_on_cuda():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(24, 64, num_layers=2).eval()
+    m = compile_lstm(lstm, SM90, bits=4)
+    for cell in m._cells:
+        (src,) = library._cuda_sources(cell._module.mod)
+        assert len(_kernels_in(src)) == 1
+        assert cell.manifest["layers"]["converted"][0]["shape"] == [256, 64]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("hidden", "bits", "act_bits"), [(20, 4, 8), (25, 3, 8), (650, 4, 8), (1500, 3, 16), (256, 1, 8), (4096, 4, 8)]
+)
+def test_fused_cell_matches_reference_on_gpu(hidden, bits, act_bits, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits)
+    _, wp, w_scale, gx, h, c = _case(rng, hidden, 5, fmt)
+    kern = kernels.build(kernels.lstm_cell_func(fmt, hidden), resolve_target("cuda"))
+    for layers in sorted({1, bits}):
+        got_h, got_c = _run(kern, tvm.cuda(0), gx, h, c, wp, w_scale, layers)
+        ref_h, ref_c = qz.pb_lstm_cell_reference(gx, h, c, wp, w_scale, fmt, layers)
+        np.testing.assert_allclose(got_h, ref_h, atol=ATOL, err_msg=f"h, L={layers}")
+        np.testing.assert_allclose(got_c, ref_c, atol=ATOL, err_msg=f"c, L={layers}")
