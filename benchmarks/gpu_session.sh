@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU sitting: environment facts, GPU tests, layer benchmark. Writes logs to $OUT.
+# One GPU sitting: environment facts, GPU tests, layer benchmark, LSTM LM step benchmark. Writes logs to $OUT.
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
 # pip index to install it from.
@@ -16,6 +16,9 @@ export PYTHONPATH="$stage:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, tvm; print('torch', torch.__version__, 'tvm', tvm.__version__)" | tee -a "$OUT/device.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_codegen.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lstm_cell.py tests/test_cuda_codegen.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py ${BENCH_ARGS:-} --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log" | tail -60
+if [ -z "${SKIP_LSTM:-}" ]; then
+  timeout "${LSTM_TIMEOUT:-300}" python3 benchmarks/bench_lstm.py --target cuda --unfused ${LSTM_ARGS:-} 2>&1 | tee "$OUT/bench_lstm.log" | tail -20
+fi
