@@ -10,7 +10,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
-from .rules import ScheduleRule, sample_unroll
+from .rules import ScheduleRule, inline_act_quantization, sample_unroll
 
 #: Output rows per parallel task.
 ROW_TILE = 16
@@ -68,8 +68,7 @@ class CPUActPack(ScheduleRule):
 
 def _schedule_pack(sch: s_tir.Schedule) -> None:
     """Quantization inlined into packing; packing parallel over (plane, row, word)."""
-    sch.compute_inline(sch.get_sblock("pb_xinv"))
-    sch.compute_inline(sch.get_sblock("pb_xq"))
+    inline_act_quantization(sch)
     pack = sch.get_sblock("pb_xpack")
     p, b, w, t = sch.get_loops(pack)
     sch.parallel(sch.fuse(p, b, w))

@@ -13,11 +13,13 @@ The "fused" variant does a row in one block and one launch; it measured slower.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
-from .rules import ScheduleRule, sample_unroll
+from .rules import ScheduleRule, inline_act_quantization, sample_unroll
 
 #: Warps (output rows) per thread block in the default GEMM schedule.
 WARPS_PER_BLOCK = 4
@@ -28,6 +30,8 @@ VECTOR_WORDS = 4
 PACK_VARIANT = "split"
 #: Threads per block of the activation pack.
 PACK_THREADS = 128
+#: The pack's thread layout: one dimension of PACK_THREADS.
+PACK_LANES = [("threadIdx.x", PACK_THREADS)]
 #: Hidden units per thread block in the fused LSTM cell (a warp per gate row: 4x as many warps).
 CELL_UNITS = 2
 
@@ -68,7 +72,7 @@ class CUDABitplaneGemm(ScheduleRule):
             wo, wz, wi, v = sch.split(w, [None, kw, 32, vec])
             x_shared = variant.get("x_shared", False)
         else:
-            vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+            vec = _vector_words(words)
             no, ni = sch.split(n, [None, WARPS_PER_BLOCK])
             wo, wz, wi, v = sch.split(w, [None, 1, 32, vec])
             x_shared = False
@@ -89,18 +93,48 @@ class CUDABitplaneGemm(ScheduleRule):
             acts = sch.cache_read(gemm, 1, "shared")  # reads are (weights, activations)
             sch.compute_at(acts, no)
             fused = sch.fuse(*sch.get_loops(acts)[2:])
-            _, ty, tz, tx = sch.split(fused, [None, rows[1], kw, 32])  # x_shared is tunable-only
-            sch.bind(ty, "threadIdx.y")
-            sch.bind(tz, "threadIdx.z")
-            sch.bind(tx, "threadIdx.x")
-        if vec > 1:
-            weights = sch.cache_read(gemm, 0, "local")
-            sch.compute_at(weights, wo)
-            sch.vectorize(sch.get_loops(weights)[-1])
-        sch.unroll(v)
+            # x_shared is tunable-only, so rows[1] and kw are sampled
+            _spread(sch, fused, [("threadIdx.y", rows[1]), ("threadIdx.z", kw), ("threadIdx.x", 32)])
+        _vector_weight_loads(sch, gemm, wo, v, vec)
         sch.unroll(j)
         sch.reverse_compute_at(epilogue, ni)
         sch.set_scope(gemm, 0, "local")
+
+
+def _vector_words(words: int) -> int:
+    """Default words per lane per load: 16 bytes when every lane of a warp gets full vectors."""
+    return VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+
+
+def _vector_weight_loads(
+    sch: s_tir.Schedule, gemm: s_tir.SBlockRV, wo: s_tir.LoopRV, v: s_tir.LoopRV, vec: int
+) -> None:
+    """Load each lane's ``vec`` consecutive weight words at once (a local copy under ``wo``)."""
+    if vec > 1:
+        weights = sch.cache_read(gemm, 0, "local")  # reads are (weights, activations)
+        sch.compute_at(weights, wo)
+        sch.vectorize(sch.get_loops(weights)[-1])
+    sch.unroll(v)
+
+
+def _spread(sch: s_tir.Schedule, loop: s_tir.LoopRV, threads: list[tuple[str, Any]]) -> list[s_tir.LoopRV]:
+    """Split ``loop`` into [serial, *thread extents] and bind each inner part to its thread tag.
+
+    ``threads`` lists ``(tag, extent)`` outermost first; returns every part, serial first.
+    """
+    parts = sch.split(loop, [None, *(extent for _, extent in threads)])
+    for part, (tag, _) in zip(parts[1:], threads, strict=True):
+        sch.bind(part, tag)
+    return parts
+
+
+def _thread_reduction(sch: s_tir.Schedule, r: s_tir.LoopRV, threads: list[tuple[str, int]]) -> None:
+    """Spread a reduction loop over ``threads`` (a cross-thread reduction), the serial rest inside.
+
+    Unrolling the serial part measured slower on an H100 (BENCHMARKS.md), so it stays a loop.
+    """
+    serial, *bound = _spread(sch, r, threads)
+    sch.reorder(*bound, serial)
 
 
 def _words(func: tir.PrimFunc) -> int:
@@ -118,22 +152,11 @@ class CUDAActPack(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        sch.compute_inline(sch.get_sblock("pb_xinv"))
-        sch.compute_inline(sch.get_sblock("pb_xq"))
+        inline_act_quantization(sch)
         if PACK_VARIANT == "fused":
             _pack_fused(sch)
         else:
             _pack_split(sch)
-
-
-def _row_reduction(sch: s_tir.Schedule, r: s_tir.LoopRV) -> None:
-    """Split a per-row reduction across PACK_THREADS lanes (cross-thread reduction).
-
-    Unrolling the serial part measured slower on an H100 (BENCHMARKS.md), so it stays a loop.
-    """
-    ro, ri = sch.split(r, [None, PACK_THREADS])
-    sch.reorder(ri, ro)
-    sch.bind(ri, "threadIdx.x")
 
 
 def _pack_split(sch: s_tir.Schedule) -> None:
@@ -141,7 +164,7 @@ def _pack_split(sch: s_tir.Schedule) -> None:
     for name in ("pb_amax", "pb_rowsum"):
         b, r = sch.get_loops(sch.get_sblock(name))
         sch.bind(b, "blockIdx.x")
-        _row_reduction(sch, r)
+        _thread_reduction(sch, r, PACK_LANES)
     (b,) = sch.get_loops(sch.get_sblock("pb_xscale"))
     bo, bi = sch.split(b, [None, 32])
     sch.bind(bo, "blockIdx.x")
@@ -154,28 +177,23 @@ def _pack_split(sch: s_tir.Schedule) -> None:
     sch.unroll(t)
 
 
-def _pack_words(sch: s_tir.Schedule, pack: s_tir.SBlockRV, loops: list, threads_y: int) -> None:
+def _pack_words(sch: s_tir.Schedule, pack: s_tir.SBlockRV, loops: list, threads: list[tuple[str, int]]) -> None:
     """Pack with a thread per word: quantize its 32 activations once, OR them into every plane.
 
-    ``loops`` are the pack block's (plane, word, bit) loops, or (plane, bit) when the row has
-    a single word (a loop of extent 1 disappears under ``compute_at``); the threads are
-    ``threads_y`` x 32.
+    The word is assembled in a register and stored once. ``loops`` are the pack block's
+    (plane, word, bit) loops, or (plane, bit) when the row has a single word (a loop of extent 1
+    disappears under ``compute_at``: then a thread per plane); ``threads`` as in :func:`_spread`.
     """
-    if len(loops) == 2:  # a thread per plane
+    if len(loops) == 2:
         p, t = loops
-        _, ty, tx = sch.split(p, [None, threads_y, 32])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-        sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), tx)
+        innermost = _spread(sch, p, threads)[-1]
+        sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
         sch.unroll(t)
         return
     p, w, t = loops
     sch.reorder(w, p, t)
-    _, ty, tx = sch.split(w, [None, threads_y, 32])
-    sch.bind(ty, "threadIdx.y")
-    sch.bind(tx, "threadIdx.x")
-    words = sch.cache_write(pack, 0, "local")
-    sch.reverse_compute_at(words, tx)
+    innermost = _spread(sch, w, threads)[-1]
+    sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
     p, t = sch.get_loops(pack)[-2:]
     sch.decompose_reduction(pack, p)
     sch.reorder(t, p)
@@ -189,29 +207,12 @@ def _pack_fused(sch: s_tir.Schedule) -> None:
     b, r = sch.get_loops(amax)
     sch.bind(b, "blockIdx.x")
     sch.set_scope(amax, 0, "shared")
-    _row_reduction(sch, r)
+    _thread_reduction(sch, r, PACK_LANES)
     for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
         sch.reverse_compute_at(sch.get_sblock(name), b)
     pack = sch.get_sblock("pb_xpack")
-    loops = sch.get_loops(pack)[1:]
-    if len(loops) == 2:
-        # One word per row (K <= 32): reverse_compute_at dropped the word loop; a thread per plane.
-        p, t = loops
-        sch.bind(p, "threadIdx.x")
-        sch.unroll(t)
-    else:
-        p, w, t = loops
-        sch.reorder(w, p, t)
-        wo, wi = sch.split(w, [None, PACK_THREADS])
-        sch.bind(wi, "threadIdx.x")
-        words = sch.cache_write(pack, 0, "local")  # read 32 activations once, OR into every plane
-        sch.reverse_compute_at(words, wi)
-        p, t = sch.get_loops(pack)[-2:]
-        sch.decompose_reduction(pack, p)
-        sch.reorder(t, p)
-        sch.unroll(t)
-        sch.unroll(p)
-    _row_reduction(sch, sch.get_loops(sch.get_sblock("pb_rowsum"))[-1])
+    _pack_words(sch, pack, sch.get_loops(pack)[1:], PACK_LANES)
+    _thread_reduction(sch, sch.get_loops(sch.get_sblock("pb_rowsum"))[-1], PACK_LANES)
 
 
 class CUDALSTMCell(ScheduleRule):
@@ -230,8 +231,7 @@ class CUDALSTMCell(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        sch.compute_inline(sch.get_sblock("pb_xinv"))
-        sch.compute_inline(sch.get_sblock("pb_xq"))
+        inline_act_quantization(sch)
         b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
         uo, ui = sch.split(u, [None, CELL_UNITS])
         cell_c = sch.get_sblock(CELL_C_BLOCK)
@@ -248,22 +248,18 @@ class CUDALSTMCell(ScheduleRule):
         sch.bind(b, "blockIdx.y")
         sch.bind(uo, "blockIdx.x")
         sch.bind(row, "threadIdx.y")
-        warps = 4 * CELL_UNITS
+        block_threads = [("threadIdx.y", 4 * CELL_UNITS), ("threadIdx.x", 32)]
         # The row's GEMV: 32 lanes split the words (vector loads when K allows), warp reduction.
         # With a single word per row (H <= 32) compute_at drops the word loop: no lane split.
         loops = sch.get_loops(gemm)[3:]
         if len(loops) == 3:
             i, j, w = loops
             words = int(sch.get(w).extent)
-            vec = VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+            vec = _vector_words(words)
             wo, wi, v = sch.split(w, [None, 32, vec])
             sch.reorder(wi, i, wo, v, j)
             sch.bind(wi, "threadIdx.x")
-            if vec > 1:
-                weights = sch.cache_read(gemm, 0, "local")
-                sch.compute_at(weights, wo)
-                sch.vectorize(sch.get_loops(weights)[-1])
-            sch.unroll(v)
+            _vector_weight_loads(sch, gemm, wo, v, vec)
         else:
             i, j = loops
         sch.unroll(j)
@@ -272,24 +268,17 @@ class CUDALSTMCell(ScheduleRule):
         # Per-warp code sum (warp reduction) and scale, in registers.
         rowsum = sch.get_sblock("pb_rowsum")
         (r,) = sch.get_loops(rowsum)[3:]
-        ro, ri = sch.split(r, [None, 32])
-        sch.reorder(ri, ro)
-        sch.bind(ri, "threadIdx.x")
+        _thread_reduction(sch, r, block_threads[1:])
         sch.set_scope(rowsum, 0, "local")
         sch.set_scope(sch.get_sblock("pb_xscale"), 0, "local")
         # Block-wide max |h| and cooperative pack into shared memory.
         amax = sch.get_sblock("pb_amax")
         (r,) = sch.get_loops(amax)[2:]
-        ro, ry, rx = sch.split(r, [None, warps, 32])
-        sch.reorder(ry, rx, ro)
-        sch.bind(ry, "threadIdx.y")
-        sch.bind(rx, "threadIdx.x")
+        _thread_reduction(sch, r, block_threads)
         sch.set_scope(amax, 0, "shared")
         pack = sch.get_sblock("pb_xpack")
         sch.set_scope(pack, 0, "shared")
-        _pack_words(sch, pack, sch.get_loops(pack)[2:], warps)
+        _pack_words(sch, pack, sch.get_loops(pack)[2:], block_threads)
         # A thread per hidden unit for the cell update (c' then h', the same thread per unit).
         for loop in (sch.get_loops(cell_c)[-1], ui):
-            _, ty, tx = sch.split(loop, [None, warps, 32])
-            sch.bind(ty, "threadIdx.y")
-            sch.bind(tx, "threadIdx.x")
+            _spread(sch, loop, block_threads)

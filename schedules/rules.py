@@ -66,6 +66,12 @@ def sample_unroll(sch: s_tir.Schedule, loop: s_tir.LoopRV) -> None:
     sch.annotate(loop, "pragma_unroll_explicit", 1)
 
 
+def inline_act_quantization(sch: s_tir.Schedule) -> None:
+    """Inline the activation scale inverse and codes into their consumers (pack and code sum)."""
+    sch.compute_inline(sch.get_sblock("pb_xinv"))
+    sch.compute_inline(sch.get_sblock("pb_xq"))
+
+
 def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
     """The rules for a target (or target kind, ``"llvm"`` or ``"cuda"``)."""
     from . import cpu, cuda
