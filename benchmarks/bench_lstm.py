@@ -2,7 +2,15 @@
 
 One step = embedding lookup, every LSTM layer, the output head (vocabulary logits). Weights are
 random (latency does not depend on training). Medians over ``--tokens`` steps with the state
-carried, after a warm-up. Prints a short table last.
+carried, after a warm-up, host clock around a synchronised call: the latency a generation loop
+sees. The same weights serve every token, so they stay in cache where they fit, as in real
+decoding (the table prints the weight megabytes read per token).
+
+PB rows: ``decoder`` is :func:`pbtvm.decoder.compile_decoder` (the whole token in one call; on CUDA
+captured as one CUDA graph between two repack kernels; ``--no-graph`` adds the same without the
+graph), ``seq path`` is :class:`pbtvm.ptb.PBWordLM`'s step (per layer an input-projection GEMM
+call and a fused step call, then the head). On CUDA, torch also runs captured in a CUDA graph
+(``+graph`` rows), the fairest baseline for launch overhead.
 
 ``--unfused`` also times the same PB model with the step built the pre-fusion way (``pbtvm.compile``
 of a torch cell: activation pack, PB GEMV and the gate math as separate kernels, 3 + 1 + 1
@@ -20,6 +28,7 @@ import time
 import torch
 
 import pbtvm
+from pbtvm.decoder import compile_decoder
 from pbtvm.ptb import PBWordLM, word_lm
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +39,7 @@ parser.add_argument("--vocab", type=int, default=10000)
 parser.add_argument("--bits", default="1,2,4,8")
 parser.add_argument("--tokens", type=int, default=200)
 parser.add_argument("--unfused", action="store_true", help="also time the unfused (pre-fusion) step")
+parser.add_argument("--no-graph", action="store_true", help="CUDA: also time the decoder built without a CUDA graph")
 args = parser.parse_args()
 target = json.loads(args.target) if args.target.startswith("{") else args.target
 cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
@@ -70,6 +80,45 @@ class UnfusedCell(torch.nn.Module):
         return torch.sigmoid(o) * torch.tanh(c2), c2
 
 
+def decoder_step(dec):  # noqa: ANN001, ANN201
+    dec.check_tokens = False  # no device-to-host copy of the token per step (ids are known good)
+
+    def step(tok, state):  # noqa: ANN001, ANN202
+        return dec(tok[0], state)[1]
+
+    return step
+
+
+def torch_graph_step(m):  # noqa: ANN001, ANN201
+    """The torch step captured in a CUDA graph: static token/state buffers, one replay per token."""
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    h = torch.zeros(args.layers, 1, args.hidden, device=dev, dtype=next(m.parameters()).dtype)
+    c = torch.zeros_like(h)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            m(tok, (h, c))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        _, (h2, c2) = m(tok, (h, c))
+
+    def step(t, state):  # noqa: ANN001, ANN202
+        tok.copy_(t)
+        graph.replay()
+        h.copy_(h2)
+        c.copy_(c2)
+        return state
+
+    return step
+
+
+def weight_mb(bits: float) -> float:
+    """Megabytes of weights one token reads at ``bits`` per weight (embedding: one fp32 row)."""
+    h, n = args.hidden, args.layers
+    return (n * 4 * h * 2 * h + args.vocab * h) * bits / 8 / 1e6 + h * 4 / 1e6
+
+
 def pb_step(pb):  # noqa: ANN001, ANN201
     def step(tok, state):  # noqa: ANN001, ANN202
         with torch.no_grad():
@@ -92,12 +141,23 @@ with torch.no_grad():
             logits, state = m(tok, state)
             return state
 
-        rows.append((name, per_token_us(step)))
+        bits_of = 32 if dtype == torch.float32 else 16
+        rows.append((name, per_token_us(step), weight_mb(bits_of)))
+        if cuda:
+            try:
+                rows.append((f"{name} +graph", per_token_us(torch_graph_step(m)), weight_mb(bits_of)))
+            except RuntimeError as err:  # e.g. an op torch cannot capture
+                print(f"{name}: CUDA-graph capture failed ({str(err).splitlines()[0]})")
 
 
 for bits in [int(b) for b in args.bits.split(",")]:
+    dec = compile_decoder(model.lstm, target, bits, embedding=model.embedding, head=model.head)
+    rows.append((f"PB W{bits} decoder", per_token_us(decoder_step(dec)), weight_mb(bits)))
+    if cuda and args.no_graph:
+        dec = compile_decoder(model.lstm, target, bits, embedding=model.embedding, head=model.head, cuda_graph=False)
+        rows.append(("  no graph", per_token_us(decoder_step(dec)), weight_mb(bits)))
     pb = PBWordLM(model, target, bits=bits)
-    rows.append((f"PB W{bits}A8", per_token_us(pb_step(pb))))
+    rows.append(("  seq path", per_token_us(pb_step(pb)), weight_mb(bits)))
     if args.unfused:
         h = args.hidden
         example = (torch.zeros(2, 4 * h), torch.zeros(2, h), torch.zeros(2, h))
@@ -105,10 +165,11 @@ for bits in [int(b) for b in args.bits.split(",")]:
             pbtvm.compile(UnfusedCell(getattr(model.lstm, f"weight_hh_l{k}").detach()), example, target, bits)
             for k in range(args.layers)
         ]
-        rows.append((f"  unfused W{bits}", per_token_us(pb_step(pb))))
+        rows.append(("  seq unfused", per_token_us(pb_step(pb)), weight_mb(bits)))
 
 base = rows[0][1]
-print(f"\nLSTM LM step, batch 1, {args.layers}x{args.hidden}, vocab {args.vocab}, target {target}")
-print(f"{'model':<14}{'us/token':>10}{'vs fp32':>9}")
-for name, us in rows:
-    print(f"{name:<14}{us:>10.1f}{base / us:>8.2f}x")
+device = torch.cuda.get_device_name() if cuda else "CPU"
+print(f"\nLSTM LM step, batch 1, {args.layers}x{args.hidden}, vocab {args.vocab}, target {target}, {device}")
+print(f"{'model':<20}{'us/token':>10}{'vs fp32':>9}{'weight MB':>11}")
+for name, us, mb in rows:
+    print(f"{name:<20}{us:>10.1f}{base / us:>8.2f}x{mb:>11.2f}")

@@ -16,9 +16,9 @@ export PYTHONPATH="$stage:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, tvm; print('torch', torch.__version__, 'tvm', tvm.__version__)" | tee -a "$OUT/device.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lstm_cell.py tests/test_cuda_codegen.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lstm_cell.py tests/test_decoder.py tests/test_cuda_codegen.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py ${BENCH_ARGS:-} --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log" | tail -60
 if [ -z "${SKIP_LSTM:-}" ]; then
-  timeout "${LSTM_TIMEOUT:-300}" python3 benchmarks/bench_lstm.py --target cuda --unfused ${LSTM_ARGS:-} 2>&1 | tee "$OUT/bench_lstm.log" | tail -20
+  timeout "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --unfused --no-graph ${LSTM_ARGS:-} 2>&1 | tee "$OUT/bench_lstm.log" | tail -20
 fi

@@ -189,6 +189,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  PB       {layer['name']}  {layer['shape'][0]}x{layer['shape'][1]}")
     for layer in manifest["layers"]["skipped"]:
         print(f"  fp32     {layer['name']}  ({layer['reason']})")
+    decoder = manifest.get("decoder")
+    if decoder:
+        start = f"vocab {decoder['vocab']}" if decoder["vocab"] is not None else f"input {decoder['input_size']}"
+        graph = ", one CUDA graph per token" if decoder.get("cuda_graph") else ""
+        print(
+            f"  decoder  {start}, {decoder['num_layers']}x{decoder['hidden_size']} LSTM, "
+            f"batch {decoder['batch']}, {decoder['outputs']} outputs{graph} (pbtvm.decoder.load_decoder)"
+        )
     tuning_info = manifest.get("tuning")
     if tuning_info:
         print(f"  tuned    {len(tuning_info['tuned_kernels'])} kernel(s) from {tuning_info['work_dir']}")

@@ -260,6 +260,8 @@ def build_model(
     skipped: list[dict] = (),
     work_dir: str | os.PathLike | None = None,
     tune_batch: int = 1,
+    cuda_graph: bool = False,
+    extra: dict | None = None,
 ) -> CompiledModel:
     """Schedule the PB kernels of a Relax module (tuning log first, else default), build it.
 
@@ -278,6 +280,10 @@ def build_model(
         Layers in PB / left in fp32, for the manifest (``name``, ``shape`` ...).
     work_dir, tune_batch
         Tuning log to take schedules from, see :func:`compile`.
+    cuda_graph : bool
+        Build with TVM's CUDA-graph rewrite (``relax.backend.use_cuda_graph``), CUDA only.
+    extra : dict, optional
+        More manifest entries (e.g. the decoder's shape).
 
     Returns
     -------
@@ -294,7 +300,7 @@ def build_model(
 
     summary = target_summary(tvm_target)
     t1 = time.perf_counter()
-    executable = build(mod, tvm_target)
+    executable = build(mod, tvm_target, cuda_graph=cuda_graph)
     logger.info("built in %.1fs", time.perf_counter() - t1)
     manifest = {
         "schema": MANIFEST_SCHEMA,
@@ -308,6 +314,7 @@ def build_model(
         "has_bitlayers": bool(converted),
         "layers": {"converted": list(converted), "skipped": list(skipped)},
         "tuning": tuning,
+        **(extra or {}),
     }
     return CompiledModel(executable, manifest, "cuda" if summary["kind"] == "cuda" else "cpu")
 

@@ -73,13 +73,16 @@ def nvcc_compile_hook(arch: str) -> Iterator[None]:
             tvm_ffi.register_global_func(name, previous, override=True)
 
 
-def build(mod: Any, target: Any) -> Any:
+def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
     """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch.
 
     Parameters
     ----------
     mod : tvm.IRModule or tvm.tirx.PrimFunc
     target : tvm.target.Target
+    cuda_graph : bool
+        Run TVM's CUDA-graph rewrite on the Relax functions (``relax.backend.use_cuda_graph``):
+        static regions are captured on their first run and replayed as one graph launch.
 
     Returns
     -------
@@ -89,5 +92,6 @@ def build(mod: Any, target: Any) -> Any:
 
     if target.kind.name != "cuda":
         return tvm.compile(mod, target=target)
-    with nvcc_compile_hook(str(target.export()["arch"])):
+    config = {"relax.backend.use_cuda_graph": True} if cuda_graph else {}
+    with nvcc_compile_hook(str(target.export()["arch"])), tvm.transform.PassContext(config=config):
         return tvm.compile(mod, target=target)

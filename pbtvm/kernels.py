@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ._tvm import te, tir, tvm
 from .bitplane import BitplaneFormat
-from .ops import act_quantize_pack, kernel_attrs, pb_dense, pb_int_product, pb_lstm_cell
+from .ops import act_quantize_pack, kernel_attrs, pb_dense, pb_int_product, pb_lstm_cell, pb_lstm_cell_input
 
 
 def _batch_var() -> tir.Var:
@@ -60,6 +60,29 @@ def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
     layers = tir.Var("bitlayers", "int64")
     outs = pb_lstm_cell(gx, h, c, wp, ws, layers, fmt)
     return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(kernel_attrs("pb_lstm_cell", fmt, hidden))
+
+
+def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias: bool = True) -> tir.PrimFunc:
+    """``(x [B, I], wp_ih, ws_ih [4H][, bias [4H]], h, c, wp_hh, ws_hh, bitlayers) -> (h', c')``.
+
+    One LSTM step including its input projection (:func:`pbtvm.ops.pb_lstm_cell_input`); every
+    weight, scale and bias unit-major. The PrimFunc's ``pbtvm.input_size`` attribute tells the
+    schedule rules that it has the input leg.
+    """
+    batch = _batch_var()
+    x = te.placeholder((batch, input_size), "float32", "x")
+    wp_ih = te.placeholder(fmt.weight_shape(4 * hidden, input_size), "uint32", "wp_ih")
+    ws_ih = te.placeholder((4 * hidden,), "float32", "ws_ih")
+    b = te.placeholder((4 * hidden,), "float32", "bias") if bias else None
+    h = te.placeholder((batch, hidden), "float32", "h")
+    c = te.placeholder((batch, hidden), "float32", "c")
+    wp_hh = te.placeholder(fmt.weight_shape(4 * hidden, hidden), "uint32", "wp_hh")
+    ws_hh = te.placeholder((4 * hidden,), "float32", "ws_hh")
+    layers = tir.Var("bitlayers", "int64")
+    outs = pb_lstm_cell_input(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, layers, fmt)
+    args = [x, wp_ih, ws_ih] + ([b] if bias else []) + [h, c, wp_hh, ws_hh, layers, *outs]
+    attrs = {**kernel_attrs("pb_lstm_cell", fmt, hidden), "pbtvm.input_size": int(input_size)}
+    return te.create_prim_func(args).with_attrs(attrs)
 
 
 def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:

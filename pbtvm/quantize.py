@@ -15,7 +15,13 @@ import numpy as np
 
 from .bitplane import BitplaneFormat, bitplane_matmul, pack_activations, plane_rowsum
 
-__all__ = ["quantize_weights", "quantize_activations", "pb_linear_reference"]
+__all__ = [
+    "quantize_weights",
+    "quantize_activations",
+    "pb_linear_reference",
+    "pb_lstm_cell_reference",
+    "pb_lstm_cell_input_reference",
+]
 
 
 def quantize_weights(w: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray, np.ndarray]:
@@ -153,3 +159,39 @@ def pb_lstm_cell_reference(
     c_new = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
     h_new = _sigmoid(o) * np.tanh(c_new)
     return h_new.astype(np.float32), c_new.astype(np.float32)
+
+
+def pb_lstm_cell_input_reference(
+    x: np.ndarray,
+    wp_ih: np.ndarray,
+    ws_ih: np.ndarray,
+    bias: np.ndarray | None,
+    h: np.ndarray,
+    c: np.ndarray,
+    wp_hh: np.ndarray,
+    ws_hh: np.ndarray,
+    fmt: BitplaneFormat,
+    bitlayers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float reference of one LSTM step with its input projection (:func:`pbtvm.ops.pb_lstm_cell_input`).
+
+    The projection is :func:`pb_linear_reference` on ``x`` (float32, as the kernel keeps it), then
+    :func:`pb_lstm_cell_reference`.
+
+    Parameters
+    ----------
+    x : np.ndarray, float32, [B, I]
+    wp_ih : np.ndarray, uint32, ``fmt.weight_shape(4H, I)``; ``W_ih`` rows unit-major
+    ws_ih : np.ndarray, float32, [4H], unit-major
+    bias : np.ndarray, float32, [4H], unit-major, or None
+    h, c, wp_hh, ws_hh, fmt, bitlayers
+        As ``h, c, wp, w_scale, fmt, bitlayers`` of :func:`pb_lstm_cell_reference`.
+
+    Returns
+    -------
+    (h', c') : np.ndarray, float32, each [B, H]
+    """
+    batch, hidden = h.shape
+    gx = pb_linear_reference(x, wp_ih, ws_ih, bias, fmt, bitlayers)  # unit-major columns
+    gx = gx.reshape(batch, hidden, 4).transpose(0, 2, 1).reshape(batch, 4 * hidden)
+    return pb_lstm_cell_reference(gx, h, c, wp_hh, ws_hh, fmt, bitlayers)

@@ -10,7 +10,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
-from .rules import ScheduleRule, inline_act_quantization, sample_unroll
+from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
 
 #: Output rows per parallel task.
 ROW_TILE = 16
@@ -66,20 +66,21 @@ class CPUActPack(ScheduleRule):
         _schedule_pack(sch)
 
 
-def _schedule_pack(sch: s_tir.Schedule) -> None:
+def _schedule_pack(sch: s_tir.Schedule, tag: str = "") -> None:
     """Quantization inlined into packing; packing parallel over (plane, row, word)."""
-    inline_act_quantization(sch)
-    pack = sch.get_sblock("pb_xpack")
+    inline_act_quantization(sch, tag)
+    pack = sch.get_sblock(f"pb_xpack{tag}")
     p, b, w, t = sch.get_loops(pack)
     sch.parallel(sch.fuse(p, b, w))
     sch.unroll(t)
 
 
 class CPULSTMCell(ScheduleRule):
-    """``pb_lstm_cell``: pack ``h`` (parallel), then tasks over tiles of hidden units.
+    """``pb_lstm_cell``: pack ``h`` (and ``x``, parallel), then tasks over tiles of hidden units.
 
     Each task runs the PB GEMV for its units' four gate rows (adjacent, the weights are
-    unit-major) and finishes their cell update; one function call per step.
+    unit-major; for a step with its input projection, the ``W_ih`` rows too) and finishes their
+    cell update; one function call per step.
     """
 
     kernel = "pb_lstm_cell"
@@ -89,18 +90,21 @@ class CPULSTMCell(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        _schedule_pack(sch)
+        legs = lstm_cell_legs(func)
+        for tag in legs:
+            _schedule_pack(sch, tag)
         b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
         uo, _ = sch.split(u, [None, ROW_TILE // 4])  # ROW_TILE gate rows = ROW_TILE / 4 hidden units
         sch.reorder(uo, b)
         sch.compute_at(sch.get_sblock(CELL_C_BLOCK), b)
-        gemm = sch.get_sblock(GEMM_BLOCK)
-        (gates,) = sch.get_consumers(gemm)
-        sch.compute_at(gates, b)
-        (row,) = sch.get_loops(gates)[2:]
-        sch.compute_at(gemm, row)  # one row at a time: its accumulator stays in a register
-        loops = sch.get_loops(gemm)[3:]  # (plane, act plane[, word]): K <= 32 has no word loop
-        if len(loops) == 3:
-            sch.reorder(loops[0], loops[2], loops[1])
-        sch.unroll(loops[1])
+        for tag in legs:
+            gemm = sch.get_sblock(GEMM_BLOCK + tag)
+            (gates,) = sch.get_consumers(gemm)
+            sch.compute_at(gates, b)
+            (row,) = sch.get_loops(gates)[2:]
+            sch.compute_at(gemm, row)  # one row at a time: its accumulator stays in a register
+            loops = sch.get_loops(gemm)[3:]  # (plane, act plane[, word]): K <= 32 has no word loop
+            if len(loops) == 3:
+                sch.reorder(loops[0], loops[2], loops[1])
+            sch.unroll(loops[1])
         sch.parallel(uo)

@@ -19,7 +19,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
-from .rules import ScheduleRule, inline_act_quantization, sample_unroll
+from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
 
 #: Warps (output rows) per thread block in the default GEMM schedule.
 WARPS_PER_BLOCK = 4
@@ -221,7 +221,8 @@ class CUDALSTMCell(ScheduleRule):
     The block packs ``h`` into shared memory (every block packs the whole row: ``h`` is read
     from L2, the recurrent weights from DRAM), then a warp per gate row runs the PB GEMV as in
     :class:`CUDABitplaneGemm`'s default (with its own warp-level code sum and scale), the gate
-    values meet in shared memory, and a thread per hidden unit updates ``c`` and ``h``.
+    values meet in shared memory, and a thread per hidden unit updates ``c`` and ``h``. A step
+    with its input projection does the same for ``x`` and ``W_ih`` first (a second leg).
     """
 
     kernel = "pb_lstm_cell"
@@ -231,54 +232,65 @@ class CUDALSTMCell(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        inline_act_quantization(sch)
+        legs = lstm_cell_legs(func)
+        for tag in legs:
+            inline_act_quantization(sch, tag)
         b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
         uo, ui = sch.split(u, [None, CELL_UNITS])
         cell_c = sch.get_sblock(CELL_C_BLOCK)
         sch.compute_at(cell_c, uo)
         sch.set_scope(cell_c, 0, "local")  # each thread reads back only the units it wrote
-        gemm = sch.get_sblock(GEMM_BLOCK)
-        (gates,) = sch.get_consumers(gemm)
-        sch.compute_at(gates, uo)
-        (row,) = sch.get_loops(gates)[2:]
-        for name in (GEMM_BLOCK, "pb_rowsum", "pb_xscale"):
-            sch.compute_at(sch.get_sblock(name), row)
-        for name in ("pb_xpack", "pb_amax"):
-            sch.compute_at(sch.get_sblock(name), uo)
         sch.bind(b, "blockIdx.y")
         sch.bind(uo, "blockIdx.x")
-        sch.bind(row, "threadIdx.y")
         block_threads = [("threadIdx.y", 4 * CELL_UNITS), ("threadIdx.x", 32)]
-        # The row's GEMV: 32 lanes split the words (vector loads when K allows), warp reduction.
-        # With a single word per row (H <= 32) compute_at drops the word loop: no lane split.
-        loops = sch.get_loops(gemm)[3:]
-        if len(loops) == 3:
-            i, j, w = loops
-            words = int(sch.get(w).extent)
-            vec = _vector_words(words)
-            wo, wi, v = sch.split(w, [None, 32, vec])
-            sch.reorder(wi, i, wo, v, j)
-            sch.bind(wi, "threadIdx.x")
-            _vector_weight_loads(sch, gemm, wo, v, vec)
-        else:
-            i, j = loops
-        sch.unroll(j)
-        sch.set_scope(gemm, 0, "local")
-        sch.set_scope(gates, 0, "shared")
-        # Per-warp code sum (warp reduction) and scale, in registers.
-        rowsum = sch.get_sblock("pb_rowsum")
-        (r,) = sch.get_loops(rowsum)[3:]
-        _thread_reduction(sch, r, block_threads[1:])
-        sch.set_scope(rowsum, 0, "local")
-        sch.set_scope(sch.get_sblock("pb_xscale"), 0, "local")
-        # Block-wide max |h| and cooperative pack into shared memory.
-        amax = sch.get_sblock("pb_amax")
-        (r,) = sch.get_loops(amax)[2:]
-        _thread_reduction(sch, r, block_threads)
-        sch.set_scope(amax, 0, "shared")
-        pack = sch.get_sblock("pb_xpack")
-        sch.set_scope(pack, 0, "shared")
-        _pack_words(sch, pack, sch.get_loops(pack)[2:], block_threads)
+        for tag in legs:
+            _cell_leg(sch, uo, tag, block_threads)
         # A thread per hidden unit for the cell update (c' then h', the same thread per unit).
         for loop in (sch.get_loops(cell_c)[-1], ui):
             _spread(sch, loop, block_threads)
+
+
+def _cell_leg(sch: s_tir.Schedule, uo: s_tir.LoopRV, tag: str, block_threads: list[tuple[str, int]]) -> None:
+    """One PB product of the LSTM step inside the block of loop ``uo``: pack, then a warp per row.
+
+    ``tag`` names the leg's blocks (see :func:`pbtvm.schedules.rules.lstm_cell_legs`).
+    """
+    gemm = sch.get_sblock(GEMM_BLOCK + tag)
+    (gates,) = sch.get_consumers(gemm)
+    sch.compute_at(gates, uo)
+    (row,) = sch.get_loops(gates)[2:]
+    for name in (GEMM_BLOCK, "pb_rowsum", "pb_xscale"):
+        sch.compute_at(sch.get_sblock(name + tag), row)
+    for name in ("pb_xpack", "pb_amax"):
+        sch.compute_at(sch.get_sblock(name + tag), uo)
+    sch.bind(row, "threadIdx.y")
+    # The row's GEMV: 32 lanes split the words (vector loads when K allows), warp reduction.
+    # With a single word per row (K <= 32) compute_at drops the word loop: no lane split.
+    loops = sch.get_loops(gemm)[3:]
+    if len(loops) == 3:
+        i, j, w = loops
+        words = int(sch.get(w).extent)
+        vec = _vector_words(words)
+        wo, wi, v = sch.split(w, [None, 32, vec])
+        sch.reorder(wi, i, wo, v, j)
+        sch.bind(wi, "threadIdx.x")
+        _vector_weight_loads(sch, gemm, wo, v, vec)
+    else:
+        i, j = loops
+    sch.unroll(j)
+    sch.set_scope(gemm, 0, "local")
+    sch.set_scope(gates, 0, "shared")
+    # Per-warp code sum (warp reduction) and scale, in registers.
+    rowsum = sch.get_sblock("pb_rowsum" + tag)
+    (r,) = sch.get_loops(rowsum)[3:]
+    _thread_reduction(sch, r, block_threads[1:])
+    sch.set_scope(rowsum, 0, "local")
+    sch.set_scope(sch.get_sblock("pb_xscale" + tag), 0, "local")
+    # Block-wide max |input| and cooperative pack into shared memory.
+    amax = sch.get_sblock("pb_amax" + tag)
+    (r,) = sch.get_loops(amax)[2:]
+    _thread_reduction(sch, r, block_threads)
+    sch.set_scope(amax, 0, "shared")
+    pack = sch.get_sblock("pb_xpack" + tag)
+    sch.set_scope(pack, 0, "shared")
+    _pack_words(sch, pack, sch.get_loops(pack)[2:], block_threads)

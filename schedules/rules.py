@@ -66,10 +66,24 @@ def sample_unroll(sch: s_tir.Schedule, loop: s_tir.LoopRV) -> None:
     sch.annotate(loop, "pragma_unroll_explicit", 1)
 
 
-def inline_act_quantization(sch: s_tir.Schedule) -> None:
-    """Inline the activation scale inverse and codes into their consumers (pack and code sum)."""
-    sch.compute_inline(sch.get_sblock("pb_xinv"))
-    sch.compute_inline(sch.get_sblock("pb_xq"))
+def inline_act_quantization(sch: s_tir.Schedule, tag: str = "") -> None:
+    """Inline the activation scale inverse and codes into their consumers (pack and code sum).
+
+    ``tag`` is the block-name suffix of the pack (see :func:`pbtvm.ops.act_quantize_pack`).
+    """
+    sch.compute_inline(sch.get_sblock(f"pb_xinv{tag}"))
+    sch.compute_inline(sch.get_sblock(f"pb_xq{tag}"))
+
+
+def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
+    """Block-name suffixes of the PB products in an LSTM-step PrimFunc.
+
+    ``("",)`` for the recurrent product alone; ``("", INPUT_TAG)`` when the step computes its
+    input projection too (:func:`pbtvm.ops.pb_lstm_cell_input`, attribute ``pbtvm.input_size``).
+    """
+    from pbtvm.ops.lstm_cell import INPUT_TAG
+
+    return ("", INPUT_TAG) if "pbtvm.input_size" in (func.attrs or {}) else ("",)
 
 
 def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:

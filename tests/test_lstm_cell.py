@@ -121,3 +121,79 @@ def test_fused_cell_matches_reference_on_gpu(hidden, bits, act_bits, rng):
         ref_h, ref_c = qz.pb_lstm_cell_reference(gx, h, c, wp, w_scale, fmt, layers)
         np.testing.assert_allclose(got_h, ref_h, atol=ATOL, err_msg=f"h, L={layers}")
         np.testing.assert_allclose(got_c, ref_c, atol=ATOL, err_msg=f"c, L={layers}")
+
+
+# --------------------------------------------------------------- the step with its input projection
+def _input_case(rng: np.random.Generator, n_in: int, hidden: int, batch: int, fmt: bp.BitplaneFormat, bias: bool):
+    rows = unit_major_rows(hidden)
+    w_ih = (rng.standard_normal((4 * hidden, n_in)) / np.sqrt(n_in)).astype(np.float32)
+    q, ws_ih = qz.quantize_weights(w_ih[rows], fmt)
+    b = rng.standard_normal(4 * hidden).astype(np.float32)[rows] if bias else None
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    _, wp_hh, ws_hh, _, h, c = _case(rng, hidden, batch, fmt)
+    return x, bp.pack_weights(q, fmt), ws_ih, b, h, c, wp_hh, ws_hh
+
+
+def _run_input(kern, device, case, layers):  # noqa: ANN001, ANN202
+    x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh = case
+    arrays = [x, wp_ih, ws_ih] + ([b] if b is not None else []) + [h, c, wp_hh, ws_hh]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+    outs = [tvm.runtime.tensor(np.full(h.shape, np.nan, np.float32), device) for _ in range(2)]
+    kern(*args, layers, *outs)
+    return outs[0].numpy(), outs[1].numpy()
+
+
+INPUT_CASES = [  # (input, hidden, bits, act_bits, layout, bias)
+    (40, 64, 4, 8, "kNW", True),
+    (20, 20, 1, 8, "kNW", False),  # one word per row in both legs
+    (300, 100, 8, 16, "NkW", True),
+    (650, 650, 4, 8, "kNW", True),  # the PTB model's size: 16-byte weight loads on CUDA
+]
+
+
+@pytest.mark.parametrize(("n_in", "hidden", "bits", "act_bits", "layout", "bias"), INPUT_CASES)
+def test_step_with_input_projection_matches_reference_on_cpu(n_in, hidden, bits, act_bits, layout, bias, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    case = _input_case(rng, n_in, hidden, 3, fmt, bias)
+    kern = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden, bias), resolve_target("llvm"))
+    for layers in sorted({1, bits}):
+        got_h, got_c = _run_input(kern, tvm.cpu(0), case, layers)
+        ref_h, ref_c = qz.pb_lstm_cell_input_reference(*case, fmt, layers)
+        np.testing.assert_allclose(got_h, ref_h, atol=ATOL, err_msg=f"h, L={layers}")
+        np.testing.assert_allclose(got_c, ref_c, atol=ATOL, err_msg=f"c, L={layers}")
+
+
+def test_input_reference_equals_projection_then_step(rng):
+    """The fused projection is the separate PB GEMM's result, in unit-major order."""
+    fmt = bp.BitplaneFormat(3, 8)
+    x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh = _input_case(rng, 30, 16, 2, fmt, True)
+    gx_um = qz.pb_linear_reference(x, wp_ih, ws_ih, b, fmt)
+    gx = np.empty_like(gx_um)
+    gx[:, unit_major_rows(16)] = gx_um  # back to PyTorch row order
+    want = qz.pb_lstm_cell_reference(gx, h, c, wp_hh, ws_hh, fmt)
+    got = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, fmt)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(("n_in", "hidden", "bits"), [(20, 20, 1), (40, 64, 4), (650, 650, 4), (1500, 1500, 2)])
+def test_step_with_input_projection_is_one_cuda_kernel(n_in, hidden, bits):
+    fmt = bp.BitplaneFormat(bits, 8)
+    ex = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden), resolve_target(SM90))  # nvcc runs here
+    (dev,) = ex.mod.imports
+    src = str(dev.inspect_source("cuda")) or str(dev.inspect_source())
+    assert len(_kernels_in(src)) == 1, _kernels_in(src)
+    assert "pb_xpack_x_shared" in src and "pb_xpack_shared" in src  # both inputs packed in shared memory
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n_in", "hidden", "bits", "act_bits", "layout", "bias"), INPUT_CASES)
+def test_step_with_input_projection_matches_reference_on_gpu(n_in, hidden, bits, act_bits, layout, bias, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    case = _input_case(rng, n_in, hidden, 5, fmt, bias)
+    kern = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden, bias), resolve_target("cuda"))
+    for layers in sorted({1, bits}):
+        got_h, got_c = _run_input(kern, tvm.cuda(0), case, layers)
+        ref_h, ref_c = qz.pb_lstm_cell_input_reference(*case, fmt, layers)
+        np.testing.assert_allclose(got_h, ref_h, atol=ATOL, err_msg=f"h, L={layers}")
+        np.testing.assert_allclose(got_c, ref_c, atol=ATOL, err_msg=f"c, L={layers}")

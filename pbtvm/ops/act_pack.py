@@ -9,7 +9,7 @@ from .common import plane_bit
 __all__ = ["act_quantize_pack"]
 
 
-def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
+def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[te.Tensor]:
     """Quantize ``x`` per row to ``fmt.act_bits`` and pack it into bitplanes.
 
     Mirrors :func:`pbtvm.quantize.quantize_activations` + :func:`pbtvm.bitplane.pack_activations`
@@ -20,6 +20,8 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
     x : te.Tensor, float32, shape [B, K]
         B may be symbolic.
     fmt : BitplaneFormat
+    tag : str
+        Suffix of every block name (``pb_amax<tag>`` ...), for a PrimFunc that packs two inputs.
 
     Returns
     -------
@@ -35,8 +37,8 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
     qmax = float(fmt.act_qmax)
     acc_dtype = fmt.accumulator_dtype(k_int)
     r = te.reduce_axis((0, k_dim), "r")
-    amax = te.compute((batch,), lambda b: te.max(tir.abs(x[b, r]), axis=r), name="pb_amax")
-    x_scale = te.compute((batch,), lambda b: amax[b] / tir.const(qmax, "float32"), name="pb_xscale")
+    amax = te.compute((batch,), lambda b: te.max(tir.abs(x[b, r]), axis=r), name=f"pb_amax{tag}")
+    x_scale = te.compute((batch,), lambda b: amax[b] / tir.const(qmax, "float32"), name=f"pb_xscale{tag}")
     inv = te.compute(
         (batch,),
         lambda b: tir.if_then_else(
@@ -44,7 +46,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
             tir.const(qmax, "float32") / amax[b],
             tir.const(0, "float32"),
         ),
-        name="pb_xinv",
+        name=f"pb_xinv{tag}",
     )
     xq = te.compute(
         (batch, k_dim),
@@ -52,7 +54,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
             tir.min(tir.floor(x[b, k] * inv[b] + tir.const(0.5, "float32")), tir.const(qmax, "float32")),
             tir.const(-qmax, "float32"),
         ).astype("int32"),
-        name="pb_xq",
+        name=f"pb_xq{tag}",
     )
     t = te.reduce_axis((0, WORD_BITS), "t")
 
@@ -64,7 +66,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat) -> list[te.Tensor]:
         bit = tir.if_then_else(kk < k_int, bit, 0).astype("uint32")
         return te.sum(tir.shift_left(bit, t.astype("uint32")), axis=t)
 
-    xp = te.compute((fmt.act_bits, batch, nwords), pack, name="pb_xpack")
+    xp = te.compute((fmt.act_bits, batch, nwords), pack, name=f"pb_xpack{tag}")
     r2 = te.reduce_axis((0, k_dim), "r2")
-    rowsum = te.compute((batch,), lambda b: te.sum(xq[b, r2].astype(acc_dtype), axis=r2), name="pb_rowsum")
+    rowsum = te.compute((batch,), lambda b: te.sum(xq[b, r2].astype(acc_dtype), axis=r2), name=f"pb_rowsum{tag}")
     return [xp, x_scale, rowsum]

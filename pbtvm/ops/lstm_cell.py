@@ -1,5 +1,9 @@
 """TE: one fused PrecisionBatching LSTM step (activation pack of ``h``, PB GEMV on ``W_hh``, cell).
 
+Two forms: :func:`pb_lstm_cell` takes the input projection ``gx`` computed beforehand (one PB
+GEMM over all time steps of a sequence); :func:`pb_lstm_cell_input` computes it too, from the
+step's input ``x`` and a packed ``W_ih`` (decoding one token: one kernel per layer).
+
 ``(gx, h, c) -> (h', c')`` with PyTorch's gate order (i, f, g, o)::
 
     gates = gx + pb_dense(pack(h), W_hh)        # W_hh rows stored unit-major, see below
@@ -23,7 +27,15 @@ from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .pb_gemm import pb_dense
 
-__all__ = ["pb_lstm_cell", "unit_major_rows", "CELL_BLOCK", "CELL_C_BLOCK", "GATES_BLOCK"]
+__all__ = [
+    "pb_lstm_cell",
+    "pb_lstm_cell_input",
+    "unit_major_rows",
+    "CELL_BLOCK",
+    "CELL_C_BLOCK",
+    "GATES_BLOCK",
+    "INPUT_TAG",
+]
 
 #: Name of the output compute; TE names its two blocks (h' and c', one loop nest) ``<name>_v0/_v1``.
 CELL_BLOCK = "pb_lstm_cell"
@@ -31,6 +43,8 @@ CELL_BLOCK = "pb_lstm_cell"
 CELL_C_BLOCK = "pb_lstm_c"
 #: Name of the PB epilogue block producing the recurrent gate pre-activations.
 GATES_BLOCK = "pb_out"
+#: Block-name suffix of the input leg (pack of x, PB GEMV on W_ih) in :func:`pb_lstm_cell_input`.
+INPUT_TAG = "_x"
 
 
 def unit_major_rows(hidden: int) -> np.ndarray:
@@ -73,15 +87,65 @@ def pb_lstm_cell(
     list of te.Tensor
         ``h'`` and ``c'``, float32 [B, H].
     """
+    hidden = int(h.shape[1])
+    if tuple(int(d) for d in gx.shape[1:]) != (4 * hidden,):
+        raise ValueError(f"LSTM cell wants gx [B, {4 * hidden}], got {gx.shape}")
+    return _cell(lambda b, u, g: gx[b, g * hidden + u], h, c, wp, w_scale, bitlayers, fmt)
+
+
+def pb_lstm_cell_input(
+    x: te.Tensor,
+    wp_ih: te.Tensor,
+    ws_ih: te.Tensor,
+    bias: te.Tensor | None,
+    h: te.Tensor,
+    c: te.Tensor,
+    wp_hh: te.Tensor,
+    ws_hh: te.Tensor,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+) -> list[te.Tensor]:
+    """One LSTM step with the input projection inside too: both products in PrecisionBatching.
+
+    For decoding one token: ``gates = pb_dense(pack(x), W_ih) + bias + pb_dense(pack(h), W_hh)``,
+    each input quantized with its own per-row scale exactly as the separate input-projection GEMM
+    does, so the result equals :func:`pb_lstm_cell` fed with that GEMM's output. Block names of
+    the input leg carry the suffix :data:`INPUT_TAG`.
+
+    Parameters
+    ----------
+    x : te.Tensor, float32, [B, I]
+        This step's layer input.
+    wp_ih : te.Tensor, uint32, ``fmt.weight_shape(4H, I)``
+        Packed ``W_ih[unit_major_rows(H)]``.
+    ws_ih : te.Tensor, float32, [4H]
+        Its per-row scales (unit-major).
+    bias : te.Tensor, float32, [4H], or None
+        ``(b_ih + b_hh)[unit_major_rows(H)]``.
+    h, c, wp_hh, ws_hh, bitlayers, fmt
+        As ``h, c, wp, w_scale, bitlayers, fmt`` of :func:`pb_lstm_cell`.
+
+    Returns
+    -------
+    list of te.Tensor
+        ``h'`` and ``c'``, float32 [B, H].
+    """
+    n_in = int(x.shape[1])
+    xp, x_scale, rowsum = act_quantize_pack(x, fmt, INPUT_TAG)
+    gx = pb_dense(xp, x_scale, rowsum, wp_ih, ws_ih, bias, bitlayers, fmt, n_in, INPUT_TAG)
+    return _cell(lambda b, u, g: gx[b, u * 4 + g], h, c, wp_hh, ws_hh, bitlayers, fmt)
+
+
+def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):  # noqa: ANN001, ANN202 - shared body of the two above
     batch, hidden = h.shape
     n_hidden = int(hidden)
-    if tuple(int(d) for d in gx.shape[1:]) != (4 * n_hidden,) or tuple(int(d) for d in c.shape[1:]) != (n_hidden,):
-        raise ValueError(f"LSTM cell wants gx [B, {4 * n_hidden}] and c [B, {n_hidden}], got {gx.shape}, {c.shape}")
+    if tuple(int(d) for d in c.shape[1:]) != (n_hidden,):
+        raise ValueError(f"LSTM cell wants c [B, {n_hidden}] like h, got {c.shape}")
     xp, x_scale, rowsum = act_quantize_pack(h, fmt)
     gates = pb_dense(xp, x_scale, rowsum, wp, w_scale, None, bitlayers, fmt, n_hidden)
 
     def pre(b, u, g):  # noqa: ANN001, ANN202
-        return gates[b, u * 4 + g] + gx[b, g * n_hidden + u]
+        return gates[b, u * 4 + g] + gx_at(b, u, g)
 
     c_next = te.compute(
         (batch, hidden),

@@ -32,7 +32,9 @@ def _check(xp: te.Tensor, wp: te.Tensor, fmt: BitplaneFormat, k_dim: int) -> Non
         raise ValueError(f"packed activations have shape {tuple(xp.shape)}, incompatible with {fmt.name}, K={k_dim}")
 
 
-def _plane_sum(xp: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: BitplaneFormat, k_dim: int) -> te.Tensor:
+def _plane_sum(
+    xp: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: BitplaneFormat, k_dim: int, tag: str = ""
+) -> te.Tensor:
     _check(xp, wp, fmt, k_dim)
     acc_dtype = fmt.accumulator_dtype(k_dim)
     batch, n_rows = xp.shape[1], _rows(wp, fmt)
@@ -46,7 +48,7 @@ def _plane_sum(xp: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: Bitpl
         coef = plane_coefficient(i, fmt.bits, signed_w, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
-    return te.compute((batch, n_rows), body, name=GEMM_BLOCK, attrs={"schedule_rule": SCHEDULE_RULE})
+    return te.compute((batch, n_rows), body, name=GEMM_BLOCK + tag, attrs={"schedule_rule": SCHEDULE_RULE})
 
 
 def pb_int_product(
@@ -84,6 +86,7 @@ def pb_dense(
     bitlayers: tir.PrimExpr,
     fmt: BitplaneFormat,
     k_dim: int,
+    tag: str = "",
 ) -> te.Tensor:
     """PB linear layer on packed activations: ``(acc + (off + corr) rowsum) s_x s_w + bias``.
 
@@ -94,13 +97,15 @@ def pb_dense(
     x_scale : te.Tensor, float32, [B]
     w_scale : te.Tensor, float32, [N]
     bias : te.Tensor, float32, [N], or None
+    tag : str
+        Suffix of the block names (``pb_gemm<tag>``, ``pb_out<tag>``).
 
     Returns
     -------
     te.Tensor, float32, [B, N]
         Matches :func:`pbtvm.quantize.pb_linear_reference` within float32 rounding.
     """
-    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim)
+    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim, tag)
     # Offset (bipolar) plus the expected value of the dropped planes, (2^(k-L) - 1) / 2.
     dropped = (tir.const(fmt.bits, "int64") - bitlayers.astype("int64")).astype("int64")
     corr = (tir.shift_left(tir.const(1, "int64"), dropped) - 1).astype("float32") * tir.const(0.5, "float32")
@@ -114,4 +119,4 @@ def pb_dense(
         y = (x_scale[b] * (off * rowsum[b].astype("float32") + acc[b, n].astype("float32"))) * w_scale[n]
         return y + bias[n] if bias is not None else y
 
-    return te.compute(acc.shape, epilogue, name="pb_out")
+    return te.compute(acc.shape, epilogue, name=f"pb_out{tag}")

@@ -1,0 +1,330 @@
+"""Decode one token of an LSTM language model in one call: embedding, every layer, the head.
+
+:class:`~pbtvm.lstm.PBLSTM` runs a whole sequence (one PB GEMM for the input projection of all
+steps, then a fused step kernel per layer and step); decoding one token that way costs several
+calls per layer. :func:`compile_decoder` builds the token step as a *single* Relax function with
+a static batch::
+
+    repack in:  tokens, h [L, B, H], c [L, B, H]  ->  planned buffers          (1 kernel)
+    embedding:  x = E[token]                                                   (1 kernel)
+    layer l:    (h_l, c_l) = pb_lstm_cell_input(x, W_ih, W_hh, ...); x = h_l  (1 kernel each)
+    head:       logits = pb_dense(act_pack(x), W_out) + b                      (PB pack + GEMM)
+    repack out: logits, h', c'                                                 (1 kernel)
+
+Each layer's input projection is inside its step kernel (:func:`pbtvm.ops.pb_lstm_cell_input`),
+quantized exactly as :class:`~pbtvm.lstm.PBLSTM`'s separate projection GEMM does, so decoding
+equals running the sequence. On CUDA the function is built with TVM's CUDA-graph rewrite: every
+kernel between the two repacks reads and writes only planned memory, so it is captured once (per
+``bitlayers`` value) and replayed as one graph launch per token; the repacks exist so that the
+arguments and results, which the rewrite cannot capture, cost one kernel each.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat, pack_weights
+from .repack import CopyGroup, repack_func, repack_out_types
+from .runtime import CompiledModel
+from .target import resolve_target
+
+#: Manifest key holding the decoder's shape (``pbtvm inspect`` shows it).
+MANIFEST_KEY = "decoder"
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
+
+
+def _packed(w: np.ndarray, fmt: BitplaneFormat, rows: np.ndarray | None = None) -> list:
+    """Quantized, packed weight and its row scales as Relax constants (rows permuted if given)."""
+    from ._tvm import relax
+    from .quantize import quantize_weights
+
+    q, scale = quantize_weights(w if rows is None else w[rows], fmt)
+    return [relax.const(pack_weights(q, fmt), "uint32"), relax.const(scale, "float32")]
+
+
+def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
+    import torch
+
+    if not isinstance(lstm, torch.nn.LSTM):
+        raise TypeError(f"compile_decoder takes a torch.nn.LSTM, got {type(lstm).__name__}")
+    if lstm.bidirectional or getattr(lstm, "proj_size", 0):
+        raise ValueError("bidirectional LSTMs and LSTMs with proj_size are not supported yet")
+    if embedding is not None:
+        if not isinstance(embedding, torch.nn.Embedding):
+            raise TypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
+        if embedding.embedding_dim != lstm.input_size:
+            raise ValueError(f"embedding size {embedding.embedding_dim} != LSTM input size {lstm.input_size}")
+    if head is not None:
+        if not isinstance(head, torch.nn.Linear):
+            raise TypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
+        if head.in_features != lstm.hidden_size:
+            raise ValueError(f"head takes {head.in_features} features, the LSTM gives {lstm.hidden_size}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+
+
+def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, kind: str, batch: int) -> tuple:
+    """The token step as a Relax module; returns (module, input specs, converted layers, meta)."""
+    from ._tvm import relax, tir
+    from .kernels import act_pack_func, dense_func, lstm_cell_input_func
+    from .ops import unit_major_rows
+    from .relay_passes.pb_linear_rewrite import weight_key
+
+    layers, hidden, n_in = lstm.num_layers, lstm.hidden_size, lstm.input_size
+    rows = unit_major_rows(hidden)
+    state = (layers, batch, hidden)
+    if embedding is not None:
+        first = relax.Var("tokens", relax.TensorType([batch], "int64"))
+        first_group = CopyGroup("int64", ((batch,),), ((batch,),))
+    else:
+        first = relax.Var("x", relax.TensorType([batch, n_in], "float32"))
+        first_group = CopyGroup("float32", ((batch, n_in),), ((batch, n_in),))
+    n_bits = tir.Var("bitlayers", "int64")
+    params = [
+        first,
+        relax.Var("h", relax.TensorType(list(state), "float32")),
+        relax.Var("c", relax.TensorType(list(state), "float32")),
+        relax.Var("bitlayers", relax.ShapeType([n_bits])),
+    ]
+    step_state = relax.TensorType([batch, hidden], "float32")
+    converted = []
+    attrs = {"num_input": len(params), "relax.rewrite_cuda_graph.capture_symbolic_vars": ["bitlayers"]}
+    bb = relax.BlockBuilder()
+    with bb.function("main", params, attrs=attrs):
+        with bb.dataflow():
+            groups = [first_group, CopyGroup("float32", (state, state), (state[1:],) * (2 * layers))]
+            fn = bb.add_func(repack_func(groups, kind, "repack_in"), "repack_in")
+            copied = bb.emit(relax.call_tir(fn, params[:3], repack_out_types(groups)))
+            x = bb.emit(relax.TupleGetItem(copied, 0))
+            if embedding is not None:
+                table = relax.const(_np(embedding.weight), "float32")
+                x = bb.emit(relax.op.take(table, x, axis=0, mode="clip"))
+            outs_h, outs_c = [], []
+            for layer in range(layers):
+                w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
+                weights = [*_packed(w_ih, fmt, rows)]
+                if lstm.bias:
+                    bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
+                    weights.append(relax.const(bias[rows], "float32"))
+                h_l = bb.emit(relax.TupleGetItem(copied, 1 + layer))
+                c_l = bb.emit(relax.TupleGetItem(copied, 1 + layers + layer))
+                func = lstm_cell_input_func(fmt, w_ih.shape[1], hidden, lstm.bias).without_attr("global_symbol")
+                cell = bb.add_func(func, f"pb_lstm_step_l{layer}")
+                args = [x, *weights, h_l, c_l, *_packed(w_hh, fmt, rows), relax.prim_value(n_bits)]
+                step = bb.emit(relax.call_tir(cell, args, [step_state, step_state]))
+                x = bb.emit(relax.TupleGetItem(step, 0))
+                outs_h.append(x)
+                outs_c.append(bb.emit(relax.TupleGetItem(step, 1)))
+                for k, w in (("ih", w_ih), ("hh", w_hh)):
+                    name = f"weight_{k}_l{layer} (LSTM)"
+                    converted.append({"name": name, "weight_key": weight_key(w), "shape": list(w.shape), "bias": False})
+            out_shape = (batch, hidden)
+            if head is not None:
+                w_out = _np(head.weight)
+                vocab = w_out.shape[0]
+                pack = bb.add_func(act_pack_func(fmt, hidden).without_attr("global_symbol"), "pb_act_pack_head")
+                words = fmt.words(hidden)
+                packed_types = [
+                    relax.TensorType([fmt.act_bits, batch, words], "uint32"),
+                    relax.TensorType([batch], "float32"),
+                    relax.TensorType([batch], fmt.accumulator_dtype(hidden)),
+                ]
+                xp = bb.emit(relax.call_tir(pack, [x], packed_types))
+                dense = dense_func(fmt, vocab, hidden, head.bias is not None).without_attr("global_symbol")
+                gemm = bb.add_func(dense, "pb_dense_head")
+                args = [bb.emit(relax.TupleGetItem(xp, i)) for i in range(3)] + _packed(w_out, fmt)
+                if head.bias is not None:
+                    args.append(relax.const(_np(head.bias), "float32"))
+                out_type = relax.TensorType([batch, vocab], "float32")
+                x = bb.emit(relax.call_tir(gemm, [*args, relax.prim_value(n_bits)], out_type))
+                out_shape = (batch, vocab)
+                converted.append(
+                    {"name": "head (Linear)", "weight_key": weight_key(w_out), "shape": list(w_out.shape), "bias": True}
+                )
+            groups = [
+                CopyGroup("float32", (out_shape,), (out_shape,)),
+                CopyGroup("float32", (state[1:],) * (2 * layers), (state, state)),
+            ]
+            fn = bb.add_func(repack_func(groups, kind, "repack_out"), "repack_out")
+            result = bb.emit_output(relax.call_tir(fn, [x, *outs_h, *outs_c], repack_out_types(groups)))
+        bb.emit_func_output(result)
+    specs = [
+        {"dtype": "int64", "shape": [batch]} if embedding is not None else {"dtype": "float32", "shape": [batch, n_in]},
+        {"dtype": "float32", "shape": list(state)},
+        {"dtype": "float32", "shape": list(state)},
+    ]
+    meta = {
+        "num_layers": layers,
+        "hidden_size": hidden,
+        "input_size": n_in,
+        "batch": batch,
+        "vocab": int(embedding.num_embeddings) if embedding is not None else None,
+        "outputs": out_shape[1],
+    }
+    return bb.get(), specs, converted, meta
+
+
+class PBDecoder:
+    """A token step compiled by :func:`compile_decoder`: ``out, (h, c) = dec(tokens, (h, c))``.
+
+    Attributes
+    ----------
+    model : CompiledModel
+        The underlying compiled function (manifest, export).
+    num_layers, hidden_size, batch : int
+    vocab : int or None
+        Embedding rows when the step starts from token ids, else None (it takes ``x`` [B, I]).
+    check_tokens : bool
+        Check that token ids lie in ``[0, vocab)`` (default True). Host ids cost nothing; ids in
+        a CUDA tensor are copied to the host for it, a synchronisation per token: set False to
+        skip it in a tight loop. Unchecked out-of-range ids read the nearest table row (clipped).
+    """
+
+    def __init__(self, model: CompiledModel) -> None:
+        meta = model.manifest.get(MANIFEST_KEY)
+        if meta is None:
+            raise ValueError("this compiled model is not a pbtvm decoder (its manifest has no 'decoder')")
+        self.model = model
+        self.format = model.format
+        self.num_layers, self.hidden_size = meta["num_layers"], meta["hidden_size"]
+        self.batch, self.vocab = meta["batch"], meta["vocab"]
+        self.check_tokens = True
+
+    def initial_state(self, device: str = "cpu") -> tuple[Any, Any]:
+        """Zero ``(h, c)``, each float32 [num_layers, batch, hidden]."""
+        import torch
+
+        z = torch.zeros(self.num_layers, self.batch, self.hidden_size, device=device)
+        return z, z.clone()
+
+    def __call__(self, inputs: Any, state: tuple[Any, Any] | None = None, bitlayers: int | None = None) -> tuple:
+        """Run one token.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor or numpy.ndarray
+            int64 token ids [batch] (a decoder with an embedding), else float32 [batch, input_size].
+        state : (h, c), optional
+            Each float32 [num_layers, batch, hidden]; zeros when omitted.
+        bitlayers : int, optional
+            Run-time precision knob (1..bits); on CUDA each value is captured once.
+
+        Returns
+        -------
+        out : logits [batch, vocab] (with a head) or the top layer's h [batch, hidden]
+        (h, c) : the new state, each [num_layers, batch, hidden]
+
+        Raises
+        ------
+        ValueError
+            A token id outside ``[0, vocab)`` (see ``check_tokens``) or a wrong shape; TypeError
+            for a wrong dtype.
+        """
+        import torch
+
+        device = inputs.device.type if isinstance(inputs, torch.Tensor) else "cpu"
+        if self.vocab is not None and (device == "cpu" or self.check_tokens):
+            ids = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+                raise ValueError(f"token ids must lie in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
+        if state is None:
+            state = self.initial_state(str(inputs.device) if device != "cpu" else "cpu")
+        out, h, c = self.model(inputs, *state, bitlayers=bitlayers)
+        return out, (h, c)
+
+    def export(self, path: str | os.PathLike) -> str:
+        """Write the decoder as one deployable .so; :func:`load_decoder` reads it back."""
+        return self.model.export(os.fspath(path))
+
+    def __repr__(self) -> str:
+        start = f"vocab={self.vocab}" if self.vocab is not None else "x input"
+        return (
+            f"PBDecoder({self.format.name}, {start}, layers={self.num_layers}, hidden={self.hidden_size}, "
+            f"batch={self.batch}, target={self.model.manifest['target']['kind']})"
+        )
+
+
+def compile_decoder(
+    lstm: Any,
+    target: Any = "llvm",
+    bits: int = 4,
+    act_bits: int = DEFAULT_ACT_BITS,
+    *,
+    embedding: Any = None,
+    head: Any = None,
+    batch: int = 1,
+    layout: str = "kNW",
+    cuda_graph: bool = True,
+    work_dir: str | os.PathLike | None = None,
+) -> PBDecoder:
+    """Compile the one-token step of ``[embedding ->] lstm [-> head]`` with PrecisionBatching.
+
+    Parameters
+    ----------
+    lstm : torch.nn.LSTM
+        Unidirectional, no ``proj_size``; any number of layers, with or without bias.
+    target, bits, act_bits, layout
+        As in :func:`pbtvm.compile`.
+    embedding : torch.nn.Embedding, optional
+        Makes the step take token ids (the table stays float32: a lookup, no product).
+    head : torch.nn.Linear, optional
+        Output layer on the top hidden state (PB), e.g. the vocabulary logits.
+    batch : int
+        Static batch size (CUDA-graph capture needs static shapes).
+    cuda_graph : bool
+        On CUDA, capture the step between its repacks as a CUDA graph.
+    work_dir : path, optional
+        Tuning log for the head's PB GEMM (as in :func:`pbtvm.compile`).
+
+    Returns
+    -------
+    PBDecoder
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong module types, mismatched sizes, bits out of range, batch < 1.
+    """
+    from .compiler import build_model
+
+    _check_parts(lstm, embedding, head, batch)
+    fmt = BitplaneFormat(bits, act_bits, layout=layout)
+    tvm_target = resolve_target(target)
+    kind = tvm_target.kind.name
+    mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch)
+    model = build_model(
+        mod,
+        fmt,
+        tvm_target,
+        specs,
+        dynamic=False,
+        single_output=False,
+        converted=converted,
+        work_dir=work_dir,
+        tune_batch=batch,
+        cuda_graph=cuda_graph and kind == "cuda",
+        extra={MANIFEST_KEY: {**meta, "cuda_graph": cuda_graph and kind == "cuda"}},
+    )
+    return PBDecoder(model)
+
+
+def load_decoder(path: str | os.PathLike, device: str | None = None) -> PBDecoder:
+    """Load a decoder written by :meth:`PBDecoder.export` (needs only the TVM runtime).
+
+    Raises
+    ------
+    FileNotFoundError, pbtvm.LibraryError
+        As :func:`pbtvm.load`; ValueError if the library is not a decoder.
+    """
+    from .runtime import load
+
+    return PBDecoder(load(os.fspath(path), device))
+
+
+__all__ = ["PBDecoder", "compile_decoder", "load_decoder"]

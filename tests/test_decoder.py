@@ -1,0 +1,180 @@
+"""One-call token decoding: equal to the sequence path, export/load, CUDA-graph structure, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pbtvm import library
+from pbtvm.decoder import compile_decoder, load_decoder
+from pbtvm.lstm import compile_lstm
+from pbtvm.ptb import PBWordLM, word_lm
+from pbtvm.repack import CopyGroup, repack_func
+
+SM90 = {"kind": "cuda", "arch": "sm_90"}
+
+
+def _lm(vocab=120, hidden=32, layers=2, seed=0):  # noqa: ANN001, ANN202
+    torch.manual_seed(seed)
+    return word_lm(vocab, hidden, layers, dropout=0.0).eval()
+
+
+def _decode(dec, inputs, bitlayers=None):  # noqa: ANN001, ANN202
+    state, outs = None, []
+    for t in range(inputs.shape[0]):
+        out, state = dec(inputs[t], state, bitlayers=bitlayers)
+        outs.append(out)
+    return torch.stack(outs), state
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_decoder_equals_the_sequence_run_token_by_token(bits):
+    """Each layer's projection inside its step kernel quantizes x exactly as the projection GEMM."""
+    model = _lm()
+    dec = compile_decoder(model.lstm, "llvm", bits, embedding=model.embedding, head=model.head, batch=3)
+    seq = PBWordLM(model, "llvm", bits)
+    tokens = torch.randint(0, 120, (40, 3))
+    for layers in sorted({1, bits}):
+        want, (wh, wc) = seq(tokens, bitlayers=layers)
+        got, (h, c) = _decode(dec, tokens, bitlayers=layers)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(h, wh, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, wc, atol=1e-5, rtol=0)
+
+
+def test_decoder_without_embedding_or_head_and_without_bias():
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(17, 40, num_layers=3, bias=False).eval()
+    dec = compile_decoder(lstm, "llvm", 4, batch=2)
+    seq = compile_lstm(lstm, "llvm", 4)
+    x = torch.randn(12, 2, 17)
+    h0, c0 = torch.randn(3, 2, 40) * 0.5, torch.randn(3, 2, 40) * 0.5
+    want, (wh, wc) = seq(x, (h0, c0))
+    state, outs = (h0, c0), []
+    for t in range(12):
+        out, state = dec(x[t], state)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state[0], wh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state[1], wc, atol=1e-5, rtol=0)
+    assert dec.vocab is None and "x input" in repr(dec)
+
+
+def test_decoder_exports_and_loads(tmp_path, capsys):
+    model = _lm(hidden=24, layers=1)
+    dec = compile_decoder(model.lstm, "llvm", 3, embedding=model.embedding, head=model.head, batch=1)
+    path = tmp_path / "decoder.so"
+    dec.export(path)
+    again = load_decoder(path)
+    tokens = np.array([[5], [7], [119], [0]])
+    for t in tokens:
+        a, sa = dec(t)
+        b, sb = again(t)
+        np.testing.assert_array_equal(a, b)
+    assert again.model.manifest["decoder"] == dec.model.manifest["decoder"]
+    assert again.vocab == 120 and again.num_layers == 1
+    from pbtvm.cli import main
+
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "decoder  vocab 120, 1x24 LSTM, batch 1, 120 outputs" in out
+    assert "PB       head (Linear)  120x24" in out and "weight_hh_l0 (LSTM)  96x24" in out
+
+
+def test_decoder_rejects_bad_input():
+    model = _lm(hidden=16, layers=1)
+    dec = compile_decoder(model.lstm, "llvm", 4, embedding=model.embedding, head=model.head, batch=2)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 120\)"):
+        dec(torch.tensor([3, 120]))
+    with pytest.raises(ValueError, match="token ids"):
+        dec(torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="shape"):
+        dec(torch.tensor([1, 2, 3]))  # compiled for batch 2
+    with pytest.raises(TypeError, match="dtype"):
+        dec(torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="shape"):
+        dec(torch.tensor([1, 2]), (torch.zeros(1, 2, 15), torch.zeros(1, 2, 15)))
+    with pytest.raises(ValueError, match="bitlayers"):
+        dec(torch.tensor([1, 2]), bitlayers=5)
+    with pytest.raises(TypeError, match="nn.LSTM"):
+        compile_decoder(model.head, "llvm")
+    with pytest.raises(ValueError, match="embedding size"):
+        compile_decoder(model.lstm, "llvm", embedding=torch.nn.Embedding(10, 8))
+    with pytest.raises(ValueError, match="head takes"):
+        compile_decoder(model.lstm, "llvm", head=torch.nn.Linear(8, 10))
+    with pytest.raises(ValueError, match="batch"):
+        compile_decoder(model.lstm, "llvm", batch=0)
+
+
+def test_repack_moves_groups_in_one_loop():
+    from pbtvm._tvm import tvm
+    from pbtvm.cuda import build
+    from pbtvm.target import resolve_target
+
+    groups = [CopyGroup("int64", ((3,),), ((3,),)), CopyGroup("float32", ((2, 3, 5), (2, 3, 5)), ((3, 5),) * 4)]
+    ex = build(repack_func(groups, "llvm"), resolve_target("llvm"))
+    h, c = np.arange(30, dtype=np.float32).reshape(2, 3, 5), -np.arange(30, dtype=np.float32).reshape(2, 3, 5)
+    ins = [tvm.runtime.tensor(a) for a in (np.array([4, 5, 6]), h, c)]
+    outs = [tvm.runtime.tensor(np.zeros(3, np.int64))] + [
+        tvm.runtime.tensor(np.zeros((3, 5), np.float32)) for _ in range(4)
+    ]
+    ex(*ins, *outs)
+    assert outs[0].numpy().tolist() == [4, 5, 6]
+    for got, want in zip(outs[1:], [h[0], h[1], c[0], c[1]], strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+    with pytest.raises(ValueError, match="moves 6 elements"):
+        CopyGroup("float32", ((2, 3),), ((5,),))
+
+
+def _vm_functions(text: str) -> dict[str, str]:
+    """VM bytecode text split into its functions: name -> body."""
+    parts = re.split(r"^@([\w.]+):\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _kernel_calls(body: str) -> list[str]:
+    return [name for name in re.findall(r"call\s+(\S+)", body) if not name.startswith("vm.builtin")]
+
+
+def test_cuda_decoder_captures_every_step_kernel_in_one_graph():
+    """Outside the CUDA graph only the two repacks run; the embedding, layers and head are captured."""
+    model = _lm(vocab=1000, hidden=650, layers=2)
+    dec = compile_decoder(model.lstm, SM90, 4, embedding=model.embedding, head=model.head)  # nvcc runs here
+    funcs = _vm_functions(dec.model._module.as_text())
+    assert _kernel_calls(funcs["main"]) == ["repack_in", "repack_out"]
+    assert "vm.builtin.cuda_graph.run_or_capture" in funcs["main"]
+    captured = [b for name, b in funcs.items() if name.endswith("cuda_graph_capture")]
+    assert len(captured) == 1
+    calls = _kernel_calls(captured[0])
+    assert calls[0] == "take" and calls[-2:] == ["pb_act_pack_head", "pb_dense_head"]
+    assert sum(c.startswith("pb_lstm_step") for c in calls) == 2  # one kernel per layer
+    (src,) = library._cuda_sources(dec.model._module.mod)
+    assert src.count("__global__") >= 5
+    assert dec.model.manifest["decoder"]["cuda_graph"] is True
+
+
+def test_cuda_decoder_without_graph_calls_kernels_from_main():
+    model = _lm(hidden=64, layers=1)
+    dec = compile_decoder(model.lstm, SM90, 4, embedding=model.embedding, head=model.head, cuda_graph=False)
+    funcs = _vm_functions(dec.model._module.as_text())
+    assert "cuda_graph" not in funcs["main"]
+    assert "pb_lstm_step_l0" in _kernel_calls(funcs["main"])
+
+
+@pytest.mark.gpu
+def test_cuda_decoder_matches_cpu_decoder_over_many_tokens_and_bitlayers():
+    """Captured once per bitlayers value, replayed: results equal the CPU decoder's."""
+    model = _lm(vocab=500, hidden=256, layers=2)
+    cpu = compile_decoder(model.lstm, "llvm", 4, embedding=model.embedding, head=model.head, batch=2)
+    gpu = compile_decoder(model.lstm, "cuda", 4, embedding=model.embedding, head=model.head, batch=2)
+    tokens = torch.randint(0, 500, (60, 2))
+    for layers in (4, 2, 4):  # switching back replays the first graph
+        want, (wh, wc) = _decode(cpu, tokens, layers)
+        got, (h, c) = _decode(gpu, tokens.cuda(), layers)
+        assert got.is_cuda
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(h.cpu(), wh, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(c.cpu(), wc, atol=1e-4, rtol=1e-4)
