@@ -78,6 +78,8 @@ def rand_u32(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: str = "layer") -> float:
+    """Seconds per PB layer call; ``part``: "layer" (pack + PB kernel), "pack", "gemm" alone, or
+    "inblock" (``pb_dense_act``: one kernel whose blocks pack the row themselves)."""
     fmt = bp.BitplaneFormat(bits, 8)
     key = (n, k, bits)
     if key not in cache:
@@ -85,8 +87,9 @@ def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: 
         cache[key] = (
             kernels.build(kernels.act_pack_func(fmt, k), target),
             kernels.build(kernels.dense_func(fmt, n, k), target),
+            kernels.build(kernels.dense_act_func(fmt, n, k), target),
         )
-    pack, dense = cache[key]
+    pack, dense, dense_act = cache[key]
     wbytes = bits * n * fmt.words(k) * 4
     sets = n_sets_for(wbytes, l2)
     acc = getattr(torch, fmt.accumulator_dtype(k))
@@ -100,6 +103,10 @@ def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: 
     y = torch.empty(batch, n, device="cuda")
 
     def step(i: int) -> None:
+        if part == "inblock":
+            w, s, b = ws[i]
+            dense_act(xs[i], w, s, b, bits, y)
+            return
         if part != "gemm":
             pack(xs[i], xp, sx, rs)
         if part != "pack":
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None)
     ap.add_argument("--breakdown", action="store_true", help="also time the pack and PB kernels alone")
     ap.add_argument("--pack", choices=["split", "fused"], default=None, help="CUDA activation-pack variant")
+    ap.add_argument("--in-block", action="store_true", help="also time pb_dense_act (pack inside the PB kernel)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
@@ -184,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 r = rows[-1]
+                if args.in_block:
+                    r["inblock_us"] = bench_pb(n, k, batch, bits, l2, cache, "inblock") * 1e6
+                    print(f"    one kernel (pb_dense_act) {r['inblock_us']:.1f} us")
                 if args.breakdown:
                     r["pack_us"] = bench_pb(n, k, batch, bits, l2, cache, "pack") * 1e6
                     r["gemm_us"] = bench_pb(n, k, batch, bits, l2, cache, "gemm") * 1e6
@@ -199,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    print("\n| shape (NxK) | batch | W | PB us | % k-bit roofline | fp16/PB | fp32/PB | int4/PB |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = " one-kernel us |" if args.in_block else ""
+    print(f"\n| shape (NxK) | batch | W | PB us | % k-bit roofline | fp16/PB | fp32/PB | int4/PB |{extra}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.in_block else ""))
     for r in rows:
         i4 = f"{r['int4_us'] / r['pb_us']:.2f}" if r["int4_us"] else "n/a"
+        one = f" {r['inblock_us']:.1f} |" if args.in_block else ""
         print(
             f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['pb_us']:.1f} | {r['pct_roof']:.0f}% | "
-            f"{r['fp16_us'] / r['pb_us']:.2f} | {r['fp32_us'] / r['pb_us']:.2f} | {i4} |"
+            f"{r['fp16_us'] / r['pb_us']:.2f} | {r['fp32_us'] / r['pb_us']:.2f} | {i4} |{one}"
         )
     return 0
 

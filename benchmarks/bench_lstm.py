@@ -131,6 +131,14 @@ def pb_step(pb):  # noqa: ANN001, ANN201
 
 
 rows = []
+
+
+def add(name: str, us: float, mb: float) -> None:
+    """Record one row and print it at once (a timed-out run still leaves its measured rows)."""
+    rows.append((name, us, mb))
+    print(f"  {name:<20}{us:>10.1f} us/token", flush=True)
+
+
 with torch.no_grad():
     for name, dtype in [("torch fp32", torch.float32)] + ([("torch fp16", torch.float16)] if cuda else []):
         m = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
@@ -142,22 +150,22 @@ with torch.no_grad():
             return state
 
         bits_of = 32 if dtype == torch.float32 else 16
-        rows.append((name, per_token_us(step), weight_mb(bits_of)))
+        add(name, per_token_us(step), weight_mb(bits_of))
         if cuda:
             try:
-                rows.append((f"{name} +graph", per_token_us(torch_graph_step(m)), weight_mb(bits_of)))
+                add(f"{name} +graph", per_token_us(torch_graph_step(m)), weight_mb(bits_of))
             except RuntimeError as err:  # e.g. an op torch cannot capture
                 print(f"{name}: CUDA-graph capture failed ({str(err).splitlines()[0]})")
 
 
 for bits in [int(b) for b in args.bits.split(",")]:
     dec = compile_decoder(model.lstm, target, bits, embedding=model.embedding, head=model.head)
-    rows.append((f"PB W{bits} decoder", per_token_us(decoder_step(dec)), weight_mb(bits)))
+    add(f"PB W{bits} decoder", per_token_us(decoder_step(dec)), weight_mb(bits))
     if cuda and args.no_graph:
         dec = compile_decoder(model.lstm, target, bits, embedding=model.embedding, head=model.head, cuda_graph=False)
-        rows.append(("  no graph", per_token_us(decoder_step(dec)), weight_mb(bits)))
+        add("  no graph", per_token_us(decoder_step(dec)), weight_mb(bits))
     pb = PBWordLM(model, target, bits=bits)
-    rows.append(("  seq path", per_token_us(pb_step(pb)), weight_mb(bits)))
+    add("  seq path", per_token_us(pb_step(pb)), weight_mb(bits))
     if args.unfused:
         h = args.hidden
         example = (torch.zeros(2, 4 * h), torch.zeros(2, h), torch.zeros(2, h))
@@ -165,7 +173,7 @@ for bits in [int(b) for b in args.bits.split(",")]:
             pbtvm.compile(UnfusedCell(getattr(model.lstm, f"weight_hh_l{k}").detach()), example, target, bits)
             for k in range(args.layers)
         ]
-        rows.append(("  seq unfused", per_token_us(pb_step(pb)), weight_mb(bits)))
+        add("  seq unfused", per_token_us(pb_step(pb)), weight_mb(bits))
 
 base = rows[0][1]
 device = torch.cuda.get_device_name() if cuda else "CPU"

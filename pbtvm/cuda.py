@@ -48,7 +48,11 @@ def compile_fatbin(source: str, arch: str) -> bytes:
         src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.fatbin")
         with open(src, "w") as f:
             f.write(source)
-        cmd = [nvcc, "--fatbin", "-O3", "-std=c++17", f"-gencode=arch=compute_{cc},code=sm_{cc}", "-o", out, src]
+        # --fmad=false: no fused multiply-add contraction, so the activation quantization
+        # (floor(x * inv + 0.5)) rounds as in the numpy reference and on the CPU; with FMA a code
+        # at a .5 boundary can differ by one, and an LSTM carries that difference along.
+        cmd = [nvcc, "--fatbin", "-O3", "--fmad=false", "-std=c++17", f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+        cmd += ["-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")

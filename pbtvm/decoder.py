@@ -8,7 +8,7 @@ a static batch::
     repack in:  tokens, h [L, B, H], c [L, B, H]  ->  planned buffers          (1 kernel)
     embedding:  x = E[token]                                                   (1 kernel)
     layer l:    (h_l, c_l) = pb_lstm_cell_input(x, W_ih, W_hh, ...); x = h_l  (1 kernel each)
-    head:       logits = pb_dense(act_pack(x), W_out) + b                      (PB pack + GEMM)
+    head:       logits = pb_dense_act(x, W_out) + b       (1 kernel on CUDA; pack + GEMM on CPU)
     repack out: logits, h', c'                                                 (1 kernel)
 
 Each layer's input projection is inside its step kernel (:func:`pbtvm.ops.pb_lstm_cell_input`),
@@ -72,12 +72,8 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
 def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, kind: str, batch: int) -> tuple:
     """The token step as a Relax module; returns (module, input specs, converted layers, meta)."""
     from ._tvm import relax, tir
-    from .kernels import act_pack_func, dense_func, lstm_cell_input_func
-    from .ops import unit_major_rows
-    from .relay_passes.pb_linear_rewrite import weight_key
 
     layers, hidden, n_in = lstm.num_layers, lstm.hidden_size, lstm.input_size
-    rows = unit_major_rows(hidden)
     state = (layers, batch, hidden)
     if embedding is not None:
         first = relax.Var("tokens", relax.TensorType([batch], "int64"))
@@ -92,7 +88,6 @@ def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, k
         relax.Var("c", relax.TensorType(list(state), "float32")),
         relax.Var("bitlayers", relax.ShapeType([n_bits])),
     ]
-    step_state = relax.TensorType([batch, hidden], "float32")
     converted = []
     attrs = {"num_input": len(params), "relax.rewrite_cuda_graph.capture_symbolic_vars": ["bitlayers"]}
     bb = relax.BlockBuilder()
@@ -107,46 +102,15 @@ def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, k
                 x = bb.emit(relax.op.take(table, x, axis=0, mode="clip"))
             outs_h, outs_c = [], []
             for layer in range(layers):
-                w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
-                weights = [*_packed(w_ih, fmt, rows)]
-                if lstm.bias:
-                    bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
-                    weights.append(relax.const(bias[rows], "float32"))
                 h_l = bb.emit(relax.TupleGetItem(copied, 1 + layer))
                 c_l = bb.emit(relax.TupleGetItem(copied, 1 + layers + layer))
-                func = lstm_cell_input_func(fmt, w_ih.shape[1], hidden, lstm.bias).without_attr("global_symbol")
-                cell = bb.add_func(func, f"pb_lstm_step_l{layer}")
-                args = [x, *weights, h_l, c_l, *_packed(w_hh, fmt, rows), relax.prim_value(n_bits)]
-                step = bb.emit(relax.call_tir(cell, args, [step_state, step_state]))
-                x = bb.emit(relax.TupleGetItem(step, 0))
+                x, c_new = _emit_layer(bb, lstm, layer, x, h_l, c_l, batch, fmt, n_bits, converted)
                 outs_h.append(x)
-                outs_c.append(bb.emit(relax.TupleGetItem(step, 1)))
-                for k, w in (("ih", w_ih), ("hh", w_hh)):
-                    name = f"weight_{k}_l{layer} (LSTM)"
-                    converted.append({"name": name, "weight_key": weight_key(w), "shape": list(w.shape), "bias": False})
+                outs_c.append(c_new)
             out_shape = (batch, hidden)
             if head is not None:
-                w_out = _np(head.weight)
-                vocab = w_out.shape[0]
-                pack = bb.add_func(act_pack_func(fmt, hidden).without_attr("global_symbol"), "pb_act_pack_head")
-                words = fmt.words(hidden)
-                packed_types = [
-                    relax.TensorType([fmt.act_bits, batch, words], "uint32"),
-                    relax.TensorType([batch], "float32"),
-                    relax.TensorType([batch], fmt.accumulator_dtype(hidden)),
-                ]
-                xp = bb.emit(relax.call_tir(pack, [x], packed_types))
-                dense = dense_func(fmt, vocab, hidden, head.bias is not None).without_attr("global_symbol")
-                gemm = bb.add_func(dense, "pb_dense_head")
-                args = [bb.emit(relax.TupleGetItem(xp, i)) for i in range(3)] + _packed(w_out, fmt)
-                if head.bias is not None:
-                    args.append(relax.const(_np(head.bias), "float32"))
-                out_type = relax.TensorType([batch, vocab], "float32")
-                x = bb.emit(relax.call_tir(gemm, [*args, relax.prim_value(n_bits)], out_type))
-                out_shape = (batch, vocab)
-                converted.append(
-                    {"name": "head (Linear)", "weight_key": weight_key(w_out), "shape": list(w_out.shape), "bias": True}
-                )
+                x = _emit_head(bb, head, x, batch, fmt, kind, n_bits, converted)
+                out_shape = (batch, head.out_features)
             groups = [
                 CopyGroup("float32", (out_shape,), (out_shape,)),
                 CopyGroup("float32", (state[1:],) * (2 * layers), (state, state)),
@@ -168,6 +132,81 @@ def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, k
         "outputs": out_shape[1],
     }
     return bb.get(), specs, converted, meta
+
+
+def _emit_layer(
+    bb: Any,
+    lstm: Any,
+    layer: int,
+    x: Any,
+    h: Any,
+    c: Any,
+    batch: int,
+    fmt: BitplaneFormat,
+    n_bits: Any,
+    converted: list,
+) -> tuple:
+    """One layer's step kernel (:func:`pbtvm.kernels.lstm_cell_input_func`); returns (h', c')."""
+    from ._tvm import relax
+    from .kernels import lstm_cell_input_func
+    from .ops import unit_major_rows
+    from .relay_passes.pb_linear_rewrite import weight_key
+
+    hidden = lstm.hidden_size
+    rows = unit_major_rows(hidden)
+    w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
+    args = [x, *_packed(w_ih, fmt, rows)]
+    if lstm.bias:
+        bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
+        args.append(relax.const(bias[rows], "float32"))
+    args += [h, c, *_packed(w_hh, fmt, rows), relax.prim_value(n_bits)]
+    func = lstm_cell_input_func(fmt, w_ih.shape[1], hidden, lstm.bias).without_attr("global_symbol")
+    state = relax.TensorType([batch, hidden], "float32")
+    step = bb.emit(relax.call_tir(bb.add_func(func, f"pb_lstm_step_l{layer}"), args, [state, state]))
+    for k, w in (("ih", w_ih), ("hh", w_hh)):
+        name = f"weight_{k}_l{layer} (LSTM)"
+        converted.append({"name": name, "weight_key": weight_key(w), "shape": list(w.shape), "bias": False})
+    return bb.emit(relax.TupleGetItem(step, 0)), bb.emit(relax.TupleGetItem(step, 1))
+
+
+def _emit_head(
+    bb: Any, head: Any, x: Any, batch: int, fmt: BitplaneFormat, kind: str, n_bits: Any, converted: list
+) -> Any:
+    """The output layer; returns its output [batch, out_features].
+
+    On CUDA one :func:`pbtvm.kernels.dense_act_func` kernel (every block packs ``x`` itself: 12.1
+    vs 20.0 us for pack kernels + PB GEMM at 10000x650 on an H100); on the CPU the activation
+    pack and the PB GEMM as two kernels (the one-kernel head made the 2x650 decoder 12% slower on
+    2 cores). BENCHMARKS.md, 2026-11-23.
+    """
+    from ._tvm import relax
+    from .kernels import act_pack_func, dense_act_func, dense_func
+    from .relay_passes.pb_linear_rewrite import weight_key
+
+    w_out = _np(head.weight)
+    has_bias = head.bias is not None
+    weights = [*_packed(w_out, fmt)] + ([relax.const(_np(head.bias), "float32")] if has_bias else [])
+    n, k = head.out_features, head.in_features
+    if kind == "cuda":
+        func, args = dense_act_func(fmt, n, k, has_bias), [x, *weights]
+    else:
+        pack = bb.add_func(act_pack_func(fmt, k).without_attr("global_symbol"), "pb_act_pack_head")
+        packed_types = [
+            relax.TensorType([fmt.act_bits, batch, fmt.words(k)], "uint32"),
+            relax.TensorType([batch], "float32"),
+            relax.TensorType([batch], fmt.accumulator_dtype(k)),
+        ]
+        xp = bb.emit(relax.call_tir(pack, [x], packed_types))
+        func, args = (
+            dense_func(fmt, n, k, has_bias),
+            [*(bb.emit(relax.TupleGetItem(xp, i)) for i in range(3)), *weights],
+        )
+    gemm = bb.add_func(func.without_attr("global_symbol"), "pb_dense_head")
+    converted.append(
+        {"name": "head (Linear)", "weight_key": weight_key(w_out), "shape": list(w_out.shape), "bias": has_bias}
+    )
+    out_type = relax.TensorType([batch, n], "float32")
+    return bb.emit(relax.call_tir(gemm, [*args, relax.prim_value(n_bits)], out_type))
 
 
 class PBDecoder:
@@ -261,7 +300,6 @@ def compile_decoder(
     batch: int = 1,
     layout: str = "kNW",
     cuda_graph: bool = True,
-    work_dir: str | os.PathLike | None = None,
 ) -> PBDecoder:
     """Compile the one-token step of ``[embedding ->] lstm [-> head]`` with PrecisionBatching.
 
@@ -279,8 +317,6 @@ def compile_decoder(
         Static batch size (CUDA-graph capture needs static shapes).
     cuda_graph : bool
         On CUDA, capture the step between its repacks as a CUDA graph.
-    work_dir : path, optional
-        Tuning log for the head's PB GEMM (as in :func:`pbtvm.compile`).
 
     Returns
     -------
@@ -306,8 +342,6 @@ def compile_decoder(
         dynamic=False,
         single_output=False,
         converted=converted,
-        work_dir=work_dir,
-        tune_batch=batch,
         cuda_graph=cuda_graph and kind == "cuda",
         extra={MANIFEST_KEY: {**meta, "cuda_graph": cuda_graph and kind == "cuda"}},
     )

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from ._tvm import te, tir, tvm
 from .bitplane import BitplaneFormat
-from .ops import act_quantize_pack, kernel_attrs, pb_dense, pb_int_product, pb_lstm_cell, pb_lstm_cell_input
+from .ops import (
+    act_quantize_pack,
+    kernel_attrs,
+    pb_dense,
+    pb_dense_act,
+    pb_int_product,
+    pb_lstm_cell,
+    pb_lstm_cell_input,
+)
 
 
 def _batch_var() -> tir.Var:
@@ -44,6 +52,18 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
     y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
+
+
+def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
+    """``(x f32 [B, K], wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``: pack and PB GEMM in one."""
+    x = te.placeholder((_batch_var(), k_dim), "float32", "x")
+    wp = te.placeholder(fmt.weight_shape(n_out, k_dim), "uint32", "wp")
+    ws = te.placeholder((n_out,), "float32", "w_scale")
+    b = te.placeholder((n_out,), "float32", "bias") if bias else None
+    layers = tir.Var("bitlayers", "int64")
+    y = pb_dense_act(x, wp, ws, b, layers, fmt)
+    args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
+    return te.create_prim_func(args).with_attrs(kernel_attrs("pb_dense_act", fmt, k_dim))
 
 
 def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:

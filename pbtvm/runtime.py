@@ -38,6 +38,10 @@ class CompiledModel:
         self.device = device
         self._vm = None
         self._dev = None
+        self._main = None  # the VM's "main", looked up once
+        self._on_cuda = False
+        self._layer_args: dict[int, Any] = {}  # bitlayers -> ShapeTuple argument, made once
+        self._shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -71,6 +75,8 @@ class CompiledModel:
         else:
             self._dev = tvm.cpu(0)
         self._vm = relax.VirtualMachine(self._module, self._dev)
+        self._main = self._vm["main"]
+        self._on_cuda = self._dev.dlpack_device_type() == 2
 
     def _to_tvm(self, value: Any, spec: dict, index: int) -> Any:
         try:
@@ -86,15 +92,17 @@ class CompiledModel:
             raise TypeError(f"input {index} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
         if dtype != spec["dtype"]:
             raise TypeError(f"input {index} has dtype {dtype}, the model was compiled for {spec['dtype']}")
-        want = spec["shape"]
-        if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=True)):
+        want = self._shapes[index]
+        if shape != want and (
+            len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=True))
+        ):
             shown = tuple("batch" if w is None else w for w in want)
             raise ValueError(f"input {index} has shape {tuple(shape)}, the model expects {shown}")
         if any(s == 0 for s in shape):
             raise ValueError(f"input {index} has an empty dimension: {tuple(shape)}")
         if torch is not None and isinstance(value, torch.Tensor):
             value = value.detach()
-            on_device = (value.device.type == "cuda") == (self._dev.dlpack_device_type() == 2)
+            on_device = value.is_cuda == self._on_cuda
             # Zero-copy needs TVM's 64-byte alignment; a slice of a larger tensor may lack it.
             if on_device and value.is_contiguous() and value.data_ptr() % 64 == 0:
                 return tvm.runtime.from_dlpack(value)
@@ -127,8 +135,10 @@ class CompiledModel:
         self._ensure_vm()
         args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
         if self.manifest["has_bitlayers"]:
-            args.append(tvm.runtime.ShapeTuple([layers]))
-        out = self._vm["main"](*args)
+            if layers not in self._layer_args:
+                self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
+            args.append(self._layer_args[layers])
+        out = self._main(*args)
         outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
         as_torch = _is_torch(inputs[0])
         converted = [_from_tvm(o, as_torch) for o in outs]

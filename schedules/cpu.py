@@ -53,6 +53,31 @@ class CPUBitplaneGemm(ScheduleRule):
         sch.reverse_compute_at(epilogue, ni)
 
 
+class CPUDenseAct(ScheduleRule):
+    """``pb_dense_act``: the pack (parallel over words), then the GEMM as :class:`CPUBitplaneGemm`.
+
+    The epilogue stays a separate parallel loop: it reads the pack's scale and code sum, which
+    live outside the GEMM's row tiles.
+    """
+
+    kernel = "pb_dense_act"
+    target_kinds = ("llvm",)
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
+        _schedule_pack(sch)
+        gemm = sch.get_sblock(GEMM_BLOCK)
+        b, n, i, j, w = sch.get_loops(gemm)
+        no, ni = sch.split(n, [None, ROW_TILE])
+        sch.reorder(no, b, ni, i, w, j)
+        sch.parallel(no)
+        sch.unroll(j)
+        (epilogue,) = sch.get_consumers(gemm)
+        sch.parallel(sch.fuse(*sch.get_loops(epilogue)))
+
+
 class CPUActPack(ScheduleRule):
     """``act_pack``: quantization inlined into packing; packing parallel over words."""
 

@@ -9,6 +9,12 @@ Batch rows go to ``blockIdx.y``; blocks of other rows re-read the weights, mostl
 ``act_pack``: by default ("split") three launches: a block per row for the max-abs and the code
 sum (cross-thread reductions), a thread per scale, and a thread per packed (plane, row, word).
 The "fused" variant does a row in one block and one launch; it measured slower.
+
+``pb_lstm_cell`` and ``pb_dense_act``: one launch; every thread block packs the activation row
+itself into shared memory (codes quantized once per element, then a thread per (word, plane)),
+then a warp per output (gate) row as above with the plane loop unrolled to ``bits`` so the
+weight loads of all planes are in flight together (:func:`_packed_gemv`). Measured on an H100
+(BENCHMARKS.md, 2026-11-23): 84 -> 9.4 us for a 2x650 LSTM step.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
+from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK, GATES_BLOCK
 from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
 from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
@@ -33,7 +39,9 @@ PACK_THREADS = 128
 #: The pack's thread layout: one dimension of PACK_THREADS.
 PACK_LANES = [("threadIdx.x", PACK_THREADS)]
 #: Hidden units per thread block in the fused LSTM cell (a warp per gate row: 4x as many warps).
-CELL_UNITS = 2
+CELL_UNITS = 4
+#: Output rows (warps) per thread block of ``pb_dense_act`` (each block packs the row itself).
+DENSE_ACT_ROWS = 16
 
 
 class CUDABitplaneGemm(ScheduleRule):
@@ -233,8 +241,6 @@ class CUDALSTMCell(ScheduleRule):
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         legs = lstm_cell_legs(func)
-        for tag in legs:
-            inline_act_quantization(sch, tag)
         b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
         uo, ui = sch.split(u, [None, CELL_UNITS])
         cell_c = sch.get_sblock(CELL_C_BLOCK)
@@ -244,27 +250,48 @@ class CUDALSTMCell(ScheduleRule):
         sch.bind(uo, "blockIdx.x")
         block_threads = [("threadIdx.y", 4 * CELL_UNITS), ("threadIdx.x", 32)]
         for tag in legs:
-            _cell_leg(sch, uo, tag, block_threads)
+            _cell_leg(sch, uo, tag, block_threads, int(func.attrs["pbtvm.bits"]))
         # A thread per hidden unit for the cell update (c' then h', the same thread per unit).
         for loop in (sch.get_loops(cell_c)[-1], ui):
             _spread(sch, loop, block_threads)
 
 
-def _cell_leg(sch: s_tir.Schedule, uo: s_tir.LoopRV, tag: str, block_threads: list[tuple[str, int]]) -> None:
-    """One PB product of the LSTM step inside the block of loop ``uo``: pack, then a warp per row.
+def _cell_leg(sch: s_tir.Schedule, uo: s_tir.LoopRV, tag: str, block_threads: list[tuple[str, int]], bits: int) -> None:
+    """One PB product of the LSTM step inside the block of loop ``uo``; its gates meet in shared memory.
 
     ``tag`` names the leg's blocks (see :func:`pbtvm.schedules.rules.lstm_cell_legs`).
     """
-    gemm = sch.get_sblock(GEMM_BLOCK + tag)
-    (gates,) = sch.get_consumers(gemm)
+    gates = sch.get_sblock(GATES_BLOCK + tag)
     sch.compute_at(gates, uo)
     (row,) = sch.get_loops(gates)[2:]
+    sch.set_scope(gates, 0, "shared")
+    _packed_gemv(sch, uo, row, tag, block_threads, bits)
+
+
+def _packed_gemv(
+    sch: s_tir.Schedule,
+    block: s_tir.LoopRV,
+    row: s_tir.LoopRV,
+    tag: str,
+    block_threads: list[tuple[str, int]],
+    bits: int,
+) -> None:
+    """A thread block packs the whole activation row into shared memory, then a warp per output row.
+
+    ``block`` is the loop bound to the thread block, ``row`` the loop over its output rows (one
+    per warp, bound here to ``threadIdx.y``); the epilogue block ``pb_out<tag>`` is already under
+    ``row``; ``bits`` is the weight bitwidth. The pack: block-wide max |x|, every thread quantizes a share of the row once into
+    shared int32 codes, then a thread per word gathers 32 codes into every plane. The row: 32
+    lanes split the words (16-byte weight loads when K allows), warp-shuffle reduction, the code
+    sum per warp (from the shared codes).
+    """
+    sch.compute_inline(sch.get_sblock("pb_xinv" + tag))
+    gemm = sch.get_sblock(GEMM_BLOCK + tag)
     for name in (GEMM_BLOCK, "pb_rowsum", "pb_xscale"):
         sch.compute_at(sch.get_sblock(name + tag), row)
-    for name in ("pb_xpack", "pb_amax"):
-        sch.compute_at(sch.get_sblock(name + tag), uo)
+    for name in ("pb_xpack", "pb_xq", "pb_amax"):
+        sch.compute_at(sch.get_sblock(name + tag), block)
     sch.bind(row, "threadIdx.y")
-    # The row's GEMV: 32 lanes split the words (vector loads when K allows), warp reduction.
     # With a single word per row (K <= 32) compute_at drops the word loop: no lane split.
     loops = sch.get_loops(gemm)[3:]
     if len(loops) == 3:
@@ -278,19 +305,59 @@ def _cell_leg(sch: s_tir.Schedule, uo: s_tir.LoopRV, tag: str, block_threads: li
     else:
         i, j = loops
     sch.unroll(j)
+    # The plane loop runs to the run-time ``bitlayers`` (<= bits): split off a static ``bits``
+    # part and unroll it, so the (predicated) weight loads of every plane are issued before the
+    # first is waited on, instead of one DRAM round trip per plane.
+    sch.unroll(sch.split(i, [None, bits])[1])
     sch.set_scope(gemm, 0, "local")
-    sch.set_scope(gates, 0, "shared")
     # Per-warp code sum (warp reduction) and scale, in registers.
     rowsum = sch.get_sblock("pb_rowsum" + tag)
     (r,) = sch.get_loops(rowsum)[3:]
     _thread_reduction(sch, r, block_threads[1:])
     sch.set_scope(rowsum, 0, "local")
     sch.set_scope(sch.get_sblock("pb_xscale" + tag), 0, "local")
-    # Block-wide max |input| and cooperative pack into shared memory.
+    # Block-wide max |x| and cooperative pack into shared memory.
     amax = sch.get_sblock("pb_amax" + tag)
     (r,) = sch.get_loops(amax)[2:]
     _thread_reduction(sch, r, block_threads)
     sch.set_scope(amax, 0, "shared")
+    codes = sch.get_sblock("pb_xq" + tag)
+    sch.set_scope(codes, 0, "shared")
+    _spread(sch, sch.get_loops(codes)[-1], block_threads)
     pack = sch.get_sblock("pb_xpack" + tag)
     sch.set_scope(pack, 0, "shared")
-    _pack_words(sch, pack, sch.get_loops(pack)[2:], block_threads)
+    # A thread per (word, plane), planes fastest: a warp reads the codes of 4 words (4-way bank
+    # conflicts at most, not one thread per word serially filling every plane).
+    loops = sch.get_loops(pack)[2:]  # (plane, word, bit), or (plane, bit) for a one-word row
+    if len(loops) == 3:
+        p, w, t = loops
+        sch.reorder(w, p, t)
+        word_plane = sch.fuse(w, p)
+    else:
+        word_plane, t = loops
+    innermost = _spread(sch, word_plane, block_threads)[-1]
+    sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
+    sch.unroll(t)
+
+
+class CUDADenseAct(ScheduleRule):
+    """``pb_dense_act`` in one launch: a block per (batch row, ``DENSE_ACT_ROWS`` outputs).
+
+    Every block packs the whole activation row into shared memory (the row is read from L2),
+    then a warp per output row as in :class:`CUDALSTMCell`. For small batches, where the
+    separate pack's three launches cost more than its work.
+    """
+
+    kernel = "pb_dense_act"
+    target_kinds = ("cuda",)
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """See :meth:`ScheduleRule.schedule`."""
+        b, n = sch.get_loops(sch.get_sblock(GATES_BLOCK))
+        no, ni = sch.split(n, [None, DENSE_ACT_ROWS])
+        sch.bind(b, "blockIdx.y")
+        sch.bind(no, "blockIdx.x")
+        threads = [("threadIdx.y", DENSE_ACT_ROWS), ("threadIdx.x", 32)]
+        _packed_gemv(sch, no, ni, "", threads, int(func.attrs["pbtvm.bits"]))

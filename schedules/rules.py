@@ -92,9 +92,9 @@ def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
 
     kind = target if isinstance(target, str) else target.kind.name
     if kind == "llvm":
-        return [cpu.CPUActPack(), cpu.CPUBitplaneGemm(), cpu.CPULSTMCell()]
+        return [cpu.CPUActPack(), cpu.CPUBitplaneGemm(), cpu.CPUDenseAct(), cpu.CPULSTMCell()]
     if kind == "cuda":
-        return [cuda.CUDAActPack(), cuda.CUDABitplaneGemm(), cuda.CUDALSTMCell()]
+        return [cuda.CUDAActPack(), cuda.CUDABitplaneGemm(), cuda.CUDADenseAct(), cuda.CUDALSTMCell()]
     raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")
 
 

@@ -47,6 +47,18 @@ def test_gemm_uses_popcount_and_shuffle_reduction():
     assert "__shfl" in src  # cross-thread (warp) reduction, not a serial loop per thread
 
 
+@pytest.mark.parametrize(("n", "k", "bits"), [(33, 20, 1), (100, 650, 4), (10000, 650, 4), (64, 4096, 8)])
+def test_dense_with_pack_is_one_kernel(n, k, bits):
+    """``pb_dense_act``: every block packs the row into shared memory, then a warp per output."""
+    ex = kernels.build(kernels.dense_act_func(bp.BitplaneFormat(bits, 8), n, k), resolve_target(SM90))
+    src = str(ex.mod.imports[0].inspect_source("cuda")) or str(ex.mod.imports[0].inspect_source())
+    assert src.count("__global__") == 2  # declaration + definition of one kernel
+    assert "pb_xpack_shared" in src and "__popc" in src and "__shfl" in src
+    # Each activation is quantized once (codes in shared memory), not once per plane and word:
+    # re-quantizing per plane made this kernel 8x slower on an H100 (BENCHMARKS.md).
+    assert "pb_xq_shared" in src and src.count("floorf(") == 1
+
+
 @pytest.fixture(scope="module")
 def cuda_library(tmp_path_factory):  # noqa: ANN001, ANN201
     torch.manual_seed(0)

@@ -139,7 +139,7 @@ def _kernel_calls(body: str) -> list[str]:
     return [name for name in re.findall(r"call\s+(\S+)", body) if not name.startswith("vm.builtin")]
 
 
-def test_cuda_decoder_captures_every_step_kernel_in_one_graph():
+def test_cuda_decoder_captures_every_step_kernel_in_one_graph(tmp_path):
     """Outside the CUDA graph only the two repacks run; the embedding, layers and head are captured."""
     model = _lm(vocab=1000, hidden=650, layers=2)
     dec = compile_decoder(model.lstm, SM90, 4, embedding=model.embedding, head=model.head)  # nvcc runs here
@@ -148,12 +148,20 @@ def test_cuda_decoder_captures_every_step_kernel_in_one_graph():
     assert "vm.builtin.cuda_graph.run_or_capture" in funcs["main"]
     captured = [b for name, b in funcs.items() if name.endswith("cuda_graph_capture")]
     assert len(captured) == 1
-    calls = _kernel_calls(captured[0])
-    assert calls[0] == "take" and calls[-2:] == ["pb_act_pack_head", "pb_dense_head"]
-    assert sum(c.startswith("pb_lstm_step") for c in calls) == 2  # one kernel per layer
+    # the embedding lookup, one kernel per layer (both layers share one PrimFunc), the head in one kernel
+    assert _kernel_calls(captured[0]) == ["take", "pb_lstm_step_l0", "pb_lstm_step_l0", "pb_dense_head"]
     (src,) = library._cuda_sources(dec.model._module.mod)
-    assert src.count("__global__") >= 5
+    names = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', src)
+    assert sorted(set(names)) == [
+        "pb_dense_head_kernel",
+        "pb_lstm_step_l0_kernel",
+        "repack_in_kernel",
+        "repack_out_kernel",
+        "take_kernel",
+    ]
     assert dec.model.manifest["decoder"]["cuda_graph"] is True
+    path = dec.export(tmp_path / "decoder_sm90.so")  # a CUDA library exports without a GPU
+    assert library.read_manifest(path)["decoder"]["batch"] == 1
 
 
 def test_cuda_decoder_without_graph_calls_kernels_from_main():

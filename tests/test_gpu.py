@@ -53,6 +53,24 @@ def test_act_pack_exact_on_gpu(act_bits, rng):
     np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "batch"), [(33, 20, 1, 1), (100, 650, 4, 3), (10000, 650, 4, 1), (512, 4096, 8, 2)]
+)
+def test_dense_with_pack_in_one_kernel_on_gpu(n, k, bits, batch, rng):
+    fmt = bp.BitplaneFormat(bits, 8)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    kern = kernels.build(kernels.dense_act_func(fmt, n, k), resolve_target("cuda"))
+    y = _t(np.full((batch, n), np.nan, np.float32))
+    for layers in sorted({1, bits}):
+        kern(_t(x), _t(wp), _t(ws), _t(bias), layers, y)
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_model_on_gpu_matches_cpu_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = MLP((256, 512, 128, 10)).eval()

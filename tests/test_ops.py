@@ -95,6 +95,24 @@ def test_dense_matches_float_reference(bits, rng):
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "layout", "bias"),
+    [(1, 8, "kNW", True), (4, 8, "kNW", False), (3, 16, "NkW", True), (16, 16, "kNW", True)],
+)
+def test_dense_with_pack_in_one_kernel_matches_reference(bits, act_bits, layout, bias, rng):
+    """``pb_dense_act`` (pack + PB GEMM in one PrimFunc) equals the float reference like the pair."""
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    n, k, b, _, x, q, ws, _, _ = _problem(rng, fmt)
+    wp = bp.pack_weights(q, fmt)
+    bias_v = rng.standard_normal(n).astype(np.float32) if bias else None
+    kern = kernels.build(kernels.dense_act_func(fmt, n, k, bias=bias), CPU)
+    y = _t(np.full((b, n), np.nan, np.float32))
+    for layers in sorted({1, bits}):
+        kern(_t(x), _t(wp), _t(ws), *([_t(bias_v)] if bias else []), layers, y)
+        ref = qz.pb_linear_reference(x, wp, ws, bias_v, fmt, layers)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_truncation_correction_reduces_error(rng):
     """Dropping planes with the midpoint correction beats plain truncation on average."""
     fmt = bp.BitplaneFormat(8, 8)

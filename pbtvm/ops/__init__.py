@@ -1,16 +1,17 @@
 """Pure TE computes for PrecisionBatching; schedules live in ``pbtvm.schedules``.
 
 Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (``"act_pack"``,
-``"pb_gemm"`` or ``"pb_lstm_cell"``) and the format fields, so schedule rules read the format instead of guessing.
+``"pb_gemm"``, ``"pb_dense_act"`` or ``"pb_lstm_cell"``) and the format fields, so schedule rules read the format instead of guessing.
 """
 
 from .act_pack import act_quantize_pack
 from .lstm_cell import pb_lstm_cell, pb_lstm_cell_input, unit_major_rows
-from .pb_gemm import pb_dense, pb_int_product
+from .pb_gemm import pb_dense, pb_dense_act, pb_int_product
 
 __all__ = [
     "act_quantize_pack",
     "pb_dense",
+    "pb_dense_act",
     "pb_int_product",
     "pb_lstm_cell",
     "pb_lstm_cell_input",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
+from .act_pack import act_quantize_pack
 from .common import plane_coefficient
 
-__all__ = ["pb_int_product", "pb_dense", "GEMM_BLOCK", "SCHEDULE_RULE"]
+__all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "GEMM_BLOCK", "SCHEDULE_RULE"]
 
 #: Name of the reduction block every PB schedule looks for.
 GEMM_BLOCK = "pb_gemm"
@@ -120,3 +121,31 @@ def pb_dense(
         return y + bias[n] if bias is not None else y
 
     return te.compute(acc.shape, epilogue, name=f"pb_out{tag}")
+
+
+def pb_dense_act(
+    x: te.Tensor,
+    wp: te.Tensor,
+    w_scale: te.Tensor,
+    bias: te.Tensor | None,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+) -> te.Tensor:
+    """PB linear layer on float activations: :func:`act_quantize_pack` then :func:`pb_dense`.
+
+    One PrimFunc (on CUDA one kernel whose blocks each pack the row themselves), for small
+    batches where the separate pack's launches cost more than its work; the result equals the
+    two separate kernels'.
+
+    Parameters
+    ----------
+    x : te.Tensor, float32, [B, K]
+    wp, w_scale, bias, bitlayers, fmt
+        As in :func:`pb_dense`.
+
+    Returns
+    -------
+    te.Tensor, float32, [B, N]
+    """
+    xp, x_scale, rowsum = act_quantize_pack(x, fmt)
+    return pb_dense(xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, fmt, int(x.shape[1]))

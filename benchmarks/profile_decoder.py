@@ -1,0 +1,107 @@
+"""Where one token's time goes in the PB LSTM decoder on CUDA: per-kernel GPU time vs host time.
+
+Builds :func:`pbtvm.decoder.compile_decoder` for a random word-level LM, then prints
+1. the per-kernel GPU time of one token (torch.profiler/CUPTI sees TVM's kernels too), and
+2. medians of: the whole Python call (``dec(tok, state)``), the bare VM call on ready TVM tensors,
+   each followed by a device synchronise.
+
+    python benchmarks/profile_decoder.py --hidden 650 --layers 2 --bits 4
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import tvm
+
+from pbtvm.decoder import compile_decoder
+from pbtvm.ptb import word_lm
+from pbtvm.schedules import cuda as cuda_rules
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--hidden", type=int, default=650)
+ap.add_argument("--layers", type=int, default=2)
+ap.add_argument("--vocab", type=int, default=10000)
+ap.add_argument("--bits", type=int, default=4)
+ap.add_argument("--tokens", type=int, default=100)
+ap.add_argument("--no-graph", action="store_true", help="build without a CUDA graph")
+ap.add_argument("--cell-units", type=int, default=None, help="override schedules.cuda.CELL_UNITS")
+ap.add_argument("--dense-act-rows", type=int, default=None, help="override schedules.cuda.DENSE_ACT_ROWS")
+args = ap.parse_args()
+if args.cell_units:
+    cuda_rules.CELL_UNITS = args.cell_units
+if args.dense_act_rows:
+    cuda_rules.DENSE_ACT_ROWS = args.dense_act_rows
+
+torch.manual_seed(0)
+model = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
+t0 = time.perf_counter()
+dec = compile_decoder(
+    model.lstm, "cuda", args.bits, embedding=model.embedding, head=model.head, cuda_graph=not args.no_graph
+)
+print(
+    f"compiled in {time.perf_counter() - t0:.1f} s: {dec}, CELL_UNITS={cuda_rules.CELL_UNITS}, "
+    f"DENSE_ACT_ROWS={cuda_rules.DENSE_ACT_ROWS}"
+)
+dec.check_tokens = False
+tok = torch.tensor([1], device="cuda")
+state = dec.initial_state("cuda")
+
+
+def median_us(fn, n: int = args.tokens) -> float:  # noqa: ANN001
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(times)
+
+
+def python_call() -> None:
+    dec(tok, state)
+
+
+dec(tok, state)  # the VM is created on the first call
+vm = dec.model._vm
+dev = tvm.cuda(0)
+tvm_args = [tvm.runtime.from_dlpack(tok), tvm.runtime.from_dlpack(state[0]), tvm.runtime.from_dlpack(state[1])]
+tvm_args.append(tvm.runtime.ShapeTuple([args.bits]))
+main = vm["main"]
+
+
+def vm_call() -> None:
+    main(*tvm_args)
+
+
+def vm_call_sync() -> None:
+    main(*tvm_args)
+    dev.sync()
+
+
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for _ in range(args.tokens):
+        python_call()
+    torch.cuda.synchronize()
+kernels: dict[str, list[float]] = {}
+for ev in prof.events():
+    if ev.device_type == torch.autograd.DeviceType.CUDA:
+        kernels.setdefault(ev.name, []).append(ev.device_time)
+print(f"\nGPU time per token by kernel ({args.tokens} tokens, W{args.bits}, {args.layers}x{args.hidden})")
+total = 0.0
+for name, ts in sorted(kernels.items(), key=lambda kv: -sum(kv[1])):
+    per_token = sum(ts) / args.tokens
+    total += per_token
+    print(
+        f"  {name[:60]:<60}{len(ts) / args.tokens:>5.1f}x {statistics.median(ts):>9.1f} us  {per_token:>9.1f} us/token"
+    )
+print(f"  {'sum':<60}{'':>6} {'':>12}  {total:>9.1f} us/token")
+
+print("\nhost view, median per token:")
+print(f"  dec(tok, state) + sync      {median_us(python_call):>9.1f} us")
+print(f"  vm['main'](...) + sync      {median_us(vm_call):>9.1f} us")
+print(f"  vm + tvm dev.sync           {median_us(vm_call_sync):>9.1f} us")
