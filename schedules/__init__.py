@@ -2,7 +2,8 @@
 
 Installed as ``pbtvm.schedules``. A rule (:class:`ScheduleRule`) has a measured default schedule
 and a tunable template; :mod:`.tuning` registers the templates as MetaSchedule custom rules,
-runs the search and reads / writes the tuning log.
+runs the search and reads / writes the tuning log; :mod:`.verify` checks a tuned kernel against
+the default schedule on a local device before the compiler uses it.
 """
 
 from .rules import ScheduleRule, apply_default_schedule, rule_for, rules_for

@@ -38,6 +38,7 @@ from pbtvm.bitplane import FORMAT_VERSION
 from pbtvm.ops.pb_gemm import SCHEDULE_RULE
 
 from .rules import ScheduleRule, rule_for, rules_for
+from .verify import agrees_with_default
 
 logger = logging.getLogger(__name__)
 
@@ -609,6 +610,7 @@ def tuned_lookup(
     used: list[str] = []
     if database is None:
         return None, used
+    checked: dict[int, bool | None] = {}  # workload hash -> agrees with the default schedule
 
     def lookup(func: tir.PrimFunc) -> tir.PrimFunc | None:
         if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
@@ -625,6 +627,23 @@ def tuned_lookup(
             warnings.warn(
                 f"pbtvm: tuned schedule for {kernel_name(func)} does not apply ({err}); default used", stacklevel=2
             )
+            return None
+        key = tvm_ffi.structural_hash(func)
+        if key not in checked:
+            checked[key] = agrees_with_default(func, scheduled, target)
+            if checked[key] is False:
+                warnings.warn(
+                    f"pbtvm: the tuned schedule for {kernel_name(func)} in {log.path} computes a different result "
+                    "than the default schedule; default used",
+                    stacklevel=2,
+                )
+            elif checked[key] is None and len(checked) == 1:
+                warnings.warn(
+                    f"pbtvm: no local {target.kind.name} device of this arch: tuned schedules are used without "
+                    "checking them against the default schedule",
+                    stacklevel=2,
+                )
+        if checked[key] is False:
             return None
         used.append(kernel_name(func))
         return scheduled

@@ -89,7 +89,13 @@ def test_model_on_gpu_matches_cpu_and_reloads(tmp_path):
     np.testing.assert_array_equal(again(x), gpu(x))
 
 
-@pytest.mark.parametrize(("bits", "k"), [(4, 4096), (3, 1000), (1, 2048)])
+# One candidate sampled for (1, 2048) with the default seed returns -rowsum for every row on an
+# H100 (BENCHMARKS.md, 2026-11-23: the trace and what is known). Open; strict, so a fix shows up.
+# schedules/verify.py keeps such a record out of compiled models.
+BAD_CANDIDATE = pytest.mark.xfail(strict=True, reason="a sampled W1 candidate is wrong on an H100 (open bug)")
+
+
+@pytest.mark.parametrize(("bits", "k"), [(4, 4096), (3, 1000), pytest.param(1, 2048, marks=BAD_CANDIDATE)])
 def test_sampled_tunable_schedules_exact_on_gpu(bits, k, rng):
     """Every design space of the CUDA template, with random knobs, computes the exact product."""
     from pbtvm.cuda import build

@@ -21,9 +21,9 @@ import pbtvm
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
-from pbtvm._tvm import tvm
+from pbtvm._tvm import tir, tvm
 from pbtvm.cuda import build as cuda_build
-from pbtvm.schedules import tuning
+from pbtvm.schedules import tuning, verify
 from pbtvm.target import resolve_target
 
 from .models import MLP
@@ -124,6 +124,23 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     assert len(tuned.manifest["tuning"]["tuned_kernels"]) == 2
     x = torch.randn(5, 64)
     np.testing.assert_allclose(tuned(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+
+    # A tuned record whose kernel computes something else (here: nothing) is refused, loudly.
+    monkeypatch.setattr(tuning, "replay", lambda func, trace: func.with_body(tir.Evaluate(0)))
+    with pytest.warns(UserWarning, match="computes a different result than the default schedule"):
+        refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert refused.manifest["tuning"]["tuned_kernels"] == []
+    np.testing.assert_allclose(refused(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_tuned_schedule_check_runs_on_a_local_device_only(rng):
+    """A sampled schedule agrees with the default on the CPU; without a GPU nothing is claimed."""
+    fmt = bp.BitplaneFormat(4, 8)
+    func = kernels.dense_func(fmt, 40, 96, True)
+    (sch,) = tuning.sample_candidates(func, CPU, 1, seed=int(rng.integers(1 << 20)))[:1]
+    assert verify.agrees_with_default(func, tuning.replay(func, sch.trace), CPU) is True
+    if verify.local_device(SM90) is None:
+        assert verify.agrees_with_default(func, func, SM90) is None
 
 
 def _fake_log(path, target):  # noqa: ANN001, ANN202
