@@ -89,6 +89,20 @@ def test_model_on_gpu_matches_cpu_and_reloads(tmp_path):
     np.testing.assert_array_equal(again(x), gpu(x))
 
 
+def test_verify_refuses_the_wrong_sampled_candidate_on_gpu():
+    """``schedules.verify`` tells the known-wrong W1 candidate from its right siblings on the GPU."""
+    from pbtvm.schedules import tuning, verify
+
+    target = resolve_target("cuda")
+    func = kernels.int_product_func(bp.BitplaneFormat(1, 8), 96, 2048)
+    rng = np.random.default_rng(2839081137)  # the draws of the (1, 2048) case below, in order
+    rng.standard_normal((96, 2048))
+    rng.standard_normal((3, 2048))
+    candidates = tuning.sample_candidates(func, target, 3, seed=int(rng.integers(1 << 20)))
+    verdicts = [verify.agrees_with_default(func, tuning.replay(func, c.trace), target) for c in candidates]
+    assert False in verdicts and True in verdicts, verdicts
+
+
 # One candidate sampled for (1, 2048) with the default seed returns -rowsum for every row on an
 # H100 (BENCHMARKS.md, 2026-11-23: the trace and what is known). Open; strict, so a fix shows up.
 # schedules/verify.py keeps such a record out of compiled models.
