@@ -36,21 +36,33 @@ class CPUBitplaneGemm(ScheduleRule):
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         gemm = sch.get_sblock(GEMM_BLOCK)
-        b, n, i, j, w = sch.get_loops(gemm)
-        if tunable:
-            no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
-        else:
-            no, ni = sch.split(n, [None, ROW_TILE])
-        if variant.get("batch_inner", False):
-            sch.reorder(no, ni, b, i, w, j)
-        else:
-            sch.reorder(no, b, ni, i, w, j)
-        sch.parallel(no)
-        sch.unroll(j)
+        ni = _row_tiles(sch, gemm, tunable, variant.get("batch_inner", False))
         if tunable:
             sample_unroll(sch, ni)
         (epilogue,) = sch.get_consumers(gemm)
         sch.reverse_compute_at(epilogue, ni)
+
+
+def _row_tiles(
+    sch: s_tir.Schedule, gemm: s_tir.SBlockRV, tunable: bool = False, batch_inner: bool = False
+) -> s_tir.LoopRV:
+    """The GEMM as parallel tiles of output rows (``ROW_TILE``, or sampled when ``tunable``).
+
+    Inside a tile: batch then rows (rows then batch with ``batch_inner``), weight planes, words,
+    and the activation planes unrolled. Returns the tile's row loop.
+    """
+    b, n, i, j, w = sch.get_loops(gemm)
+    if tunable:
+        no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
+    else:
+        no, ni = sch.split(n, [None, ROW_TILE])
+    if batch_inner:
+        sch.reorder(no, ni, b, i, w, j)
+    else:
+        sch.reorder(no, b, ni, i, w, j)
+    sch.parallel(no)
+    sch.unroll(j)
+    return ni
 
 
 class CPUDenseAct(ScheduleRule):
@@ -69,11 +81,7 @@ class CPUDenseAct(ScheduleRule):
         """See :meth:`ScheduleRule.schedule`."""
         _schedule_pack(sch)
         gemm = sch.get_sblock(GEMM_BLOCK)
-        b, n, i, j, w = sch.get_loops(gemm)
-        no, ni = sch.split(n, [None, ROW_TILE])
-        sch.reorder(no, b, ni, i, w, j)
-        sch.parallel(no)
-        sch.unroll(j)
+        _row_tiles(sch, gemm)
         (epilogue,) = sch.get_consumers(gemm)
         sch.parallel(sch.fuse(*sch.get_loops(epilogue)))
 

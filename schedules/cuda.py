@@ -193,10 +193,7 @@ def _pack_words(sch: s_tir.Schedule, pack: s_tir.SBlockRV, loops: list, threads:
     disappears under ``compute_at``: then a thread per plane); ``threads`` as in :func:`_spread`.
     """
     if len(loops) == 2:
-        p, t = loops
-        innermost = _spread(sch, p, threads)[-1]
-        sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
-        sch.unroll(t)
+        _pack_thread_per_word(sch, pack, *loops, threads)
         return
     p, w, t = loops
     sch.reorder(w, p, t)
@@ -207,6 +204,15 @@ def _pack_words(sch: s_tir.Schedule, pack: s_tir.SBlockRV, loops: list, threads:
     sch.reorder(t, p)
     sch.unroll(t)
     sch.unroll(p)
+
+
+def _pack_thread_per_word(
+    sch: s_tir.Schedule, pack: s_tir.SBlockRV, outer: s_tir.LoopRV, t: s_tir.LoopRV, threads: list[tuple[str, int]]
+) -> None:
+    """A thread per iteration of ``outer`` (one packed word each), its 32 bits ``t`` in a register."""
+    innermost = _spread(sch, outer, threads)[-1]
+    sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
+    sch.unroll(t)
 
 
 def _pack_fused(sch: s_tir.Schedule) -> None:
@@ -280,8 +286,9 @@ def _packed_gemv(
 
     ``block`` is the loop bound to the thread block, ``row`` the loop over its output rows (one
     per warp, bound here to ``threadIdx.y``); the epilogue block ``pb_out<tag>`` is already under
-    ``row``; ``bits`` is the weight bitwidth. The pack: block-wide max |x|, every thread quantizes a share of the row once into
-    shared int32 codes, then a thread per word gathers 32 codes into every plane. The row: 32
+    ``row``; ``bits`` is the weight bitwidth. The pack: block-wide max |x|, every thread
+    quantizes a share of the row once into shared int32 codes, then a thread per (word, plane)
+    gathers that plane's bit of 32 codes. The row: 32
     lanes split the words (16-byte weight loads when K allows), warp-shuffle reduction, the code
     sum per warp (from the shared codes).
     """
@@ -335,9 +342,7 @@ def _packed_gemv(
         word_plane = sch.fuse(w, p)
     else:
         word_plane, t = loops
-    innermost = _spread(sch, word_plane, block_threads)[-1]
-    sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
-    sch.unroll(t)
+    _pack_thread_per_word(sch, pack, word_plane, t, block_threads)
 
 
 class CUDADenseAct(ScheduleRule):
