@@ -21,10 +21,21 @@ def find_cuda_tool(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
+    home = pip_cuda_home(name)
+    return os.path.join(home, "bin", name) if home else None
+
+
+def pip_cuda_home(tool: str = "nvcc") -> str | None:
+    """Root of the CUDA toolkit that pip's ``nvidia-*`` wheels installed (``.../nvidia/cu13``), or None.
+
+    ``pip install pbtvm[cuda]`` brings nvcc, its headers and libcu++ there; that is enough to build
+    and export CUDA kernels on a machine with no system CUDA. Only a root whose ``bin`` holds
+    ``tool`` counts.
+    """
     for root in site.getsitepackages() + [site.getusersitepackages()]:
-        hits = sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "bin", name)))
+        hits = sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "bin", tool)))
         if hits:
-            return hits[-1]
+            return os.path.dirname(os.path.dirname(hits[-1]))
     return None
 
 

@@ -22,6 +22,23 @@ def test_nvcc_is_installed():
     assert find_nvcc()
 
 
+def test_cuda_kernels_build_with_the_pip_toolkit_alone(monkeypatch, tmp_path):
+    """The `cuda` extra's nvcc wheel builds and exports kernels with no system CUDA on PATH."""
+    from pbtvm.tools import pip_cuda_home
+
+    home = pip_cuda_home()
+    assert home, "the CUDA toolkit wheels are missing: pip install -e '.[cuda]'"
+    monkeypatch.setenv("CUDA_HOME", home)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert find_nvcc().startswith(home)
+    torch.manual_seed(0)
+    path = str(tmp_path / "mlp_pip_nvcc.so")
+    pbtvm.compile(MLP(), (torch.randn(2, 40),), target=SM90, bits=4).export(path)
+    (binary,) = library.cuda_binaries(path)
+    assert "sm_90" in cuobjdump(["--list-elf"], binary, str(tmp_path))
+
+
 @pytest.mark.parametrize("layout", ["kNW", "NkW"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
 def test_pb_kernels_generate_warp_reduction_code(bits, layout):
