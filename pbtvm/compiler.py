@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -22,6 +23,19 @@ from .target import resolve_target, target_summary
 logger = logging.getLogger(__name__)
 
 
+def _without_torch_export_noise(fn: Any) -> Any:
+    """Hide torch's own ``LeafSpec`` FutureWarning (raised inside ``torch.export``; nothing for users)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_torch_export_noise
 def import_model(
     model: Any, example_inputs: tuple, dynamic_batch: bool = True
 ) -> tuple[tvm.IRModule, list[dict], bool]:
