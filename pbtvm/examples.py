@@ -63,13 +63,7 @@ def train_mnist_mlp(split: MnistSplit, hidden: tuple[int, ...] = (512, 512), epo
     import torch
 
     torch.manual_seed(seed)
-    sizes = (784, *hidden, 10)
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
+    model = _mlp((784, *hidden, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train)
     gen = torch.Generator().manual_seed(seed)
@@ -85,6 +79,58 @@ def train_mnist_mlp(split: MnistSplit, hidden: tuple[int, ...] = (512, 512), epo
             total += loss.item() * len(idx)
         logger.info("epoch %d loss %.4f", epoch, total / len(x))
     return model.eval()
+
+
+#: Epochs of the built-in MNIST MLP (demo, CLI ``mnist-mlp``, tutorial 01, tests): one model everywhere.
+BUILTIN_EPOCHS = 12
+
+
+def cache_dir() -> str:
+    """Where pbtvm keeps trained example models: ``$PBTVM_CACHE_DIR`` or ``~/.cache/pbtvm``."""
+    return os.environ.get("PBTVM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pbtvm")
+
+
+def builtin_mnist_mlp(seed: int = 0):  # noqa: ANN201
+    """The built-in MNIST MLP 784-512-512-10 and its split: trained once (seeded), then loaded from the cache.
+
+    The first call trains for :data:`BUILTIN_EPOCHS` epochs (~20 s on 2 cores) and saves the weights
+    under :func:`cache_dir` (keyed by seed, epochs and torch version); later calls load them, so
+    the demo, ``pbtvm bench/eval/compile mnist-mlp``, tutorial 01 and the tests all see one model.
+
+    Returns
+    -------
+    model : torch.nn.Sequential
+        In eval mode.
+    split : MnistSplit
+    """
+    import torch
+
+    split = mnist_split(seed=seed)
+    path = os.path.join(cache_dir(), f"mnist-mlp-784-512-512-10-s{seed}-e{BUILTIN_EPOCHS}-torch{torch.__version__}.pt")
+    if os.path.exists(path):
+        model = _mlp((784, 512, 512, 10))
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval(), split
+        except (RuntimeError, OSError, EOFError) as err:  # a truncated or foreign file: train anew
+            logger.warning("ignoring the unreadable cached model %s (%s)", path, err)
+    model = train_mnist_mlp(split, epochs=BUILTIN_EPOCHS, seed=seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return model, split
+
+
+def _mlp(sizes: tuple[int, ...]):  # noqa: ANN202
+    import torch
+
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
 
 
 def accuracy(predict, x: np.ndarray, y: np.ndarray) -> float:  # noqa: ANN001

@@ -23,7 +23,7 @@ def _progress(items: list, desc: str):  # noqa: ANN202
     try:
         from tqdm import tqdm
 
-        return tqdm(items, desc=desc, leave=False)
+        return tqdm(items, desc=desc, leave=False, disable=None)  # None: a bar only on a terminal
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return items
 
@@ -73,12 +73,11 @@ def evaluate_tradeoffs(
 
     import pbtvm
 
-    from .examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
+    from .examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
     if not bits:
         raise ValueError("give at least one weight bitwidth")
-    split = mnist_split(seed=0)
-    model = train_mnist_mlp(split, epochs=4)
+    model, split = builtin_mnist_mlp()
     example = (torch.from_numpy(split.x_train[:2]),)
     x1 = torch.from_numpy(split.x_test[:1])
     rows = []
@@ -130,6 +129,8 @@ def evaluate_tradeoffs(
                 }
             )
     for a in _progress(list(act_bits_sweep), "act bits"):
+        if a == 8 and 4 in bits:
+            continue  # W4A8 is already a point of the weight-bits series: one model, one point
         m = pbtvm.compile(model, example, target=target, bits=4, act_bits=a)
         rows.append(
             {
@@ -172,6 +173,42 @@ def write_table(rows: list[dict], path: str | None = None) -> str:
     return text
 
 
+#: Label offsets (points) tried in order until a label overlaps no other label and no marker.
+_LABEL_OFFSETS = [(5, 3), (5, -9), (-5, 3), (-5, -9), (0, 9), (0, -14), (10, 12), (-10, 12), (10, -18), (-10, -18)]
+
+
+def _label_points(fig: Any, ax: Any, rows: list[dict]) -> None:
+    """Write each point's config beside it where it overlaps no label or marker placed so far (greedy)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    for r in rows:
+        x, y = ax.transData.transform((r["latency_ms"], r["accuracy"]))
+        taken.append(_bbox(x - 6, y - 6, x + 6, y + 6))  # the marker itself
+    for r in sorted(rows, key=lambda r: (r["latency_ms"], r["accuracy"])):
+        for dx, dy in _LABEL_OFFSETS:
+            ha = "left" if dx >= 0 else "right"
+            text = ax.annotate(
+                r["config"], (r["latency_ms"], r["accuracy"]), fontsize=7, xytext=(dx, dy),
+                textcoords="offset points", ha=ha,
+            )
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(t) for t in taken):
+                taken.append(box)
+                break
+            text.remove()
+        else:  # crowded everywhere: keep the first place, readable enough and never silently dropped
+            dx, dy = _LABEL_OFFSETS[0]
+            ax.annotate(r["config"], (r["latency_ms"], r["accuracy"]), fontsize=7, xytext=(dx, dy), textcoords="offset points")
+
+
+def _bbox(x0: float, y0: float, x1: float, y1: float) -> Any:
+    """A display-space box (matplotlib ``Bbox``) from its corners."""
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
 def plot_pareto(rows: list[dict], path: str) -> dict:
     """Accuracy vs latency scatter per series, the Pareto front, fp32 marked; saved as PNG.
 
@@ -200,10 +237,7 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
             ax.scatter(xs, ys, marker="*", s=160, color="black", label=name, zorder=3)
         else:
             ax.scatter(xs, ys, marker=next(markers), s=45, label=name, zorder=3)
-        for p in pts:
-            ax.annotate(
-                p["config"], (p["latency_ms"], p["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
-            )
+    _label_points(fig, ax, rows)
     front = pareto_front(rows)
     ax.plot(
         [p["latency_ms"] for p in front],

