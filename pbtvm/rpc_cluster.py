@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def local_cluster(
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    start_new_session=True,
                 )
             )
         for i in range(servers):
@@ -93,7 +95,9 @@ def local_cluster(
             cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport)]
             cmd += ["--port-end", str(sport + 1), "--tracker", address, "--key", key]
             with open(logs[-1], "w") as fh:
-                procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
+                procs.append(
+                    subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                )
         deadline = time.time() + timeout
         while registered_servers(address, key) < servers:
             if procs[0].poll() is not None:
@@ -104,5 +108,22 @@ def local_cluster(
         yield address, logs
     finally:
         for p in procs:
-            p.kill()
-            p.wait(timeout=30)
+            _stop_group(p)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop ``proc`` and every process it started (an RPC server forks popen workers per session).
+
+    Each process was started in a session of its own, so its process group holds its workers too;
+    killing only ``proc`` would leave them running, listening on 127.0.0.1.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent's TERM
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,8 +1,12 @@
-"""Shared fixtures: seeded RNG (seed printed on failure), GPU detection, the gpu marker."""
+"""Shared fixtures: seeded RNG (seed printed on failure), GPU detection, the gpu marker, and a check
+that no process a test started (RPC servers, trackers, TVM popen workers) outlives the session."""
 
 from __future__ import annotations
 
 import os
+import signal
+import time
+import uuid
 import zlib
 
 import numpy as np
@@ -19,6 +23,44 @@ def _has_cuda_device() -> bool:
 
 
 HAS_GPU = _has_cuda_device()
+
+#: Every process the tests start inherits this variable, so leftovers can be found even after
+#: their parent died and they were re-parented (a killed RPC server's popen workers).
+SESSION_ENV = "PBTVM_TEST_SESSION"
+
+
+def pytest_sessionstart(session):  # noqa: ANN001, ARG001, D103
+    os.environ[SESSION_ENV] = uuid.uuid4().hex
+    # `timeout` and CI runners stop pytest with SIGTERM; as an interrupt it still runs fixture
+    # teardown (RPC clusters, worker pools) instead of leaving their processes behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _leftover_processes() -> list:
+    import psutil
+
+    token, me, found = os.environ.get(SESSION_ENV), os.getpid(), []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != me and proc.environ().get(SESSION_ENV) == token and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001, ARG001, D103
+    if SESSION_ENV not in os.environ:
+        return
+    deadline = time.time() + 15  # pools that are shutting down get a moment
+    while (left := _leftover_processes()) and time.time() < deadline:
+        time.sleep(0.5)
+    if left:
+        names = "\n".join(f"  pid {p.pid}: {' '.join(p.info['cmdline'] or [])[:160]}" for p in left)
+        print(f"\nFAILED: {len(left)} process(es) started by the tests are still running:\n{names}")
+        for proc in left:  # do not leave them behind for the next run either
+            proc.kill()
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001, D103
