@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, mnist_split, train_mnist_mlp
+from pbtvm.examples import accuracy, builtin_mnist_mlp
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true")
@@ -34,8 +34,7 @@ parser.add_argument("--trials", type=int, default=None, help="candidates per ker
 args = parser.parse_args()
 trials = args.trials or (2 if args.quick else 32)
 
-split = mnist_split(seed=0)
-model = train_mnist_mlp(split, epochs=2 if args.quick else 8)
+model, split = builtin_mnist_mlp()  # the built-in MNIST MLP: trained once, then cached
 example = (torch.from_numpy(split.x_train[:1]),)
 work = tempfile.mkdtemp(prefix="pbtvm-tutorial03-")
 
