@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -359,8 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbtvm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    # torch.export's pytree deprecation noise is not the user's concern.
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .library import LibraryError
     from .schedules.tuning import TuningLogError
