@@ -220,7 +220,10 @@ def _inspect_log(path: Path) -> int:
             counts[name] = sum(1 for line in f.read_text().splitlines() if line.strip()) if f.exists() else 0
         print(f"{log}: target {meta.get('target')}")
         print(f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}")
-        print(f"  {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)")
+        print(
+            f"  {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
+            " (per kernel: its default schedule plus every trial)"
+        )
     return 0
 
 
