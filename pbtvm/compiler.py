@@ -13,11 +13,12 @@ from . import __version__
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
-from .relay_passes import ApplyPBSchedules, PBLinearRewrite
+from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import resolve_target, target_summary
+from .torch_import import CONVERTERS
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def import_model(
             )
     if exported is None:
         exported = torch.export.export(model, example_inputs)
-    mod = from_exported_program(exported)
+    mod = from_exported_program(exported, custom_convert_map=CONVERTERS)
+    mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     specs = [
         {
             "dtype": str(x.dtype).replace("torch.", ""),
@@ -76,11 +78,15 @@ def import_model(
 
 
 def _layer_names(model: Any) -> dict[str, str]:
+    import torch
+
     names = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
-            names.setdefault(weight_key(weight.detach().cpu().numpy()), f"{name} ({type(module).__name__})")
+            w = weight.detach().cpu()
+            w = w.float() if w.dtype == torch.bfloat16 else w  # the rewrite keys bfloat16 weights as float32
+            names.setdefault(weight_key(w.numpy()), f"{name} ({type(module).__name__})")
     return names
 
 

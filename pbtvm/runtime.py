@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,9 @@ class CompiledModel:
         self._on_cuda = False
         self._layer_args: dict[int, Any] = {}  # bitlayers -> ShapeTuple argument, made once
         self._shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
+        # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
+        # from several threads take turns (see README, "Thread safety and NaN policy").
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -132,13 +136,14 @@ class CompiledModel:
         if len(inputs) != len(specs):
             raise TypeError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
         layers = self.format.check_bitlayers(bitlayers)
-        self._ensure_vm()
-        args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
-        if self.manifest["has_bitlayers"]:
-            if layers not in self._layer_args:
-                self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
-            args.append(self._layer_args[layers])
-        out = self._main(*args)
+        with self._lock:
+            self._ensure_vm()
+            args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
+            if self.manifest["has_bitlayers"]:
+                if layers not in self._layer_args:
+                    self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
+                args.append(self._layer_args[layers])
+            out = self._main(*args)
         outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
         as_torch = _is_torch(inputs[0])
         converted = [_from_tvm(o, as_torch) for o in outs]

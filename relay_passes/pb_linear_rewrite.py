@@ -40,7 +40,8 @@ UNCONVERTED_LAYER_OPS = (
     "relax.nn.conv1d_transpose",
     "relax.nn.conv2d_transpose",
 )
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+#: Activation dtypes the rewrite converts (the PB kernels compute in float32 and cast back).
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class _Linear:
     weight: np.ndarray  # [N, K] float
     bias: np.ndarray | None
     result: relax.Expr
+    out_dtype: str
 
 
 @mutator
@@ -101,8 +103,12 @@ class _Rewriter(PyExprMutator):
         return expr
 
     def _constant(self, expr: relax.Expr) -> np.ndarray | None:
+        """The value of a constant operand; bfloat16 (no numpy dtype) comes back as float32."""
         expr = self._unwrap(expr)
-        return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
+        if not isinstance(expr, tvm.ir.Constant):
+            return None
+        value = expr.value.numpy()
+        return value.astype(np.float32) if str(expr.value.dtype) == "bfloat16" else value
 
     def _weight_of(self, rhs: relax.Expr) -> tuple[np.ndarray | None, str]:
         """W [N, K] from the matmul's right operand, or (None, reason)."""
@@ -140,7 +146,7 @@ class _Rewriter(PyExprMutator):
         if not isinstance(ty, relax.TensorType) or ty.ndim < 2 or ty.shape is None:
             return None, None, "activation has unknown rank or shape"
         if str(ty.dtype) not in FLOAT_DTYPES:
-            return None, None, f"activation dtype {ty.dtype} is not floating point"
+            return None, None, f"activation dtype {ty.dtype} is not one of {', '.join(FLOAT_DTYPES)}"
         k_dim = ty.shape.values[-1]
         if not isinstance(k_dim, tir.IntImm) or int(k_dim) != weight.shape[1]:
             return None, None, f"activation K {k_dim} does not match weight {weight.shape}"
@@ -207,7 +213,8 @@ class _Rewriter(PyExprMutator):
         self._act_packs.append((x2, packed))
         return packed
 
-    def _emit_linear(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+    def _emit_linear(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, out_dtype: str) -> relax.Expr:
+        """PB layer on ``x``; computes in float32, returns ``out_dtype`` (the matmul's)."""
         n_out, k_dim = (int(d) for d in weight.shape)
         ty = x.ty
         dims = list(ty.shape.values)
@@ -236,15 +243,16 @@ class _Rewriter(PyExprMutator):
             kernel_attrs("pb_gemm", fmt, k_dim),
             (self.bitlayers,),
         )
-        if str(ty.dtype) != "float32":
-            out = relax.op.astype(self.builder_.emit(out), ty.dtype)
+        if out_dtype != "float32":
+            out = relax.op.astype(self.builder_.emit(out), out_dtype)
         if ty.ndim != 2:
             out = relax.op.reshape(self.builder_.emit(out), dims[:-1] + [n_out])
         self.n_rewritten += 1
         return out
 
-    def _record(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, result: relax.Expr) -> relax.Expr:
-        self._linears.append(_Linear(x, weight, bias, result))
+    def _record(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, out_dtype: str) -> relax.Expr:
+        result = self._emit_linear(x, weight, bias, out_dtype)
+        self._linears.append(_Linear(x, weight, bias, result, out_dtype))
         return result
 
     def _linear_of(self, expr: relax.Expr) -> _Linear | None:
@@ -264,12 +272,14 @@ class _Rewriter(PyExprMutator):
                 bias = self._constant(rhs)
                 if lin is not None and lin.bias is None and bias is not None and bias.shape == (lin.weight.shape[0],):
                     self.n_rewritten -= 1  # the bias-free version becomes dead code
-                    self._linears.remove(lin)
-                    return self._record(lin.x, lin.weight, bias, self._emit_linear(lin.x, lin.weight, bias))
+                    # By identity: ``remove`` compares with ==, which numpy weights do not support.
+                    self._linears = [other for other in self._linears if other is not lin]
+                    return self._record(lin.x, lin.weight, bias, lin.out_dtype)
         elif name == "relax.matmul":
             x, weight, reason = self._match_matmul(call)
             if weight is not None:
-                return self._record(x, weight, None, self._emit_linear(x, weight, None))
+                out_dtype = str(call.attrs.out_dtype)
+                return self._record(x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype))
             self.report.skipped.append({"op": name, "reason": reason, "weight_key": None})
         elif name in UNCONVERTED_LAYER_OPS:
             w = self._constant(call.args[1])
