@@ -9,7 +9,7 @@ import time
 import warnings
 from typing import Any
 
-from . import __version__
+from . import __version__, outputs
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
@@ -240,17 +240,19 @@ def compile(  # noqa: A001 - the public name users expect
         tune_kernels(_pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
     with torch_no_grad():
         out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
+    structure = outputs.describe(out)
     return build_model(
         mod,
         fmt,
         tvm_target,
         specs,
         dynamic=dynamic,
-        single_output=not isinstance(out, tuple | list),
+        single_output=structure == outputs.TENSOR,
         converted=converted,
         skipped=skipped,
         work_dir=work_dir,
         tune_batch=tune_batch,
+        extra={"output_structure": structure},
     )
 
 

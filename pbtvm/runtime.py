@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import library
+from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .target import local_cuda_arch
@@ -129,8 +129,14 @@ class CompiledModel:
 
         Returns
         -------
-        torch.Tensor / numpy.ndarray, or a tuple of them
-            Same kind as the first input, same structure as the torch model's output.
+        torch.Tensor / numpy.ndarray, or a tuple / list / dict of them
+            Same kind as the first input, same structure as the torch model's output (nested
+            tuples and dicts included).
+
+        Notes
+        -----
+        Thread-safe: one model may be called from several threads; the calls take turns on the
+        model's one VM (a lock), so threads get correct results but no parallel speed-up.
         """
         specs = self.manifest["inputs"]
         if len(inputs) != len(specs):
@@ -147,6 +153,9 @@ class CompiledModel:
         outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
         as_torch = _is_torch(inputs[0])
         converted = [_from_tvm(o, as_torch) for o in outs]
+        structure = self.manifest.get("output_structure")
+        if structure is not None:
+            return outputs.rebuild(structure, converted)
         return converted[0] if self.manifest["single_output"] else tuple(converted)
 
     # ------------------------------------------------------------------ export
