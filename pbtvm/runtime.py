@@ -33,6 +33,7 @@ class CompiledModel:
     """
 
     def __init__(self, module: Any, manifest: dict, device: str) -> None:
+        check_device(device)
         self._module = module
         self.manifest = manifest
         self.format = BitplaneFormat.from_dict(manifest["format"])
@@ -165,6 +166,11 @@ class CompiledModel:
         Returns the path written.
         """
         path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot write {path}: the directory {folder} is not writable")
         if not hasattr(self._module, "mod"):
             raise ValueError("this model was loaded from a library; copy the .so instead of re-exporting")
         arch = self.manifest["target"].get("arch")
@@ -209,6 +215,15 @@ def check_manifest(manifest: dict, path: str) -> None:
         )
 
 
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    kind, sep, index = str(device).partition(":")
+    if kind == "cpu" and not sep or kind == "cuda" and (not sep or index.isdigit()):
+        return
+    hint = " (an NVIDIA GPU is 'cuda' or 'cuda:N')" if kind.lower() in ("gpu", "nvidia", "cuda") else ""
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}{hint}")
+
+
 def load(path: str, device: str | None = None) -> CompiledModel:
     """Load a library written by :meth:`CompiledModel.export`.
 
@@ -220,13 +235,18 @@ def load(path: str, device: str | None = None) -> CompiledModel:
 
     Raises
     ------
+    ValueError
+        ``device`` is not ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     FileNotFoundError, pbtvm.library.LibraryError
         Missing file; not a pbtvm library; corrupt; built by another TVM or format version; or
         its target does not match ``device``.
     """
     path = os.fspath(path)
+    if device is not None:
+        check_device(device)
     manifest = library.read_manifest(path)
     check_manifest(manifest, path)
+    library.verify_checksum(path, manifest)
     kind = manifest["target"]["kind"]
     built_for = "cuda" if kind == "cuda" else "cpu"
     device = device or built_for

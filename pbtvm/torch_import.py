@@ -5,6 +5,9 @@ matmul whose ``out_dtype`` is always float32, so a float16 / bfloat16 / float64 
 build (``R.add`` of a float16 bias and a float32 product) and one without a bias silently returns
 float32. The converters here keep the model's dtype: the product has the dtype of its operands,
 as in torch. They are passed as ``custom_convert_map`` (see :func:`pbtvm.compiler.import_model`).
+
+Each converter emits exactly one ``relax.matmul`` and records which torch module called the op
+(``nn_module_stack``), so a matmul left in full precision can be reported by module name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 from ._tvm import relax
+
+
+def module_name(node: Any) -> str:
+    """``"path (Type)"`` of the innermost torch module whose ``forward`` made ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"<model> ({node.target.__name__})"
+    path, kind = list(stack.values())[-1]
+    kind = getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1].rstrip("'>")
+    return f"{path or '<model>'} ({kind})"
 
 
 def _linear(node: Any, importer: Any) -> relax.Var:
@@ -45,8 +58,7 @@ def _addmm(node: Any, importer: Any) -> relax.Var:
     return out
 
 
-#: ``custom_convert_map`` for ``from_exported_program``.
-CONVERTERS = {
+_MATMUL_CONVERTERS = {
     "linear.default": _linear,
     "addmm.default": _addmm,
     "mm.default": _matmul,
@@ -54,4 +66,23 @@ CONVERTERS = {
     "matmul.default": _matmul,
 }
 
-__all__ = ["CONVERTERS"]
+
+def converters(owners: list[str]) -> dict:
+    """``custom_convert_map`` for ``from_exported_program``.
+
+    ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
+    (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
+    """
+
+    def recording(convert: Any) -> Any:
+        def run(node: Any, importer: Any) -> relax.Var:
+            if node.target.__name__ != "addmm.default" or node.kwargs.get("alpha", 1) != 0:
+                owners.append(module_name(node))
+            return convert(node, importer)
+
+        return run
+
+    return {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
+
+
+__all__ = ["converters", "module_name"]

@@ -56,6 +56,8 @@ class ConversionReport:
 
     converted: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    #: ``relax.matmul`` calls seen, converted or not; a skipped one has its ``matmul_index``.
+    n_matmuls: int = 0
 
 
 def weight_key(array: np.ndarray) -> str:
@@ -83,9 +85,12 @@ class _Linear:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport, layer_names: dict[str, str]
+    ) -> None:
         super().__init__(mod)
         self.fmt = fmt
+        self.layer_names = layer_names
         self.report = report
         self.bitlayers = tir.Var("bitlayers", "int64")
         self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant]] = {}
@@ -190,7 +195,11 @@ class _Rewriter(PyExprMutator):
     def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant]:
         key = weight_key(weight)
         if key not in self._packed_weights:
-            q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
+            try:
+                q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
+            except ValueError as err:  # e.g. NaN / Inf weights: say which layer
+                name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
+                raise ValueError(f"layer {name}: {err}") from None
             self._packed_weights[key] = (
                 relax.const(pack_weights(q, self.fmt), "uint32"),
                 relax.const(scale, "float32"),
@@ -276,11 +285,15 @@ class _Rewriter(PyExprMutator):
                     self._linears = [other for other in self._linears if other is not lin]
                     return self._record(lin.x, lin.weight, bias, lin.out_dtype)
         elif name == "relax.matmul":
+            index = self.report.n_matmuls
+            self.report.n_matmuls += 1
             x, weight, reason = self._match_matmul(call)
             if weight is not None:
                 out_dtype = str(call.attrs.out_dtype)
                 return self._record(x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype))
-            self.report.skipped.append({"op": name, "reason": reason, "weight_key": None})
+            const = self._weight_of(call.args[1])[0]
+            key = weight_key(const) if const is not None else None
+            self.report.skipped.append({"op": name, "reason": reason, "weight_key": key, "matmul_index": index})
         elif name in UNCONVERTED_LAYER_OPS:
             w = self._constant(call.args[1])
             key = weight_key(w) if w is not None else None
@@ -314,6 +327,8 @@ class PBLinearRewrite:
     ----------
     fmt : BitplaneFormat
         Weight bits, activation bits and layout of every converted layer.
+    layer_names : dict, optional
+        :func:`weight_key` -> layer name, for error messages (e.g. a weight holding NaN).
 
     Attributes
     ----------
@@ -321,13 +336,14 @@ class PBLinearRewrite:
         Filled by the last run.
     """
 
-    def __init__(self, fmt: BitplaneFormat) -> None:
+    def __init__(self, fmt: BitplaneFormat, layer_names: dict[str, str] | None = None) -> None:
         self.fmt = fmt
+        self.layer_names = dict(layer_names or {})
         self.report = ConversionReport()
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
-        rewriter = _Rewriter(mod, self.fmt, self.report)
+        rewriter = _Rewriter(mod, self.fmt, self.report, self.layer_names)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.rewrite(func))
