@@ -136,6 +136,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     """``pbtvm compile``."""
     import pbtvm
 
+    folder = Path(args.output).resolve().parent
+    if not folder.is_dir():  # before compiling, not after
+        raise CLIError(f"cannot write {args.output}: the directory {folder} does not exist")
     model, example, options = _model_and_options(args)
     m = pbtvm.compile(model, example, **options, tune=args.tune, work_dir=args.work_dir, trials=args.trials)
     m.export(args.output)
@@ -211,9 +214,10 @@ def _inspect_log(path: Path) -> int:
         raise CLIError(f"{path} holds no pbtvm tuning log ({tuning.LOG_META} not found)")
     for log in logs:
         try:
-            meta = json.loads((log / tuning.LOG_META).read_text())
-        except json.JSONDecodeError as err:
+            meta = json.loads((log / tuning.LOG_META).read_bytes().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CLIError(f"tuning log {log / tuning.LOG_META} is corrupt: {err}") from None
+        tuning.check_rows(log)  # what compile would reject, inspect rejects too
         counts = {}
         for name in (tuning.WORKLOADS, tuning.RECORDS):
             f = log / name
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (CLIError, LibraryError, TuningLogError, ValueError, TypeError, FileNotFoundError) as err:
+    except (CLIError, LibraryError, TuningLogError, ValueError, TypeError, FileNotFoundError, PermissionError) as err:
         if args.debug:
             raise
         print(f"pbtvm: error: {err}", file=sys.stderr)

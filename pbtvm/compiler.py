@@ -10,15 +10,16 @@ import time
 import warnings
 from typing import Any
 
-from . import __version__
+from . import __version__, outputs
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
-from .relay_passes import ApplyPBSchedules, PBLinearRewrite
+from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import resolve_target, target_summary
+from .torch_import import converters
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,15 @@ def _without_torch_export_noise(fn: Any) -> Any:
 
 @_without_torch_export_noise
 def import_model(
-    model: Any, example_inputs: tuple, dynamic_batch: bool = True
+    model: Any, example_inputs: tuple, dynamic_batch: bool = True, matmul_owners: list[str] | None = None
 ) -> tuple[tvm.IRModule, list[dict], bool]:
     """Import a torch module with ``torch.export`` + ``from_exported_program``.
 
     Returns the Relax module, the input specs (dtype, shape with None for a dynamic batch) and
     whether the batch dimension is dynamic. If torch cannot export a dynamic batch (the model
-    specialises on it), the batch is fixed with a warning.
+    specialises on it), the batch is fixed with a warning. ``matmul_owners``, if given, receives
+    the torch module of every ``relax.matmul`` in the module, in order (see
+    :func:`pbtvm.torch_import.converters`).
     """
     import torch
     from tvm.relax.frontend.torch import from_exported_program
@@ -78,7 +81,8 @@ def import_model(
             )
     if exported is None:
         exported = torch.export.export(model, example_inputs)
-    mod = from_exported_program(exported)
+    mod = from_exported_program(exported, custom_convert_map=converters([] if matmul_owners is None else matmul_owners))
+    mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     specs = [
         {
             "dtype": str(x.dtype).replace("torch.", ""),
@@ -90,26 +94,41 @@ def import_model(
 
 
 def _layer_names(model: Any) -> dict[str, str]:
+    import torch
+
     names = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
-            names.setdefault(weight_key(weight.detach().cpu().numpy()), f"{name} ({type(module).__name__})")
+            w = weight.detach().cpu()
+            w = w.float() if w.dtype == torch.bfloat16 else w  # the rewrite keys bfloat16 weights as float32
+            names.setdefault(weight_key(w.numpy()), f"{name} ({type(module).__name__})")
     return names
 
 
 def _rewrite(model: Any, example_inputs: Any, fmt: BitplaneFormat, tvm_target: tvm.target.Target, dynamic_batch: bool):  # noqa: ANN202
     """Import the model and run the PB graph rewrite (kernels not yet scheduled)."""
     t0 = time.perf_counter()
-    mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch)
+    owners: list[str] = []
+    mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch, owners)
     logger.info("imported model in %.1fs", time.perf_counter() - t0)
-    rewrite = PBLinearRewrite(fmt)
+    names = _layer_names(model)
+    rewrite = PBLinearRewrite(fmt, names)
     with tvm_target:
         mod = rewrite(mod)
     report = rewrite.report
-    names = _layer_names(model)
     converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
-    skipped = [{"name": names.get(s["weight_key"] or "", s["op"]), **s} for s in report.skipped]
+    # Matmuls are named by the torch module that called them when every one came from pbtvm's
+    # converters (then the rewrite's matmul order is the converters' order).
+    by_order = owners if len(owners) == report.n_matmuls else []
+
+    def skipped_name(s: dict) -> str:
+        if s["weight_key"] in names:
+            return names[s["weight_key"]]
+        index = s.get("matmul_index")
+        return f"{by_order[index]}: {s['op']}" if index is not None and by_order else s["op"]
+
+    skipped = [{"name": skipped_name(s), **s} for s in report.skipped]
     return mod, specs, dynamic, converted, skipped
 
 
@@ -248,17 +267,19 @@ def compile(  # noqa: A001 - the public name users expect
         tune_kernels(_pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
     with torch_no_grad():
         out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
+    structure = outputs.describe(out)
     return build_model(
         mod,
         fmt,
         tvm_target,
         specs,
         dynamic=dynamic,
-        single_output=not isinstance(out, tuple | list),
+        single_output=structure == outputs.TENSOR,
         converted=converted,
         skipped=skipped,
         work_dir=work_dir,
         tune_batch=tune_batch,
+        extra={"output_structure": structure},
     )
 
 

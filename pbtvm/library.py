@@ -6,8 +6,13 @@ Layout of an exported library (Linux ELF):
   readable without loading the library (``pbtvm inspect``, and the checks :func:`pbtvm.load`
   makes before it hands the file to TVM).
 * ``.pbtvm_devbin``: the symbol ``__tvm_ffi__library_bin`` that TVM's loader reads: the
-  serialized import tree (VM bytecode, device modules). Any CUDA module that still holds CUDA
-  source is replaced by an nvcc-built fatbin here, so loading needs no compiler.
+  serialized import tree (VM bytecode with the packed weights, device modules). Any CUDA module
+  that still holds CUDA source is replaced by an nvcc-built fatbin here, so loading needs no
+  compiler.
+
+The manifest's ``checksum`` is a SHA-256 over the rest of the manifest and the devbin blob;
+:func:`verify_checksum` (run by :func:`pbtvm.load`) refuses a library whose manifest was edited
+(e.g. to claim other bits) or whose weights were changed.
 
 TVM's blob format (tvm-ffi ``SerializeModuleToBytes``): ``u64 nbytes``, then a u64-vector of
 import-tree row pointers, a u64-vector of child indices, then per module a string ``kind`` and,
@@ -17,6 +22,7 @@ payload is ``fmt`` string, function table, code bytes (code last).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -205,8 +211,8 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     cuda_arch : str or None
         ``sm_XY`` to compile any remaining CUDA source for; None for CPU modules.
     """
-    manifest_bytes = json.dumps(manifest, sort_keys=True).encode() + b"\0"
     pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
+    manifest_c = None
 
     def fpack_imports(mod: Any, is_system_lib: bool, prefix: str, workspace: str) -> str:
         if is_system_lib or prefix:
@@ -219,16 +225,44 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
                     raise LibraryError("the module has CUDA kernels but no CUDA arch was given")
                 sources = sources if sources is not None else _cuda_sources(mod)
                 m.payload = _source_to_fatbin(m.payload, sources, cuda_arch)
+        blob = serialize_blob(row_ptr, children, modules)
         out = os.path.join(workspace, "pbtvm_devc.c")
         with open(out, "w") as f:
-            f.write(_c_array(BLOB_SYMBOL, DEVBIN_SECTION, serialize_blob(row_ptr, children, modules)))
+            f.write(_c_array(BLOB_SYMBOL, DEVBIN_SECTION, blob))
+        # TVM packs the imports before it compiles the addons: the manifest can hash the blob.
+        signed = {**manifest, "checksum": checksum(manifest, blob)}
+        with open(manifest_c, "w") as f:
+            f.write(_c_array("pbtvm_manifest", MANIFEST_SECTION, json.dumps(signed, sort_keys=True).encode() + b"\0"))
         return out
 
     with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp:
         manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
-        with open(manifest_c, "w") as f:
-            f.write(_c_array("pbtvm_manifest", MANIFEST_SECTION, manifest_bytes))
         executable.mod.export_library(path, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
+
+
+def checksum(manifest: dict, blob: bytes) -> str:
+    """``sha256:<hex>`` over the manifest (without its ``checksum`` entry) and the devbin blob."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "checksum"}, sort_keys=True).encode())
+    h.update(blob)
+    return "sha256:" + h.hexdigest()
+
+
+def verify_checksum(path: str, manifest: dict) -> None:
+    """Raise :class:`LibraryError` unless the manifest's checksum matches the manifest and blob.
+
+    A library whose manifest was edited (say, to claim other bits) would otherwise load and
+    compute garbage; one without a checksum was not written by :func:`export_library`.
+    """
+    want = manifest.get("checksum")
+    if not want:
+        raise LibraryError(f"{path}: the pbtvm manifest has no checksum (not written by pbtvm export): re-export it")
+    blob = read_elf_section(path, DEVBIN_SECTION)
+    if blob is None:
+        raise LibraryError(f"{path} has no {DEVBIN_SECTION} section: not a pbtvm library")
+    if checksum(manifest, blob) != want:
+        raise LibraryError(
+            f"{path}: checksum mismatch: the manifest or the weights were changed after export; re-export the model"
+        )
 
 
 def read_manifest(path: str) -> dict:

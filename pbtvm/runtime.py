@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
 
-from . import library
+from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .target import local_cuda_arch
@@ -32,6 +33,7 @@ class CompiledModel:
     """
 
     def __init__(self, module: Any, manifest: dict, device: str) -> None:
+        check_device(device)
         self._module = module
         self.manifest = manifest
         self.format = BitplaneFormat.from_dict(manifest["format"])
@@ -42,6 +44,9 @@ class CompiledModel:
         self._on_cuda = False
         self._layer_args: dict[int, Any] = {}  # bitlayers -> ShapeTuple argument, made once
         self._shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
+        # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
+        # from several threads take turns (see README, "Thread safety and NaN policy").
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -125,23 +130,33 @@ class CompiledModel:
 
         Returns
         -------
-        torch.Tensor / numpy.ndarray, or a tuple of them
-            Same kind as the first input, same structure as the torch model's output.
+        torch.Tensor / numpy.ndarray, or a tuple / list / dict of them
+            Same kind as the first input, same structure as the torch model's output (nested
+            tuples and dicts included).
+
+        Notes
+        -----
+        Thread-safe: one model may be called from several threads; the calls take turns on the
+        model's one VM (a lock), so threads get correct results but no parallel speed-up.
         """
         specs = self.manifest["inputs"]
         if len(inputs) != len(specs):
             raise TypeError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
         layers = self.format.check_bitlayers(bitlayers)
-        self._ensure_vm()
-        args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
-        if self.manifest["has_bitlayers"]:
-            if layers not in self._layer_args:
-                self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
-            args.append(self._layer_args[layers])
-        out = self._main(*args)
+        with self._lock:
+            self._ensure_vm()
+            args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
+            if self.manifest["has_bitlayers"]:
+                if layers not in self._layer_args:
+                    self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
+                args.append(self._layer_args[layers])
+            out = self._main(*args)
         outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
         as_torch = _is_torch(inputs[0])
         converted = [_from_tvm(o, as_torch) for o in outs]
+        structure = self.manifest.get("output_structure")
+        if structure is not None:
+            return outputs.rebuild(structure, converted)
         return converted[0] if self.manifest["single_output"] else tuple(converted)
 
     # ------------------------------------------------------------------ export
@@ -151,6 +166,11 @@ class CompiledModel:
         Returns the path written.
         """
         path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot write {path}: the directory {folder} is not writable")
         if not hasattr(self._module, "mod"):
             raise ValueError("this model was loaded from a library; copy the .so instead of re-exporting")
         arch = self.manifest["target"].get("arch")
@@ -195,6 +215,15 @@ def check_manifest(manifest: dict, path: str) -> None:
         )
 
 
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    kind, sep, index = str(device).partition(":")
+    if kind == "cpu" and not sep or kind == "cuda" and (not sep or index.isdigit()):
+        return
+    hint = " (an NVIDIA GPU is 'cuda' or 'cuda:N')" if kind.lower() in ("gpu", "nvidia", "cuda") else ""
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}{hint}")
+
+
 def load(path: str, device: str | None = None) -> CompiledModel:
     """Load a library written by :meth:`CompiledModel.export`.
 
@@ -206,13 +235,18 @@ def load(path: str, device: str | None = None) -> CompiledModel:
 
     Raises
     ------
+    ValueError
+        ``device`` is not ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     FileNotFoundError, pbtvm.library.LibraryError
         Missing file; not a pbtvm library; corrupt; built by another TVM or format version; or
         its target does not match ``device``.
     """
     path = os.fspath(path)
+    if device is not None:
+        check_device(device)
     manifest = library.read_manifest(path)
     check_manifest(manifest, path)
+    library.verify_checksum(path, manifest)
     kind = manifest["target"]["kind"]
     built_for = "cuda" if kind == "cuda" else "cpu"
     device = device or built_for

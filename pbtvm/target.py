@@ -82,7 +82,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
         for key, value in CUDA_LIMITS.items():
             spec.setdefault(key, value)
         return tvm.target.Target(_clean(spec), host=host)
-    raise ValueError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'")
+    hint = " (for an NVIDIA GPU use 'cuda')" if str(kind).lower() in ("gpu", "nvidia", "nvptx") else ""
+    raise ValueError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
 
 
 def _clean(spec: dict) -> dict:

@@ -3,11 +3,13 @@
 The folder keeps its historical name, but TVM >= 0.20 has no Relay: Relax replaced it as TVM's
 graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.relay_passes``.
 
-One pass per file. ``pbtvm.compile`` runs :class:`PBLinearRewrite`, then (optionally) tunes the
+One pass per file. ``pbtvm.compile`` runs :class:`NormalizeConstantIndices` (TVM's importer
+emits out-of-bounds negative ``take`` indices), :class:`PBLinearRewrite`, then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
 """
 
 from .apply_pb_schedules import ApplyPBSchedules
+from .normalize_constant_indices import NormalizeConstantIndices
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite
 
-__all__ = ["ApplyPBSchedules", "ConversionReport", "PBLinearRewrite"]
+__all__ = ["ApplyPBSchedules", "ConversionReport", "NormalizeConstantIndices", "PBLinearRewrite"]

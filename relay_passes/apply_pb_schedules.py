@@ -14,6 +14,25 @@ logger = logging.getLogger(__name__)
 OPAQUE = 8
 
 
+def check_bitlayers(func: tir.PrimFunc) -> tir.PrimFunc:
+    """``func`` with an entry check ``1 <= bitlayers <= bits`` if it has a ``bitlayers`` parameter.
+
+    The kernel reads ``bitlayers`` weight planes; a deployment that calls the library through the
+    TVM runtime alone (no pbtvm checks in Python) must get an error for 0, -1 or bits+1, not an
+    out-of-bounds read. The check is one scalar comparison per kernel launch.
+    """
+    var = next((p for p in func.params if p.name == "bitlayers" and isinstance(p.ty, tvm.ir.PrimType)), None)
+    if var is None:
+        return func
+    bits, dtype = int(func.attrs["pbtvm.bits"]), str(var.ty.dtype)
+    cond = tir.And(var >= tir.const(1, dtype), var <= tir.const(bits, dtype))
+    message = f"pbtvm: bitlayers must be in 1..{bits} (the model's weight bits)"
+    # TVM 0.27's Python AssertStmt documents (kind, condition, ...) but its constructor takes
+    # (condition, kind, ...): pass the constructor's order.
+    check = tir.AssertStmt(cond, tvm.ir.StringImm("ValueError"), [tvm.ir.StringImm(message)])
+    return func.with_body(tir.SeqStmt([check, func.body]))
+
+
 @tvm.transform.module_pass(opt_level=0, name="ApplyPBSchedules")
 class ApplyPBSchedules:
     """Schedule every PrimFunc tagged ``pbtvm.kernel`` and mark it scheduled and opaque.
@@ -42,6 +61,7 @@ class ApplyPBSchedules:
                 scheduled = apply_default_schedule(func, self.target)
             else:
                 logger.debug("tuned schedule for %s", gvar.name_hint)
+            scheduled = check_bitlayers(scheduled)
             updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
         for gvar, func in updates.items():
             mod[gvar] = func

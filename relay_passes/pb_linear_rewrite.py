@@ -40,7 +40,8 @@ UNCONVERTED_LAYER_OPS = (
     "relax.nn.conv1d_transpose",
     "relax.nn.conv2d_transpose",
 )
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+#: Activation dtypes the rewrite converts (the PB kernels compute in float32 and cast back).
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass
@@ -55,6 +56,8 @@ class ConversionReport:
 
     converted: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    #: ``relax.matmul`` calls seen, converted or not; a skipped one has its ``matmul_index``.
+    n_matmuls: int = 0
 
 
 def weight_key(array: np.ndarray) -> str:
@@ -77,13 +80,17 @@ class _Linear:
     weight: np.ndarray  # [N, K] float
     bias: np.ndarray | None
     result: relax.Expr
+    out_dtype: str
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport, layer_names: dict[str, str]
+    ) -> None:
         super().__init__(mod)
         self.fmt = fmt
+        self.layer_names = layer_names
         self.report = report
         self.bitlayers = tir.Var("bitlayers", "int64")
         self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant]] = {}
@@ -101,8 +108,12 @@ class _Rewriter(PyExprMutator):
         return expr
 
     def _constant(self, expr: relax.Expr) -> np.ndarray | None:
+        """The value of a constant operand; bfloat16 (no numpy dtype) comes back as float32."""
         expr = self._unwrap(expr)
-        return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
+        if not isinstance(expr, tvm.ir.Constant):
+            return None
+        value = expr.value.numpy()
+        return value.astype(np.float32) if str(expr.value.dtype) == "bfloat16" else value
 
     def _weight_of(self, rhs: relax.Expr) -> tuple[np.ndarray | None, str]:
         """W [N, K] from the matmul's right operand, or (None, reason)."""
@@ -140,7 +151,7 @@ class _Rewriter(PyExprMutator):
         if not isinstance(ty, relax.TensorType) or ty.ndim < 2 or ty.shape is None:
             return None, None, "activation has unknown rank or shape"
         if str(ty.dtype) not in FLOAT_DTYPES:
-            return None, None, f"activation dtype {ty.dtype} is not floating point"
+            return None, None, f"activation dtype {ty.dtype} is not one of {', '.join(FLOAT_DTYPES)}"
         k_dim = ty.shape.values[-1]
         if not isinstance(k_dim, tir.IntImm) or int(k_dim) != weight.shape[1]:
             return None, None, f"activation K {k_dim} does not match weight {weight.shape}"
@@ -184,7 +195,11 @@ class _Rewriter(PyExprMutator):
     def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant]:
         key = weight_key(weight)
         if key not in self._packed_weights:
-            q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
+            try:
+                q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
+            except ValueError as err:  # e.g. NaN / Inf weights: say which layer
+                name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
+                raise ValueError(f"layer {name}: {err}") from None
             self._packed_weights[key] = (
                 relax.const(pack_weights(q, self.fmt), "uint32"),
                 relax.const(scale, "float32"),
@@ -207,7 +222,8 @@ class _Rewriter(PyExprMutator):
         self._act_packs.append((x2, packed))
         return packed
 
-    def _emit_linear(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+    def _emit_linear(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, out_dtype: str) -> relax.Expr:
+        """PB layer on ``x``; computes in float32, returns ``out_dtype`` (the matmul's)."""
         n_out, k_dim = (int(d) for d in weight.shape)
         ty = x.ty
         dims = list(ty.shape.values)
@@ -236,15 +252,16 @@ class _Rewriter(PyExprMutator):
             kernel_attrs("pb_gemm", fmt, k_dim),
             (self.bitlayers,),
         )
-        if str(ty.dtype) != "float32":
-            out = relax.op.astype(self.builder_.emit(out), ty.dtype)
+        if out_dtype != "float32":
+            out = relax.op.astype(self.builder_.emit(out), out_dtype)
         if ty.ndim != 2:
             out = relax.op.reshape(self.builder_.emit(out), dims[:-1] + [n_out])
         self.n_rewritten += 1
         return out
 
-    def _record(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, result: relax.Expr) -> relax.Expr:
-        self._linears.append(_Linear(x, weight, bias, result))
+    def _record(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, out_dtype: str) -> relax.Expr:
+        result = self._emit_linear(x, weight, bias, out_dtype)
+        self._linears.append(_Linear(x, weight, bias, result, out_dtype))
         return result
 
     def _linear_of(self, expr: relax.Expr) -> _Linear | None:
@@ -264,13 +281,19 @@ class _Rewriter(PyExprMutator):
                 bias = self._constant(rhs)
                 if lin is not None and lin.bias is None and bias is not None and bias.shape == (lin.weight.shape[0],):
                     self.n_rewritten -= 1  # the bias-free version becomes dead code
-                    self._linears.remove(lin)
-                    return self._record(lin.x, lin.weight, bias, self._emit_linear(lin.x, lin.weight, bias))
+                    # By identity: ``remove`` compares with ==, which numpy weights do not support.
+                    self._linears = [other for other in self._linears if other is not lin]
+                    return self._record(lin.x, lin.weight, bias, lin.out_dtype)
         elif name == "relax.matmul":
+            index = self.report.n_matmuls
+            self.report.n_matmuls += 1
             x, weight, reason = self._match_matmul(call)
             if weight is not None:
-                return self._record(x, weight, None, self._emit_linear(x, weight, None))
-            self.report.skipped.append({"op": name, "reason": reason, "weight_key": None})
+                out_dtype = str(call.attrs.out_dtype)
+                return self._record(x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype))
+            const = self._weight_of(call.args[1])[0]
+            key = weight_key(const) if const is not None else None
+            self.report.skipped.append({"op": name, "reason": reason, "weight_key": key, "matmul_index": index})
         elif name in UNCONVERTED_LAYER_OPS:
             w = self._constant(call.args[1])
             key = weight_key(w) if w is not None else None
@@ -304,6 +327,8 @@ class PBLinearRewrite:
     ----------
     fmt : BitplaneFormat
         Weight bits, activation bits and layout of every converted layer.
+    layer_names : dict, optional
+        :func:`weight_key` -> layer name, for error messages (e.g. a weight holding NaN).
 
     Attributes
     ----------
@@ -311,13 +336,14 @@ class PBLinearRewrite:
         Filled by the last run.
     """
 
-    def __init__(self, fmt: BitplaneFormat) -> None:
+    def __init__(self, fmt: BitplaneFormat, layer_names: dict[str, str] | None = None) -> None:
         self.fmt = fmt
+        self.layer_names = dict(layer_names or {})
         self.report = ConversionReport()
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
-        rewriter = _Rewriter(mod, self.fmt, self.report)
+        rewriter = _Rewriter(mod, self.fmt, self.report, self.layer_names)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.rewrite(func))

@@ -176,6 +176,57 @@ def target_key(target: tvm.target.Target) -> str:
     return f"{target.kind.name}-{detail or 'generic'}"
 
 
+def _workload_row_problem(row: object) -> str:
+    if not (isinstance(row, list) and len(row) == 2 and all(isinstance(v, str) for v in row)):
+        return "expected [hash, module] strings"
+    return ""
+
+
+def _record_row_problem(row: object, n_workloads: int) -> str:
+    if not (isinstance(row, list) and len(row) == 2 and type(row[0]) is int):
+        return "expected [workload index, record]"
+    if not 0 <= row[0] < n_workloads:
+        return f"workload index {row[0]} but the log has {n_workloads} workload(s)"
+    rec = row[1]
+    if not (isinstance(rec, list) and len(rec) == 4):
+        return "expected a record [trace, run_secs, target, arg_info]"
+    trace, secs, target, args = rec
+    if not isinstance(trace, list) or not isinstance(args, list) or not isinstance(target, dict):
+        return "trace, target or arg_info has the wrong type"
+    if secs is not None and not (isinstance(secs, list) and all(isinstance(t, int | float) for t in secs)):
+        return "run_secs is not a list of numbers"
+    return ""
+
+
+def check_rows(log_dir: Path) -> None:
+    """Raise :class:`TuningLogError` (file and line) unless every row of the log in ``log_dir`` is a MetaSchedule row.
+
+    A workload row is ``[structural hash, module]`` (two strings); a record row is
+    ``[workload index, [trace, run_secs, target, arg_info]]`` with the index naming a workload
+    row. MetaSchedule itself would crash (or segfault) on anything else.
+    """
+    n_workloads = 0
+    for name in (WORKLOADS, RECORDS):
+        path = Path(log_dir) / name
+        if not path.exists():
+            continue
+        for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            where = f"tuning log {path} is corrupt at line {lineno}"
+            try:
+                row = json.loads(raw.decode())
+            except UnicodeDecodeError:
+                raise TuningLogError(f"{where}: not text (binary data)") from None
+            except json.JSONDecodeError as err:
+                raise TuningLogError(f"{where}: {err}") from None
+            why = _workload_row_problem(row) if name == WORKLOADS else _record_row_problem(row, n_workloads)
+            if why:
+                raise TuningLogError(f"{where}: not a MetaSchedule {name.split('_')[-1][:-5]} row ({why})")
+            n_workloads += name == WORKLOADS
+
+
+
 @dataclass
 class TuningLog:
     """The MetaSchedule database of one target inside a ``work_dir``.
@@ -211,7 +262,9 @@ class TuningLog:
     def _mismatch(self) -> str | None:
         meta_path = self.path / LOG_META
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_bytes().decode())
+        except UnicodeDecodeError:
+            raise TuningLogError(f"tuning log {meta_path} is corrupt: not text (binary data)") from None
         except json.JSONDecodeError as err:
             raise TuningLogError(f"tuning log {meta_path} is corrupt: {err}") from None
         if not isinstance(meta, dict):
@@ -223,19 +276,12 @@ class TuningLog:
         return None
 
     def _check_records(self) -> None:
-        for name in (WORKLOADS, RECORDS):
-            path = self.path / name
-            if not path.exists():
-                continue
-            for lineno, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TuningLogError(f"tuning log {path} is corrupt at line {lineno}: {err}") from None
-                if not isinstance(row, list) or len(row) < 2:
-                    raise TuningLogError(f"tuning log {path} is corrupt at line {lineno}: not a MetaSchedule record")
+        check_rows(self.path)
+
+    def check(self) -> None:
+        """Raise :class:`TuningLogError` if the log's metadata or rows are corrupt (what compile checks)."""
+        self._mismatch()
+        self._check_records()
 
     def usable(self) -> bool:
         """Whether a log for this target exists and was made by this TVM and format version.
@@ -592,6 +638,24 @@ def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
     return sch.mod["main"]
 
 
+def _record_for(database: object, mod: tvm.IRModule, target: tvm.target.Target, where: Path, name: str):  # noqa: ANN202
+    """The best record of ``mod`` measured on ``target``'s kind and arch / mcpu, or None.
+
+    A record made for another CPU or GPU (e.g. a log copied between directories) is ignored with
+    a warning: its timings say nothing about this target, and its schedule may not even build.
+    """
+    want = target_key(target)
+    records = database.get_top_k(database.commit_workload(mod), 1 << 20)
+    foreign = [r for r in records if target_key(r.target) != want]
+    if foreign:
+        warnings.warn(
+            f"pbtvm: tuning log {where} holds {len(foreign)} record(s) for {target_key(foreign[0].target)} "
+            f"for {name}; this is {want}: those records are ignored",
+            stacklevel=3,
+        )
+    return next((r for r in records if target_key(r.target) == want), None)
+
+
 def tuned_lookup(
     work_dir: str | os.PathLike, target: tvm.target.Target, batch: int = 1
 ) -> tuple[Callable[[tir.PrimFunc], tir.PrimFunc | None] | None, list[str]]:
@@ -618,7 +682,7 @@ def tuned_lookup(
         mod = tvm.IRModule({"main": workload(func, batch)})
         if not database.has_workload(mod):
             return None
-        record = database.query_tuning_record(mod, target, "main")
+        record = _record_for(database, mod, target, log.path, kernel_name(func))
         if record is None:
             return None
         try:
@@ -657,6 +721,7 @@ __all__ = [
     "TuneReport",
     "TuningLog",
     "TuningLogError",
+    "check_rows",
     "kernel_name",
     "register_custom_rules",
     "replay",

@@ -13,7 +13,11 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     """Quantize ``x`` per row to ``fmt.act_bits`` and pack it into bitplanes.
 
     Mirrors :func:`pbtvm.quantize.quantize_activations` + :func:`pbtvm.bitplane.pack_activations`
-    bit for bit.
+    bit for bit on finite rows. Non-finite rows follow torch (README, "Thread safety and NaN
+    policy"): a NaN makes the row's scale NaN, so all its outputs are NaN; an infinite entry makes
+    the scale infinite and gets the code +-qmax, so the outputs are +-inf (NaN where a weight is 0).
+    The row max carries both facts at no extra pass: NaN counts as +inf and +-inf as the largest
+    float (``te.max`` drops NaN, and a custom NaN-keeping reducer cannot be a CUDA warp reduction).
 
     Parameters
     ----------
@@ -37,8 +41,21 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     qmax = float(fmt.act_qmax)
     acc_dtype = fmt.accumulator_dtype(k_int)
     r = te.reduce_axis((0, k_dim), "r")
-    amax = te.compute((batch,), lambda b: te.max(tir.abs(x[b, r]), axis=r), name=f"pb_amax{tag}")
-    x_scale = te.compute((batch,), lambda b: amax[b] / tir.const(qmax, "float32"), name=f"pb_xscale{tag}")
+    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
+
+    def magnitude(b, k):  # noqa: ANN001, ANN202
+        return tir.Select(tir.isnan(x[b, k]), inf, tir.min(tir.abs(x[b, k]), big))
+
+    amax = te.compute((batch,), lambda b: te.max(magnitude(b, r), axis=r), name=f"pb_amax{tag}")
+    x_scale = te.compute(
+        (batch,),
+        lambda b: tir.Select(
+            amax[b] == inf,
+            tir.const(float("nan"), "float32"),
+            tir.Select(amax[b] == big, inf, amax[b] / tir.const(qmax, "float32")),
+        ),
+        name=f"pb_xscale{tag}",
+    )
     inv = te.compute(
         (batch,),
         lambda b: tir.if_then_else(

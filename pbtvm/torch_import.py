@@ -1,0 +1,88 @@
+"""Converters that replace TVM 0.27's torch importer where it changes a model's meaning.
+
+``from_exported_program`` converts ``aten.linear``, ``addmm``, ``mm``, ``bmm`` and ``matmul`` with a
+matmul whose ``out_dtype`` is always float32, so a float16 / bfloat16 / float64 layer with a bias fails to
+build (``R.add`` of a float16 bias and a float32 product) and one without a bias silently returns
+float32. The converters here keep the model's dtype: the product has the dtype of its operands,
+as in torch. They are passed as ``custom_convert_map`` (see :func:`pbtvm.compiler.import_model`).
+
+Each converter emits exactly one ``relax.matmul`` and records which torch module called the op
+(``nn_module_stack``), so a matmul left in full precision can be reported by module name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._tvm import relax
+
+
+def module_name(node: Any) -> str:
+    """``"path (Type)"`` of the innermost torch module whose ``forward`` made ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"<model> ({node.target.__name__})"
+    path, kind = list(stack.values())[-1]
+    kind = getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1].rstrip("'>")
+    return f"{path or '<model>'} ({kind})"
+
+
+def _linear(node: Any, importer: Any) -> relax.Var:
+    """``aten.linear(x, W, b=None)`` in the dtype of ``x`` (TVM's forces float32)."""
+    args = importer.retrieve_args(node)
+    bias = args[2] if len(args) > 2 else None
+    return importer.block_builder.emit(relax.op.linear(args[0], args[1], bias))
+
+
+def _matmul(node: Any, importer: Any) -> relax.Var:
+    """``aten.mm / bmm / matmul(a, b)`` in the operands' dtype (torch requires them equal)."""
+    a, b = importer.retrieve_args(node)[:2]
+    return importer.block_builder.emit(relax.op.matmul(a, b))
+
+
+def _addmm(node: Any, importer: Any) -> relax.Var:
+    """``aten.addmm(b, x, W, beta=1, alpha=1)`` = ``beta * b + alpha * (x @ W)`` in the operands' dtype."""
+    bias, x, weight = (importer.env[a] for a in node.args[:3])
+    alpha = node.kwargs.get("alpha", 1)
+    beta = node.kwargs.get("beta", 1)
+    emit = importer.block_builder.emit
+    out = None
+    if alpha != 0:
+        out = emit(relax.op.matmul(x, weight))
+        if alpha != 1:
+            out = emit(relax.op.multiply(out, relax.const(alpha, out.ty.dtype)))
+    if beta != 0:
+        if beta != 1:
+            bias = emit(relax.op.multiply(bias, relax.const(beta, bias.ty.dtype)))
+        out = bias if out is None else emit(relax.op.add(bias, out))
+    return out
+
+
+_MATMUL_CONVERTERS = {
+    "linear.default": _linear,
+    "addmm.default": _addmm,
+    "mm.default": _matmul,
+    "bmm.default": _matmul,
+    "matmul.default": _matmul,
+}
+
+
+def converters(owners: list[str]) -> dict:
+    """``custom_convert_map`` for ``from_exported_program``.
+
+    ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
+    (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
+    """
+
+    def recording(convert: Any) -> Any:
+        def run(node: Any, importer: Any) -> relax.Var:
+            if node.target.__name__ != "addmm.default" or node.kwargs.get("alpha", 1) != 0:
+                owners.append(module_name(node))
+            return convert(node, importer)
+
+        return run
+
+    return {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
+
+
+__all__ = ["converters", "module_name"]

@@ -1,0 +1,96 @@
+"""Make every constant index in an imported graph non-negative and in bounds.
+
+TVM 0.27's torch importer turns ``x[:, -1]`` (``aten.select``) into ``R.take(x, -1, axis=1,
+mode="fast")``, and the ``fast`` take reads ``x[:, -1]`` as a raw offset: out of bounds, silent
+garbage (or a crash). This pass rewrites every ``take`` and ``gather_elements`` whose indices are
+a constant:
+
+* along a static axis of size ``n``, negative indices become ``i + n``; an index outside
+  ``[-n, n)`` is a :class:`ValueError` naming the op, axis and size (torch would raise too);
+* along a symbolic axis (the dynamic batch), a scalar negative index becomes
+  ``squeeze(strided_slice(x, [i, i + 1]))`` (``strided_slice`` counts negative bounds from the
+  end); other negative indices there are an error, as there is no size to check them against.
+
+``strided_slice`` itself handles negative bounds correctly and clamps, so it is left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from pbtvm._tvm import relax, tir, tvm
+
+#: Ops whose constant ``indices`` operand (argument 1) index ``data`` (argument 0) along ``axis``.
+INDEXING_OPS = ("relax.take", "relax.gather_elements")
+
+
+def _const_indices(expr: relax.Expr, lookup) -> np.ndarray | None:  # noqa: ANN001
+    while isinstance(expr, relax.Var):
+        bound = lookup(expr)
+        if bound is None:
+            return None
+        expr = bound
+    if isinstance(expr, tvm.ir.Constant) and str(expr.value.dtype).startswith(("int", "uint")):
+        return expr.value.numpy()
+    return None
+
+
+@mutator
+class _Normalizer(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = self.visit_expr_post_order(call)
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        if op not in INDEXING_OPS:
+            return call
+        indices = _const_indices(call.args[1], self.lookup_binding)
+        data_ty = call.args[0].ty
+        if indices is None or not isinstance(data_ty, relax.TensorType) or data_ty.shape is None:
+            return call
+        ndim = data_ty.ndim
+        axis = call.attrs.axis
+        if axis is None:  # take without an axis indexes the flattened tensor
+            dims = data_ty.shape.values
+            size = int(np.prod([int(d) for d in dims])) if all(isinstance(d, tir.IntImm) for d in dims) else None
+            axis_shown = "flattened"
+        else:
+            axis = int(axis) % ndim
+            dim = data_ty.shape.values[axis]
+            size = int(dim) if isinstance(dim, tir.IntImm) else None
+            axis_shown = str(axis)
+        if size is not None:
+            bad = indices[(indices < -size) | (indices >= size)]
+            if bad.size:
+                raise ValueError(
+                    f"{op} with constant index {int(bad.flat[0])} is out of bounds for axis {axis_shown} of size {size}"
+                )
+            if (indices < 0).any():
+                fixed = np.where(indices < 0, indices + size, indices).astype(indices.dtype)
+                return relax.Call(call.op, [call.args[0], relax.const(fixed, str(indices.dtype))], call.attrs)
+            return call
+        if not (indices < 0).any():
+            return call
+        if op == "relax.take" and indices.ndim == 0 and axis is not None:
+            i = int(indices)
+            end = i + 1 if i != -1 else np.iinfo(np.int64).max
+            sliced = self.builder_.emit(relax.op.strided_slice(call.args[0], [axis], [i], [end]))
+            return relax.op.squeeze(sliced, [axis])
+        raise ValueError(f"{op} with negative constant indices along the dynamic axis {axis_shown} is not supported")
+
+
+@tvm.transform.module_pass(opt_level=0, name="NormalizeConstantIndices")
+class NormalizeConstantIndices:
+    """Module pass: constant ``take`` / ``gather_elements`` indices made non-negative, bounds checked.
+
+    Raises
+    ------
+    ValueError
+        A constant index is out of bounds (names the op, the axis and its size).
+    """
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        normalizer = _Normalizer(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                normalizer.builder_.update_func(gvar, normalizer.visit_expr(func))
+        return normalizer.builder_.get()

@@ -1,0 +1,305 @@
+"""Reliability (issue 18): threads, shared inputs, negative indices, NaN, dicts, dtypes, deployed
+libraries, tuning logs, CLI and manifest errors. One test (or a few) per item, each one failing
+before its fix."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import library
+from pbtvm._tvm import relax, tvm
+from pbtvm.cli import main
+from pbtvm.lstm import compile_lstm
+from pbtvm.relay_passes import NormalizeConstantIndices
+from pbtvm.schedules import tuning
+from pbtvm.target import resolve_target
+
+CPU = resolve_target("llvm")
+
+
+def _compile(model, *example, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pbtvm.compile(model.eval(), example, **{"bits": 8, **kw})
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 0.03) -> None:
+    """PB (W8A8 unless said) against torch: error within ``rel`` of the output's scale."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.double(), want.detach().double()
+    assert (got - want).abs().max() <= rel * max(want.abs().max(), 1e-3)
+
+
+class Small(torch.nn.Module):
+    def __init__(self, k: int = 32, h: int = 16, n: int = 8) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(k, h), torch.nn.Linear(h, n)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+# ----------------------------------------------------------------------------- 1 threads
+def test_one_model_called_from_four_threads_equals_single_threaded():
+    torch.manual_seed(0)
+    model = Small()
+    m = _compile(model, torch.randn(2, 32))
+    inputs = [torch.randn(1 + i % 3, 32) for i in range(8)]
+    want = [m(x).clone() for x in inputs]
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        for call in range(200):
+            i = (t + call) % len(inputs)
+            got = m(inputs[i], bitlayers=None)
+            if not torch.equal(got, want[i]):
+                errors.append(f"thread {t} call {call}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+
+
+# ----------------------------------------------------------------------------- 2 shared inputs
+class SwiGLU(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = torch.nn.Linear(24, 32), torch.nn.Linear(24, 32), torch.nn.Linear(32, 24)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class QKV(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0, dim=-1)
+        return att @ self.v(x)
+
+
+@pytest.mark.parametrize("cls", [SwiGLU, QKV])
+def test_biased_linears_sharing_an_input_compile_and_are_correct(cls):
+    torch.manual_seed(1)
+    model = cls().eval()
+    x = torch.randn(2, 5, model.gate.in_features if cls is SwiGLU else 16)
+    m = _compile(model, x)
+    assert len(m.converted_layers) == 3
+    _close(m(x), model(x))
+    if cls is QKV:  # the activation x activation matmuls stay in fp32, named by their module
+        assert m.fp32_layers == ["<model> (QKV): relax.matmul"] * 2
+
+
+# ----------------------------------------------------------------------------- 3 indices
+class LastStep(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.head = torch.nn.Linear(16, 12), torch.nn.Linear(12, 4)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        h = torch.tanh(self.l1(x))
+        return self.head(h[:, -1]) + h[:, -2, :4] + h[-1, 0, :4]
+
+
+def test_negative_constant_indices_match_torch():
+    torch.manual_seed(2)
+    model = LastStep()
+    x = torch.randn(3, 5, 16)
+    m = _compile(model, x)
+    _close(m(x), model(x))
+    _close(m(x[:1]), model(x[:1]))  # h[-1] on the dynamic batch: the last row of any batch
+
+
+def test_negative_take_index_is_normalised_in_the_graph():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 5, 3], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.take(x, relax.const(-1, "int64"), axis=1))
+        bb.emit_func_output(out)
+    text = NormalizeConstantIndices()(bb.get())["main"].script()
+    assert 'R.const(4, "int64")' in text and "R.const(-1" not in text
+
+
+def test_out_of_bounds_constant_index_is_a_clear_error():
+    class Oob(torch.nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return torch.index_select(x, 1, torch.tensor([0, 7]))
+
+    with pytest.raises(ValueError, match="constant index 7 is out of bounds for axis 1 of size 5"):
+        _compile(Oob(), torch.randn(2, 5, 3))
+
+
+# ----------------------------------------------------------------------------- 4 NaN / inf
+def test_nan_and_inf_inputs_propagate_like_torch():
+    torch.manual_seed(3)
+    model = torch.nn.Linear(40, 8)
+    m = _compile(model, torch.randn(2, 40))
+    x = torch.randn(5, 40)
+    x[0, 3] = float("nan")
+    x[1, :] = float("nan")  # an all-NaN row once returned the bias
+    x[2, 5] = float("inf")
+    x[3, 7] = -float("inf")
+    got, want = m(x), model(x).detach()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[2:4].sign(), want[2:4].sign())
+    _close(got[4:], want[4:])
+
+
+def test_nan_propagates_through_compile_lstm():
+    torch.manual_seed(4)
+    lstm = torch.nn.LSTM(8, 16, batch_first=True)
+    m = compile_lstm(lstm, target="llvm", bits=8)
+    x = torch.randn(2, 4, 8)
+    x[0, 1, 3] = float("nan")
+    y, (h, _) = m(x)
+    want, (wh, _) = lstm(x)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(h.isnan(), wh.isnan())
+    assert y[0, 1:].isnan().all() and not y[1].isnan().any()
+
+
+# ----------------------------------------------------------------------------- 5 outputs
+class Structured(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 8)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = self.a(x)
+        return {"logits": y, "extra": (torch.relu(y), [y * 2]), 3: y.sum(-1)}
+
+
+def test_dict_and_nested_outputs_come_back_as_the_module_returns_them(tmp_path):
+    torch.manual_seed(5)
+    model = Structured()
+    x = torch.randn(2, 16)
+    m = _compile(model, x)
+    path = m.export(tmp_path / "s.so")
+    for compiled in (m, pbtvm.load(path)):
+        got, want = compiled(x), model(x)
+        assert list(got) == ["logits", "extra", 3]
+        assert isinstance(got["extra"], tuple) and isinstance(got["extra"][1], list)
+        _close(got["logits"], want["logits"])
+        _close(got["extra"][1][0], want["extra"][1][0])
+        _close(got[3], want[3], rel=0.05)
+
+
+# ----------------------------------------------------------------------------- 6 dtypes
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_bfloat_and_double_models_keep_their_dtype(dtype, bias):
+    torch.manual_seed(6)
+    model = torch.nn.Linear(32, 8, bias=bias).to(dtype)
+    x = torch.randn(3, 32).to(dtype)
+    m = _compile(model, x)
+    assert len(m.converted_layers) == 1 and m.fp32_layers == []
+    _close(m(x), model(x), rel=0.03 if dtype != torch.bfloat16 else 0.05)
+
+
+# ----------------------------------------------------------------------------- 7 raw VM bitlayers
+def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_path):
+    torch.manual_seed(7)
+    model = Small()
+    x = torch.randn(2, 32)
+    path = pbtvm.compile(model, (x,), bits=4).export(tmp_path / "m.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())  # what a TVM-only app does
+    arg = tvm.runtime.tensor(x.numpy())
+    for layers in (1, 4):
+        assert np.isfinite(vm["main"](arg, tvm.runtime.ShapeTuple([layers]))[0].numpy()).all()
+    for layers in (0, -1, 5, 64, 100000):
+        with pytest.raises(Exception, match=r"bitlayers must be in 1\.\.4"):
+            vm["main"](arg, tvm.runtime.ShapeTuple([layers]))
+
+
+# ----------------------------------------------------------------------------- 8 tuning logs
+def _log(tmp_path) -> tuning.TuningLog:  # noqa: ANN001
+    log = tuning.TuningLog(tmp_path, CPU)
+    with log.locked(exclusive=True):
+        log.database(create=True)
+    return log
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        (b'[0, "x"]\n', "not a MetaSchedule record row"),
+        (b"[7, [[], [1e-5], {}, []]]\n", "workload index 7"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe garbage", "not text"),
+        (b'{"a": 1}\n', "not a MetaSchedule record row"),
+    ],
+)
+def test_corrupt_tuning_log_is_an_error_naming_file_and_line(tmp_path, capsys, text, why):
+    log = _log(tmp_path)
+    (log.path / tuning.RECORDS).write_bytes(b"\n" + text)
+    with pytest.raises(tuning.TuningLogError, match=f"{tuning.RECORDS} is corrupt at line 2: .*{why}"):
+        tuning.tuned_lookup(tmp_path, CPU)
+    assert main(["inspect", str(tmp_path)]) == 2  # inspect rejects what compile rejects
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pbtvm: error: tuning log") and "line 2" in err[0]
+
+
+def test_record_for_another_cpu_in_a_matching_directory_is_ignored_with_a_warning(tmp_path):
+    from pbtvm import bitplane as bp
+    from pbtvm import kernels
+
+    ms = tuning.meta_schedule()
+    log = _log(tmp_path)
+    func = kernels.dense_func(bp.BitplaneFormat(4, 8), 16, 64, True)
+    other = resolve_target({"kind": "llvm", "mcpu": "skylake-avx512" if CPU.attrs["mcpu"] != "skylake-avx512" else "znver4"})
+    (sch,) = tuning.sample_candidates(func, CPU, 1, seed=3)[:1]
+    mod = tvm.IRModule({"main": tuning.workload(func, 1)})
+    db = log.database()
+    args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-6], other, args))
+    lookup, used = tuning.tuned_lookup(tmp_path, CPU)
+    with pytest.warns(UserWarning, match="record.s. for llvm-.* this is llvm-.*ignored"):
+        assert lookup(func) is None
+    assert used == []
+
+
+# ----------------------------------------------------------------------------- 9 smaller items
+def test_compile_to_a_missing_directory_is_one_error_line(capsys):
+    assert main(["compile", "mnist-mlp", "-o", "/nonexistent/dir/x.so"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pbtvm: error: cannot write /nonexistent/dir/x.so: the directory /nonexistent/dir does not exist"]
+
+
+def test_gpu_is_explained_as_cuda(tmp_path):
+    with pytest.raises(ValueError, match="for an NVIDIA GPU use 'cuda'"):
+        pbtvm.compile(Small(), (torch.randn(2, 32),), target="gpu")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        pbtvm.load(tmp_path / "x.so", device="gpu")
+
+
+def test_nan_weight_error_names_the_layer():
+    model = Small()
+    with torch.no_grad():
+        model.l2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer l2 \(Linear\): weights contain NaN or Inf"):
+        _compile(model, torch.randn(2, 32))
+
+
+def test_library_with_an_edited_manifest_refuses_to_load(tmp_path):
+    path = _compile(Small(), torch.randn(2, 32), bits=4).export(tmp_path / "m.so")
+    with open(path, "rb") as f:
+        data = f.read()
+    manifest = library.read_manifest(str(path))
+    assert manifest["checksum"].startswith("sha256:") and pbtvm.load(path)
+    claim = json.dumps(manifest["format"], sort_keys=True).encode()
+    assert b'"bits": 4' in claim and data.count(b'"bits": 4') == 1
+    edited = tmp_path / "edited.so"
+    edited.write_bytes(data.replace(b'"bits": 4', b'"bits": 2'))
+    with pytest.raises(library.LibraryError, match="checksum mismatch"):
+        pbtvm.load(edited)
