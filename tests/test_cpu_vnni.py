@@ -94,7 +94,13 @@ def test_dense_equals_popcount_kernel(bits, bias, rng):
     x = rng.standard_normal((b, k)).astype(np.float32)
     q, ws = qz.quantize_weights(w, fmt)
     xq, xs = qz.quantize_activations(x, fmt)
-    args = [_t(bp.pack_activations(xq, fmt)), _t(xs), _t(xq.sum(1).astype(np.int32)), _t(bp.pack_weights(q, fmt)), _t(ws)]
+    args = [
+        _t(bp.pack_activations(xq, fmt)),
+        _t(xs),
+        _t(xq.sum(1).astype(np.int32)),
+        _t(bp.pack_weights(q, fmt)),
+        _t(ws),
+    ]
     if bias:
         args.append(_t(rng.standard_normal(n).astype(np.float32)))
     func = kernels.dense_func(fmt, n, k, bias=bias)

@@ -82,16 +82,35 @@ def _masked_sum(terms: list[tuple[tir.PrimExpr, int, int]], dtype: str) -> tir.P
     return total
 
 
-def _weight_bytes(fmt: BitplaneFormat, wp: tir.Buffer, row, chunk, layers: int, full: bool) -> tir.PrimExpr:  # noqa: ANN001
-    """uint8x64 unsigned weight codes ``u`` of one row's chunk, top ``layers`` planes."""
-    def plane(i: int) -> tir.PrimExpr:
-        return _mask(_qword(wp, fmt.weight_index(i, row, 0)[:2], chunk, full))
-
+def plane_coefficients(fmt: BitplaneFormat) -> list[int]:
+    """Per weight plane, the byte it adds to the unsigned code (plane 0 of two's complement: removes)."""
     if fmt.codebook == "bipolar":
-        return _masked_sum([(plane(0), 2, 0)], "uint8")
-    top = 2 ** (fmt.bits - 1)
-    terms = [(plane(0), 0, top)] + [(plane(i), 2 ** (fmt.bits - 1 - i), 0) for i in range(1, layers)]
-    return _masked_sum(terms, "uint8")
+        return [2]
+    return [2 ** (fmt.bits - 1 - i) for i in range(fmt.bits)]
+
+
+def _decode(T, kern: _Kernel, at, row, chunk, layers: int, full: bool) -> None:  # noqa: ANN001, N803
+    """Store the uint8x64 unsigned weight codes ``u`` of one row's chunk (top ``layers`` planes) at ``at``.
+
+    One masked byte add per plane. The coefficients come from a small buffer filled at run time:
+    with literal constants LLVM proves the terms' bits disjoint, turns the adds into ORs, and
+    AVX-512 has no byte-masked OR (it then spends a blend per plane).
+    """
+    fmt, dec = kern.fmt, kern.decoded
+
+    def mask(i: int) -> tir.PrimExpr:
+        return _mask(_qword(kern.wp, fmt.weight_index(i, row, 0)[:2], chunk, full))
+
+    def coef(i: int) -> tir.PrimExpr:
+        return tir.Broadcast(kern.coef[i], CHUNK)
+
+    zero = tir.Broadcast(tir.const(0, "uint8"), CHUNK)
+    if fmt.codebook == "bipolar":
+        T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [at])
+        return
+    T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [at])  # sign plane inverted
+    for i in range(1, layers):
+        T.buffer_store(dec, dec[at] + tir.Select(mask(i), coef(i), zero), [at])
 
 
 def _act_bytes(fmt: BitplaneFormat, xp: tir.Buffer, row, chunk, full: bool) -> tir.PrimExpr:  # noqa: ANN001
@@ -120,6 +139,9 @@ class _Kernel:
     x_scale: tir.Buffer | None
     w_scale: tir.Buffer | None
     bias: tir.Buffer | None
+    acc: tir.Buffer | None = None
+    decoded: tir.Buffer | None = None
+    coef: tir.Buffer | None = None
 
 
 def pb_vnni_func(
@@ -184,16 +206,28 @@ def pb_vnni_func(
             bias_buf = T.arg("bias", T.buffer((n_out,), "float32")) if dense and bias else None
             layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
             out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
-            T.func_attr({**kernel_attrs("pb_gemm", fmt, k_dim), "tirx.noalias": True, "pbtvm.cpu_kernel": "avx512_vnni"})
+            T.func_attr(
+                {**kernel_attrs("pb_gemm", fmt, k_dim), "tirx.noalias": True, "pbtvm.cpu_kernel": "avx512_vnni"}
+            )
             codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
             kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias_buf)
+            kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
+            for i, value in enumerate(plane_coefficients(fmt)):
+                T.buffer_store(kern.coef, tir.const(value, "uint8"), [i])
             # 1. activation codes as int8, once per call.
             with T.parallel(0, batch) as r:
                 for c in range(chunks):
-                    T.buffer_store(codes, _act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
+                    T.buffer_store(
+                        codes, _act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)]
+                    )
             # 2. tiles of output rows x activation rows; straight-line code per (activation rows
             # left, bitlayers), so the chunk loop has no branch.
             with T.parallel(0, -(-n_out // row_tile)) as tile:
+                # One accumulator and one decode buffer for every specialisation below: separate
+                # per-branch buffers get merged by storage rewriting into one mixed-type stack
+                # slot that LLVM no longer keeps in registers (measured 4-13x slower).
+                kern.acc = T.alloc_buffer((row_tile * batch_tile * CHUNK // 4,), "int32", scope="local")
+                kern.decoded = T.alloc_buffer((row_tile * CHUNK,), "uint8", scope="local")
                 with T.serial(0, b_tiles) as bt:
                     left = batch - bt * batch_tile
                     for rows in range(batch_tile, 0, -1):
@@ -213,17 +247,16 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
     """
     fmt, lanes = kern.fmt, CHUNK // 4
     rows = [tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r for r in range(n_rows)]
-    acc = T.alloc_buffer((n_rows * b_rows * lanes,), "int32", scope="local")
+    acc, decoded = kern.acc, kern.decoded
     slot = [[tir.Ramp((r * b_rows + b) * lanes, 1, lanes) for b in range(b_rows)] for r in range(n_rows)]
     for r in range(n_rows):
         for b in range(b_rows):
             T.buffer_store(acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[r][b]])
-    decoded = T.alloc_buffer((n_rows * CHUNK,), "uint8", scope="local")
 
     def chunk(c, full: bool) -> None:  # noqa: ANN001
         for r in range(n_rows):  # decode each row's chunk once ...
             at = tir.Ramp(r * CHUNK, 1, CHUNK)
-            T.buffer_store(decoded, _weight_bytes(fmt, kern.wp, rows[r], c, nlayers, full), [at])
+            _decode(T, kern, at, rows[r], c, nlayers, full)
         for b in range(b_rows):  # ... and use it for every activation row of the tile
             x = kern.codes[b0 + b, tir.Ramp(c * CHUNK, 1, CHUNK)]
             for r in range(n_rows):
@@ -263,4 +296,3 @@ def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr: 
     off = tir.const(float(fmt.weight_offset), "float32") + corr
     y = (x_scale[row] * (off * rs.astype("float32") + acc.astype("float32"))) * w_scale[n]
     return y + bias_buf[n] if bias_buf is not None else y
-
