@@ -53,6 +53,8 @@ class CPUVnniGemm(ScheduleRule):
 
     kernel = "pb_gemm"
     target_kinds = ("llvm",)
+    #: Not a MetaSchedule template: the tuner searches the popcount rule's space instead.
+    fixed = True
 
     def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
@@ -109,3 +111,46 @@ def vnni_kernel_for(func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: in
     attrs["pbtvm.cpu_kernel"] = "avx512_vnni"
     new = new.without_attr("global_symbol").with_attrs(attrs)
     return new
+
+
+# --------------------------------------------------------------------------- knob search
+#: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.
+KNOBS = ((ROW_TILE, BATCH_TILE), (2, 4), (4, 2), (8, 1), (2, 8), (4, 8), (8, 2), (1, 8), (4, 1), (2, 2))
+#: File in a target's tuning-log directory holding the chosen knobs per kernel workload.
+KNOB_LOG = "pbtvm_cpu_kernels.json"
+
+
+def knob_key(func: tir.PrimFunc, batch: int) -> str:
+    """Log key of one kernel workload: its name plus a hash of the TE kernel at ``batch``."""
+    import tvm_ffi
+
+    from .tuning import kernel_name, workload
+
+    return f"{kernel_name(func)}:b{batch}:{tvm_ffi.structural_hash(workload(func, batch)):x}"
+
+
+def measure_knobs(func: tir.PrimFunc, target: tvm.target.Target, batch: int, trials: int, builder, runner) -> list:  # noqa: ANN001
+    """Time the AVX-512 kernel for ``func`` with the first ``trials`` entries of :data:`KNOBS`.
+
+    Each candidate is built and run through MetaSchedule's builder and runner (local or RPC) on
+    the workload at ``batch``, all planes. Returns ``[(knobs, seconds list or None, error or None)]``.
+    """
+    from pbtvm._tvm import meta_schedule
+
+    from .tuning import workload
+
+    ms = meta_schedule()
+    device = "cpu"
+    out = []
+    for row_tile, batch_tile in KNOBS[: max(1, trials)]:
+        knobs = {"row_tile": row_tile, "batch_tile": batch_tile}
+        mod = tvm.IRModule({"main": workload(vnni_kernel_for(func, **knobs), batch)})
+        (res,) = builder.build([ms.builder.BuilderInput(mod, target)])
+        if res.error_msg:
+            out.append((knobs, None, res.error_msg))
+            continue
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        (fut,) = runner.run([ms.runner.RunnerInput(res.artifact_path, device, args)])
+        run = fut.result()
+        out.append((knobs, None if run.error_msg else [float(s) for s in run.run_secs], run.error_msg))
+    return out

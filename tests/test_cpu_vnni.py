@@ -146,3 +146,34 @@ def test_env_forces_popcount(monkeypatch):
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     func = kernels.int_product_func(bp.BitplaneFormat(4, 8), 8, 64)
     assert isinstance(rule_for(func, tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})), CPUBitplaneGemm)
+
+
+@needs_vnni
+@pytest.mark.slow
+def test_knob_search_then_compile_from_log(tmp_path):
+    """``pbtvm.tune`` measures the AVX-512 kernel's knobs; compiling from the log uses them."""
+    import json
+
+    import torch
+
+    import pbtvm
+    from tests.models import MLP
+
+    torch.manual_seed(0)
+    model, example = MLP((64, 48, 10)).eval(), (torch.randn(2, 64),)
+    lines: list[str] = []
+    report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append)
+    assert len(report.kernels) == 2
+    for k in report.kernels:
+        assert k.name.endswith("(avx512)") and k.trials == 2 and k.built == 2, k.first_error
+        assert k.best_us <= k.default_us
+    (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    chosen = json.loads((log / "pbtvm_cpu_kernels.json").read_text())
+    assert len(chosen) == 2 and all({"row_tile", "batch_tile"} <= set(v) for v in chosen.values())
+    assert pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append).kernels == []
+    tuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    plain = pbtvm.compile(model, example, "llvm", bits=4)
+    assert len(tuned.manifest["tuning"]["tuned_kernels"]) == 2
+    x = torch.randn(5, 64)
+    for layers in (1, 4):
+        np.testing.assert_array_equal(tuned(x, bitlayers=layers).numpy(), plain(x, bitlayers=layers).numpy())
