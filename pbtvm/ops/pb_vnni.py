@@ -11,8 +11,11 @@ computed another way. For a chunk of 64 inputs (two packed words) of one weight 
 * at the end ``acc = sum(lanes) - 2^(k-1) rowsum`` (two's complement), which is
   ``sum_{i<L} c_i sum_k b_i[k] x[k]``, the PB product.
 
-Work per 64 weights is ``3 L`` decode instructions shared by a tile of activation rows plus one
-dot product per row, instead of ``L * act_bits`` AND+POPCNT words. It needs ``bits <= 8``,
+Work per 64 weights is ``2 L`` decode instructions (``kmovq`` + masked ``vpaddb``) shared by a
+tile of activation rows plus one dot product per row, instead of ``L * act_bits`` AND+POPCNT
+words. A task works on ``row_tile`` output rows at once (independent accumulator chains); it
+first copies their row-planes into a stack buffer with 64-byte loads and prefetches the next
+tile's, which streams weights from DRAM ~1.6x faster than decoding straight from them. It needs ``bits <= 8``,
 ``act_bits <= 8``, an int32 accumulator and a CPU with AVX-512 BW and VNNI
 (:func:`unsupported_reason`); the popcount kernel serves everything else.
 """
@@ -34,6 +37,8 @@ CPU_FEATURES = ("avx512bw", "avx512vnni")
 #: Block names (the schedule rule and tuning look them up).
 CODES_BLOCK = "pb_vnni_codes"
 GEMM_BLOCK = "pb_vnni_gemm"
+#: Prefetch the row tile this many tiles ahead (software prefetch: +25% at 4096x4096 W4 batch 1).
+PREFETCH_TILES = 1
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
 MAX_ACCUMULATORS = 24
 
@@ -61,8 +66,16 @@ def target_supports(target) -> bool:  # noqa: ANN001 - tvm.target.Target
     return all(f in have for f in CPU_FEATURES)
 
 
-def _qword(buf: tir.Buffer, index, chunk, full: bool) -> tir.PrimExpr:  # noqa: ANN001
-    """Words ``2 chunk, 2 chunk + 1`` of ``buf[index]`` as one uint64 (the tail has one word)."""
+def _qword(buf: tir.Buffer, index, chunk, full: bool, flat: bool = False) -> tir.PrimExpr:  # noqa: ANN001
+    """Words ``2 chunk, 2 chunk + 1`` of ``buf[index]`` as one uint64 (the tail has one word).
+
+    ``flat``: ``buf`` is 1-D and ``index`` is ``(offset,)`` of the row's first word.
+    """
+    if flat:
+        (base,) = index
+        if full:
+            return tir.reinterpret("uint64", buf[tir.Ramp(base + chunk * 2, 1, 2)])
+        return buf[base + chunk * 2].astype("uint64")
     if full:
         return tir.reinterpret("uint64", buf[(*index, tir.Ramp(chunk * 2, 1, 2))])
     return buf[(*index, chunk * 2)].astype("uint64")
@@ -89,8 +102,10 @@ def plane_coefficients(fmt: BitplaneFormat) -> list[int]:
     return [2 ** (fmt.bits - 1 - i) for i in range(fmt.bits)]
 
 
-def _decode(T, kern: _Kernel, at, row, chunk, layers: int, full: bool) -> None:  # noqa: ANN001, N803
+def _decode(T, kern: _Kernel, at, word, layers: int) -> None:  # noqa: ANN001, N803
     """Store the uint8x64 unsigned weight codes ``u`` of one row's chunk (top ``layers`` planes) at ``at``.
+
+    ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64).
 
     One masked byte add per plane. The coefficients come from a small buffer filled at run time:
     with literal constants LLVM proves the terms' bits disjoint, turns the adds into ORs, and
@@ -99,7 +114,7 @@ def _decode(T, kern: _Kernel, at, row, chunk, layers: int, full: bool) -> None: 
     fmt, dec = kern.fmt, kern.decoded
 
     def mask(i: int) -> tir.PrimExpr:
-        return _mask(_qword(kern.wp, fmt.weight_index(i, row, 0)[:2], chunk, full))
+        return _mask(word(i))
 
     def coef(i: int) -> tir.PrimExpr:
         return tir.Broadcast(kern.coef[i], CHUNK)
@@ -142,6 +157,7 @@ class _Kernel:
     acc: tir.Buffer | None = None
     decoded: tir.Buffer | None = None
     coef: tir.Buffer | None = None
+    stage: tir.Buffer | None = None
 
 
 def pb_vnni_func(
@@ -228,6 +244,7 @@ def pb_vnni_func(
                 # slot that LLVM no longer keeps in registers (measured 4-13x slower).
                 kern.acc = T.alloc_buffer((row_tile * batch_tile * CHUNK // 4,), "int32", scope="local")
                 kern.decoded = T.alloc_buffer((row_tile * CHUNK,), "uint8", scope="local")
+                kern.stage = T.alloc_buffer((fmt.bits * row_tile * (full_chunks + tail) * 2,), "uint32", scope="local")
                 with T.serial(0, b_tiles) as bt:
                     left = batch - bt * batch_tile
                     for rows in range(batch_tile, 0, -1):
@@ -253,10 +270,16 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
         for b in range(b_rows):
             T.buffer_store(acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[r][b]])
 
+    span = (kern.full_chunks + kern.tail) * 2  # words per staged row-plane (even)
+    _stage(T, kern, rows, nlayers, span)
+
     def chunk(c, full: bool) -> None:  # noqa: ANN001
         for r in range(n_rows):  # decode each row's chunk once ...
-            at = tir.Ramp(r * CHUNK, 1, CHUNK)
-            _decode(T, kern, at, rows[r], c, nlayers, full)
+
+            def word(i: int, r: int = r) -> tir.PrimExpr:
+                return _qword(kern.stage, ((i * n_rows + r) * span,), c, full, flat=True)
+
+            _decode(T, kern, tir.Ramp(r * CHUNK, 1, CHUNK), word, nlayers)
         for b in range(b_rows):  # ... and use it for every activation row of the tile
             x = kern.codes[b0 + b, tir.Ramp(c * CHUNK, 1, CHUNK)]
             for r in range(n_rows):
@@ -264,7 +287,16 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
                 dot = tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[slot[r][b]], u, x)
                 T.buffer_store(acc, dot, [slot[r][b]])
 
-    if kern.full_chunks:
+    if kern.full_chunks % 8 == 0 and PREFETCH_TILES:
+        with T.serial(0, kern.full_chunks // 8) as co:  # a cache line of every row-plane per step
+            for r in range(n_rows):
+                ahead = tir.min(n0 + r + PREFETCH_TILES * n_rows, kern.n_out - 1)
+                for i in range(nlayers):
+                    addr = tir.address_of(kern.wp[fmt.weight_index(i, ahead, co * 16)])
+                    T.evaluate(tir.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1))
+            for ci in range(8):
+                chunk(co * 8 + ci, True)
+    elif kern.full_chunks:
         with T.serial(0, kern.full_chunks) as c:
             chunk(c, True)
     if kern.tail:
@@ -284,6 +316,25 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
                     else:
                         value = _dense_value(kern, row, n, rs, exact, nlayers)
                     T.buffer_store(kern.out, value, [row, n])
+
+
+def _stage(T, kern: _Kernel, rows: list, nlayers: int, span: int) -> None:  # noqa: N803
+    """Copy the tile's row-planes into ``kern.stage`` with 64-byte loads.
+
+    The hardware prefetchers follow a few long streams of wide loads well; the decode's 8-byte
+    loads from rows x planes interleaved streams ran at ~5 GB/s from DRAM (measured).
+    """
+    fmt, words = kern.fmt, kern.full_chunks * 2 + kern.tail
+    for i in range(nlayers):
+        for r, row in enumerate(rows):
+            base = (i * len(rows) + r) * span
+            src = fmt.weight_index(i, row, 0)[:2]
+            if words >= 16:
+                with T.serial(0, words // 16) as v:
+                    value = kern.wp[(*src, tir.Ramp(v * 16, 1, 16))]
+                    T.buffer_store(kern.stage, value, [tir.Ramp(base + v * 16, 1, 16)])
+            for w in range(words - words % 16, words):
+                T.buffer_store(kern.stage, kern.wp[(*src, w)], [base + w])
 
 
 def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr:  # noqa: ANN001
