@@ -88,11 +88,18 @@ def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
 
 def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
     """The rules for a target (or target kind, ``"llvm"`` or ``"cuda"``)."""
-    from . import cpu, cuda
+    from . import cpu, cpu_vnni, cuda
 
     kind = target if isinstance(target, str) else target.kind.name
     if kind == "llvm":
-        return [cpu.CPUActPack(), cpu.CPUBitplaneGemm(), cpu.CPUDenseAct(), cpu.CPULSTMCell()]
+        # The AVX-512 GEMM first: it matches only where the CPU and the format allow it.
+        return [
+            cpu.CPUActPack(),
+            cpu_vnni.CPUVnniGemm(),
+            cpu.CPUBitplaneGemm(),
+            cpu.CPUDenseAct(),
+            cpu.CPULSTMCell(),
+        ]
     if kind == "cuda":
         return [cuda.CUDAActPack(), cuda.CUDABitplaneGemm(), cuda.CUDADenseAct(), cuda.CUDALSTMCell()]
     raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")

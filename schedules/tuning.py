@@ -37,6 +37,7 @@ from pbtvm._tvm import TVM_VERSION, meta_schedule, s_tir, tir, tvm
 from pbtvm.bitplane import FORMAT_VERSION
 from pbtvm.ops.pb_gemm import SCHEDULE_RULE
 
+from .cpu_vnni import KNOB_LOG, is_fixed_kernel, knob_key, measure_knobs, vnni_kernel_for
 from .rules import ScheduleRule, rule_for, rules_for
 from .verify import agrees_with_default
 
@@ -59,7 +60,7 @@ class TuningLogError(ValueError):
 def _custom_rule(kind: str) -> Callable:
     def apply(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
         func = sch.mod["main"]
-        rule = next(r for r in rules_for(kind) if r.kernel == "pb_gemm")
+        rule = next(r for r in rules_for(kind) if r.kernel == "pb_gemm" and not getattr(r, "fixed", False))
         spaces = []
         for variant in rule.variants(func, None):
             space = sch.copy()
@@ -569,9 +570,12 @@ def tune_kernels(
     t0 = time.perf_counter()
     with log.locked(exclusive=True):
         database = log.database(create=True)
-        tasks, reports, seen = [], [], set()
+        tasks, reports, seen, knob_reports = [], [], set(), []
         for func in funcs:
             if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
+                continue
+            if is_fixed_kernel(func, target):
+                knob_reports.append(_tune_knobs(func, target, batch, trials_per_kernel, builder, runner, log, progress))
                 continue
             mod = tvm.IRModule({"main": workload(func, batch)})
             key = tvm_ffi.structural_hash(mod)
@@ -624,7 +628,49 @@ def tune_kernels(
                 rep.best_us = 1e6 * sum(secs) / len(secs)
     if bar is not None:
         bar.close()
+    reports = [r for r in knob_reports if r is not None] + reports
     return TuneReport(str(log.path), str(target), time.perf_counter() - t0, reports)
+
+
+def _knob_log(log: TuningLog) -> dict:
+    path = log.path / KNOB_LOG
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TuningLogError(f"tuning log {path} is corrupt: {err}") from None
+    if not isinstance(data, dict):
+        raise TuningLogError(f"tuning log {path} is corrupt: expected a JSON object")
+    return data
+
+
+def _tune_knobs(func, target, batch, trials, builder, runner, log, progress) -> KernelReport | None:  # noqa: ANN001
+    """Measure the AVX-512 kernel's knobs (:data:`.cpu_vnni.KNOBS`) and record the fastest."""
+    key, name = knob_key(func, batch), kernel_name(func)
+    known = _knob_log(log)
+    if key in known:
+        progress(f"[pbtvm tune] {name}: already in the log, skipped")
+        return None
+    rep = KernelReport(name + " (avx512)")
+    best = None
+    for knobs, secs, err in measure_knobs(func, target, batch, trials, builder, runner):
+        rep.trials += 1
+        if secs is None:
+            rep.run_failed += 1
+            _note_failure(rep, "run", err or "")
+            continue
+        rep.built += 1
+        us = 1e6 * sum(secs) / len(secs)
+        rep.default_us = rep.default_us or us  # the first candidate is the default knobs
+        if best is None or us < best[1]:
+            best = (knobs, us)
+    if best is not None:
+        rep.best_us = best[1]
+        known[key] = {**best[0], "us": best[1], "default_us": rep.default_us}
+        (log.path / KNOB_LOG).write_text(json.dumps(known, indent=1) + "\n")
+    progress(f"[pbtvm tune] {name}: AVX-512 kernel, {rep.trials} knob settings, best {rep.best_us or 0:.2f} us")
+    return rep
 
 
 def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
@@ -676,9 +722,17 @@ def tuned_lookup(
         return None, used
     checked: dict[int, bool | None] = {}  # workload hash -> agrees with the default schedule
 
+    knobs = _knob_log(log) if database is not None else {}
+
     def lookup(func: tir.PrimFunc) -> tir.PrimFunc | None:
         if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
             return None
+        if is_fixed_kernel(func, target):
+            chosen = knobs.get(knob_key(func, batch))
+            if chosen is None:
+                return None
+            used.append(kernel_name(func))
+            return vnni_kernel_for(func, row_tile=int(chosen["row_tile"]), batch_tile=int(chosen["batch_tile"]))
         mod = tvm.IRModule({"main": workload(func, batch)})
         if not database.has_workload(mod):
             return None

@@ -1,0 +1,156 @@
+"""CPU rule: on AVX-512 BW + VNNI CPUs, the PB GEMM becomes :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
+
+The rule matches a ``pb_gemm`` PrimFunc (the TE kernel from :func:`pbtvm.ops.pb_dense` or
+:func:`pbtvm.ops.pb_int_product`) when the target's ``mcpu``/``mattr`` has the instructions and the
+format fits int8 dot products (:func:`pbtvm.ops.pb_vnni.unsupported_reason`), and replaces it by
+the AVX-512 kernel with the same parameters, so the Relax graph, export and the ``bitlayers``
+argument are untouched. Everything else falls through to :class:`~.cpu.CPUBitplaneGemm` (the
+portable popcount kernel). ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable
+kernel (for comparisons).
+
+The kernel's knobs (output rows decoded side by side, activation rows per decoded chunk) are
+chosen per batch from measurements (``benchmarks/bench_cpu.py``); the kernel is built with its
+loops already scheduled, so MetaSchedule does not search it (:func:`is_fixed_kernel`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.bitplane import BitplaneFormat
+from pbtvm.ops.pb_vnni import pb_vnni_func, target_supports, unsupported_reason
+
+from .rules import ScheduleRule
+
+#: (row_tile, batch_tile) of the kernel: 4 output rows side by side hide the dot-product latency
+#: at batch 1; activation rows share each decoded chunk in tiles of 4.
+ROW_TILE = 4
+BATCH_TILE = 4
+ENV_KERNEL = "PBTVM_CPU_KERNEL"
+
+
+def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
+    """The :class:`BitplaneFormat` a PB PrimFunc was made for (None if its attributes lack one)."""
+    attrs = func.attrs or {}
+    try:
+        fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=str(attrs["pbtvm.layout"]))
+    except (KeyError, ValueError, TypeError):
+        return None
+    codebook = attrs.get("pbtvm.codebook")
+    if codebook is not None and str(codebook) != fmt.codebook:
+        return None  # a codebook this kernel does not know
+    return fmt
+
+
+def is_fixed_kernel(func: tir.PrimFunc, target: tvm.target.Target | None) -> bool:
+    """Whether ``func`` compiles to the AVX-512 kernel on ``target`` (not searched by MetaSchedule)."""
+    return target is not None and CPUVnniGemm().matches(func, target)
+
+
+class CPUVnniGemm(ScheduleRule):
+    """``pb_gemm`` on AVX-512 BW + VNNI: the TE kernel replaced by the AVX-512 kernel."""
+
+    kernel = "pb_gemm"
+    target_kinds = ("llvm",)
+    #: Not a MetaSchedule template: the tuner searches the popcount rule's space instead.
+    fixed = True
+
+    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+        """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
+        if not super().matches(func, target) or os.environ.get(ENV_KERNEL, "") == "popcount":
+            return False
+        if (func.attrs or {}).get("pbtvm.cpu_kernel") == "avx512_vnni":
+            return True
+        fmt = format_of(func)
+        if fmt is None or unsupported_reason(fmt, int(func.attrs["pbtvm.k"])) is not None:
+            return False
+        return _signature(func) is not None and target_supports(target)
+
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        """The AVX-512 kernel for ``func`` (already scheduled)."""
+        return s_tir.Schedule(vnni_kernel_for(func), debug_mask=0)
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """Nothing to do: :func:`vnni_kernel_for` builds the loops scheduled."""
+
+
+def _signature(func: tir.PrimFunc) -> tuple[bool, bool] | None:
+    """``(dense, bias)`` from the TE kernel's parameters, None if they are not a PB GEMM's."""
+    buffers = [p for p in func.params if tir.is_buffer_var(p)]
+    out = buffers[-1] if buffers else None
+    if out is None or len(out.shape) != 2:
+        return None
+    dense = str(out.dtype) == "float32"
+    want = (6, 7) if dense else (4,)
+    if len(buffers) not in want:
+        return None
+    return dense, len(buffers) == 7
+
+
+def vnni_kernel_for(func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: int = BATCH_TILE) -> tir.PrimFunc:
+    """The AVX-512 kernel with ``func``'s parameters (same order, shapes and batch variable).
+
+    Raises
+    ------
+    ValueError
+        If ``func`` is not a PB GEMM the kernel can compute.
+    """
+    if (func.attrs or {}).get("pbtvm.cpu_kernel") == "avx512_vnni":
+        return func
+    fmt, sig = format_of(func), _signature(func)
+    if fmt is None or sig is None:
+        raise ValueError("vnni_kernel_for needs a pb_gemm PrimFunc from pbtvm.ops.pb_dense or pb_int_product")
+    dense, bias = sig
+    xp, wp = func.params[0], func.params[3 if dense else 2]
+    n_out = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0])
+    new = pb_vnni_func(fmt, n_out, int(func.attrs["pbtvm.k"]), xp.shape[1], dense, bias, batch_tile, row_tile)
+    attrs = {k: v for k, v in func.attrs.items()}
+    attrs["pbtvm.cpu_kernel"] = "avx512_vnni"
+    new = new.without_attr("global_symbol").with_attrs(attrs)
+    return new
+
+
+# --------------------------------------------------------------------------- knob search
+#: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.
+KNOBS = ((ROW_TILE, BATCH_TILE), (2, 4), (4, 2), (8, 1), (2, 8), (4, 8), (8, 2), (1, 8), (4, 1), (2, 2))
+#: File in a target's tuning-log directory holding the chosen knobs per kernel workload.
+KNOB_LOG = "pbtvm_cpu_kernels.json"
+
+
+def knob_key(func: tir.PrimFunc, batch: int) -> str:
+    """Log key of one kernel workload: its name plus a hash of the TE kernel at ``batch``."""
+    import tvm_ffi
+
+    from .tuning import kernel_name, workload
+
+    return f"{kernel_name(func)}:b{batch}:{tvm_ffi.structural_hash(workload(func, batch)):x}"
+
+
+def measure_knobs(func: tir.PrimFunc, target: tvm.target.Target, batch: int, trials: int, builder, runner) -> list:  # noqa: ANN001
+    """Time the AVX-512 kernel for ``func`` with the first ``trials`` entries of :data:`KNOBS`.
+
+    Each candidate is built and run through MetaSchedule's builder and runner (local or RPC) on
+    the workload at ``batch``, all planes. Returns ``[(knobs, seconds list or None, error or None)]``.
+    """
+    from pbtvm._tvm import meta_schedule
+
+    from .tuning import workload
+
+    ms = meta_schedule()
+    device = "cpu"
+    out = []
+    for row_tile, batch_tile in KNOBS[: max(1, trials)]:
+        knobs = {"row_tile": row_tile, "batch_tile": batch_tile}
+        mod = tvm.IRModule({"main": workload(vnni_kernel_for(func, **knobs), batch)})
+        (res,) = builder.build([ms.builder.BuilderInput(mod, target)])
+        if res.error_msg:
+            out.append((knobs, None, res.error_msg))
+            continue
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        (fut,) = runner.run([ms.runner.RunnerInput(res.artifact_path, device, args)])
+        run = fut.result()
+        out.append((knobs, None if run.error_msg else [float(s) for s in run.run_secs], run.error_msg))
+    return out

@@ -1,0 +1,179 @@
+"""The AVX-512 VNNI PB GEMM equals the reference exactly, and is chosen only where it can run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tir, tvm
+from pbtvm.ops.pb_vnni import pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.schedules import rule_for
+from pbtvm.schedules.cpu import CPUBitplaneGemm
+from pbtvm.schedules.cpu_vnni import CPUVnniGemm, vnni_kernel_for
+from pbtvm.target import resolve_target
+
+CPU = resolve_target("llvm")
+HAS_VNNI = target_supports(CPU)
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="host CPU lacks AVX-512 BW/VNNI")
+
+
+def _t(a: np.ndarray):  # noqa: ANN202
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+def _codes(rng, fmt, n, k, b):  # noqa: ANN001, ANN202
+    """Random weight and activation codes covering the full ranges (extremes included)."""
+    if fmt.codebook == "bipolar":
+        q = 2 * rng.integers(0, 2, (n, k)) - 1
+    else:
+        q = rng.integers(-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1), (n, k))
+    xq = rng.integers(-fmt.act_qmax, fmt.act_qmax + 1, (b, k))
+    xq[0, 0], q[0, 0] = -fmt.act_qmax, q.min()
+    return q, xq
+
+
+def _check_int(fmt, n, k, b, rng, **knobs):  # noqa: ANN001, ANN003, ANN202
+    q, xq = _codes(rng, fmt, n, k, b)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    func = kernels.int_product_func(fmt, n, k)
+    if knobs:
+        func = vnni_kernel_for(func, **knobs)
+    assert isinstance(rule_for(func, CPU), CPUVnniGemm)
+    kern = kernels.build(func, CPU)
+    acc = fmt.accumulator_dtype(k)
+    out = _t(np.full((b, n), -7, acc))
+    for layers in range(1, fmt.bits + 1):
+        kern(_t(xp), _t(xq.sum(1).astype(acc)), _t(wp), layers, out)
+        np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"L={layers}")
+    np.testing.assert_array_equal(out.numpy(), xq @ q.T)
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "b"),
+    [
+        (1, 8, 7, 33, 1),
+        (2, 2, 9, 64, 5),
+        (3, 5, 17, 129, 9),
+        (4, 8, 13, 100, 17),
+        (5, 3, 5, 300, 2),
+        (6, 6, 3, 31, 4),
+        (7, 4, 11, 200, 3),
+        (8, 8, 33, 4100, 6),
+        (8, 7, 1, 1, 1),
+        (4, 8, 64, 4096, 8),
+    ],
+)
+def test_int_product_exact(bits, act_bits, n, k, b, rng):
+    """Odd N, K not a multiple of 32 or 64, every batch remainder of the tile, every bitlayers."""
+    _check_int(bp.BitplaneFormat(bits, act_bits), n, k, b, rng)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("row_tile", "batch_tile"), [(1, 1), (3, 2), (8, 1), (2, 8)])
+def test_tiles_exact(row_tile, batch_tile, rng):
+    _check_int(bp.BitplaneFormat(4, 8), 19, 260, 11, rng, row_tile=row_tile, batch_tile=batch_tile)
+
+
+@needs_vnni
+def test_nkw_layout_exact(rng):
+    _check_int(bp.PRESETS["w4a8-NkW"], 9, 150, 3, rng)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_equals_popcount_kernel(bits, bias, rng):
+    """The float layer is the TE epilogue on the same integers: equal to the popcount kernel's output."""
+    fmt = bp.BitplaneFormat(bits, 8)
+    n, k, b = 21, 77, 6
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((b, k)).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    args = [
+        _t(bp.pack_activations(xq, fmt)),
+        _t(xs),
+        _t(xq.sum(1).astype(np.int32)),
+        _t(bp.pack_weights(q, fmt)),
+        _t(ws),
+    ]
+    if bias:
+        args.append(_t(rng.standard_normal(n).astype(np.float32)))
+    func = kernels.dense_func(fmt, n, k, bias=bias)
+    fast = kernels.build(func, CPU)
+    slow = kernels.build(CPUBitplaneGemm().apply(func, CPU).mod["main"], CPU, schedule=False)
+    for layers in range(1, bits + 1):
+        y_fast, y_slow = _t(np.zeros((b, n), np.float32)), _t(np.zeros((b, n), np.float32))
+        fast(*args, layers, y_fast)
+        slow(*args, layers, y_slow)
+        np.testing.assert_array_equal(y_fast.numpy(), y_slow.numpy())
+
+
+@pytest.mark.parametrize("name", ["w16a16", "w4a16", "w8a8"])
+def test_formats_outside_int8_fall_back(name):
+    fmt = bp.PRESETS[name]
+    func = kernels.int_product_func(fmt, 8, 64)
+    if unsupported_reason(fmt, 64) is None:
+        assert isinstance(rule_for(func, CPU), CPUVnniGemm) == HAS_VNNI
+    else:
+        assert isinstance(rule_for(func, CPU), CPUBitplaneGemm)
+        with pytest.raises(ValueError, match="cannot compute"):
+            pb_vnni_func(fmt, 8, 64, tir.Var("batch", "int64"), dense=False)
+
+
+def test_large_k_falls_back():
+    assert "too large" in unsupported_reason(bp.BitplaneFormat(8, 8), 70_000)
+
+
+def test_target_features_decide():
+    assert target_supports(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    assert target_supports(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"}))
+    assert not target_supports(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"}))
+    assert not target_supports(tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512vnni"]}))
+    assert target_supports(
+        tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2", "mattr": ["+avx512bw", "+avx512vnni"]})
+    )
+    func = kernels.int_product_func(bp.BitplaneFormat(4, 8), 8, 64)
+    portable = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"})
+    assert isinstance(rule_for(func, portable), CPUBitplaneGemm)
+
+
+def test_env_forces_popcount(monkeypatch):
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    func = kernels.int_product_func(bp.BitplaneFormat(4, 8), 8, 64)
+    assert isinstance(rule_for(func, tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})), CPUBitplaneGemm)
+
+
+@needs_vnni
+@pytest.mark.slow
+def test_knob_search_then_compile_from_log(tmp_path):
+    """``pbtvm.tune`` measures the AVX-512 kernel's knobs; compiling from the log uses them."""
+    import json
+
+    import torch
+
+    import pbtvm
+    from tests.models import MLP
+
+    torch.manual_seed(0)
+    model, example = MLP((64, 48, 10)).eval(), (torch.randn(2, 64),)
+    lines: list[str] = []
+    report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append)
+    assert len(report.kernels) == 2
+    for k in report.kernels:
+        assert k.name.endswith("(avx512)") and k.trials == 2 and k.built == 2, k.first_error
+        assert k.best_us <= k.default_us
+    (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    chosen = json.loads((log / "pbtvm_cpu_kernels.json").read_text())
+    assert len(chosen) == 2 and all({"row_tile", "batch_tile"} <= set(v) for v in chosen.values())
+    assert pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append).kernels == []
+    tuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    plain = pbtvm.compile(model, example, "llvm", bits=4)
+    assert len(tuned.manifest["tuning"]["tuned_kernels"]) == 2
+    x = torch.randn(5, 64)
+    for layers in (1, 4):
+        np.testing.assert_array_equal(tuned(x, bitlayers=layers).numpy(), plain(x, bitlayers=layers).numpy())
