@@ -96,6 +96,15 @@ def _cell_model(
     )
 
 
+def _layer_codebook(weights: list[np.ndarray], fmt: BitplaneFormat, quant: tuple) -> str | None:
+    """The codebook of one LSTM layer: ``quant[0]`` unless "auto", then the joint choice for ``weights``."""
+    from .quantize import AUTO, choose_codebook
+
+    if quant[0] != AUTO:
+        return quant[0]
+    return choose_codebook(weights, fmt, quant[1])[0]
+
+
 class PBLSTM:
     """An ``nn.LSTM`` compiled with PrecisionBatching; call it like the torch module.
 
@@ -252,11 +261,12 @@ def compile_lstm(
             if lstm.bias:
                 bias = (getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).detach().float()
             proj = _projection_module(w_ih, bias)
-            projections.append(
-                pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **compile_kwargs)
-            )
+            # one codebook per layer for W_ih and W_hh, as the decoder's one-kernel step needs
+            layer_quant = (_layer_codebook([w_ih.numpy(), w_hh.numpy()], fmt, quant), quant[1])
+            kwargs = {**compile_kwargs, "codebook": layer_quant[0]}
+            projections.append(pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **kwargs))
             cells.append(
-                _cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", quant, **build_kwargs)
+                _cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", layer_quant, **build_kwargs)
             )
     return PBLSTM(projections, cells, lstm, fmt)
 
