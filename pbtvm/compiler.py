@@ -93,12 +93,18 @@ def _rewrite(  # noqa: ANN202
     dynamic_batch: bool,
     codebook: str | None = AUTO,
     quantizer: str = "mse",
+    calibration: Any = None,
 ):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled)."""
     t0 = time.perf_counter()
     mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch)
     logger.info("imported model in %.1fs", time.perf_counter() - t0)
-    rewrite = PBLinearRewrite(fmt, codebook, quantizer)
+    importance = None
+    if calibration is not None:
+        from .calibration import input_importance
+
+        importance = input_importance(model, calibration)
+    rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance)
     with tvm_target:
         mod = rewrite(mod)
     report = rewrite.report
@@ -190,6 +196,7 @@ def compile(  # noqa: A001 - the public name users expect
     tune_batch: int = 1,
     codebook: str | None = AUTO,
     quantizer: str = "mse",
+    calibration: Any = None,
 ) -> CompiledModel:
     """Compile a torch model with PrecisionBatching.
 
@@ -227,6 +234,10 @@ def compile(  # noqa: A001 - the public name users expect
     quantizer : str
         ``"mse"`` (default): per-row clipping search minimizing the weight MSE; ``"max"``: the
         original max-scaled round to nearest (see :func:`pbtvm.quantize.quantize_weights`).
+    calibration : iterable, optional
+        Example batches (each a model input or a tuple of inputs). If given, the quantizer weights
+        each input's error by its mean square over these batches (:mod:`pbtvm.calibration`);
+        default None: data-free.
 
     Returns
     -------
@@ -247,7 +258,7 @@ def compile(  # noqa: A001 - the public name users expect
     if tune and work_dir is None:
         raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
     mod, specs, dynamic, converted, skipped = _rewrite(
-        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer
+        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration
     )
     _warn_recurrent(model)
     if skipped:
@@ -271,7 +282,7 @@ def compile(  # noqa: A001 - the public name users expect
         skipped=skipped,
         work_dir=work_dir,
         tune_batch=tune_batch,
-        extra={"quantizer": {"codebook": codebook, "method": quantizer}},
+        extra={"quantizer": {"codebook": codebook, "method": quantizer, "calibrated": calibration is not None}},
     )
 
 

@@ -247,6 +247,8 @@ def compile_lstm(
         raise ValueError("LSTMs with proj_size are not supported yet")
     from .quantize import AUTO, check_codebook
 
+    if "calibration" in compile_kwargs:
+        raise ValueError("calibration is supported by pbtvm.compile only, not by compile_lstm")
     fmt = BitplaneFormat(bits, act_bits, layout=compile_kwargs.get("layout", "kNW"))
     quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))
     check_codebook(quant[0], bits, quant[1])

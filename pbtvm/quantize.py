@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 
-def quantize_weights(w: np.ndarray, fmt: BitplaneFormat, method: str = "mse") -> tuple[np.ndarray, np.ndarray]:
+def quantize_weights(
+    w: np.ndarray, fmt: BitplaneFormat, method: str = "mse", importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a float weight matrix per output channel in ``fmt.codebook``.
 
     Parameters
@@ -55,6 +57,9 @@ def quantize_weights(w: np.ndarray, fmt: BitplaneFormat, method: str = "mse") ->
         ``"mse"`` (default): per-row clip / scale search minimizing the weight MSE, see
         :mod:`pbtvm.weight_fit`. ``"max"``: the original quantizer (two's complement
         ``s = max|w| / qmax``; offset binary the full ``[min, max]`` range), round to nearest.
+    importance : np.ndarray, float, [K], optional
+        Per-input weights of the squared error, e.g. the mean square of each input over
+        calibration data (:func:`pbtvm.weight_fit.column_weights`); None: plain weight MSE.
 
     Returns
     -------
@@ -77,11 +82,11 @@ def quantize_weights(w: np.ndarray, fmt: BitplaneFormat, method: str = "mse") ->
     if not np.all(np.isfinite(w)):
         raise ValueError("weights contain NaN or Inf")
     if fmt.codebook == "bipolar":
-        return weight_fit.fit_bipolar(w)
+        return weight_fit.fit_bipolar(w, importance)
     if fmt.codebook == "offset_binary":
-        return weight_fit.fit_offset_binary(w, fmt.bits, method)
+        return weight_fit.fit_offset_binary(w, fmt.bits, method, importance)
     if method == "mse":
-        return weight_fit.fit_symmetric(w, fmt.weight_qmax)
+        return weight_fit.fit_symmetric(w, fmt.weight_qmax, importance=importance)
     qmax = fmt.weight_qmax
     scale = (np.abs(w).max(axis=1) / qmax).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
@@ -117,7 +122,9 @@ def _candidates(bits: int) -> tuple[str, ...]:
     return ("bipolar", "offset_binary") if bits == 1 else ("twos_complement", "offset_binary")
 
 
-def choose_codebook(weights: list[np.ndarray], fmt: BitplaneFormat, method: str = "mse") -> tuple[str, dict]:
+def choose_codebook(
+    weights: list[np.ndarray], fmt: BitplaneFormat, method: str = "mse", importances: list | None = None
+) -> tuple[str, dict]:
     """Pick the codebook for a layer: the lowest total weight squared error over ``weights``.
 
     Rule: quantize every matrix with each codebook valid at ``fmt.bits`` (k = 1: bipolar and
@@ -133,6 +140,8 @@ def choose_codebook(weights: list[np.ndarray], fmt: BitplaneFormat, method: str 
         Bits, act_bits and layout; its codebook is ignored.
     method : str
         As in :func:`quantize_weights`.
+    importances : list of (np.ndarray [K_i] or None), optional
+        Per-input error weights of each matrix (calibration); the errors are then weighted too.
 
     Returns
     -------
@@ -141,20 +150,26 @@ def choose_codebook(weights: list[np.ndarray], fmt: BitplaneFormat, method: str 
         ``{codebook: [(q, scale), ...]}`` for every candidate, so callers need not quantize again.
     """
     errors, quantized = {}, {}
+    imps = importances or [None] * len(weights)
     for name in _candidates(fmt.bits):
         f = dataclasses.replace(fmt, codebook=name)
-        quantized[name] = [quantize_weights(w, f, method) for w in weights]
-        errors[name] = sum(
-            float(np.sum((np.asarray(w, np.float64) - dequantize_weights(q, s, f)) ** 2))
-            for w, (q, s) in zip(weights, quantized[name], strict=True)
-        )
+        quantized[name] = [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
+        errors[name] = 0.0
+        for w, imp, (q, s) in zip(weights, imps, quantized[name], strict=True):
+            sq = (np.asarray(w, np.float64) - dequantize_weights(q, s, f)) ** 2
+            c = weight_fit.column_weights(imp, sq.shape[1])
+            errors[name] += float(sq.sum() if c is None else (sq @ c).sum())
     plain, offset = _candidates(fmt.bits)
     best = offset if errors[offset] < errors[plain] * (1 - TIE_MARGIN) else plain
     return best, quantized
 
 
 def layer_format(
-    weights: list[np.ndarray], fmt: BitplaneFormat, codebook: str | None = AUTO, method: str = "mse"
+    weights: list[np.ndarray],
+    fmt: BitplaneFormat,
+    codebook: str | None = AUTO,
+    method: str = "mse",
+    importances: list | None = None,
 ) -> tuple[BitplaneFormat, list[tuple[np.ndarray, np.ndarray]]]:
     """Format and quantized ``(q, scale)`` per matrix for one layer.
 
@@ -166,18 +181,19 @@ def layer_format(
     codebook : str or None
         ``"auto"`` (:func:`choose_codebook`), a name from :data:`pbtvm.bitplane.CODEBOOKS`, or
         None to keep ``fmt.codebook``.
-    method : str
-        As in :func:`quantize_weights`.
+    method, importances
+        As in :func:`choose_codebook`.
 
     Returns
     -------
     (BitplaneFormat, list of (q, scale))
     """
     if codebook == AUTO:
-        name, quantized = choose_codebook(weights, fmt, method)
+        name, quantized = choose_codebook(weights, fmt, method, importances)
         return dataclasses.replace(fmt, codebook=name), quantized[name]
     f = fmt if codebook is None else dataclasses.replace(fmt, codebook=codebook)
-    return f, [quantize_weights(w, f, method) for w in weights]
+    imps = importances or [None] * len(weights)
+    return f, [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
 
 
 def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray, np.ndarray]:

@@ -38,17 +38,56 @@ def _chunks(n: int, k: int):  # noqa: ANN202
         yield slice(lo, min(n, lo + step))
 
 
-def _sse(w: np.ndarray, approx: np.ndarray) -> np.ndarray:
+def _dot(a: np.ndarray, b: np.ndarray, c: np.ndarray | None) -> np.ndarray:
+    """Row-wise ``sum_k c_k a_nk b_nk`` (``c`` None: unweighted)."""
+    return np.einsum("nk,nk->n", a, b) if c is None else np.einsum("nk,nk,k->n", a, b, c)
+
+
+def _sse(w: np.ndarray, approx: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
     d = w - approx
-    return np.einsum("nk,nk->n", d, d)
+    return _dot(d, d, c)
 
 
-def fit_bipolar(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w ~= s (2q - 1)``; returns codes ``+-1`` int32 [N, K] and ``s = mean|w|`` float32 [N]."""
-    return np.where(w >= 0, 1, -1).astype(np.int32), np.abs(w).mean(axis=1).astype(np.float32)
+def _significant(w: np.ndarray, c: np.ndarray | None) -> np.ndarray:
+    """The columns whose error weight is at least 1 % of the mean (all without weights): the clip
+    range is searched over these, so never-active inputs do not stretch it."""
+    if c is None:
+        return w
+    keep = c >= 1e-2
+    return w[:, keep] if keep.any() else w
 
 
-def fit_symmetric(w: np.ndarray, qmax: int, method: str = "mse") -> tuple[np.ndarray, np.ndarray]:
+def column_weights(importance: np.ndarray | None, k: int) -> np.ndarray | None:
+    """Validated per-input weights of the squared error (mean 1, strictly positive), or None.
+
+    ``importance[k]`` is e.g. the mean of ``x_k^2`` over calibration data: the weighted squared
+    error ``sum_k importance_k (w_nk - w'_nk)^2`` is then the expected squared output error of row
+    ``n`` when inputs are uncorrelated. A floor of 1e-3 of the mean keeps never-active inputs
+    representable.
+    """
+    if importance is None:
+        return None
+    c = np.asarray(importance, np.float64)
+    if c.shape != (k,) or not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise ValueError(f"importance must be {k} finite non-negative numbers, got shape {c.shape}")
+    mean = c.mean()
+    if mean <= 0:
+        return None
+    c = np.maximum(c / mean, 1e-3)
+    return c / c.mean()
+
+
+def fit_bipolar(w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``w ~= s (2q - 1)``; returns codes ``+-1`` int32 [N, K] and ``s = mean|w|`` float32 [N]
+    (importance-weighted mean with ``importance``, see :func:`column_weights`)."""
+    c = column_weights(importance, w.shape[1])
+    s = np.abs(w).mean(axis=1) if c is None else np.abs(w).astype(np.float64) @ c / c.sum()
+    return np.where(w >= 0, 1, -1).astype(np.int32), s.astype(np.float32)
+
+
+def fit_symmetric(
+    w: np.ndarray, qmax: int, method: str = "mse", importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric codes ``-qmax..qmax`` and per-row scales.
 
     Parameters
@@ -58,6 +97,8 @@ def fit_symmetric(w: np.ndarray, qmax: int, method: str = "mse") -> tuple[np.nda
         Largest code magnitude (``2^(k-1) - 1``).
     method : str
         ``"mse"`` (clip search + least-squares refinement) or ``"max"`` (``s = max|w| / qmax``).
+    importance : np.ndarray, [K], optional
+        Per-input weights of the squared error (:func:`column_weights`); None: plain MSE.
 
     Returns
     -------
@@ -68,8 +109,9 @@ def fit_symmetric(w: np.ndarray, qmax: int, method: str = "mse") -> tuple[np.nda
     n, k = w.shape
     q = np.empty((n, k), np.int32)
     scale = np.empty(n, np.float32)
+    c = column_weights(importance, k)
     for rows in _chunks(n, k):
-        q[rows], scale[rows] = _fit_symmetric_rows(w[rows], qmax, method)
+        q[rows], scale[rows] = _fit_symmetric_rows(w[rows], qmax, method, c)
     return q, scale
 
 
@@ -78,17 +120,17 @@ def _round_sym(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.round(w / safe[:, None]), -qmax, qmax)
 
 
-def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str, c: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     w = w.astype(np.float64)
-    amax = np.abs(w).max(axis=1)
+    amax = np.abs(_significant(w, c)).max(axis=1)
     best_s = amax / qmax
     best_q = _round_sym(w, best_s, qmax)
     if method == "mse":
-        best_e = _sse(w, best_q * best_s[:, None])
+        best_e = _sse(w, best_q * best_s[:, None], c)
 
         def keep(q: np.ndarray, s: np.ndarray) -> None:
             nonlocal best_s, best_e
-            e = _sse(w, q * s[:, None])
+            e = _sse(w, q * s[:, None], c)
             better = e < best_e
             best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
             best_q[better] = q[better]
@@ -97,13 +139,15 @@ def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str) -> tuple[np.ndarr
             s = r * amax / qmax
             keep(_round_sym(w, s, qmax), s)
         for _ in range(REFINE_STEPS):  # least-squares scale for the best codes, re-round
-            qq = np.einsum("nk,nk->n", best_q, best_q)
-            s = np.where(qq > 0, np.einsum("nk,nk->n", w, best_q) / np.where(qq > 0, qq, 1), 0.0)
+            qq = _dot(best_q, best_q, c)
+            s = np.where(qq > 0, _dot(w, best_q, c) / np.where(qq > 0, qq, 1), 0.0)
             keep(_round_sym(w, s, qmax), s)
     return best_q.astype(np.int32), best_s.astype(np.float32)
 
 
-def fit_offset_binary(w: np.ndarray, bits: int, method: str = "mse") -> tuple[np.ndarray, np.ndarray]:
+def fit_offset_binary(
+    w: np.ndarray, bits: int, method: str = "mse", importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Unsigned codes ``0..2^k-1`` with a per-row scale and zero point: ``w ~= s (q - z)``.
 
     Parameters
@@ -114,6 +158,8 @@ def fit_offset_binary(w: np.ndarray, bits: int, method: str = "mse") -> tuple[np
     method : str
         ``"mse"`` (clip search + least-squares refinement; exact 2-means for k = 1) or ``"max"``
         (the full row range ``[min, max]`` split into ``2^k - 1`` steps).
+    importance : np.ndarray, [K], optional
+        Per-input weights of the squared error (:func:`column_weights`); None: plain MSE.
 
     Returns
     -------
@@ -124,11 +170,12 @@ def fit_offset_binary(w: np.ndarray, bits: int, method: str = "mse") -> tuple[np
     n, k = w.shape
     q = np.empty((n, k), np.int32)
     params = np.empty((2, n), np.float32)
+    c = column_weights(importance, k)
     for rows in _chunks(n, k):
         if bits == 1 and method == "mse":
-            q[rows], s, z = fit_two_level(w[rows])
+            q[rows], s, z = fit_two_level(w[rows], c)
         else:
-            q[rows], s, z = _fit_offset_rows(w[rows], 2**bits - 1, method)
+            q[rows], s, z = _fit_offset_rows(w[rows], 2**bits - 1, method, c)
         params[0, rows], params[1, rows] = s, z
     return q, params
 
@@ -138,24 +185,30 @@ def _offset_codes(w: np.ndarray, lo: np.ndarray, s: np.ndarray, qmax: int) -> np
     return np.clip(np.round((w - lo[:, None]) / safe[:, None]), 0, qmax)
 
 
-def _line_fit(w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares ``w ~= s q + c`` per row; rows with constant codes keep ``s = 0``."""
+def _line_fit(w: np.ndarray, q: np.ndarray, c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) least-squares ``w ~= s q + lo`` per row; rows with constant codes keep ``s = 0``."""
     k = w.shape[1]
-    mq, mw = q.mean(axis=1), w.mean(axis=1)
-    var = np.einsum("nk,nk->n", q, q) / k - mq * mq
-    cov = np.einsum("nk,nk->n", q, w) / k - mq * mw
+    if c is None:
+        mq, mw = q.mean(axis=1), w.mean(axis=1)
+    else:
+        mq, mw = q @ c / k, w @ c / k  # c has mean 1
+    var = _dot(q, q, c) / k - mq * mq
+    cov = _dot(q, w, c) / k - mq * mw
     s = np.where(var > 1e-12, cov / np.where(var > 1e-12, var, 1), 0.0)
     return s, mw - s * mq
 
 
-def _fit_offset_rows(w: np.ndarray, qmax: int, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_offset_rows(
+    w: np.ndarray, qmax: int, method: str, c: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w64 = w.astype(np.float64)
-    wmin, wmax = w64.min(axis=1), w64.max(axis=1)
+    sig = _significant(w64, c)
+    wmin, wmax = sig.min(axis=1), sig.max(axis=1)
     mid, half = (wmax + wmin) / 2, (wmax - wmin) / 2
 
     def attempt(lo: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = _offset_codes(w64, lo, s, qmax)
-        return q, _sse(w64, lo[:, None] + s[:, None] * q)
+        return q, _sse(w64, lo[:, None] + s[:, None] * q, c)
 
     best_lo, best_s = wmin, 2 * half / qmax
     best_q, best_e = attempt(best_lo, best_s)
@@ -167,7 +220,7 @@ def _fit_offset_rows(w: np.ndarray, qmax: int, method: str) -> tuple[np.ndarray,
             best_lo, best_s, best_e = (np.where(better, a, b) for a, b in ((lo, best_lo), (s, best_s), (e, best_e)))
             best_q[better] = q[better]
         for _ in range(REFINE_STEPS):  # alternate: least-squares line for the codes, re-round
-            s, lo = _line_fit(w64, best_q)
+            s, lo = _line_fit(w64, best_q, c)
             s = np.maximum(s, 0)
             q, e = attempt(lo, s)
             better = (e < best_e) & (s > 0)
@@ -185,11 +238,18 @@ def _to_zero_point(q: np.ndarray, lo: np.ndarray, s: np.ndarray) -> tuple[np.nda
     return q.astype(np.int32), s_out.astype(np.float32), z.astype(np.float32)
 
 
-def fit_two_level(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_two_level(w: np.ndarray, c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact least-squares two-level quantizer per row (1-D 2-means): ``w ~= s (q - z)``, ``q in {0, 1}``.
 
     Sorting a row makes every candidate split a prefix; the split maximizing
-    ``S_lo^2 / t + S_hi^2 / (K - t)`` (prefix sums ``S``) minimizes the squared error.
+    ``S_lo^2 / C_lo + S_hi^2 / C_hi`` (prefix sums ``S`` of ``c w`` and ``C`` of ``c``; ``c = 1``
+    without column weights) minimizes the (weighted) squared error.
+
+    Parameters
+    ----------
+    w : np.ndarray, float, [N, K]
+    c : np.ndarray, float64, [K], optional
+        Column weights from :func:`column_weights` (strictly positive).
 
     Returns
     -------
@@ -197,19 +257,24 @@ def fit_two_level(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s, z : np.ndarray, float32, [N]
     """
     n, k = w.shape
-    srt = np.sort(w.astype(np.float64), axis=1)
-    csum = np.cumsum(srt, axis=1)
-    total = csum[:, -1:]
+    w64 = w.astype(np.float64)
     if k == 1:
-        return _to_zero_point(np.zeros((n, 1)), srt[:, 0], np.zeros(n))
-    t = np.arange(1, k, dtype=np.float64)  # size of the low group
-    s_lo = csum[:, :-1]
-    gain = s_lo**2 / t + (total - s_lo) ** 2 / (k - t)
+        return _to_zero_point(np.zeros((n, 1)), w64[:, 0], np.zeros(n))
+    order = np.argsort(w64, axis=1, kind="stable")
+    srt = np.take_along_axis(w64, order, axis=1)
+    cw = np.ones((n, k)) if c is None else c[order]
+    s_lo = np.cumsum(cw * srt, axis=1)[:, :-1]
+    c_lo = np.cumsum(cw, axis=1)[:, :-1]
+    s_tot = (cw * srt).sum(axis=1, keepdims=True)
+    c_tot = cw.sum(axis=1, keepdims=True)
+    gain = s_lo**2 / c_lo + (s_tot - s_lo) ** 2 / (c_tot - c_lo)
     split = np.argmax(gain, axis=1) + 1
     thresh = srt[np.arange(n), split]
-    q = (w >= thresh[:, None]).astype(np.float64)
-    n_hi = q.sum(axis=1)
-    hi = np.einsum("nk,nk->n", w.astype(np.float64), q) / np.maximum(n_hi, 1)
-    lo = (w.astype(np.float64).sum(axis=1) - hi * n_hi) / np.maximum(k - n_hi, 1)
-    lo = np.where(n_hi >= k, hi, lo)  # ties made every element "high": a constant row
-    return _to_zero_point(q, lo, np.where(n_hi >= k, 0.0, hi - lo))
+    q = (w64 >= thresh[:, None]).astype(np.float64)
+    cc = np.ones(k) if c is None else c
+    c_hi = q @ cc
+    hi = (q * w64) @ cc / np.maximum(c_hi, 1e-300)
+    lo = (w64 @ cc - hi * c_hi) / np.maximum(cc.sum() - c_hi, 1e-300)
+    const = q.sum(axis=1) >= k  # ties made every element "high": a constant row
+    lo = np.where(const, hi, lo)
+    return _to_zero_point(q, lo, np.where(const, 0.0, hi - lo))

@@ -81,11 +81,18 @@ class _Linear:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(
-        self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport, codebook: str | None, method: str
+    def __init__(  # noqa: PLR0913
+        self,
+        mod: tvm.IRModule,
+        fmt: BitplaneFormat,
+        report: ConversionReport,
+        codebook: str | None,
+        method: str,
+        importance: dict | None,
     ) -> None:
         super().__init__(mod)
         self.fmt = fmt
+        self.importance = importance or {}
         self.codebook = codebook
         self.method = method
         self.report = report
@@ -189,7 +196,8 @@ class _Rewriter(PyExprMutator):
         """Packed planes, row parameters and the layer's format (codebook chosen per weight)."""
         key = weight_key(weight)
         if key not in self._packed_weights:
-            fmt, [(q, scale)] = layer_format([weight.astype(np.float32)], self.fmt, self.codebook, self.method)
+            imp = [self.importance.get(key)]
+            fmt, [(q, scale)] = layer_format([weight.astype(np.float32)], self.fmt, self.codebook, self.method, imp)
             self._packed_weights[key] = (
                 relax.const(pack_weights(q, fmt), "uint32"),
                 relax.const(scale, "float32"),
@@ -320,6 +328,9 @@ class PBLinearRewrite:
         picks (lowest weight MSE); a codebook name forces it; None keeps ``fmt.codebook``.
     method : str
         Weight quantizer, see :func:`pbtvm.quantize.quantize_weights`.
+    importance : dict, optional
+        :func:`weight_key` of a float weight -> per-input error weights [K] (calibration
+        statistics, see :func:`pbtvm.calibration.input_importance`); other weights plain MSE.
 
     Attributes
     ----------
@@ -327,15 +338,18 @@ class PBLinearRewrite:
         Filled by the last run.
     """
 
-    def __init__(self, fmt: BitplaneFormat, codebook: str | None = AUTO, method: str = "mse") -> None:
+    def __init__(
+        self, fmt: BitplaneFormat, codebook: str | None = AUTO, method: str = "mse", importance: dict | None = None
+    ) -> None:
         self.fmt = fmt
         self.codebook = codebook
         self.method = method
+        self.importance = importance
         self.report = ConversionReport()
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
-        rewriter = _Rewriter(mod, self.fmt, self.report, self.codebook, self.method)
+        rewriter = _Rewriter(mod, self.fmt, self.report, self.codebook, self.method, self.importance)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.rewrite(func))

@@ -82,7 +82,7 @@ def test_layers_report_and_manifest(compiled):
     m = compiled.manifest
     assert m["format"]["bits"] == 4 and m["target"]["kind"] == "llvm" and m["target"]["mcpu"]
     assert m["inputs"] == [{"dtype": "float32", "shape": [None, 40]}]
-    assert m["quantizer"] == {"codebook": "auto", "method": "mse"}
+    assert m["quantizer"] == {"codebook": "auto", "method": "mse", "calibrated": False}
     assert [layer["codebook"] for layer in m["layers"]["converted"]] == ["offset_binary"] * 3
 
 

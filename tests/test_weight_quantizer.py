@@ -120,3 +120,48 @@ def test_reference_epilogue_with_zero_point(bits, rng):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     with pytest.raises(ValueError, match="w_scale"):
         qz.pb_linear_reference(x, wp, params[0], bias, fmt)
+
+
+@pytest.mark.parametrize("codebook", ["twos_complement", "offset_binary", "bipolar"])
+def test_importance_weights_ignore_inactive_inputs(codebook, rng):
+    """With calibration statistics, inputs that are never active stop pulling the fit: the result
+    on the active columns equals fitting those columns alone (up to the 1e-3 floor)."""
+    bits = 1 if codebook == "bipolar" else 2
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
+    alive = rng.standard_normal((16, 48)).astype(np.float32)
+    w = np.concatenate([alive, 5 + 3 * rng.standard_normal((16, 16)).astype(np.float32)], axis=1)
+    importance = np.concatenate([np.ones(48), np.zeros(16)])
+    q_w, s_w = qz.quantize_weights(w, fmt, importance=importance)
+    q_a, s_a = qz.quantize_weights(alive, fmt)
+    err_w = ((alive - qz.dequantize_weights(q_w, s_w, fmt)[:, :48]) ** 2).sum()
+    err_a = ((alive - qz.dequantize_weights(q_a, s_a, fmt)) ** 2).sum()
+    err_plain = ((alive - qz.dequantize_weights(*qz.quantize_weights(w, fmt), fmt)[:, :48]) ** 2).sum()
+    assert err_w <= err_a * 1.05 and err_w < 0.8 * err_plain
+    with pytest.raises(ValueError, match="importance"):
+        qz.quantize_weights(w, fmt, importance=np.ones(3))
+
+
+def test_compile_with_calibration_uses_input_statistics(rng):
+    import torch
+
+    import pbtvm
+    from pbtvm.calibration import input_importance
+    from pbtvm.relay_passes.pb_linear_rewrite import weight_key
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)).eval()
+    batches = [torch.randn(8, 24) * torch.linspace(0, 2, 24) for _ in range(3)]  # input 0 never active
+    m = pbtvm.compile(model, (batches[0],), "llvm", bits=2, calibration=batches)
+    assert m.manifest["quantizer"]["calibrated"]
+    imp = input_importance(model, batches)
+    x = batches[0].numpy()
+    h = x
+    for i, layer in enumerate([model[0], model[2]]):
+        w = layer.weight.detach().numpy()
+        assert imp[weight_key(w)].shape == (w.shape[1],)
+        fmt, [(q, s)] = qz.layer_format([w], bp.BitplaneFormat(2, 8), "auto", "mse", [imp[weight_key(w)]])
+        h = qz.pb_linear_reference(h, bp.pack_weights(q, fmt), s, layer.bias.detach().numpy(), fmt)
+        h = np.maximum(h, 0) if i == 0 else h
+    np.testing.assert_allclose(m(x), h, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no batch"):
+        input_importance(model, [])
