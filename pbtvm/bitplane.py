@@ -10,7 +10,11 @@ A k-bit weight code ``q`` is stored as k binary planes ``b_0 .. b_{k-1}`` (plane
 significant, "MSB first") so that ``q = sum_i c_i * b_i + offset`` where
 
 * ``twos_complement`` (k >= 2): ``c = (-2^(k-1), 2^(k-2), ..., 2, 1)``, ``offset = 0``;
-* ``bipolar`` (k == 1): ``q = 2*b - 1``, i.e. ``c = (2,)``, ``offset = -1``.
+* ``bipolar`` (k == 1): ``q = 2*b - 1``, i.e. ``c = (2,)``, ``offset = -1``;
+* ``offset_binary`` (any k): unsigned ``q in 0..2^k-1``, ``c = (2^(k-1), ..., 2, 1)``,
+  ``offset = 0``, and the weight is ``w ~= s[n] * (q - z[n])`` with a per-row float zero point
+  ``z`` (:attr:`BitplaneFormat.has_zero_point`). All ``2^k`` levels are used (two's complement
+  uses ``2^k - 1``, the symmetric ones), and the grid may sit off-centre.
 
 Activations use two's complement with ``act_bits`` planes and coefficients ``d_j``. The exact
 integer product of one weight row ``n`` and one activation row ``b`` is then::
@@ -18,9 +22,14 @@ integer product of one weight row ``n`` and one activation row ``b`` is then::
     acc[b, n] = sum_i sum_j c_i d_j popcount(W_i[n, :] & X_j[b, :]) + offset * rowsum[b]
     rowsum[b] = sum_j d_j popcount(X_j[b, :]) = sum_k xq[b, k]
 
+The zero point costs one float term in the epilogue, ``-z[n] * rowsum[b]``, so every kernel stays
+a plane product: ``sum_k s (q - z) x = s (acc - z rowsum)``.
+
 Keeping only the top ``bitlayers`` weight planes (the run-time precision knob) zeroes the low
 ``k - bitlayers`` bits of every weight; their expected value, ``(2^(k-L) - 1) / 2`` per weight
-for two's complement, is added back as ``correction * rowsum`` in the float epilogue.
+(the dropped bits are ``sum_{p<k-L} 2^p b_p`` with non-negative coefficients in both two's
+complement and offset binary; each bit 0 or 1 with mean 1/2) is added back as
+``correction * rowsum`` in the float epilogue. Bipolar has no lower planes to drop.
 
 Planes are packed along K into little-endian uint32 words: bit ``t`` of word ``w`` holds element
 ``32*w + t``. K is zero-padded to a multiple of 32; padded bits are 0 in both operands.
@@ -56,7 +65,7 @@ WORD_BITS = 32
 #: contiguous, so dropping planes reads fewer bytes); ``NkW``: ``[N, planes, words]`` (a row's
 #: planes are contiguous).
 LAYOUTS = ("kNW", "NkW")
-CODEBOOKS = ("twos_complement", "bipolar")
+CODEBOOKS = ("twos_complement", "bipolar", "offset_binary")
 #: Default activation bits, chosen by measurement (see README, "act_bits"): 8 keeps the MNIST MLP
 #: within 0.1 point of 16 while needing half the activation planes.
 DEFAULT_ACT_BITS = 8
@@ -73,7 +82,9 @@ class BitplaneFormat:
     act_bits : int
         Activation bits, 2..16 (two's complement, dynamic per-row scale).
     codebook : str, optional
-        ``"twos_complement"`` (k >= 2) or ``"bipolar"`` (k == 1). Derived from ``bits`` if None.
+        ``"twos_complement"`` (k >= 2), ``"bipolar"`` (k == 1) or ``"offset_binary"`` (any k,
+        per-row zero point). Derived from ``bits`` if None (two's complement / bipolar, as before
+        offset binary existed; :func:`pbtvm.quantize.choose_codebook` picks per layer).
     word_dtype : str
         Packed word type; only ``"uint32"``.
     pack_axis : str
@@ -141,8 +152,39 @@ class BitplaneFormat:
     # ------------------------------------------------------------------ codes
     @property
     def weight_qmax(self) -> int:
-        """Largest weight code magnitude used by the symmetric quantizer (1 for bipolar)."""
+        """Largest weight code magnitude used by the symmetric quantizer (1 for bipolar).
+
+        For offset binary: the largest code, ``2^k - 1``.
+        """
+        if self.codebook == "offset_binary":
+            return 2**self.bits - 1
         return 1 if self.codebook == "bipolar" else 2 ** (self.bits - 1) - 1
+
+    @property
+    def weight_code_range(self) -> tuple[int, int]:
+        """``(lo, hi)`` of the integer weight codes :func:`pack_weights` accepts."""
+        if self.codebook == "offset_binary":
+            return 0, 2**self.bits - 1
+        if self.codebook == "bipolar":
+            return -1, 1
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    @property
+    def weight_signed(self) -> bool:
+        """Whether plane 0 has a negative coefficient (the two's complement sign plane)."""
+        return self.codebook == "twos_complement"
+
+    @property
+    def has_zero_point(self) -> bool:
+        """Whether each weight row carries a float zero point ``z`` (epilogue term ``-z * rowsum``)."""
+        return self.codebook == "offset_binary"
+
+    def scale_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of the per-row float weight parameters the kernels take (``w_scale``).
+
+        ``(n,)`` scales, or ``(2, n)`` = (scales, zero points) when :attr:`has_zero_point`.
+        """
+        return (2, int(n)) if self.has_zero_point else (int(n),)
 
     @property
     def act_qmax(self) -> int:
@@ -159,6 +201,8 @@ class BitplaneFormat:
         bitlayers = self.check_bitlayers(bitlayers)
         if self.codebook == "bipolar":
             return (2,)
+        if self.codebook == "offset_binary":
+            return tuple(2 ** (self.bits - 1 - p) for p in range(bitlayers))
         return _twos_complement_coefficients(self.bits)[:bitlayers]
 
     @property
@@ -182,7 +226,7 @@ class BitplaneFormat:
 
     def max_abs_accumulator(self, k_dim: int) -> int:
         """Bound on ``|acc|`` for a K of ``k_dim`` (weights and activations at full scale)."""
-        wmax = max(2 ** (self.bits - 1), 1)
+        wmax = 2**self.bits if self.codebook == "offset_binary" else max(2 ** (self.bits - 1), 1)
         return int(k_dim) * (wmax + 1) * 2 ** (self.act_bits - 1)
 
     def accumulator_dtype(self, k_dim: int) -> str:
@@ -192,8 +236,9 @@ class BitplaneFormat:
     # ------------------------------------------------------------------ identity
     @property
     def name(self) -> str:
-        """Short name such as ``w4a8`` (``w4a8-NkW`` for the non-default layout)."""
-        base = f"w{self.bits}a{self.act_bits}"
+        """Short name such as ``w4a8`` (``w4a8-NkW`` for the non-default layout, ``w4a8o`` for
+        offset binary)."""
+        base = f"w{self.bits}a{self.act_bits}" + ("o" if self.codebook == "offset_binary" else "")
         return base if self.layout == LAYOUTS[0] else f"{base}-{self.layout}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,6 +276,11 @@ PRESETS: dict[str, BitplaneFormat] = {
     "w8a8": BitplaneFormat(8, 8),
     "w4a16": BitplaneFormat(4, 16),
     "w16a16": BitplaneFormat(16, 16),
+    "w1a8o": BitplaneFormat(1, 8, "offset_binary"),
+    "w2a8o": BitplaneFormat(2, 8, "offset_binary"),
+    "w3a8o": BitplaneFormat(3, 8, "offset_binary"),
+    "w4a8o-NkW": BitplaneFormat(4, 8, "offset_binary", layout="NkW"),
+    "w16a16o": BitplaneFormat(16, 16, "offset_binary"),
 }
 
 
@@ -283,7 +333,7 @@ def pack_weights(q: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     q = np.asarray(q)
     if q.ndim != 2:
         raise ValueError(f"weight codes must be [N, K], got shape {q.shape}")
-    lo, hi = (-1, 1) if fmt.codebook == "bipolar" else (-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1)
+    lo, hi = fmt.weight_code_range
     if q.size and (q.min() < lo or q.max() > hi):
         raise ValueError(f"weight codes out of range [{lo}, {hi}] for {fmt.name}")
     if fmt.codebook == "bipolar":
@@ -301,7 +351,7 @@ def unpack_weights(packed: np.ndarray, k_dim: int, fmt: BitplaneFormat) -> np.nd
     planes = packed if fmt.layout == "kNW" else np.asarray(packed).transpose(1, 0, 2)
     if fmt.codebook == "bipolar":
         return 2 * unpack_planes(planes, k_dim, signed=False) - 1
-    return unpack_planes(planes, k_dim, signed=True)
+    return unpack_planes(planes, k_dim, signed=fmt.weight_signed)
 
 
 def pack_activations(xq: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:

@@ -14,6 +14,7 @@ from . import __version__, outputs
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
+from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
@@ -106,14 +107,28 @@ def _layer_names(model: Any) -> dict[str, str]:
     return names
 
 
-def _rewrite(model: Any, example_inputs: Any, fmt: BitplaneFormat, tvm_target: tvm.target.Target, dynamic_batch: bool):  # noqa: ANN202
+def _rewrite(  # noqa: ANN202
+    model: Any,
+    example_inputs: Any,
+    fmt: BitplaneFormat,
+    tvm_target: tvm.target.Target,
+    dynamic_batch: bool,
+    codebook: str | None = AUTO,
+    quantizer: str = "mse",
+    calibration: Any = None,
+):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled)."""
     t0 = time.perf_counter()
     owners: list[str] = []
     mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch, owners)
     logger.info("imported model in %.1fs", time.perf_counter() - t0)
+    importance = None
+    if calibration is not None:
+        from .calibration import input_importance
+
+        importance = input_importance(model, calibration)
     names = _layer_names(model)
-    rewrite = PBLinearRewrite(fmt, names)
+    rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names)
     with tvm_target:
         mod = rewrite(mod)
     report = rewrite.report
@@ -162,6 +177,8 @@ def tune(
     layout: str = "kNW",
     runner: Any = None,
     progress: Any = None,
+    codebook: str | None = AUTO,
+    quantizer: str = "mse",
 ) -> TuneReport:
     """Search schedules for a model's PB kernels with MetaSchedule; write the tuning log.
 
@@ -169,8 +186,8 @@ def tune(
 
     Parameters
     ----------
-    model, example_inputs, target, bits, act_bits, layout
-        As in :func:`compile`.
+    model, example_inputs, target, bits, act_bits, layout, codebook, quantizer
+        As in :func:`compile` (the same values give the same kernels).
     work_dir : path
         Tuning log directory (one JSON database per target arch inside).
     trials : int
@@ -187,10 +204,11 @@ def tune(
     pbtvm.schedules.tuning.TuneReport
     """
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
+    check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True)
+    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
     return tune_kernels(
         _pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
     )
@@ -209,6 +227,9 @@ def compile(  # noqa: A001 - the public name users expect
     work_dir: str | os.PathLike | None = None,
     trials: int = 64,
     tune_batch: int = 1,
+    codebook: str | None = AUTO,
+    quantizer: str = "mse",
+    calibration: Any = None,
 ) -> CompiledModel:
     """Compile a torch model with PrecisionBatching.
 
@@ -237,6 +258,19 @@ def compile(  # noqa: A001 - the public name users expect
         for another target / TVM / format version is ignored with a warning.
     trials, tune_batch : int
         Candidates per kernel and batch size when tuning (see :func:`tune`).
+    codebook : str or None
+        Weight codebook. ``"auto"`` (default): per layer, the codebook with the lowest weight
+        squared error (:func:`pbtvm.quantize.choose_codebook`; in practice offset binary, whose
+        zero point costs one epilogue term); ``"twos_complement"``/``"bipolar"`` (the codes
+        before offset binary existed) or ``"offset_binary"`` force one; None: two's complement
+        for k >= 2, bipolar for k = 1. The manifest records each layer's codebook.
+    quantizer : str
+        ``"mse"`` (default): per-row clipping search minimizing the weight MSE; ``"max"``: the
+        original max-scaled round to nearest (see :func:`pbtvm.quantize.quantize_weights`).
+    calibration : iterable, optional
+        Example batches (each a model input or a tuple of inputs). If given, the quantizer weights
+        each input's error by its mean square over these batches (:mod:`pbtvm.calibration`);
+        default None: data-free.
 
     Returns
     -------
@@ -252,10 +286,13 @@ def compile(  # noqa: A001 - the public name users expect
         The tuning log in ``work_dir`` is corrupt.
     """
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
+    check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
     if tune and work_dir is None:
         raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
-    mod, specs, dynamic, converted, skipped = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch)
+    mod, specs, dynamic, converted, skipped = _rewrite(
+        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration
+    )
     _warn_recurrent(model)
     if skipped:
         listed = ", ".join(f"{s['name']}: {s['reason']}" for s in skipped)
@@ -279,7 +316,10 @@ def compile(  # noqa: A001 - the public name users expect
         skipped=skipped,
         work_dir=work_dir,
         tune_batch=tune_batch,
-        extra={"output_structure": structure},
+        extra={
+            "output_structure": structure,
+            "quantizer": {"codebook": codebook, "method": quantizer, "calibrated": calibration is not None},
+        },
     )
 
 

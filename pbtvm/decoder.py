@@ -39,13 +39,18 @@ def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().float().numpy()
 
 
-def _packed(w: np.ndarray, fmt: BitplaneFormat, rows: np.ndarray | None = None) -> list:
-    """Quantized, packed weight and its row scales as Relax constants (rows permuted if given)."""
-    from ._tvm import relax
-    from .quantize import quantize_weights
+def _packed(ws: list[np.ndarray], fmt: BitplaneFormat, quant: tuple, rows: np.ndarray | None = None) -> tuple:
+    """Quantized, packed weights and their row parameters as Relax constants (rows permuted if given).
 
-    q, scale = quantize_weights(w if rows is None else w[rows], fmt)
-    return [relax.const(pack_weights(q, fmt), "uint32"), relax.const(scale, "float32")]
+    ``ws`` share one format (one kernel); ``quant`` is ``(codebook, method)`` as in
+    :func:`pbtvm.quantize.layer_format`. Returns ``(layer format, [[planes, params] per weight])``.
+    """
+    from ._tvm import relax
+    from .quantize import layer_format
+
+    layer_fmt, coded = layer_format([w if rows is None else w[rows] for w in ws], fmt, *quant)
+    consts = [[relax.const(pack_weights(q, layer_fmt), "uint32"), relax.const(s, "float32")] for q, s in coded]
+    return layer_fmt, consts
 
 
 def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
@@ -69,7 +74,9 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
 
 
-def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, kind: str, batch: int) -> tuple:
+def _decoder_module(
+    lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, kind: str, batch: int, quant: tuple = ("auto", "mse")
+) -> tuple:
     """The token step as a Relax module; returns (module, input specs, converted layers, meta)."""
     from ._tvm import relax, tir
 
@@ -104,12 +111,12 @@ def _decoder_module(lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, k
             for layer in range(layers):
                 h_l = bb.emit(relax.TupleGetItem(copied, 1 + layer))
                 c_l = bb.emit(relax.TupleGetItem(copied, 1 + layers + layer))
-                x, c_new = _emit_layer(bb, lstm, layer, x, h_l, c_l, batch, fmt, n_bits, converted)
+                x, c_new = _emit_layer(bb, lstm, layer, x, h_l, c_l, batch, fmt, n_bits, converted, quant)
                 outs_h.append(x)
                 outs_c.append(c_new)
             out_shape = (batch, hidden)
             if head is not None:
-                x = _emit_head(bb, head, x, batch, fmt, kind, n_bits, converted)
+                x = _emit_head(bb, head, x, batch, fmt, kind, n_bits, converted, quant)
                 out_shape = (batch, head.out_features)
             groups = [
                 CopyGroup("float32", (out_shape,), (out_shape,)),
@@ -145,6 +152,7 @@ def _emit_layer(
     fmt: BitplaneFormat,
     n_bits: Any,
     converted: list,
+    quant: tuple,
 ) -> tuple:
     """One layer's step kernel (:func:`pbtvm.kernels.lstm_cell_input_func`); returns (h', c')."""
     from ._tvm import relax
@@ -155,22 +163,25 @@ def _emit_layer(
     hidden = lstm.hidden_size
     rows = unit_major_rows(hidden)
     w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
-    args = [x, *_packed(w_ih, fmt, rows)]
+    fmt, (packed_ih, packed_hh) = _packed([w_ih, w_hh], fmt, quant, rows)  # one codebook per layer kernel
+    args = [x, *packed_ih]
     if lstm.bias:
         bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
         args.append(relax.const(bias[rows], "float32"))
-    args += [h, c, *_packed(w_hh, fmt, rows), relax.prim_value(n_bits)]
+    args += [h, c, *packed_hh, relax.prim_value(n_bits)]
     func = lstm_cell_input_func(fmt, w_ih.shape[1], hidden, lstm.bias).without_attr("global_symbol")
     state = relax.TensorType([batch, hidden], "float32")
     step = bb.emit(relax.call_tir(bb.add_func(func, f"pb_lstm_step_l{layer}"), args, [state, state]))
     for k, w in (("ih", w_ih), ("hh", w_hh)):
         name = f"weight_{k}_l{layer} (LSTM)"
-        converted.append({"name": name, "weight_key": weight_key(w), "shape": list(w.shape), "bias": False})
+        converted.append(
+            {"name": name, "weight_key": weight_key(w), "shape": list(w.shape), "bias": False, "codebook": fmt.codebook}
+        )
     return bb.emit(relax.TupleGetItem(step, 0)), bb.emit(relax.TupleGetItem(step, 1))
 
 
 def _emit_head(
-    bb: Any, head: Any, x: Any, batch: int, fmt: BitplaneFormat, kind: str, n_bits: Any, converted: list
+    bb: Any, head: Any, x: Any, batch: int, fmt: BitplaneFormat, kind: str, n_bits: Any, converted: list, quant: tuple
 ) -> Any:
     """The output layer; returns its output [batch, out_features].
 
@@ -185,7 +196,8 @@ def _emit_head(
 
     w_out = _np(head.weight)
     has_bias = head.bias is not None
-    weights = [*_packed(w_out, fmt)] + ([relax.const(_np(head.bias), "float32")] if has_bias else [])
+    fmt, [packed] = _packed([w_out], fmt, quant)
+    weights = packed + ([relax.const(_np(head.bias), "float32")] if has_bias else [])
     n, k = head.out_features, head.in_features
     if kind == "cuda":
         func, args = dense_act_func(fmt, n, k, has_bias), [x, *weights]
@@ -203,7 +215,13 @@ def _emit_head(
         )
     gemm = bb.add_func(func.without_attr("global_symbol"), "pb_dense_head")
     converted.append(
-        {"name": "head (Linear)", "weight_key": weight_key(w_out), "shape": list(w_out.shape), "bias": has_bias}
+        {
+            "name": "head (Linear)",
+            "weight_key": weight_key(w_out),
+            "shape": list(w_out.shape),
+            "bias": has_bias,
+            "codebook": fmt.codebook,
+        }
     )
     out_type = relax.TensorType([batch, n], "float32")
     return bb.emit(relax.call_tir(gemm, [*args, relax.prim_value(n_bits)], out_type))
@@ -300,6 +318,8 @@ def compile_decoder(
     batch: int = 1,
     layout: str = "kNW",
     cuda_graph: bool = True,
+    codebook: str | None = "auto",
+    quantizer: str = "mse",
 ) -> PBDecoder:
     """Compile the one-token step of ``[embedding ->] lstm [-> head]`` with PrecisionBatching.
 
@@ -317,6 +337,9 @@ def compile_decoder(
         Static batch size (CUDA-graph capture needs static shapes).
     cuda_graph : bool
         On CUDA, capture the step between its repacks as a CUDA graph.
+    codebook, quantizer : str
+        As in :func:`pbtvm.compile`; with ``"auto"`` an LSTM layer's ``W_ih`` and ``W_hh`` (one
+        kernel) share the codebook with the lowest summed weight error, the head gets its own.
 
     Returns
     -------
@@ -330,10 +353,13 @@ def compile_decoder(
     from .compiler import build_model
 
     _check_parts(lstm, embedding, head, batch)
+    from .quantize import check_codebook
+
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
+    check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
     kind = tvm_target.kind.name
-    mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch)
+    mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch, (codebook, quantizer))
     model = build_model(
         mod,
         fmt,
@@ -343,7 +369,10 @@ def compile_decoder(
         single_output=False,
         converted=converted,
         cuda_graph=cuda_graph and kind == "cuda",
-        extra={MANIFEST_KEY: {**meta, "cuda_graph": cuda_graph and kind == "cuda"}},
+        extra={
+            MANIFEST_KEY: {**meta, "cuda_graph": cuda_graph and kind == "cuda"},
+            "quantizer": {"codebook": codebook, "method": quantizer},
+        },
     )
     return PBDecoder(model)
 

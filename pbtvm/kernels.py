@@ -45,9 +45,13 @@ def int_product_func(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tir.PrimFun
 
 
 def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
-    """``(xp, x_scale, rowsum, wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``."""
+    """``(xp, x_scale, rowsum, wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``.
+
+    ``w_scale`` has ``fmt.scale_shape(N)`` (``[2, N]`` scales and zero points for offset binary),
+    as in every builder here.
+    """
     xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim)
-    ws = te.placeholder((n_out,), "float32", "w_scale")
+    ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
@@ -58,7 +62,7 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
     """``(x f32 [B, K], wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``: pack and PB GEMM in one."""
     x = te.placeholder((_batch_var(), k_dim), "float32", "x")
     wp = te.placeholder(fmt.weight_shape(n_out, k_dim), "uint32", "wp")
-    ws = te.placeholder((n_out,), "float32", "w_scale")
+    ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     layers = tir.Var("bitlayers", "int64")
     y = pb_dense_act(x, wp, ws, b, layers, fmt)
@@ -76,7 +80,7 @@ def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
     h = te.placeholder((batch, hidden), "float32", "h")
     c = te.placeholder((batch, hidden), "float32", "c")
     wp = te.placeholder(fmt.weight_shape(4 * hidden, hidden), "uint32", "wp")
-    ws = te.placeholder((4 * hidden,), "float32", "w_scale")
+    ws = te.placeholder(fmt.scale_shape(4 * hidden), "float32", "w_scale")
     layers = tir.Var("bitlayers", "int64")
     outs = pb_lstm_cell(gx, h, c, wp, ws, layers, fmt)
     return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(kernel_attrs("pb_lstm_cell", fmt, hidden))
@@ -92,12 +96,12 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
     batch = _batch_var()
     x = te.placeholder((batch, input_size), "float32", "x")
     wp_ih = te.placeholder(fmt.weight_shape(4 * hidden, input_size), "uint32", "wp_ih")
-    ws_ih = te.placeholder((4 * hidden,), "float32", "ws_ih")
+    ws_ih = te.placeholder(fmt.scale_shape(4 * hidden), "float32", "ws_ih")
     b = te.placeholder((4 * hidden,), "float32", "bias") if bias else None
     h = te.placeholder((batch, hidden), "float32", "h")
     c = te.placeholder((batch, hidden), "float32", "c")
     wp_hh = te.placeholder(fmt.weight_shape(4 * hidden, hidden), "uint32", "wp_hh")
-    ws_hh = te.placeholder((4 * hidden,), "float32", "ws_hh")
+    ws_hh = te.placeholder(fmt.scale_shape(4 * hidden), "float32", "ws_hh")
     layers = tir.Var("bitlayers", "int64")
     outs = pb_lstm_cell_input(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, layers, fmt)
     args = [x, wp_ih, ws_ih] + ([b] if bias else []) + [h, c, wp_hh, ws_hh, layers, *outs]

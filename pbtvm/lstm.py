@@ -47,21 +47,24 @@ def _projection_module(w_ih: Any, bias: Any) -> Any:
     return lin.eval()
 
 
-def _cell_model(w_hh: np.ndarray, fmt: BitplaneFormat, tvm_target: Any, name: str, **build_kwargs: Any) -> Any:
+def _cell_model(
+    w_hh: np.ndarray, fmt: BitplaneFormat, tvm_target: Any, name: str, quant: tuple = ("auto", "mse"), **build_kwargs: Any
+) -> Any:
     """The fused step ``(gx [B, 4H], h [B, H], c [B, H]) -> (h', c')`` as a CompiledModel.
 
     ``main`` is one ``call_tir`` of :func:`pbtvm.kernels.lstm_cell_func` (one kernel launch on
-    CUDA) with ``W_hh`` packed unit-major as a constant.
+    CUDA) with ``W_hh`` packed unit-major as a constant, in the codebook ``quant = (codebook,
+    method)`` gives (:func:`pbtvm.quantize.layer_format`).
     """
     from ._tvm import relax, tir
     from .compiler import build_model
     from .kernels import lstm_cell_func
     from .ops import unit_major_rows
-    from .quantize import quantize_weights
+    from .quantize import layer_format
     from .relay_passes.pb_linear_rewrite import weight_key
 
     hidden = w_hh.shape[1]
-    q, w_scale = quantize_weights(w_hh[unit_major_rows(hidden)], fmt)
+    fmt, [(q, w_scale)] = layer_format([w_hh[unit_major_rows(hidden)]], fmt, *quant)
     batch, layers = tir.Var("batch", "int64"), tir.Var("bitlayers", "int64")
     state = relax.TensorType([batch, hidden], "float32")
     params = [
@@ -79,10 +82,27 @@ def _cell_model(w_hh: np.ndarray, fmt: BitplaneFormat, tvm_target: Any, name: st
         out = bb.emit(relax.call_tir(kernel, [*params[:3], *weights, relax.prim_value(layers)], [state, state]))
         bb.emit_func_output(out)
     specs = [{"dtype": "float32", "shape": [None, d]} for d in (4 * hidden, hidden, hidden)]
-    converted = [{"name": name, "weight_key": weight_key(w_hh), "shape": [4 * hidden, hidden], "bias": False}]
+    converted = [
+        {
+            "name": name,
+            "weight_key": weight_key(w_hh),
+            "shape": [4 * hidden, hidden],
+            "bias": False,
+            "codebook": fmt.codebook,
+        }
+    ]
     return build_model(
         bb.get(), fmt, tvm_target, specs, dynamic=True, single_output=False, converted=converted, **build_kwargs
     )
+
+
+def _layer_codebook(weights: list[np.ndarray], fmt: BitplaneFormat, quant: tuple) -> str | None:
+    """The codebook of one LSTM layer: ``quant[0]`` unless "auto", then the joint choice for ``weights``."""
+    from .quantize import AUTO, choose_codebook
+
+    if quant[0] != AUTO:
+        return quant[0]
+    return choose_codebook(weights, fmt, quant[1])[0]
 
 
 class PBLSTM:
@@ -225,7 +245,13 @@ def compile_lstm(
         raise ValueError("bidirectional LSTMs are not supported yet")
     if getattr(lstm, "proj_size", 0):
         raise ValueError("LSTMs with proj_size are not supported yet")
+    from .quantize import AUTO, check_codebook
+
+    if "calibration" in compile_kwargs:
+        raise ValueError("calibration is supported by pbtvm.compile only, not by compile_lstm")
     fmt = BitplaneFormat(bits, act_bits, layout=compile_kwargs.get("layout", "kNW"))
+    quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))
+    check_codebook(quant[0], bits, quant[1])
     tvm_target = resolve_target(target)
     build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch") if k in compile_kwargs}
     projections, cells = [], []
@@ -237,10 +263,13 @@ def compile_lstm(
             if lstm.bias:
                 bias = (getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).detach().float()
             proj = _projection_module(w_ih, bias)
-            projections.append(
-                pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **compile_kwargs)
+            # one codebook per layer for W_ih and W_hh, as the decoder's one-kernel step needs
+            layer_quant = (_layer_codebook([w_ih.numpy(), w_hh.numpy()], fmt, quant), quant[1])
+            kwargs = {**compile_kwargs, "codebook": layer_quant[0]}
+            projections.append(pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **kwargs))
+            cells.append(
+                _cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", layer_quant, **build_kwargs)
             )
-            cells.append(_cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", **build_kwargs))
     return PBLSTM(projections, cells, lstm, fmt)
 
 

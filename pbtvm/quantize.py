@@ -1,8 +1,11 @@
 """Quantizers (numpy): per-channel weights at compile time, per-row activations at run time.
 
-No retraining and no calibration data: weights use round-to-nearest with a per-output-channel
-scale; activations get a dynamic per-row scale computed from the row's own max, so nothing wraps
-(the paper's code used unscaled fixed point, which overflows on large activations).
+No retraining and no calibration data: weights get a per-output-channel scale (and, for the
+offset-binary codebook, a zero point) found by a clipping search minimizing the weight MSE
+(:mod:`pbtvm.weight_fit`; ``method="max"`` keeps the original max-scaled round-to-nearest);
+:func:`choose_codebook` picks the codebook of a layer. Activations get a dynamic per-row scale
+computed from the row's own max, so nothing wraps (the paper's code used unscaled fixed point,
+which overflows on large activations).
 
 The activation rounding is ``floor(x * inv_scale + 0.5)`` in float32 (``inv_scale`` =
 ``act_qmax / amax``) because the TE operator computes exactly that on every target; numpy's
@@ -11,11 +14,27 @@ round-half-even would differ from CUDA's ``roundf`` on ties.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from . import weight_fit
 from .bitplane import BitplaneFormat, bitplane_matmul, pack_activations, plane_rowsum
 
+#: Weight quantization methods: clip search minimizing the weight MSE, or the original max scaling.
+METHODS = ("mse", "max")
+#: ``codebook`` values the compile functions take: a codebook name, or "auto" (see :func:`choose_codebook`).
+AUTO = "auto"
+#: Relative MSE margin within which :func:`choose_codebook` prefers the codebook without zero point.
+TIE_MARGIN = 1e-3
+
 __all__ = [
+    "AUTO",
+    "METHODS",
+    "check_codebook",
+    "choose_codebook",
+    "dequantize_weights",
+    "layer_format",
     "quantize_weights",
     "quantize_activations",
     "pb_linear_reference",
@@ -24,40 +43,157 @@ __all__ = [
 ]
 
 
-def quantize_weights(w: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize a float weight matrix per output channel.
+def quantize_weights(
+    w: np.ndarray, fmt: BitplaneFormat, method: str = "mse", importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a float weight matrix per output channel in ``fmt.codebook``.
 
     Parameters
     ----------
     w : np.ndarray, float, shape [N, K]
         Weight matrix (``nn.Linear.weight`` layout: out x in).
     fmt : BitplaneFormat
+    method : str
+        ``"mse"`` (default): per-row clip / scale search minimizing the weight MSE, see
+        :mod:`pbtvm.weight_fit`. ``"max"``: the original quantizer (two's complement
+        ``s = max|w| / qmax``; offset binary the full ``[min, max]`` range), round to nearest.
+    importance : np.ndarray, float, [K], optional
+        Per-input weights of the squared error, e.g. the mean square of each input over
+        calibration data (:func:`pbtvm.weight_fit.column_weights`); None: plain weight MSE.
 
     Returns
     -------
     q : np.ndarray, int32, shape [N, K]
-        Codes: symmetric ``-(2^(k-1)-1)..2^(k-1)-1`` for two's complement; ``+-1`` for bipolar.
-    scale : np.ndarray, float32, shape [N]
-        ``w ~= q * scale[:, None]``. Two's complement: ``max|w| / qmax``; bipolar: ``mean|w|``
-        (the least-squares scale for sign codes). All-zero rows get scale 0.
+        Codes in ``fmt.weight_code_range``: symmetric ``-(2^(k-1)-1)..2^(k-1)-1`` for two's
+        complement; ``+-1`` for bipolar; ``0..2^k-1`` for offset binary.
+    scale : np.ndarray, float32, shape ``fmt.scale_shape(N)``
+        ``[N]``: ``w ~= q * scale[:, None]`` (bipolar ``s = mean|w|``, the least-squares scale for
+        sign codes). ``[2, N]`` for offset binary: ``w ~= scale[0, :, None] * (q - scale[1, :, None])``.
+        All-zero rows get scale 0.
     """
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"weights must be 2-D [N, K], got shape {w.shape}")
     if not np.issubdtype(w.dtype, np.floating):
         raise TypeError(f"weights must be floating point, got {w.dtype}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     w = w.astype(np.float32)
     if not np.all(np.isfinite(w)):
         raise ValueError("weights contain NaN or Inf")
     if fmt.codebook == "bipolar":
-        scale = np.abs(w).mean(axis=1).astype(np.float32)
-        q = np.where(w >= 0, 1, -1).astype(np.int32)
-        return q, scale
+        return weight_fit.fit_bipolar(w, importance)
+    if fmt.codebook == "offset_binary":
+        return weight_fit.fit_offset_binary(w, fmt.bits, method, importance)
+    if method == "mse":
+        return weight_fit.fit_symmetric(w, fmt.weight_qmax, importance=importance)
     qmax = fmt.weight_qmax
     scale = (np.abs(w).max(axis=1) / qmax).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.round(w / safe[:, None]), -qmax, qmax).astype(np.int32)
     return q, scale
+
+
+def dequantize_weights(q: np.ndarray, scale: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
+    """The float weights the codes stand for, float32 [N, K] (inverse of :func:`quantize_weights`)."""
+    q = np.asarray(q, np.float64)
+    scale = np.asarray(scale, np.float64)
+    if scale.shape != fmt.scale_shape(q.shape[0]):
+        raise ValueError(f"scale has shape {scale.shape}, {fmt.codebook} wants {fmt.scale_shape(q.shape[0])}")
+    if fmt.has_zero_point:
+        return (scale[0][:, None] * (q - scale[1][:, None])).astype(np.float32)
+    return (q * scale[:, None]).astype(np.float32)
+
+
+def check_codebook(codebook: str | None, bits: int, method: str = "mse") -> None:
+    """Raise a clear error for a ``codebook`` / ``method`` the compile functions cannot use at ``bits``."""
+    from .bitplane import CODEBOOKS
+
+    if method not in METHODS:
+        raise ValueError(f"quantizer must be one of {METHODS}, got {method!r}")
+    if codebook is None or codebook == AUTO:
+        return
+    if codebook not in CODEBOOKS:
+        raise ValueError(f"codebook must be 'auto', None or one of {CODEBOOKS}, got {codebook!r}")
+    BitplaneFormat(bits, codebook=codebook)  # bits / codebook compatibility, with its message
+
+
+def _candidates(bits: int) -> tuple[str, ...]:
+    return ("bipolar", "offset_binary") if bits == 1 else ("twos_complement", "offset_binary")
+
+
+def choose_codebook(
+    weights: list[np.ndarray], fmt: BitplaneFormat, method: str = "mse", importances: list | None = None
+) -> tuple[str, dict]:
+    """Pick the codebook for a layer: the lowest total weight squared error over ``weights``.
+
+    Rule: quantize every matrix with each codebook valid at ``fmt.bits`` (k = 1: bipolar and
+    offset binary; k >= 2: two's complement and offset binary), sum the squared errors, take the
+    smallest; within :data:`TIE_MARGIN` (relative) the codebook without a zero point wins (one
+    epilogue term fewer).
+
+    Parameters
+    ----------
+    weights : list of np.ndarray, float, [N_i, K_i]
+        The matrices that share one format (e.g. an LSTM layer's ``W_ih`` and ``W_hh``).
+    fmt : BitplaneFormat
+        Bits, act_bits and layout; its codebook is ignored.
+    method : str
+        As in :func:`quantize_weights`.
+    importances : list of (np.ndarray [K_i] or None), optional
+        Per-input error weights of each matrix (calibration); the errors are then weighted too.
+
+    Returns
+    -------
+    codebook : str
+    quantized : dict
+        ``{codebook: [(q, scale), ...]}`` for every candidate, so callers need not quantize again.
+    """
+    errors, quantized = {}, {}
+    imps = importances or [None] * len(weights)
+    for name in _candidates(fmt.bits):
+        f = dataclasses.replace(fmt, codebook=name)
+        quantized[name] = [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
+        errors[name] = 0.0
+        for w, imp, (q, s) in zip(weights, imps, quantized[name], strict=True):
+            sq = (np.asarray(w, np.float64) - dequantize_weights(q, s, f)) ** 2
+            c = weight_fit.column_weights(imp, sq.shape[1])
+            errors[name] += float(sq.sum() if c is None else (sq @ c).sum())
+    plain, offset = _candidates(fmt.bits)
+    best = offset if errors[offset] < errors[plain] * (1 - TIE_MARGIN) else plain
+    return best, quantized
+
+
+def layer_format(
+    weights: list[np.ndarray],
+    fmt: BitplaneFormat,
+    codebook: str | None = AUTO,
+    method: str = "mse",
+    importances: list | None = None,
+) -> tuple[BitplaneFormat, list[tuple[np.ndarray, np.ndarray]]]:
+    """Format and quantized ``(q, scale)`` per matrix for one layer.
+
+    Parameters
+    ----------
+    weights : list of np.ndarray, float, [N_i, K_i]
+    fmt : BitplaneFormat
+        Bits, act_bits, layout (and the codebook used when ``codebook`` is None).
+    codebook : str or None
+        ``"auto"`` (:func:`choose_codebook`), a name from :data:`pbtvm.bitplane.CODEBOOKS`, or
+        None to keep ``fmt.codebook``.
+    method, importances
+        As in :func:`choose_codebook`.
+
+    Returns
+    -------
+    (BitplaneFormat, list of (q, scale))
+    """
+    if codebook == AUTO:
+        name, quantized = choose_codebook(weights, fmt, method, importances)
+        return dataclasses.replace(fmt, codebook=name), quantized[name]
+    f = fmt if codebook is None else dataclasses.replace(fmt, codebook=codebook)
+    imps = importances or [None] * len(weights)
+    return f, [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
 
 
 def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +238,8 @@ def pb_linear_reference(
     ----------
     x : np.ndarray, float32, shape [B, K]
     wp : np.ndarray, uint32, shape ``fmt.weight_shape(N, K)``
-    w_scale : np.ndarray, float32, shape [N]
+    w_scale : np.ndarray, float32, shape ``fmt.scale_shape(N)``
+        Scales ``[N]``, or ``[2, N]`` scales and zero points for offset binary.
     bias : np.ndarray, float32, shape [N], or None
     fmt : BitplaneFormat
     bitlayers : int, optional
@@ -110,13 +247,18 @@ def pb_linear_reference(
     Returns
     -------
     np.ndarray, float32, shape [B, N]
-        ``(acc + corr * rowsum) * s_x[b] * s_w[n] + bias[n]``.
+        ``(acc + (corr - z[n]) * rowsum) * s_x[b] * s_w[n] + bias[n]`` (``z = 0`` without zero point).
     """
     xq, xs = quantize_activations(x, fmt)
     xp = pack_activations(xq, fmt)
     acc = bitplane_matmul(wp, xp, fmt, bitlayers)
-    corr = fmt.truncation_correction(bitlayers) * plane_rowsum(xp, fmt)[:, None]
-    y = (acc + corr) * xs[:, None].astype(np.float64) * np.asarray(w_scale, np.float64)[None, :]
+    params = np.asarray(w_scale, np.float64)
+    n_rows = acc.shape[1]
+    if params.shape != fmt.scale_shape(n_rows):
+        raise ValueError(f"w_scale has shape {params.shape}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
+    scale, zero = (params[0], params[1]) if fmt.has_zero_point else (params, np.zeros(n_rows))
+    corr = (fmt.truncation_correction(bitlayers) - zero[None, :]) * plane_rowsum(xp, fmt)[:, None]
+    y = (acc + corr) * xs[:, None].astype(np.float64) * scale[None, :]
     if bias is not None:
         y = y + np.asarray(bias, np.float64)[None, :]
     return y.astype(np.float32)

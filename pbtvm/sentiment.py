@@ -134,15 +134,17 @@ def accuracy(predict: Any, data: Reviews, batch: int = 256) -> float:
 class PBSentenceLSTM:
     """:func:`classifier` with its LSTM and head compiled with PrecisionBatching."""
 
-    def __init__(self, model: Any, target: Any = "llvm", bits: int = 4, act_bits: int = DEFAULT_ACT_BITS) -> None:
+    def __init__(
+        self, model: Any, target: Any = "llvm", bits: int = 4, act_bits: int = DEFAULT_ACT_BITS, **kw: Any
+    ) -> None:
         import torch
 
         from .compiler import compile as pb_compile
         from .lstm import compile_lstm
 
         self.embedding = model.embedding
-        self.lstm = compile_lstm(model.lstm, target, bits, act_bits)
-        self.head = pb_compile(model.head, (torch.zeros(2, model.head.in_features),), target, bits, act_bits)
+        self.lstm = compile_lstm(model.lstm, target, bits, act_bits, **kw)  # kw: codebook, quantizer, ...
+        self.head = pb_compile(model.head, (torch.zeros(2, model.head.in_features),), target, bits, act_bits, **kw)
 
     def __call__(self, tokens: Any, bitlayers: int | None = None) -> Any:
         """``tokens`` int64 [B, T] -> logits float32 [B, 2]."""

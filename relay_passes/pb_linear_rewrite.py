@@ -28,7 +28,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat, pack_weights
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
-from pbtvm.quantize import quantize_weights
+from pbtvm.quantize import AUTO, layer_format
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,25 @@ class _Linear:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(
-        self, mod: tvm.IRModule, fmt: BitplaneFormat, report: ConversionReport, layer_names: dict[str, str]
+    def __init__(  # noqa: PLR0913
+        self,
+        mod: tvm.IRModule,
+        fmt: BitplaneFormat,
+        report: ConversionReport,
+        codebook: str | None,
+        method: str,
+        importance: dict | None,
+        layer_names: dict[str, str],
     ) -> None:
         super().__init__(mod)
         self.fmt = fmt
+        self.importance = importance or {}
+        self.codebook = codebook
+        self.method = method
         self.layer_names = layer_names
         self.report = report
         self.bitlayers = tir.Var("bitlayers", "int64")
-        self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant]] = {}
+        self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant, BitplaneFormat]] = {}
         self._act_packs: list[tuple[relax.Expr, relax.Expr]] = []
         self._linears: list[_Linear] = []
         self.n_rewritten = 0
@@ -192,17 +202,20 @@ class _Rewriter(PyExprMutator):
         out_ty = [relax.TensorType([undim(d) for d in o.shape], o.dtype) for o in outs]
         return relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0])
 
-    def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant]:
+    def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant, BitplaneFormat]:
+        """Packed planes, row parameters and the layer's format (codebook chosen per weight)."""
         key = weight_key(weight)
         if key not in self._packed_weights:
+            imp = [self.importance.get(key)]
             try:
-                q, scale = quantize_weights(weight.astype(np.float32), self.fmt)
+                fmt, [(q, scale)] = layer_format([weight.astype(np.float32)], self.fmt, self.codebook, self.method, imp)
             except ValueError as err:  # e.g. NaN / Inf weights: say which layer
                 name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
                 raise ValueError(f"layer {name}: {err}") from None
             self._packed_weights[key] = (
-                relax.const(pack_weights(q, self.fmt), "uint32"),
+                relax.const(pack_weights(q, fmt), "uint32"),
                 relax.const(scale, "float32"),
+                fmt,
             )
         return self._packed_weights[key]
 
@@ -234,11 +247,10 @@ class _Rewriter(PyExprMutator):
             x2 = self.builder_.emit(relax.op.astype(x2, "float32"))
         packed = self._act_pack(x2, k_dim)
         xp, xs, rowsum = (self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(3))
-        wp, ws = self._packed(weight)
+        wp, ws, fmt = self._packed(weight)
         tensors = [xp, xs, rowsum, wp, ws]
         if bias is not None:
             tensors.append(relax.const(np.asarray(bias, np.float32), "float32"))
-        fmt = self.fmt
         has_bias = bias is not None
 
         def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):  # noqa: ANN001, ANN202
@@ -314,8 +326,14 @@ class _Rewriter(PyExprMutator):
     def finish_report(self) -> None:
         """Record the converted layers in the report."""
         for lin in self._linears:
+            key = weight_key(lin.weight)
             self.report.converted.append(
-                {"weight_key": weight_key(lin.weight), "shape": list(lin.weight.shape), "bias": lin.bias is not None}
+                {
+                    "weight_key": key,
+                    "shape": list(lin.weight.shape),
+                    "bias": lin.bias is not None,
+                    "codebook": self._packed_weights[key][2].codebook,
+                }
             )
 
 
@@ -327,6 +345,14 @@ class PBLinearRewrite:
     ----------
     fmt : BitplaneFormat
         Weight bits, activation bits and layout of every converted layer.
+    codebook : str or None
+        ``"auto"`` (default): each weight gets the codebook :func:`pbtvm.quantize.choose_codebook`
+        picks (lowest weight MSE); a codebook name forces it; None keeps ``fmt.codebook``.
+    method : str
+        Weight quantizer, see :func:`pbtvm.quantize.quantize_weights`.
+    importance : dict, optional
+        :func:`weight_key` of a float weight -> per-input error weights [K] (calibration
+        statistics, see :func:`pbtvm.calibration.input_importance`); other weights plain MSE.
     layer_names : dict, optional
         :func:`weight_key` -> layer name, for error messages (e.g. a weight holding NaN).
 
@@ -336,14 +362,24 @@ class PBLinearRewrite:
         Filled by the last run.
     """
 
-    def __init__(self, fmt: BitplaneFormat, layer_names: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        fmt: BitplaneFormat,
+        codebook: str | None = AUTO,
+        method: str = "mse",
+        importance: dict | None = None,
+        layer_names: dict[str, str] | None = None,
+    ) -> None:
         self.fmt = fmt
+        self.codebook = codebook
+        self.method = method
+        self.importance = importance
         self.layer_names = dict(layer_names or {})
         self.report = ConversionReport()
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
-        rewriter = _Rewriter(mod, self.fmt, self.report, self.layer_names)
+        rewriter = _Rewriter(mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.rewrite(func))

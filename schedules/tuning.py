@@ -162,7 +162,8 @@ def kernel_name(func: tir.PrimFunc) -> str:
     """A readable task name: kernel kind, format and shape, e.g. ``pb_gemm_w4a8_kNW_4096x4096``."""
     a = func.attrs
     n_rows = _out_rows(func)
-    return f"{a['pbtvm.kernel']}_w{a['pbtvm.bits']}a{a['pbtvm.act_bits']}_{a['pbtvm.layout']}_{n_rows}x{a['pbtvm.k']}"
+    zp = "o" if str(a.get("pbtvm.codebook", "")) == "offset_binary" else ""  # zero-point epilogue
+    return f"{a['pbtvm.kernel']}_w{a['pbtvm.bits']}a{a['pbtvm.act_bits']}{zp}_{a['pbtvm.layout']}_{n_rows}x{a['pbtvm.k']}"
 
 
 def _out_rows(func: tir.PrimFunc) -> int:

@@ -30,11 +30,10 @@ def compiled(mlp):  # noqa: ANN001, ANN201
 
 
 def _reference(model: MLP, x: np.ndarray, bits: int, act_bits: int = 8, bitlayers: int | None = None) -> np.ndarray:
-    """The numpy PB reference applied layer by layer."""
-    fmt = bp.BitplaneFormat(bits, act_bits)
+    """The numpy PB reference applied layer by layer (codebook chosen per layer, as compile does)."""
     h = x
     for i, layer in enumerate(model.layers):
-        q, s = qz.quantize_weights(layer.weight.detach().numpy(), fmt)
+        fmt, [(q, s)] = qz.layer_format([layer.weight.detach().numpy()], bp.BitplaneFormat(bits, act_bits))
         h = qz.pb_linear_reference(h, bp.pack_weights(q, fmt), s, layer.bias.detach().numpy(), fmt, bitlayers)
         if i < len(model.layers) - 1:
             h = np.maximum(h, 0)
@@ -83,6 +82,8 @@ def test_layers_report_and_manifest(compiled):
     m = compiled.manifest
     assert m["format"]["bits"] == 4 and m["target"]["kind"] == "llvm" and m["target"]["mcpu"]
     assert m["inputs"] == [{"dtype": "float32", "shape": [None, 40]}]
+    assert m["quantizer"] == {"codebook": "auto", "method": "mse", "calibrated": False}
+    assert [layer["codebook"] for layer in m["layers"]["converted"]] == ["offset_binary"] * 3
 
 
 def test_unsupported_layers_warn_with_names():

@@ -8,7 +8,7 @@ import pytest
 from pbtvm import bitplane as bp
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir
-from pbtvm.ops.common import plane_coefficient
+from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 
 ALL_BITS = [*range(1, 9), 16]
 
@@ -30,9 +30,10 @@ def test_pack_unpack_roundtrip_and_exact_product(name, rng):
     np.testing.assert_array_equal(bp.plane_rowsum(xp, fmt), xq.sum(1))
 
 
+@pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_bitlayers_truncates_low_planes(bits, rng):
-    fmt = bp.BitplaneFormat(bits, 8)
+def test_bitlayers_truncates_low_planes(bits, offset, rng):
+    fmt = bp.BitplaneFormat(bits, 8, "offset_binary" if offset else None)
     q, _ = qz.quantize_weights(rng.standard_normal((9, 70)).astype(np.float32), fmt)
     xq, _ = qz.quantize_activations(rng.standard_normal((3, 70)).astype(np.float32), fmt)
     wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
@@ -41,6 +42,37 @@ def test_bitlayers_truncates_low_planes(bits, rng):
         q_trunc = q if fmt.codebook == "bipolar" else (q.astype(np.int64) >> drop) << drop
         got = bp.bitplane_matmul(wp, xp, fmt, layers)
         np.testing.assert_array_equal(got, xq.astype(np.int64) @ q_trunc.T)
+
+
+def test_offset_binary_full_range_codes(rng):
+    for bits in ALL_BITS:
+        fmt = bp.BitplaneFormat(bits, 16, "offset_binary")
+        assert fmt.weight_code_range == (0, 2**bits - 1) and not fmt.weight_signed and fmt.has_zero_point
+        q = rng.integers(0, 2**bits, size=(5, 33))
+        q[0, 0], q[0, 1] = 0, 2**bits - 1
+        xq = rng.integers(-(2**15), 2**15, size=(2, 33))
+        wp = bp.pack_weights(q, fmt)
+        np.testing.assert_array_equal(bp.unpack_weights(wp, 33, fmt), q)
+        np.testing.assert_array_equal(bp.bitplane_matmul(wp, bp.pack_activations(xq, fmt), fmt), xq @ q.T)
+        assert abs(int((xq @ q.T).max())) <= fmt.max_abs_accumulator(33)
+        with pytest.raises(ValueError, match="out of range"):
+            bp.pack_weights(np.full((1, 3), -1), fmt)
+
+
+@pytest.mark.parametrize("codebook", ["twos_complement", "offset_binary"])
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_truncation_correction_is_mean_of_dropped_bits(bits, codebook):
+    """Derivation check: over all 2^k codes, dropping the low k-L bits removes (2^(k-L)-1)/2 on average."""
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
+    lo, hi = fmt.weight_code_range
+    q = np.arange(lo, hi + 1, dtype=np.int64)
+    if codebook == "twos_complement":
+        q = np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1))  # every bit pattern, as the derivation assumes
+    for layers in range(1, bits + 1):
+        drop = bits - layers
+        dropped = q - ((q >> drop) << drop)
+        assert dropped.min() >= 0
+        assert dropped.mean() == fmt.truncation_correction(layers)
 
 
 def test_full_range_codes_including_most_negative(rng):
@@ -52,6 +84,13 @@ def test_full_range_codes_including_most_negative(rng):
         xq = rng.integers(-(2**15), 2**15, size=(2, 33))
         got = bp.bitplane_matmul(bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt), fmt)
         np.testing.assert_array_equal(got, xq @ q.T)
+
+
+@pytest.mark.parametrize("name", sorted(bp.PRESETS))
+def test_tir_weight_coefficients_ask_the_format(name):
+    fmt = bp.PRESETS[name]
+    for p, c in enumerate(fmt.plane_coefficients()):
+        assert _eval_int(weight_plane_coefficient(tir.const(p, "int32"), fmt, "int64")) == c, (name, p)
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -81,6 +120,7 @@ def _eval_int(expr) -> int:  # noqa: ANN001
         ({"bits": 4, "act_bits": 17}, ValueError),
         ({"bits": 1, "codebook": "twos_complement"}, ValueError),
         ({"bits": 3, "codebook": "bipolar"}, ValueError),
+        ({"bits": 3, "codebook": "ternary"}, ValueError),
         ({"bits": 4, "layout": "NWk"}, ValueError),
         ({"bits": 4, "word_dtype": "uint64"}, ValueError),
         ({"bits": 4, "version": 99}, ValueError),

@@ -64,6 +64,24 @@ def test_gemm_uses_popcount_and_shuffle_reduction():
     assert "__shfl" in src  # cross-thread (warp) reduction, not a serial loop per thread
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_offset_binary_kernels_build_for_sm90(bits):
+    """The zero-point epilogue (offset binary) in every PB kernel kind: it builds with nvcc and keeps
+    the popcount + warp-shuffle GEMM; the integer part of the zero point is a float->int floor."""
+    target = resolve_target(SM90)
+    fmt = bp.BitplaneFormat(bits, 8, "offset_binary")
+    for func in (
+        kernels.dense_func(fmt, 64, 4096),
+        kernels.dense_act_func(fmt, 100, 650),
+        kernels.lstm_cell_func(fmt, 64),
+        kernels.lstm_cell_input_func(fmt, 40, 64),
+    ):
+        ex = kernels.build(func, target)  # nvcc runs here
+        src = str(ex.mod.imports[0].inspect_source("cuda")) or str(ex.mod.imports[0].inspect_source())
+        assert src.count("__global__") == 2, func.attrs["pbtvm.kernel"]  # one kernel
+        assert "__popc" in src and "__shfl" in src
+
+
 @pytest.mark.parametrize(("n", "k", "bits"), [(33, 20, 1), (100, 650, 4), (10000, 650, 4), (64, 4096, 8)])
 def test_dense_with_pack_is_one_kernel(n, k, bits):
     """``pb_dense_act``: every block packs the row into shared memory, then a warp per output."""

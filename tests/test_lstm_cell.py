@@ -60,11 +60,20 @@ def test_reference_equals_the_unfused_step_in_pytorch_row_order(rng):
 
 
 @pytest.mark.parametrize(
-    ("hidden", "bits", "act_bits", "layout"),
-    [(20, 4, 8, "kNW"), (32, 1, 8, "kNW"), (50, 3, 16, "NkW"), (100, 8, 8, "kNW"), (256, 16, 16, "kNW")],
+    ("hidden", "bits", "act_bits", "layout", "codebook"),
+    [
+        (20, 4, 8, "kNW", None),
+        (32, 1, 8, "kNW", None),
+        (50, 3, 16, "NkW", None),
+        (100, 8, 8, "kNW", None),
+        (256, 16, 16, "kNW", None),
+        (32, 1, 8, "kNW", "offset_binary"),
+        (50, 2, 8, "NkW", "offset_binary"),
+        (100, 8, 16, "kNW", "offset_binary"),
+    ],
 )
-def test_fused_cell_matches_reference_on_cpu(hidden, bits, act_bits, layout, rng):
-    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+def test_fused_cell_matches_reference_on_cpu(hidden, bits, act_bits, layout, codebook, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=layout)
     _, wp, w_scale, gx, h, c = _case(rng, hidden, 3, fmt)
     kern = kernels.build(kernels.lstm_cell_func(fmt, hidden), resolve_target("llvm"))
     for layers in sorted({1, (bits + 1) // 2, bits}):
@@ -145,6 +154,8 @@ def _run_input(kern, device, case, layers):  # noqa: ANN001, ANN202
 
 INPUT_CASES = [  # (input, hidden, bits, act_bits, layout, bias)
     (40, 64, 4, 8, "kNW", True),
+    (40, 64, -2, 8, "kNW", True),  # negative bits: the offset-binary codebook (zero point per row)
+    (20, 20, -1, 8, "NkW", False),
     (20, 20, 1, 8, "kNW", False),  # one word per row in both legs
     (300, 100, 8, 16, "NkW", True),
     (650, 650, 4, 8, "kNW", True),  # the PTB model's size: 16-byte weight loads on CUDA
@@ -153,7 +164,8 @@ INPUT_CASES = [  # (input, hidden, bits, act_bits, layout, bias)
 
 @pytest.mark.parametrize(("n_in", "hidden", "bits", "act_bits", "layout", "bias"), INPUT_CASES)
 def test_step_with_input_projection_matches_reference_on_cpu(n_in, hidden, bits, act_bits, layout, bias, rng):
-    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    fmt = bp.BitplaneFormat(abs(bits), act_bits, "offset_binary" if bits < 0 else None, layout=layout)
+    bits = fmt.bits
     case = _input_case(rng, n_in, hidden, 3, fmt, bias)
     kern = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden, bias), resolve_target("llvm"))
     for layers in sorted({1, bits}):
@@ -176,9 +188,11 @@ def test_input_reference_equals_projection_then_step(rng):
     np.testing.assert_array_equal(got[1], want[1])
 
 
-@pytest.mark.parametrize(("n_in", "hidden", "bits"), [(20, 20, 1), (40, 64, 4), (650, 650, 4), (1500, 1500, 2)])
+@pytest.mark.parametrize(
+    ("n_in", "hidden", "bits"), [(20, 20, 1), (40, 64, 4), (650, 650, 4), (1500, 1500, 2), (650, 650, -2), (20, 20, -1)]
+)
 def test_step_with_input_projection_is_one_cuda_kernel(n_in, hidden, bits):
-    fmt = bp.BitplaneFormat(bits, 8)
+    fmt = bp.BitplaneFormat(abs(bits), 8, "offset_binary" if bits < 0 else None)  # bits < 0: offset binary
     ex = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden), resolve_target(SM90))  # nvcc runs here
     (dev,) = ex.mod.imports
     src = str(dev.inspect_source("cuda")) or str(dev.inspect_source())
@@ -189,7 +203,8 @@ def test_step_with_input_projection_is_one_cuda_kernel(n_in, hidden, bits):
 @pytest.mark.gpu
 @pytest.mark.parametrize(("n_in", "hidden", "bits", "act_bits", "layout", "bias"), INPUT_CASES)
 def test_step_with_input_projection_matches_reference_on_gpu(n_in, hidden, bits, act_bits, layout, bias, rng):
-    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    fmt = bp.BitplaneFormat(abs(bits), act_bits, "offset_binary" if bits < 0 else None, layout=layout)
+    bits = fmt.bits
     case = _input_case(rng, n_in, hidden, 5, fmt, bias)
     kern = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden, bias), resolve_target("cuda"))
     for layers in sorted({1, bits}):

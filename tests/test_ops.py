@@ -33,10 +33,11 @@ def _problem(rng, fmt):  # noqa: ANN001, ANN202
     return n, k, b, w, x, q, ws, xq, xs
 
 
+@pytest.mark.parametrize("codebook", [None, "offset_binary"])
 @pytest.mark.parametrize("act_bits", ACT_BITS)
 @pytest.mark.parametrize("bits", BITS)
-def test_int_product_exact(bits, act_bits, rng):
-    fmt = bp.BitplaneFormat(bits, act_bits)
+def test_int_product_exact(bits, act_bits, codebook, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook)
     n, k, b, _, _, q, _, xq, _ = _problem(rng, fmt)
     wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
     rowsum = xq.sum(1).astype(fmt.accumulator_dtype(k))
@@ -51,7 +52,7 @@ def test_int_product_exact(bits, act_bits, rng):
         )
 
 
-@pytest.mark.parametrize("name", ["w4a8", "w4a8-NkW", "w1a8", "w16a16"])
+@pytest.mark.parametrize("name", ["w4a8", "w4a8-NkW", "w1a8", "w16a16", "w1a8o", "w4a8o-NkW", "w16a16o"])
 def test_int_product_layouts_and_codebooks(name, rng):
     fmt = bp.PRESETS[name]
     n, k, b, _, _, q, _, xq, _ = _problem(rng, fmt)
@@ -80,10 +81,12 @@ def test_act_pack_bit_exact(act_bits, rng):
     np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
 
 
+@pytest.mark.parametrize("codebook", [None, "offset_binary"])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_dense_matches_float_reference(bits, rng):
-    """Float epilogue: relative tolerance 1e-5 against the float64 reference of the same steps."""
-    fmt = bp.BitplaneFormat(bits, 8)
+def test_dense_matches_float_reference(bits, codebook, rng):
+    """Float epilogue: relative tolerance 1e-5 against the float64 reference of the same steps
+    (with offset binary: the per-row zero point term, at every bitlayers)."""
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
     n, k, b, _, x, q, ws, xq, xs = _problem(rng, fmt)
     bias = rng.standard_normal(n).astype(np.float32)
     wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
@@ -99,9 +102,10 @@ def test_dense_matches_float_reference(bits, rng):
     ("bits", "act_bits", "layout", "bias"),
     [(1, 8, "kNW", True), (4, 8, "kNW", False), (3, 16, "NkW", True), (16, 16, "kNW", True)],
 )
-def test_dense_with_pack_in_one_kernel_matches_reference(bits, act_bits, layout, bias, rng):
+@pytest.mark.parametrize("codebook", [None, "offset_binary"])
+def test_dense_with_pack_in_one_kernel_matches_reference(bits, act_bits, layout, bias, codebook, rng):
     """``pb_dense_act`` (pack + PB GEMM in one PrimFunc) equals the float reference like the pair."""
-    fmt = bp.BitplaneFormat(bits, act_bits, layout=layout)
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=layout)
     n, k, b, _, x, q, ws, _, _ = _problem(rng, fmt)
     wp = bp.pack_weights(q, fmt)
     bias_v = rng.standard_normal(n).astype(np.float32) if bias else None
@@ -113,9 +117,10 @@ def test_dense_with_pack_in_one_kernel_matches_reference(bits, act_bits, layout,
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_truncation_correction_reduces_error(rng):
+@pytest.mark.parametrize("codebook", [None, "offset_binary"])
+def test_truncation_correction_reduces_error(codebook, rng):
     """Dropping planes with the midpoint correction beats plain truncation on average."""
-    fmt = bp.BitplaneFormat(8, 8)
+    fmt = bp.BitplaneFormat(8, 8, codebook)
     w = rng.standard_normal((64, 256)).astype(np.float32)
     x = np.abs(rng.standard_normal((8, 256))).astype(np.float32)  # one-signed rows expose the bias
     q, ws = qz.quantize_weights(w, fmt)
@@ -123,5 +128,9 @@ def test_truncation_correction_reduces_error(rng):
     xq, xs = qz.quantize_activations(x, fmt)
     exact = x @ w.T
     corrected = qz.pb_linear_reference(x, wp, ws, None, fmt, 4)
-    plain = bp.bitplane_matmul(wp, bp.pack_activations(xq, fmt), fmt, 4) * xs[:, None] * ws[None, :]
+    acc = bp.bitplane_matmul(wp, bp.pack_activations(xq, fmt), fmt, 4).astype(np.float64)
+    if fmt.has_zero_point:  # plain truncation still subtracts the zero point: only the correction differs
+        acc -= ws[1][None, :] * xq.sum(1)[:, None]
+        ws = ws[0]
+    plain = acc * xs[:, None] * ws[None, :]
     assert np.abs(corrected - exact).mean() < 0.5 * np.abs(plain - exact).mean()

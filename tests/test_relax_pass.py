@@ -82,10 +82,11 @@ def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
 def test_structural_equal_to_expected(bias_first, rng):
     w = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(N).astype(np.float32)
-    rewrite = PBLinearRewrite(FMT)
+    rewrite = PBLinearRewrite(FMT, codebook=None)  # FMT's own codebook (two's complement)
     after = rewrite(_linear_module(w, b, bias_first))
     tvm.ir.assert_structural_equal(after, _expected(w, b))
     assert len(rewrite.report.converted) == 1 and rewrite.report.converted[0]["bias"]
+    assert rewrite.report.converted[0]["codebook"] == "twos_complement"
     assert not rewrite.report.skipped
 
 
@@ -95,18 +96,22 @@ def _run(mod: tvm.IRModule, *args):  # noqa: ANN002, ANN202
     return vm["main"](*[tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in args])
 
 
+@pytest.mark.parametrize("codebook", ["auto", None])
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_numerics_match_reference(ndim, with_bias, rng):
+def test_numerics_match_reference(ndim, with_bias, codebook, rng):
     w = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(N).astype(np.float32) if with_bias else None
-    mod = PBLinearRewrite(FMT)(_linear_module(w, b, ndim=ndim))
+    rewrite = PBLinearRewrite(FMT, codebook)
+    mod = rewrite(_linear_module(w, b, ndim=ndim))
     x = rng.standard_normal((5, K) if ndim == 2 else (5, 3, K)).astype(np.float32)
-    q, ws = qz.quantize_weights(w, FMT)
-    wp = bp.pack_weights(q, FMT)
+    fmt, [(q, ws)] = qz.layer_format([w], FMT, codebook)
+    assert rewrite.report.converted[0]["codebook"] == fmt.codebook
+    assert fmt.codebook == ("offset_binary" if codebook == "auto" else "twos_complement")
+    wp = bp.pack_weights(q, fmt)
     for layers in (1, 4):
         y = _run(mod, x, tvm.runtime.ShapeTuple([layers])).numpy()
-        ref = qz.pb_linear_reference(x.reshape(-1, K), wp, ws, b, FMT, layers).reshape(*x.shape[:-1], N)
+        ref = qz.pb_linear_reference(x.reshape(-1, K), wp, ws, b, fmt, layers).reshape(*x.shape[:-1], N)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -182,6 +187,6 @@ def test_broadcast_to_variant(rng):
     mod = rewrite(bb.get())
     assert len(rewrite.report.converted) == 1
     xv = rng.standard_normal((2, 3, K)).astype(np.float32)
-    q, ws = qz.quantize_weights(w, FMT)
-    ref = qz.pb_linear_reference(xv.reshape(-1, K), bp.pack_weights(q, FMT), ws, None, FMT).reshape(2, 3, N)
+    fmt, [(q, ws)] = qz.layer_format([w], FMT)  # the default: codebook chosen per weight
+    ref = qz.pb_linear_reference(xv.reshape(-1, K), bp.pack_weights(q, fmt), ws, None, fmt).reshape(2, 3, N)
     np.testing.assert_allclose(_run(mod, xv, tvm.runtime.ShapeTuple([4])).numpy(), ref, rtol=1e-5, atol=1e-5)

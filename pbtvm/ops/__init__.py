@@ -27,6 +27,7 @@ def kernel_attrs(kernel: str, fmt, k_dim: int) -> dict:  # noqa: ANN001 - Bitpla
         "pbtvm.bits": fmt.bits,
         "pbtvm.act_bits": fmt.act_bits,
         "pbtvm.layout": fmt.layout,
+        "pbtvm.codebook": fmt.codebook,
         "pbtvm.k": int(k_dim),
         "pbtvm.format_version": fmt.version,
     }

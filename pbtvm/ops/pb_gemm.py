@@ -11,7 +11,7 @@ from __future__ import annotations
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
-from .common import plane_coefficient
+from .common import plane_coefficient, weight_plane_coefficient
 
 __all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "GEMM_BLOCK", "SCHEDULE_RULE"]
 
@@ -42,11 +42,10 @@ def _plane_sum(
     i = te.reduce_axis((0, bitlayers), "i")
     j = te.reduce_axis((0, fmt.act_bits), "j")
     w = te.reduce_axis((0, xp.shape[2]), "w")
-    signed_w = fmt.codebook == "twos_complement"
 
     def body(b, n):  # noqa: ANN001, ANN202
         pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(i, n, w)], xp[j, b, w])).astype(acc_dtype)
-        coef = plane_coefficient(i, fmt.bits, signed_w, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
+        coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
     return te.compute((batch, n_rows), body, name=GEMM_BLOCK + tag, attrs={"schedule_rule": SCHEDULE_RULE})
@@ -89,14 +88,19 @@ def pb_dense(
     k_dim: int,
     tag: str = "",
 ) -> te.Tensor:
-    """PB linear layer on packed activations: ``(acc + (off + corr) rowsum) s_x s_w + bias``.
+    """PB linear layer on packed activations: ``(acc + (off + corr - z) rowsum) s_x s_w + bias``.
 
     Parameters
     ----------
     xp, rowsum, wp, bitlayers, fmt, k_dim
         As in :func:`pb_int_product`.
     x_scale : te.Tensor, float32, [B]
-    w_scale : te.Tensor, float32, [N]
+    w_scale : te.Tensor, float32, ``fmt.scale_shape(N)``
+        ``[N]`` scales ``s_w``; with a zero point (offset binary) ``[2, N]``: scales, then the
+        zero points ``z`` in code units. ``floor(z)``, clamped to the code range, is subtracted in
+        the integer accumulator (exact, and ``|q - floor(z)| < 2^k`` keeps it within
+        ``fmt.accumulator_dtype``); only the rest goes through float32, so large codes do not
+        cancel there.
     bias : te.Tensor, float32, [N], or None
     tag : str
         Suffix of the block names (``pb_gemm<tag>``, ``pb_out<tag>``).
@@ -113,11 +117,21 @@ def pb_dense(
     if fmt.codebook == "bipolar":
         corr = tir.const(0.0, "float32")
     off = tir.const(float(fmt.weight_offset), "float32") + corr
+    n_rows = int(_rows(wp, fmt))
+    if tuple(int(d) for d in w_scale.shape) != fmt.scale_shape(n_rows):
+        raise ValueError(f"w_scale has shape {tuple(w_scale.shape)}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
 
     def epilogue(b, n):  # noqa: ANN001, ANN202
         # x_scale and rowsum are read before acc so that a PrimFunc computing them too (the fused
         # LSTM cell) orders their blocks before the GEMM; the float arithmetic is unchanged.
-        y = (x_scale[b] * (off * rowsum[b].astype("float32") + acc[b, n].astype("float32"))) * w_scale[n]
+        if not fmt.has_zero_point:
+            y = (x_scale[b] * (off * rowsum[b].astype("float32") + acc[b, n].astype("float32"))) * w_scale[n]
+            return y + bias[n] if bias is not None else y
+        zero = w_scale[1, n]
+        z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
+        rs = rowsum[b]
+        exact = acc[b, n] - z_int.astype(acc.dtype) * rs  # integer part of the zero point: exact
+        y = (x_scale[b] * ((off - (zero - z_int)) * rs.astype("float32") + exact.astype("float32"))) * w_scale[0, n]
         return y + bias[n] if bias is not None else y
 
     return te.compute(acc.shape, epilogue, name=f"pb_out{tag}")

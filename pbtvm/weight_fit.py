@@ -1,0 +1,280 @@
+"""Data-free weight quantizers: per-row scale / clipping search minimizing the weight MSE.
+
+Every codebook of :class:`pbtvm.bitplane.BitplaneFormat` has a fitter here; each works on whole
+``[N, K]`` matrices at once (vectorized over rows, in row chunks so an 11008 x 4096 matrix stays
+within a few hundred MB) and returns integer codes plus per-row float parameters.
+
+* ``twos_complement`` (symmetric, ``w ~= s q``, ``|q| <= 2^(k-1) - 1``): the scale is searched over
+  clip ratios ``r * max|w| / qmax`` for ``r`` in :data:`CLIP_RATIOS`, then refined by alternating
+  rounding and the least-squares scale ``s = <w, q> / <q, q>``; the lowest-MSE scale per row wins.
+* ``offset_binary`` (``w ~= s (q - z)``, ``q in 0..2^k-1``): the range ``[min, max]`` of each row
+  is shrunk about its midpoint by each clip ratio, then refined by alternating rounding and the
+  least-squares line fit ``w ~= s q + c`` (``z = -c / s``). For k = 1 the exact optimum is
+  found instead: the best two-level quantizer of a row (1-D 2-means) from its sorted prefix sums,
+  i.e. ``w ~= a (2q - 1) + m`` with a fitted offset ``m``.
+* ``bipolar`` (``w ~= s (2q - 1)``): ``s = mean|w|``, already the least-squares optimum.
+
+The ``"max"`` method keeps the original quantizer (``s = max|w| / qmax``, round to nearest) for
+comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["CLIP_RATIOS", "REFINE_STEPS", "fit_symmetric", "fit_offset_binary", "fit_bipolar", "fit_two_level"]
+
+#: Clip ratios tried per row (fractions of the row's max |w|, or of its half range).
+CLIP_RATIOS = np.linspace(0.30, 1.0, 15)
+#: Alternating round / least-squares refinement steps after the grid search.
+REFINE_STEPS = 4
+#: Rows per chunk: keeps the [rows, K] float32 temporaries near 64 MB for K = 4096.
+_CHUNK_ELEMS = 1 << 24
+
+
+def _chunks(n: int, k: int):  # noqa: ANN202
+    step = max(1, _CHUNK_ELEMS // max(k, 1))
+    for lo in range(0, n, step):
+        yield slice(lo, min(n, lo + step))
+
+
+def _dot(a: np.ndarray, b: np.ndarray, c: np.ndarray | None) -> np.ndarray:
+    """Row-wise ``sum_k c_k a_nk b_nk`` (``c`` None: unweighted)."""
+    return np.einsum("nk,nk->n", a, b) if c is None else np.einsum("nk,nk,k->n", a, b, c)
+
+
+def _sse(w: np.ndarray, approx: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    d = w - approx
+    return _dot(d, d, c)
+
+
+def _significant(w: np.ndarray, c: np.ndarray | None) -> np.ndarray:
+    """The columns whose error weight is at least 1 % of the mean (all without weights): the clip
+    range is searched over these, so never-active inputs do not stretch it."""
+    if c is None:
+        return w
+    keep = c >= 1e-2
+    return w[:, keep] if keep.any() else w
+
+
+def column_weights(importance: np.ndarray | None, k: int) -> np.ndarray | None:
+    """Validated per-input weights of the squared error (mean 1, strictly positive), or None.
+
+    ``importance[k]`` is e.g. the mean of ``x_k^2`` over calibration data: the weighted squared
+    error ``sum_k importance_k (w_nk - w'_nk)^2`` is then the expected squared output error of row
+    ``n`` when inputs are uncorrelated. A floor of 1e-3 of the mean keeps never-active inputs
+    representable.
+    """
+    if importance is None:
+        return None
+    c = np.asarray(importance, np.float64)
+    if c.shape != (k,) or not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise ValueError(f"importance must be {k} finite non-negative numbers, got shape {c.shape}")
+    mean = c.mean()
+    if mean <= 0:
+        return None
+    c = np.maximum(c / mean, 1e-3)
+    return c / c.mean()
+
+
+def fit_bipolar(w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``w ~= s (2q - 1)``; returns codes ``+-1`` int32 [N, K] and ``s = mean|w|`` float32 [N]
+    (importance-weighted mean with ``importance``, see :func:`column_weights`)."""
+    c = column_weights(importance, w.shape[1])
+    s = np.abs(w).mean(axis=1) if c is None else np.abs(w).astype(np.float64) @ c / c.sum()
+    return np.where(w >= 0, 1, -1).astype(np.int32), s.astype(np.float32)
+
+
+def fit_symmetric(
+    w: np.ndarray, qmax: int, method: str = "mse", importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes ``-qmax..qmax`` and per-row scales.
+
+    Parameters
+    ----------
+    w : np.ndarray, float32, [N, K]
+    qmax : int
+        Largest code magnitude (``2^(k-1) - 1``).
+    method : str
+        ``"mse"`` (clip search + least-squares refinement) or ``"max"`` (``s = max|w| / qmax``).
+    importance : np.ndarray, [K], optional
+        Per-input weights of the squared error (:func:`column_weights`); None: plain MSE.
+
+    Returns
+    -------
+    q : np.ndarray, int32, [N, K]
+    scale : np.ndarray, float32, [N]
+        ``w ~= q * scale[:, None]``; 0 for all-zero rows.
+    """
+    n, k = w.shape
+    q = np.empty((n, k), np.int32)
+    scale = np.empty(n, np.float32)
+    c = column_weights(importance, k)
+    for rows in _chunks(n, k):
+        q[rows], scale[rows] = _fit_symmetric_rows(w[rows], qmax, method, c)
+    return q, scale
+
+
+def _round_sym(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
+    safe = np.where(s > 0, s, 1.0).astype(np.float32)
+    return np.clip(np.round(w / safe[:, None]), -qmax, qmax)
+
+
+def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str, c: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    w = w.astype(np.float64)
+    amax = np.abs(_significant(w, c)).max(axis=1)
+    best_s = amax / qmax
+    best_q = _round_sym(w, best_s, qmax)
+    if method == "mse":
+        best_e = _sse(w, best_q * best_s[:, None], c)
+
+        def keep(q: np.ndarray, s: np.ndarray) -> None:
+            nonlocal best_s, best_e
+            e = _sse(w, q * s[:, None], c)
+            better = e < best_e
+            best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
+            best_q[better] = q[better]
+
+        for r in CLIP_RATIOS[:-1]:
+            s = r * amax / qmax
+            keep(_round_sym(w, s, qmax), s)
+        for _ in range(REFINE_STEPS):  # least-squares scale for the best codes, re-round
+            qq = _dot(best_q, best_q, c)
+            s = np.where(qq > 0, _dot(w, best_q, c) / np.where(qq > 0, qq, 1), 0.0)
+            keep(_round_sym(w, s, qmax), s)
+    return best_q.astype(np.int32), best_s.astype(np.float32)
+
+
+def fit_offset_binary(
+    w: np.ndarray, bits: int, method: str = "mse", importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned codes ``0..2^k-1`` with a per-row scale and zero point: ``w ~= s (q - z)``.
+
+    Parameters
+    ----------
+    w : np.ndarray, float32, [N, K]
+    bits : int
+        k, 1..16.
+    method : str
+        ``"mse"`` (clip search + least-squares refinement; exact 2-means for k = 1) or ``"max"``
+        (the full row range ``[min, max]`` split into ``2^k - 1`` steps).
+    importance : np.ndarray, [K], optional
+        Per-input weights of the squared error (:func:`column_weights`); None: plain MSE.
+
+    Returns
+    -------
+    q : np.ndarray, int32, [N, K]
+    params : np.ndarray, float32, [2, N]
+        Row 0 the scales ``s``, row 1 the zero points ``z`` (float, in code units).
+    """
+    n, k = w.shape
+    q = np.empty((n, k), np.int32)
+    params = np.empty((2, n), np.float32)
+    c = column_weights(importance, k)
+    for rows in _chunks(n, k):
+        if bits == 1 and method == "mse":
+            q[rows], s, z = fit_two_level(w[rows], c)
+        else:
+            q[rows], s, z = _fit_offset_rows(w[rows], 2**bits - 1, method, c)
+        params[0, rows], params[1, rows] = s, z
+    return q, params
+
+
+def _offset_codes(w: np.ndarray, lo: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
+    safe = np.where(s > 0, s, 1.0)
+    return np.clip(np.round((w - lo[:, None]) / safe[:, None]), 0, qmax)
+
+
+def _line_fit(w: np.ndarray, q: np.ndarray, c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) least-squares ``w ~= s q + lo`` per row; rows with constant codes keep ``s = 0``."""
+    k = w.shape[1]
+    if c is None:
+        mq, mw = q.mean(axis=1), w.mean(axis=1)
+    else:
+        mq, mw = q @ c / k, w @ c / k  # c has mean 1
+    var = _dot(q, q, c) / k - mq * mq
+    cov = _dot(q, w, c) / k - mq * mw
+    s = np.where(var > 1e-12, cov / np.where(var > 1e-12, var, 1), 0.0)
+    return s, mw - s * mq
+
+
+def _fit_offset_rows(
+    w: np.ndarray, qmax: int, method: str, c: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    w64 = w.astype(np.float64)
+    sig = _significant(w64, c)
+    wmin, wmax = sig.min(axis=1), sig.max(axis=1)
+    mid, half = (wmax + wmin) / 2, (wmax - wmin) / 2
+
+    def attempt(lo: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = _offset_codes(w64, lo, s, qmax)
+        return q, _sse(w64, lo[:, None] + s[:, None] * q, c)
+
+    best_lo, best_s = wmin, 2 * half / qmax
+    best_q, best_e = attempt(best_lo, best_s)
+    if method == "mse":
+        for r in CLIP_RATIOS[:-1]:
+            lo, s = mid - r * half, 2 * r * half / qmax
+            q, e = attempt(lo, s)
+            better = e < best_e
+            best_lo, best_s, best_e = (np.where(better, a, b) for a, b in ((lo, best_lo), (s, best_s), (e, best_e)))
+            best_q[better] = q[better]
+        for _ in range(REFINE_STEPS):  # alternate: least-squares line for the codes, re-round
+            s, lo = _line_fit(w64, best_q, c)
+            s = np.maximum(s, 0)
+            q, e = attempt(lo, s)
+            better = (e < best_e) & (s > 0)
+            best_lo, best_s, best_e = (np.where(better, a, b) for a, b in ((lo, best_lo), (s, best_s), (e, best_e)))
+            best_q[better] = q[better]
+    return _to_zero_point(best_q, best_lo, best_s)
+
+
+def _to_zero_point(q: np.ndarray, lo: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w ~= lo + s q`` -> ``s (q - z)`` with ``z = -lo / s``; a constant row ``lo`` gets ``q = 0``."""
+    flat = s <= 0
+    s_out = np.where(flat, np.abs(lo), s)
+    z = np.where(s_out > 0, -lo / np.where(s_out > 0, s_out, 1), 0.0)
+    q = np.where(flat[:, None], 0, q)
+    return q.astype(np.int32), s_out.astype(np.float32), z.astype(np.float32)
+
+
+def fit_two_level(w: np.ndarray, c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact least-squares two-level quantizer per row (1-D 2-means): ``w ~= s (q - z)``, ``q in {0, 1}``.
+
+    Sorting a row makes every candidate split a prefix; the split maximizing
+    ``S_lo^2 / C_lo + S_hi^2 / C_hi`` (prefix sums ``S`` of ``c w`` and ``C`` of ``c``; ``c = 1``
+    without column weights) minimizes the (weighted) squared error.
+
+    Parameters
+    ----------
+    w : np.ndarray, float, [N, K]
+    c : np.ndarray, float64, [K], optional
+        Column weights from :func:`column_weights` (strictly positive).
+
+    Returns
+    -------
+    q : np.ndarray, int32, [N, K]
+    s, z : np.ndarray, float32, [N]
+    """
+    n, k = w.shape
+    w64 = w.astype(np.float64)
+    if k == 1:
+        return _to_zero_point(np.zeros((n, 1)), w64[:, 0], np.zeros(n))
+    order = np.argsort(w64, axis=1, kind="stable")
+    srt = np.take_along_axis(w64, order, axis=1)
+    cw = np.ones((n, k)) if c is None else c[order]
+    s_lo = np.cumsum(cw * srt, axis=1)[:, :-1]
+    c_lo = np.cumsum(cw, axis=1)[:, :-1]
+    s_tot = (cw * srt).sum(axis=1, keepdims=True)
+    c_tot = cw.sum(axis=1, keepdims=True)
+    gain = s_lo**2 / c_lo + (s_tot - s_lo) ** 2 / (c_tot - c_lo)
+    split = np.argmax(gain, axis=1) + 1
+    thresh = srt[np.arange(n), split]
+    q = (w64 >= thresh[:, None]).astype(np.float64)
+    cc = np.ones(k) if c is None else c
+    c_hi = q @ cc
+    hi = (q * w64) @ cc / np.maximum(c_hi, 1e-300)
+    lo = (w64 @ cc - hi * c_hi) / np.maximum(cc.sum() - c_hi, 1e-300)
+    const = q.sum(axis=1) >= k  # ties made every element "high": a constant row
+    lo = np.where(const, hi, lo)
+    return _to_zero_point(q, lo, np.where(const, 0.0, hi - lo))

@@ -1,0 +1,167 @@
+"""The data-free weight quantizers: clip search, offset-binary codes, codebook choice, reference epilogue."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import quantize as qz
+from pbtvm import weight_fit
+
+
+def _weights(rng, n=24, k=96):  # noqa: ANN001, ANN202
+    w = rng.standard_normal((n, k)) * np.exp(rng.standard_normal((n, 1)) * 0.5)
+    w[0] = 0.0  # all-zero row
+    w[1] = 0.25  # constant row
+    w[2] = np.abs(w[2]) + 1.0  # one-signed row far from 0
+    w[3, :5] *= 20  # outliers
+    return w.astype(np.float32)
+
+
+def _sse(w, q, s, fmt):  # noqa: ANN001, ANN202
+    return ((w.astype(np.float64) - qz.dequantize_weights(q, s, fmt)) ** 2).sum(axis=1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_mse_search_never_worse_than_max_scaling(bits, rng):
+    w = _weights(rng)
+    for codebook in qz._candidates(bits):
+        fmt = bp.BitplaneFormat(bits, 8, codebook)
+        q, s = qz.quantize_weights(w, fmt)
+        lo, hi = fmt.weight_code_range
+        assert q.dtype == np.int32 and q.min() >= lo and q.max() <= hi
+        assert s.shape == fmt.scale_shape(w.shape[0]) and s.dtype == np.float32
+        np.testing.assert_array_equal(bp.unpack_weights(bp.pack_weights(q, fmt), w.shape[1], fmt), q)
+        q0, s0 = qz.quantize_weights(w, fmt, method="max")
+        assert np.all(_sse(w, q, s, fmt) <= _sse(w, q0, s0, fmt) * (1 + 1e-6) + 1e-12), codebook
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_offset_binary_is_at_least_as_good_as_the_symmetric_code(bits, rng):
+    w = _weights(rng)
+    sym = bp.BitplaneFormat(bits, 8)
+    off = dataclasses.replace(sym, codebook="offset_binary")
+    e_sym = _sse(w, *qz.quantize_weights(w, sym), sym).sum()
+    e_off = _sse(w, *qz.quantize_weights(w, off), off).sum()
+    assert e_off <= e_sym * 1.0001
+    if bits == 2:  # four levels instead of three: clearly better on Gaussian rows
+        assert e_off < 0.8 * e_sym
+
+
+def test_constant_and_zero_rows_are_exact(rng):
+    w = _weights(rng)
+    for bits in (1, 2, 4):
+        fmt = bp.BitplaneFormat(bits, 8, "offset_binary")
+        q, s = qz.quantize_weights(w, fmt)
+        np.testing.assert_allclose(qz.dequantize_weights(q, s, fmt)[:2], w[:2], atol=1e-7)
+
+
+def test_two_level_fit_is_the_exact_optimum(rng):
+    """Brute force over every threshold split of small rows (sorted: every 2-level optimum is a split)."""
+    w = rng.standard_normal((6, 9)).astype(np.float32)
+    q, s, z = weight_fit.fit_two_level(w)
+    approx = s[:, None] * (q - z[:, None])
+    for row in range(w.shape[0]):
+        best = np.inf
+        for mask in itertools.product([0, 1], repeat=w.shape[1]):
+            m = np.array(mask, bool)
+            if m.all() or not m.any():
+                continue
+            lvl = np.where(m, w[row][m].mean(), w[row][~m].mean())
+            best = min(best, float(((w[row] - lvl) ** 2).sum()))
+        got = float(((w[row].astype(np.float64) - approx[row]) ** 2).sum())
+        assert got <= best * (1 + 1e-5) + 1e-9
+
+
+def test_choose_codebook_rule(rng):
+    w = _weights(rng)
+    fmt = bp.BitplaneFormat(2, 8)
+    name, quantized = qz.choose_codebook([w], fmt)
+    errors = {c: _sse(w, *quantized[c][0], dataclasses.replace(fmt, codebook=c)).sum() for c in quantized}
+    assert name == min(errors, key=errors.get) == "offset_binary"
+    # a ternary matrix is coded exactly by both: the tie goes to the code without a zero point
+    tern = rng.integers(-1, 2, size=(8, 40)).astype(np.float32) * 0.5
+    tern[:, 0], tern[:, 1] = 0.5, -0.5
+    assert qz.choose_codebook([tern], fmt)[0] == "twos_complement"
+    f, [(q, s)] = qz.layer_format([w], fmt, "twos_complement")
+    assert f.codebook == "twos_complement" and s.shape == (w.shape[0],)
+    assert qz.layer_format([w], fmt, None)[0] == fmt
+    with pytest.raises(ValueError, match="codebook"):
+        qz.check_codebook("ternary", 2)
+    with pytest.raises(ValueError, match="bipolar"):
+        qz.check_codebook("bipolar", 3)
+    with pytest.raises(ValueError, match="quantizer"):
+        qz.check_codebook("auto", 3, "minmax")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_reference_epilogue_with_zero_point(bits, rng):
+    """pb_linear_reference = dequantized weights times dequantized activations (all planes), and the
+    truncated product plus the midpoint correction, for offset-binary codes."""
+    fmt = bp.BitplaneFormat(bits, 8, "offset_binary")
+    w = _weights(rng, 11, 70)
+    x = rng.standard_normal((3, 70)).astype(np.float32)
+    bias = rng.standard_normal(11).astype(np.float32)
+    q, params = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    want = (xq * xs[:, None].astype(np.float64)) @ qz.dequantize_weights(q, params, fmt).astype(np.float64).T + bias
+    got = qz.pb_linear_reference(x, wp, params, bias, fmt)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    for layers in range(1, bits):
+        drop = bits - layers
+        q_mid = ((q.astype(np.float64) // 2**drop) * 2**drop) + fmt.truncation_correction(layers)
+        want = (xq * xs[:, None]) @ (params[0][:, None] * (q_mid - params[1][:, None])).T + bias
+        got = qz.pb_linear_reference(x, wp, params, bias, fmt, layers)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    with pytest.raises(ValueError, match="w_scale"):
+        qz.pb_linear_reference(x, wp, params[0], bias, fmt)
+
+
+@pytest.mark.parametrize("codebook", ["twos_complement", "offset_binary", "bipolar"])
+def test_importance_weights_ignore_inactive_inputs(codebook, rng):
+    """With calibration statistics, inputs that are never active stop pulling the fit: the result
+    on the active columns equals fitting those columns alone (up to the 1e-3 floor)."""
+    bits = 1 if codebook == "bipolar" else 2
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
+    alive = rng.standard_normal((16, 48)).astype(np.float32)
+    w = np.concatenate([alive, 5 + 3 * rng.standard_normal((16, 16)).astype(np.float32)], axis=1)
+    importance = np.concatenate([np.ones(48), np.zeros(16)])
+    q_w, s_w = qz.quantize_weights(w, fmt, importance=importance)
+    q_a, s_a = qz.quantize_weights(alive, fmt)
+    err_w = ((alive - qz.dequantize_weights(q_w, s_w, fmt)[:, :48]) ** 2).sum()
+    err_a = ((alive - qz.dequantize_weights(q_a, s_a, fmt)) ** 2).sum()
+    err_plain = ((alive - qz.dequantize_weights(*qz.quantize_weights(w, fmt), fmt)[:, :48]) ** 2).sum()
+    assert err_w <= err_a * 1.05 and err_w < 0.8 * err_plain
+    with pytest.raises(ValueError, match="importance"):
+        qz.quantize_weights(w, fmt, importance=np.ones(3))
+
+
+def test_compile_with_calibration_uses_input_statistics(rng):
+    import torch
+
+    import pbtvm
+    from pbtvm.calibration import input_importance
+    from pbtvm.relay_passes.pb_linear_rewrite import weight_key
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)).eval()
+    batches = [torch.randn(8, 24) * torch.linspace(0, 2, 24) for _ in range(3)]  # input 0 never active
+    m = pbtvm.compile(model, (batches[0],), "llvm", bits=2, calibration=batches)
+    assert m.manifest["quantizer"]["calibrated"]
+    imp = input_importance(model, batches)
+    x = batches[0].numpy()
+    h = x
+    for i, layer in enumerate([model[0], model[2]]):
+        w = layer.weight.detach().numpy()
+        assert imp[weight_key(w)].shape == (w.shape[1],)
+        fmt, [(q, s)] = qz.layer_format([w], bp.BitplaneFormat(2, 8), "auto", "mse", [imp[weight_key(w)]])
+        h = qz.pb_linear_reference(h, bp.pack_weights(q, fmt), s, layer.bias.detach().numpy(), fmt)
+        h = np.maximum(h, 0) if i == 0 else h
+    np.testing.assert_allclose(m(x), h, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no batch"):
+        input_importance(model, [])
