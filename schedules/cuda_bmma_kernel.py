@@ -1,0 +1,258 @@
+"""The PB dense layer on binary tensor cores (``mma.sync.m16n8k256 .b1 .and.popc``), written in TIR.
+
+One kernel per layer on packed activations (:func:`pbtvm.ops.act_quantize_pack`) and weights in
+the ``mma16x256`` layout (:data:`pbtvm.bitplane.LAYOUTS`). The MMA's A operand is a 16-row x
+256-bit tile of one weight plane (one 16-byte load per lane, pre-shuffled at compile time), its
+B operand 8 *columns* of activation planes: column ``c = b * stride + j`` is activation plane
+``j`` of batch row ``b`` (``stride`` = act_bits rounded up to 2, 4, 8 or 16; columns with
+``j >= act_bits`` are zero). At batch 1 and act_bits 8 one MMA covers all 8 activation planes.
+
+A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators stay in
+registers) and a ``1 / k_split`` share of the K tiles; it loops over the weight planes
+``i < bitlayers`` (run-time knob) outside, K inside with ``loads`` K tiles' fragments loaded
+before their MMAs, and folds each plane's popcounts into the accumulator as ``acc += c_i * D_i``.
+The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
+thread of the block sums one output's K-split parts and activation-plane columns with their
+coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
+:func:`pbtvm.ops.pb_dense`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pbtvm._tvm import tir
+from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
+from pbtvm.ops.common import plane_coefficient
+from tvm.script import tirx as T
+
+#: Shared memory a block may use for its epilogue (the sm_70+ static limit).
+SHARED_LIMIT = 48 * 1024
+
+
+@dataclass(frozen=True)
+class BMMAConfig:
+    """The tunable knobs of the BMMA kernel (one point of the MetaSchedule design space).
+
+    Attributes
+    ----------
+    tiles_m : int
+        16-row weight tiles per warp (register blocking along N).
+    warps_m : int
+        Warps per block along the output rows.
+    k_split : int
+        Warps per block that split the K tiles of the same rows (reduced in shared memory).
+    loads : int
+        K tiles whose fragments a warp loads before it issues their MMAs (loads in flight).
+    tiles_n : int
+        8-column activation tiles per warp (batch columns; one weight fragment feeds them all).
+    """
+
+    tiles_m: int = 1
+    warps_m: int = 4
+    k_split: int = 2
+    loads: int = 2
+    tiles_n: int = 1
+
+    @property
+    def threads(self) -> int:
+        """Threads per block."""
+        return 32 * self.warps_m * self.k_split
+
+
+def column_stride(act_bits: int) -> int:
+    """MMA columns per batch row: act_bits rounded up to 2, 4, 8 or 16 (so rows never straddle tiles)."""
+    return next(s for s in (2, 4, 8, 16) if s >= act_bits)
+
+
+def config_problem(fmt: BitplaneFormat, n_out: int, k_dim: int, cfg: BMMAConfig) -> str | None:
+    """Why ``cfg`` cannot serve this layer (None if it can): column tiles, shared memory, K tiles."""
+    stride = column_stride(fmt.act_bits)
+    if (8 * cfg.tiles_n) % stride:
+        return f"tiles_n={cfg.tiles_n} splits a batch row of {stride} columns"
+    acc_bytes = 8 if fmt.accumulator_dtype(k_dim) == "int64" else 4
+    shared = cfg.k_split * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS * cfg.tiles_n * 8 * acc_bytes
+    if shared > SHARED_LIMIT:
+        return f"epilogue needs {shared} bytes of shared memory (> {SHARED_LIMIT})"
+    if cfg.threads > 1024:
+        return f"{cfg.threads} threads per block"
+    return None
+
+
+def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, cfg: BMMAConfig) -> tir.PrimFunc:
+    """The BMMA PB dense kernel for one layer shape and configuration.
+
+    Parameters
+    ----------
+    fmt : BitplaneFormat
+        ``layout`` must be ``"mma16x256"``.
+    n_out, k_dim : int
+        N (output features) and K (input features, unpadded).
+    bias : bool
+        Whether the layer has a bias.
+    cfg : BMMAConfig
+
+    Returns
+    -------
+    tir.PrimFunc
+        ``(xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B], wp u32 fmt.weight_shape(N, K),
+        w_scale f32 [N][, bias f32 [N]], bitlayers int64, y f32 [B, N])`` with a symbolic B: the
+        signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound).
+    """
+    if fmt.layout != "mma16x256":
+        raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
+    problem = config_problem(fmt, n_out, k_dim, cfg)
+    if problem:
+        raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_out} K={k_dim}: {problem}")
+    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    wshape = fmt.weight_shape(n_out, k_dim)
+    row_tiles, k_tiles = wshape[1], wshape[2]
+    acc_t = fmt.accumulator_dtype(k_dim)
+    stride = column_stride(n_act)
+    mt, wm, ks, ld, nt = cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n
+    block_rows = wm * mt * MMA_TILE_ROWS
+    block_batch = nt * 8 // stride
+    threads = cfg.threads
+    steps = -(-k_tiles // (ks * ld))
+    grid_x = -(-row_tiles // (wm * mt))
+    out_rounds = -(-(block_rows * block_batch) // threads)
+    frag = mt * nt * 4
+    signed_w = fmt.codebook == "twos_complement"
+    bits, offset = fmt.bits, float(fmt.weight_offset)
+
+    def w_coef(i):  # noqa: ANN001, ANN202
+        return plane_coefficient(i, bits, signed_w, acc_t)
+
+    def x_coef(j):  # noqa: ANN001, ANN202
+        return plane_coefficient(j, n_act, True, acc_t)
+
+    def corr(layers):  # noqa: ANN001, ANN202 - expected value of the dropped planes (pb_dense)
+        if not signed_w:
+            return T.float32(0)
+        dropped = T.int64(bits) - layers
+        return T.Cast("float32", T.shift_left(T.int64(1), dropped) - T.int64(1)) * T.float32(0.5)
+
+    def bias_of(bias_buf, n):  # noqa: ANN001, ANN202
+        return bias_buf[n] if bias else T.float32(0)
+
+    @T.prim_func(private=True)
+    def kernel(
+        xp_h: T.handle,
+        xs_h: T.handle,
+        rs_h: T.handle,
+        wp_h: T.handle,
+        ws_h: T.handle,
+        b_h: T.handle,
+        bitlayers: T.int64,
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
+        x_scale = T.match_buffer(xs_h, (batch,), "float32")
+        rowsum = T.match_buffer(rs_h, (batch,), acc_t)
+        wp = T.match_buffer(wp_h, wshape, "uint32")
+        w_scale = T.match_buffer(ws_h, (n_out,), "float32")
+        bias_buf = T.match_buffer(b_h, (n_out,), "float32")
+        y = T.match_buffer(y_h, (batch, n_out), "float32")
+        for bx in T.thread_binding(grid_x, thread="blockIdx.x"):
+            for by in T.thread_binding((batch * stride + nt * 8 - 1) // (nt * 8), thread="blockIdx.y"):
+                for tz in T.thread_binding(ks, thread="threadIdx.z"):
+                    for ty in T.thread_binding(wm, thread="threadIdx.y"):
+                        for tx in T.thread_binding(32, thread="threadIdx.x"):
+                            part = T.alloc_shared((ks, wm, mt * MMA_TILE_ROWS, nt * 8), acc_t)
+                            acc = T.alloc_local((frag,), acc_t)
+                            dot = T.alloc_local((frag,), "int32")
+                            af = T.alloc_local((ld * mt,), "uint32x4")  # one 16-byte fragment each
+                            bf = T.alloc_local((ld * nt * 2,), "uint32")
+                            total = T.alloc_local((1,), acc_t)
+                            for e in T.unroll(frag):
+                                acc[e] = T.Cast(acc_t, 0)
+                            for i in range(T.Cast("int32", bitlayers)):
+                                for e in T.unroll(frag):
+                                    dot[e] = 0
+                                for s in range(steps):
+                                    for u in T.unroll(ld):
+                                        for m in T.unroll(mt):
+                                            if (s * ld + u) * ks + tz < k_tiles and (bx * wm + ty) * mt + m < row_tiles:
+                                                af[u * mt + m] = wp[
+                                                    i, (bx * wm + ty) * mt + m, (s * ld + u) * ks + tz, tx, T.ramp(0, 1, 4)
+                                                ]
+                                            else:
+                                                af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
+                                        for n in T.unroll(nt):
+                                            for r in T.unroll(2):
+                                                bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                                    ((by * nt + n) * 8 + tx // 4) % stride < n_act
+                                                    and ((by * nt + n) * 8 + tx // 4) // stride < batch
+                                                    and ((s * ld + u) * ks + tz) * MMA_TILE_WORDS + tx % 4 + 4 * r < words,
+                                                    xp[
+                                                        ((by * nt + n) * 8 + tx // 4) % stride,
+                                                        ((by * nt + n) * 8 + tx // 4) // stride,
+                                                        ((s * ld + u) * ks + tz) * MMA_TILE_WORDS + tx % 4 + 4 * r,
+                                                    ],
+                                                    T.uint32(0),
+                                                )
+                                    for u in T.unroll(ld):
+                                        for m in T.unroll(mt):
+                                            for n in T.unroll(nt):
+                                                T.evaluate(
+                                                    T.ptx_legacy.mma(
+                                                        "m16n8k256", "row", "col", "int1", "int1", "int32",
+                                                        af.data, u * mt + m,  # in uint4 units
+                                                        bf.data, (u * nt + n) * 2,
+                                                        dot.data, (m * nt + n) * 4,
+                                                        False, "and", dtype="int32",
+                                                    )
+                                                )  # fmt: skip
+                                for e in T.unroll(frag):
+                                    acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+                            # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
+                            for m in T.unroll(mt):
+                                for n in T.unroll(nt):
+                                    for r in T.unroll(4):
+                                        part[tz, ty, m * 16 + tx // 4 + 8 * (r // 2), n * 8 + 2 * (tx % 4) + r % 2] = acc[
+                                            (m * nt + n) * 4 + r
+                                        ]
+                            T.tvm_storage_sync("shared")
+                            for o in range(out_rounds):
+                                if (
+                                    (o * threads + (tz * wm + ty) * 32 + tx) < block_rows * block_batch
+                                    and bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows < n_out
+                                    and by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows < batch
+                                ):
+                                    total[0] = T.Cast(acc_t, 0)
+                                    for z in T.unroll(ks):
+                                        for j in T.unroll(n_act):
+                                            total[0] = total[0] + x_coef(j) * part[
+                                                z,
+                                                (o * threads + (tz * wm + ty) * 32 + tx) % block_rows // (mt * 16),
+                                                (o * threads + (tz * wm + ty) * 32 + tx) % (mt * 16),
+                                                (o * threads + (tz * wm + ty) * 32 + tx) // block_rows * stride + j,
+                                            ]
+                                    y[
+                                        by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows,
+                                        bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows,
+                                    ] = (
+                                        x_scale[by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows]
+                                        * (
+                                            (T.float32(offset) + corr(bitlayers))
+                                            * T.Cast(
+                                                "float32",
+                                                rowsum[by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows],
+                                            )
+                                            + T.Cast("float32", total[0])
+                                        )
+                                    ) * w_scale[bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows] + bias_of(
+                                        bias_buf, bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows
+                                    )
+
+    return kernel if bias else _without_param(kernel, 5)
+
+
+def _without_param(func: tir.PrimFunc, index: int) -> tir.PrimFunc:
+    """``func`` without its ``index``-th (buffer) parameter, which its body never reads."""
+    param = func.params[index]
+    params = [p for k, p in enumerate(func.params) if k != index]
+    buffers = {p: b for p, b in func.buffer_map.items() if not p.same_as(param)}
+    return tir.PrimFunc(params, func.body, func.ret_type, buffers, func.attrs)
