@@ -16,6 +16,7 @@ from .ops import (
     pb_lstm_cell,
     pb_lstm_cell_input,
 )
+from .ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 
 
 def _batch_var() -> tir.Var:
@@ -49,7 +50,8 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
     xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim)
     ws = te.placeholder((n_out,), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
-    y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
+    dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores on CUDA
+    y = dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tvm.script import tirx as T
+
 from pbtvm._tvm import tir
 from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
 from pbtvm.ops.common import plane_coefficient
-from tvm.script import tirx as T
 
 #: Shared memory a block may use for its epilogue (the sm_70+ static limit).
 SHARED_LIMIT = 48 * 1024
@@ -163,88 +164,75 @@ def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, c
                             part = T.alloc_shared((ks, wm, mt * MMA_TILE_ROWS, nt * 8), acc_t)
                             acc = T.alloc_local((frag,), acc_t)
                             dot = T.alloc_local((frag,), "int32")
-                            af = T.alloc_local((ld * mt,), "uint32x4")  # one 16-byte fragment each
+                            af = T.alloc_local((ld * mt,), "uint32x4")  # one 16-byte A fragment each
                             bf = T.alloc_local((ld * nt * 2,), "uint32")
                             total = T.alloc_local((1,), acc_t)
                             for e in T.unroll(frag):
                                 acc[e] = T.Cast(acc_t, 0)
-                            for i in range(T.Cast("int32", bitlayers)):
-                                for e in T.unroll(frag):
-                                    dot[e] = 0
-                                for s in range(steps):
-                                    for u in T.unroll(ld):
-                                        for m in T.unroll(mt):
-                                            if (s * ld + u) * ks + tz < k_tiles and (bx * wm + ty) * mt + m < row_tiles:
-                                                af[u * mt + m] = wp[
-                                                    i, (bx * wm + ty) * mt + m, (s * ld + u) * ks + tz, tx, T.ramp(0, 1, 4)
-                                                ]
-                                            else:
-                                                af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
-                                        for n in T.unroll(nt):
-                                            for r in T.unroll(2):
-                                                bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                                    ((by * nt + n) * 8 + tx // 4) % stride < n_act
-                                                    and ((by * nt + n) * 8 + tx // 4) // stride < batch
-                                                    and ((s * ld + u) * ks + tz) * MMA_TILE_WORDS + tx % 4 + 4 * r < words,
-                                                    xp[
-                                                        ((by * nt + n) * 8 + tx // 4) % stride,
-                                                        ((by * nt + n) * 8 + tx // 4) // stride,
-                                                        ((s * ld + u) * ks + tz) * MMA_TILE_WORDS + tx % 4 + 4 * r,
-                                                    ],
-                                                    T.uint32(0),
-                                                )
-                                    for u in T.unroll(ld):
-                                        for m in T.unroll(mt):
+                            # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: the
+                            # loads of every used plane are issued together, unused planes never read.
+                            for i in T.unroll(bits):
+                                if T.Cast("int64", i) < bitlayers:
+                                    for e in T.unroll(frag):
+                                        dot[e] = 0
+                                    for s in range(steps):
+                                        for u in T.unroll(ld):
+                                            kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
+                                            for m in T.unroll(mt):
+                                                tile = T.meta_var((bx * wm + ty) * mt + m)
+                                                if kt < k_tiles and tile < row_tiles:
+                                                    af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
+                                                else:
+                                                    af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
                                             for n in T.unroll(nt):
-                                                T.evaluate(
-                                                    T.ptx_legacy.mma(
-                                                        "m16n8k256", "row", "col", "int1", "int1", "int32",
-                                                        af.data, u * mt + m,  # in uint4 units
-                                                        bf.data, (u * nt + n) * 2,
-                                                        dot.data, (m * nt + n) * 4,
-                                                        False, "and", dtype="int32",
+                                                col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
+                                                for r in T.unroll(2):
+                                                    word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
+                                                    ok = T.meta_var(
+                                                        col % stride < n_act and col // stride < batch and word < words
                                                     )
-                                                )  # fmt: skip
-                                for e in T.unroll(frag):
-                                    acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+                                                    bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                                        ok, xp[col % stride, col // stride, word], T.uint32(0)
+                                                    )
+                                        for u in T.unroll(ld):
+                                            for m in T.unroll(mt):
+                                                for n in T.unroll(nt):
+                                                    T.evaluate(
+                                                        T.ptx_legacy.mma(
+                                                            "m16n8k256", "row", "col", "int1", "int1", "int32",
+                                                            af.data, u * mt + m,  # in uint4 units
+                                                            bf.data, (u * nt + n) * 2,
+                                                            dot.data, (m * nt + n) * 4,
+                                                            False, "and", dtype="int32",
+                                                        )
+                                                    )  # fmt: skip
+                                    for e in T.unroll(frag):
+                                        acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
                             # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
                             for m in T.unroll(mt):
                                 for n in T.unroll(nt):
                                     for r in T.unroll(4):
-                                        part[tz, ty, m * 16 + tx // 4 + 8 * (r // 2), n * 8 + 2 * (tx % 4) + r % 2] = acc[
-                                            (m * nt + n) * 4 + r
-                                        ]
+                                        row = T.meta_var(m * MMA_TILE_ROWS + tx // 4 + 8 * (r // 2))
+                                        part[tz, ty, row, n * 8 + 2 * (tx % 4) + r % 2] = acc[(m * nt + n) * 4 + r]
                             T.tvm_storage_sync("shared")
-                            for o in range(out_rounds):
-                                if (
-                                    (o * threads + (tz * wm + ty) * 32 + tx) < block_rows * block_batch
-                                    and bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows < n_out
-                                    and by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows < batch
-                                ):
+                            for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
+                                idx = T.meta_var(o * threads + (tz * wm + ty) * 32 + tx)
+                                row = T.meta_var(idx % block_rows)
+                                n_glob = T.meta_var(bx * block_rows + row)
+                                b_glob = T.meta_var(by * block_batch + idx // block_rows)
+                                if idx < block_rows * block_batch and n_glob < n_out and b_glob < batch:
                                     total[0] = T.Cast(acc_t, 0)
                                     for z in T.unroll(ks):
                                         for j in T.unroll(n_act):
-                                            total[0] = total[0] + x_coef(j) * part[
-                                                z,
-                                                (o * threads + (tz * wm + ty) * 32 + tx) % block_rows // (mt * 16),
-                                                (o * threads + (tz * wm + ty) * 32 + tx) % (mt * 16),
-                                                (o * threads + (tz * wm + ty) * 32 + tx) // block_rows * stride + j,
-                                            ]
-                                    y[
-                                        by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows,
-                                        bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows,
-                                    ] = (
-                                        x_scale[by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows]
-                                        * (
-                                            (T.float32(offset) + corr(bitlayers))
-                                            * T.Cast(
-                                                "float32",
-                                                rowsum[by * block_batch + (o * threads + (tz * wm + ty) * 32 + tx) // block_rows],
-                                            )
-                                            + T.Cast("float32", total[0])
-                                        )
-                                    ) * w_scale[bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows] + bias_of(
-                                        bias_buf, bx * block_rows + (o * threads + (tz * wm + ty) * 32 + tx) % block_rows
+                                            col = T.meta_var(idx // block_rows * stride + j)
+                                            cell = T.meta_var(part[z, row // (mt * 16), row % (mt * 16), col])
+                                            total[0] = total[0] + x_coef(j) * cell
+                                    off = T.meta_var(T.float32(offset) + corr(bitlayers))
+                                    dot_f = T.meta_var(
+                                        off * T.Cast("float32", rowsum[b_glob]) + T.Cast("float32", total[0])
+                                    )
+                                    y[b_glob, n_glob] = x_scale[b_glob] * dot_f * w_scale[n_glob] + bias_of(
+                                        bias_buf, n_glob
                                     )
 
     return kernel if bias else _without_param(kernel, 5)
@@ -252,7 +240,5 @@ def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, c
 
 def _without_param(func: tir.PrimFunc, index: int) -> tir.PrimFunc:
     """``func`` without its ``index``-th (buffer) parameter, which its body never reads."""
-    param = func.params[index]
     params = [p for k, p in enumerate(func.params) if k != index]
-    buffers = {p: b for p, b in func.buffer_map.items() if not p.same_as(param)}
-    return tir.PrimFunc(params, func.body, func.ret_type, buffers, func.attrs)
+    return tir.PrimFunc(params, func.body, func.ret_type, func.attrs)
