@@ -114,7 +114,7 @@ def pb_linear_reference(
     """
     xq, xs = quantize_activations(x, fmt)
     xp = pack_activations(xq, fmt)
-    acc = bitplane_matmul(wp, xp, fmt, bitlayers)
+    acc = bitplane_matmul(wp, xp, fmt, bitlayers, n_rows=len(w_scale))
     corr = fmt.truncation_correction(bitlayers) * plane_rowsum(xp, fmt)[:, None]
     y = (acc + corr) * xs[:, None].astype(np.float64) * np.asarray(w_scale, np.float64)[None, :]
     if bias is not None:

@@ -80,7 +80,9 @@ def config_problem(fmt: BitplaneFormat, n_out: int, k_dim: int, cfg: BMMAConfig)
     return None
 
 
-def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, cfg: BMMAConfig) -> tir.PrimFunc:
+def bmma_dense_kernel(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, cfg: BMMAConfig, integer: bool = False
+) -> tir.PrimFunc:
     """The BMMA PB dense kernel for one layer shape and configuration.
 
     Parameters
@@ -92,13 +94,18 @@ def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, c
     bias : bool
         Whether the layer has a bias.
     cfg : BMMAConfig
+    integer : bool
+        Return the exact integer product instead (for exactness tests): the signature of
+        :func:`pbtvm.kernels.int_product_func`, ``bias`` ignored.
 
     Returns
     -------
     tir.PrimFunc
         ``(xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B], wp u32 fmt.weight_shape(N, K),
         w_scale f32 [N][, bias f32 [N]], bitlayers int64, y f32 [B, N])`` with a symbolic B: the
-        signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound).
+        signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound). With
+        ``integer``: ``(xp, rowsum, wp, bitlayers, acc [B, N])``, ``acc`` in
+        ``fmt.accumulator_dtype(K)``, equal to :func:`pbtvm.bitplane.bitplane_matmul`.
     """
     if fmt.layout != "mma16x256":
         raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
@@ -133,8 +140,11 @@ def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, c
         dropped = T.int64(bits) - layers
         return T.Cast("float32", T.shift_left(T.int64(1), dropped) - T.int64(1)) * T.float32(0.5)
 
-    def bias_of(bias_buf, n):  # noqa: ANN001, ANN202
-        return bias_buf[n] if bias else T.float32(0)
+    def result(total, b, n, x_scale, rowsum, w_scale, bias_buf, layers):  # noqa: ANN001, ANN202 - pb_dense's epilogue
+        if integer:
+            return total + T.Cast(acc_t, int(offset)) * rowsum[b]
+        y = x_scale[b] * ((T.float32(offset) + corr(layers)) * T.Cast("float32", rowsum[b]) + T.Cast("float32", total))
+        return y * w_scale[n] + bias_buf[n] if bias else y * w_scale[n]
 
     @T.prim_func(private=True)
     def kernel(
@@ -155,7 +165,7 @@ def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, c
         wp = T.match_buffer(wp_h, wshape, "uint32")
         w_scale = T.match_buffer(ws_h, (n_out,), "float32")
         bias_buf = T.match_buffer(b_h, (n_out,), "float32")
-        y = T.match_buffer(y_h, (batch, n_out), "float32")
+        y = T.match_buffer(y_h, (batch, n_out), acc_t if integer else "float32")
         for bx in T.thread_binding(grid_x, thread="blockIdx.x"):
             for by in T.thread_binding((batch * stride + nt * 8 - 1) // (nt * 8), thread="blockIdx.y"):
                 for tz in T.thread_binding(ks, thread="threadIdx.z"):
@@ -227,18 +237,16 @@ def bmma_dense_kernel(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, c
                                             col = T.meta_var(idx // block_rows * stride + j)
                                             cell = T.meta_var(part[z, row // (mt * 16), row % (mt * 16), col])
                                             total[0] = total[0] + x_coef(j) * cell
-                                    off = T.meta_var(T.float32(offset) + corr(bitlayers))
-                                    dot_f = T.meta_var(
-                                        off * T.Cast("float32", rowsum[b_glob]) + T.Cast("float32", total[0])
-                                    )
-                                    y[b_glob, n_glob] = x_scale[b_glob] * dot_f * w_scale[n_glob] + bias_of(
-                                        bias_buf, n_glob
+                                    y[b_glob, n_glob] = result(
+                                        total[0], b_glob, n_glob, x_scale, rowsum, w_scale, bias_buf, bitlayers
                                     )
 
-    return kernel if bias else _without_param(kernel, 5)
+    if integer:
+        return _without_params(kernel, (1, 4, 5))  # x_scale, w_scale, bias
+    return kernel if bias else _without_params(kernel, (5,))
 
 
-def _without_param(func: tir.PrimFunc, index: int) -> tir.PrimFunc:
-    """``func`` without its ``index``-th (buffer) parameter, which its body never reads."""
-    params = [p for k, p in enumerate(func.params) if k != index]
+def _without_params(func: tir.PrimFunc, indices: tuple[int, ...]) -> tir.PrimFunc:
+    """``func`` without the (buffer) parameters at ``indices``, which its body never reads."""
+    params = [p for k, p in enumerate(func.params) if k not in indices]
     return tir.PrimFunc(params, func.body, func.ret_type, func.attrs)
