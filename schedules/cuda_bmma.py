@@ -119,10 +119,13 @@ def materialize(func: tir.PrimFunc) -> tir.PrimFunc:
     (a tuning workload) gets a kernel specialized to all planes.
     """
     code = _annotated_config(func)
-    if code is None:
-        return func
+    return func if code is None else kernel_for(func, decode(code))
+
+
+def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig) -> tir.PrimFunc:
+    """The BMMA kernel with config ``cfg`` for a PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
     fmt, n_out, k_dim, has_bias, _ = _layer(func)
-    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, decode(code))
+    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg)
     if all(tir.is_buffer_var(p) for p in func.params):  # bitlayers fixed by specialize
         layers = next(p for p in kernel.params if not tir.is_buffer_var(p))
         kernel = kernel.specialize({layers: tir.const(fmt.bits, "int64")})
