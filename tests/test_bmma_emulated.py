@@ -1,0 +1,76 @@
+"""The BMMA kernel's generated CUDA, run on the CPU (``tests/cuda_emulator.py``), equals the reference.
+
+Each CUDA thread is a CPU thread and every ``mma.sync m16n8k256 .b1 .and.popc`` a warp-collective
+emulation of the PTX fragment layouts, so this checks TVM's generated indexing, predicates, K
+split, plane loop and epilogue exactly, without a GPU. ``tests/test_bmma_gpu.py`` checks the same
+on a device (the hardware MMA itself).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import quantize as qz
+from pbtvm.cuda import build
+from pbtvm.schedules.cuda_bmma import default_config
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
+from pbtvm.target import resolve_target
+
+from .cuda_emulator import EmulatedKernel
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
+SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+MMA = "mma16x256"
+
+
+def _emulate_exact(bits: int, act_bits: int, n: int, k: int, batches: tuple, cfg: BMMAConfig | None, rng) -> None:  # noqa: ANN001
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    cfg = cfg or default_config(fmt, n, k)
+    func = bmma_dense_kernel(fmt, n, k, False, cfg, integer=True).with_attr("global_symbol", "bmma_int")
+    kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
+    q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    wp = bp.pack_weights(q, fmt)
+    acc_t = fmt.accumulator_dtype(k)
+    for batch in batches:
+        xq = rng.integers(-fmt.act_qmax, fmt.act_qmax + 1, (batch, k))
+        xp = bp.pack_activations(xq, fmt)
+        grid = (
+            -(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)),
+            -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)),
+            1,
+        )
+        for layers in sorted({1, (bits + 1) // 2, bits}):
+            y = np.full((batch, n), -7, acc_t)
+            args = {"xp_ptr": xp, "rowsum_ptr": xq.sum(1).astype(acc_t), "wp_ptr": wp, "y_ptr": y}
+            kernel(grid, (32, cfg.warps_m, cfg.k_split), **args, batch=batch, bitlayers=layers)
+            ref = bp.bitplane_matmul(wp, xp, fmt, layers, n_rows=n)
+            np.testing.assert_array_equal(y, ref, err_msg=f"{fmt.name} {cfg} batch={batch} bitlayers={layers}")
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+@pytest.mark.parametrize("bits", [1, 2, 5, 16])
+def test_default_kernel_exact_in_emulation(bits, act_bits, rng):
+    """Odd N (partial row tile), K = 700 (a partial K tile), batches that fill tiles partly."""
+    _emulate_exact(bits, act_bits, 257, 700, (1, 3), None, rng)
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "cfg"),
+    [
+        (4, 16, 257, 700, BMMAConfig(2, 2, 2, 2, 4)),  # every knob above 1, a batch row over 2 tiles
+        (1, 4, 100, 1000, BMMAConfig(4, 1, 4, 1, 1)),  # 4 row tiles a warp, K split 4, 2 rows a tile
+        (8, 8, 257, 700, BMMAConfig(1, 4, 1, 4, 4)),  # 4 K tiles in flight (more than K has)
+        (3, 8, 64, 256, BMMAConfig(1, 1, 1, 1, 1)),  # exactly one K tile
+    ],
+)
+def test_configs_exact_in_emulation(bits, act_bits, n, k, cfg, rng):
+    _emulate_exact(bits, act_bits, n, k, (8,), cfg, rng)
+
+
+def test_batch_64_exact_in_emulation(rng):
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    _emulate_exact(4, 8, 70, 300, (64,), default_config(fmt, 70, 300, batch=64), rng)
