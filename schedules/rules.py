@@ -88,15 +88,16 @@ def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
 
 def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
     """The rules for a target (or target kind, ``"llvm"`` or ``"cuda"``)."""
-    from . import cpu, cuda, cuda_bmma
+    from . import cpu, cuda, cuda_ballot_pack, cuda_bmma
 
     kind = target if isinstance(target, str) else target.kind.name
     if kind == "llvm":
         return [cpu.CPUActPack(), cpu.CPUBitplaneGemm(), cpu.CPUDenseAct(), cpu.CPULSTMCell()]
     if kind == "cuda":
-        # The BMMA rule first: it takes the pb_gemm kernels whose weights are in the mma16x256 layout.
+        # The binary-tensor-core rules first: they take the kernels of the mma16x256 layout.
         return [
             cuda_bmma.CUDABmmaGemm(),
+            cuda_ballot_pack.CUDABallotPack(),
             cuda.CUDAActPack(),
             cuda.CUDABitplaneGemm(),
             cuda.CUDADenseAct(),

@@ -21,6 +21,7 @@ import numpy as np
 
 _PRELUDE = r"""
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -29,14 +30,25 @@ _PRELUDE = r"""
 #define __launch_bounds__(x)
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline float min(float a, float b) { return fminf(a, b); }
 struct Dim { unsigned x, y, z; };
 thread_local Dim threadIdx, blockIdx;
 struct Warp {
-  unsigned a[32][4], b[32][2];
+  unsigned a[32][4], b[32][2], vote[32];
   int c[32][4];
   std::barrier<> sync{32};
 };
 thread_local Warp* my_warp;
+static unsigned __ballot_sync(unsigned mask, int pred) {
+  Warp& w = *my_warp;
+  w.vote[threadIdx.x] = pred != 0;
+  w.sync.arrive_and_wait();
+  unsigned out = 0;
+  for (int l = 0; l < 32; ++l) out |= w.vote[l] << l;
+  w.sync.arrive_and_wait();
+  return out & mask;
+}
 thread_local std::barrier<>* my_block;
 static void __syncthreads() { my_block->arrive_and_wait(); }
 static void emu_bmma(int* d0, int* d1, int* d2, int* d3, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -124,8 +136,8 @@ def _translate(source: str) -> tuple[str, str, list[tuple[str, str]]]:
 
     body = re.sub(r"__shared__ (alignas\(\d+\) )?", lambda m: (m.group(1) or "") + "static ", body)
     body, count = _ASM.subn(repl, body)
-    if count == 0:
-        raise ValueError("no mma.sync m16n8k256 .and.popc in the kernel source")
+    if count == 0 and "__ballot_sync" not in body:
+        raise ValueError("neither mma.sync m16n8k256 .and.popc nor __ballot_sync in the kernel source")
     return body.replace('extern "C" ', "static ", 1), name, parsed
 
 

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from pbtvm import bitplane as bp
+from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm.cuda import build
+from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules.cuda_ballot_pack import pack_warps
 from pbtvm.schedules.cuda_bmma import default_config
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
 from pbtvm.target import resolve_target
@@ -74,3 +77,22 @@ def test_configs_exact_in_emulation(bits, act_bits, n, k, cfg, rng):
 def test_batch_64_exact_in_emulation(rng):
     fmt = bp.BitplaneFormat(4, 8, layout=MMA)
     _emulate_exact(4, 8, 70, 300, (64,), default_config(fmt, 70, 300, batch=64), rng)
+
+
+@pytest.mark.parametrize(
+    ("act_bits", "k", "batch"), [(2, 1001, 3), (8, 4096, 1), (16, 650, 3), (4, 11008, 2), (8, 20, 3)]
+)
+def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
+    """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too)."""
+    fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
+    func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
+    kernel = EmulatedKernel(build(func, SM90).mod.imports[0].inspect_source())
+    x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
+    x[-1] = 0 if batch > 1 else x[-1]
+    xq, xs = qz.quantize_activations(x, fmt)
+    xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+    scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
+    kernel((batch, 1, 1), (32, pack_warps(k), 1), x_ptr=x, xp_ptr=xp, x_scale_ptr=scale, rowsum_ptr=rowsum, batch=batch)
+    np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale, xs)
+    np.testing.assert_array_equal(rowsum, xq.sum(1))

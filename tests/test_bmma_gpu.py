@@ -77,6 +77,22 @@ def test_sampled_design_space_points_exact_on_gpu(rng):
         _check_exact(_int_kernel(fmt, space[pick]), fmt, rng, batches=(8,))
 
 
+@pytest.mark.parametrize("act_bits", [2, 8, 16])
+def test_ballot_pack_exact_on_gpu(act_bits, rng):
+    fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
+    k, b = 1001, 7
+    x = (rng.standard_normal((b, k)) * 5).astype(np.float32)
+    x[3] = 0
+    xq, xs = qz.quantize_activations(x, fmt)
+    kern = kernels.build(kernels.act_pack_func(fmt, k), resolve_target("cuda"))
+    xp = _t(np.full((act_bits, b, fmt.words(k)), 0xDEADBEEF, np.uint32))
+    scale, rowsum = _t(np.full(b, -1, np.float32)), _t(np.full(b, -1, fmt.accumulator_dtype(k)))
+    kern(_t(x), xp, scale, rowsum)
+    np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale.numpy(), xs)
+    np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
+
+
 @pytest.mark.parametrize(("bits", "batch"), [(1, 1), (4, 64), (8, 3)])
 def test_bmma_dense_layer_on_gpu(bits, batch, rng):
     """The default schedule of a ``pb_gemm`` in the mma layout (float epilogue, bias) vs the reference."""

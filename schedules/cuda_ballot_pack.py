@@ -1,0 +1,143 @@
+"""CUDA activation quantize + pack in one launch with ``__ballot_sync`` (one instruction per plane per word).
+
+Used with the binary-tensor-core layout (``mma16x256``) in place of the three-launch pack of
+:mod:`.cuda` (~10 us on an H100 at batch 1, BENCHMARKS.md). A block per batch row: the threads
+reduce max |x| through shared memory, then each warp takes 32 consecutive activations at a time,
+quantizes one per lane exactly as :func:`pbtvm.ops.act_quantize_pack` (so as
+:func:`pbtvm.quantize.quantize_activations`), and builds the word of every plane with one
+``__ballot_sync``; lane ``p`` stores plane ``p``'s word. The code sum is a second block reduction.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.bitplane import WORD_BITS, BitplaneFormat
+from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
+
+from .rules import ScheduleRule
+
+#: Most warps a pack block uses (512 threads).
+MAX_WARPS = 16
+
+
+def pack_warps(k_dim: int) -> int:
+    """Warps per block: a power of two (tree reductions), about 16 words per warp, 2..:data:`MAX_WARPS`."""
+    want = -(-BitplaneFormat.words(k_dim) // 16)
+    warps = 2
+    while warps < min(want, MAX_WARPS):
+        warps *= 2
+    return warps
+
+
+def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
+    """The one-launch ballot pack for rows of ``k_dim`` activations.
+
+    Returns
+    -------
+    tir.PrimFunc
+        ``(x f32 [B, K], xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B])``, symbolic B:
+        the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled.
+    """
+    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    qmax = float(fmt.act_qmax)
+    acc_t = fmt.accumulator_dtype(k_dim)
+    warps = pack_warps(k_dim)
+    threads = 32 * warps
+    rounds = -(-k_dim // threads)
+    chunks = -(-words // warps)
+    levels = threads.bit_length() - 1  # log2(threads)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k_dim), "float32")
+        xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
+        x_scale = T.match_buffer(xs_h, (batch,), "float32")
+        rowsum = T.match_buffer(rs_h, (batch,), acc_t)
+        with T.sblock("root"):  # Relax expects a root block (RewriteDataflowReshape)
+            for b in T.thread_binding(batch, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        red = T.alloc_shared((threads,), "float32")
+                        sums = T.alloc_shared((threads,), acc_t)
+                        best = T.alloc_local((1,), "float32")
+                        total = T.alloc_local((1,), acc_t)
+                        code = T.alloc_local((1,), "int32")
+                        votes = T.alloc_local((n_act,), "uint32")
+                        tid = T.meta_var(ty * 32 + tx)
+                        best[0] = T.float32(0)
+                        for r in range(rounds):
+                            if r * threads + tid < k_dim:
+                                best[0] = T.max(best[0], T.abs(x[b, r * threads + tid]))
+                        red[tid] = best[0]
+                        T.tvm_storage_sync("shared")
+                        for lvl in T.unroll(levels):
+                            if tid < (threads >> (lvl + 1)):
+                                red[tid] = T.max(red[tid], red[tid + (threads >> (lvl + 1))])
+                            T.tvm_storage_sync("shared")
+                        amax = T.meta_var(red[0])
+                        inv = T.meta_var(T.if_then_else(amax > T.float32(0), T.float32(qmax) / amax, T.float32(0)))
+                        total[0] = T.Cast(acc_t, 0)
+                        for c in range(chunks):
+                            if c * warps + ty < words:  # warp-uniform: every lane reaches the ballots
+                                kk = T.meta_var((c * warps + ty) * WORD_BITS + tx)
+                                code[0] = T.if_then_else(
+                                    kk < k_dim,
+                                    T.Cast(
+                                        "int32",
+                                        T.max(
+                                            T.min(
+                                                T.floor(x[b, T.min(kk, k_dim - 1)] * inv + T.float32(0.5)),
+                                                T.float32(qmax),
+                                            ),
+                                            T.float32(-qmax),
+                                        ),
+                                    ),
+                                    0,
+                                )
+                                total[0] = total[0] + T.Cast(acc_t, code[0])
+                                # Every lane votes on every plane (stored to a register first, so that
+                                # the ballot is not sunk into the one-lane store below), then lane p stores
+                                # plane p's word.
+                                for p in T.unroll(n_act):
+                                    votes[p] = T.call_extern(
+                                        "uint32",
+                                        "__ballot_sync",
+                                        T.uint32(0xFFFFFFFF),
+                                        T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
+                                    )
+                                for p in T.unroll(n_act):
+                                    if tx == p:
+                                        xp[p, b, c * warps + ty] = votes[p]
+                        sums[tid] = total[0]
+                        T.tvm_storage_sync("shared")
+                        for lvl in T.unroll(levels):
+                            if tid < (threads >> (lvl + 1)):
+                                sums[tid] = sums[tid] + sums[tid + (threads >> (lvl + 1))]
+                            T.tvm_storage_sync("shared")
+                        if tid == 0:
+                            rowsum[b] = sums[0]
+                            x_scale[b] = red[0] / T.float32(qmax)
+
+    return kernel
+
+
+class CUDABallotPack(ScheduleRule):
+    """``act_pack`` for the ``mma16x256`` layout: :func:`ballot_pack_kernel` (one launch)."""
+
+    kernel = "act_pack"
+    target_kinds = ("cuda",)
+
+    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+        """See :meth:`ScheduleRule.matches`; only packs for the ``mma16x256`` layout."""
+        return super().matches(func, target) and str((func.attrs or {}).get("pbtvm.layout")) == BMMA_LAYOUT
+
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        """The ballot kernel for ``func``'s format and K (see :meth:`ScheduleRule.apply`)."""
+        attrs = func.attrs
+        fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=BMMA_LAYOUT)
+        kernel = ballot_pack_kernel(fmt, int(attrs["pbtvm.k"])).with_attrs(dict(attrs))
+        return s_tir.Schedule(kernel, debug_mask=0)
