@@ -66,7 +66,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
                         best = T.alloc_local((1,), "float32")
                         total = T.alloc_local((1,), acc_t)
                         code = T.alloc_local((1,), "int32")
-                        votes = T.alloc_local((n_act,), "uint32")
+                        vote = T.alloc_local((1,), "uint32")
                         tid = T.meta_var(ty * 32 + tx)
                         best[0] = T.float32(0)
                         for r in range(rounds):
@@ -99,19 +99,17 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
                                     0,
                                 )
                                 total[0] = total[0] + T.Cast(acc_t, code[0])
-                                # Every lane votes on every plane (stored to a register first, so that
-                                # the ballot is not sunk into the one-lane store below), then lane p stores
-                                # plane p's word.
+                                # Every lane votes (the word is stored to a register first, so that the
+                                # ballot is not sunk into the one-lane branch), then lane p stores it.
                                 for p in T.unroll(n_act):
-                                    votes[p] = T.call_extern(
+                                    vote[0] = T.call_extern(
                                         "uint32",
                                         "__ballot_sync",
                                         T.uint32(0xFFFFFFFF),
                                         T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
                                     )
-                                for p in T.unroll(n_act):
                                     if tx == p:
-                                        xp[p, b, c * warps + ty] = votes[p]
+                                        xp[p, b, c * warps + ty] = vote[0]
                         sums[tid] = total[0]
                         T.tvm_storage_sync("shared")
                         for lvl in T.unroll(levels):
