@@ -46,10 +46,23 @@ def build_layer(n: int, k: int, bits: int, batch: int, target, cache: dict) -> t
     return cache["pack", k], cache[key], cfg
 
 
+def build_fused(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:  # noqa: ANN001
+    """(one-launch BMMA kernel that packs its own rows, config), cached by config."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    cfg = default_config(fmt, n, k, batch, fused_pack=True)
+    key = ("fused", n, k, bits, cfg)
+    if key not in cache:
+        kernel = kernel_for(kernels.dense_act_func(fmt, n, k), cfg).with_attr("tirx.is_scheduled", True)
+        cache[key] = kernels.build(kernel, target, schedule=False)
+    return cache[key], cfg
+
+
 def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: str) -> float:
-    """Seconds per call: ``part`` "layer" (pack + BMMA kernel) or "gemm" (BMMA kernel alone)."""
+    """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone) or
+    "fused" (one kernel: every block packs its batch rows, then the BMMA product)."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     pack, dense, _ = build_layer(n, k, bits, batch, resolve_target("cuda"), cache)
+    fused = build_fused(n, k, bits, batch, resolve_target("cuda"), cache)[0] if part == "fused" else None
     sets = n_sets_for(4 * _prod(fmt.weight_shape(n, k)), l2)
     ws = [
         (rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda"))
@@ -61,9 +74,12 @@ def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part
     y = torch.empty(batch, n, device="cuda")
 
     def step(i: int) -> None:
+        w, s, b = ws[i]
+        if part == "fused":
+            fused(xs[i], w, s, b, bits, y)
+            return
         if part == "layer":
             pack(xs[i], xp, sx, rs)
-        w, s, b = ws[i]
         dense(xp, sx, rs, w, s, b, bits, y)
 
     return graph_time(step, sets)
@@ -86,10 +102,12 @@ def dry_run(args: argparse.Namespace) -> int:
         for bits in args.bits:
             for batch in args.batches:
                 _, _, cfg = build_layer(n, k, bits, batch, target, cache)
+                if args.fused and batch <= args.fused_max_batch:
+                    build_fused(n, k, bits, batch, target, cache)
                 print(f"  {shape:>11} W{bits}A8 b={batch:<2} {cfg}  [{time.time() - t0:.0f}s]", flush=True)
     bad = []
     for key, ex in cache.items():  # nvcc + SASS check of every BMMA kernel (what the GPU would load)
-        if key[0] == "bmma":
+        if key[0] in ("bmma", "fused"):
             sass = "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
             if BMMA_OPCODE not in sass or local_memory_ops(sass):
                 bad.append(key)
@@ -97,6 +115,30 @@ def dry_run(args: argparse.Namespace) -> int:
     if bad:
         print(f"kernels without {BMMA_OPCODE} or with spills: {bad}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def print_table(rows: list[dict], fused: bool) -> None:
+    """The Markdown table of BENCHMARKS.md (ratios > 1: the BMMA layer is faster)."""
+
+    def us(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}"
+
+    def ratio(a: float | None, b: float) -> str:
+        return "n/a" if a is None else f"{a / b:.2f}"
+
+    extra = " one-launch µs |" if fused else ""
+    print(
+        "\n| shape (NxK) | batch | W | BMMA layer µs |" + extra + " BMMA kernel µs | k-bit roofline µs | "
+        "% roofline (layer / kernel) | fp16 µs | int4 µs | fp16/layer | int4/layer |"
+    )
+    print("|---" * (12 if fused else 11) + "|")
+    for r in rows:
+        one = f" {us(r.get('fused_us'))} |" if fused else ""
+        print(
+            f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['bmma_layer_us']:.1f} |{one} {r['bmma_kernel_us']:.1f} | "
+            f"{r['roof_us']:.1f} | {r['pct_roof_layer']:.0f}% / {r['pct_roof_kernel']:.0f}% | {r['fp16_us']:.1f} | "
+            f"{us(r['int4_us'])} | {ratio(r['fp16_us'], r['bmma_layer_us'])} | {ratio(r['int4_us'], r['bmma_layer_us'])} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None)
     ap.add_argument("--with-default", action="store_true", help="also time pbtvm's CUDA-core PB layer")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build every kernel for sm_90 and stop")
+    ap.add_argument("--fused", action="store_true", help="also the one-launch kernel (pack inside the BMMA kernel)")
+    ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch timed with --fused")
     args = ap.parse_args(argv)
     if args.dry_run:
         return dry_run(args)
@@ -142,31 +186,26 @@ def main(argv: list[str] | None = None) -> int:
                     "int4_us": None if int4 is None else int4 * 1e6,
                     "copy_tb_s": bw / 1e12,
                 }
+                if args.fused:
+                    fused = batch <= args.fused_max_batch
+                    r["fused_us"] = bench_bmma(n, k, batch, bits, l2, cache, "fused") * 1e6 if fused else None
                 if args.with_default:
                     r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
                 rows.append(r)
+                if args.csv:  # row by row, so a run cut short by its timeout keeps what it measured
+                    with open(args.csv, "a" if len(rows) > 1 else "w", newline="") as f:
+                        w = csv.DictWriter(f, fieldnames=list(r))
+                        if len(rows) == 1:
+                            w.writeheader()
+                        w.writerow(r)
+                one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
                 print(
-                    f"  {shape:>11} b={batch:<2} W{bits}A8  layer {r['bmma_layer_us']:7.1f} us  kernel "
+                    f"  {shape:>11} b={batch:<2} W{bits}A8  layer {r['bmma_layer_us']:7.1f} us{one}  kernel "
                     f"{r['bmma_kernel_us']:7.1f}  roof {r['roof_us']:5.1f} ({r['pct_roof_kernel']:.0f}% kernel)  "
                     f"fp16 {fp16 * 1e6:6.1f}  int4 {r['int4_us'] or float('nan'):6.1f}  [{time.time() - t0:.0f}s]",
                     flush=True,
                 )
-    if args.csv and rows:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[-1]))
-            w.writeheader()
-            w.writerows(rows)
-    print(
-        "\n| shape (NxK) | batch | W | BMMA layer µs | BMMA kernel µs | k-bit roofline µs | % roofline (kernel) | fp16 µs | int4 µs | fp16/layer | int4/layer |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        i4 = f"{r['int4_us']:.1f} | {r['int4_us'] / r['bmma_layer_us']:.2f}" if r["int4_us"] else "n/a | n/a"
-        print(
-            f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['bmma_layer_us']:.1f} | {r['bmma_kernel_us']:.1f} | "
-            f"{r['roof_us']:.1f} | {r['pct_roof_kernel']:.0f}% | {r['fp16_us']:.1f} | "
-            f"{i4.split(' | ')[0]} | {r['fp16_us'] / r['bmma_layer_us']:.2f} | {i4.split(' | ')[1]} |"
-        )
+    print_table(rows, args.fused)
     return 0
 
 

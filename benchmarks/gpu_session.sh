@@ -5,7 +5,8 @@
 # an H200: BMMA exactness, the BMMA layer benchmark, then the other GPU tests):
 #   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
 #               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers)
-#   bmma-bench  benchmarks/bench_bmma.py: BMMA layer vs torch fp16 (cuBLAS), int4 tinygemm, roofline
+#   bmma-bench  benchmarks/bench_bmma.py --fused: BMMA layer (ballot pack + BMMA kernel) and the one-launch
+#               kernel vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by row
 #   tests       every other `gpu`-marked test
 #   bmma-tune   benchmarks/tune_layers.py --layout mma16x256 on three shapes (MetaSchedule on the GPU)
 #   layers / profile / lstm   the CUDA-core PB layer benchmark, decoder profile, LSTM step benchmark
@@ -44,13 +45,13 @@ step() {
 STEPS=" ${STEPS:-bmma bmma-bench tests} "
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfEs)
 if [[ $STEPS == *" bmma "* ]]; then
-  step bmma_tests "${BMMA_TESTS_TIMEOUT:-180}" "${PYTEST[@]}" tests/test_bmma_gpu.py --junitxml="$OUT/bmma_tests.xml"
+  step bmma_tests "${BMMA_TESTS_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_bmma_gpu.py --junitxml="$OUT/bmma_tests.xml"
 fi
 if [[ $STEPS == *" bmma-bench "* ]]; then
-  step bmma_bench "${BMMA_BENCH_TIMEOUT:-210}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:-} --csv "$OUT/bmma_bench.csv"
+  step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} --csv "$OUT/bmma_bench.csv"
 fi
 if [[ $STEPS == *" tests "* ]]; then
-  step gpu_tests "${TESTS_TIMEOUT:-75}" "${PYTEST[@]}" -m gpu tests/test_gpu.py tests/test_lstm_cell.py \
+  step gpu_tests "${TESTS_TIMEOUT:-60}" "${PYTEST[@]}" -m gpu tests/test_gpu.py tests/test_lstm_cell.py \
     tests/test_decoder.py tests/test_cuda_codegen.py --junitxml="$OUT/gpu_tests.xml"
 fi
 if [[ $STEPS == *" bmma-tune "* ]]; then

@@ -16,7 +16,7 @@ from .ops import (
     pb_lstm_cell,
     pb_lstm_cell_input,
 )
-from .ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
+from .ops.bmma_gemm import BMMA_LAYOUT, pb_dense_act_mma, pb_dense_mma
 
 
 def _batch_var() -> tir.Var:
@@ -63,7 +63,8 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
     ws = te.placeholder((n_out,), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     layers = tir.Var("bitlayers", "int64")
-    y = pb_dense_act(x, wp, ws, b, layers, fmt)
+    dense_act = pb_dense_act_mma if fmt.layout == BMMA_LAYOUT else pb_dense_act
+    y = dense_act(x, wp, ws, b, layers, fmt)
     args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs("pb_dense_act", fmt, k_dim))
 

@@ -31,8 +31,72 @@ def pack_warps(k_dim: int) -> int:
     return warps
 
 
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):  # noqa: ANN201 - a TVMScript macro
+    """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
+
+    ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
+    reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
+    ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
+    the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
+    buffers of one element per thread, ``best``, ``total``, ``code``, ``vote`` one-element locals.
+    Every thread of the block must call it (it synchronizes the block).
+    """
+    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    qmax = float(fmt.act_qmax)
+    acc_t = fmt.accumulator_dtype(k_dim)
+    threads = 32 * warps
+    rounds = -(-k_dim // threads)
+    chunks = -(-words // warps)
+    levels = threads.bit_length() - 1  # log2(threads): warps is a power of two
+
+    @T.macro
+    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):  # noqa: ANN001, ANN202
+        best[0] = T.float32(0)
+        for r in range(rounds):
+            if r * threads + warp * 32 + tx < k_dim:
+                best[0] = T.max(best[0], T.abs(x[b, r * threads + warp * 32 + tx]))
+        red[warp * 32 + tx] = best[0]
+        T.tvm_storage_sync("shared")
+        for lvl in T.unroll(levels):
+            if warp * 32 + tx < (threads >> (lvl + 1)):
+                red[warp * 32 + tx] = T.max(red[warp * 32 + tx], red[warp * 32 + tx + (threads >> (lvl + 1))])
+            T.tvm_storage_sync("shared")
+        total[0] = T.Cast(acc_t, 0)
+        for c in range(chunks):
+            if c * warps + warp < words:  # warp-uniform: every lane reaches the ballots
+                kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
+                inv = T.meta_var(T.if_then_else(red[0] > T.float32(0), T.float32(qmax) / red[0], T.float32(0)))
+                value = T.meta_var(T.floor(x[b, T.min(kk, k_dim - 1)] * inv + T.float32(0.5)))
+                clamped = T.meta_var(T.max(T.min(value, T.float32(qmax)), T.float32(-qmax)))
+                code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
+                total[0] = total[0] + T.Cast(acc_t, code[0])
+                # Every lane votes (the word is stored to a register first, so that the ballot is
+                # not sunk into the one-lane branch), then lane p stores plane p's word.
+                for p in T.unroll(n_act):
+                    vote[0] = T.call_extern(
+                        "uint32",
+                        "__ballot_sync",
+                        T.uint32(0xFFFFFFFF),
+                        T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
+                    )
+                    if tx == p:
+                        dest[p, row, c * warps + warp] = vote[0]
+        sums[warp * 32 + tx] = total[0]
+        T.tvm_storage_sync("shared")
+        for lvl in T.unroll(levels):
+            if warp * 32 + tx < (threads >> (lvl + 1)):
+                sums[warp * 32 + tx] = sums[warp * 32 + tx] + sums[warp * 32 + tx + (threads >> (lvl + 1))]
+            T.tvm_storage_sync("shared")
+        if warp * 32 + tx == 0:
+            sum_out[row] = sums[0]
+            scale_out[row] = red[0] / T.float32(qmax)
+        T.tvm_storage_sync("shared")  # red and sums are reused by the next row
+
+    return pack
+
+
 def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
-    """The one-launch ballot pack for rows of ``k_dim`` activations.
+    """The one-launch ballot pack for rows of ``k_dim`` activations (a block per row, :func:`row_pack`).
 
     Returns
     -------
@@ -41,13 +105,9 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
         the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled.
     """
     n_act, words = fmt.act_bits, fmt.words(k_dim)
-    qmax = float(fmt.act_qmax)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)
-    threads = 32 * warps
-    rounds = -(-k_dim // threads)
-    chunks = -(-words // warps)
-    levels = threads.bit_length() - 1  # log2(threads)
+    pack = row_pack(fmt, k_dim, warps)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
@@ -61,64 +121,13 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
             for b in T.thread_binding(batch, thread="blockIdx.x"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
-                        red = T.alloc_shared((threads,), "float32")
-                        sums = T.alloc_shared((threads,), acc_t)
+                        red = T.alloc_shared((32 * warps,), "float32")
+                        sums = T.alloc_shared((32 * warps,), acc_t)
                         best = T.alloc_local((1,), "float32")
                         total = T.alloc_local((1,), acc_t)
                         code = T.alloc_local((1,), "int32")
                         vote = T.alloc_local((1,), "uint32")
-                        tid = T.meta_var(ty * 32 + tx)
-                        best[0] = T.float32(0)
-                        for r in range(rounds):
-                            if r * threads + tid < k_dim:
-                                best[0] = T.max(best[0], T.abs(x[b, r * threads + tid]))
-                        red[tid] = best[0]
-                        T.tvm_storage_sync("shared")
-                        for lvl in T.unroll(levels):
-                            if tid < (threads >> (lvl + 1)):
-                                red[tid] = T.max(red[tid], red[tid + (threads >> (lvl + 1))])
-                            T.tvm_storage_sync("shared")
-                        amax = T.meta_var(red[0])
-                        inv = T.meta_var(T.if_then_else(amax > T.float32(0), T.float32(qmax) / amax, T.float32(0)))
-                        total[0] = T.Cast(acc_t, 0)
-                        for c in range(chunks):
-                            if c * warps + ty < words:  # warp-uniform: every lane reaches the ballots
-                                kk = T.meta_var((c * warps + ty) * WORD_BITS + tx)
-                                code[0] = T.if_then_else(
-                                    kk < k_dim,
-                                    T.Cast(
-                                        "int32",
-                                        T.max(
-                                            T.min(
-                                                T.floor(x[b, T.min(kk, k_dim - 1)] * inv + T.float32(0.5)),
-                                                T.float32(qmax),
-                                            ),
-                                            T.float32(-qmax),
-                                        ),
-                                    ),
-                                    0,
-                                )
-                                total[0] = total[0] + T.Cast(acc_t, code[0])
-                                # Every lane votes (the word is stored to a register first, so that the
-                                # ballot is not sunk into the one-lane branch), then lane p stores it.
-                                for p in T.unroll(n_act):
-                                    vote[0] = T.call_extern(
-                                        "uint32",
-                                        "__ballot_sync",
-                                        T.uint32(0xFFFFFFFF),
-                                        T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
-                                    )
-                                    if tx == p:
-                                        xp[p, b, c * warps + ty] = vote[0]
-                        sums[tid] = total[0]
-                        T.tvm_storage_sync("shared")
-                        for lvl in T.unroll(levels):
-                            if tid < (threads >> (lvl + 1)):
-                                sums[tid] = sums[tid] + sums[tid + (threads >> (lvl + 1))]
-                            T.tvm_storage_sync("shared")
-                        if tid == 0:
-                            rowsum[b] = sums[0]
-                            x_scale[b] = red[0] / T.float32(qmax)
+                        pack(x, b, xp, b, x_scale, rowsum, ty, tx, red, sums, best, total, code, vote)
 
     return kernel
 

@@ -60,10 +60,13 @@ def _registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
     return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
 
 
-def config_space(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int | None = None) -> list[BMMAConfig]:
+def config_space(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int | None = None, fused_pack: bool = False
+) -> list[BMMAConfig]:
     """Every config the design space holds for a layer (valid, within the register budget).
 
-    ``batch`` (static, when known) caps ``tiles_n`` at the column tiles the batch needs.
+    ``batch`` (static, when known) caps ``tiles_n`` at the column tiles the batch needs;
+    ``fused_pack``: for the kernel that packs its activations itself (``pb_dense_act``).
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
     unit = max(1, column_stride(fmt.act_bits) // 8)
@@ -73,13 +76,13 @@ def config_space(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int | None 
         cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
         if mt > row_tiles or ks * ld > k_tiles or nt * unit > max(max_cols, unit):
             continue
-        if config_problem(fmt, n_out, k_dim, cfg) or _registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
+        if config_problem(fmt, n_out, k_dim, cfg, fused_pack) or _registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
             continue
         out.append(cfg)
-    return out or [default_config(fmt, n_out, k_dim)]
+    return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack)]
 
 
-def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1) -> BMMAConfig:
+def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1, fused_pack: bool = False) -> BMMAConfig:
     """The config used without tuning: enough warps for the DRAM at batch 1, K split to get there.
 
     Column tiles: as many as ``batch`` needs, up to 4 (one weight fragment feeds them all).
@@ -96,20 +99,31 @@ def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1) 
         k_split *= 2
     loads = 2 if k_tiles >= 2 * k_split else 1
     cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
-    while config_problem(fmt, n_out, k_dim, cfg) and cfg.k_split > 1:
+    while config_problem(fmt, n_out, k_dim, cfg, fused_pack) and cfg.k_split > 1:
         cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
+    while config_problem(fmt, n_out, k_dim, cfg, fused_pack) and cfg.tiles_n > max(1, column_stride(fmt.act_bits) // 8):
+        cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
     return cfg
 
 
 def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | None]:
-    """(format, N, K, has bias, static batch or None) of a PB dense PrimFunc in the mma layout."""
+    """(format, N, K, has bias, static batch or None) of a PB dense PrimFunc in the mma layout.
+
+    ``pb_gemm``: (xp, x_scale, rowsum, wp, w_scale, [bias], y); ``pb_dense_act``: (x, wp, w_scale, [bias], y).
+    """
     attrs = func.attrs
     fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=str(attrs["pbtvm.layout"]))
     buffers = [p for p in func.params if tir.is_buffer_var(p)]
-    n_out = int(buffers[4].shape[0])  # xp, x_scale, rowsum, wp, w_scale, [bias], y
-    has_bias = len(buffers) == 7
-    batch = buffers[0].shape[1]
+    if _fused(func):
+        n_out, has_bias, batch = int(buffers[2].shape[0]), len(buffers) == 5, buffers[0].shape[0]
+    else:
+        n_out, has_bias, batch = int(buffers[4].shape[0]), len(buffers) == 7, buffers[0].shape[1]
     return fmt, n_out, int(attrs["pbtvm.k"]), has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
+
+
+def _fused(func: tir.PrimFunc) -> bool:
+    """Whether ``func`` packs its activations itself (``pb_dense_act``)."""
+    return str((func.attrs or {}).get("pbtvm.kernel")) == "pb_dense_act"
 
 
 def materialize(func: tir.PrimFunc) -> tir.PrimFunc:
@@ -125,7 +139,7 @@ def materialize(func: tir.PrimFunc) -> tir.PrimFunc:
 def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig) -> tir.PrimFunc:
     """The BMMA kernel with config ``cfg`` for a PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
     fmt, n_out, k_dim, has_bias, _ = _layer(func)
-    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg)
+    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func))
     if all(tir.is_buffer_var(p) for p in func.params):  # bitlayers fixed by specialize
         layers = next(p for p in kernel.params if not tir.is_buffer_var(p))
         kernel = kernel.specialize({layers: tir.const(fmt.bits, "int64")})
@@ -134,7 +148,7 @@ def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig) -> tir.PrimFunc:
 
 def _annotated_config(func: tir.PrimFunc) -> int | None:
     """The config code annotated on ``func``'s ``pb_gemm`` block, or None (no block / annotation)."""
-    if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
+    if str((func.attrs or {}).get("pbtvm.kernel")) not in ("pb_gemm", "pb_dense_act"):
         return None
     sch = s_tir.Schedule(func, debug_mask=0)
     try:
@@ -177,17 +191,29 @@ class CUDABmmaGemm(ScheduleRule):
         fmt, n_out, k_dim, _, batch = _layer(func)
         block = sch.get_sblock(GEMM_BLOCK)
         if tunable:
-            codes = [encode(c) for c in config_space(fmt, n_out, k_dim, batch)]
+            codes = [encode(c) for c in config_space(fmt, n_out, k_dim, batch, _fused(func))]
             code = sch.sample_categorical(codes, [1.0 / len(codes)] * len(codes))
         else:
-            code = encode(default_config(fmt, n_out, k_dim, batch or 1))
+            code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func)))
         sch.annotate(block, CONFIG_ANNOTATION, code)
+
+
+class CUDABmmaDenseAct(CUDABmmaGemm):
+    """``pb_dense_act`` in the ``mma16x256`` layout: one kernel, each block packs its batch rows first.
+
+    For small batches (one launch per layer); which batch the two-launch path overtakes it is
+    for the GPU to measure (``benchmarks/bench_bmma.py --fused``).
+    """
+
+    kernel = "pb_dense_act"
 
 
 def custom_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
     """MetaSchedule custom rule (``s_tir.meta_schedule.cuda.pbtvm_bmma_gemm``): one design space."""
     space = sch.copy()
-    CUDABmmaGemm().schedule(space, sch.mod["main"], None, True, {})
+    func = sch.mod["main"]
+    rule = CUDABmmaDenseAct() if _fused(func) else CUDABmmaGemm()
+    rule.schedule(space, func, None, True, {})
     return [space]
 
 

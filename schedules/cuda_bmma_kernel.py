@@ -27,6 +27,8 @@ from pbtvm._tvm import tir
 from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
 from pbtvm.ops.common import plane_coefficient
 
+from .cuda_ballot_pack import row_pack
+
 #: Shared memory a block may use for its epilogue (the sm_70+ static limit).
 SHARED_LIMIT = 48 * 1024
 
@@ -66,22 +68,39 @@ def column_stride(act_bits: int) -> int:
     return next(s for s in (2, 4, 8, 16) if s >= act_bits)
 
 
-def config_problem(fmt: BitplaneFormat, n_out: int, k_dim: int, cfg: BMMAConfig) -> str | None:
-    """Why ``cfg`` cannot serve this layer (None if it can): column tiles, shared memory, K tiles."""
+def config_problem(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, cfg: BMMAConfig, fused_pack: bool = False
+) -> str | None:
+    """Why ``cfg`` cannot serve this layer (None if it can): column tiles, shared memory, threads.
+
+    ``fused_pack``: the block also packs its batch rows' activation planes into shared memory.
+    """
     stride = column_stride(fmt.act_bits)
     if (8 * cfg.tiles_n) % stride:
         return f"tiles_n={cfg.tiles_n} splits a batch row of {stride} columns"
     acc_bytes = 8 if fmt.accumulator_dtype(k_dim) == "int64" else 4
     shared = cfg.k_split * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS * cfg.tiles_n * 8 * acc_bytes
+    if fused_pack:
+        block_batch = 8 * cfg.tiles_n // stride
+        shared += 4 * fmt.act_bits * block_batch * fmt.words(k_dim) + cfg.threads * (4 + acc_bytes) + 12 * block_batch
+        warps = cfg.threads // 32
+        if warps & (warps - 1):
+            return f"the fused pack needs a power-of-two number of warps, not {warps}"
     if shared > SHARED_LIMIT:
-        return f"epilogue needs {shared} bytes of shared memory (> {SHARED_LIMIT})"
+        return f"the block needs {shared} bytes of shared memory (> {SHARED_LIMIT})"
     if cfg.threads > 1024:
         return f"{cfg.threads} threads per block"
     return None
 
 
 def bmma_dense_kernel(
-    fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, cfg: BMMAConfig, integer: bool = False
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    bias: bool,
+    cfg: BMMAConfig,
+    integer: bool = False,
+    fused_pack: bool = False,
 ) -> tir.PrimFunc:
     """The BMMA PB dense kernel for one layer shape and configuration.
 
@@ -105,11 +124,17 @@ def bmma_dense_kernel(
         w_scale f32 [N][, bias f32 [N]], bitlayers int64, y f32 [B, N])`` with a symbolic B: the
         signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound). With
         ``integer``: ``(xp, rowsum, wp, bitlayers, acc [B, N])``, ``acc`` in
-        ``fmt.accumulator_dtype(K)``, equal to :func:`pbtvm.bitplane.bitplane_matmul`.
+        ``fmt.accumulator_dtype(K)``, equal to :func:`pbtvm.bitplane.bitplane_matmul`. With
+        ``fused_pack`` (one launch per layer: each block quantizes and packs its batch rows into
+        shared memory with ``__ballot_sync`` first, :func:`.cuda_ballot_pack.row_pack`):
+        ``(x f32 [B, K], wp, w_scale[, bias], bitlayers, y)``, the signature of
+        :func:`pbtvm.kernels.dense_act_func`.
     """
     if fmt.layout != "mma16x256":
         raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
-    problem = config_problem(fmt, n_out, k_dim, cfg)
+    if integer and fused_pack:
+        raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
+    problem = config_problem(fmt, n_out, k_dim, cfg, fused_pack)
     if problem:
         raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_out} K={k_dim}: {problem}")
     n_act, words = fmt.act_bits, fmt.words(k_dim)
@@ -127,6 +152,7 @@ def bmma_dense_kernel(
     frag = mt * nt * 4
     signed_w = fmt.codebook == "twos_complement"
     bits, offset = fmt.bits, float(fmt.weight_offset)
+    pack = row_pack(fmt, k_dim, threads // 32) if fused_pack else None
 
     def w_coef(i):  # noqa: ANN001, ANN202
         return plane_coefficient(i, bits, signed_w, acc_t)
@@ -140,14 +166,15 @@ def bmma_dense_kernel(
         dropped = T.int64(bits) - layers
         return T.Cast("float32", T.shift_left(T.int64(1), dropped) - T.int64(1)) * T.float32(0.5)
 
-    def result(total, b, n, x_scale, rowsum, w_scale, bias_buf, layers):  # noqa: ANN001, ANN202 - pb_dense's epilogue
+    def result(total, scale, codesum, n, w_scale, bias_buf, layers):  # noqa: ANN001, ANN202 - pb_dense's epilogue
         if integer:
-            return total + T.Cast(acc_t, int(offset)) * rowsum[b]
-        y = x_scale[b] * ((T.float32(offset) + corr(layers)) * T.Cast("float32", rowsum[b]) + T.Cast("float32", total))
+            return total + T.Cast(acc_t, int(offset)) * codesum
+        y = scale * ((T.float32(offset) + corr(layers)) * T.Cast("float32", codesum) + T.Cast("float32", total))
         return y * w_scale[n] + bias_buf[n] if bias else y * w_scale[n]
 
     @T.prim_func(private=True)
     def kernel(
+        x_h: T.handle,
         xp_h: T.handle,
         xs_h: T.handle,
         rs_h: T.handle,
@@ -159,6 +186,7 @@ def bmma_dense_kernel(
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k_dim), "float32")
         xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
         x_scale = T.match_buffer(xs_h, (batch,), "float32")
         rowsum = T.match_buffer(rs_h, (batch,), acc_t)
@@ -177,6 +205,21 @@ def bmma_dense_kernel(
                             af = T.alloc_local((ld * mt,), "uint32x4")  # one 16-byte A fragment each
                             bf = T.alloc_local((ld * nt * 2,), "uint32")
                             total = T.alloc_local((1,), acc_t)
+                            if fused_pack:  # this block's batch rows, packed into shared memory first
+                                xpack = T.alloc_shared((n_act, block_batch, words), "uint32")
+                                rscale = T.alloc_shared((block_batch,), "float32")
+                                rcode = T.alloc_shared((block_batch,), acc_t)
+                                red = T.alloc_shared((threads,), "float32")
+                                sums = T.alloc_shared((threads,), acc_t)
+                                best = T.alloc_local((1,), "float32")
+                                code = T.alloc_local((1,), "int32")
+                                vote = T.alloc_local((1,), "uint32")
+                                for bb in range(block_batch):
+                                    if by * block_batch + bb < batch:  # block-uniform
+                                        pack(
+                                            x, by * block_batch + bb, xpack, bb, rscale, rcode,
+                                            tz * wm + ty, tx, red, sums, best, total, code, vote,
+                                        )  # fmt: skip
                             for e in T.unroll(frag):
                                 acc[e] = T.Cast(acc_t, 0)
                             # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: the
@@ -201,9 +244,16 @@ def bmma_dense_kernel(
                                                     ok = T.meta_var(
                                                         col % stride < n_act and col // stride < batch and word < words
                                                     )
-                                                    bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                                        ok, xp[col % stride, col // stride, word], T.uint32(0)
-                                                    )
+                                                    if fused_pack:  # the block's rows: (n*8 + tx//4) // stride
+                                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                                            ok,
+                                                            xpack[col % stride, (n * 8 + tx // 4) // stride, word],
+                                                            T.uint32(0),
+                                                        )
+                                                    else:
+                                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                                            ok, xp[col % stride, col // stride, word], T.uint32(0)
+                                                        )
                                         for u in T.unroll(ld):
                                             for m in T.unroll(mt):
                                                 for n in T.unroll(nt):
@@ -237,13 +287,27 @@ def bmma_dense_kernel(
                                             col = T.meta_var(idx // block_rows * stride + j)
                                             cell = T.meta_var(part[z, row // (mt * 16), row % (mt * 16), col])
                                             total[0] = total[0] + x_coef(j) * cell
-                                    y[b_glob, n_glob] = result(
-                                        total[0], b_glob, n_glob, x_scale, rowsum, w_scale, bias_buf, bitlayers
-                                    )
+                                    if fused_pack:
+                                        y[b_glob, n_glob] = result(
+                                            total[0], rscale[idx // block_rows], rcode[idx // block_rows],
+                                            n_glob, w_scale, bias_buf, bitlayers,
+                                        )  # fmt: skip
+                                    else:
+                                        y[b_glob, n_glob] = result(
+                                            total[0],
+                                            x_scale[b_glob],
+                                            rowsum[b_glob],
+                                            n_glob,
+                                            w_scale,
+                                            bias_buf,
+                                            bitlayers,
+                                        )
 
+    # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
     if integer:
-        return _without_params(kernel, (1, 4, 5))  # x_scale, w_scale, bias
-    return kernel if bias else _without_params(kernel, (5,))
+        return _without_params(kernel, (0, 2, 5, 6))
+    unused = (1, 2, 3) if fused_pack else (0,)
+    return _without_params(kernel, unused if bias else (*unused, 6))
 
 
 def _without_params(func: tir.PrimFunc, indices: tuple[int, ...]) -> tir.PrimFunc:

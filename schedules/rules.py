@@ -97,6 +97,7 @@ def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
         # The binary-tensor-core rules first: they take the kernels of the mma16x256 layout.
         return [
             cuda_bmma.CUDABmmaGemm(),
+            cuda_bmma.CUDABmmaDenseAct(),
             cuda_ballot_pack.CUDABallotPack(),
             cuda.CUDAActPack(),
             cuda.CUDABitplaneGemm(),

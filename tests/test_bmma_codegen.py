@@ -134,6 +134,14 @@ def test_default_bmma_kernel_sass_has_bmma_and_no_spills(bits, act_bits, n, k, b
     _assert_bmma_no_spills(_sass(func))
 
 
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (4096, 11008), (2600, 650)])
+def test_fused_pack_kernel_is_one_kernel_with_bmma_and_ballots(n, k):
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    sass = _sass(apply_default_schedule(kernels.dense_act_func(fmt, n, k), SM90).with_attr("global_symbol", "k"))
+    _assert_bmma_no_spills(sass)
+    assert "VOTE.ANY" in next(iter(sass.values()))
+
+
 @pytest.mark.parametrize(
     "cfg",
     [

@@ -96,3 +96,31 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
     np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
     np.testing.assert_array_equal(scale, xs)
     np.testing.assert_array_equal(rowsum, xq.sum(1))
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "batch", "cfg"),
+    [
+        (4, 8, 33, 300, 1, BMMAConfig(1, 2, 2, 1, 1)),
+        (4, 16, 257, 700, 3, BMMAConfig(2, 2, 2, 2, 4)),  # 3 of the block's 4 batch rows used
+        (1, 4, 100, 1000, 8, BMMAConfig(1, 2, 4, 1, 2)),
+    ],
+)
+def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, rng):
+    """One launch per layer: the blocks pack their batch rows (ballots into shared memory) first."""
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True).with_attr("global_symbol", "fused")
+    kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    x[-1] = 0 if batch > 1 else x[-1]
+    bias = rng.standard_normal(n).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    grid = (-(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)), -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)), 1)
+    for layers in sorted({1, bits}):
+        y = np.full((batch, n), np.nan, np.float32)
+        args = {"x_ptr": x, "wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y}
+        kernel(grid, (32, cfg.warps_m, cfg.k_split), **args, batch=batch, bitlayers=layers)
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
+from .act_pack import act_quantize_pack
 from .common import plane_coefficient
 from .pb_gemm import GEMM_BLOCK, dense_epilogue
 
-__all__ = ["BMMA_LAYOUT", "BMMA_SCHEDULE_RULE", "pb_dense_mma"]
+__all__ = ["BMMA_LAYOUT", "BMMA_SCHEDULE_RULE", "pb_dense_mma", "pb_dense_act_mma"]
 
 #: The weight layout these kernels read.
 BMMA_LAYOUT = "mma16x256"
@@ -78,3 +79,19 @@ def pb_dense_mma(
 
     acc = te.compute((xp.shape[1], n_out), body, name=GEMM_BLOCK, attrs={"schedule_rule": BMMA_SCHEDULE_RULE})
     return dense_epilogue(acc, x_scale, rowsum, w_scale, bias, bitlayers, fmt)
+
+
+def pb_dense_act_mma(
+    x: te.Tensor,
+    wp: te.Tensor,
+    w_scale: te.Tensor,
+    bias: te.Tensor | None,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+) -> te.Tensor:
+    """:func:`pb_dense_mma` on float activations ``x`` (float32 [B, K]): the pack and the product in one.
+
+    On CUDA one kernel whose blocks pack their batch rows with ``__ballot_sync`` first.
+    """
+    xp, x_scale, rowsum = act_quantize_pack(x, fmt)
+    return pb_dense_mma(xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, fmt, int(x.shape[1]))
