@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# One GPU sitting: environment facts, GPU tests, layer benchmark, LSTM LM step benchmark. Writes logs to $OUT.
-# STEPS picks what runs (default "tests layers lstm"; also "profile": the decoder's per-kernel GPU
-# time); a device call is limited to 600 s, so a full sitting is usually one call per step:
-# STEPS=tests, STEPS="profile lstm", STEPS=layers.
+# One GPU sitting: environment facts, GPU tests, benchmarks. Every step writes its full output to a
+# file under $OUT (nothing filtered) and runs under its own `timeout`; the console gets the tail.
+# STEPS picks what runs. The default, "bmma bmma-bench tests", is issue 13's sitting (<= 8 min on
+# an H200: BMMA exactness, the BMMA layer benchmark, then the other GPU tests):
+#   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
+#               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers)
+#   bmma-bench  benchmarks/bench_bmma.py --fused: BMMA layer (ballot pack + BMMA kernel) and the one-launch
+#               kernel vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by row
+#   tests       every other `gpu`-marked test
+#   bmma-tune   benchmarks/tune_layers.py --layout mma16x256 on three shapes (MetaSchedule on the GPU)
+#   layers / profile / lstm   the CUDA-core PB layer benchmark, decoder profile, LSTM step benchmark
+# A device call is limited to 600 s, so run further steps in another call (STEPS=bmma-tune ...).
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
 # pip index to install it from.
 set -u
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
 stage=/tmp/pbtvm-stage
 rm -rf "$stage" && mkdir -p "$stage"
 cp -r pbtvm tests benchmarks pyproject.toml "$stage/"
@@ -16,18 +24,47 @@ cp -r schedules "$stage/pbtvm/schedules"
 cp -r relay_passes "$stage/pbtvm/relay_passes"
 cd "$stage"
 export PYTHONPATH="$stage:/tmp/site"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, tvm; print('torch', torch.__version__, 'tvm', tvm.__version__)" | tee -a "$OUT/device.txt"
-STEPS=" ${STEPS:-tests layers lstm} "
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, tvm; print('torch', torch.__version__, 'tvm', tvm.__version__)"
+  date -u
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+# step NAME SECONDS COMMAND...: run COMMAND under `timeout`, all output to $OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s), log $OUT/$name.log" | tee -a "$OUT/steps.txt"
+  tail -n "${TAIL_LINES:-25}" "$OUT/$name.log"
+}
+
+STEPS=" ${STEPS:-bmma bmma-bench tests} "
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfEs)
+if [[ $STEPS == *" bmma "* ]]; then
+  step bmma_tests "${BMMA_TESTS_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_bmma_gpu.py --junitxml="$OUT/bmma_tests.xml"
+fi
+if [[ $STEPS == *" bmma-bench "* ]]; then
+  step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} --csv "$OUT/bmma_bench.csv"
+fi
 if [[ $STEPS == *" tests "* ]]; then
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lstm_cell.py tests/test_decoder.py tests/test_cuda_codegen.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  step gpu_tests "${TESTS_TIMEOUT:-60}" "${PYTEST[@]}" -m gpu tests/test_gpu.py tests/test_lstm_cell.py \
+    tests/test_decoder.py tests/test_cuda_codegen.py --junitxml="$OUT/gpu_tests.xml"
+fi
+if [[ $STEPS == *" bmma-tune "* ]]; then
+  step bmma_tune "${TUNE_TIMEOUT:-540}" python3 benchmarks/tune_layers.py --target cuda --layout mma16x256 \
+    --shapes "${TUNE_SHAPES:-4096x4096,11008x4096,2600x650}" --batch "${TUNE_BATCH:-1}" --trials "${TUNE_TRIALS:-32}" \
+    --work-dir "$OUT/bmma_tune_logs"
 fi
 if [[ $STEPS == *" layers "* ]]; then
-  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py --in-block ${BENCH_ARGS:-} --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log" | tail -60
+  step bench_layers "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py --in-block ${BENCH_ARGS:-} --csv "$OUT/bench.csv"
 fi
 if [[ $STEPS == *" profile "* ]]; then
-  timeout 120 python3 benchmarks/profile_decoder.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -14
+  step profile 120 python3 benchmarks/profile_decoder.py ${PROFILE_ARGS:-}
 fi
 if [[ $STEPS == *" lstm "* ]]; then
-  timeout "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --unfused --no-graph ${LSTM_ARGS:-} 2>&1 | tee "$OUT/bench_lstm.log" | tail -20
+  step bench_lstm "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --unfused --no-graph ${LSTM_ARGS:-}
 fi

@@ -6,6 +6,7 @@ meant as the ~20-minute GPU tuning subset; their GPU duration has not been measu
 
     python benchmarks/tune_layers.py --target cuda --trials 64 --work-dir logs/h100
     python benchmarks/tune_layers.py --target llvm --shapes 1024x1024,4096x4096 --trials 32
+    python benchmarks/tune_layers.py --target cuda --layout mma16x256 --batch 8   # binary tensor cores
 """
 
 import argparse
@@ -26,10 +27,11 @@ parser.add_argument("--bits", type=int, default=4)
 parser.add_argument("--batch", type=int, default=1)
 parser.add_argument("--trials", type=int, default=64)
 parser.add_argument("--work-dir", default="pbtvm_tune_logs")
+parser.add_argument("--layout", default="kNW", help="weight layout; mma16x256 tunes the BMMA template (CUDA)")
 args = parser.parse_args()
 
 target = resolve_target(json.loads(args.target) if args.target.startswith("{") else args.target)
-fmt = BitplaneFormat(args.bits, 8)
+fmt = BitplaneFormat(args.bits, 8, layout=args.layout)
 shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
 funcs = [dense_func(fmt, n, k) for n, k in shapes]
 report = tuning.tune_kernels(funcs, target, args.work_dir, trials_per_kernel=args.trials, batch=args.batch)
@@ -40,7 +42,7 @@ for func in funcs:
     assert lookup is not None and lookup(func) is not None, "a tuned kernel did not replay from the log"
 replay_s = time.perf_counter() - t0
 
-print(f"\n{tuning.target_key(target)} W{args.bits}A8 batch {args.batch}, {args.trials} trials per kernel")
+print(f"\n{tuning.target_key(target)} {fmt.name} batch {args.batch}, {args.trials} trials per kernel")
 print(report.table())
 gains = [k.speedup for k in report.kernels if k.speedup]
 print(

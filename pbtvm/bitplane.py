@@ -55,6 +55,7 @@ __all__ = [
     "pack_activations",
     "bitplane_matmul",
     "plane_rowsum",
+    "mma_tile_index",
 ]
 
 #: Bumped whenever the meaning of packed bytes changes; stored in every manifest and tuning key.
@@ -63,8 +64,13 @@ FORMAT_VERSION = 1
 WORD_BITS = 32
 #: Weight-plane memory layouts a schedule may choose. ``kNW``: ``[planes, N, words]`` (a plane is
 #: contiguous, so dropping planes reads fewer bytes); ``NkW``: ``[N, planes, words]`` (a row's
-#: planes are contiguous).
-LAYOUTS = ("kNW", "NkW")
+#: planes are contiguous); ``mma16x256``: each plane cut into 16-row x 256-bit tiles stored in the
+#: A-fragment order of ``mma.m16n8k256.b1`` (see :func:`mma_tile_index`), shape
+#: ``[planes, ceil(N/16), ceil(words/8), 32 lanes, 4]``: a warp loads a tile as one 16-byte load
+#: per lane. Rows and words are zero-padded to whole tiles.
+LAYOUTS = ("kNW", "NkW", "mma16x256")
+#: Rows x words of one ``mma16x256`` tile (16 rows x 256 bits).
+MMA_TILE_ROWS, MMA_TILE_WORDS = 16, 8
 CODEBOOKS = ("twos_complement", "bipolar", "offset_binary")
 #: Default activation bits, chosen by measurement (see README, "act_bits"): 8 keeps the MNIST MLP
 #: within 0.1 point of 16 while needing half the activation planes.
@@ -141,12 +147,17 @@ class BitplaneFormat:
         """Shape of the packed weight array for an ``[n, k_dim]`` matrix in this layout."""
         if self.layout == "kNW":
             return (self.bits, n, self.words(k_dim))
+        if self.layout == "mma16x256":
+            tiles_k = -(-self.words(k_dim) // MMA_TILE_WORDS)
+            return (self.bits, -(-int(n) // MMA_TILE_ROWS), tiles_k, 32, 4)
         return (n, self.bits, self.words(k_dim))
 
     def weight_index(self, plane: Any, row: Any, word: Any) -> tuple[Any, Any, Any]:
         """Index of (plane, row, word) in the packed weight array; works for ints and TIR vars."""
         if self.layout == "kNW":
             return (plane, row, word)
+        if self.layout == "mma16x256":
+            return (plane, *mma_tile_index(row, word))
         return (row, plane, word)
 
     # ------------------------------------------------------------------ codes
@@ -266,6 +277,39 @@ def _twos_complement_coefficients(nbits: int) -> tuple[int, ...]:
     return tuple((-1 if p == 0 else 1) * 2 ** (nbits - 1 - p) for p in range(nbits))
 
 
+def mma_tile_index(row: Any, word: Any) -> tuple[Any, Any, Any, Any]:
+    """Where (row, word) of a plane lives in the ``mma16x256`` layout: (tile_m, tile_k, lane, reg).
+
+    The A fragment of ``mma.sync.m16n8k256.row.col.b1``: lane ``l`` holds in register ``r`` the
+    word ``4 * (r // 2) + l % 4`` of tile row ``l // 4 + 8 * (r % 2)``. Works for ints and TIR.
+    """
+    r16, w8 = row % MMA_TILE_ROWS, word % MMA_TILE_WORDS
+    return (row // MMA_TILE_ROWS, word // MMA_TILE_WORDS, 4 * (r16 % 8) + w8 % 4, r16 // 8 + 2 * (w8 // 4))
+
+
+def _to_mma_tiles(planes: np.ndarray) -> np.ndarray:
+    """``[p, N, W]`` planes -> ``[p, ceil(N/16), ceil(W/8), 32, 4]`` (zero-padded tiles)."""
+    p, n, w = planes.shape
+    tn, tk = -(-n // MMA_TILE_ROWS), -(-w // MMA_TILE_WORDS)
+    padded = np.zeros((p, tn * MMA_TILE_ROWS, tk * MMA_TILE_WORDS), np.uint32)
+    padded[:, :n, :w] = planes
+    # row = 16 tm + 8 rh + rl, word = 8 tk + 4 wh + wl  ->  [p, tm, tk, lane = 4 rl + wl, reg = rh + 2 wh]
+    t = padded.reshape(p, tn, 2, 8, tk, 2, 4).transpose(0, 1, 4, 3, 6, 5, 2)
+    return np.ascontiguousarray(t.reshape(p, tn, tk, 32, 4))
+
+
+def _from_mma_tiles(tiles: np.ndarray, n_rows: int | None) -> np.ndarray:
+    """Invert :func:`_to_mma_tiles`: ``[p, N, W_padded]`` planes (rows cut to ``n_rows``)."""
+    if n_rows is None:
+        raise ValueError("the mma16x256 layout pads rows to 16: pass n_rows (the layer's N)")
+    tiles = np.asarray(tiles, np.uint32)
+    p, tn, tk = tiles.shape[:3]
+    if tiles.shape[3:] != (32, 4) or not 0 < n_rows <= tn * MMA_TILE_ROWS:
+        raise ValueError(f"mma16x256 weights of shape {tiles.shape} cannot hold {n_rows} rows")
+    t = tiles.reshape(p, tn, tk, 8, 4, 2, 2).transpose(0, 1, 6, 3, 2, 5, 4)
+    return t.reshape(p, tn * MMA_TILE_ROWS, tk * MMA_TILE_WORDS)[:, :n_rows]
+
+
 #: Named presets; tests parametrize over them.
 PRESETS: dict[str, BitplaneFormat] = {
     "w1a8": BitplaneFormat(1, 8),
@@ -343,12 +387,24 @@ def pack_weights(q: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     else:
         codes = q
     planes = pack_planes(codes, fmt.bits)
+    if fmt.layout == "mma16x256":
+        return _to_mma_tiles(planes)
     return planes if fmt.layout == "kNW" else np.ascontiguousarray(planes.transpose(1, 0, 2))
 
 
-def unpack_weights(packed: np.ndarray, k_dim: int, fmt: BitplaneFormat) -> np.ndarray:
-    """Invert :func:`pack_weights`: packed planes -> ``[N, k_dim]`` int64 weight codes."""
-    planes = packed if fmt.layout == "kNW" else np.asarray(packed).transpose(1, 0, 2)
+def _plane_major(packed: np.ndarray, fmt: BitplaneFormat, n_rows: int | None) -> np.ndarray:
+    """Packed weights of any layout as ``[bits, N, W]`` planes (W padded for ``mma16x256``)."""
+    if fmt.layout == "mma16x256":
+        return _from_mma_tiles(packed, n_rows)
+    return np.asarray(packed) if fmt.layout == "kNW" else np.asarray(packed).transpose(1, 0, 2)
+
+
+def unpack_weights(packed: np.ndarray, k_dim: int, fmt: BitplaneFormat, n_rows: int | None = None) -> np.ndarray:
+    """Invert :func:`pack_weights`: packed planes -> ``[N, k_dim]`` int64 weight codes.
+
+    ``n_rows`` (N) is needed by the ``mma16x256`` layout, whose rows are padded to 16.
+    """
+    planes = _plane_major(packed, fmt, n_rows)
     if fmt.codebook == "bipolar":
         return 2 * unpack_planes(planes, k_dim, signed=False) - 1
     return unpack_planes(planes, k_dim, signed=fmt.weight_signed)
@@ -366,7 +422,9 @@ def plane_rowsum(xp: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     return (d[:, None] * pc).sum(0)
 
 
-def bitplane_matmul(wp: np.ndarray, xp: np.ndarray, fmt: BitplaneFormat, bitlayers: int | None = None) -> np.ndarray:
+def bitplane_matmul(
+    wp: np.ndarray, xp: np.ndarray, fmt: BitplaneFormat, bitlayers: int | None = None, n_rows: int | None = None
+) -> np.ndarray:
     """Exact integer PB product from packed planes, as the kernels compute it.
 
     Parameters
@@ -378,6 +436,8 @@ def bitplane_matmul(wp: np.ndarray, xp: np.ndarray, fmt: BitplaneFormat, bitlaye
     fmt : BitplaneFormat
     bitlayers : int, optional
         Accumulate only the top ``bitlayers`` weight planes (default: all).
+    n_rows : int, optional
+        N; needed by the ``mma16x256`` layout (rows padded to 16).
 
     Returns
     -------
@@ -386,10 +446,10 @@ def bitplane_matmul(wp: np.ndarray, xp: np.ndarray, fmt: BitplaneFormat, bitlaye
         equals ``xq @ q.T`` exactly.
     """
     bitlayers = fmt.check_bitlayers(bitlayers)
-    planes = np.asarray(wp, np.uint32)
-    if fmt.layout == "NkW":
-        planes = planes.transpose(1, 0, 2)
+    planes = _plane_major(np.asarray(wp, np.uint32), fmt, n_rows)
     xp = np.asarray(xp, np.uint32)
+    if fmt.layout == "mma16x256":  # words padded to 8: the padding is zero, drop it
+        planes = planes[:, :, : xp.shape[2]]
     if planes.shape[2] != xp.shape[2]:
         raise ValueError(f"word count mismatch: weights {planes.shape}, activations {xp.shape}")
     c = fmt.plane_coefficients(bitlayers)

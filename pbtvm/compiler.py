@@ -206,6 +206,7 @@ def tune(
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
+    _check_layout(fmt, tvm_target)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
@@ -247,7 +248,9 @@ def compile(  # noqa: A001 - the public name users expect
     act_bits : int
         Activation bits, 2..16 (dynamic per-row scale).
     layout : str
-        Weight plane layout, see :data:`pbtvm.bitplane.LAYOUTS`.
+        Weight plane layout, see :data:`pbtvm.bitplane.LAYOUTS`. ``"mma16x256"`` (CUDA only,
+        opt-in) runs the dense layers on the binary tensor cores (``mma.sync .b1 .and.popc``);
+        not yet validated on a GPU (BENCHMARKS.md, "binary tensor cores").
     dynamic_batch : bool
         Export with a symbolic batch dimension.
     tune : bool
@@ -288,6 +291,7 @@ def compile(  # noqa: A001 - the public name users expect
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
+    _check_layout(fmt, tvm_target)
     if tune and work_dir is None:
         raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
     mod, specs, dynamic, converted, skipped = _rewrite(
@@ -321,6 +325,12 @@ def compile(  # noqa: A001 - the public name users expect
             "quantizer": {"codebook": codebook, "method": quantizer, "calibrated": calibration is not None},
         },
     )
+
+
+def _check_layout(fmt: BitplaneFormat, tvm_target: tvm.target.Target) -> None:
+    """The binary-tensor-core weight layout needs a CUDA target (sm_75 or newer)."""
+    if fmt.layout == "mma16x256" and tvm_target.kind.name != "cuda":
+        raise ValueError(f"layout 'mma16x256' is for CUDA targets (binary tensor cores), not {tvm_target.kind.name}")
 
 
 def build_model(

@@ -16,6 +16,7 @@ from .ops import (
     pb_lstm_cell,
     pb_lstm_cell_input,
 )
+from .ops.bmma_gemm import BMMA_LAYOUT, pb_dense_act_mma, pb_dense_mma
 
 
 def _batch_var() -> tir.Var:
@@ -53,7 +54,8 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
     xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim)
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
-    y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
+    dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores on CUDA
+    y = dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
 
@@ -65,7 +67,8 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     layers = tir.Var("bitlayers", "int64")
-    y = pb_dense_act(x, wp, ws, b, layers, fmt)
+    dense_act = pb_dense_act_mma if fmt.layout == BMMA_LAYOUT else pb_dense_act
+    y = dense_act(x, wp, ws, b, layers, fmt)
     args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs("pb_dense_act", fmt, k_dim))
 

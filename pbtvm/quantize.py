@@ -251,9 +251,9 @@ def pb_linear_reference(
     """
     xq, xs = quantize_activations(x, fmt)
     xp = pack_activations(xq, fmt)
-    acc = bitplane_matmul(wp, xp, fmt, bitlayers)
     params = np.asarray(w_scale, np.float64)
-    n_rows = acc.shape[1]
+    n_rows = params.shape[-1]
+    acc = bitplane_matmul(wp, xp, fmt, bitlayers, n_rows=n_rows)
     if params.shape != fmt.scale_shape(n_rows):
         raise ValueError(f"w_scale has shape {params.shape}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
     scale, zero = (params[0], params[1]) if fmt.has_zero_point else (params, np.zeros(n_rows))

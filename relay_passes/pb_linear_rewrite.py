@@ -28,6 +28,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat, pack_weights
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
+from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 from pbtvm.quantize import AUTO, layer_format
 
 logger = logging.getLogger(__name__)
@@ -255,12 +256,13 @@ class _Rewriter(PyExprMutator):
 
         def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):  # noqa: ANN001, ANN202
             b_t = rest[0] if has_bias else None
-            return pb_dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
+            dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores
+            return dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
 
         out = self._emit_te(
             compute,
             tensors,
-            f"pb_dense_{fmt.name}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
+            f"pb_dense_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
             kernel_attrs("pb_gemm", fmt, k_dim),
             (self.bitlayers,),
         )

@@ -88,7 +88,7 @@ def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
 
 def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
     """The rules for a target (or target kind, ``"llvm"`` or ``"cuda"``)."""
-    from . import cpu, cpu_vnni, cuda
+    from . import cpu, cpu_vnni, cuda, cuda_ballot_pack, cuda_bmma
 
     kind = target if isinstance(target, str) else target.kind.name
     if kind == "llvm":
@@ -101,7 +101,16 @@ def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
             cpu.CPULSTMCell(),
         ]
     if kind == "cuda":
-        return [cuda.CUDAActPack(), cuda.CUDABitplaneGemm(), cuda.CUDADenseAct(), cuda.CUDALSTMCell()]
+        # The binary-tensor-core rules first: they take the kernels of the mma16x256 layout.
+        return [
+            cuda_bmma.CUDABmmaGemm(),
+            cuda_bmma.CUDABmmaDenseAct(),
+            cuda_ballot_pack.CUDABallotPack(),
+            cuda.CUDAActPack(),
+            cuda.CUDABitplaneGemm(),
+            cuda.CUDADenseAct(),
+            cuda.CUDALSTMCell(),
+        ]
     raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")
 
 

@@ -37,6 +37,7 @@ from pbtvm._tvm import TVM_VERSION, meta_schedule, s_tir, tir, tvm
 from pbtvm.bitplane import FORMAT_VERSION
 from pbtvm.ops.pb_gemm import SCHEDULE_RULE
 
+from . import cuda_bmma
 from .cpu_vnni import KNOB_LOG, is_fixed_kernel, knob_key, measure_knobs, vnni_kernel_for
 from .rules import ScheduleRule, rule_for, rules_for
 from .verify import agrees_with_default
@@ -76,6 +77,7 @@ def register_custom_rules() -> None:
     for key, kind in _RULE_KEYS.items():
         name = f"s_tir.meta_schedule.{key}.{SCHEDULE_RULE}"
         tvm.register_global_func(name, _custom_rule(kind), override=True)
+    cuda_bmma.register()  # the binary-tensor-core template (mma16x256 weights)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -469,7 +471,17 @@ def default_builder(target: tvm.target.Target) -> object:
     """
     ms = meta_schedule()
     timeout = 300.0
-    return ms.builder.LocalBuilder(max_workers=max(1, os.cpu_count() or 1), timeout_sec=timeout)
+    workers = max(1, os.cpu_count() or 1)
+    if target.kind.name != "cuda":
+        return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout)
+    # CUDA: BMMA candidates are materialized into their kernel and every candidate is built with
+    # nvcc, as pbtvm.compile builds it (the workers register the build function first).
+    return ms.builder.LocalBuilder(
+        max_workers=workers,
+        timeout_sec=timeout,
+        f_build=cuda_bmma.BUILD_FUNC,
+        initializer=cuda_bmma.worker_initializer,
+    )
 
 
 def _evaluator_config() -> object:
@@ -682,7 +694,7 @@ def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
     """
     sch = s_tir.Schedule(func)
     trace.apply_to_schedule(sch, remove_postproc=False)
-    return sch.mod["main"]
+    return cuda_bmma.materialize(sch.mod["main"])  # a BMMA config becomes its kernel
 
 
 def _record_for(database: object, mod: tvm.IRModule, target: tvm.target.Target, where: Path, name: str):  # noqa: ANN202

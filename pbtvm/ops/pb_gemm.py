@@ -13,7 +13,7 @@ from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
 
-__all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "GEMM_BLOCK", "SCHEDULE_RULE"]
+__all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue", "GEMM_BLOCK", "SCHEDULE_RULE"]
 
 #: Name of the reduction block every PB schedule looks for.
 GEMM_BLOCK = "pb_gemm"
@@ -111,13 +111,31 @@ def pb_dense(
         Matches :func:`pbtvm.quantize.pb_linear_reference` within float32 rounding.
     """
     acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim, tag)
+    return dense_epilogue(acc, x_scale, rowsum, w_scale, bias, bitlayers, fmt, tag)
+
+
+def dense_epilogue(
+    acc: te.Tensor,
+    x_scale: te.Tensor,
+    rowsum: te.Tensor,
+    w_scale: te.Tensor,
+    bias: te.Tensor | None,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+    tag: str = "",
+) -> te.Tensor:
+    """``(acc + (off + corr - z) rowsum) s_x s_w + bias`` for an integer ``acc`` [B, N] (block ``pb_out<tag>``).
+
+    ``w_scale`` is ``fmt.scale_shape(N)``: the scales, and with a zero point also ``z`` (see
+    :func:`pb_dense`).
+    """
     # Offset (bipolar) plus the expected value of the dropped planes, (2^(k-L) - 1) / 2.
     dropped = (tir.const(fmt.bits, "int64") - bitlayers.astype("int64")).astype("int64")
     corr = (tir.shift_left(tir.const(1, "int64"), dropped) - 1).astype("float32") * tir.const(0.5, "float32")
     if fmt.codebook == "bipolar":
         corr = tir.const(0.0, "float32")
     off = tir.const(float(fmt.weight_offset), "float32") + corr
-    n_rows = int(_rows(wp, fmt))
+    n_rows = int(acc.shape[1])
     if tuple(int(d) for d in w_scale.shape) != fmt.scale_shape(n_rows):
         raise ValueError(f"w_scale has shape {tuple(w_scale.shape)}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
 

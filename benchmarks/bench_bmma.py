@@ -1,0 +1,213 @@
+"""PB layers on binary tensor cores (BMMA, ``mma16x256`` weights) vs torch fp16 / int4 and the roofline.
+
+Side by side in one run, on one GPU: the PB layer on the BMMA kernel (activation pack + BMMA
+kernel, and the BMMA kernel alone), optionally pbtvm's default CUDA-core PB layer, torch fp16
+(cuBLAS, the better of ``F.linear`` and ``x @ W.T``), torch int4 (tinygemm, group 128), and the
+k-bit DRAM roofline from the copy bandwidth measured in the same run. Every time is the median of
+CUDA-graph replays in which each call reads another weight set (the sets exceed twice the L2),
+as in ``bench_layers.py``, whose helpers this uses.
+
+    python benchmarks/bench_bmma.py --csv out/bmma.csv                 # the issue-13 grid
+    python benchmarks/bench_bmma.py --shapes 4096x4096 --batches 1 --bits 4 --with-default
+    python benchmarks/bench_bmma.py --dry-run                          # no GPU: build every kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+
+import torch
+from bench_layers import bench_int4, bench_pb, bench_torch, graph_time, measure_bandwidth, n_sets_for, rand_u32
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm.cuda import compile_fatbin
+from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
+from pbtvm.schedules.cuda_bmma import default_config, kernel_for
+from pbtvm.target import resolve_target
+
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
+MMA = "mma16x256"
+
+
+def build_layer(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:  # noqa: ANN001
+    """(activation pack, BMMA dense kernel, config) for a layer; kernels cached by (K) and config."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    cfg = default_config(fmt, n, k, batch)
+    if ("pack", k) not in cache:
+        cache["pack", k] = kernels.build(kernels.act_pack_func(fmt, k), target)
+    key = ("bmma", n, k, bits, cfg)
+    if key not in cache:  # the batch's config (compile uses default_config(batch=1) or a tuning log)
+        kernel = kernel_for(kernels.dense_func(fmt, n, k), cfg).with_attr("tirx.is_scheduled", True)
+        cache[key] = kernels.build(kernel, target, schedule=False)
+    return cache["pack", k], cache[key], cfg
+
+
+def build_fused(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:  # noqa: ANN001
+    """(one-launch BMMA kernel that packs its own rows, config), cached by config."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    cfg = default_config(fmt, n, k, batch, fused_pack=True)
+    key = ("fused", n, k, bits, cfg)
+    if key not in cache:
+        kernel = kernel_for(kernels.dense_act_func(fmt, n, k), cfg).with_attr("tirx.is_scheduled", True)
+        cache[key] = kernels.build(kernel, target, schedule=False)
+    return cache[key], cfg
+
+
+def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: str) -> float:
+    """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone) or
+    "fused" (one kernel: every block packs its batch rows, then the BMMA product)."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    pack, dense, _ = build_layer(n, k, bits, batch, resolve_target("cuda"), cache)
+    fused = build_fused(n, k, bits, batch, resolve_target("cuda"), cache)[0] if part == "fused" else None
+    sets = n_sets_for(4 * _prod(fmt.weight_shape(n, k)), l2)
+    ws = [
+        (rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda"))
+        for _ in range(sets)
+    ]
+    xs = [torch.randn(batch, k, device="cuda") for _ in range(sets)]
+    xp = rand_u32((fmt.act_bits, batch, fmt.words(k)))
+    sx, rs = torch.rand(batch, device="cuda"), torch.zeros(batch, dtype=torch.int32, device="cuda")
+    y = torch.empty(batch, n, device="cuda")
+
+    def step(i: int) -> None:
+        w, s, b = ws[i]
+        if part == "fused":
+            fused(xs[i], w, s, b, bits, y)
+            return
+        if part == "layer":
+            pack(xs[i], xp, sx, rs)
+        dense(xp, sx, rs, w, s, b, bits, y)
+
+    return graph_time(step, sets)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Build every kernel the benchmark would run, for sm_90, without a device."""
+    target = resolve_target({"kind": "cuda", "arch": "sm_90"})
+    cache: dict = {}
+    t0 = time.time()
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        for bits in args.bits:
+            for batch in args.batches:
+                _, _, cfg = build_layer(n, k, bits, batch, target, cache)
+                if args.fused and batch <= args.fused_max_batch:
+                    build_fused(n, k, bits, batch, target, cache)
+                print(f"  {shape:>11} W{bits}A8 b={batch:<2} {cfg}  [{time.time() - t0:.0f}s]", flush=True)
+    bad = []
+    for key, ex in cache.items():  # nvcc + SASS check of every BMMA kernel (what the GPU would load)
+        if key[0] in ("bmma", "fused"):
+            sass = "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
+            if BMMA_OPCODE not in sass or local_memory_ops(sass):
+                bad.append(key)
+    print(f"dry run: {len(cache)} kernels built for sm_90 and checked with nvcc in {time.time() - t0:.0f}s")
+    if bad:
+        print(f"kernels without {BMMA_OPCODE} or with spills: {bad}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def print_table(rows: list[dict], fused: bool) -> None:
+    """The Markdown table of BENCHMARKS.md (ratios > 1: the BMMA layer is faster)."""
+
+    def us(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}"
+
+    def ratio(a: float | None, b: float) -> str:
+        return "n/a" if a is None else f"{a / b:.2f}"
+
+    extra = " one-launch µs |" if fused else ""
+    print(
+        "\n| shape (NxK) | batch | W | BMMA layer µs |" + extra + " BMMA kernel µs | k-bit roofline µs | "
+        "% roofline (layer / kernel) | fp16 µs | int4 µs | fp16/layer | int4/layer |"
+    )
+    print("|---" * (12 if fused else 11) + "|")
+    for r in rows:
+        one = f" {us(r.get('fused_us'))} |" if fused else ""
+        print(
+            f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['bmma_layer_us']:.1f} |{one} {r['bmma_kernel_us']:.1f} | "
+            f"{r['roof_us']:.1f} | {r['pct_roof_layer']:.0f}% / {r['pct_roof_kernel']:.0f}% | {r['fp16_us']:.1f} | "
+            f"{us(r['int4_us'])} | {ratio(r['fp16_us'], r['bmma_layer_us'])} | {ratio(r['int4_us'], r['bmma_layer_us'])} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="NxK (out x in)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 64])
+    ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--with-default", action="store_true", help="also time pbtvm's CUDA-core PB layer")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: build every kernel for sm_90 and stop")
+    ap.add_argument("--fused", action="store_true", help="also the one-launch kernel (pack inside the BMMA kernel)")
+    ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch timed with --fused")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (try --dry-run)", file=sys.stderr)
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    l2, bw = props.L2_cache_size, measure_bandwidth()
+    print(f"device {props.name}, L2 {l2 / 1e6:.0f} MB, copy bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}")
+    rows, cache, old_cache = [], {}, {}
+    t0 = time.time()
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        for batch in args.batches:
+            fp16 = bench_torch(n, k, batch, torch.float16, l2)
+            int4 = bench_int4(n, k, batch, l2)
+            for bits in args.bits:
+                fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+                layer = bench_bmma(n, k, batch, bits, l2, cache, "layer")
+                gemm = bench_bmma(n, k, batch, bits, l2, cache, "gemm")
+                roof = (bits * n * fmt.words(k) * 4 + batch * (k + n) * 4) / bw
+                r = {
+                    "shape": shape,
+                    "batch": batch,
+                    "bits": bits,
+                    "config": str(build_layer(n, k, bits, batch, resolve_target("cuda"), cache)[2]),
+                    "bmma_layer_us": layer * 1e6,
+                    "bmma_kernel_us": gemm * 1e6,
+                    "roof_us": roof * 1e6,
+                    "pct_roof_layer": 100 * roof / layer,
+                    "pct_roof_kernel": 100 * roof / gemm,
+                    "fp16_us": fp16 * 1e6,
+                    "int4_us": None if int4 is None else int4 * 1e6,
+                    "copy_tb_s": bw / 1e12,
+                }
+                if args.fused:
+                    fused = batch <= args.fused_max_batch
+                    r["fused_us"] = bench_bmma(n, k, batch, bits, l2, cache, "fused") * 1e6 if fused else None
+                if args.with_default:
+                    r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
+                rows.append(r)
+                if args.csv:  # row by row, so a run cut short by its timeout keeps what it measured
+                    with open(args.csv, "a" if len(rows) > 1 else "w", newline="") as f:
+                        w = csv.DictWriter(f, fieldnames=list(r))
+                        if len(rows) == 1:
+                            w.writeheader()
+                        w.writerow(r)
+                one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
+                print(
+                    f"  {shape:>11} b={batch:<2} W{bits}A8  layer {r['bmma_layer_us']:7.1f} us{one}  kernel "
+                    f"{r['bmma_kernel_us']:7.1f}  roof {r['roof_us']:5.1f} ({r['pct_roof_kernel']:.0f}% kernel)  "
+                    f"fp16 {fp16 * 1e6:6.1f}  int4 {r['int4_us'] or float('nan'):6.1f}  [{time.time() - t0:.0f}s]",
+                    flush=True,
+                )
+    print_table(rows, args.fused)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""``ptxas -v`` resource usage of the BMMA kernel's default configs (no GPU needed).
+
+For each layer shape and weight bits of issue 13, the kernel ``pbtvm.compile(..., layout=
+"mma16x256")`` would use at batch 1 and the config the benchmark uses at batch >= 8: registers,
+shared memory, spills, and the BMMA instructions in its SASS. Prints a Markdown table.
+
+    python benchmarks/bmma_resources.py [--shapes 4096x4096 ...] [--bits 1 2 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm.cuda import build, compile_fatbin
+from pbtvm.sass import BMMA_OPCODE, local_memory_ops, ptxas_usage, sass_by_kernel
+from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules.cuda_ballot_pack import pack_warps
+from pbtvm.schedules.cuda_bmma import default_config, kernel_for
+from pbtvm.target import resolve_target
+
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=SHAPES)
+    ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    ap.add_argument("--packs-only", action="store_true", help="only the activation-pack table")
+    args = ap.parse_args()
+    target = resolve_target({"kind": "cuda", "arch": "sm_90"})
+    print(
+        "| shape (NxK) | W | batch | config (tiles_m, warps_m, k_split, loads, tiles_n) | threads | registers | smem B | spill B | BMMA in SASS | LDL/STL |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in [] if args.packs_only else args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        for bits in args.bits:
+            fmt = bp.BitplaneFormat(bits, 8, layout="mma16x256")
+            for batch in args.batches:
+                cfg = default_config(fmt, n, k, batch)
+                kernel = kernel_for(kernels.dense_func(fmt, n, k), cfg).with_attr("global_symbol", "pb_bmma")
+                source = build(kernel.with_attr("tirx.is_scheduled", True), target).mod.imports[0].inspect_source()
+                (use,) = ptxas_usage(source, "sm_90").values()
+                (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+                knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
+                print(
+                    f"| {shape} | {bits} | {batch} | {knobs} | {cfg.threads} | {use['registers']} | "
+                    f"{use.get('smem_bytes', 0)} | {use['spill_stores'] + use['spill_loads']} | "
+                    f"{sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |",
+                    flush=True,
+                )
+    print(
+        "\n| K | activation pack (ballot, one launch) threads | registers | smem B | spill B | VOTE in SASS | LDL/STL |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for k in sorted({int(s.split("x")[1]) for s in args.shapes}):
+        fmt = bp.BitplaneFormat(4, 8, layout="mma16x256")
+        pack = apply_default_schedule(kernels.act_pack_func(fmt, k), target).with_attr("global_symbol", "pb_pack")
+        source = build(pack, target).mod.imports[0].inspect_source()
+        (use,) = ptxas_usage(source, "sm_90").values()
+        (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+        print(
+            f"| {k} | {32 * pack_warps(k)} | {use['registers']} | {use.get('smem_bytes', 0)} | "
+            f"{use['spill_stores'] + use['spill_loads']} | {sass.count('VOTE.ANY')} | {local_memory_ops(sass)} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Inspect compiled CUDA kernels without a GPU: SASS per kernel and ``ptxas -v`` resource usage.
+
+Used by the code-generation tests (binary tensor-core instructions present, no local-memory
+spills) and by ``benchmarks/bmma_resources.py`` (the table in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+from .cuda import find_nvcc
+from .tools import cuobjdump
+
+#: The native binary tensor-core instruction of ``mma.sync.m16n8k256 .b1 .and.popc`` on sm_80+.
+BMMA_OPCODE = "BMMA.168256.AND.POPC"
+_FUNCTION = re.compile(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", re.S)
+_LOCAL_MEMORY = re.compile(r"\b(LDL|STL)(\.\w+)*\b")
+
+
+def sass_by_kernel(binary: bytes) -> dict[str, str]:
+    """``{kernel name: SASS text}`` of a cubin/fatbin (``cuobjdump -sass``)."""
+    with tempfile.TemporaryDirectory(prefix="pbtvm_sass_") as tmp:
+        listing = cuobjdump(["-sass"], binary, tmp)
+    kernels = dict(_FUNCTION.findall(listing))
+    if not kernels:
+        raise RuntimeError(f"cuobjdump listed no kernels:\n{listing[-2000:]}")
+    return kernels
+
+
+def local_memory_ops(sass: str) -> int:
+    """Number of local-memory loads/stores (``LDL``/``STL``: register spills) in a SASS listing."""
+    return len(_LOCAL_MEMORY.findall(sass))
+
+
+def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
+    """``ptxas -v`` resource usage per kernel of CUDA C++ ``source`` built for ``arch``.
+
+    Returns
+    -------
+    dict
+        ``{kernel: {"registers", "smem_bytes", "stack_bytes", "spill_stores", "spill_loads"}}``.
+
+    Raises
+    ------
+    RuntimeError
+        If nvcc fails.
+    """
+    cc = arch.removeprefix("sm_")
+    with tempfile.TemporaryDirectory(prefix="pbtvm_ptxas_") as tmp:
+        src = os.path.join(tmp, "kernels.cu")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [find_nvcc(), "-cubin", "-O3", "--fmad=false", "-std=c++17", f"-arch=sm_{cc}", "-Xptxas", "-v"]
+        proc = subprocess.run([*cmd, "-o", os.path.join(tmp, "k.cubin"), src], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed:\n{proc.stderr[-4000:]}")
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            current = usage.setdefault(m.group(1), {})
+            continue
+        if current is None:
+            continue
+        for key, pattern in (
+            ("stack_bytes", r"(\d+) bytes stack frame"),
+            ("spill_stores", r"(\d+) bytes spill stores"),
+            ("spill_loads", r"(\d+) bytes spill loads"),
+            ("registers", r"Used (\d+) registers"),
+            ("smem_bytes", r"(\d+) bytes smem"),
+        ):
+            m = re.search(pattern, line)
+            if m:
+                current[key] = int(m.group(1))
+    return usage

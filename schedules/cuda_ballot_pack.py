@@ -1,0 +1,150 @@
+"""CUDA activation quantize + pack in one launch with ``__ballot_sync`` (one instruction per plane per word).
+
+Used with the binary-tensor-core layout (``mma16x256``) in place of the three-launch pack of
+:mod:`.cuda` (~10 us on an H100 at batch 1, BENCHMARKS.md). A block per batch row: the threads
+reduce max |x| through shared memory, then each warp takes 32 consecutive activations at a time,
+quantizes one per lane exactly as :func:`pbtvm.ops.act_quantize_pack` (so as
+:func:`pbtvm.quantize.quantize_activations`), and builds the word of every plane with one
+``__ballot_sync``; lane ``p`` stores plane ``p``'s word. The code sum is a second block reduction.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.bitplane import WORD_BITS, BitplaneFormat
+from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
+
+from .rules import ScheduleRule
+
+#: Most warps a pack block uses (512 threads).
+MAX_WARPS = 16
+
+
+def pack_warps(k_dim: int) -> int:
+    """Warps per block: a power of two (tree reductions), about 16 words per warp, 2..:data:`MAX_WARPS`."""
+    want = -(-BitplaneFormat.words(k_dim) // 16)
+    warps = 2
+    while warps < min(want, MAX_WARPS):
+        warps *= 2
+    return warps
+
+
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):  # noqa: ANN201 - a TVMScript macro
+    """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
+
+    ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
+    reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
+    ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
+    the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
+    buffers of one element per thread, ``best``, ``total``, ``code``, ``vote`` one-element locals.
+    Every thread of the block must call it (it synchronizes the block).
+    """
+    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    qmax = float(fmt.act_qmax)
+    acc_t = fmt.accumulator_dtype(k_dim)
+    threads = 32 * warps
+    rounds = -(-k_dim // threads)
+    chunks = -(-words // warps)
+    levels = threads.bit_length() - 1  # log2(threads): warps is a power of two
+
+    @T.macro
+    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):  # noqa: ANN001, ANN202
+        best[0] = T.float32(0)
+        for r in range(rounds):
+            if r * threads + warp * 32 + tx < k_dim:
+                best[0] = T.max(best[0], T.abs(x[b, r * threads + warp * 32 + tx]))
+        red[warp * 32 + tx] = best[0]
+        T.tvm_storage_sync("shared")
+        for lvl in T.unroll(levels):
+            if warp * 32 + tx < (threads >> (lvl + 1)):
+                red[warp * 32 + tx] = T.max(red[warp * 32 + tx], red[warp * 32 + tx + (threads >> (lvl + 1))])
+            T.tvm_storage_sync("shared")
+        total[0] = T.Cast(acc_t, 0)
+        for c in range(chunks):
+            if c * warps + warp < words:  # warp-uniform: every lane reaches the ballots
+                kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
+                inv = T.meta_var(T.if_then_else(red[0] > T.float32(0), T.float32(qmax) / red[0], T.float32(0)))
+                value = T.meta_var(T.floor(x[b, T.min(kk, k_dim - 1)] * inv + T.float32(0.5)))
+                clamped = T.meta_var(T.max(T.min(value, T.float32(qmax)), T.float32(-qmax)))
+                code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
+                total[0] = total[0] + T.Cast(acc_t, code[0])
+                # Every lane votes (the word is stored to a register first, so that the ballot is
+                # not sunk into the one-lane branch), then lane p stores plane p's word.
+                for p in T.unroll(n_act):
+                    vote[0] = T.call_extern(
+                        "uint32",
+                        "__ballot_sync",
+                        T.uint32(0xFFFFFFFF),
+                        T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
+                    )
+                    if tx == p:
+                        dest[p, row, c * warps + warp] = vote[0]
+        sums[warp * 32 + tx] = total[0]
+        T.tvm_storage_sync("shared")
+        for lvl in T.unroll(levels):
+            if warp * 32 + tx < (threads >> (lvl + 1)):
+                sums[warp * 32 + tx] = sums[warp * 32 + tx] + sums[warp * 32 + tx + (threads >> (lvl + 1))]
+            T.tvm_storage_sync("shared")
+        if warp * 32 + tx == 0:
+            sum_out[row] = sums[0]
+            scale_out[row] = red[0] / T.float32(qmax)
+        T.tvm_storage_sync("shared")  # red and sums are reused by the next row
+
+    return pack
+
+
+def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
+    """The one-launch ballot pack for rows of ``k_dim`` activations (a block per row, :func:`row_pack`).
+
+    Returns
+    -------
+    tir.PrimFunc
+        ``(x f32 [B, K], xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B])``, symbolic B:
+        the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled.
+    """
+    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    acc_t = fmt.accumulator_dtype(k_dim)
+    warps = pack_warps(k_dim)
+    pack = row_pack(fmt, k_dim, warps)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k_dim), "float32")
+        xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
+        x_scale = T.match_buffer(xs_h, (batch,), "float32")
+        rowsum = T.match_buffer(rs_h, (batch,), acc_t)
+        with T.sblock("root"):  # Relax expects a root block (RewriteDataflowReshape)
+            for b in T.thread_binding(batch, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        red = T.alloc_shared((32 * warps,), "float32")
+                        sums = T.alloc_shared((32 * warps,), acc_t)
+                        best = T.alloc_local((1,), "float32")
+                        total = T.alloc_local((1,), acc_t)
+                        code = T.alloc_local((1,), "int32")
+                        vote = T.alloc_local((1,), "uint32")
+                        pack(x, b, xp, b, x_scale, rowsum, ty, tx, red, sums, best, total, code, vote)
+
+    return kernel
+
+
+class CUDABallotPack(ScheduleRule):
+    """``act_pack`` for the ``mma16x256`` layout: :func:`ballot_pack_kernel` (one launch)."""
+
+    kernel = "act_pack"
+    target_kinds = ("cuda",)
+
+    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+        """See :meth:`ScheduleRule.matches`; only packs for the ``mma16x256`` layout."""
+        return super().matches(func, target) and str((func.attrs or {}).get("pbtvm.layout")) == BMMA_LAYOUT
+
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        """The ballot kernel for ``func``'s format and K (see :meth:`ScheduleRule.apply`)."""
+        attrs = func.attrs
+        fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=BMMA_LAYOUT)
+        kernel = ballot_pack_kernel(fmt, int(attrs["pbtvm.k"])).with_attrs(dict(attrs))
+        return s_tir.Schedule(kernel, debug_mask=0)

@@ -1,0 +1,241 @@
+"""CUDA rule for the PB dense layer on binary tensor cores (weights in the ``mma16x256`` layout).
+
+The kernel is written directly in TIR by :func:`.cuda_bmma_kernel.bmma_dense_kernel` for one
+:class:`~.cuda_bmma_kernel.BMMAConfig`. The MetaSchedule template is the set of configurations
+valid for the layer: the design space samples one (``sample_categorical`` over the configs, each
+encoded as an integer) and records it as the block annotation :data:`CONFIG_ANNOTATION` on the
+reference compute (:func:`pbtvm.ops.bmma_gemm.pb_dense_mma`). :func:`materialize` turns an
+annotated function into the kernel; it runs wherever a schedule becomes code: the default
+schedule, :func:`pbtvm.schedules.tuning.replay` of a tuned trace, and the tuning builder
+(:data:`BUILD_FUNC`). Limitation: MetaSchedule's cost model sees the annotated reference, so its
+features do not tell configs apart; the search is effectively random sampling plus measurement.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import astuple
+
+from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.bitplane import BitplaneFormat
+from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, BMMA_SCHEDULE_RULE
+from pbtvm.ops.pb_gemm import GEMM_BLOCK
+
+from .cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride, config_problem
+from .rules import ScheduleRule
+
+#: Block annotation holding the sampled config (see :func:`encode`).
+CONFIG_ANNOTATION = "pbtvm.bmma_config"
+#: Global function name of the MetaSchedule build function that materializes BMMA candidates.
+BUILD_FUNC = "pbtvm.bmma_build"
+#: Knob values the design space draws from (filtered per layer by :func:`config_space`).
+TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N = (1, 2, 4), (1, 2, 4), (1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)
+#: Rough per-lane register budget for accumulators and fragments (beyond it ptxas spills).
+REGISTER_BUDGET = 128
+#: Warps a layer should keep busy at batch 1 (132 SMs x ~16 warps: enough loads in flight).
+TARGET_WARPS = 2048
+_BASE = 100  # encode(): two decimal digits per knob
+
+
+def encode(cfg: BMMAConfig) -> int:
+    """A config as one int (two decimal digits per knob, ``tiles_m`` first)."""
+    code = 0
+    for v in astuple(cfg):
+        code = code * _BASE + v
+    return code
+
+
+def decode(code: int) -> BMMAConfig:
+    """Invert :func:`encode`."""
+    values = []
+    for _ in range(5):
+        code, v = divmod(int(code), _BASE)
+        values.append(v)
+    return BMMAConfig(*reversed(values))
+
+
+def _registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
+    acc_words = 2 if fmt.accumulator_dtype(k_dim) == "int64" else 1
+    frag = cfg.tiles_m * cfg.tiles_n * 4
+    return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
+
+
+def config_space(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int | None = None, fused_pack: bool = False
+) -> list[BMMAConfig]:
+    """Every config the design space holds for a layer (valid, within the register budget).
+
+    ``batch`` (static, when known) caps ``tiles_n`` at the column tiles the batch needs;
+    ``fused_pack``: for the kernel that packs its activations itself (``pb_dense_act``).
+    """
+    _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
+    unit = max(1, column_stride(fmt.act_bits) // 8)
+    max_cols = -(-batch * column_stride(fmt.act_bits) // 8) if batch else max(TILES_N) * unit
+    out = []
+    for mt, wm, ks, ld, nt in itertools.product(TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N):
+        cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
+        if mt > row_tiles or ks * ld > k_tiles or nt * unit > max(max_cols, unit):
+            continue
+        if config_problem(fmt, n_out, k_dim, cfg, fused_pack) or _registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
+            continue
+        out.append(cfg)
+    return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack)]
+
+
+def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1, fused_pack: bool = False) -> BMMAConfig:
+    """The config used without tuning: enough warps for the DRAM at batch 1, K split to get there.
+
+    Column tiles: as many as ``batch`` needs, up to 4 (one weight fragment feeds them all).
+    Not yet measured on a GPU.
+    """
+    _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
+    unit = max(1, column_stride(fmt.act_bits) // 8)
+    cols = -(-max(1, batch) * column_stride(fmt.act_bits) // 8)
+    tiles_n = unit
+    while tiles_n * 2 <= min(cols, 4 * unit):
+        tiles_n *= 2
+    k_split = 1
+    while k_split < 8 and row_tiles * k_split < TARGET_WARPS and k_split * 2 <= k_tiles:
+        k_split *= 2
+    loads = 2 if k_tiles >= 2 * k_split else 1
+    cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
+    while config_problem(fmt, n_out, k_dim, cfg, fused_pack) and cfg.k_split > 1:
+        cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
+    while config_problem(fmt, n_out, k_dim, cfg, fused_pack) and cfg.tiles_n > max(1, column_stride(fmt.act_bits) // 8):
+        cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
+    return cfg
+
+
+def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | None]:
+    """(format, N, K, has bias, static batch or None) of a PB dense PrimFunc in the mma layout.
+
+    ``pb_gemm``: (xp, x_scale, rowsum, wp, w_scale, [bias], y); ``pb_dense_act``: (x, wp, w_scale, [bias], y).
+    """
+    attrs = func.attrs
+    fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=str(attrs["pbtvm.layout"]))
+    buffers = [p for p in func.params if tir.is_buffer_var(p)]
+    if _fused(func):
+        n_out, has_bias, batch = int(buffers[2].shape[0]), len(buffers) == 5, buffers[0].shape[0]
+    else:
+        n_out, has_bias, batch = int(buffers[4].shape[0]), len(buffers) == 7, buffers[0].shape[1]
+    return fmt, n_out, int(attrs["pbtvm.k"]), has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
+
+
+def _fused(func: tir.PrimFunc) -> bool:
+    """Whether ``func`` packs its activations itself (``pb_dense_act``)."""
+    return str((func.attrs or {}).get("pbtvm.kernel")) == "pb_dense_act"
+
+
+def materialize(func: tir.PrimFunc) -> tir.PrimFunc:
+    """The BMMA kernel for a reference PrimFunc annotated with a config; other functions unchanged.
+
+    The kernel keeps ``func``'s attributes; a ``func`` whose ``bitlayers`` was specialized away
+    (a tuning workload) gets a kernel specialized to all planes.
+    """
+    code = _annotated_config(func)
+    return func if code is None else kernel_for(func, decode(code))
+
+
+def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig) -> tir.PrimFunc:
+    """The BMMA kernel with config ``cfg`` for a PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
+    fmt, n_out, k_dim, has_bias, _ = _layer(func)
+    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func))
+    if all(tir.is_buffer_var(p) for p in func.params):  # bitlayers fixed by specialize
+        layers = next(p for p in kernel.params if not tir.is_buffer_var(p))
+        kernel = kernel.specialize({layers: tir.const(fmt.bits, "int64")})
+    return kernel.with_attrs(dict(func.attrs))
+
+
+def _annotated_config(func: tir.PrimFunc) -> int | None:
+    """The config code annotated on ``func``'s ``pb_gemm`` block, or None (no block / annotation)."""
+    if str((func.attrs or {}).get("pbtvm.kernel")) not in ("pb_gemm", "pb_dense_act"):
+        return None
+    sch = s_tir.Schedule(func, debug_mask=0)
+    try:
+        block = sch.get(sch.get_sblock(GEMM_BLOCK))
+    except Exception:  # noqa: BLE001 - no such block: an already materialized kernel
+        return None
+    code = block.annotations.get(CONFIG_ANNOTATION)
+    return None if code is None else int(code)
+
+
+def materialize_module(mod: tvm.IRModule) -> tvm.IRModule:
+    """:func:`materialize` every PrimFunc of ``mod``."""
+    return tvm.IRModule({gv: materialize(f) if isinstance(f, tir.PrimFunc) else f for gv, f in mod.functions_items()})
+
+
+class CUDABmmaGemm(ScheduleRule):
+    """PB dense on binary tensor cores: ``pb_gemm`` PrimFuncs whose weights are ``mma16x256``.
+
+    Tunable template: one sampled config per candidate out of :func:`config_space` (tile rows
+    per warp, warps per block, K split, loads in flight, column tiles per warp).
+    """
+
+    kernel = "pb_gemm"
+    target_kinds = ("cuda",)
+
+    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+        """See :meth:`ScheduleRule.matches`; only the ``mma16x256`` layout."""
+        return super().matches(func, target) and str((func.attrs or {}).get("pbtvm.layout")) == BMMA_LAYOUT
+
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+        """The kernel with :func:`default_config`, as a schedule (see :meth:`ScheduleRule.apply`)."""
+        sch = s_tir.Schedule(func, debug_mask=0)
+        self.schedule(sch, func, target, False, {})
+        return s_tir.Schedule(materialize(sch.mod["main"]), debug_mask=0)
+
+    def schedule(
+        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
+    ) -> None:
+        """Annotate the ``pb_gemm`` block with a config: sampled if ``tunable``, else the default."""
+        fmt, n_out, k_dim, _, batch = _layer(func)
+        block = sch.get_sblock(GEMM_BLOCK)
+        if tunable:
+            codes = [encode(c) for c in config_space(fmt, n_out, k_dim, batch, _fused(func))]
+            code = sch.sample_categorical(codes, [1.0 / len(codes)] * len(codes))
+        else:
+            code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func)))
+        sch.annotate(block, CONFIG_ANNOTATION, code)
+
+
+class CUDABmmaDenseAct(CUDABmmaGemm):
+    """``pb_dense_act`` in the ``mma16x256`` layout: one kernel, each block packs its batch rows first.
+
+    For small batches (one launch per layer); which batch the two-launch path overtakes it is
+    for the GPU to measure (``benchmarks/bench_bmma.py --fused``).
+    """
+
+    kernel = "pb_dense_act"
+
+
+def custom_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
+    """MetaSchedule custom rule (``s_tir.meta_schedule.cuda.pbtvm_bmma_gemm``): one design space."""
+    space = sch.copy()
+    func = sch.mod["main"]
+    rule = CUDABmmaDenseAct() if _fused(func) else CUDABmmaGemm()
+    rule.schedule(space, func, None, True, {})
+    return [space]
+
+
+def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object) -> object:
+    """MetaSchedule build function: materialize BMMA configs, then the default build (nvcc)."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    from pbtvm.cuda import nvcc_compile_hook
+
+    mod = materialize_module(mod)
+    if target.kind.name != "cuda":
+        return default_build(mod, target, params)
+    with nvcc_compile_hook(str(target.export()["arch"])):
+        return default_build(mod, target, params)
+
+
+def register() -> None:
+    """Register :func:`custom_rule` and :func:`build_candidate` as TVM global functions."""
+    tvm.register_global_func(f"s_tir.meta_schedule.cuda.{BMMA_SCHEDULE_RULE}", custom_rule, override=True)
+    tvm.register_global_func(BUILD_FUNC, build_candidate, override=True)
+
+
+def worker_initializer() -> None:
+    """LocalBuilder initializer: builder workers import pbtvm and register :data:`BUILD_FUNC`."""
+    register()

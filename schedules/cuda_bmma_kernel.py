@@ -1,0 +1,316 @@
+"""The PB dense layer on binary tensor cores (``mma.sync.m16n8k256 .b1 .and.popc``), written in TIR.
+
+One kernel per layer on packed activations (:func:`pbtvm.ops.act_quantize_pack`) and weights in
+the ``mma16x256`` layout (:data:`pbtvm.bitplane.LAYOUTS`). The MMA's A operand is a 16-row x
+256-bit tile of one weight plane (one 16-byte load per lane, pre-shuffled at compile time), its
+B operand 8 *columns* of activation planes: column ``c = b * stride + j`` is activation plane
+``j`` of batch row ``b`` (``stride`` = act_bits rounded up to 2, 4, 8 or 16; columns with
+``j >= act_bits`` are zero). At batch 1 and act_bits 8 one MMA covers all 8 activation planes.
+
+A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators stay in
+registers) and a ``1 / k_split`` share of the K tiles; it loops over the weight planes
+``i < bitlayers`` (run-time knob) outside, K inside with ``loads`` K tiles' fragments loaded
+before their MMAs, and folds each plane's popcounts into the accumulator as ``acc += c_i * D_i``.
+The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
+thread of the block sums one output's K-split parts and activation-plane columns with their
+coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
+:func:`pbtvm.ops.pb_dense`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+from pbtvm._tvm import tir
+from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
+from pbtvm.ops.common import plane_coefficient
+
+from .cuda_ballot_pack import row_pack
+
+#: Shared memory a block may use for its epilogue (the sm_70+ static limit).
+SHARED_LIMIT = 48 * 1024
+
+
+@dataclass(frozen=True)
+class BMMAConfig:
+    """The tunable knobs of the BMMA kernel (one point of the MetaSchedule design space).
+
+    Attributes
+    ----------
+    tiles_m : int
+        16-row weight tiles per warp (register blocking along N).
+    warps_m : int
+        Warps per block along the output rows.
+    k_split : int
+        Warps per block that split the K tiles of the same rows (reduced in shared memory).
+    loads : int
+        K tiles whose fragments a warp loads before it issues their MMAs (loads in flight).
+    tiles_n : int
+        8-column activation tiles per warp (batch columns; one weight fragment feeds them all).
+    """
+
+    tiles_m: int = 1
+    warps_m: int = 4
+    k_split: int = 2
+    loads: int = 2
+    tiles_n: int = 1
+
+    @property
+    def threads(self) -> int:
+        """Threads per block."""
+        return 32 * self.warps_m * self.k_split
+
+
+def column_stride(act_bits: int) -> int:
+    """MMA columns per batch row: act_bits rounded up to 2, 4, 8 or 16 (so rows never straddle tiles)."""
+    return next(s for s in (2, 4, 8, 16) if s >= act_bits)
+
+
+def config_problem(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, cfg: BMMAConfig, fused_pack: bool = False
+) -> str | None:
+    """Why ``cfg`` cannot serve this layer (None if it can): column tiles, shared memory, threads.
+
+    ``fused_pack``: the block also packs its batch rows' activation planes into shared memory.
+    """
+    stride = column_stride(fmt.act_bits)
+    if (8 * cfg.tiles_n) % stride:
+        return f"tiles_n={cfg.tiles_n} splits a batch row of {stride} columns"
+    acc_bytes = 8 if fmt.accumulator_dtype(k_dim) == "int64" else 4
+    shared = cfg.k_split * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS * cfg.tiles_n * 8 * acc_bytes
+    if fused_pack:
+        block_batch = 8 * cfg.tiles_n // stride
+        shared += 4 * fmt.act_bits * block_batch * fmt.words(k_dim) + cfg.threads * (4 + acc_bytes) + 12 * block_batch
+        warps = cfg.threads // 32
+        if warps & (warps - 1):
+            return f"the fused pack needs a power-of-two number of warps, not {warps}"
+    if shared > SHARED_LIMIT:
+        return f"the block needs {shared} bytes of shared memory (> {SHARED_LIMIT})"
+    if cfg.threads > 1024:
+        return f"{cfg.threads} threads per block"
+    return None
+
+
+def bmma_dense_kernel(
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    bias: bool,
+    cfg: BMMAConfig,
+    integer: bool = False,
+    fused_pack: bool = False,
+) -> tir.PrimFunc:
+    """The BMMA PB dense kernel for one layer shape and configuration.
+
+    Parameters
+    ----------
+    fmt : BitplaneFormat
+        ``layout`` must be ``"mma16x256"``.
+    n_out, k_dim : int
+        N (output features) and K (input features, unpadded).
+    bias : bool
+        Whether the layer has a bias.
+    cfg : BMMAConfig
+    integer : bool
+        Return the exact integer product instead (for exactness tests): the signature of
+        :func:`pbtvm.kernels.int_product_func`, ``bias`` ignored.
+
+    Returns
+    -------
+    tir.PrimFunc
+        ``(xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B], wp u32 fmt.weight_shape(N, K),
+        w_scale f32 [N][, bias f32 [N]], bitlayers int64, y f32 [B, N])`` with a symbolic B: the
+        signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound). With
+        ``integer``: ``(xp, rowsum, wp, bitlayers, acc [B, N])``, ``acc`` in
+        ``fmt.accumulator_dtype(K)``, equal to :func:`pbtvm.bitplane.bitplane_matmul`. With
+        ``fused_pack`` (one launch per layer: each block quantizes and packs its batch rows into
+        shared memory with ``__ballot_sync`` first, :func:`.cuda_ballot_pack.row_pack`):
+        ``(x f32 [B, K], wp, w_scale[, bias], bitlayers, y)``, the signature of
+        :func:`pbtvm.kernels.dense_act_func`.
+    """
+    if fmt.layout != "mma16x256":
+        raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
+    if integer and fused_pack:
+        raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
+    problem = config_problem(fmt, n_out, k_dim, cfg, fused_pack)
+    if problem:
+        raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_out} K={k_dim}: {problem}")
+    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    wshape = fmt.weight_shape(n_out, k_dim)
+    row_tiles, k_tiles = wshape[1], wshape[2]
+    acc_t = fmt.accumulator_dtype(k_dim)
+    stride = column_stride(n_act)
+    mt, wm, ks, ld, nt = cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n
+    block_rows = wm * mt * MMA_TILE_ROWS
+    block_batch = nt * 8 // stride
+    threads = cfg.threads
+    steps = -(-k_tiles // (ks * ld))
+    grid_x = -(-row_tiles // (wm * mt))
+    out_rounds = -(-(block_rows * block_batch) // threads)
+    frag = mt * nt * 4
+    signed_w = fmt.codebook == "twos_complement"
+    bits, offset = fmt.bits, float(fmt.weight_offset)
+    pack = row_pack(fmt, k_dim, threads // 32) if fused_pack else None
+
+    def w_coef(i):  # noqa: ANN001, ANN202
+        return plane_coefficient(i, bits, signed_w, acc_t)
+
+    def x_coef(j):  # noqa: ANN001, ANN202
+        return plane_coefficient(j, n_act, True, acc_t)
+
+    def corr(layers):  # noqa: ANN001, ANN202 - expected value of the dropped planes (pb_dense)
+        if not signed_w:
+            return T.float32(0)
+        dropped = T.int64(bits) - layers
+        return T.Cast("float32", T.shift_left(T.int64(1), dropped) - T.int64(1)) * T.float32(0.5)
+
+    def result(total, scale, codesum, n, w_scale, bias_buf, layers):  # noqa: ANN001, ANN202 - pb_dense's epilogue
+        if integer:
+            return total + T.Cast(acc_t, int(offset)) * codesum
+        y = scale * ((T.float32(offset) + corr(layers)) * T.Cast("float32", codesum) + T.Cast("float32", total))
+        return y * w_scale[n] + bias_buf[n] if bias else y * w_scale[n]
+
+    @T.prim_func(private=True)
+    def kernel(
+        x_h: T.handle,
+        xp_h: T.handle,
+        xs_h: T.handle,
+        rs_h: T.handle,
+        wp_h: T.handle,
+        ws_h: T.handle,
+        b_h: T.handle,
+        bitlayers: T.int64,
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k_dim), "float32")
+        xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
+        x_scale = T.match_buffer(xs_h, (batch,), "float32")
+        rowsum = T.match_buffer(rs_h, (batch,), acc_t)
+        wp = T.match_buffer(wp_h, wshape, "uint32")
+        w_scale = T.match_buffer(ws_h, (n_out,), "float32")
+        bias_buf = T.match_buffer(b_h, (n_out,), "float32")
+        y = T.match_buffer(y_h, (batch, n_out), acc_t if integer else "float32")
+        for bx in T.thread_binding(grid_x, thread="blockIdx.x"):
+            for by in T.thread_binding((batch * stride + nt * 8 - 1) // (nt * 8), thread="blockIdx.y"):
+                for tz in T.thread_binding(ks, thread="threadIdx.z"):
+                    for ty in T.thread_binding(wm, thread="threadIdx.y"):
+                        for tx in T.thread_binding(32, thread="threadIdx.x"):
+                            part = T.alloc_shared((ks, wm, mt * MMA_TILE_ROWS, nt * 8), acc_t)
+                            acc = T.alloc_local((frag,), acc_t)
+                            dot = T.alloc_local((frag,), "int32")
+                            af = T.alloc_local((ld * mt,), "uint32x4")  # one 16-byte A fragment each
+                            bf = T.alloc_local((ld * nt * 2,), "uint32")
+                            total = T.alloc_local((1,), acc_t)
+                            if fused_pack:  # this block's batch rows, packed into shared memory first
+                                xpack = T.alloc_shared((n_act, block_batch, words), "uint32")
+                                rscale = T.alloc_shared((block_batch,), "float32")
+                                rcode = T.alloc_shared((block_batch,), acc_t)
+                                red = T.alloc_shared((threads,), "float32")
+                                sums = T.alloc_shared((threads,), acc_t)
+                                best = T.alloc_local((1,), "float32")
+                                code = T.alloc_local((1,), "int32")
+                                vote = T.alloc_local((1,), "uint32")
+                                for bb in range(block_batch):
+                                    if by * block_batch + bb < batch:  # block-uniform
+                                        pack(
+                                            x, by * block_batch + bb, xpack, bb, rscale, rcode,
+                                            tz * wm + ty, tx, red, sums, best, total, code, vote,
+                                        )  # fmt: skip
+                            for e in T.unroll(frag):
+                                acc[e] = T.Cast(acc_t, 0)
+                            # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: the
+                            # loads of every used plane are issued together, unused planes never read.
+                            for i in T.unroll(bits):
+                                if T.Cast("int64", i) < bitlayers:
+                                    for e in T.unroll(frag):
+                                        dot[e] = 0
+                                    for s in range(steps):
+                                        for u in T.unroll(ld):
+                                            kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
+                                            for m in T.unroll(mt):
+                                                tile = T.meta_var((bx * wm + ty) * mt + m)
+                                                if kt < k_tiles and tile < row_tiles:
+                                                    af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
+                                                else:
+                                                    af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
+                                            for n in T.unroll(nt):
+                                                col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
+                                                for r in T.unroll(2):
+                                                    word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
+                                                    ok = T.meta_var(
+                                                        col % stride < n_act and col // stride < batch and word < words
+                                                    )
+                                                    if fused_pack:  # the block's rows: (n*8 + tx//4) // stride
+                                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                                            ok,
+                                                            xpack[col % stride, (n * 8 + tx // 4) // stride, word],
+                                                            T.uint32(0),
+                                                        )
+                                                    else:
+                                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                                            ok, xp[col % stride, col // stride, word], T.uint32(0)
+                                                        )
+                                        for u in T.unroll(ld):
+                                            for m in T.unroll(mt):
+                                                for n in T.unroll(nt):
+                                                    T.evaluate(
+                                                        T.ptx_legacy.mma(
+                                                            "m16n8k256", "row", "col", "int1", "int1", "int32",
+                                                            af.data, u * mt + m,  # in uint4 units
+                                                            bf.data, (u * nt + n) * 2,
+                                                            dot.data, (m * nt + n) * 4,
+                                                            False, "and", dtype="int32",
+                                                        )
+                                                    )  # fmt: skip
+                                    for e in T.unroll(frag):
+                                        acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+                            # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
+                            for m in T.unroll(mt):
+                                for n in T.unroll(nt):
+                                    for r in T.unroll(4):
+                                        row = T.meta_var(m * MMA_TILE_ROWS + tx // 4 + 8 * (r // 2))
+                                        part[tz, ty, row, n * 8 + 2 * (tx % 4) + r % 2] = acc[(m * nt + n) * 4 + r]
+                            T.tvm_storage_sync("shared")
+                            for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
+                                idx = T.meta_var(o * threads + (tz * wm + ty) * 32 + tx)
+                                row = T.meta_var(idx % block_rows)
+                                n_glob = T.meta_var(bx * block_rows + row)
+                                b_glob = T.meta_var(by * block_batch + idx // block_rows)
+                                if idx < block_rows * block_batch and n_glob < n_out and b_glob < batch:
+                                    total[0] = T.Cast(acc_t, 0)
+                                    for z in T.unroll(ks):
+                                        for j in T.unroll(n_act):
+                                            col = T.meta_var(idx // block_rows * stride + j)
+                                            cell = T.meta_var(part[z, row // (mt * 16), row % (mt * 16), col])
+                                            total[0] = total[0] + x_coef(j) * cell
+                                    if fused_pack:
+                                        y[b_glob, n_glob] = result(
+                                            total[0], rscale[idx // block_rows], rcode[idx // block_rows],
+                                            n_glob, w_scale, bias_buf, bitlayers,
+                                        )  # fmt: skip
+                                    else:
+                                        y[b_glob, n_glob] = result(
+                                            total[0],
+                                            x_scale[b_glob],
+                                            rowsum[b_glob],
+                                            n_glob,
+                                            w_scale,
+                                            bias_buf,
+                                            bitlayers,
+                                        )
+
+    # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
+    if integer:
+        return _without_params(kernel, (0, 2, 5, 6))
+    unused = (1, 2, 3) if fused_pack else (0,)
+    return _without_params(kernel, unused if bias else (*unused, 6))
+
+
+def _without_params(func: tir.PrimFunc, indices: tuple[int, ...]) -> tir.PrimFunc:
+    """``func`` without the (buffer) parameters at ``indices``, which its body never reads."""
+    params = [p for k, p in enumerate(func.params) if k not in indices]
+    return tir.PrimFunc(params, func.body, func.ret_type, func.attrs)

@@ -1,0 +1,180 @@
+"""Run a TVM-generated BMMA CUDA kernel on the CPU: the kernel's own source, compiled with g++.
+
+For exactness checks without a GPU. Every CUDA thread of a block is a ``std::thread``;
+``__syncthreads`` is a block barrier, ``__shared__`` a static (blocks run one after another),
+and each ``mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc`` becomes a warp-collective
+function that gathers the 32 lanes' fragments (PTX ISA fragment layouts for ``.b1`` m16n8k256,
+the same ones ``../shared/examples/bmma_tensorize.py`` verified on an H100) and computes
+``D = C + popcount(A & B)``. What it checks: TVM's generated indexing, predicates, K split,
+plane loop and epilogue. What it cannot: timing, memory-model races the emulation serializes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import tempfile
+
+import numpy as np
+
+_PRELUDE = r"""
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#define uint unsigned int
+#define __global__
+#define __launch_bounds__(x)
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline float min(float a, float b) { return fminf(a, b); }
+struct Dim { unsigned x, y, z; };
+thread_local Dim threadIdx, blockIdx;
+struct Warp {
+  unsigned a[32][4], b[32][2], vote[32];
+  int c[32][4];
+  std::barrier<> sync{32};
+};
+thread_local Warp* my_warp;
+static unsigned __ballot_sync(unsigned mask, int pred) {
+  Warp& w = *my_warp;
+  w.vote[threadIdx.x] = pred != 0;
+  w.sync.arrive_and_wait();
+  unsigned out = 0;
+  for (int l = 0; l < 32; ++l) out |= w.vote[l] << l;
+  w.sync.arrive_and_wait();
+  return out & mask;
+}
+thread_local std::barrier<>* my_block;
+static void __syncthreads() { my_block->arrive_and_wait(); }
+static void emu_bmma(int* d0, int* d1, int* d2, int* d3, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                     unsigned b0, unsigned b1, int c0, int c1, int c2, int c3) {
+  Warp& w = *my_warp;
+  int lane = threadIdx.x;
+  unsigned a[4] = {a0, a1, a2, a3};
+  int c[4] = {c0, c1, c2, c3};
+  for (int r = 0; r < 4; ++r) { w.a[lane][r] = a[r]; w.c[lane][r] = c[r]; }
+  w.b[lane][0] = b0; w.b[lane][1] = b1;
+  w.sync.arrive_and_wait();
+  int* d[4] = {d0, d1, d2, d3};
+  int out[4];
+  for (int r = 0; r < 4; ++r) {
+    int row = lane / 4 + 8 * (r / 2), col = 2 * (lane % 4) + r % 2, acc = w.c[lane][r];
+    for (int word = 0; word < 8; ++word) {
+      unsigned av = w.a[4 * (row % 8) + word % 4][row / 8 + 2 * (word / 4)];
+      unsigned bv = w.b[4 * col + word % 4][word / 4];
+      acc += __builtin_popcount(av & bv);
+    }
+    out[r] = acc;
+  }
+  w.sync.arrive_and_wait();  // every lane has read the fragments before any lane overwrites them
+  for (int r = 0; r < 4; ++r) *d[r] = out[r];
+}
+"""
+
+_LAUNCH = r"""
+extern "C" void launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned gy, unsigned gz,
+                       unsigned bx, unsigned by, unsigned bz) {
+  unsigned threads = bx * by * bz;
+  std::vector<Warp> warps(threads / 32);
+  for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
+    std::barrier<> block(threads);
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        threadIdx = Dim{t % bx, (t / bx) % by, t / (bx * by)};
+        blockIdx = Dim{x, y, z};
+        my_warp = &warps[t / 32];
+        my_block = &block;
+        KERNEL(CALL_ARGS);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+"""
+
+_ASM = re.compile(
+    r"__asm__ __volatile__\(\s*\"mma\.sync\.aligned\.m16n8k256[^\"]*and\.popc\"\s*\"[^\"]*\"\s*:(.*?)\);\s*", re.S
+)
+
+
+def _operands(text: str) -> list[str]:
+    """The expressions of an asm operand list ``"=r"(e0), ... : "r"(e4), ...`` in order."""
+    out, i = [], 0
+    while True:
+        m = re.compile(r"\"=?r\"\(").search(text, i)
+        if not m:
+            return out
+        depth, j = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            j += 1
+        out.append(text[m.end() : j - 1])
+        i = j
+
+
+def _translate(source: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(C++ kernel text, kernel name, [(type, name)] parameters) of the one kernel in ``source``."""
+    start = source.index('extern "C" __global__')
+    body = source[start:]
+    body = body[body.index(";") + 1 :]  # skip the declaration, keep the definition
+    body = body[body.index('extern "C" __global__') :]
+    sig = re.match(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\((.*?)\) \{', body, re.S)
+    name, params = sig.group(1), [p.strip() for p in sig.group(2).split(",")]
+    parsed = [(" ".join(p.split()[:-1]).replace("__restrict__", "").strip(), p.split()[-1]) for p in params]
+
+    def repl(m: re.Match) -> str:
+        ops = _operands(m.group(1))
+        if len(ops) != 14:
+            raise ValueError(f"unexpected mma operands: {ops}")
+        return "emu_bmma(" + ", ".join([f"&({o})" for o in ops[:4]] + ops[4:]) + ");\n"
+
+    body = re.sub(r"__shared__ (alignas\(\d+\) )?", lambda m: (m.group(1) or "") + "static ", body)
+    body, count = _ASM.subn(repl, body)
+    if count == 0 and "__ballot_sync" not in body:
+        raise ValueError("neither mma.sync m16n8k256 .and.popc nor __ballot_sync in the kernel source")
+    return body.replace('extern "C" ', "static ", 1), name, parsed
+
+
+class EmulatedKernel:
+    """A generated CUDA kernel compiled for the CPU; call with numpy arrays and int scalars by name."""
+
+    def __init__(self, source: str) -> None:
+        text, self.name, self.params = _translate(source)
+        ptrs = [n for t, n in self.params if "*" in t]
+        call = ", ".join(
+            f"({t})ptrs[{ptrs.index(n)}]"
+            if "*" in t
+            else f"scalars[{[m for tt, m in self.params if '*' not in tt].index(n)}]"
+            for t, n in self.params
+        )
+        launch = _LAUNCH.replace("KERNEL", self.name).replace("CALL_ARGS", call)
+        self._dir = tempfile.mkdtemp(prefix="pbtvm_emu_")
+        src, lib = os.path.join(self._dir, "k.cc"), os.path.join(self._dir, "k.so")
+        with open(src, "w") as f:
+            f.write(_PRELUDE + text + launch)
+        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", lib, src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"g++ failed on the emulated kernel:\n{proc.stderr[-3000:]}")
+        self._lib = ctypes.CDLL(lib)
+
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], **args: object) -> None:
+        """Run the kernel; ``args`` by the source's parameter names (``xp_ptr``, ``batch`` ...)."""
+        keep, ptrs, scalars = [], [], []
+        for t, n in self.params:
+            if "*" in t:
+                arr = args[n]
+                assert isinstance(arr, np.ndarray) and arr.flags.c_contiguous, n
+                keep.append(arr)
+                ptrs.append(arr.ctypes.data_as(ctypes.c_void_p))
+            else:
+                scalars.append(int(args[n]))
+        p_arr = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
+        s_arr = (ctypes.c_int64 * max(1, len(scalars)))(*scalars)
+        self._lib.launch(p_arr, s_arr, *(ctypes.c_uint(v) for v in (*grid, *block)))

@@ -1,0 +1,126 @@
+"""The BMMA kernel's generated CUDA, run on the CPU (``tests/cuda_emulator.py``), equals the reference.
+
+Each CUDA thread is a CPU thread and every ``mma.sync m16n8k256 .b1 .and.popc`` a warp-collective
+emulation of the PTX fragment layouts, so this checks TVM's generated indexing, predicates, K
+split, plane loop and epilogue exactly, without a GPU. ``tests/test_bmma_gpu.py`` checks the same
+on a device (the hardware MMA itself).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm.cuda import build
+from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules.cuda_ballot_pack import pack_warps
+from pbtvm.schedules.cuda_bmma import default_config
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
+from pbtvm.target import resolve_target
+
+from .cuda_emulator import EmulatedKernel
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
+SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+MMA = "mma16x256"
+
+
+def _emulate_exact(bits: int, act_bits: int, n: int, k: int, batches: tuple, cfg: BMMAConfig | None, rng) -> None:  # noqa: ANN001
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    cfg = cfg or default_config(fmt, n, k)
+    func = bmma_dense_kernel(fmt, n, k, False, cfg, integer=True).with_attr("global_symbol", "bmma_int")
+    kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
+    q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    wp = bp.pack_weights(q, fmt)
+    acc_t = fmt.accumulator_dtype(k)
+    for batch in batches:
+        xq = rng.integers(-fmt.act_qmax, fmt.act_qmax + 1, (batch, k))
+        xp = bp.pack_activations(xq, fmt)
+        grid = (
+            -(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)),
+            -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)),
+            1,
+        )
+        for layers in sorted({1, (bits + 1) // 2, bits}):
+            y = np.full((batch, n), -7, acc_t)
+            args = {"xp_ptr": xp, "rowsum_ptr": xq.sum(1).astype(acc_t), "wp_ptr": wp, "y_ptr": y}
+            kernel(grid, (32, cfg.warps_m, cfg.k_split), **args, batch=batch, bitlayers=layers)
+            ref = bp.bitplane_matmul(wp, xp, fmt, layers, n_rows=n)
+            np.testing.assert_array_equal(y, ref, err_msg=f"{fmt.name} {cfg} batch={batch} bitlayers={layers}")
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+@pytest.mark.parametrize("bits", [1, 2, 5, 16])
+def test_default_kernel_exact_in_emulation(bits, act_bits, rng):
+    """Odd N (partial row tile), K = 700 (a partial K tile), batches that fill tiles partly."""
+    _emulate_exact(bits, act_bits, 257, 700, (1, 3), None, rng)
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "cfg"),
+    [
+        (4, 16, 257, 700, BMMAConfig(2, 2, 2, 2, 4)),  # every knob above 1, a batch row over 2 tiles
+        (1, 4, 100, 1000, BMMAConfig(4, 1, 4, 1, 1)),  # 4 row tiles a warp, K split 4, 2 rows a tile
+        (8, 8, 257, 700, BMMAConfig(1, 4, 1, 4, 4)),  # 4 K tiles in flight (more than K has)
+        (3, 8, 64, 256, BMMAConfig(1, 1, 1, 1, 1)),  # exactly one K tile
+    ],
+)
+def test_configs_exact_in_emulation(bits, act_bits, n, k, cfg, rng):
+    _emulate_exact(bits, act_bits, n, k, (8,), cfg, rng)
+
+
+def test_batch_64_exact_in_emulation(rng):
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    _emulate_exact(4, 8, 70, 300, (64,), default_config(fmt, 70, 300, batch=64), rng)
+
+
+@pytest.mark.parametrize(
+    ("act_bits", "k", "batch"), [(2, 1001, 3), (8, 4096, 1), (16, 650, 3), (4, 11008, 2), (8, 20, 3)]
+)
+def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
+    """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too)."""
+    fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
+    func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
+    kernel = EmulatedKernel(build(func, SM90).mod.imports[0].inspect_source())
+    x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
+    x[-1] = 0 if batch > 1 else x[-1]
+    xq, xs = qz.quantize_activations(x, fmt)
+    xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+    scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
+    kernel((batch, 1, 1), (32, pack_warps(k), 1), x_ptr=x, xp_ptr=xp, x_scale_ptr=scale, rowsum_ptr=rowsum, batch=batch)
+    np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale, xs)
+    np.testing.assert_array_equal(rowsum, xq.sum(1))
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "batch", "cfg"),
+    [
+        (4, 8, 33, 300, 1, BMMAConfig(1, 2, 2, 1, 1)),
+        (4, 16, 257, 700, 3, BMMAConfig(2, 2, 2, 2, 4)),  # 3 of the block's 4 batch rows used
+        (1, 4, 100, 1000, 8, BMMAConfig(1, 2, 4, 1, 2)),
+    ],
+)
+def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, rng):
+    """One launch per layer: the blocks pack their batch rows (ballots into shared memory) first."""
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True).with_attr("global_symbol", "fused")
+    kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    x[-1] = 0 if batch > 1 else x[-1]
+    bias = rng.standard_normal(n).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    grid = (-(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)), -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)), 1)
+    for layers in sorted({1, bits}):
+        y = np.full((batch, n), np.nan, np.float32)
+        args = {"x_ptr": x, "wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y}
+        kernel(grid, (32, cfg.warps_m, cfg.k_split), **args, batch=batch, bitlayers=layers)
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -1,0 +1,150 @@
+"""Binary tensor cores (issue 13) on a CUDA device: the BMMA kernel equals the numpy reference.
+
+Skipped without a GPU (not yet run: written in a session without one). The code-generation side
+runs on every machine in ``tests/test_bmma_codegen.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
+from pbtvm.schedules import cuda_bmma
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel
+from pbtvm.target import resolve_target
+
+from .models import MLP
+
+pytestmark = pytest.mark.gpu
+MMA = "mma16x256"
+BATCHES = (1, 3, 8, 64)
+#: Odd N (a partial 16-row tile) and K not a multiple of 256 (a partial K tile, 22 words).
+N_OUT, K_DIM = 257, 700
+
+
+def _t(a: np.ndarray):  # noqa: ANN202
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cuda(0))
+
+
+def _int_kernel(fmt: bp.BitplaneFormat, cfg: BMMAConfig):  # noqa: ANN202
+    func = bmma_dense_kernel(fmt, N_OUT, K_DIM, False, cfg, integer=True).with_attr("global_symbol", "main")
+    return kernels.build(func, resolve_target("cuda"), schedule=False)
+
+
+def _check_exact(kern, fmt: bp.BitplaneFormat, rng: np.random.Generator, batches=BATCHES) -> None:  # noqa: ANN001
+    q, _ = qz.quantize_weights(rng.standard_normal((N_OUT, K_DIM)).astype(np.float32), fmt)
+    wp = bp.pack_weights(q, fmt)
+    acc_t = fmt.accumulator_dtype(K_DIM)
+    for batch in batches:
+        xq = rng.integers(-fmt.act_qmax, fmt.act_qmax + 1, (batch, K_DIM))  # full-scale codes
+        xp = bp.pack_activations(xq, fmt)
+        out = _t(np.full((batch, N_OUT), -7, acc_t))
+        # Every bitlayers value; at batch 64 three of them (the numpy reference is the slow part).
+        every = range(1, fmt.bits + 1) if batch <= 8 else sorted({1, (fmt.bits + 1) // 2, fmt.bits})
+        for layers in every:
+            kern(_t(xp), _t(xq.sum(1).astype(acc_t)), _t(wp), layers, out)
+            ref = bp.bitplane_matmul(wp, xp, fmt, layers, n_rows=N_OUT)
+            np.testing.assert_array_equal(out.numpy(), ref, err_msg=f"batch={batch} bitlayers={layers}")
+        np.testing.assert_array_equal(out.numpy(), xq @ q.T)  # all planes: the exact integer product
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+@pytest.mark.parametrize("bits", [*range(1, 9), 16])
+def test_bmma_int_product_exact_on_gpu(bits, act_bits, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    _check_exact(_int_kernel(fmt, cuda_bmma.default_config(fmt, N_OUT, K_DIM)), fmt, rng)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [BMMAConfig(1, 1, 1, 1, 2), BMMAConfig(2, 2, 2, 2, 2), BMMAConfig(4, 1, 2, 1, 4), BMMAConfig(1, 4, 1, 2, 4)],
+)
+@pytest.mark.parametrize(("bits", "act_bits"), [(1, 4), (4, 8), (16, 16)])
+def test_bmma_configs_exact_on_gpu(bits, act_bits, cfg, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    _check_exact(_int_kernel(fmt, cfg), fmt, rng, batches=(3, 64))
+
+
+def test_sampled_design_space_points_exact_on_gpu(rng):
+    """Random points of the tunable template's design space compute the exact product too."""
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    space = cuda_bmma.config_space(fmt, N_OUT, K_DIM, 8)
+    for pick in rng.choice(len(space), 4, replace=False):
+        _check_exact(_int_kernel(fmt, space[pick]), fmt, rng, batches=(8,))
+
+
+@pytest.mark.parametrize("act_bits", [2, 8, 16])
+def test_ballot_pack_exact_on_gpu(act_bits, rng):
+    fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
+    k, b = 1001, 7
+    x = (rng.standard_normal((b, k)) * 5).astype(np.float32)
+    x[3] = 0
+    xq, xs = qz.quantize_activations(x, fmt)
+    kern = kernels.build(kernels.act_pack_func(fmt, k), resolve_target("cuda"))
+    xp = _t(np.full((act_bits, b, fmt.words(k)), 0xDEADBEEF, np.uint32))
+    scale, rowsum = _t(np.full(b, -1, np.float32)), _t(np.full(b, -1, fmt.accumulator_dtype(k)))
+    kern(_t(x), xp, scale, rowsum)
+    np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale.numpy(), xs)
+    np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
+
+
+@pytest.mark.parametrize(("bits", "batch"), [(1, 1), (4, 64), (8, 3)])
+def test_bmma_dense_layer_on_gpu(bits, batch, rng):
+    """The default schedule of a ``pb_gemm`` in the mma layout (float epilogue, bias) vs the reference."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    w = rng.standard_normal((N_OUT, K_DIM)).astype(np.float32)
+    x = rng.standard_normal((batch, K_DIM)).astype(np.float32)
+    bias = rng.standard_normal(N_OUT).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    kern = kernels.build(kernels.dense_func(fmt, N_OUT, K_DIM), resolve_target("cuda"))
+    y = _t(np.full((batch, N_OUT), np.nan, np.float32))
+    for layers in sorted({1, bits}):
+        kern(
+            _t(bp.pack_activations(xq, fmt)),
+            _t(xs),
+            _t(xq.sum(1).astype(np.int32)),
+            _t(wp),
+            _t(ws),
+            _t(bias),
+            layers,
+            y,
+        )
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(("bits", "batch"), [(1, 1), (4, 3), (8, 8)])
+def test_fused_pack_kernel_on_gpu(bits, batch, rng):
+    """One launch per layer (``pb_dense_act`` in the mma layout) vs the reference."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    w = rng.standard_normal((N_OUT, K_DIM)).astype(np.float32)
+    x = rng.standard_normal((batch, K_DIM)).astype(np.float32)
+    bias = rng.standard_normal(N_OUT).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    kern = kernels.build(kernels.dense_act_func(fmt, N_OUT, K_DIM), resolve_target("cuda"))
+    y = _t(np.full((batch, N_OUT), np.nan, np.float32))
+    for layers in sorted({1, bits}):
+        kern(_t(x), _t(wp), _t(ws), _t(bias), layers, y)
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_compiled_mma_model_matches_cpu_on_gpu():
+    torch.manual_seed(0)
+    model = MLP((300, 257, 64, 10)).eval()
+    ex = (torch.randn(2, 300),)
+    gpu = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
+    cpu = pbtvm.compile(model, ex, target="llvm", bits=4)
+    x = np.random.default_rng(3).standard_normal((9, 300)).astype(np.float32)
+    for layers in (None, 2):
+        np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
