@@ -12,6 +12,7 @@ from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
+from .epilogue import dense_value
 
 __all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue", "GEMM_BLOCK", "SCHEDULE_RULE"]
 
@@ -129,12 +130,6 @@ def dense_epilogue(
     ``w_scale`` is ``fmt.scale_shape(N)``: the scales, and with a zero point also ``z`` (see
     :func:`pb_dense`).
     """
-    # Offset (bipolar) plus the expected value of the dropped planes, (2^(k-L) - 1) / 2.
-    dropped = (tir.const(fmt.bits, "int64") - bitlayers.astype("int64")).astype("int64")
-    corr = (tir.shift_left(tir.const(1, "int64"), dropped) - 1).astype("float32") * tir.const(0.5, "float32")
-    if fmt.codebook == "bipolar":
-        corr = tir.const(0.0, "float32")
-    off = tir.const(float(fmt.weight_offset), "float32") + corr
     n_rows = int(acc.shape[1])
     if tuple(int(d) for d in w_scale.shape) != fmt.scale_shape(n_rows):
         raise ValueError(f"w_scale has shape {tuple(w_scale.shape)}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
@@ -142,15 +137,7 @@ def dense_epilogue(
     def epilogue(b, n):  # noqa: ANN001, ANN202
         # x_scale and rowsum are read before acc so that a PrimFunc computing them too (the fused
         # LSTM cell) orders their blocks before the GEMM; the float arithmetic is unchanged.
-        if not fmt.has_zero_point:
-            y = (x_scale[b] * (off * rowsum[b].astype("float32") + acc[b, n].astype("float32"))) * w_scale[n]
-            return y + bias[n] if bias is not None else y
-        zero = w_scale[1, n]
-        z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
-        rs = rowsum[b]
-        exact = acc[b, n] - z_int.astype(acc.dtype) * rs  # integer part of the zero point: exact
-        y = (x_scale[b] * ((off - (zero - z_int)) * rs.astype("float32") + exact.astype("float32"))) * w_scale[0, n]
-        return y + bias[n] if bias is not None else y
+        return dense_value(fmt, x_scale[b], rowsum[b], acc[b, n], w_scale, n, bias, bitlayers)
 
     return te.compute(acc.shape, epilogue, name=f"pb_out{tag}")
 

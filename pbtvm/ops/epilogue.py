@@ -1,0 +1,71 @@
+"""The float epilogue of a PB dense layer, one output at a time: the one definition every kernel uses.
+
+``y[b, n] = (acc + (offset + corr - z_n) rowsum_b) s_x[b] s_w[n] + bias[n]`` where ``acc`` is the exact
+integer plane product, ``offset`` the codebook's constant (-1 bipolar), ``corr`` the expected value of
+the weight planes that ``bitlayers`` dropped and ``z_n`` the zero point of offset-binary rows. The TE
+operators (:func:`pbtvm.ops.pb_dense`), the AVX-512 kernel and the CUDA binary-tensor-core kernel all
+build their outputs with :func:`dense_value`, so they agree with each other term for term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._tvm import tir
+from ..bitplane import BitplaneFormat
+
+__all__ = ["dense_value", "truncation_offset"]
+
+
+def truncation_offset(fmt: BitplaneFormat, bitlayers: tir.PrimExpr) -> tir.PrimExpr:
+    """``offset + (2^(k - bitlayers) - 1) / 2`` as float32 (no truncation term for bipolar weights)."""
+    if fmt.codebook == "bipolar":
+        corr = tir.const(0.0, "float32")
+    else:
+        dropped = (tir.const(fmt.bits, "int64") - bitlayers.astype("int64")).astype("int64")
+        corr = (tir.shift_left(tir.const(1, "int64"), dropped) - 1).astype("float32") * tir.const(0.5, "float32")
+    return tir.const(float(fmt.weight_offset), "float32") + corr
+
+
+def dense_value(
+    fmt: BitplaneFormat,
+    x_scale: tir.PrimExpr,
+    rowsum: tir.PrimExpr,
+    acc: tir.PrimExpr,
+    w_scale: Any,
+    n: tir.PrimExpr,
+    bias: Any,
+    bitlayers: tir.PrimExpr,
+) -> tir.PrimExpr:
+    """One float32 output of the dense epilogue.
+
+    Parameters
+    ----------
+    fmt : BitplaneFormat
+    x_scale : PrimExpr, float32
+        The activation row's scale ``s_x[b]``.
+    rowsum : PrimExpr, accumulator dtype
+        The activation row's code sum.
+    acc : PrimExpr, accumulator dtype
+        The exact integer plane product ``acc[b, n]``.
+    w_scale : te.Tensor or tir.Buffer, float32, ``fmt.scale_shape(N)``
+        ``[N]`` scales; with a zero point ``[2, N]`` (scales, then zero points in code units).
+    n : PrimExpr
+        Output row.
+    bias : te.Tensor or tir.Buffer, float32, [N], or None
+    bitlayers : PrimExpr, int64
+
+    Notes
+    -----
+    With a zero point, ``floor(z)`` (clamped to the code range) is subtracted in the integer
+    accumulator, exactly; only ``z - floor(z)`` goes through float32, so large codes do not cancel.
+    """
+    off = truncation_offset(fmt, bitlayers)
+    if not fmt.has_zero_point:
+        y = (x_scale * (off * rowsum.astype("float32") + acc.astype("float32"))) * w_scale[n]
+    else:
+        zero = w_scale[1, n]
+        z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
+        exact = acc - z_int.astype(acc.dtype) * rowsum
+        y = (x_scale * ((off - (zero - z_int)) * rowsum.astype("float32") + exact.astype("float32"))) * w_scale[0, n]
+    return y + bias[n] if bias is not None else y
