@@ -23,9 +23,9 @@ from pbtvm.ops.pb_vnni import pb_vnni_func, target_supports, unsupported_reason
 
 from .rules import ScheduleRule
 
-#: (row_tile, batch_tile) of the kernel: 4 output rows side by side hide the dot-product latency
+#: (row_tile, batch_tile) of the kernel: 2 output rows side by side hide the dot-product latency
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
-ROW_TILE = 4
+ROW_TILE = 2
 BATCH_TILE = 4
 ENV_KERNEL = "PBTVM_CPU_KERNEL"
 
@@ -115,7 +115,7 @@ def vnni_kernel_for(func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: in
 
 # --------------------------------------------------------------------------- knob search
 #: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.
-KNOBS = ((ROW_TILE, BATCH_TILE), (2, 4), (4, 2), (8, 1), (2, 8), (4, 8), (8, 2), (1, 8), (4, 1), (2, 2))
+KNOBS = ((ROW_TILE, BATCH_TILE), (4, 4), (4, 2), (8, 1), (2, 8), (4, 8), (8, 2), (1, 8), (4, 1), (2, 2))
 #: File in a target's tuning-log directory holding the chosen knobs per kernel workload.
 KNOB_LOG = "pbtvm_cpu_kernels.json"
 
