@@ -87,6 +87,7 @@ def test_choose_codebook_rule(rng):
     tern = rng.integers(-1, 2, size=(8, 40)).astype(np.float32) * 0.5
     tern[:, 0], tern[:, 1] = 0.5, -0.5
     assert qz.choose_codebook([tern], fmt)[0] == "twos_complement"
+    assert qz.choose_codebook([w], bp.BitplaneFormat(1, 8))[0] == "bipolar"  # k = 1: the sign code, always
     f, [(q, s)] = qz.layer_format([w], fmt, "twos_complement")
     assert f.codebook == "twos_complement" and s.shape == (w.shape[0],)
     assert qz.layer_format([w], fmt, None)[0] == fmt
