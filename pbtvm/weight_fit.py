@@ -28,6 +28,9 @@ __all__ = ["CLIP_RATIOS", "REFINE_STEPS", "fit_symmetric", "fit_offset_binary", 
 CLIP_RATIOS = np.linspace(0.30, 1.0, 15)
 #: Alternating round / least-squares refinement steps after the grid search.
 REFINE_STEPS = 4
+#: Offset binary keeps the centred zero point (symmetric grid, signs kept) unless a free zero point
+#: lowers the row's squared error by more than this fraction (measured, BENCHMARKS.md issue 17).
+CENTER_MARGIN = 0.05
 #: Rows per chunk: keeps the [rows, K] float32 temporaries near 64 MB for K = 4096.
 _CHUNK_ELEMS = 1 << 24
 
@@ -226,7 +229,45 @@ def _fit_offset_rows(
             better = (e < best_e) & (s > 0)
             best_lo, best_s, best_e = (np.where(better, a, b) for a, b in ((lo, best_lo), (s, best_s), (e, best_e)))
             best_q[better] = q[better]
+        q_c, lo_c, s_c, e_c = _fit_centered_rows(w64, qmax, c)
+        centred = ~(best_e < (1 - CENTER_MARGIN) * e_c)  # a free zero point must earn its keep
+        best_lo, best_s = np.where(centred, lo_c, best_lo), np.where(centred, s_c, best_s)
+        best_q[centred] = q_c[centred]
     return _to_zero_point(best_q, best_lo, best_s)
+
+
+def _fit_centered_rows(
+    w: np.ndarray, qmax: int, c: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Offset binary with the zero point in the middle, ``z = qmax / 2``: a symmetric grid with no
+    zero level (every weight keeps its sign; k = 2 gives ``s/2 * {-3, -1, 1, 3}``).
+
+    Clip search over ``r * max|w|`` and least-squares scale refits, like :func:`fit_symmetric`.
+    Returns ``(q, lo, s, sse)`` with ``w ~= lo + s q``.
+    """
+    half = qmax / 2
+    amax = np.abs(_significant(w, c)).max(axis=1)
+
+    def attempt(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        safe = np.where(s > 0, s, 1.0)
+        q = np.clip(np.round(w / safe[:, None] + half), 0, qmax)
+        return q, _sse(w, s[:, None] * (q - half), c)
+
+    best_s = 2 * amax / qmax
+    best_q, best_e = attempt(best_s)
+    candidates = [2 * r * amax / qmax for r in CLIP_RATIOS[:-1]]
+    for step in range(len(candidates) + REFINE_STEPS):
+        if step < len(candidates):
+            s = candidates[step]
+        else:  # least-squares scale for the best codes so far
+            d = best_q - half
+            dd = _dot(d, d, c)
+            s = np.where(dd > 0, _dot(w, d, c) / np.where(dd > 0, dd, 1), 0.0)
+        q, e = attempt(s)
+        better = (e < best_e) & (s > 0)
+        best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
+        best_q[better] = q[better]
+    return best_q, -best_s * half, best_s, best_e
 
 
 def _to_zero_point(q: np.ndarray, lo: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
