@@ -463,17 +463,31 @@ def _measure_default(func: tir.PrimFunc, target: tvm.target.Target, batch: int, 
     return sch, [float(s) for s in out.run_secs]
 
 
-def default_builder(target: tvm.target.Target) -> object:
-    """LocalBuilder with one worker per core and a generous timeout.
+def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict | None) -> object:
+    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
 
-    MetaSchedule's default 30 s killed nvcc builds; a fresh worker also spends ~25 s importing
+    That import parses ~250 TVMScript tensor intrinsics, each calling ``inspect.stack()``: 40 s
+    of CPU in every fresh worker (measured on the 2-core EPYC, 2026-11-30), and MetaSchedule's
+    LocalBuilder starts fresh workers for every batch of candidates. PB schedules never tensorize,
+    so the intrinsics are not needed to build them.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def default_builder(target: tvm.target.Target) -> object:
+    """LocalBuilder with one worker per core, a generous timeout and :func:`build_candidate`.
+
+    MetaSchedule's default 30 s killed nvcc builds; a fresh worker also spends seconds importing
     TVM before its first build, more on a loaded machine.
     """
     ms = meta_schedule()
     timeout = 300.0
     workers = max(1, os.cpu_count() or 1)
     if target.kind.name != "cuda":
-        return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout)
+        return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout, f_build=build_candidate)
     # CUDA: BMMA candidates are materialized into their kernel and every candidate is built with
     # nvcc, as pbtvm.compile builds it (the workers register the build function first).
     return ms.builder.LocalBuilder(
