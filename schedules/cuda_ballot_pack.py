@@ -135,6 +135,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
 class CUDABallotPack(ScheduleRule):
     """``act_pack`` for the ``mma16x256`` layout: :func:`ballot_pack_kernel` (one launch)."""
 
+    layout = BMMA_LAYOUT
     kernel = "act_pack"
     target_kinds = ("cuda",)
 

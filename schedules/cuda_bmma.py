@@ -171,6 +171,7 @@ class CUDABmmaGemm(ScheduleRule):
     per warp, warps per block, K split, loads in flight, column tiles per warp).
     """
 
+    layout = BMMA_LAYOUT
     kernel = "pb_gemm"
     target_kinds = ("cuda",)
 

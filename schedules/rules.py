@@ -101,15 +101,15 @@ def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
             cpu.CPULSTMCell(),
         ]
     if kind == "cuda":
-        # The binary-tensor-core rules first: they take the kernels of the mma16x256 layout.
         return [
-            cuda_bmma.CUDABmmaGemm(),
-            cuda_bmma.CUDABmmaDenseAct(),
-            cuda_ballot_pack.CUDABallotPack(),
             cuda.CUDAActPack(),
             cuda.CUDABitplaneGemm(),
             cuda.CUDADenseAct(),
             cuda.CUDALSTMCell(),
+            # binary tensor cores: kernels of the mma16x256 layout (rule_for prefers them)
+            cuda_bmma.CUDABmmaGemm(),
+            cuda_bmma.CUDABmmaDenseAct(),
+            cuda_ballot_pack.CUDABallotPack(),
         ]
     raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")
 
@@ -122,7 +122,9 @@ def rule_for(func: tir.PrimFunc, target: tvm.target.Target) -> ScheduleRule:
     ValueError
         If ``func`` is a PB kernel that no rule for ``target`` handles.
     """
-    for rule in rules_for(target):
+    rules = rules_for(target)
+    # A rule for one weight layout (``layout`` attribute) goes before the generic ones.
+    for rule in sorted(rules, key=lambda r: getattr(r, "layout", None) is None):
         if rule.matches(func, target):
             return rule
     raise ValueError(f"no schedule rule for PB kernel {func.attrs.get('pbtvm.kernel')!r} on {target.kind.name}")
