@@ -25,7 +25,8 @@ from tvm.script import tirx as T
 
 from pbtvm._tvm import tir
 from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
-from pbtvm.ops.common import plane_coefficient
+from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
+from pbtvm.ops.epilogue import dense_value
 
 from .cuda_ballot_pack import row_pack
 
@@ -150,27 +151,19 @@ def bmma_dense_kernel(
     grid_x = -(-row_tiles // (wm * mt))
     out_rounds = -(-(block_rows * block_batch) // threads)
     frag = mt * nt * 4
-    signed_w = fmt.codebook == "twos_complement"
-    bits, offset = fmt.bits, float(fmt.weight_offset)
+    bits, offset = fmt.bits, fmt.weight_offset
     pack = row_pack(fmt, k_dim, threads // 32) if fused_pack else None
 
     def w_coef(i):  # noqa: ANN001, ANN202
-        return plane_coefficient(i, bits, signed_w, acc_t)
+        return weight_plane_coefficient(i, fmt, acc_t)
 
     def x_coef(j):  # noqa: ANN001, ANN202
         return plane_coefficient(j, n_act, True, acc_t)
 
-    def corr(layers):  # noqa: ANN001, ANN202 - expected value of the dropped planes (pb_dense)
-        if not signed_w:
-            return T.float32(0)
-        dropped = T.int64(bits) - layers
-        return T.Cast("float32", T.shift_left(T.int64(1), dropped) - T.int64(1)) * T.float32(0.5)
-
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):  # noqa: ANN001, ANN202 - pb_dense's epilogue
         if integer:
-            return total + T.Cast(acc_t, int(offset)) * codesum
-        y = scale * ((T.float32(offset) + corr(layers)) * T.Cast("float32", codesum) + T.Cast("float32", total))
-        return y * w_scale[n] + bias_buf[n] if bias else y * w_scale[n]
+            return total + T.Cast(acc_t, offset) * codesum
+        return dense_value(fmt, scale, codesum, total, w_scale, n, bias_buf if bias else None, layers)
 
     @T.prim_func(private=True)
     def kernel(
@@ -191,7 +184,7 @@ def bmma_dense_kernel(
         x_scale = T.match_buffer(xs_h, (batch,), "float32")
         rowsum = T.match_buffer(rs_h, (batch,), acc_t)
         wp = T.match_buffer(wp_h, wshape, "uint32")
-        w_scale = T.match_buffer(ws_h, (n_out,), "float32")
+        w_scale = T.match_buffer(ws_h, fmt.scale_shape(n_out), "float32")
         bias_buf = T.match_buffer(b_h, (n_out,), "float32")
         y = T.match_buffer(y_h, (batch, n_out), acc_t if integer else "float32")
         for bx in T.thread_binding(grid_x, thread="blockIdx.x"):

@@ -30,8 +30,10 @@ SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 MMA = "mma16x256"
 
 
-def _emulate_exact(bits: int, act_bits: int, n: int, k: int, batches: tuple, cfg: BMMAConfig | None, rng) -> None:  # noqa: ANN001
-    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+def _emulate_exact(  # noqa: ANN202
+    bits: int, act_bits: int, n: int, k: int, batches: tuple, cfg: BMMAConfig | None, rng, codebook: str | None = None  # noqa: ANN001
+):
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     cfg = cfg or default_config(fmt, n, k)
     func = bmma_dense_kernel(fmt, n, k, False, cfg, integer=True).with_attr("global_symbol", "bmma_int")
     kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
@@ -74,6 +76,12 @@ def test_configs_exact_in_emulation(bits, act_bits, n, k, cfg, rng):
     _emulate_exact(bits, act_bits, n, k, (8,), cfg, rng)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_offset_binary_exact_in_emulation(bits, rng):
+    """Unsigned planes (all coefficients positive, no sign plane) of the offset-binary codebook."""
+    _emulate_exact(bits, 8, 100, 700, (1, 3), None, rng, "offset_binary")
+
+
 def test_batch_64_exact_in_emulation(rng):
     fmt = bp.BitplaneFormat(4, 8, layout=MMA)
     _emulate_exact(4, 8, 70, 300, (64,), default_config(fmt, 70, 300, batch=64), rng)
@@ -99,16 +107,17 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
 
 
 @pytest.mark.parametrize(
-    ("bits", "act_bits", "n", "k", "batch", "cfg"),
+    ("bits", "act_bits", "n", "k", "batch", "cfg", "codebook"),
     [
-        (4, 8, 33, 300, 1, BMMAConfig(1, 2, 2, 1, 1)),
-        (4, 16, 257, 700, 3, BMMAConfig(2, 2, 2, 2, 4)),  # 3 of the block's 4 batch rows used
-        (1, 4, 100, 1000, 8, BMMAConfig(1, 2, 4, 1, 2)),
+        (4, 8, 33, 300, 1, BMMAConfig(1, 2, 2, 1, 1), None),
+        (4, 16, 257, 700, 3, BMMAConfig(2, 2, 2, 2, 4), None),  # 3 of the block's 4 batch rows used
+        (1, 4, 100, 1000, 8, BMMAConfig(1, 2, 4, 1, 2), None),
+        (3, 8, 100, 700, 3, BMMAConfig(1, 2, 2, 1, 1), "offset_binary"),  # the zero-point epilogue
     ],
 )
-def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, rng):
+def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebook, rng):  # noqa: PLR0913
     """One launch per layer: the blocks pack their batch rows (ballots into shared memory) first."""
-    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True).with_attr("global_symbol", "fused")
     kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
     w = rng.standard_normal((n, k)).astype(np.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
-from .common import plane_coefficient
+from .common import plane_coefficient, weight_plane_coefficient
 from .pb_gemm import GEMM_BLOCK, dense_epilogue
 
 __all__ = ["BMMA_LAYOUT", "BMMA_SCHEDULE_RULE", "pb_dense_mma", "pb_dense_act_mma"]
@@ -70,11 +70,10 @@ def pb_dense_mma(
     i = te.reduce_axis((0, bitlayers), "i")
     j = te.reduce_axis((0, fmt.act_bits), "j")
     w = te.reduce_axis((0, xp.shape[2]), "w")
-    signed_w = fmt.codebook == "twos_complement"
 
     def body(b, n):  # noqa: ANN001, ANN202
         pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(i, n, w)], xp[j, b, w])).astype(acc_dtype)
-        coef = plane_coefficient(i, fmt.bits, signed_w, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
+        coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
     acc = te.compute((xp.shape[1], n_out), body, name=GEMM_BLOCK, attrs={"schedule_rule": BMMA_SCHEDULE_RULE})

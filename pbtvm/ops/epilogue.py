@@ -66,6 +66,11 @@ def dense_value(
     else:
         zero = w_scale[1, n]
         z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
-        exact = acc - z_int.astype(acc.dtype) * rowsum
+        exact = acc - z_int.astype(_dtype(acc)) * rowsum
         y = (x_scale * ((off - (zero - z_int)) * rowsum.astype("float32") + exact.astype("float32"))) * w_scale[0, n]
     return y + bias[n] if bias is not None else y
+
+
+def _dtype(expr: Any) -> str:
+    """dtype of a TE element (``TensorSlice``: ``.dtype``) or a TIR expression (``.ty.dtype``)."""
+    return str(expr.dtype) if hasattr(expr, "dtype") else str(expr.ty.dtype)
