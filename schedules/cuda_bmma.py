@@ -92,7 +92,8 @@ def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1, 
     unit = max(1, column_stride(fmt.act_bits) // 8)
     cols = -(-max(1, batch) * column_stride(fmt.act_bits) // 8)
     tiles_n = unit
-    while tiles_n * 2 <= min(cols, 4 * unit):
+    # The one-launch kernel (fused_pack) stops at 2 tiles: with 4, ptxas spilled (W8, 8192x2048).
+    while tiles_n * 2 <= min(cols, (2 if fused_pack else 4) * unit):
         tiles_n *= 2
     k_split = 1
     while k_split < 8 and row_tiles * k_split < TARGET_WARPS and k_split * 2 <= k_tiles:
