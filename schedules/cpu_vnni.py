@@ -33,14 +33,16 @@ ENV_KERNEL = "PBTVM_CPU_KERNEL"
 def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
     """The :class:`BitplaneFormat` a PB PrimFunc was made for (None if its attributes lack one)."""
     attrs = func.attrs or {}
+    codebook = attrs.get("pbtvm.codebook")
     try:
-        fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=str(attrs["pbtvm.layout"]))
+        return BitplaneFormat(
+            int(attrs["pbtvm.bits"]),
+            int(attrs["pbtvm.act_bits"]),
+            None if codebook is None else str(codebook),
+            layout=str(attrs["pbtvm.layout"]),
+        )
     except (KeyError, ValueError, TypeError):
         return None
-    codebook = attrs.get("pbtvm.codebook")
-    if codebook is not None and str(codebook) != fmt.codebook:
-        return None  # a codebook this kernel does not know
-    return fmt
 
 
 def is_fixed_kernel(func: tir.PrimFunc, target: tvm.target.Target | None) -> bool:

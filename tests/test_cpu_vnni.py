@@ -28,6 +28,8 @@ def _codes(rng, fmt, n, k, b):  # noqa: ANN001, ANN202
     """Random weight and activation codes covering the full ranges (extremes included)."""
     if fmt.codebook == "bipolar":
         q = 2 * rng.integers(0, 2, (n, k)) - 1
+    elif fmt.codebook == "offset_binary":
+        q = rng.integers(0, 2**fmt.bits, (n, k))
     else:
         q = rng.integers(-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1), (n, k))
     xq = rng.integers(-fmt.act_qmax, fmt.act_qmax + 1, (b, k))
@@ -79,16 +81,23 @@ def test_tiles_exact(row_tile, batch_tile, rng):
 
 
 @needs_vnni
+@pytest.mark.parametrize(("bits", "act_bits", "n", "k", "b"), [(1, 8, 7, 33, 3), (2, 8, 9, 100, 5), (4, 6, 13, 129, 17), (8, 8, 5, 300, 2)])
+def test_offset_binary_int_product_exact(bits, act_bits, n, k, b, rng):
+    """Unsigned planes of the offset-binary codebook: no sign plane to invert, no shift to undo."""
+    _check_int(bp.BitplaneFormat(bits, act_bits, "offset_binary"), n, k, b, rng)
+
+
+@needs_vnni
 def test_nkw_layout_exact(rng):
     _check_int(bp.PRESETS["w4a8-NkW"], 9, 150, 3, rng)
 
 
 @needs_vnni
-@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize(("bits", "codebook"), [(1, None), (3, None), (8, None), (1, "offset_binary"), (3, "offset_binary")])
 @pytest.mark.parametrize("bias", [True, False])
-def test_dense_equals_popcount_kernel(bits, bias, rng):
+def test_dense_equals_popcount_kernel(bits, codebook, bias, rng):
     """The float layer is the TE epilogue on the same integers: equal to the popcount kernel's output."""
-    fmt = bp.BitplaneFormat(bits, 8)
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
     n, k, b = 21, 77, 6
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((b, k)).astype(np.float32)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
+from .epilogue import dense_value
 
 __all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "target_supports"]
 
@@ -120,10 +121,10 @@ def _decode(T, kern: _Kernel, at, word, layers: int) -> None:  # noqa: ANN001, N
         return tir.Broadcast(kern.coef[i], CHUNK)
 
     zero = tir.Broadcast(tir.const(0, "uint8"), CHUNK)
-    if fmt.codebook == "bipolar":
+    if not fmt.weight_signed:  # bipolar (u = 2b) and offset binary (u = q): planes as they are
         T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [at])
-        return
-    T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [at])  # sign plane inverted
+    else:
+        T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [at])  # sign plane inverted
     for i in range(1, layers):
         T.buffer_store(dec, dec[at] + tir.Select(mask(i), coef(i), zero), [at])
 
@@ -135,8 +136,8 @@ def _act_bytes(fmt: BitplaneFormat, xp: tir.Buffer, row, chunk, full: bool) -> t
 
 
 def _unsigned_shift(fmt: BitplaneFormat) -> int:
-    """``sum_k x u - acc``: ``2^(k-1) rowsum`` for two's complement, 0 for bipolar."""
-    return 0 if fmt.codebook == "bipolar" else 2 ** (fmt.bits - 1)
+    """``sum_k x u - acc``: ``2^(k-1) rowsum`` for two's complement, 0 for bipolar and offset binary."""
+    return 2 ** (fmt.bits - 1) if fmt.weight_signed else 0
 
 
 @dataclass
@@ -218,7 +219,7 @@ def pb_vnni_func(
             x_scale = T.arg("x_scale", T.buffer((batch,), "float32")) if dense else None
             rowsum = T.arg("rowsum", T.buffer((batch,), "int32"))
             wp = T.arg("wp", T.buffer(fmt.weight_shape(n_out, k_dim), "uint32"))
-            w_scale = T.arg("w_scale", T.buffer((n_out,), "float32")) if dense else None
+            w_scale = T.arg("w_scale", T.buffer(fmt.scale_shape(n_out), "float32")) if dense else None
             bias_buf = T.arg("bias", T.buffer((n_out,), "float32")) if dense and bias else None
             layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
             out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
@@ -338,12 +339,6 @@ def _stage(T, kern: _Kernel, rows: list, nlayers: int, span: int) -> None:  # no
 
 
 def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr:  # noqa: ANN001
-    """The float epilogue of :func:`pbtvm.ops.pb_dense`, term for term."""
-    fmt, x_scale, w_scale, bias_buf = kern.fmt, kern.x_scale, kern.w_scale, kern.bias
-    dropped = tir.const(fmt.bits - nlayers, "int64")
-    corr = (tir.shift_left(tir.const(1, "int64"), dropped) - 1).astype("float32") * tir.const(0.5, "float32")
-    if fmt.codebook == "bipolar":
-        corr = tir.const(0.0, "float32")
-    off = tir.const(float(fmt.weight_offset), "float32") + corr
-    y = (x_scale[row] * (off * rs.astype("float32") + acc.astype("float32"))) * w_scale[n]
-    return y + bias_buf[n] if bias_buf is not None else y
+    """The float epilogue of :func:`pbtvm.ops.pb_dense` (the shared :func:`dense_value`)."""
+    layers = tir.const(nlayers, "int64")
+    return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, layers)
