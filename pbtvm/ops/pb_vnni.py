@@ -8,7 +8,7 @@ computed another way. For a chunk of 64 inputs (two packed words) of one weight 
   inverted, so ``u = q + 2^(k-1)`` in ``0 .. 2^k - 1``), or ``u = 2 b`` (bipolar);
 * one ``vpdpbusd`` per activation row multiplies ``u`` (uint8) by the activation codes (int8,
   rebuilt once per call from the packed activation planes) into 16 int32 lanes, exactly;
-* at the end ``acc = sum(lanes) - 2^(k-1) rowsum`` (two's complement), which is
+* at the end ``acc = sum(lanes) - 2^(k-1) sum_k x[k]`` (two's complement), which is
   ``sum_{i<L} c_i sum_k b_i[k] x[k]``, the PB product.
 
 Work per 64 weights is ``2 L`` decode instructions (``kmovq`` + masked ``vpaddb``) shared by a
@@ -159,6 +159,7 @@ class _Kernel:
     decoded: tir.Buffer | None = None
     coef: tir.Buffer | None = None
     stage: tir.Buffer | None = None
+    code_sum: tir.Buffer | None = None
 
 
 def pb_vnni_func(
@@ -231,12 +232,18 @@ def pb_vnni_func(
             kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
             for i, value in enumerate(plane_coefficients(fmt)):
                 T.buffer_store(kern.coef, tir.const(value, "uint8"), [i])
-            # 1. activation codes as int8, once per call.
+            # 1. activation codes as int8 and their sum, once per call. The sum undoes the unsigned
+            # weight shift; it is computed here, not taken from ``rowsum``, so the result depends
+            # on ``rowsum`` exactly as the TE kernel's does (only through the offset/epilogue).
+            kern.code_sum = T.alloc_buffer((batch,), "int32")
             with T.parallel(0, batch) as r:
                 for c in range(chunks):
                     T.buffer_store(
                         codes, _act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)]
                     )
+                T.buffer_store(kern.code_sum, tir.const(0, "int32"), [r])
+                with T.serial(0, chunks * CHUNK) as kk:
+                    T.buffer_store(kern.code_sum, kern.code_sum[r] + codes[r, kk].astype("int32"), [r])
             # 2. tiles of output rows x activation rows; straight-line code per (activation rows
             # left, bitlayers), so the chunk loop has no branch.
             with T.parallel(0, -(-n_out // row_tile)) as tile:
@@ -311,7 +318,7 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
                     row = b0 + b
                     total = tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v16i32", acc[slot[r][b]])
                     rs = kern.rowsum[row]
-                    exact = total - tir.const(shift, "int32") * rs
+                    exact = total - tir.const(shift, "int32") * kern.code_sum[row]
                     if kern.x_scale is None:
                         value = exact + tir.const(fmt.weight_offset, "int32") * rs
                     else:
