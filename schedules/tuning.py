@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -126,19 +127,40 @@ def tune_context(func: tir.PrimFunc, target: tvm.target.Target, batch: int = 1, 
     register_custom_rules()
     ms = meta_schedule()
     mod = tvm.IRModule({"main": workload(func, batch)})
-    return ms.TuneContext(
-        mod,
-        target=target,
-        space_generator=_space_generator(target),
-        # The PB design spaces are small (a few hundred points), so a smaller population than
-        # MetaSchedule's default 512 explores them fully at a fraction of the cost.
-        search_strategy=ms.search_strategy.EvolutionarySearch(
-            population_size=128, init_min_unmeasured=32, genetic_num_iters=3
-        ),
-        task_name=kernel_name(func),
-        rand_state=seed,
-        num_threads=max(1, os.cpu_count() or 1),
-    )
+    with _without_tensor_intrinsics():
+        return ms.TuneContext(
+            mod,
+            target=target,
+            space_generator=_space_generator(target),
+            # The PB design spaces are small (a few hundred points), so a smaller population than
+            # MetaSchedule's default 512 explores them fully at a fraction of the cost.
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=128, init_min_unmeasured=32, genetic_num_iters=3
+            ),
+            task_name=kernel_name(func),
+            rand_state=seed,
+            num_threads=max(1, os.cpu_count() or 1),
+        )
+
+
+@contextlib.contextmanager
+def _without_tensor_intrinsics() -> Iterator[None]:
+    """Let ``TuneContext`` skip its ``import tvm.s_tir.tensor_intrin`` (see :func:`build_candidate`).
+
+    While a placeholder module stands in for it, the import is a no-op; the placeholder is removed
+    afterwards, so a later real import (someone tensorizing) still registers the intrinsics.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    placeholder = types.ModuleType(name)
+    sys.modules[name] = placeholder
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
 
 
 def sample_candidates(func: tir.PrimFunc, target: tvm.target.Target, count: int, seed: int = 0, batch: int = 1):  # noqa: ANN201
