@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -99,7 +100,8 @@ def test_inspect_bad_input(tmp_path, capsys):
     assert code == 2 and "no pbtvm tuning log" in err
 
 
-def test_tune_then_inspect_log(spec, tmp_path, capsys):
+def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")  # the MetaSchedule path (AVX-512 knobs: test_cpu_vnni)
     logs = tmp_path / "logs"
     code, out, _ = _run(["tune", spec, "--work-dir", logs, "--trials", 2], capsys)
     assert code == 0 and "pb_gemm_w4a8" in out and "tuning time" in out
@@ -118,7 +120,8 @@ def test_tune_bad_input(spec, capsys):
 
 def test_bench(spec, capsys):
     code, out, _ = _run(["bench", spec, "--batch", 2, "--repeat", 3], capsys)
-    assert code == 0 and "torch fp32" in out and "PB W4A8" in out and "vs fp32" in out
+    assert code == 0 and "torch fp32" in out and "PB W4A8" in out and "speed vs torch fp32" in out
+    assert re.search(r"PB W4A8 +[0-9.]+ +([0-9.]+x (faster|slower)|same)$", out, re.M), out
     code, _, err = _run(["bench", spec, "--target", "{not json"], capsys)
     assert code == 2 and "not valid JSON" in err
 

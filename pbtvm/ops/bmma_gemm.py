@@ -60,7 +60,7 @@ def pb_dense_mma(
     """
     if fmt.layout != BMMA_LAYOUT:
         raise ValueError(f"pb_dense_mma reads the {BMMA_LAYOUT} weight layout, got {fmt.name}")
-    n_out = int(w_scale.shape[0])
+    n_out = int(w_scale.shape[-1])  # [N] scales, or [2, N] scales and zero points
     want = fmt.weight_shape(n_out, k_dim)
     if tuple(int(s) for s in wp.shape) != want:
         raise ValueError(f"packed weights have shape {tuple(wp.shape)}, {fmt.name} N={n_out} K={k_dim} wants {want}")
