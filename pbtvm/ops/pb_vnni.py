@@ -97,10 +97,11 @@ def _masked_sum(terms: list[tuple[tir.PrimExpr, int, int]], dtype: str) -> tir.P
 
 
 def plane_coefficients(fmt: BitplaneFormat) -> list[int]:
-    """Per weight plane, the byte it adds to the unsigned code (plane 0 of two's complement: removes)."""
-    if fmt.codebook == "bipolar":
-        return [2]
-    return [2 ** (fmt.bits - 1 - i) for i in range(fmt.bits)]
+    """Per weight plane, the byte it adds to the unsigned code: the format's ``|c_i|``.
+
+    Plane 0 of two's complement (``c_0 < 0``) is added inverted instead (see :func:`_decode`).
+    """
+    return [abs(c) for c in fmt.plane_coefficients()]
 
 
 def _decode(T, kern: _Kernel, at, word, layers: int) -> None:  # noqa: ANN001, N803
