@@ -14,6 +14,7 @@ from . import __version__, outputs
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
+from .names import KernelKind, kernel_kind
 from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
 from .relay_passes.pb_linear_rewrite import weight_key
@@ -161,7 +162,7 @@ def _warn_recurrent(model: Any) -> None:
 
 
 def _pb_gemms(mod: tvm.IRModule) -> list:
-    return [f for _, f in mod.functions_items() if (getattr(f, "attrs", None) or {}).get("pbtvm.kernel") == "pb_gemm"]
+    return [f for _, f in mod.functions_items() if kernel_kind(f) == KernelKind.GEMM]
 
 
 def tune(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._tvm import te, tir, tvm
 from .bitplane import BitplaneFormat
+from .names import ATTR_INPUT_SIZE, KernelKind
 from .ops import (
     act_quantize_pack,
     kernel_attrs,
@@ -26,7 +27,7 @@ def _batch_var() -> tir.Var:
 def act_pack_func(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     """``(x f32 [B, K]) -> (xp, x_scale, rowsum)`` with a symbolic B."""
     x = te.placeholder((_batch_var(), k_dim), "float32", "x")
-    return te.create_prim_func([x, *act_quantize_pack(x, fmt)]).with_attrs(kernel_attrs("act_pack", fmt, k_dim))
+    return te.create_prim_func([x, *act_quantize_pack(x, fmt)]).with_attrs(kernel_attrs(KernelKind.ACT_PACK, fmt, k_dim))
 
 
 def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tuple:
@@ -42,7 +43,7 @@ def int_product_func(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tir.PrimFun
     """``(xp, rowsum, wp, bitlayers) -> acc [B, N]`` (exact integers)."""
     xp, _, rs, wp, layers = _operands(fmt, n_out, k_dim)
     acc = pb_int_product(xp, rs, wp, layers, fmt, k_dim)
-    return te.create_prim_func([xp, rs, wp, layers, acc]).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
+    return te.create_prim_func([xp, rs, wp, layers, acc]).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim))
 
 
 def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
@@ -57,7 +58,7 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
     dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores on CUDA
     y = dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
-    return te.create_prim_func(args).with_attrs(kernel_attrs("pb_gemm", fmt, k_dim))
+    return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim))
 
 
 def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
@@ -70,7 +71,7 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
     dense_act = pb_dense_act_mma if fmt.layout == BMMA_LAYOUT else pb_dense_act
     y = dense_act(x, wp, ws, b, layers, fmt)
     args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
-    return te.create_prim_func(args).with_attrs(kernel_attrs("pb_dense_act", fmt, k_dim))
+    return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim))
 
 
 def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
@@ -86,7 +87,7 @@ def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
     ws = te.placeholder(fmt.scale_shape(4 * hidden), "float32", "w_scale")
     layers = tir.Var("bitlayers", "int64")
     outs = pb_lstm_cell(gx, h, c, wp, ws, layers, fmt)
-    return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(kernel_attrs("pb_lstm_cell", fmt, hidden))
+    return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden))
 
 
 def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias: bool = True) -> tir.PrimFunc:
@@ -108,7 +109,7 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
     layers = tir.Var("bitlayers", "int64")
     outs = pb_lstm_cell_input(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, layers, fmt)
     args = [x, wp_ih, ws_ih] + ([b] if bias else []) + [h, c, wp_hh, ws_hh, layers, *outs]
-    attrs = {**kernel_attrs("pb_lstm_cell", fmt, hidden), "pbtvm.input_size": int(input_size)}
+    attrs = {**kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden), ATTR_INPUT_SIZE: int(input_size)}
     return te.create_prim_func(args).with_attrs(attrs)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from pbtvm import names
 from pbtvm._tvm import tir, tvm
 from pbtvm.schedules import apply_default_schedule
 
@@ -24,7 +25,7 @@ def check_bitlayers(func: tir.PrimFunc) -> tir.PrimFunc:
     var = next((p for p in func.params if p.name == "bitlayers" and isinstance(p.ty, tvm.ir.PrimType)), None)
     if var is None:
         return func
-    bits, dtype = int(func.attrs["pbtvm.bits"]), str(var.ty.dtype)
+    bits, dtype = int(func.attrs[names.ATTR_BITS]), str(var.ty.dtype)
     cond = tir.And(var >= tir.const(1, dtype), var <= tir.const(bits, dtype))
     message = f"pbtvm: bitlayers must be in 1..{bits} (the model's weight bits)"
     # TVM 0.27's Python AssertStmt documents (kind, condition, ...) but its constructor takes
@@ -54,7 +55,7 @@ class ApplyPBSchedules:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         updates = {}
         for gvar, func in mod.functions_items():
-            if not isinstance(func, tir.PrimFunc) or "pbtvm.kernel" not in (func.attrs or {}):
+            if not isinstance(func, tir.PrimFunc) or names.kernel_kind(func) is None:
                 continue
             scheduled = self.lookup(func) if self.lookup is not None else None
             if scheduled is None:

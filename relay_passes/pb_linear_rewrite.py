@@ -27,6 +27,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat, pack_weights
+from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 from pbtvm.quantize import AUTO, layer_format
@@ -230,7 +231,7 @@ class _Rewriter(PyExprMutator):
                 lambda x: act_quantize_pack(x, fmt),
                 [x2],
                 f"pb_act_pack_a{fmt.act_bits}_k{k_dim}",
-                kernel_attrs("act_pack", fmt, k_dim),
+                kernel_attrs(KernelKind.ACT_PACK, fmt, k_dim),
             )
         )
         self._act_packs.append((x2, packed))
@@ -263,7 +264,7 @@ class _Rewriter(PyExprMutator):
             compute,
             tensors,
             f"pb_dense_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
-            kernel_attrs("pb_gemm", fmt, k_dim),
+            kernel_attrs(KernelKind.GEMM, fmt, k_dim),
             (self.bitlayers,),
         )
         if out_dtype != "float32":

@@ -6,9 +6,8 @@ Needs a target ``mcpu`` with a popcount instruction (``pbtvm.target`` sees to th
 
 from __future__ import annotations
 
+from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK
-from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
 from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
 
@@ -24,7 +23,7 @@ class CPUBitplaneGemm(ScheduleRule):
     weight row across the batch while it is in L1).
     """
 
-    kernel = "pb_gemm"
+    kernel = names.KernelKind.GEMM
     target_kinds = ("llvm",)
 
     def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
@@ -35,7 +34,7 @@ class CPUBitplaneGemm(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        gemm = sch.get_sblock(GEMM_BLOCK)
+        gemm = sch.get_sblock(names.GEMM)
         ni = _row_tiles(sch, gemm, tunable, variant.get("batch_inner", False))
         if tunable:
             sample_unroll(sch, ni)
@@ -72,7 +71,7 @@ class CPUDenseAct(ScheduleRule):
     live outside the GEMM's row tiles.
     """
 
-    kernel = "pb_dense_act"
+    kernel = names.KernelKind.DENSE_ACT
     target_kinds = ("llvm",)
 
     def schedule(
@@ -80,7 +79,7 @@ class CPUDenseAct(ScheduleRule):
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         _schedule_pack(sch)
-        gemm = sch.get_sblock(GEMM_BLOCK)
+        gemm = sch.get_sblock(names.GEMM)
         _row_tiles(sch, gemm)
         (epilogue,) = sch.get_consumers(gemm)
         sch.parallel(sch.fuse(*sch.get_loops(epilogue)))
@@ -89,7 +88,7 @@ class CPUDenseAct(ScheduleRule):
 class CPUActPack(ScheduleRule):
     """``act_pack``: quantization inlined into packing; packing parallel over words."""
 
-    kernel = "act_pack"
+    kernel = names.KernelKind.ACT_PACK
     target_kinds = ("llvm",)
 
     def schedule(
@@ -102,7 +101,7 @@ class CPUActPack(ScheduleRule):
 def _schedule_pack(sch: s_tir.Schedule, tag: str = "") -> None:
     """Quantization inlined into packing; packing parallel over (plane, row, word)."""
     inline_act_quantization(sch, tag)
-    pack = sch.get_sblock(f"pb_xpack{tag}")
+    pack = sch.get_sblock(names.XPACK + tag)
     p, b, w, t = sch.get_loops(pack)
     sch.parallel(sch.fuse(p, b, w))
     sch.unroll(t)
@@ -116,7 +115,7 @@ class CPULSTMCell(ScheduleRule):
     cell update; one function call per step.
     """
 
-    kernel = "pb_lstm_cell"
+    kernel = names.KernelKind.LSTM_CELL
     target_kinds = ("llvm",)
 
     def schedule(
@@ -126,12 +125,12 @@ class CPULSTMCell(ScheduleRule):
         legs = lstm_cell_legs(func)
         for tag in legs:
             _schedule_pack(sch, tag)
-        b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
+        b, u = sch.get_loops(sch.get_sblock(f"{names.CELL}_v0"))
         uo, _ = sch.split(u, [None, ROW_TILE // 4])  # ROW_TILE gate rows = ROW_TILE / 4 hidden units
         sch.reorder(uo, b)
-        sch.compute_at(sch.get_sblock(CELL_C_BLOCK), b)
+        sch.compute_at(sch.get_sblock(names.CELL_C), b)
         for tag in legs:
-            gemm = sch.get_sblock(GEMM_BLOCK + tag)
+            gemm = sch.get_sblock(names.GEMM + tag)
             (gates,) = sch.get_consumers(gemm)
             sch.compute_at(gates, b)
             (row,) = sch.get_loops(gates)[2:]

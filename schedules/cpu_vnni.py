@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 
+from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
-from pbtvm.ops.pb_vnni import pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.ops.pb_vnni import CPU_KERNEL, pb_vnni_func, target_supports, unsupported_reason
 
 from .rules import ScheduleRule
 
@@ -33,13 +34,13 @@ ENV_KERNEL = "PBTVM_CPU_KERNEL"
 def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
     """The :class:`BitplaneFormat` a PB PrimFunc was made for (None if its attributes lack one)."""
     attrs = func.attrs or {}
-    codebook = attrs.get("pbtvm.codebook")
+    codebook = attrs.get(names.ATTR_CODEBOOK)
     try:
         return BitplaneFormat(
-            int(attrs["pbtvm.bits"]),
-            int(attrs["pbtvm.act_bits"]),
+            int(attrs[names.ATTR_BITS]),
+            int(attrs[names.ATTR_ACT_BITS]),
             None if codebook is None else str(codebook),
-            layout=str(attrs["pbtvm.layout"]),
+            layout=str(attrs[names.ATTR_LAYOUT]),
         )
     except (KeyError, ValueError, TypeError):
         return None
@@ -53,7 +54,7 @@ def is_fixed_kernel(func: tir.PrimFunc, target: tvm.target.Target | None) -> boo
 class CPUVnniGemm(ScheduleRule):
     """``pb_gemm`` on AVX-512 BW + VNNI: the TE kernel replaced by the AVX-512 kernel."""
 
-    kernel = "pb_gemm"
+    kernel = names.KernelKind.GEMM
     target_kinds = ("llvm",)
     #: Not a MetaSchedule template: the tuner searches the popcount rule's space instead.
     fixed = True
@@ -62,10 +63,10 @@ class CPUVnniGemm(ScheduleRule):
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
         if not super().matches(func, target) or os.environ.get(ENV_KERNEL, "") == "popcount":
             return False
-        if (func.attrs or {}).get("pbtvm.cpu_kernel") == "avx512_vnni":
+        if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
             return True
         fmt = format_of(func)
-        if fmt is None or unsupported_reason(fmt, int(func.attrs["pbtvm.k"])) is not None:
+        if fmt is None or unsupported_reason(fmt, int(func.attrs[names.ATTR_K])) is not None:
             return False
         return _signature(func) is not None and target_supports(target)
 
@@ -100,7 +101,7 @@ def vnni_kernel_for(func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: in
     ValueError
         If ``func`` is not a PB GEMM the kernel can compute.
     """
-    if (func.attrs or {}).get("pbtvm.cpu_kernel") == "avx512_vnni":
+    if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
         return func
     fmt, sig = format_of(func), _signature(func)
     if fmt is None or sig is None:
@@ -108,9 +109,9 @@ def vnni_kernel_for(func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: in
     dense, bias = sig
     xp, wp = func.params[0], func.params[3 if dense else 2]
     n_out = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0])
-    new = pb_vnni_func(fmt, n_out, int(func.attrs["pbtvm.k"]), xp.shape[1], dense, bias, batch_tile, row_tile)
+    new = pb_vnni_func(fmt, n_out, int(func.attrs[names.ATTR_K]), xp.shape[1], dense, bias, batch_tile, row_tile)
     attrs = {k: v for k, v in func.attrs.items()}
-    attrs["pbtvm.cpu_kernel"] = "avx512_vnni"
+    attrs[names.ATTR_CPU_KERNEL] = CPU_KERNEL
     new = new.without_attr("global_symbol").with_attrs(attrs)
     return new
 

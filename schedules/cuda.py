@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.ops.lstm_cell import CELL_BLOCK, CELL_C_BLOCK, GATES_BLOCK
-from pbtvm.ops.pb_gemm import GEMM_BLOCK
 
 from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
 
@@ -54,7 +53,7 @@ class CUDABitplaneGemm(ScheduleRule):
     planes in shared memory (cooperative fetch) or reads them through L1.
     """
 
-    kernel = "pb_gemm"
+    kernel = names.KernelKind.GEMM
     target_kinds = ("cuda",)
 
     def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
@@ -67,7 +66,7 @@ class CUDABitplaneGemm(ScheduleRule):
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        gemm = sch.get_sblock(GEMM_BLOCK)
+        gemm = sch.get_sblock(names.GEMM)
         (epilogue,) = sch.get_consumers(gemm)
         b, n, i, j, w = sch.get_loops(gemm)
         words = int(sch.get(w).extent)
@@ -153,7 +152,7 @@ def _words(func: tir.PrimFunc) -> int:
 class CUDAActPack(ScheduleRule):
     """Activation quantize+pack: ``PACK_VARIANT`` picks one of two measured layouts."""
 
-    kernel = "act_pack"
+    kernel = names.KernelKind.ACT_PACK
     target_kinds = ("cuda",)
 
     def schedule(
@@ -169,15 +168,15 @@ class CUDAActPack(ScheduleRule):
 
 def _pack_split(sch: s_tir.Schedule) -> None:
     """Three launches: row max (block per row), scale, and a thread per (plane, row, word)."""
-    for name in ("pb_amax", "pb_rowsum"):
+    for name in (names.AMAX, names.ROWSUM):
         b, r = sch.get_loops(sch.get_sblock(name))
         sch.bind(b, "blockIdx.x")
         _thread_reduction(sch, r, PACK_LANES)
-    (b,) = sch.get_loops(sch.get_sblock("pb_xscale"))
+    (b,) = sch.get_loops(sch.get_sblock(names.XSCALE))
     bo, bi = sch.split(b, [None, 32])
     sch.bind(bo, "blockIdx.x")
     sch.bind(bi, "threadIdx.x")
-    pack = sch.get_sblock("pb_xpack")
+    pack = sch.get_sblock(names.XPACK)
     p, b, w, t = sch.get_loops(pack)
     fo, fi = sch.split(sch.fuse(p, b, w), [None, PACK_THREADS])
     sch.bind(fo, "blockIdx.x")
@@ -217,16 +216,16 @@ def _pack_thread_per_word(
 
 def _pack_fused(sch: s_tir.Schedule) -> None:
     """One launch, one block per row: max, scale, pack (a thread per word) and code sum."""
-    amax = sch.get_sblock("pb_amax")
+    amax = sch.get_sblock(names.AMAX)
     b, r = sch.get_loops(amax)
     sch.bind(b, "blockIdx.x")
     sch.set_scope(amax, 0, "shared")
     _thread_reduction(sch, r, PACK_LANES)
-    for name in ("pb_xscale", "pb_xpack", "pb_rowsum"):
+    for name in (names.XSCALE, names.XPACK, names.ROWSUM):
         sch.reverse_compute_at(sch.get_sblock(name), b)
-    pack = sch.get_sblock("pb_xpack")
+    pack = sch.get_sblock(names.XPACK)
     _pack_words(sch, pack, sch.get_loops(pack)[1:], PACK_LANES)
-    _thread_reduction(sch, sch.get_loops(sch.get_sblock("pb_rowsum"))[-1], PACK_LANES)
+    _thread_reduction(sch, sch.get_loops(sch.get_sblock(names.ROWSUM))[-1], PACK_LANES)
 
 
 class CUDALSTMCell(ScheduleRule):
@@ -239,7 +238,7 @@ class CUDALSTMCell(ScheduleRule):
     with its input projection does the same for ``x`` and ``W_ih`` first (a second leg).
     """
 
-    kernel = "pb_lstm_cell"
+    kernel = names.KernelKind.LSTM_CELL
     target_kinds = ("cuda",)
 
     def schedule(
@@ -247,16 +246,16 @@ class CUDALSTMCell(ScheduleRule):
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         legs = lstm_cell_legs(func)
-        b, u = sch.get_loops(sch.get_sblock(f"{CELL_BLOCK}_v0"))
+        b, u = sch.get_loops(sch.get_sblock(f"{names.CELL}_v0"))
         uo, ui = sch.split(u, [None, CELL_UNITS])
-        cell_c = sch.get_sblock(CELL_C_BLOCK)
+        cell_c = sch.get_sblock(names.CELL_C)
         sch.compute_at(cell_c, uo)
         sch.set_scope(cell_c, 0, "local")  # each thread reads back only the units it wrote
         sch.bind(b, "blockIdx.y")
         sch.bind(uo, "blockIdx.x")
         block_threads = [("threadIdx.y", 4 * CELL_UNITS), ("threadIdx.x", 32)]
         for tag in legs:
-            _cell_leg(sch, uo, tag, block_threads, int(func.attrs["pbtvm.bits"]))
+            _cell_leg(sch, uo, tag, block_threads, int(func.attrs[names.ATTR_BITS]))
         # A thread per hidden unit for the cell update (c' then h', the same thread per unit).
         for loop in (sch.get_loops(cell_c)[-1], ui):
             _spread(sch, loop, block_threads)
@@ -267,7 +266,7 @@ def _cell_leg(sch: s_tir.Schedule, uo: s_tir.LoopRV, tag: str, block_threads: li
 
     ``tag`` names the leg's blocks (see :func:`pbtvm.schedules.rules.lstm_cell_legs`).
     """
-    gates = sch.get_sblock(GATES_BLOCK + tag)
+    gates = sch.get_sblock(names.DENSE_OUT + tag)
     sch.compute_at(gates, uo)
     (row,) = sch.get_loops(gates)[2:]
     sch.set_scope(gates, 0, "shared")
@@ -292,11 +291,11 @@ def _packed_gemv(
     lanes split the words (16-byte weight loads when K allows), warp-shuffle reduction, the code
     sum per warp (from the shared codes).
     """
-    sch.compute_inline(sch.get_sblock("pb_xinv" + tag))
-    gemm = sch.get_sblock(GEMM_BLOCK + tag)
-    for name in (GEMM_BLOCK, "pb_rowsum", "pb_xscale"):
+    sch.compute_inline(sch.get_sblock(names.XINV + tag))
+    gemm = sch.get_sblock(names.GEMM + tag)
+    for name in (names.GEMM, names.ROWSUM, names.XSCALE):
         sch.compute_at(sch.get_sblock(name + tag), row)
-    for name in ("pb_xpack", "pb_xq", "pb_amax"):
+    for name in (names.XPACK, names.XQ, names.AMAX):
         sch.compute_at(sch.get_sblock(name + tag), block)
     sch.bind(row, "threadIdx.y")
     # With a single word per row (K <= 32) compute_at drops the word loop: no lane split.
@@ -318,20 +317,20 @@ def _packed_gemv(
     sch.unroll(sch.split(i, [None, bits])[1])
     sch.set_scope(gemm, 0, "local")
     # Per-warp code sum (warp reduction) and scale, in registers.
-    rowsum = sch.get_sblock("pb_rowsum" + tag)
+    rowsum = sch.get_sblock(names.ROWSUM + tag)
     (r,) = sch.get_loops(rowsum)[3:]
     _thread_reduction(sch, r, block_threads[1:])
     sch.set_scope(rowsum, 0, "local")
-    sch.set_scope(sch.get_sblock("pb_xscale" + tag), 0, "local")
+    sch.set_scope(sch.get_sblock(names.XSCALE + tag), 0, "local")
     # Block-wide max |x| and cooperative pack into shared memory.
-    amax = sch.get_sblock("pb_amax" + tag)
+    amax = sch.get_sblock(names.AMAX + tag)
     (r,) = sch.get_loops(amax)[2:]
     _thread_reduction(sch, r, block_threads)
     sch.set_scope(amax, 0, "shared")
-    codes = sch.get_sblock("pb_xq" + tag)
+    codes = sch.get_sblock(names.XQ + tag)
     sch.set_scope(codes, 0, "shared")
     _spread(sch, sch.get_loops(codes)[-1], block_threads)
-    pack = sch.get_sblock("pb_xpack" + tag)
+    pack = sch.get_sblock(names.XPACK + tag)
     sch.set_scope(pack, 0, "shared")
     # A thread per (word, plane), planes fastest: a warp reads the codes of 4 words (4-way bank
     # conflicts at most, not one thread per word serially filling every plane).
@@ -353,16 +352,16 @@ class CUDADenseAct(ScheduleRule):
     separate pack's three launches cost more than its work.
     """
 
-    kernel = "pb_dense_act"
+    kernel = names.KernelKind.DENSE_ACT
     target_kinds = ("cuda",)
 
     def schedule(
         self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
     ) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        b, n = sch.get_loops(sch.get_sblock(GATES_BLOCK))
+        b, n = sch.get_loops(sch.get_sblock(names.DENSE_OUT))
         no, ni = sch.split(n, [None, DENSE_ACT_ROWS])
         sch.bind(b, "blockIdx.y")
         sch.bind(no, "blockIdx.x")
         threads = [("threadIdx.y", DENSE_ACT_ROWS), ("threadIdx.x", 32)]
-        _packed_gemv(sch, no, ni, "", threads, int(func.attrs["pbtvm.bits"]))
+        _packed_gemv(sch, no, ni, "", threads, int(func.attrs[names.ATTR_BITS]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import WORD_BITS, BitplaneFormat
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
@@ -136,16 +137,16 @@ class CUDABallotPack(ScheduleRule):
     """``act_pack`` for the ``mma16x256`` layout: :func:`ballot_pack_kernel` (one launch)."""
 
     layout = BMMA_LAYOUT
-    kernel = "act_pack"
+    kernel = names.KernelKind.ACT_PACK
     target_kinds = ("cuda",)
 
     def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
         """See :meth:`ScheduleRule.matches`; only packs for the ``mma16x256`` layout."""
-        return super().matches(func, target) and str((func.attrs or {}).get("pbtvm.layout")) == BMMA_LAYOUT
+        return super().matches(func, target) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
 
     def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
         """The ballot kernel for ``func``'s format and K (see :meth:`ScheduleRule.apply`)."""
         attrs = func.attrs
-        fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=BMMA_LAYOUT)
-        kernel = ballot_pack_kernel(fmt, int(attrs["pbtvm.k"])).with_attrs(dict(attrs))
+        fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=BMMA_LAYOUT)
+        kernel = ballot_pack_kernel(fmt, int(attrs[names.ATTR_K])).with_attrs(dict(attrs))
         return s_tir.Schedule(kernel, debug_mask=0)

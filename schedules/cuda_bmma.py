@@ -16,10 +16,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import astuple
 
+from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
-from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, BMMA_SCHEDULE_RULE
-from pbtvm.ops.pb_gemm import GEMM_BLOCK
+from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
 
 from .cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride, config_problem
 from .rules import ScheduleRule
@@ -113,18 +113,18 @@ def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | No
     ``pb_gemm``: (xp, x_scale, rowsum, wp, w_scale, [bias], y); ``pb_dense_act``: (x, wp, w_scale, [bias], y).
     """
     attrs = func.attrs
-    fmt = BitplaneFormat(int(attrs["pbtvm.bits"]), int(attrs["pbtvm.act_bits"]), layout=str(attrs["pbtvm.layout"]))
+    fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=str(attrs[names.ATTR_LAYOUT]))
     buffers = [p for p in func.params if tir.is_buffer_var(p)]
     if _fused(func):
         n_out, has_bias, batch = int(buffers[2].shape[0]), len(buffers) == 5, buffers[0].shape[0]
     else:
         n_out, has_bias, batch = int(buffers[4].shape[0]), len(buffers) == 7, buffers[0].shape[1]
-    return fmt, n_out, int(attrs["pbtvm.k"]), has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
+    return fmt, n_out, int(attrs[names.ATTR_K]), has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
 
 
 def _fused(func: tir.PrimFunc) -> bool:
     """Whether ``func`` packs its activations itself (``pb_dense_act``)."""
-    return str((func.attrs or {}).get("pbtvm.kernel")) == "pb_dense_act"
+    return names.kernel_kind(func) == names.KernelKind.DENSE_ACT
 
 
 def materialize(func: tir.PrimFunc) -> tir.PrimFunc:
@@ -149,11 +149,11 @@ def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig) -> tir.PrimFunc:
 
 def _annotated_config(func: tir.PrimFunc) -> int | None:
     """The config code annotated on ``func``'s ``pb_gemm`` block, or None (no block / annotation)."""
-    if str((func.attrs or {}).get("pbtvm.kernel")) not in ("pb_gemm", "pb_dense_act"):
+    if names.kernel_kind(func) not in (names.KernelKind.GEMM, names.KernelKind.DENSE_ACT):
         return None
     sch = s_tir.Schedule(func, debug_mask=0)
     try:
-        block = sch.get(sch.get_sblock(GEMM_BLOCK))
+        block = sch.get(sch.get_sblock(names.GEMM))
     except Exception:  # noqa: BLE001 - no such block: an already materialized kernel
         return None
     code = block.annotations.get(CONFIG_ANNOTATION)
@@ -173,12 +173,12 @@ class CUDABmmaGemm(ScheduleRule):
     """
 
     layout = BMMA_LAYOUT
-    kernel = "pb_gemm"
+    kernel = names.KernelKind.GEMM
     target_kinds = ("cuda",)
 
     def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
         """See :meth:`ScheduleRule.matches`; only the ``mma16x256`` layout."""
-        return super().matches(func, target) and str((func.attrs or {}).get("pbtvm.layout")) == BMMA_LAYOUT
+        return super().matches(func, target) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
 
     def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
         """The kernel with :func:`default_config`, as a schedule (see :meth:`ScheduleRule.apply`)."""
@@ -191,7 +191,7 @@ class CUDABmmaGemm(ScheduleRule):
     ) -> None:
         """Annotate the ``pb_gemm`` block with a config: sampled if ``tunable``, else the default."""
         fmt, n_out, k_dim, _, batch = _layer(func)
-        block = sch.get_sblock(GEMM_BLOCK)
+        block = sch.get_sblock(names.GEMM)
         if tunable:
             codes = [encode(c) for c in config_space(fmt, n_out, k_dim, batch, _fused(func))]
             code = sch.sample_categorical(codes, [1.0 / len(codes)] * len(codes))
@@ -207,7 +207,7 @@ class CUDABmmaDenseAct(CUDABmmaGemm):
     for the GPU to measure (``benchmarks/bench_bmma.py --fused``).
     """
 
-    kernel = "pb_dense_act"
+    kernel = names.KernelKind.DENSE_ACT
 
 
 def custom_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
@@ -234,7 +234,7 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object
 
 def register() -> None:
     """Register :func:`custom_rule` and :func:`build_candidate` as TVM global functions."""
-    tvm.register_global_func(f"s_tir.meta_schedule.cuda.{BMMA_SCHEDULE_RULE}", custom_rule, override=True)
+    tvm.register_global_func(f"s_tir.meta_schedule.cuda.{names.RULE_BMMA_GEMM}", custom_rule, override=True)
     tvm.register_global_func(BUILD_FUNC, build_candidate, override=True)
 
 

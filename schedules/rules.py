@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,12 @@ class ScheduleRule:
     and implement :meth:`schedule` (and :meth:`variants` if the template has structural choices).
     """
 
-    kernel: str = ""
+    kernel: names.KernelKind | None = None
     target_kinds: tuple[str, ...] = ()
 
     def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
         """Whether this rule handles ``func`` on ``target``."""
-        attrs = func.attrs or {}
-        return target.kind.name in self.target_kinds and attrs.get("pbtvm.kernel") == self.kernel
+        return target.kind.name in self.target_kinds and names.kernel_kind(func) == self.kernel
 
     def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
         """Structural variants of the tunable template (one MetaSchedule design space each)."""
@@ -71,19 +71,17 @@ def inline_act_quantization(sch: s_tir.Schedule, tag: str = "") -> None:
 
     ``tag`` is the block-name suffix of the pack (see :func:`pbtvm.ops.act_quantize_pack`).
     """
-    sch.compute_inline(sch.get_sblock(f"pb_xinv{tag}"))
-    sch.compute_inline(sch.get_sblock(f"pb_xq{tag}"))
+    sch.compute_inline(sch.get_sblock(names.XINV + tag))
+    sch.compute_inline(sch.get_sblock(names.XQ + tag))
 
 
 def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
     """Block-name suffixes of the PB products in an LSTM-step PrimFunc.
 
-    ``("",)`` for the recurrent product alone; ``("", INPUT_TAG)`` when the step computes its
+    ``("",)`` for the recurrent product alone; ``("", names.INPUT_TAG)`` when the step computes its
     input projection too (:func:`pbtvm.ops.pb_lstm_cell_input`, attribute ``pbtvm.input_size``).
     """
-    from pbtvm.ops.lstm_cell import INPUT_TAG
-
-    return ("", INPUT_TAG) if "pbtvm.input_size" in (func.attrs or {}) else ("",)
+    return ("", names.INPUT_TAG) if names.ATTR_INPUT_SIZE in (func.attrs or {}) else ("",)
 
 
 def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:

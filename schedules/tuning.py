@@ -34,9 +34,9 @@ from typing import Any
 import tvm_ffi
 from tvm.ir.utils import derived_object
 
+from pbtvm import names
 from pbtvm._tvm import TVM_VERSION, meta_schedule, s_tir, tir, tvm
 from pbtvm.bitplane import FORMAT_VERSION
-from pbtvm.ops.pb_gemm import SCHEDULE_RULE
 
 from . import cuda_bmma
 from .cpu_vnni import KNOB_LOG, is_fixed_kernel, knob_key, measure_knobs, vnni_kernel_for
@@ -62,7 +62,7 @@ class TuningLogError(ValueError):
 def _custom_rule(kind: str) -> Callable:
     def apply(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
         func = sch.mod["main"]
-        rule = next(r for r in rules_for(kind) if r.kernel == "pb_gemm" and not getattr(r, "fixed", False))
+        rule = next(r for r in rules_for(kind) if r.kernel == names.KernelKind.GEMM and not getattr(r, "fixed", False))
         spaces = []
         for variant in rule.variants(func, None):
             space = sch.copy()
@@ -76,7 +76,7 @@ def _custom_rule(kind: str) -> Callable:
 def register_custom_rules() -> None:
     """Register the PB templates under the names MetaSchedule's ``ApplyCustomRule`` looks up."""
     for key, kind in _RULE_KEYS.items():
-        name = f"s_tir.meta_schedule.{key}.{SCHEDULE_RULE}"
+        name = f"s_tir.meta_schedule.{key}.{names.RULE_BITPLANE_GEMM}"
         tvm.register_global_func(name, _custom_rule(kind), override=True)
     cuda_bmma.register()  # the binary-tensor-core template (mma16x256 weights)
 
@@ -97,7 +97,7 @@ def workload(func: tir.PrimFunc, batch: int = 1) -> tir.PrimFunc:
     tir.PrimFunc
         Static-shape copy with ``global_symbol`` "main", the unit MetaSchedule measures.
     """
-    bits = int(func.attrs["pbtvm.bits"])
+    bits = int(func.attrs[names.ATTR_BITS])
     binds: dict = {}
     for param in func.params:
         if tir.is_buffer_var(param):
@@ -186,7 +186,7 @@ def kernel_name(func: tir.PrimFunc) -> str:
     """A readable task name: kernel kind, format and shape, e.g. ``pb_gemm_w4a8_kNW_4096x4096``."""
     a = func.attrs
     n_rows = _out_rows(func)
-    zp = "o" if str(a.get("pbtvm.codebook", "")) == "offset_binary" else ""  # zero-point epilogue
+    zp = "o" if str(a.get(names.ATTR_CODEBOOK, "")) == "offset_binary" else ""  # zero-point epilogue
     return f"{a['pbtvm.kernel']}_w{a['pbtvm.bits']}a{a['pbtvm.act_bits']}{zp}_{a['pbtvm.layout']}_{n_rows}x{a['pbtvm.k']}"
 
 
@@ -621,7 +621,7 @@ def tune_kernels(
         database = log.database(create=True)
         tasks, reports, seen, knob_reports = [], [], set(), []
         for func in funcs:
-            if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
+            if names.kernel_kind(func) != names.KernelKind.GEMM:
                 continue
             if is_fixed_kernel(func, target):
                 knob_reports.append(_tune_knobs(func, target, batch, trials_per_kernel, builder, runner, log, progress))
@@ -774,7 +774,7 @@ def tuned_lookup(
     knobs = _knob_log(log) if database is not None else {}
 
     def lookup(func: tir.PrimFunc) -> tir.PrimFunc | None:
-        if (func.attrs or {}).get("pbtvm.kernel") != "pb_gemm":
+        if names.kernel_kind(func) != names.KernelKind.GEMM:
             return None
         if is_fixed_kernel(func, target):
             chosen = knobs.get(knob_key(func, batch))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pbtvm import names
 from pbtvm._tvm import tir, tvm
 
 from .rules import apply_default_schedule
@@ -44,7 +45,7 @@ def random_args(func: tir.PrimFunc, dev: object, seed: int = 0) -> list:
     ``pbtvm.bits`` from the kernel's attributes.
     """
     rng = np.random.default_rng(seed)
-    bits = int(func.attrs["pbtvm.bits"])
+    bits = int(func.attrs[names.ATTR_BITS])
     args = []
     for param in func.params:
         if not isinstance(param.ty, tir.BufferType):  # a scalar parameter: bitlayers

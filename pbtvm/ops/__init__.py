@@ -1,9 +1,12 @@
 """Pure TE computes for PrecisionBatching; schedules live in ``pbtvm.schedules``.
 
-Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (``"act_pack"``,
-``"pb_gemm"``, ``"pb_dense_act"`` or ``"pb_lstm_cell"``) and the format fields, so schedule rules read the format instead of guessing.
+Every PrimFunc made from these computes carries the attribute ``pbtvm.kernel`` (a
+:class:`pbtvm.names.KernelKind`) and the format fields, so schedule rules read the format instead
+of guessing; blocks are named by :mod:`pbtvm.names`.
 """
 
+from .. import names
+from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .lstm_cell import pb_lstm_cell, pb_lstm_cell_input, unit_major_rows
 from .pb_gemm import pb_dense, pb_dense_act, pb_int_product
@@ -20,14 +23,14 @@ __all__ = [
 ]
 
 
-def kernel_attrs(kernel: str, fmt, k_dim: int) -> dict:  # noqa: ANN001 - BitplaneFormat
+def kernel_attrs(kernel: names.KernelKind, fmt: BitplaneFormat, k_dim: int) -> dict:
     """PrimFunc attributes for a PB kernel; schedules and the tuner key on them."""
     return {
-        "pbtvm.kernel": kernel,
-        "pbtvm.bits": fmt.bits,
-        "pbtvm.act_bits": fmt.act_bits,
-        "pbtvm.layout": fmt.layout,
-        "pbtvm.codebook": fmt.codebook,
-        "pbtvm.k": int(k_dim),
-        "pbtvm.format_version": fmt.version,
+        names.ATTR_KERNEL: names.KernelKind(kernel).value,
+        names.ATTR_BITS: fmt.bits,
+        names.ATTR_ACT_BITS: fmt.act_bits,
+        names.ATTR_LAYOUT: fmt.layout,
+        names.ATTR_CODEBOOK: fmt.codebook,
+        names.ATTR_K: int(k_dim),
+        names.ATTR_FORMAT_VERSION: fmt.version,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import names
 from .._tvm import te, tir
 from ..bitplane import WORD_BITS, BitplaneFormat
 from .common import plane_bit
@@ -46,7 +47,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     def magnitude(b, k):  # noqa: ANN001, ANN202
         return tir.Select(tir.isnan(x[b, k]), inf, tir.min(tir.abs(x[b, k]), big))
 
-    amax = te.compute((batch,), lambda b: te.max(magnitude(b, r), axis=r), name=f"pb_amax{tag}")
+    amax = te.compute((batch,), lambda b: te.max(magnitude(b, r), axis=r), name=names.AMAX + tag)
     x_scale = te.compute(
         (batch,),
         lambda b: tir.Select(
@@ -54,7 +55,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
             tir.const(float("nan"), "float32"),
             tir.Select(amax[b] == big, inf, amax[b] / tir.const(qmax, "float32")),
         ),
-        name=f"pb_xscale{tag}",
+        name=names.XSCALE + tag,
     )
     inv = te.compute(
         (batch,),
@@ -63,7 +64,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
             tir.const(qmax, "float32") / amax[b],
             tir.const(0, "float32"),
         ),
-        name=f"pb_xinv{tag}",
+        name=names.XINV + tag,
     )
     xq = te.compute(
         (batch, k_dim),
@@ -71,7 +72,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
             tir.min(tir.floor(x[b, k] * inv[b] + tir.const(0.5, "float32")), tir.const(qmax, "float32")),
             tir.const(-qmax, "float32"),
         ).astype("int32"),
-        name=f"pb_xq{tag}",
+        name=names.XQ + tag,
     )
     t = te.reduce_axis((0, WORD_BITS), "t")
 
@@ -83,7 +84,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
         bit = tir.if_then_else(kk < k_int, bit, 0).astype("uint32")
         return te.sum(tir.shift_left(bit, t.astype("uint32")), axis=t)
 
-    xp = te.compute((fmt.act_bits, batch, nwords), pack, name=f"pb_xpack{tag}")
+    xp = te.compute((fmt.act_bits, batch, nwords), pack, name=names.XPACK + tag)
     r2 = te.reduce_axis((0, k_dim), "r2")
-    rowsum = te.compute((batch,), lambda b: te.sum(xq[b, r2].astype(acc_dtype), axis=r2), name=f"pb_rowsum{tag}")
+    rowsum = te.compute((batch,), lambda b: te.sum(xq[b, r2].astype(acc_dtype), axis=r2), name=names.ROWSUM + tag)
     return [xp, x_scale, rowsum]

@@ -2,25 +2,24 @@
 
 The compute is the plain definition (popcount over plane pairs, read through
 :meth:`BitplaneFormat.weight_index`), the same maths as :func:`pbtvm.ops.pb_dense`; it is what
-MetaSchedule tunes (its ``pb_gemm`` block carries :data:`BMMA_SCHEDULE_RULE`) and what a CPU
+MetaSchedule tunes (its ``pb_gemm`` block carries :data:`pbtvm.names.RULE_BMMA_GEMM`) and what a CPU
 build runs as a reference. On CUDA the schedule rule replaces it with the hand-written tensor-core
 kernel :func:`pbtvm.schedules.cuda_bmma_kernel.bmma_dense_kernel`.
 """
 
 from __future__ import annotations
 
+from .. import names
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
-from .pb_gemm import GEMM_BLOCK, dense_epilogue
+from .pb_gemm import dense_epilogue
 
-__all__ = ["BMMA_LAYOUT", "BMMA_SCHEDULE_RULE", "pb_dense_mma", "pb_dense_act_mma"]
+__all__ = ["BMMA_LAYOUT", "pb_dense_mma", "pb_dense_act_mma"]
 
 #: The weight layout these kernels read.
 BMMA_LAYOUT = "mma16x256"
-#: Tag on the reduction block; the MetaSchedule custom rule of the BMMA template.
-BMMA_SCHEDULE_RULE = "pbtvm_bmma_gemm"
 
 
 def pb_dense_mma(
@@ -76,7 +75,7 @@ def pb_dense_mma(
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
-    acc = te.compute((xp.shape[1], n_out), body, name=GEMM_BLOCK, attrs={"schedule_rule": BMMA_SCHEDULE_RULE})
+    acc = te.compute((xp.shape[1], n_out), body, name=names.GEMM, attrs={"schedule_rule": names.RULE_BMMA_GEMM})
     return dense_epilogue(acc, x_scale, rowsum, w_scale, bias, bitlayers, fmt)
 
 

@@ -22,29 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import names
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .pb_gemm import pb_dense
 
-__all__ = [
-    "pb_lstm_cell",
-    "pb_lstm_cell_input",
-    "unit_major_rows",
-    "CELL_BLOCK",
-    "CELL_C_BLOCK",
-    "GATES_BLOCK",
-    "INPUT_TAG",
-]
-
-#: Name of the output compute; TE names its two blocks (h' and c', one loop nest) ``<name>_v0/_v1``.
-CELL_BLOCK = "pb_lstm_cell"
-#: Name of the block computing c' (an intermediate the output blocks read).
-CELL_C_BLOCK = "pb_lstm_c"
-#: Name of the PB epilogue block producing the recurrent gate pre-activations.
-GATES_BLOCK = "pb_out"
-#: Block-name suffix of the input leg (pack of x, PB GEMV on W_ih) in :func:`pb_lstm_cell_input`.
-INPUT_TAG = "_x"
+__all__ = ["pb_lstm_cell", "pb_lstm_cell_input", "unit_major_rows"]
 
 
 def unit_major_rows(hidden: int) -> np.ndarray:
@@ -110,7 +94,7 @@ def pb_lstm_cell_input(
     For decoding one token: ``gates = pb_dense(pack(x), W_ih) + bias + pb_dense(pack(h), W_hh)``,
     each input quantized with its own per-row scale exactly as the separate input-projection GEMM
     does, so the result equals :func:`pb_lstm_cell` fed with that GEMM's output. Block names of
-    the input leg carry the suffix :data:`INPUT_TAG`.
+    the input leg carry the suffix :data:`pbtvm.names.INPUT_TAG`.
 
     Parameters
     ----------
@@ -131,8 +115,8 @@ def pb_lstm_cell_input(
         ``h'`` and ``c'``, float32 [B, H].
     """
     n_in = int(x.shape[1])
-    xp, x_scale, rowsum = act_quantize_pack(x, fmt, INPUT_TAG)
-    gx = pb_dense(xp, x_scale, rowsum, wp_ih, ws_ih, bias, bitlayers, fmt, n_in, INPUT_TAG)
+    xp, x_scale, rowsum = act_quantize_pack(x, fmt, names.INPUT_TAG)
+    gx = pb_dense(xp, x_scale, rowsum, wp_ih, ws_ih, bias, bitlayers, fmt, n_in, names.INPUT_TAG)
     return _cell(lambda b, u, g: gx[b, u * 4 + g], h, c, wp_hh, ws_hh, bitlayers, fmt)
 
 
@@ -150,13 +134,13 @@ def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):  # noqa: ANN001, ANN202 - s
     c_next = te.compute(
         (batch, hidden),
         lambda b, u: tir.sigmoid(pre(b, u, 1)) * c[b, u] + tir.sigmoid(pre(b, u, 0)) * tir.tanh(pre(b, u, 2)),
-        name=CELL_C_BLOCK,
+        name=names.CELL_C,
     )
     # h' and c' leave from one block pair (one loop nest) that schedules split and attach to;
     # c' is computed once, in the block above.
     h_new, c_new = te.compute(
         (batch, hidden),
         lambda b, u: [tir.sigmoid(pre(b, u, 3)) * tir.tanh(c_next[b, u]), c_next[b, u]],
-        name=CELL_BLOCK,
+        name=names.CELL,
     )
     return [h_new, c_new]

@@ -8,18 +8,14 @@ and reads only the planes it accumulates.
 
 from __future__ import annotations
 
+from .. import names
 from .._tvm import te, tir
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
 from .epilogue import dense_value
 
-__all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue", "GEMM_BLOCK", "SCHEDULE_RULE"]
-
-#: Name of the reduction block every PB schedule looks for.
-GEMM_BLOCK = "pb_gemm"
-#: Tag on the reduction block; MetaSchedule custom rules are registered under this name.
-SCHEDULE_RULE = "pbtvm_bitplane_gemm"
+__all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue"]
 
 
 def _rows(wp: te.Tensor, fmt: BitplaneFormat) -> tir.PrimExpr:
@@ -49,7 +45,7 @@ def _plane_sum(
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
-    return te.compute((batch, n_rows), body, name=GEMM_BLOCK + tag, attrs={"schedule_rule": SCHEDULE_RULE})
+    return te.compute((batch, n_rows), body, name=names.GEMM + tag, attrs={"schedule_rule": names.RULE_BITPLANE_GEMM})
 
 
 def pb_int_product(
@@ -74,7 +70,7 @@ def pb_int_product(
     """
     acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim)
     off = fmt.weight_offset
-    return te.compute(acc.shape, lambda b, n: acc[b, n] + tir.const(off, acc.dtype) * rowsum[b], name="pb_acc")
+    return te.compute(acc.shape, lambda b, n: acc[b, n] + tir.const(off, acc.dtype) * rowsum[b], name=names.ACC)
 
 
 def pb_dense(
@@ -139,7 +135,7 @@ def dense_epilogue(
         # LSTM cell) orders their blocks before the GEMM; the float arithmetic is unchanged.
         return dense_value(fmt, x_scale[b], rowsum[b], acc[b, n], w_scale, n, bias, bitlayers)
 
-    return te.compute(acc.shape, epilogue, name=f"pb_out{tag}")
+    return te.compute(acc.shape, epilogue, name=names.DENSE_OUT + tag)
 
 
 def pb_dense_act(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
+from ..names import ATTR_CPU_KERNEL, KernelKind
 from .epilogue import dense_value
 
 __all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "target_supports"]
@@ -35,9 +36,8 @@ __all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "targe
 CHUNK = 64
 #: LLVM CPU features the kernel's instructions need.
 CPU_FEATURES = ("avx512bw", "avx512vnni")
-#: Block names (the schedule rule and tuning look them up).
-CODES_BLOCK = "pb_vnni_codes"
-GEMM_BLOCK = "pb_vnni_gemm"
+#: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel.
+CPU_KERNEL = "avx512_vnni"
 #: Prefetch the row tile this many tiles ahead (software prefetch: +25% at 4096x4096 W4 batch 1).
 PREFETCH_TILES = 1
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
@@ -226,7 +226,7 @@ def pb_vnni_func(
             layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
             out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
             T.func_attr(
-                {**kernel_attrs("pb_gemm", fmt, k_dim), "tirx.noalias": True, "pbtvm.cpu_kernel": "avx512_vnni"}
+                {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNEL}
             )
             codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
             kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias_buf)

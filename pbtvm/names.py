@@ -1,0 +1,77 @@
+"""Names shared by ops, kernels, passes and schedules: kernel kinds, PrimFunc attributes, blocks.
+
+A PB PrimFunc carries ``pbtvm.kernel`` (a :class:`KernelKind`) and the format fields; schedule
+rules find their blocks by the names below. Computes name their blocks with these constants and
+schedules look them up with the same constants, so renaming a block is a one-line change.
+Blocks of a second PB product inside one PrimFunc (the LSTM step's input projection) carry a
+suffix; :func:`block` adds it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class KernelKind(StrEnum):
+    """Value of the ``pbtvm.kernel`` PrimFunc attribute: which PB kernel a PrimFunc is."""
+
+    #: Activation quantize + pack into bitplanes (:func:`pbtvm.ops.act_quantize_pack`).
+    ACT_PACK = "act_pack"
+    #: PB GEMM over packed activations and weight planes, with the dense epilogue.
+    GEMM = "pb_gemm"
+    #: Pack fused into the GEMM (one kernel per layer).
+    DENSE_ACT = "pb_dense_act"
+    #: One fused LSTM step (recurrent product, optionally the input projection, gates).
+    LSTM_CELL = "pb_lstm_cell"
+
+
+# PrimFunc attributes (read by rules, the tuner and the bitlayers check).
+ATTR_KERNEL = "pbtvm.kernel"
+ATTR_BITS = "pbtvm.bits"
+ATTR_ACT_BITS = "pbtvm.act_bits"
+ATTR_LAYOUT = "pbtvm.layout"
+ATTR_CODEBOOK = "pbtvm.codebook"
+ATTR_K = "pbtvm.k"
+ATTR_FORMAT_VERSION = "pbtvm.format_version"
+ATTR_INPUT_SIZE = "pbtvm.input_size"
+ATTR_CPU_KERNEL = "pbtvm.cpu_kernel"
+
+# Blocks of the activation quantize + pack (:func:`pbtvm.ops.act_quantize_pack`).
+AMAX = "pb_amax"
+XSCALE = "pb_xscale"
+XINV = "pb_xinv"
+XQ = "pb_xq"
+XPACK = "pb_xpack"
+ROWSUM = "pb_rowsum"
+# Blocks of the PB product and its epilogue (:mod:`pbtvm.ops.pb_gemm`).
+#: The integer plane-pair product (all PB GEMM kernels, CPU, CUDA, BMMA).
+GEMM = "pb_gemm"
+#: Integer product plus the row-sum correction (:func:`pbtvm.ops.pb_int_product`).
+ACC = "pb_acc"
+#: The float epilogue of a dense product (scales, offsets, bias): the gate pre-activations of
+#: an LSTM step.
+DENSE_OUT = "pb_out"
+# Blocks of the LSTM step (:mod:`pbtvm.ops.lstm_cell`).
+#: The step's output compute; TE names its two blocks (h' and c', one loop nest) ``<name>_v0/_v1``.
+CELL = "pb_lstm_cell"
+#: The block computing c' (an intermediate the output blocks read).
+CELL_C = "pb_lstm_c"
+#: Block-name suffix of the LSTM step's input leg (pack of x, PB product on W_ih).
+INPUT_TAG = "_x"
+
+# MetaSchedule custom-rule names on the GEMM block (``schedule_rule`` block attribute).
+#: The bitplane GEMM template (CPU popcount and CUDA-core kernels).
+RULE_BITPLANE_GEMM = "pbtvm_bitplane_gemm"
+#: The binary-tensor-core template.
+RULE_BMMA_GEMM = "pbtvm_bmma_gemm"
+
+
+def kernel_kind(func: object) -> KernelKind | None:
+    """The :class:`KernelKind` of a PrimFunc, or None for a PrimFunc that is not a PB kernel."""
+    value = (getattr(func, "attrs", None) or {}).get(ATTR_KERNEL)
+    return None if value is None else KernelKind(str(value))
+
+
+def block(name: str, tag: str = "") -> str:
+    """Block ``name`` of the PB product tagged ``tag`` (``""`` for the first product)."""
+    return f"{name}{tag}"
