@@ -238,14 +238,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import pbtvm
 
     from .report import median_latency_ms
+    from .target import TargetInfo
 
     model, example, options = _model_and_options(args)
     m = pbtvm.compile(model, example, **options, work_dir=args.work_dir)
-    cuda = m.manifest["target"]["kind"] == "cuda"
+    dev = TargetInfo.from_summary(m.manifest["target"]).device
+    cuda = dev == "cuda"
     x = example[0][:1].repeat(args.batch, *([1] * (example[0].ndim - 1)))
     rows = []
     sync = torch.cuda.synchronize if cuda else None
-    dev = "cuda" if cuda else "cpu"
     with torch.no_grad():
         base = model.to(dev)
         rows.append(("torch fp32", median_latency_ms(base, x.to(dev), args.repeat, sync)))

@@ -20,7 +20,7 @@ from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRe
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
-from .target import resolve_target, target_summary
+from .target import TargetInfo, resolve_target
 from .torch_import import converters
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def build_model(
     if tuning is not None:
         logger.info("%d PB kernel(s) scheduled from the tuning log", len(tuning["tuned_kernels"]))
 
-    summary = target_summary(tvm_target)
+    summary = TargetInfo.of(tvm_target).summary()
     t1 = time.perf_counter()
     executable = build(mod, tvm_target, cuda_graph=cuda_graph)
     logger.info("built in %.1fs", time.perf_counter() - t1)
@@ -402,7 +402,7 @@ def build_model(
         "tuning": tuning,
         **(extra or {}),
     }
-    return CompiledModel(executable, manifest, "cuda" if summary["kind"] == "cuda" else "cpu")
+    return CompiledModel(executable, manifest, TargetInfo.of(tvm_target).device)
 
 
 @contextlib.contextmanager

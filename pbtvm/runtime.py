@@ -12,7 +12,7 @@ import numpy as np
 from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
-from .target import local_cuda_arch
+from .target import TargetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,7 @@ class CompiledModel:
             return
         kind, _, index = self.device.partition(":")
         if kind == "cuda":
-            arch = local_cuda_arch()
-            if arch is None:
-                raise RuntimeError("this model was compiled for CUDA but no CUDA device is available")
-            want = self.manifest["target"].get("arch")
-            if want and want != arch:
-                raise RuntimeError(f"this model was compiled for {want}; the local GPU is {arch}: recompile it")
+            TargetInfo.from_summary(self.manifest["target"]).check_local_gpu()
             self._dev = tvm.cuda(int(index or 0))
         else:
             self._dev = tvm.cpu(0)
@@ -247,8 +242,8 @@ def load(path: str, device: str | None = None) -> CompiledModel:
     manifest = library.read_manifest(path)
     check_manifest(manifest, path)
     library.verify_checksum(path, manifest)
-    kind = manifest["target"]["kind"]
-    built_for = "cuda" if kind == "cuda" else "cpu"
+    info = TargetInfo.from_summary(manifest["target"])
+    kind, built_for = info.kind, info.device
     device = device or built_for
     if device.partition(":")[0] != built_for:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")

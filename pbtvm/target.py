@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ._tvm import tvm
@@ -91,12 +92,109 @@ def _clean(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k not in ("keys", "tag", "features") and v not in (None, "")}
 
 
-def target_summary(target: tvm.target.Target) -> dict[str, str]:
-    """JSON-ready description stored in manifests and tuning-log keys."""
-    kind = target.kind.name
-    out = {"kind": kind}
-    attrs = target.export()
-    for key in ("mcpu", "arch"):
-        if attrs.get(key):
-            out[key] = str(attrs[key])
-    return out
+@dataclass(frozen=True)
+class TargetLimits:
+    """Hardware limits schedules read instead of literals (:attr:`TargetInfo.limits`).
+
+    Attributes
+    ----------
+    warp_size : int
+        Threads that execute in lock step (32 on NVIDIA GPUs; 1 on a CPU).
+    max_threads_per_block : int
+        Largest thread block (1 on a CPU).
+    max_shared_memory_per_block : int
+        Bytes of shared memory one block may use (0 on a CPU).
+    """
+
+    warp_size: int = 1
+    max_threads_per_block: int = 1
+    max_shared_memory_per_block: int = 0
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What pbtvm needs to know about a target, in one place.
+
+    Made from a resolved ``tvm.target.Target`` (:meth:`of`) or from the JSON summary stored in a
+    manifest or a tuning log (:meth:`from_summary`). Compiler, runtime, tuner and CLI ask it for the
+    target kind, the runtime device, the tuning-log key, the manifest summary and the local device.
+
+    Attributes
+    ----------
+    kind : str
+        TVM target kind, ``"llvm"`` or ``"cuda"``.
+    arch : str or None
+        ``sm_XY`` for CUDA.
+    mcpu : str or None
+        LLVM CPU name for ``llvm``.
+    limits : TargetLimits
+        Warp size, threads and shared memory per block.
+    """
+
+    kind: str
+    arch: str | None = None
+    mcpu: str | None = None
+    limits: TargetLimits = TargetLimits()
+
+    @classmethod
+    def of(cls, target: tvm.target.Target) -> TargetInfo:
+        """The info of a TVM target (limits from its attributes, as :func:`resolve_target` sets them)."""
+        attrs = target.attrs
+        kind = target.kind.name
+        limits = TargetLimits()
+        if kind == "cuda":
+            limits = TargetLimits(
+                **{key: int(attrs.get(key, CUDA_LIMITS[key])) for key in ("max_threads_per_block", "max_shared_memory_per_block")},
+                warp_size=int(attrs.get("thread_warp_size", CUDA_LIMITS["thread_warp_size"])),
+            )
+        return cls(
+            kind, str(attrs["arch"]) if attrs.get("arch") else None, str(attrs["mcpu"]) if attrs.get("mcpu") else None, limits
+        )
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> TargetInfo:
+        """The info stored in a manifest (:meth:`summary`); limits are the kind's defaults."""
+        kind = summary["kind"]
+        limits = TargetLimits(
+            CUDA_LIMITS["thread_warp_size"], CUDA_LIMITS["max_threads_per_block"], CUDA_LIMITS["max_shared_memory_per_block"]
+        ) if kind == "cuda" else TargetLimits()
+        return cls(kind, summary.get("arch"), summary.get("mcpu"), limits)
+
+    @property
+    def device(self) -> str:
+        """The runtime device kind that runs code for this target: ``"cpu"`` or ``"cuda"``."""
+        return "cuda" if self.kind == "cuda" else "cpu"
+
+    @property
+    def log_key(self) -> str:
+        """Directory name of this target's tuning log: kind plus arch (CUDA) or mcpu (LLVM)."""
+        detail = self.arch if self.kind == "cuda" else self.mcpu
+        return f"{self.kind}-{detail or 'generic'}"
+
+    def summary(self) -> dict[str, str]:
+        """JSON-ready description stored in manifests."""
+        out = {"kind": self.kind}
+        for key in ("mcpu", "arch"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
+
+    def local_device(self) -> tvm.runtime.Device | None:
+        """The local device that runs code built for this target, or None (e.g. no GPU of its arch)."""
+        if self.kind == "llvm":
+            return tvm.cpu(0)
+        if self.kind == "cuda":
+            arch = local_cuda_arch()
+            if arch is not None and (self.arch is None or self.arch == arch):
+                return tvm.cuda(0)
+        return None
+
+    def check_local_gpu(self) -> None:
+        """Raise RuntimeError unless a local GPU of this target's arch exists (CUDA targets only)."""
+        if self.kind != "cuda":
+            return
+        arch = local_cuda_arch()
+        if arch is None:
+            raise RuntimeError("this model was compiled for CUDA but no CUDA device is available")
+        if self.arch and self.arch != arch:
+            raise RuntimeError(f"this model was compiled for {self.arch}; the local GPU is {arch}: recompile it")

@@ -37,6 +37,7 @@ from tvm.ir.utils import derived_object
 from pbtvm import names
 from pbtvm._tvm import TVM_VERSION, meta_schedule, s_tir, tir, tvm
 from pbtvm.bitplane import FORMAT_VERSION
+from pbtvm.target import TargetInfo
 
 from . import cuda_bmma
 from .cpu_vnni import KNOB_LOG, is_fixed_kernel, knob_key, measure_knobs, vnni_kernel_for
@@ -196,10 +197,8 @@ def _out_rows(func: tir.PrimFunc) -> int:
 
 # --------------------------------------------------------------------------- the log
 def target_key(target: tvm.target.Target) -> str:
-    """Directory name of a target's log: kind plus arch (CUDA) or mcpu (LLVM)."""
-    attrs = target.attrs
-    detail = attrs.get("arch") if target.kind.name == "cuda" else attrs.get("mcpu")
-    return f"{target.kind.name}-{detail or 'generic'}"
+    """Directory name of a target's log: :attr:`pbtvm.target.TargetInfo.log_key`."""
+    return TargetInfo.of(target).log_key
 
 
 def _workload_row_problem(row: object) -> str:
@@ -477,7 +476,7 @@ def _measure_default(func: tir.PrimFunc, target: tvm.target.Target, batch: int, 
     if res.error_msg:
         return sch, None
     args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
-    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    device = TargetInfo.of(target).device
     (fut,) = runner.run([ms.runner.RunnerInput(res.artifact_path, device, args)])
     out = fut.result()
     if out.error_msg:

@@ -24,17 +24,9 @@ CHECK_BATCH = 3
 
 def local_device(target: tvm.target.Target) -> object | None:
     """The local device that runs code built for ``target``, or None (e.g. no GPU of its arch)."""
-    from pbtvm.target import local_cuda_arch
+    from pbtvm.target import TargetInfo
 
-    kind = target.kind.name
-    if kind == "llvm":
-        return tvm.cpu(0)
-    if kind == "cuda":
-        arch = local_cuda_arch()
-        want = target.attrs.get("arch")
-        if arch is not None and (want is None or str(want) == arch):
-            return tvm.cuda(0)
-    return None
+    return TargetInfo.of(target).local_device()
 
 
 def random_args(func: tir.PrimFunc, dev: object, seed: int = 0) -> list:
