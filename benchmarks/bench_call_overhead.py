@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import pbtvm
-from pbtvm.examples import builtin_mnist_mlp
+from pbtvm.apps.examples import builtin_mnist_mlp
 
 
 def median_us(fn, x, n: int = 300) -> float:  # noqa: ANN001

@@ -8,7 +8,7 @@ decoding (the table prints the weight megabytes read per token).
 
 PB rows: ``decoder`` is :func:`pbtvm.decoder.compile_decoder` (the whole token in one call; on CUDA
 captured as one CUDA graph between two repack kernels; ``--no-graph`` adds the same without the
-graph), ``seq path`` is :class:`pbtvm.ptb.PBWordLM`'s step (per layer an input-projection GEMM
+graph), ``seq path`` is :class:`pbtvm.apps.ptb.PBWordLM`'s step (per layer an input-projection GEMM
 call and a fused step call, then the head). On CUDA, torch also runs captured in a CUDA graph
 (``+graph`` rows), the fairest baseline for launch overhead.
 
@@ -28,8 +28,8 @@ import time
 import torch
 
 import pbtvm
+from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.decoder import compile_decoder
-from pbtvm.ptb import PBWordLM, word_lm
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--target", default="cuda", help="llvm, cuda or a JSON target dict")

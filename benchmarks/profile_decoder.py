@@ -15,8 +15,8 @@ import time
 import torch
 import tvm
 
+from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder
-from pbtvm.ptb import word_lm
 from pbtvm.schedules import cuda as cuda_rules
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

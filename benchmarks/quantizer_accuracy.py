@@ -7,7 +7,7 @@
 
 Every number comes from the compiled PB models on the CPU (accuracy does not depend on the
 target: the integer product is exact). Tasks and their trained models are the ones of the README /
-BENCHMARKS tables: ``python -m pbtvm.demo`` (MNIST MLP), ``tutorials/02_lstm_language_model.py``
+BENCHMARKS tables: ``python -m pbtvm.apps.demo`` (MNIST MLP), ``tutorials/02_lstm_language_model.py``
 (PTB LM, 2 epochs, hidden 256), ``benchmarks/sentiment_accuracy.py`` (Rotten Tomatoes, 3 epochs).
 
 Run ``python benchmarks/quantizer_accuracy.py mnist|ptb|sentiment [--model-cache PATH]``; the PTB
@@ -48,7 +48,7 @@ def _codebooks(*compiled) -> str:  # noqa: ANN002
 
 def mnist(args: argparse.Namespace) -> None:
     import pbtvm
-    from pbtvm.examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
+    from pbtvm.apps.examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
 
     split = mnist_split(seed=0)
     model = train_mnist_mlp(split, epochs=12)
@@ -61,11 +61,11 @@ def mnist(args: argparse.Namespace) -> None:
         acc = [accuracy(m, split.x_test, split.y_test) for m in (old, new)]
         rows.append((f"W{bits}A8", *acc, _codebooks(new)))
         print(rows[-1], flush=True)
-    _table("MNIST MLP 784-512-512-10 (`python -m pbtvm.demo` model), held-out 1000", "accuracy %", fp32, rows)
+    _table("MNIST MLP 784-512-512-10 (`python -m pbtvm.apps.demo` model), held-out 1000", "accuracy %", fp32, rows)
 
 
 def ptb(args: argparse.Namespace) -> None:
-    from pbtvm.ptb import PBWordLM, load_ptb, perplexity, train_word_lm, word_lm
+    from pbtvm.apps.ptb import PBWordLM, load_ptb, perplexity, train_word_lm, word_lm
 
     data = load_ptb()
     if args.model_cache and os.path.exists(args.model_cache):
@@ -97,7 +97,7 @@ def ptb(args: argparse.Namespace) -> None:
 
 
 def sentiment(args: argparse.Namespace) -> None:
-    from pbtvm.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier
+    from pbtvm.apps.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier
 
     data = load_reviews()
     model = train_classifier(data, epochs=3)

@@ -7,7 +7,7 @@ target); ``python benchmarks/sentiment_accuracy.py [--epochs 3]``. Prints a mark
 import argparse
 import time
 
-from pbtvm.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier
+from pbtvm.apps.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--epochs", type=int, default=3)

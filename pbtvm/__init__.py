@@ -17,3 +17,17 @@ from .library import LibraryError  # noqa: E402
 from .runtime import CompiledModel, load  # noqa: E402
 
 __all__ = ["BitplaneFormat", "CompiledModel", "LibraryError", "PRESETS", "compile", "load", "tune", "__version__"]
+
+#: Application modules that moved into :mod:`pbtvm.apps` (old attribute -> new module).
+_MOVED = {name: f"pbtvm.apps.{name}" for name in ("demo", "examples", "ptb", "report", "sentiment")}
+
+
+def __getattr__(name: str) -> object:
+    """``pbtvm.examples`` and the other moved application modules, with a DeprecationWarning."""
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"pbtvm.{name} moved to {_MOVED[name]}", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(_MOVED[name])
+    raise AttributeError(f"module 'pbtvm' has no attribute {name!r}")

@@ -30,7 +30,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
     Returns
     -------
     dict
-        :func:`pbtvm.relay_passes.pb_linear_rewrite.weight_key` of each Linear's weight ->
+        :func:`pbtvm.lowering.weight_key` of each Linear's weight ->
         float64 [in_features] mean of ``x_k^2`` over every calibration row.
 
     Raises
@@ -40,7 +40,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
     """
     import torch
 
-    from .relay_passes.pb_linear_rewrite import weight_key
+    from .lowering import weight_key
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:

@@ -52,7 +52,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def _builtin_mnist() -> tuple[Any, tuple]:
     import torch
 
-    from .examples import builtin_mnist_mlp
+    from .apps.examples import builtin_mnist_mlp
 
     model, split = builtin_mnist_mlp()
     return model, (torch.from_numpy(split.x_train[:2]),)
@@ -237,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import pbtvm
 
-    from .report import median_latency_ms
+    from .apps.report import median_latency_ms
     from .target import TargetInfo
 
     model, example, options = _model_and_options(args)
@@ -276,7 +276,7 @@ def _speed_words(base_ms: float, ms: float) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``pbtvm eval``: accuracy and latency vs bits / bitlayers / act_bits, table + Pareto PNG."""
-    from .report import evaluate_tradeoffs, plot_pareto, write_table
+    from .apps.report import evaluate_tradeoffs, plot_pareto, write_table
 
     if args.model != "mnist-mlp":
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")

@@ -14,10 +14,10 @@ from . import __version__, outputs
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
+from .lowering import weight_key
 from .names import KernelKind, kernel_kind
 from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
-from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import TargetInfo, resolve_target

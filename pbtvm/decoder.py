@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat, pack_weights
+from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .repack import CopyGroup, repack_func, repack_out_types
 from .runtime import CompiledModel
 from .target import resolve_target
@@ -37,20 +37,6 @@ MANIFEST_KEY = "decoder"
 
 def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().float().numpy()
-
-
-def _packed(ws: list[np.ndarray], fmt: BitplaneFormat, quant: tuple, rows: np.ndarray | None = None) -> tuple:
-    """Quantized, packed weights and their row parameters as Relax constants (rows permuted if given).
-
-    ``ws`` share one format (one kernel); ``quant`` is ``(codebook, method)`` as in
-    :func:`pbtvm.quantize.layer_format`. Returns ``(layer format, [[planes, params] per weight])``.
-    """
-    from ._tvm import relax
-    from .quantize import layer_format
-
-    layer_fmt, coded = layer_format([w if rows is None else w[rows] for w in ws], fmt, *quant)
-    consts = [[relax.const(pack_weights(q, layer_fmt), "uint32"), relax.const(s, "float32")] for q, s in coded]
-    return layer_fmt, consts
 
 
 def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
@@ -157,13 +143,13 @@ def _emit_layer(
     """One layer's step kernel (:func:`pbtvm.kernels.lstm_cell_input_func`); returns (h', c')."""
     from ._tvm import relax
     from .kernels import lstm_cell_input_func
+    from .lowering import LayerRecord, lower_weights
     from .ops import unit_major_rows
-    from .relay_passes.pb_linear_rewrite import weight_key
 
     hidden = lstm.hidden_size
     rows = unit_major_rows(hidden)
     w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
-    fmt, (packed_ih, packed_hh) = _packed([w_ih, w_hh], fmt, quant, rows)  # one codebook per layer kernel
+    fmt, (packed_ih, packed_hh) = lower_weights([w_ih, w_hh], fmt, quant, rows=rows)  # one codebook per kernel
     args = [x, *packed_ih]
     if lstm.bias:
         bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
@@ -173,10 +159,7 @@ def _emit_layer(
     state = relax.TensorType([batch, hidden], "float32")
     step = bb.emit(relax.call_tir(bb.add_func(func, f"pb_lstm_step_l{layer}"), args, [state, state]))
     for k, w in (("ih", w_ih), ("hh", w_hh)):
-        name = f"weight_{k}_l{layer} (LSTM)"
-        converted.append(
-            {"name": name, "weight_key": weight_key(w), "shape": list(w.shape), "bias": False, "codebook": fmt.codebook}
-        )
+        converted.append(LayerRecord.of(f"weight_{k}_l{layer} (LSTM)", w, fmt, bias=False).as_dict())
     return bb.emit(relax.TupleGetItem(step, 0)), bb.emit(relax.TupleGetItem(step, 1))
 
 
@@ -192,12 +175,12 @@ def _emit_head(
     """
     from ._tvm import relax
     from .kernels import act_pack_func, dense_act_func, dense_func
-    from .relay_passes.pb_linear_rewrite import weight_key
+    from .lowering import LayerRecord, lower_weights
 
     w_out = _np(head.weight)
     has_bias = head.bias is not None
-    fmt, [packed] = _packed([w_out], fmt, quant)
-    weights = packed + ([relax.const(_np(head.bias), "float32")] if has_bias else [])
+    fmt, [packed] = lower_weights([w_out], fmt, quant)
+    weights = [*packed, *([relax.const(_np(head.bias), "float32")] if has_bias else [])]
     n, k = head.out_features, head.in_features
     if kind == "cuda":
         func, args = dense_act_func(fmt, n, k, has_bias), [x, *weights]
@@ -214,15 +197,7 @@ def _emit_head(
             [*(bb.emit(relax.TupleGetItem(xp, i)) for i in range(3)), *weights],
         )
     gemm = bb.add_func(func.without_attr("global_symbol"), "pb_dense_head")
-    converted.append(
-        {
-            "name": "head (Linear)",
-            "weight_key": weight_key(w_out),
-            "shape": list(w_out.shape),
-            "bias": has_bias,
-            "codebook": fmt.codebook,
-        }
-    )
+    converted.append(LayerRecord.of("head (Linear)", w_out, fmt, has_bias).as_dict())
     out_type = relax.TensorType([batch, n], "float32")
     return bb.emit(relax.call_tir(gemm, [*args, relax.prim_value(n_bits)], out_type))
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat, pack_weights
+from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .target import resolve_target
 
 
@@ -59,12 +59,11 @@ def _cell_model(
     from ._tvm import relax, tir
     from .compiler import build_model
     from .kernels import lstm_cell_func
+    from .lowering import LayerRecord, lower_weights
     from .ops import unit_major_rows
-    from .quantize import layer_format
-    from .relay_passes.pb_linear_rewrite import weight_key
 
     hidden = w_hh.shape[1]
-    fmt, [(q, w_scale)] = layer_format([w_hh[unit_major_rows(hidden)]], fmt, *quant)
+    fmt, [weights] = lower_weights([w_hh], fmt, quant, rows=unit_major_rows(hidden))
     batch, layers = tir.Var("batch", "int64"), tir.Var("bitlayers", "int64")
     state = relax.TensorType([batch, hidden], "float32")
     params = [
@@ -78,19 +77,10 @@ def _cell_model(
         kernel = bb.add_func(
             lstm_cell_func(fmt, hidden).without_attr("global_symbol"), f"pb_lstm_cell_{fmt.name}_h{hidden}"
         )
-        weights = [relax.const(pack_weights(q, fmt), "uint32"), relax.const(w_scale, "float32")]
         out = bb.emit(relax.call_tir(kernel, [*params[:3], *weights, relax.prim_value(layers)], [state, state]))
         bb.emit_func_output(out)
     specs = [{"dtype": "float32", "shape": [None, d]} for d in (4 * hidden, hidden, hidden)]
-    converted = [
-        {
-            "name": name,
-            "weight_key": weight_key(w_hh),
-            "shape": [4 * hidden, hidden],
-            "bias": False,
-            "codebook": fmt.codebook,
-        }
-    ]
+    converted = [LayerRecord.of(name, w_hh, fmt, bias=False).as_dict()]
     return build_model(
         bb.get(), fmt, tvm_target, specs, dynamic=True, single_output=False, converted=converted, **build_kwargs
     )

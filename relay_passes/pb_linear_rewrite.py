@@ -17,7 +17,6 @@ share one activation pack. Every rewritten function gains a last parameter
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -26,11 +25,12 @@ import tvm_ffi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
-from pbtvm.bitplane import BitplaneFormat, pack_weights
+from pbtvm.bitplane import BitplaneFormat
+from pbtvm.lowering import LayerRecord, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
-from pbtvm.quantize import AUTO, layer_format
+from pbtvm.quantize import AUTO
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ class ConversionReport:
     skipped: list[dict] = field(default_factory=list)
     #: ``relax.matmul`` calls seen, converted or not; a skipped one has its ``matmul_index``.
     n_matmuls: int = 0
-
-
-def weight_key(array: np.ndarray) -> str:
-    """Content hash of a weight array (dtype, shape and bytes); equal weights share a key."""
-    a = np.ascontiguousarray(array)
-    h = hashlib.sha1(f"{a.dtype}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def _op_name(expr: relax.Expr) -> str | None:
@@ -210,15 +202,11 @@ class _Rewriter(PyExprMutator):
         if key not in self._packed_weights:
             imp = [self.importance.get(key)]
             try:
-                fmt, [(q, scale)] = layer_format([weight.astype(np.float32)], self.fmt, self.codebook, self.method, imp)
+                fmt, [(planes, params)] = lower_weights([weight], self.fmt, (self.codebook, self.method), imp)
             except ValueError as err:  # e.g. NaN / Inf weights: say which layer
                 name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
                 raise ValueError(f"layer {name}: {err}") from None
-            self._packed_weights[key] = (
-                relax.const(pack_weights(q, fmt), "uint32"),
-                relax.const(scale, "float32"),
-                fmt,
-            )
+            self._packed_weights[key] = (planes, params, fmt)
         return self._packed_weights[key]
 
     def _act_pack(self, x2: relax.Expr, k_dim: int) -> relax.Expr:
@@ -329,15 +317,8 @@ class _Rewriter(PyExprMutator):
     def finish_report(self) -> None:
         """Record the converted layers in the report."""
         for lin in self._linears:
-            key = weight_key(lin.weight)
-            self.report.converted.append(
-                {
-                    "weight_key": key,
-                    "shape": list(lin.weight.shape),
-                    "bias": lin.bias is not None,
-                    "codebook": self._packed_weights[key][2].codebook,
-                }
-            )
+            fmt = self._packed_weights[weight_key(lin.weight)][2]
+            self.report.converted.append(LayerRecord.of(None, lin.weight, fmt, lin.bias is not None).as_dict())
 
 
 @tvm.transform.module_pass(opt_level=0, name="PBLinearRewrite")

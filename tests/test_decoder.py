@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pbtvm import library
+from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.lstm import compile_lstm
-from pbtvm.ptb import PBWordLM, word_lm
 from pbtvm.repack import CopyGroup, repack_func
 
 SM90 = {"kind": "cuda", "arch": "sm_90"}

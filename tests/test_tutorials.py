@@ -23,7 +23,7 @@ def test_tutorial_runs(path):
 def test_demo_quick_runs():
     pytest.importorskip("mlxtend")
     out = subprocess.run(
-        [sys.executable, "-m", "pbtvm.demo", "--quick"], capture_output=True, text=True, timeout=900, cwd=ROOT
+        [sys.executable, "-m", "pbtvm.apps.demo", "--quick"], capture_output=True, text=True, timeout=900, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PB W4A8" in out.stdout

@@ -162,7 +162,7 @@ def test_compile_with_calibration_uses_input_statistics(rng):
 
     import pbtvm
     from pbtvm.calibration import input_importance
-    from pbtvm.relay_passes.pb_linear_rewrite import weight_key
+    from pbtvm.lowering import weight_key
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)).eval()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, builtin_mnist_mlp, torch_accuracy
+from pbtvm.apps.examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true")

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
+from pbtvm.apps.ptb import PBWordLM, load_ptb, perplexity, train_word_lm
 from pbtvm.decoder import compile_decoder
-from pbtvm.ptb import PBWordLM, load_ptb, perplexity, train_word_lm
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true")

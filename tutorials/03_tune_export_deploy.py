@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import pbtvm
-from pbtvm.examples import accuracy, builtin_mnist_mlp
+from pbtvm.apps.examples import accuracy, builtin_mnist_mlp
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true")

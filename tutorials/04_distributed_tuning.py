@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import pbtvm
-from pbtvm.examples import mnist_split, train_mnist_mlp
+from pbtvm.apps.examples import mnist_split, train_mnist_mlp
 from pbtvm.rpc_cluster import local_cluster
 from pbtvm.schedules.tuning import rpc_runner
 

@@ -1,6 +1,6 @@
 """The README demo: train an MLP on real MNIST digits, compile it with PB at k = 1..8, compare.
 
-Run ``python -m pbtvm.demo`` (``--quick`` for CI). Prints held-out accuracy per weight bitwidth
+Run ``python -m pbtvm.apps.demo`` (``--quick`` for CI). Prints held-out accuracy per weight bitwidth
 next to fp32, a run-time ``bitlayers`` sweep of one compiled W8 model, and an act_bits sweep.
 """
 

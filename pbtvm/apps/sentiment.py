@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .bitplane import DEFAULT_ACT_BITS
+from ..bitplane import DEFAULT_ACT_BITS
 
 PAD, UNK = 0, 1
 
@@ -139,8 +139,8 @@ class PBSentenceLSTM:
     ) -> None:
         import torch
 
-        from .compiler import compile as pb_compile
-        from .lstm import compile_lstm
+        from ..compiler import compile as pb_compile
+        from ..lstm import compile_lstm
 
         self.embedding = model.embedding
         self.lstm = compile_lstm(model.lstm, target, bits, act_bits, **kw)  # kw: codebook, quantizer, ...

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .bitplane import DEFAULT_ACT_BITS
+from ..bitplane import DEFAULT_ACT_BITS
 
 
 @dataclass
@@ -160,8 +160,8 @@ class PBWordLM:
     ) -> None:
         import torch
 
-        from .compiler import compile as pb_compile
-        from .lstm import compile_lstm
+        from ..compiler import compile as pb_compile
+        from ..lstm import compile_lstm
 
         self.embedding = model.embedding
         self.lstm = compile_lstm(model.lstm, target, bits, act_bits, **kw)

@@ -1,0 +1,108 @@
+"""Weight lowering shared by every PB layer: quantize, pack, make Relax constants, record the layer.
+
+The dense rewrite (:mod:`pbtvm.relay_passes.pb_linear_rewrite`), the LSTM step models
+(:mod:`pbtvm.lstm`) and the decoder (:mod:`pbtvm.decoder`) all turn float weights into packed
+bitplanes the same way; this module is that one way, and the one record of a converted layer
+that manifests, ``pbtvm inspect`` and error messages read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from .bitplane import BitplaneFormat, pack_weights
+
+__all__ = ["LayerRecord", "lower_weights", "weight_key"]
+
+
+def weight_key(array: np.ndarray) -> str:
+    """Content hash of a weight array (dtype, shape and bytes); equal weights share a key."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.sha1(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """One converted weight matrix, as the manifest lists it (``layers.converted``).
+
+    Attributes
+    ----------
+    name : str or None
+        Readable layer name (the torch module path); None until the compiler names it.
+    weight_key : str
+        :func:`weight_key` of the float weight (maps layers back to torch modules).
+    shape : list of int
+        ``[N, K]`` of the float weight.
+    bias : bool
+        Whether the PB kernel adds a bias.
+    codebook : str
+        Codebook the layer's weights were quantized with.
+    """
+
+    name: str | None
+    weight_key: str
+    shape: list
+    bias: bool
+    codebook: str
+
+    @classmethod
+    def of(cls, name: str | None, weight: np.ndarray, fmt: BitplaneFormat, bias: bool) -> LayerRecord:
+        """The record of float ``weight`` [N, K] lowered in ``fmt``."""
+        return cls(name, weight_key(weight), [int(d) for d in weight.shape], bool(bias), fmt.codebook)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (no ``name`` key while the name is unknown)."""
+        out = dataclasses.asdict(self)
+        if self.name is None:
+            del out["name"]
+        return out
+
+
+def lower_weights(
+    weights: list[np.ndarray],
+    fmt: BitplaneFormat,
+    quant: tuple = (None, "mse"),
+    importances: list | None = None,
+    rows: np.ndarray | None = None,
+) -> tuple[BitplaneFormat, list[tuple[Any, Any]]]:
+    """Quantize and pack the weights of one PB kernel into Relax constants.
+
+    Parameters
+    ----------
+    weights : list of np.ndarray, float, [N_i, K_i]
+        Matrices that one kernel reads; they share one codebook (chosen jointly for ``"auto"``).
+    fmt : BitplaneFormat
+        Bits, act_bits and layout.
+    quant : (codebook, method)
+        As in :func:`pbtvm.quantize.layer_format`.
+    importances : list of (np.ndarray [K_i] or None), optional
+        Per-input error weights (calibration).
+    rows : np.ndarray of int, optional
+        Row permutation applied to every matrix first (the LSTM's unit-major order).
+
+    Returns
+    -------
+    (BitplaneFormat, list of (planes, params))
+        The layer's format (its codebook fixed) and per matrix the packed planes (uint32
+        constant, ``fmt.weight_shape(N, K)``) and the row parameters (float32 constant: scales, and zero
+        points for codebooks that have them).
+
+    Raises
+    ------
+    ValueError
+        For weights the quantizer rejects (e.g. NaN / Inf).
+    """
+    from ._tvm import relax
+    from .quantize import layer_format
+
+    mats = [np.asarray(w, np.float32) if rows is None else np.asarray(w, np.float32)[rows] for w in weights]
+    layer_fmt, coded = layer_format(mats, fmt, *quant, importances)
+    return layer_fmt, [
+        (relax.const(pack_weights(q, layer_fmt), "uint32"), relax.const(s, "float32")) for q, s in coded
+    ]
