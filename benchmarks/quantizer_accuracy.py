@@ -46,7 +46,7 @@ def _codebooks(*compiled) -> str:  # noqa: ANN002
     return ", ".join(sorted(names))
 
 
-def mnist(args: argparse.Namespace) -> None:
+def mnist(_args: argparse.Namespace) -> None:
     import pbtvm
     from pbtvm.apps.examples import accuracy, mnist_split, torch_accuracy, train_mnist_mlp
 
@@ -96,7 +96,7 @@ def ptb(args: argparse.Namespace) -> None:
     _table(f"PTB word LM (tutorial 02 model), test perplexity on {n} tokens", "perplexity", fp32, rows, True)
 
 
-def sentiment(args: argparse.Namespace) -> None:
+def sentiment(_args: argparse.Namespace) -> None:
     from pbtvm.apps.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier
 
     data = load_reviews()

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["input_importance"]
 
 
@@ -44,7 +46,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
-        raise ValueError("calibration: the model has no nn.Linear layer to calibrate")
+        raise InputError("calibration: the model has no nn.Linear layer to calibrate")
     sums = {id(m): np.zeros(m.in_features) for m in linears}
     counts = {id(m): 0 for m in linears}
 
@@ -65,7 +67,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
         for h in handles:
             h.remove()
     if n_batches == 0:
-        raise ValueError("calibration: no batch given (pass an iterable of example inputs)")
+        raise InputError("calibration: no batch given (pass an iterable of example inputs)")
     return {
         weight_key(m.weight.detach().cpu().numpy()): sums[id(m)] / max(counts[id(m)], 1)
         for m in linears

@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: Exit status for a user error (bad argument, model or file).
 USAGE_ERROR = 2
+#: Exit status for an internal error (a bug in pbtvm).
+INTERNAL_ERROR = 1
 
 EPILOG = """\
 MODEL is one of
@@ -367,16 +370,30 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbtvm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .errors import InputError
     from .library import LibraryError
     from .schedules.tuning import TuningLogError
 
     try:
         return int(args.func(args))
-    except (CLIError, LibraryError, TuningLogError, ValueError, TypeError, FileNotFoundError, PermissionError) as err:
+    except (CLIError, InputError, LibraryError, TuningLogError, FileNotFoundError, PermissionError) as err:
         if args.debug:
             raise
         print(f"pbtvm: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except Exception as err:
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        if type(err).__module__.split(".")[0] == "torch":  # torch.export / the model's own forward failed
+            print(f"pbtvm: error: torch could not run or export the model ({type(err).__name__}): {first}", file=sys.stderr)
+            return USAGE_ERROR
+        print(
+            f"pbtvm: internal error: {type(err).__name__}: {first}\n"
+            "pbtvm: this is a bug in pbtvm; rerun with --debug for the traceback and please report it",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from . import __version__, outputs
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
+from .errors import InputError, InputTypeError
 from .lowering import weight_key
 from .names import KernelKind, kernel_kind
 from .quantize import AUTO, check_codebook
@@ -54,17 +55,17 @@ def import_model(
     from tvm.relax.frontend.torch import from_exported_program
 
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple | list):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     if not example_inputs:
-        raise ValueError("example_inputs is empty: give one example tensor per model input")
+        raise InputError("example_inputs is empty: give one example tensor per model input")
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
+            raise InputTypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0:
-            raise ValueError(f"example input {i} is a scalar; inputs need a batch dimension")
+            raise InputError(f"example input {i} is a scalar; inputs need a batch dimension")
     model = model.eval()
     exported, dynamic = None, False
     if dynamic_batch:
@@ -209,7 +210,7 @@ def tune(
     tvm_target = resolve_target(target)
     _check_layout(fmt, tvm_target)
     if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+        raise InputError(f"trials must be >= 1, got {trials}")
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
     return tune_kernels(
         _pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
@@ -294,7 +295,7 @@ def compile(  # noqa: A001 - the public name users expect
     tvm_target = resolve_target(target)
     _check_layout(fmt, tvm_target)
     if tune and work_dir is None:
-        raise ValueError("compile(tune=True) needs a work_dir to write the tuning log into")
+        raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
     mod, specs, dynamic, converted, skipped = _rewrite(
         model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration
     )
@@ -331,7 +332,7 @@ def compile(  # noqa: A001 - the public name users expect
 def _check_layout(fmt: BitplaneFormat, tvm_target: tvm.target.Target) -> None:
     """The binary-tensor-core weight layout needs a CUDA target (sm_75 or newer)."""
     if fmt.layout == "mma16x256" and tvm_target.kind.name != "cuda":
-        raise ValueError(f"layout 'mma16x256' is for CUDA targets (binary tensor cores), not {tvm_target.kind.name}")
+        raise InputError(f"layout 'mma16x256' is for CUDA targets (binary tensor cores), not {tvm_target.kind.name}")
 
 
 def build_model(

@@ -19,6 +19,7 @@ from typing import Any
 
 import tvm_ffi
 
+from .errors import InputError
 from .tools import find_cuda_tool
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def compile_fatbin(source: str, arch: str) -> bytes:
         If nvcc is missing or fails (its message is included).
     """
     if not arch.startswith("sm_"):
-        raise ValueError(f"CUDA arch must look like 'sm_90', got {arch!r}")
+        raise InputError(f"CUDA arch must look like 'sm_90', got {arch!r}")
     nvcc = find_nvcc()
     cc = arch[3:]
     with tempfile.TemporaryDirectory(prefix="pbtvm_nvcc_") as tmp:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
+from .errors import InputError, InputTypeError
 from .repack import CopyGroup, repack_func, repack_out_types
 from .runtime import CompiledModel
 from .target import resolve_target
@@ -43,21 +44,21 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
     import torch
 
     if not isinstance(lstm, torch.nn.LSTM):
-        raise TypeError(f"compile_decoder takes a torch.nn.LSTM, got {type(lstm).__name__}")
+        raise InputTypeError(f"compile_decoder takes a torch.nn.LSTM, got {type(lstm).__name__}")
     if lstm.bidirectional or getattr(lstm, "proj_size", 0):
-        raise ValueError("bidirectional LSTMs and LSTMs with proj_size are not supported yet")
+        raise InputError("bidirectional LSTMs and LSTMs with proj_size are not supported yet")
     if embedding is not None:
         if not isinstance(embedding, torch.nn.Embedding):
-            raise TypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
+            raise InputTypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
         if embedding.embedding_dim != lstm.input_size:
-            raise ValueError(f"embedding size {embedding.embedding_dim} != LSTM input size {lstm.input_size}")
+            raise InputError(f"embedding size {embedding.embedding_dim} != LSTM input size {lstm.input_size}")
     if head is not None:
         if not isinstance(head, torch.nn.Linear):
-            raise TypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
+            raise InputTypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
         if head.in_features != lstm.hidden_size:
-            raise ValueError(f"head takes {head.in_features} features, the LSTM gives {lstm.hidden_size}")
+            raise InputError(f"head takes {head.in_features} features, the LSTM gives {lstm.hidden_size}")
     if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
+        raise InputError(f"batch must be a positive int, got {batch!r}")
 
 
 def _decoder_module(
@@ -221,7 +222,7 @@ class PBDecoder:
     def __init__(self, model: CompiledModel) -> None:
         meta = model.manifest.get(MANIFEST_KEY)
         if meta is None:
-            raise ValueError("this compiled model is not a pbtvm decoder (its manifest has no 'decoder')")
+            raise InputError("this compiled model is not a pbtvm decoder (its manifest has no 'decoder')")
         self.model = model
         self.format = model.format
         self.num_layers, self.hidden_size = meta["num_layers"], meta["hidden_size"]
@@ -264,7 +265,7 @@ class PBDecoder:
         if self.vocab is not None and (device == "cpu" or self.check_tokens):
             ids = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
             if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-                raise ValueError(f"token ids must lie in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
+                raise InputError(f"token ids must lie in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
         if state is None:
             state = self.initial_state(str(inputs.device) if device != "cpu" else "cpu")
         out, h, c = self.model(inputs, *state, bitlayers=bitlayers)

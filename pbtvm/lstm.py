@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
+from .errors import InputError, InputTypeError
 from .target import resolve_target
 
 
@@ -143,20 +144,20 @@ class PBLSTM:
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(np.asarray(x))
         if x.ndim != 3 or x.shape[-1] != self.input_size:
-            raise ValueError(
+            raise InputError(
                 f"LSTM input must be [T, B, {self.input_size}] (batch_first={self.batch_first}), got {tuple(x.shape)}"
             )
         if x.dtype != torch.float32:
-            raise TypeError(f"LSTM input must be float32, got {x.dtype}")
+            raise InputTypeError(f"LSTM input must be float32, got {x.dtype}")
         if self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = int(x.shape[0]), int(x.shape[1])
         if steps < 1 or batch < 1:
-            raise ValueError(f"LSTM input needs at least one step and one sequence, got {tuple(x.shape)}")
+            raise InputError(f"LSTM input needs at least one step and one sequence, got {tuple(x.shape)}")
         h0, c0 = state if state is not None else self.initial_state(batch, str(x.device))
         want = (self.num_layers, batch, self.hidden_size)
         if tuple(h0.shape) != want or tuple(c0.shape) != want:
-            raise ValueError(f"state must be two tensors of shape {want}, got {tuple(h0.shape)}, {tuple(c0.shape)}")
+            raise InputError(f"state must be two tensors of shape {want}, got {tuple(h0.shape)}, {tuple(c0.shape)}")
         layer_in = x.contiguous()
         hs, cs = [], []
         for layer in range(self.num_layers):
@@ -230,15 +231,15 @@ def compile_lstm(
 
     torch = _torch()
     if not isinstance(lstm, torch.nn.LSTM):
-        raise TypeError(f"compile_lstm takes a torch.nn.LSTM, got {type(lstm).__name__}")
+        raise InputTypeError(f"compile_lstm takes a torch.nn.LSTM, got {type(lstm).__name__}")
     if lstm.bidirectional:
-        raise ValueError("bidirectional LSTMs are not supported yet")
+        raise InputError("bidirectional LSTMs are not supported yet")
     if getattr(lstm, "proj_size", 0):
-        raise ValueError("LSTMs with proj_size are not supported yet")
+        raise InputError("LSTMs with proj_size are not supported yet")
     from .quantize import AUTO, check_codebook
 
     if "calibration" in compile_kwargs:
-        raise ValueError("calibration is supported by pbtvm.compile only, not by compile_lstm")
+        raise InputError("calibration is supported by pbtvm.compile only, not by compile_lstm")
     fmt = BitplaneFormat(bits, act_bits, layout=compile_kwargs.get("layout", "kNW"))
     quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))
     check_codebook(quant[0], bits, quant[1])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import InputError, InputTypeError
+
 TENSOR = "tensor"
 
 
@@ -32,9 +34,9 @@ def describe(output: Any) -> Any:
     if isinstance(output, dict):
         for key in output:
             if not isinstance(key, str | int) or isinstance(key, bool):
-                raise TypeError(f"the model returns a dict with key {key!r}; pbtvm keeps str and int keys only")
+                raise InputTypeError(f"the model returns a dict with key {key!r}; pbtvm keeps str and int keys only")
         return {"dict": [[key, describe(value)] for key, value in output.items()]}
-    raise TypeError(f"the model returns a {type(output).__name__}; pbtvm models return tensors (in tuples/lists/dicts)")
+    raise InputTypeError(f"the model returns a {type(output).__name__}; pbtvm models return tensors (in tuples/lists/dicts)")
 
 
 def count(structure: Any) -> int:
@@ -48,7 +50,7 @@ def count(structure: Any) -> int:
 def rebuild(structure: Any, leaves: list) -> Any:
     """Nest the flat ``leaves`` (in ``torch.export`` order) as ``structure`` says."""
     if len(leaves) != count(structure):
-        raise ValueError(f"the compiled model returned {len(leaves)} outputs, its manifest describes {count(structure)}")
+        raise InputError(f"the compiled model returned {len(leaves)} outputs, its manifest describes {count(structure)}")
     it = iter(leaves)
 
     def build(s: Any) -> Any:

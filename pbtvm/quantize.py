@@ -20,6 +20,7 @@ import numpy as np
 
 from . import weight_fit
 from .bitplane import BitplaneFormat, bitplane_matmul, pack_activations, plane_rowsum
+from .errors import InputError, InputTypeError
 
 #: Weight quantization methods: clip search minimizing the weight MSE, or the original max scaling.
 METHODS = ("mse", "max")
@@ -73,14 +74,14 @@ def quantize_weights(
     """
     w = np.asarray(w)
     if w.ndim != 2:
-        raise ValueError(f"weights must be 2-D [N, K], got shape {w.shape}")
+        raise InputError(f"weights must be 2-D [N, K], got shape {w.shape}")
     if not np.issubdtype(w.dtype, np.floating):
-        raise TypeError(f"weights must be floating point, got {w.dtype}")
+        raise InputTypeError(f"weights must be floating point, got {w.dtype}")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     w = w.astype(np.float32)
     if not np.all(np.isfinite(w)):
-        raise ValueError("weights contain NaN or Inf")
+        raise InputError("weights contain NaN or Inf")
     if fmt.codebook == "bipolar":
         return weight_fit.fit_bipolar(w, importance)
     if fmt.codebook == "offset_binary":
@@ -99,7 +100,7 @@ def dequantize_weights(q: np.ndarray, scale: np.ndarray, fmt: BitplaneFormat) ->
     q = np.asarray(q, np.float64)
     scale = np.asarray(scale, np.float64)
     if scale.shape != fmt.scale_shape(q.shape[0]):
-        raise ValueError(f"scale has shape {scale.shape}, {fmt.codebook} wants {fmt.scale_shape(q.shape[0])}")
+        raise InputError(f"scale has shape {scale.shape}, {fmt.codebook} wants {fmt.scale_shape(q.shape[0])}")
     if fmt.has_zero_point:
         return (scale[0][:, None] * (q - scale[1][:, None])).astype(np.float32)
     return (q * scale[:, None]).astype(np.float32)
@@ -110,11 +111,11 @@ def check_codebook(codebook: str | None, bits: int, method: str = "mse") -> None
     from .bitplane import CODEBOOKS
 
     if method not in METHODS:
-        raise ValueError(f"quantizer must be one of {METHODS}, got {method!r}")
+        raise InputError(f"quantizer must be one of {METHODS}, got {method!r}")
     if codebook is None or codebook == AUTO:
         return
     if codebook not in CODEBOOKS:
-        raise ValueError(f"codebook must be 'auto', None or one of {CODEBOOKS}, got {codebook!r}")
+        raise InputError(f"codebook must be 'auto', None or one of {CODEBOOKS}, got {codebook!r}")
     BitplaneFormat(bits, codebook=codebook)  # bits / codebook compatibility, with its message
 
 
@@ -219,7 +220,7 @@ def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"activations must be 2-D [B, K], got shape {x.shape}")
+        raise InputError(f"activations must be 2-D [B, K], got shape {x.shape}")
     qmax = np.float32(fmt.act_qmax)
     amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
     inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0).astype(np.float32)
@@ -260,7 +261,7 @@ def pb_linear_reference(
     n_rows = params.shape[-1]
     acc = bitplane_matmul(wp, xp, fmt, bitlayers, n_rows=n_rows)
     if params.shape != fmt.scale_shape(n_rows):
-        raise ValueError(f"w_scale has shape {params.shape}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
+        raise InputError(f"w_scale has shape {params.shape}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
     scale, zero = (params[0], params[1]) if fmt.has_zero_point else (params, np.zeros(n_rows))
     corr = (fmt.truncation_correction(bitlayers) - zero[None, :]) * plane_rowsum(xp, fmt)[:, None]
     y = (acc + corr) * xs[:, None].astype(np.float64) * scale[None, :]

@@ -12,6 +12,7 @@ import numpy as np
 from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
+from .errors import InputError, InputTypeError
 from .target import TargetInfo
 
 logger = logging.getLogger(__name__)
@@ -89,17 +90,17 @@ class CompiledModel:
         elif isinstance(value, np.ndarray):
             dtype, shape = str(value.dtype), value.shape
         else:
-            raise TypeError(f"input {index} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+            raise InputTypeError(f"input {index} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
         if dtype != spec["dtype"]:
-            raise TypeError(f"input {index} has dtype {dtype}, the model was compiled for {spec['dtype']}")
+            raise InputTypeError(f"input {index} has dtype {dtype}, the model was compiled for {spec['dtype']}")
         want = self._shapes[index]
         if shape != want and (
             len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=True))
         ):
             shown = tuple("batch" if w is None else w for w in want)
-            raise ValueError(f"input {index} has shape {tuple(shape)}, the model expects {shown}")
+            raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}")
         if any(s == 0 for s in shape):
-            raise ValueError(f"input {index} has an empty dimension: {tuple(shape)}")
+            raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
         if torch is not None and isinstance(value, torch.Tensor):
             value = value.detach()
             on_device = value.is_cuda == self._on_cuda
@@ -136,7 +137,7 @@ class CompiledModel:
         """
         specs = self.manifest["inputs"]
         if len(inputs) != len(specs):
-            raise TypeError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
+            raise InputTypeError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
         layers = self.format.check_bitlayers(bitlayers)
         with self._lock:
             self._ensure_vm()
@@ -167,7 +168,7 @@ class CompiledModel:
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"cannot write {path}: the directory {folder} is not writable")
         if not hasattr(self._module, "mod"):
-            raise ValueError("this model was loaded from a library; copy the .so instead of re-exporting")
+            raise InputError("this model was loaded from a library; copy the .so instead of re-exporting")
         arch = self.manifest["target"].get("arch")
         library.export_library(self._module, path, self.manifest, arch)
         return path
@@ -216,7 +217,7 @@ def check_device(device: str) -> None:
     if kind == "cpu" and not sep or kind == "cuda" and (not sep or index.isdigit()):
         return
     hint = " (an NVIDIA GPU is 'cuda' or 'cuda:N')" if kind.lower() in ("gpu", "nvidia", "cuda") else ""
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}{hint}")
+    raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}{hint}")
 
 
 def load(path: str, device: str | None = None) -> CompiledModel:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._tvm import tvm
+from .errors import InputError, InputTypeError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
     elif isinstance(target, dict):
         spec = dict(target)
     else:
-        raise TypeError(f"target must be a str, dict or tvm.target.Target, got {type(target).__name__}")
+        raise InputTypeError(f"target must be a str, dict or tvm.target.Target, got {type(target).__name__}")
     kind = spec.get("kind")
     spec.pop("host", None)
     # Device code does the work; a portable host keeps the exported .so loadable on any x86-64.
@@ -75,7 +76,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
         if not spec.get("arch"):
             arch = local_cuda_arch()
             if arch is None:
-                raise ValueError(
+                raise InputError(
                     "target='cuda' needs a GPU to pick the arch; none was found. Pass an explicit arch, "
                     "e.g. target={'kind': 'cuda', 'arch': 'sm_90'}"
                 )
@@ -84,7 +85,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
             spec.setdefault(key, value)
         return tvm.target.Target(_clean(spec), host=host)
     hint = " (for an NVIDIA GPU use 'cuda')" if str(kind).lower() in ("gpu", "nvidia", "nvptx") else ""
-    raise ValueError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
+    raise InputError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
 
 
 def _clean(spec: dict) -> dict:

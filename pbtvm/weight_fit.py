@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["CLIP_RATIOS", "REFINE_STEPS", "fit_symmetric", "fit_offset_binary", "fit_bipolar", "fit_two_level"]
 
 #: Clip ratios tried per row (fractions of the row's max |w|, or of its half range).
@@ -72,7 +74,7 @@ def column_weights(importance: np.ndarray | None, k: int) -> np.ndarray | None:
         return None
     c = np.asarray(importance, np.float64)
     if c.shape != (k,) or not np.all(np.isfinite(c)) or np.any(c < 0):
-        raise ValueError(f"importance must be {k} finite non-negative numbers, got shape {c.shape}")
+        raise InputError(f"importance must be {k} finite non-negative numbers, got shape {c.shape}")
     mean = c.mean()
     if mean <= 0:
         return None

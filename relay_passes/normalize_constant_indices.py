@@ -20,6 +20,7 @@ import numpy as np
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tir, tvm
+from pbtvm.errors import InputError
 
 #: Ops whose constant ``indices`` operand (argument 1) index ``data`` (argument 0) along ``axis``.
 INDEXING_OPS = ("relax.take", "relax.gather_elements")
@@ -61,7 +62,7 @@ class _Normalizer(PyExprMutator):
         if size is not None:
             bad = indices[(indices < -size) | (indices >= size)]
             if bad.size:
-                raise ValueError(
+                raise InputError(
                     f"{op} with constant index {int(bad.flat[0])} is out of bounds for axis {axis_shown} of size {size}"
                 )
             if (indices < 0).any():
@@ -75,7 +76,7 @@ class _Normalizer(PyExprMutator):
             end = i + 1 if i != -1 else np.iinfo(np.int64).max
             sliced = self.builder_.emit(relax.op.strided_slice(call.args[0], [axis], [i], [end]))
             return relax.op.squeeze(sliced, [axis])
-        raise ValueError(f"{op} with negative constant indices along the dynamic axis {axis_shown} is not supported")
+        raise InputError(f"{op} with negative constant indices along the dynamic axis {axis_shown} is not supported")
 
 
 @tvm.transform.module_pass(opt_level=0, name="NormalizeConstantIndices")
@@ -88,7 +89,7 @@ class NormalizeConstantIndices:
         A constant index is out of bounds (names the op, the axis and its size).
     """
 
-    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         normalizer = _Normalizer(mod)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):

@@ -26,6 +26,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
+from pbtvm.errors import InputError
 from pbtvm.lowering import LayerRecord, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
@@ -205,7 +206,7 @@ class _Rewriter(PyExprMutator):
                 fmt, [(planes, params)] = lower_weights([weight], self.fmt, (self.codebook, self.method), imp)
             except ValueError as err:  # e.g. NaN / Inf weights: say which layer
                 name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
-                raise ValueError(f"layer {name}: {err}") from None
+                raise InputError(f"layer {name}: {err}") from None
             self._packed_weights[key] = (planes, params, fmt)
         return self._packed_weights[key]
 
@@ -361,7 +362,7 @@ class PBLinearRewrite:
         self.layer_names = dict(layer_names or {})
         self.report = ConversionReport()
 
-    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
         rewriter = _Rewriter(mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names)
         for gvar, func in mod.functions_items():

@@ -63,7 +63,7 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001, ARG001, D103
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001, D103
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -81,7 +81,7 @@ def rng(request):  # noqa: ANN001, ANN201
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201, D103
+def pytest_runtest_makereport(item, call):  # noqa: ARG001 - pytest hook signature
     outcome = yield
     report = outcome.get_result()
     if report.failed:

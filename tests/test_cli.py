@@ -73,7 +73,7 @@ def test_compile_and_inspect(spec, tmp_path, capsys):
         (["compile", "justaname", "-o", "x.so"], "MODEL must be"),
     ],
 )
-def test_compile_bad_input(argv, message, spec, tmp_path, capsys):
+def test_compile_bad_input(argv, message, spec, tmp_path, capsys):  # noqa: ARG001 - spec writes the model file
     argv = [a.replace("{spec_dir}", str(tmp_path)) for a in argv]
     code, _, err = _run(argv, capsys)
     assert code == 2
@@ -146,3 +146,32 @@ def test_eval_bad_input(capsys):
     assert code == 2 and "built-in task is mnist-mlp" in err
     code, _, err = _run(["eval", "mnist-mlp", "--bits", "4,x"], capsys)
     assert code == 2 and "comma-separated" in err
+
+
+def test_internal_errors_are_not_reported_as_user_errors(monkeypatch, capsys):
+    """A bug inside pbtvm (here a KeyError from the inspect command) is an internal error, exit 1."""
+    from pbtvm import cli
+
+    def broken(_args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    status = cli.main(["inspect", "nothing.so"])
+    err = capsys.readouterr().err
+    assert status == cli.INTERNAL_ERROR == 1
+    assert "internal error: KeyError" in err and "--debug" in err and "bug in pbtvm" in err
+
+
+def test_plain_value_errors_from_inside_pbtvm_are_internal(monkeypatch, capsys):
+    """ValueError/TypeError are no longer blanket user errors; pbtvm's own InputError is."""
+    from pbtvm import cli
+    from pbtvm.errors import InputError
+
+    for exc, want in ((ValueError("internal"), cli.INTERNAL_ERROR), (InputError("bad bits"), cli.USAGE_ERROR)):
+
+        def broken(_args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(cli, "cmd_inspect", broken)
+        assert cli.main(["inspect", "x.so"]) == want
+    assert "pbtvm: error: bad bits" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
     q, ws = qz.quantize_weights(w, FMT)
     wp = bp.pack_weights(q, FMT)
 
-    def prim(fn, holders, name, kernel, extra=()):  # noqa: ANN001, ANN202
+    def prim(fn, holders, _name, kernel, extra=()):  # noqa: ANN001, ANN202
         outs = fn(*holders, *extra)
         outs = list(outs) if isinstance(outs, list) else [outs]
         f = te.create_prim_func([*holders, *extra, *outs]).without_attr("global_symbol")

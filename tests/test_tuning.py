@@ -118,7 +118,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     assert again.kernels == []
 
     # Compiling from the log searches nothing and gives the default schedule's numbers.
-    def no_search(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def no_search(*_a, **_k):  # noqa: ANN202
         raise AssertionError("compile searched although the log has every kernel")
 
     monkeypatch.setattr(tuning, "tune_kernels", no_search)
@@ -130,7 +130,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     np.testing.assert_allclose(tuned(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
 
     # A tuned record whose kernel computes something else (here: nothing) is refused, loudly.
-    monkeypatch.setattr(tuning, "replay", lambda func, trace: func.with_body(tir.Evaluate(0)))
+    monkeypatch.setattr(tuning, "replay", lambda func, _trace: func.with_body(tir.Evaluate(0)))
     with pytest.warns(UserWarning, match="computes a different result than the default schedule"):
         refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert refused.manifest["tuning"]["tuned_kernels"] == []

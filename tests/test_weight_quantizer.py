@@ -157,7 +157,7 @@ def test_importance_weights_ignore_inactive_inputs(codebook, rng):
         qz.quantize_weights(w, fmt, importance=np.ones(3))
 
 
-def test_compile_with_calibration_uses_input_statistics(rng):
+def test_compile_with_calibration_uses_input_statistics():
     import torch
 
     import pbtvm

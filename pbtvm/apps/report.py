@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 BASELINE = "fp32 (torch)"
 
 
@@ -76,7 +78,7 @@ def evaluate_tradeoffs(
     from .examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
     if not bits:
-        raise ValueError("give at least one weight bitwidth")
+        raise InputError("give at least one weight bitwidth")
     model, split = builtin_mnist_mlp()
     example = (torch.from_numpy(split.x_train[:2]),)
     x1 = torch.from_numpy(split.x_test[:1])

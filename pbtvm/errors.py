@@ -1,0 +1,25 @@
+"""Exceptions for bad input: what a user passed (argument, model, file, tensor) is wrong.
+
+They subclass the builtin ``ValueError`` / ``TypeError`` so code that catches those keeps
+working, and are registered with TVM's FFI so they keep their type when raised
+inside a pass; the CLI reports exactly these as user errors (exit status 2) and everything else as an
+internal error with a request to report it.
+"""
+
+from __future__ import annotations
+
+import tvm_ffi
+
+__all__ = ["InputError", "InputTypeError"]
+
+
+# Registered with TVM's FFI so that one raised inside a pass (Python called back from C++) comes
+# back to the caller as itself, not as a RuntimeError.
+@tvm_ffi.register_error
+class InputError(ValueError):
+    """A value the user passed is wrong or unsupported; the message says which and why."""
+
+
+@tvm_ffi.register_error
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type."""
