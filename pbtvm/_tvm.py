@@ -1,8 +1,12 @@
-"""TVM version shims: the one module that knows where apache-tvm 0.27 keeps things.
+"""TVM version shims: where apache-tvm 0.27 keeps the names pbtvm uses most.
 
 TVM >= 0.20 renamed ``tvm.tir`` to ``tvm.tirx``, moved scheduling to ``tvm.s_tir`` (DLight at
 ``tvm.s_tir.dlight``, MetaSchedule at ``tvm.s_tir.meta_schedule``) and replaced Relay with Relax.
-Everything else in pbtvm imports these names from here.
+pbtvm's modules take ``tvm``, ``relax``, ``te``, ``tir``, ``s_tir``, ``dlight`` and
+:func:`meta_schedule` from here. Leaf APIs are imported where they are used: TVMScript and its IR
+builder (``tvm.script.tirx``), ``tvm.target.codegen``, the torch frontend, ``tvm.rpc``,
+``tvm.relax.expr_functor`` and MetaSchedule internals in the tuner; when a TVM upgrade moves one
+of those, ``grep -rn "from tvm\." pbtvm schedules relay_passes`` lists every place.
 """
 
 from __future__ import annotations
