@@ -151,20 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
     ap.add_argument("--csv", default=None)
     ap.add_argument("--breakdown", action="store_true", help="also time the pack and PB kernels alone")
-    ap.add_argument("--pack", choices=["split", "fused"], default=None, help="CUDA activation-pack variant")
     ap.add_argument("--in-block", action="store_true", help="also time pb_dense_act (pack inside the PB kernel)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
-    if args.pack:
-        from pbtvm.schedules import cuda as cuda_rules
-
-        cuda_rules.PACK_VARIANT = args.pack
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     bw = measure_bandwidth()
-    print(f"activation pack variant: {args.pack or 'default'}")
     print(f"device {props.name}, L2 {l2 / 1e6:.0f} MB, copy bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}")
     rows, cache = [], {}
     t0 = time.time()

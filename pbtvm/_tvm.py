@@ -6,7 +6,7 @@ pbtvm's modules take ``tvm``, ``relax``, ``te``, ``tir``, ``s_tir``, ``dlight`` 
 :func:`meta_schedule` from here. Leaf APIs are imported where they are used: TVMScript and its IR
 builder (``tvm.script.tirx``), ``tvm.target.codegen``, the torch frontend, ``tvm.rpc``,
 ``tvm.relax.expr_functor`` and MetaSchedule internals in the tuner; when a TVM upgrade moves one
-of those, ``grep -rn "from tvm\." pbtvm schedules relay_passes`` lists every place.
+of those, ``grep -rn "from tvm" pbtvm schedules relay_passes`` lists every place.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class ApplyPBSchedules:
         self.target = target
         self.lookup = lookup
 
-    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: ARG002
+        """Schedule the PB kernels of ``mod`` (``ctx``: TVM's pass context, part of the pass protocol)."""
         updates = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tir.PrimFunc) or names.kernel_kind(func) is None:

@@ -6,16 +6,18 @@ Needs a target ``mcpu`` with a popcount instruction (``pbtvm.target`` sees to th
 
 from __future__ import annotations
 
-from pbtvm import names
-from pbtvm._tvm import s_tir, tir, tvm
+from typing_extensions import override
 
-from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
+from pbtvm import names
+from pbtvm._tvm import s_tir, tir
+
+from .rules import ScheduleRule, TunableRule, inline_act_quantization, lstm_cell_legs, sample_unroll
 
 #: Output rows per parallel task.
 ROW_TILE = 16
 
 
-class CPUBitplaneGemm(ScheduleRule):
+class CPUBitplaneGemm(TunableRule):
     """``pb_gemm`` + epilogue: tasks over N tiles, the epilogue computed per output row.
 
     Tunable template: the row tile (``sample_perfect_tile``) and the unroll depth are sampled;
@@ -24,20 +26,26 @@ class CPUBitplaneGemm(ScheduleRule):
     """
 
     kernel = names.KernelKind.GEMM
-    target_kinds = ("llvm",)
+    target_kind = "llvm"
+    custom_rule = names.RULE_BITPLANE_GEMM
 
-    def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
-        """See :meth:`ScheduleRule.variants`."""
+    @override
+    def variants(self, func: tir.PrimFunc) -> list[dict]:
+        """See :meth:`TunableRule.variants`."""
         return [{"batch_inner": False}, {"batch_inner": True}]
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
-        """See :meth:`ScheduleRule.schedule`."""
+    def schedule(self, sch: s_tir.Schedule) -> None:
+        """See :meth:`ScheduleRule.schedule`: :data:`ROW_TILE` rows per task, batch outside."""
         gemm = sch.get_sblock(names.GEMM)
-        ni = _row_tiles(sch, gemm, tunable, variant.get("batch_inner", False))
-        if tunable:
-            sample_unroll(sch, ni)
+        ni = _row_tiles(sch, gemm)
+        (epilogue,) = sch.get_consumers(gemm)
+        sch.reverse_compute_at(epilogue, ni)
+
+    def template(self, sch: s_tir.Schedule, variant: dict) -> None:
+        """See :meth:`TunableRule.template`."""
+        gemm = sch.get_sblock(names.GEMM)
+        ni = _row_tiles(sch, gemm, True, variant["batch_inner"])
+        sample_unroll(sch, ni)
         (epilogue,) = sch.get_consumers(gemm)
         sch.reverse_compute_at(epilogue, ni)
 
@@ -72,11 +80,9 @@ class CPUDenseAct(ScheduleRule):
     """
 
     kernel = names.KernelKind.DENSE_ACT
-    target_kinds = ("llvm",)
+    target_kind = "llvm"
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
+    def schedule(self, sch: s_tir.Schedule) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         _schedule_pack(sch)
         gemm = sch.get_sblock(names.GEMM)
@@ -89,11 +95,9 @@ class CPUActPack(ScheduleRule):
     """``act_pack``: quantization inlined into packing; packing parallel over words."""
 
     kernel = names.KernelKind.ACT_PACK
-    target_kinds = ("llvm",)
+    target_kind = "llvm"
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
+    def schedule(self, sch: s_tir.Schedule) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         _schedule_pack(sch)
 
@@ -116,13 +120,11 @@ class CPULSTMCell(ScheduleRule):
     """
 
     kernel = names.KernelKind.LSTM_CELL
-    target_kinds = ("llvm",)
+    target_kind = "llvm"
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
+    def schedule(self, sch: s_tir.Schedule) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        legs = lstm_cell_legs(func)
+        legs = lstm_cell_legs(sch.mod["main"])
         for tag in legs:
             _schedule_pack(sch, tag)
         b, u = sch.get_loops(sch.get_sblock(f"{names.CELL}_v0"))

@@ -10,19 +10,22 @@ kernel (for comparisons).
 
 The kernel's knobs (output rows decoded side by side, activation rows per decoded chunk) are
 chosen per batch from measurements (``benchmarks/bench_cpu.py``); the kernel is built with its
-loops already scheduled, so MetaSchedule does not search it (:func:`is_fixed_kernel`).
+loops already scheduled, so MetaSchedule does not search it: the rule is a
+:class:`~.rules.KnobRule`, and ``pbtvm tune`` measures its :data:`KNOBS` settings directly.
 """
 
 from __future__ import annotations
 
 import os
 
+from typing_extensions import override
+
 from pbtvm import names
-from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops.pb_vnni import CPU_KERNEL, pb_vnni_func, target_supports, unsupported_reason
 
-from .rules import ScheduleRule
+from .rules import KnobRule
 
 #: (row_tile, batch_tile) of the kernel: 2 output rows side by side hide the dot-product latency
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
@@ -46,38 +49,36 @@ def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
         return None
 
 
-def is_fixed_kernel(func: tir.PrimFunc, target: tvm.target.Target | None) -> bool:
-    """Whether ``func`` compiles to the AVX-512 kernel on ``target`` (not searched by MetaSchedule)."""
-    return target is not None and CPUVnniGemm().matches(func, target)
-
-
-class CPUVnniGemm(ScheduleRule):
+class CPUVnniGemm(KnobRule):
     """``pb_gemm`` on AVX-512 BW + VNNI: the TE kernel replaced by the AVX-512 kernel."""
 
     kernel = names.KernelKind.GEMM
-    target_kinds = ("llvm",)
-    #: Not a MetaSchedule template: the tuner searches the popcount rule's space instead.
-    fixed = True
+    target_kind = "llvm"
+    label = "avx512"
 
-    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+    def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
-        if not super().matches(func, target) or os.environ.get(ENV_KERNEL, "") == "popcount":
+        if not super().matches(func) or os.environ.get(ENV_KERNEL, "") == "popcount":
             return False
         if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
             return True
         fmt = format_of(func)
         if fmt is None or unsupported_reason(fmt, int(func.attrs[names.ATTR_K])) is not None:
             return False
-        return _signature(func) is not None and target_supports(target)
+        return _signature(func) is not None and target_supports(self.target)
 
-    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
-        """The AVX-512 kernel for ``func`` (already scheduled)."""
+    def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The AVX-512 kernel for ``func`` (already scheduled) with the default knobs."""
         return s_tir.Schedule(vnni_kernel_for(func), debug_mask=0)
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
-        """Nothing to do: :func:`vnni_kernel_for` builds the loops scheduled."""
+    @override
+    def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
+        """See :meth:`KnobRule.knob_settings`: :data:`KNOBS`, the default first."""
+        return [{"row_tile": row_tile, "batch_tile": batch_tile} for row_tile, batch_tile in KNOBS]
+
+    def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
+        """See :meth:`KnobRule.kernel_with`."""
+        return vnni_kernel_for(func, row_tile=int(knobs["row_tile"]), batch_tile=int(knobs["batch_tile"]))
 
 
 def _signature(func: tir.PrimFunc) -> tuple[bool, bool] | None:
@@ -116,44 +117,5 @@ def vnni_kernel_for(func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: in
     return new
 
 
-# --------------------------------------------------------------------------- knob search
 #: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.
 KNOBS = ((ROW_TILE, BATCH_TILE), (4, 4), (4, 2), (8, 1), (2, 8), (4, 8), (8, 2), (1, 8), (4, 1), (2, 2))
-#: File in a target's tuning-log directory holding the chosen knobs per kernel workload.
-KNOB_LOG = "pbtvm_cpu_kernels.json"
-
-
-def knob_key(func: tir.PrimFunc, batch: int) -> str:
-    """Log key of one kernel workload: its name plus a hash of the TE kernel at ``batch``."""
-    import tvm_ffi
-
-    from .tuning import kernel_name, workload
-
-    return f"{kernel_name(func)}:b{batch}:{tvm_ffi.structural_hash(workload(func, batch)):x}"
-
-
-def measure_knobs(func: tir.PrimFunc, target: tvm.target.Target, batch: int, trials: int, builder, runner) -> list:  # noqa: ANN001
-    """Time the AVX-512 kernel for ``func`` with the first ``trials`` entries of :data:`KNOBS`.
-
-    Each candidate is built and run through MetaSchedule's builder and runner (local or RPC) on
-    the workload at ``batch``, all planes. Returns ``[(knobs, seconds list or None, error or None)]``.
-    """
-    from pbtvm._tvm import meta_schedule
-
-    from .tuning import workload
-
-    ms = meta_schedule()
-    device = "cpu"
-    out = []
-    for row_tile, batch_tile in KNOBS[: max(1, trials)]:
-        knobs = {"row_tile": row_tile, "batch_tile": batch_tile}
-        mod = tvm.IRModule({"main": workload(vnni_kernel_for(func, **knobs), batch)})
-        (res,) = builder.build([ms.builder.BuilderInput(mod, target)])
-        if res.error_msg:
-            out.append((knobs, None, res.error_msg))
-            continue
-        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        (fut,) = runner.run([ms.runner.RunnerInput(res.artifact_path, device, args)])
-        run = fut.result()
-        out.append((knobs, None if run.error_msg else [float(s) for s in run.run_secs], run.error_msg))
-    return out

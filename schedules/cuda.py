@@ -1,20 +1,22 @@
 """CUDA default schedules for the PB kernels (no tuning needed, never DLight's Fallback).
 
-``pb_gemm``: a warp per output row ``n``; its 32 lanes split the K words, reading 4 consecutive
+``pb_gemm``: a warp per output row ``n``; its lanes (32 on NVIDIA GPUs) split the K words, reading 4 consecutive
 words (16 bytes) per lane per weight plane when K allows, so every plane row is one coalesced
 512-byte sweep. Each lane loops over weight planes, its words and, unrolled, the activation
 planes; a warp-shuffle reduction combines the lanes and the epilogue runs in the same kernel.
 Batch rows go to ``blockIdx.y``; blocks of other rows re-read the weights, mostly from L2.
 
-``act_pack``: by default ("split") three launches: a block per row for the max-abs and the code
-sum (cross-thread reductions), a thread per scale, and a thread per packed (plane, row, word).
-The "fused" variant does a row in one block and one launch; it measured slower.
+``act_pack``: three launches: a block per row for the max-abs and the code sum (cross-thread
+reductions), a thread per scale, and a thread per packed (plane, row, word). (A row in one block
+and one launch measured slower on an H100, BENCHMARKS.md, and was removed.)
 
 ``pb_lstm_cell`` and ``pb_dense_act``: one launch; every thread block packs the activation row
 itself into shared memory (codes quantized once per element, then a thread per (word, plane)),
 then a warp per output (gate) row as above with the plane loop unrolled to ``bits`` so the
 weight loads of all planes are in flight together (:func:`_packed_gemv`). Measured on an H100
 (BENCHMARKS.md, 2026-11-23): 84 -> 9.4 us for a 2x650 LSTM step.
+
+The warp size and the block limits come from the Target (:attr:`ScheduleRule.limits`).
 """
 
 from __future__ import annotations
@@ -22,17 +24,15 @@ from __future__ import annotations
 from typing import Any
 
 from pbtvm import names
-from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm._tvm import s_tir, tir
+from pbtvm.target import TargetLimits
 
-from .rules import ScheduleRule, inline_act_quantization, lstm_cell_legs, sample_unroll
+from .rules import ScheduleRule, TunableRule, inline_act_quantization, lstm_cell_legs, sample_unroll
 
 #: Warps (output rows) per thread block in the default GEMM schedule.
 WARPS_PER_BLOCK = 4
 #: Words per lane per vector load (4 x uint32 = 16 bytes).
 VECTOR_WORDS = 4
-#: Activation pack layout: "split" (3 launches, parallel over words) or "fused" (1 launch, a
-#: block per row). Measured on an H100 (BENCHMARKS.md); the faster one is the default.
-PACK_VARIANT = "split"
 #: Threads per block of the activation pack.
 PACK_THREADS = 128
 #: The pack's thread layout: one dimension of PACK_THREADS.
@@ -43,7 +43,7 @@ CELL_UNITS = 4
 DENSE_ACT_ROWS = 16
 
 
-class CUDABitplaneGemm(ScheduleRule):
+class CUDABitplaneGemm(TunableRule):
     """Warp-per-row reduction schedule for ``pb_gemm`` + epilogue.
 
     Tunable template. Sampled knobs: rows per block (``sample_perfect_tile``, up to 8 warps),
@@ -54,34 +54,46 @@ class CUDABitplaneGemm(ScheduleRule):
     """
 
     kernel = names.KernelKind.GEMM
-    target_kinds = ("cuda",)
+    target_kind = "cuda"
+    custom_rule = names.RULE_BITPLANE_GEMM
 
-    def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
-        """See :meth:`ScheduleRule.variants`."""
-        words = _words(func)
-        vecs = [v for v in (1, 2, VECTOR_WORDS) if words % (32 * v) == 0] or [1]
+    def variants(self, func: tir.PrimFunc) -> list[dict]:
+        """See :meth:`TunableRule.variants`."""
+        words, warp = _words(func), self.limits.warp_size
+        vecs = [v for v in (1, 2, VECTOR_WORDS) if words % (warp * v) == 0] or [1]
         return [{"vec": v, "x_shared": xs} for v in vecs for xs in (False, True)]
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
-        """See :meth:`ScheduleRule.schedule`."""
+    def schedule(self, sch: s_tir.Schedule) -> None:
+        """See :meth:`ScheduleRule.schedule`: :data:`WARPS_PER_BLOCK` rows, 16-byte loads where K allows."""
+        self._schedule(sch, None)
+
+    def template(self, sch: s_tir.Schedule, variant: dict) -> None:
+        """See :meth:`TunableRule.template`."""
+        self._schedule(sch, variant)
+
+    def _schedule(self, sch: s_tir.Schedule, variant: dict | None) -> None:
+        """The default schedule (``variant`` None) or the template's design space ``variant``.
+
+        One body for both: the default is the template's instruction sequence with fixed values.
+        """
+        warp = self.limits.warp_size
         gemm = sch.get_sblock(names.GEMM)
         (epilogue,) = sch.get_consumers(gemm)
         b, n, i, j, w = sch.get_loops(gemm)
         words = int(sch.get(w).extent)
+        tunable = variant is not None
         if tunable:
-            vec = variant.get("vec", 1)
+            vec = variant["vec"]
             rows = sch.sample_perfect_tile(n, n=2, max_innermost_factor=8)
-            splits = [k for k in (1, 2, 4) if vec == 1 or words % (32 * vec * k) == 0]
+            splits = [k for k in (1, 2, 4) if vec == 1 or words % (warp * vec * k) == 0]
             kw = sch.sample_categorical(splits, [1.0 / len(splits)] * len(splits))
             no, ni = sch.split(n, rows)
-            wo, wz, wi, v = sch.split(w, [None, kw, 32, vec])
-            x_shared = variant.get("x_shared", False)
+            wo, wz, wi, v = sch.split(w, [None, kw, warp, vec])
+            x_shared = variant["x_shared"]
         else:
-            vec = _vector_words(words)
+            vec = _vector_words(words, warp)
             no, ni = sch.split(n, [None, WARPS_PER_BLOCK])
-            wo, wz, wi, v = sch.split(w, [None, 1, 32, vec])
+            wo, wz, wi, v = sch.split(w, [None, 1, warp, vec])
             x_shared = False
         # The plane loop keeps its symbolic bitlayers extent: only the top bitlayers planes are
         # read, so the run-time knob saves DRAM traffic. (Unrolling the plane loop to its static
@@ -101,16 +113,16 @@ class CUDABitplaneGemm(ScheduleRule):
             sch.compute_at(acts, no)
             fused = sch.fuse(*sch.get_loops(acts)[2:])
             # x_shared is tunable-only, so rows[1] and kw are sampled
-            _spread(sch, fused, [("threadIdx.y", rows[1]), ("threadIdx.z", kw), ("threadIdx.x", 32)])
+            _spread(sch, fused, [("threadIdx.y", rows[1]), ("threadIdx.z", kw), ("threadIdx.x", warp)])
         _vector_weight_loads(sch, gemm, wo, v, vec)
         sch.unroll(j)
         sch.reverse_compute_at(epilogue, ni)
         sch.set_scope(gemm, 0, "local")
 
 
-def _vector_words(words: int) -> int:
-    """Default words per lane per load: 16 bytes when every lane of a warp gets full vectors."""
-    return VECTOR_WORDS if words % (32 * VECTOR_WORDS) == 0 else 1
+def _vector_words(words: int, warp: int) -> int:
+    """Default words per lane per load: 16 bytes when every lane of a ``warp``-lane warp gets full vectors."""
+    return VECTOR_WORDS if words % (warp * VECTOR_WORDS) == 0 else 1
 
 
 def _vector_weight_loads(
@@ -149,60 +161,45 @@ def _words(func: tir.PrimFunc) -> int:
     return int(func.params[0].shape[-1])
 
 
+def _warp_rows(limits: TargetLimits, rows: int) -> list[tuple[str, int]]:
+    """Thread layout of a block with a warp per row: ``[("threadIdx.y", rows), ("threadIdx.x", warp)]``.
+
+    Raises
+    ------
+    ValueError
+        If the block would exceed the target's threads per block.
+    """
+    threads = rows * limits.warp_size
+    if threads > limits.max_threads_per_block:
+        raise ValueError(
+            f"{rows} warps per block are {threads} threads; the target allows {limits.max_threads_per_block}"
+        )
+    return [("threadIdx.y", rows), ("threadIdx.x", limits.warp_size)]
+
+
 class CUDAActPack(ScheduleRule):
-    """Activation quantize+pack: ``PACK_VARIANT`` picks one of two measured layouts."""
+    """Activation quantize+pack in three launches: row max and code sum (a block per row), scale, pack."""
 
     kernel = names.KernelKind.ACT_PACK
-    target_kinds = ("cuda",)
+    target_kind = "cuda"
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
-        """See :meth:`ScheduleRule.schedule`."""
+    def schedule(self, sch: s_tir.Schedule) -> None:
+        """See :meth:`ScheduleRule.schedule`: a thread per scale and per (plane, row, word)."""
         inline_act_quantization(sch)
-        if PACK_VARIANT == "fused":
-            _pack_fused(sch)
-        else:
-            _pack_split(sch)
-
-
-def _pack_split(sch: s_tir.Schedule) -> None:
-    """Three launches: row max (block per row), scale, and a thread per (plane, row, word)."""
-    for name in (names.AMAX, names.ROWSUM):
-        b, r = sch.get_loops(sch.get_sblock(name))
-        sch.bind(b, "blockIdx.x")
-        _thread_reduction(sch, r, PACK_LANES)
-    (b,) = sch.get_loops(sch.get_sblock(names.XSCALE))
-    bo, bi = sch.split(b, [None, 32])
-    sch.bind(bo, "blockIdx.x")
-    sch.bind(bi, "threadIdx.x")
-    pack = sch.get_sblock(names.XPACK)
-    p, b, w, t = sch.get_loops(pack)
-    fo, fi = sch.split(sch.fuse(p, b, w), [None, PACK_THREADS])
-    sch.bind(fo, "blockIdx.x")
-    sch.bind(fi, "threadIdx.x")
-    sch.unroll(t)
-
-
-def _pack_words(sch: s_tir.Schedule, pack: s_tir.SBlockRV, loops: list, threads: list[tuple[str, int]]) -> None:
-    """Pack with a thread per word: quantize its 32 activations once, OR them into every plane.
-
-    The word is assembled in a register and stored once. ``loops`` are the pack block's
-    (plane, word, bit) loops, or (plane, bit) when the row has a single word (a loop of extent 1
-    disappears under ``compute_at``: then a thread per plane); ``threads`` as in :func:`_spread`.
-    """
-    if len(loops) == 2:
-        _pack_thread_per_word(sch, pack, *loops, threads)
-        return
-    p, w, t = loops
-    sch.reorder(w, p, t)
-    innermost = _spread(sch, w, threads)[-1]
-    sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
-    p, t = sch.get_loops(pack)[-2:]
-    sch.decompose_reduction(pack, p)
-    sch.reorder(t, p)
-    sch.unroll(t)
-    sch.unroll(p)
+        for name in (names.AMAX, names.ROWSUM):
+            b, r = sch.get_loops(sch.get_sblock(name))
+            sch.bind(b, "blockIdx.x")
+            _thread_reduction(sch, r, PACK_LANES)
+        (b,) = sch.get_loops(sch.get_sblock(names.XSCALE))
+        bo, bi = sch.split(b, [None, self.limits.warp_size])
+        sch.bind(bo, "blockIdx.x")
+        sch.bind(bi, "threadIdx.x")
+        pack = sch.get_sblock(names.XPACK)
+        p, b, w, t = sch.get_loops(pack)
+        fo, fi = sch.split(sch.fuse(p, b, w), [None, PACK_THREADS])
+        sch.bind(fo, "blockIdx.x")
+        sch.bind(fi, "threadIdx.x")
+        sch.unroll(t)
 
 
 def _pack_thread_per_word(
@@ -212,20 +209,6 @@ def _pack_thread_per_word(
     innermost = _spread(sch, outer, threads)[-1]
     sch.reverse_compute_at(sch.cache_write(pack, 0, "local"), innermost)
     sch.unroll(t)
-
-
-def _pack_fused(sch: s_tir.Schedule) -> None:
-    """One launch, one block per row: max, scale, pack (a thread per word) and code sum."""
-    amax = sch.get_sblock(names.AMAX)
-    b, r = sch.get_loops(amax)
-    sch.bind(b, "blockIdx.x")
-    sch.set_scope(amax, 0, "shared")
-    _thread_reduction(sch, r, PACK_LANES)
-    for name in (names.XSCALE, names.XPACK, names.ROWSUM):
-        sch.reverse_compute_at(sch.get_sblock(name), b)
-    pack = sch.get_sblock(names.XPACK)
-    _pack_words(sch, pack, sch.get_loops(pack)[1:], PACK_LANES)
-    _thread_reduction(sch, sch.get_loops(sch.get_sblock(names.ROWSUM))[-1], PACK_LANES)
 
 
 class CUDALSTMCell(ScheduleRule):
@@ -239,13 +222,11 @@ class CUDALSTMCell(ScheduleRule):
     """
 
     kernel = names.KernelKind.LSTM_CELL
-    target_kinds = ("cuda",)
+    target_kind = "cuda"
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
+    def schedule(self, sch: s_tir.Schedule) -> None:
         """See :meth:`ScheduleRule.schedule`."""
-        legs = lstm_cell_legs(func)
+        legs = lstm_cell_legs(sch.mod["main"])
         b, u = sch.get_loops(sch.get_sblock(f"{names.CELL}_v0"))
         uo, ui = sch.split(u, [None, CELL_UNITS])
         cell_c = sch.get_sblock(names.CELL_C)
@@ -253,9 +234,9 @@ class CUDALSTMCell(ScheduleRule):
         sch.set_scope(cell_c, 0, "local")  # each thread reads back only the units it wrote
         sch.bind(b, "blockIdx.y")
         sch.bind(uo, "blockIdx.x")
-        block_threads = [("threadIdx.y", 4 * CELL_UNITS), ("threadIdx.x", 32)]
+        block_threads = _warp_rows(self.limits, 4 * CELL_UNITS)
         for tag in legs:
-            _cell_leg(sch, uo, tag, block_threads, int(func.attrs[names.ATTR_BITS]))
+            _cell_leg(sch, uo, tag, block_threads, int(sch.mod["main"].attrs[names.ATTR_BITS]))
         # A thread per hidden unit for the cell update (c' then h', the same thread per unit).
         for loop in (sch.get_loops(cell_c)[-1], ui):
             _spread(sch, loop, block_threads)
@@ -287,10 +268,11 @@ def _packed_gemv(
     per warp, bound here to ``threadIdx.y``); the epilogue block ``pb_out<tag>`` is already under
     ``row``; ``bits`` is the weight bitwidth. The pack: block-wide max |x|, every thread
     quantizes a share of the row once into shared int32 codes, then a thread per (word, plane)
-    gathers that plane's bit of 32 codes. The row: 32
-    lanes split the words (16-byte weight loads when K allows), warp-shuffle reduction, the code
-    sum per warp (from the shared codes).
+    gathers that plane's bit of 32 codes. The row: the lanes of a warp (``block_threads[-1]``)
+    split the words (16-byte weight loads when K allows), warp-shuffle reduction, the code sum per
+    warp (from the shared codes).
     """
+    warp = block_threads[-1][1]
     sch.compute_inline(sch.get_sblock(names.XINV + tag))
     gemm = sch.get_sblock(names.GEMM + tag)
     for name in (names.GEMM, names.ROWSUM, names.XSCALE):
@@ -303,8 +285,8 @@ def _packed_gemv(
     if len(loops) == 3:
         i, j, w = loops
         words = int(sch.get(w).extent)
-        vec = _vector_words(words)
-        wo, wi, v = sch.split(w, [None, 32, vec])
+        vec = _vector_words(words, warp)
+        wo, wi, v = sch.split(w, [None, warp, vec])
         sch.reorder(wi, i, wo, v, j)
         sch.bind(wi, "threadIdx.x")
         _vector_weight_loads(sch, gemm, wo, v, vec)
@@ -353,15 +335,13 @@ class CUDADenseAct(ScheduleRule):
     """
 
     kernel = names.KernelKind.DENSE_ACT
-    target_kinds = ("cuda",)
+    target_kind = "cuda"
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
+    def schedule(self, sch: s_tir.Schedule) -> None:
         """See :meth:`ScheduleRule.schedule`."""
         b, n = sch.get_loops(sch.get_sblock(names.DENSE_OUT))
         no, ni = sch.split(n, [None, DENSE_ACT_ROWS])
         sch.bind(b, "blockIdx.y")
         sch.bind(no, "blockIdx.x")
-        threads = [("threadIdx.y", DENSE_ACT_ROWS), ("threadIdx.x", 32)]
-        _packed_gemv(sch, no, ni, "", threads, int(func.attrs[names.ATTR_BITS]))
+        threads = _warp_rows(self.limits, DENSE_ACT_ROWS)
+        _packed_gemv(sch, no, ni, "", threads, int(sch.mod["main"].attrs[names.ATTR_BITS]))

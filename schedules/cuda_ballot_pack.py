@@ -13,7 +13,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from pbtvm import names
-from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import WORD_BITS, BitplaneFormat
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
 
@@ -21,6 +21,9 @@ from .rules import ScheduleRule
 
 #: Most warps a pack block uses (512 threads).
 MAX_WARPS = 16
+#: Lanes of a warp: one per bit of a packed word (``__ballot_sync`` gathers one bit per lane into
+#: a word). :class:`CUDABallotPack` checks that the target's warp size is this.
+LANES = WORD_BITS
 
 
 def pack_warps(k_dim: int) -> int:
@@ -32,7 +35,7 @@ def pack_warps(k_dim: int) -> int:
     return warps
 
 
-def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):  # noqa: ANN201 - a TVMScript macro
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
     """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
 
     ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
@@ -45,22 +48,22 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):  # noqa: ANN201 - a T
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     qmax = float(fmt.act_qmax)
     acc_t = fmt.accumulator_dtype(k_dim)
-    threads = 32 * warps
+    threads = LANES * warps
     rounds = -(-k_dim // threads)
     chunks = -(-words // warps)
     levels = threads.bit_length() - 1  # log2(threads): warps is a power of two
 
     @T.macro
-    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):  # noqa: ANN001, ANN202
+    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):
         best[0] = T.float32(0)
         for r in range(rounds):
-            if r * threads + warp * 32 + tx < k_dim:
-                best[0] = T.max(best[0], T.abs(x[b, r * threads + warp * 32 + tx]))
-        red[warp * 32 + tx] = best[0]
+            if r * threads + warp * LANES + tx < k_dim:
+                best[0] = T.max(best[0], T.abs(x[b, r * threads + warp * LANES + tx]))
+        red[warp * LANES + tx] = best[0]
         T.tvm_storage_sync("shared")
         for lvl in T.unroll(levels):
-            if warp * 32 + tx < (threads >> (lvl + 1)):
-                red[warp * 32 + tx] = T.max(red[warp * 32 + tx], red[warp * 32 + tx + (threads >> (lvl + 1))])
+            if warp * LANES + tx < (threads >> (lvl + 1)):
+                red[warp * LANES + tx] = T.max(red[warp * LANES + tx], red[warp * LANES + tx + (threads >> (lvl + 1))])
             T.tvm_storage_sync("shared")
         total[0] = T.Cast(acc_t, 0)
         for c in range(chunks):
@@ -82,13 +85,13 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):  # noqa: ANN201 - a T
                     )
                     if tx == p:
                         dest[p, row, c * warps + warp] = vote[0]
-        sums[warp * 32 + tx] = total[0]
+        sums[warp * LANES + tx] = total[0]
         T.tvm_storage_sync("shared")
         for lvl in T.unroll(levels):
-            if warp * 32 + tx < (threads >> (lvl + 1)):
-                sums[warp * 32 + tx] = sums[warp * 32 + tx] + sums[warp * 32 + tx + (threads >> (lvl + 1))]
+            if warp * LANES + tx < (threads >> (lvl + 1)):
+                sums[warp * LANES + tx] = sums[warp * LANES + tx] + sums[warp * LANES + tx + (threads >> (lvl + 1))]
             T.tvm_storage_sync("shared")
-        if warp * 32 + tx == 0:
+        if warp * LANES + tx == 0:
             sum_out[row] = sums[0]
             scale_out[row] = red[0] / T.float32(qmax)
         T.tvm_storage_sync("shared")  # red and sums are reused by the next row
@@ -121,9 +124,9 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
         with T.sblock("root"):  # Relax expects a root block (RewriteDataflowReshape)
             for b in T.thread_binding(batch, thread="blockIdx.x"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for tx in T.thread_binding(32, thread="threadIdx.x"):
-                        red = T.alloc_shared((32 * warps,), "float32")
-                        sums = T.alloc_shared((32 * warps,), acc_t)
+                    for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                        red = T.alloc_shared((LANES * warps,), "float32")
+                        sums = T.alloc_shared((LANES * warps,), acc_t)
                         best = T.alloc_local((1,), "float32")
                         total = T.alloc_local((1,), acc_t)
                         code = T.alloc_local((1,), "int32")
@@ -136,16 +139,23 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
 class CUDABallotPack(ScheduleRule):
     """``act_pack`` for the ``mma16x256`` layout: :func:`ballot_pack_kernel` (one launch)."""
 
-    layout = BMMA_LAYOUT
     kernel = names.KernelKind.ACT_PACK
-    target_kinds = ("cuda",)
+    target_kind = "cuda"
 
-    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+    def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; only packs for the ``mma16x256`` layout."""
-        return super().matches(func, target) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
+        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
 
-    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
-        """The ballot kernel for ``func``'s format and K (see :meth:`ScheduleRule.apply`)."""
+    def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The ballot kernel for ``func``'s format and K (see :meth:`ScheduleRule.apply`).
+
+        Raises
+        ------
+        ValueError
+            If the target's warp size is not :data:`LANES` (the ballot needs a lane per bit).
+        """
+        if self.limits.warp_size != LANES:
+            raise ValueError(f"the ballot pack needs {LANES}-lane warps; the target has {self.limits.warp_size}")
         attrs = func.attrs
         fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=BMMA_LAYOUT)
         kernel = ballot_pack_kernel(fmt, int(attrs[names.ATTR_K])).with_attrs(dict(attrs))

@@ -20,9 +20,10 @@ from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
+from pbtvm.target import TargetInfo, TargetLimits
 
-from .cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride, config_problem
-from .rules import ScheduleRule
+from .cuda_bmma_kernel import DEFAULT_LIMITS, MMA_LANES, BMMAConfig, bmma_dense_kernel, column_stride, config_problem
+from .rules import TunableRule
 
 #: Block annotation holding the sampled config (see :func:`encode`).
 CONFIG_ANNOTATION = "pbtvm.bmma_config"
@@ -61,12 +62,18 @@ def _registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
 
 
 def config_space(
-    fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int | None = None, fused_pack: bool = False
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    batch: int | None = None,
+    fused_pack: bool = False,
+    limits: TargetLimits = DEFAULT_LIMITS,
 ) -> list[BMMAConfig]:
     """Every config the design space holds for a layer (valid, within the register budget).
 
     ``batch`` (static, when known) caps ``tiles_n`` at the column tiles the batch needs;
-    ``fused_pack``: for the kernel that packs its activations itself (``pb_dense_act``).
+    ``fused_pack``: for the kernel that packs its activations itself (``pb_dense_act``);
+    ``limits``: the target's block limits.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
     unit = max(1, column_stride(fmt.act_bits) // 8)
@@ -76,13 +83,20 @@ def config_space(
         cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
         if mt > row_tiles or ks * ld > k_tiles or nt * unit > max(max_cols, unit):
             continue
-        if config_problem(fmt, n_out, k_dim, cfg, fused_pack) or _registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
+        if config_problem(fmt, k_dim, cfg, fused_pack, limits) or _registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
             continue
         out.append(cfg)
-    return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack)]
+    return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack, limits=limits)]
 
 
-def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1, fused_pack: bool = False) -> BMMAConfig:
+def default_config(
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    batch: int = 1,
+    fused_pack: bool = False,
+    limits: TargetLimits = DEFAULT_LIMITS,
+) -> BMMAConfig:
     """The config used without tuning: enough warps for the DRAM at batch 1, K split to get there.
 
     Column tiles: as many as ``batch`` needs, up to 4 (one weight fragment feeds them all).
@@ -100,9 +114,11 @@ def default_config(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int = 1, 
         k_split *= 2
     loads = 2 if k_tiles >= 2 * k_split else 1
     cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
-    while config_problem(fmt, n_out, k_dim, cfg, fused_pack) and cfg.k_split > 1:
+    while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.k_split > 1:
         cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
-    while config_problem(fmt, n_out, k_dim, cfg, fused_pack) and cfg.tiles_n > max(1, column_stride(fmt.act_bits) // 8):
+    while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.tiles_n > max(
+        1, column_stride(fmt.act_bits) // 8
+    ):
         cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
     return cfg
 
@@ -113,7 +129,9 @@ def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | No
     ``pb_gemm``: (xp, x_scale, rowsum, wp, w_scale, [bias], y); ``pb_dense_act``: (x, wp, w_scale, [bias], y).
     """
     attrs = func.attrs
-    fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=str(attrs[names.ATTR_LAYOUT]))
+    fmt = BitplaneFormat(
+        int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=str(attrs[names.ATTR_LAYOUT])
+    )
     buffers = [p for p in func.params if tir.is_buffer_var(p)]
     if _fused(func):
         n_out, has_bias, batch = int(buffers[2].shape[0]), len(buffers) == 5, buffers[0].shape[0]
@@ -127,20 +145,20 @@ def _fused(func: tir.PrimFunc) -> bool:
     return names.kernel_kind(func) == names.KernelKind.DENSE_ACT
 
 
-def materialize(func: tir.PrimFunc) -> tir.PrimFunc:
+def materialize(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> tir.PrimFunc:
     """The BMMA kernel for a reference PrimFunc annotated with a config; other functions unchanged.
 
     The kernel keeps ``func``'s attributes; a ``func`` whose ``bitlayers`` was specialized away
     (a tuning workload) gets a kernel specialized to all planes.
     """
     code = _annotated_config(func)
-    return func if code is None else kernel_for(func, decode(code))
+    return func if code is None else kernel_for(func, decode(code), limits)
 
 
-def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig) -> tir.PrimFunc:
+def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig, limits: TargetLimits = DEFAULT_LIMITS) -> tir.PrimFunc:
     """The BMMA kernel with config ``cfg`` for a PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
     fmt, n_out, k_dim, has_bias, _ = _layer(func)
-    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func))
+    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func), limits=limits)
     if all(tir.is_buffer_var(p) for p in func.params):  # bitlayers fixed by specialize
         layers = next(p for p in kernel.params if not tir.is_buffer_var(p))
         kernel = kernel.specialize({layers: tir.const(fmt.bits, "int64")})
@@ -154,50 +172,71 @@ def _annotated_config(func: tir.PrimFunc) -> int | None:
     sch = s_tir.Schedule(func, debug_mask=0)
     try:
         block = sch.get(sch.get_sblock(names.GEMM))
-    except Exception:  # noqa: BLE001 - no such block: an already materialized kernel
+    except Exception:
         return None
     code = block.annotations.get(CONFIG_ANNOTATION)
     return None if code is None else int(code)
 
 
-def materialize_module(mod: tvm.IRModule) -> tvm.IRModule:
+def materialize_module(mod: tvm.IRModule, limits: TargetLimits = DEFAULT_LIMITS) -> tvm.IRModule:
     """:func:`materialize` every PrimFunc of ``mod``."""
-    return tvm.IRModule({gv: materialize(f) if isinstance(f, tir.PrimFunc) else f for gv, f in mod.functions_items()})
+    return tvm.IRModule(
+        {gv: materialize(f, limits) if isinstance(f, tir.PrimFunc) else f for gv, f in mod.functions_items()}
+    )
 
 
-class CUDABmmaGemm(ScheduleRule):
+class CUDABmmaGemm(TunableRule):
     """PB dense on binary tensor cores: ``pb_gemm`` PrimFuncs whose weights are ``mma16x256``.
 
-    Tunable template: one sampled config per candidate out of :func:`config_space` (tile rows
-    per warp, warps per block, K split, loads in flight, column tiles per warp).
+    Default: :func:`default_config`. Tunable template: one sampled config per candidate out of
+    :func:`config_space` (tile rows per warp, warps per block, K split, loads in flight, column
+    tiles per warp); one design space (no structural variants).
     """
 
-    layout = BMMA_LAYOUT
     kernel = names.KernelKind.GEMM
-    target_kinds = ("cuda",)
+    target_kind = "cuda"
+    custom_rule = names.RULE_BMMA_GEMM
 
-    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
+    def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; only the ``mma16x256`` layout."""
-        return super().matches(func, target) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
+        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
 
-    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
+    def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The kernel with :func:`default_config`, as a schedule (see :meth:`ScheduleRule.apply`)."""
         sch = s_tir.Schedule(func, debug_mask=0)
-        self.schedule(sch, func, target, False, {})
-        return s_tir.Schedule(materialize(sch.mod["main"]), debug_mask=0)
+        self.schedule(sch)
+        return s_tir.Schedule(materialize(sch.mod["main"], self.limits), debug_mask=0)
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
-        """Annotate the ``pb_gemm`` block with a config: sampled if ``tunable``, else the default."""
-        fmt, n_out, k_dim, _, batch = _layer(func)
+    def schedule(self, sch: s_tir.Schedule) -> None:
+        """Annotate the ``pb_gemm`` block with :func:`default_config` (:func:`materialize` builds it)."""
+        func = sch.mod["main"]
+        fmt, n_out, k_dim, _, batch = self._layer(func)
+        code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func), self.limits))
+        sch.annotate(sch.get_sblock(names.GEMM), CONFIG_ANNOTATION, code)
+
+    def variants(self, func: tir.PrimFunc) -> list[dict]:
+        """One design space: ``{"configs": [encoded config, ...]}``, every config of :func:`config_space`."""
+        fmt, n_out, k_dim, _, batch = self._layer(func)
+        return [{"configs": [encode(c) for c in config_space(fmt, n_out, k_dim, batch, _fused(func), self.limits)]}]
+
+    def template(self, sch: s_tir.Schedule, variant: dict) -> None:
+        """Annotate the ``pb_gemm`` block with a config sampled from ``variant["configs"]``."""
         block = sch.get_sblock(names.GEMM)
-        if tunable:
-            codes = [encode(c) for c in config_space(fmt, n_out, k_dim, batch, _fused(func))]
-            code = sch.sample_categorical(codes, [1.0 / len(codes)] * len(codes))
-        else:
-            code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func)))
+        codes = variant["configs"]
+        code = sch.sample_categorical(codes, [1.0 / len(codes)] * len(codes))
         sch.annotate(block, CONFIG_ANNOTATION, code)
+
+    def _layer(self, func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | None]:
+        """:func:`_layer`, after checking the target's warp size (the MMA fragments need 32 lanes).
+
+        Raises
+        ------
+        ValueError
+            If the target's warp size is not :data:`.cuda_bmma_kernel.MMA_LANES`.
+        """
+        if self.limits.warp_size != MMA_LANES:
+            raise ValueError(f"mma.sync needs {MMA_LANES}-lane warps; the target has {self.limits.warp_size}")
+        return _layer(func)
 
 
 class CUDABmmaDenseAct(CUDABmmaGemm):
@@ -210,22 +249,13 @@ class CUDABmmaDenseAct(CUDABmmaGemm):
     kernel = names.KernelKind.DENSE_ACT
 
 
-def custom_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
-    """MetaSchedule custom rule (``s_tir.meta_schedule.cuda.pbtvm_bmma_gemm``): one design space."""
-    space = sch.copy()
-    func = sch.mod["main"]
-    rule = CUDABmmaDenseAct() if _fused(func) else CUDABmmaGemm()
-    rule.schedule(space, func, None, True, {})
-    return [space]
-
-
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object) -> object:
     """MetaSchedule build function: materialize BMMA configs, then the default build (nvcc)."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
     from pbtvm.cuda import nvcc_compile_hook
 
-    mod = materialize_module(mod)
+    mod = materialize_module(mod, TargetInfo.of(target).limits)
     if target.kind.name != "cuda":
         return default_build(mod, target, params)
     with nvcc_compile_hook(str(target.export()["arch"])):
@@ -233,8 +263,7 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object
 
 
 def register() -> None:
-    """Register :func:`custom_rule` and :func:`build_candidate` as TVM global functions."""
-    tvm.register_global_func(f"s_tir.meta_schedule.cuda.{names.RULE_BMMA_GEMM}", custom_rule, override=True)
+    """Register :func:`build_candidate` as the TVM global function :data:`BUILD_FUNC`."""
     tvm.register_global_func(BUILD_FUNC, build_candidate, override=True)
 
 

@@ -27,11 +27,15 @@ from pbtvm._tvm import tir
 from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
 from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
+from pbtvm.target import TargetInfo, TargetLimits
 
 from .cuda_ballot_pack import row_pack
 
-#: Shared memory a block may use for its epilogue (the sm_70+ static limit).
-SHARED_LIMIT = 48 * 1024
+#: Lanes of the warp that executes one ``mma.sync``: the PTX ISA defines the m16n8k256 fragment
+#: layouts for 32 lanes (the rules check the target's warp size against it).
+MMA_LANES = 32
+#: Block limits (shared memory, threads) when the caller has no Target: those of every sm_70+ GPU.
+DEFAULT_LIMITS = TargetInfo.from_summary({"kind": "cuda"}).limits
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class BMMAConfig:
     @property
     def threads(self) -> int:
         """Threads per block."""
-        return 32 * self.warps_m * self.k_split
+        return MMA_LANES * self.warps_m * self.k_split
 
 
 def column_stride(act_bits: int) -> int:
@@ -70,11 +74,16 @@ def column_stride(act_bits: int) -> int:
 
 
 def config_problem(
-    fmt: BitplaneFormat, n_out: int, k_dim: int, cfg: BMMAConfig, fused_pack: bool = False
+    fmt: BitplaneFormat,
+    k_dim: int,
+    cfg: BMMAConfig,
+    fused_pack: bool = False,
+    limits: TargetLimits = DEFAULT_LIMITS,
 ) -> str | None:
     """Why ``cfg`` cannot serve this layer (None if it can): column tiles, shared memory, threads.
 
     ``fused_pack``: the block also packs its batch rows' activation planes into shared memory.
+    ``limits``: the target's shared memory and threads per block.
     """
     stride = column_stride(fmt.act_bits)
     if (8 * cfg.tiles_n) % stride:
@@ -84,12 +93,12 @@ def config_problem(
     if fused_pack:
         block_batch = 8 * cfg.tiles_n // stride
         shared += 4 * fmt.act_bits * block_batch * fmt.words(k_dim) + cfg.threads * (4 + acc_bytes) + 12 * block_batch
-        warps = cfg.threads // 32
+        warps = cfg.threads // MMA_LANES
         if warps & (warps - 1):
             return f"the fused pack needs a power-of-two number of warps, not {warps}"
-    if shared > SHARED_LIMIT:
-        return f"the block needs {shared} bytes of shared memory (> {SHARED_LIMIT})"
-    if cfg.threads > 1024:
+    if shared > limits.max_shared_memory_per_block:
+        return f"the block needs {shared} bytes of shared memory (> {limits.max_shared_memory_per_block})"
+    if cfg.threads > limits.max_threads_per_block:
         return f"{cfg.threads} threads per block"
     return None
 
@@ -102,6 +111,7 @@ def bmma_dense_kernel(
     cfg: BMMAConfig,
     integer: bool = False,
     fused_pack: bool = False,
+    limits: TargetLimits = DEFAULT_LIMITS,
 ) -> tir.PrimFunc:
     """The BMMA PB dense kernel for one layer shape and configuration.
 
@@ -117,6 +127,10 @@ def bmma_dense_kernel(
     integer : bool
         Return the exact integer product instead (for exactness tests): the signature of
         :func:`pbtvm.kernels.int_product_func`, ``bias`` ignored.
+    fused_pack : bool
+        Pack the activations in the kernel (see Returns).
+    limits : TargetLimits
+        The target's block limits (``cfg`` must fit them).
 
     Returns
     -------
@@ -135,7 +149,7 @@ def bmma_dense_kernel(
         raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
     if integer and fused_pack:
         raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
-    problem = config_problem(fmt, n_out, k_dim, cfg, fused_pack)
+    problem = config_problem(fmt, k_dim, cfg, fused_pack, limits)
     if problem:
         raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_out} K={k_dim}: {problem}")
     n_act, words = fmt.act_bits, fmt.words(k_dim)
@@ -152,15 +166,15 @@ def bmma_dense_kernel(
     out_rounds = -(-(block_rows * block_batch) // threads)
     frag = mt * nt * 4
     bits, offset = fmt.bits, fmt.weight_offset
-    pack = row_pack(fmt, k_dim, threads // 32) if fused_pack else None
+    pack = row_pack(fmt, k_dim, threads // MMA_LANES) if fused_pack else None
 
-    def w_coef(i):  # noqa: ANN001, ANN202
+    def w_coef(i):
         return weight_plane_coefficient(i, fmt, acc_t)
 
-    def x_coef(j):  # noqa: ANN001, ANN202
+    def x_coef(j):
         return plane_coefficient(j, n_act, True, acc_t)
 
-    def result(total, scale, codesum, n, w_scale, bias_buf, layers):  # noqa: ANN001, ANN202 - pb_dense's epilogue
+    def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
             return total + T.Cast(acc_t, offset) * codesum
         return dense_value(fmt, scale, codesum, total, w_scale, n, bias_buf if bias else None, layers)
@@ -191,7 +205,7 @@ def bmma_dense_kernel(
             for by in T.thread_binding((batch * stride + nt * 8 - 1) // (nt * 8), thread="blockIdx.y"):
                 for tz in T.thread_binding(ks, thread="threadIdx.z"):
                     for ty in T.thread_binding(wm, thread="threadIdx.y"):
-                        for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        for tx in T.thread_binding(MMA_LANES, thread="threadIdx.x"):
                             part = T.alloc_shared((ks, wm, mt * MMA_TILE_ROWS, nt * 8), acc_t)
                             acc = T.alloc_local((frag,), acc_t)
                             dot = T.alloc_local((frag,), "int32")
@@ -269,7 +283,7 @@ def bmma_dense_kernel(
                                         part[tz, ty, row, n * 8 + 2 * (tx % 4) + r % 2] = acc[(m * nt + n) * 4 + r]
                             T.tvm_storage_sync("shared")
                             for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
-                                idx = T.meta_var(o * threads + (tz * wm + ty) * 32 + tx)
+                                idx = T.meta_var(o * threads + (tz * wm + ty) * MMA_LANES + tx)
                                 row = T.meta_var(idx % block_rows)
                                 n_glob = T.meta_var(bx * block_rows + row)
                                 b_glob = T.meta_var(by * block_batch + idx // block_rows)

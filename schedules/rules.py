@@ -1,56 +1,136 @@
 """Rule protocol and dispatch: which rule schedules which PB PrimFunc on which target.
 
-A rule has a *default* schedule (measured, no search) and a *tunable template*: a set of
-structural variants (:meth:`ScheduleRule.variants`), each a MetaSchedule design space whose
-numeric knobs are sampled (``sample_perfect_tile``, ``sample_categorical``) so that the
-evolutionary search and the XGBoost cost model can explore them. Structure that changes the
-sequence of schedule instructions must be a variant, not a sample: a trace replays its
-instructions with new decisions, it cannot take another branch of Python code.
+In the spirit of TVM dlight's ``ScheduleRule.apply(func, target, tunable)``, with the target
+bound when a rule is made (:func:`rules_for` builds the rules of one target):
+
+* :class:`ScheduleRule` -- every rule. ``apply(func)`` returns the *default* schedule (measured,
+  no search). A rule reads hardware limits from :attr:`ScheduleRule.limits` (warp size, threads and
+  shared memory per block, from the Target), never from literals.
+* :class:`TunableRule` -- a rule with a MetaSchedule *template*: structural variants
+  (:meth:`TunableRule.variants`), each a design space whose numeric knobs are sampled
+  (``sample_perfect_tile``, ``sample_categorical``) so that the evolutionary search and the XGBoost
+  cost model can explore them. Structure that changes the sequence of schedule instructions must
+  be a variant, not a sample: a trace replays its instructions with new decisions, it cannot take
+  another branch of Python code.
+* :class:`KnobRule` -- a rule that builds a kernel already scheduled, with a few named knobs that
+  the tuner measures directly (no MetaSchedule trace: there is nothing to replay).
+
+Adding a kernel family: a new module with its rule class and one line in :data:`RULES`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.target import TargetInfo, TargetLimits
 
 logger = logging.getLogger(__name__)
 
 UNROLL_STEPS = (0, 16, 64, 512)
 
+#: The rules of each target kind, as ``"module:Class"`` under this package, in match order: a rule
+#: for one weight layout or one CPU feature set goes before the generic rule of its kernel kind.
+RULES: dict[str, tuple[str, ...]] = {
+    "llvm": (
+        "cpu:CPUActPack",
+        "cpu_vnni:CPUVnniGemm",  # the AVX-512 GEMM first: it matches only where the CPU and the format allow it
+        "cpu:CPUBitplaneGemm",
+        "cpu:CPUDenseAct",
+        "cpu:CPULSTMCell",
+    ),
+    "cuda": (
+        # binary tensor cores: kernels of the mma16x256 layout
+        "cuda_bmma:CUDABmmaGemm",
+        "cuda_bmma:CUDABmmaDenseAct",
+        "cuda_ballot_pack:CUDABallotPack",
+        "cuda:CUDAActPack",
+        "cuda:CUDABitplaneGemm",
+        "cuda:CUDADenseAct",
+        "cuda:CUDALSTMCell",
+    ),
+}
+
 
 class ScheduleRule:
-    """A schedule for one PB kernel kind on one target kind.
+    """The default schedule of one PB kernel kind on one target.
 
-    Subclasses set ``kernel`` (the PrimFunc's ``pbtvm.kernel`` attribute) and ``target_kinds``,
-    and implement :meth:`schedule` (and :meth:`variants` if the template has structural choices).
+    Subclasses set ``kernel`` (the PrimFunc's ``pbtvm.kernel`` attribute) and ``target_kind``, and
+    implement :meth:`schedule` (or override :meth:`apply` when they build a new kernel instead).
+    The PrimFunc being scheduled is ``sch.mod["main"]``.
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+        The (resolved) target the rule schedules for; :attr:`limits` comes from it.
     """
 
-    kernel: names.KernelKind | None = None
-    target_kinds: tuple[str, ...] = ()
+    kernel: names.KernelKind
+    target_kind: str
 
-    def matches(self, func: tir.PrimFunc, target: tvm.target.Target) -> bool:
-        """Whether this rule handles ``func`` on ``target``."""
-        return target.kind.name in self.target_kinds and names.kernel_kind(func) == self.kernel
+    def __init__(self, target: tvm.target.Target) -> None:
+        self.target = target
+        self.limits: TargetLimits = TargetInfo.of(target).limits
 
-    def variants(self, func: tir.PrimFunc, target: tvm.target.Target) -> list[dict]:
-        """Structural variants of the tunable template (one MetaSchedule design space each)."""
-        return [{}]
+    def matches(self, func: tir.PrimFunc) -> bool:
+        """Whether this rule handles ``func``."""
+        return names.kernel_kind(func) == self.kernel
 
-    def apply(self, func: tir.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule:
-        """The default schedule of ``func`` (no sampled decisions); see :func:`rule_for`."""
+    def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The default schedule of ``func`` (no sampled decisions)."""
         sch = s_tir.Schedule(func, debug_mask=0)
-        self.schedule(sch, func, target, False, {})
+        self.schedule(sch)
         return sch
 
-    def schedule(
-        self, sch: s_tir.Schedule, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool, variant: dict
-    ) -> None:
-        """Transform ``sch`` in place.
+    def schedule(self, sch: s_tir.Schedule) -> None:
+        """Transform ``sch`` (a fresh schedule of the kernel) in place into the default schedule."""
+        raise NotImplementedError
 
-        ``tunable`` asks for sampled (``sample_*``) decisions within the structural ``variant``.
-        """
+
+class TunableRule(ScheduleRule):
+    """A rule with a MetaSchedule template next to its default schedule.
+
+    Subclasses set ``custom_rule`` (the ``schedule_rule`` annotation on the kernel's block that
+    MetaSchedule's ``ApplyCustomRule`` looks up) and implement :meth:`template`.
+    """
+
+    custom_rule: str
+
+    def variants(self, func: tir.PrimFunc) -> list[dict]:
+        """Structural variants of the template for ``func`` (one MetaSchedule design space each)."""
+        raise NotImplementedError
+
+    def template(self, sch: s_tir.Schedule, variant: dict) -> None:
+        """Transform ``sch`` in place with sampled (``sample_*``) decisions within ``variant``."""
+        raise NotImplementedError
+
+    def design_spaces(self, sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+        """One copy of ``sch`` per variant, each with the template applied (MetaSchedule custom rule)."""
+        func = sch.mod["main"]
+        spaces = []
+        for variant in self.variants(func):
+            space = sch.copy()
+            self.template(space, variant)
+            spaces.append(space)
+        return spaces
+
+
+class KnobRule(ScheduleRule):
+    """A rule whose kernel is built scheduled, with knobs the tuner measures one setting at a time.
+
+    Subclasses set ``label`` (how reports name the kernel, e.g. ``"avx512"``).
+    """
+
+    label: str
+
+    def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
+        """Knob settings to measure, the default first."""
+        raise NotImplementedError
+
+    def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
+        """The kernel for ``func`` with ``knobs`` (a setting from :meth:`knob_settings`)."""
         raise NotImplementedError
 
 
@@ -84,48 +164,40 @@ def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
     return ("", names.INPUT_TAG) if names.ATTR_INPUT_SIZE in (func.attrs or {}) else ("",)
 
 
-def rules_for(target: tvm.target.Target | str) -> list[ScheduleRule]:
-    """The rules for a target (or target kind, ``"llvm"`` or ``"cuda"``)."""
-    from . import cpu, cpu_vnni, cuda, cuda_ballot_pack, cuda_bmma
+def rule_classes(kind: str) -> list[type[ScheduleRule]]:
+    """The rule classes registered for a target kind (:data:`RULES`), in match order.
 
-    kind = target if isinstance(target, str) else target.kind.name
-    if kind == "llvm":
-        # The AVX-512 GEMM first: it matches only where the CPU and the format allow it.
-        return [
-            cpu.CPUActPack(),
-            cpu_vnni.CPUVnniGemm(),
-            cpu.CPUBitplaneGemm(),
-            cpu.CPUDenseAct(),
-            cpu.CPULSTMCell(),
-        ]
-    if kind == "cuda":
-        return [
-            cuda.CUDAActPack(),
-            cuda.CUDABitplaneGemm(),
-            cuda.CUDADenseAct(),
-            cuda.CUDALSTMCell(),
-            # binary tensor cores: kernels of the mma16x256 layout (rule_for prefers them)
-            cuda_bmma.CUDABmmaGemm(),
-            cuda_bmma.CUDABmmaDenseAct(),
-            cuda_ballot_pack.CUDABallotPack(),
-        ]
-    raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: llvm, cuda)")
+    Raises
+    ------
+    ValueError
+        For a target kind without rules.
+    """
+    if kind not in RULES:
+        raise ValueError(f"pbtvm has no schedules for target kind {kind!r} (supported: {', '.join(RULES)})")
+    out = []
+    for entry in RULES[kind]:
+        module, cls = entry.split(":")
+        out.append(getattr(importlib.import_module(f"{__package__}.{module}"), cls))
+    return out
+
+
+def rules_for(target: tvm.target.Target) -> list[ScheduleRule]:
+    """The rules for ``target``, built with its limits, in match order."""
+    return [cls(target) for cls in rule_classes(target.kind.name)]
 
 
 def rule_for(func: tir.PrimFunc, target: tvm.target.Target) -> ScheduleRule:
-    """The rule that handles ``func`` on ``target``.
+    """The first rule for ``target`` that handles ``func``.
 
     Raises
     ------
     ValueError
         If ``func`` is a PB kernel that no rule for ``target`` handles.
     """
-    rules = rules_for(target)
-    # A rule for one weight layout (``layout`` attribute) goes before the generic ones.
-    for rule in sorted(rules, key=lambda r: getattr(r, "layout", None) is None):
-        if rule.matches(func, target):
+    for rule in rules_for(target):
+        if rule.matches(func):
             return rule
-    raise ValueError(f"no schedule rule for PB kernel {func.attrs.get('pbtvm.kernel')!r} on {target.kind.name}")
+    raise ValueError(f"no schedule rule for PB kernel {names.kernel_kind(func)!r} on {target.kind.name}")
 
 
 def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir.PrimFunc:
@@ -136,5 +208,5 @@ def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir
     ValueError
         If ``func`` is a PB kernel that no rule for ``target`` handles.
     """
-    sch = rule_for(func, target).apply(func, target)
+    sch = rule_for(func, target).apply(func)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -154,7 +154,7 @@ def test_fused_pack_kernel_is_one_kernel_with_bmma_and_ballots(n, k):
 )
 def test_configs_build_to_bmma_without_spills(cfg):
     fmt = bp.BitplaneFormat(4, 8, layout=MMA)
-    assert config_problem(fmt, 1000, 2048, cfg) is None
+    assert config_problem(fmt, 2048, cfg) is None
     _assert_bmma_no_spills(_sass(bmma_dense_kernel(fmt, 1000, 2048, True, cfg).with_attr("global_symbol", "k")))
 
 
@@ -183,7 +183,7 @@ def test_config_space_is_valid_and_encoded_losslessly():
         space = cuda_bmma.config_space(fmt, 4096, 4096, batch)
         assert len(space) > 20
         for cfg in space:
-            assert config_problem(fmt, 4096, 4096, cfg) is None
+            assert config_problem(fmt, 4096, cfg) is None
             assert cuda_bmma.decode(cuda_bmma.encode(cfg)) == cfg
     assert max(c.tiles_n for c in cuda_bmma.config_space(fmt, 4096, 4096, 1)) == 2  # one batch row: 16 columns
 

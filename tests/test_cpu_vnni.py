@@ -114,7 +114,7 @@ def test_dense_equals_popcount_kernel(bits, codebook, bias, rng):
         args.append(_t(rng.standard_normal(n).astype(np.float32)))
     func = kernels.dense_func(fmt, n, k, bias=bias)
     fast = kernels.build(func, CPU)
-    slow = kernels.build(CPUBitplaneGemm().apply(func, CPU).mod["main"], CPU, schedule=False)
+    slow = kernels.build(CPUBitplaneGemm(CPU).apply(func).mod["main"], CPU, schedule=False)
     for layers in range(1, bits + 1):
         y_fast, y_slow = _t(np.zeros((b, n), np.float32)), _t(np.zeros((b, n), np.float32))
         fast(*args, layers, y_fast)

@@ -41,8 +41,8 @@ def test_sampled_cpu_schedules_are_exact(bits, act_bits, n, k, rng):
     fmt = bp.BitplaneFormat(bits, act_bits)
     func = kernels.int_product_func(fmt, n, k)
     cands = tuning.sample_candidates(func, CPU, 3, seed=int(rng.integers(1 << 20)))
-    template = next(r for r in tuning.rules_for(CPU) if r.kernel == "pb_gemm" and not getattr(r, "fixed", False))
-    assert len(cands) == 3 * len(template.variants(func, CPU))
+    (template,) = [r for r in tuning.rules_for(CPU) if isinstance(r, tuning.TunableRule)]
+    assert len(cands) == 3 * len(template.variants(func))
     w = rng.standard_normal((n, k)).astype(np.float32)
     q, _ = qz.quantize_weights(w, fmt)
     wp = bp.pack_weights(q, fmt)
@@ -64,7 +64,7 @@ def test_sampled_cpu_schedules_are_exact(bits, act_bits, n, k, rng):
 def test_sampled_cuda_schedules_build_with_nvcc(n, k):
     fmt = bp.BitplaneFormat(4, 8)
     func = kernels.dense_func(fmt, n, k)
-    variants = tuning.rules_for(SM90)[1].variants(func, SM90)
+    variants = tuning.tunable_rule(func, SM90).variants(func)
     assert {v["x_shared"] for v in variants} == {False, True}
     if k == 4096:
         assert {v["vec"] for v in variants} == {1, 2, 4}
@@ -81,9 +81,10 @@ def test_sampled_cuda_schedules_build_with_nvcc(n, k):
 
 
 def test_custom_rule_is_registered_under_the_block_tag():
-    tuning.register_custom_rules()
-    for key in ("cpu", "cuda"):
-        assert tvm.get_global_func(f"s_tir.meta_schedule.{key}.pbtvm_bitplane_gemm", allow_missing=True)
+    for target, tags in ((CPU, ["pbtvm_bitplane_gemm"]), (SM90, ["pbtvm_bitplane_gemm", "pbtvm_bmma_gemm"])):
+        tuning.register_templates(target)
+        for tag in tags:
+            assert tvm.get_global_func(f"s_tir.meta_schedule.{target.keys[0]}.{tag}", allow_missing=True)
 
 
 def test_workload_fixes_batch_and_bitlayers():
@@ -130,7 +131,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     np.testing.assert_allclose(tuned(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
 
     # A tuned record whose kernel computes something else (here: nothing) is refused, loudly.
-    monkeypatch.setattr(tuning, "replay", lambda func, _trace: func.with_body(tir.Evaluate(0)))
+    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: func.with_body(tir.Evaluate(0)))
     with pytest.warns(UserWarning, match="computes a different result than the default schedule"):
         refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert refused.manifest["tuning"]["tuned_kernels"] == []

@@ -1,0 +1,241 @@
+"""The tuning log: a MetaSchedule JSON database per target inside a ``work_dir``, and its checks.
+
+The log lives in ``work_dir/<target key>/`` next to a small ``pbtvm_log.json`` stating the TVM
+version, bitplane-format version and target it was made for; :class:`TuningLog` ignores a log made
+for anything else with a warning and raises :class:`TuningLogError` on a corrupt one. Tuning holds
+an exclusive file lock on the log, so two runs into one ``work_dir`` take turns instead of
+interleaving records. Kernels of a :class:`~pbtvm.schedules.rules.KnobRule` (no MetaSchedule trace)
+keep their chosen knobs in :data:`KNOB_LOG` in the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pbtvm._tvm import TVM_VERSION, meta_schedule, tvm
+from pbtvm.bitplane import FORMAT_VERSION
+from pbtvm.target import TargetInfo
+
+logger = logging.getLogger(__name__)
+
+#: Version of the ``pbtvm_log.json`` layout.
+LOG_SCHEMA = 1
+LOG_META = "pbtvm_log.json"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+#: File in a target's log directory holding the chosen knobs of :class:`KnobRule` kernels per workload.
+KNOB_LOG = "pbtvm_cpu_kernels.json"
+
+
+class TuningLogError(ValueError):
+    """A tuning log that cannot be read (corrupt JSON, truncated, wrong layout)."""
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """Directory name of a target's log: :attr:`pbtvm.target.TargetInfo.log_key`."""
+    return TargetInfo.of(target).log_key
+
+
+def _workload_row_problem(row: object) -> str:
+    if not (isinstance(row, list) and len(row) == 2 and all(isinstance(v, str) for v in row)):
+        return "expected [hash, module] strings"
+    return ""
+
+
+def _record_row_problem(row: object, n_workloads: int) -> str:
+    if not (isinstance(row, list) and len(row) == 2 and type(row[0]) is int):
+        return "expected [workload index, record]"
+    if not 0 <= row[0] < n_workloads:
+        return f"workload index {row[0]} but the log has {n_workloads} workload(s)"
+    rec = row[1]
+    if not (isinstance(rec, list) and len(rec) == 4):
+        return "expected a record [trace, run_secs, target, arg_info]"
+    trace, secs, target, args = rec
+    if not isinstance(trace, list) or not isinstance(args, list) or not isinstance(target, dict):
+        return "trace, target or arg_info has the wrong type"
+    if secs is not None and not (isinstance(secs, list) and all(isinstance(t, int | float) for t in secs)):
+        return "run_secs is not a list of numbers"
+    return ""
+
+
+def check_rows(log_dir: Path) -> None:
+    """Raise :class:`TuningLogError` (file and line) unless every row of the log in ``log_dir`` is a MetaSchedule row.
+
+    A workload row is ``[structural hash, module]`` (two strings); a record row is
+    ``[workload index, [trace, run_secs, target, arg_info]]`` with the index naming a workload
+    row. MetaSchedule itself would crash (or segfault) on anything else.
+    """
+    n_workloads = 0
+    for name in (WORKLOADS, RECORDS):
+        path = Path(log_dir) / name
+        if not path.exists():
+            continue
+        for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            where = f"tuning log {path} is corrupt at line {lineno}"
+            try:
+                row = json.loads(raw.decode())
+            except UnicodeDecodeError:
+                raise TuningLogError(f"{where}: not text (binary data)") from None
+            except json.JSONDecodeError as err:
+                raise TuningLogError(f"{where}: {err}") from None
+            why = _workload_row_problem(row) if name == WORKLOADS else _record_row_problem(row, n_workloads)
+            if why:
+                raise TuningLogError(f"{where}: not a MetaSchedule {name.split('_')[-1][:-5]} row ({why})")
+            n_workloads += name == WORKLOADS
+
+
+@dataclass
+class TuningLog:
+    """The MetaSchedule database of one target inside a ``work_dir``.
+
+    Parameters
+    ----------
+    work_dir : path
+        Holds one sub-directory per target key.
+    target : tvm.target.Target
+    """
+
+    work_dir: Path
+    target: tvm.target.Target
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir)
+
+    @property
+    def path(self) -> Path:
+        """``work_dir/<target key>``."""
+        return self.work_dir / target_key(self.target)
+
+    def expected_meta(self) -> dict:
+        """What ``pbtvm_log.json`` must say for this log to be used."""
+        return {
+            "schema": LOG_SCHEMA,
+            "tvm_version": TVM_VERSION,
+            "format_version": FORMAT_VERSION,
+            "target_key": target_key(self.target),
+            "target": str(self.target),
+        }
+
+    def _mismatch(self) -> str | None:
+        meta_path = self.path / LOG_META
+        try:
+            meta = json.loads(meta_path.read_bytes().decode())
+        except UnicodeDecodeError:
+            raise TuningLogError(f"tuning log {meta_path} is corrupt: not text (binary data)") from None
+        except json.JSONDecodeError as err:
+            raise TuningLogError(f"tuning log {meta_path} is corrupt: {err}") from None
+        if not isinstance(meta, dict):
+            raise TuningLogError(f"tuning log {meta_path} is corrupt: expected a JSON object")
+        want = self.expected_meta()
+        for key in ("schema", "tvm_version", "format_version", "target_key"):
+            if meta.get(key) != want[key]:
+                return f"{key} is {meta.get(key)!r}, this build needs {want[key]!r}"
+        return None
+
+    def _check_records(self) -> None:
+        check_rows(self.path)
+
+    def check(self) -> None:
+        """Raise :class:`TuningLogError` if the log's metadata or rows are corrupt (what compile checks)."""
+        self._mismatch()
+        self._check_records()
+
+    def usable(self) -> bool:
+        """Whether a log for this target exists and was made by this TVM and format version.
+
+        Warns (and returns False) when ``work_dir`` only holds logs for other targets or the
+        log is from another version; raises :class:`TuningLogError` when it is corrupt.
+        """
+        if not (self.path / LOG_META).exists():
+            others = [Path(p).parent.name for p in sorted(str(q) for q in self.work_dir.glob(f"*/{LOG_META}"))]
+            if others:
+                warnings.warn(
+                    f"pbtvm: {self.work_dir} has tuning logs for {', '.join(others)} but none for "
+                    f"{target_key(self.target)}; logs from another target are ignored (default schedules used)",
+                    stacklevel=3,
+                )
+            return False
+        why = self._mismatch()
+        if why is not None:
+            warnings.warn(f"pbtvm: ignoring tuning log {self.path}: {why}", stacklevel=3)
+            return False
+        self._check_records()
+        return True
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool) -> Iterator[None]:
+        """Hold the log's file lock (exclusive while tuning, shared while reading)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as fh:
+            if exclusive:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.warning("another tuning run holds %s; waiting for it", self.path)
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+            else:
+                fcntl.flock(fh, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def database(self, create: bool = False) -> object | None:
+        """The MetaSchedule ``JSONDatabase``, or None if there is no usable log.
+
+        ``create=True`` (tuning) starts a fresh log when there is none, and moves a log made
+        for another version aside to ``<key>.stale-<time>`` with a warning.
+        """
+        ms = meta_schedule()
+        if not self.work_dir.exists() and not create:
+            warnings.warn(
+                f"pbtvm: tuning work_dir {self.work_dir} does not exist; default schedules used", stacklevel=3
+            )
+            return None
+        if self.usable():
+            return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+        if not create:
+            return None
+        if (self.path / LOG_META).exists():
+            stale = self.path.with_name(f"{self.path.name}.stale-{int(time.time())}")
+            self.path.rename(stale)
+            warnings.warn(f"pbtvm: moved the old tuning log aside to {stale}", stacklevel=3)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / LOG_META).write_text(json.dumps(self.expected_meta(), indent=1) + "\n")
+        return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+
+    def read_knobs(self) -> dict:
+        """The knob log (:data:`KNOB_LOG`): ``{knob key: {knob: value, "us": ..., "default_us": ...}}``.
+
+        Raises
+        ------
+        TuningLogError
+            If the file is not a JSON object.
+        """
+        path = self.path / KNOB_LOG
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise TuningLogError(f"tuning log {path} is corrupt: {err}") from None
+        if not isinstance(data, dict):
+            raise TuningLogError(f"tuning log {path} is corrupt: expected a JSON object")
+        return data
+
+    def write_knobs(self, knobs: dict) -> None:
+        """Replace the knob log with ``knobs`` (call while holding the exclusive lock)."""
+        (self.path / KNOB_LOG).write_text(json.dumps(knobs, indent=1) + "\n")
+
+
+__all__ = ["KNOB_LOG", "LOG_META", "RECORDS", "WORKLOADS", "TuningLog", "TuningLogError", "check_rows", "target_key"]

@@ -1,0 +1,208 @@
+"""The search: measure every tunable kernel of a model and record the results in the log.
+
+A kernel is tuned by the rule that schedules it (:func:`.space.tunable_rule`): a
+:class:`~pbtvm.schedules.rules.TunableRule` through MetaSchedule's evolutionary search (its default
+schedule is measured first and recorded, so the log's best is never worse than the default), a
+:class:`~pbtvm.schedules.rules.KnobRule` by timing its knob settings one after another.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm_ffi
+from tvm.ir.utils import derived_object
+
+from pbtvm._tvm import meta_schedule, tir, tvm
+
+from ..rules import KnobRule
+from .log import TuningLog
+from .measure import default_builder, default_runner, measure
+from .report import KernelReport, Progress, TuneReport
+from .space import kernel_name, knob_key, tunable_rule, tune_context, workload
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def tune_kernels(
+    funcs: list[tir.PrimFunc],
+    target: tvm.target.Target,
+    work_dir: str | os.PathLike,
+    *,
+    trials_per_kernel: int = 64,
+    batch: int = 1,
+    trials_per_iter: int = 16,
+    builder: object | None = None,
+    runner: object | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> TuneReport:
+    """Search schedules for the tunable kernels among ``funcs`` and record them in ``work_dir``'s log.
+
+    Parameters
+    ----------
+    funcs : list of tir.PrimFunc
+        PB kernels; those whose rule on ``target`` is not tunable are passed over, duplicates (same
+        workload) are tuned once, kernels already in the log are skipped.
+    target : tvm.target.Target
+    work_dir : path
+    trials_per_kernel : int
+        Search trials per kernel (a :class:`KnobRule` kernel measures at most this many settings).
+    batch : int
+        Batch size the kernels are tuned for.
+    trials_per_iter : int
+        Candidates MetaSchedule measures per search round.
+    builder, runner : MetaSchedule Builder / Runner, optional
+        Default: :func:`.measure.default_builder` / :func:`.measure.default_runner` (local). Pass an
+        ``RPCRunner`` to measure on remote devices.
+    seed : int
+        Random seed of the first search task (the next ones count up from it).
+    progress : callable, optional
+        Receives plain-text lines: what is tuned, then one line per kernel after each round of
+        measurements with candidates measured / total, best time so far and the estimated time
+        left (:class:`.report.Progress`). Default: print them to stderr.
+
+    Returns
+    -------
+    TuneReport
+        Per kernel: candidates measured (default included), built / failed, default and best time.
+    """
+    ms = meta_schedule()
+    prog = Progress(progress or _stderr_line)
+    log = TuningLog(Path(work_dir), target)
+    builder = builder or default_builder(target)
+    runner = runner or default_runner(target)
+    with log.locked(exclusive=True):
+        database = log.database(create=True)
+        knobs = log.read_knobs()
+        knob_jobs, searches, seen = [], [], set()
+        for func in funcs:
+            rule = tunable_rule(func, target)
+            if rule is None:
+                continue
+            key = knob_key(func, batch) if isinstance(rule, KnobRule) else None
+            mod = tvm.IRModule({"main": workload(func, batch)})
+            ident = key or tvm_ffi.structural_hash(mod)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            name = kernel_name(func)
+            known = (
+                key in knobs
+                if key
+                else database.has_workload(mod) and database.get_top_k(database.commit_workload(mod), 1)
+            )
+            if known:
+                prog.message(f"{name}: already in the log, skipped")
+                continue
+            if isinstance(rule, KnobRule):
+                settings = rule.knob_settings(func)[: max(1, trials_per_kernel)]
+                rep = KernelReport(f"{name} ({rule.label})")
+                knob_jobs.append((rule, func, key, settings, rep))
+                prog.add(rep, len(settings))
+            else:
+                rep = KernelReport(name)
+                searches.append((rule, func, mod, rep))
+                prog.add(rep, 1 + trials_per_kernel)
+        if prog.kernels:
+            prog.message(f"{len(prog.kernels)} kernel(s), {trials_per_kernel} trials each, log {log.path}")
+        for rule, func, key, settings, rep in knob_jobs:
+            best = _measure_knobs(rule, func, settings, batch, target, builder, runner, rep, prog)
+            if best is not None:
+                knobs[key] = {**best, "us": rep.best_us, "default_us": rep.default_us}
+                log.write_knobs(knobs)
+        tasks = []
+        for rule, func, mod, rep in searches:
+            sch = rule.apply(mod["main"])
+            secs, stage, err = measure(sch.mod, target, builder, runner)
+            rep.default_us = rep.record(secs, stage, err)
+            prog.update(rep)
+            if secs:
+                record = ms.database.TuningRecord(
+                    sch.trace,
+                    database.commit_workload(mod),
+                    secs,
+                    target,
+                    ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]),
+                )
+                database.commit_tuning_record(record)
+            tasks.append(tune_context(func, target, batch, seed=seed + len(tasks)))
+        if tasks:
+            ms.tune.tune_tasks(
+                tasks=tasks,
+                task_weights=[1.0] * len(tasks),
+                work_dir=str(log.path),
+                max_trials_global=trials_per_kernel * len(tasks),
+                max_trials_per_task=trials_per_kernel,
+                num_trials_per_iter=trials_per_iter,
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=[
+                    *ms.measure_callback.MeasureCallback.create("default"),
+                    _counter([rep for *_, rep in searches], prog),
+                ],
+                task_scheduler="gradient" if len(tasks) > 1 else "round-robin",
+            )
+        for (*_, rep), task in zip(searches, tasks, strict=True):
+            top = database.get_top_k(database.commit_workload(task.mod), 1)
+            if top:
+                secs = [float(s) for s in top[0].run_secs]
+                rep.best_us = 1e6 * sum(secs) / len(secs)
+    reports = [job[-1] for job in knob_jobs] + [s[-1] for s in searches]
+    return TuneReport(str(log.path), str(target), time.perf_counter() - prog.start, reports)
+
+
+def _measure_knobs(
+    rule: KnobRule,
+    func: tir.PrimFunc,
+    settings: list[dict],
+    batch: int,
+    target: tvm.target.Target,
+    builder: object,
+    runner: object,
+    rep: KernelReport,
+    prog: Progress,
+) -> dict | None:
+    """Time ``rule``'s kernel for ``func`` with each knob setting (the default first); the fastest setting."""
+    best = None
+    for knobs in settings:
+        mod = tvm.IRModule({"main": workload(rule.kernel_with(func, knobs), batch)})
+        secs, stage, err = measure(mod, target, builder, runner)
+        us = rep.record(secs, stage, err)
+        if knobs is settings[0]:
+            rep.default_us = us
+        if us is not None and (best is None or us < best[1]):
+            best = (knobs, us)
+        prog.update(rep)
+    return None if best is None else best[0]
+
+
+def _counter(reports: list[KernelReport], prog: Progress) -> object:
+    """A MetaSchedule measure callback that counts each search task's results into its report."""
+    ms = meta_schedule()
+
+    @derived_object
+    class _Count(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):  # noqa: ARG002
+            rep = reports[task_id]
+            for b, r in zip(builder_results, runner_results, strict=False):
+                if b.error_msg:
+                    rep.record(None, "build", str(b.error_msg))
+                elif r.error_msg:
+                    rep.record(None, "run", str(r.error_msg))
+                else:
+                    rep.record([float(s) for s in r.run_secs])
+            prog.update(rep)
+
+    return _Count()
+
+
+__all__ = ["tune_kernels"]
