@@ -16,7 +16,7 @@ from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
 from .errors import InputError, InputTypeError
 from .lowering import weight_key
-from .names import KernelKind, kernel_kind
+from .names import kernel_kind
 from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
 from .runtime import MANIFEST_SCHEMA, CompiledModel
@@ -162,8 +162,9 @@ def _warn_recurrent(model: Any) -> None:
         )
 
 
-def _pb_gemms(mod: tvm.IRModule) -> list:
-    return [f for _, f in mod.functions_items() if kernel_kind(f) == KernelKind.GEMM]
+def _pb_kernels(mod: tvm.IRModule) -> list:
+    """Every PB PrimFunc of ``mod``; the tuner keeps those whose rule is tunable."""
+    return [f for _, f in mod.functions_items() if kernel_kind(f) is not None]
 
 
 def tune(
@@ -213,7 +214,7 @@ def tune(
         raise InputError(f"trials must be >= 1, got {trials}")
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
     return tune_kernels(
-        _pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
+        _pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
     )
 
 
@@ -307,7 +308,7 @@ def compile(  # noqa: A001 - the public name users expect
         warnings.warn("pbtvm: no dense layer was converted to PrecisionBatching", stacklevel=2)
 
     if tune:
-        tune_kernels(_pb_gemms(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
+        tune_kernels(_pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
     with torch_no_grad():
         out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
     structure = outputs.describe(out)

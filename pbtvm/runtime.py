@@ -45,6 +45,10 @@ class CompiledModel:
         self._on_cuda = False
         self._layer_args: dict[int, Any] = {}  # bitlayers -> ShapeTuple argument, made once
         self._shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
+        self._checked: list[tuple | None] = [None] * len(self._shapes)  # last accepted (kind, dtype, shape)
+        self._staging: dict[tuple, Any] = {}  # (input, shape) -> aligned tensor that unaligned inputs are copied into
+        structure = manifest.get("output_structure")
+        self._one_tensor = structure == outputs.TENSOR or (structure is None and manifest["single_output"])
         # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
         # from several threads take turns (see README, "Thread safety and NaN policy").
         self._lock = threading.Lock()
@@ -84,13 +88,51 @@ class CompiledModel:
             import torch
         except ImportError:  # pragma: no cover - torch is a dependency
             torch = None
-        if torch is not None and isinstance(value, torch.Tensor):
-            dtype = str(value.dtype).replace("torch.", "")
-            shape = tuple(value.shape)
+        is_torch = torch is not None and isinstance(value, torch.Tensor)
+        if is_torch:
+            key = (True, value.dtype, value.shape)
         elif isinstance(value, np.ndarray):
-            dtype, shape = str(value.dtype), value.shape
+            key = (False, value.dtype, value.shape)
         else:
             raise InputTypeError(f"input {index} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+        if key != self._checked[index]:  # validate each new kind / dtype / shape once
+            self._check_input(value, spec, index, is_torch)
+            self._checked[index] = key
+        if is_torch:
+            value = value.detach()
+            on_device = value.is_cuda == self._on_cuda
+            # Zero-copy needs TVM's 64-byte alignment; a slice of a larger tensor may lack it.
+            if on_device and value.is_contiguous() and value.data_ptr() % 64 == 0:
+                return tvm.runtime.from_dlpack(value)
+            if on_device and value.device.type == "cuda":
+                return tvm.runtime.from_dlpack(value.clone(memory_format=torch.contiguous_format))
+            if on_device:  # a CPU tensor that is unaligned or strided: copy it into a cached aligned one
+                staging = self._staging_tensor(index, tuple(value.shape), spec["dtype"])
+                torch.from_dlpack(staging).copy_(value)
+                return staging
+            value = value.cpu().contiguous().numpy()
+        return tvm.runtime.tensor(np.ascontiguousarray(value), self._dev)
+
+    def _staging_tensor(self, index: int, shape: tuple, dtype: str) -> Any:
+        """An aligned device tensor for input ``index`` of this shape, made once and reused.
+
+        Only called under the model's lock; the VM has finished with the previous call's input
+        when the next call copies into it.
+        """
+        key = (index, shape)
+        if key not in self._staging:
+            if len(self._staging) > 16:  # many batch sizes: keep memory bounded
+                self._staging.clear()
+            self._staging[key] = tvm.runtime.empty(shape, dtype, self._dev)
+        return self._staging[key]
+
+    def _check_input(self, value: Any, spec: dict, index: int, is_torch: bool) -> None:
+        """Raise InputError / InputTypeError unless ``value`` has the dtype and shape the model takes."""
+        if is_torch:
+            dtype = str(value.dtype).replace("torch.", "")
+            shape = tuple(value.shape)
+        else:
+            dtype, shape = str(value.dtype), value.shape
         if dtype != spec["dtype"]:
             raise InputTypeError(f"input {index} has dtype {dtype}, the model was compiled for {spec['dtype']}")
         want = self._shapes[index]
@@ -101,16 +143,6 @@ class CompiledModel:
             raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
-        if torch is not None and isinstance(value, torch.Tensor):
-            value = value.detach()
-            on_device = value.is_cuda == self._on_cuda
-            # Zero-copy needs TVM's 64-byte alignment; a slice of a larger tensor may lack it.
-            if on_device and value.is_contiguous() and value.data_ptr() % 64 == 0:
-                return tvm.runtime.from_dlpack(value)
-            if on_device and value.device.type == "cuda":
-                return tvm.runtime.from_dlpack(value.clone(memory_format=torch.contiguous_format))
-            value = value.cpu().contiguous().numpy()
-        return tvm.runtime.tensor(np.ascontiguousarray(value), self._dev)
 
     def __call__(self, *inputs: Any, bitlayers: int | None = None) -> Any:
         """Run the model.
@@ -147,8 +179,10 @@ class CompiledModel:
                     self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
                 args.append(self._layer_args[layers])
             out = self._main(*args)
-        outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
         as_torch = _is_torch(inputs[0])
+        if self._one_tensor:  # the common case, without the general rebuild
+            return _from_tvm(out[0] if isinstance(out, tvm.ir.Array) else out, as_torch)
+        outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
         converted = [_from_tvm(o, as_torch) for o in outs]
         structure = self.manifest.get("output_structure")
         if structure is not None:

@@ -29,7 +29,7 @@ from pbtvm.bitplane import BitplaneFormat
 from pbtvm.errors import InputError
 from pbtvm.lowering import LayerRecord, lower_weights, weight_key
 from pbtvm.names import KernelKind
-from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense
+from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 from pbtvm.quantize import AUTO
 
@@ -61,6 +61,25 @@ class ConversionReport:
     skipped: list[dict] = field(default_factory=list)
     #: ``relax.matmul`` calls seen, converted or not; a skipped one has its ``matmul_index``.
     n_matmuls: int = 0
+
+
+def _one_kernel_layer(fmt: BitplaneFormat, k_dim: int) -> bool:
+    """Whether a dense layer becomes one kernel (quantize + GEMM) instead of a pack and a GEMM.
+
+    On CPUs with the AVX-512 GEMM (:mod:`pbtvm.schedules.cpu_vnni`) the one-kernel layer
+    quantizes the rows straight into the int8 codes its dot products read: no planes, one launch
+    (MNIST 512x784 W4 batch 1: 21 µs vs 8.5 + 21 µs; batch 8: 68 vs 49 + 70 µs, BENCHMARKS.md).
+    Elsewhere the separate pack is shared by every layer reading the same input, and wins.
+    """
+    import os
+
+    from pbtvm.ops.pb_vnni import target_supports, unsupported_reason
+    from pbtvm.schedules.cpu_vnni import ENV_KERNEL
+
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
+        return False
+    return unsupported_reason(fmt, k_dim) is None and target_supports(target)
 
 
 def _op_name(expr: relax.Expr) -> str | None:
@@ -236,13 +255,21 @@ class _Rewriter(PyExprMutator):
             x2 = self.builder_.emit(relax.op.reshape(x2, [-1, k_dim]))
         if str(ty.dtype) != "float32":
             x2 = self.builder_.emit(relax.op.astype(x2, "float32"))
+        wp, ws, fmt = self._packed(weight)
+        has_bias = bias is not None
+        bias_const = [relax.const(np.asarray(bias, np.float32), "float32")] if has_bias else []
+        if _one_kernel_layer(fmt, k_dim):
+            out = self._emit_te(
+                lambda x_t, wp_t, ws_t, *rest: pb_dense_act(x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt),
+                [x2, wp, ws, *bias_const],
+                f"pb_dense_act_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
+                kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim),
+                (self.bitlayers,),
+            )
+            return self._finish_linear(out, out_dtype, ty, dims, n_out)
         packed = self._act_pack(x2, k_dim)
         xp, xs, rowsum = (self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(3))
-        wp, ws, fmt = self._packed(weight)
-        tensors = [xp, xs, rowsum, wp, ws]
-        if bias is not None:
-            tensors.append(relax.const(np.asarray(bias, np.float32), "float32"))
-        has_bias = bias is not None
+        tensors = [xp, xs, rowsum, wp, ws, *bias_const]
 
         def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):  # noqa: ANN001, ANN202
             b_t = rest[0] if has_bias else None
@@ -256,6 +283,10 @@ class _Rewriter(PyExprMutator):
             kernel_attrs(KernelKind.GEMM, fmt, k_dim),
             (self.bitlayers,),
         )
+        return self._finish_linear(out, out_dtype, ty, dims, n_out)
+
+    def _finish_linear(self, out: relax.Expr, out_dtype: str, ty: object, dims: list, n_out: int) -> relax.Expr:
+        """The layer's float32 [B, N] result in the matmul's dtype and shape."""
         if out_dtype != "float32":
             out = relax.op.astype(self.builder_.emit(out), out_dtype)
         if ty.ndim != 2:

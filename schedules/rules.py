@@ -38,6 +38,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "cpu:CPUActPack",
         "cpu_vnni:CPUVnniGemm",  # the AVX-512 GEMM first: it matches only where the CPU and the format allow it
         "cpu:CPUBitplaneGemm",
+        "cpu_vnni:CPUVnniDenseAct",  # one kernel per layer on AVX-512 CPUs (quantize + GEMM)
         "cpu:CPUDenseAct",
         "cpu:CPULSTMCell",
     ),

@@ -42,6 +42,9 @@ CPU_KERNEL = "avx512_vnni"
 PREFETCH_TILES = 1
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
 MAX_ACCUMULATORS = 24
+#: Layers with fewer weight bits (N * K * bits) run their row tiles serially: waking TVM's thread
+#: pool costs a few µs per launch, more than such a layer's work (BENCHMARKS.md, issue 19).
+SERIAL_WEIGHT_BITS = 1 << 18
 
 
 def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
@@ -172,6 +175,8 @@ def pb_vnni_func(
     bias: bool = False,
     batch_tile: int = 4,
     row_tile: int = 4,
+    float_input: bool = False,
+    single_row_tile: int | None = None,
 ) -> tir.PrimFunc:
     """The AVX-512 PB kernel with the same parameters as the TE kernel it replaces.
 
@@ -194,6 +199,15 @@ def pb_vnni_func(
     row_tile : int
         Output rows decoded side by side (independent accumulator chains); one parallel task.
         ``batch_tile * row_tile`` int32x16 accumulators live in zmm registers.
+    float_input : bool
+        The one-kernel layer of :func:`pbtvm.ops.pb_dense_act`: ``(x f32 [B, K], wp, w_scale[,
+        bias], bitlayers) -> y``. The kernel quantizes each row of ``x`` itself, exactly as
+        :func:`pbtvm.ops.act_quantize_pack` does, straight into the int8 codes its dot products
+        read (no planes packed and unpacked again); needs ``dense``.
+    single_row_tile : int, optional
+        Output rows per tile when the batch is 1 (a second loop nest; None: ``row_tile``).
+        At batch 1 a decoded chunk feeds one dot product, so more rows side by side hide more
+        latency (512x784 W4: 16 rows 21 µs, 2 rows 37 µs, single-thread CPU time).
 
     Returns
     -------
@@ -208,18 +222,24 @@ def pb_vnni_func(
     why = unsupported_reason(fmt, k_dim)
     if why is not None:
         raise ValueError(f"pb_vnni_func cannot compute this layer: {why}")
+    if float_input and not dense:
+        raise ValueError("pb_vnni_func: float_input computes the dense layer (dense=True)")
+    if single_row_tile is not None and not 1 <= single_row_tile <= MAX_ACCUMULATORS:
+        raise ValueError(f"single_row_tile must be 1..{MAX_ACCUMULATORS}, got {single_row_tile}")
     if batch_tile < 1 or row_tile < 1 or batch_tile * row_tile > MAX_ACCUMULATORS:
         raise ValueError(f"batch_tile * row_tile must be 1..{MAX_ACCUMULATORS}, got {batch_tile} x {row_tile}")
     words = fmt.words(k_dim)
     full_chunks, tail = divmod(words, 2)
     chunks = full_chunks + tail
-    b_tiles = (batch + (batch_tile - 1)) // batch_tile
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("main")
-            xp = T.arg("xp", T.buffer((fmt.act_bits, batch, words), "uint32"))
-            x_scale = T.arg("x_scale", T.buffer((batch,), "float32")) if dense else None
-            rowsum = T.arg("rowsum", T.buffer((batch,), "int32"))
+            if float_input:
+                x = T.arg("x", T.buffer((batch, k_dim), "float32"))
+            else:
+                xp = T.arg("xp", T.buffer((fmt.act_bits, batch, words), "uint32"))
+                x_scale = T.arg("x_scale", T.buffer((batch,), "float32")) if dense else None
+                rowsum = T.arg("rowsum", T.buffer((batch,), "int32"))
             wp = T.arg("wp", T.buffer(fmt.weight_shape(n_out, k_dim), "uint32"))
             w_scale = T.arg("w_scale", T.buffer(fmt.scale_shape(n_out), "float32")) if dense else None
             bias_buf = T.arg("bias", T.buffer((n_out,), "float32")) if dense and bias else None
@@ -229,6 +249,9 @@ def pb_vnni_func(
                 {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNEL}
             )
             codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
+            if float_input:  # the row scales and code sums the separate pack kernel would pass in
+                x_scale = T.alloc_buffer((batch,), "float32")
+                rowsum = T.alloc_buffer((batch,), "int32")
             kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias_buf)
             kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
             for i, value in enumerate(plane_coefficients(fmt)):
@@ -236,34 +259,111 @@ def pb_vnni_func(
             # 1. activation codes as int8 and their sum, once per call. The sum undoes the unsigned
             # weight shift; it is computed here, not taken from ``rowsum``, so the result depends
             # on ``rowsum`` exactly as the TE kernel's does (only through the offset/epilogue).
-            kern.code_sum = T.alloc_buffer((batch,), "int32")
-            with T.parallel(0, batch) as r:
-                for c in range(chunks):
-                    T.buffer_store(
-                        codes, _act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)]
-                    )
+            # With float input the code sum is the row sum (both sum the same codes).
+            kern.code_sum = rowsum if float_input else T.alloc_buffer((batch,), "int32")
+            with T.serial(0, batch) if float_input else T.parallel(0, batch) as r:
+                if float_input:
+                    _quantize_row(T, fmt, x, r, k_dim, codes, x_scale, chunks)
+                else:
+                    for c in range(chunks):
+                        T.buffer_store(
+                            codes, _act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)]
+                        )
                 T.buffer_store(kern.code_sum, tir.const(0, "int32"), [r])
                 with T.serial(0, chunks * CHUNK) as kk:
                     T.buffer_store(kern.code_sum, kern.code_sum[r] + codes[r, kk].astype("int32"), [r])
             # 2. tiles of output rows x activation rows; straight-line code per (activation rows
             # left, bitlayers), so the chunk loop has no branch.
-            with T.parallel(0, -(-n_out // row_tile)) as tile:
-                # One accumulator and one decode buffer for every specialisation below: separate
-                # per-branch buffers get merged by storage rewriting into one mixed-type stack
-                # slot that LLVM no longer keeps in registers (measured 4-13x slower).
-                kern.acc = T.alloc_buffer((row_tile * batch_tile * CHUNK // 4,), "int32", scope="local")
-                kern.decoded = T.alloc_buffer((row_tile * CHUNK,), "uint8", scope="local")
-                kern.stage = T.alloc_buffer((fmt.bits * row_tile * (full_chunks + tail) * 2,), "uint32", scope="local")
-                with T.serial(0, b_tiles) as bt:
-                    left = batch - bt * batch_tile
-                    for rows in range(batch_tile, 0, -1):
-                        with T.If(left >= rows if rows == batch_tile else left == rows):
-                            with T.Then():
-                                for nlayers in range(1, fmt.bits + 1):
-                                    with T.If(layers == nlayers):
-                                        with T.Then():
-                                            _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, nlayers)
+            serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
+            if single_row_tile is None:
+                _row_tiles(T, kern, batch, layers, row_tile, batch_tile, serial)
+            else:  # batch 1 gets its own loop nest: more rows side by side, nothing to share
+                with T.If(batch == 1):
+                    with T.Then():
+                        _row_tiles(T, kern, batch, layers, single_row_tile, 1, serial)
+                    with T.Else():
+                        _row_tiles(T, kern, batch, layers, row_tile, batch_tile, serial)
     return ib.get()
+
+
+def _row_tiles(T, kern: _Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool) -> None:  # noqa: ANN001, N803
+    """Step 2: all tiles of ``row_tile`` output rows x ``batch_tile`` activation rows.
+
+    Straight-line code per (activation rows left, bitlayers), so the chunk loop has no branch.
+    """
+    fmt = kern.fmt
+    n_tiles = -(-kern.n_out // row_tile)
+    b_tiles = (batch + (batch_tile - 1)) // batch_tile
+    with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:
+        # One accumulator and one decode buffer for every specialisation below: separate
+        # per-branch buffers get merged by storage rewriting into one mixed-type stack
+        # slot that LLVM no longer keeps in registers (measured 4-13x slower).
+        kern.acc = T.alloc_buffer((row_tile * batch_tile * CHUNK // 4,), "int32", scope="local")
+        kern.decoded = T.alloc_buffer((row_tile * CHUNK,), "uint8", scope="local")
+        kern.stage = T.alloc_buffer((fmt.bits * row_tile * (kern.full_chunks + kern.tail) * 2,), "uint32", scope="local")
+        with T.serial(0, b_tiles) as bt:
+            left = batch - bt * batch_tile
+            for rows in range(batch_tile, 0, -1):
+                with T.If(left >= rows if rows == batch_tile else left == rows):
+                    with T.Then():
+                        for nlayers in range(1, fmt.bits + 1):
+                            with T.If(layers == nlayers):
+                                with T.Then():
+                                    _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, nlayers)
+
+
+def _quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_scale, chunks: int) -> None:  # noqa: ANN001, N803
+    """Row ``r`` of ``x`` -> its scale and int8 codes (zero past K): :func:`act_quantize_pack`'s maths.
+
+    The row max treats NaN as +inf and +-inf as the largest float, the scale is NaN / inf for
+    such rows and the codes are ``clip(floor(x * qmax / amax + 0.5), -qmax, qmax)``, written the
+    same way as the TE pack so that both give the same codes (tests compare them bit for bit).
+    """
+    lanes = 16
+    qmax = tir.const(float(fmt.act_qmax), "float32")
+    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
+
+    def magnitude(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
+        def bc(c: tir.PrimExpr) -> tir.PrimExpr:
+            return c if n == 1 else tir.Broadcast(c, n)
+
+        return tir.Select(tir.isnan(v), bc(inf), tir.min(tir.abs(v), bc(big)))
+
+    peak = T.alloc_buffer((lanes,), "float32", scope="local")
+    T.buffer_store(peak, tir.Broadcast(tir.const(0, "float32"), lanes), [tir.Ramp(0, 1, lanes)])
+    if k_dim >= lanes:
+        with T.serial(0, k_dim // lanes) as v:
+            at = tir.Ramp(0, 1, lanes)
+            T.buffer_store(peak, tir.max(peak[at], magnitude(x[r, tir.Ramp(v * lanes, 1, lanes)], lanes)), [at])
+    for k in range(k_dim - k_dim % lanes, k_dim):
+        T.buffer_store(peak, tir.max(peak[0], magnitude(x[r, k], 1)), [0])
+    amax = T.alloc_buffer((1,), "float32", scope="local")
+    T.buffer_store(amax, peak[0], [0])
+    for lane in range(1, lanes):
+        T.buffer_store(amax, tir.max(amax[0], peak[lane]), [0])
+    a = amax[0]
+    T.buffer_store(x_scale, tir.Select(a == inf, tir.const(float("nan"), "float32"), tir.Select(a == big, inf, a / qmax)), [r])
+    inv = T.alloc_buffer((1,), "float32", scope="local")
+    T.buffer_store(inv, tir.if_then_else(a > tir.const(0, "float32"), qmax / a, tir.const(0, "float32")), [0])
+
+    def code(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
+        def bc(c: tir.PrimExpr) -> tir.PrimExpr:
+            return c if n == 1 else tir.Broadcast(c, n)
+
+        q = tir.floor(v * bc(inv[0]) + bc(tir.const(0.5, "float32")))
+        return tir.max(tir.min(q, bc(qmax)), bc(-qmax)).astype("int32x64" if n == CHUNK else "int32").astype(
+            "int8x64" if n == CHUNK else "int8"
+        )
+
+    full = k_dim // CHUNK
+    if full:
+        with T.serial(0, full) as c:
+            T.buffer_store(codes, code(x[r, tir.Ramp(c * CHUNK, 1, CHUNK)], CHUNK), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
+    for c in range(full, chunks):  # the last, partial chunk (and zero padding)
+        with T.serial(0, CHUNK) as j:
+            k = c * CHUNK + j
+            value = tir.if_then_else(k < k_dim, code(x[r, tir.min(k, k_dim - 1)], 1), tir.const(0, "int8"))
+            T.buffer_store(codes, value, [r, k])
 
 
 def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> None:  # noqa: ANN001, N803
