@@ -65,12 +65,19 @@ class ScheduleRule:
     ----------
     target : tvm.target.Target
         The (resolved) target the rule schedules for; :attr:`limits` comes from it.
+
+    Raises
+    ------
+    ValueError
+        If ``target`` is not of the rule's ``target_kind``.
     """
 
     kernel: names.KernelKind
     target_kind: str
 
     def __init__(self, target: tvm.target.Target) -> None:
+        if target.kind.name != self.target_kind:
+            raise ValueError(f"{type(self).__name__} schedules for {self.target_kind}, not {target.kind.name}")
         self.target = target
         self.limits: TargetLimits = TargetInfo.of(target).limits
 
@@ -197,7 +204,7 @@ def rule_for(func: tir.PrimFunc, target: tvm.target.Target) -> ScheduleRule:
     for rule in rules_for(target):
         if rule.matches(func):
             return rule
-    raise ValueError(f"no schedule rule for PB kernel {names.kernel_kind(func)!r} on {target.kind.name}")
+    raise ValueError(f"no schedule rule for PB kernel '{names.kernel_kind(func)}' on {target.kind.name}")
 
 
 def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir.PrimFunc:

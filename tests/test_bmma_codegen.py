@@ -118,6 +118,15 @@ def _assert_bmma_no_spills(kernels_sass: dict[str, str], expect: int = 1) -> Non
         assert local_memory_ops(sass) == 0, f"{name}: LDL/STL (register spills)"
 
 
+def test_bmma_check_fails_on_a_kernel_without_tensor_cores():
+    """The SASS check is not vacuous: the popcount kernel (kNW layout) has no BMMA and fails it."""
+    func = apply_default_schedule(kernels.dense_func(bp.BitplaneFormat(4, 8), 64, 512), SM90)
+    sass = _sass(func)
+    assert "POPC" in next(iter(sass.values()))
+    with pytest.raises(AssertionError, match=f"no {BMMA_OPCODE}"):
+        _assert_bmma_no_spills(sass)
+
+
 @pytest.mark.parametrize(
     ("bits", "act_bits", "n", "k", "bias"),
     [

@@ -110,6 +110,8 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
     assert "1" in progress and max(progress) >= "2", out
     code, out, _ = _run(["inspect", logs], capsys)
     assert code == 0 and "2 kernel workload(s)" in out
+    # 2 kernels x (default schedule + 2 trials), and the line says so
+    assert re.search(r"\b6 measured candidate\(s\) \(per kernel: its default schedule plus every trial\)", out), out
     code, out, _ = _run(["compile", spec, "--work-dir", logs, "-o", tmp_path / "t.so"], capsys)
     assert code == 0 and "2 kernel(s) scheduled from the tuning log" in out
 
