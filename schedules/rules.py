@@ -113,6 +113,17 @@ class TunableRule(ScheduleRule):
         """Transform ``sch`` in place with sampled (``sample_*``) decisions within ``variant``."""
         raise NotImplementedError
 
+    def traced_default(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The default schedule as schedule instructions on ``func``, so that its trace can be replayed.
+
+        The same as :meth:`apply` unless the rule turns the scheduled function into a new kernel
+        afterwards (the BMMA rule: the trace annotates a config, the build materializes it). The
+        tuner records this trace for the default, next to the search's candidates.
+        """
+        sch = s_tir.Schedule(func, debug_mask=0)
+        self.schedule(sch)
+        return sch
+
     def design_spaces(self, sch: s_tir.Schedule) -> list[s_tir.Schedule]:
         """One copy of ``sch`` per variant, each with the template applied (MetaSchedule custom rule)."""
         func = sch.mod["main"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import tvm_ffi
 
 import pbtvm
 from pbtvm import bitplane as bp
@@ -248,3 +249,14 @@ def test_mma_layout_is_refused_on_cpu():
     model = MLP((32, 8)).eval()
     with pytest.raises(ValueError, match="mma16x256.*CUDA"):
         pbtvm.compile(model, (torch.randn(2, 32),), target="llvm", bits=4, layout=MMA)
+
+
+def test_recorded_default_replays_to_the_bmma_kernel():
+    """The tuner records the default's trace (a config annotation); replayed, it becomes the kernel."""
+    func = kernels.dense_func(bp.BitplaneFormat(4, 8, layout=MMA), 64, 512)
+    rule = tuning.tunable_rule(func, SM90)
+    traced = rule.traced_default(tuning.workload(func, 1))
+    assert cuda_bmma.CONFIG_ANNOTATION in traced.mod["main"].script()
+    kernel = tuning.replay(func, traced.trace)
+    assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script() and "mma" in kernel.script()
+    assert tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
