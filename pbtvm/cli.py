@@ -156,7 +156,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """``pbtvm tune``."""
+    """``pbtvm tune``: measure schedules of the model's tunable kernels, write the tuning log.
+
+    Prints one progress line per kernel after every round of measurements (candidates measured
+    / total, best time so far, estimated time left), then a table.
+    """
     import pbtvm
     from pbtvm.schedules import tuning
 
@@ -165,7 +169,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     runner = tuning.rpc_runner(args.rpc, args.key) if args.rpc else None
     model, example, options = _model_and_options(args)
     report = pbtvm.tune(
-        model, example, **options, work_dir=args.work_dir, trials=args.trials, batch=args.batch, runner=runner
+        model,
+        example,
+        **options,
+        work_dir=args.work_dir,
+        trials=args.trials,
+        batch=args.batch,
+        runner=runner,
+        progress=lambda line: print(line, flush=True),
     )
     print(report.table() if report.kernels else f"every kernel is already in the log {report.log}")
     return 0
@@ -332,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search PB kernel schedules, write the tuning log", description=_plain(cmd_tune.__doc__))
     _common(p)
     p.add_argument("--work-dir", required=True, help="tuning log directory")
-    p.add_argument("--trials", type=int, default=64, help="candidates per kernel (default 64)")
+    p.add_argument(
+        "--trials", type=int, default=64, help="search trials per kernel, measured after its default schedule (default 64)"
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size to tune for (default 1)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices behind this TVM RPC tracker")
     p.add_argument("--key", help="RPC device key (with --rpc)")

@@ -1,8 +1,8 @@
 """CUDA default schedules for the PB kernels (no tuning needed, never DLight's Fallback).
 
-``pb_gemm``: a warp per output row ``n``; its lanes (32 on NVIDIA GPUs) split the K words, reading 4 consecutive
-words (16 bytes) per lane per weight plane when K allows, so every plane row is one coalesced
-512-byte sweep. Each lane loops over weight planes, its words and, unrolled, the activation
+``pb_gemm``: a warp per output row ``n``; its lanes (32 on NVIDIA GPUs) split the K words,
+reading 4 consecutive words (16 bytes) per lane per weight plane when K allows, so every plane row
+is one coalesced 512-byte sweep. Each lane loops over weight planes, its words and, unrolled, the activation
 planes; a warp-shuffle reduction combines the lanes and the epilogue runs in the same kernel.
 Batch rows go to ``blockIdx.y``; blocks of other rows re-read the weights, mostly from L2.
 

@@ -66,12 +66,19 @@ class ScheduleRule:
     ----------
     target : tvm.target.Target
         The (resolved) target the rule schedules for; :attr:`limits` comes from it.
+
+    Raises
+    ------
+    ValueError
+        If ``target`` is not of the rule's ``target_kind``.
     """
 
     kernel: names.KernelKind
     target_kind: str
 
     def __init__(self, target: tvm.target.Target) -> None:
+        if target.kind.name != self.target_kind:
+            raise ValueError(f"{type(self).__name__} schedules for {self.target_kind}, not {target.kind.name}")
         self.target = target
         self.limits: TargetLimits = TargetInfo.of(target).limits
 
@@ -106,6 +113,17 @@ class TunableRule(ScheduleRule):
     def template(self, sch: s_tir.Schedule, variant: dict) -> None:
         """Transform ``sch`` in place with sampled (``sample_*``) decisions within ``variant``."""
         raise NotImplementedError
+
+    def traced_default(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The default schedule as schedule instructions on ``func``, so that its trace can be replayed.
+
+        The same as :meth:`apply` unless the rule turns the scheduled function into a new kernel
+        afterwards (the BMMA rule: the trace annotates a config, the build materializes it). The
+        tuner records this trace for the default, next to the search's candidates.
+        """
+        sch = s_tir.Schedule(func, debug_mask=0)
+        self.schedule(sch)
+        return sch
 
     def design_spaces(self, sch: s_tir.Schedule) -> list[s_tir.Schedule]:
         """One copy of ``sch`` per variant, each with the template applied (MetaSchedule custom rule)."""
@@ -198,7 +216,7 @@ def rule_for(func: tir.PrimFunc, target: tvm.target.Target) -> ScheduleRule:
     for rule in rules_for(target):
         if rule.matches(func):
             return rule
-    raise ValueError(f"no schedule rule for PB kernel {names.kernel_kind(func)!r} on {target.kind.name}")
+    raise ValueError(f"no schedule rule for PB kernel '{names.kernel_kind(func)}' on {target.kind.name}")
 
 
 def apply_default_schedule(func: tir.PrimFunc, target: tvm.target.Target) -> tir.PrimFunc:

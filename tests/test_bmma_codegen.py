@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import tvm_ffi
 
 import pbtvm
 from pbtvm import bitplane as bp
@@ -116,6 +117,15 @@ def _assert_bmma_no_spills(kernels_sass: dict[str, str], expect: int = 1) -> Non
         assert BMMA_OPCODE in sass, f"{name}: no {BMMA_OPCODE}"
         assert "BMMA.168256.XOR" not in sass  # .xor.popc is emulated on sm_90
         assert local_memory_ops(sass) == 0, f"{name}: LDL/STL (register spills)"
+
+
+def test_bmma_check_fails_on_a_kernel_without_tensor_cores():
+    """The SASS check is not vacuous: the popcount kernel (kNW layout) has no BMMA and fails it."""
+    func = apply_default_schedule(kernels.dense_func(bp.BitplaneFormat(4, 8), 64, 512), SM90)
+    sass = _sass(func)
+    assert "POPC" in next(iter(sass.values()))
+    with pytest.raises(AssertionError, match=f"no {BMMA_OPCODE}"):
+        _assert_bmma_no_spills(sass)
 
 
 @pytest.mark.parametrize(
@@ -239,3 +249,14 @@ def test_mma_layout_is_refused_on_cpu():
     model = MLP((32, 8)).eval()
     with pytest.raises(ValueError, match="mma16x256.*CUDA"):
         pbtvm.compile(model, (torch.randn(2, 32),), target="llvm", bits=4, layout=MMA)
+
+
+def test_recorded_default_replays_to_the_bmma_kernel():
+    """The tuner records the default's trace (a config annotation); replayed, it becomes the kernel."""
+    func = kernels.dense_func(bp.BitplaneFormat(4, 8, layout=MMA), 64, 512)
+    rule = tuning.tunable_rule(func, SM90)
+    traced = rule.traced_default(tuning.workload(func, 1))
+    assert cuda_bmma.CONFIG_ANNOTATION in traced.mod["main"].script()
+    kernel = tuning.replay(func, traced.trace)
+    assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script() and "mma" in kernel.script()
+    assert tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])

@@ -105,8 +105,13 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
     logs = tmp_path / "logs"
     code, out, _ = _run(["tune", spec, "--work-dir", logs, "--trials", 2], capsys)
     assert code == 0 and "pb_gemm_w4a8" in out and "tuning time" in out
+    # progress: one line per update, per kernel measured / total (default + 2 trials), best, time left
+    progress = re.findall(r"^\[pbtvm tune\] [12]/2 pb_gemm_\S+: (\d)/3 candidates measured.*best.* left$", out, re.M)
+    assert "1" in progress and max(progress) >= "2", out
     code, out, _ = _run(["inspect", logs], capsys)
     assert code == 0 and "2 kernel workload(s)" in out
+    # 2 kernels x (default schedule + 2 trials), and the line says so
+    assert re.search(r"\b6 measured candidate\(s\) \(per kernel: its default schedule plus every trial\)", out), out
     code, out, _ = _run(["compile", spec, "--work-dir", logs, "-o", tmp_path / "t.so"], capsys)
     assert code == 0 and "2 kernel(s) scheduled from the tuning log" in out
 

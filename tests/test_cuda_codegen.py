@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 import pbtvm
 from pbtvm import bitplane as bp
-from pbtvm import kernels, library
+from pbtvm import kernels, library, names
 from pbtvm.cuda import find_nvcc
 from pbtvm.target import resolve_target
 from pbtvm.tools import cuobjdump, find_cuda_tool
@@ -39,21 +41,62 @@ def test_cuda_kernels_build_with_the_pip_toolkit_alone(monkeypatch, tmp_path):
     assert "sm_90" in cuobjdump(["--list-elf"], binary, str(tmp_path))
 
 
+def warp_reduced_blocks(src: str, warp: int = 32) -> set[str]:
+    """Blocks whose per-thread partial a full warp-shuffle tree reduces in the CUDA source ``src``.
+
+    TVM's cross-thread reduction copies a block's in-thread partial (``in_thread_<block>``) into a
+    reduction buffer ``red_bufN`` and combines the lanes with ``__shfl_down_sync`` at offsets
+    warp/2, ..., 2, 1 (width ``warp``); a block is in the result only if all of them are there.
+    """
+    want = {warp >> s for s in range(1, warp.bit_length())}
+    out = set()
+    for buf, partial in re.findall(r"\b(red_buf\w+)\[0\] = (in_thread_\w+)\[0\];", src):
+        offsets = re.findall(rf"__shfl_down_sync\(\w+\[0\], {buf}\[0\], (\d+), {warp}\)", src)
+        if want <= {int(o) for o in offsets}:
+            out.add(re.sub(r"(_local|_shared)?(_ptr)?(_\d+)?$", "", partial.removeprefix("in_thread_")))
+    return out
+
+
+def _cuda_source(func) -> str:  # noqa: ANN001
+    ex = kernels.build(func, resolve_target(SM90))
+    (dev,) = ex.mod.imports
+    assert dev.kind == "cuda"
+    return str(dev.inspect_source("cuda")) or str(dev.inspect_source())
+
+
 @pytest.mark.parametrize("layout", ["kNW", "NkW"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
 def test_pb_kernels_generate_warp_reduction_code(bits, layout):
-    target = resolve_target(SM90)
-    fmt = bp.BitplaneFormat(bits, 8, layout=layout)
-    for func in (kernels.dense_func(fmt, 33, 100), kernels.dense_func(fmt, 64, 4096), kernels.act_pack_func(fmt, 100)):
-        from pbtvm.schedules import apply_default_schedule
+    """Every PB kernel reduces its popcount partials (and the pack its row max / code sum) across a warp.
 
-        scheduled = apply_default_schedule(func, target)
-        assert scheduled.attrs["tirx.is_scheduled"]
-        ex = kernels.build(func, target)
-        (dev,) = ex.mod.imports
-        assert dev.kind == "cuda"
-    src = str(dev.inspect_source("cuda")) or str(dev.inspect_source())
-    assert "__global__" in src
+    The lanes of a warp split the K words of an output row; without the shuffle tree each lane
+    would hold only part of the product.
+    """
+    fmt = bp.BitplaneFormat(bits, 8, layout=layout)
+    gemm, pack = {names.GEMM}, {names.AMAX, names.ROWSUM}
+    cases = [
+        (kernels.dense_func(fmt, 33, 100), gemm),
+        (kernels.dense_func(fmt, 64, 4096), gemm),
+        (kernels.act_pack_func(fmt, 100), pack),
+        (kernels.dense_act_func(fmt, 40, 650), gemm | pack),
+    ]
+    if layout == "kNW":
+        legs = gemm | pack | {names.block(b, names.INPUT_TAG) for b in gemm | pack}
+        cases += [(kernels.lstm_cell_func(fmt, 64), gemm | pack), (kernels.lstm_cell_input_func(fmt, 40, 64), legs)]
+    for func, reduced in cases:
+        src = _cuda_source(func)
+        assert reduced <= warp_reduced_blocks(src), (func.attrs[names.ATTR_KERNEL], warp_reduced_blocks(src))
+
+
+def test_warp_reduction_check_fails_without_a_shuffle_tree():
+    """The check above is not vacuous: the ballot pack reduces through shared memory, no shuffles."""
+    fmt = bp.BitplaneFormat(4, 8, layout="mma16x256")
+    src = _cuda_source(kernels.act_pack_func(fmt, 300))
+    assert "__ballot_sync" in src
+    assert warp_reduced_blocks(src) == set()
+    assert warp_reduced_blocks(src.replace("__shfl_down_sync", "__shfl_up_sync")) == set()
+    tree = _cuda_source(kernels.dense_func(bp.BitplaneFormat(4, 8), 64, 4096))
+    assert warp_reduced_blocks(tree.replace(", 16, 32)", ", 0, 32)")) == set()  # one level missing
 
 
 def test_gemm_uses_popcount_and_shuffle_reduction():

@@ -8,6 +8,7 @@ template is checked by building sampled candidates with nvcc (running them needs
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import pbtvm
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
-from pbtvm._tvm import tir, tvm
+from pbtvm._tvm import te, tir, tvm
 from pbtvm.cuda import build as cuda_build
 from pbtvm.schedules import tuning, verify
 from pbtvm.target import resolve_target
@@ -99,6 +100,7 @@ def _mlp():  # noqa: ANN202
     return MLP((64, 48, 10)).eval(), (torch.randn(2, 64),)
 
 
+@pytest.mark.slow
 def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     # The MetaSchedule path: the popcount template (an AVX-512 host would use its fixed kernel,
     # whose knob search tests/test_cpu_vnni.py covers).
@@ -108,9 +110,14 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
     assert len(report.kernels) == 2
     for k in report.kernels:
-        assert k.trials >= 4 and k.built >= 1 and k.build_failed == 0, k.first_error
+        assert k.trials >= 1 + 4 and k.built >= 1 and k.build_failed == 0, k.first_error  # default + search
         assert k.default_us and k.best_us and k.best_us <= k.default_us + 1e-9  # the default is in the log
-    assert any("trials" in line for line in lines)
+    # One line per update: kernel i/2, candidates measured / (default + 4 trials), best so far, time left.
+    updates = [re.match(r"\[pbtvm tune\] ([12])/2 (\S+): (\d+)/5 candidates measured, best ([0-9.]+) us", ln) for ln in lines]
+    updates = [m for m in updates if m]
+    assert {m[1] for m in updates} == {"1", "2"} and all(ln.endswith(" left") for ln in lines if "measured" in ln)
+    assert {m[2] for m in updates} == {k.name for k in report.kernels}
+    assert min(int(m[3]) for m in updates) == 1 and max(int(m[3]) for m in updates) >= 5
     (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (log / "database_tuning_record.json").read_text().count("\n") >= 8
 
@@ -146,6 +153,21 @@ def test_tuned_schedule_check_runs_on_a_local_device_only(rng):
     assert verify.agrees_with_default(func, tuning.replay(func, sch.trace), CPU) is True
     if verify.local_device(SM90) is None:
         assert verify.agrees_with_default(func, func, SM90) is None
+
+
+def test_tuned_schedule_check_compares_every_output():
+    """A tuned pack whose scales are wrong but whose code sums (the last output) are right is refused."""
+    from pbtvm.ops import act_quantize_pack
+
+    fmt = bp.BitplaneFormat(4, 8)
+    func = kernels.act_pack_func(fmt, 96)
+    assert [func.params[i].name for i in verify.output_params(func)] == ["pb_xpack", "pb_xscale", "pb_rowsum"]
+    x = te.placeholder((tir.Var("batch", "int64"), 96), "float32", "x")
+    xp, xs, rs = act_quantize_pack(x, fmt)
+    wrong_scale = te.compute(xs.shape, lambda b: xs[b] * 2.0, name="pb_xscale_doubled")
+    tampered = te.create_prim_func([x, xp, wrong_scale, rs]).with_attrs(dict(func.attrs))
+    assert verify.agrees_with_default(func, tampered, CPU) is False
+    assert verify.agrees_with_default(func, te.create_prim_func([x, xp, xs, rs]).with_attrs(dict(func.attrs)), CPU)
 
 
 def _fake_log(path, target):  # noqa: ANN001, ANN202

@@ -5,7 +5,8 @@ One concern a module:
 ========================  ==========================================================================
 :mod:`.space`             which kernels are tunable (from the rules), their design spaces registered
                           as MetaSchedule custom rules, workloads and names
-:mod:`.log`               the tuning log (MetaSchedule JSON database + metadata, lock, row checks)
+:mod:`.log`               the tuning log (MetaSchedule JSON database + metadata, lock, knob log)
+:mod:`.rows`              what a valid database row is (checked before MetaSchedule reads it)
 :mod:`.measure`           builders and runners (local or RPC), measuring one candidate
 :mod:`.report`            per-kernel reports and progress lines
 :mod:`.search`            :func:`tune_kernels`: measure defaults and knobs, run the search

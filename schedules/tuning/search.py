@@ -119,7 +119,7 @@ def tune_kernels(
                 log.write_knobs(knobs)
         tasks = []
         for rule, func, mod, rep in searches:
-            sch = rule.apply(mod["main"])
+            sch = rule.traced_default(mod["main"])  # measured as the search's candidates are
             secs, stage, err = measure(sch.mod, target, builder, runner)
             rep.default_us = rep.record(secs, stage, err)
             prog.update(rep)
