@@ -204,3 +204,26 @@ def test_no_converted_layer_warns():
     assert any("no dense layer" in str(w.message) for w in caught)
     x = torch.randn(4, 3)
     np.testing.assert_allclose(cm(x).numpy(), (torch.relu(x) * 2).numpy())
+
+
+def test_call_path_unaligned_strided_and_changing_inputs():
+    """Slices (unaligned), strided views, numpy and changing batch sizes all give the aligned result;
+    validation still runs whenever the input's kind, dtype or shape changes."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5)).eval()
+    x = torch.randn(9, 40)
+    m = pbtvm.compile(model, (x[:2],), target="llvm", bits=8)
+    assert x[1:4].data_ptr() % 64 and x[5:7].data_ptr() % 64  # rows of 160 bytes: unaligned views
+    for rows in (slice(1, 4), slice(2, 3), slice(0, 9), slice(5, 7)):
+        want = m(x[rows].clone())
+        torch.testing.assert_close(m(x[rows]), want, rtol=0, atol=0)
+        torch.testing.assert_close(m(x.t().contiguous().t()[rows]), want, rtol=0, atol=0)  # strided
+        np.testing.assert_array_equal(m(x[rows].numpy()), want.numpy())
+    first = m(x[1:4])
+    m(x[0:9])
+    torch.testing.assert_close(m(x[1:4]), first, rtol=0, atol=0)  # the cached staging tensor is refilled
+    with pytest.raises(ValueError, match="expects"):
+        m(x[:, :39])
+    with pytest.raises(TypeError, match="dtype"):
+        m(x[1:4].double())
+    torch.testing.assert_close(m(x[1:4]), first, rtol=0, atol=0)

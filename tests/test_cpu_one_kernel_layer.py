@@ -1,0 +1,120 @@
+"""One kernel per dense layer on AVX-512 CPUs: quantize + GEMM fused, equal to pack + GEMM bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
+from pbtvm.names import KernelKind, kernel_kind
+from pbtvm.ops.pb_vnni import SERIAL_WEIGHT_BITS, target_supports
+from pbtvm.schedules import rule_for
+from pbtvm.schedules.cpu_vnni import CPUVnniDenseAct, single_row_tile_for, vnni_kernel_for
+from pbtvm.target import resolve_target
+
+CPU = resolve_target("llvm")
+needs_vnni = pytest.mark.skipif(not target_supports(CPU), reason="host CPU lacks AVX-512 BW/VNNI")
+
+
+def _t(a: np.ndarray):  # noqa: ANN202
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+def _rows(rng, b: int, k: int) -> np.ndarray:
+    """Float rows with rounding ties (x * qmax / amax = m + 0.5), zeros, NaN and +-inf rows."""
+    x = (rng.standard_normal((b, k)) * 3).astype(np.float32)
+    x[0, : min(k, 6)] = [127.0, -0.5, 0.5, 1.5, 0.0, -126.5][: min(k, 6)]  # amax 127: codes tie at .5
+    if b > 2:
+        x[1, k // 2] = np.nan
+        x[2, 0] = -np.inf
+    if b > 3:
+        x[3] = 0.0
+    return x
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "codebook", "n", "k", "b", "bias"),
+    [
+        (4, 8, None, 37, 100, 5, True),  # K tail within a 64-chunk, batch tile + rest
+        (1, 8, None, 16, 64, 1, False),  # bipolar, batch 1 nest
+        (2, 4, None, 65, 33, 2, True),
+        (3, 8, "offset_binary", 24, 200, 4, True),  # zero points
+        (8, 8, None, 10, 784, 3, True),
+        (4, 8, "offset_binary", 96, 1024, 1, False),  # parallel tiles, full chunks only
+    ],
+)
+def test_fused_layer_equals_pack_then_gemm(bits, act_bits, codebook, n, k, b, bias, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook)
+    q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(s)] + ([_t(rng.standard_normal(n).astype(np.float32))] if bias else [])
+    x = _rows(rng, b, k)
+    func = kernels.dense_act_func(fmt, n, k, bias)
+    assert isinstance(rule_for(func, CPU), CPUVnniDenseAct)
+    fused = kernels.build(func, CPU)
+    pack, dense = kernels.build(kernels.act_pack_func(fmt, k), CPU), kernels.build(kernels.dense_func(fmt, n, k, bias), CPU)
+    xp = _t(np.zeros((act_bits, b, fmt.words(k)), np.uint32))
+    xs, rs = _t(np.zeros(b, np.float32)), _t(np.zeros(b, fmt.accumulator_dtype(k)))
+    pack(_t(x), xp, xs, rs)
+    for layers in range(1, bits + 1):
+        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
+        fused(_t(x), *weights, layers, got)
+        dense(xp, xs, rs, *weights, layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
+    if b > 2:  # non-finite rows propagate as in torch
+        assert np.isnan(got.numpy()[1]).all() and not np.isfinite(got.numpy()[2]).any()
+
+
+@needs_vnni
+@pytest.mark.parametrize("single", [2, 4, 16])
+def test_batch_one_nest_any_row_tile(single, rng):
+    """The batch-1 loop nest (its own row tile) equals the general nest; N not a multiple of the tile."""
+    fmt = bp.BitplaneFormat(4, 8)
+    n, k = 45, 300
+    q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(np.ones(n, np.float32))]
+    func = kernels.dense_act_func(fmt, n, k, True)
+    one = kernels.build(vnni_kernel_for(func, single_row_tile=single), CPU, schedule=False)
+    x = _rows(rng, 3, k)
+    full = _t(np.zeros((3, n), np.float32))
+    one(_t(x), *weights, 4, full)
+    for row in range(3):
+        got = _t(np.zeros((1, n), np.float32))
+        one(_t(x[row : row + 1]), *weights, 4, got)
+        np.testing.assert_array_equal(got.numpy()[0], full.numpy()[row])
+
+
+def test_single_row_tile_fits_l1_and_l2():
+    fmt = bp.BitplaneFormat(4, 8)
+    assert single_row_tile_for(fmt, 512, 784) == 16  # small layer: many rows side by side
+    assert single_row_tile_for(fmt, 4096, 4096) == 4  # streamed weights, 8 KiB staged
+    assert single_row_tile_for(bp.BitplaneFormat(1, 8), 4096, 4096) == 8
+    assert 10 * 512 * 4 < SERIAL_WEIGHT_BITS < 512 * 784 * 4  # a head runs serially, hidden layers in parallel
+
+
+@needs_vnni
+def test_compile_emits_one_kernel_per_layer(monkeypatch):
+    """On an AVX-512 CPU every dense layer is one pb_dense_act call; PBTVM_CPU_KERNEL=popcount keeps pack + GEMM."""
+    from pbtvm import compiler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10)).eval()
+    x = torch.randn(3, 64)
+    fmt = bp.BitplaneFormat(4, 8)
+    mod, *_ = compiler._rewrite(model, (x,), fmt, CPU, True)
+    kinds = sorted(str(kernel_kind(f)) for _, f in mod.functions_items() if kernel_kind(f) is not None)
+    assert kinds == [KernelKind.DENSE_ACT] * 2
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    mod, *_ = compiler._rewrite(model, (x,), fmt, CPU, True)
+    kinds = sorted(str(kernel_kind(f)) for _, f in mod.functions_items() if kernel_kind(f) is not None)
+    assert kinds == sorted([KernelKind.ACT_PACK] * 2 + [KernelKind.GEMM] * 2)
+    two_kernels = pbtvm.compile(model, (x,), target="llvm", bits=4)
+    monkeypatch.delenv("PBTVM_CPU_KERNEL")
+    one_kernel = pbtvm.compile(model, (x,), target="llvm", bits=4)
+    for rows in (x[:1], x):  # the batch-1 nest and the general one
+        torch.testing.assert_close(one_kernel(rows), two_kernels(rows), rtol=0, atol=0)
