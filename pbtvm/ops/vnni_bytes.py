@@ -1,0 +1,105 @@
+"""Byte lanes of the AVX-512 PB kernel: 64-bit plane words as lane masks, int8 activation codes.
+
+:func:`act_bytes` rebuilds a row's int8 codes from its packed activation planes;
+:func:`quantize_row` makes them from the float row directly (the one-kernel layer). Both give
+the codes of :func:`pbtvm.ops.act_quantize_pack`, zero past K.
+"""
+
+from __future__ import annotations
+
+from .._tvm import tir
+from ..bitplane import BitplaneFormat
+
+__all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_row"]
+
+#: Inputs per chunk: one zmm register of bytes, two packed words.
+CHUNK = 64
+
+
+def qword(buf: tir.Buffer, index, chunk, full: bool, flat: bool = False) -> tir.PrimExpr:  # noqa: ANN001
+    """Words ``2 chunk, 2 chunk + 1`` of ``buf[index]`` as one uint64 (the tail has one word).
+
+    ``flat``: ``buf`` is 1-D and ``index`` is ``(offset,)`` of the row's first word.
+    """
+    if flat:
+        (base,) = index
+        if full:
+            return tir.reinterpret("uint64", buf[tir.Ramp(base + chunk * 2, 1, 2)])
+        return buf[base + chunk * 2].astype("uint64")
+    if full:
+        return tir.reinterpret("uint64", buf[(*index, tir.Ramp(chunk * 2, 1, 2))])
+    return buf[(*index, chunk * 2)].astype("uint64")
+
+
+def lane_mask(word: tir.PrimExpr) -> tir.PrimExpr:
+    """The 64 bits of ``word`` as a ``boolx64`` lane mask (bit ``t`` -> lane ``t``): one ``kmovq``."""
+    return tir.Cast("boolx64", tir.reinterpret("uint1x64", word))
+
+
+def masked_sum(terms: list[tuple[tir.PrimExpr, int, int]], dtype: str) -> tir.PrimExpr:
+    """``sum_t select(mask_t, on_t, off_t)`` over 64 byte lanes (wrapping byte arithmetic)."""
+    total = None
+    for mask, on, off in terms:
+        term = tir.Select(mask, tir.Broadcast(tir.const(on, dtype), CHUNK), tir.Broadcast(tir.const(off, dtype), CHUNK))
+        total = term if total is None else total + term
+    return total
+
+
+def act_bytes(fmt: BitplaneFormat, xp: tir.Buffer, row, chunk, full: bool) -> tir.PrimExpr:  # noqa: ANN001
+    """int8x64 activation codes of one row's chunk, from its ``act_bits`` planes."""
+    coef = fmt.act_plane_coefficients
+    return masked_sum([(lane_mask(qword(xp, (j, row), chunk, full)), coef[j], 0) for j in range(fmt.act_bits)], "int8")
+
+
+def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_scale, chunks: int) -> None:  # noqa: ANN001, N803
+    """Row ``r`` of ``x`` -> its scale and int8 codes (zero past K): :func:`act_quantize_pack`'s maths.
+
+    The row max treats NaN as +inf and +-inf as the largest float, the scale is NaN / inf for
+    such rows and the codes are ``clip(floor(x * qmax / amax + 0.5), -qmax, qmax)``, written the
+    same way as the TE pack so that both give the same codes (tests compare them bit for bit).
+    """
+    lanes = 16
+    qmax = tir.const(float(fmt.act_qmax), "float32")
+    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
+
+    def magnitude(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
+        def bc(c: tir.PrimExpr) -> tir.PrimExpr:
+            return c if n == 1 else tir.Broadcast(c, n)
+
+        return tir.Select(tir.isnan(v), bc(inf), tir.min(tir.abs(v), bc(big)))
+
+    peak = T.alloc_buffer((lanes,), "float32", scope="local")
+    T.buffer_store(peak, tir.Broadcast(tir.const(0, "float32"), lanes), [tir.Ramp(0, 1, lanes)])
+    if k_dim >= lanes:
+        with T.serial(0, k_dim // lanes) as v:
+            at = tir.Ramp(0, 1, lanes)
+            T.buffer_store(peak, tir.max(peak[at], magnitude(x[r, tir.Ramp(v * lanes, 1, lanes)], lanes)), [at])
+    for k in range(k_dim - k_dim % lanes, k_dim):
+        T.buffer_store(peak, tir.max(peak[0], magnitude(x[r, k], 1)), [0])
+    amax = T.alloc_buffer((1,), "float32", scope="local")
+    T.buffer_store(amax, peak[0], [0])
+    for lane in range(1, lanes):
+        T.buffer_store(amax, tir.max(amax[0], peak[lane]), [0])
+    a = amax[0]
+    T.buffer_store(x_scale, tir.Select(a == inf, tir.const(float("nan"), "float32"), tir.Select(a == big, inf, a / qmax)), [r])
+    inv = T.alloc_buffer((1,), "float32", scope="local")
+    T.buffer_store(inv, tir.if_then_else(a > tir.const(0, "float32"), qmax / a, tir.const(0, "float32")), [0])
+
+    def code(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
+        def bc(c: tir.PrimExpr) -> tir.PrimExpr:
+            return c if n == 1 else tir.Broadcast(c, n)
+
+        q = tir.floor(v * bc(inv[0]) + bc(tir.const(0.5, "float32")))
+        return tir.max(tir.min(q, bc(qmax)), bc(-qmax)).astype("int32x64" if n == CHUNK else "int32").astype(
+            "int8x64" if n == CHUNK else "int8"
+        )
+
+    full = k_dim // CHUNK
+    if full:
+        with T.serial(0, full) as c:
+            T.buffer_store(codes, code(x[r, tir.Ramp(c * CHUNK, 1, CHUNK)], CHUNK), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
+    for c in range(full, chunks):  # the last, partial chunk (and zero padding)
+        with T.serial(0, CHUNK) as j:
+            k = c * CHUNK + j
+            value = tir.if_then_else(k < k_dim, code(x[r, tir.min(k, k_dim - 1)], 1), tir.const(0, "int8"))
+            T.buffer_store(codes, value, [r, k])
