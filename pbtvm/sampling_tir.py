@@ -35,7 +35,7 @@ def _philox_uniform(ph, ctrl, step, r, out, at):  # noqa: ANN001
     out[at] = (
         T.Cast("float64", T.shift_right(ph[0], T.uint32(5))) * T.float64(67108864.0)
         + T.Cast("float64", T.shift_right(ph[1], T.uint32(6)))
-    ) * T.float64(1.0 / 9007199254740992.0)
+    ) / T.float64(9007199254740992.0)  # 2**53; TVM's CUDA codegen prints 2**-53 as 0.000
 
 
 def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
