@@ -147,9 +147,13 @@ def _as_sampling(sampling: Any) -> Sampling:
     raise TypeError(f"sampling must be None, 'greedy' or a pbtvm.generate.Sampling, got {sampling!r}")
 
 
-def _check_request(dec: Any, prompt: Any, max_new_tokens: int, eos_token: int | None) -> np.ndarray:
+def _check_request(
+    dec: Any, prompt: Any, max_new_tokens: int, eos_token: int | None, need_chunk: bool = True
+) -> np.ndarray:
     """The prompt as int64 [batch, P] on the host, after every argument check."""
-    if not dec.generate_chunk:
+    if dec.vocab is None:
+        raise ValueError("generate() needs a decoder with an embedding (token ids in)")
+    if need_chunk and not dec.generate_chunk:
         raise ValueError("this decoder was compiled without generate(): compile_decoder(..., generate_chunk=16)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -278,7 +282,7 @@ def generate_stepwise(
     """The definition of :func:`generate`: the decoder called token by token from Python, each
     token chosen by :func:`pbtvm.sampling.pick_reference` (numpy). Same arguments and results."""
     sampling = _as_sampling(sampling)
-    ids = _check_request(dec, prompt, max_new_tokens, eos_token) if dec.generate_chunk else np.asarray(prompt)
+    ids = _check_request(dec, prompt, max_new_tokens, eos_token, need_chunk=False)
     batch, length = ids.shape
     eos = -1 if eos_token is None else int(eos_token)
     token, state, done = ids[:, 0], None, np.zeros(batch, np.int64)
