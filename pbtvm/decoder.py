@@ -159,8 +159,8 @@ class StepParts:
         self.converted: list[dict] = []
         self.cache: dict = {}
 
-    def emit_token(self, bb: Any, x: Any, hs: list, cs: list, n_bits: Any) -> tuple:
-        """Embedding (if any), every layer, head (if any); returns ``(out, [h'], [c'])``."""
+    def emit_token(self, bb: Any, x: Any, hs: list, cs: list, n_bits: Any, head: bool = True) -> tuple:
+        """Embedding (if any), every layer, head (if any and ``head``); returns ``(out, [h'], [c'])``."""
         from ._tvm import relax
 
         if self.embedding is not None:
@@ -172,7 +172,7 @@ class StepParts:
             x, c_new = _emit_layer(bb, self, layer, x, hs[layer], cs[layer], n_bits)
             outs_h.append(x)
             outs_c.append(c_new)
-        if self.head is not None:
+        if self.head is not None and head:
             x = _emit_head(bb, self, x, n_bits)
         return x, outs_h, outs_c
 

@@ -2,7 +2,8 @@
 
 :func:`pbtvm.decoder.compile_decoder` adds two Relax functions to the decoder's module,
 ``generate_chunk`` and ``generate_chunk_logits`` (the same, also returning every step's logits).
-One call runs ``N = generate_chunk`` token steps unrolled::
+One call runs ``N = generate_chunk`` token steps unrolled (and ``prefill_chunk`` runs N prompt
+tokens through the layers only, no head, no pick)::
 
     repack in:  token, forced [N, B], done, ctrl, temperature, h, c  ->  planned buffers
     step j:     embedding, every layer, head (the decoder's kernels)  ->  logits [B, V]
@@ -14,9 +15,9 @@ Nothing crosses to the host between steps; on CUDA everything between the repack
 as one CUDA graph (per ``bitlayers`` value) and replayed for every chunk. The host only launches
 chunks and, with an ``eos_token``, reads ``done`` after each chunk to stop early.
 
-The prompt runs through the same chunks: step ``s`` feeds ``prompt[s + 1]`` (``forced``) while
-``s + 1 < P`` and the picked token after, so the logits of the last prompt token choose the first
-new token. The random counter of generated token ``g`` is ``g`` (independent of the chunking):
+The prompt: whole chunks of it go through ``prefill_chunk``; the rest runs in the generate chunks,
+where step ``s`` feeds ``prompt[s + 1]`` (``forced``) while ``s + 1 < P`` and the picked token
+after, so the logits of the last prompt token choose the first new token. The random counter of generated token ``g`` is ``g`` (independent of the chunking):
 generate() equals :func:`generate_stepwise`, the decoder called token by token with
 :func:`pbtvm.sampling.pick_reference`.
 """
@@ -34,6 +35,8 @@ from .sampling import pick_func, pick_reference
 #: Tokens per chunk call when :func:`pbtvm.decoder.compile_decoder` is not told.
 DEFAULT_CHUNK = 16
 CHUNK_FUNCS = {False: "generate_chunk", True: "generate_chunk_logits"}
+#: Runs N prompt tokens through the layers only (no head, no pick).
+PREFILL_FUNC = "prefill_chunk"
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,40 @@ def add_generate_functions(bb: Any, parts: Any, chunk: int) -> None:
     """
     for with_logits, name in CHUNK_FUNCS.items():
         _chunk_function(bb, parts, chunk, with_logits, name)
+    _prefill_function(bb, parts, chunk)
+
+
+def _prefill_function(bb: Any, parts: Any, chunk: int) -> None:
+    """``prefill_chunk(tokens [N, B], h, c) -> (h, c)``: N prompt steps without head or pick."""
+    from ._tvm import relax, tir
+
+    lstm, batch, kind = parts.lstm, parts.batch, parts.kind
+    layers = lstm.num_layers
+    state = (layers, batch, lstm.hidden_size)
+    n_bits = tir.Var("bitlayers", "int64")
+    params = [
+        relax.Var("tokens", relax.TensorType([chunk, batch], "int64")),
+        relax.Var("h", relax.TensorType(list(state), "float32")),
+        relax.Var("c", relax.TensorType(list(state), "float32")),
+        relax.Var("bitlayers", relax.ShapeType([n_bits])),
+    ]
+    attrs = {"num_input": len(params), "relax.rewrite_cuda_graph.capture_symbolic_vars": ["bitlayers"]}
+    groups_in = [
+        CopyGroup("int64", ((chunk, batch),), ((batch,),) * chunk),
+        CopyGroup("float32", (state, state), (state[1:],) * (2 * layers)),
+    ]
+    groups_out = [CopyGroup("float32", (state[1:],) * (2 * layers), (state, state))]
+    with bb.function(PREFILL_FUNC, params, attrs=attrs):
+        with bb.dataflow():
+            fn = bb.add_func(repack_func(groups_in, kind, f"{PREFILL_FUNC}_in"), f"{PREFILL_FUNC}_in")
+            copied = bb.emit(relax.call_tir(fn, params[:-1], repack_out_types(groups_in)))
+            hs = [bb.emit(relax.TupleGetItem(copied, chunk + i)) for i in range(layers)]
+            cs = [bb.emit(relax.TupleGetItem(copied, chunk + layers + i)) for i in range(layers)]
+            for j in range(chunk):
+                _, hs, cs = parts.emit_token(bb, bb.emit(relax.TupleGetItem(copied, j)), hs, cs, n_bits, head=False)
+            fn = bb.add_func(repack_func(groups_out, kind, f"{PREFILL_FUNC}_out"), f"{PREFILL_FUNC}_out")
+            result = bb.emit_output(relax.call_tir(fn, [*hs, *cs], repack_out_types(groups_out)))
+        bb.emit_func_output(result)
 
 
 def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: str) -> None:
@@ -231,21 +268,24 @@ def generate(
     ids = _check_request(dec, prompt, max_new_tokens, eos_token)
     model, chunk, (batch, length) = dec.model, dec.generate_chunk, ids.shape
     layers_arg = tvm.runtime.ShapeTuple([model.format.check_bitlayers(bitlayers)])
-    steps = length - 1 + int(max_new_tokens)
-    n_chunks = -(-steps // chunk)
-    forced = np.full((n_chunks * chunk, batch), -1, np.int64)
+    steps = length - 1 + int(max_new_tokens)  # step s feeds token s and yields token s + 1
+    first = (length - 1) // chunk * chunk  # steps done by prefill chunks (prompt tokens, no head)
+    n_chunks = -(-(steps - first) // chunk)
+    forced = np.full((first + n_chunks * chunk, batch), -1, np.int64)
     forced[: length - 1] = ids[:, 1:].T
     eos = -1 if eos_token is None else int(eos_token)
     with model._lock:
         model._ensure_vm()
         dev, fn = model._dev, model._vm[CHUNK_FUNCS[bool(return_logits)]]
         state = np.zeros((dec.num_layers, batch, dec.hidden_size), np.float32)
-        token, done = tvm.runtime.tensor(ids[:, 0].copy(), dev), tvm.runtime.tensor(np.zeros(batch, np.int64), dev)
         h, c = tvm.runtime.tensor(state, dev), tvm.runtime.tensor(state, dev)
+        for start in range(0, first, chunk):
+            tokens_in = tvm.runtime.tensor(np.ascontiguousarray(ids[:, start : start + chunk].T), dev)
+            h, c = model._vm[PREFILL_FUNC](tokens_in, h, c, layers_arg)
+        token, done = tvm.runtime.tensor(ids[:, first].copy(), dev), tvm.runtime.tensor(np.zeros(batch, np.int64), dev)
         temp = tvm.runtime.tensor(np.array([sampling.temperature], np.float64), dev)
         outs = []
-        for k in range(n_chunks):
-            start = k * chunk
+        for start in range(first, first + n_chunks * chunk, chunk):
             ctrl = np.array([sampling.seed, start - (length - 1), eos, sampling.top_k], np.int64)
             args = [tvm.runtime.tensor(a, dev) for a in (forced[start : start + chunk], ctrl)]
             res = fn(token, args[0], done, args[1], temp, h, c, layers_arg)
@@ -253,8 +293,9 @@ def generate(
             outs.append((res[0], res[5] if return_logits else None))
             if eos >= 0 and start + chunk >= length and done.numpy().all():
                 break
-        tokens = np.concatenate([t.numpy() for t, _ in outs])[length - 1 : steps].T
-        logits = np.concatenate([g.numpy() for _, g in outs])[length - 1 : steps] if return_logits else None
+        keep = slice(length - 1 - first, steps - first)
+        tokens = np.concatenate([t.numpy() for t, _ in outs])[keep].T
+        logits = np.concatenate([g.numpy() for _, g in outs])[keep] if return_logits else None
     n = _trim(tokens, eos_token)
     return _result(prompt, dec, tokens[:, :n], None if logits is None else logits[:n].transpose(1, 0, 2))
 

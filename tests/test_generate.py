@@ -257,7 +257,7 @@ def test_generate_survives_export_and_load(dec3, tmp_path):
 
 
 def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
-    """Between the chunk's two repacks every step (lookup, layers, head, pick) is captured."""
+    """Between a chunk's two repacks every step (lookup, layers, head, pick) is captured."""
     m = _lm(vocab=300, hidden=64, layers=2)
     dec = compile_decoder(m.lstm, SM90, 4, embedding=m.embedding, head=m.head, generate_chunk=3)
     funcs = _vm_functions(dec.model._module.as_text())
@@ -266,6 +266,8 @@ def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
         assert "vm.builtin.cuda_graph.run_or_capture" in funcs[name]
         step = ["take", "pb_lstm_step_l0", "pb_lstm_step_l0", "pb_dense_head", "pick_token"]
         assert _kernel_calls(funcs[f"{name}_cuda_graph_capture"]) == step * 3
+    assert _kernel_calls(funcs["prefill_chunk"]) == ["prefill_chunk_in", "prefill_chunk_out"]
+    assert _kernel_calls(funcs["prefill_chunk_cuda_graph_capture"]) == step[:3] * 3  # no head, no pick
     (src,) = library._cuda_sources(dec.model._module.mod)
     assert re.search(r"__launch_bounds__\(256\) pick_token_kernel", src)
     assert library.read_manifest(dec.export(tmp_path / "gen_sm90.so"))["decoder"]["generate_chunk"] == 3
