@@ -284,11 +284,17 @@ def generate(
             h, c = model._vm[PREFILL_FUNC](tokens_in, h, c, layers_arg)
         token, done = tvm.runtime.tensor(ids[:, first].copy(), dev), tvm.runtime.tensor(np.zeros(batch, np.int64), dev)
         temp = tvm.runtime.tensor(np.array([sampling.temperature], np.float64), dev)
+        starts = range(first, first + n_chunks * chunk, chunk)
+        per_chunk = [  # made before the loop: no host-to-device copy between chunk launches
+            [
+                tvm.runtime.tensor(forced[start : start + chunk], dev),
+                tvm.runtime.tensor(np.array([sampling.seed, start - (length - 1), eos, sampling.top_k]), dev),
+            ]
+            for start in starts
+        ]
         outs = []
-        for start in range(first, first + n_chunks * chunk, chunk):
-            ctrl = np.array([sampling.seed, start - (length - 1), eos, sampling.top_k], np.int64)
-            args = [tvm.runtime.tensor(a, dev) for a in (forced[start : start + chunk], ctrl)]
-            res = fn(token, args[0], done, args[1], temp, h, c, layers_arg)
+        for start, (forced_in, ctrl) in zip(starts, per_chunk, strict=True):
+            res = fn(token, forced_in, done, ctrl, temp, h, c, layers_arg)
             token, done, h, c = res[1], res[2], res[3], res[4]
             outs.append((res[0], res[5] if return_logits else None))
             if eos >= 0 and start + chunk >= length and done.numpy().all():
