@@ -4,16 +4,18 @@ Word-level LSTM LM with random weights (speed does not depend on training), gree
 ``--tokens`` new tokens from a one-token prompt, at every ``--batch``. Rows:
 
 * ``torch fp32`` / ``fp16``: eager, the token loop in Python (argmax and feedback on the device,
-  no host sync per token); on CUDA also ``+graph``: one step (model, argmax, feedback) captured as
+  no host sync per token), the model as trained (``nn.LSTM``); ``cells``: the same weights as one
+  ``nn.LSTMCell`` per layer (on the CPU ``nn.LSTM`` single steps go through a much slower path:
+  ~100 vs ~5 ms per token for 2x650 on the 2-core EPYC); on CUDA also ``+graph``: one step (model, argmax, feedback) captured as
   a CUDA graph and replayed per token, the strongest torch baseline for launch overhead.
 * ``PB Wk generate``: :meth:`pbtvm.decoder.PBDecoder.generate`, ``--chunk`` tokens per call.
 * ``PB Wk stepwise``: the same decoder called token by token from Python (argmax in torch): the
   host overhead generate() removes.
 
-On the CPU (``--target llvm``) it also prints, per W-k and batch, the kernels' own time per token:
-every kernel call of one chunk is captured (VM instrument) and timed alone with TVM's
-``time_evaluator`` on its real arguments (a C++ loop, no host work), summed, divided by the
-chunk; generate()'s wall time per token must stay within 10 % of it. And the prompt path:
+On the CPU (``--target llvm``) it also prints, per W-k and batch, the kernels' own time per token
+(:func:`kernel_times_per_chunk`: each kernel call alone, and the same calls timed in sequence
+inside real chunk calls); generate()'s wall time per token must stay within 10 % of them (the
+host overhead left). And the prompt path:
 ``generate(prompt of --prompt tokens, 1 new)`` per prompt token vs ``PBWordLM`` (projection
 GEMM over all steps + a fused step call per layer and step).
 
@@ -74,6 +76,28 @@ def add(name: str, batch: int, seconds: float, tokens: int, note: str = "") -> N
     )
 
 
+class CellLM(torch.nn.Module):
+    """The word LM with one ``nn.LSTMCell`` per layer (same weights): ``(tok [1, B], (h, c)) -> logits``."""
+
+    def __init__(self, m) -> None:  # noqa: ANN001
+        super().__init__()
+        self.embedding, self.head = m.embedding, m.head
+        self.cells = torch.nn.ModuleList()
+        for k in range(m.lstm.num_layers):
+            cell = torch.nn.LSTMCell(m.lstm.input_size if k == 0 else m.lstm.hidden_size, m.lstm.hidden_size)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).data = getattr(m.lstm, f"{name}_l{k}").data
+            self.cells.append(cell)
+
+    def forward(self, tok, state):  # noqa: ANN001, ANN201, D102
+        x, hs, cs = self.embedding(tok[0]), [], []
+        for k, cell in enumerate(self.cells):
+            x, c = cell(x, (state[0][k], state[1][k]))
+            hs.append(x)
+            cs.append(c)
+        return self.head(x)[None], (torch.stack(hs), torch.stack(cs))
+
+
 def torch_loop(m, batch: int, graph: bool):  # noqa: ANN001, ANN202
     """Greedy decoding in torch: the chosen token stays on the device and is fed back."""
     dtype = next(m.parameters()).dtype
@@ -112,31 +136,56 @@ def stepwise(dec, batch: int):  # noqa: ANN001, ANN202
     return run
 
 
-def kernel_time_per_chunk(dec, batch: int) -> float:  # noqa: ANN001
-    """Seconds: every kernel call of one generate_chunk call, each timed alone on its real arguments."""
+def kernel_times_per_chunk(dec, batch: int) -> tuple[float, float]:  # noqa: ANN001
+    """Seconds of kernel work in one ``generate_chunk`` call: (each call alone, calls in sequence).
+
+    *alone*: every kernel call of the chunk is captured (VM instrument) and timed by itself on its
+    real arguments with ``time_evaluator`` (a C++ loop: warm caches, no host work), summed.
+    *in sequence*: the same calls timed where they run, in 5 real chunk calls: host clock around
+    each kernel call inside the VM's instrument hook, minus the median of the same clock around a
+    trivial builtin call (the hook's own cost); per kernel calls per chunk x median time, summed.
+    """
     from pbtvm._tvm import relax, tvm
 
     ex, cpu = dec.model._module, tvm.cpu()
     vm = relax.VirtualMachine(ex, cpu)
-    calls = []
+    calls, spans, opened = [], [], []
 
-    def instrument(func, symbol, before, ret, *call_args):  # noqa: ANN001, ANN202
+    def capture(func, symbol, before, ret, *call_args):  # noqa: ANN001, ANN202
         if before and not symbol.startswith("vm.builtin"):
             calls.append((symbol, call_args))
+        return 0
+
+    def clock(func, symbol, before, ret, *call_args):  # noqa: ANN001, ANN202
+        if before:
+            opened.append(time.perf_counter())
+        else:
+            spans.append((symbol, time.perf_counter() - opened.pop()))
         return 0
 
     state = np.zeros((args.layers, batch, args.hidden), np.float32)
     ins = [np.ones(batch, np.int64), np.full((args.chunk, batch), -1), np.zeros(batch, np.int64)]
     ins += [np.array([0, 0, -1, 0]), np.array([0.0]), state, state]
     tvm_args = [tvm.runtime.tensor(a, cpu) for a in ins] + [tvm.runtime.ShapeTuple([dec.format.bits])]
-    vm.set_instrument(instrument)
+    vm.set_instrument(capture)
     vm["generate_chunk"](*tvm_args)
     lib = ex.mod.imports[0]
-    total = 0.0
-    for symbol, call_args in calls:
-        timer = lib.time_evaluator(symbol, cpu, number=20, repeat=5)
-        total += statistics.median(timer(*call_args).results)
-    return total
+    alone = sum(
+        statistics.median(lib.time_evaluator(symbol, cpu, number=20, repeat=5)(*call_args).results)
+        for symbol, call_args in calls
+    )
+    vm.set_instrument(clock)
+    vm["generate_chunk"](*tvm_args)
+    spans.clear()
+    for _ in range(5):
+        vm["generate_chunk"](*tvm_args)
+    hook = statistics.median([t for name, t in spans if name == "vm.builtin.null_value"])
+    per_kernel: dict[str, list[float]] = {}
+    for name, t in spans:
+        if not name.startswith("vm.builtin"):
+            per_kernel.setdefault(name, []).append(t - hook)
+    # calls per chunk x median time: robust to the thread-pool wake-ups the hook's pauses cause
+    return alone, sum(len(ts) / 5 * statistics.median(ts) for ts in per_kernel.values())
 
 
 with torch.no_grad():
@@ -145,12 +194,13 @@ with torch.no_grad():
             m = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
             m.load_state_dict(model.state_dict())
             m = m.to(dev, dtype)
-            try:
-                add(name, batch, median_s(torch_loop(m, batch, False)), args.tokens)
-                if cuda:
-                    add(f"{name} +graph", batch, median_s(torch_loop(m, batch, True)), args.tokens)
-            except RuntimeError as err:  # e.g. an fp16 op missing on the CPU
-                print(f"  {name} batch {batch}: {str(err).splitlines()[0]}")
+            for label, variant in ((name, m), (f"{name} cells", CellLM(m))):
+                try:
+                    add(label, batch, median_s(torch_loop(variant, batch, False)), args.tokens)
+                    if cuda:
+                        add(f"{label} +graph", batch, median_s(torch_loop(variant, batch, True)), args.tokens)
+                except RuntimeError as err:  # e.g. an fp16 op missing on the CPU
+                    print(f"  {label} batch {batch}: {str(err).splitlines()[0]}")
 
     for bits in [int(b) for b in args.bits.split(",")]:
         for batch in [int(b) for b in args.batch.split(",")]:
@@ -167,9 +217,12 @@ with torch.no_grad():
             gen_s = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens))
             note = ""
             if not cuda:
-                kernels_us = 1e6 * kernel_time_per_chunk(dec, batch) / args.chunk
+                alone, in_seq = (1e6 * t / args.chunk for t in kernel_times_per_chunk(dec, batch))
                 gen_us = 1e6 * gen_s / args.tokens
-                note = f"(kernels alone {kernels_us:.1f} us/token: generate/kernels = {gen_us / kernels_us:.3f})"
+                note = (
+                    f"kernels/token: alone {alone:.0f} us, in sequence {in_seq:.0f} us; "
+                    f"generate / kernels = {gen_us / alone:.3f} / {gen_us / in_seq:.3f}"
+                )
             add(f"PB W{bits} generate", batch, gen_s, args.tokens, note)
             add(f"PB W{bits} stepwise", batch, median_s(stepwise(dec, batch), max(1, args.repeats // 2)), args.tokens)
             if not cuda:
@@ -185,7 +238,7 @@ with torch.no_grad():
 
 device = torch.cuda.get_device_name() if cuda else "CPU"
 print(f"\ngenerate(), greedy, {args.tokens} new tokens, {args.layers}x{args.hidden}, vocab {args.vocab}, {device}")
-print(f"{'model':<24}{'batch':>6}{'us/token':>11}{'tokens/s':>11}  vs torch fp32 (same batch)")
+print(f"{'model':<24}{'batch':>6}{'us/token':>11}{'tokens/s':>11}{'vs best torch (same batch)':>28}")
 for name, batch, us, tps, note in rows:
-    base = next((r[3] for r in rows if r[0] == "torch fp32" and r[1] == batch), tps)
-    print(f"{name:<24}{batch:>6}{us:>11.1f}{tps:>11.0f}{tps / base:>8.2f}x  {note}")
+    base = max((r[3] for r in rows if r[0].startswith("torch") and r[1] == batch), default=tps)
+    print(f"{name:<24}{batch:>6}{us:>11.1f}{tps:>11.0f}{tps / base:>27.2f}x  {note}")
