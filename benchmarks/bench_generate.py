@@ -13,9 +13,9 @@ Word-level LSTM LM with random weights (speed does not depend on training), gree
   host overhead generate() removes.
 
 On the CPU (``--target llvm``) it also prints, per W-k and batch, the kernels' own time per token
-(:func:`kernel_times_per_chunk`: each kernel call alone, and the same calls timed in sequence
-inside real chunk calls); generate()'s wall time per token must stay within 10 % of them (the
-host overhead left). And the prompt path:
+(:func:`kernel_time_per_chunk`: every kernel call of a chunk timed by itself on its real
+arguments); generate()'s wall time per token must stay within 10 % of it (the host overhead
+left). And the prompt path:
 ``generate(prompt of --prompt tokens, 1 new)`` per prompt token vs ``PBWordLM`` (projection
 GEMM over all steps + a fused step call per layer and step).
 
@@ -136,31 +136,21 @@ def stepwise(dec, batch: int):  # noqa: ANN001, ANN202
     return run
 
 
-def kernel_times_per_chunk(dec, batch: int) -> tuple[float, float]:  # noqa: ANN001
-    """Seconds of kernel work in one ``generate_chunk`` call: (each call alone, calls in sequence).
+def kernel_time_per_chunk(dec, batch: int) -> float:  # noqa: ANN001
+    """Seconds of kernel work in one ``generate_chunk`` call.
 
-    *alone*: every kernel call of the chunk is captured (VM instrument) and timed by itself on its
-    real arguments with ``time_evaluator`` (a C++ loop: warm caches, no host work), summed.
-    *in sequence*: the same calls timed where they run, in 5 real chunk calls: host clock around
-    each kernel call inside the VM's instrument hook, minus the median of the same clock around a
-    trivial builtin call (the hook's own cost); per kernel calls per chunk x median time, summed.
+    Every kernel call of one chunk is captured (VM instrument hook) with its real arguments, then
+    timed by itself with ``time_evaluator`` (a C++ loop: no host work, warm caches), summed.
     """
     from pbtvm._tvm import relax, tvm
 
     ex, cpu = dec.model._module, tvm.cpu()
     vm = relax.VirtualMachine(ex, cpu)
-    calls, spans, opened = [], [], []
+    calls = []
 
     def capture(func, symbol, before, ret, *call_args):  # noqa: ANN001, ANN202
         if before and not symbol.startswith("vm.builtin"):
             calls.append((symbol, call_args))
-        return 0
-
-    def clock(func, symbol, before, ret, *call_args):  # noqa: ANN001, ANN202
-        if before:
-            opened.append(time.perf_counter())
-        else:
-            spans.append((symbol, time.perf_counter() - opened.pop()))
         return 0
 
     state = np.zeros((args.layers, batch, args.hidden), np.float32)
@@ -170,22 +160,10 @@ def kernel_times_per_chunk(dec, batch: int) -> tuple[float, float]:  # noqa: ANN
     vm.set_instrument(capture)
     vm["generate_chunk"](*tvm_args)
     lib = ex.mod.imports[0]
-    alone = sum(
+    return sum(
         statistics.median(lib.time_evaluator(symbol, cpu, number=20, repeat=5)(*call_args).results)
         for symbol, call_args in calls
     )
-    vm.set_instrument(clock)
-    vm["generate_chunk"](*tvm_args)
-    spans.clear()
-    for _ in range(5):
-        vm["generate_chunk"](*tvm_args)
-    hook = statistics.median([t for name, t in spans if name == "vm.builtin.null_value"])
-    per_kernel: dict[str, list[float]] = {}
-    for name, t in spans:
-        if not name.startswith("vm.builtin"):
-            per_kernel.setdefault(name, []).append(t - hook)
-    # calls per chunk x median time: robust to the thread-pool wake-ups the hook's pauses cause
-    return alone, sum(len(ts) / 5 * statistics.median(ts) for ts in per_kernel.values())
 
 
 with torch.no_grad():
@@ -217,12 +195,9 @@ with torch.no_grad():
             gen_s = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens))
             note = ""
             if not cuda:
-                alone, in_seq = (1e6 * t / args.chunk for t in kernel_times_per_chunk(dec, batch))
+                kernels_us = 1e6 * kernel_time_per_chunk(dec, batch) / args.chunk
                 gen_us = 1e6 * gen_s / args.tokens
-                note = (
-                    f"kernels/token: alone {alone:.0f} us, in sequence {in_seq:.0f} us; "
-                    f"generate / kernels = {gen_us / alone:.3f} / {gen_us / in_seq:.3f}"
-                )
+                note = f"kernels alone {kernels_us:.0f} us/token; generate / kernels = {gen_us / kernels_us:.3f}"
             add(f"PB W{bits} generate", batch, gen_s, args.tokens, note)
             add(f"PB W{bits} stepwise", batch, median_s(stepwise(dec, batch), max(1, args.repeats // 2)), args.tokens)
             if not cuda:
