@@ -1,9 +1,9 @@
 """Token generation with the loop inside the compiled module: :meth:`PBDecoder.generate`.
 
-:func:`pbtvm.decoder.compile_decoder` adds two Relax functions to the decoder's module,
-``generate_chunk`` and ``generate_chunk_logits`` (the same, also returning every step's logits).
-One call runs ``N = generate_chunk`` token steps unrolled (and ``prefill_chunk`` runs N prompt
-tokens through the layers only, no head, no pick)::
+:func:`pbtvm.decoder.compile_decoder` adds three Relax functions to the decoder's module:
+``generate_chunk``, ``generate_chunk_logits`` (the same, also returning every step's logits) and
+``prefill_chunk`` (N prompt tokens through the layers only: no head, no pick). A generate call
+runs ``N = generate_chunk`` token steps unrolled::
 
     repack in:  token, forced [N, B], done, ctrl, temperature, h, c  ->  planned buffers
     step j:     embedding, every layer, head (the decoder's kernels)  ->  logits [B, V]
@@ -17,8 +17,9 @@ chunks and, with an ``eos_token``, reads ``done`` after each chunk to stop early
 
 The prompt: whole chunks of it go through ``prefill_chunk``; the rest runs in the generate chunks,
 where step ``s`` feeds ``prompt[s + 1]`` (``forced``) while ``s + 1 < P`` and the picked token
-after, so the logits of the last prompt token choose the first new token. The random counter of generated token ``g`` is ``g`` (independent of the chunking):
-generate() equals :func:`generate_stepwise`, the decoder called token by token with
+after, so the logits of the last prompt token choose the first new token. The random counter
+of generated token ``g`` is ``g`` (independent of the chunking): generate() equals
+:func:`generate_stepwise`, the decoder called token by token with
 :func:`pbtvm.sampling.pick_reference`.
 """
 

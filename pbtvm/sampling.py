@@ -19,7 +19,7 @@ Per row ``r`` of the logits ``[B, V]`` and step ``j`` of a chunk:
 float64, so one compiled kernel serves every mode. The CPU kernel sums in index order like the
 twin (equal up to the last bit of ``exp`` in float64); the CUDA kernel (one block per row) sums
 per thread segment and scans, equal to the twin unless ``u * sum`` lies within float64 rounding
-of a bucket boundary.
+of a bucket boundary. Logits may be ``-inf`` (never drawn); NaN logits give undefined tokens.
 """
 
 from __future__ import annotations
