@@ -10,6 +10,9 @@
 #   tests       every other `gpu`-marked test
 #   bmma-tune   benchmarks/tune_layers.py --layout mma16x256 on three shapes (MetaSchedule on the GPU)
 #   layers / profile / lstm   the CUDA-core PB layer benchmark, decoder profile, LSTM step benchmark
+#   generate    issue 16: tests/test_generate.py on the GPU (generate() == the stepwise decoder, greedy and
+#               seeded sampling), then benchmarks/bench_generate.py: tokens/s of generate() at W1/W2/W4/W8,
+#               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph (<= ~6 min; STEPS=generate)
 # A device call is limited to 600 s, so run further steps in another call (STEPS=bmma-tune ...).
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
@@ -67,4 +70,10 @@ if [[ $STEPS == *" profile "* ]]; then
 fi
 if [[ $STEPS == *" lstm "* ]]; then
   step bench_lstm "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --unfused --no-graph ${LSTM_ARGS:-}
+fi
+if [[ $STEPS == *" generate "* ]]; then
+  step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests/test_generate.py \
+    --junitxml="$OUT/generate_tests.xml"
+  step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
+    --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:-}
 fi

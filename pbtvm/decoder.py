@@ -62,9 +62,20 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
 
 
 def _decoder_module(
-    lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, kind: str, batch: int, quant: tuple = ("auto", "mse")
+    lstm: Any,
+    embedding: Any,
+    head: Any,
+    fmt: BitplaneFormat,
+    kind: str,
+    batch: int,
+    quant: tuple = ("auto", "mse"),
+    generate_chunk: int = 0,
 ) -> tuple:
-    """The token step as a Relax module; returns (module, input specs, converted layers, meta)."""
+    """The token step as a Relax module; returns (module, input specs, converted layers, meta).
+
+    With ``generate_chunk > 0`` the module also holds :mod:`pbtvm.generate`'s chunk functions,
+    sharing the step's weight constants and kernels.
+    """
     from ._tvm import relax, tir
 
     layers, hidden, n_in = lstm.num_layers, lstm.hidden_size, lstm.input_size
@@ -82,7 +93,7 @@ def _decoder_module(
         relax.Var("c", relax.TensorType(list(state), "float32")),
         relax.Var("bitlayers", relax.ShapeType([n_bits])),
     ]
-    converted = []
+    parts = StepParts(lstm, embedding, head, fmt, kind, batch, quant)
     attrs = {"num_input": len(params), "relax.rewrite_cuda_graph.capture_symbolic_vars": ["bitlayers"]}
     bb = relax.BlockBuilder()
     with bb.function("main", params, attrs=attrs):
@@ -90,21 +101,10 @@ def _decoder_module(
             groups = [first_group, CopyGroup("float32", (state, state), (state[1:],) * (2 * layers))]
             fn = bb.add_func(repack_func(groups, kind, "repack_in"), "repack_in")
             copied = bb.emit(relax.call_tir(fn, params[:3], repack_out_types(groups)))
-            x = bb.emit(relax.TupleGetItem(copied, 0))
-            if embedding is not None:
-                table = relax.const(_np(embedding.weight), "float32")
-                x = bb.emit(relax.op.take(table, x, axis=0, mode="clip"))
-            outs_h, outs_c = [], []
-            for layer in range(layers):
-                h_l = bb.emit(relax.TupleGetItem(copied, 1 + layer))
-                c_l = bb.emit(relax.TupleGetItem(copied, 1 + layers + layer))
-                x, c_new = _emit_layer(bb, lstm, layer, x, h_l, c_l, batch, fmt, n_bits, converted, quant)
-                outs_h.append(x)
-                outs_c.append(c_new)
-            out_shape = (batch, hidden)
-            if head is not None:
-                x = _emit_head(bb, head, x, batch, fmt, kind, n_bits, converted, quant)
-                out_shape = (batch, head.out_features)
+            hs = [bb.emit(relax.TupleGetItem(copied, 1 + i)) for i in range(layers)]
+            cs = [bb.emit(relax.TupleGetItem(copied, 1 + layers + i)) for i in range(layers)]
+            x, outs_h, outs_c = parts.emit_token(bb, bb.emit(relax.TupleGetItem(copied, 0)), hs, cs, n_bits)
+            out_shape = (batch, head.out_features if head is not None else hidden)
             groups = [
                 CopyGroup("float32", (out_shape,), (out_shape,)),
                 CopyGroup("float32", (state[1:],) * (2 * layers), (state, state)),
@@ -112,6 +112,10 @@ def _decoder_module(
             fn = bb.add_func(repack_func(groups, kind, "repack_out"), "repack_out")
             result = bb.emit_output(relax.call_tir(fn, [x, *outs_h, *outs_c], repack_out_types(groups)))
         bb.emit_func_output(result)
+    if generate_chunk:
+        from .generate import add_generate_functions
+
+        add_generate_functions(bb, parts, generate_chunk)
     specs = [
         {"dtype": "int64", "shape": [batch]} if embedding is not None else {"dtype": "float32", "shape": [batch, n_in]},
         {"dtype": "float32", "shape": list(state)},
@@ -124,49 +128,78 @@ def _decoder_module(
         "batch": batch,
         "vocab": int(embedding.num_embeddings) if embedding is not None else None,
         "outputs": out_shape[1],
+        "generate_chunk": generate_chunk,
     }
-    return bb.get(), specs, converted, meta
+    return bb.get(), specs, parts.converted, meta
 
 
-def _emit_layer(
-    bb: Any,
-    lstm: Any,
-    layer: int,
-    x: Any,
-    h: Any,
-    c: Any,
-    batch: int,
-    fmt: BitplaneFormat,
-    n_bits: Any,
-    converted: list,
-    quant: tuple,
-) -> tuple:
+class StepParts:
+    """The pieces of one token step, each weight quantized and packed once however often emitted.
+
+    ``emit_token`` adds a step to the function being built; :func:`_decoder_module` emits it once
+    (``main``), :mod:`pbtvm.generate` once per step of a chunk. ``converted`` lists the PB layers.
+    """
+
+    def __init__(self, lstm: Any, embedding: Any, head: Any, fmt: BitplaneFormat, kind: str, batch: int, quant: tuple):
+        self.lstm, self.embedding, self.head = lstm, embedding, head
+        self.fmt, self.kind, self.batch, self.quant = fmt, kind, batch, quant
+        self.converted: list[dict] = []
+        self.cache: dict = {}
+
+    def emit_token(self, bb: Any, x: Any, hs: list, cs: list, n_bits: Any, head: bool = True) -> tuple:
+        """Embedding (if any), every layer, head (if any and ``head``); returns ``(out, [h'], [c'])``."""
+        from ._tvm import relax
+
+        if self.embedding is not None:
+            if "table" not in self.cache:
+                self.cache["table"] = relax.const(_np(self.embedding.weight), "float32")
+            x = bb.emit(relax.op.take(self.cache["table"], x, axis=0, mode="clip"))
+        outs_h, outs_c = [], []
+        for layer in range(self.lstm.num_layers):
+            x, c_new = _emit_layer(bb, self, layer, x, hs[layer], cs[layer], n_bits)
+            outs_h.append(x)
+            outs_c.append(c_new)
+        if self.head is not None and head:
+            x = _emit_head(bb, self, x, n_bits)
+        return x, outs_h, outs_c
+
+
+def _emit_layer(bb: Any, parts: StepParts, layer: int, x: Any, h: Any, c: Any, n_bits: Any) -> tuple:
     """One layer's step kernel (:func:`pbtvm.kernels.lstm_cell_input_func`); returns (h', c')."""
+    from ._tvm import relax
+
+    key = ("layer", layer)
+    if key not in parts.cache:
+        parts.cache[key] = _layer_weights(bb, parts, layer)
+    func, ih_args, hh_args = parts.cache[key]
+    state = relax.TensorType([parts.batch, parts.lstm.hidden_size], "float32")
+    args = [x, *ih_args, h, c, *hh_args, relax.prim_value(n_bits)]
+    step = bb.emit(relax.call_tir(func, args, [state, state]))
+    return bb.emit(relax.TupleGetItem(step, 0)), bb.emit(relax.TupleGetItem(step, 1))
+
+
+def _layer_weights(bb: Any, parts: StepParts, layer: int) -> tuple:
+    """(kernel, constants before ``h``, constants after ``c``) of a layer; records it as converted."""
     from ._tvm import relax
     from .kernels import lstm_cell_input_func
     from .lowering import LayerRecord, lower_weights
     from .ops import unit_major_rows
 
-    hidden = lstm.hidden_size
+    lstm, hidden = parts.lstm, parts.lstm.hidden_size
     rows = unit_major_rows(hidden)
     w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
-    fmt, (packed_ih, packed_hh) = lower_weights([w_ih, w_hh], fmt, quant, rows=rows)  # one codebook per kernel
-    args = [x, *packed_ih]
+    fmt, (packed_ih, packed_hh) = lower_weights([w_ih, w_hh], parts.fmt, parts.quant, rows=rows)  # one codebook
+    ih_args = list(packed_ih)
     if lstm.bias:
         bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
-        args.append(relax.const(bias[rows], "float32"))
-    args += [h, c, *packed_hh, relax.prim_value(n_bits)]
+        ih_args.append(relax.const(bias[rows], "float32"))
     func = lstm_cell_input_func(fmt, w_ih.shape[1], hidden, lstm.bias).without_attr("global_symbol")
-    state = relax.TensorType([batch, hidden], "float32")
-    step = bb.emit(relax.call_tir(bb.add_func(func, f"pb_lstm_step_l{layer}"), args, [state, state]))
     for k, w in (("ih", w_ih), ("hh", w_hh)):
-        converted.append(LayerRecord.of(f"weight_{k}_l{layer} (LSTM)", w, fmt, bias=False).as_dict())
-    return bb.emit(relax.TupleGetItem(step, 0)), bb.emit(relax.TupleGetItem(step, 1))
+        parts.converted.append(LayerRecord.of(f"weight_{k}_l{layer} (LSTM)", w, fmt, bias=False).as_dict())
+    return bb.add_func(func, f"pb_lstm_step_l{layer}"), ih_args, list(packed_hh)
 
 
-def _emit_head(
-    bb: Any, head: Any, x: Any, batch: int, fmt: BitplaneFormat, kind: str, n_bits: Any, converted: list, quant: tuple
-) -> Any:
+def _emit_head(bb: Any, parts: StepParts, x: Any, n_bits: Any) -> Any:
     """The output layer; returns its output [batch, out_features].
 
     On CUDA one :func:`pbtvm.kernels.dense_act_func` kernel (every block packs ``x`` itself: 12.1
@@ -175,32 +208,44 @@ def _emit_head(
     2 cores). BENCHMARKS.md, 2026-11-23.
     """
     from ._tvm import relax
-    from .kernels import act_pack_func, dense_act_func, dense_func
-    from .lowering import LayerRecord, lower_weights
 
-    w_out = _np(head.weight)
-    has_bias = head.bias is not None
-    fmt, [packed] = lower_weights([w_out], fmt, quant)
-    weights = [*packed, *([relax.const(_np(head.bias), "float32")] if has_bias else [])]
-    n, k = head.out_features, head.in_features
-    if kind == "cuda":
-        func, args = dense_act_func(fmt, n, k, has_bias), [x, *weights]
-    else:
-        pack = bb.add_func(act_pack_func(fmt, k).without_attr("global_symbol"), "pb_act_pack_head")
+    if "head" not in parts.cache:
+        parts.cache["head"] = _head_weights(bb, parts)
+    pack, gemm, weights, fmt = parts.cache["head"]
+    batch, (n, k) = parts.batch, parts.head.weight.shape
+    args = [x, *weights]
+    if pack is not None:
         packed_types = [
             relax.TensorType([fmt.act_bits, batch, fmt.words(k)], "uint32"),
             relax.TensorType([batch], "float32"),
             relax.TensorType([batch], fmt.accumulator_dtype(k)),
         ]
         xp = bb.emit(relax.call_tir(pack, [x], packed_types))
-        func, args = (
-            dense_func(fmt, n, k, has_bias),
-            [*(bb.emit(relax.TupleGetItem(xp, i)) for i in range(3)), *weights],
-        )
-    gemm = bb.add_func(func.without_attr("global_symbol"), "pb_dense_head")
-    converted.append(LayerRecord.of("head (Linear)", w_out, fmt, has_bias).as_dict())
+        args = [*(bb.emit(relax.TupleGetItem(xp, i)) for i in range(3)), *weights]
     out_type = relax.TensorType([batch, n], "float32")
     return bb.emit(relax.call_tir(gemm, [*args, relax.prim_value(n_bits)], out_type))
+
+
+def _head_weights(bb: Any, parts: StepParts) -> tuple:
+    """(pack kernel or None, GEMM kernel, constants, format) of the head; records it as converted."""
+    from ._tvm import relax
+    from .kernels import act_pack_func, dense_act_func, dense_func
+    from .lowering import LayerRecord, lower_weights
+
+    head = parts.head
+    w_out = _np(head.weight)
+    has_bias = head.bias is not None
+    fmt, [packed] = lower_weights([w_out], parts.fmt, parts.quant)
+    weights = [*packed, *([relax.const(_np(head.bias), "float32")] if has_bias else [])]
+    n, k = head.out_features, head.in_features
+    pack = None
+    if parts.kind == "cuda":
+        func = dense_act_func(fmt, n, k, has_bias)
+    else:
+        pack = bb.add_func(act_pack_func(fmt, k).without_attr("global_symbol"), "pb_act_pack_head")
+        func = dense_func(fmt, n, k, has_bias)
+    parts.converted.append(LayerRecord.of("head (Linear)", w_out, fmt, has_bias).as_dict())
+    return pack, bb.add_func(func.without_attr("global_symbol"), "pb_dense_head"), weights, fmt
 
 
 class PBDecoder:
@@ -228,6 +273,33 @@ class PBDecoder:
         self.num_layers, self.hidden_size = meta["num_layers"], meta["hidden_size"]
         self.batch, self.vocab = meta["batch"], meta["vocab"]
         self.check_tokens = True
+        self.generate_chunk = int(meta.get("generate_chunk", 0))
+
+    def generate(
+        self,
+        prompt: Any,
+        max_new_tokens: int,
+        sampling: Any = None,
+        *,
+        eos_token: int | None = None,
+        return_logits: bool = False,
+        bitlayers: int | None = None,
+    ) -> Any:
+        """Continue ``prompt`` by up to ``max_new_tokens`` tokens, the loop inside the module.
+
+        See :func:`pbtvm.generate.generate` (parameters, EOS semantics, sampling definition).
+        """
+        from .generate import generate
+
+        return generate(
+            self,
+            prompt,
+            max_new_tokens,
+            sampling,
+            eos_token=eos_token,
+            return_logits=return_logits,
+            bitlayers=bitlayers,
+        )
 
     def initial_state(self, device: str = "cpu") -> tuple[Any, Any]:
         """Zero ``(h, c)``, each float32 [num_layers, batch, hidden]."""
@@ -296,6 +368,7 @@ def compile_decoder(
     cuda_graph: bool = True,
     codebook: str | None = "auto",
     quantizer: str = "mse",
+    generate_chunk: int | None = None,
 ) -> PBDecoder:
     """Compile the one-token step of ``[embedding ->] lstm [-> head]`` with PrecisionBatching.
 
@@ -316,6 +389,9 @@ def compile_decoder(
     codebook, quantizer : str
         As in :func:`pbtvm.compile`; with ``"auto"`` an LSTM layer's ``W_ih`` and ``W_hh`` (one
         kernel) share the codebook with the lowest summed weight error, the head gets its own.
+    generate_chunk : int, optional
+        Tokens per call of :meth:`PBDecoder.generate` (steps unrolled in one compiled function,
+        one CUDA graph on CUDA); default 16 with an embedding and a head, 0 (no generate) else.
 
     Returns
     -------
@@ -324,18 +400,22 @@ def compile_decoder(
     Raises
     ------
     TypeError, ValueError
-        Wrong module types, mismatched sizes, bits out of range, batch < 1.
+        Wrong module types, mismatched sizes, bits out of range, batch < 1, a ``generate_chunk``
+        without embedding and head.
     """
     from .compiler import build_model
+    from .generate import check_chunk
 
     _check_parts(lstm, embedding, head, batch)
+    generate_chunk = check_chunk(generate_chunk, embedding is not None and head is not None)
     from .quantize import check_codebook
 
     fmt = BitplaneFormat(bits, act_bits, layout=layout)
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
     kind = tvm_target.kind.name
-    mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch, (codebook, quantizer))
+    quant = (codebook, quantizer)
+    mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch, quant, generate_chunk)
     model = build_model(
         mod,
         fmt,

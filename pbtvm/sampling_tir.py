@@ -1,0 +1,275 @@
+"""TIR of the pick kernel (:func:`pbtvm.sampling.pick_func`): a CPU and a CUDA schedule.
+
+Both follow the definition in :mod:`pbtvm.sampling` step by step; the shared pieces (the Philox
+draw, the "comes after in the order" test) are TVMScript macros.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from ._tvm import tir
+from .errors import InputError
+from .sampling import _M0, _M1, _W0, _W1
+
+
+@T.macro(hygienic=False)
+def _philox_uniform(ph, ctrl, step, r, out, at):  # noqa: ANN001
+    """``out[at] = philox_uniform(ctrl[0], ctrl[1] + step, r)`` using the uint32 scratch ``ph [6]``."""
+    ph[0] = T.Cast("uint32", r)
+    ph[1] = T.Cast("uint32", (ctrl[1] + step) & T.int64(0xFFFFFFFF))
+    ph[2] = T.Cast("uint32", T.shift_right(ctrl[1] + step, T.int64(32)) & T.int64(0xFFFFFFFF))
+    ph[3] = T.uint32(0)
+    ph[4] = T.Cast("uint32", ctrl[0] & T.int64(0xFFFFFFFF))
+    ph[5] = T.Cast("uint32", T.shift_right(ctrl[0], T.int64(32)) & T.int64(0xFFFFFFFF))
+    for _rnd in T.unroll(10):
+        p0: T.uint64 = T.Cast("uint64", ph[0]) * T.uint64(_M0)
+        p1: T.uint64 = T.Cast("uint64", ph[2]) * T.uint64(_M1)
+        x1: T.uint32 = ph[1]
+        x3: T.uint32 = ph[3]
+        ph[0] = T.Cast("uint32", T.shift_right(p1, T.uint64(32))) ^ x1 ^ ph[4]
+        ph[1] = T.Cast("uint32", p1 & T.uint64(0xFFFFFFFF))
+        ph[2] = T.Cast("uint32", T.shift_right(p0, T.uint64(32))) ^ x3 ^ ph[5]
+        ph[3] = T.Cast("uint32", p0 & T.uint64(0xFFFFFFFF))
+        ph[4] = ph[4] + T.uint32(_W0)
+        ph[5] = ph[5] + T.uint32(_W1)
+    out[at] = (
+        T.Cast("float64", T.shift_right(ph[0], T.uint32(5))) * T.float64(67108864.0)
+        + T.Cast("float64", T.shift_right(ph[1], T.uint32(6)))
+    ) / T.float64(9007199254740992.0)  # 2**53; TVM's CUDA codegen prints 2**-53 as 0.000
+
+
+def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
+    """Rows in a parallel loop; every pass over the vocabulary in index order."""
+    B, V, N = batch, vocab, chunk  # noqa: N806
+
+    @T.prim_func
+    def pick(
+        logits: T.Buffer((B, V), "float32"),
+        forced: T.Buffer((N, B), "int64"),
+        done_in: T.Buffer((B,), "int64"),
+        ctrl: T.Buffer((4,), "int64"),
+        temp: T.Buffer((1,), "float64"),
+        step: T.int64,
+        token: T.Buffer((B,), "int64"),
+        done_out: T.Buffer((B,), "int64"),
+        weights: T.Buffer((B, V), "float64"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for r in T.parallel(T.int64(B)):
+            fv = T.decl_buffer((3,), "float32", scope="local")  # max, threshold value, candidate value
+            iv = T.decl_buffer((5,), "int64", scope="local")  # argmax, threshold index, candidate, token, last
+            dv = T.decl_buffer((3,), "float64", scope="local")  # total, running sum, u
+            ph = T.decl_buffer((6,), "uint32", scope="local")
+            if forced[step, r] >= T.int64(0):
+                token[r] = forced[step, r]
+                done_out[r] = done_in[r]
+            elif done_in[r] != T.int64(0):
+                token[r] = ctrl[2]
+                done_out[r] = T.int64(1)
+            else:
+                fv[0] = logits[r, 0]
+                iv[0] = T.int64(0)
+                for i in range(T.int64(1), T.int64(V)):
+                    if logits[r, i] > fv[0]:
+                        fv[0] = logits[r, i]
+                        iv[0] = i
+                iv[3] = iv[0]
+                if temp[0] > T.float64(0):
+                    fv[1] = fv[0]
+                    iv[1] = iv[0]
+                    if ctrl[3] > T.int64(0) and ctrl[3] < T.int64(V):
+                        for _p in range(ctrl[3] - T.int64(1)):
+                            iv[2] = T.int64(V)
+                            for i in range(T.int64(V)):
+                                if (logits[r, i] < fv[1] or (logits[r, i] == fv[1] and i > iv[1])) and (
+                                    iv[2] == T.int64(V) or logits[r, i] > fv[2]
+                                ):
+                                    fv[2] = logits[r, i]
+                                    iv[2] = i
+                            fv[1] = fv[2]
+                            iv[1] = iv[2]
+                    else:
+                        iv[1] = T.int64(V)  # keep all: (v, i) <= (threshold) for every element
+                        fv[1] = T.min_value("float32")
+                    dv[0] = T.float64(0)
+                    for i in range(T.int64(V)):
+                        if (
+                            ctrl[3] <= T.int64(0)
+                            or ctrl[3] >= T.int64(V)
+                            or logits[r, i] > fv[1]
+                            or (logits[r, i] == fv[1] and i <= iv[1])
+                        ):
+                            weights[r, i] = T.exp(
+                                (T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]
+                            )
+                        else:
+                            weights[r, i] = T.float64(0)
+                        dv[0] = dv[0] + weights[r, i]
+                    _philox_uniform(ph, ctrl, step, r, dv, 2)
+                    dv[2] = dv[2] * dv[0]
+                    dv[1] = T.float64(0)
+                    iv[3] = T.int64(-1)
+                    iv[4] = T.int64(-1)
+                    for i in range(T.int64(V)):
+                        if iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
+                            dv[1] = dv[1] + weights[r, i]
+                            iv[4] = i
+                            if dv[1] > dv[2]:
+                                iv[3] = i
+                    if iv[3] < T.int64(0):
+                        iv[3] = iv[4]
+                token[r] = iv[3]
+                done_out[r] = T.Cast("int64", ctrl[2] >= T.int64(0) and iv[3] == ctrl[2])
+
+    return pick.with_attr("global_symbol", "pick")
+
+
+@T.macro(hygienic=False)
+def _block_best(sv, si, cand_v, cand_i, t, threads, vocab):  # noqa: ANN001
+    """Tree-reduce the per-thread candidates ``(sv, si)`` (index ``vocab`` = none) into slot 0.
+
+    Every thread reads, then (after a barrier) every thread writes: no shared access sits inside
+    a condition, where TVM's barrier planner cannot work.
+    """
+    for lvl in T.unroll(threads.bit_length() - 1):
+        half: T.int64 = T.shift_right(T.int64(threads), lvl + 1)
+        cand_v[0] = sv[T.min(t + half, T.int64(threads - 1))]
+        cand_i[0] = si[T.min(t + half, T.int64(threads - 1))]
+        cand_v[1] = sv[t]
+        cand_i[1] = si[t]
+        T.tvm_storage_sync("shared")
+        take: T.bool = (
+            t < half
+            and cand_i[0] != T.int64(vocab)
+            and (
+                cand_i[1] == T.int64(vocab)
+                or cand_v[0] > cand_v[1]
+                or (cand_v[0] == cand_v[1] and cand_i[0] < cand_i[1])
+            )
+        )
+        sv[t] = T.Select(take, cand_v[0], cand_v[1])
+        si[t] = T.Select(take, cand_i[0], cand_i[1])
+        T.tvm_storage_sync("shared")
+
+
+def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
+    """One block per row: strided candidate scans with shared-memory tree reductions (argmax and
+    each top-k pass), contiguous per-thread weight segments, a scan of their sums, and the thread
+    whose segment holds ``u * total`` picks the token."""
+    if threads & (threads - 1):
+        raise InputError(f"threads must be a power of two, got {threads}")
+    B, V, N, TPB = batch, vocab, chunk, threads  # noqa: N806
+    seg = (V + TPB - 1) // TPB
+    strides = (V + TPB - 1) // TPB
+
+    @T.prim_func
+    def pick(
+        logits: T.Buffer((B, V), "float32"),
+        forced: T.Buffer((N, B), "int64"),
+        done_in: T.Buffer((B,), "int64"),
+        ctrl: T.Buffer((4,), "int64"),
+        temp: T.Buffer((1,), "float64"),
+        step: T.int64,
+        token: T.Buffer((B,), "int64"),
+        done_out: T.Buffer((B,), "int64"),
+        weights: T.Buffer((B, V), "float64"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        r = T.launch_thread("blockIdx.x", B)
+        t = T.launch_thread("threadIdx.x", TPB)
+        sv = T.decl_buffer((TPB,), "float32", scope="shared")
+        si = T.decl_buffer((TPB,), "int64", scope="shared")
+        ss = T.decl_buffer((TPB,), "float64", scope="shared")
+        fv = T.decl_buffer((3,), "float32", scope="local")  # max, threshold value, candidate value
+        iv = T.decl_buffer((4,), "int64", scope="local")  # argmax, threshold index, candidate, token
+        dv = T.decl_buffer((4,), "float64", scope="local")  # running sum, scan value, u * total, exclusive
+        ph = T.decl_buffer((6,), "uint32", scope="local")
+        cv = T.decl_buffer((2,), "float32", scope="local")
+        ci = T.decl_buffer((2,), "int64", scope="local")
+        if t == 0:
+            if forced[step, r] >= T.int64(0):
+                token[r] = forced[step, r]
+                done_out[r] = done_in[r]
+            elif done_in[r] != T.int64(0):
+                token[r] = ctrl[2]
+                done_out[r] = T.int64(1)
+        # Loops of extent 0 or 1 instead of branches: TVM inserts no barrier inside a condition.
+        for _act in range(T.Cast("int64", forced[step, r] < T.int64(0) and done_in[r] == T.int64(0))):
+            # pass 0: argmax; passes 1..top_k-1: the next element in (value desc, index asc) order
+            for p in range(
+                T.if_then_else(
+                    temp[0] > T.float64(0) and ctrl[3] > T.int64(0) and ctrl[3] < T.int64(V), ctrl[3], T.int64(1)
+                )
+            ):
+                iv[2] = T.int64(V)
+                for j in range(strides):
+                    i: T.int64 = T.Cast("int64", j * TPB) + T.Cast("int64", t)
+                    if i < T.int64(V):
+                        if (p == T.int64(0) or logits[r, i] < fv[1] or (logits[r, i] == fv[1] and i > iv[1])) and (
+                            iv[2] == T.int64(V) or logits[r, i] > fv[2]
+                        ):
+                            fv[2] = logits[r, i]
+                            iv[2] = i
+                sv[t] = fv[2]
+                si[t] = iv[2]
+                T.tvm_storage_sync("shared")
+                _block_best(sv, si, cv, ci, T.Cast("int64", t), TPB, V)
+                fv[1] = sv[0]
+                iv[1] = si[0]
+                if p == T.int64(0):
+                    fv[0] = sv[0]
+                    iv[0] = si[0]
+                T.tvm_storage_sync("shared")
+            if t == 0:  # greedy, and the fallback when rounding leaves no owner: the most likely token
+                token[r] = iv[0]
+                done_out[r] = T.Cast("int64", ctrl[2] >= T.int64(0) and iv[0] == ctrl[2])
+            T.tvm_storage_sync("shared")
+            for _smp in range(T.Cast("int64", temp[0] > T.float64(0))):
+                dv[0] = T.float64(0)
+                for j in range(seg):
+                    i: T.int64 = T.Cast("int64", t * seg + j)
+                    if i < T.int64(V):
+                        if (
+                            ctrl[3] <= T.int64(0)
+                            or ctrl[3] >= T.int64(V)
+                            or logits[r, i] > fv[1]
+                            or (logits[r, i] == fv[1] and i <= iv[1])
+                        ):
+                            weights[r, i] = T.exp(
+                                (T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]
+                            )
+                        else:
+                            weights[r, i] = T.float64(0)
+                        dv[0] = dv[0] + weights[r, i]
+                ss[t] = dv[0]
+                T.tvm_storage_sync("shared")
+                for lvl in T.unroll(TPB.bit_length() - 1):  # inclusive Hillis-Steele scan of the sums
+                    off: T.int64 = T.shift_left(T.int64(1), lvl)
+                    dv[1] = ss[t] + T.Select(
+                        T.Cast("int64", t) >= off, ss[T.max(T.Cast("int64", t) - off, T.int64(0))], T.float64(0)
+                    )
+                    T.tvm_storage_sync("shared")
+                    ss[t] = dv[1]
+                    T.tvm_storage_sync("shared")
+                _philox_uniform(ph, ctrl, step, r, dv, 2)
+                dv[2] = dv[2] * ss[TPB - 1]
+                dv[3] = T.Select(t > 0, ss[T.max(t - 1, 0)], T.float64(0))
+                dv[1] = ss[t]
+                if dv[3] <= dv[2] and dv[2] < dv[1]:
+                    iv[3] = T.int64(-1)
+                    iv[2] = T.int64(-1)
+                    dv[0] = dv[3]
+                    for j in range(seg):
+                        i: T.int64 = T.Cast("int64", t * seg + j)
+                        if i < T.int64(V) and iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
+                            dv[0] = dv[0] + weights[r, i]
+                            iv[2] = i
+                            if dv[0] > dv[2]:
+                                iv[3] = i
+                    if iv[3] < T.int64(0):
+                        iv[3] = iv[2]
+                    token[r] = iv[3]
+                    done_out[r] = T.Cast("int64", ctrl[2] >= T.int64(0) and iv[3] == ctrl[2])
+
+    return pick.with_attr("global_symbol", "pick")

@@ -1,0 +1,287 @@
+"""generate(): the token loop inside the module equals the decoder called token by token + numpy pick."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pbtvm import library
+from pbtvm.decoder import compile_decoder, load_decoder
+from pbtvm.generate import Sampling, generate_stepwise
+from pbtvm.ptb import word_lm
+from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference
+
+from .cuda_emulator import EmulatedKernel
+from .test_decoder import _kernel_calls, _vm_functions
+
+SM90 = {"kind": "cuda", "arch": "sm_90"}
+VOCAB = 40
+MODES = [None, Sampling(0.8, 0, 7), Sampling(1.5, 5, 2**40 + 3), Sampling(1.0, 1, 9)]
+
+
+def _lm(vocab=VOCAB, hidden=16, layers=2):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    return word_lm(vocab, hidden, layers, dropout=0.0).eval()
+
+
+@pytest.fixture(scope="module")
+def dec3():  # noqa: ANN201
+    m = _lm()
+    return compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=3, generate_chunk=4)
+
+
+@pytest.fixture(scope="module")
+def dec1():  # noqa: ANN201
+    m = _lm()
+    return compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=1, generate_chunk=5)
+
+
+def _random_pick_cases(rng, batch, vocab, chunk, n):  # noqa: ANN001, ANN202
+    """Logits with ties, forced rows, finished rows, every mode and top-k edge, large seeds/counters."""
+    for trial in range(n):
+        logits = (rng.standard_normal((batch, vocab)) * 2).astype(np.float32)
+        if trial % 5 == 0:
+            logits[:, 3] = logits[:, 7] = logits.max(axis=1)  # a tie at the top
+        forced = rng.integers(-1, vocab, (chunk, batch)) if trial % 2 else np.full((chunk, batch), -1)
+        done = rng.integers(0, 2, batch) if trial % 3 == 0 else np.zeros(batch, np.int64)
+        ctrl = np.array(
+            [
+                rng.integers(0, 2**62),
+                rng.integers(0, 2**40),
+                rng.integers(-1, vocab),
+                [0, 1, 5, vocab - 1, vocab, 99][trial % 6],
+            ]
+        )
+        yield (
+            logits,
+            forced.astype(np.int64),
+            done.astype(np.int64),
+            ctrl,
+            [0.0, 0.7, 1.0, 2.5][trial % 4],
+            trial % chunk,
+        )
+
+
+def _check_pick(run, batch, vocab, chunk, n):  # noqa: ANN001, ANN202
+    rng = np.random.default_rng(0)
+    for logits, forced, done, ctrl, temp, step in _random_pick_cases(rng, batch, vocab, chunk, n):
+        token, new_done = run(logits, forced, done, ctrl, temp, step)
+        seed, counter, eos, top_k = (int(v) for v in ctrl)
+        want = pick_reference(
+            logits, done, temperature=temp, top_k=top_k, seed=seed, counter=counter + step, eos=eos, forced=forced[step]
+        )
+        np.testing.assert_array_equal(token, want[0])
+        np.testing.assert_array_equal(new_done, want[1])
+
+
+def test_philox_matches_the_published_known_answers():
+    """Random123's kat_vectors for philox4x32_10."""
+    got = philox4x32(np.zeros(4, np.uint32), np.zeros(2, np.uint32))
+    assert got.tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    got = philox4x32(np.full(4, 0xFFFFFFFF, np.uint32), np.full(2, 0xFFFFFFFF, np.uint32))
+    assert got.tolist() == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    u = philox_uniform(5, np.arange(20000), 0)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and len(np.unique(u)) == 20000
+
+
+def test_reference_sampler_follows_the_softmax_and_top_k():
+    logits = np.array([[2.0, 1.0, 0.0, 1.0, -1.0]], np.float32)
+    draws = np.array(
+        [pick_reference(logits, [0], temperature=0.7, top_k=0, seed=3, counter=i, eos=-1)[0][0] for i in range(6000)]
+    )
+    p = np.exp(logits[0] / 0.7) / np.exp(logits[0] / 0.7).sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=5) / 6000, p, atol=0.02)
+    top3 = [pick_reference(logits, [0], temperature=5.0, top_k=3, seed=3, counter=i, eos=-1)[0][0] for i in range(300)]
+    assert set(top3) == {0, 1, 3}  # the tie 1.0 at index 1 and 3: both kept (3 largest by value, then index)
+    top2 = [pick_reference(logits, [0], temperature=5.0, top_k=2, seed=3, counter=i, eos=-1)[0][0] for i in range(300)]
+    assert set(top2) == {0, 1}  # the tie is broken by the lower index
+
+
+def test_cpu_pick_kernel_equals_the_reference():
+    from pbtvm._tvm import tvm
+
+    batch, vocab, chunk = 3, 50, 4
+    ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm"), target="llvm")
+
+    def run(logits, forced, done, ctrl, temp, step):  # noqa: ANN001, ANN202
+        outs = [
+            tvm.runtime.tensor(np.zeros(s, d)) for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)
+        ]
+        ins = [tvm.runtime.tensor(a) for a in (logits, forced, done, ctrl, np.array([temp]))]
+        ex(*ins, step, *outs)
+        return outs[0].numpy(), outs[1].numpy()
+
+    _check_pick(run, batch, vocab, chunk, 240)
+
+
+def test_cuda_pick_kernel_emulated_equals_the_reference():
+    """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU."""
+    from pbtvm.cuda import build
+    from pbtvm.sampling import PICK_THREADS
+    from pbtvm.target import resolve_target
+
+    batch, vocab, chunk = 2, 700, 3  # 700 = 2 full strides + a partial one; segments of 3
+    src = build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)).mod.imports[0].inspect_source()
+    kernel = EmulatedKernel(src, warp_ops=False)
+
+    def run(logits, forced, done, ctrl, temp, step):  # noqa: ANN001, ANN202
+        token, new_done, weights = np.zeros(batch, np.int64), np.zeros(batch, np.int64), np.zeros((batch, vocab))
+        kernel(
+            (batch, 1, 1),
+            (PICK_THREADS, 1, 1),
+            logits_ptr=logits,
+            forced_ptr=forced,
+            done_in_ptr=done,
+            ctrl_ptr=ctrl.astype(np.int64),
+            temp_ptr=np.array([temp]),
+            step=step,
+            token_ptr=token,
+            done_out_ptr=new_done,
+            weights_ptr=weights,
+        )
+        return token, new_done
+
+    _check_pick(run, batch, vocab, chunk, 36)
+
+
+@pytest.mark.parametrize("sampling", MODES, ids=["greedy", "t0.8", "t1.5-top5", "top1"])
+def test_generate_equals_the_stepwise_decoder_batch3(dec3, sampling):
+    prompt = np.random.default_rng(1).integers(0, VOCAB, (3, 6))  # 5 forced steps: not a chunk multiple
+    tokens, logits = dec3.generate(prompt, 11, sampling, return_logits=True)
+    want, want_logits = generate_stepwise(dec3, prompt, 11, sampling, return_logits=True)
+    assert tokens.shape == (3, 11) and logits.shape == (3, 11, VOCAB)
+    np.testing.assert_array_equal(tokens, want)
+    np.testing.assert_array_equal(logits, want_logits)  # the same kernels: bit-identical
+    np.testing.assert_array_equal(dec3.generate(prompt, 11, sampling), tokens)  # the logits-free function
+
+
+def test_generate_equals_the_stepwise_decoder_batch1(dec1):
+    for prompt, n in (([7], 1), ([7], 12), (np.arange(9) % VOCAB, 5)):
+        for sampling in MODES:
+            got = dec1.generate(np.array(prompt), n, sampling)
+            assert got.shape == (1, n)
+            np.testing.assert_array_equal(got, generate_stepwise(dec1, np.array(prompt), n, sampling))
+    greedy = dec1.generate(np.array([3, 4]), 8)
+    np.testing.assert_array_equal(dec1.generate(np.array([3, 4]), 8, Sampling(2.0, 1, 5)), greedy)  # top-1
+
+
+def test_sampling_depends_on_seed_and_row_only(dec3):
+    prompt = np.zeros((3, 2), np.int64)  # identical rows: they differ only by their row counter
+    a = dec3.generate(prompt, 16, Sampling(1.0, 0, 1))
+    np.testing.assert_array_equal(a, dec3.generate(prompt, 16, Sampling(1.0, 0, 1)))
+    assert not np.array_equal(a, dec3.generate(prompt, 16, Sampling(1.0, 0, 2)))
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_bitlayers_reaches_generate(dec3):
+    prompt = np.random.default_rng(2).integers(0, VOCAB, (3, 3))
+    one, logits1 = dec3.generate(prompt, 6, return_logits=True, bitlayers=1)
+    _, logits4 = dec3.generate(prompt, 6, return_logits=True, bitlayers=4)
+    assert not np.array_equal(logits1, logits4)
+    want, want_logits = generate_stepwise(dec3, prompt, 6, return_logits=True, bitlayers=1)
+    np.testing.assert_array_equal(one, want)
+    np.testing.assert_array_equal(logits1, want_logits)
+
+
+def test_eos_rows_keep_emitting_eos_and_generation_stops_when_all_finished(dec3):
+    prompt = np.random.default_rng(3).integers(0, VOCAB, (3, 2))
+    sampling = Sampling(1.3, 0, 11)
+    free = dec3.generate(prompt, 40, sampling)
+    eos = int(np.bincount(free.ravel()).argmax())  # a token every row is likely to emit
+    firsts = [int(np.flatnonzero(row == eos)[0]) for row in free]  # rows agree with the EOS-free run until then
+    got, logits = dec3.generate(prompt, 40, sampling, eos_token=eos, return_logits=True)
+    want, want_logits = generate_stepwise(dec3, prompt, 40, sampling, eos_token=eos, return_logits=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(logits, want_logits)
+    assert got.shape == (3, max(firsts) + 1)  # stopped after the last row's first EOS
+    for row, free_row, first in zip(got, free, firsts, strict=True):
+        np.testing.assert_array_equal(row[: first + 1], free_row[: first + 1])  # same draws until it finished
+        assert (row[first:] == eos).all()
+    never = int(np.setdiff1d(np.arange(VOCAB), free)[0]) if len(np.unique(free)) < VOCAB else None
+    if never is not None:  # an EOS no row emits: full length
+        assert dec3.generate(prompt, 40, sampling, eos_token=never).shape == (3, 40)
+
+
+def test_torch_prompt_gives_torch_tokens(dec1):
+    got = dec1.generate(torch.tensor([[1, 2, 3]]), 4)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.int64 and got.shape == (1, 4)
+    np.testing.assert_array_equal(got.numpy(), dec1.generate(np.array([1, 2, 3]), 4))
+
+
+def test_generate_rejects_bad_arguments(dec3):
+    ok = np.zeros((3, 2), np.int64)
+    with pytest.raises(ValueError, match=r"prompt must have shape \[batch=3"):
+        dec3.generate(np.zeros((2, 2), np.int64), 4)
+    with pytest.raises(ValueError, match="length >= 1"):
+        dec3.generate(np.zeros((3, 0), np.int64), 4)
+    with pytest.raises(TypeError, match="integer token ids"):
+        dec3.generate(ok.astype(np.float32), 4)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 40\)"):
+        dec3.generate(ok + 40, 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec3.generate(ok, 0)
+    with pytest.raises(ValueError, match="eos_token"):
+        dec3.generate(ok, 4, eos_token=40)
+    with pytest.raises(TypeError, match="sampling must be"):
+        dec3.generate(ok, 4, "nucleus")
+    with pytest.raises(ValueError, match="bitlayers"):
+        dec3.generate(ok, 4, bitlayers=5)
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(float("nan"))
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(1.0, -2)
+    with pytest.raises(ValueError, match="seed"):
+        Sampling(1.0, 0, -1)
+    m = _lm(hidden=8, layers=1)
+    with pytest.raises(ValueError, match="needs an embedding"):
+        compile_decoder(m.lstm, "llvm", head=m.head, generate_chunk=4)
+    with pytest.raises(ValueError, match="generate_chunk must be"):
+        compile_decoder(m.lstm, "llvm", embedding=m.embedding, head=m.head, generate_chunk=-1)
+    no_gen = compile_decoder(m.lstm, "llvm", 2, embedding=m.embedding, head=m.head, generate_chunk=0)
+    with pytest.raises(ValueError, match="compiled without generate"):
+        no_gen.generate(np.zeros((1, 1), np.int64), 3)
+
+
+def test_generate_survives_export_and_load(dec3, tmp_path):
+    path = dec3.export(tmp_path / "gen.so")
+    again = load_decoder(path)
+    assert again.generate_chunk == 4 and again.model.manifest["decoder"]["generate_chunk"] == 4
+    prompt = np.random.default_rng(4).integers(0, VOCAB, (3, 5))
+    for sampling in MODES[:2]:
+        np.testing.assert_array_equal(again.generate(prompt, 9, sampling), dec3.generate(prompt, 9, sampling))
+
+
+def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
+    """Between a chunk's two repacks every step (lookup, layers, head, pick) is captured."""
+    m = _lm(vocab=300, hidden=64, layers=2)
+    dec = compile_decoder(m.lstm, SM90, 4, embedding=m.embedding, head=m.head, generate_chunk=3)
+    funcs = _vm_functions(dec.model._module.as_text())
+    for name in ("generate_chunk", "generate_chunk_logits"):
+        assert _kernel_calls(funcs[name]) == [f"{name}_in", f"{name}_out"]
+        assert "vm.builtin.cuda_graph.run_or_capture" in funcs[name]
+        step = ["take", "pb_lstm_step_l0", "pb_lstm_step_l0", "pb_dense_head", "pick_token"]
+        assert _kernel_calls(funcs[f"{name}_cuda_graph_capture"]) == step * 3
+    assert _kernel_calls(funcs["prefill_chunk"]) == ["prefill_chunk_in", "prefill_chunk_out"]
+    assert _kernel_calls(funcs["prefill_chunk_cuda_graph_capture"]) == step[:3] * 3  # no head, no pick
+    (src,) = library._cuda_sources(dec.model._module.mod)
+    assert re.search(r"__launch_bounds__\(256\) pick_token_kernel", src)
+    assert library.read_manifest(dec.export(tmp_path / "gen_sm90.so"))["decoder"]["generate_chunk"] == 3
+
+
+@pytest.mark.gpu
+def test_cuda_generate_equals_its_stepwise_decoder():
+    """The chunk replayed as a CUDA graph equals the decoder called per token + the numpy pick."""
+    m = _lm(vocab=500, hidden=256, layers=2)
+    dec = compile_decoder(m.lstm, "cuda", 4, embedding=m.embedding, head=m.head, batch=2, generate_chunk=8)
+    prompt = torch.randint(0, 500, (2, 7), device="cuda")
+    for sampling in MODES:
+        got, logits = dec.generate(prompt, 20, sampling, return_logits=True)
+        want, want_logits = generate_stepwise(dec, prompt, 20, sampling, return_logits=True)
+        assert got.is_cuda
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(logits.cpu(), want_logits.cpu(), rtol=0, atol=1e-5)  # the same kernels
