@@ -31,8 +31,8 @@ import time
 import numpy as np
 import torch
 
+from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.decoder import compile_decoder
-from pbtvm.ptb import PBWordLM, word_lm
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--target", default="cuda", help="llvm, cuda or a JSON target dict")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pbtvm import library
+from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
-from pbtvm.ptb import word_lm
 from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference
 
 from .cuda_emulator import EmulatedKernel
