@@ -1,0 +1,107 @@
+"""What the command line's arguments mean: MODEL specs, ``--input-shape``, ``--target``, ``--bits``.
+
+Every mistake raises :class:`CLIError` with a message for the user (``pbtvm: error: ...``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "bits_list", "load_model", "parse_target"]
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- model specs
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise CLIError(f"--input-shape must look like 1x784, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise CLIError(f"--input-shape must have positive dimensions, got {text!r}")
+    return shape
+
+
+def _builtin_mnist() -> tuple[Any, tuple]:
+    import torch
+
+    from .apps.examples import builtin_mnist_mlp
+
+    model, split = builtin_mnist_mlp()
+    return model, (torch.from_numpy(split.x_train[:2]),)
+
+
+def load_model(spec: str, input_shape: str | None = None) -> tuple[Any, tuple]:
+    """Resolve a MODEL argument into ``(torch module, example inputs)``.
+
+    Raises
+    ------
+    CLIError
+        Unknown file or module, a function that returns something else, a .pt without
+        ``--input-shape``.
+    """
+    import torch
+
+    if spec == "mnist-mlp":
+        return _builtin_mnist()
+    if spec.endswith((".pt", ".pth")):
+        path = Path(spec)
+        if not path.is_file():
+            raise CLIError(f"model file {spec} does not exist")
+        try:
+            model = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - torch raises many kinds
+            raise CLIError(f"{spec} is not a torch.save'd model: {err}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise CLIError(f"{spec} holds a {type(model).__name__}, not a torch.nn.Module")
+        if input_shape is None:
+            raise CLIError(f"{spec} has no example inputs: pass --input-shape, e.g. --input-shape 1x784")
+        return model.eval(), (torch.randn(*_parse_shape(input_shape)),)
+    if ":" not in spec:
+        raise CLIError(f"MODEL must be module:function, file.py:function, model.pt or mnist-mlp; got {spec!r}")
+    where, func_name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise CLIError(f"model file {where} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise CLIError(f"cannot import {where}: {err}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise CLIError(f"{where} has no function {func_name!r}")
+    out = fn()
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module)):
+        raise CLIError(f"{spec} must return (model, example_inputs), got {type(out).__name__}")
+    model, example = out
+    example = tuple(example) if isinstance(example, list | tuple) else (example,)
+    return model.eval(), example
+
+
+def parse_target(text: str) -> Any:
+    """``--target``: a kind (``llvm``, ``cuda``, a TVM target string) or a JSON dict."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"--target is not valid JSON: {err}") from None
+    return text
+
+
+def bits_list(text: str) -> list[int]:
+    """``--bits 1,2,4``: comma-separated integers."""
+    try:
+        return [int(b) for b in text.split(",") if b]
+    except ValueError:
+        raise CLIError(f"--bits must be comma-separated integers, got {text!r}") from None
