@@ -203,9 +203,10 @@ def _emit_head(bb: Any, parts: StepParts, x: Any, n_bits: Any) -> Any:
     """The output layer; returns its output [batch, out_features].
 
     On CUDA one :func:`pbtvm.kernels.dense_act_func` kernel (every block packs ``x`` itself: 12.1
-    vs 20.0 us for pack kernels + PB GEMM at 10000x650 on an H100); on the CPU the activation
-    pack and the PB GEMM as two kernels (the one-kernel head made the 2x650 decoder 12% slower on
-    2 cores). BENCHMARKS.md, 2026-11-23.
+    vs 20.0 us for pack kernels + PB GEMM at 10000x650 on an H100); on AVX-512 CPUs one kernel too
+    (the AVX-512 GEMM quantizes the row itself, :func:`pbtvm.schedules.cpu_vnni.one_kernel_layer`);
+    on other CPUs the activation pack and the popcount GEMM as two kernels (the popcount one-kernel
+    head made the 2x650 decoder 12% slower on 2 cores, BENCHMARKS.md, 2026-11-23).
     """
     from ._tvm import relax
 
@@ -231,6 +232,7 @@ def _head_weights(bb: Any, parts: StepParts) -> tuple:
     from ._tvm import relax
     from .kernels import act_pack_func, dense_act_func, dense_func
     from .lowering import LayerRecord, lower_weights
+    from .schedules.cpu_vnni import one_kernel_layer
 
     head = parts.head
     w_out = _np(head.weight)
@@ -239,7 +241,7 @@ def _head_weights(bb: Any, parts: StepParts) -> tuple:
     weights = [*packed, *([relax.const(_np(head.bias), "float32")] if has_bias else [])]
     n, k = head.out_features, head.in_features
     pack = None
-    if parts.kind == "cuda":
+    if parts.kind == "cuda" or one_kernel_layer(fmt, k):  # AVX-512 CPUs: quantize + GEMM in one kernel
         func = dense_act_func(fmt, n, k, has_bias)
     else:
         pack = bb.add_func(act_pack_func(fmt, k).without_attr("global_symbol"), "pb_act_pack_head")
@@ -415,7 +417,8 @@ def compile_decoder(
     tvm_target = resolve_target(target)
     kind = tvm_target.kind.name
     quant = (codebook, quantizer)
-    mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch, quant, generate_chunk)
+    with tvm_target:  # the head's kernel choice reads the target
+        mod, specs, converted, meta = _decoder_module(lstm, embedding, head, fmt, kind, batch, quant, generate_chunk)
     model = build_model(
         mod,
         fmt,

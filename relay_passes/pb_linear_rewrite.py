@@ -32,6 +32,7 @@ from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 from pbtvm.quantize import AUTO
+from pbtvm.schedules.cpu_vnni import one_kernel_layer
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +62,6 @@ class ConversionReport:
     skipped: list[dict] = field(default_factory=list)
     #: ``relax.matmul`` calls seen, converted or not; a skipped one has its ``matmul_index``.
     n_matmuls: int = 0
-
-
-def _one_kernel_layer(fmt: BitplaneFormat, k_dim: int) -> bool:
-    """Whether a dense layer becomes one kernel (quantize + GEMM) instead of a pack and a GEMM.
-
-    On CPUs with the AVX-512 GEMM (:mod:`pbtvm.schedules.cpu_vnni`) the one-kernel layer
-    quantizes the rows straight into the int8 codes its dot products read: no planes, one launch
-    (MNIST 512x784 W4 batch 1: 21 µs vs 8.5 + 21 µs; batch 8: 68 vs 49 + 70 µs, BENCHMARKS.md).
-    Elsewhere the separate pack is shared by every layer reading the same input, and wins.
-    """
-    import os
-
-    from pbtvm.ops.pb_vnni import target_supports, unsupported_reason
-    from pbtvm.schedules.cpu_vnni import ENV_KERNEL
-
-    target = tvm.target.Target.current(allow_none=True)
-    if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
-        return False
-    return unsupported_reason(fmt, k_dim) is None and target_supports(target)
 
 
 def _op_name(expr: relax.Expr) -> str | None:
@@ -258,7 +240,7 @@ class _Rewriter(PyExprMutator):
         wp, ws, fmt = self._packed(weight)
         has_bias = bias is not None
         bias_const = [relax.const(np.asarray(bias, np.float32), "float32")] if has_bias else []
-        if _one_kernel_layer(fmt, k_dim):
+        if one_kernel_layer(fmt, k_dim):
             out = self._emit_te(
                 lambda x_t, wp_t, ws_t, *rest: pb_dense_act(x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt),
                 [x2, wp, ws, *bias_const],

@@ -21,7 +21,7 @@ import os
 from typing_extensions import override
 
 from pbtvm import names
-from pbtvm._tvm import s_tir, tir
+from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops.pb_vnni import CPU_KERNEL, pb_vnni_func, target_supports, unsupported_reason
 
@@ -38,6 +38,21 @@ BATCH_TILE = 4
 STAGE_BYTES = 8 << 10
 L2_WEIGHT_BYTES = 1 << 20
 ENV_KERNEL = "PBTVM_CPU_KERNEL"
+
+
+def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target | None = None) -> bool:
+    """Whether a dense layer becomes one kernel (quantize + GEMM) instead of a pack and a GEMM.
+
+    On CPUs with the AVX-512 GEMM (:mod:`pbtvm.schedules.cpu_vnni`) the one-kernel layer
+    quantizes the rows straight into the int8 codes its dot products read: no planes, one launch
+    (MNIST 512x784 W4 batch 1: 21 µs vs 8.5 + 21 µs; batch 8: 68 vs 49 + 70 µs, BENCHMARKS.md).
+    Elsewhere the separate pack is shared by every layer reading the same input, and wins.
+    ``target`` defaults to the current target (``with target:``).
+    """
+    target = target or tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
+        return False
+    return unsupported_reason(fmt, k_dim) is None and target_supports(target)
 
 
 def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
