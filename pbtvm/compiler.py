@@ -10,12 +10,12 @@ import time
 import warnings
 from typing import Any
 
-from . import __version__, outputs
+from . import __version__, outputs, recurrent
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
 from .quantize import AUTO, check_codebook
-from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
+from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite, PBLSTMLowering
 from .relay_passes.pb_linear_rewrite import weight_key
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
@@ -65,33 +65,62 @@ def import_model(
         if x.ndim == 0:
             raise ValueError(f"example input {i} is a scalar; inputs need a batch dimension")
     model = model.eval()
-    exported, dynamic = None, False
+    with recurrent.lstm_stand_ins(model) as n_lstms:
+        exported, dynamic = _export(model, example_inputs, dynamic_batch, n_lstms > 0)
+    convert_map = converters([] if matmul_owners is None else matmul_owners)
+    convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
+    mod = from_exported_program(exported, custom_convert_map=convert_map)
+    mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
+    specs = _input_specs(exported, example_inputs)
+    return mod, specs, dynamic
+
+
+def _export(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_dims: bool) -> tuple[Any, bool]:
+    """``torch.export`` with a dynamic batch (dimension 0) if possible; returns (program, dynamic).
+
+    With ``recurrent_dims`` (the model has LSTMs) every dimension of every input may stay
+    dynamic (``Dim.AUTO``: torch keeps symbolic what the model allows, e.g. sequence length and
+    batch, and fixes the rest, e.g. feature sizes); example dimensions of size 1 are fixed.
+    """
+    import torch
+
     if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        shapes = tuple({0: batch} for _ in example_inputs)
-        # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
-        traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
+        if recurrent_dims:
+            auto = torch.export.Dim.AUTO
+            shapes = tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
+            traced = example_inputs
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            shapes = tuple({0: batch} for _ in example_inputs)
+            # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
+            traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
         try:
-            exported = torch.export.export(model, traced, dynamic_shapes=shapes)
-            dynamic = True
+            return torch.export.export(model, traced, dynamic_shapes=shapes), True
         except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
             warnings.warn(
                 f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
                 "the model is compiled for the example batch size only",
-                stacklevel=3,
+                stacklevel=4,
             )
-    if exported is None:
-        exported = torch.export.export(model, example_inputs)
-    mod = from_exported_program(exported, custom_convert_map=converters([] if matmul_owners is None else matmul_owners))
-    mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
-    specs = [
-        {
-            "dtype": str(x.dtype).replace("torch.", ""),
-            "shape": [None if (dynamic and d == 0) else int(s) for d, s in enumerate(x.shape)],
-        }
-        for x in example_inputs
-    ]
-    return mod, specs, dynamic
+    return torch.export.export(model, example_inputs), False
+
+
+def _input_specs(exported: Any, example_inputs: tuple) -> list[dict]:
+    """dtype and shape of each user input, None for a dimension the exported program keeps symbolic."""
+    import torch
+
+    names = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    specs = []
+    for name, x in zip(names, example_inputs, strict=True):
+        shape = nodes[name].meta["val"].shape
+        specs.append(
+            {
+                "dtype": str(x.dtype).replace("torch.", ""),
+                "shape": [None if isinstance(d, torch.SymInt) else int(d) for d in shape],
+            }
+        )
+    return specs
 
 
 def _layer_names(model: Any) -> dict[str, str]:
@@ -99,6 +128,9 @@ def _layer_names(model: Any) -> dict[str, str]:
 
     names = {}
     for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LSTM):  # its weights by parameter name (the lowering's dense layers)
+            for param, w in module.named_parameters():
+                names.setdefault(weight_key(w.detach().cpu().numpy()), f"{name}.{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
             w = weight.detach().cpu()
@@ -128,11 +160,13 @@ def _rewrite(  # noqa: ANN202
 
         importance = input_importance(model, calibration)
     names = _layer_names(model)
+    lstms = PBLSTMLowering(fmt, codebook, quantizer)  # first: its input projections are dense layers
     rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names)
     with tvm_target:
-        mod = rewrite(mod)
+        mod = rewrite(lstms(mod))
     report = rewrite.report
     converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
+    converted += [{**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted]
     # Matmuls are named by the torch module that called them when every one came from pbtvm's
     # converters (then the rewrite's matmul order is the converters' order).
     by_order = owners if len(owners) == report.n_matmuls else []
@@ -148,14 +182,18 @@ def _rewrite(  # noqa: ANN202
 
 
 def _warn_recurrent(model: Any) -> None:
-    """torch.export unrolls recurrent layers over the example's length: say so, and what to use."""
+    """GRU and plain RNN layers are not lowered: torch.export unrolls them over the example's length."""
     import torch
 
-    rnns = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.nn.RNNBase)]
+    rnns = [
+        f"{name} ({type(m).__name__})"
+        for name, m in recurrent.recurrent_modules(model)
+        if not isinstance(m, torch.nn.LSTM)
+    ]
     if rnns:
         warnings.warn(
-            f"pbtvm: {', '.join(rnns)} is recurrent; torch.export unrolls it, so the compiled model only runs "
-            "the example's sequence length. Use pbtvm.lstm.compile_lstm for any length and a step API.",
+            f"pbtvm: {', '.join(rnns)} is recurrent and not lowered (only nn.LSTM is); torch.export unrolls it, "
+            "so the compiled model only runs the example's sequence length.",
             stacklevel=3,
         )
 

@@ -304,7 +304,9 @@ class _Rewriter(PyExprMutator):
             x, weight, reason = self._match_matmul(call)
             if weight is not None:
                 out_dtype = str(call.attrs.out_dtype)
-                return self._record(x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype))
+                return self._record(
+                    x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype)
+                )
             const = self._weight_of(call.args[1])[0]
             key = weight_key(const) if const is not None else None
             self.report.skipped.append({"op": name, "reason": reason, "weight_key": key, "matmul_index": index})
@@ -315,7 +317,17 @@ class _Rewriter(PyExprMutator):
         return call
 
     def rewrite(self, func: relax.Function) -> relax.Function:
-        """Rewrite one function; adds the ``bitlayers`` parameter if anything was converted."""
+        """Rewrite one function; adds the ``bitlayers`` parameter if anything was converted.
+
+        A function that already ends in ``bitlayers: R.Shape([L])`` (from :class:`PBLSTMLowering`)
+        keeps it, and its layers read the same knob.
+        """
+        last = func.params[-1] if func.params else None
+        if last is not None and last.name == "bitlayers" and isinstance(last.ty, relax.ShapeType):
+            self.bitlayers = last.ty.values[0]
+            before = self.n_rewritten
+            new_func = self.visit_expr(func)
+            return func if self.n_rewritten == before else new_func
         before = self.n_rewritten
         new_func = self.visit_expr(func)
         if self.n_rewritten == before:
