@@ -86,8 +86,7 @@ def _export(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_di
 
     if dynamic_batch:
         if recurrent_dims:
-            auto = torch.export.Dim.AUTO
-            shapes = tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
+            shapes = _free_dims(model, example_inputs)
             traced = example_inputs
         else:
             batch = torch.export.Dim("batch", min=1)
@@ -95,7 +94,10 @@ def _export(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_di
             # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
             traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
         try:
-            return torch.export.export(model, traced, dynamic_shapes=shapes), True
+            exported = torch.export.export(model, traced, dynamic_shapes=shapes)
+            if recurrent_dims:
+                _warn_fixed_size_one(example_inputs)
+            return exported, True
         except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
             warnings.warn(
                 f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
@@ -105,22 +107,57 @@ def _export(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_di
     return torch.export.export(model, example_inputs), False
 
 
-def _input_specs(exported: Any, example_inputs: tuple) -> list[dict]:
-    """dtype and shape of each user input, None for a dimension the exported program keeps symbolic."""
+def _warn_fixed_size_one(example_inputs: tuple) -> None:
+    """torch.export fixes dimensions of size 1: say which ones (e.g. a batch-1 example)."""
+    ones = [
+        f"dimension {d} of input {i}" for i, x in enumerate(example_inputs) for d, n in enumerate(x.shape) if n == 1
+    ]
+    if ones:
+        warnings.warn(
+            f"pbtvm: {', '.join(ones)} has size 1 in the example; torch.export fixes such dimensions, so the "
+            "compiled model only takes size 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
+            stacklevel=5,
+        )
+
+
+def _free_dims(model: Any, example_inputs: tuple) -> tuple:
+    """``dynamic_shapes`` with ``Dim.AUTO`` on every dimension the model leaves free, None elsewhere.
+
+    A first export with ``Dim.AUTO`` everywhere tells which dimensions the model fixes (feature
+    sizes); TVM's importer would keep those symbolic too, so the real export marks them static.
+    """
     import torch
 
+    auto = torch.export.Dim.AUTO
+    probe = torch.export.export(
+        model, example_inputs, dynamic_shapes=tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
+    )
+    return tuple(
+        {d: auto for d, size in enumerate(shape) if _symbolic(size)} or None for shape in _user_input_shapes(probe)
+    )
+
+
+def _symbolic(size: Any) -> bool:
+    import torch
+
+    return isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None
+
+
+def _user_input_shapes(exported: Any) -> list:
     names = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-    specs = []
-    for name, x in zip(names, example_inputs, strict=True):
-        shape = nodes[name].meta["val"].shape
-        specs.append(
-            {
-                "dtype": str(x.dtype).replace("torch.", ""),
-                "shape": [None if isinstance(d, torch.SymInt) else int(d) for d in shape],
-            }
-        )
-    return specs
+    return [nodes[name].meta["val"].shape for name in names]
+
+
+def _input_specs(exported: Any, example_inputs: tuple) -> list[dict]:
+    """dtype and shape of each user input, None for a dimension the exported program keeps symbolic."""
+    return [
+        {
+            "dtype": str(x.dtype).replace("torch.", ""),
+            "shape": [None if _symbolic(d) else int(d) for d in shape],
+        }
+        for shape, x in zip(_user_input_shapes(exported), example_inputs, strict=True)
+    ]
 
 
 def _layer_names(model: Any) -> dict[str, str]:

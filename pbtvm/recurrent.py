@@ -97,9 +97,16 @@ def _stand_in_forward(lstm: Any, name: str) -> Any:
             )
         dirs = 2 if lstm.bidirectional else 1
         batch = x.shape[0] if lstm.batch_first else x.shape[1]
+        # Python comparisons (not torch._check) so that torch.export fixes these dims to constants.
+        if x.shape[2] != lstm.input_size:
+            raise ValueError(f"pbtvm.compile: {name} (LSTM) takes {lstm.input_size} features, got {tuple(x.shape)}")
         if hx is None:
             h0 = x.new_zeros(lstm.num_layers * dirs, batch, lstm.hidden_size)
             hx = (h0, h0)
+        want = (lstm.num_layers * dirs, batch, lstm.hidden_size)
+        for state in hx:
+            if state.ndim != 3 or any(s != w for s, w in zip(state.shape, want, strict=True)):
+                raise ValueError(f"pbtvm.compile: {name} (LSTM) state must be {want}, got {tuple(state.shape)}")
         weights = [getattr(lstm, n) for n in lstm._flat_weights_names]  # noqa: SLF001 - parameters, in torch's order
         y, h, c = op(x, hx[0], hx[1], weights, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.bidirectional)
         return y, (h, c)
