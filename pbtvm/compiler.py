@@ -64,9 +64,24 @@ def import_model(
             raise TypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0:
             raise ValueError(f"example input {i} is a scalar; inputs need a batch dimension")
+    # torch.export treats one tensor passed as two inputs as one input (e.g. a zero state as both
+    # h0 and c0): the second would be ignored in the compiled model. Give each its own copy.
+    pointers: set[int] = set()
+    unique = []
+    for x in example_inputs:
+        unique.append(x.clone() if x.data_ptr() in pointers else x)
+        pointers.add(x.data_ptr())
+    example_inputs = tuple(unique)
     model = model.eval()
-    with recurrent.lstm_stand_ins(model) as n_lstms:
-        exported, dynamic = _export(model, example_inputs, dynamic_batch, n_lstms > 0)
+    with recurrent.lstm_stand_ins(model) as lstms:
+        exported, dynamic = _export(model, example_inputs, dynamic_batch, bool(lstms))
+    if dynamic and lstms[1:]:
+        fixed = ", ".join(sorted({f"the {what} of {name}" for name, what in lstms[1:]}))
+        warnings.warn(
+            f"pbtvm: {fixed} is 1 in the example, and torch.export fixes dimensions of size 1: the compiled "
+            "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
+            stacklevel=3,
+        )
     convert_map = converters([] if matmul_owners is None else matmul_owners)
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
     mod = from_exported_program(exported, custom_convert_map=convert_map)
@@ -85,39 +100,39 @@ def _export(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_di
     import torch
 
     if dynamic_batch:
-        if recurrent_dims:
-            shapes = _free_dims(model, example_inputs)
-            traced = example_inputs
-        else:
+        try:
+            if recurrent_dims:
+                with _quiet_size_one_log():
+                    shapes = _free_dims(model, example_inputs)
+                    return torch.export.export(model, example_inputs, dynamic_shapes=shapes), True
             batch = torch.export.Dim("batch", min=1)
             shapes = tuple({0: batch} for _ in example_inputs)
             # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
             traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
-        try:
-            exported = torch.export.export(model, traced, dynamic_shapes=shapes)
-            if recurrent_dims:
-                _warn_fixed_size_one(example_inputs)
-            return exported, True
+            return torch.export.export(model, traced, dynamic_shapes=shapes), True
         except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
+            if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
+                raise
+            what = "batch and sequence dimensions" if recurrent_dims else "batch dimension"
             warnings.warn(
-                f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
-                "the model is compiled for the example batch size only",
+                f"pbtvm: the {what} could not be made dynamic ({type(err).__name__}); "
+                "the model is compiled for the example's sizes only",
                 stacklevel=4,
             )
     return torch.export.export(model, example_inputs), False
 
 
-def _warn_fixed_size_one(example_inputs: tuple) -> None:
-    """torch.export fixes dimensions of size 1: say which ones (e.g. a batch-1 example)."""
-    ones = [
-        f"dimension {d} of input {i}" for i, x in enumerate(example_inputs) for d, n in enumerate(x.shape) if n == 1
-    ]
-    if ones:
-        warnings.warn(
-            f"pbtvm: {', '.join(ones)} has size 1 in the example; torch.export fixes such dimensions, so the "
-            "compiled model only takes size 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
-            stacklevel=5,
-        )
+@contextlib.contextmanager
+def _quiet_size_one_log():  # noqa: ANN202
+    """torch logs a warning for every size-1 dimension that ``Dim.AUTO`` fixes (e.g. the state of
+    a one-layer LSTM); pbtvm warns itself where it matters (an LSTM's length or batch)."""
+    torch_log = logging.getLogger("torch._export.non_strict_utils")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _free_dims(model: Any, example_inputs: tuple) -> tuple:
@@ -198,9 +213,10 @@ def _rewrite(  # noqa: ANN202
         importance = input_importance(model, calibration)
     names = _layer_names(model)
     lstms = PBLSTMLowering(fmt, codebook, quantizer)  # first: its input projections are dense layers
-    rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names)
     with tvm_target:
-        mod = rewrite(lstms(mod))
+        mod = lstms(mod)
+        rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
+        mod = rewrite(mod)
     report = rewrite.report
     converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
     converted += [{**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted]

@@ -82,7 +82,7 @@ def check_lstm(name: str, lstm: Any) -> None:
         )
 
 
-def _stand_in_forward(lstm: Any, name: str) -> Any:
+def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
     torch = __import__("torch")
     op = _lstm_op()
 
@@ -97,6 +97,10 @@ def _stand_in_forward(lstm: Any, name: str) -> Any:
             )
         dirs = 2 if lstm.bidirectional else 1
         batch = x.shape[0] if lstm.batch_first else x.shape[1]
+        steps = x.shape[1] if lstm.batch_first else x.shape[0]
+        for what, size in (("sequence length", steps), ("batch", batch)):
+            if not isinstance(size, torch.SymInt) and size == 1 and (name, what) not in fixed:
+                fixed.append((name, what))
         # Python comparisons (not torch._check) so that torch.export fixes these dims to constants.
         if x.shape[2] != lstm.input_size:
             raise ValueError(f"pbtvm.compile: {name} (LSTM) takes {lstm.input_size} features, got {tuple(x.shape)}")
@@ -122,8 +126,12 @@ def recurrent_modules(model: Any) -> list[tuple[str, Any]]:
 
 
 @contextlib.contextmanager
-def lstm_stand_ins(model: Any) -> Iterator[int]:
-    """While active, every ``nn.LSTM`` in ``model`` calls the custom op; yields how many.
+def lstm_stand_ins(model: Any) -> Iterator[list]:
+    """While active, every ``nn.LSTM`` in ``model`` calls the custom op.
+
+    Yields a list, empty if the model has no LSTM; else its first item is the number of LSTMs
+    and the others ``(lstm name, "sequence length" | "batch")`` for each of those dimensions
+    that a trace saw as the constant 1 (``torch.export`` fixes size-1 example dimensions).
 
     The modules keep their parameters (the exported program lifts them under their usual names);
     only ``forward`` is replaced, and restored on exit.
@@ -139,11 +147,12 @@ def lstm_stand_ins(model: Any) -> Iterator[int]:
     for name, m in lstms:
         check_lstm(name, m)
     patched = []
+    found: list = [len(lstms)] if lstms else []
     try:
         for name, m in lstms:
-            m.forward = _stand_in_forward(m, name)
+            m.forward = _stand_in_forward(m, name, found)
             patched.append(m)
-        yield len(lstms)
+        yield found
     finally:
         for m in patched:
             del m.forward

@@ -95,8 +95,10 @@ class _Rewriter(PyExprMutator):
         method: str,
         importance: dict | None,
         layer_names: dict[str, str],
+        codebooks: dict[str, str | None] | None = None,
     ) -> None:
         super().__init__(mod)
+        self.codebooks = codebooks or {}
         self.fmt = fmt
         self.importance = importance or {}
         self.codebook = codebook
@@ -209,7 +211,8 @@ class _Rewriter(PyExprMutator):
         if key not in self._packed_weights:
             imp = [self.importance.get(key)]
             try:
-                fmt, [(q, scale)] = layer_format([weight.astype(np.float32)], self.fmt, self.codebook, self.method, imp)
+                codebook = self.codebooks.get(key, self.codebook)
+                fmt, [(q, scale)] = layer_format([weight.astype(np.float32)], self.fmt, codebook, self.method, imp)
             except ValueError as err:  # e.g. NaN / Inf weights: say which layer
                 name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
                 raise ValueError(f"layer {name}: {err}") from None
@@ -369,6 +372,9 @@ class PBLinearRewrite:
         statistics, see :func:`pbtvm.calibration.input_importance`); other weights plain MSE.
     layer_names : dict, optional
         :func:`weight_key` -> layer name, for error messages (e.g. a weight holding NaN).
+    codebooks : dict, optional
+        :func:`weight_key` -> codebook for particular weights (e.g. an LSTM's input projection,
+        whose codebook :class:`PBLSTMLowering` chose with its recurrent weight); others ``codebook``.
 
     Attributes
     ----------
@@ -383,8 +389,10 @@ class PBLinearRewrite:
         method: str = "mse",
         importance: dict | None = None,
         layer_names: dict[str, str] | None = None,
+        codebooks: dict[str, str | None] | None = None,
     ) -> None:
         self.fmt = fmt
+        self.codebooks = dict(codebooks or {})
         self.codebook = codebook
         self.method = method
         self.importance = importance
@@ -393,7 +401,9 @@ class PBLinearRewrite:
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
-        rewriter = _Rewriter(mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names)
+        rewriter = _Rewriter(
+            mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names, self.codebooks
+        )
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.rewrite(func))

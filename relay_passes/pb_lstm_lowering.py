@@ -34,7 +34,7 @@ from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat, pack_weights
 from pbtvm.ops import kernel_attrs, unit_major_rows
 from pbtvm.ops.lstm_cell import pb_lstm_cell_at
-from pbtvm.quantize import AUTO, layer_format
+from pbtvm.quantize import AUTO, choose_codebook, layer_format
 from pbtvm.recurrent import placeholder_config
 
 from .pb_linear_rewrite import weight_key
@@ -86,6 +86,11 @@ def _write_step_func() -> tir.PrimFunc:
     return write_step
 
 
+def _seq(*bindings: tuple[relax.Var, relax.Expr]) -> relax.SeqExpr:
+    """One binding block of ``(var, value)`` pairs; its value is the last var."""
+    return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(v, e) for v, e in bindings])], bindings[-1][0])
+
+
 @mutator
 class _Lowerer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, fmt: BitplaneFormat, codebook: str | None, method: str) -> None:
@@ -94,15 +99,16 @@ class _Lowerer(PyExprMutator):
         self.codebook = codebook
         self.method = method
         self.converted: list[dict] = []
+        self.codebooks: dict[str, str | None] = {}
         self.bitlayers: relax.Var | None = None
         self.n_lowered = 0
         self._write = None
 
     # ------------------------------------------------------------------ the loop function
-    def _loop(self, w_hh: np.ndarray, reverse: bool, name: str) -> relax.GlobalVar:
+    def _loop(self, w_hh: np.ndarray, codebook: str | None, reverse: bool, name: str) -> relax.GlobalVar:
         """The recursive time-loop function of one layer and direction (W_hh packed inside)."""
         hidden = w_hh.shape[1]
-        fmt, [(q, w_scale)] = layer_format([w_hh[unit_major_rows(hidden)]], self.fmt, self.codebook, self.method)
+        fmt, [(q, w_scale)] = layer_format([w_hh[unit_major_rows(hidden)]], self.fmt, codebook, self.method)
         self.converted.append(
             {
                 "name": name,
@@ -122,75 +128,43 @@ class _Lowerer(PyExprMutator):
         seq_h = relax.TensorType([steps, batch, hidden], "float32")
         state = relax.TensorType([batch, hidden], "float32")
         ret = relax.TupleType([seq_h, state, state])
-        gvar = relax.GlobalVar(f"pb_lstm_loop_{self.n_lowered}_{len(self.converted) - 1}")
-        span_ty, bits_ty = relax.ShapeType(None, 2), relax.ShapeType(None, 1)
-        _update_type(gvar, relax.FuncType([seq_gx, state, state, seq_h, span_ty, bits_ty], ret))
-        gx, h, c = relax.Var("gx", seq_gx), relax.Var("h", state), relax.Var("c", state)
-        ys, span, bits = (
-            relax.Var("ys", seq_h),
-            relax.Var("span", relax.ShapeType([lo, hi])),
-            relax.Var(BITLAYERS, relax.ShapeType([layers])),
+        gvar = relax.GlobalVar(f"pb_lstm_loop_{len(self.converted) - 1}")
+        _update_type(
+            gvar, relax.FuncType([seq_gx, state, state, seq_h, relax.ShapeType(None, 2), relax.ShapeType(None, 1)], ret)
         )
+        gx, h, c, ys = relax.Var("gx", seq_gx), relax.Var("h", state), relax.Var("c", state), relax.Var("ys", seq_h)
+        span, bits = relax.Var("span", relax.ShapeType([lo, hi])), relax.Var(BITLAYERS, relax.ShapeType([layers]))
         weights = [relax.const(pack_weights(q, fmt), "uint32"), relax.const(w_scale, "float32")]
+
+        # [lo, hi) is one step: the fused cell at t, then ys[t] = h' in place.
         t = (steps - 1 - lo) if reverse else lo
-        hc, h1, c1, ys1, one = (
-            relax.Var(n, ty)
-            for n, ty in (
-                ("hc", relax.TupleType([state, state])),
-                ("h1", state),
-                ("c1", state),
-                ("ys1", seq_h),
-                ("one", ret),
-            )
+        hc = relax.Var("hc", relax.TupleType([state, state]))
+        h1, c1, ys1 = relax.Var("h1", state), relax.Var("c1", state), relax.Var("ys1", seq_h)
+        cell_args = [gx, h, c, *weights, relax.prim_value(t), relax.prim_value(layers)]
+        one_step = _seq(
+            (hc, relax.call_tir(step, cell_args, [state, state])),
+            (h1, relax.TupleGetItem(hc, 0)),
+            (c1, relax.TupleGetItem(hc, 1)),
+            (ys1, relax.call_tir_inplace(self._write, [ys, h1, relax.prim_value(t)], 0, seq_h)),
+            (relax.Var("one", ret), relax.Tuple([ys1, h1, c1])),
         )
-        one_step = relax.SeqExpr(
-            [
-                relax.BindingBlock(
-                    [
-                        relax.VarBinding(
-                            hc,
-                            relax.call_tir(
-                                step,
-                                [gx, h, c, *weights, relax.prim_value(t), relax.prim_value(layers)],
-                                [state, state],
-                            ),
-                        ),
-                        relax.VarBinding(h1, relax.TupleGetItem(hc, 0)),
-                        relax.VarBinding(c1, relax.TupleGetItem(hc, 1)),
-                        relax.VarBinding(
-                            ys1, relax.call_tir_inplace(self._write, [ys, h1, relax.prim_value(t)], 0, seq_h)
-                        ),
-                        relax.VarBinding(one, relax.Tuple([ys1, h1, c1])),
-                    ]
-                )
-            ],
-            one,
-        )
+        # Longer: both halves in order, the state carried from the first to the second.
         mid = tir.floordiv(lo + hi, 2)
-        first, ys2, h2, c2, both = (
-            relax.Var(n, ty) for n, ty in (("first", ret), ("ys2", seq_h), ("h2", state), ("c2", state), ("both", ret))
+        first, ys2, h2, c2 = (
+            relax.Var("first", ret),
+            relax.Var("ys2", seq_h),
+            relax.Var("h2", state),
+            relax.Var("c2", state),
         )
-        halves = relax.SeqExpr(
-            [
-                relax.BindingBlock(
-                    [
-                        relax.VarBinding(first, relax.Call(gvar, [gx, h, c, ys, relax.ShapeExpr([lo, mid]), bits])),
-                        relax.VarBinding(ys2, relax.TupleGetItem(first, 0)),
-                        relax.VarBinding(h2, relax.TupleGetItem(first, 1)),
-                        relax.VarBinding(c2, relax.TupleGetItem(first, 2)),
-                        relax.VarBinding(both, relax.Call(gvar, [gx, h2, c2, ys2, relax.ShapeExpr([mid, hi]), bits])),
-                    ]
-                )
-            ],
-            both,
+        halves = _seq(
+            (first, relax.Call(gvar, [gx, h, c, ys, relax.ShapeExpr([lo, mid]), bits])),
+            (ys2, relax.TupleGetItem(first, 0)),
+            (h2, relax.TupleGetItem(first, 1)),
+            (c2, relax.TupleGetItem(first, 2)),
+            (relax.Var("both", ret), relax.Call(gvar, [gx, h2, c2, ys2, relax.ShapeExpr([mid, hi]), bits])),
         )
-        result = relax.Var("result", ret)
-        body = relax.If(relax.prim_value(hi - lo == 1), one_step, halves)
-        func = relax.Function(
-            [gx, h, c, ys, span, bits],
-            relax.SeqExpr([relax.BindingBlock([relax.VarBinding(result, body)])], result),
-            ret,
-        )
+        body = _seq((relax.Var("result", ret), relax.If(relax.prim_value(hi - lo == 1), one_step, halves)))
+        func = relax.Function([gx, h, c, ys, span, bits], body, ret)
         self.builder_.update_func(gvar, func)
         return gvar
 
@@ -222,7 +196,12 @@ class _Lowerer(PyExprMutator):
                 c = emit(relax.op.take(c0, index, axis=0, mode="clip"))
                 ys = emit(relax.op.zeros(relax.ShapeExpr([steps, batch, hidden]), "float32"))
                 suffix = "_reverse" if d else ""
-                loop = self._loop(w_hh, bool(d), f"weight_hh_l{layer}{suffix} (LSTM)")
+                # One codebook for W_ih and W_hh of a layer, chosen jointly, as compile_lstm does.
+                codebook = self.codebook
+                if codebook == AUTO:
+                    codebook = choose_codebook([w_ih, w_hh], self.fmt, self.method)[0]
+                self.codebooks[weight_key(w_ih)] = codebook
+                loop = self._loop(w_hh, codebook, bool(d), f"weight_hh_l{layer}{suffix} (LSTM)")
                 span = relax.ShapeExpr([tir.IntImm("int64", 0), steps])
                 res = emit(relax.Call(loop, [gx, h, c, ys, span, self.bitlayers]))
                 outs.append(emit(relax.TupleGetItem(res, 0)))
@@ -267,6 +246,9 @@ class PBLSTMLowering:
     converted : list of dict
         One entry per recurrent weight ``W_hh`` (``name``, ``weight_key``, ``shape``, ``codebook``),
         filled by the last run.
+    codebooks : dict
+        :func:`weight_key` of each input-projection weight ``W_ih`` -> the codebook chosen for its
+        layer (jointly with ``W_hh``); pass it to :class:`PBLinearRewrite` as ``codebooks``.
     """
 
     def __init__(self, fmt: BitplaneFormat, codebook: str | None = AUTO, method: str = "mse") -> None:
@@ -274,6 +256,7 @@ class PBLSTMLowering:
         self.codebook = codebook
         self.method = method
         self.converted: list[dict] = []
+        self.codebooks: dict[str, str | None] = {}
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method)
@@ -281,6 +264,7 @@ class PBLSTMLowering:
             if isinstance(func, relax.Function):
                 lowerer.builder_.update_func(gvar, lowerer.lower(func))
         self.converted = lowerer.converted
+        self.codebooks = lowerer.codebooks
         mod = lowerer.builder_.get()
         logger.info("PBLSTMLowering: %d LSTM(s), %d recurrent weights", lowerer.n_lowered, len(self.converted))
         return relax.transform.Normalize()(mod)

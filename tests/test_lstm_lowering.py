@@ -163,6 +163,18 @@ def test_unsupported_lstms_are_clear_errors():
         compiled(tokens, h0[:1], c0)  # wrong number of layers in the state
 
 
+def test_one_tensor_as_two_example_inputs_stays_two_inputs():
+    torch.manual_seed(0)
+    lm = WordLM().eval()
+    zeros = torch.zeros(2, 2, 24)
+    compiled = pbtvm.compile(lm, (torch.randint(0, 40, (6, 2)), zeros, zeros), bits=16, act_bits=16)
+    tokens, h0, c0 = lm.example(7, 3)
+    with torch.no_grad():
+        want = _flat(lm(tokens, h0, c0))
+    for got, ref in zip(_flat(compiled(tokens, h0, c0)), want, strict=True):
+        assert _rel(got, ref) <= 1e-3
+
+
 def test_exported_so_runs_any_length_in_a_fresh_process(tmp_path):
     torch.manual_seed(3)
     lm = WordLM().eval()
