@@ -214,3 +214,15 @@ def test_exported_so_runs_any_length_in_a_fresh_process(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=False, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_compiling_and_running_an_lstm_model_prints_nothing(capfd):
+    torch.manual_seed(0)
+    tagger = PooledTagger().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = pbtvm.compile(tagger, tagger.example(7, 2), bits=4)
+        compiled(*tagger.example(3, 1))
+    assert [str(w.message) for w in caught] == []
+    out, err = capfd.readouterr()  # TVM's C++ log lines go straight to the file descriptors
+    assert out == "" and err == "", (out, err)
