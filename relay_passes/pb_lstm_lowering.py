@@ -69,21 +69,44 @@ def _step_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
     return func.without_attr("global_symbol").with_attrs(kernel_attrs("pb_lstm_cell", fmt, hidden))
 
 
-def _write_step_func() -> tir.PrimFunc:
-    """``ys[t] = h`` in place: ``(ys [T, B, H], h [B, H], t)``, any T, B, H."""
-    from tvm.script import tirx as T
+#: Threads per block of the CUDA ``ys[t] = h`` copy.
+WRITE_THREADS = 256
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def write_step(var_ys: T.handle, var_h: T.handle, t: T.int64):
-        steps, batch, hidden = T.int64(), T.int64(), T.int64()
-        ys = T.match_buffer(var_ys, (steps, batch, hidden))
-        h = T.match_buffer(var_h, (batch, hidden))
-        for b, u in T.grid(batch, hidden):
-            with T.sblock("pb_lstm_write_step"):
-                vb, vu = T.axis.remap("SS", [b, u])
-                ys[t, vb, vu] = h[vb, vu]
 
-    return write_step
+def _write_step_func(target_kind: str) -> tir.PrimFunc:
+    """``ys[t] = h`` in place: ``(ys [T, B, H], h [B, H], t)``, any T, B, H; scheduled for the target.
+
+    One loop over the ``B * H`` elements on the CPU, a thread per element on CUDA.
+    """
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    steps, batch, hidden = (tir.Var(n, "int64") for n in ("steps", "batch", "hidden"))
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("pb_lstm_write_step")
+            ys = T.arg("ys", T.buffer((steps, batch, hidden), "float32"))
+            h = T.arg("h", T.buffer((batch, hidden), "float32"))
+            t = T.arg("t", tir.Var("t", "int64"))
+            T.func_attr({"tirx.is_scheduled": True})
+
+            def store(p: tir.PrimExpr) -> None:
+                b, u = tir.floordiv(p, hidden), tir.floormod(p, hidden)
+                T.buffer_store(ys, h[b, u], [t, b, u])
+
+            total = batch * hidden
+            if target_kind == "cuda":
+                bx, tx = T.env_thread("blockIdx.x"), T.env_thread("threadIdx.x")
+                with T.launch_thread(bx, (total + WRITE_THREADS - 1) // WRITE_THREADS):
+                    with T.launch_thread(tx, WRITE_THREADS):
+                        p = bx.astype("int64") * WRITE_THREADS + tx.astype("int64")
+                        with T.If(p < total):
+                            with T.Then():
+                                store(p)
+            else:
+                with T.serial(tir.const(0, "int64"), total) as p:
+                    store(p)
+    return ib.get().without_attr("global_symbol")
 
 
 def _seq(*bindings: tuple[relax.Var, relax.Expr]) -> relax.SeqExpr:
@@ -122,7 +145,9 @@ class _Lowerer(PyExprMutator):
             _step_func(fmt, hidden), f"pb_lstm_cell_seq_{fmt.name.replace('-', '_')}_h{hidden}"
         )
         if self._write is None:
-            self._write = self.builder_.add_func(_write_step_func(), "pb_lstm_write_step")
+            target = tvm.target.Target.current(allow_none=True)
+            kind = target.kind.name if target is not None else "llvm"
+            self._write = self.builder_.add_func(_write_step_func(kind), "pb_lstm_write_step")
         steps, batch, lo, hi, layers = (tir.Var(n, "int64") for n in ("steps", "batch", "lo", "hi", "bitlayers"))
         seq_gx = relax.TensorType([steps, batch, 4 * hidden], "float32")
         seq_h = relax.TensorType([steps, batch, hidden], "float32")

@@ -226,3 +226,25 @@ def test_compiling_and_running_an_lstm_model_prints_nothing(capfd):
     assert [str(w.message) for w in caught] == []
     out, err = capfd.readouterr()  # TVM's C++ log lines go straight to the file descriptors
     assert out == "" and err == "", (out, err)
+
+
+def test_builds_for_cuda_without_a_gpu(tmp_path):
+    torch.manual_seed(0)
+    lm = WordLM().eval()
+    compiled = pbtvm.compile(lm, lm.example(6, 2), target={"kind": "cuda", "arch": "sm_90"}, bits=4)
+    compiled.export(str(tmp_path / "lm_sm90.so"))
+    assert len(compiled.converted_layers) == 5
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_at_any_length():
+    torch.manual_seed(0)
+    lm = WordLM().eval()
+    cpu = pbtvm.compile(lm, lm.example(6, 2), bits=8, act_bits=8)
+    gpu = pbtvm.compile(lm, lm.example(6, 2), target="cuda", bits=8, act_bits=8)
+    for steps, batch in ((1, 1), (17, 3), (64, 2)):
+        inputs = lm.example(steps, batch)
+        want = _flat(cpu(*inputs))
+        got = _flat(gpu(*(x.cuda() for x in inputs)))
+        for g, w in zip(got, want, strict=True):
+            assert _rel(g.cpu(), w) <= 1e-4
