@@ -14,9 +14,10 @@ pass replaces each one, layer by layer and direction by direction, by::
 a range of one step runs the fused PB cell kernel (:func:`pbtvm.ops.lstm_cell.pb_lstm_cell_at`:
 pack of ``h``, PB GEMV on ``W_hh``, gates, cell update) and writes ``h'`` into ``ys`` in place; a
 longer range calls itself on both halves, carrying the state. Halving keeps the recursion depth at
-log2(T) (the Relax VM recurses in C++: a step-by-step recursion overflowed the stack at T = 5000)
-and measured 3.2 us per step of VM overhead on the 2-core EPYC, against 10.5 us stepping one by
-one. A reverse direction (bidirectional LSTMs) visits the steps from T - 1 down.
+log2(T): the Relax VM recurses in C++, and a one-step-per-call recursion overflowed the stack at
+T = 4000 on the 2-core EPYC (``benchmarks/bench_relax_time_loop.py``: 3-7 us of VM time per step
+for the halving loop from T = 100 to 100,000; the one-step loop 1.8 us at T = 100, 8.3 us at
+T = 1000, then a crash). A reverse direction (bidirectional LSTMs) visits the steps from T - 1 down.
 
 The main function gains the ``bitlayers: R.Shape([L])`` parameter that PBLinearRewrite then
 reuses, so one knob reaches the projections, the cell kernels and the other dense layers.
@@ -73,7 +74,7 @@ def _step_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
 WRITE_THREADS = 256
 
 
-def _write_step_func(target_kind: str) -> tir.PrimFunc:
+def write_step_func(target_kind: str) -> tir.PrimFunc:
     """``ys[t] = h`` in place: ``(ys [T, B, H], h [B, H], t)``, any T, B, H; scheduled for the target.
 
     One loop over the ``B * H`` elements on the CPU, a thread per element on CUDA.
@@ -147,7 +148,7 @@ class _Lowerer(PyExprMutator):
         if self._write is None:
             target = tvm.target.Target.current(allow_none=True)
             kind = target.kind.name if target is not None else "llvm"
-            self._write = self.builder_.add_func(_write_step_func(kind), "pb_lstm_write_step")
+            self._write = self.builder_.add_func(write_step_func(kind), "pb_lstm_write_step")
         steps, batch, lo, hi, layers = (tir.Var(n, "int64") for n in ("steps", "batch", "lo", "hi", "bitlayers"))
         seq_gx = relax.TensorType([steps, batch, 4 * hidden], "float32")
         seq_h = relax.TensorType([steps, batch, hidden], "float32")
