@@ -85,17 +85,25 @@ def _rel(got, want) -> float:  # noqa: ANN001
     return float((got - want).norm() / want.norm())
 
 
-@pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
-def model(request):  # noqa: ANN001, ANN201
-    torch.manual_seed(7)
-    return MODELS[request.param]().eval()
+_COMPILED: dict = {}
+
+
+def _compiled(name: str, bits: int, act_bits: int) -> tuple:
+    """(torch model, its compile at example length 9, batch 2), built once per test session."""
+    key = (name, bits, act_bits)
+    if key not in _COMPILED:
+        torch.manual_seed(7)
+        model = MODELS[name]().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no unroll warning, no torch export noise
+            _COMPILED[key] = model, pbtvm.compile(model, model.example(9, 2), bits=bits, act_bits=act_bits)
+    return _COMPILED[key]
 
 
 @pytest.mark.parametrize(("bits", "act_bits", "bound"), PRECISIONS, ids=["W16A16", "W8A8"])
-def test_any_length_and_batch_matches_torch(model, bits, act_bits, bound):  # noqa: ANN001
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no unroll warning, no torch export noise
-        compiled = pbtvm.compile(model, model.example(9, 2), bits=bits, act_bits=act_bits)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_any_length_and_batch_matches_torch(name, bits, act_bits, bound):  # noqa: ANN001
+    model, compiled = _compiled(name, bits, act_bits)
     torch.manual_seed(1)
     for steps in LENGTHS:
         for batch in BATCHES:
@@ -110,9 +118,7 @@ def test_any_length_and_batch_matches_torch(model, bits, act_bits, bound):  # no
 
 
 def test_one_module_with_every_lstm_weight_in_pb():
-    torch.manual_seed(0)
-    lm = WordLM().eval()
-    compiled = pbtvm.compile(lm, lm.example(6, 2), bits=4)
+    _, compiled = _compiled("word_lm", 8, 8)
     names = compiled.converted_layers
     for layer in (0, 1):
         assert f"rnn.weight_ih_l{layer} (LSTM)" in names and f"rnn.weight_hh_l{layer} (LSTM)" in names
@@ -122,9 +128,7 @@ def test_one_module_with_every_lstm_weight_in_pb():
 
 
 def test_bitlayers_reaches_the_recurrent_kernels():
-    torch.manual_seed(0)
-    tagger = PooledTagger().eval()
-    compiled = pbtvm.compile(tagger, tagger.example(8, 2), bits=8)
+    tagger, compiled = _compiled("pooled", 8, 8)
     (x,) = tagger.example(30, 2)
     with torch.no_grad():
         want = tagger(x)
@@ -135,6 +139,17 @@ def test_bitlayers_reaches_the_recurrent_kernels():
     x = torch.randn(12, 2, 10)
     y2, y8 = lowered(x, bitlayers=2)[0], lowered(x, bitlayers=8)[0]
     assert _rel(y2, y8) > 1e-3
+
+
+def test_thousands_of_steps_in_one_call():
+    torch.manual_seed(0)
+    rnn = torch.nn.Sequential(torch.nn.LSTM(4, 8)).eval()
+    compiled = pbtvm.compile(rnn, (torch.randn(3, 2, 4),), bits=16, act_bits=16)
+    x = torch.randn(6000, 1, 4)  # the time loop recurses log2(T) deep, not T deep
+    with torch.no_grad():
+        want = _flat(rnn(x))
+    for got, ref in zip(_flat(compiled(x)), want, strict=True):
+        assert _rel(got, ref) <= 1e-3
 
 
 def test_gru_and_rnn_are_named_in_a_warning():
@@ -156,8 +171,7 @@ def test_unsupported_lstms_are_clear_errors():
         pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8, proj_size=3)), (torch.randn(5, 2, 4),))
     with pytest.raises(TypeError, match="float32"):
         pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8).double()), (torch.randn(5, 2, 4, dtype=torch.float64),))
-    lm = WordLM().eval()
-    compiled = pbtvm.compile(lm, lm.example(6, 2), bits=4)
+    lm, compiled = _compiled("word_lm", 8, 8)
     tokens, h0, c0 = lm.example(5, 3)
     with pytest.raises(ValueError, match="input 1 has shape"):
         compiled(tokens, h0[:1], c0)  # wrong number of layers in the state
@@ -176,9 +190,7 @@ def test_one_tensor_as_two_example_inputs_stays_two_inputs():
 
 
 def test_exported_so_runs_any_length_in_a_fresh_process(tmp_path):
-    torch.manual_seed(3)
-    lm = WordLM().eval()
-    compiled = pbtvm.compile(lm, lm.example(9, 2), bits=8, act_bits=8)
+    lm, compiled = _compiled("word_lm", 8, 8)
     compiled.export(str(tmp_path / "lm.so"))
     cases = []
     for steps in LENGTHS:
