@@ -51,7 +51,9 @@ def timed_us(fn, x: torch.Tensor) -> float:  # noqa: ANN001
     return (time.perf_counter() - t0) * 1e6
 
 
-print(f"model: embedding {args.hidden}, LSTM {args.layers}x{args.hidden}, head {args.vocab}; W{args.bits}A8, batch {args.batch}")
+print(
+    f"model: embedding {args.hidden}, LSTM {args.layers}x{args.hidden}, head {args.vocab}; W{args.bits}A8, batch {args.batch}"
+)
 print(f"medians of {args.reps} runs, sequence call and decoder loop alternating\n")
 print(f"{'T':>4}{'sequence us':>14}{'decoder x T us':>16}{'ratio':>8}{'seq us/step':>13}{'dec us/token':>14}")
 for steps in (int(t) for t in args.lengths.split(",")):

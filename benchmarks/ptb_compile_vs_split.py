@@ -51,4 +51,6 @@ for bits in [int(b) for b in args.bits.split(",")]:
     t1 = time.perf_counter()
     whole = perplexity(PBWordLM(model, "llvm", bits=bits, act_bits=args.act_bits), test)
     t2 = time.perf_counter()
-    print(f"W{bits}A{args.act_bits:<3}{split:>12.3f}{whole:>13.3f}{100 * (whole / split - 1):>+9.3f}{t1 - t0:>9.1f}{t2 - t1:>11.1f}")
+    print(
+        f"W{bits}A{args.act_bits:<3}{split:>12.3f}{whole:>13.3f}{100 * (whole / split - 1):>+9.3f}{t1 - t0:>9.1f}{t2 - t1:>11.1f}"
+    )

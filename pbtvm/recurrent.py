@@ -84,6 +84,7 @@ def check_lstm(name: str, lstm: Any) -> None:
 
 def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
     import torch
+
     op = _lstm_op()
 
     def forward(x: Any, hx: Any = None) -> tuple:

@@ -7,7 +7,7 @@ pass replaces each one, layer by layer and direction by direction, by::
     gx   = x.reshape(T*B, I) @ W_ih^T + (b_ih + b_hh)       # a plain dense layer: PBLinearRewrite,
                                                             # run after this pass, makes it one PB
                                                             # GEMM over all steps (format, quantizer,
-                                                            # calibration, tuning log as any layer)
+                                                            # tuning log as any layer)
     ys, h_T, c_T = pb_lstm_loop(gx [T, B, 4H], h0[l], c0[l], ys = zeros [T, B, H], [0, T), bitlayers)
 
 ``pb_lstm_loop`` is a private Relax function per layer and direction, recursive with ``R.If``:
