@@ -8,8 +8,9 @@ decoding (the table prints the weight megabytes read per token).
 
 PB rows: ``decoder`` is :func:`pbtvm.decoder.compile_decoder` (the whole token in one call; on CUDA
 captured as one CUDA graph between two repack kernels; ``--no-graph`` adds the same without the
-graph), ``seq path`` is :class:`pbtvm.apps.ptb.PBWordLM`'s step (per layer an input-projection GEMM
-call and a fused step call, then the head). On CUDA, torch also runs captured in a CUDA graph
+graph), ``seq path`` is :class:`pbtvm.apps.ptb.PBWordLM` (the whole LM through ``pbtvm.compile``, its LSTM
+lowered to a PB time loop) called with one token. (Before 2026-11-30 ``seq path`` was the
+hand-split model: per layer an input-projection GEMM call and a fused step call, then the head.) On CUDA, torch also runs captured in a CUDA graph
 (``+graph`` rows), the fairest baseline for launch overhead.
 
 ``--unfused`` also times the same PB model with the step built the pre-fusion way (``pbtvm.compile``
@@ -121,11 +122,7 @@ def weight_mb(bits: float) -> float:
 
 def pb_step(pb):  # noqa: ANN001, ANN201
     def step(tok, state):  # noqa: ANN001, ANN202
-        with torch.no_grad():
-            emb = pb.embedding.to(dev)(tok[0])
-        h, state = pb.lstm.step(emb, state)
-        pb.head(h)
-        return state
+        return pb(tok, state)[1]  # the whole LM compiled by pbtvm.compile, called with T = 1
 
     return step
 

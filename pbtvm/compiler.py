@@ -10,7 +10,7 @@ import time
 import warnings
 from typing import Any
 
-from . import __version__, outputs
+from . import __version__, outputs, recurrent
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
@@ -18,10 +18,11 @@ from .errors import InputError, InputTypeError
 from .lowering import weight_key
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
-from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite
+from .relay_passes import ApplyPBSchedules, NormalizeConstantIndices, PBLinearRewrite, PBLSTMLowering
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import TargetInfo, resolve_target
+from .torch_export import export_program, input_specs
 from .torch_import import converters
 
 logger = logging.getLogger(__name__)
@@ -66,33 +67,29 @@ def import_model(
             raise InputTypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0:
             raise InputError(f"example input {i} is a scalar; inputs need a batch dimension")
+    # torch.export treats one tensor passed as two inputs as one input (e.g. a zero state as both
+    # h0 and c0): the second would be ignored in the compiled model. Give each its own copy.
+    pointers: set[int] = set()
+    unique = []
+    for x in example_inputs:
+        unique.append(x.clone() if x.data_ptr() in pointers else x)
+        pointers.add(x.data_ptr())
+    example_inputs = tuple(unique)
     model = model.eval()
-    exported, dynamic = None, False
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        shapes = tuple({0: batch} for _ in example_inputs)
-        # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
-        traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
-        try:
-            exported = torch.export.export(model, traced, dynamic_shapes=shapes)
-            dynamic = True
-        except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
-            warnings.warn(
-                f"pbtvm: the batch dimension could not be made dynamic ({type(err).__name__}); "
-                "the model is compiled for the example batch size only",
-                stacklevel=3,
-            )
-    if exported is None:
-        exported = torch.export.export(model, example_inputs)
-    mod = from_exported_program(exported, custom_convert_map=converters([] if matmul_owners is None else matmul_owners))
+    with recurrent.lstm_stand_ins(model) as lstms:
+        exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
+    if dynamic and lstms[1:]:
+        fixed = ", ".join(sorted({f"the {what} of {name}" for name, what in lstms[1:]}))
+        warnings.warn(
+            f"pbtvm: {fixed} is 1 in the example, and torch.export fixes dimensions of size 1: the compiled "
+            "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
+            stacklevel=5,  # the user's compile / tune call
+        )
+    convert_map = converters([] if matmul_owners is None else matmul_owners)
+    convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
+    mod = from_exported_program(exported, custom_convert_map=convert_map)
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
-    specs = [
-        {
-            "dtype": str(x.dtype).replace("torch.", ""),
-            "shape": [None if (dynamic and d == 0) else int(s) for d, s in enumerate(x.shape)],
-        }
-        for x in example_inputs
-    ]
+    specs = input_specs(exported, example_inputs)
     return mod, specs, dynamic
 
 
@@ -101,6 +98,9 @@ def _layer_names(model: Any) -> dict[str, str]:
 
     names = {}
     for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LSTM):  # its weights by parameter name (the lowering's dense layers)
+            for param, w in module.named_parameters():
+                names.setdefault(weight_key(w.detach().cpu().numpy()), f"{name}.{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
             w = weight.detach().cpu()
@@ -130,11 +130,14 @@ def _rewrite(  # noqa: ANN202
 
         importance = input_importance(model, calibration)
     names = _layer_names(model)
-    rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names)
+    lstms = PBLSTMLowering(fmt, codebook, quantizer)  # first: its input projections are dense layers
     with tvm_target:
+        mod = lstms(mod)
+        rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
     converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
+    converted += [{**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted]
     # Matmuls are named by the torch module that called them when every one came from pbtvm's
     # converters (then the rewrite's matmul order is the converters' order).
     by_order = owners if len(owners) == report.n_matmuls else []
@@ -150,14 +153,18 @@ def _rewrite(  # noqa: ANN202
 
 
 def _warn_recurrent(model: Any) -> None:
-    """torch.export unrolls recurrent layers over the example's length: say so, and what to use."""
+    """GRU and plain RNN layers are not lowered: torch.export unrolls them over the example's length."""
     import torch
 
-    rnns = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.nn.RNNBase)]
+    rnns = [
+        f"{name} ({type(m).__name__})"
+        for name, m in recurrent.recurrent_modules(model)
+        if not isinstance(m, torch.nn.LSTM)
+    ]
     if rnns:
         warnings.warn(
-            f"pbtvm: {', '.join(rnns)} is recurrent; torch.export unrolls it, so the compiled model only runs "
-            "the example's sequence length. Use pbtvm.lstm.compile_lstm for any length and a step API.",
+            f"pbtvm: {', '.join(rnns)} is recurrent and not lowered (only nn.LSTM is); torch.export unrolls it, "
+            "so the compiled model only runs the example's sequence length.",
             stacklevel=3,
         )
 

@@ -1,7 +1,10 @@
-"""LSTM layers with PrecisionBatching, for any sequence length, and a stateful step API.
+"""A standalone ``nn.LSTM`` with PrecisionBatching, for any sequence length, and a stateful step API.
 
-``torch.export`` unrolls ``nn.LSTM`` over a fixed length, so pbtvm lowers an LSTM from the
-module's weights instead, layer by layer:
+The explicit step API. A model that *contains* LSTMs compiles whole with :func:`pbtvm.compile`,
+which lowers each LSTM inside the compiled module (:mod:`pbtvm.recurrent`,
+``relay_passes/pb_lstm_lowering.py``: same format, quantizer and fused cell kernel, the time
+loop in Relax). :func:`compile_lstm` remains for a bare LSTM driven from Python - one step at a
+time (:meth:`PBLSTM.step`) or a sequence - and builds it layer by layer:
 
 * the input projection of all time steps at once: one PB GEMM ``[T*B, I] x W_ih^T`` (+ both
   biases), a :class:`~pbtvm.runtime.CompiledModel` with a dynamic row count;

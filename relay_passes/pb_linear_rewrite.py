@@ -90,8 +90,10 @@ class _Rewriter(PyExprMutator):
         method: str,
         importance: dict | None,
         layer_names: dict[str, str],
+        codebooks: dict[str, str | None] | None = None,
     ) -> None:
         super().__init__(mod)
+        self.codebooks = codebooks or {}
         self.fmt = fmt
         self.importance = importance or {}
         self.codebook = codebook
@@ -204,7 +206,8 @@ class _Rewriter(PyExprMutator):
         if key not in self._packed_weights:
             imp = [self.importance.get(key)]
             try:
-                fmt, [(planes, params)] = lower_weights([weight], self.fmt, (self.codebook, self.method), imp)
+                codebook = self.codebooks.get(key, self.codebook)
+                fmt, [(planes, params)] = lower_weights([weight], self.fmt, (codebook, self.method), imp)
             except ValueError as err:  # e.g. NaN / Inf weights: say which layer
                 name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
                 raise InputError(f"layer {name}: {err}") from None
@@ -307,7 +310,9 @@ class _Rewriter(PyExprMutator):
             x, weight, reason = self._match_matmul(call)
             if weight is not None:
                 out_dtype = str(call.attrs.out_dtype)
-                return self._record(x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype))
+                return self._record(
+                    x, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(x.ty.dtype)
+                )
             const = self._weight_of(call.args[1])[0]
             key = weight_key(const) if const is not None else None
             self.report.skipped.append({"op": name, "reason": reason, "weight_key": key, "matmul_index": index})
@@ -318,7 +323,17 @@ class _Rewriter(PyExprMutator):
         return call
 
     def rewrite(self, func: relax.Function) -> relax.Function:
-        """Rewrite one function; adds the ``bitlayers`` parameter if anything was converted."""
+        """Rewrite one function; adds the ``bitlayers`` parameter if anything was converted.
+
+        A function that already ends in ``bitlayers: R.Shape([L])`` (from :class:`PBLSTMLowering`)
+        keeps it, and its layers read the same knob.
+        """
+        last = func.params[-1] if func.params else None
+        if last is not None and last.name == "bitlayers" and isinstance(last.ty, relax.ShapeType):
+            self.bitlayers = last.ty.values[0]
+            before = self.n_rewritten
+            new_func = self.visit_expr(func)
+            return func if self.n_rewritten == before else new_func
         before = self.n_rewritten
         new_func = self.visit_expr(func)
         if self.n_rewritten == before:
@@ -353,6 +368,9 @@ class PBLinearRewrite:
         statistics, see :func:`pbtvm.calibration.input_importance`); other weights plain MSE.
     layer_names : dict, optional
         :func:`weight_key` -> layer name, for error messages (e.g. a weight holding NaN).
+    codebooks : dict, optional
+        :func:`weight_key` -> codebook for particular weights (e.g. an LSTM's input projection,
+        whose codebook :class:`PBLSTMLowering` chose with its recurrent weight); others ``codebook``.
 
     Attributes
     ----------
@@ -367,8 +385,10 @@ class PBLinearRewrite:
         method: str = "mse",
         importance: dict | None = None,
         layer_names: dict[str, str] | None = None,
+        codebooks: dict[str, str | None] | None = None,
     ) -> None:
         self.fmt = fmt
+        self.codebooks = dict(codebooks or {})
         self.codebook = codebook
         self.method = method
         self.importance = importance
@@ -377,7 +397,9 @@ class PBLinearRewrite:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
-        rewriter = _Rewriter(mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names)
+        rewriter = _Rewriter(
+            mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names, self.codebooks
+        )
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.rewrite(func))

