@@ -80,7 +80,7 @@ def check_chunk(chunk: int | None, can_generate: bool) -> int:
 def add_generate_functions(bb: Any, parts: Any, chunk: int) -> None:
     """Add ``generate_chunk`` and ``generate_chunk_logits`` to the module ``bb`` is building.
 
-    ``parts`` is the decoder's :class:`pbtvm.decoder.StepParts` (its weights are shared).
+    ``parts`` is the decoder's :class:`pbtvm.decoder_step.StepParts` (its weights are shared).
     """
     for with_logits, name in CHUNK_FUNCS.items():
         _chunk_function(bb, parts, chunk, with_logits, name)

@@ -1,7 +1,7 @@
 """Import ``nn.LSTM`` layers as one graph node each, so that ``pbtvm.compile`` can lower them.
 
 ``torch.export`` traces ``nn.LSTM`` step by step, which fixes the sequence length of the
-compiled model. While :func:`pbtvm.compiler.import_model` exports a model, every ``nn.LSTM`` in
+compiled model. While :func:`pbtvm.model_import.import_model` exports a model, every ``nn.LSTM`` in
 it runs :data:`LSTM_OP` instead (:func:`lstm_stand_ins`), a ``torch.library`` custom op whose
 fake implementation gives outputs symbolic in the sequence length and batch: the exported
 program keeps one node per LSTM and the length stays a run-time dimension. Its eager

@@ -4,7 +4,7 @@
 matmul whose ``out_dtype`` is always float32, so a float16 / bfloat16 / float64 layer with a bias fails to
 build (``R.add`` of a float16 bias and a float32 product) and one without a bias silently returns
 float32. The converters here keep the model's dtype: the product has the dtype of its operands,
-as in torch. They are passed as ``custom_convert_map`` (see :func:`pbtvm.compiler.import_model`).
+as in torch. They are passed as ``custom_convert_map`` (see :func:`pbtvm.model_import.import_model`).
 
 Each converter emits exactly one ``relax.matmul`` and records which torch module called the op
 (``nn_module_stack``), so a matmul left in full precision can be reported by module name.

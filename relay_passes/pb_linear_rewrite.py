@@ -24,7 +24,7 @@ import numpy as np
 import tvm_ffi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from pbtvm._tvm import relax, te, tir, tvm
+from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.errors import InputError
 from pbtvm.lowering import LayerRecord, lower_weights, weight_key
@@ -33,6 +33,8 @@ from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 from pbtvm.quantize import AUTO
 from pbtvm.schedules.cpu_vnni import one_kernel_layer
+
+from .te_call import emit_te_call
 
 logger = logging.getLogger(__name__)
 
@@ -167,38 +169,8 @@ class _Rewriter(PyExprMutator):
 
     # ------------------------------------------------------------------ emission
     def _emit_te(self, fn, inputs: list[relax.Expr], name: str, attrs: dict, prim_args: tuple = ()) -> relax.Expr:  # noqa: ANN001
-        """Like ``call_te`` but without its int64 index normalisation.
-
-        ``call_te`` widens every loop-derived integer to int64, which turns the int32 popcount
-        accumulation into ``int32(int64(acc) + ...)``; TVM's cross-thread reduction then finds no
-        reducer. Building the PrimFunc here keeps static loops int32.
-        """
-        # Symbolic dims (``n * 3`` after a reshape) become fresh PrimFunc variables, matched up
-        # across inputs, so the PrimFunc binds them from its buffers' shapes.
-        fresh: list[tuple[tir.PrimExpr, tir.Var]] = []
-
-        def dim(d: tir.PrimExpr) -> tir.PrimExpr:
-            if isinstance(d, tir.IntImm):
-                return int(d)  # static dims as plain ints: int32 loops, as the schedules expect
-            for expr, var in fresh:
-                if tvm_ffi.structural_equal(expr, d):
-                    return var
-            fresh.append((d, tir.Var(f"d{len(fresh)}", "int64")))
-            return fresh[-1][1]
-
-        def undim(d: tir.PrimExpr) -> tir.PrimExpr:
-            return next((expr for expr, var in fresh if var.same_as(d)), d)
-
-        holders = [
-            te.placeholder([dim(d) for d in e.ty.shape.values], str(e.ty.dtype), f"in{i}") for i, e in enumerate(inputs)
-        ]
-        outs = fn(*holders, *prim_args)
-        outs = list(outs) if isinstance(outs, list | tuple) else [outs]
-        func = te.create_prim_func([*holders, *prim_args, *outs]).without_attr("global_symbol").with_attrs(attrs)
-        gvar = self.builder_.add_func(func, name)
-        args = [*inputs, *(relax.prim_value(p) for p in prim_args)]
-        out_ty = [relax.TensorType([undim(d) for d in o.shape], o.dtype) for o in outs]
-        return relax.call_tir(gvar, args, out_ty if len(out_ty) > 1 else out_ty[0])
+        """:func:`emit_te_call` into this rewrite's module."""
+        return emit_te_call(self.builder_, fn, inputs, name, attrs, prim_args)
 
     def _packed(self, weight: np.ndarray) -> tuple[tvm.ir.Constant, tvm.ir.Constant, BitplaneFormat]:
         """Packed planes, row parameters and the layer's format (codebook chosen per weight)."""

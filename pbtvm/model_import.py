@@ -1,0 +1,103 @@
+"""Import a torch model into Relax: ``torch.export`` (LSTMs stood in for), the converters, checks.
+
+:func:`import_model` is the first step of :func:`pbtvm.compile`; :func:`layer_names` maps weights
+back to the torch modules that own them (for manifests and error messages).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+from . import recurrent
+from ._tvm import tvm
+from .errors import InputError, InputTypeError
+from .lowering import weight_key
+from .relay_passes import NormalizeConstantIndices
+from .torch_export import export_program, input_specs
+from .torch_import import converters
+
+__all__ = ["import_model", "layer_names"]
+
+
+def _without_torch_export_noise(fn: Any) -> Any:
+    """Hide torch's own ``LeafSpec`` FutureWarning (raised inside ``torch.export``; nothing for users)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_torch_export_noise
+def import_model(
+    model: Any, example_inputs: tuple, dynamic_batch: bool = True, matmul_owners: list[str] | None = None
+) -> tuple[tvm.IRModule, list[dict], bool]:
+    """Import a torch module with ``torch.export`` + ``from_exported_program``.
+
+    Returns the Relax module, the input specs (dtype, shape with None for a dynamic batch) and
+    whether the batch dimension is dynamic. If torch cannot export a dynamic batch (the model
+    specialises on it), the batch is fixed with a warning. ``matmul_owners``, if given, receives
+    the torch module of every ``relax.matmul`` in the module, in order (see
+    :func:`pbtvm.torch_import.converters`).
+    """
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if not isinstance(model, torch.nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple | list):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if not example_inputs:
+        raise InputError("example_inputs is empty: give one example tensor per model input")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0:
+            raise InputError(f"example input {i} is a scalar; inputs need a batch dimension")
+    # torch.export treats one tensor passed as two inputs as one input (e.g. a zero state as both
+    # h0 and c0): the second would be ignored in the compiled model. Give each its own copy.
+    pointers: set[int] = set()
+    unique = []
+    for x in example_inputs:
+        unique.append(x.clone() if x.data_ptr() in pointers else x)
+        pointers.add(x.data_ptr())
+    example_inputs = tuple(unique)
+    model = model.eval()
+    with recurrent.lstm_stand_ins(model) as lstms:
+        exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
+    if dynamic and lstms[1:]:
+        fixed = ", ".join(sorted({f"the {what} of {name}" for name, what in lstms[1:]}))
+        warnings.warn(
+            f"pbtvm: {fixed} is 1 in the example, and torch.export fixes dimensions of size 1: the compiled "
+            "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
+            stacklevel=5,  # the user's compile / tune call
+        )
+    convert_map = converters([] if matmul_owners is None else matmul_owners)
+    convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
+    mod = from_exported_program(exported, custom_convert_map=convert_map)
+    mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
+    specs = input_specs(exported, example_inputs)
+    return mod, specs, dynamic
+
+
+def layer_names(model: Any) -> dict[str, str]:
+    """Weight key -> readable layer name (torch module path and type) for every weight of ``model``."""
+    import torch
+
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LSTM):  # its weights by parameter name (the lowering's dense layers)
+            for param, w in module.named_parameters():
+                names.setdefault(weight_key(w.detach().cpu().numpy()), f"{name}.{param} (LSTM)")
+        weight = getattr(module, "weight", None)
+        if weight is not None and hasattr(weight, "detach"):
+            w = weight.detach().cpu()
+            w = w.float() if w.dtype == torch.bfloat16 else w  # the rewrite keys bfloat16 weights as float32
+            names.setdefault(weight_key(w.numpy()), f"{name} ({type(module).__name__})")
+    return names
