@@ -33,7 +33,7 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "26
 MMA = "mma16x256"
 
 
-def build_layer(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:  # noqa: ANN001
+def build_layer(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:
     """(activation pack, BMMA dense kernel, config) for a layer; kernels cached by (K) and config."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     cfg = default_config(fmt, n, k, batch)
@@ -46,7 +46,7 @@ def build_layer(n: int, k: int, bits: int, batch: int, target, cache: dict) -> t
     return cache["pack", k], cache[key], cfg
 
 
-def build_fused(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:  # noqa: ANN001
+def build_fused(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:
     """(one-launch BMMA kernel that packs its own rows, config), cached by config."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     cfg = default_config(fmt, n, k, batch, fused_pack=True)

@@ -17,7 +17,7 @@ import pbtvm
 from pbtvm.apps.examples import builtin_mnist_mlp
 
 
-def median_us(fn, x, n: int = 300) -> float:  # noqa: ANN001
+def median_us(fn, x, n: int = 300) -> float:
     fn(x)
     times = []
     for _ in range(n):

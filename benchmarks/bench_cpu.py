@@ -57,13 +57,13 @@ for _name in THREADS_ENV:
 # TVM's idle workers spin by default and would steal the cores torch is timed on.
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from pbtvm import bitplane as bp  # noqa: E402
-from pbtvm import kernels  # noqa: E402
-from pbtvm._tvm import tvm  # noqa: E402
-from pbtvm.target import resolve_target  # noqa: E402
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm._tvm import tvm
+from pbtvm.target import resolve_target
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(ARGS.threads)
@@ -93,14 +93,14 @@ def read_bandwidth() -> float:
     return a.numel() * 4 / min(times)
 
 
-def _tvm(a: np.ndarray):  # noqa: ANN202
+def _tvm(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
 class PBStack:
     """``layers`` PB dense layers (pack + GEMM, no bias) of one shape and format."""
 
-    def __init__(self, n: int, k: int, fmt: bp.BitplaneFormat, layers: int, target, old: bool) -> None:  # noqa: ANN001
+    def __init__(self, n: int, k: int, fmt: bp.BitplaneFormat, layers: int, target, old: bool) -> None:
         rng = np.random.default_rng(0)
         if old:
             os.environ["PBTVM_CPU_KERNEL"] = "popcount"
@@ -157,7 +157,7 @@ def torch_stacks(n: int, k: int, layers: int) -> dict:
     }
 
 
-def bench_shape(n: int, k: int, target, bw: float) -> list[str]:  # noqa: ANN001
+def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
     """Markdown rows for one shape, every batch."""
     layers = ARGS.layers
     methods: dict = {name: (fn, None) for name, fn in torch_stacks(n, k, layers).items()}

@@ -55,7 +55,7 @@ model = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
 rows = []
 
 
-def median_s(fn, repeats: int = args.repeats) -> float:  # noqa: ANN001
+def median_s(fn, repeats: int = args.repeats) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -79,7 +79,7 @@ def add(name: str, batch: int, seconds: float, tokens: int, note: str = "") -> N
 class CellLM(torch.nn.Module):
     """The word LM with one ``nn.LSTMCell`` per layer (same weights): ``(tok [1, B], (h, c)) -> logits``."""
 
-    def __init__(self, m) -> None:  # noqa: ANN001
+    def __init__(self, m) -> None:
         super().__init__()
         self.embedding, self.head = m.embedding, m.head
         self.cells = torch.nn.ModuleList()
@@ -89,7 +89,7 @@ class CellLM(torch.nn.Module):
                 getattr(cell, name).data = getattr(m.lstm, f"{name}_l{k}").data
             self.cells.append(cell)
 
-    def forward(self, tok, state):  # noqa: ANN001, ANN201, D102
+    def forward(self, tok, state):
         x, hs, cs = self.embedding(tok[0]), [], []
         for k, cell in enumerate(self.cells):
             x, c = cell(x, (state[0][k], state[1][k]))
@@ -98,7 +98,7 @@ class CellLM(torch.nn.Module):
         return self.head(x)[None], (torch.stack(hs), torch.stack(cs))
 
 
-def torch_loop(m, batch: int, graph: bool):  # noqa: ANN001, ANN202
+def torch_loop(m, batch: int, graph: bool):
     """Greedy decoding in torch: the chosen token stays on the device and is fed back."""
     dtype = next(m.parameters()).dtype
     tok = torch.ones(1, batch, dtype=torch.long, device=dev)
@@ -124,7 +124,7 @@ def torch_loop(m, batch: int, graph: bool):  # noqa: ANN001, ANN202
     return lambda: [g.replay() for _ in range(args.tokens)]
 
 
-def stepwise(dec, batch: int):  # noqa: ANN001, ANN202
+def stepwise(dec, batch: int):
     dec.check_tokens = False
 
     def run() -> None:
@@ -136,7 +136,7 @@ def stepwise(dec, batch: int):  # noqa: ANN001, ANN202
     return run
 
 
-def kernel_time_per_chunk(dec, batch: int) -> float:  # noqa: ANN001
+def kernel_time_per_chunk(dec, batch: int) -> float:
     """Seconds of kernel work in one ``generate_chunk`` call.
 
     Every kernel call of one chunk is captured (VM instrument hook) with its real arguments, then
@@ -148,7 +148,7 @@ def kernel_time_per_chunk(dec, batch: int) -> float:  # noqa: ANN001
     vm = relax.VirtualMachine(ex, cpu)
     calls = []
 
-    def capture(func, symbol, before, ret, *call_args):  # noqa: ANN001, ANN202
+    def capture(func, symbol, before, ret, *call_args):  # noqa: ARG001 - the VM instrument's signature
         if before and not symbol.startswith("vm.builtin"):
             calls.append((symbol, call_args))
         return 0

@@ -46,7 +46,7 @@ def measure_bandwidth() -> float:
     return 2 * a.numel() * 4 / statistics.median(times)
 
 
-def graph_time(step, n_sets: int, reps: int = 4) -> float:  # noqa: ANN001
+def graph_time(step, n_sets: int, reps: int = 4) -> float:
     """Seconds per call of ``step(i)`` (i cycles over the weight sets), via a captured CUDA graph."""
     calls = n_sets * reps
     stream = torch.cuda.Stream()
@@ -139,7 +139,7 @@ def bench_int4(n: int, k: int, batch: int, l2: int) -> float | None:
             packed.append((w, sz))
         x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
         return graph_time(lambda i: torch._weight_int4pack_mm(x, packed[i][0], group, packed[i][1]), sets)
-    except Exception as err:  # noqa: BLE001 - API differs across torch versions
+    except Exception as err:
         print(f"  int4 tinygemm unavailable for {n}x{k}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
         return None
 

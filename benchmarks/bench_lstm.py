@@ -75,22 +75,22 @@ class UnfusedCell(torch.nn.Module):
         with torch.no_grad():
             self.hh.weight.copy_(w_hh)
 
-    def forward(self, gx, h, c):  # noqa: ANN001, ANN201, D102
+    def forward(self, gx, h, c):
         i, f, g, o = (gx + self.hh(h)).chunk(4, dim=1)
         c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c2), c2
 
 
-def decoder_step(dec):  # noqa: ANN001, ANN201
+def decoder_step(dec):
     dec.check_tokens = False  # no device-to-host copy of the token per step (ids are known good)
 
-    def step(tok, state):  # noqa: ANN001, ANN202
+    def step(tok, state):
         return dec(tok[0], state)[1]
 
     return step
 
 
-def torch_graph_step(m):  # noqa: ANN001, ANN201
+def torch_graph_step(m):
     """The torch step captured in a CUDA graph: static token/state buffers, one replay per token."""
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     h = torch.zeros(args.layers, 1, args.hidden, device=dev, dtype=next(m.parameters()).dtype)
@@ -104,7 +104,7 @@ def torch_graph_step(m):  # noqa: ANN001, ANN201
     with torch.cuda.graph(graph, stream=stream):
         _, (h2, c2) = m(tok, (h, c))
 
-    def step(t, state):  # noqa: ANN001, ANN202
+    def step(t, state):
         tok.copy_(t)
         graph.replay()
         h.copy_(h2)
@@ -120,8 +120,8 @@ def weight_mb(bits: float) -> float:
     return (n * 4 * h * 2 * h + args.vocab * h) * bits / 8 / 1e6 + h * 4 / 1e6
 
 
-def pb_step(pb):  # noqa: ANN001, ANN201
-    def step(tok, state):  # noqa: ANN001, ANN202
+def pb_step(pb):
+    def step(tok, state):
         return pb(tok, state)[1]  # the whole LM compiled by pbtvm.compile, called with T = 1
 
     return step

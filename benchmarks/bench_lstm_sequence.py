@@ -45,7 +45,7 @@ def decode(x: torch.Tensor) -> None:
         state = dec(x[t], state)[1]
 
 
-def timed_us(fn, x: torch.Tensor) -> float:  # noqa: ANN001
+def timed_us(fn, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
     fn(x)
     return (time.perf_counter() - t0) * 1e6

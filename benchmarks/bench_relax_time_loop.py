@@ -35,11 +35,11 @@ def _step_func() -> tir.PrimFunc:
     return te.create_prim_func([gx, h, t, out]).without_attr("global_symbol")
 
 
-def _seq(*bindings):  # noqa: ANN002, ANN202
+def _seq(*bindings):
     return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(v, e) for v, e in bindings])], bindings[-1][0])
 
 
-def build(halving: bool):  # noqa: ANN201
+def build(halving: bool):
     """``main(gx [T, B, H], h [B, H]) -> (ys, h_T)`` with the loop of the chosen kind."""
     from tvm.relax.expr import _update_type
 

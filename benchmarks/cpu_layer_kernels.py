@@ -27,7 +27,7 @@ from pbtvm.target import resolve_target
 SHAPES = [(512, 784, 1), (512, 512, 1), (10, 512, 1), (512, 784, 8), (4096, 4096, 1), (4096, 4096, 8)]
 
 
-def median_us(fn, args: list, clock, n: int) -> float:  # noqa: ANN001
+def median_us(fn, args: list, clock, n: int) -> float:
     for _ in range(max(3, n // 20)):
         fn(*args)
     times = []
@@ -51,7 +51,7 @@ def main() -> None:
     fmt = bp.BitplaneFormat(args.bits, 8, args.codebook)
     rng = np.random.default_rng(0)
 
-    def t(a: np.ndarray):  # noqa: ANN202
+    def t(a: np.ndarray):
         return tvm.runtime.tensor(np.ascontiguousarray(a), dev)
 
     print(f"{fmt.name}, {args.clock} clock, µs per call (median of 5 runs)")

@@ -49,7 +49,7 @@ tok = torch.tensor([1], device="cuda")
 state = dec.initial_state("cuda")
 
 
-def median_us(fn, n: int = args.tokens) -> float:  # noqa: ANN001
+def median_us(fn, n: int = args.tokens) -> float:
     for _ in range(10):
         fn()
     torch.cuda.synchronize()

@@ -27,12 +27,12 @@ args = parser.parse_args()
 class SplitLM:
     """The pre-issue-15 tutorial model: compile_lstm + compiled head, embedding in torch."""
 
-    def __init__(self, model, bits, act_bits):  # noqa: ANN001
+    def __init__(self, model, bits, act_bits):
         self.embedding = model.embedding
         self.lstm = compile_lstm(model.lstm, "llvm", bits, act_bits)
         self.head = pbtvm.compile(model.head, (torch.zeros(2, model.head.in_features),), "llvm", bits, act_bits)
 
-    def __call__(self, tokens, state=None):  # noqa: ANN001, ANN204
+    def __call__(self, tokens, state=None):
         with torch.no_grad():
             emb = self.embedding(tokens)
         y, state = self.lstm(emb, state)

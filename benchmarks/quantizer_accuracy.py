@@ -38,7 +38,7 @@ def _table(title: str, metric: str, fp32: float, rows: list, lower_is_better: bo
         print(f"| {name} | {old:.2f} | {d_old} | {new:.2f} | {d_new} | {codebooks} |")
 
 
-def _codebooks(*compiled) -> str:  # noqa: ANN002
+def _codebooks(*compiled) -> str:
     names = set()
     for m in compiled:
         for layer in m.manifest["layers"]["converted"]:
@@ -78,7 +78,7 @@ def ptb(args: argparse.Namespace) -> None:
             torch.save(model.state_dict(), args.model_cache)
     test = data.test if args.tokens is None else data.test[: args.tokens]
 
-    def fp32_step(x, state):  # noqa: ANN001, ANN202
+    def fp32_step(x, state):
         with torch.no_grad():
             return model(x, state)
 

@@ -11,10 +11,10 @@ split into planes too, and each layer becomes AND + popcount over planes with a 
 
 __version__ = "0.1.0"
 
-from .bitplane import PRESETS, BitplaneFormat  # noqa: E402
-from .compiler import compile, tune  # noqa: E402, A004
-from .library import LibraryError  # noqa: E402
-from .runtime import CompiledModel, load  # noqa: E402
+from .bitplane import PRESETS, BitplaneFormat
+from .compiler import compile, tune
+from .library import LibraryError
+from .runtime import CompiledModel, load
 
 __all__ = ["BitplaneFormat", "CompiledModel", "LibraryError", "PRESETS", "compile", "load", "tune", "__version__"]
 

@@ -21,7 +21,7 @@ __all__ = ["tvm", "relax", "te", "tir", "s_tir", "dlight", "meta_schedule", "TVM
 TVM_VERSION: str = tvm.__version__
 
 
-def meta_schedule():  # noqa: ANN201 - module object
+def meta_schedule():
     """Import MetaSchedule lazily (it pulls in xgboost)."""
     from tvm.s_tir import meta_schedule as ms
 

@@ -57,7 +57,7 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[Any, tuple]:
             raise CLIError(f"model file {spec} does not exist")
         try:
             model = torch.load(path, weights_only=False, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - torch raises many kinds
+        except Exception as err:
             raise CLIError(f"{spec} is not a torch.save'd model: {err}") from None
         if not isinstance(model, torch.nn.Module):
             raise CLIError(f"{spec} holds a {type(model).__name__}, not a torch.nn.Module")

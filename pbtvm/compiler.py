@@ -25,7 +25,7 @@ from .target import TargetInfo, resolve_target
 logger = logging.getLogger(__name__)
 
 
-def _rewrite(  # noqa: ANN202
+def _rewrite(
     model: Any,
     example_inputs: Any,
     fmt: BitplaneFormat,
@@ -141,7 +141,7 @@ def tune(
     )
 
 
-def compile(  # noqa: A001 - the public name users expect
+def compile(
     model: Any,
     example_inputs: Any,
     target: Any = "llvm",
@@ -331,7 +331,7 @@ def build_model(
 
 
 @contextlib.contextmanager
-def torch_no_grad():  # noqa: ANN201
+def torch_no_grad():
     """``torch.no_grad`` without importing torch at module import."""
     import torch
 

@@ -34,7 +34,7 @@ from .errors import InputError, InputTypeError
 from .target import resolve_target
 
 
-def _torch():  # noqa: ANN202
+def _torch():
     import torch
 
     return torch

@@ -34,7 +34,7 @@ _OP = None
 
 def _lstm_op() -> Any:
     """Register (once) and return the custom op ``pbtvm::lstm_stack``."""
-    global _OP  # noqa: PLW0603 - torch.library registers an op once per process
+    global _OP
     if _OP is not None:
         return _OP
     import torch
@@ -45,22 +45,22 @@ def _lstm_op() -> Any:
     )
 
     @torch.library.custom_op("pbtvm::lstm_stack", mutates_args=(), schema=schema)
-    def lstm_stack(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):  # noqa: ANN001, ANN202, PLR0913
-        y, h, c = torch._VF.lstm(  # noqa: SLF001 - the kernel nn.LSTM itself calls
+    def lstm_stack(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):
+        y, h, c = torch._VF.lstm(
             x, (h0, c0), weights, has_bias, num_layers, 0.0, False, bidirectional, batch_first
         )
         return y, h, c
 
     @lstm_stack.register_fake
-    def _(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):  # noqa: ANN001, ANN202, PLR0913
+    def _(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):  # noqa: ARG001 - the op's schema
         dirs = 2 if bidirectional else 1
         hidden = weights[1].shape[1]
         steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
-        torch._check(x.shape[2] == weights[0].shape[1])  # noqa: SLF001 - fixes the feature dims
+        torch._check(x.shape[2] == weights[0].shape[1])
         for state in (h0, c0):
-            torch._check(state.shape[0] == num_layers * dirs)  # noqa: SLF001
-            torch._check(state.shape[1] == batch)  # noqa: SLF001
-            torch._check(state.shape[2] == hidden)  # noqa: SLF001
+            torch._check(state.shape[0] == num_layers * dirs)
+            torch._check(state.shape[1] == batch)
+            torch._check(state.shape[2] == hidden)
         y = x.new_empty((batch, steps, dirs * hidden) if batch_first else (steps, batch, dirs * hidden))
         return y, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
@@ -113,7 +113,7 @@ def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
         for state in hx:
             if state.ndim != 3 or any(s != w for s, w in zip(state.shape, want, strict=True)):
                 raise InputError(f"pbtvm.compile: {name} (LSTM) state must be {want}, got {tuple(state.shape)}")
-        weights = [getattr(lstm, n) for n in lstm._flat_weights_names]  # noqa: SLF001 - parameters, in torch's order
+        weights = [getattr(lstm, n) for n in lstm._flat_weights_names]
         y, h, c = op(x, hx[0], hx[1], weights, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.bidirectional)
         return y, (h, c)
 

@@ -284,6 +284,6 @@ def load(path: str, device: str | None = None) -> CompiledModel:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
     try:
         module = tvm.runtime.load_module(path)
-    except Exception as err:  # noqa: BLE001 - TVM raises several types for a bad file
+    except Exception as err:
         raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
     return CompiledModel(module, manifest, device)

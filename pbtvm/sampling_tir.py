@@ -14,7 +14,7 @@ from .sampling import _M0, _M1, _W0, _W1
 
 
 @T.macro(hygienic=False)
-def _philox_uniform(ph, ctrl, step, r, out, at):  # noqa: ANN001
+def _philox_uniform(ph, ctrl, step, r, out, at):
     """``out[at] = philox_uniform(ctrl[0], ctrl[1] + step, r)`` using the uint32 scratch ``ph [6]``."""
     ph[0] = T.Cast("uint32", r)
     ph[1] = T.Cast("uint32", (ctrl[1] + step) & T.int64(0xFFFFFFFF))
@@ -41,7 +41,7 @@ def _philox_uniform(ph, ctrl, step, r, out, at):  # noqa: ANN001
 
 def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
     """Rows in a parallel loop; every pass over the vocabulary in index order."""
-    B, V, N = batch, vocab, chunk  # noqa: N806
+    B, V, N = batch, vocab, chunk
 
     @T.prim_func
     def pick(
@@ -126,7 +126,7 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
 
 
 @T.macro(hygienic=False)
-def _block_best(sv, si, cand_v, cand_i, t, threads, vocab):  # noqa: ANN001
+def _block_best(sv, si, cand_v, cand_i, t, threads, vocab):
     """Tree-reduce the per-thread candidates ``(sv, si)`` (index ``vocab`` = none) into slot 0.
 
     Every thread reads, then (after a barrier) every thread writes: no shared access sits inside
@@ -159,7 +159,7 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
     whose segment holds ``u * total`` picks the token."""
     if threads & (threads - 1):
         raise InputError(f"threads must be a power of two, got {threads}")
-    B, V, N, TPB = batch, vocab, chunk, threads  # noqa: N806
+    B, V, N, TPB = batch, vocab, chunk, threads
     seg = (V + TPB - 1) // TPB
     strides = (V + TPB - 1) // TPB
 

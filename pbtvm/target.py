@@ -40,7 +40,7 @@ def local_cuda_arch() -> str | None:
         if not dev.exist:
             return None
         return "sm_" + dev.compute_version.replace(".", "")
-    except Exception:  # noqa: BLE001 - no driver / no runtime means no GPU
+    except Exception:
         return None
 
 

@@ -33,7 +33,7 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
             # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
             traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
             return torch.export.export(model, traced, dynamic_shapes=shapes), True
-        except Exception as err:  # noqa: BLE001 - torch raises many kinds of constraint errors
+        except Exception as err:
             if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
                 raise
             what = "batch and sequence dimensions" if recurrent_dims else "batch dimension"
@@ -46,7 +46,7 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
 
 
 @contextlib.contextmanager
-def _quiet_size_one_log():  # noqa: ANN202
+def _quiet_size_one_log():
     """torch logs a warning for every size-1 dimension that ``Dim.AUTO`` fixes (e.g. the state of
     a one-layer LSTM); pbtvm warns itself where it matters (an LSTM's length or batch)."""
     torch_log = logging.getLogger("torch._export.non_strict_utils")

@@ -37,7 +37,7 @@ CENTER_MARGIN = 0.05
 _CHUNK_ELEMS = 1 << 24
 
 
-def _chunks(n: int, k: int):  # noqa: ANN202
+def _chunks(n: int, k: int):
     step = max(1, _CHUNK_ELEMS // max(k, 1))
     for lo in range(0, n, step):
         yield slice(lo, min(n, lo + step))

@@ -52,7 +52,7 @@ class ApplyPBSchedules:
         self.target = target
         self.lookup = lookup
 
-    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: ARG002
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         """Schedule the PB kernels of ``mod`` (``ctx``: TVM's pass context, part of the pass protocol)."""
         updates = {}
         for gvar, func in mod.functions_items():

@@ -26,7 +26,7 @@ from pbtvm.errors import InputError
 INDEXING_OPS = ("relax.take", "relax.gather_elements")
 
 
-def _const_indices(expr: relax.Expr, lookup) -> np.ndarray | None:  # noqa: ANN001
+def _const_indices(expr: relax.Expr, lookup) -> np.ndarray | None:
     while isinstance(expr, relax.Var):
         bound = lookup(expr)
         if bound is None:
@@ -39,7 +39,7 @@ def _const_indices(expr: relax.Expr, lookup) -> np.ndarray | None:  # noqa: ANN0
 
 @mutator
 class _Normalizer(PyExprMutator):
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
         if op not in INDEXING_OPS:

@@ -83,7 +83,7 @@ class _Linear:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         mod: tvm.IRModule,
         fmt: BitplaneFormat,
@@ -168,7 +168,7 @@ class _Rewriter(PyExprMutator):
         return x, weight, ""
 
     # ------------------------------------------------------------------ emission
-    def _emit_te(self, fn, inputs: list[relax.Expr], name: str, attrs: dict, prim_args: tuple = ()) -> relax.Expr:  # noqa: ANN001
+    def _emit_te(self, fn, inputs: list[relax.Expr], name: str, attrs: dict, prim_args: tuple = ()) -> relax.Expr:
         """:func:`emit_te_call` into this rewrite's module."""
         return emit_te_call(self.builder_, fn, inputs, name, attrs, prim_args)
 
@@ -228,7 +228,7 @@ class _Rewriter(PyExprMutator):
         xp, xs, rowsum = (self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(3))
         tensors = [xp, xs, rowsum, wp, ws, *bias_const]
 
-        def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):  # noqa: ANN001, ANN202
+        def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):
             b_t = rest[0] if has_bias else None
             dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores
             return dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
@@ -264,7 +264,7 @@ class _Rewriter(PyExprMutator):
         return None
 
     # ------------------------------------------------------------------ visitor
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         name = _op_name(call)
         if name == "relax.add":

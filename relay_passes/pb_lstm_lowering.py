@@ -229,7 +229,7 @@ class _Lowerer(PyExprMutator):
         self.n_lowered += 1
         return relax.Tuple([y, emit(relax.op.stack(hs, axis=0)), emit(relax.op.stack(cs, axis=0))])
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         config = placeholder_config(call)
         return call if config is None else self._lower(call, config)
@@ -275,7 +275,7 @@ class PBLSTMLowering:
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
 
-    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):

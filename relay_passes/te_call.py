@@ -10,7 +10,7 @@ __all__ = ["emit_te_call"]
 
 
 def emit_te_call(
-    builder: relax.BlockBuilder, fn, inputs: list[relax.Expr], name: str, attrs: dict, prim_args: tuple = ()  # noqa: ANN001
+    builder: relax.BlockBuilder, fn, inputs: list[relax.Expr], name: str, attrs: dict, prim_args: tuple = ()
 ) -> relax.Expr:
     """``call_tir`` of the PrimFunc ``fn(*placeholders, *prim_args)`` makes, added to ``builder`` as ``name``.
 

@@ -18,7 +18,7 @@ def _has_cuda_device() -> bool:
         from pbtvm.target import local_cuda_arch
 
         return local_cuda_arch() is not None
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -29,7 +29,7 @@ HAS_GPU = _has_cuda_device()
 SESSION_ENV = "PBTVM_TEST_SESSION"
 
 
-def pytest_sessionstart(session):  # noqa: ANN001, ARG001, D103
+def pytest_sessionstart(session):  # noqa: ARG001 - pytest hook signature
     os.environ[SESSION_ENV] = uuid.uuid4().hex
     # `timeout` and CI runners stop pytest with SIGTERM; as an interrupt it still runs fixture
     # teardown (RPC clusters, worker pools) instead of leaving their processes behind.
@@ -49,7 +49,7 @@ def _leftover_processes() -> list:
     return found
 
 
-def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001, ARG001, D103
+def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook signature
     if SESSION_ENV not in os.environ:
         return
     deadline = time.time() + 15  # pools that are shutting down get a moment
@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook 
 
 
 @pytest.fixture
-def rng(request):  # noqa: ANN001, ANN201
+def rng(request):
     """A fresh generator per test, seeded from the test id (override with PBTVM_SEED)."""
     seed = int(os.environ.get("PBTVM_SEED", zlib.crc32(request.node.nodeid.encode())))
     request.node.user_properties.append(("seed", seed))

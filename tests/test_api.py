@@ -19,13 +19,13 @@ from .models import MLP, WithConv
 
 
 @pytest.fixture(scope="module")
-def mlp():  # noqa: ANN201
+def mlp():
     torch.manual_seed(0)
     return MLP().eval()
 
 
 @pytest.fixture(scope="module")
-def compiled(mlp):  # noqa: ANN001, ANN201
+def compiled(mlp):
     return pbtvm.compile(mlp, (torch.randn(2, 40),), target="llvm", bits=4)
 
 
@@ -62,7 +62,7 @@ def test_unaligned_tensor_slices_are_accepted(compiled):
 def test_bitlayers_knob_matches_reference_and_never_compiles(compiled, mlp, monkeypatch):
     import tvm
 
-    def boom(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+    def boom(*_a, **_k):
         raise AssertionError("compilation triggered at run time")
 
     for mod, name in ((tvm, "compile"), (tvm.relax, "build"), (tvm.tirx, "build"), (tvm.te, "create_prim_func")):
@@ -195,7 +195,7 @@ def test_cuda_without_arch_and_without_gpu_is_a_clear_error(mlp):
 
 def test_no_converted_layer_warns():
     class Plain(torch.nn.Module):
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             return torch.relu(x) * 2
 
     with warnings.catch_warnings(record=True) as caught:

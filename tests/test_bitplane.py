@@ -104,7 +104,7 @@ def test_tir_coefficients_mirror_format(bits):
         assert _eval_int(plane_coefficient(tir.const(p, "int32"), 8, True, "int64")) == d
 
 
-def _eval_int(expr) -> int:  # noqa: ANN001
+def _eval_int(expr) -> int:
     from tvm.sym.analyzer import Analyzer
 
     return int(Analyzer().simplify(expr))

@@ -106,7 +106,7 @@ def test_te_reference_on_mma_layout_matches_numpy_on_cpu(rng):
 
 
 # ------------------------------------------------------------------ SASS of the kernel
-def _sass(func) -> dict[str, str]:  # noqa: ANN001
+def _sass(func) -> dict[str, str]:
     ex = build(func.with_attr("tirx.is_scheduled", True), SM90)
     return sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90"))
 

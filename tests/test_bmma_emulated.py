@@ -30,8 +30,8 @@ SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 MMA = "mma16x256"
 
 
-def _emulate_exact(  # noqa: ANN202
-    bits: int, act_bits: int, n: int, k: int, batches: tuple, cfg: BMMAConfig | None, rng, codebook: str | None = None  # noqa: ANN001
+def _emulate_exact(
+    bits: int, act_bits: int, n: int, k: int, batches: tuple, cfg: BMMAConfig | None, rng, codebook: str | None = None
 ):
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     cfg = cfg or default_config(fmt, n, k)
@@ -115,7 +115,7 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
         (3, 8, 100, 700, 3, BMMAConfig(1, 2, 2, 1, 1), "offset_binary"),  # the zero-point epilogue
     ],
 )
-def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebook, rng):  # noqa: PLR0913
+def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebook, rng):
     """One launch per layer: the blocks pack their batch rows (ballots into shared memory) first."""
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True).with_attr("global_symbol", "fused")

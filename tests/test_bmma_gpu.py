@@ -28,16 +28,16 @@ BATCHES = (1, 3, 8, 64)
 N_OUT, K_DIM = 257, 700
 
 
-def _t(a: np.ndarray):  # noqa: ANN202
+def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cuda(0))
 
 
-def _int_kernel(fmt: bp.BitplaneFormat, cfg: BMMAConfig):  # noqa: ANN202
+def _int_kernel(fmt: bp.BitplaneFormat, cfg: BMMAConfig):
     func = bmma_dense_kernel(fmt, N_OUT, K_DIM, False, cfg, integer=True).with_attr("global_symbol", "main")
     return kernels.build(func, resolve_target("cuda"), schedule=False)
 
 
-def _check_exact(kern, fmt: bp.BitplaneFormat, rng: np.random.Generator, batches=BATCHES) -> None:  # noqa: ANN001
+def _check_exact(kern, fmt: bp.BitplaneFormat, rng: np.random.Generator, batches=BATCHES) -> None:
     q, _ = qz.quantize_weights(rng.standard_normal((N_OUT, K_DIM)).astype(np.float32), fmt)
     wp = bp.pack_weights(q, fmt)
     acc_t = fmt.accumulator_dtype(K_DIM)

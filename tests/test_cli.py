@@ -33,13 +33,13 @@ MODEL_FILE = textwrap.dedent(
 
 
 @pytest.fixture
-def spec(tmp_path):  # noqa: ANN001, ANN201
+def spec(tmp_path):
     path = tmp_path / "zoo.py"
     path.write_text(MODEL_FILE)
     return f"{path}:make"
 
 
-def _run(argv, capsys):  # noqa: ANN001, ANN202
+def _run(argv, capsys):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err

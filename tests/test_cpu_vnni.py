@@ -20,11 +20,11 @@ HAS_VNNI = target_supports(CPU)
 needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="host CPU lacks AVX-512 BW/VNNI")
 
 
-def _t(a: np.ndarray):  # noqa: ANN202
+def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
-def _codes(rng, fmt, n, k, b):  # noqa: ANN001, ANN202
+def _codes(rng, fmt, n, k, b):
     """Random weight and activation codes covering the full ranges (extremes included)."""
     if fmt.codebook == "bipolar":
         q = 2 * rng.integers(0, 2, (n, k)) - 1
@@ -37,7 +37,7 @@ def _codes(rng, fmt, n, k, b):  # noqa: ANN001, ANN202
     return q, xq
 
 
-def _check_int(fmt, n, k, b, rng, **knobs):  # noqa: ANN001, ANN003, ANN202
+def _check_int(fmt, n, k, b, rng, **knobs):
     q, xq = _codes(rng, fmt, n, k, b)
     wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
     func = kernels.int_product_func(fmt, n, k)

@@ -57,7 +57,7 @@ def warp_reduced_blocks(src: str, warp: int = 32) -> set[str]:
     return out
 
 
-def _cuda_source(func) -> str:  # noqa: ANN001
+def _cuda_source(func) -> str:
     ex = kernels.build(func, resolve_target(SM90))
     (dev,) = ex.mod.imports
     assert dev.kind == "cuda"
@@ -138,7 +138,7 @@ def test_dense_with_pack_is_one_kernel(n, k, bits):
 
 
 @pytest.fixture(scope="module")
-def cuda_library(tmp_path_factory):  # noqa: ANN001, ANN201
+def cuda_library(tmp_path_factory):
     torch.manual_seed(0)
     cm = pbtvm.compile(MLP(), (torch.randn(2, 40),), target=SM90, bits=4)
     path = str(tmp_path_factory.mktemp("cuda") / "mlp_sm90.so")

@@ -17,12 +17,12 @@ from pbtvm.repack import CopyGroup, repack_func
 SM90 = {"kind": "cuda", "arch": "sm_90"}
 
 
-def _lm(vocab=120, hidden=32, layers=2, seed=0):  # noqa: ANN001, ANN202
+def _lm(vocab=120, hidden=32, layers=2, seed=0):
     torch.manual_seed(seed)
     return word_lm(vocab, hidden, layers, dropout=0.0).eval()
 
 
-def _decode(dec, inputs, bitlayers=None):  # noqa: ANN001, ANN202
+def _decode(dec, inputs, bitlayers=None):
     state, outs = None, []
     for t in range(inputs.shape[0]):
         out, state = dec(inputs[t], state, bitlayers=bitlayers)

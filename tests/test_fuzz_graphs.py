@@ -72,7 +72,7 @@ class RandomGraph(torch.nn.Module):
         self.lins.append(torch.nn.Linear(k, n, bias=rng.random() < 0.6))
         return len(self.lins) - 1
 
-    def forward(self, h):  # noqa: ANN001, ANN201
+    def forward(self, h):
         for step in self.program:
             op = step[0]
             if op == "linear":
@@ -108,7 +108,7 @@ class FuzzModule(torch.nn.Module):
         )
         self.style = rng.choice(["tuple", "dict", "nested"])
 
-    def forward(self, x32, x16, xbf):  # noqa: ANN001, ANN201
+    def forward(self, x32, x16, xbf):
         xs = (x32, x16, xbf)
         outs = [g(xs[i]) for g, i in zip(self.graphs, self.which, strict=True)]
         if self.style == "tuple":
@@ -118,7 +118,7 @@ class FuzzModule(torch.nn.Module):
         return {"first": outs[0], "rest": (outs[1:4], {"tail": outs[4:]})}
 
 
-def _leaves(out):  # noqa: ANN001, ANN202
+def _leaves(out):
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):

@@ -22,24 +22,24 @@ VOCAB = 40
 MODES = [None, Sampling(0.8, 0, 7), Sampling(1.5, 5, 2**40 + 3), Sampling(1.0, 1, 9)]
 
 
-def _lm(vocab=VOCAB, hidden=16, layers=2):  # noqa: ANN001, ANN202
+def _lm(vocab=VOCAB, hidden=16, layers=2):
     torch.manual_seed(0)
     return word_lm(vocab, hidden, layers, dropout=0.0).eval()
 
 
 @pytest.fixture(scope="module")
-def dec3():  # noqa: ANN201
+def dec3():
     m = _lm()
     return compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=3, generate_chunk=4)
 
 
 @pytest.fixture(scope="module")
-def dec1():  # noqa: ANN201
+def dec1():
     m = _lm()
     return compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=1, generate_chunk=5)
 
 
-def _random_pick_cases(rng, batch, vocab, chunk, n):  # noqa: ANN001, ANN202
+def _random_pick_cases(rng, batch, vocab, chunk, n):
     """Logits with ties, forced rows, finished rows, every mode and top-k edge, large seeds/counters."""
     for trial in range(n):
         logits = (rng.standard_normal((batch, vocab)) * 2).astype(np.float32)
@@ -65,7 +65,7 @@ def _random_pick_cases(rng, batch, vocab, chunk, n):  # noqa: ANN001, ANN202
         )
 
 
-def _check_pick(run, batch, vocab, chunk, n):  # noqa: ANN001, ANN202
+def _check_pick(run, batch, vocab, chunk, n):
     rng = np.random.default_rng(0)
     for logits, forced, done, ctrl, temp, step in _random_pick_cases(rng, batch, vocab, chunk, n):
         token, new_done = run(logits, forced, done, ctrl, temp, step)
@@ -106,7 +106,7 @@ def test_cpu_pick_kernel_equals_the_reference():
     batch, vocab, chunk = 3, 50, 4
     ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm"), target="llvm")
 
-    def run(logits, forced, done, ctrl, temp, step):  # noqa: ANN001, ANN202
+    def run(logits, forced, done, ctrl, temp, step):
         outs = [
             tvm.runtime.tensor(np.zeros(s, d)) for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)
         ]
@@ -127,7 +127,7 @@ def test_cuda_pick_kernel_emulated_equals_the_reference():
     src = build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)).mod.imports[0].inspect_source()
     kernel = EmulatedKernel(src, warp_ops=False)
 
-    def run(logits, forced, done, ctrl, temp, step):  # noqa: ANN001, ANN202
+    def run(logits, forced, done, ctrl, temp, step):
         token, new_done, weights = np.zeros(batch, np.int64), np.zeros(batch, np.int64), np.zeros((batch, vocab))
         kernel(
             (batch, 1, 1),

@@ -18,7 +18,7 @@ from .models import MLP
 pytestmark = pytest.mark.gpu
 
 
-def _t(a: np.ndarray):  # noqa: ANN202
+def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cuda(0))
 
 

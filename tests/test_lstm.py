@@ -21,12 +21,12 @@ CONFIGS = [  # (layers, hidden, input, batch_first, bias)
 SHAPES = [(1, 1), (7, 3), (25, 2)]  # (seq_len, batch)
 
 
-def _lstm(layers, hidden, inp, batch_first, bias, seed=0):  # noqa: ANN001, ANN202
+def _lstm(layers, hidden, inp, batch_first, bias, seed=0):
     torch.manual_seed(seed)
     return torch.nn.LSTM(inp, hidden, num_layers=layers, batch_first=batch_first, bias=bias).eval()
 
 
-def _rel(a, b):  # noqa: ANN001, ANN202
+def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
@@ -131,7 +131,7 @@ def test_compile_on_a_model_with_an_lstm_lowers_it_for_any_length():
             super().__init__()
             self.rnn = torch.nn.LSTM(4, 8)
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             return self.rnn(x)[0]
 
     import warnings

@@ -30,7 +30,7 @@ def _case(rng: np.random.Generator, hidden: int, batch: int, fmt: bp.BitplaneFor
     return w_hh, bp.pack_weights(q, fmt), w_scale, gx, h, c
 
 
-def _run(kern, device, gx, h, c, wp, w_scale, layers):  # noqa: ANN001, ANN202
+def _run(kern, device, gx, h, c, wp, w_scale, layers):
     batch, hidden = h.shape
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in (gx, h, c, wp, w_scale)]
     outs = [tvm.runtime.tensor(np.full((batch, hidden), np.nan, np.float32), device) for _ in range(2)]
@@ -143,7 +143,7 @@ def _input_case(rng: np.random.Generator, n_in: int, hidden: int, batch: int, fm
     return x, bp.pack_weights(q, fmt), ws_ih, b, h, c, wp_hh, ws_hh
 
 
-def _run_input(kern, device, case, layers):  # noqa: ANN001, ANN202
+def _run_input(kern, device, case, layers):
     x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh = case
     arrays = [x, wp_ih, ws_ih] + ([b] if b is not None else []) + [h, c, wp_hh, ws_hh]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]

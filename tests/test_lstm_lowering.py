@@ -31,7 +31,7 @@ class WordLM(torch.nn.Module):
         self.rnn = torch.nn.LSTM(16, 24, num_layers=2)
         self.head = torch.nn.Linear(24, 40)
 
-    def forward(self, tokens, h0, c0):  # noqa: ANN001, ANN201
+    def forward(self, tokens, h0, c0):
         y, (h, c) = self.rnn(self.embedding(tokens), (h0, c0))
         return self.head(y), (h, c)
 
@@ -48,7 +48,7 @@ class BiClassifier(torch.nn.Module):
         self.rnn = torch.nn.LSTM(12, 20, batch_first=True, bidirectional=True, bias=False)
         self.out = torch.nn.Linear(40, 5)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         _, (h, _) = self.rnn(x)
         return self.out(torch.cat([h[-2], h[-1]], dim=1))
 
@@ -64,7 +64,7 @@ class PooledTagger(torch.nn.Module):
         self.rnn = torch.nn.LSTM(10, 32, batch_first=True)
         self.proj = torch.nn.Linear(32, 3)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         y, _ = self.rnn(x)
         return self.proj(torch.relu(y).mean(dim=1))
 
@@ -75,13 +75,13 @@ class PooledTagger(torch.nn.Module):
 MODELS = {"word_lm": WordLM, "bidirectional": BiClassifier, "pooled": PooledTagger}
 
 
-def _flat(out) -> list:  # noqa: ANN001
+def _flat(out) -> list:
     if isinstance(out, tuple | list):
         return [t for o in out for t in _flat(o)]
     return [out]
 
 
-def _rel(got, want) -> float:  # noqa: ANN001
+def _rel(got, want) -> float:
     return float((got - want).norm() / want.norm())
 
 
@@ -102,7 +102,7 @@ def _compiled(name: str, bits: int, act_bits: int) -> tuple:
 
 @pytest.mark.parametrize(("bits", "act_bits", "bound"), PRECISIONS, ids=["W16A16", "W8A8"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_any_length_and_batch_matches_torch(name, bits, act_bits, bound):  # noqa: ANN001
+def test_any_length_and_batch_matches_torch(name, bits, act_bits, bound):
     model, compiled = _compiled(name, bits, act_bits)
     torch.manual_seed(1)
     for steps in LENGTHS:
@@ -159,7 +159,7 @@ def test_gru_and_rnn_are_named_in_a_warning():
             self.gru = torch.nn.GRU(6, 8)
             self.lstm = torch.nn.LSTM(8, 8)
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             return self.lstm(self.gru(x)[0])[0]
 
     with pytest.warns(UserWarning, match=r"gru \(GRU\) is recurrent and not lowered"):

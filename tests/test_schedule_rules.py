@@ -46,7 +46,7 @@ def test_cuda_rules_read_the_warp_size_from_the_target():
     warp16 = resolve_target({"kind": "cuda", "arch": "sm_90", "thread_warp_size": 16})
     assert rule_for(func, warp16).limits.warp_size == 16
 
-    def lane_loops(target, extent):  # noqa: ANN001, ANN202
+    def lane_loops(target, extent):
         return apply_default_schedule(func, target).script().count(f'T.thread_binding({extent}, thread="threadIdx.x")')
 
     assert (lane_loops(SM90, 32), lane_loops(SM90, 16)) == (1, 0)

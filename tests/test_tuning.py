@@ -33,7 +33,7 @@ CPU = resolve_target("llvm")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 
 
-def _t(a: np.ndarray):  # noqa: ANN202
+def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
@@ -95,7 +95,7 @@ def test_workload_fixes_batch_and_bitlayers():
     assert [int(d) for d in wl.params[0].shape] == [8, 4, 2]
 
 
-def _mlp():  # noqa: ANN202
+def _mlp():
     torch.manual_seed(0)
     return MLP((64, 48, 10)).eval(), (torch.randn(2, 64),)
 
@@ -126,7 +126,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     assert again.kernels == []
 
     # Compiling from the log searches nothing and gives the default schedule's numbers.
-    def no_search(*_a, **_k):  # noqa: ANN202
+    def no_search(*_a, **_k):
         raise AssertionError("compile searched although the log has every kernel")
 
     monkeypatch.setattr(tuning, "tune_kernels", no_search)
@@ -170,7 +170,7 @@ def test_tuned_schedule_check_compares_every_output():
     assert verify.agrees_with_default(func, te.create_prim_func([x, xp, xs, rs]).with_attrs(dict(func.attrs)), CPU)
 
 
-def _fake_log(path, target):  # noqa: ANN001, ANN202
+def _fake_log(path, target):
     log = tuning.TuningLog(path, target)
     with log.locked(exclusive=True):
         assert log.database(create=True) is not None

@@ -13,7 +13,7 @@ from pbtvm import quantize as qz
 from pbtvm import weight_fit
 
 
-def _weights(rng, n=24, k=96):  # noqa: ANN001, ANN202
+def _weights(rng, n=24, k=96):
     w = rng.standard_normal((n, k)) * np.exp(rng.standard_normal((n, 1)) * 0.5)
     w[0] = 0.0  # all-zero row
     w[1] = 0.25  # constant row
@@ -22,7 +22,7 @@ def _weights(rng, n=24, k=96):  # noqa: ANN001, ANN202
     return w.astype(np.float32)
 
 
-def _sse(w, q, s, fmt):  # noqa: ANN001, ANN202
+def _sse(w, q, s, fmt):
     return ((w.astype(np.float64) - qz.dequantize_weights(q, s, fmt)) ** 2).sum(axis=1)
 
 

@@ -52,7 +52,7 @@ def mnist_split(seed: int = 0, n_train: int = 4000) -> MnistSplit:
     return MnistSplit(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
-def train_mnist_mlp(split: MnistSplit, hidden: tuple[int, ...] = (512, 512), epochs: int = 12, seed: int = 0):  # noqa: ANN201
+def train_mnist_mlp(split: MnistSplit, hidden: tuple[int, ...] = (512, 512), epochs: int = 12, seed: int = 0):
     """Train a ReLU MLP 784-512-512-10 (fp32, Adam) on the split; a few seconds on 2 cores.
 
     Returns
@@ -90,7 +90,7 @@ def cache_dir() -> str:
     return os.environ.get("PBTVM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pbtvm")
 
 
-def builtin_mnist_mlp(seed: int = 0):  # noqa: ANN201
+def builtin_mnist_mlp(seed: int = 0):
     """The built-in MNIST MLP 784-512-512-10 and its split: trained once (seeded), then loaded from the cache.
 
     The first call trains for :data:`BUILTIN_EPOCHS` epochs (~20 s on 2 cores) and saves the weights
@@ -122,7 +122,7 @@ def builtin_mnist_mlp(seed: int = 0):  # noqa: ANN201
     return model, split
 
 
-def _mlp(sizes: tuple[int, ...]):  # noqa: ANN202
+def _mlp(sizes: tuple[int, ...]):
     import torch
 
     layers: list[torch.nn.Module] = []
@@ -133,13 +133,13 @@ def _mlp(sizes: tuple[int, ...]):  # noqa: ANN202
     return torch.nn.Sequential(*layers)
 
 
-def accuracy(predict, x: np.ndarray, y: np.ndarray) -> float:  # noqa: ANN001
+def accuracy(predict, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy in percent of ``predict(x) -> logits``."""
     logits = np.asarray(predict(x))
     return float((logits.argmax(1) == y).mean() * 100)
 
 
-def torch_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:  # noqa: ANN001
+def torch_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy in percent of a torch model (fp32 reference), without autograd."""
     import torch
 

@@ -75,7 +75,7 @@ def word_lm(vocab: int, hidden: int = 256, layers: int = 1, dropout: float = 0.2
             self.lstm = torch.nn.LSTM(hidden, hidden, num_layers=layers, dropout=dropout if layers > 1 else 0.0)
             self.head = torch.nn.Linear(hidden, vocab)
 
-        def forward(self, tokens: Any, state: Any = None) -> tuple:  # noqa: D102
+        def forward(self, tokens: Any, state: Any = None) -> tuple:
             y, state = self.lstm(self.drop(self.embedding(tokens)), state)
             return self.head(self.drop(y)), state
 

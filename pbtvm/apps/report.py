@@ -21,7 +21,7 @@ from ..errors import InputError
 BASELINE = "fp32 (torch)"
 
 
-def _progress(items: list, desc: str):  # noqa: ANN202
+def _progress(items: list, desc: str):
     try:
         from tqdm import tqdm
 
@@ -116,7 +116,7 @@ def evaluate_tradeoffs(
         m = compiled[top]
         for layers in _progress(list(range(1, top)), "bitlayers"):
 
-            def fn(x, n=layers):  # noqa: ANN001, ANN202
+            def fn(x, n=layers):
                 return m(x, bitlayers=n)
 
             rows.append(

@@ -89,7 +89,7 @@ def classifier(vocab: int, embed: int = 64, hidden: int = 128) -> Any:
             self.lstm = torch.nn.LSTM(embed, hidden, batch_first=True)
             self.head = torch.nn.Linear(hidden, 2)
 
-        def forward(self, tokens: Any) -> Any:  # noqa: D102
+        def forward(self, tokens: Any) -> Any:
             y, _ = self.lstm(self.embedding(tokens))
             return self.head(y[:, -1])
 

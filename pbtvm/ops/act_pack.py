@@ -44,7 +44,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     r = te.reduce_axis((0, k_dim), "r")
     inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
 
-    def magnitude(b, k):  # noqa: ANN001, ANN202
+    def magnitude(b, k):
         return tir.Select(tir.isnan(x[b, k]), inf, tir.min(tir.abs(x[b, k]), big))
 
     amax = te.compute((batch,), lambda b: te.max(magnitude(b, r), axis=r), name=names.AMAX + tag)
@@ -76,7 +76,7 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     )
     t = te.reduce_axis((0, WORD_BITS), "t")
 
-    def pack(p, b, w):  # noqa: ANN001, ANN202
+    def pack(p, b, w):
         kk = w * WORD_BITS + t
         bit = tir.bitwise_and(
             tir.shift_right(xq[b, tir.min(kk, k_int - 1)], plane_bit(p, fmt.act_bits).astype("int32")), 1

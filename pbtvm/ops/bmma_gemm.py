@@ -70,7 +70,7 @@ def pb_dense_mma(
     j = te.reduce_axis((0, fmt.act_bits), "j")
     w = te.reduce_axis((0, xp.shape[2]), "w")
 
-    def body(b, n):  # noqa: ANN001, ANN202
+    def body(b, n):
         pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(i, n, w)], xp[j, b, w])).astype(acc_dtype)
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])

@@ -10,7 +10,7 @@ def plane_bit(plane: tir.PrimExpr, nbits: int) -> tir.PrimExpr:
     return tir.const(nbits - 1, "int32") - plane.astype("int32")
 
 
-def weight_plane_coefficient(plane: tir.PrimExpr, fmt, dtype: str) -> tir.PrimExpr:  # noqa: ANN001 - BitplaneFormat
+def weight_plane_coefficient(plane: tir.PrimExpr, fmt, dtype: str) -> tir.PrimExpr:
     """Weight plane coefficient ``fmt.plane_coefficients()[plane]`` as a TIR expression.
 
     Asks the format only: bipolar planes weigh 2, offset-binary planes ``2^(k-1-p)`` (unsigned),

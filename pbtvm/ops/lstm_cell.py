@@ -142,7 +142,7 @@ def pb_lstm_cell_input(
     return _cell(lambda b, u, g: gx[b, u * 4 + g], h, c, wp_hh, ws_hh, bitlayers, fmt)
 
 
-def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):  # noqa: ANN001, ANN202 - shared body of the two above
+def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):
     batch, hidden = h.shape
     n_hidden = int(hidden)
     if tuple(int(d) for d in c.shape[1:]) != (n_hidden,):
@@ -150,7 +150,7 @@ def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):  # noqa: ANN001, ANN202 - s
     xp, x_scale, rowsum = act_quantize_pack(h, fmt)
     gates = pb_dense(xp, x_scale, rowsum, wp, w_scale, None, bitlayers, fmt, n_hidden)
 
-    def pre(b, u, g):  # noqa: ANN001, ANN202
+    def pre(b, u, g):
         return gates[b, u * 4 + g] + gx_at(b, u, g)
 
     c_next = te.compute(

@@ -40,7 +40,7 @@ def _plane_sum(
     j = te.reduce_axis((0, fmt.act_bits), "j")
     w = te.reduce_axis((0, xp.shape[2]), "w")
 
-    def body(b, n):  # noqa: ANN001, ANN202
+    def body(b, n):
         pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(i, n, w)], xp[j, b, w])).astype(acc_dtype)
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
@@ -130,7 +130,7 @@ def dense_epilogue(
     if tuple(int(d) for d in w_scale.shape) != fmt.scale_shape(n_rows):
         raise ValueError(f"w_scale has shape {tuple(w_scale.shape)}, {fmt.name} wants {fmt.scale_shape(n_rows)}")
 
-    def epilogue(b, n):  # noqa: ANN001, ANN202
+    def epilogue(b, n):
         # x_scale and rowsum are read before acc so that a PrimFunc computing them too (the fused
         # LSTM cell) orders their blocks before the GEMM; the float arithmetic is unchanged.
         return dense_value(fmt, x_scale[b], rowsum[b], acc[b, n], w_scale, n, bias, bitlayers)

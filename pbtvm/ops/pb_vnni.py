@@ -56,7 +56,7 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
     return None
 
 
-def target_supports(target) -> bool:  # noqa: ANN001 - tvm.target.Target
+def target_supports(target) -> bool:
     """Whether an LLVM target's CPU (its ``mtriple``, ``mcpu`` and ``mattr``) has :data:`CPU_FEATURES`."""
     from tvm.target import codegen
 
@@ -64,7 +64,7 @@ def target_supports(target) -> bool:  # noqa: ANN001 - tvm.target.Target
         return False
     try:
         have = codegen.llvm_get_cpu_features(target)
-    except Exception:  # noqa: BLE001 - an mcpu LLVM does not know has no known features
+    except Exception:
         return False
     return all(f in have for f in CPU_FEATURES)
 
@@ -77,7 +77,7 @@ def plane_coefficients(fmt: BitplaneFormat) -> list[int]:
     return [abs(c) for c in fmt.plane_coefficients()]
 
 
-def _decode(T, kern: _Kernel, at, word, layers: int) -> None:  # noqa: ANN001, N803
+def _decode(T, kern: _Kernel, at, word, layers: int) -> None:
     """Store the uint8x64 unsigned weight codes ``u`` of one row's chunk (top ``layers`` planes) at ``at``.
 
     ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64).
@@ -250,7 +250,7 @@ def pb_vnni_func(
     return ib.get()
 
 
-def _row_tiles(T, kern: _Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool) -> None:  # noqa: ANN001, N803
+def _row_tiles(T, kern: _Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool) -> None:
     """Step 2: all tiles of ``row_tile`` output rows x ``batch_tile`` activation rows.
 
     Straight-line code per (activation rows left, bitlayers), so the chunk loop has no branch.
@@ -276,7 +276,7 @@ def _row_tiles(T, kern: _Kernel, batch, layers, row_tile: int, batch_tile: int, 
                                     _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, nlayers)
 
 
-def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> None:  # noqa: ANN001, N803
+def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> None:
     """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes.
 
     Rows past N (the last tile) are computed on row N-1 and not stored.
@@ -292,7 +292,7 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
     span = (kern.full_chunks + kern.tail) * 2  # words per staged row-plane (even)
     _stage(T, kern, rows, nlayers, span)
 
-    def chunk(c, full: bool) -> None:  # noqa: ANN001
+    def chunk(c, full: bool) -> None:
         for r in range(n_rows):  # decode each row's chunk once ...
 
             def word(i: int, r: int = r) -> tir.PrimExpr:
@@ -337,7 +337,7 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
                     T.buffer_store(kern.out, value, [row, n])
 
 
-def _stage(T, kern: _Kernel, rows: list, nlayers: int, span: int) -> None:  # noqa: N803
+def _stage(T, kern: _Kernel, rows: list, nlayers: int, span: int) -> None:
     """Copy the tile's row-planes into ``kern.stage`` with 64-byte loads.
 
     The hardware prefetchers follow a few long streams of wide loads well; the decode's 8-byte
@@ -356,7 +356,7 @@ def _stage(T, kern: _Kernel, rows: list, nlayers: int, span: int) -> None:  # no
                 T.buffer_store(kern.stage, kern.wp[(*src, w)], [base + w])
 
 
-def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr:  # noqa: ANN001
+def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr:
     """The float epilogue of :func:`pbtvm.ops.pb_dense` (the shared :func:`dense_value`)."""
     layers = tir.const(nlayers, "int64")
     return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, layers)

@@ -16,7 +16,7 @@ __all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_r
 CHUNK = 64
 
 
-def qword(buf: tir.Buffer, index, chunk, full: bool, flat: bool = False) -> tir.PrimExpr:  # noqa: ANN001
+def qword(buf: tir.Buffer, index, chunk, full: bool, flat: bool = False) -> tir.PrimExpr:
     """Words ``2 chunk, 2 chunk + 1`` of ``buf[index]`` as one uint64 (the tail has one word).
 
     ``flat``: ``buf`` is 1-D and ``index`` is ``(offset,)`` of the row's first word.
@@ -45,13 +45,13 @@ def masked_sum(terms: list[tuple[tir.PrimExpr, int, int]], dtype: str) -> tir.Pr
     return total
 
 
-def act_bytes(fmt: BitplaneFormat, xp: tir.Buffer, row, chunk, full: bool) -> tir.PrimExpr:  # noqa: ANN001
+def act_bytes(fmt: BitplaneFormat, xp: tir.Buffer, row, chunk, full: bool) -> tir.PrimExpr:
     """int8x64 activation codes of one row's chunk, from its ``act_bits`` planes."""
     coef = fmt.act_plane_coefficients
     return masked_sum([(lane_mask(qword(xp, (j, row), chunk, full)), coef[j], 0) for j in range(fmt.act_bits)], "int8")
 
 
-def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_scale, chunks: int) -> None:  # noqa: ANN001, N803
+def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_scale, chunks: int) -> None:
     """Row ``r`` of ``x`` -> its scale and int8 codes (zero past K): :func:`act_quantize_pack`'s maths.
 
     The row max treats NaN as +inf and +-inf as the largest float, the scale is NaN / inf for

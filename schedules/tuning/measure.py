@@ -62,7 +62,7 @@ def _evaluator_config() -> object:
     return meta_schedule().runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
 
 
-def default_runner(target: tvm.target.Target) -> object:  # noqa: ARG001 - one signature with default_builder
+def default_runner(target: tvm.target.Target) -> object:  # noqa: ARG001 - same signature as default_builder
     """LocalRunner timing each candidate as a median-friendly repeat of short loops."""
     return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=RUN_TIMEOUT_S)
 

@@ -191,7 +191,7 @@ def _counter(reports: list[KernelReport], prog: Progress) -> object:
 
     @derived_object
     class _Count(ms.measure_callback.PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):  # noqa: ARG002
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):  # noqa: ARG002 - MetaSchedule's callback
             rep = reports[task_id]
             for b, r in zip(builder_results, runner_results, strict=False):
                 if b.error_msg:

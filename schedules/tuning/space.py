@@ -44,7 +44,7 @@ def _template_for(target: tvm.target.Target, custom_rule: str) -> Callable:
     """
     templates = [r for r in rules_for(target) if isinstance(r, TunableRule) and r.custom_rule == custom_rule]
 
-    def apply(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:  # noqa: ARG001 - MetaSchedule's signature
+    def apply(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:  # noqa: ARG001 - custom-rule signature
         func = sch.mod["main"]
         rule = next((r for r in templates if r.matches(func)), None)
         if rule is None:
