@@ -46,7 +46,8 @@ def _rows(rng, b: int, k: int) -> np.ndarray:
         (2, 4, None, 65, 33, 2, True),
         (3, 8, "offset_binary", 24, 200, 4, True),  # zero points
         (8, 8, None, 10, 784, 3, True),
-        (4, 8, "offset_binary", 96, 1024, 1, False),  # parallel tiles, full chunks only
+        (4, 8, "offset_binary", 96, 1024, 1, False),  # full chunks only
+        (8, 8, None, 1100, 1024, 2, False),  # above SERIAL_WEIGHT_BITS: parallel tiles
     ],
 )
 def test_fused_layer_equals_pack_then_gemm(bits, act_bits, codebook, n, k, b, bias, rng):
@@ -94,7 +95,7 @@ def test_single_row_tile_fits_l1_and_l2():
     assert single_row_tile_for(fmt, 512, 784) == 16  # small layer: many rows side by side
     assert single_row_tile_for(fmt, 4096, 4096) == 4  # streamed weights, 8 KiB staged
     assert single_row_tile_for(bp.BitplaneFormat(1, 8), 4096, 4096) == 8
-    assert 10 * 512 * 4 < SERIAL_WEIGHT_BITS < 512 * 784 * 4  # a head runs serially, hidden layers in parallel
+    assert 512 * 784 * 4 < SERIAL_WEIGHT_BITS < 2048 * 2048 * 4  # MNIST-sized layers serially, 2048² W4 in parallel
 
 
 @needs_vnni

@@ -41,9 +41,11 @@ CPU_KERNEL = "avx512_vnni"
 PREFETCH_TILES = 1
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
 MAX_ACCUMULATORS = 24
-#: Layers with fewer weight bits (N * K * bits) run their row tiles serially: waking TVM's thread
-#: pool costs a few µs per launch, more than such a layer's work (BENCHMARKS.md, issue 19).
-SERIAL_WEIGHT_BITS = 1 << 18
+#: Layers with fewer weight bits (N * K * bits, 1 MiB of planes) run their row tiles serially:
+#: waking TVM's thread pool cost more than it gave below this on the 2-vCPU EPYC (MNIST MLP W4
+#: batch 1: 55 µs serial vs 77 µs; 1024² W4 69 vs 84 µs; 2048² W4 297 vs 267 µs, BENCHMARKS.md,
+#: issue 19). Machine-dependent: more real cores would move it down.
+SERIAL_WEIGHT_BITS = 1 << 23
 
 
 def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
