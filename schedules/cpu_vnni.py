@@ -25,7 +25,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops.pb_vnni import CPU_KERNEL, pb_vnni_func, target_supports, unsupported_reason
 
-from .rules import KnobRule, ScheduleRule
+from .rules import KnobRule
 
 #: (row_tile, batch_tile) of the kernel: 2 output rows side by side hide the dot-product latency
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
@@ -83,10 +83,7 @@ class CPUVnniGemm(KnobRule):
             return False
         if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
             return True
-        fmt = format_of(func)
-        if fmt is None or unsupported_reason(fmt, int(func.attrs[names.ATTR_K])) is not None:
-            return False
-        return _signature(func) is not None and target_supports(self.target)
+        return fits_vnni(func) and _operands(func) is not None and target_supports(self.target)
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The AVX-512 kernel for ``func`` (already scheduled) with the default knobs."""
@@ -111,14 +108,6 @@ class CPUVnniDenseAct(CPUVnniGemm):
 
     kernel = names.KernelKind.DENSE_ACT
 
-    def matches(self, func: tir.PrimFunc) -> bool:
-        """See :meth:`CPUVnniGemm.matches`."""
-        if not ScheduleRule.matches(self, func) or os.environ.get(ENV_KERNEL, "") == "popcount":
-            return False
-        if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
-            return True
-        return fits_vnni(func) and target_supports(self.target)
-
 
 def fits_vnni(func: tir.PrimFunc) -> bool:
     """Whether the AVX-512 kernel computes ``func``'s format at its K (CPU features aside)."""
@@ -126,17 +115,19 @@ def fits_vnni(func: tir.PrimFunc) -> bool:
     return fmt is not None and unsupported_reason(fmt, int(func.attrs[names.ATTR_K])) is None
 
 
-def _signature(func: tir.PrimFunc) -> tuple[bool, bool] | None:
-    """``(dense, bias)`` from the TE kernel's parameters, None if they are not a PB GEMM's."""
+def _operands(func: tir.PrimFunc) -> tuple | None:
+    """``(activation buffer, weight buffer, dense, bias, float_input)`` of a PB GEMM or
+    ``pb_dense_act`` PrimFunc from :mod:`pbtvm.ops`, None if its parameters are not one's."""
     buffers = [p for p in func.params if tir.is_buffer_var(p)]
+    if names.kernel_kind(func) == names.KernelKind.DENSE_ACT:  # x, wp, w_scale[, bias], y
+        return (buffers[0], buffers[1], True, len(buffers) == 5, True) if len(buffers) in (4, 5) else None
     out = buffers[-1] if buffers else None
     if out is None or len(out.shape) != 2:
         return None
-    dense = str(out.dtype) == "float32"
-    want = (6, 7) if dense else (4,)
-    if len(buffers) not in want:
+    dense = str(out.dtype) == "float32"  # xp, x_scale, rowsum, wp, w_scale[, bias], y  /  xp, rowsum, wp, acc
+    if len(buffers) not in ((6, 7) if dense else (4,)):
         return None
-    return dense, len(buffers) == 7
+    return buffers[0], buffers[3 if dense else 2], dense, len(buffers) == 7, False
 
 
 def single_row_tile_for(fmt: BitplaneFormat, n_out: int, k_dim: int) -> int:
@@ -163,32 +154,14 @@ def vnni_kernel_for(
     """
     if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
         return func
-    if names.kernel_kind(func) == names.KernelKind.DENSE_ACT:
-        return _vnni_dense_act_for(func, row_tile, batch_tile, single_row_tile)
-    fmt, sig = format_of(func), _signature(func)
-    if fmt is None or sig is None:
-        raise ValueError("vnni_kernel_for needs a pb_gemm PrimFunc from pbtvm.ops.pb_dense or pb_int_product")
-    dense, bias = sig
-    xp, wp = func.params[0], func.params[3 if dense else 2]
+    fmt, operands = format_of(func), _operands(func)
+    if fmt is None or operands is None:
+        raise ValueError("vnni_kernel_for needs a pb_gemm / pb_dense_act PrimFunc from pbtvm.ops")
+    x, wp, dense, bias, float_input = operands
     n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
+    batch = x.shape[0] if float_input else x.shape[1]
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim)
-    new = pb_vnni_func(fmt, n_out, k_dim, xp.shape[1], dense, bias, batch_tile, row_tile, False, single)
-    attrs = {k: v for k, v in func.attrs.items()}
-    attrs[names.ATTR_CPU_KERNEL] = CPU_KERNEL
-    new = new.without_attr("global_symbol").with_attrs(attrs)
-    return new
-
-
-def _vnni_dense_act_for(func: tir.PrimFunc, row_tile: int, batch_tile: int, single_row_tile: int | None) -> tir.PrimFunc:
-    """The one-kernel AVX-512 layer for a ``pb_dense_act`` PrimFunc (x, wp, w_scale[, bias], bitlayers, y)."""
-    fmt = format_of(func)
-    buffers = [p for p in func.params if tir.is_buffer_var(p)]
-    if fmt is None or len(buffers) not in (4, 5):
-        raise ValueError("vnni_kernel_for needs a pb_dense_act PrimFunc from pbtvm.ops.pb_dense_act")
-    x, wp = buffers[0], buffers[1]
-    n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
-    single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim)
-    new = pb_vnni_func(fmt, n_out, k_dim, x.shape[0], True, len(buffers) == 5, batch_tile, row_tile, True, single)
+    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single)
     attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
     return new.without_attr("global_symbol").with_attrs(attrs)
 
