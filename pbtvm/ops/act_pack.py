@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import names
 from .._tvm import te, tir
 from ..bitplane import WORD_BITS, BitplaneFormat
-from .common import plane_bit
+from .common import act_code, act_inverse, act_magnitude, act_scale, plane_bit
 
 __all__ = ["act_quantize_pack"]
 
@@ -42,38 +42,10 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     qmax = float(fmt.act_qmax)
     acc_dtype = fmt.accumulator_dtype(k_int)
     r = te.reduce_axis((0, k_dim), "r")
-    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
-
-    def magnitude(b, k):
-        return tir.Select(tir.isnan(x[b, k]), inf, tir.min(tir.abs(x[b, k]), big))
-
-    amax = te.compute((batch,), lambda b: te.max(magnitude(b, r), axis=r), name=names.AMAX + tag)
-    x_scale = te.compute(
-        (batch,),
-        lambda b: tir.Select(
-            amax[b] == inf,
-            tir.const(float("nan"), "float32"),
-            tir.Select(amax[b] == big, inf, amax[b] / tir.const(qmax, "float32")),
-        ),
-        name=names.XSCALE + tag,
-    )
-    inv = te.compute(
-        (batch,),
-        lambda b: tir.if_then_else(
-            amax[b] > tir.const(0, "float32"),
-            tir.const(qmax, "float32") / amax[b],
-            tir.const(0, "float32"),
-        ),
-        name=names.XINV + tag,
-    )
-    xq = te.compute(
-        (batch, k_dim),
-        lambda b, k: tir.max(
-            tir.min(tir.floor(x[b, k] * inv[b] + tir.const(0.5, "float32")), tir.const(qmax, "float32")),
-            tir.const(-qmax, "float32"),
-        ).astype("int32"),
-        name=names.XQ + tag,
-    )
+    amax = te.compute((batch,), lambda b: te.max(act_magnitude(x[b, r]), axis=r), name=names.AMAX + tag)
+    x_scale = te.compute((batch,), lambda b: act_scale(amax[b], qmax), name=names.XSCALE + tag)
+    inv = te.compute((batch,), lambda b: act_inverse(amax[b], qmax), name=names.XINV + tag)
+    xq = te.compute((batch, k_dim), lambda b, k: act_code(x[b, k], inv[b], qmax).astype("int32"), name=names.XQ + tag)
     t = te.reduce_axis((0, WORD_BITS), "t")
 
     def pack(p, b, w):

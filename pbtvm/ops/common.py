@@ -36,3 +36,34 @@ def plane_coefficient(
     if not signed:
         return mag
     return tir.if_then_else(plane.astype("int32") == tir.const(0, "int32"), tir.const(0, dtype) - mag, mag)
+
+
+# Activation quantization, one definition for the TE pack and the AVX-512 kernel (``lanes`` > 1:
+# the same expressions on vectors). Non-finite rows follow torch: see act_quantize_pack.
+def _lanes(c: tir.PrimExpr, lanes: int) -> tir.PrimExpr:
+    return c if lanes == 1 else tir.Broadcast(c, lanes)
+
+
+def act_magnitude(v: tir.PrimExpr, lanes: int = 1) -> tir.PrimExpr:
+    """``|v|`` for the row max: NaN counts as +inf, +-inf as the largest float32."""
+    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
+    return tir.Select(tir.isnan(v), _lanes(inf, lanes), tir.min(tir.abs(v), _lanes(big, lanes)))
+
+
+def act_scale(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
+    """Row scale from the row max: NaN for a NaN row, inf for an infinite one, else ``amax / qmax``."""
+    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
+    nan = tir.const(float("nan"), "float32")
+    return tir.Select(amax == inf, nan, tir.Select(amax == big, inf, amax / tir.const(qmax, "float32")))
+
+
+def act_inverse(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
+    """``qmax / amax`` (0 for an all-zero row): what the codes are multiplied by."""
+    zero = tir.const(0, "float32")
+    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / amax, zero)
+
+
+def act_code(v: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) -> tir.PrimExpr:
+    """The float code ``clip(floor(v * inv + 0.5), -qmax, qmax)`` (integral; cast by the caller)."""
+    q = tir.floor(v * _lanes(inv, lanes) + _lanes(tir.const(0.5, "float32"), lanes))
+    return tir.max(tir.min(q, _lanes(tir.const(qmax, "float32"), lanes)), _lanes(tir.const(-qmax, "float32"), lanes))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
+from .common import act_code, act_inverse, act_magnitude, act_scale
 
 __all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_row"]
 
@@ -59,40 +60,26 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
     same way as the TE pack so that both give the same codes (tests compare them bit for bit).
     """
     lanes = 16
-    qmax = tir.const(float(fmt.act_qmax), "float32")
-    inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
-
-    def magnitude(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
-        def bc(c: tir.PrimExpr) -> tir.PrimExpr:
-            return c if n == 1 else tir.Broadcast(c, n)
-
-        return tir.Select(tir.isnan(v), bc(inf), tir.min(tir.abs(v), bc(big)))
-
+    qmax = float(fmt.act_qmax)
     peak = T.alloc_buffer((lanes,), "float32", scope="local")
     T.buffer_store(peak, tir.Broadcast(tir.const(0, "float32"), lanes), [tir.Ramp(0, 1, lanes)])
     if k_dim >= lanes:
         with T.serial(0, k_dim // lanes) as v:
             at = tir.Ramp(0, 1, lanes)
-            T.buffer_store(peak, tir.max(peak[at], magnitude(x[r, tir.Ramp(v * lanes, 1, lanes)], lanes)), [at])
+            T.buffer_store(peak, tir.max(peak[at], act_magnitude(x[r, tir.Ramp(v * lanes, 1, lanes)], lanes)), [at])
     for k in range(k_dim - k_dim % lanes, k_dim):
-        T.buffer_store(peak, tir.max(peak[0], magnitude(x[r, k], 1)), [0])
+        T.buffer_store(peak, tir.max(peak[0], act_magnitude(x[r, k])), [0])
     amax = T.alloc_buffer((1,), "float32", scope="local")
     T.buffer_store(amax, peak[0], [0])
     for lane in range(1, lanes):
         T.buffer_store(amax, tir.max(amax[0], peak[lane]), [0])
-    a = amax[0]
-    T.buffer_store(x_scale, tir.Select(a == inf, tir.const(float("nan"), "float32"), tir.Select(a == big, inf, a / qmax)), [r])
+    T.buffer_store(x_scale, act_scale(amax[0], qmax), [r])
     inv = T.alloc_buffer((1,), "float32", scope="local")
-    T.buffer_store(inv, tir.if_then_else(a > tir.const(0, "float32"), qmax / a, tir.const(0, "float32")), [0])
+    T.buffer_store(inv, act_inverse(amax[0], qmax), [0])
 
     def code(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
-        def bc(c: tir.PrimExpr) -> tir.PrimExpr:
-            return c if n == 1 else tir.Broadcast(c, n)
-
-        q = tir.floor(v * bc(inv[0]) + bc(tir.const(0.5, "float32")))
-        return tir.max(tir.min(q, bc(qmax)), bc(-qmax)).astype("int32x64" if n == CHUNK else "int32").astype(
-            "int8x64" if n == CHUNK else "int8"
-        )
+        vector = n == CHUNK
+        return act_code(v, inv[0], qmax, n).astype("int32x64" if vector else "int32").astype("int8x64" if vector else "int8")
 
     full = k_dim // CHUNK
     if full:
