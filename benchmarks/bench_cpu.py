@@ -3,10 +3,13 @@
 Every method runs a stack of ``--layers`` different weight sets (more bytes than the L3 at
 4096x4096 and W >= 2), the same activation into each layer, and reports microseconds per layer:
 the median over ``--rounds`` rounds in which the methods take turns (so a noisy neighbour hits
-them alike). The PB layer is what ``pbtvm.compile`` runs per dense layer: the activation
-quantize+pack kernel, then the PB GEMM with its float epilogue -- on a CPU with AVX-512 BW+VNNI
-the AVX-512 kernel (``pbtvm.ops.pb_vnni``), ``PB-old`` the portable popcount kernel
-(``--old``). ``floor`` is the k-bit weight bytes over the read bandwidth measured in the same run.
+them alike; each method's timed pass follows a 0.3 s pause, so no library's spinning worker
+threads take the cores from the next, and one untimed pass, so its own workers are awake, as in
+a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per dense layer: on
+a CPU with AVX-512 BW+VNNI one kernel that quantizes the rows and runs the AVX-512 GEMM
+(``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), elsewhere the activation
+quantize+pack kernel and the popcount GEMM; ``PB-old`` (``--old``) is the portable path. ``floor``
+is the k-bit weight bytes over the read bandwidth measured in the same run.
 
 Usage::
 
@@ -54,8 +57,8 @@ def _parse() -> argparse.Namespace:
 ARGS = _parse()
 for _name in THREADS_ENV:
     os.environ[_name] = str(ARGS.threads)
-# TVM's idle workers spin by default and would steal the cores torch is timed on.
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+# Every library keeps its default thread behaviour (TVM's and torch's idle workers spin for a
+# while after each call); the pause before each method (SETTLE_S) lets the other's go idle.
 
 import numpy as np
 import torch
@@ -67,6 +70,7 @@ from pbtvm.target import resolve_target
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(ARGS.threads)
+SETTLE_S = 0.3
 CLOCK = time.thread_time if ARGS.clock == "thread" else time.perf_counter
 
 
@@ -98,15 +102,22 @@ def _tvm(a: np.ndarray):
 
 
 class PBStack:
-    """``layers`` PB dense layers (pack + GEMM, no bias) of one shape and format."""
+    """``layers`` PB dense layers (no bias) of one shape and format, as ``pbtvm.compile`` runs them:
+    one kernel per layer where :func:`one_kernel_layer` says so, else the pack and the GEMM."""
 
     def __init__(self, n: int, k: int, fmt: bp.BitplaneFormat, layers: int, target, old: bool) -> None:
+        from pbtvm.schedules.cpu_vnni import one_kernel_layer
+
         rng = np.random.default_rng(0)
         if old:
             os.environ["PBTVM_CPU_KERNEL"] = "popcount"
         try:
-            self.pack = kernels.build(kernels.act_pack_func(fmt, k), target)
-            self.gemm = kernels.build(kernels.dense_func(fmt, n, k, bias=False), target)
+            self.one = one_kernel_layer(fmt, k, target)
+            if self.one:
+                self.layer = kernels.build(kernels.dense_act_func(fmt, n, k, bias=False), target)
+            else:
+                self.pack = kernels.build(kernels.act_pack_func(fmt, k), target)
+                self.gemm = kernels.build(kernels.dense_func(fmt, n, k, bias=False), target)
         finally:
             os.environ.pop("PBTVM_CPU_KERNEL", None)
         self.fmt, self.n, self.k = fmt, n, k
@@ -128,8 +139,11 @@ class PBStack:
             )
         xt, xp, xs, rs, y = self.bufs[b]
         for w in self.w:
-            self.pack(xt, xp, xs, rs)
-            self.gemm(xp, xs, rs, w, self.ws, self.fmt.bits, y)
+            if self.one:
+                self.layer(xt, w, self.ws, self.fmt.bits, y)
+            else:
+                self.pack(xt, xp, xs, rs)
+                self.gemm(xp, xs, rs, w, self.ws, self.fmt.bits, y)
 
 
 def torch_stacks(n: int, k: int, layers: int) -> dict:
@@ -180,6 +194,11 @@ def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
                 call()  # warm-up
             for _ in range(ARGS.rounds):
                 for name, call in calls.items():
+                    # let the previous method's worker threads go idle first (torch's OpenMP and
+                    # TVM's pool spin after each call and would take the cores from the next
+                    # method), then one untimed pass wakes this method's own workers
+                    time.sleep(SETTLE_S)
+                    call()
                     t0 = CLOCK()
                     call()
                     times[name].append((CLOCK() - t0) / layers * 1e6)

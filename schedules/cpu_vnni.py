@@ -23,6 +23,8 @@ from typing_extensions import override
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
+from pbtvm.ops import gfni_decode
+from pbtvm.ops.gfni_decode import BLOCK_WORDS
 from pbtvm.ops.pb_vnni import CPU_KERNEL, pb_vnni_func, target_supports, unsupported_reason
 
 from .rules import KnobRule
@@ -31,12 +33,12 @@ from .rules import KnobRule
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
 ROW_TILE = 2
 BATCH_TILE = 4
-#: Batch 1 has its own loop nest with more output rows side by side (:func:`single_row_tile_for`):
-#: as many as keep the tile's staged row-planes within STAGE_BYTES, at most 16, at most 8 when the
-#: weights exceed L2_WEIGHT_BYTES (streamed from L3/DRAM). Single-thread CPU time, W4 batch 1:
-#: 512x784 16 rows 21 µs vs 2 rows 37 µs; 4096x4096 4 rows 650 µs vs 16 rows 913 µs (W1: 8 rows).
-STAGE_BYTES = 8 << 10
-L2_WEIGHT_BYTES = 1 << 20
+#: Batch 1 has its own loop nest with its own output rows per tile (:func:`single_row_tile_for`).
+#: Below one 512-input block the tile's rows are decoded side by side (more rows hide more
+#: latency: 512x784 was 21 µs at 16 rows vs 37 µs at 2, single-thread CPU time); with whole blocks
+#: rows run one after another and the tile is only the unit of parallel work.
+SINGLE_ROWS_SIDE_BY_SIDE = 16
+SINGLE_ROWS_PER_TASK = 8
 ENV_KERNEL = "PBTVM_CPU_KERNEL"
 
 
@@ -87,7 +89,7 @@ class CPUVnniGemm(KnobRule):
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The AVX-512 kernel for ``func`` (already scheduled) with the default knobs."""
-        return s_tir.Schedule(vnni_kernel_for(func), debug_mask=0)
+        return s_tir.Schedule(vnni_kernel_for(func, target=self.target), debug_mask=0)
 
     @override
     def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
@@ -96,7 +98,9 @@ class CPUVnniGemm(KnobRule):
 
     def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
         """See :meth:`KnobRule.kernel_with`."""
-        return vnni_kernel_for(func, row_tile=int(knobs["row_tile"]), batch_tile=int(knobs["batch_tile"]))
+        return vnni_kernel_for(
+            func, row_tile=int(knobs["row_tile"]), batch_tile=int(knobs["batch_tile"]), target=self.target
+        )
 
 
 class CPUVnniDenseAct(CPUVnniGemm):
@@ -131,21 +135,23 @@ def _operands(func: tir.PrimFunc) -> tuple | None:
 
 
 def single_row_tile_for(fmt: BitplaneFormat, n_out: int, k_dim: int) -> int:
-    """Output rows per tile of the batch-1 loop nest (see :data:`STAGE_BYTES`)."""
-    words = fmt.words(k_dim)
-    staged = fmt.bits * (words + words % 2) * 4  # bytes of one row's staged planes
-    rows = 16 if fmt.bits * n_out * words * 4 <= L2_WEIGHT_BYTES else 8
-    while rows > 2 and rows * staged > STAGE_BYTES:
-        rows //= 2
-    return rows
+    """Output rows per tile of the batch-1 loop nest (see :data:`SINGLE_ROWS_SIDE_BY_SIDE`)."""
+    del n_out  # the same for every N
+    return SINGLE_ROWS_PER_TASK if fmt.words(k_dim) >= BLOCK_WORDS else SINGLE_ROWS_SIDE_BY_SIDE
 
 
 def vnni_kernel_for(
-    func: tir.PrimFunc, row_tile: int = ROW_TILE, batch_tile: int = BATCH_TILE, single_row_tile: int | None = None
+    func: tir.PrimFunc,
+    row_tile: int = ROW_TILE,
+    batch_tile: int = BATCH_TILE,
+    single_row_tile: int | None = None,
+    target: tvm.target.Target | None = None,
 ) -> tir.PrimFunc:
     """The AVX-512 kernel with ``func``'s parameters (same order, shapes and batch variable).
 
     ``single_row_tile`` (output rows per tile at batch 1) defaults to :func:`single_row_tile_for`.
+    The GFNI block decode is used when ``target`` (default: the current target, else the host
+    CPU) has ``gfni``.
 
     Raises
     ------
@@ -161,9 +167,17 @@ def vnni_kernel_for(
     n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
     batch = x.shape[0] if float_input else x.shape[1]
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim)
-    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single)
+    target = target or tvm.target.Target.current(allow_none=True) or tvm.target.Target({"kind": "llvm", "mcpu": _host_cpu()})
+    gfni = target_supports(target, gfni_decode.CPU_FEATURES)
+    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni)
     attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
     return new.without_attr("global_symbol").with_attrs(attrs)
+
+
+def _host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
 
 
 #: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.

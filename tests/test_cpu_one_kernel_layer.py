@@ -90,11 +90,10 @@ def test_batch_one_nest_any_row_tile(single, rng):
         np.testing.assert_array_equal(got.numpy()[0], full.numpy()[row])
 
 
-def test_single_row_tile_fits_l1_and_l2():
+def test_single_row_tile_by_blocks():
     fmt = bp.BitplaneFormat(4, 8)
-    assert single_row_tile_for(fmt, 512, 784) == 16  # small layer: many rows side by side
-    assert single_row_tile_for(fmt, 4096, 4096) == 4  # streamed weights, 8 KiB staged
-    assert single_row_tile_for(bp.BitplaneFormat(1, 8), 4096, 4096) == 8
+    assert single_row_tile_for(fmt, 10, 500) == 16  # under one block: many rows side by side
+    assert single_row_tile_for(fmt, 4096, 4096) == 8  # whole blocks: rows one by one, 8 per task
     assert 512 * 784 * 4 < SERIAL_WEIGHT_BITS < 2048 * 2048 * 4  # MNIST-sized layers serially, 2048² W4 in parallel
 
 

@@ -67,6 +67,13 @@ def _check_int(fmt, n, k, b, rng, **knobs):
         (8, 8, 33, 4100, 6),
         (8, 7, 1, 1, 1),
         (4, 8, 64, 4096, 8),
+        # K >= 512: whole blocks take the GFNI decode, the rest the masked-add decode
+        (1, 8, 7, 1100, 3),
+        (2, 2, 9, 1024, 5),
+        (3, 5, 17, 600, 9),
+        (5, 3, 5, 520, 2),
+        (6, 6, 3, 1030, 4),
+        (7, 4, 11, 1500, 3),
     ],
 )
 def test_int_product_exact(bits, act_bits, n, k, b, rng):
@@ -81,15 +88,36 @@ def test_tiles_exact(row_tile, batch_tile, rng):
 
 
 @needs_vnni
-@pytest.mark.parametrize(("bits", "act_bits", "n", "k", "b"), [(1, 8, 7, 33, 3), (2, 8, 9, 100, 5), (4, 6, 13, 129, 17), (8, 8, 5, 300, 2)])
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "b"),
+    [(1, 8, 7, 33, 3), (2, 8, 9, 100, 5), (4, 6, 13, 129, 17), (8, 8, 5, 300, 2), (1, 8, 7, 600, 2), (4, 8, 6, 700, 3)],
+)
 def test_offset_binary_int_product_exact(bits, act_bits, n, k, b, rng):
     """Unsigned planes of the offset-binary codebook: no sign plane to invert, no shift to undo."""
     _check_int(bp.BitplaneFormat(bits, act_bits, "offset_binary"), n, k, b, rng)
 
 
 @needs_vnni
-def test_nkw_layout_exact(rng):
-    _check_int(bp.PRESETS["w4a8-NkW"], 9, 150, 3, rng)
+@pytest.mark.parametrize("k", [150, 1030])
+def test_nkw_layout_exact(k, rng):
+    _check_int(bp.PRESETS["w4a8-NkW"], 9, k, 3, rng)
+
+
+NO_GFNI = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]})
+
+
+def _asm(func) -> str:
+    return str(kernels.build(func, CPU, schedule=False).mod.inspect_source("asm"))
+
+
+@needs_vnni
+@pytest.mark.skipif(not target_supports(CPU, ("gfni",)), reason="host CPU lacks GFNI")
+def test_gfni_decode_where_the_cpu_has_it(rng):
+    """Blocks of 512 inputs use the GFNI transpose; without ``gfni`` the masked-add decode does all."""
+    func = kernels.int_product_func(bp.BitplaneFormat(4, 8), 8, 1024)
+    assert "vgf2p8affineqb" in _asm(vnni_kernel_for(func, target=CPU))
+    assert "vgf2p8affineqb" not in _asm(vnni_kernel_for(func, target=NO_GFNI))
+    _check_int(bp.BitplaneFormat(3, 8), 5, 1100, 3, rng, row_tile=2, batch_tile=2, target=NO_GFNI)
 
 
 @needs_vnni

@@ -29,6 +29,7 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
 from .epilogue import dense_value
+from .gfni_decode import BLOCK, BLOCK_WORDS, block_permutation, byte_coefficients, code_scale, decode_block
 from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
 
 __all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "target_supports"]
@@ -37,8 +38,13 @@ __all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "targe
 CPU_FEATURES = ("avx512bw", "avx512vnni")
 #: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel.
 CPU_KERNEL = "avx512_vnni"
-#: Prefetch the row tile this many tiles ahead (software prefetch: +25% at 4096x4096 W4 batch 1).
-PREFETCH_TILES = 1
+#: Accumulators per activation row at small batches (``ACC_CHAINS // rows`` of them), so the
+#: dot products of one output row are not one long dependency chain.
+ACC_CHAINS = 4
+#: Activation rows per pass over a row's blocks: 8 measured no faster than 4 (4096x4096 W4
+#: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
+#: 194 s, against 1 s at 4).
+MAX_BLOCK_BATCH_TILE = 4
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
 MAX_ACCUMULATORS = 24
 #: Layers with fewer weight bits (N * K * bits, 1 MiB of planes) run their row tiles serially:
@@ -52,41 +58,41 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
     """Why this kernel cannot compute ``fmt`` at this K (None when it can)."""
     if fmt.bits > 8 or fmt.act_bits > 8:
         return f"{fmt.name}: weights and activations must be <= 8 bits for int8 dot products"
-    # |sum_k x u| <= K * (2^k - 1) * act_qmax must fit the int32 lanes.
-    if int(k_dim) * (2**fmt.bits - 1) * fmt.act_qmax >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
+    if fmt.layout not in ("kNW", "NkW"):
+        return f"the {fmt.layout} weight layout is for tensor cores; the AVX-512 kernel reads kNW or NkW"
+    # |sum_k x byte| <= K (padded to 64) * 255 * act_qmax must fit the int32 lanes.
+    padded = -(-int(k_dim) // CHUNK) * CHUNK
+    if padded * 255 * fmt.act_qmax >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
         return f"K={k_dim} is too large for int32 accumulation at {fmt.name}"
     return None
 
 
-def target_supports(target) -> bool:
-    """Whether an LLVM target's CPU (its ``mtriple``, ``mcpu`` and ``mattr``) has :data:`CPU_FEATURES`."""
+def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
+    """Whether an LLVM target's CPU (its ``mtriple``, ``mcpu`` and ``mattr``) has ``features``
+    (default :data:`CPU_FEATURES`, what the kernel needs; the GFNI block decode also needs
+    :data:`pbtvm.ops.gfni_decode.CPU_FEATURES`)."""
     from tvm.target import codegen
 
-    if target.kind.name != "llvm":
+    if target is None or target.kind.name != "llvm":
         return False
     try:
         have = codegen.llvm_get_cpu_features(target)
     except Exception:
         return False
-    return all(f in have for f in CPU_FEATURES)
-
-
-def plane_coefficients(fmt: BitplaneFormat) -> list[int]:
-    """Per weight plane, the byte it adds to the unsigned code: the format's ``|c_i|``.
-
-    Plane 0 of two's complement (``c_0 < 0``) is added inverted instead (see :func:`_decode`).
-    """
-    return [abs(c) for c in fmt.plane_coefficients()]
+    return all(f in have for f in features)
 
 
 def _decode(T, kern: _Kernel, at, word, layers: int) -> None:
-    """Store the uint8x64 unsigned weight codes ``u`` of one row's chunk (top ``layers`` planes) at ``at``.
+    """Store the uint8x64 codes of one row's chunk (top ``layers`` planes) at ``at``: the masked-add decode.
 
-    ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64).
+    ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64). Each plane adds its byte
+    coefficient ``2^(7-i)`` (:func:`pbtvm.ops.gfni_decode.byte_coefficients`) into the lanes its
+    bits select: the same bytes as :func:`pbtvm.ops.gfni_decode.decode_block` gives, in input
+    order. It serves the chunks after the last whole 512-input block and CPUs without GFNI.
 
-    One masked byte add per plane. The coefficients come from a small buffer filled at run time:
-    with literal constants LLVM proves the terms' bits disjoint, turns the adds into ORs, and
-    AVX-512 has no byte-masked OR (it then spends a blend per plane).
+    The coefficients come from a small buffer filled at run time: with literal constants LLVM
+    proves the terms' bits disjoint, turns the adds into ORs, and AVX-512 has no byte-masked OR
+    (it then spends a blend per plane).
     """
     fmt, dec = kern.fmt, kern.decoded
 
@@ -97,7 +103,7 @@ def _decode(T, kern: _Kernel, at, word, layers: int) -> None:
         return tir.Broadcast(kern.coef[i], CHUNK)
 
     zero = tir.Broadcast(tir.const(0, "uint8"), CHUNK)
-    if not fmt.weight_signed:  # bipolar (u = 2b) and offset binary (u = q): planes as they are
+    if not fmt.weight_signed:  # bipolar and offset binary: planes as they are
         T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [at])
     else:
         T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [at])  # sign plane inverted
@@ -128,8 +134,11 @@ class _Kernel:
     acc: tir.Buffer | None = None
     decoded: tir.Buffer | None = None
     coef: tir.Buffer | None = None
-    stage: tir.Buffer | None = None
     code_sum: tir.Buffer | None = None
+    #: Whole 512-input blocks (0: K < 512, the tile's rows go side by side chunk by chunk).
+    blocks: int = 0
+    #: Blocks take the GFNI decode (else the masked-add decode, chunk by chunk).
+    gfni: bool = False
 
 
 def pb_vnni_func(
@@ -143,6 +152,7 @@ def pb_vnni_func(
     row_tile: int = 4,
     float_input: bool = False,
     single_row_tile: int | None = None,
+    gfni: bool = True,
 ) -> tir.PrimFunc:
     """The AVX-512 PB kernel with the same parameters as the TE kernel it replaces.
 
@@ -175,6 +185,11 @@ def pb_vnni_func(
         None: none).
         At batch 1 a decoded chunk feeds one dot product, so more rows side by side hide more
         latency (512x784 W4: 16 rows 21 µs, 2 rows 37 µs, single-thread CPU time).
+    gfni : bool
+        Decode whole 512-input blocks with GFNI bit transposes
+        (:mod:`pbtvm.ops.gfni_decode`; the CPU needs the ``gfni`` feature); False: every chunk
+        takes the masked-add decode. At batch tiles over :data:`MAX_BLOCK_BATCH_TILE` the
+        block path uses that many activation rows per pass.
 
     Returns
     -------
@@ -193,9 +208,11 @@ def pb_vnni_func(
         raise ValueError("pb_vnni_func: float_input computes the dense layer (dense=True)")
     if single_row_tile is not None and not 1 <= single_row_tile <= MAX_ACCUMULATORS:
         raise ValueError(f"single_row_tile must be 1..{MAX_ACCUMULATORS}, got {single_row_tile}")
-    if batch_tile < 1 or row_tile < 1 or batch_tile * row_tile > MAX_ACCUMULATORS:
-        raise ValueError(f"batch_tile * row_tile must be 1..{MAX_ACCUMULATORS}, got {batch_tile} x {row_tile}")
     words = fmt.words(k_dim)
+    # blocks hold one output row's accumulators at a time, the chunk path the whole tile's
+    held_rows = 1 if words >= BLOCK_WORDS else row_tile
+    if batch_tile < 1 or row_tile < 1 or batch_tile * held_rows > MAX_ACCUMULATORS:
+        raise ValueError(f"batch_tile * row_tile must be 1..{MAX_ACCUMULATORS}, got {batch_tile} x {row_tile}")
     full_chunks, tail = divmod(words, 2)
     chunks = full_chunks + tail
     with IRBuilder() as ib:
@@ -216,12 +233,19 @@ def pb_vnni_func(
                 {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNEL}
             )
             codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
+            blocks = words // BLOCK_WORDS
+            if blocks:
+                batch_tile = min(batch_tile, MAX_BLOCK_BATCH_TILE)
+            # The GFNI decode yields a block's inputs in its own order: the dot products read
+            # the codes in that order, made from the input-order codes once per row.
+            natural = T.alloc_buffer((batch, chunks * CHUNK), "int8") if blocks and gfni else codes
             if float_input:  # the row scales and code sums the separate pack kernel would pass in
                 x_scale = T.alloc_buffer((batch,), "float32")
                 rowsum = T.alloc_buffer((batch,), "int32")
             kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias_buf)
+            kern.blocks, kern.gfni = blocks, gfni
             kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
-            for i, value in enumerate(plane_coefficients(fmt)):
+            for i, value in enumerate(byte_coefficients(fmt)):
                 T.buffer_store(kern.coef, tir.const(value, "uint8"), [i])
             # 1. activation codes as int8 and their sum, once per call. The sum undoes the unsigned
             # weight shift; it is computed here, not taken from ``rowsum``, so the result depends
@@ -230,15 +254,17 @@ def pb_vnni_func(
             kern.code_sum = rowsum if float_input else T.alloc_buffer((batch,), "int32")
             with T.serial(0, batch) if float_input else T.parallel(0, batch) as r:
                 if float_input:
-                    quantize_row(T, fmt, x, r, k_dim, codes, x_scale, chunks)
+                    quantize_row(T, fmt, x, r, k_dim, natural, x_scale, chunks)
                 else:
                     for c in range(chunks):
                         T.buffer_store(
-                            codes, act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)]
+                            natural, act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)]
                         )
                 T.buffer_store(kern.code_sum, tir.const(0, "int32"), [r])
                 with T.serial(0, chunks * CHUNK) as kk:
-                    T.buffer_store(kern.code_sum, kern.code_sum[r] + codes[r, kk].astype("int32"), [r])
+                    T.buffer_store(kern.code_sum, kern.code_sum[r] + natural[r, kk].astype("int32"), [r])
+                if blocks and gfni:
+                    _block_order(T, fmt, natural, codes, r, blocks, chunks)
             # 2. tiles of output rows x activation rows; straight-line code per (activation rows
             # left, bitlayers), so the chunk loop has no branch.
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
@@ -256,6 +282,19 @@ def pb_vnni_func(
     return ib.get()
 
 
+def _block_order(T, fmt: BitplaneFormat, natural, codes, r, blocks: int, chunks: int) -> None:
+    """Row ``r``'s codes in the GFNI decode's order (:func:`block_permutation`) for whole blocks,
+    in input order after them: 8-byte moves, once per row and call."""
+    perm = block_permutation(fmt.bits)
+    with T.serial(0, blocks) as blk:
+        base = blk * BLOCK
+        for q in range(64):
+            T.buffer_store(codes, natural[r, tir.Ramp(base + 8 * int(perm[q]), 1, 8)], [r, tir.Ramp(base + 8 * q, 1, 8)])
+    for c in range(blocks * BLOCK // CHUNK, chunks):
+        at = tir.Ramp(c * CHUNK, 1, CHUNK)
+        T.buffer_store(codes, natural[r, at], [r, at])
+
+
 def _row_tiles(
     T, kern: _Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool, plane_counts: tuple = ()
 ) -> None:
@@ -271,9 +310,9 @@ def _row_tiles(
         # One accumulator and one decode buffer for every specialisation below: separate
         # per-branch buffers get merged by storage rewriting into one mixed-type stack
         # slot that LLVM no longer keeps in registers (measured 4-13x slower).
-        kern.acc = T.alloc_buffer((row_tile * batch_tile * CHUNK // 4,), "int32", scope="local")
-        kern.decoded = T.alloc_buffer((row_tile * CHUNK,), "uint8", scope="local")
-        kern.stage = T.alloc_buffer((fmt.bits * row_tile * (kern.full_chunks + kern.tail) * 2,), "uint32", scope="local")
+        slots = batch_tile * max(1, ACC_CHAINS // batch_tile) if kern.blocks else row_tile * batch_tile
+        kern.acc = T.alloc_buffer((slots * CHUNK // 4,), "int32", scope="local")
+        kern.decoded = T.alloc_buffer((max(row_tile, BLOCK // CHUNK) * CHUNK,), "uint8", scope="local")
         with T.serial(0, b_tiles) as bt:
             left = batch - bt * batch_tile
             for rows in range(batch_tile, 0, -1):
@@ -288,81 +327,122 @@ def _row_tiles(
 def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> None:
     """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes.
 
-    Rows past N (the last tile) are computed on row N-1 and not stored.
+    With whole blocks the rows are done one after another (:func:`_row_by_blocks`), so each plane
+    is read front to back; otherwise the tile's rows are decoded chunk by chunk side by side
+    (independent accumulator chains). Rows past N (the last tile) are computed on row N-1 and
+    not stored.
     """
-    fmt, lanes = kern.fmt, CHUNK // 4
+    if kern.blocks:  # a loop, not unrolled: the rows do not share registers
+        with T.serial(0, n_rows) as r:
+            row = tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r
+            _row_by_blocks(T, kern, row, n0 + r, b0, b_rows, nlayers, n_rows)
+        return
     rows = [tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r for r in range(n_rows)]
-    acc, decoded = kern.acc, kern.decoded
+    acc, lanes = kern.acc, CHUNK // 4
     slot = [[tir.Ramp((r * b_rows + b) * lanes, 1, lanes) for b in range(b_rows)] for r in range(n_rows)]
     for r in range(n_rows):
         for b in range(b_rows):
             T.buffer_store(acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[r][b]])
 
-    span = (kern.full_chunks + kern.tail) * 2  # words per staged row-plane (even)
-    _stage(T, kern, rows, nlayers, span)
-
     def chunk(c, full: bool) -> None:
-        for r in range(n_rows):  # decode each row's chunk once ...
-
-            def word(i: int, r: int = r) -> tir.PrimExpr:
-                return qword(kern.stage, ((i * n_rows + r) * span,), c, full, flat=True)
-
-            _decode(T, kern, tir.Ramp(r * CHUNK, 1, CHUNK), word, nlayers)
+        for r, row in enumerate(rows):  # decode each row's chunk once ...
+            _decode_chunk(T, kern, row, c, full, tir.Ramp(r * CHUNK, 1, CHUNK), nlayers)
         for b in range(b_rows):  # ... and use it for every activation row of the tile
-            x = kern.codes[b0 + b, tir.Ramp(c * CHUNK, 1, CHUNK)]
             for r in range(n_rows):
-                u = tir.reinterpret("int8x64", decoded[tir.Ramp(r * CHUNK, 1, CHUNK)])
-                dot = tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[slot[r][b]], u, x)
-                T.buffer_store(acc, dot, [slot[r][b]])
+                _dot(T, kern, slot[r][b], kern.decoded[tir.Ramp(r * CHUNK, 1, CHUNK)], b0 + b, c * CHUNK)
 
-    if kern.full_chunks % 8 == 0 and PREFETCH_TILES:
-        with T.serial(0, kern.full_chunks // 8) as co:  # a cache line of every row-plane per step
-            for r in range(n_rows):
-                ahead = tir.min(n0 + r + PREFETCH_TILES * n_rows, kern.n_out - 1)
-                for i in range(nlayers):
-                    addr = tir.address_of(kern.wp[fmt.weight_index(i, ahead, co * 16)])
-                    T.evaluate(tir.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1))
-            for ci in range(8):
-                chunk(co * 8 + ci, True)
-    elif kern.full_chunks:
+    if kern.full_chunks:
         with T.serial(0, kern.full_chunks) as c:
             chunk(c, True)
     if kern.tail:
         chunk(kern.full_chunks, False)
-    shift = _unsigned_shift(fmt)
     for r in range(n_rows):
-        n = n0 + r
-        with T.If(n < kern.n_out) if kern.n_out % n_rows else contextlib.nullcontext():
-            with T.Then() if kern.n_out % n_rows else contextlib.nullcontext():
-                for b in range(b_rows):
-                    row = b0 + b
-                    total = tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v16i32", acc[slot[r][b]])
-                    rs = kern.rowsum[row]
-                    exact = total - tir.const(shift, "int32") * kern.code_sum[row]
-                    if kern.x_scale is None:
-                        value = exact + tir.const(fmt.weight_offset, "int32") * rs
-                    else:
-                        value = _dense_value(kern, row, n, rs, exact, nlayers)
-                    T.buffer_store(kern.out, value, [row, n])
+        _store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, n_rows)
 
 
-def _stage(T, kern: _Kernel, rows: list, nlayers: int, span: int) -> None:
-    """Copy the tile's row-planes into ``kern.stage`` with 64-byte loads.
+def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int, n_rows: int) -> None:
+    """One output row x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
 
-    The hardware prefetchers follow a few long streams of wide loads well; the decode's 8-byte
-    loads from rows x planes interleaved streams ran at ~5 GB/s from DRAM (measured).
+    Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
+    measured no gain). Per block: with GFNI one 64-byte load per kept plane and
+    :func:`decode_block`, else the masked-add decode of its 8 chunks; then ``8 b_rows`` dot
+    products into ``split`` accumulators per activation row (short dependency chains at small
+    batches).
     """
-    fmt, words = kern.fmt, kern.full_chunks * 2 + kern.tail
-    for i in range(nlayers):
-        for r, row in enumerate(rows):
-            base = (i * len(rows) + r) * span
-            src = fmt.weight_index(i, row, 0)[:2]
-            if words >= 16:
-                with T.serial(0, words // 16) as v:
-                    value = kern.wp[(*src, tir.Ramp(v * 16, 1, 16))]
-                    T.buffer_store(kern.stage, value, [tir.Ramp(base + v * 16, 1, 16)])
-            for w in range(words - words % 16, words):
-                T.buffer_store(kern.stage, kern.wp[(*src, w)], [base + w])
+    fmt, lanes = kern.fmt, CHUNK // 4
+    split = max(1, ACC_CHAINS // b_rows)
+    slot = [[tir.Ramp((b * split + s) * lanes, 1, lanes) for s in range(split)] for b in range(b_rows)]
+    for b in range(b_rows):
+        for s in range(split):
+            T.buffer_store(kern.acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[b][s]])
+    per_block = BLOCK // CHUNK
+    with T.serial(0, kern.blocks) as blk:
+        if kern.gfni:
+            planes = [
+                tir.reinterpret("uint8x64", kern.wp[(*fmt.weight_index(i, row, 0)[:2], tir.Ramp(blk * BLOCK_WORDS, 1, BLOCK_WORDS))])
+                if i < nlayers
+                else None
+                for i in range(fmt.bits)
+            ]
+            for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
+                T.buffer_store(kern.decoded, code, [tir.Ramp(c * CHUNK, 1, CHUNK)])
+        else:
+            for c in range(per_block):
+                _decode_chunk(T, kern, row, blk * per_block + c, True, tir.Ramp(c * CHUNK, 1, CHUNK), nlayers)
+        for c in range(per_block):  # consecutive dot products update different accumulators
+            for b in range(b_rows):
+                at = blk * BLOCK + c * CHUNK
+                _dot(T, kern, slot[b][c % split], kern.decoded[tir.Ramp(c * CHUNK, 1, CHUNK)], b0 + b, at)
+    for c in range(kern.blocks * per_block, kern.full_chunks + kern.tail):  # after the last block
+        _decode_chunk(T, kern, row, c, c < kern.full_chunks, tir.Ramp(0, 1, CHUNK), nlayers)
+        for b in range(b_rows):
+            _dot(T, kern, slot[b][c % split], kern.decoded[tir.Ramp(0, 1, CHUNK)], b0 + b, c * CHUNK)
+    _store(T, kern, [slot[b] for b in range(b_rows)], split, n, b0, nlayers, n_rows)
+
+
+def _decode_chunk(T, kern: _Kernel, row, c, full: bool, at, nlayers: int) -> None:
+    """Masked-add decode of chunk ``c`` of ``row`` into ``kern.decoded[at]``."""
+    fmt = kern.fmt
+
+    def word(i: int) -> tir.PrimExpr:
+        return qword(kern.wp, fmt.weight_index(i, row, 0)[:2], c, full)
+
+    _decode(T, kern, at, word, nlayers)
+
+
+def _dot(T, kern: _Kernel, slot, code: tir.PrimExpr, b, at) -> None:
+    """``acc[slot] += dot(code bytes, activation row b's codes at ``at``)`` (``vpdpbusd``)."""
+    x = kern.codes[b, tir.Ramp(at, 1, CHUNK)]
+    u = tir.reinterpret("int8x64", code)
+    T.buffer_store(kern.acc, tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x), [slot])
+
+
+def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int, n_rows: int) -> None:
+    """Reduce the accumulators of output row ``n`` (``slots[b]``: ``split`` of them, or one) and store.
+
+    The bytes are ``2^(8-k) u / |c|`` (:func:`code_scale`, exactly divisible): back to ``sum u x``,
+    then undo the unsigned shift of two's complement codes and apply the epilogue.
+    """
+    fmt = kern.fmt
+    shift, (scale_shift, factor) = _unsigned_shift(fmt), code_scale(fmt)
+    ragged = kern.n_out % n_rows
+    with T.If(n < kern.n_out) if ragged else contextlib.nullcontext():
+        with T.Then() if ragged else contextlib.nullcontext():
+            for b, group in enumerate(slots):
+                row = b0 + b
+                parts = group if split > 1 else [group]
+                vec = kern.acc[parts[0]]
+                for part in parts[1:]:
+                    vec = vec + kern.acc[part]
+                total = tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v16i32", vec)
+                rs = kern.rowsum[row]
+                product = tir.shift_right(total, tir.const(scale_shift, "int32")) * tir.const(factor, "int32")
+                exact = product - tir.const(shift, "int32") * kern.code_sum[row]
+                if kern.x_scale is None:
+                    value = exact + tir.const(fmt.weight_offset, "int32") * rs
+                else:
+                    value = _dense_value(kern, row, n, rs, exact, nlayers)
+                T.buffer_store(kern.out, value, [row, n])
 
 
 def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr:
