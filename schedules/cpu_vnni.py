@@ -25,7 +25,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops import gfni_decode
 from pbtvm.ops.gfni_decode import BLOCK_WORDS
-from pbtvm.ops.pb_vnni import CPU_KERNEL, pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.ops.pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, pb_vnni_func, target_supports, unsupported_reason
 
 from .rules import KnobRule
 
@@ -33,12 +33,10 @@ from .rules import KnobRule
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
 ROW_TILE = 2
 BATCH_TILE = 4
-#: Batch 1 has its own loop nest with its own output rows per tile (:func:`single_row_tile_for`).
-#: Below one 512-input block the tile's rows are decoded side by side (more rows hide more
-#: latency: 512x784 was 21 µs at 16 rows vs 37 µs at 2, single-thread CPU time); with whole blocks
-#: rows run one after another and the tile is only the unit of parallel work.
+#: Below one 512-input block, batch 1 has its own loop nest with this many output rows decoded
+#: side by side (more rows hide more latency: 512x784 was 21 µs at 16 rows vs 37 µs at 2,
+#: single-thread CPU time); with whole blocks rows run one after another at every batch.
 SINGLE_ROWS_SIDE_BY_SIDE = 16
-SINGLE_ROWS_PER_TASK = 8
 ENV_KERNEL = "PBTVM_CPU_KERNEL"
 
 
@@ -93,7 +91,15 @@ class CPUVnniGemm(KnobRule):
 
     @override
     def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
-        """See :meth:`KnobRule.knob_settings`: :data:`KNOBS`, the default first."""
+        """See :meth:`KnobRule.knob_settings`: :data:`KNOBS`, the default first.
+
+        With whole 512-input blocks only the batch tile changes the kernel (rows run one by one,
+        :data:`pbtvm.ops.pb_vnni.BLOCK_TASK_ROWS` per task), so only distinct batch tiles are offered.
+        """
+        fmt, k_dim = format_of(func), int((func.attrs or {}).get(names.ATTR_K, 0))
+        if fmt is not None and fmt.words(k_dim) >= BLOCK_WORDS:
+            tiles = dict.fromkeys(min(bt, MAX_BLOCK_BATCH_TILE) for _, bt in KNOBS)
+            return [{"row_tile": ROW_TILE, "batch_tile": bt} for bt in tiles]
         return [{"row_tile": row_tile, "batch_tile": batch_tile} for row_tile, batch_tile in KNOBS]
 
     def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
@@ -134,10 +140,10 @@ def _operands(func: tir.PrimFunc) -> tuple | None:
     return buffers[0], buffers[3 if dense else 2], dense, len(buffers) == 7, False
 
 
-def single_row_tile_for(fmt: BitplaneFormat, n_out: int, k_dim: int) -> int:
-    """Output rows per tile of the batch-1 loop nest (see :data:`SINGLE_ROWS_SIDE_BY_SIDE`)."""
+def single_row_tile_for(fmt: BitplaneFormat, n_out: int, k_dim: int) -> int | None:
+    """Output rows per tile of the batch-1 loop nest (None: no such nest, K has whole blocks)."""
     del n_out  # the same for every N
-    return SINGLE_ROWS_PER_TASK if fmt.words(k_dim) >= BLOCK_WORDS else SINGLE_ROWS_SIDE_BY_SIDE
+    return None if fmt.words(k_dim) >= BLOCK_WORDS else SINGLE_ROWS_SIDE_BY_SIDE
 
 
 def vnni_kernel_for(

@@ -45,6 +45,10 @@ ACC_CHAINS = 4
 #: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
 #: 194 s, against 1 s at 4).
 MAX_BLOCK_BATCH_TILE = 4
+#: Output rows per parallel task when K has whole blocks (rows are then done one by one, so
+#: ``row_tile`` does not apply): 4096x4096 W1 batch 1 on 2 threads 177 µs at 2 rows per task,
+#: 89-94 µs at 32-128; W4 batch 8 736 vs 568-629 µs.
+BLOCK_TASK_ROWS = 64
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
 MAX_ACCUMULATORS = 24
 #: Layers with fewer weight bits (N * K * bits, 1 MiB of planes) run their row tiles serially:
@@ -139,6 +143,8 @@ class _Kernel:
     blocks: int = 0
     #: Blocks take the GFNI decode (else the masked-add decode, chunk by chunk).
     gfni: bool = False
+    #: The ``bitlayers`` argument (blocks read it at run time instead of specialising on it).
+    layers: tir.PrimExpr | None = None
 
 
 def pb_vnni_func(
@@ -173,7 +179,8 @@ def pb_vnni_func(
     batch_tile : int
         Activation rows that share one decoded weight chunk.
     row_tile : int
-        Output rows decoded side by side (independent accumulator chains); one parallel task.
+        Below one 512-input block: output rows decoded side by side (independent accumulator
+        chains), one parallel task. With whole blocks a task is :data:`BLOCK_TASK_ROWS` rows.
         ``batch_tile * row_tile`` int32x16 accumulators live in zmm registers.
     float_input : bool
         The one-kernel layer of :func:`pbtvm.ops.pb_dense_act`: ``(x f32 [B, K], wp, w_scale[,
@@ -181,8 +188,8 @@ def pb_vnni_func(
         :func:`pbtvm.ops.act_quantize_pack` does, straight into the int8 codes its dot products
         read (no planes packed and unpacked again); needs ``dense``.
     single_row_tile : int, optional
-        Output rows per tile when the batch is 1 and ``bitlayers == bits`` (a second loop nest;
-        None: none).
+        Output rows per tile when the batch is 1, ``bitlayers == bits`` and K is under one block
+        (a second loop nest; None: none).
         At batch 1 a decoded chunk feeds one dot product, so more rows side by side hide more
         latency (512x784 W4: 16 rows 21 µs, 2 rows 37 µs, single-thread CPU time).
     gfni : bool
@@ -243,10 +250,11 @@ def pb_vnni_func(
                 x_scale = T.alloc_buffer((batch,), "float32")
                 rowsum = T.alloc_buffer((batch,), "int32")
             kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias_buf)
-            kern.blocks, kern.gfni = blocks, gfni
+            kern.blocks, kern.gfni, kern.layers = blocks, gfni, layers
             kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
-            for i, value in enumerate(byte_coefficients(fmt)):
-                T.buffer_store(kern.coef, tir.const(value, "uint8"), [i])
+            for i, value in enumerate(byte_coefficients(fmt)):  # planes past bitlayers add 0
+                coef = tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8"))
+                T.buffer_store(kern.coef, coef, [i])
             # 1. activation codes as int8 and their sum, once per call. The sum undoes the unsigned
             # weight shift; it is computed here, not taken from ``rowsum``, so the result depends
             # on ``rowsum`` exactly as the TE kernel's does (only through the offset/epilogue).
@@ -265,15 +273,18 @@ def pb_vnni_func(
                     T.buffer_store(kern.code_sum, kern.code_sum[r] + natural[r, kk].astype("int32"), [r])
                 if blocks and gfni:
                     _block_order(T, fmt, natural, codes, r, blocks, chunks)
-            # 2. tiles of output rows x activation rows; straight-line code per (activation rows
-            # left, bitlayers), so the chunk loop has no branch.
+            # 2. tiles of output rows x activation rows; straight-line code per activation rows
+            # left in the tile (and, below one block, per bitlayers), so the chunk loop has no
+            # branch. Whole blocks read bitlayers at run time: one branch per plane and block
+            # skips the loads of dropped planes, and the kernel compiles ``bits`` times faster.
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
-            if single_row_tile is None:
+            if blocks:  # rows one by one at any batch; the tile is the unit of parallel work
+                _row_tiles(T, kern, batch, layers, BLOCK_TASK_ROWS, batch_tile, serial)
+            elif single_row_tile is None:
                 _row_tiles(T, kern, batch, layers, row_tile, batch_tile, serial)
-            else:  # batch 1 at full precision gets its own loop nest: more rows side by side
+            else:  # below one block, batch 1 gets its own loop nest: more rows side by side
                 # Only for bitlayers == bits: one specialisation per bitlayers value doubled the
-                # kernel's LLVM compile time (MNIST MLP W8: 23 s vs 12 s); fewer planes at batch 1
-                # take the general nest.
+                # kernel's LLVM compile time (MNIST MLP W8: 23 s vs 12 s).
                 with T.If(tir.all(batch == 1, layers == fmt.bits)):
                     with T.Then():
                         _row_tiles(T, kern, batch, layers, single_row_tile, 1, serial, (fmt.bits,))
@@ -300,8 +311,9 @@ def _row_tiles(
 ) -> None:
     """Step 2: all tiles of ``row_tile`` output rows x ``batch_tile`` activation rows.
 
-    Straight-line code per (activation rows left, bitlayers), so the chunk loop has no branch;
-    ``plane_counts`` limits the bitlayers values specialised (default: all, 1..bits).
+    Straight-line code per activation rows left (and per bitlayers below one block), so the
+    chunk loop has no branch; ``plane_counts`` limits the bitlayers values specialised (default:
+    all, 1..bits).
     """
     fmt = kern.fmt
     n_tiles = -(-kern.n_out // row_tile)
@@ -318,14 +330,18 @@ def _row_tiles(
             for rows in range(batch_tile, 0, -1):
                 with T.If(left >= rows if rows == batch_tile else left == rows):
                     with T.Then():
+                        if kern.blocks:
+                            _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, None)
+                            continue
                         for nlayers in plane_counts or range(1, fmt.bits + 1):
                             with T.If(layers == nlayers):
                                 with T.Then():
                                     _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, nlayers)
 
 
-def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> None:
-    """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes.
+def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None) -> None:
+    """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes
+    (None: ``bitlayers`` read at run time, whole blocks only).
 
     With whole blocks the rows are done one after another (:func:`_row_by_blocks`), so each plane
     is read front to back; otherwise the tile's rows are decoded chunk by chunk side by side
@@ -360,7 +376,7 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int) -> N
         _store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, n_rows)
 
 
-def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int, n_rows: int) -> None:
+def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int | None, n_rows: int) -> None:
     """One output row x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
 
     Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
@@ -378,12 +394,7 @@ def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int, n_ro
     per_block = BLOCK // CHUNK
     with T.serial(0, kern.blocks) as blk:
         if kern.gfni:
-            planes = [
-                tir.reinterpret("uint8x64", kern.wp[(*fmt.weight_index(i, row, 0)[:2], tir.Ramp(blk * BLOCK_WORDS, 1, BLOCK_WORDS))])
-                if i < nlayers
-                else None
-                for i in range(fmt.bits)
-            ]
+            planes = [_block_plane(kern, i, row, blk, nlayers) for i in range(fmt.bits)]
             for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
                 T.buffer_store(kern.decoded, code, [tir.Ramp(c * CHUNK, 1, CHUNK)])
         else:
@@ -400,14 +411,28 @@ def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int, n_ro
     _store(T, kern, [slot[b] for b in range(b_rows)], split, n, b0, nlayers, n_rows)
 
 
-def _decode_chunk(T, kern: _Kernel, row, c, full: bool, at, nlayers: int) -> None:
-    """Masked-add decode of chunk ``c`` of ``row`` into ``kern.decoded[at]``."""
+def _block_plane(kern: _Kernel, i: int, row, blk, nlayers: int | None) -> tir.PrimExpr | None:
+    """uint8x64 of plane ``i`` in block ``blk`` of ``row``; None (or zero, read at run time)
+    past the kept planes. Plane 0 is always kept."""
+    load = tir.reinterpret(
+        "uint8x64", kern.wp[(*kern.fmt.weight_index(i, row, 0)[:2], tir.Ramp(blk * BLOCK_WORDS, 1, BLOCK_WORDS))]
+    )
+    if nlayers is not None:
+        return load if i < nlayers else None
+    if i == 0:
+        return load
+    return tir.if_then_else(kern.layers > i, load, tir.Broadcast(tir.const(0, "uint8"), CHUNK))
+
+
+def _decode_chunk(T, kern: _Kernel, row, c, full: bool, at, nlayers: int | None) -> None:
+    """Masked-add decode of chunk ``c`` of ``row`` into ``kern.decoded[at]`` (None: every plane,
+    the dropped ones adding their zeroed coefficient)."""
     fmt = kern.fmt
 
     def word(i: int) -> tir.PrimExpr:
         return qword(kern.wp, fmt.weight_index(i, row, 0)[:2], c, full)
 
-    _decode(T, kern, at, word, nlayers)
+    _decode(T, kern, at, word, fmt.bits if nlayers is None else nlayers)
 
 
 def _dot(T, kern: _Kernel, slot, code: tir.PrimExpr, b, at) -> None:
@@ -417,7 +442,7 @@ def _dot(T, kern: _Kernel, slot, code: tir.PrimExpr, b, at) -> None:
     T.buffer_store(kern.acc, tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x), [slot])
 
 
-def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int, n_rows: int) -> None:
+def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int | None, n_rows: int) -> None:
     """Reduce the accumulators of output row ``n`` (``slots[b]``: ``split`` of them, or one) and store.
 
     The bytes are ``2^(8-k) u / |c|`` (:func:`code_scale`, exactly divisible): back to ``sum u x``,
@@ -445,7 +470,7 @@ def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int, n_row
                 T.buffer_store(kern.out, value, [row, n])
 
 
-def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int) -> tir.PrimExpr:
+def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int | None) -> tir.PrimExpr:
     """The float epilogue of :func:`pbtvm.ops.pb_dense` (the shared :func:`dense_value`)."""
-    layers = tir.const(nlayers, "int64")
+    layers = kern.layers if nlayers is None else tir.const(nlayers, "int64")
     return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, layers)
