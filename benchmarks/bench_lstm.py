@@ -1,10 +1,11 @@
-"""Per-token latency of a word-level LSTM LM step at batch 1: PB vs torch fp32 / fp16 (cuDNN).
+"""Per-token latency of a word-level LSTM LM step at batch 1: PB vs torch fp32 / fp16 (cuDNN) / int8.
 
 One step = embedding lookup, every LSTM layer, the output head (vocabulary logits). Weights are
 random (latency does not depend on training). Medians over ``--tokens`` steps with the state
 carried, after a warm-up, host clock around a synchronised call: the latency a generation loop
 sees. The same weights serve every token, so they stay in cache where they fit, as in real
-decoding (the table prints the weight megabytes read per token).
+decoding (the table prints the weight megabytes read per token). On the CPU torch's dynamic int8
+(``quantize_dynamic`` of the LSTM and the head) is timed too.
 
 PB rows: ``decoder`` is :func:`pbtvm.decoder.compile_decoder` (the whole token in one call; on CUDA
 captured as one CUDA graph between two repack kernels; ``--no-graph`` adds the same without the
@@ -148,6 +149,13 @@ with torch.no_grad():
 
         bits_of = 32 if dtype == torch.float32 else 16
         add(name, per_token_us(step), weight_mb(bits_of))
+        if not cuda:  # the CPU user's quantized alternative: int8 weights, activations per call
+            q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+
+            def q_step(tok, state, q=q):
+                return q(tok, state)[1]
+
+            add("torch int8 dyn", per_token_us(q_step), weight_mb(8))
         if cuda:
             try:
                 add(f"{name} +graph", per_token_us(torch_graph_step(m)), weight_mb(bits_of))

@@ -1,23 +1,24 @@
-"""AVX-512 PB GEMM: weight planes expanded to bytes in registers, then VNNI int8 dot products.
+"""AVX-512 PB GEMM: weight planes decoded to byte codes in registers, then VNNI int8 dot products.
 
 The same exact integer product as :func:`pbtvm.ops.pb_int_product` on the same ``kNW`` planes,
-computed another way. For a chunk of 64 inputs (two packed words) of one weight row:
+computed another way. Each weight of a row becomes one byte per input, ``2^(8-k) u / |c|`` with
+``u`` the *unsigned* code of the kept planes ``i < bitlayers`` (two's complement: sign plane
+inverted, ``u = q + 2^(k-1)``; bipolar: ``u = 2 b``); then
 
-* each kept plane ``i < bitlayers`` is loaded as a 64-bit lane mask (``kmovq``) that adds its coefficient into 64 byte lanes: the *unsigned* weight code
-  ``u = 2^(k-1) (1 - b_0) + sum_{0<i<L} 2^(k-1-i) b_i`` (two's complement; the sign plane
-  inverted, so ``u = q + 2^(k-1)`` in ``0 .. 2^k - 1``), or ``u = 2 b`` (bipolar);
-* one ``vpdpbusd`` per activation row multiplies ``u`` (uint8) by the activation codes (int8,
-  rebuilt once per call from the packed activation planes) into 16 int32 lanes, exactly;
-* at the end ``acc = sum(lanes) - 2^(k-1) sum_k x[k]`` (two's complement), which is
+* one ``vpdpbusd`` per 64 inputs and activation row multiplies those bytes (uint8) by the
+  activation codes (int8, made once per call from the float rows or the packed planes) into 16
+  int32 lanes, exactly;
+* at the end ``acc = (sum(lanes) >> (8-k)) |c| - 2^(k-1) sum_k x[k]`` (two's complement), which is
   ``sum_{i<L} c_i sum_k b_i[k] x[k]``, the PB product.
 
-Work per 64 weights is ``2 L`` decode instructions (``kmovq`` + masked ``vpaddb``) shared by a
-tile of activation rows plus one dot product per row, instead of ``L * act_bits`` AND+POPCNT
-words. A task works on ``row_tile`` output rows at once (independent accumulator chains); it
-first copies their row-planes into a stack buffer with 64-byte loads and prefetches the next
-tile's, which streams weights from DRAM ~1.6x faster than decoding straight from them. It needs ``bits <= 8``,
-``act_bits <= 8``, an int32 accumulator and a CPU with AVX-512 BW and VNNI
-(:func:`unsupported_reason`); the popcount kernel serves everything else.
+Whole blocks of 512 inputs are decoded with GFNI bit transposes (:mod:`pbtvm.ops.gfni_decode`:
+one 64-byte load per kept plane, ~3 instructions per 64 W4 weights); the chunks after the last
+block, and every chunk on CPUs without GFNI, with one ``kmovq`` lane mask and one masked byte add
+per plane (:func:`_decode`). With whole blocks the output rows are done one after another, so
+every plane is streamed front to back; below one block a tile's rows are decoded side by side
+(independent accumulator chains). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
+serves everything else.
 """
 
 from __future__ import annotations
