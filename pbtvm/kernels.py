@@ -113,6 +113,18 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
     return te.create_prim_func(args).with_attrs(attrs)
 
 
+def lstm_update_func(hidden: int) -> tir.PrimFunc:
+    """``(gx [B, 4H], gh [B, 4H], c [B, H]) -> (h', c')``: the LSTM cell update alone
+    (:func:`pbtvm.ops.lstm_cell_update`), for a step whose two projections are dense PB layers."""
+    from .ops import lstm_cell_update
+
+    batch = _batch_var()
+    gx = te.placeholder((batch, 4 * hidden), "float32", "gx")
+    gh = te.placeholder((batch, 4 * hidden), "float32", "gh")
+    c = te.placeholder((batch, hidden), "float32", "c")
+    return te.create_prim_func([gx, gh, c, *lstm_cell_update(gx, gh, c)])
+
+
 def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:
     """Schedule ``func`` with the default rule for ``target`` (unless told not to) and compile it."""
     from .cuda import build as cuda_aware_build

@@ -187,3 +187,19 @@ def test_cuda_decoder_matches_cpu_decoder_over_many_tokens_and_bitlayers():
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(h.cpu(), wh, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(c.cpu(), wc, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_decoder_layer_kernels_follow_the_gemm_choice(monkeypatch):
+    """AVX-512 CPUs: two one-kernel dense layers and a cell update per layer; else one fused step."""
+    from pbtvm.ops.pb_vnni import target_supports
+    from pbtvm.target import resolve_target
+
+    model = _lm(hidden=32, layers=1)
+    if target_supports(resolve_target("llvm")):
+        dec = compile_decoder(model.lstm, "llvm", 4, embedding=model.embedding, head=model.head)
+        calls = _kernel_calls(_vm_functions(dec.model._module.as_text())["main"])
+        assert [c for c in calls if "lstm" in c] == ["pb_lstm_ih_l0", "pb_lstm_hh_l0", "pb_lstm_update_l0"]
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    dec = compile_decoder(model.lstm, "llvm", 4, embedding=model.embedding, head=model.head)
+    calls = _kernel_calls(_vm_functions(dec.model._module.as_text())["main"])
+    assert [c for c in calls if "lstm" in c] == ["pb_lstm_step_l0"]
