@@ -88,6 +88,13 @@ def test_tiles_exact(row_tile, batch_tile, rng):
 
 
 @needs_vnni
+@pytest.mark.parametrize("batch_tile", [1, 3])
+def test_block_batch_tiles_exact(batch_tile, rng):
+    """Whole blocks: any batch tile, a ragged last task (N = 70 with 64 rows per task)."""
+    _check_int(bp.BitplaneFormat(4, 8), 70, 600, 7, rng, batch_tile=batch_tile)
+
+
+@needs_vnni
 @pytest.mark.parametrize(
     ("bits", "act_bits", "n", "k", "b"),
     [(1, 8, 7, 33, 3), (2, 8, 9, 100, 5), (4, 6, 13, 129, 17), (8, 8, 5, 300, 2), (1, 8, 7, 600, 2), (4, 8, 6, 700, 3)],
@@ -164,6 +171,24 @@ def test_formats_outside_int8_fall_back(name):
 
 def test_large_k_falls_back():
     assert "too large" in unsupported_reason(bp.BitplaneFormat(8, 8), 70_000)
+
+
+@needs_vnni
+def test_long_rows_keep_plain_codes():
+    """Past ~66k inputs the scaled GFNI bytes could overflow int32: plain codes, masked-add decode.
+
+    Extreme codes (-128 activations, the largest weights) at the longest K of each regime.
+    """
+    for fmt, k in ((bp.BitplaneFormat(7, 8), 66_256), (bp.BitplaneFormat(4, 8), 70_000)):
+        assert unsupported_reason(fmt, k) is None
+        q = np.full((1, k), 2 ** (fmt.bits - 1) - 1)
+        xq = np.full((2, k), -(2 ** (fmt.act_bits - 1)))
+        xq[1, ::3] = 127
+        wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+        kern = kernels.build(kernels.int_product_func(fmt, 1, k), CPU)
+        out = _t(np.zeros((2, 1), np.int32))
+        kern(_t(xp), _t(xq.sum(1).astype(np.int32)), _t(wp), fmt.bits, out)
+        np.testing.assert_array_equal(out.numpy(), xq @ q.T)
 
 
 def test_target_features_decide():

@@ -65,11 +65,24 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
         return f"{fmt.name}: weights and activations must be <= 8 bits for int8 dot products"
     if fmt.layout not in ("kNW", "NkW"):
         return f"the {fmt.layout} weight layout is for tensor cores; the AVX-512 kernel reads kNW or NkW"
-    # |sum_k x byte| <= K (padded to 64) * 255 * act_qmax must fit the int32 lanes.
-    padded = -(-int(k_dim) // CHUNK) * CHUNK
-    if padded * 255 * fmt.act_qmax >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
+    # |sum_k x u| <= K (padded to 64) * (2^k - 1) * |most negative code| must fit the int32 lanes.
+    if _lane_bound(fmt, k_dim, scaled=False) >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
         return f"K={k_dim} is too large for int32 accumulation at {fmt.name}"
     return None
+
+
+def _lane_bound(fmt: BitplaneFormat, k_dim: int, scaled: bool) -> int:
+    """Largest ``|sum_k x byte|`` of the int32 lanes: bytes up to 255 when scaled by
+    ``2^(8-k)`` (:func:`pbtvm.ops.gfni_decode.code_scale`), else up to ``2^k - 1``."""
+    padded = -(-int(k_dim) // CHUNK) * CHUNK
+    return padded * (255 if scaled else 2**fmt.bits - 1) * 2 ** (fmt.act_bits - 1)
+
+
+def scaled_codes(fmt: BitplaneFormat, k_dim: int) -> bool:
+    """Whether the kernel decodes to bytes scaled by ``2^(8-k)`` (what the GFNI decode yields):
+    only where such sums fit int32 (K up to ~66k at 8-bit activations); longer rows keep the
+    plain codes and the masked-add decode."""
+    return _lane_bound(fmt, k_dim, scaled=True) < 2**31
 
 
 def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
@@ -146,6 +159,8 @@ class _Kernel:
     gfni: bool = False
     #: The ``bitlayers`` argument (blocks read it at run time instead of specialising on it).
     layers: tir.PrimExpr | None = None
+    #: Decoded bytes are ``2^(8-k) u / |c|`` (:func:`scaled_codes`), else ``u``.
+    scaled: bool = True
 
 
 def pb_vnni_func(
@@ -217,6 +232,8 @@ def pb_vnni_func(
     if single_row_tile is not None and not 1 <= single_row_tile <= MAX_ACCUMULATORS:
         raise ValueError(f"single_row_tile must be 1..{MAX_ACCUMULATORS}, got {single_row_tile}")
     words = fmt.words(k_dim)
+    scaled = scaled_codes(fmt, k_dim)
+    gfni = gfni and scaled  # the GFNI decode yields scaled bytes
     # blocks hold one output row's accumulators at a time, the chunk path the whole tile's
     held_rows = 1 if words >= BLOCK_WORDS else row_tile
     if batch_tile < 1 or row_tile < 1 or batch_tile * held_rows > MAX_ACCUMULATORS:
@@ -252,8 +269,10 @@ def pb_vnni_func(
                 rowsum = T.alloc_buffer((batch,), "int32")
             kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias_buf)
             kern.blocks, kern.gfni, kern.layers = blocks, gfni, layers
+            kern.scaled = scaled
             kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
-            for i, value in enumerate(byte_coefficients(fmt)):  # planes past bitlayers add 0
+            values = byte_coefficients(fmt) if scaled else [abs(c) for c in fmt.plane_coefficients()]
+            for i, value in enumerate(values):  # planes past bitlayers add 0
                 coef = tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8"))
                 T.buffer_store(kern.coef, coef, [i])
             # 1. activation codes as int8 and their sum, once per call. The sum undoes the unsigned
@@ -323,9 +342,12 @@ def _row_tiles(
         # One accumulator and one decode buffer for every specialisation below: separate
         # per-branch buffers get merged by storage rewriting into one mixed-type stack
         # slot that LLVM no longer keeps in registers (measured 4-13x slower).
-        slots = batch_tile * max(1, ACC_CHAINS // batch_tile) if kern.blocks else row_tile * batch_tile
+        if kern.blocks:  # one output row's accumulators, ACC_CHAINS // rows per activation row
+            slots = max(b * max(1, ACC_CHAINS // b) for b in range(1, batch_tile + 1))
+        else:
+            slots = row_tile * batch_tile
         kern.acc = T.alloc_buffer((slots * CHUNK // 4,), "int32", scope="local")
-        kern.decoded = T.alloc_buffer((max(row_tile, BLOCK // CHUNK) * CHUNK,), "uint8", scope="local")
+        kern.decoded = T.alloc_buffer(((BLOCK // CHUNK if kern.blocks else row_tile) * CHUNK,), "uint8", scope="local")
         with T.serial(0, b_tiles) as bt:
             left = batch - bt * batch_tile
             for rows in range(batch_tile, 0, -1):
@@ -350,9 +372,9 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | Non
     not stored.
     """
     if kern.blocks:  # a loop, not unrolled: the rows do not share registers
-        with T.serial(0, n_rows) as r:
-            row = tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r
-            _row_by_blocks(T, kern, row, n0 + r, b0, b_rows, nlayers, n_rows)
+        # the last task stops at N (no rows computed for nothing)
+        with T.serial(0, tir.min(n_rows, kern.n_out - n0) if kern.n_out % n_rows else n_rows) as r:
+            _row_by_blocks(T, kern, n0 + r, n0 + r, b0, b_rows, nlayers, n_rows)
         return
     rows = [tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r for r in range(n_rows)]
     acc, lanes = kern.acc, CHUNK // 4
@@ -450,7 +472,7 @@ def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int | None
     then undo the unsigned shift of two's complement codes and apply the epilogue.
     """
     fmt = kern.fmt
-    shift, (scale_shift, factor) = _unsigned_shift(fmt), code_scale(fmt)
+    shift, (scale_shift, factor) = _unsigned_shift(fmt), code_scale(fmt) if kern.scaled else (0, 1)
     ragged = kern.n_out % n_rows
     with T.If(n < kern.n_out) if ragged else contextlib.nullcontext():
         with T.Then() if ragged else contextlib.nullcontext():
