@@ -11,6 +11,7 @@ from .names import ATTR_INPUT_SIZE, KernelKind
 from .ops import (
     act_quantize_pack,
     kernel_attrs,
+    lstm_cell_update,
     pb_dense,
     pb_dense_act,
     pb_int_product,
@@ -116,8 +117,6 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
 def lstm_update_func(hidden: int) -> tir.PrimFunc:
     """``(gx [B, 4H], gh [B, 4H], c [B, H]) -> (h', c')``: the LSTM cell update alone
     (:func:`pbtvm.ops.lstm_cell_update`), for a step whose two projections are dense PB layers."""
-    from .ops import lstm_cell_update
-
     batch = _batch_var()
     gx = te.placeholder((batch, 4 * hidden), "float32", "gx")
     gh = te.placeholder((batch, 4 * hidden), "float32", "gh")

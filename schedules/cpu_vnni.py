@@ -24,8 +24,8 @@ from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops import gfni_decode
-from pbtvm.ops.gfni_decode import BLOCK_WORDS
 from pbtvm.ops.pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.target import resolve_target
 
 from .rules import KnobRule
 
@@ -97,7 +97,7 @@ class CPUVnniGemm(KnobRule):
         :data:`pbtvm.ops.pb_vnni.BLOCK_TASK_ROWS` per task), so only distinct batch tiles are offered.
         """
         fmt, k_dim = format_of(func), int((func.attrs or {}).get(names.ATTR_K, 0))
-        if fmt is not None and fmt.words(k_dim) >= BLOCK_WORDS:
+        if fmt is not None and fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS:
             tiles = dict.fromkeys(min(bt, MAX_BLOCK_BATCH_TILE) for _, bt in KNOBS)
             return [{"row_tile": ROW_TILE, "batch_tile": bt} for bt in tiles]
         return [{"row_tile": row_tile, "batch_tile": batch_tile} for row_tile, batch_tile in KNOBS]
@@ -143,7 +143,7 @@ def _operands(func: tir.PrimFunc) -> tuple | None:
 def single_row_tile_for(fmt: BitplaneFormat, n_out: int, k_dim: int) -> int | None:
     """Output rows per tile of the batch-1 loop nest (None: no such nest, K has whole blocks)."""
     del n_out  # the same for every N
-    return None if fmt.words(k_dim) >= BLOCK_WORDS else SINGLE_ROWS_SIDE_BY_SIDE
+    return None if fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS else SINGLE_ROWS_SIDE_BY_SIDE
 
 
 def vnni_kernel_for(
@@ -173,17 +173,11 @@ def vnni_kernel_for(
     n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
     batch = x.shape[0] if float_input else x.shape[1]
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim)
-    target = target or tvm.target.Target.current(allow_none=True) or tvm.target.Target({"kind": "llvm", "mcpu": _host_cpu()})
+    target = target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
     gfni = target_supports(target, gfni_decode.CPU_FEATURES)
     new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni)
     attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
     return new.without_attr("global_symbol").with_attrs(attrs)
-
-
-def _host_cpu() -> str:
-    from tvm.target import codegen
-
-    return str(codegen.llvm_get_system_cpu())
 
 
 #: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.

@@ -143,8 +143,7 @@ def pb_lstm_cell_input(
 
 
 def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):
-    batch, hidden = h.shape
-    n_hidden = int(hidden)
+    n_hidden = int(h.shape[1])
     if tuple(int(d) for d in c.shape[1:]) != (n_hidden,):
         raise ValueError(f"LSTM cell wants c [B, {n_hidden}] like h, got {c.shape}")
     xp, x_scale, rowsum = act_quantize_pack(h, fmt)

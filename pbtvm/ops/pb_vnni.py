@@ -85,6 +85,15 @@ def scaled_codes(fmt: BitplaneFormat, k_dim: int) -> bool:
     return _lane_bound(fmt, k_dim, scaled=True) < 2**31
 
 
+def _code_bytes(fmt: BitplaneFormat, scaled: bool) -> tuple[list[int], int, int]:
+    """``(per-plane byte coefficients, shift, factor)`` of the decoded bytes: with ``scaled``
+    those of :mod:`pbtvm.ops.gfni_decode` (``sum u x = factor * (sum byte x >> shift)``), else
+    the plain ``|c_i|`` (shift 0, factor 1)."""
+    if scaled:
+        return byte_coefficients(fmt), *code_scale(fmt)
+    return [abs(c) for c in fmt.plane_coefficients()], 0, 1
+
+
 def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
     """Whether an LLVM target's CPU (its ``mtriple``, ``mcpu`` and ``mattr``) has ``features``
     (default :data:`CPU_FEATURES`, what the kernel needs; the GFNI block decode also needs
@@ -271,8 +280,7 @@ def pb_vnni_func(
             kern.blocks, kern.gfni, kern.layers = blocks, gfni, layers
             kern.scaled = scaled
             kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
-            values = byte_coefficients(fmt) if scaled else [abs(c) for c in fmt.plane_coefficients()]
-            for i, value in enumerate(values):  # planes past bitlayers add 0
+            for i, value in enumerate(_code_bytes(fmt, scaled)[0]):  # planes past bitlayers add 0
                 coef = tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8"))
                 T.buffer_store(kern.coef, coef, [i])
             # 1. activation codes as int8 and their sum, once per call. The sum undoes the unsigned
@@ -368,13 +376,13 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | Non
 
     With whole blocks the rows are done one after another (:func:`_row_by_blocks`), so each plane
     is read front to back; otherwise the tile's rows are decoded chunk by chunk side by side
-    (independent accumulator chains). Rows past N (the last tile) are computed on row N-1 and
-    not stored.
+    (independent accumulator chains); there the last tile's rows past N are computed on row N-1
+    and not stored, while the row loop over blocks stops at N.
     """
     if kern.blocks:  # a loop, not unrolled: the rows do not share registers
         # the last task stops at N (no rows computed for nothing)
         with T.serial(0, tir.min(n_rows, kern.n_out - n0) if kern.n_out % n_rows else n_rows) as r:
-            _row_by_blocks(T, kern, n0 + r, n0 + r, b0, b_rows, nlayers, n_rows)
+            _row_by_blocks(T, kern, n0 + r, b0, b_rows, nlayers)
         return
     rows = [tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r for r in range(n_rows)]
     acc, lanes = kern.acc, CHUNK // 4
@@ -396,10 +404,10 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | Non
     if kern.tail:
         chunk(kern.full_chunks, False)
     for r in range(n_rows):
-        _store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, n_rows)
+        _store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, kern.n_out % n_rows != 0)
 
 
-def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int | None, n_rows: int) -> None:
+def _row_by_blocks(T, kern: _Kernel, row, b0, b_rows: int, nlayers: int | None) -> None:
     """One output row x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
 
     Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
@@ -431,7 +439,7 @@ def _row_by_blocks(T, kern: _Kernel, row, n, b0, b_rows: int, nlayers: int | Non
         _decode_chunk(T, kern, row, c, c < kern.full_chunks, tir.Ramp(0, 1, CHUNK), nlayers)
         for b in range(b_rows):
             _dot(T, kern, slot[b][c % split], kern.decoded[tir.Ramp(0, 1, CHUNK)], b0 + b, c * CHUNK)
-    _store(T, kern, [slot[b] for b in range(b_rows)], split, n, b0, nlayers, n_rows)
+    _store(T, kern, [slot[b] for b in range(b_rows)], split, row, b0, nlayers, False)
 
 
 def _block_plane(kern: _Kernel, i: int, row, blk, nlayers: int | None) -> tir.PrimExpr | None:
@@ -465,17 +473,18 @@ def _dot(T, kern: _Kernel, slot, code: tir.PrimExpr, b, at) -> None:
     T.buffer_store(kern.acc, tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x), [slot])
 
 
-def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int | None, n_rows: int) -> None:
-    """Reduce the accumulators of output row ``n`` (``slots[b]``: ``split`` of them, or one) and store.
+def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int | None, guard: bool) -> None:
+    """Reduce the accumulators of output row ``n`` (``slots[b]``: ``split`` of them, or one) and
+    store them (only where ``n < N`` with ``guard``: the last tile's rows past N).
 
     The bytes are ``2^(8-k) u / |c|`` (:func:`code_scale`, exactly divisible): back to ``sum u x``,
     then undo the unsigned shift of two's complement codes and apply the epilogue.
     """
     fmt = kern.fmt
-    shift, (scale_shift, factor) = _unsigned_shift(fmt), code_scale(fmt) if kern.scaled else (0, 1)
-    ragged = kern.n_out % n_rows
-    with T.If(n < kern.n_out) if ragged else contextlib.nullcontext():
-        with T.Then() if ragged else contextlib.nullcontext():
+    shift = _unsigned_shift(fmt)
+    _, scale_shift, factor = _code_bytes(fmt, kern.scaled)
+    with T.If(n < kern.n_out) if guard else contextlib.nullcontext():
+        with T.Then() if guard else contextlib.nullcontext():
             for b, group in enumerate(slots):
                 row = b0 + b
                 parts = group if split > 1 else [group]
