@@ -51,7 +51,7 @@ def dense_value(
     w_scale : te.Tensor or tir.Buffer, float32, ``fmt.scale_shape(N)``
         ``[N]`` scales; with a zero point ``[2, N]`` (scales, then zero points in code units).
     n : PrimExpr
-        Output row.
+        Output row (or a ``Ramp`` of consecutive rows, ``acc`` then a vector of as many lanes).
     bias : te.Tensor or tir.Buffer, float32, [N], or None
     bitlayers : PrimExpr, int64
 
@@ -62,13 +62,21 @@ def dense_value(
     """
     off = truncation_offset(fmt, bitlayers)
     if not fmt.has_zero_point:
-        y = (x_scale * (off * rowsum.astype("float32") + acc.astype("float32"))) * w_scale[n]
+        y = (x_scale * (off * rowsum.astype("float32") + _as(acc, "float32"))) * w_scale[n]
     else:
         zero = w_scale[1, n]
         z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
         exact = acc - z_int.astype(_dtype(acc)) * rowsum
-        y = (x_scale * ((off - (zero - z_int)) * rowsum.astype("float32") + exact.astype("float32"))) * w_scale[0, n]
+        y = (x_scale * ((off - (zero - z_int)) * rowsum.astype("float32") + _as(exact, "float32"))) * w_scale[0, n]
     return y + bias[n] if bias is not None else y
+
+
+def _as(expr: Any, dtype: str) -> Any:
+    """``expr`` cast to ``dtype``, keeping its lanes (a vector of outputs, ``n`` a ``Ramp``)."""
+    from .._tvm import tvm
+
+    lanes = tvm.DataType(_dtype(expr)).lanes
+    return expr.astype(dtype if lanes == 1 else f"{dtype}x{lanes}")
 
 
 def _dtype(expr: Any) -> str:
