@@ -52,41 +52,26 @@ class StepParts:
 
 
 def _emit_layer(bb: Any, parts: StepParts, layer: int, x: Any, h: Any, c: Any, n_bits: Any) -> tuple:
-    """One layer's step; returns (h', c').
-
-    One fused kernel (:func:`pbtvm.kernels.lstm_cell_input_func`), except on AVX-512 CPUs
-    (:func:`pbtvm.schedules.cpu_vnni.one_kernel_layer`): there the two projections are one-kernel
-    dense PB layers (the AVX-512 GEMM quantizes its row itself) and a third kernel updates the
-    cell, the same values (2x650 LM, W4: see BENCHMARKS.md, 2026-11-30, third session).
-    """
+    """One layer's step, one kernel (:func:`pbtvm.kernels.lstm_cell_input_func`; on AVX-512 CPUs
+    :class:`pbtvm.schedules.cpu_vnni.CPUVnniLstmCell` makes it the AVX-512 step); returns (h', c')."""
     from ._tvm import relax
 
     key = ("layer", layer)
     if key not in parts.cache:
         parts.cache[key] = _layer_weights(bb, parts, layer)
     func, ih_args, hh_args = parts.cache[key]
-    hidden = parts.lstm.hidden_size
-    state = relax.TensorType([parts.batch, hidden], "float32")
-    if isinstance(func, tuple):  # (input projection, recurrent projection, cell update)
-        dense_ih, dense_hh, update = func
-        gates = relax.TensorType([parts.batch, 4 * hidden], "float32")
-        gx = bb.emit(relax.call_tir(dense_ih, [x, *ih_args, relax.prim_value(n_bits)], gates))
-        gh = bb.emit(relax.call_tir(dense_hh, [h, *hh_args, relax.prim_value(n_bits)], gates))
-        step = bb.emit(relax.call_tir(update, [gx, gh, c], [state, state]))
-    else:
-        args = [x, *ih_args, h, c, *hh_args, relax.prim_value(n_bits)]
-        step = bb.emit(relax.call_tir(func, args, [state, state]))
+    state = relax.TensorType([parts.batch, parts.lstm.hidden_size], "float32")
+    args = [x, *ih_args, h, c, *hh_args, relax.prim_value(n_bits)]
+    step = bb.emit(relax.call_tir(func, args, [state, state]))
     return bb.emit(relax.TupleGetItem(step, 0)), bb.emit(relax.TupleGetItem(step, 1))
 
 
 def _layer_weights(bb: Any, parts: StepParts, layer: int) -> tuple:
-    """(kernel or (dense ih, dense hh, update) kernels, ``W_ih`` constants (scales, bias), ``W_hh``
-    constants) of a layer; records it as converted."""
+    """(step kernel, ``W_ih`` constants (scales, bias), ``W_hh`` constants) of a layer; records it as converted."""
     from ._tvm import relax
-    from .kernels import dense_act_func, lstm_cell_input_func, lstm_update_func
+    from .kernels import lstm_cell_input_func
     from .lowering import LayerRecord, lower_weights
     from .ops import unit_major_rows
-    from .schedules.cpu_vnni import one_kernel_layer
 
     lstm, hidden = parts.lstm, parts.lstm.hidden_size
     rows = unit_major_rows(hidden)
@@ -98,16 +83,7 @@ def _layer_weights(bb: Any, parts: StepParts, layer: int) -> tuple:
         ih_args.append(relax.const(bias[rows], "float32"))
     for k, w in (("ih", w_ih), ("hh", w_hh)):
         parts.converted.append(LayerRecord.of(f"weight_{k}_l{layer} (LSTM)", w, fmt, bias=False).as_dict())
-    n_in = w_ih.shape[1]
-    if parts.kind == "llvm" and one_kernel_layer(fmt, n_in) and one_kernel_layer(fmt, hidden):
-        funcs = (
-            (dense_act_func(fmt, 4 * hidden, n_in, lstm.bias), f"pb_lstm_ih_l{layer}"),
-            (dense_act_func(fmt, 4 * hidden, hidden, False), f"pb_lstm_hh_l{layer}"),
-            (lstm_update_func(hidden), f"pb_lstm_update_l{layer}"),
-        )
-        split = tuple(bb.add_func(f.without_attr("global_symbol"), name) for f, name in funcs)
-        return split, ih_args, list(packed_hh)
-    func = lstm_cell_input_func(fmt, n_in, hidden, lstm.bias).without_attr("global_symbol")
+    func = lstm_cell_input_func(fmt, w_ih.shape[1], hidden, lstm.bias).without_attr("global_symbol")
     return bb.add_func(func, f"pb_lstm_step_l{layer}"), ih_args, list(packed_hh)
 
 

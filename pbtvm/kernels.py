@@ -11,7 +11,6 @@ from .names import ATTR_INPUT_SIZE, KernelKind
 from .ops import (
     act_quantize_pack,
     kernel_attrs,
-    lstm_cell_update,
     pb_dense,
     pb_dense_act,
     pb_int_product,
@@ -112,16 +111,6 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
     args = [x, wp_ih, ws_ih] + ([b] if bias else []) + [h, c, wp_hh, ws_hh, layers, *outs]
     attrs = {**kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden), ATTR_INPUT_SIZE: int(input_size)}
     return te.create_prim_func(args).with_attrs(attrs)
-
-
-def lstm_update_func(hidden: int) -> tir.PrimFunc:
-    """``(gx [B, 4H], gh [B, 4H], c [B, H]) -> (h', c')``: the LSTM cell update alone
-    (:func:`pbtvm.ops.lstm_cell_update`), for a step whose two projections are dense PB layers."""
-    batch = _batch_var()
-    gx = te.placeholder((batch, 4 * hidden), "float32", "gx")
-    gh = te.placeholder((batch, 4 * hidden), "float32", "gh")
-    c = te.placeholder((batch, hidden), "float32", "c")
-    return te.create_prim_func([gx, gh, c, *lstm_cell_update(gx, gh, c)])
 
 
 def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:

@@ -4,8 +4,9 @@ The rule matches a ``pb_gemm`` PrimFunc (the TE kernel from :func:`pbtvm.ops.pb_
 :func:`pbtvm.ops.pb_int_product`) when the target's ``mcpu``/``mattr`` has the instructions and the
 format fits int8 dot products (:func:`pbtvm.ops.pb_vnni.unsupported_reason`), and replaces it by
 the AVX-512 kernel with the same parameters, so the Relax graph, export and the ``bitlayers``
-argument are untouched. Everything else falls through to :class:`~.cpu.CPUBitplaneGemm` (the
-portable popcount kernel). ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable
+argument are untouched; likewise the LSTM step (``pb_lstm_cell``) becomes
+:func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func`. Everything else falls through to the portable
+popcount kernels of :mod:`.cpu`. ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable
 kernel (for comparisons).
 
 The kernel's knobs (output rows decoded side by side, activation rows per decoded chunk) are
@@ -25,9 +26,10 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops import gfni_decode
 from pbtvm.ops.pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.ops.pb_vnni_lstm import pb_vnni_lstm_func
 from pbtvm.target import resolve_target
 
-from .rules import KnobRule
+from .rules import KnobRule, ScheduleRule
 
 #: (row_tile, batch_tile) of the kernel: 2 output rows side by side hide the dot-product latency
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
@@ -119,10 +121,72 @@ class CPUVnniDenseAct(CPUVnniGemm):
     kernel = names.KernelKind.DENSE_ACT
 
 
+class CPUVnniLstmCell(ScheduleRule):
+    """``pb_lstm_cell`` on AVX-512 BW + VNNI: the popcount step replaced by
+    :func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func` (its products the AVX-512 GEMM's, the cell
+    update in the same parallel tasks). Every form: ``gx`` given for one step or read at step
+    ``t`` of a sequence, or the input projection inside (decoding)."""
+
+    kernel = names.KernelKind.LSTM_CELL
+    target_kind = "llvm"
+
+    def matches(self, func: tir.PrimFunc) -> bool:
+        """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
+        if not super().matches(func) or os.environ.get(ENV_KERNEL, "") == "popcount":
+            return False
+        if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
+            return True
+        return fits_vnni(func) and _lstm_operands(func) is not None and target_supports(self.target)
+
+    def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The AVX-512 step for ``func`` (already scheduled)."""
+        return s_tir.Schedule(vnni_lstm_kernel_for(func, target=self.target), debug_mask=0)
+
+
+def _lstm_operands(func: tir.PrimFunc) -> tuple | None:
+    """``(batch var, input size or None, bias, steps var or None)`` of a ``pb_lstm_cell``
+    PrimFunc from :mod:`pbtvm.kernels` / the LSTM time loop, None if its parameters are not one's."""
+    buffers = [p for p in func.params if tir.is_buffer_var(p)]
+    input_size = (func.attrs or {}).get(names.ATTR_INPUT_SIZE)
+    if input_size is not None:  # x, wp_ih, ws_ih[, bias], h, c, wp_hh, ws_hh, h', c'
+        if len(buffers) not in (9, 10):
+            return None
+        return buffers[0].shape[0], int(input_size), len(buffers) == 10, None
+    if len(buffers) != 7:  # gx, h, c, wp, w_scale, h', c'
+        return None
+    gx = buffers[0]
+    return buffers[1].shape[0], None, False, gx.shape[0] if len(gx.shape) == 3 else None
+
+
+def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = None) -> tir.PrimFunc:
+    """The AVX-512 LSTM step with ``func``'s parameters (same order, shapes and batch variable).
+
+    ``target`` as in :func:`vnni_kernel_for` (GFNI where it has ``gfni``).
+
+    Raises
+    ------
+    ValueError
+        If ``func`` is not a ``pb_lstm_cell`` PrimFunc the kernel can compute.
+    """
+    if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
+        return func
+    fmt, operands = format_of(func), _lstm_operands(func)
+    if fmt is None or operands is None:
+        raise ValueError("vnni_lstm_kernel_for needs a pb_lstm_cell PrimFunc from pbtvm.kernels")
+    batch, input_size, bias, steps = operands
+    target = target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
+    gfni = target_supports(target, gfni_decode.CPU_FEATURES)
+    new = pb_vnni_lstm_func(fmt, int(func.attrs[names.ATTR_K]), batch, input_size, bias, steps, gfni)
+    attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
+    return new.without_attr("global_symbol").with_attrs(attrs)
+
+
 def fits_vnni(func: tir.PrimFunc) -> bool:
-    """Whether the AVX-512 kernel computes ``func``'s format at its K (CPU features aside)."""
-    fmt = format_of(func)
-    return fmt is not None and unsupported_reason(fmt, int(func.attrs[names.ATTR_K])) is None
+    """Whether the AVX-512 kernels compute ``func``'s format at its K (and input size, for an
+    LSTM step with its input projection), CPU features aside."""
+    fmt, attrs = format_of(func), func.attrs or {}
+    sizes = [attrs[key] for key in (names.ATTR_K, names.ATTR_INPUT_SIZE) if key in attrs]
+    return fmt is not None and all(unsupported_reason(fmt, int(k)) is None for k in sizes)
 
 
 def _operands(func: tir.PrimFunc) -> tuple | None:

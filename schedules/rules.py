@@ -40,6 +40,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "cpu:CPUBitplaneGemm",
         "cpu_vnni:CPUVnniDenseAct",  # one kernel per layer on AVX-512 CPUs (quantize + GEMM)
         "cpu:CPUDenseAct",
+        "cpu_vnni:CPUVnniLstmCell",  # the LSTM step with the AVX-512 products, same condition
         "cpu:CPULSTMCell",
     ),
     "cuda": (

@@ -190,7 +190,7 @@ def test_cuda_decoder_matches_cpu_decoder_over_many_tokens_and_bitlayers():
 
 
 def test_cpu_decoder_layer_kernels_follow_the_gemm_choice(monkeypatch):
-    """AVX-512 CPUs: two one-kernel dense layers and a cell update per layer; else one fused step."""
+    """One step kernel per layer: the AVX-512 step on AVX-512 CPUs, else the popcount one."""
     from pbtvm.ops.pb_vnni import target_supports
     from pbtvm.target import resolve_target
 
@@ -198,8 +198,18 @@ def test_cpu_decoder_layer_kernels_follow_the_gemm_choice(monkeypatch):
     if target_supports(resolve_target("llvm")):
         dec = compile_decoder(model.lstm, "llvm", 4, embedding=model.embedding, head=model.head)
         calls = _kernel_calls(_vm_functions(dec.model._module.as_text())["main"])
-        assert [c for c in calls if "lstm" in c] == ["pb_lstm_ih_l0", "pb_lstm_hh_l0", "pb_lstm_update_l0"]
+        assert [c for c in calls if "lstm" in c] == ["pb_lstm_step_l0"]
+        assert "vpdpbusd" in _asm_of(dec, "pb_lstm_step_l0")
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     dec = compile_decoder(model.lstm, "llvm", 4, embedding=model.embedding, head=model.head)
     calls = _kernel_calls(_vm_functions(dec.model._module.as_text())["main"])
     assert [c for c in calls if "lstm" in c] == ["pb_lstm_step_l0"]
+    assert "vpdpbusd" not in _asm_of(dec, "pb_lstm_step_l0")
+
+
+def _asm_of(dec, name: str) -> str:
+    """The x86 assembly of one kernel of a CPU decoder (its compute function)."""
+    (llvm,) = dec.model._module.mod.imports
+    asm = str(llvm.inspect_source("asm"))
+    start = asm.index(f"{name}_compute_:")
+    return asm[start : asm.index(".Lfunc_end", start)]

@@ -8,7 +8,7 @@ of guessing; blocks are named by :mod:`pbtvm.names`.
 from .. import names
 from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
-from .lstm_cell import lstm_cell_update, pb_lstm_cell, pb_lstm_cell_input, unit_major_rows
+from .lstm_cell import pb_lstm_cell, pb_lstm_cell_input, unit_major_rows
 from .pb_gemm import pb_dense, pb_dense_act, pb_int_product
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "pb_dense",
     "pb_dense_act",
     "pb_int_product",
-    "lstm_cell_update",
     "pb_lstm_cell",
     "pb_lstm_cell_input",
     "unit_major_rows",

@@ -28,7 +28,7 @@ from ..bitplane import BitplaneFormat
 from .act_pack import act_quantize_pack
 from .pb_gemm import pb_dense
 
-__all__ = ["lstm_cell_update", "pb_lstm_cell", "pb_lstm_cell_at", "pb_lstm_cell_input", "unit_major_rows"]
+__all__ = ["pb_lstm_cell", "pb_lstm_cell_at", "pb_lstm_cell_input", "unit_major_rows"]
 
 
 def unit_major_rows(hidden: int) -> np.ndarray:
@@ -153,31 +153,6 @@ def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):
         return gates[b, u * 4 + g] + gx_at(b, u, g)
 
     return _update(pre, c)
-
-
-def lstm_cell_update(gx: te.Tensor, gh: te.Tensor, c: te.Tensor) -> list[te.Tensor]:
-    """The cell update alone, from both projections already computed (unit-major gate rows).
-
-    ``pre = gh + gx`` in the order :func:`pb_lstm_cell_input` adds them, so a step made of two
-    dense PB layers (``gx`` with the bias, ``gh`` without) and this kernel gives its results.
-
-    Parameters
-    ----------
-    gx, gh : te.Tensor, float32, [B, 4H]
-        Input and recurrent projections, row ``4u + g`` for hidden unit ``u``, gate ``g``.
-    c : te.Tensor, float32, [B, H]
-        Previous cell state.
-
-    Returns
-    -------
-    list of te.Tensor
-        ``h'`` and ``c'``, float32 [B, H].
-    """
-    hidden = int(c.shape[1])
-    for name, t in (("gx", gx), ("gh", gh)):
-        if int(t.shape[1]) != 4 * hidden:
-            raise ValueError(f"LSTM cell update wants {name} [B, {4 * hidden}], got {t.shape}")
-    return _update(lambda b, u, g: gh[b, u * 4 + g] + gx[b, u * 4 + g], c)
 
 
 def _update(pre, c):

@@ -1,0 +1,172 @@
+"""AVX-512 LSTM step: both PB products of :mod:`pbtvm.ops.pb_vnni` and the cell update, one kernel.
+
+The same step as :func:`pbtvm.ops.pb_lstm_cell` (input projection ``gx`` given, for one time step
+or read at step ``t`` of a sequence) or :func:`pbtvm.ops.pb_lstm_cell_input` (the input
+projection from ``x`` and a packed ``W_ih`` too, for decoding one token), computed the AVX-512
+way:
+
+1. ``h`` (and ``x``) quantized once per call into int8 codes, exactly as
+   :func:`pbtvm.ops.act_quantize_pack` does (:func:`pbtvm.ops.pb_vnni.prepare_kernel`);
+2. parallel tasks of :data:`UNITS_PER_TASK` hidden units: their ``4 * units`` gate rows (adjacent,
+   the weights are unit-major) of ``W_hh`` (and ``W_ih``), one row after another with the GFNI
+   block decode and VNNI dot products (:func:`pbtvm.ops.pb_vnni._row_by_blocks`), the float
+   epilogue of :func:`pbtvm.ops.pb_dense`; then the task's cell updates
+   (``pre = gates_h + gx`` in the TE kernel's order), vectorized, with the polynomial ``exp`` of
+   :mod:`pbtvm.ops.vector_math` (libm's ``expf``, one call per element, took 14 of the 88 µs of
+   the 2x650 LM's step on one core).
+
+The integer products equal the TE kernel's exactly; the gate pre-activations too (the same
+epilogue); ``h'`` and ``c'`` agree with the TE kernel's to about 1e-7 (the exp). Replaces the popcount step
+on CPUs with AVX-512 BW + VNNI (:class:`pbtvm.schedules.cpu_vnni.CPUVnniLstmCell`); formats the
+AVX-512 GEMM cannot compute keep it.
+"""
+
+from __future__ import annotations
+
+from .._tvm import tir
+from ..bitplane import BitplaneFormat
+from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
+from . import pb_vnni
+from .gfni_decode import BLOCK
+from .pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, prepare_kernel, unsupported_reason
+from .vector_math import sigmoid, tanh
+from .vnni_bytes import CHUNK
+
+__all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
+
+#: Hidden units per parallel task (their 4 gate rows in each leg). 2x650 LM W4 decoder on 2
+#: threads: see BENCHMARKS.md (issue 14, fourth session).
+UNITS_PER_TASK = 16
+
+
+def pb_vnni_lstm_func(
+    fmt: BitplaneFormat,
+    hidden: int,
+    batch: tir.Var,
+    input_size: int | None = None,
+    bias: bool = False,
+    steps: tir.Var | None = None,
+    gfni: bool = True,
+) -> tir.PrimFunc:
+    """The AVX-512 LSTM step with the parameters of the TE step it replaces.
+
+    Parameters
+    ----------
+    fmt : BitplaneFormat
+        Must pass :func:`pbtvm.ops.pb_vnni.unsupported_reason` at K = ``hidden`` (and ``input_size``).
+    hidden : int
+        H.
+    batch : tir.Var
+        The symbolic batch dimension (reused so the signature matches the TE kernel's).
+    input_size : int, optional
+        I: the step computes its input projection, :func:`pbtvm.kernels.lstm_cell_input_func`'s
+        ``(x [B, I], wp_ih, ws_ih[, bias], h, c, wp_hh, ws_hh, bitlayers) -> (h', c')``.
+        None: :func:`pbtvm.kernels.lstm_cell_func`'s ``(gx [B, 4H], h, c, wp, w_scale,
+        bitlayers) -> (h', c')``, ``gx`` in PyTorch gate order.
+    bias : bool
+        With ``input_size``: whether there is a bias parameter.
+    steps : tir.Var, optional
+        Without ``input_size``: ``gx`` is the whole sequence's, [T, B, 4H], read at an int64
+        parameter ``t`` after ``w_scale`` (the time loop's step of
+        :mod:`relay_passes.pb_lstm_lowering`).
+    gfni : bool
+        Decode whole 512-input blocks with GFNI (the CPU needs ``gfni``).
+
+    Returns
+    -------
+    tir.PrimFunc
+        Attributes of a ``pb_lstm_cell`` kernel plus ``pbtvm.cpu_kernel``.
+    """
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    from . import kernel_attrs
+
+    for k_dim in (hidden,) if input_size is None else (hidden, input_size):
+        why = unsupported_reason(fmt, k_dim)
+        if why is not None:
+            raise ValueError(f"pb_vnni_lstm_func cannot compute this step: {why}")
+    rows = 4 * hidden
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("main")
+            if input_size is not None:
+                x = T.arg("x", T.buffer((batch, input_size), "float32"))
+                wp_ih = T.arg("wp_ih", T.buffer(fmt.weight_shape(rows, input_size), "uint32"))
+                ws_ih = T.arg("ws_ih", T.buffer(fmt.scale_shape(rows), "float32"))
+                bias_buf = T.arg("bias", T.buffer((rows,), "float32")) if bias else None
+            else:
+                gx_shape = (batch, rows) if steps is None else (steps, batch, rows)
+                gx = T.arg("gx", T.buffer(gx_shape, "float32"))
+            h = T.arg("h", T.buffer((batch, hidden), "float32"))
+            c = T.arg("c", T.buffer((batch, hidden), "float32"))
+            wp_hh = T.arg("wp_hh", T.buffer(fmt.weight_shape(rows, hidden), "uint32"))
+            ws_hh = T.arg("ws_hh", T.buffer(fmt.scale_shape(rows), "float32"))
+            step = T.arg("t", tir.Var("t", "int64")) if input_size is None and steps is not None else None
+            layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
+            h_out = T.arg("h_out", T.buffer((batch, hidden), "float32"))
+            c_out = T.arg("c_out", T.buffer((batch, hidden), "float32"))
+            attrs = {
+                **kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden),
+                "tirx.noalias": True,
+                ATTR_CPU_KERNEL: CPU_KERNEL,
+            }
+            if input_size is not None:
+                attrs[ATTR_INPUT_SIZE] = int(input_size)
+            T.func_attr(attrs)
+            # 1. activation codes of h (and x), once per call; each leg's gate rows go to a
+            # workspace that the task's cell updates read
+            gates_h = T.alloc_buffer((batch, rows), "float32")
+            legs = [prepare_kernel(T, fmt, rows, hidden, batch, wp_hh, gates_h, ws_hh, None, layers, gfni, x=h)]
+            if input_size is not None:
+                gates_x = T.alloc_buffer((batch, rows), "float32")
+                legs.append(
+                    prepare_kernel(T, fmt, rows, input_size, batch, wp_ih, gates_x, ws_ih, bias_buf, layers, gfni, x=x)
+                )
+
+                def gx_at(b, u, g):
+                    return gates_x[b, u * 4 + g]
+            elif steps is None:
+
+                def gx_at(b, u, g):
+                    return gx[b, g * hidden + u]
+            else:
+
+                def gx_at(b, u, g):
+                    return gx[step, b, g * hidden + u]
+
+            # 2. tasks of hidden units: their gate rows, then their cell updates
+            weight_bits = rows * (hidden + (input_size or 0)) * fmt.bits
+            n_tasks = -(-hidden // UNITS_PER_TASK)
+            with T.serial(0, n_tasks) if weight_bits < pb_vnni.SERIAL_WEIGHT_BITS else T.parallel(0, n_tasks) as task:
+                u0 = task * UNITS_PER_TASK
+                units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
+                _gate_rows(T, legs, batch, u0 * 4, units * 4)
+                with T.serial(0, batch) as b:
+                    with T.serial(0, units) as du:
+                        u = u0 + du
+
+                        def pre(g, b=b, u=u):
+                            return gates_h[b, u * 4 + g] + gx_at(b, u, g)
+
+                        c_next = sigmoid(pre(1)) * c[b, u] + sigmoid(pre(0)) * tanh(pre(2))
+                        T.buffer_store(c_out, c_next, [b, u])
+                        T.buffer_store(h_out, sigmoid(pre(3)) * tanh(c_out[b, u]), [b, u])
+    return ib.get()
+
+
+def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
+    """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row, in tiles of up to
+    :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
+    tile = MAX_BLOCK_BATCH_TILE
+    acc = T.alloc_buffer((pb_vnni.block_slots(tile) * CHUNK // 4,), "int32", scope="local")
+    decoded = T.alloc_buffer((BLOCK,), "uint8", scope="local")
+    for leg in legs:  # the legs take turns with one set of registers
+        leg.acc, leg.decoded = acc, decoded
+    with T.serial(0, (batch + (tile - 1)) // tile) as bt:
+        left = batch - bt * tile
+        for b_rows in range(tile, 0, -1):
+            with T.If(left >= b_rows if b_rows == tile else left == b_rows):
+                with T.Then():
+                    for leg in legs:
+                        pb_vnni.block_rows(T, leg, row0, n_rows, bt * tile, b_rows, None)

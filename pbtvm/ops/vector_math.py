@@ -1,0 +1,55 @@
+"""exp, sigmoid and tanh as float32 TIR arithmetic that LLVM vectorizes (no libm calls).
+
+``tir.exp`` on the llvm target becomes one ``expf`` call per element even in a vectorized loop
+(the LSTM cell update of 650 units: 5 calls per unit, 14 µs on one EPYC core). Here ``exp`` is
+the Cephes ``expf`` scheme: ``x = n ln2 + r`` (``ln2`` split in two for an exact ``n ln2``), a
+degree-7 polynomial for ``e^r`` on ``|r| <= ln2 / 2`` and ``2^n`` built in the exponent bits.
+Relative error under 2e-7 on ``[-87, 88]`` (checked against numpy in the tests); ``sigmoid``
+and ``tanh`` are built from it the way TVM lowers them for llvm.
+"""
+
+from __future__ import annotations
+
+from .._tvm import tir
+
+__all__ = ["exp", "sigmoid", "tanh"]
+
+#: Cephes expf: ln 2 = LN2_HI + LN2_LO with LN2_HI exact in a few bits, and the polynomial.
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
+LOG2E = 1.44269504088896341
+POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+#: exp overflows float32 above, and 2^n leaves the normal range below (results are then 0).
+HIGH, LOW = 88.3762626647949, -87.3365447504019
+
+
+def _f32(value: float) -> tir.PrimExpr:
+    return tir.const(value, "float32")
+
+
+def exp(x: tir.PrimExpr) -> tir.PrimExpr:
+    """``e^x`` of a float32 expression (scalar; LLVM vectorizes the loops it sits in).
+
+    NaN gives NaN (the clamp alone would turn it into a number: x86 ``min``/``max`` return
+    their second operand for NaN); the result saturates at ``e^88.38`` and ``2^-126`` outside the range.
+    """
+    clamped = tir.max(tir.min(x, _f32(HIGH)), _f32(LOW))
+    n = tir.floor(clamped * _f32(LOG2E) + _f32(0.5))
+    r = clamped - n * _f32(LN2_HI) - n * _f32(LN2_LO)
+    poly = _f32(POLY[0])
+    for c in POLY[1:]:
+        poly = poly * r + _f32(c)
+    er = poly * r * r + r + _f32(1.0)
+    two_n = tir.reinterpret("float32", tir.shift_left(n.astype("int32") + 127, 23))
+    return tir.Select(tir.isnan(x), x, er * two_n)
+
+
+def sigmoid(x: tir.PrimExpr) -> tir.PrimExpr:
+    """``1 / (1 + e^-x)``."""
+    return _f32(1.0) / (_f32(1.0) + exp(-x))
+
+
+def tanh(x: tir.PrimExpr) -> tir.PrimExpr:
+    """``sign(x) (1 - e^-2|x|) / (1 + e^-2|x|)``: no overflow for large ``|x|``."""
+    e = exp(_f32(-2.0) * tir.abs(x))
+    magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
+    return tir.Select(x < _f32(0.0), -magnitude, magnitude)

@@ -1,0 +1,178 @@
+"""The AVX-512 LSTM step (``pbtvm.ops.pb_vnni_lstm``) against the popcount step and the numpy reference.
+
+Every form the rule replaces: ``gx`` given (one step), ``gx`` of a sequence read at step ``t``
+(the time loop), the input projection inside (the decoder). Rows per task ragged, hidden below
+and above one 512-input block, batch 1..5 (tiles of 4 and the rest), every ``bitlayers``, the
+masked-add decode (a target without GFNI). The gate pre-activations are the same floats as the
+popcount kernel's (exact integer products, the shared epilogue); ``h'`` and ``c'`` differ only by
+the polynomial ``exp`` (about 1e-7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import te, tvm
+from pbtvm.ops import unit_major_rows
+from pbtvm.ops import vector_math as vmath
+from pbtvm.ops.pb_vnni import target_supports
+from pbtvm.schedules.cpu_vnni import CPUVnniLstmCell, vnni_lstm_kernel_for
+from pbtvm.target import resolve_target
+from relay_passes.pb_lstm_lowering import _step_func
+
+CPU = resolve_target("llvm")
+NO_GFNI = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]})
+needs_avx512 = pytest.mark.skipif(not target_supports(CPU), reason="needs a CPU with AVX-512 BW + VNNI")
+#: |AVX-512 step - popcount step| on h' and c' (the exp polynomial vs libm).
+STEP_ATOL = 2e-6
+#: |AVX-512 step - float64 numpy reference|, as tests/test_lstm_cell.py allows the popcount step.
+REF_ATOL = 2e-5
+
+
+def _weights(rng, rows: int, k: int, fmt: bp.BitplaneFormat) -> tuple:
+    q, scale = qz.quantize_weights((rng.standard_normal((rows, k)) / np.sqrt(k)).astype(np.float32), fmt)
+    return bp.pack_weights(q, fmt), scale
+
+
+def _state(rng, batch: int, hidden: int) -> tuple:
+    h = np.tanh(2 * rng.standard_normal((batch, hidden))).astype(np.float32)
+    return h, rng.standard_normal((batch, hidden)).astype(np.float32)
+
+
+def _call(kern, arrays: list, scalars: list, batch: int, hidden: int) -> tuple:
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    outs = [tvm.runtime.tensor(np.full((batch, hidden), np.nan, np.float32)) for _ in range(2)]
+    kern(*args, *scalars, *outs)
+    return outs[0].numpy(), outs[1].numpy()
+
+
+def _popcount(func, monkeypatch):
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    kern = kernels.build(func, CPU)
+    monkeypatch.delenv("PBTVM_CPU_KERNEL")
+    return kern
+
+
+def _close(got: tuple, want: tuple, atol: float, what: str) -> None:
+    for name, g, w in zip(("h", "c"), got, want, strict=True):
+        assert np.isfinite(g).all(), f"{what}: {name} has non-finite values"
+        np.testing.assert_allclose(g, w, atol=atol, err_msg=f"{what}: {name}")
+
+
+INPUT_CASES = [  # (input, hidden, bits, codebook, batch)
+    (650, 650, 4, None, 1),  # the PTB LM: one block + chunks, rows side by side at batch 1
+    (650, 650, 1, None, 3),
+    (40, 70, 3, None, 5),  # below one block: chunks only; a tile of 4 and one row left
+    (1100, 520, 8, None, 2),  # two blocks in the input leg
+    (600, 530, 2, "offset_binary", 1),
+    (530, 100, 1, "bipolar", 4),
+]
+
+
+@needs_avx512
+@pytest.mark.parametrize(("n_in", "hidden", "bits", "codebook", "batch"), INPUT_CASES)
+def test_step_with_input_matches_popcount_step_and_reference(n_in, hidden, bits, codebook, batch, rng, monkeypatch):
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
+    rows = unit_major_rows(hidden)
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    bias = rng.standard_normal(4 * hidden).astype(np.float32)[rows]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
+    assert CPUVnniLstmCell(CPU).matches(func)
+    fast = kernels.build(func, CPU)  # the rule picks the AVX-512 step
+    slow = _popcount(func, monkeypatch)
+    arrays = [x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh]
+    for layers in range(1, bits + 1):
+        got = _call(fast, arrays, [layers], batch, hidden)
+        _close(got, _call(slow, arrays, [layers], batch, hidden), STEP_ATOL, f"vs popcount, L={layers}")
+        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh, fmt, layers)
+        _close(got, want, REF_ATOL, f"vs reference, L={layers}")
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("hidden", "bits", "batch", "sequence"), [(650, 4, 1, False), (100, 2, 5, True), (520, 4, 2, True)]
+)
+def test_step_with_given_projection_matches_popcount_step(hidden, bits, batch, sequence, rng, monkeypatch):
+    fmt = bp.BitplaneFormat(bits, 8)
+    wp, ws = _weights(rng, 4 * hidden, hidden, fmt)
+    h, c = _state(rng, batch, hidden)
+    steps = 3
+    gx_seq = rng.standard_normal((steps, batch, 4 * hidden)).astype(np.float32)
+    # the time loop's step is a module-internal function: exported here to be called alone
+    func = (
+        _step_func(fmt, hidden).with_attr("global_symbol", "main") if sequence else kernels.lstm_cell_func(fmt, hidden)
+    )
+    fast, slow = kernels.build(func, CPU), _popcount(func, monkeypatch)
+    for layers in sorted({1, bits}):
+        for t in range(steps) if sequence else [0]:
+            arrays = [gx_seq if sequence else gx_seq[t], h, c, wp, ws]
+            scalars = [t, layers] if sequence else [layers]
+            got = _call(fast, arrays, scalars, batch, hidden)
+            _close(got, _call(slow, arrays, scalars, batch, hidden), STEP_ATOL, f"vs popcount, L={layers}, t={t}")
+            want = qz.pb_lstm_cell_reference(gx_seq[t], h, c, wp, ws, fmt, layers)
+            _close(got, want, REF_ATOL, f"vs reference, L={layers}, t={t}")
+
+
+@needs_avx512
+def test_masked_add_decode_gives_the_gfni_steps_results(rng):
+    """A CPU without GFNI decodes every chunk with masked adds: the same step, bit for bit."""
+    fmt, n_in, hidden, batch = bp.BitplaneFormat(4, 8), 600, 520, 2
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, False)
+    gfni = kernels.build(vnni_lstm_kernel_for(func, target=CPU), CPU, schedule=False)
+    plain_func = vnni_lstm_kernel_for(func, target=NO_GFNI)
+    asm = str(kernels.build(plain_func, NO_GFNI, schedule=False).mod.inspect_source("asm"))
+    assert "vgf2p8affineqb" not in asm and "vpdpbusd" in asm
+    plain = kernels.build(plain_func, CPU, schedule=False)
+    arrays = [x, wp_ih, ws_ih, h, c, wp_hh, ws_hh]
+    for layers in (1, 3, 4):
+        for a, b in zip(
+            _call(gfni, arrays, [layers], batch, hidden), _call(plain, arrays, [layers], batch, hidden), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_rule_leaves_formats_the_avx512_products_cannot_take():
+    """16-bit activations stay on the popcount step (the rule does not match)."""
+    fmt = bp.BitplaneFormat(4, 16)
+    assert not CPUVnniLstmCell(CPU).matches(kernels.lstm_cell_input_func(fmt, 40, 64))
+    with pytest.raises(ValueError, match="must be <= 8 bits"):
+        vnni_lstm_kernel_for(kernels.lstm_cell_func(fmt, 64), target=CPU)
+
+
+def test_vector_exp_sigmoid_tanh_match_numpy():
+    """The polynomial exp is within 2e-7 relative on [-87, 88]; sigmoid/tanh within 2e-7, finite for
+    every number, NaN for NaN."""
+    n = 1 << 16
+    x = te.placeholder((n,), "float32", "x")
+
+    def elementwise(f, name):
+        return te.compute((n,), lambda i: f(x[i]), name=name)
+
+    outs = [elementwise(vmath.exp, "e"), elementwise(vmath.sigmoid, "s"), elementwise(vmath.tanh, "t")]
+    func = kernels.build(te.create_prim_func([x, *outs]).with_attr("tirx.is_scheduled", True), CPU, schedule=False)
+    values = np.concatenate(
+        [np.linspace(-120, 120, n // 2), np.random.default_rng(0).standard_normal(n // 2) * 4]
+    ).astype(np.float32)
+    args = [tvm.runtime.tensor(values)] + [tvm.runtime.tensor(np.zeros(n, np.float32)) for _ in range(3)]
+    func(*args)
+    e, s, t = (a.numpy() for a in args[1:])
+    x64 = values.astype(np.float64)
+    inside = (x64 > -87) & (x64 < 88)
+    assert np.max(np.abs(e[inside] / np.exp(x64[inside]) - 1)) < 2e-7
+    assert np.max(np.abs(s - 1 / (1 + np.exp(-x64)))) < 2e-7
+    assert np.max(np.abs(t - np.tanh(x64))) < 2e-7
+    assert np.isfinite(s).all() and np.isfinite(t).all()
+    args[0].copyfrom(np.full(n, np.nan, np.float32))
+    func(*args)
+    assert all(np.isnan(a.numpy()).all() for a in args[1:]), "NaN must propagate (torch does)"
