@@ -11,10 +11,14 @@ of those, ``grep -rn "from tvm" pbtvm schedules relay_passes`` lists every place
 
 from __future__ import annotations
 
-import tvm
-from tvm import relax, s_tir, te
-from tvm import tirx as tir
-from tvm.s_tir import dlight
+from .threads import default_threads
+
+default_threads()  # before TVM's thread pool starts: one thread per physical core
+
+import tvm  # noqa: E402
+from tvm import relax, s_tir, te  # noqa: E402
+from tvm import tirx as tir  # noqa: E402
+from tvm.s_tir import dlight  # noqa: E402
 
 __all__ = ["tvm", "relax", "te", "tir", "s_tir", "dlight", "meta_schedule", "TVM_VERSION"]
 
