@@ -5,7 +5,10 @@ random (latency does not depend on training). Medians over ``--tokens`` steps wi
 carried, after a warm-up, host clock around a synchronised call: the latency a generation loop
 sees. The same weights serve every token, so they stay in cache where they fit, as in real
 decoding (the table prints the weight megabytes read per token). On the CPU torch's dynamic int8
-(``quantize_dynamic`` of the LSTM and the head) is timed too.
+(``quantize_dynamic`` of the LSTM and the head) is timed too, and the "vs int8" column is the
+median over rounds of its time over each model's in the same round. Every model but CPU torch fp32
+(tens of ms per token, timed once) is timed in ``--rounds`` alternating passes, each after a 0.3 s
+rest (the other library's idle threads spin for a while after its last call).
 
 PB rows: ``decoder`` is :func:`pbtvm.decoder.compile_decoder` (the whole token in one call; on CUDA
 captured as one CUDA graph between two repack kernels; ``--no-graph`` adds the same without the
@@ -40,6 +43,9 @@ parser.add_argument("--layers", type=int, default=2)
 parser.add_argument("--vocab", type=int, default=10000)
 parser.add_argument("--bits", default="1,2,4,8")
 parser.add_argument("--tokens", type=int, default=200)
+parser.add_argument(
+    "--rounds", type=int, default=5, help="passes over all models, alternating; the table shows their median"
+)
 parser.add_argument("--unfused", action="store_true", help="also time the unfused (pre-fusion) step")
 parser.add_argument("--no-graph", action="store_true", help="CUDA: also time the decoder built without a CUDA graph")
 args = parser.parse_args()
@@ -52,13 +58,19 @@ torch.manual_seed(0)
 model = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
 
 
-def per_token_us(step) -> float:
+#: Seconds of rest before each timed pass: the other library's idle worker threads spin for a
+#: while after its last call and would slow the next one (see BENCHMARKS.md, bench_cpu.py).
+SETTLE_S = 0.3
+
+
+def per_token_us(step, tokens: int | None = None) -> float:
     state = None
     tok = torch.tensor([[1]], device=dev)
+    time.sleep(SETTLE_S)
     for _ in range(10):
         state = step(tok, state)
     times = []
-    for _ in range(args.tokens):
+    for _ in range(tokens or args.tokens):
         sync()
         t0 = time.perf_counter()
         state = step(tok, state)
@@ -128,12 +140,13 @@ def pb_step(pb):
     return step
 
 
-rows = []
+rows = []  # (name, [us per round], MB)
+timed = []  # (name, step, MB): timed in alternating rounds after everything is built
 
 
 def add(name: str, us: float, mb: float) -> None:
-    """Record one row and print it at once (a timed-out run still leaves its measured rows)."""
-    rows.append((name, us, mb))
+    """Record a row timed once (torch fp32: too slow for rounds) and print it at once."""
+    rows.append((name, [us], mb))
     print(f"  {name:<20}{us:>10.1f} us/token", flush=True)
 
 
@@ -148,41 +161,62 @@ with torch.no_grad():
             return state
 
         bits_of = 32 if dtype == torch.float32 else 16
-        add(name, per_token_us(step), weight_mb(bits_of))
+        if cuda:
+            timed.append((name, step, weight_mb(bits_of)))
+        else:  # tens of ms per token on the CPU: once, 20 tokens
+            add(name, per_token_us(step, 20), weight_mb(bits_of))
         if not cuda:  # the CPU user's quantized alternative: int8 weights, activations per call
             q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
 
             def q_step(tok, state, q=q):
                 return q(tok, state)[1]
 
-            add("torch int8 dyn", per_token_us(q_step), weight_mb(8))
+            timed.append(("torch int8 dyn", q_step, weight_mb(8)))
         if cuda:
             try:
-                add(f"{name} +graph", per_token_us(torch_graph_step(m)), weight_mb(bits_of))
+                timed.append((f"{name} +graph", torch_graph_step(m), weight_mb(bits_of)))
             except RuntimeError as err:  # e.g. an op torch cannot capture
                 print(f"{name}: CUDA-graph capture failed ({str(err).splitlines()[0]})")
 
 
 for bits in [int(b) for b in args.bits.split(",")]:
     dec = compile_decoder(model.lstm, target, bits, embedding=model.embedding, head=model.head)
-    add(f"PB W{bits} decoder", per_token_us(decoder_step(dec)), weight_mb(bits))
+    timed.append((f"PB W{bits} decoder", decoder_step(dec), weight_mb(bits)))
     if cuda and args.no_graph:
         dec = compile_decoder(model.lstm, target, bits, embedding=model.embedding, head=model.head, cuda_graph=False)
-        add("  no graph", per_token_us(decoder_step(dec)), weight_mb(bits))
+        timed.append((f"  W{bits} no graph", decoder_step(dec), weight_mb(bits)))
     pb = PBWordLM(model, target, bits=bits)
-    add("  seq path", per_token_us(pb_step(pb)), weight_mb(bits))
+    timed.append((f"  W{bits} seq path", pb_step(pb), weight_mb(bits)))
     if args.unfused:
         h = args.hidden
         example = (torch.zeros(2, 4 * h), torch.zeros(2, h), torch.zeros(2, h))
+        pb = PBWordLM(model, target, bits=bits)
         pb.lstm._cells = [
             pbtvm.compile(UnfusedCell(getattr(model.lstm, f"weight_hh_l{k}").detach()), example, target, bits)
             for k in range(args.layers)
         ]
-        add("  seq unfused", per_token_us(pb_step(pb)), weight_mb(bits))
+        timed.append((f"  W{bits} seq unfused", pb_step(pb), weight_mb(bits)))
 
-base = rows[0][1]
+rounds = {name: [] for name, _, _ in timed}
+with torch.no_grad():
+    for r in range(args.rounds):
+        for name, step, _ in timed:
+            rounds[name].append(per_token_us(step))
+        print(f"round {r + 1}: " + ", ".join(f"{n.strip()} {v[-1]:.0f}" for n, v in rounds.items()), flush=True)
+rows += [(name, rounds[name], mb) for name, _, mb in timed]
+
+base = statistics.median(rows[0][1])
 device = torch.cuda.get_device_name() if cuda else "CPU"
 print(f"\nLSTM LM step, batch 1, {args.layers}x{args.hidden}, vocab {args.vocab}, target {target}, {device}")
-print(f"{'model':<20}{'us/token':>10}{'vs fp32':>9}{'weight MB':>11}")
+print(f"median of {args.rounds} alternating rounds of {args.tokens} tokens (range: fastest-slowest round)")
+int8 = rounds.get("torch int8 dyn")
+print(f"{'model':<20}{'us/token':>10}{'vs fp32':>9}{'vs int8':>9}{'weight MB':>11}  range")
 for name, us, mb in rows:
-    print(f"{name:<20}{us:>10.1f}{base / us:>8.2f}x{mb:>11.2f}")
+    mid = statistics.median(us)
+    # vs int8: the median over rounds of (int8 / this) in the same round
+    vs = (
+        f"{statistics.median(a / b for a, b in zip(int8, us, strict=True)):>8.2f}x"
+        if int8 and len(us) == len(int8)
+        else " " * 9
+    )
+    print(f"{name:<20}{mid:>10.1f}{base / mid:>8.2f}x{vs}{mb:>11.2f}  {min(us):.0f}-{max(us):.0f}")

@@ -8,7 +8,9 @@ other kernel inside the graph, and copies its results out with one more.
 
 A repack kernel moves *groups*: within a group, the sources read in order, flattened and
 concatenated, equal the destinations written in order, flattened and concatenated (e.g. a
-state ``[L, B, H]`` into ``L`` tensors ``[B, H]``). All groups share one flat loop.
+state ``[L, B, H]`` into ``L`` tensors ``[B, H]``). On CUDA all groups share one flat loop (one
+thread per element); on the CPU each run of elements one source and one destination share is
+one serial loop.
 """
 
 from __future__ import annotations

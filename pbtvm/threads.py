@@ -5,7 +5,8 @@ TVM's thread pool, without ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``), takes h
 hyperthreads. On a VM without SMT (2 vCPUs, one thread per core) that is one thread while torch
 uses both cores: the 2x650 LSTM LM decoder ran at 1 thread, its layers unable to use the second core.
 pbtvm counts cores from the kernel's CPU topology (``thread_siblings_list``) within the process's
-CPU affinity and sets ``TVM_NUM_THREADS`` to that unless the user set either variable.
+CPU affinity and sets ``TVM_NUM_THREADS`` to that unless the user set either variable. The
+variable is set in ``os.environ``, so child processes (RPC servers, tuning workers) inherit it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (at least 1).
 
     CPUs that are hyperthreads of one core (the same ``thread_siblings_list``) count once; where
-    the topology cannot be read every allowed CPU counts.
+    the topology cannot be read every allowed CPU counts (pbtvm is Linux-only; elsewhere this
+    falls back to the logical CPU count).
     """
     try:
         cpus = sorted(os.sched_getaffinity(0))

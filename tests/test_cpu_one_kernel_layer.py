@@ -118,3 +118,32 @@ def test_compile_emits_one_kernel_per_layer(monkeypatch):
     one_kernel = pbtvm.compile(model, (x,), target="llvm", bits=4)
     for rows in (x[:1], x):  # the batch-1 nest and the general one
         torch.testing.assert_close(one_kernel(rows), two_kernels(rows), rtol=0, atol=0)
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("bits", "codebook", "n", "k", "b", "gfni"),
+    [
+        (4, None, 37, 650, 1, True),  # the LM head's rows: one block + chunks, 9 groups of 4 + 1 row
+        (1, None, 33, 600, 1, True),  # bipolar through the vector epilogue
+        (2, "offset_binary", 29, 512, 5, True),  # one block exactly; batch 5: a tile of 4, then one row
+        (3, None, 30, 1000, 1, False),  # the masked-add decode (CPUs without GFNI)
+        (4, None, 64, 700, 1, True),  # N a multiple of 4: no row left over
+    ],
+)
+def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, gfni, rng, monkeypatch):
+    """Batch-1 rows of one block run four at a time with one vector epilogue: the same floats."""
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
+    q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]
+    x = _rows(rng, b, k)
+    func = kernels.dense_act_func(fmt, n, k, True)
+    target = CPU if gfni else tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]})
+    fast = kernels.build(vnni_kernel_for(func, target=target), CPU, schedule=False)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, CPU)
+    for layers in range(1, bits + 1):
+        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
+        fast(_t(x), *weights, layers, got)
+        slow(_t(x), *weights, layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")

@@ -70,6 +70,8 @@ INPUT_CASES = [  # (input, hidden, bits, codebook, batch)
     (1100, 520, 8, None, 2),  # two blocks in the input leg
     (600, 530, 2, "offset_binary", 1),
     (530, 100, 1, "bipolar", 4),
+    (1100, 640, 4, None, 1),  # legs of two and one blocks, 40 tasks of 16 units (none ragged)
+    (512, 512, 2, None, 1),  # one block exactly, no chunks after it
 ]
 
 

@@ -47,7 +47,7 @@ def dense_value(
     rowsum : PrimExpr, accumulator dtype
         The activation row's code sum.
     acc : PrimExpr, accumulator dtype
-        The exact integer plane product ``acc[b, n]``.
+        The exact integer plane product ``acc[b, n]`` (a vector of as many lanes as ``n`` has).
     w_scale : te.Tensor or tir.Buffer, float32, ``fmt.scale_shape(N)``
         ``[N]`` scales; with a zero point ``[2, N]`` (scales, then zero points in code units).
     n : PrimExpr

@@ -14,9 +14,10 @@ inverted, ``u = q + 2^(k-1)``; bipolar: ``u = 2 b``); then
 Whole blocks of 512 inputs are decoded with GFNI bit transposes (:mod:`pbtvm.ops.gfni_decode`:
 one 64-byte load per kept plane, ~3 instructions per 64 W4 weights); the chunks after the last
 block, and every chunk on CPUs without GFNI, with one ``kmovq`` lane mask and one masked byte add
-per plane (:func:`_decode`). With whole blocks the output rows are done one after another, so
-every plane is streamed front to back; below one block a tile's rows are decoded side by side
-(independent accumulator chains). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+per plane (:func:`_decode`). With whole blocks the output rows are streamed in order
+(:func:`block_rows`: one after another, or four at a time for one activation row when a row is a
+single block), so every plane is read front to back; below one block a tile's rows are decoded
+side by side chunk by chunk (independent accumulator chains). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
 serves everything else.
 """
@@ -33,7 +34,16 @@ from .epilogue import dense_value
 from .gfni_decode import BLOCK, BLOCK_WORDS, block_permutation, byte_coefficients, code_scale, decode_block
 from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
 
-__all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "target_supports"]
+__all__ = [
+    "CPU_FEATURES",
+    "CHUNK",
+    "block_rows",
+    "block_slots",
+    "pb_vnni_func",
+    "prepare_kernel",
+    "target_supports",
+    "unsupported_reason",
+]
 
 #: LLVM CPU features the kernel's instructions need.
 CPU_FEATURES = ("avx512bw", "avx512vnni")
@@ -51,8 +61,9 @@ MAX_BLOCK_BATCH_TILE = 4
 #: 89-94 µs at 32-128; W4 batch 8 736 vs 568-629 µs.
 BLOCK_TASK_ROWS = 64
 #: Output rows side by side when a row is one 512-input block of up to SIDE_BY_SIDE_BITS planes
-#: and the batch one (one accumulator each, their lane sums reduced together, :func:`_lane_sums`:
-#: the per-row horizontal sum was a fifth of such a row's vector instructions). Single thread,
+#: and one activation row is left (batch 1, or the last row of a batch tile): one accumulator
+#: each, their lane sums reduced together (:func:`_lane_sums`; the per-row horizontal sum was
+#: about a quarter of such a row's vector instructions). Measured at batch 1. Single thread,
 #: K=650: W4 2600 rows 43 -> 38 us, 10000 rows 153 -> 136 us, W1 23 -> 21 us; W8 62 -> 67 us
 #: and two blocks or more (4096x4096 W4 208 -> 224 us) lose, so they keep rows one by one.
 ROWS_SIDE_BY_SIDE = 4
@@ -321,17 +332,43 @@ def prepare_kernel(
     x: tir.Buffer | None = None,
     packed: tuple | None = None,
 ) -> _Kernel:
-    """Step 1 of a kernel body: the activation rows as int8 codes, once per call; returns the
-    :class:`_Kernel` the row loops read (its ``acc`` and ``decoded`` still to be allocated).
+    """Step 1 of a kernel body: the activation rows as int8 codes, once per call.
 
-    The rows come either as floats ``x`` [B, K] (quantized here exactly as
-    :func:`pbtvm.ops.act_quantize_pack` does: the row scales and code sums are made here too) or
-    as ``packed = (xp, x_scale, rowsum)`` planes. The code sum undoes the unsigned weight shift;
-    for packed rows it is summed here, not taken from ``rowsum``, so the result depends on
-    ``rowsum`` exactly as the TE kernel's does (only through the offset/epilogue). With whole
-    blocks and ``gfni`` the dot products read the codes in the GFNI decode's order
-    (:func:`_block_order`). ``out[b, n]`` receives the results (the float epilogue where
-    ``w_scale`` is given, else the integer product).
+    The code sum undoes the unsigned weight shift; for packed rows it is summed here, not taken
+    from ``rowsum``, so the result depends on ``rowsum`` exactly as the TE kernel's does (only
+    through the offset/epilogue). With whole blocks and ``gfni`` the dot products read the codes
+    in the GFNI decode's order (:func:`_block_order`).
+
+    Parameters
+    ----------
+    T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``), inside a ``prim_func``
+    fmt : BitplaneFormat
+        Must pass :func:`unsupported_reason` at ``k_dim``.
+    n_out, k_dim : int
+        N and unpadded K.
+    batch : PrimExpr
+        Activation rows.
+    wp : tir.Buffer, uint32, ``fmt.weight_shape(N, K)``
+    out : tir.Buffer, [B, N]
+        Receives the results: float32 (the epilogue of :func:`pbtvm.ops.pb_dense`) where
+        ``w_scale`` is given, else the int32 integer product.
+    w_scale : tir.Buffer or None, float32, ``fmt.scale_shape(N)``
+    bias : tir.Buffer or None, float32, [N]
+    layers : tir.Var, int64
+        ``bitlayers``.
+    gfni : bool
+        Whether the CPU has GFNI (the block decode).
+    x : tir.Buffer, float32, [B, K], optional
+        Float rows, quantized here exactly as :func:`pbtvm.ops.act_quantize_pack` does (row
+        scales and code sums made here too).
+    packed : tuple, optional
+        Else ``(xp, x_scale, rowsum)``: the rows as activation planes.
+
+    Returns
+    -------
+    _Kernel
+        What the row loops read; its ``acc`` and ``decoded`` are still to be allocated (per
+        parallel task, by the caller).
     """
     words = fmt.words(k_dim)
     scaled = scaled_codes(fmt, k_dim)
@@ -421,8 +458,8 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | Non
     """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes
     (None: ``bitlayers`` read at run time, whole blocks only).
 
-    With whole blocks the rows are done one after another (:func:`_row_by_blocks`), so each plane
-    is read front to back; otherwise the tile's rows are decoded chunk by chunk side by side
+    With whole blocks the rows are streamed in order (:func:`block_rows`), so each plane is read
+    front to back; otherwise the tile's rows are decoded chunk by chunk side by side
     (independent accumulator chains); there the last tile's rows past N are computed on row N-1
     and not stored, while the row loop over blocks stops at N.
     """
@@ -466,9 +503,27 @@ def block_slots(batch_tile: int) -> int:
 
 
 def block_rows(T, kern: _Kernel, n0, count, b0, b_rows: int, nlayers: int | None) -> None:
-    """Output rows ``n0 .. n0 + count`` x activation rows ``b0 ..`` (``b_rows``) with whole
-    blocks: one after another, or :func:`side_by_side` at a time (:func:`_row_by_blocks`);
-    ``kern.acc`` holds :func:`block_slots` accumulators, ``kern.decoded`` one block."""
+    """Output rows ``n0 .. n0 + count`` x activation rows ``b0 ..`` (``b_rows``), in order: one
+    after another, or :func:`side_by_side` at a time (:func:`_row_by_blocks`).
+
+    Parameters
+    ----------
+    T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
+    kern : _Kernel
+        From :func:`prepare_kernel`, with ``acc`` (:func:`block_slots` int32x16 slots, local) and
+        ``decoded`` (:data:`~pbtvm.ops.gfni_decode.BLOCK` bytes, local) allocated by the caller.
+    n0, count : PrimExpr or int
+        First output row and how many (``n0 + count <= N``).
+    b0 : PrimExpr
+        First activation row.
+    b_rows : int
+        Activation rows (1..:data:`MAX_BLOCK_BATCH_TILE`).
+    nlayers : int, optional
+        Planes kept, or None to read ``bitlayers`` at run time.
+
+    Any K works: whole blocks first, then the 64-input chunks after them (below one block, only
+    chunks).
+    """
     side = side_by_side(kern, b_rows)
     if side > 1:
         with T.serial(0, count // side) as p:
