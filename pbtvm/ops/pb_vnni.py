@@ -14,8 +14,8 @@ inverted, ``u = q + 2^(k-1)``; bipolar: ``u = 2 b``); then
 Whole blocks of 512 inputs are decoded with GFNI bit transposes (:mod:`pbtvm.ops.gfni_decode`:
 one 64-byte load per kept plane, ~3 instructions per 64 W4 weights); the chunks after the last
 block, and every chunk on CPUs without GFNI, with one ``kmovq`` lane mask and one masked byte add
-per plane (:func:`_decode`). With whole blocks the output rows are streamed in order
-(:func:`block_rows`: one after another, or four at a time for one activation row when a row is a
+per plane. With whole blocks the output rows are streamed in order
+(:func:`pbtvm.ops.vnni_rows.block_rows`: one after another, or four at a time for one activation row when a row is a
 single block), so every plane is read front to back; below one block a tile's rows are decoded
 side by side chunk by chunk (independent accumulator chains). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
@@ -24,34 +24,19 @@ serves everything else.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
-from .epilogue import dense_value
-from .gfni_decode import BLOCK, BLOCK_WORDS, block_permutation, byte_coefficients, code_scale, decode_block
-from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
+from .gfni_decode import BLOCK, BLOCK_WORDS
+from .vnni_bytes import CHUNK
+from .vnni_rows import Kernel, block_rows, block_slots, decode_chunk, dot, lane_bound, prepare_kernel, store
 
-__all__ = [
-    "CPU_FEATURES",
-    "CHUNK",
-    "block_rows",
-    "block_slots",
-    "pb_vnni_func",
-    "prepare_kernel",
-    "target_supports",
-    "unsupported_reason",
-]
+__all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "target_supports"]
 
 #: LLVM CPU features the kernel's instructions need.
 CPU_FEATURES = ("avx512bw", "avx512vnni")
 #: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel.
 CPU_KERNEL = "avx512_vnni"
-#: Accumulators per activation row at small batches (``ACC_CHAINS // rows`` of them), so the
-#: dot products of one output row are not one long dependency chain.
-ACC_CHAINS = 4
 #: Activation rows per pass over a row's blocks: 8 measured no faster than 4 (4096x4096 W4
 #: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
 #: 194 s, against 1 s at 4).
@@ -60,14 +45,6 @@ MAX_BLOCK_BATCH_TILE = 4
 #: ``row_tile`` does not apply): 4096x4096 W1 batch 1 on 2 threads 177 µs at 2 rows per task,
 #: 89-94 µs at 32-128; W4 batch 8 736 vs 568-629 µs.
 BLOCK_TASK_ROWS = 64
-#: Output rows side by side when a row is one 512-input block of up to SIDE_BY_SIDE_BITS planes
-#: and one activation row is left (batch 1, or the last row of a batch tile): one accumulator
-#: each, their lane sums reduced together (:func:`_lane_sums`; the per-row horizontal sum was
-#: about a quarter of such a row's vector instructions). Measured at batch 1. Single thread,
-#: K=650: W4 2600 rows 43 -> 38 us, 10000 rows 153 -> 136 us, W1 23 -> 21 us; W8 62 -> 67 us
-#: and two blocks or more (4096x4096 W4 208 -> 224 us) lose, so they keep rows one by one.
-ROWS_SIDE_BY_SIDE = 4
-SIDE_BY_SIDE_BITS = 4
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
 MAX_ACCUMULATORS = 24
 #: Layers with fewer weight bits (N * K * bits, 1 MiB of planes) run their row tiles serially:
@@ -84,32 +61,9 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
     if fmt.layout not in ("kNW", "NkW"):
         return f"the {fmt.layout} weight layout is for tensor cores; the AVX-512 kernel reads kNW or NkW"
     # |sum_k x u| <= K (padded to 64) * (2^k - 1) * |most negative code| must fit the int32 lanes.
-    if _lane_bound(fmt, k_dim, scaled=False) >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
+    if lane_bound(fmt, k_dim, scaled=False) >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
         return f"K={k_dim} is too large for int32 accumulation at {fmt.name}"
     return None
-
-
-def _lane_bound(fmt: BitplaneFormat, k_dim: int, scaled: bool) -> int:
-    """Largest ``|sum_k x byte|`` of the int32 lanes: bytes up to 255 when scaled by
-    ``2^(8-k)`` (:func:`pbtvm.ops.gfni_decode.code_scale`), else up to ``2^k - 1``."""
-    padded = -(-int(k_dim) // CHUNK) * CHUNK
-    return padded * (255 if scaled else 2**fmt.bits - 1) * 2 ** (fmt.act_bits - 1)
-
-
-def scaled_codes(fmt: BitplaneFormat, k_dim: int) -> bool:
-    """Whether the kernel decodes to bytes scaled by ``2^(8-k)`` (what the GFNI decode yields):
-    only where such sums fit int32 (K up to ~66k at 8-bit activations); longer rows keep the
-    plain codes and the masked-add decode."""
-    return _lane_bound(fmt, k_dim, scaled=True) < 2**31
-
-
-def _code_bytes(fmt: BitplaneFormat, scaled: bool) -> tuple[list[int], int, int]:
-    """``(per-plane byte coefficients, shift, factor)`` of the decoded bytes: with ``scaled``
-    those of :mod:`pbtvm.ops.gfni_decode` (``sum u x = factor * (sum byte x >> shift)``), else
-    the plain ``|c_i|`` (shift 0, factor 1)."""
-    if scaled:
-        return byte_coefficients(fmt), *code_scale(fmt)
-    return [abs(c) for c in fmt.plane_coefficients()], 0, 1
 
 
 def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
@@ -125,69 +79,6 @@ def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
     except Exception:
         return False
     return all(f in have for f in features)
-
-
-def _decode(T, kern: _Kernel, at, word, layers: int) -> None:
-    """Store the uint8x64 codes of one row's chunk (top ``layers`` planes) at ``at``: the masked-add decode.
-
-    ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64). Each plane adds its byte
-    coefficient ``2^(7-i)`` (:func:`pbtvm.ops.gfni_decode.byte_coefficients`) into the lanes its
-    bits select: the same bytes as :func:`pbtvm.ops.gfni_decode.decode_block` gives, in input
-    order. It serves the chunks after the last whole 512-input block and CPUs without GFNI.
-
-    The coefficients come from a small buffer filled at run time: with literal constants LLVM
-    proves the terms' bits disjoint, turns the adds into ORs, and AVX-512 has no byte-masked OR
-    (it then spends a blend per plane).
-    """
-    fmt, dec = kern.fmt, kern.decoded
-
-    def mask(i: int) -> tir.PrimExpr:
-        return lane_mask(word(i))
-
-    def coef(i: int) -> tir.PrimExpr:
-        return tir.Broadcast(kern.coef[i], CHUNK)
-
-    zero = tir.Broadcast(tir.const(0, "uint8"), CHUNK)
-    if not fmt.weight_signed:  # bipolar and offset binary: planes as they are
-        T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [at])
-    else:
-        T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [at])  # sign plane inverted
-    for i in range(1, layers):
-        T.buffer_store(dec, dec[at] + tir.Select(mask(i), coef(i), zero), [at])
-
-
-def _unsigned_shift(fmt: BitplaneFormat) -> int:
-    """``sum_k x u - acc``: ``2^(k-1) rowsum`` for two's complement, 0 for bipolar and offset binary."""
-    return 2 ** (fmt.bits - 1) if fmt.weight_signed else 0
-
-
-@dataclass
-class _Kernel:
-    """What one specialised inner loop needs (buffers, sizes, the tile it computes)."""
-
-    fmt: BitplaneFormat
-    n_out: int
-    full_chunks: int
-    tail: int
-    wp: tir.Buffer
-    codes: tir.Buffer
-    rowsum: tir.Buffer
-    out: tir.Buffer
-    x_scale: tir.Buffer | None
-    w_scale: tir.Buffer | None
-    bias: tir.Buffer | None
-    acc: tir.Buffer | None = None
-    decoded: tir.Buffer | None = None
-    coef: tir.Buffer | None = None
-    code_sum: tir.Buffer | None = None
-    #: Whole 512-input blocks (0: K < 512, the tile's rows go side by side chunk by chunk).
-    blocks: int = 0
-    #: Blocks take the GFNI decode (else the masked-add decode, chunk by chunk).
-    gfni: bool = False
-    #: The ``bitlayers`` argument (blocks read it at run time instead of specialising on it).
-    layers: tir.PrimExpr | None = None
-    #: Decoded bytes are ``2^(8-k) u / |c|`` (:func:`scaled_codes`), else ``u``.
-    scaled: bool = True
 
 
 def pb_vnni_func(
@@ -317,109 +208,8 @@ def pb_vnni_func(
     return ib.get()
 
 
-def prepare_kernel(
-    T,
-    fmt: BitplaneFormat,
-    n_out: int,
-    k_dim: int,
-    batch,
-    wp: tir.Buffer,
-    out: tir.Buffer,
-    w_scale: tir.Buffer | None,
-    bias: tir.Buffer | None,
-    layers: tir.Var,
-    gfni: bool,
-    x: tir.Buffer | None = None,
-    packed: tuple | None = None,
-) -> _Kernel:
-    """Step 1 of a kernel body: the activation rows as int8 codes, once per call.
-
-    The code sum undoes the unsigned weight shift; for packed rows it is summed here, not taken
-    from ``rowsum``, so the result depends on ``rowsum`` exactly as the TE kernel's does (only
-    through the offset/epilogue). With whole blocks and ``gfni`` the dot products read the codes
-    in the GFNI decode's order (:func:`_block_order`).
-
-    Parameters
-    ----------
-    T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``), inside a ``prim_func``
-    fmt : BitplaneFormat
-        Must pass :func:`unsupported_reason` at ``k_dim``.
-    n_out, k_dim : int
-        N and unpadded K.
-    batch : PrimExpr
-        Activation rows.
-    wp : tir.Buffer, uint32, ``fmt.weight_shape(N, K)``
-    out : tir.Buffer, [B, N]
-        Receives the results: float32 (the epilogue of :func:`pbtvm.ops.pb_dense`) where
-        ``w_scale`` is given, else the int32 integer product.
-    w_scale : tir.Buffer or None, float32, ``fmt.scale_shape(N)``
-    bias : tir.Buffer or None, float32, [N]
-    layers : tir.Var, int64
-        ``bitlayers``.
-    gfni : bool
-        Whether the CPU has GFNI (the block decode).
-    x : tir.Buffer, float32, [B, K], optional
-        Float rows, quantized here exactly as :func:`pbtvm.ops.act_quantize_pack` does (row
-        scales and code sums made here too).
-    packed : tuple, optional
-        Else ``(xp, x_scale, rowsum)``: the rows as activation planes.
-
-    Returns
-    -------
-    _Kernel
-        What the row loops read; its ``acc`` and ``decoded`` are still to be allocated (per
-        parallel task, by the caller).
-    """
-    words = fmt.words(k_dim)
-    scaled = scaled_codes(fmt, k_dim)
-    full_chunks, tail = divmod(words, 2)
-    chunks = full_chunks + tail
-    blocks = words // BLOCK_WORDS
-    gfni = gfni and scaled and blocks > 0  # the GFNI decode yields scaled bytes
-    codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
-    natural = T.alloc_buffer((batch, chunks * CHUNK), "int8") if gfni else codes
-    if x is not None:
-        x_scale, rowsum = T.alloc_buffer((batch,), "float32"), T.alloc_buffer((batch,), "int32")
-        xp = None
-    else:
-        xp, x_scale, rowsum = packed
-    kern = _Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias)
-    kern.blocks, kern.gfni, kern.layers, kern.scaled = blocks, gfni, layers, scaled
-    kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
-    for i, value in enumerate(_code_bytes(fmt, scaled)[0]):  # planes past bitlayers add 0
-        T.buffer_store(kern.coef, tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8")), [i])
-    kern.code_sum = rowsum if x is not None else T.alloc_buffer((batch,), "int32")
-    with T.serial(0, batch) if x is not None else T.parallel(0, batch) as r:
-        if x is not None:
-            quantize_row(T, fmt, x, r, k_dim, natural, x_scale, chunks)
-        else:
-            for c in range(chunks):
-                T.buffer_store(natural, act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
-        T.buffer_store(kern.code_sum, tir.const(0, "int32"), [r])
-        with T.serial(0, chunks * CHUNK) as kk:
-            T.buffer_store(kern.code_sum, kern.code_sum[r] + natural[r, kk].astype("int32"), [r])
-        if gfni:
-            _block_order(T, fmt, natural, codes, r, blocks, chunks)
-    return kern
-
-
-def _block_order(T, fmt: BitplaneFormat, natural, codes, r, blocks: int, chunks: int) -> None:
-    """Row ``r``'s codes in the GFNI decode's order (:func:`block_permutation`) for whole blocks,
-    in input order after them: 8-byte moves, once per row and call."""
-    perm = block_permutation(fmt.bits)
-    with T.serial(0, blocks) as blk:
-        base = blk * BLOCK
-        for q in range(64):
-            T.buffer_store(
-                codes, natural[r, tir.Ramp(base + 8 * int(perm[q]), 1, 8)], [r, tir.Ramp(base + 8 * q, 1, 8)]
-            )
-    for c in range(blocks * BLOCK // CHUNK, chunks):
-        at = tir.Ramp(c * CHUNK, 1, CHUNK)
-        T.buffer_store(codes, natural[r, at], [r, at])
-
-
 def _row_tiles(
-    T, kern: _Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool, plane_counts: tuple = ()
+    T, kern: Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool, plane_counts: tuple = ()
 ) -> None:
     """Step 2: all tiles of ``row_tile`` output rows x ``batch_tile`` activation rows.
 
@@ -454,11 +244,11 @@ def _row_tiles(
                                     _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, nlayers)
 
 
-def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None) -> None:
+def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None) -> None:
     """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes
     (None: ``bitlayers`` read at run time, whole blocks only).
 
-    With whole blocks the rows are streamed in order (:func:`block_rows`), so each plane is read
+    With whole blocks the rows are streamed in order (:func:`~.vnni_rows.block_rows`), so each plane is read
     front to back; otherwise the tile's rows are decoded chunk by chunk side by side
     (independent accumulator chains); there the last tile's rows past N are computed on row N-1
     and not stored, while the row loop over blocks stops at N.
@@ -476,10 +266,10 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | Non
 
     def chunk(c, full: bool) -> None:
         for r, row in enumerate(rows):  # decode each row's chunk once ...
-            _decode_chunk(T, kern, row, c, full, tir.Ramp(r * CHUNK, 1, CHUNK), nlayers)
+            decode_chunk(T, kern, row, c, full, tir.Ramp(r * CHUNK, 1, CHUNK), nlayers)
         for b in range(b_rows):  # ... and use it for every activation row of the tile
             for r in range(n_rows):
-                _dot(T, kern, slot[r][b], kern.decoded[tir.Ramp(r * CHUNK, 1, CHUNK)], b0 + b, c * CHUNK)
+                dot(T, kern, slot[r][b], kern.decoded[tir.Ramp(r * CHUNK, 1, CHUNK)], b0 + b, c * CHUNK)
 
     if kern.full_chunks:
         with T.serial(0, kern.full_chunks) as c:
@@ -487,203 +277,4 @@ def _tile(T, kern: _Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | Non
     if kern.tail:
         chunk(kern.full_chunks, False)
     for r in range(n_rows):
-        _store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, kern.n_out % n_rows != 0)
-
-
-def side_by_side(kern: _Kernel, b_rows: int) -> int:
-    """Output rows :func:`block_rows` runs side by side: :data:`ROWS_SIDE_BY_SIDE` for one
-    activation row, one block and up to :data:`SIDE_BY_SIDE_BITS` weight bits, else 1."""
-    one_block = kern.blocks == 1 and kern.fmt.bits <= SIDE_BY_SIDE_BITS
-    return ROWS_SIDE_BY_SIDE if b_rows == 1 and one_block else 1
-
-
-def block_slots(batch_tile: int) -> int:
-    """int32x16 accumulators :func:`block_rows` needs at up to ``batch_tile`` activation rows."""
-    return max(ROWS_SIDE_BY_SIDE, *(b * max(1, ACC_CHAINS // b) for b in range(1, batch_tile + 1)))
-
-
-def block_rows(T, kern: _Kernel, n0, count, b0, b_rows: int, nlayers: int | None) -> None:
-    """Output rows ``n0 .. n0 + count`` x activation rows ``b0 ..`` (``b_rows``), in order: one
-    after another, or :func:`side_by_side` at a time (:func:`_row_by_blocks`).
-
-    Parameters
-    ----------
-    T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
-    kern : _Kernel
-        From :func:`prepare_kernel`, with ``acc`` (:func:`block_slots` int32x16 slots, local) and
-        ``decoded`` (:data:`~pbtvm.ops.gfni_decode.BLOCK` bytes, local) allocated by the caller.
-    n0, count : PrimExpr or int
-        First output row and how many (``n0 + count <= N``).
-    b0 : PrimExpr
-        First activation row.
-    b_rows : int
-        Activation rows (1..:data:`MAX_BLOCK_BATCH_TILE`).
-    nlayers : int, optional
-        Planes kept, or None to read ``bitlayers`` at run time.
-
-    Any K works: whole blocks first, then the 64-input chunks after them (below one block, only
-    chunks).
-    """
-    side = side_by_side(kern, b_rows)
-    if side > 1:
-        with T.serial(0, count // side) as p:
-            _row_by_blocks(T, kern, [n0 + p * side + r for r in range(side)], b0, b_rows, nlayers)
-    if side == 1 or not isinstance(count, int) or count % side:
-        with T.serial(count // side * side if side > 1 else 0, count) as r:
-            _row_by_blocks(T, kern, [n0 + r], b0, b_rows, nlayers)
-
-
-def _row_by_blocks(T, kern: _Kernel, rows: list, b0, b_rows: int, nlayers: int | None) -> None:
-    """Output rows ``rows`` x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
-
-    Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
-    measured no gain). Per block and output row: with GFNI one 64-byte load per kept plane and
-    :func:`decode_block`, else the masked-add decode of its 8 chunks; then ``8 b_rows`` dot
-    products. One output row keeps ``split`` accumulators per activation row (short dependency
-    chains at small batches); several rows (batch 1) one each, the rows' chains side by side,
-    and their sums are reduced together (:func:`_lane_sums`): the per-row horizontal sum was a
-    quarter of a short row's vector instructions.
-    """
-    fmt, lanes, n_rows = kern.fmt, CHUNK // 4, len(rows)
-    if n_rows > 1 and b_rows != 1:
-        raise ValueError("output rows side by side are for one activation row")
-    split = max(1, ACC_CHAINS // b_rows) if n_rows == 1 else 1
-    slot = [
-        [[tir.Ramp(((r * b_rows + b) * split + s) * lanes, 1, lanes) for s in range(split)] for b in range(b_rows)]
-        for r in range(n_rows)
-    ]
-    for r in range(n_rows):
-        for b in range(b_rows):
-            for s in range(split):
-                T.buffer_store(kern.acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[r][b][s]])
-    per_block = BLOCK // CHUNK
-
-    def decoded(c: int) -> tir.Ramp:
-        return tir.Ramp(c * CHUNK, 1, CHUNK)
-
-    with T.serial(0, kern.blocks) as blk:
-        for r, row in enumerate(rows):
-            if kern.gfni:
-                planes = [_block_plane(kern, i, row, blk, nlayers) for i in range(fmt.bits)]
-                for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
-                    T.buffer_store(kern.decoded, code, [decoded(c)])
-            else:
-                for c in range(per_block):
-                    _decode_chunk(T, kern, row, blk * per_block + c, True, decoded(c), nlayers)
-            for c in range(per_block):  # consecutive dot products update different accumulators
-                for b in range(b_rows):
-                    at = blk * BLOCK + c * CHUNK
-                    _dot(T, kern, slot[r][b][c % split], kern.decoded[decoded(c)], b0 + b, at)
-    for c in range(kern.blocks * per_block, kern.full_chunks + kern.tail):  # after the last block
-        for r, row in enumerate(rows):
-            _decode_chunk(T, kern, row, c, c < kern.full_chunks, decoded(r), nlayers)
-            for b in range(b_rows):
-                _dot(T, kern, slot[r][b][c % split], kern.decoded[decoded(r)], b0 + b, c * CHUNK)
-    if n_rows == 1:
-        _store(T, kern, [slot[0][b] for b in range(b_rows)], split, rows[0], b0, nlayers, False)
-        return
-    # the rows are consecutive: one vector epilogue for all four
-    sums = _lane_sums([kern.acc[slot[r][0][0]] for r in range(n_rows)])
-    _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0, nlayers)
-
-
-def _lane_sums(vectors: list) -> tir.PrimExpr:
-    """The lane sums of four int32x16 vectors as one int32x4: 13 shuffles and adds instead of 4 x 9.
-
-    Interleave a, b (and c, d) within each 128-bit lane and add: pairs of partial sums; interleave
-    those by 64 bits and add: each 128-bit lane holds ``[a, b, c, d]`` of that lane; then add the
-    four 128-bit lanes.
-    """
-    if len(vectors) != 4:
-        raise ValueError("_lane_sums reduces four vectors")
-
-    def shuffle(x, y, pick) -> tir.PrimExpr:
-        return tir.Shuffle([x, y], [tir.IntImm("int32", i) for i in pick])
-
-    def lanes(pattern: list[int]) -> list[int]:  # one 128-bit lane's picks, for all four lanes
-        return [4 * lane + p for lane in range(4) for p in pattern]
-
-    lo32, hi32 = lanes([0, 16, 1, 17]), lanes([2, 18, 3, 19])
-    lo64, hi64 = lanes([0, 1, 16, 17]), lanes([2, 3, 18, 19])
-    a, b, c, d = vectors
-    ab = shuffle(a, b, lo32) + shuffle(a, b, hi32)
-    cd = shuffle(c, d, lo32) + shuffle(c, d, hi32)
-    per_lane = shuffle(ab, cd, lo64) + shuffle(ab, cd, hi64)
-    halves = tir.Shuffle([per_lane], [tir.IntImm("int32", i) for i in range(8)]) + tir.Shuffle(
-        [per_lane], [tir.IntImm("int32", i) for i in range(8, 16)]
-    )
-    quads = tir.Shuffle([halves], [tir.IntImm("int32", i) for i in range(4)]) + tir.Shuffle(
-        [halves], [tir.IntImm("int32", i) for i in range(4, 8)]
-    )
-    return quads
-
-
-def _block_plane(kern: _Kernel, i: int, row, blk, nlayers: int | None) -> tir.PrimExpr | None:
-    """uint8x64 of plane ``i`` in block ``blk`` of ``row``; None (or zero, read at run time)
-    past the kept planes. Plane 0 is always kept."""
-    load = tir.reinterpret(
-        "uint8x64", kern.wp[(*kern.fmt.weight_index(i, row, 0)[:2], tir.Ramp(blk * BLOCK_WORDS, 1, BLOCK_WORDS))]
-    )
-    if nlayers is not None:
-        return load if i < nlayers else None
-    if i == 0:
-        return load
-    return tir.if_then_else(kern.layers > i, load, tir.Broadcast(tir.const(0, "uint8"), CHUNK))
-
-
-def _decode_chunk(T, kern: _Kernel, row, c, full: bool, at, nlayers: int | None) -> None:
-    """Masked-add decode of chunk ``c`` of ``row`` into ``kern.decoded[at]`` (None: every plane,
-    the dropped ones adding their zeroed coefficient)."""
-    fmt = kern.fmt
-
-    def word(i: int) -> tir.PrimExpr:
-        return qword(kern.wp, fmt.weight_index(i, row, 0)[:2], c, full)
-
-    _decode(T, kern, at, word, fmt.bits if nlayers is None else nlayers)
-
-
-def _dot(T, kern: _Kernel, slot, code: tir.PrimExpr, b, at) -> None:
-    """``acc[slot] += dot(code bytes, activation row b's codes at ``at``)`` (``vpdpbusd``)."""
-    x = kern.codes[b, tir.Ramp(at, 1, CHUNK)]
-    u = tir.reinterpret("int8x64", code)
-    T.buffer_store(
-        kern.acc, tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x), [slot]
-    )
-
-
-def _store(T, kern: _Kernel, slots: list, split: int, n, b0, nlayers: int | None, guard: bool) -> None:
-    """Reduce the accumulators of output row ``n`` (``slots[b]``: ``split`` of them, or one) and
-    store them (only where ``n < N`` with ``guard``: the last tile's rows past N)."""
-    with T.If(n < kern.n_out) if guard else contextlib.nullcontext():
-        with T.Then() if guard else contextlib.nullcontext():
-            for b, group in enumerate(slots):
-                parts = group if split > 1 else [group]
-                vec = kern.acc[parts[0]]
-                for part in parts[1:]:
-                    vec = vec + kern.acc[part]
-                total = tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v16i32", vec)
-                _store_total(T, kern, total, n, b0 + b, nlayers)
-
-
-def _store_total(T, kern: _Kernel, total: tir.PrimExpr, n, row, nlayers: int | None) -> None:
-    """Store output ``[row, n]`` from its decoded-byte dot product ``total`` (int32).
-
-    The bytes are ``2^(8-k) u / |c|`` (:func:`code_scale`, exactly divisible): back to ``sum u x``,
-    then undo the unsigned shift of two's complement codes and apply the epilogue.
-    """
-    fmt = kern.fmt
-    _, scale_shift, factor = _code_bytes(fmt, kern.scaled)
-    rs = kern.rowsum[row]
-    product = tir.shift_right(total, tir.const(scale_shift, "int32")) * tir.const(factor, "int32")
-    exact = product - tir.const(_unsigned_shift(fmt), "int32") * kern.code_sum[row]
-    if kern.x_scale is None:
-        value = exact + tir.const(fmt.weight_offset, "int32") * rs
-    else:
-        value = _dense_value(kern, row, n, rs, exact, nlayers)
-    T.buffer_store(kern.out, value, [row, n])
-
-
-def _dense_value(kern: _Kernel, row, n, rs, acc, nlayers: int | None) -> tir.PrimExpr:
-    """The float epilogue of :func:`pbtvm.ops.pb_dense` (the shared :func:`dense_value`)."""
-    layers = kern.layers if nlayers is None else tir.const(nlayers, "int64")
-    return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, layers)
+        store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, kern.n_out % n_rows != 0)

@@ -6,10 +6,10 @@ projection from ``x`` and a packed ``W_ih`` too, for decoding one token), comput
 way:
 
 1. ``h`` (and ``x``) quantized once per call into int8 codes, exactly as
-   :func:`pbtvm.ops.act_quantize_pack` does (:func:`pbtvm.ops.pb_vnni.prepare_kernel`);
+   :func:`pbtvm.ops.act_quantize_pack` does (:func:`pbtvm.ops.vnni_rows.prepare_kernel`);
 2. parallel tasks of :data:`UNITS_PER_TASK` hidden units: their ``4 * units`` gate rows (adjacent,
    the weights are unit-major) of ``W_hh`` (and ``W_ih``), in order with the GFNI block decode
-   and VNNI dot products (:func:`pbtvm.ops.pb_vnni.block_rows`; at batch 1 four rows at a time
+   and VNNI dot products (:func:`pbtvm.ops.vnni_rows.block_rows`; at batch 1 four rows at a time
    where a row is one block of up to 4 planes), the float
    epilogue of :func:`pbtvm.ops.pb_dense`; then the task's cell updates
    (``pre = gates_h + gx`` in the TE kernel's order), vectorized, with the polynomial ``exp`` of
@@ -30,9 +30,10 @@ from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_vnni
 from .gfni_decode import BLOCK
-from .pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, prepare_kernel, unsupported_reason
+from .pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
 from .vnni_bytes import CHUNK
+from .vnni_rows import block_rows, block_slots, prepare_kernel
 
 __all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
 
@@ -161,7 +162,7 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
     """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row, in tiles of up to
     :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
     tile = MAX_BLOCK_BATCH_TILE
-    acc = T.alloc_buffer((pb_vnni.block_slots(tile) * CHUNK // 4,), "int32", scope="local")
+    acc = T.alloc_buffer((block_slots(tile) * CHUNK // 4,), "int32", scope="local")
     decoded = T.alloc_buffer((BLOCK,), "uint8", scope="local")
     for leg in legs:  # the legs take turns with one set of registers
         leg.acc, leg.decoded = acc, decoded
@@ -171,4 +172,4 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
             with T.If(left >= b_rows if b_rows == tile else left == b_rows):
                 with T.Then():
                     for leg in legs:
-                        pb_vnni.block_rows(T, leg, row0, n_rows, bt * tile, b_rows, None)
+                        block_rows(T, leg, row0, n_rows, bt * tile, b_rows, None)
