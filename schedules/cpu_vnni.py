@@ -81,11 +81,7 @@ class CPUVnniGemm(KnobRule):
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
-        if not super().matches(func) or os.environ.get(ENV_KERNEL, "") == "popcount":
-            return False
-        if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
-            return True
-        return fits_vnni(func) and _operands(func) is not None and target_supports(self.target)
+        return super().matches(func) and _replaceable(func, _operands, self.target)
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The AVX-512 kernel for ``func`` (already scheduled) with the default knobs."""
@@ -132,11 +128,7 @@ class CPUVnniLstmCell(ScheduleRule):
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
-        if not super().matches(func) or os.environ.get(ENV_KERNEL, "") == "popcount":
-            return False
-        if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
-            return True
-        return fits_vnni(func) and _lstm_operands(func) is not None and target_supports(self.target)
+        return super().matches(func) and _replaceable(func, _lstm_operands, self.target)
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The AVX-512 step for ``func`` (already scheduled)."""
@@ -179,6 +171,17 @@ def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = 
     new = pb_vnni_lstm_func(fmt, int(func.attrs[names.ATTR_K]), batch, input_size, bias, steps, gfni)
     attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
     return new.without_attr("global_symbol").with_attrs(attrs)
+
+
+def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> bool:
+    """Whether an AVX-512 rule replaces ``func`` (of its kernel kind): not forced to the popcount
+    kernel, and already the AVX-512 kernel or one it can compute (``operands(func)`` recognises
+    the parameters) on a CPU with the features."""
+    if os.environ.get(ENV_KERNEL, "") == "popcount":
+        return False
+    if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
+        return True
+    return fits_vnni(func) and operands(func) is not None and target_supports(target)
 
 
 def fits_vnni(func: tir.PrimFunc) -> bool:
