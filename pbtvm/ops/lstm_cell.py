@@ -143,7 +143,8 @@ def pb_lstm_cell_input(
 
 
 def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):
-    n_hidden = int(h.shape[1])
+    batch, hidden = h.shape
+    n_hidden = int(hidden)
     if tuple(int(d) for d in c.shape[1:]) != (n_hidden,):
         raise ValueError(f"LSTM cell wants c [B, {n_hidden}] like h, got {c.shape}")
     xp, x_scale, rowsum = act_quantize_pack(h, fmt)
@@ -152,12 +153,6 @@ def _cell(gx_at, h, c, wp, w_scale, bitlayers, fmt):
     def pre(b, u, g):
         return gates[b, u * 4 + g] + gx_at(b, u, g)
 
-    return _update(pre, c)
-
-
-def _update(pre, c):
-    """``(h', c')`` from the gate pre-activations ``pre(b, u, g)`` (gate order i, f, g, o)."""
-    batch, hidden = c.shape
     c_next = te.compute(
         (batch, hidden),
         lambda b, u: tir.sigmoid(pre(b, u, 1)) * c[b, u] + tir.sigmoid(pre(b, u, 0)) * tir.tanh(pre(b, u, 2)),
