@@ -160,17 +160,14 @@ def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = 
     ValueError
         If ``func`` is not a ``pb_lstm_cell`` PrimFunc the kernel can compute.
     """
-    if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
+    if _is_avx512(func):
         return func
     fmt, operands = format_of(func), _lstm_operands(func)
     if fmt is None or operands is None:
         raise ValueError("vnni_lstm_kernel_for needs a pb_lstm_cell PrimFunc from pbtvm.kernels")
     batch, input_size, bias, steps = operands
-    target = target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
-    gfni = target_supports(target, gfni_decode.CPU_FEATURES)
-    new = pb_vnni_lstm_func(fmt, int(func.attrs[names.ATTR_K]), batch, input_size, bias, steps, gfni)
-    attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
-    return new.without_attr("global_symbol").with_attrs(attrs)
+    new = pb_vnni_lstm_func(fmt, int(func.attrs[names.ATTR_K]), batch, input_size, bias, steps, _has_gfni(target))
+    return _replacing(func, new)
 
 
 def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> bool:
@@ -179,7 +176,7 @@ def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> boo
     the parameters) on a CPU with the features."""
     if os.environ.get(ENV_KERNEL, "") == "popcount":
         return False
-    if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
+    if _is_avx512(func):
         return True
     return fits_vnni(func) and operands(func) is not None and target_supports(target)
 
@@ -231,7 +228,7 @@ def vnni_kernel_for(
     ValueError
         If ``func`` is not a PB GEMM the kernel can compute.
     """
-    if (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL:
+    if _is_avx512(func):
         return func
     fmt, operands = format_of(func), _operands(func)
     if fmt is None or operands is None:
@@ -240,9 +237,24 @@ def vnni_kernel_for(
     n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
     batch = x.shape[0] if float_input else x.shape[1]
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim)
-    target = target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
-    gfni = target_supports(target, gfni_decode.CPU_FEATURES)
+    gfni = _has_gfni(target)
     new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni)
+    return _replacing(func, new)
+
+
+def _is_avx512(func: tir.PrimFunc) -> bool:
+    """Whether ``func`` is already one of the AVX-512 kernels (the rules leave it as it is)."""
+    return (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL
+
+
+def _has_gfni(target: tvm.target.Target | None) -> bool:
+    """Whether ``target`` (default: the current target, else the host CPU) has GFNI."""
+    target = target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
+    return target_supports(target, gfni_decode.CPU_FEATURES)
+
+
+def _replacing(func: tir.PrimFunc, new: tir.PrimFunc) -> tir.PrimFunc:
+    """``new`` with ``func``'s attributes (the tuner and the rules key on them), marked AVX-512."""
     attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
     return new.without_attr("global_symbol").with_attrs(attrs)
 
