@@ -41,8 +41,8 @@ CPU_KERNEL = "avx512_vnni"
 #: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
 #: 194 s, against 1 s at 4).
 MAX_BLOCK_BATCH_TILE = 4
-#: Output rows per parallel task when K has whole blocks (rows are then done one by one, so
-#: ``row_tile`` does not apply): 4096x4096 W1 batch 1 on 2 threads 177 µs at 2 rows per task,
+#: Output rows per parallel task when K has whole blocks (rows are then streamed by
+#: :func:`~.vnni_rows.block_rows`, so ``row_tile`` does not apply): 4096x4096 W1 batch 1 on 2 threads 177 µs at 2 rows per task,
 #: 89-94 µs at 32-128; W4 batch 8 736 vs 568-629 µs.
 BLOCK_TASK_ROWS = 64
 #: zmm accumulators a tile may hold (32 registers, some needed for decoding).
@@ -111,7 +111,8 @@ def pb_vnni_func(
     bias : bool
         Whether the dense form has a bias parameter.
     batch_tile : int
-        Activation rows that share one decoded weight chunk.
+        Activation rows that share one decoded weight chunk (with whole blocks at most
+        :data:`MAX_BLOCK_BATCH_TILE` per pass).
     row_tile : int
         Below one 512-input block: output rows decoded side by side (independent accumulator
         chains), one parallel task. With whole blocks a task is :data:`BLOCK_TASK_ROWS` rows.
@@ -129,8 +130,7 @@ def pb_vnni_func(
     gfni : bool
         Decode whole 512-input blocks with GFNI bit transposes
         (:mod:`pbtvm.ops.gfni_decode`; the CPU needs the ``gfni`` feature); False: every chunk
-        takes the masked-add decode. At batch tiles over :data:`MAX_BLOCK_BATCH_TILE` the
-        block path uses that many activation rows per pass.
+        takes the masked-add decode.
 
     Returns
     -------
@@ -193,7 +193,7 @@ def pb_vnni_func(
             # branch. Whole blocks read bitlayers at run time: one branch per plane and block
             # skips the loads of dropped planes, and the kernel compiles ``bits`` times faster.
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
-            if kern.blocks:  # rows one by one at any batch; the tile is the unit of parallel work
+            if kern.blocks:  # rows streamed in order at any batch; the tile is the unit of parallel work
                 _row_tiles(T, kern, batch, layers, BLOCK_TASK_ROWS, batch_tile, serial)
             elif single_row_tile is None:
                 _row_tiles(T, kern, batch, layers, row_tile, batch_tile, serial)

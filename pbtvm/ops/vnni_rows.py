@@ -349,8 +349,8 @@ def _lane_sums(vectors: list) -> tir.PrimExpr:
     if len(vectors) != 4:
         raise ValueError("_lane_sums reduces four vectors")
 
-    def shuffle(x, y, pick) -> tir.PrimExpr:
-        return tir.Shuffle([x, y], [tir.IntImm("int32", i) for i in pick])
+    def shuffle(vectors: list, pick) -> tir.PrimExpr:
+        return tir.Shuffle(vectors, [tir.IntImm("int32", i) for i in pick])
 
     def lanes(pattern: list[int]) -> list[int]:  # one 128-bit lane's picks, for all four lanes
         return [4 * lane + p for lane in range(4) for p in pattern]
@@ -358,16 +358,11 @@ def _lane_sums(vectors: list) -> tir.PrimExpr:
     lo32, hi32 = lanes([0, 16, 1, 17]), lanes([2, 18, 3, 19])
     lo64, hi64 = lanes([0, 1, 16, 17]), lanes([2, 3, 18, 19])
     a, b, c, d = vectors
-    ab = shuffle(a, b, lo32) + shuffle(a, b, hi32)
-    cd = shuffle(c, d, lo32) + shuffle(c, d, hi32)
-    per_lane = shuffle(ab, cd, lo64) + shuffle(ab, cd, hi64)
-    halves = tir.Shuffle([per_lane], [tir.IntImm("int32", i) for i in range(8)]) + tir.Shuffle(
-        [per_lane], [tir.IntImm("int32", i) for i in range(8, 16)]
-    )
-    quads = tir.Shuffle([halves], [tir.IntImm("int32", i) for i in range(4)]) + tir.Shuffle(
-        [halves], [tir.IntImm("int32", i) for i in range(4, 8)]
-    )
-    return quads
+    ab = shuffle([a, b], lo32) + shuffle([a, b], hi32)
+    cd = shuffle([c, d], lo32) + shuffle([c, d], hi32)
+    per_lane = shuffle([ab, cd], lo64) + shuffle([ab, cd], hi64)
+    halves = shuffle([per_lane], range(8)) + shuffle([per_lane], range(8, 16))
+    return shuffle([halves], range(4)) + shuffle([halves], range(4, 8))
 
 
 def _block_plane(kern: Kernel, i: int, row, blk, nlayers: int | None) -> tir.PrimExpr | None:
