@@ -17,6 +17,8 @@ from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniDenseAct, single_row_tile_for, vnni_kernel_for
 from pbtvm.target import resolve_target
 
+from .test_cpu_vnni import NO_GFNI
+
 CPU = resolve_target("llvm")
 needs_vnni = pytest.mark.skipif(not target_supports(CPU), reason="host CPU lacks AVX-512 BW/VNNI")
 
@@ -138,7 +140,7 @@ def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, gf
     weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]
     x = _rows(rng, b, k)
     func = kernels.dense_act_func(fmt, n, k, True)
-    target = CPU if gfni else tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]})
+    target = CPU if gfni else NO_GFNI
     fast = kernels.build(vnni_kernel_for(func, target=target), CPU, schedule=False)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     slow = kernels.build(func, CPU)

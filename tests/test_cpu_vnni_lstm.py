@@ -24,8 +24,9 @@ from pbtvm.schedules.cpu_vnni import CPUVnniLstmCell, vnni_lstm_kernel_for
 from pbtvm.target import resolve_target
 from relay_passes.pb_lstm_lowering import _step_func
 
+from .test_cpu_vnni import NO_GFNI
+
 CPU = resolve_target("llvm")
-NO_GFNI = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]})
 needs_avx512 = pytest.mark.skipif(not target_supports(CPU), reason="needs a CPU with AVX-512 BW + VNNI")
 #: |AVX-512 step - popcount step| on h' and c' (the exp polynomial vs libm).
 STEP_ATOL = 2e-6
