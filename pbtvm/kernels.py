@@ -17,7 +17,6 @@ from .ops import (
     pb_lstm_cell,
     pb_lstm_cell_input,
 )
-from .ops.bmma_gemm import BMMA_LAYOUT, pb_dense_act_mma, pb_dense_mma
 
 
 def _batch_var() -> tir.Var:
@@ -42,7 +41,7 @@ def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tuple:
 def int_product_func(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tir.PrimFunc:
     """``(xp, rowsum, wp, bitlayers) -> acc [B, N]`` (exact integers)."""
     xp, _, rs, wp, layers = _operands(fmt, n_out, k_dim)
-    acc = pb_int_product(xp, rs, wp, layers, fmt, k_dim)
+    acc = pb_int_product(xp, rs, wp, layers, fmt, k_dim, n_out)
     return te.create_prim_func([xp, rs, wp, layers, acc]).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim))
 
 
@@ -55,8 +54,7 @@ def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -
     xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim)
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
-    dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores on CUDA
-    y = dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
+    y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim))
 
@@ -68,8 +66,7 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     layers = tir.Var("bitlayers", "int64")
-    dense_act = pb_dense_act_mma if fmt.layout == BMMA_LAYOUT else pb_dense_act
-    y = dense_act(x, wp, ws, b, layers, fmt)
+    y = pb_dense_act(x, wp, ws, b, layers, fmt)
     args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim))
 

@@ -30,7 +30,6 @@ from pbtvm.errors import InputError
 from pbtvm.lowering import LayerRecord, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
-from pbtvm.ops.bmma_gemm import BMMA_LAYOUT, pb_dense_mma
 from pbtvm.quantize import AUTO
 from pbtvm.schedules.cpu_vnni import one_kernel_layer
 
@@ -230,8 +229,7 @@ class _Rewriter(PyExprMutator):
 
         def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):
             b_t = rest[0] if has_bias else None
-            dense = pb_dense_mma if fmt.layout == BMMA_LAYOUT else pb_dense  # mma16x256: binary tensor cores
-            return dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
+            return pb_dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
 
         out = self._emit_te(
             compute,

@@ -29,7 +29,7 @@ from pbtvm.ops.pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, pb_vnni_func, ta
 from pbtvm.ops.pb_vnni_lstm import pb_vnni_lstm_func
 from pbtvm.target import resolve_target
 
-from .rules import KnobRule, ScheduleRule
+from .rules import KnobRule, ScheduleRule, lstm_cell_operands
 
 #: (row_tile, batch_tile) of the kernel: 2 output rows side by side hide the dot-product latency
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
@@ -128,26 +128,11 @@ class CPUVnniLstmCell(ScheduleRule):
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
-        return super().matches(func) and _replaceable(func, _lstm_operands, self.target)
+        return super().matches(func) and _replaceable(func, lstm_cell_operands, self.target)
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The AVX-512 step for ``func`` (already scheduled)."""
         return s_tir.Schedule(vnni_lstm_kernel_for(func, target=self.target), debug_mask=0)
-
-
-def _lstm_operands(func: tir.PrimFunc) -> tuple | None:
-    """``(batch var, input size or None, bias, steps var or None)`` of a ``pb_lstm_cell``
-    PrimFunc from :mod:`pbtvm.kernels` / the LSTM time loop, None if its parameters are not one's."""
-    buffers = [p for p in func.params if tir.is_buffer_var(p)]
-    input_size = (func.attrs or {}).get(names.ATTR_INPUT_SIZE)
-    if input_size is not None:  # x, wp_ih, ws_ih[, bias], h, c, wp_hh, ws_hh, h', c'
-        if len(buffers) not in (9, 10):
-            return None
-        return buffers[0].shape[0], int(input_size), len(buffers) == 10, None
-    if len(buffers) != 7:  # gx, h, c, wp, w_scale, h', c'
-        return None
-    gx = buffers[0]
-    return buffers[1].shape[0], None, False, gx.shape[0] if len(gx.shape) == 3 else None
 
 
 def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = None) -> tir.PrimFunc:
@@ -162,7 +147,7 @@ def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = 
     """
     if _is_avx512(func):
         return func
-    fmt, operands = format_of(func), _lstm_operands(func)
+    fmt, operands = format_of(func), lstm_cell_operands(func)
     if fmt is None or operands is None:
         raise ValueError("vnni_lstm_kernel_for needs a pb_lstm_cell PrimFunc from pbtvm.kernels")
     batch, input_size, bias, steps = operands

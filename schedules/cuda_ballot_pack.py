@@ -14,8 +14,7 @@ from tvm.script import tirx as T
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
-from pbtvm.bitplane import WORD_BITS, BitplaneFormat
-from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
+from pbtvm.bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
 
 from .rules import ScheduleRule
 
@@ -144,7 +143,7 @@ class CUDABallotPack(ScheduleRule):
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; only packs for the ``mma16x256`` layout."""
-        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
+        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == MMA_LAYOUT
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The ballot kernel for ``func``'s format and K (see :meth:`ScheduleRule.apply`).
@@ -157,6 +156,6 @@ class CUDABallotPack(ScheduleRule):
         if self.limits.warp_size != LANES:
             raise ValueError(f"the ballot pack needs {LANES}-lane warps; the target has {self.limits.warp_size}")
         attrs = func.attrs
-        fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=BMMA_LAYOUT)
+        fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=MMA_LAYOUT)
         kernel = ballot_pack_kernel(fmt, int(attrs[names.ATTR_K])).with_attrs(dict(attrs))
         return s_tir.Schedule(kernel, debug_mask=0)

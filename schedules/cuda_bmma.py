@@ -4,7 +4,7 @@ The kernel is written directly in TIR by :func:`.cuda_bmma_kernel.bmma_dense_ker
 :class:`~.cuda_bmma_kernel.BMMAConfig`. The MetaSchedule template is the set of configurations
 valid for the layer: the design space samples one (``sample_categorical`` over the configs, each
 encoded as an integer) and records it as the block annotation :data:`CONFIG_ANNOTATION` on the
-reference compute (:func:`pbtvm.ops.bmma_gemm.pb_dense_mma`). :func:`materialize` turns an
+reference compute (:func:`pbtvm.ops.pb_dense` in that layout). :func:`materialize` turns an
 annotated function into the kernel; it runs wherever a schedule becomes code: the default
 schedule, :func:`pbtvm.schedules.tuning.replay` of a tuned trace, and the tuning builder
 (:data:`BUILD_FUNC`). Limitation: MetaSchedule's cost model sees the annotated reference, so its
@@ -18,8 +18,7 @@ from dataclasses import astuple
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.bitplane import BitplaneFormat
-from pbtvm.ops.bmma_gemm import BMMA_LAYOUT
+from pbtvm.bitplane import MMA_LAYOUT, BitplaneFormat
 from pbtvm.target import TargetInfo, TargetLimits
 
 from .cuda_bmma_kernel import DEFAULT_LIMITS, MMA_LANES, BMMAConfig, bmma_dense_kernel, column_stride, config_problem
@@ -199,7 +198,7 @@ class CUDABmmaGemm(TunableRule):
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; only the ``mma16x256`` layout."""
-        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == BMMA_LAYOUT
+        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == MMA_LAYOUT
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The kernel with :func:`default_config`, as a schedule (see :meth:`ScheduleRule.apply`)."""

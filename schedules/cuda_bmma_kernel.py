@@ -88,19 +88,28 @@ def config_problem(
     stride = column_stride(fmt.act_bits)
     if (8 * cfg.tiles_n) % stride:
         return f"tiles_n={cfg.tiles_n} splits a batch row of {stride} columns"
-    acc_bytes = 8 if fmt.accumulator_dtype(k_dim) == "int64" else 4
-    shared = cfg.k_split * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS * cfg.tiles_n * 8 * acc_bytes
     if fused_pack:
-        block_batch = 8 * cfg.tiles_n // stride
-        shared += 4 * fmt.act_bits * block_batch * fmt.words(k_dim) + cfg.threads * (4 + acc_bytes) + 12 * block_batch
         warps = cfg.threads // MMA_LANES
         if warps & (warps - 1):
             return f"the fused pack needs a power-of-two number of warps, not {warps}"
+    shared = shared_bytes(fmt, k_dim, cfg, fused_pack)
     if shared > limits.max_shared_memory_per_block:
         return f"the block needs {shared} bytes of shared memory (> {limits.max_shared_memory_per_block})"
     if cfg.threads > limits.max_threads_per_block:
         return f"{cfg.threads} threads per block"
     return None
+
+
+def shared_bytes(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig, fused_pack: bool = False) -> int:
+    """Shared memory of one weight matrix's share of a block (:class:`BMMALeg`): the K-split
+    accumulator tiles, and with ``fused_pack`` the packed batch rows, their scales and code sums
+    and the pack's reduction buffers."""
+    acc_bytes = 8 if fmt.accumulator_dtype(k_dim) == "int64" else 4
+    shared = cfg.k_split * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS * cfg.tiles_n * 8 * acc_bytes
+    if fused_pack:
+        block_batch = 8 * cfg.tiles_n // column_stride(fmt.act_bits)
+        shared += 4 * fmt.act_bits * block_batch * fmt.words(k_dim) + cfg.threads * (4 + acc_bytes) + 12 * block_batch
+    return shared
 
 
 def bmma_dense_kernel(
@@ -145,34 +154,14 @@ def bmma_dense_kernel(
         ``(x f32 [B, K], wp, w_scale[, bias], bitlayers, y)``, the signature of
         :func:`pbtvm.kernels.dense_act_func`.
     """
-    if fmt.layout != "mma16x256":
-        raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
     if integer and fused_pack:
         raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
-    problem = config_problem(fmt, k_dim, cfg, fused_pack, limits)
-    if problem:
-        raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_out} K={k_dim}: {problem}")
-    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    leg = BMMALeg(fmt, n_out, k_dim, cfg, fused_pack, limits)
+    n_act, words, acc_t, offset = fmt.act_bits, leg.words, leg.acc_dtype, fmt.weight_offset
     wshape = fmt.weight_shape(n_out, k_dim)
-    row_tiles, k_tiles = wshape[1], wshape[2]
-    acc_t = fmt.accumulator_dtype(k_dim)
-    stride = column_stride(n_act)
-    mt, wm, ks, ld, nt = cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n
-    block_rows = wm * mt * MMA_TILE_ROWS
-    block_batch = nt * 8 // stride
-    threads = cfg.threads
-    steps = -(-k_tiles // (ks * ld))
-    grid_x = -(-row_tiles // (wm * mt))
+    threads, block_rows, block_batch = cfg.threads, leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
-    frag = mt * nt * 4
-    bits, offset = fmt.bits, fmt.weight_offset
-    pack = row_pack(fmt, k_dim, threads // MMA_LANES) if fused_pack else None
-
-    def w_coef(i):
-        return weight_plane_coefficient(i, fmt, acc_t)
-
-    def x_coef(j):
-        return plane_coefficient(j, n_act, True, acc_t)
+    product, column_total, pack = leg.product(), leg.column_total(), leg.pack()
 
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
@@ -201,16 +190,16 @@ def bmma_dense_kernel(
         w_scale = T.match_buffer(ws_h, fmt.scale_shape(n_out), "float32")
         bias_buf = T.match_buffer(b_h, (n_out,), "float32")
         y = T.match_buffer(y_h, (batch, n_out), acc_t if integer else "float32")
-        for bx in T.thread_binding(grid_x, thread="blockIdx.x"):
-            for by in T.thread_binding((batch * stride + nt * 8 - 1) // (nt * 8), thread="blockIdx.y"):
-                for tz in T.thread_binding(ks, thread="threadIdx.z"):
-                    for ty in T.thread_binding(wm, thread="threadIdx.y"):
+        for bx in T.thread_binding(leg.grid_x, thread="blockIdx.x"):
+            for by in T.thread_binding(leg.grid_y(batch), thread="blockIdx.y"):
+                for tz in T.thread_binding(cfg.k_split, thread="threadIdx.z"):
+                    for ty in T.thread_binding(cfg.warps_m, thread="threadIdx.y"):
                         for tx in T.thread_binding(MMA_LANES, thread="threadIdx.x"):
-                            part = T.alloc_shared((ks, wm, mt * MMA_TILE_ROWS, nt * 8), acc_t)
-                            acc = T.alloc_local((frag,), acc_t)
-                            dot = T.alloc_local((frag,), "int32")
-                            af = T.alloc_local((ld * mt,), "uint32x4")  # one 16-byte A fragment each
-                            bf = T.alloc_local((ld * nt * 2,), "uint32")
+                            part = T.alloc_shared(leg.part_shape, acc_t)
+                            acc = T.alloc_local((leg.frag,), acc_t)
+                            dot = T.alloc_local((leg.frag,), "int32")
+                            af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")  # one 16-byte A fragment each
+                            bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
                             total = T.alloc_local((1,), acc_t)
                             if fused_pack:  # this block's batch rows, packed into shared memory first
                                 xpack = T.alloc_shared((n_act, block_batch, words), "uint32")
@@ -225,75 +214,18 @@ def bmma_dense_kernel(
                                     if by * block_batch + bb < batch:  # block-uniform
                                         pack(
                                             x, by * block_batch + bb, xpack, bb, rscale, rcode,
-                                            tz * wm + ty, tx, red, sums, best, total, code, vote,
+                                            tz * cfg.warps_m + ty, tx, red, sums, best, total, code, vote,
                                         )  # fmt: skip
-                            for e in T.unroll(frag):
-                                acc[e] = T.Cast(acc_t, 0)
-                            # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: the
-                            # loads of every used plane are issued together, unused planes never read.
-                            for i in T.unroll(bits):
-                                if T.Cast("int64", i) < bitlayers:
-                                    for e in T.unroll(frag):
-                                        dot[e] = 0
-                                    for s in range(steps):
-                                        for u in T.unroll(ld):
-                                            kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
-                                            for m in T.unroll(mt):
-                                                tile = T.meta_var((bx * wm + ty) * mt + m)
-                                                if kt < k_tiles and tile < row_tiles:
-                                                    af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
-                                                else:
-                                                    af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
-                                            for n in T.unroll(nt):
-                                                col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
-                                                for r in T.unroll(2):
-                                                    word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
-                                                    ok = T.meta_var(
-                                                        col % stride < n_act and col // stride < batch and word < words
-                                                    )
-                                                    if fused_pack:  # the block's rows: (n*8 + tx//4) // stride
-                                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                                            ok,
-                                                            xpack[col % stride, (n * 8 + tx // 4) // stride, word],
-                                                            T.uint32(0),
-                                                        )
-                                                    else:
-                                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                                            ok, xp[col % stride, col // stride, word], T.uint32(0)
-                                                        )
-                                        for u in T.unroll(ld):
-                                            for m in T.unroll(mt):
-                                                for n in T.unroll(nt):
-                                                    T.evaluate(
-                                                        T.ptx_legacy.mma(
-                                                            "m16n8k256", "row", "col", "int1", "int1", "int32",
-                                                            af.data, u * mt + m,  # in uint4 units
-                                                            bf.data, (u * nt + n) * 2,
-                                                            dot.data, (m * nt + n) * 4,
-                                                            False, "and", dtype="int32",
-                                                        )
-                                                    )  # fmt: skip
-                                    for e in T.unroll(frag):
-                                        acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
-                            # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
-                            for m in T.unroll(mt):
-                                for n in T.unroll(nt):
-                                    for r in T.unroll(4):
-                                        row = T.meta_var(m * MMA_TILE_ROWS + tx // 4 + 8 * (r // 2))
-                                        part[tz, ty, row, n * 8 + 2 * (tx % 4) + r % 2] = acc[(m * nt + n) * 4 + r]
+                                product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+                            else:
+                                product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
                             T.tvm_storage_sync("shared")
                             for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
-                                idx = T.meta_var(o * threads + (tz * wm + ty) * MMA_LANES + tx)
-                                row = T.meta_var(idx % block_rows)
-                                n_glob = T.meta_var(bx * block_rows + row)
+                                idx = T.meta_var(o * threads + (tz * cfg.warps_m + ty) * MMA_LANES + tx)
+                                n_glob = T.meta_var(bx * block_rows + idx % block_rows)
                                 b_glob = T.meta_var(by * block_batch + idx // block_rows)
                                 if idx < block_rows * block_batch and n_glob < n_out and b_glob < batch:
-                                    total[0] = T.Cast(acc_t, 0)
-                                    for z in T.unroll(ks):
-                                        for j in T.unroll(n_act):
-                                            col = T.meta_var(idx // block_rows * stride + j)
-                                            cell = T.meta_var(part[z, row // (mt * 16), row % (mt * 16), col])
-                                            total[0] = total[0] + x_coef(j) * cell
+                                    column_total(part, total, idx)
                                     if fused_pack:
                                         y[b_glob, n_glob] = result(
                                             total[0], rscale[idx // block_rows], rcode[idx // block_rows],
@@ -312,12 +244,159 @@ def bmma_dense_kernel(
 
     # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
     if integer:
-        return _without_params(kernel, (0, 2, 5, 6))
+        return without_params(kernel, (0, 2, 5, 6))
     unused = (1, 2, 3) if fused_pack else (0,)
-    return _without_params(kernel, unused if bias else (*unused, 6))
+    return without_params(kernel, unused if bias else (*unused, 6))
 
 
-def _without_params(func: tir.PrimFunc, indices: tuple[int, ...]) -> tir.PrimFunc:
+class BMMALeg:
+    """One weight matrix's share of a BMMA kernel: sizes, and TVMScript macros that compute it.
+
+    A block of ``cfg`` owns ``block_rows`` output rows (``warps_m * tiles_m`` row tiles,
+    ``blockIdx.x``) and ``block_batch`` batch rows (``blockIdx.y``). :meth:`product` leaves the
+    integer plane products of the block's K-split warps in shared memory, :meth:`column_total`
+    sums one output's parts and activation-plane columns, :meth:`pack` (``fused_pack``) packs a
+    batch row into shared memory first. The dense kernel has one leg; the LSTM step
+    (:mod:`.cuda_bmma_lstm`) one per weight matrix, on the same block.
+
+    Raises
+    ------
+    ValueError
+        If ``fmt`` is not the ``mma16x256`` layout or ``cfg`` does not fit the layer.
+    """
+
+    def __init__(
+        self,
+        fmt: BitplaneFormat,
+        n_rows: int,
+        k_dim: int,
+        cfg: BMMAConfig,
+        fused_pack: bool = False,
+        limits: TargetLimits = DEFAULT_LIMITS,
+    ) -> None:
+        if fmt.layout != "mma16x256":
+            raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
+        problem = config_problem(fmt, k_dim, cfg, fused_pack, limits)
+        if problem:
+            raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_rows} K={k_dim}: {problem}")
+        self.fmt, self.n_rows, self.k_dim, self.cfg, self.fused_pack = fmt, n_rows, k_dim, cfg, fused_pack
+        self.words = fmt.words(k_dim)
+        self.acc_dtype = fmt.accumulator_dtype(k_dim)
+        self.stride = column_stride(fmt.act_bits)
+        _, self.row_tiles, self.k_tiles, *_ = fmt.weight_shape(n_rows, k_dim)
+        self.block_rows = cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS
+        self.block_batch = cfg.tiles_n * 8 // self.stride
+        self.grid_x = -(-self.row_tiles // (cfg.warps_m * cfg.tiles_m))
+        self.frag = cfg.tiles_m * cfg.tiles_n * 4
+        self.part_shape = (cfg.k_split, cfg.warps_m, cfg.tiles_m * MMA_TILE_ROWS, cfg.tiles_n * 8)
+
+    def grid_y(self, batch: tir.PrimExpr) -> tir.PrimExpr:
+        """Blocks along the batch: ``ceil(batch * stride / (8 tiles_n))``."""
+        return (batch * self.stride + self.cfg.tiles_n * 8 - 1) // (self.cfg.tiles_n * 8)
+
+    def pack(self):
+        """:func:`.cuda_ballot_pack.row_pack` for this leg's K and block (None without ``fused_pack``)."""
+        return row_pack(self.fmt, self.k_dim, self.cfg.threads // MMA_LANES) if self.fused_pack else None
+
+    def product(self):
+        """A TVMScript macro: the block's integer plane products into shared memory ``part``.
+
+        ``product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)``: ``act``
+        is the packed activations, ``[act_bits, B, W]`` (global, rows by batch index) or with
+        ``fused_pack`` the block's ``[act_bits, block_batch, W]`` (shared); ``wp`` the weights in
+        the ``mma16x256`` layout; ``acc``, ``dot``, ``af``, ``bf`` the warp's register fragments
+        (``frag`` accumulators, ``frag`` int32, ``loads * tiles_m`` uint32x4, ``loads * tiles_n *
+        2`` uint32); ``part`` shared, :attr:`part_shape`. The caller synchronizes the block before
+        reading ``part``.
+        """
+        fmt, cfg = self.fmt, self.cfg
+        n_act, words, acc_t, stride, fused = fmt.act_bits, self.words, self.acc_dtype, self.stride, self.fused_pack
+        mt, ks, ld, nt, frag = cfg.tiles_m, cfg.k_split, cfg.loads, cfg.tiles_n, self.frag
+        wm, k_tiles, row_tiles, bits = cfg.warps_m, self.k_tiles, self.row_tiles, fmt.bits
+        steps = -(-k_tiles // (ks * ld))
+
+        def w_coef(i):
+            return weight_plane_coefficient(i, fmt, acc_t)
+
+        @T.macro
+        def product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part):
+            for e in T.unroll(frag):
+                acc[e] = T.Cast(acc_t, 0)
+            # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: the
+            # loads of every used plane are issued together, unused planes never read.
+            for i in T.unroll(bits):
+                if T.Cast("int64", i) < bitlayers:
+                    for e in T.unroll(frag):
+                        dot[e] = 0
+                    for s in range(steps):
+                        for u in T.unroll(ld):
+                            kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
+                            for m in T.unroll(mt):
+                                tile = T.meta_var((bx * wm + ty) * mt + m)
+                                if kt < k_tiles and tile < row_tiles:
+                                    af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
+                                else:
+                                    af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
+                            for n in T.unroll(nt):
+                                col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
+                                for r in T.unroll(2):
+                                    word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
+                                    ok = T.meta_var(col % stride < n_act and col // stride < batch and word < words)
+                                    if fused:  # the block's rows: (n*8 + tx//4) // stride
+                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                            ok, act[col % stride, (n * 8 + tx // 4) // stride, word], T.uint32(0)
+                                        )
+                                    else:
+                                        bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                            ok, act[col % stride, col // stride, word], T.uint32(0)
+                                        )
+                        for u in T.unroll(ld):
+                            for m in T.unroll(mt):
+                                for n in T.unroll(nt):
+                                    T.evaluate(
+                                        T.ptx_legacy.mma(
+                                            "m16n8k256", "row", "col", "int1", "int1", "int32",
+                                            af.data, u * mt + m,  # in uint4 units
+                                            bf.data, (u * nt + n) * 2,
+                                            dot.data, (m * nt + n) * 4,
+                                            False, "and", dtype="int32",
+                                        )
+                                    )  # fmt: skip
+                    for e in T.unroll(frag):
+                        acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+            # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
+            for m in T.unroll(mt):
+                for n in T.unroll(nt):
+                    for r in T.unroll(4):
+                        row = T.meta_var(m * MMA_TILE_ROWS + tx // 4 + 8 * (r // 2))
+                        part[tz, ty, row, n * 8 + 2 * (tx % 4) + r % 2] = acc[(m * nt + n) * 4 + r]
+
+        return product
+
+    def column_total(self):
+        """A TVMScript macro: ``column_total(part, total, idx)`` sets ``total[0]`` to the integer product
+        of the block's output ``idx`` (row ``idx % block_rows``, batch row ``idx // block_rows``):
+        its K-split parts and activation-plane columns summed with the coefficients ``d_j``."""
+        fmt, cfg = self.fmt, self.cfg
+        n_act, acc_t, stride, block_rows = fmt.act_bits, self.acc_dtype, self.stride, self.block_rows
+        tile_rows = cfg.tiles_m * MMA_TILE_ROWS
+
+        def x_coef(j):
+            return plane_coefficient(j, n_act, True, acc_t)
+
+        @T.macro
+        def column_total(part, total, idx):
+            total[0] = T.Cast(acc_t, 0)
+            for z in T.unroll(cfg.k_split):
+                for j in T.unroll(n_act):
+                    col = T.meta_var(idx // block_rows * stride + j)
+                    row = T.meta_var(idx % block_rows)
+                    total[0] = total[0] + x_coef(j) * part[z, row // tile_rows, row % tile_rows, col]
+
+        return column_total
+
+
+def without_params(func: tir.PrimFunc, indices: tuple[int, ...]) -> tir.PrimFunc:
     """``func`` without the (buffer) parameters at ``indices``, which its body never reads."""
     params = [p for k, p in enumerate(func.params) if k not in indices]
     return tir.PrimFunc(params, func.body, func.ret_type, func.attrs)

@@ -48,6 +48,7 @@ RULES: dict[str, tuple[str, ...]] = {
         "cuda_bmma:CUDABmmaGemm",
         "cuda_bmma:CUDABmmaDenseAct",
         "cuda_ballot_pack:CUDABallotPack",
+        "cuda_bmma_lstm:CUDABmmaLstmCell",
         "cuda:CUDAActPack",
         "cuda:CUDABitplaneGemm",
         "cuda:CUDADenseAct",
@@ -182,6 +183,24 @@ def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
     input projection too (:func:`pbtvm.ops.pb_lstm_cell_input`, attribute ``pbtvm.input_size``).
     """
     return ("", names.INPUT_TAG) if names.ATTR_INPUT_SIZE in (func.attrs or {}) else ("",)
+
+
+def lstm_cell_operands(func: tir.PrimFunc) -> tuple | None:
+    """``(batch var, input size or None, bias, steps var or None)`` of a ``pb_lstm_cell``
+    PrimFunc from :mod:`pbtvm.kernels` / the LSTM time loop, None if its parameters are not one's.
+
+    The rules that replace the TE step with a kernel of their own (the AVX-512 and the BMMA step)
+    read from it which of the step's forms to build."""
+    buffers = [p for p in func.params if tir.is_buffer_var(p)]
+    input_size = (func.attrs or {}).get(names.ATTR_INPUT_SIZE)
+    if input_size is not None:  # x, wp_ih, ws_ih[, bias], h, c, wp_hh, ws_hh, h', c'
+        if len(buffers) not in (9, 10):
+            return None
+        return buffers[0].shape[0], int(input_size), len(buffers) == 10, None
+    if len(buffers) != 7:  # gx, h, c, wp, w_scale, h', c'
+        return None
+    gx = buffers[0]
+    return buffers[1].shape[0], None, False, gx.shape[0] if len(gx.shape) == 3 else None
 
 
 def rule_classes(kind: str) -> list[type[ScheduleRule]]:

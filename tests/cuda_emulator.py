@@ -27,7 +27,7 @@ _PRELUDE = r"""
 #include <vector>
 #define uint unsigned int
 #define __global__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 static inline float max(float a, float b) { return fmaxf(a, b); }
@@ -128,7 +128,7 @@ def _translate(source: str, warp_ops: bool = True) -> tuple[str, str, list[tuple
     body = source[start:]
     body = body[body.index(";") + 1 :]  # skip the declaration, keep the definition
     body = body[body.index('extern "C" __global__') :]
-    sig = re.match(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\((.*?)\) \{', body, re.S)
+    sig = re.match(r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\((.*?)\) \{', body, re.S)
     name, params = sig.group(1), [p.strip() for p in sig.group(2).split(",")]
     parsed = [(" ".join(p.split()[:-1]).replace("__restrict__", "").strip(), p.split()[-1]) for p in params]
 

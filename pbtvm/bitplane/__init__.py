@@ -48,7 +48,7 @@ from .format import (
     WORD_BITS,
     BitplaneFormat,
 )
-from .mma_layout import MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
+from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
 from .reference import (
     bitplane_matmul,
     pack_activations,
@@ -62,6 +62,7 @@ from .reference import (
 __all__ = [
     "CODEBOOKS",
     "DEFAULT_ACT_BITS",
+    "MMA_LAYOUT",
     "MMA_TILE_ROWS",
     "MMA_TILE_WORDS",
     "WORD_BITS",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, InputTypeError
-from .mma_layout import MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
+from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
 
 #: Bumped whenever the meaning of packed bytes changes; stored in every manifest and tuning key.
 FORMAT_VERSION = 1
@@ -21,7 +21,7 @@ WORD_BITS = 32
 #: A-fragment order of ``mma.m16n8k256.b1`` (see :func:`mma_tile_index`), shape
 #: ``[planes, ceil(N/16), ceil(words/8), 32 lanes, 4]``: a warp loads a tile as one 16-byte load
 #: per lane. Rows and words are zero-padded to whole tiles.
-LAYOUTS = ("kNW", "NkW", "mma16x256")
+LAYOUTS = ("kNW", "NkW", MMA_LAYOUT)
 CODEBOOKS = ("twos_complement", "bipolar", "offset_binary")
 #: Default activation bits, chosen by measurement (see README, "act_bits"): 8 keeps the MNIST MLP
 #: within 0.1 point of 16 while needing half the activation planes.
@@ -98,7 +98,7 @@ class BitplaneFormat:
         """Shape of the packed weight array for an ``[n, k_dim]`` matrix in this layout."""
         if self.layout == "kNW":
             return (self.bits, n, self.words(k_dim))
-        if self.layout == "mma16x256":
+        if self.layout == MMA_LAYOUT:
             tiles_k = -(-self.words(k_dim) // MMA_TILE_WORDS)
             return (self.bits, -(-int(n) // MMA_TILE_ROWS), tiles_k, 32, 4)
         return (n, self.bits, self.words(k_dim))
@@ -107,7 +107,7 @@ class BitplaneFormat:
         """Index of (plane, row, word) in the packed weight array; works for ints and TIR vars."""
         if self.layout == "kNW":
             return (plane, row, word)
-        if self.layout == "mma16x256":
+        if self.layout == MMA_LAYOUT:
             return (plane, *mma_tile_index(row, word))
         return (row, plane, word)
 

@@ -12,6 +12,8 @@ import numpy as np
 
 from ..errors import InputError
 
+#: The layout's name (a value of :data:`pbtvm.bitplane.LAYOUTS`).
+MMA_LAYOUT = "mma16x256"
 #: Rows x words of one ``mma16x256`` tile (16 rows x 256 bits).
 MMA_TILE_ROWS, MMA_TILE_WORDS = 16, 8
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from .format import WORD_BITS, BitplaneFormat
-from .mma_layout import from_mma_tiles, to_mma_tiles
+from .mma_layout import MMA_LAYOUT, from_mma_tiles, to_mma_tiles
 
 
 def pack_planes(codes: np.ndarray, nbits: int) -> np.ndarray:
@@ -70,14 +70,14 @@ def pack_weights(q: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     else:
         codes = q
     planes = pack_planes(codes, fmt.bits)
-    if fmt.layout == "mma16x256":
+    if fmt.layout == MMA_LAYOUT:
         return to_mma_tiles(planes)
     return planes if fmt.layout == "kNW" else np.ascontiguousarray(planes.transpose(1, 0, 2))
 
 
 def _plane_major(packed: np.ndarray, fmt: BitplaneFormat, n_rows: int | None) -> np.ndarray:
     """Packed weights of any layout as ``[bits, N, W]`` planes (W padded for ``mma16x256``)."""
-    if fmt.layout == "mma16x256":
+    if fmt.layout == MMA_LAYOUT:
         return from_mma_tiles(packed, n_rows)
     return np.asarray(packed) if fmt.layout == "kNW" else np.asarray(packed).transpose(1, 0, 2)
 
@@ -131,7 +131,7 @@ def bitplane_matmul(
     bitlayers = fmt.check_bitlayers(bitlayers)
     planes = _plane_major(np.asarray(wp, np.uint32), fmt, n_rows)
     xp = np.asarray(xp, np.uint32)
-    if fmt.layout == "mma16x256":  # words padded to 8: the padding is zero, drop it
+    if fmt.layout == MMA_LAYOUT:  # words padded to 8: the padding is zero, drop it
         planes = planes[:, :, : xp.shape[2]]
     if planes.shape[2] != xp.shape[2]:
         raise InputError(f"word count mismatch: weights {planes.shape}, activations {xp.shape}")

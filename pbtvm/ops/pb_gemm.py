@@ -3,14 +3,19 @@
 ``acc[b, n] = sum_{i < bitlayers} sum_j sum_w c_i d_j popcount(W[i, n, w] & X[j, b, w])``
 
 ``bitlayers`` is a symbolic TIR variable, so one compiled kernel serves every precision 1..k
-and reads only the planes it accumulates.
+and reads only the planes it accumulates. Weights may be in any layout of
+:data:`pbtvm.bitplane.LAYOUTS` (read through :meth:`BitplaneFormat.weight_index`). In the
+``mma16x256`` layout the ``pb_gemm`` block names the binary-tensor-core rule
+(:data:`pbtvm.names.RULE_BMMA_GEMM`): on CUDA :class:`pbtvm.schedules.cuda_bmma.CUDABmmaGemm`
+replaces it with the tensor-core kernel, and MetaSchedule tunes that kernel's configuration; a
+CPU build of the same compute is its reference.
 """
 
 from __future__ import annotations
 
 from .. import names
 from .._tvm import te, tir
-from ..bitplane import BitplaneFormat
+from ..bitplane import MMA_LAYOUT, BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
 from .epilogue import dense_value
@@ -18,12 +23,17 @@ from .epilogue import dense_value
 __all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue"]
 
 
-def _rows(wp: te.Tensor, fmt: BitplaneFormat) -> tir.PrimExpr:
+def _rows(wp: te.Tensor, fmt: BitplaneFormat, n_rows: int | None) -> tir.PrimExpr:
+    """N: given, or read off ``wp`` (the ``mma16x256`` layout pads rows to 16, so it must be given)."""
+    if n_rows is not None:
+        return n_rows
+    if fmt.layout == MMA_LAYOUT:
+        raise ValueError(f"{fmt.name}: the {MMA_LAYOUT} layout pads rows to 16, so the PB product needs N")
     return wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]
 
 
-def _check(xp: te.Tensor, wp: te.Tensor, fmt: BitplaneFormat, k_dim: int) -> None:
-    want = fmt.weight_shape(int(_rows(wp, fmt)), k_dim)
+def _check(xp: te.Tensor, wp: te.Tensor, fmt: BitplaneFormat, k_dim: int, n_rows: tir.PrimExpr) -> None:
+    want = fmt.weight_shape(int(n_rows), k_dim)
     if tuple(int(s) for s in wp.shape) != want:
         raise ValueError(f"packed weights have shape {tuple(wp.shape)}, {fmt.name} wants {want}")
     if int(xp.shape[0]) != fmt.act_bits or int(xp.shape[2]) != fmt.words(k_dim):
@@ -31,11 +41,18 @@ def _check(xp: te.Tensor, wp: te.Tensor, fmt: BitplaneFormat, k_dim: int) -> Non
 
 
 def _plane_sum(
-    xp: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: BitplaneFormat, k_dim: int, tag: str = ""
+    xp: te.Tensor,
+    wp: te.Tensor,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+    k_dim: int,
+    tag: str = "",
+    n_rows: int | None = None,
 ) -> te.Tensor:
-    _check(xp, wp, fmt, k_dim)
+    n_rows = _rows(wp, fmt, n_rows)
+    _check(xp, wp, fmt, k_dim, n_rows)
     acc_dtype = fmt.accumulator_dtype(k_dim)
-    batch, n_rows = xp.shape[1], _rows(wp, fmt)
+    batch = xp.shape[1]
     i = te.reduce_axis((0, bitlayers), "i")
     j = te.reduce_axis((0, fmt.act_bits), "j")
     w = te.reduce_axis((0, xp.shape[2]), "w")
@@ -45,11 +62,20 @@ def _plane_sum(
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
-    return te.compute((batch, n_rows), body, name=names.GEMM + tag, attrs={"schedule_rule": names.RULE_BITPLANE_GEMM})
+    # The rule MetaSchedule applies: the popcount GEMM, or in the mma16x256 layout the binary-tensor-core
+    # kernel (on CUDA; a CPU build of this compute is the reference)
+    rule = names.RULE_BMMA_GEMM if fmt.layout == MMA_LAYOUT else names.RULE_BITPLANE_GEMM
+    return te.compute((batch, n_rows), body, name=names.GEMM + tag, attrs={"schedule_rule": rule})
 
 
 def pb_int_product(
-    xp: te.Tensor, rowsum: te.Tensor, wp: te.Tensor, bitlayers: tir.PrimExpr, fmt: BitplaneFormat, k_dim: int
+    xp: te.Tensor,
+    rowsum: te.Tensor,
+    wp: te.Tensor,
+    bitlayers: tir.PrimExpr,
+    fmt: BitplaneFormat,
+    k_dim: int,
+    n_rows: int | None = None,
 ) -> te.Tensor:
     """Exact integer PB product, equal to :func:`pbtvm.bitplane.bitplane_matmul`.
 
@@ -63,12 +89,14 @@ def pb_int_product(
     fmt : BitplaneFormat
     k_dim : int
         Unpadded K.
+    n_rows : int, optional
+        N; required in the ``mma16x256`` layout (rows padded to 16), read off ``wp`` otherwise.
 
     Returns
     -------
     te.Tensor, ``fmt.accumulator_dtype(K)``, [B, N]
     """
-    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim)
+    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim, n_rows=n_rows)
     off = fmt.weight_offset
     return te.compute(acc.shape, lambda b, n: acc[b, n] + tir.const(off, acc.dtype) * rowsum[b], name=names.ACC)
 
@@ -107,7 +135,7 @@ def pb_dense(
     te.Tensor, float32, [B, N]
         Matches :func:`pbtvm.quantize.pb_linear_reference` within float32 rounding.
     """
-    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim, tag)
+    acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim, tag, int(w_scale.shape[-1]))
     return dense_epilogue(acc, x_scale, rowsum, w_scale, bias, bitlayers, fmt, tag)
 
 

@@ -1,0 +1,324 @@
+"""The LSTM step on binary tensor cores: one kernel per layer and step, weights in ``mma16x256``.
+
+The same step as :func:`pbtvm.ops.pb_lstm_cell` (input projection ``gx`` given, for one time step
+or read at step ``t`` of a sequence) or :func:`pbtvm.ops.pb_lstm_cell_input` (the input
+projection from ``x`` and a packed ``W_ih`` too, for decoding one token), computed the way the
+BMMA dense kernel (:mod:`.cuda_bmma_kernel`) computes a layer:
+
+1. every block quantizes and packs its batch rows of ``h`` (and ``x``) into shared memory with
+   ``__ballot_sync`` (:func:`.cuda_ballot_pack.row_pack`; the rows are read from L2);
+2. its warps run the plane products of the block's gate rows of ``W_hh`` (and ``W_ih``) on the
+   tensor cores (:class:`.cuda_bmma_kernel.BMMALeg`, one leg per weight matrix, the same
+   registers in turn), and each output's dense epilogue (:func:`pbtvm.ops.epilogue.dense_value`)
+   leaves the gate pre-activations in shared memory, ``W_hh``'s plus ``W_ih``'s (with the bias);
+3. the rows are unit-major (row ``4u + g``, :func:`pbtvm.ops.unit_major_rows`), so a block of
+   ``16 * warps_m * tiles_m`` rows owns whole hidden units: a thread per (unit, batch row) adds
+   ``gx`` (the forms that take it) and updates ``c`` and ``h``.
+
+One launch per layer and step; the integer products equal the reference exactly and the gate
+pre-activations are made by the same epilogue as the TE step's, in the same order.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from pbtvm import names
+from pbtvm._tvm import s_tir, tir
+from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat
+from pbtvm.ops.epilogue import dense_value
+from pbtvm.target import TargetLimits
+
+from .cuda_bmma import default_config
+from .cuda_bmma_kernel import (
+    DEFAULT_LIMITS,
+    MMA_LANES,
+    BMMAConfig,
+    BMMALeg,
+    column_stride,
+    config_problem,
+    shared_bytes,
+    without_params,
+)
+from .rules import ScheduleRule, lstm_cell_operands
+
+#: Gates per hidden unit (i, f, g, o): a unit's rows ``4u .. 4u + 3`` are adjacent (unit-major).
+GATES = 4
+#: Kernel attribute (an ``AttrStmt`` in the device region) printed as ``__launch_bounds__(threads,
+#: 1)``: without it ptxas held the W4A8 step at 32 registers and spilled 8 bytes (sm_90, nvcc 13.0).
+LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
+
+
+def lstm_config_problem(
+    fmt: BitplaneFormat, hidden: int, input_size: int | None, cfg: BMMAConfig, limits: TargetLimits = DEFAULT_LIMITS
+) -> str | None:
+    """Why ``cfg`` cannot serve this LSTM step (None if it can): each leg as a one-launch dense
+    kernel (:func:`.cuda_bmma_kernel.config_problem`), then both legs' shared memory together."""
+    legs = [hidden] if input_size is None else [hidden, input_size]
+    for k_dim in legs:
+        problem = config_problem(fmt, k_dim, cfg, True, limits)
+        if problem:
+            return problem
+    block_batch = cfg.tiles_n * 8 // column_stride(fmt.act_bits)
+    gates = 4 * block_batch * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS  # the gate pre-activations
+    shared = sum(shared_bytes(fmt, k_dim, cfg, True) for k_dim in legs) + gates
+    if shared > limits.max_shared_memory_per_block:
+        return f"the step needs {shared} bytes of shared memory (> {limits.max_shared_memory_per_block})"
+    return None
+
+
+def default_lstm_config(
+    fmt: BitplaneFormat, hidden: int, input_size: int | None, batch: int = 1, limits: TargetLimits = DEFAULT_LIMITS
+) -> BMMAConfig:
+    """The config used without tuning: :func:`.cuda_bmma.default_config` of the recurrent leg as
+    a one-launch layer (4H rows, K = H), with the K split and column tiles halved until both legs fit."""
+    cfg = default_config(fmt, GATES * hidden, hidden, batch, fused_pack=True, limits=limits)
+    while lstm_config_problem(fmt, hidden, input_size, cfg, limits) and (cfg.k_split > 1 or cfg.tiles_n > 1):
+        if cfg.k_split > 1:
+            cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
+        else:
+            cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
+    return cfg
+
+
+def bmma_lstm_kernel(
+    fmt: BitplaneFormat,
+    hidden: int,
+    cfg: BMMAConfig,
+    input_size: int | None = None,
+    bias: bool = False,
+    sequence: bool = False,
+    limits: TargetLimits = DEFAULT_LIMITS,
+) -> tir.PrimFunc:
+    """The BMMA LSTM step for one layer shape and configuration.
+
+    Parameters
+    ----------
+    fmt : BitplaneFormat
+        ``layout`` must be ``"mma16x256"``.
+    hidden : int
+        H; the weights have ``4H`` unit-major rows.
+    cfg : BMMAConfig
+        Must pass :func:`lstm_config_problem`.
+    input_size : int, optional
+        I: the step computes its input projection too, the signature of
+        :func:`pbtvm.kernels.lstm_cell_input_func`, ``(x [B, I], wp_ih, ws_ih[, bias], h, c,
+        wp_hh, ws_hh, bitlayers, h', c')``. None: that of :func:`pbtvm.kernels.lstm_cell_func`,
+        ``(gx [B, 4H], h, c, wp, w_scale, bitlayers, h', c')`` (``gx`` in PyTorch gate order).
+    bias : bool
+        With ``input_size``: whether there is a bias parameter (``[4H]``, unit-major).
+    sequence : bool
+        Without ``input_size``: ``gx`` is the whole sequence's, ``[T, B, 4H]``, read at an int64
+        parameter ``t`` after ``w_scale`` (the time loop of :mod:`relay_passes.pb_lstm_lowering`).
+    limits : TargetLimits
+        The target's block limits.
+
+    Returns
+    -------
+    tir.PrimFunc
+        Already scheduled (thread-bound), symbolic batch (and T).
+
+    Raises
+    ------
+    ValueError
+        If the format is not the ``mma16x256`` layout or ``cfg`` does not fit.
+    """
+    problem = lstm_config_problem(fmt, hidden, input_size, cfg, limits)
+    if problem:
+        raise ValueError(
+            f"BMMA config {cfg} does not fit the LSTM step {fmt.name} H={hidden} I={input_size}: {problem}"
+        )
+    rows, n_in, with_x = GATES * hidden, input_size or 1, input_size is not None
+    leg_h = BMMALeg(fmt, rows, hidden, cfg, True, limits)
+    gates_h = _gates_of(leg_h, rows, bias=False, add=False)
+    gates_x = _gates_of(BMMALeg(fmt, rows, n_in, cfg, True, limits), rows, bias, add=True) if with_x else None
+    block_rows, block_batch, threads = leg_h.block_rows, leg_h.block_batch, cfg.threads
+    units = block_rows // GATES
+    cell_rounds = -(-(units * block_batch) // threads)
+
+    def pre(gates, gx, gx_seq, t, bb, du, b, u, g):
+        """Gate ``g`` of unit ``u`` before its activation: the block's gate value plus, in the forms
+        that take it, the input projection ``gx`` (PyTorch order, row ``g * H + u``)."""
+        value = gates[bb, du * GATES + g]
+        if with_x:  # the input leg is in gates already
+            return value
+        return value + (gx_seq[t, b, g * hidden + u] if sequence else gx[b, g * hidden + u])
+
+    @T.prim_func(private=True)
+    def kernel(
+        x_h: T.handle,
+        wpi_h: T.handle,
+        wsi_h: T.handle,
+        b_h: T.handle,
+        gx_h: T.handle,
+        gxs_h: T.handle,
+        h_h: T.handle,
+        c_h: T.handle,
+        wph_h: T.handle,
+        wsh_h: T.handle,
+        t: T.int64,
+        bitlayers: T.int64,
+        ho_h: T.handle,
+        co_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        steps = T.int64()
+        x = T.match_buffer(x_h, (batch, n_in), "float32")
+        wp_ih = T.match_buffer(wpi_h, fmt.weight_shape(rows, n_in), "uint32")
+        ws_ih = T.match_buffer(wsi_h, fmt.scale_shape(rows), "float32")
+        bias_buf = T.match_buffer(b_h, (rows,), "float32")
+        gx = T.match_buffer(gx_h, (batch, rows), "float32")
+        gx_seq = T.match_buffer(gxs_h, (steps, batch, rows), "float32")
+        h = T.match_buffer(h_h, (batch, hidden), "float32")
+        c = T.match_buffer(c_h, (batch, hidden), "float32")
+        wp_hh = T.match_buffer(wph_h, fmt.weight_shape(rows, hidden), "uint32")
+        ws_hh = T.match_buffer(wsh_h, fmt.scale_shape(rows), "float32")
+        h_out = T.match_buffer(ho_h, (batch, hidden), "float32")
+        c_out = T.match_buffer(co_h, (batch, hidden), "float32")
+        for bx in T.thread_binding(leg_h.grid_x, thread="blockIdx.x"):
+            for by in T.thread_binding(leg_h.grid_y(batch), thread="blockIdx.y"):
+                for tz in T.thread_binding(cfg.k_split, thread="threadIdx.z"):
+                    for ty in T.thread_binding(cfg.warps_m, thread="threadIdx.y"):
+                        for tx in T.thread_binding(MMA_LANES, thread="threadIdx.x"):
+                            with T.attr(0, LAUNCH_MIN_BLOCKS, 1):  # see LAUNCH_MIN_BLOCKS
+                                gates = T.alloc_shared((block_batch, block_rows), "float32")
+                                gate = T.alloc_local((GATES,), "float32")
+                                gates_h(h, wp_hh, ws_hh, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates)
+                                if with_x:
+                                    gates_x(x, wp_ih, ws_ih, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates)
+                                T.tvm_storage_sync("shared")
+                                # the cell update: a thread per (hidden unit, batch row) of the block
+                                for o in range(cell_rounds):
+                                    idx = T.meta_var(o * threads + (tz * cfg.warps_m + ty) * MMA_LANES + tx)
+                                    du = T.meta_var(idx % units)
+                                    bb = T.meta_var(idx // units)
+                                    u = T.meta_var(bx * units + du)
+                                    b = T.meta_var(by * block_batch + bb)
+                                    if idx < units * block_batch and u < hidden and b < batch:
+                                        for g in T.unroll(GATES):  # i, f, g, o
+                                            gate[g] = pre(gates, gx, gx_seq, t, bb, du, b, u, g)
+                                        gate[1] = T.sigmoid(gate[1]) * c[b, u] + T.sigmoid(gate[0]) * T.tanh(gate[2])
+                                        c_out[b, u] = gate[1]
+                                        h_out[b, u] = T.sigmoid(gate[3]) * T.tanh(gate[1])
+
+    # Parameters: x, wp_ih, ws_ih, bias, gx, gx_seq, h, c, wp_hh, ws_hh, t, bitlayers, h', c'.
+    if with_x:
+        unused = (4, 5, 10) if bias else (3, 4, 5, 10)
+    else:
+        unused = (0, 1, 2, 3, 4) if sequence else (0, 1, 2, 3, 5, 10)
+    return without_params(kernel, unused)
+
+
+def _gates_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
+    """A TVMScript macro: one weight matrix's gate values for the block, into shared ``gates``.
+
+    ``gates_of(act, wp, w_scale, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates)``: the
+    block packs its batch rows of ``act`` (float32 [B, K]) with ballots, runs the plane products
+    of its ``block_rows`` rows of ``wp`` on the tensor cores, and a thread per (row, batch row)
+    applies the dense epilogue (``bias_buf`` when ``bias``), storing the value in
+    ``gates[batch row, row]`` or, with ``add``, adding it to the value the same thread stored
+    there for the other leg (``W_hh``'s product plus ``W_ih``'s, the TE step's order).
+    """
+    fmt, cfg = leg.fmt, leg.cfg
+    n_act, threads, acc_t = fmt.act_bits, cfg.threads, leg.acc_dtype
+    block_rows, block_batch = leg.block_rows, leg.block_batch
+    out_rounds = -(-(block_rows * block_batch) // threads)
+    product, column_total, pack = leg.product(), leg.column_total(), leg.pack()
+
+    def value(gates, bb, row, epilogue):
+        return gates[bb, row] + epilogue if add else epilogue
+
+    @T.macro
+    def gates_of(act, wp, w_scale, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates):
+        part = T.alloc_shared(leg.part_shape, acc_t)
+        packed = T.alloc_shared((n_act, block_batch, leg.words), "uint32")
+        row_scale = T.alloc_shared((block_batch,), "float32")
+        row_code = T.alloc_shared((block_batch,), acc_t)
+        red = T.alloc_shared((threads,), "float32")
+        sums = T.alloc_shared((threads,), acc_t)
+        best = T.alloc_local((1,), "float32")
+        code = T.alloc_local((1,), "int32")
+        vote = T.alloc_local((1,), "uint32")
+        total = T.alloc_local((1,), acc_t)
+        acc = T.alloc_local((leg.frag,), acc_t)
+        dot = T.alloc_local((leg.frag,), "int32")
+        af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
+        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        for bb in range(block_batch):
+            if by * block_batch + bb < batch:  # block-uniform
+                pack(
+                    act, by * block_batch + bb, packed, bb, row_scale, row_code,
+                    tz * cfg.warps_m + ty, tx, red, sums, best, total, code, vote,
+                )  # fmt: skip
+        product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+        T.tvm_storage_sync("shared")
+        for o in range(out_rounds):  # a thread per (row, batch row), the same in both legs
+            idx = T.meta_var(o * threads + (tz * cfg.warps_m + ty) * MMA_LANES + tx)
+            n_glob = T.meta_var(bx * block_rows + idx % block_rows)
+            if idx < block_rows * block_batch and n_glob < rows:
+                column_total(part, total, idx)
+                gates[idx // block_rows, idx % block_rows] = value(
+                    gates, idx // block_rows, idx % block_rows,
+                    dense_value(
+                        fmt, row_scale[idx // block_rows], row_code[idx // block_rows], total[0],
+                        w_scale, n_glob, bias_buf if bias else None, bitlayers,
+                    ),
+                )  # fmt: skip
+
+    return gates_of
+
+
+def lstm_kernel_for(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> tir.PrimFunc:
+    """The BMMA LSTM step (:func:`default_lstm_config`) with ``func``'s parameters and attributes.
+
+    Raises
+    ------
+    ValueError
+        If ``func`` is not a ``pb_lstm_cell`` PrimFunc of the ``mma16x256`` layout from
+        :mod:`pbtvm.kernels` / the LSTM time loop.
+    """
+    attrs = func.attrs or {}
+    operands = lstm_cell_operands(func)
+    if operands is None or str(attrs.get(names.ATTR_LAYOUT)) != MMA_LAYOUT:
+        raise ValueError("lstm_kernel_for needs a pb_lstm_cell PrimFunc in the mma16x256 layout")
+    batch, input_size, bias, steps = operands
+    codebook = attrs.get(names.ATTR_CODEBOOK)
+    fmt = BitplaneFormat(
+        int(attrs[names.ATTR_BITS]),
+        int(attrs[names.ATTR_ACT_BITS]),
+        None if codebook is None else str(codebook),
+        layout=MMA_LAYOUT,
+    )
+    hidden = int(attrs[names.ATTR_K])
+    static_batch = int(batch) if isinstance(batch, tir.IntImm) else 1
+    cfg = default_lstm_config(fmt, hidden, input_size, static_batch, limits)
+    kernel = bmma_lstm_kernel(fmt, hidden, cfg, input_size, bias, steps is not None, limits)
+    return kernel.with_attrs(dict(attrs))
+
+
+class CUDABmmaLstmCell(ScheduleRule):
+    """``pb_lstm_cell`` in the ``mma16x256`` layout: :func:`bmma_lstm_kernel`, one launch per step.
+
+    Replaces the CUDA-core step (:class:`.cuda.CUDALSTMCell`) for every form of the step: ``gx``
+    given, ``gx`` of a sequence read at step ``t``, and the input projection inside.
+    """
+
+    kernel = names.KernelKind.LSTM_CELL
+    target_kind = "cuda"
+
+    def matches(self, func: tir.PrimFunc) -> bool:
+        """See :meth:`ScheduleRule.matches`; only the ``mma16x256`` layout."""
+        return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == MMA_LAYOUT
+
+    def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
+        """The kernel, as a schedule (see :meth:`ScheduleRule.apply`).
+
+        Raises
+        ------
+        ValueError
+            If the target's warp size is not :data:`.cuda_bmma_kernel.MMA_LANES`.
+        """
+        if self.limits.warp_size != MMA_LANES:
+            raise ValueError(f"mma.sync needs {MMA_LANES}-lane warps; the target has {self.limits.warp_size}")
+        return s_tir.Schedule(lstm_kernel_for(func, self.limits), debug_mask=0)

@@ -1,0 +1,271 @@
+"""The LSTM step on binary tensor cores (``schedules/cuda_bmma_lstm.py``) and the LSTM models built on it.
+
+Without a GPU: the generated CUDA of every form of the step (input projection inside, ``gx``
+given, ``gx`` of a sequence at step ``t``) run by the CPU emulator (``tests/cuda_emulator.py``)
+against the float64 numpy reference; the sm_90 SASS of the step, of the decoder and of
+``pbtvm.compile``'s LSTM lowering in the ``mma16x256`` layout (every PB product on BMMA, no
+spills). With a GPU (``gpu`` marker): the same step, the decoder and ``generate()`` on the device.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels, library
+from pbtvm import quantize as qz
+from pbtvm._tvm import tir, tvm
+from pbtvm.cuda import build, compile_fatbin
+from pbtvm.decoder import compile_decoder
+from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
+from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg
+from pbtvm.schedules.cuda_bmma_lstm import (
+    CUDABmmaLstmCell,
+    bmma_lstm_kernel,
+    default_lstm_config,
+    lstm_config_problem,
+)
+from pbtvm.target import resolve_target
+from relay_passes.pb_lstm_lowering import _step_func
+
+from .cuda_emulator import EmulatedKernel
+
+SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+MMA = "mma16x256"
+#: |kernel - float64 numpy reference| on h' and c', as tests/test_lstm_cell.py allows the CUDA-core step.
+REF_ATOL = 2e-5
+needs_gpp = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
+
+
+def _weights(rng, rows: int, k: int, fmt: bp.BitplaneFormat) -> tuple:
+    q, scale = qz.quantize_weights((rng.standard_normal((rows, k)) / np.sqrt(k)).astype(np.float32), fmt)
+    return bp.pack_weights(q, fmt), scale
+
+
+def _state(rng, batch: int, hidden: int) -> tuple:
+    h = np.tanh(2 * rng.standard_normal((batch, hidden))).astype(np.float32)
+    return h, rng.standard_normal((batch, hidden)).astype(np.float32)
+
+
+def _close(got: tuple, want: tuple, what: str) -> None:
+    for name, g, w in zip(("h", "c"), got, want, strict=True):
+        assert np.isfinite(g).all(), f"{what}: {name} has values the kernel did not write"
+        np.testing.assert_allclose(g, w, atol=REF_ATOL, err_msg=f"{what}: {name}")
+
+
+def _emulated(func) -> EmulatedKernel:
+    return EmulatedKernel(build(func.with_attr("global_symbol", "step"), SM90).mod.imports[0].inspect_source())
+
+
+def _launch(fmt: bp.BitplaneFormat, hidden: int, cfg: BMMAConfig, batch: int) -> dict:
+    leg = BMMALeg(fmt, 4 * hidden, hidden, cfg, True)
+    return {
+        "grid": (leg.grid_x, -(-batch * leg.stride // (8 * cfg.tiles_n)), 1),
+        "block": (32, cfg.warps_m, cfg.k_split),
+    }
+
+
+def _outputs(batch: int, hidden: int) -> tuple:
+    return np.full((batch, hidden), np.nan, np.float32), np.full((batch, hidden), np.nan, np.float32)
+
+
+# ------------------------------------------------------------------ emulated exactness
+INPUT_CASES = [  # (input, hidden, bits, act_bits, codebook, batch, bias, cfg or None for the default)
+    (650, 650, 4, 8, None, 1, True, None),  # the PTB LM's layer: 163 row tiles, 3 K tiles per leg (slow: L=4 only)
+    (100, 72, 4, 8, None, 3, True, None),  # two batch rows a block: one block column partly used
+    (40, 70, 3, 4, None, 5, False, None),  # 70 units: the last row tile is half padding; no bias
+    (300, 130, 1, 16, "bipolar", 2, True, None),  # 16 activation planes: a batch row spans 2 column tiles
+    (200, 90, 2, 8, "offset_binary", 1, True, None),  # the zero-point epilogue, both legs
+    (64, 48, 16, 8, None, 2, True, None),  # 16-bit weights
+    (700, 100, 4, 8, None, 3, True, BMMAConfig(2, 2, 2, 2, 2)),  # every knob above 1, K split across warps
+    (20, 33, 2, 8, None, 1, True, BMMAConfig(1, 1, 1, 1, 1)),  # one warp a block, legs of one word
+]
+
+
+@needs_gpp
+@pytest.mark.parametrize(("n_in", "hidden", "bits", "act_bits", "codebook", "batch", "bias", "cfg"), INPUT_CASES)
+def test_step_with_input_emulated_equals_reference(n_in, hidden, bits, act_bits, codebook, batch, bias, cfg, rng):
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
+    cfg = cfg or default_lstm_config(fmt, hidden, n_in, batch)
+    kern = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias))
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    b = rng.standard_normal(4 * hidden).astype(np.float32)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    args = {"x_ptr": x, "wp_ih_ptr": wp_ih, "ws_ih_ptr": ws_ih, "h_ptr": h, "c_ptr": c, "wp_hh_ptr": wp_hh}
+    args.update(ws_hh_ptr=ws_hh, **({"bias_buf_ptr": b} if bias else {}))
+    launch = _launch(fmt, hidden, cfg, batch)
+    for layers in sorted({1, (bits + 1) // 2, bits}) if hidden < 512 else [bits]:
+        h_out, c_out = _outputs(batch, hidden)
+        kern(launch["grid"], launch["block"], **args, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch, bitlayers=layers)
+        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b if bias else None, h, c, wp_hh, ws_hh, fmt, layers)
+        _close((h_out, c_out), want, f"{fmt.name} {cfg} batch={batch} bitlayers={layers}")
+
+
+@needs_gpp
+@pytest.mark.parametrize(
+    ("hidden", "bits", "batch", "sequence"), [(70, 4, 3, False), (130, 2, 2, True), (48, 8, 1, True)]
+)
+def test_step_with_given_projection_emulated_equals_reference(hidden, bits, batch, sequence, rng):
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    cfg = default_lstm_config(fmt, hidden, None, batch)
+    kern = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, sequence=sequence))
+    wp, ws = _weights(rng, 4 * hidden, hidden, fmt)
+    h, c = _state(rng, batch, hidden)
+    steps = 3
+    gx_seq = rng.standard_normal((steps, batch, 4 * hidden)).astype(np.float32)
+    launch = _launch(fmt, hidden, cfg, batch)
+    for layers in sorted({1, bits}):
+        for t in range(steps) if sequence else [1]:
+            h_out, c_out = _outputs(batch, hidden)
+            args = {"gx_seq_ptr": gx_seq, "t": t, "steps": steps} if sequence else {"gx_ptr": gx_seq[t].copy()}
+            args.update(h_ptr=h, c_ptr=c, wp_hh_ptr=wp, ws_hh_ptr=ws, h_out_ptr=h_out, c_out_ptr=c_out)
+            kern(launch["grid"], launch["block"], **args, batch=batch, bitlayers=layers)
+            want = qz.pb_lstm_cell_reference(gx_seq[t], h, c, wp, ws, fmt, layers)
+            _close((h_out, c_out), want, f"sequence={sequence} t={t} bitlayers={layers}")
+
+
+# ------------------------------------------------------------------ the rule, configs, SASS
+def _funcs(fmt: bp.BitplaneFormat) -> dict:
+    return {
+        "input": kernels.lstm_cell_input_func(fmt, 650, 650, True),
+        "given": kernels.lstm_cell_func(fmt, 650),
+        "sequence": _step_func(fmt, 650),
+    }
+
+
+def _signature(func) -> list:
+    return [(str(p.dtype), len(p.shape)) if tir.is_buffer_var(p) else "int64 scalar" for p in func.params]
+
+
+def test_rule_replaces_every_step_form_keeping_the_signature():
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    for form, func in _funcs(fmt).items():
+        assert CUDABmmaLstmCell(SM90).matches(func), form
+        kernel = apply_default_schedule(func, SM90)
+        assert _signature(kernel) == _signature(func), form
+        assert "m16n8k256" in kernel.script(), form
+    assert not CUDABmmaLstmCell(SM90).matches(kernels.lstm_cell_func(bp.BitplaneFormat(4, 8), 650))  # kNW layout
+
+
+def test_configs_that_do_not_fit_are_refused():
+    fmt = bp.BitplaneFormat(4, 16, layout=MMA)
+    assert "splits a batch row" in lstm_config_problem(fmt, 64, 64, BMMAConfig(1, 2, 1, 1, 1))
+    assert "shared memory" in lstm_config_problem(fmt, 8192, 8192, BMMAConfig(4, 4, 4, 1, 8))
+    with pytest.raises(ValueError, match="does not fit the LSTM step"):
+        bmma_lstm_kernel(fmt, 64, BMMAConfig(1, 2, 1, 1, 1), 64)
+    for hidden, n_in, batch in ((650, 650, 1), (1500, 1500, 8), (4096, 4096, 64)):
+        assert lstm_config_problem(fmt, hidden, n_in, default_lstm_config(fmt, hidden, n_in, batch)) is None
+
+
+def _assert_bmma(sass: dict[str, str], names: list[str]) -> None:
+    for name in names:
+        body = sass[name]
+        assert BMMA_OPCODE in body, f"{name}: no {BMMA_OPCODE}"
+        assert local_memory_ops(body) == 0, f"{name}: LDL/STL (register spills)"
+
+
+@pytest.mark.parametrize(("bits", "act_bits"), [(4, 8), (1, 8), (8, 16)])
+def test_step_sass_has_bmma_ballots_and_no_spills(bits, act_bits):
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    for form, func in _funcs(fmt).items():
+        kernel = apply_default_schedule(func, SM90).with_attr("global_symbol", "step")
+        source = build(kernel, SM90).mod.imports[0].inspect_source()
+        sass = sass_by_kernel(compile_fatbin(source, "sm_90"))
+        assert list(sass) == ["step_kernel"], form  # one launch per step
+        _assert_bmma(sass, ["step_kernel"])
+        assert sass["step_kernel"].count("VOTE.ANY") >= act_bits, form  # the in-block ballot pack
+
+
+def _lm(vocab: int = 300, hidden: int = 72, layers: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    m.embedding, m.lstm, m.head = (
+        torch.nn.Embedding(vocab, 64),
+        torch.nn.LSTM(64, hidden, layers),
+        torch.nn.Linear(hidden, vocab),
+    )
+    return m.eval()
+
+
+def test_decoder_in_mma_layout_runs_every_product_on_bmma(tmp_path):
+    m = _lm()
+    dec = compile_decoder(m.lstm, SM90, 4, embedding=m.embedding, head=m.head, layout=MMA)
+    assert dec.model.manifest["format"]["layout"] == MMA
+    (binary,) = library.cuda_binaries(dec.export(tmp_path / "dec.so"))
+    sass = sass_by_kernel(binary)
+    products = ["pb_lstm_step_l0_kernel", "pb_lstm_step_l1_kernel", "pb_dense_head_kernel"]
+    _assert_bmma(sass, products)
+    assert not [k for k, v in sass.items() if BMMA_OPCODE in v and k not in products]
+
+
+def test_compiled_lstm_in_mma_layout_runs_every_product_on_bmma(tmp_path):
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = torch.nn.LSTM(40, 70, 2), torch.nn.Linear(70, 10)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0])
+
+    m = pbtvm.compile(Tagger().eval(), (torch.randn(5, 2, 40),), target=SM90, bits=4, layout=MMA)
+    (binary,) = library.cuda_binaries(m.export(str(tmp_path / "tagger.so")))
+    sass = sass_by_kernel(binary)
+    products = [k for k in sass if k.startswith(("pb_dense", "pb_lstm_cell"))]
+    assert len(products) == 4, list(sass)  # two input projections, the time loop's step, the head
+    assert any(k.startswith("pb_lstm_cell_seq") for k in products)
+    _assert_bmma(sass, products)
+
+
+# ------------------------------------------------------------------ on the GPU
+def _t(a: np.ndarray):
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cuda(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n_in", "hidden", "bits", "batch"), [(650, 650, 4, 1), (100, 70, 1, 3), (300, 256, 8, 8)])
+def test_step_on_gpu_equals_reference(n_in, hidden, bits, batch, rng):
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    kern = kernels.build(kernels.lstm_cell_input_func(fmt, n_in, hidden, True), resolve_target("cuda"))
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    b = rng.standard_normal(4 * hidden).astype(np.float32)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    for layers in range(1, bits + 1):
+        outs = [_t(o) for o in _outputs(batch, hidden)]
+        kern(*(_t(a) for a in (x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh)), layers, *outs)
+        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, fmt, layers)
+        _close(tuple(o.numpy() for o in outs), want, f"bitlayers={layers}")
+
+
+@pytest.mark.gpu
+def test_mma_decoder_and_generate_on_gpu_equal_the_cpu_decoder():
+    """The BMMA decoder's logits equal the CPU decoder's (same quantized weights, float tolerance), and
+    its generate() equals its own step-by-step decoding token for token."""
+    from pbtvm.generate import generate_stepwise
+
+    from .test_generate import MODES
+
+    m = _lm(vocab=500, hidden=256)
+    gpu = compile_decoder(m.lstm, "cuda", 4, embedding=m.embedding, head=m.head, batch=2, layout=MMA, generate_chunk=8)
+    cpu = compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=2)
+    tokens = torch.randint(0, 500, (2, 6))
+    state_g, state_c = gpu.initial_state("cuda"), cpu.initial_state()
+    for step in range(tokens.shape[1]):
+        logits_g, state_g = gpu(tokens[:, step].cuda(), state_g)
+        logits_c, state_c = cpu(tokens[:, step], state_c)
+        torch.testing.assert_close(logits_g.cpu(), logits_c, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    prompt = tokens.cuda()
+    for sampling in MODES[:2]:
+        got = gpu.generate(prompt, 20, sampling)
+        torch.testing.assert_close(got.cpu(), generate_stepwise(gpu, prompt, 20, sampling).cpu(), rtol=0, atol=0)
