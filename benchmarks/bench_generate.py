@@ -45,6 +45,11 @@ ap.add_argument("--tokens", type=int, default=128, help="new tokens per generate
 ap.add_argument("--chunk", type=int, default=16)
 ap.add_argument("--prompt", type=int, default=64, help="prompt length for the prompt-path rows (CPU)")
 ap.add_argument("--repeats", type=int, default=5)
+ap.add_argument(
+    "--layouts",
+    default="auto",
+    help="weight layouts to compare, e.g. auto,kNW (on CUDA sm_80+ auto is the binary-tensor-core mma16x256)",
+)
 args = ap.parse_args()
 target = json.loads(args.target) if args.target.startswith("{") else args.target
 cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
@@ -180,26 +185,30 @@ with torch.no_grad():
                 except RuntimeError as err:  # e.g. an fp16 op missing on the CPU
                     print(f"  {label} batch {batch}: {str(err).splitlines()[0]}")
 
+    layouts = args.layouts.split(",")
     for bits in [int(b) for b in args.bits.split(",")]:
         for batch in [int(b) for b in args.batch.split(",")]:
-            dec = compile_decoder(
-                model.lstm,
-                target,
-                bits,
-                embedding=model.embedding,
-                head=model.head,
-                batch=batch,
-                generate_chunk=args.chunk,
-            )
-            prompt = torch.ones(batch, 1, dtype=torch.long, device=dev)
-            gen_s = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens))
-            note = ""
-            if not cuda:
-                kernels_us = 1e6 * kernel_time_per_chunk(dec, batch) / args.chunk
-                gen_us = 1e6 * gen_s / args.tokens
-                note = f"kernels alone {kernels_us:.0f} us/token; generate / kernels = {gen_us / kernels_us:.3f}"
-            add(f"PB W{bits} generate", batch, gen_s, args.tokens, note)
-            add(f"PB W{bits} stepwise", batch, median_s(stepwise(dec, batch), max(1, args.repeats // 2)), args.tokens)
+            for layout in layouts:
+                dec = compile_decoder(
+                    model.lstm,
+                    target,
+                    bits,
+                    embedding=model.embedding,
+                    head=model.head,
+                    batch=batch,
+                    generate_chunk=args.chunk,
+                    layout=layout,
+                )
+                label = f"PB W{bits}" + (f" {dec.format.layout}" if len(layouts) > 1 else "")
+                prompt = torch.ones(batch, 1, dtype=torch.long, device=dev)
+                gen_s = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens))
+                note = ""
+                if not cuda:
+                    kernels_us = 1e6 * kernel_time_per_chunk(dec, batch) / args.chunk
+                    gen_us = 1e6 * gen_s / args.tokens
+                    note = f"kernels alone {kernels_us:.0f} us/token; generate / kernels = {gen_us / kernels_us:.3f}"
+                add(f"{label} generate", batch, gen_s, args.tokens, note)
+                add(f"{label} stepwise", batch, median_s(stepwise(dec, batch), max(1, args.repeats // 2)), args.tokens)
             if not cuda:
                 long_prompt = torch.randint(0, args.vocab, (batch, args.prompt))
                 pb = PBWordLM(model, target, bits=bits)

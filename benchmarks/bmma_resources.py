@@ -2,9 +2,13 @@
 
 For each layer shape and weight bits of issue 13, the kernel ``pbtvm.compile(..., layout=
 "mma16x256")`` would use at batch 1 and the config the benchmark uses at batch >= 8: registers,
-shared memory, spills, and the BMMA instructions in its SASS. Prints a Markdown table.
+shared memory, spills, and the BMMA instructions in its SASS; then the one-launch activation pack;
+then the LSTM step (``schedules/cuda_bmma_lstm.py``) of an H x H layer in its two model forms
+(the decoder's step with the input projection inside, the time loop's step reading ``gx`` at
+step ``t``) at the default config for each batch. Prints Markdown tables.
 
     python benchmarks/bmma_resources.py [--shapes 4096x4096 ...] [--bits 1 2 4 8]
+    python benchmarks/bmma_resources.py --lstm-only --lstm-hidden 650 1500
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pbtvm.sass import BMMA_OPCODE, local_memory_ops, ptxas_usage, sass_by_kerne
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.schedules.cuda_ballot_pack import pack_warps
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
+from pbtvm.schedules.cuda_bmma_lstm import bmma_lstm_kernel, default_lstm_config
 from pbtvm.target import resolve_target
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
@@ -29,7 +34,11 @@ def main() -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--packs-only", action="store_true", help="only the activation-pack table")
+    ap.add_argument("--lstm-only", action="store_true", help="only the LSTM step table")
+    ap.add_argument("--lstm-hidden", nargs="+", type=int, default=[650, 1500], help="LSTM layer sizes (input = hidden)")
     args = ap.parse_args()
+    if args.lstm_only:
+        args.shapes, args.packs_only = [], True
     target = resolve_target({"kind": "cuda", "arch": "sm_90"})
     print(
         "| shape (NxK) | W | batch | config (tiles_m, warps_m, k_split, loads, tiles_n) | threads | registers | smem B | spill B | BMMA in SASS | LDL/STL |"
@@ -67,7 +76,34 @@ def main() -> int:
             f"{use['spill_stores'] + use['spill_loads']} | {sass.count('VOTE.ANY')} | {local_memory_ops(sass)} |",
             flush=True,
         )
+    _lstm_table(args, target)
     return 0
+
+
+def _lstm_table(args: argparse.Namespace, target) -> None:
+    """ptxas usage of the BMMA LSTM step's default configs (both model forms)."""
+    print(
+        "\n| LSTM H (= I) | W | batch | form | config | threads | registers | smem B | spill B | BMMA in SASS | LDL/STL |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for hidden in args.lstm_hidden:
+        for bits in args.bits:
+            fmt = bp.BitplaneFormat(bits, 8, layout="mma16x256")
+            for batch in args.batches:
+                for form, n_in in (("decoder (x inside)", hidden), ("time loop (gx[t])", None)):
+                    cfg = default_lstm_config(fmt, hidden, n_in, batch)
+                    kernel = bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias=n_in is not None, sequence=n_in is None)
+                    kernel = kernel.with_attr("global_symbol", "pb_step").with_attr("tirx.is_scheduled", True)
+                    source = build(kernel, target).mod.imports[0].inspect_source()
+                    (use,) = ptxas_usage(source, "sm_90").values()
+                    (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+                    knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
+                    print(
+                        f"| {hidden} | {bits} | {batch} | {form} | {knobs} | {cfg.threads} | {use['registers']} | "
+                        f"{use.get('smem_bytes', 0)} | {use['spill_stores'] + use['spill_loads']} | "
+                        f"{sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

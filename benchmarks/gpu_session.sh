@@ -4,7 +4,8 @@
 # STEPS picks what runs. The default, "bmma bmma-bench tests", is issue 13's sitting (<= 8 min on
 # an H200: BMMA exactness, the BMMA layer benchmark, then the other GPU tests):
 #   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
-#               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers)
+#               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers);
+#               tests/test_bmma_lstm.py: the BMMA LSTM step, the mma16x256 decoder and its generate()
 #   bmma-bench  benchmarks/bench_bmma.py --fused: BMMA layer (ballot pack + BMMA kernel) and the one-launch
 #               kernel vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by row
 #   tests       every other `gpu`-marked test
@@ -12,7 +13,8 @@
 #   layers / profile / lstm   the CUDA-core PB layer benchmark, decoder profile, LSTM step benchmark
 #   generate    issue 16: tests/test_generate.py on the GPU (generate() == the stepwise decoder, greedy and
 #               seeded sampling), then benchmarks/bench_generate.py: tokens/s of generate() at W1/W2/W4/W8,
-#               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph (<= ~6 min; STEPS=generate)
+#               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph, each W-k with the default
+#               layout (binary tensor cores on sm_80+) and kNW (CUDA-core popcount) (<= ~6 min; STEPS=generate)
 # A device call is limited to 600 s, so run further steps in another call (STEPS=bmma-tune ...).
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
@@ -48,7 +50,8 @@ step() {
 STEPS=" ${STEPS:-bmma bmma-bench tests} "
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfEs)
 if [[ $STEPS == *" bmma "* ]]; then
-  step bmma_tests "${BMMA_TESTS_TIMEOUT:-170}" "${PYTEST[@]}" tests/test_bmma_gpu.py --junitxml="$OUT/bmma_tests.xml"
+  step bmma_tests "${BMMA_TESTS_TIMEOUT:-180}" "${PYTEST[@]}" -m gpu tests/test_bmma_gpu.py tests/test_bmma_lstm.py \
+    --junitxml="$OUT/bmma_tests.xml"
 fi
 if [[ $STEPS == *" bmma-bench "* ]]; then
   step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} --csv "$OUT/bmma_bench.csv"
@@ -75,5 +78,5 @@ if [[ $STEPS == *" generate "* ]]; then
   step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests/test_generate.py \
     --junitxml="$OUT/generate_tests.xml"
   step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
-    --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:-}
+    --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto,kNW}
 fi

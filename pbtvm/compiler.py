@@ -20,7 +20,7 @@ from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
-from .target import TargetInfo, resolve_target
+from .target import AUTO_LAYOUT, TargetInfo, resolve_target, weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def tune(
     work_dir: str | os.PathLike = "pbtvm_logs",
     trials: int = 64,
     batch: int = 1,
-    layout: str = "kNW",
+    layout: str = AUTO_LAYOUT,
     runner: Any = None,
     progress: Any = None,
     codebook: str | None = AUTO,
@@ -129,10 +129,9 @@ def tune(
     -------
     pbtvm.schedules.tuning.TuneReport
     """
-    fmt = BitplaneFormat(bits, act_bits, layout=layout)
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
-    _check_layout(fmt, tvm_target)
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if trials < 1:
         raise InputError(f"trials must be >= 1, got {trials}")
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
@@ -148,7 +147,7 @@ def compile(
     bits: int = 4,
     act_bits: int = DEFAULT_ACT_BITS,
     *,
-    layout: str = "kNW",
+    layout: str = AUTO_LAYOUT,
     dynamic_batch: bool = True,
     tune: bool = False,
     work_dir: str | os.PathLike | None = None,
@@ -174,9 +173,12 @@ def compile(
     act_bits : int
         Activation bits, 2..16 (dynamic per-row scale).
     layout : str
-        Weight plane layout, see :data:`pbtvm.bitplane.LAYOUTS`. ``"mma16x256"`` (CUDA only,
-        opt-in) runs the dense layers on the binary tensor cores (``mma.sync .b1 .and.popc``);
-        not yet validated on a GPU (BENCHMARKS.md, "binary tensor cores").
+        Weight plane layout, see :data:`pbtvm.bitplane.LAYOUTS`. The default ``"auto"``
+        (:func:`pbtvm.target.weight_layout`) is ``"mma16x256"`` on CUDA sm_80 and newer: dense
+        layers and LSTM steps run on the binary tensor cores (``mma.sync .b1 .and.popc``); exact
+        in the CPU emulation of their CUDA code, not yet measured on a GPU (BENCHMARKS.md,
+        "binary tensor cores"). ``"kNW"`` there keeps the CUDA-core popcount kernels; on a CPU
+        (and CUDA before sm_80) ``"auto"`` is ``"kNW"``.
     dynamic_batch : bool
         Export with a symbolic batch dimension.
     tune : bool
@@ -214,10 +216,9 @@ def compile(
     pbtvm.schedules.tuning.TuningLogError
         The tuning log in ``work_dir`` is corrupt.
     """
-    fmt = BitplaneFormat(bits, act_bits, layout=layout)
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
-    _check_layout(fmt, tvm_target)
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
     mod, specs, dynamic, converted, skipped = _rewrite(
@@ -251,12 +252,6 @@ def compile(
             "quantizer": {"codebook": codebook, "method": quantizer, "calibrated": calibration is not None},
         },
     )
-
-
-def _check_layout(fmt: BitplaneFormat, tvm_target: tvm.target.Target) -> None:
-    """The binary-tensor-core weight layout needs a CUDA target (sm_75 or newer)."""
-    if fmt.layout == "mma16x256" and tvm_target.kind.name != "cuda":
-        raise InputError(f"layout 'mma16x256' is for CUDA targets (binary tensor cores), not {tvm_target.kind.name}")
 
 
 def build_model(

@@ -31,7 +31,7 @@ from .decoder_step import StepParts
 from .errors import InputError, InputTypeError
 from .repack import CopyGroup, repack_func, repack_out_types
 from .runtime import CompiledModel
-from .target import resolve_target
+from .target import AUTO_LAYOUT, resolve_target, weight_layout
 
 #: Manifest key holding the decoder's shape (``pbtvm inspect`` shows it).
 MANIFEST_KEY = "decoder"
@@ -246,7 +246,7 @@ def compile_decoder(
     embedding: Any = None,
     head: Any = None,
     batch: int = 1,
-    layout: str = "kNW",
+    layout: str = AUTO_LAYOUT,
     cuda_graph: bool = True,
     codebook: str | None = "auto",
     quantizer: str = "mse",
@@ -292,9 +292,9 @@ def compile_decoder(
     generate_chunk = check_chunk(generate_chunk, embedding is not None and head is not None)
     from .quantize import check_codebook
 
-    fmt = BitplaneFormat(bits, act_bits, layout=layout)
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     kind = tvm_target.kind.name
     quant = (codebook, quantizer)
     with tvm_target:  # the head's kernel choice reads the target

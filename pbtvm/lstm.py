@@ -31,7 +31,7 @@ import numpy as np
 
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .errors import InputError, InputTypeError
-from .target import resolve_target
+from .target import AUTO_LAYOUT, resolve_target, weight_layout
 
 
 def _torch():
@@ -243,10 +243,10 @@ def compile_lstm(
 
     if "calibration" in compile_kwargs:
         raise InputError("calibration is supported by pbtvm.compile only, not by compile_lstm")
-    fmt = BitplaneFormat(bits, act_bits, layout=compile_kwargs.get("layout", "kNW"))
     quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))
     check_codebook(quant[0], bits, quant[1])
     tvm_target = resolve_target(target)
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(compile_kwargs.get("layout", AUTO_LAYOUT), tvm_target))
     build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch") if k in compile_kwargs}
     projections, cells = [], []
     with torch.no_grad():

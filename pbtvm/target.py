@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,15 @@ CUDA_LIMITS = {
     "thread_warp_size": 32,
     "registers_per_block": 65536,
 }
+
+
+#: ``layout="auto"`` (the default of :func:`pbtvm.compile` and friends): see :func:`weight_layout`.
+AUTO_LAYOUT = "auto"
+#: The weight layout of the binary-tensor-core kernels (:data:`pbtvm.bitplane.LAYOUTS`).
+BMMA_LAYOUT = "mma16x256"
+#: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
+#: m8n8k128 ``.xor.popc``).
+BMMA_MIN_SM = 80
 
 
 def host_mcpu() -> str:
@@ -86,6 +96,29 @@ def resolve_target(target: Any) -> tvm.target.Target:
         return tvm.target.Target(_clean(spec), host=host)
     hint = " (for an NVIDIA GPU use 'cuda')" if str(kind).lower() in ("gpu", "nvidia", "nvptx") else ""
     raise InputError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
+
+
+def weight_layout(layout: str, target: tvm.target.Target) -> str:
+    """The weight layout a compile uses: ``layout``, with ``"auto"`` resolved for ``target``.
+
+    ``"auto"`` is the binary-tensor-core layout (``mma16x256``) on CUDA targets that have the
+    instruction (sm_80 and newer), else ``"kNW"`` (the CPU kernels and the CUDA-core popcount
+    kernels). An explicit layout is checked against the target.
+
+    Raises
+    ------
+    pbtvm.InputError
+        ``mma16x256`` for a target without binary tensor cores (a CPU, or a GPU before sm_80).
+    """
+    info = TargetInfo.of(target)
+    if layout == AUTO_LAYOUT:
+        return BMMA_LAYOUT if info.has_binary_tensor_cores else "kNW"
+    if layout == BMMA_LAYOUT and not info.has_binary_tensor_cores:
+        where = f"{info.kind} {info.arch}" if info.arch else info.kind
+        raise InputError(
+            f"layout {BMMA_LAYOUT!r} runs on binary tensor cores (CUDA sm_{BMMA_MIN_SM} or newer), not on {where}"
+        )
+    return layout
 
 
 def _clean(spec: dict) -> dict:
@@ -160,6 +193,12 @@ class TargetInfo:
             CUDA_LIMITS["thread_warp_size"], CUDA_LIMITS["max_threads_per_block"], CUDA_LIMITS["max_shared_memory_per_block"]
         ) if kind == "cuda" else TargetLimits()
         return cls(kind, summary.get("arch"), summary.get("mcpu"), limits)
+
+    @property
+    def has_binary_tensor_cores(self) -> bool:
+        """Whether the target runs ``mma.sync.m16n8k256 .b1 .and.popc`` (CUDA sm_80 and newer)."""
+        match = re.fullmatch(r"sm_(\d+)[a-z]?", self.arch or "")
+        return self.kind == "cuda" and match is not None and int(match.group(1)) >= BMMA_MIN_SM
 
     @property
     def device(self) -> str:

@@ -17,10 +17,11 @@ from pbtvm import kernels, library
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.cuda import build, compile_fatbin
+from pbtvm.errors import InputError
 from pbtvm.sass import BMMA_OPCODE, local_memory_ops, ptxas_usage, sass_by_kernel
 from pbtvm.schedules import apply_default_schedule, cuda_bmma, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, config_problem
-from pbtvm.target import resolve_target
+from pbtvm.target import resolve_target, weight_layout
 
 from .models import MLP
 
@@ -226,10 +227,10 @@ def test_tuning_builder_materializes_candidates():
 
 
 # ------------------------------------------------------------------ compile
-def test_compile_mma_layout_exports_bmma_kernels(tmp_path):
+def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     torch.manual_seed(0)
     model = MLP((300, 130, 64, 10)).eval()
-    m = pbtvm.compile(model, (torch.randn(2, 300),), target=SM90, bits=4, layout=MMA)
+    m = pbtvm.compile(model, (torch.randn(2, 300),), target=SM90, bits=4)  # layout="auto"
     assert m.manifest["format"]["layout"] == MMA
     m.export(str(tmp_path / "m.so"))
     (binary,) = library.cuda_binaries(str(tmp_path / "m.so"))
@@ -243,6 +244,20 @@ def test_compile_mma_layout_exports_bmma_kernels(tmp_path):
     assert sorted(packs) == [f"pb_act_pack_a8_k{k}_kernel" for k in (130, 300, 64)]
     for name, body in packs.items():
         assert body.count("VOTE.ANY") >= 8, name  # a ballot per plane
+
+
+@pytest.mark.parametrize(
+    ("arch", "want"), [("sm_75", "kNW"), ("sm_80", MMA), ("sm_86", MMA), ("sm_89", MMA), ("sm_90", MMA), ("sm_90a", MMA)]
+)
+def test_auto_layout_is_the_binary_tensor_core_layout_from_sm80(arch, want):
+    assert weight_layout("auto", resolve_target({"kind": "cuda", "arch": arch})) == want
+
+
+def test_layouts_are_checked_against_the_target():
+    assert weight_layout("auto", resolve_target("llvm")) == "kNW"
+    assert weight_layout("kNW", SM90) == "kNW"  # the CUDA-core kernels on request
+    with pytest.raises(InputError, match=r"sm_80 or newer\), not on cuda sm_75"):
+        weight_layout(MMA, resolve_target({"kind": "cuda", "arch": "sm_75"}))
 
 
 def test_mma_layout_is_refused_on_cpu():

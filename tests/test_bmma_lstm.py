@@ -195,9 +195,9 @@ def _lm(vocab: int = 300, hidden: int = 72, layers: int = 2) -> torch.nn.Module:
     return m.eval()
 
 
-def test_decoder_in_mma_layout_runs_every_product_on_bmma(tmp_path):
+def test_decoder_for_sm90_runs_every_product_on_bmma_by_default(tmp_path):
     m = _lm()
-    dec = compile_decoder(m.lstm, SM90, 4, embedding=m.embedding, head=m.head, layout=MMA)
+    dec = compile_decoder(m.lstm, SM90, 4, embedding=m.embedding, head=m.head)  # layout="auto"
     assert dec.model.manifest["format"]["layout"] == MMA
     (binary,) = library.cuda_binaries(dec.export(tmp_path / "dec.so"))
     sass = sass_by_kernel(binary)
@@ -206,7 +206,7 @@ def test_decoder_in_mma_layout_runs_every_product_on_bmma(tmp_path):
     assert not [k for k, v in sass.items() if BMMA_OPCODE in v and k not in products]
 
 
-def test_compiled_lstm_in_mma_layout_runs_every_product_on_bmma(tmp_path):
+def test_compiled_lstm_for_sm90_runs_every_product_on_bmma_by_default(tmp_path):
     torch.manual_seed(0)
 
     class Tagger(torch.nn.Module):
@@ -217,7 +217,8 @@ def test_compiled_lstm_in_mma_layout_runs_every_product_on_bmma(tmp_path):
         def forward(self, x):
             return self.fc(self.lstm(x)[0])
 
-    m = pbtvm.compile(Tagger().eval(), (torch.randn(5, 2, 40),), target=SM90, bits=4, layout=MMA)
+    m = pbtvm.compile(Tagger().eval(), (torch.randn(5, 2, 40),), target=SM90, bits=4)
+    assert m.manifest["format"]["layout"] == MMA
     (binary,) = library.cuda_binaries(m.export(str(tmp_path / "tagger.so")))
     sass = sass_by_kernel(binary)
     products = [k for k in sass if k.startswith(("pb_dense", "pb_lstm_cell"))]

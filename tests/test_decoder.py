@@ -152,7 +152,7 @@ def test_cuda_decoder_captures_every_step_kernel_in_one_graph(tmp_path):
     # the embedding lookup, one kernel per layer (both layers share one PrimFunc), the head in one kernel
     assert _kernel_calls(captured[0]) == ["take", "pb_lstm_step_l0", "pb_lstm_step_l0", "pb_dense_head"]
     (src,) = library._cuda_sources(dec.model._module.mod)
-    names = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', src)
+    names = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\(', src)
     assert sorted(set(names)) == [
         "pb_dense_head_kernel",
         "pb_lstm_step_l0_kernel",

@@ -94,7 +94,7 @@ def test_fused_cell_rejects_mismatched_shapes():
 
 
 def _kernels_in(source: str) -> list[str]:
-    return re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;]*?\{', source)
+    return re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\([^;]*?\{', source)
 
 
 @pytest.mark.parametrize(("hidden", "bits"), [(20, 4), (25, 3), (650, 4), (1500, 2), (4096, 8)])
