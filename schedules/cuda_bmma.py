@@ -54,7 +54,8 @@ def decode(code: int) -> BMMAConfig:
     return BMMAConfig(*reversed(values))
 
 
-def _registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
+def registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
+    """Rough 32-bit registers per lane for ``cfg``'s accumulators and fragments (vs :data:`REGISTER_BUDGET`)."""
     acc_words = 2 if fmt.accumulator_dtype(k_dim) == "int64" else 1
     frag = cfg.tiles_m * cfg.tiles_n * 4
     return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
@@ -82,7 +83,7 @@ def config_space(
         cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
         if mt > row_tiles or ks * ld > k_tiles or nt * unit > max(max_cols, unit):
             continue
-        if config_problem(fmt, k_dim, cfg, fused_pack, limits) or _registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
+        if config_problem(fmt, k_dim, cfg, fused_pack, limits) or registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
             continue
         out.append(cfg)
     return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack, limits=limits)]
@@ -249,16 +250,21 @@ class CUDABmmaDenseAct(CUDABmmaGemm):
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object) -> object:
-    """MetaSchedule build function: materialize BMMA configs, then the default build (nvcc)."""
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    """MetaSchedule build function: materialize BMMA configs, then build (nvcc for CUDA).
 
+    The build is :func:`pbtvm.schedules.tuning.measure.build_candidate` (MetaSchedule's
+    ``default_build`` without its tensor-intrinsics import, which cost ~30 s per call of the
+    builder here: every knob setting of a :class:`~.rules.KnobRule` is one call).
+    """
     from pbtvm.cuda import nvcc_compile_hook
+
+    from .tuning.measure import build_candidate as plain_build
 
     mod = materialize_module(mod, TargetInfo.of(target).limits)
     if target.kind.name != "cuda":
-        return default_build(mod, target, params)
+        return plain_build(mod, target, params)
     with nvcc_compile_hook(str(target.export()["arch"])):
-        return default_build(mod, target, params)
+        return plain_build(mod, target, params)
 
 
 def register() -> None:

@@ -21,7 +21,12 @@ pre-activations are made by the same epilogue as the TE step's, in the same orde
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import random
+
 from tvm.script import tirx as T
+from typing_extensions import override
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
@@ -29,7 +34,7 @@ from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetLimits
 
-from .cuda_bmma import default_config
+from .cuda_bmma import K_SPLIT, LOADS, REGISTER_BUDGET, TILES_M, TILES_N, WARPS_M, default_config, registers
 from .cuda_bmma_kernel import (
     DEFAULT_LIMITS,
     MMA_LANES,
@@ -40,7 +45,7 @@ from .cuda_bmma_kernel import (
     shared_bytes,
     without_params,
 )
-from .rules import ScheduleRule, lstm_cell_operands
+from .rules import KnobRule, lstm_cell_operands
 
 #: Gates per hidden unit (i, f, g, o): a unit's rows ``4u .. 4u + 3`` are adjacent (unit-major).
 GATES = 4
@@ -269,20 +274,61 @@ def _gates_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
     return gates_of
 
 
-def lstm_kernel_for(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> tir.PrimFunc:
-    """The BMMA LSTM step (:func:`default_lstm_config`) with ``func``'s parameters and attributes.
+def lstm_kernel_for(
+    func: tir.PrimFunc, cfg: BMMAConfig | None = None, limits: TargetLimits = DEFAULT_LIMITS
+) -> tir.PrimFunc:
+    """The BMMA LSTM step with ``func``'s parameters and attributes, config ``cfg`` (default:
+    :func:`default_lstm_config` at ``func``'s static batch, else batch 1).
 
     Raises
     ------
     ValueError
         If ``func`` is not a ``pb_lstm_cell`` PrimFunc of the ``mma16x256`` layout from
-        :mod:`pbtvm.kernels` / the LSTM time loop.
+        :mod:`pbtvm.kernels` / the LSTM time loop, or ``cfg`` does not fit it.
     """
+    fmt, hidden, (batch, input_size, bias, steps) = _step_of(func)
+    static_batch = int(batch) if isinstance(batch, tir.IntImm) else 1
+    cfg = cfg or default_lstm_config(fmt, hidden, input_size, static_batch, limits)
+    kernel = bmma_lstm_kernel(fmt, hidden, cfg, input_size, bias, steps is not None, limits)
+    return kernel.with_attrs(dict(func.attrs))
+
+
+def lstm_config_space(
+    fmt: BitplaneFormat,
+    hidden: int,
+    input_size: int | None,
+    batch: int | None = 1,
+    limits: TargetLimits = DEFAULT_LIMITS,
+) -> list[BMMAConfig]:
+    """The configs a tuning run measures for an LSTM step: the default first, then every valid
+    config of the dense kernel's knob values (:data:`.cuda_bmma.TILES_M` ...) within the register
+    budget, in a fixed pseudo-random order (a run of ``trials`` measures a spread of them).
+
+    ``batch`` (static, when known) caps the column tiles at those the batch needs; the default is
+    the one for ``batch`` (or 1).
+    """
+    default = default_lstm_config(fmt, hidden, input_size, batch or 1, limits)
+    unit = max(1, column_stride(fmt.act_bits) // 8)
+    max_cols = max(unit, -(-batch * column_stride(fmt.act_bits) // 8)) if batch else max(TILES_N) * unit
+    k_tiles = min(fmt.weight_shape(1, k)[2] for k in ([hidden] if input_size is None else [hidden, input_size]))
+    out = []
+    for mt, wm, ks, ld, nt in itertools.product(TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N):
+        cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
+        if cfg == default or ks * ld > max(1, k_tiles) or nt * unit > max_cols:
+            continue
+        if lstm_config_problem(fmt, hidden, input_size, cfg, limits) or registers(fmt, hidden, cfg) > REGISTER_BUDGET:
+            continue
+        out.append(cfg)
+    random.Random(0).shuffle(out)
+    return [default, *out]
+
+
+def _step_of(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, tuple]:
+    """(format, H, :func:`.rules.lstm_cell_operands`) of a ``pb_lstm_cell`` PrimFunc in the mma layout."""
     attrs = func.attrs or {}
     operands = lstm_cell_operands(func)
     if operands is None or str(attrs.get(names.ATTR_LAYOUT)) != MMA_LAYOUT:
-        raise ValueError("lstm_kernel_for needs a pb_lstm_cell PrimFunc in the mma16x256 layout")
-    batch, input_size, bias, steps = operands
+        raise ValueError("the BMMA LSTM step needs a pb_lstm_cell PrimFunc in the mma16x256 layout")
     codebook = attrs.get(names.ATTR_CODEBOOK)
     fmt = BitplaneFormat(
         int(attrs[names.ATTR_BITS]),
@@ -290,29 +336,41 @@ def lstm_kernel_for(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -
         None if codebook is None else str(codebook),
         layout=MMA_LAYOUT,
     )
-    hidden = int(attrs[names.ATTR_K])
-    static_batch = int(batch) if isinstance(batch, tir.IntImm) else 1
-    cfg = default_lstm_config(fmt, hidden, input_size, static_batch, limits)
-    kernel = bmma_lstm_kernel(fmt, hidden, cfg, input_size, bias, steps is not None, limits)
-    return kernel.with_attrs(dict(attrs))
+    return fmt, int(attrs[names.ATTR_K]), operands
 
 
-class CUDABmmaLstmCell(ScheduleRule):
+class CUDABmmaLstmCell(KnobRule):
     """``pb_lstm_cell`` in the ``mma16x256`` layout: :func:`bmma_lstm_kernel`, one launch per step.
 
     Replaces the CUDA-core step (:class:`.cuda.CUDALSTMCell`) for every form of the step: ``gx``
-    given, ``gx`` of a sequence read at step ``t``, and the input projection inside.
+    given, ``gx`` of a sequence read at step ``t``, and the input projection inside. Its knobs
+    are the five of :class:`.cuda_bmma_kernel.BMMAConfig`; ``pbtvm.tune`` measures
+    :func:`lstm_config_space` and ``compile`` replays the fastest from the log.
     """
 
     kernel = names.KernelKind.LSTM_CELL
     target_kind = "cuda"
+    label = "bmma"
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; only the ``mma16x256`` layout."""
         return super().matches(func) and str((func.attrs or {}).get(names.ATTR_LAYOUT)) == MMA_LAYOUT
 
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
-        """The kernel, as a schedule (see :meth:`ScheduleRule.apply`).
+        """The kernel with the default config, as a schedule (see :meth:`ScheduleRule.apply`)."""
+        return s_tir.Schedule(self.kernel_with(func, None), debug_mask=0)
+
+    @override
+    def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
+        """See :meth:`KnobRule.knob_settings`: :func:`lstm_config_space` at ``func``'s static
+        batch (else 1), as dicts of the config's fields."""
+        fmt, hidden, (batch, input_size, *_) = _step_of(func)
+        static_batch = int(batch) if isinstance(batch, tir.IntImm) else None
+        space = lstm_config_space(fmt, hidden, input_size, static_batch, self.limits)
+        return [dataclasses.asdict(cfg) for cfg in space]
+
+    def kernel_with(self, func: tir.PrimFunc, knobs: dict | None) -> tir.PrimFunc:
+        """See :meth:`KnobRule.kernel_with` (``None``: the default config).
 
         Raises
         ------
@@ -321,4 +379,10 @@ class CUDABmmaLstmCell(ScheduleRule):
         """
         if self.limits.warp_size != MMA_LANES:
             raise ValueError(f"mma.sync needs {MMA_LANES}-lane warps; the target has {self.limits.warp_size}")
-        return s_tir.Schedule(lstm_kernel_for(func, self.limits), debug_mask=0)
+        # a logged setting also carries its timings ("us", "default_us")
+        cfg = (
+            None
+            if knobs is None
+            else BMMAConfig(**{f.name: int(knobs[f.name]) for f in dataclasses.fields(BMMAConfig)})
+        )
+        return lstm_kernel_for(func, cfg, self.limits)

@@ -10,10 +10,12 @@ spills). With a GPU (``gpu`` marker): the same step, the decoder and ``generate(
 from __future__ import annotations
 
 import shutil
+import types
 
 import numpy as np
 import pytest
 import torch
+import tvm_ffi
 
 import pbtvm
 from pbtvm import bitplane as bp
@@ -23,13 +25,14 @@ from pbtvm._tvm import tir, tvm
 from pbtvm.cuda import build, compile_fatbin
 from pbtvm.decoder import compile_decoder
 from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
-from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules import apply_default_schedule, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg
 from pbtvm.schedules.cuda_bmma_lstm import (
     CUDABmmaLstmCell,
     bmma_lstm_kernel,
     default_lstm_config,
     lstm_config_problem,
+    lstm_config_space,
 )
 from pbtvm.target import resolve_target
 from relay_passes.pb_lstm_lowering import _step_func
@@ -163,6 +166,50 @@ def test_configs_that_do_not_fit_are_refused():
         bmma_lstm_kernel(fmt, 64, BMMAConfig(1, 2, 1, 1, 1), 64)
     for hidden, n_in, batch in ((650, 650, 1), (1500, 1500, 8), (4096, 4096, 64)):
         assert lstm_config_problem(fmt, hidden, n_in, default_lstm_config(fmt, hidden, n_in, batch)) is None
+
+
+def test_knob_space_starts_with_the_default_and_holds_only_valid_configs():
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    rule = CUDABmmaLstmCell(SM90)
+    for func, n_in in ((_funcs(fmt)["input"], 650), (_funcs(fmt)["sequence"], None)):
+        settings = rule.knob_settings(func)
+        configs = [BMMAConfig(**k) for k in settings]
+        assert configs[0] == default_lstm_config(fmt, 650, n_in)
+        assert len(set(configs)) == len(configs) > 10
+        assert all(lstm_config_problem(fmt, 650, n_in, c) is None for c in configs)
+    static = lstm_config_space(fmt, 650, 650, batch=1)  # a static batch 1 needs one column tile
+    assert {c.tiles_n for c in static} == {1} and len(static) < len(settings)
+
+
+class _FakeRunner:
+    """A MetaSchedule runner stand-in (no GPU): the i-th measured setting takes ``us[i]`` µs."""
+
+    def __init__(self, us: list[float]) -> None:
+        self.us, self.calls = us, 0
+
+    def run(self, inputs: list) -> list:
+        secs = [self.us[self.calls] * 1e-6] * 3
+        self.calls += len(inputs)
+        result = types.SimpleNamespace(run_secs=secs, error_msg=None)
+        return [types.SimpleNamespace(result=lambda result=result: result)]
+
+
+def test_tuner_measures_the_knobs_and_compile_replays_the_fastest(tmp_path):
+    """``tune_kernels`` builds each setting with nvcc and times it (a fake runner here: no GPU), writes
+    the fastest to the log, and the log's lookup rebuilds the step with those knobs."""
+    fmt = bp.BitplaneFormat(2, 8, layout=MMA)
+    func = _step_func(fmt, 48)
+    rule = CUDABmmaLstmCell(SM90)
+    settings = rule.knob_settings(func)[:3]
+    runner = _FakeRunner([9.0, 4.0, 6.0])  # the second setting is the fastest
+    report = tuning.tune_kernels([func], SM90, tmp_path, trials_per_kernel=3, runner=runner, progress=lambda _: None)
+    (kern,) = report.kernels
+    assert kern.name.endswith("(bmma)") and kern.built == runner.calls == 3, kern.first_error
+    assert kern.default_us == 9.0 and kern.best_us == 4.0
+    lookup, used = tuning.tuned_lookup(tmp_path, SM90)
+    tuned = lookup(func)
+    assert used and tvm_ffi.structural_equal(tuned, rule.kernel_with(func, settings[1]))
+    assert not tvm_ffi.structural_equal(tuned, rule.kernel_with(func, settings[0]))
 
 
 def _assert_bmma(sass: dict[str, str], names: list[str]) -> None:

@@ -68,7 +68,8 @@ def register_templates(target: tvm.target.Target) -> None:
 
 
 def workload(func: tir.PrimFunc, batch: int = 1) -> tir.PrimFunc:
-    """``func`` with its symbolic dimensions set to ``batch`` and ``bitlayers`` to all planes.
+    """``func`` with its symbolic dimensions set to ``batch``, ``bitlayers`` to all planes and any
+    other scalar (the time loop step's ``t``) to 0.
 
     Parameters
     ----------
@@ -92,7 +93,7 @@ def workload(func: tir.PrimFunc, batch: int = 1) -> tir.PrimFunc:
                     shape, param.dtype, param.name, elem_offset=param.elem_offset, offset_factor=param.offset_factor
                 )
         else:
-            binds[param] = tir.const(bits, str(param.ty))
+            binds[param] = tir.const(bits if param.name == "bitlayers" else 0, str(param.ty))
     return func.specialize(binds).with_attr("global_symbol", "main")
 
 
