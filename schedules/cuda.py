@@ -104,8 +104,12 @@ class CUDABitplaneGemm(TunableRule):
         sch.bind(b, "blockIdx.y")
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
-        sch.bind(wz, "threadIdx.z")
-        sch.bind(wi, "threadIdx.x")
+        # The K-split warps and their lanes are one threadIdx.x (kw * warp threads): a row's
+        # reduction then spans consecutive threads, which TVM lowers to warp shuffles plus one
+        # exchange between warps. Bound to threadIdx.z (with the rows' threadIdx.y between them)
+        # it became a shared-memory tree whose last steps assume the warp runs in lock step (no
+        # __syncwarp): not guaranteed since Volta, and wrong in the CUDA emulation of the tests.
+        sch.bind(sch.fuse(wz, wi), "threadIdx.x")
         if tunable:
             sample_unroll(sch, i)
         if x_shared:
@@ -113,7 +117,7 @@ class CUDABitplaneGemm(TunableRule):
             sch.compute_at(acts, no)
             fused = sch.fuse(*sch.get_loops(acts)[2:])
             # x_shared is tunable-only, so rows[1] and kw are sampled
-            _spread(sch, fused, [("threadIdx.y", rows[1]), ("threadIdx.z", kw), ("threadIdx.x", warp)])
+            _spread(sch, fused, [("threadIdx.y", rows[1]), ("threadIdx.x", kw * warp)])
         _vector_weight_loads(sch, gemm, wo, v, vec)
         sch.unroll(j)
         sch.reverse_compute_at(epilogue, ni)

@@ -1,12 +1,15 @@
-"""Run a TVM-generated BMMA CUDA kernel on the CPU: the kernel's own source, compiled with g++.
+"""Run a TVM-generated CUDA kernel on the CPU: the kernel's own source, compiled with g++.
 
 For exactness checks without a GPU. Every CUDA thread of a block is a ``std::thread``;
 ``__syncthreads`` is a block barrier, ``__shared__`` a static (blocks run one after another),
 and each ``mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc`` becomes a warp-collective
 function that gathers the 32 lanes' fragments (PTX ISA fragment layouts for ``.b1`` m16n8k256,
 the same ones ``../shared/examples/bmma_tensorize.py`` verified on an H100) and computes
-``D = C + popcount(A & B)``. What it checks: TVM's generated indexing, predicates, K split,
-plane loop and epilogue. What it cannot: timing, memory-model races the emulation serializes.
+``D = C + popcount(A & B)``; ``__ballot_sync`` and the ``__shfl*_sync`` shuffles are
+warp-collective too. What it checks: TVM's generated indexing, predicates, K split, plane loop,
+reductions and epilogue. The lanes of a warp run independently between warp-collective calls (as
+CUDA allows since Volta), so code that silently assumes a warp runs in lock step fails here.
+What it cannot check: timing, and races the emulation happens to serialize.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +33,8 @@ _PRELUDE = r"""
 #define __global__
 #define __launch_bounds__(...)
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline float min(float a, float b) { return fminf(a, b); }
@@ -40,25 +46,56 @@ struct Dim { unsigned x, y, z; };
 thread_local Dim threadIdx, blockIdx;
 struct Warp {
   unsigned a[32][4], b[32][2], vote[32];
+  unsigned long long shfl[32];
   int c[32][4];
   std::barrier<> sync{32};
 };
 thread_local Warp* my_warp;
+thread_local int my_lane;  // the lane within the warp: linear thread index % 32
 static unsigned __ballot_sync(unsigned mask, int pred) {
   Warp& w = *my_warp;
-  w.vote[threadIdx.x] = pred != 0;
+  w.vote[my_lane] = pred != 0;
   w.sync.arrive_and_wait();
   unsigned out = 0;
   for (int l = 0; l < 32; ++l) out |= w.vote[l] << l;
   w.sync.arrive_and_wait();
   return out & mask;
 }
+// Warp shuffles: every lane publishes its value, then reads its source lane's (within ``width``).
+// The emulation runs the whole warp in lock step at each shuffle, so __activemask() is all lanes.
+static unsigned __activemask() { return 0xFFFFFFFFu; }
+template <typename T> static T emu_shfl(T value, int src) {
+  Warp& w = *my_warp;
+  static_assert(sizeof(T) <= sizeof(unsigned long long));
+  unsigned long long bits = 0;
+  __builtin_memcpy(&bits, &value, sizeof(T));
+  w.shfl[my_lane] = bits;
+  w.sync.arrive_and_wait();
+  bits = w.shfl[src];
+  w.sync.arrive_and_wait();
+  T out;
+  __builtin_memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+// ``width`` splits the warp into segments; a source outside the caller's segment reads the caller.
+template <typename T> static T __shfl_sync(unsigned, T value, int src, int width = 32) {
+  int base = my_lane / width * width;
+  return emu_shfl(value, base + ((src % width) + width) % width);
+}
+template <typename T> static T __shfl_down_sync(unsigned, T value, unsigned delta, int width = 32) {
+  int in_segment = my_lane % width;
+  return emu_shfl(value, in_segment + (int)delta < width ? my_lane + (int)delta : my_lane);
+}
+template <typename T> static T __shfl_up_sync(unsigned, T value, unsigned delta, int width = 32) {
+  int in_segment = my_lane % width;
+  return emu_shfl(value, in_segment >= (int)delta ? my_lane - (int)delta : my_lane);
+}
 thread_local std::barrier<>* my_block;
 static void __syncthreads() { my_block->arrive_and_wait(); }
 static void emu_bmma(int* d0, int* d1, int* d2, int* d3, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                      unsigned b0, unsigned b1, int c0, int c1, int c2, int c3) {
   Warp& w = *my_warp;
-  int lane = threadIdx.x;
+  int lane = my_lane;
   unsigned a[4] = {a0, a1, a2, a3};
   int c[4] = {c0, c1, c2, c3};
   for (int r = 0; r < 4; ++r) { w.a[lane][r] = a[r]; w.c[lane][r] = c[r]; }
@@ -93,6 +130,7 @@ extern "C" void launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned gy, 
         threadIdx = Dim{t % bx, (t / bx) % by, t / (bx * by)};
         blockIdx = Dim{x, y, z};
         my_warp = &warps[t / 32];
+        my_lane = t % 32;
         my_block = &block;
         KERNEL(CALL_ARGS);
       });
@@ -140,8 +178,8 @@ def _translate(source: str, warp_ops: bool = True) -> tuple[str, str, list[tuple
 
     body = re.sub(r"__shared__ (alignas\(\d+\) )?", lambda m: (m.group(1) or "") + "static ", body)
     body, count = _ASM.subn(repl, body)
-    if warp_ops and count == 0 and "__ballot_sync" not in body:
-        raise ValueError("neither mma.sync m16n8k256 .and.popc nor __ballot_sync in the kernel source")
+    if warp_ops and count == 0 and "__ballot_sync" not in body and "__shfl" not in body:
+        raise ValueError("no mma.sync m16n8k256 .and.popc, __ballot_sync or __shfl in the kernel source")
     return body.replace('extern "C" ', "static ", 1), name, parsed
 
 
@@ -182,3 +220,24 @@ class EmulatedKernel:
         p_arr = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
         s_arr = (ctypes.c_int64 * max(1, len(scalars)))(*scalars)
         self._lib.launch(p_arr, s_arr, *(ctypes.c_uint(v) for v in (*grid, *block)))
+
+
+def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, block) of a scheduled, thread-bound PrimFunc whose symbolic dimensions are ``batch``.
+
+    Read off the TVMScript of ``func`` with its symbolic buffer dimensions bound to ``batch``
+    (every ``T.thread_binding`` extent is then a constant).
+    """
+    from pbtvm._tvm import tir
+
+    binds = {}
+    for p in func.params:
+        if tir.is_buffer_var(p) and any(not isinstance(d, tir.IntImm) for d in p.shape):
+            shape = [d if isinstance(d, tir.IntImm) else tir.const(batch, "int64") for d in p.shape]
+            binds[p] = tir.decl_buffer(shape, p.dtype, p.name)
+    text = func.specialize(binds).script()
+    pattern = r'T\.thread_binding\((?:0, )?(?:T\.int64\()?(\d+)\)?, thread="(\w+\.[xyz])"\)'
+    extents = {tag: int(v) for v, tag in re.findall(pattern, text)}
+    grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
+    block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
+    return grid, block
