@@ -8,8 +8,8 @@ BMMA dense kernel (:mod:`.cuda_bmma_kernel`) computes a layer:
 1. every block quantizes and packs its batch rows of ``h`` (and ``x``) into shared memory with
    ``__ballot_sync`` (:func:`.cuda_ballot_pack.row_pack`; the rows are read from L2);
 2. its warps run the plane products of the block's gate rows of ``W_hh`` (and ``W_ih``) on the
-   tensor cores (:class:`.cuda_bmma_kernel.BMMALeg`, one leg per weight matrix, the same
-   registers in turn), and each output's dense epilogue (:func:`pbtvm.ops.epilogue.dense_value`)
+   tensor cores (:class:`.cuda_bmma_kernel.BMMALeg`, one leg per weight matrix, one after the
+   other), and each output's dense epilogue (:func:`pbtvm.ops.epilogue.dense_value`)
    leaves the gate pre-activations in shared memory, ``W_hh``'s plus ``W_ih``'s (with the bias);
 3. the rows are unit-major (row ``4u + g``, :func:`pbtvm.ops.unit_major_rows`), so a block of
    ``16 * warps_m * tiles_m`` rows owns whole hidden units: a thread per (unit, batch row) adds
@@ -78,7 +78,8 @@ def default_lstm_config(
     """The config used without tuning: :func:`.cuda_bmma.default_config` of the recurrent leg as
     a one-launch layer (4H rows, K = H), with the K split and column tiles halved until both legs fit."""
     cfg = default_config(fmt, GATES * hidden, hidden, batch, fused_pack=True, limits=limits)
-    while lstm_config_problem(fmt, hidden, input_size, cfg, limits) and (cfg.k_split > 1 or cfg.tiles_n > 1):
+    unit = max(1, column_stride(fmt.act_bits) // 8)  # column tiles of one batch row
+    while lstm_config_problem(fmt, hidden, input_size, cfg, limits) and (cfg.k_split > 1 or cfg.tiles_n > unit):
         if cfg.k_split > 1:
             cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
         else:

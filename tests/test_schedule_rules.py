@@ -25,13 +25,13 @@ def test_registry_lists_every_rule_once_per_target_kind():
         rule_classes("vulkan")
 
 
-def test_tunable_rules_are_the_gemms():
-    """Only the GEMM rules tune: MetaSchedule templates (popcount CPU / CUDA, BMMA) and the AVX-512 knobs
-    (the GEMM and the one-kernel layer)."""
+def test_tunable_rules_are_the_gemms_and_the_bmma_lstm_step():
+    """The GEMM rules tune: MetaSchedule templates (popcount CPU / CUDA, BMMA) and the AVX-512 knobs
+    (the GEMM and the one-kernel layer); so does the BMMA LSTM step (knobs: its config)."""
     tunable = {type(r).__name__ for t in (CPU, SM90) for r in rules_for(t) if isinstance(r, TunableRule)}
     assert tunable == {"CPUBitplaneGemm", "CUDABitplaneGemm", "CUDABmmaGemm", "CUDABmmaDenseAct"}
     knobs = {type(r).__name__ for t in (CPU, SM90) for r in rules_for(t) if isinstance(r, KnobRule)}
-    assert knobs == {"CPUVnniGemm", "CPUVnniDenseAct"}
+    assert knobs == {"CPUVnniGemm", "CPUVnniDenseAct", "CUDABmmaLstmCell"}
     for rule in (r for t in (CPU, SM90) for r in rules_for(t) if isinstance(r, TunableRule)):
         assert rule.custom_rule in (names.RULE_BITPLANE_GEMM, names.RULE_BMMA_GEMM)
 
