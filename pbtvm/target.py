@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._tvm import tvm
+from .bitplane import MMA_LAYOUT
 from .errors import InputError, InputTypeError
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ CUDA_LIMITS = {
 
 #: ``layout="auto"`` (the default of :func:`pbtvm.compile` and friends): see :func:`weight_layout`.
 AUTO_LAYOUT = "auto"
-#: The weight layout of the binary-tensor-core kernels (:data:`pbtvm.bitplane.LAYOUTS`).
-BMMA_LAYOUT = "mma16x256"
 #: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
 #: m8n8k128 ``.xor.popc``).
 BMMA_MIN_SM = 80
@@ -112,11 +111,11 @@ def weight_layout(layout: str, target: tvm.target.Target) -> str:
     """
     info = TargetInfo.of(target)
     if layout == AUTO_LAYOUT:
-        return BMMA_LAYOUT if info.has_binary_tensor_cores else "kNW"
-    if layout == BMMA_LAYOUT and not info.has_binary_tensor_cores:
+        return MMA_LAYOUT if info.has_binary_tensor_cores else "kNW"
+    if layout == MMA_LAYOUT and not info.has_binary_tensor_cores:
         where = f"{info.kind} {info.arch}" if info.arch else info.kind
         raise InputError(
-            f"layout {BMMA_LAYOUT!r} runs on binary tensor cores (CUDA sm_{BMMA_MIN_SM} or newer), not on {where}"
+            f"layout {MMA_LAYOUT!r} runs on binary tensor cores (CUDA sm_{BMMA_MIN_SM} or newer), not on {where}"
         )
     return layout
 

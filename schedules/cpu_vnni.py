@@ -29,7 +29,7 @@ from pbtvm.ops.pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, pb_vnni_func, ta
 from pbtvm.ops.pb_vnni_lstm import pb_vnni_lstm_func
 from pbtvm.target import resolve_target
 
-from .rules import KnobRule, ScheduleRule, lstm_cell_operands
+from .rules import KnobRule, ScheduleRule, format_of, lstm_cell_operands
 
 #: (row_tile, batch_tile) of the kernel: 2 output rows side by side hide the dot-product latency
 #: at batch 1; activation rows share each decoded chunk in tiles of 4.
@@ -55,21 +55,6 @@ def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target 
     if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
         return False
     return unsupported_reason(fmt, k_dim) is None and target_supports(target)
-
-
-def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
-    """The :class:`BitplaneFormat` a PB PrimFunc was made for (None if its attributes lack one)."""
-    attrs = func.attrs or {}
-    codebook = attrs.get(names.ATTR_CODEBOOK)
-    try:
-        return BitplaneFormat(
-            int(attrs[names.ATTR_BITS]),
-            int(attrs[names.ATTR_ACT_BITS]),
-            None if codebook is None else str(codebook),
-            layout=str(attrs[names.ATTR_LAYOUT]),
-        )
-    except (KeyError, ValueError, TypeError):
-        return None
 
 
 class CPUVnniGemm(KnobRule):

@@ -47,8 +47,8 @@ class CUDABitplaneGemm(TunableRule):
     """Warp-per-row reduction schedule for ``pb_gemm`` + epilogue.
 
     Tunable template. Sampled knobs: rows per block (``sample_perfect_tile``, up to 8 warps),
-    warps that split K per row (``threadIdx.z``, cross-warp reduction through shared memory),
-    explicit unroll depth. Structural variants: words per 128-bit vector load (1, 2 or 4
+    warps that split K per row (with the lanes on ``threadIdx.x``: warp shuffles, then one
+    exchange between the warps through shared memory), explicit unroll depth. Structural variants: words per 128-bit vector load (1, 2 or 4
     consecutive uint32 per lane, where K allows) and whether the block stages the activation
     planes in shared memory (cooperative fetch) or reads them through L1.
     """
@@ -116,8 +116,12 @@ class CUDABitplaneGemm(TunableRule):
             acts = sch.cache_read(gemm, 1, "shared")  # reads are (weights, activations)
             sch.compute_at(acts, no)
             fused = sch.fuse(*sch.get_loops(acts)[2:])
-            # x_shared is tunable-only, so rows[1] and kw are sampled
-            _spread(sch, fused, [("threadIdx.y", rows[1]), ("threadIdx.x", kw * warp)])
+            # x_shared is tunable-only, so rows[1] and kw are sampled. The K-split and lane parts are
+            # split apart and fused (not one kw * warp factor: a trace holding that product cannot
+            # be written to the tuning log).
+            _, by_row, by_split, by_lane = sch.split(fused, [None, rows[1], kw, warp])
+            sch.bind(by_row, "threadIdx.y")
+            sch.bind(sch.fuse(by_split, by_lane), "threadIdx.x")
         _vector_weight_loads(sch, gemm, wo, v, vec)
         sch.unroll(j)
         sch.reverse_compute_at(epilogue, ni)

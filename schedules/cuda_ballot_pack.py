@@ -16,7 +16,7 @@ from pbtvm import names
 from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
 
-from .rules import ScheduleRule
+from .rules import ScheduleRule, format_of
 
 #: Most warps a pack block uses (512 threads).
 MAX_WARPS = 16
@@ -155,7 +155,5 @@ class CUDABallotPack(ScheduleRule):
         """
         if self.limits.warp_size != LANES:
             raise ValueError(f"the ballot pack needs {LANES}-lane warps; the target has {self.limits.warp_size}")
-        attrs = func.attrs
-        fmt = BitplaneFormat(int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=MMA_LAYOUT)
-        kernel = ballot_pack_kernel(fmt, int(attrs[names.ATTR_K])).with_attrs(dict(attrs))
+        kernel = ballot_pack_kernel(format_of(func), int(func.attrs[names.ATTR_K])).with_attrs(dict(func.attrs))
         return s_tir.Schedule(kernel, debug_mask=0)

@@ -14,6 +14,7 @@ features do not tell configs apart; the search is effectively random sampling pl
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import astuple
 
 from pbtvm import names
@@ -21,8 +22,16 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import MMA_LAYOUT, BitplaneFormat
 from pbtvm.target import TargetInfo, TargetLimits
 
-from .cuda_bmma_kernel import DEFAULT_LIMITS, MMA_LANES, BMMAConfig, bmma_dense_kernel, column_stride, config_problem
-from .rules import TunableRule
+from .cuda_bmma_kernel import (
+    DEFAULT_LIMITS,
+    MMA_LANES,
+    BMMAConfig,
+    bmma_dense_kernel,
+    column_stride,
+    config_problem,
+    row_column_tiles,
+)
+from .rules import TunableRule, format_of
 
 #: Block annotation holding the sampled config (see :func:`encode`).
 CONFIG_ANNOTATION = "pbtvm.bmma_config"
@@ -61,6 +70,19 @@ def registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
     return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
 
 
+def knob_grid(fmt: BitplaneFormat, row_tiles: int, k_tiles: int, batch: int | None) -> Iterator[BMMAConfig]:
+    """The knob values' combinations (:data:`TILES_M` ...) a layer of ``row_tiles`` x ``k_tiles``
+    MMA tiles can use: no more row tiles a warp than it has, K split x loads within its K tiles,
+    column tiles whole batch rows and, for a static ``batch``, no more than it needs. Whether a
+    config fits the block (shared memory, threads, registers) is the caller's check."""
+    unit = row_column_tiles(fmt.act_bits)
+    max_cols = max(unit, -(-batch * column_stride(fmt.act_bits) // 8)) if batch else max(TILES_N) * unit
+    for mt, wm, ks, ld, nt in itertools.product(TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N):
+        cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
+        if mt <= row_tiles and ks * ld <= k_tiles and cfg.tiles_n <= max_cols:
+            yield cfg
+
+
 def config_space(
     fmt: BitplaneFormat,
     n_out: int,
@@ -76,16 +98,11 @@ def config_space(
     ``limits``: the target's block limits.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
-    unit = max(1, column_stride(fmt.act_bits) // 8)
-    max_cols = -(-batch * column_stride(fmt.act_bits) // 8) if batch else max(TILES_N) * unit
-    out = []
-    for mt, wm, ks, ld, nt in itertools.product(TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N):
-        cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
-        if mt > row_tiles or ks * ld > k_tiles or nt * unit > max(max_cols, unit):
-            continue
-        if config_problem(fmt, k_dim, cfg, fused_pack, limits) or registers(fmt, k_dim, cfg) > REGISTER_BUDGET:
-            continue
-        out.append(cfg)
+    out = [
+        cfg
+        for cfg in knob_grid(fmt, row_tiles, k_tiles, batch)
+        if not config_problem(fmt, k_dim, cfg, fused_pack, limits) and registers(fmt, k_dim, cfg) <= REGISTER_BUDGET
+    ]
     return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack, limits=limits)]
 
 
@@ -103,7 +120,7 @@ def default_config(
     Not yet measured on a GPU.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
-    unit = max(1, column_stride(fmt.act_bits) // 8)
+    unit = row_column_tiles(fmt.act_bits)
     cols = -(-max(1, batch) * column_stride(fmt.act_bits) // 8)
     tiles_n = unit
     # The one-launch kernel (fused_pack) stops at 2 tiles: with 4, ptxas spilled (W8, 8192x2048).
@@ -116,9 +133,7 @@ def default_config(
     cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
     while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.k_split > 1:
         cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
-    while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.tiles_n > max(
-        1, column_stride(fmt.act_bits) // 8
-    ):
+    while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.tiles_n > unit:
         cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
     return cfg
 
@@ -128,16 +143,17 @@ def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | No
 
     ``pb_gemm``: (xp, x_scale, rowsum, wp, w_scale, [bias], y); ``pb_dense_act``: (x, wp, w_scale, [bias], y).
     """
-    attrs = func.attrs
-    fmt = BitplaneFormat(
-        int(attrs[names.ATTR_BITS]), int(attrs[names.ATTR_ACT_BITS]), layout=str(attrs[names.ATTR_LAYOUT])
-    )
+    fmt = format_of(func)  # with the codebook: offset binary has a zero-point epilogue
+    if fmt is None:
+        raise ValueError("the BMMA rule needs a PB dense PrimFunc with its format attributes")
     buffers = [p for p in func.params if tir.is_buffer_var(p)]
+    # w_scale is [N], or [2, N] (scales and zero points) for offset binary: N is its last dimension
     if _fused(func):
-        n_out, has_bias, batch = int(buffers[2].shape[0]), len(buffers) == 5, buffers[0].shape[0]
+        n_out, has_bias, batch = int(buffers[2].shape[-1]), len(buffers) == 5, buffers[0].shape[0]
     else:
-        n_out, has_bias, batch = int(buffers[4].shape[0]), len(buffers) == 7, buffers[0].shape[1]
-    return fmt, n_out, int(attrs[names.ATTR_K]), has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
+        n_out, has_bias, batch = int(buffers[4].shape[-1]), len(buffers) == 7, buffers[0].shape[1]
+    k_dim = int(func.attrs[names.ATTR_K])
+    return fmt, n_out, k_dim, has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
 
 
 def _fused(func: tir.PrimFunc) -> bool:

@@ -73,6 +73,11 @@ def column_stride(act_bits: int) -> int:
     return next(s for s in (2, 4, 8, 16) if s >= act_bits)
 
 
+def row_column_tiles(act_bits: int) -> int:
+    """8-column MMA tiles one batch row spans: 1 for up to 8 activation planes, 2 for 9..16."""
+    return max(1, column_stride(act_bits) // 8)
+
+
 def config_problem(
     fmt: BitplaneFormat,
     k_dim: int,

@@ -22,7 +22,6 @@ pre-activations are made by the same epilogue as the TE step's, in the same orde
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 
 from tvm.script import tirx as T
@@ -34,7 +33,7 @@ from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetLimits
 
-from .cuda_bmma import K_SPLIT, LOADS, REGISTER_BUDGET, TILES_M, TILES_N, WARPS_M, default_config, registers
+from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, registers
 from .cuda_bmma_kernel import (
     DEFAULT_LIMITS,
     MMA_LANES,
@@ -42,10 +41,11 @@ from .cuda_bmma_kernel import (
     BMMALeg,
     column_stride,
     config_problem,
+    row_column_tiles,
     shared_bytes,
     without_params,
 )
-from .rules import KnobRule, lstm_cell_operands
+from .rules import KnobRule, format_of, lstm_cell_operands
 
 #: Gates per hidden unit (i, f, g, o): a unit's rows ``4u .. 4u + 3`` are adjacent (unit-major).
 GATES = 4
@@ -78,7 +78,7 @@ def default_lstm_config(
     """The config used without tuning: :func:`.cuda_bmma.default_config` of the recurrent leg as
     a one-launch layer (4H rows, K = H), with the K split and column tiles halved until both legs fit."""
     cfg = default_config(fmt, GATES * hidden, hidden, batch, fused_pack=True, limits=limits)
-    unit = max(1, column_stride(fmt.act_bits) // 8)  # column tiles of one batch row
+    unit = row_column_tiles(fmt.act_bits)
     while lstm_config_problem(fmt, hidden, input_size, cfg, limits) and (cfg.k_split > 1 or cfg.tiles_n > unit):
         if cfg.k_split > 1:
             cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
@@ -133,6 +133,7 @@ def bmma_lstm_kernel(
     if problem:
         raise ValueError(
             f"BMMA config {cfg} does not fit the LSTM step {fmt.name} H={hidden} I={input_size}: {problem}"
+            " (for a layer this large compile with layout='kNW', the CUDA-core step)"
         )
     rows, n_in, with_x = GATES * hidden, input_size or 1, input_size is not None
     leg_h = BMMALeg(fmt, rows, hidden, cfg, True, limits)
@@ -309,35 +310,25 @@ def lstm_config_space(
     the one for ``batch`` (or 1).
     """
     default = default_lstm_config(fmt, hidden, input_size, batch or 1, limits)
-    unit = max(1, column_stride(fmt.act_bits) // 8)
-    max_cols = max(unit, -(-batch * column_stride(fmt.act_bits) // 8)) if batch else max(TILES_N) * unit
+    row_tiles = fmt.weight_shape(GATES * hidden, hidden)[1]
     k_tiles = min(fmt.weight_shape(1, k)[2] for k in ([hidden] if input_size is None else [hidden, input_size]))
-    out = []
-    for mt, wm, ks, ld, nt in itertools.product(TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N):
-        cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
-        if cfg == default or ks * ld > max(1, k_tiles) or nt * unit > max_cols:
-            continue
-        if lstm_config_problem(fmt, hidden, input_size, cfg, limits) or registers(fmt, hidden, cfg) > REGISTER_BUDGET:
-            continue
-        out.append(cfg)
+    out = [
+        cfg
+        for cfg in knob_grid(fmt, row_tiles, k_tiles, batch)
+        if cfg != default
+        and not lstm_config_problem(fmt, hidden, input_size, cfg, limits)
+        and registers(fmt, hidden, cfg) <= REGISTER_BUDGET
+    ]
     random.Random(0).shuffle(out)
     return [default, *out]
 
 
 def _step_of(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, tuple]:
     """(format, H, :func:`.rules.lstm_cell_operands`) of a ``pb_lstm_cell`` PrimFunc in the mma layout."""
-    attrs = func.attrs or {}
-    operands = lstm_cell_operands(func)
-    if operands is None or str(attrs.get(names.ATTR_LAYOUT)) != MMA_LAYOUT:
+    fmt, operands = format_of(func), lstm_cell_operands(func)
+    if fmt is None or operands is None or fmt.layout != MMA_LAYOUT:
         raise ValueError("the BMMA LSTM step needs a pb_lstm_cell PrimFunc in the mma16x256 layout")
-    codebook = attrs.get(names.ATTR_CODEBOOK)
-    fmt = BitplaneFormat(
-        int(attrs[names.ATTR_BITS]),
-        int(attrs[names.ATTR_ACT_BITS]),
-        None if codebook is None else str(codebook),
-        layout=MMA_LAYOUT,
-    )
-    return fmt, int(attrs[names.ATTR_K]), operands
+    return fmt, int(func.attrs[names.ATTR_K]), operands
 
 
 class CUDABmmaLstmCell(KnobRule):

@@ -25,6 +25,7 @@ import logging
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.bitplane import BitplaneFormat
 from pbtvm.target import TargetInfo, TargetLimits
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,21 @@ def lstm_cell_legs(func: tir.PrimFunc) -> tuple[str, ...]:
     input projection too (:func:`pbtvm.ops.pb_lstm_cell_input`, attribute ``pbtvm.input_size``).
     """
     return ("", names.INPUT_TAG) if names.ATTR_INPUT_SIZE in (func.attrs or {}) else ("",)
+
+
+def format_of(func: tir.PrimFunc) -> BitplaneFormat | None:
+    """The :class:`BitplaneFormat` a PB PrimFunc was made for (None if its attributes lack one)."""
+    attrs = func.attrs or {}
+    codebook = attrs.get(names.ATTR_CODEBOOK)
+    try:
+        return BitplaneFormat(
+            int(attrs[names.ATTR_BITS]),
+            int(attrs[names.ATTR_ACT_BITS]),
+            None if codebook is None else str(codebook),
+            layout=str(attrs[names.ATTR_LAYOUT]),
+        )
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def lstm_cell_operands(func: tir.PrimFunc) -> tuple | None:

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 
 _PRELUDE = r"""
+#include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <memory>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -45,10 +47,11 @@ static inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 struct Dim { unsigned x, y, z; };
 thread_local Dim threadIdx, blockIdx;
 struct Warp {
+  explicit Warp(unsigned lanes) : sync(lanes) {}  // the last warp of a block may be partial
   unsigned a[32][4], b[32][2], vote[32];
   unsigned long long shfl[32];
   int c[32][4];
-  std::barrier<> sync{32};
+  std::barrier<> sync;
 };
 thread_local Warp* my_warp;
 thread_local int my_lane;  // the lane within the warp: linear thread index % 32
@@ -121,7 +124,8 @@ _LAUNCH = r"""
 extern "C" void launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned gy, unsigned gz,
                        unsigned bx, unsigned by, unsigned bz) {
   unsigned threads = bx * by * bz;
-  std::vector<Warp> warps(threads / 32);
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(new Warp(std::min(32u, threads - 32 * w)));
   for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
     std::barrier<> block(threads);
     std::vector<std::thread> pool;
@@ -129,7 +133,7 @@ extern "C" void launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned gy, 
       pool.emplace_back([&, t] {
         threadIdx = Dim{t % bx, (t / bx) % by, t / (bx * by)};
         blockIdx = Dim{x, y, z};
-        my_warp = &warps[t / 32];
+        my_warp = warps[t / 32].get();
         my_lane = t % 32;
         my_block = &block;
         KERNEL(CALL_ARGS);

@@ -34,6 +34,7 @@ from pbtvm.schedules.cuda_bmma_lstm import (
     lstm_config_problem,
     lstm_config_space,
 )
+from pbtvm.schedules.tuning.log import TuningLog
 from pbtvm.target import resolve_target
 from relay_passes.pb_lstm_lowering import _step_func
 
@@ -68,10 +69,7 @@ def _emulated(func) -> EmulatedKernel:
 
 def _launch(fmt: bp.BitplaneFormat, hidden: int, cfg: BMMAConfig, batch: int) -> dict:
     leg = BMMALeg(fmt, 4 * hidden, hidden, cfg, True)
-    return {
-        "grid": (leg.grid_x, -(-batch * leg.stride // (8 * cfg.tiles_n)), 1),
-        "block": (32, cfg.warps_m, cfg.k_split),
-    }
+    return {"grid": (leg.grid_x, int(leg.grid_y(batch)), 1), "block": (32, cfg.warps_m, cfg.k_split)}
 
 
 def _outputs(batch: int, hidden: int) -> tuple:
@@ -114,11 +112,17 @@ def test_step_with_input_emulated_equals_reference(n_in, hidden, bits, act_bits,
 
 @needs_gpp
 @pytest.mark.parametrize(
-    ("hidden", "bits", "batch", "sequence"), [(70, 4, 3, False), (130, 2, 2, True), (48, 8, 1, True)]
+    ("hidden", "bits", "batch", "sequence", "cfg"),
+    [
+        (70, 4, 3, False, None),
+        (130, 2, 2, True, None),
+        (48, 8, 1, True, None),
+        (600, 3, 3, True, BMMAConfig(2, 1, 2, 2, 2)),  # 3 K tiles split over 2 warps, 2 row tiles a warp
+    ],
 )
-def test_step_with_given_projection_emulated_equals_reference(hidden, bits, batch, sequence, rng):
+def test_step_with_given_projection_emulated_equals_reference(hidden, bits, batch, sequence, cfg, rng):
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-    cfg = default_lstm_config(fmt, hidden, None, batch)
+    cfg = cfg or default_lstm_config(fmt, hidden, None, batch)
     kern = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, sequence=sequence))
     wp, ws = _weights(rng, 4 * hidden, hidden, fmt)
     h, c = _state(rng, batch, hidden)
@@ -177,8 +181,9 @@ def test_knob_space_starts_with_the_default_and_holds_only_valid_configs():
         assert configs[0] == default_lstm_config(fmt, 650, n_in)
         assert len(set(configs)) == len(configs) > 10
         assert all(lstm_config_problem(fmt, 650, n_in, c) is None for c in configs)
-    static = lstm_config_space(fmt, 650, 650, batch=1)  # a static batch 1 needs one column tile
-    assert {c.tiles_n for c in static} == {1} and len(static) < len(settings)
+    static, dynamic = lstm_config_space(fmt, 650, 650, batch=1), lstm_config_space(fmt, 650, 650, batch=None)
+    assert {c.tiles_n for c in static} == {1} < {c.tiles_n for c in dynamic}  # batch 1 needs one column tile
+    assert set(static) < set(dynamic) and static[0] == dynamic[0]
 
 
 class _FakeRunner:
@@ -200,16 +205,24 @@ def test_tuner_measures_the_knobs_and_compile_replays_the_fastest(tmp_path):
     fmt = bp.BitplaneFormat(2, 8, layout=MMA)
     func = _step_func(fmt, 48)
     rule = CUDABmmaLstmCell(SM90)
-    settings = rule.knob_settings(func)[:3]
-    runner = _FakeRunner([9.0, 4.0, 6.0])  # the second setting is the fastest
-    report = tuning.tune_kernels([func], SM90, tmp_path, trials_per_kernel=3, runner=runner, progress=lambda _: None)
+    settings = rule.knob_settings(func)[:2]
+    runner = _FakeRunner([9.0, 4.0])  # the second setting is the faster
+    report = tuning.tune_kernels([func], SM90, tmp_path, trials_per_kernel=2, runner=runner, progress=lambda _: None)
     (kern,) = report.kernels
-    assert kern.name.endswith("(bmma)") and kern.built == runner.calls == 3, kern.first_error
+    assert kern.name.endswith("(bmma)") and kern.built == runner.calls == 2, kern.first_error
     assert kern.default_us == 9.0 and kern.best_us == 4.0
     lookup, used = tuning.tuned_lookup(tmp_path, SM90)
     tuned = lookup(func)
     assert used and tvm_ffi.structural_equal(tuned, rule.kernel_with(func, settings[1]))
     assert not tvm_ffi.structural_equal(tuned, rule.kernel_with(func, settings[0]))
+    # a logged setting this version cannot build (3 warps split K: the ballot pack needs a power of
+    # two) is passed over with a warning, and compile uses the default
+    log = TuningLog(tmp_path, SM90)
+    log.write_knobs({key: {**setting, "k_split": 3} for key, setting in log.read_knobs().items()})
+    lookup, used = tuning.tuned_lookup(tmp_path, SM90)
+    with pytest.warns(UserWarning, match="do not apply"):
+        assert lookup(func) is None
+    assert not used
 
 
 def _assert_bmma(sass: dict[str, str], names: list[str]) -> None:
@@ -219,7 +232,7 @@ def _assert_bmma(sass: dict[str, str], names: list[str]) -> None:
         assert local_memory_ops(body) == 0, f"{name}: LDL/STL (register spills)"
 
 
-@pytest.mark.parametrize(("bits", "act_bits"), [(4, 8), (1, 8), (8, 16)])
+@pytest.mark.parametrize(("bits", "act_bits"), [(4, 8), (8, 16)])
 def test_step_sass_has_bmma_ballots_and_no_spills(bits, act_bits):
     fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
     for form, func in _funcs(fmt).items():

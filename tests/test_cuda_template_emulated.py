@@ -3,8 +3,9 @@
 A design space must not contain wrong programs. Before 2026-11-30 the template bound the warps
 that split K to ``threadIdx.z`` with the rows' ``threadIdx.y`` between them and the lanes; TVM
 then lowered a row's reduction to a shared-memory tree whose last steps assume the warp runs in
-lock step (no ``__syncwarp``), which CUDA does not promise since Volta: three of these twelve
-candidates were wrong here. They now share ``threadIdx.x`` with the lanes (warp shuffles).
+lock step (no ``__syncwarp``), which CUDA does not promise since Volta: in every run here some
+of these twelve candidates were wrong (the lanes of a warp run as separate CPU threads). They now
+share ``threadIdx.x`` with the lanes (warp shuffles).
 """
 
 from __future__ import annotations
@@ -45,5 +46,6 @@ def test_sampled_cuda_core_candidates_exact_in_emulation(rng):
         kern = EmulatedKernel(build(cand, SM90).mod.imports[0].inspect_source(), warp_ops=False)
         out = np.full((batch, n), -7, np.int32)
         kern(grid, block, pb_acc_ptr=out, rowsum_ptr=rowsum, wp_ptr=wp, xp_ptr=xp, batch=batch, bitlayers=1)
-        np.testing.assert_array_equal(out, want, err_msg=f"candidate {i}: {grid} x {block}\n{sch.trace}")
+        trace = sch.trace.as_json()  # every candidate can be written to the tuning log
+        np.testing.assert_array_equal(out, want, err_msg=f"candidate {i}: {grid} x {block}\n{trace}")
     assert len(candidates) == 12 and split_k >= 2  # the K-split (cross-warp) reductions were sampled

@@ -84,8 +84,16 @@ def tuned_lookup(
             chosen = knobs.get(knob_key(func, batch))
             if chosen is None:
                 return None
+            try:
+                kernel = rule.kernel_with(func, chosen)
+            except (ValueError, KeyError, TypeError) as err:  # a setting this version cannot build
+                warnings.warn(
+                    f"pbtvm: logged knobs {chosen} for {kernel_name(func)} do not apply ({err}); default used",
+                    stacklevel=2,
+                )
+                return None
             used.append(kernel_name(func))
-            return rule.kernel_with(func, chosen)
+            return kernel
         mod = tvm.IRModule({"main": workload(func, batch)})
         if not database.has_workload(mod):
             return None
