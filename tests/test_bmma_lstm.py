@@ -233,8 +233,9 @@ def _assert_bmma(sass: dict[str, str], names: list[str]) -> None:
 
 
 def test_step_sass_has_bmma_ballots_and_no_spills():
-    """W4A8, where ptxas spilled before the kernel declared its launch bounds (the decoder and
-    ``compile`` tests below check other formats' steps in whole modules)."""
+    """Every step form at W4A8, where ptxas spilled before the kernel declared its launch bounds
+    (the decoder and ``compile`` tests below check the steps inside whole modules; the ptxas table
+    of ``benchmarks/bmma_resources.py --lstm-only`` covers W1-W8 at batch 1 and 8)."""
     bits, act_bits = 4, 8
     fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
     for form, func in _funcs(fmt).items():
