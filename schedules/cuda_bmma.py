@@ -13,8 +13,10 @@ features do not tell configs apart; the search is effectively random sampling pl
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import astuple
 
 from pbtvm import names
@@ -131,10 +133,18 @@ def default_config(
         k_split *= 2
     loads = 2 if k_tiles >= 2 * k_split else 1
     cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
-    while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.k_split > 1:
-        cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
-    while config_problem(fmt, k_dim, cfg, fused_pack, limits) and cfg.tiles_n > unit:
-        cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
+    return shrink_until_fit(
+        cfg, functools.partial(config_problem, fmt, k_dim, fused_pack=fused_pack, limits=limits), unit
+    )
+
+
+def shrink_until_fit(cfg: BMMAConfig, problem: Callable[[BMMAConfig], str | None], unit: int) -> BMMAConfig:
+    """``cfg`` with its K split halved, then its column tiles (down to ``unit``, one batch row's),
+    until ``problem(cfg)`` is None; the smallest when nothing fits (the kernel builder then says why)."""
+    while problem(cfg) and cfg.k_split > 1:
+        cfg = dataclasses.replace(cfg, k_split=cfg.k_split // 2)
+    while problem(cfg) and cfg.tiles_n > unit:
+        cfg = dataclasses.replace(cfg, tiles_n=cfg.tiles_n // 2)
     return cfg
 
 

@@ -22,6 +22,7 @@ pre-activations are made by the same epilogue as the TE step's, in the same orde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 
 from tvm.script import tirx as T
@@ -33,7 +34,7 @@ from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetLimits
 
-from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, registers
+from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, registers, shrink_until_fit
 from .cuda_bmma_kernel import (
     DEFAULT_LIMITS,
     MMA_LANES,
@@ -78,13 +79,8 @@ def default_lstm_config(
     """The config used without tuning: :func:`.cuda_bmma.default_config` of the recurrent leg as
     a one-launch layer (4H rows, K = H), with the K split and column tiles halved until both legs fit."""
     cfg = default_config(fmt, GATES * hidden, hidden, batch, fused_pack=True, limits=limits)
-    unit = row_column_tiles(fmt.act_bits)
-    while lstm_config_problem(fmt, hidden, input_size, cfg, limits) and (cfg.k_split > 1 or cfg.tiles_n > unit):
-        if cfg.k_split > 1:
-            cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split // 2, cfg.loads, cfg.tiles_n)
-        else:
-            cfg = BMMAConfig(cfg.tiles_m, cfg.warps_m, cfg.k_split, cfg.loads, cfg.tiles_n // 2)
-    return cfg
+    problem = functools.partial(lstm_config_problem, fmt, hidden, input_size, limits=limits)
+    return shrink_until_fit(cfg, problem, row_column_tiles(fmt.act_bits))
 
 
 def bmma_lstm_kernel(

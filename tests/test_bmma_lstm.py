@@ -39,22 +39,11 @@ from pbtvm.target import resolve_target
 from relay_passes.pb_lstm_lowering import _step_func
 
 from .cuda_emulator import EmulatedKernel
+from .test_cpu_vnni_lstm import REF_ATOL, _state, _weights  # the same weights, states and tolerance
 
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 MMA = "mma16x256"
-#: |kernel - float64 numpy reference| on h' and c', as tests/test_lstm_cell.py allows the CUDA-core step.
-REF_ATOL = 2e-5
 needs_gpp = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
-
-
-def _weights(rng, rows: int, k: int, fmt: bp.BitplaneFormat) -> tuple:
-    q, scale = qz.quantize_weights((rng.standard_normal((rows, k)) / np.sqrt(k)).astype(np.float32), fmt)
-    return bp.pack_weights(q, fmt), scale
-
-
-def _state(rng, batch: int, hidden: int) -> tuple:
-    h = np.tanh(2 * rng.standard_normal((batch, hidden))).astype(np.float32)
-    return h, rng.standard_normal((batch, hidden)).astype(np.float32)
 
 
 def _close(got: tuple, want: tuple, what: str) -> None:
