@@ -10,6 +10,7 @@ from tvm.script import tirx as T
 
 from ._tvm import tir
 from .errors import InputError
+from .ops.common import CPU_SCRATCH
 from .sampling import _M0, _M1, _W0, _W1
 
 
@@ -22,11 +23,11 @@ def _philox_uniform(ph, ctrl, step, r, out, at):
     ph[3] = T.uint32(0)
     ph[4] = T.Cast("uint32", ctrl[0] & T.int64(0xFFFFFFFF))
     ph[5] = T.Cast("uint32", T.shift_right(ctrl[0], T.int64(32)) & T.int64(0xFFFFFFFF))
-    for _rnd in T.unroll(10):
-        p0: T.uint64 = T.Cast("uint64", ph[0]) * T.uint64(_M0)
-        p1: T.uint64 = T.Cast("uint64", ph[2]) * T.uint64(_M1)
-        x1: T.uint32 = ph[1]
-        x3: T.uint32 = ph[3]
+    for _rnd in T.unroll(10):  # T.Bind: immutable values (``x = e`` would be a scratch buffer)
+        p0 = T.Bind(T.Cast("uint64", ph[0]) * T.uint64(_M0))
+        p1 = T.Bind(T.Cast("uint64", ph[2]) * T.uint64(_M1))
+        x1 = T.Bind(ph[1])
+        x3 = T.Bind(ph[3])
         ph[0] = T.Cast("uint32", T.shift_right(p1, T.uint64(32))) ^ x1 ^ ph[4]
         ph[1] = T.Cast("uint32", p1 & T.uint64(0xFFFFFFFF))
         ph[2] = T.Cast("uint32", T.shift_right(p0, T.uint64(32))) ^ x3 ^ ph[5]
@@ -57,10 +58,10 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for r in T.parallel(T.int64(B)):
-            fv = T.decl_buffer((3,), "float32", scope="local")  # max, threshold value, candidate value
-            iv = T.decl_buffer((5,), "int64", scope="local")  # argmax, threshold index, candidate, token, last
-            dv = T.decl_buffer((3,), "float64", scope="local")  # total, running sum, u
-            ph = T.decl_buffer((6,), "uint32", scope="local")
+            fv = T.decl_buffer((3,), "float32", scope=CPU_SCRATCH)  # max, threshold value, candidate value
+            iv = T.decl_buffer((5,), "int64", scope=CPU_SCRATCH)  # argmax, threshold index, candidate, token, last
+            dv = T.decl_buffer((3,), "float64", scope=CPU_SCRATCH)  # total, running sum, u
+            ph = T.decl_buffer((6,), "uint32", scope=CPU_SCRATCH)
             if forced[step, r] >= T.int64(0):
                 token[r] = forced[step, r]
                 done_out[r] = done_in[r]

@@ -1,8 +1,17 @@
-"""TIR mirrors of the format's plane arithmetic (tested against ``BitplaneFormat``)."""
+"""TIR mirrors of the format's plane arithmetic (tested against ``BitplaneFormat``), and the
+storage scope of CPU kernels' scratch buffers."""
 
 from __future__ import annotations
 
 from .._tvm import tir
+
+#: Storage scope of the small fixed-size scratch buffers of CPU kernels (accumulators, decoded
+#: weight bytes, per-row scalars). TVM's ``LowerTVMBuiltin`` keeps a ``"global"`` allocation of
+#: constant size under 1 KiB on the stack, where LLVM keeps it in registers; every other scope,
+#: ``"local"`` included, becomes a ``TVMBackendAllocWorkspace``/``FreeWorkspace`` pair, once per
+#: task inside a parallel loop. With ``"local"`` the 2x650 decoder's kernels were 5-35 % slower
+#: (BENCHMARKS.md, sixth session). CUDA kernels keep ``"local"`` (registers).
+CPU_SCRATCH = "global"
 
 
 def plane_bit(plane: tir.PrimExpr, nbits: int) -> tir.PrimExpr:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
+from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK, BLOCK_WORDS
 from .vnni_bytes import CHUNK
 from .vnni_rows import Kernel, block_rows, block_slots, decode_chunk, dot, lane_bound, prepare_kernel, store
@@ -228,8 +229,8 @@ def _row_tiles(
             slots, decoded = block_slots(batch_tile), BLOCK
         else:
             slots, decoded = row_tile * batch_tile, row_tile * CHUNK
-        kern.acc = T.alloc_buffer((slots * CHUNK // 4,), "int32", scope="local")
-        kern.decoded = T.alloc_buffer((decoded,), "uint8", scope="local")
+        kern.acc = T.alloc_buffer((slots * CHUNK // 4,), "int32", scope=CPU_SCRATCH)
+        kern.decoded = T.alloc_buffer((decoded,), "uint8", scope=CPU_SCRATCH)
         with T.serial(0, b_tiles) as bt:
             left = batch - bt * batch_tile
             for rows in range(batch_tile, 0, -1):

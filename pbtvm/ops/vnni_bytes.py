@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
-from .common import act_code, act_inverse, act_magnitude, act_scale
+from .common import CPU_SCRATCH, act_code, act_inverse, act_magnitude, act_scale
 
 __all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_row"]
 
@@ -61,7 +61,7 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
     """
     lanes = 16
     qmax = float(fmt.act_qmax)
-    peak = T.alloc_buffer((lanes,), "float32", scope="local")
+    peak = T.alloc_buffer((lanes,), "float32", scope=CPU_SCRATCH)
     T.buffer_store(peak, tir.Broadcast(tir.const(0, "float32"), lanes), [tir.Ramp(0, 1, lanes)])
     if k_dim >= lanes:
         with T.serial(0, k_dim // lanes) as v:
@@ -69,12 +69,12 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
             T.buffer_store(peak, tir.max(peak[at], act_magnitude(x[r, tir.Ramp(v * lanes, 1, lanes)], lanes)), [at])
     for k in range(k_dim - k_dim % lanes, k_dim):
         T.buffer_store(peak, tir.max(peak[0], act_magnitude(x[r, k])), [0])
-    amax = T.alloc_buffer((1,), "float32", scope="local")
+    amax = T.alloc_buffer((1,), "float32", scope=CPU_SCRATCH)
     T.buffer_store(amax, peak[0], [0])
     for lane in range(1, lanes):
         T.buffer_store(amax, tir.max(amax[0], peak[lane]), [0])
     T.buffer_store(x_scale, act_scale(amax[0], qmax), [r])
-    inv = T.alloc_buffer((1,), "float32", scope="local")
+    inv = T.alloc_buffer((1,), "float32", scope=CPU_SCRATCH)
     T.buffer_store(inv, act_inverse(amax[0], qmax), [0])
 
     def code(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
