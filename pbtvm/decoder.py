@@ -156,6 +156,7 @@ class PBDecoder:
         self.batch, self.vocab = meta["batch"], meta["vocab"]
         self.check_tokens = True
         self.generate_chunk = int(meta.get("generate_chunk", 0))
+        self._chunk_inputs = None  # generate()'s kept chunk inputs, made on first use
 
     def generate(
         self,

@@ -9,11 +9,14 @@ runs ``N = generate_chunk`` token steps unrolled::
     step j:     embedding, every layer, head (the decoder's kernels)  ->  logits [B, V]
                 pick (pbtvm.sampling): forced[j] if >= 0, else eos for finished rows, else
                 greedy / sampled token; it is the next step's input
-    repack out: tokens [N, B], last token, done, h, c (, logits [N, B, V])
+    repack out: tokens [N, B], last token, done, ctrl (counter advanced by N), h, c
+                (, logits [N, B, V])
 
 Nothing crosses to the host between steps; on CUDA everything between the repacks is captured
-as one CUDA graph (per ``bitlayers`` value) and replayed for every chunk. The host only launches
-chunks and, with an ``eos_token``, reads ``done`` after each chunk to stop early.
+as one CUDA graph (per ``bitlayers`` value) and replayed for every chunk. A chunk returns the
+generator's whole state (token, done, ctrl, h, c), which the next chunk takes as it is: the host
+only launches chunks (no tensor is made between them) and, with an ``eos_token``, reads ``done``
+after each chunk to stop early.
 
 The prompt: whole chunks of it go through ``prefill_chunk``; the rest runs in the generate chunks,
 where step ``s`` feeds ``prompt[s + 1]`` (``forced``) while ``s + 1 < P`` and the picked token
@@ -32,7 +35,7 @@ import numpy as np
 
 from .errors import InputError, InputTypeError
 from .repack import CopyGroup, repack_func, repack_out_types
-from .sampling import pick_func, pick_reference
+from .sampling import CTRL_FIELDS, pick_func, pick_reference
 
 #: Tokens per chunk call when :func:`pbtvm.decoder.compile_decoder` is not told.
 DEFAULT_CHUNK = 16
@@ -145,10 +148,13 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
         CopyGroup("float64", ((1,),), ((1,),)),
         CopyGroup("float32", (state, state), (state[1:],) * (2 * layers)),
     ]
+    n_ctrl = len(CTRL_FIELDS)
     groups_out = [
-        CopyGroup("int64", ((batch,),) * (chunk + 2), ((chunk, batch), (batch,), (batch,))),
+        CopyGroup("int64", ((batch,),) * (chunk + 2) + ((n_ctrl,),), ((chunk, batch), (batch,), (batch,), (n_ctrl,))),
         CopyGroup("float32", (state[1:],) * (2 * layers), (state, state)),
     ]
+    advance = np.zeros(n_ctrl, np.int64)
+    advance[CTRL_FIELDS.index("counter")] = chunk  # the next chunk's first random counter
     if with_logits:
         groups_out.append(CopyGroup("float32", ((batch, vocab),) * chunk, ((chunk, batch, vocab),)))
     pick = bb.add_func(pick_func(batch, vocab, chunk, kind).without_attr("global_symbol"), "pick_token")
@@ -172,8 +178,9 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
                 token, done = bb.emit(relax.TupleGetItem(chosen, 0)), bb.emit(relax.TupleGetItem(chosen, 1))
                 tokens.append(token)
                 logits.append(out)
+            ctrl_next = bb.emit(relax.op.add(ctrl, relax.const(advance, "int64")))
             fn = bb.add_func(repack_func(groups_out, kind, f"{name}_out"), f"{name}_out")
-            args = [*tokens, token, done, *hs, *cs, *(logits if with_logits else [])]
+            args = [*tokens, token, done, ctrl_next, *hs, *cs, *(logits if with_logits else [])]
             result = bb.emit_output(relax.call_tir(fn, args, repack_out_types(groups_out)))
         bb.emit_func_output(result)
 
@@ -220,6 +227,58 @@ def _trim(tokens: np.ndarray, eos: int | None) -> int:
     if not hit.any(axis=1).all():
         return tokens.shape[1]
     return int(hit.argmax(axis=1).max()) + 1
+
+
+class _ChunkInputs:
+    """The chunk functions' inputs, made once per decoder and reused by every generate() call.
+
+    Making a TVM tensor from numpy costs 30-60 µs on the 2-core test machine (allocation and
+    copy; ~13 per call before: half a millisecond of Python per generate() call at batch 1,
+    BENCHMARKS.md); copying into a kept one costs 6-20 µs. The chunk functions copy their
+    arguments into their own buffers (``*_in`` repack) and never write them, and calls run under
+    the model's lock, one at a time, so the constant ones are shared and the others (first
+    token, ``ctrl``, the first chunk's prompt tokens) are copied into kept tensors.
+    """
+
+    def __init__(self, dec: Any) -> None:
+        from ._tvm import tvm
+
+        dev, batch, chunk = dec.model._dev, dec.batch, dec.generate_chunk
+        self._dev = dev
+        state = np.zeros((dec.num_layers, batch, dec.hidden_size), np.float32)
+        self.zero_state = tvm.runtime.tensor(state, dev)
+        self.not_done = tvm.runtime.tensor(np.zeros(batch, np.int64), dev)
+        self.no_forcing = tvm.runtime.tensor(np.full((chunk, batch), -1, np.int64), dev)
+        self.token = tvm.runtime.empty((batch,), "int64", dev)
+        self.forced = tvm.runtime.empty((chunk, batch), "int64", dev)
+        self.ctrl = tvm.runtime.empty((len(CTRL_FIELDS),), "int64", dev)
+        self._temperatures: dict[float, Any] = {}
+        self._bitlayers: dict[int, Any] = {}
+
+    @classmethod
+    def of(cls, dec: Any) -> _ChunkInputs:
+        """The decoder's set (made on first use; call with ``dec.model._lock`` held, VM ready)."""
+        if dec._chunk_inputs is None:
+            dec._chunk_inputs = cls(dec)
+        return dec._chunk_inputs
+
+    def temperature(self, value: float) -> Any:
+        """float64 [1] tensor holding ``value`` (the last 16 values are kept)."""
+        from ._tvm import tvm
+
+        if value not in self._temperatures:
+            if len(self._temperatures) >= 16:
+                self._temperatures.clear()
+            self._temperatures[value] = tvm.runtime.tensor(np.array([value], np.float64), self._dev)
+        return self._temperatures[value]
+
+    def bitlayers(self, n: int) -> Any:
+        """The ``bitlayers`` shape argument."""
+        from ._tvm import tvm
+
+        if n not in self._bitlayers:
+            self._bitlayers[n] = tvm.runtime.ShapeTuple([n])
+        return self._bitlayers[n]
 
 
 def generate(
@@ -269,37 +328,35 @@ def generate(
     sampling = _as_sampling(sampling)
     ids = _check_request(dec, prompt, max_new_tokens, eos_token)
     model, chunk, (batch, length) = dec.model, dec.generate_chunk, ids.shape
-    layers_arg = tvm.runtime.ShapeTuple([model.format.check_bitlayers(bitlayers)])
+    n_layers = model.format.check_bitlayers(bitlayers)
     steps = length - 1 + int(max_new_tokens)  # step s feeds token s and yields token s + 1
     first = (length - 1) // chunk * chunk  # steps done by prefill chunks (prompt tokens, no head)
     n_chunks = -(-(steps - first) // chunk)
-    forced = np.full((first + n_chunks * chunk, batch), -1, np.int64)
-    forced[: length - 1] = ids[:, 1:].T
     eos = -1 if eos_token is None else int(eos_token)
+    ctrl = np.array([sampling.seed, first - (length - 1), eos, sampling.top_k], np.int64)  # CTRL_FIELDS
     with model._lock:
         model._ensure_vm()
-        dev, fn = model._dev, model._vm[CHUNK_FUNCS[bool(return_logits)]]
-        state = np.zeros((dec.num_layers, batch, dec.hidden_size), np.float32)
-        h, c = tvm.runtime.tensor(state, dev), tvm.runtime.tensor(state, dev)
+        kept = _ChunkInputs.of(dec)
+        dev, layers_arg = model._dev, kept.bitlayers(n_layers)
+        h = c = kept.zero_state
         for start in range(0, first, chunk):
             tokens_in = tvm.runtime.tensor(np.ascontiguousarray(ids[:, start : start + chunk].T), dev)
             h, c = model._vm[PREFILL_FUNC](tokens_in, h, c, layers_arg)
-        token, done = tvm.runtime.tensor(ids[:, first].copy(), dev), tvm.runtime.tensor(np.zeros(batch, np.int64), dev)
-        temp = tvm.runtime.tensor(np.array([sampling.temperature], np.float64), dev)
-        starts = range(first, first + n_chunks * chunk, chunk)
-        per_chunk = [  # made before the loop: no host-to-device copy between chunk launches
-            [
-                tvm.runtime.tensor(forced[start : start + chunk], dev),
-                tvm.runtime.tensor(np.array([sampling.seed, start - (length - 1), eos, sampling.top_k]), dev),
-            ]
-            for start in starts
-        ]
-        outs = []
-        for start, (forced_in, ctrl) in zip(starts, per_chunk, strict=True):
-            res = fn(token, forced_in, done, ctrl, temp, h, c, layers_arg)
-            token, done, h, c = res[1], res[2], res[3], res[4]
-            outs.append((res[0], res[5] if return_logits else None))
-            if eos >= 0 and start + chunk >= length and done.numpy().all():
+        forced = kept.no_forcing
+        if length - 1 > first:  # prompt tokens left: the first chunk feeds them (forced >= 0)
+            head = np.full((chunk, batch), -1, np.int64)
+            head[: length - 1 - first] = ids[:, first + 1 :].T
+            forced = kept.forced
+            forced.copyfrom(head)
+        token, done, temp = kept.token, kept.not_done, kept.temperature(sampling.temperature)
+        token.copyfrom(np.ascontiguousarray(ids[:, first]))
+        kept.ctrl.copyfrom(ctrl)
+        ctrl, fn, outs = kept.ctrl, model._vm[CHUNK_FUNCS[bool(return_logits)]], []
+        for k in range(n_chunks):  # the chunk's outputs are the next chunk's inputs: no host work
+            res = fn(token, forced if k == 0 else kept.no_forcing, done, ctrl, temp, h, c, layers_arg)
+            token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
+            outs.append((res[0], res[6] if return_logits else None))
+            if eos >= 0 and first + (k + 1) * chunk >= length and done.numpy().all():
                 break
         keep = slice(length - 1 - first, steps - first)
         tokens = np.concatenate([t.numpy() for t, _ in outs])[keep].T
