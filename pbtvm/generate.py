@@ -232,12 +232,13 @@ def _trim(tokens: np.ndarray, eos: int | None) -> int:
 class _ChunkInputs:
     """The chunk functions' inputs, made once per decoder and reused by every generate() call.
 
-    Making a TVM tensor from numpy costs 30-60 µs on the 2-core test machine (allocation and
-    copy; ~13 per call before: half a millisecond of Python per generate() call at batch 1,
-    BENCHMARKS.md); copying into a kept one costs 6-20 µs. The chunk functions copy their
-    arguments into their own buffers (``*_in`` repack) and never write them, and calls run under
-    the model's lock, one at a time, so the constant ones are shared and the others (first
-    token, ``ctrl``, the first chunk's prompt tokens) are copied into kept tensors.
+    Right after a chunk call (the kernels have evicted the interpreter's working set) making a
+    TVM tensor from numpy costs 30-60 µs on the 2-core test machine, and ``copyfrom`` into a
+    kept one 30-50 µs; a generate() call made ~13 (0.5 ms of Python per call at batch 1,
+    BENCHMARKS.md). The chunk functions copy their arguments into their own buffers (``*_in``
+    repack) and never write them, and calls run under the model's lock, one at a time, so the
+    constant ones are shared and the others (first token, ``ctrl``, the first chunk's prompt
+    tokens) are written into kept tensors: through numpy views on the CPU, ``copyfrom`` on CUDA.
     """
 
     def __init__(self, dec: Any) -> None:
@@ -252,8 +253,19 @@ class _ChunkInputs:
         self.token = tvm.runtime.empty((batch,), "int64", dev)
         self.forced = tvm.runtime.empty((chunk, batch), "int64", dev)
         self.ctrl = tvm.runtime.empty((len(CTRL_FIELDS),), "int64", dev)
+        written = ("token", "forced", "ctrl")
+        self._views = None if dec.model._on_cuda else {k: np.from_dlpack(getattr(self, k)) for k in written}
         self._temperatures: dict[float, Any] = {}
         self._bitlayers: dict[int, Any] = {}
+
+    def write(self, name: str, value: np.ndarray) -> Any:
+        """Store ``value`` in the kept tensor ``name`` (``token``, ``forced`` or ``ctrl``); returns it."""
+        tensor = getattr(self, name)
+        if self._views is None:
+            tensor.copyfrom(np.ascontiguousarray(value))
+        else:
+            self._views[name][...] = value
+        return tensor
 
     @classmethod
     def of(cls, dec: Any) -> _ChunkInputs:
@@ -346,12 +358,10 @@ def generate(
         if length - 1 > first:  # prompt tokens left: the first chunk feeds them (forced >= 0)
             head = np.full((chunk, batch), -1, np.int64)
             head[: length - 1 - first] = ids[:, first + 1 :].T
-            forced = kept.forced
-            forced.copyfrom(head)
-        token, done, temp = kept.token, kept.not_done, kept.temperature(sampling.temperature)
-        token.copyfrom(np.ascontiguousarray(ids[:, first]))
-        kept.ctrl.copyfrom(ctrl)
-        ctrl, fn, outs = kept.ctrl, model._vm[CHUNK_FUNCS[bool(return_logits)]], []
+            forced = kept.write("forced", head)
+        token, ctrl = kept.write("token", ids[:, first]), kept.write("ctrl", ctrl)
+        done, temp = kept.not_done, kept.temperature(sampling.temperature)
+        fn, outs = model._vm[CHUNK_FUNCS[bool(return_logits)]], []
         for k in range(n_chunks):  # the chunk's outputs are the next chunk's inputs: no host work
             res = fn(token, forced if k == 0 else kept.no_forcing, done, ctrl, temp, h, c, layers_arg)
             token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
@@ -359,19 +369,26 @@ def generate(
             if eos >= 0 and first + (k + 1) * chunk >= length and done.numpy().all():
                 break
         keep = slice(length - 1 - first, steps - first)
-        tokens = np.concatenate([t.numpy() for t, _ in outs])[keep].T
-        logits = np.concatenate([g.numpy() for _, g in outs])[keep] if return_logits else None
+        tokens = np.concatenate([_host(t, model) for t, _ in outs])[keep].T
+        logits = np.concatenate([_host(g, model) for _, g in outs])[keep] if return_logits else None
     n = _trim(tokens, eos_token)
     return _result(prompt, dec, tokens[:, :n], None if logits is None else logits[:n].transpose(1, 0, 2))
+
+
+def _host(tensor: Any, model: Any) -> np.ndarray:
+    """A chunk output as numpy: a zero-copy view on the CPU (``Tensor.numpy()`` allocates and
+    copies: 100-160 µs right after a chunk call, against 5-20 µs for the view)."""
+    return tensor.numpy() if model._on_cuda else np.from_dlpack(tensor)
 
 
 def _result(prompt: Any, dec: Any, tokens: np.ndarray, logits: np.ndarray | None) -> Any:
     if hasattr(prompt, "detach"):  # torch in, torch out (on the decoder's device)
         import torch
 
-        device = "cuda" if dec.model._on_cuda else "cpu"
-        tokens = torch.from_numpy(np.ascontiguousarray(tokens)).to(device)
-        logits = None if logits is None else torch.from_numpy(np.ascontiguousarray(logits)).to(device)
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        logits = None if logits is None else torch.from_numpy(np.ascontiguousarray(logits))
+        if dec.model._on_cuda:
+            tokens, logits = tokens.cuda(), None if logits is None else logits.cuda()
     return tokens if logits is None else (tokens, logits)
 
 

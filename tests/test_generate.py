@@ -168,6 +168,19 @@ def test_generate_equals_the_stepwise_decoder_batch1(dec1):
     np.testing.assert_array_equal(dec1.generate(np.array([3, 4]), 8, Sampling(2.0, 1, 5)), greedy)  # top-1
 
 
+def test_generate_with_inputs_written_by_copy_as_on_cuda(dec3):
+    """On CUDA the kept chunk inputs are written with ``copyfrom`` (no host view): same tokens."""
+    prompt = np.random.default_rng(5).integers(0, VOCAB, (3, 3))  # 2 forced steps: the kept ``forced``
+    want = generate_stepwise(dec3, prompt, 10, MODES[2])
+    dec3.generate((prompt + 1) % VOCAB, 1)  # leaves other values in the kept tensors
+    kept = dec3._chunk_inputs
+    views, kept._views = kept._views, None
+    try:
+        np.testing.assert_array_equal(dec3.generate(prompt, 10, MODES[2]), want)
+    finally:
+        kept._views = views
+
+
 def test_sampling_depends_on_seed_and_row_only(dec3):
     prompt = np.zeros((3, 2), np.int64)  # identical rows: they differ only by their row counter
     a = dec3.generate(prompt, 16, Sampling(1.0, 0, 1))
