@@ -134,7 +134,7 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
         "token": ((batch,), "int64"),
         "forced": ((chunk, batch), "int64"),
         "done": ((batch,), "int64"),
-        "ctrl": ((4,), "int64"),
+        "ctrl": ((len(CTRL_FIELDS),), "int64"),
         "temperature": ((1,), "float64"),
         "h": (state, "float32"),
         "c": (state, "float32"),
@@ -234,11 +234,11 @@ class _ChunkInputs:
 
     Right after a chunk call (the kernels have evicted the interpreter's working set) making a
     TVM tensor from numpy costs 30-60 µs on the 2-core test machine, and ``copyfrom`` into a
-    kept one 30-50 µs; a generate() call made ~13 (0.5 ms of Python per call at batch 1,
-    BENCHMARKS.md). The chunk functions copy their arguments into their own buffers (``*_in``
-    repack) and never write them, and calls run under the model's lock, one at a time, so the
-    constant ones are shared and the others (first token, ``ctrl``, the first chunk's prompt
-    tokens) are written into kept tensors: through numpy views on the CPU, ``copyfrom`` on CUDA.
+    kept one 30-50 µs. The chunk functions copy their arguments into their own buffers
+    (``*_in`` repack) and never write them, and calls run under the model's lock, one at a time,
+    so the constant ones are shared and the others (first token, ``ctrl``, the first chunk's
+    prompt tokens, each prefill chunk's tokens) are written into kept tensors: through numpy views on the CPU, ``copyfrom``
+    on CUDA (which waits for the device: the previous call has read its results back).
     """
 
     def __init__(self, dec: Any) -> None:
@@ -252,14 +252,14 @@ class _ChunkInputs:
         self.no_forcing = tvm.runtime.tensor(np.full((chunk, batch), -1, np.int64), dev)
         self.token = tvm.runtime.empty((batch,), "int64", dev)
         self.forced = tvm.runtime.empty((chunk, batch), "int64", dev)
+        self.prefill = tvm.runtime.empty((chunk, batch), "int64", dev)
         self.ctrl = tvm.runtime.empty((len(CTRL_FIELDS),), "int64", dev)
-        written = ("token", "forced", "ctrl")
+        written = ("token", "forced", "prefill", "ctrl")
         self._views = None if dec.model._on_cuda else {k: np.from_dlpack(getattr(self, k)) for k in written}
         self._temperatures: dict[float, Any] = {}
-        self._bitlayers: dict[int, Any] = {}
 
     def write(self, name: str, value: np.ndarray) -> Any:
-        """Store ``value`` in the kept tensor ``name`` (``token``, ``forced`` or ``ctrl``); returns it."""
+        """Store ``value`` in the kept tensor ``name`` (``token``, ``forced``, ``prefill``, ``ctrl``); returns it."""
         tensor = getattr(self, name)
         if self._views is None:
             tensor.copyfrom(np.ascontiguousarray(value))
@@ -283,14 +283,6 @@ class _ChunkInputs:
                 self._temperatures.clear()
             self._temperatures[value] = tvm.runtime.tensor(np.array([value], np.float64), self._dev)
         return self._temperatures[value]
-
-    def bitlayers(self, n: int) -> Any:
-        """The ``bitlayers`` shape argument."""
-        from ._tvm import tvm
-
-        if n not in self._bitlayers:
-            self._bitlayers[n] = tvm.runtime.ShapeTuple([n])
-        return self._bitlayers[n]
 
 
 def generate(
@@ -335,8 +327,6 @@ def generate(
         A decoder without generate(), a bad prompt (shape, dtype, ids outside the vocabulary),
         ``max_new_tokens < 1``, a bad ``eos_token``, ``sampling`` or ``bitlayers``.
     """
-    from ._tvm import tvm
-
     sampling = _as_sampling(sampling)
     ids = _check_request(dec, prompt, max_new_tokens, eos_token)
     model, chunk, (batch, length) = dec.model, dec.generate_chunk, ids.shape
@@ -345,28 +335,29 @@ def generate(
     first = (length - 1) // chunk * chunk  # steps done by prefill chunks (prompt tokens, no head)
     n_chunks = -(-(steps - first) // chunk)
     eos = -1 if eos_token is None else int(eos_token)
-    ctrl = np.array([sampling.seed, first - (length - 1), eos, sampling.top_k], np.int64)  # CTRL_FIELDS
+    fields = {"seed": sampling.seed, "counter": first - (length - 1), "eos": eos, "top_k": sampling.top_k}
+    first_ctrl = np.array([fields[k] for k in CTRL_FIELDS], np.int64)
     with model._lock:
         model._ensure_vm()
         kept = _ChunkInputs.of(dec)
-        dev, layers_arg = model._dev, kept.bitlayers(n_layers)
+        layers_arg = model._bitlayers_arg(n_layers)
         h = c = kept.zero_state
         for start in range(0, first, chunk):
-            tokens_in = tvm.runtime.tensor(np.ascontiguousarray(ids[:, start : start + chunk].T), dev)
+            tokens_in = kept.write("prefill", ids[:, start : start + chunk].T)
             h, c = model._vm[PREFILL_FUNC](tokens_in, h, c, layers_arg)
         forced = kept.no_forcing
         if length - 1 > first:  # prompt tokens left: the first chunk feeds them (forced >= 0)
             head = np.full((chunk, batch), -1, np.int64)
             head[: length - 1 - first] = ids[:, first + 1 :].T
             forced = kept.write("forced", head)
-        token, ctrl = kept.write("token", ids[:, first]), kept.write("ctrl", ctrl)
+        token, ctrl = kept.write("token", ids[:, first]), kept.write("ctrl", first_ctrl)
         done, temp = kept.not_done, kept.temperature(sampling.temperature)
         fn, outs = model._vm[CHUNK_FUNCS[bool(return_logits)]], []
         for k in range(n_chunks):  # the chunk's outputs are the next chunk's inputs: no host work
             res = fn(token, forced if k == 0 else kept.no_forcing, done, ctrl, temp, h, c, layers_arg)
             token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
             outs.append((res[0], res[6] if return_logits else None))
-            if eos >= 0 and first + (k + 1) * chunk >= length and done.numpy().all():
+            if eos >= 0 and first + (k + 1) * chunk >= length and _host(done, model).all():
                 break
         keep = slice(length - 1 - first, steps - first)
         tokens = np.concatenate([_host(t, model) for t, _ in outs])[keep].T
@@ -376,8 +367,11 @@ def generate(
 
 
 def _host(tensor: Any, model: Any) -> np.ndarray:
-    """A chunk output as numpy: a zero-copy view on the CPU (``Tensor.numpy()`` allocates and
-    copies: 100-160 µs right after a chunk call, against 5-20 µs for the view)."""
+    """A chunk output as numpy (a zero-copy view on the CPU).
+
+    Right after a chunk call ``Tensor.numpy()`` (allocate and copy) cost 100-160 µs on the
+    2-core test machine, the view 5-20 µs.
+    """
     return tensor.numpy() if model._on_cuda else np.from_dlpack(tensor)
 
 
@@ -388,7 +382,8 @@ def _result(prompt: Any, dec: Any, tokens: np.ndarray, logits: np.ndarray | None
         tokens = torch.from_numpy(np.ascontiguousarray(tokens))
         logits = None if logits is None else torch.from_numpy(np.ascontiguousarray(logits))
         if dec.model._on_cuda:
-            tokens, logits = tokens.cuda(), None if logits is None else logits.cuda()
+            device = dec.model.device
+            tokens, logits = tokens.to(device), None if logits is None else logits.to(device)
     return tokens if logits is None else (tokens, logits)
 
 

@@ -113,6 +113,12 @@ class CompiledModel:
             value = value.cpu().contiguous().numpy()
         return tvm.runtime.tensor(np.ascontiguousarray(value), self._dev)
 
+    def _bitlayers_arg(self, layers: int) -> Any:
+        """The ``bitlayers`` argument (a ShapeTuple) of the module's functions, made once per value."""
+        if layers not in self._layer_args:
+            self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
+        return self._layer_args[layers]
+
     def _staging_tensor(self, index: int, shape: tuple, dtype: str) -> Any:
         """An aligned device tensor for input ``index`` of this shape, made once and reused.
 
@@ -175,9 +181,7 @@ class CompiledModel:
             self._ensure_vm()
             args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
             if self.manifest["has_bitlayers"]:
-                if layers not in self._layer_args:
-                    self._layer_args[layers] = tvm.runtime.ShapeTuple([layers])
-                args.append(self._layer_args[layers])
+                args.append(self._bitlayers_arg(layers))
             out = self._main(*args)
         as_torch = _is_torch(inputs[0])
         if self._one_tensor:  # the common case, without the general rebuild

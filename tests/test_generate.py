@@ -149,13 +149,14 @@ def test_cuda_pick_kernel_emulated_equals_the_reference():
 
 @pytest.mark.parametrize("sampling", MODES, ids=["greedy", "t0.8", "t1.5-top5", "top1"])
 def test_generate_equals_the_stepwise_decoder_batch3(dec3, sampling):
-    prompt = np.random.default_rng(1).integers(0, VOCAB, (3, 6))  # 5 forced steps: not a chunk multiple
-    tokens, logits = dec3.generate(prompt, 11, sampling, return_logits=True)
-    want, want_logits = generate_stepwise(dec3, prompt, 11, sampling, return_logits=True)
-    assert tokens.shape == (3, 11) and logits.shape == (3, 11, VOCAB)
-    np.testing.assert_array_equal(tokens, want)
-    np.testing.assert_array_equal(logits, want_logits)  # the same kernels: bit-identical
-    np.testing.assert_array_equal(dec3.generate(prompt, 11, sampling), tokens)  # the logits-free function
+    for length in (6, 5):  # 5 forced steps (a prefill chunk + 1 forced), 4 (a prefill chunk, none left)
+        prompt = np.random.default_rng(length).integers(0, VOCAB, (3, length))
+        tokens, logits = dec3.generate(prompt, 11, sampling, return_logits=True)
+        want, want_logits = generate_stepwise(dec3, prompt, 11, sampling, return_logits=True)
+        assert tokens.shape == (3, 11) and logits.shape == (3, 11, VOCAB)
+        np.testing.assert_array_equal(tokens, want)
+        np.testing.assert_array_equal(logits, want_logits)  # the same kernels: bit-identical
+        np.testing.assert_array_equal(dec3.generate(prompt, 11, sampling), tokens)  # the logits-free function
 
 
 def test_generate_equals_the_stepwise_decoder_batch1(dec1):
