@@ -12,10 +12,12 @@ Word-level LSTM LM with random weights (speed does not depend on training), gree
 * ``PB Wk stepwise``: the same decoder called token by token from Python (argmax in torch): the
   host overhead generate() removes.
 
-On the CPU (``--target llvm``) it also prints, per W-k and batch, the kernels' own time per token
-(:func:`kernel_time_per_chunk`: every kernel call of a chunk timed by itself on its real
-arguments); generate()'s wall time per token must stay within 10 % of it (the host overhead
-left). And the prompt path:
+On the CPU (``--target llvm``) it also prints, per W-k and batch, the host overhead left
+(:func:`host_overhead`): ``--repeats`` interleaved rounds of (a) the kernels' own time per token
+(every kernel call of a chunk timed by itself on its real arguments, warm caches), (b) bare
+``generate_chunk`` calls in TVM's C++ timing loop (kernels + VM, no Python) and (c) generate();
+the medians and ranges of (b)/(a) and (c)/(a). generate() must stay within 10 % of (a).
+``--breakdown`` also prints every kernel's own time. And the prompt path:
 ``generate(prompt of --prompt tokens, 1 new)`` per prompt token vs ``PBWordLM`` (projection
 GEMM over all steps + a fused step call per layer and step).
 
@@ -45,6 +47,8 @@ ap.add_argument("--tokens", type=int, default=128, help="new tokens per generate
 ap.add_argument("--chunk", type=int, default=16)
 ap.add_argument("--prompt", type=int, default=64, help="prompt length for the prompt-path rows (CPU)")
 ap.add_argument("--repeats", type=int, default=5)
+ap.add_argument("--breakdown", action="store_true", help="CPU: print every kernel's own time")
+ap.add_argument("--skip-torch", action="store_true", help="no torch rows (quick host-overhead checks)")
 ap.add_argument(
     "--layouts",
     default="auto",
@@ -141,16 +145,16 @@ def stepwise(dec, batch: int):
     return run
 
 
-def kernel_time_per_chunk(dec, batch: int) -> float:
-    """Seconds of kernel work in one ``generate_chunk`` call.
+def chunk_calls(dec, batch: int):
+    """A VM, the arguments of ``generate_chunk`` and every kernel call one chunk makes.
 
-    Every kernel call of one chunk is captured (VM instrument hook) with its real arguments, then
-    timed by itself with ``time_evaluator`` (a C++ loop: no host work, warm caches), summed.
+    The calls are captured with another VM's instrument hook (real arguments, in order); the
+    VM returned has no hook.
     """
     from pbtvm._tvm import relax, tvm
 
-    ex, cpu = dec.model._module, tvm.cpu()
-    vm = relax.VirtualMachine(ex, cpu)
+    cpu = tvm.cpu()
+    vm = relax.VirtualMachine(dec.model._module, cpu)
     calls = []
 
     def capture(func, symbol, before, ret, *call_args):  # noqa: ARG001 - the VM instrument's signature
@@ -164,16 +168,52 @@ def kernel_time_per_chunk(dec, batch: int) -> float:
     tvm_args = [tvm.runtime.tensor(a, cpu) for a in ins] + [tvm.runtime.ShapeTuple([dec.format.bits])]
     vm.set_instrument(capture)
     vm["generate_chunk"](*tvm_args)
-    lib = ex.mod.imports[0]
-    return sum(
-        statistics.median(lib.time_evaluator(symbol, cpu, number=20, repeat=5)(*call_args).results)
-        for symbol, call_args in calls
-    )
+    return relax.VirtualMachine(dec.model._module, cpu), tvm_args, calls
+
+
+def host_overhead(dec, batch: int, prompt) -> dict:
+    """``--repeats`` interleaved rounds of seconds per token: kernels alone, bare chunk calls, generate().
+
+    Kernels alone: every captured kernel call timed by itself with ``time_evaluator`` (a C++
+    loop: no host work, warm caches), summed. Chunk calls: ``generate_chunk`` in the same C++
+    loop (kernels + VM). generate(): ``--tokens`` new tokens, median of 3 calls.
+    """
+    from pbtvm._tvm import tvm
+
+    cpu = tvm.cpu()
+    vm, tvm_args, calls = chunk_calls(dec, batch)
+    lib = dec.model._module.mod.imports[0]
+    rounds = {"kernels": [], "chunk": [], "generate": [], "each": []}
+    for _ in range(args.repeats):
+        each = [statistics.median(lib.time_evaluator(s, cpu, number=20, repeat=5)(*a).results) for s, a in calls]
+        rounds["each"].append(each)
+        rounds["kernels"].append(sum(each) / args.chunk)
+        timer = vm.time_evaluator("generate_chunk", cpu, number=4, repeat=5)
+        rounds["chunk"].append(statistics.median(timer(*tvm_args).results) / args.chunk)
+        rounds["generate"].append(median_s(lambda: dec.generate(prompt, args.tokens), 3) / args.tokens)
+    if args.breakdown:
+        per_call: dict[str, list] = {}
+        for each in rounds["each"]:
+            for (symbol, _), t in zip(calls, each, strict=True):
+                per_call.setdefault(symbol, []).append(t)
+        for symbol, times in per_call.items():
+            n = len(times) // args.repeats
+            print(f"    {symbol:<24} {n:>3} calls/chunk, {1e6 * statistics.median(times):8.1f} us each")
+    return rounds
+
+
+def ratio_note(rounds: dict) -> str:
+    """Median (min-max) of chunk calls / kernels and generate() / kernels over the rounds."""
+    parts = [f"kernels alone {1e6 * statistics.median(rounds['kernels']):.0f} us/token"]
+    for name in ("chunk", "generate"):
+        r = [x / k for x, k in zip(rounds[name], rounds["kernels"], strict=True)]
+        parts.append(f"{name} / kernels = {statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})")
+    return "; ".join(parts)
 
 
 with torch.no_grad():
     for batch in [int(b) for b in args.batch.split(",")]:
-        for name, dtype in [("torch fp32", torch.float32), ("torch fp16", torch.float16)]:
+        for name, dtype in [] if args.skip_torch else [("torch fp32", torch.float32), ("torch fp16", torch.float16)]:
             m = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
             m.load_state_dict(model.state_dict())
             m = m.to(dev, dtype)
@@ -201,12 +241,11 @@ with torch.no_grad():
                 )
                 label = f"PB W{bits}" + (f" {dec.format.layout}" if len(layouts) > 1 else "")
                 prompt = torch.ones(batch, 1, dtype=torch.long, device=dev)
-                gen_s = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens))
-                note = ""
-                if not cuda:
-                    kernels_us = 1e6 * kernel_time_per_chunk(dec, batch) / args.chunk
-                    gen_us = 1e6 * gen_s / args.tokens
-                    note = f"kernels alone {kernels_us:.0f} us/token; generate / kernels = {gen_us / kernels_us:.3f}"
+                if cuda:
+                    gen_s, note = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens)), ""
+                else:
+                    rounds = host_overhead(dec, batch, prompt)
+                    gen_s, note = args.tokens * statistics.median(rounds["generate"]), ratio_note(rounds)
                 add(f"{label} generate", batch, gen_s, args.tokens, note)
                 add(f"{label} stepwise", batch, median_s(stepwise(dec, batch), max(1, args.repeats // 2)), args.tokens)
             if not cuda:

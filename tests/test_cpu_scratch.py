@@ -1,8 +1,8 @@
 """Small scratch buffers of CPU kernels live on the stack, not in TVM's workspace pool.
 
 A scratch buffer in any scope but ``"global"`` (``pbtvm.ops.common.CPU_SCRATCH``) becomes a
-``TVMBackendAllocWorkspace``/``FreeWorkspace`` pair, run once per task of a parallel loop: the
-decoder's kernels were 5-35 % slower that way. Buffers whose size depends on the batch stay in
+``TVMBackendAllocWorkspace``/``FreeWorkspace`` pair, run once per task of a parallel loop (the
+decoder's kernels at batch 1 were 8-13 % slower, its pick 2x, that way). Buffers whose size depends on the batch stay in
 the pool (once per call, outside the parallel loop).
 """
 

@@ -7,10 +7,12 @@ from .._tvm import tir
 
 #: Storage scope of the small fixed-size scratch buffers of CPU kernels (accumulators, decoded
 #: weight bytes, per-row scalars). TVM's ``LowerTVMBuiltin`` keeps a ``"global"`` allocation of
-#: constant size under 1 KiB on the stack, where LLVM keeps it in registers; every other scope,
+#: constant size under 1 KiB on the stack, where LLVM can keep it in registers; every other scope,
 #: ``"local"`` included, becomes a ``TVMBackendAllocWorkspace``/``FreeWorkspace`` pair, once per
-#: task inside a parallel loop. With ``"local"`` the 2x650 decoder's kernels were 5-35 % slower
-#: (BENCHMARKS.md, sixth session). CUDA kernels keep ``"local"`` (registers).
+#: task inside a parallel loop: at batch 1 the 2x650 decoder's LSTM step took ~8 %, its head ~13 %
+#: and its token pick ~2x longer that way (BENCHMARKS.md, sixth session). A "global" buffer may
+#: share a stack slot with another of disjoint lifetime (``StorageRewrite``); pb_vnni keeps one
+#: accumulator and one decode buffer per task for that reason. CUDA kernels keep ``"local"``.
 CPU_SCRATCH = "global"
 
 
