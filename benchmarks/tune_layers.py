@@ -6,7 +6,7 @@ meant as the ~20-minute GPU tuning subset; their GPU duration has not been measu
 
     python benchmarks/tune_layers.py --target cuda --trials 64 --work-dir logs/h100
     python benchmarks/tune_layers.py --target llvm --shapes 1024x1024,4096x4096 --trials 32
-    python benchmarks/tune_layers.py --target cuda --layout mma16x256 --batch 8   # binary tensor cores
+    python benchmarks/tune_layers.py --target cuda --layout kNW   # the CUDA-core popcount template
 """
 
 import argparse
@@ -16,7 +16,7 @@ import time
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.kernels import dense_func
 from pbtvm.schedules import tuning
-from pbtvm.target import resolve_target
+from pbtvm.target import resolve_target, weight_layout
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,8192x2048,2600x650"
 
@@ -27,11 +27,15 @@ parser.add_argument("--bits", type=int, default=4)
 parser.add_argument("--batch", type=int, default=1)
 parser.add_argument("--trials", type=int, default=64)
 parser.add_argument("--work-dir", default="pbtvm_tune_logs")
-parser.add_argument("--layout", default="kNW", help="weight layout; mma16x256 tunes the BMMA template (CUDA)")
+parser.add_argument(
+    "--layout",
+    default="auto",
+    help="weight layout, as pbtvm.compile: auto (binary tensor cores on CUDA sm_80+, else kNW), mma16x256 or kNW",
+)
 args = parser.parse_args()
 
 target = resolve_target(json.loads(args.target) if args.target.startswith("{") else args.target)
-fmt = BitplaneFormat(args.bits, 8, layout=args.layout)
+fmt = BitplaneFormat(args.bits, 8, layout=weight_layout(args.layout, target))
 shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
 funcs = [dense_func(fmt, n, k) for n, k in shapes]
 report = tuning.tune_kernels(funcs, target, args.work_dir, trials_per_kernel=args.trials, batch=args.batch)
