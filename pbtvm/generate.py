@@ -234,11 +234,12 @@ class _ChunkInputs:
 
     Right after a chunk call (the kernels have evicted the interpreter's working set) making a
     TVM tensor from numpy costs 30-60 µs on the 2-core test machine, and ``copyfrom`` into a
-    kept one 30-50 µs. The chunk functions copy their arguments into their own buffers
-    (``*_in`` repack) and never write them, and calls run under the model's lock, one at a time,
-    so the constant ones are shared and the others (first token, ``ctrl``, the first chunk's
-    prompt tokens, each prefill chunk's tokens) are written into kept tensors: through numpy views on the CPU, ``copyfrom``
-    on CUDA (which waits for the device: the previous call has read its results back).
+    kept one 30-50 µs. The chunk and prefill functions copy their arguments into their own
+    buffers (``*_in`` repack) and never write them, and calls run under the model's lock, one
+    at a time, so the constant inputs are shared and the others (first token, ``ctrl``, the
+    first chunk's prompt tokens, each prefill chunk's tokens) are written into kept tensors:
+    through numpy views on the CPU, with ``copyfrom`` on CUDA (ordered after the kernels already
+    launched on the default stream).
     """
 
     def __init__(self, dec: Any) -> None:
@@ -259,7 +260,7 @@ class _ChunkInputs:
         self._temperatures: dict[float, Any] = {}
 
     def write(self, name: str, value: np.ndarray) -> Any:
-        """Store ``value`` in the kept tensor ``name`` (``token``, ``forced``, ``prefill``, ``ctrl``); returns it."""
+        """Store ``value`` in the kept tensor ``name`` (token, forced, prefill or ctrl); returns it."""
         tensor = getattr(self, name)
         if self._views is None:
             tensor.copyfrom(np.ascontiguousarray(value))
