@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -180,6 +181,27 @@ def test_generate_with_inputs_written_by_copy_as_on_cuda(dec3):
         np.testing.assert_array_equal(dec3.generate(prompt, 10, MODES[2]), want)
     finally:
         kept._views = views
+
+
+def test_generate_from_four_threads_equals_single_threaded(dec3):
+    """Calls share the decoder's kept input tensors and take turns on the model's lock."""
+    rng = np.random.default_rng(11)
+    cases = [(rng.integers(0, VOCAB, (3, 1 + i % 6)), MODES[i % len(MODES)]) for i in range(6)]
+    want = [dec3.generate(prompt, 7, sampling) for prompt, sampling in cases]
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        for call in range(12):
+            i = (t + call) % len(cases)
+            if not np.array_equal(dec3.generate(cases[i][0], 7, cases[i][1]), want[i]):
+                errors.append(f"thread {t} call {call} case {i}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
 
 
 def test_sampling_depends_on_seed_and_row_only(dec3):
