@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference
 
+from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
 from .test_decoder import _kernel_calls, _vm_functions
 
@@ -196,11 +196,7 @@ def test_generate_from_four_threads_equals_single_threaded(dec3):
             if not np.array_equal(dec3.generate(cases[i][0], 7, cases[i][1]), want[i]):
                 errors.append(f"thread {t} call {call} case {i}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(worker)
     assert errors == []
 
 

@@ -5,7 +5,6 @@ before its fix."""
 from __future__ import annotations
 
 import json
-import threading
 import warnings
 
 import numpy as np
@@ -20,6 +19,8 @@ from pbtvm.lstm import compile_lstm
 from pbtvm.relay_passes import NormalizeConstantIndices
 from pbtvm.schedules import tuning
 from pbtvm.target import resolve_target
+
+from .concurrency import run_threads
 
 CPU = resolve_target("llvm")
 
@@ -62,11 +63,7 @@ def test_one_model_called_from_four_threads_equals_single_threaded():
             if not torch.equal(got, want[i]):
                 errors.append(f"thread {t} call {call}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(worker)
     assert errors == []
 
 
