@@ -218,9 +218,10 @@ class PBDecoder:
         -----
         A Python loop over tokens with a torch CPU op between calls (``logits.argmax(-1)`` at
         batch 8) on few cores: torch's OpenMP workers spin after each parallel op and take the
-        cores TVM's workers need (2x650 LM, W4, batch 8, 2-core EPYC: 8.6-9.0 ms per token,
-        0.93 ms with ``OMP_WAIT_POLICY=PASSIVE`` set before torch starts). :meth:`generate`
-        runs the loop inside the module (0.71 ms) and has no torch op between steps.
+        cores TVM's workers need (2x650 LM, W4, batch 8, 2-core EPYC: 1.7-9.0 ms per token over
+        four runs, 0.93 ms with ``OMP_WAIT_POLICY=PASSIVE`` set before torch starts).
+        :meth:`generate` runs the loop inside the module (0.7-0.8 ms) and has no torch op
+        between steps.
         """
         import torch
 

@@ -48,9 +48,10 @@ class CUDABitplaneGemm(TunableRule):
 
     Tunable template. Sampled knobs: rows per block (``sample_perfect_tile``, up to 8 warps),
     warps that split K per row (with the lanes on ``threadIdx.x``: warp shuffles, then one
-    exchange between the warps through shared memory), explicit unroll depth. Structural variants: words per 128-bit vector load (1, 2 or 4
-    consecutive uint32 per lane, where K allows) and whether the block stages the activation
-    planes in shared memory (cooperative fetch) or reads them through L1.
+    exchange between the warps through shared memory), explicit unroll depth. Structural
+    variants: words per 128-bit vector load (1, 2 or 4 consecutive uint32 per lane, where K
+    allows) and whether the block stages the activation planes in shared memory (cooperative
+    fetch) or reads them through L1.
     """
 
     kernel = names.KernelKind.GEMM

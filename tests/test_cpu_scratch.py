@@ -2,8 +2,8 @@
 
 A scratch buffer in any scope but ``"global"`` (``pbtvm.ops.common.CPU_SCRATCH``) becomes a
 ``TVMBackendAllocWorkspace``/``FreeWorkspace`` pair, run once per task of a parallel loop (the
-decoder's kernels at batch 1 were 8-13 % slower, its pick 2x, that way). Buffers whose size depends on the batch stay in
-the pool (once per call, outside the parallel loop).
+decoder's kernels at batch 1 were 8-13 % slower, its pick 2x, that way). Buffers whose size
+depends on the batch stay in the pool (once per call, outside the parallel loop).
 """
 
 from __future__ import annotations
