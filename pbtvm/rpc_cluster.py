@@ -52,6 +52,24 @@ def registered_servers(address: str, key: str) -> int:
         return 0
 
 
+# ``python -m tvm.exec.rpc_server`` that connects once the tracker at argv[1]:argv[2] listens. Each
+# process spends ~3 s importing tvm (and torch); a server that finds no tracker retries only after
+# 5 s, so the servers import while the tracker starts and connect when it is up.
+_SERVER_AFTER_TRACKER = """
+import runpy, socket, sys, time
+import tvm.rpc
+while True:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+tvm.rpc.connect_tracker(sys.argv[1], int(sys.argv[2])).summary()  # it answers: its loop runs
+sys.argv = ["rpc_server", *sys.argv[3:]]
+runpy.run_module("tvm.exec.rpc_server", run_name="__main__", alter_sys=True)
+"""
+
+
 @contextlib.contextmanager
 def local_cluster(
     key: str, servers: int = 2, log_dir: str | os.PathLike | None = None, timeout: float = 90.0
@@ -89,26 +107,36 @@ def local_cluster(
                     start_new_session=True,
                 )
             )
+        deadline = time.time() + timeout
         for i in range(servers):
             logs.append(log_dir / f"server{i}.log")
             sport = free_port()
-            cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport)]
-            cmd += ["--port-end", str(sport + 1), "--tracker", address, "--key", key]
+            cmd = [sys.executable, "-c", _SERVER_AFTER_TRACKER, "127.0.0.1", str(port), "--host", "127.0.0.1"]
+            cmd += ["--port", str(sport), "--port-end", str(sport + 1), "--tracker", address, "--key", key]
             with open(logs[-1], "w") as fh:
                 procs.append(
                     subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 )
-        deadline = time.time() + timeout
         while registered_servers(address, key) < servers:
-            if procs[0].poll() is not None:
-                raise RuntimeError(f"the RPC tracker exited: {(log_dir / 'tracker.log').read_text()[-2000:]}")
-            if time.time() > deadline:
-                raise RuntimeError(f"{servers} RPC servers did not register at {address} within {timeout:.0f}s")
-            time.sleep(0.5)
+            _check_alive(
+                procs[0],
+                log_dir,
+                deadline,
+                f"{servers} RPC servers did not register at {address} within {timeout:.0f}s",
+            )
         yield address, logs
     finally:
         for p in procs:
             _stop_group(p)
+
+
+def _check_alive(tracker: subprocess.Popen, log_dir: Path, deadline: float, late: str) -> None:
+    """Raise if the tracker exited or ``deadline`` passed (``late`` says what did not happen), else wait 0.1 s."""
+    if tracker.poll() is not None:
+        raise RuntimeError(f"the RPC tracker exited: {(log_dir / 'tracker.log').read_text()[-2000:]}")
+    if time.time() > deadline:
+        raise RuntimeError(late)
+    time.sleep(0.1)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

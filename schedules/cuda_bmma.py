@@ -7,7 +7,7 @@ encoded as an integer) and records it as the block annotation :data:`CONFIG_ANNO
 reference compute (:func:`pbtvm.ops.pb_dense` in that layout). :func:`materialize` turns an
 annotated function into the kernel; it runs wherever a schedule becomes code: the default
 schedule, :func:`pbtvm.schedules.tuning.replay` of a tuned trace, and the tuning builder
-(:data:`BUILD_FUNC`). Limitation: MetaSchedule's cost model sees the annotated reference, so its
+(:func:`build_candidate`). Limitation: MetaSchedule's cost model sees the annotated reference, so its
 features do not tell configs apart; the search is effectively random sampling plus measurement.
 """
 
@@ -37,8 +37,6 @@ from .rules import TunableRule, format_of
 
 #: Block annotation holding the sampled config (see :func:`encode`).
 CONFIG_ANNOTATION = "pbtvm.bmma_config"
-#: Global function name of the MetaSchedule build function that materializes BMMA candidates.
-BUILD_FUNC = "pbtvm.bmma_build"
 #: Knob values the design space draws from (filtered per layer by :func:`config_space`).
 TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N = (1, 2, 4), (1, 2, 4), (1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)
 #: Rough per-lane register budget for accumulators and fragments (beyond it ptxas spills).
@@ -279,8 +277,8 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object
     """MetaSchedule build function: materialize BMMA configs, then build (nvcc for CUDA).
 
     The build is :func:`pbtvm.schedules.tuning.measure.build_candidate` (MetaSchedule's
-    ``default_build`` without its tensor-intrinsics import, which cost ~30 s per call of the
-    builder here: every knob setting of a :class:`~.rules.KnobRule` is one call).
+    ``default_build`` without its tensor-intrinsics import, which costs ~30 s in every fresh
+    builder worker).
     """
     from pbtvm.cuda import nvcc_compile_hook
 
@@ -291,13 +289,3 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object
         return plain_build(mod, target, params)
     with nvcc_compile_hook(str(target.export()["arch"])):
         return plain_build(mod, target, params)
-
-
-def register() -> None:
-    """Register :func:`build_candidate` as the TVM global function :data:`BUILD_FUNC`."""
-    tvm.register_global_func(BUILD_FUNC, build_candidate, override=True)
-
-
-def worker_initializer() -> None:
-    """LocalBuilder initializer: builder workers import pbtvm and register :data:`BUILD_FUNC`."""
-    register()

@@ -216,13 +216,17 @@ def test_two_sampled_candidates_build_to_bmma(rng):
 
 @pytest.mark.slow
 def test_tuning_builder_materializes_candidates():
-    """MetaSchedule's LocalBuilder (worker processes) builds a sampled BMMA candidate with nvcc."""
+    """The tuning builder (worker processes) builds a sampled BMMA candidate with nvcc."""
     from pbtvm._tvm import meta_schedule
 
     ms = meta_schedule()
     fmt = bp.BitplaneFormat(2, 8, layout=MMA)
     (space,) = tuning.tune_context(kernels.dense_func(fmt, 64, 512), SM90, batch=1, seed=1).generate_design_space()
-    (res,) = tuning.default_builder(SM90).build([ms.builder.BuilderInput(space.mod, SM90)])
+    builder = tuning.default_builder(SM90)
+    try:
+        (res,) = builder.build([ms.builder.BuilderInput(space.mod, SM90)])
+    finally:
+        builder.close()
     assert res.error_msg is None, res.error_msg
 
 

@@ -182,10 +182,12 @@ class _FakeRunner:
         self.us, self.calls = us, 0
 
     def run(self, inputs: list) -> list:
-        secs = [self.us[self.calls] * 1e-6] * 3
+        results = [
+            types.SimpleNamespace(run_secs=[self.us[self.calls + i] * 1e-6] * 3, error_msg=None)
+            for i in range(len(inputs))
+        ]
         self.calls += len(inputs)
-        result = types.SimpleNamespace(run_secs=secs, error_msg=None)
-        return [types.SimpleNamespace(result=lambda result=result: result)]
+        return [types.SimpleNamespace(result=lambda result=result: result) for result in results]
 
 
 def test_tuner_measures_the_knobs_and_compile_replays_the_fastest(tmp_path):

@@ -16,10 +16,10 @@ from .models import MLP
 KEY = "pbtvm-loopback"
 
 
-@pytest.fixture
-def rpc_cluster(tmp_path):
-    """A tracker and two servers on 127.0.0.1, stopped afterwards; yields (address, server logs)."""
-    with local_cluster(KEY, servers=2, log_dir=tmp_path) as cluster:
+@pytest.fixture(scope="module")
+def rpc_cluster(tmp_path_factory):
+    """A tracker and two servers on 127.0.0.1 (~10 s to start, so shared), stopped after the module."""
+    with local_cluster(KEY, servers=2, log_dir=tmp_path_factory.mktemp("rpc")) as cluster:
         yield cluster
 
 

@@ -1,14 +1,16 @@
 """How candidates are built and timed: MetaSchedule builders and runners (local or RPC).
 
-:func:`measure` builds and runs one module through the same builder and runner as the search,
-for the schedules the search does not propose itself: the default schedule of a tunable kernel
+:func:`measure` builds and runs modules through the same builder and runner as the search, for
+the schedules the search does not propose itself: the default schedule of a tunable kernel
 (so the log always holds it) and every knob setting of a :class:`~pbtvm.schedules.rules.KnobRule`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable, Iterator
 
 from pbtvm._tvm import meta_schedule, tvm
 from pbtvm.target import TargetInfo
@@ -23,13 +25,17 @@ BUILD_TIMEOUT_S = 300.0
 RUN_TIMEOUT_S = 60.0
 
 
+#: Builds one builder worker process serves before it is replaced (MetaSchedule's LocalBuilder
+#: restarts its workers for every batch because of a memory leak after many uses).
+WORKER_USES = 64
+
+
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict | None) -> object:
     """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
 
     That import parses ~250 TVMScript tensor intrinsics, each calling ``inspect.stack()``: 40 s
-    of CPU in every fresh worker (measured on the 2-core EPYC, 2026-11-30), and MetaSchedule's
-    LocalBuilder starts fresh workers for every batch of candidates. PB schedules never tensorize,
-    so the intrinsics are not needed to build them.
+    of CPU in every fresh worker (measured on the 2-core EPYC, 2026-11-30). PB schedules never
+    tensorize, so the intrinsics are not needed to build them.
     """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
@@ -37,24 +43,66 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict 
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def default_builder(target: tvm.target.Target) -> object:
-    """LocalBuilder with one worker per core, a generous timeout and :func:`build_candidate`.
+def _build_and_export(f_build: Callable, mod: tvm.IRModule, target: tvm.target.Target) -> str:
+    """Runs in a builder worker: build ``mod`` and export it to a tar file; its path."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
 
-    MetaSchedule's default 30 s killed nvcc builds; a fresh worker also spends seconds importing
-    TVM before its first build, more on a loaded machine.
-    """
+    return default_export(f_build(mod, target, None))
+
+
+@functools.cache
+def _pooled_builder_class() -> type:
+    from tvm.ir.utils import derived_object
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
     ms = meta_schedule()
-    workers = max(1, os.cpu_count() or 1)
-    if target.kind.name != "cuda":
-        return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate)
-    # CUDA: BMMA candidates are materialized into their kernel and every candidate is built with
-    # nvcc, as pbtvm.compile builds it (the workers register the build function first).
-    return ms.builder.LocalBuilder(
-        max_workers=workers,
-        timeout_sec=BUILD_TIMEOUT_S,
-        f_build=cuda_bmma.BUILD_FUNC,
-        initializer=cuda_bmma.worker_initializer,
-    )
+
+    @derived_object
+    class PooledBuilder(ms.builder.PyBuilder):
+        """A local MetaSchedule builder whose worker processes serve every ``build`` call.
+
+        MetaSchedule's ``LocalBuilder`` starts fresh workers for every batch of candidates, and
+        one more when it is made (to check itself); each imports TVM and torch first, ~3.5 s of
+        CPU on the 2-core test machine, so a knob search measuring one setting at a time spent
+        ~4 s per setting starting processes. Here the workers live until :meth:`close` (each is
+        replaced after :data:`WORKER_USES` builds).
+        """
+
+        def __init__(self, f_build: Callable, max_workers: int, timeout_sec: float) -> None:
+            super().__init__()
+            self.f_build, self.timeout_sec = f_build, timeout_sec
+            self.pool = PopenPoolExecutor(
+                max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=WORKER_USES
+            )
+
+        def build(self, build_inputs: list) -> list:
+            jobs = [(self.f_build, b.mod, b.target) for b in build_inputs]
+            results = []
+            for res in self.pool.map_with_error_catching(lambda job: _build_and_export(*job), jobs):
+                if res.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(res.value, None))
+                elif res.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec:.0f} s"))
+                else:
+                    results.append(ms.builder.BuilderResult(None, f"build failed:\n{res.value}"))
+            return results
+
+        def close(self) -> None:
+            """End the worker processes."""
+            self.pool.shutdown()
+
+    return PooledBuilder
+
+
+def default_builder(target: tvm.target.Target) -> object:
+    """A builder with one worker per core, a generous timeout, kept workers (``close()`` ends them).
+
+    Candidates build as :func:`pbtvm.cuda.build` builds them: CUDA with nvcc (BMMA candidates
+    materialized into their kernel), other targets with :func:`build_candidate`. MetaSchedule's
+    default 30 s timeout killed nvcc builds.
+    """
+    f_build = cuda_bmma.build_candidate if target.kind.name == "cuda" else build_candidate
+    return _pooled_builder_class()(f_build, max(1, os.cpu_count() or 1), BUILD_TIMEOUT_S)
 
 
 def _evaluator_config() -> object:
@@ -106,12 +154,12 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
 
 
 def measure(
-    mod: tvm.IRModule, target: tvm.target.Target, builder: object, runner: object
-) -> tuple[list[float] | None, str, str]:
-    """Build and run ``mod`` (a scheduled workload) once through ``builder`` and ``runner``.
+    mods: list[tvm.IRModule], target: tvm.target.Target, builder: object, runner: object
+) -> Iterator[tuple[list[float] | None, str, str]]:
+    """Build ``mods`` (scheduled workloads) in one builder batch, then run them; results in order.
 
-    Returns
-    -------
+    Yields
+    ------
     run_secs : list of float or None
         The runner's repeat times in seconds; None when building or running failed.
     stage : str
@@ -120,15 +168,23 @@ def measure(
         The builder's or runner's error message (``""`` when none).
     """
     ms = meta_schedule()
-    (res,) = builder.build([ms.builder.BuilderInput(mod, target)])
-    if res.error_msg:
-        return None, "build", str(res.error_msg)
-    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-    (fut,) = runner.run([ms.runner.RunnerInput(res.artifact_path, TargetInfo.of(target).device, args)])
-    out = fut.result()
-    if out.error_msg:
-        return None, "run", str(out.error_msg)
-    return [float(s) for s in out.run_secs], "", ""
+    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
+    device = TargetInfo.of(target).device
+    inputs = [
+        ms.runner.RunnerInput(res.artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+        for mod, res in zip(mods, built, strict=True)
+        if not res.error_msg
+    ]
+    futures = iter(runner.run(inputs))
+    for res in built:
+        if res.error_msg:
+            yield None, "build", str(res.error_msg)
+            continue
+        out = next(futures).result()
+        if out.error_msg:
+            yield None, "run", str(out.error_msg)
+        else:
+            yield [float(s) for s in out.run_secs], "", ""
 
 
 __all__ = ["build_candidate", "default_builder", "default_runner", "measure", "rpc_runner"]

@@ -73,11 +73,31 @@ def tune_kernels(
     TuneReport
         Per kernel: candidates measured (default included), built / failed, default and best time.
     """
-    ms = meta_schedule()
     prog = Progress(progress or _stderr_line)
     log = TuningLog(Path(work_dir), target)
+    own_builder = builder is None
     builder = builder or default_builder(target)
     runner = runner or default_runner(target)
+    try:
+        return _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
+    finally:
+        if own_builder:
+            builder.close()
+
+
+def _tune(
+    funcs: list[tir.PrimFunc],
+    target: tvm.target.Target,
+    log: TuningLog,
+    prog: Progress,
+    trials_per_kernel: int,
+    batch: int,
+    trials_per_iter: int,
+    builder: object,
+    runner: object,
+    seed: int,
+) -> TuneReport:
+    ms = meta_schedule()
     with log.locked(exclusive=True):
         database = log.database(create=True)
         knobs = log.read_knobs()
@@ -113,14 +133,14 @@ def tune_kernels(
         if prog.kernels:
             prog.message(f"{len(prog.kernels)} kernel(s), {trials_per_kernel} trials each, log {log.path}")
         for rule, func, key, settings, rep in knob_jobs:
-            best = _measure_knobs(rule, func, settings, batch, target, builder, runner, rep, prog)
+            best = _measure_knobs(rule, func, settings, batch, trials_per_iter, target, builder, runner, rep, prog)
             if best is not None:
                 knobs[key] = {**best, "us": rep.best_us, "default_us": rep.default_us}
                 log.write_knobs(knobs)
         tasks = []
-        for rule, func, mod, rep in searches:
-            sch = rule.traced_default(mod["main"])  # measured as the search's candidates are
-            secs, stage, err = measure(sch.mod, target, builder, runner)
+        defaults = [rule.traced_default(mod["main"]) for rule, _, mod, _ in searches]  # measured as candidates are
+        measured = measure([sch.mod for sch in defaults], target, builder, runner)
+        for (_, func, mod, rep), sch, (secs, stage, err) in zip(searches, defaults, measured, strict=True):
             rep.default_us = rep.record(secs, stage, err)
             prog.update(rep)
             if secs:
@@ -165,23 +185,28 @@ def _measure_knobs(
     func: tir.PrimFunc,
     settings: list[dict],
     batch: int,
+    per_batch: int,
     target: tvm.target.Target,
     builder: object,
     runner: object,
     rep: KernelReport,
     prog: Progress,
 ) -> dict | None:
-    """Time ``rule``'s kernel for ``func`` with each knob setting (the default first); the fastest setting."""
+    """Time ``rule``'s kernel for ``func`` with each knob setting (the default first); the fastest setting.
+
+    Settings are built ``per_batch`` at a time (in parallel), then run one after another.
+    """
     best = None
-    for knobs in settings:
-        mod = tvm.IRModule({"main": workload(rule.kernel_with(func, knobs), batch)})
-        secs, stage, err = measure(mod, target, builder, runner)
-        us = rep.record(secs, stage, err)
-        if knobs is settings[0]:
-            rep.default_us = us
-        if us is not None and (best is None or us < best[1]):
-            best = (knobs, us)
-        prog.update(rep)
+    for start in range(0, len(settings), per_batch):
+        group = settings[start : start + per_batch]
+        mods = [tvm.IRModule({"main": workload(rule.kernel_with(func, knobs), batch)}) for knobs in group]
+        for knobs, (secs, stage, err) in zip(group, measure(mods, target, builder, runner), strict=True):
+            us = rep.record(secs, stage, err)
+            if knobs is settings[0]:
+                rep.default_us = us
+            if us is not None and (best is None or us < best[1]):
+                best = (knobs, us)
+            prog.update(rep)
     return None if best is None else best[0]
 
 
