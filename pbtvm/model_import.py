@@ -14,7 +14,7 @@ from . import recurrent
 from ._tvm import tvm
 from .errors import InputError, InputTypeError
 from .lowering import weight_key
-from .relay_passes import NormalizeConstantIndices
+from .relay_passes import ClipRuntimeIndices, NormalizeConstantIndices
 from .torch_export import export_program, input_specs
 from .torch_import import converters
 
@@ -39,8 +39,9 @@ def import_model(
 ) -> tuple[tvm.IRModule, list[dict], bool]:
     """Import a torch module with ``torch.export`` + ``from_exported_program``.
 
-    Returns the Relax module, the input specs (dtype, shape with None for a dynamic batch) and
-    whether the batch dimension is dynamic. If torch cannot export a dynamic batch (the model
+    Returns the Relax module, the input specs (dtype, shape with None for a dynamic batch, and
+    ``index_range`` n for an input of ids that index a table of n rows) and whether the batch
+    dimension is dynamic. If torch cannot export a dynamic batch (the model
     specialises on it), the batch is fixed with a warning. ``matmul_owners``, if given, receives
     the torch module of every ``relax.matmul`` in the module, in order (see
     :func:`pbtvm.torch_import.converters`).
@@ -82,7 +83,11 @@ def import_model(
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
     mod = from_exported_program(exported, custom_convert_map=convert_map)
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
+    clip = ClipRuntimeIndices()
+    mod = clip(mod)
     specs = input_specs(exported, example_inputs)
+    for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
+        specs[i]["index_range"] = rows
     return mod, specs, dynamic
 
 

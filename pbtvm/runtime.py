@@ -98,6 +98,8 @@ class CompiledModel:
         if key != self._checked[index]:  # validate each new kind / dtype / shape once
             self._check_input(value, spec, index, is_torch)
             self._checked[index] = key
+        if "index_range" in spec:  # ids into a table: the values, at every call
+            _check_ids(value, spec["index_range"], index)
         if is_torch:
             value = value.detach()
             on_device = value.is_cuda == self._on_cuda
@@ -216,6 +218,19 @@ class CompiledModel:
         return (
             f"CompiledModel({self.format.name}, target={m['target']}, "
             f"{len(m['layers']['converted'])} PB layers, {len(m['layers']['skipped'])} fp32)"
+        )
+
+
+def _check_ids(value: Any, rows: int, index: int) -> None:
+    """Raise InputError unless every id in ``value`` (torch or numpy) lies in ``[0, rows)``.
+
+    The compiled ``take`` clips ids (it never reads outside the table); torch raises for such an
+    id, so the model refuses it rather than return another row's result.
+    """
+    lo, hi = int(value.min()), int(value.max())
+    if lo < 0 or hi >= rows:
+        raise InputError(
+            f"input {index} holds ids {lo}..{hi}; it indexes a table of {rows} rows, so ids must lie in [0, {rows})"
         )
 
 

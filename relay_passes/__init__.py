@@ -4,14 +4,23 @@ The folder keeps its historical name, but TVM >= 0.20 has no Relay: Relax replac
 graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.relay_passes``.
 
 One pass per file. ``pbtvm.compile`` runs :class:`NormalizeConstantIndices` (TVM's importer
-emits out-of-bounds negative ``take`` indices), :class:`PBLSTMLowering` (LSTM layers into a PB
+emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
+``take`` reads wherever an id points), :class:`PBLSTMLowering` (LSTM layers into a PB
 time loop), :class:`PBLinearRewrite`, then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
 """
 
 from .apply_pb_schedules import ApplyPBSchedules
+from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite
 from .pb_lstm_lowering import PBLSTMLowering
 
-__all__ = ["ApplyPBSchedules", "ConversionReport", "NormalizeConstantIndices", "PBLSTMLowering", "PBLinearRewrite"]
+__all__ = [
+    "ApplyPBSchedules",
+    "ClipRuntimeIndices",
+    "ConversionReport",
+    "NormalizeConstantIndices",
+    "PBLSTMLowering",
+    "PBLinearRewrite",
+]

@@ -139,6 +139,38 @@ def test_out_of_bounds_constant_index_is_a_clear_error():
         _compile(Oob(), torch.randn(2, 5, 3))
 
 
+class TokenModel(torch.nn.Module):
+    """Embedding of 2-D token ids (cast and reshaped before the lookup), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.proj = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids))
+
+
+def test_token_ids_outside_the_table_are_refused_not_read(tmp_path, capfd):
+    """An id past the vocabulary crashed the process (TVM's ``fast`` take read outside the table)."""
+    torch.manual_seed(3)
+    model = TokenModel().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    m = pbtvm.compile(model, (ids,), bits=8)
+    assert "Fast mode" not in capfd.readouterr().err  # TVM's warning about the unchecked take
+    with torch.no_grad():
+        _close(m(ids), model(ids))
+    loaded = pbtvm.load(m.export(str(tmp_path / "tokens.so")))
+    for bad_id in (50, 50_000_000, -1, 2**32 + 3):  # the last one wraps to 3 in the int32 lookup
+        bad = ids.clone()
+        bad[1, 2] = bad_id
+        for compiled in (m, loaded):
+            with pytest.raises(ValueError, match=r"input 0 holds ids .* table of 50 rows, so ids must lie in \[0, 50\)"):
+                compiled(bad)
+        with pytest.raises(IndexError):  # torch refuses them too
+            model(bad)
+    assert m(ids.numpy()).shape == (2, 5, 8)  # numpy ids are checked the same way
+
+
 # ----------------------------------------------------------------------------- 4 NaN / inf
 def test_nan_and_inf_inputs_propagate_like_torch():
     torch.manual_seed(3)

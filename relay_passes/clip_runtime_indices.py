@@ -1,0 +1,92 @@
+"""Make every ``take`` with run-time indices safe, and find the inputs that are such indices.
+
+TVM 0.27's torch importer lowers ``nn.Embedding`` (``aten.embedding``) and tensor indexing to
+``R.take(table, ids, axis, mode="fast")``; the ``fast`` take reads ``table`` at whatever offset
+an id gives, so a token id past the vocabulary crashed the process (measured: a segfault) or
+returned garbage, and TVM logged a warning at every compile. This pass:
+
+* switches every ``take`` whose indices are computed at run time to ``mode="clip"``: whatever
+  the ids, no read leaves the table;
+* records, for each function parameter that is such an index tensor (directly, or through a
+  cast or reshape), the size of the axis it indexes. :func:`pbtvm.compile` writes it into the input's
+  manifest entry (``index_range``) and the compiled model checks those inputs at every call,
+  raising a ``ValueError`` that names the input and the range, as torch raises ``IndexError``.
+
+Indices computed inside the model (not an input) are only clipped. Constant indices are
+:class:`.NormalizeConstantIndices`' business.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from pbtvm._tvm import relax, tir, tvm
+
+#: Ops that pass every value of their first argument through (a cast, a new shape): ids stay ids.
+_PASS_VALUES = ("relax.astype", "relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims")
+
+
+def _static_size(data: relax.Expr, axis: int | None) -> int | None:
+    ty = data.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or axis is None:
+        return None
+    dim = ty.shape.values[int(axis) % ty.ndim]
+    return int(dim) if isinstance(dim, tir.IntImm) else None
+
+
+@mutator
+class _Clipper(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.params: list[relax.Var] = []
+        self.ranges: dict[int, int] = {}  # parameter position -> size of the axis it indexes
+
+    def _param_of(self, expr: relax.Expr) -> int | None:
+        while isinstance(expr, relax.Var):
+            for i, p in enumerate(self.params):
+                if p.same_as(expr):
+                    return i
+            bound = self.lookup_binding(expr)
+            if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name in _PASS_VALUES:
+                expr = bound.args[0]
+            else:
+                return None
+        return None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take") or call.attrs.mode != "fast":
+            return call
+        data, indices = call.args
+        if isinstance(indices, tvm.ir.Constant):
+            return call
+        param, size = self._param_of(indices), _static_size(data, call.attrs.axis)
+        if param is not None and size is not None:
+            self.ranges[param] = min(size, self.ranges.get(param, size))
+        axis = None if call.attrs.axis is None else int(call.attrs.axis)
+        return relax.op.take(data, indices, axis, mode="clip")
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClipRuntimeIndices")
+class ClipRuntimeIndices:
+    """Module pass: run-time ``take`` indices clipped; ``input_ranges`` (of ``main``) filled.
+
+    Attributes
+    ----------
+    input_ranges : dict of int to int
+        After the pass: ``main``'s parameter position -> the number of rows its values index (an
+        input indexing several tables gets the smallest). Ids must lie in ``[0, n)``.
+    """
+
+    def __init__(self) -> None:
+        self.input_ranges: dict[int, int] = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        clipper = _Clipper(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                clipper.params, clipper.ranges = list(func.params), {}
+                clipper.builder_.update_func(gvar, clipper.visit_expr(func))
+                if gvar.name_hint == "main":
+                    self.input_ranges = dict(clipper.ranges)
+        return clipper.builder_.get()
