@@ -22,11 +22,14 @@ payload is ``fmt`` string, function table, code bytes (code last).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,6 +201,37 @@ def _c_array(name: str, section: str, data: bytes) -> str:
     )
 
 
+#: What TVM logs for each weight when an executable a VM has run is saved (the run gave the
+#: constants a memory scope), and for each such weight when the library is loaded. Nothing is
+#: wrong: the reloaded model gives bit-identical results (tests/test_quiet.py, tutorial 03).
+_SCOPE_LINES = (b"Warning: Scope Saving:", b"Warning: Scope Loaded:")
+
+
+@contextlib.contextmanager
+def without_scope_warnings() -> Iterator[None]:
+    """Drop TVM's ``Scope Saving`` / ``Scope Loaded`` lines from the process's stderr (fd 2).
+
+    A model exported after it was called printed one such line per weight tensor at export and
+    again at every load. Every other line written to fd 2 meanwhile (compiler errors included)
+    is passed on unchanged.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [
+                line for line in caught.read().splitlines(keepends=True) if not any(m in line for m in _SCOPE_LINES)
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | None) -> None:
     """Write ``executable`` (a ``tvm.runtime.Executable``) as one .so with the manifest inside.
 
@@ -235,7 +269,7 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
             f.write(_c_array("pbtvm_manifest", MANIFEST_SECTION, json.dumps(signed, sort_keys=True).encode() + b"\0"))
         return out
 
-    with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp, without_scope_warnings():
         manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
         executable.mod.export_library(path, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
 

@@ -302,7 +302,8 @@ def load(path: str, device: str | None = None) -> CompiledModel:
     if device.partition(":")[0] != built_for:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
     try:
-        module = tvm.runtime.load_module(path)
+        with library.without_scope_warnings():
+            module = tvm.runtime.load_module(path)
     except Exception as err:
         raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
     return CompiledModel(module, manifest, device)
