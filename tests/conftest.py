@@ -29,8 +29,17 @@ HAS_GPU = _has_cuda_device()
 SESSION_ENV = "PBTVM_TEST_SESSION"
 
 
-def pytest_sessionstart(session):  # noqa: ARG001 - pytest hook signature
-    os.environ[SESSION_ENV] = uuid.uuid4().hex
+def _xdist_worker(session) -> bool:
+    return hasattr(session.config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    # Under pytest-xdist the workers keep the controller's token (they inherit it), so the
+    # controller, which checks after its workers have stopped, sees every test's processes.
+    if _xdist_worker(session):
+        os.environ.setdefault(SESSION_ENV, uuid.uuid4().hex)
+    else:
+        os.environ[SESSION_ENV] = uuid.uuid4().hex
     # `timeout` and CI runners stop pytest with SIGTERM; as an interrupt it still runs fixture
     # teardown (RPC clusters, worker pools) instead of leaving their processes behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -50,7 +59,7 @@ def _leftover_processes() -> list:
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook signature
-    if SESSION_ENV not in os.environ:
+    if SESSION_ENV not in os.environ or _xdist_worker(session):  # a worker's verdict would be lost
         return
     deadline = time.time() + 15  # pools that are shutting down get a moment
     while (left := _leftover_processes()) and time.time() < deadline:
