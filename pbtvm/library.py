@@ -29,6 +29,7 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -207,29 +208,38 @@ def _c_array(name: str, section: str, data: bytes) -> str:
 _SCOPE_LINES = (b"Warning: Scope Saving:", b"Warning: Scope Loaded:")
 
 
+_STDERR_LOCK = threading.Lock()  # one redirect of fd 2 at a time (an export and a load in two threads)
+
+
 @contextlib.contextmanager
 def without_scope_warnings() -> Iterator[None]:
     """Drop TVM's ``Scope Saving`` / ``Scope Loaded`` lines from the process's stderr (fd 2).
 
     A model exported after it was called printed one such line per weight tensor at export and
     again at every load. Every other line written to fd 2 meanwhile (compiler errors included)
-    is passed on unchanged.
+    is passed on unchanged when the block ends. Without a usable fd 2 nothing is filtered.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
+    with _STDERR_LOCK:
+        sys.stderr.flush()
         try:
+            saved = os.dup(2)
+        except OSError:
             yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            kept = [
-                line for line in caught.read().splitlines(keepends=True) if not any(m in line for m in _SCOPE_LINES)
-            ]
-            if kept:
-                os.write(2, b"".join(kept))
+            return
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                caught.seek(0)
+                kept = [
+                    line for line in caught.read().splitlines(keepends=True) if not any(m in line for m in _SCOPE_LINES)
+                ]
+                if kept:
+                    os.write(2, b"".join(kept))
 
 
 def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | None) -> None:
