@@ -86,6 +86,8 @@ def import_model(
     clip = ClipRuntimeIndices()
     mod = clip(mod)
     specs = input_specs(exported, example_inputs)
+    if len(mod["main"].params) != len(specs):  # input_ranges is keyed by main's parameter position
+        raise RuntimeError(f"main takes {len(mod['main'].params)} parameters for {len(specs)} model inputs")
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
         specs[i]["index_range"] = rows
     return mod, specs, dynamic

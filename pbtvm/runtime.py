@@ -224,8 +224,8 @@ class CompiledModel:
 def _check_ids(value: Any, rows: int, index: int) -> None:
     """Raise InputError unless every id in ``value`` (torch or numpy) lies in ``[0, rows)``.
 
-    The compiled ``take`` clips ids (it never reads outside the table); torch raises for such an
-    id, so the model refuses it rather than return another row's result.
+    The compiled ``take`` clips ids (it never reads outside the table); the model refuses such
+    an id rather than return another row's result (torch raises ``IndexError`` for an embedding).
     """
     lo, hi = int(value.min()), int(value.max())
     if lo < 0 or hi >= rows:

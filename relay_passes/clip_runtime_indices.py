@@ -8,30 +8,44 @@ returned garbage, and TVM logged a warning at every compile. This pass:
 * switches every ``take`` whose indices are computed at run time to ``mode="clip"``: whatever
   the ids, no read leaves the table;
 * records, for each function parameter that is such an index tensor (directly, or through a
-  cast or reshape), the size of the axis it indexes. :func:`pbtvm.compile` writes it into the input's
-  manifest entry (``index_range``) and the compiled model checks those inputs at every call,
-  raising a ``ValueError`` that names the input and the range, as torch raises ``IndexError``.
+  cast, reshape or transpose), the size of the axis it indexes. :func:`pbtvm.compile` writes it
+  into the input's manifest entry (``index_range``) and the compiled model checks those inputs at
+  every call, raising a ``ValueError`` that names the input and the range ``[0, n)``. Torch
+  raises ``IndexError`` for such embedding ids; for tensor indexing (``w[ids]``) torch also
+  accepts negative ids, which pbtvm refuses with the same error.
 
-Indices computed inside the model (not an input) are only clipped. Constant indices are
+Only clipped, not checked: indices computed inside the model (not an input), and indices into
+an axis whose size is only known at run time (the batch). Constant indices are
 :class:`.NormalizeConstantIndices`' business.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tir, tvm
 
 #: Ops that pass every value of their first argument through (a cast, a new shape): ids stay ids.
-_PASS_VALUES = ("relax.astype", "relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims")
+_PASS_VALUES = (
+    "relax.astype",
+    "relax.reshape",
+    "relax.flatten",
+    "relax.squeeze",
+    "relax.expand_dims",
+    "relax.permute_dims",
+)
 
 
 def _static_size(data: relax.Expr, axis: int | None) -> int | None:
+    """Rows the ids index: the axis' size (all elements without an axis); None where symbolic."""
     ty = data.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or axis is None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
-    dim = ty.shape.values[int(axis) % ty.ndim]
-    return int(dim) if isinstance(dim, tir.IntImm) else None
+    dims = ty.shape.values if axis is None else [ty.shape.values[int(axis) % ty.ndim]]
+    if not all(isinstance(d, tir.IntImm) for d in dims):
+        return None
+    return int(np.prod([int(d) for d in dims]))
 
 
 @mutator

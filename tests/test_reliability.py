@@ -168,7 +168,26 @@ def test_token_ids_outside_the_table_are_refused_not_read(tmp_path, capfd):
                 compiled(bad)
         with pytest.raises(IndexError):  # torch refuses them too
             model(bad)
-    assert m(ids.numpy()).shape == (2, 5, 8)  # numpy ids are checked the same way
+    assert m(ids.numpy()).shape == (2, 5, 8)
+    with pytest.raises(ValueError, match="input 0 holds ids"):  # numpy ids are checked the same way
+        m(bad.numpy())
+
+
+def test_transposed_token_ids_are_checked_too():
+    """A sequence-first LM transposes its ids before the lookup (``embed(ids.t())``)."""
+
+    class SeqFirst(TokenModel):
+        def forward(self, ids):
+            return self.proj(self.embed(ids.t()))
+
+    torch.manual_seed(4)
+    model = SeqFirst().eval()
+    ids = torch.randint(0, 50, (3, 4))
+    m = pbtvm.compile(model, (ids,), bits=8)
+    with torch.no_grad():
+        _close(m(ids), model(ids))
+    with pytest.raises(ValueError, match="table of 50 rows"):
+        m(torch.full((3, 4), 50))
 
 
 # ----------------------------------------------------------------------------- 4 NaN / inf
