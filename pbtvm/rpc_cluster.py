@@ -58,11 +58,14 @@ def registered_servers(address: str, key: str) -> int:
 _SERVER_AFTER_TRACKER = """
 import runpy, socket, sys, time
 import tvm.rpc
+deadline = time.time() + 120  # local_cluster gives up (and stops this process) sooner
 while True:
     try:
         socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
         break
     except OSError:
+        if time.time() > deadline:
+            sys.exit("no RPC tracker at %s:%s" % (sys.argv[1], sys.argv[2]))
         time.sleep(0.05)
 tvm.rpc.connect_tracker(sys.argv[1], int(sys.argv[2])).summary()  # it answers: its loop runs
 sys.argv = ["rpc_server", *sys.argv[3:]]

@@ -277,7 +277,7 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params: object
     """MetaSchedule build function: materialize BMMA configs, then build (nvcc for CUDA).
 
     The build is :func:`pbtvm.schedules.tuning.measure.build_candidate` (MetaSchedule's
-    ``default_build`` without its tensor-intrinsics import, which costs ~30 s in every fresh
+    ``default_build`` without its tensor-intrinsics import, which costs 30-40 s in every fresh
     builder worker).
     """
     from pbtvm.cuda import nvcc_compile_hook

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 from pbtvm._tvm import meta_schedule, tvm
@@ -33,7 +34,7 @@ WORKER_USES = 64
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict | None) -> object:
     """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
 
-    That import parses ~250 TVMScript tensor intrinsics, each calling ``inspect.stack()``: 40 s
+    That import parses ~250 TVMScript tensor intrinsics, each calling ``inspect.stack()``: 30-40 s
     of CPU in every fresh worker (measured on the 2-core EPYC, 2026-11-30). PB schedules never
     tensorize, so the intrinsics are not needed to build them.
     """
@@ -175,16 +176,21 @@ def measure(
         for mod, res in zip(mods, built, strict=True)
         if not res.error_msg
     ]
-    futures = iter(runner.run(inputs))
-    for res in built:
-        if res.error_msg:
-            yield None, "build", str(res.error_msg)
-            continue
-        out = next(futures).result()
-        if out.error_msg:
-            yield None, "run", str(out.error_msg)
-        else:
-            yield [float(s) for s in out.run_secs], "", ""
+    try:
+        futures = iter(runner.run(inputs))
+        for res in built:
+            if res.error_msg:
+                yield None, "build", str(res.error_msg)
+                continue
+            out = next(futures).result()
+            if out.error_msg:
+                yield None, "run", str(out.error_msg)
+            else:
+                yield [float(s) for s in out.run_secs], "", ""
+    finally:  # each build exported a tar into a fresh temporary directory
+        for res in built:
+            if not res.error_msg:
+                shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
 
 
 __all__ = ["build_candidate", "default_builder", "default_runner", "measure", "rpc_runner"]

@@ -75,10 +75,12 @@ def tune_kernels(
     """
     prog = Progress(progress or _stderr_line)
     log = TuningLog(Path(work_dir), target)
+    if isinstance(trials_per_iter, bool) or not isinstance(trials_per_iter, int) or trials_per_iter < 1:
+        raise ValueError(f"trials_per_iter must be an int >= 1, got {trials_per_iter!r}")
     own_builder = builder is None
     builder = builder or default_builder(target)
-    runner = runner or default_runner(target)
     try:
+        runner = runner or default_runner(target)
         return _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
     finally:
         if own_builder:
