@@ -110,7 +110,6 @@ def local_cluster(
                     start_new_session=True,
                 )
             )
-        deadline = time.time() + timeout
         for i in range(servers):
             logs.append(log_dir / f"server{i}.log")
             sport = free_port()
@@ -120,26 +119,17 @@ def local_cluster(
                 procs.append(
                     subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 )
+        deadline = time.time() + timeout
         while registered_servers(address, key) < servers:
-            _check_alive(
-                procs[0],
-                log_dir,
-                deadline,
-                f"{servers} RPC servers did not register at {address} within {timeout:.0f}s",
-            )
+            if procs[0].poll() is not None:
+                raise RuntimeError(f"the RPC tracker exited: {(log_dir / 'tracker.log').read_text()[-2000:]}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{servers} RPC servers did not register at {address} within {timeout:.0f}s")
+            time.sleep(0.1)
         yield address, logs
     finally:
         for p in procs:
             _stop_group(p)
-
-
-def _check_alive(tracker: subprocess.Popen, log_dir: Path, deadline: float, late: str) -> None:
-    """Raise if the tracker exited or ``deadline`` passed (``late`` says what did not happen), else wait 0.1 s."""
-    if tracker.poll() is not None:
-        raise RuntimeError(f"the RPC tracker exited: {(log_dir / 'tracker.log').read_text()[-2000:]}")
-    if time.time() > deadline:
-        raise RuntimeError(late)
-    time.sleep(0.1)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
