@@ -21,10 +21,11 @@ an axis whose size is only known at run time (the batch). Constant indices are
 
 from __future__ import annotations
 
-import numpy as np
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from pbtvm._tvm import relax, tir, tvm
+from pbtvm._tvm import relax, tvm
+
+from .normalize_constant_indices import indexed_size
 
 #: Ops that pass every value of their first argument through (a cast, a new shape): ids stay ids.
 _PASS_VALUES = (
@@ -38,14 +39,11 @@ _PASS_VALUES = (
 
 
 def _static_size(data: relax.Expr, axis: int | None) -> int | None:
-    """Rows the ids index: the axis' size (all elements without an axis); None where symbolic."""
+    """Rows the ids index (see :func:`.normalize_constant_indices.indexed_size`); None if unknown."""
     ty = data.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
-    dims = ty.shape.values if axis is None else [ty.shape.values[int(axis) % ty.ndim]]
-    if not all(isinstance(d, tir.IntImm) for d in dims):
-        return None
-    return int(np.prod([int(d) for d in dims]))
+    return indexed_size(ty, None if axis is None else int(axis) % ty.ndim)
 
 
 @mutator

@@ -37,6 +37,15 @@ def _const_indices(expr: relax.Expr, lookup) -> np.ndarray | None:
     return None
 
 
+def indexed_size(ty: relax.TensorType, axis: int | None) -> int | None:
+    """How many entries indices into a tensor of type ``ty`` can address along ``axis`` (every
+    element without an axis: take indexes the flattened tensor); None where a size is symbolic."""
+    dims = ty.shape.values if axis is None else [ty.shape.values[axis]]
+    if not all(isinstance(d, tir.IntImm) for d in dims):
+        return None
+    return int(np.prod([int(d) for d in dims]))
+
+
 @mutator
 class _Normalizer(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -48,17 +57,9 @@ class _Normalizer(PyExprMutator):
         data_ty = call.args[0].ty
         if indices is None or not isinstance(data_ty, relax.TensorType) or data_ty.shape is None:
             return call
-        ndim = data_ty.ndim
-        axis = call.attrs.axis
-        if axis is None:  # take without an axis indexes the flattened tensor
-            dims = data_ty.shape.values
-            size = int(np.prod([int(d) for d in dims])) if all(isinstance(d, tir.IntImm) for d in dims) else None
-            axis_shown = "flattened"
-        else:
-            axis = int(axis) % ndim
-            dim = data_ty.shape.values[axis]
-            size = int(dim) if isinstance(dim, tir.IntImm) else None
-            axis_shown = str(axis)
+        axis = None if call.attrs.axis is None else int(call.attrs.axis) % data_ty.ndim
+        size = indexed_size(data_ty, axis)
+        axis_shown = "flattened" if axis is None else str(axis)
         if size is not None:
             bad = indices[(indices < -size) | (indices >= size)]
             if bad.size:
