@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 from pbtvm._tvm import tir
-from pbtvm.bitplane import MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
 from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
@@ -166,7 +166,8 @@ def bmma_dense_kernel(
     wshape = fmt.weight_shape(n_out, k_dim)
     threads, block_rows, block_batch = cfg.threads, leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
-    product, column_total, pack = leg.product(), leg.column_total(), leg.pack()
+    product, column_total = leg.product(), leg.column_total()
+    pack_block, shapes = (leg.pack_block(), leg.packed_shapes()) if fused_pack else (None, None)
 
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
@@ -207,20 +208,10 @@ def bmma_dense_kernel(
                             bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
                             total = T.alloc_local((1,), acc_t)
                             if fused_pack:  # this block's batch rows, packed into shared memory first
-                                xpack = T.alloc_shared((n_act, block_batch, words), "uint32")
-                                rscale = T.alloc_shared((block_batch,), "float32")
-                                rcode = T.alloc_shared((block_batch,), acc_t)
-                                red = T.alloc_shared((threads,), "float32")
-                                sums = T.alloc_shared((threads,), acc_t)
-                                best = T.alloc_local((1,), "float32")
-                                code = T.alloc_local((1,), "int32")
-                                vote = T.alloc_local((1,), "uint32")
-                                for bb in range(block_batch):
-                                    if by * block_batch + bb < batch:  # block-uniform
-                                        pack(
-                                            x, by * block_batch + bb, xpack, bb, rscale, rcode,
-                                            tz * cfg.warps_m + ty, tx, red, sums, best, total, code, vote,
-                                        )  # fmt: skip
+                                xpack = T.alloc_shared(shapes["packed"], "uint32")
+                                rscale = T.alloc_shared(shapes["row_scale"], "float32")
+                                rcode = T.alloc_shared(shapes["row_code"], acc_t)
+                                pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
                                 product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
                             else:
                                 product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
@@ -279,8 +270,8 @@ class BMMALeg:
         fused_pack: bool = False,
         limits: TargetLimits = DEFAULT_LIMITS,
     ) -> None:
-        if fmt.layout != "mma16x256":
-            raise ValueError(f"the BMMA kernel reads the mma16x256 weight layout, not {fmt.layout!r}")
+        if fmt.layout != MMA_LAYOUT:
+            raise ValueError(f"the BMMA kernel reads the {MMA_LAYOUT} weight layout, not {fmt.layout!r}")
         problem = config_problem(fmt, k_dim, cfg, fused_pack, limits)
         if problem:
             raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_rows} K={k_dim}: {problem}")
@@ -299,9 +290,41 @@ class BMMALeg:
         """Blocks along the batch: ``ceil(batch * stride / (8 tiles_n))``."""
         return (batch * self.stride + self.cfg.tiles_n * 8 - 1) // (self.cfg.tiles_n * 8)
 
-    def pack(self):
-        """:func:`.cuda_ballot_pack.row_pack` for this leg's K and block (None without ``fused_pack``)."""
-        return row_pack(self.fmt, self.k_dim, self.cfg.threads // MMA_LANES) if self.fused_pack else None
+    def packed_shapes(self) -> dict[str, tuple]:
+        """Shapes of the shared buffers :meth:`pack_block` fills: ``packed``, ``row_scale``, ``row_code``."""
+        rows = self.block_batch
+        return {"packed": (self.fmt.act_bits, rows, self.words), "row_scale": (rows,), "row_code": (rows,)}
+
+    def pack_block(self):
+        """A TVMScript macro: the block quantizes and packs its batch rows into shared memory.
+
+        ``pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)``: ``act`` is
+        float32 ``[B, K]``; rows ``by * block_batch + bb < batch`` go to ``packed[plane, bb, word]``
+        (uint32), their scales to ``row_scale[bb]`` (float32) and code sums to ``row_code[bb]``
+        (accumulator dtype), shapes :meth:`packed_shapes`, as :func:`.cuda_ballot_pack.row_pack`
+        (one row at a time, every thread of the block). ``total`` (one-element local, accumulator
+        dtype) is scratch. Needs ``fused_pack``.
+        """
+        if not self.fused_pack:
+            raise ValueError("pack_block is for a leg made with fused_pack=True")
+        cfg, acc_t, block_batch, threads = self.cfg, self.acc_dtype, self.block_batch, self.cfg.threads
+        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES)
+
+        @T.macro
+        def pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total):
+            red = T.alloc_shared((threads,), "float32")
+            sums = T.alloc_shared((threads,), acc_t)
+            best = T.alloc_local((1,), "float32")
+            code = T.alloc_local((1,), "int32")
+            vote = T.alloc_local((1,), "uint32")
+            for bb in range(block_batch):
+                if by * block_batch + bb < batch:  # block-uniform
+                    pack(
+                        act, by * block_batch + bb, packed, bb, row_scale, row_code,
+                        tz * cfg.warps_m + ty, tx, red, sums, best, total, code, vote,
+                    )  # fmt: skip
+
+        return pack_block
 
     def product(self):
         """A TVMScript macro: the block's integer plane products into shared memory ``part``.

@@ -224,10 +224,10 @@ def _gates_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
     there for the other leg (``W_hh``'s product plus ``W_ih``'s, the TE step's order).
     """
     fmt, cfg = leg.fmt, leg.cfg
-    n_act, threads, acc_t = fmt.act_bits, cfg.threads, leg.acc_dtype
+    threads, acc_t = cfg.threads, leg.acc_dtype
     block_rows, block_batch = leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
-    product, column_total, pack = leg.product(), leg.column_total(), leg.pack()
+    product, column_total, pack_block, shapes = leg.product(), leg.column_total(), leg.pack_block(), leg.packed_shapes()
 
     def value(gates, bb, row, epilogue):
         return gates[bb, row] + epilogue if add else epilogue
@@ -235,25 +235,15 @@ def _gates_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
     @T.macro
     def gates_of(act, wp, w_scale, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates):
         part = T.alloc_shared(leg.part_shape, acc_t)
-        packed = T.alloc_shared((n_act, block_batch, leg.words), "uint32")
-        row_scale = T.alloc_shared((block_batch,), "float32")
-        row_code = T.alloc_shared((block_batch,), acc_t)
-        red = T.alloc_shared((threads,), "float32")
-        sums = T.alloc_shared((threads,), acc_t)
-        best = T.alloc_local((1,), "float32")
-        code = T.alloc_local((1,), "int32")
-        vote = T.alloc_local((1,), "uint32")
+        packed = T.alloc_shared(shapes["packed"], "uint32")
+        row_scale = T.alloc_shared(shapes["row_scale"], "float32")
+        row_code = T.alloc_shared(shapes["row_code"], acc_t)
         total = T.alloc_local((1,), acc_t)
         acc = T.alloc_local((leg.frag,), acc_t)
         dot = T.alloc_local((leg.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
         bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
-        for bb in range(block_batch):
-            if by * block_batch + bb < batch:  # block-uniform
-                pack(
-                    act, by * block_batch + bb, packed, bb, row_scale, row_code,
-                    tz * cfg.warps_m + ty, tx, red, sums, best, total, code, vote,
-                )  # fmt: skip
+        pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
         product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
         T.tvm_storage_sync("shared")
         for o in range(out_rounds):  # a thread per (row, batch row), the same in both legs
