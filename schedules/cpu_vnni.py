@@ -25,7 +25,14 @@ from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops import gfni_decode
-from pbtvm.ops.pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.ops.pb_vnni import (
+    CPU_KERNEL,
+    MAX_BLOCK_BATCH_TILE,
+    pb_vnni_func,
+    target_supports,
+    tile_problem,
+    unsupported_reason,
+)
 from pbtvm.ops.pb_vnni_lstm import pb_vnni_lstm_func
 from pbtvm.target import resolve_target
 
@@ -74,7 +81,8 @@ class CPUVnniGemm(KnobRule):
 
     @override
     def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
-        """See :meth:`KnobRule.knob_settings`: :data:`KNOBS`, the default first.
+        """See :meth:`KnobRule.knob_settings`: the :data:`KNOBS` that fit the layer
+        (:func:`pbtvm.ops.pb_vnni.tile_problem`), the default first.
 
         With whole 512-input blocks only the batch tile changes the kernel (rows run one by one,
         :data:`pbtvm.ops.pb_vnni.BLOCK_TASK_ROWS` per task), so only distinct batch tiles are offered.
@@ -83,7 +91,8 @@ class CPUVnniGemm(KnobRule):
         if fmt is not None and fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS:
             tiles = dict.fromkeys(min(bt, MAX_BLOCK_BATCH_TILE) for _, bt in KNOBS)
             return [{"row_tile": ROW_TILE, "batch_tile": bt} for bt in tiles]
-        return [{"row_tile": row_tile, "batch_tile": batch_tile} for row_tile, batch_tile in KNOBS]
+        fits = [knobs for knobs in KNOBS if fmt is None or tile_problem(fmt, k_dim, *knobs) is None]
+        return [{"row_tile": row_tile, "batch_tile": batch_tile} for row_tile, batch_tile in fits]
 
     def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
         """See :meth:`KnobRule.kernel_with`."""
@@ -229,5 +238,6 @@ def _replacing(func: tir.PrimFunc, new: tir.PrimFunc) -> tir.PrimFunc:
     return new.without_attr("global_symbol").with_attrs(attrs)
 
 
-#: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``.
-KNOBS = ((ROW_TILE, BATCH_TILE), (4, 4), (4, 2), (8, 1), (2, 8), (4, 8), (8, 2), (1, 8), (4, 1), (2, 2))
+#: (row_tile, batch_tile) candidates, the default first; a tuning run measures the first ``trials``
+#: of those that fit the layer (:func:`pbtvm.ops.pb_vnni.tile_problem`).
+KNOBS = ((ROW_TILE, BATCH_TILE), (4, 4), (4, 2), (8, 1), (2, 8), (8, 2), (1, 8), (4, 1), (2, 2))

@@ -9,10 +9,10 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
-from pbtvm.ops.pb_vnni import pb_vnni_func, target_supports, unsupported_reason
+from pbtvm.ops.pb_vnni import MAX_ACCUMULATORS, pb_vnni_func, target_supports, tile_problem, unsupported_reason
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu import CPUBitplaneGemm
-from pbtvm.schedules.cpu_vnni import CPUVnniGemm, vnni_kernel_for
+from pbtvm.schedules.cpu_vnni import KNOBS, CPUVnniGemm, vnni_kernel_for
 from pbtvm.target import resolve_target
 
 CPU = resolve_target("llvm")
@@ -189,6 +189,31 @@ def test_long_rows_keep_plain_codes():
         out = _t(np.zeros((2, 1), np.int32))
         kern(_t(xp), _t(xq.sum(1).astype(np.int32)), _t(wp), fmt.bits, out)
         np.testing.assert_array_equal(out.numpy(), xq @ q.T)
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 32), (64, 48), (19, 260), (70, 600), (10, 4096)])
+@pytest.mark.parametrize("dense_act", [False, True])
+def test_every_offered_knob_setting_makes_a_kernel(n, k, dense_act):
+    """The tuner measures the first ``trials`` settings: each must make a kernel (32 inputs, a
+    ``(row_tile 4, batch_tile 8)`` setting needed 32 accumulators and crashed ``pbtvm tune``)."""
+    fmt = bp.BitplaneFormat(4, 8)
+    func = kernels.dense_act_func(fmt, n, k) if dense_act else kernels.int_product_func(fmt, n, k)
+    rule = rule_for(func, tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    assert isinstance(rule, CPUVnniGemm)
+    settings = rule.knob_settings(func)
+    assert settings and settings[0] == {"row_tile": KNOBS[0][0], "batch_tile": KNOBS[0][1]}
+    for knobs in settings:
+        assert rule.kernel_with(func, knobs) is not None, knobs
+
+
+def test_tile_problem_names_the_limit():
+    fmt = bp.BitplaneFormat(4, 8)
+    assert tile_problem(fmt, 32, 2, 4) is None
+    assert "32 accumulators" in tile_problem(fmt, 32, 4, 8) and str(MAX_ACCUMULATORS) in tile_problem(fmt, 32, 4, 8)
+    assert tile_problem(fmt, 600, 4, 8) is None  # whole blocks hold one row at a time
+    assert ">= 1" in tile_problem(fmt, 32, 0, 1)
+    with pytest.raises(ValueError, match="accumulators"):
+        pb_vnni_func(fmt, 8, 32, tir.Var("b", "int64"), dense=False, batch_tile=8, row_tile=4)
 
 
 def test_target_features_decide():

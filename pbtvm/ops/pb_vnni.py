@@ -67,6 +67,24 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
     return None
 
 
+def tile_problem(fmt: BitplaneFormat, k_dim: int, row_tile: int, batch_tile: int) -> str | None:
+    """Why ``(row_tile, batch_tile)`` does not fit the kernel at this K (None when it does).
+
+    The accumulators the inner loop holds, ``batch_tile`` times the output rows side by side (the
+    whole ``row_tile`` below one 512-input block, one row with whole blocks), must fit
+    :data:`MAX_ACCUMULATORS` zmm registers.
+    """
+    if isinstance(row_tile, bool) or isinstance(batch_tile, bool) or row_tile < 1 or batch_tile < 1:
+        return f"row_tile and batch_tile must be >= 1, got {row_tile} and {batch_tile}"
+    held_rows = 1 if fmt.words(k_dim) >= BLOCK_WORDS else row_tile
+    if batch_tile * held_rows > MAX_ACCUMULATORS:
+        return (
+            f"batch_tile {batch_tile} x {held_rows} row(s) side by side need {batch_tile * held_rows} "
+            f"accumulators at K={k_dim}, more than {MAX_ACCUMULATORS}"
+        )
+    return None
+
+
 def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
     """Whether an LLVM target's CPU (its ``mtriple``, ``mcpu`` and ``mattr``) has ``features``
     (default :data:`CPU_FEATURES`, what the kernel needs; the GFNI block decode also needs
@@ -150,11 +168,10 @@ def pb_vnni_func(
         raise ValueError("pb_vnni_func: float_input computes the dense layer (dense=True)")
     if single_row_tile is not None and not 1 <= single_row_tile <= MAX_ACCUMULATORS:
         raise ValueError(f"single_row_tile must be 1..{MAX_ACCUMULATORS}, got {single_row_tile}")
+    problem = tile_problem(fmt, k_dim, row_tile, batch_tile)
+    if problem:
+        raise ValueError(f"pb_vnni_func: {problem}")
     words = fmt.words(k_dim)
-    # blocks hold one output row's accumulators at a time, the chunk path the whole tile's
-    held_rows = 1 if words >= BLOCK_WORDS else row_tile
-    if batch_tile < 1 or row_tile < 1 or batch_tile * held_rows > MAX_ACCUMULATORS:
-        raise ValueError(f"batch_tile * row_tile must be 1..{MAX_ACCUMULATORS}, got {batch_tile} x {row_tile}")
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("main")
