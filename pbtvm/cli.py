@@ -145,13 +145,33 @@ def _inspect_log(path: Path) -> int:
         for name in (tuning.WORKLOADS, tuning.RECORDS):
             f = log / name
             counts[name] = sum(1 for line in f.read_text().splitlines() if line.strip()) if f.exists() else 0
+        knobs = _read_knob_log(log / tuning.KNOB_LOG)
         print(f"{log}: target {meta.get('target')}")
         print(f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}")
         print(
-            f"  {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
+            f"  MetaSchedule: {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
             " (per kernel: its default schedule plus every trial)"
         )
+        print(f"  knob search: {len(knobs)} kernel(s) ({tuning.KNOB_LOG}), the setting each uses:")
+        for key, entry in knobs.items():
+            settings = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("us", "default_us"))
+            times = f"{entry['us']:.2f} us (default {entry['default_us']:.2f} us)" if "us" in entry else ""
+            print(f"    {key.split(':')[0]}  {settings}  {times}".rstrip())
     return 0
+
+
+def _read_knob_log(path: Path) -> dict:
+    """The knob log of one target's tuning log (``{}`` when absent): ``{key: {knob: value, "us":
+    ..., "default_us": ...}}``, as :meth:`pbtvm.schedules.tuning.TuningLog.read_knobs` reads it."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"tuning log {path} is corrupt: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise CLIError(f"tuning log {path} is corrupt: expected a JSON object of objects")
+    return data
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -98,6 +98,12 @@ def test_inspect_bad_input(tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = _run(["inspect", tmp_path], capsys)
     assert code == 2 and "no pbtvm tuning log" in err
+    log = tmp_path / "logs" / "llvm-x"
+    log.mkdir(parents=True)
+    (log / "pbtvm_log.json").write_text("{}")
+    (log / "pbtvm_cpu_kernels.json").write_text("[1, 2]")
+    code, _, err = _run(["inspect", tmp_path / "logs"], capsys)
+    assert code == 2 and "pbtvm_cpu_kernels.json is corrupt" in err
 
 
 def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):

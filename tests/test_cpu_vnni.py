@@ -237,7 +237,7 @@ def test_env_forces_popcount(monkeypatch):
 
 @needs_vnni
 @pytest.mark.slow
-def test_knob_search_then_compile_from_log(tmp_path):
+def test_knob_search_then_compile_from_log(tmp_path, capsys):
     """``pbtvm.tune`` measures the AVX-512 kernel's knobs; compiling from the log uses them."""
     import json
 
@@ -257,6 +257,14 @@ def test_knob_search_then_compile_from_log(tmp_path):
     (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     chosen = json.loads((log / "pbtvm_cpu_kernels.json").read_text())
     assert len(chosen) == 2 and all({"row_tile", "batch_tile"} <= set(v) for v in chosen.values())
+    from pbtvm.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0  # the knob log is what this tuning wrote: inspect shows it
+    shown = capsys.readouterr().out
+    assert "knob search: 2 kernel(s)" in shown, shown
+    for key, setting in chosen.items():
+        assert f"{key.split(':')[0]}  row_tile={setting['row_tile']} batch_tile={setting['batch_tile']}" in shown
     assert pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append).kernels == []
     tuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     plain = pbtvm.compile(model, example, "llvm", bits=4)
