@@ -107,10 +107,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fmt = manifest["format"]
     print(f"{path}: pbtvm {manifest['pbtvm_version']}, TVM {manifest['tvm_version']}")
     print(f"  target   {manifest['target']}")
-    print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {fmt['codebook']} layout {fmt['layout']} (v{fmt['version']})")
+    converted = manifest["layers"]["converted"]
+    codebooks = {layer.get("codebook", fmt["codebook"]) for layer in converted}
+    codebook = fmt["codebook"] if codebooks <= {fmt["codebook"]} else "codebook per layer"
+    print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {codebook} layout {fmt['layout']} (v{fmt['version']})")
     print(f"  inputs   {manifest['inputs']} (dynamic batch: {manifest['dynamic_batch']})")
-    for layer in manifest["layers"]["converted"]:
-        print(f"  PB       {layer['name']}  {layer['shape'][0]}x{layer['shape'][1]}")
+    for layer in converted:
+        shape = f"{layer['shape'][0]}x{layer['shape'][1]}"
+        print(f"  PB       {layer['name']}  {shape}  {layer.get('codebook', fmt['codebook'])}")
     for layer in manifest["layers"]["skipped"]:
         print(f"  fp32     {layer['name']}  ({layer['reason']})")
     decoder = manifest.get("decoder")

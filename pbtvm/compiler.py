@@ -14,6 +14,7 @@ from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
 from .errors import InputError
+from .lowering import layers_format
 from .model_import import import_model, layer_names
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
@@ -277,7 +278,8 @@ def build_model(
         Relax ``main`` taking the inputs of ``specs`` plus ``bitlayers: R.Shape([L])`` when
         ``converted`` is not empty; PB PrimFuncs tagged ``pbtvm.kernel``.
     fmt, tvm_target
-        Format and resolved target of the kernels.
+        Format and resolved target of the kernels (the manifest records ``fmt`` with the
+        converted layers' codebook when they share one, :func:`pbtvm.lowering.layers_format`).
     specs : list of dict
         Input ``dtype`` and ``shape`` (None for the dynamic batch), as in the manifest.
     dynamic, single_output : bool
@@ -312,7 +314,7 @@ def build_model(
         "schema": MANIFEST_SCHEMA,
         "pbtvm_version": __version__,
         "tvm_version": TVM_VERSION,
-        "format": fmt.to_dict(),
+        "format": layers_format(fmt, converted).to_dict(),
         "target": summary,
         "inputs": specs,
         "dynamic_batch": dynamic,

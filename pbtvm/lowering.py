@@ -16,7 +16,7 @@ import numpy as np
 
 from .bitplane import BitplaneFormat, pack_weights
 
-__all__ = ["LayerRecord", "lower_weights", "weight_key"]
+__all__ = ["LayerRecord", "layers_format", "lower_weights", "weight_key"]
 
 
 def weight_key(array: np.ndarray) -> str:
@@ -62,6 +62,16 @@ class LayerRecord:
         if self.name is None:
             del out["name"]
         return out
+
+
+def layers_format(fmt: BitplaneFormat, converted: list[dict]) -> BitplaneFormat:
+    """The model-level format of converted layers (:meth:`LayerRecord.as_dict`): ``fmt`` with
+    their codebook when they all share one (``codebook="auto"`` picks it per layer), else ``fmt``
+    (the manifest lists each layer's codebook)."""
+    codebooks = {layer["codebook"] for layer in converted}
+    if len(codebooks) != 1:
+        return fmt
+    return dataclasses.replace(fmt, codebook=codebooks.pop())
 
 
 def lower_weights(

@@ -31,6 +31,7 @@ import numpy as np
 
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .errors import InputError, InputTypeError
+from .lowering import layers_format
 from .target import AUTO_LAYOUT, resolve_target, weight_layout
 
 
@@ -264,7 +265,8 @@ def compile_lstm(
             cells.append(
                 _cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", layer_quant, **build_kwargs)
             )
-    return PBLSTM(projections, cells, lstm, fmt)
+    converted = [layer for m in (*projections, *cells) for layer in m.manifest["layers"]["converted"]]
+    return PBLSTM(projections, cells, lstm, layers_format(fmt, converted))
 
 
 def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM:

@@ -84,6 +84,8 @@ def test_layers_report_and_manifest(compiled):
     assert m["inputs"] == [{"dtype": "float32", "shape": [None, 40]}]
     assert m["quantizer"] == {"codebook": "auto", "method": "mse", "calibrated": False}
     assert [layer["codebook"] for layer in m["layers"]["converted"]] == ["offset_binary"] * 3
+    # the model's format is what its layers use, not the two's-complement default of W4
+    assert m["format"]["codebook"] == compiled.format.codebook == "offset_binary"
 
 
 def test_unsupported_layers_warn_with_names():

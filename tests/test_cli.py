@@ -57,7 +57,8 @@ def test_compile_and_inspect(spec, tmp_path, capsys):
     code, out, _ = _run(["compile", spec, "--bits", 3, "-o", so], capsys)
     assert code == 0 and so.exists() and "2 layer(s) in PrecisionBatching" in out
     code, out, _ = _run(["inspect", so], capsys)
-    assert code == 0 and "W3A8" in out and out.count("PB ") == 2
+    assert code == 0 and "W3A8 offset_binary" in out and out.count("PB ") == 2
+    assert len(re.findall(r"^  PB .* offset_binary$", out, re.M)) == 2, out  # each layer's codebook
     code, out, _ = _run(["inspect", so, "--json"], capsys)
     assert json.loads(out)["format"]["bits"] == 3
 
