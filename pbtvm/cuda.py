@@ -78,8 +78,32 @@ def nvcc_compile_hook(arch: str) -> Iterator[None]:
             tvm_ffi.register_global_func(name, previous, override=True)
 
 
+def cpu_fusion() -> Any:
+    """Operator fusion for CPU builds: TVM's legalize-and-fuse passes.
+
+    ``tvm.compile`` runs them only for GPU targets in TVM 0.27 (its CPU default pipeline goes
+    straight from ``LegalizeOps`` to lowering), so every elementwise op between two PB layers was
+    a kernel of its own: a ``relu`` one launch, the NaN-keeping ``relu`` of
+    :class:`pbtvm.relay_passes.PropagateNaN` three. The PB kernels are opaque
+    (:data:`pbtvm.relay_passes.apply_pb_schedules.OPAQUE`): nothing is fused into them.
+    """
+    from ._tvm import relax, tvm
+
+    return tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ],
+        name="pbtvm.cpu_fusion",
+    )
+
+
 def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
-    """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch.
+    """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch and,
+    on CPUs, the Relax operators fused first (:func:`cpu_fusion`).
 
     Parameters
     ----------
@@ -93,9 +117,12 @@ def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
     -------
     tvm.runtime.Executable
     """
-    from ._tvm import tvm
+    from ._tvm import relax, tvm
 
     if target.kind.name != "cuda":
+        if isinstance(mod, tvm.IRModule) and any(isinstance(f, relax.Function) for _, f in mod.functions_items()):
+            with target:
+                mod = cpu_fusion()(mod)
         return tvm.compile(mod, target=target)
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph else {}
     with nvcc_compile_hook(str(target.export()["arch"])), tvm.transform.PassContext(config=config):

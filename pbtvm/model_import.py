@@ -14,7 +14,7 @@ from . import recurrent
 from ._tvm import tvm
 from .errors import InputError, InputTypeError
 from .lowering import weight_key
-from .relay_passes import ClipRuntimeIndices, NormalizeConstantIndices
+from .relay_passes import ClipRuntimeIndices, NormalizeConstantIndices, PropagateNaN
 from .torch_export import export_program, input_specs
 from .torch_import import converters
 
@@ -84,7 +84,7 @@ def import_model(
     mod = from_exported_program(exported, custom_convert_map=convert_map)
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
-    mod = clip(mod)
+    mod = PropagateNaN()(clip(mod))
     specs = input_specs(exported, example_inputs)
     if len(mod["main"].params) != len(specs):  # input_ranges is keyed by main's parameter position
         raise RuntimeError(f"main takes {len(mod['main'].params)} parameters for {len(specs)} model inputs")

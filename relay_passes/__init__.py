@@ -5,7 +5,8 @@ graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.re
 
 One pass per file. ``pbtvm.compile`` runs :class:`NormalizeConstantIndices` (TVM's importer
 emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
-``take`` reads wherever an id points), :class:`PBLSTMLowering` (LSTM layers into a PB
+``take`` reads wherever an id points), :class:`PropagateNaN` (TVM's ``relu`` / ``clip`` /
+``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
 time loop), :class:`PBLinearRewrite`, then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
 """
@@ -15,6 +16,7 @@ from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite
 from .pb_lstm_lowering import PBLSTMLowering
+from .propagate_nan import PropagateNaN
 
 __all__ = [
     "ApplyPBSchedules",
@@ -23,4 +25,5 @@ __all__ = [
     "NormalizeConstantIndices",
     "PBLSTMLowering",
     "PBLinearRewrite",
+    "PropagateNaN",
 ]

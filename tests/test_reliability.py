@@ -206,6 +206,61 @@ def test_nan_and_inf_inputs_propagate_like_torch():
     _close(got[4:], want[4:])
 
 
+class Clamps(torch.nn.Module):
+    """A PB layer, then every op TVM lowers to a NaN-dropping compare-and-select (and max
+    pooling), then PB again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(40, 16), torch.nn.Linear(16 * 6 + 8, 8)
+
+    def forward(self, x):
+        y = self.l1(x)
+        f = torch.nn.functional
+        clamps = [torch.relu(y), torch.clamp(y, -0.1, 0.1), f.relu6(y), f.hardtanh(y), f.hardsigmoid(y)]
+        clamps.append(torch.maximum(y, torch.minimum(y, torch.zeros_like(y))))
+        clamps.append(f.max_pool1d(y[:, None, :], 2, 2).flatten(1))
+        return torch.cat([self.l2(torch.cat(clamps, 1)), *clamps], 1)
+
+
+def test_nan_survives_relu_clamp_maximum_like_torch():
+    """TVM's relu / clip / maximum / minimum return the other operand for NaN (relu(nan) = 0,
+    hardtanh(nan) = 1): a NaN row came out of the model finite. Now it is NaN where torch's is."""
+    torch.manual_seed(5)
+    model = Clamps().eval()
+    m = _compile(model, torch.randn(2, 40))
+    x = torch.randn(4, 40)
+    x[0, 3] = float("nan")
+    got, want = m(x), model(x).detach()
+    assert want[0].isnan().all() and not want[1:].isnan().any()
+    assert torch.equal(got.isnan(), want.isnan())
+    _close(got[1:], want[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nan_survives_relu_in_half_precision(dtype):
+    """bfloat16 has no ``isnan`` in TVM and ``x != x`` folds to false: the check goes through float32."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval().to(dtype)
+    m = _compile(model, torch.randn(2, 16, dtype=dtype))
+    x = torch.randn(3, 16, dtype=dtype)
+    x[0, 1] = float("nan")
+    got = m(x)
+    assert got[0].isnan().all() and got[1:].isfinite().all()
+
+
+def test_inf_rows_stay_non_finite_through_two_layers():
+    """A row holding +inf: torch's next layer sums inf - inf (NaN); PB's gives +-inf or NaN (the
+    README's NaN policy), never a finite number."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 16), torch.nn.Linear(16, 8)).eval()
+    m = _compile(model, torch.randn(2, 40))
+    x = torch.randn(3, 40)
+    x[0, 5] = float("inf")
+    got = m(x)
+    assert not got[0].isfinite().any() and got[1:].isfinite().all()
+
+
 def test_nan_propagates_through_compile_lstm():
     torch.manual_seed(4)
     lstm = torch.nn.LSTM(8, 16, batch_first=True)

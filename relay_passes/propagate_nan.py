@@ -1,0 +1,92 @@
+"""Make the imported graph's clamps keep NaN, as torch's do.
+
+TVM lowers ``relu``, ``clip`` (``clamp``, ``hardtanh``, ``relu6``), ``maximum`` and ``minimum`` to
+a compare-and-select, which returns the other operand when one is NaN: ``relu(nan) = 0``,
+``hardtanh(nan) = 1``. torch returns NaN for all of them, so a NaN reaching a PB layer's output
+(a row with a NaN gives NaN outputs, as in torch) was turned back into finite numbers one op
+later. This pass wraps each such float op so that NaN passes through::
+
+    relu(x)         ->  where(isnan(x), x, relu(x))
+    maximum(a, b)   ->  where(isnan(a) | isnan(b), a + b, maximum(a, b))   (a + b is NaN there)
+    max_pool(x)     ->  where(max_pool(float(isnan(x))) > 0, nan, max_pool(x))
+
+The elementwise ``where`` fuses into the op's own kernel; max pooling pools the NaN indicator
+with the same window (one more pooling). Other ops keep TVM's semantics.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from pbtvm._tvm import relax, tvm
+
+#: Ops of one tensor operand that drop NaN in TVM (argument 0 is the tensor).
+UNARY_OPS = ("relax.nn.relu", "relax.clip")
+#: Elementwise binary ops that drop NaN in TVM.
+BINARY_OPS = ("relax.maximum", "relax.minimum")
+#: Max pooling: a window holding NaN gives the largest of its other values in TVM.
+POOL_OPS = ("relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d")
+
+
+def _is_float(expr: relax.Expr) -> bool:
+    ty = expr.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat"))
+
+
+def _isnan(x: relax.Expr) -> relax.Expr:
+    """``isnan(x)``, of bfloat16 through float32: TVM 0.27 has no bfloat16 ``isnan``, and its
+    simplifier folds ``x != x`` to false."""
+    return relax.op.isnan(relax.op.astype(x, "float32") if x.ty.dtype == "bfloat16" else x)
+
+
+@mutator
+class _Propagate(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule | None = None) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
+        if op not in UNARY_OPS + BINARY_OPS + POOL_OPS or not all(_is_float(a) for a in tensors):
+            return call
+        kept = self.builder_.emit(call)
+        self.rewritten += 1
+        if op in POOL_OPS:
+            x, dtype = call.args[0], call.args[0].ty.dtype
+            flag = self.builder_.emit(relax.op.astype(_isnan(x), dtype))
+            pooled = self.builder_.emit(relax.Call(call.op, [flag], call.attrs))
+            hit = self.builder_.emit(relax.op.greater(pooled, relax.const(0, dtype)))
+            return relax.op.where(hit, relax.const(float("nan"), dtype), kept)
+        if op in UNARY_OPS:
+            x = call.args[0]
+            nan, value = _isnan(x), x
+        else:
+            a, b = call.args
+            nan, value = relax.op.logical_or(_isnan(a), _isnan(b)), relax.op.add(a, b)
+        value = value if isinstance(value, relax.Var) else self.builder_.emit(value)
+        return relax.op.where(self.builder_.emit(nan), value, kept)
+
+
+@tvm.transform.module_pass(opt_level=0, name="PropagateNaN")
+class PropagateNaN:
+    """Module pass: NaN-keeping ``relu`` / ``clip`` / ``maximum`` / ``minimum`` / max pooling in
+    every Relax function.
+
+    Attributes
+    ----------
+    rewritten : int
+        Ops wrapped by the last run.
+    """
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        propagate = _Propagate(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                propagate.builder_.update_func(gvar, propagate.visit_expr(func))
+        self.rewritten = propagate.rewritten
+        return propagate.builder_.get()
