@@ -185,12 +185,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import pbtvm
 
     from .apps.report import median_latency_ms
-    from .target import TargetInfo
+    from .target import TargetInfo, resolve_target
 
     model, example, options = _model_and_options(args)
-    m = pbtvm.compile(model, example, **options, work_dir=args.work_dir)
+    target = resolve_target(options["target"])
+    cuda = TargetInfo.of(target).device == "cuda"
+    if cuda and not torch.cuda.is_available():  # before compiling: bench runs the model
+        raise CLIError("pbtvm bench --target cuda needs a CUDA GPU, and torch sees none (compile works without one)")
+    m = pbtvm.compile(model, example, **{**options, "target": target}, work_dir=args.work_dir)
     dev = TargetInfo.from_summary(m.manifest["target"]).device
-    cuda = dev == "cuda"
     x = example[0][:1].repeat(args.batch, *([1] * (example[0].ndim - 1)))
     rows = []
     sync = torch.cuda.synchronize if cuda else None

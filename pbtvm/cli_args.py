@@ -72,21 +72,31 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[Any, tuple]:
             raise CLIError(f"model file {where} does not exist")
         mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        _user_code(f"importing {where}", mod_spec.loader.exec_module, module)
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as err:
             raise CLIError(f"cannot import {where}: {err}") from None
+        except Exception as err:
+            raise CLIError(f"importing {where} raised {type(err).__name__}: {err}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise CLIError(f"{where} has no function {func_name!r}")
-    out = fn()
+    out = _user_code(f"{spec}()", fn)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module)):
         raise CLIError(f"{spec} must return (model, example_inputs), got {type(out).__name__}")
     model, example = out
     example = tuple(example) if isinstance(example, list | tuple) else (example,)
     return model.eval(), example
+
+
+def _user_code(what: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``: the user's file or model factory; what it raises is the user's error (exit 2)."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        raise CLIError(f"{what} raised {type(err).__name__}: {err}") from None
 
 
 def parse_target(text: str) -> Any:

@@ -70,6 +70,7 @@ def import_model(
         pointers.add(x.data_ptr())
     example_inputs = tuple(unique)
     model = model.eval()
+    _check_runs(model, example_inputs)
     with recurrent.lstm_stand_ins(model) as lstms:
         exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
     if dynamic and lstms[1:]:
@@ -91,6 +92,22 @@ def import_model(
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
         specs[i]["index_range"] = rows
     return mod, specs, dynamic
+
+
+def _check_runs(model: Any, example_inputs: tuple) -> None:
+    """Run the model on the example once (no grad): an example it cannot take (a wrong shape or
+    dtype) is the caller's error, named as such, not a failure deep inside ``torch.export``."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as err:
+        shown = ", ".join(f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" for x in example_inputs)
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(
+            f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first}"
+        ) from err
 
 
 def layer_names(model: Any) -> dict[str, str]:

@@ -45,6 +45,8 @@ class CompiledModel:
         self._on_cuda = False
         self._layer_args: dict[int, Any] = {}  # bitlayers -> ShapeTuple argument, made once
         self._shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
+        self._labels = dim_labels(manifest["inputs"])
+        self._ties = tied_dims(manifest["inputs"])
         self._checked: list[tuple | None] = [None] * len(self._shapes)  # last accepted (kind, dtype, shape)
         self._staging: dict[tuple, Any] = {}  # (input, shape) -> aligned tensor that unaligned inputs are copied into
         structure = manifest.get("output_structure")
@@ -147,8 +149,10 @@ class CompiledModel:
         if shape != want and (
             len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=True))
         ):
-            shown = tuple("batch" if w is None else w for w in want)
-            raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}")
+            shown = "(" + ", ".join(str(w) for w in self._labels[index]) + ("," if len(want) == 1 else "") + ")"
+            named = any(isinstance(w, str) and w != "batch" for w in self._labels[index])
+            note = " (n0, n1, ...: any size, the same wherever a name repeats across inputs)" if named else ""
+            raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}{note}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
 
@@ -182,6 +186,13 @@ class CompiledModel:
         with self._lock:
             self._ensure_vm()
             args = [self._to_tvm(x, s, i) for i, (x, s) in enumerate(zip(inputs, specs, strict=True))]
+            for (i, d), (j, e) in self._ties:  # run-time sizes the model needs equal
+                if inputs[i].shape[d] != inputs[j].shape[e]:
+                    raise InputError(
+                        f"input {j} has size {inputs[j].shape[e]} in dimension {e} and input {i} has "
+                        f"{inputs[i].shape[d]} in dimension {d}: the model needs them equal "
+                        f"(both {self._labels[i][d]}, e.g. the batch of the tokens and of an initial state)"
+                    )
             if self.manifest["has_bitlayers"]:
                 args.append(self._bitlayers_arg(layers))
             out = self._main(*args)
@@ -219,6 +230,40 @@ class CompiledModel:
             f"CompiledModel({self.format.name}, target={m['target']}, "
             f"{len(m['layers']['converted'])} PB layers, {len(m['layers']['skipped'])} fp32)"
         )
+
+
+def _symbols(spec: dict) -> list:
+    """Per dimension of an input spec: its run-time symbol (``"batch"`` in manifests from before
+    ``dims`` was recorded), None for a static size."""
+    dims = spec.get("dims") or ["batch" if size is None else None for size in spec["shape"]]
+    return [None if size is not None else (sym or "batch") for size, sym in zip(spec["shape"], dims, strict=True)]
+
+
+def dim_labels(specs: list[dict]) -> list[tuple]:
+    """How error messages show each input's shape: the static sizes, and for the run-time
+    dimensions ``batch`` (a plain model: one symbol) or ``n0``, ``n1`` ... (one name per symbol)."""
+    symbols = list(dict.fromkeys(sym for spec in specs for sym in _symbols(spec) if sym is not None))
+    names = {sym: "batch" if len(symbols) == 1 else f"n{n}" for n, sym in enumerate(symbols)}
+    return [
+        tuple(size if sym is None else names[sym] for size, sym in zip(spec["shape"], _symbols(spec), strict=True))
+        for spec in specs
+    ]
+
+
+def tied_dims(specs: list[dict]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pairs ``((input, dim), (input, dim))`` of run-time dimensions with one symbol: each later
+    occurrence paired with the first (from the manifest's ``dims``; none for older manifests)."""
+    first: dict[str, tuple[int, int]] = {}
+    ties = []
+    for i, spec in enumerate(specs):
+        for d, sym in enumerate(spec.get("dims") or []):
+            if sym is None:
+                continue
+            if sym in first:
+                ties.append((first[sym], (i, d)))
+            else:
+                first[sym] = (i, d)
+    return ties
 
 
 def _check_ids(value: Any, rows: int, index: int) -> None:

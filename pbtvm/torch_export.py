@@ -88,14 +88,19 @@ def _user_input_shapes(exported: Any) -> list:
 
 
 def input_specs(exported: Any, example_inputs: tuple) -> list[dict]:
-    """dtype and shape of each user input, None for a dimension the exported program keeps symbolic."""
-    return [
-        {
-            "dtype": str(x.dtype).replace("torch.", ""),
-            "shape": [None if _symbolic(d) else int(d) for d in shape],
-        }
-        for shape, x in zip(_user_input_shapes(exported), example_inputs, strict=True)
-    ]
+    """dtype and shape of each user input, None for a dimension the exported program keeps symbolic.
+
+    Where an input has symbolic dimensions, ``dims`` names each one's symbol (None for static
+    ones): dimensions with one symbol must be equal at run time (e.g. the batch of the tokens
+    and of an LSTM's initial state).
+    """
+    specs = []
+    for shape, x in zip(_user_input_shapes(exported), example_inputs, strict=True):
+        spec = {"dtype": str(x.dtype).replace("torch.", ""), "shape": [None if _symbolic(d) else int(d) for d in shape]}
+        if None in spec["shape"]:
+            spec["dims"] = [str(d) if _symbolic(d) else None for d in shape]
+        specs.append(spec)
+    return specs
 
 
 __all__ = ["export_program", "input_specs"]

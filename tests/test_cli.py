@@ -28,6 +28,12 @@ MODEL_FILE = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+    def raises():
+        raise KeyError("a bug in the user's factory")
+
+    def wrong_example():
+        return nn.Linear(64, 10), (torch.randn(2, 63),)
     """
 )
 
@@ -72,6 +78,9 @@ def test_compile_and_inspect(spec, tmp_path, capsys):
         (["compile", "{spec_dir}/zoo.py:make", "--target", "metal", "-o", "x.so"], "unsupported target kind"),
         (["compile", "model.pt", "-o", "x.so"], "model file model.pt does not exist"),
         (["compile", "justaname", "-o", "x.so"], "MODEL must be"),
+        # the user's code and example are the user's errors (exit 2), not "internal error" (exit 1)
+        (["compile", "{spec_dir}/zoo.py:raises", "-o", "x.so"], "zoo.py:raises() raised KeyError"),
+        (["compile", "{spec_dir}/zoo.py:wrong_example", "-o", "x.so"], "does not run on the example input(s) ([2, 63]"),
     ],
 )
 def test_compile_bad_input(argv, message, spec, tmp_path, capsys):  # noqa: ARG001 - spec writes the model file
@@ -79,6 +88,19 @@ def test_compile_bad_input(argv, message, spec, tmp_path, capsys):  # noqa: ARG0
     code, _, err = _run(argv, capsys)
     assert code == 2
     assert err.startswith("pbtvm: error:") and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_bench_on_cuda_without_a_gpu_is_refused_before_compiling(spec, capsys):
+    code, _, err = _run(["bench", spec, "--target", '{"kind": "cuda", "arch": "sm_90"}'], capsys)
+    assert code == 2 and "needs a CUDA GPU" in err, err
+
+
+def test_pt_model_with_a_wrong_input_shape(tmp_path, capsys):
+    path = tmp_path / "mlp.pt"
+    torch.save(MLP((16, 8, 4)), path)
+    code, _, err = _run(["compile", path, "--input-shape", "1x15", "-o", tmp_path / "x.so"], capsys)
+    assert code == 2 and "does not run on the example input(s) ([1, 15] float32)" in err, err
 
 
 def test_pt_model_needs_input_shape(tmp_path, capsys):

@@ -175,6 +175,12 @@ def test_unsupported_lstms_are_clear_errors():
     tokens, h0, c0 = lm.example(5, 3)
     with pytest.raises(ValueError, match="input 1 has shape"):
         compiled(tokens, h0[:1], c0)  # wrong number of layers in the state
+    # tokens [T, B] and the state's batch are both run-time sizes, but one size: an InputError
+    # naming both inputs, not TVM's match_cast check
+    with pytest.raises(ValueError, match=r"input 1 has size 2 in dimension 1 and input 0 has 3 in dimension 1"):
+        compiled(tokens, h0[:, :2], c0[:, :2])
+    with pytest.raises(ValueError, match=r"input 0 has shape \(5,\), the model expects \(n0, n1\) \(n0, n1"):
+        compiled(tokens[:, 0], h0, c0)
 
 
 def test_one_tensor_as_two_example_inputs_stays_two_inputs():
