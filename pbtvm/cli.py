@@ -40,12 +40,14 @@ examples
 def _model_and_options(args: argparse.Namespace) -> tuple[Any, tuple, dict]:
     """The MODEL argument resolved, and the target / bits / act_bits every command passes on."""
     model, example = load_model(args.model, args.input_shape)
-    return model, example, {"target": parse_target(args.target), "bits": args.bits, "act_bits": args.act_bits}
+    options = {"target": parse_target(args.target), "bits": args.bits, "act_bits": args.act_bits}
+    return model, example, {**options, "layout": args.layout, "codebook": args.codebook}
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_compile(args: argparse.Namespace) -> int:
-    """``pbtvm compile``."""
+    """``pbtvm compile``: compile MODEL with PrecisionBatching into one deployable .so (kernels,
+    packed weights, manifest), loadable with ``pbtvm.load`` or the TVM runtime alone."""
     import pbtvm
 
     folder = Path(args.output).resolve().parent
@@ -99,6 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if path.is_dir():
         return _inspect_log(path)
     from pbtvm.library import read_manifest
+    from pbtvm.runtime import dim_labels
 
     manifest = read_manifest(str(path))
     if args.json:
@@ -111,7 +114,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     codebooks = {layer.get("codebook", fmt["codebook"]) for layer in converted}
     codebook = fmt["codebook"] if codebooks <= {fmt["codebook"]} else "codebook per layer"
     print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {codebook} layout {fmt['layout']} (v{fmt['version']})")
-    print(f"  inputs   {manifest['inputs']} (dynamic batch: {manifest['dynamic_batch']})")
+    labels = dim_labels(manifest["inputs"])
+    shown = ", ".join(
+        f"[{', '.join(map(str, dims))}] {spec['dtype']}" for dims, spec in zip(labels, manifest["inputs"], strict=True)
+    )
+    print(f"  inputs   {shown}")
     for layer in converted:
         shape = f"{layer['shape'][0]}x{layer['shape'][1]}"
         print(f"  PB       {layer['name']}  {shape}  {layer.get('codebook', fmt['codebook'])}")
@@ -251,6 +258,21 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     )
     p.add_argument("--bits", type=int, default=4, help="weight bits 1..16 (default 4)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits 2..16 (default 8)")
+    if model:
+        from .bitplane import CODEBOOKS, LAYOUTS
+
+        p.add_argument(
+            "--layout",
+            default="auto",
+            choices=("auto", *LAYOUTS),
+            help="weight plane layout (default auto: binary tensor cores on CUDA sm_80+, else kNW)",
+        )
+        p.add_argument(
+            "--codebook",
+            default="auto",
+            choices=("auto", *CODEBOOKS),
+            help="weight codebook (default auto: per layer, the lowest weight error)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,11 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=64, help="candidates per kernel when tuning (default 64)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("tune", help="search PB kernel schedules, write the tuning log", description=_plain(cmd_tune.__doc__))
+    p = sub.add_parser(
+        "tune", help="search PB kernel schedules, write the tuning log", description=_plain(cmd_tune.__doc__)
+    )
     _common(p)
     p.add_argument("--work-dir", required=True, help="tuning log directory")
     p.add_argument(
-        "--trials", type=int, default=64, help="search trials per kernel, measured after its default schedule (default 64)"
+        "--trials",
+        type=int,
+        default=64,
+        help="search trials per kernel, measured after its default schedule (default 64)",
     )
     p.add_argument("--batch", type=int, default=1, help="batch size to tune for (default 1)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices behind this TVM RPC tracker")
@@ -335,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = (str(err).strip().splitlines() or [""])[0]
         if type(err).__module__.split(".")[0] == "torch":  # torch.export / the model's own forward failed
-            print(f"pbtvm: error: torch could not run or export the model ({type(err).__name__}): {first}", file=sys.stderr)
+            print(
+                f"pbtvm: error: torch could not run or export the model ({type(err).__name__}): {first}",
+                file=sys.stderr,
+            )
             return USAGE_ERROR
         print(
             f"pbtvm: internal error: {type(err).__name__}: {first}\n"

