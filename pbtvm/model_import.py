@@ -74,9 +74,13 @@ def import_model(
     with recurrent.lstm_stand_ins(model) as lstms:
         exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
     if dynamic and lstms[1:]:
-        fixed = ", ".join(sorted({f"the {what} of {name}" for name, what in lstms[1:]}))
+        by_layer: dict[str, list[str]] = {}
+        for name, what in lstms[1:]:
+            by_layer.setdefault(name, []).append(what)
+        fixed = "; ".join(f"{' and '.join(whats)} of {name}" for name, whats in by_layer.items())
+        verb = "are" if len(lstms[1:]) > 1 else "is"
         warnings.warn(
-            f"pbtvm: {fixed} is 1 in the example, and torch.export fixes dimensions of size 1: the compiled "
+            f"pbtvm: the {fixed} {verb} 1 in the example, and torch.export fixes dimensions of size 1: the compiled "
             "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
             stacklevel=5,  # the user's compile / tune call
         )

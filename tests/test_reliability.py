@@ -135,8 +135,23 @@ def test_out_of_bounds_constant_index_is_a_clear_error():
         def forward(self, x):
             return torch.index_select(x, 1, torch.tensor([0, 7]))
 
-    with pytest.raises(ValueError, match="constant index 7 is out of bounds for axis 1 of size 5"):
+    # torch refuses it when the model runs on the example: named as the example's error
+    with pytest.raises(ValueError, match=r"does not run on the example input\(s\) \(\[2, 5, 3\] float32\).*bounds"):
         _compile(Oob(), torch.randn(2, 5, 3))
+
+
+def test_the_index_pass_checks_constant_bounds_itself():
+    """``NormalizeConstantIndices`` names an out-of-bounds constant index (graphs that never ran in torch)."""
+    from pbtvm._tvm import relax
+    from pbtvm.relay_passes import NormalizeConstantIndices
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 5, 3], "float32"))
+    with bb.function("main", [x]):
+        out = bb.emit(relax.op.take(x, relax.const(np.array([0, 7]), "int64"), axis=1))
+        bb.emit_func_output(out)
+    with pytest.raises(ValueError, match="constant index 7 is out of bounds for axis 1 of size 5"):
+        NormalizeConstantIndices()(bb.get())
 
 
 class TokenModel(torch.nn.Module):
