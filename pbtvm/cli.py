@@ -116,7 +116,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {codebook} layout {fmt['layout']} (v{fmt['version']})")
     labels = dim_labels(manifest["inputs"])
     shown = ", ".join(
-        f"[{', '.join(map(str, dims))}] {spec['dtype']}" for dims, spec in zip(labels, manifest["inputs"], strict=True)
+        f"[{', '.join(map(str, dims))}] {spec['dtype']}"
+        + (f" (ids < {spec['index_range']})" if "index_range" in spec else "")
+        for dims, spec in zip(labels, manifest["inputs"], strict=True)
     )
     print(f"  inputs   {shown}")
     for layer in converted:
@@ -156,7 +158,7 @@ def _inspect_log(path: Path) -> int:
         for name in (tuning.WORKLOADS, tuning.RECORDS):
             f = log / name
             counts[name] = sum(1 for line in f.read_text().splitlines() if line.strip()) if f.exists() else 0
-        knobs = _read_knob_log(log / tuning.KNOB_LOG)
+        knobs = tuning.read_knob_file(log / tuning.KNOB_LOG)
         print(f"{log}: target {meta.get('target')}")
         print(f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}")
         print(
@@ -166,23 +168,14 @@ def _inspect_log(path: Path) -> int:
         print(f"  knob search: {len(knobs)} kernel(s) ({tuning.KNOB_LOG}), the setting each uses:")
         for key, entry in knobs.items():
             settings = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("us", "default_us"))
-            times = f"{entry['us']:.2f} us (default {entry['default_us']:.2f} us)" if "us" in entry else ""
+            times = f"{_us(entry.get('us'))} (default {_us(entry.get('default_us'))})"
             print(f"    {key.split(':')[0]}  {settings}  {times}".rstrip())
     return 0
 
 
-def _read_knob_log(path: Path) -> dict:
-    """The knob log of one target's tuning log (``{}`` when absent): ``{key: {knob: value, "us":
-    ..., "default_us": ...}}``, as :meth:`pbtvm.schedules.tuning.TuningLog.read_knobs` reads it."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_bytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CLIError(f"tuning log {path} is corrupt: {err}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise CLIError(f"tuning log {path} is corrupt: expected a JSON object of objects")
-    return data
+def _us(seconds_us: float | None) -> str:
+    """A knob log time (µs) as shown by inspect; None (the setting failed) as ``-``."""
+    return "-" if seconds_us is None else f"{seconds_us:.2f} us"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -79,13 +79,15 @@ def nvcc_compile_hook(arch: str) -> Iterator[None]:
 
 
 def cpu_fusion() -> Any:
-    """Operator fusion for CPU builds: TVM's legalize-and-fuse passes.
+    """Operator fusion for CPU builds: TVM's legalize-and-fuse passes, without constant folding.
 
     ``tvm.compile`` runs them only for GPU targets in TVM 0.27 (its CPU default pipeline goes
     straight from ``LegalizeOps`` to lowering), so every elementwise op between two PB layers was
     a kernel of its own: a ``relu`` one launch, the NaN-keeping ``relu`` of
     :class:`pbtvm.relay_passes.PropagateNaN` three. The PB kernels are opaque
-    (:data:`pbtvm.relay_passes.apply_pb_schedules.OPAQUE`): nothing is fused into them.
+    (:data:`pbtvm.relay_passes.apply_pb_schedules.OPAQUE`): nothing is fused into them. No
+    ``FoldConstant``: a folded run-time tensor becomes a VM constant that calls share (and may
+    hand out as an output).
     """
     from ._tvm import relax, tvm
 
@@ -93,7 +95,6 @@ def cpu_fusion() -> Any:
         [
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ],

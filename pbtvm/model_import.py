@@ -86,11 +86,20 @@ def import_model(
         )
     convert_map = converters([] if matmul_owners is None else matmul_owners)
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
-    mod = from_exported_program(exported, custom_convert_map=convert_map)
+    try:
+        mod = from_exported_program(exported, custom_convert_map=convert_map)
+    except AssertionError as err:  # TVM's importer asserts on torch ops it has no converter for
+        if "Unsupported function types" not in str(err):
+            raise
+        raise InputError(
+            f"TVM {tvm.__version__}'s torch importer cannot convert ops of this model: "
+            f"{str(err).split('Unsupported function types', 1)[1].strip()} (aten names); write them with "
+            "supported ops (e.g. x.max(dim).values for torch.amax) or keep them outside the compiled model"
+        ) from None
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
     mod = PropagateNaN()(clip(mod))
-    specs = input_specs(exported, example_inputs)
+    specs = input_specs(exported, example_inputs, batch_only=not lstms)
     if len(mod["main"].params) != len(specs):  # input_ranges is keyed by main's parameter position
         raise RuntimeError(f"main takes {len(mod['main'].params)} parameters for {len(specs)} model inputs")
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
@@ -100,7 +109,11 @@ def import_model(
 
 def _check_runs(model: Any, example_inputs: tuple) -> None:
     """Run the model on the example once (no grad): an example it cannot take (a wrong shape or
-    dtype) is the caller's error, named as such, not a failure deep inside ``torch.export``."""
+    dtype) is the caller's error, named as such, not a failure deep inside ``torch.export``.
+
+    One more eager forward per compile (``torch.export`` traces the model anyway); a model whose
+    forward needs autograd, or changes its own state when called, is reported or changed here.
+    """
     import torch
 
     try:

@@ -191,7 +191,7 @@ class CompiledModel:
                     raise InputError(
                         f"input {j} has size {inputs[j].shape[e]} in dimension {e} and input {i} has "
                         f"{inputs[i].shape[d]} in dimension {d}: the model needs them equal "
-                        f"(both {self._labels[i][d]}, e.g. the batch of the tokens and of an initial state)"
+                        f"(both {self._labels[i][d]})"
                     )
             if self.manifest["has_bitlayers"]:
                 args.append(self._bitlayers_arg(layers))
@@ -241,9 +241,10 @@ def _symbols(spec: dict) -> list:
 
 def dim_labels(specs: list[dict]) -> list[tuple]:
     """How error messages show each input's shape: the static sizes, and for the run-time
-    dimensions ``batch`` (a plain model: one symbol) or ``n0``, ``n1`` ... (one name per symbol)."""
-    symbols = list(dict.fromkeys(sym for spec in specs for sym in _symbols(spec) if sym is not None))
-    names = {sym: "batch" if len(symbols) == 1 else f"n{n}" for n, sym in enumerate(symbols)}
+    dimensions ``batch`` (the symbol a plain model's export names so) or ``n0``, ``n1`` ... (one
+    name per other symbol; e.g. an LSTM model's sequence length and batch)."""
+    symbols = dict.fromkeys(sym for spec in specs for sym in _symbols(spec) if sym not in (None, "batch"))
+    names = {"batch": "batch"} | {sym: f"n{n}" for n, sym in enumerate(symbols)}
     return [
         tuple(size if sym is None else names[sym] for size, sym in zip(spec["shape"], _symbols(spec), strict=True))
         for spec in specs

@@ -87,18 +87,19 @@ def _user_input_shapes(exported: Any) -> list:
     return [nodes[name].meta["val"].shape for name in names]
 
 
-def input_specs(exported: Any, example_inputs: tuple) -> list[dict]:
+def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -> list[dict]:
     """dtype and shape of each user input, None for a dimension the exported program keeps symbolic.
 
     Where an input has symbolic dimensions, ``dims`` names each one's symbol (None for static
     ones): dimensions with one symbol must be equal at run time (e.g. the batch of the tokens
-    and of an LSTM's initial state).
+    and of an initial state). ``batch_only``: the export kept only the batch (dimension 0)
+    symbolic, and the symbol is named ``"batch"``; else torch's names (``s13``, ...).
     """
     specs = []
     for shape, x in zip(_user_input_shapes(exported), example_inputs, strict=True):
         spec = {"dtype": str(x.dtype).replace("torch.", ""), "shape": [None if _symbolic(d) else int(d) for d in shape]}
         if None in spec["shape"]:
-            spec["dims"] = [str(d) if _symbolic(d) else None for d in shape]
+            spec["dims"] = [("batch" if batch_only else str(d)) if _symbolic(d) else None for d in shape]
         specs.append(spec)
     return specs
 

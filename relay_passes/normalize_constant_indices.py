@@ -11,7 +11,9 @@ a constant:
   ``squeeze(strided_slice(x, [i, i + 1]))`` (``strided_slice`` counts negative bounds from the
   end); other negative indices there are an error, as there is no size to check them against.
 
-``strided_slice`` itself handles negative bounds correctly and clamps, so it is left alone.
+A ``take`` whose constant indices are checked in bounds gets ``mode="clip"`` (same result; topi
+logs "Fast mode segfaults ..." at compile time for every ``fast`` take). ``strided_slice``
+itself handles negative bounds correctly and clamps, so it is left alone.
 """
 
 from __future__ import annotations

@@ -211,7 +211,10 @@ class _Lowerer(PyExprMutator):
                 index = relax.const(layer * dirs + d, "int64")
                 h = emit(relax.op.take(h0, index, axis=0, mode="clip"))
                 c = emit(relax.op.take(c0, index, axis=0, mode="clip"))
-                ys = emit(relax.op.zeros(relax.ShapeExpr([steps, batch, hidden]), "float32"))
+                # Every step writes ys[t] in place. An allocation, not zeros(): with a static shape
+                # FoldConstant (in TVM's GPU pipeline) would fold zeros() into a VM constant, which
+                # every call would then overwrite and hand out as its output.
+                ys = emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr([steps, batch, hidden]), "float32", 0))
                 suffix = "_reverse" if d else ""
                 # One codebook for W_ih and W_hh of a layer, chosen jointly, as compile_lstm does.
                 codebook = self.codebook

@@ -9,9 +9,11 @@ later. This pass wraps each such float op so that NaN passes through::
     relu(x)         ->  where(isnan(x), x, relu(x))
     maximum(a, b)   ->  where(isnan(a) | isnan(b), a + b, maximum(a, b))   (a + b is NaN there)
     max_pool(x)     ->  where(max_pool(float(isnan(x))) > 0, nan, max_pool(x))
+    max(x, axis)    ->  where(max(float(isnan(x)), axis) > 0, nan, max(x, axis))    (min alike)
 
-The elementwise ``where`` fuses into the op's own kernel; max pooling pools the NaN indicator
-with the same window (one more pooling). Other ops keep TVM's semantics.
+The elementwise ``where`` fuses into the op's own kernel; max pooling and the reductions reduce
+the NaN indicator over the same window or axes (one more pass). Other ops keep TVM's semantics
+(``argmax`` / ``argmin`` among them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ UNARY_OPS = ("relax.nn.relu", "relax.clip")
 BINARY_OPS = ("relax.maximum", "relax.minimum")
 #: Max pooling: a window holding NaN gives the largest of its other values in TVM.
 POOL_OPS = ("relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d")
+#: Reductions: NaN survives only as the last element reduced.
+REDUCE_OPS = ("relax.max", "relax.min")
 
 
 def _is_float(expr: relax.Expr) -> bool:
@@ -49,14 +53,17 @@ class _Propagate(PyExprMutator):
         call = self.visit_expr_post_order(call)
         op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
         tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
-        if op not in UNARY_OPS + BINARY_OPS + POOL_OPS or not all(_is_float(a) for a in tensors):
+        if op not in UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS or not all(_is_float(a) for a in tensors):
             return call
         kept = self.builder_.emit(call)
         self.rewritten += 1
-        if op in POOL_OPS:
+        if op in POOL_OPS + REDUCE_OPS:  # the same window / axes over the NaN indicator
             x, dtype = call.args[0], call.args[0].ty.dtype
             flag = self.builder_.emit(relax.op.astype(_isnan(x), dtype))
-            pooled = self.builder_.emit(relax.Call(call.op, [flag], call.attrs))
+            if op in POOL_OPS:
+                pooled = self.builder_.emit(relax.Call(call.op, [flag], call.attrs))
+            else:
+                pooled = self.builder_.emit(relax.op.max(flag, call.attrs.axis, call.attrs.keepdims))
             hit = self.builder_.emit(relax.op.greater(pooled, relax.const(0, dtype)))
             return relax.op.where(hit, relax.const(float("nan"), dtype), kept)
         if op in UNARY_OPS:
@@ -71,8 +78,8 @@ class _Propagate(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="PropagateNaN")
 class PropagateNaN:
-    """Module pass: NaN-keeping ``relu`` / ``clip`` / ``maximum`` / ``minimum`` / max pooling in
-    every Relax function.
+    """Module pass: NaN-keeping ``relu`` / ``clip`` / ``maximum`` / ``minimum`` / max pooling /
+    ``max`` / ``min`` in every Relax function.
 
     Attributes
     ----------

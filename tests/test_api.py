@@ -81,7 +81,9 @@ def test_layers_report_and_manifest(compiled):
     assert compiled.fp32_layers == []
     m = compiled.manifest
     assert m["format"]["bits"] == 4 and m["target"]["kind"] == "llvm" and m["target"]["mcpu"]
-    assert m["inputs"] == [{"dtype": "float32", "shape": [None, 40]}]
+    (spec,) = m["inputs"]
+    assert spec["dtype"] == "float32" and spec["shape"] == [None, 40]
+    assert spec["dims"] == ["batch", None]  # the run-time batch's symbol
     assert m["quantizer"] == {"codebook": "auto", "method": "mse", "calibrated": False}
     assert [layer["codebook"] for layer in m["layers"]["converted"]] == ["offset_binary"] * 3
     # the model's format is what its layers use, not the two's-complement default of W4
@@ -229,3 +231,22 @@ def test_call_path_unaligned_strided_and_changing_inputs():
     with pytest.raises(TypeError, match="dtype"):
         m(x[1:4].double())
     torch.testing.assert_close(m(x[1:4]), first, rtol=0, atol=0)
+
+
+def test_run_time_dimensions_are_labelled_and_tied():
+    """Error messages name run-time sizes; sizes with one symbol must agree across inputs."""
+    from pbtvm.runtime import dim_labels, tied_dims
+
+    plain = [{"dtype": "float32", "shape": [None, 40], "dims": ["batch", None]}]
+    assert dim_labels(plain) == [("batch", 40)] and tied_dims(plain) == []
+    older = [{"dtype": "float32", "shape": [None, 40]}]  # a manifest from before "dims"
+    assert dim_labels(older) == [("batch", 40)] and tied_dims(older) == []
+    lm = [
+        {"dtype": "int64", "shape": [None, None], "dims": ["s13", "s15"]},  # tokens [T, B]
+        {"dtype": "float32", "shape": [2, None, 24], "dims": [None, "s15", None]},  # h0 [L, B, H]
+        {"dtype": "float32", "shape": [2, None, 24], "dims": [None, "s15", None]},
+    ]
+    assert dim_labels(lm) == [("n0", "n1"), (2, "n1", 24), (2, "n1", 24)]
+    assert tied_dims(lm) == [((0, 1), (1, 1)), ((0, 1), (2, 1))]
+    one_length = [{"dtype": "int64", "shape": [None, 1], "dims": ["s13", None]}]  # T run-time, batch fixed at 1
+    assert dim_labels(one_length) == [("n0", 1)]  # not called "batch"

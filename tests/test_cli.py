@@ -129,6 +129,11 @@ def test_inspect_bad_input(tmp_path, capsys):
     (log / "pbtvm_cpu_kernels.json").write_text("[1, 2]")
     code, _, err = _run(["inspect", tmp_path / "logs"], capsys)
     assert code == 2 and "pbtvm_cpu_kernels.json is corrupt" in err
+    # a setting whose default failed to build has no default time: shown as "-"
+    knobs = {"pb_gemm_w4a8_kNW_8x64:b1:ab": {"row_tile": 2, "batch_tile": 4, "us": 1.5, "default_us": None}}
+    (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(knobs))
+    code, out, _ = _run(["inspect", tmp_path / "logs"], capsys)
+    assert code == 0 and "pb_gemm_w4a8_kNW_8x64  row_tile=2 batch_tile=4  1.50 us (default -)" in out, out
 
 
 def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):

@@ -206,6 +206,18 @@ def test_every_offered_knob_setting_makes_a_kernel(n, k, dense_act):
         assert rule.kernel_with(func, knobs) is not None, knobs
 
 
+def test_knob_settings_drop_what_does_not_fit(monkeypatch):
+    """A knob list holding a setting too large for small layers (it once held (4, 8)) offers it
+    only where it fits."""
+    import pbtvm.schedules.cpu_vnni as cpu_vnni
+
+    monkeypatch.setattr(cpu_vnni, "KNOBS", (*KNOBS, (4, 8)))
+    fmt = bp.BitplaneFormat(4, 8)
+    rule = rule_for(kernels.int_product_func(fmt, 8, 32), tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    small = rule.knob_settings(kernels.int_product_func(fmt, 8, 32))
+    assert {"row_tile": 4, "batch_tile": 8} not in small and len(small) == len(KNOBS)
+
+
 def test_tile_problem_names_the_limit():
     fmt = bp.BitplaneFormat(4, 8)
     assert tile_problem(fmt, 32, 2, 4) is None

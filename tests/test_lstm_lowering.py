@@ -183,6 +183,33 @@ def test_unsupported_lstms_are_clear_errors():
         compiled(tokens[:, 0], h0, c0)
 
 
+@pytest.mark.parametrize("fold_constants", [False, True])
+def test_static_shape_outputs_are_not_shared_between_calls(fold_constants, monkeypatch):
+    """With static shapes the sequence output buffer must still be made per call: built as
+    zeros(), TVM's FoldConstant (in its GPU pipeline) made it one VM constant, so the second
+    call overwrote the first call's output."""
+    import pbtvm.cuda
+    from pbtvm._tvm import relax, tvm
+
+    if fold_constants:  # the GPU pipeline's folding, on the CPU build
+        fusion = pbtvm.cuda.cpu_fusion
+        monkeypatch.setattr(
+            pbtvm.cuda,
+            "cpu_fusion",
+            lambda: tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.FoldConstant(), fusion()]),
+        )
+    torch.manual_seed(1)
+    lstm = torch.nn.Sequential(torch.nn.LSTM(4, 8, 2)).eval()
+    compiled = pbtvm.compile(lstm, (torch.randn(3, 2, 4),), bits=8, dynamic_batch=False)
+    x1, x2 = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    y1, _ = compiled(x1)
+    kept = y1.clone()
+    compiled(x2)
+    assert torch.equal(y1, kept)
+    with torch.no_grad():
+        assert _rel(y1, lstm(x1)[0]) <= 1e-2
+
+
 def test_one_tensor_as_two_example_inputs_stays_two_inputs():
     torch.manual_seed(0)
     lm = WordLM().eval()

@@ -252,6 +252,37 @@ def test_nan_survives_relu_clamp_maximum_like_torch():
     _close(got[1:], want[1:])
 
 
+def test_torch_ops_tvm_cannot_import_are_named():
+    class Amax(torch.nn.Module):
+        def forward(self, x):
+            return x.amax(1)
+
+    with pytest.raises(ValueError, match=r"torch importer cannot convert ops of this model: \['amax.default'\]"):
+        _compile(Amax(), torch.randn(2, 8))
+
+
+def test_nan_survives_max_and_min_reductions():
+    """TVM's max / min reductions keep a NaN only where it happens to be reduced first; wrapped,
+    a NaN anywhere along the axis gives NaN (torch.max(x, dim) imports as topk: not covered)."""
+    from pbtvm._tvm import relax, tvm
+    from pbtvm.relay_passes import PropagateNaN
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 4, 10], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            hi = bb.emit(relax.op.max(x, axis=[1]))
+            lo = bb.emit(relax.op.min(x, axis=[1], keepdims=True))
+            out = bb.emit_output(relax.Tuple([hi, lo]))
+        bb.emit_func_output(out)
+    data = np.random.default_rng(0).standard_normal((2, 4, 10)).astype(np.float32)
+    data[0, 2, 3] = np.nan  # the third of the four values reduced into [0, 3]
+    vm = relax.VirtualMachine(tvm.compile(PropagateNaN()(bb.get()), "llvm"), tvm.cpu())
+    hi, lo = (t.numpy() for t in vm["main"](tvm.runtime.tensor(data)))
+    np.testing.assert_array_equal(hi, np.max(data, axis=1))  # numpy propagates NaN, as torch does
+    np.testing.assert_array_equal(lo, np.min(data, axis=1, keepdims=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_nan_survives_relu_in_half_precision(dtype):
     """bfloat16 has no ``isnan`` in TVM and ``x != x`` folds to false: the check goes through float32."""

@@ -21,7 +21,17 @@ from __future__ import annotations
 from pbtvm._tvm import meta_schedule
 
 from ..rules import KnobRule, ScheduleRule, TunableRule, rules_for
-from .log import KNOB_LOG, LOG_META, RECORDS, WORKLOADS, TuningLog, TuningLogError, check_rows, target_key
+from .log import (
+    KNOB_LOG,
+    LOG_META,
+    RECORDS,
+    WORKLOADS,
+    TuningLog,
+    TuningLogError,
+    check_rows,
+    read_knob_file,
+    target_key,
+)
 from .lookup import replay, tuned_lookup
 from .measure import build_candidate, default_builder, default_runner, rpc_runner
 from .report import KernelReport, Progress, TuneReport
@@ -52,6 +62,7 @@ __all__ = [
     "replay",
     "rpc_runner",
     "rules_for",
+    "read_knob_file",
     "sample_candidates",
     "target_key",
     "tunable_rule",

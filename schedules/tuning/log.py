@@ -168,20 +168,42 @@ class TuningLog:
         TuningLogError
             If the file is not a JSON object.
         """
-        path = self.path / KNOB_LOG
-        if not path.exists():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise TuningLogError(f"tuning log {path} is corrupt: {err}") from None
-        if not isinstance(data, dict):
-            raise TuningLogError(f"tuning log {path} is corrupt: expected a JSON object")
-        return data
+        return read_knob_file(self.path / KNOB_LOG)
 
     def write_knobs(self, knobs: dict) -> None:
         """Replace the knob log with ``knobs`` (call while holding the exclusive lock)."""
         (self.path / KNOB_LOG).write_text(json.dumps(knobs, indent=1) + "\n")
 
 
-__all__ = ["KNOB_LOG", "LOG_META", "RECORDS", "WORKLOADS", "TuningLog", "TuningLogError", "check_rows", "target_key"]
+def read_knob_file(path: Path) -> dict:
+    """A knob log file (:data:`KNOB_LOG`), ``{}`` when absent: ``{knob key: {knob: value, "us":
+    ..., "default_us": ...}}`` (a time is None where that setting failed to build or run).
+
+    Raises
+    ------
+    TuningLogError
+        If the file is not a JSON object of objects.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TuningLogError(f"tuning log {path} is corrupt: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise TuningLogError(f"tuning log {path} is corrupt: expected a JSON object of objects")
+    return data
+
+
+__all__ = [
+    "KNOB_LOG",
+    "LOG_META",
+    "RECORDS",
+    "WORKLOADS",
+    "TuningLog",
+    "TuningLogError",
+    "check_rows",
+    "read_knob_file",
+    "target_key",
+]
