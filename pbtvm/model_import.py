@@ -70,6 +70,7 @@ def import_model(
         pointers.add(x.data_ptr())
     example_inputs = tuple(unique)
     model = model.eval()
+    recurrent.checked_lstms(model)  # an unsupported LSTM is named before anything runs it
     _check_runs(model, example_inputs)
     with recurrent.lstm_stand_ins(model) as lstms:
         exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))

@@ -127,6 +127,22 @@ def recurrent_modules(model: Any) -> list[tuple[str, Any]]:
     return [(name or "<model>", m) for name, m in model.named_modules() if isinstance(m, torch.nn.RNNBase)]
 
 
+def checked_lstms(model: Any) -> list:
+    """``(name, module)`` of every ``nn.LSTM`` in ``model``, each passed by :func:`check_lstm`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        See :func:`check_lstm`.
+    """
+    import torch
+
+    lstms = [(name, m) for name, m in recurrent_modules(model) if isinstance(m, torch.nn.LSTM)]
+    for name, m in lstms:
+        check_lstm(name, m)
+    return lstms
+
+
 @contextlib.contextmanager
 def lstm_stand_ins(model: Any) -> Iterator[list]:
     """While active, every ``nn.LSTM`` in ``model`` calls the custom op.
@@ -143,11 +159,8 @@ def lstm_stand_ins(model: Any) -> Iterator[list]:
     ValueError, TypeError
         See :func:`check_lstm`.
     """
-    import torch
 
-    lstms = [(name, m) for name, m in recurrent_modules(model) if isinstance(m, torch.nn.LSTM)]
-    for name, m in lstms:
-        check_lstm(name, m)
+    lstms = checked_lstms(model)
     patched = []
     found: list = [len(lstms)] if lstms else []
     try:
