@@ -38,10 +38,12 @@ examples
 
 
 def _model_and_options(args: argparse.Namespace) -> tuple[Any, tuple, dict]:
-    """The MODEL argument resolved, and the target / bits / act_bits every command passes on."""
+    """The MODEL argument resolved, and the target / bits / act_bits / layout / codebook every
+    command passes on."""
     model, example = load_model(args.model, args.input_shape)
     options = {"target": parse_target(args.target), "bits": args.bits, "act_bits": args.act_bits}
-    return model, example, {**options, "layout": args.layout, "codebook": args.codebook}
+    options.update(layout=args.layout, codebook=args.codebook)
+    return model, example, options
 
 
 # --------------------------------------------------------------------------- commands
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbtvm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .errors import InputError
+    from .errors import InputError, first_line
     from .library import LibraryError
     from .schedules.tuning import TuningLogError
 
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        first = (str(err).strip().splitlines() or [""])[0]
+        first = first_line(err)
         if type(err).__module__.split(".")[0] == "torch":  # torch.export / the model's own forward failed
             print(
                 f"pbtvm: error: torch could not run or export the model ({type(err).__name__}): {first}",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tvm_ffi
 
-__all__ = ["InputError", "InputTypeError"]
+__all__ = ["InputError", "InputTypeError", "first_line"]
 
 
 # Registered with TVM's FFI so that one raised inside a pass (Python called back from C++) comes
@@ -23,3 +23,8 @@ class InputError(ValueError):
 @tvm_ffi.register_error
 class InputTypeError(InputError, TypeError):
     """An argument of the wrong type."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message ("" when empty): what an error report quotes."""
+    return (str(err).strip().splitlines() or [""])[0]

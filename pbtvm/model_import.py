@@ -12,7 +12,7 @@ from typing import Any
 
 from . import recurrent
 from ._tvm import tvm
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, first_line
 from .lowering import weight_key
 from .relay_passes import ClipRuntimeIndices, NormalizeConstantIndices, PropagateNaN
 from .torch_export import export_program, input_specs
@@ -70,9 +70,9 @@ def import_model(
         pointers.add(x.data_ptr())
     example_inputs = tuple(unique)
     model = model.eval()
-    recurrent.checked_lstms(model)  # an unsupported LSTM is named before anything runs it
+    checked = recurrent.checked_lstms(model)  # an unsupported LSTM is named before anything runs it
     _check_runs(model, example_inputs)
-    with recurrent.lstm_stand_ins(model) as lstms:
+    with recurrent.lstm_stand_ins(checked) as lstms:
         exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
     if dynamic and lstms[1:]:
         by_layer: dict[str, list[str]] = {}
@@ -122,9 +122,8 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
             model(*example_inputs)
     except Exception as err:
         shown = ", ".join(f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" for x in example_inputs)
-        first = (str(err).strip().splitlines() or [""])[0]
         raise InputError(
-            f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first}"
+            f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first_line(err)}"
         ) from err
 
 

@@ -144,8 +144,9 @@ def checked_lstms(model: Any) -> list:
 
 
 @contextlib.contextmanager
-def lstm_stand_ins(model: Any) -> Iterator[list]:
-    """While active, every ``nn.LSTM`` in ``model`` calls the custom op.
+def lstm_stand_ins(lstms: list) -> Iterator[list]:
+    """While active, every ``nn.LSTM`` of ``lstms`` (``(name, module)`` from
+    :func:`checked_lstms`) calls the custom op.
 
     Yields a list, empty if the model has no LSTM; else its first item is the number of LSTMs
     and the others ``(lstm name, "sequence length" | "batch")`` for each of those dimensions
@@ -153,14 +154,7 @@ def lstm_stand_ins(model: Any) -> Iterator[list]:
 
     The modules keep their parameters (the exported program lifts them under their usual names);
     only ``forward`` is replaced, and restored on exit.
-
-    Raises
-    ------
-    ValueError, TypeError
-        See :func:`check_lstm`.
     """
-
-    lstms = checked_lstms(model)
     patched = []
     found: list = [len(lstms)] if lstms else []
     try:
@@ -206,6 +200,7 @@ __all__ = [
     "OP_KEY",
     "PLACEHOLDER_PREFIX",
     "check_lstm",
+    "checked_lstms",
     "convert_lstm_stack",
     "lstm_stand_ins",
     "placeholder_config",
