@@ -47,7 +47,7 @@ def _rewrite(
 
         importance = input_importance(model, calibration)
     names = layer_names(model)
-    lstms = PBLSTMLowering(fmt, codebook, quantizer)  # first: its input projections are dense layers
+    lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
         mod = lstms(mod)
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)

@@ -297,8 +297,10 @@ def compile_decoder(
     """
     from .compiler import build_model
     from .generate import check_chunk
+    from .lowering import check_module_weights
 
     _check_parts(lstm, embedding, head, batch)
+    check_module_weights({"": lstm, "head": head})
     generate_chunk = check_chunk(generate_chunk, embedding is not None and head is not None)
     from .quantize import check_codebook
 

@@ -8,9 +8,12 @@ internal error with a request to report it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import tvm_ffi
 
-__all__ = ["InputError", "InputTypeError", "first_line"]
+__all__ = ["InputError", "InputTypeError", "first_line", "naming_layer"]
 
 
 # Registered with TVM's FFI so that one raised inside a pass (Python called back from C++) comes
@@ -28,3 +31,16 @@ class InputTypeError(InputError, TypeError):
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message ("" when empty): what an error report quotes."""
     return (str(err).strip().splitlines() or [""])[0]
+
+
+@contextlib.contextmanager
+def naming_layer(name: str) -> Iterator[None]:
+    """Prefix ``layer {name}:`` to a ``ValueError`` raised inside, e.g. a weight holding NaN.
+
+    An :class:`InputError` keeps its class; any other ``ValueError`` becomes an InputError.
+    """
+    try:
+        yield
+    except ValueError as err:
+        cls = type(err) if isinstance(err, InputError) else InputError
+        raise cls(f"layer {name}: {err}") from None

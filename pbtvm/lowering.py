@@ -16,7 +16,7 @@ import numpy as np
 
 from .bitplane import BitplaneFormat, pack_weights
 
-__all__ = ["LayerRecord", "layers_format", "lower_weights", "weight_key"]
+__all__ = ["LayerRecord", "check_module_weights", "layers_format", "lower_weights", "weight_key"]
 
 
 def weight_key(array: np.ndarray) -> str:
@@ -25,6 +25,32 @@ def weight_key(array: np.ndarray) -> str:
     h = hashlib.sha1(f"{a.dtype}{a.shape}".encode())
     h.update(a.tobytes())
     return h.hexdigest()[:16]
+
+
+def check_module_weights(modules: dict[str, Any]) -> None:
+    """Refuse a torch module whose weights hold NaN or Inf, naming the weight.
+
+    Parameters
+    ----------
+    modules : dict
+        Name (``""`` for the top module) -> ``nn.LSTM`` / ``nn.Linear`` (or None, skipped); every
+        parameter whose name starts with ``weight`` is checked.
+
+    Raises
+    ------
+    InputError
+        ``layer head.weight (Linear): weights contain NaN or Inf``.
+    """
+    from .errors import naming_layer
+    from .quantize import checked_weights
+
+    for prefix, module in modules.items():
+        if module is None:
+            continue
+        for param, w in module.named_parameters():
+            if param.startswith("weight"):
+                with naming_layer(f"{prefix}{'.' if prefix else ''}{param} ({type(module).__name__})"):
+                    checked_weights(w.detach().float().cpu().numpy())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -240,8 +240,10 @@ def compile_lstm(
         raise InputError("bidirectional LSTMs are not supported yet")
     if getattr(lstm, "proj_size", 0):
         raise InputError("LSTMs with proj_size are not supported yet")
+    from .lowering import check_module_weights
     from .quantize import AUTO, check_codebook
 
+    check_module_weights({"": lstm})
     if "calibration" in compile_kwargs:
         raise InputError("calibration is supported by pbtvm.compile only, not by compile_lstm")
     quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))

@@ -33,6 +33,7 @@ __all__ = [
     "AUTO",
     "METHODS",
     "check_codebook",
+    "checked_weights",
     "choose_codebook",
     "dequantize_weights",
     "layer_format",
@@ -42,6 +43,25 @@ __all__ = [
     "pb_lstm_cell_reference",
     "pb_lstm_cell_input_reference",
 ]
+
+
+def checked_weights(w: np.ndarray) -> np.ndarray:
+    """``w`` as float32 [N, K], or an :class:`InputError` saying what is wrong with it.
+
+    Raises
+    ------
+    InputError
+        ``w`` is not 2-D, or holds NaN or Inf; :class:`InputTypeError` if it is not floating point.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise InputError(f"weights must be 2-D [N, K], got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise InputTypeError(f"weights must be floating point, got {w.dtype}")
+    w = w.astype(np.float32)
+    if not np.all(np.isfinite(w)):
+        raise InputError("weights contain NaN or Inf")
+    return w
 
 
 def quantize_weights(
@@ -72,16 +92,9 @@ def quantize_weights(
         sign codes). ``[2, N]`` for offset binary: ``w ~= scale[0, :, None] * (q - scale[1, :, None])``.
         All-zero rows get scale 0.
     """
-    w = np.asarray(w)
-    if w.ndim != 2:
-        raise InputError(f"weights must be 2-D [N, K], got shape {w.shape}")
-    if not np.issubdtype(w.dtype, np.floating):
-        raise InputTypeError(f"weights must be floating point, got {w.dtype}")
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    w = w.astype(np.float32)
-    if not np.all(np.isfinite(w)):
-        raise InputError("weights contain NaN or Inf")
+    w = checked_weights(w)
     if fmt.codebook == "bipolar":
         return weight_fit.fit_bipolar(w, importance)
     if fmt.codebook == "offset_binary":

@@ -26,13 +26,14 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
-from pbtvm.errors import InputError
+from pbtvm.errors import naming_layer
 from pbtvm.lowering import LayerRecord, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.quantize import AUTO
 from pbtvm.schedules.cpu_vnni import one_kernel_layer
 
+from .block_builder import blocks_closed_on_error
 from .te_call import emit_te_call
 
 logger = logging.getLogger(__name__)
@@ -176,12 +177,9 @@ class _Rewriter(PyExprMutator):
         key = weight_key(weight)
         if key not in self._packed_weights:
             imp = [self.importance.get(key)]
-            try:
-                codebook = self.codebooks.get(key, self.codebook)
+            codebook = self.codebooks.get(key, self.codebook)
+            with naming_layer(self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")):
                 fmt, [(planes, params)] = lower_weights([weight], self.fmt, (codebook, self.method), imp)
-            except ValueError as err:  # e.g. NaN / Inf weights: say which layer
-                name = self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")
-                raise InputError(f"layer {name}: {err}") from None
             self._packed_weights[key] = (planes, params, fmt)
         return self._packed_weights[key]
 
@@ -370,9 +368,10 @@ class PBLinearRewrite:
         rewriter = _Rewriter(
             mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names, self.codebooks
         )
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.rewrite(func))
+        with blocks_closed_on_error(rewriter.builder_):
+            for gvar, func in mod.functions_items():
+                if isinstance(func, relax.Function):
+                    rewriter.builder_.update_func(gvar, rewriter.rewrite(func))
         rewriter.finish_report()
         mod = rewriter.builder_.get()
         mod = relax.transform.DeadCodeElimination()(mod)

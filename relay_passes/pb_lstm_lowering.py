@@ -33,12 +33,15 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
+from pbtvm.errors import naming_layer
 from pbtvm.lowering import LayerRecord, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import kernel_attrs, unit_major_rows
 from pbtvm.ops.lstm_cell import pb_lstm_cell_at
-from pbtvm.quantize import AUTO, choose_codebook
+from pbtvm.quantize import AUTO, checked_weights, choose_codebook
 from pbtvm.recurrent import placeholder_config
+
+from .block_builder import blocks_closed_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +120,14 @@ def _seq(*bindings: tuple[relax.Var, relax.Expr]) -> relax.SeqExpr:
 
 @mutator
 class _Lowerer(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, fmt: BitplaneFormat, codebook: str | None, method: str) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, fmt: BitplaneFormat, codebook: str | None, method: str, layer_names: dict[str, str]
+    ) -> None:
         super().__init__(mod)
         self.fmt = fmt
         self.codebook = codebook
         self.method = method
+        self.layer_names = layer_names
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
         self.bitlayers: relax.Var | None = None
@@ -204,6 +210,10 @@ class _Lowerer(PyExprMutator):
             for d in range(dirs):
                 group = weights[(layer * dirs + d) * per : (layer * dirs + d + 1) * per]
                 w_ih, w_hh = group[0], group[1]
+                suffix = "_reverse" if d else ""
+                for w, param in ((w_ih, "ih"), (w_hh, "hh")):  # a weight holding NaN: say which
+                    with naming_layer(self.layer_names.get(weight_key(w), f"weight_{param}_l{layer}{suffix} (LSTM)")):
+                        checked_weights(w)
                 gx = emit(relax.op.matmul(x2, emit(relax.op.permute_dims(relax.const(w_ih, "float32")))))
                 if has_bias:
                     gx = emit(relax.op.add(gx, relax.const((group[2] + group[3]).astype(np.float32), "float32")))
@@ -215,7 +225,6 @@ class _Lowerer(PyExprMutator):
                 # FoldConstant (in TVM's GPU pipeline) would fold zeros() into a VM constant, which
                 # every call would then overwrite and hand out as its output.
                 ys = emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr([steps, batch, hidden]), "float32", 0))
-                suffix = "_reverse" if d else ""
                 # One codebook for W_ih and W_hh of a layer, chosen jointly, as compile_lstm does.
                 codebook = self.codebook
                 if codebook == AUTO:
@@ -260,6 +269,8 @@ class PBLSTMLowering:
     fmt : BitplaneFormat
     codebook, method
         Codebook and quantizer of the recurrent weights, as in :class:`PBLinearRewrite`.
+    layer_names : dict, optional
+        :func:`weight_key` -> readable name, for error messages (e.g. a weight holding NaN).
 
     Attributes
     ----------
@@ -271,18 +282,26 @@ class PBLSTMLowering:
         layer (jointly with ``W_hh``); pass it to :class:`PBLinearRewrite` as ``codebooks``.
     """
 
-    def __init__(self, fmt: BitplaneFormat, codebook: str | None = AUTO, method: str = "mse") -> None:
+    def __init__(
+        self,
+        fmt: BitplaneFormat,
+        codebook: str | None = AUTO,
+        method: str = "mse",
+        layer_names: dict[str, str] | None = None,
+    ) -> None:
         self.fmt = fmt
         self.codebook = codebook
         self.method = method
+        self.layer_names = dict(layer_names or {})
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                lowerer.builder_.update_func(gvar, lowerer.lower(func))
+        lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method, self.layer_names)
+        with blocks_closed_on_error(lowerer.builder_):
+            for gvar, func in mod.functions_items():
+                if isinstance(func, relax.Function):
+                    lowerer.builder_.update_func(gvar, lowerer.lower(func))
         self.converted = lowerer.converted
         self.codebooks = lowerer.codebooks
         mod = lowerer.builder_.get()
