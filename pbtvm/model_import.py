@@ -22,12 +22,15 @@ __all__ = ["import_model", "layer_names"]
 
 
 def _without_torch_export_noise(fn: Any) -> Any:
-    """Hide torch's own ``LeafSpec`` FutureWarning (raised inside ``torch.export``; nothing for users)."""
+    """Hide torch's own warnings from inside ``torch.export`` that say nothing to users: the
+    ``LeafSpec`` FutureWarning, and the ``_flat_weights`` "must be registered as buffers" warning
+    that every ``nn.GRU`` / ``nn.RNN`` gives (torch's own module refreshes that list in forward)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"The tensor attributes (\S*\._flat_weights\[\d+\](, )?)+ were")
             return fn(*args, **kwargs)
 
     return wrapper
