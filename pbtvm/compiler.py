@@ -55,6 +55,10 @@ def _rewrite(
     report = rewrite.report
     converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
     converted += [{**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted]
+    # In the model's order (an LSTM layer's W_ih, W_hh, then the next layer), not the passes' order
+    # (every W_hh after the dense layers); layers no torch module names come last.
+    order = {key: i for i, key in enumerate(names)}
+    converted.sort(key=lambda c: order.get(c["weight_key"], len(order)))
     # Matmuls are named by the torch module that called them when every one came from pbtvm's
     # converters (then the rewrite's matmul order is the converters' order).
     by_order = owners if len(owners) == report.n_matmuls else []
