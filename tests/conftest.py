@@ -13,16 +13,24 @@ import numpy as np
 import pytest
 
 
-def _has_cuda_device() -> bool:
+def _cuda_device() -> tuple[bool, str]:
+    """(whether the ``gpu`` tests can run, why not): TVM sees CUDA device 0."""
     try:
-        from pbtvm.target import local_cuda_arch
+        from pbtvm._tvm import tvm
 
-        return local_cuda_arch() is not None
-    except Exception:
-        return False
+        if tvm.cuda(0).exist:
+            return True, ""
+        return False, "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
+    except Exception as err:  # e.g. a TVM build without CUDA, a driver that fails to load
+        return False, f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"
 
 
-HAS_GPU = _has_cuda_device()
+HAS_GPU, NO_GPU_REASON = _cuda_device()
+
+#: Set to 1 where a GPU must be used (benchmarks/gpu_session.sh): then a machine whose GPU TVM
+#: or torch cannot reach stops the run with the reason, instead of skipping every ``gpu`` test
+#: and looking green.
+REQUIRE_GPU = "PBTVM_REQUIRE_GPU"
 
 #: Every process the tests start inherits this variable, so leftovers can be found even after
 #: their parent died and they were re-parented (a killed RPC server's popen workers).
@@ -73,9 +81,16 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook sig
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
+    if os.environ.get(REQUIRE_GPU) == "1":
+        import torch
+
+        if not HAS_GPU:
+            raise pytest.UsageError(f"{REQUIRE_GPU}=1 but the gpu tests cannot run: {NO_GPU_REASON}")
+        if not torch.cuda.is_available():  # the gpu tests compare with torch on the GPU
+            raise pytest.UsageError(f"{REQUIRE_GPU}=1 but torch {torch.__version__} sees no CUDA device")
     if HAS_GPU:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = pytest.mark.skip(reason=f"needs a CUDA device: {NO_GPU_REASON}")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -69,6 +69,17 @@ def test_one_model_called_from_four_threads_equals_single_threaded():
     assert errors == []
 
 
+def test_a_worker_thread_that_raises_fails_the_test():
+    """run_threads re-raises: a model call that crashes in a thread is not a passing test."""
+
+    def worker(t: int) -> None:
+        if t == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(AssertionError, match="thread 2 of 4 failed: RuntimeError: boom"):
+        run_threads(worker)
+
+
 # ----------------------------------------------------------------------------- 2 shared inputs
 class SwiGLU(torch.nn.Module):
     def __init__(self) -> None:
