@@ -26,6 +26,20 @@ from .log import TuningLog, target_key
 from .space import kernel_name, knob_key, tunable_rule, workload
 
 
+def _offered(rule: KnobRule, func: tir.PrimFunc, chosen: dict) -> bool:
+    """Whether a logged setting (which also carries its timings) is one ``rule`` offers for ``func``.
+
+    The tuner logs only offered settings, and every offered setting is checked exact in the
+    tests; a log edited by hand, or written by a version with other settings, gets the default.
+    """
+    offered = rule.knob_settings(func)
+    try:
+        setting = {name: int(chosen[name]) for name in offered[0]} if offered else None
+    except (KeyError, TypeError, ValueError):
+        return False
+    return setting in offered
+
+
 def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
     """Apply a trace found on :func:`.space.workload` to the symbolic kernel ``func``.
 
@@ -83,6 +97,13 @@ def tuned_lookup(
         if isinstance(rule, KnobRule):
             chosen = knobs.get(knob_key(func, batch))
             if chosen is None:
+                return None
+            if not _offered(rule, func, chosen):  # only settings the tests check run
+                warnings.warn(
+                    f"pbtvm: logged knobs {chosen} for {kernel_name(func)} are not among the settings this "
+                    "version offers; default used",
+                    stacklevel=2,
+                )
                 return None
             try:
                 kernel = rule.kernel_with(func, chosen)
