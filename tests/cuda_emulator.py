@@ -30,8 +30,11 @@ _PRELUDE = r"""
 #include <memory>
 #include <cstdint>
 #include <thread>
+#include <limits>
 #include <vector>
 #define uint unsigned int
+#define CUDART_INF_F std::numeric_limits<float>::infinity()
+#define CUDART_NAN_F std::numeric_limits<float>::quiet_NaN()
 #define __global__
 #define __launch_bounds__(...)
 struct alignas(16) uint4 { unsigned x, y, z, w; };
