@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import pbtvm
+from pbtvm import bitplane as bp
 from pbtvm import library
+from pbtvm import quantize as qz
 from pbtvm._tvm import relax, tvm
 from pbtvm.cli import main
 from pbtvm.decoder import compile_decoder
@@ -367,7 +369,14 @@ def test_half_bfloat_and_double_models_keep_their_dtype(dtype, bias):
     x = torch.randn(3, 32).to(dtype)
     m = _compile(model, x)
     assert len(m.converted_layers) == 1 and m.fp32_layers == []
-    _close(m(x), model(x), rel=0.03 if dtype != torch.bfloat16 else 0.05)
+    # PB computes in float32 and casts its result: the float32 reference, cast, within an ulp
+    fmt, [(q, s)] = qz.layer_format([model.weight.detach().float().numpy()], bp.BitplaneFormat(8, 8))
+    b = model.bias.detach().float().numpy() if bias else None
+    want = torch.from_numpy(qz.pb_linear_reference(x.float().numpy(), bp.pack_weights(q, fmt), s, b, fmt)).to(dtype)
+    got = m(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    eps = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-6
+    torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()))
 
 
 # ----------------------------------------------------------------------------- 7 raw VM bitlayers
