@@ -111,23 +111,24 @@ def _eval_int(expr) -> int:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
+    ("kwargs", "error", "message"),
     [
-        ({"bits": 0}, ValueError),
-        ({"bits": 17}, ValueError),
-        ({"bits": 4.0}, TypeError),
-        ({"bits": 4, "act_bits": 1}, ValueError),
-        ({"bits": 4, "act_bits": 17}, ValueError),
-        ({"bits": 1, "codebook": "twos_complement"}, ValueError),
-        ({"bits": 3, "codebook": "bipolar"}, ValueError),
-        ({"bits": 3, "codebook": "ternary"}, ValueError),
-        ({"bits": 4, "layout": "NWk"}, ValueError),
-        ({"bits": 4, "word_dtype": "uint64"}, ValueError),
-        ({"bits": 4, "version": 99}, ValueError),
+        ({"bits": 0}, ValueError, r"bits must be in 1\.\.16, got 0"),
+        ({"bits": 17}, ValueError, r"bits must be in 1\.\.16, got 17"),
+        ({"bits": 4.0}, TypeError, r"bits must be an int in 1\.\.16, got 4\.0"),
+        ({"bits": 4, "act_bits": 1}, ValueError, r"act_bits must be in 2\.\.16, got 1"),
+        ({"bits": 4, "act_bits": 17}, ValueError, r"act_bits must be in 2\.\.16, got 17"),
+        ({"bits": 1, "codebook": "twos_complement"}, ValueError, r"bits=1 needs the bipolar codebook"),
+        ({"bits": 3, "codebook": "bipolar"}, ValueError, r"bipolar codebook is for bits=1, got bits=3"),
+        ({"bits": 3, "codebook": "ternary"}, ValueError, r"codebook must be one of .*, got 'ternary'"),
+        ({"bits": 4, "layout": "NWk"}, ValueError, r"layout must be one of .*, got 'NWk'"),
+        ({"bits": 4, "word_dtype": "uint64"}, ValueError, r"word_dtype must be 'uint32', got 'uint64'"),
+        ({"bits": 4, "version": 99}, ValueError, r"version 99 is not supported .* recompile the model"),
     ],
 )
-def test_format_validation(kwargs, error):
-    with pytest.raises(error):
+def test_format_validation(kwargs, error, message):
+    """Each bad argument gets its own message, naming the argument and the value given."""
+    with pytest.raises(error, match=message):
         bp.BitplaneFormat(**kwargs)
 
 

@@ -110,7 +110,7 @@ def test_gemm_uses_popcount_and_shuffle_reduction():
 @pytest.mark.parametrize("bits", [1, 2, 3, 8])
 def test_offset_binary_kernels_build_for_sm90(bits):
     """The zero-point epilogue (offset binary) in every PB kernel kind: it builds with nvcc and keeps
-    the popcount + warp-shuffle GEMM; the integer part of the zero point is a float->int floor."""
+    the popcount + warp-shuffle GEMM (its results: test_cuda_core_emulated.py)."""
     target = resolve_target(SM90)
     fmt = bp.BitplaneFormat(bits, 8, "offset_binary")
     for func in (
