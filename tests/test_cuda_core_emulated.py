@@ -82,10 +82,18 @@ def test_dense_matches_reference(bits, codebook, bias, rng):
         _close(out, qz.pb_linear_reference(x, wp, scale, bias_v, fmt, layers), f"bitlayers={layers}")
 
 
-@pytest.mark.parametrize(("bits", "n", "k", "b", "bias"), [(4, 100, 650, 3, True), (1, 33, 20, 1, False)])
-def test_dense_act_matches_reference(bits, n, k, b, bias, rng):
-    """The one-kernel layer: quantize and pack (ballot) inside, then the products."""
-    fmt = bp.BitplaneFormat(bits, 8)
+@pytest.mark.parametrize(
+    ("bits", "codebook", "n", "k", "b", "bias"),
+    [
+        (4, "twos_complement", 100, 650, 3, True),
+        (1, "bipolar", 33, 20, 1, False),
+        (3, "offset_binary", 40, 300, 2, True),
+    ],
+)
+def test_dense_act_matches_reference(bits, codebook, n, k, b, bias, rng):
+    """The one-kernel layer: quantize and pack (ballot) inside, then the products; the offset-binary
+    zero point in its epilogue."""
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
     kern, grid, block = _emulated(kernels.dense_act_func(fmt, n, k, bias), b)
     _, wp, scale = _weights(rng, fmt, n, k)
     x = rng.standard_normal((b, k)).astype(np.float32)
