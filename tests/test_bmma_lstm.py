@@ -128,6 +128,34 @@ def test_step_with_given_projection_emulated_equals_reference(hidden, bits, batc
             _close((h_out, c_out), want, f"sequence={sequence} t={t} bitlayers={layers}")
 
 
+@needs_gpp
+def test_every_offered_config_emulated_equals_reference(rng):
+    """The tuner measures any config of the rule's knob space and a log replays it: every one (18
+    at this size) equals the reference. The one-off run over the 27 configs of hidden 260 (k_split
+    and loads 2 among them) is in the ninth session's note."""
+    n_in, hidden, batch, bits = 100, 72, 3, 4
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    space = lstm_config_space(fmt, hidden, n_in, batch)  # CUDABmmaLstmCell.knob_settings at batch 3
+    assert len(space) == 18
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    b = rng.standard_normal(4 * hidden).astype(np.float32)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    args = {"x_ptr": x, "wp_ih_ptr": wp_ih, "ws_ih_ptr": ws_ih, "h_ptr": h, "c_ptr": c, "wp_hh_ptr": wp_hh}
+    args.update(ws_hh_ptr=ws_hh, bias_buf_ptr=b)
+    for cfg in space:
+        kern = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, n_in, True))
+        launch = _launch(fmt, hidden, cfg, batch)
+        for layers in (1, bits):
+            h_out, c_out = _outputs(batch, hidden)
+            kern(
+                launch["grid"], launch["block"], **args, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch, bitlayers=layers
+            )
+            want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, fmt, layers)
+            _close((h_out, c_out), want, f"{cfg} bitlayers={layers}")
+
+
 # ------------------------------------------------------------------ the rule, configs, SASS
 def _funcs(fmt: bp.BitplaneFormat) -> dict:
     return {

@@ -29,8 +29,9 @@ from .space import kernel_name, knob_key, tunable_rule, workload
 def _offered(rule: KnobRule, func: tir.PrimFunc, chosen: dict) -> bool:
     """Whether a logged setting (which also carries its timings) is one ``rule`` offers for ``func``.
 
-    The tuner logs only offered settings, and every offered setting is checked exact in the
-    tests; a log edited by hand, or written by a version with other settings, gets the default.
+    The tuner logs only offered settings, and the tests run every setting offered at their shapes
+    against the reference (test_cpu_vnni, test_bmma_lstm); a log edited by hand, or written by a
+    version with other settings, gets the default.
     """
     offered = rule.knob_settings(func)
     try:
