@@ -9,7 +9,9 @@ the same ones ``../shared/examples/bmma_tensorize.py`` verified on an H100) and 
 warp-collective too. What it checks: TVM's generated indexing, predicates, K split, plane loop,
 reductions and epilogue. The lanes of a warp run independently between warp-collective calls (as
 CUDA allows since Volta), so code that silently assumes a warp runs in lock step fails here.
-What it cannot check: timing, and races the emulation happens to serialize.
+What it cannot check: timing, and races the emulation happens to serialize. Shuffle masks are
+not checked (the generated kernels use full warps); a launch that runs longer than
+:data:`TIMEOUT_S` (e.g. a warp operation only some lanes reach) raises ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
+
+#: Seconds an emulated launch may run (the slowest case in the tests takes a few seconds).
+TIMEOUT_S = float(os.environ.get("PBTVM_EMULATOR_TIMEOUT", 300))
 
 _PRELUDE = r"""
 #include <algorithm>
@@ -203,15 +209,16 @@ class EmulatedKernel:
             for t, n in self.params
         )
         launch = _LAUNCH.replace("KERNEL", self.name).replace("CALL_ARGS", call)
-        self._dir = tempfile.mkdtemp(prefix="pbtvm_emu_")
-        src, lib = os.path.join(self._dir, "k.cc"), os.path.join(self._dir, "k.so")
-        with open(src, "w") as f:
-            f.write(_PRELUDE + text + launch)
-        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", lib, src]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"g++ failed on the emulated kernel:\n{proc.stderr[-3000:]}")
-        self._lib = ctypes.CDLL(lib)
+        # The library stays mapped once loaded: the directory goes right away (nothing left in /tmp).
+        with tempfile.TemporaryDirectory(prefix="pbtvm_emu_") as work:
+            src, lib = os.path.join(work, "k.cc"), os.path.join(work, "k.so")
+            with open(src, "w") as f:
+                f.write(_PRELUDE + text + launch)
+            cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", lib, src]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"g++ failed on the emulated kernel:\n{proc.stderr[-3000:]}")
+            self._lib = ctypes.CDLL(lib)
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], **args: object) -> None:
         """Run the kernel; ``args`` by the source's parameter names (``xp_ptr``, ``batch`` ...)."""
@@ -226,7 +233,18 @@ class EmulatedKernel:
                 scalars.append(int(args[n]))
         p_arr = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
         s_arr = (ctypes.c_int64 * max(1, len(scalars)))(*scalars)
-        self._lib.launch(p_arr, s_arr, *(ctypes.c_uint(v) for v in (*grid, *block)))
+        dims = [ctypes.c_uint(v) for v in (*grid, *block)]
+        # In a thread of its own, so that a kernel that never finishes (a shuffle, ballot or barrier
+        # that only some threads reach waits forever) fails the test instead of hanging the run.
+        # ctypes releases the GIL during the call; a stuck launch is abandoned (a daemon thread).
+        runner = threading.Thread(target=self._lib.launch, args=(p_arr, s_arr, *dims), daemon=True)
+        runner.start()
+        runner.join(TIMEOUT_S)
+        if runner.is_alive():
+            raise TimeoutError(
+                f"emulated kernel {self.name} {grid} x {block} did not finish in {TIMEOUT_S} s: a warp "
+                "operation or barrier that only some threads reach?"
+            )
 
 
 def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

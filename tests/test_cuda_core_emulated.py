@@ -144,3 +144,19 @@ def test_lstm_cell_with_input_projection_matches_reference(rng):
         want_h, want_c = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh, fmt, layers)
         _close(h1, want_h, f"h, bitlayers={layers}")
         _close(c1, want_c, f"c, bitlayers={layers}")
+
+
+def test_a_kernel_that_never_finishes_fails_instead_of_hanging(monkeypatch):
+    """A shuffle that only lane 0 reaches waits forever (on a GPU too): the emulator gives up."""
+    from . import cuda_emulator
+
+    source = """
+extern "C" __global__ void __launch_bounds__(32) stuck_kernel(int* __restrict__ out);
+extern "C" __global__ void __launch_bounds__(32) stuck_kernel(int* __restrict__ out) {
+  if (threadIdx.x == 0) { out[0] = __shfl_sync(0xFFFFFFFFu, 1, 1, 32); }
+}
+"""
+    kern = EmulatedKernel(source)
+    monkeypatch.setattr(cuda_emulator, "TIMEOUT_S", 1.0)
+    with pytest.raises(TimeoutError, match=r"stuck_kernel \(1, 1, 1\) x \(32, 1, 1\) did not finish in 1\.0 s"):
+        kern((1, 1, 1), (32, 1, 1), out=np.zeros(1, np.int32))
