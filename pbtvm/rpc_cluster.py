@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,18 +30,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_tracker(host: str, port: int, timeout: float = 5.0) -> None:
+    """Raise ``OSError`` unless a TVM RPC tracker answers at ``host:port`` within ``timeout`` s.
+
+    TVM's own ``connect_tracker`` retries a refused connection for 60 s, and waits forever for the
+    handshake of something that listens but is not a tracker (an HTTP server, say). Here the
+    tracker's handshake (its magic number, echoed) is checked on a socket with a timeout.
+    """
+    from tvm.rpc.base import RPC_TRACKER_MAGIC
+
+    magic = struct.pack("<i", RPC_TRACKER_MAGIC)
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(magic)
+        reply = b""
+        try:
+            while len(reply) < len(magic) and (chunk := sock.recv(len(magic) - len(reply))):
+                reply += chunk
+        except TimeoutError:
+            raise OSError(
+                f"{host}:{port} accepts connections but gave no TVM RPC tracker handshake in {timeout:g} s"
+            ) from None
+    if reply != magic:
+        raise OSError(f"{host}:{port} is not a TVM RPC tracker (its reply to the tracker handshake: {reply!r})")
+
+
 def server_keys(host: str, port: int, timeout: float = 5.0) -> list[str]:
     """The device key of every server registered at the tracker ``host:port``, one per server.
 
     Raises
     ------
     OSError, RuntimeError
-        The tracker cannot be reached (checked with a plain socket first: TVM's own connect
-        retries for 60 s).
+        The tracker cannot be reached, or what listens there is no tracker (:func:`check_tracker`).
     """
     from tvm import rpc
 
-    socket.create_connection((host, port), timeout=timeout).close()
+    check_tracker(host, port, timeout)
     info = rpc.connect_tracker(host, port).summary().get("server_info", [])
     return [str(s.get("key", "")).split(":")[-1] for s in info]
 
@@ -79,6 +105,16 @@ def local_cluster(
 ) -> Iterator[tuple[str, list[Path]]]:
     """Run a tracker and ``servers`` RPC servers on 127.0.0.1 for the duration of the block.
 
+    Parameters
+    ----------
+    key : str
+        Device key the servers register with.
+    servers : int
+    log_dir : path, optional
+        Where the tracker and server logs go; default a temporary directory, removed afterwards.
+    timeout : float
+        Seconds the servers may take to register.
+
     Yields
     ------
     address : str
@@ -90,7 +126,14 @@ def local_cluster(
     ------
     RuntimeError
         If the tracker exits or the servers do not register within ``timeout`` seconds.
+
+    Notes
+    -----
+    The processes are stopped however the block ends: an exception, Ctrl-C, or SIGTERM (what
+    ``timeout``, ``kill`` and CI cancellation send), which, in the main thread and while no other
+    handler is set, raises ``SystemExit(143)`` inside the block instead of ending the process at once.
     """
+    own_dir = log_dir is None
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pbtvm-rpc-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -98,7 +141,11 @@ def local_cluster(
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(_sigterm_raises())
+        if own_dir:
+            cleanup.callback(shutil.rmtree, log_dir, ignore_errors=True)
+        cleanup.callback(lambda: [_stop_group(p) for p in procs])  # first: the processes write there
         with open(log_dir / "tracker.log", "w") as fh:
             cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1"]
             procs.append(
@@ -127,9 +174,27 @@ def local_cluster(
                 raise RuntimeError(f"{servers} RPC servers did not register at {address} within {timeout:.0f}s")
             time.sleep(0.1)
         yield address, logs
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` (so ``finally`` blocks run).
+
+    Only in the main thread (where Python runs signal handlers) and only if SIGTERM still has its
+    default action: a handler the program set stays as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
     finally:
-        for p in procs:
-            _stop_group(p)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

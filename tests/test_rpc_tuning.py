@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 import pbtvm
-from pbtvm.rpc_cluster import local_cluster
+from pbtvm.cli import main
+from pbtvm.errors import InputError
+from pbtvm.rpc_cluster import check_tracker, local_cluster
 from pbtvm.schedules import tuning
 
 from .models import MLP
@@ -42,11 +51,67 @@ def test_rpc_tuning_uses_every_server_and_the_log_is_reused(rpc_cluster, tmp_pat
     [("nohost", "host:port"), ("127.0.0.1:1", "cannot reach the RPC tracker")],
 )
 def test_rpc_runner_bad_address(address, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         tuning.rpc_runner(address, KEY)
+
+
+@pytest.mark.parametrize(
+    ("reply", "match"),
+    [(None, r"accepts connections but gave no TVM RPC tracker handshake in 0\.5 s"), (b"HTTP/1.0 400", "is not a TVM")],
+)
+def test_a_port_that_is_not_a_tracker_is_an_error_not_a_hang(reply, match):
+    """Something else listening there (an HTTP server): TVM's connect would wait forever."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4)
+                if reply is not None:
+                    conn.sendall(reply)
+                time.sleep(2)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        t0 = time.time()
+        with pytest.raises(OSError, match=match):
+            check_tracker("127.0.0.1", port, timeout=0.5)
+        assert time.time() - t0 < 5
+        thread.join()
+
+
+def test_cli_reports_a_bad_tracker_address_as_a_user_error(capsys, tmp_path):
+    assert (
+        main(["tune", "mnist-mlp", "--bits", "4", "--work-dir", str(tmp_path), "--rpc", "127.0.0.1", "--key", KEY]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "pbtvm: error: RPC tracker address must be host:port, got '127.0.0.1'" in err and "bug" not in err
+
+
+def test_sigterm_stops_the_cluster():
+    """``timeout`` / ``kill`` send SIGTERM: the tracker and servers go with the program, and the
+    temporary log directory too."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from pbtvm.rpc_cluster import local_cluster
+        with local_cluster("sigterm-test", servers=1) as (address, logs):
+            print(address, logs[0].parent, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    address, log_dir = proc.stdout.split()
+    port = address.split(":")[1]
+    left = [p for p in psutil.process_iter(["cmdline"]) if port in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
+    assert not Path(log_dir).exists()
 
 
 def test_rpc_runner_unknown_key(rpc_cluster):
     address, _ = rpc_cluster
-    with pytest.raises(ValueError, match="no RPC server registered with key 'gpu-farm'"):
+    with pytest.raises(InputError, match="no RPC server registered with key 'gpu-farm'"):
         tuning.rpc_runner(address, "gpu-farm")

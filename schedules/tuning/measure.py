@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Iterator
 
 from pbtvm._tvm import meta_schedule, tvm
+from pbtvm.errors import InputError
 from pbtvm.target import TargetInfo
 
 from .. import cuda_bmma
@@ -130,23 +131,24 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
 
     Raises
     ------
-    ValueError
-        Malformed address, tracker unreachable, or no server with ``key`` registered.
+    pbtvm.errors.InputError
+        Malformed address, no tracker there (unreachable, or something else listens on the port),
+        or no server with ``key`` registered.
     """
     from pbtvm.rpc_cluster import server_keys
 
     ms = meta_schedule()
     host, sep, port = tracker.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"RPC tracker address must be host:port, got {tracker!r}")
+        raise InputError(f"RPC tracker address must be host:port, got {tracker!r}")
     try:
         keys = server_keys(host, int(port))
     except Exception as err:
-        raise ValueError(f"cannot reach the RPC tracker at {tracker}: {err}") from None
+        raise InputError(f"cannot reach the RPC tracker at {tracker}: {err}") from None
     servers = keys.count(key)
     if servers == 0:
         known = sorted(set(keys))
-        raise ValueError(f"no RPC server registered with key {key!r} at {tracker} (keys there: {known or 'none'})")
+        raise InputError(f"no RPC server registered with key {key!r} at {tracker} (keys there: {known or 'none'})")
     rpc_cfg = ms.runner.RPCConfig(
         tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=session_timeout
     )
