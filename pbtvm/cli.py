@@ -345,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     from .library import LibraryError
     from .schedules.tuning import TuningLogError
 
+    # what the user gave is wrong: their inputs, files, folders
+    user_errors = (CLIError, InputError, LibraryError, TuningLogError)
+    user_errors += (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
     try:
         return int(args.func(args))
-    except (CLIError, InputError, LibraryError, TuningLogError, FileNotFoundError, PermissionError) as err:
+    except user_errors as err:
         if args.debug:
             raise
         print(f"pbtvm: error: {err}", file=sys.stderr)

@@ -315,10 +315,14 @@ def read_manifest(path: str) -> dict:
     Raises
     ------
     FileNotFoundError
-        If ``path`` does not exist.
+        If ``path`` does not exist; ``IsADirectoryError`` if it is a directory.
     LibraryError
         If the file is not an ELF library, has no pbtvm manifest, or the manifest is corrupt.
     """
+    if os.path.isdir(path):
+        lstm = os.path.isfile(os.path.join(path, "lstm.json"))
+        hint = ": an exported LSTM, load it with pbtvm.lstm.load_lstm" if lstm else ""
+        raise IsADirectoryError(f"{path} is a directory, not a pbtvm library (.so){hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     raw = read_elf_section(path, MANIFEST_SECTION)

@@ -211,8 +211,17 @@ class CompiledModel:
         """Write the model as one deployable .so (needs only the TVM runtime to load).
 
         Returns the path written.
+
+        Raises
+        ------
+        FileNotFoundError, PermissionError, IsADirectoryError
+            The folder is missing or not writable; ``path`` is a directory.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"cannot write {path}: it is a directory (give a file, e.g. {os.path.join(path, 'model.so')})"
+            )
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")

@@ -184,6 +184,18 @@ def test_load_rejects_foreign_corrupt_and_mismatched_files(compiled, tmp_path):
         pbtvm.load(str(good), device="cuda")
 
 
+def test_directories_are_named_as_directories(compiled, tmp_path):
+    """Exporting to a directory, or loading one, says so (not a linker failure, not "no such file");
+    an exported LSTM's directory points to its loader."""
+    with pytest.raises(IsADirectoryError, match=rf"cannot write {tmp_path}: it is a directory .*model\.so"):
+        compiled.export(tmp_path)
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a directory, not a pbtvm library \(\.so\)$"):
+        pbtvm.load(tmp_path)
+    (tmp_path / "lstm.json").write_text("{}")
+    with pytest.raises(IsADirectoryError, match="an exported LSTM, load it with pbtvm.lstm.load_lstm"):
+        pbtvm.load(tmp_path)
+
+
 def test_load_rejects_other_tvm_version(compiled, tmp_path, monkeypatch):
     good = tmp_path / "good.so"
     compiled.export(str(good))

@@ -43,6 +43,9 @@ def test_decoder_equals_the_sequence_run_token_by_token(bits):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(h, wh, atol=1e-5, rtol=0)
         torch.testing.assert_close(c, wc, atol=1e-5, rtol=0)
+    if bits == 1:  # one sequence given as [T]: the layout is named, not an IndexError
+        with pytest.raises(ValueError, match=r"tokens must be \[T, B\] \(time first\), got shape \(40,\)"):
+            seq(tokens[:, 0])
 
 
 def test_decoder_without_embedding_or_head_and_without_bias():

@@ -184,6 +184,19 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
     assert lookup is None
 
 
+def test_the_target_log_directory_itself_is_accepted_as_work_dir(tmp_path):
+    """``tune`` prints ``log <work_dir>/<target key>``; passing that directory finds the same log.
+    Another target's log directory is named in a warning; a file is an error."""
+    log = _fake_log(tmp_path, CPU)
+    assert tuning.TuningLog(log.path, CPU).path == log.path and tuning.TuningLog(log.path, CPU).usable()
+    sm80 = _fake_log(tmp_path / "gpu", resolve_target({"kind": "cuda", "arch": "sm_80"}))
+    with pytest.warns(UserWarning, match=rf"{sm80.path} is the tuning log of cuda-sm_80, not of cuda-sm_90"):
+        assert not tuning.TuningLog(sm80.path, SM90).usable()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(tuning.TuningLogError, match="notes.txt is a file, not a directory of tuning logs"):
+        tuning.TuningLog(tmp_path / "notes.txt", CPU)
+
+
 @pytest.mark.parametrize(("key", "value"), [("tvm_version", "0.19.0"), ("format_version", 0)])
 def test_log_from_another_version_is_ignored_with_a_warning(tmp_path, key, value):
     log = _fake_log(tmp_path, CPU)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..bitplane import DEFAULT_ACT_BITS
+from ..errors import InputError
 
 
 @dataclass
@@ -178,9 +179,18 @@ class PBWordLM:
         self.model = pb_compile(WithState().eval(), example, target, bits, act_bits, **kw)
 
     def __call__(self, tokens: Any, state: Any = None, bitlayers: int | None = None) -> tuple:
-        """``tokens`` int64 [T, B] -> (logits float32 [T, B, vocab], (h, c))."""
+        """``tokens`` int64 [T, B] -> (logits float32 [T, B, vocab], (h, c)).
+
+        Raises
+        ------
+        pbtvm.errors.InputError
+            ``tokens`` is not 2-D [T, B] (the model's layout: time first).
+        """
         import torch
 
+        if getattr(tokens, "ndim", None) != 2:
+            shape = tuple(getattr(tokens, "shape", ()))
+            raise InputError(f"tokens must be [T, B] (time first), got shape {shape}; one sequence is tokens[:, None]")
         if state is None:
             zeros = torch.zeros(self.state_shape[0], tokens.shape[1], self.state_shape[1])
             state = (zeros, zeros)

@@ -47,8 +47,14 @@ class TuningLog:
     Parameters
     ----------
     work_dir : path
-        Holds one sub-directory per target key.
+        Holds one sub-directory per target key. The target's log directory itself (what ``tune``
+        prints, ``logs/llvm-znver4``) is taken as its parent: the log is the same.
     target : tvm.target.Target
+
+    Raises
+    ------
+    TuningLogError
+        ``work_dir`` is a file.
     """
 
     work_dir: Path
@@ -56,6 +62,10 @@ class TuningLog:
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir)
+        if self.work_dir.exists() and not self.work_dir.is_dir():
+            raise TuningLogError(f"work_dir {self.work_dir} is a file, not a directory of tuning logs")
+        if self.work_dir.name == target_key(self.target) and (self.work_dir / LOG_META).exists():
+            self.work_dir = self.work_dir.parent
 
     @property
     def path(self) -> Path:
@@ -104,7 +114,13 @@ class TuningLog:
         """
         if not (self.path / LOG_META).exists():
             others = [Path(p).parent.name for p in sorted(str(q) for q in self.work_dir.glob(f"*/{LOG_META}"))]
-            if others:
+            if (self.work_dir / LOG_META).exists():  # another target's log directory itself
+                warnings.warn(
+                    f"pbtvm: {self.work_dir} is the tuning log of {self.work_dir.name}, not of "
+                    f"{target_key(self.target)}; pass the directory that holds the logs (default schedules used)",
+                    stacklevel=3,
+                )
+            elif others:
                 warnings.warn(
                     f"pbtvm: {self.work_dir} has tuning logs for {', '.join(others)} but none for "
                     f"{target_key(self.target)}; logs from another target are ignored (default schedules used)",
