@@ -161,7 +161,7 @@ def _inspect_log(path: Path) -> int:
             f = log / name
             counts[name] = sum(1 for line in f.read_text().splitlines() if line.strip()) if f.exists() else 0
         knobs = tuning.read_knob_file(log / tuning.KNOB_LOG)
-        print(f"{log}: target {meta.get('target')}")
+        print(f"{log}: target {_log_target(meta.get('target'))}")
         print(f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}")
         print(
             f"  MetaSchedule: {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
@@ -173,6 +173,19 @@ def _inspect_log(path: Path) -> int:
             times = f"{_us(entry.get('us'))} (default {_us(entry.get('default_us'))})"
             print(f"    {key.split(':')[0]}  {settings}  {times}".rstrip())
     return 0
+
+
+def _log_target(target_json: object) -> object:
+    """A tuning log's target as a library manifest shows it (``{'kind': 'llvm', 'mcpu': 'znver4'}``);
+    the stored text as it is if TVM cannot read it."""
+    from pbtvm._tvm import tvm
+
+    from .target import TargetInfo
+
+    try:
+        return TargetInfo.of(tvm.target.Target(json.loads(target_json))).summary()
+    except Exception:  # a log written by another TVM: show what it says
+        return target_json
 
 
 def _us(seconds_us: float | None) -> str:

@@ -242,7 +242,7 @@ class PBDecoder:
     def __repr__(self) -> str:
         start = f"vocab={self.vocab}" if self.vocab is not None else "x input"
         return (
-            f"PBDecoder({self.format.name}, {start}, layers={self.num_layers}, hidden={self.hidden_size}, "
+            f"PBDecoder({self.format.label}, {start}, layers={self.num_layers}, hidden={self.hidden_size}, "
             f"batch={self.batch}, target={self.model.manifest['target']['kind']})"
         )
 

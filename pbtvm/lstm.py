@@ -205,7 +205,7 @@ class PBLSTM:
 
     def __repr__(self) -> str:
         return (
-            f"PBLSTM({self.format.name}, layers={self.num_layers}, input={self.input_size}, "
+            f"PBLSTM({self.format.label}, layers={self.num_layers}, input={self.input_size}, "
             f"hidden={self.hidden_size}, batch_first={self.batch_first})"
         )
 

@@ -236,7 +236,7 @@ class CompiledModel:
     def __repr__(self) -> str:
         m = self.manifest
         return (
-            f"CompiledModel({self.format.name}, target={m['target']}, "
+            f"CompiledModel({self.format.label}, target={m['target']}, "
             f"{len(m['layers']['converted'])} PB layers, {len(m['layers']['skipped'])} fp32)"
         )
 

@@ -134,6 +134,7 @@ def test_format_validation(kwargs, error, message):
 
 def test_format_is_frozen_hashable_and_roundtrips():
     fmt = bp.BitplaneFormat(4, 8)
+    assert (fmt.name, fmt.label) == ("w4a8", "W4A8 twos_complement kNW")  # the label is for people (reprs)
     assert hash(fmt) == hash(bp.BitplaneFormat(4, 8))
     assert bp.BitplaneFormat.from_dict(fmt.to_dict()) == fmt
     with pytest.raises(AttributeError):

@@ -300,6 +300,7 @@ def test_knob_search_then_compile_from_log(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0  # the knob log is what this tuning wrote: inspect shows it
     shown = capsys.readouterr().out
     assert "knob search: 2 kernel(s)" in shown, shown
+    assert ": target {'kind': 'llvm', 'mcpu': " in shown  # as a library's manifest shows it, not TVM's JSON
     for key, setting in chosen.items():
         assert f"{key.split(':')[0]}  row_tile={setting['row_tile']} batch_tile={setting['batch_tile']}" in shown
     assert pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append).kernels == []

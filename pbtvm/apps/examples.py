@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,7 @@ def builtin_mnist_mlp_path(seed: int = 0) -> str:
 def builtin_mnist_mlp(seed: int = 0):
     """The built-in MNIST MLP 784-512-512-10 and its split: trained once (seeded), then loaded from the cache.
 
-    The first call trains for :data:`BUILTIN_EPOCHS` epochs (~20 s on 2 cores) and saves the weights
+    The first call trains for :data:`BUILTIN_EPOCHS` epochs (20-80 s on 2 cores; a line on stderr says so) and saves the weights
     under :func:`cache_dir` (keyed by seed, epochs and torch version); later calls load them, so
     the demo, ``pbtvm bench/eval/compile mnist-mlp``, tutorial 01 and the tests all see one model.
 
@@ -122,6 +123,10 @@ def builtin_mnist_mlp(seed: int = 0):
             return model.eval(), split
         except (RuntimeError, OSError, EOFError) as err:  # a truncated or foreign file: train anew
             logger.warning("ignoring the unreadable cached model %s (%s)", path, err)
+    # the first run trains silently for up to a minute or more: say so (stderr: outputs stay clean)
+    print(
+        f"pbtvm: training the built-in MNIST MLP once ({BUILTIN_EPOCHS} epochs), then cached in {path}", file=sys.stderr
+    )
     model = train_mnist_mlp(split, epochs=BUILTIN_EPOCHS, seed=seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"

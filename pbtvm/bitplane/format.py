@@ -203,6 +203,11 @@ class BitplaneFormat:
         base = f"w{self.bits}a{self.act_bits}" + ("o" if self.codebook == "offset_binary" else "")
         return base if self.layout == LAYOUTS[0] else f"{base}-{self.layout}"
 
+    @property
+    def label(self) -> str:
+        """Readable description for people, e.g. ``W4A8 offset_binary kNW`` (reprs, ``pbtvm inspect``)."""
+        return f"W{self.bits}A{self.act_bits} {self.codebook} {self.layout}"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; :meth:`from_dict` inverts it."""
         return dataclasses.asdict(self)
