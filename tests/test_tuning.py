@@ -115,7 +115,8 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     # One line per update: kernel i/2, candidates measured / (default + 4 trials), best so far, time left.
     updates = [re.match(r"\[pbtvm tune\] ([12])/2 (\S+): (\d+)/5 candidates measured, best ([0-9.]+) us", ln) for ln in lines]
     updates = [m for m in updates if m]
-    assert {m[1] for m in updates} == {"1", "2"} and all(ln.endswith(" left") for ln in lines if "measured" in ln)
+    timed = [ln for ln in lines if "measured" in ln][1:]  # the first result only starts the clock
+    assert {m[1] for m in updates} == {"1", "2"} and timed and all(ln.endswith(" left") for ln in timed)
     assert {m[2] for m in updates} == {k.name for k in report.kernels}
     assert min(int(m[3]) for m in updates) == 1 and max(int(m[3]) for m in updates) >= 5
     (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -143,6 +144,23 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert refused.manifest["tuning"]["tuned_kernels"] == []
     np.testing.assert_allclose(refused(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_time_left_leaves_out_the_start_up(monkeypatch):
+    """10 s of start-up before the first result, then 1 s per candidate: 7 left is about 7 s, not
+    the 28 s that counting the start-up in the rate gave."""
+    from pbtvm.schedules.tuning.report import KernelReport, Progress
+
+    clock = [0.0]
+    monkeypatch.setattr(tuning.report.time, "perf_counter", lambda: clock[0])
+    lines: list[str] = []
+    prog = Progress(lines.append)
+    rep = KernelReport("k", "MetaSchedule")
+    prog.add(rep, 10)
+    for now, trials in ((10.0, 1), (12.0, 3)):
+        clock[0], rep.trials = now, trials
+        prog.update(rep)
+    assert "left" not in lines[0] and lines[1].endswith("3/10 candidates measured, best -, about 7 s left")
 
 
 def test_tuned_schedule_check_runs_on_a_local_device_only(rng):

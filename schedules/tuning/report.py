@@ -6,7 +6,9 @@
     (default 4.00 us), about 35 s left
 
 "measured" counts the default schedule and every search trial (both are in the log); "left" is
-the time per candidate so far times the candidates still to measure over all kernels.
+the time per candidate since the first measurement times the candidates still to measure over all
+kernels (from the second update on: the time before the first result is mostly start-up, worker
+processes importing TVM, and counting it overstated a short run's time left several times over).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class Progress:
         self.emit = emit
         self.kernels: list[tuple[KernelReport, int]] = []  # (report, candidates to measure)
         self.start = time.perf_counter()
+        self._first: tuple[float, int] | None = None  # (time, candidates done) at the first result
 
     def add(self, rep: KernelReport, total: int) -> None:
         """Track ``rep``, which will measure ``total`` candidates (default included)."""
@@ -118,12 +121,19 @@ class Progress:
         self.emit(f"[pbtvm tune] {text}")
 
     def seconds_left(self) -> float | None:
-        """Time per measured candidate so far times the candidates left, over all kernels (None before any)."""
+        """Time per candidate measured since the first result, times the candidates left over all
+        kernels; None until candidates were measured after the first result."""
+        now = time.perf_counter()
         done = sum(min(rep.trials, total) for rep, total in self.kernels)
         left = sum(max(0, total - rep.trials) for rep, total in self.kernels)
         if done == 0:
             return None
-        return (time.perf_counter() - self.start) / done * left
+        if self._first is None:
+            self._first = (now, done)
+        since, done_then = self._first
+        if done == done_then:
+            return None if left else 0.0
+        return (now - since) / (done - done_then) * left
 
     def update(self, rep: KernelReport) -> None:
         """Emit the line for ``rep`` after new measurements."""
