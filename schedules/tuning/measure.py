@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 
 from pbtvm._tvm import meta_schedule, tvm
@@ -45,11 +46,14 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict 
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def _build_and_export(f_build: Callable, mod: tvm.IRModule, target: tvm.target.Target) -> str:
-    """Runs in a builder worker: build ``mod`` and export it to a tar file; its path."""
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+def _build_and_export(f_build: Callable, mod: tvm.IRModule, target: tvm.target.Target, root: str) -> str:
+    """Runs in a builder worker: build ``mod`` and export it to a tar file in a fresh directory
+    under ``root`` (as MetaSchedule's ``default_export`` does under the system's temp dir); its path."""
+    from tvm.support.tar import tar
 
-    return default_export(f_build(mod, target, None))
+    path = os.path.join(tempfile.mkdtemp(dir=root), "tvm_tmp_mod." + tar.output_format)
+    f_build(mod, target, None).export_library(path, fcompile=tar)
+    return path
 
 
 @functools.cache
@@ -68,17 +72,22 @@ def _pooled_builder_class() -> type:
         CPU on the 2-core test machine, so a knob search measuring one setting at a time spent
         ~4 s per setting starting processes. Here the workers live until :meth:`close` (each is
         replaced after :data:`WORKER_USES` builds).
+
+        Every build goes to a directory of its own under one root that :meth:`close` removes:
+        the measuring code removes each after its run, and nothing is left behind where it does
+        not (a build never run, an interrupted search).
         """
 
         def __init__(self, f_build: Callable, max_workers: int, timeout_sec: float) -> None:
             super().__init__()
             self.f_build, self.timeout_sec = f_build, timeout_sec
+            self.root = tempfile.mkdtemp(prefix="pbtvm_build_")
             self.pool = PopenPoolExecutor(
                 max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=WORKER_USES
             )
 
         def build(self, build_inputs: list) -> list:
-            jobs = [(self.f_build, b.mod, b.target) for b in build_inputs]
+            jobs = [(self.f_build, b.mod, b.target, self.root) for b in build_inputs]
             results = []
             for res in self.pool.map_with_error_catching(lambda job: _build_and_export(*job), jobs):
                 if res.status == StatusKind.COMPLETE:
@@ -90,8 +99,9 @@ def _pooled_builder_class() -> type:
             return results
 
         def close(self) -> None:
-            """End the worker processes."""
+            """End the worker processes and remove every build's files."""
             self.pool.shutdown()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     return PooledBuilder
 
