@@ -177,31 +177,67 @@ def write_table(rows: list[dict], path: str | None = None) -> str:
 
 #: Label offsets (points) tried in order until a label overlaps no other label and no marker.
 _LABEL_OFFSETS = [(5, 3), (5, -9), (-5, 3), (-5, -9), (0, 9), (0, -14), (10, 12), (-10, 12), (10, -18), (-10, -18)]
+#: Markers closer than this (display pixels, both axes) share one label.
+_SAME_PLACE_PX = 9.0
+#: Points more than this many accuracy points below the best are drawn on the lower edge of the
+#: plot (a down-pointing marker, the accuracy in the label): one broken setting (bitlayers=1)
+#: would otherwise squeeze every other point into a line.
+FAR_BELOW_POINTS = 10.0
 
 
-def _label_points(fig: Any, ax: Any, rows: list[dict]) -> None:
-    """Write each point's config beside it where it overlaps no label or marker placed so far (greedy)."""
+def _merged_label(configs: list[str]) -> str:
+    """One label for configs at one place: ``W8A8 L=3,5,6`` for run-time settings of one model."""
+    parts: dict[str, list[str]] = {}
+    for config in configs:
+        base, _, layers = config.partition(" L=")
+        parts.setdefault(base, []).append(layers)
+    out = []
+    for base, layers in parts.items():
+        named = [n for n in layers if n]
+        if len(named) < len(layers):
+            out.append(base)
+        if named:
+            out.append(f"{base} L={','.join(named)}")
+    return ", ".join(out)
+
+
+def _label_points(fig: Any, ax: Any, points: list[tuple[float, float, str]]) -> None:
+    """Label the points ``(x, y, text)``: markers at one place share a label (:func:`_merged_label`);
+    each label goes beside its markers where it overlaps no label or marker placed so far (greedy)."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    taken = []
-    for r in rows:
-        x, y = ax.transData.transform((r["latency_ms"], r["accuracy"]))
-        taken.append(_bbox(x - 6, y - 6, x + 6, y + 6))  # the marker itself
-    for r in sorted(rows, key=lambda r: (r["latency_ms"], r["accuracy"])):
+    places: list[tuple[float, float, list]] = []  # display x, y of the first marker, its points
+    for x, y, text in sorted(points):
+        px, py = ax.transData.transform((x, y))
+        near = next((p for p in places if abs(p[0] - px) <= _SAME_PLACE_PX and abs(p[1] - py) <= _SAME_PLACE_PX), None)
+        if near is None:
+            places.append((px, py, [(x, y, text)]))
+        else:
+            near[2].append((x, y, text))
+    taken = [_bbox(px - 6, py - 6, px + 6, py + 6) for px, py, _ in places]  # the markers
+    for _, _, group in places:
+        x, y, _ = group[0]
+        label = _merged_label([text for *_, text in group])
         for dx, dy in _LABEL_OFFSETS:
-            ha = "left" if dx >= 0 else "right"
             text = ax.annotate(
-                r["config"], (r["latency_ms"], r["accuracy"]), fontsize=7, xytext=(dx, dy),
-                textcoords="offset points", ha=ha,
+                label,
+                (x, y),
+                fontsize=7,
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha="left" if dx >= 0 else "right",
             )
             box = text.get_window_extent(renderer)
-            if not any(box.overlaps(t) for t in taken):
+            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(
+                renderer
+            ).contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(t) for t in taken):
                 taken.append(box)
                 break
             text.remove()
         else:  # crowded everywhere: keep the first place, readable enough and never silently dropped
             dx, dy = _LABEL_OFFSETS[0]
-            ax.annotate(r["config"], (r["latency_ms"], r["accuracy"]), fontsize=7, xytext=(dx, dy), textcoords="offset points")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points")
 
 
 def _bbox(x0: float, y0: float, x1: float, y1: float) -> Any:
@@ -214,7 +250,9 @@ def _bbox(x0: float, y0: float, x1: float, y1: float) -> Any:
 def plot_pareto(rows: list[dict], path: str) -> dict:
     """Accuracy vs latency scatter per series, the Pareto front, fp32 marked; saved as PNG.
 
-    Also writes ``<path>.json`` with the plotted series (for tests and scripts).
+    Points at one place share a label; a point more than :data:`FAR_BELOW_POINTS` below the best
+    accuracy sits on the lower edge (a down-pointing marker, its accuracy in the label), so the
+    rest keep their resolution. Also writes ``<path>.json`` with the plotted series (for tests and scripts).
 
     Returns
     -------
@@ -229,17 +267,39 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
     series: dict[str, list] = {}
     for r in rows:
         series.setdefault(r["series"], []).append(r)
+    best = max(r["accuracy"] for r in rows)
+    shown = [r["accuracy"] for r in rows if r["accuracy"] >= best - FAR_BELOW_POINTS]
+    pad = max(0.5, 0.12 * (best - min(shown)))
+    low, high = min(shown) - pad, best + pad
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    markers = iter(["o", "s", "^", "D", "v"])
+    ax.set_ylim(low, high)
+    markers = iter(["o", "s", "^", "D", "P"])
+    points = []
     for name, pts in series.items():
         xs = [p["latency_ms"] for p in pts]
         ys = [p["accuracy"] for p in pts]
         if name == BASELINE:
             ax.axhline(ys[0], color="grey", ls="--", lw=1)
             ax.scatter(xs, ys, marker="*", s=160, color="black", label=name, zorder=3)
-        else:
-            ax.scatter(xs, ys, marker=next(markers), s=45, label=name, zorder=3)
-    _label_points(fig, ax, rows)
+            points += [(x, y, p["config"]) for x, y, p in zip(xs, ys, pts, strict=True)]
+            continue
+        near = [(x, y, p["config"]) for x, y, p in zip(xs, ys, pts, strict=True) if y >= low]
+        far = [(x, low, f"{p['config']} ({y:.1f}%)") for x, y, p in zip(xs, ys, pts, strict=True) if y < low]
+        dots = ax.scatter(
+            [x for x, *_ in near], [y for _, y, _ in near], marker=next(markers), s=45, label=name, zorder=3
+        )
+        if far:  # on the lower edge, pointing down: the accuracy is in the label
+            ax.scatter(
+                [x for x, *_ in far],
+                [low] * len(far),
+                marker="v",
+                s=60,
+                color=dots.get_facecolor()[0],
+                zorder=3,
+                clip_on=False,
+            )
+        points += near + far
+    _label_points(fig, ax, points)
     front = pareto_front(rows)
     ax.plot(
         [p["latency_ms"] for p in front],
@@ -250,8 +310,9 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
         label="Pareto front",
         zorder=2,
     )
+    ax.set_ylim(low, high)  # the front may reach below: it is clipped, the far points sit on the edge
     ax.set_xlabel("latency per sample, batch 1 (ms)")
-    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylabel("held-out accuracy (%)" + (f"; \u25bc: below {low:.1f}" if len(shown) < len(rows) else ""))
     ax.set_title("PrecisionBatching: accuracy vs latency (MNIST MLP)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
