@@ -65,6 +65,36 @@ def _outputs(batch: int, hidden: int) -> tuple:
     return np.full((batch, hidden), np.nan, np.float32), np.full((batch, hidden), np.nan, np.float32)
 
 
+def _step_with_input(rng, fmt: bp.BitplaneFormat, n_in: int, hidden: int, batch: int, bias: bool) -> tuple:
+    """Random weights, bias, input and state for the step with its input projection.
+
+    Returns ``run(cfg, bitlayers) -> (h', c')`` (the emulated kernel of ``cfg``, built once per
+    config) and ``reference(bitlayers) -> (h', c')`` (numpy).
+    """
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    b = rng.standard_normal(4 * hidden).astype(np.float32) if bias else None
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    args = {"x_ptr": x, "wp_ih_ptr": wp_ih, "ws_ih_ptr": ws_ih, "h_ptr": h, "c_ptr": c, "wp_hh_ptr": wp_hh}
+    args.update(ws_hh_ptr=ws_hh, **({"bias_buf_ptr": b} if bias else {}))
+    kernels_by_cfg: dict = {}
+
+    def run(cfg: BMMAConfig, layers: int) -> tuple:
+        if cfg not in kernels_by_cfg:
+            kernels_by_cfg[cfg] = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias))
+        launch, (h_out, c_out) = _launch(fmt, hidden, cfg, batch), _outputs(batch, hidden)
+        kernels_by_cfg[cfg](
+            launch["grid"], launch["block"], **args, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch, bitlayers=layers
+        )
+        return h_out, c_out
+
+    def reference(layers: int) -> tuple:
+        return qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, fmt, layers)
+
+    return run, reference
+
+
 # ------------------------------------------------------------------ emulated exactness
 INPUT_CASES = [  # (input, hidden, bits, act_bits, codebook, batch, bias, cfg or None for the default)
     (650, 650, 4, 8, None, 1, True, None),  # the PTB LM's layer: 163 row tiles, 3 K tiles per leg (slow: L=4 only)
@@ -83,20 +113,9 @@ INPUT_CASES = [  # (input, hidden, bits, act_bits, codebook, batch, bias, cfg or
 def test_step_with_input_emulated_equals_reference(n_in, hidden, bits, act_bits, codebook, batch, bias, cfg, rng):
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     cfg = cfg or default_lstm_config(fmt, hidden, n_in, batch)
-    kern = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias))
-    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
-    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
-    b = rng.standard_normal(4 * hidden).astype(np.float32)
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
-    h, c = _state(rng, batch, hidden)
-    args = {"x_ptr": x, "wp_ih_ptr": wp_ih, "ws_ih_ptr": ws_ih, "h_ptr": h, "c_ptr": c, "wp_hh_ptr": wp_hh}
-    args.update(ws_hh_ptr=ws_hh, **({"bias_buf_ptr": b} if bias else {}))
-    launch = _launch(fmt, hidden, cfg, batch)
+    run, reference = _step_with_input(rng, fmt, n_in, hidden, batch, bias)
     for layers in sorted({1, (bits + 1) // 2, bits}) if hidden < 512 else [bits]:
-        h_out, c_out = _outputs(batch, hidden)
-        kern(launch["grid"], launch["block"], **args, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch, bitlayers=layers)
-        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b if bias else None, h, c, wp_hh, ws_hh, fmt, layers)
-        _close((h_out, c_out), want, f"{fmt.name} {cfg} batch={batch} bitlayers={layers}")
+        _close(run(cfg, layers), reference(layers), f"{fmt.name} {cfg} batch={batch} bitlayers={layers}")
 
 
 @needs_gpp
@@ -137,23 +156,10 @@ def test_every_offered_config_emulated_equals_reference(rng):
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     space = lstm_config_space(fmt, hidden, n_in, batch)  # CUDABmmaLstmCell.knob_settings at batch 3
     assert len(space) == 18
-    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
-    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
-    b = rng.standard_normal(4 * hidden).astype(np.float32)
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
-    h, c = _state(rng, batch, hidden)
-    args = {"x_ptr": x, "wp_ih_ptr": wp_ih, "ws_ih_ptr": ws_ih, "h_ptr": h, "c_ptr": c, "wp_hh_ptr": wp_hh}
-    args.update(ws_hh_ptr=ws_hh, bias_buf_ptr=b)
+    run, reference = _step_with_input(rng, fmt, n_in, hidden, batch, bias=True)
     for cfg in space:
-        kern = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, n_in, True))
-        launch = _launch(fmt, hidden, cfg, batch)
         for layers in (1, bits) if cfg == space[0] else (bits,):  # the plane loop does not depend on cfg
-            h_out, c_out = _outputs(batch, hidden)
-            kern(
-                launch["grid"], launch["block"], **args, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch, bitlayers=layers
-            )
-            want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, b, h, c, wp_hh, ws_hh, fmt, layers)
-            _close((h_out, c_out), want, f"{cfg} bitlayers={layers}")
+            _close(run(cfg, layers), reference(layers), f"{cfg} bitlayers={layers}")
 
 
 # ------------------------------------------------------------------ the rule, configs, SASS
