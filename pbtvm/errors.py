@@ -37,7 +37,16 @@ def first_line(err: BaseException) -> str:
 def naming_layer(name: str) -> Iterator[None]:
     """Prefix ``layer {name}:`` to a ``ValueError`` raised inside, e.g. a weight holding NaN.
 
-    An :class:`InputError` keeps its class; any other ``ValueError`` becomes an InputError.
+    Parameters
+    ----------
+    name : str
+        How the message names the layer, e.g. ``lstm.weight_hh_l0 (LSTM)``.
+
+    Raises
+    ------
+    InputError
+        For a ``ValueError`` raised in the block: an :class:`InputError` (or subclass) keeps its
+        class, any other ``ValueError`` becomes an InputError.
     """
     try:
         yield

@@ -36,6 +36,19 @@ def check_tracker(host: str, port: int, timeout: float = 5.0) -> None:
     TVM's own ``connect_tracker`` retries a refused connection for 60 s, and waits forever for the
     handshake of something that listens but is not a tracker (an HTTP server, say). Here the
     tracker's handshake (its magic number, echoed) is checked on a socket with a timeout.
+
+    Parameters
+    ----------
+    host : str
+    port : int
+    timeout : float
+        Seconds for the connection and for the reply.
+
+    Raises
+    ------
+    OSError
+        Nothing listens there (``ConnectionRefusedError``), no reply in time, or a reply that is
+        not the tracker's.
     """
     from tvm.rpc.base import RPC_TRACKER_MAGIC
 
@@ -145,27 +158,23 @@ def local_cluster(
         cleanup.enter_context(_sigterm_raises())
         if own_dir:
             cleanup.callback(shutil.rmtree, log_dir, ignore_errors=True)
-        cleanup.callback(lambda: [_stop_group(p) for p in procs])  # first: the processes write there
-        with open(log_dir / "tracker.log", "w") as fh:
-            cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1"]
-            procs.append(
-                subprocess.Popen(
-                    [*cmd, "--port", str(port), "--port-end", str(port + 1)],
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
+
+        def start(cmd: list[str], log: Path) -> None:
+            """Start one process (logging to ``log``); the block's end stops it (each on its own)."""
+            with open(log, "w") as fh:
+                procs.append(
+                    subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 )
-            )
+            cleanup.callback(_stop_group, procs[-1])  # before the log directory goes
+
+        cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1"]
+        start([*cmd, "--port", str(port), "--port-end", str(port + 1)], log_dir / "tracker.log")
         for i in range(servers):
             logs.append(log_dir / f"server{i}.log")
             sport = free_port()
             cmd = [sys.executable, "-c", _SERVER_AFTER_TRACKER, "127.0.0.1", str(port), "--host", "127.0.0.1"]
             cmd += ["--port", str(sport), "--port-end", str(sport + 1), "--tracker", address, "--key", key]
-            with open(logs[-1], "w") as fh:
-                procs.append(
-                    subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                )
+            start(cmd, logs[-1])
         deadline = time.time() + timeout
         while registered_servers(address, key) < servers:
             if procs[0].poll() is not None:
@@ -181,20 +190,25 @@ def _sigterm_raises() -> Iterator[None]:
     """While the block runs, SIGTERM raises ``SystemExit(143)`` (so ``finally`` blocks run).
 
     Only in the main thread (where Python runs signal handlers) and only if SIGTERM still has its
-    default action: a handler the program set stays as it is.
+    default action: a handler the program set (pytest's conftest here, which turns SIGTERM into
+    KeyboardInterrupt) stays as it is. After the first SIGTERM further ones are ignored until the
+    block has cleaned up (SIGKILL still works); the default action comes back afterwards, unless
+    the block set a handler of its own.
     """
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
 
     def handler(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) in (handler, signal.SIG_IGN):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

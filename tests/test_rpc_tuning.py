@@ -115,3 +115,27 @@ def test_rpc_runner_unknown_key(rpc_cluster):
     address, _ = rpc_cluster
     with pytest.raises(InputError, match="no RPC server registered with key 'gpu-farm'"):
         tuning.rpc_runner(address, "gpu-farm")
+
+
+def test_sigterm_handling_leaves_other_handlers_alone():
+    """A handler the program sets (before or inside the block) is kept: only the default action is
+    replaced while the cluster runs, and put back."""
+    script = textwrap.dedent(
+        """
+        import signal
+        from pbtvm.rpc_cluster import _sigterm_raises
+        def mine(*_):
+            pass
+        with _sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, mine)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        with _sigterm_raises():
+            signal.signal(signal.SIGTERM, mine)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with _sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
