@@ -155,12 +155,24 @@ def test_time_left_leaves_out_the_start_up(monkeypatch):
     monkeypatch.setattr(tuning.report.time, "perf_counter", lambda: clock[0])
     lines: list[str] = []
     prog = Progress(lines.append)
-    rep = KernelReport("k", "MetaSchedule")
+    rep = KernelReport("k")
     prog.add(rep, 10)
     for now, trials in ((10.0, 1), (12.0, 3)):
         clock[0], rep.trials = now, trials
         prog.update(rep)
     assert "left" not in lines[0] and lines[1].endswith("3/10 candidates measured, best -, about 7 s left")
+    # Results of one batch arrive together (here 3 every 3 s): no "0 s left" within a burst.
+    lines.clear()
+    prog = Progress(lines.append)
+    reps = [KernelReport(f"k{i}") for i in range(3)]
+    for rep in reps:
+        prog.add(rep, 3)
+    for burst, now in enumerate((10.0, 13.0)):
+        for i, rep in enumerate(reps):
+            clock[0], rep.trials = now + 1e-4 * i, burst + 1
+            prog.update(rep)
+    assert all("left" not in ln for ln in lines[:3]), lines  # the first batch: start-up
+    assert not any(ln.endswith(" 0 s left") for ln in lines) and lines[5].endswith("about 3 s left"), lines
 
 
 def test_tuned_schedule_check_runs_on_a_local_device_only(rng):

@@ -97,6 +97,10 @@ class TuneReport:
         }
 
 
+#: Results less than this many seconds after the first one belong to its batch (see ``seconds_left``).
+BURST_S = 0.5
+
+
 class Progress:
     """One progress line per update of a tuning run: per kernel, measured / total, best, time left.
 
@@ -122,18 +126,20 @@ class Progress:
 
     def seconds_left(self) -> float | None:
         """Time per candidate measured since the first result, times the candidates left over all
-        kernels; None until candidates were measured after the first result."""
+        kernels; None until candidates were measured after the first result's batch (results
+        within :data:`BURST_S` of it)."""
         now = time.perf_counter()
         done = sum(min(rep.trials, total) for rep, total in self.kernels)
         left = sum(max(0, total - rep.trials) for rep, total in self.kernels)
         if done == 0:
             return None
-        if self._first is None:
-            self._first = (now, done)
-        since, done_then = self._first
-        if done == done_then:
+        if self._first is None or now - self._first[0] < BURST_S:
+            # The first result, or more of its batch: results of one measurement batch arrive
+            # together, and a rate taken within a burst would say "0 s left".
+            self._first = (self._first[0] if self._first else now, done)
             return None if left else 0.0
-        return (now - since) / (done - done_then) * left
+        since, done_then = self._first
+        return (now - since) / (done - done_then) * left if done > done_then else None
 
     def update(self, rep: KernelReport) -> None:
         """Emit the line for ``rep`` after new measurements."""
