@@ -53,12 +53,15 @@ def _rewrite(
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
-    converted = [{"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c} for c in report.converted]
-    converted += [{**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted]
-    # In the model's order (an LSTM layer's W_ih, W_hh, then the next layer), not the passes' order
-    # (every W_hh after the dense layers); layers no torch module names come last.
-    order = {key: i for i, key in enumerate(names)}
-    converted.sort(key=lambda c: order.get(c["weight_key"], len(order)))
+    # In the order the model runs them (the rewrite's graph order), each LSTM layer's W_hh right
+    # after its W_ih (the lowering's projection): not every W_hh after the dense layers.
+    recurrent = {c["weight_key"]: {**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted}
+    converted = []
+    for c in report.converted:
+        converted.append({"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c})
+        hh = recurrent.pop(lstms.recurrent_of.get(c["weight_key"], ""), None)
+        converted += [hh] if hh else []
+    converted += recurrent.values()
     # Matmuls are named by the torch module that called them when every one came from pbtvm's
     # converters (then the rewrite's matmul order is the converters' order).
     by_order = owners if len(owners) == report.n_matmuls else []

@@ -130,6 +130,7 @@ class _Lowerer(PyExprMutator):
         self.layer_names = layer_names
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
+        self.recurrent_of: dict[str, str] = {}
         self.bitlayers: relax.Var | None = None
         self.n_lowered = 0
         self._write = None
@@ -230,6 +231,7 @@ class _Lowerer(PyExprMutator):
                 if codebook == AUTO:
                     codebook = choose_codebook([w_ih, w_hh], self.fmt, self.method)[0]
                 self.codebooks[weight_key(w_ih)] = codebook
+                self.recurrent_of[weight_key(w_ih)] = weight_key(w_hh)
                 loop = self._loop(w_hh, codebook, bool(d), f"weight_hh_l{layer}{suffix} (LSTM)")
                 span = relax.ShapeExpr([tir.IntImm("int64", 0), steps])
                 res = emit(relax.Call(loop, [gx, h, c, ys, span, self.bitlayers]))
@@ -280,6 +282,9 @@ class PBLSTMLowering:
     codebooks : dict
         :func:`weight_key` of each input-projection weight ``W_ih`` -> the codebook chosen for its
         layer (jointly with ``W_hh``); pass it to :class:`PBLinearRewrite` as ``codebooks``.
+    recurrent_of : dict
+        :func:`weight_key` of each ``W_ih`` -> that of the same layer's ``W_hh`` (reports list the
+        two together).
     """
 
     def __init__(
@@ -295,6 +300,7 @@ class PBLSTMLowering:
         self.layer_names = dict(layer_names or {})
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
+        self.recurrent_of: dict[str, str] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method, self.layer_names)
@@ -304,6 +310,7 @@ class PBLSTMLowering:
                     lowerer.builder_.update_func(gvar, lowerer.lower(func))
         self.converted = lowerer.converted
         self.codebooks = lowerer.codebooks
+        self.recurrent_of = lowerer.recurrent_of
         mod = lowerer.builder_.get()
         logger.info("PBLSTMLowering: %d LSTM(s), %d recurrent weights", lowerer.n_lowered, len(self.converted))
         return relax.transform.Normalize()(mod)

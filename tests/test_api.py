@@ -90,6 +90,22 @@ def test_layers_report_and_manifest(compiled):
     assert m["format"]["codebook"] == compiled.format.codebook == "offset_binary"
 
 
+def test_layers_are_listed_in_the_order_the_model_runs_them():
+    """Not the order ``__init__`` defines them in."""
+
+    class Backwards(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = torch.nn.Linear(16, 4)
+            self.inp = torch.nn.Linear(8, 16)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.inp(x)))
+
+    cm = pbtvm.compile(Backwards().eval(), (torch.randn(2, 8),), bits=4)
+    assert cm.converted_layers == ["inp (Linear)", "out (Linear)"]
+
+
 def test_unsupported_layers_warn_with_names():
     torch.manual_seed(0)
     model = WithConv().eval()
