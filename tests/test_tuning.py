@@ -214,11 +214,13 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
     assert lookup is None
 
 
-def test_the_target_log_directory_itself_is_accepted_as_work_dir(tmp_path):
+def test_the_target_log_directory_itself_is_accepted_as_work_dir(tmp_path, monkeypatch):
     """``tune`` prints ``log <work_dir>/<target key>``; passing that directory finds the same log.
     Another target's log directory is named in a warning; a file is an error."""
     log = _fake_log(tmp_path, CPU)
     assert tuning.TuningLog(log.path, CPU).path == log.path and tuning.TuningLog(log.path, CPU).usable()
+    monkeypatch.chdir(log.path)  # "." from inside the log directory
+    assert tuning.TuningLog(".", CPU).path.resolve() == log.path.resolve()
     sm80 = _fake_log(tmp_path / "gpu", resolve_target({"kind": "cuda", "arch": "sm_80"}))
     with pytest.warns(UserWarning, match=rf"{sm80.path} is the tuning log of cuda-sm_80, not of cuda-sm_90"):
         assert not tuning.TuningLog(sm80.path, SM90).usable()

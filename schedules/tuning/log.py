@@ -64,8 +64,9 @@ class TuningLog:
         self.work_dir = Path(self.work_dir)
         if self.work_dir.exists() and not self.work_dir.is_dir():
             raise TuningLogError(f"work_dir {self.work_dir} is a file, not a directory of tuning logs")
-        if self.work_dir.name == target_key(self.target) and (self.work_dir / LOG_META).exists():
-            self.work_dir = self.work_dir.parent
+        here = self.work_dir.resolve()  # "." inside the log directory has no name of its own
+        if here.name == target_key(self.target) and (here / LOG_META).exists():
+            self.work_dir = here.parent
 
     @property
     def path(self) -> Path:
@@ -116,7 +117,7 @@ class TuningLog:
             others = [Path(p).parent.name for p in sorted(str(q) for q in self.work_dir.glob(f"*/{LOG_META}"))]
             if (self.work_dir / LOG_META).exists():  # another target's log directory itself
                 warnings.warn(
-                    f"pbtvm: {self.work_dir} is the tuning log of {self.work_dir.name}, not of "
+                    f"pbtvm: {self.work_dir} is the tuning log of {self.work_dir.resolve().name}, not of "
                     f"{target_key(self.target)}; pass the directory that holds the logs (default schedules used)",
                     stacklevel=3,
                 )
