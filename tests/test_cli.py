@@ -182,24 +182,29 @@ def test_eval_writes_table_and_pareto_png(tmp_path, capsys):
     assert len(series["weight bits (A8)"]) == 2 and len(series["run-time bitlayers (W4 model)"]) == 3
 
 
-def test_pareto_labels_merge_at_one_place_and_the_data_keeps_far_points(tmp_path):
-    """Points at one place share one label; a point far below the rest (drawn on the lower edge)
-    keeps its value in the plotted data."""
-    import matplotlib.image as mpimg
+def test_pareto_labels_merge_at_one_place_and_far_points_sit_on_the_edge():
+    """Points at one place share one label; a point far below the rest sits on the lower edge with
+    its accuracy in its label instead of stretching the axis; the plotted data keep the values."""
+    import matplotlib.pyplot as plt
 
-    from pbtvm.apps.report import _merged_label, plot_pareto
+    from pbtvm.apps.report import _merged_label, pareto_figure
 
-    assert _merged_label(["W8A8 L=6", "W8A8 L=7"]) == "W8A8 L=6,7"
+    assert _merged_label(["W8A8 L=10", "W8A8 L=7", "W8A8 L=6"]) == "W8A8 L=6,7,10"
     assert _merged_label(["W8A8", "W8A8 L=7", "W4A8"]) == "W8A8, W8A8 L=7, W4A8"
+    knob = "run-time bitlayers (W4 model)"
     rows = [
         {"config": "fp32", "series": "fp32 (torch)", "accuracy": 93.4, "latency_ms": 0.12},
         {"config": "W4A8", "series": "weight bits (A8)", "accuracy": 93.1, "latency_ms": 0.03},
-        {"config": "W4A8 L=1", "series": "run-time bitlayers (W4 model)", "accuracy": 60.0, "latency_ms": 0.029},
-        {"config": "W4A8 L=2", "series": "run-time bitlayers (W4 model)", "accuracy": 92.0, "latency_ms": 0.029},
+        {"config": "W4A8 L=1", "series": knob, "accuracy": 60.0, "latency_ms": 0.029},
+        {"config": "W4A8 L=2", "series": knob, "accuracy": 92.0, "latency_ms": 0.029},
+        {"config": "W4A8 L=3", "series": knob, "accuracy": 93.1, "latency_ms": 0.03},
     ]
-    data = plot_pareto(rows, str(tmp_path / "p.png"))
-    assert [60.0, 92.0] == sorted(y for _, y in data["run-time bitlayers (W4 model)"])  # the data keeps the values
-    assert mpimg.imread(tmp_path / "p.png").shape[0] > 300
+    fig, ax, data = pareto_figure(rows)
+    labels = sorted(t.get_text() for t in ax.texts)
+    plt.close(fig)
+    assert labels == ["W4A8 L=1 (60.0%)", "W4A8 L=2", "W4A8, W4A8 L=3", "fp32"], labels
+    assert ax.get_ylim()[0] > 90 and "below" in ax.get_ylabel()
+    assert sorted(y for _, y in data[knob]) == [60.0, 92.0, 93.1]
 
 
 def test_eval_bad_input(capsys):

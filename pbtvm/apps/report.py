@@ -193,7 +193,7 @@ def _merged_label(configs: list[str]) -> str:
         parts.setdefault(base, []).append(layers)
     out = []
     for base, layers in parts.items():
-        named = [n for n in layers if n]
+        named = sorted((n for n in layers if n), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
         if len(named) < len(layers):
             out.append(base)
         if named:
@@ -215,6 +215,7 @@ def _label_points(fig: Any, ax: Any, points: list[tuple[float, float, str]]) -> 
         else:
             near[2].append((x, y, text))
     taken = [_bbox(px - 6, py - 6, px + 6, py + 6) for px, py, _ in places]  # the markers
+    area = ax.get_window_extent(renderer)
     for _, _, group in places:
         x, y, _ = group[0]
         label = _merged_label([text for *_, text in group])
@@ -228,9 +229,7 @@ def _label_points(fig: Any, ax: Any, points: list[tuple[float, float, str]]) -> 
                 ha="left" if dx >= 0 else "right",
             )
             box = text.get_window_extent(renderer)
-            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(
-                renderer
-            ).contains(box.x1, box.y1)
+            inside = area.contains(box.x0, box.y0) and area.contains(box.x1, box.y1)
             if inside and not any(box.overlaps(t) for t in taken):
                 taken.append(box)
                 break
@@ -259,6 +258,17 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
     dict
         ``{series name: [[latency_ms, accuracy], ...]}``.
     """
+    import matplotlib.pyplot as plt
+
+    fig, _, data = pareto_figure(rows)
+    fig.savefig(path)
+    plt.close(fig)
+    Path(f"{path}.json").write_text(json.dumps(data, indent=1))
+    return data
+
+
+def pareto_figure(rows: list[dict]) -> tuple[Any, Any, dict]:
+    """The figure :func:`plot_pareto` saves: ``(figure, axes, plotted series)``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,31 +284,19 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.set_ylim(low, high)
     markers = iter(["o", "s", "^", "D", "P"])
-    points = []
+    points, any_far = [], False
     for name, pts in series.items():
-        xs = [p["latency_ms"] for p in pts]
-        ys = [p["accuracy"] for p in pts]
+        near = [(p["latency_ms"], p["accuracy"], p["config"]) for p in pts if p["accuracy"] >= low]
+        far = [(p["latency_ms"], low, f"{p['config']} ({p['accuracy']:.1f}%)") for p in pts if p["accuracy"] < low]
+        style = {"marker": "*", "s": 160, "color": "black"} if name == BASELINE else {"marker": next(markers), "s": 45}
         if name == BASELINE:
-            ax.axhline(ys[0], color="grey", ls="--", lw=1)
-            ax.scatter(xs, ys, marker="*", s=160, color="black", label=name, zorder=3)
-            points += [(x, y, p["config"]) for x, y, p in zip(xs, ys, pts, strict=True)]
-            continue
-        near = [(x, y, p["config"]) for x, y, p in zip(xs, ys, pts, strict=True) if y >= low]
-        far = [(x, low, f"{p['config']} ({y:.1f}%)") for x, y, p in zip(xs, ys, pts, strict=True) if y < low]
-        dots = ax.scatter(
-            [x for x, *_ in near], [y for _, y, _ in near], marker=next(markers), s=45, label=name, zorder=3
-        )
+            ax.axhline(pts[0]["accuracy"], color="grey", ls="--", lw=1)
+        dots = ax.scatter([x for x, *_ in near], [y for _, y, _ in near], label=name, zorder=3, **style)
         if far:  # on the lower edge, pointing down: the accuracy is in the label
-            ax.scatter(
-                [x for x, *_ in far],
-                [low] * len(far),
-                marker="v",
-                s=60,
-                color=dots.get_facecolor()[0],
-                zorder=3,
-                clip_on=False,
-            )
+            color = dots.get_facecolor()[0] if near else style.get("color")
+            ax.scatter([x for x, *_ in far], [low] * len(far), marker="v", s=60, color=color, zorder=3, clip_on=False)
         points += near + far
+        any_far |= bool(far)
     _label_points(fig, ax, points)
     front = pareto_front(rows)
     ax.plot(
@@ -312,14 +310,11 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
     )
     ax.set_ylim(low, high)  # the front may reach below: it is clipped, the far points sit on the edge
     ax.set_xlabel("latency per sample, batch 1 (ms)")
-    ax.set_ylabel("held-out accuracy (%)" + (f"; \u25bc: below {low:.1f}" if len(shown) < len(rows) else ""))
+    ax.set_ylabel("held-out accuracy (%)" + (f"; \u25bc: below {low:.1f}" if any_far else ""))
     ax.set_title("PrecisionBatching: accuracy vs latency (MNIST MLP)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
     data = {name: [[p["latency_ms"], p["accuracy"]] for p in pts] for name, pts in series.items()}
     data["Pareto front"] = [[p["latency_ms"], p["accuracy"]] for p in front]
-    Path(f"{path}.json").write_text(json.dumps(data, indent=1))
-    return data
+    return fig, ax, data
