@@ -16,9 +16,10 @@ not checked (the generated kernels use full warps); a launch that runs longer th
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import ctypes
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -138,19 +139,36 @@ _GXX = ["g++", "-std=c++20", "-O1", "-fPIC", "-pthread", "-w"]
 
 @functools.cache
 def _precompiled_prelude() -> str | None:
-    """A directory holding ``prelude.h`` and its precompiled header, built once per process.
+    """A directory holding ``prelude.h`` and its precompiled header (once per machine).
 
     The prelude's standard headers (``<barrier>``, ``<thread>`` ...) took ~0.85 s of the ~1.5 s
     that g++ spent on each emulated kernel; with the precompiled header a kernel compiles in
-    ~0.25 s more than its own code. None (the prelude is then inlined) if g++ cannot make one.
+    ~0.25 s more than its own code. It is kept in pbtvm's cache directory under a hash of the
+    prelude, the flags and the g++ version (~60 MB; a stale one is never used), made in a
+    temporary directory and moved in place, so concurrent test workers do not race. None (the
+    prelude is then inlined) if g++ cannot make one.
     """
-    work = tempfile.mkdtemp(prefix="pbtvm_emu_pch_")
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
-    header = os.path.join(work, "prelude.h")
-    with open(header, "w") as f:
-        f.write(_PRELUDE)
-    proc = subprocess.run([*_GXX, "-x", "c++-header", "-o", header + ".gch", header], capture_output=True)
-    return work if proc.returncode == 0 else None
+    from pbtvm.apps.examples import cache_dir
+
+    version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha1("\0".join([_PRELUDE, *_GXX, version]).encode()).hexdigest()[:16]
+    final = os.path.join(cache_dir(), "cuda-emulator", key)
+    if os.path.exists(os.path.join(final, "prelude.h.gch")):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f"{key}-", dir=os.path.dirname(final))
+    try:
+        header = os.path.join(work, "prelude.h")
+        with open(header, "w") as f:
+            f.write(_PRELUDE)
+        proc = subprocess.run([*_GXX, "-x", "c++-header", "-o", header + ".gch", header], capture_output=True)
+        if proc.returncode:
+            return None
+        with contextlib.suppress(OSError):  # another worker moved its copy first: use that one
+            os.rename(work, final)
+        return final
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 _LAUNCH = r"""
@@ -262,7 +280,16 @@ class EmulatedKernel:
         # In a thread of its own, so that a kernel that never finishes (a shuffle, ballot or barrier
         # that only some threads reach waits forever) fails the test instead of hanging the run.
         # ctypes releases the GIL during the call; a stuck launch is abandoned (a daemon thread).
-        runner = threading.Thread(target=self._lib.launch, args=(p_arr, s_arr, *dims), daemon=True)
+        # The thread holds the arrays (``keep``): an abandoned launch never writes to freed memory.
+        failure: list[BaseException] = []
+
+        def launch(keep: list, *launch_args: object) -> None:  # noqa: ARG001 - keep: held, not used
+            try:
+                self._lib.launch(*launch_args)
+            except BaseException as err:  # re-raised in the caller
+                failure.append(err)
+
+        runner = threading.Thread(target=launch, args=(keep, p_arr, s_arr, *dims), daemon=True)
         runner.start()
         runner.join(TIMEOUT_S)
         if runner.is_alive():
@@ -270,6 +297,8 @@ class EmulatedKernel:
                 f"emulated kernel {self.name} {grid} x {block} did not finish in {TIMEOUT_S} s: a warp "
                 "operation or barrier that only some threads reach?"
             )
+        if failure:
+            raise failure[0]
 
 
 def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -150,8 +150,8 @@ def test_step_with_given_projection_emulated_equals_reference(hidden, bits, batc
 @needs_gpp
 def test_every_offered_config_emulated_equals_reference(rng):
     """The tuner measures any config of the rule's knob space and a log replays it: every one (18
-    at this size) equals the reference. The one-off run over the 27 configs of hidden 260 (k_split
-    and loads 2 among them) is in the ninth session's note."""
+    at this size) equals the reference. (All 27 configs at input 520, hidden 260, batch 1, with
+    k_split and loads 2 among them, also passed when run once, 2026-12-01: too slow for CI.)"""
     n_in, hidden, batch, bits = 100, 72, 3, 4
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     space = lstm_config_space(fmt, hidden, n_in, batch)  # CUDABmmaLstmCell.knob_settings at batch 3

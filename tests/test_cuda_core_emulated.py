@@ -23,6 +23,7 @@ from pbtvm.schedules import apply_default_schedule
 from pbtvm.target import resolve_target
 
 from .cuda_emulator import EmulatedKernel, launch_dims
+from .test_cpu_vnni_lstm import _state  # the LSTM tests' states
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -103,11 +104,6 @@ def test_dense_act_matches_reference(bits, codebook, n, k, b, bias, rng):
         out = np.full((b, n), np.nan, np.float32)
         kern(grid, block, x_ptr=x, wp_ptr=wp, w_scale_ptr=scale, pb_out_ptr=out, batch=b, bitlayers=layers, **extra)
         _close(out, qz.pb_linear_reference(x, wp, scale, bias_v, fmt, layers), f"bitlayers={layers}")
-
-
-def _state(rng, b: int, hidden: int) -> tuple[np.ndarray, np.ndarray]:
-    h = np.tanh(rng.standard_normal((b, hidden))).astype(np.float32)
-    return h, rng.standard_normal((b, hidden)).astype(np.float32)
 
 
 def test_lstm_cell_matches_reference(rng):

@@ -188,8 +188,8 @@ class PBWordLM:
         """
         import torch
 
-        if getattr(tokens, "ndim", None) != 2:
-            shape = tuple(getattr(tokens, "shape", ()))
+        if np.ndim(tokens) != 2:
+            shape = tuple(np.shape(tokens))
             raise InputError(f"tokens must be [T, B] (time first), got shape {shape}; one sequence is tokens[:, None]")
         if state is None:
             zeros = torch.zeros(self.state_shape[0], tokens.shape[1], self.state_shape[1])
