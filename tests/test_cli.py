@@ -142,8 +142,10 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
     code, out, _ = _run(["tune", spec, "--work-dir", logs, "--trials", 2], capsys)
     assert code == 0 and "pb_gemm_w4a8" in out and "tuning time" in out
     # progress: one line per update, per kernel measured / total (default + 2 trials), best, time left
-    progress = re.findall(r"^\[pbtvm tune\] [12]/2 pb_gemm_\S+: (\d)/3 candidates measured.*best.* left$", out, re.M)
+    progress = re.findall(r"^\[pbtvm tune\] [12]/2 pb_gemm_\S+: (\d)/3 candidates measured.*best.*$", out, re.M)
     assert "1" in progress and max(progress) >= "2", out
+    # after the defaults' batch every update estimates the time left
+    assert all(ln.endswith(" left") for ln in re.findall(r"^\[pbtvm tune\] .*: [23]/3 candidates.*$", out, re.M)), out
     code, out, _ = _run(["inspect", logs], capsys)
     assert code == 0 and "2 kernel workload(s)" in out
     # 2 kernels x (default schedule + 2 trials), and the line says so
