@@ -15,12 +15,20 @@ as in ``bench_layers.py``, whose helpers this uses.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 
 import torch
-from bench_layers import bench_int4, bench_pb, bench_torch, graph_time, measure_bandwidth, n_sets_for, rand_u32
+from bench_layers import (
+    append_csv_row,
+    bench_int4,
+    bench_pb,
+    bench_torch,
+    graph_time,
+    measure_bandwidth,
+    n_sets_for,
+    rand_u32,
+)
 
 from pbtvm import bitplane as bp
 from pbtvm import kernels
@@ -193,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
                 rows.append(r)
                 if args.csv:  # row by row, so a run cut short by its timeout keeps what it measured
-                    with open(args.csv, "a" if len(rows) > 1 else "w", newline="") as f:
-                        w = csv.DictWriter(f, fieldnames=list(r))
-                        if len(rows) == 1:
-                            w.writeheader()
-                        w.writerow(r)
+                    append_csv_row(args.csv, r, first=len(rows) == 1)
                 one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
                 print(
                     f"  {shape:>11} b={batch:<2} W{bits}A8  layer {r['bmma_layer_us']:7.1f} us{one}  kernel "

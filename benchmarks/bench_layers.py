@@ -144,6 +144,16 @@ def bench_int4(n: int, k: int, batch: int, l2: int) -> float | None:
         return None
 
 
+def append_csv_row(path: str, row: dict, first: bool) -> None:
+    """Write one result row to the CSV at ``path`` (``first``: a new file with the header), so a run
+    cut short by its timeout keeps every row it measured."""
+    with open(path, "w" if first else "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if first:
+            w.writeheader()
+        w.writerow(row)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="NxK (out x in)")
@@ -193,17 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                     r["pack_us"] = bench_pb(n, k, batch, bits, l2, cache, "pack") * 1e6
                     r["gemm_us"] = bench_pb(n, k, batch, bits, l2, cache, "gemm") * 1e6
                     print(f"    pack alone {r['pack_us']:.1f} us, PB kernel alone {r['gemm_us']:.1f} us")
+                if args.csv:
+                    append_csv_row(args.csv, r, first=len(rows) == 1)
                 print(
                     f"  {shape:>11} b={batch:<2} W{bits}A8  pb {r['pb_us']:8.1f} us  roof {r['roof_us']:6.1f}  "
                     f"fp16 {r['fp16_us']:7.1f}  fp32 {r['fp32_us']:7.1f}  int4 {r['int4_us'] or float('nan'):7.1f}  "
                     f"[{time.time() - t0:.0f}s]",
                     flush=True,
                 )
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
     extra = " one-kernel us |" if args.in_block else ""
     print(f"\n| shape (NxK) | batch | W | PB us | % k-bit roofline | fp16/PB | fp32/PB | int4/PB |{extra}")
     print("|---|---|---|---|---|---|---|---|" + ("---|" if args.in_block else ""))

@@ -17,9 +17,8 @@ lowered to a PB time loop) called with one token. (Before 2026-11-30 ``seq path`
 hand-split model: per layer an input-projection GEMM call and a fused step call, then the head.) On CUDA, torch also runs captured in a CUDA graph
 (``+graph`` rows), the fairest baseline for launch overhead.
 
-``--unfused`` also times the same PB model with the step built the pre-fusion way (``pbtvm.compile``
-of a torch cell: activation pack, PB GEMV and the gate math as separate kernels, 3 + 1 + 1
-launches on CUDA) against the fused step (one kernel per layer), side by side.
+The pre-fusion step (``--unfused`` until 2026-12-01) is gone: since ``PBWordLM`` became one
+``pbtvm.compile`` of the whole LM there is no per-layer step to swap.
 
     python benchmarks/bench_lstm.py --target cuda --hidden 650 --layers 2 --bits 4
     python benchmarks/bench_lstm.py --target llvm --hidden 256      # CPU
@@ -32,7 +31,6 @@ import time
 
 import torch
 
-import pbtvm
 from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.decoder import compile_decoder
 
@@ -46,7 +44,6 @@ parser.add_argument("--tokens", type=int, default=200)
 parser.add_argument(
     "--rounds", type=int, default=5, help="passes over all models, alternating; the table shows their median"
 )
-parser.add_argument("--unfused", action="store_true", help="also time the unfused (pre-fusion) step")
 parser.add_argument("--no-graph", action="store_true", help="CUDA: also time the decoder built without a CUDA graph")
 args = parser.parse_args()
 target = json.loads(args.target) if args.target.startswith("{") else args.target
@@ -77,21 +74,6 @@ def per_token_us(step, tokens: int | None = None) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return 1e6 * statistics.median(times)
-
-
-class UnfusedCell(torch.nn.Module):
-    """The step as a torch module, ``(gx, h, c) -> (h', c')``: what pbtvm.compile splits into kernels."""
-
-    def __init__(self, w_hh: torch.Tensor) -> None:
-        super().__init__()
-        self.hh = torch.nn.Linear(w_hh.shape[1], w_hh.shape[0], bias=False)
-        with torch.no_grad():
-            self.hh.weight.copy_(w_hh)
-
-    def forward(self, gx, h, c):
-        i, f, g, o = (gx + self.hh(h)).chunk(4, dim=1)
-        c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c2), c2
 
 
 def decoder_step(dec):
@@ -187,15 +169,6 @@ for bits in [int(b) for b in args.bits.split(",")]:
         timed.append((f"  W{bits} no graph", decoder_step(dec), weight_mb(bits)))
     pb = PBWordLM(model, target, bits=bits)
     timed.append((f"  W{bits} seq path", pb_step(pb), weight_mb(bits)))
-    if args.unfused:
-        h = args.hidden
-        example = (torch.zeros(2, 4 * h), torch.zeros(2, h), torch.zeros(2, h))
-        pb = PBWordLM(model, target, bits=bits)
-        pb.lstm._cells = [
-            pbtvm.compile(UnfusedCell(getattr(model.lstm, f"weight_hh_l{k}").detach()), example, target, bits)
-            for k in range(args.layers)
-        ]
-        timed.append((f"  W{bits} seq unfused", pb_step(pb), weight_mb(bits)))
 
 rounds = {name: [] for name, _, _ in timed}
 with torch.no_grad():

@@ -80,7 +80,8 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook sig
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
+def pytest_configure(config):  # noqa: ARG001 - pytest hook signature
+    # Before any collection (and before pytest-xdist starts its workers): a clean usage error.
     if os.environ.get(REQUIRE_GPU) == "1":
         import torch
 
@@ -88,6 +89,9 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook 
             raise pytest.UsageError(f"{REQUIRE_GPU}=1 but the gpu tests cannot run: {NO_GPU_REASON}")
         if not torch.cuda.is_available():  # the gpu tests compare with torch on the GPU
             raise pytest.UsageError(f"{REQUIRE_GPU}=1 but torch {torch.__version__} sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA device: {NO_GPU_REASON}")

@@ -24,6 +24,7 @@ from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
 from pbtvm.cuda import build, compile_fatbin
 from pbtvm.decoder import compile_decoder
+from pbtvm.relay_passes.pb_lstm_lowering import _step_func
 from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
 from pbtvm.schedules import apply_default_schedule, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg
@@ -36,7 +37,6 @@ from pbtvm.schedules.cuda_bmma_lstm import (
 )
 from pbtvm.schedules.tuning.log import TuningLog
 from pbtvm.target import resolve_target
-from relay_passes.pb_lstm_lowering import _step_func
 
 from .cuda_emulator import EmulatedKernel
 from .test_cpu_vnni_lstm import REF_ATOL, _state, _weights  # the same weights, states and tolerance

@@ -20,9 +20,9 @@ from pbtvm._tvm import te, tvm
 from pbtvm.ops import unit_major_rows
 from pbtvm.ops import vector_math as vmath
 from pbtvm.ops.pb_vnni import target_supports
+from pbtvm.relay_passes.pb_lstm_lowering import _step_func
 from pbtvm.schedules.cpu_vnni import CPUVnniLstmCell, vnni_lstm_kernel_for
 from pbtvm.target import resolve_target
-from relay_passes.pb_lstm_lowering import _step_func
 
 from .test_cpu_vnni import NO_GFNI
 
