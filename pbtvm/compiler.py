@@ -60,7 +60,8 @@ def _rewrite(
     for c in report.converted:
         converted.append({"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c})
         hh = recurrent.pop(lstms.recurrent_of.get(c["weight_key"], ""), None)
-        converted += [hh] if hh else []
+        if hh:
+            converted.append(hh)
     converted += recurrent.values()
     # Matmuls are named by the torch module that called them when every one came from pbtvm's
     # converters (then the rewrite's matmul order is the converters' order).

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .bitplane import BitplaneFormat, pack_weights
 
-__all__ = ["LayerRecord", "check_module_weights", "layers_format", "lower_weights", "weight_key"]
+__all__ = ["LayerRecord", "check_module_weights", "check_named_weights", "layers_format", "lower_weights", "weight_key"]
 
 
 def weight_key(array: np.ndarray) -> str:
@@ -41,16 +42,24 @@ def check_module_weights(modules: dict[str, Any]) -> None:
     InputError
         ``layer head.weight (Linear): weights contain NaN or Inf``.
     """
+    check_named_weights(
+        (f"{prefix}{'.' if prefix else ''}{param} ({type(module).__name__})", w.detach().float().cpu().numpy())
+        for prefix, module in modules.items()
+        if module is not None
+        for param, w in module.named_parameters()
+        if param.startswith("weight")
+    )
+
+
+def check_named_weights(named: Iterable[tuple[str, np.ndarray]]) -> None:
+    """:func:`pbtvm.quantize.checked_weights` on each ``(name, weight)``; an error names the layer
+    (``layer NAME: weights contain NaN or Inf``, :func:`pbtvm.errors.naming_layer`)."""
     from .errors import naming_layer
     from .quantize import checked_weights
 
-    for prefix, module in modules.items():
-        if module is None:
-            continue
-        for param, w in module.named_parameters():
-            if param.startswith("weight"):
-                with naming_layer(f"{prefix}{'.' if prefix else ''}{param} ({type(module).__name__})"):
-                    checked_weights(w.detach().float().cpu().numpy())
+    for name, w in named:
+        with naming_layer(name):
+            checked_weights(w)
 
 
 @dataclasses.dataclass(frozen=True)

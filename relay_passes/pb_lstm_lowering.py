@@ -33,12 +33,11 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
-from pbtvm.errors import naming_layer
-from pbtvm.lowering import LayerRecord, lower_weights, weight_key
+from pbtvm.lowering import LayerRecord, check_named_weights, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import kernel_attrs, unit_major_rows
 from pbtvm.ops.lstm_cell import pb_lstm_cell_at
-from pbtvm.quantize import AUTO, checked_weights, choose_codebook
+from pbtvm.quantize import AUTO, choose_codebook
 from pbtvm.recurrent import placeholder_config
 
 from .block_builder import blocks_closed_on_error
@@ -212,9 +211,10 @@ class _Lowerer(PyExprMutator):
                 group = weights[(layer * dirs + d) * per : (layer * dirs + d + 1) * per]
                 w_ih, w_hh = group[0], group[1]
                 suffix = "_reverse" if d else ""
-                for w, param in ((w_ih, "ih"), (w_hh, "hh")):  # a weight holding NaN: say which
-                    with naming_layer(self.layer_names.get(weight_key(w), f"weight_{param}_l{layer}{suffix} (LSTM)")):
-                        checked_weights(w)
+                check_named_weights(  # a weight holding NaN: say which
+                    (self.layer_names.get(weight_key(w), f"weight_{param}_l{layer}{suffix} (LSTM)"), w)
+                    for w, param in ((w_ih, "ih"), (w_hh, "hh"))
+                )
                 gx = emit(relax.op.matmul(x2, emit(relax.op.permute_dims(relax.const(w_ih, "float32")))))
                 if has_bias:
                     gx = emit(relax.op.add(gx, relax.const((group[2] + group[3]).astype(np.float32), "float32")))

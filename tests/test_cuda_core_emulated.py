@@ -18,12 +18,11 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm.cuda import build
-from pbtvm.ops import unit_major_rows
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.target import resolve_target
 
 from .cuda_emulator import EmulatedKernel, launch_dims
-from .test_cpu_vnni_lstm import _state  # the LSTM tests' states
+from .test_cpu_vnni_lstm import _state, _weights  # the LSTM tests' weights and states
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -42,12 +41,6 @@ def _close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * float(np.abs(want).max()), err_msg=what)
 
 
-def _weights(rng, fmt: bp.BitplaneFormat, n: int, k: int, rows: np.ndarray | None = None) -> tuple:
-    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
-    q, scale = qz.quantize_weights(w if rows is None else w[rows], fmt)
-    return q, bp.pack_weights(q, fmt), scale
-
-
 @pytest.mark.parametrize(
     ("bits", "codebook", "layout"),
     [(4, "twos_complement", "kNW"), (1, "bipolar", "kNW"), (3, "twos_complement", "NkW"), (2, "offset_binary", "kNW")],
@@ -56,7 +49,7 @@ def test_int_product_exact(bits, codebook, layout, rng):
     """Odd N, K not a multiple of 32, batch 3, every ``bitlayers``."""
     fmt, n, k, b = bp.BitplaneFormat(bits, 8, codebook, layout=layout), 37, 700, 3
     kern, grid, block = _emulated(kernels.int_product_func(fmt, n, k), b)
-    _, wp, _ = _weights(rng, fmt, n, k)
+    wp, _ = _weights(rng, n, k, fmt)
     xq, _ = qz.quantize_activations(rng.standard_normal((b, k)).astype(np.float32), fmt)
     xp, rowsum = bp.pack_activations(xq, fmt), xq.sum(1).astype(fmt.accumulator_dtype(k))
     for layers in range(1, bits + 1):
@@ -70,7 +63,7 @@ def test_dense_matches_reference(bits, codebook, bias, rng):
     """The GEMM after a separate pack: scales, offset correction and bias."""
     fmt, n, k, b = bp.BitplaneFormat(bits, 8, codebook), 37, 300, 3
     kern, grid, block = _emulated(kernels.dense_func(fmt, n, k, bias), b)
-    _, wp, scale = _weights(rng, fmt, n, k)
+    wp, scale = _weights(rng, n, k, fmt)
     x = rng.standard_normal((b, k)).astype(np.float32)
     xq, xs = qz.quantize_activations(x, fmt)
     xp, rowsum = bp.pack_activations(xq, fmt), xq.sum(1).astype(fmt.accumulator_dtype(k))
@@ -96,7 +89,7 @@ def test_dense_act_matches_reference(bits, codebook, n, k, b, bias, rng):
     zero point in its epilogue."""
     fmt = bp.BitplaneFormat(bits, 8, codebook)
     kern, grid, block = _emulated(kernels.dense_act_func(fmt, n, k, bias), b)
-    _, wp, scale = _weights(rng, fmt, n, k)
+    wp, scale = _weights(rng, n, k, fmt)
     x = rng.standard_normal((b, k)).astype(np.float32)
     bias_v = rng.standard_normal(n).astype(np.float32) if bias else None
     extra = {"bias_ptr": bias_v} if bias else {}
@@ -110,7 +103,7 @@ def test_lstm_cell_matches_reference(rng):
     """The fused step: W_hh products, gates and the state update in one kernel (hidden 50, W3)."""
     fmt, hidden, b = bp.BitplaneFormat(3, 8), 50, 3
     kern, grid, block = _emulated(kernels.lstm_cell_func(fmt, hidden), b)
-    _, wp, scale = _weights(rng, fmt, 4 * hidden, hidden, unit_major_rows(hidden))
+    wp, scale = _weights(rng, 4 * hidden, hidden, fmt)  # random rows serve as unit-major ones
     gx = rng.standard_normal((b, 4 * hidden)).astype(np.float32)
     h, c = _state(rng, b, hidden)
     for layers in (1, 3):
@@ -126,9 +119,8 @@ def test_lstm_cell_with_input_projection_matches_reference(rng):
     """The decoding step: the input projection W_ih x + b inside the same kernel (input 30, W4)."""
     fmt, n_in, hidden, b = bp.BitplaneFormat(4, 8), 30, 50, 2
     kern, grid, block = _emulated(kernels.lstm_cell_input_func(fmt, n_in, hidden, True), b)
-    rows = unit_major_rows(hidden)
-    _, wp_ih, ws_ih = _weights(rng, fmt, 4 * hidden, n_in, rows)
-    _, wp_hh, ws_hh = _weights(rng, fmt, 4 * hidden, hidden, rows)
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
     bias = rng.standard_normal(4 * hidden).astype(np.float32)
     x = rng.standard_normal((b, n_in)).astype(np.float32)
     h, c = _state(rng, b, hidden)
