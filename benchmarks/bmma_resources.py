@@ -2,7 +2,8 @@
 
 For each layer shape and weight bits of issue 13, the kernel ``pbtvm.compile(..., layout=
 "mma16x256")`` would use at batch 1 and the config the benchmark uses at batch >= 8: registers,
-shared memory, spills, and the BMMA instructions in its SASS; then the one-launch activation pack;
+shared memory, spills, and the BMMA instructions in its SASS (``--fused``: also the one-launch
+kernel that packs its own rows, which the decoder head uses); then the one-launch activation pack;
 then the LSTM step (``schedules/cuda_bmma_lstm.py``) of an H x H layer in its two model forms
 (the decoder's step with the input projection inside, the time loop's step reading ``gx`` at
 step ``t``) at the default config for each batch. Prints Markdown tables.
@@ -25,6 +26,8 @@ from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_lstm import bmma_lstm_kernel, default_lstm_config
 from pbtvm.target import resolve_target
 
+#: Largest batch the one-launch kernel is shown for (as ``bench_bmma.py --fused-max-batch``).
+FUSED_MAX_BATCH = 16
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
 
 
@@ -34,6 +37,9 @@ def main() -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--packs-only", action="store_true", help="only the activation-pack table")
+    ap.add_argument(
+        "--fused", action="store_true", help=f"also the one-launch kernel (batches up to {FUSED_MAX_BATCH})"
+    )
     ap.add_argument("--lstm-only", action="store_true", help="only the LSTM step table")
     ap.add_argument("--lstm-hidden", nargs="+", type=int, default=[650, 1500], help="LSTM layer sizes (input = hidden)")
     args = ap.parse_args()
@@ -41,26 +47,29 @@ def main() -> int:
         args.shapes, args.packs_only = [], True
     target = resolve_target({"kind": "cuda", "arch": "sm_90"})
     print(
-        "| shape (NxK) | W | batch | config (tiles_m, warps_m, k_split, loads, tiles_n) | threads | registers | smem B | spill B | BMMA in SASS | LDL/STL |"
+        "| shape (NxK) | W | batch | kernel | config (tiles_m, warps_m, k_split, loads, tiles_n) | threads | "
+        "registers | smem B | spill B | BMMA in SASS | LDL/STL |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in [] if args.packs_only else args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         for bits in args.bits:
             fmt = bp.BitplaneFormat(bits, 8, layout="mma16x256")
             for batch in args.batches:
-                cfg = default_config(fmt, n, k, batch)
-                kernel = kernel_for(kernels.dense_func(fmt, n, k), cfg).with_attr("global_symbol", "pb_bmma")
-                source = build(kernel.with_attr("tirx.is_scheduled", True), target).mod.imports[0].inspect_source()
-                (use,) = ptxas_usage(source, "sm_90").values()
-                (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
-                knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
-                print(
-                    f"| {shape} | {bits} | {batch} | {knobs} | {cfg.threads} | {use['registers']} | "
-                    f"{use.get('smem_bytes', 0)} | {use['spill_stores'] + use['spill_loads']} | "
-                    f"{sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |",
-                    flush=True,
-                )
+                for fused in (False, True) if args.fused and batch <= FUSED_MAX_BATCH else (False,):
+                    cfg = default_config(fmt, n, k, batch, fused_pack=fused)
+                    func = kernels.dense_act_func(fmt, n, k) if fused else kernels.dense_func(fmt, n, k)
+                    kernel = kernel_for(func, cfg).with_attr("global_symbol", "pb_bmma")
+                    source = build(kernel.with_attr("tirx.is_scheduled", True), target).mod.imports[0].inspect_source()
+                    (use,) = ptxas_usage(source, "sm_90").values()
+                    (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+                    knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
+                    print(
+                        f"| {shape} | {bits} | {batch} | {'one-launch' if fused else 'BMMA'} | {knobs} | {cfg.threads} | "
+                        f"{use['registers']} | {use.get('smem_bytes', 0)} | {use['spill_stores'] + use['spill_loads']} | "
+                        f"{sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |",
+                        flush=True,
+                    )
     print(
         "\n| K | activation pack (ballot, one launch) threads | registers | smem B | spill B | VOTE in SASS | LDL/STL |"
     )

@@ -31,6 +31,7 @@ from .cuda_bmma_kernel import (
     bmma_dense_kernel,
     column_stride,
     config_problem,
+    registers,
     row_column_tiles,
 )
 from .rules import TunableRule, format_of
@@ -61,13 +62,6 @@ def decode(code: int) -> BMMAConfig:
         code, v = divmod(int(code), _BASE)
         values.append(v)
     return BMMAConfig(*reversed(values))
-
-
-def registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
-    """Rough 32-bit registers per lane for ``cfg``'s accumulators and fragments (vs :data:`REGISTER_BUDGET`)."""
-    acc_words = 2 if fmt.accumulator_dtype(k_dim) == "int64" else 1
-    frag = cfg.tiles_m * cfg.tiles_n * 4
-    return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
 
 
 def knob_grid(fmt: BitplaneFormat, row_tiles: int, k_tiles: int, batch: int | None) -> Iterator[BMMAConfig]:

@@ -36,6 +36,45 @@ from .cuda_ballot_pack import row_pack
 MMA_LANES = 32
 #: Block limits (shared memory, threads) when the caller has no Target: those of every sm_70+ GPU.
 DEFAULT_LIMITS = TargetInfo.from_summary({"kind": "cuda"}).limits
+#: Kernel attribute (an ``AttrStmt`` in the device region) printed as ``__launch_bounds__(threads,
+#: min_blocks)``. With ``__launch_bounds__(threads)`` alone ptxas (sm_90, nvcc 13.0) chooses the
+#: register count itself, and for kernels that pack their activations in the block it chose too few
+#: and spilled: 40 registers and 8 bytes for the one-launch W2 kernel of 4096x11008 at its batch-8
+#: config (512 threads), 32 registers and 8 bytes for the W4A8 LSTM step.
+LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
+#: 32-bit registers of an SM (every sm_70+ GPU).
+SM_REGISTERS = 65536
+#: Registers a lane of a light one-launch config is given (:func:`light_config`): enough for every
+#: such config of the benchmark grid (``benchmarks/bench_bmma.py --dry-run --fused``), and a
+#: 512-thread block leaves room for a second one on its SM.
+LIGHT_LANE_REGISTERS = 64
+#: Registers a lane needs beyond :func:`registers` (addresses, loop counters, the epilogue).
+LANE_OVERHEAD = 32
+
+
+def registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
+    """Rough 32-bit registers per lane for ``cfg``'s accumulators and fragments (vs
+    :data:`.cuda_bmma.REGISTER_BUDGET`)."""
+    acc_words = 2 if fmt.accumulator_dtype(k_dim) == "int64" else 1
+    frag = cfg.tiles_m * cfg.tiles_n * 4
+    return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
+
+
+def light_config(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> bool:
+    """Whether ``cfg``'s fragments and accumulators fit :data:`LIGHT_LANE_REGISTERS` beside
+    :data:`LANE_OVERHEAD`: its one-launch kernel then declares them (:data:`LAUNCH_MIN_BLOCKS`).
+
+    Heavier configs, and the two-launch kernel, are left to ptxas's own choice, which spilled in
+    none of the configs checked (the heaviest of the design space included), while holding a
+    heavy config near its estimate did (W16 4096x4096, tiles_m 2, k_split 2, tiles_n 4: 56 bytes
+    at 168 registers).
+    """
+    return registers(fmt, k_dim, cfg) + LANE_OVERHEAD <= LIGHT_LANE_REGISTERS
+
+
+def launch_min_blocks(threads: int, lane_regs: int) -> int:
+    """Blocks of ``threads`` an SM must hold at once so that ptxas may give a lane ``lane_regs``."""
+    return max(1, SM_REGISTERS // (threads * lane_regs))
 
 
 @dataclass(frozen=True)
@@ -174,6 +213,42 @@ def bmma_dense_kernel(
             return total + T.Cast(acc_t, offset) * codesum
         return dense_value(fmt, scale, codesum, total, w_scale, n, bias_buf if bias else None, layers)
 
+    declare = fused_pack and light_config(fmt, k_dim, cfg)  # LAUNCH_MIN_BLOCKS, see light_config
+    min_blocks = launch_min_blocks(threads, LIGHT_LANE_REGISTERS)
+
+    @T.macro
+    def block(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers, bx, by, tz, ty, tx):
+        part = T.alloc_shared(leg.part_shape, acc_t)
+        acc = T.alloc_local((leg.frag,), acc_t)
+        dot = T.alloc_local((leg.frag,), "int32")
+        af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")  # one 16-byte A fragment each
+        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        total = T.alloc_local((1,), acc_t)
+        if fused_pack:  # this block's batch rows, packed into shared memory first
+            xpack = T.alloc_shared(shapes["packed"], "uint32")
+            rscale = T.alloc_shared(shapes["row_scale"], "float32")
+            rcode = T.alloc_shared(shapes["row_code"], acc_t)
+            pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
+            product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+        else:
+            product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+        T.tvm_storage_sync("shared")
+        for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
+            idx = T.meta_var(o * threads + (tz * cfg.warps_m + ty) * MMA_LANES + tx)
+            n_glob = T.meta_var(bx * block_rows + idx % block_rows)
+            b_glob = T.meta_var(by * block_batch + idx // block_rows)
+            if idx < block_rows * block_batch and n_glob < n_out and b_glob < batch:
+                column_total(part, total, idx)
+                if fused_pack:
+                    y[b_glob, n_glob] = result(
+                        total[0], rscale[idx // block_rows], rcode[idx // block_rows], n_glob, w_scale, bias_buf,
+                        bitlayers,
+                    )  # fmt: skip
+                else:
+                    y[b_glob, n_glob] = result(
+                        total[0], x_scale[b_glob], rowsum[b_glob], n_glob, w_scale, bias_buf, bitlayers
+                    )
+
     @T.prim_func(private=True)
     def kernel(
         x_h: T.handle,
@@ -201,42 +276,13 @@ def bmma_dense_kernel(
                 for tz in T.thread_binding(cfg.k_split, thread="threadIdx.z"):
                     for ty in T.thread_binding(cfg.warps_m, thread="threadIdx.y"):
                         for tx in T.thread_binding(MMA_LANES, thread="threadIdx.x"):
-                            part = T.alloc_shared(leg.part_shape, acc_t)
-                            acc = T.alloc_local((leg.frag,), acc_t)
-                            dot = T.alloc_local((leg.frag,), "int32")
-                            af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")  # one 16-byte A fragment each
-                            bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
-                            total = T.alloc_local((1,), acc_t)
-                            if fused_pack:  # this block's batch rows, packed into shared memory first
-                                xpack = T.alloc_shared(shapes["packed"], "uint32")
-                                rscale = T.alloc_shared(shapes["row_scale"], "float32")
-                                rcode = T.alloc_shared(shapes["row_code"], acc_t)
-                                pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
-                                product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+                            if declare:
+                                with T.attr(0, LAUNCH_MIN_BLOCKS, min_blocks):
+                                    block(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers,
+                                          bx, by, tz, ty, tx)  # fmt: skip
                             else:
-                                product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
-                            T.tvm_storage_sync("shared")
-                            for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
-                                idx = T.meta_var(o * threads + (tz * cfg.warps_m + ty) * MMA_LANES + tx)
-                                n_glob = T.meta_var(bx * block_rows + idx % block_rows)
-                                b_glob = T.meta_var(by * block_batch + idx // block_rows)
-                                if idx < block_rows * block_batch and n_glob < n_out and b_glob < batch:
-                                    column_total(part, total, idx)
-                                    if fused_pack:
-                                        y[b_glob, n_glob] = result(
-                                            total[0], rscale[idx // block_rows], rcode[idx // block_rows],
-                                            n_glob, w_scale, bias_buf, bitlayers,
-                                        )  # fmt: skip
-                                    else:
-                                        y[b_glob, n_glob] = result(
-                                            total[0],
-                                            x_scale[b_glob],
-                                            rowsum[b_glob],
-                                            n_glob,
-                                            w_scale,
-                                            bias_buf,
-                                            bitlayers,
-                                        )
+                                block(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers,
+                                      bx, by, tz, ty, tx)  # fmt: skip
 
     # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
     if integer:

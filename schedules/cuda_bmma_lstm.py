@@ -34,14 +34,16 @@ from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetLimits
 
-from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, registers, shrink_until_fit
+from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, shrink_until_fit
 from .cuda_bmma_kernel import (
     DEFAULT_LIMITS,
+    LAUNCH_MIN_BLOCKS,
     MMA_LANES,
     BMMAConfig,
     BMMALeg,
     column_stride,
     config_problem,
+    registers,
     row_column_tiles,
     shared_bytes,
     without_params,
@@ -50,9 +52,6 @@ from .rules import KnobRule, format_of, lstm_cell_operands
 
 #: Gates per hidden unit (i, f, g, o): a unit's rows ``4u .. 4u + 3`` are adjacent (unit-major).
 GATES = 4
-#: Kernel attribute (an ``AttrStmt`` in the device region) printed as ``__launch_bounds__(threads,
-#: 1)``: without it ptxas held the W4A8 step at 32 registers and spilled 8 bytes (sm_90, nvcc 13.0).
-LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
 
 
 def lstm_config_problem(

@@ -169,6 +169,26 @@ def test_configs_build_to_bmma_without_spills(cfg):
     _assert_bmma_no_spills(_sass(bmma_dense_kernel(fmt, 1000, 2048, True, cfg).with_attr("global_symbol", "k")))
 
 
+@pytest.mark.parametrize(
+    ("bits", "n", "k", "batch", "cfg", "fused"),
+    [
+        # The one-launch W2 kernel at bench_bmma's batch-8 configs: with __launch_bounds__(512)
+        # alone ptxas kept 40 registers and spilled 8 bytes; the kernel now asks for 64 (512, 2).
+        (2, 4096, 11008, 8, BMMAConfig(1, 2, 8, 2, 2), True),
+        (2, 6000, 1500, 8, BMMAConfig(1, 2, 4, 1, 2), True),
+        # A heavy W16 config (int64 accumulators, 64 threads): held to 168 registers it spilled
+        # 56 bytes; ptxas's own choice (130) does not (light_config).
+        (16, 4096, 4096, None, BMMAConfig(2, 1, 2, 2, 4), False),
+    ],
+)
+def test_register_bound_configs_do_not_spill(bits, n, k, batch, cfg, fused):
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    if batch is not None:  # the config the benchmark (and an untuned batch-8 layer) uses
+        assert cuda_bmma.default_config(fmt, n, k, batch, fused_pack=fused) == cfg
+    func = kernels.dense_act_func(fmt, n, k) if fused else kernels.dense_func(fmt, n, k)
+    _assert_bmma_no_spills(_sass(cuda_bmma.kernel_for(func, cfg).with_attr("global_symbol", "k")))
+
+
 def test_integer_kernel_and_ptxas_usage():
     fmt = bp.BitplaneFormat(16, 16, layout=MMA)
     func = bmma_dense_kernel(fmt, 257, 1000, False, cuda_bmma.default_config(fmt, 257, 1000), integer=True)
