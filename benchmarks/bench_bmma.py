@@ -10,12 +10,16 @@ as in ``bench_layers.py``, whose helpers this uses.
     python benchmarks/bench_bmma.py --csv out/bmma.csv                 # the issue-13 grid
     python benchmarks/bench_bmma.py --shapes 4096x4096 --batches 1 --bits 4 --with-default
     python benchmarks/bench_bmma.py --dry-run                          # no GPU: build every kernel
+
+Every kernel is built first, in ``--jobs`` processes (``parallel_build.py``), then timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 
 import torch
@@ -29,48 +33,93 @@ from bench_layers import (
     n_sets_for,
     rand_u32,
 )
+from parallel_build import build_all, default_workers
 
 from pbtvm import bitplane as bp
 from pbtvm import kernels
+from pbtvm._tvm import tvm
 from pbtvm.cuda import compile_fatbin
 from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
 MMA = "mma16x256"
 
 
-def build_layer(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:
-    """(activation pack, BMMA dense kernel, config) for a layer; kernels cached by (K) and config."""
+def layer_configs(n: int, k: int, bits: int, batch: int) -> tuple[BMMAConfig, BMMAConfig]:
+    """(config of the BMMA kernel, config of the one-launch kernel) for a layer at ``batch``
+    (``pbtvm.compile`` uses ``default_config(batch=1)`` or a tuning log)."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-    cfg = default_config(fmt, n, k, batch)
-    if ("pack", k) not in cache:
-        cache["pack", k] = kernels.build(kernels.act_pack_func(fmt, k), target)
-    key = ("bmma", n, k, bits, cfg)
-    if key not in cache:  # the batch's config (compile uses default_config(batch=1) or a tuning log)
-        kernel = kernel_for(kernels.dense_func(fmt, n, k), cfg).with_attr("tirx.is_scheduled", True)
-        cache[key] = kernels.build(kernel, target, schedule=False)
-    return cache["pack", k], cache[key], cfg
+    return default_config(fmt, n, k, batch), default_config(fmt, n, k, batch, fused_pack=True)
 
 
-def build_fused(n: int, k: int, bits: int, batch: int, target, cache: dict) -> tuple:
-    """(one-launch BMMA kernel that packs its own rows, config), cached by config."""
+def kernel_keys(shapes: list[str], bits: list[int], batches: list[int], fused_max_batch: int | None) -> list[tuple]:
+    """Every kernel a run times, once: ``("pack", K, bits)``, ``("bmma", N, K, bits, config)`` and, with
+    ``fused_max_batch``, ``("fused", N, K, bits, config)`` for batches up to it."""
+    keys: dict[tuple, None] = {}
+    for shape in shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        for w in bits:
+            for batch in batches:
+                cfg, fused_cfg = layer_configs(n, k, w, batch)
+                keys.update({("pack", k, w): None, ("bmma", n, k, w, cfg): None})
+                if fused_max_batch is not None and batch <= fused_max_batch:
+                    keys["fused", n, k, w, fused_cfg] = None
+    return list(keys)
+
+
+def build_kernel(key: tuple, target) -> tvm.runtime.Executable:
+    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target``."""
+    if key[0] == "pack":
+        return kernels.build(kernels.act_pack_func(bp.BitplaneFormat(key[2], 8, layout=MMA), key[1]), target)
+    kind, n, k, bits, cfg = key
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-    cfg = default_config(fmt, n, k, batch, fused_pack=True)
-    key = ("fused", n, k, bits, cfg)
-    if key not in cache:
-        kernel = kernel_for(kernels.dense_act_func(fmt, n, k), cfg).with_attr("tirx.is_scheduled", True)
-        cache[key] = kernels.build(kernel, target, schedule=False)
-    return cache[key], cfg
+    func = kernels.dense_act_func(fmt, n, k) if kind == "fused" else kernels.dense_func(fmt, n, k)
+    return kernels.build(kernel_for(func, cfg).with_attr("tirx.is_scheduled", True), target, schedule=False)
 
 
-def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: str) -> float:
+def export_kernel(job: tuple, path: str) -> None:
+    """Worker (:func:`parallel_build.build_all`): ``job = (key, target)``, the kernel written to ``path``."""
+    key, target = job
+    build_kernel(key, target).export_library(path)
+
+
+def check_kernel(job: tuple, path: str) -> None:
+    """Worker of the dry run: build the kernel, nvcc it for sm_90 and write to ``path`` (JSON)
+    whether its SASS lacks BMMA or has local-memory spills (a PB product kernel must have neither)."""
+    key, target = job
+    ex = build_kernel(key, target)
+    problem = None
+    if key[0] in ("bmma", "fused"):
+        sass = "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
+        if BMMA_OPCODE not in sass:
+            problem = f"no {BMMA_OPCODE}"
+        elif local_memory_ops(sass):
+            problem = f"{local_memory_ops(sass)} LDL/STL"
+    with open(path, "w") as f:
+        json.dump({"problem": problem}, f)
+
+
+def build_kernels(keys: list[tuple], target, workers: int, check: bool = False) -> dict:
+    """Build ``keys`` in ``workers`` processes: {key: executable}, or with ``check`` {key: problem or None}."""
+    with tempfile.TemporaryDirectory(prefix="pbtvm_bench_bmma_") as tmp:
+        worker = check_kernel if check else export_kernel
+        paths = build_all(worker, [(key, target) for key in keys], tmp, workers, label=lambda job: str(job[0]))
+        if check:
+            return {key: json.load(open(path))["problem"] for key, path in zip(keys, paths, strict=True)}
+        return {key: tvm.runtime.Executable(tvm.runtime.load_module(p)) for key, p in zip(keys, paths, strict=True)}
+
+
+def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str) -> float:
     """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone) or
-    "fused" (one kernel: every block packs its batch rows, then the BMMA product)."""
+    "fused" (one kernel: every block packs its batch rows, then the BMMA product); ``built``
+    holds the kernels (:func:`build_kernels`)."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-    pack, dense, _ = build_layer(n, k, bits, batch, resolve_target("cuda"), cache)
-    fused = build_fused(n, k, bits, batch, resolve_target("cuda"), cache)[0] if part == "fused" else None
+    cfg, fused_cfg = layer_configs(n, k, bits, batch)
+    pack, dense = built["pack", k, bits], built["bmma", n, k, bits, cfg]
+    fused = built["fused", n, k, bits, fused_cfg] if part == "fused" else None
     sets = n_sets_for(4 * _prod(fmt.weight_shape(n, k)), l2)
     ws = [
         (rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda"))
@@ -101,27 +150,15 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """Build every kernel the benchmark would run, for sm_90, without a device."""
+    """Build every kernel the benchmark would run, for sm_90, without a device; nvcc + SASS check."""
     target = resolve_target({"kind": "cuda", "arch": "sm_90"})
-    cache: dict = {}
     t0 = time.time()
-    for shape in args.shapes:
-        n, k = (int(v) for v in shape.split("x"))
-        for bits in args.bits:
-            for batch in args.batches:
-                _, _, cfg = build_layer(n, k, bits, batch, target, cache)
-                if args.fused and batch <= args.fused_max_batch:
-                    build_fused(n, k, bits, batch, target, cache)
-                print(f"  {shape:>11} W{bits}A8 b={batch:<2} {cfg}  [{time.time() - t0:.0f}s]", flush=True)
-    bad = []
-    for key, ex in cache.items():  # nvcc + SASS check of every BMMA kernel (what the GPU would load)
-        if key[0] in ("bmma", "fused"):
-            sass = "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
-            if BMMA_OPCODE not in sass or local_memory_ops(sass):
-                bad.append(key)
-    print(f"dry run: {len(cache)} kernels built for sm_90 and checked with nvcc in {time.time() - t0:.0f}s")
-    if bad:
-        print(f"kernels without {BMMA_OPCODE} or with spills: {bad}", file=sys.stderr)
+    keys = kernel_keys(args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None)
+    problems = build_kernels(keys, target, args.jobs, check=True)
+    bad = {key: p for key, p in problems.items() if p}
+    print(f"dry run: {len(keys)} kernels built for sm_90 and checked with nvcc in {time.time() - t0:.0f}s")
+    for key, problem in bad.items():
+        print(f"  {problem}: {key}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -159,17 +196,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build every kernel for sm_90 and stop")
     ap.add_argument("--fused", action="store_true", help="also the one-launch kernel (pack inside the BMMA kernel)")
     ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch timed with --fused")
+    ap.add_argument(
+        "--jobs", type=int, default=default_workers(), help="processes that build the kernels (default: cores - 1)"
+    )
     args = ap.parse_args(argv)
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU (try --dry-run)", file=sys.stderr)
         return 2
+    t0 = time.time()
+    keys = kernel_keys(args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None)
+    print(f"building {len(keys)} kernels in {args.jobs} processes", flush=True)
+    built = build_kernels(keys, resolve_target("cuda"), args.jobs)
+    print(f"built in {time.time() - t0:.0f}s", flush=True)
     props = torch.cuda.get_device_properties(0)
     l2, bw = props.L2_cache_size, measure_bandwidth()
     print(f"device {props.name}, L2 {l2 / 1e6:.0f} MB, copy bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}")
-    rows, cache, old_cache = [], {}, {}
-    t0 = time.time()
+    rows, old_cache = [], {}
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         for batch in args.batches:
@@ -177,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             int4 = bench_int4(n, k, batch, l2)
             for bits in args.bits:
                 fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-                layer = bench_bmma(n, k, batch, bits, l2, cache, "layer")
-                gemm = bench_bmma(n, k, batch, bits, l2, cache, "gemm")
+                layer = bench_bmma(n, k, batch, bits, l2, built, "layer")
+                gemm = bench_bmma(n, k, batch, bits, l2, built, "gemm")
                 roof = (bits * n * fmt.words(k) * 4 + batch * (k + n) * 4) / bw
                 r = {
                     "shape": shape,
                     "batch": batch,
                     "bits": bits,
-                    "config": str(build_layer(n, k, bits, batch, resolve_target("cuda"), cache)[2]),
+                    "config": str(layer_configs(n, k, bits, batch)[0]),
                     "bmma_layer_us": layer * 1e6,
                     "bmma_kernel_us": gemm * 1e6,
                     "roof_us": roof * 1e6,
@@ -196,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if args.fused:
                     fused = batch <= args.fused_max_batch
-                    r["fused_us"] = bench_bmma(n, k, batch, bits, l2, cache, "fused") * 1e6 if fused else None
+                    r["fused_us"] = bench_bmma(n, k, batch, bits, l2, built, "fused") * 1e6 if fused else None
+                    r["fused_config"] = str(layer_configs(n, k, bits, batch)[1]) if fused else None
                 if args.with_default:
                     r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
                 rows.append(r)

@@ -32,14 +32,17 @@ GEMM over all steps + a fused step call per layer and step).
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import numpy as np
 import torch
+from parallel_build import build_all, default_workers
 
 from pbtvm.apps.ptb import PBWordLM, word_lm
-from pbtvm.decoder import compile_decoder
+from pbtvm.decoder import compile_decoder, load_decoder
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--target", default="cuda", help="llvm, cuda or a JSON target dict")
@@ -59,17 +62,31 @@ ap.add_argument(
     default="auto",
     help="weight layouts to compare, e.g. auto,kNW (on CUDA sm_80+ auto is the binary-tensor-core mma16x256)",
 )
-args = ap.parse_args()
-target = json.loads(args.target) if args.target.startswith("{") else args.target
-cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
-dev = "cuda" if cuda else "cpu"
-sync = torch.cuda.synchronize if cuda else (lambda: None)
-torch.manual_seed(0)
-model = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
+ap.add_argument(
+    "--jobs",
+    type=int,
+    default=None,
+    help="processes that compile the decoders before any timing (default: cores - 1 on CUDA; on the CPU 1: "
+    "each decoder compiled in this process when its rows come)",
+)
 rows = []
+args = target = cuda = dev = sync = model = None  # set by setup()
 
 
-def median_s(fn, repeats: int = args.repeats) -> float:
+def setup(argv: list[str] | None = None) -> None:
+    """Parse the arguments; the word LM with seed 0."""
+    global args, target, cuda, dev, sync, model
+    args = ap.parse_args(argv)
+    target = json.loads(args.target) if args.target.startswith("{") else args.target
+    cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    model = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
+
+
+def median_s(fn, repeats: int | None = None) -> float:
+    repeats = args.repeats if repeats is None else repeats
     fn()
     times = []
     for _ in range(repeats):
@@ -220,7 +237,8 @@ def host_overhead(dec, batch: int, prompt) -> dict:
 
     cpu = tvm.cpu()
     vm, tvm_args, calls = chunk_calls(dec, batch)
-    lib = dec.model._module.mod.imports[0]
+    module = dec.model._module  # an Executable when compiled here, a Module when loaded (--jobs)
+    lib = (module.mod if isinstance(module, tvm.runtime.Executable) else module).imports[0]
     rounds = {"kernels": [], "sequence": [], "chunk": [], "generate": [], "each": []}
     for _ in range(args.repeats):
         each = [statistics.median(lib.time_evaluator(s, cpu, number=20, repeat=5)(*a).results) for s, a in calls]
@@ -253,57 +271,93 @@ def ratio_note(rounds: dict) -> str:
     return "; ".join(parts)
 
 
-with torch.no_grad():
-    for batch in [int(b) for b in args.batch.split(",")]:
-        for name, dtype in [] if args.skip_torch else [("torch fp32", torch.float32), ("torch fp16", torch.float16)]:
-            m = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
-            m.load_state_dict(model.state_dict())
-            m = m.to(dev, dtype)
-            for label, variant in ((name, m), (f"{name} cells", CellLM(m))):
-                try:
-                    add(label, batch, median_s(torch_loop(variant, batch, False)), args.tokens)
-                    if cuda:
-                        add(f"{label} +graph", batch, median_s(torch_loop(variant, batch, True)), args.tokens)
-                except RuntimeError as err:  # e.g. an fp16 op missing on the CPU
-                    print(f"  {label} batch {batch}: {str(err).splitlines()[0]}")
+def export_decoder(job: tuple, path: str) -> None:
+    """Worker (:func:`parallel_build.build_all`): compile one decoder of the LM saved at the job's
+    state path and export it to ``path``."""
+    state_path, (vocab, hidden, layers), tgt, bits, batch, chunk, layout = job
+    m = word_lm(vocab, hidden, layers, dropout=0.0).eval()
+    m.load_state_dict(torch.load(state_path))
+    kw = {"embedding": m.embedding, "head": m.head, "batch": batch, "generate_chunk": chunk, "layout": layout}
+    compile_decoder(m.lstm, tgt, bits, **kw).export(path)
 
+
+def build_decoders(specs: list[tuple[int, int, str]]) -> dict:
+    """{(bits, batch, layout): PBDecoder}, compiled in ``--jobs`` processes (exported, then loaded);
+    empty with one job: :func:`decoder` compiles each in this process when it is needed."""
+    jobs = args.jobs if args.jobs is not None else (default_workers() if cuda else 1)
+    if jobs <= 1:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="pbtvm_bench_generate_") as tmp:
+        state_path = os.path.join(tmp, "lm.pt")
+        torch.save(model.state_dict(), state_path)
+        dims = (args.vocab, args.hidden, args.layers)
+        work = [(state_path, dims, target, bits, batch, args.chunk, layout) for bits, batch, layout in specs]
+        print(f"compiling {len(specs)} decoders in {min(jobs, len(specs))} processes", flush=True)
+        paths = build_all(export_decoder, work, tmp, jobs, label=lambda j: f"W{j[3]} batch {j[4]} {j[6]}")
+        return {spec: load_decoder(p, dev) for spec, p in zip(specs, paths, strict=True)}
+
+
+def decoder(built: dict, bits: int, batch: int, layout: str):
+    """The decoder of ``(bits, batch, layout)``: prebuilt (:func:`build_decoders`) or compiled now."""
+    if (bits, batch, layout) in built:
+        return built[bits, batch, layout]
+    kw = {"embedding": model.embedding, "head": model.head, "batch": batch, "generate_chunk": args.chunk}
+    return compile_decoder(model.lstm, target, bits, layout=layout, **kw)
+
+
+def run() -> None:
+    """Every row, then the table."""
     layouts = args.layouts.split(",")
-    for bits in [int(b) for b in args.bits.split(",")]:
-        for batch in [int(b) for b in args.batch.split(",")]:
-            for layout in layouts:
-                dec = compile_decoder(
-                    model.lstm,
-                    target,
-                    bits,
-                    embedding=model.embedding,
-                    head=model.head,
-                    batch=batch,
-                    generate_chunk=args.chunk,
-                    layout=layout,
-                )
-                label = f"PB W{bits}" + (f" {dec.format.layout}" if len(layouts) > 1 else "")
-                prompt = torch.ones(batch, 1, dtype=torch.long, device=dev)
-                if cuda:
-                    gen_s, note = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens)), ""
-                else:
-                    rounds = host_overhead(dec, batch, prompt)
-                    gen_s, note = args.tokens * statistics.median(rounds["generate"]), ratio_note(rounds)
-                add(f"{label} generate", batch, gen_s, args.tokens, note)
-                add(f"{label} stepwise", batch, median_s(stepwise(dec, batch), max(1, args.repeats // 2)), args.tokens)
-            if not cuda:
-                long_prompt = torch.randint(0, args.vocab, (batch, args.prompt))
-                pb = PBWordLM(model, target, bits=bits)
-                add(
-                    f"PB W{bits} prompt/gen",
-                    batch,
-                    median_s(lambda d=dec, p=long_prompt: d.generate(p, 1)),
-                    args.prompt,
-                )
-                add(f"PB W{bits} prompt/seq", batch, median_s(lambda pb=pb, p=long_prompt: pb(p.T)), args.prompt)
+    bits_list, batches = [int(b) for b in args.bits.split(",")], [int(b) for b in args.batch.split(",")]
+    built = build_decoders([(bits, batch, layout) for bits in bits_list for batch in batches for layout in layouts])
+    with torch.no_grad():
+        for batch in batches:
+            torch_rows = [("torch fp32", torch.float32), ("torch fp16", torch.float16)]
+            for name, dtype in [] if args.skip_torch else torch_rows:
+                m = word_lm(args.vocab, args.hidden, args.layers, dropout=0.0).eval()
+                m.load_state_dict(model.state_dict())
+                m = m.to(dev, dtype)
+                for label, variant in ((name, m), (f"{name} cells", CellLM(m))):
+                    try:
+                        add(label, batch, median_s(torch_loop(variant, batch, False)), args.tokens)
+                        if cuda:
+                            add(f"{label} +graph", batch, median_s(torch_loop(variant, batch, True)), args.tokens)
+                    except RuntimeError as err:  # e.g. an fp16 op missing on the CPU
+                        print(f"  {label} batch {batch}: {str(err).splitlines()[0]}")
 
-device = torch.cuda.get_device_name() if cuda else "CPU"
-print(f"\ngenerate(), greedy, {args.tokens} new tokens, {args.layers}x{args.hidden}, vocab {args.vocab}, {device}")
-print(f"{'model':<24}{'batch':>6}{'us/token':>11}{'tokens/s':>11}{'vs best torch (same batch)':>28}")
-for name, batch, us, tps, note in rows:
-    base = max((r[3] for r in rows if r[0].startswith("torch") and r[1] == batch), default=tps)
-    print(f"{name:<24}{batch:>6}{us:>11.1f}{tps:>11.0f}{tps / base:>27.2f}x  {note}")
+        for bits in bits_list:
+            for batch in batches:
+                for layout in layouts:
+                    dec = decoder(built, bits, batch, layout)
+                    label = f"PB W{bits}" + (f" {dec.format.layout}" if len(layouts) > 1 else "")
+                    prompt = torch.ones(batch, 1, dtype=torch.long, device=dev)
+                    if cuda:
+                        gen_s, note = median_s(lambda dec=dec, prompt=prompt: dec.generate(prompt, args.tokens)), ""
+                    else:
+                        rounds = host_overhead(dec, batch, prompt)
+                        gen_s, note = args.tokens * statistics.median(rounds["generate"]), ratio_note(rounds)
+                    add(f"{label} generate", batch, gen_s, args.tokens, note)
+                    step_s = median_s(stepwise(dec, batch), max(1, args.repeats // 2))
+                    add(f"{label} stepwise", batch, step_s, args.tokens)
+                if not cuda:
+                    long_prompt = torch.randint(0, args.vocab, (batch, args.prompt))
+                    pb = PBWordLM(model, target, bits=bits)
+                    add(
+                        f"PB W{bits} prompt/gen",
+                        batch,
+                        median_s(lambda d=dec, p=long_prompt: d.generate(p, 1)),
+                        args.prompt,
+                    )
+                    add(f"PB W{bits} prompt/seq", batch, median_s(lambda pb=pb, p=long_prompt: pb(p.T)), args.prompt)
+
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"\ngenerate(), greedy, {args.tokens} new tokens, {args.layers}x{args.hidden}, vocab {args.vocab}, {device}")
+    print(f"{'model':<24}{'batch':>6}{'us/token':>11}{'tokens/s':>11}{'vs best torch (same batch)':>28}")
+    for name, batch, us, tps, note in rows:
+        base = max((r[3] for r in rows if r[0].startswith("torch") and r[1] == batch), default=tps)
+        print(f"{name:<24}{batch:>6}{us:>11.1f}{tps:>11.0f}{tps / base:>27.2f}x  {note}")
+
+
+if __name__ == "__main__":
+    setup()
+    run()

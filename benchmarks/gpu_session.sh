@@ -9,7 +9,8 @@
 #               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers);
 #               tests/test_bmma_lstm.py: the BMMA LSTM step, the mma16x256 decoder and its generate()
 #   bmma-bench  benchmarks/bench_bmma.py --fused: BMMA layer (ballot pack + BMMA kernel) and the one-launch
-#               kernel vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by row
+#               kernel vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by row (its ~116
+#               kernels are built first, one process per core)
 #   tests       every other `gpu`-marked test (test_gpu, test_lstm_cell, test_decoder, test_lstm_lowering)
 #   bmma-tune   benchmarks/tune_layers.py --layout mma16x256 on three shapes (MetaSchedule on the GPU)
 #   layers / profile / lstm   the CUDA-core PB layer benchmark, decoder profile, LSTM step benchmark
@@ -18,7 +19,8 @@
 #   generate    issue 16: tests/test_generate.py on the GPU (generate() == the stepwise decoder, greedy and
 #               seeded sampling), then benchmarks/bench_generate.py: tokens/s of generate() at W1/W2/W4/W8,
 #               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph, each W-k with the default
-#               layout (binary tensor cores on sm_80+) and kNW (CUDA-core popcount) (<= ~6 min; STEPS=generate)
+#               layout (binary tensor cores on sm_80+) and kNW (CUDA-core popcount), the 16 decoders compiled
+#               first, one process per core (<= ~6 min; STEPS=generate)
 # A device call is limited to 600 s, so run further steps in another call (STEPS=bmma-tune ...).
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
