@@ -107,11 +107,27 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     model, example = _mlp()
     lines = []
+    real_side_by_side = tuning.search.measure_side_by_side
+
+    def best_twice_as_fast(*args):  # the real re-measure; its verdict fixed, so the test is not a coin toss
+        default, best = real_side_by_side(*args)
+        assert len(default) == len(best) == tuning.search.CONFIRM_ROUNDS
+        return default, [t / 2 for t in default]
+
+    monkeypatch.setattr(tuning.search, "measure_side_by_side", best_twice_as_fast)
+    tuned_funcs, real_tune = [], pbtvm.compiler.tune_kernels
+
+    def keep_funcs(funcs, *args, **kwargs):
+        tuned_funcs.extend(funcs)
+        return real_tune(funcs, *args, **kwargs)
+
+    monkeypatch.setattr(pbtvm.compiler, "tune_kernels", keep_funcs)
     report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
     assert len(report.kernels) == 2
     for k in report.kernels:
         assert k.trials >= 1 + 4 and k.built >= 1 and k.build_failed == 0, k.first_error  # default + search
         assert k.default_us and k.best_us and k.best_us <= k.default_us + 1e-9  # the default is in the log
+        assert k.confirmed in (True, None)  # re-measured and kept, or the default was the best
     # One line per update: kernel i/2, candidates measured / (default + 4 trials), best so far, time left.
     updates = [re.match(r"\[pbtvm tune\] ([12])/2 (\S+): (\d+)/5 candidates measured, best ([0-9.]+) us", ln) for ln in lines]
     updates = [m for m in updates if m]
@@ -145,6 +161,49 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert refused.manifest["tuning"]["tuned_kernels"] == []
     np.testing.assert_allclose(refused(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+
+    # A kernel whose best was not confirmed side by side is pinned to its default in the knob log:
+    # compile leaves it untuned (search._confirm).
+    tunable = [f for f in tuned_funcs if tuning.tunable_rule(f, CPU) is not None]
+    func = next(f for f in tunable if tuning.kernel_name(f) == report.kernels[0].name)
+    (log / tuning.KNOB_LOG).write_text(json.dumps({tuning.knob_key(func, 1): {"schedule": "default"}}))
+    monkeypatch.undo()
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    half = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert half.manifest["tuning"]["tuned_kernels"] == [k.name for k in report.kernels[1:]]
+
+
+@pytest.mark.parametrize(
+    ("default", "best", "kept", "default_us", "best_us"),
+    [
+        ([1e-5] * 3, [0.5e-5] * 3, True, 10.0, 5.0),
+        ([1e-5, 3e-5, 1e-5], [0.9e-5, 0.5e-5, 4e-5], True, 10.0, 9.0),  # medians, not one lucky round
+        ([1e-5] * 3, [0.99e-5] * 3, False, 10.0, 10.0),  # 1 % faster: within MIN_CONFIRMED_GAIN
+        ([1e-5] * 3, [2e-5] * 3, False, 10.0, 10.0),
+        ([1e-5] * 3, None, False, 10.0, 10.0),  # the best failed this time
+        (None, [0.5e-5] * 3, True, 20.0, 5.0),  # the default failed this time: its earlier time stays
+    ],
+)
+def test_confirm_keeps_the_best_only_when_faster_side_by_side(monkeypatch, default, best, kept, default_us, best_us):
+    search = tuning.search
+    monkeypatch.setattr(search, "measure_side_by_side", lambda *_args: [default, best])
+    rep, lines = tuning.KernelReport("k", default_us=20.0, best_us=4.0), []
+    assert search._confirm(rep, [], CPU, None, None, tuning.Progress(lines.append)) is kept
+    assert (rep.confirmed, rep.default_us, rep.best_us, rep.search_us) == (kept, default_us, best_us, 4.0)
+    assert lines[-1].endswith("best kept" if kept else "default kept")
+    note = "the search's best (4.00 us) was not faster than the default"
+    assert (note in tuning.TuneReport("log", "llvm", 1.0, [rep]).table()) is not kept
+
+
+def test_measure_side_by_side_times_each_module_in_every_round():
+    fmt = bp.BitplaneFormat(4, 8)
+    mods = [tvm.IRModule({"main": tuning.workload(kernels.int_product_func(fmt, n, 64), 2)}) for n in (8, 16)]
+    builder = tuning.default_builder(CPU)
+    try:
+        times = tuning.measure.measure_side_by_side(mods, CPU, builder, tuning.default_runner(CPU), rounds=3)
+    finally:
+        builder.close()
+    assert len(times) == 2 and all(len(t) == 3 and min(t) > 0 for t in times), times
 
 
 def test_time_left_leaves_out_the_start_up(monkeypatch):

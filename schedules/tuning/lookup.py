@@ -5,6 +5,8 @@ kernel whose rule is tunable it finds the best record measured on this target's 
 mcpu, replays its trace onto the kernel (symbolic batch and ``bitlayers`` kept) and, where a local
 device can run it, checks the result against the default schedule (:mod:`pbtvm.schedules.verify`)
 before handing it over. A :class:`~pbtvm.schedules.rules.KnobRule` kernel gets its logged knobs.
+A kernel whose best the search could not confirm against its default (the knob log says
+``"schedule": "default"``) keeps the default schedule.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def tuned_lookup(
                 return None
             used.append(kernel_name(func))
             return kernel
+        if knobs.get(knob_key(func, batch), {}).get("schedule") == "default":
+            return None  # the search's best was not faster side by side (search._confirm)
         mod = tvm.IRModule({"main": workload(func, batch)})
         if not database.has_workload(mod):
             return None

@@ -205,4 +205,43 @@ def measure(
                 shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
 
 
-__all__ = ["build_candidate", "default_builder", "default_runner", "measure", "rpc_runner"]
+def measure_side_by_side(
+    mods: list[tvm.IRModule], target: tvm.target.Target, builder: object, runner: object, rounds: int
+) -> list[list[float] | None]:
+    """Build ``mods`` once, then time them ``rounds`` times one after another, the order reversed
+    every other round, so that a load change on the machine falls on each of them alike.
+
+    Returns
+    -------
+    list
+        Per module its mean seconds in each round, or None if it failed to build or to run.
+    """
+    ms = meta_schedule()
+    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
+    device = TargetInfo.of(target).device
+    times: list[list[float] | None] = [None if res.error_msg else [] for res in built]
+    try:
+        for r in range(rounds):
+            order = [i for i, t in enumerate(times) if t is not None]
+            order = order if r % 2 == 0 else order[::-1]
+            inputs = [
+                ms.runner.RunnerInput(
+                    built[i].artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
+                )
+                for i in order
+            ]
+            for i, fut in zip(order, runner.run(inputs), strict=True):
+                out = fut.result()
+                if out.error_msg:
+                    times[i] = None
+                elif times[i] is not None:
+                    secs = [float(s) for s in out.run_secs]
+                    times[i].append(sum(secs) / len(secs))
+    finally:
+        for res in built:
+            if not res.error_msg:
+                shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
+    return times
+
+
+__all__ = ["build_candidate", "default_builder", "default_runner", "measure", "measure_side_by_side", "rpc_runner"]

@@ -26,7 +26,10 @@ class KernelReport:
     """What tuning did for one kernel; times in microseconds.
 
     ``trials`` counts every candidate measured for the kernel: its default schedule (or default
-    knobs) and the search trials.
+    knobs) and the search trials. Where the search's best was not the default, both were timed
+    again side by side (:func:`~.search._confirm`): ``default_us`` and ``best_us`` are those times
+    (``best_us`` the kept schedule's), ``search_us`` the best as the search measured it, and
+    ``confirmed`` says whether the best was kept (None: not re-measured, the default was the best).
     """
 
     name: str
@@ -37,10 +40,13 @@ class KernelReport:
     default_us: float | None = None
     best_us: float | None = None
     first_error: str | None = None
+    search_us: float | None = None
+    confirmed: bool | None = None
 
     @property
     def speedup(self) -> float | None:
-        """Default-template time over the best time in the log (>= 1 by construction)."""
+        """Default time over the kept schedule's time (>= 1 by construction; the side-by-side times
+        where the best was re-measured)."""
         if self.default_us is None or self.best_us is None:
             return None
         return self.default_us / self.best_us
@@ -84,6 +90,12 @@ class TuneReport:
             rows.append(
                 f"{k.name:<40} {k.trials:>6} {k.built:>6} {k.build_failed + k.run_failed:>6} {d:>11} {b:>9} {gain:>6}"
             )
+        for k in self.kernels:
+            if k.confirmed is False:
+                rows.append(
+                    f"{k.name}: the search's best ({k.search_us:.2f} us) was not faster than the default when both "
+                    "were timed side by side: the default is kept"
+                )
         rows.append(f"tuning time {self.seconds:.1f}s, log {self.log} (trials: the default schedule plus the search)")
         return "\n".join(rows)
 
