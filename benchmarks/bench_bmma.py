@@ -39,7 +39,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm._tvm import tvm
 from pbtvm.cuda import compile_fatbin
-from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
+from pbtvm.sass import bmma_problem, sass_by_kernel
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
@@ -56,24 +56,35 @@ def layer_configs(n: int, k: int, bits: int, batch: int) -> tuple[BMMAConfig, BM
 
 
 def kernel_keys(shapes: list[str], bits: list[int], batches: list[int], fused_max_batch: int | None) -> list[tuple]:
-    """Every kernel a run times, once: ``("pack", K, bits)``, ``("bmma", N, K, bits, config)`` and, with
-    ``fused_max_batch``, ``("fused", N, K, bits, config)`` for batches up to it."""
+    """Every kernel a run times, once: ``("pack", K, rowsum dtype)`` (the pack depends on nothing else:
+    W-k layers share it), ``("bmma", N, K, bits, config)`` and, with ``fused_max_batch``,
+    ``("fused", N, K, bits, config)`` for batches up to it."""
     keys: dict[tuple, None] = {}
     for shape in shapes:
         n, k = (int(v) for v in shape.split("x"))
         for w in bits:
             for batch in batches:
                 cfg, fused_cfg = layer_configs(n, k, w, batch)
-                keys.update({("pack", k, w): None, ("bmma", n, k, w, cfg): None})
+                keys.update({pack_key(k, w): None, ("bmma", n, k, w, cfg): None})
                 if fused_max_batch is not None and batch <= fused_max_batch:
                     keys["fused", n, k, w, fused_cfg] = None
     return list(keys)
 
 
+def pack_key(k: int, bits: int) -> tuple:
+    """The activation pack a W-``bits`` layer of K inputs uses (see :func:`kernel_keys`)."""
+    return ("pack", k, bp.BitplaneFormat(bits, 8, layout=MMA).accumulator_dtype(k))
+
+
 def build_kernel(key: tuple, target) -> tvm.runtime.Executable:
     """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target``."""
     if key[0] == "pack":
-        return kernels.build(kernels.act_pack_func(bp.BitplaneFormat(key[2], 8, layout=MMA), key[1]), target)
+        fmt = next(
+            f
+            for f in (bp.BitplaneFormat(b, 8, layout=MMA) for b in range(1, 17))
+            if f.accumulator_dtype(key[1]) == key[2]
+        )
+        return kernels.build(kernels.act_pack_func(fmt, key[1]), target)
     kind, n, k, bits, cfg = key
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     func = kernels.dense_act_func(fmt, n, k) if kind == "fused" else kernels.dense_func(fmt, n, k)
@@ -93,11 +104,9 @@ def check_kernel(job: tuple, path: str) -> None:
     ex = build_kernel(key, target)
     problem = None
     if key[0] in ("bmma", "fused"):
-        sass = "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
-        if BMMA_OPCODE not in sass:
-            problem = f"no {BMMA_OPCODE}"
-        elif local_memory_ops(sass):
-            problem = f"{local_memory_ops(sass)} LDL/STL"
+        problem = bmma_problem(
+            "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
+        )
     with open(path, "w") as f:
         json.dump({"problem": problem}, f)
 
@@ -108,8 +117,13 @@ def build_kernels(keys: list[tuple], target, workers: int, check: bool = False) 
         worker = check_kernel if check else export_kernel
         paths = build_all(worker, [(key, target) for key in keys], tmp, workers, label=lambda job: str(job[0]))
         if check:
-            return {key: json.load(open(path))["problem"] for key, path in zip(keys, paths, strict=True)}
+            return {key: _read_json(path)["problem"] for key, path in zip(keys, paths, strict=True)}
         return {key: tvm.runtime.Executable(tvm.runtime.load_module(p)) for key, p in zip(keys, paths, strict=True)}
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str) -> float:
@@ -118,7 +132,7 @@ def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part
     holds the kernels (:func:`build_kernels`)."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     cfg, fused_cfg = layer_configs(n, k, bits, batch)
-    pack, dense = built["pack", k, bits], built["bmma", n, k, bits, cfg]
+    pack, dense = built[pack_key(k, bits)], built["bmma", n, k, bits, cfg]
     fused = built["fused", n, k, bits, fused_cfg] if part == "fused" else None
     sets = n_sets_for(4 * _prod(fmt.weight_shape(n, k)), l2)
     ws = [

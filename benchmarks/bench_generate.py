@@ -26,6 +26,10 @@ time. And the prompt path:
 ``generate(prompt of --prompt tokens, 1 new)`` per prompt token vs ``PBWordLM`` (projection
 GEMM over all steps + a fused step call per layer and step).
 
+With ``--jobs`` above 1 (on CUDA by default: the host's cores less one) every decoder is compiled
+first, in that many processes, then timed (``parallel_build.py``); otherwise each is compiled in
+this process when its rows come.
+
     python benchmarks/bench_generate.py --target llvm --hidden 650 --bits 4 --batch 1,8
     python benchmarks/bench_generate.py --target cuda --bits 1,2,4,8 --batch 1,8
 """
@@ -271,14 +275,19 @@ def ratio_note(rounds: dict) -> str:
     return "; ".join(parts)
 
 
+def lm_decoder(m, tgt, bits: int, batch: int, layout: str, chunk: int):
+    """The generate() decoder of word LM ``m`` (embedding, LSTM, head) for one row of the table."""
+    kw = {"embedding": m.embedding, "head": m.head, "batch": batch, "generate_chunk": chunk, "layout": layout}
+    return compile_decoder(m.lstm, tgt, bits, **kw)
+
+
 def export_decoder(job: tuple, path: str) -> None:
     """Worker (:func:`parallel_build.build_all`): compile one decoder of the LM saved at the job's
     state path and export it to ``path``."""
     state_path, (vocab, hidden, layers), tgt, bits, batch, chunk, layout = job
     m = word_lm(vocab, hidden, layers, dropout=0.0).eval()
     m.load_state_dict(torch.load(state_path))
-    kw = {"embedding": m.embedding, "head": m.head, "batch": batch, "generate_chunk": chunk, "layout": layout}
-    compile_decoder(m.lstm, tgt, bits, **kw).export(path)
+    lm_decoder(m, tgt, bits, batch, layout, chunk).export(path)
 
 
 def build_decoders(specs: list[tuple[int, int, str]]) -> dict:
@@ -301,8 +310,7 @@ def decoder(built: dict, bits: int, batch: int, layout: str):
     """The decoder of ``(bits, batch, layout)``: prebuilt (:func:`build_decoders`) or compiled now."""
     if (bits, batch, layout) in built:
         return built[bits, batch, layout]
-    kw = {"embedding": model.embedding, "head": model.head, "batch": batch, "generate_chunk": args.chunk}
-    return compile_decoder(model.lstm, target, bits, layout=layout, **kw)
+    return lm_decoder(model, target, bits, batch, layout, args.chunk)
 
 
 def run() -> None:

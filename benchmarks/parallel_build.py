@@ -1,7 +1,7 @@
 """Build in worker processes: compile a benchmark's kernels or decoders at once on a many-core host.
 
 A GPU sitting is short, and compiling one kernel after another (TVM lowering, then nvcc: ~2 s a
-kernel on the 2-core CI machine, 101 kernels for ``bench_bmma.py --fused``) took most of a step.
+kernel on the 2-core CI machine, ~100 kernels for ``bench_bmma.py --fused``) took most of a step.
 :func:`build_all` runs a build function over the jobs in spawned processes (a fresh interpreter
 each: no CUDA context or thread pool inherited); each writes its result as a .so in a directory
 the caller owns, and the caller loads them (``tvm.runtime.load_module``, :func:`pbtvm.load`).
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-#: Workers when the caller does not say: one core is left to the caller.
+#: Most workers :func:`default_workers` suggests.
 MAX_WORKERS = 16
 
 
@@ -62,9 +62,15 @@ def build_all(
     def done(i: int, count: int) -> None:
         print(f"  built {count}/{len(jobs)}: {label(jobs[i])}  [{time.time() - t0:.0f}s]", flush=True)
 
+    def failed(i: int, err: Exception) -> RuntimeError:
+        return RuntimeError(f"building {label(jobs[i])} failed: {err}")
+
     if workers <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
-            build(job, paths[i])
+            try:
+                build(job, paths[i])
+            except Exception as err:
+                raise failed(i, err) from err
             done(i, i + 1)
         return paths
     ctx = multiprocessing.get_context("spawn")
@@ -75,8 +81,7 @@ def build_all(
             try:
                 fut.result()
             except Exception as err:
-                for other in futures:
-                    other.cancel()
-                raise RuntimeError(f"building {label(jobs[i])} failed: {err}") from err
+                pool.shutdown(cancel_futures=True)  # none starts; those under way finish (no process left)
+                raise failed(i, err) from err
             done(i, count)
     return paths

@@ -35,6 +35,17 @@ def local_memory_ops(sass: str) -> int:
     return len(_LOCAL_MEMORY.findall(sass))
 
 
+def bmma_problem(sass: str) -> str | None:
+    """Why a PB product kernel's SASS falls short, or None: it must run on the binary tensor cores
+    (:data:`BMMA_OPCODE`; ``.xor.popc`` is emulated on sm_90) and must not spill (``LDL``/``STL``)."""
+    if BMMA_OPCODE not in sass:
+        return f"no {BMMA_OPCODE}"
+    if "BMMA.168256.XOR" in sass:
+        return "BMMA.168256.XOR (emulated on sm_90)"
+    spills = local_memory_ops(sass)
+    return f"{spills} LDL/STL (register spills)" if spills else None
+
+
 def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
     """``ptxas -v`` resource usage per kernel of CUDA C++ ``source`` built for ``arch``.
 

@@ -47,12 +47,11 @@ def test_build_all_returns_each_jobs_result_in_order(tmp_path, workers):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_build_all_names_the_job_that_failed(tmp_path, workers):
-    with pytest.raises((RuntimeError, ValueError), match="job three is broken") as err:
+    with pytest.raises(RuntimeError, match="building job 3 failed: job three is broken"):
         _parallel_build().build_all(write_square, [2, 3], str(tmp_path), workers, label=lambda j: f"job {j}")
-    if workers > 1:
-        assert "building job 3 failed" in str(err.value)
 
 
+@pytest.mark.slow
 def test_bench_bmma_dry_run_builds_in_workers_and_checks_sass():
     """The W2 one-launch kernel at its batch-8 config spilled before (``test_bmma_codegen``); the
     dry run builds the layer's pack, BMMA and one-launch kernels in two processes and checks
