@@ -167,13 +167,20 @@ def _inspect_log(path: Path) -> int:
             f"  MetaSchedule: {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
             " (per kernel: its default schedule plus every trial)"
         )
-        print(f"  knob search: {len(knobs)} kernel(s) ({tuning.KNOB_LOG}), the setting or schedule each uses:")
+        pins = {k: v for k, v in knobs.items() if k.startswith(tuning.DEFAULT_PIN)}
+        knobs = {k: v for k, v in knobs.items() if k not in pins}
+        print(f"  knob search: {len(knobs)} kernel(s) ({tuning.KNOB_LOG}), the setting each uses:")
         for key, entry in knobs.items():
             settings = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("us", "default_us", "search_us"))
             times = f"{_us(entry.get('us'))} (default {_us(entry.get('default_us'))})"
             if entry.get("search_us") is not None:  # the best re-timed beside the default (tuning's _confirm)
                 times += f", the search measured {_us(entry['search_us'])}"
             print(f"    {key.split(':')[0]}  {settings}  {times}".rstrip())
+        if pins:
+            print(f"  kept at their default schedule (the search's best was not faster side by side): {len(pins)}")
+            for key, entry in pins.items():
+                name = key.removeprefix(tuning.DEFAULT_PIN).split(":")[0]
+                print(f"    {name}  {_us(entry.get('us'))}, the search measured {_us(entry.get('search_us'))}")
     return 0
 
 

@@ -356,7 +356,7 @@ class CUDABmmaLstmCell(KnobRule):
         """
         if self.limits.warp_size != MMA_LANES:
             raise ValueError(f"mma.sync needs {MMA_LANES}-lane warps; the target has {self.limits.warp_size}")
-        # a logged setting also carries its timings ("us", "default_us")
+        # a logged setting also carries its timings ("us", "default_us", "search_us")
         cfg = (
             None
             if knobs is None

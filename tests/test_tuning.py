@@ -115,13 +115,6 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         return default, [t / 2 for t in default]
 
     monkeypatch.setattr(tuning.search, "measure_side_by_side", best_twice_as_fast)
-    tuned_funcs, real_tune = [], pbtvm.compiler.tune_kernels
-
-    def keep_funcs(funcs, *args, **kwargs):
-        tuned_funcs.extend(funcs)
-        return real_tune(funcs, *args, **kwargs)
-
-    monkeypatch.setattr(pbtvm.compiler, "tune_kernels", keep_funcs)
     report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
     assert len(report.kernels) == 2
     for k in report.kernels:
@@ -162,15 +155,70 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     assert refused.manifest["tuning"]["tuned_kernels"] == []
     np.testing.assert_allclose(refused(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
 
-    # A kernel whose best was not confirmed side by side is pinned to its default in the knob log:
-    # compile leaves it untuned (search._confirm).
-    tunable = [f for f in tuned_funcs if tuning.tunable_rule(f, CPU) is not None]
-    func = next(f for f in tunable if tuning.kernel_name(f) == report.kernels[0].name)
-    (log / tuning.KNOB_LOG).write_text(json.dumps({tuning.knob_key(func, 1): {"schedule": "default"}}))
-    monkeypatch.undo()
+
+
+@pytest.mark.slow
+def test_an_unconfirmed_best_pins_the_kernel_to_its_default(tmp_path, monkeypatch, capsys):
+    """The search's best, slower than the default side by side, is not used: the knob log pins the
+    kernel, compile keeps the default schedule (no trace replayed) and inspect says so."""
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
-    half = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
-    assert half.manifest["tuning"]["tuned_kernels"] == [k.name for k in report.kernels[1:]]
+    model, example = _mlp()
+    monkeypatch.setattr(tuning.search, "_is_default", lambda *_: False)  # even if the search found the default
+    monkeypatch.setattr(tuning.search, "measure_side_by_side", lambda *_: [[1e-5] * 3, [2e-5] * 3])
+    report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lambda _: None)
+    assert len(report.kernels) == 2
+    for k in report.kernels:
+        assert (k.confirmed, k.default_us, k.best_us) == (False, 10.0, 10.0) and k.search_us > 0
+    (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    pins = json.loads((log / tuning.KNOB_LOG).read_text())
+    assert sorted(k.split(":")[1] for k in pins) == sorted(k.name for k in report.kernels)
+    assert all(k.startswith(tuning.DEFAULT_PIN) and v["schedule"] == "default" for k, v in pins.items())
+
+    def no_replay(*_args):
+        raise AssertionError("a pinned kernel's trace was replayed")
+
+    monkeypatch.setattr(tuning.lookup, "replay", no_replay)
+    m = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert sorted(m.manifest["tuning"]["tuned_kernels"]) == sorted(k.name for k in report.kernels)  # from the log
+    x = torch.randn(3, 64)
+    np.testing.assert_array_equal(m(x).numpy(), pbtvm.compile(model, example, "llvm", bits=4)(x).numpy())
+    from pbtvm.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "knob search: 0 kernel(s)" in shown and "kept at their default schedule" in shown, shown
+    for k in report.kernels:
+        assert f"    {k.name}  10.00 us, the search measured" in shown, shown
+
+
+def test_measure_side_by_side_alternates_the_order():
+    """Round 1 times a then b, round 2 b then a, ...; a module that fails to run drops out."""
+    ms = tuning.measure.meta_schedule()
+    fmt = bp.BitplaneFormat(4, 8)
+    mods = [tvm.IRModule({"main": tuning.workload(kernels.int_product_func(fmt, n, 64), 2)}) for n in (8, 16, 24)]
+    order = []
+
+    class Builder:
+        def build(self, inputs):
+            return [ms.builder.BuilderResult(f"/nonexistent/{i}/mod.tar", None) for i in range(len(inputs))]
+
+    class Done:
+        def __init__(self, path):
+            self.path = path
+
+        def result(self):
+            failed = self.path.endswith("2/mod.tar") and len(order) > 3  # the third fails in round 2
+            return ms.runner.RunnerResult(None if failed else [1e-6, 3e-6], "boom" if failed else None)
+
+    class Runner:
+        def run(self, inputs):
+            order.extend(str(i.artifact_path).split("/")[2] for i in inputs)
+            return [Done(str(i.artifact_path)) for i in inputs]
+
+    times = tuning.measure.measure_side_by_side(mods, CPU, Builder(), Runner(), rounds=3)
+    assert order == ["0", "1", "2", "2", "1", "0", "0", "1"]
+    assert times == [[2e-6] * 3, [2e-6] * 3, None]
 
 
 @pytest.mark.parametrize(
@@ -191,7 +239,7 @@ def test_confirm_keeps_the_best_only_when_faster_side_by_side(monkeypatch, defau
     assert search._confirm(rep, [], CPU, None, None, tuning.Progress(lines.append)) is kept
     assert (rep.confirmed, rep.default_us, rep.best_us, rep.search_us) == (kept, default_us, best_us, 4.0)
     assert lines[-1].endswith("best kept" if kept else "default kept")
-    note = "the search's best (4.00 us) was not faster than the default"
+    note = "the search's best (4.00 us) was not confirmed faster than the default"
     assert (note in tuning.TuneReport("log", "llvm", 1.0, [rep]).table()) is not kept
 
 

@@ -36,9 +36,21 @@ from .lookup import replay, tuned_lookup
 from .measure import build_candidate, default_builder, default_runner, rpc_runner
 from .report import KernelReport, Progress, TuneReport
 from .search import tune_kernels
-from .space import kernel_name, knob_key, register_templates, sample_candidates, tunable_rule, tune_context, workload
+from .space import (
+    DEFAULT_PIN,
+    default_pin_key,
+    kernel_name,
+    knob_key,
+    register_templates,
+    sample_candidates,
+    tunable_rule,
+    tune_context,
+    workload,
+)
 
 __all__ = [
+    "DEFAULT_PIN",
+    "default_pin_key",
     "KNOB_LOG",
     "LOG_META",
     "RECORDS",

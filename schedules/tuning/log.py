@@ -5,7 +5,8 @@ version, bitplane-format version and target it was made for; :class:`TuningLog` 
 for anything else with a warning and raises :class:`TuningLogError` on a corrupt one. Tuning holds
 an exclusive file lock on the log, so two runs into one ``work_dir`` take turns instead of
 interleaving records. Kernels of a :class:`~pbtvm.schedules.rules.KnobRule` (no MetaSchedule trace)
-keep their chosen knobs in :data:`KNOB_LOG` in the same directory.
+keep their chosen knobs in :data:`KNOB_LOG` in the same directory, and so do the pins of
+MetaSchedule kernels held at their default schedule (:func:`.space.default_pin_key`).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class TuningLog:
         return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
 
     def read_knobs(self) -> dict:
-        """The knob log (:data:`KNOB_LOG`): ``{knob key: {knob: value, "us": ..., "default_us": ...}}``.
+        """The knob log (:data:`KNOB_LOG`): ``{knob key: {knob: value, "us": ..., "default_us": ...,
+        "search_us": ...}}``, and ``{default pin key: {"schedule": "default", ...}}`` entries.
 
         Raises
         ------
@@ -194,7 +196,9 @@ class TuningLog:
 
 def read_knob_file(path: Path) -> dict:
     """A knob log file (:data:`KNOB_LOG`), ``{}`` when absent: ``{knob key: {knob: value, "us":
-    ..., "default_us": ...}}`` (a time is None where that setting failed to build or run).
+    ..., "default_us": ..., "search_us": ...}}`` (a time is None where that setting failed to build
+    or run; ``search_us`` the search's time of the kept setting where it was re-measured beside the
+    default) and the pins of :func:`.space.default_pin_key`.
 
     Raises
     ------

@@ -5,8 +5,8 @@ kernel whose rule is tunable it finds the best record measured on this target's 
 mcpu, replays its trace onto the kernel (symbolic batch and ``bitlayers`` kept) and, where a local
 device can run it, checks the result against the default schedule (:mod:`pbtvm.schedules.verify`)
 before handing it over. A :class:`~pbtvm.schedules.rules.KnobRule` kernel gets its logged knobs.
-A kernel whose best the search could not confirm against its default (the knob log says
-``"schedule": "default"``) keeps the default schedule.
+A kernel whose best the search could not confirm against its default (a
+:func:`.space.default_pin_key` entry in the knob log) keeps the default schedule.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .. import cuda_bmma
 from ..rules import KnobRule
 from ..verify import agrees_with_default
 from .log import TuningLog, target_key
-from .space import kernel_name, knob_key, tunable_rule, workload
+from .space import default_pin_key, kernel_name, knob_key, tunable_rule, workload
 
 
 def _offered(rule: KnobRule, func: tir.PrimFunc, chosen: dict) -> bool:
@@ -118,8 +118,9 @@ def tuned_lookup(
                 return None
             used.append(kernel_name(func))
             return kernel
-        if knobs.get(knob_key(func, batch), {}).get("schedule") == "default":
-            return None  # the search's best was not faster side by side (search._confirm)
+        if default_pin_key(func, batch) in knobs:  # the search's best was not faster side by side
+            used.append(kernel_name(func))  # the log chose the default schedule
+            return None
         mod = tvm.IRModule({"main": workload(func, batch)})
         if not database.has_workload(mod):
             return None

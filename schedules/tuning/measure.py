@@ -7,10 +7,12 @@ the schedules the search does not propose itself: the default schedule of a tuna
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -166,6 +168,26 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
     return ms.runner.RPCRunner(rpc_cfg, _evaluator_config(), max_workers=servers)
 
 
+@contextlib.contextmanager
+def _built(mods: list[tvm.IRModule], target: tvm.target.Target, builder: object) -> Iterator[list]:
+    """Build ``mods`` in one builder batch; the builder results, their files removed afterwards
+    (each build exported a tar into a fresh temporary directory)."""
+    ms = meta_schedule()
+    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
+    try:
+        yield built
+    finally:
+        for res in built:
+            if not res.error_msg:
+                shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
+
+
+def _runner_input(res: object, mod: tvm.IRModule, target: tvm.target.Target) -> object:
+    ms = meta_schedule()
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    return ms.runner.RunnerInput(res.artifact_path, TargetInfo.of(target).device, args)
+
+
 def measure(
     mods: list[tvm.IRModule], target: tvm.target.Target, builder: object, runner: object
 ) -> Iterator[tuple[list[float] | None, str, str]]:
@@ -180,15 +202,8 @@ def measure(
     error : str
         The builder's or runner's error message (``""`` when none).
     """
-    ms = meta_schedule()
-    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
-    device = TargetInfo.of(target).device
-    inputs = [
-        ms.runner.RunnerInput(res.artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-        for mod, res in zip(mods, built, strict=True)
-        if not res.error_msg
-    ]
-    try:
+    with _built(mods, target, builder) as built:
+        inputs = [_runner_input(res, mod, target) for mod, res in zip(mods, built, strict=True) if not res.error_msg]
         futures = iter(runner.run(inputs))
         for res in built:
             if res.error_msg:
@@ -199,10 +214,6 @@ def measure(
                 yield None, "run", str(out.error_msg)
             else:
                 yield [float(s) for s in out.run_secs], "", ""
-    finally:  # each build exported a tar into a fresh temporary directory
-        for res in built:
-            if not res.error_msg:
-                shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
 
 
 def measure_side_by_side(
@@ -211,36 +222,26 @@ def measure_side_by_side(
     """Build ``mods`` once, then time them ``rounds`` times one after another, the order reversed
     every other round, so that a load change on the machine falls on each of them alike.
 
+    A runner that measures on several devices at once (an ``RPCRunner`` with several servers) may
+    time them at the same moment on different devices instead.
+
     Returns
     -------
     list
         Per module its mean seconds in each round, or None if it failed to build or to run.
     """
-    ms = meta_schedule()
-    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
-    device = TargetInfo.of(target).device
-    times: list[list[float] | None] = [None if res.error_msg else [] for res in built]
-    try:
+    with _built(mods, target, builder) as built:
+        times: list[list[float] | None] = [None if res.error_msg else [] for res in built]
         for r in range(rounds):
             order = [i for i, t in enumerate(times) if t is not None]
             order = order if r % 2 == 0 else order[::-1]
-            inputs = [
-                ms.runner.RunnerInput(
-                    built[i].artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
-                )
-                for i in order
-            ]
-            for i, fut in zip(order, runner.run(inputs), strict=True):
+            futures = runner.run([_runner_input(built[i], mods[i], target) for i in order])
+            for i, fut in zip(order, futures, strict=True):
                 out = fut.result()
                 if out.error_msg:
                     times[i] = None
-                elif times[i] is not None:
-                    secs = [float(s) for s in out.run_secs]
-                    times[i].append(sum(secs) / len(secs))
-    finally:
-        for res in built:
-            if not res.error_msg:
-                shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
+                else:
+                    times[i].append(statistics.fmean(float(s) for s in out.run_secs))
     return times
 
 

@@ -45,8 +45,8 @@ class KernelReport:
 
     @property
     def speedup(self) -> float | None:
-        """Default time over the kept schedule's time (>= 1 by construction; the side-by-side times
-        where the best was re-measured)."""
+        """Default time over the kept schedule's time (the side-by-side times where the best was
+        re-measured; 1 where the default was kept)."""
         if self.default_us is None or self.best_us is None:
             return None
         return self.default_us / self.best_us
@@ -93,8 +93,8 @@ class TuneReport:
         for k in self.kernels:
             if k.confirmed is False:
                 rows.append(
-                    f"{k.name}: the search's best ({k.search_us:.2f} us) was not faster than the default when both "
-                    "were timed side by side: the default is kept"
+                    f"{k.name}: the search's best ({k.search_us:.2f} us) was not confirmed faster than the default "
+                    "when both were timed side by side: the default is kept"
                 )
         rows.append(f"tuning time {self.seconds:.1f}s, log {self.log} (trials: the default schedule plus the search)")
         return "\n".join(rows)

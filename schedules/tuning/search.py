@@ -9,7 +9,8 @@ A search's best is one measurement among many; on a loaded machine it can be luc
 reported a 2.43x gain at load average 21 that was 1.00x on a quiet machine). So where the best
 is not the default, both are built once more and timed side by side (:data:`CONFIRM_ROUNDS`
 rounds, the order alternating): the best is kept only if it is faster by
-:data:`MIN_CONFIRMED_GAIN`, else the log says to use the default. The report's times are those of
+:data:`MIN_CONFIRMED_GAIN`, else the log says to use the default (a knob kernel logs its default
+knobs, a MetaSchedule kernel gets a :func:`.space.default_pin_key` entry in the knob log). The report's times are those of
 this re-measure.
 """
 
@@ -31,7 +32,7 @@ from ..rules import KnobRule
 from .log import TuningLog
 from .measure import default_builder, default_runner, measure, measure_side_by_side
 from .report import KernelReport, Progress, TuneReport
-from .space import kernel_name, knob_key, tunable_rule, tune_context, workload
+from .space import default_pin_key, kernel_name, knob_key, tunable_rule, tune_context, workload
 
 #: Rounds of the side-by-side re-measure of a kernel's default and the search's best (:func:`_confirm`).
 CONFIRM_ROUNDS = 3
@@ -203,15 +204,22 @@ def _tune(
             rep.best_us = 1e6 * sum(secs) / len(secs)
             sch = s_tir.Schedule(mod["main"])
             top[0].trace.apply_to_schedule(sch, remove_postproc=False)
-            if tvm_ffi.structural_equal(sch.mod, default.mod):
-                continue  # the default is the best
-            if not _confirm(rep, [default.mod, sch.mod], target, builder, runner, prog):
-                key = knob_key(func, batch)
-                knobs[key] = {"schedule": "default", "us": rep.best_us, "default_us": rep.default_us}
-                knobs[key]["search_us"] = rep.search_us
-                log.write_knobs(knobs)
+            pin = default_pin_key(func, batch)
+            kept = _is_default(sch.mod, default.mod)
+            kept = kept or _confirm(rep, [default.mod, sch.mod], target, builder, runner, prog)
+            if not kept:
+                knobs[pin] = {"schedule": "default", "us": rep.best_us, "default_us": rep.default_us}
+                knobs[pin]["search_us"] = rep.search_us
+            elif knobs.pop(pin, None) is None:  # a pin of an earlier run is void now
+                continue
+            log.write_knobs(knobs)
     reports = [job[-1] for job in knob_jobs] + [s[-1] for s in searches]
     return TuneReport(str(log.path), str(target), time.perf_counter() - prog.start, reports)
+
+
+def _is_default(best: tvm.IRModule, default: tvm.IRModule) -> bool:
+    """Whether the search's best schedule is the default one."""
+    return tvm_ffi.structural_equal(best, default)
 
 
 def _confirm(
@@ -238,7 +246,7 @@ def _confirm(
         rep.confirmed = best <= default * (1 - MIN_CONFIRMED_GAIN)
     rep.best_us = best if rep.confirmed else rep.default_us
     prog.message(
-        f"{rep.name}: side by side default {_us(rep.default_us)}, best {_us(best)}: "
+        f"{rep.name}: side by side default {_us(default)}, best {_us(best)}: "
         + ("best kept" if rep.confirmed else "default kept")
     )
     return rep.confirmed
