@@ -38,12 +38,15 @@ def test_pb_accuracy_per_bitwidth(trained, capsys):
     assert table[1] > 50.0  # bipolar 1-bit weights still classify
     # Issue 17's bars for the default quantizer: W2 within 3 points, W3 within 1, W2 above W1.
     assert table[2] >= fp32 - 3.0 and table[3] >= fp32 - 1.0 and table[2] > table[1]
-    # README's table is this run's numbers (the built-in model is seeded and cached); another CPU
-    # may train a slightly different model, hence the half-point margin.
+    # README's table is this run's numbers (the built-in model is seeded and cached). Another CPU
+    # trains a slightly different model (a CPU without AVX-512: fp32 92.7 against README's 93.4,
+    # every W-k shifted alike), so the fp32 margin is a point and each W-k is compared by its
+    # distance to fp32, within half a point.
     readme = _readme_row("accuracy %, default quantizer")
-    assert abs(readme[0] - fp32) <= 0.5, (readme, fp32)
+    assert abs(readme[0] - fp32) <= 1.0, (readme, fp32)
     for bits in range(1, 9):
-        assert abs(readme[bits] - table[bits]) <= 0.5, f"README says W{bits} {readme[bits]}, measured {table[bits]:.1f}"
+        said, got = readme[bits] - readme[0], table[bits] - fp32
+        assert abs(said - got) <= 0.5, f"README says W{bits} {said:+.1f} from fp32, measured {got:+.1f}"
 
 
 def _readme_row(label: str) -> list[float]:
