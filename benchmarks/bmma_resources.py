@@ -60,16 +60,8 @@ def main() -> int:
                     cfg = default_config(fmt, n, k, batch, fused_pack=fused)
                     func = kernels.dense_act_func(fmt, n, k) if fused else kernels.dense_func(fmt, n, k)
                     kernel = kernel_for(func, cfg).with_attr("global_symbol", "pb_bmma")
-                    source = build(kernel.with_attr("tirx.is_scheduled", True), target).mod.imports[0].inspect_source()
-                    (use,) = ptxas_usage(source, "sm_90").values()
-                    (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
-                    knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
-                    print(
-                        f"| {shape} | {bits} | {batch} | {'one-launch' if fused else 'BMMA'} | {knobs} | {cfg.threads} | "
-                        f"{use['registers']} | {use.get('smem_bytes', 0)} | {use['spill_stores'] + use['spill_loads']} | "
-                        f"{sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |",
-                        flush=True,
-                    )
+                    name = "one-launch" if fused else "BMMA"
+                    print(f"| {shape} | {bits} | {batch} | {name} | {_usage_cells(kernel, cfg, target)}", flush=True)
     print(
         "\n| K | activation pack (ballot, one launch) threads | registers | smem B | spill B | VOTE in SASS | LDL/STL |"
     )
@@ -102,17 +94,21 @@ def _lstm_table(args: argparse.Namespace, target) -> None:
                 for form, n_in in (("decoder (x inside)", hidden), ("time loop (gx[t])", None)):
                     cfg = default_lstm_config(fmt, hidden, n_in, batch)
                     kernel = bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias=n_in is not None, sequence=n_in is None)
-                    kernel = kernel.with_attr("global_symbol", "pb_step").with_attr("tirx.is_scheduled", True)
-                    source = build(kernel, target).mod.imports[0].inspect_source()
-                    (use,) = ptxas_usage(source, "sm_90").values()
-                    (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
-                    knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
-                    print(
-                        f"| {hidden} | {bits} | {batch} | {form} | {knobs} | {cfg.threads} | {use['registers']} | "
-                        f"{use.get('smem_bytes', 0)} | {use['spill_stores'] + use['spill_loads']} | "
-                        f"{sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |",
-                        flush=True,
-                    )
+                    kernel = kernel.with_attr("global_symbol", "pb_step")
+                    print(f"| {hidden} | {bits} | {batch} | {form} | {_usage_cells(kernel, cfg, target)}", flush=True)
+
+
+def _usage_cells(kernel, cfg, target) -> str:
+    """A table row's last cells for a BMMA kernel built for sm_90: config, threads, then ptxas's
+    registers, shared memory and spills, and the BMMA and LDL/STL instructions in its SASS."""
+    source = build(kernel.with_attr("tirx.is_scheduled", True), target).mod.imports[0].inspect_source()
+    (use,) = ptxas_usage(source, "sm_90").values()
+    (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+    knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
+    return (
+        f"{knobs} | {cfg.threads} | {use['registers']} | {use.get('smem_bytes', 0)} | "
+        f"{use['spill_stores'] + use['spill_loads']} | {sass.count(BMMA_OPCODE)} | {local_memory_ops(sass)} |"
+    )
 
 
 if __name__ == "__main__":
