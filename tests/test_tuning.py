@@ -121,6 +121,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         assert k.trials >= 1 + 4 and k.built >= 1 and k.build_failed == 0, k.first_error  # default + search
         assert k.default_us and k.best_us and k.best_us <= k.default_us + 1e-9  # the default is in the log
         assert k.confirmed in (True, None)  # re-measured and kept, or the default was the best
+        assert k.confirmed or k.best_us == k.default_us  # the default as best: no gain reported
     # One line per update: kernel i/2, candidates measured / (default + 4 trials), best so far, time left.
     updates = [re.match(r"\[pbtvm tune\] ([12])/2 (\S+): (\d+)/5 candidates measured, best ([0-9.]+) us", ln) for ln in lines]
     updates = [m for m in updates if m]

@@ -205,8 +205,10 @@ def _tune(
             sch = s_tir.Schedule(mod["main"])
             top[0].trace.apply_to_schedule(sch, remove_postproc=False)
             pin = default_pin_key(func, batch)
-            kept = _is_default(sch.mod, default.mod)
-            kept = kept or _confirm(rep, [default.mod, sch.mod], target, builder, runner, prog)
+            if _is_default(sch.mod, default.mod):  # the default, or a trial that drew it again: no gain
+                rep.best_us, kept = rep.default_us or rep.best_us, True
+            else:
+                kept = _confirm(rep, [default.mod, sch.mod], target, builder, runner, prog)
             if not kept:
                 knobs[pin] = {"schedule": "default", "us": rep.best_us, "default_us": rep.default_us}
                 knobs[pin]["search_us"] = rep.search_us
