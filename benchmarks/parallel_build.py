@@ -81,7 +81,7 @@ def build_all(
             try:
                 fut.result()
             except Exception as err:
-                pool.shutdown(cancel_futures=True)  # none starts; those under way finish (no process left)
+                pool.shutdown(cancel_futures=True)  # queued builds are dropped, running ones finish
                 raise failed(i, err) from err
             done(i, count)
     return paths

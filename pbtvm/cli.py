@@ -174,13 +174,23 @@ def _inspect_log(path: Path) -> int:
             settings = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("us", "default_us", "search_us"))
             times = f"{_us(entry.get('us'))} (default {_us(entry.get('default_us'))})"
             if entry.get("search_us") is not None:  # the best re-timed beside the default (tuning's _confirm)
-                times += f", the search measured {_us(entry['search_us'])}"
+                kept = (
+                    " (the default's knobs: the best was not confirmed faster)"
+                    if entry.get("us") == entry.get("default_us")
+                    else ""
+                )
+                times += f", the search measured {_us(entry['search_us'])}{kept}"
             print(f"    {key.split(':')[0]}  {settings}  {times}".rstrip())
         if pins:
-            print(f"  kept at their default schedule (the search's best was not faster side by side): {len(pins)}")
+            print(
+                f"  held at their default schedule (the search's best not confirmed faster side by side): {len(pins)}"
+            )
             for key, entry in pins.items():
                 name = key.removeprefix(tuning.DEFAULT_PIN).split(":")[0]
-                print(f"    {name}  {_us(entry.get('us'))}, the search measured {_us(entry.get('search_us'))}")
+                if entry.get("pending"):
+                    print(f"    {name}  a tuning run stopped before it re-timed the best: tune again")
+                else:
+                    print(f"    {name}  {_us(entry.get('us'))}, the search measured {_us(entry.get('search_us'))}")
     return 0
 
 

@@ -175,11 +175,10 @@ def test_an_unconfirmed_best_pins_the_kernel_to_its_default(tmp_path, monkeypatc
     assert sorted(k.split(":")[1] for k in pins) == sorted(k.name for k in report.kernels)
     assert all(k.startswith(tuning.DEFAULT_PIN) and v["schedule"] == "default" for k, v in pins.items())
 
-    def no_replay(*_args):
-        raise AssertionError("a pinned kernel's trace was replayed")
-
-    monkeypatch.setattr(tuning.lookup, "replay", no_replay)
+    replayed = []
+    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: replayed.append(func) or func)
     m = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert replayed == []
     assert sorted(m.manifest["tuning"]["tuned_kernels"]) == sorted(k.name for k in report.kernels)  # from the log
     x = torch.randn(3, 64)
     np.testing.assert_array_equal(m(x).numpy(), pbtvm.compile(model, example, "llvm", bits=4)(x).numpy())
@@ -188,9 +187,56 @@ def test_an_unconfirmed_best_pins_the_kernel_to_its_default(tmp_path, monkeypatc
     capsys.readouterr()
     assert main(["inspect", str(tmp_path)]) == 0
     shown = capsys.readouterr().out
-    assert "knob search: 0 kernel(s)" in shown and "kept at their default schedule" in shown, shown
+    assert "knob search: 0 kernel(s)" in shown and "held at their default schedule" in shown, shown
     for k in report.kernels:
         assert f"    {k.name}  10.00 us, the search measured" in shown, shown
+
+
+@pytest.mark.slow
+def test_a_stopped_run_holds_its_kernels_at_the_default_until_tuned_again(tmp_path, monkeypatch, capsys):
+    """Records reach the log while the search runs; a run stopped before the best was re-timed
+    leaves each kernel held at its default (pending), compile uses no trace, and the next run
+    searches again and, keeping the best, removes the hold."""
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    model, example = _mlp()
+    monkeypatch.setattr(tuning.search, "_is_default", lambda *_: False)
+
+    def stopped(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.search, "measure_side_by_side", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lambda _: None)
+    (log,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    held = json.loads((log / tuning.KNOB_LOG).read_text())
+    assert len(held) == 2 and all(v == {"schedule": "default", "pending": True} for v in held.values())
+    replayed = []
+    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: replayed.append(func) or func)
+    pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert replayed == []
+    from pbtvm.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("a tuning run stopped before it re-timed the best") == 2
+
+    monkeypatch.setattr(tuning.search, "measure_side_by_side", lambda *_: [[2e-5] * 3, [1e-5] * 3])
+    again = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lambda _: None)
+    assert len(again.kernels) == 2 and all(k.confirmed for k in again.kernels)
+    assert json.loads((log / tuning.KNOB_LOG).read_text()) == {}
+    pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert len(replayed) == 2
+
+
+def test_bmma_problem_reads_a_sass_listing():
+    from pbtvm.sass import BMMA_OPCODE, bmma_problem
+
+    ok = f"  /*0090*/  {BMMA_OPCODE} R4, R8, R12, R4 ;"
+    assert bmma_problem(ok) is None
+    assert bmma_problem("  /*0090*/  POPC R4, R8 ;") == f"no {BMMA_OPCODE}"
+    assert "emulated" in bmma_problem(ok + "\n  BMMA.168256.XOR.POPC R4, R8, R12, R4 ;")
+    spilled = ok + "\n  /*00a0*/  STL [R1], R4 ;\n  /*00b0*/  LDL R4, [R1] ;"
+    assert bmma_problem(spilled) == "2 LDL/STL (register spills)"
 
 
 def test_measure_side_by_side_alternates_the_order():
@@ -240,7 +286,7 @@ def test_confirm_keeps_the_best_only_when_faster_side_by_side(monkeypatch, defau
     assert search._confirm(rep, [], CPU, None, None, tuning.Progress(lines.append)) is kept
     assert (rep.confirmed, rep.default_us, rep.best_us, rep.search_us) == (kept, default_us, best_us, 4.0)
     assert lines[-1].endswith("best kept" if kept else "default kept")
-    note = "the search's best (4.00 us) was not confirmed faster than the default"
+    note = "the search's best (4.00 us) was not confirmed 3 % faster than the default"
     assert (note in tuning.TuneReport("log", "llvm", 1.0, [rep]).table()) is not kept
 
 

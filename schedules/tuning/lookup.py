@@ -82,7 +82,8 @@ def tuned_lookup(
     lookup : callable or None
         None when ``work_dir`` holds no usable log for ``target`` (a warning says why).
     used : list of str
-        Filled with the names of the kernels that got a tuned schedule, as lookups happen.
+        Filled with the names of the kernels whose schedule the log decided (a tuned one, or the
+        default where the log holds a kernel there), as lookups happen.
     """
     log = TuningLog(Path(work_dir), target)
     with log.locked(exclusive=False) if log.path.exists() else contextlib.nullcontext():
@@ -118,7 +119,7 @@ def tuned_lookup(
                 return None
             used.append(kernel_name(func))
             return kernel
-        if default_pin_key(func, batch) in knobs:  # the search's best was not faster side by side
+        if default_pin_key(func, batch) in knobs:  # best not confirmed side by side, or not re-timed yet
             used.append(kernel_name(func))  # the log chose the default schedule
             return None
         mod = tvm.IRModule({"main": workload(func, batch)})

@@ -29,7 +29,8 @@ class KernelReport:
     knobs) and the search trials. Where the search's best was not the default, both were timed
     again side by side (:func:`~.search._confirm`): ``default_us`` and ``best_us`` are those times
     (``best_us`` the kept schedule's), ``search_us`` the best as the search measured it, and
-    ``confirmed`` says whether the best was kept (None: not re-measured, the default was the best).
+    ``confirmed`` says whether the best was kept (None: not re-measured, the default was the best;
+    then ``best_us`` is the default's time and ``search_us``, if set, the search's time of it).
     """
 
     name: str
@@ -93,8 +94,13 @@ class TuneReport:
         for k in self.kernels:
             if k.confirmed is False:
                 rows.append(
-                    f"{k.name}: the search's best ({k.search_us:.2f} us) was not confirmed faster than the default "
-                    "when both were timed side by side: the default is kept"
+                    f"{k.name}: the search's best ({k.search_us:.2f} us) was not confirmed {MIN_GAIN_PERCENT} % "
+                    "faster than the default when both were timed side by side: the default is kept"
+                )
+            elif k.confirmed is None and k.search_us is not None and k.search_us != k.best_us:
+                rows.append(
+                    f"{k.name}: the search's best is the default schedule itself (once timed at {k.search_us:.2f} us): "
+                    "no gain"
                 )
         rows.append(f"tuning time {self.seconds:.1f}s, log {self.log} (trials: the default schedule plus the search)")
         return "\n".join(rows)
@@ -109,6 +115,8 @@ class TuneReport:
         }
 
 
+#: The least gain, in percent, for which a re-timed best is kept (``search.MIN_CONFIRMED_GAIN``).
+MIN_GAIN_PERCENT = 3
 #: Results less than this many seconds after the first one belong to its batch (see ``seconds_left``).
 BURST_S = 0.5
 

@@ -31,13 +31,13 @@ from pbtvm._tvm import meta_schedule, s_tir, tir, tvm
 from ..rules import KnobRule
 from .log import TuningLog
 from .measure import default_builder, default_runner, measure, measure_side_by_side
-from .report import KernelReport, Progress, TuneReport
+from .report import MIN_GAIN_PERCENT, KernelReport, Progress, TuneReport
 from .space import default_pin_key, kernel_name, knob_key, tunable_rule, tune_context, workload
 
 #: Rounds of the side-by-side re-measure of a kernel's default and the search's best (:func:`_confirm`).
 CONFIRM_ROUNDS = 3
 #: Least gain over the default, in that re-measure, for which the best is kept (else the default is).
-MIN_CONFIRMED_GAIN = 0.03
+MIN_CONFIRMED_GAIN = MIN_GAIN_PERCENT / 100
 
 
 def _stderr_line(line: str) -> None:
@@ -129,13 +129,17 @@ def _tune(
                 continue
             seen.add(ident)
             name = kernel_name(func)
+            pin = knobs.get(default_pin_key(func, batch), {})
             known = (
                 key in knobs
                 if key
-                else database.has_workload(mod) and database.get_top_k(database.commit_workload(mod), 1)
+                else database.has_workload(mod)
+                and database.get_top_k(database.commit_workload(mod), 1)
+                and not pin.get("pending")  # a run stopped before it re-timed the best: search again
             )
             if known:
-                prog.message(f"{name}: already in the log, skipped")
+                held = ", held at its default schedule" if pin else ""
+                prog.message(f"{name}: already in the log{held}, skipped")
                 continue
             if isinstance(rule, KnobRule):
                 settings = rule.knob_settings(func)[: max(1, trials_per_kernel)]
@@ -162,6 +166,12 @@ def _tune(
                     best = best if _confirm(rep, mods, target, builder, runner, prog) else settings[0]
                 knobs[key] = {**best, "us": rep.best_us, "default_us": rep.default_us, "search_us": rep.search_us}
                 log.write_knobs(knobs)
+        # Until its best was re-timed beside the default, a searched kernel is held at its default:
+        # a run stopped in between leaves no unchecked best for compile to use.
+        for _, func, _, _ in searches:
+            knobs[default_pin_key(func, batch)] = {"schedule": "default", "pending": True}
+        if searches:
+            log.write_knobs(knobs)
         tasks = []
         defaults = [rule.traced_default(mod["main"]) for rule, _, mod, _ in searches]  # measured as candidates are
         measured = measure([sch.mod for sch in defaults], target, builder, runner)
@@ -197,23 +207,25 @@ def _tune(
                 task_scheduler="gradient" if len(tasks) > 1 else "round-robin",
             )
         for (_, func, mod, rep), task, default in zip(searches, tasks, defaults, strict=True):
+            pin = default_pin_key(func, batch)
             top = database.get_top_k(database.commit_workload(task.mod), 1)
-            if not top:
+            if not top:  # nothing built and ran: no best to hold back (lookup finds no record)
+                knobs.pop(pin, None)
+                log.write_knobs(knobs)
                 continue
             secs = [float(s) for s in top[0].run_secs]
             rep.best_us = 1e6 * sum(secs) / len(secs)
             sch = s_tir.Schedule(mod["main"])
             top[0].trace.apply_to_schedule(sch, remove_postproc=False)
-            pin = default_pin_key(func, batch)
             if _is_default(sch.mod, default.mod):  # the default, or a trial that drew it again: no gain
-                rep.best_us, kept = rep.default_us or rep.best_us, True
+                rep.search_us, rep.best_us, kept = rep.best_us, rep.default_us or rep.best_us, True
             else:
                 kept = _confirm(rep, [default.mod, sch.mod], target, builder, runner, prog)
-            if not kept:
+            if kept:
+                knobs.pop(pin, None)
+            else:
                 knobs[pin] = {"schedule": "default", "us": rep.best_us, "default_us": rep.default_us}
                 knobs[pin]["search_us"] = rep.search_us
-            elif knobs.pop(pin, None) is None:  # a pin of an earlier run is void now
-                continue
             log.write_knobs(knobs)
     reports = [job[-1] for job in knob_jobs] + [s[-1] for s in searches]
     return TuneReport(str(log.path), str(target), time.perf_counter() - prog.start, reports)

@@ -190,7 +190,7 @@ def knob_key(func: tir.PrimFunc, batch: int) -> str:
 
 def default_pin_key(func: tir.PrimFunc, batch: int) -> str:
     """Knob-log key that pins a MetaSchedule kernel to its default schedule: the search's best was
-    not faster side by side (:func:`.search._confirm`). Its own prefix: a knob kernel of the same
+    not confirmed faster side by side (:func:`.search._confirm`), or was not re-timed yet (``pending``). Its own prefix: a knob kernel of the same
     workload (another rule for the same function, e.g. under ``PBTVM_CPU_KERNEL``) keeps its entry."""
     return DEFAULT_PIN + knob_key(func, batch)
 
