@@ -35,7 +35,6 @@ this process when its rows come.
 """
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -46,6 +45,7 @@ import torch
 from parallel_build import build_all, default_workers
 
 from pbtvm.apps.ptb import PBWordLM, word_lm
+from pbtvm.cli_args import parse_target
 from pbtvm.decoder import compile_decoder, load_decoder
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +81,7 @@ def setup(argv: list[str] | None = None) -> None:
     """Parse the arguments; the word LM with seed 0."""
     global args, target, cuda, dev, sync, model
     args = ap.parse_args(argv)
-    target = json.loads(args.target) if args.target.startswith("{") else args.target
+    target = parse_target(args.target)
     cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
     dev = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -25,13 +25,13 @@ The pre-fusion step (``--unfused`` until 2026-12-01) is gone: since ``PBWordLM``
 """
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
 from pbtvm.apps.ptb import PBWordLM, word_lm
+from pbtvm.cli_args import parse_target
 from pbtvm.decoder import compile_decoder
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +46,7 @@ parser.add_argument(
 )
 parser.add_argument("--no-graph", action="store_true", help="CUDA: also time the decoder built without a CUDA graph")
 args = parser.parse_args()
-target = json.loads(args.target) if args.target.startswith("{") else args.target
+target = parse_target(args.target)
 cuda = (target if isinstance(target, str) else target["kind"]) == "cuda"
 dev = "cuda" if cuda else "cpu"
 sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -10,10 +10,10 @@ meant as the ~20-minute GPU tuning subset; their GPU duration has not been measu
 """
 
 import argparse
-import json
 import time
 
 from pbtvm.bitplane import BitplaneFormat
+from pbtvm.cli_args import parse_target
 from pbtvm.kernels import dense_func
 from pbtvm.schedules import tuning
 from pbtvm.target import resolve_target, weight_layout
@@ -34,7 +34,7 @@ parser.add_argument(
 )
 args = parser.parse_args()
 
-target = resolve_target(json.loads(args.target) if args.target.startswith("{") else args.target)
+target = resolve_target(parse_target(args.target))
 fmt = BitplaneFormat(args.bits, 8, layout=weight_layout(args.layout, target))
 shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
 funcs = [dense_func(fmt, n, k) for n, k in shapes]

@@ -10,8 +10,8 @@ reported a 2.43x gain at load average 21 that was 1.00x on a quiet machine). So 
 is not the default, both are built once more and timed side by side (:data:`CONFIRM_ROUNDS`
 rounds, the order alternating): the best is kept only if it is faster by
 :data:`MIN_CONFIRMED_GAIN`, else the log says to use the default (a knob kernel logs its default
-knobs, a MetaSchedule kernel gets a :func:`.space.default_pin_key` entry in the knob log). The report's times are those of
-this re-measure.
+knobs, a MetaSchedule kernel gets a :func:`.space.default_pin_key` entry in the knob log). The
+report's times are those of this re-measure.
 """
 
 from __future__ import annotations
@@ -129,17 +129,17 @@ def _tune(
                 continue
             seen.add(ident)
             name = kernel_name(func)
-            pin = knobs.get(default_pin_key(func, batch), {})
+            held = knobs.get(default_pin_key(func, batch), {})
             known = (
                 key in knobs
                 if key
                 else database.has_workload(mod)
                 and database.get_top_k(database.commit_workload(mod), 1)
-                and not pin.get("pending")  # a run stopped before it re-timed the best: search again
+                and not held.get("pending")  # a run stopped before it re-timed the best: search again
             )
             if known:
-                held = ", held at its default schedule" if pin else ""
-                prog.message(f"{name}: already in the log{held}, skipped")
+                note = ", held at its default schedule" if held else ""
+                prog.message(f"{name}: already in the log{note}, skipped")
                 continue
             if isinstance(rule, KnobRule):
                 settings = rule.knob_settings(func)[: max(1, trials_per_kernel)]
@@ -164,7 +164,7 @@ def _tune(
                         tvm.IRModule({"main": workload(rule.kernel_with(func, k), batch)}) for k in (settings[0], best)
                     ]
                     best = best if _confirm(rep, mods, target, builder, runner, prog) else settings[0]
-                knobs[key] = {**best, "us": rep.best_us, "default_us": rep.default_us, "search_us": rep.search_us}
+                knobs[key] = {**best, **_logged_times(rep)}
                 log.write_knobs(knobs)
         # Until its best was re-timed beside the default, a searched kernel is held at its default:
         # a run stopped in between leaves no unchecked best for compile to use.
@@ -224,11 +224,15 @@ def _tune(
             if kept:
                 knobs.pop(pin, None)
             else:
-                knobs[pin] = {"schedule": "default", "us": rep.best_us, "default_us": rep.default_us}
-                knobs[pin]["search_us"] = rep.search_us
+                knobs[pin] = {"schedule": "default", **_logged_times(rep)}
             log.write_knobs(knobs)
     reports = [job[-1] for job in knob_jobs] + [s[-1] for s in searches]
     return TuneReport(str(log.path), str(target), time.perf_counter() - prog.start, reports)
+
+
+def _logged_times(rep: KernelReport) -> dict:
+    """A knob-log entry's times: the kept setting's, the default's, the search's own best."""
+    return {"us": rep.best_us, "default_us": rep.default_us, "search_us": rep.search_us}
 
 
 def _is_default(best: tvm.IRModule, default: tvm.IRModule) -> bool:

@@ -188,15 +188,17 @@ def knob_key(func: tir.PrimFunc, batch: int) -> str:
     return f"{kernel_name(func)}:b{batch}:{tvm_ffi.structural_hash(workload(func, batch)):x}"
 
 
-def default_pin_key(func: tir.PrimFunc, batch: int) -> str:
-    """Knob-log key that pins a MetaSchedule kernel to its default schedule: the search's best was
-    not confirmed faster side by side (:func:`.search._confirm`), or was not re-timed yet (``pending``). Its own prefix: a knob kernel of the same
-    workload (another rule for the same function, e.g. under ``PBTVM_CPU_KERNEL``) keeps its entry."""
-    return DEFAULT_PIN + knob_key(func, batch)
-
-
 #: Prefix of :func:`default_pin_key` entries in the knob log.
 DEFAULT_PIN = "default-schedule:"
+
+
+def default_pin_key(func: tir.PrimFunc, batch: int) -> str:
+    """Knob-log key that pins a MetaSchedule kernel to its default schedule: the search's best was
+    not confirmed faster side by side (:func:`.search._confirm`), or was not re-timed yet
+    (``pending``). Its own prefix: a knob kernel of the same workload (another rule for the same
+    function, e.g. under ``PBTVM_CPU_KERNEL``) keeps its entry."""
+    return DEFAULT_PIN + knob_key(func, batch)
+
 
 __all__ = [
     "DEFAULT_PIN",
