@@ -98,7 +98,7 @@ def import_model(
         raise InputError(
             f"TVM {tvm.__version__}'s torch importer cannot convert ops of this model: "
             f"{str(err).split('Unsupported function types', 1)[1].strip()} (aten names); write them with "
-            "supported ops (e.g. x.max(dim).values for torch.amax) or keep them outside the compiled model"
+            "supported ops (e.g. x.sort(dim).values for torch.kthvalue) or keep them outside the compiled model"
         ) from None
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()

@@ -6,8 +6,13 @@ build (``R.add`` of a float16 bias and a float32 product) and one without a bias
 float32. The converters here keep the model's dtype: the product has the dtype of its operands,
 as in torch. They are passed as ``custom_convert_map`` (see :func:`pbtvm.model_import.import_model`).
 
-Each converter emits exactly one ``relax.matmul`` and records which torch module called the op
-(``nn_module_stack``), so a matmul left in full precision can be reported by module name.
+Each matmul converter emits exactly one ``relax.matmul`` and records which torch module called the
+op (``nn_module_stack``), so a matmul left in full precision can be reported by module name.
+
+``torch.max(x, dim)`` / ``torch.min(x, dim)`` become a ``max`` / ``min`` reduction and an ``argmax`` /
+``argmin`` (TVM imports the first as ``topk``, which a NaN-keeping pass cannot tell from
+``torch.topk``, and lacks the second), and ``amax`` / ``amin`` a reduction (TVM lacks both):
+:class:`pbtvm.relay_passes.PropagateNaN` then gives NaN and its index as torch does.
 """
 
 from __future__ import annotations
@@ -58,6 +63,40 @@ def _addmm(node: Any, importer: Any) -> relax.Var:
     return out
 
 
+def _reduce_with_index(reduce: Any, arg: Any) -> Any:
+    """``aten.max.dim / min.dim(x, dim, keepdim=False)`` -> ``(values, indices)``, the index the first
+    extreme value's (torch's rule and TVM's ``argmax`` / ``argmin``'s), int64."""
+
+    def convert(node: Any, importer: Any) -> relax.Var:
+        x, dim = importer.env[node.args[0]], node.args[1]
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        emit = importer.block_builder.emit
+        values = emit(reduce(x, axis=[dim], keepdims=keepdim))
+        return emit(relax.Tuple([values, emit(arg(x, axis=dim, keepdims=keepdim))]))
+
+    return convert
+
+
+def _reduce(reduce: Any) -> Any:
+    """``aten.amax / amin(x, dim=(), keepdim=False)``: an empty ``dim`` reduces every axis."""
+
+    def convert(node: Any, importer: Any) -> relax.Var:
+        x = importer.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        axis = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+        return importer.block_builder.emit(reduce(x, axis=axis or None, keepdims=keepdim))
+
+    return convert
+
+
+_REDUCTION_CONVERTERS = {
+    "max.dim": _reduce_with_index(relax.op.max, relax.op.argmax),
+    "min.dim": _reduce_with_index(relax.op.min, relax.op.argmin),
+    "amax.default": _reduce(relax.op.max),
+    "amin.default": _reduce(relax.op.min),
+}
+
 _MATMUL_CONVERTERS = {
     "linear.default": _linear,
     "addmm.default": _addmm,
@@ -68,7 +107,8 @@ _MATMUL_CONVERTERS = {
 
 
 def converters(owners: list[str]) -> dict:
-    """``custom_convert_map`` for ``from_exported_program``.
+    """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops and the reductions
+    above.
 
     ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
     (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
@@ -82,7 +122,7 @@ def converters(owners: list[str]) -> dict:
 
         return run
 
-    return {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
+    return {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()} | _REDUCTION_CONVERTERS
 
 
 __all__ = ["converters", "module_name"]

@@ -10,10 +10,13 @@ later. This pass wraps each such float op so that NaN passes through::
     maximum(a, b)   ->  where(isnan(a) | isnan(b), a + b, maximum(a, b))   (a + b is NaN there)
     max_pool(x)     ->  where(max_pool(float(isnan(x))) > 0, nan, max_pool(x))
     max(x, axis)    ->  where(max(float(isnan(x)), axis) > 0, nan, max(x, axis))    (min alike)
+    argmax(x, axis) ->  where(max(isnan(x), axis) > 0, argmax(isnan(x), axis), argmax(x, axis))
 
-The elementwise ``where`` fuses into the op's own kernel; max pooling and the reductions reduce
-the NaN indicator over the same window or axes (one more pass). Other ops keep TVM's semantics
-(``argmax`` / ``argmin`` among them).
+torch's ``argmax`` / ``argmin`` (and the index of ``torch.max(x, dim)``, which
+:mod:`pbtvm.torch_import` imports as ``max`` and ``argmax``) give the first NaN's index; TVM's skip
+NaN. The elementwise ``where`` fuses into the op's own kernel; max pooling and the reductions
+reduce the NaN indicator over the same window or axes (one more pass). Other ops keep TVM's
+semantics (``topk`` and ``sort`` among them: torch orders NaN above every number).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ BINARY_OPS = ("relax.maximum", "relax.minimum")
 POOL_OPS = ("relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d")
 #: Reductions: NaN survives only as the last element reduced.
 REDUCE_OPS = ("relax.max", "relax.min")
+#: Index reductions: the index of an extreme number, never of a NaN.
+INDEX_OPS = ("relax.argmax", "relax.argmin")
 
 
 def _is_float(expr: relax.Expr) -> bool:
@@ -53,10 +58,18 @@ class _Propagate(PyExprMutator):
         call = self.visit_expr_post_order(call)
         op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
         tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
-        if op not in UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS or not all(_is_float(a) for a in tensors):
+        ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS
+        if op not in ops or not all(_is_float(a) for a in tensors):
             return call
         kept = self.builder_.emit(call)
         self.rewritten += 1
+        if op in INDEX_OPS:  # the first NaN is torch's extreme: argmax of the indicator finds it
+            axis, keepdims = call.attrs.axis, call.attrs.keepdims
+            flag = self.builder_.emit(relax.op.astype(_isnan(call.args[0]), "int32"))
+            axes = None if axis is None else [axis]
+            found = self.builder_.emit(relax.op.max(flag, axes, keepdims))
+            hit = self.builder_.emit(relax.op.greater(found, relax.const(0, "int32")))
+            return relax.op.where(hit, self.builder_.emit(relax.op.argmax(flag, axis, keepdims)), kept)
         if op in POOL_OPS + REDUCE_OPS:  # the same window / axes over the NaN indicator
             x, dtype = call.args[0], call.args[0].ty.dtype
             flag = self.builder_.emit(relax.op.astype(_isnan(x), dtype))
@@ -79,7 +92,7 @@ class _Propagate(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="PropagateNaN")
 class PropagateNaN:
     """Module pass: NaN-keeping ``relu`` / ``clip`` / ``maximum`` / ``minimum`` / max pooling /
-    ``max`` / ``min`` in every Relax function.
+    ``max`` / ``min`` and NaN-finding ``argmax`` / ``argmin`` in every Relax function.
 
     Attributes
     ----------

@@ -268,17 +268,54 @@ def test_nan_survives_relu_clamp_maximum_like_torch():
 
 
 def test_torch_ops_tvm_cannot_import_are_named():
-    class Amax(torch.nn.Module):
+    class Kth(torch.nn.Module):
         def forward(self, x):
-            return x.amax(1)
+            return x.kthvalue(2, 1).values
 
-    with pytest.raises(ValueError, match=r"torch importer cannot convert ops of this model: \['amax.default'\]"):
-        _compile(Amax(), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"torch importer cannot convert ops of this model: \['kthvalue.default'\]"):
+        _compile(Kth(), torch.randn(2, 8))
+
+
+class Extremes(torch.nn.Module):
+    """A PB layer, then every extreme-value op whose NaN handling TVM's differs from torch's, over the
+    input itself (NaN where the test puts it) beside the layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        y = torch.cat([x, self.l1(x.nan_to_num())], 1)
+        hi, hi_at = torch.max(y, 1)
+        lo, lo_at = torch.min(y, 1, keepdim=True)
+        values = [hi, lo.flatten(), y.amax(1), y.amin((0, 1)).expand(y.shape[0])]
+        indices = [hi_at, lo_at.flatten(), y.argmax(1), y.argmin(1), y.argmax().expand(y.shape[0])]
+        return torch.stack(values, 1), torch.stack(indices, 1)
+
+
+def test_nan_is_the_extreme_of_max_min_and_their_indices_like_torch():
+    """torch's argmax / argmin and the indices of torch.max(x, dim) / torch.min(x, dim) point at the
+    first NaN; TVM's skipped NaN (a row holding NaN gave the index of its largest number), and
+    torch.max(x, dim) imported as topk, which kept no NaN. Ties keep the first index."""
+    torch.manual_seed(8)
+    model = Extremes().eval()
+    m = _compile(model, torch.randn(3, 10))
+    x = torch.randn(5, 10)
+    x[0, 6], x[0, 2] = float("nan"), float("nan")  # the first NaN (2) is the index
+    x[1, 3], x[1, 4] = float("inf"), float("nan")  # NaN above +inf
+    x[2, 1], x[2, 7] = 9.0, 9.0  # a tie without NaN: the first
+    x[3, 0], x[3, 9] = -9.0, -9.0
+    got_values, got_at = m(x)
+    want_values, want_at = (t.detach() for t in model(x))
+    assert want_at[0, 0] == 2 and want_at[1, 0] == 4 and want_at[2, 0] == 1 and want_at[3, 1] == 0
+    assert torch.equal(got_at[:4], want_at[:4])  # row 4 has no NaN or tie: PB may round its extreme elsewhere
+    assert torch.equal(got_values.isnan(), want_values.isnan()) and got_values[:2].isnan().all()
+    _close(got_values[2:, :3], want_values[2:, :3])
 
 
 def test_nan_survives_max_and_min_reductions():
     """TVM's max / min reductions keep a NaN only where it happens to be reduced first; wrapped,
-    a NaN anywhere along the axis gives NaN (torch.max(x, dim) imports as topk: not covered)."""
+    a NaN anywhere along the axis gives NaN."""
     from pbtvm._tvm import relax, tvm
     from pbtvm.relay_passes import PropagateNaN
 
