@@ -38,8 +38,8 @@ from parallel_build import build_all, default_workers
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm._tvm import tvm
-from pbtvm.cuda import compile_fatbin
-from pbtvm.sass import bmma_problem, sass_by_kernel
+from pbtvm.cuda import cuda_source
+from pbtvm.sass import bmma_problem, source_sass
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
@@ -104,9 +104,7 @@ def check_kernel(job: tuple, path: str) -> None:
     ex = build_kernel(key, target)
     problem = None
     if key[0] in ("bmma", "fused"):
-        problem = bmma_problem(
-            "".join(sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90")).values())
-        )
+        problem = bmma_problem("".join(source_sass(cuda_source(ex), "sm_90").values()))
     with open(path, "w") as f:
         json.dump({"problem": problem}, f)
 

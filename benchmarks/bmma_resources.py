@@ -18,8 +18,8 @@ import argparse
 
 from pbtvm import bitplane as bp
 from pbtvm import kernels
-from pbtvm.cuda import build, compile_fatbin
-from pbtvm.sass import BMMA_OPCODE, local_memory_ops, ptxas_usage, sass_by_kernel
+from pbtvm.cuda import build, cuda_source
+from pbtvm.sass import BMMA_OPCODE, local_memory_ops, ptxas_usage, source_sass
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.schedules.cuda_ballot_pack import pack_warps
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
@@ -69,9 +69,9 @@ def main() -> int:
     for k in sorted({int(s.split("x")[1]) for s in args.shapes}):
         fmt = bp.BitplaneFormat(4, 8, layout="mma16x256")
         pack = apply_default_schedule(kernels.act_pack_func(fmt, k), target).with_attr("global_symbol", "pb_pack")
-        source = build(pack, target).mod.imports[0].inspect_source()
+        source = cuda_source(build(pack, target))
         (use,) = ptxas_usage(source, "sm_90").values()
-        (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+        (sass,) = source_sass(source, "sm_90").values()
         print(
             f"| {k} | {32 * pack_warps(k)} | {use['registers']} | {use.get('smem_bytes', 0)} | "
             f"{use['spill_stores'] + use['spill_loads']} | {sass.count('VOTE.ANY')} | {local_memory_ops(sass)} |",
@@ -101,9 +101,9 @@ def _lstm_table(args: argparse.Namespace, target) -> None:
 def _usage_cells(kernel, cfg, target) -> str:
     """A table row's last cells for a BMMA kernel built for sm_90: config, threads, then ptxas's
     registers, shared memory and spills, and the BMMA and LDL/STL instructions in its SASS."""
-    source = build(kernel.with_attr("tirx.is_scheduled", True), target).mod.imports[0].inspect_source()
+    source = cuda_source(build(kernel.with_attr("tirx.is_scheduled", True), target))
     (use,) = ptxas_usage(source, "sm_90").values()
-    (sass,) = sass_by_kernel(compile_fatbin(source, "sm_90")).values()
+    (sass,) = source_sass(source, "sm_90").values()
     knobs = f"{cfg.tiles_m}, {cfg.warps_m}, {cfg.k_split}, {cfg.loads}, {cfg.tiles_n}"
     return (
         f"{knobs} | {cfg.threads} | {use['registers']} | {use.get('smem_bytes', 0)} | "

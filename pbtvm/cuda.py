@@ -102,6 +102,11 @@ def cpu_fusion() -> Any:
     )
 
 
+def cuda_source(executable: Any) -> str:
+    """The CUDA C++ of the kernels in ``executable`` (built by :func:`build` for a CUDA target)."""
+    return executable.mod.imports[0].inspect_source()
+
+
 def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
     """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch and,
     on CPUs, the Relax operators fused first (:func:`cpu_fusion`).

@@ -11,7 +11,7 @@ import re
 import subprocess
 import tempfile
 
-from .cuda import find_nvcc
+from .cuda import compile_fatbin, find_nvcc
 from .tools import cuobjdump
 
 #: The native binary tensor-core instruction of ``mma.sync.m16n8k256 .b1 .and.popc`` on sm_80+.
@@ -28,6 +28,12 @@ def sass_by_kernel(binary: bytes) -> dict[str, str]:
     if not kernels:
         raise RuntimeError(f"cuobjdump listed no kernels:\n{listing[-2000:]}")
     return kernels
+
+
+def source_sass(source: str, arch: str) -> dict[str, str]:
+    """``{kernel name: SASS text}`` of CUDA C++ ``source`` built by nvcc for ``arch`` (``"sm_90"``);
+    :func:`pbtvm.cuda.cuda_source` gives a built module's source."""
+    return sass_by_kernel(compile_fatbin(source, arch))
 
 
 def local_memory_ops(sass: str) -> int:

@@ -16,9 +16,9 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels, library
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
-from pbtvm.cuda import build, compile_fatbin
+from pbtvm.cuda import build, cuda_source
 from pbtvm.errors import InputError
-from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel
+from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel, source_sass
 from pbtvm.schedules import apply_default_schedule, cuda_bmma, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, config_problem
 from pbtvm.target import resolve_target, weight_layout
@@ -109,7 +109,7 @@ def test_te_reference_on_mma_layout_matches_numpy_on_cpu(rng):
 # ------------------------------------------------------------------ SASS of the kernel
 def _sass(func) -> dict[str, str]:
     ex = build(func.with_attr("tirx.is_scheduled", True), SM90)
-    return sass_by_kernel(compile_fatbin(ex.mod.imports[0].inspect_source(), "sm_90"))
+    return source_sass(cuda_source(ex), "sm_90")
 
 
 def _assert_bmma_no_spills(kernels_sass: dict[str, str], expect: int = 1) -> None:
@@ -200,7 +200,7 @@ def test_only_light_one_launch_configs_declare_their_registers(fused, cfg, bound
     fmt = bp.BitplaneFormat(2, 8, layout=MMA)
     func = kernels.dense_act_func(fmt, 4096, 4096) if fused else kernels.dense_func(fmt, 4096, 4096)
     kernel = cuda_bmma.kernel_for(func, cfg).with_attr("global_symbol", "k").with_attr("tirx.is_scheduled", True)
-    source = build(kernel, SM90).mod.imports[0].inspect_source()
+    source = cuda_source(build(kernel, SM90))
     assert f"__launch_bounds__{bound} k_kernel(" in source
 
 
@@ -209,7 +209,7 @@ def test_integer_kernel_and_ptxas_usage():
     func = bmma_dense_kernel(fmt, 257, 1000, False, cuda_bmma.default_config(fmt, 257, 1000), integer=True)
     assert [p.name for p in func.params] == ["xp", "rowsum", "wp", "bitlayers", "y"]
     ex = build(func.with_attr("global_symbol", "pb_int").with_attr("tirx.is_scheduled", True), SM90)
-    (usage,) = ptxas_usage(ex.mod.imports[0].inspect_source(), "sm_90").values()
+    (usage,) = ptxas_usage(cuda_source(ex), "sm_90").values()
     assert usage["spill_stores"] == usage["spill_loads"] == 0 and 0 < usage["registers"] <= 255
     assert usage["smem_bytes"] > 0  # the epilogue's shared accumulator tiles
 

@@ -16,7 +16,7 @@ import pytest
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
-from pbtvm.cuda import build
+from pbtvm.cuda import build, cuda_source
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.schedules.cuda_ballot_pack import pack_warps
 from pbtvm.schedules.cuda_bmma import default_config
@@ -36,7 +36,7 @@ def _emulate_exact(
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     cfg = cfg or default_config(fmt, n, k)
     func = bmma_dense_kernel(fmt, n, k, False, cfg, integer=True).with_attr("global_symbol", "bmma_int")
-    kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
+    kernel = EmulatedKernel(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)))
     q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     wp = bp.pack_weights(q, fmt)
     acc_t = fmt.accumulator_dtype(k)
@@ -94,7 +94,7 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
     """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too)."""
     fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
     func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
-    kernel = EmulatedKernel(build(func, SM90).mod.imports[0].inspect_source())
+    kernel = EmulatedKernel(cuda_source(build(func, SM90)))
     x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
     x[-1] = 0 if batch > 1 else x[-1]
     xq, xs = qz.quantize_activations(x, fmt)
@@ -119,7 +119,7 @@ def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebo
     """One launch per layer: the blocks pack their batch rows (ballots into shared memory) first."""
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True).with_attr("global_symbol", "fused")
-    kernel = EmulatedKernel(build(func.with_attr("tirx.is_scheduled", True), SM90).mod.imports[0].inspect_source())
+    kernel = EmulatedKernel(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)))
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((batch, k)).astype(np.float32)
     x[-1] = 0 if batch > 1 else x[-1]
@@ -143,7 +143,7 @@ def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
     n, k, batch = 100, 300, 2
     func = (kernels.dense_act_func if fused else kernels.dense_func)(fmt, n, k)
     sched = apply_default_schedule(func, SM90).with_attr("global_symbol", "rule")
-    kernel = EmulatedKernel(build(sched, SM90).mod.imports[0].inspect_source())
+    kernel = EmulatedKernel(cuda_source(build(sched, SM90)))
     q, ws = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     wp = bp.pack_weights(q, fmt)
     x = rng.standard_normal((batch, k)).astype(np.float32)

@@ -22,10 +22,10 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels, library
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
-from pbtvm.cuda import build, compile_fatbin
+from pbtvm.cuda import build, cuda_source
 from pbtvm.decoder import compile_decoder
 from pbtvm.relay_passes.pb_lstm_lowering import _step_func
-from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel
+from pbtvm.sass import BMMA_OPCODE, local_memory_ops, sass_by_kernel, source_sass
 from pbtvm.schedules import apply_default_schedule, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg
 from pbtvm.schedules.cuda_bmma_lstm import (
@@ -53,7 +53,7 @@ def _close(got: tuple, want: tuple, what: str) -> None:
 
 
 def _emulated(func) -> EmulatedKernel:
-    return EmulatedKernel(build(func.with_attr("global_symbol", "step"), SM90).mod.imports[0].inspect_source())
+    return EmulatedKernel(cuda_source(build(func.with_attr("global_symbol", "step"), SM90)))
 
 
 def _launch(fmt: bp.BitplaneFormat, hidden: int, cfg: BMMAConfig, batch: int) -> dict:
@@ -267,8 +267,8 @@ def test_step_sass_has_bmma_ballots_and_no_spills():
     fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
     for form, func in _funcs(fmt).items():
         kernel = apply_default_schedule(func, SM90).with_attr("global_symbol", "step")
-        source = build(kernel, SM90).mod.imports[0].inspect_source()
-        sass = sass_by_kernel(compile_fatbin(source, "sm_90"))
+        source = cuda_source(build(kernel, SM90))
+        sass = source_sass(source, "sm_90")
         assert list(sass) == ["step_kernel"], form  # one launch per step
         _assert_bmma(sass, ["step_kernel"])
         assert sass["step_kernel"].count("VOTE.ANY") >= act_bits, form  # the in-block ballot pack

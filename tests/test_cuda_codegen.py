@@ -11,7 +11,7 @@ import torch
 import pbtvm
 from pbtvm import bitplane as bp
 from pbtvm import kernels, library, names
-from pbtvm.cuda import find_nvcc
+from pbtvm.cuda import cuda_source, find_nvcc
 from pbtvm.target import resolve_target
 from pbtvm.tools import cuobjdump, find_cuda_tool
 
@@ -61,7 +61,7 @@ def _cuda_source(func) -> str:
     ex = kernels.build(func, resolve_target(SM90))
     (dev,) = ex.mod.imports
     assert dev.kind == "cuda"
-    return str(dev.inspect_source("cuda")) or str(dev.inspect_source())
+    return cuda_source(ex)
 
 
 @pytest.mark.parametrize("layout", ["kNW", "NkW"])
@@ -102,7 +102,7 @@ def test_warp_reduction_check_fails_without_a_shuffle_tree():
 def test_gemm_uses_popcount_and_shuffle_reduction():
     target = resolve_target(SM90)
     ex = kernels.build(kernels.dense_func(bp.BitplaneFormat(4, 8), 64, 256), target)
-    src = str(ex.mod.imports[0].inspect_source("cuda")) or str(ex.mod.imports[0].inspect_source())
+    src = cuda_source(ex)
     assert "__popc" in src
     assert "__shfl" in src  # cross-thread (warp) reduction, not a serial loop per thread
 
@@ -120,7 +120,7 @@ def test_offset_binary_kernels_build_for_sm90(bits):
         kernels.lstm_cell_input_func(fmt, 40, 64),
     ):
         ex = kernels.build(func, target)  # nvcc runs here
-        src = str(ex.mod.imports[0].inspect_source("cuda")) or str(ex.mod.imports[0].inspect_source())
+        src = cuda_source(ex)
         assert src.count("__global__") == 2, func.attrs["pbtvm.kernel"]  # one kernel
         assert "__popc" in src and "__shfl" in src
 
@@ -129,7 +129,7 @@ def test_offset_binary_kernels_build_for_sm90(bits):
 def test_dense_with_pack_is_one_kernel(n, k, bits):
     """``pb_dense_act``: every block packs the row into shared memory, then a warp per output."""
     ex = kernels.build(kernels.dense_act_func(bp.BitplaneFormat(bits, 8), n, k), resolve_target(SM90))
-    src = str(ex.mod.imports[0].inspect_source("cuda")) or str(ex.mod.imports[0].inspect_source())
+    src = cuda_source(ex)
     assert src.count("__global__") == 2  # declaration + definition of one kernel
     assert "pb_xpack_shared" in src and "__popc" in src and "__shfl" in src
     # Each activation is quantized once (codes in shared memory), not once per plane and word:

@@ -17,7 +17,7 @@ import pytest
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
-from pbtvm.cuda import build
+from pbtvm.cuda import build, cuda_source
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.target import resolve_target
 
@@ -34,7 +34,7 @@ def _emulated(func, batch: int) -> tuple[EmulatedKernel, tuple, tuple]:
     """The default sm_90 schedule of ``func`` as an emulated kernel, with its launch at ``batch``."""
     sched = apply_default_schedule(func, SM90).with_attr("global_symbol", "pb")
     grid, block = launch_dims(sched, batch)
-    return EmulatedKernel(build(sched, SM90).mod.imports[0].inspect_source()), grid, block
+    return EmulatedKernel(cuda_source(build(sched, SM90))), grid, block
 
 
 def _close(got: np.ndarray, want: np.ndarray, what: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
-from pbtvm.cuda import build
+from pbtvm.cuda import build, cuda_source
 from pbtvm.schedules import tuning
 from pbtvm.target import resolve_target
 
@@ -43,7 +43,7 @@ def test_sampled_cuda_core_candidates_exact_in_emulation(rng):
         cand = tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "cand")
         grid, block = launch_dims(cand, batch)
         split_k += block[0] > 32  # warps splitting K share threadIdx.x with the lanes
-        kern = EmulatedKernel(build(cand, SM90).mod.imports[0].inspect_source(), warp_ops=False)
+        kern = EmulatedKernel(cuda_source(build(cand, SM90)), warp_ops=False)
         out = np.full((batch, n), -7, np.int32)
         kern(grid, block, pb_acc_ptr=out, rowsum_ptr=rowsum, wp_ptr=wp, xp_ptr=xp, batch=batch, bitlayers=1)
         trace = sch.trace.as_json()  # every candidate can be written to the tuning log

@@ -120,12 +120,12 @@ def test_cpu_pick_kernel_equals_the_reference():
 
 def test_cuda_pick_kernel_emulated_equals_the_reference():
     """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU."""
-    from pbtvm.cuda import build
+    from pbtvm.cuda import build, cuda_source
     from pbtvm.sampling import PICK_THREADS
     from pbtvm.target import resolve_target
 
     batch, vocab, chunk = 2, 700, 3  # 700 = 2 full strides + a partial one; segments of 3
-    src = build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)).mod.imports[0].inspect_source()
+    src = cuda_source(build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)))
     kernel = EmulatedKernel(src, warp_ops=False)
 
     def run(logits, forced, done, ctrl, temp, step):
