@@ -42,13 +42,22 @@ def host_mcpu() -> str:
     return str(name)
 
 
-def local_cuda_arch() -> str | None:
-    """``sm_XY`` of CUDA device 0, or None when there is no usable GPU."""
+def cuda_device_problem() -> str | None:
+    """Why TVM cannot use CUDA device 0 (no device, or its CUDA runtime failing to load), or None."""
     try:
-        dev = tvm.cuda(0)
-        if not dev.exist:
+        if tvm.cuda(0).exist:
             return None
-        return "sm_" + dev.compute_version.replace(".", "")
+        return "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
+    except Exception as err:  # e.g. a TVM build without CUDA, a driver that fails to load
+        return f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"
+
+
+def local_cuda_arch() -> str | None:
+    """``sm_XY`` of CUDA device 0, or None when there is no usable GPU (:func:`cuda_device_problem`)."""
+    if cuda_device_problem() is not None:
+        return None
+    try:
+        return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
     except Exception:
         return None
 
@@ -86,8 +95,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
             arch = local_cuda_arch()
             if arch is None:
                 raise InputError(
-                    "target='cuda' needs a GPU to pick the arch; none was found. Pass an explicit arch, "
-                    "e.g. target={'kind': 'cuda', 'arch': 'sm_90'}"
+                    f"target='cuda' needs a GPU to pick the arch; none was found ({cuda_device_problem()}). "
+                    "Pass an explicit arch, e.g. target={'kind': 'cuda', 'arch': 'sm_90'}"
                 )
             spec["arch"] = arch
         for key, value in CUDA_LIMITS.items():
@@ -234,6 +243,8 @@ class TargetInfo:
             return
         arch = local_cuda_arch()
         if arch is None:
-            raise RuntimeError("this model was compiled for CUDA but no CUDA device is available")
+            raise RuntimeError(
+                f"this model was compiled for CUDA but no CUDA device is available ({cuda_device_problem()})"
+            )
         if self.arch and self.arch != arch:
             raise RuntimeError(f"this model was compiled for {self.arch}; the local GPU is {arch}: recompile it")

@@ -12,20 +12,10 @@ import zlib
 import numpy as np
 import pytest
 
+from pbtvm.target import cuda_device_problem
 
-def _cuda_device() -> tuple[bool, str]:
-    """(whether the ``gpu`` tests can run, why not): TVM sees CUDA device 0."""
-    try:
-        from pbtvm._tvm import tvm
-
-        if tvm.cuda(0).exist:
-            return True, ""
-        return False, "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
-    except Exception as err:  # e.g. a TVM build without CUDA, a driver that fails to load
-        return False, f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"
-
-
-HAS_GPU, NO_GPU_REASON = _cuda_device()
+NO_GPU_REASON = cuda_device_problem() or ""  # why the ``gpu`` tests cannot run
+HAS_GPU = not NO_GPU_REASON
 
 #: Set to 1 where a GPU must be used (benchmarks/gpu_session.sh): then a machine whose GPU TVM
 #: or torch cannot reach stops the run with the reason, instead of skipping every ``gpu`` test
