@@ -24,6 +24,7 @@ import time
 
 import torch
 from bench_layers import (
+    SHAPES,
     append_csv_row,
     bench_int4,
     bench_pb,
@@ -44,8 +45,9 @@ from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
 
-SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
 MMA = "mma16x256"
+#: Largest batch the one-launch kernel is timed at with ``--fused`` (``--fused-max-batch``).
+FUSED_MAX_BATCH = 16
 
 
 def layer_configs(n: int, k: int, bits: int, batch: int) -> tuple[BMMAConfig, BMMAConfig]:
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-default", action="store_true", help="also time pbtvm's CUDA-core PB layer")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build every kernel for sm_90 and stop")
     ap.add_argument("--fused", action="store_true", help="also the one-launch kernel (pack inside the BMMA kernel)")
-    ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch timed with --fused")
+    ap.add_argument("--fused-max-batch", type=int, default=FUSED_MAX_BATCH, help="largest batch timed with --fused")
     ap.add_argument(
         "--jobs", type=int, default=default_workers(), help="processes that build the kernels (default: cores - 1)"
     )

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from bench_bmma import FUSED_MAX_BATCH, SHAPES  # the benchmark's shapes; its largest one-launch batch
+
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm.cuda import build, cuda_source
@@ -25,10 +27,6 @@ from pbtvm.schedules.cuda_ballot_pack import pack_warps
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_lstm import bmma_lstm_kernel, default_lstm_config
 from pbtvm.target import resolve_target
-
-#: Largest batch the one-launch kernel is shown for (as ``bench_bmma.py --fused-max-batch``).
-FUSED_MAX_BATCH = 16
-SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x2048", "6000x1500", "2600x650"]
 
 
 def main() -> int:
