@@ -2,7 +2,7 @@
 
 MetaSchedule measures speed, not results: a sampled schedule that computes a wrong product is
 as welcome to it as a right one (one candidate of the CUDA template did so on an H100,
-BENCHMARKS.md 2026-11-23). So before :func:`pbtvm.schedules.tuning.tuned_lookup` hands a tuned
+BENCHMARKS.md 2026-11-23: ptxas had dropped one of its loads). So before :func:`pbtvm.schedules.tuning.tuned_lookup` hands a tuned
 kernel to the compiler, both the tuned and the default schedule of that kernel run on the same
 random inputs on a local device, and the tuned one is used only if every output agrees (a kernel
 may write several: the pack writes planes, scales and code sums; an LSTM step h and c). The

@@ -6,6 +6,15 @@ then lowered a row's reduction to a shared-memory tree whose last steps assume t
 lock step (no ``__syncwarp``), which CUDA does not promise since Volta: in every run here some
 of these twelve candidates were wrong (the lanes of a warp run as separate CPU threads). They now
 share ``threadIdx.x`` with the lanes (warp shuffles).
+
+The candidate an H100 got wrong (W1, K = 2048: ``-rowsum`` for every row) was exact here: ptxas
+dropped its weight load. The plane loop ran to the run-time ``bitlayers`` and read plane ``i`` of a
+``bits``-plane buffer, so the weights' register copy was loaded under ``if (i < bits)``; in the
+PTX the loop's last iteration (peeled by the unroll) loads it again, and ptxas, taking the copy
+from the main loop for granted, dropped that load: with ``bitlayers = 1`` the main loop never
+ran and the popcounts read whatever the registers held. The PB product now reads plane
+``min(i, bits - 1)`` (``i < bitlayers <= bits``, so the same plane), which makes the load
+unconditional; the last two tests check the source and that candidate's SASS.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm.cuda import build, cuda_source
-from pbtvm.schedules import tuning
+from pbtvm.sass import source_sass
+from pbtvm.schedules import apply_default_schedule, tuning
 from pbtvm.target import resolve_target
 
 from .cuda_emulator import EmulatedKernel, launch_dims
@@ -29,7 +39,7 @@ SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 
 
 def test_sampled_cuda_core_candidates_exact_in_emulation(rng):
-    """W1, K = 2048 (the K of the open H100 bug, BENCHMARKS.md): 3 samples of every design space."""
+    """W1, K = 2048 (the K of the candidate an H100 got wrong): 3 samples of every design space."""
     fmt, n, k, batch = bp.BitplaneFormat(1, 8), 48, 2048, 2
     func = kernels.int_product_func(fmt, n, k)
     q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
@@ -49,3 +59,47 @@ def test_sampled_cuda_core_candidates_exact_in_emulation(rng):
         trace = sch.trace.as_json()  # every candidate can be written to the tuning log
         np.testing.assert_array_equal(out, want, err_msg=f"candidate {i}: {grid} x {block}\n{trace}")
     assert len(candidates) == 12 and split_k >= 2  # the K-split (cross-warp) reductions were sampled
+
+
+def _sampled_sources(fmt: bp.BitplaneFormat, n: int, k: int, seed: int, count: int = 3) -> list[str]:
+    func = kernels.int_product_func(fmt, n, k)
+    return [
+        cuda_source(build(tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True), SM90))
+        for sch in tuning.sample_candidates(func, SM90, count, seed=seed)
+    ]
+
+
+def test_weights_are_never_loaded_under_a_plane_guard():
+    """No kernel loads its weights' register copy inside an ``if``: such a load is what ptxas
+    dropped (module docstring). Default schedules of the dense layer and the LSTM step, and sampled
+    candidates, in ``kNW`` and ``NkW``, W1 to W4."""
+    sources = []
+    for fmt, n, k in ((bp.BitplaneFormat(4, 8), 256, 4096), (bp.BitplaneFormat(3, 8, layout="NkW"), 64, 1000)):
+        sources.append(cuda_source(build(apply_default_schedule(kernels.dense_func(fmt, n, k), SM90), SM90)))
+    sources.append(
+        cuda_source(build(apply_default_schedule(kernels.lstm_cell_func(bp.BitplaneFormat(2, 8), 64), SM90), SM90))
+    )
+    sources += _sampled_sources(bp.BitplaneFormat(1, 8), 96, 2048, seed=7, count=1)
+    sources += _sampled_sources(bp.BitplaneFormat(4, 8), 96, 4096, seed=8, count=1)
+    loads = 0
+    for source in sources:
+        lines = [line.strip() for line in source.splitlines() if line.strip()]
+        for before, line in zip(lines, lines[1:], strict=False):
+            if line.startswith(("wp_local", "*(uint2*)(wp_local", "*(uint4*)(wp_local")):
+                loads += 1
+                assert not before.startswith("if ("), f"a guarded weight load:\n{before}\n{line}"
+    assert loads >= 4  # the default dense kernel and the vector-load candidates keep a register copy
+
+
+def test_the_h100_candidate_loads_its_weights_on_every_path():
+    """The candidate an H100 got wrong (``tests/test_gpu.py``, (1, 2048)): its SASS now loads the
+    weights with an unpredicated 8-byte load; before, the only such load was predicated on the
+    first iteration of the unrolled main loop, which ``bitlayers = 1`` skips."""
+    rng = np.random.default_rng(2839081137)  # the draws of test_gpu.py's (1, 2048) case, in order
+    rng.standard_normal((96, 2048))
+    rng.standard_normal((3, 2048))
+    (source, *_) = _sampled_sources(bp.BitplaneFormat(1, 8), 96, 2048, seed=int(rng.integers(1 << 20)), count=3)
+    assert "xp_shared" in source and "uint2" in source  # the candidate: activations in shared, 2-word loads
+    (sass,) = source_sass(source, "sm_90").values()
+    loads = [line.split(";")[0].split("*/")[-1].strip() for line in sass.splitlines() if "LDG.E.64" in line]
+    assert loads and any(not load.startswith("@") for load in loads), loads

@@ -58,7 +58,11 @@ def _plane_sum(
     w = te.reduce_axis((0, xp.shape[2]), "w")
 
     def body(b, n):
-        pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(i, n, w)], xp[j, b, w])).astype(acc_dtype)
+        # Plane i itself (i < bitlayers <= bits), written so that TVM can see it is within the buffer:
+        # reading plane i put a schedule's register copy of the weights under ``if (i < bits)``, and
+        # ptxas dropped such a load (tests/test_cuda_template_emulated.py).
+        plane = tir.min(i, fmt.bits - 1)
+        pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(plane, n, w)], xp[j, b, w])).astype(acc_dtype)
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
