@@ -28,13 +28,18 @@ def median_us(fn, x, n: int = 300) -> float:
 
 
 def main() -> None:
-    print(f"kernel={os.environ.get('PBTVM_CPU_KERNEL', 'default')} TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', '-')}")
+    print(
+        f"kernel={os.environ.get('PBTVM_CPU_KERNEL', 'default')} TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', '-')}"
+    )
     torch.manual_seed(0)
     tiny = torch.nn.Sequential(
         torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
     ).eval()
     mnist, split = builtin_mnist_mlp()
-    cases = [("tiny 32-32-32-10", tiny, torch.randn(2, 32)), ("MNIST 784-512-512-10", mnist, torch.from_numpy(split.x_test[:2]))]
+    cases = [
+        ("tiny 32-32-32-10", tiny, torch.randn(2, 32)),
+        ("MNIST 784-512-512-10", mnist, torch.from_numpy(split.x_test[:2])),
+    ]
     with torch.no_grad():
         for name, model, example in cases:
             pb = pbtvm.compile(model, (example,), target="llvm", bits=4)

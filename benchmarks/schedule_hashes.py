@@ -93,7 +93,9 @@ def main() -> int:
         for line in diffs + [f"missing: {m}" for m in missing]:
             print(line)
         n = sum(len(v) for v in table.values())
-        print(f"{n} kernels compared: {'identical' if not diffs and not missing else f'{len(diffs) + len(missing)} differ'}")
+        print(
+            f"{n} kernels compared: {'identical' if not diffs and not missing else f'{len(diffs) + len(missing)} differ'}"
+        )
         return 1 if diffs or missing else 0
     return 0
 

@@ -26,7 +26,9 @@ def _batch_var() -> tir.Var:
 def act_pack_func(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     """``(x f32 [B, K]) -> (xp, x_scale, rowsum)`` with a symbolic B."""
     x = te.placeholder((_batch_var(), k_dim), "float32", "x")
-    return te.create_prim_func([x, *act_quantize_pack(x, fmt)]).with_attrs(kernel_attrs(KernelKind.ACT_PACK, fmt, k_dim))
+    return te.create_prim_func([x, *act_quantize_pack(x, fmt)]).with_attrs(
+        kernel_attrs(KernelKind.ACT_PACK, fmt, k_dim)
+    )
 
 
 def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tuple:
@@ -84,7 +86,9 @@ def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:
     ws = te.placeholder(fmt.scale_shape(4 * hidden), "float32", "w_scale")
     layers = tir.Var("bitlayers", "int64")
     outs = pb_lstm_cell(gx, h, c, wp, ws, layers, fmt)
-    return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden))
+    return te.create_prim_func([gx, h, c, wp, ws, layers, *outs]).with_attrs(
+        kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden)
+    )
 
 
 def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias: bool = True) -> tir.PrimFunc:

@@ -148,6 +148,4 @@ def lower_weights(
 
     mats = [np.asarray(w, np.float32) if rows is None else np.asarray(w, np.float32)[rows] for w in weights]
     layer_fmt, coded = layer_format(mats, fmt, *quant, importances)
-    return layer_fmt, [
-        (relax.const(pack_weights(q, layer_fmt), "uint32"), relax.const(s, "float32")) for q, s in coded
-    ]
+    return layer_fmt, [(relax.const(pack_weights(q, layer_fmt), "uint32"), relax.const(s, "float32")) for q, s in coded]

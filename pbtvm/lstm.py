@@ -53,7 +53,12 @@ def _projection_module(w_ih: Any, bias: Any) -> Any:
 
 
 def _cell_model(
-    w_hh: np.ndarray, fmt: BitplaneFormat, tvm_target: Any, name: str, quant: tuple = ("auto", "mse"), **build_kwargs: Any
+    w_hh: np.ndarray,
+    fmt: BitplaneFormat,
+    tvm_target: Any,
+    name: str,
+    quant: tuple = ("auto", "mse"),
+    **build_kwargs: Any,
 ) -> Any:
     """The fused step ``(gx [B, 4H], h [B, H], c [B, H]) -> (h', c')`` as a CompiledModel.
 
@@ -265,7 +270,9 @@ def compile_lstm(
             kwargs = {**compile_kwargs, "codebook": layer_quant[0]}
             projections.append(pb_compile(proj, (torch.zeros(2, w_ih.shape[1]),), target, bits, act_bits, **kwargs))
             cells.append(
-                _cell_model(w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", layer_quant, **build_kwargs)
+                _cell_model(
+                    w_hh.numpy(), fmt, tvm_target, f"weight_hh_l{layer} (LSTM cell)", layer_quant, **build_kwargs
+                )
             )
     converted = [layer for m in (*projections, *cells) for layer in m.manifest["layers"]["converted"]]
     return PBLSTM(projections, cells, lstm, layers_format(fmt, converted))

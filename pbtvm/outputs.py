@@ -36,7 +36,9 @@ def describe(output: Any) -> Any:
             if not isinstance(key, str | int) or isinstance(key, bool):
                 raise InputTypeError(f"the model returns a dict with key {key!r}; pbtvm keeps str and int keys only")
         return {"dict": [[key, describe(value)] for key, value in output.items()]}
-    raise InputTypeError(f"the model returns a {type(output).__name__}; pbtvm models return tensors (in tuples/lists/dicts)")
+    raise InputTypeError(
+        f"the model returns a {type(output).__name__}; pbtvm models return tensors (in tuples/lists/dicts)"
+    )
 
 
 def count(structure: Any) -> int:
@@ -50,7 +52,9 @@ def count(structure: Any) -> int:
 def rebuild(structure: Any, leaves: list) -> Any:
     """Nest the flat ``leaves`` (in ``torch.export`` order) as ``structure`` says."""
     if len(leaves) != count(structure):
-        raise InputError(f"the compiled model returned {len(leaves)} outputs, its manifest describes {count(structure)}")
+        raise InputError(
+            f"the compiled model returned {len(leaves)} outputs, its manifest describes {count(structure)}"
+        )
     it = iter(leaves)
 
     def build(s: Any) -> Any:

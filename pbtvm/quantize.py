@@ -169,7 +169,9 @@ def choose_codebook(
     imps = importances or [None] * len(weights)
     if fmt.bits == 1:
         f = dataclasses.replace(fmt, codebook="bipolar")
-        return "bipolar", {"bipolar": [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]}
+        return "bipolar", {
+            "bipolar": [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
+        }
     for name in _candidates(fmt.bits):
         f = dataclasses.replace(fmt, codebook=name)
         quantized[name] = [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]

@@ -46,9 +46,7 @@ def _lstm_op() -> Any:
 
     @torch.library.custom_op("pbtvm::lstm_stack", mutates_args=(), schema=schema)
     def lstm_stack(x, h0, c0, weights, num_layers, has_bias, batch_first, bidirectional):
-        y, h, c = torch._VF.lstm(
-            x, (h0, c0), weights, has_bias, num_layers, 0.0, False, bidirectional, batch_first
-        )
+        y, h, c = torch._VF.lstm(x, (h0, c0), weights, has_bias, num_layers, 0.0, False, bidirectional, batch_first)
         return y, h, c
 
     @lstm_stack.register_fake

@@ -186,20 +186,32 @@ class TargetInfo:
         limits = TargetLimits()
         if kind == "cuda":
             limits = TargetLimits(
-                **{key: int(attrs.get(key, CUDA_LIMITS[key])) for key in ("max_threads_per_block", "max_shared_memory_per_block")},
+                **{
+                    key: int(attrs.get(key, CUDA_LIMITS[key]))
+                    for key in ("max_threads_per_block", "max_shared_memory_per_block")
+                },
                 warp_size=int(attrs.get("thread_warp_size", CUDA_LIMITS["thread_warp_size"])),
             )
         return cls(
-            kind, str(attrs["arch"]) if attrs.get("arch") else None, str(attrs["mcpu"]) if attrs.get("mcpu") else None, limits
+            kind,
+            str(attrs["arch"]) if attrs.get("arch") else None,
+            str(attrs["mcpu"]) if attrs.get("mcpu") else None,
+            limits,
         )
 
     @classmethod
     def from_summary(cls, summary: dict) -> TargetInfo:
         """The info stored in a manifest (:meth:`summary`); limits are the kind's defaults."""
         kind = summary["kind"]
-        limits = TargetLimits(
-            CUDA_LIMITS["thread_warp_size"], CUDA_LIMITS["max_threads_per_block"], CUDA_LIMITS["max_shared_memory_per_block"]
-        ) if kind == "cuda" else TargetLimits()
+        limits = (
+            TargetLimits(
+                CUDA_LIMITS["thread_warp_size"],
+                CUDA_LIMITS["max_threads_per_block"],
+                CUDA_LIMITS["max_shared_memory_per_block"],
+            )
+            if kind == "cuda"
+            else TargetLimits()
+        )
         return cls(kind, summary.get("arch"), summary.get("mcpu"), limits)
 
     @property

@@ -214,7 +214,9 @@ class _Rewriter(PyExprMutator):
         bias_const = [relax.const(np.asarray(bias, np.float32), "float32")] if has_bias else []
         if one_kernel_layer(fmt, k_dim):
             out = self._emit_te(
-                lambda x_t, wp_t, ws_t, *rest: pb_dense_act(x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt),
+                lambda x_t, wp_t, ws_t, *rest: pb_dense_act(
+                    x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt
+                ),
                 [x2, wp, ws, *bias_const],
                 f"pb_dense_act_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
                 kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim),

@@ -27,4 +27,6 @@ def run_threads(worker: Callable[[int], None], count: int = 4) -> None:
         th.join()
     if failures:
         t = min(failures)
-        raise AssertionError(f"thread {t} of {count} failed: {type(failures[t]).__name__}: {failures[t]}") from failures[t]
+        raise AssertionError(
+            f"thread {t} of {count} failed: {type(failures[t]).__name__}: {failures[t]}"
+        ) from failures[t]

@@ -286,7 +286,8 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("arch", "want"), [("sm_75", "kNW"), ("sm_80", MMA), ("sm_86", MMA), ("sm_89", MMA), ("sm_90", MMA), ("sm_90a", MMA)]
+    ("arch", "want"),
+    [("sm_75", "kNW"), ("sm_80", MMA), ("sm_86", MMA), ("sm_89", MMA), ("sm_90", MMA), ("sm_90a", MMA)],
 )
 def test_auto_layout_is_the_binary_tensor_core_layout_from_sm80(arch, want):
     assert weight_layout("auto", resolve_target({"kind": "cuda", "arch": arch})) == want

@@ -79,7 +79,10 @@ def test_compile_and_inspect(spec, tmp_path, capsys):
         (["compile", "model.pt", "-o", "x.so"], "model file model.pt does not exist"),
         (["compile", "justaname", "-o", "x.so"], "MODEL must be"),
         (["compile", "{spec_dir}/zoo.py:make", "--layout", "mma16x256", "-o", "x.so"], "not on llvm"),
-        (["compile", "{spec_dir}/zoo.py:make", "--codebook", "bipolar", "-o", "x.so"], "bipolar codebook is for bits=1"),
+        (
+            ["compile", "{spec_dir}/zoo.py:make", "--codebook", "bipolar", "-o", "x.so"],
+            "bipolar codebook is for bits=1",
+        ),
         # the user's code and example are the user's errors (exit 2), not "internal error" (exit 1)
         (["compile", "{spec_dir}/zoo.py:raises", "-o", "x.so"], "zoo.py:raises() raised KeyError"),
         (["compile", "{spec_dir}/zoo.py:wrong_example", "-o", "x.so"], "does not run on the example input(s) ([2, 63]"),

@@ -60,7 +60,10 @@ def test_fused_layer_equals_pack_then_gemm(bits, act_bits, codebook, n, k, b, bi
     func = kernels.dense_act_func(fmt, n, k, bias)
     assert isinstance(rule_for(func, CPU), CPUVnniDenseAct)
     fused = kernels.build(func, CPU)
-    pack, dense = kernels.build(kernels.act_pack_func(fmt, k), CPU), kernels.build(kernels.dense_func(fmt, n, k, bias), CPU)
+    pack, dense = (
+        kernels.build(kernels.act_pack_func(fmt, k), CPU),
+        kernels.build(kernels.dense_func(fmt, n, k, bias), CPU),
+    )
     xp = _t(np.zeros((act_bits, b, fmt.words(k)), np.uint32))
     xs, rs = _t(np.zeros(b, np.float32)), _t(np.zeros(b, fmt.accumulator_dtype(k)))
     pack(_t(x), xp, xs, rs)

@@ -129,7 +129,9 @@ def test_gfni_decode_where_the_cpu_has_it(rng):
 
 
 @needs_vnni
-@pytest.mark.parametrize(("bits", "codebook"), [(1, None), (3, None), (8, None), (1, "offset_binary"), (3, "offset_binary")])
+@pytest.mark.parametrize(
+    ("bits", "codebook"), [(1, None), (3, None), (8, None), (1, "offset_binary"), (3, "offset_binary")]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_dense_equals_popcount_kernel(bits, codebook, bias, rng):
     """The float layer is the TE epilogue on the same integers: equal to the popcount kernel's output."""

@@ -103,9 +103,7 @@ class FuzzModule(torch.nn.Module):
         super().__init__()
         self.which = [i % len(INPUTS) for i in range(GRAPHS_PER_MODULE)]  # every input used
         rng.shuffle(self.which)
-        self.graphs = torch.nn.ModuleList(
-            RandomGraph(rng, INPUTS[i][1]).to(INPUTS[i][0]) for i in self.which
-        )
+        self.graphs = torch.nn.ModuleList(RandomGraph(rng, INPUTS[i][1]).to(INPUTS[i][0]) for i in self.which)
         self.style = rng.choice(["tuple", "dict", "nested"])
 
     def forward(self, x32, x16, xbf):

@@ -17,4 +17,6 @@ def test_every_package_is_listed_in_pyproject():
         for init in path.rglob("__init__.py"):
             rel = init.parent.relative_to(path).parts
             found.add(".".join((name, *rel)))
-    assert found == set(config["packages"]), f"pyproject packages differ from the tree: {sorted(found ^ set(config['packages']))}"
+    assert found == set(config["packages"]), (
+        f"pyproject packages differ from the tree: {sorted(found ^ set(config['packages']))}"
+    )

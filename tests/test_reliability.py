@@ -194,7 +194,9 @@ def test_token_ids_outside_the_table_are_refused_not_read(tmp_path, capfd):
         bad = ids.clone()
         bad[1, 2] = bad_id
         for compiled in (m, loaded):
-            with pytest.raises(ValueError, match=r"input 0 holds ids .* table of 50 rows, so ids must lie in \[0, 50\)"):
+            with pytest.raises(
+                ValueError, match=r"input 0 holds ids .* table of 50 rows, so ids must lie in \[0, 50\)"
+            ):
                 compiled(bad)
         with pytest.raises(IndexError):  # torch refuses them too
             model(bad)
@@ -467,7 +469,9 @@ def test_record_for_another_cpu_in_a_matching_directory_is_ignored_with_a_warnin
     ms = tuning.meta_schedule()
     log = _log(tmp_path)
     func = kernels.dense_func(bp.BitplaneFormat(4, 8), 16, 64, True)
-    other = resolve_target({"kind": "llvm", "mcpu": "skylake-avx512" if CPU.attrs["mcpu"] != "skylake-avx512" else "znver4"})
+    other = resolve_target(
+        {"kind": "llvm", "mcpu": "skylake-avx512" if CPU.attrs["mcpu"] != "skylake-avx512" else "znver4"}
+    )
     (sch,) = tuning.sample_candidates(func, CPU, 1, seed=3)[:1]
     mod = tvm.IRModule({"main": tuning.workload(func, 1)})
     db = log.database()

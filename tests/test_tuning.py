@@ -123,7 +123,9 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         assert k.confirmed in (True, None)  # re-measured and kept, or the default was the best
         assert k.confirmed or k.best_us == k.default_us  # the default as best: no gain reported
     # One line per update: kernel i/2, candidates measured / (default + 4 trials), best so far, time left.
-    updates = [re.match(r"\[pbtvm tune\] ([12])/2 (\S+): (\d+)/5 candidates measured, best ([0-9.]+) us", ln) for ln in lines]
+    updates = [
+        re.match(r"\[pbtvm tune\] ([12])/2 (\S+): (\d+)/5 candidates measured, best ([0-9.]+) us", ln) for ln in lines
+    ]
     updates = [m for m in updates if m]
     # the defaults (measured in one batch) start the clock; every update after them estimates
     timed = [m.string for m in updates if int(m[3]) > 1]
@@ -155,7 +157,6 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert refused.manifest["tuning"]["tuned_kernels"] == []
     np.testing.assert_allclose(refused(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
-
 
 
 @pytest.mark.slow

@@ -79,7 +79,11 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
 
     def code(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
         vector = n == CHUNK
-        return act_code(v, inv[0], qmax, n).astype("int32x64" if vector else "int32").astype("int8x64" if vector else "int8")
+        return (
+            act_code(v, inv[0], qmax, n)
+            .astype("int32x64" if vector else "int32")
+            .astype("int8x64" if vector else "int8")
+        )
 
     full = k_dim // CHUNK
     if full:
