@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 from . import recurrent
-from ._tvm import tvm
+from ._tvm import relax, tvm
 from .errors import InputError, InputTypeError, first_line
 from .lowering import weight_key
 from .relay_passes import ClipRuntimeIndices, NormalizeConstantIndices, PropagateNaN
@@ -103,6 +103,8 @@ def import_model(
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
     mod = PropagateNaN()(clip(mod))
+    # an index nobody reads (x.max(dim).values imports as max + argmax in a tuple) is not computed
+    mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
     specs = input_specs(exported, example_inputs, batch_only=not lstms)
     if len(mod["main"].params) != len(specs):  # input_ranges is keyed by main's parameter position
         raise RuntimeError(f"main takes {len(mod['main'].params)} parameters for {len(specs)} model inputs")

@@ -315,6 +315,20 @@ def test_nan_is_the_extreme_of_max_min_and_their_indices_like_torch():
     _close(got_values[2:, :3], want_values[2:, :3])
 
 
+def test_an_unread_index_of_max_is_not_computed():
+    """``x.max(dim).values`` imports as a max and an argmax in a tuple: the argmax (and its NaN
+    check) must not reach the compiled graph."""
+    from pbtvm.model_import import import_model
+
+    class Values(torch.nn.Module):
+        def forward(self, x):
+            return (x * 2).max(1).values
+
+    mod, _, _ = import_model(Values().eval(), (torch.randn(3, 8),))
+    script = mod.script()
+    assert "R.max(" in script and "argmax" not in script
+
+
 def test_nan_survives_max_and_min_reductions():
     """TVM's max / min reductions keep a NaN only where it happens to be reduced first; wrapped,
     a NaN anywhere along the axis gives NaN."""
