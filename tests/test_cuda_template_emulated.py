@@ -38,27 +38,32 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 
 
-def test_sampled_cuda_core_candidates_exact_in_emulation(rng):
-    """W1, K = 2048 (the K of the candidate an H100 got wrong): 3 samples of every design space."""
-    fmt, n, k, batch = bp.BitplaneFormat(1, 8), 48, 2048, 2
+@pytest.mark.parametrize(("bits", "per_space"), [(1, 3), (4, 1)])
+def test_sampled_cuda_core_candidates_exact_in_emulation(bits, per_space, rng):
+    """Samples of every design space at K = 2048 (the K of the candidate an H100 got wrong), every
+    ``bitlayers``: W1, 3 a space, and W4, 1 a space (several planes: the plane each iteration reads)."""
+    fmt, n, k, batch = bp.BitplaneFormat(bits, 8), 48, 2048, 2
     func = kernels.int_product_func(fmt, n, k)
     q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     xq, _ = qz.quantize_activations(rng.standard_normal((batch, k)).astype(np.float32), fmt)
     wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
     rowsum = xq.sum(1).astype(fmt.accumulator_dtype(k))
-    want = bp.bitplane_matmul(wp, xp, fmt, 1)
-    candidates = tuning.sample_candidates(func, SM90, 3, seed=int(rng.integers(1 << 20)))
+    candidates = tuning.sample_candidates(func, SM90, per_space, seed=int(rng.integers(1 << 20)))
     split_k = 0
     for i, sch in enumerate(candidates):
         cand = tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "cand")
         grid, block = launch_dims(cand, batch)
         split_k += block[0] > 32  # warps splitting K share threadIdx.x with the lanes
         kern = EmulatedKernel(cuda_source(build(cand, SM90)), warp_ops=False)
-        out = np.full((batch, n), -7, np.int32)
-        kern(grid, block, pb_acc_ptr=out, rowsum_ptr=rowsum, wp_ptr=wp, xp_ptr=xp, batch=batch, bitlayers=1)
         trace = sch.trace.as_json()  # every candidate can be written to the tuning log
-        np.testing.assert_array_equal(out, want, err_msg=f"candidate {i}: {grid} x {block}\n{trace}")
-    assert len(candidates) == 12 and split_k >= 2  # the K-split (cross-warp) reductions were sampled
+        for layers in range(1, bits + 1):
+            out = np.full((batch, n), -7, np.int32)
+            kern(grid, block, pb_acc_ptr=out, rowsum_ptr=rowsum, wp_ptr=wp, xp_ptr=xp, batch=batch, bitlayers=layers)
+            want = bp.bitplane_matmul(wp, xp, fmt, layers)
+            np.testing.assert_array_equal(
+                out, want, err_msg=f"candidate {i}, {layers} planes: {grid} x {block}\n{trace}"
+            )
+    assert len(candidates) >= 4 * per_space and split_k >= 1  # the K-split (cross-warp) reductions were sampled
 
 
 def _sampled_sources(fmt: bp.BitplaneFormat, n: int, k: int, seed: int, count: int = 3) -> list[str]:
