@@ -162,7 +162,9 @@ def _inspect_log(path: Path) -> int:
             counts[name] = sum(1 for line in f.read_text().splitlines() if line.strip()) if f.exists() else 0
         knobs = tuning.read_knob_file(log / tuning.KNOB_LOG)
         print(f"{log}: target {_log_target(meta.get('target'))}")
-        print(f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}")
+        print(
+            f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}, PB kernels v{meta.get('kernel_version')}"
+        )
         print(
             f"  MetaSchedule: {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
             " (per kernel: its default schedule plus every trial)"

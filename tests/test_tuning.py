@@ -385,11 +385,18 @@ def test_the_target_log_directory_itself_is_accepted_as_work_dir(tmp_path, monke
         tuning.TuningLog(tmp_path / "notes.txt", CPU)
 
 
-@pytest.mark.parametrize(("key", "value"), [("tvm_version", "0.19.0"), ("format_version", 0)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("tvm_version", "0.19.0"), ("format_version", 0), ("kernel_version", 1), ("kernel_version", None)],
+)
 def test_log_from_another_version_is_ignored_with_a_warning(tmp_path, key, value):
+    """Another TVM, bitplane format or PB compute (whose workloads no longer match the log's
+    records; None: a log from before the kernel version was recorded)."""
     log = _fake_log(tmp_path, CPU)
     meta = json.loads((log.path / tuning.LOG_META).read_text())
     meta[key] = value
+    if value is None:
+        del meta[key]
     (log.path / tuning.LOG_META).write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match=f"ignoring tuning log .*{key}"):
         lookup, _ = tuning.tuned_lookup(tmp_path, CPU)

@@ -12,6 +12,7 @@ from .lstm_cell import pb_lstm_cell, pb_lstm_cell_input, unit_major_rows
 from .pb_gemm import pb_dense, pb_dense_act, pb_int_product
 
 __all__ = [
+    "KERNEL_VERSION",
     "act_quantize_pack",
     "pb_dense",
     "pb_dense_act",
@@ -21,6 +22,13 @@ __all__ = [
     "unit_major_rows",
     "kernel_attrs",
 ]
+
+
+#: Version of the PB kernels' TE computes. A tuning log holds MetaSchedule workloads by their
+#: structural hash, so a change of a compute leaves every record unmatched: logs record this number
+#: and one made for another is set aside with a warning. 2: the product reads plane
+#: ``min(i, bits - 1)`` (:func:`pb_int_product`).
+KERNEL_VERSION = 2
 
 
 def kernel_attrs(kernel: names.KernelKind, fmt: BitplaneFormat, k_dim: int) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pbtvm._tvm import TVM_VERSION, meta_schedule, tvm
 from pbtvm.bitplane import FORMAT_VERSION
+from pbtvm.ops import KERNEL_VERSION
 from pbtvm.target import TargetInfo
 
 from .rows import RECORDS, WORKLOADS, TuningLogError, check_rows
@@ -80,6 +81,7 @@ class TuningLog:
             "schema": LOG_SCHEMA,
             "tvm_version": TVM_VERSION,
             "format_version": FORMAT_VERSION,
+            "kernel_version": KERNEL_VERSION,
             "target_key": target_key(self.target),
             "target": str(self.target),
         }
@@ -95,9 +97,10 @@ class TuningLog:
         if not isinstance(meta, dict):
             raise TuningLogError(f"tuning log {meta_path} is corrupt: expected a JSON object")
         want = self.expected_meta()
-        for key in ("schema", "tvm_version", "format_version", "target_key"):
+        for key in ("schema", "tvm_version", "format_version", "kernel_version", "target_key"):
             if meta.get(key) != want[key]:
-                return f"{key} is {meta.get(key)!r}, this build needs {want[key]!r}"
+                made = f"{key} is {meta.get(key)!r}" if key in meta else f"it has no {key} (an older pbtvm made it)"
+                return f"{made}, this build needs {want[key]!r}: tune again"
         return None
 
     def _check_records(self) -> None:
