@@ -63,15 +63,22 @@ def _addmm(node: Any, importer: Any) -> relax.Var:
     return out
 
 
+def _reducible(x: relax.Expr, emit: Any) -> tuple[relax.Expr, str]:
+    """``x`` as TVM can reduce it (bool as uint8: max is any, min is all) and its dtype."""
+    dtype = x.ty.dtype
+    return (emit(relax.op.astype(x, "uint8")) if dtype == "bool" else x), dtype
+
+
 def _reduce_with_index(reduce: Any, arg: Any) -> Any:
-    """``aten.max.dim / min.dim(x, dim, keepdim=False)`` -> ``(values, indices)``, the index the first
-    extreme value's (torch's rule and TVM's ``argmax`` / ``argmin``'s), int64."""
+    """``aten.max.dim / min.dim(x, dim, keepdim=False)`` -> ``(values, indices)``; an index is that
+    of the first extreme value (torch's rule and TVM's ``argmax`` / ``argmin``'s), int64."""
 
     def convert(node: Any, importer: Any) -> relax.Var:
         x, dim = importer.env[node.args[0]], node.args[1]
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         emit = importer.block_builder.emit
-        values = emit(reduce(x, axis=[dim], keepdims=keepdim))
+        x, dtype = _reducible(x, emit)
+        values = emit(relax.op.astype(emit(reduce(x, axis=[dim], keepdims=keepdim)), dtype))
         return emit(relax.Tuple([values, emit(arg(x, axis=dim, keepdims=keepdim))]))
 
     return convert
@@ -85,7 +92,9 @@ def _reduce(reduce: Any) -> Any:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         axis = list(dim) if isinstance(dim, (list, tuple)) else [dim]
-        return importer.block_builder.emit(reduce(x, axis=axis or None, keepdims=keepdim))
+        emit = importer.block_builder.emit
+        x, dtype = _reducible(x, emit)
+        return emit(relax.op.astype(emit(reduce(x, axis=axis or None, keepdims=keepdim)), dtype))
 
     return convert
 

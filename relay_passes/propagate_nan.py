@@ -61,6 +61,9 @@ class _Propagate(PyExprMutator):
         ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS
         if op not in ops or not all(_is_float(a) for a in tensors):
             return call
+        if op in INDEX_OPS and call.args[0].ty.dtype == "bfloat16":  # TVM 0.27 builds no bfloat16
+            # argmax / argmin; in float32 every value and so the order is the same
+            call = relax.Call(call.op, [self.builder_.emit(relax.op.astype(call.args[0], "float32"))], call.attrs)
         kept = self.builder_.emit(call)
         self.rewritten += 1
         if op in INDEX_OPS:  # the first NaN is torch's extreme: argmax of the indicator finds it

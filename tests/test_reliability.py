@@ -315,6 +315,36 @@ def test_nan_is_the_extreme_of_max_min_and_their_indices_like_torch():
     _close(got_values[2:, :3], want_values[2:, :3])
 
 
+def test_extremes_of_bfloat16_and_bool_tensors():
+    """TVM 0.27 builds no bfloat16 argmax and reduces no bool tensor: the indices of bfloat16
+    tensors go through float32, bool reductions through uint8 (max is any, min is all)."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            positive = x > 0
+            indices = [
+                torch.max(x, 1).indices,
+                x.argmin(1),
+                torch.max(positive, 1).indices,
+                torch.min(positive, 1).indices,
+            ]
+            return self.l1(x), torch.stack(indices, 1), torch.stack([positive.amax(1), positive.amin(1)], 1)
+
+    torch.manual_seed(9)
+    model = Mixed().eval().to(torch.bfloat16)
+    m = _compile(model, torch.randn(3, 8, dtype=torch.bfloat16))
+    x = torch.randn(6, 8, dtype=torch.bfloat16)
+    x[0, 5], x[1] = float("nan"), x[1].abs()  # the first NaN is the extreme; a row with no False
+    _, got_at, got_any = m(x)
+    _, want_at, want_any = model(x)
+    assert want_at[0, 0] == 5 and want_any[1].all()
+    assert torch.equal(got_at, want_at) and torch.equal(got_any, want_any)
+
+
 def test_an_unread_index_of_max_is_not_computed():
     """``x.max(dim).values`` imports as a max and an argmax in a tuple: the argmax (and its NaN
     check) must not reach the compiled graph."""
