@@ -40,7 +40,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm._tvm import tvm
 from pbtvm.cuda import cuda_source
-from pbtvm.sass import bmma_problem, source_sass
+from pbtvm.sass import bmma_problem, dropped_global_loads, source_sass
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
@@ -101,12 +101,17 @@ def export_kernel(job: tuple, path: str) -> None:
 
 def check_kernel(job: tuple, path: str) -> None:
     """Worker of the dry run: build the kernel, nvcc it for sm_90 and write to ``path`` (JSON)
-    whether its SASS lacks BMMA or has local-memory spills (a PB product kernel must have neither)."""
+    whether its SASS lacks BMMA or has local-memory spills (a PB product kernel must have neither)
+    or has fewer global loads than its PTX (any kernel)."""
     key, target = job
     ex = build_kernel(key, target)
     problem = None
+    source = cuda_source(ex)
     if key[0] in ("bmma", "fused"):
-        problem = bmma_problem("".join(source_sass(cuda_source(ex), "sm_90").values()))
+        problem = bmma_problem("".join(source_sass(source, "sm_90").values()))
+    dropped = dropped_global_loads(source, "sm_90")
+    if dropped and problem is None:
+        problem = f"ptxas dropped global loads (PTX, SASS): {dropped}"
     with open(path, "w") as f:
         json.dump({"problem": problem}, f)
 

@@ -41,19 +41,28 @@ def compile_fatbin(source: str, arch: str) -> bytes:
     RuntimeError
         If nvcc is missing or fails (its message is included).
     """
+    return _nvcc(source, arch, "--fatbin", f"-gencode=arch=compute_{arch[3:]},code=sm_{arch[3:]}")
+
+
+def compile_ptx(source: str, arch: str) -> str:
+    """The PTX nvcc makes of CUDA C++ ``source`` for ``arch`` (the input of ptxas), same options
+    as :func:`compile_fatbin`."""
+    return _nvcc(source, arch, "--ptx", f"-arch=compute_{arch[3:]}").decode()
+
+
+def _nvcc(source: str, arch: str, *mode: str) -> bytes:
+    """Run nvcc on ``source`` with pbtvm's options and ``mode``; the output file's bytes."""
     if not arch.startswith("sm_"):
         raise InputError(f"CUDA arch must look like 'sm_90', got {arch!r}")
     nvcc = find_nvcc()
-    cc = arch[3:]
     with tempfile.TemporaryDirectory(prefix="pbtvm_nvcc_") as tmp:
-        src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.fatbin")
+        src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.out")
         with open(src, "w") as f:
             f.write(source)
         # --fmad=false: no fused multiply-add contraction, so the activation quantization
         # (floor(x * inv + 0.5)) rounds as in the numpy reference and on the CPU; with FMA a code
         # at a .5 boundary can differ by one, and an LSTM carries that difference along.
-        cmd = [nvcc, "--fatbin", "-O3", "--fmad=false", "-std=c++17", f"-gencode=arch=compute_{cc},code=sm_{cc}"]
-        cmd += ["-o", out, src]
+        cmd = [nvcc, *mode[:1], "-O3", "--fmad=false", "-std=c++17", *mode[1:], "-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")

@@ -11,13 +11,16 @@ import re
 import subprocess
 import tempfile
 
-from .cuda import compile_fatbin, find_nvcc
+from .cuda import compile_fatbin, compile_ptx, find_nvcc
 from .tools import cuobjdump
 
 #: The native binary tensor-core instruction of ``mma.sync.m16n8k256 .b1 .and.popc`` on sm_80+.
 BMMA_OPCODE = "BMMA.168256.AND.POPC"
 _FUNCTION = re.compile(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", re.S)
 _LOCAL_MEMORY = re.compile(r"\b(LDL|STL)(\.\w+)*\b")
+_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)(?=\.entry\s|\Z)", re.S)
+_PTX_GLOBAL_LOAD = re.compile(r"^\s*(@!?%\w+\s+)?ld\.global\.", re.M)
+_SASS_GLOBAL_LOAD = re.compile(r"\bLDG\.")  # not LDGSTS (cp.async) or LDGDEPBAR
 
 
 def sass_by_kernel(binary: bytes) -> dict[str, str]:
@@ -50,6 +53,32 @@ def bmma_problem(sass: str) -> str | None:
         return "BMMA.168256.XOR (emulated on sm_90)"
     spills = local_memory_ops(sass)
     return f"{spills} LDL/STL (register spills)" if spills else None
+
+
+def ptx_global_loads(ptx: str) -> dict[str, int]:
+    """``{kernel: number of ld.global instructions}`` of a PTX listing."""
+    return {name: len(_PTX_GLOBAL_LOAD.findall(body)) for name, body in _PTX_ENTRY.findall(ptx)}
+
+
+def sass_global_loads(sass: str) -> int:
+    """Number of global-memory loads (``LDG``) in a SASS listing."""
+    return len(_SASS_GLOBAL_LOAD.findall(sass))
+
+
+def dropped_global_loads(source: str, arch: str) -> dict[str, tuple[int, int]]:
+    """Kernels of CUDA C++ ``source`` whose SASS has fewer global loads than their PTX:
+    ``{kernel: (PTX loads, SASS loads)}``, empty when ptxas kept every load.
+
+    ptxas translates each ``ld.global`` into one ``LDG``; on a load it dropped, the kernel reads
+    whatever its registers held. This happened to a sampled CUDA-core candidate (BENCHMARKS.md,
+    eleventh session: 5 loads in the PTX, 4 in the SASS): a load under ``if``, repeated in the
+    loop's peeled last iteration, was taken to be done already.
+    """
+    ptx = ptx_global_loads(compile_ptx(source, arch))
+    sass = {name: sass_global_loads(text) for name, text in source_sass(source, arch).items()}
+    if set(ptx) != set(sass):
+        raise RuntimeError(f"PTX kernels {sorted(ptx)} are not the SASS kernels {sorted(sass)}")
+    return {name: (ptx[name], sass[name]) for name in ptx if sass[name] < ptx[name]}
 
 
 def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
