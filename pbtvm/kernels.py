@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ._tvm import te, tir, tvm
 from .bitplane import BitplaneFormat
-from .names import ATTR_INPUT_SIZE, KernelKind
+from .names import ATTR_BITS, ATTR_INPUT_SIZE, KernelKind
 from .ops import (
     act_quantize_pack,
     kernel_attrs,
@@ -115,10 +115,15 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
 
 
 def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:
-    """Schedule ``func`` with the default rule for ``target`` (unless told not to) and compile it."""
+    """Schedule ``func`` with the default rule for ``target`` (unless told not to) and compile it;
+    a PB kernel (one with the :data:`pbtvm.names.ATTR_BITS` attribute) gets the entry check of
+    ``bitlayers`` that compiled models have (``1 <= bitlayers <= bits``)."""
     from .cuda import build as cuda_aware_build
+    from .relay_passes.apply_pb_schedules import check_bitlayers
     from .schedules import apply_default_schedule
 
     if schedule:
         func = apply_default_schedule(func, target)
+    if func.attrs is not None and ATTR_BITS in func.attrs:
+        func = check_bitlayers(func)
     return cuda_aware_build(func, target)

@@ -45,9 +45,10 @@ def host_mcpu() -> str:
 def cuda_device_problem() -> str | None:
     """Why TVM cannot use CUDA device 0 (no device, or its CUDA runtime failing to load), or None."""
     try:
-        if tvm.cuda(0).exist:
-            return None
-        return "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
+        if not tvm.cuda(0).exist:
+            return "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
+        tvm.cuda(0).compute_version  # noqa: B018 (raises if the device's properties cannot be read)
+        return None
     except Exception as err:  # e.g. a TVM build without CUDA, a driver that fails to load
         return f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"
 
@@ -56,10 +57,7 @@ def local_cuda_arch() -> str | None:
     """``sm_XY`` of CUDA device 0, or None when there is no usable GPU (:func:`cuda_device_problem`)."""
     if cuda_device_problem() is not None:
         return None
-    try:
-        return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
-    except Exception:
-        return None
+    return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
 
 
 def resolve_target(target: Any) -> tvm.target.Target:

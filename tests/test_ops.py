@@ -52,6 +52,21 @@ def test_int_product_exact(bits, act_bits, codebook, rng):
         )
 
 
+@pytest.mark.parametrize("layers", [0, 4])
+def test_a_kernel_refuses_bitlayers_beyond_its_planes(layers):
+    """The product reads plane min(i, bits - 1): bitlayers > bits would add the last plane again,
+    so every PB kernel checks 1 <= bitlayers <= bits on entry (compiled models and kernels.build)."""
+    fmt = bp.BitplaneFormat(3, 8)
+    kern = kernels.build(kernels.int_product_func(fmt, 5, 40), CPU)
+    args = [
+        np.zeros((8, 2, fmt.words(40)), np.uint32),
+        np.zeros(2, np.int32),
+        np.zeros(fmt.weight_shape(5, 40), np.uint32),
+    ]
+    with pytest.raises(ValueError, match=r"bitlayers must be in 1\.\.3"):
+        kern(*(_t(a) for a in args), layers, _t(np.zeros((2, 5), np.int32)))
+
+
 @pytest.mark.parametrize("name", ["w4a8", "w4a8-NkW", "w1a8", "w16a16", "w1a8o", "w4a8o-NkW", "w16a16o"])
 def test_int_product_layouts_and_codebooks(name, rng):
     fmt = bp.PRESETS[name]
