@@ -102,16 +102,14 @@ def export_kernel(job: tuple, path: str) -> None:
 def check_kernel(job: tuple, path: str) -> None:
     """Worker of the dry run: build the kernel, nvcc it for sm_90 and write to ``path`` (JSON)
     whether its SASS lacks BMMA or has local-memory spills (a PB product kernel must have neither)
-    or has fewer global loads than its PTX (any kernel)."""
+    or another number of global loads than its PTX (any kernel)."""
     key, target = job
-    ex = build_kernel(key, target)
-    problem = None
-    source = cuda_source(ex)
-    if key[0] in ("bmma", "fused"):
-        problem = bmma_problem("".join(source_sass(source, "sm_90").values()))
-    dropped = dropped_global_loads(source, "sm_90")
-    if dropped and problem is None:
-        problem = f"ptxas dropped global loads (PTX, SASS): {dropped}"
+    source = cuda_source(build_kernel(key, target))
+    sass = source_sass(source, "sm_90")
+    problems = [bmma_problem("".join(sass.values()))] if key[0] in ("bmma", "fused") else []
+    dropped = dropped_global_loads(source, "sm_90", sass)
+    problems.append(f"global loads (PTX, SASS) differ: {dropped}" if dropped else None)
+    problem = "; ".join(p for p in problems if p) or None
     with open(path, "w") as f:
         json.dump({"problem": problem}, f)
 

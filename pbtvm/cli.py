@@ -163,8 +163,12 @@ def _inspect_log(path: Path) -> int:
         knobs = tuning.read_knob_file(log / tuning.KNOB_LOG)
         print(f"{log}: target {_log_target(meta.get('target'))}")
         print(
-            f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}, PB kernels v{meta.get('kernel_version')}"
+            f"  TVM {meta.get('tvm_version')}, bitplane format v{meta.get('format_version')}, "
+            f"PB kernels v{meta.get('kernel_version')}"
         )
+        why = tuning.meta_mismatch(meta)
+        if why:
+            print(f"  compile ignores this log and tune sets it aside: {why}")
         print(
             f"  MetaSchedule: {counts[tuning.WORKLOADS]} kernel workload(s), {counts[tuning.RECORDS]} measured candidate(s)"
             " (per kernel: its default schedule plus every trial)"

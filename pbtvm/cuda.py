@@ -41,17 +41,24 @@ def compile_fatbin(source: str, arch: str) -> bytes:
     RuntimeError
         If nvcc is missing or fails (its message is included).
     """
-    return _nvcc(source, arch, "--fatbin", f"-gencode=arch=compute_{arch[3:]},code=sm_{arch[3:]}")
+    return nvcc_output(source, arch, "--fatbin", f"-gencode=arch=compute_{arch[3:]},code=sm_{arch[3:]}")[0]
 
 
 def compile_ptx(source: str, arch: str) -> str:
     """The PTX nvcc makes of CUDA C++ ``source`` for ``arch`` (the input of ptxas), same options
     as :func:`compile_fatbin`."""
-    return _nvcc(source, arch, "--ptx", f"-arch=compute_{arch[3:]}").decode()
+    return nvcc_output(source, arch, "--ptx", f"-arch=compute_{arch[3:]}")[0].decode()
 
 
-def _nvcc(source: str, arch: str, *mode: str) -> bytes:
-    """Run nvcc on ``source`` with pbtvm's options and ``mode``; the output file's bytes."""
+def nvcc_output(source: str, arch: str, *mode: str) -> tuple[bytes, str]:
+    """Run nvcc on CUDA C++ ``source`` with pbtvm's options and ``mode`` (its output kind first,
+    e.g. ``"--cubin"``, then extra options): the output file's bytes and nvcc's messages.
+
+    Raises
+    ------
+    RuntimeError
+        If nvcc is missing or fails (its message is included).
+    """
     if not arch.startswith("sm_"):
         raise InputError(f"CUDA arch must look like 'sm_90', got {arch!r}")
     nvcc = find_nvcc()
@@ -67,7 +74,7 @@ def _nvcc(source: str, arch: str, *mode: str) -> bytes:
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         with open(out, "rb") as f:
-            return f.read()
+            return f.read(), proc.stderr
 
 
 @contextlib.contextmanager

@@ -47,7 +47,8 @@ def cuda_device_problem() -> str | None:
     try:
         if not tvm.cuda(0).exist:
             return "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
-        tvm.cuda(0).compute_version  # noqa: B018 (raises if the device's properties cannot be read)
+        if not tvm.cuda(0).compute_version:  # raises if the device's properties cannot be read
+            return "TVM reads no compute capability of CUDA device 0"
         return None
     except Exception as err:  # e.g. a TVM build without CUDA, a driver that fails to load
         return f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"

@@ -63,10 +63,13 @@ def _addmm(node: Any, importer: Any) -> relax.Var:
     return out
 
 
-def _reducible(x: relax.Expr, emit: Any) -> tuple[relax.Expr, str]:
-    """``x`` as TVM can reduce it (bool as uint8: max is any, min is all) and its dtype."""
-    dtype = x.ty.dtype
-    return (emit(relax.op.astype(x, "uint8")) if dtype == "bool" else x), dtype
+def _reduced(x: relax.Expr, reduce: Any, emit: Any, **attrs: Any) -> relax.Var:
+    """``reduce(x, **attrs)`` for a max / min / argmax / argmin; a bool tensor goes through uint8
+    (max is any, min is all), which TVM can reduce, and a max / min comes back as bool."""
+    if x.ty.dtype != "bool":
+        return emit(reduce(x, **attrs))
+    out = emit(reduce(emit(relax.op.astype(x, "uint8")), **attrs))
+    return emit(relax.op.astype(out, "bool")) if out.ty.dtype == "uint8" else out
 
 
 def _reduce_with_index(reduce: Any, arg: Any) -> Any:
@@ -77,9 +80,9 @@ def _reduce_with_index(reduce: Any, arg: Any) -> Any:
         x, dim = importer.env[node.args[0]], node.args[1]
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         emit = importer.block_builder.emit
-        x, dtype = _reducible(x, emit)
-        values = emit(relax.op.astype(emit(reduce(x, axis=[dim], keepdims=keepdim)), dtype))
-        return emit(relax.Tuple([values, emit(arg(x, axis=dim, keepdims=keepdim))]))
+        values = _reduced(x, reduce, emit, axis=[dim], keepdims=keepdim)
+        indices = _reduced(x, arg, emit, axis=dim, keepdims=keepdim)
+        return emit(relax.Tuple([values, indices]))
 
     return convert
 
@@ -92,9 +95,7 @@ def _reduce(reduce: Any) -> Any:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         axis = list(dim) if isinstance(dim, (list, tuple)) else [dim]
-        emit = importer.block_builder.emit
-        x, dtype = _reducible(x, emit)
-        return emit(relax.op.astype(emit(reduce(x, axis=axis or None, keepdims=keepdim)), dtype))
+        return _reduced(x, reduce, importer.block_builder.emit, axis=axis or None, keepdims=keepdim)
 
     return convert
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pbtvm.cli import main
+from pbtvm.ops import KERNEL_VERSION
 
 from .models import MLP
 
@@ -137,6 +138,8 @@ def test_inspect_bad_input(tmp_path, capsys):
     (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(knobs))
     code, out, _ = _run(["inspect", tmp_path / "logs"], capsys)
     assert code == 0 and "pb_gemm_w4a8_kNW_8x64  row_tile=2 batch_tile=4  1.50 us (default -)" in out, out
+    # a log of no known version (here: no metadata at all) is one compile would not use
+    assert "compile ignores this log and tune sets it aside: it has no schema (an older pbtvm made it)" in out, out
 
 
 def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
@@ -153,6 +156,7 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
     assert code == 0 and "2 kernel workload(s)" in out
     # 2 kernels x (default schedule + 2 trials), and the line says so
     assert re.search(r"\b6 measured candidate\(s\) \(per kernel: its default schedule plus every trial\)", out), out
+    assert f"PB kernels v{KERNEL_VERSION}" in out and "compile ignores" not in out, out
     code, out, _ = _run(["compile", spec, "--work-dir", logs, "-o", tmp_path / "t.so"], capsys)
     assert code == 0 and "2 kernel(s) scheduled from the tuning log" in out
 

@@ -36,6 +36,8 @@ from .cuda_emulator import EmulatedKernel, launch_dims
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+#: Seed of the sampled knobs: it draws K-split candidates at W1 (5 of 12) and W4 (2 of 4).
+SAMPLE_SEED = 2
 
 
 @pytest.mark.parametrize(("bits", "per_space"), [(1, 3), (4, 1)])
@@ -48,7 +50,8 @@ def test_sampled_cuda_core_candidates_exact_in_emulation(bits, per_space, rng):
     xq, _ = qz.quantize_activations(rng.standard_normal((batch, k)).astype(np.float32), fmt)
     wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
     rowsum = xq.sum(1).astype(fmt.accumulator_dtype(k))
-    candidates = tuning.sample_candidates(func, SM90, per_space, seed=int(rng.integers(1 << 20)))
+    # A fixed draw of knobs (the data still come from ``rng``): some seeds draw no K-split candidate
+    candidates = tuning.sample_candidates(func, SM90, per_space, seed=SAMPLE_SEED)
     split_k = 0
     for i, sch in enumerate(candidates):
         cand = tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "cand")
@@ -63,7 +66,7 @@ def test_sampled_cuda_core_candidates_exact_in_emulation(bits, per_space, rng):
             np.testing.assert_array_equal(
                 out, want, err_msg=f"candidate {i}, {layers} planes: {grid} x {block}\n{trace}"
             )
-    assert len(candidates) >= 4 * per_space and split_k >= 1  # the K-split (cross-warp) reductions were sampled
+    assert len(candidates) == 4 * per_space and split_k >= 2  # the K-split (cross-warp) reductions were sampled
 
 
 def _sampled_sources(fmt: bp.BitplaneFormat, n: int, k: int, seed: int, count: int = 3) -> list[str]:

@@ -29,6 +29,7 @@ from .log import (
     TuningLog,
     TuningLogError,
     check_rows,
+    meta_mismatch,
     read_knob_file,
     target_key,
 )
@@ -50,6 +51,7 @@ from .space import (
 
 __all__ = [
     "DEFAULT_PIN",
+    "meta_mismatch",
     "default_pin_key",
     "KNOB_LOG",
     "LOG_META",

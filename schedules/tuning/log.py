@@ -37,6 +37,27 @@ LOG_META = "pbtvm_log.json"
 KNOB_LOG = "pbtvm_cpu_kernels.json"
 
 
+#: Keys of ``pbtvm_log.json`` that must equal this build's for a log to be used.
+VERSION_KEYS = ("schema", "tvm_version", "format_version", "kernel_version")
+
+
+def meta_mismatch(meta: dict, want: dict | None = None) -> str | None:
+    """Why a log with metadata ``meta`` cannot be used (None if it can): a version of
+    :data:`VERSION_KEYS` other than this build's, or (when ``want`` has it) another ``target_key``.
+    ``want`` defaults to this build's versions."""
+    want = want or {
+        "schema": LOG_SCHEMA,
+        "tvm_version": TVM_VERSION,
+        "format_version": FORMAT_VERSION,
+        "kernel_version": KERNEL_VERSION,
+    }
+    for key in (*VERSION_KEYS, "target_key"):
+        if key in want and meta.get(key) != want[key]:
+            made = f"{key} is {meta.get(key)!r}" if key in meta else f"it has no {key} (an older pbtvm made it)"
+            return f"{made}, this build needs {want[key]!r}: tune again"
+    return None
+
+
 def target_key(target: tvm.target.Target) -> str:
     """Directory name of a target's log: :attr:`pbtvm.target.TargetInfo.log_key`."""
     return TargetInfo.of(target).log_key
@@ -96,12 +117,7 @@ class TuningLog:
             raise TuningLogError(f"tuning log {meta_path} is corrupt: {err}") from None
         if not isinstance(meta, dict):
             raise TuningLogError(f"tuning log {meta_path} is corrupt: expected a JSON object")
-        want = self.expected_meta()
-        for key in ("schema", "tvm_version", "format_version", "kernel_version", "target_key"):
-            if meta.get(key) != want[key]:
-                made = f"{key} is {meta.get(key)!r}" if key in meta else f"it has no {key} (an older pbtvm made it)"
-                return f"{made}, this build needs {want[key]!r}: tune again"
-        return None
+        return meta_mismatch(meta, self.expected_meta())
 
     def _check_records(self) -> None:
         check_rows(self.path)
