@@ -36,15 +36,15 @@ from .cuda_emulator import EmulatedKernel, launch_dims
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
-#: Seed of the sampled knobs: it draws K-split candidates at W1 (5 of 12) and W4 (2 of 4).
-SAMPLE_SEED = 2
+#: Seed of the sampled knobs: it draws K-split candidates at W1 (4 of 12) and W4 (2 of 4).
+SAMPLE_SEED = 0
 
 
-@pytest.mark.parametrize(("bits", "per_space"), [(1, 3), (4, 1)])
-def test_sampled_cuda_core_candidates_exact_in_emulation(bits, per_space, rng):
+@pytest.mark.parametrize(("bits", "n", "per_space"), [(1, 48, 3), (4, 16, 1)])
+def test_sampled_cuda_core_candidates_exact_in_emulation(bits, n, per_space, rng):
     """Samples of every design space at K = 2048 (the K of the candidate an H100 got wrong), every
     ``bitlayers``: W1, 3 a space, and W4, 1 a space (several planes: the plane each iteration reads)."""
-    fmt, n, k, batch = bp.BitplaneFormat(bits, 8), 48, 2048, 2
+    fmt, k, batch = bp.BitplaneFormat(bits, 8), 2048, 2
     func = kernels.int_product_func(fmt, n, k)
     q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     xq, _ = qz.quantize_activations(rng.standard_normal((batch, k)).astype(np.float32), fmt)
