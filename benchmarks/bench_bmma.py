@@ -106,9 +106,12 @@ def check_kernel(job: tuple, path: str) -> None:
     key, target = job
     source = cuda_source(build_kernel(key, target))
     sass = source_sass(source, "sm_90")
-    problems = [bmma_problem("".join(sass.values()))] if key[0] in ("bmma", "fused") else []
+    problems = []
+    if key[0] in ("bmma", "fused"):
+        problems.append(bmma_problem("".join(sass.values())))
     dropped = dropped_global_loads(source, "sm_90", sass)
-    problems.append(f"global loads (PTX, SASS) differ: {dropped}" if dropped else None)
+    if dropped:
+        problems.append(f"global loads (PTX, SASS) differ: {dropped}")
     problem = "; ".join(p for p in problems if p) or None
     with open(path, "w") as f:
         json.dump({"problem": problem}, f)

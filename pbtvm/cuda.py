@@ -50,9 +50,9 @@ def compile_ptx(source: str, arch: str) -> str:
     return nvcc_output(source, arch, "--ptx", f"-arch=compute_{arch[3:]}")[0].decode()
 
 
-def nvcc_output(source: str, arch: str, *mode: str) -> tuple[bytes, str]:
-    """Run nvcc on CUDA C++ ``source`` with pbtvm's options and ``mode`` (its output kind first,
-    e.g. ``"--cubin"``, then extra options): the output file's bytes and nvcc's messages.
+def nvcc_output(source: str, arch: str, kind: str, *options: str) -> tuple[bytes, str]:
+    """Run nvcc on CUDA C++ ``source`` with pbtvm's options, the output ``kind`` (e.g.
+    ``"--cubin"``) and extra ``options``: the output file's bytes and nvcc's messages.
 
     Raises
     ------
@@ -69,7 +69,7 @@ def nvcc_output(source: str, arch: str, *mode: str) -> tuple[bytes, str]:
         # --fmad=false: no fused multiply-add contraction, so the activation quantization
         # (floor(x * inv + 0.5)) rounds as in the numpy reference and on the CPU; with FMA a code
         # at a .5 boundary can differ by one, and an LSTM carries that difference along.
-        cmd = [nvcc, *mode[:1], "-O3", "--fmad=false", "-std=c++17", *mode[1:], "-o", out, src]
+        cmd = [nvcc, kind, "-O3", "--fmad=false", "-std=c++17", *options, "-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")

@@ -42,23 +42,27 @@ def host_mcpu() -> str:
     return str(name)
 
 
-def cuda_device_problem() -> str | None:
-    """Why TVM cannot use CUDA device 0 (no device, or its CUDA runtime failing to load), or None."""
+def _cuda_device() -> tuple[str | None, str | None]:
+    """``(sm_XY, None)`` for CUDA device 0, or ``(None, why TVM cannot use it)``."""
     try:
         if not tvm.cuda(0).exist:
-            return "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
-        if not tvm.cuda(0).compute_version:  # raises if the device's properties cannot be read
-            return "TVM reads no compute capability of CUDA device 0"
-        return None
+            return None, "TVM sees no CUDA device (tvm.cuda(0).exist is False)"
+        version = tvm.cuda(0).compute_version  # raises if the device's properties cannot be read
+        if not version:
+            return None, "TVM reads no compute capability of CUDA device 0"
+        return "sm_" + version.replace(".", ""), None
     except Exception as err:  # e.g. a TVM build without CUDA, a driver that fails to load
-        return f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"
+        return None, f"TVM's CUDA runtime failed: {type(err).__name__}: {str(err).strip()[:300]}"
+
+
+def cuda_device_problem() -> str | None:
+    """Why TVM cannot use CUDA device 0 (no device, or its CUDA runtime failing to load), or None."""
+    return _cuda_device()[1]
 
 
 def local_cuda_arch() -> str | None:
     """``sm_XY`` of CUDA device 0, or None when there is no usable GPU (:func:`cuda_device_problem`)."""
-    if cuda_device_problem() is not None:
-        return None
-    return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    return _cuda_device()[0]
 
 
 def resolve_target(target: Any) -> tvm.target.Target:

@@ -37,21 +37,22 @@ LOG_META = "pbtvm_log.json"
 KNOB_LOG = "pbtvm_cpu_kernels.json"
 
 
-#: Keys of ``pbtvm_log.json`` that must equal this build's for a log to be used.
-VERSION_KEYS = ("schema", "tvm_version", "format_version", "kernel_version")
-
-
-def meta_mismatch(meta: dict, want: dict | None = None) -> str | None:
-    """Why a log with metadata ``meta`` cannot be used (None if it can): a version of
-    :data:`VERSION_KEYS` other than this build's, or (when ``want`` has it) another ``target_key``.
-    ``want`` defaults to this build's versions."""
-    want = want or {
+def build_versions() -> dict:
+    """The versions a log's ``pbtvm_log.json`` must record to be used by this build."""
+    return {
         "schema": LOG_SCHEMA,
         "tvm_version": TVM_VERSION,
         "format_version": FORMAT_VERSION,
         "kernel_version": KERNEL_VERSION,
     }
-    for key in (*VERSION_KEYS, "target_key"):
+
+
+def meta_mismatch(meta: dict, want: dict | None = None) -> str | None:
+    """Why a log with metadata ``meta`` cannot be used (None if it can): a key of ``want`` (default
+    :func:`build_versions`; :meth:`TuningLog.expected_meta` adds the ``target_key``) it records
+    differently or not at all."""
+    want = build_versions() if want is None else want
+    for key in (*build_versions(), "target_key"):
         if key in want and meta.get(key) != want[key]:
             made = f"{key} is {meta.get(key)!r}" if key in meta else f"it has no {key} (an older pbtvm made it)"
             return f"{made}, this build needs {want[key]!r}: tune again"
@@ -98,14 +99,7 @@ class TuningLog:
 
     def expected_meta(self) -> dict:
         """What ``pbtvm_log.json`` must say for this log to be used."""
-        return {
-            "schema": LOG_SCHEMA,
-            "tvm_version": TVM_VERSION,
-            "format_version": FORMAT_VERSION,
-            "kernel_version": KERNEL_VERSION,
-            "target_key": target_key(self.target),
-            "target": str(self.target),
-        }
+        return {**build_versions(), "target_key": target_key(self.target), "target": str(self.target)}
 
     def _mismatch(self) -> str | None:
         meta_path = self.path / LOG_META
