@@ -29,10 +29,11 @@ from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm.cuda import build, cuda_source
 from pbtvm.sass import source_sass
-from pbtvm.schedules import apply_default_schedule, tuning
+from pbtvm.schedules import tuning
 from pbtvm.target import resolve_target
 
 from .cuda_emulator import EmulatedKernel, launch_dims
+from .cuda_sources import candidate_source, default_source, h100_candidates
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -69,12 +70,10 @@ def test_sampled_cuda_core_candidates_exact_in_emulation(bits, n, per_space, rng
     assert len(candidates) == 4 * per_space and split_k >= 2  # the K-split (cross-warp) reductions were sampled
 
 
-def _sampled_sources(fmt: bp.BitplaneFormat, n: int, k: int, seed: int, count: int = 3) -> list[str]:
+def _sampled_sources(fmt: bp.BitplaneFormat, n: int, k: int, seed: int) -> list[str]:
+    """One sample of each design space."""
     func = kernels.int_product_func(fmt, n, k)
-    return [
-        cuda_source(build(tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True), SM90))
-        for sch in tuning.sample_candidates(func, SM90, count, seed=seed)
-    ]
+    return [candidate_source(func, sch, SM90) for sch in tuning.sample_candidates(func, SM90, 1, seed=seed)]
 
 
 def test_weights_are_never_loaded_under_a_plane_guard():
@@ -83,12 +82,10 @@ def test_weights_are_never_loaded_under_a_plane_guard():
     candidates, in ``kNW`` and ``NkW``, W1 to W4."""
     sources = []
     for fmt, n, k in ((bp.BitplaneFormat(4, 8), 256, 4096), (bp.BitplaneFormat(3, 8, layout="NkW"), 64, 1000)):
-        sources.append(cuda_source(build(apply_default_schedule(kernels.dense_func(fmt, n, k), SM90), SM90)))
-    sources.append(
-        cuda_source(build(apply_default_schedule(kernels.lstm_cell_func(bp.BitplaneFormat(2, 8), 64), SM90), SM90))
-    )
-    sources += _sampled_sources(bp.BitplaneFormat(1, 8), 96, 2048, seed=7, count=1)
-    sources += _sampled_sources(bp.BitplaneFormat(4, 8), 96, 4096, seed=8, count=1)
+        sources.append(default_source(kernels.dense_func(fmt, n, k), SM90))
+    sources.append(default_source(kernels.lstm_cell_func(bp.BitplaneFormat(2, 8), 64), SM90))
+    sources += _sampled_sources(bp.BitplaneFormat(1, 8), 96, 2048, seed=7)
+    sources += _sampled_sources(bp.BitplaneFormat(4, 8), 96, 4096, seed=8)
     loads = 0
     for source in sources:
         blocks = []  # the kind of each open block: "if" or "other"
@@ -107,10 +104,8 @@ def test_the_h100_candidate_loads_its_weights_on_every_path():
     """The candidate an H100 got wrong (``tests/test_gpu.py``, (1, 2048)): its SASS now loads the
     weights with an unpredicated 8-byte load; before, the only such load was predicated on the
     first iteration of the unrolled main loop, which ``bitlayers = 1`` skips."""
-    rng = np.random.default_rng(2839081137)  # the draws of test_gpu.py's (1, 2048) case, in order
-    rng.standard_normal((96, 2048))
-    rng.standard_normal((3, 2048))
-    (source, *_) = _sampled_sources(bp.BitplaneFormat(1, 8), 96, 2048, seed=int(rng.integers(1 << 20)), count=3)
+    func, candidates = h100_candidates(SM90)
+    source = candidate_source(func, candidates[0], SM90)
     assert "xp_shared" in source and "uint2" in source  # the candidate: activations in shared, 2-word loads
     (sass,) = source_sass(source, "sm_90").values()
     loads = [line.split(";")[0].split("*/")[-1].strip() for line in sass.splitlines() if "LDG.E.64" in line]

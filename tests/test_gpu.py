@@ -94,12 +94,10 @@ def test_the_candidate_ptxas_broke_is_exact_on_gpu():
     tests/test_cuda_template_emulated.py) and its siblings agree with the default schedule."""
     from pbtvm.schedules import tuning, verify
 
+    from .cuda_sources import h100_candidates
+
     target = resolve_target("cuda")
-    func = kernels.int_product_func(bp.BitplaneFormat(1, 8), 96, 2048)
-    rng = np.random.default_rng(2839081137)  # the draws of the (1, 2048) case below, in order
-    rng.standard_normal((96, 2048))
-    rng.standard_normal((3, 2048))
-    candidates = tuning.sample_candidates(func, target, 3, seed=int(rng.integers(1 << 20)))
+    func, candidates = h100_candidates(target)
     verdicts = [verify.agrees_with_default(func, tuning.replay(func, c.trace), target) for c in candidates]
     assert verdicts == [True] * len(candidates), verdicts
 

@@ -9,15 +9,15 @@ tensor cores and CUDA-core popcount), and on that candidate's design space.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from pbtvm import bitplane as bp
 from pbtvm import kernels
-from pbtvm.cuda import build, cuda_source, find_nvcc
+from pbtvm.cuda import find_nvcc
 from pbtvm.sass import dropped_global_loads, ptx_global_loads, sass_global_loads
-from pbtvm.schedules import apply_default_schedule, tuning
 from pbtvm.target import resolve_target
+
+from .cuda_sources import candidate_source, default_source, h100_candidates
 
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
 MMA = "mma16x256"
@@ -51,10 +51,6 @@ def test_load_counts_read_ptx_and_sass():
     assert sass_global_loads(sass) == 1  # cp.async's LDGSTS / LDGDEPBAR are not loads into registers
 
 
-def _default(func) -> str:
-    return cuda_source(build(apply_default_schedule(func, SM90), SM90))
-
-
 KERNELS = {
     "BMMA dense W4": lambda: kernels.dense_func(bp.BitplaneFormat(4, 8, layout=MMA), 512, 1000),
     "BMMA dense W1 bipolar": lambda: kernels.dense_func(bp.BitplaneFormat(1, 8, layout=MMA), 96, 2048),
@@ -70,18 +66,13 @@ KERNELS = {
 
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_ptxas_keeps_every_global_load_of_the_default_kernels(name):
-    assert dropped_global_loads(_default(KERNELS[name]()), "sm_90") == {}
+    assert dropped_global_loads(default_source(KERNELS[name](), SM90), "sm_90") == {}
 
 
 def test_ptxas_keeps_every_global_load_of_the_h100_candidates_design_space():
     """The candidate an H100 got wrong is the first of these (tests/test_gpu.py's draws), with a
     sample of each other design space of the CUDA-core template."""
-    rng = np.random.default_rng(2839081137)
-    rng.standard_normal((96, 2048))
-    rng.standard_normal((3, 2048))
-    func = kernels.int_product_func(bp.BitplaneFormat(1, 8), 96, 2048)
-    candidates = tuning.sample_candidates(func, SM90, 3, seed=int(rng.integers(1 << 20)))[::3]
-    assert len(candidates) >= 4
-    for sch in candidates:
-        source = cuda_source(build(tuning.replay(func, sch.trace).with_attr("tirx.is_scheduled", True), SM90))
-        assert dropped_global_loads(source, "sm_90") == {}, sch.trace
+    func, candidates = h100_candidates(SM90)
+    assert len(candidates[::3]) >= 4
+    for sch in candidates[::3]:
+        assert dropped_global_loads(candidate_source(func, sch, SM90), "sm_90") == {}, sch.trace
