@@ -28,6 +28,7 @@ of generated token ``g`` is ``g`` (independent of the chunking): generate() equa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from .errors import InputError, InputTypeError
 from .repack import CopyGroup, repack_func, repack_out_types
-from .sampling import CTRL_FIELDS, pick_func, pick_reference
+from .sampling import CTRL_FIELDS, DONE_FINISHED, DONE_NONFINITE, pick_func, pick_reference
 
 #: Tokens per chunk call when :func:`pbtvm.decoder.compile_decoder` is not told.
 DEFAULT_CHUNK = 16
@@ -327,6 +328,10 @@ def generate(
     ValueError, TypeError
         A decoder without generate(), a bad prompt (shape, dtype, ids outside the vocabulary),
         ``max_new_tokens < 1``, a bad ``eos_token``, ``sampling`` or ``bitlayers``.
+    FloatingPointError
+        Sampling met logits holding NaN, or ±inf as the largest value (``torch.multinomial``
+        refuses those too). Greedy decoding picks the first NaN's index there, as
+        ``torch.argmax`` does, and warns (``RuntimeWarning``).
     """
     sampling = _as_sampling(sampling)
     ids = _check_request(dec, prompt, max_new_tokens, eos_token)
@@ -358,13 +363,46 @@ def generate(
             res = fn(token, forced if k == 0 else kept.no_forcing, done, ctrl, temp, h, c, layers_arg)
             token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
             outs.append((res[0], res[6] if return_logits else None))
-            if eos >= 0 and first + (k + 1) * chunk >= length and _host(done, model).all():
+            if eos >= 0 and first + (k + 1) * chunk >= length and _finished(_host(done, model)):
                 break
+        _report_nonfinite(_host(done, model), sampling, stacklevel=4)
         keep = slice(length - 1 - first, steps - first)
         tokens = np.concatenate([_host(t, model) for t, _ in outs])[keep].T
         logits = np.concatenate([_host(g, model) for _, g in outs])[keep] if return_logits else None
     n = _trim(tokens, eos_token)
     return _result(prompt, dec, tokens[:, :n], None if logits is None else logits[:n].transpose(1, 0, 2))
+
+
+def _finished(done: np.ndarray) -> bool:
+    """Whether every row emitted the end token (``done`` holds the pick's flags)."""
+    return bool((done & DONE_FINISHED).all())
+
+
+def _report_nonfinite(done: np.ndarray, sampling: Sampling, stacklevel: int) -> None:
+    """Raise (sampling) or warn (greedy) for the rows whose picks met non-finite logits.
+
+    Parameters
+    ----------
+    done : int64 [B]
+        The last pick's flags (:data:`pbtvm.sampling.DONE_NONFINITE` stays set once set).
+    stacklevel : int
+        The warning's, counted from here (the user's call of ``PBDecoder.generate`` is 4).
+    """
+    rows = np.flatnonzero(done & DONE_NONFINITE).tolist()
+    if not rows:
+        return
+    cause = "the model's output is NaN there: check its input and weights, or try more bits"
+    if sampling.temperature > 0:
+        raise FloatingPointError(
+            f"generate(): cannot sample batch rows {rows}: their logits held NaN, or ±inf as the largest "
+            f"value, where the softmax is undefined (torch.multinomial refuses such rows too); {cause}"
+        )
+    warnings.warn(
+        f"generate(): the logits of batch rows {rows} held NaN; greedy decoding picked the first NaN's index "
+        f"there, as torch.argmax does; {cause}",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _host(tensor: Any, model: Any) -> np.ndarray:
@@ -423,8 +461,9 @@ def generate_stepwise(
         if forced is None:
             tokens.append(token)
             logits.append(out)
-            if eos >= 0 and done.all():
+            if eos >= 0 and _finished(done):
                 break
+    _report_nonfinite(done, sampling, stacklevel=3)
     tok = np.stack(tokens, axis=1)
     n = _trim(tok, eos_token)
     return _result(prompt, dec, tok[:, :n], np.stack(logits, axis=1)[:, :n] if return_logits else None)

@@ -6,20 +6,25 @@ Per row ``r`` of the logits ``[B, V]`` and step ``j`` of a chunk:
 
 1. ``forced[j, r] >= 0`` (a prompt token to feed next): the token is ``forced[j, r]``, ``done``
    is unchanged, nothing is drawn.
-2. else a finished row (``done[r] != 0``) emits ``eos``.
-3. else, with temperature ``T <= 0``: the first index of the largest logit (``numpy.argmax``).
-4. else sampling: order the logits by (value descending, index ascending) and keep the first
+2. else a finished row (``done[r] & DONE_FINISHED``) emits ``eos``.
+3. else ``best`` is the first index of a NaN logit if the row holds one, else the first index of
+   its largest logit (``numpy.argmax`` and ``torch.argmax`` agree on both). A row whose ``best``
+   logit is NaN, or, when sampling, ±inf (the softmax is undefined there) is *non-finite*: its
+   token is ``best`` and ``done[r]`` gains :data:`DONE_NONFINITE`, which generate() reports.
+4. else, with temperature ``T <= 0``: the token is ``best``.
+5. else sampling: order the logits by (value descending, index ascending) and keep the first
    ``top_k`` (all when ``top_k <= 0`` or ``>= V``); weights ``w_i = exp((l_i - max) / T)`` in
    float64 for kept ``i``, 0 otherwise; ``u`` in [0, 1) from :func:`philox_uniform` on
    ``(seed, counter + j, r)``; the token is the first ``i`` with ``w_i > 0`` whose running sum
    (in index order) exceeds ``u * sum(w)``, else the last ``i`` with ``w_i > 0``.
-   ``done[r]`` becomes 1 when that token is ``eos`` (``eos >= 0``).
+
+In 3-5, ``done[r]`` gains :data:`DONE_FINISHED` when the token is ``eos`` (``eos >= 0``).
 
 ``ctrl`` carries ``(seed, counter, eos, top_k)`` as int64 and ``temp`` the temperature as
 float64, so one compiled kernel serves every mode. The CPU kernel sums in index order like the
 twin (equal up to the last bit of ``exp`` in float64); the CUDA kernel (one block per row) sums
 per thread segment and scans, equal to the twin unless ``u * sum`` lies within float64 rounding
-of a bucket boundary. Logits may be ``-inf`` (never drawn); NaN logits give undefined tokens.
+of a bucket boundary. Logits may be ``-inf`` (never drawn, unless every logit of the row is).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from .errors import InputError
 PICK_THREADS = 256
 #: ``ctrl`` entries, in order.
 CTRL_FIELDS = ("seed", "counter", "eos", "top_k")
+#: Flags of a row's ``done`` value: the row emitted ``eos`` (it emits ``eos`` from then on) ...
+DONE_FINISHED = 1
+#: ... and a pick of the row met a NaN logit, or a ±inf largest logit while sampling.
+DONE_NONFINITE = 2
 
 _M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 
@@ -79,6 +88,7 @@ def pick_reference(
     ----------
     logits : float32 [B, V]
     done : int64 [B]
+        :data:`DONE_FINISHED` and :data:`DONE_NONFINITE` flags.
     forced : int64 [B], optional
         Prompt tokens to feed instead of a pick (``-1`` = pick).
 
@@ -96,11 +106,12 @@ def pick_reference(
         if forced[r] >= 0:
             tokens[r] = forced[r]
             continue
-        if done[r]:
+        if done[r] & DONE_FINISHED:
             tokens[r] = eos
             continue
-        best = int(np.argmax(row))
-        if temperature <= 0:
+        best = int(np.argmax(row))  # the first NaN if any, as torch.argmax
+        nonfinite = np.isnan(row[best]) or (temperature > 0 and np.isinf(row[best]))
+        if temperature <= 0 or nonfinite:
             tok = best
         else:
             keep = np.ones(vocab, bool)
@@ -114,7 +125,7 @@ def pick_reference(
             hits = np.flatnonzero((w > 0) & (running > target))
             tok = int(hits[0]) if hits.size else int(np.flatnonzero(w > 0)[-1])
         tokens[r] = tok
-        new_done[r] = int(eos >= 0 and tok == eos)
+        new_done[r] |= (DONE_FINISHED if eos >= 0 and tok == eos else 0) | (DONE_NONFINITE if nonfinite else 0)
     return tokens, new_done
 
 
@@ -150,6 +161,8 @@ def pick_func(batch: int, vocab: int, chunk: int, target_kind: str) -> tir.PrimF
 
 __all__ = [
     "CTRL_FIELDS",
+    "DONE_FINISHED",
+    "DONE_NONFINITE",
     "PICK_THREADS",
     "philox4x32",
     "philox_uniform",

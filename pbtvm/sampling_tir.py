@@ -11,7 +11,7 @@ from tvm.script import tirx as T
 from ._tvm import tir
 from .errors import InputError
 from .ops.common import CPU_SCRATCH
-from .sampling import _M0, _M1, _W0, _W1
+from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
 
 
 @T.macro(hygienic=False)
@@ -40,6 +40,30 @@ def _philox_uniform(ph, ctrl, step, r, out, at):
     ) / T.float64(9007199254740992.0)  # 2**53; TVM's CUDA codegen prints 2**-53 as 0.000
 
 
+def _comes_first(value, best):
+    """Whether ``value`` replaces ``best`` in an index-order scan for the first NaN, else the
+    first largest value (``torch.argmax``): a NaN is never replaced and replaces any number."""
+    return tir.And(tir.Not(tir.isnan(best)), tir.Or(value > best, tir.isnan(value)))
+
+
+def _same_rank(a, b):
+    """Equal in that order: equal numbers, or both NaN (the lower index comes first)."""
+    return tir.Or(tir.EQ(a, b), tir.And(tir.isnan(a), tir.isnan(b)))
+
+
+def _nonfinite(best, temp):
+    """A row whose best logit is NaN, or ±inf when sampling: its token is the best index."""
+    return tir.Or(tir.isnan(best), tir.And(temp[0] > T.float64(0), tir.isinf(best)))
+
+
+def _new_flags(tok, best, ctrl, temp):
+    """The ``done`` flags a pick adds: finished on ``eos``, non-finite (:data:`DONE_NONFINITE`)."""
+    finished = tir.And(ctrl[2] >= T.int64(0), tir.EQ(tok, ctrl[2]))
+    return tir.Select(finished, T.int64(DONE_FINISHED), T.int64(0)) | tir.Select(
+        _nonfinite(best, temp), T.int64(DONE_NONFINITE), T.int64(0)
+    )
+
+
 def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
     """Rows in a parallel loop; every pass over the vocabulary in index order."""
     B, V, N = batch, vocab, chunk
@@ -65,18 +89,18 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
             if forced[step, r] >= T.int64(0):
                 token[r] = forced[step, r]
                 done_out[r] = done_in[r]
-            elif done_in[r] != T.int64(0):
+            elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
                 token[r] = ctrl[2]
-                done_out[r] = T.int64(1)
+                done_out[r] = done_in[r]
             else:
                 fv[0] = logits[r, 0]
                 iv[0] = T.int64(0)
                 for i in range(T.int64(1), T.int64(V)):
-                    if logits[r, i] > fv[0]:
+                    if _comes_first(logits[r, i], fv[0]):
                         fv[0] = logits[r, i]
                         iv[0] = i
                 iv[3] = iv[0]
-                if temp[0] > T.float64(0):
+                if temp[0] > T.float64(0) and not _nonfinite(fv[0], temp):
                     fv[1] = fv[0]
                     iv[1] = iv[0]
                     if ctrl[3] > T.int64(0) and ctrl[3] < T.int64(V):
@@ -121,7 +145,7 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                     if iv[3] < T.int64(0):
                         iv[3] = iv[4]
                 token[r] = iv[3]
-                done_out[r] = T.Cast("int64", ctrl[2] >= T.int64(0) and iv[3] == ctrl[2])
+                done_out[r] = done_in[r] | _new_flags(iv[3], fv[0], ctrl, temp)
 
     return pick.with_attr("global_symbol", "pick")
 
@@ -145,8 +169,8 @@ def _block_best(sv, si, cand_v, cand_i, t, threads, vocab):
             and cand_i[0] != T.int64(vocab)
             and (
                 cand_i[1] == T.int64(vocab)
-                or cand_v[0] > cand_v[1]
-                or (cand_v[0] == cand_v[1] and cand_i[0] < cand_i[1])
+                or _comes_first(cand_v[0], cand_v[1])
+                or (_same_rank(cand_v[0], cand_v[1]) and cand_i[0] < cand_i[1])
             )
         )
         sv[t] = T.Select(take, cand_v[0], cand_v[1])
@@ -192,11 +216,13 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
             if forced[step, r] >= T.int64(0):
                 token[r] = forced[step, r]
                 done_out[r] = done_in[r]
-            elif done_in[r] != T.int64(0):
+            elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
                 token[r] = ctrl[2]
-                done_out[r] = T.int64(1)
+                done_out[r] = done_in[r]
         # Loops of extent 0 or 1 instead of branches: TVM inserts no barrier inside a condition.
-        for _act in range(T.Cast("int64", forced[step, r] < T.int64(0) and done_in[r] == T.int64(0))):
+        for _act in range(
+            T.Cast("int64", forced[step, r] < T.int64(0) and done_in[r] & T.int64(DONE_FINISHED) == T.int64(0))
+        ):
             # pass 0: argmax; passes 1..top_k-1: the next element in (value desc, index asc) order
             for p in range(
                 T.if_then_else(
@@ -208,7 +234,7 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
                     i: T.int64 = T.Cast("int64", j * TPB) + T.Cast("int64", t)
                     if i < T.int64(V):
                         if (p == T.int64(0) or logits[r, i] < fv[1] or (logits[r, i] == fv[1] and i > iv[1])) and (
-                            iv[2] == T.int64(V) or logits[r, i] > fv[2]
+                            iv[2] == T.int64(V) or _comes_first(logits[r, i], fv[2])
                         ):
                             fv[2] = logits[r, i]
                             iv[2] = i
@@ -222,11 +248,11 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
                     fv[0] = sv[0]
                     iv[0] = si[0]
                 T.tvm_storage_sync("shared")
-            if t == 0:  # greedy, and the fallback when rounding leaves no owner: the most likely token
+            if t == 0:  # greedy, non-finite, and the fallback when rounding leaves no owner: the best token
                 token[r] = iv[0]
-                done_out[r] = T.Cast("int64", ctrl[2] >= T.int64(0) and iv[0] == ctrl[2])
+                done_out[r] = done_in[r] | _new_flags(iv[0], fv[0], ctrl, temp)
             T.tvm_storage_sync("shared")
-            for _smp in range(T.Cast("int64", temp[0] > T.float64(0))):
+            for _smp in range(T.Cast("int64", temp[0] > T.float64(0) and not _nonfinite(fv[0], temp))):
                 dv[0] = T.float64(0)
                 for j in range(seg):
                     i: T.int64 = T.Cast("int64", t * seg + j)
@@ -271,6 +297,6 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
                     if iv[3] < T.int64(0):
                         iv[3] = iv[2]
                     token[r] = iv[3]
-                    done_out[r] = T.Cast("int64", ctrl[2] >= T.int64(0) and iv[3] == ctrl[2])
+                    done_out[r] = done_in[r] | _new_flags(iv[3], fv[0], ctrl, temp)
 
     return pick.with_attr("global_symbol", "pick")

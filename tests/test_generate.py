@@ -40,14 +40,30 @@ def dec1():
     return compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=1, generate_chunk=5)
 
 
+def _nonfinite_row(rng, row, kind):
+    """Put NaN (twice, so the first one must win), ±inf or only -inf into ``row`` (in place)."""
+    spots = rng.choice(row.size, 2, replace=False)
+    if kind == 0:
+        row[spots] = np.nan
+    elif kind == 1:
+        row[spots[0]] = np.inf
+    elif kind == 2:
+        row[spots] = np.inf  # a tie at +inf
+    else:
+        row[:] = -np.inf
+
+
 def _random_pick_cases(rng, batch, vocab, chunk, n):
-    """Logits with ties, forced rows, finished rows, every mode and top-k edge, large seeds/counters."""
+    """Logits with ties, NaN and infinities, forced rows, finished rows (done flags), every mode and
+    top-k edge, large seeds/counters."""
     for trial in range(n):
         logits = (rng.standard_normal((batch, vocab)) * 2).astype(np.float32)
         if trial % 5 == 0:
             logits[:, 3] = logits[:, 7] = logits.max(axis=1)  # a tie at the top
+        if trial % 3 == 1:
+            _nonfinite_row(rng, logits[trial % batch], (trial // 3) % 4)
         forced = rng.integers(-1, vocab, (chunk, batch)) if trial % 2 else np.full((chunk, batch), -1)
-        done = rng.integers(0, 2, batch) if trial % 3 == 0 else np.zeros(batch, np.int64)
+        done = rng.integers(0, 4, batch) if trial % 3 == 0 else np.zeros(batch, np.int64)  # both flags
         ctrl = np.array(
             [
                 rng.integers(0, 2**62),
@@ -76,6 +92,21 @@ def _check_pick(run, batch, vocab, chunk, n):
         )
         np.testing.assert_array_equal(token, want[0])
         np.testing.assert_array_equal(new_done, want[1])
+
+
+def test_reference_pick_of_nonfinite_logits_follows_torch_argmax_and_flags_the_row():
+    from pbtvm.sampling import DONE_FINISHED, DONE_NONFINITE
+
+    nan, inf = np.nan, np.inf
+    logits = np.array([[0, nan, 3, nan], [0, inf, 3, inf], [-inf] * 4, [0, 5, 5, 1]], np.float32)
+    want_argmax = torch.from_numpy(logits).argmax(-1).numpy()  # 1, 1, 0, 1: the first NaN, else the first max
+    done = np.array([0, 0, 0, DONE_NONFINITE])  # a flag set earlier stays set
+    greedy = pick_reference(logits, done, temperature=0, top_k=0, seed=0, counter=0, eos=1)
+    np.testing.assert_array_equal(greedy[0], want_argmax)
+    np.testing.assert_array_equal(greedy[1], [DONE_FINISHED | DONE_NONFINITE, DONE_FINISHED, 0, 3])
+    sampled = pick_reference(logits, done, temperature=0.5, top_k=2, seed=0, counter=0, eos=-1)
+    np.testing.assert_array_equal(sampled[0][:3], want_argmax[:3])  # no softmax exists for these rows
+    np.testing.assert_array_equal(sampled[1], [DONE_NONFINITE] * 4)
 
 
 def test_philox_matches_the_published_known_answers():
@@ -146,6 +177,25 @@ def test_cuda_pick_kernel_emulated_equals_the_reference():
         return token, new_done
 
     _check_pick(run, batch, vocab, chunk, 36)
+
+
+@pytest.mark.gpu
+def test_cuda_pick_kernel_on_gpu_equals_the_reference():
+    """The same cases on the device (NaN tests compiled by nvcc, not g++)."""
+    from pbtvm._tvm import tvm
+    from pbtvm.cuda import build
+    from pbtvm.target import resolve_target
+
+    batch, vocab, chunk = 3, 700, 4
+    kern, dev = build(pick_func(batch, vocab, chunk, "cuda"), resolve_target("cuda")), tvm.cuda(0)
+
+    def run(logits, forced, done, ctrl, temp, step):
+        outs = [tvm.runtime.empty(s, d, dev) for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)]
+        ins = [tvm.runtime.tensor(a, dev) for a in (logits, forced, done, ctrl, np.array([temp]))]
+        kern(*ins, step, *outs)
+        return outs[0].numpy(), outs[1].numpy()
+
+    _check_pick(run, batch, vocab, chunk, 240)
 
 
 @pytest.mark.parametrize("sampling", MODES, ids=["greedy", "t0.8", "t1.5-top5", "top1"])
@@ -235,6 +285,28 @@ def test_eos_rows_keep_emitting_eos_and_generation_stops_when_all_finished(dec3)
     never = int(np.setdiff1d(np.arange(VOCAB), free)[0]) if len(np.unique(free)) < VOCAB else None
     if never is not None:  # an EOS no row emits: full length
         assert dec3.generate(prompt, 40, sampling, eos_token=never).shape == (3, 40)
+
+
+def test_nan_logits_warn_when_greedy_and_refuse_sampling():
+    """A NaN embedding row makes row 1's state and logits NaN: greedy decoding picks the first
+    NaN's index there (torch.argmax) and warns; sampling raises, as torch.multinomial does."""
+    m = _lm()
+    with torch.no_grad():
+        m.embedding.weight[5] = float("nan")
+    dec = compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=3, generate_chunk=4)
+    prompt = np.array([[1, 2, 3], [1, 5, 3], [4, 4, 4]])
+    with pytest.warns(RuntimeWarning, match=r"batch rows \[1\] held NaN.*torch.argmax") as record:
+        got = dec.generate(prompt, 6)
+    assert record[0].filename == __file__  # the warning points at the caller
+    with pytest.warns(RuntimeWarning, match=r"batch rows \[1\]"):
+        want = generate_stepwise(dec, prompt, 6)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[1], 0)  # every logit NaN from then on: the first index
+    for sampling in (Sampling(0.8, 0, 1), Sampling(1.0, 3, 2)):
+        with pytest.raises(FloatingPointError, match=r"cannot sample batch rows \[1\]"):
+            dec.generate(prompt, 6, sampling)
+        with pytest.raises(FloatingPointError, match=r"cannot sample batch rows \[1\]"):
+            generate_stepwise(dec, prompt, 6, sampling)
 
 
 def test_torch_prompt_gives_torch_tokens(dec1):
