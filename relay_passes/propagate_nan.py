@@ -11,16 +11,24 @@ later. This pass wraps each such float op so that NaN passes through::
     max_pool(x)     ->  where(max_pool(float(isnan(x))) > 0, nan, max_pool(x))
     max(x, axis)    ->  where(max(float(isnan(x)), axis) > 0, nan, max(x, axis))    (min alike)
     argmax(x, axis) ->  where(max(isnan(x), axis) > 0, argmax(isnan(x), axis), argmax(x, axis))
+    argsort(x)      ->  argsort(key(x))              (sort alike, with gather_elements)
+    topk(x, k)      ->  i = topk(key(x), k, "indices");  gather_elements(x, i), i
 
 torch's ``argmax`` / ``argmin`` (and the index of ``torch.max(x, dim)``, which
 :mod:`pbtvm.torch_import` imports as ``max`` and ``argmax``) give the first NaN's index; TVM's skip
 NaN. The elementwise ``where`` fuses into the op's own kernel; max pooling and the reductions
-reduce the NaN indicator over the same window or axes (one more pass). Other ops keep TVM's
-semantics (``topk`` and ``sort`` among them: torch orders NaN above every number).
+reduce the NaN indicator over the same window or axes (one more pass).
+
+torch sorts NaN above every number (``torch.sort``, imported as ``argsort`` + ``gather_elements``,
+``argsort``, ``topk``); TVM's comparison sorts leave a row holding NaN in no order at all. They
+sort a float64 key instead, :func:`order_key`: the number itself, ``+inf`` raised to the largest
+float64 and NaN made ``+inf``, so numbers < ``+inf`` < NaN; the values are gathered from the input.
+Float64 inputs have no wider type: their ``+inf`` ties with the largest float64 there.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
@@ -35,6 +43,8 @@ POOL_OPS = ("relax.nn.max_pool1d", "relax.nn.max_pool2d", "relax.nn.max_pool3d")
 REDUCE_OPS = ("relax.max", "relax.min")
 #: Index reductions: the index of an extreme number, never of a NaN.
 INDEX_OPS = ("relax.argmax", "relax.argmin")
+#: Sorts: a NaN breaks TVM's comparison sort.
+SORT_OPS = ("relax.argsort", "relax.sort", "relax.topk")
 
 
 def _is_float(expr: relax.Expr) -> bool:
@@ -42,10 +52,27 @@ def _is_float(expr: relax.Expr) -> bool:
     return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat"))
 
 
+def _isnan_ready(x: relax.Expr) -> relax.Expr:
+    """``x``, bfloat16 as float32: TVM 0.27 has no bfloat16 ``isnan`` (and its simplifier folds
+    ``x != x`` to false)."""
+    return relax.op.astype(x, "float32") if x.ty.dtype == "bfloat16" else x
+
+
 def _isnan(x: relax.Expr) -> relax.Expr:
-    """``isnan(x)``, of bfloat16 through float32: TVM 0.27 has no bfloat16 ``isnan``, and its
-    simplifier folds ``x != x`` to false."""
-    return relax.op.isnan(relax.op.astype(x, "float32") if x.ty.dtype == "bfloat16" else x)
+    """``isnan(x)``, of bfloat16 through float32."""
+    return relax.op.isnan(_isnan_ready(x))
+
+
+def order_key(x: relax.Expr) -> relax.Expr:
+    """A float64 tensor that sorts as torch sorts ``x``: numbers < ``+inf`` < NaN.
+
+    Every float32, float16 and bfloat16 number is exact in float64 and below its largest value,
+    which ``+inf`` becomes; NaN becomes ``+inf``.
+    """
+    key = x if x.ty.dtype == "float64" else relax.op.astype(_isnan_ready(x), "float64")
+    inf = relax.const(float("inf"), "float64")
+    top = relax.op.where(relax.op.equal(key, inf), relax.const(np.finfo(np.float64).max, "float64"), key)
+    return relax.op.where(relax.op.isnan(key), inf, top)
 
 
 @mutator
@@ -58,9 +85,12 @@ class _Propagate(PyExprMutator):
         call = self.visit_expr_post_order(call)
         op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
         tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
-        ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS
+        ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS + SORT_OPS
         if op not in ops or not all(_is_float(a) for a in tensors):
             return call
+        if op in SORT_OPS:
+            self.rewritten += 1
+            return self._sort(call, op)
         if op in INDEX_OPS and call.args[0].ty.dtype == "bfloat16":  # TVM 0.27 builds no bfloat16
             # argmax / argmin; in float32 every value and so the order is the same
             call = relax.Call(call.op, [self.builder_.emit(relax.op.astype(call.args[0], "float32"))], call.attrs)
@@ -91,11 +121,27 @@ class _Propagate(PyExprMutator):
         value = value if isinstance(value, relax.Var) else self.builder_.emit(value)
         return relax.op.where(self.builder_.emit(nan), value, kept)
 
+    def _sort(self, call: relax.Call, op: str) -> relax.Expr:
+        """``argsort`` / ``sort`` / ``topk`` of :func:`order_key`, the values gathered from ``x``."""
+        x, at = call.args[0], call.attrs
+        key = self.builder_.emit(order_key(x))
+        if op == "relax.argsort":
+            return relax.op.argsort(key, at.axis, at.descending, at.dtype)
+        if op == "relax.sort":
+            order = self.builder_.emit(relax.op.argsort(key, at.axis, at.descending, "int64"))
+            return relax.op.gather_elements(x, order, at.axis)
+        order = self.builder_.emit(relax.op.topk(key, at.k, at.axis, "indices", at.largest, at.dtype))
+        if at.ret_type == "indices":
+            return order
+        values = self.builder_.emit(relax.op.gather_elements(x, order, at.axis))
+        return values if at.ret_type == "values" else relax.Tuple([values, order])
+
 
 @tvm.transform.module_pass(opt_level=0, name="PropagateNaN")
 class PropagateNaN:
     """Module pass: NaN-keeping ``relu`` / ``clip`` / ``maximum`` / ``minimum`` / max pooling /
-    ``max`` / ``min`` and NaN-finding ``argmax`` / ``argmin`` in every Relax function.
+    ``max`` / ``min``, NaN-finding ``argmax`` / ``argmin`` and sorts with NaN largest (``argsort``,
+    ``sort``, ``topk``) in every Relax function.
 
     Attributes
     ----------

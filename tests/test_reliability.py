@@ -315,6 +315,48 @@ def test_nan_is_the_extreme_of_max_min_and_their_indices_like_torch():
     _close(got_values[2:, :3], want_values[2:, :3])
 
 
+class Sorts(torch.nn.Module):
+    """Every sort torch offers that TVM imports, over the input itself, beside a PB layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        up, up_at = torch.sort(x, 1)
+        down, down_at = torch.sort(x, 0, descending=True)
+        big, big_at = torch.topk(x, 4, 1)
+        small = torch.topk(x, 3, 1, largest=False).values
+        order = [up_at, down_at, big_at, torch.argsort(x, 1, descending=True), torch.topk(x, 2, 1).indices]
+        return self.l1(x), [up, down, big, small], order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nan_sorts_above_every_number_like_torch(dtype):
+    """torch sorts NaN above +inf; TVM's comparison sorts left a row holding NaN unsorted
+    (``sort`` gave ``[-1.8, 0.6, 0.8, nan, 1.0, 1.4, 1.5, inf]``)."""
+    torch.manual_seed(10)
+    model = Sorts().eval().to(dtype)
+    m = _compile(model, torch.randn(3, 10, dtype=dtype))
+    x = torch.randn(5, 10).to(dtype)
+    nan, inf = float("nan"), float("inf")
+    x[0, 6], x[0, 2], x[0, 4] = nan, nan, inf  # two NaN (a tie) above +inf
+    x[1, 3], x[1, 4], x[1, 8] = -inf, nan, inf
+    x[2] = nan  # all NaN
+    x[3, 0], x[3, 9] = -0.0, 0.0  # a tie torch does not order either
+    _, got_values, got_order = m(x)
+    _, want_values, want_order = model(x)
+    for got, want in zip(got_values, want_values, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    no_ties = [1, 4]  # rows without equal values: the order is determined
+    for got, want in zip(got_order, want_order, strict=True):
+        if got.shape[0] == x.shape[0]:  # sorted along the row: the rows without ties agree exactly
+            assert torch.equal(got[no_ties], want[no_ties])
+    torch.testing.assert_close(x.gather(1, got_order[0]), got_values[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.gather(0, got_order[1]), got_values[1], rtol=0, atol=0, equal_nan=True)
+
+
 def test_extremes_of_bfloat16_and_bool_tensors():
     """TVM 0.27 builds no bfloat16 argmax and reduces no bool tensor: the indices of bfloat16
     tensors go through float32, bool reductions through uint8 (max is any, min is all)."""
