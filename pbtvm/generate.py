@@ -28,6 +28,8 @@ of generated token ``g`` is ``g`` (independent of the chunking): generate() equa
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -254,14 +256,15 @@ class _ChunkInputs:
         self.no_forcing = tvm.runtime.tensor(np.full((chunk, batch), -1, np.int64), dev)
         self.token = tvm.runtime.empty((batch,), "int64", dev)
         self.forced = tvm.runtime.empty((chunk, batch), "int64", dev)
+        self.forced_last = tvm.runtime.empty((chunk, batch), "int64", dev)
         self.prefill = tvm.runtime.empty((chunk, batch), "int64", dev)
         self.ctrl = tvm.runtime.empty((len(CTRL_FIELDS),), "int64", dev)
-        written = ("token", "forced", "prefill", "ctrl")
+        written = ("token", "forced", "forced_last", "prefill", "ctrl")
         self._views = None if dec.model._on_cuda else {k: np.from_dlpack(getattr(self, k)) for k in written}
         self._temperatures: dict[float, Any] = {}
 
     def write(self, name: str, value: np.ndarray) -> Any:
-        """Store ``value`` in the kept tensor ``name`` (token, forced, prefill or ctrl); returns it."""
+        """Store ``value`` in the kept tensor ``name`` (one of ``__init__``'s ``written``); returns it."""
         tensor = getattr(self, name)
         if self._views is None:
             tensor.copyfrom(np.ascontiguousarray(value))
@@ -335,7 +338,7 @@ def generate(
     """
     sampling = _as_sampling(sampling)
     ids = _check_request(dec, prompt, max_new_tokens, eos_token)
-    model, chunk, (batch, length) = dec.model, dec.generate_chunk, ids.shape
+    model, chunk, length = dec.model, dec.generate_chunk, ids.shape[1]
     n_layers = model.format.check_bitlayers(bitlayers)
     steps = length - 1 + int(max_new_tokens)  # step s feeds token s and yields token s + 1
     first = (length - 1) // chunk * chunk  # steps done by prefill chunks (prompt tokens, no head)
@@ -351,21 +354,17 @@ def generate(
         for start in range(0, first, chunk):
             tokens_in = kept.write("prefill", ids[:, start : start + chunk].T)
             h, c = model._vm[PREFILL_FUNC](tokens_in, h, c, layers_arg)
-        forced = kept.no_forcing
-        if length - 1 > first:  # prompt tokens left: the first chunk feeds them (forced >= 0)
-            head = np.full((chunk, batch), -1, np.int64)
-            head[: length - 1 - first] = ids[:, first + 1 :].T
-            forced = kept.write("forced", head)
+        forced = _forced_inputs(kept, ids, first, steps, n_chunks, chunk)
         token, ctrl = kept.write("token", ids[:, first]), kept.write("ctrl", first_ctrl)
         done, temp = kept.not_done, kept.temperature(sampling.temperature)
         fn, outs = model._vm[CHUNK_FUNCS[bool(return_logits)]], []
         for k in range(n_chunks):  # the chunk's outputs are the next chunk's inputs: no host work
-            res = fn(token, forced if k == 0 else kept.no_forcing, done, ctrl, temp, h, c, layers_arg)
+            res = fn(token, forced[k], done, ctrl, temp, h, c, layers_arg)
             token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
             outs.append((res[0], res[6] if return_logits else None))
             if eos >= 0 and first + (k + 1) * chunk >= length and _finished(_host(done, model)):
                 break
-        _report_nonfinite(_host(done, model), sampling, stacklevel=4)
+        _report_nonfinite(_host(done, model), sampling)
         keep = slice(length - 1 - first, steps - first)
         tokens = np.concatenate([_host(t, model) for t, _ in outs])[keep].T
         logits = np.concatenate([_host(g, model) for _, g in outs])[keep] if return_logits else None
@@ -373,25 +372,45 @@ def generate(
     return _result(prompt, dec, tokens[:, :n], None if logits is None else logits[:n].transpose(1, 0, 2))
 
 
+def _forced_inputs(kept: _ChunkInputs, ids: np.ndarray, first: int, steps: int, n_chunks: int, chunk: int) -> list:
+    """The ``forced`` input of each chunk call, int64 [chunk, batch] (``-1``: pick).
+
+    The first chunk feeds the prompt tokens the prefill chunks left. The last chunk's steps past
+    the request are forced too (token 0; they are not returned): a forced step draws nothing and
+    leaves ``done`` as it is, so what those steps would have met (a NaN) is not reported.
+    """
+    batch, length = ids.shape
+    plans = {}
+    if length - 1 > first:
+        plans[0] = np.full((chunk, batch), -1, np.int64)
+        plans[0][: length - 1 - first] = ids[:, first + 1 :].T
+    past = n_chunks * chunk - (steps - first)
+    if past:
+        last = plans.setdefault(n_chunks - 1, np.full((chunk, batch), -1, np.int64))
+        last[chunk - past :] = 0
+    forced = [kept.no_forcing] * n_chunks
+    for k, plan in plans.items():
+        forced[k] = kept.write("forced" if k == 0 else "forced_last", plan)
+    return forced
+
+
 def _finished(done: np.ndarray) -> bool:
     """Whether every row emitted the end token (``done`` holds the pick's flags)."""
     return bool((done & DONE_FINISHED).all())
 
 
-def _report_nonfinite(done: np.ndarray, sampling: Sampling, stacklevel: int) -> None:
+def _report_nonfinite(done: np.ndarray, sampling: Sampling) -> None:
     """Raise (sampling) or warn (greedy) for the rows whose picks met non-finite logits.
 
     Parameters
     ----------
     done : int64 [B]
         The last pick's flags (:data:`pbtvm.sampling.DONE_NONFINITE` stays set once set).
-    stacklevel : int
-        The warning's, counted from here (the user's call of ``PBDecoder.generate`` is 4).
     """
     rows = np.flatnonzero(done & DONE_NONFINITE).tolist()
     if not rows:
         return
-    cause = "the model's output is NaN there: check its input and weights, or try more bits"
+    cause = "the model's output is not finite there: check its inputs and weights"
     if sampling.temperature > 0:
         raise FloatingPointError(
             f"generate(): cannot sample batch rows {rows}: their logits held NaN, or ±inf as the largest "
@@ -401,8 +420,18 @@ def _report_nonfinite(done: np.ndarray, sampling: Sampling, stacklevel: int) -> 
         f"generate(): the logits of batch rows {rows} held NaN; greedy decoding picked the first NaN's index "
         f"there, as torch.argmax does; {cause}",
         RuntimeWarning,
-        stacklevel=stacklevel,
+        stacklevel=_caller_outside_pbtvm(),
     )
+
+
+def _caller_outside_pbtvm() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function: the first frame outside
+    pbtvm (the user's ``dec.generate`` or ``generate_stepwise`` call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _host(tensor: Any, model: Any) -> np.ndarray:
@@ -463,7 +492,7 @@ def generate_stepwise(
             logits.append(out)
             if eos >= 0 and _finished(done):
                 break
-    _report_nonfinite(done, sampling, stacklevel=3)
+    _report_nonfinite(done, sampling)
     tok = np.stack(tokens, axis=1)
     n = _trim(tok, eos_token)
     return _result(prompt, dec, tok[:, :n], np.stack(logits, axis=1)[:, :n] if return_logits else None)

@@ -24,7 +24,8 @@ In 3-5, ``done[r]`` gains :data:`DONE_FINISHED` when the token is ``eos`` (``eos
 float64, so one compiled kernel serves every mode. The CPU kernel sums in index order like the
 twin (equal up to the last bit of ``exp`` in float64); the CUDA kernel (one block per row) sums
 per thread segment and scans, equal to the twin unless ``u * sum`` lies within float64 rounding
-of a bucket boundary. Logits may be ``-inf`` (never drawn, unless every logit of the row is).
+of a bucket boundary. A ``-inf`` logit is never drawn; a row of ``-inf`` alone gives index 0
+when greedy and is non-finite when sampling.
 """
 
 from __future__ import annotations

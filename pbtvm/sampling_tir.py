@@ -1,7 +1,8 @@
 """TIR of the pick kernel (:func:`pbtvm.sampling.pick_func`): a CPU and a CUDA schedule.
 
-Both follow the definition in :mod:`pbtvm.sampling` step by step; the shared pieces (the Philox
-draw, the "comes after in the order" test) are TVMScript macros.
+Both follow the definition in :mod:`pbtvm.sampling` step by step; the shared pieces are a
+TVMScript macro (the Philox draw) and Python helpers building expressions (the NaN-aware order,
+the non-finite test, the ``done`` flags).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ torch sorts NaN above every number (``torch.sort``, imported as ``argsort`` + ``
 ``argsort``, ``topk``); TVM's comparison sorts leave a row holding NaN in no order at all. They
 sort a float64 key instead, :func:`order_key`: the number itself, ``+inf`` raised to the largest
 float64 and NaN made ``+inf``, so numbers < ``+inf`` < NaN; the values are gathered from the input.
-Float64 inputs have no wider type: their ``+inf`` ties with the largest float64 there.
+Float64 inputs have no wider type: their ``+inf`` and the largest float64 (1.8e308) sort as equal
+there, so either may come first.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -41,9 +42,11 @@ def dec1():
 
 
 def _nonfinite_row(rng, row, kind):
-    """Put NaN (twice, so the first one must win), ±inf or only -inf into ``row`` (in place)."""
+    """Put NaN (twice, so the first one must win; at an end sometimes), ±inf or only -inf into
+    ``row`` (in place)."""
     spots = rng.choice(row.size, 2, replace=False)
     if kind == 0:
+        spots[0] = [spots[0], 0, row.size - 1][rng.integers(3)]
         row[spots] = np.nan
     elif kind == 1:
         row[spots[0]] = np.inf
@@ -54,22 +57,23 @@ def _nonfinite_row(rng, row, kind):
 
 
 def _random_pick_cases(rng, batch, vocab, chunk, n):
-    """Logits with ties, NaN and infinities, forced rows, finished rows (done flags), every mode and
-    top-k edge, large seeds/counters."""
+    """Logits with ties, NaN and infinities, forced rows, finished rows (both done flags), every
+    mode and top-k edge, large seeds/counters; each drawn on its own, so every kind of row meets
+    every mode."""
     for trial in range(n):
         logits = (rng.standard_normal((batch, vocab)) * 2).astype(np.float32)
         if trial % 5 == 0:
             logits[:, 3] = logits[:, 7] = logits.max(axis=1)  # a tie at the top
-        if trial % 3 == 1:
-            _nonfinite_row(rng, logits[trial % batch], (trial // 3) % 4)
-        forced = rng.integers(-1, vocab, (chunk, batch)) if trial % 2 else np.full((chunk, batch), -1)
-        done = rng.integers(0, 4, batch) if trial % 3 == 0 else np.zeros(batch, np.int64)  # both flags
+        if rng.random() < 0.4:
+            _nonfinite_row(rng, logits[rng.integers(batch)], int(rng.integers(4)))
+        forced = np.where(rng.random((chunk, batch)) < 0.3, rng.integers(0, vocab, (chunk, batch)), -1)
+        done = rng.integers(0, 4, batch) if rng.random() < 0.4 else np.zeros(batch, np.int64)
         ctrl = np.array(
             [
                 rng.integers(0, 2**62),
                 rng.integers(0, 2**40),
                 rng.integers(-1, vocab),
-                [0, 1, 5, vocab - 1, vocab, 99][trial % 6],
+                [0, 1, 5, vocab - 1, vocab, 99][rng.integers(6)],
             ]
         )
         yield (
@@ -77,8 +81,8 @@ def _random_pick_cases(rng, batch, vocab, chunk, n):
             forced.astype(np.int64),
             done.astype(np.int64),
             ctrl,
-            [0.0, 0.7, 1.0, 2.5][trial % 4],
-            trial % chunk,
+            [0.0, 0.7, 1.0, 2.5][rng.integers(4)],
+            int(rng.integers(chunk)),
         )
 
 
@@ -307,6 +311,37 @@ def test_nan_logits_warn_when_greedy_and_refuse_sampling():
             dec.generate(prompt, 6, sampling)
         with pytest.raises(FloatingPointError, match=r"cannot sample batch rows \[1\]"):
             generate_stepwise(dec, prompt, 6, sampling)
+    # The NaN row picks token 0; as the end token it finishes that row (flags 3), the others run on
+    with pytest.warns(RuntimeWarning, match=r"batch rows \[1\]"):
+        got = dec.generate(prompt, 6, eos_token=0)
+    with pytest.warns(RuntimeWarning, match=r"batch rows \[1\]"):
+        np.testing.assert_array_equal(got, generate_stepwise(dec, prompt, 6, eos_token=0))
+    assert got.shape == (3, 6) and (got[1] == 0).all() and (got[[0, 2]] != 0).any()
+
+
+def test_steps_past_the_request_are_not_reported():
+    """A chunk runs whole: with 1 new token of a 4-step chunk, 3 steps run past the request. The
+    token picked (5, made likely by the head's bias) has a NaN embedding, so those steps meet NaN
+    logits; generate() neither warns nor raises for them, as the stepwise definition does not."""
+    m = _lm()
+    with torch.no_grad():
+        m.embedding.weight[5] = float("nan")
+        m.head.bias[5] = 100.0
+    dec = compile_decoder(m.lstm, "llvm", 4, embedding=m.embedding, head=m.head, batch=1, generate_chunk=4)
+    for sampling in (None, Sampling(0.8, 0, 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = dec.generate(np.array([[1, 2]]), 1, sampling)
+            np.testing.assert_array_equal(got, generate_stepwise(dec, np.array([[1, 2]]), 1, sampling))
+        assert got.tolist() == [[5]]
+        with pytest.raises(FloatingPointError) if sampling else pytest.warns(RuntimeWarning):
+            dec.generate(np.array([[1, 2]]), 2, sampling)  # the second token is asked for: reported
+
+
+def test_finished_reads_the_finished_flag_only():
+    from pbtvm.generate import _finished
+
+    assert not _finished(np.array([1, 2, 1])) and _finished(np.array([1, 3, 1])) and not _finished(np.zeros(2, int))
 
 
 def test_torch_prompt_gives_torch_tokens(dec1):

@@ -328,7 +328,10 @@ class Sorts(torch.nn.Module):
         big, big_at = torch.topk(x, 4, 1)
         small = torch.topk(x, 3, 1, largest=False).values
         order = [up_at, down_at, big_at, torch.argsort(x, 1, descending=True), torch.topk(x, 2, 1).indices]
-        return self.l1(x), [up, down, big, small], order
+        return self.l1(x), [up, down, big, small], order  # the orders along dims ORDER_DIMS
+
+
+ORDER_DIMS = (1, 0, 1, 1, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -349,10 +352,11 @@ def test_nan_sorts_above_every_number_like_torch(dtype):
     for got, want in zip(got_values, want_values, strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-    no_ties = [1, 4]  # rows without equal values: the order is determined
-    for got, want in zip(got_order, want_order, strict=True):
-        if got.shape[0] == x.shape[0]:  # sorted along the row: the rows without ties agree exactly
-            assert torch.equal(got[no_ties], want[no_ties])
+    # The order is determined where the sorted row or column holds no equal values (NaN equal NaN)
+    untied = {1: [1, 4], 0: [0, 1, 3, 5, 7, 8, 9]}  # rows 0 (NaN twice), 2 (all NaN), 3 (-0 and 0) tie
+    for got, want, dim in zip(got_order, want_order, ORDER_DIMS, strict=True):
+        keep = untied[dim]
+        assert torch.equal(got[keep] if dim else got[:, keep], want[keep] if dim else want[:, keep])
     torch.testing.assert_close(x.gather(1, got_order[0]), got_values[0], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(x.gather(0, got_order[1]), got_values[1], rtol=0, atol=0, equal_nan=True)
 
