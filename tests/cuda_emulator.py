@@ -1,17 +1,24 @@
 """Run a TVM-generated CUDA kernel on the CPU: the kernel's own source, compiled with g++.
 
-For exactness checks without a GPU. Every CUDA thread of a block is a ``std::thread``;
-``__syncthreads`` is a block barrier, ``__shared__`` a static (blocks run one after another),
+For exactness checks without a GPU. Every CUDA thread of a block is a fiber (``ucontext``) on
+the launching thread: it runs until it waits at a barrier, then the next one runs (one OS thread,
+so a busy machine slows it no more than any single-threaded code; with a ``std::thread`` per CUDA
+thread a test took up to 8x longer beside another test process on two cores). ``__syncthreads``
+is a block barrier, ``__shared__`` a static (blocks run one after another),
 and each ``mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc`` becomes a warp-collective
 function that gathers the 32 lanes' fragments (PTX ISA fragment layouts for ``.b1`` m16n8k256,
 the same ones ``../shared/examples/bmma_tensorize.py`` verified on an H100) and computes
 ``D = C + popcount(A & B)``; ``__ballot_sync`` and the ``__shfl*_sync`` shuffles are
 warp-collective too. What it checks: TVM's generated indexing, predicates, K split, plane loop,
-reductions and epilogue. The lanes of a warp run independently between warp-collective calls (as
-CUDA allows since Volta), so code that silently assumes a warp runs in lock step fails here.
-What it cannot check: timing, and races the emulation happens to serialize. Shuffle masks are
-not checked (the generated kernels use full warps); a launch that runs longer than
-:data:`TIMEOUT_S` (e.g. a warp operation only some lanes reach) raises ``TimeoutError``.
+reductions and epilogue. The lanes of a warp run one after another between warp-collective calls
+(CUDA allows any order since Volta), so code that silently assumes a warp runs in lock step fails
+here; the order alternates between ascending and descending thread index from one round of the
+scheduler to the next, and each launch starts with the other order than the previous one, so a
+missing barrier is seen whichever thread writes first. What it cannot check: timing, and races
+that neither order exposes. Shuffle masks are not checked (the generated kernels use full
+warps). A block whose threads all wait at barriers that cannot complete (a warp operation only
+some lanes reach) raises ``RuntimeError`` at once; a launch that runs longer than
+:data:`TIMEOUT_S` raises ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -35,13 +42,13 @@ TIMEOUT_S = float(os.environ.get("PBTVM_EMULATOR_TIMEOUT", 300))
 
 _PRELUDE = r"""
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <memory>
 #include <cstdint>
-#include <thread>
 #include <limits>
 #include <vector>
+#include <sys/mman.h>
+#include <ucontext.h>
 #define uint unsigned int
 #define CUDART_INF_F std::numeric_limits<float>::infinity()
 #define CUDART_NAN_F std::numeric_limits<float>::quiet_NaN()
@@ -58,13 +65,31 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 struct Dim { unsigned x, y, z; };
+// The running fiber's: set by the scheduler each time it resumes one (all run on one OS thread).
 thread_local Dim threadIdx, blockIdx;
+struct Fiber { ucontext_t ctx; unsigned t; bool done; };
+thread_local ucontext_t emu_scheduler;
+thread_local Fiber* emu_current;
+thread_local unsigned long long emu_progress;  // arrivals and finished fibers: a round without any is a deadlock
+static void emu_yield() { swapcontext(&emu_current->ctx, &emu_scheduler); }
+// A barrier of ``expected`` fibers: the last to arrive opens it and runs on; the others wait for the phase to change.
+struct Barrier {
+  explicit Barrier(unsigned n) : expected(n) {}
+  unsigned expected, count = 0;
+  unsigned long long phase = 0;
+  void arrive_and_wait() {
+    ++emu_progress;
+    unsigned long long mine = phase;
+    if (++count == expected) { count = 0; ++phase; return; }
+    while (phase == mine) emu_yield();
+  }
+};
 struct Warp {
   explicit Warp(unsigned lanes) : sync(lanes) {}  // the last warp of a block may be partial
   unsigned a[32][4], b[32][2], vote[32];
   unsigned long long shfl[32];
   int c[32][4];
-  std::barrier<> sync;
+  Barrier sync;
 };
 thread_local Warp* my_warp;
 thread_local int my_lane;  // the lane within the warp: linear thread index % 32
@@ -106,7 +131,7 @@ template <typename T> static T __shfl_up_sync(unsigned, T value, unsigned delta,
   int in_segment = my_lane % width;
   return emu_shfl(value, in_segment >= (int)delta ? my_lane - (int)delta : my_lane);
 }
-thread_local std::barrier<>* my_block;
+thread_local Barrier* my_block;
 static void __syncthreads() { my_block->arrive_and_wait(); }
 static void emu_bmma(int* d0, int* d1, int* d2, int* d3, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                      unsigned b0, unsigned b1, int c0, int c1, int c2, int c3) {
@@ -172,26 +197,63 @@ def _precompiled_prelude() -> str | None:
 
 
 _LAUNCH = r"""
-extern "C" void launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned gy, unsigned gz,
-                       unsigned bx, unsigned by, unsigned bz) {
-  unsigned threads = bx * by * bz;
-  std::vector<std::unique_ptr<Warp>> warps;
-  for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(new Warp(std::min(32u, threads - 32 * w)));
-  for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
-    std::barrier<> block(threads);
-    std::vector<std::thread> pool;
+thread_local void** emu_ptrs;
+thread_local int64_t* emu_scalars;
+static void emu_fiber_main() {
+  void** ptrs = emu_ptrs;
+  int64_t* scalars = emu_scalars;
+  KERNEL(CALL_ARGS);
+  emu_current->done = true;
+  ++emu_progress;
+}  // returns to uc_link: the scheduler
+static unsigned emu_launches;
+// 0, or 1 + the linear index of a block whose threads all wait at barriers that cannot complete.
+extern "C" long long launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned gy, unsigned gz,
+                            unsigned bx, unsigned by, unsigned bz) {
+  const unsigned threads = bx * by * bz;
+  const size_t stack = size_t(1) << 20;  // per fiber; reserved, touched pages only are committed
+  char* stacks = (char*)mmap(nullptr, stack * threads, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (stacks == MAP_FAILED) return -1;
+  emu_ptrs = ptrs;
+  emu_scalars = scalars;
+  std::vector<Fiber> fibers(threads);
+  bool descending = emu_launches++ % 2;
+  long long stuck = 0;
+  for (unsigned z = 0; z < gz && !stuck; ++z) for (unsigned y = 0; y < gy && !stuck; ++y)
+  for (unsigned x = 0; x < gx && !stuck; ++x) {
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(new Warp(std::min(32u, threads - 32 * w)));
+    Barrier block(threads);
+    blockIdx = Dim{x, y, z};
     for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        threadIdx = Dim{t % bx, (t / bx) % by, t / (bx * by)};
-        blockIdx = Dim{x, y, z};
-        my_warp = warps[t / 32].get();
-        my_lane = t % 32;
-        my_block = &block;
-        KERNEL(CALL_ARGS);
-      });
+      Fiber& f = fibers[t];
+      f.t = t;
+      f.done = false;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stacks + stack * t;
+      f.ctx.uc_stack.ss_size = stack;
+      f.ctx.uc_link = &emu_scheduler;
+      makecontext(&f.ctx, emu_fiber_main, 0);
     }
-    for (auto& th : pool) th.join();
+    for (unsigned live = threads; live && !stuck; descending = !descending) {
+      unsigned long long before = emu_progress;
+      for (unsigned i = 0; i < threads; ++i) {
+        Fiber& f = fibers[descending ? threads - 1 - i : i];
+        if (f.done) continue;
+        threadIdx = Dim{f.t % bx, (f.t / bx) % by, f.t / (bx * by)};
+        my_warp = warps[f.t / 32].get();
+        my_lane = f.t % 32;
+        my_block = &block;
+        emu_current = &f;
+        swapcontext(&emu_scheduler, &f.ctx);
+        live -= f.done;
+      }
+      if (live && emu_progress == before) stuck = 1 + x + gx * (y + gy * (long long)z);
+    }
   }
+  munmap(stacks, stack * threads);
+  return stuck;
 }
 """
 
@@ -262,6 +324,7 @@ class EmulatedKernel:
             if proc.returncode:
                 raise RuntimeError(f"g++ failed on the emulated kernel:\n{proc.stderr[-3000:]}")
             self._lib = ctypes.CDLL(lib)
+            self._lib.launch.restype = ctypes.c_longlong
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], **args: object) -> None:
         """Run the kernel; ``args`` by the source's parameter names (``xp_ptr``, ``batch`` ...)."""
@@ -285,9 +348,20 @@ class EmulatedKernel:
 
         def launch(keep: list, *launch_args: object) -> None:  # noqa: ARG001 - keep: held, not used
             try:
-                self._lib.launch(*launch_args)
+                stuck = self._lib.launch(*launch_args)
             except BaseException as err:  # re-raised in the caller
                 failure.append(err)
+                return
+            if stuck < 0:
+                failure.append(MemoryError(f"emulated kernel {self.name}: no memory for the threads' stacks"))
+            elif stuck:
+                at = ((stuck - 1) % grid[0], (stuck - 1) // grid[0] % grid[1], (stuck - 1) // (grid[0] * grid[1]))
+                failure.append(
+                    RuntimeError(
+                        f"emulated kernel {self.name} {grid} x {block} deadlocked in block {at}: its threads "
+                        "wait at a barrier or warp operation that the others never reach"
+                    )
+                )
 
         runner = threading.Thread(target=launch, args=(keep, p_arr, s_arr, *dims), daemon=True)
         runner.start()

@@ -1,6 +1,6 @@
 """The BMMA kernel's generated CUDA, run on the CPU (``tests/cuda_emulator.py``), equals the reference.
 
-Each CUDA thread is a CPU thread and every ``mma.sync m16n8k256 .b1 .and.popc`` a warp-collective
+Each CUDA thread is a fiber of the emulator and every ``mma.sync m16n8k256 .b1 .and.popc`` a warp-collective
 emulation of the PTX fragment layouts, so this checks TVM's generated indexing, predicates, K
 split, plane loop and epilogue exactly, without a GPU. ``tests/test_bmma_gpu.py`` checks the same
 on a device (the hardware MMA itself).

@@ -135,7 +135,8 @@ def test_lstm_cell_with_input_projection_matches_reference(rng):
 
 
 def test_a_kernel_that_never_finishes_fails_instead_of_hanging(monkeypatch):
-    """A shuffle that only lane 0 reaches waits forever (on a GPU too): the emulator gives up."""
+    """A shuffle that only lane 0 reaches waits forever (on a GPU too): the emulator sees that no
+    thread can go on and says where."""
     from . import cuda_emulator
 
     source = """
@@ -145,6 +146,52 @@ extern "C" __global__ void __launch_bounds__(32) stuck_kernel(int* __restrict__ 
 }
 """
     kern = EmulatedKernel(source)
+    monkeypatch.setattr(cuda_emulator, "TIMEOUT_S", 30.0)
+    with pytest.raises(RuntimeError, match=r"stuck_kernel \(2, 1, 1\) x \(32, 1, 1\) deadlocked in block \(0, 0, 0\)"):
+        kern((2, 1, 1), (32, 1, 1), out=np.zeros(1, np.int32))
+
+
+def test_a_kernel_that_runs_past_the_time_limit_fails(monkeypatch):
+    """A loop that never reaches a barrier cannot be told from a long kernel: the limit ends it."""
+    from . import cuda_emulator
+
+    source = """
+extern "C" __global__ void __launch_bounds__(32) spinning_kernel(int* __restrict__ out);
+extern "C" __global__ void __launch_bounds__(32) spinning_kernel(int* __restrict__ out) {
+  if (threadIdx.x == 0) { while (((volatile int*)out)[0] == 0) {} }
+  out[1] = __ballot_sync(0xFFFFFFFFu, 1);
+}
+"""
+    kern, out = EmulatedKernel(source), np.zeros(2, np.int32)
     monkeypatch.setattr(cuda_emulator, "TIMEOUT_S", 1.0)
-    with pytest.raises(TimeoutError, match=r"stuck_kernel \(1, 1, 1\) x \(32, 1, 1\) did not finish in 1\.0 s"):
-        kern((1, 1, 1), (32, 1, 1), out=np.zeros(1, np.int32))
+    with pytest.raises(TimeoutError, match=r"spinning_kernel \(1, 1, 1\) x \(32, 1, 1\) did not finish in 1\.0 s"):
+        kern((1, 1, 1), (32, 1, 1), out=out)
+    out[0] = 1  # the abandoned launch ends instead of spinning on a core for the rest of the run
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_code_that_assumes_a_warp_runs_in_lock_step_goes_wrong(synced):
+    """A shared-memory tree reduction without barriers between its steps (correct only if the
+    32 lanes ran in lock step, which CUDA does not promise since Volta) comes out wrong; with a
+    barrier after each step it is exact in both scheduling orders."""
+    sync = "__syncthreads();" if synced else ""
+    source = f"""
+extern "C" __global__ void __launch_bounds__(32) tree_kernel(int* __restrict__ out);
+extern "C" __global__ void __launch_bounds__(32) tree_kernel(int* __restrict__ out) {{
+  __shared__ int red[32];
+  red[threadIdx.x] = (int)threadIdx.x + 1;
+  {sync}
+  for (int half = 16; half > 0; half /= 2) {{
+    if ((int)threadIdx.x < half) {{ red[threadIdx.x] += red[threadIdx.x + half]; }}
+    {sync}
+  }}
+  if (threadIdx.x == 0) {{ out[0] = red[0]; }}
+}}
+"""
+    kern, sums = EmulatedKernel(source, warp_ops=False), []
+    for _order in ("ascending", "descending"):  # consecutive launches alternate the order
+        out = np.zeros(1, np.int32)
+        kern((1, 1, 1), (32, 1, 1), out=out)
+        sums.append(int(out[0]))
+    # Unsynced, the ascending order reads each partial sum before its lane wrote it
+    assert (sums == [528, 528]) == synced, sums

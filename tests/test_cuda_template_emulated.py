@@ -4,7 +4,7 @@ A design space must not contain wrong programs. Before 2026-11-30 the template b
 that split K to ``threadIdx.z`` with the rows' ``threadIdx.y`` between them and the lanes; TVM
 then lowered a row's reduction to a shared-memory tree whose last steps assume the warp runs in
 lock step (no ``__syncwarp``), which CUDA does not promise since Volta: in every run here some
-of these twelve candidates were wrong (the lanes of a warp run as separate CPU threads). They now
+of these twelve candidates were wrong (the lanes of a warp ran as separate CPU threads). They now
 share ``threadIdx.x`` with the lanes (warp shuffles).
 
 The candidate an H100 got wrong (W1, K = 2048: ``-rowsum`` for every row) was exact here: ptxas
