@@ -241,7 +241,8 @@ def test_bmma_problem_reads_a_sass_listing():
 
 
 def test_measure_side_by_side_alternates_the_order():
-    """Round 1 times a then b, round 2 b then a, ...; a module that fails to run drops out."""
+    """Round 1 times a then b, round 2 b then a, ...; a module that fails to run drops out. Each
+    module is sent alone and timed before the next is sent (never two at the same moment)."""
     ms = tuning.measure.meta_schedule()
     fmt = bp.BitplaneFormat(4, 8)
     mods = [tvm.IRModule({"main": tuning.workload(kernels.int_product_func(fmt, n, 64), 2)}) for n in (8, 16, 24)]
@@ -257,15 +258,19 @@ def test_measure_side_by_side_alternates_the_order():
 
         def result(self):
             failed = self.path.endswith("2/mod.tar") and len(order) > 3  # the third fails in round 2
+            events.append("timed")
             return ms.runner.RunnerResult(None if failed else [1e-6, 3e-6], "boom" if failed else None)
 
     class Runner:
         def run(self, inputs):
             order.extend(str(i.artifact_path).split("/")[2] for i in inputs)
+            events.append(f"sent {len(inputs)}")
             return [Done(str(i.artifact_path)) for i in inputs]
 
+    events = []
     times = tuning.measure.measure_side_by_side(mods, CPU, Builder(), Runner(), rounds=3)
     assert order == ["0", "1", "2", "2", "1", "0", "0", "1"]
+    assert events == ["sent 1", "timed"] * len(order)
     assert times == [[2e-6] * 3, [2e-6] * 3, None]
 
 

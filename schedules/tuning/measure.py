@@ -222,8 +222,10 @@ def measure_side_by_side(
     """Build ``mods`` once, then time them ``rounds`` times one after another, the order reversed
     every other round, so that a load change on the machine falls on each of them alike.
 
-    A runner that measures on several devices at once (an ``RPCRunner`` with several servers) may
-    time them at the same moment on different devices instead.
+    Each module goes to the runner alone and is timed before the next is sent: a runner with
+    several devices (an ``RPCRunner`` with several servers) would otherwise time them at the same
+    moment, and servers sharing a machine (``pbtvm.rpc_cluster.local_cluster``) would slow each
+    other down.
 
     Returns
     -------
@@ -235,9 +237,9 @@ def measure_side_by_side(
         for r in range(rounds):
             order = [i for i, t in enumerate(times) if t is not None]
             order = order if r % 2 == 0 else order[::-1]
-            futures = runner.run([_runner_input(built[i], mods[i], target) for i in order])
-            for i, fut in zip(order, futures, strict=True):
-                out = fut.result()
+            for i in order:
+                (future,) = runner.run([_runner_input(built[i], mods[i], target)])
+                out = future.result()
                 if out.error_msg:
                     times[i] = None
                 else:
