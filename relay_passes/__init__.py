@@ -5,13 +5,15 @@ graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.re
 
 One pass per file. ``pbtvm.compile`` runs :class:`NormalizeConstantIndices` (TVM's importer
 emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
-``take`` reads wherever an id points), :class:`PropagateNaN` (TVM's ``relu`` / ``clip`` /
-``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
+``take`` reads wherever an id points), :class:`BuildableFloatChecks` (``isfinite``, bool
+products and bfloat16 ``isnan`` in forms TVM builds), :class:`PropagateNaN` (TVM's ``relu`` /
+``clip`` / ``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
 time loop), :class:`PBLinearRewrite`, then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
 """
 
 from .apply_pb_schedules import ApplyPBSchedules
+from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite
@@ -20,6 +22,7 @@ from .propagate_nan import PropagateNaN
 
 __all__ = [
     "ApplyPBSchedules",
+    "BuildableFloatChecks",
     "ClipRuntimeIndices",
     "ConversionReport",
     "NormalizeConstantIndices",

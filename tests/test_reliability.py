@@ -361,6 +361,34 @@ def test_nan_sorts_above_every_number_like_torch(dtype):
     torch.testing.assert_close(x.gather(0, got_order[1]), got_values[1], rtol=0, atol=0, equal_nan=True)
 
 
+class ValueTests(torch.nn.Module):
+    """torch's value tests and bool arithmetic over the input, beside a PB layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        tests = [x.isnan(), x.isinf(), x.isfinite(), x == x, x != x, torch.isposinf(x), torch.isneginf(x)]
+        bools = [(x > 0) * (x < 1), (x > 0) + (x < -1)]
+        return self.l1(x), torch.stack(tests + bools, 1), x.nan_to_num()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_value_tests_and_bool_arithmetic_build_and_match_torch(dtype):
+    """``isfinite`` (a product of bools after torch's decomposition) and ``isnan`` / ``isinf`` /
+    ``nan_to_num`` of bfloat16 failed to build in TVM 0.27 (internal errors)."""
+    torch.manual_seed(11)
+    model = ValueTests().eval().to(dtype)
+    m = _compile(model, torch.randn(3, 6, dtype=dtype))
+    x = torch.randn(4, 6).to(dtype)
+    x[0, 1], x[1, 2], x[2, 3], x[3] = float("nan"), float("inf"), float("-inf"), 0.5
+    _, got_tests, got_clean = m(x)
+    _, want_tests, want_clean = model(x)
+    assert torch.equal(got_tests, want_tests)
+    assert torch.equal(got_clean, want_clean) and got_clean.dtype == dtype
+
+
 def test_extremes_of_bfloat16_and_bool_tensors():
     """TVM 0.27 builds no bfloat16 argmax and reduces no bool tensor: the indices of bfloat16
     tensors go through float32, bool reductions through uint8 (max is any, min is all)."""

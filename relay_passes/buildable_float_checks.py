@@ -1,0 +1,87 @@
+"""Rewrite the value tests torch's decompositions emit into forms TVM 0.27 builds and keeps.
+
+``torch.isfinite(x)`` reaches Relax as ``multiply(equal(x, x), not_equal(abs(x), inf))``, and
+``torch.nan_to_num`` / ``isnan`` / ``isinf`` of bfloat16 as ``isnan`` / ``isinf`` of bfloat16.
+TVM 0.27 builds none of them: LLVM codegen has no multiply of bool tensors, and ``isnan`` /
+``isinf`` / ``isfinite`` refuse bfloat16 ("not supported for isnan op"), so compiling such a
+model failed with an internal error. This pass rewrites::
+
+    multiply(a, b)    ->  logical_and(a, b)     (bool a, b: torch's product of bools)
+    add(a, b)         ->  logical_or(a, b)      (bool a, b: torch's sum of bools)
+    equal(x, x)       ->  logical_not(isnan(x)) (float x: a NaN is the one value unequal to itself)
+    not_equal(x, x)   ->  isnan(x)
+    isnan(x)          ->  isnan(astype(x, "float32"))    (bfloat16 x; isinf, isfinite alike)
+
+``isnan`` replaces the self-comparison because TVM's simplifier may fold ``x == x`` to true
+(it does for bfloat16). Every bfloat16 value is exact in float32, so the tests give the same
+answers.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from pbtvm._tvm import relax, tvm
+
+#: Binary ops of two bool tensors, as the logical op torch means by them.
+BOOL_OPS = {"relax.multiply": relax.op.logical_and, "relax.add": relax.op.logical_or}
+#: A float tensor compared with itself: the NaN test it is.
+SELF_COMPARISONS = {
+    "relax.equal": lambda x: relax.op.logical_not(relax.op.isnan(x)),
+    "relax.not_equal": relax.op.isnan,
+}
+#: Value tests TVM 0.27 builds for float16/32/64 but not bfloat16.
+VALUE_TESTS = {"relax.isnan": relax.op.isnan, "relax.isinf": relax.op.isinf, "relax.isfinite": relax.op.isfinite}
+
+
+def _dtype(expr: relax.Expr) -> str | None:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+@mutator
+class _Rewrite(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule | None = None) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        dtypes = [_dtype(a) for a in call.args]
+        if op in BOOL_OPS and dtypes == ["bool", "bool"]:
+            self.rewritten += 1
+            return BOOL_OPS[op](*call.args)
+        if op in SELF_COMPARISONS and call.args[0].same_as(call.args[1]) and str(dtypes[0]).startswith(("float", "bf")):
+            self.rewritten += 1
+            x = call.args[0]
+            return SELF_COMPARISONS[op](
+                self.builder_.emit(relax.op.astype(x, "float32")) if dtypes[0] == "bfloat16" else x
+            )
+        if op in VALUE_TESTS and dtypes[0] == "bfloat16":
+            self.rewritten += 1
+            return VALUE_TESTS[op](self.builder_.emit(relax.op.astype(call.args[0], "float32")))
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="BuildableFloatChecks")
+class BuildableFloatChecks:
+    """Module pass: bool ``multiply`` / ``add`` as logical ops, a float compared with itself as
+    ``isnan``, bfloat16 ``isnan`` / ``isinf`` / ``isfinite`` through float32.
+
+    Attributes
+    ----------
+    rewritten : int
+        Ops rewritten by the last run.
+    """
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        rewrite = _Rewrite(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewrite.builder_.update_func(gvar, rewrite.visit_expr(func))
+        self.rewritten = rewrite.rewritten
+        return rewrite.builder_.get()
