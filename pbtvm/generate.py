@@ -28,8 +28,6 @@ of generated token ``g`` is ``g`` (independent of the chunking): generate() equa
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +37,7 @@ import numpy as np
 from .errors import InputError, InputTypeError
 from .repack import CopyGroup, repack_func, repack_out_types
 from .sampling import CTRL_FIELDS, DONE_FINISHED, DONE_NONFINITE, pick_func, pick_reference
+from .user_frame import user_stacklevel
 
 #: Tokens per chunk call when :func:`pbtvm.decoder.compile_decoder` is not told.
 DEFAULT_CHUNK = 16
@@ -420,18 +419,8 @@ def _report_nonfinite(done: np.ndarray, sampling: Sampling) -> None:
         f"generate(): the logits of batch rows {rows} held NaN; greedy decoding picked the first NaN's index "
         f"there, as torch.argmax does; {cause}",
         RuntimeWarning,
-        stacklevel=_caller_outside_pbtvm(),
+        stacklevel=user_stacklevel(),
     )
-
-
-def _caller_outside_pbtvm() -> int:
-    """``stacklevel`` for a ``warnings.warn`` in the calling function: the first frame outside
-    pbtvm (the user's ``dec.generate`` or ``generate_stepwise`` call)."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _host(tensor: Any, model: Any) -> np.ndarray:

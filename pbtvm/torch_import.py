@@ -9,6 +9,10 @@ as in torch. They are passed as ``custom_convert_map`` (see :func:`pbtvm.model_i
 Each matmul converter emits exactly one ``relax.matmul`` and records which torch module called the
 op (``nn_module_stack``), so a matmul left in full precision can be reported by module name.
 
+``squeeze`` removes only axes of size 1, as torch's does: TVM's removed every axis listed, and
+torch.export lists every axis for ``x.squeeze()`` when a size is symbolic, so a ``[batch, 1, 1]``
+tensor came out a scalar holding row 0's value, whatever the batch.
+
 ``torch.max(x, dim)`` / ``torch.min(x, dim)`` become a ``max`` / ``min`` reduction and an ``argmax`` /
 ``argmin`` (TVM imports the first as ``topk``, which a NaN-keeping pass cannot tell from
 ``torch.topk``, and lacks the second), and ``amax`` / ``amin`` a reduction (TVM lacks both):
@@ -17,9 +21,11 @@ op (``nn_module_stack``), so a matmul left in full precision can be reported by 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from ._tvm import relax
+from ._tvm import relax, tir
+from .user_frame import user_stacklevel
 
 
 def module_name(node: Any) -> str:
@@ -100,12 +106,35 @@ def _reduce(reduce: Any) -> Any:
     return convert
 
 
+def _squeeze(node: Any, importer: Any) -> relax.Expr:
+    """``aten.squeeze(x)`` / ``.dim(x, dim)`` / ``.dims(x, dims)``: the listed axes (all if none)
+    whose size is 1. A run-time size stays, with a warning: torch drops it only where it is 1."""
+    x = importer.env[node.args[0]]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("dims"))
+    shape = list(x.ty.shape)
+    if not shape:  # a 0-d tensor: nothing to squeeze
+        return x
+    listed = range(len(shape)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    axes = sorted({int(d) % len(shape) for d in listed})
+    ones = [a for a in axes if isinstance(shape[a], tir.IntImm) and int(shape[a]) == 1]
+    runtime = [a for a in axes if not isinstance(shape[a], tir.IntImm)]
+    if runtime:
+        warnings.warn(
+            f"pbtvm: squeeze in {module_name(node)} keeps the run-time dimension(s) {runtime} of its "
+            f"{len(shape)}-d input: torch drops such a dimension where its size is 1 (e.g. a batch of 1), "
+            "the compiled model keeps the rank; name the dims to squeeze (x.squeeze(-1)) to silence this",
+            stacklevel=user_stacklevel("tvm", "torch"),
+        )
+    return importer.block_builder.emit(relax.op.squeeze(x, ones)) if ones else x
+
+
 _REDUCTION_CONVERTERS = {
     "max.dim": _reduce_with_index(relax.op.max, relax.op.argmax),
     "min.dim": _reduce_with_index(relax.op.min, relax.op.argmin),
     "amax.default": _reduce(relax.op.max),
     "amin.default": _reduce(relax.op.min),
 }
+_SHAPE_CONVERTERS = {"squeeze.default": _squeeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze}
 
 _MATMUL_CONVERTERS = {
     "linear.default": _linear,
@@ -117,8 +146,8 @@ _MATMUL_CONVERTERS = {
 
 
 def converters(owners: list[str]) -> dict:
-    """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops and the reductions
-    above.
+    """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops, the reductions and
+    ``squeeze`` above.
 
     ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
     (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
@@ -132,7 +161,8 @@ def converters(owners: list[str]) -> dict:
 
         return run
 
-    return {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()} | _REDUCTION_CONVERTERS
+    matmuls = {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
+    return matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS
 
 
 __all__ = ["converters", "module_name"]

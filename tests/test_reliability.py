@@ -361,6 +361,35 @@ def test_nan_sorts_above_every_number_like_torch(dtype):
     torch.testing.assert_close(x.gather(0, got_order[1]), got_values[1], rtol=0, atol=0, equal_nan=True)
 
 
+class Squeezes(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l1(x)
+        dot = torch.bmm(y.unsqueeze(1), y.unsqueeze(2)).squeeze()  # [batch, 1, 1] -> [batch]
+        return dot, y.unsqueeze(1).squeeze(1), y[:, None, :, None].squeeze((1, 3)), y.squeeze(-1)
+
+
+@pytest.mark.filterwarnings("ignore:pbtvm. 1 layer.s. stay in full precision")  # the bmm of two activations
+def test_squeeze_removes_only_axes_of_size_1():
+    """TVM squeezed every axis torch.export listed: ``x.squeeze()`` of a [batch, 1, 1] tensor came
+    out a scalar holding row 0's value at any batch. A run-time axis stays, with a warning."""
+    torch.manual_seed(12)
+    model = Squeezes().eval()
+    with pytest.warns(
+        UserWarning, match=r"squeeze in <model> \(Squeezes\) keeps the run-time dimension\(s\) \[0\]"
+    ) as got:
+        m = pbtvm.compile(model, (torch.randn(3, 8),), bits=8)
+    assert [w.filename for w in got if "squeeze" in str(w.message)] == [__file__]  # points at the compile call
+    x = torch.randn(5, 8)
+    for out, want in zip(m(x), model(x), strict=True):
+        assert out.shape == want.shape
+        _close(out, want)
+    assert m(x[:1])[0].shape == (1,)  # torch gives a 0-d tensor at batch 1: the compiled model keeps the rank
+
+
 class ValueTests(torch.nn.Module):
     """torch's value tests and bool arithmetic over the input, beside a PB layer."""
 
