@@ -14,7 +14,13 @@ from . import recurrent
 from ._tvm import relax, tvm
 from .errors import InputError, InputTypeError, first_line
 from .lowering import weight_key
-from .relay_passes import BuildableFloatChecks, ClipRuntimeIndices, NormalizeConstantIndices, PropagateNaN
+from .relay_passes import (
+    BuildableFloatChecks,
+    ClipRuntimeIndices,
+    NormalizeConstantIndices,
+    PropagateNaN,
+    ThroughFloat32,
+)
 from .torch_export import export_program, input_specs
 from .torch_import import converters
 
@@ -102,7 +108,7 @@ def import_model(
         ) from None
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
-    mod = PropagateNaN()(BuildableFloatChecks()(clip(mod)))
+    mod = PropagateNaN()(ThroughFloat32()(BuildableFloatChecks()(clip(mod))))
     # an index nobody reads (x.max(dim).values imports as max + argmax in a tuple) is not computed
     mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
     specs = input_specs(exported, example_inputs, batch_only=not lstms)

@@ -6,7 +6,8 @@ graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.re
 One pass per file. ``pbtvm.compile`` runs :class:`NormalizeConstantIndices` (TVM's importer
 emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
 ``take`` reads wherever an id points), :class:`BuildableFloatChecks` (``isfinite``, bool
-products and bfloat16 ``isnan`` in forms TVM builds), :class:`PropagateNaN` (TVM's ``relu`` /
+products and bfloat16 ``isnan`` in forms TVM builds), :class:`ThroughFloat32` (half-precision ops
+TVM cannot build, or builds wrong, in float32), :class:`PropagateNaN` (TVM's ``relu`` /
 ``clip`` / ``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
 time loop), :class:`PBLinearRewrite`, then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
@@ -19,9 +20,11 @@ from .normalize_constant_indices import NormalizeConstantIndices
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite
 from .pb_lstm_lowering import PBLSTMLowering
 from .propagate_nan import PropagateNaN
+from .through_float32 import ThroughFloat32
 
 __all__ = [
     "ApplyPBSchedules",
+    "ThroughFloat32",
     "BuildableFloatChecks",
     "ClipRuntimeIndices",
     "ConversionReport",

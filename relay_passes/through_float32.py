@@ -1,0 +1,92 @@
+"""Compute the float16 / bfloat16 ops TVM 0.27 cannot build, or builds wrong, in float32.
+
+TVM keeps bfloat16 tensors as uint16 bit patterns. Some of its op lowerings then fail to build
+(``layer_norm``: "only support float32 and float16"; ``power``: "only applies to float";
+``mod``: a uint16 store of a float) and ``median`` sorts the bit patterns, so it silently
+returned another element (``[-0.50, -0.17, -0.27]`` for torch's ``[-0.35, 0.52, -0.10]``). For
+float16, LLVM codegen lacks ``atan2``. This pass casts the half-precision operands of those ops
+to float32, runs the op there, and casts its float results back::
+
+    median(x)  ->  (astype(v, "bfloat16"), i)  where (v, i) = median(astype(x, "float32"))
+
+torch computes these ops in float32 and rounds to the half type too (its "opmath" type), and
+every float16 and bfloat16 value is exact in float32, so the results are torch's up to the op's
+own rounding.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from pbtvm._tvm import relax, tvm
+
+#: Per half-precision dtype, the ops TVM 0.27 cannot build or computes wrong in it (measured).
+OPS = {
+    "bfloat16": (
+        "relax.median",
+        "relax.nn.layer_norm",
+        "relax.nn.group_norm",
+        "relax.nn.rms_norm",
+        "relax.nn.batch_norm",
+        "relax.power",
+        "relax.mod",
+        "relax.floor_mod",
+    ),
+    "float16": ("relax.atan2",),
+}
+
+
+def _half(expr: relax.Expr) -> str | None:
+    """The dtype of a float16 / bfloat16 tensor, else None."""
+    ty = expr.ty
+    dtype = str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+    return dtype if dtype in OPS else None
+
+
+@mutator
+class _Rewrite(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule | None = None) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        half = next((d for d in map(_half, call.args) if d), None)
+        if half is None or op not in OPS[half]:
+            return call
+        self.rewritten += 1
+        emit = self.builder_.emit
+        args = [emit(relax.op.astype(a, "float32")) if _half(a) else a for a in call.args]
+        out = emit(relax.Call(call.op, args, call.attrs))
+        if isinstance(out.ty, relax.TensorType):
+            return self._back(out, half)
+        return relax.Tuple([self._back(emit(relax.TupleGetItem(out, i)), half) for i in range(len(out.ty.fields))])
+
+    def _back(self, value: relax.Expr, half: str) -> relax.Expr:
+        """A float32 result in ``half`` again; any other (an index) as it is."""
+        if str(value.ty.dtype) != "float32":
+            return value
+        return self.builder_.emit(relax.op.astype(value, half))
+
+
+@tvm.transform.module_pass(opt_level=0, name="ThroughFloat32")
+class ThroughFloat32:
+    """Module pass: the half-precision ops of :data:`OPS` computed in float32.
+
+    Attributes
+    ----------
+    rewritten : int
+        Ops rewritten by the last run.
+    """
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        rewrite = _Rewrite(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewrite.builder_.update_func(gvar, rewrite.visit_expr(func))
+        self.rewritten = rewrite.rewritten
+        return rewrite.builder_.get()
