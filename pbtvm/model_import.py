@@ -22,7 +22,7 @@ from .relay_passes import (
     ThroughFloat32,
 )
 from .torch_export import export_program, input_specs
-from .torch_import import converters
+from .torch_import import converters, module_name
 
 __all__ = ["import_model", "layer_names"]
 
@@ -106,6 +106,15 @@ def import_model(
             f"{str(err).split('Unsupported function types', 1)[1].strip()} (aten names); write them with "
             "supported ops (e.g. x.sort(dim).values for torch.kthvalue) or keep them outside the compiled model"
         ) from None
+    except Exception as err:  # a converter that fails on this use of its op: name the op and module
+        node = _failing_node(err.__traceback__)
+        if node is None:
+            raise
+        raise InputError(
+            f"TVM {tvm.__version__}'s torch importer failed on {node.target.__name__} (aten) in "
+            f"{module_name(node)}: {first_line(err)[:300]}; write that step with other ops or keep it outside "
+            "the compiled model"
+        ) from err
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
     mod = PropagateNaN()(ThroughFloat32()(BuildableFloatChecks()(clip(mod))))
@@ -117,6 +126,20 @@ def import_model(
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
         specs[i]["index_range"] = rows
     return mod, specs, dynamic
+
+
+def _failing_node(tb: Any) -> Any:
+    """The torch.fx ``call_function`` node TVM's importer was converting when ``tb`` was raised
+    (the innermost frame holding one as ``node``), or None."""
+    import torch
+
+    found = None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            found = node
+        tb = tb.tb_next
+    return found
 
 
 def _check_runs(model: Any, example_inputs: tuple) -> None:

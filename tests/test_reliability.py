@@ -278,6 +278,25 @@ def test_torch_ops_tvm_cannot_import_are_named():
         _compile(Kth(), torch.randn(2, 8))
 
 
+def test_an_op_tvm_fails_to_convert_is_named_with_its_module():
+    """TVM's converter for ``div`` fails on a run-time size (``x / x.shape[0]``) with an internal
+    TypeError; the error names the aten op and the module that made it."""
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.l1(x) / x.shape[0]
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Head())
+    with pytest.raises(
+        ValueError, match=r"torch importer failed on div.Tensor \(aten\) in 1 \(Head\): Binary operators"
+    ):
+        _compile(model, torch.randn(3, 8))
+
+
 class Extremes(torch.nn.Module):
     """A PB layer, then every extreme-value op whose NaN handling TVM's differs from torch's, over the
     input itself (NaN where the test puts it) beside the layer's output."""
