@@ -7,6 +7,7 @@ back to the torch modules that own them (for manifests and error messages).
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from typing import Any
 
@@ -106,14 +107,16 @@ def import_model(
             f"{str(err).split('Unsupported function types', 1)[1].strip()} (aten names); write them with "
             "supported ops (e.g. x.sort(dim).values for torch.kthvalue) or keep them outside the compiled model"
         ) from None
-    except Exception as err:  # a converter that fails on this use of its op: name the op and module
+    except (InputError, Warning, MemoryError, RecursionError):
+        raise
+    except Exception as err:  # one of TVM's converters fails on this use of its op: name the op and module
         node = _failing_node(err.__traceback__)
-        if node is None:
+        if node is None or node.target.__name__ in convert_map:  # pbtvm's own converters: our bug
             raise
         raise InputError(
-            f"TVM {tvm.__version__}'s torch importer failed on {node.target.__name__} (aten) in "
-            f"{module_name(node)}: {first_line(err)[:300]}; write that step with other ops or keep it outside "
-            "the compiled model"
+            f"TVM {tvm.__version__}'s torch importer failed on {node.target.__name__} in "
+            f"{module_name(node)}: {_readable(first_line(err))[:300]}; write that step with other ops or keep "
+            "it outside the compiled model"
         ) from err
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
@@ -129,17 +132,35 @@ def import_model(
 
 
 def _failing_node(tb: Any) -> Any:
-    """The torch.fx ``call_function`` node TVM's importer was converting when ``tb`` was raised
-    (the innermost frame holding one as ``node``), or None."""
+    """The torch.fx ``call_function`` node TVM's importer was converting when ``tb`` was raised, or
+    None: the ``node`` of its loop over the graph (the outermost frame holding ``node`` and
+    ``func_name``; helpers deeper down name their arguments ``node`` too)."""
     import torch
 
-    found = None
     while tb is not None:
-        node = tb.tb_frame.f_locals.get("node")
-        if isinstance(node, torch.fx.Node) and node.op == "call_function":
-            found = node
+        local = tb.tb_frame.f_locals
+        node = local.get("node")
+        if "func_name" in local and isinstance(node, torch.fx.Node) and node.op == "call_function":
+            return node
         tb = tb.tb_next
-    return found
+    return None
+
+
+def _readable(message: str) -> str:
+    """``message`` with each of TVM's ``ir.Op(span=None, ..., name="relax.x", ...)`` reprs (which
+    hold nested parentheses) cut to its name."""
+    out, at = [], 0
+    while (start := message.find("ir.Op(", at)) >= 0:
+        depth, end = 0, start + len("ir.Op")
+        while end < len(message):
+            depth += {"(": 1, ")": -1}.get(message[end], 0)
+            if depth == 0:
+                break
+            end += 1
+        name = re.search(r'name="([\w.]+)"', message[start:end])
+        out += [message[at:start], name.group(1) if name else "an op"]
+        at = end + 1
+    return "".join(out) + message[at:]
 
 
 def _check_runs(model: Any, example_inputs: tuple) -> None:

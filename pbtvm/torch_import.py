@@ -108,7 +108,8 @@ def _reduce(reduce: Any) -> Any:
 
 def _squeeze(node: Any, importer: Any) -> relax.Expr:
     """``aten.squeeze(x)`` / ``.dim(x, dim)`` / ``.dims(x, dims)``: the listed axes (all if none)
-    whose size is 1. A run-time size stays, with a warning: torch drops it only where it is 1."""
+    whose size is 1. A run-time size stays, with a warning if it may be 1: torch drops it only where
+    it is 1."""
     x = importer.env[node.args[0]]
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("dims"))
     shape = list(x.ty.shape)
@@ -117,7 +118,8 @@ def _squeeze(node: Any, importer: Any) -> relax.Expr:
     listed = range(len(shape)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     axes = sorted({int(d) % len(shape) for d in listed})
     ones = [a for a in axes if isinstance(shape[a], tir.IntImm) and int(shape[a]) == 1]
-    runtime = [a for a in axes if not isinstance(shape[a], tir.IntImm)]
+    # a run-time size torch might find 1 (a bare dimension; 2 * batch is never 1): kept, with a warning
+    runtime = [a for a in axes if isinstance(shape[a], tir.Var)]
     if runtime:
         warnings.warn(
             f"pbtvm: squeeze in {module_name(node)} keeps the run-time dimension(s) {runtime} of its "

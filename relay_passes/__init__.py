@@ -24,7 +24,6 @@ from .through_float32 import ThroughFloat32
 
 __all__ = [
     "ApplyPBSchedules",
-    "ThroughFloat32",
     "BuildableFloatChecks",
     "ClipRuntimeIndices",
     "ConversionReport",
@@ -32,4 +31,5 @@ __all__ = [
     "PBLSTMLowering",
     "PBLinearRewrite",
     "PropagateNaN",
+    "ThroughFloat32",
 ]

@@ -11,6 +11,7 @@ later. This pass wraps each such float op so that NaN passes through::
     max_pool(x)     ->  where(max_pool(float(isnan(x))) > 0, nan, max_pool(x))
     max(x, axis)    ->  where(max(float(isnan(x)), axis) > 0, nan, max(x, axis))    (min alike)
     argmax(x, axis) ->  where(max(isnan(x), axis) > 0, argmax(isnan(x), axis), argmax(x, axis))
+    median(x, axis) ->  where(any NaN, (nan, first NaN's index), median(x, axis))
     argsort(x)      ->  argsort(key(x))              (sort alike, with gather_elements)
     topk(x, k)      ->  i = topk(key(x), k, "indices");  gather_elements(x, i), i
 
@@ -46,6 +47,8 @@ REDUCE_OPS = ("relax.max", "relax.min")
 INDEX_OPS = ("relax.argmax", "relax.argmin")
 #: Sorts: a NaN breaks TVM's comparison sort.
 SORT_OPS = ("relax.argsort", "relax.sort", "relax.topk")
+#: ``median`` (values, and indices along an axis): a number even where the axis holds NaN.
+MEDIAN_OPS = ("relax.median",)
 
 
 def _is_float(expr: relax.Expr) -> bool:
@@ -86,12 +89,15 @@ class _Propagate(PyExprMutator):
         call = self.visit_expr_post_order(call)
         op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
         tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
-        ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS + SORT_OPS
+        ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS + SORT_OPS + MEDIAN_OPS
         if op not in ops or not all(_is_float(a) for a in tensors):
             return call
         if op in SORT_OPS:
             self.rewritten += 1
             return self._sort(call, op)
+        if op in MEDIAN_OPS:
+            self.rewritten += 1
+            return self._median(call)
         if op in INDEX_OPS and call.args[0].ty.dtype == "bfloat16":  # TVM 0.27 builds no bfloat16
             # argmax / argmin; in float32 every value and so the order is the same
             call = relax.Call(call.op, [self.builder_.emit(relax.op.astype(call.args[0], "float32"))], call.attrs)
@@ -121,6 +127,20 @@ class _Propagate(PyExprMutator):
             nan, value = relax.op.logical_or(_isnan(a), _isnan(b)), relax.op.add(a, b)
         value = value if isinstance(value, relax.Var) else self.builder_.emit(value)
         return relax.op.where(self.builder_.emit(nan), value, kept)
+
+    def _median(self, call: relax.Call) -> relax.Expr:
+        """NaN (and the first NaN's index) where the reduced axes hold one, as torch's median."""
+        emit, x, at = self.builder_.emit, call.args[0], call.attrs
+        kept = emit(call)
+        flag = emit(relax.op.astype(_isnan(x), "int32"))
+        axes = None if at.axis is None else [int(a) for a in at.axis]
+        hit = emit(relax.op.greater(emit(relax.op.max(flag, axes, at.keepdims)), relax.const(0, "int32")))
+        nan = relax.const(float("nan"), x.ty.dtype)
+        if isinstance(kept.ty, relax.TensorType):  # all axes: the value alone
+            return relax.op.where(hit, nan, kept)
+        values, indices = emit(relax.TupleGetItem(kept, 0)), emit(relax.TupleGetItem(kept, 1))
+        first = emit(relax.op.astype(emit(relax.op.argmax(flag, axes[0], at.keepdims)), indices.ty.dtype))
+        return relax.Tuple([emit(relax.op.where(hit, nan, values)), emit(relax.op.where(hit, first, indices))])
 
     def _sort(self, call: relax.Call, op: str) -> relax.Expr:
         """``argsort`` / ``sort`` / ``topk`` of :func:`order_key`, the values gathered from ``x``."""

@@ -13,12 +13,16 @@ warp-collective too. What it checks: TVM's generated indexing, predicates, K spl
 reductions and epilogue. The lanes of a warp run one after another between warp-collective calls
 (CUDA allows any order since Volta), so code that silently assumes a warp runs in lock step fails
 here; the order alternates between ascending and descending thread index from one round of the
-scheduler to the next, and each launch starts with the other order than the previous one, so a
-missing barrier is seen whichever thread writes first. What it cannot check: timing, and races
-that neither order exposes. Shuffle masks are not checked (the generated kernels use full
-warps). A block whose threads all wait at barriers that cannot complete (a warp operation only
-some lanes reach) raises ``RuntimeError`` at once; a launch that runs longer than
-:data:`TIMEOUT_S` raises ``TimeoutError``.
+scheduler to the next, and a kernel's launches alternate the order they start with (the first
+ascending), so a kernel launched twice shows a missing barrier whichever thread writes first.
+What it cannot check: timing, and races that neither order exposes. Shuffle masks are not
+checked (the generated kernels use full warps). A thread that returns no longer counts at
+``__syncthreads`` (as on a GPU, where an exited thread releases the block barrier); warp
+operations still need every lane. A block whose threads all wait at barriers that cannot
+complete (a warp operation only some lanes reach) raises ``RuntimeError`` at once; a launch that
+runs longer than :data:`TIMEOUT_S` (a loop that never reaches a barrier, e.g. a spin on another
+thread's write, which cannot end here since that thread never runs meanwhile) raises
+``TimeoutError``. Each kernel runs one launch at a time (its ``__shared__`` arrays are statics).
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ struct Barrier {
     unsigned long long mine = phase;
     if (++count == expected) { count = 0; ++phase; return; }
     while (phase == mine) emu_yield();
+  }
+  void leave() {  // one fiber fewer: a barrier its peers were waiting at may open
+    --expected;
+    if (count && count == expected) { count = 0; ++phase; }
   }
 };
 struct Warp {
@@ -166,7 +174,7 @@ _GXX = ["g++", "-std=c++20", "-O1", "-fPIC", "-pthread", "-w"]
 def _precompiled_prelude() -> str | None:
     """A directory holding ``prelude.h`` and its precompiled header (once per machine).
 
-    The prelude's standard headers (``<barrier>``, ``<thread>`` ...) took ~0.85 s of the ~1.5 s
+    The prelude's standard headers (``<vector>``, ``<cmath>`` ...) took ~0.85 s of the ~1.5 s
     that g++ spent on each emulated kernel; with the precompiled header a kernel compiles in
     ~0.25 s more than its own code. It is kept in pbtvm's cache directory under a hash of the
     prelude, the flags and the g++ version (~60 MB; a stale one is never used), made in a
@@ -205,6 +213,7 @@ static void emu_fiber_main() {
   KERNEL(CALL_ARGS);
   emu_current->done = true;
   ++emu_progress;
+  my_block->leave();  // an exited thread no longer holds the block barrier
 }  // returns to uc_link: the scheduler
 static unsigned emu_launches;
 // 0, or 1 + the linear index of a block whose threads all wait at barriers that cannot complete.
@@ -215,6 +224,7 @@ extern "C" long long launch(void** ptrs, int64_t* scalars, unsigned gx, unsigned
   char* stacks = (char*)mmap(nullptr, stack * threads, PROT_READ | PROT_WRITE,
                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (stacks == MAP_FAILED) return -1;
+  for (unsigned t = 0; t < threads; ++t) mprotect(stacks + stack * t, 4096, PROT_NONE);  // overflow: a clean crash
   emu_ptrs = ptrs;
   emu_scalars = scalars;
   std::vector<Fiber> fibers(threads);
@@ -340,8 +350,8 @@ class EmulatedKernel:
         p_arr = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
         s_arr = (ctypes.c_int64 * max(1, len(scalars)))(*scalars)
         dims = [ctypes.c_uint(v) for v in (*grid, *block)]
-        # In a thread of its own, so that a kernel that never finishes (a shuffle, ballot or barrier
-        # that only some threads reach waits forever) fails the test instead of hanging the run.
+        # In a thread of its own, so that a kernel that never finishes (a loop that never reaches a
+        # barrier) fails the test instead of hanging the run.
         # ctypes releases the GIL during the call; a stuck launch is abandoned (a daemon thread).
         # The thread holds the arrays (``keep``): an abandoned launch never writes to freed memory.
         failure: list[BaseException] = []
@@ -368,8 +378,8 @@ class EmulatedKernel:
         runner.join(TIMEOUT_S)
         if runner.is_alive():
             raise TimeoutError(
-                f"emulated kernel {self.name} {grid} x {block} did not finish in {TIMEOUT_S} s: a warp "
-                "operation or barrier that only some threads reach?"
+                f"emulated kernel {self.name} {grid} x {block} did not finish in {TIMEOUT_S} s: a loop that "
+                "never reaches a barrier (a spin on another thread's write cannot end here)?"
             )
         if failure:
             raise failure[0]

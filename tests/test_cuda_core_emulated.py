@@ -195,3 +195,23 @@ extern "C" __global__ void __launch_bounds__(32) tree_kernel(int* __restrict__ o
         sums.append(int(out[0]))
     # Unsynced, the ascending order reads each partial sum before its lane wrote it
     assert (sums == [528, 528]) == synced, sums
+
+
+def test_threads_that_return_early_release_the_block_barrier():
+    """On a GPU an exited thread no longer holds ``__syncthreads``: the others pass it."""
+    source = """
+extern "C" __global__ void __launch_bounds__(64) early_exit_kernel(int* __restrict__ out);
+extern "C" __global__ void __launch_bounds__(64) early_exit_kernel(int* __restrict__ out) {
+  __shared__ int vals[64];
+  if (threadIdx.x >= 48) { return; }
+  vals[threadIdx.x] = (int)threadIdx.x * 2;
+  __syncthreads();
+  out[threadIdx.x] = vals[47 - threadIdx.x];
+}
+"""
+    kern = EmulatedKernel(source, warp_ops=False)
+    for _order in ("ascending", "descending"):
+        out = np.full(64, -1, np.int32)
+        kern((1, 1, 1), (64, 1, 1), out=out)
+        np.testing.assert_array_equal(out[:48], 2 * np.arange(47, -1, -1))
+        assert (out[48:] == -1).all()
