@@ -52,7 +52,7 @@ class CompiledModel:
         structure = manifest.get("output_structure")
         self._one_tensor = structure == outputs.TENSOR or (structure is None and manifest["single_output"])
         # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
-        # from several threads take turns (see README, "Thread safety and NaN policy").
+        # from several threads take turns (see README, "Thread safety, NaN and op semantics").
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
