@@ -23,6 +23,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
+from .rewrite_calls import rewrite_every_function
+
 #: Binary ops of two bool tensors, as the logical op torch means by them.
 BOOL_OPS = {"relax.multiply": relax.op.logical_and, "relax.add": relax.op.logical_or}
 #: A float tensor compared with itself: the NaN test it is.
@@ -80,8 +82,6 @@ class BuildableFloatChecks:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         rewrite = _Rewrite(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewrite.builder_.update_func(gvar, rewrite.visit_expr(func))
+        mod = rewrite_every_function(rewrite, mod)
         self.rewritten = rewrite.rewritten
-        return rewrite.builder_.get()
+        return mod

@@ -35,6 +35,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
+from .rewrite_calls import rewrite_every_function
+
 #: Ops of one tensor operand that drop NaN in TVM (argument 0 is the tensor).
 UNARY_OPS = ("relax.nn.relu", "relax.clip")
 #: Elementwise binary ops that drop NaN in TVM.
@@ -175,8 +177,6 @@ class PropagateNaN:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         propagate = _Propagate(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                propagate.builder_.update_func(gvar, propagate.visit_expr(func))
+        mod = rewrite_every_function(propagate, mod)
         self.rewritten = propagate.rewritten
-        return propagate.builder_.get()
+        return mod

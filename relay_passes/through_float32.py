@@ -21,6 +21,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
+from .rewrite_calls import rewrite_every_function
+
 #: Per half-precision dtype, the ops TVM 0.27 cannot build or computes wrong in it (measured).
 OPS = {
     "bfloat16": (
@@ -85,8 +87,6 @@ class ThroughFloat32:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         rewrite = _Rewrite(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewrite.builder_.update_func(gvar, rewrite.visit_expr(func))
+        mod = rewrite_every_function(rewrite, mod)
         self.rewritten = rewrite.rewritten
-        return rewrite.builder_.get()
+        return mod
