@@ -23,7 +23,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
-from .rewrite_calls import rewrite_every_function
+from .rewrite_calls import CallRewritePass
 
 #: Binary ops of two bool tensors, as the logical op torch means by them.
 BOOL_OPS = {"relax.multiply": relax.op.logical_and, "relax.add": relax.op.logical_or}
@@ -67,21 +67,11 @@ class _Rewrite(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="BuildableFloatChecks")
-class BuildableFloatChecks:
+class BuildableFloatChecks(CallRewritePass):
     """Module pass: bool ``multiply`` / ``add`` as logical ops, a float compared with itself as
     ``isnan``, bfloat16 ``isnan`` / ``isinf`` / ``isfinite`` through float32.
 
-    Attributes
-    ----------
-    rewritten : int
-        Ops rewritten by the last run.
+    ``rewritten``: calls rewritten by the last run.
     """
 
-    def __init__(self) -> None:
-        self.rewritten = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        rewrite = _Rewrite(mod)
-        mod = rewrite_every_function(rewrite, mod)
-        self.rewritten = rewrite.rewritten
-        return mod
+    mutator = _Rewrite

@@ -35,7 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
-from .rewrite_calls import rewrite_every_function
+from .rewrite_calls import CallRewritePass
 
 #: Ops of one tensor operand that drop NaN in TVM (argument 0 is the tensor).
 UNARY_OPS = ("relax.nn.relu", "relax.clip")
@@ -161,22 +161,12 @@ class _Propagate(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="PropagateNaN")
-class PropagateNaN:
+class PropagateNaN(CallRewritePass):
     """Module pass: NaN-keeping ``relu`` / ``clip`` / ``maximum`` / ``minimum`` / max pooling /
     ``max`` / ``min``, NaN-finding ``argmax`` / ``argmin`` and sorts with NaN largest (``argsort``,
     ``sort``, ``topk``) in every Relax function.
 
-    Attributes
-    ----------
-    rewritten : int
-        Ops wrapped by the last run.
+    ``rewritten``: calls rewritten by the last run.
     """
 
-    def __init__(self) -> None:
-        self.rewritten = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        propagate = _Propagate(mod)
-        mod = rewrite_every_function(propagate, mod)
-        self.rewritten = propagate.rewritten
-        return mod
+    mutator = _Propagate

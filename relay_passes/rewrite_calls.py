@@ -13,4 +13,26 @@ def rewrite_every_function(mutator: object, mod: tvm.IRModule) -> tvm.IRModule:
     return mutator.builder_.get()
 
 
-__all__ = ["rewrite_every_function"]
+class CallRewritePass:
+    """Base of a module pass whose ``mutator`` class (a ``PyExprMutator`` taking the module and
+    counting its rewrites in ``rewritten``) visits every Relax function.
+
+    Attributes
+    ----------
+    rewritten : int
+        Calls rewritten by the last run.
+    """
+
+    mutator: type
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
+        mutator = self.mutator(mod)
+        mod = rewrite_every_function(mutator, mod)
+        self.rewritten = mutator.rewritten
+        return mod
+
+
+__all__ = ["CallRewritePass", "rewrite_every_function"]

@@ -21,7 +21,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
-from .rewrite_calls import rewrite_every_function
+from .rewrite_calls import CallRewritePass
 
 #: Per half-precision dtype, the ops TVM 0.27 cannot build or computes wrong in it (measured).
 OPS = {
@@ -73,20 +73,10 @@ class _Rewrite(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="ThroughFloat32")
-class ThroughFloat32:
+class ThroughFloat32(CallRewritePass):
     """Module pass: the half-precision ops of :data:`OPS` computed in float32.
 
-    Attributes
-    ----------
-    rewritten : int
-        Ops rewritten by the last run.
+    ``rewritten``: calls rewritten by the last run.
     """
 
-    def __init__(self) -> None:
-        self.rewritten = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        rewrite = _Rewrite(mod)
-        mod = rewrite_every_function(rewrite, mod)
-        self.rewritten = rewrite.rewritten
-        return mod
+    mutator = _Rewrite
