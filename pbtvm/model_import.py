@@ -24,6 +24,7 @@ from .relay_passes import (
 )
 from .torch_export import export_program, input_specs
 from .torch_import import converters, module_name
+from .user_frame import user_stacklevel
 
 __all__ = ["import_model", "layer_names"]
 
@@ -93,7 +94,7 @@ def import_model(
         warnings.warn(
             f"pbtvm: the {fixed} {verb} 1 in the example, and torch.export fixes dimensions of size 1: the compiled "
             "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
-            stacklevel=5,  # the user's compile / tune call
+            stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
     convert_map = converters([] if matmul_owners is None else matmul_owners)
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack

@@ -12,6 +12,8 @@ import logging
 import warnings
 from typing import Any
 
+from .user_frame import user_stacklevel
+
 
 def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_dims: bool) -> tuple[Any, bool]:
     """``torch.export`` with a dynamic batch (dimension 0) if possible; returns (program, dynamic).
@@ -40,7 +42,7 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
             warnings.warn(
                 f"pbtvm: the {what} could not be made dynamic ({type(err).__name__}); "
                 "the model is compiled for the example's sizes only",
-                stacklevel=6,  # the user's compile / tune call
+                stacklevel=user_stacklevel(),  # the user's compile / tune call
             )
     return torch.export.export(model, example_inputs), False
 
