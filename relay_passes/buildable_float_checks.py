@@ -1,16 +1,19 @@
-"""Rewrite the value tests torch's decompositions emit into forms TVM 0.27 builds and keeps.
+"""Rewrite the value tests and integer clips torch's decompositions emit into forms TVM 0.27 builds.
 
 ``torch.isfinite(x)`` reaches Relax as ``multiply(equal(x, x), not_equal(abs(x), inf))``, and
 ``torch.nan_to_num`` / ``isnan`` / ``isinf`` of bfloat16 as ``isnan`` / ``isinf`` of bfloat16.
 TVM 0.27 builds none of them: LLVM codegen has no multiply of bool tensors, and ``isnan`` /
 ``isinf`` / ``isfinite`` refuse bfloat16 ("not supported for isnan op"), so compiling such a
-model failed with an internal error. This pass rewrites::
+model failed with an internal error. Nor does it build an integer ``clip`` with an infinite bound
+(``F.interpolate`` decomposes into ``clamp(int64 indices, max=n-1)``, which TVM's importer gives the
+bound ``-inf``: "Cannot convert infinity to BigInt"). This pass rewrites::
 
     multiply(a, b)    ->  logical_and(a, b)     (bool a, b: torch's product of bools)
     add(a, b)         ->  logical_or(a, b)      (bool a, b: torch's sum of bools)
     equal(x, x)       ->  logical_not(isnan(x)) (float x: a NaN is the one value unequal to itself)
     not_equal(x, x)   ->  isnan(x)
     isnan(x)          ->  isnan(astype(x, "float32"))    (bfloat16 x; isinf, isfinite alike)
+    clip(i, -inf, hi) ->  clip(i, min of i's dtype, hi)  (integer i; a bound past the dtype alike)
 
 ``isnan`` replaces the self-comparison because TVM's simplifier may fold ``x == x`` to true
 (it does for bfloat16). Every bfloat16 value is exact in float32, so the tests give the same
@@ -19,6 +22,7 @@ answers.
 
 from __future__ import annotations
 
+import numpy as np
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
@@ -39,6 +43,18 @@ VALUE_TESTS = {"relax.isnan": relax.op.isnan, "relax.isinf": relax.op.isinf, "re
 def _dtype(expr: relax.Expr) -> str | None:
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _integer_clip_bounds(call: relax.Call, dtype: str) -> tuple[int, int] | None:
+    """The bounds of ``clip(x, lo, hi)`` on a tensor of integer ``dtype`` held within that dtype's
+    range (an infinite or too large bound becomes the dtype's limit), or None where both already lie
+    within it or a bound is not a constant."""
+    info = np.iinfo(dtype)
+    bounds = [getattr(b, "value", None) for b in call.args[1:]]
+    if any(not isinstance(b, (int, float)) for b in bounds) or all(info.min <= b <= info.max for b in bounds):
+        return None
+    lo, hi = bounds
+    return (info.min if lo < info.min else int(lo)), (info.max if hi > info.max else int(hi))
 
 
 @mutator
@@ -63,13 +79,19 @@ class _Rewrite(PyExprMutator):
         if op in VALUE_TESTS and dtypes[0] == "bfloat16":
             self.rewritten += 1
             return VALUE_TESTS[op](self.builder_.emit(relax.op.astype(call.args[0], "float32")))
+        if op == "relax.clip" and str(dtypes[0]).startswith(("int", "uint")):
+            bounds = _integer_clip_bounds(call, dtypes[0])
+            if bounds is not None:
+                self.rewritten += 1
+                return relax.op.clip(call.args[0], *(relax.prim_value(tvm.tirx.IntImm(dtypes[0], b)) for b in bounds))
         return call
 
 
 @tvm.transform.module_pass(opt_level=0, name="BuildableFloatChecks")
 class BuildableFloatChecks(CallRewritePass):
     """Module pass: bool ``multiply`` / ``add`` as logical ops, a float compared with itself as
-    ``isnan``, bfloat16 ``isnan`` / ``isinf`` / ``isfinite`` through float32.
+    ``isnan``, bfloat16 ``isnan`` / ``isinf`` / ``isfinite`` through float32, integer ``clip``
+    bounds within the dtype.
 
     ``rewritten``: calls rewritten by the last run.
     """

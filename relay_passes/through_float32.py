@@ -4,9 +4,10 @@ TVM keeps bfloat16 tensors as uint16 bit patterns. Some of its op lowerings then
 (``layer_norm``: "only support float32 and float16"; ``power``: "only applies to float";
 ``mod``: a uint16 store of a float) and ``median`` sorts the bit patterns, so it silently
 returned another element (``[-0.50, -0.17, -0.27]`` for torch's ``[-0.35, 0.52, -0.10]``). For
-float16, LLVM codegen lacks ``atan2``, and ``batch_norm`` came back as float32. (bfloat16
-``group_norm`` fails in TVM's importer already, before any pass: pbtvm names it in the error.) This pass casts the half-precision operands of those ops
-to float32, runs the op there, and casts its float results back::
+float16, LLVM codegen lacks ``atan2``, and ``batch_norm`` came back as float32. (``group_norm``
+never reaches this pass: pbtvm's converter in :mod:`pbtvm.torch_import` computes it from simpler
+ops, in float32 for half precision.) This pass casts the half-precision operands of those ops to
+float32, runs the op there, and casts its float results back::
 
     median(x)  ->  (astype(v, "bfloat16"), i)  where (v, i) = median(astype(x, "float32"))
 
