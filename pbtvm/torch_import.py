@@ -13,8 +13,7 @@ op (``nn_module_stack``), so a matmul left in full precision can be reported by 
 torch.export lists every axis for ``x.squeeze()`` when a size is symbolic, so a ``[batch, 1, 1]``
 tensor came out a scalar holding row 0's value, whatever the batch.
 
-``group_norm`` computes the variance from the deviations, in float32 for half precision, as torch
-does (TVM's cancels, and refuses bfloat16).
+Group and instance norms come from :mod:`pbtvm.torch_norms`.
 
 ``torch.max(x, dim)`` / ``torch.min(x, dim)`` become a ``max`` / ``min`` reduction and an ``argmax`` /
 ``argmin`` (TVM imports the first as ``topk``, which a NaN-keeping pass cannot tell from
@@ -27,7 +26,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import tvm_ffi
+
 from ._tvm import relax, tir
+from .torch_norms import NORM_CONVERTERS
 from .user_frame import user_stacklevel
 
 
@@ -133,57 +135,56 @@ def _squeeze(node: Any, importer: Any) -> relax.Expr:
     return importer.block_builder.emit(relax.op.squeeze(x, ones)) if ones else x
 
 
-def _group_norm(native: bool) -> Any:
-    """``aten.group_norm(x, groups, weight=None, bias=None, eps=1e-5)`` or
-    ``aten.native_group_norm(x, weight, bias, N, C, HxW, groups, eps)`` over ``x`` of shape
-    ``[N, C, *spatial]``, as torch computes it: the mean first, then the mean square of the
-    deviations, in float32 for float16 / bfloat16 (torch's accumulation type), rounded once.
-
-    TVM's ``group_norm`` takes the variance as ``E[x^2] - E[x]^2`` in float32, which cancels: over
-    1,024 values of mean 100 and spread 3 its output was 2e-3 off (torch's 5e-6); it refuses bfloat16
-    and a missing weight. Only the normalised tensor is made, as TVM's converter makes it.
-    """
-
-    def convert(node: Any, importer: Any) -> relax.Var:
-        args = list(node.args)
-        if native:
-            x, weight, bias, groups, eps = args[0], args[1], args[2], args[6], args[7]
-        else:
-            x, groups = args[0], args[1]
-            weight, bias, eps = (args[2:5] + [None, None, 1e-5][len(args[2:5]) :])[:3]
-        emit = importer.block_builder.emit
-        data = importer.env[x]
-        dtype, shape = str(data.ty.dtype), list(data.ty.shape)
-        compute = "float64" if dtype == "float64" else "float32"
-        if compute != dtype:
-            data = emit(relax.op.astype(data, compute))
-        grouped = emit(relax.op.reshape(data, [shape[0], groups, -1]))
-        centred = emit(relax.op.subtract(grouped, relax.op.mean(grouped, axis=[2], keepdims=True)))
-        variance = emit(relax.op.mean(relax.op.multiply(centred, centred), axis=[2], keepdims=True))
-        scaled = relax.op.multiply(centred, relax.op.rsqrt(relax.op.add(variance, relax.const(eps, compute))))
-        out = emit(relax.op.reshape(emit(scaled), shape))
-        per_channel = [int(shape[1])] + [1] * (len(shape) - 2)
-        for arg, combine in ((weight, relax.op.multiply), (bias, relax.op.add)):
-            if arg is not None:
-                value = importer.env[arg]
-                if str(value.ty.dtype) != compute:
-                    value = emit(relax.op.astype(value, compute))
-                out = emit(combine(out, relax.op.reshape(value, per_channel)))
-        return out if compute == dtype else emit(relax.op.astype(out, dtype))
-
-    return convert
-
-
 _REDUCTION_CONVERTERS = {
     "max.dim": _reduce_with_index(relax.op.max, relax.op.argmax),
     "min.dim": _reduce_with_index(relax.op.min, relax.op.argmin),
     "amax.default": _reduce(relax.op.max),
     "amin.default": _reduce(relax.op.min),
 }
-_SHAPE_CONVERTERS = {"squeeze.default": _squeeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze}
-_NORM_CONVERTERS = {
-    "group_norm.default": _group_norm(native=False),
-    "native_group_norm.default": _group_norm(native=True),
+
+
+def _repeat(node: Any, importer: Any) -> relax.Expr:
+    """``aten.repeat(x, repeats)``: ``x`` tiled ``repeats[i]`` times along axis ``i`` (``x`` padded with
+    leading axes of size 1 to ``len(repeats)`` axes). With a run-time count (``w.repeat(batch)``, as
+    ``InstanceNorm`` repeats its weight) ``x`` is broadcast along a new axis before each of its axes
+    and merged into it: TVM's ``tile`` takes constant counts only."""
+    args = importer.retrieve_args(node)
+    x, repeats = args[0], list(args[1])
+    emit = importer.block_builder.emit
+    if all(isinstance(r, int) for r in repeats):
+        return emit(relax.op.tile(x, repeats))
+    shape = [1] * (len(repeats) - x.ty.ndim) + list(x.ty.shape)
+    spread = emit(relax.op.reshape(x, [n for size in shape for n in (1, size)]))
+    spread = emit(relax.op.broadcast_to(spread, [n for pair in zip(repeats, shape, strict=True) for n in pair]))
+    return emit(relax.op.reshape(spread, [r * size for r, size in zip(repeats, shape, strict=True)]))
+
+
+def _same_sizes(a: list, b: list) -> bool:
+    """Whether the sizes ``a`` and ``b`` (ints and TIR expressions) are the same, term by term."""
+    as_expr = lambda n: tir.IntImm("int64", n) if isinstance(n, int) else n  # noqa: E731
+    return len(a) == len(b) and all(tvm_ffi.structural_equal(as_expr(m), as_expr(n)) for m, n in zip(a, b, strict=True))
+
+
+def _reshape(node: Any, importer: Any) -> relax.Expr:
+    """``aten.view / reshape(x, sizes)``, as TVM's converter reshapes (its torch-meaning of a literal 0
+    in ``sizes``) but with the sizes compared term by term: TVM's compares the lists with ``==``, which
+    for a constant size beside a run-time one (``[1, batch*C, L]`` to ``[batch, C, L]``, as
+    ``InstanceNorm`` views) makes a TIR expression that has no truth value, and the import failed."""
+    args = importer.retrieve_args(node)
+    x, sizes = args[0], list(args[1]) if isinstance(args[1], (tuple, list)) else list(args[1:])
+    shape = importer.shape_of(x)
+    if shape is not None and _same_sizes(list(shape), sizes):
+        return x
+    return importer._emit_torch_reshape(x, sizes)  # TVM 0.27's own reshape steps (pinned version)
+
+
+_SHAPE_CONVERTERS = {
+    "view.default": _reshape,
+    "reshape.default": _reshape,
+    "squeeze.default": _squeeze,
+    "squeeze.dim": _squeeze,
+    "squeeze.dims": _squeeze,
+    "repeat.default": _repeat,
 }
 
 _MATMUL_CONVERTERS = {
@@ -197,7 +198,7 @@ _MATMUL_CONVERTERS = {
 
 def converters(owners: list[str]) -> dict:
     """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops, the reductions,
-    ``squeeze`` and ``group_norm`` above.
+    ``squeeze`` above, and the norms of :mod:`pbtvm.torch_norms`.
 
     ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
     (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
@@ -212,7 +213,7 @@ def converters(owners: list[str]) -> dict:
         return run
 
     matmuls = {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
-    return matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | _NORM_CONVERTERS
+    return matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | NORM_CONVERTERS
 
 
 __all__ = ["converters", "module_name"]
