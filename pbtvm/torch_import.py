@@ -13,7 +13,8 @@ op (``nn_module_stack``), so a matmul left in full precision can be reported by 
 torch.export lists every axis for ``x.squeeze()`` when a size is symbolic, so a ``[batch, 1, 1]``
 tensor came out a scalar holding row 0's value, whatever the batch.
 
-Group and instance norms come from :mod:`pbtvm.torch_norms`.
+Group and instance norms come from :mod:`pbtvm.torch_norms`, convolutions (in the model's dtype)
+from :mod:`pbtvm.torch_conv`.
 
 ``torch.max(x, dim)`` / ``torch.min(x, dim)`` become a ``max`` / ``min`` reduction and an ``argmax`` /
 ``argmin`` (TVM imports the first as ``topk``, which a NaN-keeping pass cannot tell from
@@ -29,6 +30,7 @@ from typing import Any
 import tvm_ffi
 
 from ._tvm import relax, tir
+from .torch_conv import CONV_CONVERTERS
 from .torch_norms import NORM_CONVERTERS
 from .user_frame import user_stacklevel
 
@@ -198,7 +200,8 @@ _MATMUL_CONVERTERS = {
 
 def converters(owners: list[str]) -> dict:
     """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops, the reductions,
-    ``squeeze`` above, and the norms of :mod:`pbtvm.torch_norms`.
+    ``squeeze`` above, the norms of :mod:`pbtvm.torch_norms` and the convolutions of
+    :mod:`pbtvm.torch_conv`.
 
     ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
     (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
@@ -213,7 +216,7 @@ def converters(owners: list[str]) -> dict:
         return run
 
     matmuls = {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
-    return matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | NORM_CONVERTERS
+    return matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | NORM_CONVERTERS | CONV_CONVERTERS
 
 
 __all__ = ["converters", "module_name"]

@@ -1,4 +1,4 @@
-"""Converters for the norms whose statistics come from the input: group norm and instance norm.
+"""Converters for the norms whose statistics come from the input: group, instance and layer norm.
 
 TVM 0.27's ``group_norm`` and ``instance_norm`` take the variance as ``E[x^2] - E[x]^2`` in float32,
 which cancels where the mean is large against the spread: over groups of 1,024 values of mean 100
@@ -6,6 +6,9 @@ and spread 3 the output was 2e-3 off, where torch's is 5e-6 off. TVM's ``group_n
 bfloat16 data and a missing weight, and its converter of ``_native_batch_norm_legit.no_stats``
 (which ``InstanceNorm`` and a ``BatchNorm`` without running statistics become) fails on a run-time
 batch: torch views the input as ``[1, N*C, ...]`` and the converter takes ``int(N*C)``.
+
+TVM's ``layer_norm`` refuses float64 ("only support float32 and float16", an internal error at
+build); float64 layer norms are computed here too, the others left to TVM's converter.
 
 These converters compute as torch does: the mean first, then the mean square of the deviations
 (biased), in float32 for float16 / bfloat16 (torch's accumulation type), rounded once to the
@@ -100,11 +103,35 @@ def _batch_statistics_norm(node: Any, importer: Any) -> relax.Var:
     return _finish(emit, dtype, out, (emit(relax.op.squeeze(mean, axes)), emit(relax.op.squeeze(rstd, axes))))
 
 
+def _layer_norm(native: bool) -> Any:
+    """``aten.layer_norm(x, shape, weight=None, bias=None, eps=1e-5)`` or, with ``native``,
+    ``aten.native_layer_norm(x, shape, weight, bias, eps)`` -> ``(out, mean, rstd)``: ``x``
+    normalised over its last ``len(shape)`` axes. float64 here; other dtypes by TVM's converter."""
+
+    def convert(node: Any, importer: Any) -> relax.Var:
+        data = importer.env[node.args[0]]
+        if str(data.ty.dtype) != "float64":  # TVM 0.27's own converter (float32 / float16 kernels)
+            return (importer._native_layer_norm if native else importer._layer_norm)(node)
+        args = list(node.args[1:5]) + [None, None, 1e-5][len(node.args[2:5]) :]
+        shape, weight, bias, eps = args[:4]
+        emit = importer.block_builder.emit
+        axes = list(range(data.ty.ndim - len(shape), data.ty.ndim))
+        out, mean, rstd = _normalised(emit, data, axes, eps)
+        for arg, combine in ((weight, relax.op.multiply), (bias, relax.op.add)):
+            if arg is not None:  # of shape ``shape``: broadcast over the leading axes
+                out = emit(combine(out, importer.env[arg]))
+        return emit(relax.Tuple([out, mean, rstd])) if native else out
+
+    return convert
+
+
 #: ``custom_convert_map`` entries, by aten name.
 NORM_CONVERTERS = {
     "group_norm.default": _group_norm(native=False),
     "native_group_norm.default": _group_norm(native=True),
     "_native_batch_norm_legit.no_stats": _batch_statistics_norm,
+    "layer_norm.default": _layer_norm(native=False),
+    "native_layer_norm.default": _layer_norm(native=True),
 }
 
 __all__ = ["NORM_CONVERTERS"]

@@ -755,6 +755,68 @@ def test_half_bfloat_and_double_models_keep_their_dtype(dtype, bias):
     torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()))
 
 
+class ConvNet(torch.nn.Module):
+    """Convolutions (with and without bias, grouped, transposed) and a PB layer after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = torch.nn.Conv1d(2, 4, 3, padding=1)
+        self.conv2d = torch.nn.Conv2d(2, 4, 2, padding=1, groups=2, bias=False)
+        self.up = torch.nn.ConvTranspose1d(2, 3, 3, stride=2, output_padding=1)
+        self.head = torch.nn.Linear(4 * 4, 8)
+
+    def forward(self, x):
+        features = self.conv1d(x)
+        return self.head(features.flatten(1)), features, self.conv2d(x.view(-1, 2, 2, 2)), self.up(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_convolutions_keep_the_model_dtype(dtype):
+    """TVM's importer gave every convolution a float32 result: a float16 / bfloat16 / float64
+    convolution came back float32 (float64 computed 1e-7 off), and one followed by a Linear failed
+    to build. Half precision accumulates in float32 and rounds once, as torch does."""
+    torch.manual_seed(16)
+    model = ConvNet().eval().to(dtype)
+    with pytest.warns(UserWarning, match=r"conv1d \(Conv1d\).*conv2d \(Conv2d\).*up \(ConvTranspose1d\)"):
+        m = pbtvm.compile(model, (torch.randn(3, 2, 4, dtype=dtype),), bits=8)
+    assert len(m.converted_layers) == 1
+    for batch in (1, 5):
+        x = torch.randn(batch, 2, 4, dtype=dtype)
+        got, want = m(x), model(x)
+        _close(got[0], want[0])
+        for g, w in zip(got[1:], want[1:], strict=True):
+            assert g.dtype == dtype and g.shape == w.shape
+            ulp = 1e-15 if dtype == torch.float64 else torch.finfo(dtype).eps
+            assert (g - w).abs().max() <= ulp * w.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_norms_build_in_float64_too(dtype):
+    """TVM's ``layer_norm`` refuses float64: compiling a float64 model with a LayerNorm (e.g. a
+    ``TransformerEncoderLayer``) failed with an internal error at build."""
+
+    class Norms(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 8)
+            self.norm, self.plain = torch.nn.LayerNorm(8), torch.nn.LayerNorm([2, 4], elementwise_affine=False)
+            torch.nn.init.normal_(self.norm.weight)
+            torch.nn.init.normal_(self.norm.bias)
+
+        def forward(self, x):
+            return self.norm(self.l1(x)), self.plain(x.view(-1, 2, 4) * 10 + 100), F.layer_norm(x, (8,), eps=0.1)
+
+    torch.manual_seed(17)
+    model = Norms().eval().to(dtype)
+    m = _compile(model, torch.randn(3, 8, dtype=dtype), bits=16, act_bits=16)
+    x = torch.randn(5, 8, dtype=dtype)
+    got, want = m(x), model(x)
+    _close(got[0], want[0], rel=1e-3)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w)
+
+
 # ----------------------------------------------------------------------------- 7 raw VM bitlayers
 def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_path):
     torch.manual_seed(7)
