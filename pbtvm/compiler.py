@@ -15,7 +15,7 @@ from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .cuda import build
 from .errors import InputError
 from .lowering import layers_format
-from .model_import import import_model, layer_names
+from .model_import import eval_mode, import_model, layer_names
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering
@@ -39,13 +39,14 @@ def _rewrite(
     """Import the model and run the PB graph rewrite (kernels not yet scheduled)."""
     t0 = time.perf_counter()
     owners: list[str] = []
-    mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch, owners)
-    logger.info("imported model in %.1fs", time.perf_counter() - t0)
-    importance = None
-    if calibration is not None:
-        from .calibration import input_importance
+    with eval_mode(model):  # the caller's model keeps its mode
+        mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch, owners)
+        logger.info("imported model in %.1fs", time.perf_counter() - t0)
+        importance = None
+        if calibration is not None:
+            from .calibration import input_importance
 
-        importance = input_importance(model, calibration)
+            importance = input_importance(model, calibration)
     names = layer_names(model)
     lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
@@ -171,6 +172,8 @@ def compile(
     Parameters
     ----------
     model : torch.nn.Module
+        Compiled as in eval mode (dropout off, batch norms on their running statistics); the
+        model's own train / eval mode is left as it was.
     example_inputs : torch.Tensor or tuple of torch.Tensor
         One example per model input; dimension 0 is the batch and stays dynamic when possible.
     target : str, dict or tvm.target.Target
@@ -242,7 +245,7 @@ def compile(
 
     if tune:
         tune_kernels(_pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
-    with torch_no_grad():
+    with torch_no_grad(), eval_mode(model):
         out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
     structure = outputs.describe(out)
     return build_model(

@@ -6,9 +6,11 @@ back to the torch modules that own them (for manifests and error messages).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from . import recurrent
@@ -58,7 +60,6 @@ def import_model(
     :func:`pbtvm.torch_import.converters`).
     """
     import torch
-    from tvm.relax.frontend.torch import from_exported_program
 
     if not isinstance(model, torch.nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -80,7 +81,30 @@ def import_model(
         unique.append(x.clone() if x.data_ptr() in pointers else x)
         pointers.add(x.data_ptr())
     example_inputs = tuple(unique)
-    model = model.eval()
+    with eval_mode(model):
+        return _import_eval_model(model, example_inputs, dynamic_batch, matmul_owners)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode inside the block (inference: dropout off, batch norms on their running
+    statistics), each of its modules back in its own train / eval mode after it: compiling does not
+    change the caller's model."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _import_eval_model(
+    model: Any, example_inputs: tuple, dynamic_batch: bool, matmul_owners: list[str] | None
+) -> tuple[tvm.IRModule, list[dict], bool]:
+    """:func:`import_model` of ``model`` in eval mode, its ``example_inputs`` checked."""
+    from tvm.relax.frontend.torch import from_exported_program
+
     checked = recurrent.checked_lstms(model)  # an unsupported LSTM is named before anything runs it
     _check_runs(model, example_inputs)
     with recurrent.lstm_stand_ins(checked) as lstms:

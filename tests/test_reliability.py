@@ -817,6 +817,29 @@ def test_layer_norms_build_in_float64_too(dtype):
         torch.testing.assert_close(g, w)
 
 
+def test_compile_leaves_the_model_in_its_own_mode():
+    """``pbtvm.compile`` called ``model.eval()`` and left the caller's model in eval mode; it compiles
+    eval semantics (dropout off, running statistics), and no running statistic moves."""
+
+    class Trained(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.norm, self.drop = torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.norm(self.l1(x)))
+
+    torch.manual_seed(18)
+    model = Trained().train()
+    model.drop.eval()  # a mixed mode comes back as it was, module by module
+    before = model.norm.running_mean.clone()
+    m = pbtvm.compile(model, (torch.randn(3, 8),), bits=16, act_bits=16, calibration=[torch.randn(4, 8)])
+    assert model.training and model.norm.training and not model.drop.training
+    assert torch.equal(model.norm.running_mean, before)
+    x = torch.randn(5, 8)
+    _close(m(x), model.eval()(x), rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- 7 raw VM bitlayers
 def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_path):
     torch.manual_seed(7)
