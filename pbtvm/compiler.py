@@ -57,6 +57,9 @@ def _rewrite(
     # In the order the model runs them (the rewrite's graph order), each LSTM layer's W_hh right
     # after its W_ih (the lowering's projection): not every W_hh after the dense layers.
     recurrent = {c["weight_key"]: {**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted}
+    for part, (whole, axis, cut) in report.parts.items():  # a slice of a named weight
+        if whole in names and part not in names:
+            names[part] = _part_name(names[whole], axis, cut)
     converted = []
     for c in report.converted:
         converted.append({"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c})
@@ -76,6 +79,13 @@ def _rewrite(
 
     skipped = [{"name": skipped_name(s), **s} for s in report.skipped]
     return mod, specs, dynamic, converted, skipped
+
+
+def _part_name(whole: str, axis: int, cut: slice) -> str:
+    """``"a.in_proj_weight[32:96] (MultiheadAttention)"``: a slice along ``axis`` of a named weight."""
+    step = f":{cut.step}" if cut.step not in (None, 1) else ""
+    path, sep, kind = whole.partition(" (")
+    return f"{path}[{':, ' * axis}{cut.start}:{cut.stop}{step}]{sep}{kind}"
 
 
 def _warn_recurrent(model: Any) -> None:

@@ -90,6 +90,11 @@ def eval_mode(model: Any) -> Iterator[Any]:
     """``model`` in eval mode inside the block (inference: dropout off, batch norms on their running
     statistics), each of its modules back in its own train / eval mode after it: compiling does not
     change the caller's model."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):  # import_model names the problem
+        yield model
+        return
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -218,7 +223,17 @@ def layer_names(model: Any) -> dict[str, str]:
                 names.setdefault(weight_key(w.detach().cpu().numpy()), f"{name}.{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
-            w = weight.detach().cpu()
-            w = w.float() if w.dtype == torch.bfloat16 else w  # the rewrite keys bfloat16 weights as float32
-            names.setdefault(weight_key(w.numpy()), f"{name} ({type(module).__name__})")
+            names.setdefault(_key(weight), f"{name} ({type(module).__name__})")
+        # other matrices a module may multiply by (nn.MultiheadAttention's in_proj_weight), by name
+        for param, w in module.named_parameters(recurse=False):
+            if w.ndim == 2 and w.is_floating_point():
+                names.setdefault(_key(w), f"{f'{name}.' if name else ''}{param} ({type(module).__name__})")
     return names
+
+
+def _key(weight: Any) -> str:
+    """:func:`weight_key` of a torch weight as the rewrite keys it (bfloat16 as float32)."""
+    import torch
+
+    w = weight.detach().cpu()
+    return weight_key((w.float() if w.dtype == torch.bfloat16 else w).numpy())

@@ -18,6 +18,7 @@ share one activation pack. Every rewritten function gains a last parameter
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,12 +65,24 @@ class ConversionReport:
     skipped: list[dict] = field(default_factory=list)
     #: ``relax.matmul`` calls seen, converted or not; a skipped one has its ``matmul_index``.
     n_matmuls: int = 0
+    #: Weight key of a constant's slice (``split`` / ``strided_slice``, as ``nn.MultiheadAttention``
+    #: splits ``in_proj_weight`` into q, k, v for cross-attention) -> (whole constant's key, axis,
+    #: the slice along it).
+    parts: dict[str, tuple[str, int, slice]] = field(default_factory=dict)
 
 
 def _op_name(expr: relax.Expr) -> str | None:
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
         return expr.op.name
     return None
+
+
+def _shape_text(expr: relax.Expr) -> str:
+    """``[3, 5, 8]`` for a tensor of that shape (run-time sizes by name), ``?`` where unknown."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return "?"
+    return "[" + ", ".join(re.sub(r"T\.int64\((-?\d+)\)", r"\1", str(d)) for d in ty.shape.values) + "]"
 
 
 @dataclass
@@ -118,12 +131,50 @@ class _Rewriter(PyExprMutator):
         return expr
 
     def _constant(self, expr: relax.Expr) -> np.ndarray | None:
-        """The value of a constant operand; bfloat16 (no numpy dtype) comes back as float32."""
+        """The value of a constant operand, or of one part of a constant cut by ``split`` or a
+        ``strided_slice`` along one axis; bfloat16 (no numpy dtype) comes back as float32."""
         expr = self._unwrap(expr)
+        if isinstance(expr, relax.TupleGetItem):
+            return self._split_part(self._unwrap(expr.tuple_value), int(expr.index))
+        if _op_name(expr) == "relax.strided_slice":
+            return self._sliced(expr)
         if not isinstance(expr, tvm.ir.Constant):
             return None
         value = expr.value.numpy()
         return value.astype(np.float32) if str(expr.value.dtype) == "bfloat16" else value
+
+    def _part(self, whole: np.ndarray, axis: int, cut: slice) -> np.ndarray:
+        """``whole[cut]`` along ``axis``, remembered in the report's ``parts`` for naming."""
+        part = np.ascontiguousarray(np.take(whole, range(*cut.indices(whole.shape[axis])), axis=axis))
+        self.report.parts.setdefault(weight_key(part), (weight_key(whole), axis, cut))
+        return part
+
+    def _split_part(self, split: relax.Expr, index: int) -> np.ndarray | None:
+        """Part ``index`` of ``split(constant, indices_or_sections, axis)``, or None."""
+        whole = self._constant(split.args[0]) if _op_name(split) == "relax.split" else None
+        if whole is None:
+            return None
+        axis = int(split.attrs.axis) % whole.ndim
+        cuts = split.attrs.indices_or_sections
+        if isinstance(cuts, (int, tir.IntImm)):  # n equal sections
+            size = whole.shape[axis] // int(cuts)
+            bounds = [size * i for i in range(int(cuts) + 1)]
+        else:
+            bounds = [0, *(int(c) for c in cuts), whole.shape[axis]]
+        return self._part(whole, axis, slice(bounds[index], bounds[index + 1]))
+
+    def _sliced(self, call: relax.Call) -> np.ndarray | None:
+        """``strided_slice(constant)`` along one axis, or None."""
+        whole = self._constant(call.args[0])
+        fields = [getattr(a, "fields", None) for a in call.args[1:5]]  # tuples of IntImm, or run-time
+        if whole is None or any(f is None or not all(isinstance(v, tir.IntImm) for v in f) for f in fields):
+            return None
+        axes, begin, end, strides = ([int(v) for v in f] for f in fields)
+        if len(axes) != 1:
+            return None
+        axis = axes[0] % whole.ndim
+        start, stop, step = slice(begin[0], end[0], strides[0]).indices(whole.shape[axis])
+        return self._part(whole, axis, slice(start, stop, step))
 
     def _weight_of(self, rhs: relax.Expr) -> tuple[np.ndarray | None, str]:
         """W [N, K] from the matmul's right operand, or (None, reason)."""
@@ -149,6 +200,8 @@ class _Rewriter(PyExprMutator):
         x, rhs = call.args
         weight, reason = self._weight_of(rhs)
         if weight is None:
+            if reason == "weight is not a constant":  # e.g. attention's q k^T: tell the products apart
+                reason += f" (a product of run-time tensors {_shape_text(x)} @ {_shape_text(rhs)})"
             return None, None, reason
         if not np.issubdtype(weight.dtype, np.floating):
             return None, None, f"weight dtype {weight.dtype} is not floating point"

@@ -840,6 +840,43 @@ def test_compile_leaves_the_model_in_its_own_mode():
     _close(m(x), model.eval()(x), rel=1e-3)
 
 
+class CrossAttention(torch.nn.Module):
+    """``nn.MultiheadAttention`` with keys from a second input, and slices of a plain weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.w, self.b = torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(24))
+
+    def forward(self, q, k):
+        out = self.attn(q, k, k, need_weights=False)[0]
+        return out, F.linear(out, self.w[8:], self.b[8:]), out @ self.w[4:20:2].T
+
+
+def test_slices_of_constant_weights_are_converted_and_named():
+    """Cross-attention splits ``in_proj_weight`` into q and k/v rows: the slices were left in full
+    precision as "weight is not a constant", in a warning whose entries could not be told apart."""
+    torch.manual_seed(19)
+    model = CrossAttention().eval()
+    q, k = torch.randn(3, 5, 16), torch.randn(3, 6, 16)
+    with pytest.warns(UserWarning, match=r"product of run-time tensors \[.*\] @ \[") as caught:
+        m = pbtvm.compile(model, (q, k), bits=16, act_bits=16)
+    assert [w for w in caught if "layer(s) stay in full precision" in str(w.message)][0].message.args[0].count(
+        "attn (MultiheadAttention): relax.matmul"
+    ) == 2  # the attention's two activation products, and nothing else
+    assert m.converted_layers == [
+        "attn.in_proj_weight[0:16] (MultiheadAttention)",
+        "attn.in_proj_weight[16:48] (MultiheadAttention)",
+        "attn.out_proj (NonDynamicallyQuantizableLinear)",
+        "w[8:24] (CrossAttention)",
+        "w[4:20:2] (CrossAttention)",
+    ]
+    for batch in (1, 4):
+        q, k = torch.randn(batch, 5, 16), torch.randn(batch, 6, 16)
+        for got, want in zip(m(q, k), model(q, k), strict=True):
+            _close(got, want, rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- 7 raw VM bitlayers
 def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_path):
     torch.manual_seed(7)
