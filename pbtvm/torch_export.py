@@ -38,13 +38,23 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
         except Exception as err:
             if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
                 raise
-            what = "batch and sequence dimensions" if recurrent_dims else "batch dimension"
+            what = "batch and sequence dimensions" if recurrent_dims else "batch dimension (dimension 0 of every input)"
             warnings.warn(
-                f"pbtvm: the {what} could not be made dynamic ({type(err).__name__}); "
+                f"pbtvm: the {what} could not be made dynamic ({_export_reason(err)}); "
                 "the model is compiled for the example's sizes only",
                 stacklevel=user_stacklevel(),  # the user's compile / tune call
             )
     return torch.export.export(model, example_inputs), False
+
+
+def _export_reason(err: Exception) -> str:
+    """The line of torch.export's error that says why: its first listed violation (``- You marked
+    batch as dynamic but your code specialized it to be a constant (6)...``), else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    listed = [line[2:] for line in lines if line.startswith("- ")]
+    reason = (listed or lines or [""])[0]
+    reason = reason.split(". If you're using", 1)[0]  # drop torch's advice on its own API
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
 @contextlib.contextmanager

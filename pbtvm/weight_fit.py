@@ -121,7 +121,8 @@ def fit_symmetric(
 
 
 def _round_sym(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
-    safe = np.where(s > 0, s, 1.0).astype(np.float32)
+    s = s.astype(np.float32)  # a scale below float32's smallest denormal is 0: the row's codes are 0
+    safe = np.where(s > 0, s, np.float32(1.0))
     return np.clip(np.round(w / safe[:, None]), -qmax, qmax)
 
 

@@ -877,6 +877,26 @@ def test_slices_of_constant_weights_are_converted_and_named():
             _close(got, want, rel=1e-3)
 
 
+def test_a_batch_that_cannot_be_dynamic_is_explained():
+    """The warning said only "could not be made dynamic (UserError)"; it now gives torch.export's
+    reason: a time-first GRU (unrolled by torch.export) fixes dimension 0, its sequence length."""
+
+    class TimeFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(4, 8)
+
+        def forward(self, x):
+            return self.gru(x)[0]
+
+    with pytest.warns(
+        UserWarning,
+        match=r"dimension 0 of every input\) could not be made dynamic \(UserError: .*"
+        r"specialized it to be a constant \(6\)\)",
+    ):
+        pbtvm.compile(TimeFirst().eval(), (torch.randn(6, 3, 4),), bits=8)
+
+
 # ----------------------------------------------------------------------------- 7 raw VM bitlayers
 def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_path):
     torch.manual_seed(7)

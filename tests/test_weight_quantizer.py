@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -73,6 +74,19 @@ def test_constant_and_zero_rows_are_exact(rng):
         fmt = bp.BitplaneFormat(bits, 8, "offset_binary")
         q, s = qz.quantize_weights(w, fmt)
         np.testing.assert_allclose(qz.dequantize_weights(q, s, fmt)[:2], w[:2], atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["mse", "max"])
+def test_a_row_of_denormals_quantizes_without_a_warning(method, rng):
+    """A row whose scale falls below float32's smallest denormal (1e-41 at 16 bits) divided by a
+    zero scale: numpy warned "divide by zero" from inside the fit. Its codes are 0 now."""
+    w = rng.standard_normal((3, 16)).astype(np.float32)
+    w[1] = 1e-41
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for qmax in (1, 127, 32767):
+            q, s = weight_fit.fit_symmetric(w, qmax, method)
+            assert np.isfinite(s).all() and (s[1] > 0 or not q[1].any())
 
 
 def test_two_level_fit_is_the_exact_optimum(rng):
