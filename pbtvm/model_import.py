@@ -213,11 +213,16 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
 
 
 def layer_names(model: Any) -> dict[str, str]:
-    """Weight key -> readable layer name (torch module path and type) for every weight of ``model``."""
+    """Weight key -> readable layer name (torch module path and type) for every weight of ``model``.
+
+    A weight held by several modules is named by the first that multiplies by it, so a language
+    model's head tied to its embedding table is named as the head: embeddings come last."""
     import torch
 
+    lookups = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    modules = sorted(model.named_modules(), key=lambda item: isinstance(item[1], lookups))  # stable
     names = {}
-    for name, module in model.named_modules():
+    for name, module in modules:
         if isinstance(module, torch.nn.LSTM):  # its weights by parameter name (the lowering's dense layers)
             for param, w in module.named_parameters():
                 names.setdefault(weight_key(w.detach().cpu().numpy()), f"{name}.{param} (LSTM)")

@@ -897,6 +897,23 @@ def test_a_batch_that_cannot_be_dynamic_is_explained():
         pbtvm.compile(TimeFirst().eval(), (torch.randn(6, 3, 4),), bits=8)
 
 
+def test_a_head_tied_to_the_embedding_is_named_as_the_head():
+    """Layers are named by weight: a tied head was listed as ``embed (Embedding)``."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(40, 16), torch.nn.Linear(16, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)))
+
+    model = Tied().eval()
+    m = _compile(model, torch.randint(0, 40, (3, 5)))
+    assert m.converted_layers == ["head (Linear)"]
+
+
 # ----------------------------------------------------------------------------- 7 raw VM bitlayers
 def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_path):
     torch.manual_seed(7)
