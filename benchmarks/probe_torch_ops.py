@@ -4,8 +4,9 @@ Two tables: ``VALUE_OPS`` (elementwise, reductions, norms; run in every ``--dtyp
 example batch) and ``SHAPE_OPS`` (shapes, indexing, integer ops; float32, at batches 5, 1 and 3,
 compiled at batch 3). Prints one line per op that fails to build or differs from torch beyond the
 dtype's tolerance (``--all``: every op). Run it after a TVM or torch upgrade: the twelfth session
-found a silently wrong ``squeeze``, ``median`` and NaN sorts with it (BENCHMARKS.md), each now a
-test in ``tests/test_reliability.py``. A few minutes on 2 cores.
+found a silently wrong ``squeeze``, ``median`` and NaN sorts with it, the thirteenth TVM's
+cancelling ``group_norm`` and float32 half-precision convolutions (BENCHMARKS.md), each now a test
+in ``tests/test_reliability.py``. A few minutes on 2 cores.
 
     python benchmarks/probe_torch_ops.py --dtypes float32,float16,bfloat16
 """
@@ -94,6 +95,12 @@ VALUE_OPS = {
     "square": torch.square,
     "expm1": torch.expm1,
     "log1p": lambda x: torch.log1p(x.abs()),
+    "group_norm": lambda x: F.group_norm(x.view(-1, 4, 2) * 4 + 50, 2).flatten(1),
+    "instance_norm": lambda x: F.instance_norm(x.view(-1, 2, 4) * 4 + 50).flatten(1),
+    "conv1d_dtype": lambda x: F.conv1d(
+        x.unsqueeze(1), torch.ones(2, 1, 3, dtype=x.dtype), torch.ones(2, dtype=x.dtype)
+    ),
+    "interp_dtype": lambda x: F.interpolate(x.unsqueeze(1), scale_factor=2, mode="linear").squeeze(1),
 }
 
 SHAPE_OPS = {

@@ -356,14 +356,17 @@ def generate(
         forced = _forced_inputs(kept, ids, first, steps, n_chunks, chunk)
         token, ctrl = kept.write("token", ids[:, first]), kept.write("ctrl", first_ctrl)
         done, temp = kept.not_done, kept.temperature(sampling.temperature)
-        fn, outs = model._vm[CHUNK_FUNCS[bool(return_logits)]], []
+        fn, outs, done_here = model._vm[CHUNK_FUNCS[bool(return_logits)]], [], None
         for k in range(n_chunks):  # the chunk's outputs are the next chunk's inputs: no host work
             res = fn(token, forced[k], done, ctrl, temp, h, c, layers_arg)
             token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
             outs.append((res[0], res[6] if return_logits else None))
-            if eos >= 0 and first + (k + 1) * chunk >= length and _finished(_host(done, model)):
-                break
-        _report_nonfinite(_host(done, model), sampling)
+            done_here = None  # the host copy of this chunk's ``done``, where the end-token check made one
+            if eos >= 0 and first + (k + 1) * chunk >= length:
+                done_here = _host(done, model)
+                if _finished(done_here):
+                    break
+        _report_nonfinite(_host(done, model) if done_here is None else done_here, sampling)
         keep = slice(length - 1 - first, steps - first)
         tokens = np.concatenate([_host(t, model) for t, _ in outs])[keep].T
         logits = np.concatenate([_host(g, model) for _, g in outs])[keep] if return_logits else None
