@@ -24,12 +24,13 @@ from :mod:`pbtvm.torch_conv`.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any
 
 import tvm_ffi
 
-from ._tvm import relax, tir
+from ._tvm import relax, tir, tvm
 from .torch_conv import CONV_CONVERTERS
 from .torch_norms import NORM_CONVERTERS
 from .user_frame import user_stacklevel
@@ -137,6 +138,40 @@ def _squeeze(node: Any, importer: Any) -> relax.Expr:
     return importer.block_builder.emit(relax.op.squeeze(x, ones)) if ones else x
 
 
+def _is_runtime_size(value: Any) -> bool:
+    """Whether an importer value is a run-time size (``x.shape[0]``, ``x.numel()``): an integer
+    expression of a dimension, not a constant and not a tensor."""
+    return isinstance(getattr(value, "ty", None), tvm.ir.PrimType) and not isinstance(value, tir.IntImm)
+
+
+def _arithmetic(op: Any, intrinsic: Any) -> Any:
+    """``aten.add / sub / mul / div.Tensor(a, b)``; a run-time size operand (``x / x.shape[0]``)
+    becomes a 0-d tensor of the other operand's dtype (float32 for an integer tensor divided, as
+    torch's true division), which TVM's converter cannot make. Anything else is TVM's converter."""
+
+    def convert(node: Any, importer: Any) -> relax.Var:
+        args = importer.retrieve_args(node)[:2]
+        if not any(_is_runtime_size(a) for a in args):
+            return importer._binary_op(op, intrinsic)(node)  # TVM 0.27's own converter (pinned version)
+        tensor = next((a for a in args if isinstance(getattr(a, "ty", None), relax.TensorType)), None)
+        if tensor is None:  # both are sizes: a size again, as torch computes it
+            return intrinsic(*args)
+        emit = importer.block_builder.emit
+        dtype = str(tensor.ty.dtype)
+        if op is relax.op.divide and not dtype.startswith(("float", "bfloat")):
+            dtype = "float32"
+        operands = []
+        for a in args:
+            if _is_runtime_size(a):
+                a = emit(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([a])), []))
+            elif not isinstance(a, relax.Expr):  # a Python number
+                a = relax.const(a, dtype)
+            operands.append(a if str(a.ty.dtype) == dtype else emit(relax.op.astype(a, dtype)))
+        return emit(op(*operands))
+
+    return convert
+
+
 _REDUCTION_CONVERTERS = {
     "max.dim": _reduce_with_index(relax.op.max, relax.op.argmax),
     "min.dim": _reduce_with_index(relax.op.min, relax.op.argmin),
@@ -189,6 +224,13 @@ _SHAPE_CONVERTERS = {
     "repeat.default": _repeat,
 }
 
+_ARITHMETIC_CONVERTERS = {
+    "add.Tensor": _arithmetic(relax.op.add, operator.add),
+    "sub.Tensor": _arithmetic(relax.op.subtract, operator.sub),
+    "mul.Tensor": _arithmetic(relax.op.multiply, operator.mul),
+    "div.Tensor": _arithmetic(relax.op.divide, operator.truediv),
+}
+
 _MATMUL_CONVERTERS = {
     "linear.default": _linear,
     "addmm.default": _addmm,
@@ -216,7 +258,9 @@ def converters(owners: list[str]) -> dict:
         return run
 
     matmuls = {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
-    return matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | NORM_CONVERTERS | CONV_CONVERTERS
+    return (
+        matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | _ARITHMETIC_CONVERTERS | NORM_CONVERTERS | CONV_CONVERTERS
+    )
 
 
 __all__ = ["converters", "module_name"]

@@ -280,7 +280,7 @@ def test_torch_ops_tvm_cannot_import_are_named():
 
 
 def test_an_op_tvm_fails_to_convert_is_named_with_its_module():
-    """TVM's converter for ``div`` fails on a run-time size (``x / x.shape[0]``) with an internal
+    """TVM's converter for ``pow`` fails on a run-time size (``x ** x.shape[0]``) with an internal
     TypeError; the error names the aten op and the module that made it."""
 
     class Head(torch.nn.Module):
@@ -289,10 +289,10 @@ def test_an_op_tvm_fails_to_convert_is_named_with_its_module():
             self.l1 = torch.nn.Linear(8, 4)
 
         def forward(self, x):
-            return self.l1(x) / x.shape[0]
+            return self.l1(x) ** x.shape[0]
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), Head())
-    with pytest.raises(ValueError, match=r"torch importer failed on div.Tensor in 1 \(Head\): Binary operators"):
+    with pytest.raises(ValueError, match=r"importer failed on pow.Tensor_Scalar in 1 \(Head\): Binary operators"):
         _compile(model, torch.randn(3, 8))
 
 
@@ -565,6 +565,39 @@ def test_repeat_by_the_batch_and_views_to_a_run_time_size_match_torch():
         x = torch.randn(batch, 8)
         for got, want in list(zip(m(x), model(x), strict=True))[1:]:
             assert torch.equal(got, want)
+
+
+def test_arithmetic_with_run_time_sizes_matches_torch():
+    """``x / x.shape[0]`` and ``x * x.numel()`` failed to import: TVM's converter made a constant of
+    the run-time size."""
+
+    class Sized(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.l1(x)
+            ints = (x * 10).int()
+            return (
+                y / y.shape[0],
+                y * y.numel(),
+                x.shape[0] - x,
+                ints / x.shape[0],
+                ints * x.shape[0],
+                x + 2 * x.shape[0],
+            )
+
+    model = Sized().eval()
+    m = _compile(model, torch.randn(3, 8), bits=16, act_bits=16)
+    for batch in (1, 5):
+        x = torch.randn(batch, 8)
+        got, want = m(x), model(x)
+        _close(got[0], want[0], rel=1e-3)
+        _close(got[1], want[1], rel=1e-3)
+        for g, w in zip(got[2:], want[2:], strict=True):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g, w)
 
 
 class StatisticNorms(torch.nn.Module):
