@@ -182,7 +182,7 @@ def compile(
     Parameters
     ----------
     model : torch.nn.Module
-        Compiled as in eval mode (dropout off, batch norms on their running statistics); the
+        Compiled as in eval mode (dropout off, batch norms on the running statistics they keep); the
         model's own train / eval mode is left as it was.
     example_inputs : torch.Tensor or tuple of torch.Tensor
         One example per model input; dimension 0 is the batch and stays dynamic when possible.

@@ -87,8 +87,8 @@ def import_model(
 
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[Any]:
-    """``model`` in eval mode inside the block (inference: dropout off, batch norms on their running
-    statistics), each of its modules back in its own train / eval mode after it: compiling does not
+    """``model`` in eval mode inside the block (inference: dropout off, batch norms on the running
+    statistics they keep), each of its modules back in its own train / eval mode after it: compiling does not
     change the caller's model."""
     import torch
 
@@ -229,10 +229,14 @@ def layer_names(model: Any) -> dict[str, str]:
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
             names.setdefault(_key(weight), f"{name} ({type(module).__name__})")
-        # other matrices a module may multiply by (nn.MultiheadAttention's in_proj_weight), by name
+        # other matrices a module may multiply by (nn.MultiheadAttention's in_proj_weight), by name,
+        # also as ``x @ W`` takes them (the layer's weight is then W transposed)
         for param, w in module.named_parameters(recurse=False):
             if w.ndim == 2 and w.is_floating_point():
-                names.setdefault(_key(w), f"{f'{name}.' if name else ''}{param} ({type(module).__name__})")
+                label = f"{f'{name}.' if name else ''}{param} ({type(module).__name__})"
+                names.setdefault(_key(w), label)
+                if param != "weight":
+                    names.setdefault(_key(w.t()), label)
     return names
 
 

@@ -31,7 +31,7 @@ def _emit_convolution(importer: Any, x: Any, weight: Any, bias: Any, transposed:
     rank = x.ty.ndim - 2
     if (transposed, rank) not in _OPS:
         kind = "transposed " if transposed else ""
-        raise ValueError(f"TVM has no {kind}convolution over {rank} spatial axes")
+        raise ValueError(f"TVM 0.27 has no {kind}convolution of a {x.ty.ndim}-d input")
     op, data_layout, kernel_layout = _OPS[transposed, rank]
     accumulate = "float32" if dtype in ("float16", "bfloat16") else dtype
     if not transposed:
@@ -62,45 +62,7 @@ def _convolution(node: Any, importer: Any) -> relax.Var:
     )
 
 
-def _conv(transposed: bool) -> Any:
-    """``aten.convNd(x, w, b=None, stride=1, padding=0, dilation=1, groups=1)`` or
-    ``aten.conv_transposeNd(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1)``."""
-    names = (
-        ("stride", "padding", "output_padding", "groups", "dilation")
-        if transposed
-        else ("stride", "padding", "dilation", "groups")
-    )
-    defaults = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
-
-    def convert(node: Any, importer: Any) -> relax.Var:
-        args = importer.retrieve_args(node)
-        x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else None
-        given = dict(zip(names, args[3:], strict=False))
-        values = {name: given.get(name, defaults[name]) for name in defaults}
-        return _emit_convolution(
-            importer,
-            x,
-            weight,
-            bias,
-            transposed,
-            strides=values["stride"],
-            padding=values["padding"],
-            dilation=values["dilation"],
-            output_padding=values["output_padding"],
-            groups=values["groups"],
-        )
-
-    return convert
-
-
 #: ``custom_convert_map`` entries, by aten name.
-CONV_CONVERTERS = {
-    "convolution.default": _convolution,
-    "conv1d.default": _conv(transposed=False),
-    "conv2d.default": _conv(transposed=False),
-    "conv3d.default": _conv(transposed=False),
-    "conv_transpose1d.default": _conv(transposed=True),
-    "conv_transpose2d.input": _conv(transposed=True),
-}
+CONV_CONVERTERS = {"convolution.default": _convolution}  # torch.export's decompositions leave only this form
 
 __all__ = ["CONV_CONVERTERS"]

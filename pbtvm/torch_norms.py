@@ -12,8 +12,10 @@ build); float64 layer norms are computed here too, the others left to TVM's conv
 
 These converters compute as torch does: the mean first, then the mean square of the deviations
 (biased), in float32 for float16 / bfloat16 (torch's accumulation type), rounded once to the
-input's dtype; the weight and bias per channel (axis 1) where given. The ``native`` ops return
-torch's tuple ``(out, mean, rstd)``.
+input's dtype; then the weight and bias where given (per channel, axis 1, for group and instance
+norm; over the normalised trailing axes for layer norm). The ``native`` ops return torch's tuple
+``(out, mean, rstd)``. torch.export's decompositions (which TVM's importer runs) leave only the
+``native`` forms of group and layer norm.
 """
 
 from __future__ import annotations
@@ -61,29 +63,18 @@ def _finish(emit: Any, dtype: str, out: relax.Var, stats: tuple[relax.Expr, ...]
     return items[0] if stats is None else emit(relax.Tuple(items))
 
 
-def _group_norm(native: bool) -> Any:
-    """``aten.group_norm(x, groups, weight=None, bias=None, eps=1e-5)`` or, with ``native``,
-    ``aten.native_group_norm(x, weight, bias, N, C, HxW, groups, eps)`` -> ``(out, mean, rstd)``
+def _group_norm(node: Any, importer: Any) -> relax.Var:
+    """``aten.native_group_norm(x, weight, bias, N, C, HxW, groups, eps)`` -> ``(out, mean, rstd)``
     (``mean`` and ``rstd`` of shape ``[N, groups]``), over ``x`` of shape ``[N, C, *spatial]``."""
-
-    def convert(node: Any, importer: Any) -> relax.Var:
-        args = list(node.args)
-        if native:
-            x, weight, bias, groups, eps = args[0], args[1], args[2], args[6], args[7]
-        else:
-            x, groups = args[0], args[1]
-            weight, bias, eps = (args[2:5] + [None, None, 1e-5][len(args[2:5]) :])[:3]
-        emit = importer.block_builder.emit
-        data = importer.env[x]
-        dtype, shape = str(data.ty.dtype), list(data.ty.shape)
-        data = emit(relax.op.astype(data, _compute_dtype(dtype)))
-        grouped = emit(relax.op.reshape(data, [shape[0], groups, -1]))
-        scaled, mean, rstd = _normalised(emit, grouped, [2], eps)
-        out = _per_channel(emit, emit(relax.op.reshape(scaled, shape)), importer, weight, bias)
-        stats = (emit(relax.op.squeeze(mean, [2])), emit(relax.op.squeeze(rstd, [2]))) if native else None
-        return _finish(emit, dtype, out, stats)
-
-    return convert
+    x, weight, bias, *_, groups, eps = node.args
+    emit = importer.block_builder.emit
+    data = importer.env[x]
+    dtype, shape = str(data.ty.dtype), list(data.ty.shape)
+    data = emit(relax.op.astype(data, _compute_dtype(dtype)))
+    grouped = emit(relax.op.reshape(data, [shape[0], groups, -1]))
+    scaled, mean, rstd = _normalised(emit, grouped, [2], eps)
+    out = _per_channel(emit, emit(relax.op.reshape(scaled, shape)), importer, weight, bias)
+    return _finish(emit, dtype, out, (emit(relax.op.squeeze(mean, [2])), emit(relax.op.squeeze(rstd, [2]))))
 
 
 def _batch_statistics_norm(node: Any, importer: Any) -> relax.Var:
@@ -103,35 +94,27 @@ def _batch_statistics_norm(node: Any, importer: Any) -> relax.Var:
     return _finish(emit, dtype, out, (emit(relax.op.squeeze(mean, axes)), emit(relax.op.squeeze(rstd, axes))))
 
 
-def _layer_norm(native: bool) -> Any:
-    """``aten.layer_norm(x, shape, weight=None, bias=None, eps=1e-5)`` or, with ``native``,
-    ``aten.native_layer_norm(x, shape, weight, bias, eps)`` -> ``(out, mean, rstd)``: ``x``
+def _layer_norm(node: Any, importer: Any) -> relax.Var:
+    """``aten.native_layer_norm(x, shape, weight, bias, eps)`` -> ``(out, mean, rstd)``: ``x``
     normalised over its last ``len(shape)`` axes. float64 here; other dtypes by TVM's converter."""
-
-    def convert(node: Any, importer: Any) -> relax.Var:
-        data = importer.env[node.args[0]]
-        if str(data.ty.dtype) != "float64":  # TVM 0.27's own converter (float32 / float16 kernels)
-            return (importer._native_layer_norm if native else importer._layer_norm)(node)
-        args = list(node.args[1:5]) + [None, None, 1e-5][len(node.args[2:5]) :]
-        shape, weight, bias, eps = args[:4]
-        emit = importer.block_builder.emit
-        axes = list(range(data.ty.ndim - len(shape), data.ty.ndim))
-        out, mean, rstd = _normalised(emit, data, axes, eps)
-        for arg, combine in ((weight, relax.op.multiply), (bias, relax.op.add)):
-            if arg is not None:  # of shape ``shape``: broadcast over the leading axes
-                out = emit(combine(out, importer.env[arg]))
-        return emit(relax.Tuple([out, mean, rstd])) if native else out
-
-    return convert
+    data = importer.env[node.args[0]]
+    if str(data.ty.dtype) != "float64":  # TVM 0.27's own converter (float32 / float16 kernels)
+        return importer._native_layer_norm(node)
+    _, shape, weight, bias, eps = node.args
+    emit = importer.block_builder.emit
+    axes = list(range(data.ty.ndim - len(shape), data.ty.ndim))
+    out, mean, rstd = _normalised(emit, data, axes, eps)
+    for arg, combine in ((weight, relax.op.multiply), (bias, relax.op.add)):
+        if arg is not None:  # of shape ``shape``: broadcast over the leading axes
+            out = emit(combine(out, importer.env[arg]))
+    return emit(relax.Tuple([out, mean, rstd]))
 
 
 #: ``custom_convert_map`` entries, by aten name.
 NORM_CONVERTERS = {
-    "group_norm.default": _group_norm(native=False),
-    "native_group_norm.default": _group_norm(native=True),
+    "native_group_norm.default": _group_norm,
     "_native_batch_norm_legit.no_stats": _batch_statistics_norm,
-    "layer_norm.default": _layer_norm(native=False),
-    "native_layer_norm.default": _layer_norm(native=True),
+    "native_layer_norm.default": _layer_norm,
 }
 
 __all__ = ["NORM_CONVERTERS"]

@@ -77,6 +77,16 @@ def _op_name(expr: relax.Expr) -> str | None:
     return None
 
 
+def _same_matrices(outer: relax.Expr, inner: relax.Expr) -> bool:
+    """Whether ``outer`` (a broadcast or reshape of ``inner``) keeps ``inner``'s last two axes, so that
+    its matrices are ``inner``'s (a reshape then only regroups the leading axes)."""
+    shapes = [getattr(e.ty, "shape", None) for e in (outer, inner)]
+    if any(s is None for s in shapes) or inner.ty.ndim < 2 or outer.ty.ndim < 2:
+        return False
+    (o1, o2), (i1, i2) = (list(s.values)[-2:] for s in shapes)
+    return all(tvm_ffi.structural_equal(a, b) for a, b in ((o1, i1), (o2, i2)))
+
+
 def _shape_text(expr: relax.Expr) -> str:
     """``[3, 5, 8]`` for a tensor of that shape (run-time sizes by name), ``?`` where unknown."""
     ty = expr.ty
@@ -166,20 +176,43 @@ class _Rewriter(PyExprMutator):
     def _sliced(self, call: relax.Call) -> np.ndarray | None:
         """``strided_slice(constant)`` along one axis, or None."""
         whole = self._constant(call.args[0])
-        fields = [getattr(a, "fields", None) for a in call.args[1:5]]  # tuples of IntImm, or run-time
+        fields = [getattr(a, "fields", None) for a in call.args[1:]]  # tuples of IntImm, or run-time
         if whole is None or any(f is None or not all(isinstance(v, tir.IntImm) for v in f) for f in fields):
             return None
-        axes, begin, end, strides = ([int(v) for v in f] for f in fields)
+        axes, begin, end, *strides = ([int(v) for v in f] for f in fields)  # strides may be left out
+        strides = strides[0] if strides else [1] * len(axes)
         if len(axes) != 1:
             return None
         axis = axes[0] % whole.ndim
         start, stop, step = slice(begin[0], end[0], strides[0]).indices(whole.shape[axis])
         return self._part(whole, axis, slice(start, stop, step))
 
+    def _reads_inputs(self, expr: relax.Expr) -> bool:
+        """Whether ``expr`` depends on a parameter of the function (an input), not only constants."""
+        stack, seen = [expr], set()
+        while stack:
+            e = self._unwrap(stack.pop())
+            if isinstance(e, relax.Var):  # unbound: a parameter
+                return True
+            if e in seen:
+                continue
+            seen.add(e)
+            if isinstance(e, relax.Call):
+                stack.extend(e.args)
+            elif isinstance(e, relax.Tuple):
+                stack.extend(e.fields)
+            elif isinstance(e, relax.TupleGetItem):
+                stack.append(e.tuple_value)
+        return False
+
     def _weight_of(self, rhs: relax.Expr) -> tuple[np.ndarray | None, str]:
-        """W [N, K] from the matmul's right operand, or (None, reason)."""
+        """W [N, K] from the matmul's right operand, or (None, reason).
+
+        The operand may be W (or its transpose) broadcast over leading axes and those axes reshaped,
+        as torch's decomposition of ``nn.Linear`` on a non-contiguous 4-D input makes it (``bmm`` of
+        ``reshape(broadcast_to(permute_dims(W)), [B*H, K, N])``): every matrix of it is W."""
         rhs = self._unwrap(rhs)
-        if _op_name(rhs) == "relax.broadcast_to":
+        while _op_name(rhs) in ("relax.broadcast_to", "relax.reshape") and _same_matrices(rhs, rhs.args[0]):
             rhs = self._unwrap(rhs.args[0])
         if _op_name(rhs) == "relax.permute_dims":
             axes = rhs.attrs.axes
@@ -194,6 +227,9 @@ class _Rewriter(PyExprMutator):
             return None, "weight is not a constant"
         if const.ndim != 2:
             return None, f"weight has rank {const.ndim}, not 2"
+        part = self.report.parts.get(weight_key(const))
+        if part is not None:  # ``x @ W[a:b]``: the layer's weight is the slice transposed, named as the slice
+            self.report.parts.setdefault(weight_key(const.T), part)
         return const.T, ""
 
     def _match_matmul(self, call: relax.Call) -> tuple[relax.Expr | None, np.ndarray | None, str]:
@@ -201,7 +237,8 @@ class _Rewriter(PyExprMutator):
         weight, reason = self._weight_of(rhs)
         if weight is None:
             if reason == "weight is not a constant":  # e.g. attention's q k^T: tell the products apart
-                reason += f" (a product of run-time tensors {_shape_text(x)} @ {_shape_text(rhs)})"
+                made = "a product of run-time tensors" if self._reads_inputs(rhs) else "made from constants by ops"
+                reason += f" ({made} {_shape_text(x)} @ {_shape_text(rhs)})"
             return None, None, reason
         if not np.issubdtype(weight.dtype, np.floating):
             return None, None, f"weight dtype {weight.dtype} is not floating point"
@@ -321,8 +358,8 @@ class _Rewriter(PyExprMutator):
         if name == "relax.add":
             for lhs, rhs in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
                 lin = self._linear_of(lhs)
-                bias = self._constant(rhs)
-                if lin is not None and lin.bias is None and bias is not None and bias.shape == (lin.weight.shape[0],):
+                bias = self._constant(rhs) if lin is not None and lin.bias is None else None
+                if bias is not None and bias.shape == (lin.weight.shape[0],):
                     self.n_rewritten -= 1  # the bias-free version becomes dead code
                     # By identity: ``remove`` compares with ==, which numpy weights do not support.
                     self._linears = [other for other in self._linears if other is not lin]

@@ -5,7 +5,7 @@ TVM keeps bfloat16 tensors as uint16 bit patterns. Some of its op lowerings then
 ``mod``: a uint16 store of a float) and ``median`` sorts the bit patterns, so it silently
 returned another element (``[-0.50, -0.17, -0.27]`` for torch's ``[-0.35, 0.52, -0.10]``). For
 float16, LLVM codegen lacks ``atan2``, and ``batch_norm`` came back as float32. (``group_norm``
-never reaches this pass: pbtvm's converter in :mod:`pbtvm.torch_import` computes it from simpler
+never reaches this pass: pbtvm's converter in :mod:`pbtvm.torch_norms` computes it from simpler
 ops, in float32 for half precision.) This pass casts the half-precision operands of those ops to
 float32, runs the op there, and casts its float results back::
 

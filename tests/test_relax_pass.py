@@ -190,3 +190,17 @@ def test_broadcast_to_variant(rng):
     fmt, [(q, ws)] = qz.layer_format([w], FMT)  # the default: codebook chosen per weight
     ref = qz.pb_linear_reference(xv.reshape(-1, K), bp.pack_weights(q, fmt), ws, None, fmt).reshape(2, 3, N)
     np.testing.assert_allclose(_run(mod, xv, tvm.runtime.ShapeTuple([4])).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides", [[2], None])
+def test_slices_of_a_constant_are_constants_with_or_without_strides(strides):
+    """``strided_slice`` may leave its strides out (TVM's own converters emit such slices); the
+    weight matcher read four arguments and raised."""
+    from pbtvm.relay_passes.pb_linear_rewrite import ConversionReport, _Rewriter
+
+    whole = np.arange(32, dtype="float32").reshape(8, 4)
+    rewriter = _Rewriter(tvm.IRModule(), None, ConversionReport(), None, "mse", None, {})
+    args = [[0], [2], [7]] + ([strides] if strides else [])
+    part = rewriter._constant(relax.op.strided_slice(relax.const(whole), *args))
+    np.testing.assert_array_equal(part, whole[2 : 7 : (strides or [1])[0]])
+    assert list(rewriter.report.parts.values())[0][1:] == (0, slice(2, 7, (strides or [1])[0]))

@@ -873,6 +873,26 @@ def test_compile_leaves_the_model_in_its_own_mode():
     _close(m(x), model.eval()(x), rel=1e-3)
 
 
+def test_a_linear_on_a_non_contiguous_4d_input_is_converted():
+    """torch decomposes it into ``bmm`` with the weight broadcast over the leading axes and those
+    axes merged (``reshape(broadcast_to(permute_dims(W)))``): it stayed in full precision."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.proj(x[..., :4])
+
+    model = Heads().eval()
+    m = _compile(model, torch.randn(3, 2, 6, 6), bits=16, act_bits=16)
+    assert m.converted_layers == ["proj (Linear)"] and m.fp32_layers == []
+    for batch in (1, 4):
+        x = torch.randn(batch, 2, 6, 6)
+        _close(m(x), model(x), rel=1e-3)
+
+
 class CrossAttention(torch.nn.Module):
     """``nn.MultiheadAttention`` with keys from a second input, and slices of a plain weight."""
 
@@ -880,10 +900,12 @@ class CrossAttention(torch.nn.Module):
         super().__init__()
         self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
         self.w, self.b = torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(24))
+        self.v = torch.nn.Parameter(torch.randn(16, 12))
 
     def forward(self, q, k):
         out = self.attn(q, k, k, need_weights=False)[0]
-        return out, F.linear(out, self.w[8:], self.b[8:]), out @ self.w[4:20:2].T
+        sliced = [F.linear(out, self.w[8:], self.b[8:]), out @ self.w[4:20:2].T, out @ self.v[:, 2:10]]
+        return out, *sliced, out @ self.v, out @ (2 * self.v)
 
 
 def test_slices_of_constant_weights_are_converted_and_named():
@@ -894,15 +916,18 @@ def test_slices_of_constant_weights_are_converted_and_named():
     q, k = torch.randn(3, 5, 16), torch.randn(3, 6, 16)
     with pytest.warns(UserWarning, match=r"product of run-time tensors \[.*\] @ \[") as caught:
         m = pbtvm.compile(model, (q, k), bits=16, act_bits=16)
-    assert [w for w in caught if "layer(s) stay in full precision" in str(w.message)][0].message.args[0].count(
-        "attn (MultiheadAttention): relax.matmul"
-    ) == 2  # the attention's two activation products, and nothing else
+    listed = [w for w in caught if "layer(s) stay in full precision" in str(w.message)][0].message.args[0]
+    assert listed.count("attn (MultiheadAttention): relax.matmul: weight is not a constant (a product") == 2
+    # 2 * v is made from constants at run time: not a PB layer, and not said to be an activation product
+    assert listed.count("(CrossAttention): relax.matmul: weight is not a constant (made from constants") == 1
     assert m.converted_layers == [
         "attn.in_proj_weight[0:16] (MultiheadAttention)",
         "attn.in_proj_weight[16:48] (MultiheadAttention)",
         "attn.out_proj (NonDynamicallyQuantizableLinear)",
         "w[8:24] (CrossAttention)",
         "w[4:20:2] (CrossAttention)",
+        "v[:, 2:10] (CrossAttention)",
+        "v (CrossAttention)",
     ]
     for batch in (1, 4):
         q, k = torch.randn(batch, 5, 16), torch.randn(batch, 6, 16)
