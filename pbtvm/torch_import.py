@@ -14,7 +14,7 @@ torch.export lists every axis for ``x.squeeze()`` when a size is symbolic, so a 
 tensor came out a scalar holding row 0's value, whatever the batch.
 
 Group and instance norms come from :mod:`pbtvm.torch_norms`, convolutions (in the model's dtype)
-from :mod:`pbtvm.torch_conv`.
+from :mod:`pbtvm.torch_conv`, advanced indexing (``x[:, i, j]``) from :mod:`pbtvm.torch_index`.
 
 ``torch.max(x, dim)`` / ``torch.min(x, dim)`` become a ``max`` / ``min`` reduction and an ``argmax`` /
 ``argmin`` (TVM imports the first as ``topk``, which a NaN-keeping pass cannot tell from
@@ -32,6 +32,7 @@ import tvm_ffi
 
 from ._tvm import relax, tir, tvm
 from .torch_conv import CONV_CONVERTERS
+from .torch_index import INDEX_CONVERTERS
 from .torch_norms import NORM_CONVERTERS
 from .user_frame import user_stacklevel
 
@@ -242,8 +243,8 @@ _MATMUL_CONVERTERS = {
 
 def converters(owners: list[str]) -> dict:
     """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops, the reductions,
-    ``squeeze`` above, the norms of :mod:`pbtvm.torch_norms` and the convolutions of
-    :mod:`pbtvm.torch_conv`.
+    ``squeeze`` above, the norms of :mod:`pbtvm.torch_norms`, the convolutions of
+    :mod:`pbtvm.torch_conv` and the indexing of :mod:`pbtvm.torch_index`.
 
     ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
     (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
@@ -259,7 +260,13 @@ def converters(owners: list[str]) -> dict:
 
     matmuls = {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
     return (
-        matmuls | _REDUCTION_CONVERTERS | _SHAPE_CONVERTERS | _ARITHMETIC_CONVERTERS | NORM_CONVERTERS | CONV_CONVERTERS
+        matmuls
+        | _REDUCTION_CONVERTERS
+        | _SHAPE_CONVERTERS
+        | _ARITHMETIC_CONVERTERS
+        | NORM_CONVERTERS
+        | CONV_CONVERTERS
+        | INDEX_CONVERTERS
     )
 
 

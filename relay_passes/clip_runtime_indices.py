@@ -15,8 +15,11 @@ returned garbage, and TVM logged a warning at every compile. This pass:
   accepts negative ids, which pbtvm refuses with the same error.
 
 Only clipped, not checked: indices computed inside the model (not an input), and indices into
-an axis whose size is only known at run time (the batch). Constant indices are
-:class:`.NormalizeConstantIndices`' business.
+an axis whose size is only known at run time (the batch), constant ones too (``y[[0, 4]]``
+compiled at batch 5 and called at batch 2 reads row 1 for row 4, where torch raises
+``IndexError``; a ``fast`` take read past the tensor). Other constant indices are
+:class:`.NormalizeConstantIndices`' business. ``gather`` (``gather_elements``) indices computed at
+run time are clamped into their axis the same way.
 """
 
 from __future__ import annotations
@@ -67,16 +70,36 @@ class _Clipper(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take") or call.attrs.mode != "fast":
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        if op == "relax.gather_elements" and not isinstance(call.args[1], tvm.ir.Constant):
+            return self._clamped_gather(call)
+        if op != "relax.take" or call.attrs.mode != "fast":
             return call
         data, indices = call.args
-        if isinstance(indices, tvm.ir.Constant):
+        size = _static_size(data, call.attrs.axis)
+        if isinstance(indices, tvm.ir.Constant) and size is not None:  # checked at compile time
             return call
-        param, size = self._param_of(indices), _static_size(data, call.attrs.axis)
+        param = self._param_of(indices)
         if param is not None and size is not None:
             self.ranges[param] = min(size, self.ranges.get(param, size))
         axis = None if call.attrs.axis is None else int(call.attrs.axis)
         return relax.op.take(data, indices, axis, mode="clip")
+
+    def _clamped_gather(self, call: relax.Call) -> relax.Expr:
+        """``gather_elements(data, clip(indices, 0, n - 1), axis)``, ``n`` the size of the axis."""
+        data, indices = call.args
+        axis = int(call.attrs.axis) % data.ty.ndim
+        size = data.ty.shape.values[axis]
+        last = (
+            relax.const(int(size) - 1, str(indices.ty.dtype))
+            if isinstance(size, tvm.tirx.IntImm)
+            else relax.op.astype(
+                relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([size - 1])), []), str(indices.ty.dtype)
+            )
+        )
+        low = relax.const(0, str(indices.ty.dtype))
+        clamped = self.builder_.emit(relax.op.minimum(relax.op.maximum(indices, low), last))
+        return relax.op.gather_elements(data, clamped, axis)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipRuntimeIndices")

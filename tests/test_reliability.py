@@ -156,6 +156,69 @@ def test_out_of_bounds_constant_index_is_a_clear_error():
         _compile(Oob(), torch.randn(2, 5, 3))
 
 
+class AdvancedIndexing(torch.nn.Module):
+    """torch's advanced indexing with several index tensors, constant and computed, beside and apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(16, 16)
+        upper = torch.triu_indices(4, 4, offset=1)
+        self.register_buffer("rows", upper[0])
+        self.register_buffer("cols", upper[1])
+        self.register_buffer("grid", torch.tensor([[0, 1], [1, 0]]))
+
+    def forward(self, x, idx):
+        z = self.l1(x).view(-1, 4, 4)
+        w = z.view(-1, 2, 2, 4)
+        return (
+            z[:, self.rows, self.cols],  # the pairs, not every pairing: [B, 6]
+            z[:, [0, 1, 2], [1, 2, 3]],
+            z[torch.arange(x.shape[0]), idx],  # negative idx counts from the end
+            w[:, self.grid, :, self.cols[:1]],  # apart: the index shape comes first
+            w[:, :, self.grid[0], self.grid[1]],
+            z[:, [-1, -2]],
+        )
+
+
+def test_advanced_indexing_with_several_index_tensors_matches_torch():
+    """TVM's converter took ``z[:, i, j]`` one index after the other: ``[B, 6, 6]``, every pairing,
+    where torch gives the ``[B, 6]`` pairs; negative computed indices read outside the tensor."""
+    torch.manual_seed(20)
+    model = AdvancedIndexing().eval()
+    m = _compile(model, torch.randn(5, 16), torch.tensor([-1, 0, 3, -4, 2]), bits=16, act_bits=16)
+    for batch in (2, 6):
+        x, idx = torch.randn(batch, 16), torch.randint(-4, 4, (batch,))
+        for got, want in zip(m(x, idx), model(x, idx), strict=True):
+            _close(got, want, rel=1e-3)
+
+
+def test_indices_past_their_axis_read_inside_the_tensor():
+    """torch raises ``IndexError``; pbtvm cannot raise inside the compiled graph, so a computed index
+    past its axis (and a constant one past a smaller run-time batch) reads the clamped element: a
+    ``fast`` take or ``gather`` read past the tensor (garbage such as 1.7e22 or NaN)."""
+
+    class Reads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(4, 4)
+
+        def forward(self, x, idx):
+            y = self.l1(x)
+            picked = y[torch.arange(x.shape[0]), idx]
+            gathered = y.gather(1, idx[:, None, None].expand(-1, 1, 4)).squeeze(1)
+            return picked, gathered, y[[0, 2]]
+
+    torch.manual_seed(21)
+    model = Reads().eval()
+    m = _compile(model, torch.randn(3, 8, 4), torch.tensor([7, 0, 3]), bits=16, act_bits=16)
+    x, far = torch.randn(2, 8, 4), torch.tensor([8, 100])
+    picked, gathered, rows = m(x, far)
+    last = model.l1(x)[:, 7]  # clamped to the last position
+    _close(picked, last, rel=1e-3)
+    _close(gathered, last, rel=1e-3)
+    _close(rows, model.l1(x)[[0, 1]], rel=1e-3)  # row 2 of a batch of 2: the last row
+
+
 def test_the_index_pass_checks_constant_bounds_itself():
     """``NormalizeConstantIndices`` names an out-of-bounds constant index (graphs that never ran in torch)."""
     from pbtvm._tvm import relax
