@@ -1,4 +1,4 @@
-"""Rewrite the value tests and integer clips torch's decompositions emit into forms TVM 0.27 builds.
+"""Rewrite value tests, integer clips and non-finite fills into forms TVM 0.27 builds.
 
 ``torch.isfinite(x)`` reaches Relax as ``multiply(equal(x, x), not_equal(abs(x), inf))``, and
 ``torch.nan_to_num`` / ``isnan`` / ``isinf`` of bfloat16 as ``isnan`` / ``isinf`` of bfloat16.
@@ -6,7 +6,9 @@ TVM 0.27 builds none of them: LLVM codegen has no multiply of bool tensors, and 
 ``isinf`` / ``isfinite`` refuse bfloat16 ("not supported for isnan op"), so compiling such a
 model failed with an internal error. Nor does it build an integer ``clip`` with an infinite bound
 (``F.interpolate`` decomposes into ``clamp(int64 indices, max=n-1)``, which TVM's importer gives the
-bound ``-inf``: "Cannot convert infinity to BigInt"). This pass rewrites::
+bound ``-inf``: "Cannot convert infinity to BigInt"), nor a ``full`` of ``-inf`` / ``+inf`` / NaN
+(the causal mask ``torch.full((T, T), float("-inf")).triu(1)``: TVM's ``topi.full`` tests its dtype
+as a string and fails). This pass rewrites::
 
     multiply(a, b)    ->  logical_and(a, b)     (bool a, b: torch's product of bools)
     add(a, b)         ->  logical_or(a, b)      (bool a, b: torch's sum of bools)
@@ -14,6 +16,7 @@ bound ``-inf``: "Cannot convert infinity to BigInt"). This pass rewrites::
     not_equal(x, x)   ->  isnan(x)
     isnan(x)          ->  isnan(astype(x, "float32"))    (bfloat16 x; isinf, isfinite alike)
     clip(i, -inf, hi) ->  clip(i, min of i's dtype, hi)  (integer i; a bound past the dtype alike)
+    full(s, -inf)     ->  add(full(s, 0), -inf)          (+inf, NaN and full_like alike)
 
 ``isnan`` replaces the self-comparison because TVM's simplifier may fold ``x == x`` to true
 (it does for bfloat16). Every bfloat16 value is exact in float32, so the tests give the same
@@ -43,6 +46,15 @@ VALUE_TESTS = {"relax.isnan": relax.op.isnan, "relax.isinf": relax.op.isinf, "re
 def _dtype(expr: relax.Expr) -> str | None:
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _non_finite(fill: relax.Expr) -> bool:
+    """Whether ``fill`` is a constant scalar that is ±inf or NaN."""
+    if not isinstance(fill, tvm.ir.Constant) or fill.ty.ndim != 0:
+        return False
+    if not str(fill.ty.dtype).startswith(("float", "bfloat")):
+        return False
+    return not np.isfinite(fill.value.numpy().astype(np.float64))  # bfloat16 through float64
 
 
 def _integer_clip_bounds(call: relax.Call, dtype: str) -> tuple[int, int] | None:
@@ -79,6 +91,12 @@ class _Rewrite(PyExprMutator):
         if op in VALUE_TESTS and dtypes[0] == "bfloat16":
             self.rewritten += 1
             return VALUE_TESTS[op](self.builder_.emit(relax.op.astype(call.args[0], "float32")))
+        if op in ("relax.full", "relax.full_like") and _non_finite(call.args[1]):
+            self.rewritten += 1
+            fill = call.args[1]
+            zero = relax.const(0, str(fill.ty.dtype))
+            zeros = self.builder_.emit(relax.Call(call.op, [call.args[0], zero], call.attrs))
+            return relax.op.add(zeros, fill)
         if op == "relax.clip" and str(dtypes[0]).startswith(("int", "uint")):
             bounds = _integer_clip_bounds(call, dtypes[0])
             if bounds is not None:
@@ -91,7 +109,7 @@ class _Rewrite(PyExprMutator):
 class BuildableFloatChecks(CallRewritePass):
     """Module pass: bool ``multiply`` / ``add`` as logical ops, a float compared with itself as
     ``isnan``, bfloat16 ``isnan`` / ``isinf`` / ``isfinite`` through float32, integer ``clip``
-    bounds within the dtype.
+    bounds within the dtype, a ``full`` of a non-finite value as zeros plus that value.
 
     ``rewritten``: calls rewritten by the last run.
     """

@@ -704,6 +704,29 @@ def test_group_and_instance_norms_subtract_the_mean_before_squaring(dtype):
             assert (g.double() - e).abs().max() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_fills_build_and_match_torch(dtype):
+    """``torch.full((T, T), float("-inf")).triu(1)`` (a causal mask), ``full_like`` / ``new_full`` of
+    NaN or inf failed to build in TVM 0.27 (its ``topi.full`` tested the dtype as a string)."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            mask = torch.full((8, 8), float("-inf"), dtype=x.dtype).triu(1)
+            return (self.l1(x) + mask).softmax(-1), torch.full_like(x, float("nan")), x.new_full((2, 8), float("inf"))
+
+    model = Masked().eval().to(dtype)
+    m = _compile(model, torch.randn(2, 8, 8, dtype=dtype), bits=16, act_bits=16)
+    x = torch.randn(3, 8, 8, dtype=dtype)
+    got, want = m(x), model(x)
+    _close(got[0], want[0], rel=1e-3 if dtype == torch.float32 else 2e-2)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
 def test_extremes_of_bfloat16_and_bool_tensors():
     """TVM 0.27 builds no bfloat16 argmax and reduces no bool tensor: the indices of bfloat16
     tensors go through float32, bool reductions through uint8 (max is any, min is all)."""
