@@ -125,6 +125,7 @@ def _import_eval_model(
             "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
             stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
+    _refuse_complex(exported, example_inputs)
     convert_map = converters([] if matmul_owners is None else matmul_owners)
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
     try:
@@ -191,6 +192,22 @@ def _readable(message: str) -> str:
         out += [message[at:start], name.group(1) if name else "an op"]
         at = end + 1
     return "".join(out) + message[at:]
+
+
+def _refuse_complex(exported: Any, example_inputs: tuple) -> None:
+    """Raise InputError naming the complex inputs, parameters and buffers: TVM 0.27's importer has no
+    complex dtype (it raised a bare NotImplementedError naming none of them)."""
+    import torch
+
+    tensors = {**exported.state_dict, **exported.constants}
+    names = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_complex()]
+    names += [f"input {i}" for i, x in enumerate(example_inputs) if x.is_complex()]
+    if names:
+        raise InputError(
+            f"TVM {tvm.__version__}'s torch importer has no complex tensors: {', '.join(names)}; keep the model "
+            "real (e.g. a rotary embedding with cos / sin buffers and rotate_half) or that step outside the "
+            "compiled model"
+        )
 
 
 def _check_runs(model: Any, example_inputs: tuple) -> None:

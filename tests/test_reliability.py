@@ -342,6 +342,24 @@ def test_torch_ops_tvm_cannot_import_are_named():
         _compile(Kth(), torch.randn(2, 8))
 
 
+def test_complex_buffers_are_named():
+    """A complex buffer (Meta's rotary ``freqs_cis``) failed in TVM's importer with a bare
+    NotImplementedError naming nothing."""
+
+    class Rotary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+            self.register_buffer("freqs_cis", torch.polar(torch.ones(4, 4), torch.rand(4, 4)))
+
+        def forward(self, x):
+            q = torch.view_as_complex(self.q(x).reshape(x.shape[0], 4, 4, 2))
+            return torch.view_as_real(q * self.freqs_cis).flatten(2)
+
+    with pytest.raises(ValueError, match=r"importer has no complex tensors: freqs_cis; keep the model real"):
+        _compile(Rotary(), torch.randn(2, 4, 8))
+
+
 def test_an_op_tvm_fails_to_convert_is_named_with_its_module():
     """TVM's converter for ``pow`` fails on a run-time size (``x ** x.shape[0]``) with an internal
     TypeError; the error names the aten op and the module that made it."""
