@@ -18,6 +18,9 @@ from .user_frame import user_stacklevel
 def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recurrent_dims: bool) -> tuple[Any, bool]:
     """``torch.export`` with a dynamic batch (dimension 0) if possible; returns (program, dynamic).
 
+    An input whose example has size 1 in dimension 0 while another's is larger is taken as broadcast
+    over the batch, and keeps size 1 there.
+
     With ``recurrent_dims`` (the model has LSTMs) every dimension of every input may stay
     dynamic (``Dim.AUTO``: torch keeps symbolic what the model allows, e.g. sequence length and
     batch, and fixes the rest, e.g. feature sizes); example dimensions of size 1 are fixed.
@@ -31,9 +34,15 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
                     shapes = _free_dims(model, example_inputs)
                     return torch.export.export(model, example_inputs, dynamic_shapes=shapes), True
             batch = torch.export.Dim("batch", min=1)
-            shapes = tuple({0: batch} for _ in example_inputs)
+            # An input of size 1 in dimension 0 beside a larger batch is broadcast over the batch
+            # (HF-style position_ids of shape [1, S]): its dimension 0 stays 1.
+            largest = max(x.shape[0] for x in example_inputs)
+            shared = [x.shape[0] > 1 or largest == 1 for x in example_inputs]
+            shapes = tuple({0: batch} if s else None for s in shared)
             # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
-            traced = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
+            traced = tuple(
+                torch.cat([x, x]) if s and x.shape[0] == 1 else x for x, s in zip(example_inputs, shared, strict=True)
+            )
             return torch.export.export(model, traced, dynamic_shapes=shapes), True
         except Exception as err:
             if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)

@@ -1039,6 +1039,30 @@ def test_slices_of_constant_weights_are_converted_and_named():
             _close(got, want, rel=1e-3)
 
 
+def test_an_input_broadcast_over_the_batch_keeps_the_batch_dynamic():
+    """HF-style ``position_ids`` of shape ``[1, S]`` beside ``ids`` of ``[B, S]``: the whole model was
+    compiled for the example's batch; the input broadcast over the batch now keeps size 1."""
+
+    class Positions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.positions = torch.nn.Embedding(30, 16), torch.nn.Embedding(8, 16)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, ids, position_ids):
+            return self.head(self.tokens(ids) + self.positions(position_ids))
+
+    model = Positions().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not be made dynamic"
+        m = pbtvm.compile(model, (torch.randint(0, 30, (3, 8)), torch.arange(8)[None]), bits=16, act_bits=16)
+    for batch in (1, 5):
+        ids = torch.randint(0, 30, (batch, 8))
+        _close(m(ids, torch.arange(8)[None]), model(ids, torch.arange(8)[None]), rel=1e-3)
+    with pytest.raises(ValueError, match=r"input 1 has shape \(5, 8\), the model expects \(1, 8\)"):
+        m(torch.randint(0, 30, (5, 8)), torch.arange(8).expand(5, -1))
+
+
 def test_a_batch_that_cannot_be_dynamic_is_explained():
     """The warning said only "could not be made dynamic (UserError)"; it now gives torch.export's
     reason: a time-first GRU (unrolled by torch.export) fixes dimension 0, its sequence length."""
