@@ -77,6 +77,17 @@ def _op_name(expr: relax.Expr) -> str | None:
     return None
 
 
+#: Elementwise ops folded over constant operands (numpy broadcasts as Relax does).
+_ELEMENTWISE = {
+    "relax.multiply": np.multiply,
+    "relax.add": np.add,
+    "relax.subtract": np.subtract,
+    "relax.divide": np.divide,
+}
+#: Ops :meth:`_Rewriter._constant` evaluates over constants.
+_FOLDED_OPS = ("relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.reshape", *_ELEMENTWISE)
+
+
 def _same_matrices(outer: relax.Expr, inner: relax.Expr) -> bool:
     """Whether ``outer`` (a broadcast or reshape of ``inner``) keeps ``inner``'s last two axes, so that
     its matrices are ``inner``'s (a reshape then only regroups the leading axes)."""
@@ -148,10 +159,34 @@ class _Rewriter(PyExprMutator):
             return self._split_part(self._unwrap(expr.tuple_value), int(expr.index))
         if _op_name(expr) == "relax.strided_slice":
             return self._sliced(expr)
+        if _op_name(expr) in _FOLDED_OPS:
+            return self._folded(expr)
         if not isinstance(expr, tvm.ir.Constant):
             return None
         value = expr.value.numpy()
         return value.astype(np.float32) if str(expr.value.dtype) == "bfloat16" else value
+
+    def _folded(self, call: relax.Call) -> np.ndarray | None:
+        """A layout op (transpose, new or dropped axes, reshape) or an elementwise op of constants, in
+        numpy, as torch's decompositions of ``einsum('bsd,ed->bse', x, W)`` and ``x @ (W * 0.5).T``
+        leave the weight; None where an operand is not a constant."""
+        name, attrs = _op_name(call), call.attrs
+        if name in _ELEMENTWISE:
+            a, b = (self._constant(arg) for arg in call.args)
+            return None if a is None or b is None else _ELEMENTWISE[name](a, b)
+        value = self._constant(call.args[0])
+        if value is None:
+            return None
+        if name == "relax.permute_dims":
+            return np.transpose(value, None if attrs.axes is None else [int(a) for a in attrs.axes])
+        if name == "relax.expand_dims":
+            return np.expand_dims(value, tuple(int(a) for a in attrs.axis))
+        if name == "relax.squeeze":
+            return np.squeeze(value, None if attrs.axis is None else tuple(int(a) for a in attrs.axis))
+        shape = getattr(call.args[1], "values", None)  # relax.reshape to a constant shape
+        if shape is None or not all(isinstance(d, tir.IntImm) for d in shape):
+            return None
+        return np.reshape(value, [int(d) for d in shape])
 
     def _part(self, whole: np.ndarray, axis: int, cut: slice) -> np.ndarray:
         """``whole[cut]`` along ``axis``, remembered in the report's ``parts`` for naming."""
@@ -205,7 +240,7 @@ class _Rewriter(PyExprMutator):
                 stack.append(e.tuple_value)
         return False
 
-    def _weight_of(self, rhs: relax.Expr) -> tuple[np.ndarray | None, str]:
+    def _weight_of(self, rhs: relax.Expr, x_rank: int = 2) -> tuple[np.ndarray | None, str]:
         """W [N, K] from the matmul's right operand, or (None, reason).
 
         The operand may be W (or its transpose) broadcast over leading axes and those axes reshaped,
@@ -214,17 +249,18 @@ class _Rewriter(PyExprMutator):
         rhs = self._unwrap(rhs)
         while _op_name(rhs) in ("relax.broadcast_to", "relax.reshape") and _same_matrices(rhs, rhs.args[0]):
             rhs = self._unwrap(rhs.args[0])
-        if _op_name(rhs) == "relax.permute_dims":
+        if _op_name(rhs) == "relax.permute_dims":  # W^T: the layer's weight is W itself
             axes = rhs.attrs.axes
             inner = self._constant(rhs.args[0])
             if inner is None:
                 return None, "weight is not a constant"
-            if inner.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
-                return None, f"unsupported weight transpose of shape {inner.shape}"
-            return inner, ""
-        const = self._constant(rhs)
+            if inner.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+                return inner, ""
+        const = self._constant(rhs)  # any other transpose is folded here
         if const is None:
             return None, "weight is not a constant"
+        if 2 < const.ndim <= x_rank and all(d == 1 for d in const.shape[:-2]):  # [1, K, N] beside x's axes
+            const = const.reshape(const.shape[-2:])
         if const.ndim != 2:
             return None, f"weight has rank {const.ndim}, not 2"
         part = self.report.parts.get(weight_key(const))
@@ -234,10 +270,15 @@ class _Rewriter(PyExprMutator):
 
     def _match_matmul(self, call: relax.Call) -> tuple[relax.Expr | None, np.ndarray | None, str]:
         x, rhs = call.args
-        weight, reason = self._weight_of(rhs)
+        weight, reason = self._weight_of(rhs, x.ty.ndim if isinstance(x.ty, relax.TensorType) else 2)
         if weight is None:
             if reason == "weight is not a constant":  # e.g. attention's q k^T: tell the products apart
-                made = "a product of run-time tensors" if self._reads_inputs(rhs) else "made from constants by ops"
+                if self._constant(x) is not None:
+                    made = "the constant is the left operand, W @ x,"
+                elif self._reads_inputs(rhs):
+                    made = "a product of run-time tensors"
+                else:
+                    made = "made from constants by ops"
                 reason += f" ({made} {_shape_text(x)} @ {_shape_text(rhs)})"
             return None, None, reason
         if not np.issubdtype(weight.dtype, np.floating):

@@ -1009,12 +1009,20 @@ class CrossAttention(torch.nn.Module):
     def forward(self, q, k):
         out = self.attn(q, k, k, need_weights=False)[0]
         sliced = [F.linear(out, self.w[8:], self.b[8:]), out @ self.w[4:20:2].T, out @ self.v[:, 2:10]]
-        return out, *sliced, out @ self.v, out @ (2 * self.v)
+        return (
+            out,
+            *sliced,
+            out @ self.v,
+            out @ (2 * self.v),
+            torch.einsum("bsd,ed->bse", out, self.w),
+            out @ self.v.tanh(),
+        )
 
 
 def test_slices_of_constant_weights_are_converted_and_named():
     """Cross-attention splits ``in_proj_weight`` into q and k/v rows: the slices were left in full
-    precision as "weight is not a constant", in a warning whose entries could not be told apart."""
+    precision as "weight is not a constant", in a warning whose entries could not be told apart; so
+    were weights that torch's decompositions transpose or scale (``einsum``, ``x @ (2 * v)``)."""
     torch.manual_seed(19)
     model = CrossAttention().eval()
     q, k = torch.randn(3, 5, 16), torch.randn(3, 6, 16)
@@ -1022,7 +1030,7 @@ def test_slices_of_constant_weights_are_converted_and_named():
         m = pbtvm.compile(model, (q, k), bits=16, act_bits=16)
     listed = [w for w in caught if "layer(s) stay in full precision" in str(w.message)][0].message.args[0]
     assert listed.count("attn (MultiheadAttention): relax.matmul: weight is not a constant (a product") == 2
-    # 2 * v is made from constants at run time: not a PB layer, and not said to be an activation product
+    # tanh(v) is made from constants by an op pbtvm does not fold: not a PB layer, not an activation product
     assert listed.count("(CrossAttention): relax.matmul: weight is not a constant (made from constants") == 1
     assert m.converted_layers == [
         "attn.in_proj_weight[0:16] (MultiheadAttention)",
@@ -1032,6 +1040,8 @@ def test_slices_of_constant_weights_are_converted_and_named():
         "w[4:20:2] (CrossAttention)",
         "v[:, 2:10] (CrossAttention)",
         "v (CrossAttention)",
+        "dense[12, 16]",  # 2 * v and einsum's transposes and new axes of w: folded in numpy
+        "w (CrossAttention)",
     ]
     for batch in (1, 4):
         q, k = torch.randn(batch, 5, 16), torch.randn(batch, 6, 16)
