@@ -156,7 +156,7 @@ class CompiledModel:
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
 
-    def __call__(self, *inputs: Any, bitlayers: int | None = None) -> Any:
+    def __call__(self, *inputs: Any, bitlayers: int | None = None, **named: Any) -> Any:
         """Run the model.
 
         Parameters
@@ -164,6 +164,9 @@ class CompiledModel:
         *inputs : torch.Tensor or numpy.ndarray
             As the example inputs given to :func:`pbtvm.compile`; the batch (first) dimension may
             differ.
+        **named : torch.Tensor or numpy.ndarray
+            Inputs by the name of the torch model's ``forward`` parameter (``position_ids=...``),
+            after or instead of positional ones.
         bitlayers : int, optional
             Run-time precision knob: accumulate only the top ``bitlayers`` weight planes
             (1..bits; default all). Changing it never recompiles.
@@ -180,6 +183,8 @@ class CompiledModel:
         model's one VM (a lock), so threads get correct results but no parallel speed-up.
         """
         specs = self.manifest["inputs"]
+        if named:
+            inputs = _by_position(inputs, named, specs)
         if len(inputs) != len(specs):
             raise InputTypeError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
         layers = self.format.check_bitlayers(bitlayers)
@@ -287,6 +292,23 @@ def _check_ids(value: Any, rows: int, index: int) -> None:
         raise InputError(
             f"input {index} holds ids {lo}..{hi}; it indexes a table of {rows} rows, so ids must lie in [0, {rows})"
         )
+
+
+def _by_position(inputs: tuple, named: dict, specs: list[dict]) -> tuple:
+    """``inputs`` followed by the ``named`` ones, in the order of the model's inputs (``specs``)."""
+    names = [spec.get("name") for spec in specs]
+    if None in names:
+        raise InputTypeError("this model's manifest names no inputs: pass them in order")
+    unknown = sorted(set(named) - set(names))
+    if unknown:
+        raise InputTypeError(f"the model has no input named {', '.join(unknown)}; its inputs: {', '.join(names)}")
+    twice = [n for n in names[: len(inputs)] if n in named]
+    if twice:
+        raise InputTypeError(f"input {', '.join(twice)} given by position and by name")
+    missing = [n for n in names[len(inputs) :] if n not in named]
+    if missing:
+        raise InputTypeError(f"the model takes {len(specs)} input(s): {', '.join(missing)} missing")
+    return (*inputs, *(named[n] for n in names[len(inputs) :]))
 
 
 def _is_torch(value: Any) -> bool:

@@ -117,8 +117,13 @@ def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -
     symbolic, and the symbol is named ``"batch"``; else torch's names (``s13``, ...).
     """
     specs = []
-    for shape, x in zip(_user_input_shapes(exported), example_inputs, strict=True):
-        spec = {"dtype": str(x.dtype).replace("torch.", ""), "shape": [None if _symbolic(d) else int(d) for d in shape]}
+    names = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    for name, shape, x in zip(names, _user_input_shapes(exported), example_inputs, strict=True):
+        spec = {
+            "name": name,  # the forward's parameter name: the compiled model takes the input by it too
+            "dtype": str(x.dtype).replace("torch.", ""),
+            "shape": [None if _symbolic(d) else int(d) for d in shape],
+        }
         if None in spec["shape"]:
             spec["dims"] = [("batch" if batch_only else str(d)) if _symbolic(d) else None for d in shape]
         specs.append(spec)

@@ -1071,6 +1071,17 @@ def test_an_input_broadcast_over_the_batch_keeps_the_batch_dynamic():
         _close(m(ids, torch.arange(8)[None]), model(ids, torch.arange(8)[None]), rel=1e-3)
     with pytest.raises(ValueError, match=r"input 1 has shape \(5, 8\), the model expects \(1, 8\)"):
         m(torch.randint(0, 30, (5, 8)), torch.arange(8).expand(5, -1))
+    # inputs by the forward's parameter names, as HF-style callers pass them
+    ids, positions = torch.randint(0, 30, (2, 8)), torch.arange(8)[None]
+    want = m(ids, positions)
+    assert torch.equal(m(ids, position_ids=positions), want)
+    assert torch.equal(m(position_ids=positions, ids=ids), want)
+    with pytest.raises(TypeError, match=r"no input named pos; its inputs: ids, position_ids"):
+        m(ids, pos=positions)
+    with pytest.raises(TypeError, match=r"input ids given by position and by name"):
+        m(ids, ids=ids, position_ids=positions)
+    with pytest.raises(TypeError, match=r"the model takes 2 input\(s\): position_ids missing"):
+        m(ids=ids)
 
 
 def test_a_batch_that_cannot_be_dynamic_is_explained():
