@@ -133,10 +133,11 @@ def _import_eval_model(
     except AssertionError as err:  # TVM's importer asserts on torch ops it has no converter for
         if "Unsupported function types" not in str(err):
             raise
+        listed = str(err).split("Unsupported function types", 1)[1].strip()
         raise InputError(
             f"TVM {tvm.__version__}'s torch importer cannot convert ops of this model: "
-            f"{str(err).split('Unsupported function types', 1)[1].strip()} (aten names); write them with "
-            "supported ops (e.g. x.sort(dim).values for torch.kthvalue) or keep them outside the compiled model"
+            f"{_with_modules(listed, exported)}; write them with supported ops (e.g. "
+            "x.sort(dim).values for torch.kthvalue) or keep them outside the compiled model"
         ) from None
     except (InputError, Warning, MemoryError, RecursionError):
         raise
@@ -192,6 +193,18 @@ def _readable(message: str) -> str:
         out += [message[at:start], name.group(1) if name else "an op"]
         at = end + 1
     return "".join(out) + message[at:]
+
+
+def _with_modules(listed: str, exported: Any) -> str:
+    """``"['prod.dim_int'] (aten names) in head (Pool)"``: TVM's list of aten names it has no converter for, and
+    the torch modules whose ``forward`` made those ops (in the decomposed graph TVM imported)."""
+    names = set(re.findall(r"'([^']+)'", listed))
+    graph = exported.run_decompositions().graph
+    owners = {
+        module_name(n) for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names
+    }
+    named = f"{listed} (aten names)"
+    return f"{named} in {', '.join(sorted(owners))}" if owners else named
 
 
 def _refuse_complex(exported: Any, example_inputs: tuple) -> None:

@@ -338,8 +338,12 @@ def test_torch_ops_tvm_cannot_import_are_named():
         def forward(self, x):
             return x.kthvalue(2, 1).values
 
-    with pytest.raises(ValueError, match=r"torch importer cannot convert ops of this model: \['kthvalue.default'\]"):
-        _compile(Kth(), torch.randn(2, 8))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Kth())
+    with pytest.raises(
+        ValueError,
+        match=r"torch importer cannot convert ops of this model: \['kthvalue.default'\] \(aten names\) in 1 \(Kth\);",
+    ):
+        _compile(model, torch.randn(2, 8))
 
 
 def test_complex_buffers_are_named():
