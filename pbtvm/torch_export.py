@@ -38,6 +38,14 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
             # (HF-style position_ids of shape [1, S]): its dimension 0 stays 1.
             largest = max(x.shape[0] for x in example_inputs)
             shared = [x.shape[0] > 1 or largest == 1 for x in example_inputs]
+            if not all(shared):
+                fixed = ", ".join(str(i) for i, s in enumerate(shared) if not s)
+                warnings.warn(
+                    f"pbtvm: input(s) {fixed} have size 1 in dimension 0 beside a batch of {largest}: taken as "
+                    "broadcast over the batch (e.g. position_ids of [1, S]), they keep size 1 there; give "
+                    "examples of one batch size if dimension 0 is their batch",
+                    stacklevel=user_stacklevel(),
+                )
             shapes = tuple({0: batch} if s else None for s in shared)
             # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
             traced = tuple(

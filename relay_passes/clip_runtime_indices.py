@@ -19,10 +19,12 @@ an axis whose size is only known at run time (the batch), constant ones too (``y
 compiled at batch 5 and called at batch 2 reads row 1 for row 4, where torch raises
 ``IndexError``; a ``fast`` take read past the tensor). Other constant indices are
 :class:`.NormalizeConstantIndices`' business. ``gather`` (``gather_elements``) indices computed at
-run time are clamped into their axis the same way.
+run time, or constant into the batch axis, are clamped into their axis the same way.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -39,6 +41,23 @@ _PASS_VALUES = (
     "relax.expand_dims",
     "relax.permute_dims",
 )
+
+
+def _normalised_index(bound: relax.Expr, lookup: Any) -> relax.Expr | None:
+    """The index ``t`` where ``bound`` is :mod:`pbtvm.torch_index`'s normalisation of it,
+    ``minimum(maximum(where(less(t, 0), t + n, t), 0), n - 1)``, which keeps ids in ``[0, n)`` as
+    they are; else None."""
+
+    def call(expr: relax.Expr, name: str) -> relax.Call | None:
+        expr = lookup(expr) if isinstance(expr, relax.Var) and lookup(expr) is not None else expr
+        ok = isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+        return expr if ok else None
+
+    low = call(bound, "relax.minimum")
+    wrap = call(low.args[0], "relax.maximum") if low is not None else None
+    wrap = call(wrap.args[0], "relax.where") if wrap is not None else None
+    test = call(wrap.args[0], "relax.less") if wrap is not None else None
+    return wrap.args[2] if test is not None and test.args[0].same_as(wrap.args[2]) else None
 
 
 def _static_size(data: relax.Expr, axis: int | None) -> int | None:
@@ -64,6 +83,8 @@ class _Clipper(PyExprMutator):
             bound = self.lookup_binding(expr)
             if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name in _PASS_VALUES:
                 expr = bound.args[0]
+            elif _normalised_index(bound, self.lookup_binding) is not None:  # torch_index: ids in [0, n) pass
+                expr = _normalised_index(bound, self.lookup_binding)
             else:
                 return None
         return None
@@ -71,8 +92,11 @@ class _Clipper(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
-        if op == "relax.gather_elements" and not isinstance(call.args[1], tvm.ir.Constant):
-            return self._clamped_gather(call)
+        if op == "relax.gather_elements":  # constant indices only where the axis size is known at compile time
+            data, indices = call.args
+            if not isinstance(indices, tvm.ir.Constant) or _static_size(data, call.attrs.axis) is None:
+                return self._clamped_gather(call)
+            return call
         if op != "relax.take" or call.attrs.mode != "fast":
             return call
         data, indices = call.args
