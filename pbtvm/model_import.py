@@ -196,14 +196,18 @@ def _readable(message: str) -> str:
 
 
 def _with_modules(listed: str, exported: Any) -> str:
-    """``"['prod.dim_int'] (aten names) in head (Pool)"``: TVM's list of aten names it has no converter for, and
-    the torch modules whose ``forward`` made those ops (in the decomposed graph TVM imported)."""
+    """``"['prod.dim_int'] (aten names) in head (Pool)"``: TVM's list of aten names it has no
+    converter for, and the torch modules whose ``forward`` made those ops (in the decomposed graph
+    TVM imported)."""
     names = set(re.findall(r"'([^']+)'", listed))
-    graph = exported.run_decompositions().graph
+    named = f"{listed} (aten names)"
+    try:  # the graph TVM imported; only on this error path
+        graph = exported.run_decompositions().graph
+    except Exception:  # the list alone is still the answer
+        return named
     owners = {
         module_name(n) for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names
     }
-    named = f"{listed} (aten names)"
     return f"{named} in {', '.join(sorted(owners))}" if owners else named
 
 
