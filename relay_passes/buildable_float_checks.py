@@ -25,8 +25,9 @@ answers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
@@ -69,40 +70,25 @@ def _integer_clip_bounds(call: relax.Call, dtype: str) -> tuple[int, int] | None
     return (info.min if lo < info.min else int(lo)), (info.max if hi > info.max else int(hi))
 
 
-@mutator
-class _Rewrite(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule | None = None) -> None:
-        super().__init__(mod)
-        self.rewritten = 0
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = self.visit_expr_post_order(call)
-        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
-        dtypes = [_dtype(a) for a in call.args]
-        if op in BOOL_OPS and dtypes == ["bool", "bool"]:
-            self.rewritten += 1
-            return BOOL_OPS[op](*call.args)
-        if op in SELF_COMPARISONS and call.args[0].same_as(call.args[1]) and str(dtypes[0]).startswith(("float", "bf")):
-            self.rewritten += 1
-            x = call.args[0]
-            return SELF_COMPARISONS[op](
-                self.builder_.emit(relax.op.astype(x, "float32")) if dtypes[0] == "bfloat16" else x
-            )
-        if op in VALUE_TESTS and dtypes[0] == "bfloat16":
-            self.rewritten += 1
-            return VALUE_TESTS[op](self.builder_.emit(relax.op.astype(call.args[0], "float32")))
-        if op in ("relax.full", "relax.full_like") and _non_finite(call.args[1]):
-            self.rewritten += 1
-            fill = call.args[1]
-            zero = relax.const(0, str(fill.ty.dtype))
-            zeros = self.builder_.emit(relax.Call(call.op, [call.args[0], zero], call.attrs))
-            return relax.op.add(zeros, fill)
-        if op == "relax.clip" and str(dtypes[0]).startswith(("int", "uint")):
-            bounds = _integer_clip_bounds(call, dtypes[0])
-            if bounds is not None:
-                self.rewritten += 1
-                return relax.op.clip(call.args[0], *(relax.prim_value(tvm.tirx.IntImm(dtypes[0], b)) for b in bounds))
-        return call
+def _buildable(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr | None:
+    """The buildable form of ``call`` (see the module docstring), or None where it builds as it is."""
+    dtypes = [_dtype(a) for a in call.args]
+    if op in BOOL_OPS and dtypes == ["bool", "bool"]:
+        return BOOL_OPS[op](*call.args)
+    if op in SELF_COMPARISONS and call.args[0].same_as(call.args[1]) and str(dtypes[0]).startswith(("float", "bf")):
+        x = call.args[0]
+        return SELF_COMPARISONS[op](emit(relax.op.astype(x, "float32")) if dtypes[0] == "bfloat16" else x)
+    if op in VALUE_TESTS and dtypes[0] == "bfloat16":
+        return VALUE_TESTS[op](emit(relax.op.astype(call.args[0], "float32")))
+    if op in ("relax.full", "relax.full_like") and _non_finite(call.args[1]):
+        fill = call.args[1]
+        zeros = emit(relax.Call(call.op, [call.args[0], relax.const(0, str(fill.ty.dtype))], call.attrs))
+        return relax.op.add(zeros, fill)
+    if op == "relax.clip" and str(dtypes[0]).startswith(("int", "uint")):
+        bounds = _integer_clip_bounds(call, dtypes[0])
+        if bounds is not None:
+            return relax.op.clip(call.args[0], *(relax.prim_value(tvm.tirx.IntImm(dtypes[0], b)) for b in bounds))
+    return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="BuildableFloatChecks")
@@ -114,4 +100,4 @@ class BuildableFloatChecks(CallRewritePass):
     ``rewritten``: calls rewritten by the last run.
     """
 
-    mutator = _Rewrite
+    rewrite = staticmethod(_buildable)

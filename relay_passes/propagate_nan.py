@@ -30,8 +30,9 @@ there, so either may come first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
@@ -81,83 +82,76 @@ def order_key(x: relax.Expr) -> relax.Expr:
     return relax.op.where(relax.op.isnan(key), inf, top)
 
 
-@mutator
-class _Propagate(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule | None = None) -> None:
-        super().__init__(mod)
-        self.rewritten = 0
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = self.visit_expr_post_order(call)
-        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
-        tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
-        ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS + SORT_OPS + MEDIAN_OPS
-        if op not in ops or not all(_is_float(a) for a in tensors):
-            return call
-        if op in SORT_OPS:
-            self.rewritten += 1
-            return self._sort(call, op)
-        if op in MEDIAN_OPS:
-            self.rewritten += 1
-            return self._median(call)
-        if op in INDEX_OPS and call.args[0].ty.dtype == "bfloat16":  # TVM 0.27 builds no bfloat16
-            # argmax / argmin; in float32 every value and so the order is the same
-            call = relax.Call(call.op, [self.builder_.emit(relax.op.astype(call.args[0], "float32"))], call.attrs)
-        kept = self.builder_.emit(call)
-        self.rewritten += 1
-        if op in INDEX_OPS:  # the first NaN is torch's extreme: argmax of the indicator finds it
-            axis, keepdims = call.attrs.axis, call.attrs.keepdims
-            flag = self.builder_.emit(relax.op.astype(_isnan(call.args[0]), "int32"))
-            axes = None if axis is None else [axis]
-            found = self.builder_.emit(relax.op.max(flag, axes, keepdims))
-            hit = self.builder_.emit(relax.op.greater(found, relax.const(0, "int32")))
-            return relax.op.where(hit, self.builder_.emit(relax.op.argmax(flag, axis, keepdims)), kept)
-        if op in POOL_OPS + REDUCE_OPS:  # the same window / axes over the NaN indicator
-            x, dtype = call.args[0], call.args[0].ty.dtype
-            flag = self.builder_.emit(relax.op.astype(_isnan(x), dtype))
-            if op in POOL_OPS:
-                pooled = self.builder_.emit(relax.Call(call.op, [flag], call.attrs))
-            else:
-                pooled = self.builder_.emit(relax.op.max(flag, call.attrs.axis, call.attrs.keepdims))
-            hit = self.builder_.emit(relax.op.greater(pooled, relax.const(0, dtype)))
-            return relax.op.where(hit, relax.const(float("nan"), dtype), kept)
-        if op in UNARY_OPS:
-            x = call.args[0]
-            nan, value = _isnan(x), x
+def _propagating(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr | None:
+    """``call`` giving NaN where torch's op does (see the module docstring), or None where TVM's
+    already does (not an op listed here, or a non-float operand)."""
+    tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
+    ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS + SORT_OPS + MEDIAN_OPS
+    if op not in ops or not all(_is_float(a) for a in tensors):
+        return None
+    if op in SORT_OPS:
+        return _sort(call, op, emit)
+    if op in MEDIAN_OPS:
+        return _median(call, emit)
+    if op in INDEX_OPS and call.args[0].ty.dtype == "bfloat16":  # TVM 0.27 builds no bfloat16
+        # argmax / argmin; in float32 every value and so the order is the same
+        call = relax.Call(call.op, [emit(relax.op.astype(call.args[0], "float32"))], call.attrs)
+    kept = emit(call)
+    if op in INDEX_OPS:  # the first NaN is torch's extreme: argmax of the indicator finds it
+        axis, keepdims = call.attrs.axis, call.attrs.keepdims
+        flag = emit(relax.op.astype(_isnan(call.args[0]), "int32"))
+        axes = None if axis is None else [axis]
+        found = emit(relax.op.max(flag, axes, keepdims))
+        hit = emit(relax.op.greater(found, relax.const(0, "int32")))
+        return relax.op.where(hit, emit(relax.op.argmax(flag, axis, keepdims)), kept)
+    if op in POOL_OPS + REDUCE_OPS:  # the same window / axes over the NaN indicator
+        x, dtype = call.args[0], call.args[0].ty.dtype
+        flag = emit(relax.op.astype(_isnan(x), dtype))
+        if op in POOL_OPS:
+            pooled = emit(relax.Call(call.op, [flag], call.attrs))
         else:
-            a, b = call.args
-            nan, value = relax.op.logical_or(_isnan(a), _isnan(b)), relax.op.add(a, b)
-        value = value if isinstance(value, relax.Var) else self.builder_.emit(value)
-        return relax.op.where(self.builder_.emit(nan), value, kept)
+            pooled = emit(relax.op.max(flag, call.attrs.axis, call.attrs.keepdims))
+        hit = emit(relax.op.greater(pooled, relax.const(0, dtype)))
+        return relax.op.where(hit, relax.const(float("nan"), dtype), kept)
+    if op in UNARY_OPS:
+        x = call.args[0]
+        nan, value = _isnan(x), x
+    else:
+        a, b = call.args
+        nan, value = relax.op.logical_or(_isnan(a), _isnan(b)), relax.op.add(a, b)
+    value = value if isinstance(value, relax.Var) else emit(value)
+    return relax.op.where(emit(nan), value, kept)
 
-    def _median(self, call: relax.Call) -> relax.Expr:
-        """NaN (and the first NaN's index) where the reduced axes hold one, as torch's median."""
-        emit, x, at = self.builder_.emit, call.args[0], call.attrs
-        kept = emit(call)
-        flag = emit(relax.op.astype(_isnan(x), "int32"))
-        axes = None if at.axis is None else [int(a) for a in at.axis]
-        hit = emit(relax.op.greater(emit(relax.op.max(flag, axes, at.keepdims)), relax.const(0, "int32")))
-        nan = relax.const(float("nan"), x.ty.dtype)
-        if isinstance(kept.ty, relax.TensorType):  # all axes: the value alone
-            return relax.op.where(hit, nan, kept)
-        values, indices = emit(relax.TupleGetItem(kept, 0)), emit(relax.TupleGetItem(kept, 1))
-        first = emit(relax.op.astype(emit(relax.op.argmax(flag, axes[0], at.keepdims)), indices.ty.dtype))
-        return relax.Tuple([emit(relax.op.where(hit, nan, values)), emit(relax.op.where(hit, first, indices))])
 
-    def _sort(self, call: relax.Call, op: str) -> relax.Expr:
-        """``argsort`` / ``sort`` / ``topk`` of :func:`order_key`, the values gathered from ``x``."""
-        x, at = call.args[0], call.attrs
-        key = self.builder_.emit(order_key(x))
-        if op == "relax.argsort":
-            return relax.op.argsort(key, at.axis, at.descending, at.dtype)
-        if op == "relax.sort":
-            order = self.builder_.emit(relax.op.argsort(key, at.axis, at.descending, "int64"))
-            return relax.op.gather_elements(x, order, at.axis)
-        order = self.builder_.emit(relax.op.topk(key, at.k, at.axis, "indices", at.largest, at.dtype))
-        if at.ret_type == "indices":
-            return order
-        values = self.builder_.emit(relax.op.gather_elements(x, order, at.axis))
-        return values if at.ret_type == "values" else relax.Tuple([values, order])
+def _median(call: relax.Call, emit: Callable) -> relax.Expr:
+    """NaN (and the first NaN's index) where the reduced axes hold one, as torch's median."""
+    x, at = call.args[0], call.attrs
+    kept = emit(call)
+    flag = emit(relax.op.astype(_isnan(x), "int32"))
+    axes = None if at.axis is None else [int(a) for a in at.axis]
+    hit = emit(relax.op.greater(emit(relax.op.max(flag, axes, at.keepdims)), relax.const(0, "int32")))
+    nan = relax.const(float("nan"), x.ty.dtype)
+    if isinstance(kept.ty, relax.TensorType):  # all axes: the value alone
+        return relax.op.where(hit, nan, kept)
+    values, indices = emit(relax.TupleGetItem(kept, 0)), emit(relax.TupleGetItem(kept, 1))
+    first = emit(relax.op.astype(emit(relax.op.argmax(flag, axes[0], at.keepdims)), indices.ty.dtype))
+    return relax.Tuple([emit(relax.op.where(hit, nan, values)), emit(relax.op.where(hit, first, indices))])
+
+
+def _sort(call: relax.Call, op: str, emit: Callable) -> relax.Expr:
+    """``argsort`` / ``sort`` / ``topk`` of :func:`order_key`, the values gathered from ``x``."""
+    x, at = call.args[0], call.attrs
+    key = emit(order_key(x))
+    if op == "relax.argsort":
+        return relax.op.argsort(key, at.axis, at.descending, at.dtype)
+    if op == "relax.sort":
+        order = emit(relax.op.argsort(key, at.axis, at.descending, "int64"))
+        return relax.op.gather_elements(x, order, at.axis)
+    order = emit(relax.op.topk(key, at.k, at.axis, "indices", at.largest, at.dtype))
+    if at.ret_type == "indices":
+        return order
+    values = emit(relax.op.gather_elements(x, order, at.axis))
+    return values if at.ret_type == "values" else relax.Tuple([values, order])
 
 
 @tvm.transform.module_pass(opt_level=0, name="PropagateNaN")
@@ -169,4 +163,4 @@ class PropagateNaN(CallRewritePass):
     ``rewritten``: calls rewritten by the last run.
     """
 
-    mutator = _Propagate
+    rewrite = staticmethod(_propagating)

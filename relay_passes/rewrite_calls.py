@@ -1,8 +1,34 @@
-"""The module-pass shell shared by the passes that rewrite single calls with a ``PyExprMutator``."""
+"""The module pass shared by the passes that rewrite single calls: one ``PyExprMutator`` visits every
+Relax function and hands each call (its arguments already visited) to the pass's ``rewrite``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
 from pbtvm._tvm import relax, tvm
+
+#: ``rewrite(call, op, emit)``: the replacement of ``call`` (``op`` its op's name, or None), or None
+#: to keep it; ``emit`` binds a helper expression in the function being rewritten.
+Rewrite = Callable[[relax.Call, "str | None", Callable[[relax.Expr], relax.Var]], "relax.Expr | None"]
+
+
+@mutator
+class _CallRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, rewrite: Rewrite) -> None:
+        super().__init__(mod)
+        self.rewrite = rewrite
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        new = self.rewrite(call, op, self.builder_.emit)
+        if new is None:
+            return call
+        self.rewritten += 1
+        return new
 
 
 def rewrite_every_function(mutator: object, mod: tvm.IRModule) -> tvm.IRModule:
@@ -14,8 +40,8 @@ def rewrite_every_function(mutator: object, mod: tvm.IRModule) -> tvm.IRModule:
 
 
 class CallRewritePass:
-    """Base of a module pass whose ``mutator`` class (a ``PyExprMutator`` taking the module and
-    counting its rewrites in ``rewritten``) visits every Relax function.
+    """Base of a module pass that rewrites single calls with its ``rewrite`` function (a
+    :data:`Rewrite`, set as a ``staticmethod``) in every Relax function.
 
     Attributes
     ----------
@@ -23,16 +49,16 @@ class CallRewritePass:
         Calls rewritten by the last run.
     """
 
-    mutator: type
+    rewrite: Rewrite
 
     def __init__(self) -> None:
         self.rewritten = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        mutator = self.mutator(mod)
+        mutator = _CallRewriter(mod, self.rewrite)
         mod = rewrite_every_function(mutator, mod)
         self.rewritten = mutator.rewritten
         return mod
 
 
-__all__ = ["CallRewritePass", "rewrite_every_function"]
+__all__ = ["CallRewritePass", "Rewrite", "rewrite_every_function"]

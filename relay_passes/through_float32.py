@@ -18,7 +18,7 @@ own rounding.
 
 from __future__ import annotations
 
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from collections.abc import Callable
 
 from pbtvm._tvm import relax, tvm
 
@@ -46,31 +46,21 @@ def _half(expr: relax.Expr) -> str | None:
     return dtype if dtype in OPS else None
 
 
-@mutator
-class _Rewrite(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule | None = None) -> None:
-        super().__init__(mod)
-        self.rewritten = 0
+def _in_float32(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr | None:
+    """``call`` on float32 copies of its half-precision operands, its float results cast back; None
+    unless it is an op of :data:`OPS` for its operands' dtype."""
+    half = next((d for d in map(_half, call.args) if d), None)
+    if half is None or op not in OPS[half]:
+        return None
+    args = [emit(relax.op.astype(a, "float32")) if _half(a) else a for a in call.args]
+    out = emit(relax.Call(call.op, args, call.attrs))
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = self.visit_expr_post_order(call)
-        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
-        half = next((d for d in map(_half, call.args) if d), None)
-        if half is None or op not in OPS[half]:
-            return call
-        self.rewritten += 1
-        emit = self.builder_.emit
-        args = [emit(relax.op.astype(a, "float32")) if _half(a) else a for a in call.args]
-        out = emit(relax.Call(call.op, args, call.attrs))
-        if isinstance(out.ty, relax.TensorType):
-            return self._back(out, half)
-        return relax.Tuple([self._back(emit(relax.TupleGetItem(out, i)), half) for i in range(len(out.ty.fields))])
+    def back(value: relax.Expr) -> relax.Expr:  # a float32 result in ``half`` again; an index as it is
+        return emit(relax.op.astype(value, half)) if str(value.ty.dtype) == "float32" else value
 
-    def _back(self, value: relax.Expr, half: str) -> relax.Expr:
-        """A float32 result in ``half`` again; any other (an index) as it is."""
-        if str(value.ty.dtype) != "float32":
-            return value
-        return self.builder_.emit(relax.op.astype(value, half))
+    if isinstance(out.ty, relax.TensorType):
+        return back(out)
+    return relax.Tuple([back(emit(relax.TupleGetItem(out, i))) for i in range(len(out.ty.fields))])
 
 
 @tvm.transform.module_pass(opt_level=0, name="ThroughFloat32")
@@ -80,4 +70,4 @@ class ThroughFloat32(CallRewritePass):
     ``rewritten``: calls rewritten by the last run.
     """
 
-    mutator = _Rewrite
+    rewrite = staticmethod(_in_float32)
