@@ -31,6 +31,7 @@ from typing import Any
 import tvm_ffi
 
 from ._tvm import relax, tir, tvm
+from .relay_passes.normalize_constant_indices import size_tensor
 from .torch_conv import CONV_CONVERTERS
 from .torch_index import INDEX_CONVERTERS
 from .torch_norms import NORM_CONVERTERS
@@ -164,7 +165,7 @@ def _arithmetic(op: Any, intrinsic: Any) -> Any:
         operands = []
         for a in args:
             if _is_runtime_size(a):
-                a = emit(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([a])), []))
+                a = emit(size_tensor(a))
             elif not isinstance(a, relax.Expr):  # a Python number
                 a = relax.const(a, dtype)
             operands.append(a if str(a.ty.dtype) == dtype else emit(relax.op.astype(a, dtype)))

@@ -23,13 +23,7 @@ from typing import Any
 
 from ._tvm import relax, tir
 from .errors import InputError
-
-
-def _size_tensor(size: Any) -> relax.Expr:
-    """An int64 0-d tensor holding the axis size ``size`` (an int or a run-time size)."""
-    if isinstance(size, (int, tir.IntImm)):
-        return relax.const(int(size), "int64")
-    return relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([size])), [])
+from .relay_passes.normalize_constant_indices import size_tensor
 
 
 def _product(sizes: list) -> Any:
@@ -67,11 +61,11 @@ def _index(node: Any, importer: Any) -> relax.Var:
     flat = None  # sum of index_k * stride_k over the indexed axes, broadcast together
     for k, (t, size) in enumerate(zip(tensors, sizes, strict=True)):
         t = t if str(t.ty.dtype) == "int64" else emit(relax.op.astype(t, "int64"))
-        n, zero = _size_tensor(size), relax.const(0, "int64")
+        n, zero = size_tensor(size), relax.const(0, "int64")
         t = emit(relax.op.where(relax.op.less(t, zero), relax.op.add(t, n), t))
         t = emit(relax.op.minimum(relax.op.maximum(t, zero), relax.op.subtract(n, relax.const(1, "int64"))))
         if k + 1 < len(sizes):
-            t = emit(relax.op.multiply(t, _size_tensor(_product(sizes[k + 1 :]))))
+            t = emit(relax.op.multiply(t, size_tensor(_product(sizes[k + 1 :]))))
         flat = t if flat is None else emit(relax.op.add(flat, t))
     merged = shape[:first] + [_product(sizes)] + shape[first + len(sizes) :]
     if len(sizes) > 1:

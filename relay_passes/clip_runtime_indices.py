@@ -30,7 +30,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, tvm
 
-from .normalize_constant_indices import indexed_size
+from .normalize_constant_indices import indexed_size, size_tensor
 
 #: Ops that pass every value of their first argument through (a cast, a new shape): ids stay ids.
 _PASS_VALUES = (
@@ -114,13 +114,7 @@ class _Clipper(PyExprMutator):
         data, indices = call.args
         axis = int(call.attrs.axis) % data.ty.ndim
         size = data.ty.shape.values[axis]
-        last = (
-            relax.const(int(size) - 1, str(indices.ty.dtype))
-            if isinstance(size, tvm.tirx.IntImm)
-            else relax.op.astype(
-                relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([size - 1])), []), str(indices.ty.dtype)
-            )
-        )
+        last = size_tensor(size - 1, str(indices.ty.dtype))
         low = relax.const(0, str(indices.ty.dtype))
         clamped = self.builder_.emit(relax.op.minimum(relax.op.maximum(indices, low), last))
         return relax.op.gather_elements(data, clamped, axis)

@@ -39,6 +39,15 @@ def _const_indices(expr: relax.Expr, lookup) -> np.ndarray | None:
     return None
 
 
+def size_tensor(size: int | tir.PrimExpr, dtype: str = "int64") -> relax.Expr:
+    """A 0-d tensor of ``dtype`` holding the axis size ``size``: a constant, or for a size known
+    only at run time (the batch) the value of the shape expression."""
+    if isinstance(size, (int, tir.IntImm)):
+        return relax.const(int(size), dtype)
+    tensor = relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([size])), [])
+    return tensor if dtype == "int64" else relax.op.astype(tensor, dtype)
+
+
 def indexed_size(ty: relax.TensorType, axis: int | None) -> int | None:
     """How many entries indices into a tensor of type ``ty`` can address along ``axis`` (every
     element without an axis: take indexes the flattened tensor); None where a size is symbolic."""
