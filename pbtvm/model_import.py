@@ -259,7 +259,7 @@ def layer_names(model: Any) -> dict[str, str]:
     for name, module in modules:
         if isinstance(module, torch.nn.LSTM):  # its weights by parameter name (the lowering's dense layers)
             for param, w in module.named_parameters():
-                names.setdefault(weight_key(w.detach().cpu().numpy()), f"{name}.{param} (LSTM)")
+                names.setdefault(_key(w), f"{name}.{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
             names.setdefault(_key(weight), f"{name} ({type(module).__name__})")

@@ -263,7 +263,7 @@ class _Rewriter(PyExprMutator):
             const = const.reshape(const.shape[-2:])
         if const.ndim != 2:
             return None, f"weight has rank {const.ndim}, not 2"
-        part = self.report.parts.get(weight_key(const))
+        part = self.report.parts.get(weight_key(const)) if self.report.parts else None  # no hash without slices
         if part is not None:  # ``x @ W[a:b]``: the layer's weight is the slice transposed, named as the slice
             self.report.parts.setdefault(weight_key(const.T), part)
         return const.T, ""
