@@ -7,8 +7,9 @@ them alike; each method's timed pass follows a 0.3 s pause, so no library's spin
 threads take the cores from the next, and one untimed pass, so its own workers are awake, as in
 a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per dense layer: on
 a CPU with AVX-512 BW+VNNI one kernel that quantizes the rows and runs the AVX-512 GEMM
-(``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), elsewhere the activation
-quantize+pack kernel and the popcount GEMM; ``PB-old`` (``--old``) is the portable path. ``floor``
+(``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), on AVX2 CPUs the same kernel
+built with ``vpmaddubsw`` (weights up to 7 bits), elsewhere the activation quantize+pack kernel
+and the popcount GEMM; ``PB-old`` (``--old``) is the portable path. ``floor``
 is the k-bit weight bytes over the read bandwidth measured in the same run.
 
 Usage::
@@ -215,11 +216,11 @@ def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
 def main() -> int:
     """Run every shape and print a markdown table."""
     target = resolve_target("llvm")
-    from pbtvm.ops.pb_vnni import target_supports
+    from pbtvm.ops.pb_vnni import cpu_isa
 
     print(
         f"# {cpu_name()}, {ARGS.threads} threads, target {target.attrs.get('mcpu')}, "
-        f"AVX-512 PB kernel: {target_supports(target)}, torch {torch.__version__}, tvm {tvm.__version__}"
+        f"byte-code PB kernel: {cpu_isa(target) or 'none (popcount)'}, torch {torch.__version__}, tvm {tvm.__version__}"
     )
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load at start: {uptime()}")
     bw = read_bandwidth()

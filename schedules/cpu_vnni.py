@@ -1,9 +1,11 @@
-"""CPU rule: on AVX-512 BW + VNNI CPUs, the PB GEMM becomes :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
+"""CPU rule: on AVX-512 BW + VNNI CPUs (and AVX2 ones), the PB GEMM becomes :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
 
 The rule matches a ``pb_gemm`` PrimFunc (the TE kernel from :func:`pbtvm.ops.pb_dense` or
 :func:`pbtvm.ops.pb_int_product`) when the target's ``mcpu``/``mattr`` has the instructions and the
 format fits int8 dot products (:func:`pbtvm.ops.pb_vnni.unsupported_reason`), and replaces it by
-the AVX-512 kernel with the same parameters, so the Relax graph, export and the ``bitlayers``
+the byte-code kernel with the same parameters: ``vpdpbusd`` on AVX-512 VNNI CPUs, else
+``vpmaddubsw`` + ``vpmaddwd`` on AVX2 ones (:func:`pbtvm.ops.pb_vnni.cpu_isa`; weights up to
+7 bits there), so the Relax graph, export and the ``bitlayers``
 argument are untouched; likewise the LSTM step (``pb_lstm_cell``) becomes
 :func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func`. Everything else falls through to the portable
 popcount kernels of :mod:`.cpu`. ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable
@@ -26,8 +28,9 @@ from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.ops import gfni_decode
 from pbtvm.ops.pb_vnni import (
-    CPU_KERNEL,
+    CPU_KERNELS,
     MAX_BLOCK_BATCH_TILE,
+    cpu_isa,
     pb_vnni_func,
     target_supports,
     tile_problem,
@@ -46,6 +49,11 @@ BATCH_TILE = 4
 #: side by side (more rows hide more latency: 512x784 was 21 µs at 16 rows vs 37 µs at 2,
 #: single-thread CPU time); with whole blocks rows run one after another at every batch.
 SINGLE_ROWS_SIDE_BY_SIDE = 16
+#: The same defaults per instruction set: AVX2 has 16 ymm registers, an accumulator takes two.
+DEFAULT_TILES = {
+    "avx512": (ROW_TILE, BATCH_TILE, SINGLE_ROWS_SIDE_BY_SIDE),
+    "avx2": (1, 4, 4),
+}
 ENV_KERNEL = "PBTVM_CPU_KERNEL"
 
 
@@ -61,15 +69,20 @@ def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target 
     target = target or tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
         return False
-    return unsupported_reason(fmt, k_dim) is None and target_supports(target)
+    isa = cpu_isa(target)
+    return isa is not None and unsupported_reason(fmt, k_dim, isa) is None
 
 
 class CPUVnniGemm(KnobRule):
-    """``pb_gemm`` on AVX-512 BW + VNNI: the TE kernel replaced by the AVX-512 kernel."""
+    """``pb_gemm`` on AVX-512 BW + VNNI (or AVX2): the TE kernel replaced by the byte-code kernel."""
 
     kernel = names.KernelKind.GEMM
     target_kind = "llvm"
-    label = "avx512"
+
+    @property
+    def label(self) -> str:
+        """How reports name the kernel: its instruction set (``avx512`` or ``avx2``)."""
+        return cpu_isa(self.target) or "avx512"
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
@@ -88,10 +101,13 @@ class CPUVnniGemm(KnobRule):
         :data:`pbtvm.ops.pb_vnni.BLOCK_TASK_ROWS` per task), so only distinct batch tiles are offered.
         """
         fmt, k_dim = format_of(func), int((func.attrs or {}).get(names.ATTR_K, 0))
+        isa = cpu_isa(self.target) or "avx512"
+        row_tile, batch_tile, _ = DEFAULT_TILES[isa]
+        knobs = [(row_tile, batch_tile), *(k for k in KNOBS if k != (row_tile, batch_tile))]
         if fmt is not None and fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS:
-            tiles = dict.fromkeys(min(bt, MAX_BLOCK_BATCH_TILE) for _, bt in KNOBS)
-            return [{"row_tile": ROW_TILE, "batch_tile": bt} for bt in tiles]
-        fits = [knobs for knobs in KNOBS if fmt is None or tile_problem(fmt, k_dim, *knobs) is None]
+            tiles = dict.fromkeys(min(bt, MAX_BLOCK_BATCH_TILE) for _, bt in knobs)
+            return [{"row_tile": row_tile, "batch_tile": bt} for bt in tiles]
+        fits = [k for k in knobs if fmt is None or tile_problem(fmt, k_dim, *k, isa) is None]
         return [{"row_tile": row_tile, "batch_tile": batch_tile} for row_tile, batch_tile in fits]
 
     def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
@@ -112,7 +128,7 @@ class CPUVnniDenseAct(CPUVnniGemm):
 
 
 class CPUVnniLstmCell(ScheduleRule):
-    """``pb_lstm_cell`` on AVX-512 BW + VNNI: the popcount step replaced by
+    """``pb_lstm_cell`` on AVX-512 BW + VNNI (or AVX2): the popcount step replaced by
     :func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func` (its products the AVX-512 GEMM's, the cell
     update in the same parallel tasks). Every form: ``gx`` given for one step or read at step
     ``t`` of a sequence, or the input projection inside (decoding)."""
@@ -132,40 +148,43 @@ class CPUVnniLstmCell(ScheduleRule):
 def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = None) -> tir.PrimFunc:
     """The AVX-512 LSTM step with ``func``'s parameters (same order, shapes and batch variable).
 
-    ``target`` as in :func:`vnni_kernel_for` (GFNI where it has ``gfni``).
+    ``target`` as in :func:`vnni_kernel_for` (its instruction set, GFNI where it has ``gfni``).
 
     Raises
     ------
     ValueError
         If ``func`` is not a ``pb_lstm_cell`` PrimFunc the kernel can compute.
     """
-    if _is_avx512(func):
+    if _is_replaced(func):
         return func
     fmt, operands = format_of(func), lstm_cell_operands(func)
     if fmt is None or operands is None:
         raise ValueError("vnni_lstm_kernel_for needs a pb_lstm_cell PrimFunc from pbtvm.kernels")
     batch, input_size, bias, steps = operands
-    new = pb_vnni_lstm_func(fmt, int(func.attrs[names.ATTR_K]), batch, input_size, bias, steps, _has_gfni(target))
-    return _replacing(func, new)
+    isa = _isa_of(target)
+    k_dim = int(func.attrs[names.ATTR_K])
+    new = pb_vnni_lstm_func(fmt, k_dim, batch, input_size, bias, steps, _has_gfni(target), isa)
+    return _replacing(func, new, isa)
 
 
 def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> bool:
-    """Whether an AVX-512 rule replaces ``func`` (of its kernel kind): not forced to the popcount
-    kernel, and already the AVX-512 kernel or one it can compute (``operands(func)`` recognises
-    the parameters) on a CPU with the features."""
+    """Whether a byte-code rule replaces ``func`` (of its kernel kind): not forced to the popcount
+    kernel, and already the byte-code kernel or one it can compute (``operands(func)`` recognises
+    the parameters) on a CPU with the features (:func:`pbtvm.ops.pb_vnni.cpu_isa`)."""
     if os.environ.get(ENV_KERNEL, "") == "popcount":
         return False
-    if _is_avx512(func):
+    if _is_replaced(func):
         return True
-    return fits_vnni(func) and operands(func) is not None and target_supports(target)
+    isa = cpu_isa(target)
+    return isa is not None and fits_vnni(func, isa) and operands(func) is not None
 
 
-def fits_vnni(func: tir.PrimFunc) -> bool:
-    """Whether the AVX-512 kernels compute ``func``'s format at its K (and input size, for an
-    LSTM step with its input projection), CPU features aside."""
+def fits_vnni(func: tir.PrimFunc, isa: str = "avx512") -> bool:
+    """Whether the byte-code kernels on ``isa`` compute ``func``'s format at its K (and input
+    size, for an LSTM step with its input projection), CPU features aside."""
     fmt, attrs = format_of(func), func.attrs or {}
     sizes = [attrs[key] for key in (names.ATTR_K, names.ATTR_INPUT_SIZE) if key in attrs]
-    return fmt is not None and all(unsupported_reason(fmt, int(k)) is None for k in sizes)
+    return fmt is not None and all(unsupported_reason(fmt, int(k), isa) is None for k in sizes)
 
 
 def _operands(func: tir.PrimFunc) -> tuple | None:
@@ -183,31 +202,35 @@ def _operands(func: tir.PrimFunc) -> tuple | None:
     return buffers[0], buffers[3 if dense else 2], dense, len(buffers) == 7, False
 
 
-def single_row_tile_for(fmt: BitplaneFormat, n_out: int, k_dim: int) -> int | None:
-    """Output rows per tile of the batch-1 loop nest (None: no such nest, K has whole blocks)."""
+def single_row_tile_for(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, rows: int = SINGLE_ROWS_SIDE_BY_SIDE
+) -> int | None:
+    """Output rows per tile of the batch-1 loop nest, ``rows`` (None: no such nest, K has whole blocks)."""
     del n_out  # the same for every N
-    return None if fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS else SINGLE_ROWS_SIDE_BY_SIDE
+    return None if fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS else rows
 
 
 def vnni_kernel_for(
     func: tir.PrimFunc,
-    row_tile: int = ROW_TILE,
-    batch_tile: int = BATCH_TILE,
+    row_tile: int | None = None,
+    batch_tile: int | None = None,
     single_row_tile: int | None = None,
     target: tvm.target.Target | None = None,
 ) -> tir.PrimFunc:
-    """The AVX-512 kernel with ``func``'s parameters (same order, shapes and batch variable).
+    """The byte-code kernel with ``func``'s parameters (same order, shapes and batch variable).
 
-    ``single_row_tile`` (output rows per tile at batch 1) defaults to :func:`single_row_tile_for`.
-    The GFNI block decode is used when ``target`` (default: the current target, else the host
-    CPU) has ``gfni``.
+    The instruction set is ``target``'s (default: the current target, else the host CPU; AVX-512
+    VNNI where it has it, else AVX2, :func:`pbtvm.ops.pb_vnni.cpu_isa`); the tiles default to
+    :data:`DEFAULT_TILES` for it (``single_row_tile``, output rows per tile at batch 1, only
+    below one 512-input block, :func:`single_row_tile_for`). The GFNI block decode is used
+    when ``target`` has ``gfni``.
 
     Raises
     ------
     ValueError
         If ``func`` is not a PB GEMM the kernel can compute.
     """
-    if _is_avx512(func):
+    if _is_replaced(func):
         return func
     fmt, operands = format_of(func), _operands(func)
     if fmt is None or operands is None:
@@ -215,26 +238,39 @@ def vnni_kernel_for(
     x, wp, dense, bias, float_input = operands
     n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
     batch = x.shape[0] if float_input else x.shape[1]
-    single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim)
+    isa = _isa_of(target)
+    default_rows, default_batch, default_single = DEFAULT_TILES[isa]
+    row_tile, batch_tile = row_tile or default_rows, batch_tile or default_batch
+    single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim, default_single)
     gfni = _has_gfni(target)
-    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni)
-    return _replacing(func, new)
+    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni, isa)
+    return _replacing(func, new, isa)
 
 
-def _is_avx512(func: tir.PrimFunc) -> bool:
-    """Whether ``func`` is already one of the AVX-512 kernels (the rules leave it as it is)."""
-    return (func.attrs or {}).get(names.ATTR_CPU_KERNEL) == CPU_KERNEL
+def _is_replaced(func: tir.PrimFunc) -> bool:
+    """Whether ``func`` is already one of the byte-code kernels (the rules leave it as it is)."""
+    return (func.attrs or {}).get(names.ATTR_CPU_KERNEL) in CPU_KERNELS.values()
+
+
+def _target_or_host(target: tvm.target.Target | None) -> tvm.target.Target:
+    """``target``, else the current target, else the host CPU."""
+    return target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
+
+
+def _isa_of(target: tvm.target.Target | None) -> str:
+    """The instruction set of the kernel for ``target`` (default as :func:`_target_or_host`):
+    AVX-512 where it has AVX-512 VNNI or neither instruction set (an explicit build), else AVX2."""
+    return cpu_isa(_target_or_host(target)) or "avx512"
 
 
 def _has_gfni(target: tvm.target.Target | None) -> bool:
-    """Whether ``target`` (default: the current target, else the host CPU) has GFNI."""
-    target = target or tvm.target.Target.current(allow_none=True) or resolve_target("llvm")
-    return target_supports(target, gfni_decode.CPU_FEATURES)
+    """Whether ``target`` (default as :func:`_target_or_host`) has GFNI."""
+    return target_supports(_target_or_host(target), gfni_decode.CPU_FEATURES)
 
 
-def _replacing(func: tir.PrimFunc, new: tir.PrimFunc) -> tir.PrimFunc:
-    """``new`` with ``func``'s attributes (the tuner and the rules key on them), marked AVX-512."""
-    attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNEL}
+def _replacing(func: tir.PrimFunc, new: tir.PrimFunc, isa: str) -> tir.PrimFunc:
+    """``new`` with ``func``'s attributes (the tuner and the rules key on them), marked with its kernel."""
+    attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNELS[isa]}
     return new.without_attr("global_symbol").with_attrs(attrs)
 
 

@@ -30,14 +30,38 @@ from ..names import ATTR_CPU_KERNEL, KernelKind
 from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK, BLOCK_WORDS
 from .vnni_bytes import CHUNK
-from .vnni_rows import Kernel, block_rows, block_slots, decode_chunk, dot, lane_bound, prepare_kernel, store
+from .vnni_rows import (
+    Kernel,
+    block_rows,
+    block_slots,
+    decode_chunk,
+    dot,
+    lane_bound,
+    madd_exact,
+    pair_bound,
+    prepare_kernel,
+    store,
+)
 
-__all__ = ["CPU_FEATURES", "CHUNK", "pb_vnni_func", "unsupported_reason", "target_supports"]
+__all__ = [
+    "CPU_FEATURES",
+    "CHUNK",
+    "ISA_FEATURES",
+    "cpu_isa",
+    "pb_vnni_func",
+    "unsupported_reason",
+    "target_supports",
+]
 
 #: LLVM CPU features the kernel's instructions need.
 CPU_FEATURES = ("avx512bw", "avx512vnni")
-#: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel.
-CPU_KERNEL = "avx512_vnni"
+#: Instruction sets the kernel is built for, best first, and the LLVM CPU features each needs:
+#: ``vpdpbusd`` on zmm registers, or AVX2's ``vpmaddubsw`` + ``vpmaddwd`` on ymm registers
+#: (about five times the instructions per 64 weights, no GFNI decode; CPUs without AVX-512 VNNI).
+ISA_FEATURES = {"avx512": CPU_FEATURES, "avx2": ("avx2",)}
+#: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel, per ISA.
+CPU_KERNELS = {"avx512": "avx512_vnni", "avx2": "avx2_madd"}
+CPU_KERNEL = CPU_KERNELS["avx512"]
 #: Activation rows per pass over a row's blocks: 8 measured no faster than 4 (4096x4096 W4
 #: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
 #: 194 s, against 1 s at 4).
@@ -46,8 +70,10 @@ MAX_BLOCK_BATCH_TILE = 4
 #: :func:`~.vnni_rows.block_rows`, so ``row_tile`` does not apply): 4096x4096 W1 batch 1 on 2 threads 177 µs at 2 rows per task,
 #: 89-94 µs at 32-128; W4 batch 8 736 vs 568-629 µs.
 BLOCK_TASK_ROWS = 64
-#: zmm accumulators a tile may hold (32 registers, some needed for decoding).
+#: int32x16 accumulators a tile may hold: 24 of the 32 zmm registers (the rest decode); on AVX2
+#: each takes two of the 16 ymm registers.
 MAX_ACCUMULATORS = 24
+MAX_ACCUMULATORS_PER_ISA = {"avx512": MAX_ACCUMULATORS, "avx2": 5}
 #: Layers with fewer weight bits (N * K * bits, 1 MiB of planes) run their row tiles serially:
 #: waking TVM's thread pool cost more than it gave below this on the 2-vCPU EPYC (MNIST MLP W4
 #: batch 1: 55 µs serial vs 77 µs; 1024² W4 69 vs 84 µs; 2048² W4 297 vs 267 µs, BENCHMARKS.md,
@@ -55,10 +81,17 @@ MAX_ACCUMULATORS = 24
 SERIAL_WEIGHT_BITS = 1 << 23
 
 
-def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
-    """Why this kernel cannot compute ``fmt`` at this K (None when it can)."""
+def unsupported_reason(fmt: BitplaneFormat, k_dim: int, isa: str = "avx512") -> str | None:
+    """Why this kernel cannot compute ``fmt`` at this K on ``isa`` (None when it can)."""
+    if isa not in ISA_FEATURES:
+        raise ValueError(f"unknown instruction set {isa!r}: one of {', '.join(ISA_FEATURES)}")
     if fmt.bits > 8 or fmt.act_bits > 8:
         return f"{fmt.name}: weights and activations must be <= 8 bits for int8 dot products"
+    if isa == "avx2" and not madd_exact(fmt):
+        return (
+            f"{fmt.name}: AVX2's vpmaddubsw pair sums reach {pair_bound(fmt)}, past int16 "
+            "(weights up to 7 bits at 8-bit activations)"
+        )
     if fmt.layout not in ("kNW", "NkW"):
         return f"the {fmt.layout} weight layout is for tensor cores; the AVX-512 kernel reads kNW or NkW"
     # |sum_k x u| <= K (padded to 64) * (2^k - 1) * |most negative code| must fit the int32 lanes.
@@ -67,20 +100,21 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
     return None
 
 
-def tile_problem(fmt: BitplaneFormat, k_dim: int, row_tile: int, batch_tile: int) -> str | None:
+def tile_problem(fmt: BitplaneFormat, k_dim: int, row_tile: int, batch_tile: int, isa: str = "avx512") -> str | None:
     """Why ``(row_tile, batch_tile)`` does not fit the kernel at this K (None when it does).
 
     The accumulators the inner loop holds, ``batch_tile`` times the output rows side by side (the
-    whole ``row_tile`` below one 512-input block, one row with whole blocks), must fit
-    :data:`MAX_ACCUMULATORS` zmm registers.
+    whole ``row_tile`` below one 512-input block, one row with whole blocks), must fit the
+    registers (:data:`MAX_ACCUMULATORS_PER_ISA`).
     """
+    most = MAX_ACCUMULATORS_PER_ISA[isa]
     if isinstance(row_tile, bool) or isinstance(batch_tile, bool) or row_tile < 1 or batch_tile < 1:
         return f"row_tile and batch_tile must be >= 1, got {row_tile} and {batch_tile}"
     held_rows = 1 if fmt.words(k_dim) >= BLOCK_WORDS else row_tile
-    if batch_tile * held_rows > MAX_ACCUMULATORS:
+    if batch_tile * held_rows > most:
         return (
             f"batch_tile {batch_tile} x {held_rows} row(s) side by side need {batch_tile * held_rows} "
-            f"accumulators at K={k_dim}, more than {MAX_ACCUMULATORS}"
+            f"accumulators at K={k_dim}, more than {most} ({isa})"
         )
     return None
 
@@ -100,6 +134,11 @@ def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
     return all(f in have for f in features)
 
 
+def cpu_isa(target) -> str | None:
+    """The best instruction set of :data:`ISA_FEATURES` an LLVM target's CPU has (None: neither)."""
+    return next((isa for isa, features in ISA_FEATURES.items() if target_supports(target, features)), None)
+
+
 def pb_vnni_func(
     fmt: BitplaneFormat,
     n_out: int,
@@ -112,8 +151,9 @@ def pb_vnni_func(
     float_input: bool = False,
     single_row_tile: int | None = None,
     gfni: bool = True,
+    isa: str = "avx512",
 ) -> tir.PrimFunc:
-    """The AVX-512 PB kernel with the same parameters as the TE kernel it replaces.
+    """The AVX-512 (or AVX2) PB kernel with the same parameters as the TE kernel it replaces.
 
     Parameters
     ----------
@@ -150,6 +190,9 @@ def pb_vnni_func(
         Decode whole 512-input blocks with GFNI bit transposes
         (:mod:`pbtvm.ops.gfni_decode`; the CPU needs the ``gfni`` feature); False: every chunk
         takes the masked-add decode.
+    isa : str
+        ``"avx512"`` or ``"avx2"`` (:data:`ISA_FEATURES`; AVX2 has no GFNI decode, weights up to 7
+        bits, fewer accumulators).
 
     Returns
     -------
@@ -161,14 +204,15 @@ def pb_vnni_func(
 
     from . import kernel_attrs
 
-    why = unsupported_reason(fmt, k_dim)
+    why = unsupported_reason(fmt, k_dim, isa)
     if why is not None:
         raise ValueError(f"pb_vnni_func cannot compute this layer: {why}")
     if float_input and not dense:
         raise ValueError("pb_vnni_func: float_input computes the dense layer (dense=True)")
-    if single_row_tile is not None and not 1 <= single_row_tile <= MAX_ACCUMULATORS:
-        raise ValueError(f"single_row_tile must be 1..{MAX_ACCUMULATORS}, got {single_row_tile}")
-    problem = tile_problem(fmt, k_dim, row_tile, batch_tile)
+    most = MAX_ACCUMULATORS_PER_ISA[isa]
+    if single_row_tile is not None and not 1 <= single_row_tile <= most:
+        raise ValueError(f"single_row_tile must be 1..{most} on {isa}, got {single_row_tile}")
+    problem = tile_problem(fmt, k_dim, row_tile, batch_tile, isa)
     if problem:
         raise ValueError(f"pb_vnni_func: {problem}")
     words = fmt.words(k_dim)
@@ -187,7 +231,7 @@ def pb_vnni_func(
             layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
             out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
             T.func_attr(
-                {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNEL}
+                {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNELS[isa]}
             )
             if words >= BLOCK_WORDS:
                 batch_tile = min(batch_tile, MAX_BLOCK_BATCH_TILE)
@@ -202,9 +246,10 @@ def pb_vnni_func(
                 w_scale,
                 bias_buf,
                 layers,
-                gfni,
+                gfni and isa == "avx512",
                 x=x if float_input else None,
                 packed=None if float_input else (xp, x_scale, rowsum),
+                isa=isa,
             )
             # 2. tiles of output rows x activation rows; straight-line code per activation rows
             # left in the tile (and, below one block, per bitlayers), so the chunk loop has no

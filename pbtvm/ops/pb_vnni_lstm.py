@@ -31,7 +31,7 @@ from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_vnni
 from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK
-from .pb_vnni import CPU_KERNEL, MAX_BLOCK_BATCH_TILE, unsupported_reason
+from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
 from .vnni_bytes import CHUNK
 from .vnni_rows import block_rows, block_slots, prepare_kernel
@@ -51,8 +51,9 @@ def pb_vnni_lstm_func(
     bias: bool = False,
     steps: tir.Var | None = None,
     gfni: bool = True,
+    isa: str = "avx512",
 ) -> tir.PrimFunc:
-    """The AVX-512 LSTM step with the parameters of the TE step it replaces.
+    """The AVX-512 (or AVX2) LSTM step with the parameters of the TE step it replaces.
 
     Parameters
     ----------
@@ -74,7 +75,9 @@ def pb_vnni_lstm_func(
         parameter ``t`` after ``w_scale`` (the time loop's step of
         :mod:`relay_passes.pb_lstm_lowering`).
     gfni : bool
-        Decode whole 512-input blocks with GFNI (the CPU needs ``gfni``).
+        Decode whole 512-input blocks with GFNI (the CPU needs ``gfni``; AVX-512 only).
+    isa : str
+        ``"avx512"`` or ``"avx2"``, as :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
 
     Returns
     -------
@@ -87,7 +90,7 @@ def pb_vnni_lstm_func(
     from . import kernel_attrs
 
     for k_dim in (hidden,) if input_size is None else (hidden, input_size):
-        why = unsupported_reason(fmt, k_dim)
+        why = unsupported_reason(fmt, k_dim, isa)
         if why is not None:
             raise ValueError(f"pb_vnni_lstm_func cannot compute this step: {why}")
     rows = 4 * hidden
@@ -113,7 +116,7 @@ def pb_vnni_lstm_func(
             attrs = {
                 **kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden),
                 "tirx.noalias": True,
-                ATTR_CPU_KERNEL: CPU_KERNEL,
+                ATTR_CPU_KERNEL: CPU_KERNELS[isa],
             }
             if input_size is not None:
                 attrs[ATTR_INPUT_SIZE] = int(input_size)
@@ -121,11 +124,16 @@ def pb_vnni_lstm_func(
             # 1. activation codes of h (and x), once per call; each leg's gate rows go to a
             # workspace that the task's cell updates read
             gates_h = T.alloc_buffer((batch, rows), "float32")
-            legs = [prepare_kernel(T, fmt, rows, hidden, batch, wp_hh, gates_h, ws_hh, None, layers, gfni, x=h)]
+            gfni = gfni and isa == "avx512"
+            legs = [
+                prepare_kernel(T, fmt, rows, hidden, batch, wp_hh, gates_h, ws_hh, None, layers, gfni, x=h, isa=isa)
+            ]
             if input_size is not None:
                 gates_x = T.alloc_buffer((batch, rows), "float32")
                 legs.append(
-                    prepare_kernel(T, fmt, rows, input_size, batch, wp_ih, gates_x, ws_ih, bias_buf, layers, gfni, x=x)
+                    prepare_kernel(
+                        T, fmt, rows, input_size, batch, wp_ih, gates_x, ws_ih, bias_buf, layers, gfni, x=x, isa=isa
+                    )
                 )
 
                 def gx_at(b, u, g):

@@ -35,6 +35,8 @@ __all__ = [
     "decode_chunk",
     "dot",
     "lane_bound",
+    "madd_exact",
+    "pair_bound",
     "prepare_kernel",
     "scaled_codes",
     "side_by_side",
@@ -59,6 +61,27 @@ def lane_bound(fmt: BitplaneFormat, k_dim: int, scaled: bool) -> int:
     ``2^(8-k)`` (:func:`pbtvm.ops.gfni_decode.code_scale`), else up to ``2^k - 1``."""
     padded = -(-int(k_dim) // CHUNK) * CHUNK
     return padded * (255 if scaled else 2**fmt.bits - 1) * 2 ** (fmt.act_bits - 1)
+
+
+#: Largest int16: AVX2's ``vpmaddubsw`` saturates its pair sums there.
+INT16_MAX = 2**15 - 1
+
+
+def pair_bound(fmt: BitplaneFormat) -> int:
+    """Largest ``|u x + u' x'|`` of a ``vpmaddubsw`` pair sum: plain codes ``u`` up to
+    ``sum |c_i|``, activation codes up to ``act_qmax``."""
+    return 2 * sum(abs(c) for c in fmt.plane_coefficients()) * fmt.act_qmax
+
+
+def madd_exact(fmt: BitplaneFormat) -> bool:
+    """Whether AVX2's int16 pair sums (:func:`dot`) hold every product of ``fmt`` exactly
+    (weights up to 7 bits at 8-bit activations)."""
+    return pair_bound(fmt) <= INT16_MAX
+
+
+def _half_slot(slot: tir.Ramp) -> tir.Ramp:
+    """The first eight int32 lanes of an accumulator slot (AVX2 sums both halves there)."""
+    return tir.Ramp(slot.base, 1, CHUNK // 8)
 
 
 def scaled_codes(fmt: BitplaneFormat, k_dim: int) -> bool:
@@ -139,6 +162,8 @@ class Kernel:
     layers: tir.PrimExpr | None = None
     #: Decoded bytes are ``2^(8-k) u / |c|`` (:func:`scaled_codes`), else ``u``.
     scaled: bool = True
+    #: Instruction set of the dot products: ``"avx512"`` (``vpdpbusd``) or ``"avx2"`` (:func:`dot`).
+    isa: str = "avx512"
 
 
 def prepare_kernel(
@@ -155,6 +180,7 @@ def prepare_kernel(
     gfni: bool,
     x: tir.Buffer | None = None,
     packed: tuple | None = None,
+    isa: str = "avx512",
 ) -> Kernel:
     """Step 1 of a kernel body: the activation rows as int8 codes, once per call.
 
@@ -187,6 +213,8 @@ def prepare_kernel(
         scales and code sums made here too).
     packed : tuple, optional
         Else ``(xp, x_scale, rowsum)``: the rows as activation planes.
+    isa : str
+        ``"avx512"`` or ``"avx2"`` (:func:`dot`; AVX2 decodes plain codes ``u``, no GFNI).
 
     Returns
     -------
@@ -195,7 +223,7 @@ def prepare_kernel(
         parallel task, by the caller).
     """
     words = fmt.words(k_dim)
-    scaled = scaled_codes(fmt, k_dim)
+    scaled = scaled_codes(fmt, k_dim) and isa == "avx512"  # AVX2's int16 pair sums need plain codes
     full_chunks, tail = divmod(words, 2)
     chunks = full_chunks + tail
     blocks = words // BLOCK_WORDS
@@ -208,7 +236,7 @@ def prepare_kernel(
     else:
         xp, x_scale, rowsum = packed
     kern = Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias)
-    kern.blocks, kern.gfni, kern.layers, kern.scaled = blocks, gfni, layers, scaled
+    kern.blocks, kern.gfni, kern.layers, kern.scaled, kern.isa = blocks, gfni, layers, scaled, isa
     kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
     for i, value in enumerate(_code_bytes(fmt, scaled)[0]):  # planes past bitlayers add 0
         T.buffer_store(kern.coef, tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8")), [i])
@@ -390,12 +418,33 @@ def decode_chunk(T, kern: Kernel, row, c, full: bool, at, nlayers: int | None) -
 
 
 def dot(T, kern: Kernel, slot, code: tir.PrimExpr, b, at) -> None:
-    """``acc[slot] += dot(code bytes, activation row b's codes at ``at``)`` (``vpdpbusd``)."""
-    x = kern.codes[b, tir.Ramp(at, 1, CHUNK)]
+    """``acc[slot] += dot(code bytes, activation row b's codes at ``at``)``: one ``vpdpbusd``
+    (AVX-512), or on AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for codes up to
+    :func:`madd_exact`) and a ``vpmaddwd`` by ones (int32); where two halves' pair sums fit int16
+    together they are added first, one ``vpmaddwd`` for both."""
     u = tir.reinterpret("int8x64", code)
-    T.buffer_store(
-        kern.acc, tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x), [slot]
-    )
+    if kern.isa == "avx512":
+        x = kern.codes[b, tir.Ramp(at, 1, CHUNK)]
+        total = tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x)
+        T.buffer_store(kern.acc, total, [slot])
+        return
+    half = CHUNK // 2
+    pairs = [
+        tir.call_llvm_pure_intrin(
+            "int16x16",
+            "llvm.x86.avx2.pmadd.ub.sw",
+            tir.Shuffle([u], [tir.IntImm("int32", i) for i in range(h * half, (h + 1) * half)]),
+            kern.codes[b, tir.Ramp(at + h * half, 1, half)],
+        )
+        for h in range(2)
+    ]
+    ones = tir.Broadcast(tir.const(1, "int16"), half // 2)
+    if 2 * pair_bound(kern.fmt) <= INT16_MAX:
+        words = tir.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs[0] + pairs[1], ones)
+        T.buffer_store(kern.acc, kern.acc[_half_slot(slot)] + words, [_half_slot(slot)])
+        return
+    words = [tir.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p, ones) for p in pairs]
+    T.buffer_store(kern.acc, kern.acc[slot] + tir.Shuffle(words, [tir.IntImm("int32", i) for i in range(16)]), [slot])
 
 
 def store(T, kern: Kernel, slots: list, split: int, n, b0, nlayers: int | None, guard: bool) -> None:

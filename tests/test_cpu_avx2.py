@@ -1,0 +1,164 @@
+"""The byte-code PB kernels on AVX2 (``vpmaddubsw`` + ``vpmaddwd``) against the numpy reference.
+
+CPUs without AVX-512 VNNI (AMD Zen 2/3, Intel client cores) get the kernels of
+:mod:`pbtvm.ops.pb_vnni` built for AVX2: plain codes ``u`` decoded with masked adds, int16 pair
+sums (exact while :func:`pbtvm.ops.vnni_rows.madd_exact`), int32 lanes. The tests build for an
+AVX2-only target (Haswell), so they also run on AVX-512 hosts; they need a host with AVX2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tir, tvm
+from pbtvm.ops import unit_major_rows
+from pbtvm.ops.pb_vnni import cpu_isa, pb_vnni_func, target_supports, tile_problem, unsupported_reason
+from pbtvm.ops.vnni_rows import INT16_MAX, madd_exact, pair_bound
+from pbtvm.schedules import rule_for
+from pbtvm.schedules.cpu import CPUBitplaneGemm
+from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
+from pbtvm.target import resolve_target
+
+from .test_cpu_vnni import _codes, _t
+
+HOST = resolve_target("llvm")
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+pytestmark = pytest.mark.skipif(not target_supports(HOST, ("avx2",)), reason="host CPU lacks AVX2")
+
+
+def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
+    """Every bitlayers of the AVX2 integer product equals the reference (and ``xq @ q.T`` at all planes)."""
+    if q is None:
+        q, xq = _codes(rng, fmt, n, k, b)
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    func = kernels.int_product_func(fmt, n, k)
+    rule = rule_for(func, AVX2)
+    assert isinstance(rule, CPUVnniGemm) and rule.label == "avx2"
+    func = rule.kernel_with(func, knobs) if knobs else rule.apply(func).mod["main"]
+    assert func.attrs["pbtvm.cpu_kernel"] == "avx2_madd"
+    kern = kernels.build(func, AVX2, schedule=False)
+    acc = fmt.accumulator_dtype(k)
+    out = _t(np.full((b, n), -7, acc))
+    for layers in range(1, fmt.bits + 1):
+        kern(_t(xp), _t(xq.sum(1).astype(acc)), _t(wp), layers, out)
+        np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"L={layers}")
+    np.testing.assert_array_equal(out.numpy(), xq @ q.T)
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "codebook", "n", "k", "b"),
+    [
+        (1, 8, None, 7, 33, 1),
+        (2, 2, None, 9, 64, 5),
+        (3, 5, None, 17, 129, 9),
+        (4, 8, None, 13, 100, 6),
+        (6, 6, None, 3, 31, 4),
+        (7, 8, None, 11, 200, 3),  # the largest codes the int16 pair sums hold
+        # K >= 512: whole blocks (masked-add decode, rows streamed), then the chunks after them
+        (4, 8, None, 70, 1100, 5),
+        (2, 8, None, 9, 1024, 1),
+        (7, 4, None, 11, 1500, 3),
+        (1, 8, "bipolar", 6, 700, 2),
+        (3, 8, "offset_binary", 5, 600, 4),
+        (5, 7, "offset_binary", 4, 90, 3),
+    ],
+)
+def test_int_product_exact(bits, act_bits, codebook, n, k, b, rng):
+    """Odd N, K not a multiple of 32 or 64, every batch remainder of the tile, every bitlayers."""
+    _check_int(bp.BitplaneFormat(bits, act_bits, codebook), n, k, b, rng)
+
+
+@pytest.mark.parametrize(("bits", "k"), [(6, 150), (7, 150), (7, 1030)])
+def test_extreme_codes_do_not_saturate(bits, k, rng):
+    """The largest weight codes against -qmax activations: W6 adds both halves' pair sums in
+    int16 before widening, W7 widens each (its pair sums alone reach 32,258)."""
+    fmt = bp.BitplaneFormat(bits, 8)
+    assert pair_bound(fmt) <= INT16_MAX and (2 * pair_bound(fmt) <= INT16_MAX) == (bits <= 6)
+    q = np.full((3, k), 2 ** (bits - 1) - 1)
+    q[1] = -(2 ** (bits - 1))  # the most negative code: plain code 0 after the sign flip
+    q[2, ::2] = -(2 ** (bits - 1))
+    xq = np.full((2, k), -fmt.act_qmax)
+    xq[1, 1::2] = fmt.act_qmax
+    _check_int(fmt, 3, k, 2, rng, q=q, xq=xq)
+
+
+@pytest.mark.parametrize(("row_tile", "batch_tile"), [(1, 1), (1, 5), (5, 1)])
+def test_tiles_exact(row_tile, batch_tile, rng):
+    _check_int(bp.BitplaneFormat(4, 8), 19, 260, 11, rng, row_tile=row_tile, batch_tile=batch_tile)
+
+
+def test_eight_bit_weights_stay_on_the_popcount_kernel():
+    """W8 codes reach 255: pair sums past int16, so AVX2 CPUs keep the popcount kernel for them."""
+    fmt = bp.BitplaneFormat(8, 8)
+    assert not madd_exact(fmt)
+    assert "int16" in unsupported_reason(fmt, 64, "avx2") and unsupported_reason(fmt, 64) is None
+    assert isinstance(rule_for(kernels.int_product_func(fmt, 8, 64), AVX2), CPUBitplaneGemm)
+    assert not one_kernel_layer(fmt, 64, AVX2) and one_kernel_layer(bp.BitplaneFormat(7, 8), 64, AVX2)
+    with pytest.raises(ValueError, match="past int16"):
+        pb_vnni_func(fmt, 8, 64, tir.Var("batch", "int64"), dense=False, isa="avx2")
+
+
+def test_isa_of_targets():
+    assert cpu_isa(AVX2) == "avx2"
+    assert cpu_isa(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == "avx512"
+    assert cpu_isa(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"})) is None
+    assert "5 (avx2)" in tile_problem(bp.BitplaneFormat(4, 8), 64, 2, 4, "avx2")
+
+
+def test_kernel_is_avx2_code():
+    """ymm ``vpmaddubsw`` / ``vpmaddwd``, no zmm register and no ``vpdpbusd``."""
+    func = rule_for(kernels.dense_act_func(bp.BitplaneFormat(4, 8), 16, 600, True), AVX2).apply(
+        kernels.dense_act_func(bp.BitplaneFormat(4, 8), 16, 600, True)
+    )
+    asm = str(kernels.build(func.mod["main"], AVX2, schedule=False).mod.inspect_source("asm"))
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+    assert "zmm" not in asm and "vpdpbusd" not in asm
+
+
+@pytest.mark.parametrize(("n", "k", "b"), [(21, 77, 6), (40, 700, 3), (512, 784, 1)])
+def test_one_kernel_layer_equals_popcount_kernels(n, k, b, rng, monkeypatch):
+    """The float layer (rows quantized inside the kernel) is bit for bit the popcount pack + GEMM's."""
+    fmt = bp.BitplaneFormat(4, 8)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    x = rng.standard_normal((b, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    func = kernels.dense_act_func(fmt, n, k, True)
+    fast = kernels.build(func, AVX2)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, AVX2)
+    args = [_t(x), _t(bp.pack_weights(q, fmt)), _t(ws), _t(bias)]
+    for layers in (1, 3, 4):
+        got, want = _t(np.zeros((b, n), np.float32)), _t(np.zeros((b, n), np.float32))
+        fast(*args, layers, got)
+        slow(*args, layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"L={layers}")
+
+
+def test_lstm_step_matches_the_reference(rng, monkeypatch):
+    """The decoder's step (input projection inside) on AVX2: the popcount step's h', c' up to the
+    polynomial exp, and the float64 reference's."""
+    from .test_cpu_vnni_lstm import REF_ATOL, STEP_ATOL, _call, _close, _state, _weights
+
+    fmt, n_in, hidden, batch = bp.BitplaneFormat(3, 8), 600, 130, 5
+    rows = unit_major_rows(hidden)
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    bias = rng.standard_normal(4 * hidden).astype(np.float32)[rows]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    h, c = _state(rng, batch, hidden)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
+    assert CPUVnniLstmCell(AVX2).matches(func)
+    fast = kernels.build(func, AVX2)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, AVX2)
+    arrays = [x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh]
+    for layers in (1, 3):
+        got = _call(fast, arrays, [layers], batch, hidden)
+        _close(got, _call(slow, arrays, [layers], batch, hidden), STEP_ATOL, f"vs popcount, L={layers}")
+        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh, fmt, layers)
+        _close(got, want, REF_ATOL, f"vs reference, L={layers}")
