@@ -2,7 +2,8 @@
 
 CPUs without AVX-512 VNNI (AMD Zen 2/3, Intel client cores) get the kernels of
 :mod:`pbtvm.ops.pb_vnni` built for AVX2: plain codes ``u`` decoded with masked adds, int16 pair
-sums (exact while :func:`pbtvm.ops.vnni_rows.madd_exact`), int32 lanes. The tests build for an
+sums (exact while :func:`pbtvm.ops.vnni_rows.madd_exact`; 8-bit weights split their codes,
+``u = 16 u_hi + u_lo``), int32 lanes. The tests build for an
 AVX2-only target (Haswell), so they also run on AVX-512 hosts; they need a host with AVX2.
 """
 
@@ -17,7 +18,7 @@ from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
 from pbtvm.ops import unit_major_rows
 from pbtvm.ops.pb_vnni import cpu_isa, pb_vnni_func, target_supports, tile_problem, unsupported_reason
-from pbtvm.ops.vnni_rows import INT16_MAX, madd_exact, pair_bound
+from pbtvm.ops.vnni_rows import INT16_MAX, madd_exact, pair_bound, split_codes
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu import CPUBitplaneGemm
 from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
@@ -58,6 +59,8 @@ def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
         (4, 8, None, 13, 100, 6),
         (6, 6, None, 3, 31, 4),
         (7, 8, None, 11, 200, 3),  # the largest codes the int16 pair sums hold
+        (8, 8, None, 33, 300, 6),  # split codes
+        (8, 6, None, 5, 1030, 2),
         # K >= 512: whole blocks (masked-add decode, rows streamed), then the chunks after them
         (4, 8, None, 70, 1100, 5),
         (2, 8, None, 9, 1024, 1),
@@ -72,12 +75,14 @@ def test_int_product_exact(bits, act_bits, codebook, n, k, b, rng):
     _check_int(bp.BitplaneFormat(bits, act_bits, codebook), n, k, b, rng)
 
 
-@pytest.mark.parametrize(("bits", "k"), [(6, 150), (7, 150), (7, 1030)])
+@pytest.mark.parametrize(("bits", "k"), [(6, 150), (7, 150), (7, 1030), (8, 150), (8, 1030)])
 def test_extreme_codes_do_not_saturate(bits, k, rng):
     """The largest weight codes against -qmax activations: W6 adds both halves' pair sums in
-    int16 before widening, W7 widens each (its pair sums alone reach 32,258)."""
+    int16 before widening, W7 widens each (its pair sums alone reach 32,258), W8 splits its codes
+    (255 x 127 x 2 would saturate)."""
     fmt = bp.BitplaneFormat(bits, 8)
-    assert pair_bound(fmt) <= INT16_MAX and (2 * pair_bound(fmt) <= INT16_MAX) == (bits <= 6)
+    assert (2 * pair_bound(fmt) <= INT16_MAX) == (bits <= 6)
+    assert madd_exact(fmt) == (bits <= 7) == (not split_codes(fmt, "avx2"))
     q = np.full((3, k), 2 ** (bits - 1) - 1)
     q[1] = -(2 ** (bits - 1))  # the most negative code: plain code 0 after the sign flip
     q[2, ::2] = -(2 ** (bits - 1))
@@ -91,15 +96,17 @@ def test_tiles_exact(row_tile, batch_tile, rng):
     _check_int(bp.BitplaneFormat(4, 8), 19, 260, 11, rng, row_tile=row_tile, batch_tile=batch_tile)
 
 
-def test_eight_bit_weights_stay_on_the_popcount_kernel():
-    """W8 codes reach 255: pair sums past int16, so AVX2 CPUs keep the popcount kernel for them."""
+def test_eight_bit_weights_split_their_codes():
+    """W8 codes reach 255 (pair sums past int16): two byte codes per weight, still one kernel."""
     fmt = bp.BitplaneFormat(8, 8)
-    assert not madd_exact(fmt)
-    assert "int16" in unsupported_reason(fmt, 64, "avx2") and unsupported_reason(fmt, 64) is None
-    assert isinstance(rule_for(kernels.int_product_func(fmt, 8, 64), AVX2), CPUBitplaneGemm)
-    assert not one_kernel_layer(fmt, 64, AVX2) and one_kernel_layer(bp.BitplaneFormat(7, 8), 64, AVX2)
-    with pytest.raises(ValueError, match="past int16"):
-        pb_vnni_func(fmt, 8, 64, tir.Var("batch", "int64"), dense=False, isa="avx2")
+    assert split_codes(fmt, "avx2") and not split_codes(fmt, "avx512")
+    assert unsupported_reason(fmt, 64, "avx2") is None and one_kernel_layer(fmt, 64, AVX2)
+    assert isinstance(rule_for(kernels.int_product_func(fmt, 8, 64), AVX2), CPUVnniGemm)
+    wide = bp.BitplaneFormat(16, 8)  # past int8 dot products: the popcount kernel
+    assert "w16a8" in unsupported_reason(wide, 64, "avx2")
+    assert isinstance(rule_for(kernels.int_product_func(wide, 8, 64), AVX2), CPUBitplaneGemm)
+    with pytest.raises(ValueError, match="must be <= 8 bits"):
+        pb_vnni_func(wide, 8, 64, tir.Var("batch", "int64"), dense=False, isa="avx2")
 
 
 def test_isa_of_targets():
@@ -119,10 +126,10 @@ def test_kernel_is_avx2_code():
     assert "zmm" not in asm and "vpdpbusd" not in asm
 
 
-@pytest.mark.parametrize(("n", "k", "b"), [(21, 77, 6), (40, 700, 3), (512, 784, 1)])
-def test_one_kernel_layer_equals_popcount_kernels(n, k, b, rng, monkeypatch):
+@pytest.mark.parametrize(("bits", "n", "k", "b"), [(4, 21, 77, 6), (4, 40, 700, 3), (4, 512, 784, 1), (8, 9, 600, 5)])
+def test_one_kernel_layer_equals_popcount_kernels(bits, n, k, b, rng, monkeypatch):
     """The float layer (rows quantized inside the kernel) is bit for bit the popcount pack + GEMM's."""
-    fmt = bp.BitplaneFormat(4, 8)
+    fmt = bp.BitplaneFormat(bits, 8)
     w = rng.standard_normal((n, k)).astype(np.float32)
     q, ws = qz.quantize_weights(w, fmt)
     x = rng.standard_normal((b, k)).astype(np.float32)
@@ -132,7 +139,7 @@ def test_one_kernel_layer_equals_popcount_kernels(n, k, b, rng, monkeypatch):
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     slow = kernels.build(func, AVX2)
     args = [_t(x), _t(bp.pack_weights(q, fmt)), _t(ws), _t(bias)]
-    for layers in (1, 3, 4):
+    for layers in sorted({1, 3, bits} | ({5} if bits > 5 else set())):
         got, want = _t(np.zeros((b, n), np.float32)), _t(np.zeros((b, n), np.float32))
         fast(*args, layers, got)
         slow(*args, layers, want)

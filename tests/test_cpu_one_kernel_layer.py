@@ -1,4 +1,4 @@
-"""One kernel per dense layer on AVX-512 CPUs: quantize + GEMM fused, equal to pack + GEMM bit for bit."""
+"""One kernel per dense layer on AVX-512 and AVX2 CPUs: quantize + GEMM fused, equal to pack + GEMM bit for bit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.names import KernelKind, kernel_kind
-from pbtvm.ops.pb_vnni import SERIAL_WEIGHT_BITS, target_supports
+from pbtvm.ops.pb_vnni import MAX_ACCUMULATORS_PER_ISA, SERIAL_WEIGHT_BITS, cpu_isa, target_supports
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniDenseAct, single_row_tile_for, vnni_kernel_for
 from pbtvm.target import resolve_target
@@ -21,6 +21,8 @@ from .test_cpu_vnni import NO_GFNI
 
 CPU = resolve_target("llvm")
 needs_vnni = pytest.mark.skipif(not target_supports(CPU), reason="host CPU lacks AVX-512 BW/VNNI")
+#: The byte-code kernels: AVX-512 VNNI, else AVX2 (``vpmaddubsw``).
+needs_byte_kernel = pytest.mark.skipif(cpu_isa(CPU) is None, reason="host CPU lacks AVX2 and AVX-512 VNNI")
 
 
 def _t(a: np.ndarray):
@@ -39,7 +41,7 @@ def _rows(rng, b: int, k: int) -> np.ndarray:
     return x
 
 
-@needs_vnni
+@needs_byte_kernel
 @pytest.mark.parametrize(
     ("bits", "act_bits", "codebook", "n", "k", "b", "bias"),
     [
@@ -76,10 +78,12 @@ def test_fused_layer_equals_pack_then_gemm(bits, act_bits, codebook, n, k, b, bi
         assert np.isnan(got.numpy()[1]).all() and not np.isfinite(got.numpy()[2]).any()
 
 
-@needs_vnni
-@pytest.mark.parametrize("single", [2, 4, 16])
+@needs_byte_kernel
+@pytest.mark.parametrize("single", [2, 5, 16])
 def test_batch_one_nest_any_row_tile(single, rng):
     """The batch-1 loop nest (its own row tile) equals the general nest; N not a multiple of the tile."""
+    if single > MAX_ACCUMULATORS_PER_ISA[cpu_isa(CPU)]:
+        pytest.skip(f"{single} rows side by side need more registers than {cpu_isa(CPU)} has")
     fmt = bp.BitplaneFormat(4, 8)
     n, k = 45, 300
     q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
@@ -102,9 +106,9 @@ def test_single_row_tile_by_blocks():
     assert 512 * 784 * 4 < SERIAL_WEIGHT_BITS < 2048 * 2048 * 4  # MNIST-sized layers serially, 2048² W4 in parallel
 
 
-@needs_vnni
+@needs_byte_kernel
 def test_compile_emits_one_kernel_per_layer(monkeypatch):
-    """On an AVX-512 CPU every dense layer is one pb_dense_act call; PBTVM_CPU_KERNEL=popcount keeps pack + GEMM."""
+    """On an AVX-512 or AVX2 CPU every dense layer is one pb_dense_act call; PBTVM_CPU_KERNEL=popcount keeps pack + GEMM."""
     from pbtvm import compiler
 
     torch.manual_seed(0)

@@ -1,4 +1,9 @@
-"""TE operators compiled for the CPU equal the numpy reference exactly (integers) or closely."""
+"""TE operators compiled for the CPU equal the numpy reference exactly (integers) or closely.
+
+The popcount kernels are forced (``PBTVM_CPU_KERNEL=popcount``): on AVX2 and AVX-512 CPUs the
+rules would replace the TE GEMM by the byte-code kernels, which ``test_cpu_avx2.py`` and
+``test_cpu_vnni.py`` check against the same reference.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,13 @@ from pbtvm._tvm import tvm
 from pbtvm.target import resolve_target
 
 CPU = resolve_target("llvm")
+
+
+@pytest.fixture(autouse=True)
+def _popcount_kernels(monkeypatch):
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+
+
 BITS = [*range(1, 9), 16]
 ACT_BITS = [2, 4, 8, 16]
 

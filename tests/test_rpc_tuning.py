@@ -39,7 +39,10 @@ def test_rpc_tuning_uses_every_server_and_the_log_is_reused(rpc_cluster, tmp_pat
     runner = tuning.rpc_runner(address, KEY)
     work = tmp_path / "logs"
     report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=work, trials=4, runner=runner, progress=print)
-    assert report.kernels and all(k.built >= 4 and k.run_failed == 0 and k.best_us for k in report.kernels)
+    # a search measures its default and 4 trials, a knob kernel (AVX-512 / AVX2) its settings that fit, up to 4
+    assert report.kernels and all(
+        k.built >= min(4, k.trials) >= 3 and k.run_failed == 0 and k.best_us for k in report.kernels
+    ), report.kernels
     loads = [Path(log).read_text().count("load_module") for log in logs]
     assert all(n > 0 for n in loads), f"a server measured nothing (module loads per server: {loads})"
     compiled = pbtvm.compile(model, example, "llvm", bits=4, work_dir=work)

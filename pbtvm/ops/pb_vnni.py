@@ -27,7 +27,6 @@ from __future__ import annotations
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
-from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK, BLOCK_WORDS
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
@@ -35,10 +34,9 @@ from .vnni_rows import (
     block_rows,
     block_slots,
     decode_chunk,
+    decode_scratch,
     dot,
     lane_bound,
-    madd_exact,
-    pair_bound,
     prepare_kernel,
     store,
 )
@@ -87,11 +85,6 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int, isa: str = "avx512") -> 
         raise ValueError(f"unknown instruction set {isa!r}: one of {', '.join(ISA_FEATURES)}")
     if fmt.bits > 8 or fmt.act_bits > 8:
         return f"{fmt.name}: weights and activations must be <= 8 bits for int8 dot products"
-    if isa == "avx2" and not madd_exact(fmt):
-        return (
-            f"{fmt.name}: AVX2's vpmaddubsw pair sums reach {pair_bound(fmt)}, past int16 "
-            "(weights up to 7 bits at 8-bit activations)"
-        )
     if fmt.layout not in ("kNW", "NkW"):
         return f"the {fmt.layout} weight layout is for tensor cores; the AVX-512 kernel reads kNW or NkW"
     # |sum_k x u| <= K (padded to 64) * (2^k - 1) * |most negative code| must fit the int32 lanes.
@@ -291,8 +284,7 @@ def _row_tiles(
             slots, decoded = block_slots(batch_tile), BLOCK
         else:
             slots, decoded = row_tile * batch_tile, row_tile * CHUNK
-        kern.acc = T.alloc_buffer((slots * CHUNK // 4,), "int32", scope=CPU_SCRATCH)
-        kern.decoded = T.alloc_buffer((decoded,), "uint8", scope=CPU_SCRATCH)
+        decode_scratch(T, [kern], slots, decoded)
         with T.serial(0, b_tiles) as bt:
             left = batch - bt * batch_tile
             for rows in range(batch_tile, 0, -1):
@@ -332,7 +324,7 @@ def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None
             decode_chunk(T, kern, row, c, full, tir.Ramp(r * CHUNK, 1, CHUNK), nlayers)
         for b in range(b_rows):  # ... and use it for every activation row of the tile
             for r in range(n_rows):
-                dot(T, kern, slot[r][b], kern.decoded[tir.Ramp(r * CHUNK, 1, CHUNK)], b0 + b, c * CHUNK)
+                dot(T, kern, slot[r][b], tir.Ramp(r * CHUNK, 1, CHUNK), b0 + b, c * CHUNK)
 
     if kern.full_chunks:
         with T.serial(0, kern.full_chunks) as c:

@@ -29,12 +29,10 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_vnni
-from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
-from .vnni_bytes import CHUNK
-from .vnni_rows import block_rows, block_slots, prepare_kernel
+from .vnni_rows import block_rows, block_slots, decode_scratch, prepare_kernel
 
 __all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
 
@@ -171,10 +169,7 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
     """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row, in tiles of up to
     :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
     tile = MAX_BLOCK_BATCH_TILE
-    acc = T.alloc_buffer((block_slots(tile) * CHUNK // 4,), "int32", scope=CPU_SCRATCH)
-    decoded = T.alloc_buffer((BLOCK,), "uint8", scope=CPU_SCRATCH)
-    for leg in legs:  # the legs take turns with one set of registers
-        leg.acc, leg.decoded = acc, decoded
+    decode_scratch(T, legs, block_slots(tile), BLOCK)  # the legs take turns with one set of registers
     with T.serial(0, (batch + (tile - 1)) // tile) as bt:
         left = batch - bt * tile
         for b_rows in range(tile, 0, -1):

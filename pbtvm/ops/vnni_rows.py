@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
+from .common import CPU_SCRATCH
 from .epilogue import dense_value
 from .gfni_decode import BLOCK, BLOCK_WORDS, block_permutation, byte_coefficients, code_scale, decode_block
 from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
@@ -37,8 +38,10 @@ __all__ = [
     "lane_bound",
     "madd_exact",
     "pair_bound",
+    "decode_scratch",
     "prepare_kernel",
     "scaled_codes",
+    "split_codes",
     "side_by_side",
     "store",
 ]
@@ -79,6 +82,29 @@ def madd_exact(fmt: BitplaneFormat) -> bool:
     return pair_bound(fmt) <= INT16_MAX
 
 
+#: With split codes the last planes make the low code ``u_lo`` (up to 15), the others ``u_hi``.
+SPLIT_LOW_PLANES = 4
+
+
+def split_codes(fmt: BitplaneFormat, isa: str) -> bool:
+    """Whether the kernel decodes ``u = 16 u_hi + u_lo`` as two byte codes (:func:`dot` multiplies
+    each, then adds ``16 x`` the high one's sums in int32): on AVX2 where ``u`` itself could
+    saturate the pair sums (8-bit weights)."""
+    return isa == "avx2" and not madd_exact(fmt)
+
+
+def decode_scratch(T, kerns: list, slots: int, codes: int) -> None:
+    """Give ``kerns`` (legs taking turns in one parallel task) one accumulator buffer of ``slots``
+    int32x16 slots and one decode buffer of ``codes`` bytes (twice that with split codes, the
+    high codes after the low ones)."""
+    parts = 2 if any(kern.hi for kern in kerns) else 1
+    acc = T.alloc_buffer((slots * CHUNK // 4,), "int32", scope=CPU_SCRATCH)
+    decoded = T.alloc_buffer((codes * parts,), "uint8", scope=CPU_SCRATCH)
+    for kern in kerns:
+        kern.acc, kern.decoded = acc, decoded
+        kern.hi = codes if kern.hi else 0
+
+
 def _half_slot(slot: tir.Ramp) -> tir.Ramp:
     """The first eight int32 lanes of an accumulator slot (AVX2 sums both halves there)."""
     return tir.Ramp(slot.base, 1, CHUNK // 8)
@@ -110,7 +136,9 @@ def _decode(T, kern: Kernel, at, word, layers: int) -> None:
 
     The coefficients come from a small buffer filled at run time: with literal constants LLVM
     proves the terms' bits disjoint, turns the adds into ORs, and AVX-512 has no byte-masked OR
-    (it then spends a blend per plane).
+    (it then spends a blend per plane). With split codes (``kern.hi``, 8-bit weights on AVX2) the
+    first planes make the high codes at ``at + kern.hi`` and the last :data:`SPLIT_LOW_PLANES`
+    the low codes at ``at`` (:func:`split_codes`).
     """
     fmt, dec = kern.fmt, kern.decoded
 
@@ -121,12 +149,23 @@ def _decode(T, kern: Kernel, at, word, layers: int) -> None:
         return tir.Broadcast(kern.coef[i], CHUNK)
 
     zero = tir.Broadcast(tir.const(0, "uint8"), CHUNK)
+    high = SPLIT_LOW_PLANES if kern.hi else fmt.bits  # planes before this one make the high codes
+
+    def into(i: int) -> tir.Ramp:
+        return tir.Ramp(at.base + kern.hi, 1, CHUNK) if i < fmt.bits - high else at
+
     if not fmt.weight_signed:  # bipolar and offset binary: planes as they are
-        T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [at])
+        T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [into(0)])
     else:
-        T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [at])  # sign plane inverted
+        T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [into(0)])  # sign plane inverted
+    if kern.hi:  # the low codes start at their first plane, or stay zero
+        first_low = fmt.bits - high
+        low = tir.Select(mask(first_low), coef(first_low), zero) if first_low < layers else zero
+        T.buffer_store(dec, low, [at])
     for i in range(1, layers):
-        T.buffer_store(dec, dec[at] + tir.Select(mask(i), coef(i), zero), [at])
+        if kern.hi and i == fmt.bits - high:
+            continue
+        T.buffer_store(dec, dec[into(i)] + tir.Select(mask(i), coef(i), zero), [into(i)])
 
 
 def _unsigned_shift(fmt: BitplaneFormat) -> int:
@@ -164,6 +203,9 @@ class Kernel:
     scaled: bool = True
     #: Instruction set of the dot products: ``"avx512"`` (``vpdpbusd``) or ``"avx2"`` (:func:`dot`).
     isa: str = "avx512"
+    #: Split codes (:func:`split_codes`): nonzero, and after :func:`decode_scratch` the offset of
+    #: the high codes in ``decoded``; 0: one code per weight.
+    hi: int = 0
 
 
 def prepare_kernel(
@@ -237,8 +279,11 @@ def prepare_kernel(
         xp, x_scale, rowsum = packed
     kern = Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias)
     kern.blocks, kern.gfni, kern.layers, kern.scaled, kern.isa = blocks, gfni, layers, scaled, isa
+    kern.hi = int(split_codes(fmt, isa))
     kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
     for i, value in enumerate(_code_bytes(fmt, scaled)[0]):  # planes past bitlayers add 0
+        if kern.hi and i < fmt.bits - SPLIT_LOW_PLANES:
+            value >>= SPLIT_LOW_PLANES  # a high code's plane: 16 times its coefficient in u
         T.buffer_store(kern.coef, tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8")), [i])
     kern.code_sum = rowsum if x is not None else T.alloc_buffer((batch,), "int32")
     with T.serial(0, batch) if x is not None else T.parallel(0, batch) as r:
@@ -353,12 +398,12 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int, nlayers: int | 
             for c in range(per_block):  # consecutive dot products update different accumulators
                 for b in range(b_rows):
                     at = blk * BLOCK + c * CHUNK
-                    dot(T, kern, slot[r][b][c % split], kern.decoded[decoded(c)], b0 + b, at)
+                    dot(T, kern, slot[r][b][c % split], decoded(c), b0 + b, at)
     for c in range(kern.blocks * per_block, kern.full_chunks + kern.tail):  # after the last block
         for r, row in enumerate(rows):
             decode_chunk(T, kern, row, c, c < kern.full_chunks, decoded(r), nlayers)
             for b in range(b_rows):
-                dot(T, kern, slot[r][b][c % split], kern.decoded[decoded(r)], b0 + b, c * CHUNK)
+                dot(T, kern, slot[r][b][c % split], decoded(r), b0 + b, c * CHUNK)
     if n_rows == 1:
         store(T, kern, [slot[0][b] for b in range(b_rows)], split, rows[0], b0, nlayers, False)
         return
@@ -417,34 +462,49 @@ def decode_chunk(T, kern: Kernel, row, c, full: bool, at, nlayers: int | None) -
     _decode(T, kern, at, word, fmt.bits if nlayers is None else nlayers)
 
 
-def dot(T, kern: Kernel, slot, code: tir.PrimExpr, b, at) -> None:
-    """``acc[slot] += dot(code bytes, activation row b's codes at ``at``)``: one ``vpdpbusd``
-    (AVX-512), or on AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for codes up to
-    :func:`madd_exact`) and a ``vpmaddwd`` by ones (int32); where two halves' pair sums fit int16
-    together they are added first, one ``vpmaddwd`` for both."""
-    u = tir.reinterpret("int8x64", code)
+def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:
+    """``acc[slot] += dot(decoded[code_at] bytes, activation row b's codes at ``at``)``: one
+    ``vpdpbusd`` (AVX-512), or on AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for
+    codes up to :func:`madd_exact`) and a ``vpmaddwd`` (int32); where two halves' pair sums fit
+    int16 together they are added first, one ``vpmaddwd`` for both. Split codes (8-bit weights on
+    AVX2) multiply the low and the high codes alike, the high ones' ``vpmaddwd`` by 16."""
     if kern.isa == "avx512":
+        u = tir.reinterpret("int8x64", kern.decoded[code_at])
         x = kern.codes[b, tir.Ramp(at, 1, CHUNK)]
         total = tir.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", kern.acc[slot], u, x)
         T.buffer_store(kern.acc, total, [slot])
         return
     half = CHUNK // 2
-    pairs = [
-        tir.call_llvm_pure_intrin(
-            "int16x16",
-            "llvm.x86.avx2.pmadd.ub.sw",
-            tir.Shuffle([u], [tir.IntImm("int32", i) for i in range(h * half, (h + 1) * half)]),
-            kern.codes[b, tir.Ramp(at + h * half, 1, half)],
+
+    def pair_sums(base) -> list:
+        return [
+            tir.call_llvm_pure_intrin(
+                "int16x16",
+                "llvm.x86.avx2.pmadd.ub.sw",
+                tir.reinterpret("int8x32", kern.decoded[tir.Ramp(base + h * half, 1, half)]),
+                kern.codes[b, tir.Ramp(at + h * half, 1, half)],
+            )
+            for h in range(2)
+        ]
+
+    def widened(pairs: list, factor: int) -> tir.PrimExpr:
+        return tir.call_llvm_pure_intrin(
+            "int32x8", "llvm.x86.avx2.pmadd.wd", pairs, tir.Broadcast(tir.const(factor, "int16"), half // 2)
         )
-        for h in range(2)
-    ]
-    ones = tir.Broadcast(tir.const(1, "int16"), half // 2)
-    if 2 * pair_bound(kern.fmt) <= INT16_MAX:
-        words = tir.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs[0] + pairs[1], ones)
-        T.buffer_store(kern.acc, kern.acc[_half_slot(slot)] + words, [_half_slot(slot)])
+
+    if kern.hi:  # u = 16 u_hi + u_lo: pair sums up to 2 * 15 * 127 each, both halves added in int16
+        low, high = pair_sums(code_at.base), pair_sums(code_at.base + kern.hi)
+        words = widened(low[0] + low[1], 1) + widened(high[0] + high[1], 2**SPLIT_LOW_PLANES)
+    elif 2 * pair_bound(kern.fmt) <= INT16_MAX:
+        pairs = pair_sums(code_at.base)
+        words = widened(pairs[0] + pairs[1], 1)
+    else:
+        pairs = [widened(p, 1) for p in pair_sums(code_at.base)]
+        T.buffer_store(
+            kern.acc, kern.acc[slot] + tir.Shuffle(pairs, [tir.IntImm("int32", i) for i in range(16)]), [slot]
+        )
         return
-    words = [tir.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p, ones) for p in pairs]
-    T.buffer_store(kern.acc, kern.acc[slot] + tir.Shuffle(words, [tir.IntImm("int32", i) for i in range(16)]), [slot])
+    T.buffer_store(kern.acc, kern.acc[_half_slot(slot)] + words, [_half_slot(slot)])
 
 
 def store(T, kern: Kernel, slots: list, split: int, n, b0, nlayers: int | None, guard: bool) -> None:

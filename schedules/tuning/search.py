@@ -154,7 +154,7 @@ def _tune(
             total = sum(n for _, n in prog.kernels)
             prog.message(
                 f"{len(prog.kernels)} kernel(s), {total} candidates to measure (per kernel its default and up to "
-                f"{trials_per_kernel} trials; an AVX-512 kernel at most its tile settings), log {log.path}"
+                f"{trials_per_kernel} trials; a byte-code CPU kernel at most its tile settings), log {log.path}"
             )
         for rule, func, key, settings, rep in knob_jobs:
             best = _measure_knobs(rule, func, settings, batch, trials_per_iter, target, builder, runner, rep, prog)
