@@ -8,7 +8,7 @@ threads take the cores from the next, and one untimed pass, so its own workers a
 a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per dense layer: on
 a CPU with AVX-512 BW+VNNI one kernel that quantizes the rows and runs the AVX-512 GEMM
 (``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), on AVX2 CPUs the same kernel
-built with ``vpmaddubsw`` (weights up to 7 bits), elsewhere the activation quantize+pack kernel
+built with ``vpmaddubsw`` + ``vpmaddwd``, elsewhere the activation quantize+pack kernel
 and the popcount GEMM; ``PB-old`` (``--old``) is the portable path. ``floor``
 is the k-bit weight bytes over the read bandwidth measured in the same run.
 

@@ -4,8 +4,8 @@ The rule matches a ``pb_gemm`` PrimFunc (the TE kernel from :func:`pbtvm.ops.pb_
 :func:`pbtvm.ops.pb_int_product`) when the target's ``mcpu``/``mattr`` has the instructions and the
 format fits int8 dot products (:func:`pbtvm.ops.pb_vnni.unsupported_reason`), and replaces it by
 the byte-code kernel with the same parameters: ``vpdpbusd`` on AVX-512 VNNI CPUs, else
-``vpmaddubsw`` + ``vpmaddwd`` on AVX2 ones (:func:`pbtvm.ops.pb_vnni.cpu_isa`; weights up to
-7 bits there), so the Relax graph, export and the ``bitlayers``
+``vpmaddubsw`` + ``vpmaddwd`` on AVX2 ones (:func:`pbtvm.ops.pb_vnni.cpu_isa`; 8-bit
+weights split their codes there), so the Relax graph, export and the ``bitlayers``
 argument are untouched; likewise the LSTM step (``pb_lstm_cell``) becomes
 :func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func`. Everything else falls through to the portable
 popcount kernels of :mod:`.cpu`. ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable

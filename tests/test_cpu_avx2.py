@@ -60,7 +60,9 @@ def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
         (6, 6, None, 3, 31, 4),
         (7, 8, None, 11, 200, 3),  # the largest codes the int16 pair sums hold
         (8, 8, None, 33, 300, 6),  # split codes
-        (8, 6, None, 5, 1030, 2),
+        (8, 6, None, 5, 1030, 2),  # split codes, planes past bitlayers skipped in whole blocks
+        (8, 8, "offset_binary", 5, 100, 1),  # split codes in the batch-1 nest
+        (8, 5, None, 9, 700, 1),
         # K >= 512: whole blocks (masked-add decode, rows streamed), then the chunks after them
         (4, 8, None, 70, 1100, 5),
         (2, 8, None, 9, 1024, 1),
@@ -96,6 +98,11 @@ def test_tiles_exact(row_tile, batch_tile, rng):
     _check_int(bp.BitplaneFormat(4, 8), 19, 260, 11, rng, row_tile=row_tile, batch_tile=batch_tile)
 
 
+@pytest.mark.parametrize(("name", "k"), [("w4a8-NkW", 150), ("w4a8-NkW", 1030)])
+def test_nkw_layout_exact(name, k, rng):
+    _check_int(bp.PRESETS[name], 9, k, 3, rng)
+
+
 def test_eight_bit_weights_split_their_codes():
     """W8 codes reach 255 (pair sums past int16): two byte codes per weight, still one kernel."""
     fmt = bp.BitplaneFormat(8, 8)
@@ -117,13 +124,37 @@ def test_isa_of_targets():
 
 
 def test_kernel_is_avx2_code():
-    """ymm ``vpmaddubsw`` / ``vpmaddwd``, no zmm register and no ``vpdpbusd``."""
-    func = rule_for(kernels.dense_act_func(bp.BitplaneFormat(4, 8), 16, 600, True), AVX2).apply(
-        kernels.dense_act_func(bp.BitplaneFormat(4, 8), 16, 600, True)
+    """``vpmaddubsw`` / ``vpmaddwd`` dot products; the masks from dword broadcasts (no byte shuffle
+    per plane: the few ``vpshufb`` left reorder the activation codes once per call)."""
+    func = kernels.dense_act_func(bp.BitplaneFormat(4, 8), 16, 600, True)
+    asm = str(
+        kernels.build(rule_for(func, AVX2).apply(func).mod["main"], AVX2, schedule=False).mod.inspect_source("asm")
     )
-    asm = str(kernels.build(func.mod["main"], AVX2, schedule=False).mod.inspect_source("asm"))
     assert "vpmaddubsw" in asm and "vpmaddwd" in asm
-    assert "zmm" not in asm and "vpdpbusd" not in asm
+    assert asm.count("vpbroadcastd") > 4 * asm.count("vpshufb"), "plane words should be broadcast, not shuffled"
+
+
+@pytest.mark.parametrize(
+    ("bits", "codebook", "n", "k", "b"),
+    [(4, None, 37, 650, 1), (2, "offset_binary", 29, 512, 5), (4, None, 64, 700, 1)],
+)
+def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, rng, monkeypatch):
+    """Batch-1 rows of one block run four at a time (one vector epilogue, a ragged rest)."""
+    from .test_cpu_one_kernel_layer import _rows
+
+    fmt = bp.BitplaneFormat(bits, 8, codebook)
+    q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]
+    x = _rows(rng, b, k)
+    func = kernels.dense_act_func(fmt, n, k, True)
+    fast = kernels.build(func, AVX2)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, AVX2)
+    for layers in range(1, bits + 1):
+        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
+        fast(_t(x), *weights, layers, got)
+        slow(_t(x), *weights, layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
 
 
 @pytest.mark.parametrize(("bits", "n", "k", "b"), [(4, 21, 77, 6), (4, 40, 700, 3), (4, 512, 784, 1), (8, 9, 600, 5)])

@@ -184,8 +184,8 @@ def pb_vnni_func(
         (:mod:`pbtvm.ops.gfni_decode`; the CPU needs the ``gfni`` feature); False: every chunk
         takes the masked-add decode.
     isa : str
-        ``"avx512"`` or ``"avx2"`` (:data:`ISA_FEATURES`; AVX2 has no GFNI decode, weights up to 7
-        bits, fewer accumulators).
+        ``"avx512"`` or ``"avx2"`` (:data:`ISA_FEATURES`; AVX2 has no GFNI decode, splits 8-bit
+        weights' codes in two, holds fewer accumulators).
 
     Returns
     -------
