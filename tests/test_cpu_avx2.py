@@ -16,7 +16,6 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
-from pbtvm.ops import unit_major_rows
 from pbtvm.ops.pb_vnni import cpu_isa, pb_vnni_func, target_supports, tile_problem, unsupported_reason
 from pbtvm.ops.vnni_rows import INT16_MAX, madd_exact, pair_bound, split_codes
 from pbtvm.schedules import rule_for
@@ -24,7 +23,8 @@ from pbtvm.schedules.cpu import CPUBitplaneGemm
 from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
 from pbtvm.target import resolve_target
 
-from .test_cpu_vnni import _codes, _t
+from .test_cpu_one_kernel_layer import _rows, assert_same_floats
+from .test_cpu_vnni import _codes, _t, assert_exact_at_every_bitlayers
 
 HOST = resolve_target("llvm")
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
@@ -35,19 +35,12 @@ def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
     """Every bitlayers of the AVX2 integer product equals the reference (and ``xq @ q.T`` at all planes)."""
     if q is None:
         q, xq = _codes(rng, fmt, n, k, b)
-    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
     func = kernels.int_product_func(fmt, n, k)
     rule = rule_for(func, AVX2)
     assert isinstance(rule, CPUVnniGemm) and rule.label == "avx2"
     func = rule.kernel_with(func, knobs) if knobs else rule.apply(func).mod["main"]
     assert func.attrs["pbtvm.cpu_kernel"] == "avx2_madd"
-    kern = kernels.build(func, AVX2, schedule=False)
-    acc = fmt.accumulator_dtype(k)
-    out = _t(np.full((b, n), -7, acc))
-    for layers in range(1, fmt.bits + 1):
-        kern(_t(xp), _t(xq.sum(1).astype(acc)), _t(wp), layers, out)
-        np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"L={layers}")
-    np.testing.assert_array_equal(out.numpy(), xq @ q.T)
+    assert_exact_at_every_bitlayers(kernels.build(func, AVX2, schedule=False), fmt, q, xq)
 
 
 @pytest.mark.parametrize(
@@ -140,8 +133,6 @@ def test_kernel_is_avx2_code():
 )
 def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, rng, monkeypatch):
     """Batch-1 rows of one block run four at a time (one vector epilogue, a ragged rest)."""
-    from .test_cpu_one_kernel_layer import _rows
-
     fmt = bp.BitplaneFormat(bits, 8, codebook)
     q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]
@@ -150,11 +141,7 @@ def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, rn
     fast = kernels.build(func, AVX2)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     slow = kernels.build(func, AVX2)
-    for layers in range(1, bits + 1):
-        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
-        fast(_t(x), *weights, layers, got)
-        slow(_t(x), *weights, layers, want)
-        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
+    assert_same_floats(fast, slow, x, weights, n, range(1, bits + 1))
 
 
 @pytest.mark.parametrize(("bits", "n", "k", "b"), [(4, 21, 77, 6), (4, 40, 700, 3), (4, 512, 784, 1), (8, 9, 600, 5)])
@@ -169,34 +156,19 @@ def test_one_kernel_layer_equals_popcount_kernels(bits, n, k, b, rng, monkeypatc
     fast = kernels.build(func, AVX2)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     slow = kernels.build(func, AVX2)
-    args = [_t(x), _t(bp.pack_weights(q, fmt)), _t(ws), _t(bias)]
-    for layers in sorted({1, 3, bits} | ({5} if bits > 5 else set())):
-        got, want = _t(np.zeros((b, n), np.float32)), _t(np.zeros((b, n), np.float32))
-        fast(*args, layers, got)
-        slow(*args, layers, want)
-        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"L={layers}")
+    weights = [_t(bp.pack_weights(q, fmt)), _t(ws), _t(bias)]
+    assert_same_floats(fast, slow, x, weights, n, sorted({1, 3, bits} | ({5} if bits > 5 else set())))
 
 
 def test_lstm_step_matches_the_reference(rng, monkeypatch):
     """The decoder's step (input projection inside) on AVX2: the popcount step's h', c' up to the
     polynomial exp, and the float64 reference's."""
-    from .test_cpu_vnni_lstm import REF_ATOL, STEP_ATOL, _call, _close, _state, _weights
+    from .test_cpu_vnni_lstm import assert_step_matches, input_step_case
 
     fmt, n_in, hidden, batch = bp.BitplaneFormat(3, 8), 600, 130, 5
-    rows = unit_major_rows(hidden)
-    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
-    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
-    bias = rng.standard_normal(4 * hidden).astype(np.float32)[rows]
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
-    h, c = _state(rng, batch, hidden)
+    arrays = input_step_case(rng, fmt, n_in, hidden, batch)
     func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
     assert CPUVnniLstmCell(AVX2).matches(func)
     fast = kernels.build(func, AVX2)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
-    slow = kernels.build(func, AVX2)
-    arrays = [x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh]
-    for layers in (1, 3):
-        got = _call(fast, arrays, [layers], batch, hidden)
-        _close(got, _call(slow, arrays, [layers], batch, hidden), STEP_ATOL, f"vs popcount, L={layers}")
-        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh, fmt, layers)
-        _close(got, want, REF_ATOL, f"vs reference, L={layers}")
+    assert_step_matches(fast, kernels.build(func, AVX2), arrays, (1, 3), fmt, batch, hidden)

@@ -29,6 +29,16 @@ def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
+def assert_same_floats(fast, slow, x: np.ndarray, weights: list, n_out: int, layers_to_check) -> None:
+    """Two dense-layer kernels ``(x, *weights, bitlayers, y [B, n_out])`` give the same floats bit for bit."""
+    shape = (x.shape[0], n_out)
+    for layers in layers_to_check:
+        got, want = _t(np.full(shape, 7, np.float32)), _t(np.zeros(shape, np.float32))
+        fast(_t(x), *weights, layers, got)
+        slow(_t(x), *weights, layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
+
+
 def _rows(rng, b: int, k: int) -> np.ndarray:
     """Float rows with rounding ties (x * qmax / amax = m + 0.5), zeros, NaN and +-inf rows."""
     x = (rng.standard_normal((b, k)) * 3).astype(np.float32)
@@ -151,8 +161,4 @@ def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, gf
     fast = kernels.build(vnni_kernel_for(func, target=target), CPU, schedule=False)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     slow = kernels.build(func, CPU)
-    for layers in range(1, bits + 1):
-        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
-        fast(_t(x), *weights, layers, got)
-        slow(_t(x), *weights, layers, want)
-        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
+    assert_same_floats(fast, slow, x, weights, n, range(1, bits + 1))

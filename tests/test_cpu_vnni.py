@@ -46,14 +46,19 @@ def _codes(rng, fmt, n, k, b):
 
 def _check_int(fmt, n, k, b, rng, **knobs):
     q, xq = _codes(rng, fmt, n, k, b)
-    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
     func = kernels.int_product_func(fmt, n, k)
     if knobs:
         func = vnni_kernel_for(func, **knobs)
     assert isinstance(rule_for(func, CPU), CPUVnniGemm)
-    kern = kernels.build(func, CPU)
-    acc = fmt.accumulator_dtype(k)
-    out = _t(np.full((b, n), -7, acc))
+    assert_exact_at_every_bitlayers(kernels.build(func, CPU), fmt, q, xq)
+
+
+def assert_exact_at_every_bitlayers(kern, fmt, q, xq) -> None:
+    """The integer product kernel ``kern`` equals the reference at every ``bitlayers`` and ``xq @ q.T``
+    at all planes."""
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    acc = fmt.accumulator_dtype(q.shape[1])
+    out = _t(np.full((xq.shape[0], q.shape[0]), -7, acc))
     for layers in range(1, fmt.bits + 1):
         kern(_t(xp), _t(xq.sum(1).astype(acc)), _t(wp), layers, out)
         np.testing.assert_array_equal(out.numpy(), bp.bitplane_matmul(wp, xp, fmt, layers), err_msg=f"L={layers}")

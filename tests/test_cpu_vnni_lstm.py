@@ -80,21 +80,31 @@ INPUT_CASES = [  # (input, hidden, bits, codebook, batch)
 @pytest.mark.parametrize(("n_in", "hidden", "bits", "codebook", "batch"), INPUT_CASES)
 def test_step_with_input_matches_popcount_step_and_reference(n_in, hidden, bits, codebook, batch, rng, monkeypatch):
     fmt = bp.BitplaneFormat(bits, 8, codebook)
+    arrays = input_step_case(rng, fmt, n_in, hidden, batch)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
+    assert CPUVnniLstmCell(CPU).matches(func)
+    fast = kernels.build(func, CPU)  # the rule picks the AVX-512 step
+    assert_step_matches(fast, _popcount(func, monkeypatch), arrays, range(1, bits + 1), fmt, batch, hidden)
+
+
+def input_step_case(rng, fmt: bp.BitplaneFormat, n_in: int, hidden: int, batch: int) -> list:
+    """``[x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh]`` of a decoding step with its input projection."""
     rows = unit_major_rows(hidden)
     wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
     wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
     bias = rng.standard_normal(4 * hidden).astype(np.float32)[rows]
     x = rng.standard_normal((batch, n_in)).astype(np.float32)
     h, c = _state(rng, batch, hidden)
-    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
-    assert CPUVnniLstmCell(CPU).matches(func)
-    fast = kernels.build(func, CPU)  # the rule picks the AVX-512 step
-    slow = _popcount(func, monkeypatch)
-    arrays = [x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh]
-    for layers in range(1, bits + 1):
+    return [x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh]
+
+
+def assert_step_matches(fast, slow, arrays: list, layers_to_check, fmt, batch: int, hidden: int) -> None:
+    """``fast`` gives the popcount step's (``slow``) h', c' up to the polynomial exp, and the
+    float64 reference's, at each ``bitlayers``."""
+    for layers in layers_to_check:
         got = _call(fast, arrays, [layers], batch, hidden)
         _close(got, _call(slow, arrays, [layers], batch, hidden), STEP_ATOL, f"vs popcount, L={layers}")
-        want = qz.pb_lstm_cell_input_reference(x, wp_ih, ws_ih, bias, h, c, wp_hh, ws_hh, fmt, layers)
+        want = qz.pb_lstm_cell_input_reference(*arrays, fmt, layers)
         _close(got, want, REF_ATOL, f"vs reference, L={layers}")
 
 
