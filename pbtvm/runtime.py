@@ -183,6 +183,12 @@ class CompiledModel:
         model's one VM (a lock), so threads get correct results but no parallel speed-up.
         """
         specs = self.manifest["inputs"]
+        if bitlayers is not None and not isinstance(bitlayers, int | np.integer):
+            if any(spec.get("name") == "bitlayers" for spec in specs):
+                raise InputTypeError(
+                    "the model's input named 'bitlayers' shares its name with the precision knob "
+                    "(bitlayers=<int>): pass that input by position"
+                )
         if named:
             inputs = _by_position(inputs, named, specs)
         if len(inputs) != len(specs):

@@ -76,6 +76,27 @@ def test_bitlayers_knob_matches_reference_and_never_compiles(compiled, mlp, monk
     assert errors[-1] < errors[0]  # more planes, closer to fp32
 
 
+def test_an_input_named_bitlayers_is_told_from_the_knob():
+    """A forward parameter named ``bitlayers`` cannot be passed as ``bitlayers=tensor`` (that is
+    the knob): a clear error, while by position it works and ``bitlayers=<int>`` stays the knob."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 8)
+
+        def forward(self, x, bitlayers):
+            return self.lin(x) * bitlayers
+
+    model = Scaled().eval()
+    x, scale = torch.randn(3, 16), torch.rand(3, 8)
+    m = pbtvm.compile(model, (x, scale), bits=4)
+    with pytest.raises(TypeError, match="input named 'bitlayers' shares its name with the precision knob"):
+        m(x, bitlayers=scale)
+    torch.testing.assert_close(m(x, scale), model(x, scale), rtol=0.1, atol=0.1)
+    assert not torch.equal(m(x, scale, bitlayers=1), m(x, scale))
+
+
 def test_layers_report_and_manifest(compiled):
     assert compiled.converted_layers == ["layers.0 (Linear)", "layers.1 (Linear)", "layers.2 (Linear)"]
     assert compiled.fp32_layers == []
