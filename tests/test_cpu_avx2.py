@@ -116,6 +116,15 @@ def test_isa_of_targets():
     assert "5 (avx2)" in tile_problem(bp.BitplaneFormat(4, 8), 64, 2, 4, "avx2")
 
 
+def test_avx2_keeps_batch_one_rows_one_by_one():
+    from pbtvm.ops.vnni_rows import Kernel, side_by_side
+
+    kern = Kernel(bp.BitplaneFormat(4, 8), 8, 8, 0, None, None, None, None, None, None, None, blocks=1)
+    assert side_by_side(kern, 1) == 4
+    kern.isa = "avx2"
+    assert side_by_side(kern, 1) == 1
+
+
 def test_kernel_is_avx2_code():
     """``vpmaddubsw`` / ``vpmaddwd`` dot products; the masks from dword broadcasts (no byte shuffle
     per plane: the few ``vpshufb`` left reorder the activation codes once per call)."""
@@ -131,8 +140,9 @@ def test_kernel_is_avx2_code():
     ("bits", "codebook", "n", "k", "b"),
     [(4, None, 37, 650, 1), (2, "offset_binary", 29, 512, 5), (4, None, 64, 700, 1)],
 )
-def test_rows_side_by_side_equal_the_popcount_kernel(bits, codebook, n, k, b, rng, monkeypatch):
-    """Batch-1 rows of one block run four at a time (one vector epilogue, a ragged rest)."""
+def test_batch_one_rows_of_one_block_equal_the_popcount_kernel(bits, codebook, n, k, b, rng, monkeypatch):
+    """Batch-1 rows of one block (on AVX-512 four at a time; on AVX2 one by one, measured no
+    slower), N not a multiple of four: the popcount kernel's floats."""
     fmt = bp.BitplaneFormat(bits, 8, codebook)
     q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]

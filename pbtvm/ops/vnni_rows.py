@@ -356,8 +356,11 @@ def _block_order(T, fmt: BitplaneFormat, natural, codes, r, blocks: int, chunks:
 
 def side_by_side(kern: Kernel, b_rows: int) -> int:
     """Output rows :func:`block_rows` runs side by side: :data:`ROWS_SIDE_BY_SIDE` for one
-    activation row, one block and up to :data:`SIDE_BY_SIDE_BITS` weight bits, else 1."""
+    activation row, one block and up to :data:`SIDE_BY_SIDE_BITS` weight bits (AVX-512 only),
+    else 1."""
     one_block = kern.blocks == 1 and kern.fmt.bits <= SIDE_BY_SIDE_BITS
+    if kern.isa == "avx2":  # no gain there (one thread, batch 1: 512x784 W4 49 vs 39 µs, 2600x650
+        return 1  # 132 vs 134, 512x512 W2 16.1 vs 15.5) for about 1 s more LLVM time per kernel
     return ROWS_SIDE_BY_SIDE if b_rows == 1 and one_block else 1
 
 
