@@ -82,7 +82,7 @@ class CPUVnniGemm(KnobRule):
     @property
     def label(self) -> str:
         """How reports name the kernel: its instruction set (``avx512`` or ``avx2``)."""
-        return cpu_isa(self.target) or "avx512"
+        return _isa_of(self.target)
 
     def matches(self, func: tir.PrimFunc) -> bool:
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
@@ -101,7 +101,7 @@ class CPUVnniGemm(KnobRule):
         :data:`pbtvm.ops.pb_vnni.BLOCK_TASK_ROWS` per task), so only distinct batch tiles are offered.
         """
         fmt, k_dim = format_of(func), int((func.attrs or {}).get(names.ATTR_K, 0))
-        isa = cpu_isa(self.target) or "avx512"
+        isa = _isa_of(self.target)
         row_tile, batch_tile, _ = DEFAULT_TILES[isa]
         knobs = [(row_tile, batch_tile), *(k for k in KNOBS if k != (row_tile, batch_tile))]
         if fmt is not None and fmt.words(k_dim) >= gfni_decode.BLOCK_WORDS:

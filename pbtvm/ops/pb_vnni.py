@@ -59,7 +59,6 @@ CPU_FEATURES = ("avx512bw", "avx512vnni")
 ISA_FEATURES = {"avx512": CPU_FEATURES, "avx2": ("avx2",)}
 #: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel, per ISA.
 CPU_KERNELS = {"avx512": "avx512_vnni", "avx2": "avx2_madd"}
-CPU_KERNEL = CPU_KERNELS["avx512"]
 #: Activation rows per pass over a row's blocks: 8 measured no faster than 4 (4096x4096 W4
 #: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
 #: 194 s, against 1 s at 4).
@@ -239,7 +238,7 @@ def pb_vnni_func(
                 w_scale,
                 bias_buf,
                 layers,
-                gfni and isa == "avx512",
+                gfni,
                 x=x if float_input else None,
                 packed=None if float_input else (xp, x_scale, rowsum),
                 isa=isa,

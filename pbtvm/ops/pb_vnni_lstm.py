@@ -122,7 +122,6 @@ def pb_vnni_lstm_func(
             # 1. activation codes of h (and x), once per call; each leg's gate rows go to a
             # workspace that the task's cell updates read
             gates_h = T.alloc_buffer((batch, rows), "float32")
-            gfni = gfni and isa == "avx512"
             legs = [
                 prepare_kernel(T, fmt, rows, hidden, batch, wp_hh, gates_h, ws_hh, None, layers, gfni, x=h, isa=isa)
             ]

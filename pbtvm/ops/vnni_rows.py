@@ -178,10 +178,10 @@ def _decode(T, kern: Kernel, at, word, layers: int) -> None:
         return tir.Broadcast(kern.coef[i], CHUNK)
 
     zero = tir.Broadcast(tir.const(0, "uint8"), CHUNK)
-    high = SPLIT_LOW_PLANES if kern.hi else fmt.bits  # planes before this one make the high codes
+    first_low = fmt.bits - SPLIT_LOW_PLANES if kern.hi else 0  # planes before it make the high codes
 
     def into(i: int) -> tir.Ramp:
-        return tir.Ramp(at.base + kern.hi, 1, CHUNK) if i < fmt.bits - high else at
+        return tir.Ramp(at.base + kern.hi, 1, CHUNK) if i < first_low else at
 
     if not fmt.weight_signed:  # bipolar and offset binary: planes as they are
         T.buffer_store(dec, tir.Select(mask(0), coef(0), zero), [into(0)])
@@ -189,11 +189,10 @@ def _decode(T, kern: Kernel, at, word, layers: int) -> None:
         T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [into(0)])  # sign plane inverted
 
     if kern.hi:  # the low codes start at their first plane, or stay zero
-        first_low = fmt.bits - high
         low = tir.Select(mask(first_low), coef(first_low), zero) if first_low < layers else zero
         T.buffer_store(dec, low, [at])
     for i in range(1, layers):
-        if kern.hi and i == fmt.bits - high:
+        if kern.hi and i == first_low:
             continue
         T.buffer_store(dec, dec[into(i)] + tir.Select(mask(i), coef(i), zero), [into(i)])
 
@@ -236,9 +235,12 @@ class Kernel:
     #: Split codes (:func:`split_codes`): nonzero, and after :func:`decode_scratch` the offset of
     #: the high codes in ``decoded``; 0: one code per weight.
     hi: int = 0
-    #: AVX2: chunks decoded from dword broadcasts (:func:`dword_lane_weights`), the activation
-    #: codes in that order.
-    dword: bool = False
+
+    @property
+    def dword(self) -> bool:
+        """AVX2: chunks decoded from dword broadcasts (:func:`dword_lane_weights`), the activation
+        codes in that order."""
+        return self.isa == "avx2"
 
 
 def prepare_kernel(
@@ -304,7 +306,9 @@ def prepare_kernel(
     blocks = words // BLOCK_WORDS
     gfni = gfni and scaled and blocks > 0  # the GFNI decode yields scaled bytes
     codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
-    natural = T.alloc_buffer((batch, chunks * CHUNK), "int8") if gfni or isa == "avx2" else codes  # reordered
+    natural = (
+        T.alloc_buffer((batch, chunks * CHUNK), "int8") if gfni or isa == "avx2" else codes
+    )  # reordered (Kernel.dword)
     if x is not None:
         x_scale, rowsum = T.alloc_buffer((batch,), "float32"), T.alloc_buffer((batch,), "int32")
         xp = None
@@ -313,7 +317,6 @@ def prepare_kernel(
     kern = Kernel(fmt, n_out, full_chunks, tail, wp, codes, rowsum, out, x_scale, w_scale, bias)
     kern.blocks, kern.gfni, kern.layers, kern.scaled, kern.isa = blocks, gfni, layers, scaled, isa
     kern.hi = int(split_codes(fmt, isa))
-    kern.dword = isa == "avx2"
     kern.coef = T.alloc_buffer((fmt.bits,), "uint8")
     for i, value in enumerate(_code_bytes(fmt, scaled)[0]):  # planes past bitlayers add 0
         if kern.hi and i < fmt.bits - SPLIT_LOW_PLANES:
