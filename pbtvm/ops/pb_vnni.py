@@ -174,7 +174,7 @@ def pb_vnni_func(
         :func:`pbtvm.ops.act_quantize_pack` does, straight into the int8 codes its dot products
         read (no planes packed and unpacked again); needs ``dense``.
     single_row_tile : int, optional
-        Output rows per tile when the batch is 1, ``bitlayers == bits`` and K is under one block
+        Output rows per tile when the batch is 1 and K is under one block
         (a second loop nest; None: none).
         At batch 1 a decoded chunk feeds one dot product, so more rows side by side hide more
         latency (512x784 W4: 16 rows 21 µs, 2 rows 37 µs, single-thread CPU time).
@@ -189,7 +189,7 @@ def pb_vnni_func(
     Returns
     -------
     tir.PrimFunc
-        Straight-line inner loops specialised per (activation rows left in the tile, bitlayers).
+        Straight-line inner loops specialised per activation rows left in the tile.
     """
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -244,35 +244,27 @@ def pb_vnni_func(
                 isa=isa,
             )
             # 2. tiles of output rows x activation rows; straight-line code per activation rows
-            # left in the tile (and, below one block, per bitlayers), so the chunk loop has no
-            # branch. Whole blocks read bitlayers at run time: one branch per plane and block
-            # skips the loads of dropped planes, and the kernel compiles ``bits`` times faster.
+            # left in the tile, so the chunk loop has no branch. bitlayers is read at run time
+            # (zeroed coefficients; with the GFNI decode the dropped planes are not loaded).
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
             if kern.blocks:  # rows streamed in order at any batch; the tile is the unit of parallel work
-                _row_tiles(T, kern, batch, layers, BLOCK_TASK_ROWS, batch_tile, serial)
+                _row_tiles(T, kern, batch, BLOCK_TASK_ROWS, batch_tile, serial)
             elif single_row_tile is None:
-                _row_tiles(T, kern, batch, layers, row_tile, batch_tile, serial)
+                _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
             else:  # below one block, batch 1 gets its own loop nest: more rows side by side
-                # Only for bitlayers == bits: one specialisation per bitlayers value doubled the
-                # kernel's LLVM compile time (MNIST MLP W8: 23 s vs 12 s).
-                with T.If(tir.all(batch == 1, layers == fmt.bits)):
+                with T.If(batch == 1):
                     with T.Then():
-                        _row_tiles(T, kern, batch, layers, single_row_tile, 1, serial, (fmt.bits,))
+                        _row_tiles(T, kern, batch, single_row_tile, 1, serial)
                     with T.Else():
-                        _row_tiles(T, kern, batch, layers, row_tile, batch_tile, serial)
+                        _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
     return ib.get()
 
 
-def _row_tiles(
-    T, kern: Kernel, batch, layers, row_tile: int, batch_tile: int, serial: bool, plane_counts: tuple = ()
-) -> None:
+def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: bool) -> None:
     """Step 2: all tiles of ``row_tile`` output rows x ``batch_tile`` activation rows.
 
-    Straight-line code per activation rows left (and per bitlayers below one block), so the
-    chunk loop has no branch; ``plane_counts`` limits the bitlayers values specialised (default:
-    all, 1..bits).
+    Straight-line code per activation rows left, so the chunk loop has no branch.
     """
-    fmt = kern.fmt
     n_tiles = -(-kern.n_out // row_tile)
     b_tiles = (batch + (batch_tile - 1)) // batch_tile
     with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:
@@ -289,18 +281,11 @@ def _row_tiles(
             for rows in range(batch_tile, 0, -1):
                 with T.If(left >= rows if rows == batch_tile else left == rows):
                     with T.Then():
-                        if kern.blocks:
-                            _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, None)
-                            continue
-                        for nlayers in plane_counts or range(1, fmt.bits + 1):
-                            with T.If(layers == nlayers):
-                                with T.Then():
-                                    _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows, nlayers)
+                        _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows)
 
 
-def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None) -> None:
-    """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``), ``nlayers`` planes
-    (None: ``bitlayers`` read at run time, whole blocks only).
+def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int) -> None:
+    """Output rows ``n0 ..`` (``n_rows``) x activation rows ``b0 ..`` (``b_rows``).
 
     With whole blocks the rows are streamed in order (:func:`~.vnni_rows.block_rows`), so each plane is read
     front to back; otherwise the tile's rows are decoded chunk by chunk side by side
@@ -309,7 +294,7 @@ def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None
     """
     if kern.blocks:  # the last task stops at N (no rows computed for nothing)
         count = tir.min(n_rows, kern.n_out - n0) if kern.n_out % n_rows else n_rows
-        block_rows(T, kern, n0, count, b0, b_rows, nlayers)
+        block_rows(T, kern, n0, count, b0, b_rows)
         return
     rows = [tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r for r in range(n_rows)]
     acc, lanes = kern.acc, CHUNK // 4
@@ -320,7 +305,7 @@ def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None
 
     def chunk(c, full: bool) -> None:
         for r, row in enumerate(rows):  # decode each row's chunk once ...
-            decode_chunk(T, kern, row, c, full, tir.Ramp(r * CHUNK, 1, CHUNK), nlayers)
+            decode_chunk(T, kern, row, c, full, tir.Ramp(r * CHUNK, 1, CHUNK))
         for b in range(b_rows):  # ... and use it for every activation row of the tile
             for r in range(n_rows):
                 dot(T, kern, slot[r][b], tir.Ramp(r * CHUNK, 1, CHUNK), b0 + b, c * CHUNK)
@@ -331,4 +316,4 @@ def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int, nlayers: int | None
     if kern.tail:
         chunk(kern.full_chunks, False)
     for r in range(n_rows):
-        store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, nlayers, kern.n_out % n_rows != 0)
+        store(T, kern, [slot[r][b] for b in range(b_rows)], 1, n0 + r, b0, kern.n_out % n_rows != 0)

@@ -175,4 +175,4 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
             with T.If(left >= b_rows if b_rows == tile else left == b_rows):
                 with T.Then():
                     for leg in legs:
-                        block_rows(T, leg, row0, n_rows, bt * tile, b_rows, None)
+                        block_rows(T, leg, row0, n_rows, bt * tile, b_rows)

@@ -151,8 +151,8 @@ def _dword_mask(word: tuple) -> tir.PrimExpr:
     return (byte & select) == select
 
 
-def _decode(T, kern: Kernel, at, word, layers: int) -> None:
-    """Store the uint8x64 codes of one row's chunk (top ``layers`` planes) at ``at``: the masked-add decode.
+def _decode(T, kern: Kernel, at, word) -> None:
+    """Store the uint8x64 codes of one row's chunk at ``at``: the masked-add decode.
 
     ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64; with ``kern.dword`` its two uint32
     words, the lanes in :func:`dword_lane_weights` order). Each plane adds its byte
@@ -164,10 +164,11 @@ def _decode(T, kern: Kernel, at, word, layers: int) -> None:
     proves the terms' bits disjoint, turns the adds into ORs, and AVX-512 has no byte-masked OR
     (it then spends a blend per plane). With split codes (``kern.hi``, 8-bit weights on AVX2) the
     first planes make the high codes at ``at + kern.hi`` and the last :data:`SPLIT_LOW_PLANES`
-    the low codes at ``at`` (:func:`split_codes`). With ``bitlayers`` read at run time (whole
-    blocks, ``layers`` is ``bits``) every plane is read and decoded, the dropped ones adding 0: a
-    branch per plane and chunk skipping them measured 2x faster at one plane of four but 19 %
-    slower at all four (4096x4096 W4, one thread) and 7x slower with split codes (W8).
+    the low codes at ``at`` (:func:`split_codes`). Every plane is read and decoded, those past
+    ``bitlayers`` adding their zeroed coefficient: a branch per plane and chunk skipping them
+    measured 2x faster at one plane of four but 19 % slower at all four (4096x4096 W4, one
+    thread) and 7x slower with split codes (W8); straight-line code per ``bitlayers`` value below
+    one block compiled 2-4x slower for at most 1.5x at fewer planes (512x256 W8, batch 4, 4 planes).
     """
     fmt, dec = kern.fmt, kern.decoded
 
@@ -188,10 +189,9 @@ def _decode(T, kern: Kernel, at, word, layers: int) -> None:
     else:
         T.buffer_store(dec, tir.Select(mask(0), zero, coef(0)), [into(0)])  # sign plane inverted
 
-    if kern.hi:  # the low codes start at their first plane, or stay zero
-        low = tir.Select(mask(first_low), coef(first_low), zero) if first_low < layers else zero
-        T.buffer_store(dec, low, [at])
-    for i in range(1, layers):
+    if kern.hi:  # the low codes start at their first plane
+        T.buffer_store(dec, tir.Select(mask(first_low), coef(first_low), zero), [at])
+    for i in range(1, fmt.bits):
         if kern.hi and i == first_low:
             continue
         T.buffer_store(dec, dec[into(i)] + tir.Select(mask(i), coef(i), zero), [into(i)])
@@ -372,7 +372,7 @@ def block_slots(batch_tile: int) -> int:
     return max(ROWS_SIDE_BY_SIDE, *(b * max(1, ACC_CHAINS // b) for b in range(1, batch_tile + 1)))
 
 
-def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int, nlayers: int | None) -> None:
+def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int) -> None:
     """Output rows ``n0 .. n0 + count`` x activation rows ``b0 ..`` (``b_rows``), in order: one
     after another, or :func:`side_by_side` at a time (:func:`_row_by_blocks`).
 
@@ -388,8 +388,6 @@ def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int, nlayers: int | None)
         First activation row.
     b_rows : int
         Activation rows (1..:data:`pbtvm.ops.pb_vnni.MAX_BLOCK_BATCH_TILE`).
-    nlayers : int, optional
-        Planes kept, or None to read ``bitlayers`` at run time.
 
     Any K works: whole blocks first, then the 64-input chunks after them (below one block, only
     chunks).
@@ -397,13 +395,13 @@ def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int, nlayers: int | None)
     side = side_by_side(kern, b_rows)
     if side > 1:
         with T.serial(0, count // side) as p:
-            _row_by_blocks(T, kern, [n0 + p * side + r for r in range(side)], b0, b_rows, nlayers)
+            _row_by_blocks(T, kern, [n0 + p * side + r for r in range(side)], b0, b_rows)
     if side == 1 or not isinstance(count, int) or count % side:
         with T.serial(count // side * side if side > 1 else 0, count) as r:
-            _row_by_blocks(T, kern, [n0 + r], b0, b_rows, nlayers)
+            _row_by_blocks(T, kern, [n0 + r], b0, b_rows)
 
 
-def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int, nlayers: int | None) -> None:
+def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     """Output rows ``rows`` x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
 
     Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
@@ -434,27 +432,27 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int, nlayers: int | 
     with T.serial(0, kern.blocks) as blk:
         for r, row in enumerate(rows):
             if kern.gfni:
-                planes = [_block_plane(kern, i, row, blk, nlayers) for i in range(fmt.bits)]
+                planes = [_block_plane(kern, i, row, blk) for i in range(fmt.bits)]
                 for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
                     T.buffer_store(kern.decoded, code, [decoded(c)])
             else:
                 for c in range(per_block):
-                    decode_chunk(T, kern, row, blk * per_block + c, True, decoded(c), nlayers)
+                    decode_chunk(T, kern, row, blk * per_block + c, True, decoded(c))
             for c in range(per_block):  # consecutive dot products update different accumulators
                 for b in range(b_rows):
                     at = blk * BLOCK + c * CHUNK
                     dot(T, kern, slot[r][b][c % split], decoded(c), b0 + b, at)
     for c in range(kern.blocks * per_block, kern.full_chunks + kern.tail):  # after the last block
         for r, row in enumerate(rows):
-            decode_chunk(T, kern, row, c, c < kern.full_chunks, decoded(r), nlayers)
+            decode_chunk(T, kern, row, c, c < kern.full_chunks, decoded(r))
             for b in range(b_rows):
                 dot(T, kern, slot[r][b][c % split], decoded(r), b0 + b, c * CHUNK)
     if n_rows == 1:
-        store(T, kern, [slot[0][b] for b in range(b_rows)], split, rows[0], b0, nlayers, False)
+        store(T, kern, [slot[0][b] for b in range(b_rows)], split, rows[0], b0, False)
         return
     # the rows are consecutive: one vector epilogue for all four
     sums = _lane_sums([kern.acc[slot[r][0][0]] for r in range(n_rows)])
-    _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0, nlayers)
+    _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0)
 
 
 def _lane_sums(vectors: list) -> tir.PrimExpr:
@@ -483,22 +481,20 @@ def _lane_sums(vectors: list) -> tir.PrimExpr:
     return shuffle([halves], range(4)) + shuffle([halves], range(4, 8))
 
 
-def _block_plane(kern: Kernel, i: int, row, blk, nlayers: int | None) -> tir.PrimExpr | None:
-    """uint8x64 of plane ``i`` in block ``blk`` of ``row``; None (or zero, read at run time)
-    past the kept planes. Plane 0 is always kept."""
+def _block_plane(kern: Kernel, i: int, row, blk) -> tir.PrimExpr:
+    """uint8x64 of plane ``i`` in block ``blk`` of ``row``; zero past ``bitlayers`` (read at run
+    time: the dropped planes are not loaded). Plane 0 is always kept."""
     load = tir.reinterpret(
         "uint8x64", kern.wp[(*kern.fmt.weight_index(i, row, 0)[:2], tir.Ramp(blk * BLOCK_WORDS, 1, BLOCK_WORDS))]
     )
-    if nlayers is not None:
-        return load if i < nlayers else None
     if i == 0:
         return load
     return tir.if_then_else(kern.layers > i, load, tir.Broadcast(tir.const(0, "uint8"), CHUNK))
 
 
-def decode_chunk(T, kern: Kernel, row, c, full: bool, at, nlayers: int | None) -> None:
-    """Masked-add decode of chunk ``c`` of ``row`` into ``kern.decoded[at]`` (None: every plane,
-    the dropped ones adding their zeroed coefficient)."""
+def decode_chunk(T, kern: Kernel, row, c, full: bool, at) -> None:
+    """Masked-add decode of chunk ``c`` of ``row`` into ``kern.decoded[at]`` (every plane, those
+    past ``bitlayers`` adding their zeroed coefficient)."""
     fmt = kern.fmt
 
     def word(i: int) -> tir.PrimExpr:
@@ -509,7 +505,7 @@ def decode_chunk(T, kern: Kernel, row, c, full: bool, at, nlayers: int | None) -
             return low, high
         return qword(kern.wp, fmt.weight_index(i, row, 0)[:2], c, full)
 
-    _decode(T, kern, at, word, fmt.bits if nlayers is None else nlayers)
+    _decode(T, kern, at, word)
 
 
 def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:
@@ -557,7 +553,7 @@ def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:
     T.buffer_store(kern.acc, kern.acc[_half_slot(slot)] + words, [_half_slot(slot)])
 
 
-def store(T, kern: Kernel, slots: list, split: int, n, b0, nlayers: int | None, guard: bool) -> None:
+def store(T, kern: Kernel, slots: list, split: int, n, b0, guard: bool) -> None:
     """Reduce the accumulators of output row ``n`` (``slots[b]``: ``split`` of them, or one) and
     store them (only where ``n < N`` with ``guard``: the last tile's rows past N)."""
     with T.If(n < kern.n_out) if guard else contextlib.nullcontext():
@@ -568,10 +564,10 @@ def store(T, kern: Kernel, slots: list, split: int, n, b0, nlayers: int | None, 
                 for part in parts[1:]:
                     vec = vec + kern.acc[part]
                 total = tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v16i32", vec)
-                _store_total(T, kern, total, n, b0 + b, nlayers)
+                _store_total(T, kern, total, n, b0 + b)
 
 
-def _store_total(T, kern: Kernel, total: tir.PrimExpr, n, row, nlayers: int | None) -> None:
+def _store_total(T, kern: Kernel, total: tir.PrimExpr, n, row) -> None:
     """Store output ``[row, n]`` from its decoded-byte dot product ``total`` (int32).
 
     The bytes are ``2^(8-k) u / |c|`` (:func:`code_scale`, exactly divisible): back to ``sum u x``,
@@ -585,11 +581,10 @@ def _store_total(T, kern: Kernel, total: tir.PrimExpr, n, row, nlayers: int | No
     if kern.x_scale is None:
         value = exact + tir.const(fmt.weight_offset, "int32") * rs
     else:
-        value = _dense_value(kern, row, n, rs, exact, nlayers)
+        value = _dense_value(kern, row, n, rs, exact)
     T.buffer_store(kern.out, value, [row, n])
 
 
-def _dense_value(kern: Kernel, row, n, rs, acc, nlayers: int | None) -> tir.PrimExpr:
+def _dense_value(kern: Kernel, row, n, rs, acc) -> tir.PrimExpr:
     """The float epilogue of :func:`pbtvm.ops.pb_dense` (the shared :func:`dense_value`)."""
-    layers = kern.layers if nlayers is None else tir.const(nlayers, "int64")
-    return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, layers)
+    return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, kern.layers)
