@@ -49,6 +49,12 @@ __all__ = [
 #: Accumulators per activation row at small batches (``ACC_CHAINS // rows`` of them), so the
 #: dot products of one output row are not one long dependency chain.
 ACC_CHAINS = 4
+#: Chunks one iteration of the masked-add decode's chunk loop decodes per output row, then
+#: multiplies (a multiple of every accumulator count ``ACC_CHAINS // rows``). Whole 512-input
+#: blocks (8 chunks) and the chunks after them as straight-line code took 2-3x the compile
+#: time (AVX2, one kernel: 512x784 W8 3.3-3.9 -> 1.2-1.5 s, 4096x4096 W4 2.7 -> 1.4 s) for the
+#: same speed within the noise of this shared 2-core host (+-20 %).
+CHUNK_GROUP = 4
 #: Output rows side by side when a row is one 512-input block of up to SIDE_BY_SIDE_BITS planes
 #: and one activation row is left (batch 1, or the last row of a batch tile): one accumulator
 #: each, their lane sums reduced together (:func:`_lane_sums`; the per-row horizontal sum was
@@ -405,9 +411,10 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     """Output rows ``rows`` x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
 
     Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
-    measured no gain). Per block and output row: with GFNI one 64-byte load per kept plane and
-    :func:`decode_block`, else the masked-add decode of its 8 chunks; then ``8 b_rows`` dot
-    products. One output row keeps ``split`` accumulators per activation row (short dependency
+    measured no gain). With GFNI, per block and output row one 64-byte load per kept plane and
+    :func:`decode_block`, then ``8 b_rows`` dot products; the chunks after the last block (every
+    chunk without GFNI) go in groups of :data:`CHUNK_GROUP` (:func:`_chunk_group`), the last
+    ones and the partial chunk straight-line. One output row keeps ``split`` accumulators per activation row (short dependency
     chains at small batches); several rows (batch 1) one each, the rows' chains side by side,
     and their sums are reduced together (:func:`_lane_sums`): the per-row horizontal sum was a
     quarter of a short row's vector instructions.
@@ -424,35 +431,48 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
         for b in range(b_rows):
             for s in range(split):
                 T.buffer_store(kern.acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[r][b][s]])
-    per_block = BLOCK // CHUNK
-
-    def decoded(c: int) -> tir.Ramp:
-        return tir.Ramp(c * CHUNK, 1, CHUNK)
-
-    with T.serial(0, kern.blocks) as blk:
-        for r, row in enumerate(rows):
-            if kern.gfni:
+    start = 0  # first chunk the masked-add decode takes
+    if kern.gfni:
+        per_block = BLOCK // CHUNK
+        with T.serial(0, kern.blocks) as blk:
+            for r, row in enumerate(rows):
                 planes = [_block_plane(kern, i, row, blk) for i in range(fmt.bits)]
                 for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
-                    T.buffer_store(kern.decoded, code, [decoded(c)])
-            else:
-                for c in range(per_block):
-                    decode_chunk(T, kern, row, blk * per_block + c, True, decoded(c))
-            for c in range(per_block):  # consecutive dot products update different accumulators
-                for b in range(b_rows):
-                    at = blk * BLOCK + c * CHUNK
-                    dot(T, kern, slot[r][b][c % split], decoded(c), b0 + b, at)
-    for c in range(kern.blocks * per_block, kern.full_chunks + kern.tail):  # after the last block
-        for r, row in enumerate(rows):
-            decode_chunk(T, kern, row, c, c < kern.full_chunks, decoded(r))
-            for b in range(b_rows):
-                dot(T, kern, slot[r][b][c % split], decoded(r), b0 + b, c * CHUNK)
+                    T.buffer_store(kern.decoded, code, [_decoded(c)])
+                for c in range(per_block):  # consecutive dot products update different accumulators
+                    for b in range(b_rows):
+                        dot(T, kern, slot[r][b][c % split], _decoded(c), b0 + b, blk * BLOCK + c * CHUNK)
+        start = kern.blocks * per_block
+    groups = (kern.full_chunks - start) // CHUNK_GROUP
+    if groups:
+        with T.serial(0, groups) as g:
+            group = [start + g * CHUNK_GROUP + j for j in range(CHUNK_GROUP)]
+            _chunk_group(T, kern, rows, slot, b0, group, [True] * CHUNK_GROUP)
+    last = range(start + groups * CHUNK_GROUP, kern.full_chunks + kern.tail)
+    _chunk_group(T, kern, rows, slot, b0, list(last), [c < kern.full_chunks for c in last])
     if n_rows == 1:
         store(T, kern, [slot[0][b] for b in range(b_rows)], split, rows[0], b0, False)
         return
     # the rows are consecutive: one vector epilogue for all four
     sums = _lane_sums([kern.acc[slot[r][0][0]] for r in range(n_rows)])
     _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0)
+
+
+def _decoded(j: int) -> tir.Ramp:
+    """Where chunk ``j`` of a block or chunk group is decoded in ``kern.decoded``."""
+    return tir.Ramp(j * CHUNK, 1, CHUNK)
+
+
+def _chunk_group(T, kern: Kernel, rows: list, slot: list, b0, chunks: list, full: list[bool]) -> None:
+    """Masked-add decode of ``chunks`` (indices, :data:`CHUNK_GROUP` at most) of each row in
+    ``rows``, then their dot products with the activation rows (``slot[r][b]``: row ``r``'s
+    accumulators for activation row ``b0 + b``, used in turn)."""
+    for r, row in enumerate(rows):
+        for j, c in enumerate(chunks):
+            decode_chunk(T, kern, row, c, full[j], _decoded(j))
+        for j, c in enumerate(chunks):  # consecutive dot products update different accumulators
+            for b, accumulators in enumerate(slot[r]):
+                dot(T, kern, accumulators[j % len(accumulators)], _decoded(j), b0 + b, c * CHUNK)
 
 
 def _lane_sums(vectors: list) -> tir.PrimExpr:
