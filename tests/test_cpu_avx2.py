@@ -57,7 +57,9 @@ def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
         (8, 8, "offset_binary", 5, 100, 1),  # split codes in the batch-1 nest
         (8, 5, None, 9, 700, 1),
         # K >= 512: whole blocks (masked-add decode, rows streamed), then the chunks after them
-        (4, 8, None, 70, 1100, 5),
+        (4, 8, None, 70, 1100, 5),  # batch > tile: each row decoded once (vnni_batch)
+        (8, 8, None, 9, 700, 7),  # ... with split codes
+        (1, 8, "bipolar", 5, 600, 9),  # ... bipolar, two whole tiles and one row
         (2, 8, None, 9, 1024, 1),
         (7, 4, None, 11, 1500, 3),
         (1, 8, "bipolar", 6, 700, 2),

@@ -17,7 +17,8 @@ block, and every chunk on CPUs without GFNI, with one ``kmovq`` lane mask and on
 per plane. With whole blocks the output rows are streamed in order
 (:func:`pbtvm.ops.vnni_rows.block_rows`: one after another, or four at a time for one activation row when a row is a
 single block), so every plane is read front to back; below one block a tile's rows are decoded
-side by side chunk by chunk (independent accumulator chains). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+side by side chunk by chunk (independent accumulator chains). Without GFNI, batches of more than
+one tile decode each row once for all of them (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
 serves everything else.
 """
@@ -27,10 +28,12 @@ from __future__ import annotations
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
-from .gfni_decode import BLOCK, BLOCK_WORDS
+from .gfni_decode import BLOCK_WORDS
+from .vnni_batch import rows_decoded_once
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
     Kernel,
+    block_codes,
     block_rows,
     block_slots,
     decode_chunk,
@@ -266,22 +269,35 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
     Straight-line code per activation rows left, so the chunk loop has no branch.
     """
     n_tiles = -(-kern.n_out // row_tile)
-    b_tiles = (batch + (batch_tile - 1)) // batch_tile
     with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:
         # One accumulator and one decode buffer for every specialisation below: separate
         # per-branch buffers get merged by storage rewriting into one mixed-type stack
         # slot that LLVM no longer keeps in registers (measured 4-13x slower).
         if kern.blocks:  # the accumulators of the rows side by side, ACC_CHAINS // rows per activation row
-            slots, decoded = block_slots(batch_tile), BLOCK
+            slots, decoded = block_slots(batch_tile), block_codes()
         else:
             slots, decoded = row_tile * batch_tile, row_tile * CHUNK
         decode_scratch(T, [kern], slots, decoded)
-        with T.serial(0, b_tiles) as bt:
-            left = batch - bt * batch_tile
-            for rows in range(batch_tile, 0, -1):
-                with T.If(left >= rows if rows == batch_tile else left == rows):
-                    with T.Then():
-                        _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows)
+        if kern.blocks and not kern.gfni:  # more than one batch tile: each row decoded once
+            with T.If(batch > batch_tile):
+                with T.Then():
+                    n0 = tile * row_tile
+                    count = tir.min(row_tile, kern.n_out - n0) if kern.n_out % row_tile else row_tile
+                    rows_decoded_once(T, kern, n0, count, batch, batch_tile)
+                with T.Else():
+                    _batch_tiles(T, kern, tile, batch, row_tile, batch_tile)
+        else:
+            _batch_tiles(T, kern, tile, batch, row_tile, batch_tile)
+
+
+def _batch_tiles(T, kern: Kernel, tile, batch, row_tile: int, batch_tile: int) -> None:
+    """Row tile ``tile`` x every batch tile (straight-line code per activation rows left)."""
+    with T.serial(0, (batch + (batch_tile - 1)) // batch_tile) as bt:
+        left = batch - bt * batch_tile
+        for rows in range(batch_tile, 0, -1):
+            with T.If(left >= rows if rows == batch_tile else left == rows):
+                with T.Then():
+                    _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows)
 
 
 def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int) -> None:

@@ -29,10 +29,9 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_vnni
-from .gfni_decode import BLOCK
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
-from .vnni_rows import block_rows, block_slots, decode_scratch, prepare_kernel
+from .vnni_rows import block_codes, block_rows, block_slots, decode_scratch, prepare_kernel
 
 __all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
 
@@ -168,7 +167,7 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
     """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row, in tiles of up to
     :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
     tile = MAX_BLOCK_BATCH_TILE
-    decode_scratch(T, legs, block_slots(tile), BLOCK)  # the legs take turns with one set of registers
+    decode_scratch(T, legs, block_slots(tile), block_codes())  # the legs take turns with one set of registers
     with T.serial(0, (batch + (tile - 1)) // tile) as bt:
         left = batch - bt * tile
         for b_rows in range(tile, 0, -1):

@@ -31,6 +31,9 @@ from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
 __all__ = [
     "ACC_CHAINS",
     "Kernel",
+    "block_codes",
+    "chunk_groups",
+    "decoded_at",
     "block_rows",
     "block_slots",
     "decode_chunk",
@@ -378,6 +381,12 @@ def block_slots(batch_tile: int) -> int:
     return max(ROWS_SIDE_BY_SIDE, *(b * max(1, ACC_CHAINS // b) for b in range(1, batch_tile + 1)))
 
 
+def block_codes() -> int:
+    """Bytes of decode buffer :func:`block_rows` needs: one 512-input block (GFNI), or a chunk
+    group for each output row side by side."""
+    return max(BLOCK, ROWS_SIDE_BY_SIDE * CHUNK_GROUP * CHUNK)
+
+
 def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int) -> None:
     """Output rows ``n0 .. n0 + count`` x activation rows ``b0 ..`` (``b_rows``), in order: one
     after another, or :func:`side_by_side` at a time (:func:`_row_by_blocks`).
@@ -387,7 +396,7 @@ def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int) -> None:
     T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
     kern : Kernel
         From :func:`prepare_kernel`, with ``acc`` (:func:`block_slots` int32x16 slots, local) and
-        ``decoded`` (:data:`~pbtvm.ops.gfni_decode.BLOCK` bytes, local) allocated by the caller.
+        ``decoded`` (:func:`block_codes` bytes, local) allocated by the caller.
     n0, count : PrimExpr or int
         First output row and how many (``n0 + count <= N``).
     b0 : PrimExpr
@@ -438,18 +447,12 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
             for r, row in enumerate(rows):
                 planes = [_block_plane(kern, i, row, blk) for i in range(fmt.bits)]
                 for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
-                    T.buffer_store(kern.decoded, code, [_decoded(c)])
+                    T.buffer_store(kern.decoded, code, [decoded_at(c)])
                 for c in range(per_block):  # consecutive dot products update different accumulators
                     for b in range(b_rows):
-                        dot(T, kern, slot[r][b][c % split], _decoded(c), b0 + b, blk * BLOCK + c * CHUNK)
+                        dot(T, kern, slot[r][b][c % split], decoded_at(c), b0 + b, blk * BLOCK + c * CHUNK)
         start = kern.blocks * per_block
-    groups = (kern.full_chunks - start) // CHUNK_GROUP
-    if groups:
-        with T.serial(0, groups) as g:
-            group = [start + g * CHUNK_GROUP + j for j in range(CHUNK_GROUP)]
-            _chunk_group(T, kern, rows, slot, b0, group, [True] * CHUNK_GROUP)
-    last = range(start + groups * CHUNK_GROUP, kern.full_chunks + kern.tail)
-    _chunk_group(T, kern, rows, slot, b0, list(last), [c < kern.full_chunks for c in last])
+    chunk_groups(T, kern, start, lambda group, full: _chunk_group(T, kern, rows, slot, b0, group, full))
     if n_rows == 1:
         store(T, kern, [slot[0][b] for b in range(b_rows)], split, rows[0], b0, False)
         return
@@ -458,21 +461,34 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0)
 
 
-def _decoded(j: int) -> tir.Ramp:
+def decoded_at(j: int) -> tir.Ramp:
     """Where chunk ``j`` of a block or chunk group is decoded in ``kern.decoded``."""
     return tir.Ramp(j * CHUNK, 1, CHUNK)
 
 
+def chunk_groups(T, kern: Kernel, start: int, body) -> None:
+    """Chunks ``start ..`` of a row in groups: ``body(chunks, full)`` (chunk indices and whether each
+    is whole) inside a loop over groups of :data:`CHUNK_GROUP` whole chunks, then once for the
+    whole chunks left and the partial one (straight-line code)."""
+    groups = (kern.full_chunks - start) // CHUNK_GROUP
+    if groups:
+        with T.serial(0, groups) as g:
+            body([start + g * CHUNK_GROUP + j for j in range(CHUNK_GROUP)], [True] * CHUNK_GROUP)
+    last = range(start + groups * CHUNK_GROUP, kern.full_chunks + kern.tail)
+    if last:
+        body(list(last), [c < kern.full_chunks for c in last])
+
+
 def _chunk_group(T, kern: Kernel, rows: list, slot: list, b0, chunks: list, full: list[bool]) -> None:
     """Masked-add decode of ``chunks`` (indices, :data:`CHUNK_GROUP` at most) of each row in
-    ``rows``, then their dot products with the activation rows (``slot[r][b]``: row ``r``'s
-    accumulators for activation row ``b0 + b``, used in turn)."""
+    ``rows`` (each row into its own codes), then their dot products with the activation rows
+    (``slot[r][b]``: row ``r``'s accumulators for activation row ``b0 + b``, used in turn)."""
     for r, row in enumerate(rows):
         for j, c in enumerate(chunks):
-            decode_chunk(T, kern, row, c, full[j], _decoded(j))
+            decode_chunk(T, kern, row, c, full[j], decoded_at(r * CHUNK_GROUP + j))
         for j, c in enumerate(chunks):  # consecutive dot products update different accumulators
             for b, accumulators in enumerate(slot[r]):
-                dot(T, kern, accumulators[j % len(accumulators)], _decoded(j), b0 + b, c * CHUNK)
+                dot(T, kern, accumulators[j % len(accumulators)], decoded_at(r * CHUNK_GROUP + j), b0 + b, c * CHUNK)
 
 
 def _lane_sums(vectors: list) -> tir.PrimExpr:
