@@ -53,12 +53,12 @@ def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
         (6, 6, None, 3, 31, 4),
         (7, 8, None, 11, 200, 3),  # the largest codes the int16 pair sums hold
         (8, 8, None, 33, 300, 6),  # split codes
-        (8, 6, None, 5, 1030, 2),  # split codes, planes past bitlayers skipped in whole blocks
+        (8, 6, None, 5, 1030, 2),  # split codes, planes past bitlayers add 0 in whole blocks
         (8, 8, "offset_binary", 5, 100, 1),  # split codes in the batch-1 nest
         (8, 5, None, 9, 700, 1),
         # K >= 512: whole blocks (masked-add decode, rows streamed), then the chunks after them
         (4, 8, None, 70, 1100, 5),  # batch > tile: each row decoded once (vnni_batch)
-        (8, 8, None, 9, 700, 7),  # ... with split codes
+        (8, 8, None, 9, 650, 7),  # ... with split codes and a partial chunk
         (1, 8, "bipolar", 5, 600, 9),  # ... bipolar, two whole tiles and one row
         (2, 8, None, 9, 1024, 1),
         (7, 4, None, 11, 1500, 3),

@@ -13,19 +13,23 @@ import re
 import pytest
 
 from pbtvm import kernels
+from pbtvm._tvm import tvm
 from pbtvm.bitplane import BitplaneFormat
-from pbtvm.ops.pb_vnni import target_supports
+from pbtvm.ops.pb_vnni import cpu_isa, target_supports
 from pbtvm.sampling import pick_func
+from pbtvm.schedules import rule_for
+from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell
 from pbtvm.target import resolve_target
 
 CPU = resolve_target("llvm")
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 needs_vnni = pytest.mark.skipif(not target_supports(CPU), reason="host CPU lacks AVX-512 BW/VNNI")
 
 
-def _workspace_allocations(func, schedule: bool = True) -> dict[str, int]:
+def _workspace_allocations(func, schedule: bool = True, target=CPU) -> dict[str, int]:
     """``TVMBackendAllocWorkspace`` calls in each LLVM function of the built ``func`` (every
     function defined is a key)."""
-    lib = kernels.build(func, CPU, schedule=schedule)
+    lib = kernels.build(func, target, schedule=schedule)
     ir = (lib.mod if hasattr(lib, "mod") else lib).inspect_source("ll")
     counts: dict[str, int] = {}
     current = None
@@ -38,15 +42,27 @@ def _workspace_allocations(func, schedule: bool = True) -> dict[str, int]:
     return counts
 
 
-@needs_vnni
+@pytest.mark.parametrize(
+    ("isa", "bits"),
+    [
+        pytest.param("avx512", 4, marks=needs_vnni),
+        ("avx2", 4),  # built for Haswell: no host requirement
+        ("avx2", 8),  # split codes: two decode buffers' worth
+    ],
+)
 @pytest.mark.parametrize("kind", ["lstm_step", "dense_act"])
-def test_avx512_kernels_allocate_nothing_per_parallel_task(kind):
-    fmt = BitplaneFormat(4)
+def test_byte_code_kernels_allocate_nothing_per_parallel_task(kind, isa, bits):
+    """Also the rows decoded once for a batch of several tiles (AVX2): their buffer is one per call."""
+    fmt = BitplaneFormat(bits)
+    target = CPU if isa == "avx512" else AVX2
     if kind == "lstm_step":
         func = kernels.lstm_cell_input_func(fmt, 512, 512, True)  # parallel: >= SERIAL_WEIGHT_BITS
     else:
         func = kernels.dense_act_func(fmt, 2048, 1024, True)
-    per_task = {name: n for name, n in _workspace_allocations(func).items() if "parallel_lambda" in name}
+    rule = rule_for(func, target)
+    assert isinstance(rule, CPUVnniGemm | CPUVnniLstmCell) and cpu_isa(target) == isa, "not the byte-code kernel"
+    counts = _workspace_allocations(func, target=target)
+    per_task = {name: n for name, n in counts.items() if "parallel_lambda" in name}
     assert per_task, "the kernel has no parallel loop: nothing checked"
     assert sum(per_task.values()) == 0, f"workspace allocations inside parallel tasks: {per_task}"
 

@@ -17,8 +17,9 @@ block, and every chunk on CPUs without GFNI, with one ``kmovq`` lane mask and on
 per plane. With whole blocks the output rows are streamed in order
 (:func:`pbtvm.ops.vnni_rows.block_rows`: one after another, or four at a time for one activation row when a row is a
 single block), so every plane is read front to back; below one block a tile's rows are decoded
-side by side chunk by chunk (independent accumulator chains). Without GFNI, batches of more than
-one tile decode each row once for all of them (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+side by side chunk by chunk (independent accumulator chains). Without GFNI, rows of whole blocks
+at a batch of more than one tile are decoded once for all of them
+(:func:`pbtvm.ops.vnni_batch.rows_decoded_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
 serves everything else.
 """
@@ -29,7 +30,7 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
 from .gfni_decode import BLOCK_WORDS
-from .vnni_batch import rows_decoded_once
+from .vnni_batch import row_code_bytes, rows_decoded_once
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
     Kernel,
@@ -166,7 +167,8 @@ def pb_vnni_func(
         Whether the dense form has a bias parameter.
     batch_tile : int
         Activation rows that share one decoded weight chunk (with whole blocks at most
-        :data:`MAX_BLOCK_BATCH_TILE` per pass).
+        :data:`MAX_BLOCK_BATCH_TILE` per pass; without GFNI, with whole blocks and more rows than
+        that, the rows' decoded codes are kept for every pass).
     row_tile : int
         Below one 512-input block: output rows decoded side by side (independent accumulator
         chains), one parallel task. With whole blocks a task is :data:`BLOCK_TASK_ROWS` rows.
@@ -269,21 +271,25 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
     Straight-line code per activation rows left, so the chunk loop has no branch.
     """
     n_tiles = -(-kern.n_out // row_tile)
+    decode_once = kern.blocks and not kern.gfni  # more than one batch tile: each row decoded once
+    if decode_once:  # once per call: a buffer of 1 KiB or more in the parallel loop is allocated per task
+        row_codes = T.alloc_buffer((n_tiles * row_code_bytes(kern),), "uint8")
     with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:
         # One accumulator and one decode buffer for every specialisation below: separate
         # per-branch buffers get merged by storage rewriting into one mixed-type stack
         # slot that LLVM no longer keeps in registers (measured 4-13x slower).
         if kern.blocks:  # the accumulators of the rows side by side, ACC_CHAINS // rows per activation row
-            slots, decoded = block_slots(batch_tile), block_codes()
+            slots, decoded = block_slots(batch_tile), block_codes([kern])
         else:
             slots, decoded = row_tile * batch_tile, row_tile * CHUNK
         decode_scratch(T, [kern], slots, decoded)
-        if kern.blocks and not kern.gfni:  # more than one batch tile: each row decoded once
+        if decode_once:
             with T.If(batch > batch_tile):
                 with T.Then():
                     n0 = tile * row_tile
                     count = tir.min(row_tile, kern.n_out - n0) if kern.n_out % row_tile else row_tile
-                    rows_decoded_once(T, kern, n0, count, batch, batch_tile)
+                    at = tile * row_code_bytes(kern)
+                    rows_decoded_once(T, kern, row_codes, at, n0, count, batch, batch_tile)
                 with T.Else():
                     _batch_tiles(T, kern, tile, batch, row_tile, batch_tile)
         else:

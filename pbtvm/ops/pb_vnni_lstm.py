@@ -167,7 +167,7 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
     """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row, in tiles of up to
     :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
     tile = MAX_BLOCK_BATCH_TILE
-    decode_scratch(T, legs, block_slots(tile), block_codes())  # the legs take turns with one set of registers
+    decode_scratch(T, legs, block_slots(tile), block_codes(legs))  # the legs take turns with one set of registers
     with T.serial(0, (batch + (tile - 1)) // tile) as bt:
         left = batch - bt * tile
         for b_rows in range(tile, 0, -1):

@@ -235,7 +235,7 @@ class Kernel:
     blocks: int = 0
     #: Blocks take the GFNI decode (else the masked-add decode, chunk by chunk).
     gfni: bool = False
-    #: The ``bitlayers`` argument (blocks read it at run time instead of specialising on it).
+    #: The ``bitlayers`` argument (read at run time: the planes past it get coefficient 0).
     layers: tir.PrimExpr | None = None
     #: Decoded bytes are ``2^(8-k) u / |c|`` (:func:`scaled_codes`), else ``u``.
     scaled: bool = True
@@ -381,10 +381,11 @@ def block_slots(batch_tile: int) -> int:
     return max(ROWS_SIDE_BY_SIDE, *(b * max(1, ACC_CHAINS // b) for b in range(1, batch_tile + 1)))
 
 
-def block_codes() -> int:
-    """Bytes of decode buffer :func:`block_rows` needs: one 512-input block (GFNI), or a chunk
-    group for each output row side by side."""
-    return max(BLOCK, ROWS_SIDE_BY_SIDE * CHUNK_GROUP * CHUNK)
+def block_codes(kerns: list) -> int:
+    """Bytes of decode buffer :func:`block_rows` needs for ``kerns`` (legs sharing it): one
+    512-input block with GFNI, else one chunk group (:data:`CHUNK_GROUP`; rows side by side take
+    turns). Under TVM's 1 KiB stack limit with split codes too (:data:`~.common.CPU_SCRATCH`)."""
+    return max(BLOCK if kern.gfni else CHUNK_GROUP * CHUNK for kern in kerns)
 
 
 def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int) -> None:
@@ -395,8 +396,8 @@ def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int) -> None:
     ----------
     T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
     kern : Kernel
-        From :func:`prepare_kernel`, with ``acc`` (:func:`block_slots` int32x16 slots, local) and
-        ``decoded`` (:func:`block_codes` bytes, local) allocated by the caller.
+        From :func:`prepare_kernel`, with ``acc`` (:func:`block_slots` int32x16 slots) and
+        ``decoded`` (:func:`block_codes` bytes) allocated by the caller (:func:`decode_scratch`).
     n0, count : PrimExpr or int
         First output row and how many (``n0 + count <= N``).
     b0 : PrimExpr
@@ -423,8 +424,8 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     measured no gain). With GFNI, per block and output row one 64-byte load per kept plane and
     :func:`decode_block`, then ``8 b_rows`` dot products; the chunks after the last block (every
     chunk without GFNI) go in groups of :data:`CHUNK_GROUP` (:func:`_chunk_group`), the last
-    ones and the partial chunk straight-line. One output row keeps ``split`` accumulators per activation row (short dependency
-    chains at small batches); several rows (batch 1) one each, the rows' chains side by side,
+    ones and the partial chunk straight-line. One output row keeps ``split`` accumulators per
+    activation row (short dependency chains at small batches); several rows (batch 1) one each, the rows' chains side by side,
     and their sums are reduced together (:func:`_lane_sums`): the per-row horizontal sum was a
     quarter of a short row's vector instructions.
     """
@@ -481,14 +482,15 @@ def chunk_groups(T, kern: Kernel, start: int, body) -> None:
 
 def _chunk_group(T, kern: Kernel, rows: list, slot: list, b0, chunks: list, full: list[bool]) -> None:
     """Masked-add decode of ``chunks`` (indices, :data:`CHUNK_GROUP` at most) of each row in
-    ``rows`` (each row into its own codes), then their dot products with the activation rows
-    (``slot[r][b]``: row ``r``'s accumulators for activation row ``b0 + b``, used in turn)."""
+    ``rows``, then their dot products with the activation rows (``slot[r][b]``: row ``r``'s
+    accumulators for activation row ``b0 + b``, used in turn). The rows reuse the decode slots
+    (straight-line code: LLVM keeps the codes in registers, no false dependency)."""
     for r, row in enumerate(rows):
         for j, c in enumerate(chunks):
-            decode_chunk(T, kern, row, c, full[j], decoded_at(r * CHUNK_GROUP + j))
+            decode_chunk(T, kern, row, c, full[j], decoded_at(j))
         for j, c in enumerate(chunks):  # consecutive dot products update different accumulators
             for b, accumulators in enumerate(slot[r]):
-                dot(T, kern, accumulators[j % len(accumulators)], decoded_at(r * CHUNK_GROUP + j), b0 + b, c * CHUNK)
+                dot(T, kern, accumulators[j % len(accumulators)], decoded_at(j), b0 + b, c * CHUNK)
 
 
 def _lane_sums(vectors: list) -> tir.PrimExpr:
