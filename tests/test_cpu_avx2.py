@@ -59,7 +59,8 @@ def _check_int(fmt, n, k, b, rng, q=None, xq=None, **knobs):
         # K >= 512: whole blocks (masked-add decode, rows streamed), then the chunks after them
         (4, 8, None, 70, 1100, 5),  # batch > tile: each row decoded once (vnni_batch)
         (8, 8, None, 9, 650, 7),  # ... with split codes and a partial chunk
-        (1, 8, "bipolar", 5, 600, 9),  # ... bipolar, two whole tiles and one row
+        (3, 8, "offset_binary", 7, 600, 9),  # ... offset binary, two whole tiles and one row
+        (2, 8, None, 6, 600, 9),  # W2 keeps a decode per batch tile (DECODE_ONCE_MIN_BITS)
         (2, 8, None, 9, 1024, 1),
         (7, 4, None, 11, 1500, 3),
         (1, 8, "bipolar", 6, 700, 2),

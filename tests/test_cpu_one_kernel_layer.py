@@ -62,7 +62,7 @@ def _rows(rng, b: int, k: int) -> np.ndarray:
         (8, 8, None, 10, 784, 3, True),
         (4, 8, "offset_binary", 96, 1024, 1, False),  # full chunks only
         (8, 8, None, 1100, 1024, 2, False),  # above SERIAL_WEIGHT_BITS: parallel tiles
-        (2, 8, None, 40, 700, 7, True),  # batch > tile: each row decoded once (hosts without GFNI)
+        (3, 8, None, 40, 700, 7, True),  # batch > tile: each row decoded once (hosts without GFNI)
     ],
 )
 def test_fused_layer_equals_pack_then_gemm(bits, act_bits, codebook, n, k, b, bias, rng):

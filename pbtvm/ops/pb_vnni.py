@@ -18,7 +18,7 @@ per plane. With whole blocks the output rows are streamed in order
 (:func:`pbtvm.ops.vnni_rows.block_rows`: one after another, or four at a time for one activation row when a row is a
 single block), so every plane is read front to back; below one block a tile's rows are decoded
 side by side chunk by chunk (independent accumulator chains). Without GFNI, rows of whole blocks
-at a batch of more than one tile are decoded once for all of them
+of 3 bits or more at a batch of more than one tile are decoded once for all of them
 (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
 serves everything else.
@@ -80,6 +80,13 @@ MAX_ACCUMULATORS_PER_ISA = {"avx512": MAX_ACCUMULATORS, "avx2": 5}
 #: batch 1: 55 µs serial vs 77 µs; 1024² W4 69 vs 84 µs; 2048² W4 297 vs 267 µs, BENCHMARKS.md,
 #: issue 19). Machine-dependent: more real cores would move it down.
 SERIAL_WEIGHT_BITS = 1 << 23
+#: Fewest weight bits whose rows of whole blocks are decoded once for a batch of several tiles
+#: without GFNI (:mod:`.vnni_batch`): where the decode is cheap, storing and reloading the codes
+#: costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
+#: once): 4096x4096 W1 987 -> 1,159 / 1,929 -> 2,355; W2 1,313 -> 1,305 / 2,556 -> 2,455; W3
+#: 1,910 -> 1,491 / 3,577 -> 2,775; W4 2,179 -> 1,745 / 4,450 -> 3,022; W8 4,989 -> 3,407 / 9,652
+#: -> 5,131.
+DECODE_ONCE_MIN_BITS = 3
 
 
 def unsupported_reason(fmt: BitplaneFormat, k_dim: int, isa: str = "avx512") -> str | None:
@@ -271,7 +278,8 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
     Straight-line code per activation rows left, so the chunk loop has no branch.
     """
     n_tiles = -(-kern.n_out // row_tile)
-    decode_once = kern.blocks and not kern.gfni  # more than one batch tile: each row decoded once
+    # more than one batch tile: each row decoded once
+    decode_once = kern.blocks and not kern.gfni and kern.fmt.bits >= DECODE_ONCE_MIN_BITS
     if decode_once:  # once per call: a buffer of 1 KiB or more in the parallel loop is allocated per task
         row_codes = T.alloc_buffer((n_tiles * row_code_bytes(kern),), "uint8")
     with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:
