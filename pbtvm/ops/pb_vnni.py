@@ -18,7 +18,7 @@ per plane. With whole blocks the output rows are streamed in order
 (:func:`pbtvm.ops.vnni_rows.block_rows`: one after another, or four at a time for one activation row when a row is a
 single block), so every plane is read front to back; below one block a tile's rows are decoded
 side by side chunk by chunk (independent accumulator chains). Without GFNI, rows of whole blocks
-of 3 bits or more at a batch of more than one tile are decoded once for all of them
+of 3 bits or more at batches of 2 or more are decoded once for all activation rows
 (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
 serves everything else.
@@ -80,9 +80,10 @@ MAX_ACCUMULATORS_PER_ISA = {"avx512": MAX_ACCUMULATORS, "avx2": 5}
 #: batch 1: 55 µs serial vs 77 µs; 1024² W4 69 vs 84 µs; 2048² W4 297 vs 267 µs, BENCHMARKS.md,
 #: issue 19). Machine-dependent: more real cores would move it down.
 SERIAL_WEIGHT_BITS = 1 << 23
-#: Fewest weight bits whose rows of whole blocks are decoded once for a batch of several tiles
-#: without GFNI (:mod:`.vnni_batch`): where the decode is cheap, storing and reloading the codes
-#: costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
+#: Fewest weight bits whose rows of whole blocks are decoded once for batches of 2 or more without
+#: GFNI (:mod:`.vnni_batch`; at batches 2-4 as fast as a decode per tile within +-5 %, and the
+#: kernel builds 1.6-1.8x faster than with both nests): where the decode is cheap, storing and
+#: reloading the codes costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
 #: once): 4096x4096 W1 987 -> 1,159 / 1,929 -> 2,355; W2 1,313 -> 1,305 / 2,556 -> 2,455; W3
 #: 1,910 -> 1,491 / 3,577 -> 2,775; W4 2,179 -> 1,745 / 4,450 -> 3,022; W8 4,989 -> 3,407 / 9,652
 #: -> 5,131.
@@ -174,8 +175,8 @@ def pb_vnni_func(
         Whether the dense form has a bias parameter.
     batch_tile : int
         Activation rows that share one decoded weight chunk (with whole blocks at most
-        :data:`MAX_BLOCK_BATCH_TILE` per pass; without GFNI, with whole blocks and more rows than
-        that, the rows' decoded codes are kept for every pass).
+        :data:`MAX_BLOCK_BATCH_TILE` per pass; without GFNI, with whole blocks and 3 bits or more,
+        the rows' decoded codes are kept for every pass).
     row_tile : int
         Below one 512-input block: output rows decoded side by side (independent accumulator
         chains), one parallel task. With whole blocks a task is :data:`BLOCK_TASK_ROWS` rows.
@@ -278,7 +279,7 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
     Straight-line code per activation rows left, so the chunk loop has no branch.
     """
     n_tiles = -(-kern.n_out // row_tile)
-    # more than one batch tile: each row decoded once
+    # batch 2 and more: each row decoded once (:mod:`.vnni_batch`)
     decode_once = kern.blocks and not kern.gfni and kern.fmt.bits >= DECODE_ONCE_MIN_BITS
     if decode_once:  # once per call: a buffer of 1 KiB or more in the parallel loop is allocated per task
         row_codes = T.alloc_buffer((n_tiles * row_code_bytes(kern),), "uint8")
@@ -292,14 +293,14 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
             slots, decoded = row_tile * batch_tile, row_tile * CHUNK
         decode_scratch(T, [kern], slots, decoded)
         if decode_once:
-            with T.If(batch > batch_tile):
+            with T.If(batch > 1):
                 with T.Then():
                     n0 = tile * row_tile
                     count = tir.min(row_tile, kern.n_out - n0) if kern.n_out % row_tile else row_tile
                     at = tile * row_code_bytes(kern)
                     rows_decoded_once(T, kern, row_codes, at, n0, count, batch, batch_tile)
-                with T.Else():
-                    _batch_tiles(T, kern, tile, batch, row_tile, batch_tile)
+                with T.Else():  # batch 1: the codes stay in registers
+                    _batch_tiles(T, kern, tile, batch, row_tile, 1)
         else:
             _batch_tiles(T, kern, tile, batch, row_tile, batch_tile)
 

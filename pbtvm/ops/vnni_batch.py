@@ -1,12 +1,14 @@
-"""Batches of more than one tile: each weight row decoded once, then multiplied by every activation row.
+"""Batches of 2 or more: each weight row decoded once, then multiplied by every activation row.
 
 :func:`pbtvm.ops.vnni_rows.block_rows` decodes a row's chunks into registers and multiplies them by
 one batch tile (at most :data:`pbtvm.ops.pb_vnni.MAX_BLOCK_BATCH_TILE` activation rows), so a
 batch of ``B`` rows decodes every weight ``ceil(B / tile)`` times. Where the masked-add decode is
 most of the work (AVX2, and AVX-512 CPUs without GFNI: ~40 of ~50 vector instructions per 64 W4
 weights on AVX2) :func:`rows_decoded_once` decodes the row once into ``K`` bytes of codes (``2K``
-with split codes; in L1) and runs the batch tiles' dot products over them. Only rows of whole
-512-input blocks (K >= 512) take it; shorter rows keep the batch tiles.
+with split codes; in L1) and runs the batch tiles' dot products over them. Rows of whole
+512-input blocks (K >= 512) of 3 bits or more take it from batch 2
+(:data:`pbtvm.ops.pb_vnni.DECODE_ONCE_MIN_BITS`; batches 2-4 measured as fast as the codes in
+registers); batch 1 and shorter rows keep the batch tiles.
 """
 
 from __future__ import annotations
