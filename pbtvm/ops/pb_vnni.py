@@ -34,6 +34,7 @@ from .vnni_batch import row_code_bytes, rows_decoded_once
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
     Kernel,
+    batch_tiles,
     block_codes,
     block_rows,
     block_slots,
@@ -296,9 +297,8 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
             with T.If(batch > 1):
                 with T.Then():
                     n0 = tile * row_tile
-                    count = tir.min(row_tile, kern.n_out - n0) if kern.n_out % row_tile else row_tile
                     at = tile * row_code_bytes(kern)
-                    rows_decoded_once(T, kern, row_codes, at, n0, count, batch, batch_tile)
+                    rows_decoded_once(T, kern, row_codes, at, n0, _rows_in_tile(kern, n0, row_tile), batch, batch_tile)
                 with T.Else():  # batch 1: the codes stay in registers
                     _batch_tiles(T, kern, tile, batch, row_tile, 1)
         else:
@@ -307,12 +307,12 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
 
 def _batch_tiles(T, kern: Kernel, tile, batch, row_tile: int, batch_tile: int) -> None:
     """Row tile ``tile`` x every batch tile (straight-line code per activation rows left)."""
-    with T.serial(0, (batch + (batch_tile - 1)) // batch_tile) as bt:
-        left = batch - bt * batch_tile
-        for rows in range(batch_tile, 0, -1):
-            with T.If(left >= rows if rows == batch_tile else left == rows):
-                with T.Then():
-                    _tile(T, kern, tile * row_tile, row_tile, bt * batch_tile, rows)
+    batch_tiles(T, batch, batch_tile, lambda b0, rows: _tile(T, kern, tile * row_tile, row_tile, b0, rows))
+
+
+def _rows_in_tile(kern: Kernel, n0, n_rows: int):
+    """Output rows of the tile from ``n0``: ``n_rows``, fewer in the last tile (it stops at N)."""
+    return tir.min(n_rows, kern.n_out - n0) if kern.n_out % n_rows else n_rows
 
 
 def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int) -> None:
@@ -324,8 +324,7 @@ def _tile(T, kern: Kernel, n0, n_rows: int, b0, b_rows: int) -> None:
     and not stored, while the row loop over blocks stops at N.
     """
     if kern.blocks:  # the last task stops at N (no rows computed for nothing)
-        count = tir.min(n_rows, kern.n_out - n0) if kern.n_out % n_rows else n_rows
-        block_rows(T, kern, n0, count, b0, b_rows)
+        block_rows(T, kern, n0, _rows_in_tile(kern, n0, n_rows), b0, b_rows)
         return
     rows = [tir.min(n0 + r, kern.n_out - 1) if kern.n_out % n_rows else n0 + r for r in range(n_rows)]
     acc, lanes = kern.acc, CHUNK // 4

@@ -31,7 +31,7 @@ from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_vnni
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
-from .vnni_rows import block_codes, block_rows, block_slots, decode_scratch, prepare_kernel
+from .vnni_rows import batch_tiles, block_codes, block_rows, block_slots, decode_scratch, prepare_kernel
 
 __all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
 
@@ -168,10 +168,9 @@ def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
     :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
     tile = MAX_BLOCK_BATCH_TILE
     decode_scratch(T, legs, block_slots(tile), block_codes(legs))  # the legs take turns with one set of registers
-    with T.serial(0, (batch + (tile - 1)) // tile) as bt:
-        left = batch - bt * tile
-        for b_rows in range(tile, 0, -1):
-            with T.If(left >= b_rows if b_rows == tile else left == b_rows):
-                with T.Then():
-                    for leg in legs:
-                        block_rows(T, leg, row0, n_rows, bt * tile, b_rows)
+
+    def tile_rows(b0, b_rows: int) -> None:
+        for leg in legs:
+            block_rows(T, leg, row0, n_rows, b0, b_rows)
+
+    batch_tiles(T, batch, tile, tile_rows)

@@ -17,7 +17,7 @@ import dataclasses
 
 from .._tvm import tir
 from .vnni_bytes import CHUNK
-from .vnni_rows import ACC_CHAINS, Kernel, chunk_groups, decode_chunk, decoded_at, dot, store
+from .vnni_rows import ACC_CHAINS, Kernel, accumulators, batch_tiles, chunk_groups, decode_chunk, decoded_at, dot, store
 
 __all__ = ["row_code_bytes", "rows_decoded_once"]
 
@@ -48,7 +48,7 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
     batch_tile : int
         Activation rows per pass over the decoded row (straight-line code per rows left).
     """
-    high = (kern.full_chunks + kern.tail) * CHUNK if kern.hi else 0
+    high = row_code_bytes(kern) // 2 if kern.hi else 0
     # the dot products read the row's codes from row_codes: chunk c at at + c * CHUNK, high codes + high
     row = dataclasses.replace(kern, decoded=row_codes, hi=high)
     with T.serial(0, count) as r:
@@ -61,21 +61,13 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
                     T.buffer_store(row_codes, codes, [tir.Ramp(at + c * CHUNK + part * high, 1, CHUNK)])
 
         chunk_groups(T, kern, 0, decode)
-        with T.serial(0, (batch + (batch_tile - 1)) // batch_tile) as bt:
-            left = batch - bt * batch_tile
-            for rows in range(batch_tile, 0, -1):
-                with T.If(left >= rows if rows == batch_tile else left == rows):
-                    with T.Then():
-                        _dot_rows(T, row, at, n0 + r, bt * batch_tile, rows)
+        batch_tiles(T, batch, batch_tile, lambda b0, rows: _dot_rows(T, row, at, n0 + r, b0, rows))
 
 
 def _dot_rows(T, row: Kernel, at, n, b0, b_rows: int) -> None:
     """Output row ``n`` x activation rows ``b0 ..`` (``b_rows``) from its codes at ``row.decoded[at:]``."""
-    lanes, split = CHUNK // 4, max(1, ACC_CHAINS // b_rows)
-    slot = [[tir.Ramp((b * split + s) * lanes, 1, lanes) for s in range(split)] for b in range(b_rows)]
-    for group in slot:
-        for acc in group:
-            T.buffer_store(row.acc, tir.Broadcast(tir.const(0, "int32"), lanes), [acc])
+    split = max(1, ACC_CHAINS // b_rows)
+    (slot,) = accumulators(T, row, 1, b_rows, split)
 
     def multiply(group: list, _full: list) -> None:  # past K the activation codes are zero
         for j, c in enumerate(group):

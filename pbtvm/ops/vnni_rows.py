@@ -31,6 +31,8 @@ from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
 __all__ = [
     "ACC_CHAINS",
     "Kernel",
+    "accumulators",
+    "batch_tiles",
     "block_codes",
     "chunk_groups",
     "decoded_at",
@@ -429,18 +431,11 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     and their sums are reduced together (:func:`_lane_sums`): the per-row horizontal sum was a
     quarter of a short row's vector instructions.
     """
-    fmt, lanes, n_rows = kern.fmt, CHUNK // 4, len(rows)
+    fmt, n_rows = kern.fmt, len(rows)
     if n_rows > 1 and b_rows != 1:
         raise ValueError("output rows side by side are for one activation row")
     split = max(1, ACC_CHAINS // b_rows) if n_rows == 1 else 1
-    slot = [
-        [[tir.Ramp(((r * b_rows + b) * split + s) * lanes, 1, lanes) for s in range(split)] for b in range(b_rows)]
-        for r in range(n_rows)
-    ]
-    for r in range(n_rows):
-        for b in range(b_rows):
-            for s in range(split):
-                T.buffer_store(kern.acc, tir.Broadcast(tir.const(0, "int32"), lanes), [slot[r][b][s]])
+    slot = accumulators(T, kern, n_rows, b_rows, split)
     start = 0  # first chunk the masked-add decode takes
     if kern.gfni:
         per_block = BLOCK // CHUNK
@@ -460,6 +455,30 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     # the rows are consecutive: one vector epilogue for all four
     sums = _lane_sums([kern.acc[slot[r][0][0]] for r in range(n_rows)])
     _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0)
+
+
+def accumulators(T, kern: Kernel, n_rows: int, b_rows: int, split: int) -> list:
+    """Zeroed int32x16 slots of ``kern.acc``: ``[r][b][s]``, ``split`` for output row ``r`` x
+    activation row ``b``."""
+    lanes = CHUNK // 4
+    slot = [
+        [[tir.Ramp(((r * b_rows + b) * split + s) * lanes, 1, lanes) for s in range(split)] for b in range(b_rows)]
+        for r in range(n_rows)
+    ]
+    for ramp in (s for row in slot for group in row for s in group):
+        T.buffer_store(kern.acc, tir.Broadcast(tir.const(0, "int32"), lanes), [ramp])
+    return slot
+
+
+def batch_tiles(T, batch, tile: int, body) -> None:
+    """``body(b0, rows)`` for every tile of up to ``tile`` activation rows: straight-line code per
+    rows left (``rows`` an int), so the loops inside have no branch."""
+    with T.serial(0, (batch + (tile - 1)) // tile) as bt:
+        left = batch - bt * tile
+        for rows in range(tile, 0, -1):
+            with T.If(left >= rows if rows == tile else left == rows):
+                with T.Then():
+                    body(bt * tile, rows)
 
 
 def decoded_at(j: int) -> tir.Ramp:
