@@ -9,12 +9,13 @@ a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per
 a CPU with AVX-512 BW+VNNI one kernel that quantizes the rows and runs the AVX-512 GEMM
 (``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), on AVX2 CPUs the same kernel
 built with ``vpmaddubsw`` + ``vpmaddwd``, elsewhere the activation quantize+pack kernel
-and the popcount GEMM; ``PB-old`` (``--old``) is the portable path. ``floor``
+and the popcount GEMM; ``PB-old`` (``--old``) is the portable path; ``PB Wk lut`` (``--lut``)
+the layer in the ``lut16x4`` layout, on AVX2 CPUs the table-lookup kernel (``pbtvm.ops.pb_lut``). ``floor``
 is the k-bit weight bytes over the read bandwidth measured in the same run.
 
 Usage::
 
-    python benchmarks/bench_cpu.py [--quick] [--old] [--threads 2] [--shapes 4096x4096 ...]
+    python benchmarks/bench_cpu.py [--quick] [--old] [--lut] [--threads 2] [--shapes 4096x4096 ...]
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def _parse() -> argparse.Namespace:
         help="thread: CPU time of the calling thread (needs --threads 1; robust on a shared machine)",
     )
     p.add_argument("--old", action="store_true", help="also time the portable popcount kernel (slow)")
+    p.add_argument(
+        "--lut",
+        action="store_true",
+        help="also time the layers in the lut16x4 layout (the AVX2 table-lookup kernel, pbtvm.ops.pb_lut)",
+    )
     p.add_argument("--quick", action="store_true", help="4096x4096, batches 1 and 8, W1/W4, 5 rounds")
     args = p.parse_args()
     if args.clock == "thread" and args.threads != 1:
@@ -148,7 +154,8 @@ class PBStack:
 
 
 def torch_stacks(n: int, k: int, layers: int) -> dict:
-    """Per method, a function running ``x`` through ``layers`` torch layers."""
+    """Per method, a function running ``x`` through ``layers`` torch layers (int4 tinygemm only
+    where N is a multiple of 16 and K of 128)."""
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(n, k, generator=g) * 0.02 for _ in range(layers)]
     bf = [w.to(torch.bfloat16) for w in ws]
@@ -159,17 +166,20 @@ def torch_stacks(n: int, k: int, layers: int) -> dict:
         lin.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(m), {torch.nn.Linear}, dtype=torch.qint8))
     group = 128
     int4 = []
+    methods = {
+        "fp32": lambda x: [torch.nn.functional.linear(x, w) for w in ws],
+        "bf16": lambda x: [torch.nn.functional.linear(x.to(torch.bfloat16), w) for w in bf],
+        "int8 dyn": lambda x: [m(x) for m in lin],
+    }
+    if n % 16 or k % group:  # tinygemm's packing needs whole 16-row tiles and 128-input groups
+        return methods
     for _ in range(layers):
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
         sz = torch.rand(k // group, n, 2, generator=g) * 0.01
         int4.append((packed, sz))
-    return {
-        "fp32": lambda x: [torch.nn.functional.linear(x, w) for w in ws],
-        "bf16": lambda x: [torch.nn.functional.linear(x.to(torch.bfloat16), w) for w in bf],
-        "int8 dyn": lambda x: [m(x) for m in lin],
-        "int4 tinygemm": lambda x: [torch._weight_int4pack_mm_for_cpu(x, p, group, sz) for p, sz in int4],
-    }
+    methods["int4 tinygemm"] = lambda x: [torch._weight_int4pack_mm_for_cpu(x, p, group, sz) for p, sz in int4]
+    return methods
 
 
 def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
@@ -181,6 +191,9 @@ def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
         methods[f"PB W{bits}"] = (PBStack(n, k, fmt, layers, target, old=False), bits)
         if ARGS.old:
             methods[f"PB-old W{bits}"] = (PBStack(n, k, fmt, layers, target, old=True), bits)
+        if ARGS.lut:
+            lut = bp.BitplaneFormat(bits, ARGS.act_bits, layout=bp.LUT_LAYOUT)
+            methods[f"PB W{bits} lut"] = (PBStack(n, k, lut, layers, target, old=False), bits)
     rows = []
     for batch in ARGS.batches:
         x = torch.randn(batch, k)

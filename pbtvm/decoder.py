@@ -306,7 +306,7 @@ def compile_decoder(
 
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
-    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target, bits, act_bits, batch))
     kind = tvm_target.kind.name
     quant = (codebook, quantizer)
     with tvm_target:  # the head's kernel choice reads the target

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._tvm import tvm
-from .bitplane import MMA_LAYOUT
+from .bitplane import LUT_LAYOUT, MMA_LAYOUT
 from .errors import InputError, InputTypeError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,14 @@ CUDA_LIMITS = {
 
 #: ``layout="auto"`` (the default of :func:`pbtvm.compile` and friends): see :func:`weight_layout`.
 AUTO_LAYOUT = "auto"
+#: Largest batch for which ``layout="auto"`` picks the table-lookup layout on AVX2 CPUs, per
+#: weight bits (:data:`LUT_AUTO_DEFAULT_MAX_BATCH` for the others). Each activation row repeats
+#: the lookups, while the byte-code kernel decodes a weight once for several rows: at 3-8 bits
+#: it is as fast from batch 4 (W4) and faster at 8; at 2 bits the lookups stay ahead up to batch
+#: 8 (two planes, one pair); at 1 bit the layout's empty second plane doubles the bytes read and
+#: the byte-code kernel is faster from memory (BENCHMARKS.md, sixteenth session).
+LUT_AUTO_MAX_BATCH = {1: 0, 2: 8}
+LUT_AUTO_DEFAULT_MAX_BATCH = 2
 #: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
 #: m8n8k128 ``.xor.popc``).
 BMMA_MIN_SM = 80
@@ -109,27 +117,56 @@ def resolve_target(target: Any) -> tvm.target.Target:
     raise InputError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
 
 
-def weight_layout(layout: str, target: tvm.target.Target) -> str:
+def weight_layout(
+    layout: str,
+    target: tvm.target.Target,
+    bits: int | None = None,
+    act_bits: int | None = None,
+    batch: int | None = None,
+) -> str:
     """The weight layout a compile uses: ``layout``, with ``"auto"`` resolved for ``target``.
 
     ``"auto"`` is the binary-tensor-core layout (``mma16x256``) on CUDA targets that have the
-    instruction (sm_80 and newer), else ``"kNW"`` (the CPU kernels and the CUDA-core popcount
-    kernels). An explicit layout is checked against the target.
+    instruction (sm_80 and newer); on x86 CPUs with AVX2 but not AVX-512 VNNI the table-lookup
+    layout (``lut16x4``, :mod:`pbtvm.ops.pb_lut`) where the compile is for a batch of at most
+    :data:`LUT_AUTO_MAX_BATCH` rows (``batch``: the example's, the decoder's; 2 at 3-8 bits, 8 at
+    2 bits), 2..8-bit weights and activations of at most 8 bits, where it was measured faster; else
+    ``"kNW"`` (the byte-code and popcount CPU kernels, the CUDA-core kernels). An explicit
+    layout is checked against the target.
 
     Raises
     ------
     pbtvm.InputError
-        ``mma16x256`` for a target without binary tensor cores (a CPU, or a GPU before sm_80).
+        ``mma16x256`` for a target without binary tensor cores (a CPU, or a GPU before sm_80);
+        ``lut16x4`` (the AVX2 table-lookup layout) for a GPU.
     """
     info = TargetInfo.of(target)
     if layout == AUTO_LAYOUT:
-        return MMA_LAYOUT if info.has_binary_tensor_cores else "kNW"
+        if info.has_binary_tensor_cores:
+            return MMA_LAYOUT
+        return LUT_LAYOUT if _table_lookup_wins(target, bits, act_bits, batch) else "kNW"
     if layout == MMA_LAYOUT and not info.has_binary_tensor_cores:
         where = f"{info.kind} {info.arch}" if info.arch else info.kind
         raise InputError(
             f"layout {MMA_LAYOUT!r} runs on binary tensor cores (CUDA sm_{BMMA_MIN_SM} or newer), not on {where}"
         )
+    if layout == LUT_LAYOUT and info.kind != "llvm":
+        raise InputError(f"layout {LUT_LAYOUT!r} is the table-lookup layout of x86 CPUs with AVX2, not for {info.kind}")
     return layout
+
+
+def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: int | None, batch: int | None) -> bool:
+    """Whether ``"auto"`` means ``lut16x4``: an AVX2 CPU without AVX-512 VNNI (whose byte-code
+    kernel is faster), 2..8-bit weights, activations of at most 8 bits and a known batch of at
+    most :data:`LUT_AUTO_MAX_BATCH` rows."""
+    if target.kind.name != "llvm" or None in (bits, act_bits, batch):
+        return False
+    most = LUT_AUTO_MAX_BATCH.get(bits, LUT_AUTO_DEFAULT_MAX_BATCH)
+    if not (bits <= 8 and act_bits <= 8 and 1 <= batch <= most):
+        return False
+    from .ops.pb_vnni import cpu_isa
+
+    return cpu_isa(target) == "avx2"
 
 
 def _clean(spec: dict) -> dict:

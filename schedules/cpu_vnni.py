@@ -25,8 +25,8 @@ from typing_extensions import override
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.bitplane import BitplaneFormat
-from pbtvm.ops import gfni_decode
+from pbtvm.bitplane import LUT_LAYOUT, BitplaneFormat
+from pbtvm.ops import gfni_decode, pb_lut
 from pbtvm.ops.pb_vnni import (
     CPU_KERNELS,
     MAX_BLOCK_BATCH_TILE,
@@ -70,6 +70,8 @@ def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target 
     if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
         return False
     isa = cpu_isa(target)
+    if fmt.layout == LUT_LAYOUT:
+        return isa is not None and pb_lut.unsupported_reason(fmt, k_dim) is None
     return isa is not None and unsupported_reason(fmt, k_dim, isa) is None
 
 
@@ -101,6 +103,8 @@ class CPUVnniGemm(KnobRule):
         :data:`pbtvm.ops.pb_vnni.BLOCK_TASK_ROWS` per task), so only distinct batch tiles are offered.
         """
         fmt, k_dim = format_of(func), int((func.attrs or {}).get(names.ATTR_K, 0))
+        if fmt is not None and fmt.layout == LUT_LAYOUT:  # the table-lookup kernel has no knobs
+            return [{}]
         isa = _isa_of(self.target)
         row_tile, batch_tile, _ = DEFAULT_TILES[isa]
         knobs = [(row_tile, batch_tile), *(k for k in KNOBS if k != (row_tile, batch_tile))]
@@ -113,7 +117,7 @@ class CPUVnniGemm(KnobRule):
     def kernel_with(self, func: tir.PrimFunc, knobs: dict) -> tir.PrimFunc:
         """See :meth:`KnobRule.kernel_with`."""
         return vnni_kernel_for(
-            func, row_tile=int(knobs["row_tile"]), batch_tile=int(knobs["batch_tile"]), target=self.target
+            func, row_tile=knobs.get("row_tile"), batch_tile=knobs.get("batch_tile"), target=self.target
         )
 
 
@@ -164,7 +168,7 @@ def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = 
     isa = _isa_of(target)
     k_dim = int(func.attrs[names.ATTR_K])
     new = pb_vnni_lstm_func(fmt, k_dim, batch, input_size, bias, steps, _has_gfni(target), isa)
-    return _replacing(func, new, isa)
+    return _replacing(func, new, pb_lut.CPU_KERNEL if fmt.layout == LUT_LAYOUT else CPU_KERNELS[isa])
 
 
 def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> bool:
@@ -181,9 +185,12 @@ def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> boo
 
 def fits_vnni(func: tir.PrimFunc, isa: str = "avx512") -> bool:
     """Whether the byte-code kernels on ``isa`` compute ``func``'s format at its K (and input
-    size, for an LSTM step with its input projection), CPU features aside."""
+    size, for an LSTM step with its input projection), CPU features aside; in the ``lut16x4``
+    layout, whether the table-lookup kernel does."""
     fmt, attrs = format_of(func), func.attrs or {}
     sizes = [attrs[key] for key in (names.ATTR_K, names.ATTR_INPUT_SIZE) if key in attrs]
+    if fmt is not None and fmt.layout == LUT_LAYOUT:
+        return all(pb_lut.unsupported_reason(fmt, int(k)) is None for k in sizes)
     return fmt is not None and all(unsupported_reason(fmt, int(k), isa) is None for k in sizes)
 
 
@@ -236,20 +243,29 @@ def vnni_kernel_for(
     if fmt is None or operands is None:
         raise ValueError("vnni_kernel_for needs a pb_gemm / pb_dense_act PrimFunc from pbtvm.ops")
     x, wp, dense, bias, float_input = operands
-    n_out, k_dim = int(wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]), int(func.attrs[names.ATTR_K])
+    n_out, k_dim = _out_rows(func), int(func.attrs[names.ATTR_K])
     batch = x.shape[0] if float_input else x.shape[1]
+    if fmt.layout == LUT_LAYOUT:  # AVX2 table lookup (no knobs)
+        return _replacing(
+            func, pb_lut.pb_lut_func(fmt, n_out, k_dim, batch, dense, bias, float_input), pb_lut.CPU_KERNEL
+        )
     isa = _isa_of(target)
     default_rows, default_batch, default_single = DEFAULT_TILES[isa]
     row_tile, batch_tile = row_tile or default_rows, batch_tile or default_batch
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim, default_single)
     gfni = _has_gfni(target)
     new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni, isa)
-    return _replacing(func, new, isa)
+    return _replacing(func, new, CPU_KERNELS[isa])
+
+
+def _out_rows(func: tir.PrimFunc) -> int:
+    """N: the output buffer's second dimension (the last parameter of every GEMM form)."""
+    return int([p for p in func.params if tir.is_buffer_var(p)][-1].shape[1])
 
 
 def _is_replaced(func: tir.PrimFunc) -> bool:
     """Whether ``func`` is already one of the byte-code kernels (the rules leave it as it is)."""
-    return (func.attrs or {}).get(names.ATTR_CPU_KERNEL) in CPU_KERNELS.values()
+    return (func.attrs or {}).get(names.ATTR_CPU_KERNEL) in (*CPU_KERNELS.values(), pb_lut.CPU_KERNEL)
 
 
 def _target_or_host(target: tvm.target.Target | None) -> tvm.target.Target:
@@ -268,9 +284,10 @@ def _has_gfni(target: tvm.target.Target | None) -> bool:
     return target_supports(_target_or_host(target), gfni_decode.CPU_FEATURES)
 
 
-def _replacing(func: tir.PrimFunc, new: tir.PrimFunc, isa: str) -> tir.PrimFunc:
-    """``new`` with ``func``'s attributes (the tuner and the rules key on them), marked with its kernel."""
-    attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: CPU_KERNELS[isa]}
+def _replacing(func: tir.PrimFunc, new: tir.PrimFunc, kernel: str) -> tir.PrimFunc:
+    """``new`` with ``func``'s attributes (the tuner and the rules key on them), marked with its
+    kernel (a value of :data:`pbtvm.ops.pb_vnni.CPU_KERNELS` or :data:`pbtvm.ops.pb_lut.CPU_KERNEL`)."""
+    attrs = {**dict(func.attrs.items()), names.ATTR_CPU_KERNEL: kernel}
     return new.without_attr("global_symbol").with_attrs(attrs)
 
 

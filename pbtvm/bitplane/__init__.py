@@ -1,7 +1,8 @@
 """The PrecisionBatching bitplane format: one frozen dataclass and its numpy reference.
 
 :mod:`~pbtvm.bitplane.format` holds :class:`BitplaneFormat`, :mod:`~pbtvm.bitplane.reference` the
-numpy pack/unpack and exact product, :mod:`~pbtvm.bitplane.mma_layout` the tensor-core tile layout;
+numpy pack/unpack and exact product, :mod:`~pbtvm.bitplane.mma_layout` the tensor-core tile layout, :mod:`~pbtvm.bitplane.lut_layout`
+the AVX2 table-lookup layout;
 everything is importable from ``pbtvm.bitplane``.
 
 This package is the single source of truth for how quantized integers become binary planes and
@@ -48,6 +49,7 @@ from .format import (
     WORD_BITS,
     BitplaneFormat,
 )
+from .lut_layout import LUT_LAYOUT, LUT_TILE_ROWS
 from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
 from .reference import (
     bitplane_matmul,
@@ -62,6 +64,8 @@ from .reference import (
 __all__ = [
     "CODEBOOKS",
     "DEFAULT_ACT_BITS",
+    "LUT_LAYOUT",
+    "LUT_TILE_ROWS",
     "MMA_LAYOUT",
     "MMA_TILE_ROWS",
     "MMA_TILE_WORDS",

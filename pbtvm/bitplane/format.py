@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, InputTypeError
+from .lut_layout import LUT_LAYOUT, lut_shape, lut_word
 from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
 
 #: Bumped whenever the meaning of packed bytes changes; stored in every manifest and tuning key.
@@ -20,8 +21,10 @@ WORD_BITS = 32
 #: planes are contiguous); ``mma16x256``: each plane cut into 16-row x 256-bit tiles stored in the
 #: A-fragment order of ``mma.m16n8k256.b1`` (see :func:`mma_tile_index`), shape
 #: ``[planes, ceil(N/16), ceil(words/8), 32 lanes, 4]``: a warp loads a tile as one 16-byte load
-#: per lane. Rows and words are zero-padded to whole tiles.
-LAYOUTS = ("kNW", "NkW", MMA_LAYOUT)
+#: per lane. Rows and words are zero-padded to whole tiles. ``lut16x4``: plane pairs of 16-row
+#: tiles as the 4-bit table indices of the AVX2 table-lookup kernel (:mod:`pbtvm.bitplane.lut_layout`),
+#: shape ``[ceil(planes/2), ceil(N/16), 4 * words, 8]``.
+LAYOUTS = ("kNW", "NkW", MMA_LAYOUT, LUT_LAYOUT)
 CODEBOOKS = ("twos_complement", "bipolar", "offset_binary")
 #: Default activation bits, chosen by measurement (see README, "act_bits"): 8 keeps the MNIST MLP
 #: within 0.1 point of 16 while needing half the activation planes.
@@ -101,15 +104,29 @@ class BitplaneFormat:
         if self.layout == MMA_LAYOUT:
             tiles_k = -(-self.words(k_dim) // MMA_TILE_WORDS)
             return (self.bits, -(-int(n) // MMA_TILE_ROWS), tiles_k, 32, 4)
+        if self.layout == LUT_LAYOUT:
+            return lut_shape(self.bits, n, self.words(k_dim))
         return (n, self.bits, self.words(k_dim))
 
     def weight_index(self, plane: Any, row: Any, word: Any) -> tuple[Any, Any, Any]:
-        """Index of (plane, row, word) in the packed weight array; works for ints and TIR vars."""
+        """Index of (plane, row, word) in the packed weight array; works for ints and TIR vars.
+
+        Not for ``lut16x4``, where a word's bits are spread over four elements: use :meth:`weight_word`.
+        """
+        if self.layout == LUT_LAYOUT:
+            raise ValueError(f"a {LUT_LAYOUT} word is spread over four elements: use BitplaneFormat.weight_word")
         if self.layout == "kNW":
             return (plane, row, word)
         if self.layout == MMA_LAYOUT:
             return (plane, *mma_tile_index(row, word))
         return (row, plane, word)
+
+    def weight_word(self, wp: Any, plane: Any, row: Any, word: Any) -> Any:
+        """Word ``word`` (inputs ``32 word ..``) of ``plane`` and ``row`` read from the packed
+        weights ``wp`` (a TE tensor or TIR buffer, uint32) in any layout."""
+        if self.layout == LUT_LAYOUT:
+            return lut_word(wp, plane, row, word)
+        return wp[self.weight_index(plane, row, word)]
 
     # ------------------------------------------------------------------ codes
     @property

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from .format import WORD_BITS, BitplaneFormat
+from .lut_layout import LUT_LAYOUT, from_lut_tiles, to_lut_tiles
 from .mma_layout import MMA_LAYOUT, from_mma_tiles, to_mma_tiles
 
 
@@ -72,6 +73,8 @@ def pack_weights(q: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     planes = pack_planes(codes, fmt.bits)
     if fmt.layout == MMA_LAYOUT:
         return to_mma_tiles(planes)
+    if fmt.layout == LUT_LAYOUT:
+        return to_lut_tiles(planes)
     return planes if fmt.layout == "kNW" else np.ascontiguousarray(planes.transpose(1, 0, 2))
 
 
@@ -79,13 +82,15 @@ def _plane_major(packed: np.ndarray, fmt: BitplaneFormat, n_rows: int | None) ->
     """Packed weights of any layout as ``[bits, N, W]`` planes (W padded for ``mma16x256``)."""
     if fmt.layout == MMA_LAYOUT:
         return from_mma_tiles(packed, n_rows)
+    if fmt.layout == LUT_LAYOUT:
+        return from_lut_tiles(packed, fmt.bits, n_rows)
     return np.asarray(packed) if fmt.layout == "kNW" else np.asarray(packed).transpose(1, 0, 2)
 
 
 def unpack_weights(packed: np.ndarray, k_dim: int, fmt: BitplaneFormat, n_rows: int | None = None) -> np.ndarray:
     """Invert :func:`pack_weights`: packed planes -> ``[N, k_dim]`` int64 weight codes.
 
-    ``n_rows`` (N) is needed by the ``mma16x256`` layout, whose rows are padded to 16.
+    ``n_rows`` (N) is needed by the ``mma16x256`` and ``lut16x4`` layouts, whose rows are padded to 16.
     """
     planes = _plane_major(packed, fmt, n_rows)
     if fmt.codebook == "bipolar":
@@ -120,7 +125,7 @@ def bitplane_matmul(
     bitlayers : int, optional
         Accumulate only the top ``bitlayers`` weight planes (default: all).
     n_rows : int, optional
-        N; needed by the ``mma16x256`` layout (rows padded to 16).
+        N; needed by the ``mma16x256`` and ``lut16x4`` layouts (rows padded to 16).
 
     Returns
     -------

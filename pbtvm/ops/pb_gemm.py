@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .. import names
 from .._tvm import te, tir
-from ..bitplane import MMA_LAYOUT, BitplaneFormat
+from ..bitplane import LUT_LAYOUT, MMA_LAYOUT, BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
 from .epilogue import dense_value
@@ -24,11 +24,12 @@ __all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue"]
 
 
 def _rows(wp: te.Tensor, fmt: BitplaneFormat, n_rows: int | None) -> tir.PrimExpr:
-    """N: given, or read off ``wp`` (the ``mma16x256`` layout pads rows to 16, so it must be given)."""
+    """N: given, or read off ``wp`` (the ``mma16x256`` and ``lut16x4`` layouts pad rows to 16, so
+    there it must be given)."""
     if n_rows is not None:
         return n_rows
-    if fmt.layout == MMA_LAYOUT:
-        raise ValueError(f"{fmt.name}: the {MMA_LAYOUT} layout pads rows to 16, so the PB product needs N")
+    if fmt.layout in (MMA_LAYOUT, LUT_LAYOUT):
+        raise ValueError(f"{fmt.name}: the {fmt.layout} layout pads rows to 16, so the PB product needs N")
     return wp.shape[1] if fmt.layout == "kNW" else wp.shape[0]
 
 
@@ -62,7 +63,7 @@ def _plane_sum(
         # reading plane i put a schedule's register copy of the weights under ``if (i < bits)``, and
         # ptxas dropped such a load (tests/test_cuda_template_emulated.py).
         plane = tir.min(i, fmt.bits - 1)
-        pc = tir.popcount(tir.bitwise_and(wp[fmt.weight_index(plane, n, w)], xp[j, b, w])).astype(acc_dtype)
+        pc = tir.popcount(tir.bitwise_and(fmt.weight_word(wp, plane, n, w), xp[j, b, w])).astype(acc_dtype)
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 

@@ -26,9 +26,10 @@ AVX-512 GEMM cannot compute keep it.
 from __future__ import annotations
 
 from .._tvm import tir
-from ..bitplane import BitplaneFormat
+from ..bitplane import LUT_LAYOUT, BitplaneFormat
+from ..bitplane.lut_layout import LUT_TILE_ROWS
 from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
-from . import pb_vnni
+from . import pb_lut, pb_vnni
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
 from .vnni_rows import batch_tiles, block_codes, block_rows, block_slots, decode_scratch, prepare_kernel
@@ -38,6 +39,8 @@ __all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
 #: Hidden units per parallel task (their 4 gate rows in each leg). 2x650 LM W4 decoder on 2
 #: threads: see BENCHMARKS.md (issue 14, fourth session).
 UNITS_PER_TASK = 16
+#: In the ``lut16x4`` layout: a task's gate rows as 16-row tiles.
+TASK_TILES = UNITS_PER_TASK * 4 // LUT_TILE_ROWS
 
 
 def pb_vnni_lstm_func(
@@ -86,8 +89,9 @@ def pb_vnni_lstm_func(
 
     from . import kernel_attrs
 
+    lut = fmt.layout == LUT_LAYOUT  # the gate rows by table lookup (pbtvm.ops.pb_lut)
     for k_dim in (hidden,) if input_size is None else (hidden, input_size):
-        why = unsupported_reason(fmt, k_dim, isa)
+        why = pb_lut.unsupported_reason(fmt, k_dim) if lut else unsupported_reason(fmt, k_dim, isa)
         if why is not None:
             raise ValueError(f"pb_vnni_lstm_func cannot compute this step: {why}")
     rows = 4 * hidden
@@ -113,24 +117,26 @@ def pb_vnni_lstm_func(
             attrs = {
                 **kernel_attrs(KernelKind.LSTM_CELL, fmt, hidden),
                 "tirx.noalias": True,
-                ATTR_CPU_KERNEL: CPU_KERNELS[isa],
+                ATTR_CPU_KERNEL: pb_lut.CPU_KERNEL if lut else CPU_KERNELS[isa],
             }
             if input_size is not None:
                 attrs[ATTR_INPUT_SIZE] = int(input_size)
             T.func_attr(attrs)
+
             # 1. activation codes of h (and x), once per call; each leg's gate rows go to a
             # workspace that the task's cell updates read
+            def leg(k_dim, wp, out, w_scale, bias_, rows_in):
+                if lut:
+                    return pb_lut.prepare(T, fmt, rows, k_dim, batch, wp, out, w_scale, bias_, layers, x=rows_in)
+                return prepare_kernel(
+                    T, fmt, rows, k_dim, batch, wp, out, w_scale, bias_, layers, gfni, x=rows_in, isa=isa
+                )
+
             gates_h = T.alloc_buffer((batch, rows), "float32")
-            legs = [
-                prepare_kernel(T, fmt, rows, hidden, batch, wp_hh, gates_h, ws_hh, None, layers, gfni, x=h, isa=isa)
-            ]
+            legs = [leg(hidden, wp_hh, gates_h, ws_hh, None, h)]
             if input_size is not None:
                 gates_x = T.alloc_buffer((batch, rows), "float32")
-                legs.append(
-                    prepare_kernel(
-                        T, fmt, rows, input_size, batch, wp_ih, gates_x, ws_ih, bias_buf, layers, gfni, x=x, isa=isa
-                    )
-                )
+                legs.append(leg(input_size, wp_ih, gates_x, ws_ih, bias_buf, x))
 
                 def gx_at(b, u, g):
                     return gates_x[b, u * 4 + g]
@@ -149,7 +155,13 @@ def pb_vnni_lstm_func(
             with T.serial(0, n_tasks) if weight_bits < pb_vnni.SERIAL_WEIGHT_BITS else T.parallel(0, n_tasks) as task:
                 u0 = task * UNITS_PER_TASK
                 units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
-                _gate_rows(T, legs, batch, u0 * 4, units * 4)
+                if lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
+                    regs = pb_lut.scratch(T)
+                    for kern in legs:
+                        tile_count = tir.min(TASK_TILES, -(-(rows - u0 * 4) // LUT_TILE_ROWS))
+                        pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, tile_count, batch)
+                else:
+                    _gate_rows(T, legs, batch, u0 * 4, units * 4)
                 with T.serial(0, batch) as b:
                     with T.serial(0, units) as du:
                         u = u0 + du

@@ -1,0 +1,204 @@
+"""The ``lut16x4`` weight layout and the AVX2 table-lookup PB kernel (:mod:`pbtvm.ops.pb_lut`).
+
+The layout is checked against the numpy reference on its own (round trip, product, the word
+accessor the portable TE kernels read it through); the kernel's integer product equals the
+reference exactly at every ``bitlayers``, and its float layer equals the byte-code kernel's bit
+for bit. Built for Haswell (AVX2), so the kernel tests need a host with AVX2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm._tvm import tir, tvm
+from pbtvm.bitplane.lut_layout import from_lut_tiles, to_lut_tiles
+from pbtvm.errors import InputError
+from pbtvm.ops.pb_lut import pair_coefficients, pb_lut_func, unsupported_reason
+from pbtvm.ops.pb_vnni import target_supports
+from pbtvm.schedules import rule_for
+from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
+from pbtvm.target import resolve_target, weight_layout
+
+from .test_cpu_one_kernel_layer import _rows
+from .test_cpu_vnni import _codes, _t
+
+HOST = resolve_target("llvm")
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+needs_avx2 = pytest.mark.skipif(not target_supports(HOST, ("avx2",)), reason="host CPU lacks AVX2")
+LUT = "lut16x4"
+
+
+def assert_exact_at_every_bitlayers(kern, fmt, q, xq) -> None:
+    """The integer product kernel ``kern`` equals the reference at every ``bitlayers`` and ``xq @ q.T``
+    at all planes (rows padded to 16 in the layout: the reference is told N)."""
+    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
+    out = _t(np.full((xq.shape[0], q.shape[0]), -7, np.int32))
+    for layers in range(1, fmt.bits + 1):
+        kern(_t(xp), _t(xq.sum(1).astype(np.int32)), _t(wp), layers, out)
+        want = bp.bitplane_matmul(wp, xp, fmt, layers, n_rows=q.shape[0])
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"L={layers}")
+    np.testing.assert_array_equal(out.numpy(), xq @ q.T)
+
+
+@pytest.mark.parametrize(
+    ("bits", "n", "k"), [(1, 1, 1), (2, 16, 32), (3, 17, 33), (4, 40, 100), (8, 5, 650), (16, 3, 70)]
+)
+def test_layout_round_trip_and_product_match_the_plane_major_layout(bits, n, k):
+    rng = np.random.default_rng(bits)
+    lut, plain = bp.BitplaneFormat(bits, 8, layout=LUT), bp.BitplaneFormat(bits, 8)
+    q, xq = _codes(rng, plain, n, k, 3)
+    packed = bp.pack_weights(q, lut)
+    assert packed.shape == lut.weight_shape(n, k) and packed.dtype == np.uint32
+    np.testing.assert_array_equal(bp.unpack_weights(packed, k, lut, n_rows=n), q)
+    planes = bp.pack_weights(q, plain)
+    np.testing.assert_array_equal(from_lut_tiles(to_lut_tiles(planes), bits, n), planes)
+    xp = bp.pack_activations(xq, plain)
+    for layers in range(1, bits + 1):
+        np.testing.assert_array_equal(
+            bp.bitplane_matmul(packed, xp, lut, layers, n_rows=n), bp.bitplane_matmul(planes, xp, plain, layers)
+        )
+
+
+def test_layout_places_each_bit_where_the_kernel_reads_it():
+    """Byte ``2 m + q`` of octet ``o``: row ``m``, plane ``q``; nibble bit ``j``: input ``8 o + 4 h + j``."""
+    planes = np.zeros((2, 16, 1), np.uint32)
+    planes[1, 5, 0] = 1 << 13  # plane 1, row 5, input 13 = 8 * 1 + 4 * 1 + 1
+    tiles = to_lut_tiles(planes).view(np.uint8).reshape(1, 1, 4, 32)
+    want = np.zeros_like(tiles)
+    want[0, 0, 1, 2 * 5 + 1] = 1 << (4 + 1)
+    np.testing.assert_array_equal(tiles, want)
+
+
+def test_layout_errors_name_the_problem():
+    with pytest.raises(InputError, match="pass n_rows"):
+        from_lut_tiles(np.zeros((1, 1, 4, 8), np.uint32), 2, None)
+    with pytest.raises(InputError, match="hold 2 planes, not 4"):
+        from_lut_tiles(np.zeros((1, 1, 4, 8), np.uint32), 4, 3)
+    with pytest.raises(ValueError, match="weight_word"):
+        bp.BitplaneFormat(4, layout=LUT).weight_index(0, 0, 0)
+    with pytest.raises(InputError, match="table-lookup layout of x86 CPUs"):
+        weight_layout(LUT, tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
+    assert weight_layout(LUT, HOST) == LUT
+
+
+def test_pair_coefficients_rebuild_the_plane_coefficients():
+    for fmt in (bp.BitplaneFormat(b) for b in range(1, 9)):
+        pairs = pair_coefficients(fmt)
+        rebuilt = [c for s, a, b in pairs for c in (s * a, s * b)][: fmt.bits]
+        assert rebuilt == list(fmt.plane_coefficients()) and all(abs(a) <= 2 and 0 <= b <= 1 for _, a, b in pairs)
+    assert pair_coefficients(bp.BitplaneFormat(4, codebook="offset_binary")) == [(4, 2, 1), (1, 2, 1)]
+
+
+def test_unsupported_formats_are_refused_with_the_reason():
+    assert "reads the lut16x4 layout" in unsupported_reason(bp.BitplaneFormat(4), 64)
+    assert "at most 8 bits" in unsupported_reason(bp.BitplaneFormat(9, layout=LUT), 64)
+    assert "at most 8 bits" in unsupported_reason(bp.BitplaneFormat(4, 16, layout=LUT), 64)
+    assert "too large" in unsupported_reason(bp.BitplaneFormat(8, layout=LUT), 1 << 16)
+    with pytest.raises(ValueError, match="cannot compute this layer"):
+        pb_lut_func(bp.BitplaneFormat(4), 8, 64, tir.Var("batch", "int64"), dense=False)
+
+
+def test_portable_kernel_reads_the_layout():
+    """Where the table-lookup kernel does not run, the popcount TE kernel reads ``lut16x4`` words."""
+    fmt = bp.BitplaneFormat(3, 8, layout=LUT)
+    q, xq = _codes(np.random.default_rng(1), fmt, 19, 70, 2)
+    kern = kernels.build(kernels.int_product_func(fmt, 19, 70), tvm.target.Target("llvm"), schedule=False)
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "codebook", "n", "k", "b"),
+    [
+        (1, 8, None, 7, 33, 1),
+        (2, 2, None, 9, 64, 5),
+        (3, 5, None, 17, 129, 3),
+        (4, 8, None, 13, 100, 1),
+        (4, 8, None, 70, 2100, 3),  # more than one 512-input widening, odd N
+        (5, 3, None, 5, 300, 2),
+        (6, 8, "offset_binary", 33, 200, 2),
+        (7, 4, None, 11, 200, 3),
+        (8, 8, None, 21, 1030, 2),
+    ],
+)
+def test_integer_product_is_exact_at_every_bitlayers(bits, act_bits, codebook, n, k, b):
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=LUT)
+    q, xq = _codes(np.random.default_rng(bits * 100 + k), fmt, n, k, b)
+    func = kernels.int_product_func(fmt, n, k)
+    rule = rule_for(func, AVX2)
+    assert isinstance(rule, CPUVnniGemm) and rule.knob_settings(func) == [{}]
+    func = rule.apply(func).mod["main"]
+    assert func.attrs["pbtvm.cpu_kernel"] == "avx2_lut"
+    assert_exact_at_every_bitlayers(kernels.build(func, AVX2, schedule=False), fmt, q, xq)
+
+
+@needs_avx2
+def test_extreme_codes_stay_exact():
+    """Every weight the most negative code and every activation -qmax: the table's and the int16
+    sums' bounds (``T = 512 - 508``, 32 blocks before widening) at their limits."""
+    fmt = bp.BitplaneFormat(8, 8, layout=LUT)
+    n, k = 17, 1100
+    q = np.full((n, k), -128)
+    xq = np.full((2, k), -127)
+    xq[1] = 127
+    kern = kernels.build(
+        rule_for(f := kernels.int_product_func(fmt, n, k), AVX2).apply(f).mod["main"], AVX2, schedule=False
+    )
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq)
+
+
+@needs_avx2
+@pytest.mark.parametrize(("bits", "n", "k", "b"), [(4, 37, 300, 3), (1, 16, 650, 1), (8, 20, 520, 4)])
+def test_one_kernel_layer_equals_the_byte_code_kernels_floats(bits, n, k, b):
+    """The float layer (rows quantized inside) gives the same floats as the ``kNW`` byte-code kernel."""
+    rng = np.random.default_rng(bits)
+    lut, plain = bp.BitplaneFormat(bits, layout=LUT), bp.BitplaneFormat(bits)
+    assert one_kernel_layer(lut, k, AVX2) and one_kernel_layer(plain, k, AVX2)
+    q, _ = _codes(rng, plain, n, k, 1)
+    w_scale, bias = rng.uniform(0.01, 0.1, n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+
+    def build(fmt):
+        func = kernels.dense_act_func(fmt, n, k, bias=True)
+        return kernels.build(rule_for(func, AVX2).apply(func).mod["main"], AVX2, schedule=False)
+
+    fast, slow = build(lut), build(plain)
+    x = _rows(rng, b, k)
+    for layers in range(1, bits + 1):
+        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
+        fast(_t(x), _t(bp.pack_weights(q, lut)), _t(w_scale), _t(bias), layers, got)
+        slow(_t(x), _t(bp.pack_weights(q, plain)), _t(w_scale), _t(bias), layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
+
+
+@needs_avx2
+def test_compile_with_the_layout_matches_the_default_layout():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(70, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
+    x = torch.randn(3, 70)
+    lut = pbtvm.compile(model, x, target="llvm", bits=4, layout=LUT)
+    plain = pbtvm.compile(model, x, target="llvm", bits=4)
+    np.testing.assert_array_equal(np.asarray(lut(x)), np.asarray(plain(x)))
+
+
+@needs_avx2
+@pytest.mark.parametrize(("bits", "n_in", "hidden", "batch"), [(3, 600, 130, 5), (4, 650, 650, 1)])
+def test_lstm_step_matches_the_reference(bits, n_in, hidden, batch, monkeypatch):
+    """The decoder's step (input projection inside) with its gate rows by table lookup: the
+    popcount step's h', c' up to the polynomial exp, and the float64 reference's."""
+    from .test_cpu_vnni_lstm import assert_step_matches, input_step_case
+
+    fmt = bp.BitplaneFormat(bits, 8, layout=LUT)
+    arrays = input_step_case(np.random.default_rng(hidden), fmt, n_in, hidden, batch)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
+    rule = rule_for(func, AVX2)
+    assert isinstance(rule, CPUVnniLstmCell)
+    fast = rule.apply(func).mod["main"]
+    assert fast.attrs["pbtvm.cpu_kernel"] == "avx2_lut"
+    fast = kernels.build(fast, AVX2, schedule=False)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    assert_step_matches(fast, kernels.build(func, AVX2), arrays, sorted({1, 2, bits}), fmt, batch, hidden)
