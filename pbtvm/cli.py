@@ -298,7 +298,10 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
             "--layout",
             default="auto",
             choices=("auto", *LAYOUTS),
-            help="weight plane layout (default auto: binary tensor cores on CUDA sm_80+, else kNW)",
+            help=(
+                "weight plane layout (default auto: binary tensor cores on CUDA sm_80+, else kNW; "
+                "lut16x4: table lookup on AVX2 CPUs, fastest at batch 1-2)"
+            ),
         )
         p.add_argument(
             "--codebook",

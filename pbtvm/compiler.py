@@ -26,13 +26,6 @@ from .target import AUTO_LAYOUT, TargetInfo, resolve_target, weight_layout
 logger = logging.getLogger(__name__)
 
 
-def _batch_of(example_inputs: Any) -> int | None:
-    """Dimension 0 of the first example input that has one (the batch ``layout="auto"`` is chosen for)."""
-    items = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    shapes = [tuple(item.shape) for item in items if len(getattr(item, "shape", ())) >= 1]
-    return int(shapes[0][0]) if shapes else None
-
-
 def _rewrite(
     model: Any,
     example_inputs: Any,
@@ -158,9 +151,7 @@ def tune(
     """
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
-    fmt = BitplaneFormat(
-        bits, act_bits, layout=weight_layout(layout, tvm_target, bits, act_bits, _batch_of(example_inputs))
-    )
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if trials < 1:
         raise InputError(f"trials must be >= 1, got {trials}")
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
@@ -208,11 +199,11 @@ def compile(
         (:func:`pbtvm.target.weight_layout`) is ``"mma16x256"`` on CUDA sm_80 and newer: dense
         layers and LSTM steps run on the binary tensor cores (``mma.sync .b1 .and.popc``); exact
         in the CPU emulation of their CUDA code, not yet measured on a GPU (BENCHMARKS.md,
-        "binary tensor cores"). ``"kNW"`` there keeps the CUDA-core popcount kernels. On x86 CPUs
-        with AVX2 but not AVX-512 VNNI, for an example batch of at most 2 and 2..8-bit weights,
-        ``"auto"`` is ``"lut16x4"``: dense layers and LSTM steps by table lookup
-        (:mod:`pbtvm.ops.pb_lut`; the byte-code kernel of ``"kNW"`` is faster from batch 4, so
-        pass ``layout="kNW"`` for a module run at larger batches). Elsewhere ``"auto"`` is ``"kNW"``.
+        "binary tensor cores"). ``"kNW"`` there keeps the CUDA-core popcount kernels; on a CPU
+        (and CUDA before sm_80) ``"auto"`` is ``"kNW"``. ``"lut16x4"`` (x86 CPUs with AVX2):
+        dense layers and LSTM steps by table lookup (:mod:`pbtvm.ops.pb_lut`), faster than
+        ``"kNW"`` on CPUs without AVX-512 VNNI where layers run at most 2 rows (batch x time) at
+        2..8 bits, slower from about 4 rows (BENCHMARKS.md, sixteenth session).
     dynamic_batch : bool
         Export with a symbolic batch dimension.
     tune : bool
@@ -252,9 +243,7 @@ def compile(
     """
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
-    fmt = BitplaneFormat(
-        bits, act_bits, layout=weight_layout(layout, tvm_target, bits, act_bits, _batch_of(example_inputs))
-    )
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
     mod, specs, dynamic, converted, skipped = _rewrite(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +28,10 @@ CUDA_LIMITS = {
 
 #: ``layout="auto"`` (the default of :func:`pbtvm.compile` and friends): see :func:`weight_layout`.
 AUTO_LAYOUT = "auto"
-#: Largest batch for which ``layout="auto"`` picks the table-lookup layout on AVX2 CPUs, per
-#: weight bits (:data:`LUT_AUTO_DEFAULT_MAX_BATCH` for the others). Each activation row repeats
-#: the lookups, while the byte-code kernel decodes a weight once for several rows: at 3-8 bits
-#: it is as fast from batch 4 (W4) and faster at 8; at 2 bits the lookups stay ahead up to batch
-#: 8 (two planes, one pair); at 1 bit the layout's empty second plane doubles the bytes read and
-#: the byte-code kernel is faster from memory (BENCHMARKS.md, sixteenth session).
-LUT_AUTO_MAX_BATCH = {1: 0, 2: 8}
-LUT_AUTO_DEFAULT_MAX_BATCH = 2
+#: Largest decoder batch for which ``layout="auto"`` picks the table-lookup layout on AVX2 CPUs:
+#: each activation row repeats the lookups, while the byte-code kernel decodes a weight once for
+#: several rows, so from batch 4 it is as fast (W4) or faster (BENCHMARKS.md, sixteenth session).
+LUT_AUTO_MAX_BATCH = 2
 #: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
 #: m8n8k128 ``.xor.popc``).
 BMMA_MIN_SM = 80
@@ -127,18 +124,19 @@ def weight_layout(
     """The weight layout a compile uses: ``layout``, with ``"auto"`` resolved for ``target``.
 
     ``"auto"`` is the binary-tensor-core layout (``mma16x256``) on CUDA targets that have the
-    instruction (sm_80 and newer); on x86 CPUs with AVX2 but not AVX-512 VNNI the table-lookup
-    layout (``lut16x4``, :mod:`pbtvm.ops.pb_lut`) where the compile is for a batch of at most
-    :data:`LUT_AUTO_MAX_BATCH` rows (``batch``: the example's, the decoder's; 2 at 3-8 bits, 8 at
-    2 bits), 2..8-bit weights and activations of at most 8 bits, where it was measured faster; else
-    ``"kNW"`` (the byte-code and popcount CPU kernels, the CUDA-core kernels). An explicit
-    layout is checked against the target.
+    instruction (sm_80 and newer); the table-lookup layout (``lut16x4``, :mod:`pbtvm.ops.pb_lut`)
+    on x86 CPUs with AVX2 but not AVX-512 VNNI when ``batch`` is given (only a decoder's, whose
+    every step runs that many rows, is) and at most :data:`LUT_AUTO_MAX_BATCH`, for 2..8-bit
+    weights and activations of at most 8 bits (where it was measured faster), unless
+    ``PBTVM_CPU_KERNEL=popcount`` asks for the portable kernels; else ``"kNW"`` (the byte-code
+    and popcount CPU kernels, the CUDA-core kernels). An explicit layout is checked against the
+    target.
 
     Raises
     ------
     pbtvm.InputError
         ``mma16x256`` for a target without binary tensor cores (a CPU, or a GPU before sm_80);
-        ``lut16x4`` (the AVX2 table-lookup layout) for a GPU.
+        ``lut16x4`` (the AVX2 table-lookup layout) for a GPU or a CPU without AVX2.
     """
     info = TargetInfo.of(target)
     if layout == AUTO_LAYOUT:
@@ -150,19 +148,26 @@ def weight_layout(
         raise InputError(
             f"layout {MMA_LAYOUT!r} runs on binary tensor cores (CUDA sm_{BMMA_MIN_SM} or newer), not on {where}"
         )
-    if layout == LUT_LAYOUT and info.kind != "llvm":
-        raise InputError(f"layout {LUT_LAYOUT!r} is the table-lookup layout of x86 CPUs with AVX2, not for {info.kind}")
+    if layout == LUT_LAYOUT:
+        from .ops.pb_vnni import target_supports
+
+        if info.kind != "llvm" or not target_supports(target, ("avx2",)):
+            where = info.kind if info.kind != "llvm" else f"llvm -mcpu={target.attrs.get('mcpu', '?')} (no AVX2)"
+            raise InputError(f"layout {LUT_LAYOUT!r} is the table-lookup layout of x86 CPUs with AVX2, not for {where}")
     return layout
 
 
 def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: int | None, batch: int | None) -> bool:
     """Whether ``"auto"`` means ``lut16x4``: an AVX2 CPU without AVX-512 VNNI (whose byte-code
-    kernel is faster), 2..8-bit weights, activations of at most 8 bits and a known batch of at
-    most :data:`LUT_AUTO_MAX_BATCH` rows."""
-    if target.kind.name != "llvm" or None in (bits, act_bits, batch):
+    kernel is faster), 2..8-bit weights, activations of at most 8 bits, a known batch of at most
+    :data:`LUT_AUTO_MAX_BATCH` rows, and the byte-code kernels not switched off."""
+    if (
+        target.kind.name != "llvm"
+        or None in (bits, act_bits, batch)
+        or os.environ.get("PBTVM_CPU_KERNEL") == "popcount"
+    ):
         return False
-    most = LUT_AUTO_MAX_BATCH.get(bits, LUT_AUTO_DEFAULT_MAX_BATCH)
-    if not (bits <= 8 and act_bits <= 8 and 1 <= batch <= most):
+    if not (2 <= bits <= 8 and act_bits <= 8 and 1 <= batch <= LUT_AUTO_MAX_BATCH):
         return False
     from .ops.pb_vnni import cpu_isa
 

@@ -7,8 +7,9 @@ the byte-code kernel with the same parameters: ``vpdpbusd`` on AVX-512 VNNI CPUs
 ``vpmaddubsw`` + ``vpmaddwd`` on AVX2 ones (:func:`pbtvm.ops.pb_vnni.cpu_isa`; 8-bit
 weights split their codes there), so the Relax graph, export and the ``bitlayers``
 argument are untouched; likewise the LSTM step (``pb_lstm_cell``) becomes
-:func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func`. Everything else falls through to the portable
-popcount kernels of :mod:`.cpu`. ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable
+:func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func`. Weights in the ``lut16x4`` layout get the AVX2
+table-lookup kernel instead (:mod:`pbtvm.ops.pb_lut`, GEMMs and the LSTM step; no knobs).
+Everything else falls through to the portable popcount kernels of :mod:`.cpu`. ``PBTVM_CPU_KERNEL=popcount`` in the environment forces the portable
 kernel (for comparisons).
 
 The kernel's knobs (output rows decoded side by side, activation rows per decoded chunk) are

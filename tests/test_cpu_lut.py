@@ -83,7 +83,23 @@ def test_layout_errors_name_the_problem():
         bp.BitplaneFormat(4, layout=LUT).weight_index(0, 0, 0)
     with pytest.raises(InputError, match="table-lookup layout of x86 CPUs"):
         weight_layout(LUT, tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
-    assert weight_layout(LUT, HOST) == LUT
+    with pytest.raises(InputError, match="no AVX2"):
+        weight_layout(LUT, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"}))
+    assert weight_layout(LUT, AVX2) == LUT
+
+
+def test_auto_picks_the_layout_for_small_decoder_batches_on_avx2(monkeypatch):
+    """Only a known batch (a decoder's) of at most 2 rows, 2..8 bits, a CPU whose best
+    byte-code kernel is AVX2's; the portable-kernel switch keeps kNW."""
+    icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI
+    assert weight_layout("auto", AVX2, 4, 8, 1) == LUT
+    assert weight_layout("auto", AVX2, 8, 8, 2) == LUT
+    for args in ((4, 8, 4), (4, 8, None), (1, 8, 1), (9, 8, 1), (4, 16, 1)):
+        assert weight_layout("auto", AVX2, *args) == "kNW", args
+    assert weight_layout("auto", icelake, 4, 8, 1) == "kNW"
+    assert weight_layout("auto", AVX2) == "kNW"  # compile, tune, compile_lstm: the batch is not known
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    assert weight_layout("auto", AVX2, 4, 8, 1) == "kNW"
 
 
 def test_pair_coefficients_rebuild_the_plane_coefficients():
@@ -124,6 +140,7 @@ def test_portable_kernel_reads_the_layout():
         (6, 8, "offset_binary", 33, 200, 2),
         (7, 4, None, 11, 200, 3),
         (8, 8, None, 21, 1030, 2),
+        (4, 8, None, 2100, 1024, 3),  # parallel tasks (>= 2^23 weight bits), a partial last task
     ],
 )
 def test_integer_product_is_exact_at_every_bitlayers(bits, act_bits, codebook, n, k, b):
@@ -153,14 +170,19 @@ def test_extreme_codes_stay_exact():
 
 
 @needs_avx2
-@pytest.mark.parametrize(("bits", "n", "k", "b"), [(4, 37, 300, 3), (1, 16, 650, 1), (8, 20, 520, 4)])
-def test_one_kernel_layer_equals_the_byte_code_kernels_floats(bits, n, k, b):
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "codebook", "n", "k", "b"),
+    [(4, 8, None, 37, 300, 3), (1, 8, None, 16, 650, 1), (8, 8, None, 20, 520, 4), (3, 6, "offset_binary", 21, 90, 3)],
+)
+def test_one_kernel_layer_equals_the_byte_code_kernels_floats(bits, act_bits, codebook, n, k, b):
     """The float layer (rows quantized inside) gives the same floats as the ``kNW`` byte-code kernel."""
     rng = np.random.default_rng(bits)
-    lut, plain = bp.BitplaneFormat(bits, layout=LUT), bp.BitplaneFormat(bits)
+    lut = bp.BitplaneFormat(bits, act_bits, codebook, layout=LUT)
+    plain = bp.BitplaneFormat(bits, act_bits, codebook)
     assert one_kernel_layer(lut, k, AVX2) and one_kernel_layer(plain, k, AVX2)
     q, _ = _codes(rng, plain, n, k, 1)
-    w_scale, bias = rng.uniform(0.01, 0.1, n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    w_scale = rng.uniform(0.01, 0.1, plain.scale_shape(n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
 
     def build(fmt):
         func = kernels.dense_act_func(fmt, n, k, bias=True)

@@ -35,7 +35,7 @@ def lut_shape(bits: int, n: int, words: int) -> tuple[int, int, int, int]:
 
 def to_lut_tiles(planes: np.ndarray) -> np.ndarray:
     """``[p, N, W]`` planes (uint32) -> the ``lut16x4`` layout, :func:`lut_shape` ``(p, N, W)``."""
-    planes = np.asarray(planes, np.uint32)
+    planes = np.ascontiguousarray(planes, np.uint32)
     p, n, w = planes.shape
     pairs, tn, octets, _ = lut_shape(p, n, w)
     bits = np.zeros((2 * pairs, tn * LUT_TILE_ROWS, 32 * w), np.uint8)

@@ -4,7 +4,7 @@
 
 ``bitlayers`` is a symbolic TIR variable, so one compiled kernel serves every precision 1..k
 and reads only the planes it accumulates. Weights may be in any layout of
-:data:`pbtvm.bitplane.LAYOUTS` (read through :meth:`BitplaneFormat.weight_index`). In the
+:data:`pbtvm.bitplane.LAYOUTS` (read through :meth:`BitplaneFormat.weight_word`). In the
 ``mma16x256`` layout the ``pb_gemm`` block names the binary-tensor-core rule
 (:data:`pbtvm.names.RULE_BMMA_GEMM`): on CUDA :class:`pbtvm.schedules.cuda_bmma.CUDABmmaGemm`
 replaces it with the tensor-core kernel, and MetaSchedule tunes that kernel's configuration; a
@@ -95,7 +95,8 @@ def pb_int_product(
     k_dim : int
         Unpadded K.
     n_rows : int, optional
-        N; required in the ``mma16x256`` layout (rows padded to 16), read off ``wp`` otherwise.
+        N; required in the ``mma16x256`` and ``lut16x4`` layouts (rows padded to 16), read off ``wp``
+        otherwise.
 
     Returns
     -------

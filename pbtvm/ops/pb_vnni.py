@@ -98,7 +98,7 @@ def unsupported_reason(fmt: BitplaneFormat, k_dim: int, isa: str = "avx512") -> 
     if fmt.bits > 8 or fmt.act_bits > 8:
         return f"{fmt.name}: weights and activations must be <= 8 bits for int8 dot products"
     if fmt.layout not in ("kNW", "NkW"):
-        return f"the {fmt.layout} weight layout is for tensor cores; the AVX-512 kernel reads kNW or NkW"
+        return f"the {fmt.layout} weight layout is read by other kernels; the byte-code kernel reads kNW or NkW"
     # |sum_k x u| <= K (padded to 64) * (2^k - 1) * |most negative code| must fit the int32 lanes.
     if lane_bound(fmt, k_dim, scaled=False) >= 2**31 or fmt.accumulator_dtype(k_dim) != "int32":
         return f"K={k_dim} is too large for int32 accumulation at {fmt.name}"

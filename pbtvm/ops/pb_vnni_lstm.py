@@ -58,7 +58,9 @@ def pb_vnni_lstm_func(
     Parameters
     ----------
     fmt : BitplaneFormat
-        Must pass :func:`pbtvm.ops.pb_vnni.unsupported_reason` at K = ``hidden`` (and ``input_size``).
+        Must pass :func:`pbtvm.ops.pb_vnni.unsupported_reason` at K = ``hidden`` (and
+        ``input_size``); in the ``lut16x4`` layout :func:`pbtvm.ops.pb_lut.unsupported_reason`
+        (the gate rows by table lookup, :func:`pbtvm.ops.pb_lut.tile_rows`).
     hidden : int
         H.
     batch : tir.Var
