@@ -65,6 +65,80 @@ def _new_flags(tok, best, ctrl, temp):
     )
 
 
+#: Logits per vector in the CPU pick's scans (two ymm registers of float32).
+PICK_LANES = 16
+
+
+def _lanes():
+    return tir.Ramp(tir.const(0, "int32"), tir.const(1, "int32"), PICK_LANES)
+
+
+def _chunk(logits, r, c):
+    """Logits ``16 c .. 16 c + 15`` of row ``r`` (a vector load)."""
+    return logits[r, tir.Ramp(c * PICK_LANES, tir.const(1, "int64"), PICK_LANES)]  # c: int64
+
+
+def _ones(mask):
+    """int32 lanes: 1 where ``mask``, else 0."""
+    one, zero = (tir.Broadcast(tir.const(v, "int32"), PICK_LANES) for v in (1, 0))
+    return tir.Select(mask, one, zero)
+
+
+def _any(lanes):
+    """Whether any of 16 int32 lanes is nonzero."""
+    return tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.or.v16i32", lanes) != 0
+
+
+def _is_best(x, has_nan, best):
+    """Logit ``x`` is the pick: a NaN if the row has one, else equal to ``best``."""
+    return tir.Or(tir.And(has_nan != 0, tir.isnan(x)), tir.And(has_nan == 0, x == best))
+
+
+def _are_best(x, has_nan, best):
+    """:func:`_is_best` for 16 logits (a lane mask)."""
+    return tir.Select(has_nan != 0, tir.isnan(x), x == tir.Broadcast(best, PICK_LANES))
+
+
+@T.macro(hygienic=False)
+def _first_best(logits, r, fv, iv, mx, nan, vocab):
+    """``iv[0]``, ``fv[0]``: the first NaN of row ``r``, else its first largest logit (``torch.argmax``).
+
+    One vectorized pass finds the row's max and whether it holds a NaN (a NaN lane never wins a
+    ``>`` and sets the flag); a second pass finds the first index equal to the max (or the first
+    NaN), 16 logits at a time until a vector holds it. A scalar scan with a compare-and-branch per
+    logit took 23 µs for 10,000 logits on the 2-core EPYC. ``mx``, ``nan``: [B, 16] lanes (lane 0
+    of ``nan`` then says whether the row holds a NaN).
+    """
+    mx[r, _lanes()] = T.broadcast(logits[r, 0], PICK_LANES)
+    nan[r, _lanes()] = T.broadcast(T.int32(0), PICK_LANES)
+    for c in range(T.int64(vocab // PICK_LANES)):
+        mx[r, _lanes()] = T.Select(_chunk(logits, r, c) > mx[r, _lanes()], _chunk(logits, r, c), mx[r, _lanes()])
+        nan[r, _lanes()] = nan[r, _lanes()] | _ones(T.isnan(_chunk(logits, r, c)))
+    fv[0] = mx[r, 0]
+    for j in range(1, PICK_LANES):
+        if mx[r, j] > fv[0]:
+            fv[0] = mx[r, j]
+        nan[r, 0] = nan[r, 0] | nan[r, j]
+    for i in range(T.int64(vocab - vocab % PICK_LANES), T.int64(vocab)):
+        if logits[r, i] > fv[0]:
+            fv[0] = logits[r, i]
+        if T.isnan(logits[r, i]):
+            nan[r, 0] = 1
+    if T.isnan(logits[r, 0]):
+        nan[r, 0] = 1
+    iv[0] = T.int64(-1)
+    for c in range(T.int64(vocab // PICK_LANES)):
+        if iv[0] < T.int64(0):
+            if _any(_ones(_are_best(_chunk(logits, r, c), nan[r, 0], fv[0]))):
+                for j in range(PICK_LANES):
+                    if iv[0] < T.int64(0) and _is_best(logits[r, c * PICK_LANES + j], nan[r, 0], fv[0]):
+                        iv[0] = c * PICK_LANES + j
+    for i in range(T.int64(vocab - vocab % PICK_LANES), T.int64(vocab)):
+        if iv[0] < T.int64(0) and _is_best(logits[r, i], nan[r, 0], fv[0]):
+            iv[0] = i
+    fv[0] = logits[r, iv[0]]
+
+
 def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
     """Rows in a parallel loop; every pass over the vocabulary in index order."""
     B, V, N = batch, vocab, chunk
@@ -82,6 +156,8 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
         weights: T.Buffer((B, V), "float64"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        lanes_max = T.decl_buffer((B, PICK_LANES), "float32", scope=CPU_SCRATCH)  # the greedy pick's lanes
+        lanes_nan = T.decl_buffer((B, PICK_LANES), "int32", scope=CPU_SCRATCH)
         for r in T.parallel(T.int64(B)):
             fv = T.decl_buffer((3,), "float32", scope=CPU_SCRATCH)  # max, threshold value, candidate value
             iv = T.decl_buffer((5,), "int64", scope=CPU_SCRATCH)  # argmax, threshold index, candidate, token, last
@@ -94,12 +170,7 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                 token[r] = ctrl[2]
                 done_out[r] = done_in[r]
             else:
-                fv[0] = logits[r, 0]
-                iv[0] = T.int64(0)
-                for i in range(T.int64(1), T.int64(V)):
-                    if _comes_first(logits[r, i], fv[0]):
-                        fv[0] = logits[r, i]
-                        iv[0] = i
+                _first_best(logits, r, fv, iv, lanes_max, lanes_nan, V)
                 iv[3] = iv[0]
                 if temp[0] > T.float64(0) and not _nonfinite(fv[0], temp):
                     fv[1] = fv[0]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..bitplane.lut_layout import LUT_GROUP, LUT_LAYOUT, LUT_TILE_ROWS
-from ..names import ATTR_CPU_KERNEL, KernelKind
 from .common import CPU_SCRATCH
 from .epilogue import dense_value
+from .pb_vnni import gemm_params
 from .vnni_bytes import CHUNK, act_bytes, quantize_row
 from .vnni_rows import batch_tiles
 
@@ -127,30 +127,15 @@ def pb_lut_func(
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    from . import kernel_attrs
-
     why = unsupported_reason(fmt, k_dim)
     if why is not None:
         raise ValueError(f"pb_lut_func cannot compute this layer: {why}")
     if float_input and not dense:
         raise ValueError("pb_lut_func: float_input computes the dense layer (dense=True)")
-    words = fmt.words(k_dim)
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name("main")
-            if float_input:
-                x = T.arg("x", T.buffer((batch, k_dim), "float32"))
-            else:
-                xp = T.arg("xp", T.buffer((fmt.act_bits, batch, words), "uint32"))
-                x_scale = T.arg("x_scale", T.buffer((batch,), "float32")) if dense else None
-                rowsum = T.arg("rowsum", T.buffer((batch,), "int32"))
-            wp = T.arg("wp", T.buffer(fmt.weight_shape(n_out, k_dim), "uint32"))
-            w_scale = T.arg("w_scale", T.buffer(fmt.scale_shape(n_out), "float32")) if dense else None
-            bias_buf = T.arg("bias", T.buffer((n_out,), "float32")) if dense and bias else None
-            layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
-            out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
-            T.func_attr(
-                {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNEL}
+            x, packed, wp, w_scale, bias_buf, layers, out = gemm_params(
+                T, fmt, n_out, k_dim, batch, dense, bias, float_input, CPU_KERNEL
             )
             kern = prepare(
                 T,
@@ -163,8 +148,8 @@ def pb_lut_func(
                 w_scale,
                 bias_buf,
                 layers,
-                x=x if float_input else None,
-                packed=None if float_input else (xp, x_scale, rowsum),
+                x=x,
+                packed=None if float_input else packed,
             )
             n_tiles = -(-n_out // LUT_TILE_ROWS)
             n_tasks = -(-n_tiles // TASK_TILES)

@@ -208,8 +208,6 @@ def pb_vnni_func(
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    from . import kernel_attrs
-
     why = unsupported_reason(fmt, k_dim, isa)
     if why is not None:
         raise ValueError(f"pb_vnni_func cannot compute this layer: {why}")
@@ -224,20 +222,8 @@ def pb_vnni_func(
     words = fmt.words(k_dim)
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name("main")
-            if float_input:
-                x = T.arg("x", T.buffer((batch, k_dim), "float32"))
-            else:
-                xp = T.arg("xp", T.buffer((fmt.act_bits, batch, words), "uint32"))
-                x_scale = T.arg("x_scale", T.buffer((batch,), "float32")) if dense else None
-                rowsum = T.arg("rowsum", T.buffer((batch,), "int32"))
-            wp = T.arg("wp", T.buffer(fmt.weight_shape(n_out, k_dim), "uint32"))
-            w_scale = T.arg("w_scale", T.buffer(fmt.scale_shape(n_out), "float32")) if dense else None
-            bias_buf = T.arg("bias", T.buffer((n_out,), "float32")) if dense and bias else None
-            layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
-            out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
-            T.func_attr(
-                {**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: CPU_KERNELS[isa]}
+            x, (xp, x_scale, rowsum), wp, w_scale, bias_buf, layers, out = gemm_params(
+                T, fmt, n_out, k_dim, batch, dense, bias, float_input, CPU_KERNELS[isa]
             )
             if words >= BLOCK_WORDS:
                 batch_tile = min(batch_tile, MAX_BLOCK_BATCH_TILE)
@@ -272,6 +258,34 @@ def pb_vnni_func(
                     with T.Else():
                         _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
     return ib.get()
+
+
+def gemm_params(
+    T, fmt: BitplaneFormat, n_out: int, k_dim: int, batch, dense: bool, bias: bool, float_input: bool, kernel: str
+):
+    """Declare the parameters of the TE GEMM a CPU kernel replaces (see :func:`pb_vnni_func`'s
+    ``dense`` and ``float_input``) and its attributes (``pbtvm.cpu_kernel = kernel``).
+
+    Returns ``(x, (xp, x_scale, rowsum), wp, w_scale, bias, bitlayers, out)``, None where the form
+    has no such parameter.
+    """
+    from . import kernel_attrs
+
+    T.func_name("main")
+    x = xp = x_scale = rowsum = None
+    if float_input:
+        x = T.arg("x", T.buffer((batch, k_dim), "float32"))
+    else:
+        xp = T.arg("xp", T.buffer((fmt.act_bits, batch, fmt.words(k_dim)), "uint32"))
+        x_scale = T.arg("x_scale", T.buffer((batch,), "float32")) if dense else None
+        rowsum = T.arg("rowsum", T.buffer((batch,), "int32"))
+    wp = T.arg("wp", T.buffer(fmt.weight_shape(n_out, k_dim), "uint32"))
+    w_scale = T.arg("w_scale", T.buffer(fmt.scale_shape(n_out), "float32")) if dense else None
+    bias_buf = T.arg("bias", T.buffer((n_out,), "float32")) if dense and bias else None
+    layers = T.arg("bitlayers", tir.Var("bitlayers", "int64"))
+    out = T.arg("out", T.buffer((batch, n_out), "float32" if dense else "int32"))
+    T.func_attr({**kernel_attrs(KernelKind.GEMM, fmt, k_dim), "tirx.noalias": True, ATTR_CPU_KERNEL: kernel})
+    return x, (xp, x_scale, rowsum), wp, w_scale, bias_buf, layers, out
 
 
 def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: bool) -> None:
