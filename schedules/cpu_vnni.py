@@ -231,7 +231,8 @@ def vnni_kernel_for(
     VNNI where it has it, else AVX2, :func:`pbtvm.ops.pb_vnni.cpu_isa`); the tiles default to
     :data:`DEFAULT_TILES` for it (``single_row_tile``, output rows per tile at batch 1, only
     below one 512-input block, :func:`single_row_tile_for`). The GFNI block decode is used
-    when ``target`` has ``gfni``.
+    when ``target`` has ``gfni``. Weights in the ``lut16x4`` layout get the table-lookup kernel
+    (:func:`pbtvm.ops.pb_lut.pb_lut_func`), which has no tiles to set (they are ignored).
 
     Raises
     ------
