@@ -35,6 +35,8 @@ ATTR_K = "pbtvm.k"
 ATTR_FORMAT_VERSION = "pbtvm.format_version"
 ATTR_INPUT_SIZE = "pbtvm.input_size"
 ATTR_CPU_KERNEL = "pbtvm.cpu_kernel"
+#: Environment variable: ``popcount`` forces the portable CPU kernels (for comparisons).
+ENV_CPU_KERNEL = "PBTVM_CPU_KERNEL"
 
 # Blocks of the activation quantize + pack (:func:`pbtvm.ops.act_quantize_pack`).
 AMAX = "pb_amax"

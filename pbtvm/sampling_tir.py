@@ -124,8 +124,6 @@ def _first_best(logits, r, fv, iv, mx, nan, vocab):
             fv[0] = logits[r, i]
         if T.isnan(logits[r, i]):
             nan[r, 0] = 1
-    if T.isnan(logits[r, 0]):
-        nan[r, 0] = 1
     iv[0] = T.int64(-1)
     for c in range(T.int64(vocab // PICK_LANES)):
         if iv[0] < T.int64(0):

@@ -11,6 +11,7 @@ from typing import Any
 from ._tvm import tvm
 from .bitplane import LUT_LAYOUT, MMA_LAYOUT
 from .errors import InputError, InputTypeError
+from .names import ENV_CPU_KERNEL
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,7 @@ def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: in
     """Whether ``"auto"`` means ``lut16x4``: an AVX2 CPU without AVX-512 VNNI (whose byte-code
     kernel is faster), 2..8-bit weights, activations of at most 8 bits, a known batch of at most
     :data:`LUT_AUTO_MAX_BATCH` rows, and the byte-code kernels not switched off."""
-    if (
-        target.kind.name != "llvm"
-        or None in (bits, act_bits, batch)
-        or os.environ.get("PBTVM_CPU_KERNEL") == "popcount"
-    ):
+    if target.kind.name != "llvm" or None in (bits, act_bits, batch) or os.environ.get(ENV_CPU_KERNEL) == "popcount":
         return False
     if not (2 <= bits <= 8 and act_bits <= 8 and 1 <= batch <= LUT_AUTO_MAX_BATCH):
         return False

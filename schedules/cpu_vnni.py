@@ -55,7 +55,7 @@ DEFAULT_TILES = {
     "avx512": (ROW_TILE, BATCH_TILE, SINGLE_ROWS_SIDE_BY_SIDE),
     "avx2": (1, 4, 4),
 }
-ENV_KERNEL = "PBTVM_CPU_KERNEL"
+ENV_KERNEL = names.ENV_CPU_KERNEL
 
 
 def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target | None = None) -> bool:

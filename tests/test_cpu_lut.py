@@ -25,24 +25,12 @@ from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_la
 from pbtvm.target import resolve_target, weight_layout
 
 from .test_cpu_one_kernel_layer import _rows
-from .test_cpu_vnni import _codes, _t
+from .test_cpu_vnni import _codes, _t, assert_exact_at_every_bitlayers
 
 HOST = resolve_target("llvm")
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 needs_avx2 = pytest.mark.skipif(not target_supports(HOST, ("avx2",)), reason="host CPU lacks AVX2")
 LUT = "lut16x4"
-
-
-def assert_exact_at_every_bitlayers(kern, fmt, q, xq) -> None:
-    """The integer product kernel ``kern`` equals the reference at every ``bitlayers`` and ``xq @ q.T``
-    at all planes (rows padded to 16 in the layout: the reference is told N)."""
-    wp, xp = bp.pack_weights(q, fmt), bp.pack_activations(xq, fmt)
-    out = _t(np.full((xq.shape[0], q.shape[0]), -7, np.int32))
-    for layers in range(1, fmt.bits + 1):
-        kern(_t(xp), _t(xq.sum(1).astype(np.int32)), _t(wp), layers, out)
-        want = bp.bitplane_matmul(wp, xp, fmt, layers, n_rows=q.shape[0])
-        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"L={layers}")
-    np.testing.assert_array_equal(out.numpy(), xq @ q.T)
 
 
 @pytest.mark.parametrize(

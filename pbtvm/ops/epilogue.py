@@ -14,7 +14,7 @@ from typing import Any
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 
-__all__ = ["dense_value", "truncation_offset"]
+__all__ = ["dense_value", "output_value", "truncation_offset"]
 
 
 def truncation_offset(fmt: BitplaneFormat, bitlayers: tir.PrimExpr) -> tir.PrimExpr:
@@ -82,3 +82,21 @@ def _as(expr: Any, dtype: str) -> Any:
 def _dtype(expr: Any) -> str:
     """dtype of a TE element (``TensorSlice``: ``.dtype``) or a TIR expression (``.ty.dtype``)."""
     return str(expr.dtype) if hasattr(expr, "dtype") else str(expr.ty.dtype)
+
+
+def output_value(
+    fmt: BitplaneFormat,
+    acc: tir.PrimExpr,
+    rowsum: tir.PrimExpr,
+    x_scale: tir.PrimExpr | None,
+    w_scale: Any,
+    n: tir.PrimExpr,
+    bias: Any,
+    bitlayers: tir.PrimExpr,
+) -> tir.PrimExpr:
+    """One output of a CPU kernel from its exact plane product ``acc`` (int32): without
+    ``x_scale`` the integer product of :func:`pbtvm.ops.pb_int_product` (``acc + offset *
+    rowsum``), else :func:`dense_value`."""
+    if x_scale is None:
+        return acc + tir.const(fmt.weight_offset, "int32") * rowsum
+    return dense_value(fmt, x_scale, rowsum, acc, w_scale, n, bias, bitlayers)

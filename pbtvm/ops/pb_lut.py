@@ -30,9 +30,9 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..bitplane.lut_layout import LUT_GROUP, LUT_LAYOUT, LUT_TILE_ROWS
 from .common import CPU_SCRATCH
-from .epilogue import dense_value
-from .pb_vnni import gemm_params
-from .vnni_bytes import CHUNK, act_bytes, quantize_row
+from .epilogue import output_value
+from .pb_vnni import SERIAL_WEIGHT_BITS, gemm_params  # small layers run serially, as there
+from .vnni_bytes import CHUNK, row_codes, sum_codes
 from .vnni_rows import batch_tiles
 
 __all__ = [
@@ -63,8 +63,6 @@ WIDEN_BLOCKS = 32
 BATCH_TILE = 2
 #: Row tiles per parallel task (64 output rows).
 TASK_TILES = 4
-#: Layers with fewer weight bits than this run their tiles serially (as the byte-code kernel).
-SERIAL_WEIGHT_BITS = 1 << 23
 
 
 def unsupported_reason(fmt: BitplaneFormat, k_dim: int) -> str | None:
@@ -156,9 +154,7 @@ def pb_lut_func(
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
             with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
                 regs = scratch(T)
-                last = n_tiles - (n_tasks - 1) * TASK_TILES
-                count = tir.Select(task < n_tasks - 1, TASK_TILES, last) if last != TASK_TILES else TASK_TILES
-                tile_rows(T, kern, regs, task * TASK_TILES, count, batch)
+                tile_rows(T, kern, regs, task * TASK_TILES, TASK_TILES, batch)
     return ib.get()
 
 
@@ -209,6 +205,7 @@ def prepare(
     words = fmt.words(k_dim)
     chunks = -(-words // 2)
     codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
+    xp = None
     if x is not None:
         x_scale, rowsum = T.alloc_buffer((batch,), "float32"), T.alloc_buffer((batch,), "int32")
     else:
@@ -216,14 +213,9 @@ def prepare(
     groups = 8 * words
     tables = T.alloc_buffer((batch, groups * 32), "uint8")
     with T.serial(0, batch) if x is not None else T.parallel(0, batch) as r:
-        if x is not None:
-            quantize_row(T, fmt, x, r, k_dim, codes, x_scale, chunks)
-            T.buffer_store(rowsum, tir.const(0, "int32"), [r])
-            with T.serial(0, chunks * CHUNK) as kk:
-                T.buffer_store(rowsum, rowsum[r] + codes[r, kk].astype("int32"), [r])
-        else:
-            for c in range(chunks):
-                T.buffer_store(codes, act_bytes(fmt, xp, r, c, 2 * c + 1 < words), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
+        row_codes(T, fmt, r, k_dim, codes, chunks, x=x, x_scale=x_scale, xp=xp)
+        if x is not None:  # packed rows come with their code sums
+            sum_codes(T, codes, r, rowsum, chunks * CHUNK)
         with T.serial(0, groups) as g:
             _table(T, codes, tables, r, g)
     pairs = pair_coefficients(fmt)
@@ -252,10 +244,12 @@ def scratch(T) -> tuple:
     )
 
 
-def tile_rows(T, kern: LutKernel, regs: tuple, first, count, batch) -> None:
-    """Row tiles ``first .. first + count`` (16 rows each) x every activation row, into
-    ``kern.out``; :data:`BATCH_TILE` activation rows share each index extraction."""
-    with T.serial(0, count) as t:
+def tile_rows(T, kern: LutKernel, regs: tuple, first, count: int, batch) -> None:
+    """Row tiles ``first ..`` (16 rows each; ``count`` of them, fewer where the tiles end at N)
+    x every activation row, into ``kern.out``; :data:`BATCH_TILE` activation rows share each
+    index extraction."""
+    n_tiles = -(-kern.n_out // LUT_TILE_ROWS)
+    with T.serial(0, tir.min(count, n_tiles - first) if n_tiles % count else count) as t:
         batch_tiles(T, batch, BATCH_TILE, lambda b0, rows: _tile(T, kern, regs, first + t, b0, rows))
 
 
@@ -355,7 +349,6 @@ def _tile(T, kern: LutKernel, regs, tile, b0, b_rows: int) -> None:
         if rest:
             run(whole * WIDEN_BLOCKS, rest)
     removed = kern.offset[0] * tir.const(TABLE_OFFSET * 8 * kern.words, "int32")
-    fmt = kern.fmt
     with T.serial(0, LUT_TILE_ROWS) as m:
         n = tile * LUT_TILE_ROWS + m
         with T.If(n < kern.n_out):
@@ -363,12 +356,10 @@ def _tile(T, kern: LutKernel, regs, tile, b0, b_rows: int) -> None:
                 for r in rows:
                     b = b0 + r
                     exact = acc[r * LUT_TILE_ROWS + m] - removed
-                    if kern.x_scale is None:
-                        value = exact + tir.const(fmt.weight_offset, "int32") * kern.rowsum[b]
-                    else:
-                        value = dense_value(
-                            fmt, kern.x_scale[b], kern.rowsum[b], exact, kern.w_scale, n, kern.bias, kern.layers
-                        )
+                    x_scale = None if kern.x_scale is None else kern.x_scale[b]
+                    value = output_value(
+                        kern.fmt, exact, kern.rowsum[b], x_scale, kern.w_scale, n, kern.bias, kern.layers
+                    )
                     T.buffer_store(kern.out, value, [b, n])
 
 

@@ -160,8 +160,7 @@ def pb_vnni_lstm_func(
                 if lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
                     regs = pb_lut.scratch(T)
                     for kern in legs:
-                        tile_count = tir.min(TASK_TILES, -(-(rows - u0 * 4) // LUT_TILE_ROWS))
-                        pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, tile_count, batch)
+                        pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, TASK_TILES, batch)
                 else:
                     _gate_rows(T, legs, batch, u0 * 4, units * 4)
                 with T.serial(0, batch) as b:

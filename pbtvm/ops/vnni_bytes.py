@@ -11,7 +11,7 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from .common import CPU_SCRATCH, act_code, act_inverse, act_magnitude, act_scale
 
-__all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_row"]
+__all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_row", "row_codes", "sum_codes"]
 
 #: Inputs per chunk: one zmm register of bytes, two packed words.
 CHUNK = 64
@@ -94,3 +94,22 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
             k = c * CHUNK + j
             value = tir.if_then_else(k < k_dim, code(x[r, tir.min(k, k_dim - 1)], 1), tir.const(0, "int8"))
             T.buffer_store(codes, value, [r, k])
+
+
+def row_codes(T, fmt: BitplaneFormat, r, k_dim: int, codes, chunks: int, x=None, x_scale=None, xp=None) -> None:
+    """Row ``r``'s int8 codes into ``codes[r]`` (``chunks`` chunks, zero past K): quantized from the
+    float rows ``x`` (:func:`quantize_row`, the scale into ``x_scale``), else rebuilt from the
+    packed activation planes ``xp`` (:func:`act_bytes`)."""
+    if x is not None:
+        quantize_row(T, fmt, x, r, k_dim, codes, x_scale, chunks)
+        return
+    full_chunks = fmt.words(k_dim) // 2
+    for c in range(chunks):
+        T.buffer_store(codes, act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
+
+
+def sum_codes(T, codes, r, total, length: int) -> None:
+    """``total[r] = sum(codes[r, :length])`` in int32."""
+    T.buffer_store(total, tir.const(0, "int32"), [r])
+    with T.serial(0, length) as kk:
+        T.buffer_store(total, total[r] + codes[r, kk].astype("int32"), [r])

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from .common import CPU_SCRATCH
-from .epilogue import dense_value
+from .epilogue import output_value
 from .gfni_decode import BLOCK, BLOCK_WORDS, block_permutation, byte_coefficients, code_scale, decode_block
-from .vnni_bytes import CHUNK, act_bytes, lane_mask, quantize_row, qword
+from .vnni_bytes import CHUNK, lane_mask, qword, row_codes, sum_codes
 
 __all__ = [
     "ACC_CHAINS",
@@ -335,14 +335,8 @@ def prepare_kernel(
         T.buffer_store(kern.coef, tir.Select(layers > i, tir.const(value, "uint8"), tir.const(0, "uint8")), [i])
     kern.code_sum = rowsum if x is not None else T.alloc_buffer((batch,), "int32")
     with T.serial(0, batch) if x is not None else T.parallel(0, batch) as r:
-        if x is not None:
-            quantize_row(T, fmt, x, r, k_dim, natural, x_scale, chunks)
-        else:
-            for c in range(chunks):
-                T.buffer_store(natural, act_bytes(fmt, xp, r, c, c < full_chunks), [r, tir.Ramp(c * CHUNK, 1, CHUNK)])
-        T.buffer_store(kern.code_sum, tir.const(0, "int32"), [r])
-        with T.serial(0, chunks * CHUNK) as kk:
-            T.buffer_store(kern.code_sum, kern.code_sum[r] + natural[r, kk].astype("int32"), [r])
+        row_codes(T, fmt, r, k_dim, natural, chunks, x=x, x_scale=x_scale, xp=xp)
+        sum_codes(T, natural, r, kern.code_sum, chunks * CHUNK)
         if gfni:
             _block_order(T, fmt, natural, codes, r, blocks, chunks)
         elif kern.dword:
@@ -635,13 +629,5 @@ def _store_total(T, kern: Kernel, total: tir.PrimExpr, n, row) -> None:
     rs = kern.rowsum[row]
     product = tir.shift_right(total, tir.const(scale_shift, "int32")) * tir.const(factor, "int32")
     exact = product - tir.const(_unsigned_shift(fmt), "int32") * kern.code_sum[row]
-    if kern.x_scale is None:
-        value = exact + tir.const(fmt.weight_offset, "int32") * rs
-    else:
-        value = _dense_value(kern, row, n, rs, exact)
-    T.buffer_store(kern.out, value, [row, n])
-
-
-def _dense_value(kern: Kernel, row, n, rs, acc) -> tir.PrimExpr:
-    """The float epilogue of :func:`pbtvm.ops.pb_dense` (the shared :func:`dense_value`)."""
-    return dense_value(kern.fmt, kern.x_scale[row], rs, acc, kern.w_scale, n, kern.bias, kern.layers)
+    x_scale = None if kern.x_scale is None else kern.x_scale[row]
+    T.buffer_store(kern.out, output_value(fmt, exact, rs, x_scale, kern.w_scale, n, kern.bias, kern.layers), [row, n])
