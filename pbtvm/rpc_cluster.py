@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .worker_env import env_without_torch
+
 
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
@@ -92,7 +94,7 @@ def registered_servers(address: str, key: str) -> int:
 
 
 # ``python -m tvm.exec.rpc_server`` that connects once the tracker at argv[1]:argv[2] listens. Each
-# process spends ~3 s importing tvm (and torch); a server that finds no tracker retries only after
+# process spends ~3 s importing tvm; a server that finds no tracker retries only after
 # 5 s, so the servers import while the tracker starts and connect when it is up.
 _SERVER_AFTER_TRACKER = """
 import runpy, socket, sys, time
@@ -149,7 +151,8 @@ def local_cluster(
     own_dir = log_dir is None
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pbtvm-rpc-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the tracker, the servers and their popen workers run TVM modules only: no torch import (:mod:`.worker_env`)
+    env = {**env_without_torch(), "PYTHONUNBUFFERED": "1"}
     port = free_port()
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pbtvm._tvm import meta_schedule, tvm
 from pbtvm.errors import InputError
 from pbtvm.target import TargetInfo
+from pbtvm.worker_env import workers_without_torch
 
 from .. import cuda_bmma
 
@@ -73,7 +74,8 @@ def _pooled_builder_class() -> type:
         one more when it is made (to check itself); each imports TVM and torch first, ~3.5 s of
         CPU on the 2-core test machine, so a knob search measuring one setting at a time spent
         ~4 s per setting starting processes. Here the workers live until :meth:`close` (each is
-        replaced after :data:`WORKER_USES` builds).
+        replaced after :data:`WORKER_USES` builds) and start without torch
+        (:func:`pbtvm.worker_env.workers_without_torch`).
 
         Every build goes to a directory of its own under one root that :meth:`close` removes:
         the measuring code removes each after its run, and nothing is left behind where it does
@@ -91,7 +93,9 @@ def _pooled_builder_class() -> type:
         def build(self, build_inputs: list) -> list:
             jobs = [(self.f_build, b.mod, b.target, self.root) for b in build_inputs]
             results = []
-            for res in self.pool.map_with_error_catching(lambda job: _build_and_export(*job), jobs):
+            with workers_without_torch():  # workers start when a build needs them
+                done = list(self.pool.map_with_error_catching(lambda job: _build_and_export(*job), jobs))
+            for res in done:
                 if res.status == StatusKind.COMPLETE:
                     results.append(ms.builder.BuilderResult(res.value, None))
                 elif res.status == StatusKind.TIMEOUT:
@@ -125,8 +129,13 @@ def _evaluator_config() -> object:
 
 
 def default_runner(target: tvm.target.Target) -> object:  # noqa: ARG001 - same signature as default_builder
-    """LocalRunner timing each candidate as a median-friendly repeat of short loops."""
-    return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=RUN_TIMEOUT_S)
+    """LocalRunner timing each candidate as a median-friendly repeat of short loops.
+
+    Its worker process starts here, without torch (:func:`pbtvm.worker_env.workers_without_torch`;
+    one started again after a timeout does too inside :func:`.search.tune_kernels`).
+    """
+    with workers_without_torch():
+        return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=RUN_TIMEOUT_S)
 
 
 def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object:
