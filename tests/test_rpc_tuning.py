@@ -19,10 +19,13 @@ from pbtvm.cli import main
 from pbtvm.errors import InputError
 from pbtvm.rpc_cluster import check_tracker, local_cluster
 from pbtvm.schedules import tuning
+from pbtvm.worker_env import env_without_torch
 
 from .models import MLP
 
 KEY = "pbtvm-loopback"
+#: Environment of the child processes: they use the cluster only, not torch.
+NO_TORCH = env_without_torch()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,7 @@ def test_sigterm_stops_the_cluster():
             time.sleep(60)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=NO_TORCH)
     assert proc.returncode == 143, proc.stderr[-2000:]
     address, log_dir = proc.stdout.split()
     port = address.split(":")[1]
@@ -140,5 +143,5 @@ def test_sigterm_handling_leaves_other_handlers_alone():
         print("ok")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=NO_TORCH)
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
