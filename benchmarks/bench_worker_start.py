@@ -16,8 +16,8 @@ import platform
 import statistics
 import time
 
+from pbtvm.names import ENV_WORKER_TORCH
 from pbtvm.rpc_cluster import local_cluster
-from pbtvm.worker_env import ENV_WORKER_TORCH
 
 
 def _job() -> int:

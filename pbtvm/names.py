@@ -37,6 +37,8 @@ ATTR_INPUT_SIZE = "pbtvm.input_size"
 ATTR_CPU_KERNEL = "pbtvm.cpu_kernel"
 #: Environment variable: ``popcount`` forces the portable CPU kernels (for comparisons).
 ENV_CPU_KERNEL = "PBTVM_CPU_KERNEL"
+#: Environment variable: ``1`` keeps torch importable in pbtvm's TVM worker processes (:mod:`pbtvm.worker_env`).
+ENV_WORKER_TORCH = "PBTVM_WORKER_TORCH"
 
 # Blocks of the activation quantize + pack (:func:`pbtvm.ops.act_quantize_pack`).
 AMAX = "pb_amax"

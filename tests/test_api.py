@@ -162,7 +162,7 @@ for layers in (4, 2):
 print("OK", m)
 """
     # without torch, as a deployment with only the TVM runtime (and numpy) would run it
-    env = env_without_torch()
+    env = env_without_torch(force=True)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout

@@ -265,7 +265,7 @@ def test_exported_so_runs_any_length_in_a_fresh_process(tmp_path):
         print("ok")
         """
     )
-    run = {"capture_output": True, "text": True, "check": False, "timeout": 600, "env": env_without_torch()}
+    run = {"capture_output": True, "text": True, "check": False, "timeout": 600, "env": env_without_torch(force=True)}
     out = subprocess.run([sys.executable, "-c", child], **run)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 

@@ -71,7 +71,7 @@ def _pooled_builder_class() -> type:
         """A local MetaSchedule builder whose worker processes serve every ``build`` call.
 
         MetaSchedule's ``LocalBuilder`` starts fresh workers for every batch of candidates, and
-        one more when it is made (to check itself); each imports TVM and torch first, ~3.5 s of
+        one more when it is made (to check itself); each imported TVM and torch first, ~3.5 s of
         CPU on the 2-core test machine, so a knob search measuring one setting at a time spent
         ~4 s per setting starting processes. Here the workers live until :meth:`close` (each is
         replaced after :data:`WORKER_USES` builds) and start without torch
@@ -132,7 +132,7 @@ def default_runner(target: tvm.target.Target) -> object:  # noqa: ARG001 - same 
     """LocalRunner timing each candidate as a median-friendly repeat of short loops.
 
     Its worker process starts here, without torch (:func:`pbtvm.worker_env.workers_without_torch`;
-    one started again after a timeout does too inside :func:`.search.tune_kernels`).
+    one started again after a timeout imports it).
     """
     with workers_without_torch():
         return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=RUN_TIMEOUT_S)
@@ -174,7 +174,8 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
         tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=session_timeout
     )
     logger.info("measuring on %d RPC server(s) with key %s", servers, key)
-    return ms.runner.RPCRunner(rpc_cfg, _evaluator_config(), max_workers=servers)
+    with workers_without_torch():  # its first local worker starts here (it checks itself)
+        return ms.runner.RPCRunner(rpc_cfg, _evaluator_config(), max_workers=servers)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 
 from pbtvm._tvm import meta_schedule, s_tir, tir, tvm
-from pbtvm.worker_env import workers_without_torch
 
 from ..rules import KnobRule
 from .log import TuningLog
@@ -93,14 +92,13 @@ def tune_kernels(
     if isinstance(trials_per_iter, bool) or not isinstance(trials_per_iter, int) or trials_per_iter < 1:
         raise ValueError(f"trials_per_iter must be an int >= 1, got {trials_per_iter!r}")
     own_builder = builder is None
-    with workers_without_torch():  # the builder's and runner's worker processes start faster
-        builder = builder or default_builder(target)
-        try:
-            runner = runner or default_runner(target)
-            return _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
-        finally:
-            if own_builder:
-                builder.close()
+    builder = builder or default_builder(target)
+    try:
+        runner = runner or default_runner(target)
+        return _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
+    finally:
+        if own_builder:
+            builder.close()
 
 
 def _tune(
