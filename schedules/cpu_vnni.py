@@ -55,7 +55,6 @@ DEFAULT_TILES = {
     "avx512": (ROW_TILE, BATCH_TILE, SINGLE_ROWS_SIDE_BY_SIDE),
     "avx2": (1, 4, 4),
 }
-ENV_KERNEL = names.ENV_CPU_KERNEL
 
 
 def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target | None = None) -> bool:
@@ -68,7 +67,7 @@ def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target 
     ``target`` defaults to the current target (``with target:``).
     """
     target = target or tvm.target.Target.current(allow_none=True)
-    if target is None or target.kind.name != "llvm" or os.environ.get(ENV_KERNEL, "") == "popcount":
+    if target is None or target.kind.name != "llvm" or os.environ.get(names.ENV_CPU_KERNEL, "") == "popcount":
         return False
     isa = cpu_isa(target)
     if fmt.layout == LUT_LAYOUT:
@@ -176,7 +175,7 @@ def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> boo
     """Whether a byte-code rule replaces ``func`` (of its kernel kind): not forced to the popcount
     kernel, and already the byte-code kernel or one it can compute (``operands(func)`` recognises
     the parameters) on a CPU with the features (:func:`pbtvm.ops.pb_vnni.cpu_isa`)."""
-    if os.environ.get(ENV_KERNEL, "") == "popcount":
+    if os.environ.get(names.ENV_CPU_KERNEL, "") == "popcount":
         return False
     if _is_replaced(func):
         return True

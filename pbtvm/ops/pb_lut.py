@@ -147,7 +147,7 @@ def pb_lut_func(
                 bias_buf,
                 layers,
                 x=x,
-                packed=None if float_input else packed,
+                packed=packed,
             )
             n_tiles = -(-n_out // LUT_TILE_ROWS)
             n_tasks = -(-n_tiles // TASK_TILES)

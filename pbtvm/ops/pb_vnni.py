@@ -222,7 +222,7 @@ def pb_vnni_func(
     words = fmt.words(k_dim)
     with IRBuilder() as ib:
         with T.prim_func():
-            x, (xp, x_scale, rowsum), wp, w_scale, bias_buf, layers, out = gemm_params(
+            x, packed, wp, w_scale, bias_buf, layers, out = gemm_params(
                 T, fmt, n_out, k_dim, batch, dense, bias, float_input, CPU_KERNELS[isa]
             )
             if words >= BLOCK_WORDS:
@@ -239,8 +239,8 @@ def pb_vnni_func(
                 bias_buf,
                 layers,
                 gfni,
-                x=x if float_input else None,
-                packed=None if float_input else (xp, x_scale, rowsum),
+                x=x,
+                packed=packed,
                 isa=isa,
             )
             # 2. tiles of output rows x activation rows; straight-line code per activation rows
