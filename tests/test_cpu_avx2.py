@@ -174,15 +174,22 @@ def test_one_kernel_layer_equals_popcount_kernels(bits, n, k, b, rng, monkeypatc
     assert_same_floats(fast, slow, x, weights, n, sorted({1, 3, bits} | ({5} if bits > 5 else set())))
 
 
-def test_lstm_step_matches_the_reference(rng, monkeypatch):
+@pytest.mark.parametrize(
+    ("bits", "n_in", "hidden", "batch"),
+    [
+        (3, 600, 130, 5),  # past one tile: the input leg decodes each row once, the hidden leg (K < 512) tiles
+        (8, 530, 520, 9),  # both legs decode once (split codes), tiles of 4, 4 and 1 over the codes
+    ],
+)
+def test_lstm_step_matches_the_reference(bits, n_in, hidden, batch, rng, monkeypatch):
     """The decoder's step (input projection inside) on AVX2: the popcount step's h', c' up to the
     polynomial exp, and the float64 reference's."""
     from .test_cpu_vnni_lstm import assert_step_matches, input_step_case
 
-    fmt, n_in, hidden, batch = bp.BitplaneFormat(3, 8), 600, 130, 5
+    fmt = bp.BitplaneFormat(bits, 8)
     arrays = input_step_case(rng, fmt, n_in, hidden, batch)
     func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
     assert CPUVnniLstmCell(AVX2).matches(func)
     fast = kernels.build(func, AVX2)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
-    assert_step_matches(fast, kernels.build(func, AVX2), arrays, (1, 3), fmt, batch, hidden)
+    assert_step_matches(fast, kernels.build(func, AVX2), arrays, sorted({1, 3, bits}), fmt, batch, hidden)

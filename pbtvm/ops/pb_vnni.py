@@ -30,7 +30,7 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
 from .gfni_decode import BLOCK_WORDS
-from .vnni_batch import row_code_bytes, rows_decoded_once
+from .vnni_batch import decodes_once, row_code_bytes, rows_decoded_once
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
     Kernel,
@@ -81,14 +81,6 @@ MAX_ACCUMULATORS_PER_ISA = {"avx512": MAX_ACCUMULATORS, "avx2": 5}
 #: batch 1: 55 µs serial vs 77 µs; 1024² W4 69 vs 84 µs; 2048² W4 297 vs 267 µs, BENCHMARKS.md,
 #: issue 19). Machine-dependent: more real cores would move it down.
 SERIAL_WEIGHT_BITS = 1 << 23
-#: Fewest weight bits whose rows of whole blocks are decoded once for batches of 2 or more without
-#: GFNI (:mod:`.vnni_batch`; at batches 2-4 as fast as a decode per tile within +-5 %, and the
-#: kernel builds 1.6-1.8x faster than with both nests): where the decode is cheap, storing and
-#: reloading the codes costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
-#: once): 4096x4096 W1 987 -> 1,159 / 1,929 -> 2,355; W2 1,313 -> 1,305 / 2,556 -> 2,455; W3
-#: 1,910 -> 1,491 / 3,577 -> 2,775; W4 2,179 -> 1,745 / 4,450 -> 3,022; W8 4,989 -> 3,407 / 9,652
-#: -> 5,131.
-DECODE_ONCE_MIN_BITS = 3
 
 
 def unsupported_reason(fmt: BitplaneFormat, k_dim: int, isa: str = "avx512") -> str | None:
@@ -295,7 +287,7 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
     """
     n_tiles = -(-kern.n_out // row_tile)
     # batch 2 and more: each row decoded once (:mod:`.vnni_batch`)
-    decode_once = kern.blocks and not kern.gfni and kern.fmt.bits >= DECODE_ONCE_MIN_BITS
+    decode_once = decodes_once(kern)
     if decode_once:  # once per call: a buffer of 1 KiB or more in the parallel loop is allocated per task
         row_codes = T.alloc_buffer((n_tiles * row_code_bytes(kern),), "uint8")
     with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:

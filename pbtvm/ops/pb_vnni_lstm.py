@@ -10,7 +10,8 @@ way:
 2. parallel tasks of :data:`UNITS_PER_TASK` hidden units: their ``4 * units`` gate rows (adjacent,
    the weights are unit-major) of ``W_hh`` (and ``W_ih``), in order with the GFNI block decode
    and VNNI dot products (:func:`pbtvm.ops.vnni_rows.block_rows`; at batch 1 four rows at a time
-   where a row is one block of up to 4 planes), the float
+   where a row is one block of up to 4 planes; past one batch tile without GFNI, each row decoded
+   once for all activation rows, :func:`pbtvm.ops.vnni_batch.rows_decoded_once`), the float
    epilogue of :func:`pbtvm.ops.pb_dense`; then the task's cell updates
    (``pre = gates_h + gx`` in the TE kernel's order), vectorized, with the polynomial ``exp`` of
    :mod:`pbtvm.ops.vector_math` (libm's ``expf``, one call per element, took 14 of the 88 µs of
@@ -32,6 +33,7 @@ from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_lut, pb_vnni
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
+from .vnni_batch import decodes_once, row_code_bytes, rows_decoded_once
 from .vnni_rows import batch_tiles, block_codes, block_rows, block_slots, decode_scratch, prepare_kernel
 
 __all__ = ["UNITS_PER_TASK", "pb_vnni_lstm_func"]
@@ -154,6 +156,10 @@ def pb_vnni_lstm_func(
             # 2. tasks of hidden units: their gate rows, then their cell updates
             weight_bits = rows * (hidden + (input_size or 0)) * fmt.bits
             n_tasks = -(-hidden // UNITS_PER_TASK)
+            # batches of 2 or more: a task's rows decoded once each (one part of a buffer per task,
+            # made once per call: 1 KiB or more inside the parallel loop would be allocated per task)
+            row_bytes = max((row_code_bytes(kern) for kern in legs if not lut and decodes_once(kern)), default=0)
+            row_codes = T.alloc_buffer((n_tasks * row_bytes,), "uint8") if row_bytes else None
             with T.serial(0, n_tasks) if weight_bits < pb_vnni.SERIAL_WEIGHT_BITS else T.parallel(0, n_tasks) as task:
                 u0 = task * UNITS_PER_TASK
                 units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
@@ -162,7 +168,7 @@ def pb_vnni_lstm_func(
                     for kern in legs:
                         pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, TASK_TILES, batch)
                 else:
-                    _gate_rows(T, legs, batch, u0 * 4, units * 4)
+                    _gate_rows(T, legs, batch, u0 * 4, units * 4, row_codes, task * row_bytes)
                 with T.serial(0, batch) as b:
                     with T.serial(0, units) as du:
                         u = u0 + du
@@ -176,14 +182,33 @@ def pb_vnni_lstm_func(
     return ib.get()
 
 
-def _gate_rows(T, legs: list, batch, row0, n_rows) -> None:
-    """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row, in tiles of up to
-    :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per rows left)."""
+def _gate_rows(T, legs: list, batch, row0, n_rows, row_codes: tir.Buffer | None, at) -> None:
+    """Rows ``row0 ..`` (``n_rows``) of every leg for every activation row.
+
+    Legs run tiles of up to :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per
+    rows left). At batches past one tile a leg that :func:`~pbtvm.ops.vnni_batch.decodes_once`
+    decodes each row once instead, into ``row_codes`` from ``at`` (this task's part), and multiplies
+    it by every activation row: 1.2-1.6x faster at batches 8 and 16, 5-13 % slower at batches 2-4
+    than one tile (2x650 LM step, AVX2, BENCHMARKS.md), so both are built.
+    """
     tile = MAX_BLOCK_BATCH_TILE
     decode_scratch(T, legs, block_slots(tile), block_codes(legs))  # the legs take turns with one set of registers
 
-    def tile_rows(b0, b_rows: int) -> None:
-        for leg in legs:
-            block_rows(T, leg, row0, n_rows, b0, b_rows)
+    def tiles(kerns: list) -> None:
+        def rows(b0, b_rows: int) -> None:
+            for leg in kerns:
+                block_rows(T, leg, row0, n_rows, b0, b_rows)
 
-    batch_tiles(T, batch, tile, tile_rows)
+        batch_tiles(T, batch, tile, rows)
+
+    once = [leg for leg in legs if decodes_once(leg)]
+    if once:
+        with T.If(batch > tile):
+            with T.Then():
+                for leg in once:
+                    rows_decoded_once(T, leg, row_codes, at, row0, n_rows, batch, tile)
+            with T.Else():
+                tiles(once)
+    tiled = [leg for leg in legs if not decodes_once(leg)]
+    if tiled:
+        tiles(tiled)

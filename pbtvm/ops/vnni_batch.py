@@ -7,7 +7,7 @@ most of the work (AVX2, and AVX-512 CPUs without GFNI: ~40 of ~50 vector instruc
 weights on AVX2) :func:`rows_decoded_once` decodes the row once into ``K`` bytes of codes (``2K``
 with split codes; in L1) and runs the batch tiles' dot products over them. Rows of whole
 512-input blocks (K >= 512) of 3 bits or more take it from batch 2
-(:data:`pbtvm.ops.pb_vnni.DECODE_ONCE_MIN_BITS`; batches 2-4 measured as fast as the codes in
+(:data:`DECODE_ONCE_MIN_BITS`; batches 2-4 measured as fast as the codes in
 registers); batch 1 and shorter rows keep the batch tiles.
 """
 
@@ -19,7 +19,22 @@ from .._tvm import tir
 from .vnni_bytes import CHUNK
 from .vnni_rows import ACC_CHAINS, Kernel, accumulators, batch_tiles, chunk_groups, decode_chunk, decoded_at, dot, store
 
-__all__ = ["row_code_bytes", "rows_decoded_once"]
+__all__ = ["DECODE_ONCE_MIN_BITS", "decodes_once", "row_code_bytes", "rows_decoded_once"]
+
+#: Fewest weight bits whose rows of whole blocks are decoded once for batches of 2 or more without
+#: GFNI (at batches 2-4 as fast as a decode per tile within +-5 %, and the
+#: kernel builds 1.6-1.8x faster than with both nests): where the decode is cheap, storing and
+#: reloading the codes costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
+#: once): 4096x4096 W1 987 -> 1,159 / 1,929 -> 2,355; W2 1,313 -> 1,305 / 2,556 -> 2,455; W3
+#: 1,910 -> 1,491 / 3,577 -> 2,775; W4 2,179 -> 1,745 / 4,450 -> 3,022; W8 4,989 -> 3,407 / 9,652
+#: -> 5,131.
+DECODE_ONCE_MIN_BITS = 3
+
+
+def decodes_once(kern: Kernel) -> bool:
+    """Whether batches of 2 or more decode ``kern``'s rows once (:func:`rows_decoded_once`): whole
+    blocks, the masked-add decode (no GFNI) and :data:`DECODE_ONCE_MIN_BITS` weight bits or more."""
+    return bool(kern.blocks) and not kern.gfni and kern.fmt.bits >= DECODE_ONCE_MIN_BITS
 
 
 def row_code_bytes(kern: Kernel) -> int:
