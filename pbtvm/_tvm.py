@@ -20,6 +20,10 @@ from tvm import relax, s_tir, te  # noqa: E402
 from tvm import tirx as tir  # noqa: E402
 from tvm.s_tir import dlight  # noqa: E402
 
+from .errors import register_with_ffi  # noqa: E402
+
+register_with_ffi()  # pbtvm's input errors keep their class across the FFI
+
 __all__ = ["tvm", "relax", "te", "tir", "s_tir", "dlight", "meta_schedule", "TVM_VERSION"]
 
 TVM_VERSION: str = tvm.__version__

@@ -4,28 +4,41 @@ They subclass the builtin ``ValueError`` / ``TypeError`` so code that catches th
 working, and are registered with TVM's FFI so they keep their type when raised
 inside a pass; the CLI reports exactly these as user errors (exit status 2) and everything else as an
 internal error with a request to report it.
+
+This module does not import TVM (``tvm_ffi`` imports torch: seconds), so the CLI's help and
+argument errors and :mod:`pbtvm.bitplane` stay quick; :mod:`pbtvm._tvm` registers the classes when
+it imports TVM (:func:`register_with_ffi`), before any pass can raise them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
-import tvm_ffi
-
-__all__ = ["InputError", "InputTypeError", "first_line", "naming_layer"]
+__all__ = ["InputError", "InputTypeError", "first_line", "naming_layer", "register_with_ffi"]
 
 
-# Registered with TVM's FFI so that one raised inside a pass (Python called back from C++) comes
-# back to the caller as itself, not as a RuntimeError.
-@tvm_ffi.register_error
 class InputError(ValueError):
     """A value the user passed is wrong or unsupported; the message says which and why."""
 
 
-@tvm_ffi.register_error
 class InputTypeError(InputError, TypeError):
     """An argument of the wrong type."""
+
+
+def register_with_ffi() -> None:
+    """Register the error classes with TVM's FFI, so that one raised inside a pass (Python called
+    back from C++) comes back to the caller as itself, not as a RuntimeError. Imports ``tvm_ffi``;
+    idempotent."""
+    import tvm_ffi
+
+    for cls in (InputError, InputTypeError):
+        tvm_ffi.register_error(cls)
+
+
+if "tvm_ffi" in sys.modules:  # TVM came first (imported by the user): nothing to wait for
+    register_with_ffi()
 
 
 def first_line(err: BaseException) -> str:

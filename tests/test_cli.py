@@ -59,6 +59,46 @@ def test_console_script_help():
         assert cmd in proc.stdout
 
 
+#: In a fresh process: the CLI's help and an argument error, then a pbtvm input error raised inside
+#: a pass (Python called back from TVM's C++) once TVM is imported. Prints what was imported when.
+LAZY_IMPORTS = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    from pbtvm.cli import main
+
+    for argv in (["--help"], ["compile", "--bits"]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                main(argv)
+            except SystemExit as done:
+                assert done.code in (0, 2), done.code
+    print("before:", sorted(m for m in ("tvm", "tvm_ffi", "torch") if m in sys.modules))
+
+    from pbtvm._tvm import tvm
+    from pbtvm.errors import InputTypeError
+
+    @tvm.transform.module_pass(opt_level=0)
+    def refuse(mod, ctx):
+        raise InputTypeError("layer fc: a made-up problem")
+
+    try:
+        refuse(tvm.IRModule())
+    except Exception as err:
+        print("from the pass:", type(err).__name__)
+    """
+)
+
+
+def test_help_needs_no_tvm_and_input_errors_cross_the_ffi_as_themselves():
+    """``pbtvm --help`` and argument errors import neither TVM nor torch (they took 7 s, now a
+    fraction of one); pbtvm registers its input errors with TVM's FFI when it imports TVM, so one
+    raised inside a pass still reaches the CLI as a user error."""
+    proc = subprocess.run([sys.executable, "-c", LAZY_IMPORTS], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "before: []" in proc.stdout, proc.stdout
+    assert "from the pass: InputTypeError" in proc.stdout, proc.stdout
+
+
 def test_compile_and_inspect(spec, tmp_path, capsys):
     so = tmp_path / "m.so"
     code, out, _ = _run(["compile", spec, "--bits", 3, "--codebook", "offset_binary", "-o", so], capsys)
