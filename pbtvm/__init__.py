@@ -11,13 +11,18 @@ split into planes too, and each layer becomes AND + popcount over planes with a 
 
 __version__ = "0.1.0"
 
-import importlib
-import importlib.util
+from typing import TYPE_CHECKING
 
 from .bitplane import PRESETS, BitplaneFormat
-from .threads import default_threads
+from .threads import default_threads as _default_threads
 
-default_threads()  # before TVM's thread pool starts, also where the user imports TVM next
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from .compiler import compile, tune
+    from .library import LibraryError
+    from .runtime import CompiledModel, load
+del TYPE_CHECKING
+
+_default_threads()  # before TVM's thread pool starts, also where the user imports TVM next
 
 __all__ = ["BitplaneFormat", "CompiledModel", "LibraryError", "PRESETS", "compile", "load", "tune", "__version__"]
 
@@ -39,6 +44,9 @@ def __getattr__(name: str) -> object:
     """The public names of :data:`_LAZY` on first use; a submodule not imported yet (``pbtvm.kernels``
     after ``import pbtvm``, as when this package imported the compiler eagerly); ``pbtvm.examples`` and
     the other moved application modules, with a DeprecationWarning."""
+    import importlib
+    import importlib.util
+
     if name in _LAZY:
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value  # later lookups skip this function

@@ -19,9 +19,10 @@ from typing import Any
 
 import tvm_ffi
 
-from .errors import InputError
+from .errors import InputError, register_with_ffi
 from .tools import find_cuda_tool
 
+register_with_ffi()  # the nvcc hook below raises InputError from inside TVM's build
 logger = logging.getLogger(__name__)
 
 

@@ -6,8 +6,10 @@ inside a pass; the CLI reports exactly these as user errors (exit status 2) and 
 internal error with a request to report it.
 
 This module does not import TVM (``tvm_ffi`` imports torch: seconds), so the CLI's help and
-argument errors and :mod:`pbtvm.bitplane` stay quick; :mod:`pbtvm._tvm` registers the classes when
-it imports TVM (:func:`register_with_ffi`), before any pass can raise them.
+argument errors and :mod:`pbtvm.bitplane` stay quick. The classes are registered
+(:func:`register_with_ffi`) by :mod:`pbtvm._tvm` when it imports TVM, and by any module that
+imports ``tvm_ffi`` itself and calls back into Python from TVM (:mod:`pbtvm.cuda`'s nvcc hook),
+before anything can raise them there.
 """
 
 from __future__ import annotations
