@@ -37,6 +37,7 @@ import numpy as np
 #: pyproject.toml) imported from that tree, not from the installed copy.
 _BUILD = r"""
 import importlib.abc, importlib.util, json, sys, time
+from pathlib import Path
 tree = sys.argv[1]
 sys.path.insert(0, tree)
 MAPPED = {"pbtvm.schedules": "schedules", "pbtvm.relay_passes": "relay_passes"}
@@ -58,7 +59,7 @@ from pbtvm.target import resolve_target
 
 import pbtvm.relay_passes, pbtvm.schedules
 for module in (pbtvm, pbtvm.schedules, pbtvm.relay_passes):
-    assert module.__file__.startswith(tree), module.__file__
+    assert Path(module.__file__).resolve().is_relative_to(tree), module.__file__
 kind, a, b, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 seconds = {}
 for bits in json.loads(sys.argv[6]):
@@ -127,6 +128,8 @@ def main() -> None:
 
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     trees = (args.tree_a, args.tree_b)
+    if Path(trees[0]).resolve() == Path(trees[1]).resolve():
+        sys.exit("ab_kernels: A and B are the same tree")
     with tempfile.TemporaryDirectory() as tmp:
         builds = []
         for i, tree in enumerate(trees):

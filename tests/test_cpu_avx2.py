@@ -175,21 +175,32 @@ def test_one_kernel_layer_equals_popcount_kernels(bits, n, k, b, rng, monkeypatc
 
 
 @pytest.mark.parametrize(
-    ("bits", "n_in", "hidden", "batch"),
+    ("bits", "n_in", "hidden"),
     [
-        (3, 600, 130, 5),  # past one tile: the input leg decodes each row once, the hidden leg (K < 512) tiles
-        (8, 530, 520, 9),  # both legs decode once (split codes), tiles of 4, 4 and 1 over the codes
+        (3, 600, 130),  # past one tile the input leg decodes each row once, the hidden leg (K < 512) tiles
+        (8, 1100, 520),  # both legs decode once (split codes), rows of different lengths in one buffer
     ],
 )
-def test_lstm_step_matches_the_reference(bits, n_in, hidden, batch, rng, monkeypatch):
+def test_lstm_step_matches_the_reference(bits, n_in, hidden, rng, monkeypatch):
     """The decoder's step (input projection inside) on AVX2: the popcount step's h', c' up to the
-    polynomial exp, and the float64 reference's."""
+    polynomial exp, and the float64 reference's; one tile (batch 4) and past it (each row decoded
+    once, tiles of 4, 4 and 1 over its codes)."""
     from .test_cpu_vnni_lstm import assert_step_matches, input_step_case
 
     fmt = bp.BitplaneFormat(bits, 8)
-    arrays = input_step_case(rng, fmt, n_in, hidden, batch)
     func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
     assert CPUVnniLstmCell(AVX2).matches(func)
     fast = kernels.build(func, AVX2)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
-    assert_step_matches(fast, kernels.build(func, AVX2), arrays, sorted({1, 3, bits}), fmt, batch, hidden)
+    slow = kernels.build(func, AVX2)
+    for batch in (4, 9):
+        arrays = input_step_case(rng, fmt, n_in, hidden, batch)
+        assert_step_matches(fast, slow, arrays, sorted({1, 3, bits}), fmt, batch, hidden)
+
+
+def test_lstm_time_loop_step_past_one_tile(rng, monkeypatch):
+    """The time loop's step (``gx`` of the sequence read at step ``t``) at 520 units (one block):
+    batch 6 decodes each row once."""
+    from .test_cpu_vnni_lstm import assert_given_projection_step
+
+    assert_given_projection_step(AVX2, 520, 4, [6], True, rng, monkeypatch)

@@ -113,24 +113,35 @@ def assert_step_matches(fast, slow, arrays: list, layers_to_check, fmt, batch: i
     ("hidden", "bits", "batch", "sequence"), [(650, 4, 1, False), (100, 2, 5, True), (520, 4, 2, True)]
 )
 def test_step_with_given_projection_matches_popcount_step(hidden, bits, batch, sequence, rng, monkeypatch):
+    assert_given_projection_step(CPU, hidden, bits, [batch], sequence, rng, monkeypatch)
+
+
+def assert_given_projection_step(target, hidden: int, bits: int, batches: list, sequence: bool, rng, monkeypatch):
+    """The step with ``gx`` given (one step, or read at step ``t`` of a sequence: the time loop's),
+    built for ``target`` once, against the popcount step and the reference at each batch."""
     fmt = bp.BitplaneFormat(bits, 8)
     wp, ws = _weights(rng, 4 * hidden, hidden, fmt)
-    h, c = _state(rng, batch, hidden)
     steps = 3
-    gx_seq = rng.standard_normal((steps, batch, 4 * hidden)).astype(np.float32)
     # the time loop's step is a module-internal function: exported here to be called alone
     func = (
         _step_func(fmt, hidden).with_attr("global_symbol", "main") if sequence else kernels.lstm_cell_func(fmt, hidden)
     )
-    fast, slow = kernels.build(func, CPU), _popcount(func, monkeypatch)
-    for layers in sorted({1, bits}):
-        for t in range(steps) if sequence else [0]:
-            arrays = [gx_seq if sequence else gx_seq[t], h, c, wp, ws]
-            scalars = [t, layers] if sequence else [layers]
-            got = _call(fast, arrays, scalars, batch, hidden)
-            _close(got, _call(slow, arrays, scalars, batch, hidden), STEP_ATOL, f"vs popcount, L={layers}, t={t}")
-            want = qz.pb_lstm_cell_reference(gx_seq[t], h, c, wp, ws, fmt, layers)
-            _close(got, want, REF_ATOL, f"vs reference, L={layers}, t={t}")
+    fast = kernels.build(func, target)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, target)
+    monkeypatch.delenv("PBTVM_CPU_KERNEL")
+    for batch in batches:
+        h, c = _state(rng, batch, hidden)
+        gx_seq = rng.standard_normal((steps, batch, 4 * hidden)).astype(np.float32)
+        for layers in sorted({1, bits}):
+            for t in range(steps) if sequence else [0]:
+                arrays = [gx_seq if sequence else gx_seq[t], h, c, wp, ws]
+                scalars = [t, layers] if sequence else [layers]
+                got = _call(fast, arrays, scalars, batch, hidden)
+                what = f"batch {batch}, L={layers}, t={t}"
+                _close(got, _call(slow, arrays, scalars, batch, hidden), STEP_ATOL, f"vs popcount, {what}")
+                want = qz.pb_lstm_cell_reference(gx_seq[t], h, c, wp, ws, fmt, layers)
+                _close(got, want, REF_ATOL, f"vs reference, {what}")
 
 
 @needs_avx512

@@ -156,7 +156,7 @@ def pb_vnni_lstm_func(
             # 2. tasks of hidden units: their gate rows, then their cell updates
             weight_bits = rows * (hidden + (input_size or 0)) * fmt.bits
             n_tasks = -(-hidden // UNITS_PER_TASK)
-            # batches of 2 or more: a task's rows decoded once each (one part of a buffer per task,
+            # past one batch tile: a task's rows decoded once each (one part of a buffer per task,
             # made once per call: 1 KiB or more inside the parallel loop would be allocated per task)
             row_bytes = max((row_code_bytes(kern) for kern in legs if not lut and decodes_once(kern)), default=0)
             row_codes = T.alloc_buffer((n_tasks * row_bytes,), "uint8") if row_bytes else None
@@ -188,8 +188,10 @@ def _gate_rows(T, legs: list, batch, row0, n_rows, row_codes: tir.Buffer | None,
     Legs run tiles of up to :data:`MAX_BLOCK_BATCH_TILE` activation rows (straight-line code per
     rows left). At batches past one tile a leg that :func:`~pbtvm.ops.vnni_batch.decodes_once`
     decodes each row once instead, into ``row_codes`` from ``at`` (this task's part), and multiplies
-    it by every activation row: 1.2-1.6x faster at batches 8 and 16, 5-13 % slower at batches 2-4
-    than one tile (2x650 LM step, AVX2, BENCHMARKS.md), so both are built.
+    it by every activation row. The 2x650 LM's step on AVX2 (``benchmarks/ab_kernels.py``,
+    BENCHMARKS.md, 2026-12-02): W4 1.2x faster at batch 8 and 1.3-1.4x at 16, W8 1.2-1.4x / 1.4-1.6x,
+    W3 1.0-1.2x / 1.2-1.4x; 5-13 % slower than the tile at batches 2-4, so both nests are built
+    (the step's build takes 1-2 s longer: W4 about 2 -> 3.5 s).
     """
     tile = MAX_BLOCK_BATCH_TILE
     decode_scratch(T, legs, block_slots(tile), block_codes(legs))  # the legs take turns with one set of registers

@@ -6,9 +6,11 @@ batch of ``B`` rows decodes every weight ``ceil(B / tile)`` times. Where the mas
 most of the work (AVX2, and AVX-512 CPUs without GFNI: ~40 of ~50 vector instructions per 64 W4
 weights on AVX2) :func:`rows_decoded_once` decodes the row once into ``K`` bytes of codes (``2K``
 with split codes; in L1) and runs the batch tiles' dot products over them. Rows of whole
-512-input blocks (K >= 512) of 3 bits or more take it from batch 2
-(:data:`DECODE_ONCE_MIN_BITS`; batches 2-4 measured as fast as the codes in
-registers); batch 1 and shorter rows keep the batch tiles.
+512-input blocks (K >= 512) of 3 bits or more take it (:func:`decodes_once`), from a batch the
+caller picks: the GEMM (:mod:`pbtvm.ops.pb_vnni`) from batch 2 (batches 2-4 measured as fast as
+the codes in registers, and one loop nest less to build), the LSTM step
+(:mod:`pbtvm.ops.pb_vnni_lstm`) past one batch tile (5-13 % slower than the tile at batches 2-4
+there). Batch 1 and shorter rows keep the batch tiles.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from .vnni_rows import ACC_CHAINS, Kernel, accumulators, batch_tiles, chunk_grou
 
 __all__ = ["DECODE_ONCE_MIN_BITS", "decodes_once", "row_code_bytes", "rows_decoded_once"]
 
-#: Fewest weight bits whose rows of whole blocks are decoded once for batches of 2 or more without
-#: GFNI (at batches 2-4 as fast as a decode per tile within +-5 %, and the
+#: Fewest weight bits whose rows of whole blocks are decoded once for batches of several rows
+#: without GFNI (the GEMM at batches 2-4 as fast as a decode per tile within +-5 %, and the
 #: kernel builds 1.6-1.8x faster than with both nests): where the decode is cheap, storing and
 #: reloading the codes costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
 #: once): 4096x4096 W1 987 -> 1,159 / 1,929 -> 2,355; W2 1,313 -> 1,305 / 2,556 -> 2,455; W3
@@ -32,8 +34,9 @@ DECODE_ONCE_MIN_BITS = 3
 
 
 def decodes_once(kern: Kernel) -> bool:
-    """Whether batches of 2 or more decode ``kern``'s rows once (:func:`rows_decoded_once`): whole
-    blocks, the masked-add decode (no GFNI) and :data:`DECODE_ONCE_MIN_BITS` weight bits or more."""
+    """Whether batches of several rows decode ``kern``'s rows once (:func:`rows_decoded_once`):
+    whole blocks, the masked-add decode (no GFNI) and :data:`DECODE_ONCE_MIN_BITS` weight bits or
+    more. The caller picks from which batch (see the module docstring)."""
     return bool(kern.blocks) and not kern.gfni and kern.fmt.bits >= DECODE_ONCE_MIN_BITS
 
 
