@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm_ffi
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
 from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
@@ -115,6 +115,22 @@ class _Linear:
     out_dtype: str
 
 
+@visitor
+class _VarReads(PyExprVisitor):
+    """How many times each variable of a function is read (``reads[var]``; a binding's own
+    variable is not a read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: dict[relax.Var, int] = {}
+
+    def visit_var_(self, var: relax.Var) -> None:
+        self.reads[var] = self.reads.get(var, 0) + 1
+
+    def visit_dataflow_var_(self, var: relax.DataflowVar) -> None:
+        self.reads[var] = self.reads.get(var, 0) + 1
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(
@@ -140,6 +156,7 @@ class _Rewriter(PyExprMutator):
         self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant, BitplaneFormat]] = {}
         self._act_packs: list[tuple[relax.Expr, relax.Expr]] = []
         self._linears: list[_Linear] = []
+        self._reads: dict[relax.Var, int] = {}  # of the function being rewritten, before the rewrite
         self.n_rewritten = 0
 
     # ------------------------------------------------------------------ matching helpers
@@ -385,6 +402,19 @@ class _Rewriter(PyExprMutator):
         self._linears.append(_Linear(x, weight, bias, result, out_dtype))
         return result
 
+    def _read_once(self, expr: relax.Expr) -> bool:
+        """Whether ``expr`` (and every variable it is bound through) is read only here: a bias
+        add may then take over its linear. A variable the rewrite made anew counts as read once
+        (no such case is known: the PB result keeps the matmul's type, so its variable)."""
+        while isinstance(expr, relax.Var):
+            if self._reads.get(expr, 1) > 1:
+                return False
+            bound = self.lookup_binding(expr)
+            if bound is None:
+                break
+            expr = bound
+        return True
+
     def _linear_of(self, expr: relax.Expr) -> _Linear | None:
         bound = self._unwrap(expr) if isinstance(expr, relax.Var) else expr
         for lin in self._linears:
@@ -399,7 +429,10 @@ class _Rewriter(PyExprMutator):
         if name == "relax.add":
             for lhs, rhs in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
                 lin = self._linear_of(lhs)
-                bias = self._constant(rhs) if lin is not None and lin.bias is None else None
+                # a result read elsewhere too (``h = x @ W.T; return h, h + b``) keeps its linear
+                # and a float add: fusing would run the layer twice, with and without the bias
+                fusable = lin is not None and lin.bias is None and self._read_once(lhs)
+                bias = self._constant(rhs) if fusable else None
                 if bias is not None and bias.shape == (lin.weight.shape[0],):
                     self.n_rewritten -= 1  # the bias-free version becomes dead code
                     # By identity: ``remove`` compares with ==, which numpy weights do not support.
@@ -429,6 +462,9 @@ class _Rewriter(PyExprMutator):
         A function that already ends in ``bitlayers: R.Shape([L])`` (from :class:`PBLSTMLowering`)
         keeps it, and its layers read the same knob.
         """
+        reads = _VarReads()
+        reads.visit_expr(func)
+        self._reads = reads.reads
         last = func.params[-1] if func.params else None
         if last is not None and last.name == "bitlayers" and isinstance(last.ty, relax.ShapeType):
             self.bitlayers = last.ty.values[0]

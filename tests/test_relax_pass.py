@@ -152,6 +152,31 @@ def test_identical_weights_packed_once_and_activation_packed_once(rng):
     assert text.count("pb_act_pack") == 1, text
 
 
+def test_a_result_also_read_without_its_bias_runs_the_layer_once(rng):
+    """``h = x @ W.T; return h, h + b``: one PB layer and a float add of the bias, not the layer
+    twice (once with the bias fused, once without for ``h``)."""
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    x = relax.Var("x", relax.TensorType([tir.Var("n", "int64"), K], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0]))))
+            out = bb.emit_output(relax.Tuple([h, bb.emit(relax.op.add(h, relax.const(b)))]))
+        bb.emit_func_output(out)
+    rewrite = PBLinearRewrite(FMT, None)
+    mod = rewrite(bb.get())
+    text = mod["main"].script()
+    assert text.count("call_tir(pb_dense") == 1 and "_bias" not in text, text
+    assert [c["bias"] for c in rewrite.report.converted] == [False]
+    xs = rng.standard_normal((3, K)).astype(np.float32)
+    got = _run(mod, xs, tvm.runtime.ShapeTuple([FMT.bits]))
+    fmt, [(q, ws)] = qz.layer_format([w], FMT, None)
+    want = qz.pb_linear_reference(xs, bp.pack_weights(q, fmt), ws, None, fmt, FMT.bits)
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1].numpy(), want + b, rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_layers_are_reported_and_left_alone(rng):
     batch = tir.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([batch, 1, 8, 8], "float32"))
