@@ -146,24 +146,25 @@ def assert_given_projection_step(target, hidden: int, bits: int, batches: list, 
 
 @needs_avx512
 def test_masked_add_decode_gives_the_gfni_steps_results(rng):
-    """A CPU without GFNI decodes every chunk with masked adds: the same step, bit for bit."""
-    fmt, n_in, hidden, batch = bp.BitplaneFormat(4, 8), 600, 520, 2
+    """A CPU without GFNI decodes every chunk with masked adds: the same step, bit for bit; past
+    one batch tile (batch 6) each row decoded once (``vnni_batch``), the GFNI step still by tiles."""
+    fmt, n_in, hidden = bp.BitplaneFormat(4, 8), 600, 520
     wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
     wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
-    h, c = _state(rng, batch, hidden)
     func = kernels.lstm_cell_input_func(fmt, n_in, hidden, False)
     gfni = kernels.build(vnni_lstm_kernel_for(func, target=CPU), CPU, schedule=False)
     plain_func = vnni_lstm_kernel_for(func, target=NO_GFNI)
     asm = str(kernels.build(plain_func, NO_GFNI, schedule=False).mod.inspect_source("asm"))
     assert "vgf2p8affineqb" not in asm and "vpdpbusd" in asm
     plain = kernels.build(plain_func, CPU, schedule=False)
-    arrays = [x, wp_ih, ws_ih, h, c, wp_hh, ws_hh]
-    for layers in (1, 3, 4):
-        for a, b in zip(
-            _call(gfni, arrays, [layers], batch, hidden), _call(plain, arrays, [layers], batch, hidden), strict=True
-        ):
-            np.testing.assert_array_equal(a, b)
+    for batch in (2, 6):
+        x = rng.standard_normal((batch, n_in)).astype(np.float32)
+        h, c = _state(rng, batch, hidden)
+        arrays = [x, wp_ih, ws_ih, h, c, wp_hh, ws_hh]
+        for layers in (1, 3, 4):
+            got = _call(plain, arrays, [layers], batch, hidden)
+            for a, b in zip(_call(gfni, arrays, [layers], batch, hidden), got, strict=True):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_rule_leaves_formats_the_avx512_products_cannot_take():
