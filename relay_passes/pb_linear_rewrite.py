@@ -402,12 +402,19 @@ class _Rewriter(PyExprMutator):
         self._linears.append(_Linear(x, weight, bias, result, out_dtype))
         return result
 
+    def _reads_of(self, var: relax.Var) -> int:
+        """How often the function read ``var`` before the rewrite; for a variable the rewrite made
+        anew (a matmul's variable typed looser than the PB result), its original's count."""
+        if var in self._reads:
+            return self._reads[var]
+        originals = (v for v in self._reads if isinstance(v, relax.Var) and self.get_var_remap(v) is not None)
+        return max((self._reads[v] for v in originals if self.get_var_remap(v).same_as(var)), default=1)
+
     def _read_once(self, expr: relax.Expr) -> bool:
         """Whether ``expr`` (and every variable it is bound through) is read only here: a bias
-        add may then take over its linear. A variable the rewrite made anew counts as read once
-        (no such case is known: the PB result keeps the matmul's type, so its variable)."""
+        add may then take over its linear."""
         while isinstance(expr, relax.Var):
-            if self._reads.get(expr, 1) > 1:
+            if self._reads_of(expr) > 1:
                 return False
             bound = self.lookup_binding(expr)
             if bound is None:

@@ -152,16 +152,23 @@ def test_identical_weights_packed_once_and_activation_packed_once(rng):
     assert text.count("pb_act_pack") == 1, text
 
 
-def test_a_result_also_read_without_its_bias_runs_the_layer_once(rng):
+@pytest.mark.parametrize("loose", [False, True])
+def test_a_result_also_read_without_its_bias_runs_the_layer_once(loose, rng):
     """``h = x @ W.T; return h, h + b``: one PB layer and a float add of the bias, not the layer
-    twice (once with the bias fused, once without for ``h``)."""
+    twice (once with the bias fused, once without for ``h``); also where ``h`` is typed looser
+    than the PB result (the rewrite then makes a new variable for it)."""
     w = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(N).astype(np.float32)
     x = relax.Var("x", relax.TensorType([tir.Var("n", "int64"), K], "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
-            h = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0]))))
+            product = relax.op.matmul(x, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0])))
+            if loose:
+                h = relax.DataflowVar("h", relax.TensorType(dtype="float32", ndim=2))
+                bb.emit_normalized(relax.VarBinding(h, bb.normalize(product)))
+            else:
+                h = bb.emit(product)
             out = bb.emit_output(relax.Tuple([h, bb.emit(relax.op.add(h, relax.const(b)))]))
         bb.emit_func_output(out)
     rewrite = PBLinearRewrite(FMT, None)
