@@ -18,7 +18,7 @@ from .lowering import layers_format
 from .model_import import eval_mode, import_model, layer_names
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
-from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering
+from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_rows
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import AUTO_LAYOUT, TargetInfo, resolve_target, weight_layout
@@ -35,8 +35,15 @@ def _rewrite(
     codebook: str | None = AUTO,
     quantizer: str = "mse",
     calibration: Any = None,
+    fmt_for_rows: Any = None,
 ):
-    """Import the model and run the PB graph rewrite (kernels not yet scheduled)."""
+    """Import the model and run the PB graph rewrite (kernels not yet scheduled).
+
+    ``fmt_for_rows``: given, and the model has no LSTM, the dense layers' format is
+    ``fmt_for_rows(rows)`` with ``rows`` the most rows any dense layer multiplies when all are
+    known at compile time (a static batch; else None). Returns ``(mod, specs, dynamic, converted,
+    skipped, fmt)``, ``fmt`` the format the dense layers got.
+    """
     t0 = time.perf_counter()
     owners: list[str] = []
     with eval_mode(model):  # the caller's model keeps its mode
@@ -51,6 +58,8 @@ def _rewrite(
     lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
         mod = lstms(mod)
+        if fmt_for_rows is not None and not lstms.converted:
+            fmt = fmt_for_rows(dense_rows(mod))
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
@@ -78,7 +87,7 @@ def _rewrite(
         return f"{by_order[index]}: {s['op']}" if index is not None and by_order else s["op"]
 
     skipped = [{"name": skipped_name(s), **s} for s in report.skipped]
-    return mod, specs, dynamic, converted, skipped
+    return mod, specs, dynamic, converted, skipped, fmt
 
 
 def _part_name(whole: str, axis: int, cut: slice) -> str:
@@ -203,9 +212,12 @@ def compile(
         (and CUDA before sm_80) ``"auto"`` is ``"kNW"``. ``"lut16x4"`` (x86 CPUs with AVX2):
         dense layers and LSTM steps by table lookup (:mod:`pbtvm.ops.pb_lut`), faster than
         ``"kNW"`` on CPUs without AVX-512 VNNI where layers run at most 2 rows (batch x time) at
-        2..8 bits, slower from about 4 rows (BENCHMARKS.md, sixteenth session).
+        2..8 bits, slower from about 4 rows (BENCHMARKS.md, sixteenth session). With
+        ``dynamic_batch=False`` every layer's rows are known, and ``"auto"`` is ``"lut16x4"``
+        there when no dense layer runs more than 2 rows and the model has no LSTM (the MNIST MLP
+        at batch 1 on AVX2: 1.4-1.5x; BENCHMARKS.md, eighteenth session).
     dynamic_batch : bool
-        Export with a symbolic batch dimension.
+        Export with a symbolic batch dimension. False: the model runs the example's batch only.
     tune : bool
         Search schedules with MetaSchedule first (needs ``work_dir``); kernels already in the
         log are not searched again.
@@ -246,8 +258,14 @@ def compile(
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
-    mod, specs, dynamic, converted, skipped = _rewrite(
-        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration
+    fmt_for_rows = None
+    if layout == AUTO_LAYOUT and not dynamic_batch:  # every layer's rows known: auto may pick by them
+
+        def fmt_for_rows(rows: int | None) -> BitplaneFormat:
+            return BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target, bits, act_bits, rows))
+
+    mod, specs, dynamic, converted, skipped, fmt = _rewrite(
+        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, fmt_for_rows
     )
     _warn_recurrent(model)
     if skipped:

@@ -29,7 +29,8 @@ CUDA_LIMITS = {
 
 #: ``layout="auto"`` (the default of :func:`pbtvm.compile` and friends): see :func:`weight_layout`.
 AUTO_LAYOUT = "auto"
-#: Largest decoder batch for which ``layout="auto"`` picks the table-lookup layout on AVX2 CPUs:
+#: Most rows per layer (a decoder's batch, a static-batch compile's largest) for which ``layout="auto"``
+#: picks the table-lookup layout on AVX2 CPUs:
 #: each activation row repeats the lookups, while the byte-code kernel decodes a weight once for
 #: several rows, so from batch 4 it is as fast (W4) or faster (BENCHMARKS.md, sixteenth session).
 LUT_AUTO_MAX_BATCH = 2
@@ -126,8 +127,9 @@ def weight_layout(
 
     ``"auto"`` is the binary-tensor-core layout (``mma16x256``) on CUDA targets that have the
     instruction (sm_80 and newer); the table-lookup layout (``lut16x4``, :mod:`pbtvm.ops.pb_lut`)
-    on x86 CPUs with AVX2 but not AVX-512 VNNI when ``batch`` is given (only a decoder's, whose
-    every step runs that many rows, is) and at most :data:`LUT_AUTO_MAX_BATCH`, for 2..8-bit
+    on x86 CPUs with AVX2 but not AVX-512 VNNI when ``batch`` is given (a decoder's, whose every
+    step runs that many rows; a static-batch compile's, the most rows any dense layer runs) and at
+    most :data:`LUT_AUTO_MAX_BATCH`, for 2..8-bit
     weights and activations of at most 8 bits (where it was measured faster), unless
     ``PBTVM_CPU_KERNEL=popcount`` asks for the portable kernels; else ``"kNW"`` (the byte-code
     and popcount CPU kernels, the CUDA-core kernels). An explicit layout is checked against the

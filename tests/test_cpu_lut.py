@@ -195,6 +195,35 @@ def test_compile_with_the_layout_matches_the_default_layout():
     np.testing.assert_array_equal(np.asarray(lut(x)), np.asarray(plain(x)))
 
 
+class _LSTMHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = torch.nn.LSTM(70, 16), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+@needs_avx2
+def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
+    """``dynamic_batch=False``: every dense layer's rows are known when it compiles, so on an AVX2
+    CPU without AVX-512 VNNI ``auto`` takes the table lookup where no layer runs more than 2 rows
+    (the same floats as ``kNW``); a dynamic batch, more rows (batch x time too) or an LSTM (its
+    projections run batch x time rows) keep ``kNW``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(70, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
+    x = torch.randn(2, 70)
+    static = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False)
+    assert static.format.layout == LUT
+    plain = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False, layout="kNW")
+    np.testing.assert_array_equal(np.asarray(static(x)), np.asarray(plain(x)))
+    assert pbtvm.compile(model, x, target=AVX2, bits=4).format.layout == "kNW"
+    for rows in (torch.randn(3, 70), torch.randn(1, 3, 70)):
+        assert pbtvm.compile(model, rows, target=AVX2, bits=4, dynamic_batch=False).format.layout == "kNW"
+    lstm = pbtvm.compile(_LSTMHead().eval(), torch.randn(2, 1, 70), target=AVX2, bits=4, dynamic_batch=False)
+    assert lstm.format.layout == "kNW"
+
+
 @needs_avx2
 @pytest.mark.parametrize(("bits", "n_in", "hidden", "batch"), [(3, 600, 130, 5), (4, 650, 650, 1)])
 def test_lstm_step_matches_the_reference(bits, n_in, hidden, batch, monkeypatch):
