@@ -11,14 +11,14 @@ from typing import Any
 
 from . import __version__, outputs, recurrent
 from ._tvm import TVM_VERSION, tvm
-from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
+from .bitplane import DEFAULT_ACT_BITS, LUT_LAYOUT, BitplaneFormat
 from .cuda import build
 from .errors import InputError
 from .lowering import layers_format
 from .model_import import eval_mode, import_model, layer_names
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
-from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_rows
+from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import AUTO_LAYOUT, TargetInfo, resolve_target, weight_layout
@@ -35,14 +35,13 @@ def _rewrite(
     codebook: str | None = AUTO,
     quantizer: str = "mse",
     calibration: Any = None,
-    fmt_for_rows: Any = None,
+    fmt_for_shapes: Any = None,
 ):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled).
 
-    ``fmt_for_rows``: given, and the model has no LSTM, the dense layers' format is
-    ``fmt_for_rows(rows)`` with ``rows`` the most rows any dense layer multiplies when all are
-    known at compile time (a static batch; else None). Returns ``(mod, specs, dynamic, converted,
-    skipped, fmt)``, ``fmt`` the format the dense layers got.
+    ``fmt_for_shapes``: given, and the model has no LSTM, the dense layers' format is
+    ``fmt_for_shapes(dense_shapes(mod))`` (:func:`_static_batch_format`). Returns ``(mod, specs,
+    dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
     """
     t0 = time.perf_counter()
     owners: list[str] = []
@@ -58,8 +57,8 @@ def _rewrite(
     lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
         mod = lstms(mod)
-        if fmt_for_rows is not None and not lstms.converted:
-            fmt = fmt_for_rows(dense_rows(mod))
+        if fmt_for_shapes is not None and not lstms.converted:
+            fmt = fmt_for_shapes(dense_shapes(mod))
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
@@ -88,6 +87,29 @@ def _rewrite(
 
     skipped = [{"name": skipped_name(s), **s} for s in report.skipped]
     return mod, specs, dynamic, converted, skipped, fmt
+
+
+def _static_batch_format(fmt: BitplaneFormat, layout: str, tvm_target: tvm.target.Target) -> Any:
+    """For a static-batch compile with ``layout="auto"``: a function of the model's
+    :func:`~pbtvm.relay_passes.dense_shapes` giving the dense layers' format, the one
+    :func:`pbtvm.target.weight_layout` picks for the most rows any layer runs (``lut16x4`` on AVX2
+    CPUs at 1-2 rows) if every layer's K fits that layout's kernel, else ``fmt``. None otherwise."""
+    if layout != AUTO_LAYOUT:
+        return None
+
+    def by_shapes(shapes: list) -> BitplaneFormat:
+        from .ops import pb_lut
+
+        rows = [r for r, _ in shapes]
+        most = None if not rows or None in rows else max(rows)
+        chosen = BitplaneFormat(
+            fmt.bits, fmt.act_bits, layout=weight_layout(layout, tvm_target, fmt.bits, fmt.act_bits, most)
+        )
+        if chosen.layout == LUT_LAYOUT and any(k is None or pb_lut.unsupported_reason(chosen, k) for _, k in shapes):
+            return fmt
+        return chosen
+
+    return by_shapes
 
 
 def _part_name(whole: str, axis: int, cut: slice) -> str:
@@ -130,6 +152,7 @@ def tune(
     trials: int = 64,
     batch: int = 1,
     layout: str = AUTO_LAYOUT,
+    dynamic_batch: bool = True,
     runner: Any = None,
     progress: Any = None,
     codebook: str | None = AUTO,
@@ -141,7 +164,7 @@ def tune(
 
     Parameters
     ----------
-    model, example_inputs, target, bits, act_bits, layout, codebook, quantizer
+    model, example_inputs, target, bits, act_bits, layout, dynamic_batch, codebook, quantizer
         As in :func:`compile` (the same values give the same kernels).
     work_dir : path
         Tuning log directory (one JSON database per target arch inside).
@@ -163,7 +186,8 @@ def tune(
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if trials < 1:
         raise InputError(f"trials must be >= 1, got {trials}")
-    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, True, codebook, quantizer)
+    by_shapes = _static_batch_format(fmt, layout, tvm_target) if not dynamic_batch else None
+    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, by_shapes)
     return tune_kernels(
         _pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
     )
@@ -258,14 +282,9 @@ def compile(
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
-    fmt_for_rows = None
-    if layout == AUTO_LAYOUT and not dynamic_batch:  # every layer's rows known: auto may pick by them
-
-        def fmt_for_rows(rows: int | None) -> BitplaneFormat:
-            return BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target, bits, act_bits, rows))
-
+    by_shapes = _static_batch_format(fmt, layout, tvm_target) if not dynamic_batch else None
     mod, specs, dynamic, converted, skipped, fmt = _rewrite(
-        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, fmt_for_rows
+        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, by_shapes
     )
     _warn_recurrent(model)
     if skipped:

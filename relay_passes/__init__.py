@@ -17,7 +17,7 @@ from .apply_pb_schedules import ApplyPBSchedules
 from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
-from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_rows
+from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_shapes
 from .pb_lstm_lowering import PBLSTMLowering
 from .propagate_nan import PropagateNaN
 from .through_float32 import ThroughFloat32
@@ -32,5 +32,5 @@ __all__ = [
     "PBLinearRewrite",
     "PropagateNaN",
     "ThroughFloat32",
-    "dense_rows",
+    "dense_shapes",
 ]

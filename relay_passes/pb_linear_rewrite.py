@@ -115,24 +115,25 @@ class _Linear:
     out_dtype: str
 
 
-def dense_rows(mod: tvm.IRModule) -> int | None:
-    """The most rows (the product of the left operand's leading dimensions) any ``matmul`` of
-    ``mod``'s Relax functions multiplies, when every such count is a constant; None if one depends
-    on a run-time size (a dynamic batch) or there is no matmul. Activation x activation matmuls
-    count too (they only make the answer larger)."""
-    rows: list[int | None] = []
+def dense_shapes(mod: tvm.IRModule) -> list[tuple[int | None, int | None]]:
+    """``(rows, K)`` of every ``matmul`` in ``mod``'s Relax functions: ``rows`` the product of the
+    left operand's leading dimensions, ``K`` its last; None where a size is only known at run
+    time (a dynamic batch). Activation x activation matmuls are listed too."""
+    shapes: list[tuple[int | None, int | None]] = []
+
+    def static(dims: list) -> int | None:
+        return int(np.prod([int(d) for d in dims])) if all(isinstance(d, tir.IntImm) for d in dims) else None
 
     def visit(expr: relax.Expr) -> None:
         if isinstance(expr, relax.Call) and _op_name(expr) == "relax.matmul":
             shape = getattr(expr.args[0].ty, "shape", None)
-            dims = list(shape.values)[:-1] if isinstance(shape, relax.ShapeExpr) else None
-            static = dims is not None and all(isinstance(d, tir.IntImm) for d in dims)
-            rows.append(int(np.prod([int(d) for d in dims])) if static else None)
+            dims = list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
+            shapes.append((static(dims[:-1]), static(dims[-1:])) if dims else (None, None))
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
-    return None if not rows or None in rows else max(rows)
+    return shapes
 
 
 @visitor

@@ -224,6 +224,23 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     assert lstm.format.layout == "kNW"
 
 
+def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
+    """The choice from the dense layers' (rows, K): the most rows decide, and a K the table-lookup
+    kernel cannot accumulate in int32 (W8, K of 40,000) keeps ``kNW`` for the whole model."""
+    from pbtvm.compiler import _static_batch_format
+
+    for bits, shapes, layout in [
+        (8, [(1, 70), (2, 40)], LUT),
+        (8, [(1, 70), (1, 40000)], "kNW"),
+        (4, [(1, 70), (3, 40)], "kNW"),
+        (4, [(1, 70), (None, 40)], "kNW"),
+        (4, [], "kNW"),
+    ]:
+        fmt = bp.BitplaneFormat(bits, 8)
+        assert _static_batch_format(fmt, "auto", AVX2)(shapes).layout == layout, (bits, shapes)
+    assert _static_batch_format(bp.BitplaneFormat(4, 8), "kNW", AVX2) is None
+
+
 @needs_avx2
 @pytest.mark.parametrize(("bits", "n_in", "hidden", "batch"), [(3, 600, 130, 5), (4, 650, 650, 1)])
 def test_lstm_step_matches_the_reference(bits, n_in, hidden, batch, monkeypatch):
