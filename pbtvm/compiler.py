@@ -35,13 +35,13 @@ def _rewrite(
     codebook: str | None = AUTO,
     quantizer: str = "mse",
     calibration: Any = None,
-    fmt_for_shapes: Any = None,
+    auto_layout: bool = False,
 ):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled).
 
-    ``fmt_for_shapes``: given, and the model has no LSTM, the dense layers' format is
-    ``fmt_for_shapes(dense_shapes(mod))`` (:func:`_static_batch_format`). Returns ``(mod, specs,
-    dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
+    ``auto_layout``: ``fmt``'s layout is what ``layout="auto"`` gave; with a static batch and no
+    LSTM the dense layers' rows then decide it (:func:`_static_batch_format`). Returns ``(mod,
+    specs, dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
     """
     t0 = time.perf_counter()
     owners: list[str] = []
@@ -57,8 +57,8 @@ def _rewrite(
     lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
         mod = lstms(mod)
-        if fmt_for_shapes is not None and not lstms.converted:
-            fmt = fmt_for_shapes(dense_shapes(mod))
+        if auto_layout and not dynamic_batch and not lstms.converted:
+            fmt = _static_batch_format(fmt, tvm_target, dense_shapes(mod))
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
@@ -89,27 +89,20 @@ def _rewrite(
     return mod, specs, dynamic, converted, skipped, fmt
 
 
-def _static_batch_format(fmt: BitplaneFormat, layout: str, tvm_target: tvm.target.Target) -> Any:
-    """For a static-batch compile with ``layout="auto"``: a function of the model's
-    :func:`~pbtvm.relay_passes.dense_shapes` giving the dense layers' format, the one
-    :func:`pbtvm.target.weight_layout` picks for the most rows any layer runs (``lut16x4`` on AVX2
-    CPUs at 1-2 rows) if every layer's K fits that layout's kernel, else ``fmt``. None otherwise."""
-    if layout != AUTO_LAYOUT:
-        return None
+def _static_batch_format(fmt: BitplaneFormat, tvm_target: tvm.target.Target, shapes: list) -> BitplaneFormat:
+    """For a static-batch compile with ``layout="auto"``, from the model's
+    :func:`~pbtvm.relay_passes.dense_shapes`: the format :func:`pbtvm.target.weight_layout` picks
+    for the most rows any dense layer runs (``lut16x4`` on AVX2 CPUs at 1-2 rows) if every
+    layer's K fits that layout's kernel, else ``fmt``."""
+    from .ops import pb_lut
 
-    def by_shapes(shapes: list) -> BitplaneFormat:
-        from .ops import pb_lut
-
-        rows = [r for r, _ in shapes]
-        most = None if not rows or None in rows else max(rows)
-        chosen = BitplaneFormat(
-            fmt.bits, fmt.act_bits, layout=weight_layout(layout, tvm_target, fmt.bits, fmt.act_bits, most)
-        )
-        if chosen.layout == LUT_LAYOUT and any(k is None or pb_lut.unsupported_reason(chosen, k) for _, k in shapes):
-            return fmt
-        return chosen
-
-    return by_shapes
+    rows = [r for r, _ in shapes]
+    most = None if not rows or None in rows else max(rows)
+    layout = weight_layout(AUTO_LAYOUT, tvm_target, fmt.bits, fmt.act_bits, most)
+    chosen = BitplaneFormat(fmt.bits, fmt.act_bits, layout=layout)
+    if chosen.layout == LUT_LAYOUT and any(k is None or pb_lut.unsupported_reason(chosen, k) for _, k in shapes):
+        return fmt
+    return chosen
 
 
 def _part_name(whole: str, axis: int, cut: slice) -> str:
@@ -186,8 +179,8 @@ def tune(
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if trials < 1:
         raise InputError(f"trials must be >= 1, got {trials}")
-    by_shapes = _static_batch_format(fmt, layout, tvm_target) if not dynamic_batch else None
-    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, by_shapes)
+    auto = layout == AUTO_LAYOUT
+    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, auto)
     return tune_kernels(
         _pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
     )
@@ -282,9 +275,8 @@ def compile(
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
-    by_shapes = _static_batch_format(fmt, layout, tvm_target) if not dynamic_batch else None
     mod, specs, dynamic, converted, skipped, fmt = _rewrite(
-        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, by_shapes
+        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, layout == AUTO_LAYOUT
     )
     _warn_recurrent(model)
     if skipped:

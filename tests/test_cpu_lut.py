@@ -216,6 +216,7 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     static = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False)
     assert static.format.layout == LUT
     plain = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False, layout="kNW")
+    assert plain.format.layout == "kNW"  # an explicit layout stays as asked
     np.testing.assert_array_equal(np.asarray(static(x)), np.asarray(plain(x)))
     assert pbtvm.compile(model, x, target=AVX2, bits=4).format.layout == "kNW"
     for rows in (torch.randn(3, 70), torch.randn(1, 3, 70)):
@@ -237,8 +238,7 @@ def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
         (4, [], "kNW"),
     ]:
         fmt = bp.BitplaneFormat(bits, 8)
-        assert _static_batch_format(fmt, "auto", AVX2)(shapes).layout == layout, (bits, shapes)
-    assert _static_batch_format(bp.BitplaneFormat(4, 8), "kNW", AVX2) is None
+        assert _static_batch_format(fmt, AVX2, shapes).layout == layout, (bits, shapes)
 
 
 @needs_avx2
