@@ -169,8 +169,9 @@ def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: in
     if not (2 <= bits <= 8 and act_bits <= 8 and 1 <= batch <= LUT_AUTO_MAX_BATCH):
         return False
     from .ops.pb_vnni import cpu_isa
+    from .ops.vnni_rows import YMM_ISAS
 
-    return cpu_isa(target) == "avx2"
+    return cpu_isa(target) in YMM_ISAS  # AVX-VNNI's byte-code kernel too (BENCHMARKS.md, 19th session)
 
 
 def _clean(spec: dict) -> dict:

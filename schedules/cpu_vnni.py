@@ -53,6 +53,7 @@ SINGLE_ROWS_SIDE_BY_SIDE = 16
 #: The same defaults per instruction set: AVX2 has 16 ymm registers, an accumulator takes two.
 DEFAULT_TILES = {
     "avx512": (ROW_TILE, BATCH_TILE, SINGLE_ROWS_SIDE_BY_SIDE),
+    "avxvnni": (1, 4, 4),
     "avx2": (1, 4, 4),
 }
 

@@ -59,11 +59,14 @@ __all__ = [
 #: LLVM CPU features the kernel's instructions need.
 CPU_FEATURES = ("avx512bw", "avx512vnni")
 #: Instruction sets the kernel is built for, best first, and the LLVM CPU features each needs:
-#: ``vpdpbusd`` on zmm registers, or AVX2's ``vpmaddubsw`` + ``vpmaddwd`` on ymm registers
-#: (about five times the instructions per 64 weights, no GFNI decode; CPUs without AVX-512 VNNI).
-ISA_FEATURES = {"avx512": CPU_FEATURES, "avx2": ("avx2",)}
+#: ``vpdpbusd`` on zmm registers; AVX-VNNI's ``vpdpbusd`` on ymm registers (Intel client cores
+#: from Alder Lake on: no AVX-512, but the dot product in one instruction, exact in int32); or
+#: AVX2's ``vpmaddubsw`` + ``vpmaddwd`` on ymm registers (about five times the instructions per
+#: 64 weights; AMD Zen 2/3, older Intel). The ymm ones share everything but the dot product
+#: (:data:`~pbtvm.ops.vnni_rows.YMM_ISAS`): no GFNI decode, 16 registers.
+ISA_FEATURES = {"avx512": CPU_FEATURES, "avxvnni": ("avx2", "avxvnni"), "avx2": ("avx2",)}
 #: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel, per ISA.
-CPU_KERNELS = {"avx512": "avx512_vnni", "avx2": "avx2_madd"}
+CPU_KERNELS = {"avx512": "avx512_vnni", "avxvnni": "avx2_vnni", "avx2": "avx2_madd"}
 #: Activation rows per pass over a row's blocks: 8 measured no faster than 4 (4096x4096 W4
 #: batch 8) and made TVM's CompactBufferAllocation pass take minutes (batch tile 6: 27 s, 8:
 #: 194 s, against 1 s at 4).
@@ -75,7 +78,7 @@ BLOCK_TASK_ROWS = 64
 #: int32x16 accumulators a tile may hold: 24 of the 32 zmm registers (the rest decode); on AVX2
 #: each takes two of the 16 ymm registers.
 MAX_ACCUMULATORS = 24
-MAX_ACCUMULATORS_PER_ISA = {"avx512": MAX_ACCUMULATORS, "avx2": 5}
+MAX_ACCUMULATORS_PER_ISA = {"avx512": MAX_ACCUMULATORS, "avxvnni": 5, "avx2": 5}
 #: Layers with fewer weight bits (N * K * bits, 1 MiB of planes) run their row tiles serially:
 #: waking TVM's thread pool cost more than it gave below this on the 2-vCPU EPYC (MNIST MLP W4
 #: batch 1: 55 µs serial vs 77 µs; 1024² W4 69 vs 84 µs; 2048² W4 297 vs 267 µs, BENCHMARKS.md,
@@ -189,8 +192,8 @@ def pb_vnni_func(
         (:mod:`pbtvm.ops.gfni_decode`; the CPU needs the ``gfni`` feature); False: every chunk
         takes the masked-add decode.
     isa : str
-        ``"avx512"`` or ``"avx2"`` (:data:`ISA_FEATURES`; AVX2 has no GFNI decode, splits 8-bit
-        weights' codes in two, holds fewer accumulators).
+        A key of :data:`ISA_FEATURES` (the ymm ones have no GFNI decode and hold fewer
+        accumulators; plain AVX2 splits 8-bit weights' codes in two).
 
     Returns
     -------

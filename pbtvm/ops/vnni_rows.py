@@ -30,6 +30,7 @@ from .vnni_bytes import CHUNK, lane_mask, qword, row_codes, sum_codes
 
 __all__ = [
     "ACC_CHAINS",
+    "YMM_ISAS",
     "Kernel",
     "accumulators",
     "batch_tiles",
@@ -77,6 +78,9 @@ def lane_bound(fmt: BitplaneFormat, k_dim: int, scaled: bool) -> int:
     return padded * (255 if scaled else 2**fmt.bits - 1) * 2 ** (fmt.act_bits - 1)
 
 
+#: Instruction sets of the ymm kernels (16 registers, dword-broadcast decode, plain codes):
+#: AVX2 (:func:`dot` by ``vpmaddubsw`` + ``vpmaddwd``) and AVX-VNNI (``vpdpbusd`` on ymm).
+YMM_ISAS = ("avx2", "avxvnni")
 #: Largest int16: AVX2's ``vpmaddubsw`` saturates its pair sums there.
 INT16_MAX = 2**15 - 1
 
@@ -241,7 +245,8 @@ class Kernel:
     layers: tir.PrimExpr | None = None
     #: Decoded bytes are ``2^(8-k) u / |c|`` (:func:`scaled_codes`), else ``u``.
     scaled: bool = True
-    #: Instruction set of the dot products: ``"avx512"`` (``vpdpbusd``) or ``"avx2"`` (:func:`dot`).
+    #: Instruction set of the dot products: ``"avx512"`` (``vpdpbusd`` on zmm), ``"avxvnni"``
+    #: (on ymm) or ``"avx2"`` (:func:`dot`).
     isa: str = "avx512"
     #: Split codes (:func:`split_codes`): nonzero, and after :func:`decode_scratch` the offset of
     #: the high codes in ``decoded``; 0: one code per weight.
@@ -249,9 +254,9 @@ class Kernel:
 
     @property
     def dword(self) -> bool:
-        """AVX2: chunks decoded from dword broadcasts (:func:`dword_lane_weights`), the activation
-        codes in that order."""
-        return self.isa == "avx2"
+        """The ymm kernels (:data:`YMM_ISAS`): chunks decoded from dword broadcasts
+        (:func:`dword_lane_weights`), the activation codes in that order."""
+        return self.isa in YMM_ISAS
 
 
 def prepare_kernel(
@@ -302,7 +307,8 @@ def prepare_kernel(
     packed : tuple, optional
         Else ``(xp, x_scale, rowsum)``: the rows as activation planes.
     isa : str
-        ``"avx512"`` or ``"avx2"`` (:func:`dot`; AVX2 decodes plain codes ``u``, no GFNI).
+        ``"avx512"``, ``"avxvnni"`` or ``"avx2"`` (:func:`dot`; the ymm ones decode plain
+        codes ``u``, no GFNI).
 
     Returns
     -------
@@ -311,14 +317,14 @@ def prepare_kernel(
         parallel task, by the caller).
     """
     words = fmt.words(k_dim)
-    scaled = scaled_codes(fmt, k_dim) and isa == "avx512"  # AVX2's int16 pair sums need plain codes
+    scaled = scaled_codes(fmt, k_dim) and isa == "avx512"  # the ymm kernels decode plain codes
     full_chunks, tail = divmod(words, 2)
     chunks = full_chunks + tail
     blocks = words // BLOCK_WORDS
     gfni = gfni and scaled and blocks > 0  # the GFNI decode yields scaled bytes
     codes = T.alloc_buffer((batch, chunks * CHUNK), "int8")
     natural = (
-        T.alloc_buffer((batch, chunks * CHUNK), "int8") if gfni or isa == "avx2" else codes
+        T.alloc_buffer((batch, chunks * CHUNK), "int8") if gfni or isa in YMM_ISAS else codes
     )  # reordered (Kernel.dword)
     if x is not None:
         x_scale, rowsum = T.alloc_buffer((batch,), "float32"), T.alloc_buffer((batch,), "int32")
@@ -367,7 +373,7 @@ def side_by_side(kern: Kernel, b_rows: int) -> int:
     activation row, one block and up to :data:`SIDE_BY_SIDE_BITS` weight bits (AVX-512 only),
     else 1."""
     one_block = kern.blocks == 1 and kern.fmt.bits <= SIDE_BY_SIDE_BITS
-    if kern.isa == "avx2":  # no gain there (one thread, batch 1: 512x784 W4 49 vs 39 µs, 2600x650
+    if kern.isa in YMM_ISAS:  # no gain there (one thread, batch 1: 512x784 W4 49 vs 39 µs, 2600x650
         return 1  # 132 vs 134, 512x512 W2 16.1 vs 15.5) for about 1 s more LLVM time per kernel
     return ROWS_SIDE_BY_SIDE if b_rows == 1 and one_block else 1
 
@@ -561,7 +567,7 @@ def decode_chunk(T, kern: Kernel, row, c, full: bool, at) -> None:
 
 def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:
     """``acc[slot] += dot(decoded[code_at] bytes, activation row b's codes at ``at``)``: one
-    ``vpdpbusd`` (AVX-512), or on AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for
+    ``vpdpbusd`` (AVX-512), two on ymm (AVX-VNNI, each half into 8 of the slot's lanes), or on AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for
     codes up to :func:`madd_exact`) and a ``vpmaddwd`` (int32); where two halves' pair sums fit
     int16 together they are added first, one ``vpmaddwd`` for both. Split codes (8-bit weights on
     AVX2) multiply the low and the high codes alike, the high ones' ``vpmaddwd`` by 16."""
@@ -572,6 +578,14 @@ def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:
         T.buffer_store(kern.acc, total, [slot])
         return
     half = CHUNK // 2
+    if kern.isa == "avxvnni":  # each 32-byte half into its own 8 lanes (two dependency chains)
+        for h in range(2):
+            lanes = tir.Ramp(slot.base + h * (half // 4), 1, half // 4)
+            u = tir.reinterpret("int8x32", kern.decoded[tir.Ramp(code_at.base + h * half, 1, half)])
+            x = kern.codes[b, tir.Ramp(at + h * half, 1, half)]
+            total = tir.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", kern.acc[lanes], u, x)
+            T.buffer_store(kern.acc, total, [lanes])
+        return
 
     def pair_sums(base) -> list:
         return [

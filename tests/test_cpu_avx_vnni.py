@@ -1,0 +1,170 @@
+"""The byte-code PB kernels on AVX-VNNI (``vpdpbusd`` on ymm registers) against the numpy reference.
+
+Intel client CPUs from Alder Lake on have no AVX-512 but the VEX-encoded ``vpdpbusd``: the
+ymm kernels of :mod:`pbtvm.ops.pb_vnni` (dword-broadcast decode, plain codes ``u``) take it for
+their dot products, one instruction per 32 bytes instead of ``vpmaddubsw`` + ``vpmaddwd``, exact
+in int32 (8-bit weights keep one code). The kernels are built for Alder Lake (AVX2 + AVX-VNNI,
+no AVX-512); building and reading their code needs no such CPU, running them needs one with
+AVX-VNNI (Sapphire Rapids and Zen 5 have it too).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import bitplane as bp
+from pbtvm import kernels
+from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
+from pbtvm.ops.pb_vnni import MAX_ACCUMULATORS_PER_ISA, cpu_isa, target_supports, unsupported_reason
+from pbtvm.ops.vnni_rows import split_codes
+from pbtvm.schedules import rule_for
+from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
+from pbtvm.target import resolve_target, weight_layout
+
+from .test_cpu_one_kernel_layer import _rows, assert_same_floats
+from .test_cpu_vnni import _codes, _t, assert_exact_at_every_bitlayers
+
+HOST = resolve_target("llvm")
+ADL = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
+
+
+def _host_has_avx_vnni() -> bool:
+    """The host target's features, or Linux's CPU flags (a virtual machine's CPU model may be
+    one LLVM knows without the feature, as a Sapphire Rapids guest detected as Rocket Lake)."""
+    if target_supports(HOST, ("avx2", "avxvnni")):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx_vnni" in flags and "avx2" in flags
+
+
+needs_avx_vnni = pytest.mark.skipif(not _host_has_avx_vnni(), reason="host CPU lacks AVX-VNNI (Alder Lake and newer)")
+
+
+def _kernel(func):
+    rule = rule_for(func, ADL)
+    assert isinstance(rule, CPUVnniGemm) and rule.label == "avxvnni"
+    func = rule.apply(func).mod["main"]
+    assert func.attrs["pbtvm.cpu_kernel"] == "avx2_vnni"
+    return kernels.build(func, ADL, schedule=False)
+
+
+def test_isa_of_targets():
+    """AVX-VNNI without AVX-512 VNNI is its own instruction set; with both, AVX-512 wins."""
+    for mcpu, isa in [("alderlake", "avxvnni"), ("arrowlake", "avxvnni"), ("haswell", "avx2")]:
+        assert cpu_isa(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == isa, mcpu
+    assert cpu_isa(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) == "avx512"
+    fmt = bp.BitplaneFormat(8, 8)
+    assert not split_codes(fmt, "avxvnni") and split_codes(fmt, "avx2")  # int32 sums: one code per weight
+    assert unsupported_reason(fmt, 4096, "avxvnni") is None and one_kernel_layer(fmt, 4096, ADL)
+    assert MAX_ACCUMULATORS_PER_ISA["avxvnni"] == MAX_ACCUMULATORS_PER_ISA["avx2"]
+
+
+def test_kernel_is_avx_vnni_code():
+    """``vpdpbusd`` on ymm registers, no ``vpmaddubsw`` left and no zmm register (runs anywhere
+    this builds: the code is read, not run)."""
+    func = kernels.dense_act_func(bp.BitplaneFormat(8, 8), 16, 600, True)
+    rule = rule_for(func, ADL)
+    built = kernels.build(rule.apply(func).mod["main"], ADL, schedule=False)
+    asm = str(built.mod.inspect_source("asm"))
+    assert "vpdpbusd" in asm and "ymm" in asm
+    assert "vpmaddubsw" not in asm and "zmm" not in asm
+
+
+@needs_avx_vnni
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "codebook", "n", "k", "b"),
+    [
+        (1, 8, None, 7, 33, 1),
+        (2, 2, None, 9, 64, 5),
+        (3, 5, None, 17, 129, 9),
+        (4, 8, None, 13, 100, 6),
+        (7, 8, None, 11, 200, 3),
+        (8, 8, None, 33, 300, 6),
+        (8, 8, "offset_binary", 5, 100, 1),
+        (4, 8, None, 70, 1100, 5),  # whole blocks, batch > tile: each row decoded once
+        (8, 6, None, 21, 1030, 7),  # ... 8-bit codes, a partial chunk
+        (2, 8, None, 6, 600, 9),
+    ],
+)
+def test_int_product_exact(bits, act_bits, codebook, n, k, b, rng):
+    """Odd N, K not a multiple of 32 or 64, every batch remainder of the tile, every bitlayers."""
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook)
+    q, xq = _codes(rng, fmt, n, k, b)
+    assert_exact_at_every_bitlayers(_kernel(kernels.int_product_func(fmt, n, k)), fmt, q, xq)
+
+
+@needs_avx_vnni
+@pytest.mark.parametrize("k", [150, 1100])
+def test_eight_bit_extremes_are_exact(k):
+    """Codes 127 (plain 255) and -128 (plain 0) against -qmax and qmax: ``vpdpbusd`` adds the
+    four products of a dword in int32, where AVX2's int16 pair sums would saturate."""
+    fmt = bp.BitplaneFormat(8, 8)
+    kern = _kernel(kernels.int_product_func(fmt, 3, k))
+    q = np.full((3, k), 127)
+    q[1] = -128
+    q[2, ::2] = -128
+    xq = np.full((2, k), -127)
+    xq[1, 1::2] = 127
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq)
+
+
+@needs_avx_vnni
+@pytest.mark.parametrize(("bits", "n", "k", "b"), [(4, 21, 77, 6), (4, 40, 700, 3), (8, 9, 600, 5)])
+def test_one_kernel_layer_equals_popcount_kernels(bits, n, k, b, rng, monkeypatch):
+    """The float layer (rows quantized inside the kernel) is bit for bit the popcount pack + GEMM's."""
+    fmt = bp.BitplaneFormat(bits, 8)
+    q, ws = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    func = kernels.dense_act_func(fmt, n, k, True)
+    fast = kernels.build(func, ADL)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, ADL)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(ws), _t(rng.standard_normal(n).astype(np.float32))]
+    assert_same_floats(fast, slow, _rows(rng, b, k), weights, n, sorted({1, 3, bits}))
+
+
+@needs_avx_vnni
+def test_lstm_step_matches_the_reference(rng, monkeypatch):
+    """The decoder's step (input projection inside), 8-bit weights, both legs decoded once past
+    one tile: the popcount step's h', c' up to the polynomial exp, and the float64 reference's."""
+    from .test_cpu_vnni_lstm import assert_step_matches, input_step_case
+
+    fmt = bp.BitplaneFormat(8, 8)
+    func = kernels.lstm_cell_input_func(fmt, 1100, 520, True)
+    assert CPUVnniLstmCell(ADL).matches(func)
+    fast = kernels.build(func, ADL)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    slow = kernels.build(func, ADL)
+    for batch in (1, 9):
+        arrays = input_step_case(rng, fmt, 1100, 520, batch)
+        assert_step_matches(fast, slow, arrays, [1, 4, 8], fmt, batch, 520)
+
+
+def test_auto_layout_keeps_the_table_lookup_for_one_or_two_rows():
+    """The table lookup stays 2.0-2.9x faster than the AVX-VNNI byte-code kernel at one row
+    (BENCHMARKS.md, nineteenth session), so ``auto`` picks it there as on AVX2."""
+    assert weight_layout("auto", ADL, 4, 8, 1) == "lut16x4"
+    assert weight_layout("auto", ADL, 8, 8, 2) == "lut16x4"
+    assert weight_layout("auto", ADL, 4, 8, 4) == "kNW"
+    assert weight_layout("auto", ADL) == "kNW"
+
+
+@needs_avx_vnni
+def test_compile_gives_the_avx2_kernels_floats():
+    """``pbtvm.compile`` for Alder Lake: the same floats as the AVX2 build (both exact products,
+    the same epilogue)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(700, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
+    x = torch.randn(5, 700)
+    haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    for bits in (4, 8):
+        got = pbtvm.compile(model, x, target=ADL, bits=bits)
+        want = pbtvm.compile(model, x, target=haswell, bits=bits)
+        np.testing.assert_array_equal(np.asarray(got(x)), np.asarray(want(x)))
