@@ -291,8 +291,9 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
     n_tiles = -(-kern.n_out // row_tile)
     # batch 2 and more: each row decoded once (:mod:`.vnni_batch`)
     decode_once = decodes_once(kern)
+    parts = 1 if serial else n_tiles  # a part per parallel task; serial tiles take turns in one
     if decode_once:  # once per call: a buffer of 1 KiB or more in the parallel loop is allocated per task
-        row_codes = T.alloc_buffer((n_tiles * row_code_bytes(kern),), "uint8")
+        row_codes = T.alloc_buffer((parts * row_code_bytes(kern),), "uint8")
     with T.serial(0, n_tiles) if serial else T.parallel(0, n_tiles) as tile:
         # One accumulator and one decode buffer for every specialisation below: separate
         # per-branch buffers get merged by storage rewriting into one mixed-type stack
@@ -306,7 +307,7 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
             with T.If(batch > 1):
                 with T.Then():
                     n0 = tile * row_tile
-                    at = tile * row_code_bytes(kern)
+                    at = 0 if serial else tile * row_code_bytes(kern)
                     rows_decoded_once(T, kern, row_codes, at, n0, _rows_in_tile(kern, n0, row_tile), batch, batch_tile)
                 with T.Else():  # batch 1: the codes stay in registers
                     _batch_tiles(T, kern, tile, batch, row_tile, 1)

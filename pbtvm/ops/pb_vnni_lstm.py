@@ -159,8 +159,10 @@ def pb_vnni_lstm_func(
             # past one batch tile: a task's rows decoded once each (one part of a buffer per task,
             # made once per call: 1 KiB or more inside the parallel loop would be allocated per task)
             row_bytes = max((row_code_bytes(kern) for kern in legs if not lut and decodes_once(kern)), default=0)
-            row_codes = T.alloc_buffer((n_tasks * row_bytes,), "uint8") if row_bytes else None
-            with T.serial(0, n_tasks) if weight_bits < pb_vnni.SERIAL_WEIGHT_BITS else T.parallel(0, n_tasks) as task:
+            serial = weight_bits < pb_vnni.SERIAL_WEIGHT_BITS
+            parts = 1 if serial else n_tasks  # a part per parallel task; serial tasks take turns in one
+            row_codes = T.alloc_buffer((parts * row_bytes,), "uint8") if row_bytes else None
+            with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
                 u0 = task * UNITS_PER_TASK
                 units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
                 if lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
@@ -168,7 +170,7 @@ def pb_vnni_lstm_func(
                     for kern in legs:
                         pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, TASK_TILES, batch)
                 else:
-                    _gate_rows(T, legs, batch, u0 * 4, units * 4, row_codes, task * row_bytes)
+                    _gate_rows(T, legs, batch, u0 * 4, units * 4, row_codes, 0 if serial else task * row_bytes)
                 with T.serial(0, batch) as b:
                     with T.serial(0, units) as du:
                         u = u0 + du
