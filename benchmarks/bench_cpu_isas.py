@@ -5,7 +5,7 @@ that quantizes the rows and multiplies) in that weight layout, built for that LL
 host measures the kernels other CPUs would get: ``kNW@haswell`` is the AVX2 byte-code kernel
 (``vpmaddubsw`` + ``vpmaddwd``; AMD Zen 2/3), ``kNW@alderlake`` the AVX-VNNI one (``vpdpbusd`` on
 ymm; Intel client cores from Alder Lake on), ``lut16x4@haswell`` the AVX2 table lookup,
-``kNW@host`` the host's own best. The host must have every variant's instructions. The weights
+``kNW@host`` the host's own best; ``kNW@alderlake:-gfni`` drops an LLVM feature (``mattr``). The host must have every variant's instructions. The weights
 stay warm in the caches (a decoder's case); the variants take turns for ``--rounds`` rounds of
 ``--calls`` calls, the median per call is printed with each variant's speed relative to the
 first, and the float outputs of all variants are checked equal first.
@@ -46,8 +46,12 @@ def _t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
-def _target(mcpu: str) -> tvm.target.Target:
-    return resolve_target("llvm") if mcpu == "host" else tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+def _target(cpu: str) -> tvm.target.Target:
+    """``mcpu``, or ``mcpu:+feature,-feature`` (LLVM ``mattr``), or ``host``."""
+    if cpu == "host":
+        return resolve_target("llvm")
+    mcpu, _, mattr = cpu.partition(":")
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, **({"mattr": mattr.split(",")} if mattr else {})})
 
 
 def main() -> int:

@@ -34,6 +34,12 @@ AUTO_LAYOUT = "auto"
 #: each activation row repeats the lookups, while the byte-code kernel decodes a weight once for
 #: several rows, so from batch 4 it is as fast (W4) or faster (BENCHMARKS.md, sixteenth session).
 LUT_AUTO_MAX_BATCH = 2
+#: With AVX-VNNI and GFNI (Intel client cores from Alder Lake on) the byte-code kernel decodes
+#: 512-input blocks with ymm GFNI transposes and is much closer: ``auto`` picks the lookup only
+#: where rows x weight bits is at most this (W2-W4 at one row, W2 at two). Measured on the 2x650 LM
+#: decoder's ``generate()``: lookup vs byte code W2 1.69x / 1.28x at batch 1 / 2, W4 1.25x /
+#: 0.94x, W8 0.99x / 0.91x (BENCHMARKS.md, nineteenth session).
+LUT_YMM_GFNI_MAX_ROW_BITS = 4
 #: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
 #: m8n8k128 ``.xor.popc``).
 BMMA_MIN_SM = 80
@@ -163,15 +169,19 @@ def weight_layout(
 def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: int | None, batch: int | None) -> bool:
     """Whether ``"auto"`` means ``lut16x4``: an AVX2 CPU without AVX-512 VNNI (whose byte-code
     kernel is faster), 2..8-bit weights, activations of at most 8 bits, a known batch of at most
-    :data:`LUT_AUTO_MAX_BATCH` rows, and the byte-code kernels not switched off."""
+    :data:`LUT_AUTO_MAX_BATCH` rows (with AVX-VNNI and GFNI at most
+    :data:`LUT_YMM_GFNI_MAX_ROW_BITS` rows x bits), and the byte-code kernels not switched off."""
     if target.kind.name != "llvm" or None in (bits, act_bits, batch) or os.environ.get(ENV_CPU_KERNEL) == "popcount":
         return False
     if not (2 <= bits <= 8 and act_bits <= 8 and 1 <= batch <= LUT_AUTO_MAX_BATCH):
         return False
-    from .ops.pb_vnni import cpu_isa
-    from .ops.vnni_rows import YMM_ISAS
+    from .ops.gfni_decode import CPU_FEATURES as GFNI
+    from .ops.pb_vnni import cpu_isa, target_supports
 
-    return cpu_isa(target) in YMM_ISAS  # AVX-VNNI's byte-code kernel too (BENCHMARKS.md, 19th session)
+    isa = cpu_isa(target)
+    if isa == "avxvnni" and target_supports(target, GFNI):
+        return batch * bits <= LUT_YMM_GFNI_MAX_ROW_BITS
+    return isa in ("avx2", "avxvnni")
 
 
 def _clean(spec: dict) -> dict:

@@ -19,6 +19,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
+from pbtvm.ops.gfni_decode import block_permutation
 from pbtvm.ops.pb_vnni import MAX_ACCUMULATORS_PER_ISA, cpu_isa, target_supports, unsupported_reason
 from pbtvm.ops.vnni_rows import split_codes
 from pbtvm.schedules import rule_for
@@ -30,6 +31,7 @@ from .test_cpu_vnni import _codes, _t, assert_exact_at_every_bitlayers
 
 HOST = resolve_target("llvm")
 ADL = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
+NO_GFNI = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "mattr": ["-gfni"]})
 
 
 def _host_has_avx_vnni() -> bool:
@@ -48,12 +50,12 @@ def _host_has_avx_vnni() -> bool:
 needs_avx_vnni = pytest.mark.skipif(not _host_has_avx_vnni(), reason="host CPU lacks AVX-VNNI (Alder Lake and newer)")
 
 
-def _kernel(func):
-    rule = rule_for(func, ADL)
+def _kernel(func, target=ADL):
+    rule = rule_for(func, target)
     assert isinstance(rule, CPUVnniGemm) and rule.label == "avxvnni"
     func = rule.apply(func).mod["main"]
     assert func.attrs["pbtvm.cpu_kernel"] == "avx2_vnni"
-    return kernels.build(func, ADL, schedule=False)
+    return kernels.build(func, target, schedule=False)
 
 
 def test_isa_of_targets():
@@ -68,14 +70,23 @@ def test_isa_of_targets():
 
 
 def test_kernel_is_avx_vnni_code():
-    """``vpdpbusd`` on ymm registers, no ``vpmaddubsw`` left and no zmm register (runs anywhere
-    this builds: the code is read, not run)."""
+    """``vpdpbusd`` and the GFNI block decode on ymm registers, no ``vpmaddubsw`` left and no zmm
+    register (runs anywhere this builds: the code is read, not run)."""
     func = kernels.dense_act_func(bp.BitplaneFormat(8, 8), 16, 600, True)
     rule = rule_for(func, ADL)
     built = kernels.build(rule.apply(func).mod["main"], ADL, schedule=False)
     asm = str(built.mod.inspect_source("asm"))
-    assert "vpdpbusd" in asm and "ymm" in asm
+    assert "vpdpbusd" in asm and "vgf2p8affineqb" in asm and "ymm" in asm
     assert "vpmaddubsw" not in asm and "zmm" not in asm
+    plain = kernels.build(rule_for(func, NO_GFNI).apply(func).mod["main"], NO_GFNI, schedule=False)
+    assert "vgf2p8affineqb" not in str(plain.mod.inspect_source("asm"))  # the masked-add decode
+
+
+def test_ymm_block_order_is_a_permutation_of_the_block():
+    """Two 256-input halves: each half's qwords hold its own inputs, every input once."""
+    for bits in range(1, 9):
+        perm = block_permutation(bits, 32)
+        assert sorted(perm) == list(range(64)) and max(perm[:32]) < 32 <= min(perm[32:]), bits
 
 
 @needs_avx_vnni
@@ -89,16 +100,28 @@ def test_kernel_is_avx_vnni_code():
         (7, 8, None, 11, 200, 3),
         (8, 8, None, 33, 300, 6),
         (8, 8, "offset_binary", 5, 100, 1),
-        (4, 8, None, 70, 1100, 5),  # whole blocks, batch > tile: each row decoded once
-        (8, 6, None, 21, 1030, 7),  # ... 8-bit codes, a partial chunk
+        # K >= 512: whole blocks by the ymm GFNI decode (two halves each), the chunks after them
+        # by the masked-add decode in the dword-broadcast order
+        (1, 8, None, 7, 1100, 2),
         (2, 8, None, 6, 600, 9),
+        (3, 8, "offset_binary", 9, 1030, 5),
+        (4, 8, None, 70, 1100, 5),
+        (5, 6, "offset_binary", 6, 600, 1),
+        (6, 4, None, 3, 2048, 6),
+        (7, 8, None, 13, 1100, 3),
+        (8, 6, None, 21, 1030, 7),
+        (8, 8, None, 21, 520, 9),
     ],
 )
-def test_int_product_exact(bits, act_bits, codebook, n, k, b, rng):
-    """Odd N, K not a multiple of 32 or 64, every batch remainder of the tile, every bitlayers."""
+@pytest.mark.parametrize("gfni", [True, False])
+def test_int_product_exact(bits, act_bits, codebook, n, k, b, gfni, rng):
+    """Odd N, K not a multiple of 32 or 64, every batch remainder of the tile, every bitlayers;
+    with GFNI (Alder Lake) and without it (every chunk by the masked-add decode; from batch 2
+    rows of whole blocks decoded once)."""
     fmt = bp.BitplaneFormat(bits, act_bits, codebook)
     q, xq = _codes(rng, fmt, n, k, b)
-    assert_exact_at_every_bitlayers(_kernel(kernels.int_product_func(fmt, n, k)), fmt, q, xq)
+    target = ADL if gfni else NO_GFNI
+    assert_exact_at_every_bitlayers(_kernel(kernels.int_product_func(fmt, n, k), target), fmt, q, xq)
 
 
 @needs_avx_vnni
@@ -147,12 +170,15 @@ def test_lstm_step_matches_the_reference(rng, monkeypatch):
         assert_step_matches(fast, slow, arrays, [1, 4, 8], fmt, batch, 520)
 
 
-def test_auto_layout_keeps_the_table_lookup_for_one_or_two_rows():
-    """The table lookup stays 2.0-2.9x faster than the AVX-VNNI byte-code kernel at one row
-    (BENCHMARKS.md, nineteenth session), so ``auto`` picks it there as on AVX2."""
-    assert weight_layout("auto", ADL, 4, 8, 1) == "lut16x4"
-    assert weight_layout("auto", ADL, 8, 8, 2) == "lut16x4"
-    assert weight_layout("auto", ADL, 4, 8, 4) == "kNW"
+def test_auto_layout_takes_the_table_lookup_where_it_was_measured_faster():
+    """With GFNI the byte-code kernel's ymm block decode ties with the lookup at W8 and wins at W4
+    from two rows: ``auto`` picks the lookup for rows x bits <= 4. Without GFNI (the masked-add
+    decode) as on AVX2: 1-2 rows (BENCHMARKS.md, nineteenth session)."""
+    for bits, rows, layout in [(2, 1, "lut16x4"), (4, 1, "lut16x4"), (2, 2, "lut16x4"), (4, 2, "kNW"), (8, 1, "kNW")]:
+        assert weight_layout("auto", ADL, bits, 8, rows) == layout, (bits, rows)
+    no_gfni = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "mattr": ["-gfni"]})
+    assert weight_layout("auto", no_gfni, 8, 8, 2) == "lut16x4"
+    assert weight_layout("auto", no_gfni, 4, 8, 4) == "kNW"
     assert weight_layout("auto", ADL) == "kNW"
 
 

@@ -62,8 +62,9 @@ CPU_FEATURES = ("avx512bw", "avx512vnni")
 #: ``vpdpbusd`` on zmm registers; AVX-VNNI's ``vpdpbusd`` on ymm registers (Intel client cores
 #: from Alder Lake on: no AVX-512, but the dot product in one instruction, exact in int32); or
 #: AVX2's ``vpmaddubsw`` + ``vpmaddwd`` on ymm registers (about five times the instructions per
-#: 64 weights; AMD Zen 2/3, older Intel). The ymm ones share everything but the dot product
-#: (:data:`~pbtvm.ops.vnni_rows.YMM_ISAS`): no GFNI decode, 16 registers.
+#: 64 weights; AMD Zen 2/3, older Intel). The ymm ones share the dword-broadcast decode and 16
+#: registers (:data:`~pbtvm.ops.vnni_rows.YMM_ISAS`); AVX-VNNI CPUs also have GFNI, whose block
+#: decode then runs on ymm (two halves per block).
 ISA_FEATURES = {"avx512": CPU_FEATURES, "avxvnni": ("avx2", "avxvnni"), "avx2": ("avx2",)}
 #: Value of the ``pbtvm.cpu_kernel`` attribute on a PrimFunc replaced by this kernel, per ISA.
 CPU_KERNELS = {"avx512": "avx512_vnni", "avxvnni": "avx2_vnni", "avx2": "avx2_madd"}
@@ -189,11 +190,12 @@ def pb_vnni_func(
         latency (512x784 W4: 16 rows 21 µs, 2 rows 37 µs, single-thread CPU time).
     gfni : bool
         Decode whole 512-input blocks with GFNI bit transposes
-        (:mod:`pbtvm.ops.gfni_decode`; the CPU needs the ``gfni`` feature); False: every chunk
+        (:mod:`pbtvm.ops.gfni_decode`, on zmm or two ymm halves; the CPU needs the ``gfni``
+        feature; not with plain AVX2, whose int16 pair sums need plain codes); False: every chunk
         takes the masked-add decode.
     isa : str
-        A key of :data:`ISA_FEATURES` (the ymm ones have no GFNI decode and hold fewer
-        accumulators; plain AVX2 splits 8-bit weights' codes in two).
+        A key of :data:`ISA_FEATURES` (the ymm ones hold fewer accumulators; plain AVX2 splits
+        8-bit weights' codes in two).
 
     Returns
     -------

@@ -79,9 +79,9 @@ def pb_vnni_lstm_func(
         parameter ``t`` after ``w_scale`` (the time loop's step of
         :mod:`relay_passes.pb_lstm_lowering`).
     gfni : bool
-        Decode whole 512-input blocks with GFNI (the CPU needs ``gfni``; AVX-512 only).
+        Decode whole 512-input blocks with GFNI (the CPU needs ``gfni``; AVX-512 and AVX-VNNI).
     isa : str
-        ``"avx512"`` or ``"avx2"``, as :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
+        A key of :data:`pbtvm.ops.pb_vnni.ISA_FEATURES`, as :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
 
     Returns
     -------

@@ -1,4 +1,4 @@
-"""Row loops of the AVX-512 PB kernels: activation codes, weight decode, VNNI dot products, the store.
+"""Row loops of the byte-code PB kernels (AVX-512, AVX-VNNI, AVX2): activation codes, weight decode, dot products, the store.
 
 The pieces :func:`pbtvm.ops.pb_vnni.pb_vnni_func` (the GEMM) and
 :func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func` (the LSTM step) are built from:
@@ -13,7 +13,9 @@ The pieces :func:`pbtvm.ops.pb_vnni.pb_vnni_func` (the GEMM) and
 * :func:`decode_chunk`, :func:`dot`, :func:`store` -- also the GEMM's chunk path below one block.
 
 Each weight of a row becomes one byte, ``2^(8-k) u / |c|`` (:func:`scaled_codes`; ``u`` the
-unsigned code of the kept planes), multiplied by the activation codes in int32 lanes, exactly.
+unsigned code of the kept planes; plain ``u`` on AVX2, whose int16 pair sums would saturate),
+multiplied by the activation codes in int32 lanes, exactly. The ymm kernels (:data:`YMM_ISAS`)
+decode chunks from dword broadcasts, and with GFNI (AVX-VNNI CPUs) whole blocks in two ymm halves.
 """
 
 from __future__ import annotations
@@ -253,6 +255,11 @@ class Kernel:
     hi: int = 0
 
     @property
+    def gfni_width(self) -> int:
+        """Bytes per vector of the GFNI block decode: zmm on AVX-512, else ymm (two halves a block)."""
+        return 64 if self.isa == "avx512" else 32
+
+    @property
     def dword(self) -> bool:
         """The ymm kernels (:data:`YMM_ISAS`): chunks decoded from dword broadcasts
         (:func:`dword_lane_weights`), the activation codes in that order."""
@@ -317,7 +324,7 @@ def prepare_kernel(
         parallel task, by the caller).
     """
     words = fmt.words(k_dim)
-    scaled = scaled_codes(fmt, k_dim) and isa == "avx512"  # the ymm kernels decode plain codes
+    scaled = scaled_codes(fmt, k_dim) and isa != "avx2"  # AVX2's int16 pair sums need plain codes
     full_chunks, tail = divmod(words, 2)
     chunks = full_chunks + tail
     blocks = words // BLOCK_WORDS
@@ -344,26 +351,37 @@ def prepare_kernel(
         row_codes(T, fmt, r, k_dim, natural, chunks, x=x, x_scale=x_scale, xp=xp)
         sum_codes(T, natural, r, kern.code_sum, chunks * CHUNK)
         if gfni:
-            _block_order(T, fmt, natural, codes, r, blocks, chunks)
+            _block_order(T, kern, natural, codes, r, chunks)
         elif kern.dword:
-            order = [tir.IntImm("int32", w) for w in dword_lane_weights()]
-            with T.serial(0, chunks) as c:
-                at = tir.Ramp(c * CHUNK, 1, CHUNK)
-                T.buffer_store(codes, tir.Shuffle([natural[r, at]], order), [r, at])
+            _chunk_order(T, natural, codes, r, range(chunks))
     return kern
 
 
-def _block_order(T, fmt: BitplaneFormat, natural, codes, r, blocks: int, chunks: int) -> None:
-    """Row ``r``'s codes in the GFNI decode's order (:func:`block_permutation`) for whole blocks,
-    in input order after them: 8-byte moves, once per row and call."""
-    perm = block_permutation(fmt.bits)
-    with T.serial(0, blocks) as blk:
+def _chunk_order(T, natural, codes, r, chunks) -> None:
+    """Row ``r``'s codes of ``chunks`` (a range, or a loop's extent) in the dword-broadcast
+    decode's lane order (:func:`dword_lane_weights`)."""
+    order = [tir.IntImm("int32", w) for w in dword_lane_weights()]
+    with T.serial(chunks.start, chunks.stop) as c:
+        at = tir.Ramp(c * CHUNK, 1, CHUNK)
+        T.buffer_store(codes, tir.Shuffle([natural[r, at]], order), [r, at])
+
+
+def _block_order(T, kern: Kernel, natural, codes, r, chunks: int) -> None:
+    """Row ``r``'s codes in the GFNI decode's order (:func:`block_permutation` at the kernel's
+    vector width) for whole blocks, after them in the order of the masked-add decode of the
+    kernel's instruction set: 8-byte moves and shuffles, once per row and call."""
+    perm = block_permutation(kern.fmt.bits, kern.gfni_width)
+    with T.serial(0, kern.blocks) as blk:
         base = blk * BLOCK
         for q in range(64):
             T.buffer_store(
                 codes, natural[r, tir.Ramp(base + 8 * int(perm[q]), 1, 8)], [r, tir.Ramp(base + 8 * q, 1, 8)]
             )
-    for c in range(blocks * BLOCK // CHUNK, chunks):
+    tail = range(kern.blocks * BLOCK // CHUNK, chunks)
+    if kern.dword and len(tail):
+        _chunk_order(T, natural, codes, r, tail)
+        return
+    for c in tail:
         at = tir.Ramp(c * CHUNK, 1, CHUNK)
         T.buffer_store(codes, natural[r, at], [r, at])
 
@@ -438,12 +456,13 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     slot = accumulators(T, kern, n_rows, b_rows, split)
     start = 0  # first chunk the masked-add decode takes
     if kern.gfni:
-        per_block = BLOCK // CHUNK
+        per_block, width = BLOCK // CHUNK, kern.gfni_width
         with T.serial(0, kern.blocks) as blk:
             for r, row in enumerate(rows):
-                planes = [_block_plane(kern, i, row, blk) for i in range(fmt.bits)]
-                for c, code in enumerate(decode_block(fmt, planes, bind=T.Bind)):
-                    T.buffer_store(kern.decoded, code, [decoded_at(c)])
+                for h in range(CHUNK // width):  # on ymm two halves of 256 inputs, one after the other
+                    planes = [_block_plane(kern, i, row, blk, h) for i in range(fmt.bits)]
+                    for v, code in enumerate(decode_block(fmt, planes, bind=T.Bind, width=width)):
+                        T.buffer_store(kern.decoded, code, [tir.Ramp(h * BLOCK // 2 + v * width, 1, width)])
                 for c in range(per_block):  # consecutive dot products update different accumulators
                     for b in range(b_rows):
                         dot(T, kern, slot[r][b][c % split], decoded_at(c), b0 + b, blk * BLOCK + c * CHUNK)
@@ -538,15 +557,19 @@ def _lane_sums(vectors: list) -> tir.PrimExpr:
     return shuffle([halves], range(4)) + shuffle([halves], range(4, 8))
 
 
-def _block_plane(kern: Kernel, i: int, row, blk) -> tir.PrimExpr:
-    """uint8x64 of plane ``i`` in block ``blk`` of ``row``; zero past ``bitlayers`` (read at run
-    time: the dropped planes are not loaded). Plane 0 is always kept."""
+def _block_plane(kern: Kernel, i: int, row, blk, half: int = 0) -> tir.PrimExpr:
+    """Plane ``i`` of ``row`` in block ``blk`` as :attr:`Kernel.gfni_width` bytes (on ymm its
+    ``half``); zero past ``bitlayers`` (read at run time: the dropped planes are not loaded).
+    Plane 0 is always kept."""
+    width = kern.gfni_width
+    words = width // 4
+    first = blk * BLOCK_WORDS + half * words
     load = tir.reinterpret(
-        "uint8x64", kern.wp[(*kern.fmt.weight_index(i, row, 0)[:2], tir.Ramp(blk * BLOCK_WORDS, 1, BLOCK_WORDS))]
+        f"uint8x{width}", kern.wp[(*kern.fmt.weight_index(i, row, 0)[:2], tir.Ramp(first, 1, words))]
     )
     if i == 0:
         return load
-    return tir.if_then_else(kern.layers > i, load, tir.Broadcast(tir.const(0, "uint8"), CHUNK))
+    return tir.if_then_else(kern.layers > i, load, tir.Broadcast(tir.const(0, "uint8"), width))
 
 
 def decode_chunk(T, kern: Kernel, row, c, full: bool, at) -> None:
