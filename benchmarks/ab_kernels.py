@@ -66,7 +66,9 @@ for bits in json.loads(sys.argv[6]):
     fmt = BitplaneFormat(bits, 8)
     func = kernels.lstm_cell_input_func(fmt, a, b, True) if kind == "lstm_step" else kernels.dense_act_func(fmt, a, b, True)
     start = time.perf_counter()
-    lib = kernels.build(func, resolve_target("llvm"))
+    cpu = sys.argv[7]
+    target = resolve_target("llvm") if cpu == "host" else resolve_target({"kind": "llvm", "mcpu": cpu})
+    lib = kernels.build(func, target)
     seconds[bits] = time.perf_counter() - start
     lib.mod.export_library(f"{out}/w{bits}.so")
 print(json.dumps(seconds))
@@ -82,17 +84,18 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--mcpu", default="host", help="LLVM CPU to build for (the host must run its code)")
     p.add_argument("--number", type=int, default=20, help="calls per round")
     return p.parse_args()
 
 
-def _build(tree: str, kind: str, shape: tuple, bits: list, out: str) -> dict:
+def _build(tree: str, kind: str, shape: tuple, bits: list, out: str, mcpu: str) -> dict:
     """Build and export the kernels from ``tree`` in a child process: ``{bits: seconds}``."""
     root = Path(tree).resolve()
     for folder in ("pbtvm", "schedules", "relay_passes"):
         if not (root / folder / "__init__.py").is_file():
             sys.exit(f"ab_kernels: {tree} is not a pbtvm checkout (no {folder}/__init__.py)")
-    args = [str(root), kind, *map(str, shape), out, json.dumps(bits)]
+    args = [str(root), kind, *map(str, shape), out, json.dumps(bits), mcpu]
     done = subprocess.run([sys.executable, "-c", _BUILD, *args], capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"ab_kernels: building in {tree} failed:\n{done.stderr[-3000:]}")
@@ -134,8 +137,8 @@ def main() -> None:
         builds = []
         for i, tree in enumerate(trees):
             os.makedirs(f"{tmp}/{i}")
-            builds.append(_build(tree, args.kernel, shape, args.bits, f"{tmp}/{i}"))
-        print(f"{args.kernel} {args.shape}, threads: TVM default; A = {trees[0]}, B = {trees[1]}")
+            builds.append(_build(tree, args.kernel, shape, args.bits, f"{tmp}/{i}", args.mcpu))
+        print(f"{args.kernel} {args.shape}, mcpu {args.mcpu}, threads: TVM default; A = {trees[0]}, B = {trees[1]}")
         for bits in args.bits:
             print(f"W{bits} build: A {builds[0][bits]:.2f} s, B {builds[1][bits]:.2f} s")
         print(f"{'W':>3} {'batch':>5} {'A us':>9} {'B us':>9} {'A / B':>6}  identical")

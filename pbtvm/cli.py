@@ -300,7 +300,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
             choices=("auto", *LAYOUTS),
             help=(
                 "weight plane layout (default auto: binary tensor cores on CUDA sm_80+, else kNW; "
-                "lut16x4: table lookup on AVX2 CPUs, fastest at batch 1-2)"
+                "lut16x4: table lookup on AVX2 CPUs, fastest at batch 1-2 at low bits)"
             ),
         )
         p.add_argument(

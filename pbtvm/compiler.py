@@ -229,10 +229,11 @@ def compile(
         (and CUDA before sm_80) ``"auto"`` is ``"kNW"``. ``"lut16x4"`` (x86 CPUs with AVX2):
         dense layers and LSTM steps by table lookup (:mod:`pbtvm.ops.pb_lut`), faster than
         ``"kNW"`` on CPUs without AVX-512 VNNI where layers run at most 2 rows (batch x time) at
-        2..8 bits, slower from about 4 rows (BENCHMARKS.md, sixteenth session). With
+        2..8 bits, slower from about 4 rows (BENCHMARKS.md, sixteenth session; on AVX-VNNI CPUs
+        with GFNI only up to rows x bits of 4, nineteenth session). With
         ``dynamic_batch=False`` every layer's rows are known, and ``"auto"`` is ``"lut16x4"``
-        there when no dense layer runs more than 2 rows and the model has no LSTM (the MNIST MLP
-        at batch 1 on AVX2: 1.4-1.5x; BENCHMARKS.md, eighteenth session).
+        there when no dense layer runs more rows than that and the model has no LSTM (the MNIST
+        MLP at batch 1 on AVX2: 1.4-1.5x; BENCHMARKS.md, eighteenth session).
     dynamic_batch : bool
         Export with a symbolic batch dimension. False: the model runs the example's batch only.
     tune : bool

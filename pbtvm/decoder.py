@@ -270,8 +270,9 @@ def compile_decoder(
         Unidirectional, no ``proj_size``; any number of layers, with or without bias.
     target, bits, act_bits, layout
         As in :func:`pbtvm.compile`, except that ``layout="auto"`` knows the batch here: on x86
-        CPUs with AVX2 but not AVX-512 VNNI, at batch 1-2 and 2..8 bits, it is ``"lut16x4"``
-        (table lookup, :mod:`pbtvm.ops.pb_lut`; :func:`pbtvm.target.weight_layout`).
+        CPUs with AVX2 but not AVX-512 VNNI, at batch 1-2 and 2..8 bits (with AVX-VNNI and GFNI:
+        batch x bits <= 4), it is ``"lut16x4"`` (table lookup, :mod:`pbtvm.ops.pb_lut`;
+        :func:`pbtvm.target.weight_layout`).
     embedding : torch.nn.Embedding, optional
         Makes the step take token ids (the table stays float32: a lookup, no product).
     head : torch.nn.Linear, optional

@@ -135,7 +135,8 @@ def weight_layout(
     instruction (sm_80 and newer); the table-lookup layout (``lut16x4``, :mod:`pbtvm.ops.pb_lut`)
     on x86 CPUs with AVX2 but not AVX-512 VNNI when ``batch`` is given (a decoder's, whose every
     step runs that many rows; a static-batch compile's, the most rows any dense layer runs) and at
-    most :data:`LUT_AUTO_MAX_BATCH`, for 2..8-bit
+    most :data:`LUT_AUTO_MAX_BATCH` (AVX-VNNI CPUs with GFNI: rows x bits at most
+    :data:`LUT_YMM_GFNI_MAX_ROW_BITS`), for 2..8-bit
     weights and activations of at most 8 bits (where it was measured faster), unless
     ``PBTVM_CPU_KERNEL=popcount`` asks for the portable kernels; else ``"kNW"`` (the byte-code
     and popcount CPU kernels, the CUDA-core kernels). An explicit layout is checked against the

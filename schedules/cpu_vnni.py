@@ -84,7 +84,7 @@ class CPUVnniGemm(KnobRule):
 
     @property
     def label(self) -> str:
-        """How reports name the kernel: its instruction set (``avx512`` or ``avx2``)."""
+        """How reports name the kernel: its instruction set (``avx512``, ``avxvnni`` or ``avx2``)."""
         return _isa_of(self.target)
 
     def matches(self, func: tir.PrimFunc) -> bool:
@@ -277,7 +277,8 @@ def _target_or_host(target: tvm.target.Target | None) -> tvm.target.Target:
 
 def _isa_of(target: tvm.target.Target | None) -> str:
     """The instruction set of the kernel for ``target`` (default as :func:`_target_or_host`):
-    AVX-512 where it has AVX-512 VNNI or neither instruction set (an explicit build), else AVX2."""
+    AVX-512 where it has AVX-512 VNNI or none of the instruction sets (an explicit build), else
+    AVX-VNNI or AVX2 (:func:`pbtvm.ops.pb_vnni.cpu_isa`)."""
     return cpu_isa(_target_or_host(target)) or "avx512"
 
 

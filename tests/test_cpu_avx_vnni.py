@@ -1,11 +1,12 @@
 """The byte-code PB kernels on AVX-VNNI (``vpdpbusd`` on ymm registers) against the numpy reference.
 
 Intel client CPUs from Alder Lake on have no AVX-512 but the VEX-encoded ``vpdpbusd``: the
-ymm kernels of :mod:`pbtvm.ops.pb_vnni` (dword-broadcast decode, plain codes ``u``) take it for
-their dot products, one instruction per 32 bytes instead of ``vpmaddubsw`` + ``vpmaddwd``, exact
-in int32 (8-bit weights keep one code). The kernels are built for Alder Lake (AVX2 + AVX-VNNI,
-no AVX-512); building and reading their code needs no such CPU, running them needs one with
-AVX-VNNI (Sapphire Rapids and Zen 5 have it too).
+ymm kernels of :mod:`pbtvm.ops.pb_vnni` take it for their dot products, one instruction per 32
+bytes instead of ``vpmaddubsw`` + ``vpmaddwd``, exact in int32 on codes scaled by ``2^(8-k)`` (8-bit
+weights keep one code), and decode whole blocks with GFNI in two ymm halves (the chunks after them,
+and every chunk without GFNI, by the dword-broadcast masked-add decode). The kernels are built for
+Alder Lake (AVX2 + AVX-VNNI + GFNI, no AVX-512), and without GFNI; building and reading their code
+needs no such CPU, running them needs one with AVX-VNNI (Sapphire Rapids and Zen 5 have it too).
 """
 
 from __future__ import annotations
@@ -154,20 +155,42 @@ def test_one_kernel_layer_equals_popcount_kernels(bits, n, k, b, rng, monkeypatc
 
 
 @needs_avx_vnni
-def test_lstm_step_matches_the_reference(rng, monkeypatch):
-    """The decoder's step (input projection inside), 8-bit weights, both legs decoded once past
-    one tile: the popcount step's h', c' up to the polynomial exp, and the float64 reference's."""
+@pytest.mark.parametrize(("bits", "n_in", "hidden", "gfni"), [(8, 1100, 520, True), (4, 600, 520, False)])
+def test_lstm_step_matches_the_reference(bits, n_in, hidden, gfni, rng, monkeypatch):
+    """The decoder's step (input projection inside), with and without GFNI: one row, one tile
+    and past it (each row decoded once): the popcount step's h', c' up to the polynomial exp,
+    and the float64 reference's."""
     from .test_cpu_vnni_lstm import assert_step_matches, input_step_case
 
-    fmt = bp.BitplaneFormat(8, 8)
-    func = kernels.lstm_cell_input_func(fmt, 1100, 520, True)
-    assert CPUVnniLstmCell(ADL).matches(func)
-    fast = kernels.build(func, ADL)
+    target = ADL if gfni else NO_GFNI
+    fmt = bp.BitplaneFormat(bits, 8)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
+    assert CPUVnniLstmCell(target).matches(func)
+    fast = kernels.build(func, target)
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
-    slow = kernels.build(func, ADL)
-    for batch in (1, 9):
-        arrays = input_step_case(rng, fmt, 1100, 520, batch)
-        assert_step_matches(fast, slow, arrays, [1, 4, 8], fmt, batch, 520)
+    slow = kernels.build(func, target)
+    for batch in (1, 4, 9):
+        arrays = input_step_case(rng, fmt, n_in, hidden, batch)
+        assert_step_matches(fast, slow, arrays, sorted({1, 4, bits}), fmt, batch, hidden)
+
+
+@needs_avx_vnni
+@pytest.mark.parametrize("gfni", [True, False])
+def test_lstm_time_loop_step(gfni, rng, monkeypatch):
+    """The time loop's step (``gx`` of the sequence read at step ``t``) at 520 units (one block):
+    batch 2 (one tile) and 6 (each row decoded once)."""
+    from .test_cpu_vnni_lstm import assert_given_projection_step
+
+    assert_given_projection_step(ADL if gfni else NO_GFNI, 520, 4, [2, 6], True, rng, monkeypatch)
+
+
+@needs_avx_vnni
+def test_parallel_gemm_is_exact(rng):
+    """A layer past the serial threshold (2^23 weight bits): tasks of 64 rows in parallel, the
+    last one partial, rows decoded once at batch 6."""
+    fmt = bp.BitplaneFormat(4, 8)
+    q, xq = _codes(rng, fmt, 2100, 1100, 6)
+    assert_exact_at_every_bitlayers(_kernel(kernels.int_product_func(fmt, 2100, 1100)), fmt, q, xq)
 
 
 def test_auto_layout_takes_the_table_lookup_where_it_was_measured_faster():

@@ -19,8 +19,9 @@ per plane. With whole blocks the output rows are streamed in order
 single block), so every plane is read front to back; below one block a tile's rows are decoded
 side by side chunk by chunk (independent accumulator chains). Without GFNI, rows of whole blocks
 of 3 bits or more at batches of 2 or more are decoded once for all activation rows
-(:func:`pbtvm.ops.vnni_batch.rows_decoded_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
-accumulator and a CPU with AVX-512 BW and VNNI (:func:`unsupported_reason`); the popcount kernel
+(:func:`pbtvm.ops.vnni_batch.rows_decoded_once`), with the ymm GFNI decode past one batch tile. It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+accumulator and a CPU with AVX-512 BW and VNNI, AVX-VNNI or AVX2 (:func:`unsupported_reason`,
+:data:`ISA_FEATURES`); the popcount kernel
 serves everything else.
 """
 
@@ -30,7 +31,7 @@ from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_CPU_KERNEL, KernelKind
 from .gfni_decode import BLOCK_WORDS
-from .vnni_batch import decodes_once, row_code_bytes, rows_decoded_once
+from .vnni_batch import decode_once_past, decodes_once, row_code_bytes, rows_decoded_once
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
     Kernel,
@@ -306,13 +307,14 @@ def _row_tiles(T, kern: Kernel, batch, row_tile: int, batch_tile: int, serial: b
             slots, decoded = row_tile * batch_tile, row_tile * CHUNK
         decode_scratch(T, [kern], slots, decoded)
         if decode_once:
-            with T.If(batch > 1):
+            past = decode_once_past(kern, batch_tile)
+            with T.If(batch > past):
                 with T.Then():
                     n0 = tile * row_tile
                     at = 0 if serial else tile * row_code_bytes(kern)
                     rows_decoded_once(T, kern, row_codes, at, n0, _rows_in_tile(kern, n0, row_tile), batch, batch_tile)
-                with T.Else():  # batch 1: the codes stay in registers
-                    _batch_tiles(T, kern, tile, batch, row_tile, 1)
+                with T.Else():  # one batch tile: the codes stay in registers
+                    _batch_tiles(T, kern, tile, batch, row_tile, past)
         else:
             _batch_tiles(T, kern, tile, batch, row_tile, batch_tile)
 

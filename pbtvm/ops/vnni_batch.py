@@ -11,6 +11,11 @@ caller picks: the GEMM (:mod:`pbtvm.ops.pb_vnni`) from batch 2 (batches 2-4 meas
 the codes in registers, and one loop nest less to build), the LSTM step
 (:mod:`pbtvm.ops.pb_vnni_lstm`) past one batch tile (5-13 % slower than the tile at batches 2-4
 there). Batch 1 and shorter rows keep the batch tiles.
+
+The GFNI decode of AVX-VNNI CPUs (ymm halves, ~6 instructions per 64 W4 weights) decodes rows
+once too, past one batch tile, its blocks straight into the row's codes: W4 1.1-1.3x, W8
+1.1-1.5x at batches 5-16 (Alder Lake build, BENCHMARKS.md, nineteenth session). The zmm GFNI
+decode of AVX-512 does not: its dot products bound the time there (0.95-1.03x).
 """
 
 from __future__ import annotations
@@ -18,10 +23,22 @@ from __future__ import annotations
 import dataclasses
 
 from .._tvm import tir
+from .gfni_decode import BLOCK
 from .vnni_bytes import CHUNK
-from .vnni_rows import ACC_CHAINS, Kernel, accumulators, batch_tiles, chunk_groups, decode_chunk, decoded_at, dot, store
+from .vnni_rows import (
+    ACC_CHAINS,
+    Kernel,
+    accumulators,
+    batch_tiles,
+    chunk_groups,
+    decode_chunk,
+    decoded_at,
+    dot,
+    gfni_block,
+    store,
+)
 
-__all__ = ["DECODE_ONCE_MIN_BITS", "decodes_once", "row_code_bytes", "rows_decoded_once"]
+__all__ = ["DECODE_ONCE_MIN_BITS", "decode_once_past", "decodes_once", "row_code_bytes", "rows_decoded_once"]
 
 #: Fewest weight bits whose rows of whole blocks are decoded once for batches of several rows
 #: without GFNI (the GEMM at batches 2-4 as fast as a decode per tile within +-5 %, and the
@@ -35,9 +52,18 @@ DECODE_ONCE_MIN_BITS = 3
 
 def decodes_once(kern: Kernel) -> bool:
     """Whether batches of several rows decode ``kern``'s rows once (:func:`rows_decoded_once`):
-    whole blocks, the masked-add decode (no GFNI) and :data:`DECODE_ONCE_MIN_BITS` weight bits or
-    more. The caller picks from which batch (see the module docstring)."""
-    return bool(kern.blocks) and not kern.gfni and kern.fmt.bits >= DECODE_ONCE_MIN_BITS
+    whole blocks, :data:`DECODE_ONCE_MIN_BITS` weight bits or more, and not the zmm GFNI decode
+    (there the dot products bound the time: 4096x4096 W3-W8 at batches 4-16 0.95-1.03x). The
+    caller picks from which batch (:func:`decode_once_past`)."""
+    zmm_gfni = kern.gfni and kern.isa == "avx512"
+    return bool(kern.blocks) and kern.fmt.bits >= DECODE_ONCE_MIN_BITS and not zmm_gfni
+
+
+def decode_once_past(kern: Kernel, batch_tile: int) -> int:
+    """The batch past which the GEMM decodes ``kern``'s rows once: 1 for the masked-add decode
+    (batches 2-4 measured as fast as the codes in registers), one batch tile with GFNI (its
+    decode is cheap: within a tile the codes stay in registers)."""
+    return batch_tile if kern.gfni else 1
 
 
 def row_code_bytes(kern: Kernel) -> int:
@@ -78,7 +104,12 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
                     codes = kern.decoded[tir.Ramp(j * CHUNK + part * kern.hi, 1, CHUNK)]
                     T.buffer_store(row_codes, codes, [tir.Ramp(at + c * CHUNK + part * high, 1, CHUNK)])
 
-        chunk_groups(T, kern, 0, decode)
+        start = 0
+        if kern.gfni:  # whole blocks straight into the row's codes (no split codes with GFNI)
+            with T.serial(0, kern.blocks) as blk:
+                gfni_block(T, kern, n0 + r, blk, row_codes, at + blk * BLOCK)
+            start = kern.blocks * BLOCK // CHUNK
+        chunk_groups(T, kern, start, decode)
         batch_tiles(T, batch, batch_tile, lambda b0, rows: _dot_rows(T, row, at, n0 + r, b0, rows))
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "block_slots",
     "decode_chunk",
     "dot",
+    "gfni_block",
     "lane_bound",
     "madd_exact",
     "pair_bound",
@@ -80,8 +81,9 @@ def lane_bound(fmt: BitplaneFormat, k_dim: int, scaled: bool) -> int:
     return padded * (255 if scaled else 2**fmt.bits - 1) * 2 ** (fmt.act_bits - 1)
 
 
-#: Instruction sets of the ymm kernels (16 registers, dword-broadcast decode, plain codes):
-#: AVX2 (:func:`dot` by ``vpmaddubsw`` + ``vpmaddwd``) and AVX-VNNI (``vpdpbusd`` on ymm).
+#: Instruction sets of the ymm kernels (16 registers, dword-broadcast masked-add decode): AVX2
+#: (:func:`dot` by ``vpmaddubsw`` + ``vpmaddwd``, plain codes) and AVX-VNNI (``vpdpbusd`` on ymm,
+#: scaled codes, the GFNI block decode in ymm halves where the CPU has GFNI).
 YMM_ISAS = ("avx2", "avxvnni")
 #: Largest int16: AVX2's ``vpmaddubsw`` saturates its pair sums there.
 INT16_MAX = 2**15 - 1
@@ -314,8 +316,8 @@ def prepare_kernel(
     packed : tuple, optional
         Else ``(xp, x_scale, rowsum)``: the rows as activation planes.
     isa : str
-        ``"avx512"``, ``"avxvnni"`` or ``"avx2"`` (:func:`dot`; the ymm ones decode plain
-        codes ``u``, no GFNI).
+        ``"avx512"``, ``"avxvnni"`` or ``"avx2"`` (:func:`dot`; AVX2 decodes plain codes ``u``
+        and has no GFNI decode).
 
     Returns
     -------
@@ -449,20 +451,17 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     and their sums are reduced together (:func:`_lane_sums`): the per-row horizontal sum was a
     quarter of a short row's vector instructions.
     """
-    fmt, n_rows = kern.fmt, len(rows)
+    n_rows = len(rows)
     if n_rows > 1 and b_rows != 1:
         raise ValueError("output rows side by side are for one activation row")
     split = max(1, ACC_CHAINS // b_rows) if n_rows == 1 else 1
     slot = accumulators(T, kern, n_rows, b_rows, split)
     start = 0  # first chunk the masked-add decode takes
     if kern.gfni:
-        per_block, width = BLOCK // CHUNK, kern.gfni_width
+        per_block = BLOCK // CHUNK
         with T.serial(0, kern.blocks) as blk:
             for r, row in enumerate(rows):
-                for h in range(CHUNK // width):  # on ymm two halves of 256 inputs, one after the other
-                    planes = [_block_plane(kern, i, row, blk, h) for i in range(fmt.bits)]
-                    for v, code in enumerate(decode_block(fmt, planes, bind=T.Bind, width=width)):
-                        T.buffer_store(kern.decoded, code, [tir.Ramp(h * BLOCK // 2 + v * width, 1, width)])
+                gfni_block(T, kern, row, blk, kern.decoded, 0)
                 for c in range(per_block):  # consecutive dot products update different accumulators
                     for b in range(b_rows):
                         dot(T, kern, slot[r][b][c % split], decoded_at(c), b0 + b, blk * BLOCK + c * CHUNK)
@@ -555,6 +554,17 @@ def _lane_sums(vectors: list) -> tir.PrimExpr:
     per_lane = shuffle([ab, cd], lo64) + shuffle([ab, cd], hi64)
     halves = shuffle([per_lane], range(8)) + shuffle([per_lane], range(8, 16))
     return shuffle([halves], range(4)) + shuffle([halves], range(4, 8))
+
+
+def gfni_block(T, kern: Kernel, row, blk, into: tir.Buffer, at) -> None:
+    """GFNI decode of block ``blk`` of ``row`` (:func:`~pbtvm.ops.gfni_decode.decode_block`, on
+    ymm two 256-input halves one after the other) into ``into[at : at + 512]``, in the order of
+    :func:`~pbtvm.ops.gfni_decode.block_permutation` at the kernel's width."""
+    width = kern.gfni_width
+    for h in range(CHUNK // width):
+        planes = [_block_plane(kern, i, row, blk, h) for i in range(kern.fmt.bits)]
+        for v, code in enumerate(decode_block(kern.fmt, planes, bind=T.Bind, width=width)):
+            T.buffer_store(into, code, [tir.Ramp(at + h * BLOCK // 2 + v * width, 1, width)])
 
 
 def _block_plane(kern: Kernel, i: int, row, blk, half: int = 0) -> tir.PrimExpr:
