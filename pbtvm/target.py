@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -94,7 +95,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
     if isinstance(target, tvm.target.Target):
         spec = dict(target.export())
     elif isinstance(target, str):
-        spec = {"kind": target.split()[0]} if " " not in target else dict(tvm.target.Target(target).export())
+        spec = _target_string(target)
     elif isinstance(target, dict):
         spec = dict(target)
     else:
@@ -165,6 +166,29 @@ def weight_layout(
             where = info.kind if info.kind != "llvm" else f"llvm -mcpu={target.attrs.get('mcpu', '?')} (no AVX2)"
             raise InputError(f"layout {LUT_LAYOUT!r} is the table-lookup layout of x86 CPUs with AVX2, not for {where}")
     return layout
+
+
+def _target_string(text: str) -> dict:
+    """A target given as text: a kind (``"llvm"``), a JSON dict (``'{"kind": "llvm", "mcpu":
+    "alderlake"}'``) or the command-line form TVM 0.20+ no longer parses (``"llvm -mcpu=alderlake
+    -mattr=+avx2,-gfni"``, ``"cuda -arch=sm_90"``), as a target dict."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"target {text!r} is not valid JSON: {err}") from None
+        if not isinstance(spec, dict):
+            raise InputError(f"a JSON target must be a dict, got {type(spec).__name__}")
+        return spec
+    kind, *flags = text.split()
+    spec: dict[str, Any] = {"kind": kind}
+    for flag in flags:
+        key, eq, value = flag.lstrip("-").partition("=")
+        if not flag.startswith("-") or not eq or not key:
+            raise InputError(f"cannot read {flag!r} in target {text!r}: expected -key=value, e.g. -mcpu=alderlake")
+        spec[key] = value.split(",") if key == "mattr" else value
+    return spec
 
 
 def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: int | None, batch: int | None) -> bool:

@@ -257,6 +257,27 @@ def test_cuda_without_arch_and_without_gpu_is_a_clear_error(mlp):
         pbtvm.compile(mlp, (torch.randn(2, 40),), target="cuda")
 
 
+def test_target_strings_in_every_form():
+    """A kind, a JSON dict (with or without spaces) and the command-line form TVM 0.20+ no longer
+    parses (``llvm -mcpu=... -mattr=...``) give the same targets; unreadable text names the problem."""
+    from pbtvm.errors import InputError
+    from pbtvm.target import resolve_target
+
+    for text in ("llvm -mcpu=haswell -mattr=+avx2,-fma", '{"kind":"llvm","mcpu":"haswell","mattr":["+avx2","-fma"]}'):
+        target = resolve_target(text)
+        assert target.kind.name == "llvm" and target.attrs["mcpu"] == "haswell", text
+        assert list(target.attrs["mattr"]) == ["+avx2", "-fma"], text
+    assert resolve_target("cuda -arch=sm_90").attrs["arch"] == "sm_90"
+    assert resolve_target(" llvm ").kind.name == "llvm"
+    for text, message in [
+        ("llvm mcpu=x", "expected -key=value"),
+        ("{bad", "not valid JSON"),
+        ("metal", "unsupported target kind"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            resolve_target(text)
+
+
 def test_no_converted_layer_warns():
     class Plain(torch.nn.Module):
         def forward(self, x):
