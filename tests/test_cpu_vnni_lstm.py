@@ -73,6 +73,8 @@ INPUT_CASES = [  # (input, hidden, bits, codebook, batch)
     (530, 100, 1, "bipolar", 4),
     (1100, 640, 4, None, 1),  # legs of two and one blocks, 40 tasks of 16 units (none ragged)
     (512, 512, 2, None, 1),  # one block exactly, no chunks after it
+    (650, 650, 4, None, 6),  # past one tile: rows with chunks after their block decoded once (GFNI too)
+    (1100, 520, 8, None, 9),  # ... both legs, two tiles and one row over the decoded codes
 ]
 
 

@@ -14,8 +14,10 @@ there). Batch 1 and shorter rows keep the batch tiles.
 
 The GFNI decode of AVX-VNNI CPUs (ymm halves, ~6 instructions per 64 W4 weights) decodes rows
 once too, past one batch tile, its blocks straight into the row's codes: W4 1.1-1.3x, W8
-1.1-1.5x at batches 5-16 (Alder Lake build, BENCHMARKS.md, nineteenth session). The zmm GFNI
-decode of AVX-512 does not: its dot products bound the time there (0.95-1.03x).
+1.1-1.5x at batches 5-16 (Alder Lake build, BENCHMARKS.md, nineteenth session). With the zmm
+GFNI decode of AVX-512 only rows with chunks after their blocks do (K = 650, 768, 1300: W8
+1.2-1.4x, W3/W4 1.1-1.2x at batch 16); rows of whole blocks only keep the tiles, where the dot
+products bound the time (0.95-1.03x).
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ DECODE_ONCE_MIN_BITS = 3
 
 def decodes_once(kern: Kernel) -> bool:
     """Whether batches of several rows decode ``kern``'s rows once (:func:`rows_decoded_once`):
-    whole blocks, :data:`DECODE_ONCE_MIN_BITS` weight bits or more, and not the zmm GFNI decode
-    (there the dot products bound the time: 4096x4096 W3-W8 at batches 4-16 0.95-1.03x). The
-    caller picks from which batch (:func:`decode_once_past`)."""
-    zmm_gfni = kern.gfni and kern.isa == "avx512"
-    return bool(kern.blocks) and kern.fmt.bits >= DECODE_ONCE_MIN_BITS and not zmm_gfni
+    whole blocks, :data:`DECODE_ONCE_MIN_BITS` weight bits or more, and with the zmm GFNI decode
+    (AVX-512) chunks after the blocks, which take the masked-add decode: rows of whole blocks
+    only measured 0.95-1.03x there (4096x4096 W3-W8, batches 4-16: the dot products bound the
+    time), rows with such chunks 1.1-1.4x (10000x650, 2600x1300 W8, batches 5-16). The caller
+    picks from which batch (:func:`decode_once_past`)."""
+    chunks_after_blocks = kern.full_chunks + kern.tail - kern.blocks * (BLOCK // CHUNK)
+    zmm_blocks_only = kern.gfni and kern.isa == "avx512" and chunks_after_blocks == 0
+    return bool(kern.blocks) and kern.fmt.bits >= DECODE_ONCE_MIN_BITS and not zmm_blocks_only
 
 
 def decode_once_past(kern: Kernel, batch_tile: int) -> int:
