@@ -80,7 +80,8 @@ def local_cuda_arch() -> str | None:
 
 
 def resolve_target(target: Any) -> tvm.target.Target:
-    """Turn ``"llvm"``, ``"cuda"``, a dict or a ``tvm.target.Target`` into a PB-ready Target.
+    """Turn ``"llvm"``, ``"cuda"``, a dict, its JSON text, TVM's old command-line form (``"llvm
+    -mcpu=alderlake"``) or a ``tvm.target.Target`` into a PB-ready Target.
 
     * ``llvm`` without ``mcpu`` gets the host CPU (plain llvm has no popcount instruction and is
       about 10x slower); the host is always llvm with the same mcpu.
@@ -173,6 +174,8 @@ def _target_string(text: str) -> dict:
     "alderlake"}'``) or the command-line form TVM 0.20+ no longer parses (``"llvm -mcpu=alderlake
     -mattr=+avx2,-gfni"``, ``"cuda -arch=sm_90"``), as a target dict."""
     text = text.strip()
+    if not text:
+        raise InputError("target is an empty string: pass 'llvm', 'cuda' or a target dict")
     if text.startswith("{"):
         try:
             spec = json.loads(text)
@@ -187,8 +190,16 @@ def _target_string(text: str) -> dict:
         key, eq, value = flag.lstrip("-").partition("=")
         if not flag.startswith("-") or not eq or not key:
             raise InputError(f"cannot read {flag!r} in target {text!r}: expected -key=value, e.g. -mcpu=alderlake")
-        spec[key] = value.split(",") if key == "mattr" else value
+        value = value.strip("'\"")
+        if key in _LIST_OPTIONS or "," in value:
+            spec[key] = [v for v in value.split(",") if v]
+        else:
+            spec[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
     return spec
+
+
+#: Options of TVM's old command-line target form whose value is a comma-separated list.
+_LIST_OPTIONS = ("mattr", "keys", "libs")
 
 
 def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: int | None, batch: int | None) -> bool:

@@ -267,9 +267,11 @@ def test_target_strings_in_every_form():
         target = resolve_target(text)
         assert target.kind.name == "llvm" and target.attrs["mcpu"] == "haswell", text
         assert list(target.attrs["mattr"]) == ["+avx2", "-fma"], text
-    assert resolve_target("cuda -arch=sm_90").attrs["arch"] == "sm_90"
+    assert resolve_target("cuda -arch=sm_90 -max_num_threads=512").attrs["max_num_threads"] == 512
+    assert resolve_target("llvm -mcpu='haswell' -libs=cblas").attrs["mcpu"] == "haswell"
     assert resolve_target(" llvm ").kind.name == "llvm"
     for text, message in [
+        ("  ", "empty string"),
         ("llvm mcpu=x", "expected -key=value"),
         ("{bad", "not valid JSON"),
         ("metal", "unsupported target kind"),

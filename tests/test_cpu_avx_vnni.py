@@ -217,3 +217,22 @@ def test_compile_gives_the_avx2_kernels_floats():
         got = pbtvm.compile(model, x, target=ADL, bits=bits)
         want = pbtvm.compile(model, x, target=haswell, bits=bits)
         np.testing.assert_array_equal(np.asarray(got(x)), np.asarray(want(x)))
+
+
+def test_which_rows_are_decoded_once():
+    """Whole blocks and 3+ bits; with the zmm GFNI decode only rows with chunks after their
+    blocks; from batch 2 with the masked-add decode, past one tile with GFNI."""
+    from pbtvm.ops.vnni_batch import decode_once_past, decodes_once
+    from pbtvm.ops.vnni_rows import Kernel
+
+    def kern(bits: int, k_dim: int, isa: str, gfni: bool) -> Kernel:
+        words = bp.BitplaneFormat.words(k_dim)
+        full, tail = divmod(words, 2)
+        return Kernel(bp.BitplaneFormat(bits), 8, full, tail, *[None] * 7, blocks=words // 16, gfni=gfni, isa=isa)
+
+    assert decodes_once(kern(4, 1100, "avxvnni", True)) and decodes_once(kern(4, 1024, "avxvnni", True))
+    assert decodes_once(kern(4, 1100, "avx512", True)) and not decodes_once(kern(4, 1024, "avx512", True))
+    assert decodes_once(kern(4, 1024, "avx512", False)) and decodes_once(kern(3, 600, "avx2", False))
+    assert not decodes_once(kern(2, 1100, "avxvnni", True)) and not decodes_once(kern(8, 480, "avx2", False))
+    assert decode_once_past(kern(4, 1100, "avxvnni", True), 4) == 4
+    assert decode_once_past(kern(4, 1100, "avx2", False), 4) == 1

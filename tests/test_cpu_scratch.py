@@ -23,6 +23,7 @@ from pbtvm.target import resolve_target
 
 CPU = resolve_target("llvm")
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+ADL = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
 needs_vnni = pytest.mark.skipif(not target_supports(CPU), reason="host CPU lacks AVX-512 BW/VNNI")
 
 
@@ -48,13 +49,14 @@ def _workspace_allocations(func, schedule: bool = True, target=CPU) -> dict[str,
         pytest.param("avx512", 4, marks=needs_vnni),
         ("avx2", 4),  # built for Haswell: no host requirement
         ("avx2", 8),  # split codes: two decode buffers' worth
+        ("avxvnni", 4),  # built for Alder Lake: the ymm GFNI decode, rows decoded once
     ],
 )
 @pytest.mark.parametrize("kind", ["lstm_step", "dense_act"])
 def test_byte_code_kernels_allocate_nothing_per_parallel_task(kind, isa, bits):
     """Also the rows decoded once for a batch of several tiles (AVX2): their buffer is one per call."""
     fmt = BitplaneFormat(bits)
-    target = CPU if isa == "avx512" else AVX2
+    target = {"avx512": CPU, "avx2": AVX2, "avxvnni": ADL}[isa]
     if kind == "lstm_step":
         func = kernels.lstm_cell_input_func(fmt, 512, 512, True)  # parallel: >= SERIAL_WEIGHT_BITS
     else:

@@ -87,6 +87,7 @@ def assert_exact_at_every_bitlayers(kern, fmt, q, xq) -> None:
         (5, 3, 5, 520, 2),
         (6, 6, 3, 1030, 4),
         (7, 4, 11, 1500, 3),
+        (4, 8, 2100, 1040, 6),  # parallel, chunks after the blocks: rows decoded once past a tile
     ],
 )
 def test_int_product_exact(bits, act_bits, n, k, b, rng):

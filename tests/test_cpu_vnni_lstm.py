@@ -75,6 +75,7 @@ INPUT_CASES = [  # (input, hidden, bits, codebook, batch)
     (512, 512, 2, None, 1),  # one block exactly, no chunks after it
     (650, 650, 4, None, 6),  # past one tile: rows with chunks after their block decoded once (GFNI too)
     (1100, 520, 8, None, 9),  # ... both legs, two tiles and one row over the decoded codes
+    (1024, 650, 4, None, 6),  # the input leg (whole blocks) tiled, the hidden leg decoded once
 ]
 
 
@@ -112,7 +113,8 @@ def assert_step_matches(fast, slow, arrays: list, layers_to_check, fmt, batch: i
 
 @needs_avx512
 @pytest.mark.parametrize(
-    ("hidden", "bits", "batch", "sequence"), [(650, 4, 1, False), (100, 2, 5, True), (520, 4, 2, True)]
+    ("hidden", "bits", "batch", "sequence"),
+    [(650, 4, 1, False), (100, 2, 5, True), (520, 4, 2, True), (650, 4, 6, True)],
 )
 def test_step_with_given_projection_matches_popcount_step(hidden, bits, batch, sequence, rng, monkeypatch):
     assert_given_projection_step(CPU, hidden, bits, [batch], sequence, rng, monkeypatch)

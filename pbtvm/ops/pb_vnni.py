@@ -17,9 +17,10 @@ block, and every chunk on CPUs without GFNI, with one ``kmovq`` lane mask and on
 per plane. With whole blocks the output rows are streamed in order
 (:func:`pbtvm.ops.vnni_rows.block_rows`: one after another, or four at a time for one activation row when a row is a
 single block), so every plane is read front to back; below one block a tile's rows are decoded
-side by side chunk by chunk (independent accumulator chains). Without GFNI, rows of whole blocks
-of 3 bits or more at batches of 2 or more are decoded once for all activation rows
-(:func:`pbtvm.ops.vnni_batch.rows_decoded_once`), with the ymm GFNI decode past one batch tile. It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+side by side chunk by chunk (independent accumulator chains). Rows of whole blocks of 3 bits or
+more are decoded once for all activation rows (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`):
+without GFNI from batch 2, with GFNI past one batch tile (on AVX-512 only rows with chunks after
+their blocks, :func:`pbtvm.ops.vnni_batch.decodes_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI, AVX-VNNI or AVX2 (:func:`unsupported_reason`,
 :data:`ISA_FEATURES`); the popcount kernel
 serves everything else.

@@ -10,8 +10,9 @@ way:
 2. parallel tasks of :data:`UNITS_PER_TASK` hidden units: their ``4 * units`` gate rows (adjacent,
    the weights are unit-major) of ``W_hh`` (and ``W_ih``), in order with the GFNI block decode
    and VNNI dot products (:func:`pbtvm.ops.vnni_rows.block_rows`; at batch 1 four rows at a time
-   where a row is one block of up to 4 planes; past one batch tile without GFNI, each row decoded
-   once for all activation rows, :func:`pbtvm.ops.vnni_batch.rows_decoded_once`), the float
+   where a row is one block of up to 4 planes; past one batch tile, where
+   :func:`pbtvm.ops.vnni_batch.decodes_once`, each row decoded once for all activation rows,
+   :func:`pbtvm.ops.vnni_batch.rows_decoded_once`), the float
    epilogue of :func:`pbtvm.ops.pb_dense`; then the task's cell updates
    (``pre = gates_h + gx`` in the TE kernel's order), vectorized, with the polynomial ``exp`` of
    :mod:`pbtvm.ops.vector_math` (libm's ``expf``, one call per element, took 14 of the 88 µs of
