@@ -287,7 +287,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument("model", metavar="MODEL", help="module:function, file.py:function, model.pt or mnist-mlp")
         p.add_argument("--input-shape", help="example input shape for a .pt model, e.g. 1x784")
     p.add_argument(
-        "--target", default="llvm", help='llvm (default), cuda, or JSON e.g. \'{"kind":"cuda","arch":"sm_90"}\''
+        "--target",
+        default="llvm",
+        help='llvm (default), cuda, "llvm -mcpu=alderlake", or JSON e.g. \'{"kind":"cuda","arch":"sm_90"}\'',
     )
     p.add_argument("--bits", type=int, default=4, help="weight bits 1..16 (default 4)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits 2..16 (default 8)")
