@@ -43,8 +43,9 @@ from .vnni_rows import (
 __all__ = ["DECODE_ONCE_MIN_BITS", "decode_once_past", "decodes_once", "row_code_bytes", "rows_decoded_once"]
 
 #: Fewest weight bits whose rows of whole blocks are decoded once for batches of several rows
-#: (measured without GFNI, kept for the GFNI decodes, whose W1/W2 decode is cheaper still; the GEMM at batches 2-4 as fast as a decode per tile within +-5 %, and the
-#: kernel builds 1.6-1.8x faster than with both nests): where the decode is cheap, storing and
+#: (measured without GFNI, kept for the GFNI decodes, whose W1/W2 decode is cheaper still; the
+#: GEMM at batches 2-4 as fast as a decode per tile within +-5 %, and the kernel builds 1.6-1.8x
+#: faster than with both nests): where the decode is cheap, storing and
 #: reloading the codes costs more than decoding again. AVX2, 2 threads, interleaved, us at batch 8 / 16 (tiles ->
 #: once): 4096x4096 W1 987 -> 1,159 / 1,929 -> 2,355; W2 1,313 -> 1,305 / 2,556 -> 2,455; W3
 #: 1,910 -> 1,491 / 3,577 -> 2,775; W4 2,179 -> 1,745 / 4,450 -> 3,022; W8 4,989 -> 3,407 / 9,652
@@ -84,8 +85,9 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
     T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
     kern : Kernel
         From :func:`pbtvm.ops.vnni_rows.prepare_kernel` (whole blocks; the GFNI decode writes
-        them straight into ``row_codes``, the masked-add decode the chunks), with ``acc`` (:func:`~pbtvm.ops.vnni_rows.block_slots` of ``batch_tile``) and
-        ``decoded`` (:func:`~pbtvm.ops.vnni_rows.block_codes`) allocated by the caller.
+        them straight into ``row_codes``, the masked-add decode the chunks), with ``acc``
+        (:func:`~pbtvm.ops.vnni_rows.block_slots` of ``batch_tile``) and ``decoded``
+        (:func:`~pbtvm.ops.vnni_rows.block_codes`) allocated by the caller.
     row_codes : tir.Buffer, uint8
         Where this parallel task's decoded row goes: :func:`row_code_bytes` from ``at``. Allocated
         once per call outside the parallel loop (a buffer of 1 KiB or more inside it would be a

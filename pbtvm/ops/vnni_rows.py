@@ -1,4 +1,4 @@
-"""Row loops of the byte-code PB kernels (AVX-512, AVX-VNNI, AVX2): activation codes, weight decode, dot products, the store.
+"""Row loops of the byte-code PB kernels (AVX-512, AVX-VNNI, AVX2): codes, decode, dot products, store.
 
 The pieces :func:`pbtvm.ops.pb_vnni.pb_vnni_func` (the GEMM) and
 :func:`pbtvm.ops.pb_vnni_lstm.pb_vnni_lstm_func` (the LSTM step) are built from:
@@ -600,8 +600,9 @@ def decode_chunk(T, kern: Kernel, row, c, full: bool, at) -> None:
 
 def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:
     """``acc[slot] += dot(decoded[code_at] bytes, activation row b's codes at ``at``)``: one
-    ``vpdpbusd`` (AVX-512), two on ymm (AVX-VNNI, each half into 8 of the slot's lanes), or on AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for
-    codes up to :func:`madd_exact`) and a ``vpmaddwd`` (int32); where two halves' pair sums fit
+    ``vpdpbusd`` (AVX-512), two on ymm (AVX-VNNI, each half into 8 of the slot's lanes), or on
+    AVX2 per 32 bytes a ``vpmaddubsw`` (int16 pair sums, exact for codes up to
+    :func:`madd_exact`) and a ``vpmaddwd`` (int32); where two halves' pair sums fit
     int16 together they are added first, one ``vpmaddwd`` for both. Split codes (8-bit weights on
     AVX2) multiply the low and the high codes alike, the high ones' ``vpmaddwd`` by 16."""
     if kern.isa == "avx512":
