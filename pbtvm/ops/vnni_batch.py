@@ -13,10 +13,10 @@ the codes in registers, and one loop nest less to build), the LSTM step
 there). Batch 1 and shorter rows keep the batch tiles.
 
 The GFNI decode of AVX-VNNI CPUs (ymm halves, ~6 instructions per 64 W4 weights) decodes rows
-once too, past one batch tile, its blocks straight into the row's codes: W4 1.1-1.3x, W8
+once too, past one batch tile, its blocks straight into the row's codes: W4 1.0-1.3x, W8
 1.1-1.5x at batches 5-16 (Alder Lake build, BENCHMARKS.md, nineteenth session). With the zmm
 GFNI decode of AVX-512 only rows with chunks after their blocks do (K = 650, 768, 1300: W8
-1.2-1.4x, W3/W4 1.1-1.2x at batch 16); rows of whole blocks only keep the tiles, where the dot
+1.3-1.4x, W3/W4 1.06-1.16x at batch 16); rows of whole blocks only keep the tiles, where the dot
 products bound the time (0.95-1.03x).
 """
 
