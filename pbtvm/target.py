@@ -169,6 +169,10 @@ def weight_layout(
     return layout
 
 
+#: Options of TVM's old command-line target form whose value is a comma-separated list.
+_LIST_OPTIONS = ("mattr", "keys", "libs")
+
+
 def _target_string(text: str) -> dict:
     """A target given as text: a kind (``"llvm"``), a JSON dict (``'{"kind": "llvm", "mcpu":
     "alderlake"}'``) or the command-line form TVM 0.20+ no longer parses (``"llvm -mcpu=alderlake
@@ -198,10 +202,6 @@ def _target_string(text: str) -> dict:
     return spec
 
 
-#: Options of TVM's old command-line target form whose value is a comma-separated list.
-_LIST_OPTIONS = ("mattr", "keys", "libs")
-
-
 def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: int | None, batch: int | None) -> bool:
     """Whether ``"auto"`` means ``lut16x4``: an AVX2 CPU without AVX-512 VNNI (whose byte-code
     kernel is faster), 2..8-bit weights, activations of at most 8 bits, a known batch of at most
@@ -213,11 +213,12 @@ def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: in
         return False
     from .ops.gfni_decode import CPU_FEATURES as GFNI
     from .ops.pb_vnni import cpu_isa, target_supports
+    from .ops.vnni_rows import YMM_ISAS
 
     isa = cpu_isa(target)
     if isa == "avxvnni" and target_supports(target, GFNI):
         return batch * bits <= LUT_YMM_GFNI_MAX_ROW_BITS
-    return isa in ("avx2", "avxvnni")
+    return isa in YMM_ISAS  # the ymm byte-code kernels, whose decode the lookup replaces
 
 
 def _clean(spec: dict) -> dict:

@@ -561,10 +561,11 @@ def gfni_block(T, kern: Kernel, row, blk, into: tir.Buffer, at) -> None:
     ymm two 256-input halves one after the other) into ``into[at : at + 512]``, in the order of
     :func:`~pbtvm.ops.gfni_decode.block_permutation` at the kernel's width."""
     width = kern.gfni_width
-    for h in range(CHUNK // width):
+    for h in range(BLOCK // 8 // width):  # a plane's block is BLOCK / 8 bytes: one zmm, two ymm
         planes = [_block_plane(kern, i, row, blk, h) for i in range(kern.fmt.bits)]
+        # each part's 8 code vectors hold its 8 * width inputs, the parts one after the other
         for v, code in enumerate(decode_block(kern.fmt, planes, bind=T.Bind, width=width)):
-            T.buffer_store(into, code, [tir.Ramp(at + h * BLOCK // 2 + v * width, 1, width)])
+            T.buffer_store(into, code, [tir.Ramp(at + (8 * h + v) * width, 1, width)])
 
 
 def _block_plane(kern: Kernel, i: int, row, blk, half: int = 0) -> tir.PrimExpr:
