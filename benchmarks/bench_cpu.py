@@ -9,7 +9,9 @@ a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per
 a CPU with AVX-512 BW+VNNI one kernel that quantizes the rows and runs the AVX-512 GEMM
 (``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), on AVX2 CPUs the same kernel
 built with ``vpmaddubsw`` + ``vpmaddwd``, elsewhere the activation quantize+pack kernel
-and the popcount GEMM; ``PB-old`` (``--old``) is the portable path; ``PB Wk lut`` (``--lut``)
+and the popcount GEMM; on a CPU with AMX-INT8 from
+:func:`pbtvm.ops.amx_gemm.amx_min_batch` rows its tile loops (``PB Wk zmm``, ``--zmm``: built
+without them); ``PB-old`` (``--old``) is the portable path; ``PB Wk lut`` (``--lut``)
 the layer in the ``lut16x4`` layout, on AVX2 CPUs the table-lookup kernel (``pbtvm.ops.pb_lut``). ``floor``
 is the k-bit weight bytes over the read bandwidth measured in the same run.
 
@@ -51,6 +53,11 @@ def _parse() -> argparse.Namespace:
         "--lut",
         action="store_true",
         help="also time the layers in the lut16x4 layout (the AVX2 table-lookup kernel, pbtvm.ops.pb_lut)",
+    )
+    p.add_argument(
+        "--zmm",
+        action="store_true",
+        help="on a CPU with AMX, also time the layers built without it (the AVX-512 loops at every batch)",
     )
     p.add_argument("--quick", action="store_true", help="4096x4096, batches 1 and 8, W1/W4, 5 rounds")
     args = p.parse_args()
@@ -182,6 +189,15 @@ def torch_stacks(n: int, k: int, layers: int) -> dict:
     return methods
 
 
+def without_amx(target):
+    """``target`` without the AMX features (its ``mattr`` minus them, each switched off)."""
+    from pbtvm.ops.amx_gemm import AMX_FEATURES
+
+    mattr = [f for f in target.attrs.get("mattr", []) if f.lstrip("+-") not in AMX_FEATURES]
+    spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "mattr": [*mattr, *(f"-{f}" for f in AMX_FEATURES)]}
+    return tvm.target.Target(spec)
+
+
 def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
     """Markdown rows for one shape, every batch."""
     layers = ARGS.layers
@@ -189,6 +205,8 @@ def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
     for bits in ARGS.bits:
         fmt = bp.BitplaneFormat(bits, ARGS.act_bits)
         methods[f"PB W{bits}"] = (PBStack(n, k, fmt, layers, target, old=False), bits)
+        if ARGS.zmm:
+            methods[f"PB W{bits} zmm"] = (PBStack(n, k, fmt, layers, without_amx(target), old=False), bits)
         if ARGS.old:
             methods[f"PB-old W{bits}"] = (PBStack(n, k, fmt, layers, target, old=True), bits)
         if ARGS.lut:
@@ -229,11 +247,17 @@ def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
 def main() -> int:
     """Run every shape and print a markdown table."""
     target = resolve_target("llvm")
-    from pbtvm.ops.pb_vnni import cpu_isa
+    from pbtvm.ops.amx_gemm import AMX_FEATURES, AMX_MIN_BATCH
+    from pbtvm.ops.pb_vnni import cpu_isa, target_supports
 
+    amx = (
+        f", AMX from batch {AMX_MIN_BATCH[0]} (W1-4) / {AMX_MIN_BATCH[1]} (W5-8)"
+        if target_supports(target, AMX_FEATURES)
+        else ""
+    )
     print(
         f"# {cpu_name()}, {ARGS.threads} threads, target {target.attrs.get('mcpu')}, "
-        f"byte-code PB kernel: {cpu_isa(target) or 'none (popcount)'}, torch {torch.__version__}, tvm {tvm.__version__}"
+        f"byte-code PB kernel: {cpu_isa(target) or 'none (popcount)'}{amx}, torch {torch.__version__}, tvm {tvm.__version__}"
     )
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load at start: {uptime()}")
     bw = read_bandwidth()

@@ -5,7 +5,8 @@ that quantizes the rows and multiplies) in that weight layout, built for that LL
 host measures the kernels other CPUs would get: ``kNW@haswell`` is the AVX2 byte-code kernel
 (``vpmaddubsw`` + ``vpmaddwd``; AMD Zen 2/3), ``kNW@alderlake`` the AVX-VNNI one (``vpdpbusd`` on
 ymm; Intel client cores from Alder Lake on), ``lut16x4@haswell`` the AVX2 table lookup,
-``kNW@host`` the host's own best; ``kNW@alderlake:-gfni`` drops an LLVM feature (``mattr``). The host must have every variant's instructions. The weights
+``kNW@host`` the host's own best; ``kNW@alderlake:-gfni`` drops an LLVM feature (``mattr``),
+``kNW@rocketlake:+amx-tile,+amx-int8`` adds the AMX tile loops (``--amx-from 1``: at every batch). The host must have every variant's instructions. The weights
 stay warm in the caches (a decoder's case); the variants take turns for ``--rounds`` rounds of
 ``--calls`` calls, the median per call is printed with each variant's speed relative to the
 first, and the float outputs of all variants are checked equal first.
@@ -39,6 +40,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument(
+        "--amx-from",
+        type=int,
+        default=None,
+        help="build variants with AMX (e.g. kNW@rocketlake:+amx-tile,+amx-int8) with the tile loops from this batch",
+    )
     return p.parse_args()
 
 
@@ -57,6 +64,10 @@ def _target(cpu: str) -> tvm.target.Target:
 def main() -> int:
     """Print a markdown table: µs per call of every variant and its speed-up over the first."""
     args = _parse()
+    if args.amx_from is not None:
+        from pbtvm.ops import amx_gemm
+
+        amx_gemm.AMX_MIN_BATCH = (args.amx_from, args.amx_from)
     variants = [v.split("@") for v in args.variants]
     rng = np.random.default_rng(0)
     host = resolve_target("llvm").attrs.get("mcpu")

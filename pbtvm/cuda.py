@@ -119,6 +119,22 @@ def cpu_fusion() -> Any:
     )
 
 
+def _check_cpu_features(mod: Any, target: Any) -> None:
+    """Raise InputError where a CPU kernel of ``mod`` (a PrimFunc or an IRModule) uses instructions
+    ``target`` lacks (:func:`pbtvm.ops.pb_vnni.missing_features`): LLVM would abort the process."""
+    from ._tvm import tir
+    from .ops.pb_vnni import missing_features
+
+    funcs = mod.functions_items() if hasattr(mod, "functions_items") else [("main", mod)]
+    for name, func in funcs:
+        missing = missing_features(func, target) if isinstance(func, tir.PrimFunc) else []
+        if missing:
+            raise InputError(
+                f"kernel {name} was made for a CPU with {', '.join(missing)}, which the build target "
+                f"{target} lacks: schedule and build for the same target"
+            )
+
+
 def cuda_source(executable: Any) -> str:
     """The CUDA C++ of the kernels in ``executable`` (built by :func:`build` for a CUDA target)."""
     return executable.mod.imports[0].inspect_source()
@@ -143,6 +159,7 @@ def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
     from ._tvm import relax, tvm
 
     if target.kind.name != "cuda":
+        _check_cpu_features(mod, target)
         if isinstance(mod, tvm.IRModule) and any(isinstance(f, relax.Function) for _, f in mod.functions_items()):
             with target:
                 mod = cpu_fusion()(mod)

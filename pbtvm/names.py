@@ -35,6 +35,10 @@ ATTR_K = "pbtvm.k"
 ATTR_FORMAT_VERSION = "pbtvm.format_version"
 ATTR_INPUT_SIZE = "pbtvm.input_size"
 ATTR_CPU_KERNEL = "pbtvm.cpu_kernel"
+#: On a byte-code CPU GEMM: the batch from which it multiplies with the AMX tile instructions.
+ATTR_AMX_MIN_BATCH = "pbtvm.amx_min_batch"
+#: On a byte-code CPU kernel: the LLVM CPU features its instructions need (the build checks them).
+ATTR_CPU_FEATURES = "pbtvm.cpu_features"
 #: Environment variable: ``popcount`` forces the portable CPU kernels (for comparisons).
 ENV_CPU_KERNEL = "PBTVM_CPU_KERNEL"
 #: Environment variable: ``1`` keeps torch importable in pbtvm's TVM worker processes (:mod:`pbtvm.worker_env`).

@@ -56,6 +56,25 @@ def host_mcpu() -> str:
     return str(name)
 
 
+#: The AMX-INT8 tile instructions' LLVM features and the ``/proc/cpuinfo`` flags that show them.
+HOST_AMX_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}
+
+
+def host_mattr(mcpu: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """``+feature`` for the AMX features this machine has (its ``cpuinfo`` flags) that LLVM's CPU
+    ``mcpu`` lacks: a virtual machine's CPU model may be named after an older core (an AMX Xeon
+    guest that LLVM calls ``rocketlake``), and the kernels would not use its tile units."""
+    from tvm.target import codegen
+
+    try:
+        with open(cpuinfo, encoding="utf-8") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+    known = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+    return [f"+{feature}" for feature, flag in HOST_AMX_FLAGS.items() if flag in flags and feature not in known]
+
+
 def _cuda_device() -> tuple[str | None, str | None]:
     """``(sm_XY, None)`` for CUDA device 0, or ``(None, why TVM cannot use it)``."""
     try:
@@ -84,7 +103,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
     -mcpu=alderlake"``) or a ``tvm.target.Target`` into a PB-ready Target.
 
     * ``llvm`` without ``mcpu`` gets the host CPU (plain llvm has no popcount instruction and is
-      about 10x slower); the host is always llvm with the same mcpu.
+      about 10x slower), and without ``mattr`` the AMX features the host has but LLVM's name
+      for its CPU lacks (:func:`host_mattr`); the host is always llvm with the same mcpu and mattr.
     * ``cuda`` without ``arch`` gets the local GPU's arch; without a GPU this is an error that asks
       for an explicit one, e.g. ``{"kind": "cuda", "arch": "sm_90"}``.
 
@@ -106,8 +126,14 @@ def resolve_target(target: Any) -> tvm.target.Target:
     # Device code does the work; a portable host keeps the exported .so loadable on any x86-64.
     host = tvm.target.Target({"kind": "llvm", "mcpu": FALLBACK_MCPU})
     if kind == "llvm":
-        spec.setdefault("mcpu", host_mcpu())
-        return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", "mcpu": spec["mcpu"]}))
+        if "mcpu" not in spec:  # the host, with the tile instructions its CPU's name may not imply
+            spec["mcpu"] = host_mcpu()
+            extra = host_mattr(spec["mcpu"])
+            if extra and "mattr" not in spec:
+                spec["mattr"] = extra
+        # the host builds the CPU kernels of a Relax module: the same CPU, features included
+        same_cpu = {key: spec[key] for key in ("mcpu", "mattr") if key in spec}
+        return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))
     if kind == "cuda":
         if not spec.get("arch"):
             arch = local_cuda_arch()

@@ -27,7 +27,7 @@ from typing_extensions import override
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.bitplane import LUT_LAYOUT, BitplaneFormat
-from pbtvm.ops import gfni_decode, pb_lut
+from pbtvm.ops import amx_gemm, gfni_decode, pb_lut
 from pbtvm.ops.pb_vnni import (
     CPU_KERNELS,
     MAX_BLOCK_BATCH_TILE,
@@ -168,7 +168,8 @@ def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = 
     batch, input_size, bias, steps = operands
     isa = _isa_of(target)
     k_dim = int(func.attrs[names.ATTR_K])
-    new = pb_vnni_lstm_func(fmt, k_dim, batch, input_size, bias, steps, _has_gfni(target), isa)
+    amx = amx_gemm.amx_min_batch(fmt.bits) if _has_amx(target) else None
+    new = pb_vnni_lstm_func(fmt, k_dim, batch, input_size, bias, steps, _has_gfni(target), isa, amx)
     return _replacing(func, new, pb_lut.CPU_KERNEL if fmt.layout == LUT_LAYOUT else CPU_KERNELS[isa])
 
 
@@ -231,7 +232,8 @@ def vnni_kernel_for(
     VNNI where it has it, else AVX2, :func:`pbtvm.ops.pb_vnni.cpu_isa`); the tiles default to
     :data:`DEFAULT_TILES` for it (``single_row_tile``, output rows per tile at batch 1, only
     below one 512-input block, :func:`single_row_tile_for`). The GFNI block decode is used
-    when ``target`` has ``gfni``. Weights in the ``lut16x4`` layout get the table-lookup kernel
+    when ``target`` has ``gfni``, the AMX loops from :func:`pbtvm.ops.amx_gemm.amx_min_batch`
+    activation rows when it has AMX-INT8 (:data:`pbtvm.ops.amx_gemm.AMX_FEATURES`). Weights in the ``lut16x4`` layout get the table-lookup kernel
     (:func:`pbtvm.ops.pb_lut.pb_lut_func`), which has no tiles to set (they are ignored).
 
     Raises
@@ -255,8 +257,8 @@ def vnni_kernel_for(
     default_rows, default_batch, default_single = DEFAULT_TILES[isa]
     row_tile, batch_tile = row_tile or default_rows, batch_tile or default_batch
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim, default_single)
-    gfni = _has_gfni(target)
-    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni, isa)
+    gfni, amx = _has_gfni(target), amx_gemm.amx_min_batch(fmt.bits) if _has_amx(target) else None
+    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni, isa, amx)
     return _replacing(func, new, CPU_KERNELS[isa])
 
 
@@ -285,6 +287,12 @@ def _isa_of(target: tvm.target.Target | None) -> str:
 def _has_gfni(target: tvm.target.Target | None) -> bool:
     """Whether ``target`` (default as :func:`_target_or_host`) has GFNI."""
     return target_supports(_target_or_host(target), gfni_decode.CPU_FEATURES)
+
+
+def _has_amx(target: tvm.target.Target | None) -> bool:
+    """Whether ``target`` (default as :func:`_target_or_host`) has the AMX-INT8 tile instructions
+    and is x86-64 Linux (:func:`pbtvm.ops.amx_gemm.target_runs_tiles`)."""
+    return amx_gemm.target_runs_tiles(_target_or_host(target))
 
 
 def _replacing(func: tir.PrimFunc, new: tir.PrimFunc, kernel: str) -> tir.PrimFunc:

@@ -2,7 +2,9 @@
 
 Not collected by pytest (a manual sweep, minutes long): each case draws a kernel (the integer
 GEMM, the one-kernel float layer or the decoder's LSTM step), a format, N, K, a batch and a
-build (``host``; ``alderlake``: AVX-VNNI + ymm GFNI; ``alderlake:-gfni``; ``haswell``: AVX2),
+build (``host``; ``host:amx@1``: with AMX-INT8, its tile loops from one activation row
+instead of :func:`pbtvm.ops.amx_gemm.amx_min_batch`; ``alderlake``: AVX-VNNI + ymm GFNI;
+``alderlake:-gfni``; ``haswell``: AVX2),
 builds it with the default rule and checks it as the tests do: the GEMM equals the numpy
 reference at every ``bitlayers`` (and at a smaller batch on the same build), the float layer and
 the step equal the popcount kernels' results. Builds the host cannot run are left out (on an
@@ -16,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -30,6 +33,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
+from pbtvm.ops import amx_gemm
 from pbtvm.ops.pb_vnni import target_supports
 from pbtvm.target import resolve_target
 from tests.test_cpu_avx_vnni import _host_has_avx_vnni
@@ -41,12 +45,29 @@ from tests.test_cpu_vnni_lstm import assert_step_matches, input_step_case
 def _builds() -> dict:
     host = resolve_target("llvm")
     builds = {"host": host} if target_supports(host, ("avx512bw", "avx512vnni")) else {}
+    if builds and target_supports(host, amx_gemm.AMX_FEATURES):
+        builds[AMX_FROM_ONE] = host
     if _host_has_avx_vnni():
         builds["alderlake"] = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
         builds["alderlake:-gfni"] = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "mattr": ["-gfni"]})
     if target_supports(host, ("avx2",)):
         builds["haswell"] = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     return builds
+
+
+#: The host build with the AMX loops from one activation row (every kernel kind).
+AMX_FROM_ONE = "host:amx@1"
+
+
+@contextlib.contextmanager
+def _amx_from(rows: int | None):
+    """Build with the AMX loops from ``rows`` activation rows (None: the default)."""
+    default = amx_gemm.AMX_MIN_BATCH
+    amx_gemm.AMX_MIN_BATCH = (rows, rows) if rows else default
+    try:
+        yield
+    finally:
+        amx_gemm.AMX_MIN_BATCH = default
 
 
 def _both(func, target):
@@ -68,7 +89,7 @@ def _case(kind: str, rnd: random.Random, rng, target) -> str:
         fmt = bp.BitplaneFormat(bits, rnd.choice([2, 4, 5, 6, 8, 8]), codebook)
         n = rnd.choice([1, 16, 17, 65, rnd.randint(1, 400)])
         k = rnd.choice([rnd.randint(1, 3000), 512, 600, 650, 768, 1040, 1100])
-        q, xq = _codes(rng, fmt, n, k, rnd.randint(1, 12))
+        q, xq = _codes(rng, fmt, n, k, rnd.choice([rnd.randint(1, 12), rnd.randint(1, 12), rnd.randint(13, 70)]))
         kern = kernels.build(kernels.int_product_func(fmt, n, k), target)
         assert_exact_at_every_bitlayers(kern, fmt, q, xq)
         assert_exact_at_every_bitlayers(kern, fmt, q, xq[: max(1, len(xq) // 2)])
@@ -108,7 +129,8 @@ def main() -> int:
     for i in range(args.cases if builds else 0):
         kind, name = rnd.choice(args.kinds), rnd.choice(list(builds))
         try:
-            what, status = _case(kind, rnd, np.random.default_rng([args.seed, i]), builds[name]), "ok"
+            with _amx_from(1 if name == AMX_FROM_ONE else None):
+                what, status = _case(kind, rnd, np.random.default_rng([args.seed, i]), builds[name]), "ok"
         except Exception as err:  # report and go on: the sweep lists every failing case
             what, status = "", f"FAILED {type(err).__name__}: {str(err)[:300]}"
             failed += 1

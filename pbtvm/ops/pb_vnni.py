@@ -20,7 +20,9 @@ single block), so every plane is read front to back; below one block a tile's ro
 side by side chunk by chunk (independent accumulator chains). Rows of whole blocks of 3 bits or
 more are decoded once for all activation rows (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`):
 without GFNI from batch 2, with GFNI past one batch tile (on AVX-512 only rows with chunks after
-their blocks, :func:`pbtvm.ops.vnni_batch.decodes_once`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
+their blocks, :func:`pbtvm.ops.vnni_batch.decodes_once`). On CPUs with AMX-INT8 (Sapphire Rapids
+and newer Xeons) batches from :func:`pbtvm.ops.amx_gemm.amx_min_batch` rows multiply 16 x 16 x 64
+per ``tdpbusd`` instead (:mod:`pbtvm.ops.amx_gemm`). It needs ``bits <= 8``, ``act_bits <= 8``, an int32
 accumulator and a CPU with AVX-512 BW and VNNI, AVX-VNNI or AVX2 (:func:`unsupported_reason`,
 :data:`ISA_FEATURES`); the popcount kernel
 serves everything else.
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
-from ..names import ATTR_CPU_KERNEL, KernelKind
+from ..names import ATTR_AMX_MIN_BATCH, ATTR_CPU_FEATURES, ATTR_CPU_KERNEL, KernelKind
+from .amx_gemm import amx_gemm, amx_problem, use_tiles
 from .gfni_decode import BLOCK_WORDS
 from .vnni_batch import decode_once_past, decodes_once, row_code_bytes, rows_decoded_once
 from .vnni_bytes import CHUNK
@@ -53,6 +56,8 @@ __all__ = [
     "CHUNK",
     "ISA_FEATURES",
     "cpu_isa",
+    "kernel_features",
+    "missing_features",
     "pb_vnni_func",
     "unsupported_reason",
     "target_supports",
@@ -137,6 +142,34 @@ def target_supports(target, features: tuple[str, ...] = CPU_FEATURES) -> bool:
     return all(f in have for f in features)
 
 
+def kernel_features(isa: str, kerns: list, amx: bool) -> list[str]:
+    """LLVM CPU features a byte-code kernel on ``isa`` needs: its instruction set's, GFNI where
+    one of ``kerns`` (:class:`~pbtvm.ops.vnni_rows.Kernel`) decodes blocks with it, AMX with the
+    tile loops. Kernels carry them as ``pbtvm.cpu_features`` (:func:`missing_features`)."""
+    from .amx_gemm import AMX_FEATURES
+    from .gfni_decode import CPU_FEATURES as GFNI
+
+    gfni = GFNI if any(getattr(kern, "gfni", False) for kern in kerns) else ()
+    return [*ISA_FEATURES[isa], *gfni, *(AMX_FEATURES if amx else ())]
+
+
+def missing_features(func: tir.PrimFunc, target) -> list[str]:
+    """LLVM CPU features a byte-code kernel ``func`` uses (its ``pbtvm.cpu_features``, else those
+    of its ``pbtvm.cpu_kernel``) that ``target``'s CPU, or its host's, lacks: LLVM would abort the
+    process on such instructions (none for other PrimFuncs)."""
+    from . import pb_lut
+
+    attrs = func.attrs or {}
+    if ATTR_CPU_FEATURES in attrs:
+        need = [str(f) for f in attrs[ATTR_CPU_FEATURES]]
+    else:
+        kernels = {kernel: ISA_FEATURES[isa] for isa, kernel in CPU_KERNELS.items()}
+        kernels[pb_lut.CPU_KERNEL] = pb_lut.CPU_FEATURES
+        need = list(kernels.get(str(attrs.get(ATTR_CPU_KERNEL, "")), ()))
+    builders = [target] + ([target.host] if getattr(target, "host", None) is not None else [])
+    return [f for f in need if not all(target_supports(t, (f,)) for t in builders if t.kind.name == "llvm")]
+
+
 def cpu_isa(target) -> str | None:
     """The best instruction set of :data:`ISA_FEATURES` an LLVM target's CPU has (None: neither)."""
     return next((isa for isa, features in ISA_FEATURES.items() if target_supports(target, features)), None)
@@ -155,6 +188,7 @@ def pb_vnni_func(
     single_row_tile: int | None = None,
     gfni: bool = True,
     isa: str = "avx512",
+    amx_min_batch: int | None = None,
 ) -> tir.PrimFunc:
     """The AVX-512 (or AVX2) PB kernel with the same parameters as the TE kernel it replaces.
 
@@ -198,6 +232,12 @@ def pb_vnni_func(
     isa : str
         A key of :data:`ISA_FEATURES` (the ymm ones hold fewer accumulators; plain AVX2 splits
         8-bit weights' codes in two).
+    amx_min_batch : int, optional
+        From this many activation rows on, multiply with the AMX tile instructions
+        (:mod:`pbtvm.ops.amx_gemm`; the rule's default :func:`~pbtvm.ops.amx_gemm.amx_min_batch`; the CPU
+        needs :data:`~pbtvm.ops.amx_gemm.AMX_FEATURES`; AVX-512 only, ignored where
+        :func:`~pbtvm.ops.amx_gemm.amx_problem` says so). The PrimFunc then carries it as
+        ``pbtvm.amx_min_batch``. None: no AMX loops.
 
     Returns
     -------
@@ -246,17 +286,30 @@ def pb_vnni_func(
             # left in the tile, so the chunk loop has no branch. bitlayers is read at run time
             # (zeroed coefficients; with the GFNI decode the dropped planes are not loaded).
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
-            if kern.blocks:  # rows streamed in order at any batch; the tile is the unit of parallel work
-                _row_tiles(T, kern, batch, BLOCK_TASK_ROWS, batch_tile, serial)
-            elif single_row_tile is None:
-                _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
-            else:  # below one block, batch 1 gets its own loop nest: more rows side by side
-                with T.If(batch == 1):
+
+            def vector_tiles() -> None:
+                if kern.blocks:  # rows streamed in order at any batch; the tile is the unit of parallel work
+                    _row_tiles(T, kern, batch, BLOCK_TASK_ROWS, batch_tile, serial)
+                elif single_row_tile is None:
+                    _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
+                else:  # below one block, batch 1 gets its own loop nest: more rows side by side
+                    with T.If(batch == 1):
+                        with T.Then():
+                            _row_tiles(T, kern, batch, single_row_tile, 1, serial)
+                        with T.Else():
+                            _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
+
+            amx = amx_min_batch is not None and amx_problem(kern) is None
+            if amx:  # many activation rows: the tile instructions (:mod:`.amx_gemm`)
+                with T.If(use_tiles(batch, amx_min_batch)):
                     with T.Then():
-                        _row_tiles(T, kern, batch, single_row_tile, 1, serial)
+                        amx_gemm(T, kern, batch, serial)
                     with T.Else():
-                        _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
-    return ib.get()
+                        vector_tiles()
+            else:
+                vector_tiles()
+    func = ib.get().with_attr(ATTR_CPU_FEATURES, kernel_features(isa, [kern], amx))
+    return func.with_attr(ATTR_AMX_MIN_BATCH, amx_min_batch) if amx else func
 
 
 def gemm_params(

@@ -18,6 +18,10 @@ way:
    :mod:`pbtvm.ops.vector_math` (libm's ``expf``, one call per element, took 14 of the 88 µs of
    the 2x650 LM's step on one core).
 
+On CPUs with AMX-INT8 a task's gate rows are multiplied with the tile instructions from
+:func:`pbtvm.ops.amx_gemm.amx_min_batch` activation rows (:func:`pbtvm.ops.amx_gemm.amx_rows`, the
+legs' activation codes copied into tile order once per call).
+
 The integer products equal the TE kernel's exactly and the gate pre-activations are made by the
 same epilogue; ``h'`` and ``c'`` differ from the TE kernel's by the ``exp`` (at most 2.4e-7 on
 the 650-unit step measured; the tests allow 2e-6). Replaces the popcount step
@@ -30,8 +34,9 @@ from __future__ import annotations
 from .._tvm import tir
 from ..bitplane import LUT_LAYOUT, BitplaneFormat
 from ..bitplane.lut_layout import LUT_TILE_ROWS
-from ..names import ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
+from ..names import ATTR_AMX_MIN_BATCH, ATTR_CPU_FEATURES, ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_lut, pb_vnni
+from .amx_gemm import activation_tiles, amx_problem, amx_rows, pack_activations, use_tiles
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
 from .vnni_batch import decodes_once, row_code_bytes, rows_decoded_once
@@ -55,6 +60,7 @@ def pb_vnni_lstm_func(
     steps: tir.Var | None = None,
     gfni: bool = True,
     isa: str = "avx512",
+    amx_min_batch: int | None = None,
 ) -> tir.PrimFunc:
     """The AVX-512 (or AVX2) LSTM step with the parameters of the TE step it replaces.
 
@@ -83,6 +89,10 @@ def pb_vnni_lstm_func(
         Decode whole 512-input blocks with GFNI (the CPU needs ``gfni``; AVX-512 and AVX-VNNI).
     isa : str
         A key of :data:`pbtvm.ops.pb_vnni.ISA_FEATURES`, as :func:`pbtvm.ops.pb_vnni.pb_vnni_func`.
+    amx_min_batch : int, optional
+        From this many activation rows on, the gate rows are multiplied with the AMX tile
+        instructions (:func:`pbtvm.ops.amx_gemm.amx_rows`), as ``pb_vnni_func``'s; the PrimFunc
+        then carries ``pbtvm.amx_min_batch``. None: no AMX loops.
 
     Returns
     -------
@@ -157,32 +167,57 @@ def pb_vnni_lstm_func(
             # 2. tasks of hidden units: their gate rows, then their cell updates
             weight_bits = rows * (hidden + (input_size or 0)) * fmt.bits
             n_tasks = -(-hidden // UNITS_PER_TASK)
-            # past one batch tile: a task's rows decoded once each (one part of a buffer per task,
-            # made once per call: 1 KiB or more inside the parallel loop would be allocated per task)
-            row_bytes = max((row_code_bytes(kern) for kern in legs if not lut and decodes_once(kern)), default=0)
             serial = weight_bits < pb_vnni.SERIAL_WEIGHT_BITS
-            parts = 1 if serial else n_tasks  # a part per parallel task; serial tasks take turns in one
-            row_codes = T.alloc_buffer((parts * row_bytes,), "uint8") if row_bytes else None
-            with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
-                u0 = task * UNITS_PER_TASK
-                units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
-                if lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
-                    regs = pb_lut.scratch(T)
-                    for kern in legs:
-                        pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, TASK_TILES, batch)
-                else:
-                    _gate_rows(T, legs, batch, u0 * 4, units * 4, row_codes, 0 if serial else task * row_bytes)
-                with T.serial(0, batch) as b:
-                    with T.serial(0, units) as du:
-                        u = u0 + du
 
-                        def pre(g, b=b, u=u):
-                            return gates_h[b, u * 4 + g] + gx_at(b, u, g)
+            def tasks(packed: list | None) -> None:
+                """Every task; ``packed``: the legs' activation tiles (the AMX gate rows)."""
+                # past one batch tile: a task's rows decoded once each (one part of a buffer per
+                # task, made once per call: 1 KiB or more inside the parallel loop would be
+                # allocated per task)
+                once = packed is None and not lut
+                row_bytes = max((row_code_bytes(kern) for kern in legs if once and decodes_once(kern)), default=0)
+                parts = 1 if serial else n_tasks  # a part per parallel task; serial tasks take turns in one
+                row_codes = T.alloc_buffer((parts * row_bytes,), "uint8") if row_bytes else None
+                with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
+                    u0 = task * UNITS_PER_TASK
+                    units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
+                    if lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
+                        regs = pb_lut.scratch(T)
+                        for kern in legs:
+                            pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, TASK_TILES, batch)
+                    elif packed is not None:
+                        amx_rows(T, legs, packed, u0 * 4, units * 4, batch)
+                    else:
+                        _gate_rows(T, legs, batch, u0 * 4, units * 4, row_codes, 0 if serial else task * row_bytes)
+                    with T.serial(0, batch) as b:
+                        with T.serial(0, units) as du:
+                            u = u0 + du
 
-                        c_next = sigmoid(pre(1)) * c[b, u] + sigmoid(pre(0)) * tanh(pre(2))
-                        T.buffer_store(c_out, c_next, [b, u])
-                        T.buffer_store(h_out, sigmoid(pre(3)) * tanh(c_out[b, u]), [b, u])
-    return ib.get()
+                            def pre(g, b=b, u=u):
+                                return gates_h[b, u * 4 + g] + gx_at(b, u, g)
+
+                            c_next = sigmoid(pre(1)) * c[b, u] + sigmoid(pre(0)) * tanh(pre(2))
+                            T.buffer_store(c_out, c_next, [b, u])
+                            T.buffer_store(h_out, sigmoid(pre(3)) * tanh(c_out[b, u]), [b, u])
+
+            # many activation rows on a CPU with AMX: the legs' activation tiles once per call,
+            # then the tasks with the AMX gate rows (:mod:`.amx_gemm`)
+            amx = amx_min_batch is not None and not lut and all(amx_problem(kern) is None for kern in legs)
+            if amx:
+                with T.If(use_tiles(batch, amx_min_batch)):
+                    with T.Then():
+                        packed = [activation_tiles(T, kern, batch) for kern in legs]
+                        for kern, buf in zip(legs, packed, strict=True):
+                            pack_activations(T, kern, batch, buf, serial)
+                        tasks(packed)
+                    with T.Else():
+                        tasks(None)
+            else:
+                tasks(None)
+    func = ib.get()
+    if not lut:
+        func = func.with_attr(ATTR_CPU_FEATURES, pb_vnni.kernel_features(isa, legs, amx))
+    return func.with_attr(ATTR_AMX_MIN_BATCH, amx_min_batch) if amx else func
 
 
 def _gate_rows(T, legs: list, batch, row0, n_rows, row_codes: tir.Buffer | None, at) -> None:

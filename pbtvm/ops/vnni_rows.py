@@ -53,6 +53,7 @@ __all__ = [
     "split_codes",
     "side_by_side",
     "store",
+    "store_total",
 ]
 
 #: Accumulators per activation row at small batches (``ACC_CHAINS // rows`` of them), so the
@@ -472,7 +473,7 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
         return
     # the rows are consecutive: one vector epilogue for all four
     sums = _lane_sums([kern.acc[slot[r][0][0]] for r in range(n_rows)])
-    _store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0)
+    store_total(T, kern, sums, tir.Ramp(rows[0], 1, n_rows), b0)
 
 
 def accumulators(T, kern: Kernel, n_rows: int, b_rows: int, split: int) -> list:
@@ -664,11 +665,12 @@ def store(T, kern: Kernel, slots: list, split: int, n, b0, guard: bool) -> None:
                 for part in parts[1:]:
                     vec = vec + kern.acc[part]
                 total = tir.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v16i32", vec)
-                _store_total(T, kern, total, n, b0 + b)
+                store_total(T, kern, total, n, b0 + b)
 
 
-def _store_total(T, kern: Kernel, total: tir.PrimExpr, n, row) -> None:
-    """Store output ``[row, n]`` from its decoded-byte dot product ``total`` (int32).
+def store_total(T, kern: Kernel, total: tir.PrimExpr, n, row) -> None:
+    """Store output ``[row, n]`` from its decoded-byte dot product ``total`` (int32; with ``n`` a
+    ``Ramp`` of consecutive output rows, ``total`` an int32 vector of as many lanes).
 
     The bytes are ``2^(8-k) u / |c|`` (:func:`code_scale`, exactly divisible): back to ``sum u x``,
     then undo the unsigned shift of two's complement codes and apply the epilogue.

@@ -1,0 +1,391 @@
+"""AMX-INT8 loops of the AVX-512 byte-code GEMM: batches of many rows on Intel Xeon tile units.
+
+From Sapphire Rapids on, Intel server cores have AMX: eight tile registers of up to 16 rows x 64
+bytes and ``tdpbusd``, which multiplies a 16 x 64 uint8 tile by a 64 x 16 int8 tile (held as 16
+rows of 16 x 4 bytes, the "VNNI" order) into a 16 x 16 int32 tile, exactly, in one instruction:
+16,384 multiply-adds, about 16 times what ``vpdpbusd`` on a zmm register does per cycle. Past
+one batch tile the byte-code kernel (:mod:`pbtvm.ops.pb_vnni`) is bound by its dot products
+(BENCHMARKS.md: 4096x4096 W4 batch 16 at 27 % of its memory floor, slower than torch's int8 at
+W8), so from :func:`amx_min_batch` rows the GEMM takes these loops instead:
+
+1. the activation codes of :func:`~pbtvm.ops.vnni_rows.prepare_kernel` (int8, zero past K) are
+   copied once per call into the B-tile order, groups of :data:`TILE_ROWS` activation rows per
+   64-input chunk (:func:`pack_activations`; rows past the batch are zero);
+2. each parallel task takes :data:`TASK_ROWS` output rows, :data:`TILE_ROWS` at a time, and per
+   pass of up to :data:`PASS_GROUPS` activation groups decodes their weight codes one 512-input
+   segment at a time into L1 (:func:`~pbtvm.ops.vnni_rows.gfni_block`, the chunks after the
+   blocks by the masked-add decode: the same unsigned bytes ``2^(8-k) u / |c|``, in the order
+   the activation codes are stored), then multiplies the segment with one ``tdpbusd`` per chunk
+   and group, accumulating in the tile registers (a batch past 64 rows decodes again per pass);
+3. the 16 x 16 sums go through the kernel's exact epilogue
+   (:func:`~pbtvm.ops.vnni_rows.store_total`), 16 output rows per vector.
+
+Linux gives a process the tile registers' state only on request: the kernel asks itself
+(``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, once per call that would use the
+tiles, a no-op once granted) and takes the zmm loops where the system refuses (:func:`use_tiles`;
+Linux before 5.16, or a thread of the process with an alternate signal stack too small for the
+tile state), so an exported library needs nothing but the TVM runtime. The grant is for the whole
+process and cannot be undone: from then on every signal frame carries the 8 KiB of tile data, so
+an alternate signal stack set up later must have room for it. The loops are built only for
+x86-64 Linux targets (:func:`target_runs_tiles`). Each task loads its tile configuration
+(``ldtilecfg``) and releases the tiles when done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .._tvm import tir
+from .common import CPU_SCRATCH
+from .gfni_decode import BLOCK
+from .vnni_bytes import CHUNK
+from .vnni_rows import Kernel, decode_chunk, gfni_block, store_total
+
+__all__ = [
+    "AMX_FEATURES",
+    "AMX_MIN_BATCH",
+    "LIGHT_DECODE_BITS",
+    "SEGMENT_BYTES",
+    "SEGMENT_CHUNKS",
+    "PASS_GROUPS",
+    "TASK_ROWS",
+    "TILE_ROWS",
+    "amx_gemm",
+    "amx_min_batch",
+    "amx_problem",
+    "activation_tiles",
+    "amx_rows",
+    "pack_activations",
+    "target_runs_tiles",
+    "tiles_granted",
+    "use_tiles",
+]
+
+#: LLVM CPU features of the tile instructions (``ldtilecfg``, ``tileloadd``, ``tdpbusd``).
+AMX_FEATURES = ("amx-tile", "amx-int8")
+#: Fewest activation rows that take the AMX loops (fewer keep the zmm dot products), for weights
+#: of up to :data:`LIGHT_DECODE_BITS` bits and for more (:func:`amx_min_batch`). The tile loops
+#: decode 16 rows side by side into L1 and cost about the same at any batch (4096x4096 W4: 340
+#: us at batch 2 and 4, 400 at 16); the zmm loops grow with each batch tile of 4. Measured on
+#: the 2-vCPU Xeon guest (weights warm, AMX vs zmm): W2-W4 0.7-1.2x at batch 4, 1.05-1.9x at 6,
+#: 1.9-3.6x at 16 on 4096x4096, 11008x4096, 4096x11008, 2600x1300, 10000x650; W8, whose decode
+#: is heavier, 0.74-1.66x at batch 8 and 1.07-2.68x at 16 (BENCHMARKS.md, twentieth session).
+AMX_MIN_BATCH = (6, 16)
+#: Weight bits up to which the first threshold of :data:`AMX_MIN_BATCH` applies (the GFNI
+#: decode of up to 4 planes takes 3 instructions per 64 weights, of 5-8 planes 5).
+LIGHT_DECODE_BITS = 4
+#: Rows of a tile: output rows of an A tile, activation rows of a B tile's group.
+TILE_ROWS = 16
+#: Accumulator tiles (tiles ``0 ..``): a pass multiplies up to this many activation groups (fewer
+#: groups share them out, :func:`_splits`); two A and two B tiles take the other four of the
+#: eight registers.
+PASS_GROUPS = 4
+#: Output rows per parallel task (:data:`TILE_ROWS` at a time).
+TASK_ROWS = 64
+#: Linux x86-64: ``arch_prctl`` system call, its request for a feature's permission, and the
+#: feature number of the tile data.
+_SYS_ARCH_PRCTL = 158
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+#: Bytes of a tile configuration (``ldtilecfg``): palette, start row, 14 reserved, 16 column
+#: widths (uint16), 16 row counts (uint8), 16 reserved.
+_CONFIG_BYTES = 64
+_TILE_BYTES = TILE_ROWS * CHUNK
+#: Chunks of a segment (one 512-input block) and the bytes a tile row's codes take: one chunk
+#: more, so that the 16 rows of an A tile do not all map to one cache set.
+SEGMENT_CHUNKS = BLOCK // CHUNK
+SEGMENT_BYTES = BLOCK + CHUNK
+
+
+def amx_min_batch(bits: int) -> int:
+    """Fewest activation rows whose GEMM of ``bits``-bit weights takes the AMX loops
+    (:data:`AMX_MIN_BATCH`)."""
+    return AMX_MIN_BATCH[0] if bits <= LIGHT_DECODE_BITS else AMX_MIN_BATCH[1]
+
+
+def target_runs_tiles(target) -> bool:
+    """Whether the AMX loops may be built for an LLVM ``target``: its CPU has
+    :data:`AMX_FEATURES` and it is x86-64 Linux (its ``mtriple``, else LLVM's default), whose
+    ``arch_prctl`` system call the loops make."""
+    from tvm.target import codegen
+
+    from .pb_vnni import target_supports
+
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    return target_supports(target, AMX_FEATURES) and triple.startswith("x86_64") and "linux" in triple
+
+
+def amx_problem(kern: Kernel) -> str | None:
+    """Why the AMX loops cannot compute ``kern``'s layer (None when they can): they multiply the
+    zmm kernel's unsigned one-byte codes (``isa="avx512"``, scaled codes, no split codes)."""
+    if kern.isa != "avx512":
+        return f"the AMX loops extend the AVX-512 kernel, not {kern.isa}"
+    if not kern.scaled or kern.hi:
+        return "the AMX loops multiply the scaled byte codes, which this K does not use (int32 sums would overflow)"
+    return None
+
+
+def _intrin(name: str, *args) -> tir.PrimExpr:
+    """A ``void`` LLVM intrinsic call (the tile instructions; tile numbers as int8 immediates).
+
+    The tile loads and stores take ``Buffer.access_ptr`` pointers: with ``T.address_of(buf[i])``
+    TVM's CompactBufferAllocation took most of a build (512x784 W4: 2.6 s against 0.9 s)."""
+    return tir.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def _tile(number: int) -> tir.PrimExpr:
+    return tir.const(number, "int8")
+
+
+def tiles_granted() -> tir.PrimExpr:
+    """Whether Linux gives this process the tile data state (bool): asks for it, once per call
+    (per process: granted once, then a no-op; about a microsecond)."""
+    granted = tir.call_extern(
+        "int64",
+        "syscall",
+        tir.const(_SYS_ARCH_PRCTL, "int64"),
+        tir.const(_ARCH_REQ_XCOMP_PERM, "int64"),
+        tir.const(_XFEATURE_XTILEDATA, "int64"),
+    )
+    return granted == tir.const(0, "int64")
+
+
+def use_tiles(batch, min_batch: int) -> tir.PrimExpr:
+    """Whether a call runs the AMX loops (bool): ``min_batch`` activation rows or more, and the
+    system lets the process use the tiles (:func:`tiles_granted`, only asked then). Where it does
+    not (Linux before 5.16, a sandbox) the call takes the zmm loops: the same results."""
+    return tir.if_then_else(batch >= min_batch, tiles_granted(), tir.const(False, "bool"))
+
+
+def _configure_tiles(T, tiles: int) -> None:
+    """Load a configuration of ``tiles`` tiles of :data:`TILE_ROWS` x 64 bytes (palette 1)."""
+    config = T.alloc_buffer((_CONFIG_BYTES,), "uint8", scope=CPU_SCRATCH)
+    with T.serial(0, _CONFIG_BYTES) as i:
+        T.buffer_store(config, tir.const(0, "uint8"), [i])
+    T.buffer_store(config, tir.const(1, "uint8"), [0])
+    for t in range(tiles):
+        T.buffer_store(config, tir.const(CHUNK, "uint8"), [16 + 2 * t])  # bytes per row (uint16, little end)
+        T.buffer_store(config, tir.const(TILE_ROWS, "uint8"), [48 + t])
+    T.evaluate(_intrin("ldtilecfg", T.address_of(config[0])))
+
+
+def activation_tiles(T, kern: Kernel, batch) -> tir.Buffer:
+    """A buffer for :func:`pack_activations` (int8; its groups of :data:`TILE_ROWS` activation
+    rows, each chunk one B tile of :data:`TILE_ROWS` x 64 bytes)."""
+    groups = (batch + (TILE_ROWS - 1)) // TILE_ROWS
+    return T.alloc_buffer((groups * (kern.full_chunks + kern.tail) * _TILE_BYTES,), "int8")
+
+
+def pack_activations(T, kern: Kernel, batch, packed: tir.Buffer, serial: bool = False) -> None:
+    """The activation codes in B-tile order into ``packed`` (:func:`activation_tiles`): chunk
+    ``c`` of group ``g`` at ``(g chunks + c) * 1024``, its 16 rows the chunk's 16 dwords, each row
+    the group's :data:`TILE_ROWS` activation rows' 4 bytes of that dword (zero past the batch);
+    the groups one after another with ``serial`` (small layers), else in parallel."""
+    chunks = kern.full_chunks + kern.tail
+    dwords = CHUNK // 4
+    groups = (batch + (TILE_ROWS - 1)) // TILE_ROWS
+    with T.serial(0, groups) if serial else T.parallel(0, groups) as g:
+        with T.serial(0, chunks) as c:
+            base = (g * chunks + c) * _TILE_BYTES
+            with T.serial(0, TILE_ROWS) as b:
+                row = g * TILE_ROWS + b
+                with T.If(row < batch):
+                    with T.Then():
+                        for q in range(dwords):
+                            value = kern.codes[row, tir.Ramp(c * CHUNK + q * 4, 1, 4)]
+                            T.buffer_store(packed, value, [tir.Ramp(base + q * CHUNK + b * 4, 1, 4)])
+                    with T.Else():
+                        for q in range(dwords):
+                            zero = tir.Broadcast(tir.const(0, "int8"), 4)
+                            T.buffer_store(packed, zero, [tir.Ramp(base + q * CHUNK + b * 4, 1, 4)])
+
+
+def amx_gemm(T, kern: Kernel, batch, serial: bool) -> None:
+    """Every output row x every activation row with the tile instructions (module docstring).
+
+    Parameters
+    ----------
+    T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
+    kern : Kernel
+        From :func:`~pbtvm.ops.vnni_rows.prepare_kernel` on AVX-512 (:func:`amx_problem` None).
+    batch : PrimExpr
+        Activation rows (any number; the loops are meant for :func:`amx_min_batch` or more).
+    serial : bool
+        Run the tasks one after another (small layers, :data:`pbtvm.ops.pb_vnni.SERIAL_WEIGHT_BITS`).
+    """
+    problem = amx_problem(kern)
+    if problem:
+        raise ValueError(problem)
+    packed = activation_tiles(T, kern, batch)
+    pack_activations(T, kern, batch, packed, serial)
+    tasks = -(-kern.n_out // TASK_ROWS)
+    with T.serial(0, tasks) if serial else T.parallel(0, tasks) as task:
+        n0 = task * TASK_ROWS
+        count = tir.min(TASK_ROWS, kern.n_out - n0) if kern.n_out % TASK_ROWS else TASK_ROWS
+        amx_rows(T, [kern], [packed], n0, count, batch)
+
+
+def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
+    """Output rows ``n0 .. n0 + count`` of each leg x every activation row: one parallel task.
+
+    Parameters
+    ----------
+    T : the TVMScript IR builder (``tvm.script.ir_builder.tirx``)
+    legs : list of Kernel
+        GEMMs sharing the task (an LSTM step's two legs), each passing :func:`amx_problem`.
+    packed : list of tir.Buffer
+        Each leg's activation tiles (:func:`pack_activations`, filled before the parallel loop).
+    n0, count : PrimExpr or int
+        The task's first output row and its rows (up to :data:`TASK_ROWS`; ``n0 + count <= N``).
+    batch : PrimExpr
+        Activation rows.
+    """
+    square = TILE_ROWS * TILE_ROWS
+    # a segment's codes (16 rows of SEGMENT_BYTES) and a pass's sums, 13 KiB: a workspace
+    # allocation per task, from the thread's pool, so the same memory every task, hot in L1 (a
+    # part per task of a buffer made once per call, cold at each task's start, measured 10000x650
+    # W4 205 vs 144 us at batch 6, 280 vs 224 at 16; 4096x4096 within 1-10 %)
+    codes = T.alloc_buffer((TILE_ROWS * SEGMENT_BYTES,), "uint8", scope=CPU_SCRATCH)
+    sums = T.alloc_buffer((PASS_GROUPS * square,), "int32", scope=CPU_SCRATCH)
+    _configure_tiles(T, PASS_GROUPS + 4)
+    groups = (batch + (TILE_ROWS - 1)) // TILE_ROWS
+    whole = isinstance(count, int) and count % TILE_ROWS == 0  # every tile's rows stored as one vector
+    total = T.alloc_buffer((TILE_ROWS,), "int32", scope=CPU_SCRATCH)
+    for kern, acts in zip(legs, packed, strict=True):
+        with T.serial(0, (count + (TILE_ROWS - 1)) // TILE_ROWS) as rt:
+            first = n0 + rt * TILE_ROWS
+            # passes of up to PASS_GROUPS groups; only the products are specialised per group count
+            with T.serial(0, (groups + (PASS_GROUPS - 1)) // PASS_GROUPS) as p:
+                g0 = p * PASS_GROUPS
+                n_groups = tir.min(PASS_GROUPS, groups - g0)
+                for t in range(PASS_GROUPS):
+                    T.evaluate(_intrin("tilezero", _tile(t)))
+                _segments(T, _Tiles(kern, codes, acts, first, g0, n_groups))
+                for t in range(PASS_GROUPS):
+                    into = sums.access_ptr("w", offset=t * square)
+                    T.evaluate(_intrin("tilestored64", _tile(t), into, tir.const(CHUNK, "int64")))
+                rows = TILE_ROWS if whole else tir.min(TILE_ROWS, count - rt * TILE_ROWS)
+                _epilogue(T, kern, sums, total, first, rows, g0, n_groups, batch)
+    T.evaluate(_intrin("tilerelease"))
+
+
+@dataclasses.dataclass
+class _Tiles:
+    """What one pass's segments read: 16 output rows from ``n0`` x groups ``g0 .. g0 + count``
+    (``count`` 1 .. :data:`PASS_GROUPS`, known at run time)."""
+
+    kern: Kernel
+    codes: tir.Buffer
+    packed: tir.Buffer
+    n0: tir.PrimExpr
+    g0: tir.PrimExpr
+    count: tir.PrimExpr
+
+    def row(self, r) -> tir.PrimExpr:
+        """Output row of tile row ``r``: rows past N repeat the last one (not stored)."""
+        return tir.min(self.n0 + r, self.kern.n_out - 1)
+
+
+def _segments(T, tiles: _Tiles) -> None:
+    """The 16 rows' codes one segment of up to :data:`SEGMENT_CHUNKS` chunks at a time (whole
+    blocks with GFNI, the other chunks with the masked-add decode), each segment's tile products
+    right after it (its codes still in L1)."""
+    kern = tiles.kern
+    start = 0
+    if kern.gfni:
+        with T.serial(0, kern.blocks) as blk:
+            with T.serial(0, TILE_ROWS) as r:
+                gfni_block(T, kern, tiles.row(r), blk, tiles.codes, r * SEGMENT_BYTES)
+            with T.serial(0, SEGMENT_CHUNKS // _PERIOD) as p:  # a loop: straight-line code builds slowly
+                _products(T, tiles, [blk * SEGMENT_CHUNKS + p * _PERIOD + j for j in range(_PERIOD)], p * _PERIOD)
+        start = kern.blocks * SEGMENT_CHUNKS
+    masked = dataclasses.replace(kern, decoded=tiles.codes)
+
+    def segment(chunks: list, full: list) -> None:
+        with T.serial(0, TILE_ROWS) as r:
+            for j, c in enumerate(chunks):
+                at = tir.Ramp(r * SEGMENT_BYTES + j * CHUNK, 1, CHUNK)
+                decode_chunk(T, masked, tiles.row(r), c, full[j], at)
+        _products(T, tiles, chunks)
+
+    groups = (kern.full_chunks - start) // SEGMENT_CHUNKS
+    if groups:
+        with T.serial(0, groups) as g:
+            segment([start + g * SEGMENT_CHUNKS + j for j in range(SEGMENT_CHUNKS)], [True] * SEGMENT_CHUNKS)
+    last = range(start + groups * SEGMENT_CHUNKS, kern.full_chunks + kern.tail)
+    if last:
+        segment(list(last), [c < kern.full_chunks for c in last])
+
+
+#: Chunks per iteration of a block's product loop: the registers' turns repeat after 4 chunks
+#: (two A and two B registers, up to four accumulators per group).
+_PERIOD = 4
+
+
+def _products(T, tiles: _Tiles, chunks: list, first=0) -> None:
+    """``C += A_j B_{t,c}`` for the segment's chunks ``c`` (its ``j``-th from ``first``, A from
+    the segment's codes) and the pass's groups ``t``: straight-line code per group count (the
+    tile registers are immediates), group ``t``'s chunks taking turns in its :func:`_splits`
+    accumulator tiles, the A and B tiles in two registers each (consecutive products do not wait
+    for each other)."""
+    all_chunks = tiles.kern.full_chunks + tiles.kern.tail
+    for count in range(1, PASS_GROUPS + 1):
+        with T.If(tiles.count == count):
+            with T.Then():
+                split = _splits(count)
+                for j, c in enumerate(chunks):
+                    a_tile = PASS_GROUPS + j % 2
+                    weights = tiles.codes.access_ptr("r", offset=(first + j) * CHUNK)
+                    T.evaluate(_intrin("tileloadd64", _tile(a_tile), weights, tir.const(SEGMENT_BYTES, "int64")))
+                    for t in range(count):
+                        b_tile = PASS_GROUPS + 2 + (j * count + t) % 2
+                        acts = tiles.packed.access_ptr("r", offset=((tiles.g0 + t) * all_chunks + c) * _TILE_BYTES)
+                        T.evaluate(_intrin("tileloadd64", _tile(b_tile), acts, tir.const(CHUNK, "int64")))
+                        accumulator = t * split + j % split
+                        T.evaluate(_intrin("tdpbusd", _tile(accumulator), _tile(a_tile), _tile(b_tile)))
+
+
+def _splits(count):
+    """Accumulator tiles per group in a pass of ``count`` groups (an int or a PrimExpr): all
+    :data:`PASS_GROUPS` of them shared out (a ``tdpbusd`` waits for the last one into its
+    accumulator)."""
+    return PASS_GROUPS // count
+
+
+def _epilogue(T, kern: Kernel, sums: tir.Buffer, total: tir.Buffer, n0, rows, g0, count, batch) -> None:
+    """Outputs of rows ``n0 .. n0 + rows`` (``rows`` up to 16) x groups ``g0 .. g0 + count`` from
+    their sums (``sums[s 256 + r 16 + b]``: accumulator ``s``, output row ``r``, activation row
+    ``b``; group ``t``'s accumulators ``t split ..`` added into ``total``)."""
+    square, split = TILE_ROWS * TILE_ROWS, _splits(count)
+
+    def add_up(t, b, lanes: int) -> None:  # the group's accumulators of column b, lanes output rows
+        def one(s) -> tir.PrimExpr:
+            base = (t * split + s) * square + b
+            return sums[tir.Ramp(base, TILE_ROWS, lanes) if lanes > 1 else base]
+
+        at = tir.Ramp(0, 1, lanes) if lanes > 1 else 0
+        T.buffer_store(total, one(0), [at])
+        with T.serial(1, split) as s:
+            T.buffer_store(total, total[at] + one(s), [at])
+
+    with T.serial(0, count) as t:
+        with T.serial(0, TILE_ROWS) as b:
+            row = (g0 + t) * TILE_ROWS + b
+            with T.If(row < batch):
+                with T.Then():
+                    vector = tir.Ramp(n0, 1, TILE_ROWS)
+
+                    def whole_tile() -> None:
+                        add_up(t, b, TILE_ROWS)
+                        store_total(T, kern, total[tir.Ramp(0, 1, TILE_ROWS)], vector, row)
+
+                    if isinstance(rows, int):
+                        whole_tile()
+                        return
+                    with T.If(rows == TILE_ROWS):
+                        with T.Then():
+                            whole_tile()
+                        with T.Else():
+                            with T.serial(0, rows) as r:
+                                add_up(t, r * TILE_ROWS + b, 1)
+                                store_total(T, kern, total[0], n0 + r, row)
