@@ -4,8 +4,8 @@ Every method runs a stack of ``--layers`` different weight sets (more bytes than
 4096x4096 and W >= 2), the same activation into each layer, and reports microseconds per layer:
 the median over ``--rounds`` rounds in which the methods take turns (so a noisy neighbour hits
 them alike; each method's timed pass follows a 0.3 s pause, so no library's spinning worker
-threads take the cores from the next, and one untimed pass, so its own workers are awake, as in
-a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per dense layer: on
+threads take the cores from the next, and untimed passes for at least 50 ms, so its own workers
+are awake and the clock has ramped up, as in a model that runs continuously). The PB layer is what ``pbtvm.compile`` runs per dense layer: on
 a CPU with AVX-512 BW+VNNI one kernel that quantizes the rows and runs the AVX-512 GEMM
 (``pbtvm.ops.pb_vnni``, GFNI block decode where the CPU has it), on AVX2 CPUs the same kernel
 built with ``vpmaddubsw`` + ``vpmaddwd``, elsewhere the activation quantize+pack kernel
@@ -85,6 +85,11 @@ from pbtvm.target import resolve_target
 warnings.filterwarnings("ignore")
 torch.set_num_threads(ARGS.threads)
 SETTLE_S = 0.3
+#: Each method runs untimed for at least this long before its timed pass: after the pause the
+#: cores' clock takes ~20 ms to ramp up (the 2-vCPU Xeon guest: a W4 4096x4096 layer at batch 8
+#: 690 -> 540 us (AVX-512) and 840 -> 400 us (AMX) over its first 30 calls), and a model that
+#: runs continuously runs at the ramped clock.
+WARM_S = 0.05
 CLOCK = time.thread_time if ARGS.clock == "thread" else time.perf_counter
 
 
@@ -230,7 +235,10 @@ def bench_shape(n: int, k: int, target, bw: float) -> list[str]:
                     # TVM's pool spin after each call and would take the cores from the next
                     # method), then one untimed pass wakes this method's own workers
                     time.sleep(SETTLE_S)
+                    warm_until = time.perf_counter() + WARM_S
                     call()
+                    while time.perf_counter() < warm_until:
+                        call()
                     t0 = CLOCK()
                     call()
                     times[name].append((CLOCK() - t0) / layers * 1e6)

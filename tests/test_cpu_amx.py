@@ -265,3 +265,17 @@ def test_amx_lstm_step_of_a_sequence(monkeypatch):
     the popcount step and the reference."""
     monkeypatch.setattr(amx_gemm, "AMX_MIN_BATCH", (1, 1))
     assert_given_projection_step(AMX, 130, 4, [2, 18], True, np.random.default_rng(3), monkeypatch)
+
+
+@needs_amx
+def test_amx_product_with_the_next_rows_prefetched(monkeypatch):
+    """Layers of PREFETCH_MIN_BYTES or more prefetch the next 16 rows' kept planes (the last
+    tile's past N, clamped): forced here on small layers, exact at every bitlayers."""
+    monkeypatch.setattr(amx_gemm, "PREFETCH_MIN_BYTES", 0)
+    rng = np.random.default_rng(5)
+    for bits, n, k, b in [(4, 70, 1100, 20), (3, 33, 512, 7)]:
+        fmt = bp.BitplaneFormat(bits, 8)
+        kern = _amx_kernel(kernels.int_product_func(fmt, n, k))
+        assert "prefetcht1" in _asm(kern)
+        q, xq = _codes(rng, fmt, n, k, b)
+        assert_exact_at_every_bitlayers(kern, fmt, q, xq)

@@ -39,7 +39,7 @@ from .._tvm import tir
 from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK
 from .vnni_bytes import CHUNK
-from .vnni_rows import Kernel, decode_chunk, gfni_block, store_total
+from .vnni_rows import Kernel, chunk_groups, decode_chunk, gfni_block, store_total
 
 __all__ = [
     "AMX_FEATURES",
@@ -48,6 +48,7 @@ __all__ = [
     "SEGMENT_BYTES",
     "SEGMENT_CHUNKS",
     "PASS_GROUPS",
+    "PREFETCH_MIN_BYTES",
     "TASK_ROWS",
     "TILE_ROWS",
     "amx_gemm",
@@ -64,12 +65,12 @@ __all__ = [
 #: LLVM CPU features of the tile instructions (``ldtilecfg``, ``tileloadd``, ``tdpbusd``).
 AMX_FEATURES = ("amx-tile", "amx-int8")
 #: Fewest activation rows that take the AMX loops (fewer keep the zmm dot products), for weights
-#: of up to :data:`LIGHT_DECODE_BITS` bits and for more (:func:`amx_min_batch`). The tile loops
-#: decode 16 rows side by side into L1 and cost about the same at any batch (4096x4096 W4: 340
-#: us at batch 2 and 4, 400 at 16); the zmm loops grow with each batch tile of 4. Measured on
-#: the 2-vCPU Xeon guest (weights warm, AMX vs zmm): W2-W4 0.7-1.2x at batch 4, 1.05-1.9x at 6,
-#: 1.9-3.6x at 16 on 4096x4096, 11008x4096, 4096x11008, 2600x1300, 10000x650; W8, whose decode
-#: is heavier, 0.74-1.66x at batch 8 and 1.07-2.68x at 16 (BENCHMARKS.md, twentieth session).
+#: of up to :data:`LIGHT_DECODE_BITS` bits and for more (:func:`amx_min_batch`). On 4096x4096 the
+#: tile loops cost about the same up to batch 16 (W4: 381 us at batch 2, 448 at 16); the zmm loops
+#: grow about linearly with the batch. Measured on the 2-vCPU Xeon guest (weights warm, AMX vs
+#: zmm, 4096x4096, 10000x650, 2600x1300): W2/W4 0.77-1.27x at batch 4, 1.11-1.81x at 6,
+#: 2.08-3.13x at 16; W8, whose decode is heavier, 0.90-1.18x at 8, 1.30-1.63x at 16
+#: (BENCHMARKS.md, twentieth session).
 AMX_MIN_BATCH = (6, 16)
 #: Weight bits up to which the first threshold of :data:`AMX_MIN_BATCH` applies (the GFNI
 #: decode of up to 4 planes takes 3 instructions per 64 weights, of 5-8 planes 5).
@@ -82,6 +83,13 @@ TILE_ROWS = 16
 PASS_GROUPS = 4
 #: Output rows per parallel task (:data:`TILE_ROWS` at a time).
 TASK_ROWS = 64
+#: Layers whose weight planes take at least this many bytes prefetch the next tile of output
+#: rows' planes into L2 before decoding a tile: the tile decode reads 16 rows x bits planes 64
+#: bytes at a time, which the hardware prefetchers follow badly from DRAM. Measured (6 weight
+#: sets rotated, AMX with / without): 11008x4096 (22-45 MB) W4 1.30x at batch 8, 1.22x at 16,
+#: 1.08x at 32, W8 1.28-1.30x at 16-32; 4096x4096 W4 (8 MB) 0.98-1.07x; 10000x650 and
+#: 2600x1300 W4 (3.3 and 1.7 MB, in the caches) 0.73-0.91x.
+PREFETCH_MIN_BYTES = 16 << 20
 #: Linux x86-64: ``arch_prctl`` system call, its request for a feature's permission, and the
 #: feature number of the tile data.
 _SYS_ARCH_PRCTL = 158
@@ -254,6 +262,8 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
     for kern, acts in zip(legs, packed, strict=True):
         with T.serial(0, (count + (TILE_ROWS - 1)) // TILE_ROWS) as rt:
             first = n0 + rt * TILE_ROWS
+            if _weight_bytes(kern) >= PREFETCH_MIN_BYTES:
+                _prefetch_rows(T, kern, first + TILE_ROWS)
             # passes of up to PASS_GROUPS groups; only the products are specialised per group count
             with T.serial(0, (groups + (PASS_GROUPS - 1)) // PASS_GROUPS) as p:
                 g0 = p * PASS_GROUPS
@@ -267,6 +277,31 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
                 rows = TILE_ROWS if whole else tir.min(TILE_ROWS, count - rt * TILE_ROWS)
                 _epilogue(T, kern, sums, total, first, rows, g0, n_groups, batch)
     T.evaluate(_intrin("tilerelease"))
+
+
+def _weight_bytes(kern: Kernel) -> int:
+    """Bytes of ``kern``'s weight planes."""
+    return kern.n_out * (kern.full_chunks * 2 + kern.tail) * 4 * kern.fmt.bits
+
+
+def _prefetch_rows(T, kern: Kernel, n0) -> None:
+    """Prefetch into L2 the kept planes of output rows ``n0 .. n0 + 16`` (the last row past N),
+    every 64-byte line of each row's plane in order."""
+    fmt = kern.fmt
+    words = kern.full_chunks * 2 + kern.tail
+    with T.serial(0, TILE_ROWS) as r:
+        row = tir.min(n0 + r, kern.n_out - 1)
+        for i in range(fmt.bits):
+            with T.If(kern.layers > i):
+                with T.Then():
+                    with T.serial(0, -(-words // 16)) as line:
+                        at = kern.wp.offset_of((*fmt.weight_index(i, row, 0)[:2], tir.min(line * 16, words - 1)))[0]
+                        keep_in_l2 = (tir.const(0, "int32"), tir.const(2, "int32"), tir.const(1, "int32"))
+                        T.evaluate(
+                            tir.call_llvm_intrin(
+                                "void", "llvm.prefetch.p0", kern.wp.access_ptr("r", offset=at), *keep_in_l2
+                            )
+                        )
 
 
 @dataclasses.dataclass
@@ -308,13 +343,7 @@ def _segments(T, tiles: _Tiles) -> None:
                 decode_chunk(T, masked, tiles.row(r), c, full[j], at)
         _products(T, tiles, chunks)
 
-    groups = (kern.full_chunks - start) // SEGMENT_CHUNKS
-    if groups:
-        with T.serial(0, groups) as g:
-            segment([start + g * SEGMENT_CHUNKS + j for j in range(SEGMENT_CHUNKS)], [True] * SEGMENT_CHUNKS)
-    last = range(start + groups * SEGMENT_CHUNKS, kern.full_chunks + kern.tail)
-    if last:
-        segment(list(last), [c < kern.full_chunks for c in last])
+    chunk_groups(T, kern, start, segment, SEGMENT_CHUNKS)
 
 
 #: Chunks per iteration of a block's product loop: the registers' turns repeat after 4 chunks

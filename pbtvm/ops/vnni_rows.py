@@ -505,15 +505,15 @@ def decoded_at(j: int) -> tir.Ramp:
     return tir.Ramp(j * CHUNK, 1, CHUNK)
 
 
-def chunk_groups(T, kern: Kernel, start: int, body) -> None:
+def chunk_groups(T, kern: Kernel, start: int, body, size: int = CHUNK_GROUP) -> None:
     """Chunks ``start ..`` of a row in groups: ``body(chunks, full)`` (chunk indices and whether each
-    is whole) inside a loop over groups of :data:`CHUNK_GROUP` whole chunks, then once for the
-    whole chunks left and the partial one (straight-line code)."""
-    groups = (kern.full_chunks - start) // CHUNK_GROUP
+    is whole) inside a loop over groups of ``size`` whole chunks (default :data:`CHUNK_GROUP`),
+    then once for the whole chunks left and the partial one (straight-line code)."""
+    groups = (kern.full_chunks - start) // size
     if groups:
         with T.serial(0, groups) as g:
-            body([start + g * CHUNK_GROUP + j for j in range(CHUNK_GROUP)], [True] * CHUNK_GROUP)
-    last = range(start + groups * CHUNK_GROUP, kern.full_chunks + kern.tail)
+            body([start + g * size + j for j in range(size)], [True] * size)
+    last = range(start + groups * size, kern.full_chunks + kern.tail)
     if last:
         body(list(last), [c < kern.full_chunks for c in last])
 
