@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -60,19 +61,35 @@ def host_mcpu() -> str:
 HOST_AMX_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's flags as Linux lists them in ``cpuinfo`` (its first ``flags`` line; empty where
+    the file cannot be read, e.g. off Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as info:
+            return set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
 def host_mattr(mcpu: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """``+feature`` for the AMX features this machine has (its ``cpuinfo`` flags) that LLVM's CPU
     ``mcpu`` lacks: a virtual machine's CPU model may be named after an older core (an AMX Xeon
     guest that LLVM calls ``rocketlake``), and the kernels would not use its tile units."""
     from tvm.target import codegen
 
-    try:
-        with open(cpuinfo, encoding="utf-8") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
+    flags = cpu_flags(cpuinfo)
+    if not flags:
         return []
     known = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
     return [f"+{feature}" for feature, flag in HOST_AMX_FLAGS.items() if flag in flags and feature not in known]
+
+
+@functools.cache
+def _this_host_mattr(mcpu: str) -> tuple[str, ...]:
+    """:func:`host_mattr` of this machine, read once per process (every ``resolve_target("llvm")``
+    asks, and the rules resolve the host for each kernel; reading the file and LLVM's features
+    doubled its time)."""
+    return tuple(host_mattr(mcpu))
 
 
 def _cuda_device() -> tuple[str | None, str | None]:
@@ -128,9 +145,9 @@ def resolve_target(target: Any) -> tvm.target.Target:
     if kind == "llvm":
         if "mcpu" not in spec:  # the host, with the tile instructions its CPU's name may not imply
             spec["mcpu"] = host_mcpu()
-            extra = host_mattr(spec["mcpu"])
+            extra = _this_host_mattr(spec["mcpu"])
             if extra and "mattr" not in spec:
-                spec["mattr"] = extra
+                spec["mattr"] = list(extra)
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
         same_cpu = {key: spec[key] for key in ("mcpu", "mattr") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))

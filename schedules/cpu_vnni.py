@@ -168,7 +168,7 @@ def vnni_lstm_kernel_for(func: tir.PrimFunc, target: tvm.target.Target | None = 
     batch, input_size, bias, steps = operands
     isa = _isa_of(target)
     k_dim = int(func.attrs[names.ATTR_K])
-    amx = amx_gemm.amx_min_batch(fmt.bits) if _has_amx(target) else None
+    amx = _amx_min_batch(fmt, target)
     new = pb_vnni_lstm_func(fmt, k_dim, batch, input_size, bias, steps, _has_gfni(target), isa, amx)
     return _replacing(func, new, pb_lut.CPU_KERNEL if fmt.layout == LUT_LAYOUT else CPU_KERNELS[isa])
 
@@ -257,7 +257,7 @@ def vnni_kernel_for(
     default_rows, default_batch, default_single = DEFAULT_TILES[isa]
     row_tile, batch_tile = row_tile or default_rows, batch_tile or default_batch
     single = single_row_tile or single_row_tile_for(fmt, n_out, k_dim, default_single)
-    gfni, amx = _has_gfni(target), amx_gemm.amx_min_batch(fmt.bits) if _has_amx(target) else None
+    gfni, amx = _has_gfni(target), _amx_min_batch(fmt, target)
     new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, batch_tile, row_tile, float_input, single, gfni, isa, amx)
     return _replacing(func, new, CPU_KERNELS[isa])
 
@@ -289,10 +289,11 @@ def _has_gfni(target: tvm.target.Target | None) -> bool:
     return target_supports(_target_or_host(target), gfni_decode.CPU_FEATURES)
 
 
-def _has_amx(target: tvm.target.Target | None) -> bool:
-    """Whether ``target`` (default as :func:`_target_or_host`) has the AMX-INT8 tile instructions
-    and is x86-64 Linux (:func:`pbtvm.ops.amx_gemm.target_runs_tiles`)."""
-    return amx_gemm.target_runs_tiles(_target_or_host(target))
+def _amx_min_batch(fmt: BitplaneFormat, target: tvm.target.Target | None) -> int | None:
+    """From which batch the byte-code kernels of ``fmt`` take the AMX loops on ``target`` (default
+    as :func:`_target_or_host`): :func:`pbtvm.ops.amx_gemm.amx_min_batch` where it has the AMX-INT8
+    tile instructions and is x86-64 Linux (:func:`pbtvm.ops.amx_gemm.target_runs_tiles`), else None."""
+    return amx_gemm.amx_min_batch(fmt.bits) if amx_gemm.target_runs_tiles(_target_or_host(target)) else None
 
 
 def _replacing(func: tir.PrimFunc, new: tir.PrimFunc, kernel: str) -> tir.PrimFunc:

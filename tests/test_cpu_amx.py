@@ -26,7 +26,7 @@ from pbtvm.ops import amx_gemm
 from pbtvm.ops.pb_vnni import pb_vnni_func
 from pbtvm.schedules.cpu_vnni import _operands, _out_rows, _replacing, vnni_kernel_for, vnni_lstm_kernel_for
 from pbtvm.schedules.rules import format_of
-from pbtvm.target import host_mattr, resolve_target
+from pbtvm.target import cpu_flags, host_mattr, resolve_target
 
 from .concurrency import run_threads
 from .test_cpu_one_kernel_layer import _rows, assert_same_floats
@@ -41,12 +41,7 @@ SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 
 def _host_runs_amx() -> bool:
     """Linux lists ``amx_int8`` and ``amx_tile`` and grants this process the tile state."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    if not {"amx_int8", "amx_tile", "avx512_vnni", "avx512bw"} <= set(flags):
+    if not {"amx_int8", "amx_tile", "avx512_vnni", "avx512bw"} <= cpu_flags():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     return libc.syscall(158, 0x1023, 18) == 0  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)

@@ -25,7 +25,7 @@ from pbtvm.ops.pb_vnni import MAX_ACCUMULATORS_PER_ISA, cpu_isa, target_supports
 from pbtvm.ops.vnni_rows import split_codes
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
-from pbtvm.target import resolve_target, weight_layout
+from pbtvm.target import cpu_flags, resolve_target, weight_layout
 
 from .test_cpu_one_kernel_layer import _rows, assert_same_floats
 from .test_cpu_vnni import _codes, _t, assert_exact_at_every_bitlayers
@@ -38,14 +38,7 @@ NO_GFNI = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "mattr": ["-gf
 def _host_has_avx_vnni() -> bool:
     """The host target's features, or Linux's CPU flags (a virtual machine's CPU model may be
     one LLVM knows without the feature, as a Sapphire Rapids guest detected as Rocket Lake)."""
-    if target_supports(HOST, ("avx2", "avxvnni")):
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx_vnni" in flags and "avx2" in flags
+    return target_supports(HOST, ("avx2", "avxvnni")) or {"avx_vnni", "avx2"} <= cpu_flags()
 
 
 needs_avx_vnni = pytest.mark.skipif(not _host_has_avx_vnni(), reason="host CPU lacks AVX-VNNI (Alder Lake and newer)")

@@ -177,11 +177,15 @@ def _configure_tiles(T, tiles: int) -> None:
     T.evaluate(_intrin("ldtilecfg", T.address_of(config[0])))
 
 
+def _groups(batch) -> tir.PrimExpr:
+    """Groups of :data:`TILE_ROWS` activation rows (the last one partial)."""
+    return (batch + (TILE_ROWS - 1)) // TILE_ROWS
+
+
 def activation_tiles(T, kern: Kernel, batch) -> tir.Buffer:
     """A buffer for :func:`pack_activations` (int8; its groups of :data:`TILE_ROWS` activation
     rows, each chunk one B tile of :data:`TILE_ROWS` x 64 bytes)."""
-    groups = (batch + (TILE_ROWS - 1)) // TILE_ROWS
-    return T.alloc_buffer((groups * (kern.full_chunks + kern.tail) * _TILE_BYTES,), "int8")
+    return T.alloc_buffer((_groups(batch) * kern.chunks * _TILE_BYTES,), "int8")
 
 
 def pack_activations(T, kern: Kernel, batch, packed: tir.Buffer, serial: bool = False) -> None:
@@ -189,9 +193,7 @@ def pack_activations(T, kern: Kernel, batch, packed: tir.Buffer, serial: bool = 
     ``c`` of group ``g`` at ``(g chunks + c) * 1024``, its 16 rows the chunk's 16 dwords, each row
     the group's :data:`TILE_ROWS` activation rows' 4 bytes of that dword (zero past the batch);
     the groups one after another with ``serial`` (small layers), else in parallel."""
-    chunks = kern.full_chunks + kern.tail
-    dwords = CHUNK // 4
-    groups = (batch + (TILE_ROWS - 1)) // TILE_ROWS
+    chunks, dwords, groups = kern.chunks, CHUNK // 4, _groups(batch)
     with T.serial(0, groups) if serial else T.parallel(0, groups) as g:
         with T.serial(0, chunks) as c:
             base = (g * chunks + c) * _TILE_BYTES
@@ -256,7 +258,7 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
     codes = T.alloc_buffer((TILE_ROWS * SEGMENT_BYTES,), "uint8", scope=CPU_SCRATCH)
     sums = T.alloc_buffer((PASS_GROUPS * square,), "int32", scope=CPU_SCRATCH)
     _configure_tiles(T, PASS_GROUPS + 4)
-    groups = (batch + (TILE_ROWS - 1)) // TILE_ROWS
+    groups = _groups(batch)
     whole = isinstance(count, int) and count % TILE_ROWS == 0  # every tile's rows stored as one vector
     total = T.alloc_buffer((TILE_ROWS,), "int32", scope=CPU_SCRATCH)
     for kern, acts in zip(legs, packed, strict=True):
@@ -281,14 +283,13 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
 
 def _weight_bytes(kern: Kernel) -> int:
     """Bytes of ``kern``'s weight planes."""
-    return kern.n_out * (kern.full_chunks * 2 + kern.tail) * 4 * kern.fmt.bits
+    return kern.n_out * kern.words * 4 * kern.fmt.bits
 
 
 def _prefetch_rows(T, kern: Kernel, n0) -> None:
     """Prefetch into L2 the kept planes of output rows ``n0 .. n0 + 16`` (the last row past N),
     every 64-byte line of each row's plane in order."""
-    fmt = kern.fmt
-    words = kern.full_chunks * 2 + kern.tail
+    fmt, words = kern.fmt, kern.words
     with T.serial(0, TILE_ROWS) as r:
         row = tir.min(n0 + r, kern.n_out - 1)
         for i in range(fmt.bits):
@@ -357,7 +358,7 @@ def _products(T, tiles: _Tiles, chunks: list, first=0) -> None:
     tile registers are immediates), group ``t``'s chunks taking turns in its :func:`_splits`
     accumulator tiles, the A and B tiles in two registers each (consecutive products do not wait
     for each other)."""
-    all_chunks = tiles.kern.full_chunks + tiles.kern.tail
+    all_chunks = tiles.kern.chunks
     for count in range(1, PASS_GROUPS + 1):
         with T.If(tiles.count == count):
             with T.Then():

@@ -33,8 +33,9 @@ from __future__ import annotations
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_AMX_MIN_BATCH, ATTR_CPU_FEATURES, ATTR_CPU_KERNEL, KernelKind
-from .amx_gemm import amx_gemm, amx_problem, use_tiles
+from .amx_gemm import AMX_FEATURES, amx_gemm, amx_problem, use_tiles
 from .gfni_decode import BLOCK_WORDS
+from .gfni_decode import CPU_FEATURES as GFNI
 from .vnni_batch import decode_once_past, decodes_once, row_code_bytes, rows_decoded_once
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
@@ -146,10 +147,7 @@ def kernel_features(isa: str, kerns: list, amx: bool) -> list[str]:
     """LLVM CPU features a byte-code kernel on ``isa`` needs: its instruction set's, GFNI where
     one of ``kerns`` (:class:`~pbtvm.ops.vnni_rows.Kernel`) decodes blocks with it, AMX with the
     tile loops. Kernels carry them as ``pbtvm.cpu_features`` (:func:`missing_features`)."""
-    from .amx_gemm import AMX_FEATURES
-    from .gfni_decode import CPU_FEATURES as GFNI
-
-    gfni = GFNI if any(getattr(kern, "gfni", False) for kern in kerns) else ()
+    gfni = GFNI if any(kern.gfni for kern in kerns) else ()
     return [*ISA_FEATURES[isa], *gfni, *(AMX_FEATURES if amx else ())]
 
 

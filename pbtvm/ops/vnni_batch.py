@@ -60,7 +60,7 @@ def decodes_once(kern: Kernel) -> bool:
     only measured 0.95-1.03x there (4096x4096 W3-W8, batches 4-16: the dot products bound the
     time), rows with such chunks 1.1-1.4x (10000x650, 2600x1300 W8, batches 5-16). The caller
     picks from which batch (:func:`decode_once_past`)."""
-    chunks_after_blocks = kern.full_chunks + kern.tail - kern.blocks * (BLOCK // CHUNK)
+    chunks_after_blocks = kern.chunks - kern.blocks * (BLOCK // CHUNK)
     zmm_blocks_only = kern.gfni and kern.isa == "avx512" and chunks_after_blocks == 0
     return bool(kern.blocks) and kern.fmt.bits >= DECODE_ONCE_MIN_BITS and not zmm_blocks_only
 
@@ -74,7 +74,7 @@ def decode_once_past(kern: Kernel, batch_tile: int) -> int:
 
 def row_code_bytes(kern: Kernel) -> int:
     """Bytes of one decoded weight row: ``K`` rounded up to whole chunks, twice with split codes."""
-    return (kern.full_chunks + kern.tail) * CHUNK * (2 if kern.hi else 1)
+    return kern.chunks * CHUNK * (2 if kern.hi else 1)
 
 
 def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, batch, batch_tile: int) -> None:

@@ -258,6 +258,16 @@ class Kernel:
     hi: int = 0
 
     @property
+    def chunks(self) -> int:
+        """64-input chunks of a row, the partial last one included."""
+        return self.full_chunks + self.tail
+
+    @property
+    def words(self) -> int:
+        """32-bit words of a row's plane."""
+        return self.full_chunks * 2 + self.tail
+
+    @property
     def gfni_width(self) -> int:
         """Bytes per vector of the GFNI block decode: zmm on AVX-512, else ymm (two halves a block)."""
         return 64 if self.isa == "avx512" else 32
@@ -513,7 +523,7 @@ def chunk_groups(T, kern: Kernel, start: int, body, size: int = CHUNK_GROUP) -> 
     if groups:
         with T.serial(0, groups) as g:
             body([start + g * size + j for j in range(size)], [True] * size)
-    last = range(start + groups * size, kern.full_chunks + kern.tail)
+    last = range(start + groups * size, kern.chunks)
     if last:
         body(list(last), [c < kern.full_chunks for c in last])
 
