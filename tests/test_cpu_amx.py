@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,6 +184,63 @@ def test_amx_from_several_threads():
             np.testing.assert_array_equal(out.numpy(), xq @ q.T)
 
     run_threads(worker)
+
+
+#: An ``LD_PRELOAD`` library whose ``syscall`` refuses the tile state (``arch_prctl`` 158,
+#: ``ARCH_REQ_XCOMP_PERM``) and counts the refusals; every other call goes to libc's.
+_REFUSING_SYSCALL = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+static long refused;
+long refusals(void) { return refused; }
+long syscall(long number, ...) {
+    static long (*real)(long, ...);
+    long a[6];
+    va_list ap;
+    va_start(ap, number);
+    for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
+    va_end(ap);
+    if (number == 158 && a[0] == 0x1023) { refused++; errno = EPERM; return -1; }
+    if (!real) real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+    return real(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+"""
+
+_CALL_REFUSED = """
+import ctypes, sys
+import numpy as np
+from pbtvm._tvm import tvm
+kern = tvm.runtime.load_module(sys.argv[1])["main"]
+case = np.load(sys.argv[2])
+t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+out = t(np.zeros(case["want"].shape, np.int32))
+kern(t(case["xp"]), t(case["rowsum"]), t(case["wp"]), int(case["bits"]), out)
+np.testing.assert_array_equal(out.numpy(), case["want"])
+print("refusals", ctypes.CDLL(sys.argv[3]).refusals())
+"""
+
+
+@needs_amx
+def test_amx_kernel_takes_the_zmm_loops_where_linux_refuses_the_tiles(tmp_path):
+    """Where Linux refuses the tile state (before 5.16, a sandbox), a call that would use the AMX
+    loops takes the zmm ones and gives the reference: run in a process whose ``syscall`` refuses
+    ``ARCH_REQ_XCOMP_PERM`` (a tile instruction there would kill it with SIGILL)."""
+    fmt, n, k, b = bp.BitplaneFormat(4, 8), 70, 700, 20
+    kern = _amx_kernel(kernels.int_product_func(fmt, n, k))
+    kern.mod.export_library(str(tmp_path / "amx.so"))
+    q, xq = _codes(np.random.default_rng(11), fmt, n, k, b)
+    case = {"xp": bp.pack_activations(xq, fmt), "rowsum": xq.sum(1).astype(np.int32), "wp": bp.pack_weights(q, fmt)}
+    np.savez(tmp_path / "case.npz", **case, bits=fmt.bits, want=xq @ q.T)
+    (tmp_path / "refuse.c").write_text(_REFUSING_SYSCALL)
+    shim = tmp_path / "refuse.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "refuse.c"), "-ldl"], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(shim)}
+    script = [sys.executable, "-c", _CALL_REFUSED, str(tmp_path / "amx.so"), str(tmp_path / "case.npz"), str(shim)]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 1, done.stdout  # the kernel asked, and was refused
 
 
 @needs_amx
