@@ -53,13 +53,15 @@ def _host_runs_amx() -> bool:
 needs_amx = pytest.mark.skipif(not _host_runs_amx(), reason="host CPU or OS gives no AMX-INT8 tiles")
 
 
-def _amx_kernel(func, min_batch: int = 1, target=AMX):
+def _amx_kernel(func, min_batch: int = 1, target=AMX, gfni: bool = True, batch: int | None = None):
     """``func`` (a TE GEMM of :mod:`pbtvm.kernels`) as the AVX-512 kernel with the AMX loops from
-    ``min_batch`` rows, built for ``target``."""
+    ``min_batch`` rows, built for ``target`` (with the GFNI block decode where ``gfni``; for a
+    fixed ``batch`` where given)."""
     x, _, dense, bias, float_input = _operands(func)
     fmt, n_out, k_dim = format_of(func), _out_rows(func), int(func.attrs[names.ATTR_K])
-    batch = x.shape[0] if float_input else x.shape[1]
-    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, 4, 2, float_input, None, True, "avx512", min_batch)
+    if batch is None:
+        batch = x.shape[0] if float_input else x.shape[1]
+    new = pb_vnni_func(fmt, n_out, k_dim, batch, dense, bias, 4, 2, float_input, None, gfni, "avx512", min_batch)
     return kernels.build(_replacing(func, new, "avx512_vnni"), target, schedule=False)
 
 
@@ -125,6 +127,8 @@ def test_host_mattr_adds_amx_the_cpu_name_lacks(tmp_path):
         (5, 8, "offset_binary", 17, 1100, [2, 49]),  # two blocks and 76 inputs after them
         (8, 8, "twos_complement", 50, 4100, [31]),  # 8 blocks and a partial chunk
         (6, 6, "twos_complement", 3, 300, [16]),  # fewer rows than one tile
+        (1, 8, "bipolar", 40, 1100, [20, 70]),  # bipolar codes from the GFNI blocks; two passes
+        (4, 8, "twos_complement", 2048, 1100, [20, 150]),  # parallel tasks (9 Mbit); 3 passes
     ],
 )
 def test_amx_product_is_exact(bits, act_bits, codebook, n, k, batches):
@@ -133,6 +137,41 @@ def test_amx_product_is_exact(bits, act_bits, codebook, n, k, batches):
     kern = _amx_kernel(kernels.int_product_func(fmt, n, k))
     rng = np.random.default_rng(bits * 100 + k)
     for b in batches:
+        q, xq = _codes(rng, fmt, n, k, b)
+        assert_exact_at_every_bitlayers(kern, fmt, q, xq)
+
+
+@pytest.mark.parametrize(("n", "k", "batch"), [(4, 32, 6), (16, 600, 20), (10, 40, 70)])
+def test_amx_kernel_of_a_fixed_batch_builds(n, k, batch):
+    """A dense layer whose batch is fixed at build time (``dynamic_batch=False``, torch.export's
+    GRU / RNN models) with one tile of output rows builds with the AMX loops, where TVM places the
+    sums in the codes' memory, and equals the zmm kernel where the host runs AMX."""
+    fmt = bp.BitplaneFormat(4, 8)
+    fast = _amx_kernel(kernels.dense_act_func(fmt, n, k, True), batch=batch)
+    assert "tdpbusd" in _asm(fast)
+    if not _host_runs_amx():
+        return
+    rng = np.random.default_rng(n)
+    q = rng.integers(*fmt.weight_code_range, (n, k), endpoint=True)
+    weights = [
+        _t(bp.pack_weights(q, fmt)),
+        _t(rng.uniform(0.5, 2, n).astype(np.float32)),
+        _t(rng.standard_normal(n).astype(np.float32)),
+    ]
+    slow = kernels.build(vnni_kernel_for(kernels.dense_act_func(fmt, n, k, True), target=ZMM), ZMM, schedule=False)
+    assert_same_floats(fast, slow, _rows(rng, batch, k), weights, n, range(1, 5))
+
+
+@needs_amx
+def test_amx_product_without_gfni_is_exact():
+    """Built for an AMX CPU without GFNI (``-gfni``), every chunk takes the masked-add decode, 8
+    chunks a segment (a loop of segments from K = 512 on): exact at every bitlayers."""
+    fmt, n, k = bp.BitplaneFormat(3, 8), 40, 1100
+    no_gfni = tvm.target.Target({"kind": "llvm", "mcpu": "rocketlake", "mattr": ["+amx-tile", "+amx-int8", "-gfni"]})
+    kern = _amx_kernel(kernels.int_product_func(fmt, n, k), target=no_gfni, gfni=False)
+    assert "vgf2p8affineqb" not in _asm(kern)
+    rng = np.random.default_rng(13)
+    for b in (20, 70):
         q, xq = _codes(rng, fmt, n, k, b)
         assert_exact_at_every_bitlayers(kern, fmt, q, xq)
 
@@ -168,8 +207,8 @@ def test_amx_dense_floats_equal_the_zmm_kernel(bits, k, batch, codebook):
 
 @needs_amx
 def test_amx_from_several_threads():
-    """Calls from four threads at once (each parallel task loads its own tile configuration) all
-    give the reference."""
+    """Calls from four threads at once (a serial layer: each call loads the tile configuration on
+    its own thread) all give the reference; the parallel tasks are in test_amx_product_is_exact."""
     fmt, n, k, b = bp.BitplaneFormat(4, 8), 200, 1024, 24
     kern = _amx_kernel(kernels.int_product_func(fmt, n, k))
     rng = np.random.default_rng(7)
@@ -186,15 +225,17 @@ def test_amx_from_several_threads():
     run_threads(worker)
 
 
-#: An ``LD_PRELOAD`` library whose ``syscall`` refuses the tile state (``arch_prctl`` 158,
-#: ``ARCH_REQ_XCOMP_PERM``) and counts the refusals; every other call goes to libc's.
-_REFUSING_SYSCALL = r"""
+#: An ``LD_PRELOAD`` library that counts the requests for the tile data state (``arch_prctl``,
+#: system call 158, ``ARCH_REQ_XCOMP_PERM`` for feature 18) and, with ``PBTVM_TEST_REFUSE_TILES``
+#: set, refuses them; every other call goes to libc's ``syscall``.
+_TILE_REQUESTS = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdarg.h>
-static long refused;
-long refusals(void) { return refused; }
+#include <stdlib.h>
+static long count;
+long requests(void) { return count; }
 long syscall(long number, ...) {
     static long (*real)(long, ...);
     long a[6];
@@ -202,45 +243,73 @@ long syscall(long number, ...) {
     va_start(ap, number);
     for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
     va_end(ap);
-    if (number == 158 && a[0] == 0x1023) { refused++; errno = EPERM; return -1; }
+    if (number == 158 && a[0] == 0x1023 && a[1] == 18) {
+        count++;
+        if (getenv("PBTVM_TEST_REFUSE_TILES")) { errno = EPERM; return -1; }
+    }
     if (!real) real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
     return real(number, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
 """
 
-_CALL_REFUSED = """
+#: Run an exported kernel once in this process (argv: library, case, shim) and print the shim's
+#: count of tile requests; the outputs must equal the case's.
+_CALL_FRESH = """
 import ctypes, sys
 import numpy as np
 from pbtvm._tvm import tvm
 kern = tvm.runtime.load_module(sys.argv[1])["main"]
 case = np.load(sys.argv[2])
-t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
-out = t(np.zeros(case["want"].shape, np.int32))
-kern(t(case["xp"]), t(case["rowsum"]), t(case["wp"]), int(case["bits"]), out)
-np.testing.assert_array_equal(out.numpy(), case["want"])
-print("refusals", ctypes.CDLL(sys.argv[3]).refusals())
+args = [tvm.runtime.tensor(case[f"arg{i}"]) for i in range(int(case["n_args"]))]
+outs = [tvm.runtime.tensor(np.zeros_like(case[f"want{i}"])) for i in range(int(case["n_outs"]))]
+kern(*args, *[int(v) for v in case["scalars"]], *outs)
+for i, out in enumerate(outs):
+    np.testing.assert_array_equal(out.numpy(), case[f"want{i}"], err_msg=f"output {i}")
+print("requests", ctypes.CDLL(sys.argv[3]).requests())
 """
 
 
-@needs_amx
-def test_amx_kernel_takes_the_zmm_loops_where_linux_refuses_the_tiles(tmp_path):
-    """Where Linux refuses the tile state (before 5.16, a sandbox), a call that would use the AMX
-    loops takes the zmm ones and gives the reference: run in a process whose ``syscall`` refuses
-    ``ARCH_REQ_XCOMP_PERM`` (a tile instruction there would kill it with SIGILL)."""
-    fmt, n, k, b = bp.BitplaneFormat(4, 8), 70, 700, 20
-    kern = _amx_kernel(kernels.int_product_func(fmt, n, k))
-    kern.mod.export_library(str(tmp_path / "amx.so"))
-    q, xq = _codes(np.random.default_rng(11), fmt, n, k, b)
-    case = {"xp": bp.pack_activations(xq, fmt), "rowsum": xq.sum(1).astype(np.int32), "wp": bp.pack_weights(q, fmt)}
-    np.savez(tmp_path / "case.npz", **case, bits=fmt.bits, want=xq @ q.T)
-    (tmp_path / "refuse.c").write_text(_REFUSING_SYSCALL)
-    shim = tmp_path / "refuse.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "refuse.c"), "-ldl"], check=True)
+def _tile_requests_in_a_fresh_process(tmp_path, kern, args: list, scalars: list, wants: list, refuse: bool) -> int:
+    """Call ``kern`` (built here) in a new process, where the tile state is not yet granted, with
+    the :data:`_TILE_REQUESTS` shim: its outputs must be ``wants``; returns the kernel's requests.
+    A tile instruction without the grant kills that process with SIGILL."""
+    kern.mod.export_library(str(tmp_path / "kernel.so"))
+    arrays = {f"arg{i}": np.ascontiguousarray(a) for i, a in enumerate(args)}
+    arrays |= {f"want{i}": w for i, w in enumerate(wants)}
+    np.savez(tmp_path / "case.npz", **arrays, n_args=len(args), n_outs=len(wants), scalars=np.array(scalars))
+    shim = tmp_path / "requests.so"
+    if not shim.exists():
+        (tmp_path / "requests.c").write_text(_TILE_REQUESTS)
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "requests.c"), "-ldl"], check=True)
     env = {**os.environ, "LD_PRELOAD": str(shim)}
-    script = [sys.executable, "-c", _CALL_REFUSED, str(tmp_path / "amx.so"), str(tmp_path / "case.npz"), str(shim)]
+    env.pop("PBTVM_TEST_REFUSE_TILES", None)
+    if refuse:
+        env["PBTVM_TEST_REFUSE_TILES"] = "1"
+    script = [sys.executable, "-c", _CALL_FRESH, str(tmp_path / "kernel.so"), str(tmp_path / "case.npz"), str(shim)]
     done = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.split()[-1]) >= 1, done.stdout  # the kernel asked, and was refused
+    assert done.returncode == 0, f"exit {done.returncode} (-4: SIGILL)\n{done.stderr[-3000:]}"
+    return int(done.stdout.split()[-1])
+
+
+@needs_amx
+@pytest.mark.parametrize("refuse", [False, True], ids=["granted", "refused"])
+def test_amx_kernels_ask_linux_for_the_tiles_themselves(tmp_path, refuse, monkeypatch):
+    """In a fresh process the GEMM and the LSTM step ask Linux for the tile state (feature 18)
+    themselves before their first tile instruction, and give the same outputs as here; where Linux
+    refuses (before 5.16, a sandbox) they take the zmm loops: the same outputs, no SIGILL."""
+    fmt, n, k, b = bp.BitplaneFormat(4, 8), 70, 700, 20
+    gemm = _amx_kernel(kernels.int_product_func(fmt, n, k))
+    q, xq = _codes(np.random.default_rng(11), fmt, n, k, b)
+    args = [bp.pack_activations(xq, fmt), xq.sum(1).astype(fmt.accumulator_dtype(k)), bp.pack_weights(q, fmt)]
+    want = (xq @ q.T).astype(fmt.accumulator_dtype(k))
+    assert _tile_requests_in_a_fresh_process(tmp_path, gemm, args, [fmt.bits], [want], refuse) >= 1
+
+    monkeypatch.setattr(amx_gemm, "AMX_MIN_BATCH", (1, 1))
+    func = kernels.lstm_cell_input_func(fmt, 600, 40, True)
+    step = kernels.build(vnni_lstm_kernel_for(func, target=AMX), AMX, schedule=False)
+    arrays = input_step_case(np.random.default_rng(12), fmt, 600, 40, b)
+    wants = list(_call(step, arrays, [fmt.bits], b, 40))
+    assert _tile_requests_in_a_fresh_process(tmp_path, step, arrays, [fmt.bits], wants, refuse) >= 1
 
 
 @needs_amx
@@ -291,7 +360,10 @@ def test_lstm_rule_adds_amx_loops_where_the_target_has_amx():
 
 
 @needs_amx
-@pytest.mark.parametrize(("n_in", "hidden", "bits", "batches"), [(600, 130, 4, [1, 17, 35]), (40, 24, 8, [3, 20])])
+@pytest.mark.parametrize(
+    ("n_in", "hidden", "bits", "batches"),
+    [(600, 130, 4, [1, 17, 35]), (40, 24, 8, [3, 20]), (520, 32, 8, [70])],  # last: W8 blocks, whole tiles, 2 passes
+)
 def test_amx_lstm_step_equals_the_zmm_step(n_in, hidden, bits, batches, monkeypatch):
     """The decoder's step (input projection inside) with its gate rows from the AMX loops gives
     the zmm step's h' and c' bit for bit, and the popcount step's and the reference's within

@@ -5,7 +5,7 @@ bytes and ``tdpbusd``, which multiplies a 16 x 64 uint8 tile by a 64 x 16 int8 t
 rows of 16 x 4 bytes, the "VNNI" order) into a 16 x 16 int32 tile, exactly, in one instruction:
 16,384 multiply-adds, about 16 times what ``vpdpbusd`` on a zmm register does per cycle. Past
 one batch tile the byte-code kernel (:mod:`pbtvm.ops.pb_vnni`) is bound by its dot products
-(BENCHMARKS.md: 4096x4096 W4 batch 16 at 27 % of its memory floor, slower than torch's int8 at
+(BENCHMARKS.md: 4096x4096 W4 batch 16 at 26 % of its memory floor, slower than torch's int8 at
 W8), so from :func:`amx_min_batch` rows the GEMM takes these loops instead:
 
 1. the activation codes of :func:`~pbtvm.ops.vnni_rows.prepare_kernel` (int8, zero past K) are
@@ -16,7 +16,8 @@ W8), so from :func:`amx_min_batch` rows the GEMM takes these loops instead:
    segment at a time into L1 (:func:`~pbtvm.ops.vnni_rows.gfni_block`, the chunks after the
    blocks by the masked-add decode: the same unsigned bytes ``2^(8-k) u / |c|``, in the order
    the activation codes are stored), then multiplies the segment with one ``tdpbusd`` per chunk
-   and group, accumulating in the tile registers (a batch past 64 rows decodes again per pass);
+   and group, accumulating in the tile registers; a batch past 64 rows multiplies each decoded
+   segment pass after pass, each pass's accumulators loaded from L1 and stored back around it;
 3. the 16 x 16 sums go through the kernel's exact epilogue
    (:func:`~pbtvm.ops.vnni_rows.store_total`), 16 output rows per vector.
 
@@ -87,8 +88,8 @@ TASK_ROWS = 64
 #: rows' planes into L2 before decoding a tile: the tile decode reads 16 rows x bits planes 64
 #: bytes at a time, which the hardware prefetchers follow badly from DRAM. Measured (6 weight
 #: sets rotated, AMX with / without): 11008x4096 (22-45 MB) W4 1.30x at batch 8, 1.22x at 16,
-#: 1.08x at 32, W8 1.28-1.30x at 16-32; 4096x4096 W4 (8 MB) 0.98-1.07x; 10000x650 and
-#: 2600x1300 W4 (3.3 and 1.7 MB, in the caches) 0.73-0.91x.
+#: 1.08x at 32, W8 1.29-1.30x at 16-32; 4096x4096 W4 (8 MB) 0.80-1.17x over two runs (in the
+#: caches, noisy); 10000x650 and 2600x1300 W4 (3.3 and 1.7 MB, in the caches) 0.73-0.91x.
 PREFETCH_MIN_BYTES = 16 << 20
 #: Linux x86-64: ``arch_prctl`` system call, its request for a feature's permission, and the
 #: feature number of the tile data.
@@ -136,9 +137,22 @@ def amx_problem(kern: Kernel) -> str | None:
 def _intrin(name: str, *args) -> tir.PrimExpr:
     """A ``void`` LLVM intrinsic call (the tile instructions; tile numbers as int8 immediates).
 
-    The tile loads and stores take ``Buffer.access_ptr`` pointers: with ``T.address_of(buf[i])``
-    TVM's CompactBufferAllocation took most of a build (512x784 W4: 2.6 s against 0.9 s)."""
+    The tile loads of the codes and activation tiles take ``Buffer.access_ptr`` pointers: with
+    ``T.address_of(buf[i])`` TVM's CompactBufferAllocation took most of a build (512x784 W4: 2.6 s
+    against 0.9 s); the few into the sums take ``address_of`` (:func:`_sums_at`)."""
     return tir.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def _sums_at(sums: tir.Buffer, offset) -> tir.PrimExpr:
+    """Pointer to ``sums[offset]`` (int32) for a tile load or store: ``T.address_of``, not
+    ``Buffer.access_ptr``. With a batch fixed at build time and one tile of output rows, TVM's
+    StorageRewrite may place the sums in the segment codes' memory (their lifetimes do not
+    overlap); an int32 ``access_ptr`` into that uint8 allocation then fails to lower
+    ("tvm_access_ptr element type must match the source buffer"), while loads and ``address_of``
+    are rewritten with the allocation. The codes and activation tiles keep ``access_ptr`` (their
+    many ``address_of`` made builds 2.7x longer, :func:`_intrin`); 180 static-batch GEMM builds
+    (W1/W4/W8, N 1-64, K 32/600, batch 6-70) lowered with them."""
+    return tir.address_of(sums[offset])
 
 
 def _tile(number: int) -> tir.PrimExpr:
@@ -251,14 +265,15 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
         Activation rows.
     """
     square = TILE_ROWS * TILE_ROWS
-    # a segment's codes (16 rows of SEGMENT_BYTES) and a pass's sums, 13 KiB: a workspace
-    # allocation per task, from the thread's pool, so the same memory every task, hot in L1 (a
-    # part per task of a buffer made once per call, cold at each task's start, measured 10000x650
-    # W4 205 vs 144 us at batch 6, 280 vs 224 at 16; 4096x4096 within 1-10 %)
-    codes = T.alloc_buffer((TILE_ROWS * SEGMENT_BYTES,), "uint8", scope=CPU_SCRATCH)
-    sums = T.alloc_buffer((PASS_GROUPS * square,), "int32", scope=CPU_SCRATCH)
-    _configure_tiles(T, PASS_GROUPS + 4)
+    # a segment's codes (16 rows of SEGMENT_BYTES), 9 KiB, and the passes' sums (4 KiB a pass): a
+    # workspace allocation per task, from the thread's pool, so the same memory every task, hot in
+    # L1 (a part per task of a buffer made once per call, cold at each task's start, measured
+    # 10000x650 W4 205 vs 144 us at batch 6, 280 vs 224 at 16; 4096x4096 within 1-10 %)
     groups = _groups(batch)
+    passes = (groups + (PASS_GROUPS - 1)) // PASS_GROUPS
+    codes = T.alloc_buffer((TILE_ROWS * SEGMENT_BYTES,), "uint8", scope=CPU_SCRATCH)
+    sums = T.alloc_buffer((passes * PASS_GROUPS * square,), "int32", scope=CPU_SCRATCH)
+    _configure_tiles(T, PASS_GROUPS + 4)
     whole = isinstance(count, int) and count % TILE_ROWS == 0  # every tile's rows stored as one vector
     total = T.alloc_buffer((TILE_ROWS,), "int32", scope=CPU_SCRATCH)
     for kern, acts in zip(legs, packed, strict=True):
@@ -266,18 +281,14 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
             first = n0 + rt * TILE_ROWS
             if _weight_bytes(kern) >= PREFETCH_MIN_BYTES:
                 _prefetch_rows(T, kern, first + TILE_ROWS)
-            # passes of up to PASS_GROUPS groups; only the products are specialised per group count
-            with T.serial(0, (groups + (PASS_GROUPS - 1)) // PASS_GROUPS) as p:
-                g0 = p * PASS_GROUPS
-                n_groups = tir.min(PASS_GROUPS, groups - g0)
-                for t in range(PASS_GROUPS):
-                    T.evaluate(_intrin("tilezero", _tile(t)))
-                _segments(T, _Tiles(kern, codes, acts, first, g0, n_groups))
-                for t in range(PASS_GROUPS):
-                    into = sums.access_ptr("w", offset=t * square)
-                    T.evaluate(_intrin("tilestored64", _tile(t), into, tir.const(CHUNK, "int64")))
+            passing = _Passes(T, sums, passes)
+            passing.start()
+            _segments(T, _Tiles(kern, codes, acts, first, tir.const(0, "int32"), groups), passing)
+            passing.finish()
+            with T.serial(0, passes) as p:
                 rows = TILE_ROWS if whole else tir.min(TILE_ROWS, count - rt * TILE_ROWS)
-                _epilogue(T, kern, sums, total, first, rows, g0, n_groups, batch)
+                n_groups = tir.min(PASS_GROUPS, groups - p * PASS_GROUPS)
+                _epilogue(T, kern, sums, p * PASS_GROUPS * square, total, first, rows, p * PASS_GROUPS, n_groups, batch)
     T.evaluate(_intrin("tilerelease"))
 
 
@@ -288,14 +299,15 @@ def _weight_bytes(kern: Kernel) -> int:
 
 def _prefetch_rows(T, kern: Kernel, n0) -> None:
     """Prefetch into L2 the kept planes of output rows ``n0 .. n0 + 16`` (the last row past N),
-    every 64-byte line of each row's plane in order."""
+    every 64-byte line of each row's plane in order (one more than its words fill: a row need not
+    start a line)."""
     fmt, words = kern.fmt, kern.words
     with T.serial(0, TILE_ROWS) as r:
         row = tir.min(n0 + r, kern.n_out - 1)
         for i in range(fmt.bits):
             with T.If(kern.layers > i):
                 with T.Then():
-                    with T.serial(0, -(-words // 16)) as line:
+                    with T.serial(0, -(-words // 16) + 1) as line:
                         at = kern.wp.offset_of((*fmt.weight_index(i, row, 0)[:2], tir.min(line * 16, words - 1)))[0]
                         keep_in_l2 = (tir.const(0, "int32"), tir.const(2, "int32"), tir.const(1, "int32"))
                         T.evaluate(
@@ -322,18 +334,74 @@ class _Tiles:
         return tir.min(self.n0 + r, self.kern.n_out - 1)
 
 
-def _segments(T, tiles: _Tiles) -> None:
+@dataclasses.dataclass
+class _Passes:
+    """The passes of one 16-row tile: up to :data:`PASS_GROUPS` activation groups each, their
+    sums in the accumulator tiles ``0 ..``. A batch of one pass keeps them there from the first
+    segment to the last; with several, each segment (decoded once) is multiplied pass after pass,
+    each pass's accumulators loaded from ``sums`` before and stored after (decoding again per
+    pass took about 40 % of a W4 4096x4096 call at batch 256, sampled)."""
+
+    T: object
+    sums: tir.Buffer
+    count: tir.PrimExpr
+
+    def _tiles(self, name: str, p) -> None:
+        square = TILE_ROWS * TILE_ROWS
+        for t in range(PASS_GROUPS):
+            at = _sums_at(self.sums, (p * PASS_GROUPS + t) * square)
+            self.T.evaluate(_intrin(name, _tile(t), at, tir.const(CHUNK, "int64")))
+
+    def _several(self, body) -> None:
+        with self.T.If(self.count > 1):
+            with self.T.Then():
+                body()
+
+    def start(self) -> None:
+        """Zero the accumulators (and, with several passes, every pass's sums)."""
+        for t in range(PASS_GROUPS):
+            self.T.evaluate(_intrin("tilezero", _tile(t)))
+
+        def zero_sums() -> None:
+            with self.T.serial(0, self.count) as p:
+                self._tiles("tilestored64", p)
+
+        self._several(zero_sums)
+
+    def each(self, tiles: _Tiles, body) -> None:
+        """``body(pass_tiles)`` for every pass (its groups in ``pass_tiles``), its accumulators
+        loaded and stored around it where there are several."""
+        with self.T.serial(0, self.count) as p:
+            g0 = p * PASS_GROUPS
+            one = dataclasses.replace(tiles, g0=g0, count=tir.min(PASS_GROUPS, tiles.count - g0))
+            self._several(lambda: self._tiles("tileloadd64", p))
+            body(one)
+            self._several(lambda: self._tiles("tilestored64", p))
+
+    def finish(self) -> None:
+        """Store a single pass's accumulators into its sums."""
+        with self.T.If(self.count == 1):
+            with self.T.Then():
+                self._tiles("tilestored64", 0)
+
+
+def _segments(T, tiles: _Tiles, passing: _Passes) -> None:
     """The 16 rows' codes one segment of up to :data:`SEGMENT_CHUNKS` chunks at a time (whole
     blocks with GFNI, the other chunks with the masked-add decode), each segment's tile products
-    right after it (its codes still in L1)."""
+    right after it, for every pass (its codes still in L1). ``tiles`` holds all the groups."""
     kern = tiles.kern
     start = 0
     if kern.gfni:
         with T.serial(0, kern.blocks) as blk:
             with T.serial(0, TILE_ROWS) as r:
                 gfni_block(T, kern, tiles.row(r), blk, tiles.codes, r * SEGMENT_BYTES)
-            with T.serial(0, SEGMENT_CHUNKS // _PERIOD) as p:  # a loop: straight-line code builds slowly
-                _products(T, tiles, [blk * SEGMENT_CHUNKS + p * _PERIOD + j for j in range(_PERIOD)], p * _PERIOD)
+
+            def block(one: _Tiles) -> None:
+                with T.serial(0, SEGMENT_CHUNKS // _PERIOD) as p:  # a loop: straight-line code builds slowly
+                    chunks = [blk * SEGMENT_CHUNKS + p * _PERIOD + j for j in range(_PERIOD)]
+                    _products(T, one, chunks, p * _PERIOD)
+
+            passing.each(tiles, block)
         start = kern.blocks * SEGMENT_CHUNKS
     masked = dataclasses.replace(kern, decoded=tiles.codes)
 
@@ -342,7 +410,7 @@ def _segments(T, tiles: _Tiles) -> None:
             for j, c in enumerate(chunks):
                 at = tir.Ramp(r * SEGMENT_BYTES + j * CHUNK, 1, CHUNK)
                 decode_chunk(T, masked, tiles.row(r), c, full[j], at)
-        _products(T, tiles, chunks)
+        passing.each(tiles, lambda one: _products(T, one, chunks))
 
     chunk_groups(T, kern, start, segment, SEGMENT_CHUNKS)
 
@@ -382,15 +450,15 @@ def _splits(count):
     return PASS_GROUPS // count
 
 
-def _epilogue(T, kern: Kernel, sums: tir.Buffer, total: tir.Buffer, n0, rows, g0, count, batch) -> None:
-    """Outputs of rows ``n0 .. n0 + rows`` (``rows`` up to 16) x groups ``g0 .. g0 + count`` from
-    their sums (``sums[s 256 + r 16 + b]``: accumulator ``s``, output row ``r``, activation row
-    ``b``; group ``t``'s accumulators ``t split ..`` added into ``total``)."""
+def _epilogue(T, kern: Kernel, sums: tir.Buffer, offset, total: tir.Buffer, n0, rows, g0, count, batch) -> None:
+    """Outputs of rows ``n0 .. n0 + rows`` (``rows`` up to 16) x groups ``g0 .. g0 + count`` (one
+    pass) from their sums (``sums[offset + s 256 + r 16 + b]``: accumulator ``s``, output row
+    ``r``, activation row ``b``; group ``t``'s accumulators ``t split ..`` added into ``total``)."""
     square, split = TILE_ROWS * TILE_ROWS, _splits(count)
 
     def add_up(t, b, lanes: int) -> None:  # the group's accumulators of column b, lanes output rows
         def one(s) -> tir.PrimExpr:
-            base = (t * split + s) * square + b
+            base = offset + (t * split + s) * square + b
             return sums[tir.Ramp(base, TILE_ROWS, lanes) if lanes > 1 else base]
 
         at = tir.Ramp(0, 1, lanes) if lanes > 1 else 0
