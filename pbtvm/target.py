@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -121,14 +122,17 @@ def resolve_target(target: Any) -> tvm.target.Target:
 
     * ``llvm`` without ``mcpu`` gets the host CPU (plain llvm has no popcount instruction and is
       about 10x slower), and without ``mattr`` the AMX features the host has but LLVM's name
-      for its CPU lacks (:func:`host_mattr`); the host is always llvm with the same mcpu and mattr.
+      for its CPU lacks (:func:`host_mattr`); the host is always llvm with the same mcpu, mattr
+      and mtriple.
     * ``cuda`` without ``arch`` gets the local GPU's arch; without a GPU this is an error that asks
       for an explicit one, e.g. ``{"kind": "cuda", "arch": "sm_90"}``.
 
     Raises
     ------
     ValueError
-        For unknown target kinds, or ``cuda`` with neither an arch nor a local GPU.
+        (:class:`~pbtvm.errors.InputError`) For unknown target kinds, an ``mcpu`` LLVM does not
+        know (with the closest names), a CUDA ``arch`` not spelt like ``sm_90``, or ``cuda`` with
+        neither an arch nor a local GPU.
     """
     if isinstance(target, tvm.target.Target):
         spec = dict(target.export())
@@ -143,13 +147,15 @@ def resolve_target(target: Any) -> tvm.target.Target:
     # Device code does the work; a portable host keeps the exported .so loadable on any x86-64.
     host = tvm.target.Target({"kind": "llvm", "mcpu": FALLBACK_MCPU})
     if kind == "llvm":
+        if "mcpu" in spec:
+            _check_llvm_cpu(str(spec["mcpu"]), spec.get("mtriple"))
         if "mcpu" not in spec:  # the host, with the tile instructions its CPU's name may not imply
             spec["mcpu"] = host_mcpu()
             extra = _this_host_mattr(spec["mcpu"])
             if extra and "mattr" not in spec:
                 spec["mattr"] = list(extra)
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
-        same_cpu = {key: spec[key] for key in ("mcpu", "mattr") if key in spec}
+        same_cpu = {key: spec[key] for key in ("mcpu", "mattr", "mtriple") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))
     if kind == "cuda":
         if not spec.get("arch"):
@@ -160,11 +166,32 @@ def resolve_target(target: Any) -> tvm.target.Target:
                     "Pass an explicit arch, e.g. target={'kind': 'cuda', 'arch': 'sm_90'}"
                 )
             spec["arch"] = arch
+        if not re.fullmatch(r"sm_\d+[a-z]?", str(spec["arch"])):
+            raise InputError(f"CUDA arch {spec['arch']!r} must look like 'sm_90' (sm_ and the compute capability)")
         for key, value in CUDA_LIMITS.items():
             spec.setdefault(key, value)
         return tvm.target.Target(_clean(spec), host=host)
     hint = " (for an NVIDIA GPU use 'cuda')" if str(kind).lower() in ("gpu", "nvidia", "nvptx") else ""
     raise InputError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
+
+
+def _check_llvm_cpu(mcpu: str, mtriple: str | None) -> None:
+    """Raise InputError where LLVM does not know ``mcpu`` for ``mtriple`` (default: this host's
+    triple); LLVM itself would log an error per kernel and build for a generic CPU."""
+    from tvm.target import codegen
+
+    try:
+        known = set(
+            codegen.llvm_get_cpu_archlist(
+                tvm.target.Target({"kind": "llvm", **({"mtriple": mtriple} if mtriple else {})})
+            )
+        )
+    except Exception:  # an LLVM without this triple: leave the check to LLVM
+        return
+    if known and mcpu not in known:
+        close = difflib.get_close_matches(mcpu, sorted(known), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise InputError(f"LLVM does not know the CPU {mcpu!r} (mcpu){hint}")
 
 
 def weight_layout(

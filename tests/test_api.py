@@ -275,9 +275,14 @@ def test_target_strings_in_every_form():
         ("llvm mcpu=x", "expected -key=value"),
         ("{bad", "not valid JSON"),
         ("metal", "unsupported target kind"),
+        ("llvm -mcpu=skylake-avx51", "LLVM does not know the CPU 'skylake-avx51'.*did you mean 'skylake-avx512'"),
+        ('{"kind": "llvm", "mcpu": "cortex-a7x", "mtriple": "aarch64-linux-gnu"}', "did you mean 'cortex-a78'"),
+        ('{"kind": "cuda", "arch": "sm90"}', "CUDA arch 'sm90' must look like 'sm_90'"),
     ]:
         with pytest.raises(InputError, match=message):
             resolve_target(text)
+    arm = resolve_target({"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu"})
+    assert arm.host.attrs["mtriple"] == "aarch64-linux-gnu"  # the host code is for the same CPU
 
 
 def test_no_converted_layer_warns():
