@@ -175,19 +175,23 @@ def resolve_target(target: Any) -> tvm.target.Target:
     raise InputError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
 
 
-def _check_llvm_cpu(mcpu: str, mtriple: str | None) -> None:
-    """Raise InputError where LLVM does not know ``mcpu`` for ``mtriple`` (default: this host's
-    triple); LLVM itself would log an error per kernel and build for a generic CPU."""
+@functools.cache
+def _llvm_cpus(mtriple: str | None) -> frozenset:
+    """The CPU names LLVM knows for ``mtriple`` (default: this host's); empty where this LLVM
+    cannot build for that triple."""
     from tvm.target import codegen
 
     try:
-        known = set(
-            codegen.llvm_get_cpu_archlist(
-                tvm.target.Target({"kind": "llvm", **({"mtriple": mtriple} if mtriple else {})})
-            )
-        )
+        spec = {"kind": "llvm", **({"mtriple": mtriple} if mtriple else {})}
+        return frozenset(codegen.llvm_get_cpu_archlist(tvm.target.Target(spec)))
     except Exception:  # an LLVM without this triple: leave the check to LLVM
-        return
+        return frozenset()
+
+
+def _check_llvm_cpu(mcpu: str, mtriple: str | None) -> None:
+    """Raise InputError where LLVM does not know ``mcpu`` for ``mtriple`` (default: this host's
+    triple); LLVM itself would log an error per kernel and build for a generic CPU."""
+    known = _llvm_cpus(mtriple)
     if known and mcpu not in known:
         close = difflib.get_close_matches(mcpu, sorted(known), n=3)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
