@@ -339,9 +339,9 @@ def load_decoder(path: str | os.PathLike, device: str | None = None) -> PBDecode
     FileNotFoundError, pbtvm.LibraryError
         As :func:`pbtvm.load`; ValueError if the library is not a decoder.
     """
-    from .runtime import load
+    from .runtime import load_model
 
-    return PBDecoder(load(os.fspath(path), device))
+    return PBDecoder(load_model(os.fspath(path), device))
 
 
 __all__ = ["PBDecoder", "compile_decoder", "load_decoder"]

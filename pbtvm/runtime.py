@@ -356,14 +356,19 @@ def check_device(device: str) -> None:
     raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}{hint}")
 
 
-def load(path: str, device: str | None = None) -> CompiledModel:
-    """Load a library written by :meth:`CompiledModel.export`.
+def load(path: str, device: str | None = None):
+    """Load a library written by :meth:`CompiledModel.export` (or :meth:`pbtvm.decoder.PBDecoder.export`).
 
     Parameters
     ----------
     path : str
     device : str, optional
         ``"cpu"`` or ``"cuda"``/``"cuda:N"``; defaults to the target the library was built for.
+
+    Returns
+    -------
+    CompiledModel, or :class:`pbtvm.decoder.PBDecoder` for an exported decoder (``step``,
+    ``generate``; as :func:`pbtvm.decoder.load_decoder` gives it)
 
     Raises
     ------
@@ -373,6 +378,16 @@ def load(path: str, device: str | None = None) -> CompiledModel:
         Missing file; not a pbtvm library; corrupt; built by another TVM or format version; or
         its target does not match ``device``.
     """
+    model = load_model(path, device)
+    if model.manifest.get("decoder") is not None:  # pbtvm.decoder.MANIFEST_KEY
+        from .decoder import PBDecoder
+
+        return PBDecoder(model)
+    return model
+
+
+def load_model(path: str, device: str | None = None) -> CompiledModel:
+    """:func:`load`, always as the :class:`CompiledModel` (a decoder's step function unwrapped)."""
     path = os.fspath(path)
     if device is not None:
         check_device(device)

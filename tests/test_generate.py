@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import pbtvm
 from pbtvm import library
 from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
@@ -387,12 +388,14 @@ def test_generate_rejects_bad_arguments(dec3):
 
 
 def test_generate_survives_export_and_load(dec3, tmp_path):
+    """load_decoder and pbtvm.load both give the decoder back (pbtvm.load gave its bare step
+    function, without generate)."""
     path = dec3.export(tmp_path / "gen.so")
-    again = load_decoder(path)
-    assert again.generate_chunk == 4 and again.model.manifest["decoder"]["generate_chunk"] == 4
-    prompt = np.random.default_rng(4).integers(0, VOCAB, (3, 5))
-    for sampling in MODES[:2]:
-        np.testing.assert_array_equal(again.generate(prompt, 9, sampling), dec3.generate(prompt, 9, sampling))
+    for again in (load_decoder(path), pbtvm.load(path)):
+        assert again.generate_chunk == 4 and again.model.manifest["decoder"]["generate_chunk"] == 4
+        prompt = np.random.default_rng(4).integers(0, VOCAB, (3, 5))
+        for sampling in MODES[:2]:
+            np.testing.assert_array_equal(again.generate(prompt, 9, sampling), dec3.generate(prompt, 9, sampling))
 
 
 def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
