@@ -7,6 +7,7 @@ User mistakes (missing files, bad model specs, bits out of range, corrupt logs) 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -224,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import pbtvm
 
-    from .apps.report import median_latency_ms
+    from .apps.report import UNSTABLE_SPREAD, interleaved_latency_ms
     from .target import TargetInfo, resolve_target
 
     model, example, options = _model_and_options(args)
@@ -235,19 +236,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     m = pbtvm.compile(model, example, **{**options, "target": target}, work_dir=args.work_dir)
     dev = TargetInfo.from_summary(m.manifest["target"]).device
     x = example[0][:1].repeat(args.batch, *([1] * (example[0].ndim - 1)))
-    rows = []
     sync = torch.cuda.synchronize if cuda else None
+    calls = {"torch fp32": (model.to(dev), x.to(dev))}
+    if cuda:
+        calls["torch fp16"] = (copy.deepcopy(model).half().to(dev), x.half().to(dev))
+    calls[f"PB W{args.bits}A{args.act_bits}"] = (m, x.to(dev))
     with torch.no_grad():
-        base = model.to(dev)
-        rows.append(("torch fp32", median_latency_ms(base, x.to(dev), args.repeat, sync)))
-        if cuda:
-            half = model.half().to(dev)
-            rows.append(("torch fp16", median_latency_ms(half, x.half().to(dev), args.repeat, sync)))
-    rows.append((f"PB W{args.bits}A{args.act_bits}", median_latency_ms(m, x.to(dev), args.repeat, sync)))
-    print(f"batch {args.batch}, {args.repeat} runs, median latency on {m.manifest['target']}")
-    print(f"{'model':<16}{'ms':>10}  speed vs torch fp32")
-    for name, ms in rows:
-        print(f"{name:<16}{ms:>10.3f}  {_speed_words(rows[0][1], ms)}")
+        rows = interleaved_latency_ms(calls, args.repeat, sync)
+    print(f"batch {args.batch}, {args.repeat} runs in 5 alternating rounds, median latency on {m.manifest['target']}")
+    print(f"{'model':<16}{'ms':>10}  {'rounds ms':>17}  speed vs torch fp32")
+    base = rows["torch fp32"][0]
+    for name, (ms, low, high) in rows.items():
+        print(f"{name:<16}{ms:>10.3f}  {f'{low:.3f}-{high:.3f}':>17}  {_speed_words(base, ms)}")
+    unstable = [name for name, (_, low, high) in rows.items() if high >= UNSTABLE_SPREAD * low]
+    if unstable:
+        print(
+            f"warning: {', '.join(unstable)} varied {UNSTABLE_SPREAD}x or more between rounds: the machine was busy "
+            "or thread pools contended (torch's OpenMP and TVM's), so the speed ratios are unreliable; rerun on "
+            "an idle machine, or with TVM_NUM_THREADS / OMP_NUM_THREADS set",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -359,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
-    p.add_argument("--repeat", type=int, default=50, help="timed calls per model; the median is shown (default 50)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=50,
+        help="timed calls per model, in 5 rounds taking turns; the median is shown with the fastest and slowest round (default 50)",
+    )
     p.add_argument("--work-dir", help="tuning log directory to use")
     p.set_defaults(func=cmd_bench)
 

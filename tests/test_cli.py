@@ -211,9 +211,32 @@ def test_tune_bad_input(spec, capsys):
 def test_bench(spec, capsys):
     code, out, _ = _run(["bench", spec, "--batch", 2, "--repeat", 3], capsys)
     assert code == 0 and "torch fp32" in out and "PB W4A8" in out and "speed vs torch fp32" in out
-    assert re.search(r"PB W4A8 +[0-9.]+ +([0-9.]+x (faster|slower)|same)$", out, re.M), out
+    assert re.search(r"PB W4A8 +[0-9.]+ +[0-9.]+-[0-9.]+ +([0-9.]+x (faster|slower)|same)$", out, re.M), out
     code, _, err = _run(["bench", spec, "--target", "{not json"], capsys)
     assert code == 2 and "not valid JSON" in err
+
+
+def test_interleaved_latency_flags_a_call_whose_rounds_differ():
+    """Entries take turns round by round; each gets its median and its fastest / slowest round, so
+    a call that slows down between rounds (a busy machine) shows a spread past UNSTABLE_SPREAD."""
+    import time
+
+    from pbtvm.apps.report import UNSTABLE_SPREAD, interleaved_latency_ms
+
+    order, slow = [], iter([0.0] * 6 + [0.004] * 100)
+
+    def steady(_x):
+        order.append("steady")
+
+    def slowing(_x):
+        order.append("slowing")
+        time.sleep(next(slow))
+
+    rows = interleaved_latency_ms({"steady": (steady, None), "slowing": (slowing, None)}, repeat=10, rounds=5)
+    assert order[:6] == ["steady"] * 3 + ["slowing"] * 3  # one untimed call, then 2 timed, per round
+    assert len(order) == 5 * 2 * 3
+    _, low, high = rows["slowing"]
+    assert high >= UNSTABLE_SPREAD * low and rows["steady"][2] < 1.0
 
 
 def test_eval_writes_table_and_pareto_png(tmp_path, capsys):

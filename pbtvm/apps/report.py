@@ -47,6 +47,42 @@ def median_latency_ms(fn: Any, x: Any, repeat: int, sync: Any = None) -> float:
     return 1e3 * float(np.median(times))
 
 
+#: Between-round spread (slowest / fastest round median) past which a latency is flagged.
+UNSTABLE_SPREAD = 1.5
+
+
+def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: int = 5) -> dict:
+    """Median wall time in ms of each ``fn(x)`` in ``calls`` (``{name: (fn, x)}``), timed in
+    ``rounds`` rounds that take turns (each round ``repeat / rounds`` calls per entry, after one
+    untimed call), so that a change of the machine's state hits every entry alike.
+
+    Returns ``{name: (median over all calls, fastest round's median, slowest round's median)}``:
+    a slowest round :data:`UNSTABLE_SPREAD` times the fastest or more means the machine was busy
+    or thread pools contended while measuring.
+    """
+    per_round = max(1, -(-repeat // rounds))
+    times = {name: [] for name in calls}
+    medians = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, (fn, x) in calls.items():
+            fn(x)
+            if sync is not None:
+                sync()
+            batch = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn(x)
+                if sync is not None:
+                    sync()
+                batch.append(time.perf_counter() - t0)
+            times[name] += batch
+            medians[name].append(float(np.median(batch)))
+    return {
+        name: (1e3 * float(np.median(times[name])), 1e3 * min(medians[name]), 1e3 * max(medians[name]))
+        for name in calls
+    }
+
+
 def evaluate_tradeoffs(
     bits: list[int], act_bits_sweep: list[int] = (), knob: bool = True, target: Any = "llvm", repeat: int = 30
 ) -> list[dict]:
