@@ -56,6 +56,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     folder = Path(args.output).resolve().parent
     if not folder.is_dir():  # before compiling, not after
         raise CLIError(f"cannot write {args.output}: the directory {folder} does not exist")
+    if args.tune and not args.work_dir:
+        raise CLIError("--tune needs --work-dir DIR, the directory the tuning log is written to")
     model, example, options = _model_and_options(args)
     m = pbtvm.compile(model, example, **options, tune=args.tune, work_dir=args.work_dir, trials=args.trials)
     m.export(args.output)
@@ -65,7 +67,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"  {len(layers['converted'])} layer(s) in PrecisionBatching, {len(layers['skipped'])} left in full precision"
     )
     if m.manifest.get("tuning"):
-        print(f"  {len(m.manifest['tuning']['tuned_kernels'])} kernel(s) scheduled from the tuning log")
+        count = len(m.manifest["tuning"]["tuned_kernels"])
+        print(
+            f"  {count} kernel(s) scheduled as the tuning log says (the default where its search found nothing faster)"
+        )
     return 0
 
 

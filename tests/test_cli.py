@@ -198,7 +198,12 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
     assert re.search(r"\b6 measured candidate\(s\) \(per kernel: its default schedule plus every trial\)", out), out
     assert f"PB kernels v{KERNEL_VERSION}" in out and "compile ignores" not in out, out
     code, out, _ = _run(["compile", spec, "--work-dir", logs, "-o", tmp_path / "t.so"], capsys)
-    assert code == 0 and "2 kernel(s) scheduled from the tuning log" in out
+    assert code == 0 and "2 kernel(s) scheduled as the tuning log says" in out
+
+
+def test_compile_tune_without_work_dir_names_the_option(spec, capsys):
+    code, _, err = _run(["compile", spec, "--tune", "-o", "t.so"], capsys)
+    assert code == 2 and "--tune needs --work-dir" in err
 
 
 def test_tune_bad_input(spec, capsys):
