@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy vs bits table and Pareto plot", description=_plain(cmd_eval.__doc__))
     p.add_argument("model", metavar="MODEL", help="mnist-mlp")
-    p.add_argument("--target", default="llvm")
+    p.add_argument("--target", default="llvm", help='llvm (default), cuda, "llvm -mcpu=alderlake", or JSON')
     p.add_argument("--bits", default="1,2,3,4,6,8", help="weight bitwidths to sweep (default 1,2,3,4,6,8)")
     p.add_argument("--act-bits-sweep", default="", help="also sweep act_bits at W4, e.g. 4,6,8,16")
     p.add_argument("--no-knob", action="store_true", help="skip the run-time bitlayers sweep")

@@ -19,7 +19,7 @@ from .examples import BUILTIN_EPOCHS, accuracy, builtin_mnist_mlp, builtin_mnist
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.replace("``", ""))  # reST literals as plain words
     ap.add_argument("--target", default="llvm", help="llvm (default), cuda, or a JSON target dict")
     ap.add_argument("--quick", action="store_true", help="fewer bitwidths and act_bits (CI)")
     args = ap.parse_args(argv)
