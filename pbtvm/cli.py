@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-bits-sweep", default="", help="also sweep act_bits at W4, e.g. 4,6,8,16")
     p.add_argument("--no-knob", action="store_true", help="skip the run-time bitlayers sweep")
     p.add_argument("--table", help="also write the table here (.md or .csv)")
-    p.add_argument("--plot", help="write the Pareto plot PNG here")
+    p.add_argument("--plot", help="write the Pareto plot PNG here (and its points as PNG.json)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="what a .so or a tuning log holds", description=_plain(cmd_inspect.__doc__))

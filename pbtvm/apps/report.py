@@ -299,7 +299,8 @@ def plot_pareto(rows: list[dict], path: str) -> dict:
     fig, _, data = pareto_figure(rows)
     fig.savefig(path)
     plt.close(fig)
-    Path(f"{path}.json").write_text(json.dumps(data, indent=1))
+    rounded = {name: [[round(float(v), 6) for v in point] for point in points] for name, points in data.items()}
+    Path(f"{path}.json").write_text(json.dumps(rounded, indent=1))  # 92.8, not 92.80000000000001
     return data
 
 
