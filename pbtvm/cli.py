@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -398,9 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - warnings' signature
+    """A warning as the CLI prints it: its class and message, without the source line that
+    raised it (``sys.exit(main())`` means nothing to a CLI user)."""
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbtvm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .errors import InputError, first_line
     from .library import LibraryError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -23,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="llvm", help="llvm (default), cuda, or a JSON target dict")
     ap.add_argument("--quick", action="store_true", help="fewer bitwidths and act_bits (CI)")
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each row as it is measured, also into a pipe or file
     t0 = time.time()
     cached = os.path.exists(builtin_mnist_mlp_path())
+    if not cached:
+        print("training the MNIST MLP once (about a minute on 2 cores; cached for later runs) ...")
     model, split = builtin_mnist_mlp()
     fp32 = torch_accuracy(model, split.x_test, split.y_test)
     how = "loaded from" if cached else f"trained in {time.time() - t0:.0f}s, saved to"
