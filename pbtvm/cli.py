@@ -119,6 +119,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fmt = manifest["format"]
     print(f"{path}: pbtvm {manifest['pbtvm_version']}, TVM {manifest['tvm_version']}")
     print(f"  target   {manifest['target']}")
+    if manifest.get("cpu_features"):
+        print(f"  needs    {' '.join(manifest['cpu_features'])} (checked when loaded)")
     converted = manifest["layers"]["converted"]
     codebooks = {layer.get("codebook", fmt["codebook"]) for layer in converted}
     codebook = fmt["codebook"] if codebooks <= {fmt["codebook"]} else "codebook per layer"

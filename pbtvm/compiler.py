@@ -21,7 +21,7 @@ from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
-from .target import AUTO_LAYOUT, TargetInfo, resolve_target, weight_layout
+from .target import AUTO_LAYOUT, TargetInfo, library_cpu_features, resolve_target, weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +370,7 @@ def build_model(
         "tvm_version": TVM_VERSION,
         "format": layers_format(fmt, converted).to_dict(),
         "target": summary,
+        "cpu_features": library_cpu_features(tvm_target),  # checked by pbtvm.load on the machine it runs on
         "inputs": specs,
         "dynamic_batch": dynamic,
         "single_output": single_output,

@@ -13,7 +13,7 @@ from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .errors import InputError, InputTypeError
-from .target import TargetInfo
+from .target import TargetInfo, missing_cpu_features
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,13 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     device = device or built_for
     if device.partition(":")[0] != built_for:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
+    missing = missing_cpu_features(manifest.get("cpu_features", [])) if kind == "llvm" else []
+    if missing:
+        raise library.LibraryError(
+            f"{path} was compiled for a CPU with {', '.join(missing)} ({info.mcpu}), which this CPU lacks: "
+            "running it would stop the process with an illegal instruction. Compile it on this machine "
+            "(target='llvm'), or for a CPU both have (e.g. target={'kind': 'llvm', 'mcpu': 'haswell'})"
+        )
     try:
         with library.without_scope_warnings():
             module = tvm.runtime.load_module(path)

@@ -72,6 +72,49 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
         return set()
 
 
+#: x86 instruction-set features (LLVM's names) whose instructions CPU kernels may contain: a library
+#: built for a CPU with one of them stops with an illegal instruction on a CPU without it
+#: (:func:`library_cpu_features`). AMX is not among them: the kernels use the tiles only after the
+#: system grants them, which it does only on a CPU that has them.
+X86_ISA_FEATURES = (
+    "sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2", "avx512f", "avx512cd", "avx512bw",
+    "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avx512vbmi2", "avx512bitalg", "avx512vpopcntdq",
+    "avx512bf16", "avx512fp16", "avxvnni", "gfni", "vpclmulqdq", "vaes",
+)  # fmt: skip
+#: LLVM feature names that Linux's ``cpuinfo`` spells otherwise (beyond ``_`` / ``.`` / ``-``).
+_CPUINFO_NAMES = {"bmi": "bmi1"}
+
+
+def _feature_key(name: str) -> str:
+    return re.sub(r"[-_.]", "", _CPUINFO_NAMES.get(name, name).lower())
+
+
+def library_cpu_features(target: tvm.target.Target) -> list[str]:
+    """The :data:`X86_ISA_FEATURES` an x86-64 LLVM ``target``'s CPU (its ``mcpu`` and ``mattr``)
+    has: what a CPU needs to run a library built for it (empty for other targets)."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return []
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    if not triple.startswith("x86_64"):
+        return []
+    have = set(codegen.llvm_get_cpu_features(target))
+    return [f for f in X86_ISA_FEATURES if f in have]
+
+
+def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Those of ``needed`` (:func:`library_cpu_features`) this machine's CPU lacks: its
+    ``cpuinfo`` flags where Linux lists them, else what LLVM detects of the host CPU."""
+    from tvm.target import codegen
+
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        flags = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
+    have = {_feature_key(f) for f in flags}
+    return [f for f in needed if _feature_key(f) not in have]
+
+
 def host_mattr(mcpu: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """``+feature`` for the AMX features this machine has (its ``cpuinfo`` flags) that LLVM's CPU
     ``mcpu`` lacks: a virtual machine's CPU model may be named after an older core (an AMX Xeon

@@ -246,6 +246,38 @@ def test_load_rejects_other_tvm_version(compiled, tmp_path, monkeypatch):
         pbtvm.load(str(good))
 
 
+def test_load_refuses_a_library_for_a_cpu_with_more_instructions(mlp, tmp_path, monkeypatch):
+    """The manifest lists the x86 features of the CPU a library was built for; pbtvm.load refuses
+    one whose features this CPU lacks (it would stop with an illegal instruction), naming them."""
+    from pbtvm.target import library_cpu_features, missing_cpu_features, resolve_target
+
+    haswell = pbtvm.compile(mlp, (torch.randn(2, 40),), target={"kind": "llvm", "mcpu": "haswell"}, bits=4)
+    assert haswell.manifest["cpu_features"] == ["sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2"]
+    path = haswell.export(str(tmp_path / "haswell.so"))
+    if not missing_cpu_features(haswell.manifest["cpu_features"]):  # this CPU runs Haswell code
+        np.testing.assert_array_equal(
+            pbtvm.load(path)(np.ones((1, 40), np.float32)), haswell(np.ones((1, 40), np.float32))
+        )
+    monkeypatch.setattr(
+        pbtvm.runtime, "missing_cpu_features", lambda needed: [f for f in needed if f.startswith("avx2")]
+    )
+    with pytest.raises(pbtvm.LibraryError, match=r"compiled for a CPU with avx2 \(haswell\), which this CPU lacks"):
+        pbtvm.load(path)
+    assert "avx512bw" in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
+    assert "amx-int8" not in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"}))
+    assert library_cpu_features(resolve_target({"kind": "cuda", "arch": "sm_90"})) == []
+
+
+def test_missing_cpu_features_reads_linux_flags(tmp_path):
+    """LLVM's feature names against Linux's cpuinfo spellings (sse4_2, bmi1, avx512_vnni)."""
+    from pbtvm.target import missing_cpu_features
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse4_2 popcnt avx avx2 bmi1 avx512f avx512_vnni gfni\n")
+    needed = ["sse4.2", "bmi", "avx2", "avx512f", "avx512vnni", "avx512bw", "avxvnni", "gfni"]
+    assert missing_cpu_features(needed, cpuinfo=str(info)) == ["avx512bw", "avxvnni"]
+
+
 def test_cuda_without_arch_and_without_gpu_is_a_clear_error(mlp):
     from pbtvm.target import local_cuda_arch
 
