@@ -89,7 +89,13 @@ def _case(kind: str, rnd: random.Random, rng, target) -> str:
         fmt = bp.BitplaneFormat(bits, rnd.choice([2, 4, 5, 6, 8, 8]), codebook)
         n = rnd.choice([1, 16, 17, 65, rnd.randint(1, 400)])
         k = rnd.choice([rnd.randint(1, 3000), 512, 600, 650, 768, 1040, 1100])
-        q, xq = _codes(rng, fmt, n, k, rnd.choice([rnd.randint(1, 12), rnd.randint(1, 12), rnd.randint(13, 70), rnd.randint(65, 160)]))
+        q, xq = _codes(
+            rng,
+            fmt,
+            n,
+            k,
+            rnd.choice([rnd.randint(1, 12), rnd.randint(1, 12), rnd.randint(13, 70), rnd.randint(65, 160)]),
+        )
         kern = kernels.build(kernels.int_product_func(fmt, n, k), target)
         assert_exact_at_every_bitlayers(kern, fmt, q, xq)
         assert_exact_at_every_bitlayers(kern, fmt, q, xq[: max(1, len(xq) // 2)])
