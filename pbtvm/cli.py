@@ -251,7 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     calls[f"PB W{args.bits}A{args.act_bits}"] = (m, x.to(dev))
     with torch.no_grad():
         rows = interleaved_latency_ms(calls, args.repeat, sync)
-    print(f"batch {args.batch}, {args.repeat} runs in 5 alternating rounds, median latency on {m.manifest['target']}")
+    runs = 5 * max(2, -(-args.repeat // 5))  # interleaved_latency_ms's rounds
+    print(f"batch {args.batch}, {runs} runs in 5 alternating rounds, median latency on {m.manifest['target']}")
     print(f"{'model':<16}{'ms':>10}  {'rounds ms':>17}  speed vs torch fp32")
     base = rows["torch fp32"][0]
     for name, (ms, low, high) in rows.items():
@@ -410,7 +411,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbtvm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _one_line_warning
+    shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # restored on return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .errors import InputError, first_line
     from .library import LibraryError
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return INTERNAL_ERROR
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM
         Missing directory or pieces; a piece that is not a pbtvm library.
     """
     from .library import LibraryError
-    from .runtime import load
+    from .runtime import load_model
 
     path = Path(directory)
     try:
@@ -299,8 +299,8 @@ def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM
     if meta.get("kind") != "pbtvm.lstm":
         raise LibraryError(f"{path / 'lstm.json'} does not describe a pbtvm LSTM")
     layers = int(meta["num_layers"])
-    projections = [load(path / f"proj{i}.so", device) for i in range(layers)]
-    cells = [load(path / f"cell{i}.so", device) for i in range(layers)]
+    projections = [load_model(path / f"proj{i}.so", device) for i in range(layers)]
+    cells = [load_model(path / f"cell{i}.so", device) for i in range(layers)]
     shape = SimpleNamespace(
         num_layers=layers,
         hidden_size=meta["hidden_size"],

@@ -13,6 +13,7 @@ from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .errors import InputError, InputTypeError
+from .names import ENV_SKIP_CPU_CHECK
 from .target import TargetInfo, missing_cpu_features
 
 logger = logging.getLogger(__name__)
@@ -375,8 +376,10 @@ def load(path: str, device: str | None = None):
     ValueError
         ``device`` is not ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     FileNotFoundError, pbtvm.library.LibraryError
-        Missing file; not a pbtvm library; corrupt; built by another TVM or format version; or
-        its target does not match ``device``.
+        Missing file; not a pbtvm library; corrupt; built by another TVM or format version; its
+        target does not match ``device``; or built for a CPU with x86 features (its manifest's
+        ``cpu_features``) this CPU's ``/proc/cpuinfo`` does not list (``PBTVM_SKIP_CPU_CHECK=1``
+        skips that check).
     """
     model = load_model(path, device)
     if model.manifest.get("decoder") is not None:  # pbtvm.decoder.MANIFEST_KEY
@@ -399,12 +402,14 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     device = device or built_for
     if device.partition(":")[0] != built_for:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
-    missing = missing_cpu_features(manifest.get("cpu_features", [])) if kind == "llvm" else []
+    check = kind == "llvm" and not os.environ.get(ENV_SKIP_CPU_CHECK)
+    missing = missing_cpu_features(manifest.get("cpu_features", [])) if check else []
     if missing:
         raise library.LibraryError(
             f"{path} was compiled for a CPU with {', '.join(missing)} ({info.mcpu}), which this CPU lacks: "
-            "running it would stop the process with an illegal instruction. Compile it on this machine "
-            "(target='llvm'), or for a CPU both have (e.g. target={'kind': 'llvm', 'mcpu': 'haswell'})"
+            "running it may stop the process with an illegal instruction. Compile it for a CPU both have "
+            "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}); if this CPU does have them (Linux does not "
+            f"list them), {ENV_SKIP_CPU_CHECK}=1 skips this check"
         )
     try:
         with library.without_scope_warnings():

@@ -79,7 +79,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
 X86_ISA_FEATURES = (
     "sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2", "avx512f", "avx512cd", "avx512bw",
     "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avx512vbmi2", "avx512bitalg", "avx512vpopcntdq",
-    "avx512bf16", "avx512fp16", "avxvnni", "gfni", "vpclmulqdq", "vaes",
+    "avx512bf16", "avx512fp16", "avxvnni", "gfni",
 )  # fmt: skip
 #: LLVM feature names that Linux's ``cpuinfo`` spells otherwise (beyond ``_`` / ``.`` / ``-``).
 _CPUINFO_NAMES = {"bmi": "bmi1"}
@@ -106,6 +106,8 @@ def library_cpu_features(target: tvm.target.Target) -> list[str]:
 def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """Those of ``needed`` (:func:`library_cpu_features`) this machine's CPU lacks: its
     ``cpuinfo`` flags where Linux lists them, else what LLVM detects of the host CPU."""
+    if not needed:  # an older library, or not x86: nothing to check (and no LLVM needed)
+        return []
     from tvm.target import codegen
 
     flags = cpu_flags(cpuinfo)

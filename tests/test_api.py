@@ -263,9 +263,21 @@ def test_load_refuses_a_library_for_a_cpu_with_more_instructions(mlp, tmp_path, 
     )
     with pytest.raises(pbtvm.LibraryError, match=r"compiled for a CPU with avx2 \(haswell\), which this CPU lacks"):
         pbtvm.load(path)
+    monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", "1")  # a CPU whose Linux lists fewer features than it has
+    assert pbtvm.load(path).manifest["cpu_features"] == haswell.manifest["cpu_features"]
     assert "avx512bw" in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
     assert "amx-int8" not in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"}))
     assert library_cpu_features(resolve_target({"kind": "cuda", "arch": "sm_90"})) == []
+
+
+def test_compiling_for_a_host_whose_linux_lists_fewer_features_warns(mlp, monkeypatch):
+    """Where LLVM's name for this CPU implies features /proc/cpuinfo does not list (an old kernel,
+    a guest with features masked), compiling for the host says so: its export would be refused."""
+    import pbtvm.compiler
+
+    monkeypatch.setattr(pbtvm.compiler, "missing_cpu_features", lambda needed: needed[-1:])
+    with pytest.warns(UserWarning, match="does not list them in /proc/cpuinfo.*PBTVM_SKIP_CPU_CHECK"):
+        pbtvm.compile(mlp, (torch.randn(2, 40),), target="llvm", bits=4)
 
 
 def test_missing_cpu_features_reads_linux_flags(tmp_path):

@@ -202,8 +202,14 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
 
 
 def test_compile_tune_without_work_dir_names_the_option(spec, capsys):
+    """The CLI names its option; it prints warnings on one line and gives the caller's warning
+    format back when it returns."""
+    import warnings
+
+    before = warnings.formatwarning
     code, _, err = _run(["compile", spec, "--tune", "-o", "t.so"], capsys)
     assert code == 2 and "--tune needs --work-dir" in err
+    assert warnings.formatwarning is before
 
 
 def test_tune_bad_input(spec, capsys):

@@ -20,11 +20,12 @@ from .examples import BUILTIN_EPOCHS, accuracy, builtin_mnist_mlp, builtin_mnist
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    ap = argparse.ArgumentParser(description=__doc__.replace("``", ""))  # reST literals as plain words
+    ap = argparse.ArgumentParser(description=(__doc__ or "").replace("``", ""))  # reST literals as plain words
     ap.add_argument("--target", default="llvm", help="llvm (default), cuda, or a JSON target dict")
     ap.add_argument("--quick", action="store_true", help="fewer bitwidths and act_bits (CI)")
     args = ap.parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # each row as it is measured, also into a pipe or file
+    if hasattr(sys.stdout, "reconfigure"):  # each row as it is measured, also into a pipe or file
+        sys.stdout.reconfigure(line_buffering=True)
     t0 = time.time()
     cached = os.path.exists(builtin_mnist_mlp_path())
     if not cached:

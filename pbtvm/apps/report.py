@@ -53,14 +53,15 @@ UNSTABLE_SPREAD = 1.5
 
 def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: int = 5) -> dict:
     """Median wall time in ms of each ``fn(x)`` in ``calls`` (``{name: (fn, x)}``), timed in
-    ``rounds`` rounds that take turns (each round ``repeat / rounds`` calls per entry, after one
-    untimed call), so that a change of the machine's state hits every entry alike.
+    ``rounds`` rounds that take turns (each round ``ceil(repeat / rounds)`` calls per entry, at
+    least 2, after one untimed call), so that a change of the machine's state hits every entry
+    alike.
 
     Returns ``{name: (median over all calls, fastest round's median, slowest round's median)}``:
     a slowest round :data:`UNSTABLE_SPREAD` times the fastest or more means the machine was busy
     or thread pools contended while measuring.
     """
-    per_round = max(1, -(-repeat // rounds))
+    per_round = max(2, -(-repeat // rounds))
     times = {name: [] for name in calls}
     medians = {name: [] for name in calls}
     for _ in range(rounds):

@@ -265,10 +265,11 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
         Activation rows.
     """
     square = TILE_ROWS * TILE_ROWS
-    # a segment's codes (16 rows of SEGMENT_BYTES), 9 KiB, and the passes' sums (4 KiB a pass): a
-    # workspace allocation per task, from the thread's pool, so the same memory every task, hot in
-    # L1 (a part per task of a buffer made once per call, cold at each task's start, measured
-    # 10000x650 W4 205 vs 144 us at batch 6, 280 vs 224 at 16; 4096x4096 within 1-10 %)
+    # a segment's codes (16 rows of SEGMENT_BYTES), 9 KiB, and the passes' sums (4 KiB a pass:
+    # past about 512 rows more than L1 holds beside the codes; measured up to 256): a workspace
+    # allocation per task, from the thread's pool, so the same memory every task, hot in L1 (a
+    # part per task of a buffer made once per call, cold at each task's start, measured 10000x650
+    # W4 205 vs 144 us at batch 6, 280 vs 224 at 16; 4096x4096 within 1-10 %)
     groups = _groups(batch)
     passes = (groups + (PASS_GROUPS - 1)) // PASS_GROUPS
     codes = T.alloc_buffer((TILE_ROWS * SEGMENT_BYTES,), "uint8", scope=CPU_SCRATCH)
