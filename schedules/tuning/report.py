@@ -82,7 +82,7 @@ class TuneReport:
     def table(self) -> str:
         """A plain-text table, one row per kernel."""
         rows = [
-            f"{'kernel':<40} {'trials':>6} {'built':>6} {'failed':>6} {'default us':>11} {'best us':>9} {'gain':>6}"
+            f"{'kernel':<40} {'trials':>6} {'built':>6} {'failed':>6} {'default us':>11} {'kept us':>9} {'gain':>6}"
         ]
         for k in self.kernels:
             gain = f"{k.speedup:.2f}x" if k.speedup else "-"
@@ -102,7 +102,10 @@ class TuneReport:
                     f"{k.name}: the search's best is the default schedule itself (once timed at {k.search_us:.2f} us): "
                     "no gain"
                 )
-        rows.append(f"tuning time {self.seconds:.1f}s, log {self.log} (trials: the default schedule plus the search)")
+        rows.append(
+            f"tuning time {self.seconds:.1f}s, log {self.log} (trials: the default schedule plus the search; "
+            "kept: the schedule compile will use)"
+        )
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
