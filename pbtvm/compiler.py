@@ -21,15 +21,7 @@ from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
-from .target import (
-    AUTO_LAYOUT,
-    TargetInfo,
-    host_mcpu,
-    library_cpu_features,
-    missing_cpu_features,
-    resolve_target,
-    weight_layout,
-)
+from .target import AUTO_LAYOUT, TargetInfo, library_cpu_features, resolve_target, weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +361,6 @@ def build_model(
         logger.info("%d PB kernel(s) scheduled from the tuning log", len(tuning["tuned_kernels"]))
 
     summary = TargetInfo.of(tvm_target).summary()
-    _warn_unlisted_host_features(tvm_target)
     t1 = time.perf_counter()
     executable = build(mod, tvm_target, cuda_graph=cuda_graph)
     logger.info("built in %.1fs", time.perf_counter() - t1)
@@ -389,23 +380,6 @@ def build_model(
         **(extra or {}),
     }
     return CompiledModel(executable, manifest, TargetInfo.of(tvm_target).device)
-
-
-def _warn_unlisted_host_features(target) -> None:
-    """Warn when ``target`` is this machine's CPU and LLVM's name for it implies x86 features its
-    ``/proc/cpuinfo`` does not list (an old kernel, a guest with features masked): the library
-    may use them, and :func:`pbtvm.load` refuses it here unless told to skip the check."""
-    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) != host_mcpu():
-        return
-    unlisted = missing_cpu_features(library_cpu_features(target))
-    if unlisted:
-        warnings.warn(
-            f"pbtvm: LLVM builds for this CPU as {host_mcpu()}, which has {', '.join(unlisted)}; this system "
-            "does not list them in /proc/cpuinfo. The compiled code may use them (an illegal instruction if the "
-            "CPU lacks them), and pbtvm.load will refuse its export here (PBTVM_SKIP_CPU_CHECK=1 skips that). "
-            "Give an older mcpu if the CPU lacks them",
-            stacklevel=3,
-        )
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ ENV_CPU_KERNEL = "PBTVM_CPU_KERNEL"
 #: Environment variable: ``1`` keeps torch importable in pbtvm's TVM worker processes (:mod:`pbtvm.worker_env`).
 ENV_WORKER_TORCH = "PBTVM_WORKER_TORCH"
 #: Environment variable: ``1`` makes :func:`pbtvm.load` skip comparing a CPU library's x86 features
-#: with ``/proc/cpuinfo`` (for a CPU whose Linux lists fewer features than it has).
+#: with this CPU's (:func:`pbtvm.target.missing_cpu_features`).
 ENV_SKIP_CPU_CHECK = "PBTVM_SKIP_CPU_CHECK"
 
 # Blocks of the activation quantize + pack (:func:`pbtvm.ops.act_quantize_pack`).

@@ -378,8 +378,8 @@ def load(path: str, device: str | None = None):
     FileNotFoundError, pbtvm.library.LibraryError
         Missing file; not a pbtvm library; corrupt; built by another TVM or format version; its
         target does not match ``device``; or built for a CPU with x86 features (its manifest's
-        ``cpu_features``) this CPU's ``/proc/cpuinfo`` does not list (``PBTVM_SKIP_CPU_CHECK=1``
-        skips that check).
+        ``cpu_features``) that neither this CPU's ``/proc/cpuinfo`` nor LLVM's view of it lists
+        (:func:`pbtvm.target.missing_cpu_features`; ``PBTVM_SKIP_CPU_CHECK=1`` skips that check).
     """
     model = load_model(path, device)
     if model.manifest.get("decoder") is not None:  # pbtvm.decoder.MANIFEST_KEY
@@ -408,8 +408,8 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
         raise library.LibraryError(
             f"{path} was compiled for a CPU with {', '.join(missing)} ({info.mcpu}), which this CPU lacks: "
             "running it may stop the process with an illegal instruction. Compile it for a CPU both have "
-            "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}); if this CPU does have them (Linux does not "
-            f"list them), {ENV_SKIP_CPU_CHECK}=1 skips this check"
+            "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}); if this CPU does have them (neither Linux "
+            f"nor LLVM lists them), {ENV_SKIP_CPU_CHECK}=1 skips this check"
         )
     try:
         with library.without_scope_warnings():

@@ -103,18 +103,25 @@ def library_cpu_features(target: tvm.target.Target) -> list[str]:
     return [f for f in X86_ISA_FEATURES if f in have]
 
 
-def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """Those of ``needed`` (:func:`library_cpu_features`) this machine's CPU lacks: its
-    ``cpuinfo`` flags where Linux lists them, else what LLVM detects of the host CPU."""
+def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo", llvm_host=None) -> list[str]:
+    """Those of ``needed`` (:func:`library_cpu_features`) this machine's CPU lacks: neither its
+    ``cpuinfo`` flags (where Linux lists them) nor LLVM's view of it (``llvm_host``, default: the
+    features of the CPU ``target="llvm"`` builds for here) have them. A CPU LLVM names with more
+    features than Linux lists (an old kernel, a guest with features masked) is taken at LLVM's
+    word, as every local build already is."""
     if not needed:  # an older library, or not x86: nothing to check (and no LLVM needed)
         return []
+    host = _llvm_host_features() if llvm_host is None else llvm_host
+    have = {_feature_key(f) for f in cpu_flags(cpuinfo) | set(host)}
+    return [f for f in needed if _feature_key(f) not in have]
+
+
+@functools.cache
+def _llvm_host_features() -> frozenset:
+    """LLVM's features of this machine's CPU (:func:`host_mcpu`)."""
     from tvm.target import codegen
 
-    flags = cpu_flags(cpuinfo)
-    if not flags:
-        flags = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
-    have = {_feature_key(f) for f in flags}
-    return [f for f in needed if _feature_key(f) not in have]
+    return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
 
 
 def host_mattr(mcpu: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
