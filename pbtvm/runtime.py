@@ -402,7 +402,7 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     device = device or built_for
     if device.partition(":")[0] != built_for:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
-    check = kind == "llvm" and not os.environ.get(ENV_SKIP_CPU_CHECK)
+    check = kind == "llvm" and os.environ.get(ENV_SKIP_CPU_CHECK, "0") in ("", "0")
     missing = missing_cpu_features(manifest.get("cpu_features", [])) if check else []
     if missing:
         raise library.LibraryError(

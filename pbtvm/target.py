@@ -118,10 +118,14 @@ def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo", llvm
 
 @functools.cache
 def _llvm_host_features() -> frozenset:
-    """LLVM's features of this machine's CPU (:func:`host_mcpu`)."""
-    from tvm.target import codegen
+    """LLVM's features of this machine's CPU (:func:`host_mcpu`); empty with a TVM runtime built
+    without LLVM (then ``cpuinfo`` alone decides)."""
+    try:
+        from tvm.target import codegen
 
-    return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
+        return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
+    except Exception:  # no LLVM in this TVM
+        return frozenset()
 
 
 def host_mattr(mcpu: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:

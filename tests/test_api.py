@@ -263,7 +263,10 @@ def test_load_refuses_a_library_for_a_cpu_with_more_instructions(mlp, tmp_path, 
     )
     with pytest.raises(pbtvm.LibraryError, match=r"compiled for a CPU with avx2 \(haswell\), which this CPU lacks"):
         pbtvm.load(path)
-    monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", "1")  # a CPU whose Linux lists fewer features than it has
+    monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", "0")
+    with pytest.raises(pbtvm.LibraryError, match="PBTVM_SKIP_CPU_CHECK=1 skips this check"):
+        pbtvm.load(path)
+    monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", "1")  # a CPU with features neither Linux nor LLVM lists
     assert pbtvm.load(path).manifest["cpu_features"] == haswell.manifest["cpu_features"]
     assert "avx512bw" in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
     assert "amx-int8" not in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"}))
