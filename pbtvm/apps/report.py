@@ -37,14 +37,19 @@ def median_latency_ms(fn: Any, x: Any, repeat: int, sync: Any = None) -> float:
     that run asynchronously.
     """
     fn(x)
+    return 1e3 * float(np.median(_timed_calls(fn, x, repeat, sync)))
+
+
+def _timed_calls(fn: Any, x: Any, count: int, sync: Any = None) -> list[float]:
+    """Wall seconds of each of ``count`` calls ``fn(x)`` (``sync()`` inside the timed region)."""
     times = []
-    for _ in range(repeat):
+    for _ in range(count):
         t0 = time.perf_counter()
         fn(x)
         if sync is not None:
             sync()
         times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return times
 
 
 #: Between-round spread (slowest / fastest round median) past which a latency is flagged.
@@ -69,13 +74,7 @@ def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: i
             fn(x)
             if sync is not None:
                 sync()
-            batch = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn(x)
-                if sync is not None:
-                    sync()
-                batch.append(time.perf_counter() - t0)
+            batch = _timed_calls(fn, x, per_round, sync)
             times[name] += batch
             medians[name].append(float(np.median(batch)))
     return {
