@@ -66,7 +66,8 @@ print(report.table())
 t0 = time.time()
 m = pbtvm.compile(model, example, target=args.target, bits=4, work_dir=work)
 print(
-    f"compiled from the log in {time.time() - t0:.1f}s; scheduled from the log: {m.manifest['tuning']['tuned_kernels']}"
+    f"compiled from the log in {time.time() - t0:.1f}s; kernels the log decided (its best schedule, or the"
+    f" default where the search found nothing faster): {m.manifest['tuning']['tuned_kernels']}"
 )
 print(f"W4A8 accuracy: {accuracy(m, split.x_test, split.y_test):.1f}%")
 
@@ -82,7 +83,7 @@ child = f"""
 import numpy as np, pbtvm
 m = pbtvm.load({so!r})
 np.save({os.path.join(work, "y.npy")!r}, m(np.load({os.path.join(work, "x.npy")!r})))
-print("reloaded:", m.manifest["format"], "tuned:", len(m.manifest["tuning"]["tuned_kernels"]))
+print("reloaded:", m.manifest["format"], "kernels the log decided:", len(m.manifest["tuning"]["tuned_kernels"]))
 """
 out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
 print(out.stdout.strip())
