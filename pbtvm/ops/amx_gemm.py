@@ -60,6 +60,7 @@ __all__ = [
     "pack_activations",
     "target_runs_tiles",
     "tiles_granted",
+    "tiles_or_vectors",
     "use_tiles",
 ]
 
@@ -179,6 +180,19 @@ def use_tiles(batch, min_batch: int) -> tir.PrimExpr:
     return tir.if_then_else(batch >= min_batch, tiles_granted(), tir.const(False, "bool"))
 
 
+def tiles_or_vectors(T, batch, min_batch: int | None, tiles, vectors) -> None:
+    """``tiles()`` (the AMX loops) on calls that run them (:func:`use_tiles`), else ``vectors()``
+    (the zmm loops); ``vectors()`` alone where ``min_batch`` is None (no AMX loops built)."""
+    if min_batch is None:
+        vectors()
+        return
+    with T.If(use_tiles(batch, min_batch)):
+        with T.Then():
+            tiles()
+        with T.Else():
+            vectors()
+
+
 def _configure_tiles(T, tiles: int) -> None:
     """Load a configuration of ``tiles`` tiles of :data:`TILE_ROWS` x 64 bytes (palette 1)."""
     config = T.alloc_buffer((_CONFIG_BYTES,), "uint8", scope=CPU_SCRATCH)
@@ -264,16 +278,14 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
     batch : PrimExpr
         Activation rows.
     """
-    square = TILE_ROWS * TILE_ROWS
     # a segment's codes (16 rows of SEGMENT_BYTES), 9 KiB, and the passes' sums (4 KiB a pass:
     # past about 512 rows more than L1 holds beside the codes; measured up to 256): a workspace
     # allocation per task, from the thread's pool, so the same memory every task, hot in L1 (a
     # part per task of a buffer made once per call, cold at each task's start, measured 10000x650
     # W4 205 vs 144 us at batch 6, 280 vs 224 at 16; 4096x4096 within 1-10 %)
     groups = _groups(batch)
-    passes = (groups + (PASS_GROUPS - 1)) // PASS_GROUPS
     codes = T.alloc_buffer((TILE_ROWS * SEGMENT_BYTES,), "uint8", scope=CPU_SCRATCH)
-    sums = T.alloc_buffer((passes * PASS_GROUPS * square,), "int32", scope=CPU_SCRATCH)
+    passing = _Passes(T, groups)  # allocates the sums
     _configure_tiles(T, PASS_GROUPS + 4)
     whole = isinstance(count, int) and count % TILE_ROWS == 0  # every tile's rows stored as one vector
     total = T.alloc_buffer((TILE_ROWS,), "int32", scope=CPU_SCRATCH)
@@ -282,14 +294,13 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
             first = n0 + rt * TILE_ROWS
             if _weight_bytes(kern) >= PREFETCH_MIN_BYTES:
                 _prefetch_rows(T, kern, first + TILE_ROWS)
-            passing = _Passes(T, sums, passes)
             passing.start()
             _segments(T, _Tiles(kern, codes, acts, first, tir.const(0, "int32"), groups), passing)
             passing.finish()
-            with T.serial(0, passes) as p:
+            with T.serial(0, passing.count) as p:
                 rows = TILE_ROWS if whole else tir.min(TILE_ROWS, count - rt * TILE_ROWS)
-                n_groups = tir.min(PASS_GROUPS, groups - p * PASS_GROUPS)
-                _epilogue(T, kern, sums, p * PASS_GROUPS * square, total, first, rows, p * PASS_GROUPS, n_groups, batch)
+                g0, n_groups = p * PASS_GROUPS, passing.groups_in(p)
+                _epilogue(T, kern, passing.sums, passing.offset(p), total, first, rows, g0, n_groups, batch)
     T.evaluate(_intrin("tilerelease"))
 
 
@@ -344,13 +355,28 @@ class _Passes:
     pass took about 40 % of a W4 4096x4096 call at batch 256, sampled)."""
 
     T: object
-    sums: tir.Buffer
-    count: tir.PrimExpr
+    groups: tir.PrimExpr  # activation groups in all
+    sums: tir.Buffer = dataclasses.field(init=False)  # int32, every pass's accumulators
+
+    def __post_init__(self) -> None:
+        self.sums = self.T.alloc_buffer((self.offset(self.count),), "int32", scope=CPU_SCRATCH)
+
+    @property
+    def count(self) -> tir.PrimExpr:
+        """Passes."""
+        return (self.groups + (PASS_GROUPS - 1)) // PASS_GROUPS
+
+    def groups_in(self, p) -> tir.PrimExpr:
+        """Activation groups of pass ``p`` (the last one may have fewer)."""
+        return tir.min(PASS_GROUPS, self.groups - p * PASS_GROUPS)
+
+    def offset(self, p) -> tir.PrimExpr:
+        """Where pass ``p``'s sums start in ``sums`` (its accumulators one after another)."""
+        return p * PASS_GROUPS * TILE_ROWS * TILE_ROWS
 
     def _tiles(self, name: str, p) -> None:
-        square = TILE_ROWS * TILE_ROWS
         for t in range(PASS_GROUPS):
-            at = _sums_at(self.sums, (p * PASS_GROUPS + t) * square)
+            at = _sums_at(self.sums, self.offset(p) + t * TILE_ROWS * TILE_ROWS)
             self.T.evaluate(_intrin(name, _tile(t), at, tir.const(CHUNK, "int64")))
 
     def _several(self, body) -> None:
@@ -373,8 +399,7 @@ class _Passes:
         """``body(pass_tiles)`` for every pass (its groups in ``pass_tiles``), its accumulators
         loaded and stored around it where there are several."""
         with self.T.serial(0, self.count) as p:
-            g0 = p * PASS_GROUPS
-            one = dataclasses.replace(tiles, g0=g0, count=tir.min(PASS_GROUPS, tiles.count - g0))
+            one = dataclasses.replace(tiles, g0=p * PASS_GROUPS, count=self.groups_in(p))
             self._several(lambda: self._tiles("tileloadd64", p))
             body(one)
             self._several(lambda: self._tiles("tilestored64", p))

@@ -33,7 +33,7 @@ from __future__ import annotations
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..names import ATTR_AMX_MIN_BATCH, ATTR_CPU_FEATURES, ATTR_CPU_KERNEL, KernelKind
-from .amx_gemm import AMX_FEATURES, amx_gemm, amx_problem, use_tiles
+from .amx_gemm import AMX_FEATURES, amx_gemm, amx_problem, tiles_or_vectors
 from .gfni_decode import BLOCK_WORDS
 from .gfni_decode import CPU_FEATURES as GFNI
 from .vnni_batch import decode_once_past, decodes_once, row_code_bytes, rows_decoded_once
@@ -297,15 +297,11 @@ def pb_vnni_func(
                         with T.Else():
                             _row_tiles(T, kern, batch, row_tile, batch_tile, serial)
 
+            # many activation rows: the tile instructions (:mod:`.amx_gemm`)
             amx = amx_min_batch is not None and amx_problem(kern) is None
-            if amx:  # many activation rows: the tile instructions (:mod:`.amx_gemm`)
-                with T.If(use_tiles(batch, amx_min_batch)):
-                    with T.Then():
-                        amx_gemm(T, kern, batch, serial)
-                    with T.Else():
-                        vector_tiles()
-            else:
-                vector_tiles()
+            tiles_or_vectors(
+                T, batch, amx_min_batch if amx else None, lambda: amx_gemm(T, kern, batch, serial), vector_tiles
+            )
     func = ib.get().with_attr(ATTR_CPU_FEATURES, kernel_features(isa, [kern], amx))
     return func.with_attr(ATTR_AMX_MIN_BATCH, amx_min_batch) if amx else func
 

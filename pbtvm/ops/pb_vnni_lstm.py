@@ -36,7 +36,7 @@ from ..bitplane import LUT_LAYOUT, BitplaneFormat
 from ..bitplane.lut_layout import LUT_TILE_ROWS
 from ..names import ATTR_AMX_MIN_BATCH, ATTR_CPU_FEATURES, ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
 from . import pb_lut, pb_vnni
-from .amx_gemm import activation_tiles, amx_problem, amx_rows, pack_activations, use_tiles
+from .amx_gemm import activation_tiles, amx_problem, amx_rows, pack_activations, tiles_or_vectors
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
 from .vnni_batch import decodes_once, row_code_bytes, rows_decoded_once
@@ -200,20 +200,16 @@ def pb_vnni_lstm_func(
                             T.buffer_store(c_out, c_next, [b, u])
                             T.buffer_store(h_out, sigmoid(pre(3)) * tanh(c_out[b, u]), [b, u])
 
-            # many activation rows on a CPU with AMX: the legs' activation tiles once per call,
-            # then the tasks with the AMX gate rows (:mod:`.amx_gemm`)
+            def amx_tasks() -> None:
+                """The legs' activation tiles once per call, then the tasks with the AMX gate rows."""
+                packed = [activation_tiles(T, kern, batch) for kern in legs]
+                for kern, buf in zip(legs, packed, strict=True):
+                    pack_activations(T, kern, batch, buf, serial)
+                tasks(packed)
+
+            # many activation rows on a CPU with AMX: the tile instructions (:mod:`.amx_gemm`)
             amx = amx_min_batch is not None and not lut and all(amx_problem(kern) is None for kern in legs)
-            if amx:
-                with T.If(use_tiles(batch, amx_min_batch)):
-                    with T.Then():
-                        packed = [activation_tiles(T, kern, batch) for kern in legs]
-                        for kern, buf in zip(legs, packed, strict=True):
-                            pack_activations(T, kern, batch, buf, serial)
-                        tasks(packed)
-                    with T.Else():
-                        tasks(None)
-            else:
-                tasks(None)
+            tiles_or_vectors(T, batch, amx_min_batch if amx else None, amx_tasks, lambda: tasks(None))
     func = ib.get()
     if not lut:
         func = func.with_attr(ATTR_CPU_FEATURES, pb_vnni.kernel_features(isa, legs, amx))
