@@ -89,15 +89,27 @@ def _feature_key(name: str) -> str:
     return re.sub(r"[-_.]", "", _CPUINFO_NAMES.get(name, name).lower())
 
 
+def llvm_triple(target: tvm.target.Target) -> str:
+    """An LLVM ``target``'s ``mtriple``, else LLVM's default (this machine's)."""
+    from tvm.target import codegen
+
+    return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+
+
+@functools.cache
+def _mcpu_features(mcpu: str) -> frozenset:
+    """The features LLVM gives its CPU ``mcpu`` (for this machine's triple)."""
+    from tvm.target import codegen
+
+    return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+
+
 def library_cpu_features(target: tvm.target.Target) -> list[str]:
     """The :data:`X86_ISA_FEATURES` an x86-64 LLVM ``target``'s CPU (its ``mcpu`` and ``mattr``)
     has: what a CPU needs to run a library built for it (empty for other targets)."""
     from tvm.target import codegen
 
-    if target.kind.name != "llvm":
-        return []
-    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
-    if not triple.startswith("x86_64"):
+    if target.kind.name != "llvm" or not llvm_triple(target).startswith("x86_64"):
         return []
     have = set(codegen.llvm_get_cpu_features(target))
     return [f for f in X86_ISA_FEATURES if f in have]
@@ -121,9 +133,7 @@ def _llvm_host_features() -> frozenset:
     """LLVM's features of this machine's CPU (:func:`host_mcpu`); empty with a TVM runtime built
     without LLVM (then ``cpuinfo`` alone decides)."""
     try:
-        from tvm.target import codegen
-
-        return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
+        return _mcpu_features(host_mcpu())
     except Exception:  # no LLVM in this TVM
         return frozenset()
 
@@ -132,12 +142,10 @@ def host_mattr(mcpu: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """``+feature`` for the AMX features this machine has (its ``cpuinfo`` flags) that LLVM's CPU
     ``mcpu`` lacks: a virtual machine's CPU model may be named after an older core (an AMX Xeon
     guest that LLVM calls ``rocketlake``), and the kernels would not use its tile units."""
-    from tvm.target import codegen
-
     flags = cpu_flags(cpuinfo)
     if not flags:
         return []
-    known = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+    known = _mcpu_features(mcpu)
     return [f"+{feature}" for feature, flag in HOST_AMX_FLAGS.items() if flag in flags and feature not in known]
 
 
@@ -205,7 +213,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
     if kind == "llvm":
         if "mcpu" in spec:
             _check_llvm_cpu(str(spec["mcpu"]), spec.get("mtriple"))
-        if "mcpu" not in spec:  # the host, with the tile instructions its CPU's name may not imply
+        else:  # the host, with the tile instructions its CPU's name may not imply
             spec["mcpu"] = host_mcpu()
             extra = _this_host_mattr(spec["mcpu"])
             if extra and "mattr" not in spec:

@@ -117,11 +117,10 @@ def target_runs_tiles(target) -> bool:
     """Whether the AMX loops may be built for an LLVM ``target``: its CPU has
     :data:`AMX_FEATURES` and it is x86-64 Linux (its ``mtriple``, else LLVM's default), whose
     ``arch_prctl`` system call the loops make."""
-    from tvm.target import codegen
-
+    from ..target import llvm_triple
     from .pb_vnni import target_supports
 
-    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    triple = llvm_triple(target)
     return target_supports(target, AMX_FEATURES) and triple.startswith("x86_64") and "linux" in triple
 
 
