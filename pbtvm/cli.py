@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli_args import CLIError, bits_list, load_model, parse_target
+from .names import MANIFEST_DECODER
 
 #: Exit status for a user error (bad argument, model or file).
 USAGE_ERROR = 2
@@ -137,7 +138,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  PB       {layer['name']}  {shape}  {layer.get('codebook', fmt['codebook'])}")
     for layer in manifest["layers"]["skipped"]:
         print(f"  fp32     {layer['name']}  ({layer['reason']})")
-    decoder = manifest.get("decoder")
+    decoder = manifest.get(MANIFEST_DECODER)
     if decoder:
         start = f"vocab {decoder['vocab']}" if decoder["vocab"] is not None else f"input {decoder['input_size']}"
         graph = ", one CUDA graph per token" if decoder.get("cuda_graph") else ""
@@ -233,7 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import pbtvm
 
-    from .apps.report import UNSTABLE_SPREAD, interleaved_latency_ms
+    from .apps.report import LATENCY_ROUNDS, UNSTABLE_SPREAD, calls_per_round, interleaved_latency_ms
     from .target import TargetInfo, resolve_target
 
     model, example, options = _model_and_options(args)
@@ -251,8 +252,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     calls[f"PB W{args.bits}A{args.act_bits}"] = (m, x.to(dev))
     with torch.no_grad():
         rows = interleaved_latency_ms(calls, args.repeat, sync)
-    runs = 5 * max(2, -(-args.repeat // 5))  # interleaved_latency_ms's rounds
-    print(f"batch {args.batch}, {runs} runs in 5 alternating rounds, median latency on {m.manifest['target']}")
+    runs = LATENCY_ROUNDS * calls_per_round(args.repeat)
+    print(
+        f"batch {args.batch}, {runs} runs in {LATENCY_ROUNDS} alternating rounds, median latency on {m.manifest['target']}"
+    )
     print(f"{'model':<16}{'ms':>10}  {'rounds ms':>17}  speed vs torch fp32")
     base = rows["torch fp32"][0]
     for name, (ms, low, high) in rows.items():

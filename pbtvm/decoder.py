@@ -29,12 +29,13 @@ import numpy as np
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .decoder_step import StepParts
 from .errors import InputError, InputTypeError
+from .names import MANIFEST_DECODER
 from .repack import CopyGroup, repack_func, repack_out_types
 from .runtime import CompiledModel
 from .target import AUTO_LAYOUT, resolve_target, weight_layout
 
 #: Manifest key holding the decoder's shape (``pbtvm inspect`` shows it).
-MANIFEST_KEY = "decoder"
+MANIFEST_KEY = MANIFEST_DECODER
 
 
 def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:

@@ -35,6 +35,9 @@ ATTR_K = "pbtvm.k"
 ATTR_FORMAT_VERSION = "pbtvm.format_version"
 ATTR_INPUT_SIZE = "pbtvm.input_size"
 ATTR_CPU_KERNEL = "pbtvm.cpu_kernel"
+#: Manifest key of an exported decoder's settings (:mod:`pbtvm.decoder`; :func:`pbtvm.load` gives
+#: such a library back as the decoder).
+MANIFEST_DECODER = "decoder"
 #: On a byte-code CPU GEMM: the batch from which it multiplies with the AMX tile instructions.
 ATTR_AMX_MIN_BATCH = "pbtvm.amx_min_batch"
 #: On a byte-code CPU kernel: the LLVM CPU features its instructions need (the build checks them).

@@ -13,7 +13,7 @@ from . import library, outputs
 from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .errors import InputError, InputTypeError
-from .names import ENV_SKIP_CPU_CHECK
+from .names import ENV_SKIP_CPU_CHECK, MANIFEST_DECODER
 from .target import TargetInfo, missing_cpu_features
 
 logger = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def load(path: str, device: str | None = None):
         (:func:`pbtvm.target.missing_cpu_features`; ``PBTVM_SKIP_CPU_CHECK=1`` skips that check).
     """
     model = load_model(path, device)
-    if model.manifest.get("decoder") is not None:  # pbtvm.decoder.MANIFEST_KEY
+    if model.manifest.get(MANIFEST_DECODER) is not None:
         from .decoder import PBDecoder
 
         return PBDecoder(model)

@@ -54,19 +54,26 @@ def _timed_calls(fn: Any, x: Any, count: int, sync: Any = None) -> list[float]:
 
 #: Between-round spread (slowest / fastest round median) past which a latency is flagged.
 UNSTABLE_SPREAD = 1.5
+#: Rounds of :func:`interleaved_latency_ms`.
+LATENCY_ROUNDS = 5
 
 
-def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: int = 5) -> dict:
+def calls_per_round(repeat: int, rounds: int = LATENCY_ROUNDS) -> int:
+    """Timed calls per entry and round of :func:`interleaved_latency_ms` for ``repeat`` calls in
+    all: ``ceil(repeat / rounds)``, at least 2."""
+    return max(2, -(-repeat // rounds))
+
+
+def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: int = LATENCY_ROUNDS) -> dict:
     """Median wall time in ms of each ``fn(x)`` in ``calls`` (``{name: (fn, x)}``), timed in
-    ``rounds`` rounds that take turns (each round ``ceil(repeat / rounds)`` calls per entry, at
-    least 2, after one untimed call), so that a change of the machine's state hits every entry
-    alike.
+    ``rounds`` rounds that take turns (each round :func:`calls_per_round` calls per entry, after
+    one untimed call), so that a change of the machine's state hits every entry alike.
 
     Returns ``{name: (median over all calls, fastest round's median, slowest round's median)}``:
     a slowest round :data:`UNSTABLE_SPREAD` times the fastest or more means the machine was busy
     or thread pools contended while measuring.
     """
-    per_round = max(2, -(-repeat // rounds))
+    per_round = calls_per_round(repeat, rounds)
     times = {name: [] for name in calls}
     medians = {name: [] for name in calls}
     for _ in range(rounds):
