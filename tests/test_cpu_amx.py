@@ -149,17 +149,8 @@ def test_amx_kernel_of_a_fixed_batch_builds(n, k, batch):
     fmt = bp.BitplaneFormat(4, 8)
     fast = _amx_kernel(kernels.dense_act_func(fmt, n, k, True), batch=batch)
     assert "tdpbusd" in _asm(fast)
-    if not _host_runs_amx():
-        return
-    rng = np.random.default_rng(n)
-    q = rng.integers(*fmt.weight_code_range, (n, k), endpoint=True)
-    weights = [
-        _t(bp.pack_weights(q, fmt)),
-        _t(rng.uniform(0.5, 2, n).astype(np.float32)),
-        _t(rng.standard_normal(n).astype(np.float32)),
-    ]
-    slow = kernels.build(vnni_kernel_for(kernels.dense_act_func(fmt, n, k, True), target=ZMM), ZMM, schedule=False)
-    assert_same_floats(fast, slow, _rows(rng, batch, k), weights, n, range(1, 5))
+    if _host_runs_amx():
+        _assert_dense_equals_zmm(fast, fmt, n, k, batch, np.random.default_rng(n))
 
 
 @needs_amx
@@ -191,18 +182,18 @@ def test_amx_dense_floats_equal_the_zmm_kernel(bits, k, batch, codebook):
     for bit from the AMX loops as from the zmm loops, at every bitlayers; so does the layer on
     packed activation planes."""
     fmt, n = bp.BitplaneFormat(bits, 8, codebook), 45
-    rng = np.random.default_rng(bits)
-    q = rng.integers(*fmt.weight_code_range, (n, k), endpoint=True)
-    scale = rng.uniform(0.5, 2, fmt.scale_shape(n)).astype(np.float32)  # offset binary: scales, zero points
-    weights = [
-        _t(bp.pack_weights(q, fmt)),
-        _t(scale),
-        _t(rng.standard_normal(n).astype(np.float32)),
-    ]
-    x = _rows(rng, batch, k)
     fast = _amx_kernel(kernels.dense_act_func(fmt, n, k, True))
+    _assert_dense_equals_zmm(fast, fmt, n, k, batch, np.random.default_rng(bits))
+
+
+def _assert_dense_equals_zmm(fast, fmt, n: int, k: int, batch: int, rng) -> None:
+    """The float layer ``fast`` (AMX loops) gives the zmm kernel's floats bit for bit at every
+    bitlayers, on random codes, scales (with zero points for offset binary) and bias."""
+    q = rng.integers(*fmt.weight_code_range, (n, k), endpoint=True)
+    scale = rng.uniform(0.5, 2, fmt.scale_shape(n)).astype(np.float32)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(scale), _t(rng.standard_normal(n).astype(np.float32))]
     slow = kernels.build(vnni_kernel_for(kernels.dense_act_func(fmt, n, k, True), target=ZMM), ZMM, schedule=False)
-    assert_same_floats(fast, slow, x, weights, n, range(1, bits + 1))
+    assert_same_floats(fast, slow, _rows(rng, batch, k), weights, n, range(1, fmt.bits + 1))
 
 
 @needs_amx
