@@ -9,6 +9,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
+from pbtvm.ops import vnni_rows
 from pbtvm.ops.pb_vnni import (
     MAX_ACCUMULATORS,
     cpu_isa,
@@ -140,6 +141,34 @@ def test_gfni_decode_where_the_cpu_has_it(rng):
     assert "vgf2p8affineqb" in _asm(vnni_kernel_for(func, target=CPU))
     assert "vgf2p8affineqb" not in _asm(vnni_kernel_for(func, target=NO_GFNI))
     _check_int(bp.BitplaneFormat(3, 8), 5, 1100, 3, rng, row_tile=2, batch_tile=2, target=NO_GFNI)
+
+
+@needs_vnni
+@pytest.mark.skipif(not target_supports(CPU, ("gfni",)), reason="host CPU lacks GFNI")
+def test_layers_of_many_bytes_prefetch_their_planes(monkeypatch):
+    """From :data:`~pbtvm.ops.vnni_rows.PREFETCH_AHEAD_MIN_BYTES` of weight planes on, the GFNI
+    block loops prefetch ahead; smaller layers and the masked-add decode (no GFNI) do not."""
+    func = kernels.int_product_func(bp.BitplaneFormat(4, 8), 8, 1024)
+    size = 4 * 8 * 1024 // 8  # bytes of its planes
+    monkeypatch.setattr(vnni_rows, "PREFETCH_AHEAD_MIN_BYTES", size)
+    assert "prefetcht1" in _asm(vnni_kernel_for(func))
+    assert "prefetcht1" not in _asm(vnni_kernel_for(func, target=NO_GFNI))
+    monkeypatch.setattr(vnni_rows, "PREFETCH_AHEAD_MIN_BYTES", size + 1)
+    assert "prefetcht1" not in _asm(vnni_kernel_for(func))
+
+
+@needs_vnni
+@pytest.mark.skipif(not target_supports(CPU, ("gfni",)), reason="host CPU lacks GFNI")
+@pytest.mark.parametrize(
+    ("bits", "n", "k", "b"),
+    [(4, 70, 512, 1), (2, 9, 1100, 1), (3, 70, 1030, 3), (8, 67, 1100, 9), (1, 5, 2048, 2)],
+)
+def test_prefetching_kernels_exact(bits, n, k, b, rng, monkeypatch):
+    """With the prefetch in every layer (rows four at a time, blocks then chunks, batch tiles, rows
+    decoded once past a tile, the clamp at the planes' end): exact at every ``bitlayers``."""
+    monkeypatch.setattr(vnni_rows, "PREFETCH_AHEAD_MIN_BYTES", 0)
+    assert "prefetcht1" in _asm(vnni_kernel_for(kernels.int_product_func(bp.BitplaneFormat(bits, 8), n, k)))
+    _check_int(bp.BitplaneFormat(bits, 8), n, k, b, rng)
 
 
 @needs_vnni

@@ -17,7 +17,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import te, tvm
-from pbtvm.ops import unit_major_rows
+from pbtvm.ops import unit_major_rows, vnni_rows
 from pbtvm.ops import vector_math as vmath
 from pbtvm.ops.pb_vnni import target_supports
 from pbtvm.relay_passes.pb_lstm_lowering import _step_func
@@ -168,6 +168,30 @@ def test_masked_add_decode_gives_the_gfni_steps_results(rng):
         for layers in (1, 3, 4):
             got = _call(plain, arrays, [layers], batch, hidden)
             for a, b in zip(_call(gfni, arrays, [layers], batch, hidden), got, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+@needs_avx512
+@pytest.mark.skipif(not target_supports(CPU, ("gfni",)), reason="host CPU lacks GFNI")
+def test_prefetching_step_gives_the_same_results(rng, monkeypatch):
+    """An LSTM step whose weights are large enough to prefetch ahead (here: any) gives its results
+    bit for bit, at batch 1 (rows four at a time) and past one batch tile."""
+    fmt, n_in, hidden = bp.BitplaneFormat(4, 8), 600, 130
+    wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
+    wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, False)
+    plain = kernels.build(vnni_lstm_kernel_for(func, target=CPU), CPU, schedule=False)
+    monkeypatch.setattr(vnni_rows, "PREFETCH_AHEAD_MIN_BYTES", 0)
+    ahead = kernels.build(vnni_lstm_kernel_for(func, target=CPU), CPU, schedule=False)
+    assert "prefetcht1" in str(ahead.mod.inspect_source("asm"))
+    assert "prefetcht1" not in str(plain.mod.inspect_source("asm"))
+    for batch in (1, 6):
+        x = rng.standard_normal((batch, n_in)).astype(np.float32)
+        h, c = _state(rng, batch, hidden)
+        arrays = [x, wp_ih, ws_ih, h, c, wp_hh, ws_hh]
+        for layers in (1, 4):
+            got = _call(ahead, arrays, [layers], batch, hidden)
+            for a, b in zip(_call(plain, arrays, [layers], batch, hidden), got, strict=True):
                 np.testing.assert_array_equal(a, b)
 
 

@@ -291,7 +291,7 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
     for kern, acts in zip(legs, packed, strict=True):
         with T.serial(0, (count + (TILE_ROWS - 1)) // TILE_ROWS) as rt:
             first = n0 + rt * TILE_ROWS
-            if _weight_bytes(kern) >= PREFETCH_MIN_BYTES:
+            if kern.weight_bytes >= PREFETCH_MIN_BYTES:
                 _prefetch_rows(T, kern, first + TILE_ROWS)
             passing.start()
             _segments(T, _Tiles(kern, codes, acts, first, tir.const(0, "int32"), groups), passing)
@@ -301,11 +301,6 @@ def amx_rows(T, legs: list, packed: list, n0, count, batch) -> None:
                 g0, n_groups = p * PASS_GROUPS, passing.groups_in(p)
                 _epilogue(T, kern, passing.sums, passing.offset(p), total, first, rows, g0, n_groups, batch)
     T.evaluate(_intrin("tilerelease"))
-
-
-def _weight_bytes(kern: Kernel) -> int:
-    """Bytes of ``kern``'s weight planes."""
-    return kern.n_out * kern.words * 4 * kern.fmt.bits
 
 
 def _prefetch_rows(T, kern: Kernel, n0) -> None:

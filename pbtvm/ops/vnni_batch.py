@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from .._tvm import tir
-from .gfni_decode import BLOCK
+from .gfni_decode import BLOCK, BLOCK_WORDS
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
     ACC_CHAINS,
@@ -37,6 +37,7 @@ from .vnni_rows import (
     decoded_at,
     dot,
     gfni_block,
+    prefetch_ahead,
     store,
 )
 
@@ -114,6 +115,7 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
         start = 0
         if kern.gfni:  # whole blocks straight into the row's codes (no split codes with GFNI)
             with T.serial(0, kern.blocks) as blk:
+                prefetch_ahead(T, kern, n0 + r, blk * BLOCK_WORDS)
                 gfni_block(T, kern, n0 + r, blk, row_codes, at + blk * BLOCK)
             start = kern.blocks * BLOCK // CHUNK
         chunk_groups(T, kern, start, decode)

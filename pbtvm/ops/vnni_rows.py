@@ -6,7 +6,8 @@ The pieces :func:`pbtvm.ops.pb_vnni.pb_vnni_func` (the GEMM) and
 * :func:`prepare_kernel` -- the activation rows as int8 codes once per call (quantized from
   floats exactly as :func:`pbtvm.ops.act_quantize_pack`, or unpacked from planes), in the GFNI
   decode's order for whole 512-input blocks; returns the :class:`Kernel` the loops read;
-* :func:`block_rows` -- output rows in order, each plane streamed front to back: whole blocks with
+* :func:`block_rows` -- output rows in order, each plane streamed front to back (prefetched
+  ahead in large layers, :func:`prefetch_ahead`): whole blocks with
   the GFNI decode (:mod:`pbtvm.ops.gfni_decode`), the chunks after them with the masked-add
   decode (:func:`decode_chunk`), ``vpdpbusd`` dot products (:func:`dot`), the reduction and
   the float epilogue (:func:`store`); at one activation row, rows of one block run four at a time;
@@ -21,6 +22,7 @@ decode chunks from dword broadcasts, and with GFNI (AVX-VNNI CPUs) whole blocks 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 from .._tvm import tir
@@ -48,6 +50,7 @@ __all__ = [
     "madd_exact",
     "pair_bound",
     "decode_scratch",
+    "prefetch_ahead",
     "prepare_kernel",
     "scaled_codes",
     "split_codes",
@@ -73,6 +76,14 @@ CHUNK_GROUP = 4
 #: and two blocks or more (4096x4096 W4 208 -> 224 us) lose, so they keep rows one by one.
 ROWS_SIDE_BY_SIDE = 4
 SIDE_BY_SIDE_BITS = 4
+#: Software prefetch distance: before a row's 512-input block is decoded, each kept plane's line
+#: this many bytes further on is asked into L2 (:func:`prefetch_ahead`). Each plane is one stream
+#: front to back, so this is 16 rows ahead at K = 4096 (4096 and 16384 measured alike).
+PREFETCH_AHEAD = 8192
+#: Layers whose weight planes take at least this many bytes prefetch (:attr:`Kernel.streams`);
+#: smaller ones are more likely in the caches, where the prefetches only cost instructions (layers
+#: of 6-8 MB read from L3: 0.84-1.07x, within this host's noise).
+PREFETCH_AHEAD_MIN_BYTES = 4 << 20
 
 
 def lane_bound(fmt: BitplaneFormat, k_dim: int, scaled: bool) -> int:
@@ -266,6 +277,18 @@ class Kernel:
     def words(self) -> int:
         """32-bit words of a row's plane."""
         return self.full_chunks * 2 + self.tail
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight planes."""
+        return self.n_out * self.words * 4 * self.fmt.bits
+
+    @property
+    def streams(self) -> bool:
+        """Whether the GFNI block loops prefetch the planes ahead (:func:`prefetch_ahead`): on
+        AVX-512, for layers of at least :data:`PREFETCH_AHEAD_MIN_BYTES`. The ymm masked-add decode is
+        bound by its instructions, not by memory (AVX2 build, 4096x4096 W4: 0.93-0.99x with it)."""
+        return self.gfni and self.isa == "avx512" and self.weight_bytes >= PREFETCH_AHEAD_MIN_BYTES
 
     @property
     def gfni_width(self) -> int:
@@ -472,6 +495,7 @@ def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
         per_block = BLOCK // CHUNK
         with T.serial(0, kern.blocks) as blk:
             for r, row in enumerate(rows):
+                prefetch_ahead(T, kern, row, blk * BLOCK_WORDS)
                 gfni_block(T, kern, row, blk, kern.decoded, 0)
                 for c in range(per_block):  # consecutive dot products update different accumulators
                     for b in range(b_rows):
@@ -577,6 +601,31 @@ def gfni_block(T, kern: Kernel, row, blk, into: tir.Buffer, at) -> None:
         # each part's 8 code vectors hold its 8 * width inputs, the parts one after the other
         for v, code in enumerate(decode_block(kern.fmt, planes, bind=T.Bind, width=width)):
             T.buffer_store(into, code, [tir.Ramp(at + (8 * h + v) * width, 1, width)])
+
+
+def prefetch_ahead(T, kern: Kernel, row, word) -> None:
+    """Where ``kern`` streams its weights (:attr:`Kernel.streams`): prefetch into L2 each kept
+    plane's line :data:`PREFETCH_AHEAD` bytes past word ``word`` of ``row`` (a later row's, since
+    a plane's rows follow each other; clamped to the planes' last word).
+
+    Each plane is a stream of its own, 8 KiB ahead is past what the hardware prefetchers run
+    ahead, and on a shared host the memory's latency grows with the neighbours' traffic. Measured
+    on a 2-core Zen 4 guest with weights from memory (BENCHMARKS.md, twenty-second session): W4
+    1.2-1.6x at batch 1-16 while the neighbours loaded the memory, level with them quiet.
+    """
+    if not kern.streams:
+        return
+    l2 = (tir.const(0, "int32"), tir.const(2, "int32"), tir.const(1, "int32"))  # read, L2, data
+    last = math.prod(int(d) for d in kern.wp.shape) - 1
+    for i in range(kern.fmt.bits):
+        at = tir.min(kern.wp.offset_of((*kern.fmt.weight_index(i, row, 0)[:2], word))[0] + PREFETCH_AHEAD // 4, last)
+        prefetch = tir.call_llvm_intrin("void", "llvm.prefetch.p0", kern.wp.access_ptr("r", offset=at), *l2)
+        if i == 0:
+            T.evaluate(prefetch)
+            continue
+        with T.If(kern.layers > i):
+            with T.Then():
+                T.evaluate(prefetch)
 
 
 def _block_plane(kern: Kernel, i: int, row, blk, half: int = 0) -> tir.PrimExpr:
