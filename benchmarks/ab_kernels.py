@@ -93,7 +93,8 @@ def _parse() -> argparse.Namespace:
         type=int,
         default=1,
         help="rotate this many sets of operands, so that weights larger than the caches come from memory "
-        "(timed by a Python loop over them, a few µs per call more than time_evaluator's)",
+        "(timed by a Python loop over them, a few µs per call more than time_evaluator's; outputs compared "
+        "on the first set)",
     )
     return p.parse_args()
 
@@ -155,6 +156,8 @@ def main() -> None:
 
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     trees = (args.tree_a, args.tree_b)
+    if args.weight_sets < 1:
+        sys.exit("ab_kernels: --weight-sets must be at least 1")
     if Path(trees[0]).resolve() == Path(trees[1]).resolve():
         sys.exit("ab_kernels: A and B are the same tree")
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,9 +165,9 @@ def main() -> None:
         for i, tree in enumerate(trees):
             os.makedirs(f"{tmp}/{i}")
             builds.append(_build(tree, args.kernel, shape, args.bits, f"{tmp}/{i}", args.mcpu))
-        sets = f", {args.weight_sets} weight sets rotated" if args.weight_sets > 1 else ""
+        rotated = f", {args.weight_sets} weight sets rotated" if args.weight_sets > 1 else ""
         print(
-            f"{args.kernel} {args.shape}, mcpu {args.mcpu}, threads: TVM default{sets}; A = {trees[0]}, B = {trees[1]}"
+            f"{args.kernel} {args.shape}, mcpu {args.mcpu}, threads: TVM default{rotated}; A = {trees[0]}, B = {trees[1]}"
         )
         for bits in args.bits:
             print(f"W{bits} build: A {builds[0][bits]:.2f} s, B {builds[1][bits]:.2f} s")

@@ -9,7 +9,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir, tvm
-from pbtvm.ops import vnni_rows
+from pbtvm.ops import vnni_batch, vnni_rows
 from pbtvm.ops.pb_vnni import (
     MAX_ACCUMULATORS,
     cpu_isa,
@@ -18,6 +18,7 @@ from pbtvm.ops.pb_vnni import (
     tile_problem,
     unsupported_reason,
 )
+from pbtvm.ops.vnni_batch import DECODE_ONCE_MIN_BITS
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu import CPUBitplaneGemm
 from pbtvm.schedules.cpu_vnni import KNOBS, CPUVnniGemm, vnni_kernel_for
@@ -165,10 +166,28 @@ def test_layers_of_many_bytes_prefetch_their_planes(monkeypatch):
 )
 def test_prefetching_kernels_exact(bits, n, k, b, rng, monkeypatch):
     """With the prefetch in every layer (rows four at a time, blocks then chunks, batch tiles, rows
-    decoded once past a tile, the clamp at the planes' end): exact at every ``bitlayers``."""
+    decoded once past a tile, prefetches past the planes' last rows): exact at every
+    ``bitlayers``. (A prefetch cannot change a result: this checks the loops around it.)"""
     monkeypatch.setattr(vnni_rows, "PREFETCH_AHEAD_MIN_BYTES", 0)
     assert "prefetcht1" in _asm(vnni_kernel_for(kernels.int_product_func(bp.BitplaneFormat(bits, 8), n, k)))
     _check_int(bp.BitplaneFormat(bits, 8), n, k, b, rng)
+
+
+@needs_vnni
+@pytest.mark.skipif(not target_supports(CPU, ("gfni",)), reason="host CPU lacks GFNI")
+def test_rows_decoded_once_prefetch_too(monkeypatch):
+    """The decode-once loop (zmm rows with chunks after their blocks, past one batch tile) asks
+    for its rows' planes ahead as the row loop does."""
+    calls = []
+
+    def record(T, kern, row, word):
+        calls.append(kern.streams)
+        return vnni_rows.prefetch_ahead(T, kern, row, word)
+
+    monkeypatch.setattr(vnni_rows, "PREFETCH_AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(vnni_batch, "prefetch_ahead", record)
+    vnni_kernel_for(kernels.int_product_func(bp.BitplaneFormat(DECODE_ONCE_MIN_BITS, 8), 16, 1100))
+    assert calls and all(calls)
 
 
 @needs_vnni

@@ -40,7 +40,7 @@ from .._tvm import tir
 from .common import CPU_SCRATCH
 from .gfni_decode import BLOCK
 from .vnni_bytes import CHUNK
-from .vnni_rows import Kernel, chunk_groups, decode_chunk, gfni_block, store_total
+from .vnni_rows import Kernel, chunk_groups, decode_chunk, gfni_block, plane_offset, prefetch_into_l2, store_total
 
 __all__ = [
     "AMX_FEATURES",
@@ -314,13 +314,7 @@ def _prefetch_rows(T, kern: Kernel, n0) -> None:
             with T.If(kern.layers > i):
                 with T.Then():
                     with T.serial(0, -(-words // 16) + 1) as line:
-                        at = kern.wp.offset_of((*fmt.weight_index(i, row, 0)[:2], tir.min(line * 16, words - 1)))[0]
-                        keep_in_l2 = (tir.const(0, "int32"), tir.const(2, "int32"), tir.const(1, "int32"))
-                        T.evaluate(
-                            tir.call_llvm_intrin(
-                                "void", "llvm.prefetch.p0", kern.wp.access_ptr("r", offset=at), *keep_in_l2
-                            )
-                        )
+                        prefetch_into_l2(T, kern.wp, plane_offset(kern, i, row, tir.min(line * 16, words - 1)))
 
 
 @dataclasses.dataclass

@@ -50,7 +50,9 @@ __all__ = [
     "madd_exact",
     "pair_bound",
     "decode_scratch",
+    "plane_offset",
     "prefetch_ahead",
+    "prefetch_into_l2",
     "prepare_kernel",
     "scaled_codes",
     "split_codes",
@@ -286,8 +288,9 @@ class Kernel:
     @property
     def streams(self) -> bool:
         """Whether the GFNI block loops prefetch the planes ahead (:func:`prefetch_ahead`): on
-        AVX-512, for layers of at least :data:`PREFETCH_AHEAD_MIN_BYTES`. The ymm masked-add decode is
-        bound by its instructions, not by memory (AVX2 build, 4096x4096 W4: 0.93-0.99x with it)."""
+        AVX-512, for layers of at least :data:`PREFETCH_AHEAD_MIN_BYTES`. The AVX2 masked-add
+        decode is bound by its instructions, not by memory (AVX2 build, 4096x4096 W4: 0.93-0.99x
+        with it); the ymm GFNI decode (AVX-VNNI) is left without, not measured."""
         return self.gfni and self.isa == "avx512" and self.weight_bytes >= PREFETCH_AHEAD_MIN_BYTES
 
     @property
@@ -476,8 +479,8 @@ def block_rows(T, kern: Kernel, n0, count, b0, b_rows: int) -> None:
 def _row_by_blocks(T, kern: Kernel, rows: list, b0, b_rows: int) -> None:
     """Output rows ``rows`` x activation rows ``b0 ..`` (``b_rows``): whole blocks, then the last chunks.
 
-    Each plane is read front to back (the hardware prefetchers keep up; a software prefetch
-    measured no gain). With GFNI, per block and output row one 64-byte load per kept plane and
+    Each plane is read front to back (in large layers prefetched ahead, :func:`prefetch_ahead`;
+    the ymm masked-add decode relies on the hardware prefetchers). With GFNI, per block and output row one 64-byte load per kept plane and
     :func:`decode_block`, then ``8 b_rows`` dot products; the chunks after the last block (every
     chunk without GFNI) go in groups of :data:`CHUNK_GROUP` (:func:`_chunk_group`), the last
     ones and the partial chunk straight-line. One output row keeps ``split`` accumulators per
@@ -608,24 +611,34 @@ def prefetch_ahead(T, kern: Kernel, row, word) -> None:
     plane's line :data:`PREFETCH_AHEAD` bytes past word ``word`` of ``row`` (a later row's, since
     a plane's rows follow each other; clamped to the planes' last word).
 
-    Each plane is a stream of its own, 8 KiB ahead is past what the hardware prefetchers run
-    ahead, and on a shared host the memory's latency grows with the neighbours' traffic. Measured
-    on a 2-core Zen 4 guest with weights from memory (BENCHMARKS.md, twenty-second session): W4
-    1.2-1.6x at batch 1-16 while the neighbours loaded the memory, level with them quiet.
+    In the ``kNW`` layout each plane is a stream of its own (``NkW`` interleaves a row's planes;
+    the same addresses, not measured). One prefetch per block: in rows with chunks after their
+    last block, those chunks' lines are left to the hardware. Measured on a 2-core Zen 4 guest
+    with weights from memory (BENCHMARKS.md, twenty-second session): W4 1.2-1.6x at batch 1-16
+    on 4096x4096 and 11008x4096 while the neighbours loaded the memory, level with them quiet.
     """
     if not kern.streams:
         return
-    l2 = (tir.const(0, "int32"), tir.const(2, "int32"), tir.const(1, "int32"))  # read, L2, data
     last = math.prod(int(d) for d in kern.wp.shape) - 1
     for i in range(kern.fmt.bits):
-        at = tir.min(kern.wp.offset_of((*kern.fmt.weight_index(i, row, 0)[:2], word))[0] + PREFETCH_AHEAD // 4, last)
-        prefetch = tir.call_llvm_intrin("void", "llvm.prefetch.p0", kern.wp.access_ptr("r", offset=at), *l2)
+        at = tir.min(plane_offset(kern, i, row, word) + PREFETCH_AHEAD // 4, last)
         if i == 0:
-            T.evaluate(prefetch)
+            prefetch_into_l2(T, kern.wp, at)
             continue
         with T.If(kern.layers > i):
             with T.Then():
-                T.evaluate(prefetch)
+                prefetch_into_l2(T, kern.wp, at)
+
+
+def plane_offset(kern: Kernel, i: int, row, word) -> tir.PrimExpr:
+    """Element offset of word ``word`` of ``row`` in plane ``i`` from the start of ``kern.wp``."""
+    return kern.wp.offset_of((*kern.fmt.weight_index(i, row, 0)[:2], word))[0] - kern.wp.elem_offset
+
+
+def prefetch_into_l2(T, buf: tir.Buffer, offset) -> None:
+    """Prefetch the line of ``buf``'s element ``offset`` (from its start) into L2 (``prefetcht1``)."""
+    l2 = (tir.const(0, "int32"), tir.const(2, "int32"), tir.const(1, "int32"))  # read, L2, data
+    T.evaluate(tir.call_llvm_intrin("void", "llvm.prefetch.p0", buf.access_ptr("r", offset=offset), *l2))
 
 
 def _block_plane(kern: Kernel, i: int, row, blk, half: int = 0) -> tir.PrimExpr:
