@@ -177,16 +177,15 @@ def main() -> None:
             mods = [tvm.runtime.load_module(f"{tmp}/{i}/w{bits}.so") for i in range(2)]
             timers = [m.time_evaluator("main", tvm.cpu(), number=args.number, repeat=1) for m in mods]
             for batch in args.batches:
-                sets = [_operands(args.kernel, shape, bits, batch, rng) for _ in range(args.weight_sets)]
-                outs = sets[0][1]
-                sets = [[tvm.runtime.tensor(a) for a in ins] for ins, _ in sets]
-
+                operands = [_operands(args.kernel, shape, bits, batch, rng) for _ in range(args.weight_sets)]
+                outs = operands[0][1]
+                sets = [[tvm.runtime.tensor(a) for a in ins] for ins, _ in operands]
                 results, times = [], ([], [])
                 for i, mod in enumerate(mods):  # one untimed call each, its outputs kept
                     outs_i = [tvm.runtime.tensor(o) for o in outs]
                     mod["main"](*sets[0], bits, *outs_i)
                     results.append([o.numpy() for o in outs_i])
-                    times[i].append(_time_us(mods[i], timers[i], sets, bits, outs_i, args.number))
+                    times[i].append(_time_us(mod, timers[i], sets, bits, outs_i, args.number))
                 for _ in range(args.rounds - 1):
                     for i in range(2):
                         outs_i = [tvm.runtime.tensor(o) for o in outs]
