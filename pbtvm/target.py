@@ -194,8 +194,9 @@ def resolve_target(target: Any) -> tvm.target.Target:
     Raises
     ------
     ValueError
-        (:class:`~pbtvm.errors.InputError`) For unknown target kinds, an ``mcpu`` LLVM does not
-        know (with the closest names), a CUDA ``arch`` not spelt like ``sm_90``, or ``cuda`` with
+        (:class:`~pbtvm.errors.InputError`) For unknown target kinds, an ``mcpu`` or an ``mattr``
+        feature LLVM does not know (with the closest names), an ``mattr`` entry without its
+        ``+`` / ``-``, a CUDA ``arch`` not spelt like ``sm_90``, or ``cuda`` with
         neither an arch nor a local GPU.
     """
     if isinstance(target, tvm.target.Target):
@@ -218,6 +219,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
             extra = _this_host_mattr(spec["mcpu"])
             if extra and "mattr" not in spec:
                 spec["mattr"] = list(extra)
+        if "mattr" in spec:
+            spec["mattr"] = _check_llvm_mattr(spec["mattr"], spec.get("mtriple"))
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
         same_cpu = {key: spec[key] for key in ("mcpu", "mattr", "mtriple") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))
@@ -260,6 +263,53 @@ def _check_llvm_cpu(mcpu: str, mtriple: str | None) -> None:
         close = difflib.get_close_matches(mcpu, sorted(known), n=3)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise InputError(f"LLVM does not know the CPU {mcpu!r} (mcpu){hint}")
+
+
+@functools.cache
+def _llvm_cpu_features(mtriple: str | None) -> frozenset:
+    """Every feature some CPU LLVM knows for ``mtriple`` has (default: this host's triple)."""
+    from tvm.target import codegen
+
+    triple = {"mtriple": mtriple} if mtriple else {}
+    names: set[str] = set()
+    for cpu in _llvm_cpus(mtriple):
+        names |= set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu, **triple})))
+    return frozenset(names)
+
+
+@functools.cache
+def _llvm_knows_feature(name: str, mtriple: str | None) -> bool:
+    """Whether LLVM turns on ``+name`` for ``mtriple``: it ignores names it does not know (printing a
+    warning per kernel), so a feature no CPU has (``retpoline``) is asked for itself."""
+    from tvm.target import codegen
+
+    if name in _llvm_cpu_features(mtriple):
+        return True
+    spec = {"kind": "llvm", "mattr": [f"+{name}"], **({"mtriple": mtriple} if mtriple else {})}
+    return name in set(codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
+
+
+def _check_llvm_mattr(mattr: Any, mtriple: str | None) -> list[str]:
+    """``mattr`` as a list of ``+feature`` / ``-feature`` (a comma-separated string is split), each a
+    feature LLVM knows for ``mtriple``; raise InputError otherwise. LLVM itself ignores an entry
+    without its sign and, with a warning per kernel, a name it does not know: the kernels would be
+    built without what was asked for (``+avx512vnn`` for ``+avx512vnni``)."""
+    if isinstance(mattr, str):
+        mattr = [entry for entry in mattr.split(",") if entry.strip()]
+    if not isinstance(mattr, (list, tuple)) or not all(isinstance(entry, str) for entry in mattr):
+        raise InputTypeError(f"mattr must be a list of '+feature' / '-feature' strings, got {mattr!r}")
+    entries = [entry.strip() for entry in mattr]
+    for entry in entries:
+        name = entry[1:]
+        if entry[:1] not in ("+", "-") or not name:
+            bare = entry.lstrip("+-")
+            how = f"'+{bare}' turns it on, '-{bare}' off" if bare else "e.g. '+avx2' or '-gfni'"
+            raise InputError(f"mattr entry {entry!r} must be a sign and a CPU feature: {how}")
+        if _llvm_cpus(mtriple) and not _llvm_knows_feature(name, mtriple):
+            close = difflib.get_close_matches(name.lower(), sorted(_llvm_cpu_features(mtriple)), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise InputError(f"LLVM does not know the CPU feature {name!r} (mattr {entry!r}){hint}")
+    return entries
 
 
 def weight_layout(

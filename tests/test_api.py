@@ -321,9 +321,21 @@ def test_target_strings_in_every_form():
         ("llvm -mcpu=skylake-avx51", "LLVM does not know the CPU 'skylake-avx51'.*did you mean 'skylake-avx512'"),
         ('{"kind": "llvm", "mcpu": "cortex-a7x", "mtriple": "aarch64-linux-gnu"}', "did you mean 'cortex-a78'"),
         ('{"kind": "cuda", "arch": "sm90"}', "CUDA arch 'sm90' must look like 'sm_90'"),
+        ("llvm -mcpu=znver4 -mattr=+avx512vnn", "CPU feature 'avx512vnn'.*did you mean 'avx512vnni'"),
+        ("llvm -mattr=-AMX-TILE", "CPU feature 'AMX-TILE' \\(mattr '-AMX-TILE'\\); did you mean 'amx-tile'"),
+        ("llvm -mattr=avx2", "mattr entry 'avx2' must be a sign.*'\\+avx2' turns it on, '-avx2' off"),
+        ('{"kind": "llvm", "mattr": ["+avx2"], "mtriple": "aarch64-linux-gnu"}', "CPU feature 'avx2'"),
     ]:
         with pytest.raises(InputError, match=message):
             resolve_target(text)
+    with pytest.raises(InputError, match="mattr must be a list"):
+        resolve_target({"kind": "llvm", "mattr": [1]})
+    # LLVM ignores an unknown or unsigned feature (a warning per kernel, or nothing): a compile for
+    # what was not asked. Names it knows pass, those of no CPU (retpoline) and other triples' too.
+    assert list(resolve_target({"kind": "llvm", "mattr": "+avx2, -fma"}).attrs["mattr"]) == ["+avx2", "-fma"]
+    assert list(resolve_target("llvm -mattr=+retpoline,+sse4.2").attrs["mattr"]) == ["+retpoline", "+sse4.2"]
+    sve = resolve_target({"kind": "llvm", "mcpu": "neoverse-v1", "mtriple": "aarch64-linux-gnu", "mattr": ["+sve"]})
+    assert list(sve.attrs["mattr"]) == ["+sve"]
     arm = resolve_target({"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu"})
     assert arm.host.attrs["mtriple"] == "aarch64-linux-gnu"  # the host code is for the same CPU
 
