@@ -115,24 +115,52 @@ class _Linear:
     out_dtype: str
 
 
+#: Ops through which a matmul's right operand may still be a constant weight (:func:`dense_shapes`):
+#: those the rewrite folds, cuts (:meth:`_Rewriter._constant`) or looks through (``_weight_of``).
+_WEIGHT_PATH_OPS = (*_FOLDED_OPS, "relax.broadcast_to", "relax.split", "relax.strided_slice")
+
+
+def _from_constants(expr: relax.Expr, bound: dict) -> bool:
+    """Whether ``expr`` is computed from constants alone through :data:`_WEIGHT_PATH_OPS`
+    (``bound``: the function's variables and their values)."""
+    while isinstance(expr, relax.Var) and expr in bound:
+        expr = bound[expr]
+    if isinstance(expr, tvm.ir.Constant):
+        return True
+    if isinstance(expr, relax.TupleGetItem):
+        return _from_constants(expr.tuple_value, bound)
+    name = _op_name(expr)
+    if name in _ELEMENTWISE:
+        return all(_from_constants(arg, bound) for arg in expr.args)
+    return name in _WEIGHT_PATH_OPS and _from_constants(expr.args[0], bound)
+
+
 def dense_shapes(mod: tvm.IRModule) -> list[tuple[int | None, int | None]]:
-    """``(rows, K)`` of every ``matmul`` in ``mod``'s Relax functions: ``rows`` the product of the
-    left operand's leading dimensions, ``K`` its last; None where a size is only known at run
-    time (a dynamic batch). Activation x activation matmuls are listed too."""
+    """``(rows, K)`` of every ``matmul`` in ``mod``'s Relax functions whose right operand is a
+    constant (a dense layer's weight, maybe transposed, cut or scaled): ``rows`` the product of
+    the left operand's leading dimensions, ``K`` its last; None where a size is only known at run
+    time (a dynamic batch). Activation x activation matmuls (attention's scores) stay in float and
+    are not listed."""
     shapes: list[tuple[int | None, int | None]] = []
 
     def static(dims: list) -> int | None:
         return int(np.prod([int(d) for d in dims])) if all(isinstance(d, tir.IntImm) for d in dims) else None
 
+    matmuls: list[relax.Call] = []
+    bound: dict = {}  # every function's variables (distinct objects) and their values
+
     def visit(expr: relax.Expr) -> None:
         if isinstance(expr, relax.Call) and _op_name(expr) == "relax.matmul":
-            shape = getattr(expr.args[0].ty, "shape", None)
-            dims = list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
-            shapes.append((static(dims[:-1]), static(dims[-1:])) if dims else (None, None))
+            matmuls.append(expr)
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
+            bound.update(relax.analysis.get_var2val(func))
             relax.analysis.post_order_visit(func.body, visit)
+    for call in (c for c in matmuls if _from_constants(c.args[1], bound)):
+        shape = getattr(call.args[0].ty, "shape", None)
+        dims = list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
+        shapes.append((static(dims[:-1]), static(dims[-1:])) if dims else (None, None))
     return shapes
 
 

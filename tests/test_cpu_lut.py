@@ -225,6 +225,40 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     assert lstm.format.layout == "kNW"
 
 
+class _SelfAttentionHead(torch.nn.Module):
+    """A projection, attention scores over 4 heads (activation x activation matmuls of 4 x 2 rows)
+    and a dense head: two dense layers of 2 rows each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(70, 40), torch.nn.Linear(40, 10)
+
+    def forward(self, x):
+        h = self.proj(x).reshape(2, 4, 10).transpose(0, 1)  # [heads, rows, 10]
+        mixed = torch.softmax(h @ h.transpose(1, 2), dim=-1) @ h
+        return self.head(mixed.transpose(0, 1).reshape(2, 40))
+
+
+@needs_avx2
+def test_static_batch_layout_counts_dense_layers_not_attention_scores():
+    """Only matmuls by a constant weight decide the static-batch layout: the attention's
+    activation x activation matmuls (8 rows, not converted) do not keep the model off the table
+    lookup its 2-row dense layers are faster with; the floats are those of ``kNW``."""
+    from pbtvm.model_import import import_model
+    from pbtvm.relay_passes import dense_shapes
+
+    torch.manual_seed(0)
+    model, x = _SelfAttentionHead().eval(), torch.randn(2, 70)
+    mod, _, _ = import_model(model, (x,), dynamic_batch=False)
+    assert dense_shapes(mod) == [(2, 70), (2, 40)]
+    with pytest.warns(UserWarning, match="a product of run-time tensors"):  # the scores stay float
+        auto = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False)
+    assert auto.format.layout == LUT
+    with pytest.warns(UserWarning, match="a product of run-time tensors"):
+        plain = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False, layout="kNW")
+    np.testing.assert_allclose(np.asarray(auto(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
     """The choice from the dense layers' (rows, K): the most rows decide, and a K the table-lookup
     kernel cannot accumulate in int32 (W8, K of 40,000) keeps ``kNW`` for the whole model."""
