@@ -3,7 +3,9 @@
 Not collected by pytest (a manual sweep, minutes long): each case draws a kernel (the integer
 GEMM, the one-kernel float layer or the decoder's LSTM step), a format, N, K, a batch and a
 build (``host``; ``host:amx@1``: with AMX-INT8, its tile loops from one activation row
-instead of :func:`pbtvm.ops.amx_gemm.amx_min_batch`; ``alderlake``: AVX-VNNI + ymm GFNI;
+instead of :func:`pbtvm.ops.amx_gemm.amx_min_batch`; ``host:prefetch``: the AVX-512 GFNI loops
+prefetching the planes at every size, not only from
+:data:`pbtvm.ops.vnni_rows.PREFETCH_AHEAD_MIN_BYTES`; ``alderlake``: AVX-VNNI + ymm GFNI;
 ``alderlake:-gfni``; ``haswell``: AVX2),
 builds it with the default rule and checks it as the tests do: the GEMM equals the numpy
 reference at every ``bitlayers`` (and at a smaller batch on the same build), the float layer and
@@ -33,7 +35,8 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
-from pbtvm.ops import amx_gemm
+from pbtvm.ops import amx_gemm, vnni_rows
+from pbtvm.ops.gfni_decode import CPU_FEATURES as GFNI
 from pbtvm.ops.pb_vnni import target_supports
 from pbtvm.target import resolve_target
 from tests.test_cpu_avx_vnni import _host_has_avx_vnni
@@ -47,6 +50,8 @@ def _builds() -> dict:
     builds = {"host": host} if target_supports(host, ("avx512bw", "avx512vnni")) else {}
     if builds and target_supports(host, amx_gemm.AMX_FEATURES):
         builds[AMX_FROM_ONE] = host
+    if builds and target_supports(host, GFNI):
+        builds[PREFETCH_ALL] = host
     if _host_has_avx_vnni():
         builds["alderlake"] = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
         builds["alderlake:-gfni"] = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "mattr": ["-gfni"]})
@@ -57,6 +62,19 @@ def _builds() -> dict:
 
 #: The host build with the AMX loops from one activation row (every kernel kind).
 AMX_FROM_ONE = "host:amx@1"
+#: The host build prefetching the planes in layers of any size.
+PREFETCH_ALL = "host:prefetch"
+
+
+@contextlib.contextmanager
+def _prefetch_all(on: bool):
+    """Build with the AVX-512 GFNI loops prefetching the planes of every layer (``on``)."""
+    default = vnni_rows.PREFETCH_AHEAD_MIN_BYTES
+    vnni_rows.PREFETCH_AHEAD_MIN_BYTES = 0 if on else default
+    try:
+        yield
+    finally:
+        vnni_rows.PREFETCH_AHEAD_MIN_BYTES = default
 
 
 @contextlib.contextmanager
@@ -135,7 +153,7 @@ def main() -> int:
     for i in range(args.cases if builds else 0):
         kind, name = rnd.choice(args.kinds), rnd.choice(list(builds))
         try:
-            with _amx_from(1 if name == AMX_FROM_ONE else None):
+            with _amx_from(1 if name == AMX_FROM_ONE else None), _prefetch_all(name == PREFETCH_ALL):
                 what, status = _case(kind, rnd, np.random.default_rng([args.seed, i]), builds[name]), "ok"
         except Exception as err:  # report and go on: the sweep lists every failing case
             what, status = "", f"FAILED {type(err).__name__}: {str(err)[:300]}"
