@@ -6,7 +6,9 @@ host measures the kernels other CPUs would get: ``kNW@haswell`` is the AVX2 byte
 (``vpmaddubsw`` + ``vpmaddwd``; AMD Zen 2/3), ``kNW@alderlake`` the AVX-VNNI one (``vpdpbusd`` on
 ymm; Intel client cores from Alder Lake on), ``lut16x4@haswell`` the AVX2 table lookup,
 ``kNW@host`` the host's own best; ``kNW@alderlake:-gfni`` drops an LLVM feature (``mattr``),
-``kNW@rocketlake:+amx-tile,+amx-int8`` adds the AMX tile loops (``--amx-from 1``: at every batch). The host must have every variant's instructions. The weights
+``kNW@rocketlake:+amx-tile,+amx-int8`` adds the AMX tile loops (``--amx-from 1``: at every batch);
+``lut16x4/lookups@haswell`` and ``lut16x4/decoded@haswell`` force the table lookup's path at
+every batch (:data:`pbtvm.ops.lut_decoded.LOOKUP_MAX_ROWS`: lookups, or each row decoded once). The host must have every variant's instructions. The weights
 stay warm in the caches (a decoder's case); the variants take turns for ``--rounds`` rounds of
 ``--calls`` calls, the median per call is printed with each variant's speed relative to the
 first, and the float outputs of all variants are checked equal first.
@@ -20,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -29,6 +32,7 @@ import numpy as np
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm._tvm import tvm
+from pbtvm.ops import lut_decoded
 from pbtvm.target import resolve_target
 
 
@@ -61,6 +65,22 @@ def _target(cpu: str) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, **({"mattr": mattr.split(",")} if mattr else {})})
 
 
+@contextlib.contextmanager
+def _lut_path(path: str, bits: int):
+    """Build ``lut16x4`` kernels with the lookups (``"lookups"``) or the decoded rows
+    (``"decoded"``) at every batch; ``""``: the default switch."""
+    if path not in ("", "lookups", "decoded"):
+        raise SystemExit(f"unknown table-lookup path {path!r}: lookups or decoded")
+    default = dict(lut_decoded.LOOKUP_MAX_ROWS)
+    if path:
+        lut_decoded.LOOKUP_MAX_ROWS[bits] = 1 << 30 if path == "lookups" else 0
+    try:
+        yield
+    finally:
+        lut_decoded.LOOKUP_MAX_ROWS.clear()
+        lut_decoded.LOOKUP_MAX_ROWS.update(default)
+
+
 def main() -> int:
     """Print a markdown table: µs per call of every variant and its speed-up over the first."""
     args = _parse()
@@ -83,8 +103,10 @@ def main() -> int:
                 q = 2 * (q > 0) - 1
             layers = []
             for layout, mcpu in variants:  # the same codes in every layout
+                layout, _, path = layout.partition("/")
                 fmt = bp.BitplaneFormat(bits, layout=layout)
-                layer = kernels.build(kernels.dense_act_func(fmt, n, k, bias=False), _target(mcpu))
+                with _lut_path(path, bits):
+                    layer = kernels.build(kernels.dense_act_func(fmt, n, k, bias=False), _target(mcpu))
                 layers.append((layer, _t(bp.pack_weights(q, fmt))))
             w_scale = _t(np.full(n, 1e-3, np.float32))
             for batch in args.batches:

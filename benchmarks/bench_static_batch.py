@@ -2,13 +2,15 @@
 
 With a static batch every dense layer's rows are known when it compiles, so ``layout="auto"``
 can take the table-lookup layout (``lut16x4``) on AVX2 CPUs without AVX-512 VNNI where no layer
-runs more than 2 rows (:func:`pbtvm.target.weight_layout`). This times the same model compiled
-three ways (dynamic batch / auto; static / auto; static / ``kNW``) in alternating rounds of
+runs more than 2 rows (:func:`pbtvm.target.weight_layout`); with a dynamic batch it takes it on
+AVX2 CPUs without AVX-VNNI (past a few rows that kernel decodes each weight row once). This times
+the same model compiled four ways (dynamic batch / auto; dynamic / ``kNW``; static / auto; static
+/ ``kNW``) in alternating rounds of
 ``--calls`` calls (median of ``--rounds``), checks their outputs agree, and prints each one's
 layout, µs per call and its speed relative to the dynamic-batch build. The model is the MNIST
 MLP's shape (784-512-512-10) with random weights, or ``--hidden`` wider.
 
-    python benchmarks/bench_static_batch.py --batch 1 --bits 4
+    python benchmarks/bench_static_batch.py --batch 1 --bits 4 [--target "llvm -mcpu=haswell"]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=500)
+    p.add_argument("--target", default="llvm", help='e.g. "llvm -mcpu=haswell": the AVX2 kernels on this host')
     return p.parse_args()
 
 
@@ -44,6 +47,7 @@ def main() -> None:
     x = torch.randn(args.batch, 784)
     builds = {
         "dynamic batch, auto": {},
+        "dynamic batch, kNW": {"layout": "kNW"},
         "static batch, auto": {"dynamic_batch": False},
         "static batch, kNW": {"dynamic_batch": False, "layout": "kNW"},
     }
@@ -51,7 +55,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, options in builds.items():
-            models[name] = pbtvm.compile(model, (x,), target="llvm", bits=args.bits, **options)
+            models[name] = pbtvm.compile(model, (x,), target=args.target, bits=args.bits, **options)
     xs = x.numpy()
     reference = np.asarray(models["dynamic batch, auto"](xs))
     for name, m in models.items():
@@ -68,7 +72,8 @@ def main() -> None:
             times[name].append(1e6 * (time.perf_counter() - start) / args.calls)
     base = statistics.median(times["dynamic batch, auto"])
     print(
-        f"\n784-{h}-{h}-10 MLP, W{args.bits}, batch {args.batch}, median of {args.rounds} rounds of {args.calls} calls"
+        f"\n784-{h}-{h}-10 MLP, W{args.bits}, batch {args.batch}, target {args.target!r}, "
+        f"median of {args.rounds} rounds of {args.calls} calls"
     )
     print(f"{'build':<22}{'layout':>9}{'us/call':>10}{'speed vs dynamic':>18}")
     for name, m in models.items():

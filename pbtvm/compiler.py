@@ -21,7 +21,7 @@ from .quantize import AUTO, check_codebook
 from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
-from .target import AUTO_LAYOUT, TargetInfo, library_cpu_features, resolve_target, weight_layout
+from .target import AUTO_LAYOUT, DYNAMIC_BATCH, TargetInfo, library_cpu_features, resolve_target, weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def _rewrite(
 ):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled).
 
-    ``auto_layout``: ``fmt``'s layout is what ``layout="auto"`` gave; with a static batch and no
-    LSTM the dense layers' rows then decide it (:func:`_static_batch_format`). Returns ``(mod,
+    ``auto_layout``: ``fmt``'s layout is what ``layout="auto"`` gave; without an LSTM the dense
+    layers' rows (or the dynamic batch) then decide it (:func:`_batch_format`). Returns ``(mod,
     specs, dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
     """
     t0 = time.perf_counter()
@@ -57,8 +57,8 @@ def _rewrite(
     lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
         mod = lstms(mod)
-        if auto_layout and not dynamic_batch and not lstms.converted:
-            fmt = _static_batch_format(fmt, tvm_target, dense_shapes(mod))
+        if auto_layout and not lstms.converted:
+            fmt = _batch_format(fmt, tvm_target, dense_shapes(mod), dynamic)
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
@@ -89,15 +89,18 @@ def _rewrite(
     return mod, specs, dynamic, converted, skipped, fmt
 
 
-def _static_batch_format(fmt: BitplaneFormat, tvm_target: tvm.target.Target, shapes: list) -> BitplaneFormat:
-    """For a static-batch compile with ``layout="auto"``, from the model's
+def _batch_format(
+    fmt: BitplaneFormat, tvm_target: tvm.target.Target, shapes: list, dynamic: bool = False
+) -> BitplaneFormat:
+    """For a compile with ``layout="auto"`` and no LSTM, from the model's
     :func:`~pbtvm.relay_passes.dense_shapes`: the format :func:`pbtvm.target.weight_layout` picks
-    for the most rows any dense layer runs (``lut16x4`` on AVX2 CPUs at 1-2 rows) if every
-    layer's K fits that layout's kernel, else ``fmt``."""
+    for the most rows any dense layer runs, or for a ``dynamic`` batch (``lut16x4`` on AVX2 CPUs
+    at 1-2 rows, and at any batch without AVX-VNNI) if every layer's K fits that layout's kernel,
+    else ``fmt``."""
     from .ops import pb_lut
 
     rows = [r for r, _ in shapes]
-    most = None if not rows or None in rows else max(rows)
+    most = DYNAMIC_BATCH if dynamic and rows else None if not rows or None in rows else max(rows)
     layout = weight_layout(AUTO_LAYOUT, tvm_target, fmt.bits, fmt.act_bits, most)
     chosen = BitplaneFormat(fmt.bits, fmt.act_bits, layout=layout)
     if chosen.layout == LUT_LAYOUT and any(k is None or pb_lut.unsupported_reason(chosen, k) for _, k in shapes):

@@ -43,6 +43,8 @@ LUT_AUTO_MAX_BATCH = 2
 #: decoder's ``generate()``: lookup vs byte code W2 1.69x / 1.28x at batch 1 / 2, W4 1.25x /
 #: 0.94x, W8 0.99x / 0.91x (BENCHMARKS.md, nineteenth session).
 LUT_YMM_GFNI_MAX_ROW_BITS = 4
+#: ``batch`` of :func:`weight_layout` for a dynamic-batch compile: any number of rows per call.
+DYNAMIC_BATCH = "dynamic"
 #: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
 #: m8n8k128 ``.xor.popc``).
 BMMA_MIN_SM = 80
@@ -317,7 +319,7 @@ def weight_layout(
     target: tvm.target.Target,
     bits: int | None = None,
     act_bits: int | None = None,
-    batch: int | None = None,
+    batch: int | str | None = None,
 ) -> str:
     """The weight layout a compile uses: ``layout``, with ``"auto"`` resolved for ``target``.
 
@@ -326,7 +328,9 @@ def weight_layout(
     on x86 CPUs with AVX2 but not AVX-512 VNNI when ``batch`` is given (a decoder's, whose every
     step runs that many rows; a static-batch compile's, the most rows any dense layer runs) and at
     most :data:`LUT_AUTO_MAX_BATCH` (AVX-VNNI CPUs with GFNI: rows x bits at most
-    :data:`LUT_YMM_GFNI_MAX_ROW_BITS`), for 2..8-bit
+    :data:`LUT_YMM_GFNI_MAX_ROW_BITS`), or is :data:`DYNAMIC_BATCH` on AVX2 CPUs without AVX-VNNI
+    (the kernel then decodes each weight row once past a few rows,
+    :mod:`pbtvm.ops.lut_decoded`: 1.5-2.5x the byte-code kernel at 1-2 rows, 0.85-1.0x from 8), for 2..8-bit
     weights and activations of at most 8 bits (where it was measured faster), unless
     ``PBTVM_CPU_KERNEL=popcount`` asks for the portable kernels; else ``"kNW"`` (the byte-code
     and popcount CPU kernels, the CUDA-core kernels). An explicit layout is checked against the
@@ -394,16 +398,19 @@ def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: in
     """Whether ``"auto"`` means ``lut16x4``: an AVX2 CPU without AVX-512 VNNI (whose byte-code
     kernel is faster), 2..8-bit weights, activations of at most 8 bits, a known batch of at most
     :data:`LUT_AUTO_MAX_BATCH` rows (with AVX-VNNI and GFNI at most
-    :data:`LUT_YMM_GFNI_MAX_ROW_BITS` rows x bits), and the byte-code kernels not switched off."""
+    :data:`LUT_YMM_GFNI_MAX_ROW_BITS` rows x bits) or a dynamic batch without AVX-VNNI, and the
+    byte-code kernels not switched off."""
     if target.kind.name != "llvm" or None in (bits, act_bits, batch) or os.environ.get(ENV_CPU_KERNEL) == "popcount":
-        return False
-    if not (2 <= bits <= 8 and act_bits <= 8 and 1 <= batch <= LUT_AUTO_MAX_BATCH):
         return False
     from .ops.gfni_decode import CPU_FEATURES as GFNI
     from .ops.pb_vnni import cpu_isa, target_supports
     from .ops.vnni_rows import YMM_ISAS
 
     isa = cpu_isa(target)
+    if batch == DYNAMIC_BATCH:  # the kernel's decoded rows are AVX2's (vpmaddubsw)
+        return 2 <= bits <= 8 and act_bits <= 8 and isa == "avx2"
+    if not (2 <= bits <= 8 and act_bits <= 8 and 1 <= batch <= LUT_AUTO_MAX_BATCH):
+        return False
     if isa == "avxvnni" and target_supports(target, GFNI):
         return batch * bits <= LUT_YMM_GFNI_MAX_ROW_BITS
     return isa in YMM_ISAS  # the ymm byte-code kernels, whose decode the lookup replaces

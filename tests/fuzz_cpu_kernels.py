@@ -6,7 +6,7 @@ build (``host``; ``host:amx@1``: with AMX-INT8, its tile loops from one activati
 instead of :func:`pbtvm.ops.amx_gemm.amx_min_batch`; ``host:prefetch``: the AVX-512 GFNI loops
 prefetching the planes at every size, not only from
 :data:`pbtvm.ops.vnni_rows.PREFETCH_AHEAD_MIN_BYTES`; ``alderlake``: AVX-VNNI + ymm GFNI;
-``alderlake:-gfni``; ``haswell``: AVX2),
+``alderlake:-gfni``; ``haswell``: AVX2; ``haswell:lut16x4``: its table lookup, weights in that layout),
 builds it with the default rule and checks it as the tests do: the GEMM equals the numpy
 reference at every ``bitlayers`` (and at a smaller batch on the same build), the float layer and
 the step equal the popcount kernels' results. Builds the host cannot run are left out (on an
@@ -35,6 +35,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
+from pbtvm.bitplane.lut_layout import LUT_LAYOUT
 from pbtvm.ops import amx_gemm, vnni_rows
 from pbtvm.ops.gfni_decode import CPU_FEATURES as GFNI
 from pbtvm.ops.pb_vnni import target_supports
@@ -57,6 +58,7 @@ def _builds() -> dict:
         builds["alderlake:-gfni"] = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "mattr": ["-gfni"]})
     if target_supports(host, ("avx2",)):
         builds["haswell"] = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+        builds[LUT_BUILD] = builds["haswell"]
     return builds
 
 
@@ -64,6 +66,8 @@ def _builds() -> dict:
 AMX_FROM_ONE = "host:amx@1"
 #: The host build prefetching the planes in layers of any size.
 PREFETCH_ALL = "host:prefetch"
+#: The AVX2 table-lookup kernels (weights in ``lut16x4``; past a few rows each row decoded once).
+LUT_BUILD = "haswell:lut16x4"
 
 
 @contextlib.contextmanager
@@ -99,12 +103,12 @@ def _both(func, target):
         os.environ.pop("PBTVM_CPU_KERNEL", None)
 
 
-def _case(kind: str, rnd: random.Random, rng, target) -> str:
-    """Run one random case; returns its description."""
+def _case(kind: str, rnd: random.Random, rng, target, layout: str = "kNW") -> str:
+    """Run one random case in weight ``layout``; returns its description."""
     if kind == "gemm":
         bits = rnd.randint(1, 8)
         codebook = "bipolar" if bits == 1 else rnd.choice(["twos_complement", "offset_binary"])
-        fmt = bp.BitplaneFormat(bits, rnd.choice([2, 4, 5, 6, 8, 8]), codebook)
+        fmt = bp.BitplaneFormat(bits, rnd.choice([2, 4, 5, 6, 8, 8]), codebook, layout=layout)
         n = rnd.choice([1, 16, 17, 65, rnd.randint(1, 400)])
         k = rnd.choice([rnd.randint(1, 3000), 512, 600, 650, 768, 1040, 1100])
         q, xq = _codes(
@@ -118,7 +122,7 @@ def _case(kind: str, rnd: random.Random, rng, target) -> str:
         assert_exact_at_every_bitlayers(kern, fmt, q, xq)
         assert_exact_at_every_bitlayers(kern, fmt, q, xq[: max(1, len(xq) // 2)])
         return f"{fmt.name} {n}x{k} batch {len(xq)}"
-    fmt = bp.BitplaneFormat(rnd.randint(2, 8), 8)
+    fmt = bp.BitplaneFormat(rnd.randint(2, 8), 8, layout=layout)
     if kind == "dense":
         n, k, b = (
             rnd.choice([1, 17, 130, rnd.randint(1, 300)]),
@@ -154,7 +158,8 @@ def main() -> int:
         kind, name = rnd.choice(args.kinds), rnd.choice(list(builds))
         try:
             with _amx_from(1 if name == AMX_FROM_ONE else None), _prefetch_all(name == PREFETCH_ALL):
-                what, status = _case(kind, rnd, np.random.default_rng([args.seed, i]), builds[name]), "ok"
+                layout = LUT_LAYOUT if name == LUT_BUILD else "kNW"
+                what, status = _case(kind, rnd, np.random.default_rng([args.seed, i]), builds[name], layout), "ok"
         except Exception as err:  # report and go on: the sweep lists every failing case
             what, status = "", f"FAILED {type(err).__name__}: {str(err)[:300]}"
             failed += 1

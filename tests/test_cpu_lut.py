@@ -22,7 +22,7 @@ from pbtvm.ops.pb_lut import pair_coefficients, pb_lut_func, unsupported_reason
 from pbtvm.ops.pb_vnni import target_supports
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
-from pbtvm.target import resolve_target, weight_layout
+from pbtvm.target import DYNAMIC_BATCH, resolve_target, weight_layout
 
 from .test_cpu_one_kernel_layer import _rows
 from .test_cpu_vnni import _codes, _t, assert_exact_at_every_bitlayers
@@ -77,17 +77,27 @@ def test_layout_errors_name_the_problem():
 
 
 def test_auto_picks_the_layout_for_small_decoder_batches_on_avx2(monkeypatch):
-    """Only a known batch (a decoder's) of at most 2 rows, 2..8 bits, a CPU whose best
-    byte-code kernel is AVX2's; the portable-kernel switch keeps kNW."""
+    """A known batch (a decoder's) of at most 2 rows or a dynamic batch, 2..8 bits, a CPU whose
+    best byte-code kernel is AVX2's; an unknown batch (an LSTM's rows) and the portable-kernel
+    switch keep kNW."""
     icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})  # AVX-512 VNNI
     assert weight_layout("auto", AVX2, 4, 8, 1) == LUT
     assert weight_layout("auto", AVX2, 8, 8, 2) == LUT
-    for args in ((4, 8, 4), (4, 8, None), (1, 8, 1), (9, 8, 1), (4, 16, 1)):
+    assert weight_layout("auto", AVX2, 2, 8, DYNAMIC_BATCH) == LUT
+    for args in (
+        (4, 8, 4),
+        (4, 8, None),
+        (1, 8, 1),
+        (9, 8, 1),
+        (4, 16, 1),
+        (1, 8, DYNAMIC_BATCH),
+        (4, 16, DYNAMIC_BATCH),
+    ):
         assert weight_layout("auto", AVX2, *args) == "kNW", args
-    assert weight_layout("auto", icelake, 4, 8, 1) == "kNW"
-    assert weight_layout("auto", AVX2) == "kNW"  # compile, tune, compile_lstm: the batch is not known
+    assert weight_layout("auto", icelake, 4, 8, 1) == weight_layout("auto", icelake, 4, 8, DYNAMIC_BATCH) == "kNW"
+    assert weight_layout("auto", AVX2) == "kNW"  # compile_lstm, an LSTM in compile: the rows are not known
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
-    assert weight_layout("auto", AVX2, 4, 8, 1) == "kNW"
+    assert weight_layout("auto", AVX2, 4, 8, 1) == weight_layout("auto", AVX2, 4, 8, DYNAMIC_BATCH) == "kNW"
 
 
 def test_pair_coefficients_rebuild_the_plane_coefficients():
@@ -143,24 +153,63 @@ def test_integer_product_is_exact_at_every_bitlayers(bits, act_bits, codebook, n
 
 
 @needs_avx2
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "codebook", "n", "k", "b"),
+    [
+        (3, 8, None, 17, 129, 5),  # a partial last chunk, a partial tile
+        (4, 8, None, 70, 2100, 9),  # two tasks, the second partial; batch tiles 4 + 4 + 1
+        (5, 3, None, 5, 300, 7),
+        (6, 8, "offset_binary", 33, 200, 5),
+        (7, 4, None, 16, 4096, 6),  # rows a line more than K apart
+        (8, 8, None, 21, 1030, 6),  # split codes
+        (4, 8, None, 2100, 1024, 8),  # parallel tasks
+    ],
+)
+def test_rows_past_the_lookups_are_decoded_once_and_exact(bits, act_bits, codebook, n, k, b):
+    """Past :func:`~pbtvm.ops.lut_decoded.lookup_max_rows` activation rows the kernel turns each
+    tile back into plane words and decodes each row once (:mod:`pbtvm.ops.lut_decoded`): exact at
+    every ``bitlayers``, as the lookups of the same kernel at fewer rows."""
+    from pbtvm.ops import lut_decoded
+
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=LUT)
+    most = lut_decoded.lookup_max_rows(fmt)
+    assert most is not None and b > most and lut_decoded.decoded_problem(fmt, k) is None
+    q, xq = _codes(np.random.default_rng(bits * 10 + b), fmt, n, k, b)
+    kern = kernels.build(
+        rule_for(f := kernels.int_product_func(fmt, n, k), AVX2).apply(f).mod["main"], AVX2, schedule=False
+    )
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq)
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq[:most])  # the lookups
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq[: most + 1])
+
+
+@needs_avx2
 def test_extreme_codes_stay_exact():
     """Every weight the most negative code and every activation -qmax: the table's and the int16
     sums' bounds (``T = 512 - 508``, 32 blocks before widening) at their limits."""
     fmt = bp.BitplaneFormat(8, 8, layout=LUT)
     n, k = 17, 1100
     q = np.full((n, k), -128)
-    xq = np.full((2, k), -127)
-    xq[1] = 127
+    xq = np.full((6, k), -127)
+    xq[1::2] = 127
     kern = kernels.build(
         rule_for(f := kernels.int_product_func(fmt, n, k), AVX2).apply(f).mod["main"], AVX2, schedule=False
     )
-    assert_exact_at_every_bitlayers(kern, fmt, q, xq)
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq[:2])  # the lookups
+    assert_exact_at_every_bitlayers(kern, fmt, q, xq)  # the decoded rows (lut_decoded)
 
 
 @needs_avx2
 @pytest.mark.parametrize(
     ("bits", "act_bits", "codebook", "n", "k", "b"),
-    [(4, 8, None, 37, 300, 3), (1, 8, None, 16, 650, 1), (8, 8, None, 20, 520, 4), (3, 6, "offset_binary", 21, 90, 3)],
+    [
+        (4, 8, None, 37, 300, 3),
+        (1, 8, None, 16, 650, 1),
+        (8, 8, None, 20, 520, 4),
+        (3, 6, "offset_binary", 21, 90, 3),
+        (4, 8, None, 37, 300, 7),  # the decoded rows (lut_decoded)
+        (8, 8, None, 20, 520, 9),
+    ],
 )
 def test_one_kernel_layer_equals_the_byte_code_kernels_floats(bits, act_bits, codebook, n, k, b):
     """The float layer (rows quantized inside) gives the same floats as the ``kNW`` byte-code kernel."""
@@ -208,8 +257,9 @@ class _LSTMHead(torch.nn.Module):
 def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     """``dynamic_batch=False``: every dense layer's rows are known when it compiles, so on an AVX2
     CPU without AVX-512 VNNI ``auto`` takes the table lookup where no layer runs more than 2 rows
-    (the same floats as ``kNW``); a dynamic batch, more rows (batch x time too) or an LSTM (its
-    projections run batch x time rows) keep ``kNW``."""
+    (the same floats as ``kNW``); more rows (batch x time too) or an LSTM (its projections run
+    batch x time rows) keep ``kNW``. A dynamic batch takes it too (past a few rows the kernel
+    decodes each weight row once, :mod:`pbtvm.ops.lut_decoded`), except on AVX-VNNI CPUs."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(70, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
     x = torch.randn(2, 70)
@@ -218,7 +268,14 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     plain = pbtvm.compile(model, x, target=AVX2, bits=4, dynamic_batch=False, layout="kNW")
     assert plain.format.layout == "kNW"  # an explicit layout stays as asked
     np.testing.assert_array_equal(np.asarray(static(x)), np.asarray(plain(x)))
-    assert pbtvm.compile(model, x, target=AVX2, bits=4).format.layout == "kNW"
+    dynamic = pbtvm.compile(model, x, target=AVX2, bits=4)
+    assert dynamic.format.layout == LUT
+    many = torch.randn(9, 70)  # past the lookups' rows: the decoded path, the same floats
+    np.testing.assert_array_equal(
+        np.asarray(dynamic(many)), np.asarray(pbtvm.compile(model, x, target=AVX2, bits=4, layout="kNW")(many))
+    )
+    alderlake = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})  # AVX-VNNI: its own ymm kernels
+    assert weight_layout("auto", alderlake, 4, 8, DYNAMIC_BATCH) == "kNW"
     for rows in (torch.randn(3, 70), torch.randn(1, 3, 70)):
         assert pbtvm.compile(model, rows, target=AVX2, bits=4, dynamic_batch=False).format.layout == "kNW"
     lstm = pbtvm.compile(_LSTMHead().eval(), torch.randn(2, 1, 70), target=AVX2, bits=4, dynamic_batch=False)
@@ -262,7 +319,7 @@ def test_static_batch_layout_counts_dense_layers_not_attention_scores():
 def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
     """The choice from the dense layers' (rows, K): the most rows decide, and a K the table-lookup
     kernel cannot accumulate in int32 (W8, K of 40,000) keeps ``kNW`` for the whole model."""
-    from pbtvm.compiler import _static_batch_format
+    from pbtvm.compiler import _batch_format
 
     for bits, shapes, layout in [
         (8, [(1, 70), (2, 40)], LUT),
@@ -272,7 +329,7 @@ def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
         (4, [], "kNW"),
     ]:
         fmt = bp.BitplaneFormat(bits, 8)
-        assert _static_batch_format(fmt, AVX2, shapes).layout == layout, (bits, shapes)
+        assert _batch_format(fmt, AVX2, shapes).layout == layout, (bits, shapes)
 
 
 @needs_avx2

@@ -19,7 +19,10 @@ So 64 weights of 4 bits cost about 12 vector instructions at batch 1, where the 
 (:mod:`pbtvm.ops.pb_vnni`) decodes them with about 40. ``bitlayers`` is read at run time: plane
 pairs past it are not read, a half-kept pair gets a zero coefficient. Every activation row
 repeats the lookups (the tables are per row), so the byte-code kernel, which decodes a weight
-once for several rows, wins at larger batches (BENCHMARKS.md).
+once for several rows, wins at larger batches (BENCHMARKS.md): past
+:func:`~pbtvm.ops.lut_decoded.lookup_max_rows` rows (3-8-bit weights) this kernel does the same
+on its own weights (:mod:`pbtvm.ops.lut_decoded`), a branch on the call's batch. The LSTM step
+(:mod:`pbtvm.ops.pb_vnni_lstm`) keeps the lookups at every batch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..bitplane.lut_layout import LUT_GROUP, LUT_LAYOUT, LUT_TILE_ROWS
+from . import lut_decoded
 from .common import CPU_SCRATCH
 from .epilogue import output_value
 from .pb_vnni import SERIAL_WEIGHT_BITS, gemm_params  # small layers run serially, as there
@@ -130,31 +134,31 @@ def pb_lut_func(
         raise ValueError(f"pb_lut_func cannot compute this layer: {why}")
     if float_input and not dense:
         raise ValueError("pb_lut_func: float_input computes the dense layer (dense=True)")
+    most = lut_decoded.lookup_max_rows(fmt) if lut_decoded.decoded_problem(fmt, k_dim) is None else None
     with IRBuilder() as ib:
         with T.prim_func():
             x, packed, wp, w_scale, bias_buf, layers, out = gemm_params(
                 T, fmt, n_out, k_dim, batch, dense, bias, float_input, CPU_KERNEL
             )
-            kern = prepare(
-                T,
-                fmt,
-                n_out,
-                k_dim,
-                batch,
-                wp,
-                out,
-                w_scale,
-                bias_buf,
-                layers,
-                x=x,
-                packed=packed,
-            )
-            n_tiles = -(-n_out // LUT_TILE_ROWS)
-            n_tasks = -(-n_tiles // TASK_TILES)
             serial = n_out * k_dim * fmt.bits < SERIAL_WEIGHT_BITS
-            with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
-                regs = scratch(T)
-                tile_rows(T, kern, regs, task * TASK_TILES, TASK_TILES, batch)
+            operands = (T, fmt, n_out, k_dim, batch, wp, out, w_scale, bias_buf, layers)
+
+            def lookups() -> None:
+                kern = prepare(*operands, x=x, packed=packed)
+                n_tiles = -(-n_out // LUT_TILE_ROWS)
+                n_tasks = -(-n_tiles // TASK_TILES)
+                with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
+                    regs = scratch(T)
+                    tile_rows(T, kern, regs, task * TASK_TILES, TASK_TILES, batch)
+
+            if most is None:
+                lookups()
+            else:  # many rows: each weight row decoded once (:mod:`.lut_decoded`)
+                with T.If(batch > most):
+                    with T.Then():
+                        lut_decoded.decoded_rows(*operands, x, packed, serial, TASK_TILES)
+                    with T.Else():
+                        lookups()
     return ib.get()
 
 

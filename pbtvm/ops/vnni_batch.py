@@ -41,7 +41,14 @@ from .vnni_rows import (
     store,
 )
 
-__all__ = ["DECODE_ONCE_MIN_BITS", "decode_once_past", "decodes_once", "row_code_bytes", "rows_decoded_once"]
+__all__ = [
+    "DECODE_ONCE_MIN_BITS",
+    "decode_once_past",
+    "decodes_once",
+    "dot_rows",
+    "row_code_bytes",
+    "rows_decoded_once",
+]
 
 #: Fewest weight bits whose rows of whole blocks are decoded once for batches of several rows
 #: (measured without GFNI, kept for the GFNI decodes, whose W1/W2 decode is cheaper still; the
@@ -119,10 +126,10 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
                 gfni_block(T, kern, n0 + r, blk, row_codes, at + blk * BLOCK)
             start = kern.blocks * BLOCK // CHUNK
         chunk_groups(T, kern, start, decode)
-        batch_tiles(T, batch, batch_tile, lambda b0, rows: _dot_rows(T, row, at, n0 + r, b0, rows))
+        batch_tiles(T, batch, batch_tile, lambda b0, rows: dot_rows(T, row, at, n0 + r, b0, rows))
 
 
-def _dot_rows(T, row: Kernel, at, n, b0, b_rows: int) -> None:
+def dot_rows(T, row: Kernel, at, n, b0, b_rows: int) -> None:
     """Output row ``n`` x activation rows ``b0 ..`` (``b_rows``) from its codes at ``row.decoded[at:]``."""
     split = max(1, ACC_CHAINS // b_rows)
     (slot,) = accumulators(T, row, 1, b_rows, split)

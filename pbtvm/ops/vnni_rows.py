@@ -184,7 +184,7 @@ def _dword_mask(word: tuple) -> tir.PrimExpr:
     return (byte & select) == select
 
 
-def _decode(T, kern: Kernel, at, word) -> None:
+def masked_add_decode(T, kern: Kernel, at, word) -> None:
     """Store the uint8x64 codes of one row's chunk at ``at``: the masked-add decode.
 
     ``word(i)`` is the chunk's 64 bits of plane ``i`` (uint64; with ``kern.dword`` its two uint32
@@ -669,7 +669,7 @@ def decode_chunk(T, kern: Kernel, row, c, full: bool, at) -> None:
             return low, high
         return qword(kern.wp, fmt.weight_index(i, row, 0)[:2], c, full)
 
-    _decode(T, kern, at, word)
+    masked_add_decode(T, kern, at, word)
 
 
 def dot(T, kern: Kernel, slot, code_at: tir.Ramp, b, at) -> None:

@@ -1,0 +1,157 @@
+"""Many activation rows on ``lut16x4`` weights: tiles turned back into plane words, each row decoded once.
+
+The table lookup (:mod:`pbtvm.ops.pb_lut`) repeats its lookups for every activation row, while the
+AVX2 byte-code kernel decodes each weight row once into byte codes and multiplies them by every
+row (:func:`pbtvm.ops.vnni_batch.rows_decoded_once`): from about 4 rows that wins (BENCHMARKS.md,
+sixteenth and twenty-third sessions). So past :func:`lookup_max_rows` activation rows the
+``lut16x4`` kernel multiplies that way too, on the same weights (no second copy in another
+layout):
+
+1. per 16-row tile, 64-input chunk and kept plane pair, each 32-bit word's 4 octet vectors
+   (byte ``2 m + q``: row ``m``, plane ``2 p + q``, 8 inputs, :mod:`pbtvm.bitplane.lut_layout`)
+   are transposed into the 32 plane words of those rows and planes (one byte shuffle: ``vpunpck``
+   interleaves), into a small buffer in L1;
+2. each row's chunk is decoded from them by the ``kNW`` kernel's masked-add decode
+   (:func:`pbtvm.ops.vnni_rows.masked_add_decode`, dword broadcasts) into the tile's codes (16 x
+   K bytes, in L2);
+3. each row's codes are multiplied by every activation row (``vpmaddubsw`` + ``vpmaddwd``,
+   batch tiles of :data:`BATCH_TILE`, :func:`pbtvm.ops.vnni_batch.dot_rows`).
+
+At 8-16 rows this runs at 0.85-1.0x of the ``kNW`` kernel on the same layer (the transposes, the
+codes in L2), where the lookups ran at 0.6-0.8x. A first version turned the whole tile into plane
+words first and decoded row after row: each row's decode then read one word of every 128-byte
+line of them (0.8-0.9x of this at batch 8). Each tile's rows are a line more than K apart: at K
+4096 their stores would share one L1 set.
+
+The same exact integer products as the lookups (and :func:`pbtvm.ops.pb_int_product`): both are
+checked against the numpy reference at every ``bitlayers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .._tvm import tir
+from ..bitplane import BitplaneFormat
+from ..bitplane.lut_layout import LUT_TILE_ROWS, LUT_VECTOR_BYTES
+from . import pb_vnni
+from .vnni_batch import dot_rows, row_code_bytes
+from .vnni_bytes import CHUNK
+from .vnni_rows import batch_tiles, block_slots, decode_scratch, decoded_at, masked_add_decode, prepare_kernel
+
+__all__ = ["BATCH_TILE", "LOOKUP_MAX_ROWS", "decoded_problem", "decoded_rows", "lookup_max_rows"]
+
+#: Most activation rows the lookups take, by weight bits (more: each row decoded once; bits not
+#: listed: the lookups at every batch). Measured side by side on the same weights (AVX2 build on a
+#: Zen 4 guest, 2 threads, BENCHMARKS.md, twenty-third session): W3-W8 cross over at 4-5 rows
+#: (within the host's noise from 3 to 6); W2's lookups stay ahead of both decodes up to 16 rows.
+LOOKUP_MAX_ROWS = dict.fromkeys(range(3, 9), 4)
+#: Activation rows per pass over a decoded row (the ``kNW`` AVX2 kernel's default batch tile).
+BATCH_TILE = 4
+#: Plane words of one (pair, word) of a tile: 16 rows x 2 planes.
+_TILE_WORDS = LUT_VECTOR_BYTES
+#: Octets (8 inputs) per 32-bit word.
+_OCTETS = 4
+
+
+def lookup_max_rows(fmt: BitplaneFormat) -> int | None:
+    """Most activation rows the lookups take for ``fmt`` (None: every batch, no decoded path)."""
+    return LOOKUP_MAX_ROWS.get(fmt.bits)
+
+
+def decoded_problem(fmt: BitplaneFormat, k_dim: int) -> str | None:
+    """Why the decoded path cannot compute ``fmt`` at this K (None when it can): the AVX2
+    byte-code kernel's limits, as for ``kNW`` weights."""
+    knw = BitplaneFormat(fmt.bits, fmt.act_bits, fmt.codebook)
+    return pb_vnni.unsupported_reason(knw, k_dim, "avx2")
+
+
+def decoded_rows(
+    T,
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    batch,
+    wp: tir.Buffer,
+    out: tir.Buffer,
+    w_scale: tir.Buffer | None,
+    bias: tir.Buffer | None,
+    layers: tir.Var,
+    x: tir.Buffer | None,
+    packed: tuple | None,
+    serial: bool,
+    task_tiles: int,
+) -> None:
+    """The whole layer, every activation row, by the decoded path (see the module).
+
+    Parameters as :func:`pbtvm.ops.pb_lut.prepare` (``wp`` in the ``lut16x4`` layout), plus
+    ``serial`` (one thread: a small layer) and ``task_tiles`` (16-row tiles per parallel task).
+    """
+    kern = prepare_kernel(
+        T, fmt, n_out, k_dim, batch, wp, out, w_scale, bias, layers, False, x=x, packed=packed, isa="avx2"
+    )
+    pairs = -(-fmt.bits // 2)
+    row_bytes = row_code_bytes(kern)
+    # a line more per row: rows K = 4096 bytes apart share one L1 set (the 16 rows' stores of a chunk)
+    stride = row_bytes + CHUNK
+    n_tiles = -(-n_out // LUT_TILE_ROWS)
+    n_tasks = -(-n_tiles // task_tiles)
+    with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
+        # per task (workspace allocations, reused by the thread): one chunk's plane words of the
+        # tile's rows (L1), the tile's decoded rows (L2: 16 K bytes, twice with split codes)
+        words = T.alloc_buffer((pairs * 2 * _TILE_WORDS,), "uint32")
+        codes = T.alloc_buffer((LUT_TILE_ROWS * stride,), "uint8")
+        decode_scratch(T, [kern], block_slots(BATCH_TILE), CHUNK)
+        high = row_bytes // 2 if kern.hi else 0
+        row = dataclasses.replace(kern, decoded=codes, hi=high)  # the dot products read the codes
+        left = n_tiles - task * task_tiles
+        with T.serial(0, tir.min(task_tiles, left) if n_tiles % task_tiles else task_tiles) as t:
+            tile = task * task_tiles + t
+            n0 = tile * LUT_TILE_ROWS
+            count = tir.min(LUT_TILE_ROWS, n_out - n0) if n_out % LUT_TILE_ROWS else LUT_TILE_ROWS
+
+            def chunk(c, full: bool) -> None:  # every row's chunk c, from its plane words
+                _chunk_words(T, wp, words, tile, (layers + 1) // 2, c, full)
+                with T.serial(0, count) as r:
+                    masked_add_decode(T, kern, decoded_at(0), lambda i: _word_pair(words, r, i, full))
+                    for part in (0, 1) if kern.hi else (0,):
+                        decoded = kern.decoded[tir.Ramp(part * kern.hi, 1, CHUNK)]
+                        T.buffer_store(codes, decoded, [tir.Ramp(r * stride + c * CHUNK + part * high, 1, CHUNK)])
+
+            if kern.full_chunks:
+                with T.serial(0, kern.full_chunks) as c:
+                    chunk(c, True)
+            if kern.tail:
+                chunk(kern.full_chunks, False)
+            with T.serial(0, count) as r:
+                batch_tiles(T, batch, BATCH_TILE, lambda b0, rows: dot_rows(T, row, r * stride, n0 + r, b0, rows))
+
+
+def _chunk_words(T, wp: tir.Buffer, words: tir.Buffer, tile, kept_pairs, c, full: bool) -> None:
+    """Chunk ``c``'s plane words (``2 c``, and ``2 c + 1`` where ``full``) of tile ``tile``'s 16
+    rows for plane pairs ``0 .. kept_pairs`` into ``words``: word ``h`` of the chunk, row ``m``,
+    plane ``2 p + q`` at ``(2 p + h) 32 + 2 m + q``.
+
+    Word ``w``'s byte ``e`` is byte ``2 m + q`` of octet ``4 w + e`` (the layout's nibbles are the
+    inputs in order), so the 4 octet vectors of a word, transposed as a 4 x 32 byte matrix, are
+    the 32 words of the tile's rows and the pair's planes in a row (4 loads, 12 shuffles, 4 stores).
+    """
+    order = [tir.IntImm("int32", e * LUT_VECTOR_BYTES + lane) for lane in range(_TILE_WORDS) for e in range(_OCTETS)]
+    with T.serial(0, kept_pairs.astype("int32")) as p:
+        for h in range(2 if full else 1):
+            w = 2 * c + h
+            octets = [
+                tir.reinterpret("uint8x32", wp[p, tile, _OCTETS * w + e, tir.Ramp(0, 1, LUT_VECTOR_BYTES // 4)])
+                for e in range(_OCTETS)
+            ]
+            turned = tir.reinterpret(f"uint32x{_TILE_WORDS}", tir.Shuffle(octets, order))
+            T.buffer_store(words, turned, [tir.Ramp((2 * p + h) * _TILE_WORDS, 1, _TILE_WORDS)])
+
+
+def _word_pair(words: tir.Buffer, r, i: int, full: bool) -> tuple:
+    """The chunk's two words of plane ``i`` of the tile's row ``r`` (the second 0 past K), as the
+    dword-broadcast decode reads them (:func:`pbtvm.ops.vnni_rows.masked_add_decode`)."""
+    p, q = divmod(i, 2)
+    lane = 2 * r + q
+    low = words[2 * p * _TILE_WORDS + lane]
+    return low, words[(2 * p + 1) * _TILE_WORDS + lane] if full else tir.const(0, "uint32")
