@@ -229,14 +229,17 @@ def compile(
         layers and LSTM steps run on the binary tensor cores (``mma.sync .b1 .and.popc``); exact
         in the CPU emulation of their CUDA code, not yet measured on a GPU (BENCHMARKS.md,
         "binary tensor cores"). ``"kNW"`` there keeps the CUDA-core popcount kernels; on a CPU
-        (and CUDA before sm_80) ``"auto"`` is ``"kNW"``. ``"lut16x4"`` (x86 CPUs with AVX2):
-        dense layers and LSTM steps by table lookup (:mod:`pbtvm.ops.pb_lut`), faster than
-        ``"kNW"`` on CPUs without AVX-512 VNNI where layers run at most 2 rows (batch x time) at
-        2..8 bits, slower from about 4 rows (BENCHMARKS.md, sixteenth session; on AVX-VNNI CPUs
-        with GFNI only up to rows x bits of 4, nineteenth session). With
-        ``dynamic_batch=False`` every layer's rows are known, and ``"auto"`` is ``"lut16x4"``
-        there when no dense layer runs more rows than that and the model has no LSTM (the MNIST
-        MLP at batch 1 on AVX2: 1.4-1.5x; BENCHMARKS.md, eighteenth session).
+        (and CUDA before sm_80) ``"auto"`` is ``"kNW"`` except as follows. ``"lut16x4"`` (x86
+        CPUs with AVX2): dense layers and LSTM steps by table lookup (:mod:`pbtvm.ops.pb_lut`),
+        faster than ``"kNW"`` on CPUs without AVX-512 VNNI where layers run at most 2 rows (batch
+        x time) at 2..8 bits (BENCHMARKS.md, sixteenth session; on AVX-VNNI CPUs with GFNI only up
+        to rows x bits of 4, nineteenth session); past 4 rows its dense layers decode each weight
+        row once (:mod:`pbtvm.ops.lut_decoded`, 0.84-1.18x ``"kNW"`` at 8-32 rows and 3-8 bits,
+        twenty-third session), its LSTM step keeps the lookups. ``"auto"`` is ``"lut16x4"`` for
+        models without LSTM on AVX2 CPUs without AVX-512 VNNI: with a dynamic batch where they
+        have no AVX-VNNI either (the MNIST MLP 1.53x at batch 1, 0.97x at 32), with
+        ``dynamic_batch=False`` where no dense layer runs more than 2 rows (1.4-1.5x at batch 1,
+        eighteenth session).
     dynamic_batch : bool
         Export with a symbolic batch dimension. False: the model runs the example's batch only.
     tune : bool

@@ -330,7 +330,8 @@ def weight_layout(
     most :data:`LUT_AUTO_MAX_BATCH` (AVX-VNNI CPUs with GFNI: rows x bits at most
     :data:`LUT_YMM_GFNI_MAX_ROW_BITS`), or is :data:`DYNAMIC_BATCH` on AVX2 CPUs without AVX-VNNI
     (the kernel then decodes each weight row once past a few rows,
-    :mod:`pbtvm.ops.lut_decoded`: 1.5-2.5x the byte-code kernel at 1-2 rows, 0.85-1.0x from 8), for 2..8-bit
+    :mod:`pbtvm.ops.lut_decoded`: 1.3-3.4x the byte-code kernel at 1-2 rows, W3-W8 0.84-1.18x
+    at 8-32, W2 by lookups 1.2-1.75x), for 2..8-bit
     weights and activations of at most 8 bits (where it was measured faster), unless
     ``PBTVM_CPU_KERNEL=popcount`` asks for the portable kernels; else ``"kNW"`` (the byte-code
     and popcount CPU kernels, the CUDA-core kernels). An explicit layout is checked against the

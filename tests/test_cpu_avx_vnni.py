@@ -200,16 +200,20 @@ def test_auto_layout_takes_the_table_lookup_where_it_was_measured_faster():
 
 @needs_avx_vnni
 def test_compile_gives_the_avx2_kernels_floats():
-    """``pbtvm.compile`` for Alder Lake: the same floats as the AVX2 build (both exact products,
-    the same epilogue)."""
+    """``pbtvm.compile`` for Alder Lake: the same floats as the AVX2 builds, its byte-code kernel
+    (``kNW``) and the layout ``auto`` gives it with a dynamic batch (``lut16x4``, here past the
+    lookups' rows): exact products, the same epilogue."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(700, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
     x = torch.randn(5, 700)
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     for bits in (4, 8):
         got = pbtvm.compile(model, x, target=ADL, bits=bits)
-        want = pbtvm.compile(model, x, target=haswell, bits=bits)
-        np.testing.assert_array_equal(np.asarray(got(x)), np.asarray(want(x)))
+        assert got.format.layout == "kNW"
+        for layout in ("kNW", "auto"):
+            want = pbtvm.compile(model, x, target=haswell, bits=bits, layout=layout)
+            assert want.format.layout == ("kNW" if layout == "kNW" else "lut16x4")
+            np.testing.assert_array_equal(np.asarray(got(x)), np.asarray(want(x)))
 
 
 def test_which_rows_are_decoded_once():

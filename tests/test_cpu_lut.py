@@ -19,7 +19,7 @@ from pbtvm._tvm import tir, tvm
 from pbtvm.bitplane.lut_layout import from_lut_tiles, to_lut_tiles
 from pbtvm.errors import InputError
 from pbtvm.ops.pb_lut import pair_coefficients, pb_lut_func, unsupported_reason
-from pbtvm.ops.pb_vnni import target_supports
+from pbtvm.ops.pb_vnni import SERIAL_WEIGHT_BITS, target_supports
 from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniGemm, CPUVnniLstmCell, one_kernel_layer
 from pbtvm.target import DYNAMIC_BATCH, resolve_target, weight_layout
@@ -157,12 +157,13 @@ def test_integer_product_is_exact_at_every_bitlayers(bits, act_bits, codebook, n
     ("bits", "act_bits", "codebook", "n", "k", "b"),
     [
         (3, 8, None, 17, 129, 5),  # a partial last chunk, a partial tile
-        (4, 8, None, 70, 2100, 9),  # two tasks, the second partial; batch tiles 4 + 4 + 1
+        (4, 8, None, 70, 2100, 9),  # two tasks (serial), the second partial; batch tiles 4 + 4 + 1
         (5, 3, None, 5, 300, 7),
         (6, 8, "offset_binary", 33, 200, 5),
         (7, 4, None, 16, 4096, 6),  # rows a line more than K apart
         (8, 8, None, 21, 1030, 6),  # split codes
-        (4, 8, None, 2100, 1024, 8),  # parallel tasks
+        (8, 8, "offset_binary", 19, 700, 5),
+        (4, 8, None, 2070, 1100, 8),  # parallel tasks, the last one partial
     ],
 )
 def test_rows_past_the_lookups_are_decoded_once_and_exact(bits, act_bits, codebook, n, k, b):
@@ -178,9 +179,19 @@ def test_rows_past_the_lookups_are_decoded_once_and_exact(bits, act_bits, codebo
     kern = kernels.build(
         rule_for(f := kernels.int_product_func(fmt, n, k), AVX2).apply(f).mod["main"], AVX2, schedule=False
     )
+    if n > 2000:  # parallel tasks of 4 tiles, the last one partial
+        assert n * k * bits >= SERIAL_WEIGHT_BITS and -(-n // 16) % 4
     assert_exact_at_every_bitlayers(kern, fmt, q, xq)
     assert_exact_at_every_bitlayers(kern, fmt, q, xq[:most])  # the lookups
     assert_exact_at_every_bitlayers(kern, fmt, q, xq[: most + 1])
+    wp, xp = _t(bp.pack_weights(q, fmt)), _t(bp.pack_activations(xq, fmt))
+    out = _t(np.zeros((b, n), np.int32))
+    for layers in range(fmt.bits, 0, -1):  # fewer planes after more: the words left from before are not read
+        kern(xp, _t(xq.sum(1).astype(np.int32)), wp, layers, out)
+        want = bp.bitplane_matmul(wp.numpy(), xp.numpy(), fmt, layers, n_rows=n)
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=f"L={layers} after more")
+    with pytest.raises(ValueError, match="bitlayers must be in"):  # a raw call past bits is refused
+        kern(xp, _t(xq.sum(1).astype(np.int32)), wp, fmt.bits + 3, out)
 
 
 @needs_avx2
@@ -278,8 +289,10 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     assert weight_layout("auto", alderlake, 4, 8, DYNAMIC_BATCH) == "kNW"
     for rows in (torch.randn(3, 70), torch.randn(1, 3, 70)):
         assert pbtvm.compile(model, rows, target=AVX2, bits=4, dynamic_batch=False).format.layout == "kNW"
-    lstm = pbtvm.compile(_LSTMHead().eval(), torch.randn(2, 1, 70), target=AVX2, bits=4, dynamic_batch=False)
-    assert lstm.format.layout == "kNW"
+    # the LSTM step keeps the lookups at every batch: kNW, with 2 rows (batch 1 x time 2) or a dynamic batch
+    for example, dynamic_batch in ((torch.randn(2, 1, 70), False), (torch.randn(2, 2, 70), True)):
+        lstm = pbtvm.compile(_LSTMHead().eval(), example, target=AVX2, bits=4, dynamic_batch=dynamic_batch)
+        assert lstm.format.layout == "kNW", dynamic_batch
 
 
 class _SelfAttentionHead(torch.nn.Module):
@@ -330,6 +343,19 @@ def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
     ]:
         fmt = bp.BitplaneFormat(bits, 8)
         assert _batch_format(fmt, AVX2, shapes).layout == layout, (bits, shapes)
+    # a dynamic batch: any rows, the same K check; not on AVX-VNNI or AVX-512 VNNI CPUs
+    alderlake = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
+    icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
+    for fmt, target, shapes, layout in [
+        (bp.BitplaneFormat(4, 8), AVX2, [(None, 70), (None, 40)], LUT),
+        (bp.BitplaneFormat(8, 8), AVX2, [(None, 70), (None, 40000)], "kNW"),
+        (bp.BitplaneFormat(4, 8), AVX2, [], "kNW"),
+        (bp.BitplaneFormat(4, 16), AVX2, [(None, 70)], "kNW"),
+        (bp.BitplaneFormat(1, 8), AVX2, [(None, 70)], "kNW"),
+        (bp.BitplaneFormat(4, 8), alderlake, [(None, 70)], "kNW"),
+        (bp.BitplaneFormat(4, 8), icelake, [(None, 70)], "kNW"),
+    ]:
+        assert _batch_format(fmt, target, shapes, dynamic=True).layout == layout, (fmt.name, target, shapes)
 
 
 @needs_avx2

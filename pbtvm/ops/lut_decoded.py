@@ -17,8 +17,8 @@ layout):
 3. each row's codes are multiplied by every activation row (``vpmaddubsw`` + ``vpmaddwd``,
    batch tiles of :data:`BATCH_TILE`, :func:`pbtvm.ops.vnni_batch.dot_rows`).
 
-At 8-16 rows this runs at 0.85-1.0x of the ``kNW`` kernel on the same layer (the transposes, the
-codes in L2), where the lookups ran at 0.6-0.8x. A first version turned the whole tile into plane
+At 8-32 rows this runs at 0.84-1.18x of the ``kNW`` kernel on the same layer (W3-W8; the
+transposes, the codes in L2), where the lookups ran at 0.54-0.8x. A first version turned the whole tile into plane
 words first and decoded row after row: each row's decode then read one word of every 128-byte
 line of them (0.8-0.9x of this at batch 8). Each tile's rows are a line more than K apart: at K
 4096 their stores would share one L1 set.
@@ -111,7 +111,9 @@ def decoded_rows(
             count = tir.min(LUT_TILE_ROWS, n_out - n0) if n_out % LUT_TILE_ROWS else LUT_TILE_ROWS
 
             def chunk(c, full: bool) -> None:  # every row's chunk c, from its plane words
-                _chunk_words(T, wp, words, tile, (layers + 1) // 2, c, full)
+                # the pairs bitlayers keeps (clamped too, though the entry check refuses more than bits)
+                kept = tir.min((layers + 1) // 2, tir.const(pairs, "int64"))
+                _chunk_words(T, wp, words, tile, kept, c, full)
                 with T.serial(0, count) as r:
                     masked_add_decode(T, kern, decoded_at(0), lambda i: _word_pair(words, r, i, full))
                     for part in (0, 1) if kern.hi else (0,):
