@@ -44,7 +44,7 @@ __all__ = ["BATCH_TILE", "LOOKUP_MAX_ROWS", "decoded_problem", "decoded_rows", "
 #: Most activation rows the lookups take, by weight bits (more: each row decoded once; bits not
 #: listed: the lookups at every batch). Measured side by side on the same weights (AVX2 build on a
 #: Zen 4 guest, 2 threads, BENCHMARKS.md, twenty-third session): W3-W8 cross over at 4-5 rows
-#: (within the host's noise from 3 to 6); W2's lookups stay ahead of both decodes up to 16 rows.
+#: (within the host's noise from 3 to 6); W2's lookups stay ahead of both decodes up to 64 rows.
 LOOKUP_MAX_ROWS = dict.fromkeys(range(3, 9), 4)
 #: Activation rows per pass over a decoded row (the ``kNW`` AVX2 kernel's default batch tile).
 BATCH_TILE = 4
