@@ -29,15 +29,21 @@ checked against the numpy reference at every ``bitlayers``.
 
 from __future__ import annotations
 
-import dataclasses
-
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
 from ..bitplane.lut_layout import LUT_TILE_ROWS, LUT_VECTOR_BYTES
 from . import pb_vnni
-from .vnni_batch import dot_rows, row_code_bytes
+from .vnni_batch import codes_kernel, dot_rows, keep_chunk, row_code_bytes
 from .vnni_bytes import CHUNK
-from .vnni_rows import batch_tiles, block_slots, decode_scratch, decoded_at, masked_add_decode, prepare_kernel
+from .vnni_rows import (
+    batch_tiles,
+    block_slots,
+    chunk_groups,
+    decode_scratch,
+    decoded_at,
+    masked_add_decode,
+    prepare_kernel,
+)
 
 __all__ = ["BATCH_TILE", "LOOKUP_MAX_ROWS", "decoded_problem", "decoded_rows", "lookup_max_rows"]
 
@@ -102,8 +108,7 @@ def decoded_rows(
         words = T.alloc_buffer((pairs * 2 * _TILE_WORDS,), "uint32")
         codes = T.alloc_buffer((LUT_TILE_ROWS * stride,), "uint8")
         decode_scratch(T, [kern], block_slots(BATCH_TILE), CHUNK)
-        high = row_bytes // 2 if kern.hi else 0
-        row = dataclasses.replace(kern, decoded=codes, hi=high)  # the dot products read the codes
+        row = codes_kernel(kern, codes)  # the dot products read the codes
         left = n_tiles - task * task_tiles
         with T.serial(0, tir.min(task_tiles, left) if n_tiles % task_tiles else task_tiles) as t:
             tile = task * task_tiles + t
@@ -116,15 +121,9 @@ def decoded_rows(
                 _chunk_words(T, wp, words, tile, kept, c, full)
                 with T.serial(0, count) as r:
                     masked_add_decode(T, kern, decoded_at(0), lambda i: _word_pair(words, r, i, full))
-                    for part in (0, 1) if kern.hi else (0,):
-                        decoded = kern.decoded[tir.Ramp(part * kern.hi, 1, CHUNK)]
-                        T.buffer_store(codes, decoded, [tir.Ramp(r * stride + c * CHUNK + part * high, 1, CHUNK)])
+                    keep_chunk(T, kern, 0, row, r * stride + c * CHUNK)
 
-            if kern.full_chunks:
-                with T.serial(0, kern.full_chunks) as c:
-                    chunk(c, True)
-            if kern.tail:
-                chunk(kern.full_chunks, False)
+            chunk_groups(T, kern, 0, lambda group, full: chunk(group[0], full[0]), size=1)
             with T.serial(0, count) as r:
                 batch_tiles(T, batch, BATCH_TILE, lambda b0, rows: dot_rows(T, row, r * stride, n0 + r, b0, rows))
 

@@ -43,9 +43,11 @@ from .vnni_rows import (
 
 __all__ = [
     "DECODE_ONCE_MIN_BITS",
+    "codes_kernel",
     "decode_once_past",
     "decodes_once",
     "dot_rows",
+    "keep_chunk",
     "row_code_bytes",
     "rows_decoded_once",
 ]
@@ -107,17 +109,13 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
     batch_tile : int
         Activation rows per pass over the decoded row (straight-line code per rows left).
     """
-    high = row_code_bytes(kern) // 2 if kern.hi else 0
-    # the dot products read the row's codes from row_codes: chunk c at at + c * CHUNK, high codes + high
-    row = dataclasses.replace(kern, decoded=row_codes, hi=high)
+    row = codes_kernel(kern, row_codes)
     with T.serial(0, count) as r:
 
         def decode(group: list, full: list) -> None:  # into registers, then to the row's codes
             for j, c in enumerate(group):
                 decode_chunk(T, kern, n0 + r, c, full[j], decoded_at(j))
-                for part in (0, 1) if kern.hi else (0,):
-                    codes = kern.decoded[tir.Ramp(j * CHUNK + part * kern.hi, 1, CHUNK)]
-                    T.buffer_store(row_codes, codes, [tir.Ramp(at + c * CHUNK + part * high, 1, CHUNK)])
+                keep_chunk(T, kern, j, row, at + c * CHUNK)
 
         start = 0
         if kern.gfni:  # whole blocks straight into the row's codes (no split codes with GFNI)
@@ -127,6 +125,21 @@ def rows_decoded_once(T, kern: Kernel, row_codes: tir.Buffer, at, n0, count, bat
             start = kern.blocks * BLOCK // CHUNK
         chunk_groups(T, kern, start, decode)
         batch_tiles(T, batch, batch_tile, lambda b0, rows: dot_rows(T, row, at, n0 + r, b0, rows))
+
+
+def codes_kernel(kern: Kernel, row_codes: tir.Buffer) -> Kernel:
+    """``kern`` with its dot products reading decoded rows from ``row_codes`` (:func:`dot_rows`):
+    a row's chunk ``c`` at ``c * CHUNK`` from where the row starts, with split codes the high
+    codes :func:`row_code_bytes` / 2 after the low ones."""
+    return dataclasses.replace(kern, decoded=row_codes, hi=row_code_bytes(kern) // 2 if kern.hi else 0)
+
+
+def keep_chunk(T, kern: Kernel, j: int, row: Kernel, at) -> None:
+    """Store chunk ``j`` decoded in ``kern.decoded`` (both parts with split codes) into ``row``'s
+    codes (:func:`codes_kernel`) at ``at``."""
+    for part in (0, 1) if kern.hi else (0,):
+        codes = kern.decoded[tir.Ramp(j * CHUNK + part * kern.hi, 1, CHUNK)]
+        T.buffer_store(row.decoded, codes, [tir.Ramp(at + part * row.hi, 1, CHUNK)])
 
 
 def dot_rows(T, row: Kernel, at, n, b0, b_rows: int) -> None:
