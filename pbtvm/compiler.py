@@ -363,6 +363,8 @@ def build_model(
         tuning = {"work_dir": str(work_dir), "batch": tune_batch, "tuned_kernels": used}
     with tvm_target:
         mod = ApplyPBSchedules(tvm_target, lookup)(mod)
+    if lookup is not None:
+        lookup.warn_if_unmatched()
     if tuning is not None:
         logger.info("%d PB kernel(s) scheduled from the tuning log", len(tuning["tuned_kernels"]))
 

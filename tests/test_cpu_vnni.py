@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
@@ -378,6 +381,26 @@ def test_knob_search_then_compile_from_log(tmp_path, capsys):
     # is not used: only offered settings are checked exact by the tests.
     edited = {key: {**setting, "row_tile": 3, "batch_tile": 5} for key, setting in chosen.items()}
     (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(edited))
-    with pytest.warns(UserWarning, match=r"row_tile': 3, 'batch_tile': 5.* are not among the settings"):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         untuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert untuned.manifest["tuning"]["tuned_kernels"] == []
+    said = [str(w.message) for w in said if str(w.message).startswith("pbtvm:")]  # why, and nothing more
+    assert len(said) == 2 and all(
+        re.search(r"row_tile': 3, 'batch_tile': 5.* are not among the settings", m) for m in said
+    )
+    # A log that decides none of the model's kernels says so, and why.
+    (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(chosen))
+    with pytest.warns(
+        UserWarning, match=r"decided none of this model's 2 PB kernel\(s\): it has them tuned at batch 1, not 8"
+    ):
+        at_8 = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path, tune_batch=8)
+    assert at_8.manifest["tuning"]["tuned_kernels"] == []
+    other = MLP((32, 8)).eval()
+    with pytest.warns(
+        UserWarning, match=r"none of this model's 1 PB kernel\(s\): it holds 2 other kernel\(s\), e\.g\. pb_"
+    ):
+        pbtvm.compile(other, (torch.randn(2, 32),), "llvm", bits=4, work_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tuned model itself: no warning
+        pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)

@@ -115,7 +115,12 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
         return default, [t / 2 for t in default]
 
     monkeypatch.setattr(tuning.search, "measure_side_by_side", best_twice_as_fast)
+    runners = []
+    monkeypatch.setattr(
+        tuning.search, "default_runner", lambda t: runners.append(tuning.default_runner(t)) or runners[-1]
+    )
     report = pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=4, progress=lines.append)
+    assert len(runners) == 1 and runners[0].pool._shutdown  # its worker ended by tune, not left to the GC
     assert len(report.kernels) == 2
     for k in report.kernels:
         assert k.trials >= 1 + 4 and k.built >= 1 and k.build_failed == 0, k.first_error  # default + search
@@ -299,11 +304,12 @@ def test_confirm_keeps_the_best_only_when_faster_side_by_side(monkeypatch, defau
 def test_measure_side_by_side_times_each_module_in_every_round():
     fmt = bp.BitplaneFormat(4, 8)
     mods = [tvm.IRModule({"main": tuning.workload(kernels.int_product_func(fmt, n, 64), 2)}) for n in (8, 16)]
-    builder = tuning.default_builder(CPU)
+    builder, runner = tuning.default_builder(CPU), tuning.default_runner(CPU)
     try:
-        times = tuning.measure.measure_side_by_side(mods, CPU, builder, tuning.default_runner(CPU), rounds=3)
+        times = tuning.measure.measure_side_by_side(mods, CPU, builder, runner, rounds=3)
     finally:
         builder.close()
+        tuning.measure.close_runner(runner)
     assert len(times) == 2 and all(len(t) == 3 and min(t) > 0 for t in times), times
 
 
@@ -373,6 +379,60 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="cuda-sm_80 but none for cuda-sm_90"):
         lookup, _ = tuning.tuned_lookup(tmp_path, SM90)
     assert lookup is None
+
+
+@pytest.mark.parametrize(
+    ("asked", "held", "said"),
+    [
+        (  # tuned at another batch only
+            {"pb_gemm_w4a8_kNW_48x64"},
+            ["pb_gemm_w4a8_kNW_48x64:b1:ab", "pb_gemm_w4a8_kNW_48x64:b16:cd"],
+            "tuned at batch 1, 16, not 8 (compile(..., tune_batch=1) uses those)",
+        ),
+        (  # the same name at this batch: its workload hash changed
+            {"pb_gemm_w4a8_kNW_48x64"},
+            ["pb_gemm_w4a8_kNW_48x64:b8:ab", "pb_gemm_w4a8_kNW_48x64:b1:cd"],
+            "code changed since they were tuned (tune again)",
+        ),
+        (  # the same layer in another weight layout
+            {"pb_dense_act_w4a8o_lut16x4_16x48", "pb_dense_act_w4a8o_lut16x4_48x64"},
+            ["pb_dense_act_w4a8o_kNW_48x64:b8:ab"],
+            "weight layout 'kNW', this build uses 'lut16x4' (compile(..., layout='kNW') uses those)",
+        ),
+        (  # the same layer at another format
+            {"pb_gemm_w3a8_kNW_48x64"},
+            ["pb_gemm_w4a8o_kNW_48x64:b8:ab"],
+            "tuned as w4a8o, this build is w3a8",
+        ),
+        (  # another kernel kind, or a shape and a layout apart: nothing to suggest
+            {"pb_gemm_w4a8_kNW_48x64"},
+            ["pb_lstm_cell_w4a8_kNW_48x64:b8:ab", "pb_gemm_w4a8_lut16x4_16x64:b8:cd"],
+            "it holds 2 other kernel(s), e.g. pb_lstm_cell_w4a8_kNW_48x64 (another model or format)",
+        ),
+        ({"pb_gemm_w4a8_kNW_48x64"}, ["not a key"], None),
+    ],
+)
+def test_a_log_that_matches_no_kernel_says_why(asked, held, said):
+    reason = tuning.lookup.unmatched_reason(asked, held, 8)
+    assert reason == said if said is None else said in reason, reason
+
+
+def test_compiling_from_a_log_that_decides_no_kernel_warns(tmp_path):
+    """An empty log and a log of another weight layout are named; the model is still built."""
+    model, example = _mlp()
+    tuning.TuningLog(tmp_path, CPU).database(create=True)
+    with pytest.warns(UserWarning, match=r"decided none of this model's 2 PB kernel\(s\): the log is empty"):
+        m = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert m.manifest["tuning"]["tuned_kernels"] == []
+    # the layers tuned in the kNW layout (AVX2 kernels: one knob setting measured), read by a lut16x4 build
+    haswell = "llvm -mcpu=haswell"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log of another target beside it is no reason to warn while tuning
+        pbtvm.tune(model, example, haswell, bits=4, layout="kNW", work_dir=tmp_path, trials=1, progress=lambda _: None)
+    with pytest.warns(
+        UserWarning, match=r"weight layout 'kNW', this build uses 'lut16x4' \(compile\(\.\.\., layout='kNW'\)"
+    ):
+        pbtvm.compile(model, example, "llvm -mcpu=haswell", bits=4, layout="lut16x4", work_dir=tmp_path)
 
 
 def test_the_target_log_directory_itself_is_accepted_as_work_dir(tmp_path, monkeypatch):

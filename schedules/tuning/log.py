@@ -121,11 +121,12 @@ class TuningLog:
         self._mismatch()
         self._check_records()
 
-    def usable(self) -> bool:
+    def usable(self, name_other_targets: bool = True) -> bool:
         """Whether a log for this target exists and was made by this TVM and format version.
 
-        Warns (and returns False) when ``work_dir`` only holds logs for other targets or the
-        log is from another version; raises :class:`TuningLogError` when it is corrupt.
+        Warns (and returns False) when ``work_dir`` only holds logs for other targets (unless
+        ``name_other_targets`` is False: tuning starts this target's log beside them) or the log
+        is from another version; raises :class:`TuningLogError` when it is corrupt.
         """
         if not (self.path / LOG_META).exists():
             others = [Path(p).parent.name for p in sorted(str(q) for q in self.work_dir.glob(f"*/{LOG_META}"))]
@@ -135,7 +136,7 @@ class TuningLog:
                     f"{target_key(self.target)}; pass the directory that holds the logs (default schedules used)",
                     stacklevel=3,
                 )
-            elif others:
+            elif others and name_other_targets:
                 warnings.warn(
                     f"pbtvm: {self.work_dir} has tuning logs for {', '.join(others)} but none for "
                     f"{target_key(self.target)}; logs from another target are ignored (default schedules used)",
@@ -179,7 +180,7 @@ class TuningLog:
                 f"pbtvm: tuning work_dir {self.work_dir} does not exist; default schedules used", stacklevel=3
             )
             return None
-        if self.usable():
+        if self.usable(name_other_targets=not create):
             return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
         if not create:
             return None

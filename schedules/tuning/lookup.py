@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import tvm_ffi
@@ -25,7 +25,7 @@ from .. import cuda_bmma
 from ..rules import KnobRule
 from ..verify import agrees_with_default
 from .log import TuningLog, target_key
-from .space import default_pin_key, kernel_name, knob_key, tunable_rule, workload
+from .space import DEFAULT_PIN, default_pin_key, kernel_name, knob_key, tunable_rule, workload
 
 
 def _offered(rule: KnobRule, func: tir.PrimFunc, chosen: dict) -> bool:
@@ -74,13 +74,14 @@ def _record_for(database: object, mod: tvm.IRModule, target: tvm.target.Target, 
 
 def tuned_lookup(
     work_dir: str | os.PathLike, target: tvm.target.Target, batch: int = 1
-) -> tuple[Callable[[tir.PrimFunc], tir.PrimFunc | None] | None, list[str]]:
+) -> tuple[TunedLookup | None, list[str]]:
     """A ``lookup(func)`` for :class:`pbtvm.relay_passes.ApplyPBSchedules` backed by the log.
 
     Returns
     -------
-    lookup : callable or None
-        None when ``work_dir`` holds no usable log for ``target`` (a warning says why).
+    lookup : TunedLookup or None
+        None when ``work_dir`` holds no usable log for ``target`` (a warning says why). After
+        the lookups, :meth:`TunedLookup.warn_if_unmatched` says why a log decided none of them.
     used : list of str
         Filled with the names of the kernels whose schedule the log decided (a tuned one, or the
         default where the log holds a kernel there), as lookups happen.
@@ -88,74 +89,175 @@ def tuned_lookup(
     log = TuningLog(Path(work_dir), target)
     with log.locked(exclusive=False) if log.path.exists() else contextlib.nullcontext():
         database = log.database(create=False)
-    used: list[str] = []
     if database is None:
-        return None, used
-    checked: dict[int, bool | None] = {}  # kernel hash -> agrees with the default schedule
-    knobs = log.read_knobs()
+        return None, []
+    lookup = TunedLookup(log, database, target, batch)
+    return lookup, lookup.used
 
-    def lookup(func: tir.PrimFunc) -> tir.PrimFunc | None:
-        rule = tunable_rule(func, target)
+
+class TunedLookup:
+    """The schedule the log holds for a PB kernel (see :func:`tuned_lookup`), and what was asked.
+
+    Attributes
+    ----------
+    used : list of str
+        Names of the kernels whose schedule the log decided.
+    asked : set of str
+        Names of the tunable kernels looked up.
+    """
+
+    def __init__(self, log: TuningLog, database: object, target: tvm.target.Target, batch: int) -> None:
+        self.log, self.database, self.target, self.batch = log, database, target, batch
+        self.knobs = log.read_knobs()
+        self.used: list[str] = []
+        self.asked: set[str] = set()
+        self._checked: dict[int, bool | None] = {}  # kernel hash -> agrees with the default schedule
+        self._refused = False  # a logged schedule was found and refused (with a warning saying why)
+
+    def __call__(self, func: tir.PrimFunc) -> tir.PrimFunc | None:
+        """The tuned kernel for ``func``, or None for its default schedule."""
+        rule = tunable_rule(func, self.target)
         if rule is None:
             return None
-        if isinstance(rule, KnobRule):
-            chosen = knobs.get(knob_key(func, batch))
-            if chosen is None:
-                return None
-            if not _offered(rule, func, chosen):  # only settings the tests check run
-                warnings.warn(
-                    f"pbtvm: logged knobs {chosen} for {kernel_name(func)} are not among the settings this "
-                    "version offers; default used",
-                    stacklevel=2,
-                )
-                return None
-            try:
-                kernel = rule.kernel_with(func, chosen)
-            except (ValueError, KeyError, TypeError) as err:  # a setting this version cannot build
-                warnings.warn(
-                    f"pbtvm: logged knobs {chosen} for {kernel_name(func)} do not apply ({err}); default used",
-                    stacklevel=2,
-                )
-                return None
-            used.append(kernel_name(func))
-            return kernel
-        if default_pin_key(func, batch) in knobs:  # best not confirmed side by side, or not re-timed yet
-            used.append(kernel_name(func))  # the log chose the default schedule
+        self.asked.add(kernel_name(func))
+        return self._knob_kernel(rule, func) if isinstance(rule, KnobRule) else self._searched_kernel(func)
+
+    def _knob_kernel(self, rule: KnobRule, func: tir.PrimFunc) -> tir.PrimFunc | None:
+        """The kernel with the logged knobs of ``func`` (offered and buildable), else None."""
+        chosen = self.knobs.get(knob_key(func, self.batch))
+        if chosen is None:
             return None
-        mod = tvm.IRModule({"main": workload(func, batch)})
+        if not _offered(rule, func, chosen):  # only settings the tests check run
+            warnings.warn(
+                f"pbtvm: logged knobs {chosen} for {kernel_name(func)} are not among the settings this "
+                "version offers; default used",
+                stacklevel=3,
+            )
+            self._refused = True
+            return None
+        try:
+            kernel = rule.kernel_with(func, chosen)
+        except (ValueError, KeyError, TypeError) as err:  # a setting this version cannot build
+            warnings.warn(
+                f"pbtvm: logged knobs {chosen} for {kernel_name(func)} do not apply ({err}); default used",
+                stacklevel=3,
+            )
+            self._refused = True
+            return None
+        self.used.append(kernel_name(func))
+        return kernel
+
+    def _searched_kernel(self, func: tir.PrimFunc) -> tir.PrimFunc | None:
+        """The best searched record of ``func`` on this target replayed (and checked), else None."""
+        target, database = self.target, self.database
+        if default_pin_key(func, self.batch) in self.knobs:  # best not confirmed side by side, or not re-timed yet
+            self.used.append(kernel_name(func))  # the log chose the default schedule
+            return None
+        mod = tvm.IRModule({"main": workload(func, self.batch)})
         if not database.has_workload(mod):
             return None
-        record = _record_for(database, mod, target, log.path, kernel_name(func))
-        if record is None:
+        record = _record_for(database, mod, target, self.log.path, kernel_name(func))
+        if record is None:  # records of other targets only (a warning named them)
+            self._refused = True
             return None
         try:
             scheduled = replay(func, record.trace)
         except Exception as err:
             warnings.warn(
-                f"pbtvm: tuned schedule for {kernel_name(func)} does not apply ({err}); default used", stacklevel=2
+                f"pbtvm: tuned schedule for {kernel_name(func)} does not apply ({err}); default used", stacklevel=3
             )
+            self._refused = True
             return None
         key = tvm_ffi.structural_hash(func)
-        if key not in checked:
-            checked[key] = agrees_with_default(func, scheduled, target)
-            if checked[key] is False:
+        if key not in self._checked:
+            self._checked[key] = agrees_with_default(func, scheduled, target)
+            if self._checked[key] is False:
                 warnings.warn(
-                    f"pbtvm: the tuned schedule for {kernel_name(func)} in {log.path} computes a different result "
-                    "than the default schedule; default used",
-                    stacklevel=2,
+                    f"pbtvm: the tuned schedule for {kernel_name(func)} in {self.log.path} computes a different "
+                    "result than the default schedule; default used",
+                    stacklevel=3,
                 )
-            elif checked[key] is None and len(checked) == 1:
+            elif self._checked[key] is None and len(self._checked) == 1:
                 warnings.warn(
                     f"pbtvm: no local {target.kind.name} device of this arch: tuned schedules are used without "
                     "checking them against the default schedule",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        if checked[key] is False:
+        if self._checked[key] is False:
+            self._refused = True
             return None
-        used.append(kernel_name(func))
+        self.used.append(kernel_name(func))
         return scheduled
 
-    return lookup, used
+    def warn_if_unmatched(self) -> None:
+        """Warn when the log decided none of the kernels looked up, saying why where the log tells.
+
+        A log that holds other kernels than the model's (tuned at another batch, for another
+        weight layout, another model, or kernels changed since) otherwise just leaves every
+        kernel at its default schedule, silently.
+        """
+        if not self.asked or self.used or self._refused:
+            return
+        records = len(self.database.get_all_tuning_records())
+        held = [k.removeprefix(DEFAULT_PIN) for k in self.knobs]
+        if not held and not records:
+            why = "the log is empty (tune first: pbtvm.tune or compile(tune=True))"
+        else:
+            why = unmatched_reason(self.asked, held, self.batch) or (
+                f"it holds {records} searched record(s) for other kernels (another model or format)"
+            )
+        warnings.warn(
+            f"pbtvm: the tuning log {self.log.path} decided none of this model's {len(self.asked)} PB kernel(s): "
+            f"{why}; default schedules used",
+            stacklevel=3,
+        )
 
 
-__all__ = ["replay", "tuned_lookup"]
+#: A kernel name (:func:`.space.kernel_name`) in its parts: kind, format, layout, shape.
+_NAME = re.compile(r"^(?P<kind>.+)_(?P<fmt>w\d+a\d+o?)_(?P<layout>[^_]+)_(?P<shape>\d+x\d+)$")
+
+
+def unmatched_reason(asked: set[str], held: list[str], batch: int) -> str | None:
+    """Why knob-log keys ``held`` match none of the kernels named ``asked``, or None.
+
+    Keys are ``name:b<batch>:<hash>`` (:func:`.space.knob_key`): the same kernel logged at this
+    batch with another workload hash (its code changed since it was tuned), logged at another
+    batch only, or the same layer in another weight layout each get their remedy.
+    """
+    logged = [key.split(":") for key in held if key.count(":") == 2]
+    batches = {b[1:] for name, b, _ in logged if name in asked}
+    if str(batch) in batches:
+        return "it has kernels of these names and this batch whose code changed since they were tuned (tune again)"
+    if batches:
+        other = sorted(int(b) for b in batches if b.isdigit())
+        return (
+            f"it has them tuned at batch {', '.join(map(str, other))}, not {batch} "
+            f"(compile(..., tune_batch={other[0]}) uses those)"
+        )
+    parts = [m.groupdict() for m in map(_NAME.match, asked) if m]
+    for name, _, _ in logged:
+        theirs = _NAME.match(name)
+        for mine in parts if theirs else ():
+            field = _one_difference(mine, theirs.groupdict())
+            if field == "layout":
+                return (
+                    f"it has these layers in weight layout {theirs['layout']!r}, this build uses {mine['layout']!r} "
+                    f"(compile(..., layout={theirs['layout']!r}) uses those)"
+                )
+            if field == "fmt":
+                return (
+                    f"it has these layers tuned as {theirs['fmt']}, this build is {mine['fmt']} "
+                    "(w<bits>a<act_bits>, o: offset-binary codes; compile with those to use them)"
+                )
+    if logged:
+        return f"it holds {len(logged)} other kernel(s), e.g. {logged[0][0]} (another model or format)"
+    return None
+
+
+def _one_difference(mine: dict, theirs: dict) -> str | None:
+    """The one part (``layout`` or ``fmt``) in which two parsed kernel names of one layer differ."""
+    differ = [k for k in ("kind", "fmt", "layout", "shape") if mine[k] != theirs[k]]
+    return differ[0] if len(differ) == 1 and differ[0] in ("layout", "fmt") else None
+
+
+__all__ = ["TunedLookup", "replay", "tuned_lookup", "unmatched_reason"]

@@ -138,6 +138,14 @@ def default_runner(target: tvm.target.Target) -> object:  # noqa: ARG001 - same 
         return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=RUN_TIMEOUT_S)
 
 
+def close_runner(runner: object) -> None:
+    """End a local runner's worker process now (MetaSchedule leaves it to garbage collection,
+    which an exception's traceback can put off past the end of the run)."""
+    pool = getattr(runner, "pool", None)
+    if pool is not None:
+        pool.shutdown()
+
+
 def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object:
     """A MetaSchedule ``RPCRunner`` measuring on every free device registered as ``key``.
 
@@ -257,4 +265,12 @@ def measure_side_by_side(
     return times
 
 
-__all__ = ["build_candidate", "default_builder", "default_runner", "measure", "measure_side_by_side", "rpc_runner"]
+__all__ = [
+    "build_candidate",
+    "close_runner",
+    "default_builder",
+    "default_runner",
+    "measure",
+    "measure_side_by_side",
+    "rpc_runner",
+]

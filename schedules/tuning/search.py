@@ -30,7 +30,7 @@ from pbtvm._tvm import meta_schedule, s_tir, tir, tvm
 
 from ..rules import KnobRule
 from .log import TuningLog
-from .measure import default_builder, default_runner, measure, measure_side_by_side
+from .measure import close_runner, default_builder, default_runner, measure, measure_side_by_side
 from .report import MIN_GAIN_PERCENT, KernelReport, Progress, TuneReport
 from .space import default_pin_key, kernel_name, knob_key, tunable_rule, tune_context, workload
 
@@ -91,7 +91,7 @@ def tune_kernels(
     log = TuningLog(Path(work_dir), target)
     if isinstance(trials_per_iter, bool) or not isinstance(trials_per_iter, int) or trials_per_iter < 1:
         raise ValueError(f"trials_per_iter must be an int >= 1, got {trials_per_iter!r}")
-    own_builder = builder is None
+    own_builder, own_runner = builder is None, runner is None
     builder = builder or default_builder(target)
     try:
         runner = runner or default_runner(target)
@@ -99,6 +99,8 @@ def tune_kernels(
     finally:
         if own_builder:
             builder.close()
+        if own_runner and runner is not None:
+            close_runner(runner)
 
 
 def _tune(
