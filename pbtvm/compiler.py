@@ -18,7 +18,7 @@ from .lowering import layers_format
 from .model_import import eval_mode, import_model, layer_names
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
-from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes
+from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes, lstm_weight_sizes
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import AUTO_LAYOUT, DYNAMIC_BATCH, TargetInfo, library_cpu_features, resolve_target, weight_layout
@@ -39,9 +39,10 @@ def _rewrite(
 ):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled).
 
-    ``auto_layout``: ``fmt``'s layout is what ``layout="auto"`` gave; without an LSTM the dense
-    layers' rows (or the dynamic batch) then decide it (:func:`_batch_format`). Returns ``(mod,
-    specs, dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
+    ``auto_layout``: ``fmt``'s layout is what ``layout="auto"`` gave; the dense layers' rows (or
+    the dynamic batch) then decide it (:func:`_batch_format`), with an LSTM as for a dynamic batch
+    (its steps run the batch's rows, its projections every step's). Returns ``(mod, specs,
+    dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
     """
     t0 = time.perf_counter()
     owners: list[str] = []
@@ -54,11 +55,16 @@ def _rewrite(
 
             importance = input_importance(model, calibration)
     names = layer_names(model)
-    lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
     with tvm_target:
+        auto_fmt = fmt
+        recurrent = lstm_weight_sizes(mod) if auto_layout else []
+        if recurrent:  # lut16x4 on AVX2-only CPUs: the step decodes its rows past a few, as GEMMs do
+            shapes = dense_shapes(mod) + [(None, k) for k in recurrent]
+            fmt = _batch_format(auto_fmt, tvm_target, shapes, dynamic=True)
+        lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
         mod = lstms(mod)
         if auto_layout and not lstms.converted:
-            fmt = _batch_format(fmt, tvm_target, dense_shapes(mod), dynamic)
+            fmt = _batch_format(auto_fmt, tvm_target, dense_shapes(mod), dynamic)
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report
@@ -92,11 +98,11 @@ def _rewrite(
 def _batch_format(
     fmt: BitplaneFormat, tvm_target: tvm.target.Target, shapes: list, dynamic: bool = False
 ) -> BitplaneFormat:
-    """For a compile with ``layout="auto"`` and no LSTM, from the model's
-    :func:`~pbtvm.relay_passes.dense_shapes`: the format :func:`pbtvm.target.weight_layout` picks
-    for the most rows any dense layer runs, or for a ``dynamic`` batch (``lut16x4`` on AVX2 CPUs
-    at 1-2 rows, and at any batch without AVX-VNNI) if every layer's K fits that layout's kernel,
-    else ``fmt``."""
+    """For a compile with ``layout="auto"``, from the model's
+    :func:`~pbtvm.relay_passes.dense_shapes` (and its LSTMs' row lengths, as ``(None, K)``): the
+    format :func:`pbtvm.target.weight_layout` picks for the most rows any dense layer runs, or for
+    a ``dynamic`` batch (``lut16x4`` on AVX2 CPUs at 1-2 rows, and at any batch without AVX-VNNI)
+    if every layer's K fits that layout's kernel, else ``fmt``."""
     from .ops import pb_lut
 
     rows = [r for r, _ in shapes]
@@ -235,9 +241,10 @@ def compile(
         x time) at 2..8 bits (BENCHMARKS.md, sixteenth session; on AVX-VNNI CPUs with GFNI only up
         to rows x bits of 4, nineteenth session); past 4 rows its dense layers decode each weight
         row once (:mod:`pbtvm.ops.lut_decoded`, 0.84-1.18x ``"kNW"`` at 8-32 rows and 3-8 bits,
-        twenty-third session), its LSTM step keeps the lookups. ``"auto"`` is ``"lut16x4"`` for
-        models without LSTM on AVX2 CPUs without AVX-512 VNNI: with a dynamic batch where they
-        have no AVX-VNNI either (the MNIST MLP 1.53x at batch 1, 0.97x at 32), with
+        twenty-third session), and so does its LSTM step (twenty-fourth session). ``"auto"`` is
+        ``"lut16x4"`` on AVX2 CPUs without AVX-512 VNNI: with a dynamic batch, or with an LSTM in
+        the model, where they have no AVX-VNNI either (the MNIST MLP 1.53x at batch 1, 0.97x at
+        32; the 2x650 LSTM LM W4 1.5-2.3x at batch 1, 0.92-1.0x at 8-32), with
         ``dynamic_batch=False`` where no dense layer runs more than 2 rows (1.4-1.5x at batch 1,
         eighteenth session).
     dynamic_batch : bool

@@ -254,7 +254,14 @@ def compile_lstm(
     quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))
     check_codebook(quant[0], bits, quant[1])
     tvm_target = resolve_target(target)
-    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(compile_kwargs.get("layout", AUTO_LAYOUT), tvm_target))
+    layout = compile_kwargs.get("layout", AUTO_LAYOUT)
+    fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
+    if layout == AUTO_LAYOUT:  # any batch: lut16x4 on AVX2-only CPUs, as pbtvm.compile picks for an LSTM
+        from .compiler import _batch_format
+
+        sizes = [(None, lstm.input_size), (None, lstm.hidden_size)]
+        fmt = _batch_format(fmt, tvm_target, sizes, dynamic=True)
+        compile_kwargs = {**compile_kwargs, "layout": fmt.layout}  # the projections' too
     build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch") if k in compile_kwargs}
     projections, cells = [], []
     with torch.no_grad():

@@ -18,7 +18,7 @@ from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_shapes
-from .pb_lstm_lowering import PBLSTMLowering
+from .pb_lstm_lowering import PBLSTMLowering, lstm_weight_sizes
 from .propagate_nan import PropagateNaN
 from .through_float32 import ThroughFloat32
 
@@ -33,4 +33,5 @@ __all__ = [
     "PropagateNaN",
     "ThroughFloat32",
     "dense_shapes",
+    "lstm_weight_sizes",
 ]

@@ -260,6 +260,23 @@ class _Lowerer(PyExprMutator):
         return relax.Function(params, new_func.body, None, new_func.is_pure, new_func.attrs)
 
 
+def lstm_weight_sizes(mod: tvm.IRModule) -> list[int]:
+    """K (inputs) of every ``W_ih`` and ``W_hh`` of the placeholder LSTM calls in ``mod`` (before
+    :class:`PBLSTMLowering`): the input projections' and the steps' row lengths, for choosing a
+    weight layout whose kernels take them all."""
+    sizes: list[int] = []
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and placeholder_config(expr) is not None:
+            _x, _h0, _c0, *weights = expr.args[1].fields
+            sizes.extend(int(w.ty.shape.values[1]) for w in weights if len(w.ty.shape.values) == 2)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return sizes
+
+
 @tvm.transform.module_pass(opt_level=0, name="PBLSTMLowering")
 class PBLSTMLowering:
     """Module pass: every placeholder LSTM call becomes the projection + PB time loop above.

@@ -95,7 +95,7 @@ def test_auto_picks_the_layout_for_small_decoder_batches_on_avx2(monkeypatch):
     ):
         assert weight_layout("auto", AVX2, *args) == "kNW", args
     assert weight_layout("auto", icelake, 4, 8, 1) == weight_layout("auto", icelake, 4, 8, DYNAMIC_BATCH) == "kNW"
-    assert weight_layout("auto", AVX2) == "kNW"  # compile_lstm, an LSTM in compile: the rows are not known
+    assert weight_layout("auto", AVX2) == "kNW"  # no batch given: compile then decides from the model
     monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
     assert weight_layout("auto", AVX2, 4, 8, 1) == weight_layout("auto", AVX2, 4, 8, DYNAMIC_BATCH) == "kNW"
 
@@ -268,9 +268,9 @@ class _LSTMHead(torch.nn.Module):
 def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     """``dynamic_batch=False``: every dense layer's rows are known when it compiles, so on an AVX2
     CPU without AVX-512 VNNI ``auto`` takes the table lookup where no layer runs more than 2 rows
-    (the same floats as ``kNW``); more rows (batch x time too) or an LSTM (its projections run
-    batch x time rows) keep ``kNW``. A dynamic batch takes it too (past a few rows the kernel
-    decodes each weight row once, :mod:`pbtvm.ops.lut_decoded`), except on AVX-VNNI CPUs."""
+    (the same floats as ``kNW``); more rows (batch x time too) keep ``kNW``. A dynamic batch takes
+    it too (past a few rows the kernel decodes each weight row once, :mod:`pbtvm.ops.lut_decoded`),
+    except on AVX-VNNI CPUs, and so does a model with an LSTM at any batch (its step too)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(70, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
     x = torch.randn(2, 70)
@@ -289,10 +289,26 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
     assert weight_layout("auto", alderlake, 4, 8, DYNAMIC_BATCH) == "kNW"
     for rows in (torch.randn(3, 70), torch.randn(1, 3, 70)):
         assert pbtvm.compile(model, rows, target=AVX2, bits=4, dynamic_batch=False).format.layout == "kNW"
-    # the LSTM step keeps the lookups at every batch: kNW, with 2 rows (batch 1 x time 2) or a dynamic batch
+    # an LSTM: its step decodes its rows past a few too, so any batch takes the table lookup (the
+    # same floats as kNW, at 1 and at 6 rows per step); not on AVX-VNNI CPUs, nor past the kernel's K
+    head = _LSTMHead().eval()
     for example, dynamic_batch in ((torch.randn(2, 1, 70), False), (torch.randn(2, 2, 70), True)):
-        lstm = pbtvm.compile(_LSTMHead().eval(), example, target=AVX2, bits=4, dynamic_batch=dynamic_batch)
-        assert lstm.format.layout == "kNW", dynamic_batch
+        lstm = pbtvm.compile(head, example, target=AVX2, bits=4, dynamic_batch=dynamic_batch)
+        assert lstm.format.layout == LUT, dynamic_batch
+    knw = pbtvm.compile(head, example, target=AVX2, bits=4, layout="kNW")
+    for seq in (torch.randn(3, 1, 70), torch.randn(3, 6, 70)):
+        np.testing.assert_array_equal(np.asarray(lstm(seq)), np.asarray(knw(seq)))
+    assert pbtvm.compile(head, example, target=alderlake, bits=4).format.layout == "kNW"
+    # compile_lstm likewise, its projections with it
+    from pbtvm.lstm import compile_lstm
+
+    lut, knw = (compile_lstm(head.lstm, AVX2, bits=4, **kw) for kw in ({}, {"layout": "kNW"}))
+    assert lut.format.layout == LUT and knw.format.layout == "kNW"
+    assert {m.format.layout for m in (*lut._proj, *lut._cells)} == {LUT}
+    for seq in (torch.randn(3, 1, 70), torch.randn(3, 6, 70)):
+        (y_lut, (h_lut, c_lut)), (y_knw, (h_knw, c_knw)) = lut(seq), knw(seq)
+        for a, b in ((y_lut, y_knw), (h_lut, h_knw), (c_lut, c_knw)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 class _SelfAttentionHead(torch.nn.Module):
@@ -356,6 +372,49 @@ def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
         (bp.BitplaneFormat(4, 8), icelake, [(None, 70)], "kNW"),
     ]:
         assert _batch_format(fmt, target, shapes, dynamic=True).layout == layout, (fmt.name, target, shapes)
+
+
+@needs_avx2
+@pytest.mark.parametrize(("bits", "batches"), [(3, [4, 5, 9]), (8, [5])])
+def test_lstm_step_decodes_its_rows_past_the_lookups(bits, batches, rng, monkeypatch):
+    """Past :data:`~pbtvm.ops.lut_decoded.LOOKUP_MAX_ROWS` activation rows the step's gate rows are
+    decoded once each: h', c' bit for bit the lookups' at every bitlayers,
+    for both legs (input projection inside), hidden units that end mid-task (40: 10 tiles of
+    gate rows, tasks of 4) and W8's split codes."""
+    from pbtvm.ops import lut_decoded
+
+    from .test_cpu_vnni_lstm import _call, input_step_case
+
+    fmt, n_in, hidden = bp.BitplaneFormat(bits, 8, layout=LUT), 70, 40
+    func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
+
+    def step(lookups_at_every_batch: bool):
+        if lookups_at_every_batch:
+            monkeypatch.setitem(lut_decoded.LOOKUP_MAX_ROWS, bits, 1 << 30)
+        built = kernels.build(rule_for(func, AVX2).apply(func).mod["main"], AVX2, schedule=False)
+        monkeypatch.undo()
+        return built
+
+    decoded, lookups = step(False), step(True)
+    for batch in batches:
+        arrays = input_step_case(rng, fmt, n_in, hidden, batch)
+        for layers in range(1, bits + 1):
+            for got, want in zip(
+                _call(decoded, arrays, [layers], batch, hidden),
+                _call(lookups, arrays, [layers], batch, hidden),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(got, want, err_msg=f"batch {batch}, bitlayers {layers}")
+
+
+@needs_avx2
+@pytest.mark.parametrize("sequence", [False, True])
+def test_lstm_step_with_given_projection_by_lookups_and_decoded_rows(sequence, rng, monkeypatch):
+    """The ``gx``-given step (one step, or step ``t`` of the lowered time loop) in ``lut16x4``: the
+    lookups at 1 row, the decoded rows at 5, against the popcount step and the reference."""
+    from .test_cpu_vnni_lstm import assert_given_projection_step
+
+    assert_given_projection_step(AVX2, 70, 4, [1, 5], sequence, rng, monkeypatch, layout=LUT)
 
 
 @needs_avx2

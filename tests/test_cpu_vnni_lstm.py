@@ -120,10 +120,12 @@ def test_step_with_given_projection_matches_popcount_step(hidden, bits, batch, s
     assert_given_projection_step(CPU, hidden, bits, [batch], sequence, rng, monkeypatch)
 
 
-def assert_given_projection_step(target, hidden: int, bits: int, batches: list, sequence: bool, rng, monkeypatch):
+def assert_given_projection_step(
+    target, hidden: int, bits: int, batches: list, sequence: bool, rng, monkeypatch, layout: str = "kNW"
+):
     """The step with ``gx`` given (one step, or read at step ``t`` of a sequence: the time loop's),
     built for ``target`` once, against the popcount step and the reference at each batch."""
-    fmt = bp.BitplaneFormat(bits, 8)
+    fmt = bp.BitplaneFormat(bits, 8, layout=layout)
     wp, ws = _weights(rng, 4 * hidden, hidden, fmt)
     steps = 3
     # the time loop's step is a module-internal function: exported here to be called alone

@@ -23,8 +23,11 @@ words first and decoded row after row: each row's decode then read one word of e
 line of them (0.8-0.9x of this at batch 8). Each tile's rows are a line more than K apart: at K
 4096 their stores would share one L1 set.
 
-The same exact integer products as the lookups (and :func:`pbtvm.ops.pb_int_product`): both are
-checked against the numpy reference at every ``bitlayers``.
+The GEMM (:func:`decoded_rows`) and the LSTM step's gate rows (:mod:`pbtvm.ops.pb_vnni_lstm`,
+both legs taking turns in a task's tiles) share :func:`decoded_kernel`, :func:`tile_scratch` and
+:func:`decoded_tiles`. The same exact integer products as the lookups (and
+:func:`pbtvm.ops.pb_int_product`): both are checked against the numpy reference at every
+``bitlayers``, the step's ``h'``/``c'`` bit for bit against its lookups'.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from . import pb_vnni
 from .vnni_batch import codes_kernel, dot_rows, keep_chunk, row_code_bytes
 from .vnni_bytes import CHUNK
 from .vnni_rows import (
+    Kernel,
     batch_tiles,
     block_slots,
     chunk_groups,
@@ -45,7 +49,17 @@ from .vnni_rows import (
     prepare_kernel,
 )
 
-__all__ = ["BATCH_TILE", "LOOKUP_MAX_ROWS", "decoded_problem", "decoded_rows", "lookup_max_rows"]
+__all__ = [
+    "BATCH_TILE",
+    "LOOKUP_MAX_ROWS",
+    "decoded_kernel",
+    "decoded_problem",
+    "decoded_rows",
+    "decoded_tiles",
+    "lookup_max_rows",
+    "tile_scratch",
+    "tiles_of",
+]
 
 #: Most activation rows the lookups take, by weight bits (more: each row decoded once; bits not
 #: listed: the lookups at every batch). Measured side by side on the same weights (AVX2 build on a
@@ -93,39 +107,80 @@ def decoded_rows(
     Parameters as :func:`pbtvm.ops.pb_lut.prepare` (``wp`` in the ``lut16x4`` layout), plus
     ``serial`` (one thread: a small layer) and ``task_tiles`` (16-row tiles per parallel task).
     """
-    kern = prepare_kernel(
+    kern = decoded_kernel(T, fmt, n_out, k_dim, batch, wp, out, w_scale, bias, layers, x=x, packed=packed)
+    n_tasks = -(-tiles_of(kern) // task_tiles)
+    with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
+        scratch = tile_scratch(T, [kern])
+        decoded_tiles(T, kern, scratch, batch, task * task_tiles, task_tiles)
+
+
+def decoded_kernel(T, fmt, n_out, k_dim, batch, wp, out, w_scale, bias, layers, x=None, packed=None):
+    """The activation rows quantized into the byte codes the decoded path multiplies (once per
+    call, before the parallel tasks): :func:`pbtvm.ops.vnni_rows.prepare_kernel` for AVX2 with
+    the parameters of :func:`pbtvm.ops.pb_lut.prepare` (``wp`` in the ``lut16x4`` layout)."""
+    return prepare_kernel(
         T, fmt, n_out, k_dim, batch, wp, out, w_scale, bias, layers, False, x=x, packed=packed, isa="avx2"
     )
-    pairs = -(-fmt.bits // 2)
-    row_bytes = row_code_bytes(kern)
-    # a line more per row: rows K = 4096 bytes apart share one L1 set (the 16 rows' stores of a chunk)
-    stride = row_bytes + CHUNK
-    n_tiles = -(-n_out // LUT_TILE_ROWS)
-    n_tasks = -(-n_tiles // task_tiles)
-    with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
-        # per task (workspace allocations, reused by the thread): one chunk's plane words of the
-        # tile's rows (L1), the tile's decoded rows (L2: 16 K bytes, twice with split codes)
-        words = T.alloc_buffer((pairs * 2 * _TILE_WORDS,), "uint32")
-        codes = T.alloc_buffer((LUT_TILE_ROWS * stride,), "uint8")
-        decode_scratch(T, [kern], block_slots(BATCH_TILE), CHUNK)
-        row = codes_kernel(kern, codes)  # the dot products read the codes
-        left = n_tiles - task * task_tiles
-        with T.serial(0, tir.min(task_tiles, left) if n_tiles % task_tiles else task_tiles) as t:
-            tile = task * task_tiles + t
-            n0 = tile * LUT_TILE_ROWS
-            count = tir.min(LUT_TILE_ROWS, n_out - n0) if n_out % LUT_TILE_ROWS else LUT_TILE_ROWS
 
-            def chunk(c, full: bool) -> None:  # every row's chunk c, from its plane words
-                # the pairs bitlayers keeps (clamped too, though the entry check refuses more than bits)
-                kept = tir.min((layers + 1) // 2, tir.const(pairs, "int64"))
-                _chunk_words(T, wp, words, tile, kept, c, full)
-                with T.serial(0, count) as r:
-                    masked_add_decode(T, kern, decoded_at(0), lambda i: _word_pair(words, r, i, full))
-                    keep_chunk(T, kern, 0, row, r * stride + c * CHUNK)
 
-            chunk_groups(T, kern, 0, lambda group, full: chunk(group[0], full[0]), size=1)
-            with T.serial(0, count) as r:
-                batch_tiles(T, batch, BATCH_TILE, lambda b0, rows: dot_rows(T, row, r * stride, n0 + r, b0, rows))
+def tiles_of(kern: Kernel) -> int:
+    """16-row tiles of ``kern``'s output rows (the last one partial where N is not a multiple)."""
+    return -(-kern.n_out // LUT_TILE_ROWS)
+
+
+def tile_scratch(T, kerns: list[Kernel]) -> tuple:
+    """One parallel task's buffers for ``kerns`` (legs of one kernel taking turns, same format):
+    a chunk's plane words of a tile's rows (L1) and the tile's decoded rows (L2: 16 rows of the
+    longest leg, a line more than K apart), plus the decode registers. Returns ``(words, codes)``."""
+    pairs = -(-kerns[0].fmt.bits // 2)
+    words = T.alloc_buffer((pairs * 2 * _TILE_WORDS,), "uint32")
+    codes = T.alloc_buffer((LUT_TILE_ROWS * max(_row_stride(kern) for kern in kerns),), "uint8")
+    decode_scratch(T, kerns, block_slots(BATCH_TILE), CHUNK)
+    return words, codes
+
+
+def _row_stride(kern: Kernel) -> int:
+    """Bytes from one decoded row of a tile to the next: a line more than the row's codes (rows K
+    = 4096 bytes apart would share one L1 set for the 16 rows' stores of a chunk)."""
+    return row_code_bytes(kern) + CHUNK
+
+
+def decoded_tiles(T, kern: Kernel, scratch: tuple, batch, first, count: int) -> None:
+    """Tiles ``first ..`` (``count``, fewer where the layer ends) of ``kern`` by the decoded path:
+    per tile every chunk turned into plane words and decoded into the tile's codes, then each row
+    multiplied by every activation row.
+
+    Parameters
+    ----------
+    kern : Kernel
+        From :func:`decoded_kernel`, its scratch given by :func:`tile_scratch` (``scratch``).
+    batch : PrimExpr
+        Activation rows, all of them.
+    first, count
+        First tile (PrimExpr) and most tiles (int) this task multiplies.
+    """
+    words, codes = scratch
+    pairs = -(-kern.fmt.bits // 2)
+    stride = _row_stride(kern)
+    n_tiles = tiles_of(kern)
+    row = codes_kernel(kern, codes)  # the dot products read the codes
+    left = n_tiles - first
+    with T.serial(0, tir.min(count, left) if n_tiles % count else count) as t:
+        tile = first + t
+        n0 = tile * LUT_TILE_ROWS
+        rows = tir.min(LUT_TILE_ROWS, kern.n_out - n0) if kern.n_out % LUT_TILE_ROWS else LUT_TILE_ROWS
+
+        def chunk(c, full: bool) -> None:  # every row's chunk c, from its plane words
+            # the pairs bitlayers keeps (clamped too, though the entry check refuses more than bits)
+            kept = tir.min((kern.layers + 1) // 2, tir.const(pairs, "int64"))
+            _chunk_words(T, kern.wp, words, tile, kept, c, full)
+            with T.serial(0, rows) as r:
+                masked_add_decode(T, kern, decoded_at(0), lambda i: _word_pair(words, r, i, full))
+                keep_chunk(T, kern, 0, row, r * stride + c * CHUNK)
+
+        chunk_groups(T, kern, 0, lambda group, full: chunk(group[0], full[0]), size=1)
+        with T.serial(0, rows) as r:
+            batch_tiles(T, batch, BATCH_TILE, lambda b0, b_rows: dot_rows(T, row, r * stride, n0 + r, b0, b_rows))
 
 
 def _chunk_words(T, wp: tir.Buffer, words: tir.Buffer, tile, kept_pairs, c, full: bool) -> None:

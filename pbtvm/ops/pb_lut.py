@@ -21,8 +21,8 @@ pairs past it are not read, a half-kept pair gets a zero coefficient. Every acti
 repeats the lookups (the tables are per row), so the byte-code kernel, which decodes a weight
 once for several rows, wins at larger batches (BENCHMARKS.md): past
 :func:`~pbtvm.ops.lut_decoded.lookup_max_rows` rows (3-8-bit weights) this kernel does the same
-on its own weights (:mod:`pbtvm.ops.lut_decoded`), a branch on the call's batch. The LSTM step
-(:mod:`pbtvm.ops.pb_vnni_lstm`) keeps the lookups at every batch.
+on its own weights (:mod:`pbtvm.ops.lut_decoded`), a branch on the call's batch; so does the
+LSTM step's gate rows (:mod:`pbtvm.ops.pb_vnni_lstm`).
 """
 
 from __future__ import annotations

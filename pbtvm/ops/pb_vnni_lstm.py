@@ -18,6 +18,12 @@ way:
    :mod:`pbtvm.ops.vector_math` (libm's ``expf``, one call per element, took 14 of the 88 µs of
    the 2x650 LM's step on one core).
 
+In the ``lut16x4`` layout (AVX2 table lookup) a task's gate rows are its 16-row tiles, by
+lookup (:func:`pbtvm.ops.pb_lut.tile_rows`) up to :func:`pbtvm.ops.lut_decoded.lookup_max_rows`
+activation rows, past them decoded once each (:func:`pbtvm.ops.lut_decoded.decoded_tiles`): the
+2x650 step on AVX2 at 8-32 rows 0.93-1.02x the ``kNW`` step, where the lookups ran at
+0.64-0.81x (W4/W8; BENCHMARKS.md, twenty-fourth session).
+
 On CPUs with AMX-INT8 a task's gate rows are multiplied with the tile instructions from
 :func:`pbtvm.ops.amx_gemm.amx_min_batch` activation rows (:func:`pbtvm.ops.amx_gemm.amx_rows`, the
 legs' activation codes copied into tile order once per call).
@@ -35,7 +41,7 @@ from .._tvm import tir
 from ..bitplane import LUT_LAYOUT, BitplaneFormat
 from ..bitplane.lut_layout import LUT_TILE_ROWS
 from ..names import ATTR_AMX_MIN_BATCH, ATTR_CPU_FEATURES, ATTR_CPU_KERNEL, ATTR_INPUT_SIZE, KernelKind
-from . import pb_lut, pb_vnni
+from . import lut_decoded, pb_lut, pb_vnni
 from .amx_gemm import activation_tiles, amx_problem, amx_rows, pack_activations, tiles_or_vectors
 from .pb_vnni import CPU_KERNELS, MAX_BLOCK_BATCH_TILE, unsupported_reason
 from .vector_math import sigmoid, tanh
@@ -140,18 +146,25 @@ def pb_vnni_lstm_func(
 
             # 1. activation codes of h (and x), once per call; each leg's gate rows go to a
             # workspace that the task's cell updates read
-            def leg(k_dim, wp, out, w_scale, bias_, rows_in):
+            def leg(k_dim, wp, out, w_scale, bias_, rows_in, decoded: bool):
+                if decoded:  # many rows on lut16x4 weights: byte codes, each weight row decoded once
+                    return lut_decoded.decoded_kernel(
+                        T, fmt, rows, k_dim, batch, wp, out, w_scale, bias_, layers, x=rows_in
+                    )
                 if lut:
                     return pb_lut.prepare(T, fmt, rows, k_dim, batch, wp, out, w_scale, bias_, layers, x=rows_in)
                 return prepare_kernel(
                     T, fmt, rows, k_dim, batch, wp, out, w_scale, bias_, layers, gfni, x=rows_in, isa=isa
                 )
 
+            # the lut16x4 step past its lookups' rows: the legs prepared in each branch (below)
+            most = _lookup_max_rows(fmt, hidden, input_size) if lut else None
             gates_h = T.alloc_buffer((batch, rows), "float32")
-            legs = [leg(hidden, wp_hh, gates_h, ws_hh, None, h)]
+            legs = [] if most is not None else [leg(hidden, wp_hh, gates_h, ws_hh, None, h, False)]
             if input_size is not None:
                 gates_x = T.alloc_buffer((batch, rows), "float32")
-                legs.append(leg(input_size, wp_ih, gates_x, ws_ih, bias_buf, x))
+                if most is None:
+                    legs.append(leg(input_size, wp_ih, gates_x, ws_ih, bias_buf, x, False))
 
                 def gx_at(b, u, g):
                     return gates_x[b, u * 4 + g]
@@ -164,13 +177,21 @@ def pb_vnni_lstm_func(
                 def gx_at(b, u, g):
                     return gx[step, b, g * hidden + u]
 
+            def prepared_legs(decoded: bool) -> list:
+                """Both legs prepared here (inside a branch on the batch)."""
+                legs = [leg(hidden, wp_hh, gates_h, ws_hh, None, h, decoded)]
+                if input_size is not None:
+                    legs.append(leg(input_size, wp_ih, gates_x, ws_ih, bias_buf, x, decoded))
+                return legs
+
             # 2. tasks of hidden units: their gate rows, then their cell updates
             weight_bits = rows * (hidden + (input_size or 0)) * fmt.bits
             n_tasks = -(-hidden // UNITS_PER_TASK)
             serial = weight_bits < pb_vnni.SERIAL_WEIGHT_BITS
 
-            def tasks(packed: list | None) -> None:
-                """Every task; ``packed``: the legs' activation tiles (the AMX gate rows)."""
+            def tasks(legs: list, packed: list | None, decoded: bool = False) -> None:
+                """Every task; ``packed``: the legs' activation tiles (the AMX gate rows);
+                ``decoded``: lut16x4 gate rows by :mod:`.lut_decoded` (legs from :func:`decoded_kernel`)."""
                 # past one batch tile: a task's rows decoded once each (one part of a buffer per
                 # task, made once per call: 1 KiB or more inside the parallel loop would be
                 # allocated per task)
@@ -181,7 +202,11 @@ def pb_vnni_lstm_func(
                 with T.serial(0, n_tasks) if serial else T.parallel(0, n_tasks) as task:
                     u0 = task * UNITS_PER_TASK
                     units = tir.min(UNITS_PER_TASK, hidden - u0) if hidden % UNITS_PER_TASK else UNITS_PER_TASK
-                    if lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
+                    if decoded:  # the task's rows are whole 16-row tiles (as below)
+                        scratch = lut_decoded.tile_scratch(T, legs)
+                        for kern in legs:
+                            lut_decoded.decoded_tiles(T, kern, scratch, batch, u0 * 4 // LUT_TILE_ROWS, TASK_TILES)
+                    elif lut:  # the task's rows are whole 16-row tiles (UNITS_PER_TASK * 4 is a multiple of 16)
                         regs = pb_lut.scratch(T)
                         for kern in legs:
                             pb_lut.tile_rows(T, kern, regs, u0 * 4 // LUT_TILE_ROWS, TASK_TILES, batch)
@@ -200,20 +225,40 @@ def pb_vnni_lstm_func(
                             T.buffer_store(c_out, c_next, [b, u])
                             T.buffer_store(h_out, sigmoid(pre(3)) * tanh(c_out[b, u]), [b, u])
 
-            def amx_tasks() -> None:
-                """The legs' activation tiles once per call, then the tasks with the AMX gate rows."""
-                packed = [activation_tiles(T, kern, batch) for kern in legs]
-                for kern, buf in zip(legs, packed, strict=True):
-                    pack_activations(T, kern, batch, buf, serial)
-                tasks(packed)
+            if most is not None:  # many activation rows: each gate row decoded once (:mod:`.lut_decoded`)
+                with T.If(batch > most):
+                    with T.Then():
+                        tasks(prepared_legs(decoded=True), None, decoded=True)
+                    with T.Else():
+                        tasks(prepared_legs(decoded=False), None)
+            elif lut:
+                tasks(legs, None)
+            else:
 
-            # many activation rows on a CPU with AMX: the tile instructions (:mod:`.amx_gemm`)
-            amx = amx_min_batch is not None and not lut and all(amx_problem(kern) is None for kern in legs)
-            tiles_or_vectors(T, batch, amx_min_batch if amx else None, amx_tasks, lambda: tasks(None))
+                def amx_tasks() -> None:
+                    """The legs' activation tiles once per call, then the tasks with the AMX gate rows."""
+                    packed = [activation_tiles(T, kern, batch) for kern in legs]
+                    for kern, buf in zip(legs, packed, strict=True):
+                        pack_activations(T, kern, batch, buf, serial)
+                    tasks(legs, packed)
+
+                # many activation rows on a CPU with AMX: the tile instructions (:mod:`.amx_gemm`)
+                amx = amx_min_batch is not None and all(amx_problem(kern) is None for kern in legs)
+                tiles_or_vectors(T, batch, amx_min_batch if amx else None, amx_tasks, lambda: tasks(legs, None))
     func = ib.get()
-    if not lut:
-        func = func.with_attr(ATTR_CPU_FEATURES, pb_vnni.kernel_features(isa, legs, amx))
+    if lut:
+        return func
+    func = func.with_attr(ATTR_CPU_FEATURES, pb_vnni.kernel_features(isa, legs, amx))
     return func.with_attr(ATTR_AMX_MIN_BATCH, amx_min_batch) if amx else func
+
+
+def _lookup_max_rows(fmt: BitplaneFormat, hidden: int, input_size: int | None) -> int | None:
+    """Most activation rows the ``lut16x4`` step takes by table lookup (None: every batch): as for
+    a GEMM (:func:`pbtvm.ops.lut_decoded.lookup_max_rows`), where the decoded path computes every leg."""
+    sizes = (hidden,) if input_size is None else (hidden, input_size)
+    if any(lut_decoded.decoded_problem(fmt, k) is not None for k in sizes):
+        return None
+    return lut_decoded.lookup_max_rows(fmt)
 
 
 def _gate_rows(T, legs: list, batch, row0, n_rows, row_codes: tir.Buffer | None, at) -> None:
