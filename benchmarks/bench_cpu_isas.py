@@ -11,9 +11,9 @@ ymm; Intel client cores from Alder Lake on), ``lut16x4@haswell`` the AVX2 table 
 every batch (:data:`pbtvm.ops.lut_decoded.LOOKUP_MAX_ROWS`: lookups, or each row decoded once). The host must have every variant's instructions. The weights
 stay warm in the caches (a decoder's case); the variants take turns for ``--rounds`` rounds of
 ``--calls`` calls, the median per call is printed with each variant's speed relative to the
-first, and the float outputs of all variants are checked equal first. ``--kernel lstm_step``
+first; the float outputs of all variants are checked equal before timing. ``--kernel lstm_step``
 times the decoder's LSTM step instead (its input projection inside,
-:func:`pbtvm.kernels.lstm_cell_input_func`; ``--shapes HIDDENxINPUT``), whose ``h'`` (and ``c'``)
+:func:`pbtvm.kernels.lstm_cell_input_func`; ``--shapes HIDDENxINPUT``), whose ``h'`` and ``c'``
 the variants must give bit for bit too.
 
 Usage::
@@ -130,19 +130,19 @@ def _build(kernel: str, variants: list, n: int, k: int, bits: int, rng) -> list:
 
 
 def _operands(kernel: str, layer: tuple, n: int, k: int, batch: int, bits: int) -> tuple:
-    """``(kernel, its arguments, the output compared)`` for one variant at ``batch`` rows: the
-    same float operands for every variant (a draw seeded by the shape, batch and bits)."""
+    """``(kernel, its arguments, its outputs)`` for one variant at ``batch`` rows: the same float
+    operands for every variant (a draw seeded by the shape, batch and bits)."""
     built, weights = layer
     draw = np.random.default_rng([n, k, batch, bits])  # every variant gets the same operands
     x = _t(draw.standard_normal((batch, k)).astype(np.float32))
     if kernel == "dense":
         out = _t(np.zeros((batch, n), np.float32))
-        return built, [x, weights[0], _t(np.full(n, 1e-3, np.float32)), bits, out], out
+        return built, [x, weights[0], _t(np.full(n, 1e-3, np.float32)), bits, out], [out]
     w_ih, w_hh = weights
     scale, bias = _t(np.full(4 * n, 1e-2, np.float32)), _t(draw.standard_normal(4 * n).astype(np.float32))
     h, c = (_t(draw.standard_normal((batch, n)).astype(np.float32)) for _ in range(2))
     h_out, c_out = (_t(np.zeros((batch, n), np.float32)) for _ in range(2))
-    return built, [x, w_ih, scale, bias, h, c, w_hh, scale, bits, h_out, c_out], h_out
+    return built, [x, w_ih, scale, bias, h, c, w_hh, scale, bits, h_out, c_out], [h_out, c_out]
 
 
 def main() -> int:
@@ -164,9 +164,12 @@ def main() -> int:
             layers = _build(args.kernel, variants, n, k, bits, rng)
             for batch in args.batches:
                 calls = [_operands(args.kernel, layer, n, k, batch, bits) for layer in layers]
+                for built, operands, _ in calls:
+                    built(*operands)
+                for _, _, outs in calls[1:]:  # every output of every variant equal to the first's
+                    for first, out in zip(calls[0][2], outs, strict=True):
+                        np.testing.assert_array_equal(first.numpy(), out.numpy())
                 med = in_turns([lambda c=c: c[0](*c[1]) for c in calls], args.rounds, args.calls)
-                for _, _, out in calls[1:]:
-                    np.testing.assert_array_equal(calls[0][2].numpy(), out.numpy())
                 print(f"| {n}x{k} | {bits} | {batch} | {' | '.join(ratio_cells(med))} |", flush=True)
     return 0
 

@@ -322,7 +322,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
             choices=("auto", *LAYOUTS),
             help=(
                 "weight plane layout (default auto: binary tensor cores on CUDA sm_80+; lut16x4 on "
-                "AVX2-only CPUs with a dynamic batch or an LSTM; else kNW. lut16x4: table lookup on AVX2 "
+                "AVX2 CPUs without AVX-512 VNNI where measured faster: at most 2 rows per layer, and "
+                "without AVX-VNNI a dynamic batch or an LSTM; else kNW. lut16x4: table lookup on AVX2 "
                 "CPUs, fastest at batch 1-2)"
             ),
         )

@@ -245,8 +245,8 @@ def compile(
         ``"lut16x4"`` on AVX2 CPUs without AVX-512 VNNI: with a dynamic batch, or with an LSTM in
         the model, where they have no AVX-VNNI either (the MNIST MLP 1.53x at batch 1, 0.97x at
         32; the 2x650 LSTM LM W4 1.5-2.3x at batch 1, 0.92-1.0x at 8-32), with
-        ``dynamic_batch=False`` where no dense layer runs more than 2 rows (1.4-1.5x at batch 1,
-        eighteenth session).
+        ``dynamic_batch=False`` where no dense layer runs more than 2 rows and there is no LSTM
+        (1.4-1.5x at batch 1, eighteenth session).
     dynamic_batch : bool
         Export with a symbolic batch dimension. False: the model runs the example's batch only.
     tune : bool

@@ -58,19 +58,23 @@ def _cell_model(
     tvm_target: Any,
     name: str,
     quant: tuple = ("auto", "mse"),
+    tune: bool = False,
+    trials: int = 64,
     **build_kwargs: Any,
 ) -> Any:
     """The fused step ``(gx [B, 4H], h [B, H], c [B, H]) -> (h', c')`` as a CompiledModel.
 
     ``main`` is one ``call_tir`` of :func:`pbtvm.kernels.lstm_cell_func` (one kernel launch on
     CUDA) with ``W_hh`` packed unit-major as a constant, in the codebook ``quant = (codebook,
-    method)`` gives (:func:`pbtvm.quantize.layer_format`).
+    method)`` gives (:func:`pbtvm.quantize.layer_format`). ``tune``: its kernel is tuned into
+    ``build_kwargs["work_dir"]`` first (``trials``, ``tune_batch``), as :func:`pbtvm.compile` does.
     """
     from ._tvm import relax, tir
-    from .compiler import build_model
+    from .compiler import _pb_kernels, build_model
     from .kernels import lstm_cell_func
     from .lowering import LayerRecord, lower_weights
     from .ops import unit_major_rows
+    from .schedules.tuning import tune_kernels
 
     hidden = w_hh.shape[1]
     fmt, [weights] = lower_weights([w_hh], fmt, quant, rows=unit_major_rows(hidden))
@@ -91,8 +95,18 @@ def _cell_model(
         bb.emit_func_output(out)
     specs = [{"dtype": "float32", "shape": [None, d]} for d in (4 * hidden, hidden, hidden)]
     converted = [LayerRecord.of(name, w_hh, fmt, bias=False).as_dict()]
+    mod = bb.get()
+    if tune:
+        batch = build_kwargs.get("tune_batch", 1)
+        tune_kernels(
+            _pb_kernels(mod),
+            resolve_target(tvm_target),
+            build_kwargs["work_dir"],
+            trials_per_kernel=trials,
+            batch=batch,
+        )
     return build_model(
-        bb.get(), fmt, tvm_target, specs, dynamic=True, single_output=False, converted=converted, **build_kwargs
+        mod, fmt, tvm_target, specs, dynamic=True, single_output=False, converted=converted, **build_kwargs
     )
 
 
@@ -262,7 +276,8 @@ def compile_lstm(
         sizes = [(None, lstm.input_size), (None, lstm.hidden_size)]
         fmt = _batch_format(fmt, tvm_target, sizes, dynamic=True)
         compile_kwargs = {**compile_kwargs, "layout": fmt.layout}  # the projections' too
-    build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch") if k in compile_kwargs}
+    # the cells are tuned into the same log as the projections (compile(tune=True) tunes those)
+    build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch", "tune", "trials") if k in compile_kwargs}
     projections, cells = [], []
     with torch.no_grad():
         for layer in range(lstm.num_layers):

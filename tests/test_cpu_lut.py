@@ -311,6 +311,25 @@ def test_compile_auto_picks_the_layout_for_a_static_batch_of_at_most_two_rows():
             np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_lstm_weight_sizes_reads_every_placeholder_lstm():
+    """The row lengths ``auto`` checks for an LSTM model: W_ih and W_hh of every layer and
+    direction of every LSTM, batch_first or not, before the lowering."""
+    from pbtvm.model_import import import_model
+    from pbtvm.relay_passes import lstm_weight_sizes
+
+    class TwoLSTMs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.LSTM(30, 12, num_layers=2, bidirectional=True, batch_first=True)
+            self.b = torch.nn.LSTM(24, 20)
+
+        def forward(self, x):
+            return self.b(self.a(x)[0])[0]
+
+    mod, _, _ = import_model(TwoLSTMs().eval(), (torch.randn(2, 3, 30),))
+    assert sorted(lstm_weight_sizes(mod)) == sorted([30, 12, 30, 12, 24, 12, 24, 12, 24, 20])
+
+
 class _SelfAttentionHead(torch.nn.Module):
     """A projection, attention scores over 4 heads (activation x activation matmuls of 4 x 2 rows)
     and a dense head: two dense layers of 2 rows each."""
@@ -379,13 +398,13 @@ def test_static_batch_layout_needs_every_layer_to_fit_the_table_lookup_kernel():
 def test_lstm_step_decodes_its_rows_past_the_lookups(bits, batches, rng, monkeypatch):
     """Past :data:`~pbtvm.ops.lut_decoded.LOOKUP_MAX_ROWS` activation rows the step's gate rows are
     decoded once each: h', c' bit for bit the lookups' at every bitlayers,
-    for both legs (input projection inside), hidden units that end mid-task (40: 10 tiles of
-    gate rows, tasks of 4) and W8's split codes."""
+    for both legs (input projection inside), hidden units that end mid-task and mid-tile (38:
+    152 gate rows, 9.5 tiles, tasks of 4) and W8's split codes."""
     from pbtvm.ops import lut_decoded
 
     from .test_cpu_vnni_lstm import _call, input_step_case
 
-    fmt, n_in, hidden = bp.BitplaneFormat(bits, 8, layout=LUT), 70, 40
+    fmt, n_in, hidden = bp.BitplaneFormat(bits, 8, layout=LUT), 70, 38
     func = kernels.lstm_cell_input_func(fmt, n_in, hidden, True)
 
     def step(lookups_at_every_batch: bool):

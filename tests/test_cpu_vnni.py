@@ -392,13 +392,13 @@ def test_knob_search_then_compile_from_log(tmp_path, capsys):
     # A log that decides none of the model's kernels says so, and why.
     (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(chosen))
     with pytest.warns(
-        UserWarning, match=r"decided none of this model's 2 PB kernel\(s\): it has them tuned at batch 1, not 8"
+        UserWarning, match=r"decided none of this model's 2 tunable PB kernel\(s\): it has them tuned at batch 1, not 8"
     ):
         at_8 = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path, tune_batch=8)
     assert at_8.manifest["tuning"]["tuned_kernels"] == []
     other = MLP((32, 8)).eval()
     with pytest.warns(
-        UserWarning, match=r"none of this model's 1 PB kernel\(s\): it holds 2 other kernel\(s\), e\.g\. pb_"
+        UserWarning, match=r"none of this model's 1 tunable PB kernel\(s\): it holds 2 other kernel\(s\), e\.g\. pb_"
     ):
         pbtvm.compile(other, (torch.randn(2, 32),), "llvm", bits=4, work_dir=tmp_path)
     with warnings.catch_warnings():

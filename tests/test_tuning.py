@@ -155,6 +155,10 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     assert len(tuned.manifest["tuning"]["tuned_kernels"]) == 2
     x = torch.randn(5, 64)
     np.testing.assert_allclose(tuned(x).numpy(), plain(x).numpy(), rtol=1e-6, atol=1e-6)
+    # The searched kernels are records only (their pins gone): at another batch the warning names them.
+    with pytest.warns(UserWarning, match="decided none .* searched schedules of these names for another batch than 8"):
+        at_8 = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path, tune_batch=8)
+    assert at_8.manifest["tuning"]["tuned_kernels"] == []
 
     # A tuned record whose kernel computes something else (here: nothing) is refused, loudly.
     monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: func.with_body(tir.Evaluate(0)))
@@ -392,7 +396,7 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
         (  # the same name at this batch: its workload hash changed
             {"pb_gemm_w4a8_kNW_48x64"},
             ["pb_gemm_w4a8_kNW_48x64:b8:ab", "pb_gemm_w4a8_kNW_48x64:b1:cd"],
-            "code changed since they were tuned (tune again)",
+            "or kernels changed since they were tuned: tune this model)",
         ),
         (  # the same layer in another weight layout
             {"pb_dense_act_w4a8o_lut16x4_16x48", "pb_dense_act_w4a8o_lut16x4_48x64"},
@@ -410,10 +414,27 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
             "it holds 2 other kernel(s), e.g. pb_lstm_cell_w4a8_kNW_48x64 (another model or format)",
         ),
         ({"pb_gemm_w4a8_kNW_48x64"}, ["not a key"], None),
+        (  # a hand-edited batch: no batch to suggest (and no crash)
+            {"pb_gemm_w4a8_kNW_48x64"},
+            ["pb_gemm_w4a8_kNW_48x64:bx:ab"],
+            "it holds 1 other kernel(s)",
+        ),
+        (  # searched (MetaSchedule) records: named, their batch not
+            {"pb_gemm_w4a8_kNW_48x64"},
+            ["searched:pb_gemm_w4a8_kNW_48x64"],
+            "searched schedules of these names for another batch than 8",
+        ),
+        (  # ... and the same layer searched in another layout
+            {"pb_gemm_w4a8_mma16x256_48x64"},
+            ["searched:pb_gemm_w4a8_kNW_48x64"],
+            "weight layout 'kNW', this build uses 'mma16x256'",
+        ),
     ],
 )
 def test_a_log_that_matches_no_kernel_says_why(asked, held, said):
-    reason = tuning.lookup.unmatched_reason(asked, held, 8)
+    searched = [key.removeprefix("searched:") for key in held if key.startswith("searched:")]
+    held = [key for key in held if not key.startswith("searched:")]
+    reason = tuning.lookup.unmatched_reason(asked, held, 8, searched)
     assert reason == said if said is None else said in reason, reason
 
 
@@ -421,7 +442,9 @@ def test_compiling_from_a_log_that_decides_no_kernel_warns(tmp_path):
     """An empty log and a log of another weight layout are named; the model is still built."""
     model, example = _mlp()
     tuning.TuningLog(tmp_path, CPU).database(create=True)
-    with pytest.warns(UserWarning, match=r"decided none of this model's 2 PB kernel\(s\): the log is empty"):
+    with pytest.warns(
+        UserWarning, match=r"decided none of this model's 2 tunable PB kernel\(s\): the log holds no kernel"
+    ):
         m = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert m.manifest["tuning"]["tuned_kernels"] == []
     # the layers tuned in the kNW layout (AVX2 kernels: one knob setting measured), read by a lut16x4 build
@@ -433,6 +456,29 @@ def test_compiling_from_a_log_that_decides_no_kernel_warns(tmp_path):
         UserWarning, match=r"weight layout 'kNW', this build uses 'lut16x4' \(compile\(\.\.\., layout='kNW'\)"
     ):
         pbtvm.compile(model, example, "llvm -mcpu=haswell", bits=4, layout="lut16x4", work_dir=tmp_path)
+
+
+def test_compile_lstm_tunes_its_cells_into_the_log(tmp_path, monkeypatch):
+    """``compile_lstm(tune=True)`` tunes the steps' kernels as well as the projections (those
+    through ``compile``), into the same log, and reads it back without a warning."""
+    from pbtvm.lstm import compile_lstm
+
+    tuned = []
+    real = tuning.search.tune_kernels
+
+    def recording(funcs, *args, **kwargs):
+        tuned.extend(str(f.attrs["pbtvm.kernel"]) for f in funcs)
+        return real(funcs, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "tune_kernels", recording)
+    monkeypatch.setattr(pbtvm.compiler, "tune_kernels", recording)
+    lstm = torch.nn.LSTM(20, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compiled = compile_lstm(lstm, "llvm", bits=4, tune=True, work_dir=tmp_path, trials=1)
+    assert "pb_lstm_cell" in tuned and any(kind.startswith("pb_dense") or kind == "pb_gemm" for kind in tuned), tuned
+    x = torch.randn(3, 2, 20)
+    np.testing.assert_array_equal(compiled(x)[0].numpy(), compile_lstm(lstm, "llvm", bits=4)(x)[0].numpy())
 
 
 def test_the_target_log_directory_itself_is_accepted_as_work_dir(tmp_path, monkeypatch):

@@ -159,6 +159,7 @@ def pb_vnni_lstm_func(
 
             # the lut16x4 step past its lookups' rows: the legs prepared in each branch (below)
             most = _lookup_max_rows(fmt, hidden, input_size) if lut else None
+            amx = False  # the AMX gate rows (set below where they apply)
             gates_h = T.alloc_buffer((batch, rows), "float32")
             legs = [] if most is not None else [leg(hidden, wp_hh, gates_h, ws_hh, None, h, False)]
             if input_size is not None:

@@ -54,8 +54,11 @@ def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
     return cuda_bmma.materialize(sch.mod["main"])  # a BMMA config becomes its kernel
 
 
-def _record_for(database: object, mod: tvm.IRModule, target: tvm.target.Target, where: Path, name: str) -> object:
-    """The best record of ``mod`` measured on ``target``'s kind and arch / mcpu, or None.
+def _record_for(
+    database: object, mod: tvm.IRModule, target: tvm.target.Target, where: Path, name: str
+) -> tuple[object | None, bool]:
+    """The best record of ``mod`` measured on ``target``'s kind and arch / mcpu, or None; and
+    whether records of other targets were ignored.
 
     A record made for another CPU or GPU (e.g. a log copied between directories) is ignored with
     a warning: its timings say nothing about this target, and its schedule may not even build.
@@ -69,7 +72,7 @@ def _record_for(database: object, mod: tvm.IRModule, target: tvm.target.Target, 
             f"for {name}; this is {want}: those records are ignored",
             stacklevel=3,
         )
-    return next((r for r in records if target_key(r.target) == want), None)
+    return next((r for r in records if target_key(r.target) == want), None), bool(foreign)
 
 
 def tuned_lookup(
@@ -156,9 +159,9 @@ class TunedLookup:
         mod = tvm.IRModule({"main": workload(func, self.batch)})
         if not database.has_workload(mod):
             return None
-        record = _record_for(database, mod, target, self.log.path, kernel_name(func))
-        if record is None:  # records of other targets only (a warning named them)
-            self._refused = True
+        record, foreign = _record_for(database, mod, target, self.log.path, kernel_name(func))
+        if record is None:  # none (every candidate failed), or of other targets only (a warning named them)
+            self._refused = self._refused or foreign
             return None
         try:
             scheduled = replay(func, record.trace)
@@ -198,44 +201,68 @@ class TunedLookup:
         """
         if not self.asked or self.used or self._refused:
             return
-        records = len(self.database.get_all_tuning_records())
+        records = self.database.get_all_tuning_records()
         held = [k.removeprefix(DEFAULT_PIN) for k in self.knobs]
-        if not held and not records:
-            why = "the log is empty (tune first: pbtvm.tune or compile(tune=True))"
+        if not held and not len(records):
+            why = "the log holds no kernel (tune first: pbtvm.tune or compile(tune=True))"
         else:
-            why = unmatched_reason(self.asked, held, self.batch) or (
-                f"it holds {records} searched record(s) for other kernels (another model or format)"
+            why = unmatched_reason(self.asked, held, self.batch, _searched_names(records)) or (
+                f"it holds {len(records)} searched record(s) for other kernels (another model or format)"
             )
         warnings.warn(
-            f"pbtvm: the tuning log {self.log.path} decided none of this model's {len(self.asked)} PB kernel(s): "
-            f"{why}; default schedules used",
+            f"pbtvm: the tuning log {self.log.path} decided none of this model's {len(self.asked)} tunable PB "
+            f"kernel(s): {why}; default schedules used",
             stacklevel=3,
         )
+
+
+def _searched_names(records: list) -> list[str]:
+    """Kernel names (:func:`.space.kernel_name`) of MetaSchedule records (the workload keeps the
+    kernel's attributes); records without them are left out."""
+    names = []
+    for record in records:
+        try:
+            names.append(kernel_name(record.workload.mod["main"]))
+        except (KeyError, TypeError, AttributeError, IndexError):
+            continue
+    return names
 
 
 #: A kernel name (:func:`.space.kernel_name`) in its parts: kind, format, layout, shape.
 _NAME = re.compile(r"^(?P<kind>.+)_(?P<fmt>w\d+a\d+o?)_(?P<layout>[^_]+)_(?P<shape>\d+x\d+)$")
 
 
-def unmatched_reason(asked: set[str], held: list[str], batch: int) -> str | None:
-    """Why knob-log keys ``held`` match none of the kernels named ``asked``, or None.
+def unmatched_reason(asked: set[str], held: list[str], batch: int, searched: list[str] = ()) -> str | None:
+    """Why knob-log keys ``held`` and searched records named ``searched`` match none of the
+    kernels named ``asked``, or None.
 
-    Keys are ``name:b<batch>:<hash>`` (:func:`.space.knob_key`): the same kernel logged at this
-    batch with another workload hash (its code changed since it was tuned), logged at another
-    batch only, or the same layer in another weight layout each get their remedy.
+    Keys are ``name:b<batch>:<hash>`` (:func:`.space.knob_key`); a kernel name says kind, format,
+    layout and shape, not everything the workload holds (bias, float input, codebook, the LSTM
+    step's form). The same name logged at this batch with another hash (another model's layer of
+    that name, or a kernel changed since), at another batch only, searched (batch not named), or
+    the same layer in another weight layout or format each get their remedy.
     """
     logged = [key.split(":") for key in held if key.count(":") == 2]
     batches = {b[1:] for name, b, _ in logged if name in asked}
     if str(batch) in batches:
-        return "it has kernels of these names and this batch whose code changed since they were tuned (tune again)"
-    if batches:
-        other = sorted(int(b) for b in batches if b.isdigit())
+        return (
+            "it has kernels of these names at this batch whose workloads differ (another model's layers of the "
+            "same shape and format, or kernels changed since they were tuned: tune this model)"
+        )
+    other = sorted(int(b) for b in batches if b.isdigit())
+    if other:
         return (
             f"it has them tuned at batch {', '.join(map(str, other))}, not {batch} "
             f"(compile(..., tune_batch={other[0]}) uses those)"
         )
+    if any(name in asked for name in searched):
+        return (
+            f"it has searched schedules of these names for another batch than {batch}, or for another model's "
+            "layers of the same shape and format (compile(..., tune_batch=...) as tuned uses them; else tune "
+            "this model)"
+        )
     parts = [m.groupdict() for m in map(_NAME.match, asked) if m]
-    for name, _, _ in logged:
+    for name in [name for name, _, _ in logged] + list(searched):
         theirs = _NAME.match(name)
         for mine in parts if theirs else ():
             field = _one_difference(mine, theirs.groupdict())
