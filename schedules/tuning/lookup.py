@@ -6,7 +6,9 @@ mcpu, replays its trace onto the kernel (symbolic batch and ``bitlayers`` kept) 
 device can run it, checks the result against the default schedule (:mod:`pbtvm.schedules.verify`)
 before handing it over. A :class:`~pbtvm.schedules.rules.KnobRule` kernel gets its logged knobs.
 A kernel whose best the search could not confirm against its default (a
-:func:`.space.default_pin_key` entry in the knob log) keeps the default schedule.
+:func:`.space.default_pin_key` entry in the knob log) keeps the default schedule. A log that
+decides none of a model's kernels says so, and why where its entries tell
+(:meth:`TunedLookup.warn_if_unmatched`, :func:`unmatched_reason`).
 """
 
 from __future__ import annotations
