@@ -56,15 +56,11 @@ def _rewrite(
             importance = input_importance(model, calibration)
     names = layer_names(model)
     with tvm_target:
-        auto_fmt = fmt
-        recurrent = lstm_weight_sizes(mod) if auto_layout else []
-        if recurrent:  # lut16x4 on AVX2-only CPUs: the step decodes its rows past a few, as GEMMs do
-            shapes = dense_shapes(mod) + [(None, k) for k in recurrent]
-            fmt = _batch_format(auto_fmt, tvm_target, shapes, dynamic=True)
+        if auto_layout:  # an LSTM's steps and projections take any rows: as a dynamic batch
+            recurrent = [(None, k) for k in lstm_weight_sizes(mod)]
+            fmt = _batch_format(fmt, tvm_target, dense_shapes(mod) + recurrent, dynamic or bool(recurrent))
         lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
         mod = lstms(mod)
-        if auto_layout and not lstms.converted:
-            fmt = _batch_format(auto_fmt, tvm_target, dense_shapes(mod), dynamic)
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
     report = rewrite.report

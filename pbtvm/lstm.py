@@ -98,13 +98,7 @@ def _cell_model(
     mod = bb.get()
     if tune:
         batch = build_kwargs.get("tune_batch", 1)
-        tune_kernels(
-            _pb_kernels(mod),
-            resolve_target(tvm_target),
-            build_kwargs["work_dir"],
-            trials_per_kernel=trials,
-            batch=batch,
-        )
+        tune_kernels(_pb_kernels(mod), tvm_target, build_kwargs["work_dir"], trials_per_kernel=trials, batch=batch)
     return build_model(
         mod, fmt, tvm_target, specs, dynamic=True, single_output=False, converted=converted, **build_kwargs
     )

@@ -74,8 +74,13 @@ _TILE_WORDS = LUT_VECTOR_BYTES
 _OCTETS = 4
 
 
-def lookup_max_rows(fmt: BitplaneFormat) -> int | None:
-    """Most activation rows the lookups take for ``fmt`` (None: every batch, no decoded path)."""
+def lookup_max_rows(fmt: BitplaneFormat, *k_dims: int) -> int | None:
+    """Most activation rows the lookups take for ``fmt`` (None: every batch, no decoded path),
+    for a kernel whose products have rows of ``k_dims`` inputs (a GEMM's K; an LSTM step's hidden
+    and input sizes): None too where the decoded path cannot compute one of them
+    (:func:`decoded_problem`)."""
+    if any(decoded_problem(fmt, k) is not None for k in k_dims):
+        return None
     return LOOKUP_MAX_ROWS.get(fmt.bits)
 
 

@@ -134,7 +134,7 @@ def pb_lut_func(
         raise ValueError(f"pb_lut_func cannot compute this layer: {why}")
     if float_input and not dense:
         raise ValueError("pb_lut_func: float_input computes the dense layer (dense=True)")
-    most = lut_decoded.lookup_max_rows(fmt) if lut_decoded.decoded_problem(fmt, k_dim) is None else None
+    most = lut_decoded.lookup_max_rows(fmt, k_dim)
     with IRBuilder() as ib:
         with T.prim_func():
             x, packed, wp, w_scale, bias_buf, layers, out = gemm_params(

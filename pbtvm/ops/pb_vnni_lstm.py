@@ -158,7 +158,8 @@ def pb_vnni_lstm_func(
                 )
 
             # the lut16x4 step past its lookups' rows: the legs prepared in each branch (below)
-            most = _lookup_max_rows(fmt, hidden, input_size) if lut else None
+            sizes = (hidden,) if input_size is None else (hidden, input_size)
+            most = lut_decoded.lookup_max_rows(fmt, *sizes) if lut else None
             amx = False  # the AMX gate rows (set below where they apply)
             gates_h = T.alloc_buffer((batch, rows), "float32")
             legs = [] if most is not None else [leg(hidden, wp_hh, gates_h, ws_hh, None, h, False)]
@@ -251,15 +252,6 @@ def pb_vnni_lstm_func(
         return func
     func = func.with_attr(ATTR_CPU_FEATURES, pb_vnni.kernel_features(isa, legs, amx))
     return func.with_attr(ATTR_AMX_MIN_BATCH, amx_min_batch) if amx else func
-
-
-def _lookup_max_rows(fmt: BitplaneFormat, hidden: int, input_size: int | None) -> int | None:
-    """Most activation rows the ``lut16x4`` step takes by table lookup (None: every batch): as for
-    a GEMM (:func:`pbtvm.ops.lut_decoded.lookup_max_rows`), where the decoded path computes every leg."""
-    sizes = (hidden,) if input_size is None else (hidden, input_size)
-    if any(lut_decoded.decoded_problem(fmt, k) is not None for k in sizes):
-        return None
-    return lut_decoded.lookup_max_rows(fmt)
 
 
 def _gate_rows(T, legs: list, batch, row0, n_rows, row_codes: tir.Buffer | None, at) -> None:
