@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, InputTypeError, first_line
 
 __all__ = ["input_importance"]
 
@@ -38,7 +38,10 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
     Raises
     ------
     ValueError
-        No batch given, or the model has no ``nn.Linear``.
+        No batch given, a batch the model does not run on, non-finite Linear inputs, or the model
+        has no ``nn.Linear``.
+    TypeError
+        ``batches`` is not an iterable of batches.
     """
     import torch
 
@@ -55,21 +58,52 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
         sums[id(module)] += (x * x).sum(axis=0)
         counts[id(module)] += x.shape[0]
 
+    if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
+        raise InputTypeError(
+            f"calibration takes an iterable of batches (e.g. a list of input tensors), got {type(batches).__name__}"
+        )
     handles = [m.register_forward_pre_hook(hook) for m in linears]
     n_batches = 0
     try:
         with torch.no_grad():
             for batch in batches:
                 args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
-                model(*args)
+                try:
+                    model(*args)
+                except Exception as err:  # the batch does not fit the model: the user's calibration data
+                    shown = ", ".join(_shape(a) for a in args)
+                    raise InputError(
+                        f"calibration batch {n_batches} ({shown}) does not run through the model: "
+                        f"{type(err).__name__}: {first_line(err)}"
+                    ) from err
                 n_batches += 1
     finally:
         for h in handles:
             h.remove()
     if n_batches == 0:
         raise InputError("calibration: no batch given (pass an iterable of example inputs)")
+    bad = [name for name, m in _named(model, linears) if not np.isfinite(sums[id(m)]).all()]
+    if bad:
+        raise InputError(
+            f"calibration: the inputs of {', '.join(bad)} hold NaN or inf over the calibration batches; "
+            "calibrate with finite data"
+        )
     return {
         weight_key(m.weight.detach().cpu().numpy()): sums[id(m)] / max(counts[id(m)], 1)
         for m in linears
         if counts[id(m)]
     }
+
+
+def _shape(value: Any) -> str:
+    """``[8, 7] float32`` for a tensor, else the value's type."""
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return type(value).__name__
+    return f"{list(shape)} {str(getattr(value, 'dtype', '')).replace('torch.', '')}".strip()
+
+
+def _named(model: Any, linears: list) -> list[tuple[str, Any]]:
+    """``("path (Linear)", module)`` for each of ``linears``, in ``model``'s order."""
+    wanted = {id(m) for m in linears}
+    return [(f"{name} ({type(m).__name__})".strip(), m) for name, m in model.named_modules() if id(m) in wanted]

@@ -302,6 +302,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    """argparse type of counts (``--batch``, ``--repeat``, ``--trials``): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("model", metavar="MODEL", help="module:function, file.py:function, model.pt or mnist-mlp")
@@ -355,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .so path")
     p.add_argument("--work-dir", help="tuning log directory to use (or fill, with --tune)")
     p.add_argument("--tune", action="store_true", help="search schedules first (MetaSchedule)")
-    p.add_argument("--trials", type=int, default=64, help="candidates per kernel when tuning (default 64)")
+    p.add_argument("--trials", type=_positive_int, default=64, help="candidates per kernel when tuning (default 64)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(
@@ -365,11 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="tuning log directory")
     p.add_argument(
         "--trials",
-        type=int,
+        type=_positive_int,
         default=64,
         help="search trials per kernel, measured after its default schedule (default 64)",
     )
-    p.add_argument("--batch", type=int, default=1, help="batch size to tune for (default 1)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size to tune for (default 1)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices behind this TVM RPC tracker")
     p.add_argument("--key", help="RPC device key (with --rpc)")
     p.set_defaults(func=cmd_tune)
@@ -380,10 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Whole-model median latency of the PB-compiled model vs torch fp32 (and fp16 on CUDA).",
     )
     _common(p)
-    p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="rows per call (default 1)")
     p.add_argument(
         "--repeat",
-        type=int,
+        type=_positive_int,
         default=50,
         help="timed calls per model, in 5 rounds taking turns; the median is shown with the fastest and slowest round (default 50)",
     )

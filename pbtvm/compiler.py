@@ -9,16 +9,25 @@ import time
 import warnings
 from typing import Any
 
+import numpy as np
+
 from . import __version__, outputs, recurrent
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, LUT_LAYOUT, BitplaneFormat
 from .cuda import build
-from .errors import InputError
+from .errors import InputError, InputTypeError
 from .lowering import layers_format
 from .model_import import eval_mode, import_model, layer_names
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
-from .relay_passes import ApplyPBSchedules, PBLinearRewrite, PBLSTMLowering, dense_shapes, lstm_weight_sizes
+from .relay_passes import (
+    ApplyPBSchedules,
+    PBLinearRewrite,
+    PBLSTMLowering,
+    constant_outputs,
+    dense_shapes,
+    lstm_weight_sizes,
+)
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .target import AUTO_LAYOUT, DYNAMIC_BATCH, TargetInfo, library_cpu_features, resolve_target, weight_layout
@@ -70,13 +79,14 @@ def _rewrite(
     for part, (whole, axis, cut) in report.parts.items():  # a slice of a named weight
         if whole in names and part not in names:
             names[part] = _part_name(names[whole], axis, cut)
-    converted = []
-    for c in report.converted:
+    converted, listed = [], set()
+    for c in report.converted:  # one entry per use: an LSTM run twice lists W_ih and W_hh twice
         converted.append({"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c})
-        hh = recurrent.pop(lstms.recurrent_of.get(c["weight_key"], ""), None)
+        hh = recurrent.get(lstms.recurrent_of.get(c["weight_key"], ""))
         if hh:
             converted.append(hh)
-    converted += recurrent.values()
+            listed.add(hh["weight_key"])
+    converted += [hh for key, hh in recurrent.items() if key not in listed]
     # Matmuls are named by the torch module that called them when every one came from pbtvm's
     # converters (then the rewrite's matmul order is the converters' order).
     by_order = owners if len(owners) == report.n_matmuls else []
@@ -108,6 +118,14 @@ def _batch_format(
     if chosen.layout == LUT_LAYOUT and any(k is None or pb_lut.unsupported_reason(chosen, k) for _, k in shapes):
         return fmt
     return chosen
+
+
+def _check_count(name: str, value: Any) -> None:
+    """Refuse a count argument (``trials``, ``batch``) that is not an integer >= 1, naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InputTypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise InputError(f"{name} must be >= 1, got {value}")
 
 
 def _part_name(whole: str, axis: int, cut: slice) -> str:
@@ -182,8 +200,8 @@ def tune(
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
-    if trials < 1:
-        raise InputError(f"trials must be >= 1, got {trials}")
+    _check_count("trials", trials)
+    _check_count("batch", batch)
     auto = layout == AUTO_LAYOUT
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, auto)
     return tune_kernels(
@@ -285,6 +303,9 @@ def compile(
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
+    if tune:
+        _check_count("trials", trials)
+    _check_count("tune_batch", tune_batch)
     mod, specs, dynamic, converted, skipped, fmt = _rewrite(
         model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, layout == AUTO_LAYOUT
     )
@@ -388,6 +409,7 @@ def build_model(
         "has_bitlayers": bool(converted),
         "layers": {"converted": list(converted), "skipped": list(skipped)},
         "tuning": tuning,
+        "constant_outputs": constant_outputs(mod["main"]),  # copied at every call (pbtvm.runtime)
         **(extra or {}),
     }
     return CompiledModel(executable, manifest, TargetInfo.of(tvm_target).device)

@@ -202,7 +202,10 @@ def _check_request(
     if dec.vocab is None:
         raise InputError("generate() needs a decoder with an embedding (token ids in)")
     if need_chunk and not dec.generate_chunk:
-        raise InputError("this decoder was compiled without generate(): compile_decoder(..., generate_chunk=16)")
+        raise InputError(
+            "this decoder was compiled without generate(): it needs an embedding and a head (logits out), "
+            "compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if eos_token is not None and (

@@ -10,9 +10,11 @@ Layout of an exported library (Linux ELF):
   that still holds CUDA source is replaced by an nvcc-built fatbin here, so loading needs no
   compiler.
 
-The manifest's ``checksum`` is a SHA-256 over the rest of the manifest and the devbin blob;
-:func:`verify_checksum` (run by :func:`pbtvm.load`) refuses a library whose manifest was edited
-(e.g. to claim other bits) or whose weights were changed.
+The manifest's ``checksum`` is a SHA-256 over the rest of the manifest and the devbin blob, its
+``code_checksum`` one over every section the loader maps (the CPU kernels' machine code and
+constants; written into the linked file); :func:`verify_checksum` (run by :func:`pbtvm.load`)
+refuses a library whose manifest was edited (e.g. to claim other bits), whose weights were
+changed, or whose code was (a corrupt copy would otherwise load and compute garbage, or crash).
 
 TVM's blob format (tvm-ffi ``SerializeModuleToBytes``): ``u64 nbytes``, then a u64-vector of
 import-tree row pointers, a u64-vector of child indices, then per module a string ``kind`` and,
@@ -48,16 +50,31 @@ class LibraryError(ValueError):
 
 
 # ====================================================================== ELF
-def read_elf_section(path: str, name: str) -> bytes | None:
-    """Bytes of section ``name`` in the ELF64 file ``path``, or None if it has no such section.
+#: ``sh_flags`` bit of sections the loader maps into memory; ``sh_type`` of those without file data.
+SHF_ALLOC = 0x2
+SHT_NOBITS = 8
+
+
+@dataclass
+class ElfSection:
+    """One section header of an ELF64 file."""
+
+    name: str
+    kind: int  # sh_type
+    flags: int  # sh_flags
+    offset: int
+    size: int
+
+
+def elf_sections(data: bytes, path: str) -> list[ElfSection]:
+    """Section headers of the little-endian ELF64 file whose bytes are ``data``.
 
     Raises
     ------
     LibraryError
-        If the file is not a little-endian ELF64 object or its headers are truncated.
+        If the file is not a little-endian ELF64 object, its headers are corrupt, or a section
+        runs past the end of the file (a truncated copy).
     """
-    with open(path, "rb") as f:
-        data = f.read()
     if data[:4] != b"\x7fELF" or len(data) < 64:
         raise LibraryError(f"{path} is not an ELF shared library")
     if data[4] != 2 or data[5] != 1:
@@ -65,23 +82,35 @@ def read_elf_section(path: str, name: str) -> bytes | None:
     try:
         (shoff,) = struct.unpack_from("<Q", data, 0x28)
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-        sections = []
-        for i in range(shnum):
-            off = shoff + i * shentsize
-            sh_name, _, _, _, sh_offset, sh_size = struct.unpack_from("<IIQQQQ", data, off)
-            sections.append((sh_name, sh_offset, sh_size))
-        _, str_off, str_size = sections[shstrndx]
+        headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        *_, str_off, str_size = headers[shstrndx]
         strtab = data[str_off : str_off + str_size]
-        for sh_name, sh_offset, sh_size in sections:
-            end = strtab.index(b"\0", sh_name)
-            if strtab[sh_name:end].decode() == name:
-                if sh_offset + sh_size > len(data):
-                    raise LibraryError(f"{path}: section {name} runs past the end of the file (truncated?)")
-                return data[sh_offset : sh_offset + sh_size]
+        sections = []
+        for sh_name, sh_type, sh_flags, _, sh_offset, sh_size in headers:
+            name = strtab[sh_name : strtab.index(b"\0", sh_name)].decode()
+            if sh_type != SHT_NOBITS and sh_offset + sh_size > len(data):
+                raise LibraryError(f"{path}: section {name} runs past the end of the file (truncated?)")
+            sections.append(ElfSection(name, sh_type, sh_flags, sh_offset, sh_size))
+        return sections
     except (struct.error, IndexError, ValueError) as err:
         if isinstance(err, LibraryError):
             raise
         raise LibraryError(f"{path}: corrupt ELF headers ({err})") from err
+
+
+def read_elf_section(path: str, name: str) -> bytes | None:
+    """Bytes of section ``name`` in the ELF64 file ``path``, or None if it has no such section.
+
+    Raises
+    ------
+    LibraryError
+        As :func:`elf_sections`.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    for section in elf_sections(data, path):
+        if section.name == name:
+            return data[section.offset : section.offset + section.size]
     return None
 
 
@@ -274,7 +303,7 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
         with open(out, "w") as f:
             f.write(_c_array(BLOB_SYMBOL, DEVBIN_SECTION, blob))
         # TVM packs the imports before it compiles the addons: the manifest can hash the blob.
-        signed = {**manifest, "checksum": checksum(manifest, blob)}
+        signed = {**manifest, "checksum": checksum(manifest, blob), CODE_CHECKSUM: _UNSEALED}
         with open(manifest_c, "w") as f:
             f.write(_c_array("pbtvm_manifest", MANIFEST_SECTION, json.dumps(signed, sort_keys=True).encode() + b"\0"))
         return out
@@ -282,13 +311,49 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp, without_scope_warnings():
         manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
         executable.mod.export_library(path, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
+    _seal_code(path)
 
 
 def checksum(manifest: dict, blob: bytes) -> str:
-    """``sha256:<hex>`` over the manifest (without its ``checksum`` entry) and the devbin blob."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "checksum"}, sort_keys=True).encode())
+    """``sha256:<hex>`` over the manifest (without its ``checksum`` and :data:`CODE_CHECKSUM`
+    entries) and the devbin blob."""
+    kept = {k: v for k, v in manifest.items() if k not in ("checksum", CODE_CHECKSUM)}
+    h = hashlib.sha256(json.dumps(kept, sort_keys=True).encode())
     h.update(blob)
     return "sha256:" + h.hexdigest()
+
+
+#: Manifest entry holding the SHA-256 of what the loader maps from the library (:func:`code_checksum`):
+#: the host code and its constants. Written into the linked file (it cannot be known before).
+CODE_CHECKSUM = "code_checksum"
+#: Its value until then: as long as a real one, so the manifest keeps its size when it is written.
+_UNSEALED = "sha256:" + "0" * 64
+
+
+def code_checksum(data: bytes, path: str) -> str:
+    """``sha256:<hex>`` over every section the loader maps from the file ``data`` (the CPU kernels'
+    machine code, their constants, the devbin), each with its name, except the manifest's own."""
+    h = hashlib.sha256()
+    for section in elf_sections(data, path):
+        if section.flags & SHF_ALLOC and section.kind != SHT_NOBITS and section.name != MANIFEST_SECTION:
+            h.update(section.name.encode() + b"\0")
+            h.update(data[section.offset : section.offset + section.size])
+    return "sha256:" + h.hexdigest()
+
+
+def _seal_code(path: str) -> None:
+    """Write the linked library's :func:`code_checksum` over the placeholder in its manifest."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    (manifest,) = [s for s in elf_sections(bytes(data), path) if s.name == MANIFEST_SECTION]
+    at = data.find(_UNSEALED.encode(), manifest.offset, manifest.offset + manifest.size)
+    if at < 0:
+        raise RuntimeError(f"{path}: no code checksum placeholder in the manifest")
+    sealed = code_checksum(bytes(data), path).encode()
+    data[at : at + len(sealed)] = sealed
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(sealed)
 
 
 def verify_checksum(path: str, manifest: dict) -> None:
@@ -300,12 +365,21 @@ def verify_checksum(path: str, manifest: dict) -> None:
     want = manifest.get("checksum")
     if not want:
         raise LibraryError(f"{path}: the pbtvm manifest has no checksum (not written by pbtvm export): re-export it")
-    blob = read_elf_section(path, DEVBIN_SECTION)
-    if blob is None:
+    with open(path, "rb") as f:
+        data = f.read()
+    sections = {s.name: s for s in elf_sections(data, path)}
+    if DEVBIN_SECTION not in sections:
         raise LibraryError(f"{path} has no {DEVBIN_SECTION} section: not a pbtvm library")
-    if checksum(manifest, blob) != want:
+    devbin = sections[DEVBIN_SECTION]
+    if checksum(manifest, data[devbin.offset : devbin.offset + devbin.size]) != want:
         raise LibraryError(
             f"{path}: checksum mismatch: the manifest or the weights were changed after export; re-export the model"
+        )
+    code = manifest.get(CODE_CHECKSUM)  # libraries exported before it existed have none
+    if code is not None and code_checksum(data, path) != code:
+        raise LibraryError(
+            f"{path}: checksum mismatch: the library's code or constants were changed after export (a corrupt "
+            "copy?); copy it again or re-export the model"
         )
 
 

@@ -158,20 +158,20 @@ class PBLSTM:
         (h_n, c_n) : torch.Tensor, each [num_layers, B, hidden]
         """
         torch = _torch()
-        if not isinstance(x, torch.Tensor):
-            x = torch.as_tensor(np.asarray(x))
+        x = _float32_tensor(x, "LSTM input")
         if x.ndim != 3 or x.shape[-1] != self.input_size:
             raise InputError(
                 f"LSTM input must be [T, B, {self.input_size}] (batch_first={self.batch_first}), got {tuple(x.shape)}"
             )
-        if x.dtype != torch.float32:
-            raise InputTypeError(f"LSTM input must be float32, got {x.dtype}")
         if self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = int(x.shape[0]), int(x.shape[1])
         if steps < 1 or batch < 1:
             raise InputError(f"LSTM input needs at least one step and one sequence, got {tuple(x.shape)}")
+        if state is not None and (not isinstance(state, tuple | list) or len(state) != 2):
+            raise InputTypeError(f"state must be a pair (h0, c0), got {type(state).__name__}")
         h0, c0 = state if state is not None else self.initial_state(batch, str(x.device))
+        h0, c0 = _float32_tensor(h0, "h0"), _float32_tensor(c0, "c0")
         want = (self.num_layers, batch, self.hidden_size)
         if tuple(h0.shape) != want or tuple(c0.shape) != want:
             raise InputError(f"state must be two tensors of shape {want}, got {tuple(h0.shape)}, {tuple(c0.shape)}")
@@ -200,6 +200,8 @@ class PBLSTM:
 
         :func:`load_lstm` reads it back with only the TVM runtime (no compiler).
         """
+        if not os.fspath(directory):  # Path("") is the working directory: say so rather than write there
+            raise InputError("export needs a directory to write into, e.g. 'lstm_lib'; got an empty path")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         for layer in range(self.num_layers):
@@ -221,6 +223,17 @@ class PBLSTM:
             f"PBLSTM({self.format.label}, layers={self.num_layers}, input={self.input_size}, "
             f"hidden={self.hidden_size}, batch_first={self.batch_first})"
         )
+
+
+def _float32_tensor(value: Any, what: str) -> Any:
+    """``value`` (a torch tensor or anything numpy reads) as a float32 torch tensor; other dtypes
+    are refused, naming ``what``."""
+    torch = _torch()
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(np.asarray(value))
+    if value.dtype != torch.float32:
+        raise InputTypeError(f"{what} must be float32, got {value.dtype}")
+    return value
 
 
 def compile_lstm(
@@ -259,6 +272,11 @@ def compile_lstm(
     check_module_weights({"": lstm})
     if "calibration" in compile_kwargs:
         raise InputError("calibration is supported by pbtvm.compile only, not by compile_lstm")
+    if compile_kwargs.pop("dynamic_batch", True) is not True:
+        raise InputError(
+            "compile_lstm's layers take any batch and sequence length; dynamic_batch=False is for pbtvm.compile "
+            "(compile a module holding the LSTM with an example of the batch to fix it)"
+        )
     quant = (compile_kwargs.get("codebook", AUTO), compile_kwargs.get("quantizer", "mse"))
     check_codebook(quant[0], bits, quant[1])
     tvm_target = resolve_target(target)

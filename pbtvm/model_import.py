@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from . import recurrent
+from . import outputs, recurrent
 from ._tvm import relax, tvm
 from .errors import InputError, InputTypeError, first_line
 from .lowering import weight_key
@@ -21,6 +21,7 @@ from .relay_passes import (
     BuildableFloatChecks,
     ClipRuntimeIndices,
     NormalizeConstantIndices,
+    OwnConstants,
     PropagateNaN,
     ThroughFloat32,
 )
@@ -73,6 +74,11 @@ def import_model(
             raise InputTypeError(f"example input {i} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0:
             raise InputError(f"example input {i} is a scalar; inputs need a batch dimension")
+        if 0 in x.shape:  # the compiled model could never be called: it takes no empty input
+            raise InputError(
+                f"example input {i} is empty (shape {tuple(x.shape)}); give an example with data in every "
+                "dimension (the compiled model takes other batch sizes too)"
+            )
     # torch.export treats one tensor passed as two inputs as one input (e.g. a zero state as both
     # h0 and c0): the second would be ignored in the compiled model. Give each its own copy.
     pointers: set[int] = set()
@@ -150,6 +156,7 @@ def _import_eval_model(
             f"{module_name(node)}: {_readable(first_line(err))[:300]}; write that step with other ops or keep "
             "it outside the compiled model"
         ) from err
+    mod = OwnConstants()(mod)  # a snapshot: the importer's constants are the model's own tensors
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
     mod = PropagateNaN()(ThroughFloat32()(BuildableFloatChecks()(clip(mod))))
@@ -229,7 +236,8 @@ def _refuse_complex(exported: Any, example_inputs: tuple) -> None:
 
 def _check_runs(model: Any, example_inputs: tuple) -> None:
     """Run the model on the example once (no grad): an example it cannot take (a wrong shape or
-    dtype) is the caller's error, named as such, not a failure deep inside ``torch.export``.
+    dtype) is the caller's error, named as such, not a failure deep inside ``torch.export``; so is
+    an output that is not a tensor (in tuples, lists and dicts).
 
     One more eager forward per compile (``torch.export`` traces the model anyway); a model whose
     forward needs autograd, or changes its own state when called, is reported or changed here.
@@ -238,12 +246,13 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
 
     try:
         with torch.no_grad():
-            model(*example_inputs)
+            out = model(*example_inputs)
     except Exception as err:
         shown = ", ".join(f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" for x in example_inputs)
         raise InputError(
             f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first_line(err)}"
         ) from err
+    outputs.describe(out)  # an output pbtvm cannot return (an int, a string) named before TVM's importer fails on it
 
 
 def layer_names(model: Any) -> dict[str, str]:

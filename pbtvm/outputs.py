@@ -36,8 +36,11 @@ def describe(output: Any) -> Any:
             if not isinstance(key, str | int) or isinstance(key, bool):
                 raise InputTypeError(f"the model returns a dict with key {key!r}; pbtvm keeps str and int keys only")
         return {"dict": [[key, describe(value)] for key, value in output.items()]}
+    name = type(output).__name__
+    shown = repr(output) if len(repr(output)) <= 40 else f"{repr(output)[:37]}..."
     raise InputTypeError(
-        f"the model returns a {type(output).__name__}; pbtvm models return tensors (in tuples/lists/dicts)"
+        f"the model returns {'an' if name[0] in 'aeiou' else 'a'} {name} ({shown}); pbtvm models return tensors "
+        "(in tuples/lists/dicts): return it as a tensor or leave it out of forward"
     )
 
 

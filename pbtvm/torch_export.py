@@ -8,6 +8,7 @@ batch) is dynamic, the others (feature sizes) static.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from typing import Any
@@ -32,7 +33,7 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
             if recurrent_dims:
                 with _quiet_size_one_log():
                     shapes = _free_dims(model, example_inputs)
-                    return torch.export.export(model, example_inputs, dynamic_shapes=shapes), True
+                    return torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, shapes)), True
             batch = torch.export.Dim("batch", min=1)
             # An input of size 1 in dimension 0 beside a larger batch is broadcast over the batch
             # (HF-style position_ids of shape [1, S]): its dimension 0 stays 1.
@@ -51,7 +52,7 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
             traced = tuple(
                 torch.cat([x, x]) if s and x.shape[0] == 1 else x for x, s in zip(example_inputs, shared, strict=True)
             )
-            return torch.export.export(model, traced, dynamic_shapes=shapes), True
+            return torch.export.export(model, traced, dynamic_shapes=by_signature(model, shapes)), True
         except Exception as err:
             if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
                 raise
@@ -62,6 +63,24 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
                 stacklevel=user_stacklevel(),  # the user's compile / tune call
             )
     return torch.export.export(model, example_inputs), False
+
+
+def by_signature(model: Any, shapes: tuple) -> tuple:
+    """``shapes`` (one entry per example input) in the structure of ``model.forward``'s parameters,
+    as ``torch.export`` wants ``dynamic_shapes``: the inputs a ``*args`` parameter takes as one
+    tuple (``forward(self, x, *rest)``: ``(s0, (s1, s2))``). Unchanged without ``*args``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): as given
+        return shapes
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return shapes
+    structured: list = []
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            return (*structured, tuple(shapes[len(structured) :]))
+        structured.append(shapes[len(structured)] if len(structured) < len(shapes) else None)
+    return shapes
 
 
 def _export_reason(err: Exception) -> str:
@@ -96,9 +115,8 @@ def _free_dims(model: Any, example_inputs: tuple) -> tuple:
     import torch
 
     auto = torch.export.Dim.AUTO
-    probe = torch.export.export(
-        model, example_inputs, dynamic_shapes=tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
-    )
+    every = tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
+    probe = torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, every))
     return tuple(
         {d: auto for d, size in enumerate(shape) if _symbolic(size)} or None for shape in _user_input_shapes(probe)
     )

@@ -3,7 +3,8 @@
 The folder keeps its historical name, but TVM >= 0.20 has no Relay: Relax replaced it as TVM's
 graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.relay_passes``.
 
-One pass per file. ``pbtvm.compile`` runs :class:`NormalizeConstantIndices` (TVM's importer
+One pass per file. ``pbtvm.compile`` runs :class:`OwnConstants` (a copy of the model's tensors
+TVM's importer shares), :class:`NormalizeConstantIndices` (TVM's importer
 emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
 ``take`` reads wherever an id points), :class:`BuildableFloatChecks` (``isfinite``, bool
 products and bfloat16 ``isnan`` in forms TVM builds), :class:`ThroughFloat32` (half-precision ops
@@ -17,6 +18,7 @@ from .apply_pb_schedules import ApplyPBSchedules
 from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
+from .own_constants import OwnConstants, constant_outputs
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_shapes
 from .pb_lstm_lowering import PBLSTMLowering, lstm_weight_sizes
 from .propagate_nan import PropagateNaN
@@ -28,10 +30,12 @@ __all__ = [
     "ClipRuntimeIndices",
     "ConversionReport",
     "NormalizeConstantIndices",
+    "OwnConstants",
     "PBLSTMLowering",
     "PBLinearRewrite",
     "PropagateNaN",
     "ThroughFloat32",
+    "constant_outputs",
     "dense_shapes",
     "lstm_weight_sizes",
 ]

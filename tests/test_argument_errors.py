@@ -1,0 +1,142 @@
+"""User mistakes get an error naming the mistake, and models written in less common forms work
+(a newcomer's findings, the twenty-fifth session): ``forward(*args)`` keeps its dynamic batch,
+an empty example, non-tensor outputs, calibration batches, counts, ``compile_lstm`` arguments,
+empty export paths, and the layer list of an LSTM run twice."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm.errors import InputError, InputTypeError
+from pbtvm.lstm import compile_lstm
+
+
+def _compile(model, *example, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pbtvm.compile(model.eval(), example, **{"bits": 8, **kw})
+
+
+class VarArgs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, first, *rest):
+        return self.fc(first) + self.fc(rest[1]) * rest[0][:, :8]
+
+
+def test_a_forward_taking_star_args_keeps_its_dynamic_batch():
+    torch.manual_seed(0)
+    model = VarArgs().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not be made dynamic" warning
+        compiled = pbtvm.compile(model, tuple(torch.randn(4, 16) for _ in range(3)), bits=8)
+    assert compiled.manifest["dynamic_batch"]
+    for batch in (1, 5):
+        xs = tuple(torch.randn(batch, 16) for _ in range(3))
+        want = model(*xs)
+        assert (compiled(*xs) - want).abs().max() < 0.03 * want.abs().max()
+
+
+def test_an_empty_example_is_refused_at_compile_time():
+    with pytest.raises(InputError, match=r"example input 0 is empty \(shape \(0, 16\)\)"):
+        pbtvm.compile(torch.nn.Linear(16, 8).eval(), (torch.randn(0, 16),))
+
+
+class WithCount(torch.nn.Module):
+    def __init__(self, extra) -> None:
+        super().__init__()
+        self.fc, self.extra = torch.nn.Linear(8, 4), extra
+
+    def forward(self, x):
+        return self.fc(x), self.extra
+
+
+@pytest.mark.parametrize(("extra", "named"), [(3, r"an int \(3\)"), ("n", r"a str \('n'\)")])
+def test_a_non_tensor_output_is_named(extra, named):
+    with pytest.raises(InputTypeError, match=rf"the model returns {named}; pbtvm models return tensors"):
+        pbtvm.compile(WithCount(extra).eval(), (torch.randn(2, 8),))
+
+
+def test_calibration_mistakes_are_named():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    with pytest.raises(InputError, match=r"calibration batch 1 \(\[8, 7\] float32\) does not run through the model"):
+        _compile(model, x, bits=2, calibration=[torch.randn(4, 8), torch.randn(8, 7)])
+    with pytest.raises(InputError, match=r"the inputs of 1 \(Linear\) hold NaN or inf"):
+        _compile(model, x, bits=2, calibration=[torch.full((8, 8), float("nan"))])
+    for bad in (5, torch.randn(4, 8)):  # a tensor is one batch, not an iterable of them
+        with pytest.raises(InputTypeError, match="calibration takes an iterable of batches"):
+            _compile(model, x, bits=2, calibration=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tune": True, "trials": 0, "work_dir": "unused"}, "trials must be >= 1, got 0"),
+        ({"tune": True, "trials": -5, "work_dir": "unused"}, "trials must be >= 1, got -5"),
+        ({"tune_batch": 0}, "tune_batch must be >= 1, got 0"),
+        ({"tune_batch": 2.0}, "tune_batch must be an integer >= 1, got float 2.0"),
+    ],
+)
+def test_counts_are_checked(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pbtvm.compile(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),), **kwargs)
+
+
+def test_tune_checks_its_batch(tmp_path):
+    with pytest.raises(InputError, match="batch must be >= 1, got 0"):
+        pbtvm.tune(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),), work_dir=tmp_path, batch=0)
+
+
+def test_compile_lstm_arguments():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(12, 20).eval()
+    with pytest.raises(InputError, match="compile_lstm's layers take any batch and sequence length"):
+        compile_lstm(lstm, bits=4, dynamic_batch=False)
+    compiled = compile_lstm(lstm, bits=4)
+    x, h0, c0 = torch.randn(5, 3, 12), torch.randn(1, 3, 20), torch.randn(1, 3, 20)
+    y, (h, c) = compiled(x, (h0, c0))
+    y_np, (h_np, c_np) = compiled(x, (h0.numpy(), c0.numpy()))  # the state as numpy, as x may be
+    assert torch.equal(y, y_np) and torch.equal(h, h_np) and torch.equal(c, c_np)
+    with pytest.raises(InputTypeError, match="h0 must be float32, got torch.float64"):
+        compiled(x, (h0.double(), c0))
+    with pytest.raises(InputTypeError, match=r"state must be a pair \(h0, c0\)"):
+        compiled(x, h0)
+    with pytest.raises(InputError, match="export needs a directory"):
+        compiled.export("")
+
+
+def test_export_to_an_empty_path_is_named():
+    compiled = _compile(torch.nn.Linear(8, 4), torch.randn(2, 8))
+    with pytest.raises(InputError, match="export needs a file path"):
+        compiled.export("")
+
+
+def test_an_lstm_run_twice_is_listed_twice():
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 12)
+
+        def forward(self, x):
+            return self.lstm(self.lstm(x)[0][..., :8])[0]
+
+    compiled = _compile(Twice(), torch.randn(5, 2, 8), bits=4)
+    names = [layer["name"] for layer in compiled.manifest["layers"]["converted"]]
+    assert names == ["lstm.weight_ih_l0 (LSTM)", "lstm.weight_hh_l0 (LSTM)"] * 2
+
+
+def test_generate_on_a_decoder_without_head_says_what_it_needs():
+    from pbtvm.decoder import compile_decoder
+
+    torch.manual_seed(0)
+    dec = compile_decoder(torch.nn.LSTM(8, 8).eval(), bits=4, embedding=torch.nn.Embedding(10, 8))
+    with pytest.raises(InputError, match=r"needs an embedding and a head .*head=\.\.\."):
+        dec.generate(np.array([1, 2]), 3)

@@ -1,0 +1,141 @@
+"""What a compiled or exported model holds stays as it was compiled (a newcomer's findings, the
+twenty-fifth session): the torch model's full-precision tensors are copied, not shared; an
+output that is one of the model's constants is handed out as a copy; a library whose machine
+code was changed after export is refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import library
+from pbtvm._tvm import relax, tvm
+from pbtvm.relay_passes import OwnConstants, constant_outputs
+
+
+def _compile(model, *example, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pbtvm.compile(model.eval(), example, **{"bits": 8, **kw})
+
+
+class NormAndBuffer(torch.nn.Module):
+    """A PB layer between ops that stay in full precision (LayerNorm, an added buffer), and a
+    buffer returned as an output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(12)
+        self.fc = torch.nn.Linear(12, 6)
+        self.register_buffer("shift", torch.arange(6.0))
+
+    def forward(self, x):
+        return self.fc(self.norm(x)) + self.shift, self.shift.clone()
+
+
+def test_the_compiled_model_does_not_follow_later_changes_of_the_torch_model(tmp_path):
+    torch.manual_seed(0)
+    model = NormAndBuffer().eval()
+    x = torch.randn(3, 12)
+    compiled = _compile(model, x)
+    before = [t.clone() for t in compiled(x)]
+    with torch.no_grad():  # training after compile, or an edit: none of it reaches the compiled model
+        model.norm.weight.mul_(3)
+        model.norm.bias.add_(1)
+        model.shift.add_(100)
+        model.fc.weight.mul_(2)
+    after = compiled(x)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    path = compiled.export(tmp_path / "m.so")  # exports the model as compiled, too
+    assert all(torch.equal(a, b) for a, b in zip(pbtvm.load(path)(x), before, strict=True))
+
+
+def test_an_output_that_is_a_constant_is_a_copy():
+    torch.manual_seed(0)
+    model = NormAndBuffer().eval()
+    x = torch.randn(3, 12)
+    compiled = _compile(model, x)
+    assert compiled.manifest["constant_outputs"] == [1]
+    _, shift = compiled(x)
+    shift.add_(100)  # the caller's tensor: neither the model's buffer nor later results change
+    assert torch.equal(compiled(x)[1], torch.arange(6.0)) and torch.equal(model.shift, torch.arange(6.0))
+    y = compiled(x.numpy())[1]  # numpy outputs are copies anyway
+    y += 1
+    assert np.array_equal(compiled(x.numpy())[1], np.arange(6.0, dtype=np.float32))
+
+
+def test_constant_outputs_sees_through_views():
+    x = relax.Var("x", relax.TensorType([2, 3], "float32"))
+    table = relax.const(np.zeros((2, 3), np.float32))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            kept = bb.emit(table)
+            view = bb.emit(relax.op.reshape(kept, (3, 2)))
+            computed = bb.emit(relax.op.add(x, table))
+            out = bb.emit_output(relax.Tuple([computed, view, x, kept]))
+        bb.emit_func_output(out)
+    assert constant_outputs(bb.get()["main"]) == [1, 3]
+
+
+def test_own_constants_copies_each_shared_tensor_once():
+    """Two constants on one torch tensor (a tied weight) stay one copy; the copy is not the tensor."""
+    weight = torch.randn(4, 3)
+    shared = tvm.runtime.from_dlpack(weight)
+    x = relax.Var("x", relax.TensorType([2, 3], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        a = bb.emit(relax.op.matmul(x, relax.op.permute_dims(relax.const(shared))))
+        b = bb.emit(relax.op.matmul(x, relax.op.permute_dims(relax.const(tvm.runtime.from_dlpack(weight)))))
+        bb.emit_func_output(relax.Tuple([a, b]))
+    own = OwnConstants()
+    mod = own(bb.get())
+    assert own.copied == 1
+    consts = []
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: consts.append(e) if isinstance(e, tvm.ir.GenericConst) else None
+    )
+    assert len({c.value.data_ptr() for c in consts}) == 1 and consts[0].value.data_ptr() != weight.data_ptr()
+    weight.mul_(2)
+    assert np.array_equal(consts[0].value.numpy() * 2, weight.numpy())
+
+
+def _text_section(path) -> library.ElfSection:
+    data = open(path, "rb").read()
+    return next(s for s in library.elf_sections(data, str(path)) if s.name == ".text")
+
+
+def test_a_library_whose_code_was_changed_refuses_to_load(tmp_path):
+    torch.manual_seed(0)
+    compiled = _compile(torch.nn.Linear(16, 8), torch.randn(2, 16))
+    path = compiled.export(tmp_path / "m.so")
+    manifest = library.read_manifest(str(path))
+    assert (
+        manifest[library.CODE_CHECKSUM].startswith("sha256:") and manifest[library.CODE_CHECKSUM] != library._UNSEALED
+    )
+    assert pbtvm.load(path)
+    text = _text_section(path)
+    data = bytearray(open(path, "rb").read())
+    for at in (text.offset + 7, text.offset + text.size // 2):  # one flipped byte of machine code
+        flipped = bytearray(data)
+        flipped[at] ^= 0x10
+        bad = tmp_path / f"bad{at}.so"
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(library.LibraryError, match="code or constants were changed"):
+            pbtvm.load(bad)
+
+
+def test_a_library_exported_before_the_code_checksum_still_loads(tmp_path):
+    """The manifest's own checksum leaves the code checksum out: a manifest without one (an older
+    export) is checked as before."""
+    torch.manual_seed(0)
+    path = _compile(torch.nn.Linear(16, 8), torch.randn(2, 16)).export(tmp_path / "m.so")
+    manifest = library.read_manifest(str(path))
+    older = {k: v for k, v in manifest.items() if k != library.CODE_CHECKSUM}
+    library.verify_checksum(str(path), older)
+    with pytest.raises(library.LibraryError, match="manifest or the weights"):
+        library.verify_checksum(str(path), {**older, "bits_claimed": 2})
