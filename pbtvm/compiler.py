@@ -24,9 +24,9 @@ from .relay_passes import (
     ApplyPBSchedules,
     PBLinearRewrite,
     PBLSTMLowering,
-    constant_outputs,
     dense_shapes,
     lstm_weight_sizes,
+    outputs_to_copy,
 )
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
@@ -409,7 +409,7 @@ def build_model(
         "has_bitlayers": bool(converted),
         "layers": {"converted": list(converted), "skipped": list(skipped)},
         "tuning": tuning,
-        "constant_outputs": constant_outputs(mod["main"]),  # copied at every call (pbtvm.runtime)
+        "copied_outputs": outputs_to_copy(mod["main"]),  # copied at every call (pbtvm.runtime)
         **(extra or {}),
     }
     return CompiledModel(executable, manifest, TargetInfo.of(tvm_target).device)

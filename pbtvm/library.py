@@ -9,12 +9,15 @@ Layout of an exported library (Linux ELF):
   serialized import tree (VM bytecode with the packed weights, device modules). Any CUDA module
   that still holds CUDA source is replaced by an nvcc-built fatbin here, so loading needs no
   compiler.
+* ``.pbtvm_codesum``: a SHA-256 over the other allocated sections (:func:`code_checksum`: the CPU
+  kernels' machine code, their constants), written into the linked file before it is moved to
+  its name.
 
-The manifest's ``checksum`` is a SHA-256 over the rest of the manifest and the devbin blob, its
-``code_checksum`` one over every section the loader maps (the CPU kernels' machine code and
-constants; written into the linked file); :func:`verify_checksum` (run by :func:`pbtvm.load`)
-refuses a library whose manifest was edited (e.g. to claim other bits), whose weights were
-changed, or whose code was (a corrupt copy would otherwise load and compute garbage, or crash).
+The manifest's ``checksum`` is a SHA-256 over the rest of the manifest and the devbin blob;
+:func:`verify_checksum` (run by :func:`pbtvm.load`) refuses a library whose manifest was edited
+(e.g. to claim other bits), whose weights were changed, or whose code was (a corrupt copy would
+otherwise load and compute garbage, or crash). Libraries exported before ``.pbtvm_codesum``
+existed have no such section and are checked as before; older pbtvm versions ignore it.
 
 TVM's blob format (tvm-ffi ``SerializeModuleToBytes``): ``u64 nbytes``, then a u64-vector of
 import-tree row pointers, a u64-vector of child indices, then per module a string ``kind`` and,
@@ -32,6 +35,7 @@ import struct
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +46,8 @@ from .cuda import compile_fatbin
 
 MANIFEST_SECTION = ".pbtvm_manifest"
 DEVBIN_SECTION = ".pbtvm_devbin"
+#: Section holding :func:`code_checksum` of the linked library (written into it after linking).
+CODE_SECTION = ".pbtvm_codesum"
 BLOB_SYMBOL = "__tvm_ffi__library_bin"
 
 
@@ -303,56 +309,62 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
         with open(out, "w") as f:
             f.write(_c_array(BLOB_SYMBOL, DEVBIN_SECTION, blob))
         # TVM packs the imports before it compiles the addons: the manifest can hash the blob.
-        signed = {**manifest, "checksum": checksum(manifest, blob), CODE_CHECKSUM: _UNSEALED}
+        signed = {**manifest, "checksum": checksum(manifest, blob)}
         with open(manifest_c, "w") as f:
             f.write(_c_array("pbtvm_manifest", MANIFEST_SECTION, json.dumps(signed, sort_keys=True).encode() + b"\0"))
+            f.write(_c_array("pbtvm_codesum", CODE_SECTION, _UNSEALED.encode() + b"\0"))
         return out
 
-    with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp, without_scope_warnings():
-        manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
-        executable.mod.export_library(path, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
-    _seal_code(path)
+    # Linked beside ``path`` under a name of its own, sealed, then moved over ``path`` in one step:
+    # no reader (or concurrent export) ever sees an unsealed or half-written library there.
+    folder, name = os.path.split(os.path.abspath(path))
+    linked = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.so")
+    try:
+        with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp, without_scope_warnings():
+            manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
+            executable.mod.export_library(linked, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
+        _seal_code(linked)
+        os.replace(linked, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(linked)
 
 
 def checksum(manifest: dict, blob: bytes) -> str:
-    """``sha256:<hex>`` over the manifest (without its ``checksum`` and :data:`CODE_CHECKSUM`
-    entries) and the devbin blob."""
-    kept = {k: v for k, v in manifest.items() if k not in ("checksum", CODE_CHECKSUM)}
-    h = hashlib.sha256(json.dumps(kept, sort_keys=True).encode())
+    """``sha256:<hex>`` over the manifest (without its ``checksum`` entry) and the devbin blob."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "checksum"}, sort_keys=True).encode())
     h.update(blob)
     return "sha256:" + h.hexdigest()
 
 
-#: Manifest entry holding the SHA-256 of what the loader maps from the library (:func:`code_checksum`):
-#: the host code and its constants. Written into the linked file (it cannot be known before).
-CODE_CHECKSUM = "code_checksum"
-#: Its value until then: as long as a real one, so the manifest keeps its size when it is written.
+#: :data:`CODE_SECTION`'s content until the library is sealed: as long as a real checksum.
 _UNSEALED = "sha256:" + "0" * 64
+#: Sections :func:`code_checksum` leaves out: its own, and those the manifest's checksum covers.
+_NOT_CODE = (MANIFEST_SECTION, DEVBIN_SECTION, CODE_SECTION)
 
 
 def code_checksum(data: bytes, path: str) -> str:
-    """``sha256:<hex>`` over every section the loader maps from the file ``data`` (the CPU kernels'
-    machine code, their constants, the devbin), each with its name, except the manifest's own."""
+    """``sha256:<hex>`` over every allocated section with file data of the ELF file ``data`` (the
+    CPU kernels' machine code, their constants, the dynamic linking tables), each with its name,
+    except :data:`_NOT_CODE`."""
     h = hashlib.sha256()
     for section in elf_sections(data, path):
-        if section.flags & SHF_ALLOC and section.kind != SHT_NOBITS and section.name != MANIFEST_SECTION:
+        if section.flags & SHF_ALLOC and section.kind != SHT_NOBITS and section.name not in _NOT_CODE:
             h.update(section.name.encode() + b"\0")
             h.update(data[section.offset : section.offset + section.size])
     return "sha256:" + h.hexdigest()
 
 
 def _seal_code(path: str) -> None:
-    """Write the linked library's :func:`code_checksum` over the placeholder in its manifest."""
+    """Write the linked library's :func:`code_checksum` over the placeholder in :data:`CODE_SECTION`."""
     with open(path, "rb") as f:
-        data = bytearray(f.read())
-    (manifest,) = [s for s in elf_sections(bytes(data), path) if s.name == MANIFEST_SECTION]
-    at = data.find(_UNSEALED.encode(), manifest.offset, manifest.offset + manifest.size)
-    if at < 0:
-        raise RuntimeError(f"{path}: no code checksum placeholder in the manifest")
-    sealed = code_checksum(bytes(data), path).encode()
-    data[at : at + len(sealed)] = sealed
+        data = f.read()
+    (section,) = [s for s in elf_sections(data, path) if s.name == CODE_SECTION]
+    if not data[section.offset : section.offset + section.size].startswith(_UNSEALED.encode()):
+        raise RuntimeError(f"{path}: no code checksum placeholder in {CODE_SECTION}")
+    sealed = code_checksum(data, path).encode()
     with open(path, "r+b") as f:
-        f.seek(at)
+        f.seek(section.offset)
         f.write(sealed)
 
 
@@ -375,8 +387,13 @@ def verify_checksum(path: str, manifest: dict) -> None:
         raise LibraryError(
             f"{path}: checksum mismatch: the manifest or the weights were changed after export; re-export the model"
         )
-    code = manifest.get(CODE_CHECKSUM)  # libraries exported before it existed have none
-    if code is not None and code_checksum(data, path) != code:
+    if CODE_SECTION not in sections:  # exported before the code checksum existed
+        return
+    code = sections[CODE_SECTION]
+    code = data[code.offset : code.offset + code.size].rstrip(b"\0").decode(errors="replace")
+    if code == _UNSEALED:
+        raise LibraryError(f"{path}: its export did not finish (the library was never sealed); export it again")
+    if code_checksum(data, path) != code:
         raise LibraryError(
             f"{path}: checksum mismatch: the library's code or constants were changed after export (a corrupt "
             "copy?); copy it again or re-export the model"

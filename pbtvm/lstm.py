@@ -200,7 +200,7 @@ class PBLSTM:
 
         :func:`load_lstm` reads it back with only the TVM runtime (no compiler).
         """
-        if not os.fspath(directory):  # Path("") is the working directory: say so rather than write there
+        if not os.fspath(directory):  # an empty setting, not a wish to write into the working directory
             raise InputError("export needs a directory to write into, e.g. 'lstm_lib'; got an empty path")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

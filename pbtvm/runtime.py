@@ -52,8 +52,8 @@ class CompiledModel:
         self._staging: dict[tuple, Any] = {}  # (input, shape) -> aligned tensor that unaligned inputs are copied into
         structure = manifest.get("output_structure")
         self._one_tensor = structure == outputs.TENSOR or (structure is None and manifest["single_output"])
-        # outputs the VM returns as the model's own constant tensors: handed out as copies
-        self._constant_outputs = frozenset(manifest.get("constant_outputs", ()))
+        # outputs the VM may return as memory it keeps (constants, staged inputs): handed out as copies
+        self._copied_outputs = frozenset(manifest.get("copied_outputs", ()))
         # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
         # from several threads take turns (see README, "Thread safety, NaN and op semantics").
         self._lock = threading.Lock()
@@ -211,10 +211,10 @@ class CompiledModel:
                 args.append(self._bitlayers_arg(layers))
             out = self._main(*args)
         as_torch = _is_torch(inputs[0])
-        if self._one_tensor and not self._constant_outputs:  # the common case, without the general rebuild
+        if self._one_tensor and not self._copied_outputs:  # the common case, without the general rebuild
             return _from_tvm(out[0] if isinstance(out, tvm.ir.Array) else out, as_torch)
         outs = list(out) if isinstance(out, tvm.ir.Array | list | tuple) else [out]
-        converted = [_from_tvm(o, as_torch, i in self._constant_outputs) for i, o in enumerate(outs)]
+        converted = [_from_tvm(o, as_torch, i in self._copied_outputs) for i, o in enumerate(outs)]
         if self._one_tensor:
             return converted[0]
         structure = self.manifest.get("output_structure")
@@ -336,8 +336,8 @@ def _is_torch(value: Any) -> bool:
 
 
 def _from_tvm(value: Any, as_torch: bool, copy: bool = False) -> Any:
-    """``value`` (a VM output) as a torch tensor sharing its memory, or a copy when ``copy`` (one
-    of the model's constants), or as a numpy array (always a copy)."""
+    """``value`` (a VM output) as a torch tensor sharing its memory, or a copy when ``copy`` (memory
+    the model keeps: :func:`pbtvm.relay_passes.outputs_to_copy`), or as a numpy array (always a copy)."""
     if as_torch:
         import torch
 

@@ -68,18 +68,18 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
 def by_signature(model: Any, shapes: tuple) -> tuple:
     """``shapes`` (one entry per example input) in the structure of ``model.forward``'s parameters,
     as ``torch.export`` wants ``dynamic_shapes``: the inputs a ``*args`` parameter takes as one
-    tuple (``forward(self, x, *rest)``: ``(s0, (s1, s2))``). Unchanged without ``*args``."""
+    tuple (``forward(self, x, *rest)``: ``(s0, (s1, s2))``). Unchanged without ``*args``, or when
+    the example gives it nothing (the inputs all go to the parameters before it)."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):  # no signature to read (a builtin): as given
         return shapes
-    if not any(p.kind is p.VAR_POSITIONAL for p in params):
-        return shapes
-    structured: list = []
-    for p in params:
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for n, p in enumerate(params):
         if p.kind is p.VAR_POSITIONAL:
-            return (*structured, tuple(shapes[len(structured) :]))
-        structured.append(shapes[len(structured)] if len(structured) < len(shapes) else None)
+            return shapes if len(shapes) <= n else (*shapes[:n], tuple(shapes[n:]))
+        if p.kind not in positional:
+            break
     return shapes
 
 

@@ -18,7 +18,7 @@ from .apply_pb_schedules import ApplyPBSchedules
 from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
-from .own_constants import OwnConstants, constant_outputs
+from .own_constants import OwnConstants, outputs_to_copy
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_shapes
 from .pb_lstm_lowering import PBLSTMLowering, lstm_weight_sizes
 from .propagate_nan import PropagateNaN
@@ -35,7 +35,7 @@ __all__ = [
     "PBLinearRewrite",
     "PropagateNaN",
     "ThroughFloat32",
-    "constant_outputs",
     "dense_shapes",
     "lstm_weight_sizes",
+    "outputs_to_copy",
 ]

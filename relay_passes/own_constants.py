@@ -58,34 +58,58 @@ class OwnConstants:
         return mod
 
 
-#: Ops the VM runs as views of their first argument (no copy): a constant seen through them is
-#: still the module's own memory.
-VIEW_OPS = ("relax.reshape", "relax.memory.view")
+#: Ops whose result the VM may hand back as a view of their first argument: TVM's build turns
+#: reshape-like kernels (``expand_dims``, ``squeeze``, ``flatten``, a ``permute_dims`` that only
+#: moves axes of size 1 ...) into ``vm.builtin.reshape``, which copies nothing. Listed wider than
+#: that: an output seen through one of them is copied, which costs a memcpy at most.
+VIEW_OPS = (
+    "relax.reshape",
+    "relax.memory.view",
+    "relax.expand_dims",
+    "relax.squeeze",
+    "relax.flatten",
+    "relax.permute_dims",
+    "relax.astype",
+    "relax.strided_slice",
+    "relax.broadcast_to",
+)
 
 
-def constant_outputs(func: relax.Function) -> list[int]:
-    """Positions of ``func``'s (flat) outputs whose value is one of the module's constants, directly
-    or through :data:`VIEW_OPS`: the VM returns such an output as that very tensor, so a caller
-    that changed it in place would change every later call's result (the runtime copies these)."""
+def outputs_to_copy(func: relax.Function) -> list[int]:
+    """Positions of ``func``'s (flat) outputs the VM may return as memory that outlives the call,
+    which the runtime therefore hands out as copies: one of the module's constants or one of its
+    inputs (an unaligned input is staged in a buffer the next call reuses), directly or through
+    :data:`VIEW_OPS`, and any value computed from constants alone (TVM may fold it into one). A
+    caller changing such an output in place would otherwise change the model's own tensors and
+    every later call's result, or find it overwritten by the next call."""
     body = func.body
     blocks, result = (body.blocks, body.body) if isinstance(body, relax.SeqExpr) else ([], body)
     bound = {}
+    depends = set(func.params)  # vars whose value depends on an input
     for block in blocks:
         for binding in block.bindings:
-            if isinstance(binding, relax.VarBinding):
-                bound[binding.var] = binding.value
+            if isinstance(binding, relax.VarBinding | relax.MatchCast):
+                value = binding.value
+                bound[binding.var] = value
+                if any(v in depends for v in relax.analysis.free_vars(value)):
+                    depends.add(binding.var)
 
     def value_of(expr: relax.Expr) -> relax.Expr:
         while isinstance(expr, relax.Var) and expr in bound:
             expr = bound[expr]
         return expr
 
-    def constant(expr: relax.Expr) -> bool:
+    def kept(expr: relax.Expr) -> bool:  # a constant or an input, maybe through views
         expr = value_of(expr)
         if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in VIEW_OPS:
-            return constant(expr.args[0])
-        return isinstance(expr, tvm.ir.GenericConst)
+            return kept(expr.args[0])
+        return isinstance(expr, tvm.ir.GenericConst) or any(expr.same_as(p) for p in func.params)
+
+    def from_constants_only(expr: relax.Expr) -> bool:
+        return not any(v in depends for v in relax.analysis.free_vars(expr)) and not (
+            isinstance(expr, relax.Var) and expr in depends
+        )
 
     result = value_of(result)
     leaves = list(result.fields) if isinstance(result, relax.Tuple) else [result]
-    return [i for i, leaf in enumerate(leaves) if constant(leaf)]
+    return [i for i, leaf in enumerate(leaves) if kept(leaf) or from_constants_only(leaf)]

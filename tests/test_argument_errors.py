@@ -44,6 +44,25 @@ def test_a_forward_taking_star_args_keeps_its_dynamic_batch():
         assert (compiled(*xs) - want).abs().max() < 0.03 * want.abs().max()
 
 
+def test_star_args_given_nothing_keep_the_dynamic_batch_too():
+    torch.manual_seed(0)
+
+    class Rest(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x, y=None, *rest):
+            return self.fc(x) + (0 if y is None else y) + sum(rest)
+
+    for example in ((torch.randn(3, 4),), (torch.randn(3, 4),) * 2, (torch.randn(3, 4),) * 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compiled = pbtvm.compile(Rest().eval(), example, bits=8)
+        assert compiled.manifest["dynamic_batch"], len(example)
+        assert compiled(*[torch.randn(5, 4) for _ in example]).shape == (5, 4)
+
+
 def test_an_empty_example_is_refused_at_compile_time():
     with pytest.raises(InputError, match=r"example input 0 is empty \(shape \(0, 16\)\)"):
         pbtvm.compile(torch.nn.Linear(16, 8).eval(), (torch.randn(0, 16),))
