@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -291,7 +292,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.model != "mnist-mlp":
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
     bits = bits_list(args.bits)
-    act = bits_list(args.act_bits_sweep) if args.act_bits_sweep else []
+    act = bits_list(args.act_bits_sweep, "--act-bits-sweep") if args.act_bits_sweep else []
+    for flag, path in (("--table", args.table), ("--plot", args.plot)):  # before the sweep, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise CLIError(f"{flag} {path}: the directory {folder} does not exist")
     rows = evaluate_tradeoffs(bits=bits, act_bits_sweep=act, knob=not args.no_knob, target=parse_target(args.target))
     table = write_table(rows, args.table)
     print(table)
@@ -396,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat",
         type=_positive_int,
         default=50,
-        help="timed calls per model, in 5 rounds taking turns; the median is shown with the fastest and slowest round (default 50)",
+        help=(
+            "timed calls per model, in 5 rounds taking turns, at least 2 a round; the median is shown with the "
+            "fastest and slowest round (default 50)"
+        ),
     )
     p.add_argument("--work-dir", help="tuning log directory to use")
     p.set_defaults(func=cmd_bench)

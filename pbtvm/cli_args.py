@@ -109,9 +109,15 @@ def parse_target(text: str) -> Any:
     return text
 
 
-def bits_list(text: str) -> list[int]:
-    """``--bits 1,2,4``: comma-separated integers."""
+def bits_list(text: str, flag: str = "--bits") -> list[int]:
+    """``--bits 1,2,4``: comma-separated integers, each once."""
     try:
-        return [int(b) for b in text.split(",") if b]
+        values = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise CLIError(f"--bits must be comma-separated integers, got {text!r}") from None
+        raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    twice = sorted({b for b in values if values.count(b) > 1})
+    if twice:
+        raise CLIError(f"{flag} lists {', '.join(map(str, twice))} more than once: {text!r}")
+    if not values:
+        raise CLIError(f"{flag} lists no bit width: {text!r}")
+    return values

@@ -233,12 +233,23 @@ class PBDecoder:
                 raise InputError(f"token ids must lie in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
         if state is None:
             state = self.initial_state(str(inputs.device) if device != "cpu" else "cpu")
+        elif not isinstance(state, tuple | list) or len(state) != 2:
+            shown = f"{len(state)} items" if isinstance(state, tuple | list) else type(state).__name__
+            raise InputTypeError(f"state must be a pair (h, c), got {shown}")
         out, h, c = self.model(inputs, *state, bitlayers=bitlayers)
         return out, (h, c)
 
     def export(self, path: str | os.PathLike) -> str:
         """Write the decoder as one deployable .so; :func:`load_decoder` reads it back."""
         return self.model.export(os.fspath(path))
+
+    def __reduce__(self) -> Any:
+        """Refused: the model holds a native TVM module, which pickle (``copy.deepcopy``,
+        ``torch.save``) cannot carry; it is saved and moved as a library."""
+        raise TypeError(
+            "a compiled pbtvm model cannot be pickled or deep-copied (it holds a native TVM module): "
+            "save it with dec.export(path) and read it back with pbtvm.decoder.load_decoder(path)"
+        )
 
     def __repr__(self) -> str:
         start = f"vocab={self.vocab}" if self.vocab is not None else "x input"

@@ -41,6 +41,8 @@ from .user_frame import user_stacklevel
 
 #: Tokens per chunk call when :func:`pbtvm.decoder.compile_decoder` is not told.
 DEFAULT_CHUNK = 16
+#: Most new tokens one generate() call takes (its step counter and token positions stay int32-sized).
+MAX_NEW_TOKENS = 2**31 - 1
 CHUNK_FUNCS = {False: "generate_chunk", True: "generate_chunk_logits"}
 #: Runs N prompt tokens through the layers only (no head, no pick).
 PREFILL_FUNC = "prefill_chunk"
@@ -208,6 +210,8 @@ def _check_request(
         )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise InputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS:,} per call, got {max_new_tokens:,}")
     if eos_token is not None and (
         isinstance(eos_token, bool) or not isinstance(eos_token, int | np.integer) or not 0 <= eos_token < dec.vocab
     ):
@@ -361,7 +365,7 @@ def generate(
         done, temp = kept.not_done, kept.temperature(sampling.temperature)
         fn, outs, done_here = model._vm[CHUNK_FUNCS[bool(return_logits)]], [], None
         for k in range(n_chunks):  # the chunk's outputs are the next chunk's inputs: no host work
-            res = fn(token, forced[k], done, ctrl, temp, h, c, layers_arg)
+            res = fn(token, forced.get(k, kept.no_forcing), done, ctrl, temp, h, c, layers_arg)
             token, done, ctrl, h, c = res[1], res[2], res[3], res[4], res[5]
             outs.append((res[0], res[6] if return_logits else None))
             done_here = None  # the host copy of this chunk's ``done``, where the end-token check made one
@@ -377,8 +381,9 @@ def generate(
     return _result(prompt, dec, tokens[:, :n], None if logits is None else logits[:n].transpose(1, 0, 2))
 
 
-def _forced_inputs(kept: _ChunkInputs, ids: np.ndarray, first: int, steps: int, n_chunks: int, chunk: int) -> list:
-    """The ``forced`` input of each chunk call, int64 [chunk, batch] (``-1``: pick).
+def _forced_inputs(kept: _ChunkInputs, ids: np.ndarray, first: int, steps: int, n_chunks: int, chunk: int) -> dict:
+    """The ``forced`` input of the chunk calls that force tokens, by chunk index, int64 [chunk,
+    batch] (``-1``: pick); the others take ``kept.no_forcing``.
 
     The first chunk feeds the prompt tokens the prefill chunks left. The last chunk's steps past
     the request are forced too (token 0; they are not returned): a forced step draws nothing and
@@ -393,10 +398,7 @@ def _forced_inputs(kept: _ChunkInputs, ids: np.ndarray, first: int, steps: int, 
     if past:
         last = plans.setdefault(n_chunks - 1, np.full((chunk, batch), -1, np.int64))
         last[chunk - past :] = 0
-    forced = [kept.no_forcing] * n_chunks
-    for k, plan in plans.items():
-        forced[k] = kept.write("forced" if k == 0 else "forced_last", plan)
-    return forced
+    return {k: kept.write("forced" if k == 0 else "forced_last", plan) for k, plan in plans.items()}
 
 
 def _finished(done: np.ndarray) -> bool:

@@ -218,6 +218,14 @@ class PBLSTM:
         (out / "lstm.json").write_text(json.dumps(meta, indent=1) + "\n")
         return out
 
+    def __reduce__(self) -> Any:
+        """Refused: the model holds a native TVM module, which pickle (``copy.deepcopy``,
+        ``torch.save``) cannot carry; it is saved and moved as a library."""
+        raise TypeError(
+            "a compiled pbtvm model cannot be pickled or deep-copied (it holds a native TVM module): "
+            "save it with m.export(directory) and read it back with pbtvm.lstm.load_lstm(directory)"
+        )
+
     def __repr__(self) -> str:
         return (
             f"PBLSTM({self.format.label}, layers={self.num_layers}, input={self.input_size}, "

@@ -64,6 +64,12 @@ def import_model(
 
     if not isinstance(model, torch.nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    scripted = [name or "the model" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:  # torch.export traces eager Python; on TorchScript it fails with an unrelated TypeError
+        raise InputTypeError(
+            f"pbtvm compiles eager torch modules; {', '.join(scripted[:5])} "
+            f"{'is' if len(scripted) == 1 else 'are'} TorchScript (torch.jit.script / trace): pass the eager module"
+        )
     if not isinstance(example_inputs, tuple | list):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)

@@ -83,6 +83,9 @@ class CompiledModel:
             TargetInfo.from_summary(self.manifest["target"]).check_local_gpu()
             self._dev = tvm.cuda(int(index or 0))
         else:
+            problem = cpu_problem(self.manifest, "this model")  # e.g. compiled here for another CPU
+            if problem:
+                raise InputError(f"{problem}; export it to run it on such a CPU")
             self._dev = tvm.cpu(0)
         self._vm = relax.VirtualMachine(self._module, self._dev)
         self._main = self._vm["main"]
@@ -253,6 +256,14 @@ class CompiledModel:
         library.export_library(self._module, path, self.manifest, arch)
         return path
 
+    def __reduce__(self) -> Any:
+        """Refused: the model holds a native TVM module, which pickle (``copy.deepcopy``,
+        ``torch.save``) cannot carry; it is saved and moved as a library."""
+        raise TypeError(
+            "a compiled pbtvm model cannot be pickled or deep-copied (it holds a native TVM module): "
+            "save it with m.export(path) and read it back with pbtvm.load(path)"
+        )
+
     def __repr__(self) -> str:
         m = self.manifest
         return (
@@ -399,6 +410,30 @@ def load(path: str, device: str | None = None):
     return model
 
 
+def skip_cpu_check() -> bool:
+    """Whether ``PBTVM_SKIP_CPU_CHECK`` asks to skip the CPU feature check: ``1``, ``true``,
+    ``yes`` or ``on`` (any case); anything else, ``0``/``false``/``no`` included, keeps it."""
+    return os.environ.get(ENV_SKIP_CPU_CHECK, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cpu_problem(manifest: dict, what: str) -> str | None:
+    """Why the CPU model of ``manifest`` (``what``: a library path, or "this model") must not run on
+    this machine: the CPU features it was compiled for that this CPU lacks. None when it may run
+    (other targets; the check skipped, :func:`skip_cpu_check`)."""
+    info = TargetInfo.from_summary(manifest["target"])
+    if info.kind != "llvm" or skip_cpu_check():
+        return None
+    missing = missing_cpu_features(manifest.get("cpu_features", []))
+    if not missing:
+        return None
+    return (
+        f"{what} was compiled for a CPU with {', '.join(missing)} ({info.mcpu}), which this CPU lacks: "
+        "running it may stop the process with an illegal instruction. Compile it for a CPU both have "
+        "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}, or target='llvm' for this one); if this CPU does "
+        f"have them (neither Linux nor LLVM lists them), {ENV_SKIP_CPU_CHECK}=1 skips this check"
+    )
+
+
 def load_model(path: str, device: str | None = None) -> CompiledModel:
     """:func:`load`, always as the :class:`CompiledModel` (a decoder's step function unwrapped)."""
     path = os.fspath(path)
@@ -412,15 +447,9 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     device = device or built_for
     if device.partition(":")[0] != built_for:
         raise library.LibraryError(f"{path} was compiled for {kind} and cannot run on device {device!r}")
-    check = kind == "llvm" and os.environ.get(ENV_SKIP_CPU_CHECK, "0") in ("", "0")
-    missing = missing_cpu_features(manifest.get("cpu_features", [])) if check else []
-    if missing:
-        raise library.LibraryError(
-            f"{path} was compiled for a CPU with {', '.join(missing)} ({info.mcpu}), which this CPU lacks: "
-            "running it may stop the process with an illegal instruction. Compile it for a CPU both have "
-            "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}); if this CPU does have them (neither Linux "
-            f"nor LLVM lists them), {ENV_SKIP_CPU_CHECK}=1 skips this check"
-        )
+    problem = cpu_problem(manifest, path)
+    if problem:
+        raise library.LibraryError(problem)
     try:
         with library.without_scope_warnings():
             module = tvm.runtime.load_module(path)

@@ -198,7 +198,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
     ValueError
         (:class:`~pbtvm.errors.InputError`) For unknown target kinds, an ``mcpu`` or an ``mattr``
         feature LLVM does not know (with the closest names), an ``mattr`` entry without its
-        ``+`` / ``-``, a CUDA ``arch`` not spelt like ``sm_90``, or ``cuda`` with
+        ``+`` / ``-``, an ``mtriple`` of another architecture than this machine's (no
+        cross-compiling), a CUDA ``arch`` not spelt like ``sm_90``, or ``cuda`` with
         neither an arch nor a local GPU.
     """
     if isinstance(target, tvm.target.Target):
@@ -223,6 +224,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
                 spec["mattr"] = list(extra)
         if "mattr" in spec:
             spec["mattr"] = _check_llvm_mattr(spec["mattr"], spec.get("mtriple"))
+        _check_same_arch(spec.get("mtriple"))  # after the names: a typo is named first
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
         same_cpu = {key: spec[key] for key in ("mcpu", "mattr", "mtriple") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))
@@ -242,6 +244,22 @@ def resolve_target(target: Any) -> tvm.target.Target:
         return tvm.target.Target(_clean(spec), host=host)
     hint = " (for an NVIDIA GPU use 'cuda')" if str(kind).lower() in ("gpu", "nvidia", "nvptx") else ""
     raise InputError(f"unsupported target kind {kind!r}: pbtvm compiles for 'llvm' (CPU) and 'cuda'{hint}")
+
+
+def _check_same_arch(mtriple: str | None) -> None:
+    """Refuse an ``mtriple`` of another architecture than this machine's: pbtvm links, checks and
+    runs CPU libraries here (no cross toolchain; CPU features read from this machine), so such a
+    build failed later (LLVM errors, "architecture mismatch" at the call, a linker error at export)."""
+    if not mtriple:
+        return
+    from tvm.target import codegen
+
+    system = str(codegen.llvm_get_system_triple())
+    if str(mtriple).split("-")[0] != system.split("-")[0]:
+        raise InputError(
+            f"target mtriple {mtriple!r} is another architecture than this machine's ({system}): pbtvm "
+            "does not cross-compile CPU libraries; compile on a machine of that architecture"
+        )
 
 
 @functools.cache

@@ -159,3 +159,63 @@ def test_generate_on_a_decoder_without_head_says_what_it_needs():
     dec = compile_decoder(torch.nn.LSTM(8, 8).eval(), bits=4, embedding=torch.nn.Embedding(10, 8))
     with pytest.raises(InputError, match=r"needs an embedding and a head .*head=\.\.\."):
         dec.generate(np.array([1, 2]), 3)
+
+
+def test_a_model_for_a_cpu_this_one_lacks_is_refused_at_the_call(monkeypatch):
+    """Compiled here for another CPU (e.g. target alderlake on a CPU without AVX-VNNI), the call is
+    refused as pbtvm.load refuses such a library, instead of an illegal instruction killing the
+    process; PBTVM_SKIP_CPU_CHECK takes 1/true/yes/on only."""
+    from pbtvm import runtime
+
+    compiled = _compile(torch.nn.Linear(8, 4), torch.randn(2, 8))
+    monkeypatch.setattr(runtime, "missing_cpu_features", lambda _needed: ["avx512fp16"])
+    with pytest.raises(InputError, match=r"this model was compiled for a CPU with avx512fp16 .* export it to run"):
+        compiled(torch.randn(2, 8))
+    for value, skips in (("1", True), ("true", True), ("ON", True), ("0", False), ("false", False), ("no", False)):
+        monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", value)
+        assert runtime.skip_cpu_check() is skips, value
+    monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", "1")
+    assert compiled(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_compiled_models_refuse_pickle_with_the_way_to_save_them():
+    import copy
+    import pickle
+
+    compiled = _compile(torch.nn.Linear(8, 4), torch.randn(2, 8))
+    lstm = compile_lstm(torch.nn.LSTM(8, 8).eval(), bits=4)
+    for model, how in ((compiled, r"pbtvm\.load\(path\)"), (lstm, r"load_lstm\(directory\)")):
+        for save in (pickle.dumps, copy.deepcopy, lambda m: torch.save(m, __import__("io").BytesIO())):
+            with pytest.raises(TypeError, match=rf"cannot be pickled .*{how}"):
+                save(model)
+
+
+def test_torchscript_submodules_are_named():
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript: what users still have
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.a = torch.jit.script(torch.nn.Linear(8, 8))
+            self.b = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    with pytest.raises(InputTypeError, match=r"eager torch modules; a is TorchScript"):
+        pbtvm.compile(Mixed().eval(), (torch.randn(2, 8),))
+
+
+def test_decoder_arguments_out_of_range_are_named():
+    from pbtvm.decoder import compile_decoder
+
+    torch.manual_seed(0)
+    dec = compile_decoder(
+        torch.nn.LSTM(8, 8).eval(), bits=4, embedding=torch.nn.Embedding(10, 8), head=torch.nn.Linear(8, 10)
+    )
+    for n in (2**40, 2**70):  # was a MemoryError('') and an OverflowError
+        with pytest.raises(InputError, match=r"max_new_tokens must be at most 2,147,483,647 per call"):
+            dec.generate(np.array([1, 2]), n)
+    h, c = dec.initial_state()
+    with pytest.raises(InputTypeError, match=r"state must be a pair \(h, c\), got 3 items"):
+        dec(np.array([1]), (h, c, c))

@@ -389,6 +389,11 @@ def test_knob_search_then_compile_from_log(tmp_path, capsys):
     assert len(said) == 2 and all(
         re.search(r"row_tile': 3, 'batch_tile': 5.* are not among the settings", m) for m in said
     )
+    floats = {key: {**setting, "row_tile": float(setting["row_tile"])} for key, setting in chosen.items()}
+    (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(floats))  # 4.0 is not a setting the tuner writes
+    with pytest.warns(UserWarning, match=r"row_tile': \d\.0, .* are not among the settings"):
+        untuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    assert untuned.manifest["tuning"]["tuned_kernels"] == []
     # A log that decides none of the model's kernels says so, and why.
     (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(chosen))
     with pytest.warns(

@@ -534,6 +534,17 @@ def test_corrupt_log_is_a_clear_error(tmp_path, damage):
         tuning.tuned_lookup(tmp_path, CPU)
 
 
+def test_a_log_tvm_cannot_read_is_a_clear_error(tmp_path):
+    """Rows of valid JSON that TVM's reader still refuses (a hand edit) are named with what to do,
+    not TVM's "parallel_for_dynamic error"; an empty work_dir (an unset setting) is refused."""
+    log = _fake_log(tmp_path, CPU)
+    (log.path / tuning.WORKLOADS).write_text('["0x1", "not a module"]\n')
+    with pytest.raises(tuning.TuningLogError, match=r"is corrupt: TVM cannot read its records .* then tune again"):
+        tuning.tuned_lookup(tmp_path, CPU)
+    with pytest.raises(tuning.TuningLogError, match="work_dir is empty"):
+        pbtvm.compile(*_mlp(), "llvm", work_dir="")
+
+
 def test_tuning_runs_into_one_work_dir_take_turns(tmp_path):
     """A second process cannot write the log while a tuning run holds it."""
     log = _fake_log(tmp_path, CPU)

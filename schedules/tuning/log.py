@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from pbtvm._tvm import TVM_VERSION, meta_schedule, tvm
 from pbtvm.bitplane import FORMAT_VERSION
+from pbtvm.errors import first_line
 from pbtvm.ops import KERNEL_VERSION
 from pbtvm.target import TargetInfo
 
@@ -64,6 +66,19 @@ def target_key(target: tvm.target.Target) -> str:
     return TargetInfo.of(target).log_key
 
 
+def work_dir_path(work_dir: str | os.PathLike) -> Path:
+    """The user's ``work_dir`` as a Path; an empty string (an unset setting, which ``Path`` would
+    read as the working directory) is refused.
+
+    Raises
+    ------
+    TuningLogError
+    """
+    if isinstance(work_dir, str) and not work_dir.strip():
+        raise TuningLogError("work_dir is empty: give the tuning log directory, e.g. 'pbtvm_logs'")
+    return Path(work_dir)
+
+
 @dataclass
 class TuningLog:
     """The MetaSchedule database of one target inside a ``work_dir``.
@@ -78,14 +93,14 @@ class TuningLog:
     Raises
     ------
     TuningLogError
-        ``work_dir`` is a file.
+        ``work_dir`` is a file, or an empty string.
     """
 
     work_dir: Path
     target: tvm.target.Target
 
     def __post_init__(self) -> None:
-        self.work_dir = Path(self.work_dir)
+        self.work_dir = work_dir_path(self.work_dir)
         if self.work_dir.exists() and not self.work_dir.is_dir():
             raise TuningLogError(f"work_dir {self.work_dir} is a file, not a directory of tuning logs")
         here = self.work_dir.resolve()  # "." inside the log directory has no name of its own
@@ -181,7 +196,7 @@ class TuningLog:
             )
             return None
         if self.usable(name_other_targets=not create):
-            return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+            return self._json_database(ms)
         if not create:
             return None
         if (self.path / LOG_META).exists():
@@ -190,7 +205,19 @@ class TuningLog:
             warnings.warn(f"pbtvm: moved the old tuning log aside to {stale}", stacklevel=3)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / LOG_META).write_text(json.dumps(self.expected_meta(), indent=1) + "\n")
-        return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+        return self._json_database(ms)
+
+    def _json_database(self, ms: object) -> object:
+        """MetaSchedule's ``JSONDatabase`` on this log's files. A record that is valid JSON but not a
+        trace TVM can replay (a hand-edited split factor) makes TVM's reader fail without saying
+        which: named here, with what to do."""
+        try:
+            return ms.database.JSONDatabase(str(self.path / WORKLOADS), str(self.path / RECORDS), allow_missing=True)
+        except Exception as err:
+            raise TuningLogError(
+                f"tuning log {self.path / RECORDS} (or {WORKLOADS} beside it) is corrupt: TVM cannot read its "
+                f"records ({first_line(err)}); move {self.path} aside or delete it, then tune again"
+            ) from None
 
     def read_knobs(self) -> dict:
         """The knob log (:data:`KNOB_LOG`): ``{knob key: {knob: value, "us": ..., "default_us": ...,

@@ -26,7 +26,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from .. import cuda_bmma
 from ..rules import KnobRule
 from ..verify import agrees_with_default
-from .log import TuningLog, target_key
+from .log import TuningLog, target_key, work_dir_path
 from .space import DEFAULT_PIN, default_pin_key, kernel_name, knob_key, tunable_rule, workload
 
 
@@ -39,10 +39,11 @@ def _offered(rule: KnobRule, func: tir.PrimFunc, chosen: dict) -> bool:
     """
     offered = rule.knob_settings(func)
     try:
-        setting = {name: int(chosen[name]) for name in offered[0]} if offered else None
-    except (KeyError, TypeError, ValueError):
+        setting = {name: chosen[name] for name in offered[0]} if offered else None
+    except (KeyError, TypeError):
         return False
-    return setting in offered
+    whole = setting is not None and all(isinstance(v, int) and not isinstance(v, bool) for v in setting.values())
+    return whole and setting in offered  # 4.0 or "4" is not a setting the tuner writes
 
 
 def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
@@ -91,7 +92,7 @@ def tuned_lookup(
         Filled with the names of the kernels whose schedule the log decided (a tuned one, or the
         default where the log holds a kernel there), as lookups happen.
     """
-    log = TuningLog(Path(work_dir), target)
+    log = TuningLog(work_dir_path(work_dir), target)
     with log.locked(exclusive=False) if log.path.exists() else contextlib.nullcontext():
         database = log.database(create=False)
     if database is None:
