@@ -244,10 +244,10 @@ class PBDecoder:
         return self.model.export(os.fspath(path))
 
     def __reduce__(self) -> Any:
-        """Refused: the model holds a native TVM module, which pickle (``copy.deepcopy``,
-        ``torch.save``) cannot carry; it is saved and moved as a library."""
+        """Refused: the model holds a native TVM module, which pickle (``copy.copy``,
+        ``copy.deepcopy``, ``torch.save``) cannot carry; it is saved and moved as a library."""
         raise TypeError(
-            "a compiled pbtvm model cannot be pickled or deep-copied (it holds a native TVM module): "
+            "a compiled pbtvm model cannot be pickled or copied (it holds a native TVM module): "
             "save it with dec.export(path) and read it back with pbtvm.decoder.load_decoder(path)"
         )
 

@@ -336,7 +336,8 @@ def generate(
     ------
     ValueError, TypeError
         A decoder without generate(), a bad prompt (shape, dtype, ids outside the vocabulary),
-        ``max_new_tokens < 1``, a bad ``eos_token``, ``sampling`` or ``bitlayers``.
+        ``max_new_tokens`` below 1 or above :data:`MAX_NEW_TOKENS`, a bad ``eos_token``, ``sampling`` or
+        ``bitlayers``.
     FloatingPointError
         Sampling met logits holding NaN, or ±inf as the largest value (``torch.multinomial``
         refuses those too). Greedy decoding picks the first NaN's index there, as

@@ -219,10 +219,10 @@ class PBLSTM:
         return out
 
     def __reduce__(self) -> Any:
-        """Refused: the model holds a native TVM module, which pickle (``copy.deepcopy``,
-        ``torch.save``) cannot carry; it is saved and moved as a library."""
+        """Refused: the model holds a native TVM module, which pickle (``copy.copy``,
+        ``copy.deepcopy``, ``torch.save``) cannot carry; it is saved and moved as a library."""
         raise TypeError(
-            "a compiled pbtvm model cannot be pickled or deep-copied (it holds a native TVM module): "
+            "a compiled pbtvm model cannot be pickled or copied (it holds a native TVM module): "
             "save it with m.export(directory) and read it back with pbtvm.lstm.load_lstm(directory)"
         )
 

@@ -54,6 +54,7 @@ class CompiledModel:
         self._one_tensor = structure == outputs.TENSOR or (structure is None and manifest["single_output"])
         # outputs the VM may return as memory it keeps (constants, staged inputs): handed out as copies
         self._copied_outputs = frozenset(manifest.get("copied_outputs", ()))
+        self._cpu_checked = False  # pbtvm.load sets it: its check, not a second one at the first call
         # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
         # from several threads take turns (see README, "Thread safety, NaN and op semantics").
         self._lock = threading.Lock()
@@ -83,9 +84,11 @@ class CompiledModel:
             TargetInfo.from_summary(self.manifest["target"]).check_local_gpu()
             self._dev = tvm.cuda(int(index or 0))
         else:
-            problem = cpu_problem(self.manifest, "this model")  # e.g. compiled here for another CPU
+            problem = (
+                None if self._cpu_checked else cpu_problem(self.manifest, "this model")
+            )  # compiled here for another CPU
             if problem:
-                raise InputError(f"{problem}; export it to run it on such a CPU")
+                raise InputError(problem)
             self._dev = tvm.cpu(0)
         self._vm = relax.VirtualMachine(self._module, self._dev)
         self._main = self._vm["main"]
@@ -257,10 +260,10 @@ class CompiledModel:
         return path
 
     def __reduce__(self) -> Any:
-        """Refused: the model holds a native TVM module, which pickle (``copy.deepcopy``,
-        ``torch.save``) cannot carry; it is saved and moved as a library."""
+        """Refused: the model holds a native TVM module, which pickle (``copy.copy``,
+        ``copy.deepcopy``, ``torch.save``) cannot carry; it is saved and moved as a library."""
         raise TypeError(
-            "a compiled pbtvm model cannot be pickled or deep-copied (it holds a native TVM module): "
+            "a compiled pbtvm model cannot be pickled or copied (it holds a native TVM module): "
             "save it with m.export(path) and read it back with pbtvm.load(path)"
         )
 
@@ -429,8 +432,9 @@ def cpu_problem(manifest: dict, what: str) -> str | None:
     return (
         f"{what} was compiled for a CPU with {', '.join(missing)} ({info.mcpu}), which this CPU lacks: "
         "running it may stop the process with an illegal instruction. Compile it for a CPU both have "
-        "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}, or target='llvm' for this one); if this CPU does "
-        f"have them (neither Linux nor LLVM lists them), {ENV_SKIP_CPU_CHECK}=1 skips this check"
+        "(e.g. target={'kind': 'llvm', 'mcpu': 'haswell'}, or target='llvm' for this one), or run it "
+        f"on such a CPU; if this CPU does have them (neither Linux nor LLVM lists them), "
+        f"{ENV_SKIP_CPU_CHECK}=1 skips this check"
     )
 
 
@@ -455,4 +459,6 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
             module = tvm.runtime.load_module(path)
     except Exception as err:
         raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
-    return CompiledModel(module, manifest, device)
+    model = CompiledModel(module, manifest, device)
+    model._cpu_checked = True
+    return model

@@ -215,6 +215,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
     # Device code does the work; a portable host keeps the exported .so loadable on any x86-64.
     host = tvm.target.Target({"kind": "llvm", "mcpu": FALLBACK_MCPU})
     if kind == "llvm":
+        _check_same_arch(spec.get("mtriple"))  # first: LLVM crashes on CPU names of a triple it does not know
         if "mcpu" in spec:
             _check_llvm_cpu(str(spec["mcpu"]), spec.get("mtriple"))
         else:  # the host, with the tile instructions its CPU's name may not imply
@@ -224,7 +225,6 @@ def resolve_target(target: Any) -> tvm.target.Target:
                 spec["mattr"] = list(extra)
         if "mattr" in spec:
             spec["mattr"] = _check_llvm_mattr(spec["mattr"], spec.get("mtriple"))
-        _check_same_arch(spec.get("mtriple"))  # after the names: a typo is named first
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
         same_cpu = {key: spec[key] for key in ("mcpu", "mattr", "mtriple") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))
@@ -255,11 +255,24 @@ def _check_same_arch(mtriple: str | None) -> None:
     from tvm.target import codegen
 
     system = str(codegen.llvm_get_system_triple())
-    if str(mtriple).split("-")[0] != system.split("-")[0]:
+    if _arch_of(str(mtriple)) != _arch_of(system):
         raise InputError(
             f"target mtriple {mtriple!r} is another architecture than this machine's ({system}): pbtvm "
             "does not cross-compile CPU libraries; compile on a machine of that architecture"
         )
+    if "linux" not in str(mtriple).lower():
+        raise InputError(f"target mtriple {mtriple!r} is not Linux: pbtvm builds Linux (ELF) libraries only")
+
+
+#: Spellings of one architecture in target triples (LLVM reads them alike).
+_ARCH_ALIASES = {"amd64": "x86_64", "x86_64h": "x86_64", "arm64": "aarch64"}
+
+
+def _arch_of(triple: str) -> str:
+    """The architecture of an LLVM target triple, its aliases folded (``amd64-...`` is ``x86_64``);
+    case kept, as LLVM reads it (``X86_64`` is no architecture it knows)."""
+    arch = triple.split("-")[0]
+    return _ARCH_ALIASES.get(arch, arch)
 
 
 @functools.cache

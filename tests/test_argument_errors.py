@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pbtvm
+from pbtvm.decoder import compile_decoder
 from pbtvm.errors import InputError, InputTypeError
 from pbtvm.lstm import compile_lstm
 
@@ -153,7 +154,6 @@ def test_an_lstm_run_twice_is_listed_twice():
 
 
 def test_generate_on_a_decoder_without_head_says_what_it_needs():
-    from pbtvm.decoder import compile_decoder
 
     torch.manual_seed(0)
     dec = compile_decoder(torch.nn.LSTM(8, 8).eval(), bits=4, embedding=torch.nn.Embedding(10, 8))
@@ -169,7 +169,9 @@ def test_a_model_for_a_cpu_this_one_lacks_is_refused_at_the_call(monkeypatch):
 
     compiled = _compile(torch.nn.Linear(8, 4), torch.randn(2, 8))
     monkeypatch.setattr(runtime, "missing_cpu_features", lambda _needed: ["avx512fp16"])
-    with pytest.raises(InputError, match=r"this model was compiled for a CPU with avx512fp16 .* export it to run"):
+    with pytest.raises(
+        InputError, match=r"this model was compiled for a CPU with avx512fp16 .* or run it on such a CPU"
+    ):
         compiled(torch.randn(2, 8))
     for value, skips in (("1", True), ("true", True), ("ON", True), ("0", False), ("false", False), ("no", False)):
         monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", value)
@@ -178,15 +180,34 @@ def test_a_model_for_a_cpu_this_one_lacks_is_refused_at_the_call(monkeypatch):
     assert compiled(torch.randn(2, 8)).shape == (2, 4)
 
 
+def test_a_loaded_library_is_checked_once_by_load(monkeypatch, tmp_path):
+    """pbtvm.load decides (here with the check skipped); the first call does not decide again."""
+    from pbtvm import runtime
+
+    path = _compile(torch.nn.Linear(8, 4), torch.randn(2, 8)).export(tmp_path / "m.so")
+    monkeypatch.setattr(runtime, "missing_cpu_features", lambda _needed: ["avx512fp16"])
+    with pytest.raises(pbtvm.LibraryError, match="compiled for a CPU with avx512fp16"):
+        pbtvm.load(path)
+    monkeypatch.setenv("PBTVM_SKIP_CPU_CHECK", "1")
+    loaded = pbtvm.load(path)
+    monkeypatch.delenv("PBTVM_SKIP_CPU_CHECK")
+    assert loaded(torch.randn(2, 8)).shape == (2, 4)
+
+
 def test_compiled_models_refuse_pickle_with_the_way_to_save_them():
     import copy
     import pickle
 
     compiled = _compile(torch.nn.Linear(8, 4), torch.randn(2, 8))
     lstm = compile_lstm(torch.nn.LSTM(8, 8).eval(), bits=4)
-    for model, how in ((compiled, r"pbtvm\.load\(path\)"), (lstm, r"load_lstm\(directory\)")):
-        for save in (pickle.dumps, copy.deepcopy, lambda m: torch.save(m, __import__("io").BytesIO())):
-            with pytest.raises(TypeError, match=rf"cannot be pickled .*{how}"):
+    dec = compile_decoder(torch.nn.LSTM(8, 8).eval(), bits=4)
+    for model, how in (
+        (compiled, r"pbtvm\.load\(path\)"),
+        (lstm, r"load_lstm\(directory\)"),
+        (dec, r"load_decoder\(path\)"),
+    ):
+        for save in (pickle.dumps, copy.copy, copy.deepcopy, lambda m: torch.save(m, __import__("io").BytesIO())):
+            with pytest.raises(TypeError, match=rf"cannot be pickled or copied .*{how}"):
                 save(model)
 
 
@@ -207,7 +228,6 @@ def test_torchscript_submodules_are_named():
 
 
 def test_decoder_arguments_out_of_range_are_named():
-    from pbtvm.decoder import compile_decoder
 
     torch.manual_seed(0)
     dec = compile_decoder(
