@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, InputTypeError, first_line
+from .errors import InputError, InputTypeError, first_line, shape_text
 
 __all__ = ["input_importance"]
 
@@ -71,7 +71,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
                 try:
                     model(*args)
                 except Exception as err:  # the batch does not fit the model: the user's calibration data
-                    shown = ", ".join(_shape(a) for a in args)
+                    shown = ", ".join(shape_text(a) for a in args)
                     raise InputError(
                         f"calibration batch {n_batches} ({shown}) does not run through the model: "
                         f"{type(err).__name__}: {first_line(err)}"
@@ -93,14 +93,6 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
         for m in linears
         if counts[id(m)]
     }
-
-
-def _shape(value: Any) -> str:
-    """``[8, 7] float32`` for a tensor, else the value's type."""
-    shape = getattr(value, "shape", None)
-    if shape is None:
-        return type(value).__name__
-    return f"{list(shape)} {str(getattr(value, 'dtype', '')).replace('torch.', '')}".strip()
 
 
 def _named(model: Any, linears: list) -> list[tuple[str, Any]]:

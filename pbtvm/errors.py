@@ -18,7 +18,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-__all__ = ["InputError", "InputTypeError", "first_line", "naming_layer", "register_with_ffi"]
+__all__ = ["InputError", "InputTypeError", "first_line", "naming_layer", "register_with_ffi", "shape_text"]
 
 
 class InputError(ValueError):
@@ -46,6 +46,14 @@ if "tvm_ffi" in sys.modules:  # TVM came first (imported by the user): nothing t
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message ("" when empty): what an error report quotes."""
     return (str(err).strip().splitlines() or [""])[0]
+
+
+def shape_text(value: object) -> str:
+    """``[8, 7] float32`` for a tensor or array, else its type's name: how an error report shows an input."""
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return type(value).__name__
+    return f"{list(shape)} {str(getattr(value, 'dtype', '')).replace('torch.', '')}".strip()
 
 
 @contextlib.contextmanager

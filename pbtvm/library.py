@@ -104,16 +104,18 @@ def elf_sections(data: bytes, path: str) -> list[ElfSection]:
         raise LibraryError(f"{path}: corrupt ELF headers ({err})") from err
 
 
-def read_elf_section(path: str, name: str) -> bytes | None:
-    """Bytes of section ``name`` in the ELF64 file ``path``, or None if it has no such section.
+def read_elf_section(path: str, name: str, data: bytes | None = None) -> bytes | None:
+    """Bytes of section ``name`` in the ELF64 file ``path`` (``data``: its bytes, if already
+    read), or None if it has no such section.
 
     Raises
     ------
     LibraryError
         As :func:`elf_sections`.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
     for section in elf_sections(data, path):
         if section.name == name:
             return data[section.offset : section.offset + section.size]
@@ -368,7 +370,7 @@ def _seal_code(path: str) -> None:
         f.write(sealed)
 
 
-def verify_checksum(path: str, manifest: dict) -> None:
+def verify_checksum(path: str, manifest: dict, data: bytes | None = None) -> None:
     """Raise :class:`LibraryError` unless the manifest's checksum matches the manifest and blob.
 
     A library whose manifest was edited (say, to claim other bits) would otherwise load and
@@ -377,8 +379,9 @@ def verify_checksum(path: str, manifest: dict) -> None:
     want = manifest.get("checksum")
     if not want:
         raise LibraryError(f"{path}: the pbtvm manifest has no checksum (not written by pbtvm export): re-export it")
-    with open(path, "rb") as f:
-        data = f.read()
+    if data is None:  # else the file's bytes, as the caller read them once (:func:`read_library`)
+        with open(path, "rb") as f:
+            data = f.read()
     sections = {s.name: s for s in elf_sections(data, path)}
     if DEVBIN_SECTION not in sections:
         raise LibraryError(f"{path} has no {DEVBIN_SECTION} section: not a pbtvm library")
@@ -400,8 +403,28 @@ def verify_checksum(path: str, manifest: dict) -> None:
         )
 
 
-def read_manifest(path: str) -> dict:
-    """The manifest of a pbtvm library, without loading it.
+def read_library(path: str) -> bytes:
+    """The bytes of the file ``path``, a pbtvm library (read once by :func:`pbtvm.load`, for the
+    manifest and both checksums).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist; ``IsADirectoryError`` if it is a directory.
+    """
+    if os.path.isdir(path):
+        lstm = os.path.isfile(os.path.join(path, "lstm.json"))
+        hint = ": an exported LSTM, load it with pbtvm.lstm.load_lstm" if lstm else ""
+        raise IsADirectoryError(f"{path} is a directory, not a pbtvm library (.so){hint}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_manifest(path: str, data: bytes | None = None) -> dict:
+    """The manifest of a pbtvm library, without loading it (``data``: the file's bytes, if
+    already read by :func:`read_library`).
 
     Raises
     ------
@@ -410,13 +433,7 @@ def read_manifest(path: str) -> dict:
     LibraryError
         If the file is not an ELF library, has no pbtvm manifest, or the manifest is corrupt.
     """
-    if os.path.isdir(path):
-        lstm = os.path.isfile(os.path.join(path, "lstm.json"))
-        hint = ": an exported LSTM, load it with pbtvm.lstm.load_lstm" if lstm else ""
-        raise IsADirectoryError(f"{path} is a directory, not a pbtvm library (.so){hint}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    raw = read_elf_section(path, MANIFEST_SECTION)
+    raw = read_elf_section(path, MANIFEST_SECTION, read_library(path) if data is None else data)
     if raw is None:
         raise LibraryError(f"{path} is not a pbtvm module (no {MANIFEST_SECTION} section)")
     try:

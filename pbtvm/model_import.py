@@ -15,7 +15,7 @@ from typing import Any
 
 from . import outputs, recurrent
 from ._tvm import relax, tvm
-from .errors import InputError, InputTypeError, first_line
+from .errors import InputError, InputTypeError, first_line, shape_text
 from .lowering import weight_key
 from .relay_passes import (
     BuildableFloatChecks,
@@ -254,7 +254,7 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
         with torch.no_grad():
             out = model(*example_inputs)
     except Exception as err:
-        shown = ", ".join(f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" for x in example_inputs)
+        shown = ", ".join(shape_text(x) for x in example_inputs)
         raise InputError(
             f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first_line(err)}"
         ) from err

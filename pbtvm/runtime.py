@@ -32,9 +32,12 @@ class CompiledModel:
         What was compiled (see :func:`pbtvm.compile`).
     device : str
         ``"cpu"`` or ``"cuda"`` (optionally ``"cuda:N"``).
+    cpu_checked : bool
+        Whether this CPU was checked for the features the model's kernels use (:func:`load` does);
+        else the first call checks (:func:`cpu_problem`).
     """
 
-    def __init__(self, module: Any, manifest: dict, device: str) -> None:
+    def __init__(self, module: Any, manifest: dict, device: str, cpu_checked: bool = False) -> None:
         check_device(device)
         self._module = module
         self.manifest = manifest
@@ -54,7 +57,7 @@ class CompiledModel:
         self._one_tensor = structure == outputs.TENSOR or (structure is None and manifest["single_output"])
         # outputs the VM may return as memory it keeps (constants, staged inputs): handed out as copies
         self._copied_outputs = frozenset(manifest.get("copied_outputs", ()))
-        self._cpu_checked = False  # pbtvm.load sets it: its check, not a second one at the first call
+        self._cpu_checked = cpu_checked  # pbtvm.load checked the CPU: no second check at the first call
         # One Relax VM per model; the VM keeps per-call state (register file, frames), so calls
         # from several threads take turns (see README, "Thread safety, NaN and op semantics").
         self._lock = threading.Lock()
@@ -84,10 +87,8 @@ class CompiledModel:
             TargetInfo.from_summary(self.manifest["target"]).check_local_gpu()
             self._dev = tvm.cuda(int(index or 0))
         else:
-            problem = (
-                None if self._cpu_checked else cpu_problem(self.manifest, "this model")
-            )  # compiled here for another CPU
-            if problem:
+            problem = None if self._cpu_checked else cpu_problem(self.manifest, "this model")
+            if problem:  # compiled here for another CPU
                 raise InputError(problem)
             self._dev = tvm.cpu(0)
         self._vm = relax.VirtualMachine(self._module, self._dev)
@@ -443,9 +444,10 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     path = os.fspath(path)
     if device is not None:
         check_device(device)
-    manifest = library.read_manifest(path)
+    data = library.read_library(path)  # once, for the manifest and both checksums
+    manifest = library.read_manifest(path, data)
     check_manifest(manifest, path)
-    library.verify_checksum(path, manifest)
+    library.verify_checksum(path, manifest, data)
     info = TargetInfo.from_summary(manifest["target"])
     kind, built_for = info.kind, info.device
     device = device or built_for
@@ -459,6 +461,4 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
             module = tvm.runtime.load_module(path)
     except Exception as err:
         raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
-    model = CompiledModel(module, manifest, device)
-    model._cpu_checked = True
-    return model
+    return CompiledModel(module, manifest, device, cpu_checked=True)

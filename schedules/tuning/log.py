@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -66,19 +65,6 @@ def target_key(target: tvm.target.Target) -> str:
     return TargetInfo.of(target).log_key
 
 
-def work_dir_path(work_dir: str | os.PathLike) -> Path:
-    """The user's ``work_dir`` as a Path; an empty string (an unset setting, which ``Path`` would
-    read as the working directory) is refused.
-
-    Raises
-    ------
-    TuningLogError
-    """
-    if isinstance(work_dir, str) and not work_dir.strip():
-        raise TuningLogError("work_dir is empty: give the tuning log directory, e.g. 'pbtvm_logs'")
-    return Path(work_dir)
-
-
 @dataclass
 class TuningLog:
     """The MetaSchedule database of one target inside a ``work_dir``.
@@ -96,11 +82,13 @@ class TuningLog:
         ``work_dir`` is a file, or an empty string.
     """
 
-    work_dir: Path
+    work_dir: Path | str  # a Path once made
     target: tvm.target.Target
 
     def __post_init__(self) -> None:
-        self.work_dir = work_dir_path(self.work_dir)
+        if isinstance(self.work_dir, str) and not self.work_dir.strip():  # Path would read it as "."
+            raise TuningLogError("work_dir is empty: give the tuning log directory, e.g. 'pbtvm_logs'")
+        self.work_dir = Path(self.work_dir)
         if self.work_dir.exists() and not self.work_dir.is_dir():
             raise TuningLogError(f"work_dir {self.work_dir} is a file, not a directory of tuning logs")
         here = self.work_dir.resolve()  # "." inside the log directory has no name of its own

@@ -26,7 +26,7 @@ from pbtvm._tvm import s_tir, tir, tvm
 from .. import cuda_bmma
 from ..rules import KnobRule
 from ..verify import agrees_with_default
-from .log import TuningLog, target_key, work_dir_path
+from .log import TuningLog, target_key
 from .space import DEFAULT_PIN, default_pin_key, kernel_name, knob_key, tunable_rule, workload
 
 
@@ -92,7 +92,7 @@ def tuned_lookup(
         Filled with the names of the kernels whose schedule the log decided (a tuned one, or the
         default where the log holds a kernel there), as lookups happen.
     """
-    log = TuningLog(work_dir_path(work_dir), target)
+    log = TuningLog(work_dir, target)  # it refuses an empty work_dir
     with log.locked(exclusive=False) if log.path.exists() else contextlib.nullcontext():
         database = log.database(create=False)
     if database is None:

@@ -28,7 +28,7 @@ from tvm.ir.utils import derived_object
 from pbtvm._tvm import meta_schedule, s_tir, tir, tvm
 
 from ..rules import KnobRule
-from .log import TuningLog, work_dir_path
+from .log import TuningLog
 from .measure import close_runner, default_builder, default_runner, measure, measure_side_by_side
 from .report import MIN_GAIN_PERCENT, KernelReport, Progress, TuneReport
 from .space import default_pin_key, kernel_name, knob_key, tunable_rule, tune_context, workload
@@ -87,7 +87,7 @@ def tune_kernels(
         Per kernel: candidates measured (default included), built / failed, default and best time.
     """
     prog = Progress(progress or _stderr_line)
-    log = TuningLog(work_dir_path(work_dir), target)
+    log = TuningLog(work_dir, target)  # it refuses an empty work_dir
     if isinstance(trials_per_iter, bool) or not isinstance(trials_per_iter, int) or trials_per_iter < 1:
         raise ValueError(f"trials_per_iter must be an int >= 1, got {trials_per_iter!r}")
     own_builder, own_runner = builder is None, runner is None
