@@ -23,6 +23,8 @@ from .names import MANIFEST_DECODER
 USAGE_ERROR = 2
 #: Exit status for an internal error (a bug in pbtvm).
 INTERNAL_ERROR = 1
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 EPILOG = """\
 MODEL is one of
@@ -451,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pbtvm: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("pbtvm: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except Exception as err:
         if args.debug:
             raise

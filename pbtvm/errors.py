@@ -31,11 +31,12 @@ class InputTypeError(InputError, TypeError):
 
 def register_with_ffi() -> None:
     """Register the error classes with TVM's FFI, so that one raised inside a pass (Python called
-    back from C++) comes back to the caller as itself, not as a RuntimeError. Imports ``tvm_ffi``;
-    idempotent."""
+    back from C++) comes back to the caller as itself, not as a RuntimeError. ``KeyboardInterrupt``
+    too: Ctrl-C lands in Python code TVM calls back (a tuning run's builder), and came out of
+    ``pbtvm.tune`` as a bare ``RuntimeError``. Imports ``tvm_ffi``; idempotent."""
     import tvm_ffi
 
-    for cls in (InputError, InputTypeError):
+    for cls in (InputError, InputTypeError, KeyboardInterrupt):
         tvm_ffi.register_error(cls)
 
 

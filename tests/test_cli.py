@@ -320,6 +320,20 @@ def test_internal_errors_are_not_reported_as_user_errors(monkeypatch, capsys):
     assert "internal error: KeyError" in err and "--debug" in err and "bug in pbtvm" in err
 
 
+def test_ctrl_c_is_reported_as_interrupted(monkeypatch, capsys):
+    """Ctrl-C ends a command with exit status 130 and one line, not a traceback or "internal error"."""
+    from pbtvm import cli
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert cli.main(["inspect", "x.so"]) == cli.INTERRUPTED == 130
+    assert capsys.readouterr().err == "pbtvm: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # --debug shows the traceback
+        cli.main(["--debug", "inspect", "x.so"])
+
+
 def test_plain_value_errors_from_inside_pbtvm_are_internal(monkeypatch, capsys):
     """ValueError/TypeError are no longer blanket user errors; pbtvm's own InputError is."""
     from pbtvm import cli

@@ -317,6 +317,23 @@ def test_measure_side_by_side_times_each_module_in_every_round():
     assert len(times) == 2 and all(len(t) == 3 and min(t) > 0 for t in times), times
 
 
+def test_ctrl_c_while_candidates_build_stops_tuning_as_a_keyboard_interrupt(tmp_path):
+    """Ctrl-C lands in Python code TVM calls back (the builder, inside MetaSchedule's FFI call):
+    it came out of the tuning run as a bare RuntimeError (the CLI called it a bug in pbtvm)."""
+    from tvm.ir.utils import derived_object
+
+    ms = tuning.measure.meta_schedule()
+
+    @derived_object
+    class Interrupted(ms.builder.PyBuilder):
+        def build(self, build_inputs):  # noqa: ARG002 - MetaSchedule's signature
+            raise KeyboardInterrupt
+
+    funcs = [kernels.int_product_func(bp.BitplaneFormat(4, 8), 8, 64)]
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune_kernels(funcs, CPU, tmp_path, trials_per_kernel=2, builder=Interrupted(), runner=object())
+
+
 def test_time_left_leaves_out_the_start_up(monkeypatch):
     """10 s of start-up before the first result, then 1 s per candidate: 7 left is about 7 s, not
     the 28 s that counting the start-up in the rate gave."""
