@@ -67,9 +67,9 @@ def nvcc_output(source: str, arch: str, kind: str, *options: str) -> tuple[bytes
         src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.out")
         with open(src, "w") as f:
             f.write(source)
-        # --fmad=false: no fused multiply-add contraction, so the activation quantization
-        # (floor(x * inv + 0.5)) rounds as in the numpy reference and on the CPU; with FMA a code
-        # at a .5 boundary can differ by one, and an LSTM carries that difference along.
+        # --fmad=false: no fused multiply-add contraction, so float arithmetic rounds step by step
+        # as the numpy reference does. The activation codes no longer depend on it
+        # (pbtvm.ops.common.act_code gives no add the product to fuse).
         cmd = [nvcc, kind, "-O3", "--fmad=false", "-std=c++17", *options, "-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

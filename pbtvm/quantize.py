@@ -7,9 +7,10 @@ offset-binary codebook, a zero point) found by a clipping search minimizing the 
 computed from the row's own max, so nothing wraps (the paper's code used unscaled fixed point,
 which overflows on large activations).
 
-The activation rounding is ``floor(x * inv_scale + 0.5)`` in float32 (``inv_scale`` =
-``act_qmax / amax``) because the TE operator computes exactly that on every target; numpy's
-round-half-even would differ from CUDA's ``roundf`` on ties.
+The activation code is the float32 product ``x * inv_scale`` (``inv_scale`` = ``act_qmax / amax``,
+float32) rounded to the nearest integer, ties to even (``np.rint``; the kernels' ``nearbyint``,
+:func:`pbtvm.ops.common.act_code`): one exact rounding of the product that no code generator can
+fuse with another operation, so every target computes the same codes.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray
     amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
     inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     scale = (amax / qmax).astype(np.float32)
-    v = np.floor(x * inv[:, None] + np.float32(0.5))
+    v = np.rint(x * inv[:, None])  # the float32 product, ties to even
     xq = np.clip(v, -qmax, qmax).astype(np.int32)
     return xq, scale
 

@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
+from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_scale
 
 from .rules import ScheduleRule, format_of
 
@@ -57,7 +58,7 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
         best[0] = T.float32(0)
         for r in range(rounds):
             if r * threads + warp * LANES + tx < k_dim:
-                best[0] = T.max(best[0], T.abs(x[b, r * threads + warp * LANES + tx]))
+                best[0] = T.max(best[0], act_magnitude(x[b, r * threads + warp * LANES + tx]))
         red[warp * LANES + tx] = best[0]
         T.tvm_storage_sync("shared")
         for lvl in T.unroll(levels):
@@ -68,9 +69,8 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
         for c in range(chunks):
             if c * warps + warp < words:  # warp-uniform: every lane reaches the ballots
                 kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
-                inv = T.meta_var(T.if_then_else(red[0] > T.float32(0), T.float32(qmax) / red[0], T.float32(0)))
-                value = T.meta_var(T.floor(x[b, T.min(kk, k_dim - 1)] * inv + T.float32(0.5)))
-                clamped = T.meta_var(T.max(T.min(value, T.float32(qmax)), T.float32(-qmax)))
+                inv = T.meta_var(act_inverse(red[0], qmax))
+                clamped = T.meta_var(act_code(x[b, T.min(kk, k_dim - 1)], inv, qmax))
                 code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
                 total[0] = total[0] + T.Cast(acc_t, code[0])
                 # Every lane votes (the word is stored to a register first, so that the ballot is
@@ -92,7 +92,7 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
             T.tvm_storage_sync("shared")
         if warp * LANES + tx == 0:
             sum_out[row] = sums[0]
-            scale_out[row] = red[0] / T.float32(qmax)
+            scale_out[row] = act_scale(red[0], qmax)
         T.tvm_storage_sync("shared")  # red and sums are reused by the next row
 
     return pack

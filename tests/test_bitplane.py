@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,8 @@ from pbtvm import bitplane as bp
 from pbtvm import quantize as qz
 from pbtvm._tvm import tir
 from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
+
+from .activations import near_tie_rows
 
 ALL_BITS = [*range(1, 9), 16]
 
@@ -168,6 +172,23 @@ def test_quantizer_errors():
         qz.quantize_weights(np.full((2, 2), np.nan, np.float32), fmt)
     with pytest.raises(ValueError, match="out of range"):
         bp.pack_weights(np.full((1, 4), 9), fmt)
+
+
+@pytest.mark.parametrize("act_bits", [2, 8, 16])
+def test_activation_code_is_the_float32_product_rounded_to_nearest_even(act_bits, rng):
+    """The reference's code is the float32 product ``x * inv`` rounded in exact arithmetic, ties to
+    even, near halves too (where ``floor(p + 0.5)`` in float32 rounds twice: 0.49999997 to 1)."""
+    fmt = bp.BitplaneFormat(4, act_bits)
+    x = near_tie_rows(rng, 3, 300, fmt)
+    xq, _ = qz.quantize_activations(x, fmt)
+    qmax = np.float32(fmt.act_qmax)
+    for row in range(3):
+        inv = qmax / np.float32(np.abs(x[row]).max())
+        products = x[row] * inv  # float32, as the kernels compute it
+        want = [min(max(round(Fraction(float(p))), -int(qmax)), int(qmax)) for p in products]  # ties to even
+        np.testing.assert_array_equal(xq[row], want, err_msg=f"row {row}")
+    if fmt.act_qmax >= 3:
+        assert list(xq[0, 1:6]) == [0, 0, 0, -2, 2]
 
 
 def test_activation_quantizer_is_dynamic_and_does_not_wrap(rng):

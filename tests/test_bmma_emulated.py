@@ -16,6 +16,7 @@ import pytest
 from pbtvm import bitplane as bp
 from pbtvm import kernels
 from pbtvm import quantize as qz
+from pbtvm._tvm import tvm
 from pbtvm.cuda import build, cuda_source
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.schedules.cuda_ballot_pack import pack_warps
@@ -23,10 +24,12 @@ from pbtvm.schedules.cuda_bmma import default_config
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
 from pbtvm.target import resolve_target
 
+from .activations import near_tie_rows
 from .cuda_emulator import EmulatedKernel, launch_dims
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+CPU = resolve_target("llvm")
 MMA = "mma16x256"
 
 
@@ -91,11 +94,13 @@ def test_batch_64_exact_in_emulation(rng):
     ("act_bits", "k", "batch"), [(2, 1001, 3), (8, 4096, 1), (16, 650, 3), (4, 11008, 2), (8, 20, 3)]
 )
 def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
-    """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too)."""
+    """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too,
+    and products a few ulps from a half, which a fused multiply-add would round otherwise)."""
     fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
     func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
     kernel = EmulatedKernel(cuda_source(build(func, SM90)))
     x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
+    x[0] = near_tie_rows(rng, 1, k, fmt)[0]
     x[-1] = 0 if batch > 1 else x[-1]
     xq, xs = qz.quantize_activations(x, fmt)
     xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
@@ -104,6 +109,46 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
     np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
     np.testing.assert_array_equal(scale, xs)
     np.testing.assert_array_equal(rowsum, xq.sum(1))
+
+
+def test_ballot_pack_keeps_the_nan_policy_in_emulation(rng):
+    """Rows with NaN or +-inf pack as the TE pack does on the CPU (README, "Thread safety and NaN
+    policy"): a NaN row's scale is NaN and an infinite entry's row scale inf with the code +-qmax
+    there. The ballot pack took ``|x|`` with a max that drops NaN, so a NaN row got a finite scale
+    (finite outputs), and an infinite row all-zero codes (all-NaN outputs)."""
+    fmt, k, batch = bp.BitplaneFormat(4, 8, layout=MMA), 300, 4
+    func = kernels.act_pack_func(fmt, k)
+    emulated = EmulatedKernel(
+        cuda_source(build(apply_default_schedule(func, SM90).with_attr("global_symbol", "pack"), SM90))
+    )
+    on_cpu = kernels.build(kernels.act_pack_func(bp.BitplaneFormat(4, 8), k), CPU)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    x[0, 7] = np.nan
+    x[1, 3], x[2, 5], x[2, 9] = np.inf, -np.inf, np.inf
+    outs = []
+    for run in ("cuda", "cpu"):
+        xp = np.full((8, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+        scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
+        if run == "cuda":
+            emulated(
+                (batch, 1, 1),
+                (32, pack_warps(k), 1),
+                x_ptr=x,
+                xp_ptr=xp,
+                x_scale_ptr=scale,
+                rowsum_ptr=rowsum,
+                batch=batch,
+            )
+        else:
+            xp, scale, rowsum = (tvm.runtime.tensor(a) for a in (xp, scale, rowsum))
+            on_cpu(tvm.runtime.tensor(x), xp, scale, rowsum)
+            xp, scale, rowsum = xp.numpy(), scale.numpy(), rowsum.numpy()
+        outs.append((xp, scale, rowsum))
+    (xp, scale, rowsum), (cpu_xp, cpu_scale, cpu_rowsum) = outs
+    assert np.isnan(scale[0]) and scale[1] == scale[2] == np.inf and np.isfinite(scale[3])
+    np.testing.assert_array_equal(scale, cpu_scale)
+    np.testing.assert_array_equal(xp, cpu_xp)
+    np.testing.assert_array_equal(rowsum, cpu_rowsum)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniDenseAct, single_row_tile_for, vnni_kernel_for
 from pbtvm.target import resolve_target
 
+from .activations import near_tie_rows
 from .test_cpu_vnni import NO_GFNI
 
 CPU = resolve_target("llvm")
@@ -87,6 +88,35 @@ def test_fused_layer_equals_pack_then_gemm(bits, act_bits, codebook, n, k, b, bi
         np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
     if b > 2:  # non-finite rows propagate as in torch
         assert np.isnan(got.numpy()[1]).all() and not np.isfinite(got.numpy()[2]).any()
+
+
+@needs_byte_kernel
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "b"), [(4, 8, 37, 700, 1), (3, 4, 20, 300, 5), (8, 8, 9, 96, 3)]
+)
+def test_fused_layer_rounds_as_the_reference_near_halves(isa, bits, act_bits, n, k, b, rng, monkeypatch):
+    """The fused kernel's codes are the reference's where products lie a few ulps from a half (a
+    fused multiply-add rounded them otherwise): its floats equal the GEMM fed the reference's codes."""
+    target = CPU if isa == "host" else tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if isa == "avx2" and not target_supports(CPU, ("avx2",)):
+        pytest.skip("host CPU lacks AVX2")
+    fmt = bp.BitplaneFormat(bits, act_bits)
+    q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]
+    x = near_tie_rows(rng, b, k, fmt)
+    func = kernels.dense_act_func(fmt, n, k, True)
+    assert isinstance(rule_for(func, target), CPUVnniDenseAct)
+    fused = kernels.build(func, target)
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    gemm = kernels.build(kernels.dense_func(fmt, n, k, True), CPU)
+    xq, xs = qz.quantize_activations(x, fmt)
+    codes = [_t(bp.pack_activations(xq, fmt)), _t(xs), _t(xq.sum(1).astype(fmt.accumulator_dtype(k)))]
+    for layers in sorted({1, bits}):
+        got, want = _t(np.full((b, n), 7, np.float32)), _t(np.zeros((b, n), np.float32))
+        fused(_t(x), *weights, layers, got)
+        gemm(*codes, *weights, layers, want)
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"bitlayers={layers}")
 
 
 @needs_byte_kernel

@@ -16,6 +16,8 @@ from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.target import resolve_target
 
+from .activations import near_tie_rows
+
 CPU = resolve_target("llvm")
 
 
@@ -106,6 +108,23 @@ def test_act_pack_bit_exact(act_bits, rng):
     np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))
     np.testing.assert_array_equal(scale.numpy(), xs)
     np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
+
+
+@pytest.mark.parametrize("act_bits", ACT_BITS)
+def test_act_pack_rounds_as_the_reference_near_halves(act_bits, rng):
+    """Products a few ulps from ``m + 0.5``: the codes were ``floor(x * inv + 0.5)``, which LLVM
+    fused into one multiply-add (one rounding, the reference two), so such values got other codes."""
+    fmt = bp.BitplaneFormat(4, act_bits)
+    b, k = 4, 1000
+    x = near_tie_rows(rng, b, k, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    kern = kernels.build(kernels.act_pack_func(fmt, k), CPU)
+    xp = _t(np.zeros((act_bits, b, fmt.words(k)), np.uint32))
+    scale, rowsum = _t(np.zeros(b, np.float32)), _t(np.zeros(b, fmt.accumulator_dtype(k)))
+    kern(_t(x), xp, scale, rowsum)
+    np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
+    np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale.numpy(), xs)
 
 
 @pytest.mark.parametrize("codebook", [None, "offset_binary"])

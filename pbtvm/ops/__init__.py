@@ -27,8 +27,9 @@ __all__ = [
 #: Version of the PB kernels' TE computes. A tuning log holds MetaSchedule workloads by their
 #: structural hash, so a change of a compute leaves every record unmatched: logs record this number
 #: and one made for another is set aside with a warning. 2: the product reads plane
-#: ``min(i, bits - 1)`` (:func:`pb_int_product`).
-KERNEL_VERSION = 2
+#: ``min(i, bits - 1)`` (:func:`pb_int_product`). 3: activation codes round the product to nearest
+#: even (:func:`.common.act_code`; ``floor(x * inv + 0.5)`` was fused into a multiply-add on CPUs).
+KERNEL_VERSION = 3
 
 
 def kernel_attrs(kernel: names.KernelKind, fmt: BitplaneFormat, k_dim: int) -> dict:

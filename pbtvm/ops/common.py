@@ -75,6 +75,15 @@ def act_inverse(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
 
 
 def act_code(v: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) -> tir.PrimExpr:
-    """The float code ``clip(floor(v * inv + 0.5), -qmax, qmax)`` (integral; cast by the caller)."""
-    q = tir.floor(v * _lanes(inv, lanes) + _lanes(tir.const(0.5, "float32"), lanes))
+    """The float code of ``v``: the float32 product ``v * inv`` rounded to the nearest integer, ties
+    to even, clipped to ``-qmax..qmax`` (integral; cast by the caller), as
+    :func:`pbtvm.quantize.quantize_activations`.
+
+    No add follows the product: ``floor(v * inv + 0.5)`` (the rounding before) became one fused
+    multiply-add wherever the code generator contracts (TVM's LLVM backend always does), which
+    rounds once where the reference rounds twice, so a product a few ulps from ``m + 0.5`` got
+    another code than the reference's. ``nearbyint`` is one instruction (``vrndscaleps``,
+    ``cvt.rni``) and rounds the product exactly.
+    """
+    q = tir.nearbyint(v * _lanes(inv, lanes))
     return tir.max(tir.min(q, _lanes(tir.const(qmax, "float32"), lanes)), _lanes(tir.const(-qmax, "float32"), lanes))

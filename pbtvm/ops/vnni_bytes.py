@@ -56,8 +56,8 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
     """Row ``r`` of ``x`` -> its scale and int8 codes (zero past K): :func:`act_quantize_pack`'s maths.
 
     The row max treats NaN as +inf and +-inf as the largest float, the scale is NaN / inf for
-    such rows and the codes are ``clip(floor(x * qmax / amax + 0.5), -qmax, qmax)``, written the
-    same way as the TE pack so that both give the same codes (tests compare them bit for bit).
+    such rows and the codes are the product ``x * (qmax / amax)`` rounded to nearest even, clipped
+    to ``-qmax..qmax`` (:func:`.common.act_code`, as the TE pack and the numpy reference).
     """
     lanes = 16
     qmax = float(fmt.act_qmax)
