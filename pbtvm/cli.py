@@ -64,7 +64,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune and not args.work_dir:
         raise CLIError("--tune needs --work-dir DIR, the directory the tuning log is written to")
     model, example, options = _model_and_options(args)
-    m = pbtvm.compile(model, example, **options, tune=args.tune, work_dir=args.work_dir, trials=args.trials)
+    m = pbtvm.compile(
+        model,
+        example,
+        **options,
+        tune=args.tune,
+        work_dir=args.work_dir,
+        trials=args.trials,
+        tune_batch=args.tune_batch,
+    )
     m.export(args.output)
     layers = m.manifest["layers"]
     print(f"wrote {args.output}: W{args.bits}A{args.act_bits}, target {m.manifest['target']}")
@@ -374,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="tuning log directory to use (or fill, with --tune)")
     p.add_argument("--tune", action="store_true", help="search schedules first (MetaSchedule)")
     p.add_argument("--trials", type=_positive_int, default=64, help="candidates per kernel when tuning (default 64)")
+    p.add_argument(
+        "--tune-batch",
+        type=_positive_int,
+        default=1,
+        help="batch size of the tuning log's schedules: what pbtvm tune --batch was, or what --tune tunes for "
+        "(default 1)",
+    )
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(

@@ -30,6 +30,7 @@ from .relay_passes import (
 )
 from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
+from .serial import one_compile_at_a_time
 from .target import AUTO_LAYOUT, DYNAMIC_BATCH, TargetInfo, library_cpu_features, resolve_target, weight_layout
 
 logger = logging.getLogger(__name__)
@@ -136,18 +137,21 @@ def _part_name(whole: str, axis: int, cut: slice) -> str:
 
 
 def _warn_recurrent(model: Any) -> None:
-    """GRU and plain RNN layers are not lowered: torch.export unrolls them over the example's length."""
+    """GRU and plain RNN layers, and LSTMs with a forward of their own, are not lowered: torch.export
+    unrolls them over the example's length, in full precision."""
     import torch
 
     rnns = [
-        f"{name} ({type(m).__name__})"
+        f"{name} ({type(m).__name__}{', its own forward' if isinstance(m, torch.nn.LSTM) else ''})"
         for name, m in recurrent.recurrent_modules(model)
-        if not isinstance(m, torch.nn.LSTM)
+        if not isinstance(m, torch.nn.LSTM) or recurrent.has_own_forward(m)
     ]
     if rnns:
+        verb = "are" if len(rnns) > 1 else "is"
         warnings.warn(
-            f"pbtvm: {', '.join(rnns)} is recurrent and not lowered (only nn.LSTM is); torch.export unrolls it, "
-            "so the compiled model only runs the example's sequence length.",
+            f"pbtvm: {', '.join(rnns)} {verb} recurrent and not lowered (only nn.LSTM's own forward is): it runs in "
+            "full precision as torch.export unrolls it, so the compiled model only runs the example's sequence "
+            "length.",
             stacklevel=3,
         )
 
@@ -157,6 +161,7 @@ def _pb_kernels(mod: tvm.IRModule) -> list:
     return [f for _, f in mod.functions_items() if kernel_kind(f) is not None]
 
 
+@one_compile_at_a_time
 def tune(
     model: Any,
     example_inputs: Any,
@@ -209,6 +214,7 @@ def tune(
     )
 
 
+@one_compile_at_a_time
 def compile(
     model: Any,
     example_inputs: Any,

@@ -32,6 +32,7 @@ from .errors import InputError, InputTypeError
 from .names import MANIFEST_DECODER
 from .repack import CopyGroup, repack_func, repack_out_types
 from .runtime import CompiledModel
+from .serial import one_compile_at_a_time
 from .target import AUTO_LAYOUT, resolve_target, weight_layout
 
 #: Manifest key holding the decoder's shape (``pbtvm inspect`` shows it).
@@ -259,6 +260,7 @@ class PBDecoder:
         )
 
 
+@one_compile_at_a_time
 def compile_decoder(
     lstm: Any,
     target: Any = "llvm",
@@ -298,7 +300,8 @@ def compile_decoder(
         kernel) share the codebook with the lowest summed weight error, the head gets its own.
     generate_chunk : int, optional
         Tokens per call of :meth:`PBDecoder.generate` (steps unrolled in one compiled function,
-        one CUDA graph on CUDA); default 16 with an embedding and a head, 0 (no generate) else.
+        one CUDA graph on CUDA); default 16 with an embedding and a head of one output per
+        embedding row (the token picked is fed back), 0 (no generate) else.
 
     Returns
     -------
@@ -308,15 +311,15 @@ def compile_decoder(
     ------
     TypeError, ValueError
         Wrong module types, mismatched sizes, bits out of range, batch < 1, a ``generate_chunk``
-        without embedding and head.
+        without embedding and head or with a head whose outputs are not the embedding's rows.
     """
     from .compiler import build_model
-    from .generate import check_chunk
+    from .generate import cannot_generate, check_chunk
     from .lowering import check_module_weights
 
     _check_parts(lstm, embedding, head, batch)
     check_module_weights({"": lstm, "head": head})
-    generate_chunk = check_chunk(generate_chunk, embedding is not None and head is not None)
+    generate_chunk = check_chunk(generate_chunk, cannot_generate(embedding, head))
     from .quantize import check_codebook
 
     check_codebook(codebook, bits, quantizer)

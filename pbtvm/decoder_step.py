@@ -13,11 +13,26 @@ import numpy as np
 
 from .bitplane import BitplaneFormat
 
-__all__ = ["StepParts"]
+__all__ = ["StepParts", "embedding_table"]
 
 
 def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().float().numpy()
+
+
+def embedding_table(embedding: Any) -> np.ndarray:
+    """The rows ``embedding`` returns, float32 [num_embeddings, embedding_dim]: with ``max_norm``,
+    each row as torch renormalises it when looked up (in place, so a row looked up again is
+    returned as it was the first time); the module's own table is not changed."""
+    import torch
+
+    if embedding.max_norm is None:
+        return _np(embedding.weight)
+    with torch.no_grad():
+        table = embedding.weight.detach().clone()
+        rows = torch.arange(table.shape[0], device=table.device)
+        torch.embedding_renorm_(table, rows, embedding.max_norm, embedding.norm_type)
+    return _np(table)
 
 
 class StepParts:
@@ -39,7 +54,7 @@ class StepParts:
 
         if self.embedding is not None:
             if "table" not in self.cache:
-                self.cache["table"] = relax.const(_np(self.embedding.weight), "float32")
+                self.cache["table"] = relax.const(embedding_table(self.embedding), "float32")
             x = bb.emit(relax.op.take(self.cache["table"], x, axis=0, mode="clip"))
         outs_h, outs_c = [], []
         for layer in range(self.lstm.num_layers):

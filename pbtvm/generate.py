@@ -28,6 +28,7 @@ of generated token ``g`` is ``g`` (independent of the chunking): generate() equa
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ from .user_frame import user_stacklevel
 DEFAULT_CHUNK = 16
 #: Most new tokens one generate() call takes (its step counter and token positions stay int32-sized).
 MAX_NEW_TOKENS = 2**31 - 1
+#: A ``top_k`` at least any vocabulary: every token (an int64 on the device, so larger ones become this).
+TOP_K_ALL = 2**62
 CHUNK_FUNCS = {False: "generate_chunk", True: "generate_chunk_logits"}
 #: Runs N prompt tokens through the layers only (no head, no pick).
 PREFILL_FUNC = "prefill_chunk"
@@ -62,25 +65,42 @@ class Sampling:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not np.isfinite(t) or t < 0:
             raise InputError(f"temperature must be a finite number >= 0, got {t!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
             raise InputError(f"top_k must be an int >= 0 (0 = no top-k), got {self.top_k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or not 0 <= self.seed < 2**63:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        # numpy scalars (np.float32, np.uint64 ...) as Python numbers from here on
+        for name, kind in (("temperature", float), ("top_k", int), ("seed", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
 
 GREEDY = Sampling(temperature=0.0)
 
 
-def check_chunk(chunk: int | None, can_generate: bool) -> int:
-    """The ``generate_chunk`` to compile: default, validated, 0 when the decoder cannot generate."""
+def cannot_generate(embedding: Any, head: Any) -> str | None:
+    """Why a decoder of these parts cannot run :meth:`PBDecoder.generate`, or None when it can:
+    generate() feeds each token it picks (an index of the head's outputs) back through the embedding."""
+    if embedding is None or head is None:
+        return "generate() needs an embedding (token ids in) and a head (logits out)"
+    if embedding.num_embeddings != head.out_features:
+        return (
+            f"generate() feeds each token it picks (one of the head's {head.out_features} outputs) back through "
+            f"the embedding, which has {embedding.num_embeddings} rows: they must be the same vocabulary"
+        )
+    return None
+
+
+def check_chunk(chunk: int | None, why_not: str | None) -> int:
+    """The ``generate_chunk`` to compile: default, validated, 0 when the decoder cannot generate
+    (``why_not``, from :func:`cannot_generate`, says why)."""
     if chunk is None:
-        return DEFAULT_CHUNK if can_generate else 0
+        return DEFAULT_CHUNK if why_not is None else 0
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise InputError(f"generate_chunk must be an int >= 0, got {chunk!r}")
-    if chunk and not can_generate:
-        raise InputError("generate() needs an embedding (token input) and a head (logits): pass both or chunk 0")
+    if chunk and why_not is not None:
+        raise InputError(f"{why_not}; pass generate_chunk=0 for a decoder without generate()")
     return chunk
 
 
@@ -205,8 +225,8 @@ def _check_request(
         raise InputError("generate() needs a decoder with an embedding (token ids in)")
     if need_chunk and not dec.generate_chunk:
         raise InputError(
-            "this decoder was compiled without generate(): it needs an embedding and a head (logits out), "
-            "compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
+            "this decoder was compiled without generate() (generate_chunk=0); generate() needs an embedding and a head "
+            "with one output per embedding row: compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
         )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -351,7 +371,12 @@ def generate(
     first = (length - 1) // chunk * chunk  # steps done by prefill chunks (prompt tokens, no head)
     n_chunks = -(-(steps - first) // chunk)
     eos = -1 if eos_token is None else int(eos_token)
-    fields = {"seed": sampling.seed, "counter": first - (length - 1), "eos": eos, "top_k": sampling.top_k}
+    fields = {
+        "seed": sampling.seed,
+        "counter": first - (length - 1),
+        "eos": eos,
+        "top_k": min(sampling.top_k, TOP_K_ALL),
+    }
     first_ctrl = np.array([fields[k] for k in CTRL_FIELDS], np.int64)
     with model._lock:
         model._ensure_vm()

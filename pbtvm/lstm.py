@@ -32,6 +32,7 @@ import numpy as np
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .errors import InputError, InputTypeError
 from .lowering import layers_format
+from .serial import one_compile_at_a_time
 from .target import AUTO_LAYOUT, resolve_target, weight_layout
 
 
@@ -244,6 +245,7 @@ def _float32_tensor(value: Any, what: str) -> Any:
     return value
 
 
+@one_compile_at_a_time
 def compile_lstm(
     lstm: Any, target: Any = "llvm", bits: int = 4, act_bits: int = DEFAULT_ACT_BITS, **compile_kwargs: Any
 ) -> PBLSTM:

@@ -81,12 +81,36 @@ def check_lstm(name: str, lstm: Any) -> None:
         )
 
 
+def has_own_forward(lstm: Any) -> bool:
+    """Whether ``lstm`` (an ``nn.LSTM``) runs a ``forward`` other than ``nn.LSTM.forward``: a
+    subclass's, or one set on the instance. :func:`lstm_stand_ins` replaces only
+    ``nn.LSTM.forward``'s computation; such a module is traced as torch runs it."""
+    import torch
+
+    return type(lstm).forward is not torch.nn.LSTM.forward or "forward" in vars(lstm)
+
+
+def _computed_weights(lstm: Any) -> list | None:
+    """Copies of ``lstm``'s flat weights when some are not parameters of its own (a
+    ``torch.nn.utils.parametrize`` parametrization, a ``weight_norm`` hook: computed from other
+    tensors, which a trace would record as operations rather than constants); None when all are."""
+    import torch
+
+    own = dict(lstm.named_parameters(recurse=False))
+    if all(n in own for n in lstm._flat_weights_names):
+        return None
+    with torch.no_grad():  # the values now: parametrizations compute them here, hooks ran in the model's last call
+        return [getattr(lstm, n).detach().clone() for n in lstm._flat_weights_names]
+
+
 def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
     import torch
 
     op = _lstm_op()
+    frozen = _computed_weights(lstm)
 
-    def forward(x: Any, hx: Any = None) -> tuple:
+    def forward(input: Any, hx: Any = None) -> tuple:
+        x = input
         if not isinstance(x, torch.Tensor):
             raise InputTypeError(
                 f"pbtvm.compile: {name} (LSTM) gets a {type(x).__name__}; packed sequences are not supported"
@@ -111,7 +135,7 @@ def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
         for state in hx:
             if state.ndim != 3 or any(s != w for s, w in zip(state.shape, want, strict=True)):
                 raise InputError(f"pbtvm.compile: {name} (LSTM) state must be {want}, got {tuple(state.shape)}")
-        weights = [getattr(lstm, n) for n in lstm._flat_weights_names]
+        weights = frozen if frozen is not None else [getattr(lstm, n) for n in lstm._flat_weights_names]
         y, h, c = op(x, hx[0], hx[1], weights, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.bidirectional)
         return y, (h, c)
 
@@ -126,7 +150,8 @@ def recurrent_modules(model: Any) -> list[tuple[str, Any]]:
 
 
 def checked_lstms(model: Any) -> list:
-    """``(name, module)`` of every ``nn.LSTM`` in ``model``, each passed by :func:`check_lstm`.
+    """``(name, module)`` of every ``nn.LSTM`` in ``model`` that runs ``nn.LSTM.forward`` (not
+    :func:`has_own_forward`), each passed by :func:`check_lstm`.
 
     Raises
     ------
@@ -135,7 +160,9 @@ def checked_lstms(model: Any) -> list:
     """
     import torch
 
-    lstms = [(name, m) for name, m in recurrent_modules(model) if isinstance(m, torch.nn.LSTM)]
+    lstms = [
+        (name, m) for name, m in recurrent_modules(model) if isinstance(m, torch.nn.LSTM) and not has_own_forward(m)
+    ]
     for name, m in lstms:
         check_lstm(name, m)
     return lstms
@@ -200,6 +227,7 @@ __all__ = [
     "check_lstm",
     "checked_lstms",
     "convert_lstm_stack",
+    "has_own_forward",
     "lstm_stand_ins",
     "placeholder_config",
     "recurrent_modules",

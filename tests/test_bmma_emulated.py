@@ -112,8 +112,8 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
 
 
 def test_ballot_pack_keeps_the_nan_policy_in_emulation(rng):
-    """Rows with NaN or +-inf pack as the TE pack does on the CPU (README, "Thread safety and NaN
-    policy"): a NaN row's scale is NaN and an infinite entry's row scale inf with the code +-qmax
+    """Rows with NaN or +-inf pack as the TE pack does on the CPU (README, "Thread safety, NaN
+    and op semantics"): a NaN row's scale is NaN and an infinite entry's row scale inf with the code +-qmax
     there. The ballot pack took ``|x|`` with a max that drops NaN, so a NaN row got a finite scale
     (finite outputs), and an infinite row all-zero codes (all-NaN outputs)."""
     fmt, k, batch = bp.BitplaneFormat(4, 8, layout=MMA), 300, 4

@@ -199,6 +199,13 @@ def test_tune_then_inspect_log(spec, tmp_path, capsys, monkeypatch):
     assert f"PB kernels v{KERNEL_VERSION}" in out and "compile ignores" not in out, out
     code, out, _ = _run(["compile", spec, "--work-dir", logs, "-o", tmp_path / "t.so"], capsys)
     assert code == 0 and "2 kernel(s) scheduled as the tuning log says" in out
+    # a log tuned at another batch is read at that one (--tune-batch), here it is not (the reason
+    # reads the records: kept defaults are listed by batch, searched schedules by name)
+    with pytest.warns(
+        UserWarning, match=r"(tuned at batch 1, not 3|another batch than 3).* pbtvm compile --tune-batch"
+    ):
+        code, _, _ = _run(["compile", spec, "--work-dir", logs, "--tune-batch", 3, "-o", tmp_path / "t3.so"], capsys)
+    assert code == 0
 
 
 def test_compile_tune_without_work_dir_names_the_option(spec, capsys):

@@ -66,6 +66,25 @@ def test_decoder_without_embedding_or_head_and_without_bias():
     assert dec.vocab is None and "x input" in repr(dec)
 
 
+def test_decoder_looks_up_rows_as_an_embedding_with_max_norm_returns_them():
+    """``max_norm`` renormalises each row torch looks up (in place): the decoder's table was the
+    raw weights (logits 0.08 off at W16A16); it is now the rows as torch returns them, and the
+    module's own table is left as it was."""
+    torch.manual_seed(2)
+    embedding = torch.nn.Embedding(30, 8, max_norm=1.0)
+    lstm, head = torch.nn.LSTM(8, 16).eval(), torch.nn.Linear(16, 30)
+    before = embedding.weight.detach().clone()
+    dec = compile_decoder(lstm, "llvm", 16, 16, embedding=embedding, head=head, generate_chunk=0)
+    assert torch.equal(embedding.weight, before)
+    tokens = torch.tensor([3, 3, 17, 0, 29])
+    state = None
+    with torch.no_grad():
+        want = head(lstm(embedding(tokens).unsqueeze(1))[0][:, 0])  # [T, vocab]; renorms the rows it reads
+    for t in range(len(tokens)):
+        out, state = dec(tokens[t : t + 1], state)
+        torch.testing.assert_close(out[0], want[t], atol=1e-4, rtol=1e-4)
+
+
 def test_decoder_exports_and_loads(tmp_path, capsys):
     model = _lm(hidden=24, layers=1)
     dec = compile_decoder(model.lstm, "llvm", 3, embedding=model.embedding, head=model.head, batch=1)

@@ -387,6 +387,35 @@ def test_generate_rejects_bad_arguments(dec3):
         no_gen.generate(np.zeros((1, 1), np.int64), 3)
 
 
+def test_generate_needs_a_head_over_the_embeddings_vocabulary():
+    """generate() feeds the token it picks back through the embedding: with a head of 60 outputs
+    over 20 embedding rows it returned ids past the table and fed them back clipped."""
+    torch.manual_seed(0)
+    lstm, small = torch.nn.LSTM(8, 12), torch.nn.Embedding(20, 8)
+    with pytest.raises(ValueError, match="one of the head's 60 outputs.*embedding, which has 20 rows"):
+        compile_decoder(lstm, "llvm", 4, embedding=small, head=torch.nn.Linear(12, 60), generate_chunk=4)
+    step_only = compile_decoder(
+        lstm, "llvm", 4, embedding=small, head=torch.nn.Linear(12, 60)
+    )  # the default: no generate
+    assert step_only.generate_chunk == 0
+    with pytest.raises(ValueError, match="compiled without generate.*one output per embedding row"):
+        step_only.generate(np.array([[1, 2]]), 3)
+
+
+def test_sampling_takes_numpy_scalars_and_any_large_top_k(dec3):
+    """numpy numbers are numbers (np.float32 0.8 was refused as 'not a finite number'); a top_k
+    past int64 is every token (it stopped generate() with an OverflowError)."""
+    prompt = np.array([[1, 2], [3, 4], [5, 6]])
+    as_python = dec3.generate(prompt, 5, Sampling(0.800000011920929, 0, 7))
+    np.testing.assert_array_equal(
+        dec3.generate(prompt, 5, Sampling(np.float32(0.8), np.int64(0), np.uint8(7))), as_python
+    )
+    every = dec3.generate(prompt, 5, Sampling(1.0, 0, 3))
+    for top_k in (2**63, np.uint64(2**64 - 1)):
+        np.testing.assert_array_equal(dec3.generate(prompt, 5, Sampling(1.0, top_k, 3)), every)
+    assert type(Sampling(np.float32(0.5)).temperature) is float
+
+
 def test_generate_survives_export_and_load(dec3, tmp_path):
     """load_decoder and pbtvm.load both give the decoder back (pbtvm.load gave its bare step
     function, without generate)."""

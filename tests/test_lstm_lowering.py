@@ -189,6 +189,72 @@ def test_unsupported_lstms_are_clear_errors():
         compiled(tokens[:, 0], h0, c0)
 
 
+class _Wrap(torch.nn.Module):
+    """``y, h`` of one LSTM, called as ``lstm(input=x)`` (nn.LSTM.forward's own keyword)."""
+
+    def __init__(self, lstm) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        y, (h, _) = self.lstm(input=x)
+        return y, h
+
+
+def test_lstms_with_a_forward_of_their_own_run_as_torch_runs_them():
+    """A subclass's forward, or one set on the instance, is not nn.LSTM's: the stand-in replaced it
+    (the compiled model computed a plain LSTM, silently) and compile deleted the instance's forward."""
+
+    class Scaled(torch.nn.LSTM):
+        def forward(self, input, hx=None):
+            y, state = super().forward(input * 2.0, hx)
+            return y * 3.0 + 1.0, state
+
+    torch.manual_seed(0)
+    patched = torch.nn.LSTM(6, 8)
+    plain = patched.forward
+    patched.forward = lambda input, hx=None: (plain(input, hx)[0].clamp(max=0.0), plain(input, hx)[1])
+    x = torch.randn(5, 3, 6)
+    for lstm, shown in ((Scaled(6, 8), "Scaled"), (patched, "LSTM")):
+        model = _Wrap(lstm).eval()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            compiled = pbtvm.compile(model, (x,), bits=16, act_bits=16)
+        said = [str(w.message) for w in seen if "not lowered" in str(w.message)]
+        assert said and f"lstm ({shown}, its own forward)" in said[0], said
+        with torch.no_grad():
+            want = model(x)
+        for got, ref in zip(compiled(x), want, strict=True):
+            assert _rel(got, ref) <= 1e-4
+    assert "forward" in vars(patched) and patched.forward(x)[0].max() <= 0  # the user's model is as it was
+
+
+def test_lstms_with_computed_weights_are_lowered_with_their_values():
+    """Weights from ``parametrize`` or ``weight_norm`` (hook or parametrization) are computed, not
+    parameters: compile failed inside the lowering (AttributeError on a DataflowVar)."""
+    from torch.nn.utils import parametrize
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    torch.manual_seed(0)
+    by_parametrize = torch.nn.LSTM(6, 8, num_layers=2)
+    parametrize.register_parametrization(by_parametrize, "weight_hh_l1", Half())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        by_hook = torch.nn.utils.weight_norm(torch.nn.LSTM(6, 8), "weight_ih_l0")
+    by_parametrization = torch.nn.utils.parametrizations.weight_norm(torch.nn.LSTM(6, 8), "weight_ih_l0")
+    for lstm in (by_parametrize, by_hook, by_parametrization):
+        model = _Wrap(lstm).eval()
+        compiled = pbtvm.compile(model, (torch.randn(5, 3, 6),), bits=16, act_bits=16)
+        x = torch.randn(9, 2, 6)  # another length and batch: both stay run-time sizes
+        with torch.no_grad():
+            want = model(x)
+        for got, ref in zip(compiled(x), want, strict=True):
+            assert _rel(got, ref) <= 1e-3
+
+
 @pytest.mark.parametrize("fold_constants", [False, True])
 def test_static_shape_outputs_are_not_shared_between_calls(fold_constants, monkeypatch):
     """With static shapes the sequence output buffer must still be made per call: built as

@@ -72,6 +72,45 @@ def test_one_model_called_from_four_threads_equals_single_threaded():
     assert errors == []
 
 
+def test_compiles_from_four_threads_take_turns_and_equal_serial_compiles():
+    """torch.export keeps process-wide state while it traces: compiles in four threads at once
+    failed (torch internals, some reported as 'the model does not run on the example input'),
+    and a compile_lstm model came back with its batch fixed."""
+    torch.manual_seed(0)
+
+    class LM(torch.nn.Module):
+        def __init__(self, hidden: int) -> None:
+            super().__init__()
+            self.emb, self.lstm, self.head = (
+                torch.nn.Embedding(40, 16),
+                torch.nn.LSTM(16, hidden),
+                torch.nn.Linear(hidden, 40),
+            )
+
+        def forward(self, tokens):
+            return self.head(self.lstm(self.emb(tokens))[0])
+
+    models = [LM(16 + 8 * t).eval() for t in range(4)]
+    tokens, x = torch.randint(0, 40, (7, 3)), torch.randn(6, 5, 16)
+    results: dict[int, torch.Tensor] = {}
+
+    def worker(t: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if t % 2:
+                results[t] = compile_lstm(models[t].lstm, bits=4)(x)[0]
+            else:
+                results[t] = pbtvm.compile(models[t], (torch.randint(0, 40, (5, 2)),), bits=4)(tokens)
+
+    run_threads(worker)
+    for t in range(4):  # the same compiles, one after another
+        if t % 2:
+            want = compile_lstm(models[t].lstm, bits=4)(x)[0]
+        else:
+            want = _compile(models[t], torch.randint(0, 40, (5, 2)), bits=4)(tokens)
+        assert torch.equal(results[t], want), t
+
+
 def test_a_worker_thread_that_raises_fails_the_test():
     """run_threads re-raises: a model call that crashes in a thread is not a passing test."""
 

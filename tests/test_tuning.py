@@ -408,7 +408,7 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
         (  # tuned at another batch only
             {"pb_gemm_w4a8_kNW_48x64"},
             ["pb_gemm_w4a8_kNW_48x64:b1:ab", "pb_gemm_w4a8_kNW_48x64:b16:cd"],
-            "tuned at batch 1, 16, not 8 (compile(..., tune_batch=1) uses those)",
+            "tuned at batch 1, 16, not 8 (compile(..., tune_batch=1) or pbtvm compile --tune-batch 1 uses those)",
         ),
         (  # the same name at this batch: its workload hash changed
             {"pb_gemm_w4a8_kNW_48x64"},

@@ -14,8 +14,8 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     """Quantize ``x`` per row to ``fmt.act_bits`` and pack it into bitplanes.
 
     Mirrors :func:`pbtvm.quantize.quantize_activations` + :func:`pbtvm.bitplane.pack_activations`
-    bit for bit on finite rows. Non-finite rows follow torch (README, "Thread safety and NaN
-    policy"): a NaN makes the row's scale NaN, so all its outputs are NaN; an infinite entry makes
+    bit for bit on finite rows. Non-finite rows follow torch (README, "Thread safety, NaN
+    and op semantics"): a NaN makes the row's scale NaN, so all its outputs are NaN; an infinite entry makes
     the scale infinite and gets the code +-qmax, so the outputs are +-inf (NaN where a weight is 0).
     The row max carries both facts at no extra pass: NaN counts as +inf and +-inf as the largest
     float (``te.max`` drops NaN, and a custom NaN-keeping reducer cannot be a CUDA warp reduction).

@@ -256,12 +256,13 @@ def unmatched_reason(asked: set[str], held: list[str], batch: int, searched: lis
     if other:
         return (
             f"it has them tuned at batch {', '.join(map(str, other))}, not {batch} "
-            f"(compile(..., tune_batch={other[0]}) uses those)"
+            f"(compile(..., tune_batch={other[0]}) or pbtvm compile --tune-batch {other[0]} uses those)"
         )
     if any(name in asked for name in searched):
         return (
             f"it has searched schedules of these names for another batch than {batch}, or for another model's "
-            "layers of the same shape and format (compile(..., tune_batch=...) as tuned uses them; else tune "
+            "layers of the same shape and format (compile(..., tune_batch=...) or pbtvm compile --tune-batch as "
+            "tuned uses them; else tune "
             "this model)"
         )
     parts = [m.groupdict() for m in map(_NAME.match, asked) if m]
