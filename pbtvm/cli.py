@@ -63,6 +63,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot write {args.output}: the directory {folder} does not exist")
     if args.tune and not args.work_dir:
         raise CLIError("--tune needs --work-dir DIR, the directory the tuning log is written to")
+    if args.tune_batch != 1 and not args.work_dir:
+        raise CLIError("--tune-batch goes with --work-dir DIR, the tuning log it reads (or --tune writes)")
     model, example, options = _model_and_options(args)
     m = pbtvm.compile(
         model,

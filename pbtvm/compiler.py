@@ -32,6 +32,7 @@ from .runtime import MANIFEST_SCHEMA, CompiledModel
 from .schedules.tuning import TuneReport, tune_kernels, tuned_lookup
 from .serial import one_compile_at_a_time
 from .target import AUTO_LAYOUT, DYNAMIC_BATCH, TargetInfo, library_cpu_features, resolve_target, weight_layout
+from .user_frame import user_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ def _part_name(whole: str, axis: int, cut: slice) -> str:
 
 
 def _warn_recurrent(model: Any) -> None:
-    """GRU and plain RNN layers, and LSTMs with a forward of their own, are not lowered: torch.export
-    unrolls them over the example's length, in full precision."""
+    """GRU and plain RNN layers, and LSTMs with a forward of their own, are not lowered as recurrent
+    layers: torch.export unrolls them over the example's length (their matmuls become per-step
+    layers)."""
     import torch
 
     rnns = [
@@ -149,10 +151,10 @@ def _warn_recurrent(model: Any) -> None:
     if rnns:
         verb = "are" if len(rnns) > 1 else "is"
         warnings.warn(
-            f"pbtvm: {', '.join(rnns)} {verb} recurrent and not lowered (only nn.LSTM's own forward is): it runs in "
-            "full precision as torch.export unrolls it, so the compiled model only runs the example's sequence "
-            "length.",
-            stacklevel=3,
+            f"pbtvm: {', '.join(rnns)} {verb} recurrent and not lowered (only nn.LSTM's own forward is): "
+            "torch.export unrolls it over the example's length (its matmuls become one layer per step), so the "
+            "compiled model only runs the example's sequence length.",
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -318,9 +320,9 @@ def compile(
     _warn_recurrent(model)
     if skipped:
         listed = ", ".join(f"{s['name']}: {s['reason']}" for s in skipped)
-        warnings.warn(f"pbtvm: {len(skipped)} layer(s) stay in full precision: {listed}", stacklevel=2)
+        warnings.warn(f"pbtvm: {len(skipped)} layer(s) stay in full precision: {listed}", stacklevel=user_stacklevel())
     if not converted:
-        warnings.warn("pbtvm: no dense layer was converted to PrecisionBatching", stacklevel=2)
+        warnings.warn("pbtvm: no dense layer was converted to PrecisionBatching", stacklevel=user_stacklevel())
 
     if tune:
         tune_kernels(_pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)

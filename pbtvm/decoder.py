@@ -44,6 +44,9 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
 
     if not isinstance(lstm, torch.nn.LSTM):
         raise InputTypeError(f"compile_decoder takes a torch.nn.LSTM, got {type(lstm).__name__}")
+    from .recurrent import warn_own_forward
+
+    warn_own_forward(lstm, "compile_decoder")
     if lstm.bidirectional or getattr(lstm, "proj_size", 0):
         raise InputError("bidirectional LSTMs and LSTMs with proj_size are not supported yet")
     if embedding is not None:
@@ -300,8 +303,9 @@ def compile_decoder(
         kernel) share the codebook with the lowest summed weight error, the head gets its own.
     generate_chunk : int, optional
         Tokens per call of :meth:`PBDecoder.generate` (steps unrolled in one compiled function,
-        one CUDA graph on CUDA); default 16 with an embedding and a head of one output per
-        embedding row (the token picked is fed back), 0 (no generate) else.
+        one CUDA graph on CUDA); default 16 with an embedding and a head whose outputs are
+        embedding rows (``out_features <= num_embeddings``: the token picked is fed back), 0 (no
+        generate) else.
 
     Returns
     -------
@@ -311,7 +315,7 @@ def compile_decoder(
     ------
     TypeError, ValueError
         Wrong module types, mismatched sizes, bits out of range, batch < 1, a ``generate_chunk``
-        without embedding and head or with a head whose outputs are not the embedding's rows.
+        without embedding and head or with a head of more outputs than the embedding has rows.
     """
     from .compiler import build_model
     from .generate import cannot_generate, check_chunk

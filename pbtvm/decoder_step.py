@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .bitplane import BitplaneFormat
+from .recurrent import flat_weights
 
 __all__ = ["StepParts", "embedding_table"]
 
@@ -90,11 +91,14 @@ def _layer_weights(bb: Any, parts: StepParts, layer: int) -> tuple:
 
     lstm, hidden = parts.lstm, parts.lstm.hidden_size
     rows = unit_major_rows(hidden)
-    w_ih, w_hh = (_np(getattr(lstm, f"weight_{k}_l{layer}")) for k in ("ih", "hh"))
+    if "weights" not in parts.cache:
+        parts.cache["weights"] = flat_weights(lstm)  # computed ones (weight_norm ...) as the forward uses them
+    weights = parts.cache["weights"]
+    w_ih, w_hh = (_np(weights[f"weight_{k}_l{layer}"]) for k in ("ih", "hh"))
     fmt, (packed_ih, packed_hh) = lower_weights([w_ih, w_hh], parts.fmt, parts.quant, rows=rows)  # one codebook
     ih_args = list(packed_ih)
     if lstm.bias:
-        bias = _np(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
+        bias = _np(weights[f"bias_ih_l{layer}"] + weights[f"bias_hh_l{layer}"])
         ih_args.append(relax.const(bias[rows], "float32"))
     for k, w in (("ih", w_ih), ("hh", w_hh)):
         parts.converted.append(LayerRecord.of(f"weight_{k}_l{layer} (LSTM)", w, fmt, bias=False).as_dict())

@@ -28,6 +28,7 @@ of generated token ``g`` is ``g`` (independent of the chunking): generate() equa
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Sampling:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not np.isfinite(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(float(t)) or t < 0:
             raise InputError(f"temperature must be a finite number >= 0, got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
             raise InputError(f"top_k must be an int >= 0 (0 = no top-k), got {self.top_k!r}")
@@ -84,10 +85,11 @@ def cannot_generate(embedding: Any, head: Any) -> str | None:
     generate() feeds each token it picks (an index of the head's outputs) back through the embedding."""
     if embedding is None or head is None:
         return "generate() needs an embedding (token ids in) and a head (logits out)"
-    if embedding.num_embeddings != head.out_features:
+    if head.out_features > embedding.num_embeddings:
         return (
             f"generate() feeds each token it picks (one of the head's {head.out_features} outputs) back through "
-            f"the embedding, which has {embedding.num_embeddings} rows: they must be the same vocabulary"
+            f"the embedding, which has {embedding.num_embeddings} rows: the head may not predict ids the "
+            "embedding lacks"
         )
     return None
 
@@ -226,7 +228,7 @@ def _check_request(
     if need_chunk and not dec.generate_chunk:
         raise InputError(
             "this decoder was compiled without generate() (generate_chunk=0); generate() needs an embedding and a head "
-            "with one output per embedding row: compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
+            "whose outputs are embedding rows: compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
         )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")

@@ -272,6 +272,9 @@ def compile_lstm(
     torch = _torch()
     if not isinstance(lstm, torch.nn.LSTM):
         raise InputTypeError(f"compile_lstm takes a torch.nn.LSTM, got {type(lstm).__name__}")
+    from .recurrent import flat_weights, warn_own_forward
+
+    warn_own_forward(lstm, "compile_lstm")
     if lstm.bidirectional:
         raise InputError("bidirectional LSTMs are not supported yet")
     if getattr(lstm, "proj_size", 0):
@@ -301,13 +304,14 @@ def compile_lstm(
     # the cells are tuned into the same log as the projections (compile(tune=True) tunes those)
     build_kwargs = {k: compile_kwargs[k] for k in ("work_dir", "tune_batch", "tune", "trials") if k in compile_kwargs}
     projections, cells = [], []
+    weights = flat_weights(lstm)
     with torch.no_grad():
         for layer in range(lstm.num_layers):
-            w_ih = getattr(lstm, f"weight_ih_l{layer}").detach().float()
-            w_hh = getattr(lstm, f"weight_hh_l{layer}").detach().float()
+            w_ih = weights[f"weight_ih_l{layer}"].float()
+            w_hh = weights[f"weight_hh_l{layer}"].float()
             bias = None
             if lstm.bias:
-                bias = (getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).detach().float()
+                bias = (weights[f"bias_ih_l{layer}"] + weights[f"bias_hh_l{layer}"]).float()
             proj = _projection_module(w_ih, bias)
             # one codebook per layer for W_ih and W_hh, as the decoder's one-kernel step needs
             layer_quant = (_layer_codebook([w_ih.numpy(), w_hh.numpy()], fmt, quant), quant[1])

@@ -272,8 +272,8 @@ def layer_names(model: Any) -> dict[str, str]:
     modules = sorted(model.named_modules(), key=lambda item: isinstance(item[1], lookups))  # stable
     names = {}
     for name, module in modules:
-        if isinstance(module, torch.nn.LSTM):  # its weights by parameter name (the lowering's dense layers)
-            for param, w in module.named_parameters():
+        if isinstance(module, torch.nn.LSTM):  # its weights by name (the lowering's dense layers), computed ones too
+            for param, w in recurrent.flat_weights(module).items():
                 names.setdefault(_key(w), f"{name}.{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):

@@ -90,17 +90,57 @@ def has_own_forward(lstm: Any) -> bool:
     return type(lstm).forward is not torch.nn.LSTM.forward or "forward" in vars(lstm)
 
 
-def _computed_weights(lstm: Any) -> list | None:
-    """Copies of ``lstm``'s flat weights when some are not parameters of its own (a
-    ``torch.nn.utils.parametrize`` parametrization, a ``weight_norm`` hook: computed from other
-    tensors, which a trace would record as operations rather than constants); None when all are."""
-    import torch
+def flat_weights(lstm: Any) -> dict[str, Any]:
+    """``lstm``'s weights by name (``_flat_weights_names`` order), as its forward would use them
+    now, detached.
 
+    A ``torch.nn.utils.parametrize`` parametrization computes its weight when read. A
+    ``torch.nn.utils.weight_norm`` or ``spectral_norm`` hook computes it before each forward and
+    leaves the last value on the module, stale once ``g``/``v`` changed (an optimizer step, a
+    state dict loaded): it is computed again here, as the hook would (spectral norm without a
+    power iteration, as in eval mode).
+    """
+    import torch
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = {h.name: h for h in lstm._forward_pre_hooks.values() if isinstance(h, WeightNorm | SpectralNorm)}
+    out = {}
+    with torch.no_grad():
+        for name in lstm._flat_weights_names:
+            hook = hooks.get(name)
+            if isinstance(hook, SpectralNorm):
+                out[name] = hook.compute_weight(lstm, do_power_iteration=False).detach()
+            elif hook is not None:
+                out[name] = hook.compute_weight(lstm).detach()
+            else:
+                out[name] = getattr(lstm, name).detach()
+    return out
+
+
+def _computed_weights(lstm: Any) -> list | None:
+    """Copies of ``lstm``'s flat weights (:func:`flat_weights`) when some are not parameters of
+    its own (a parametrization, a ``weight_norm`` hook: computed from other tensors, which a trace
+    would record as operations rather than constants); None when all are."""
     own = dict(lstm.named_parameters(recurse=False))
     if all(n in own for n in lstm._flat_weights_names):
         return None
-    with torch.no_grad():  # the values now: parametrizations compute them here, hooks ran in the model's last call
-        return [getattr(lstm, n).detach().clone() for n in lstm._flat_weights_names]
+    return [w.clone() for w in flat_weights(lstm).values()]
+
+
+def warn_own_forward(lstm: Any, api: str) -> None:
+    """Warn that ``api`` (``compile_lstm``, ``compile_decoder``) compiles ``nn.LSTM``'s computation
+    from ``lstm``'s weights, not the forward of its own that ``lstm`` has (:func:`has_own_forward`)."""
+    if has_own_forward(lstm):
+        import warnings
+
+        from .user_frame import user_stacklevel
+
+        warnings.warn(
+            f"pbtvm.{api}: the {type(lstm).__name__} given has a forward of its own; {api} compiles nn.LSTM's "
+            "computation from its weights, not that forward",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _stand_in_forward(lstm: Any, name: str, fixed: list) -> Any:
@@ -227,8 +267,10 @@ __all__ = [
     "check_lstm",
     "checked_lstms",
     "convert_lstm_stack",
+    "flat_weights",
     "has_own_forward",
     "lstm_stand_ins",
     "placeholder_config",
     "recurrent_modules",
+    "warn_own_forward",
 ]

@@ -147,8 +147,9 @@ def test_ballot_pack_keeps_the_nan_policy_in_emulation(rng):
     (xp, scale, rowsum), (cpu_xp, cpu_scale, cpu_rowsum) = outs
     assert np.isnan(scale[0]) and scale[1] == scale[2] == np.inf and np.isfinite(scale[3])
     np.testing.assert_array_equal(scale, cpu_scale)
-    np.testing.assert_array_equal(xp, cpu_xp)
-    np.testing.assert_array_equal(rowsum, cpu_rowsum)
+    # the NaN row's codes are whatever NaN converts to (x86 and a GPU differ); its outputs are NaN
+    np.testing.assert_array_equal(xp[:, 1:], cpu_xp[:, 1:])
+    np.testing.assert_array_equal(rowsum[1:], cpu_rowsum[1:])
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,8 @@ def test_compile_tune_without_work_dir_names_the_option(spec, capsys):
     before = warnings.formatwarning
     code, _, err = _run(["compile", spec, "--tune", "-o", "t.so"], capsys)
     assert code == 2 and "--tune needs --work-dir" in err
+    code, _, err = _run(["compile", spec, "--tune-batch", 4, "-o", "t.so"], capsys)
+    assert code == 2 and "--tune-batch goes with --work-dir" in err
     assert warnings.formatwarning is before
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -398,8 +399,12 @@ def test_generate_needs_a_head_over_the_embeddings_vocabulary():
         lstm, "llvm", 4, embedding=small, head=torch.nn.Linear(12, 60)
     )  # the default: no generate
     assert step_only.generate_chunk == 0
-    with pytest.raises(ValueError, match="compiled without generate.*one output per embedding row"):
+    with pytest.raises(ValueError, match="compiled without generate.*whose outputs are embedding rows"):
         step_only.generate(np.array([[1, 2]]), 3)
+    # fewer outputs than rows (rows for padding or a start token the head never predicts) is fine
+    wide = torch.nn.Embedding(60, 8)
+    dec = compile_decoder(lstm, "llvm", 4, embedding=wide, head=torch.nn.Linear(12, 20), generate_chunk=4)
+    np.testing.assert_array_equal(dec.generate(np.array([[55, 2]]), 6), generate_stepwise(dec, np.array([[55, 2]]), 6))
 
 
 def test_sampling_takes_numpy_scalars_and_any_large_top_k(dec3):
@@ -414,6 +419,9 @@ def test_sampling_takes_numpy_scalars_and_any_large_top_k(dec3):
     for top_k in (2**63, np.uint64(2**64 - 1)):
         np.testing.assert_array_equal(dec3.generate(prompt, 5, Sampling(1.0, top_k, 3)), every)
     assert type(Sampling(np.float32(0.5)).temperature) is float
+    assert Sampling(Fraction(1, 2)).temperature == 0.5
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(Fraction(-1, 2))
 
 
 def test_generate_survives_export_and_load(dec3, tmp_path):

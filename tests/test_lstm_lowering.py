@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import pbtvm
+from pbtvm.decoder import compile_decoder
+from pbtvm.lstm import compile_lstm
 from pbtvm.worker_env import env_without_torch
 
 LENGTHS = (1, 5, 17, 64)
@@ -220,13 +222,20 @@ def test_lstms_with_a_forward_of_their_own_run_as_torch_runs_them():
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             compiled = pbtvm.compile(model, (x,), bits=16, act_bits=16)
-        said = [str(w.message) for w in seen if "not lowered" in str(w.message)]
-        assert said and f"lstm ({shown}, its own forward)" in said[0], said
+        said = [w for w in seen if "not lowered" in str(w.message)]
+        assert said and f"lstm ({shown}, its own forward)" in str(said[0].message), said
+        assert said[0].filename == __file__  # the user's line, not pbtvm's
         with torch.no_grad():
             want = model(x)
         for got, ref in zip(compiled(x), want, strict=True):
             assert _rel(got, ref) <= 1e-4
     assert "forward" in vars(patched) and patched.forward(x)[0].max() <= 0  # the user's model is as it was
+    for api in (compile_lstm, compile_decoder):  # they compile nn.LSTM's computation from the weights: said
+        with pytest.warns(
+            UserWarning, match=rf"{api.__name__} compiles nn.LSTM's computation from its weights"
+        ) as seen:
+            api(Scaled(6, 8), bits=4)
+        assert seen[0].filename == __file__
 
 
 def test_lstms_with_computed_weights_are_lowered_with_their_values():
@@ -245,14 +254,23 @@ def test_lstms_with_computed_weights_are_lowered_with_their_values():
         warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
         by_hook = torch.nn.utils.weight_norm(torch.nn.LSTM(6, 8), "weight_ih_l0")
     by_parametrization = torch.nn.utils.parametrizations.weight_norm(torch.nn.LSTM(6, 8), "weight_ih_l0")
+    with torch.no_grad():  # g changed after the hook last ran: the module's weight_ih_l0 is stale
+        by_hook.weight_ih_l0_g.mul_(1.5)
+    x = torch.randn(9, 2, 6)  # another length and batch than the example: both stay run-time sizes
     for lstm in (by_parametrize, by_hook, by_parametrization):
         model = _Wrap(lstm).eval()
         compiled = pbtvm.compile(model, (torch.randn(5, 3, 6),), bits=16, act_bits=16)
-        x = torch.randn(9, 2, 6)  # another length and batch: both stay run-time sizes
         with torch.no_grad():
             want = model(x)
         for got, ref in zip(compiled(x), want, strict=True):
             assert _rel(got, ref) <= 1e-3
+        names = [layer["name"] for layer in compiled.manifest["layers"]["converted"]]
+        assert all(name.startswith("lstm.weight_") for name in names), names  # computed ones named too
+    with torch.no_grad():
+        want, step = by_hook(x)[0], by_hook(x[:1])[0][0]
+        by_hook.weight_ih_l0 = torch.zeros(32, 6)  # what a hook left is stale: compile_lstm and the decoder compute it
+    assert _rel(compile_lstm(by_hook, bits=16, act_bits=16)(x)[0], want) <= 1e-3
+    assert _rel(compile_decoder(by_hook, bits=16, act_bits=16, batch=2)(x[0])[0], step) <= 1e-3
 
 
 @pytest.mark.parametrize("fold_constants", [False, True])

@@ -83,7 +83,9 @@ def act_code(v: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) ->
     multiply-add wherever the code generator contracts (TVM's LLVM backend always does), which
     rounds once where the reference rounds twice, so a product a few ulps from ``m + 0.5`` got
     another code than the reference's. ``nearbyint`` is one instruction (``vrndscaleps``,
-    ``cvt.rni``) and rounds the product exactly.
+    ``cvt.rni``) and rounds the product exactly, in the floating-point rounding mode of the
+    calling thread on CPUs: to nearest unless the program changed it (``fesetround``), as numpy's
+    ``rint`` assumes; TVM's worker threads keep the default.
     """
     q = tir.nearbyint(v * _lanes(inv, lanes))
     return tir.max(tir.min(q, _lanes(tir.const(qmax, "float32"), lanes)), _lanes(tir.const(-qmax, "float32"), lanes))
