@@ -13,6 +13,7 @@ Torch code the user runs in other threads while a compile traces is not covered 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,7 +22,18 @@ __all__ = ["one_compile_at_a_time"]
 
 _F = TypeVar("_F", bound=Callable)
 #: Reentrant: compile_lstm and compile_decoder call pbtvm.compile's pieces, tune_kernels runs in compile.
+#: Held while compile runs the user's model (the example check, calibration): a model that hands a
+#: compile to another thread and waits for it would wait forever.
 _COMPILING = threading.RLock()
+
+
+def _fresh_lock_after_fork() -> None:
+    """A child forked while another thread compiled would inherit the lock held, forever."""
+    global _COMPILING
+    _COMPILING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def one_compile_at_a_time(func: _F) -> _F:

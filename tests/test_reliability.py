@@ -111,6 +111,34 @@ def test_compiles_from_four_threads_take_turns_and_equal_serial_compiles():
         assert torch.equal(results[t], want), t
 
 
+FORK_WHILE_COMPILING = """
+import os, sys, threading
+from pbtvm import serial
+held, done = threading.Event(), threading.Event()
+def compiling():
+    with serial._COMPILING:
+        held.set()
+        done.wait()
+threading.Thread(target=compiling).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if serial._COMPILING.acquire(timeout=5) else 1)
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+done.set()
+sys.exit(status)
+"""
+
+
+def test_a_child_forked_while_another_thread_compiles_can_compile():
+    """The child of a fork inherits the lock as held by a thread it does not have: it gets a new one."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORK_WHILE_COMPILING], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_worker_thread_that_raises_fails_the_test():
     """run_threads re-raises: a model call that crashes in a thread is not a passing test."""
 
