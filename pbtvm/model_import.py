@@ -32,16 +32,22 @@ from .user_frame import user_stacklevel
 __all__ = ["import_model", "layer_names"]
 
 
+#: An attribute torch's recurrent modules assign in a call: their ``_flat_weights`` list, and a weight
+#: a ``weight_norm`` hook computes (``weight_hh_l0_reverse``); pbtvm takes the values before export.
+_RNN_ATTRIBUTE = r"\S*\.(_flat_weights\[\d+\]|(weight|bias)_(ih|hh)_l\d+(_reverse)?)"
+
+
 def _without_torch_export_noise(fn: Any) -> Any:
     """Hide torch's own warnings from inside ``torch.export`` that say nothing to users: the
-    ``LeafSpec`` FutureWarning, and the ``_flat_weights`` "must be registered as buffers" warning
-    that every ``nn.GRU`` / ``nn.RNN`` gives (torch's own module refreshes that list in forward)."""
+    ``LeafSpec`` FutureWarning, and the "must be registered as buffers" warning that every
+    ``nn.GRU`` / ``nn.RNN`` gives for ``_flat_weights`` (torch's own module refreshes that list in
+    forward), as an LSTM with a ``weight_norm`` hook does for its weights."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"The tensor attributes (\S*\._flat_weights\[\d+\](, )?)+ were")
+            warnings.filterwarnings("ignore", message=rf"The tensor attributes ({_RNN_ATTRIBUTE}(, )?)+ were")
             return fn(*args, **kwargs)
 
     return wrapper
