@@ -233,15 +233,31 @@ def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray
         Codes in ``-act_qmax..act_qmax``.
     scale : np.ndarray, float32, shape [B]
         ``x ~= xq * scale[:, None]``; 0 for all-zero rows.
+
+    Notes
+    -----
+    The steps, as every kernel takes them (:mod:`pbtvm.ops.common`): the row max of ``|x|`` with a
+    finite value counted as at most the float32 below FLT_MAX, ``+-inf`` as FLT_MAX and NaN as
+    ``+inf``; ``scale = amax / qmax`` (NaN for a NaN row, inf for an infinite one); a row below
+    ``2^-64`` multiplied by ``2^64`` first (exact) so that ``inv = qmax / amax`` stays finite;
+    codes ``rint(x * inv)`` in float32, clipped. An infinite entry gets ``+-qmax`` (its row's other
+    codes round ``x * qmax / FLT_MAX``, 0 for any ordinary value); a NaN row's codes are 0 here
+    (the kernels' are unspecified: its outputs are NaN either way).
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise InputError(f"activations must be 2-D [B, K], got shape {x.shape}")
     qmax = np.float32(fmt.act_qmax)
-    amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
-    inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    scale = (amax / qmax).astype(np.float32)
-    v = np.rint(x * inv[:, None])  # the float32 product, ties to even
+    big = np.finfo(np.float32).max
+    size = np.minimum(np.abs(x), np.nextafter(big, np.float32(0)))  # finite, below FLT_MAX
+    size = np.where(np.isinf(x), big, np.where(np.isnan(x), np.float32(np.inf), size))
+    amax = size.max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = np.where(amax == np.inf, np.nan, np.where(amax == big, np.inf, amax / qmax)).astype(np.float32)
+        up = np.where(amax < np.float32(2.0**-64), np.float32(2.0**64), np.float32(1)).astype(np.float32)
+        inv = np.where(amax > 0, qmax / np.where(amax > 0, amax * up, 1), 0).astype(np.float32)
+        v = np.rint((x * up[:, None]) * inv[:, None])  # float32 products, ties to even
+    v = np.where(np.isnan(v) & (amax == np.inf)[:, None], 0, v)  # a NaN row: its outputs are NaN anyway
     xq = np.clip(v, -qmax, qmax).astype(np.int32)
     return xq, scale
 

@@ -86,7 +86,8 @@ def fit_bipolar(w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np
     """``w ~= s (2q - 1)``; returns codes ``+-1`` int32 [N, K] and ``s = mean|w|`` float32 [N]
     (importance-weighted mean with ``importance``, see :func:`column_weights`)."""
     c = column_weights(importance, w.shape[1])
-    s = np.abs(w).mean(axis=1) if c is None else np.abs(w).astype(np.float64) @ c / c.sum()
+    # float64: a float32 sum of |w| overflows for finite rows near 1e37 (the scale came out inf)
+    s = np.abs(w).mean(axis=1, dtype=np.float64) if c is None else np.abs(w).astype(np.float64) @ c / c.sum()
     return np.where(w >= 0, 1, -1).astype(np.int32), s.astype(np.float32)
 
 

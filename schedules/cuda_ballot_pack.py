@@ -15,7 +15,7 @@ from tvm.script import tirx as T
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
-from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_scale
+from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_prescale, act_scale
 
 from .rules import ScheduleRule, format_of
 
@@ -70,7 +70,7 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
             if c * warps + warp < words:  # warp-uniform: every lane reaches the ballots
                 kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
                 inv = T.meta_var(act_inverse(red[0], qmax))
-                clamped = T.meta_var(act_code(x[b, T.min(kk, k_dim - 1)], inv, qmax))
+                clamped = T.meta_var(act_code(x[b, T.min(kk, k_dim - 1)], act_prescale(red[0]), inv, qmax))
                 code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
                 total[0] = total[0] + T.Cast(acc_t, code[0])
                 # Every lane votes (the word is stored to a register first, so that the ballot is

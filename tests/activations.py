@@ -37,3 +37,21 @@ def near_tie_rows(rng: np.random.Generator, b: int, k: int, fmt: BitplaneFormat)
         below_half = np.nextafter(np.float32(0.5), np.float32(0))
         x[0, 1:6] = [below_half, -below_half, 0.5, -1.5, 2.5]
     return x
+
+
+def extreme_rows(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Six rows of extreme ranges, float32 [6, k]: a finite row holding +-FLT_MAX (once taken for an
+    infinite row), rows around 1e-38 with zeros and -0.0 and of subnormals (whose ``qmax / max|x|``
+    overflowed: every code +-qmax, zeros NaN), one with +-inf entries, one near 1e-20 and one of zeros.
+    """
+    big = np.finfo(np.float32).max
+    x = rng.standard_normal((6, k)).astype(np.float32)
+    x[0, 0], x[0, k // 2] = big, -big
+    x[1] *= np.float32(1e-38)
+    x[1, 1 % k] = 0.0
+    x[1, 2 % k] = -0.0
+    x[2] *= np.float32(1e-44)
+    x[3, 0], x[3, k - 1] = np.inf, -np.inf
+    x[4] *= np.float32(3e-20)
+    x[5] = 0.0
+    return x

@@ -191,6 +191,19 @@ def test_activation_code_is_the_float32_product_rounded_to_nearest_even(act_bits
         assert list(xq[0, 1:6]) == [0, 0, 0, -2, 2]
 
 
+def test_activation_codes_of_extreme_rows():
+    """A finite row holding FLT_MAX keeps a finite scale; rows below qmax / FLT_MAX get their codes
+    (their inverse scale overflowed: every code +-qmax, zeros NaN); an infinite entry gets +-qmax."""
+    fmt, big = bp.BitplaneFormat(4, 8), np.finfo(np.float32).max
+    x = np.array(
+        [[big, 1e37, 0, -1], [1e-38, 5e-39, 0, -2e-39], [np.inf, 1, -np.inf, 0], [1e-45, 0, -1e-45, 0]], np.float32
+    )
+    xq, scale = qz.quantize_activations(x, fmt)
+    np.testing.assert_array_equal(xq, [[127, 4, 0, 0], [127, 64, 0, -25], [127, 0, -127, 0], [127, 0, -127, 0]])
+    assert np.isfinite(scale[0]) and scale[0] == np.float32(np.nextafter(big, np.float32(0)) / np.float32(127))
+    assert scale[1] == np.float32(np.float32(1e-38) / np.float32(127)) and scale[2] == np.inf
+
+
 def test_activation_quantizer_is_dynamic_and_does_not_wrap(rng):
     fmt = bp.BitplaneFormat(4, 8)
     x = rng.standard_normal((3, 50)).astype(np.float32) * np.array([[1e-3], [1.0], [1e4]], np.float32)

@@ -24,7 +24,7 @@ from pbtvm.schedules.cuda_bmma import default_config
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
 from pbtvm.target import resolve_target
 
-from .activations import near_tie_rows
+from .activations import extreme_rows, near_tie_rows
 from .cuda_emulator import EmulatedKernel, launch_dims
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
@@ -102,6 +102,8 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
     x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
     x[0] = near_tie_rows(rng, 1, k, fmt)[0]
     x[-1] = 0 if batch > 1 else x[-1]
+    x = np.concatenate([x, extreme_rows(rng, k)])  # FLT_MAX, tiny, subnormal, +-inf rows
+    batch = x.shape[0]
     xq, xs = qz.quantize_activations(x, fmt)
     xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
     scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))

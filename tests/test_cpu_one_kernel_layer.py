@@ -17,7 +17,7 @@ from pbtvm.schedules import rule_for
 from pbtvm.schedules.cpu_vnni import CPUVnniDenseAct, single_row_tile_for, vnni_kernel_for
 from pbtvm.target import resolve_target
 
-from .activations import near_tie_rows
+from .activations import extreme_rows, near_tie_rows
 from .test_cpu_vnni import NO_GFNI
 
 CPU = resolve_target("llvm")
@@ -104,7 +104,8 @@ def test_fused_layer_rounds_as_the_reference_near_halves(isa, bits, act_bits, n,
     fmt = bp.BitplaneFormat(bits, act_bits)
     q, s = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     weights = [_t(bp.pack_weights(q, fmt)), _t(s), _t(rng.standard_normal(n).astype(np.float32))]
-    x = near_tie_rows(rng, b, k, fmt)
+    x = np.concatenate([near_tie_rows(rng, b, k, fmt), extreme_rows(rng, k)])  # and extreme ranges
+    b = x.shape[0]
     func = kernels.dense_act_func(fmt, n, k, True)
     assert isinstance(rule_for(func, target), CPUVnniDenseAct)
     fused = kernels.build(func, target)

@@ -16,7 +16,7 @@ from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.target import resolve_target
 
-from .activations import near_tie_rows
+from .activations import extreme_rows, near_tie_rows
 
 CPU = resolve_target("llvm")
 
@@ -115,8 +115,9 @@ def test_act_pack_rounds_as_the_reference_near_halves(act_bits, rng):
     """Products a few ulps from ``m + 0.5``: the codes were ``floor(x * inv + 0.5)``, which LLVM
     fused into one multiply-add (one rounding, the reference two), so such values got other codes."""
     fmt = bp.BitplaneFormat(4, act_bits)
-    b, k = 4, 1000
-    x = near_tie_rows(rng, b, k, fmt)
+    k = 1000
+    x = np.concatenate([near_tie_rows(rng, 4, k, fmt), extreme_rows(rng, k)])  # and extreme ranges
+    b = x.shape[0]
     xq, xs = qz.quantize_activations(x, fmt)
     kern = kernels.build(kernels.act_pack_func(fmt, k), CPU)
     xp = _t(np.zeros((act_bits, b, fmt.words(k)), np.uint32))

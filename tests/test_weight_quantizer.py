@@ -68,6 +68,13 @@ def test_centred_zero_point_unless_a_free_one_is_clearly_better(rng):
     assert np.all(signs == np.where(w[:3] >= 0, 1, -1))
 
 
+def test_bipolar_scale_of_huge_finite_weights_is_finite():
+    """mean|w| summed in float32 overflowed to inf for a finite row of +-3e37 (W1)."""
+    w = np.full((1, 64), 3e37, np.float32) * np.where(np.arange(64) % 2, 1, -1).astype(np.float32)
+    _, scale = qz.quantize_weights(w, bp.BitplaneFormat(1, 8))
+    np.testing.assert_allclose(scale, [3e37], rtol=1e-6)
+
+
 def test_constant_and_zero_rows_are_exact(rng):
     w = _weights(rng)
     for bits in (1, 2, 4):

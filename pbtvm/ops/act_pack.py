@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import names
 from .._tvm import te, tir
 from ..bitplane import WORD_BITS, BitplaneFormat
-from .common import act_code, act_inverse, act_magnitude, act_scale, plane_bit
+from .common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, plane_bit
 
 __all__ = ["act_quantize_pack"]
 
@@ -45,7 +45,11 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     amax = te.compute((batch,), lambda b: te.max(act_magnitude(x[b, r]), axis=r), name=names.AMAX + tag)
     x_scale = te.compute((batch,), lambda b: act_scale(amax[b], qmax), name=names.XSCALE + tag)
     inv = te.compute((batch,), lambda b: act_inverse(amax[b], qmax), name=names.XINV + tag)
-    xq = te.compute((batch, k_dim), lambda b, k: act_code(x[b, k], inv[b], qmax).astype("int32"), name=names.XQ + tag)
+    xq = te.compute(
+        (batch, k_dim),
+        lambda b, k: act_code(x[b, k], act_prescale(amax[b]), inv[b], qmax).astype("int32"),
+        name=names.XQ + tag,
+    )
     t = te.reduce_axis((0, WORD_BITS), "t")
 
     def pack(p, b, w):

@@ -3,6 +3,8 @@ storage scope of CPU kernels' scratch buffers."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._tvm import tir
 
 #: Storage scope of the small fixed-size scratch buffers of CPU kernels (accumulators, decoded
@@ -55,10 +57,25 @@ def _lanes(c: tir.PrimExpr, lanes: int) -> tir.PrimExpr:
     return c if lanes == 1 else tir.Broadcast(c, lanes)
 
 
+#: A row whose max |x| is below this is multiplied by :data:`TINY_ROW_SCALE` (a power of two: exact)
+#: before its codes are computed, so that ``qmax / max|x|`` stays finite (it overflowed to inf for
+#: rows below ``qmax / FLT_MAX``, ~4e-37 at 8 bits: every code became +-qmax, a zero NaN).
+TINY_ROW = 2.0**-64
+TINY_ROW_SCALE = 2.0**64
+
+
 def act_magnitude(v: tir.PrimExpr, lanes: int = 1) -> tir.PrimExpr:
-    """``|v|`` for the row max: NaN counts as +inf, +-inf as the largest float32."""
+    """``|v|`` for the row max: NaN counts as +inf, +-inf as the largest float32, and a finite
+    value as at most the float32 below it (so a finite row holding +-FLT_MAX is not taken for an
+    infinite one)."""
     inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
-    return tir.Select(tir.isnan(v), _lanes(inf, lanes), tir.min(tir.abs(v), _lanes(big, lanes)))
+    finite_top = tir.const(float(np.nextafter(np.float32(np.finfo(np.float32).max), np.float32(0))), "float32")
+    size = tir.abs(v)
+    return tir.Select(
+        tir.isnan(v),
+        _lanes(inf, lanes),
+        tir.Select(size == _lanes(inf, lanes), _lanes(big, lanes), tir.min(size, _lanes(finite_top, lanes))),
+    )
 
 
 def act_scale(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
@@ -68,14 +85,23 @@ def act_scale(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
     return tir.Select(amax == inf, nan, tir.Select(amax == big, inf, amax / tir.const(qmax, "float32")))
 
 
+def act_prescale(amax: tir.PrimExpr) -> tir.PrimExpr:
+    """What a row is multiplied by before its codes: :data:`TINY_ROW_SCALE` below :data:`TINY_ROW`, else 1."""
+    return tir.Select(
+        amax < tir.const(TINY_ROW, "float32"), tir.const(TINY_ROW_SCALE, "float32"), tir.const(1.0, "float32")
+    )
+
+
 def act_inverse(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
-    """``qmax / amax`` (0 for an all-zero row): what the codes are multiplied by."""
+    """``qmax / (amax * act_prescale(amax))`` (0 for an all-zero row): what the prescaled values are
+    multiplied by."""
     zero = tir.const(0, "float32")
-    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / amax, zero)
+    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / (amax * act_prescale(amax)), zero)
 
 
-def act_code(v: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) -> tir.PrimExpr:
-    """The float code of ``v``: the float32 product ``v * inv`` rounded to the nearest integer, ties
+def act_code(v: tir.PrimExpr, up: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) -> tir.PrimExpr:
+    """The float code of ``v``: the float32 product ``(v * up) * inv`` (``up`` the row's
+    :func:`act_prescale`, ``inv`` its :func:`act_inverse`) rounded to the nearest integer, ties
     to even, clipped to ``-qmax..qmax`` (integral; cast by the caller), as
     :func:`pbtvm.quantize.quantize_activations`.
 
@@ -85,7 +111,8 @@ def act_code(v: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) ->
     another code than the reference's. ``nearbyint`` is one instruction (``vrndscaleps``,
     ``cvt.rni``) and rounds the product exactly, in the floating-point rounding mode of the
     calling thread on CPUs: to nearest unless the program changed it (``fesetround``), as numpy's
-    ``rint`` assumes; TVM's worker threads keep the default.
+    ``rint`` assumes; TVM's worker threads keep the default. ``up`` is a power of two, so for rows
+    above :data:`TINY_ROW` the product is ``v * (qmax / amax)`` rounded once, as before.
     """
-    q = tir.nearbyint(v * _lanes(inv, lanes))
+    q = tir.nearbyint((v * _lanes(up, lanes)) * _lanes(inv, lanes))
     return tir.max(tir.min(q, _lanes(tir.const(qmax, "float32"), lanes)), _lanes(tir.const(-qmax, "float32"), lanes))

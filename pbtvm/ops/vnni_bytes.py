@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
-from .common import CPU_SCRATCH, act_code, act_inverse, act_magnitude, act_scale
+from .common import CPU_SCRATCH, act_code, act_inverse, act_magnitude, act_prescale, act_scale
 
 __all__ = ["CHUNK", "act_bytes", "lane_mask", "masked_sum", "qword", "quantize_row", "row_codes", "sum_codes"]
 
@@ -80,7 +80,7 @@ def quantize_row(T, fmt: BitplaneFormat, x: tir.Buffer, r, k_dim: int, codes, x_
     def code(v: tir.PrimExpr, n: int) -> tir.PrimExpr:
         vector = n == CHUNK
         return (
-            act_code(v, inv[0], qmax, n)
+            act_code(v, act_prescale(amax[0]), inv[0], qmax, n)
             .astype("int32x64" if vector else "int32")
             .astype("int8x64" if vector else "int8")
         )
