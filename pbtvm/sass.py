@@ -64,15 +64,17 @@ def sass_global_loads(sass: str) -> int:
 
 
 def dropped_global_loads(source: str, arch: str, sass: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
-    """Kernels of CUDA C++ ``source`` whose SASS has another number of global loads than their
-    PTX: ``{kernel: (PTX loads, SASS loads)}``; empty when every ``ld.global`` became one ``LDG``.
+    """Kernels of CUDA C++ ``source`` whose SASS has fewer global loads than their PTX:
+    ``{kernel: (PTX loads, SASS loads)}``; empty when every ``ld.global`` became at least one
+    ``LDG`` (more is ptxas unrolling a loop, a copy of its loads per copy of the body: the ballot
+    pack's chunk loop, once its row constants were hoisted out of it).
 
     A load ptxas dropped leaves the kernel reading whatever its registers held. This happened to a
     sampled CUDA-core candidate (BENCHMARKS.md, eleventh session: 5 loads in the PTX, 4 in the
     SASS): a load under ``if``, repeated in the loop's peeled last iteration, was taken to be done
     already. ptxas may also remove a load whose value is unused or merge two identical ones, so a
     difference is a reason to read the SASS, not proof of a miscompile; in the PB kernels
-    (``tests/test_ptxas_loads.py``) the counts are equal. ``sass``: the listing of
+    (``tests/test_ptxas_loads.py``) none has fewer. ``sass``: the listing of
     :func:`source_sass`, if already made.
     """
     ptx = ptx_global_loads(compile_ptx(source, arch))
@@ -80,7 +82,7 @@ def dropped_global_loads(source: str, arch: str, sass: dict[str, str] | None = N
     counts = {name: sass_global_loads(text) for name, text in listing.items()}
     if set(ptx) != set(counts):
         raise RuntimeError(f"PTX kernels {sorted(ptx)} are not the SASS kernels {sorted(counts)}")
-    return {name: (ptx[name], counts[name]) for name in ptx if counts[name] != ptx[name]}
+    return {name: (ptx[name], counts[name]) for name in ptx if counts[name] < ptx[name]}
 
 
 def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:

@@ -42,7 +42,8 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
     reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
     ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
     the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
-    buffers of one element per thread, ``best``, ``total``, ``code``, ``vote`` one-element locals.
+    buffers of one element per thread, ``best`` a two-element float32 local, ``total``, ``code``,
+    ``vote`` one-element locals.
     Every thread of the block must call it (it synchronizes the block).
     """
     n_act, words = fmt.act_bits, fmt.words(k_dim)
@@ -66,11 +67,13 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
                 red[warp * LANES + tx] = T.max(red[warp * LANES + tx], red[warp * LANES + tx + (threads >> (lvl + 1))])
             T.tvm_storage_sync("shared")
         total[0] = T.Cast(acc_t, 0)
+        # the row's inverse scale once, in a register (recomputed from shared memory in every
+        # chunk, with the prescale, the fused BMMA kernel spilled)
+        best[0] = act_inverse(red[0], qmax)
         for c in range(chunks):
             if c * warps + warp < words:  # warp-uniform: every lane reaches the ballots
                 kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
-                inv = T.meta_var(act_inverse(red[0], qmax))
-                clamped = T.meta_var(act_code(x[b, T.min(kk, k_dim - 1)], act_prescale(red[0]), inv, qmax))
+                clamped = T.meta_var(act_code(x[b, T.min(kk, k_dim - 1)], act_prescale(red[0]), best[0], qmax))
                 code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
                 total[0] = total[0] + T.Cast(acc_t, code[0])
                 # Every lane votes (the word is stored to a register first, so that the ballot is
@@ -126,7 +129,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
                     for tx in T.thread_binding(LANES, thread="threadIdx.x"):
                         red = T.alloc_shared((LANES * warps,), "float32")
                         sums = T.alloc_shared((LANES * warps,), acc_t)
-                        best = T.alloc_local((1,), "float32")
+                        best = T.alloc_local((2,), "float32")  # the max, then inv and prescale
                         total = T.alloc_local((1,), acc_t)
                         code = T.alloc_local((1,), "int32")
                         vote = T.alloc_local((1,), "uint32")

@@ -92,11 +92,12 @@ def act_prescale(amax: tir.PrimExpr) -> tir.PrimExpr:
     )
 
 
-def act_inverse(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
-    """``qmax / (amax * act_prescale(amax))`` (0 for an all-zero row): what the prescaled values are
-    multiplied by."""
+def act_inverse(amax: tir.PrimExpr, qmax: float, up: tir.PrimExpr | None = None) -> tir.PrimExpr:
+    """``qmax / (amax * up)`` (0 for an all-zero row), ``up`` the row's :func:`act_prescale`
+    (computed here unless given): what the prescaled values are multiplied by."""
     zero = tir.const(0, "float32")
-    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / (amax * act_prescale(amax)), zero)
+    up = act_prescale(amax) if up is None else up
+    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / (amax * up), zero)
 
 
 def act_code(v: tir.PrimExpr, up: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) -> tir.PrimExpr:
