@@ -42,8 +42,7 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int):
     reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
     ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
     the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
-    buffers of one element per thread, ``best`` a two-element float32 local, ``total``, ``code``,
-    ``vote`` one-element locals.
+    buffers of one element per thread, ``best``, ``total``, ``code``, ``vote`` one-element locals.
     Every thread of the block must call it (it synchronizes the block).
     """
     n_act, words = fmt.act_bits, fmt.words(k_dim)
@@ -129,7 +128,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
                     for tx in T.thread_binding(LANES, thread="threadIdx.x"):
                         red = T.alloc_shared((LANES * warps,), "float32")
                         sums = T.alloc_shared((LANES * warps,), acc_t)
-                        best = T.alloc_local((2,), "float32")  # the max, then inv and prescale
+                        best = T.alloc_local((1,), "float32")  # the max, then the inverse scale
                         total = T.alloc_local((1,), acc_t)
                         code = T.alloc_local((1,), "int32")
                         vote = T.alloc_local((1,), "uint32")

@@ -360,7 +360,7 @@ class BMMALeg:
         def pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total):
             red = T.alloc_shared((threads,), "float32")
             sums = T.alloc_shared((threads,), acc_t)
-            best = T.alloc_local((2,), "float32")  # the max, then inv and prescale
+            best = T.alloc_local((1,), "float32")  # the max, then the inverse scale
             code = T.alloc_local((1,), "int32")
             vote = T.alloc_local((1,), "uint32")
             for bb in range(block_batch):
