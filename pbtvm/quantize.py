@@ -25,6 +25,14 @@ from .errors import InputError, InputTypeError
 
 #: Weight quantization methods: clip search minimizing the weight MSE, or the original max scaling.
 METHODS = ("mse", "max")
+#: Activation rows (:func:`quantize_activations`; the kernels' :mod:`pbtvm.ops.common` reads these):
+#: a row whose max |x| is below ``TINY_ROW`` is multiplied by ``TINY_ROW_SCALE`` (a power of two:
+#: exact) before its codes, so that ``qmax / max|x|`` stays finite (it overflowed to inf for rows
+#: below ``qmax / FLT_MAX``, ~4e-37 at 8 bits); a finite value counts as at most ``FINITE_TOP``,
+#: the float32 below FLT_MAX, which is left to mean +-inf.
+TINY_ROW = 2.0**-64
+TINY_ROW_SCALE = 2.0**64
+FINITE_TOP = np.nextafter(np.finfo(np.float32).max, np.float32(0))
 #: ``codebook`` values the compile functions take: a codebook name, or "auto" (see :func:`choose_codebook`).
 AUTO = "auto"
 #: Relative MSE margin within which :func:`choose_codebook` prefers the codebook without zero point.
@@ -249,12 +257,12 @@ def quantize_activations(x: np.ndarray, fmt: BitplaneFormat) -> tuple[np.ndarray
         raise InputError(f"activations must be 2-D [B, K], got shape {x.shape}")
     qmax = np.float32(fmt.act_qmax)
     big = np.finfo(np.float32).max
-    size = np.minimum(np.abs(x), np.nextafter(big, np.float32(0)))  # finite, below FLT_MAX
+    size = np.minimum(np.abs(x), FINITE_TOP)
     size = np.where(np.isinf(x), big, np.where(np.isnan(x), np.float32(np.inf), size))
     amax = size.max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
         scale = np.where(amax == np.inf, np.nan, np.where(amax == big, np.inf, amax / qmax)).astype(np.float32)
-        up = np.where(amax < np.float32(2.0**-64), np.float32(2.0**64), np.float32(1)).astype(np.float32)
+        up = np.where(amax < np.float32(TINY_ROW), np.float32(TINY_ROW_SCALE), np.float32(1)).astype(np.float32)
         inv = np.where(amax > 0, qmax / np.where(amax > 0, amax * up, 1), 0).astype(np.float32)
         v = np.rint((x * up[:, None]) * inv[:, None])  # float32 products, ties to even
     v = np.where(np.isnan(v) & (amax == np.inf)[:, None], 0, v)  # a NaN row: its outputs are NaN anyway

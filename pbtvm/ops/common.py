@@ -3,9 +3,8 @@ storage scope of CPU kernels' scratch buffers."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from .._tvm import tir
+from ..quantize import FINITE_TOP, TINY_ROW, TINY_ROW_SCALE
 
 #: Storage scope of the small fixed-size scratch buffers of CPU kernels (accumulators, decoded
 #: weight bytes, per-row scalars). TVM's ``LowerTVMBuiltin`` keeps a ``"global"`` allocation of
@@ -57,19 +56,12 @@ def _lanes(c: tir.PrimExpr, lanes: int) -> tir.PrimExpr:
     return c if lanes == 1 else tir.Broadcast(c, lanes)
 
 
-#: A row whose max |x| is below this is multiplied by :data:`TINY_ROW_SCALE` (a power of two: exact)
-#: before its codes are computed, so that ``qmax / max|x|`` stays finite (it overflowed to inf for
-#: rows below ``qmax / FLT_MAX``, ~4e-37 at 8 bits: every code became +-qmax, a zero NaN).
-TINY_ROW = 2.0**-64
-TINY_ROW_SCALE = 2.0**64
-
-
 def act_magnitude(v: tir.PrimExpr, lanes: int = 1) -> tir.PrimExpr:
     """``|v|`` for the row max: NaN counts as +inf, +-inf as the largest float32, and a finite
     value as at most the float32 below it (so a finite row holding +-FLT_MAX is not taken for an
     infinite one)."""
     inf, big = tir.const(float("inf"), "float32"), tir.max_value("float32")
-    finite_top = tir.const(float(np.nextafter(np.float32(np.finfo(np.float32).max), np.float32(0))), "float32")
+    finite_top = tir.const(float(FINITE_TOP), "float32")
     size = tir.abs(v)
     return tir.Select(
         tir.isnan(v),
@@ -92,12 +84,11 @@ def act_prescale(amax: tir.PrimExpr) -> tir.PrimExpr:
     )
 
 
-def act_inverse(amax: tir.PrimExpr, qmax: float, up: tir.PrimExpr | None = None) -> tir.PrimExpr:
-    """``qmax / (amax * up)`` (0 for an all-zero row), ``up`` the row's :func:`act_prescale`
-    (computed here unless given): what the prescaled values are multiplied by."""
+def act_inverse(amax: tir.PrimExpr, qmax: float) -> tir.PrimExpr:
+    """``qmax / (amax * act_prescale(amax))`` (0 for an all-zero row): what the prescaled values are
+    multiplied by."""
     zero = tir.const(0, "float32")
-    up = act_prescale(amax) if up is None else up
-    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / (amax * up), zero)
+    return tir.if_then_else(amax > zero, tir.const(qmax, "float32") / (amax * act_prescale(amax)), zero)
 
 
 def act_code(v: tir.PrimExpr, up: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, lanes: int = 1) -> tir.PrimExpr:

@@ -262,8 +262,7 @@ def unmatched_reason(asked: set[str], held: list[str], batch: int, searched: lis
         return (
             f"it has searched schedules of these names for another batch than {batch}, or for another model's "
             "layers of the same shape and format (compile(..., tune_batch=...) or pbtvm compile --tune-batch as "
-            "tuned uses them; else tune "
-            "this model)"
+            "tuned uses them; else tune this model)"
         )
     parts = [m.groupdict() for m in map(_NAME.match, asked) if m]
     for name in [name for name, _, _ in logged] + list(searched):
