@@ -42,13 +42,9 @@ MANIFEST_KEY = MANIFEST_DECODER
 def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
     import torch
 
-    if not isinstance(lstm, torch.nn.LSTM):
-        raise InputTypeError(f"compile_decoder takes a torch.nn.LSTM, got {type(lstm).__name__}")
-    from .recurrent import warn_own_forward
+    from .recurrent import check_step_lstm
 
-    warn_own_forward(lstm, "compile_decoder")
-    if lstm.bidirectional or getattr(lstm, "proj_size", 0):
-        raise InputError("bidirectional LSTMs and LSTMs with proj_size are not supported yet")
+    check_step_lstm(lstm, "compile_decoder")
     if embedding is not None:
         if not isinstance(embedding, torch.nn.Embedding):
             raise InputTypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
@@ -61,6 +57,19 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
             raise InputError(f"head takes {head.in_features} features, the LSTM gives {lstm.hidden_size}")
     if not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive int, got {batch!r}")
+
+
+def _as_int64_ids(inputs: Any) -> Any:
+    """Integer token ids of any width as int64 (what the compiled step takes), on their device;
+    anything else unchanged, for the model's own dtype error."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        integer = not inputs.dtype.is_floating_point and not inputs.dtype.is_complex and inputs.dtype != torch.bool
+        return inputs.to(torch.int64) if integer and inputs.dtype != torch.int64 else inputs
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "iu" and inputs.dtype != np.int64:
+        return inputs.astype(np.int64)
+    return inputs
 
 
 def _decoder_module(
@@ -202,7 +211,8 @@ class PBDecoder:
         Parameters
         ----------
         inputs : torch.Tensor or numpy.ndarray
-            int64 token ids [batch] (a decoder with an embedding), else float32 [batch, input_size].
+            Token ids [batch] of any integer dtype, as ``nn.Embedding`` takes them (a decoder with
+            an embedding), else float32 [batch, input_size].
         state : (h, c), optional
             Each float32 [num_layers, batch, hidden]; zeros when omitted.
         bitlayers : int, optional
@@ -233,8 +243,10 @@ class PBDecoder:
         device = inputs.device.type if isinstance(inputs, torch.Tensor) else "cpu"
         if self.vocab is not None and (device == "cpu" or self.check_tokens):
             ids = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            if ids.size and ids.dtype.kind in "iu" and (ids.min() < 0 or ids.max() >= self.vocab):
                 raise InputError(f"token ids must lie in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
+        if self.vocab is not None:
+            inputs = _as_int64_ids(inputs)
         if state is None:
             state = self.initial_state(str(inputs.device) if device != "cpu" else "cpu")
         elif not isinstance(state, tuple | list) or len(state) != 2:

@@ -268,20 +268,12 @@ def compile_lstm(
         Not an ``nn.LSTM``; bidirectional or projected LSTMs; bits out of range.
     """
     from .compiler import compile as pb_compile
-
-    torch = _torch()
-    if not isinstance(lstm, torch.nn.LSTM):
-        raise InputTypeError(f"compile_lstm takes a torch.nn.LSTM, got {type(lstm).__name__}")
-    from .recurrent import flat_weights, warn_own_forward
-
-    warn_own_forward(lstm, "compile_lstm")
-    if lstm.bidirectional:
-        raise InputError("bidirectional LSTMs are not supported yet")
-    if getattr(lstm, "proj_size", 0):
-        raise InputError("LSTMs with proj_size are not supported yet")
     from .lowering import check_module_weights
     from .quantize import AUTO, check_codebook
+    from .recurrent import check_step_lstm, flat_weights
 
+    torch = _torch()
+    check_step_lstm(lstm, "compile_lstm")
     check_module_weights({"": lstm})
     if "calibration" in compile_kwargs:
         raise InputError("calibration is supported by pbtvm.compile only, not by compile_lstm")

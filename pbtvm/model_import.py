@@ -143,6 +143,15 @@ def _import_eval_model(
             "model only takes 1 there. Give an example with size >= 2 to keep it a run-time dimension.",
             stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
+    direct = recurrent.direct_recurrent_calls(exported, model)
+    if direct:
+        warnings.warn(
+            f"pbtvm: {', '.join(direct)} call{'s' if len(direct) == 1 else ''} a recurrent op of torch directly "
+            "(torch.lstm / torch.gru ..., not an nn.LSTM module), which is not lowered as recurrent: torch.export "
+            "unrolls it over the example's length (its matmuls become one layer per step), so the compiled model "
+            "only runs the example's sequence length. Call an nn.LSTM module to keep the length a run-time size.",
+            stacklevel=user_stacklevel(),  # the user's compile / tune call
+        )
     _refuse_complex(exported, example_inputs)
     convert_map = converters([] if matmul_owners is None else matmul_owners)
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack

@@ -66,19 +66,46 @@ def _lstm_op() -> Any:
     return _OP
 
 
+def _no_projection(where: str, lstm: Any) -> None:
+    if getattr(lstm, "proj_size", 0):
+        raise InputError(f"{where} has proj_size={lstm.proj_size}; LSTMs with projections are not supported")
+
+
 def check_lstm(name: str, lstm: Any) -> None:
     """Raise ValueError / TypeError for LSTMs the lowering does not handle (projections, dtypes)."""
     import torch
 
-    if getattr(lstm, "proj_size", 0):
-        raise InputError(
-            f"pbtvm.compile: {name} (LSTM) has proj_size={lstm.proj_size}; LSTMs with projections are not supported"
-        )
+    _no_projection(f"pbtvm.compile: {name} ({type(lstm).__name__})", lstm)
     dtypes = {w.dtype for w in lstm.parameters()}
     if dtypes != {torch.float32}:
         raise InputTypeError(
             f"pbtvm.compile: {name} (LSTM) has {sorted(map(str, dtypes))} weights; recurrent layers need float32"
         )
+
+
+def check_step_lstm(lstm: Any, api: str) -> None:
+    """The checks of ``api`` (``compile_lstm``, ``compile_decoder``), which compile one
+    unidirectional ``nn.LSTM`` from its weights: its type, direction and projection, and a warning
+    for a forward of its own (:func:`warn_own_forward`).
+
+    Raises
+    ------
+    TypeError
+        Not an ``nn.LSTM``.
+    ValueError
+        Bidirectional, or with ``proj_size``.
+    """
+    import torch
+
+    if not isinstance(lstm, torch.nn.LSTM):
+        raise InputTypeError(f"{api} takes a torch.nn.LSTM, got {type(lstm).__name__}")
+    warn_own_forward(lstm, api)
+    if lstm.bidirectional:
+        raise InputError(
+            f"pbtvm.{api}: the {type(lstm).__name__} is bidirectional; {api} runs one direction (a bidirectional "
+            "LSTM in a model compiles with pbtvm.compile)"
+        )
+    _no_projection(f"pbtvm.{api}: the {type(lstm).__name__}", lstm)
 
 
 def has_own_forward(lstm: Any) -> bool:
@@ -187,6 +214,32 @@ def recurrent_modules(model: Any) -> list[tuple[str, Any]]:
     import torch
 
     return [(name or "<model>", m) for name, m in model.named_modules() if isinstance(m, torch.nn.RNNBase)]
+
+
+#: torch's recurrent ops; in an exported graph they come from an ``nn.RNNBase``'s forward or from a
+#: direct call (``torch.lstm``, ``torch._VF.gru``, ...).
+_RECURRENT_OPS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def direct_recurrent_calls(exported: Any, model: Any) -> list[str]:
+    """``"path (Type)"`` of each module whose own code calls a recurrent op of torch directly
+    (``torch.lstm(...)``, not through an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` module), in
+    ``exported`` (a ``torch.export.ExportedProgram`` of ``model``), once each, in graph order.
+    Such a call is unrolled over the example's length like a GRU module's."""
+    from .torch_import import module_name
+
+    modules = {name for name, _ in recurrent_modules(model)}
+    found: list[str] = []
+    for node in exported.graph.nodes:
+        op = getattr(node.target, "_opname", None) if node.op == "call_function" else None
+        if op not in _RECURRENT_OPS:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        where = module_name(node) if stack else f"<model> (torch.{op})"
+        if (path or "<model>") not in modules and where not in found:
+            found.append(where)
+    return found
 
 
 def checked_lstms(model: Any) -> list:

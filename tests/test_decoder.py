@@ -115,8 +115,15 @@ def test_decoder_rejects_bad_input():
         dec(torch.tensor([-1, 0]))
     with pytest.raises(ValueError, match="shape"):
         dec(torch.tensor([1, 2, 3]))  # compiled for batch 2
-    with pytest.raises(TypeError, match="dtype"):
-        dec(torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype float32"):
+        dec(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="dtype bool"):
+        dec(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 120\)"):
+        dec(np.array([3, 200], np.uint8))
+    expected, _ = dec(torch.tensor([1, 2]))
+    for ids in (torch.tensor([1, 2], dtype=torch.int32), np.array([1, 2], np.uint8), np.array([1, 2], np.int16)):
+        np.testing.assert_array_equal(dec(ids)[0], expected)  # any integer ids, as nn.Embedding takes
     with pytest.raises(ValueError, match="shape"):
         dec(torch.tensor([1, 2]), (torch.zeros(1, 2, 15), torch.zeros(1, 2, 15)))
     with pytest.raises(ValueError, match="bitlayers"):

@@ -107,8 +107,13 @@ def test_bitlayers_knob_reaches_every_kernel():
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="takes a torch.nn.LSTM"):
         compile_lstm(torch.nn.GRU(4, 4))
-    with pytest.raises(ValueError, match="bidirectional"):
-        compile_lstm(torch.nn.LSTM(4, 4, bidirectional=True))
+    from pbtvm.decoder import compile_decoder
+
+    for api in (compile_lstm, compile_decoder):  # one set of checks, naming the call
+        with pytest.raises(ValueError, match=rf"pbtvm.{api.__name__}: the LSTM is bidirectional"):
+            api(torch.nn.LSTM(4, 4, bidirectional=True))
+        with pytest.raises(ValueError, match=rf"pbtvm.{api.__name__}: the LSTM has proj_size=2"):
+            api(torch.nn.LSTM(4, 4, proj_size=2))
     with pytest.raises(ValueError, match="bits"):
         compile_lstm(torch.nn.LSTM(4, 4), bits=17)
     m = compile_lstm(torch.nn.LSTM(4, 8), "llvm", 4)

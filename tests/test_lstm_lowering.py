@@ -174,6 +174,39 @@ def test_gru_and_rnn_are_named_in_a_warning():
     assert not [m for m in messages if "_flat_weights" in m]
 
 
+def test_direct_calls_of_torch_recurrent_ops_are_named_in_a_warning():
+    """``torch.lstm(...)`` in a model's own code (no nn.LSTM module) is unrolled over the example's
+    length: it compiled with a fixed length and no word about it."""
+
+    class Direct(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(4, 8)  # its weights; its forward is not called
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            zeros = torch.zeros(1, x.shape[1], 8)
+            y, _, _ = torch.lstm(x, (zeros, zeros), list(self.lstm._flat_weights), True, 1, 0.0, False, False, False)
+            return self.head(y[-1])
+
+    model, x = Direct().eval(), torch.randn(5, 2, 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiled = pbtvm.compile(model, (x,), bits=16, act_bits=16)
+    said = [w for w in seen if "recurrent op of torch directly" in str(w.message)]
+    assert len(said) == 1 and str(said[0].message).startswith("pbtvm: <model> (Direct) calls"), said
+    assert said[0].filename == __file__
+    assert not [w for w in seen if "is recurrent and not lowered" in str(w.message)]  # not its nn.LSTM
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) <= 1e-3
+    with pytest.raises(ValueError, match="input 0 has shape"):
+        compiled(torch.randn(7, 2, 4))  # the length is the example's
+    with warnings.catch_warnings(record=True) as seen:  # a GRU module is named once, by the module warning
+        warnings.simplefilter("always")
+        pbtvm.compile(torch.nn.GRU(4, 8), (x,))
+    assert not [w for w in seen if "directly" in str(w.message)]
+
+
 def test_unsupported_lstms_are_clear_errors():
     with pytest.raises(ValueError, match="proj_size"):
         pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8, proj_size=3)), (torch.randn(5, 2, 4),))
