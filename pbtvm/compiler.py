@@ -9,13 +9,11 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
-
 from . import __version__, outputs, recurrent
 from ._tvm import TVM_VERSION, tvm
 from .bitplane import DEFAULT_ACT_BITS, LUT_LAYOUT, BitplaneFormat
 from .cuda import build
-from .errors import InputError, InputTypeError
+from .errors import InputError, check_int
 from .lowering import layers_format
 from .model_import import eval_mode, import_model, layer_names
 from .names import kernel_kind
@@ -122,14 +120,6 @@ def _batch_format(
     return chosen
 
 
-def _check_count(name: str, value: Any) -> None:
-    """Refuse a count argument (``trials``, ``batch``) that is not an integer >= 1, naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputTypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise InputError(f"{name} must be >= 1, got {value}")
-
-
 def _part_name(whole: str, axis: int, cut: slice) -> str:
     """``"a.in_proj_weight[32:96] (MultiheadAttention)"``: a slice along ``axis`` of a named weight."""
     step = f":{cut.step}" if cut.step not in (None, 1) else ""
@@ -207,8 +197,8 @@ def tune(
     check_codebook(codebook, bits, quantizer)
     tvm_target = resolve_target(target)
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
-    _check_count("trials", trials)
-    _check_count("batch", batch)
+    trials = check_int("trials", trials, 1)
+    batch = check_int("batch", batch, 1)
     auto = layout == AUTO_LAYOUT
     mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, auto)
     return tune_kernels(
@@ -312,8 +302,8 @@ def compile(
     if tune and work_dir is None:
         raise InputError("compile(tune=True) needs a work_dir to write the tuning log into")
     if tune:
-        _check_count("trials", trials)
-    _check_count("tune_batch", tune_batch)
+        trials = check_int("trials", trials, 1)
+    tune_batch = check_int("tune_batch", tune_batch, 1)
     mod, specs, dynamic, converted, skipped, fmt = _rewrite(
         model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, layout == AUTO_LAYOUT
     )

@@ -28,7 +28,7 @@ import numpy as np
 
 from .bitplane import DEFAULT_ACT_BITS, BitplaneFormat
 from .decoder_step import StepParts
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, check_int
 from .names import MANIFEST_DECODER
 from .repack import CopyGroup, repack_func, repack_out_types
 from .runtime import CompiledModel
@@ -39,7 +39,8 @@ from .target import AUTO_LAYOUT, resolve_target, weight_layout
 MANIFEST_KEY = MANIFEST_DECODER
 
 
-def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
+def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> int:
+    """Check the parts given to :func:`compile_decoder`; returns ``batch`` as a Python int."""
     import torch
 
     from .recurrent import check_step_lstm
@@ -55,8 +56,7 @@ def _check_parts(lstm: Any, embedding: Any, head: Any, batch: int) -> None:
             raise InputTypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
         if head.in_features != lstm.hidden_size:
             raise InputError(f"head takes {head.in_features} features, the LSTM gives {lstm.hidden_size}")
-    if not isinstance(batch, int) or batch < 1:
-        raise InputError(f"batch must be a positive int, got {batch!r}")
+    return check_int("batch", batch, 1)
 
 
 def _as_int64_ids(inputs: Any) -> Any:
@@ -333,7 +333,7 @@ def compile_decoder(
     from .generate import cannot_generate, check_chunk
     from .lowering import check_module_weights
 
-    _check_parts(lstm, embedding, head, batch)
+    batch = _check_parts(lstm, embedding, head, batch)
     check_module_weights({"": lstm, "head": head})
     generate_chunk = check_chunk(generate_chunk, cannot_generate(embedding, head))
     from .quantize import check_codebook

@@ -15,10 +15,19 @@ before anything can raise them there.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 from collections.abc import Iterator
 
-__all__ = ["InputError", "InputTypeError", "first_line", "naming_layer", "register_with_ffi", "shape_text"]
+__all__ = [
+    "InputError",
+    "InputTypeError",
+    "check_int",
+    "first_line",
+    "naming_layer",
+    "register_with_ffi",
+    "shape_text",
+]
 
 
 class InputError(ValueError):
@@ -42,6 +51,25 @@ def register_with_ffi() -> None:
 
 if "tvm_ffi" in sys.modules:  # TVM came first (imported by the user): nothing to wait for
     register_with_ffi()
+
+
+def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` as a Python int, or an error naming argument ``name``: an integer (Python or
+    numpy, not a bool) in ``lo..hi`` (``hi`` None: no upper bound).
+
+    Raises
+    ------
+    InputTypeError
+        Not an integer (``4.0``, ``True``, ``"4"``).
+    InputError
+        Outside ``lo..hi``.
+    """
+    allowed = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be an int {allowed}, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise InputError(f"{name} must be {allowed}, got {value}")
+    return int(value)
 
 
 def first_line(err: BaseException) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, check_int
 from .repack import CopyGroup, repack_func, repack_out_types
 from .sampling import CTRL_FIELDS, DONE_FINISHED, DONE_NONFINITE, pick_func, pick_reference
 from .user_frame import user_stacklevel
@@ -99,8 +99,7 @@ def check_chunk(chunk: int | None, why_not: str | None) -> int:
     (``why_not``, from :func:`cannot_generate`, says why)."""
     if chunk is None:
         return DEFAULT_CHUNK if why_not is None else 0
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise InputError(f"generate_chunk must be an int >= 0, got {chunk!r}")
+    chunk = check_int("generate_chunk", chunk, 0)
     if chunk and why_not is not None:
         raise InputError(f"{why_not}; pass generate_chunk=0 for a decoder without generate()")
     return chunk
@@ -230,8 +229,7 @@ def _check_request(
             "this decoder was compiled without generate() (generate_chunk=0); generate() needs an embedding and a head "
             "whose outputs are embedding rows: compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     if max_new_tokens > MAX_NEW_TOKENS:
         raise InputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS:,} per call, got {max_new_tokens:,}")
     if eos_token is not None and (

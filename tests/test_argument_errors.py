@@ -102,12 +102,37 @@ def test_calibration_mistakes_are_named():
         ({"tune": True, "trials": 0, "work_dir": "unused"}, "trials must be >= 1, got 0"),
         ({"tune": True, "trials": -5, "work_dir": "unused"}, "trials must be >= 1, got -5"),
         ({"tune_batch": 0}, "tune_batch must be >= 1, got 0"),
-        ({"tune_batch": 2.0}, "tune_batch must be an integer >= 1, got float 2.0"),
+        ({"tune_batch": 2.0}, "tune_batch must be an int >= 1, got float 2.0"),
     ],
 )
 def test_counts_are_checked(kwargs, match):
     with pytest.raises(InputError, match=match):
         pbtvm.compile(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),), **kwargs)
+
+
+def test_integer_arguments_share_one_check():
+    """Python and numpy integers are taken (and become Python ints: manifests are JSON); bools,
+    floats and strings are type errors, naming the argument and its range."""
+    from pbtvm.bitplane import BitplaneFormat
+    from pbtvm.errors import check_int
+
+    assert check_int("n", np.int16(3), 1) == 3 and type(check_int("n", np.uint64(3), 1, 4)) is int
+    for bad, cls, said in (
+        (True, InputTypeError, "n must be an int in 1..4, got bool True"),
+        (2.0, InputTypeError, "n must be an int in 1..4, got float 2.0"),
+        ("2", InputTypeError, "n must be an int in 1..4, got str '2'"),
+        (5, InputError, "n must be in 1..4, got 5"),
+    ):
+        with pytest.raises(cls, match=said):
+            check_int("n", bad, 1, 4)
+    fmt = BitplaneFormat(np.int64(4), np.int32(8))
+    assert type(fmt.bits) is int and type(fmt.act_bits) is int and fmt == BitplaneFormat(4, 8)
+    assert type(fmt.check_bitlayers(np.int8(2))) is int
+    lstm = torch.nn.LSTM(8, 8)
+    with pytest.raises(InputTypeError, match="batch must be an int >= 1, got bool True"):
+        compile_decoder(lstm, batch=True)  # was batch 1
+    dec = compile_decoder(lstm, batch=np.int64(2))
+    assert dec.batch == 2 and type(dec.model.manifest["decoder"]["batch"]) is int
 
 
 def test_tune_checks_its_batch(tmp_path):

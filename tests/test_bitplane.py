@@ -119,7 +119,7 @@ def _eval_int(expr) -> int:
     [
         ({"bits": 0}, ValueError, r"bits must be in 1\.\.16, got 0"),
         ({"bits": 17}, ValueError, r"bits must be in 1\.\.16, got 17"),
-        ({"bits": 4.0}, TypeError, r"bits must be an int in 1\.\.16, got 4\.0"),
+        ({"bits": 4.0}, TypeError, r"bits must be an int in 1\.\.16, got float 4\.0"),
         ({"bits": 4, "act_bits": 1}, ValueError, r"act_bits must be in 2\.\.16, got 1"),
         ({"bits": 4, "act_bits": 17}, ValueError, r"act_bits must be in 2\.\.16, got 17"),
         ({"bits": 1, "codebook": "twos_complement"}, ValueError, r"bits=1 needs the bipolar codebook"),

@@ -6,9 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, check_int
 from .lut_layout import LUT_LAYOUT, lut_shape, lut_word
 from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
 
@@ -67,8 +65,9 @@ class BitplaneFormat:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        _check_int("bits", self.bits, 1, 16)
-        _check_int("act_bits", self.act_bits, 2, 16)
+        # numpy integers as Python ints from here on (manifests are JSON)
+        object.__setattr__(self, "bits", check_int("bits", self.bits, 1, 16))
+        object.__setattr__(self, "act_bits", check_int("act_bits", self.act_bits, 2, 16))
         if self.codebook is None:
             object.__setattr__(self, "codebook", "bipolar" if self.bits == 1 else "twos_complement")
         if self.codebook not in CODEBOOKS:
@@ -193,8 +192,7 @@ class BitplaneFormat:
         """Validate the run-time precision knob; None means all ``bits`` planes."""
         if bitlayers is None:
             return self.bits
-        _check_int("bitlayers", bitlayers, 1, self.bits)
-        return int(bitlayers)
+        return check_int("bitlayers", bitlayers, 1, self.bits)
 
     def truncation_correction(self, bitlayers: int | None = None) -> float:
         """Expected value of the dropped low weight bits, added back as ``corr * rowsum``."""
@@ -237,13 +235,6 @@ class BitplaneFormat:
         if unknown:
             raise InputError(f"unknown bitplane format fields: {sorted(unknown)}")
         return cls(**data)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputTypeError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
-    if not lo <= int(value) <= hi:
-        raise InputError(f"{name} must be in {lo}..{hi}, got {value}")
 
 
 def _twos_complement_coefficients(nbits: int) -> tuple[int, ...]:
