@@ -45,7 +45,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
     """
     import torch
 
-    from .lowering import weight_key
+    from .lowering import torch_weight_key
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
@@ -88,11 +88,7 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
             f"calibration: the inputs of {', '.join(bad)} hold NaN or inf over the calibration batches; "
             "calibrate with finite data"
         )
-    return {
-        weight_key(m.weight.detach().cpu().numpy()): sums[id(m)] / max(counts[id(m)], 1)
-        for m in linears
-        if counts[id(m)]
-    }
+    return {torch_weight_key(m.weight): sums[id(m)] / max(counts[id(m)], 1) for m in linears if counts[id(m)]}
 
 
 def _named(model: Any, linears: list) -> list[tuple[str, Any]]:

@@ -317,7 +317,8 @@ def compile(
     if tune:
         tune_kernels(_pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
     with torch_no_grad(), eval_mode(model):
-        out = model(*example_inputs) if isinstance(example_inputs, tuple | list) else model(example_inputs)
+        examples = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
+        out = model(*(x.clone() for x in examples))  # a forward changing its input in place: not the caller's
     structure = outputs.describe(out)
     return build_model(
         mod,

@@ -28,6 +28,15 @@ def weight_key(array: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def torch_weight_key(weight: Any) -> str:
+    """:func:`weight_key` of a torch weight as the rewrite keys its constant (bfloat16, which numpy
+    lacks, as float32)."""
+    import torch
+
+    w = weight.detach().cpu()
+    return weight_key((w.float() if w.dtype == torch.bfloat16 else w).numpy())
+
+
 def check_module_weights(modules: dict[str, Any]) -> None:
     """Refuse a torch module whose weights hold NaN or Inf, naming the weight.
 

@@ -16,7 +16,7 @@ from typing import Any
 from . import outputs, recurrent
 from ._tvm import relax, tvm
 from .errors import InputError, InputTypeError, first_line, shape_text
-from .lowering import weight_key
+from .lowering import torch_weight_key
 from .relay_passes import (
     BuildableFloatChecks,
     ClipRuntimeIndices,
@@ -35,6 +35,10 @@ __all__ = ["import_model", "layer_names"]
 #: An attribute torch's recurrent modules assign in a call: their ``_flat_weights`` list, and a weight
 #: a ``weight_norm`` hook computes (``weight_hh_l0_reverse``); pbtvm takes the values before export.
 _RNN_ATTRIBUTE = r"\S*\.(_flat_weights\[\d+\]|(weight|bias)_(ih|hh)_l\d+(_reverse)?)"
+
+
+#: Where torch's quantized modules live (``quantize_dynamic``'s ``DynamicQuantizedLinear``, ...).
+_TORCH_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 
 
 def _without_torch_export_noise(fn: Any) -> Any:
@@ -76,6 +80,20 @@ def import_model(
             f"pbtvm compiles eager torch modules; {', '.join(scripted[:5])} "
             f"{'is' if len(scripted) == 1 else 'are'} TorchScript (torch.jit.script / trace): pass the eager module"
         )
+    quantized = []
+    for name, m in model.named_modules():  # the outermost ones, not their packed-weight children
+        kind = type(m).__module__
+        if kind.startswith(_TORCH_QUANTIZED_MODULES) and not any(
+            q == "" or name.startswith(f"{q}.") for q, _ in quantized
+        ):
+            quantized.append((name, f"{name or '<model>'} ({kind.split('.modules')[0]}.{type(m).__name__})"))
+    quantized = [shown for _, shown in quantized]
+    if quantized:  # torch.export fails on their packed weights with an AttributeError naming none of them
+        raise InputTypeError(
+            f"pbtvm compiles float models and quantizes their layers itself; {', '.join(quantized[:5])} "
+            f"{'is a' if len(quantized) == 1 else 'are'} torch quantized module{'s' if len(quantized) > 1 else ''} "
+            "(torch.ao.quantization.quantize_dynamic / convert): pass the float model"
+        )
     if not isinstance(example_inputs, tuple | list):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -103,23 +121,49 @@ def import_model(
         return _import_eval_model(model, example_inputs, dynamic_batch, matmul_owners)
 
 
+def _version(tensor: Any) -> int | None:
+    """How many times ``tensor`` was changed in place (torch's version counter); None for a tensor
+    made in ``torch.inference_mode``, which has none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[Any]:
     """``model`` in eval mode inside the block (inference: dropout off, batch norms on the running
-    statistics they keep), each of its modules back in its own train / eval mode after it: compiling does not
-    change the caller's model."""
+    statistics they keep), and after it as it was: each of its modules back in its own train / eval
+    mode, and its buffers back to their values (a forward that updates a buffer in place, a step
+    counter, changed them in compile's runs of the model). Compiling does not change the caller's
+    model. Nested blocks restore at each level."""
     import torch
 
     if not isinstance(model, torch.nn.Module):  # import_model names the problem
         yield model
         return
     modes = {module: module.training for module in model.modules()}
+    # (module, attribute, tensor, version, copy): a copy of every buffer, put back if its version moved
+    buffers = [
+        (m, attr, b, _version(b), b.detach().clone())
+        for m in model.modules()
+        for attr, b in m._buffers.items()
+        if isinstance(b, torch.Tensor)
+    ]
     model.eval()
     try:
         yield model
     finally:
         for module, training in modes.items():
             module.training = training
+        with torch.no_grad():
+            for m, attr, b, version, saved in buffers:
+                if m._buffers.get(attr) is not b:  # reassigned (self.n = self.n + 1)
+                    m._buffers[attr] = b
+                # no counter (made in inference mode, changed only there): compare the values
+                if (_version(b) != version) if version is not None else not torch.equal(b, saved):
+                    with torch.inference_mode(version is None):
+                        b.copy_(saved)
 
 
 def _import_eval_model(
@@ -153,10 +197,14 @@ def _import_eval_model(
             stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
     _refuse_complex(exported, example_inputs)
-    convert_map = converters([] if matmul_owners is None else matmul_owners)
+    exported = exported.run_decompositions(_decompositions())
+    constants = frozenset(
+        spec.arg.name for spec in exported.graph_signature.input_specs if spec.kind.name != "USER_INPUT"
+    )
+    convert_map = converters([] if matmul_owners is None else matmul_owners, constants)
     convert_map[recurrent.OP_KEY] = recurrent.convert_lstm_stack
     try:
-        mod = from_exported_program(exported, custom_convert_map=convert_map)
+        mod = from_exported_program(exported, custom_convert_map=convert_map, run_ep_decomposition=False)
     except AssertionError as err:  # TVM's importer asserts on torch ops it has no converter for
         if "Unsupported function types" not in str(err):
             raise
@@ -189,6 +237,16 @@ def _import_eval_model(
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
         specs[i]["index_range"] = rows
     return mod, specs, dynamic
+
+
+def _decompositions() -> dict:
+    """torch.export's default decompositions (what TVM's importer runs), but for ``aten.mv``, which
+    :func:`pbtvm.torch_import.converters` takes as a matmul (decomposed, it is a multiply and a sum)."""
+    import torch
+
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.mv.default, None)
+    return table
 
 
 def _failing_node(tb: Any) -> Any:
@@ -265,15 +323,29 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
     """
     import torch
 
+    copies = tuple(x.clone() for x in example_inputs)  # the caller's example stays as it is
+    tensors = [(f"input {i}", x) for i, x in enumerate(copies)]
+    tensors += [(f"buffer {name}", b) for name, b in model.named_buffers()]
+    tensors += [(f"parameter {name}", p) for name, p in model.named_parameters()]
+    versions = [_version(x) for _, x in tensors]
     try:
-        with torch.no_grad():
-            out = model(*example_inputs)
+        with torch.no_grad(), eval_mode(model):  # buffers back before torch.export reads them
+            out = model(*copies)
     except Exception as err:
         shown = ", ".join(shape_text(x) for x in example_inputs)
         raise InputError(
             f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first_line(err)}"
         ) from err
     outputs.describe(out)  # an output pbtvm cannot return (an int, a string) named before TVM's importer fails on it
+    changed = [name for (name, x), v in zip(tensors, versions, strict=True) if v is not None and _version(x) != v]
+    if changed:
+        warnings.warn(
+            f"pbtvm: the model's forward changes {', '.join(changed)} in place. The compiled model keeps no "
+            "state and changes none of its inputs: every call computes from the values at compile time (a "
+            "buffer's update, e.g. a step counter, is not kept from call to call). compile leaves the model's "
+            "buffers and the example as they were.",
+            stacklevel=user_stacklevel(),  # the user's compile / tune call
+        )
 
 
 def layer_names(model: Any) -> dict[str, str]:
@@ -289,24 +361,17 @@ def layer_names(model: Any) -> dict[str, str]:
     for name, module in modules:
         if isinstance(module, torch.nn.LSTM):  # its weights by name (the lowering's dense layers), computed ones too
             for param, w in recurrent.flat_weights(module).items():
-                names.setdefault(_key(w), f"{name}.{param} (LSTM)")
+                names.setdefault(torch_weight_key(w), f"{name}.{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
-            names.setdefault(_key(weight), f"{name} ({type(module).__name__})")
+            names.setdefault(torch_weight_key(weight), f"{name} ({type(module).__name__})")
         # other matrices a module may multiply by (nn.MultiheadAttention's in_proj_weight), by name,
-        # also as ``x @ W`` takes them (the layer's weight is then W transposed)
+        # also as ``x @ W`` takes them (the layer's weight is then W transposed); a vector ``v`` in
+        # ``x @ v`` is a layer of one output, weight [1, K]
         for param, w in module.named_parameters(recurse=False):
-            if w.ndim == 2 and w.is_floating_point():
+            if w.ndim in (1, 2) and w.is_floating_point():
                 label = f"{f'{name}.' if name else ''}{param} ({type(module).__name__})"
-                names.setdefault(_key(w), label)
-                if param != "weight":
-                    names.setdefault(_key(w.t()), label)
+                names.setdefault(torch_weight_key(w if w.ndim == 2 else w[None]), label)
+                if param != "weight" and w.ndim == 2:
+                    names.setdefault(torch_weight_key(w.t()), label)
     return names
-
-
-def _key(weight: Any) -> str:
-    """:func:`weight_key` of a torch weight as the rewrite keys it (bfloat16 as float32)."""
-    import torch
-
-    w = weight.detach().cpu()
-    return weight_key((w.float() if w.dtype == torch.bfloat16 else w).numpy())

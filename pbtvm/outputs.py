@@ -4,12 +4,17 @@
 returns that list. :func:`describe` records the structure as JSON so that
 :func:`rebuild` can return the outputs as the torch module does, also from a loaded library.
 
-A structure is ``"tensor"``, ``{"tuple": [s, ...]}``, ``{"list": [s, ...]}`` or
-``{"dict": [[key, s], ...]}`` (keys str or int, in the module's order).
+A structure is ``"tensor"``, ``{"tuple": [s, ...]}``, ``{"list": [s, ...]}``,
+``{"dict": [[key, s], ...]}`` (keys str or int, in the module's order) or
+``{"namedtuple": {"class": "module:QualName", "fields": [name, ...], "items": [s, ...]}}`` (a
+``collections.namedtuple`` or a ``torch.return_types`` result: ``out.logits``, ``y.max(1).values``).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import sys
 from typing import Any
 
 from .errors import InputError, InputTypeError
@@ -29,6 +34,11 @@ def describe(output: Any) -> Any:
 
     if isinstance(output, torch.Tensor):
         return TENSOR
+    fields = _fields(type(output))
+    if fields is not None:
+        kind = type(output)
+        items = [describe(o) for o in output]
+        return {"namedtuple": {"class": f"{kind.__module__}:{kind.__qualname__}", "fields": fields, "items": items}}
     if isinstance(output, tuple | list):
         return {type(output).__name__ if type(output) in (tuple, list) else "tuple": [describe(o) for o in output]}
     if isinstance(output, dict):
@@ -49,6 +59,8 @@ def count(structure: Any) -> int:
     if structure == TENSOR:
         return 1
     ((kind, items),) = structure.items()
+    if kind == "namedtuple":
+        items = items["items"]
     return sum(count(s if kind != "dict" else s[1]) for s in items)
 
 
@@ -66,10 +78,37 @@ def rebuild(structure: Any, leaves: list) -> Any:
         ((kind, items),) = s.items()
         if kind == "dict":
             return {key: build(sub) for key, sub in items}
+        if kind == "namedtuple":
+            return _named_tuple(items["class"], tuple(items["fields"]))([build(sub) for sub in items["items"]])
         built = [build(sub) for sub in items]
         return built if kind == "list" else tuple(built)
 
     return build(structure)
+
+
+def _fields(kind: type) -> list[str] | None:
+    """The field names of a named tuple type (``collections.namedtuple``'s ``_fields``, a
+    ``torch.return_types`` structseq's ``__match_args__``), else None."""
+    if not issubclass(kind, tuple) or kind is tuple:
+        return None
+    fields = getattr(kind, "_fields", None) or getattr(kind, "__match_args__", None)
+    return list(fields) if fields and all(isinstance(f, str) for f in fields) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _named_tuple(qualified: str, fields: tuple) -> Any:
+    """A function making the named tuple ``qualified`` (``module:QualName``) from a list of items:
+    the class itself where its module is already imported and it has these fields (nothing is
+    imported for a manifest's sake), else a ``collections.namedtuple`` of that name and fields."""
+    module, _, qualname = qualified.partition(":")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if isinstance(found, type) and _fields(found) == list(fields):
+        return found._make if hasattr(found, "_make") else found  # a structseq takes one sequence
+    name = qualname.rsplit(".", 1)[-1]
+    made = collections.namedtuple(name if name.isidentifier() else "Outputs", fields, rename=True)
+    return made._make
 
 
 __all__ = ["TENSOR", "count", "describe", "rebuild"]

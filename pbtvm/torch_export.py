@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
+import sys
 import warnings
 from typing import Any
 
+from .errors import InputError
 from .user_frame import user_stacklevel
 
 
@@ -28,41 +31,94 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
     """
     import torch
 
+    why_static = None
     if dynamic_batch:
         try:
-            if recurrent_dims:
-                with _quiet_size_one_log():
-                    shapes = _free_dims(model, example_inputs)
-                    return torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, shapes)), True
-            batch = torch.export.Dim("batch", min=1)
-            # An input of size 1 in dimension 0 beside a larger batch is broadcast over the batch
-            # (HF-style position_ids of shape [1, S]): its dimension 0 stays 1.
-            largest = max(x.shape[0] for x in example_inputs)
-            shared = [x.shape[0] > 1 or largest == 1 for x in example_inputs]
-            if not all(shared):
-                fixed = ", ".join(str(i) for i, s in enumerate(shared) if not s)
-                warnings.warn(
-                    f"pbtvm: input(s) {fixed} have size 1 in dimension 0 beside a batch of {largest}: taken as "
-                    "broadcast over the batch (e.g. position_ids of [1, S]), they keep size 1 there; give "
-                    "examples of one batch size if dimension 0 is their batch",
-                    stacklevel=user_stacklevel(),
-                )
-            shapes = tuple({0: batch} if s else None for s in shared)
-            # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
-            traced = tuple(
-                torch.cat([x, x]) if s and x.shape[0] == 1 else x for x, s in zip(example_inputs, shared, strict=True)
-            )
-            return torch.export.export(model, traced, dynamic_shapes=by_signature(model, shapes)), True
+            with _no_partial_graph_print():
+                if recurrent_dims:
+                    with _quiet_size_one_log():
+                        shapes = _free_dims(model, example_inputs)
+                        program = torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, shapes))
+                    return program, True
+                return _export_dynamic_batch(model, example_inputs), True
         except Exception as err:
             if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
                 raise
-            what = "batch and sequence dimensions" if recurrent_dims else "batch dimension (dimension 0 of every input)"
-            warnings.warn(
-                f"pbtvm: the {what} could not be made dynamic ({_export_reason(err)}); "
-                "the model is compiled for the example's sizes only",
-                stacklevel=user_stacklevel(),  # the user's compile / tune call
-            )
-    return torch.export.export(model, example_inputs), False
+            why_static = _export_reason(err)
+    try:
+        with _no_partial_graph_print():
+            program = torch.export.export(model, example_inputs)
+    except Exception as err:
+        if str(err).startswith("pbtvm.compile:"):
+            raise
+        raise InputError(f"torch.export cannot trace the model: {_export_reason(err)}{_export_advice(err)}") from err
+    if why_static is not None:
+        what = "batch and sequence dimensions" if recurrent_dims else "batch dimension (dimension 0 of every input)"
+        warnings.warn(
+            f"pbtvm: the {what} could not be made dynamic ({why_static}); "
+            "the model is compiled for the example's sizes only",
+            stacklevel=user_stacklevel(),  # the user's compile / tune call
+        )
+    return program, False
+
+
+def _export_dynamic_batch(model: Any, example_inputs: tuple) -> Any:
+    """``torch.export`` with dimension 0 of the inputs dynamic (one symbol for all of them)."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    # An input of size 1 in dimension 0 beside a larger batch is broadcast over the batch
+    # (HF-style position_ids of shape [1, S]): its dimension 0 stays 1.
+    largest = max(x.shape[0] for x in example_inputs)
+    shared = [x.shape[0] > 1 or largest == 1 for x in example_inputs]
+    if not all(shared):
+        fixed = ", ".join(str(i) for i, s in enumerate(shared) if not s)
+        warnings.warn(
+            f"pbtvm: input(s) {fixed} have size 1 in dimension 0 beside a batch of {largest}: taken as "
+            "broadcast over the batch (e.g. position_ids of [1, S]), they keep size 1 there; give "
+            "examples of one batch size if dimension 0 is their batch",
+            stacklevel=user_stacklevel(),
+        )
+    shapes = tuple({0: batch} if s else None for s in shared)
+    # torch.export specialises size-1 dimensions; trace with a batch of 2 instead.
+    traced = tuple(
+        torch.cat([x, x]) if s and x.shape[0] == 1 else x for x, s in zip(example_inputs, shared, strict=True)
+    )
+    return torch.export.export(model, traced, dynamic_shapes=by_signature(model, shapes))
+
+
+def _export_advice(err: Exception) -> str:
+    """What to change in the model for a ``torch.export`` failure pbtvm recognises, else a pointer."""
+    text = f"{type(err).__name__}: {err}"
+    if "inference tensor" in text:
+        return (
+            "; the model's parameters or buffers were made in torch.inference_mode, which torch.export cannot "
+            "trace: build or load the model outside inference_mode (or clone its tensors there)"
+        )
+    if "DataDependent" in text or "data-dependent" in text:
+        return (
+            "; a Python condition or a size depends on a tensor's values (if x.sum() > 0, .item(), "
+            "x.nonzero()): compute both branches and choose with torch.where, or use torch.cond"
+        )
+    return "; pbtvm compiles what torch.export can trace (see torch.export's documentation of what it supports)"
+
+
+@contextlib.contextmanager
+def _no_partial_graph_print() -> Any:
+    """Inside, what is written to ``sys.stderr`` is held and written out after the block, except
+    the partial graph that ``torch.export`` prints when a trace fails (hundreds of lines before
+    its error, also for a first try pbtvm falls back from; pbtvm reports the failure itself)."""
+    held = io.StringIO()
+    real = sys.stderr
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except Exception as err:
+        graph = getattr(err, "partial_fx_graph", None)
+        text = held.getvalue()
+        real.write(text.replace(f"{graph}\n", "") if graph else text)  # torch prints it once per wrapper
+        raise
+    real.write(held.getvalue())
 
 
 def by_signature(model: Any, shapes: tuple) -> tuple:

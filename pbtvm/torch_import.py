@@ -61,6 +61,39 @@ def _matmul(node: Any, importer: Any) -> relax.Var:
     return importer.block_builder.emit(relax.op.matmul(a, b))
 
 
+def _mv(constants: frozenset) -> Any:
+    """``aten.mv(A [N, K], v [K])`` (``torch.mv``, ``A @ v``) as 2-D matmuls the PB rewrite takes for
+    dense layers: ``(v[None] @ A^T)[0]`` when ``A`` is computed from ``constants`` alone (names of
+    the exported program's parameter, buffer and constant placeholders: a layer applied to one
+    vector), else ``(A @ v[:, None])[:, 0]`` (rows times a weight vector: a layer of one output).
+    torch's decomposition makes it a multiply and a sum, which no rewrite sees (it stayed full
+    precision without a word); :mod:`pbtvm.model_import` keeps the op for this converter."""
+
+    def convert(node: Any, importer: Any) -> relax.Var:
+        a, v = importer.retrieve_args(node)[:2]
+        emit = importer.block_builder.emit
+        if _from_constants(node.args[0], constants):
+            out = emit(relax.op.matmul(emit(relax.op.expand_dims(v, 0)), emit(relax.op.permute_dims(a))))
+            return emit(relax.op.squeeze(out, [0]))
+        return emit(relax.op.squeeze(emit(relax.op.matmul(a, emit(relax.op.expand_dims(v, 1)))), [1]))
+
+    return convert
+
+
+def _from_constants(node: Any, constants: frozenset) -> bool:
+    """Whether the fx ``node`` is computed from placeholders named in ``constants`` alone."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and n.name not in constants:
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
 def _addmm(node: Any, importer: Any) -> relax.Var:
     """``aten.addmm(b, x, W, beta=1, alpha=1)`` = ``beta * b + alpha * (x @ W)`` in the operands' dtype."""
     bias, x, weight = (importer.env[a] for a in node.args[:3])
@@ -242,12 +275,13 @@ _MATMUL_CONVERTERS = {
 }
 
 
-def converters(owners: list[str]) -> dict:
+def converters(owners: list[str], constants: frozenset = frozenset()) -> dict:
     """``custom_convert_map`` for ``from_exported_program``: the matmul-like ops, the reductions,
     ``squeeze`` above, the norms of :mod:`pbtvm.torch_norms`, the convolutions of
     :mod:`pbtvm.torch_conv` and the indexing of :mod:`pbtvm.torch_index`.
 
-    ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
+    ``constants``: the exported program's placeholders that are not user inputs (``aten.mv`` with a
+    matrix computed from them alone is a layer applied to a vector). ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
     (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
     """
 
@@ -259,7 +293,9 @@ def converters(owners: list[str]) -> dict:
 
         return run
 
-    matmuls = {name: recording(convert) for name, convert in _MATMUL_CONVERTERS.items()}
+    matmuls = {
+        name: recording(convert) for name, convert in (_MATMUL_CONVERTERS | {"mv.default": _mv(constants)}).items()
+    }
     return (
         matmuls
         | _REDUCTION_CONVERTERS

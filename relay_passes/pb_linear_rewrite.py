@@ -334,6 +334,32 @@ class _Rewriter(PyExprMutator):
             self.report.parts.setdefault(weight_key(const.T), part)
         return const.T, ""
 
+    def _constant_left(self, call: relax.Call) -> relax.Expr | None:
+        """``W @ Y`` with a constant 2-D ``W`` [N, K] and a run-time 2-D ``Y`` [K, M] (``(W @ x.T).T``,
+        column-vector code) as the PB layer ``(Y^T @ W^T)^T``: ``Y``'s columns are the layer's
+        rows. None for any other product."""
+        left, rhs = call.args
+        weight = self._constant(left)
+        ty = rhs.ty
+        if (
+            weight is None
+            or weight.ndim != 2
+            or not np.issubdtype(weight.dtype, np.floating)
+            or not isinstance(ty, relax.TensorType)
+            or ty.ndim != 2
+            or ty.shape is None
+            or str(ty.dtype) not in FLOAT_DTYPES
+            or not self._reads_inputs(rhs)
+        ):
+            return None
+        k_dim = ty.shape.values[0]
+        if not isinstance(k_dim, tir.IntImm) or int(k_dim) != weight.shape[1]:
+            return None
+        out_dtype = str(call.attrs.out_dtype)
+        rows = self.builder_.emit(relax.op.permute_dims(rhs))
+        out = self._record(rows, weight, None, out_dtype if out_dtype not in ("", "void", "None") else str(ty.dtype))
+        return relax.op.permute_dims(self.builder_.emit(out))
+
     def _match_matmul(self, call: relax.Call) -> tuple[relax.Expr | None, np.ndarray | None, str]:
         x, rhs = call.args
         weight, reason = self._weight_of(rhs, x.ty.ndim if isinstance(x.ty, relax.TensorType) else 2)
@@ -497,6 +523,9 @@ class _Rewriter(PyExprMutator):
         elif name == "relax.matmul":
             index = self.report.n_matmuls
             self.report.n_matmuls += 1
+            transposed = self._constant_left(call)
+            if transposed is not None:
+                return transposed
             x, weight, reason = self._match_matmul(call)
             if weight is not None:
                 out_dtype = str(call.attrs.out_dtype)

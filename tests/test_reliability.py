@@ -4,6 +4,7 @@ before its fix."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import warnings
@@ -941,6 +942,9 @@ def test_nan_propagates_through_compile_lstm():
 
 
 # ----------------------------------------------------------------------------- 5 outputs
+Pair = collections.namedtuple("Pair", ["first", "second"])
+
+
 class Structured(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -948,7 +952,8 @@ class Structured(torch.nn.Module):
 
     def forward(self, x):
         y = self.a(x)
-        return {"logits": y, "extra": (torch.relu(y), [y * 2]), 3: y.sum(-1)}
+        extra = (torch.relu(y), [y * 2], Pair(y, y.max(dim=-1)))
+        return {"logits": y, "extra": extra, 3: y.sum(-1)}
 
 
 def test_dict_and_nested_outputs_come_back_as_the_module_returns_them(tmp_path):
@@ -961,6 +966,10 @@ def test_dict_and_nested_outputs_come_back_as_the_module_returns_them(tmp_path):
         got, want = compiled(x), model(x)
         assert list(got) == ["logits", "extra", 3]
         assert isinstance(got["extra"], tuple) and isinstance(got["extra"][1], list)
+        pair = got["extra"][2]  # named tuples keep their class and fields (were plain tuples)
+        assert type(pair) is Pair and type(pair.second) is torch.return_types.max
+        _close(pair.second.values, want["extra"][2].second.values)
+        assert torch.equal(pair.second.indices, want["extra"][2].second.indices)
         _close(got["logits"], want["logits"])
         _close(got["extra"][1][0], want["extra"][1][0])
         _close(got[3], want[3], rel=0.05)

@@ -1,0 +1,166 @@
+"""Models at the edges of what ``pbtvm.compile`` imports (from an adversarial run): forwards that
+change state, products torch decomposes, models torch.export cannot trace, torch's own quantized
+modules, bfloat16 calibration."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pbtvm
+from pbtvm.errors import InputError, InputTypeError
+
+
+def _rel(got, want) -> float:
+    got, want = torch.as_tensor(got).float(), torch.as_tensor(want).float()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def _compile(model, example, **kwargs):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiled = pbtvm.compile(model, example, **kwargs)
+    return compiled, [str(w.message) for w in seen if str(w.message).startswith("pbtvm")]
+
+
+class _Counter(nn.Module):
+    """A step counter in a buffer, updated in place by forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+        self.register_buffer("steps", torch.zeros(1))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.lin(x) + self.steps
+
+
+class _InPlaceInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.lin(x)
+
+
+def test_a_forward_changing_state_is_named_and_compile_leaves_model_and_example_alone():
+    """compile ran the model twice: the caller's buffer went 0 -> 2 and was baked in as 2 (every
+    call returned steps 3), and an example the forward doubles in place came back x4; no warning."""
+    torch.manual_seed(0)
+    model, x = _Counter().eval(), torch.randn(3, 16)
+    compiled, said = _compile(model, (x,), bits=16, act_bits=16)
+    assert [m for m in said if "forward changes buffer steps in place" in m], said
+    assert model.steps.item() == 0
+    with torch.no_grad():
+        first_call = model.lin(x) + 1  # what torch's first call returns
+    for _ in range(3):  # no state: every call is the first one
+        assert _rel(compiled(x), first_call) < 1e-3
+    doubling, ones = _InPlaceInput().eval(), torch.ones(3, 16)
+    compiled, said = _compile(doubling, (ones,), bits=16, act_bits=16)
+    assert torch.equal(ones, torch.ones(3, 16))
+    assert [m for m in said if "forward changes input 0 in place" in m], said
+    with torch.no_grad():
+        want = doubling.lin(torch.full((3, 16), 2.0))
+    got_input = torch.ones(3, 16)
+    assert _rel(compiled(got_input), want) < 1e-3 and torch.equal(got_input, torch.ones(3, 16))
+    _, said = _compile(nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)).train(), (x,))
+    assert not [m for m in said if "in place" in m], said  # compiled in eval mode: running stats stay
+
+
+def test_a_model_made_in_inference_mode_keeps_its_buffers():
+    with torch.inference_mode():
+        made_there = nn.Linear(16, 8).eval()
+    with pytest.raises(InputError, match="made in torch.inference_mode"):  # was torch's RuntimeError
+        pbtvm.compile(made_there, (torch.randn(3, 16),))
+    fresh = _Counter().eval()
+    with torch.inference_mode(), pytest.warns(UserWarning, match="changes buffer steps in place"):
+        pbtvm.compile(fresh, (torch.randn(3, 16),))
+    assert fresh.steps.item() == 0
+
+
+def test_models_torch_export_cannot_trace_are_input_errors_without_torch_graph_dumps(capfd):
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(32, 8)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y * 2 if y.sum() > 0 else y
+
+    with pytest.raises(InputError, match=r"torch.export cannot trace the model: .*choose with torch.where"):
+        pbtvm.compile(Branching().eval(), (torch.randn(4, 32),))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "batch dimension" not in err, err[-2000:]  # torch's partial graph, twice
+
+
+def test_torch_quantized_modules_are_refused_by_name():
+    float_model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notice of torch.ao.quantization
+        quantized = torch.ao.quantization.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(InputTypeError, match=r"0 \(torch.ao.nn.quantized.dynamic.Linear\), 2 \(.*pass the float model"):
+        pbtvm.compile(quantized, (torch.randn(2, 16),))
+
+
+class _Products(nn.Module):
+    """Weight products torch decomposes (mv: multiply + sum) or writes with the weight on the left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = nn.Parameter(torch.randn(16, 32) * 0.2)
+        self.score = nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        return torch.mv(self.mixer, x[0]), x @ self.score, (self.mixer @ x.T).T, torch.mv(x, x[0])
+
+
+def test_matrix_vector_and_left_constant_products_are_pb_layers():
+    torch.manual_seed(0)
+    model, x = _Products().eval(), torch.randn(3, 32)
+    compiled, said = _compile(model, (x,), bits=8)
+    assert sorted(compiled.converted_layers) == ["mixer (_Products)", "mixer (_Products)", "score (_Products)"]
+    # the product of two run-time tensors stays, named as such
+    assert compiled.fp32_layers == ["<model> (_Products): relax.matmul"]
+    assert [m for m in said if "a product of run-time tensors [s77, 32] @ [32, 1]" in m], said
+    for batch in (3, 5):
+        x = torch.randn(batch, 32)
+        with torch.no_grad():
+            want = model(x)
+        got = compiled(x)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+        assert max(_rel(g, w) for g, w in zip(got[:3], want[:3], strict=True)) < 0.02  # W8
+        assert _rel(got[3], want[3]) < 1e-5  # full precision
+
+
+def test_bfloat16_models_calibrate():
+    """The calibration keyed bfloat16 weights through numpy, which has no bfloat16 (a TypeError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).to(torch.bfloat16).eval()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    scales = torch.logspace(-2, 1, 64, dtype=torch.bfloat16)  # unequal input columns: calibration matters
+    batches = [torch.randn(16, 64, dtype=torch.bfloat16) * scales for _ in range(3)]
+    plain, _ = _compile(model, (x * scales,), bits=2)
+    calibrated, _ = _compile(model, (x * scales,), bits=2, calibration=batches)
+    assert calibrated.manifest["quantizer"]["calibrated"]
+    assert not np.array_equal(plain(x * scales).float().numpy(), calibrated(x * scales).float().numpy())
+
+
+def test_named_tuples_of_classes_not_imported_come_back_as_named_tuples():
+    """A loaded library's named tuple class may live in a module the loading process lacks (the
+    compiling script's ``__main__``): a named tuple of that name and fields stands in."""
+    from pbtvm import outputs
+
+    structure = {"namedtuple": {"class": "not_imported_here:Out", "fields": ["logits", "h"], "items": ["tensor"] * 2}}
+    out = outputs.rebuild(structure, [1, 2])
+    assert out.logits == 1 and out.h == 2 and type(out).__name__ == "Out" and out == (1, 2)
+    odd = {"namedtuple": {"class": "gone:<locals>.X", "fields": ["a", "class"], "items": ["tensor"] * 2}}
+    assert tuple(outputs.rebuild(odd, [1, 2])) == (1, 2)  # names namedtuple refuses are renamed
