@@ -274,6 +274,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name, (ms, low, high) in rows.items():
         print(f"{name:<16}{ms:>10.3f}  {f'{low:.3f}-{high:.3f}':>17}  {_speed_words(base, ms)}")
     unstable = [name for name, (_, low, high) in rows.items() if high >= UNSTABLE_SPREAD * low]
+    with torch.no_grad():  # each alone too: contention between the runtimes shows as a steady gap
+        alone = {name: interleaved_latency_ms({name: call}, args.repeat, sync)[name][0] for name, call in calls.items()}
+    contended = {
+        name: ms / alone[name] for name, (ms, _, _) in rows.items() if max(ms, alone[name]) >= 2 * min(ms, alone[name])
+    }
+    if contended:
+        shown = ", ".join(f"{name} {ratio:.1f}x" for name, ratio in contended.items())
+        print(
+            f"warning: timed between the others, {shown} its time alone: torch's OpenMP threads and TVM's "
+            "contend for this machine's cores, so the speed ratios above are unreliable; rerun with "
+            "OMP_WAIT_POLICY=PASSIVE (and TVM_NUM_THREADS / OMP_NUM_THREADS) set",
+            file=sys.stderr,
+        )
     if unstable:
         print(
             f"warning: {', '.join(unstable)} varied {UNSTABLE_SPREAD}x or more between rounds: the machine was busy "
@@ -305,10 +318,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
     bits = bits_list(args.bits)
     act = bits_list(args.act_bits_sweep, "--act-bits-sweep") if args.act_bits_sweep else []
+    if args.plot and not Path(args.plot).suffix and not os.path.isdir(args.plot):
+        args.plot += ".png"  # what matplotlib writes for a name without one
     for flag, path in (("--table", args.table), ("--plot", args.plot)):  # before the sweep, not after it
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise CLIError(f"{flag} {path}: the directory {folder} does not exist")
+        if path and os.path.isdir(path):
+            raise CLIError(f"{flag} {path} is a directory; give a file in it, e.g. {os.path.join(path, 'pareto.png')}")
     rows = evaluate_tradeoffs(bits=bits, act_bits_sweep=act, knob=not args.no_knob, target=parse_target(args.target))
     table = write_table(rows, args.table)
     print(table)
@@ -454,14 +471,19 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbtvm`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    try:  # TVM's import takes seconds: Ctrl-C there is an interrupt too, not a traceback
+        from .errors import InputError, first_line
+        from .library import ExportError, LibraryError
+        from .schedules.tuning import TuningLogError
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("pbtvm: interrupted", file=sys.stderr)
+        return INTERRUPTED
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # restored on return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .errors import InputError, first_line
-    from .library import LibraryError
-    from .schedules.tuning import TuningLogError
-
     # what the user gave is wrong: their inputs, files, folders
-    user_errors = (CLIError, InputError, LibraryError, TuningLogError)
+    user_errors = (CLIError, InputError, LibraryError, ExportError, TuningLogError)
     user_errors += (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
     try:
         return int(args.func(args))
@@ -495,5 +517,18 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = shown
 
 
+def run() -> None:
+    """The ``pbtvm`` console script: :func:`main`'s status as the exit status. After Ctrl-C the
+    process ends at once, without Python's teardown: TVM's worker pools and threads, stopped
+    midway, could hang or crash in it (``pbtvm tune``: a hang in a pool's ``__del__``, a segfault,
+    "cannot join current thread"), after ``pbtvm: interrupted`` was printed."""
+    status = main()
+    if status == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

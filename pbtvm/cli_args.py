@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,8 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[Any, tuple]:
         module = importlib.util.module_from_spec(mod_spec)
         _user_code(f"importing {where}", mod_spec.loader.exec_module, module)
     else:
+        if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` finds modules here
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(where)
         except ImportError as err:

@@ -55,6 +55,11 @@ class LibraryError(ValueError):
     """A file is not a (valid) pbtvm library."""
 
 
+class ExportError(OSError):
+    """The library could not be written: the compiler or linker failed on the output (a full disk, a
+    file system that refuses it); the message holds their reason."""
+
+
 # ====================================================================== ELF
 #: ``sh_flags`` bit of sections the loader maps into memory; ``sh_type`` of those without file data.
 SHF_ALLOC = 0x2
@@ -324,12 +329,31 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     try:
         with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp, without_scope_warnings():
             manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
-            executable.mod.export_library(linked, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp)
+            try:
+                executable.mod.export_library(
+                    linked, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp
+                )
+            except RuntimeError as err:
+                reason = _toolchain_reason(str(err))
+                if reason is None:
+                    raise
+                raise ExportError(f"cannot write {path}: {reason}") from err
         _seal_code(linked)
         os.replace(linked, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(linked)
+
+
+def _toolchain_reason(message: str) -> str | None:
+    """The linker's or compiler's own error lines in TVM's ``Compilation error`` message (``ld:
+    final link failed: No space left on device``), None for any other error."""
+    if not message.startswith("Compilation error"):
+        return None
+    lines = [line.strip() for line in message.split("Command line:", 1)[0].splitlines()]
+    errors = [line for line in lines if ("error" in line or "ld:" in line) and "warning" not in line]
+    errors = [line for line in errors if not line.startswith(("collect2", "Compilation error"))]
+    return "; ".join(errors[:3]) or None
 
 
 def checksum(manifest: dict, blob: bytes) -> str:
@@ -401,6 +425,36 @@ def verify_checksum(path: str, manifest: dict, data: bytes | None = None) -> Non
             f"{path}: checksum mismatch: the library's code or constants were changed after export (a corrupt "
             "copy?); copy it again or re-export the model"
         )
+
+
+#: (device, inode, size, mtime) of the file first handed to dlopen under each real path, by this process.
+_DLOPENED: dict[str, tuple[int, int, int, int]] = {}
+_DLOPENED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def dlopen_name(path: str, data: bytes) -> Iterator[str]:
+    """The file name to hand TVM's loader (``dlopen``) for the library ``path``, whose verified
+    bytes are ``data``: ``path`` itself, unless ``dlopen`` would not read it. ``dlopen`` returns
+    the library it already opened under a name, whatever the file holds now (a model exported
+    again over a path this process had loaded ran the old code under the new manifest), and
+    TVM's loader picks the loader by the name's extension (``model.bin`` could not be loaded): in
+    those cases a private copy of ``data``, named ``*.so``, removed after the load (the mapping
+    stays)."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    with _DLOPENED_LOCK:
+        same = _DLOPENED.setdefault(real, identity) == identity
+    if same and real.endswith(".so"):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="pbtvm_load_") as tmp:
+        name = os.path.basename(real)
+        private = os.path.join(tmp, name if name.endswith(".so") else f"{name}.so")
+        with open(private, "wb") as f:
+            f.write(data)
+        yield private
 
 
 def read_library(path: str) -> bytes:

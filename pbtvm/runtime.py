@@ -240,7 +240,7 @@ class CompiledModel:
         FileNotFoundError, PermissionError, IsADirectoryError
             The folder is missing or not writable; ``path`` is a directory.
         InputError
-            ``path`` is empty; the model was loaded from a library.
+            ``path`` is empty or names a device, FIFO or socket; the model was loaded from a library.
         """
         path = os.fspath(path)
         if not path:
@@ -248,6 +248,11 @@ class CompiledModel:
         if os.path.isdir(path):
             raise IsADirectoryError(
                 f"cannot write {path}: it is a directory (give a file, e.g. {os.path.join(path, 'model.so')})"
+            )
+        if os.path.exists(path) and not os.path.isfile(path):  # export moves a new file over it
+            raise InputError(
+                f"cannot write {path}: it is not a regular file (a device, FIFO or socket, which export would "
+                "replace with the library); give a file path"
             )
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
@@ -457,8 +462,8 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     if problem:
         raise library.LibraryError(problem)
     try:
-        with library.without_scope_warnings():
-            module = tvm.runtime.load_module(path)
+        with library.without_scope_warnings(), library.dlopen_name(path, data) as name:
+            module = tvm.runtime.load_module(name)
     except Exception as err:
         raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
     return CompiledModel(module, manifest, device, cpu_checked=True)

@@ -568,7 +568,7 @@ def test_tuning_runs_into_one_work_dir_take_turns(tmp_path):
     probe = textwrap.dedent(
         f"""
         import fcntl, sys
-        fh = open({str(log.path / ".lock")!r}, "a+")
+        fh = open({str(log.lock_path)!r}, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -579,6 +579,37 @@ def test_tuning_runs_into_one_work_dir_take_turns(tmp_path):
     with log.locked(exclusive=True):
         assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 3
     assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+    # a run that moves a stale log aside keeps its lock (it was a file inside the moved directory:
+    # a second run locked a fresh one and overwrote the first's knobs)
+    meta = log.path / tuning.LOG_META
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "kernel_version": -1}))
+    with log.locked(exclusive=True):
+        with pytest.warns(UserWarning, match="moved the old tuning log aside"):
+            assert log.database(create=True) is not None
+        assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 3
+
+
+def test_unusual_log_directories_are_named(tmp_path):
+    """A file where the log directory goes, a directory without pbtvm's metadata, a read-only
+    log: clear errors or warnings (were FileExistsError / OSError as internal errors, or silence)."""
+    log = tuning.TuningLog(tmp_path, CPU)
+    log.path.write_text("x")
+    with pytest.raises(tuning.TuningLogError, match=r"is a file, not a tuning log directory.*another work_dir"):
+        tuning.tuned_lookup(tmp_path, CPU)
+    log.path.unlink()
+    log.path.mkdir()
+    (log.path / tuning.KNOB_LOG).write_text("{}")
+    with pytest.warns(UserWarning, match="holds files but no pbtvm_log.json"):
+        assert tuning.tuned_lookup(tmp_path, CPU)[0] is None
+    with log.locked(exclusive=True), pytest.warns(UserWarning, match="moved the old tuning log aside"):
+        assert log.database(create=True) is not None
+    shared = tmp_path / "shared"
+    _fake_log(shared, CPU).lock_path.unlink()
+    tuning.TuningLog(shared, CPU).lock_path.mkdir()  # a lock file that cannot be opened, even by root,
+    # as in a read-only work_dir (a shared copy of a log): read without the lock (was an OSError)
+    assert tuning.tuned_lookup(shared, CPU)[0] is not None
+    with pytest.raises(tuning.TuningLogError, match="cannot tune into"):
+        tuning.TuningLog(shared, CPU).locked(exclusive=True).__enter__()
 
 
 def test_compile_tune_needs_work_dir():

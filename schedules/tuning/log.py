@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -124,13 +125,30 @@ class TuningLog:
         self._mismatch()
         self._check_records()
 
-    def usable(self, name_other_targets: bool = True) -> bool:
+    def _without_meta(self) -> bool:
+        """Whether this target's log directory holds files but no :data:`LOG_META` (a ``.lock``
+        that older versions kept inside does not count)."""
+        if not self.path.is_dir() or (self.path / LOG_META).exists():
+            return False
+        return any(p.name != ".lock" for p in self.path.iterdir())
+
+    def usable(self, reading: bool = True) -> bool:
         """Whether a log for this target exists and was made by this TVM and format version.
 
-        Warns (and returns False) when ``work_dir`` only holds logs for other targets (unless
-        ``name_other_targets`` is False: tuning starts this target's log beside them) or the log
-        is from another version; raises :class:`TuningLogError` when it is corrupt.
+        Reading, warns (and returns False) when ``work_dir`` only holds logs for other targets,
+        the log is from another version or has no metadata; tuning (``reading`` False) starts this
+        target's log beside other targets' and moves the others aside (:meth:`database` says so).
+        Raises :class:`TuningLogError` when the log is corrupt.
         """
+        if self._without_meta():
+            if not reading:  # tuning moves it aside, and says so
+                return False
+            warnings.warn(
+                f"pbtvm: {self.path} holds files but no {LOG_META}, so it is not a tuning log pbtvm wrote (or "
+                "its metadata was removed); ignored (default schedules used); tuning moves it aside",
+                stacklevel=3,
+            )
+            return False
         if not (self.path / LOG_META).exists():
             others = [Path(p).parent.name for p in sorted(str(q) for q in self.work_dir.glob(f"*/{LOG_META}"))]
             if (self.work_dir / LOG_META).exists():  # another target's log directory itself
@@ -139,7 +157,7 @@ class TuningLog:
                     f"{target_key(self.target)}; pass the directory that holds the logs (default schedules used)",
                     stacklevel=3,
                 )
-            elif others and name_other_targets:
+            elif others and reading:
                 warnings.warn(
                     f"pbtvm: {self.work_dir} has tuning logs for {', '.join(others)} but none for "
                     f"{target_key(self.target)}; logs from another target are ignored (default schedules used)",
@@ -148,16 +166,42 @@ class TuningLog:
             return False
         why = self._mismatch()
         if why is not None:
-            warnings.warn(f"pbtvm: ignoring tuning log {self.path}: {why}", stacklevel=3)
+            if reading:
+                warnings.warn(f"pbtvm: ignoring tuning log {self.path}: {why}", stacklevel=3)
             return False
         self._check_records()
         return True
 
+    @property
+    def lock_path(self) -> Path:
+        """``work_dir/.<target key>.lock``: beside the log directory, not in it, so that a run that
+        moves a stale log aside keeps the lock the next run waits on."""
+        return self.work_dir / f".{self.path.name}.lock"
+
     @contextlib.contextmanager
     def locked(self, exclusive: bool) -> Iterator[None]:
-        """Hold the log's file lock (exclusive while tuning, shared while reading)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as fh:
+        """Hold the log's file lock (exclusive while tuning, shared while reading).
+
+        A reader that cannot create the lock file (a read-only ``work_dir``, a shared copy of a
+        log) reads without it: no run can tune there either.
+
+        Raises
+        ------
+        TuningLogError
+            ``exclusive`` and the lock file cannot be made (a read-only ``work_dir``).
+        """
+        try:
+            if exclusive:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.lock_path, "a+")
+        except OSError as err:
+            if exclusive:
+                raise TuningLogError(f"cannot tune into {self.work_dir}: {err.strerror or err}") from None
+            fh = None
+        if fh is None:
+            yield
+            return
+        with fh:
             if exclusive:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -183,14 +227,20 @@ class TuningLog:
                 f"pbtvm: tuning work_dir {self.work_dir} does not exist; default schedules used", stacklevel=3
             )
             return None
-        if self.usable(name_other_targets=not create):
+        if self.path.exists() and not self.path.is_dir():
+            raise TuningLogError(
+                f"{self.path} is a file, not a tuning log directory: move it aside or delete it"
+                + (", then tune again" if create else " (or give another work_dir)")
+            )
+        if self.usable(reading=not create):
             return self._json_database(ms)
         if not create:
             return None
-        if (self.path / LOG_META).exists():
+        if (self.path / LOG_META).exists() or self._without_meta():
+            why = self._mismatch() if (self.path / LOG_META).exists() else f"no {LOG_META}"
             stale = self.path.with_name(f"{self.path.name}.stale-{int(time.time())}")
             self.path.rename(stale)
-            warnings.warn(f"pbtvm: moved the old tuning log aside to {stale}", stacklevel=3)
+            warnings.warn(f"pbtvm: moved the old tuning log aside to {stale} ({why})", stacklevel=3)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / LOG_META).write_text(json.dumps(self.expected_meta(), indent=1) + "\n")
         return self._json_database(ms)
@@ -219,8 +269,12 @@ class TuningLog:
         return read_knob_file(self.path / KNOB_LOG)
 
     def write_knobs(self, knobs: dict) -> None:
-        """Replace the knob log with ``knobs`` (call while holding the exclusive lock)."""
-        (self.path / KNOB_LOG).write_text(json.dumps(knobs, indent=1) + "\n")
+        """Replace the knob log with ``knobs`` (call while holding the exclusive lock), in one step:
+        a run stopped while writing leaves the old file or the new one, never half of one."""
+        path = self.path / KNOB_LOG
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(knobs, indent=1) + "\n")
+        os.replace(partial, path)
 
 
 def read_knob_file(path: Path) -> dict:

@@ -104,9 +104,10 @@ def _pooled_builder_class() -> type:
                     results.append(ms.builder.BuilderResult(None, f"build failed:\n{res.value}"))
             return results
 
-        def close(self) -> None:
-            """End the worker processes and remove every build's files."""
-            self.pool.shutdown()
+        def close(self, wait: bool = True) -> None:
+            """End the worker processes and remove every build's files (``wait``: for builds in
+            flight to end first; not after an interrupt)."""
+            shutdown_pool(self.pool, wait)
             shutil.rmtree(self.root, ignore_errors=True)
 
     return PooledBuilder
@@ -138,12 +139,31 @@ def default_runner(target: tvm.target.Target) -> object:  # noqa: ARG001 - same 
         return meta_schedule().runner.LocalRunner(evaluator_config=_evaluator_config(), timeout_sec=RUN_TIMEOUT_S)
 
 
-def close_runner(runner: object) -> None:
+def close_runner(runner: object, wait: bool = True) -> None:
     """End a local runner's worker process now (MetaSchedule leaves it to garbage collection,
     which an exception's traceback can put off past the end of the run)."""
     pool = getattr(runner, "pool", None)
     if pool is not None:
-        pool.shutdown()
+        shutdown_pool(pool, wait)
+
+
+def shutdown_pool(pool: object, wait: bool = True) -> None:
+    """``pool.shutdown(wait)`` for a TVM ``PopenPoolExecutor``, and a pool left unusable but
+    harmless where that fails. Interrupted (Ctrl-C reaches the workers too), a worker's process
+    can vanish while shutdown kills it: TVM's ``kill`` then raises (``'NoneType' object has no
+    attribute 'pid'``) with the pool's lock held, and the pool's ``__del__`` waited on that lock
+    forever at interpreter exit (``pbtvm tune`` hung after Ctrl-C)."""
+    try:
+        pool.shutdown(wait=wait)
+    except Exception:
+        with contextlib.suppress(RuntimeError):  # not held: shutdown failed before taking it
+            pool._lock.release()
+        for worker in list(getattr(pool, "_worker_map", {}).values()):
+            with contextlib.suppress(Exception):
+                worker.kill()
+        with contextlib.suppress(Exception):
+            pool._threadpool.shutdown(wait=False)
+        pool._shutdown = True  # its __del__ does not shut down again
 
 
 def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object:

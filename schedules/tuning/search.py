@@ -92,14 +92,17 @@ def tune_kernels(
         raise ValueError(f"trials_per_iter must be an int >= 1, got {trials_per_iter!r}")
     own_builder, own_runner = builder is None, runner is None
     builder = builder or default_builder(target)
+    finished = False
     try:
         runner = runner or default_runner(target)
-        return _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
-    finally:
+        report = _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
+        finished = True
+        return report
+    finally:  # after an error or Ctrl-C, builds in flight are not waited for
         if own_builder:
-            builder.close()
+            builder.close(wait=finished)
         if own_runner and runner is not None:
-            close_runner(runner)
+            close_runner(runner, wait=finished)
 
 
 def _tune(

@@ -1,0 +1,90 @@
+"""Exported libraries as files (from an adversarial run of the CLI): a library exported again over a
+path this process loaded, names without ``.so``, paths that are not regular files, linker failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pbtvm
+from pbtvm import library
+from pbtvm.errors import InputError
+
+
+def _model(seed: int, width: int = 32):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8)).eval()
+    return pbtvm.compile(model, (torch.randn(2, width),), bits=4)
+
+
+def test_a_library_exported_again_over_a_loaded_path_loads_anew(tmp_path):
+    """dlopen hands back the library it opened under a name: the second load ran the first model's
+    code (same outputs), even under another width, with the new manifest."""
+    path = tmp_path / "model.so"
+    first, second, wider = _model(0), _model(1), _model(2, width=40)
+    x = torch.randn(3, 32)
+    first.export(path)
+    kept = pbtvm.load(path)
+    assert torch.equal(kept(x), first(x))
+    second.export(path)
+    assert torch.equal(pbtvm.load(path)(x), second(x))
+    assert torch.equal(kept(x), first(x))  # the first load is untouched
+    wider.export(path)
+    x40 = torch.randn(3, 40)
+    assert torch.equal(pbtvm.load(path)(x40), wider(x40))
+    assert torch.equal(pbtvm.load(path)(x40), wider(x40))  # an unchanged file again: no copy needed, same answer
+
+
+def test_any_file_name_loads(tmp_path):
+    """TVM picks its loader by the extension: model.bin or a name without one could not be loaded."""
+    model, x = _model(3), torch.randn(2, 32)
+    for name in ("model.bin", "model"):
+        model.export(tmp_path / name)
+        assert torch.equal(pbtvm.load(tmp_path / name)(x), model(x))
+
+
+def test_export_refuses_paths_that_are_not_regular_files(tmp_path):
+    """os.replace turned /dev/null (and any FIFO or device node) into the library."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="it is not a regular file"):
+        _model(4).export(fifo)
+    assert fifo.is_fifo()
+
+
+def test_linker_failures_name_the_linker_s_reason():
+    message = textwrap.dedent(
+        """\
+        Compilation error:
+        /tmp/x/pbtvm_manifest.c:5:47: warning: 'used' attribute ignored [-Wattributes]
+        /usr/bin/ld: final link failed: No space left on device
+        collect2: error: ld returned 1 exit status
+
+        Command line: /usr/bin/g++ -shared -fPIC -o /out/.a.so.tmp.so /tmp/x/lib0.o"""
+    )
+    assert library._toolchain_reason(message) == "/usr/bin/ld: final link failed: No space left on device"
+    assert library._toolchain_reason("some other failure") is None
+    assert issubclass(library.ExportError, OSError)
+
+
+def test_cli_finds_model_modules_in_the_working_directory(tmp_path):
+    """``pbtvm compile models:factory`` in the folder holding models.py (as ``python -m`` would)."""
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n\ndef small():\n    return torch.nn.Linear(16, 4), (torch.randn(2, 16),)\n"
+    )
+    code = "import sys; from pbtvm.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "compile", "my_models:small", "-o", "small.so"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},  # no cwd on sys.path, as in the console script
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "small.so").is_file()
