@@ -15,7 +15,7 @@ from .bitplane import DEFAULT_ACT_BITS, LUT_LAYOUT, BitplaneFormat
 from .cuda import build
 from .errors import InputError, check_int
 from .lowering import layers_format
-from .model_import import eval_mode, import_model, layer_names
+from .model_import import eval_mode, import_model, layer_names, state_kept
 from .names import kernel_kind
 from .quantize import AUTO, check_codebook
 from .relay_passes import (
@@ -62,7 +62,8 @@ def _rewrite(
         if calibration is not None:
             from .calibration import input_importance
 
-            importance = input_importance(model, calibration)
+            with state_kept(model):
+                importance = input_importance(model, calibration)
     names = layer_names(model)
     with tvm_target:
         if auto_layout:  # an LSTM's steps and projections take any rows: as a dynamic batch
@@ -316,7 +317,7 @@ def compile(
 
     if tune:
         tune_kernels(_pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=tune_batch)
-    with torch_no_grad(), eval_mode(model):
+    with torch_no_grad(), eval_mode(model), state_kept(model):
         examples = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
         out = model(*(x.clone() for x in examples))  # a forward changing its input in place: not the caller's
     structure = outputs.describe(out)

@@ -229,7 +229,7 @@ def _check_request(
             "this decoder was compiled without generate() (generate_chunk=0); generate() needs an embedding and a head "
             "whose outputs are embedding rows: compile_decoder(lstm, embedding=..., head=..., generate_chunk=16)"
         )
-    check_int("max_new_tokens", max_new_tokens, 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if max_new_tokens > MAX_NEW_TOKENS:
         raise InputError(f"max_new_tokens must be at most {MAX_NEW_TOKENS:,} per call, got {max_new_tokens:,}")
     if eos_token is not None and (

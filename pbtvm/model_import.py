@@ -39,6 +39,8 @@ _RNN_ATTRIBUTE = r"\S*\.(_flat_weights\[\d+\]|(weight|bias)_(ih|hh)_l\d+(_revers
 
 #: Where torch's quantized modules live (``quantize_dynamic``'s ``DynamicQuantizedLinear``, ...).
 _TORCH_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+#: Float modules among them (quantization-ready float models use them; ``convert`` swaps them).
+_FLOAT_MODULES_THERE = ("FloatFunctional",)
 
 
 def _without_torch_export_noise(fn: Any) -> Any:
@@ -83,9 +85,8 @@ def import_model(
     quantized = []
     for name, m in model.named_modules():  # the outermost ones, not their packed-weight children
         kind = type(m).__module__
-        if kind.startswith(_TORCH_QUANTIZED_MODULES) and not any(
-            q == "" or name.startswith(f"{q}.") for q, _ in quantized
-        ):
+        quantized_here = kind.startswith(_TORCH_QUANTIZED_MODULES) and type(m).__name__ not in _FLOAT_MODULES_THERE
+        if quantized_here and not any(q == "" or name.startswith(f"{q}.") for q, _ in quantized):
             quantized.append((name, f"{name or '<model>'} ({kind.split('.modules')[0]}.{type(m).__name__})"))
     quantized = [shown for _, shown in quantized]
     if quantized:  # torch.export fails on their packed weights with an AttributeError naming none of them
@@ -111,10 +112,12 @@ def import_model(
             )
     # torch.export treats one tensor passed as two inputs as one input (e.g. a zero state as both
     # h0 and c0): the second would be ignored in the compiled model. Give each its own copy.
+    # An example made in torch.inference_mode cannot be traced outside it; a copy can.
     pointers: set[int] = set()
     unique = []
     for x in example_inputs:
-        unique.append(x.clone() if x.data_ptr() in pointers else x)
+        outside = x.is_inference() and not torch.is_inference_mode_enabled()
+        unique.append(x.clone() if x.data_ptr() in pointers or outside else x)
         pointers.add(x.data_ptr())
     example_inputs = tuple(unique)
     with eval_mode(model):
@@ -133,37 +136,93 @@ def _version(tensor: Any) -> int | None:
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[Any]:
     """``model`` in eval mode inside the block (inference: dropout off, batch norms on the running
-    statistics they keep), and after it as it was: each of its modules back in its own train / eval
-    mode, and its buffers back to their values (a forward that updates a buffer in place, a step
-    counter, changed them in compile's runs of the model). Compiling does not change the caller's
-    model. Nested blocks restore at each level."""
+    statistics they keep), each of its modules back in its own train / eval mode after it:
+    compiling does not change the caller's model (:func:`state_kept` keeps its tensors)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):  # import_model names the problem
         yield model
         return
     modes = {module: module.training for module in model.modules()}
-    # (module, attribute, tensor, version, copy): a copy of every buffer, put back if its version moved
-    buffers = [
-        (m, attr, b, _version(b), b.detach().clone())
-        for m in model.modules()
-        for attr, b in m._buffers.items()
-        if isinstance(b, torch.Tensor)
-    ]
     model.eval()
     try:
         yield model
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+@contextlib.contextmanager
+def state_kept(model: Any) -> Iterator[list[str]]:
+    """Run ``model`` eagerly inside the block (compile's checks, calibration) without changing it:
+    a parameter or buffer that an op is about to change in place (``self.steps.add_(1)``, through
+    ``.data`` too) is copied first and put back at the end, and a buffer the forward replaces
+    (``self.n = self.n + 1``) is put back. Only what changes is copied. Yields a list that names
+    them (``buffer steps``), filled at the end of the block."""
+    import torch
+
+    watched = {}  # storage address -> (name, tensor)
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if not torch.nn.parameter.is_lazy(t) and t.device.type != "meta" and t.untyped_storage().data_ptr():
+                watched.setdefault(t.untyped_storage().data_ptr(), (f"{kind} {name}", t))
+    slots = [
+        (f"{path}.{attr}" if path else attr, m, attr, b)
+        for path, m in model.named_modules()
+        for attr, b in m._buffers.items()
+    ]
+    changed: list[str] = []
+    saver = _save_before_write(watched)
+    try:
+        with saver:
+            yield changed
+    finally:
         with torch.no_grad():
-            for m, attr, b, version, saved in buffers:
-                if m._buffers.get(attr) is not b:  # reassigned (self.n = self.n + 1)
-                    m._buffers[attr] = b
-                # no counter (made in inference mode, changed only there): compare the values
-                if (_version(b) != version) if version is not None else not torch.equal(b, saved):
-                    with torch.inference_mode(version is None):
-                        b.copy_(saved)
+            for name, tensor, saved in saver.saved.values():
+                # an inference tensor is written in inference mode only; inference_mode(False) would
+                # turn grad mode back on
+                with torch.inference_mode() if tensor.is_inference() else contextlib.nullcontext():
+                    tensor.copy_(saved)
+                changed.append(name)
+        for name, m, attr, b in slots:
+            if m._buffers.get(attr) is not b:
+                m._buffers[attr] = b
+                changed.append(f"buffer {name}")
+
+
+@functools.cache
+def _save_before_write_class() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SaveBeforeWrite(TorchDispatchMode):
+        """Copies a watched tensor before the first op that writes into its storage."""
+
+        def __init__(self, watched: dict) -> None:
+            super().__init__()
+            self.watched, self.saved = watched, {}
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            kwargs = kwargs or {}
+            if func._schema.is_mutable:
+                named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | kwargs
+                for arg in func._schema.arguments:
+                    value = named.get(arg.name)
+                    if arg.alias_info is not None and arg.alias_info.is_write and hasattr(value, "untyped_storage"):
+                        self._save(value)
+            return func(*args, **kwargs)
+
+        def _save(self, value: Any) -> None:
+            key = value.untyped_storage().data_ptr()
+            if key in self.watched and key not in self.saved:
+                name, tensor = self.watched[key]
+                self.saved[key] = (name, tensor, tensor.detach().clone())
+
+    return SaveBeforeWrite
+
+
+def _save_before_write(watched: dict) -> Any:
+    """A :class:`SaveBeforeWrite` dispatch mode (the class is made once, importing torch then)."""
+    return _save_before_write_class()(watched)
 
 
 def _import_eval_model(
@@ -197,7 +256,8 @@ def _import_eval_model(
             stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
     _refuse_complex(exported, example_inputs)
-    exported = exported.run_decompositions(_decompositions())
+    if not _holds_sparse(exported):  # as TVM's importer does: it decomposes only without sparse tensors
+        exported = exported.run_decompositions(_decompositions())
     constants = frozenset(
         spec.arg.name for spec in exported.graph_signature.input_specs if spec.kind.name != "USER_INPUT"
     )
@@ -237,6 +297,14 @@ def _import_eval_model(
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
         specs[i]["index_range"] = rows
     return mod, specs, dynamic
+
+
+def _holds_sparse(exported: Any) -> bool:
+    """Whether the program's parameters, buffers or constants hold a sparse tensor."""
+    import torch
+
+    tensors = [*exported.state_dict.values(), *exported.constants.values()]
+    return any(isinstance(t, torch.Tensor) and t.layout != torch.strided for t in tensors)
 
 
 def _decompositions() -> dict:
@@ -283,14 +351,11 @@ def _readable(message: str) -> str:
 
 def _with_modules(listed: str, exported: Any) -> str:
     """``"['prod.dim_int'] (aten names) in head (Pool)"``: TVM's list of aten names it has no
-    converter for, and the torch modules whose ``forward`` made those ops (in the decomposed graph
-    TVM imported)."""
+    converter for, and the torch modules whose ``forward`` made those ops (``exported`` is the
+    decomposed program TVM imported)."""
     names = set(re.findall(r"'([^']+)'", listed))
     named = f"{listed} (aten names)"
-    try:  # the graph TVM imported; only on this error path
-        graph = exported.run_decompositions().graph
-    except Exception:  # the list alone is still the answer
-        return named
+    graph = exported.graph  # decomposed before TVM imported it
     owners = {
         module_name(n) for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names
     }
@@ -324,12 +389,10 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
     import torch
 
     copies = tuple(x.clone() for x in example_inputs)  # the caller's example stays as it is
-    tensors = [(f"input {i}", x) for i, x in enumerate(copies)]
-    tensors += [(f"buffer {name}", b) for name, b in model.named_buffers()]
-    tensors += [(f"parameter {name}", p) for name, p in model.named_parameters()]
-    versions = [_version(x) for _, x in tensors]
+    versions = [_version(x) for x in copies]
     try:
-        with torch.no_grad(), eval_mode(model):  # buffers back before torch.export reads them
+        # the model's tensors back before torch.export reads them
+        with torch.no_grad(), eval_mode(model), state_kept(model) as changed:
             out = model(*copies)
     except Exception as err:
         shown = ", ".join(shape_text(x) for x in example_inputs)
@@ -337,13 +400,13 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
             f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first_line(err)}"
         ) from err
     outputs.describe(out)  # an output pbtvm cannot return (an int, a string) named before TVM's importer fails on it
-    changed = [name for (name, x), v in zip(tensors, versions, strict=True) if v is not None and _version(x) != v]
+    changed += [f"input {i}" for i, (x, v) in enumerate(zip(copies, versions, strict=True)) if _version(x) != v]
     if changed:
         warnings.warn(
-            f"pbtvm: the model's forward changes {', '.join(changed)} in place. The compiled model keeps no "
+            f"pbtvm: the model's forward changes {', '.join(changed)}. The compiled model keeps no "
             "state and changes none of its inputs: every call computes from the values at compile time (a "
-            "buffer's update, e.g. a step counter, is not kept from call to call). compile leaves the model's "
-            "buffers and the example as they were.",
+            "buffer's update, e.g. a step counter, is not kept from call to call). compile leaves the model "
+            "and the example as they were.",
             stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
 

@@ -35,7 +35,7 @@ def describe(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return TENSOR
     fields = _fields(type(output))
-    if fields is not None:
+    if fields is not None and len(fields) == len(output):  # else (hidden fields) as a plain tuple
         kind = type(output)
         items = [describe(o) for o in output]
         return {"namedtuple": {"class": f"{kind.__module__}:{kind.__qualname__}", "fields": fields, "items": items}}
@@ -95,20 +95,24 @@ def _fields(kind: type) -> list[str] | None:
     return list(fields) if fields and all(isinstance(f, str) for f in fields) else None
 
 
-@functools.lru_cache(maxsize=64)
 def _named_tuple(qualified: str, fields: tuple) -> Any:
     """A function making the named tuple ``qualified`` (``module:QualName``) from a list of items:
-    the class itself where its module is already imported and it has these fields (nothing is
-    imported for a manifest's sake), else a ``collections.namedtuple`` of that name and fields."""
+    the class itself where its module is already imported and it has these fields (looked up at
+    every call: a class defined again, in a notebook, is the new one; nothing is imported for a
+    manifest's sake), else a ``collections.namedtuple`` of that name and fields."""
     module, _, qualname = qualified.partition(":")
     found: Any = sys.modules.get(module)
     for part in qualname.split("."):
         found = getattr(found, part, None)
     if isinstance(found, type) and _fields(found) == list(fields):
         return found._make if hasattr(found, "_make") else found  # a structseq takes one sequence
-    name = qualname.rsplit(".", 1)[-1]
-    made = collections.namedtuple(name if name.isidentifier() else "Outputs", fields, rename=True)
-    return made._make
+    return _stand_in(qualname.rsplit(".", 1)[-1], fields)._make
+
+
+@functools.lru_cache(maxsize=64)
+def _stand_in(name: str, fields: tuple) -> Any:
+    """One ``collections.namedtuple`` per name and fields (``Outputs`` for a name it refuses)."""
+    return collections.namedtuple(name if name.isidentifier() else "Outputs", fields, rename=True)
 
 
 __all__ = ["TENSOR", "count", "describe", "rebuild"]

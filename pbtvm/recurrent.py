@@ -79,7 +79,8 @@ def check_lstm(name: str, lstm: Any) -> None:
     dtypes = {w.dtype for w in lstm.parameters()}
     if dtypes != {torch.float32}:
         raise InputTypeError(
-            f"pbtvm.compile: {name} (LSTM) has {sorted(map(str, dtypes))} weights; recurrent layers need float32"
+            f"pbtvm.compile: {name} ({type(lstm).__name__}) has {sorted(map(str, dtypes))} weights; recurrent "
+            "layers need float32"
         )
 
 

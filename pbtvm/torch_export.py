@@ -89,13 +89,13 @@ def _export_dynamic_batch(model: Any, example_inputs: tuple) -> Any:
 
 def _export_advice(err: Exception) -> str:
     """What to change in the model for a ``torch.export`` failure pbtvm recognises, else a pointer."""
-    text = f"{type(err).__name__}: {err}"
+    text = f"{type(err).__name__}: {err}".lower()
     if "inference tensor" in text:
         return (
             "; the model's parameters or buffers were made in torch.inference_mode, which torch.export cannot "
             "trace: build or load the model outside inference_mode (or clone its tensors there)"
         )
-    if "DataDependent" in text or "data-dependent" in text:
+    if "datadependent" in text or "data-dependent" in text:
         return (
             "; a Python condition or a size depends on a tensor's values (if x.sum() > 0, .item(), "
             "x.nonzero()): compute both branches and choose with torch.where, or use torch.cond"
@@ -110,15 +110,16 @@ def _no_partial_graph_print() -> Any:
     its error, also for a first try pbtvm falls back from; pbtvm reports the failure itself)."""
     held = io.StringIO()
     real = sys.stderr
+    graph = None
     try:
         with contextlib.redirect_stderr(held):
             yield
-    except Exception as err:
+    except BaseException as err:  # Ctrl-C too: what was held is written all the same
         graph = getattr(err, "partial_fx_graph", None)
+        raise
+    finally:
         text = held.getvalue()
         real.write(text.replace(f"{graph}\n", "") if graph else text)  # torch prints it once per wrapper
-        raise
-    real.write(held.getvalue())
 
 
 def by_signature(model: Any, shapes: tuple) -> tuple:

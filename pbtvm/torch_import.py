@@ -72,7 +72,10 @@ def _mv(constants: frozenset) -> Any:
     def convert(node: Any, importer: Any) -> relax.Var:
         a, v = importer.retrieve_args(node)[:2]
         emit = importer.block_builder.emit
-        if _from_constants(node.args[0], constants):
+        matrix_fixed = _from_constants(node.args[0], constants)
+        if matrix_fixed and _from_constants(node.args[1], constants):  # no activation at all: not a layer
+            return emit(relax.op.matmul(a, v))
+        if matrix_fixed:
             out = emit(relax.op.matmul(emit(relax.op.expand_dims(v, 0)), emit(relax.op.permute_dims(a))))
             return emit(relax.op.squeeze(out, [0]))
         return emit(relax.op.squeeze(emit(relax.op.matmul(a, emit(relax.op.expand_dims(v, 1)))), [1]))
