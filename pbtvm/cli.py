@@ -58,6 +58,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     packed weights, manifest), loadable with ``pbtvm.load`` or the TVM runtime alone."""
     import pbtvm
 
+    if args.output == "-":  # the usual spelling of standard output: a library is a file
+        raise CLIError("-o -: pbtvm writes the library to a file (a .so), not to standard output; give a path")
     folder = Path(args.output).resolve().parent
     if not folder.is_dir():  # before compiling, not after
         raise CLIError(f"cannot write {args.output}: the directory {folder} does not exist")
@@ -116,6 +118,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _knob_label(key: str) -> str:
+    """``pb_gemm_w4a8o_kNW_32x128 (batch 8)`` for a knob-log key ``name:b8:hash``: the batch it was
+    tuned at tells apart entries of one kernel (the hash says nothing to a reader)."""
+    name, _, rest = key.partition(":")
+    batch = rest.split(":")[0]
+    return f"{name} (batch {batch[1:]})" if batch.startswith("b") and batch[1:].isdigit() else name
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``pbtvm inspect``: what a compiled .so or a tuning log directory holds."""
     path = Path(args.path)
@@ -123,6 +133,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise CLIError(f"{path} does not exist")
     if path.is_dir():
         return _inspect_log(path)
+    if not path.is_file():
+        raise CLIError(f"{path} is not a regular file (a device, FIFO or socket), not a pbtvm library")
     from pbtvm.library import read_manifest
     from pbtvm.runtime import dim_labels
 
@@ -209,13 +221,13 @@ def _inspect_log(path: Path) -> int:
                     else ""
                 )
                 times += f", the search measured {_us(entry['search_us'])}{kept}"
-            print(f"    {key.split(':')[0]}  {settings}  {times}".rstrip())
+            print(f"    {_knob_label(key)}  {settings}  {times}".rstrip())
         if pins:
             print(
                 f"  held at their default schedule (the search's best not confirmed faster side by side): {len(pins)}"
             )
             for key, entry in pins.items():
-                name = key.removeprefix(tuning.DEFAULT_PIN).split(":")[0]
+                name = _knob_label(key.removeprefix(tuning.DEFAULT_PIN))
                 if entry.get("pending"):
                     print(f"    {name}  a tuning run stopped before it re-timed the best: tune again")
                 else:
@@ -264,6 +276,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         calls["torch fp16"] = (copy.deepcopy(model).half().to(dev), x.half().to(dev))
     calls[f"PB W{args.bits}A{args.act_bits}"] = (m, x.to(dev))
     with torch.no_grad():
+        for name, (fn, arg) in calls.items():  # a batch the model cannot take is named, not a crash inside the timing
+            try:
+                fn(arg)
+            except Exception as err:
+                raise CLIError(
+                    f"{name} does not run on a batch of {args.batch} made from the example (dimension 0 taken "
+                    f"as the batch, shape {list(arg.shape)}): {type(err).__name__}: {str(err).splitlines()[0]}"
+                ) from None
         rows = interleaved_latency_ms(calls, args.repeat, sync)
     runs = LATENCY_ROUNDS * calls_per_round(args.repeat)
     print(

@@ -103,14 +103,25 @@ def _export_advice(err: Exception) -> str:
     return "; pbtvm compiles what torch.export can trace (see torch.export's documentation of what it supports)"
 
 
+#: torch's loggers that report a failed trace as it fails (``fake_tensor``: the traceback of the
+#: failing op's meta function; ``symbolic_shapes``: "Unable to find user code ..."): pbtvm names the
+#: failure itself, or falls back from it.
+_TRACE_FAILURE_LOGS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")
+
+
 @contextlib.contextmanager
 def _no_partial_graph_print() -> Any:
     """Inside, what is written to ``sys.stderr`` is held and written out after the block, except
     the partial graph that ``torch.export`` prints when a trace fails (hundreds of lines before
-    its error, also for a first try pbtvm falls back from; pbtvm reports the failure itself)."""
+    its error, also for a first try pbtvm falls back from; pbtvm reports the failure itself);
+    torch's loggers of :data:`_TRACE_FAILURE_LOGS` log only critical records."""
     held = io.StringIO()
     real = sys.stderr
     graph = None
+    loggers = [logging.getLogger(name) for name in _TRACE_FAILURE_LOGS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stderr(held):
             yield
@@ -118,6 +129,8 @@ def _no_partial_graph_print() -> Any:
         graph = getattr(err, "partial_fx_graph", None)
         raise
     finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
         text = held.getvalue()
         real.write(text.replace(f"{graph}\n", "") if graph else text)  # torch prints it once per wrapper
 

@@ -149,6 +149,18 @@ def test_pt_model_with_a_wrong_input_shape(tmp_path, capsys):
     assert code == 2 and "does not run on the example input(s) ([1, 15] float32)" in err, err
 
 
+def test_output_to_standard_output_and_batches_a_model_cannot_take_are_named(tmp_path, capsys):
+    """``-o -`` wrote a file named "-"; bench of a model without a batch dimension failed inside its
+    timing loop as an internal error."""
+    path = tmp_path / "lin.pt"
+    torch.save(torch.nn.Linear(8, 4), path)
+    code, _, err = _run(["compile", path, "--input-shape", "1x8", "-o", "-"], capsys)
+    assert code == 2 and "not to standard output" in err, err
+    with pytest.warns(UserWarning, match="could not be made dynamic"):
+        code, _, err = _run(["bench", path, "--input-shape", "8"], capsys)
+    assert code == 2 and "torch fp32 does not run on a batch of 1 made from the example" in err, err
+
+
 def test_pt_model_needs_input_shape(tmp_path, capsys):
     path = tmp_path / "mlp.pt"
     torch.save(MLP((16, 8, 4)), path)
@@ -165,6 +177,8 @@ def test_inspect_bad_input(tmp_path, capsys):
     assert code == 2 and "junk.so" in err
     code, _, err = _run(["inspect", tmp_path / "nothing"], capsys)
     assert code == 2 and "does not exist" in err
+    code, _, err = _run(["inspect", "/dev/null"], capsys)  # was "no such file"
+    assert code == 2 and "/dev/null is not a regular file" in err
     code, _, err = _run(["inspect", tmp_path], capsys)
     assert code == 2 and "no pbtvm tuning log" in err
     log = tmp_path / "logs" / "llvm-x"
@@ -177,7 +191,7 @@ def test_inspect_bad_input(tmp_path, capsys):
     knobs = {"pb_gemm_w4a8_kNW_8x64:b1:ab": {"row_tile": 2, "batch_tile": 4, "us": 1.5, "default_us": None}}
     (log / "pbtvm_cpu_kernels.json").write_text(json.dumps(knobs))
     code, out, _ = _run(["inspect", tmp_path / "logs"], capsys)
-    assert code == 0 and "pb_gemm_w4a8_kNW_8x64  row_tile=2 batch_tile=4  1.50 us (default -)" in out, out
+    assert code == 0 and "pb_gemm_w4a8_kNW_8x64 (batch 1)  row_tile=2 batch_tile=4  1.50 us (default -)" in out, out
     # a log of no known version (here: no metadata at all) is one compile would not use
     assert "compile ignores this log and tune sets it aside: it has no schema (an older pbtvm made it)" in out, out
 

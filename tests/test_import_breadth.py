@@ -99,6 +99,20 @@ def test_models_torch_export_cannot_trace_are_input_errors_without_torch_graph_d
         pbtvm.compile(Branching().eval(), (torch.randn(4, 32),))
     err = capfd.readouterr().err
     assert "def forward" not in err and "batch dimension" not in err, err[-2000:]  # torch's partial graph, twice
+    assert "Unable to find user code" not in err, err[-2000:]  # torch's log of the failed trace
+
+    class Flattening(nn.Module):  # the dynamic batch fails in a meta function; the fixed one works
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.lin(x.view(1, -1))
+
+    with pytest.warns(UserWarning, match="could not be made dynamic"):
+        pbtvm.compile(Flattening().eval(), (torch.randn(1, 32),))
+    err = capfd.readouterr().err
+    assert "fake_tensor" not in err and "Traceback" not in err, err[-2000:]  # torch logged the meta failure
 
 
 def test_torch_quantized_modules_are_refused_by_name():

@@ -108,6 +108,9 @@ class TunedLookup:
     ----------
     used : list of str
         Names of the kernels whose schedule the log decided.
+    unfinished : list of str
+        Names of the kernels a tuning run left unfinished (stopped before it re-timed the best):
+        default schedules, not counted as decided by the log.
     asked : set of str
         Names of the tunable kernels looked up.
     """
@@ -116,6 +119,7 @@ class TunedLookup:
         self.log, self.database, self.target, self.batch = log, database, target, batch
         self.knobs = log.read_knobs()
         self.used: list[str] = []
+        self.unfinished: list[str] = []  # kernels an interrupted tuning run left unfinished
         self.asked: set[str] = set()
         self._checked: dict[int, bool | None] = {}  # kernel hash -> agrees with the default schedule
         self._refused = False  # a logged schedule was found and refused (with a warning saying why)
@@ -156,7 +160,12 @@ class TunedLookup:
     def _searched_kernel(self, func: tir.PrimFunc) -> tir.PrimFunc | None:
         """The best searched record of ``func`` on this target replayed (and checked), else None."""
         target, database = self.target, self.database
-        if default_pin_key(func, self.batch) in self.knobs:  # best not confirmed side by side, or not re-timed yet
+        pin = self.knobs.get(default_pin_key(func, self.batch))
+        if pin is not None and pin.get("pending"):  # a tuning run stopped before it re-timed the best
+            if kernel_name(func) not in self.unfinished:
+                self.unfinished.append(kernel_name(func))
+            return None
+        if pin is not None:  # best not confirmed faster side by side
             self.used.append(kernel_name(func))  # the log chose the default schedule
             return None
         mod = tvm.IRModule({"main": workload(func, self.batch)})
@@ -202,7 +211,13 @@ class TunedLookup:
         weight layout, another model, or kernels changed since) otherwise just leaves every
         kernel at its default schedule, silently.
         """
-        if not self.asked or self.used or self._refused:
+        if self.unfinished:
+            warnings.warn(
+                f"pbtvm: a tuning run into {self.log.path} stopped before it finished {', '.join(self.unfinished)} "
+                "(default schedules used for them): tune again to finish",
+                stacklevel=3,
+            )
+        if not self.asked or self.used or self._refused or self.unfinished:
             return
         records = self.database.get_all_tuning_records()
         held = [k.removeprefix(DEFAULT_PIN) for k in self.knobs]
