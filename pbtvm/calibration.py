@@ -33,7 +33,8 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
     -------
     dict
         :func:`pbtvm.lowering.weight_key` of each Linear's weight ->
-        float64 [in_features] mean of ``x_k^2`` over every calibration row.
+        float64 [in_features] mean of ``x_k^2`` over every calibration row (of every Linear with
+        that weight).
 
     Raises
     ------
@@ -88,7 +89,15 @@ def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
             f"calibration: the inputs of {', '.join(bad)} hold NaN or inf over the calibration batches; "
             "calibrate with finite data"
         )
-    return {torch_weight_key(m.weight): sums[id(m)] / max(counts[id(m)], 1) for m in linears if counts[id(m)]}
+    # Layers are keyed by weight value, as the rewrite finds them: Linears with equal weights (an
+    # untrained deep copy) share one quantization, so their inputs are pooled (the last one won).
+    pooled: dict[str, list] = {}
+    for m in linears:
+        if counts[id(m)]:
+            total = pooled.setdefault(torch_weight_key(m.weight), [0.0, 0])
+            total[0] = total[0] + sums[id(m)]
+            total[1] += counts[id(m)]
+    return {key: total / count for key, (total, count) in pooled.items()}
 
 
 def _named(model: Any, linears: list) -> list[tuple[str, Any]]:

@@ -202,3 +202,13 @@ def test_compile_with_calibration_uses_input_statistics():
     np.testing.assert_allclose(m(x), h, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no batch"):
         input_importance(model, [])
+    # Linears with equal weights share one quantization: their inputs are pooled (the last one won)
+    twin = torch.nn.Linear(24, 16)
+    twin.load_state_dict(model[0].state_dict())
+    pair = torch.nn.Sequential(model[0], torch.nn.Linear(16, 24), twin).eval()
+    x = torch.randn(8, 24)
+    with torch.no_grad():
+        between = pair[1](pair[0](x)).numpy().astype(np.float64)
+    pooled = input_importance(pair, [x])[weight_key(model[0].weight.detach().numpy())]
+    want = ((x.numpy().astype(np.float64) ** 2).sum(0) + (between**2).sum(0)) / 16
+    np.testing.assert_allclose(pooled, want, rtol=1e-5)
