@@ -7,6 +7,7 @@ User mistakes (missing files, bad model specs, bits out of range, corrupt logs) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -280,6 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             try:
                 fn(arg)
             except Exception as err:
+                if fn is m:  # torch ran it (the line before): pbtvm's failure, reported as such
+                    raise
                 raise CLIError(
                     f"{name} does not run on a batch of {args.batch} made from the example (dimension 0 taken "
                     f"as the batch, shape {list(arg.shape)}): {type(err).__name__}: {str(err).splitlines()[0]}"
@@ -296,13 +299,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unstable = [name for name, (_, low, high) in rows.items() if high >= UNSTABLE_SPREAD * low]
     with torch.no_grad():  # each alone too: contention between the runtimes shows as a steady gap
         alone = {name: interleaved_latency_ms({name: call}, args.repeat, sync)[name][0] for name, call in calls.items()}
-    contended = {
-        name: ms / alone[name] for name, (ms, _, _) in rows.items() if max(ms, alone[name]) >= 2 * min(ms, alone[name])
-    }
+    contended = {name: ms / alone[name] for name, (ms, _, _) in rows.items() if ms >= 2 * alone[name]}
     if contended:
         shown = ", ".join(f"{name} {ratio:.1f}x" for name, ratio in contended.items())
         print(
-            f"warning: timed between the others, {shown} its time alone: torch's OpenMP threads and TVM's "
+            f"warning: timed between the others, {shown} its time alone (timed again after the table): torch's "
+            "OpenMP threads and TVM's "
             "contend for this machine's cores, so the speed ratios above are unreliable; rerun with "
             "OMP_WAIT_POLICY=PASSIVE (and TVM_NUM_THREADS / OMP_NUM_THREADS) set",
             file=sys.stderr,
@@ -338,8 +340,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
     bits = bits_list(args.bits)
     act = bits_list(args.act_bits_sweep, "--act-bits-sweep") if args.act_bits_sweep else []
-    if args.plot and not Path(args.plot).suffix and not os.path.isdir(args.plot):
-        args.plot += ".png"  # what matplotlib writes for a name without one
+    if args.plot and not os.path.isdir(args.plot):
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if not suffix:  # what matplotlib writes for a name without one ("out." included)
+            args.plot = args.plot.rstrip(".") + ".png"
+        else:
+            from matplotlib.backend_bases import FigureCanvasBase
+
+            kinds = FigureCanvasBase.get_supported_filetypes()
+            if suffix not in kinds:  # before the sweep, not after it
+                raise CLIError(f"--plot {args.plot}: matplotlib cannot write .{suffix}; use one of {', '.join(kinds)}")
     for flag, path in (("--table", args.table), ("--plot", args.plot)):  # before the sweep, not after it
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
@@ -544,8 +554,12 @@ def run() -> None:
     "cannot join current thread"), after ``pbtvm: interrupted`` was printed."""
     status = main()
     if status == INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a pipe whose reader Ctrl-C ended too
+                stream.flush()
+        from .worker_env import remove_stub_dir
+
+        remove_stub_dir()  # its exit handler does not run
         os._exit(status)
     sys.exit(status)
 

@@ -5,11 +5,13 @@ Every mistake raises :class:`CLIError` with a message for the user (``pbtvm: err
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +78,39 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[Any, tuple]:
         module = importlib.util.module_from_spec(mod_spec)
         _user_code(f"importing {where}", mod_spec.loader.exec_module, module)
     else:
-        if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` finds modules here
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise CLIError(f"cannot import {where}: {err}") from None
-        except Exception as err:
-            raise CLIError(f"importing {where} raised {type(err).__name__}: {err}") from None
+        with _working_directory_importable():
+            try:
+                module = importlib.import_module(where)
+            except ImportError as err:
+                raise CLIError(f"cannot import {where}: {err}") from None
+            except Exception as err:
+                raise CLIError(f"importing {where} raised {type(err).__name__}: {err}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise CLIError(f"{where} has no function {func_name!r}")
-    out = _user_code(f"{spec}()", fn)
+    with _working_directory_importable():  # a factory importing its neighbours when called
+        out = _user_code(f"{spec}()", fn)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module)):
         raise CLIError(f"{spec} must return (model, example_inputs), got {type(out).__name__}")
     model, example = out
     example = tuple(example) if isinstance(example, list | tuple) else (example,)
     return model.eval(), example
+
+
+@contextlib.contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    """Inside, modules in the working directory import (as ``python -m`` finds them; the console
+    script's path does not hold it), unless ``PYTHONSAFEPATH`` asks otherwise; after it, the path
+    is as it was (a ``psutil.py`` there must not shadow what TVM imports later)."""
+    cwd = os.getcwd()
+    added = not sys.flags.safe_path and "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _user_code(what: str, fn: Any, *args: Any) -> Any:

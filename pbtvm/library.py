@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -345,15 +346,26 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
             os.remove(linked)
 
 
+#: What a linker or compiler says when it cannot write its output (the file system's fault, not pbtvm's).
+_OUTPUT_FAILURES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "File too large",
+    "cannot open output file",
+)
+
+
 def _toolchain_reason(message: str) -> str | None:
-    """The linker's or compiler's own error lines in TVM's ``Compilation error`` message (``ld:
-    final link failed: No space left on device``), None for any other error."""
+    """The linker's or compiler's line in TVM's ``Compilation error`` message saying it could not
+    write its output (``ld: final link failed: No space left on device``); None for any other
+    error (a compile or link error is pbtvm's bug, reported as such)."""
     if not message.startswith("Compilation error"):
         return None
     lines = [line.strip() for line in message.split("Command line:", 1)[0].splitlines()]
-    errors = [line for line in lines if ("error" in line or "ld:" in line) and "warning" not in line]
-    errors = [line for line in errors if not line.startswith(("collect2", "Compilation error"))]
-    return "; ".join(errors[:3]) or None
+    failures = [line for line in lines if any(reason in line for reason in _OUTPUT_FAILURES)]
+    return "; ".join(failures[:3]) or None
 
 
 def checksum(manifest: dict, blob: bytes) -> str:
@@ -427,34 +439,73 @@ def verify_checksum(path: str, manifest: dict, data: bytes | None = None) -> Non
         )
 
 
-#: (device, inode, size, mtime) of the file first handed to dlopen under each real path, by this process.
-_DLOPENED: dict[str, tuple[int, int, int, int]] = {}
+#: (device, inode, size, mtime, SHA-256 of the bytes) of the library first handed to dlopen under each
+#: real path, by this process.
+_DLOPENED: dict[str, tuple] = {}
 _DLOPENED_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def dlopen_name(path: str, data: bytes) -> Iterator[str]:
-    """The file name to hand TVM's loader (``dlopen``) for the library ``path``, whose verified
-    bytes are ``data``: ``path`` itself, unless ``dlopen`` would not read it. ``dlopen`` returns
-    the library it already opened under a name, whatever the file holds now (a model exported
-    again over a path this process had loaded ran the old code under the new manifest), and
-    TVM's loader picks the loader by the name's extension (``model.bin`` could not be loaded): in
-    those cases a private copy of ``data``, named ``*.so``, removed after the load (the mapping
-    stays)."""
+def dlopen_name(path: str, data: bytes, read_stat: os.stat_result) -> Iterator[str]:
+    """The file name to hand TVM's loader (``dlopen``) for the library ``path``.
+
+    ``path`` itself, unless ``dlopen`` would not read what was verified: it returns the library it
+    already opened under a name, whatever the file holds now (a model exported again over a path
+    this process had loaded ran the old code under the new manifest), TVM's loader picks the
+    loader by the name's extension (``model.bin`` could not be loaded), and the file may have
+    changed since it was read. In those cases a private copy of ``data``, named ``*.so``, beside
+    the library (else in the temporary directory), removed after the load (the mapping stays).
+
+    Parameters
+    ----------
+    path : str
+        The library file.
+    data : bytes
+        Its bytes as read and verified (:func:`read_library`, :func:`verify_checksum`).
+    read_stat : os.stat_result
+        ``os.stat(path)`` taken just before ``data`` was read.
+
+    Yields
+    ------
+    str
+        The name to load.
+
+    Raises
+    ------
+    LibraryError
+        No private copy could be written anywhere.
+    """
     real = os.path.realpath(path)
     stat = os.stat(real)
-    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest())
+    unchanged = identity[:4] == (read_stat.st_dev, read_stat.st_ino, read_stat.st_size, read_stat.st_mtime_ns)
     with _DLOPENED_LOCK:
         same = _DLOPENED.setdefault(real, identity) == identity
-    if same and real.endswith(".so"):
+    if same and unchanged and real.endswith(".so"):
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="pbtvm_load_") as tmp:
-        name = os.path.basename(real)
-        private = os.path.join(tmp, name if name.endswith(".so") else f"{name}.so")
-        with open(private, "wb") as f:
-            f.write(data)
-        yield private
+    name = os.path.basename(real)
+    name = name if name.endswith(".so") else f"{name}.so"
+    problems = []
+    for folder in (os.path.dirname(real), None):  # beside it (a noexec /tmp cannot map code), else tmp
+        try:
+            tmp = tempfile.mkdtemp(prefix=".pbtvm_load_", dir=folder)
+        except OSError as err:
+            problems.append(f"{folder or tempfile.gettempdir()}: {err.strerror or err}")
+            continue
+        try:
+            private = os.path.join(tmp, name)
+            try:
+                with open(private, "wb") as f:
+                    f.write(data)
+            except OSError as err:
+                problems.append(f"{tmp}: {err.strerror or err}")
+                continue
+            yield private
+            return
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise LibraryError(f"{path}: cannot write the private copy it is loaded from ({'; '.join(problems)})")
 
 
 def read_library(path: str) -> bytes:

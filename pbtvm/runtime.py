@@ -235,10 +235,15 @@ class CompiledModel:
 
         Returns the path written.
 
+        A symbolic link at ``path`` is replaced by the library (as ``ld -o`` does), not written
+        through.
+
         Raises
         ------
         FileNotFoundError, PermissionError, IsADirectoryError
             The folder is missing or not writable; ``path`` is a directory.
+        pbtvm.library.ExportError
+            The linker could not write the output (a full disk, a read-only file system).
         InputError
             ``path`` is empty or names a device, FIFO or socket; the model was loaded from a library.
         """
@@ -449,6 +454,7 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     path = os.fspath(path)
     if device is not None:
         check_device(device)
+    read_stat = os.stat(path) if os.path.isfile(path) else None  # read_library names a missing file
     data = library.read_library(path)  # once, for the manifest and both checksums
     manifest = library.read_manifest(path, data)
     check_manifest(manifest, path)
@@ -462,8 +468,10 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     if problem:
         raise library.LibraryError(problem)
     try:
-        with library.without_scope_warnings(), library.dlopen_name(path, data) as name:
+        with library.without_scope_warnings(), library.dlopen_name(path, data, read_stat) as name:
             module = tvm.runtime.load_module(name)
+    except library.LibraryError:
+        raise
     except Exception as err:
         raise library.LibraryError(f"{path}: TVM could not load the library ({str(err).splitlines()[0]})") from err
     return CompiledModel(module, manifest, device, cpu_checked=True)

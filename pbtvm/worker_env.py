@@ -51,6 +51,13 @@ def _remove_own(root: str, pid: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def remove_stub_dir() -> None:
+    """Remove this process's stand-in directory now (what its exit handler does), for a process
+    that ends without running exit handlers (``pbtvm.cli.run`` after Ctrl-C)."""
+    if _stub_root is not None:
+        _remove_own(_stub_root, os.getpid())
+
+
 def stub_dir() -> str:
     """A directory holding the stand-in ``torch`` package: made once per process (made again if
     something removed it), removed when the process exits."""

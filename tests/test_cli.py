@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -327,6 +328,11 @@ def test_eval_bad_input(capsys):
     assert code == 2 and "built-in task is mnist-mlp" in err
     code, _, err = _run(["eval", "mnist-mlp", "--bits", "4,x"], capsys)
     assert code == 2 and "comma-separated" in err
+    # before the sweep: a plot format matplotlib cannot write (an internal error after it), a folder
+    code, _, err = _run(["eval", "mnist-mlp", "--plot", "pareto.v2"], capsys)
+    assert code == 2 and "matplotlib cannot write .v2; use one of" in err, err
+    code, _, err = _run(["eval", "mnist-mlp", "--plot", "."], capsys)
+    assert code == 2 and "is a directory" in err, err
 
 
 def test_internal_errors_are_not_reported_as_user_errors(monkeypatch, capsys):
@@ -355,6 +361,34 @@ def test_ctrl_c_is_reported_as_interrupted(monkeypatch, capsys):
     assert capsys.readouterr().err == "pbtvm: interrupted\n"
     with pytest.raises(KeyboardInterrupt):  # --debug shows the traceback
         cli.main(["--debug", "inspect", "x.so"])
+
+
+def test_the_console_script_ends_at_once_after_an_interrupt(monkeypatch):
+    """``run`` skips Python's teardown after Ctrl-C (TVM's pools could hang in it): it flushes what
+    it can (a pipe whose reader is gone raised BrokenPipeError), removes the stand-in torch
+    directory whose exit handler will not run, then exits 130."""
+    from pbtvm import cli, worker_env
+
+    class GonePipe:
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def write(self, text):
+            return len(text)
+
+    stub = worker_env.stub_dir()
+    ended = []
+    monkeypatch.setattr(cli, "main", lambda: cli.INTERRUPTED)
+
+    def exit_now(status):  # os._exit does not return
+        ended.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(cli.sys, "stdout", GonePipe())
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert ended == [130] and not os.path.exists(stub)
 
 
 def test_plain_value_errors_from_inside_pbtvm_are_internal(monkeypatch, capsys):

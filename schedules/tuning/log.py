@@ -137,7 +137,8 @@ class TuningLog:
 
         Reading, warns (and returns False) when ``work_dir`` only holds logs for other targets,
         the log is from another version or has no metadata; tuning (``reading`` False) starts this
-        target's log beside other targets' and moves the others aside (:meth:`database` says so).
+        target's log beside other targets' and moves this target's unusable one aside
+        (:meth:`database` says so).
         Raises :class:`TuningLogError` when the log is corrupt.
         """
         if self._without_meta():
@@ -183,7 +184,9 @@ class TuningLog:
         """Hold the log's file lock (exclusive while tuning, shared while reading).
 
         A reader that cannot create the lock file (a read-only ``work_dir``, a shared copy of a
-        log) reads without it: no run can tune there either.
+        log) opens it read-only, or reads without it where there is none: no run can tune there
+        either. (Earlier pbtvm versions locked ``<log>/.lock`` inside the log directory: a run of
+        such a version and one of this one do not take turns.)
 
         Raises
         ------
@@ -197,7 +200,10 @@ class TuningLog:
         except OSError as err:
             if exclusive:
                 raise TuningLogError(f"cannot tune into {self.work_dir}: {err.strerror or err}") from None
-            fh = None
+            try:  # a lock file there already, in a folder this process cannot write: flock reads it too
+                fh = open(self.lock_path)
+            except OSError:
+                fh = None
         if fh is None:
             yield
             return

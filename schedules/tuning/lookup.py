@@ -93,7 +93,7 @@ def tuned_lookup(
         default where the log holds a kernel there), as lookups happen.
     """
     log = TuningLog(work_dir, target)  # it refuses an empty work_dir
-    with log.locked(exclusive=False) if log.path.exists() else contextlib.nullcontext():
+    with log.locked(exclusive=False) if log.work_dir.is_dir() else contextlib.nullcontext():
         database = log.database(create=False)
     if database is None:
         return None, []
