@@ -369,7 +369,8 @@ def test_knob_search_then_compile_from_log(tmp_path, capsys):
     assert "knob search: 2 kernel(s)" in shown, shown
     assert ": target {'kind': 'llvm', 'mcpu': " in shown  # as a library's manifest shows it, not TVM's JSON
     for key, setting in chosen.items():
-        assert f"{key.split(':')[0]}  row_tile={setting['row_tile']} batch_tile={setting['batch_tile']}" in shown
+        label = f"{key.split(':')[0]} (batch 1)"  # the batch it was tuned at tells entries of one kernel apart
+        assert f"{label}  row_tile={setting['row_tile']} batch_tile={setting['batch_tile']}" in shown
     assert pbtvm.tune(model, example, "llvm", bits=4, work_dir=tmp_path, trials=2, progress=lines.append).kernels == []
     tuned = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     plain = pbtvm.compile(model, example, "llvm", bits=4)
