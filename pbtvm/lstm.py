@@ -21,6 +21,7 @@ has a default schedule only).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -203,11 +204,16 @@ class PBLSTM:
         """
         if not os.fspath(directory):  # an empty setting, not a wish to write into the working directory
             raise InputError("export needs a directory to write into, e.g. 'lstm_lib'; got an empty path")
+        from .library import read_manifest
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "lstm.json").unlink(missing_ok=True)  # an export stopped part-way leaves nothing loadable
+        files = {}
         for layer in range(self.num_layers):
-            self._proj[layer].export(out / f"proj{layer}.so")
-            self._cells[layer].export(out / f"cell{layer}.so")
+            for name, piece in ((f"proj{layer}.so", self._proj[layer]), (f"cell{layer}.so", self._cells[layer])):
+                piece.export(out / name)
+                files[name] = read_manifest(str(out / name))["checksum"]  # ties the pieces to this export
         meta = {
             "kind": "pbtvm.lstm",
             "num_layers": self.num_layers,
@@ -215,8 +221,12 @@ class PBLSTM:
             "hidden_size": self.hidden_size,
             "batch_first": self.batch_first,
             "format": self.format.to_dict(),
+            "files": files,
         }
-        (out / "lstm.json").write_text(json.dumps(meta, indent=1) + "\n")
+        meta["checksum"] = _meta_checksum(meta)  # an edited lstm.json is refused
+        partial = out / f".lstm.json.{os.getpid()}.tmp"
+        partial.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(partial, out / "lstm.json")
         return out
 
     def __reduce__(self) -> Any:
@@ -318,36 +328,70 @@ def compile_lstm(
     return PBLSTM(projections, cells, lstm, layers_format(fmt, converted))
 
 
+def _meta_checksum(meta: dict) -> str:
+    """``sha256:<hex>`` over ``lstm.json``'s fields other than the checksum itself."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode()
+    return f"sha256:{hashlib.sha256(body).hexdigest()}"
+
+
 def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM:
     """Load an LSTM written by :meth:`PBLSTM.export`.
 
     Raises
     ------
     FileNotFoundError, pbtvm.LibraryError
-        Missing directory or pieces; a piece that is not a pbtvm library.
+        Missing directory or pieces; a piece that is not a pbtvm library; ``lstm.json`` corrupt,
+        or not describing the pieces beside it (files of another export, an export stopped
+        part-way, an edited format or layer count).
     """
     from .library import LibraryError
     from .runtime import load_model
 
+    if not os.fspath(directory):
+        raise InputError("load_lstm needs the directory PBLSTM.export wrote; got an empty path")
     path = Path(directory)
+    described = path / "lstm.json"
+    if path.is_file():
+        raise LibraryError(
+            f"{path} is a file; load_lstm takes the directory PBLSTM.export wrote (pbtvm.load reads a .so)"
+        )
     try:
-        meta = json.loads((path / "lstm.json").read_text())
+        meta = json.loads(described.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} holds no exported PB LSTM (lstm.json is missing)") from None
     except json.JSONDecodeError as err:
-        raise LibraryError(f"{path / 'lstm.json'} is corrupt: {err}") from None
-    if meta.get("kind") != "pbtvm.lstm":
-        raise LibraryError(f"{path / 'lstm.json'} does not describe a pbtvm LSTM")
-    layers = int(meta["num_layers"])
-    projections = [load_model(path / f"proj{i}.so", device) for i in range(layers)]
-    cells = [load_model(path / f"cell{i}.so", device) for i in range(layers)]
-    shape = SimpleNamespace(
-        num_layers=layers,
-        hidden_size=meta["hidden_size"],
-        input_size=meta["input_size"],
-        batch_first=meta["batch_first"],
-    )
-    return PBLSTM(projections, cells, shape, BitplaneFormat.from_dict(meta["format"]))
+        raise LibraryError(f"{described} is corrupt: {err}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "pbtvm.lstm":
+        raise LibraryError(f"{described} does not describe a pbtvm LSTM")
+    if "checksum" in meta and meta["checksum"] != _meta_checksum(meta):  # none: exported before pbtvm kept one
+        raise LibraryError(f"{described} was changed after export (checksum mismatch): export the LSTM again")
+    try:
+        layers = int(meta["num_layers"])
+        fmt = BitplaneFormat.from_dict(meta["format"])
+        shape = SimpleNamespace(
+            num_layers=layers,
+            hidden_size=int(meta["hidden_size"]),
+            input_size=int(meta["input_size"]),
+            batch_first=bool(meta["batch_first"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise LibraryError(f"{described} is corrupt: {type(err).__name__}: {err}") from None
+    names = [f"{kind}{i}.so" for i in range(layers) for kind in ("proj", "cell")]
+    files = meta.get("files")  # None: exported before pbtvm recorded the pieces
+    if files is not None and sorted(files) != sorted(names):
+        raise LibraryError(f"{described} lists {sorted(files)}, but its num_layers {layers} means {sorted(names)}")
+    pieces = {name: load_model(path / name, device) for name in names}
+    for name, piece in pieces.items():
+        if files is not None and piece.manifest.get("checksum") != files[name]:
+            raise LibraryError(
+                f"{path / name} is not the file exported with {described} (a file of another export, or an export "
+                "stopped part-way): export the LSTM again"
+            )
+        if (piece.format.bits, piece.format.act_bits) != (fmt.bits, fmt.act_bits):
+            raise LibraryError(f"{path / name} is {piece.format.label}, {described} says {fmt.label}")
+    projections = [pieces[f"proj{i}.so"] for i in range(layers)]
+    cells = [pieces[f"cell{i}.so"] for i in range(layers)]
+    return PBLSTM(projections, cells, shape, fmt)
 
 
 __all__ = ["PBLSTM", "compile_lstm", "load_lstm"]

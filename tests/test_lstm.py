@@ -148,3 +148,40 @@ def test_compile_on_a_model_with_an_lstm_lowers_it_for_any_length():
     x = torch.randn(11, 2, 4)  # another length than the example's
     with torch.no_grad():
         assert _rel(m(x), tagger(x)) <= 5e-2
+
+
+def test_an_exported_directory_is_one_export(tmp_path):
+    """Pieces of two exports, an export stopped part-way, or an edited lstm.json loaded and ran a
+    model that was neither (or reported a format the kernels did not have)."""
+    import json
+    import shutil
+
+    from pbtvm.library import LibraryError
+
+    torch.manual_seed(0)
+    first, second = (compile_lstm(torch.nn.LSTM(8, 16, num_layers=2), "llvm", 4) for _ in range(2))
+    a, b = first.export(tmp_path / "a"), second.export(tmp_path / "b")
+    x = torch.randn(5, 2, 8)
+    assert torch.equal(load_lstm(a)(x)[0], first(x)[0])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(a, mixed)
+    shutil.copy(b / "cell1.so", mixed / "cell1.so")
+    with pytest.raises(LibraryError, match=r"cell1.so is not the file exported with .*lstm.json"):
+        load_lstm(mixed)
+    edited = tmp_path / "edited"
+    shutil.copytree(a, edited)
+    meta = json.loads((edited / "lstm.json").read_text())
+    (edited / "lstm.json").write_text(json.dumps({**meta, "batch_first": True}))
+    with pytest.raises(LibraryError, match="was changed after export"):
+        load_lstm(edited)
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    second._cells[1].export = stopped  # an export over `a` stopped before its last piece
+    with pytest.raises(KeyboardInterrupt):
+        second.export(a)
+    with pytest.raises(FileNotFoundError, match="lstm.json is missing"):
+        load_lstm(a)
+    with pytest.raises(LibraryError, match="is a file; load_lstm takes the directory"):
+        load_lstm(b / "proj0.so")
