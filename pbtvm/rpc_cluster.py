@@ -81,7 +81,8 @@ def server_keys(host: str, port: int, timeout: float = 5.0) -> list[str]:
 
     check_tracker(host, port, timeout)
     info = rpc.connect_tracker(host, port).summary().get("server_info", [])
-    return [str(s.get("key", "")).split(":")[-1] for s in info]
+    # a server registers as "server:<key>"; the key may hold colons itself ("gpu:h100")
+    return [str(s.get("key", "")).removeprefix("server:") for s in info]
 
 
 def registered_servers(address: str, key: str) -> int:
@@ -182,6 +183,10 @@ def local_cluster(
         while registered_servers(address, key) < servers:
             if procs[0].poll() is not None:
                 raise RuntimeError(f"the RPC tracker exited: {(log_dir / 'tracker.log').read_text()[-2000:]}")
+            for i, (proc, log) in enumerate(zip(procs[1:], logs, strict=True)):
+                said = log.read_text(errors="replace") if log.exists() else ""
+                if proc.poll() is not None or "cannot bind" in said:  # its port taken since free_port, ...
+                    raise RuntimeError(f"RPC server {i} did not start: {said[-2000:]}")
             if time.time() > deadline:
                 raise RuntimeError(f"{servers} RPC servers did not register at {address} within {timeout:.0f}s")
             time.sleep(0.1)

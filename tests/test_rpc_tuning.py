@@ -147,3 +147,44 @@ def test_sigterm_handling_leaves_other_handlers_alone():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=NO_TORCH)
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_server_keys_may_hold_colons(monkeypatch):
+    """A server registers as "server:<key>"; the key was cut at its last colon ("gpu:h100" listed as
+    "h100": local_cluster("gpu:h100") waited its whole timeout)."""
+    from tvm import rpc
+
+    from pbtvm import rpc_cluster
+
+    class Tracker:
+        def summary(self):
+            return {"server_info": [{"key": "server:gpu:h100"}, {"key": "server:cpu"}]}
+
+    monkeypatch.setattr(rpc_cluster, "check_tracker", lambda *_args: None)
+    monkeypatch.setattr(rpc, "connect_tracker", lambda *_args: Tracker())
+    assert rpc_cluster.server_keys("127.0.0.1", 1) == ["gpu:h100", "cpu"]
+
+
+def test_a_server_that_cannot_start_is_named_at_once(monkeypatch, tmp_path):
+    """A server whose port was taken since free_port exits with "cannot bind": local_cluster waited
+    its whole timeout and said only "did not register"."""
+    from pbtvm import rpc_cluster
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    real, calls = rpc_cluster.free_port, []
+
+    def second_is_taken():
+        calls.append(1)
+        return held.getsockname()[1] if len(calls) == 2 else real()
+
+    monkeypatch.setattr(rpc_cluster, "free_port", second_is_taken)
+    t0 = time.time()
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)RPC server 0 did not start: .*cannot bind"):
+            with local_cluster("clash", servers=1, timeout=60, log_dir=tmp_path):
+                pass
+    finally:
+        held.close()
+    assert time.time() - t0 < 45
