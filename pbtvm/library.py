@@ -439,14 +439,14 @@ def verify_checksum(path: str, manifest: dict, data: bytes | None = None) -> Non
         )
 
 
-#: (device, inode, size, mtime, SHA-256 of the bytes) of the library first handed to dlopen under each
+#: (device, inode, size, mtime, manifest checksum) of the library first handed to dlopen under each
 #: real path, by this process.
 _DLOPENED: dict[str, tuple] = {}
 _DLOPENED_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def dlopen_name(path: str, data: bytes, read_stat: os.stat_result) -> Iterator[str]:
+def dlopen_name(path: str, data: bytes, read_stat: os.stat_result, signed: str) -> Iterator[str]:
     """The file name to hand TVM's loader (``dlopen``) for the library ``path``.
 
     ``path`` itself, unless ``dlopen`` would not read what was verified: it returns the library it
@@ -464,6 +464,9 @@ def dlopen_name(path: str, data: bytes, read_stat: os.stat_result) -> Iterator[s
         Its bytes as read and verified (:func:`read_library`, :func:`verify_checksum`).
     read_stat : os.stat_result
         ``os.stat(path)`` taken just before ``data`` was read.
+    signed : str
+        The manifest's verified checksum (over the manifest, weights and device code): what tells
+        two libraries apart where the file system's identity does not (coarse mtimes).
 
     Yields
     ------
@@ -477,7 +480,7 @@ def dlopen_name(path: str, data: bytes, read_stat: os.stat_result) -> Iterator[s
     """
     real = os.path.realpath(path)
     stat = os.stat(real)
-    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest())
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, signed)
     unchanged = identity[:4] == (read_stat.st_dev, read_stat.st_ino, read_stat.st_size, read_stat.st_mtime_ns)
     with _DLOPENED_LOCK:
         same = _DLOPENED.setdefault(real, identity) == identity

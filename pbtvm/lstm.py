@@ -21,7 +21,6 @@ has a default schedule only).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -204,7 +203,7 @@ class PBLSTM:
         """
         if not os.fspath(directory):  # an empty setting, not a wish to write into the working directory
             raise InputError("export needs a directory to write into, e.g. 'lstm_lib'; got an empty path")
-        from .library import read_manifest
+        from .library import checksum, read_manifest
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +222,7 @@ class PBLSTM:
             "format": self.format.to_dict(),
             "files": files,
         }
-        meta["checksum"] = _meta_checksum(meta)  # an edited lstm.json is refused
+        meta["checksum"] = checksum(meta, b"")  # as a library's manifest signs itself: an edited lstm.json is refused
         partial = out / f".lstm.json.{os.getpid()}.tmp"
         partial.write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(partial, out / "lstm.json")
@@ -328,12 +327,6 @@ def compile_lstm(
     return PBLSTM(projections, cells, lstm, layers_format(fmt, converted))
 
 
-def _meta_checksum(meta: dict) -> str:
-    """``sha256:<hex>`` over ``lstm.json``'s fields other than the checksum itself."""
-    body = json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode()
-    return f"sha256:{hashlib.sha256(body).hexdigest()}"
-
-
 def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM:
     """Load an LSTM written by :meth:`PBLSTM.export`.
 
@@ -344,7 +337,7 @@ def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM
         or not describing the pieces beside it (files of another export, an export stopped
         part-way, an edited format or layer count).
     """
-    from .library import LibraryError
+    from .library import LibraryError, checksum
     from .runtime import load_model
 
     if not os.fspath(directory):
@@ -363,7 +356,7 @@ def load_lstm(directory: str | os.PathLike, device: str | None = None) -> PBLSTM
         raise LibraryError(f"{described} is corrupt: {err}") from None
     if not isinstance(meta, dict) or meta.get("kind") != "pbtvm.lstm":
         raise LibraryError(f"{described} does not describe a pbtvm LSTM")
-    if "checksum" in meta and meta["checksum"] != _meta_checksum(meta):  # none: exported before pbtvm kept one
+    if "checksum" in meta and meta["checksum"] != checksum(meta, b""):  # none: exported before pbtvm kept one
         raise LibraryError(f"{described} was changed after export (checksum mismatch): export the LSTM again")
     try:
         layers = int(meta["num_layers"])

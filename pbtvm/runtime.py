@@ -468,7 +468,7 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     if problem:
         raise library.LibraryError(problem)
     try:
-        with library.without_scope_warnings(), library.dlopen_name(path, data, read_stat) as name:
+        with library.without_scope_warnings(), library.dlopen_name(path, data, read_stat, manifest["checksum"]) as name:
             module = tvm.runtime.load_module(name)
     except library.LibraryError:
         raise

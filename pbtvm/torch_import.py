@@ -284,8 +284,9 @@ def converters(owners: list[str], constants: frozenset = frozenset()) -> dict:
     :mod:`pbtvm.torch_conv` and the indexing of :mod:`pbtvm.torch_index`.
 
     ``constants``: the exported program's placeholders that are not user inputs (``aten.mv`` with a
-    matrix computed from them alone is a layer applied to a vector). ``owners`` receives, in emission order, :func:`module_name` of every converted matmul-like op
-    (one ``relax.matmul`` each; ``addmm`` with ``alpha=0`` emits none and records none).
+    matrix computed from them alone is a layer applied to a vector). ``owners`` receives, in
+    emission order, :func:`module_name` of every converted matmul-like op (one ``relax.matmul``
+    each; ``addmm`` with ``alpha=0`` emits none and records none).
     """
 
     def recording(convert: Any) -> Any:
