@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # TVM's import takes seconds: Ctrl-C there is an interrupt too, not a traceback
         from .errors import InputError, first_line
         from .library import ExportError, LibraryError
-        from .schedules.tuning import TuningLogError
+        from .schedules.tuning import RPCDeviceError, TuningLogError
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # restored on return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     # what the user gave is wrong: their inputs, files, folders
-    user_errors = (CLIError, InputError, LibraryError, ExportError, TuningLogError)
+    user_errors = (CLIError, InputError, LibraryError, ExportError, TuningLogError, RPCDeviceError)
     user_errors += (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
     try:
         return int(args.func(args))

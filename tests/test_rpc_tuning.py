@@ -188,3 +188,169 @@ def test_a_server_that_cannot_start_is_named_at_once(monkeypatch, tmp_path):
     finally:
         held.close()
     assert time.time() - t0 < 45
+
+
+# --- devices that go away mid-run (rpc_guard) ---------------------------------------------------
+
+
+def _guarded(monkeypatch, keys, futures, session_timeout=7.0):
+    """A guarded runner over a stand-in ``RPCRunner`` whose ``run`` hands out ``futures`` (concurrent
+    futures) in order; the tracker's key list is ``keys()`` at each check."""
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import RPCRunnerFuture
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    from pbtvm import rpc_cluster
+    from pbtvm.schedules.tuning import rpc_guard
+
+    class Inner:  # the derived RPCRunner: guarded() reaches its Python object as ``_inst``
+        def __init__(self):
+            self._inst, self.pool, self.futures = self, PopenPoolExecutor(max_workers=1), iter(futures)
+
+        def run(self, inputs):
+            return [RPCRunnerFuture(next(self.futures), session_timeout) for _ in inputs]
+
+    monkeypatch.setattr(rpc_cluster, "server_keys", lambda *_a, **_k: keys())
+    inner = Inner()
+    return rpc_guard.guarded(inner, "127.0.0.1", 9190, KEY, session_timeout), inner
+
+
+def _inputs(n):
+    """``n`` runner inputs (the stand-in runner does not read them)."""
+    return [tuning.meta_schedule().runner.RunnerInput("unused.tar", "cpu", []) for _ in range(n)]
+
+
+def _done(result=None, error=None):
+    from concurrent.futures import Future
+
+    fut = Future()
+    fut.set_result(result) if error is None else fut.set_exception(error)
+    return fut
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), r"lost the RPC tracker at 127\.0\.0\.1:9190 during tuning"),
+        (["other"], f"no RPC server with key '{KEY}' is registered at 127.0.0.1:9190 any more"),
+    ],
+)
+def test_a_run_stops_when_the_tracker_or_the_devices_are_gone(monkeypatch, keys, match):
+    """Before: the run waited forever in the tracker's queue (device gone), or ~60 s per remaining
+    candidate in TVM's connection retries and then ended as if tuned (tracker gone)."""
+    from pbtvm.schedules.tuning import RPCDeviceError
+
+    state = {"gone": False}
+
+    def listed():
+        if not state["gone"]:
+            return [KEY]
+        if isinstance(keys, Exception):
+            raise keys
+        return keys
+
+    runner, inner = _guarded(monkeypatch, listed, [_done([1e-6]), _done([2e-6])])
+    (first,) = runner.run(_inputs(1))
+    assert first.result().run_secs and not first.result().error_msg
+    state["gone"] = True
+    with pytest.raises(RPCDeviceError, match=match + r".*the tuning log keeps what was measured"):
+        runner.run(_inputs(1))
+    assert inner.pool._shutdown  # its workers ended: some wait for a device that is gone
+    with pytest.raises(RPCDeviceError, match=match):  # and again at every use after
+        runner.run(_inputs(1))
+
+
+def test_a_measurement_waited_for_checks_the_tracker(monkeypatch):
+    """A candidate whose worker waits on a device that died is not waited for forever."""
+    from concurrent.futures import Future
+
+    from pbtvm.schedules.tuning import RPCDeviceError, rpc_guard
+
+    monkeypatch.setattr(rpc_guard, "CHECK_EVERY_S", 0.05)
+    checks = []
+
+    def listed():
+        checks.append(time.time())
+        return [KEY] if len(checks) < 4 else []
+
+    runner, _ = _guarded(monkeypatch, listed, [Future()])  # never done
+    (fut,) = runner.run(_inputs(1))
+    t0 = time.time()
+    with pytest.raises(RPCDeviceError, match="no RPC server with key"):
+        fut.result()
+    assert len(checks) == 4 and time.time() - t0 < 5
+
+
+def test_measurements_timing_out_in_a_row_stop_the_run(monkeypatch):
+    """A frozen device (or one a kernel hung) kept its session forever; now a candidate is ended after
+    the session timeout, and two in a row with nothing measured in between stop the run."""
+    from pbtvm.schedules.tuning import RPCDeviceError
+
+    slow, ok = (lambda: _done(error=TimeoutError())), (lambda: _done([1e-6]))
+    runner, _ = _guarded(monkeypatch, lambda: [KEY], [slow(), ok(), slow(), ok(), slow(), slow()])
+    results = [f.result() for f in runner.run(_inputs(5))]
+    assert ["Timeout" in str(r.error_msg) for r in results] == [True, False, True, False, True]
+    (last,) = runner.run(_inputs(1))
+    with pytest.raises(RPCDeviceError, match=r"2 measurements in a row on the RPC devices .* took over 7 s"):
+        last.result()
+
+
+def test_a_failed_measurement_asks_whether_the_device_is_still_there(monkeypatch):
+    from pbtvm.schedules.tuning import RPCDeviceError
+
+    listed = iter([[KEY], [KEY, KEY], []])  # at run, at each failed result
+    broken = lambda: _done(error=RuntimeError("connection reset by peer"))  # noqa: E731
+    runner, _ = _guarded(monkeypatch, lambda: next(listed), [broken(), broken()])
+    first, second = runner.run(_inputs(2))  # one check
+    assert "connection reset" in str(first.result().error_msg)  # a failed candidate: the device is listed
+    with pytest.raises(RPCDeviceError, match="no RPC server"):  # not listed any more
+        second.result()
+
+
+def test_tuning_stops_with_an_error_when_its_only_device_dies(tmp_path):
+    """The loopback cluster's one server killed mid-run (before: ``pbtvm tune --rpc`` waited forever)."""
+    from pbtvm.schedules.tuning import RPCDeviceError
+
+    torch.manual_seed(0)
+    model, example = MLP((64, 48, 10)).eval(), (torch.randn(2, 64),)
+    with local_cluster("dies", servers=1, log_dir=tmp_path / "rpc") as (address, logs):
+        server = psutil.Process(int(next(p.pid for p in psutil.Process().children() if "dies" in p.cmdline())))
+        runner = tuning.rpc_runner(address, "dies")
+
+        def kill_after_first_measurement():
+            while "load_module" not in logs[0].read_text():
+                time.sleep(0.05)
+            for proc in [server, *server.children(recursive=True)]:
+                proc.kill()
+
+        killer = threading.Thread(target=kill_after_first_measurement, daemon=True)
+        killer.start()
+        t0 = time.time()
+        with pytest.raises(RPCDeviceError, match="no RPC server with key 'dies' is registered"):
+            pbtvm.tune(model, example, "llvm", trials=4, runner=runner, bits=4, layout="kNW", work_dir=tmp_path / "w")
+        assert not killer.is_alive() and time.time() - t0 < 120
+        workers = runner.pool._worker_map.values()
+        assert all(w._proc is None or w._proc.poll() is not None for w in workers)  # none left waiting
+
+
+def test_cli_reports_devices_gone_as_an_error_not_a_bug(monkeypatch, capsys, tmp_path):
+    from pbtvm.schedules.tuning import RPCDeviceError
+
+    def gone(*_a, **_k):
+        raise RPCDeviceError("no RPC server with key 'k' is registered at h:1 any more")
+
+    monkeypatch.setattr(tuning, "rpc_runner", lambda *_a: None)
+    monkeypatch.setattr(pbtvm, "tune", gone)
+    argv = ["tune", "mnist-mlp", "--bits", "4", "--work-dir", str(tmp_path), "--rpc", "h:1", "--key", "k"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pbtvm: error: no RPC server with key 'k'" in err and "bug" not in err
+
+
+def test_an_ipv6_tracker_address_in_brackets(monkeypatch):
+    from pbtvm import rpc_cluster
+
+    asked = []
+    monkeypatch.setattr(rpc_cluster, "server_keys", lambda host, port: asked.append((host, port)) or [])
+    with pytest.raises(InputError, match=r"no RPC server registered with key 'k' at \[::1\]:9190"):
+        tuning.rpc_runner("[::1]:9190", "k")
+    assert asked == [("::1", 9190)]  # was "[::1]": a name that does not resolve

@@ -8,6 +8,7 @@ One concern a module:
 :mod:`.log`               the tuning log (MetaSchedule JSON database + metadata, lock, knob log)
 :mod:`.rows`              what a valid database row is (checked before MetaSchedule reads it)
 :mod:`.measure`           builders and runners (local or RPC), measuring one candidate
+:mod:`.rpc_guard`         RPC runs that stop with an error when the tracker or the devices go away
 :mod:`.report`            per-kernel reports and progress lines
 :mod:`.search`            :func:`tune_kernels`: measure defaults and knobs, run the search
 :mod:`.lookup`            :func:`tuned_lookup`: replay the best record, verified against the default
@@ -36,6 +37,7 @@ from .log import (
 from .lookup import replay, tuned_lookup
 from .measure import build_candidate, default_builder, default_runner, rpc_runner
 from .report import KernelReport, Progress, TuneReport
+from .rpc_guard import RPCDeviceError
 from .search import tune_kernels
 from .space import (
     DEFAULT_PIN,
@@ -58,6 +60,7 @@ __all__ = [
     "RECORDS",
     "WORKLOADS",
     "KernelReport",
+    "RPCDeviceError",
     "KnobRule",
     "Progress",
     "ScheduleRule",

@@ -22,6 +22,7 @@ from pbtvm.target import TargetInfo
 from pbtvm.worker_env import workers_without_torch
 
 from .. import cuda_bmma
+from . import rpc_guard
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,17 @@ def shutdown_pool(pool: object, wait: bool = True) -> None:
     harmless where that fails. Interrupted (Ctrl-C reaches the workers too), a worker's process
     can vanish while shutdown kills it: TVM's ``kill`` then raises (``'NoneType' object has no
     attribute 'pid'``) with the pool's lock held, and the pool's ``__del__`` waited on that lock
-    forever at interpreter exit (``pbtvm tune`` hung after Ctrl-C)."""
+    forever at interpreter exit (``pbtvm tune`` hung after Ctrl-C).
+
+    Not waiting, calls still queued are cancelled (each would start a new worker after the
+    shutdown) and the workers' processes (and theirs) are killed first: TVM's ``kill`` closes a
+    worker's pipe before it kills the process, and that close waits for a thread still reading
+    the pipe, i.e. for the worker's call to end (20 s for one waiting on an RPC device gone).
+    """
+    if not wait:
+        with contextlib.suppress(Exception):  # queued calls would start new workers after shutdown
+            pool._threadpool.shutdown(wait=False, cancel_futures=True)
+        _kill_worker_processes(pool)
     try:
         pool.shutdown(wait=wait)
     except Exception:
@@ -166,17 +177,38 @@ def shutdown_pool(pool: object, wait: bool = True) -> None:
         pool._shutdown = True  # its __del__ does not shut down again
 
 
+def _kill_worker_processes(pool: object) -> None:
+    """SIGKILL every worker process of a TVM ``PopenPoolExecutor`` and their children."""
+    import psutil
+
+    for worker in list(getattr(pool, "_worker_map", {}).values()):
+        proc = getattr(worker, "_proc", None)
+        with contextlib.suppress(Exception):  # gone already, or being replaced
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            proc.kill()
+
+
 def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object:
     """A MetaSchedule ``RPCRunner`` measuring on every free device registered as ``key``.
 
     Parameters
     ----------
     tracker : str
-        ``host:port`` of a TVM RPC tracker (``python -m tvm.exec.rpc_tracker``).
+        ``host:port`` of a TVM RPC tracker (``python -m tvm.exec.rpc_tracker``); an IPv6 host in
+        brackets (``[::1]:9190``).
     key : str
         Device key the servers registered with (``python -m tvm.exec.rpc_server --key``).
     session_timeout : float
-        Seconds one measurement session may take.
+        Seconds one candidate's measurement may take, the wait for a free device included.
+
+    Returns
+    -------
+    MetaSchedule Runner
+        The ``RPCRunner``, watched (:mod:`.rpc_guard`): a run that loses the tracker or every
+        device of ``key``, or whose measurements time out twice in a row, stops with
+        :class:`~.rpc_guard.RPCDeviceError` instead of waiting forever.
 
     Raises
     ------
@@ -188,6 +220,8 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
 
     ms = meta_schedule()
     host, sep, port = tracker.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address, [::1]:9190
+        host = host[1:-1]
     if not sep or not host or not port.isdigit():
         raise InputError(f"RPC tracker address must be host:port, got {tracker!r}")
     try:
@@ -203,7 +237,8 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
     )
     logger.info("measuring on %d RPC server(s) with key %s", servers, key)
     with workers_without_torch():  # its first local worker starts here (it checks itself)
-        return ms.runner.RPCRunner(rpc_cfg, _evaluator_config(), max_workers=servers)
+        runner = ms.runner.RPCRunner(rpc_cfg, _evaluator_config(), max_workers=servers)
+    return rpc_guard.guarded(runner, host, int(port), key, session_timeout)
 
 
 @contextlib.contextmanager
