@@ -28,6 +28,7 @@ payload is ``fmt`` string, function table, code bytes (code last).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -259,8 +260,10 @@ def without_scope_warnings() -> Iterator[None]:
     """Drop TVM's ``Scope Saving`` / ``Scope Loaded`` lines from the process's stderr (fd 2).
 
     A model exported after it was called printed one such line per weight tensor at export and
-    again at every load. Every other line written to fd 2 meanwhile (compiler errors included)
-    is passed on unchanged when the block ends. Without a usable fd 2 nothing is filtered.
+    again at every load. Every other line written to fd 2 meanwhile
+    is passed on unchanged when the block ends (a process ending inside the block loses them: the
+    export wraps only the serializing of the constants, not the compiler and linker). Without a
+    usable fd 2 nothing is filtered.
     """
     with _STDERR_LOCK:
         sys.stderr.flush()
@@ -304,7 +307,8 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     def fpack_imports(mod: Any, is_system_lib: bool, prefix: str, workspace: str) -> str:
         if is_system_lib or prefix:
             raise ValueError("pbtvm exports are shared libraries, not system libs")
-        row_ptr, children, modules = parse_blob(bytes(pack(mod).numpy()))
+        with without_scope_warnings():  # TVM logs a line per weight as it serializes the constants
+            row_ptr, children, modules = parse_blob(bytes(pack(mod).numpy()))
         sources = None
         for m in modules:
             if m.kind == "cuda":
@@ -327,8 +331,9 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     # no reader (or concurrent export) ever sees an unsealed or half-written library there.
     folder, name = os.path.split(os.path.abspath(path))
     linked = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.so")
+    _check_room(tempfile.gettempdir(), path)
     try:
-        with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp, without_scope_warnings():
+        with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp:
             manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
             try:
                 executable.mod.export_library(
@@ -339,11 +344,40 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
                 if reason is None:
                     raise
                 raise ExportError(f"cannot write {path}: {reason}") from err
+            except OSError as err:
+                if err.errno not in _FULL_OR_REFUSED:
+                    raise
+                raise ExportError(
+                    f"cannot write {path}: {err.strerror} while writing its intermediate files in {tmp} "
+                    "(free space there, or point TMPDIR to a file system with room)"
+                ) from err
         _seal_code(linked)
         os.replace(linked, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(linked)
+
+
+#: Free bytes the export's temporary directory must have. LLVM writes the kernels' object file
+#: there and ends the process (``exit(1)``, "LLVM ERROR: IO failure on output stream") when it
+#: cannot: no exception to catch, so a nearly full file system is refused before.
+MIN_FREE_BYTES = 32 << 20
+#: ``errno`` of a write the file system refused: full, over quota, read-only, file too large.
+_FULL_OR_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _check_room(tmp: str, path: str) -> None:
+    """Raise :class:`ExportError` if ``tmp`` has less than :data:`MIN_FREE_BYTES` free."""
+    try:
+        free = shutil.disk_usage(tmp).free
+    except OSError:
+        return
+    if free < MIN_FREE_BYTES:
+        raise ExportError(
+            f"cannot write {path}: only {free / 2**20:.1f} MiB free in {tmp}, where the export "
+            f"writes its intermediate files (it needs at least {MIN_FREE_BYTES >> 20} MiB there): free space, "
+            "or point TMPDIR to a file system with room"
+        )
 
 
 #: What a linker or compiler says when it cannot write its output (the file system's fault, not pbtvm's).

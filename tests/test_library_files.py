@@ -74,6 +74,33 @@ def test_linker_failures_name_the_linker_s_reason():
     assert issubclass(library.ExportError, OSError)
 
 
+def test_a_nearly_full_temp_dir_is_refused_before_llvm_ends_the_process(tmp_path, monkeypatch):
+    """LLVM writes the kernels' object file to the temp dir and calls exit(1) when it cannot (the
+    process ended with "LLVM ERROR: IO failure on output stream", its pbtvm_export_* dir left)."""
+    model, real = _model(5), library.shutil.disk_usage
+    monkeypatch.setattr(library.shutil, "disk_usage", lambda p: real(p)._replace(free=5 << 20))
+    monkeypatch.setattr(library.tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(library.ExportError, match=r"only 5\.0 MiB free in .*needs at least 32 MiB.*TMPDIR"):
+        model.export(tmp_path / "model.so")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_while_writing_the_intermediate_files_is_an_export_error(tmp_path, monkeypatch):
+    """The weights' C array is written in Python: a full disk there was an OSError the CLI called a bug."""
+    import errno
+
+    model = _model(6)
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(library, "serialize_blob", full)
+    monkeypatch.setattr(library.tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(library.ExportError, match=r"No space left on device while writing its intermediate files"):
+        model.export(tmp_path / "model.so")
+    assert os.listdir(tmp_path) == []  # neither the temp dir nor a half-linked library left
+
+
 def test_cli_finds_model_modules_in_the_working_directory(tmp_path):
     """``pbtvm compile models:factory`` in the folder holding models.py (as ``python -m`` would)."""
     (tmp_path / "my_models.py").write_text(
