@@ -103,7 +103,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if (args.rpc is None) != (args.key is None):
         raise CLIError("--rpc and --key go together (tracker host:port and the device key)")
-    runner = tuning.rpc_runner(args.rpc, args.key) if args.rpc else None
+    runner = tuning.rpc_runner(args.rpc, args.key, args.session_timeout) if args.rpc else None
     model, example, options = _model_and_options(args)
     report = pbtvm.tune(
         model,
@@ -454,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size to tune for (default 1)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on devices behind this TVM RPC tracker")
     p.add_argument("--key", help="RPC device key (with --rpc)")
+    p.add_argument(
+        "--session-timeout",
+        type=_positive_int,
+        default=120,
+        metavar="S",
+        help="seconds one candidate may take on an RPC device, the wait for a free one included (default 120)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(

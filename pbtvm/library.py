@@ -333,24 +333,25 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     linked = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.so")
     _check_room(tempfile.gettempdir(), path)
     try:
-        with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp:
-            manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
-            try:
-                executable.mod.export_library(
-                    linked, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp
-                )
-            except RuntimeError as err:
-                reason = _toolchain_reason(str(err))
-                if reason is None:
-                    raise
-                raise ExportError(f"cannot write {path}: {reason}") from err
-            except OSError as err:
-                if err.errno not in _FULL_OR_REFUSED:
-                    raise
-                raise ExportError(
-                    f"cannot write {path}: {err.strerror} while writing its intermediate files in {tmp} "
-                    "(free space there, or point TMPDIR to a file system with room)"
-                ) from err
+        try:
+            with tempfile.TemporaryDirectory(prefix="pbtvm_export_") as tmp:
+                manifest_c = os.path.join(tmp, "pbtvm_manifest.c")
+                try:
+                    executable.mod.export_library(
+                        linked, fpack_imports=fpack_imports, addons=[manifest_c], workspace_dir=tmp
+                    )
+                except RuntimeError as err:
+                    reason = _toolchain_reason(str(err))
+                    if reason is None:
+                        raise
+                    raise ExportError(f"cannot write {path}: {reason}") from err
+        except OSError as err:
+            if err.errno not in _FULL_OR_REFUSED:
+                raise
+            raise ExportError(
+                f"cannot write {path}: {err.strerror} while writing its intermediate files in "
+                f"{tempfile.gettempdir()} (free space there, or point TMPDIR to a file system with room)"
+            ) from err
         _seal_code(linked)
         os.replace(linked, path)
     finally:
@@ -369,9 +370,13 @@ _FULL_OR_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 def _check_room(tmp: str, path: str) -> None:
     """Raise :class:`ExportError` if ``tmp`` has less than :data:`MIN_FREE_BYTES` free."""
     try:
-        free = shutil.disk_usage(tmp).free
+        free, inodes = shutil.disk_usage(tmp).free, os.statvfs(tmp).f_favail
     except OSError:
         return
+    if inodes == 0:
+        raise ExportError(
+            f"cannot write {path}: no file can be created in {tmp} (no free inodes): point TMPDIR elsewhere"
+        )
     if free < MIN_FREE_BYTES:
         raise ExportError(
             f"cannot write {path}: only {free / 2**20:.1f} MiB free in {tmp}, where the export "

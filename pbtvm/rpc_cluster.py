@@ -52,6 +52,13 @@ def check_tracker(host: str, port: int, timeout: float = 5.0) -> None:
         Nothing listens there (``ConnectionRefusedError``), no reply in time, or a reply that is
         not the tracker's.
     """
+    with _tracker_socket(host, port, timeout):
+        pass
+
+
+@contextlib.contextmanager
+def _tracker_socket(host: str, port: int, timeout: float) -> Iterator[socket.socket]:
+    """A connection to the tracker at ``host:port`` after its handshake; every wait on it times out."""
     from tvm.rpc.base import RPC_TRACKER_MAGIC
 
     magic = struct.pack("<i", RPC_TRACKER_MAGIC)
@@ -63,10 +70,38 @@ def check_tracker(host: str, port: int, timeout: float = 5.0) -> None:
                 reply += chunk
         except TimeoutError:
             raise OSError(
-                f"{host}:{port} accepts connections but gave no TVM RPC tracker handshake in {timeout:g} s"
+                f"{address(host, port)} accepts connections but gave no TVM RPC tracker handshake in {timeout:g} s"
             ) from None
-    if reply != magic:
-        raise OSError(f"{host}:{port} is not a TVM RPC tracker (its reply to the tracker handshake: {reply!r})")
+        if reply != magic:
+            raise OSError(
+                f"{address(host, port)} is not a TVM RPC tracker (its reply to the tracker handshake: {reply!r})"
+            )
+        yield sock
+
+
+def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict:
+    """The tracker's summary: ``{"queue_info": {key: {"free": n, "pending": m}}, "server_info": [...]}``.
+
+    Asked on a socket with a timeout (TVM's ``TrackerSession.summary`` waits forever for a tracker
+    that stops answering).
+
+    Raises
+    ------
+    OSError
+        The tracker cannot be reached, is no tracker (:func:`check_tracker`), or gave no summary in
+        ``timeout`` s.
+    """
+    from tvm.rpc import base
+
+    with _tracker_socket(host, port, timeout) as sock:
+        try:
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            value = base.recvjson(sock)
+        except TimeoutError:
+            raise OSError(f"the RPC tracker at {address(host, port)} gave no summary in {timeout:g} s") from None
+    if not isinstance(value, list) or len(value) != 2 or value[0] != base.TrackerCode.SUCCESS:
+        raise OSError(f"the RPC tracker at {address(host, port)} answered its summary request with {value!r}")
+    return value[1]
 
 
 def server_keys(host: str, port: int, timeout: float = 5.0) -> list[str]:
@@ -74,15 +109,17 @@ def server_keys(host: str, port: int, timeout: float = 5.0) -> list[str]:
 
     Raises
     ------
-    OSError, RuntimeError
-        The tracker cannot be reached, or what listens there is no tracker (:func:`check_tracker`).
+    OSError
+        The tracker cannot be reached, or what listens there is no tracker (:func:`tracker_summary`).
     """
-    from tvm import rpc
-
-    check_tracker(host, port, timeout)
-    info = rpc.connect_tracker(host, port).summary().get("server_info", [])
+    info = tracker_summary(host, port, timeout).get("server_info", [])
     # a server registers as "server:<key>"; the key may hold colons itself ("gpu:h100")
     return [str(s.get("key", "")).removeprefix("server:") for s in info]
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (``[::1]:9190``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def registered_servers(address: str, key: str) -> int:

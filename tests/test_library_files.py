@@ -120,3 +120,20 @@ def test_cli_finds_model_modules_in_the_working_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "small.so").is_file()
+
+
+def test_a_temp_dir_without_free_inodes_is_refused(tmp_path, monkeypatch):
+    model, real = _model(7), os.statvfs
+
+    class NoInodes:
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, name):
+            return 0 if name == "f_favail" else getattr(self.st, name)
+
+    monkeypatch.setattr(library.os, "statvfs", lambda p: NoInodes(real(p)))
+    monkeypatch.setattr(library.tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(library.ExportError, match=r"no file can be created in .* \(no free inodes\)"):
+        model.export(tmp_path / "model.so")
+    assert os.listdir(tmp_path) == []

@@ -11,11 +11,14 @@ after which the run ended "successfully" with every default kept.
 :func:`guarded` wraps the runner so that:
 
 * before every batch of candidates, and every :data:`CHECK_EVERY_S` seconds while one is waited
-  for, the tracker must answer and list a server with the key; if not, the run stops with
-  :class:`RPCDeviceError` naming which;
+  for, the tracker is asked (with a timeout) whether it lists a server with the key; when it has
+  not answered, or listed none, for :data:`LOST_AFTER_S` seconds (a tracker restarting, servers
+  reconnecting, lost packets pass), the run stops with :class:`RPCDeviceError` naming which;
 * a candidate not measured within the session timeout is ended (its worker process killed) and
-  counted as a failed run; :data:`TIMEOUTS_IN_A_ROW` of them without a measurement in between
-  stop the run (devices frozen, hung by a kernel, or busy with other work for longer than that).
+  counted as a failed run, as a slow candidate should be. After :data:`TIMEOUTS_IN_A_ROW` of them,
+  none measured in between, a device of the key must come free again within another session
+  timeout (a server ends a session at the timeout and comes back; a frozen one, or one a kernel
+  hung, does not); if none does, the run stops.
 
 The error reaches the caller of ``pbtvm.tune`` from inside MetaSchedule's search loop too (it is
 registered with TVM's FFI). What was measured before stays in the tuning log; the next run goes
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import time
 
 import tvm_ffi
 
@@ -33,7 +37,9 @@ from pbtvm._tvm import meta_schedule
 
 #: Seconds between checks of the tracker while a measurement is waited for.
 CHECK_EVERY_S = 5.0
-#: Timed-out measurements in a row, none measured in between, that stop the run.
+#: Seconds the tracker may fail to answer, or list no server of the key, before the run stops.
+LOST_AFTER_S = 30.0
+#: Timed-out measurements in a row, none measured in between, after which a device must come free.
 TIMEOUTS_IN_A_ROW = 2
 
 
@@ -84,6 +90,7 @@ def _guarded_runner_class() -> type:
             self.inner, self.host, self.port, self.key = inner, host, port, key
             self.session_timeout = session_timeout
             self.timeouts = 0
+            self.failing_since: float | None = None
             self.lost: RPCDeviceError | None = None
 
         @property
@@ -97,23 +104,32 @@ def _guarded_runner_class() -> type:
             # the concurrent future that tells a timeout from a failure and can be waited on
             return [_Future(future, self) for future in self.inner._inst.run(runner_inputs)]
 
-        def check(self) -> None:
-            """Raise :class:`RPCDeviceError` unless the tracker answers and lists a server with the key."""
-            from pbtvm.rpc_cluster import server_keys
+        def check(self) -> int:
+            """Ask the tracker how many servers of the key are free; raise :class:`RPCDeviceError`
+            once it has not answered, or listed none of the key, for :data:`LOST_AFTER_S` s."""
+            from pbtvm.rpc_cluster import address, tracker_summary
 
-            if self.lost is None:
-                address = f"{self.host}:{self.port}"
-                try:
-                    servers = server_keys(self.host, self.port).count(self.key)
-                except Exception as err:
-                    self.lose(f"lost the RPC tracker at {address} during tuning: {err}")
-                if servers == 0:
-                    self.lose(
-                        f"no RPC server with key {self.key!r} is registered at {address} any more: "
-                        "the devices stopped, or lost their connection to the tracker, during tuning"
-                    )
             if self.lost is not None:
                 raise self.lost
+            where = address(self.host, self.port)
+            try:
+                summary = tracker_summary(self.host, self.port)
+            except Exception as err:
+                problem = f"the RPC tracker at {where} has not answered ({err})"
+            else:
+                listed = [s for s in summary.get("server_info", []) if s.get("key") == f"server:{self.key}"]
+                if listed:
+                    self.failing_since = None
+                    return int(summary.get("queue_info", {}).get(self.key, {}).get("free", 0))
+                problem = (
+                    f"no RPC server with key {self.key!r} has been registered at {where} (the devices stopped, "
+                    "or lost their connection to the tracker)"
+                )
+            now = time.monotonic()
+            self.failing_since = now if self.failing_since is None else self.failing_since
+            if now - self.failing_since >= LOST_AFTER_S:
+                self.lose(f"tuning stopped: for {now - self.failing_since:.0f} s {problem}")
+            return 0
 
         def lose(self, message: str) -> None:
             """Stop: end the workers (some wait for a device that is gone), keep and raise the error."""
@@ -124,14 +140,22 @@ def _guarded_runner_class() -> type:
             raise self.lost
 
         def timed_out(self, timed_out: bool) -> None:
-            """Count a measurement that timed out, or reset the count; stop after too many in a row."""
+            """Count a measurement that timed out, or reset the count. After too many in a row, wait
+            for a device of the key to come free; stop if none does within a session timeout."""
             self.timeouts = self.timeouts + 1 if timed_out else 0
-            if self.timeouts >= TIMEOUTS_IN_A_ROW:
-                self.lose(
-                    f"{self.timeouts} measurements in a row on the RPC devices with key {self.key!r} took over "
-                    f"{self.session_timeout:g} s (the session timeout): the devices stopped answering (frozen, "
-                    "hung by a kernel), or are busy with other work for longer than that"
-                )
+            if self.timeouts < TIMEOUTS_IN_A_ROW:
+                return
+            deadline = time.monotonic() + self.session_timeout
+            while self.check() == 0:
+                if time.monotonic() > deadline:
+                    self.lose(
+                        f"tuning stopped: {self.timeouts} measurements in a row on the RPC devices with key "
+                        f"{self.key!r} took over {self.session_timeout:g} s (the session timeout) and no device "
+                        f"came free in the {self.session_timeout:g} s after: they stopped answering (frozen, "
+                        "hung by a kernel), or are busy with other work for that long"
+                    )
+                time.sleep(min(1.0, CHECK_EVERY_S))
+            self.timeouts = 0  # a device is back: the slow candidates were slow, not the devices gone
 
     @derived_object
     class _Future(ms.runner.PyRunnerFuture):
@@ -151,7 +175,7 @@ def _guarded_runner_class() -> type:
             while not concurrent.futures.wait([future], timeout=CHECK_EVERY_S).done:
                 self.owner.check()
             res = self.inner.result()
-            self.owner.timed_out(isinstance(future.exception(), TimeoutError))
+            self.owner.timed_out(not future.cancelled() and isinstance(future.exception(), TimeoutError))
             if res.error_msg:
                 self.owner.check()  # a device gone mid-measurement: say so, not "run failed"
             return res
@@ -159,4 +183,4 @@ def _guarded_runner_class() -> type:
     return GuardedRPCRunner
 
 
-__all__ = ["CHECK_EVERY_S", "TIMEOUTS_IN_A_ROW", "RPCDeviceError", "guarded"]
+__all__ = ["CHECK_EVERY_S", "LOST_AFTER_S", "TIMEOUTS_IN_A_ROW", "RPCDeviceError", "guarded"]
