@@ -103,7 +103,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if (args.rpc is None) != (args.key is None):
         raise CLIError("--rpc and --key go together (tracker host:port and the device key)")
-    runner = tuning.rpc_runner(args.rpc, args.key, args.session_timeout) if args.rpc else None
+    if args.session_timeout is not None and args.rpc is None:
+        raise CLIError("--session-timeout is for RPC devices: give it with --rpc and --key")
+    runner = tuning.rpc_runner(args.rpc, args.key, args.session_timeout or 120) if args.rpc else None
     model, example, options = _model_and_options(args)
     report = pbtvm.tune(
         model,
@@ -457,7 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--session-timeout",
         type=_positive_int,
-        default=120,
         metavar="S",
         help="seconds one candidate may take on an RPC device, the wait for a free one included (default 120)",
     )

@@ -72,6 +72,8 @@ def _tracker_socket(host: str, port: int, timeout: float) -> Iterator[socket.soc
             raise OSError(
                 f"{address(host, port)} accepts connections but gave no TVM RPC tracker handshake in {timeout:g} s"
             ) from None
+        if not reply:
+            raise OSError(f"{address(host, port)} closed the connection during the TVM RPC tracker handshake")
         if reply != magic:
             raise OSError(
                 f"{address(host, port)} is not a TVM RPC tracker (its reply to the tracker handshake: {reply!r})"
@@ -99,6 +101,8 @@ def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict:
             value = base.recvjson(sock)
         except TimeoutError:
             raise OSError(f"the RPC tracker at {address(host, port)} gave no summary in {timeout:g} s") from None
+        except ValueError as err:  # not JSON, not UTF-8
+            raise OSError(f"the RPC tracker at {address(host, port)} gave an unreadable summary ({err})") from None
     if not isinstance(value, list) or len(value) != 2 or value[0] != base.TrackerCode.SUCCESS:
         raise OSError(f"the RPC tracker at {address(host, port)} answered its summary request with {value!r}")
     return value[1]

@@ -207,8 +207,9 @@ def rpc_runner(tracker: str, key: str, session_timeout: float = 120.0) -> object
     -------
     MetaSchedule Runner
         The ``RPCRunner``, watched (:mod:`.rpc_guard`): a run that loses the tracker or every
-        device of ``key``, or whose measurements time out twice in a row, stops with
-        :class:`~.rpc_guard.RPCDeviceError` instead of waiting forever.
+        device of ``key`` for 30 s, or whose measurements time out twice in a row with no device
+        answering in another session timeout, stops with :class:`~.rpc_guard.RPCDeviceError`
+        instead of waiting forever.
 
     Raises
     ------

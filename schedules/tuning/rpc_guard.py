@@ -11,14 +11,16 @@ after which the run ended "successfully" with every default kept.
 :func:`guarded` wraps the runner so that:
 
 * before every batch of candidates, and every :data:`CHECK_EVERY_S` seconds while one is waited
-  for, the tracker is asked (with a timeout) whether it lists a server with the key; when it has
-  not answered, or listed none, for :data:`LOST_AFTER_S` seconds (a tracker restarting, servers
-  reconnecting, lost packets pass), the run stops with :class:`RPCDeviceError` naming which;
+  for, the tracker is asked (with a timeout) whether it lists a server with the key; when it does
+  not answer, or lists none, it is asked again every :data:`CHECK_EVERY_S` seconds, and after
+  :data:`LOST_AFTER_S` seconds of that (a tracker restarting, servers reconnecting, lost packets
+  pass) the run stops with :class:`RPCDeviceError` naming which;
 * a candidate not measured within the session timeout is ended (its worker process killed) and
   counted as a failed run, as a slow candidate should be. After :data:`TIMEOUTS_IN_A_ROW` of them,
-  none measured in between, a device of the key must come free again within another session
-  timeout (a server ends a session at the timeout and comes back; a frozen one, or one a kernel
-  hung, does not); if none does, the run stops.
+  none measured in between, a device of the key must answer again within another session
+  timeout (another measurement ends, or a server is listed free: a server ends a session at the
+  timeout and comes back; a frozen one, or one a kernel hung, does not); if none does, the run
+  stops.
 
 The error reaches the caller of ``pbtvm.tune`` from inside MetaSchedule's search loop too (it is
 registered with TVM's FFI). What was measured before stays in the tuning log; the next run goes
@@ -90,7 +92,7 @@ def _guarded_runner_class() -> type:
             self.inner, self.host, self.port, self.key = inner, host, port, key
             self.session_timeout = session_timeout
             self.timeouts = 0
-            self.failing_since: float | None = None
+            self.last_measured = 0.0  # time.monotonic() when a measurement last ended without error
             self.lost: RPCDeviceError | None = None
 
         @property
@@ -102,11 +104,32 @@ def _guarded_runner_class() -> type:
             self.check()
             # through the Python object: the FFI method hands back plain ``RunnerFuture``s, without
             # the concurrent future that tells a timeout from a failure and can be waited on
-            return [_Future(future, self) for future in self.inner._inst.run(runner_inputs)]
+            futures = self.inner._inst.run(runner_inputs)
+            for future in futures:
+                future.future.add_done_callback(self._note_measured)
+            return [_Future(future, self) for future in futures]
+
+        def _note_measured(self, future: concurrent.futures.Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.last_measured = time.monotonic()
 
         def check(self) -> int:
-            """Ask the tracker how many servers of the key are free; raise :class:`RPCDeviceError`
-            once it has not answered, or listed none of the key, for :data:`LOST_AFTER_S` s."""
+            """How many servers of the key the tracker lists as free. While it does not answer, or
+            lists no server of the key, ask again every :data:`CHECK_EVERY_S` s; after
+            :data:`LOST_AFTER_S` s of that, raise :class:`RPCDeviceError`."""
+            first_failure = None
+            while True:
+                free, problem = self._ask()
+                if problem is None:
+                    return free
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if now - first_failure >= LOST_AFTER_S:
+                    self.lose(f"tuning stopped: for {now - first_failure:.0f} s {problem}")
+                time.sleep(CHECK_EVERY_S)
+
+        def _ask(self) -> tuple[int, str | None]:
+            """The tracker's count of free servers of the key, or what is wrong."""
             from pbtvm.rpc_cluster import address, tracker_summary
 
             if self.lost is not None:
@@ -115,21 +138,14 @@ def _guarded_runner_class() -> type:
             try:
                 summary = tracker_summary(self.host, self.port)
             except Exception as err:
-                problem = f"the RPC tracker at {where} has not answered ({err})"
-            else:
-                listed = [s for s in summary.get("server_info", []) if s.get("key") == f"server:{self.key}"]
-                if listed:
-                    self.failing_since = None
-                    return int(summary.get("queue_info", {}).get(self.key, {}).get("free", 0))
-                problem = (
+                return 0, f"the RPC tracker at {where} has not answered ({err})"
+            if not any(s.get("key") == f"server:{self.key}" for s in summary.get("server_info", [])):
+                return 0, (
                     f"no RPC server with key {self.key!r} has been registered at {where} (the devices stopped, "
                     "or lost their connection to the tracker)"
                 )
-            now = time.monotonic()
-            self.failing_since = now if self.failing_since is None else self.failing_since
-            if now - self.failing_since >= LOST_AFTER_S:
-                self.lose(f"tuning stopped: for {now - self.failing_since:.0f} s {problem}")
-            return 0
+            # servers put themselves in the queue under the plain key
+            return int(summary.get("queue_info", {}).get(self.key, {}).get("free", 0)), None
 
         def lose(self, message: str) -> None:
             """Stop: end the workers (some wait for a device that is gone), keep and raise the error."""
@@ -141,20 +157,22 @@ def _guarded_runner_class() -> type:
 
         def timed_out(self, timed_out: bool) -> None:
             """Count a measurement that timed out, or reset the count. After too many in a row, wait
-            for a device of the key to come free; stop if none does within a session timeout."""
+            for a device of the key to answer again: a measurement of another candidate ending, or a
+            server listed free (a free one is handed at once to a request waiting for it, ours
+            included, so both are watched); stop if neither happens within a session timeout."""
             self.timeouts = self.timeouts + 1 if timed_out else 0
             if self.timeouts < TIMEOUTS_IN_A_ROW:
                 return
-            deadline = time.monotonic() + self.session_timeout
-            while self.check() == 0:
-                if time.monotonic() > deadline:
+            start = time.monotonic()
+            while self.check() == 0 and self.last_measured < start:
+                if time.monotonic() - start > self.session_timeout:
                     self.lose(
                         f"tuning stopped: {self.timeouts} measurements in a row on the RPC devices with key "
                         f"{self.key!r} took over {self.session_timeout:g} s (the session timeout) and no device "
-                        f"came free in the {self.session_timeout:g} s after: they stopped answering (frozen, "
+                        f"answered in the {self.session_timeout:g} s after: they stopped answering (frozen, "
                         "hung by a kernel), or are busy with other work for that long"
                     )
-                time.sleep(min(1.0, CHECK_EVERY_S))
+                time.sleep(min(0.2, CHECK_EVERY_S))
             self.timeouts = 0  # a device is back: the slow candidates were slow, not the devices gone
 
     @derived_object
