@@ -370,9 +370,10 @@ _FULL_OR_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 def _check_room(tmp: str, path: str) -> None:
     """Raise :class:`ExportError` if ``tmp`` has less than :data:`MIN_FREE_BYTES` free."""
     try:
-        free, st = shutil.disk_usage(tmp).free, os.statvfs(tmp)
+        st = os.statvfs(tmp)
     except OSError:
         return
+    free = st.f_bavail * st.f_frsize  # what shutil.disk_usage reports as free
     if st.f_files > 0 and st.f_favail == 0:  # btrfs, vfat count no inodes: all three fields 0
         raise ExportError(
             f"cannot write {path}: no file can be created in {tmp} (no free inodes): point TMPDIR elsewhere"

@@ -116,9 +116,13 @@ def server_keys(host: str, port: int, timeout: float = 5.0) -> list[str]:
     OSError
         The tracker cannot be reached, or what listens there is no tracker (:func:`tracker_summary`).
     """
-    info = tracker_summary(host, port, timeout).get("server_info", [])
+    return registered_keys(tracker_summary(host, port, timeout))
+
+
+def registered_keys(summary: dict) -> list[str]:
+    """The device key of every server a tracker's :func:`tracker_summary` lists, one per server."""
     # a server registers as "server:<key>"; the key may hold colons itself ("gpu:h100")
-    return [str(s.get("key", "")).removeprefix("server:") for s in info]
+    return [str(s.get("key", "")).removeprefix("server:") for s in summary.get("server_info", [])]
 
 
 def address(host: str, port: int) -> str:

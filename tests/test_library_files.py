@@ -74,11 +74,25 @@ def test_linker_failures_name_the_linker_s_reason():
     assert issubclass(library.ExportError, OSError)
 
 
+def _fake_statvfs(monkeypatch, **fields):
+    """``os.statvfs`` as the library sees it, with ``fields`` computed from the real result."""
+    real = os.statvfs
+
+    class Fake:
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, name):
+            return fields[name](self.st) if name in fields else getattr(self.st, name)
+
+    monkeypatch.setattr(library.os, "statvfs", lambda p: Fake(real(p)))
+
+
 def test_a_nearly_full_temp_dir_is_refused_before_llvm_ends_the_process(tmp_path, monkeypatch):
     """LLVM writes the kernels' object file to the temp dir and calls exit(1) when it cannot (the
     process ended with "LLVM ERROR: IO failure on output stream", its pbtvm_export_* dir left)."""
-    model, real = _model(5), library.shutil.disk_usage
-    monkeypatch.setattr(library.shutil, "disk_usage", lambda p: real(p)._replace(free=5 << 20))
+    model = _model(5)
+    _fake_statvfs(monkeypatch, f_bavail=lambda st: (5 << 20) // st.f_frsize)
     monkeypatch.setattr(library.tempfile, "tempdir", str(tmp_path))
     with pytest.raises(library.ExportError, match=r"only 5\.0 MiB free in .*needs at least 32 MiB.*TMPDIR"):
         model.export(tmp_path / "model.so")
@@ -125,18 +139,8 @@ def test_cli_finds_model_modules_in_the_working_directory(tmp_path):
 @pytest.mark.parametrize("counts_inodes", [True, False])
 def test_a_temp_dir_without_free_inodes_is_refused(tmp_path, monkeypatch, counts_inodes):
     """Out of inodes: refused. btrfs and vfat count none (f_files, f_favail 0): not refused."""
-    model, real = _model(7), os.statvfs
-
-    class Inodes:
-        def __init__(self, st):
-            self.st = st
-
-        def __getattr__(self, name):
-            if name in ("f_files", "f_favail"):
-                return self.st.f_files if name == "f_files" and counts_inodes else 0
-            return getattr(self.st, name)
-
-    monkeypatch.setattr(library.os, "statvfs", lambda p: Inodes(real(p)))
+    model = _model(7)
+    _fake_statvfs(monkeypatch, f_favail=lambda _st: 0, f_files=lambda st: st.f_files if counts_inodes else 0)
     monkeypatch.setattr(library.tempfile, "tempdir", str(tmp_path))
     if counts_inodes:
         with pytest.raises(library.ExportError, match=r"no file can be created in .* \(no free inodes\)"):

@@ -41,7 +41,7 @@ from pbtvm._tvm import meta_schedule
 CHECK_EVERY_S = 5.0
 #: Seconds the tracker may fail to answer, or list no server of the key, before the run stops.
 LOST_AFTER_S = 30.0
-#: Timed-out measurements in a row, none measured in between, after which a device must come free.
+#: Timed-out measurements in a row, none measured in between, after which a device must answer.
 TIMEOUTS_IN_A_ROW = 2
 
 
@@ -130,7 +130,7 @@ def _guarded_runner_class() -> type:
 
         def _ask(self) -> tuple[int, str | None]:
             """The tracker's count of free servers of the key, or what is wrong."""
-            from pbtvm.rpc_cluster import address, tracker_summary
+            from pbtvm.rpc_cluster import address, registered_keys, tracker_summary
 
             if self.lost is not None:
                 raise self.lost
@@ -139,7 +139,7 @@ def _guarded_runner_class() -> type:
                 summary = tracker_summary(self.host, self.port)
             except Exception as err:
                 return 0, f"the RPC tracker at {where} has not answered ({err})"
-            if not any(s.get("key") == f"server:{self.key}" for s in summary.get("server_info", [])):
+            if self.key not in registered_keys(summary):
                 return 0, (
                     f"no RPC server with key {self.key!r} has been registered at {where} (the devices stopped, "
                     "or lost their connection to the tracker)"
