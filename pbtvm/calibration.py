@@ -1,106 +1,179 @@
 """Optional calibration: per-input activation statistics that weight the weight quantizer's error.
 
-``pbtvm.compile(model, x, calibration=batches)`` runs the torch model on the batches with a hook
-on every ``nn.Linear`` and records the mean square of each input feature, ``E[x_k^2]``. The
-quantizer then minimizes ``sum_k E[x_k^2] (w_nk - w'_nk)^2`` per row instead of the plain weight
-MSE - the expected squared output error when inputs are uncorrelated (activation-aware, in the
-spirit of AWQ) - in the clip search, the least-squares refits and the per-layer codebook choice.
-Inputs that are never active (e.g. the border pixels of MNIST digits) then stop pulling the
-scale and offset of the others. Without calibration nothing changes (data-free).
+``pbtvm.compile(model, x, calibration=batches)`` runs the torch model on the batches and records,
+for every matrix product of an activation by one of the model's own weights (``nn.Linear``,
+``F.linear``, ``x @ W.T``, attention's projections: whatever reaches torch's ``mm`` / ``addmm``
+with a parameter or buffer as its second operand), the mean square of each input feature,
+``E[x_k^2]``. The quantizer then minimizes ``sum_k E[x_k^2] (w_nk - w'_nk)^2`` per row instead of
+the plain weight MSE - the expected squared output error when inputs are uncorrelated
+(activation-aware, in the spirit of AWQ) - in the clip search, the least-squares refits and the
+per-layer codebook choice, and keeps the data-free fit of a row where that one is better on this
+same error. Inputs that are never active (e.g. the border pixels of MNIST digits) then stop
+pulling the scale and offset of the others. A PB layer whose weight no such product used (an LSTM's,
+a weight computed by ops) is quantized data-free, with a warning naming it
+(:func:`uncalibrated_layers`). Without calibration nothing changes (data-free).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError, InputTypeError, first_line, shape_text
 
-__all__ = ["input_importance"]
+__all__ = ["input_importance", "uncalibrated_layers"]
 
 
-def input_importance(model: Any, batches: Any) -> dict[str, np.ndarray]:
-    """Mean square of each ``nn.Linear`` input feature over calibration batches.
+def input_importance(model: Any, batches: Any, names: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Mean square of each input feature of every product by a model weight, over calibration batches.
 
     Parameters
     ----------
     model : torch.nn.Module
     batches : iterable
-        Each item one model input (a tensor) or a tuple of inputs, as the model's ``forward`` takes.
+        Each item one model input (a tensor) or a tuple of input tensors, as ``forward`` takes them.
+    names : dict, optional
+        :func:`pbtvm.lowering.weight_key` -> layer name, for messages (default: the key).
 
     Returns
     -------
     dict
-        :func:`pbtvm.lowering.weight_key` of each Linear's weight ->
-        float64 [in_features] mean of ``x_k^2`` over every calibration row (of every Linear with
-        that weight).
+        :func:`pbtvm.lowering.weight_key` of each weight ``W`` [N, K] (as ``x @ W.T`` takes it) ->
+        float64 [K] mean of ``x_k^2`` over every row multiplied by it (products by equal weights,
+        an untrained deep copy, are pooled: they share one quantization).
 
     Raises
     ------
     ValueError
-        No batch given, a batch the model does not run on, non-finite Linear inputs, or the model
-        has no ``nn.Linear``.
+        No batch given, a batch the model does not run on, or non-finite inputs of a product.
     TypeError
-        ``batches`` is not an iterable of batches.
+        ``batches`` is not an iterable of batches, or a batch is not made of tensors.
     """
     import torch
 
-    from .lowering import torch_weight_key
-
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise InputError("calibration: the model has no nn.Linear layer to calibrate")
-    sums = {id(m): np.zeros(m.in_features) for m in linears}
-    counts = {id(m): 0 for m in linears}
-
-    def hook(module: Any, inputs: tuple) -> None:
-        x = inputs[0].detach().float().reshape(-1, module.in_features).cpu().numpy().astype(np.float64)
-        sums[id(module)] += (x * x).sum(axis=0)
-        counts[id(module)] += x.shape[0]
-
-    if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
+    if isinstance(batches, torch.Tensor | dict | str | bytes) or not hasattr(batches, "__iter__"):
         raise InputTypeError(
             f"calibration takes an iterable of batches (e.g. a list of input tensors), got {type(batches).__name__}"
         )
-    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    products = _WeightProducts(model)
     n_batches = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
-                try:
+    with torch.no_grad(), _attention_unfused():
+        for batch in batches:
+            args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
+            wrong = [type(a).__name__ for a in args if not isinstance(a, torch.Tensor)]
+            if wrong:
+                raise InputTypeError(
+                    f"calibration batch {n_batches} holds a {wrong[0]}: each batch is one input tensor or a "
+                    "tuple of input tensors, as the example inputs"
+                )
+            try:
+                with products:
                     model(*args)
-                except Exception as err:  # the batch does not fit the model: the user's calibration data
-                    shown = ", ".join(shape_text(a) for a in args)
-                    raise InputError(
-                        f"calibration batch {n_batches} ({shown}) does not run through the model: "
-                        f"{type(err).__name__}: {first_line(err)}"
-                    ) from err
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
+            except Exception as err:  # the batch does not fit the model: the user's calibration data
+                shown = ", ".join(shape_text(a) for a in args)
+                raise InputError(
+                    f"calibration batch {n_batches} ({shown}) does not run through the model: "
+                    f"{type(err).__name__}: {first_line(err)}"
+                ) from err
+            n_batches += 1
     if n_batches == 0:
         raise InputError("calibration: no batch given (pass an iterable of example inputs)")
-    bad = [name for name, m in _named(model, linears) if not np.isfinite(sums[id(m)]).all()]
+    names = names or {}
+    bad = sorted(
+        names.get(key, f"the layer with weight key {key}")
+        for key, s in products.sums.items()
+        if not np.isfinite(s).all()
+    )
     if bad:
         raise InputError(
             f"calibration: the inputs of {', '.join(bad)} hold NaN or inf over the calibration batches; "
             "calibrate with finite data"
         )
-    # Layers are keyed by weight value, as the rewrite finds them: Linears with equal weights (an
-    # untrained deep copy) share one quantization, so their inputs are pooled (the last one won).
-    pooled: dict[str, list] = {}
-    for m in linears:
-        if counts[id(m)]:
-            total = pooled.setdefault(torch_weight_key(m.weight), [0.0, 0])
-            total[0] = total[0] + sums[id(m)]
-            total[1] += counts[id(m)]
-    return {key: total / count for key, (total, count) in pooled.items()}
+    return {key: products.sums[key] / products.rows[key] for key in products.sums}
 
 
-def _named(model: Any, linears: list) -> list[tuple[str, Any]]:
-    """``("path (Linear)", module)`` for each of ``linears``, in ``model``'s order."""
-    wanted = {id(m) for m in linears}
-    return [(f"{name} ({type(m).__name__})".strip(), m) for name, m in model.named_modules() if id(m) in wanted]
+def uncalibrated_layers(converted_keys: dict[str, str], importance: dict[str, np.ndarray]) -> list[str]:
+    """Names of the PB layers (``weight key -> name``) that calibration recorded nothing for."""
+    return [name for key, name in converted_keys.items() if key not in importance]
+
+
+@contextlib.contextmanager
+def _attention_unfused() -> Iterator[None]:
+    """``nn.MultiheadAttention`` without torch's fused inference path, whose projections run
+    inside one op: unfused, they are products by the model's weights like any other (same
+    results)."""
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+class _WeightProducts:
+    """A torch dispatch mode (entered once per batch) summing ``x_k^2`` over the rows of every
+    ``mm(x, B)`` / ``addmm(bias, x, B)`` whose ``B`` [K, N] lies in a parameter's or buffer's
+    storage: the product ``x @ W.T`` by the weight ``W = B.T`` [N, K], keyed as the rewrite keys
+    that constant. Below autograd, ``nn.Linear`` / ``F.linear`` / ``matmul`` reach these ops with
+    the input's leading dimensions folded into rows."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from .lowering import torch_weight_key
+
+        owned = {
+            t.untyped_storage().data_ptr()
+            for t in itertools.chain(model.parameters(), model.buffers())
+            if t.is_floating_point() and t.numel()
+        }
+        self.sums: dict[str, np.ndarray] = {}
+        self.rows: dict[str, int] = {}
+        keys: dict[tuple, str] = {}  # a weight view's identity -> its key (hashing a weight is not free)
+        products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        outer = self
+
+        def owned_by_model(t: Any) -> bool:
+            return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in owned
+
+        class Products(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in products and len(args) >= 2:
+                    x, b = args[-2], args[-1]
+                    if owned_by_model(b) and not owned_by_model(x) and x.dim() == 2 and x.is_floating_point():
+                        view = (
+                            b.untyped_storage().data_ptr(),
+                            b.storage_offset(),
+                            tuple(b.shape),
+                            b.stride(),
+                            b._version,
+                        )
+                        key = keys.get(view)
+                        if key is None:
+                            key = keys[view] = torch_weight_key(b.t())
+                        square = (x.detach().double() ** 2).sum(0).cpu().numpy()
+                        outer.sums[key] = outer.sums.get(key, 0.0) + square
+                        outer.rows[key] = outer.rows.get(key, 0) + x.shape[0]
+                return func(*args, **(kwargs or {}))
+
+        self._mode_type = Products
+        self._mode: Any = None
+
+    def __enter__(self) -> _WeightProducts:
+        self._mode = self._mode_type()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)

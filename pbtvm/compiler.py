@@ -58,13 +58,13 @@ def _rewrite(
     with eval_mode(model):  # the caller's model keeps its mode
         mod, specs, dynamic = import_model(model, example_inputs, dynamic_batch, owners)
         logger.info("imported model in %.1fs", time.perf_counter() - t0)
+        names = layer_names(model)
         importance = None
         if calibration is not None:
             from .calibration import input_importance
 
             with state_kept(model):
-                importance = input_importance(model, calibration)
-    names = layer_names(model)
+                importance = input_importance(model, calibration, names)
     with tvm_target:
         if auto_layout:  # an LSTM's steps and projections take any rows: as a dynamic batch
             recurrent = [(None, k) for k in lstm_weight_sizes(mod)]
@@ -99,7 +99,21 @@ def _rewrite(
         return f"{by_order[index]}: {s['op']}" if index is not None and by_order else s["op"]
 
     skipped = [{"name": skipped_name(s), **s} for s in report.skipped]
+    if importance is not None:
+        _warn_uncalibrated(converted, importance)
     return mod, specs, dynamic, converted, skipped, fmt
+
+
+def _warn_uncalibrated(converted: list[dict], importance: dict) -> None:
+    """Warn, naming them, about the PB layers calibration recorded nothing for (data-free)."""
+    missing = list(dict.fromkeys(c["name"] for c in converted if c["weight_key"] not in importance))
+    if missing:
+        warnings.warn(
+            f"pbtvm: calibration saw no input of {len(missing)} layer(s), quantized data-free: {', '.join(missing)} "
+            "(calibration records products by a model weight as nn.Linear / F.linear / x @ W.T run them; "
+            "LSTM layers and weights computed by ops are not seen)",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _batch_format(
@@ -281,8 +295,10 @@ def compile(
         original max-scaled round to nearest (see :func:`pbtvm.quantize.quantize_weights`).
     calibration : iterable, optional
         Example batches (each a model input or a tuple of inputs). If given, the quantizer weights
-        each input's error by its mean square over these batches (:mod:`pbtvm.calibration`);
-        default None: data-free.
+        each input's error by its mean square over these batches, for every layer whose product
+        the batches ran as ``nn.Linear`` / ``F.linear`` / ``x @ W.T`` (:mod:`pbtvm.calibration`;
+        the others, e.g. LSTM layers, stay data-free, named in a warning); default None:
+        data-free. Needs ``quantizer="mse"``.
 
     Returns
     -------
@@ -298,6 +314,11 @@ def compile(
         The tuning log in ``work_dir`` is corrupt.
     """
     check_codebook(codebook, bits, quantizer)
+    if calibration is not None and quantizer != "mse":
+        raise InputError(
+            f"calibration weights the error the 'mse' quantizer minimizes; quantizer={quantizer!r} takes each row's "
+            "full range and would ignore it: drop one of the two"
+        )
     tvm_target = resolve_target(target)
     fmt = BitplaneFormat(bits, act_bits, layout=weight_layout(layout, tvm_target))
     if tune and work_dir is None:

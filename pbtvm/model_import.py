@@ -421,10 +421,11 @@ def layer_names(model: Any) -> dict[str, str]:
     lookups = (torch.nn.Embedding, torch.nn.EmbeddingBag)
     modules = sorted(model.named_modules(), key=lambda item: isinstance(item[1], lookups))  # stable
     names = {}
-    for name, module in modules:
+    for path, module in modules:
+        name = path or "<model>"  # the top module: "<model> (Linear)", not " (Linear)"
         if isinstance(module, torch.nn.LSTM):  # its weights by name (the lowering's dense layers), computed ones too
             for param, w in recurrent.flat_weights(module).items():
-                names.setdefault(torch_weight_key(w), f"{name}.{param} (LSTM)")
+                names.setdefault(torch_weight_key(w), f"{f'{path}.' if path else ''}{param} (LSTM)")
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "detach"):
             names.setdefault(torch_weight_key(weight), f"{name} ({type(module).__name__})")
@@ -433,7 +434,7 @@ def layer_names(model: Any) -> dict[str, str]:
         # ``x @ v`` is a layer of one output, weight [1, K]
         for param, w in module.named_parameters(recurse=False):
             if w.ndim in (1, 2) and w.is_floating_point():
-                label = f"{f'{name}.' if name else ''}{param} ({type(module).__name__})"
+                label = f"{f'{path}.' if path else ''}{param} ({type(module).__name__})"
                 names.setdefault(torch_weight_key(w if w.ndim == 2 else w[None]), label)
                 if param != "weight" and w.ndim == 2:
                     names.setdefault(torch_weight_key(w.t()), label)

@@ -1,8 +1,9 @@
 """Quantizers (numpy): per-channel weights at compile time, per-row activations at run time.
 
-No retraining and no calibration data: weights get a per-output-channel scale (and, for the
-offset-binary codebook, a zero point) found by a clipping search minimizing the weight MSE
-(:mod:`pbtvm.weight_fit`; ``method="max"`` keeps the original max-scaled round-to-nearest);
+No retraining, and calibration data only if given: weights get a per-output-channel scale (and,
+for the offset-binary codebook, a zero point) found by a clipping search minimizing the weight MSE
+(:mod:`pbtvm.weight_fit`), or the MSE weighted by each input's mean square over calibration batches
+(:mod:`pbtvm.calibration`); ``method="max"`` keeps the original max-scaled round-to-nearest;
 :func:`choose_codebook` picks the codebook of a layer. Activations get a dynamic per-row scale
 computed from the row's own max, so nothing wraps (the paper's code used unscaled fixed point,
 which overflows on large activations).
@@ -89,7 +90,9 @@ def quantize_weights(
         ``s = max|w| / qmax``; offset binary the full ``[min, max]`` range), round to nearest.
     importance : np.ndarray, float, [K], optional
         Per-input weights of the squared error, e.g. the mean square of each input over
-        calibration data (:func:`pbtvm.weight_fit.column_weights`); None: plain weight MSE.
+        calibration data (:func:`pbtvm.weight_fit.column_weights`); None: plain weight MSE. Rows
+        keep the unweighted fit where it has the lower weighted error. ``"max"`` ignores it
+        (bipolar takes the weighted mean of ``|w|``).
 
     Returns
     -------

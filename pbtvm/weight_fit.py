@@ -15,7 +15,14 @@ within a few hundred MB) and returns integer codes plus per-row float parameters
 * ``bipolar`` (``w ~= s (2q - 1)``): ``s = mean|w|``, already the least-squares optimum.
 
 The ``"max"`` method keeps the original quantizer (``s = max|w| / qmax``, round to nearest) for
-comparison.
+comparison; it takes no importance.
+
+With ``importance`` (calibration, :func:`column_weights`) every error above is weighted per input,
+the clip ratios scale both the whole row's range and that of its columns weighted at least 1 % of
+the mean (never-active inputs then stop stretching it), and each row keeps the unweighted fit where
+that one has the lower weighted error: calibration never does worse on the error it minimizes
+(one dominant input once made the significant columns that input alone, whose range clipped every
+other weight). Fitting then takes about 2-3x as long.
 """
 
 from __future__ import annotations
@@ -53,13 +60,21 @@ def _sse(w: np.ndarray, approx: np.ndarray, c: np.ndarray | None = None) -> np.n
     return _dot(d, d, c)
 
 
-def _significant(w: np.ndarray, c: np.ndarray | None) -> np.ndarray:
-    """The columns whose error weight is at least 1 % of the mean (all without weights): the clip
-    range is searched over these, so never-active inputs do not stretch it."""
+def _clip_ranges(w: np.ndarray, c: np.ndarray | None) -> list[np.ndarray]:
+    """The column sets whose range the clip search scales: all columns, and with error weights
+    also the columns weighted at least 1 % of the mean, so never-active inputs do not stretch the
+    range. Both are searched: when one input dominates the weights (its mean square 100 K times
+    the others'), the significant columns are that input alone and its range clips every other."""
     if c is None:
-        return w
+        return [w]
     keep = c >= 1e-2
-    return w[:, keep] if keep.any() else w
+    return [w, w[:, keep]] if keep.any() and not keep.all() else [w]
+
+
+def _clip_grid(n_ranges: int) -> list[tuple[int, float]]:
+    """``(range index, r)`` for every clip ratio ``r`` of each of ``n_ranges`` ranges
+    (:func:`_clip_ranges`), but the last range's ratio 1: the search's starting point."""
+    return [(i, r) for i in range(n_ranges) for r in (CLIP_RATIOS[:-1] if i == n_ranges - 1 else CLIP_RATIOS)]
 
 
 def column_weights(importance: np.ndarray | None, k: int) -> np.ndarray | None:
@@ -129,8 +144,9 @@ def _round_sym(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
 
 def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str, c: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     w = w.astype(np.float64)
-    amax = np.abs(_significant(w, c)).max(axis=1)
-    best_s = amax / qmax
+    c = c if method == "mse" else None  # "max": the row's full range, as without calibration
+    amaxes = [np.abs(cols).max(axis=1) for cols in _clip_ranges(w, c)]
+    best_s = amaxes[-1] / qmax
     best_q = _round_sym(w, best_s, qmax)
     if method == "mse":
         best_e = _sse(w, best_q * best_s[:, None], c)
@@ -142,13 +158,15 @@ def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str, c: np.ndarray | N
             best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
             best_q[better] = q[better]
 
-        for r in CLIP_RATIOS[:-1]:
-            s = r * amax / qmax
+        for i, r in _clip_grid(len(amaxes)):
+            s = r * amaxes[i] / qmax
             keep(_round_sym(w, s, qmax), s)
         for _ in range(REFINE_STEPS):  # least-squares scale for the best codes, re-round
             qq = _dot(best_q, best_q, c)
             s = np.where(qq > 0, _dot(w, best_q, c) / np.where(qq > 0, qq, 1), 0.0)
             keep(_round_sym(w, s, qmax), s)
+        if c is not None:  # never worse than the data-free fit on the weighted error
+            keep(*_fit_symmetric_rows(w, qmax, method, None))
     return best_q.astype(np.int32), best_s.astype(np.float32)
 
 
@@ -180,11 +198,25 @@ def fit_offset_binary(
     c = column_weights(importance, k)
     for rows in _chunks(n, k):
         if bits == 1 and method == "mse":
-            q[rows], s, z = fit_two_level(w[rows], c)
+            q[rows], s, z = fit_two_level(w[rows], c)  # the exact optimum, weighted or not
         else:
             q[rows], s, z = _fit_offset_rows(w[rows], 2**bits - 1, method, c)
+            if c is not None and method == "mse":  # never worse than the data-free fit on the weighted error
+                q[rows], s, z = _lower_error(
+                    w[rows], c, (q[rows], s, z), _fit_offset_rows(w[rows], 2**bits - 1, method)
+                )
         params[0, rows], params[1, rows] = s, z
     return q, params
+
+
+def _lower_error(w: np.ndarray, c: np.ndarray, fit: tuple, other: tuple) -> tuple:
+    """Per row, whichever offset-binary fit ``(q [N, K], s [N], z [N])`` has the lower weighted
+    squared error."""
+    errors = [
+        _sse(w.astype(np.float64), s[:, None].astype(np.float64) * (q - z[:, None]), c) for q, s, z in (fit, other)
+    ]
+    take = errors[1] < errors[0]
+    return tuple(np.where(take[:, None] if a.ndim == 2 else take, b, a) for a, b in zip(fit, other, strict=True))
 
 
 def _offset_codes(w: np.ndarray, lo: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
@@ -209,19 +241,21 @@ def _fit_offset_rows(
     w: np.ndarray, qmax: int, method: str, c: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w64 = w.astype(np.float64)
-    sig = _significant(w64, c)
-    wmin, wmax = sig.min(axis=1), sig.max(axis=1)
-    mid, half = (wmax + wmin) / 2, (wmax - wmin) / 2
+    c = c if method == "mse" else None  # "max": the row's full range, as without calibration
+    spans = [(cols.min(axis=1), cols.max(axis=1)) for cols in _clip_ranges(w64, c)]
+    mids = [(hi + lo) / 2 for lo, hi in spans]
+    halves = [(hi - lo) / 2 for lo, hi in spans]
+    wmin, wmax = spans[-1]
 
     def attempt(lo: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = _offset_codes(w64, lo, s, qmax)
         return q, _sse(w64, lo[:, None] + s[:, None] * q, c)
 
-    best_lo, best_s = wmin, 2 * half / qmax
+    best_lo, best_s = wmin, (wmax - wmin) / qmax
     best_q, best_e = attempt(best_lo, best_s)
     if method == "mse":
-        for r in CLIP_RATIOS[:-1]:
-            lo, s = mid - r * half, 2 * r * half / qmax
+        for i, r in _clip_grid(len(spans)):
+            lo, s = mids[i] - r * halves[i], 2 * r * halves[i] / qmax
             q, e = attempt(lo, s)
             better = e < best_e
             best_lo, best_s, best_e = (np.where(better, a, b) for a, b in ((lo, best_lo), (s, best_s), (e, best_e)))
@@ -250,16 +284,16 @@ def _fit_centered_rows(
     Returns ``(q, lo, s, sse)`` with ``w ~= lo + s q``.
     """
     half = qmax / 2
-    amax = np.abs(_significant(w, c)).max(axis=1)
+    amaxes = [np.abs(cols).max(axis=1) for cols in _clip_ranges(w, c)]
 
     def attempt(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         safe = np.where(s > 0, s, 1.0)
         q = np.clip(np.round(w / safe[:, None] + half), 0, qmax)
         return q, _sse(w, s[:, None] * (q - half), c)
 
-    best_s = 2 * amax / qmax
+    best_s = 2 * amaxes[-1] / qmax
     best_q, best_e = attempt(best_s)
-    candidates = [2 * r * amax / qmax for r in CLIP_RATIOS[:-1]]
+    candidates = [2 * r * amaxes[i] / qmax for i, r in _clip_grid(len(amaxes))]
     for step in range(len(candidates) + REFINE_STEPS):
         if step < len(candidates):
             s = candidates[step]

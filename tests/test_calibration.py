@@ -1,0 +1,121 @@
+"""Calibration statistics: which products by a model weight are seen, and what the user is told
+about the layers that are not (pbtvm/calibration.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pbtvm
+from pbtvm.calibration import input_importance
+from pbtvm.errors import InputError, InputTypeError
+from pbtvm.lowering import torch_weight_key
+
+
+def _mean_square(x: torch.Tensor) -> np.ndarray:
+    rows = x.detach().double().reshape(-1, x.shape[-1])
+    return (rows**2).mean(0).numpy()
+
+
+class _Functional(nn.Module):
+    """``F.linear`` with the module's own parameter, ``x @ W.T`` by another module's weight, and
+    an ``nn.Linear`` called with its input by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 16) * 0.1)
+        self.inner = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(F.linear(x, self.w))
+        h = torch.tanh(h @ self.inner.weight.T + self.inner.bias)
+        return self.head(input=h)
+
+
+def test_products_by_model_weights_are_seen_however_called():
+    torch.manual_seed(0)
+    model = _Functional().eval()
+    batches = [torch.randn(2, 3, 16) * torch.linspace(0, 2, 16) for _ in range(2)]
+    imp = input_importance(model, batches)
+    x = torch.cat([b.reshape(-1, 16) for b in batches])
+    with torch.no_grad():
+        h1 = torch.relu(F.linear(x, model.w))
+        h2 = torch.tanh(h1 @ model.inner.weight.T + model.inner.bias)
+    for weight, inputs in ((model.w, x), (model.inner.weight, h1), (model.head.weight, h2)):
+        np.testing.assert_allclose(imp[torch_weight_key(weight)], _mean_square(inputs), rtol=1e-6)
+    assert len(imp) == 3
+
+
+def test_attention_projections_are_seen():
+    """``nn.MultiheadAttention``'s fused inference path runs its projections inside one op; the
+    calibration runs it unfused (and puts torch's setting back)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 5, 16)
+    imp = input_importance(Attention().eval(), [x])
+    np.testing.assert_allclose(imp[torch_weight_key(mha.in_proj_weight)], _mean_square(x), rtol=1e-6)
+    assert torch_weight_key(mha.out_proj.weight) in imp
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_batches_that_are_not_tensors_are_named():
+    model = nn.Linear(8, 4).eval()
+    with pytest.raises(InputTypeError, match="calibration batch 1 holds a ndarray"):
+        input_importance(model, [torch.randn(2, 8), np.ones((2, 8), np.float32)])
+    with pytest.raises(InputTypeError, match="got dict"):
+        input_importance(model, {"x": torch.randn(2, 8)})
+
+
+def test_layers_calibration_cannot_see_are_named_in_a_warning():
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0])
+
+    model = Tagger().eval()
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(
+        UserWarning,
+        match=r"calibration saw no input of 2 layer\(s\), quantized data-free: "
+        r"lstm.weight_ih_l0 \(LSTM\), lstm.weight_hh_l0 \(LSTM\)",
+    ) as record:
+        pbtvm.compile(model, (x,), "llvm", bits=2, calibration=[x])
+    assert not any("head" in str(w.message) for w in record if "calibration saw" in str(w.message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer seen: no warning
+        pbtvm.compile(model.head, (torch.randn(3, 16),), "llvm", bits=2, calibration=[torch.randn(3, 16)])
+
+
+def test_calibration_with_the_max_quantizer_is_refused():
+    model = nn.Linear(8, 4).eval()
+    with pytest.raises(InputError, match="quantizer='max' takes each row's full range"):
+        pbtvm.compile(model, (torch.randn(2, 8),), "llvm", bits=2, quantizer="max", calibration=[torch.randn(2, 8)])
+
+
+def test_the_top_module_is_named_in_messages():
+    model = nn.Linear(8, 4).eval()
+    bad = torch.randn(2, 8)
+    bad[0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"the inputs of <model> \(Linear\) hold NaN"):
+        pbtvm.compile(model, (torch.randn(2, 8),), "llvm", bits=2, calibration=[bad])
