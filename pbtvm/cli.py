@@ -336,12 +336,18 @@ def _speed_words(base_ms: float, ms: float) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``pbtvm eval``: accuracy and latency vs bits / bitlayers / act_bits, table + Pareto PNG."""
-    from .apps.report import evaluate_tradeoffs, plot_pareto, write_table
+    from .apps.report import evaluate_tradeoffs, plot_pareto, table_kind, write_table
 
     if args.model != "mnist-mlp":
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
     bits = bits_list(args.bits)
     act = bits_list(args.act_bits_sweep, "--act-bits-sweep") if args.act_bits_sweep else []
+    for flag, values, lo in (("--bits", bits, 1), ("--act-bits-sweep", act, 2)):  # before the sweep, not after it
+        outside = [v for v in values if not lo <= v <= 16]
+        if outside:
+            raise CLIError(f"{flag}: bit widths must be in {lo}..16, got {', '.join(map(str, outside))}")
+    if args.table and table_kind(args.table) is None:
+        raise CLIError(f"--table {args.table}: name a .md or .txt file (Markdown) or a .csv file (CSV)")
     if args.plot and not os.path.isdir(args.plot):
         suffix = Path(args.plot).suffix.lstrip(".").lower()
         if not suffix:  # what matplotlib writes for a name without one ("out." included)
@@ -358,13 +364,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag} {path}: the directory {folder} does not exist")
         if path and os.path.isdir(path):
             raise CLIError(f"{flag} {path} is a directory; give a file in it, e.g. {os.path.join(path, 'pareto.png')}")
+        if folder:
+            _check_writable(flag, path, folder)
+    if args.plot and os.path.isdir(f"{args.plot}.json"):
+        raise CLIError(f"--plot {args.plot}: its points go to {args.plot}.json, which is a directory")
     rows = evaluate_tradeoffs(bits=bits, act_bits_sweep=act, knob=not args.no_knob, target=parse_target(args.target))
-    table = write_table(rows, args.table)
+    try:
+        table = write_table(rows, args.table)
+    except OSError as err:
+        raise CLIError(f"--table {args.table}: cannot write it ({err.strerror or err})") from None
     print(table)
     if args.plot:
-        plot_pareto(rows, args.plot)
+        try:
+            plot_pareto(rows, args.plot)
+        except OSError as err:
+            raise CLIError(f"--plot {args.plot}: cannot write it ({err.strerror or err})") from None
         print(f"Pareto plot written to {args.plot}")
     return 0
+
+
+def _check_writable(flag: str, path: str, folder: str) -> None:
+    """Refuse, before a long run, an output whose directory takes no new file (read-only, /proc)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pbtvm-probe-"):
+            pass
+    except OSError as err:
+        raise CLIError(f"{flag} {path}: cannot write in {folder} ({err.strerror or err})") from None
 
 
 # --------------------------------------------------------------------------- parser
@@ -489,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="1,2,3,4,6,8", help="weight bitwidths to sweep (default 1,2,3,4,6,8)")
     p.add_argument("--act-bits-sweep", default="", help="also sweep act_bits at W4, e.g. 4,6,8,16")
     p.add_argument("--no-knob", action="store_true", help="skip the run-time bitlayers sweep")
-    p.add_argument("--table", help="also write the table here (.md or .csv)")
+    p.add_argument("--table", help="also write the table here (.md / .txt: Markdown; .csv: CSV)")
     p.add_argument("--plot", help="write the Pareto plot PNG here (and its points as PNG.json)")
     p.set_defaults(func=cmd_eval)
 

@@ -333,6 +333,37 @@ def test_eval_bad_input(capsys):
     assert code == 2 and "matplotlib cannot write .v2; use one of" in err, err
     code, _, err = _run(["eval", "mnist-mlp", "--plot", "."], capsys)
     assert code == 2 and "is a directory" in err, err
+    for args, message in (
+        (["--bits", "1,2,17"], "--bits: bit widths must be in 1..16, got 17"),
+        (["--act-bits-sweep", "4,1"], "--act-bits-sweep: bit widths must be in 2..16, got 1"),
+        (["--table", "t.xyz"], "--table t.xyz: name a .md or .txt file"),
+        (["--plot", "/proc/pareto.png"], "--plot /proc/pareto.png: cannot write in /proc"),
+    ):
+        code, _, err = _run(["eval", "mnist-mlp", *args], capsys)
+        assert code == 2 and message in err, err
+
+
+def test_eval_write_failures_are_user_errors(tmp_path, monkeypatch, capsys):
+    """A table or plot that cannot be written after the sweep names its flag (was an internal error)."""
+    from pbtvm.apps import report
+
+    monkeypatch.setattr(
+        report,
+        "evaluate_tradeoffs",
+        lambda **_: [{"config": "fp32", "series": "s", "accuracy": 1.0, "latency_ms": 1.0}],
+    )
+    if os.path.exists("/dev/full"):  # every write there fails with ENOSPC
+        code, _, err = _run(["eval", "mnist-mlp", "--table", "/dev/full"], capsys)
+        assert code == 2 and "--table /dev/full: cannot write it (No space left on device)" in err, err
+    (tmp_path / "p.png.json").mkdir()
+    code, _, err = _run(["eval", "mnist-mlp", "--plot", tmp_path / "p.png"], capsys)
+    assert code == 2 and "p.png.json, which is a directory" in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without a GPU")
+def test_eval_on_cuda_without_a_gpu_is_refused_first(capsys):
+    code, _, err = _run(["eval", "mnist-mlp", "--target", '{"kind": "cuda", "arch": "sm_90"}'], capsys)
+    assert code == 2 and "eval on a CUDA target runs the models, so it needs a CUDA GPU" in err, err
 
 
 def test_internal_errors_are_not_reported_as_user_errors(monkeypatch, capsys):

@@ -7,6 +7,7 @@ held-out accuracy and the median batch-1 latency of the compiled model.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -118,16 +119,22 @@ def evaluate_tradeoffs(
 
     import pbtvm
 
+    from ..target import TargetInfo, resolve_target
     from .examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
     if not bits:
         raise InputError("give at least one weight bitwidth")
+    target = resolve_target(target)
+    cuda = TargetInfo.of(target).device == "cuda"
+    if cuda and not torch.cuda.is_available():  # before training or compiling anything
+        raise InputError("eval on a CUDA target runs the models, so it needs a CUDA GPU, and torch sees none")
+    dev, sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", None)
     model, split = builtin_mnist_mlp()
     example = (torch.from_numpy(split.x_train[:2]),)
-    x1 = torch.from_numpy(split.x_test[:1])
+    x1 = torch.from_numpy(split.x_test[:1]).to(dev)  # latency: input and output on the model's device
     rows = []
     with torch.no_grad():
-        fp32_ms = median_latency_ms(model, x1, repeat)
+        fp32_ms = median_latency_ms(copy.deepcopy(model).to(dev), x1, repeat, sync)
     rows.append(
         {
             "series": BASELINE,
@@ -151,7 +158,7 @@ def evaluate_tradeoffs(
                 "bitlayers": b,
                 "act_bits": 8,
                 "accuracy": accuracy(m, split.x_test, split.y_test),
-                "latency_ms": median_latency_ms(m, x1, repeat),
+                "latency_ms": median_latency_ms(m, x1, repeat, sync),
             }
         )
     top = max(bits)
@@ -170,7 +177,7 @@ def evaluate_tradeoffs(
                     "bitlayers": layers,
                     "act_bits": 8,
                     "accuracy": accuracy(fn, split.x_test, split.y_test),
-                    "latency_ms": median_latency_ms(fn, x1, repeat),
+                    "latency_ms": median_latency_ms(fn, x1, repeat, sync),
                 }
             )
     for a in _progress(list(act_bits_sweep), "act bits"):
@@ -185,7 +192,7 @@ def evaluate_tradeoffs(
                 "bitlayers": 4,
                 "act_bits": a,
                 "accuracy": accuracy(m, split.x_test, split.y_test),
-                "latency_ms": median_latency_ms(m, x1, repeat),
+                "latency_ms": median_latency_ms(m, x1, repeat, sync),
             }
         )
     return rows
@@ -200,14 +207,25 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
+#: What ``write_table`` writes, by the file's suffix (any case; none: Markdown).
+TABLE_KINDS = {"": "markdown", ".md": "markdown", ".markdown": "markdown", ".txt": "markdown", ".csv": "csv"}
+
+
+def table_kind(path: str) -> str | None:
+    """``"csv"`` or ``"markdown"`` for a table file name (by its suffix, any case), None for
+    another suffix."""
+    return TABLE_KINDS.get(Path(path).suffix.lower())
+
+
 def write_table(rows: list[dict], path: str | None = None) -> str:
-    """Markdown table of the rows (returned); also written to ``path`` (.md, or .csv)."""
+    """Markdown table of the rows (returned); also written to ``path`` (.md / .txt, or .csv:
+    :func:`table_kind`)."""
     lines = ["| config | series | accuracy % | latency ms (batch 1) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['series']} | {r['accuracy']:.1f} | {r['latency_ms']:.3f} |")
     text = "\n".join(lines)
     if path:
-        if str(path).endswith(".csv"):
+        if table_kind(path) == "csv":
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
             writer.writeheader()
