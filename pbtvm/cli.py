@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CLIError(f"{path} is not a regular file (a device, FIFO or socket), not a pbtvm library")
     from pbtvm.library import read_manifest
-    from pbtvm.runtime import dim_labels
+    from pbtvm.runtime import codebook_text, dim_labels
 
     manifest = read_manifest(str(path))
     if args.json:
@@ -151,9 +151,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if manifest.get("cpu_features"):
         print(f"  needs    {' '.join(manifest['cpu_features'])} (checked when loaded)")
     converted = manifest["layers"]["converted"]
-    codebooks = {layer.get("codebook", fmt["codebook"]) for layer in converted}
-    codebook = fmt["codebook"] if codebooks <= {fmt["codebook"]} else "codebook per layer"
-    print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {codebook} layout {fmt['layout']} (v{fmt['version']})")
+    print(
+        f"  format   W{fmt['bits']}A{fmt['act_bits']} {codebook_text(manifest)} layout {fmt['layout']} (v{fmt['version']})"
+    )
     labels = dim_labels(manifest["inputs"])
     shown = ", ".join(
         f"[{', '.join(map(str, dims))}] {spec['dtype']}"

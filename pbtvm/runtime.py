@@ -279,11 +279,19 @@ class CompiledModel:
         )
 
     def __repr__(self) -> str:
-        m = self.manifest
+        m, f = self.manifest, self.format
         return (
-            f"CompiledModel({self.format.label}, target={m['target']}, "
+            f"CompiledModel(W{f.bits}A{f.act_bits} {codebook_text(m)} {f.layout}, target={m['target']}, "
             f"{len(m['layers']['converted'])} PB layers, {len(m['layers']['skipped'])} fp32)"
         )
+
+
+def codebook_text(manifest: dict) -> str:
+    """The model's weight codebook, or ``"codebook per layer"`` where its PB layers' differ
+    (``codebook="auto"`` picks one per layer)."""
+    fmt = manifest["format"]
+    codebooks = {layer.get("codebook", fmt["codebook"]) for layer in manifest["layers"]["converted"]}
+    return fmt["codebook"] if codebooks <= {fmt["codebook"]} else "codebook per layer"
 
 
 def _symbols(spec: dict) -> list:

@@ -405,3 +405,14 @@ def test_run_time_dimensions_are_labelled_and_tied():
     assert tied_dims(lm) == [((0, 1), (1, 1)), ((0, 1), (2, 1))]
     one_length = [{"dtype": "int64", "shape": [None, 1], "dims": ["s13", None]}]  # T run-time, batch fixed at 1
     assert dim_labels(one_length) == [("n0", 1)]  # not called "batch"
+
+
+def test_codebook_text_says_when_layers_differ():
+    """``repr`` and ``pbtvm inspect`` name the codebook only when every PB layer has it."""
+    from pbtvm.runtime import codebook_text
+
+    fmt = {"codebook": "twos_complement"}
+    same = {"format": fmt, "layers": {"converted": [{"codebook": "twos_complement"}, {}]}}
+    mixed = {"format": fmt, "layers": {"converted": [{"codebook": "twos_complement"}, {"codebook": "offset_binary"}]}}
+    assert codebook_text(same) == "twos_complement"
+    assert codebook_text(mixed) == "codebook per layer"
