@@ -180,12 +180,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_lstm(path: Path) -> int:
+    """``pbtvm inspect`` of a directory ``PBLSTM.export`` wrote: its ``lstm.json`` and pieces."""
+    described = path / "lstm.json"
+    try:
+        meta = json.loads(described.read_bytes().decode())
+        fmt = meta["format"]
+        print(f"{path}: an exported PB LSTM (load it with pbtvm.lstm.load_lstm)")
+        print(
+            f"  {meta['num_layers']} layer(s), input {meta['input_size']}, hidden {meta['hidden_size']}, "
+            f"batch_first {meta['batch_first']}"
+        )
+        print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {fmt['codebook']} layout {fmt['layout']}")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CLIError(f"{described} is corrupt: {type(err).__name__}: {err}") from None
+    pieces = sorted(meta.get("files") or [p.name for p in path.glob("*.so")])
+    print(f"  pieces   {', '.join(pieces)} (pbtvm inspect {path / 'PIECE'} shows each)")
+    return 0
+
+
 def _inspect_log(path: Path) -> int:
     from pbtvm.schedules import tuning
 
     logs = sorted(p.parent for p in path.glob(f"*/{tuning.LOG_META}"))
     if (path / tuning.LOG_META).exists():
         logs = [path]
+    if not logs and (path / "lstm.json").is_file():
+        return _inspect_lstm(path)
     if not logs:
         raise CLIError(f"{path} holds no pbtvm tuning log ({tuning.LOG_META} not found)")
     for log in logs:
@@ -524,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a pbtvm .so or a tuning work_dir")
     p.add_argument("--json", action="store_true", help="print the .so manifest as JSON")
     p.set_defaults(func=cmd_inspect)
+    for p in sub.choices.values():  # also after COMMAND: `pbtvm compile ... --debug` (the error text suggests it)
+        shared = p.add_argument_group("options of pbtvm itself (before or after COMMAND)")
+        shared.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+        )
+        shared.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log compiler progress"
+        )
     return ap
 
 

@@ -258,6 +258,7 @@ def _import_eval_model(
     _refuse_complex(exported, example_inputs)
     if not _holds_sparse(exported):  # as TVM's importer does: it decomposes only without sparse tensors
         exported = exported.run_decompositions(_decompositions())
+    _refuse_effects(exported)
     constants = frozenset(
         spec.arg.name for spec in exported.graph_signature.input_specs if spec.kind.name != "USER_INPUT"
     )
@@ -409,6 +410,21 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
             "and the example as they were.",
             stacklevel=user_stacklevel(),  # the user's compile / tune call
         )
+
+
+def _refuse_effects(exported: Any) -> None:
+    """Name the ops with side effects (``torch.linalg.inv``'s error check after decomposition),
+    which torch.export orders with an effect token that TVM's importer cannot take (its
+    ``ValueError: Unsupported input kind: InputKind.TOKEN`` was reported as a pbtvm bug)."""
+    if not any(spec.kind.name == "TOKEN" for spec in exported.graph_signature.input_specs):
+        return
+    effects = [n for n in exported.graph.nodes if n.op == "call_function" and "with_effects" in str(n.target)]
+    listed = ", ".join(sorted({f"{getattr(n.args[1], '__name__', n.args[1])} in {module_name(n)}" for n in effects}))
+    raise InputError(
+        f"TVM {tvm.__version__}'s torch importer cannot convert ops with side effects (torch.export orders them "
+        f"with an effect token): {listed or 'ops of this model'} (torch.linalg's inv / solve check their input "
+        "this way); keep them outside the compiled model"
+    )
 
 
 def layer_names(model: Any) -> dict[str, str]:

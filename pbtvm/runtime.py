@@ -475,6 +475,11 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
     problem = cpu_problem(manifest, path)
     if problem:
         raise library.LibraryError(problem)
+    if built_for == "cuda" and tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        raise library.LibraryError(  # TVM's own text names a loader that is not registered
+            f"{path} was compiled for CUDA, and this TVM runtime was built without CUDA: load it with a CUDA-enabled "
+            "TVM on a machine with an NVIDIA GPU"
+        )
     try:
         with library.without_scope_warnings(), library.dlopen_name(path, data, read_stat, manifest["checksum"]) as name:
             module = tvm.runtime.load_module(name)

@@ -186,7 +186,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
     """Turn ``"llvm"``, ``"cuda"``, a dict, its JSON text, TVM's old command-line form (``"llvm
     -mcpu=alderlake"``) or a ``tvm.target.Target`` into a PB-ready Target.
 
-    * ``llvm`` without ``mcpu`` gets the host CPU (plain llvm has no popcount instruction and is
+    * ``llvm`` without ``mcpu`` (or with ``mcpu=native``) gets the host CPU (plain llvm has no popcount instruction and is
       about 10x slower), and without ``mattr`` the AMX features the host has but LLVM's name
       for its CPU lacks (:func:`host_mattr`); the host is always llvm with the same mcpu, mattr
       and mtriple.
@@ -216,6 +216,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
     host = tvm.target.Target({"kind": "llvm", "mcpu": FALLBACK_MCPU})
     if kind == "llvm":
         _check_same_arch(spec.get("mtriple"))  # first: LLVM crashes on CPU names of a triple it does not know
+        if spec.get("mcpu") == "native":  # clang's and TVM users' spelling of "this machine's CPU"
+            del spec["mcpu"]
         if "mcpu" in spec:
             _check_llvm_cpu(str(spec["mcpu"]), spec.get("mtriple"))
         else:  # the host, with the tile instructions its CPU's name may not imply

@@ -314,6 +314,7 @@ def test_target_strings_in_every_form():
     assert resolve_target("cuda -arch=sm_90 -max_num_threads=512").attrs["max_num_threads"] == 512
     assert resolve_target("llvm -mcpu='haswell' -libs=cblas").attrs["mcpu"] == "haswell"
     assert resolve_target(" llvm ").kind.name == "llvm"
+    assert str(resolve_target("llvm -mcpu=native")) == str(resolve_target("llvm"))  # "native" was refused
     for text, message in [
         ("  ", "empty string"),
         ("llvm mcpu=x", "expected -key=value"),

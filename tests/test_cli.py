@@ -435,3 +435,39 @@ def test_plain_value_errors_from_inside_pbtvm_are_internal(monkeypatch, capsys):
         monkeypatch.setattr(cli, "cmd_inspect", broken)
         assert cli.main(["inspect", "x.so"]) == want
     assert "pbtvm: error: bad bits" in capsys.readouterr().err
+
+
+def test_global_flags_also_after_the_command():
+    """``pbtvm compile ... --debug`` (what the internal-error text suggests) was an argparse error."""
+    from pbtvm.cli import build_parser
+
+    parser = build_parser()
+    for argv, debug, verbose in (
+        (["inspect", "x"], False, False),
+        (["inspect", "x", "--debug"], True, False),
+        (["-v", "inspect", "x", "--debug"], True, True),
+        (["--debug", "compile", "mnist-mlp", "-o", "m.so", "-v"], True, True),
+    ):
+        args = parser.parse_args(argv)
+        assert (args.debug, args.verbose) == (debug, verbose), argv
+
+
+def test_inspect_of_an_exported_lstm_directory(tmp_path, capsys):
+    """It said 'holds no pbtvm tuning log'; it now shows what lstm.json describes."""
+    meta = {
+        "kind": "pbtvm.lstm",
+        "num_layers": 1,
+        "input_size": 8,
+        "hidden_size": 16,
+        "batch_first": True,
+        "format": {"bits": 4, "act_bits": 8, "codebook": "twos_complement", "layout": "kNW", "version": 1},
+        "files": {"proj0.so": "x", "cell0.so": "y"},
+    }
+    (tmp_path / "lstm.json").write_text(json.dumps(meta))
+    code, out, _ = _run(["inspect", tmp_path], capsys)
+    assert code == 0 and "an exported PB LSTM (load it with pbtvm.lstm.load_lstm)" in out, out
+    assert "1 layer(s), input 8, hidden 16" in out and "W4A8 twos_complement layout kNW" in out
+    assert "cell0.so, proj0.so" in out
+    (tmp_path / "lstm.json").write_text("{")
+    code, _, err = _run(["inspect", tmp_path], capsys)
+    assert code == 2 and "lstm.json is corrupt" in err, err

@@ -169,6 +169,17 @@ def test_cuda_library_manifest_and_cpu_load_error(cuda_library):
         pbtvm.load(path, device="cpu")
 
 
+def test_loading_a_cuda_library_with_a_cpu_only_tvm_is_a_clear_error(cuda_library):
+    """TVM's own text named a loader 'ffi.Module.load_from_bytes.cuda' that is not registered."""
+    import tvm
+
+    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        pytest.skip("this TVM runtime was built with CUDA")
+    _, path = cuda_library
+    with pytest.raises(pbtvm.LibraryError, match="compiled for CUDA, and this TVM runtime was built without CUDA"):
+        pbtvm.load(path)
+
+
 def test_running_cuda_model_without_gpu_is_a_clear_error(cuda_library):
     from pbtvm.target import local_cuda_arch
 

@@ -436,6 +436,21 @@ def test_torch_ops_tvm_cannot_import_are_named():
         _compile(model, torch.randn(2, 8))
 
 
+def test_ops_with_side_effects_are_named():
+    """torch.export threads an effect token through torch.linalg.inv's error check; TVM's importer
+    failed on it with 'Unsupported input kind: InputKind.TOKEN', reported as a pbtvm bug."""
+
+    class Inverse(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.inv(x.reshape(-1, 4, 4))
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), Inverse())
+    with pytest.raises(
+        ValueError, match=r"cannot convert ops with side effects .*: _linalg_check_errors.default in 1 \(Inverse\)"
+    ):
+        _compile(model, torch.randn(2, 16))
+
+
 def test_complex_buffers_are_named():
     """A complex buffer (Meta's rotary ``freqs_cis``) failed in TVM's importer with a bare
     NotImplementedError naming nothing."""
@@ -1231,11 +1246,13 @@ def test_deployed_library_refuses_out_of_range_bitlayers_through_the_raw_vm(tmp_
     torch.manual_seed(7)
     model = Small()
     x = torch.randn(2, 32)
-    path = pbtvm.compile(model, (x,), bits=4).export(tmp_path / "m.so")
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())  # what a TVM-only app does
+    compiled = pbtvm.compile(model, (x,), bits=4)
+    path = compiled.export(tmp_path / "m.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())  # what a TVM-only app does (README)
     arg = tvm.runtime.tensor(x.numpy())
     for layers in (1, 4):
-        assert np.isfinite(vm["main"](arg, tvm.runtime.ShapeTuple([layers]))[0].numpy()).all()
+        got = vm["main"](arg, tvm.runtime.ShapeTuple([layers]))[0].numpy()
+        np.testing.assert_array_equal(got, compiled(x.numpy(), bitlayers=layers))
     for layers in (0, -1, 5, 64, 100000):
         with pytest.raises(Exception, match=r"bitlayers must be in 1\.\.4"):
             vm["main"](arg, tvm.runtime.ShapeTuple([layers]))
