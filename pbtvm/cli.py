@@ -283,7 +283,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import pbtvm
 
-    from .apps.report import LATENCY_ROUNDS, UNSTABLE_SPREAD, calls_per_round, interleaved_latency_ms
+    from .apps.report import (
+        LATENCY_ROUNDS,
+        UNSTABLE_SPREAD,
+        calls_per_round,
+        interleaved_latency_ms,
+        plausible_speedup,
+    )
     from .target import TargetInfo, resolve_target
 
     model, example, options = _model_and_options(args)
@@ -330,6 +336,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "OpenMP threads and TVM's "
             "contend for this machine's cores, so the speed ratios above are unreliable; rerun with "
             "OMP_WAIT_POLICY=PASSIVE (and TVM_NUM_THREADS / OMP_NUM_THREADS) set",
+            file=sys.stderr,
+        )
+    limit = plausible_speedup(args.bits)
+    beyond = {name: base / ms for name, (ms, _, _) in rows.items() if name.startswith("PB") and base / ms > limit}
+    if beyond:
+        shown = ", ".join(f"{name} {ratio:.0f}x" for name, ratio in beyond.items())
+        print(
+            f"warning: {shown} faster than torch fp32 is more than {args.bits}-bit weights explain (at most "
+            f"~{32 / args.bits:.0f}x fewer weight bytes, plus torch's per-call overhead): torch was slowed by other "
+            "work on this machine (its OpenMP threads wait for busy cores); rerun on an idle machine",
             file=sys.stderr,
         )
     if unstable:

@@ -260,6 +260,21 @@ def test_bench(spec, capsys):
     assert code == 2 and "not valid JSON" in err
 
 
+def test_bench_warns_about_a_speedup_bits_cannot_explain(spec, monkeypatch, capsys):
+    """Torch fp32 slowed to 16 ms a call by a busy machine (steadily, alone too) made bench print
+    '571x faster' with no warning."""
+    from pbtvm.apps import report
+
+    def timed(calls, *_):  # torch 16 ms, PB 0.028 ms, steady rounds
+        return {name: (16.0, 15.9, 16.1) if name.startswith("torch") else (0.028, 0.027, 0.029) for name in calls}
+
+    monkeypatch.setattr(report, "interleaved_latency_ms", timed)
+    code, out, err = _run(["bench", spec, "--repeat", 3], capsys)
+    assert code == 0 and "571.43x faster" in out
+    assert "PB W4A8 571x faster than torch fp32 is more than 4-bit weights explain" in err, err
+    assert report.plausible_speedup(4) == 16 and report.plausible_speedup(1) == 64
+
+
 def test_interleaved_latency_flags_a_call_whose_rounds_differ():
     """Entries take turns round by round; each gets its median and its fastest / slowest round, so
     a call that slows down between rounds (a busy machine) shows a spread past UNSTABLE_SPREAD."""
