@@ -211,8 +211,8 @@ class CompiledModel:
                 if inputs[i].shape[d] != inputs[j].shape[e]:
                     raise InputError(
                         f"input {j} has size {inputs[j].shape[e]} in dimension {e} and input {i} has "
-                        f"{inputs[i].shape[d]} in dimension {d}: the model needs them equal "
-                        f"(both {self._labels[i][d]})"
+                        f"{inputs[i].shape[d]} in dimension {d}: the model needs them equal (one run-time "
+                        f"size, {self._labels[i][d]}, in both)"
                     )
             if self.manifest["has_bitlayers"]:
                 args.append(self._bitlayers_arg(layers))

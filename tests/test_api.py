@@ -417,3 +417,21 @@ def test_codebook_text_says_when_layers_differ():
     mixed = {"format": fmt, "layers": {"converted": [{"codebook": "twos_complement"}, {"codebook": "offset_binary"}]}}
     assert codebook_text(same) == "twos_complement"
     assert codebook_text(mixed) == "codebook per layer"
+
+
+def test_inputs_whose_sizes_the_model_ties_are_named():
+    class Sum(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    m = pbtvm.compile(Sum().eval(), (torch.randn(3, 8), torch.randn(3, 6)), bits=4)
+    with pytest.raises(
+        ValueError,
+        match=r"input 1 has size 2 in dimension 0 and input 0 has 5 in dimension 0: the "
+        r"model needs them equal \(one run-time size, \w+, in both\)",
+    ):
+        m(torch.randn(5, 8), torch.randn(2, 6))
