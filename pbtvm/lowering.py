@@ -52,7 +52,7 @@ def check_module_weights(modules: dict[str, Any]) -> None:
         ``layer head.weight (Linear): weights contain NaN or Inf``.
     """
     check_named_weights(
-        (f"{prefix}{'.' if prefix else ''}{param} ({type(module).__name__})", w.detach().float().cpu().numpy())
+        (f"{prefix}{'.' if prefix else ''}{param} ({type(module).__name__})", w.detach().double().cpu().numpy())
         for prefix, module in modules.items()
         if module is not None
         for param, w in module.named_parameters()
@@ -69,6 +69,12 @@ def check_named_weights(named: Iterable[tuple[str, np.ndarray]]) -> None:
     for name, w in named:
         with naming_layer(name):
             checked_weights(w)
+
+
+def _float_matrix(w: Any) -> np.ndarray:
+    """A weight as float64 if it is, else float32."""
+    a = np.asarray(w)
+    return a if a.dtype == np.float64 else np.asarray(a, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +161,8 @@ def lower_weights(
     from ._tvm import relax
     from .quantize import layer_format
 
-    mats = [np.asarray(w, np.float32) if rows is None else np.asarray(w, np.float32)[rows] for w in weights]
+    # float64 kept: the quantizer casts to float32 and names values past its range (bfloat16, an
+    # ml_dtypes type numpy does not call floating, as float32)
+    mats = [_float_matrix(w) if rows is None else _float_matrix(w)[rows] for w in weights]
     layer_fmt, coded = layer_format(mats, fmt, *quant, importances)
     return layer_fmt, [(relax.const(pack_weights(q, layer_fmt), "uint32"), relax.const(s, "float32")) for q, s in coded]

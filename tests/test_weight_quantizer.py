@@ -246,3 +246,15 @@ def test_compile_with_calibration_uses_input_statistics():
     pooled = input_importance(pair, [x])[weight_key(model[0].weight.detach().numpy())]
     want = ((x.numpy().astype(np.float64) ** 2).sum(0) + (between**2).sum(0)) / 16
     np.testing.assert_allclose(pooled, want, rtol=1e-5)
+
+
+def test_weights_past_float32_range_are_named_as_such():
+    """A finite float64 weight of 1e300 was reported as 'NaN or Inf' (its float32 cast is inf)."""
+    big = np.ones((2, 3))
+    big[1, 2] = 1e300
+    with pytest.raises(ValueError, match=r"weights exceed float32's range \(largest \|w\| 1e\+300\)"):
+        qz.checked_weights(big)
+    big[1, 2] = np.nan
+    with pytest.raises(ValueError, match="weights contain NaN or Inf"):
+        qz.checked_weights(big)
+    assert qz.checked_weights(np.ones((2, 3))).dtype == np.float32
