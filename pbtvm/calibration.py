@@ -61,7 +61,8 @@ def input_importance(model: Any, batches: Any, names: dict[str, str] | None = No
         )
     products = _WeightProducts(model)
     n_batches = 0
-    with torch.no_grad(), _attention_unfused():
+    # outside inference mode, where composite ops (einsum, linear) reach the dispatch mode as mm
+    with torch.inference_mode(False), torch.no_grad(), _attention_unfused():
         for batch in batches:
             args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
             wrong = [type(a).__name__ for a in args if not isinstance(a, torch.Tensor)]
@@ -122,49 +123,49 @@ def _attention_unfused() -> Iterator[None]:
 
 class _WeightProducts:
     """A torch dispatch mode (entered once per batch) summing ``x_k^2`` over the rows of every
-    ``mm(x, B)`` / ``addmm(bias, x, B)`` whose ``B`` [K, N] lies in a parameter's or buffer's
-    storage: the product ``x @ W.T`` by the weight ``W = B.T`` [N, K], keyed as the rewrite keys
-    that constant. Below autograd, ``nn.Linear`` / ``F.linear`` / ``matmul`` reach these ops with
-    the input's leading dimensions folded into rows."""
+    product of an activation by a weight that lies in a parameter's or buffer's storage
+    (:func:`_weight_operand`), keyed as the rewrite keys that weight's constant. Below autograd,
+    ``nn.Linear`` / ``F.linear`` / ``matmul`` reach ``mm`` / ``addmm`` (``bmm`` with the weight
+    broadcast, for frozen weights and strided inputs; ``mv`` for a vector) with the input's leading
+    dimensions folded into rows; under ``torch.inference_mode`` ``linear`` / ``matmul`` themselves."""
 
     def __init__(self, model: Any) -> None:
-        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         from .lowering import torch_weight_key
 
-        owned = {
-            t.untyped_storage().data_ptr()
-            for t in itertools.chain(model.parameters(), model.buffers())
-            if t.is_floating_point() and t.numel()
-        }
+        owned = {_storage(t) for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()}
+        owned.discard(None)
         self.sums: dict[str, np.ndarray] = {}
         self.rows: dict[str, int] = {}
         keys: dict[tuple, str] = {}  # a weight view's identity -> its key (hashing a weight is not free)
-        products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
         outer = self
 
-        def owned_by_model(t: Any) -> bool:
-            return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in owned
+        def record(x: Any, weight: Any) -> None:
+            try:
+                view = (
+                    _storage(weight),
+                    weight.storage_offset(),
+                    tuple(weight.shape),
+                    weight.stride(),
+                    weight._version,
+                )
+            except RuntimeError:  # an inference-mode tensor has no version counter: not cached
+                view = None
+            key = keys.get(view) if view else None
+            if key is None:
+                key = torch_weight_key(weight)
+                if view:
+                    keys[view] = key
+            rows = x.detach().reshape(-1, weight.shape[1]).cpu().double()
+            outer.sums[key] = outer.sums.get(key, 0.0) + (rows**2).sum(0).numpy()
+            outer.rows[key] = outer.rows.get(key, 0) + rows.shape[0]
 
         class Products(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in products and len(args) >= 2:
-                    x, b = args[-2], args[-1]
-                    if owned_by_model(b) and not owned_by_model(x) and x.dim() == 2 and x.is_floating_point():
-                        view = (
-                            b.untyped_storage().data_ptr(),
-                            b.storage_offset(),
-                            tuple(b.shape),
-                            b.stride(),
-                            b._version,
-                        )
-                        key = keys.get(view)
-                        if key is None:
-                            key = keys[view] = torch_weight_key(b.t())
-                        square = (x.detach().double() ** 2).sum(0).cpu().numpy()
-                        outer.sums[key] = outer.sums.get(key, 0.0) + square
-                        outer.rows[key] = outer.rows.get(key, 0) + x.shape[0]
+                found = _weight_operand(func, args, owned)
+                if found is not None:
+                    record(*found)
                 return func(*args, **(kwargs or {}))
 
         self._mode_type = Products
@@ -177,3 +178,40 @@ class _WeightProducts:
 
     def __exit__(self, *exc: Any) -> None:
         self._mode.__exit__(*exc)
+
+
+def _storage(t: Any) -> int | None:
+    """The address of a tensor's storage (None for tensors without one: sparse, subclasses)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _weight_operand(func: Any, args: tuple, owned: set) -> tuple[Any, Any] | None:
+    """``(x, W)`` where ``func(*args)`` computes ``x @ W.T`` with ``W`` [N, K] (a view) in a storage
+    of ``owned`` and ``x`` an activation (not in one), else None."""
+    import torch
+
+    aten = torch.ops.aten
+    if len(args) < 2:
+        return None
+    if func is aten.addmm.default:
+        x, b = args[1], args[2]
+    elif func in (aten.mm.default, aten.matmul.default, aten.mv.default, aten.bmm.default):
+        x, b = args[0], args[1]
+    elif func is aten.linear.default:
+        x, b = args[0], args[1].t() if isinstance(args[1], torch.Tensor) and args[1].dim() == 2 else None
+    else:
+        return None
+    if not (isinstance(x, torch.Tensor) and isinstance(b, torch.Tensor) and x.is_floating_point()):
+        return None
+    if _storage(b) not in owned or _storage(x) in owned:
+        return None
+    if func is aten.bmm.default:  # the weight broadcast over the batch (stride 0) or a batch of one
+        if b.shape[0] != 1 and b.stride(0) != 0:
+            return None
+        b = b[0]
+    if b.dim() == 1:  # x @ v: a layer of one output, weight [1, K]
+        return x, b[None]
+    return (x, b.t()) if b.dim() == 2 and x.shape[-1] == b.shape[0] else None

@@ -192,10 +192,10 @@ def _inspect_lstm(path: Path) -> int:
             f"batch_first {meta['batch_first']}"
         )
         print(f"  format   W{fmt['bits']}A{fmt['act_bits']} {fmt['codebook']} layout {fmt['layout']}")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        pieces = sorted(meta.get("files") or [p.name for p in path.glob("*.so")])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise CLIError(f"{described} is corrupt: {type(err).__name__}: {err}") from None
-    pieces = sorted(meta.get("files") or [p.name for p in path.glob("*.so")])
-    print(f"  pieces   {', '.join(pieces)} (pbtvm inspect {path / 'PIECE'} shows each)")
+    print(f"  pieces   {', '.join(map(str, pieces))} (pbtvm inspect {path / 'PIECE'} shows each)")
     return 0
 
 
@@ -421,9 +421,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_writable(flag: str, path: str, folder: str) -> None:
-    """Refuse, before a long run, an output whose directory takes no new file (read-only, /proc)."""
+    """Refuse, before a long run, an output that cannot be written: an existing file without write
+    permission, or a new one in a directory that takes no file (read-only, /proc)."""
     import tempfile
 
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise CLIError(f"{flag} {path}: no permission to write it")
+        return
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".pbtvm-probe-"):
             pass

@@ -110,8 +110,8 @@ def _warn_uncalibrated(converted: list[dict], importance: dict) -> None:
     if missing:
         warnings.warn(
             f"pbtvm: calibration saw no input of {len(missing)} layer(s), quantized data-free: {', '.join(missing)} "
-            "(calibration records products by a model weight as nn.Linear / F.linear / x @ W.T run them; "
-            "LSTM layers and weights computed by ops are not seen)",
+            "(calibration records the products of an activation by a model weight as torch runs them in "
+            "nn.Linear, F.linear, matmul or einsum; LSTM layers and weights computed by ops are not among them)",
             stacklevel=user_stacklevel(),
         )
 

@@ -116,7 +116,7 @@ def quantize_weights(
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     w = checked_weights(w)
     if fmt.codebook == "bipolar":
-        return weight_fit.fit_bipolar(w, importance)
+        return weight_fit.fit_bipolar(w, importance if method == "mse" else None)
     if fmt.codebook == "offset_binary":
         return weight_fit.fit_offset_binary(w, fmt.bits, method, importance)
     if method == "mse":
@@ -186,7 +186,7 @@ def choose_codebook(
         ``{codebook: [(q, scale), ...]}`` for every candidate, so callers need not quantize again.
     """
     errors, quantized = {}, {}
-    imps = importances or [None] * len(weights)
+    imps = importances if importances and method == "mse" else [None] * len(weights)  # "max" takes none
     if fmt.bits == 1:
         f = dataclasses.replace(fmt, codebook="bipolar")
         return "bipolar", {

@@ -477,8 +477,8 @@ def load_model(path: str, device: str | None = None) -> CompiledModel:
         raise library.LibraryError(problem)
     if built_for == "cuda" and tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
         raise library.LibraryError(  # TVM's own text names a loader that is not registered
-            f"{path} was compiled for CUDA, and this TVM runtime was built without CUDA: load it with a CUDA-enabled "
-            "TVM on a machine with an NVIDIA GPU"
+            f"{path} was compiled for CUDA, and this TVM has no CUDA runtime loaded (built without CUDA, or its CUDA "
+            "library or the NVIDIA driver could not be loaded): load it on a machine with an NVIDIA GPU and its driver"
         )
     try:
         with library.without_scope_warnings(), library.dlopen_name(path, data, read_stat, manifest["checksum"]) as name:

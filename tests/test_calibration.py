@@ -73,6 +73,46 @@ def test_attention_projections_are_seen():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+class _Frozen(nn.Module):
+    """Cross-attention, a transposed activation times a parameter, einsum and ``x @ v``: with
+    frozen weights torch's matmul reaches bmm (weight broadcast) and mv, not mm (a review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.e = nn.Parameter(torch.randn(8, 8))
+        self.v = nn.Parameter(torch.randn(8))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        h = self.mha(q, kv, kv, need_weights=False)[0]
+        g = h.transpose(0, 1).contiguous().transpose(0, 1) @ self.w  # strided 3-D input
+        g = torch.einsum("bsk,nk->bsn", g, self.e)
+        return g @ self.v
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_frozen_models_and_inference_mode_are_seen(inference):
+    torch.manual_seed(0)
+    model = _Frozen().eval().requires_grad_(False)
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    with torch.inference_mode(inference):
+        imp = input_importance(model, [(q, kv)])
+    with torch.no_grad():
+        h = model.mha(q, kv, kv, need_weights=False)[0]
+        g = h @ model.w
+        g2 = torch.einsum("bsk,nk->bsn", g, model.e)
+    np.testing.assert_allclose(imp[torch_weight_key(model.w.t())], _mean_square(h), rtol=1e-6)
+    np.testing.assert_allclose(imp[torch_weight_key(model.e)], _mean_square(g), rtol=1e-6)
+    np.testing.assert_allclose(imp[torch_weight_key(model.v[None])], _mean_square(g2), rtol=1e-6)
+    np.testing.assert_allclose(imp[torch_weight_key(model.mha.in_proj_weight[:16])], _mean_square(q), rtol=1e-6)
+    np.testing.assert_allclose(imp[torch_weight_key(model.mha.in_proj_weight[16:])], _mean_square(kv), rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every PB layer calibrated: no "saw no input" warning
+        warnings.filterwarnings("ignore", message=".*stay in full precision")  # attention's q k^T
+        pbtvm.compile(model, (q, kv), "llvm", bits=2, calibration=[(q, kv)])
+
+
 def test_batches_that_are_not_tensors_are_named():
     model = nn.Linear(8, 4).eval()
     with pytest.raises(InputTypeError, match="calibration batch 1 holds a ndarray"):

@@ -174,9 +174,9 @@ def test_loading_a_cuda_library_with_a_cpu_only_tvm_is_a_clear_error(cuda_librar
     import tvm
 
     if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
-        pytest.skip("this TVM runtime was built with CUDA")
+        pytest.skip("this TVM has its CUDA runtime loaded")
     _, path = cuda_library
-    with pytest.raises(pbtvm.LibraryError, match="compiled for CUDA, and this TVM runtime was built without CUDA"):
+    with pytest.raises(pbtvm.LibraryError, match="compiled for CUDA, and this TVM has no CUDA runtime loaded"):
         pbtvm.load(path)
 
 

@@ -192,18 +192,20 @@ def test_importance_never_worse_than_data_free(codebook, bits, power, rng):
     importance = np.ones(64)
     importance[0] = power
 
+    weights = weight_fit.column_weights(importance, 64)  # what the fit minimizes (normalized, floored)
+
     def row_errors(imp):
         q, s = qz.quantize_weights(w, fmt, importance=imp)
-        return ((qz.dequantize_weights(q, s, fmt).astype(np.float64) - w) ** 2) @ importance
+        return ((qz.dequantize_weights(q, s, fmt).astype(np.float64) - w) ** 2) @ weights
 
     calibrated, data_free = row_errors(importance), row_errors(None)
     assert np.all(calibrated <= data_free * (1 + 1e-6) + 1e-12)
 
 
-@pytest.mark.parametrize("codebook", ["twos_complement", "offset_binary"])
+@pytest.mark.parametrize("codebook", ["twos_complement", "offset_binary", "bipolar"])
 def test_max_quantizer_ignores_importance(codebook, rng):
     """``method="max"`` takes each row's full range, with or without calibration statistics."""
-    fmt = bp.BitplaneFormat(4, 8, codebook)
+    fmt = bp.BitplaneFormat(1 if codebook == "bipolar" else 4, 8, codebook)
     w = rng.standard_normal((8, 32)).astype(np.float32)
     importance = np.concatenate([np.ones(16), np.zeros(16)])
     for got, want in zip(
