@@ -2,21 +2,24 @@
 
 ``pbtvm.compile(model, x, calibration=batches)`` runs the torch model on the batches and records,
 for every matrix product of an activation by one of the model's own weights (``nn.Linear``,
-``F.linear``, ``x @ W.T``, attention's projections: whatever reaches torch's ``mm`` / ``addmm``
-with a parameter or buffer as its second operand), the mean square of each input feature,
+``F.linear``, ``x @ W.T``, ``einsum``, attention's projections: whatever reaches torch's ``mm`` /
+``addmm`` / ``bmm`` / ``mv`` with a parameter or buffer as its second operand), the mean square of each input feature,
 ``E[x_k^2]``. The quantizer then minimizes ``sum_k E[x_k^2] (w_nk - w'_nk)^2`` per row instead of
 the plain weight MSE - the expected squared output error when inputs are uncorrelated
 (activation-aware, in the spirit of AWQ) - in the clip search, the least-squares refits and the
 per-layer codebook choice, and keeps the data-free fit of a row where that one is better on this
 same error. Inputs that are never active (e.g. the border pixels of MNIST digits) then stop
-pulling the scale and offset of the others. A PB layer whose weight no such product used (an LSTM's,
-a weight computed by ops) is quantized data-free, with a warning naming it
-(:func:`uncalibrated_layers`). Without calibration nothing changes (data-free).
+pulling the scale and offset of the others. Each ``nn.LSTM``'s layers are recorded by a
+forward pre-hook that runs the LSTM's equations on the batch (``W_ih`` multiplies each layer's
+input, ``W_hh`` the hidden state before each step). A PB layer whose weight no such product used
+(a weight computed by ops, a packed sequence's LSTM) is quantized data-free, with a warning naming
+it. Without calibration nothing changes (data-free).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +28,7 @@ import numpy as np
 
 from .errors import InputError, InputTypeError, first_line, shape_text
 
-__all__ = ["input_importance", "uncalibrated_layers"]
+__all__ = ["input_importance"]
 
 
 def input_importance(model: Any, batches: Any, names: dict[str, str] | None = None) -> dict[str, np.ndarray]:
@@ -60,27 +63,14 @@ def input_importance(model: Any, batches: Any, names: dict[str, str] | None = No
             f"calibration takes an iterable of batches (e.g. a list of input tensors), got {type(batches).__name__}"
         )
     products = _WeightProducts(model)
-    n_batches = 0
-    # outside inference mode, where composite ops (einsum, linear) reach the dispatch mode as mm
-    with torch.inference_mode(False), torch.no_grad(), _attention_unfused():
-        for batch in batches:
-            args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
-            wrong = [type(a).__name__ for a in args if not isinstance(a, torch.Tensor)]
-            if wrong:
-                raise InputTypeError(
-                    f"calibration batch {n_batches} holds a {wrong[0]}: each batch is one input tensor or a "
-                    "tuple of input tensors, as the example inputs"
-                )
-            try:
-                with products:
-                    model(*args)
-            except Exception as err:  # the batch does not fit the model: the user's calibration data
-                shown = ", ".join(shape_text(a) for a in args)
-                raise InputError(
-                    f"calibration batch {n_batches} ({shown}) does not run through the model: "
-                    f"{type(err).__name__}: {first_line(err)}"
-                ) from err
-            n_batches += 1
+    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    record = functools.partial(_lstm_products, record=products.record)
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in lstms]
+    try:
+        n_batches = _run_batches(model, batches, products)
+    finally:
+        for hook in hooks:
+            hook.remove()
     if n_batches == 0:
         raise InputError("calibration: no batch given (pass an iterable of example inputs)")
     names = names or {}
@@ -97,9 +87,33 @@ def input_importance(model: Any, batches: Any, names: dict[str, str] | None = No
     return {key: products.sums[key] / products.rows[key] for key in products.sums}
 
 
-def uncalibrated_layers(converted_keys: dict[str, str], importance: dict[str, np.ndarray]) -> list[str]:
-    """Names of the PB layers (``weight key -> name``) that calibration recorded nothing for."""
-    return [name for key, name in converted_keys.items() if key not in importance]
+def _run_batches(model: Any, batches: Any, products: _WeightProducts) -> int:
+    """Run the model on every batch with ``products`` recording; returns the number of batches."""
+    import torch
+
+    n_batches = 0
+    # outside inference mode, where composite ops (einsum, linear) reach the dispatch mode as mm
+    with torch.inference_mode(False), torch.no_grad(), _attention_unfused():
+        for batch in batches:
+            args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
+            leaves = torch.utils._pytree.tree_leaves(args)  # (x, (h0, c0)) for an nn.LSTM
+            wrong = [type(a).__name__ for a in leaves if not isinstance(a, torch.Tensor)]
+            if wrong:
+                raise InputTypeError(
+                    f"calibration batch {n_batches} holds a {wrong[0]}: each batch is one input tensor or a tuple "
+                    "of input tensors (nested as the model's forward takes them), as the example inputs"
+                )
+            try:
+                with products:
+                    model(*args)
+            except Exception as err:  # the batch does not fit the model: the user's calibration data
+                shown = ", ".join(shape_text(a) for a in args)
+                raise InputError(
+                    f"calibration batch {n_batches} ({shown}) does not run through the model: "
+                    f"{type(err).__name__}: {first_line(err)}"
+                ) from err
+            n_batches += 1
+    return n_batches
 
 
 @contextlib.contextmanager
@@ -130,6 +144,7 @@ class _WeightProducts:
     dimensions folded into rows; under ``torch.inference_mode`` ``linear`` / ``matmul`` themselves."""
 
     def __init__(self, model: Any) -> None:
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         from .lowering import torch_weight_key
@@ -141,7 +156,7 @@ class _WeightProducts:
         keys: dict[tuple, str] = {}  # a weight view's identity -> its key (hashing a weight is not free)
         outer = self
 
-        def record(x: Any, weight: Any) -> None:
+        def record(x: Any, weight: Any) -> None:  # rows x [..., K] multiplied by weight [N, K]
             try:
                 view = (
                     _storage(weight),
@@ -157,9 +172,12 @@ class _WeightProducts:
                 key = torch_weight_key(weight)
                 if view:
                     keys[view] = key
-            rows = x.detach().reshape(-1, weight.shape[1]).cpu().double()
-            outer.sums[key] = outer.sums.get(key, 0.0) + (rows**2).sum(0).numpy()
+            rows = np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, np.float64)
+            rows = rows.reshape(-1, weight.shape[1])
+            outer.sums[key] = outer.sums.get(key, 0.0) + (rows**2).sum(0)
             outer.rows[key] = outer.rows.get(key, 0) + rows.shape[0]
+
+        self.record = record
 
         class Products(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -215,3 +233,54 @@ def _weight_operand(func: Any, args: tuple, owned: set) -> tuple[Any, Any] | Non
     if b.dim() == 1:  # x @ v: a layer of one output, weight [1, K]
         return x, b[None]
     return (x, b.t()) if b.dim() == 2 and x.shape[-1] == b.shape[0] else None
+
+
+def _lstm_products(module: Any, args: tuple, kwargs: dict, record: Any) -> None:
+    """Forward pre-hook of an ``nn.LSTM``: ``record`` the rows each layer's ``W_ih`` and ``W_hh``
+    multiply (the layer's input at every step; the hidden state before every step), computed here
+    in float64 numpy by the LSTM's equations (torch runs the layers in one op the dispatch mode
+    cannot look into). Packed sequences and ``proj_size`` (which pbtvm does not lower) are skipped."""
+    import torch
+
+    x = args[0] if args else kwargs.get("input")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if not isinstance(x, torch.Tensor) or module.proj_size or not x.is_floating_point():
+        return
+    x = x.detach().cpu().double().numpy()
+    batched = x.ndim == 3
+    if not batched:
+        x = x[:, None]
+    elif module.batch_first:
+        x = x.transpose(1, 0, 2)
+    dirs, hidden = 2 if module.bidirectional else 1, module.hidden_size
+    if hx is None:
+        h0 = c0 = np.zeros((module.num_layers * dirs, x.shape[1], hidden))
+    else:
+        h0, c0 = (t.detach().cpu().double().numpy().reshape(module.num_layers * dirs, x.shape[1], hidden) for t in hx)
+    for layer in range(module.num_layers):
+        outs = []
+        for d in range(dirs):
+            suffix = f"l{layer}{'_reverse' if d else ''}"
+            w_ih, w_hh = getattr(module, f"weight_ih_{suffix}"), getattr(module, f"weight_hh_{suffix}")
+            bias = 0.0
+            if module.bias:
+                bias = (getattr(module, f"bias_ih_{suffix}") + getattr(module, f"bias_hh_{suffix}")).detach().double()
+                bias = bias.cpu().numpy()
+            record(x, w_ih)
+            gates_x = x @ w_ih.detach().cpu().double().numpy().T + bias
+            h, c = h0[layer * dirs + d], c0[layer * dirs + d]
+            u = w_hh.detach().cpu().double().numpy().T
+            seen, ys = [], np.empty((x.shape[0], x.shape[1], hidden))
+            for t in reversed(range(x.shape[0])) if d else range(x.shape[0]):
+                seen.append(h)
+                i, f, g, o = np.split(gates_x[t] + h @ u, 4, axis=-1)
+                c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+                h = _sigmoid(o) * np.tanh(c)
+                ys[t] = h
+            record(np.stack(seen), w_hh)
+            outs.append(ys)
+        x = np.concatenate(outs, axis=-1)
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * v))  # no overflow for large |v|

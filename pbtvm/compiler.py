@@ -69,7 +69,9 @@ def _rewrite(
         if auto_layout:  # an LSTM's steps and projections take any rows: as a dynamic batch
             recurrent = [(None, k) for k in lstm_weight_sizes(mod)]
             fmt = _batch_format(fmt, tvm_target, dense_shapes(mod) + recurrent, dynamic or bool(recurrent))
-        lstms = PBLSTMLowering(fmt, codebook, quantizer, names)  # first: its input projections are dense layers
+        lstms = PBLSTMLowering(
+            fmt, codebook, quantizer, names, importance
+        )  # first: its input projections are dense layers
         mod = lstms(mod)
         rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
         mod = rewrite(mod)
@@ -111,7 +113,7 @@ def _warn_uncalibrated(converted: list[dict], importance: dict) -> None:
         warnings.warn(
             f"pbtvm: calibration saw no input of {len(missing)} layer(s), quantized data-free: {', '.join(missing)} "
             "(calibration records the products of an activation by a model weight as torch runs them in "
-            "nn.Linear, F.linear, matmul or einsum; LSTM layers and weights computed by ops are not among them)",
+            "nn.Linear, F.linear, matmul, einsum or nn.LSTM; a weight computed by ops is none)",
             stacklevel=user_stacklevel(),
         )
 
@@ -296,9 +298,9 @@ def compile(
     calibration : iterable, optional
         Example batches (each a model input or a tuple of inputs). If given, the quantizer weights
         each input's error by its mean square over these batches, for every layer whose product
-        the batches ran as ``nn.Linear`` / ``F.linear`` / ``x @ W.T`` (:mod:`pbtvm.calibration`;
-        the others, e.g. LSTM layers, stay data-free, named in a warning); default None:
-        data-free. Needs ``quantizer="mse"``.
+        the batches ran as ``nn.Linear`` / ``F.linear`` / ``x @ W.T`` / ``einsum`` / ``nn.LSTM``
+        (:mod:`pbtvm.calibration`; the others, e.g. weights computed by ops, stay data-free, named
+        in a warning); default None: data-free. Needs ``quantizer="mse"``.
 
     Returns
     -------

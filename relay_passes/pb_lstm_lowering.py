@@ -120,13 +120,20 @@ def _seq(*bindings: tuple[relax.Var, relax.Expr]) -> relax.SeqExpr:
 @mutator
 class _Lowerer(PyExprMutator):
     def __init__(
-        self, mod: tvm.IRModule, fmt: BitplaneFormat, codebook: str | None, method: str, layer_names: dict[str, str]
+        self,
+        mod: tvm.IRModule,
+        fmt: BitplaneFormat,
+        codebook: str | None,
+        method: str,
+        layer_names: dict[str, str],
+        importance: dict[str, np.ndarray],
     ) -> None:
         super().__init__(mod)
         self.fmt = fmt
         self.codebook = codebook
         self.method = method
         self.layer_names = layer_names
+        self.importance = importance
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
         self.recurrent_of: dict[str, str] = {}
@@ -138,7 +145,8 @@ class _Lowerer(PyExprMutator):
     def _loop(self, w_hh: np.ndarray, codebook: str | None, reverse: bool, name: str) -> relax.GlobalVar:
         """The recursive time-loop function of one layer and direction (W_hh packed inside)."""
         hidden = w_hh.shape[1]
-        fmt, [weights] = lower_weights([w_hh], self.fmt, (codebook, self.method), rows=unit_major_rows(hidden))
+        imp = [self.importance.get(weight_key(w_hh))]
+        fmt, [weights] = lower_weights([w_hh], self.fmt, (codebook, self.method), imp, rows=unit_major_rows(hidden))
         self.converted.append(LayerRecord.of(name, w_hh, fmt, bias=False).as_dict())
         step = self.builder_.add_func(
             _step_func(fmt, hidden), f"pb_lstm_cell_seq_{fmt.name.replace('-', '_')}_h{hidden}"
@@ -229,7 +237,8 @@ class _Lowerer(PyExprMutator):
                 # One codebook for W_ih and W_hh of a layer, chosen jointly, as compile_lstm does.
                 codebook = self.codebook
                 if codebook == AUTO:
-                    codebook = choose_codebook([w_ih, w_hh], self.fmt, self.method)[0]
+                    imps = [self.importance.get(weight_key(w)) for w in (w_ih, w_hh)]
+                    codebook = choose_codebook([w_ih, w_hh], self.fmt, self.method, imps)[0]
                 self.codebooks[weight_key(w_ih)] = codebook
                 self.recurrent_of[weight_key(w_ih)] = weight_key(w_hh)
                 loop = self._loop(w_hh, codebook, bool(d), f"weight_hh_l{layer}{suffix} (LSTM)")
@@ -290,6 +299,10 @@ class PBLSTMLowering:
         Codebook and quantizer of the recurrent weights, as in :class:`PBLinearRewrite`.
     layer_names : dict, optional
         :func:`weight_key` -> readable name, for error messages (e.g. a weight holding NaN).
+    importance : dict, optional
+        :func:`weight_key` of ``W_ih`` / ``W_hh`` -> per-input error weights [K] (calibration,
+        :func:`pbtvm.calibration.input_importance`): the joint codebook choice and ``W_hh``'s fit
+        weigh their errors by them (``W_ih``'s fit is :class:`PBLinearRewrite`'s).
 
     Attributes
     ----------
@@ -310,17 +323,19 @@ class PBLSTMLowering:
         codebook: str | None = AUTO,
         method: str = "mse",
         layer_names: dict[str, str] | None = None,
+        importance: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.fmt = fmt
         self.codebook = codebook
         self.method = method
         self.layer_names = dict(layer_names or {})
+        self.importance = importance or {}
         self.converted: list[dict] = []
         self.codebooks: dict[str, str | None] = {}
         self.recurrent_of: dict[str, str] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method, self.layer_names)
+        lowerer = _Lowerer(mod, self.fmt, self.codebook, self.method, self.layer_names, self.importance)
         with blocks_closed_on_error(lowerer.builder_):
             for gvar, func in mod.functions_items():
                 if isinstance(func, relax.Function):
