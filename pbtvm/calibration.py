@@ -9,17 +9,15 @@ the plain weight MSE - the expected squared output error when inputs are uncorre
 (activation-aware, in the spirit of AWQ) - in the clip search, the least-squares refits and the
 per-layer codebook choice, and keeps the data-free fit of a row where that one is better on this
 same error. Inputs that are never active (e.g. the border pixels of MNIST digits) then stop
-pulling the scale and offset of the others. Each ``nn.LSTM``'s layers are recorded by a
-forward pre-hook that runs the LSTM's equations on the batch (``W_ih`` multiplies each layer's
-input, ``W_hh`` the hidden state before each step). A PB layer whose weight no such product used
-(a weight computed by ops, a packed sequence's LSTM) is quantized data-free, with a warning naming
-it. Without calibration nothing changes (data-free).
+pulling the scale and offset of the others. ``nn.LSTM`` runs without oneDNN / cuDNN while calibrating, so
+its layers are such products too (``W_ih`` over the sequence, ``W_hh`` at every step). A PB layer
+whose weight no such product used (a weight computed by ops, e.g. ``weight_norm``) is quantized
+data-free, with a warning naming it. Without calibration nothing changes (data-free).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -63,14 +61,7 @@ def input_importance(model: Any, batches: Any, names: dict[str, str] | None = No
             f"calibration takes an iterable of batches (e.g. a list of input tensors), got {type(batches).__name__}"
         )
     products = _WeightProducts(model)
-    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
-    record = functools.partial(_lstm_products, record=products.record)
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in lstms]
-    try:
-        n_batches = _run_batches(model, batches, products)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    n_batches = _run_batches(model, batches, products)
     if n_batches == 0:
         raise InputError("calibration: no batch given (pass an iterable of example inputs)")
     names = names or {}
@@ -84,7 +75,7 @@ def input_importance(model: Any, batches: Any, names: dict[str, str] | None = No
             f"calibration: the inputs of {', '.join(bad)} hold NaN or inf over the calibration batches; "
             "calibrate with finite data"
         )
-    return {key: products.sums[key] / products.rows[key] for key in products.sums}
+    return {key: products.sums[key] / products.rows[key] for key in products.sums if products.rows[key]}
 
 
 def _run_batches(model: Any, batches: Any, products: _WeightProducts) -> int:
@@ -92,8 +83,15 @@ def _run_batches(model: Any, batches: Any, products: _WeightProducts) -> int:
     import torch
 
     n_batches = 0
-    # outside inference mode, where composite ops (einsum, linear) reach the dispatch mode as mm
-    with torch.inference_mode(False), torch.no_grad(), _attention_unfused():
+    # Outside inference mode, where composite ops (einsum, linear) reach the dispatch mode as mm;
+    # without oneDNN / cuDNN, whose LSTM is one op: torch's own LSTM runs W_ih over the sequence
+    # and W_hh at every step as addmm / mm (a subclass's forward and packed sequences included).
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        _attention_unfused(),
+        _rnn_unfused(),
+    ):
         for batch in batches:
             args = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
             leaves = torch.utils._pytree.tree_leaves(args)  # (x, (h0, c0)) for an nn.LSTM
@@ -135,16 +133,34 @@ def _attention_unfused() -> Iterator[None]:
         mha.set_fastpath_enabled(was)
 
 
+@contextlib.contextmanager
+def _rnn_unfused() -> Iterator[None]:
+    """torch's RNNs without oneDNN / cuDNN (one op each, whose products the dispatch mode cannot
+    see): its own implementation runs them as ``addmm`` / ``mm`` (same results up to rounding).
+    The switches are set directly (``flags()`` warns about TF32 on builds without Intel GPUs)."""
+    import torch
+
+    backends = (torch.backends.mkldnn, torch.backends.cudnn)
+    was = [b.enabled for b in backends]
+    for b in backends:
+        b.enabled = False
+    try:
+        yield
+    finally:
+        for b, on in zip(backends, was, strict=True):
+            b.enabled = on
+
+
 class _WeightProducts:
     """A torch dispatch mode (entered once per batch) summing ``x_k^2`` over the rows of every
     product of an activation by a weight that lies in a parameter's or buffer's storage
     (:func:`_weight_operand`), keyed as the rewrite keys that weight's constant. Below autograd,
     ``nn.Linear`` / ``F.linear`` / ``matmul`` reach ``mm`` / ``addmm`` (``bmm`` with the weight
     broadcast, for frozen weights and strided inputs; ``mv`` for a vector) with the input's leading
-    dimensions folded into rows; under ``torch.inference_mode`` ``linear`` / ``matmul`` themselves."""
+    dimensions folded into rows; under ``torch.inference_mode`` ``linear`` / ``matmul`` themselves;
+    ``nn.LSTM`` without oneDNN / cuDNN ``addmm`` / ``mm`` per layer (inputs) and step (states)."""
 
     def __init__(self, model: Any) -> None:
-        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         from .lowering import torch_weight_key
@@ -172,12 +188,9 @@ class _WeightProducts:
                 key = torch_weight_key(weight)
                 if view:
                     keys[view] = key
-            rows = np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, np.float64)
-            rows = rows.reshape(-1, weight.shape[1])
+            rows = x.detach().cpu().double().reshape(-1, weight.shape[1]).numpy()
             outer.sums[key] = outer.sums.get(key, 0.0) + (rows**2).sum(0)
             outer.rows[key] = outer.rows.get(key, 0) + rows.shape[0]
-
-        self.record = record
 
         class Products(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -224,6 +237,8 @@ def _weight_operand(func: Any, args: tuple, owned: set) -> tuple[Any, Any] | Non
         return None
     if not (isinstance(x, torch.Tensor) and isinstance(b, torch.Tensor) and x.is_floating_point()):
         return None
+    if x.layout != torch.strided or b.layout != torch.strided:  # sparse: pbtvm does not compile those
+        return None
     if _storage(b) not in owned or _storage(x) in owned:
         return None
     if func is aten.bmm.default:  # the weight broadcast over the batch (stride 0) or a batch of one
@@ -233,54 +248,3 @@ def _weight_operand(func: Any, args: tuple, owned: set) -> tuple[Any, Any] | Non
     if b.dim() == 1:  # x @ v: a layer of one output, weight [1, K]
         return x, b[None]
     return (x, b.t()) if b.dim() == 2 and x.shape[-1] == b.shape[0] else None
-
-
-def _lstm_products(module: Any, args: tuple, kwargs: dict, record: Any) -> None:
-    """Forward pre-hook of an ``nn.LSTM``: ``record`` the rows each layer's ``W_ih`` and ``W_hh``
-    multiply (the layer's input at every step; the hidden state before every step), computed here
-    in float64 numpy by the LSTM's equations (torch runs the layers in one op the dispatch mode
-    cannot look into). Packed sequences and ``proj_size`` (which pbtvm does not lower) are skipped."""
-    import torch
-
-    x = args[0] if args else kwargs.get("input")
-    hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    if not isinstance(x, torch.Tensor) or module.proj_size or not x.is_floating_point():
-        return
-    x = x.detach().cpu().double().numpy()
-    batched = x.ndim == 3
-    if not batched:
-        x = x[:, None]
-    elif module.batch_first:
-        x = x.transpose(1, 0, 2)
-    dirs, hidden = 2 if module.bidirectional else 1, module.hidden_size
-    if hx is None:
-        h0 = c0 = np.zeros((module.num_layers * dirs, x.shape[1], hidden))
-    else:
-        h0, c0 = (t.detach().cpu().double().numpy().reshape(module.num_layers * dirs, x.shape[1], hidden) for t in hx)
-    for layer in range(module.num_layers):
-        outs = []
-        for d in range(dirs):
-            suffix = f"l{layer}{'_reverse' if d else ''}"
-            w_ih, w_hh = getattr(module, f"weight_ih_{suffix}"), getattr(module, f"weight_hh_{suffix}")
-            bias = 0.0
-            if module.bias:
-                bias = (getattr(module, f"bias_ih_{suffix}") + getattr(module, f"bias_hh_{suffix}")).detach().double()
-                bias = bias.cpu().numpy()
-            record(x, w_ih)
-            gates_x = x @ w_ih.detach().cpu().double().numpy().T + bias
-            h, c = h0[layer * dirs + d], c0[layer * dirs + d]
-            u = w_hh.detach().cpu().double().numpy().T
-            seen, ys = [], np.empty((x.shape[0], x.shape[1], hidden))
-            for t in reversed(range(x.shape[0])) if d else range(x.shape[0]):
-                seen.append(h)
-                i, f, g, o = np.split(gates_x[t] + h @ u, 4, axis=-1)
-                c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-                h = _sigmoid(o) * np.tanh(c)
-                ys[t] = h
-            record(np.stack(seen), w_hh)
-            outs.append(ys)
-        x = np.concatenate(outs, axis=-1)
-
-
-def _sigmoid(v: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * v))  # no overflow for large |v|

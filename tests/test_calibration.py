@@ -123,11 +123,13 @@ def test_batches_that_are_not_tensors_are_named():
 
 def test_lstm_layers_are_seen():
     """Each layer's W_ih multiplies its input, W_hh the hidden state before each step (both
-    directions, state given): the statistics equal those of torch's own layers run one by one."""
+    directions, state given): the statistics equal those of torch's own layers run one by one
+    (calibration runs nn.LSTM without oneDNN, whose LSTM is one op)."""
     torch.manual_seed(0)
     lstm = nn.LSTM(6, 5, num_layers=2, batch_first=True, bidirectional=True).eval()
     x, h0, c0 = torch.randn(3, 4, 6), torch.randn(4, 3, 5), torch.randn(4, 3, 5)
     imp = input_importance(lstm, [(x, (h0, c0))])
+    assert torch.backends.mkldnn.enabled  # put back
     inputs = x
     with torch.no_grad():
         for layer in range(2):
@@ -144,6 +146,23 @@ def test_lstm_layers_are_seen():
                 np.testing.assert_allclose(got_ih, _mean_square(inputs), rtol=1e-5)
                 np.testing.assert_allclose(got_hh, _mean_square(before), rtol=1e-4)
             inputs = out
+
+
+def test_an_lstm_with_a_forward_of_its_own_is_seen_as_it_runs():
+    """A subclass's forward scales the input before nn.LSTM's: W_ih multiplies the scaled rows (a
+    pre-hook on the module saw the unscaled ones)."""
+    torch.manual_seed(0)
+    scale = torch.linspace(0, 3, 6)
+
+    class Shift(nn.LSTM):
+        def forward(self, input, hx=None):
+            return super().forward(input * scale, hx)
+
+    lstm = Shift(6, 5, batch_first=True).eval()
+    x = torch.randn(3, 4, 6)
+    imp = input_importance(lstm, [x])
+    np.testing.assert_allclose(imp[torch_weight_key(lstm.weight_ih_l0)], _mean_square(x * scale), rtol=1e-5)
+    assert torch_weight_key(lstm.weight_hh_l0) in imp
 
 
 def test_layers_calibration_cannot_see_are_named_in_a_warning():
