@@ -69,16 +69,14 @@ def checked_weights(w: np.ndarray) -> np.ndarray:
         raise InputError(f"weights must be 2-D [N, K], got shape {w.shape}")
     if not np.issubdtype(w.dtype, np.floating):
         raise InputTypeError(f"weights must be floating point, got {w.dtype}")
-    if w.dtype != np.float32 and not np.all(np.isfinite(w)):
+    if not np.all(np.isfinite(w)):
         raise InputError("weights contain NaN or Inf")
     with np.errstate(over="ignore"):  # named below
         w32 = w.astype(np.float32)
-    if not np.all(np.isfinite(w32)):
-        if np.all(np.isfinite(w)):  # a float64 weight past float32's range
-            raise InputError(
-                f"weights exceed float32's range (largest |w| {np.abs(w).max():.3g}); PB layers quantize in float32"
-            )
-        raise InputError("weights contain NaN or Inf")
+    if w.dtype != np.float32 and not np.all(np.isfinite(w32)):  # a float64 weight past float32's range
+        raise InputError(
+            f"weights exceed float32's range (largest |w| {np.abs(w).max():.3g}); PB layers quantize in float32"
+        )
     return w32
 
 

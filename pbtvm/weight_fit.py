@@ -131,6 +131,7 @@ def fit_symmetric(
     q = np.empty((n, k), np.int32)
     scale = np.empty(n, np.float32)
     c = column_weights(importance, k)
+    c = c if method == "mse" else None  # "max": the row's full range, as without calibration
     for rows in _chunks(n, k):
         q[rows], scale[rows] = _fit_symmetric_rows(w[rows], qmax, method, c)
     return q, scale
@@ -144,7 +145,6 @@ def _round_sym(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
 
 def _fit_symmetric_rows(w: np.ndarray, qmax: int, method: str, c: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     w = w.astype(np.float64)
-    c = c if method == "mse" else None  # "max": the row's full range, as without calibration
     amaxes = [np.abs(cols).max(axis=1) for cols in _clip_ranges(w, c)]
     best_s = amaxes[-1] / qmax
     best_q = _round_sym(w, best_s, qmax)
@@ -196,12 +196,13 @@ def fit_offset_binary(
     q = np.empty((n, k), np.int32)
     params = np.empty((2, n), np.float32)
     c = column_weights(importance, k)
+    c = c if method == "mse" else None  # "max": the row's full range, as without calibration
     for rows in _chunks(n, k):
         if bits == 1 and method == "mse":
             q[rows], s, z = fit_two_level(w[rows], c)  # the exact optimum, weighted or not
         else:
             q[rows], s, z = _fit_offset_rows(w[rows], 2**bits - 1, method, c)
-            if c is not None and method == "mse":  # never worse than the data-free fit on the weighted error
+            if c is not None:  # never worse than the data-free fit on the weighted error
                 q[rows], s, z = _lower_error(
                     w[rows], c, (q[rows], s, z), _fit_offset_rows(w[rows], 2**bits - 1, method)
                 )
@@ -241,7 +242,6 @@ def _fit_offset_rows(
     w: np.ndarray, qmax: int, method: str, c: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w64 = w.astype(np.float64)
-    c = c if method == "mse" else None  # "max": the row's full range, as without calibration
     spans = [(cols.min(axis=1), cols.max(axis=1)) for cols in _clip_ranges(w64, c)]
     mids = [(hi + lo) / 2 for lo, hi in spans]
     halves = [(hi - lo) / 2 for lo, hi in spans]
