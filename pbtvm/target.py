@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,7 +332,9 @@ def _check_llvm_mattr(mattr: Any, mtriple: str | None) -> list[str]:
     built without what was asked for (``+avx512vnn`` for ``+avx512vnni``)."""
     if isinstance(mattr, str):
         mattr = [entry for entry in mattr.split(",") if entry.strip()]
-    if not isinstance(mattr, (list, tuple)) or not all(isinstance(entry, str) for entry in mattr):
+    if isinstance(mattr, Sequence) and not isinstance(mattr, (str, bytes)):  # a Target's own mattr: an ffi Array
+        mattr = list(mattr)
+    if not isinstance(mattr, list) or not all(isinstance(entry, str) for entry in mattr):
         raise InputTypeError(f"mattr must be a list of '+feature' / '-feature' strings, got {mattr!r}")
     entries = [entry.strip() for entry in mattr]
     for entry in entries:

@@ -311,6 +311,9 @@ def test_target_strings_in_every_form():
         target = resolve_target(text)
         assert target.kind.name == "llvm" and target.attrs["mcpu"] == "haswell", text
         assert list(target.attrs["mattr"]) == ["+avx2", "-fma"], text
+        # a resolved Target resolves to itself: its mattr is an ffi Array, not a list (was refused, so
+        # on hosts with AMX, whose default target has an mattr, `pbtvm eval` failed before compiling)
+        assert str(resolve_target(target)) == str(target), text
     assert resolve_target("cuda -arch=sm_90 -max_num_threads=512").attrs["max_num_threads"] == 512
     assert resolve_target("llvm -mcpu='haswell' -libs=cblas").attrs["mcpu"] == "haswell"
     assert resolve_target(" llvm ").kind.name == "llvm"
