@@ -374,6 +374,8 @@ def _speed_words(base_ms: float, ms: float) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``pbtvm eval``: accuracy and latency vs bits / bitlayers / act_bits, table + Pareto PNG."""
     from .apps.report import evaluate_tradeoffs, plot_pareto, table_kind, write_table
+    from .errors import InputError
+    from .quantize import check_codebook
 
     if args.model != "mnist-mlp":
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
@@ -383,6 +385,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         outside = [v for v in values if not lo <= v <= 16]
         if outside:
             raise CLIError(f"{flag}: bit widths must be in {lo}..16, got {', '.join(map(str, outside))}")
+    for b in sorted(set(bits) | ({4} if act else set())):  # the act_bits sweep compiles W4 models too
+        try:
+            check_codebook(args.codebook, b)
+        except InputError as err:
+            why = "" if b in bits else " (--act-bits-sweep compiles W4 models)"
+            raise CLIError(f"--codebook {args.codebook}: {err}{why}; use --codebook auto or other --bits") from None
     if args.table and table_kind(args.table) is None:
         raise CLIError(f"--table {args.table}: name a .md or .txt file (Markdown) or a .csv file (CSV)")
     if args.plot and not os.path.isdir(args.plot):
@@ -405,7 +413,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             _check_writable(flag, path, folder)
     if args.plot and os.path.isdir(f"{args.plot}.json"):
         raise CLIError(f"--plot {args.plot}: its points go to {args.plot}.json, which is a directory")
-    rows = evaluate_tradeoffs(bits=bits, act_bits_sweep=act, knob=not args.no_knob, target=parse_target(args.target))
+    rows = evaluate_tradeoffs(
+        bits=bits, act_bits_sweep=act, knob=not args.no_knob, target=parse_target(args.target), codebook=args.codebook
+    )
     try:
         table = write_table(rows, args.table)
     except OSError as err:
@@ -552,12 +562,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="tuning log directory to use")
     p.set_defaults(func=cmd_bench)
 
+    from .bitplane import CODEBOOKS
+
     p = sub.add_parser("eval", help="accuracy vs bits table and Pareto plot", description=_plain(cmd_eval.__doc__))
     p.add_argument("model", metavar="MODEL", help="mnist-mlp")
     p.add_argument("--target", default="llvm", help='llvm (default), cuda, "llvm -mcpu=alderlake", or JSON')
     p.add_argument("--bits", default="1,2,3,4,6,8", help="weight bitwidths to sweep (default 1,2,3,4,6,8)")
     p.add_argument("--act-bits-sweep", default="", help="also sweep act_bits at W4, e.g. 4,6,8,16")
     p.add_argument("--no-knob", action="store_true", help="skip the run-time bitlayers sweep")
+    p.add_argument(
+        "--codebook",
+        default="auto",
+        choices=("auto", *CODEBOOKS),
+        help=(
+            "weight codebook of every model (default auto: per layer, the lowest weight error; "
+            "twos_complement keeps the signs at bitlayers=1, offset binary does not)"
+        ),
+    )
     p.add_argument("--table", help="also write the table here (.md / .txt: Markdown; .csv: CSV)")
     p.add_argument("--plot", help="write the Pareto plot PNG here (and its points as PNG.json)")
     p.set_defaults(func=cmd_eval)

@@ -304,6 +304,7 @@ def test_eval_writes_table_and_pareto_png(tmp_path, capsys):
     png, table = tmp_path / "pareto.png", tmp_path / "t.md"
     code, out, _ = _run(["eval", "mnist-mlp", "--bits", "1,4", "--plot", png, "--table", table], capsys)
     assert code == 0 and "| W4A8 |" in out and "| fp32 |" in out
+    assert "| W1A8 | weight bits (A8) | bipolar |" in out, out  # the codebook each model uses
     assert table.read_text().count("\n") >= 2 + 2 + 3  # header, fp32, W1, W4, bitlayers 1..3
     img = mpimg.imread(png)
     assert img.shape[0] > 300 and img.shape[1] > 500
@@ -353,9 +354,49 @@ def test_eval_bad_input(capsys):
         (["--act-bits-sweep", "4,1"], "--act-bits-sweep: bit widths must be in 2..16, got 1"),
         (["--table", "t.xyz"], "--table t.xyz: name a .md or .txt file"),
         (["--plot", "/proc/pareto.png"], "--plot /proc/pareto.png: cannot write in /proc"),
+        (["--codebook", "twos_complement", "--bits", "1,4"], "--codebook twos_complement: bits=1 needs the bipolar"),
+        (["--codebook", "bipolar", "--bits", "1", "--act-bits-sweep", "4"], "(--act-bits-sweep compiles W4 models)"),
     ):
         code, _, err = _run(["eval", "mnist-mlp", *args], capsys)
         assert code == 2 and message in err, err
+
+
+def test_eval_codebook_reaches_every_model(monkeypatch, capsys):
+    """``--codebook`` goes to every compile of the sweep (the knob series depends on it)."""
+    import pbtvm
+
+    seen = []
+    monkeypatch.setattr(pbtvm, "compile", _recording(seen))
+    code, out, err = _run(
+        ["eval", "mnist-mlp", "--bits", "2", "--act-bits-sweep", "4", "--codebook", "twos_complement"], capsys
+    )
+    assert code == 0, err
+    assert [(kw["bits"], kw["act_bits"], kw["codebook"]) for kw in seen] == [
+        (2, 8, "twos_complement"),
+        (4, 4, "twos_complement"),
+    ]
+    assert "| W2A8 L=1 | run-time bitlayers (W2 model) | twos_complement |" in out, out
+
+
+def _recording(seen: list):
+    """A stand-in for ``pbtvm.compile`` recording its keywords; its model says it is two's complement."""
+
+    class Compiled:
+        manifest = {
+            "format": {"codebook": "twos_complement"},
+            "layers": {"converted": [{"codebook": "twos_complement"}]},
+        }
+
+        def __call__(self, x, bitlayers=None):
+            assert bitlayers is None or 1 <= bitlayers <= 16
+            return np.zeros((len(x), 10), np.float32)
+
+    def compile(model, example, **kw):
+        assert model is not None and example
+        seen.append(kw)
+        return Compiled()
+
+    return compile
 
 
 def test_eval_write_failures_are_user_errors(tmp_path, monkeypatch, capsys):

@@ -49,6 +49,35 @@ def test_pb_accuracy_per_bitwidth(trained, capsys):
         assert abs(said - got) <= 0.5, f"README says W{bits} {said:+.1f} from fp32, measured {got:+.1f}"
 
 
+def test_bitlayers_knob_by_codebook(trained):
+    """README's knob table: offset binary (the default here) loses the signs at bitlayers=1, two's
+    complement keeps them; from two planes on both stay near fp32. Each row is compared with README
+    by its distance to fp32 (another CPU trains a slightly different model), offset binary's one
+    plane only by being the lower of the two (it moves by points between models)."""
+    split, model, fp32 = trained
+    example = (torch.from_numpy(split.x_train[:2]),)
+    knob = {}
+    for label, codebook in (
+        ("accuracy %, default (offset binary)", "auto"),
+        ('accuracy %, `codebook="twos_complement"`', "twos_complement"),
+    ):
+        m = pbtvm.compile(model, example, target="llvm", bits=8, act_bits=8, codebook=codebook)
+        assert {layer.get("codebook") for layer in m.manifest["layers"]["converted"]} == {
+            "offset_binary" if codebook == "auto" else codebook
+        }
+        knob[label] = [accuracy(lambda x, m=m, n=n: m(x, bitlayers=n), split.x_test, split.y_test) for n in range(1, 9)]
+    (_, offset), (twos_label, twos) = knob.items()
+    assert twos[0] >= fp32 - 3.0 and offset[0] < twos[0] - 5.0, (offset, twos)
+    assert min(offset[1:] + twos[1:]) >= fp32 - 2.0, (offset, twos)
+    readme_fp32 = 92.9  # the table's machine
+    for label, got in knob.items():
+        said = _readme_row(label)
+        for n in range(0 if label == twos_label else 1, 8):
+            assert abs((said[n] - readme_fp32) - (got[n] - fp32)) <= 1.0, (
+                f"{label} bitlayers={n + 1}: {said[n]} vs {got[n]}"
+            )
+
+
 def _readme_row(label: str) -> list[float]:
     """The numbers of README's MNIST results row starting with ``label`` (fp32, W1..W8)."""
     path = Path(__file__).resolve().parents[1] / "README.md"

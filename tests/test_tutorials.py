@@ -27,3 +27,4 @@ def test_demo_quick_runs():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PB W4A8" in out.stdout
+    assert "bitlayers=1" in out.stdout and "twos_complement" in out.stdout  # the knob beside two's complement

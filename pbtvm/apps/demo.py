@@ -1,7 +1,8 @@
 """The README demo: train an MLP on real MNIST digits, compile it with PB at k = 1..8, compare.
 
 Run ``python -m pbtvm.apps.demo`` (``--quick`` for CI). Prints held-out accuracy per weight bitwidth
-next to fp32, a run-time ``bitlayers`` sweep of one compiled W8 model, and an act_bits sweep.
+next to fp32, a run-time ``bitlayers`` sweep of the compiled W8 model (beside a two's complement one
+where the default codebook is offset binary), and an act_bits sweep.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import pbtvm
 
 from .examples import BUILTIN_EPOCHS, accuracy, builtin_mnist_mlp, builtin_mnist_mlp_path, torch_accuracy
+from .report import model_codebook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +49,25 @@ def main(argv: list[str] | None = None) -> int:
         acc = accuracy(compiled[bits], split.x_test, split.y_test)
         print(f"{f'PB W{bits}A8':<14}{acc:>12.1f}{acc - fp32:>+8.1f}")
     top = max(bits_list)
-    print(f"\nrun-time knob on the W{top}A8 model (same compiled code, no recompilation):")
+    knob_models = {model_codebook(compiled[top]): compiled[top]}
+    if "twos_complement" not in knob_models:  # the default picked offset binary: its top plane is no sign
+        knob_models["twos_complement"] = pbtvm.compile(
+            model, example, target=args.target, bits=top, act_bits=8, codebook="twos_complement"
+        )
+    print(f"\nrun-time knob on the W{top}A8 models (same compiled code, no recompilation):")
+    print(f"{'':<15}" + "".join(f"{name:>18}" for name in knob_models))
     for layers in range(1, top + 1):
-        acc = accuracy(lambda x, n=layers: compiled[top](x, bitlayers=n), split.x_test, split.y_test)
-        print(f"  bitlayers={layers}: {acc:.1f}%")
+        accs = [
+            accuracy(lambda x, m=m, n=layers: m(x, bitlayers=n), split.x_test, split.y_test)
+            for m in knob_models.values()
+        ]
+        print(f"  bitlayers={layers:<3}" + "".join(f"{f'{acc:.1f}%':>18}" for acc in accs))
+    if len(knob_models) > 1:
+        print(
+            "  (offset binary, the default where its weight error is lower, splits each row's range at its middle\n"
+            "   with the top plane, not at zero: one plane keeps no weight's sign. For models run at bitlayers=1,\n"
+            '   compile with codebook="twos_complement", whose top plane is the sign.)'
+        )
     print("\nactivation bits at W4 (act_bits default is 8):")
     for act_bits in (4, 8, 16) if args.quick else (4, 6, 8, 16):
         m = (

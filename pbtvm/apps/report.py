@@ -100,7 +100,12 @@ def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: i
 
 
 def evaluate_tradeoffs(
-    bits: list[int], act_bits_sweep: list[int] = (), knob: bool = True, target: Any = "llvm", repeat: int = 30
+    bits: list[int],
+    act_bits_sweep: list[int] = (),
+    knob: bool = True,
+    target: Any = "llvm",
+    repeat: int = 30,
+    codebook: str = "auto",
 ) -> list[dict]:
     """Train the MNIST MLP once, compile it at every setting, measure accuracy and latency.
 
@@ -116,22 +121,31 @@ def evaluate_tradeoffs(
         Where the compiled models run (latency is measured there).
     repeat : int
         Timed batch-1 calls per point (median).
+    codebook : str
+        Weight codebook of every compiled model (``pbtvm.compile``'s: ``"auto"`` picks per layer).
+        The knob series depends on it: offset binary's top plane splits each row's range at its
+        middle, not at zero, so ``bitlayers=1`` keeps no weight's sign (two's complement's top
+        plane is the sign plane).
 
     Returns
     -------
     list of dict
         One row per point: ``series``, ``config``, ``bits``, ``bitlayers``, ``act_bits``,
+        ``codebook`` (what the model uses: a name, ``"per layer"`` or ``""`` for fp32),
         ``accuracy`` (%), ``latency_ms``.
     """
     import torch
 
     import pbtvm
 
+    from ..quantize import check_codebook
     from ..target import TargetInfo, resolve_target
     from .examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
     if not bits:
         raise InputError("give at least one weight bitwidth")
+    for b in bits:  # before training or compiling anything
+        check_codebook(codebook, b)
     target = resolve_target(target)
     cuda = TargetInfo.of(target).device == "cuda"
     if cuda and not torch.cuda.is_available():  # before training or compiling anything
@@ -150,13 +164,14 @@ def evaluate_tradeoffs(
             "bits": 32,
             "bitlayers": None,
             "act_bits": 32,
+            "codebook": "",
             "accuracy": torch_accuracy(model, split.x_test, split.y_test),
             "latency_ms": fp32_ms,
         }
     )
     compiled = {}
     for b in _progress(sorted(bits), "weight bits"):
-        m = pbtvm.compile(model, example, target=target, bits=b, act_bits=8)
+        m = pbtvm.compile(model, example, target=target, bits=b, act_bits=8, codebook=codebook)
         compiled[b] = m
         rows.append(
             {
@@ -165,6 +180,7 @@ def evaluate_tradeoffs(
                 "bits": b,
                 "bitlayers": b,
                 "act_bits": 8,
+                "codebook": model_codebook(m),
                 "accuracy": accuracy(m, split.x_test, split.y_test),
                 "latency_ms": median_latency_ms(m, x1, repeat, sync),
             }
@@ -184,6 +200,7 @@ def evaluate_tradeoffs(
                     "bits": top,
                     "bitlayers": layers,
                     "act_bits": 8,
+                    "codebook": model_codebook(m),
                     "accuracy": accuracy(fn, split.x_test, split.y_test),
                     "latency_ms": median_latency_ms(fn, x1, repeat, sync),
                 }
@@ -191,7 +208,7 @@ def evaluate_tradeoffs(
     for a in _progress(list(act_bits_sweep), "act bits"):
         if a == 8 and 4 in bits:
             continue  # W4A8 is already a point of the weight-bits series: one model, one point
-        m = pbtvm.compile(model, example, target=target, bits=4, act_bits=a)
+        m = pbtvm.compile(model, example, target=target, bits=4, act_bits=a, codebook=codebook)
         rows.append(
             {
                 "series": "activation bits (W4)",
@@ -199,11 +216,19 @@ def evaluate_tradeoffs(
                 "bits": 4,
                 "bitlayers": 4,
                 "act_bits": a,
+                "codebook": model_codebook(m),
                 "accuracy": accuracy(m, split.x_test, split.y_test),
                 "latency_ms": median_latency_ms(m, x1, repeat, sync),
             }
         )
     return rows
+
+
+def model_codebook(model: Any) -> str:
+    """The compiled model's weight codebook for a table: its name, or ``"per layer"``."""
+    from ..runtime import codebook_text
+
+    return codebook_text(model.manifest).removeprefix("codebook ")
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -228,9 +253,10 @@ def table_kind(path: str) -> str | None:
 def write_table(rows: list[dict], path: str | None = None) -> str:
     """Markdown table of the rows (returned); also written to ``path`` (.md / .txt, or .csv:
     :func:`table_kind`)."""
-    lines = ["| config | series | accuracy % | latency ms (batch 1) |", "|---|---|---|---|"]
+    lines = ["| config | series | codebook | accuracy % | latency ms (batch 1) |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['series']} | {r['accuracy']:.1f} | {r['latency_ms']:.3f} |")
+        codebook = r.get("codebook", "")
+        lines.append(f"| {r['config']} | {r['series']} | {codebook} | {r['accuracy']:.1f} | {r['latency_ms']:.3f} |")
     text = "\n".join(lines)
     if path:
         if table_kind(path) == "csv":
