@@ -90,7 +90,7 @@ def ptb(args: argparse.Namespace) -> None:
         new = PBWordLM(model, "llvm", bits=bits, **NEW)
         ppl_new = perplexity(new, test)
         ppl_old = perplexity(PBWordLM(model, "llvm", bits=bits, **OLD), test) if not args.new_only else float("nan")
-        rows.append((f"W{bits}A8", ppl_old, ppl_new, _codebooks(new.head, *new.lstm._proj, *new.lstm._cells)))
+        rows.append((f"W{bits}A8", ppl_old, ppl_new, _codebooks(new.model)))  # one pbtvm.compile of the whole LM
         print(rows[-1], f"{time.time() - t0:.0f}s", flush=True)
     n = len(test)
     _table(f"PTB word LM (tutorial 02 model), test perplexity on {n} tokens", "perplexity", fp32, rows, True)

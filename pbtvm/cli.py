@@ -371,11 +371,13 @@ def _speed_words(base_ms: float, ms: float) -> str:
     return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
 
 
+#: ``pbtvm eval``'s weight bit widths unless ``--bits`` says otherwise.
+EVAL_BITS = "1,2,3,4,6,8"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``pbtvm eval``: accuracy and latency vs bits / bitlayers / act_bits, table + Pareto PNG."""
-    from .apps.report import evaluate_tradeoffs, plot_pareto, table_kind, write_table
-    from .errors import InputError
-    from .quantize import check_codebook
+    from .apps.report import ACT_SWEEP_BITS, codebook_conflict, evaluate_tradeoffs, plot_pareto, table_kind, write_table
 
     if args.model != "mnist-mlp":
         raise CLIError("eval needs labelled data; the built-in task is mnist-mlp (other MODELs: use bench)")
@@ -385,12 +387,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         outside = [v for v in values if not lo <= v <= 16]
         if outside:
             raise CLIError(f"{flag}: bit widths must be in {lo}..16, got {', '.join(map(str, outside))}")
-    for b in sorted(set(bits) | ({4} if act else set())):  # the act_bits sweep compiles W4 models too
-        try:
-            check_codebook(args.codebook, b)
-        except InputError as err:
-            why = "" if b in bits else " (--act-bits-sweep compiles W4 models)"
-            raise CLIError(f"--codebook {args.codebook}: {err}{why}; use --codebook auto or other --bits") from None
+    conflict = codebook_conflict(args.codebook, bits, act)  # before the sweep, not after it
+    if conflict:
+        width, problem = conflict
+        if width not in bits:
+            how = f"--act-bits-sweep compiles W{ACT_SWEEP_BITS} models; leave it out or use --codebook auto"
+        else:
+            default = " (default " + EVAL_BITS + ")" if args.bits == EVAL_BITS else ""
+            how = f"leave {width} out of --bits{default} or use --codebook auto"
+        raise CLIError(f"--codebook {args.codebook}: {problem}; {how}")
     if args.table and table_kind(args.table) is None:
         raise CLIError(f"--table {args.table}: name a .md or .txt file (Markdown) or a .csv file (CSV)")
     if args.plot and not os.path.isdir(args.plot):
@@ -567,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy vs bits table and Pareto plot", description=_plain(cmd_eval.__doc__))
     p.add_argument("model", metavar="MODEL", help="mnist-mlp")
     p.add_argument("--target", default="llvm", help='llvm (default), cuda, "llvm -mcpu=alderlake", or JSON')
-    p.add_argument("--bits", default="1,2,3,4,6,8", help="weight bitwidths to sweep (default 1,2,3,4,6,8)")
+    p.add_argument("--bits", default=EVAL_BITS, help=f"weight bitwidths to sweep (default {EVAL_BITS})")
     p.add_argument("--act-bits-sweep", default="", help="also sweep act_bits at W4, e.g. 4,6,8,16")
     p.add_argument("--no-knob", action="store_true", help="skip the run-time bitlayers sweep")
     p.add_argument(
@@ -576,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", *CODEBOOKS),
         help=(
             "weight codebook of every model (default auto: per layer, the lowest weight error; "
-            "twos_complement keeps the signs at bitlayers=1, offset binary does not)"
+            "at bitlayers=1 twos_complement keeps the weights' signs, offset binary flips some)"
         ),
     )
     p.add_argument("--table", help="also write the table here (.md / .txt: Markdown; .csv: CSV)")

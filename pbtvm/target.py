@@ -330,12 +330,13 @@ def _check_llvm_mattr(mattr: Any, mtriple: str | None) -> list[str]:
     feature LLVM knows for ``mtriple``; raise InputError otherwise. LLVM itself ignores an entry
     without its sign and, with a warning per kernel, a name it does not know: the kernels would be
     built without what was asked for (``+avx512vnn`` for ``+avx512vnni``)."""
+    given = mattr
     if isinstance(mattr, str):
         mattr = [entry for entry in mattr.split(",") if entry.strip()]
-    if isinstance(mattr, Sequence) and not isinstance(mattr, (str, bytes)):  # a Target's own mattr: an ffi Array
+    elif isinstance(mattr, Sequence) and not isinstance(mattr, (bytes, bytearray)):  # a Target's own: an ffi Array
         mattr = list(mattr)
     if not isinstance(mattr, list) or not all(isinstance(entry, str) for entry in mattr):
-        raise InputTypeError(f"mattr must be a list of '+feature' / '-feature' strings, got {mattr!r}")
+        raise InputTypeError(f"mattr must be a list of '+feature' / '-feature' strings, got {given!r}")
     entries = [entry.strip() for entry in mattr]
     for entry in entries:
         name = entry[1:]

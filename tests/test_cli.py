@@ -355,7 +355,8 @@ def test_eval_bad_input(capsys):
         (["--table", "t.xyz"], "--table t.xyz: name a .md or .txt file"),
         (["--plot", "/proc/pareto.png"], "--plot /proc/pareto.png: cannot write in /proc"),
         (["--codebook", "twos_complement", "--bits", "1,4"], "--codebook twos_complement: bits=1 needs the bipolar"),
-        (["--codebook", "bipolar", "--bits", "1", "--act-bits-sweep", "4"], "(--act-bits-sweep compiles W4 models)"),
+        (["--codebook", "bipolar", "--bits", "1", "--act-bits-sweep", "4"], "compiles W4 models; leave it out or"),
+        (["--codebook", "bipolar"], "got bits=2; leave 2 out of --bits (default 1,2,3,4,6,8) or use --codebook auto"),
     ):
         code, _, err = _run(["eval", "mnist-mlp", *args], capsys)
         assert code == 2 and message in err, err
@@ -376,6 +377,22 @@ def test_eval_codebook_reaches_every_model(monkeypatch, capsys):
         (4, 4, "twos_complement"),
     ]
     assert "| W2A8 L=1 | run-time bitlayers (W2 model) | twos_complement |" in out, out
+
+
+def test_eval_checks_the_codebook_of_every_model_before_training(monkeypatch):
+    """The act_bits sweep's W4 models too: a codebook they cannot use is refused before the
+    built-in model is trained or any model compiled (was: after the weight-bits series)."""
+    from pbtvm.apps import examples, report
+    from pbtvm.errors import InputError
+
+    def no_training(*_):
+        raise AssertionError("trained before checking the codebook")
+
+    monkeypatch.setattr(examples, "builtin_mnist_mlp", no_training)
+    with pytest.raises(InputError, match="bits=4 .*act_bits sweep's models are W4"):
+        report.evaluate_tradeoffs(bits=[1], act_bits_sweep=[4], codebook="bipolar")
+    with pytest.raises(InputError, match="codebook 'twos_complement': bits=1 needs the bipolar"):
+        report.evaluate_tradeoffs(bits=[4, 1], codebook="twos_complement")
 
 
 def _recording(seen: list):

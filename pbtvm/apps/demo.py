@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(knob_models) > 1:
         print(
             "  (offset binary, the default where its weight error is lower, splits each row's range at its middle\n"
-            "   with the top plane, not at zero: one plane keeps no weight's sign. For models run at bitlayers=1,\n"
-            '   compile with codebook="twos_complement", whose top plane is the sign.)'
+            "   with the top plane, not at zero: at one plane the weights between zero and that middle take the\n"
+            '   wrong sign. For models run at bitlayers=1, compile with codebook="twos_complement", whose top\n'
+            "   plane is the sign.)"
         )
     print("\nactivation bits at W4 (act_bits default is 8):")
     for act_bits in (4, 8, 16) if args.quick else (4, 6, 8, 16):

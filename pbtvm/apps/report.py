@@ -99,6 +99,10 @@ def interleaved_latency_ms(calls: dict, repeat: int, sync: Any = None, rounds: i
     }
 
 
+#: Weight bits of the models of the act_bits sweep.
+ACT_SWEEP_BITS = 4
+
+
 def evaluate_tradeoffs(
     bits: list[int],
     act_bits_sweep: list[int] = (),
@@ -124,8 +128,8 @@ def evaluate_tradeoffs(
     codebook : str
         Weight codebook of every compiled model (``pbtvm.compile``'s: ``"auto"`` picks per layer).
         The knob series depends on it: offset binary's top plane splits each row's range at its
-        middle, not at zero, so ``bitlayers=1`` keeps no weight's sign (two's complement's top
-        plane is the sign plane).
+        middle, not at zero, so at ``bitlayers=1`` the weights between zero and that middle take
+        the wrong sign (two's complement's top plane is the sign plane).
 
     Returns
     -------
@@ -138,14 +142,16 @@ def evaluate_tradeoffs(
 
     import pbtvm
 
-    from ..quantize import check_codebook
     from ..target import TargetInfo, resolve_target
     from .examples import accuracy, builtin_mnist_mlp, torch_accuracy
 
     if not bits:
         raise InputError("give at least one weight bitwidth")
-    for b in bits:  # before training or compiling anything
-        check_codebook(codebook, b)
+    conflict = codebook_conflict(codebook, bits, act_bits_sweep)  # before training or compiling anything
+    if conflict:
+        width, problem = conflict
+        sweep = "" if width in bits else f" (the act_bits sweep's models are W{ACT_SWEEP_BITS})"
+        raise InputError(f"codebook {codebook!r}: {problem}{sweep}")
     target = resolve_target(target)
     cuda = TargetInfo.of(target).device == "cuda"
     if cuda and not torch.cuda.is_available():  # before training or compiling anything
@@ -206,15 +212,15 @@ def evaluate_tradeoffs(
                 }
             )
     for a in _progress(list(act_bits_sweep), "act bits"):
-        if a == 8 and 4 in bits:
+        if a == 8 and ACT_SWEEP_BITS in bits:
             continue  # W4A8 is already a point of the weight-bits series: one model, one point
-        m = pbtvm.compile(model, example, target=target, bits=4, act_bits=a, codebook=codebook)
+        m = pbtvm.compile(model, example, target=target, bits=ACT_SWEEP_BITS, act_bits=a, codebook=codebook)
         rows.append(
             {
-                "series": "activation bits (W4)",
-                "config": f"W4A{a}",
-                "bits": 4,
-                "bitlayers": 4,
+                "series": f"activation bits (W{ACT_SWEEP_BITS})",
+                "config": f"W{ACT_SWEEP_BITS}A{a}",
+                "bits": ACT_SWEEP_BITS,
+                "bitlayers": ACT_SWEEP_BITS,
                 "act_bits": a,
                 "codebook": model_codebook(m),
                 "accuracy": accuracy(m, split.x_test, split.y_test),
@@ -222,6 +228,19 @@ def evaluate_tradeoffs(
             }
         )
     return rows
+
+
+def codebook_conflict(codebook: str, bits: list[int], act_bits_sweep: list[int] = ()) -> tuple[int, str] | None:
+    """The first weight width :func:`evaluate_tradeoffs` would compile that ``codebook`` has no code
+    for, and why (``(width, message)``); None when every model can use it."""
+    from ..quantize import check_codebook
+
+    for width in sorted(set(bits) | ({ACT_SWEEP_BITS} if act_bits_sweep else set())):
+        try:
+            check_codebook(codebook, width)
+        except InputError as err:
+            return width, str(err)
+    return None
 
 
 def model_codebook(model: Any) -> str:
@@ -261,7 +280,7 @@ def write_table(rows: list[dict], path: str | None = None) -> str:
     if path:
         if table_kind(path) == "csv":
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(key for r in rows for key in r)))
             writer.writeheader()
             writer.writerows(rows)
             Path(path).write_text(buf.getvalue())
