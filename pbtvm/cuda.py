@@ -73,6 +73,11 @@ def nvcc_output(source: str, arch: str, kind: str, *options: str) -> tuple[bytes
         cmd = [nvcc, kind, "-O3", "--fmad=false", "-std=c++17", *options, "-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
+            if "Unsupported gpu architecture" in proc.stderr:  # the user's arch, not a bug of pbtvm
+                raise InputError(
+                    f"this nvcc ({nvcc}) cannot build for {arch}: {proc.stderr.strip().splitlines()[-1]}; pick a "
+                    "newer arch or an nvcc that still supports it"
+                )
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         with open(out, "rb") as f:
             return f.read(), proc.stderr

@@ -14,7 +14,7 @@ from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .errors import InputError, InputTypeError
 from .names import ENV_SKIP_CPU_CHECK, MANIFEST_DECODER
-from .target import TargetInfo, missing_cpu_features
+from .target import TargetInfo, missing_cpu_features, skip_cpu_check
 
 logger = logging.getLogger(__name__)
 
@@ -430,12 +430,6 @@ def load(path: str, device: str | None = None):
 
         return PBDecoder(model)
     return model
-
-
-def skip_cpu_check() -> bool:
-    """Whether ``PBTVM_SKIP_CPU_CHECK`` asks to skip the CPU feature check: ``1``, ``true``,
-    ``yes`` or ``on`` (any case); anything else, ``0``/``false``/``no`` included, keeps it."""
-    return os.environ.get(ENV_SKIP_CPU_CHECK, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cpu_problem(manifest: dict, what: str) -> str | None:

@@ -14,8 +14,8 @@ from typing import Any
 
 from ._tvm import tvm
 from .bitplane import LUT_LAYOUT, MMA_LAYOUT
-from .errors import InputError, InputTypeError
-from .names import ENV_CPU_KERNEL
+from .errors import InputError, InputTypeError, first_line
+from .names import ENV_CPU_KERNEL, ENV_SKIP_CPU_CHECK
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +75,22 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
         return set()
 
 
-#: x86 instruction-set features (LLVM's names) whose instructions CPU kernels may contain: a library
-#: built for a CPU with one of them stops with an illegal instruction on a CPU without it
+#: x86 instruction-set features (LLVM's names) whose instructions LLVM may put in any code it builds
+#: (vector, bit-manipulation and, with APX, general-register encodings): a library built for a CPU
+#: with one of them stops with an illegal instruction on a CPU without it
 #: (:func:`library_cpu_features`). AMX is not among them: the kernels use the tiles only after the
-#: system grants them, which it does only on a CPU that has them.
+#: system grants them, which it does only on a CPU that has them. Features LLVM gives no CPU here
+#: are skipped. (An AMD ``bdver`` build holds FMA4; a ``diamondrapids`` one APX registers.)
 X86_ISA_FEATURES = (
-    "sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2", "avx512f", "avx512cd", "avx512bw",
-    "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avx512vbmi2", "avx512bitalg", "avx512vpopcntdq",
-    "avx512bf16", "avx512fp16", "avxvnni", "gfni",
+    "sse3", "ssse3", "sse4.1", "sse4.2", "sse4a", "popcnt", "lzcnt", "movbe", "pclmul", "adx",
+    "avx", "avx2", "fma", "fma4", "xop", "tbm", "f16c", "bmi", "bmi2", "vpclmulqdq",
+    "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avx512vbmi2",
+    "avx512bitalg", "avx512vpopcntdq", "avx512bf16", "avx512fp16", "avx512ifma", "avx512vp2intersect",
+    "avxvnni", "avxifma", "avxneconvert", "avxvnniint8", "avxvnniint16", "avx10.1", "avx10.2", "gfni",
+    "egpr", "ndd", "ppx", "push2pop2", "ccmp", "cf", "nf", "zu",
 )  # fmt: skip
 #: LLVM feature names that Linux's ``cpuinfo`` spells otherwise (beyond ``_`` / ``.`` / ``-``).
-_CPUINFO_NAMES = {"bmi": "bmi1"}
+_CPUINFO_NAMES = {"bmi": "bmi1", "sse3": "pni", "lzcnt": "abm", "pclmul": "pclmulqdq"}
 
 
 def _feature_key(name: str) -> str:
@@ -129,6 +134,21 @@ def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo", llvm
     host = _llvm_host_features() if llvm_host is None else llvm_host
     have = {_feature_key(f) for f in cpu_flags(cpuinfo) | set(host)}
     return [f for f in needed if _feature_key(f) not in have]
+
+
+def skip_cpu_check() -> bool:
+    """Whether ``PBTVM_SKIP_CPU_CHECK`` asks to skip the CPU feature check: ``1``, ``true``,
+    ``yes`` or ``on`` (any case); anything else, ``0``/``false``/``no`` included, keeps it."""
+    return os.environ.get(ENV_SKIP_CPU_CHECK, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def features_this_cpu_lacks(target: tvm.target.Target) -> list[str]:
+    """What code built here for ``target`` needs that this machine's CPU lacks (:func:`library_cpu_features`
+    against :func:`missing_cpu_features`): running it here would stop the process with an illegal
+    instruction. Empty for other targets and with ``PBTVM_SKIP_CPU_CHECK=1``."""
+    if skip_cpu_check():
+        return []
+    return missing_cpu_features(library_cpu_features(target))
 
 
 @functools.cache
@@ -178,6 +198,13 @@ def cuda_device_problem() -> str | None:
     return _cuda_device()[1]
 
 
+def arch_runs_on(built: str, device: str) -> bool:
+    """Whether code built for CUDA arch ``built`` runs on a GPU of arch ``device`` (``sm_XY``, as
+    :func:`local_cuda_arch` reports it): the same arch, or its arch-specific (``sm_90a``) or
+    family (``sm_100f``) variant, which TVM's ``nvidia/nvidia-h100`` tag gives."""
+    return built == device or (built[-1:] in ("a", "f") and built[:-1] == device)
+
+
 def local_cuda_arch() -> str | None:
     """``sm_XY`` of CUDA device 0, or None when there is no usable GPU (:func:`cuda_device_problem`)."""
     return _cuda_device()[0]
@@ -188,9 +215,10 @@ def resolve_target(target: Any) -> tvm.target.Target:
     -mcpu=alderlake"``) or a ``tvm.target.Target`` into a PB-ready Target.
 
     * ``llvm`` without ``mcpu`` (or with ``mcpu=native``) gets the host CPU (plain llvm has no popcount instruction and is
-      about 10x slower), and without ``mattr`` the AMX features the host has but LLVM's name
-      for its CPU lacks (:func:`host_mattr`); the host is always llvm with the same mcpu, mattr
-      and mtriple.
+      about 10x slower), plus the AMX features the host has but LLVM's name for its CPU lacks
+      (:func:`host_mattr`) unless ``mattr`` names an AMX feature itself (``-mattr=-gfni`` keeps
+      them, ``-mattr=-amx-tile`` turns them off); the host is always llvm with the same mcpu,
+      mattr and mtriple.
     * ``cuda`` without ``arch`` gets the local GPU's arch; without a GPU this is an error that asks
       for an explicit one, e.g. ``{"kind": "cuda", "arch": "sm_90"}``.
 
@@ -217,15 +245,16 @@ def resolve_target(target: Any) -> tvm.target.Target:
     host = tvm.target.Target({"kind": "llvm", "mcpu": FALLBACK_MCPU})
     if kind == "llvm":
         _check_same_arch(spec.get("mtriple"))  # first: LLVM crashes on CPU names of a triple it does not know
-        if spec.get("mcpu") == "native":  # clang's and TVM users' spelling of "this machine's CPU"
+        if "mcpu" in spec and spec["mcpu"] in ("native", None, ""):  # "this machine's CPU" (clang's spelling), unset
             del spec["mcpu"]
         if "mcpu" in spec:
             _check_llvm_cpu(str(spec["mcpu"]), spec.get("mtriple"))
         else:  # the host, with the tile instructions its CPU's name may not imply
             spec["mcpu"] = host_mcpu()
             extra = _this_host_mattr(spec["mcpu"])
-            if extra and "mattr" not in spec:
-                spec["mattr"] = list(extra)
+            given = _check_llvm_mattr(spec["mattr"], spec.get("mtriple")) if "mattr" in spec else []
+            if extra and not any(entry[1:].startswith("amx") for entry in given):  # "-mattr=-gfni" keeps AMX
+                spec["mattr"] = given + list(extra)
         if "mattr" in spec:
             spec["mattr"] = _check_llvm_mattr(spec["mattr"], spec.get("mtriple"))
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
@@ -404,7 +433,7 @@ _LIST_OPTIONS = ("mattr", "keys", "libs")
 
 
 def _target_string(text: str) -> dict:
-    """A target given as text: a kind (``"llvm"``), a JSON dict (``'{"kind": "llvm", "mcpu":
+    """A target given as text: a kind (``"llvm"``), a TVM tag (``"nvidia/nvidia-h100"``), a JSON dict (``'{"kind": "llvm", "mcpu":
     "alderlake"}'``) or the command-line form TVM 0.20+ no longer parses (``"llvm -mcpu=alderlake
     -mattr=+avx2,-gfni"``, ``"cuda -arch=sm_90"``), as a target dict."""
     text = text.strip()
@@ -419,6 +448,11 @@ def _target_string(text: str) -> dict:
             raise InputError(f"a JSON target must be a dict, got {type(spec).__name__}")
         return spec
     kind, *flags = text.split()
+    if "/" in kind and not flags:  # a TVM tag, e.g. "nvidia/nvidia-h100"
+        try:
+            return dict(tvm.target.Target(kind).export())
+        except Exception as err:  # TVM raises its own error kinds for unknown tags
+            raise InputError(f"target {kind!r} is not a target tag TVM knows ({first_line(err)})") from None
     spec: dict[str, Any] = {"kind": kind}
     for flag in flags:
         key, eq, value = flag.lstrip("-").partition("=")
@@ -570,7 +604,7 @@ class TargetInfo:
             return tvm.cpu(0)
         if self.kind == "cuda":
             arch = local_cuda_arch()
-            if arch is not None and (self.arch is None or self.arch == arch):
+            if arch is not None and (self.arch is None or arch_runs_on(self.arch, arch)):
                 return tvm.cuda(0)
         return None
 
@@ -583,5 +617,5 @@ class TargetInfo:
             raise RuntimeError(
                 f"this model was compiled for CUDA but no CUDA device is available ({cuda_device_problem()})"
             )
-        if self.arch and self.arch != arch:
+        if self.arch and not arch_runs_on(self.arch, arch):
             raise RuntimeError(f"this model was compiled for {self.arch}; the local GPU is {arch}: recompile it")

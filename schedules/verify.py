@@ -24,9 +24,12 @@ CHECK_BATCH = 3
 
 
 def local_device(target: tvm.target.Target) -> object | None:
-    """The local device that runs code built for ``target``, or None (e.g. no GPU of its arch)."""
-    from pbtvm.target import TargetInfo
+    """The local device that runs code built for ``target``, or None (e.g. no GPU of its arch, or a
+    CPU without the instructions of the target's CPU)."""
+    from pbtvm.target import TargetInfo, features_this_cpu_lacks
 
+    if features_this_cpu_lacks(target):
+        return None
     return TargetInfo.of(target).local_device()
 
 

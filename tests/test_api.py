@@ -253,7 +253,9 @@ def test_load_refuses_a_library_for_a_cpu_with_more_instructions(mlp, tmp_path, 
     from pbtvm.target import library_cpu_features, missing_cpu_features, resolve_target
 
     haswell = pbtvm.compile(mlp, (torch.randn(2, 40),), target={"kind": "llvm", "mcpu": "haswell"}, bits=4)
-    assert haswell.manifest["cpu_features"] == ["sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2"]
+    assert haswell.manifest["cpu_features"] == (
+        "sse3 ssse3 sse4.1 sse4.2 popcnt lzcnt movbe pclmul avx avx2 fma f16c bmi bmi2".split()
+    )
     path = haswell.export(str(tmp_path / "haswell.so"))
     if not missing_cpu_features(haswell.manifest["cpu_features"]):  # this CPU runs Haswell code
         np.testing.assert_array_equal(
@@ -272,6 +274,11 @@ def test_load_refuses_a_library_for_a_cpu_with_more_instructions(mlp, tmp_path, 
     assert "avx512bw" in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
     assert "amx-int8" not in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"}))
     assert library_cpu_features(resolve_target({"kind": "cuda", "arch": "sm_90"})) == []
+    # instructions beyond the vector units: AMD's FMA4 / XOP (a bdver build holds vfmaddss) and the
+    # APX registers of a diamondrapids build stopped this machine with SIGILL after the check passed
+    assert {"fma4", "xop"} <= set(library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "bdver4"})))
+    assert {"egpr", "ndd"} <= set(library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "diamondrapids"})))
+    assert "egpr" in library_cpu_features(resolve_target({"kind": "llvm", "mcpu": "x86-64", "mattr": ["+egpr"]}))
 
 
 def test_missing_cpu_features_reads_linux_flags(tmp_path):
@@ -281,9 +288,24 @@ def test_missing_cpu_features_reads_linux_flags(tmp_path):
     from pbtvm.target import library_cpu_features, missing_cpu_features, resolve_target
 
     info = tmp_path / "cpuinfo"
-    info.write_text("processor : 0\nflags : fpu sse4_2 popcnt avx avx2 bmi1 avx512f avx512_vnni gfni\n")
-    needed = ["sse4.2", "bmi", "avx2", "avx512f", "avx512vnni", "avx512bw", "avxvnni", "gfni"]
+    info.write_text(
+        "processor : 0\nflags : fpu pni abm pclmulqdq sse4_2 popcnt avx avx2 bmi1 avx512f avx512_vnni gfni\n"
+    )
+    needed = [
+        "sse3",
+        "lzcnt",
+        "pclmul",
+        "sse4.2",
+        "bmi",
+        "avx2",
+        "avx512f",
+        "avx512vnni",
+        "avx512bw",
+        "avxvnni",
+        "gfni",
+    ]
     assert missing_cpu_features(needed, cpuinfo=str(info), llvm_host=set()) == ["avx512bw", "avxvnni"]
+    assert missing_cpu_features(["fma4", "egpr"], cpuinfo=str(info), llvm_host=set()) == ["fma4", "egpr"]
     assert missing_cpu_features(needed, cpuinfo=str(info), llvm_host={"avx512bw"}) == ["avxvnni"]
     assert missing_cpu_features(needed, cpuinfo=str(tmp_path / "none"), llvm_host=set(needed)) == []
     here = library_cpu_features(resolve_target("llvm"))
@@ -305,7 +327,7 @@ def test_target_strings_in_every_form():
     """A kind, a JSON dict (with or without spaces) and the command-line form TVM 0.20+ no longer
     parses (``llvm -mcpu=... -mattr=...``) give the same targets; unreadable text names the problem."""
     from pbtvm.errors import InputError
-    from pbtvm.target import resolve_target
+    from pbtvm.target import host_mattr, host_mcpu, resolve_target
 
     for text in ("llvm -mcpu=haswell -mattr=+avx2,-fma", '{"kind":"llvm","mcpu":"haswell","mattr":["+avx2","-fma"]}'):
         target = resolve_target(text)
@@ -316,10 +338,15 @@ def test_target_strings_in_every_form():
         assert str(resolve_target(target)) == str(target), text
     host = resolve_target("llvm")  # on hosts with AMX this one carries an mattr of its own
     assert str(resolve_target(host)) == str(host)
+    assert resolve_target("nvidia/nvidia-h100").attrs["arch"] == "sm_90a"  # a TVM tag (was "unsupported kind")
+    with pytest.raises(InputError, match="'nvidia/h1' is not a target tag TVM knows"):
+        resolve_target("nvidia/h1")
     assert resolve_target("cuda -arch=sm_90 -max_num_threads=512").attrs["max_num_threads"] == 512
     assert resolve_target("llvm -mcpu='haswell' -libs=cblas").attrs["mcpu"] == "haswell"
     assert resolve_target(" llvm ").kind.name == "llvm"
     assert str(resolve_target("llvm -mcpu=native")) == str(resolve_target("llvm"))  # "native" was refused
+    for unset in (None, ""):  # was "LLVM does not know the CPU 'None'"
+        assert str(resolve_target({"kind": "llvm", "mcpu": unset})) == str(resolve_target("llvm"))
     for text, message in [
         ("  ", "empty string"),
         ("llvm mcpu=x", "expected -key=value"),
@@ -337,8 +364,9 @@ def test_target_strings_in_every_form():
         resolve_target({"kind": "llvm", "mattr": [1]})
     # LLVM ignores an unknown or unsigned feature (a warning per kernel, or nothing): a compile for
     # what was not asked. Names it knows pass, those of no CPU (retpoline) and other triples' too.
-    assert list(resolve_target({"kind": "llvm", "mattr": "+avx2, -fma"}).attrs["mattr"]) == ["+avx2", "-fma"]
-    assert list(resolve_target("llvm -mattr=+retpoline,+sse4.2").attrs["mattr"]) == ["+retpoline", "+sse4.2"]
+    amx = host_mattr(host_mcpu())  # this host's tile features, added beside the user's (none on most hosts)
+    assert list(resolve_target({"kind": "llvm", "mattr": "+avx2, -fma"}).attrs["mattr"]) == ["+avx2", "-fma", *amx]
+    assert list(resolve_target("llvm -mattr=+retpoline,+sse4.2").attrs["mattr"]) == ["+retpoline", "+sse4.2", *amx]
     # Another architecture (or an unknown one, on whose CPU names LLVM segfaulted) is refused before
     # any name is checked: pbtvm links, checks and runs CPU libraries on this machine, and such a
     # build failed later, at the call or at export. So is another OS (ELF only).

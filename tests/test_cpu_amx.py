@@ -114,6 +114,9 @@ def test_host_mattr_adds_amx_the_cpu_name_lacks(tmp_path):
     host = resolve_target("llvm")
     assert list(host.attrs.get("mattr", [])) == host_mattr(str(host.attrs["mcpu"]))
     assert "mattr" not in resolve_target({"kind": "llvm", "mcpu": "rocketlake"}).attrs
+    extra = host_mattr(str(host.attrs["mcpu"]))  # an mattr of the user's keeps them (dropped them before)
+    assert list(resolve_target("llvm -mattr=-gfni").attrs["mattr"]) == ["-gfni", *extra]
+    assert list(resolve_target("llvm -mattr=-amx-tile").attrs["mattr"]) == ["-amx-tile"]  # named: as given
 
 
 @needs_amx

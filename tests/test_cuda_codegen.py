@@ -188,3 +188,39 @@ def test_running_cuda_model_without_gpu_is_a_clear_error(cuda_library):
     cm, _ = cuda_library
     with pytest.raises(RuntimeError, match=r"no CUDA device is available \((TVM sees no CUDA device|TVM's CUDA)"):
         cm(np.zeros((1, 40), np.float32))
+
+
+def test_arch_specific_builds_run_on_their_base_arch(monkeypatch):
+    """``sm_90a`` (what TVM's ``nvidia/nvidia-h100`` tag gives) runs on an H100 / H200, which
+    reports ``sm_90``: the check before the first call refused it ("recompile it")."""
+    from pbtvm import target as tg
+
+    assert tg.arch_runs_on("sm_90a", "sm_90") and tg.arch_runs_on("sm_90", "sm_90")
+    assert not tg.arch_runs_on("sm_90a", "sm_89") and not tg.arch_runs_on("sm_80", "sm_90")
+    monkeypatch.setattr(tg, "_cuda_device", lambda: ("sm_90", None))
+    info = tg.TargetInfo.of(tg.resolve_target(tg.tvm.target.Target("nvidia/nvidia-h100")))
+    assert info.arch == "sm_90a"
+    info.check_local_gpu()  # no error
+    assert info.local_device() is not None
+    with pytest.raises(RuntimeError, match="compiled for sm_90a; the local GPU is sm_89"):
+        monkeypatch.setattr(tg, "_cuda_device", lambda: ("sm_89", None))
+        info.check_local_gpu()
+
+
+def test_an_arch_nvcc_cannot_build_is_named():
+    """An arch this nvcc dropped (nvcc 13: sm_70) is the user's choice, not an internal error."""
+    import shutil
+    import subprocess
+
+    from pbtvm.cuda import compile_fatbin
+    from pbtvm.errors import InputError
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    try:
+        archs = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no nvcc")
+    if "compute_70" in archs:
+        pytest.skip("this nvcc still builds sm_70")
+    with pytest.raises(InputError, match="cannot build for sm_70: .*Unsupported gpu architecture"):
+        compile_fatbin("__global__ void k() {}", "sm_70")

@@ -26,6 +26,8 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 
 from pbtvm._tvm import meta_schedule, s_tir, tir, tvm
+from pbtvm.errors import InputError
+from pbtvm.target import features_this_cpu_lacks
 
 from ..rules import KnobRule
 from .log import TuningLog
@@ -91,11 +93,14 @@ def tune_kernels(
     if isinstance(trials_per_iter, bool) or not isinstance(trials_per_iter, int) or trials_per_iter < 1:
         raise ValueError(f"trials_per_iter must be an int >= 1, got {trials_per_iter!r}")
     own_builder, own_runner = builder is None, runner is None
+    lacking = features_this_cpu_lacks(target) if own_runner else []  # measured here, candidates would die
     builder = builder or default_builder(target)
     finished = False
     try:
         runner = runner or default_runner(target)
-        report = _tune(funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed)
+        report = _tune(
+            funcs, target, log, prog, trials_per_kernel, batch, trials_per_iter, builder, runner, seed, lacking
+        )
         finished = True
         return report
     finally:  # after an error or Ctrl-C, builds in flight are not waited for
@@ -116,6 +121,7 @@ def _tune(
     builder: object,
     runner: object,
     seed: int,
+    lacking: list[str] = (),
 ) -> TuneReport:
     ms = meta_schedule()
     with log.locked(exclusive=True):
@@ -154,6 +160,12 @@ def _tune(
                 rep = KernelReport(name)
                 searches.append((rule, func, mod, rep))
                 prog.add(rep, 1 + trials_per_kernel)
+        if (knob_jobs or searches) and lacking:  # each run would die of an illegal instruction
+            raise InputError(
+                f"tuning measures the candidates on this machine, and its CPU lacks {', '.join(lacking)}, which "
+                f"code for {target.attrs.get('mcpu', target.kind.name)} needs: tune on such a CPU "
+                "(runner=rpc_runner(...), pbtvm tune --rpc), or for this CPU (target='llvm')"
+            )
         if prog.kernels:
             total = sum(n for _, n in prog.kernels)
             prog.message(
