@@ -75,20 +75,27 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
         return set()
 
 
-#: x86 instruction-set features (LLVM's names) whose instructions LLVM may put in any code it builds
-#: (vector, bit-manipulation and, with APX, general-register encodings): a library built for a CPU
-#: with one of them stops with an illegal instruction on a CPU without it
-#: (:func:`library_cpu_features`). AMX is not among them: the kernels use the tiles only after the
-#: system grants them, which it does only on a CPU that has them. Features LLVM gives no CPU here
-#: are skipped. (An AMD ``bdver`` build holds FMA4; a ``diamondrapids`` one APX registers.)
+#: x86 instruction-set features (LLVM's names) whose instructions LLVM may put in code it builds
+#: from pbtvm's kernels (vector, bit-manipulation and, with APX, general-register encodings): a
+#: library built for a CPU with one of them stops with an illegal instruction on a CPU without it
+#: (:func:`library_cpu_features`). An AMD ``bdver`` build holds FMA4 / XOP, a ``diamondrapids``
+#: one APX registers. Left out: AMX (the kernels use the tiles only after the system grants them,
+#: which it does only on a CPU that has them); instructions LLVM emits only for their own intrinsics, which no
+#: kernel calls (AVX512-VP2INTERSECT, AVX-IFMA, AVX-NE-CONVERT, AVX-VNNI-INT8/16); AVX10 (its
+#: instructions are the AVX-512 features listed). APX has no ``cpuinfo`` flag: it is found only
+#: through LLVM's name for the host CPU. Features LLVM gives no CPU here are skipped.
 X86_ISA_FEATURES = (
     "sse3", "ssse3", "sse4.1", "sse4.2", "sse4a", "popcnt", "lzcnt", "movbe", "pclmul", "adx",
     "avx", "avx2", "fma", "fma4", "xop", "tbm", "f16c", "bmi", "bmi2", "vpclmulqdq",
     "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx512vbmi", "avx512vbmi2",
-    "avx512bitalg", "avx512vpopcntdq", "avx512bf16", "avx512fp16", "avx512ifma", "avx512vp2intersect",
-    "avxvnni", "avxifma", "avxneconvert", "avxvnniint8", "avxvnniint16", "avx10.1", "avx10.2", "gfni",
-    "egpr", "ndd", "ppx", "push2pop2", "ccmp", "cf", "nf", "zu",
+    "avx512bitalg", "avx512vpopcntdq", "avx512bf16", "avx512fp16", "avx512ifma", "avxvnni", "gfni",
+    "egpr", "ndd", "ppx", "push2pop2", "ccmp", "nf", "zu",
 )  # fmt: skip
+#: Features x86 llvm targets get turned off (``-name`` appended unless their ``mattr`` names them):
+#: AMD's SSE4a, which LLVM may use for byte shuffles (EXTRQ / INSERTQ) and no Intel CPU has, so a
+#: library built for a Zen CPU also runs on Intel ones (the kernels' hot loops are AVX2 / AVX-512).
+#: Not for ``bdver`` CPUs, whose FMA4 and XOP imply it.
+UNPORTABLE_FEATURES = ("sse4a",)
 #: LLVM feature names that Linux's ``cpuinfo`` spells otherwise (beyond ``_`` / ``.`` / ``-``).
 _CPUINFO_NAMES = {"bmi": "bmi1", "sse3": "pni", "lzcnt": "abm", "pclmul": "pclmulqdq"}
 
@@ -110,6 +117,15 @@ def _mcpu_features(mcpu: str) -> frozenset:
     from tvm.target import codegen
 
     return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+
+
+def unportable_off(mcpu: str, mattr: list[str] = ()) -> list[str]:
+    """The ``-feature`` entries :func:`resolve_target` appends to an llvm target of CPU ``mcpu``
+    and ``mattr``: its :data:`UNPORTABLE_FEATURES` that ``mattr`` does not name (none for ``bdver``
+    CPUs, whose FMA4 / XOP imply SSE4a)."""
+    named = {entry[1:] for entry in mattr}
+    cpu = _mcpu_features(mcpu)
+    return [f"-{f}" for f in UNPORTABLE_FEATURES if f not in named and f in cpu and "fma4" not in cpu]
 
 
 def library_cpu_features(target: tvm.target.Target) -> list[str]:
@@ -200,9 +216,17 @@ def cuda_device_problem() -> str | None:
 
 def arch_runs_on(built: str, device: str) -> bool:
     """Whether code built for CUDA arch ``built`` runs on a GPU of arch ``device`` (``sm_XY``, as
-    :func:`local_cuda_arch` reports it): the same arch, or its arch-specific (``sm_90a``) or
-    family (``sm_100f``) variant, which TVM's ``nvidia/nvidia-h100`` tag gives."""
-    return built == device or (built[-1:] in ("a", "f") and built[:-1] == device)
+    :func:`local_cuda_arch` reports it), as CUDA's binary compatibility says: arch-specific code
+    (``sm_90a``, what TVM's ``nvidia/nvidia-h100`` tag gives) on that arch only; plain and family
+    code (``sm_80``, ``sm_100f``) on the same major version with a minor at least as high
+    (``sm_86``; ``sm_103``)."""
+    match, have = re.fullmatch(r"sm_(\d+)(\d)([af]?)", built), re.fullmatch(r"sm_(\d+)(\d)", device)
+    if not match or not have:
+        return built == device
+    major, minor, suffix = match.groups()
+    if suffix == "a":
+        return (major, minor) == have.groups()
+    return major == have.group(1) and int(have.group(2)) >= int(minor)
 
 
 def local_cuda_arch() -> str | None:
@@ -219,6 +243,8 @@ def resolve_target(target: Any) -> tvm.target.Target:
       (:func:`host_mattr`) unless ``mattr`` names an AMX feature itself (``-mattr=-gfni`` keeps
       them, ``-mattr=-amx-tile`` turns them off); the host is always llvm with the same mcpu,
       mattr and mtriple.
+    * x86 CPUs with :data:`UNPORTABLE_FEATURES` (AMD's SSE4a) get them turned off (Zen builds run
+      on Intel CPUs).
     * ``cuda`` without ``arch`` gets the local GPU's arch; without a GPU this is an error that asks
       for an explicit one, e.g. ``{"kind": "cuda", "arch": "sm_90"}``.
 
@@ -257,6 +283,9 @@ def resolve_target(target: Any) -> tvm.target.Target:
                 spec["mattr"] = given + list(extra)
         if "mattr" in spec:
             spec["mattr"] = _check_llvm_mattr(spec["mattr"], spec.get("mtriple"))
+        off = unportable_off(str(spec["mcpu"]), spec.get("mattr", []))
+        if off:  # a Zen build runs on Intel CPUs too
+            spec["mattr"] = [*spec.get("mattr", []), *off]
         # the host builds the CPU kernels of a Relax module: the same CPU, features included
         same_cpu = {key: spec[key] for key in ("mcpu", "mattr", "mtriple") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))

@@ -29,7 +29,7 @@ from pbtvm.ops import amx_gemm
 from pbtvm.ops.pb_vnni import pb_vnni_func
 from pbtvm.schedules.cpu_vnni import _operands, _out_rows, _replacing, vnni_kernel_for, vnni_lstm_kernel_for
 from pbtvm.schedules.rules import format_of
-from pbtvm.target import cpu_flags, host_mattr, resolve_target
+from pbtvm.target import cpu_flags, host_mattr, library_cpu_features, resolve_target, unportable_off
 
 from .concurrency import run_threads
 from .test_cpu_one_kernel_layer import _rows, assert_same_floats
@@ -112,11 +112,17 @@ def test_host_mattr_adds_amx_the_cpu_name_lacks(tmp_path):
     assert host_mattr("rocketlake", str(info)) == []
     assert host_mattr("rocketlake", str(tmp_path / "missing")) == []
     host = resolve_target("llvm")
-    assert list(host.attrs.get("mattr", [])) == host_mattr(str(host.attrs["mcpu"]))
+    off = unportable_off(str(host.attrs["mcpu"]))  # -sse4a on an AMD host
+    assert list(host.attrs.get("mattr", [])) == host_mattr(str(host.attrs["mcpu"])) + off
     assert "mattr" not in resolve_target({"kind": "llvm", "mcpu": "rocketlake"}).attrs
     extra = host_mattr(str(host.attrs["mcpu"]))  # an mattr of the user's keeps them (dropped them before)
-    assert list(resolve_target("llvm -mattr=-gfni").attrs["mattr"]) == ["-gfni", *extra]
-    assert list(resolve_target("llvm -mattr=-amx-tile").attrs["mattr"]) == ["-amx-tile"]  # named: as given
+    assert list(resolve_target("llvm -mattr=-gfni").attrs["mattr"]) == ["-gfni", *extra, *off]
+    assert list(resolve_target("llvm -mattr=-amx-tile").attrs["mattr"]) == ["-amx-tile", *off]  # named: as given
+    # a Zen build runs on Intel CPUs: LLVM may use AMD's SSE4a (EXTRQ / INSERTQ) in shuffles
+    assert list(resolve_target("llvm -mcpu=znver4").attrs["mattr"]) == ["-sse4a"]
+    assert list(resolve_target("llvm -mcpu=znver4 -mattr=+sse4a").attrs["mattr"]) == ["+sse4a"]
+    assert "mattr" not in resolve_target("llvm -mcpu=bdver4").attrs  # its FMA4 / XOP imply SSE4a
+    assert "sse4a" not in library_cpu_features(resolve_target("llvm -mcpu=znver3"))
 
 
 @needs_amx

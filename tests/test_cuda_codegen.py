@@ -197,6 +197,9 @@ def test_arch_specific_builds_run_on_their_base_arch(monkeypatch):
 
     assert tg.arch_runs_on("sm_90a", "sm_90") and tg.arch_runs_on("sm_90", "sm_90")
     assert not tg.arch_runs_on("sm_90a", "sm_89") and not tg.arch_runs_on("sm_80", "sm_90")
+    assert tg.arch_runs_on("sm_80", "sm_86") and not tg.arch_runs_on("sm_86", "sm_80")  # same major, minor up
+    assert tg.arch_runs_on("sm_100f", "sm_103") and not tg.arch_runs_on("sm_100a", "sm_103")
+    assert tg.arch_runs_on("sm_120", "sm_121") and not tg.arch_runs_on("sm_100", "sm_120")
     monkeypatch.setattr(tg, "_cuda_device", lambda: ("sm_90", None))
     info = tg.TargetInfo.of(tg.resolve_target(tg.tvm.target.Target("nvidia/nvidia-h100")))
     assert info.arch == "sm_90a"

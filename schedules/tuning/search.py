@@ -164,7 +164,8 @@ def _tune(
             raise InputError(
                 f"tuning measures the candidates on this machine, and its CPU lacks {', '.join(lacking)}, which "
                 f"code for {target.attrs.get('mcpu', target.kind.name)} needs: tune on such a CPU "
-                "(runner=rpc_runner(...), pbtvm tune --rpc), or for this CPU (target='llvm')"
+                "(runner=rpc_runner(...), pbtvm tune --rpc), or for this CPU (target='llvm'); if this CPU does "
+                "have them (neither Linux nor LLVM lists them), PBTVM_SKIP_CPU_CHECK=1 skips this check"
             )
         if prog.kernels:
             total = sum(n for _, n in prog.kernels)
