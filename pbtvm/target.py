@@ -152,6 +152,25 @@ def missing_cpu_features(needed: list[str], cpuinfo: str = "/proc/cpuinfo", llvm
     return [f for f in needed if _feature_key(f) not in have]
 
 
+def popcount_forced() -> bool:
+    """Whether ``PBTVM_CPU_KERNEL`` forces the portable popcount CPU kernels (``popcount``, any
+    case). Another value is named in a warning (once) and ignored: a typo used to pass silently."""
+    value = os.environ.get(ENV_CPU_KERNEL, "").strip().lower()
+    if value not in ("", "popcount"):
+        _warn_once(
+            f"{ENV_CPU_KERNEL}={os.environ[ENV_CPU_KERNEL]!r} is ignored: its only value is 'popcount' (the portable "
+            "CPU kernels); unset it for the default kernels"
+        )
+    return value == "popcount"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
 def skip_cpu_check() -> bool:
     """Whether ``PBTVM_SKIP_CPU_CHECK`` asks to skip the CPU feature check: ``1``, ``true``,
     ``yes`` or ``on`` (any case); anything else, ``0``/``false``/``no`` included, keeps it."""
@@ -501,7 +520,7 @@ def _table_lookup_wins(target: tvm.target.Target, bits: int | None, act_bits: in
     :data:`LUT_AUTO_MAX_BATCH` rows (with AVX-VNNI and GFNI at most
     :data:`LUT_YMM_GFNI_MAX_ROW_BITS` rows x bits) or a dynamic batch without AVX-VNNI, and the
     byte-code kernels not switched off."""
-    if target.kind.name != "llvm" or None in (bits, act_bits, batch) or os.environ.get(ENV_CPU_KERNEL) == "popcount":
+    if target.kind.name != "llvm" or None in (bits, act_bits, batch) or popcount_forced():
         return False
     from .ops.gfni_decode import CPU_FEATURES as GFNI
     from .ops.pb_vnni import cpu_isa, target_supports

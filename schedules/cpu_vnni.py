@@ -20,8 +20,6 @@ loops already scheduled, so MetaSchedule does not search it: the rule is a
 
 from __future__ import annotations
 
-import os
-
 from typing_extensions import override
 
 from pbtvm import names
@@ -38,7 +36,7 @@ from pbtvm.ops.pb_vnni import (
     unsupported_reason,
 )
 from pbtvm.ops.pb_vnni_lstm import pb_vnni_lstm_func
-from pbtvm.target import resolve_target
+from pbtvm.target import popcount_forced, resolve_target
 
 from .rules import KnobRule, ScheduleRule, format_of, lstm_cell_operands
 
@@ -68,7 +66,7 @@ def one_kernel_layer(fmt: BitplaneFormat, k_dim: int, target: tvm.target.Target 
     ``target`` defaults to the current target (``with target:``).
     """
     target = target or tvm.target.Target.current(allow_none=True)
-    if target is None or target.kind.name != "llvm" or os.environ.get(names.ENV_CPU_KERNEL, "") == "popcount":
+    if target is None or target.kind.name != "llvm" or popcount_forced():
         return False
     isa = cpu_isa(target)
     if fmt.layout == LUT_LAYOUT:
@@ -177,7 +175,7 @@ def _replaceable(func: tir.PrimFunc, operands, target: tvm.target.Target) -> boo
     """Whether a byte-code rule replaces ``func`` (of its kernel kind): not forced to the popcount
     kernel, and already the byte-code kernel or one it can compute (``operands(func)`` recognises
     the parameters) on a CPU with the features (:func:`pbtvm.ops.pb_vnni.cpu_isa`)."""
-    if os.environ.get(names.ENV_CPU_KERNEL, "") == "popcount":
+    if popcount_forced():
         return False
     if _is_replaced(func):
         return True

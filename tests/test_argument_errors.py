@@ -205,6 +205,19 @@ def test_a_model_for_a_cpu_this_one_lacks_is_refused_at_the_call(monkeypatch):
     assert compiled(torch.randn(2, 8)).shape == (2, 4)
 
 
+def test_cpu_kernel_variable_takes_popcount_in_any_case_and_names_other_values(monkeypatch):
+    """PBTVM_CPU_KERNEL=POPCOUNT forces the portable kernels too; a value it does not know is named
+    in a warning (a typo used to keep the default kernels without a word)."""
+    from pbtvm.target import popcount_forced
+
+    for value, forced in (("popcount", True), (" POPCOUNT ", True), ("", False)):
+        monkeypatch.setenv("PBTVM_CPU_KERNEL", value)
+        assert popcount_forced() is forced, value
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcnt-typo")
+    with pytest.warns(UserWarning, match="PBTVM_CPU_KERNEL='popcnt-typo' is ignored: its only value is 'popcount'"):
+        assert popcount_forced() is False
+
+
 def test_a_loaded_library_is_checked_once_by_load(monkeypatch, tmp_path):
     """pbtvm.load decides (here with the check skipped); the first call does not decide again."""
     from pbtvm import runtime
