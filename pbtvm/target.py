@@ -309,6 +309,10 @@ def resolve_target(target: Any) -> tvm.target.Target:
         same_cpu = {key: spec[key] for key in ("mcpu", "mattr", "mtriple") if key in spec}
         return tvm.target.Target(_clean(spec), host=tvm.target.Target({"kind": "llvm", **same_cpu}))
     if kind == "cuda":
+        if not spec.get("arch") and str(spec.get("mcpu", "")).startswith("sm_"):  # llvm's key for a GPU arch
+            raise InputError(
+                f"a CUDA target takes its GPU as arch, not mcpu: -arch={spec['mcpu']} / 'arch': '{spec['mcpu']}'"
+            )
         if not spec.get("arch"):
             arch = local_cuda_arch()
             if arch is None:
@@ -578,12 +582,15 @@ class TargetInfo:
         LLVM CPU name for ``llvm``.
     limits : TargetLimits
         Warp size, threads and shared memory per block.
+    mattr : tuple of str
+        LLVM features turned on / off beside ``mcpu`` (``+amx-tile``, ``-sse4a``).
     """
 
     kind: str
     arch: str | None = None
     mcpu: str | None = None
     limits: TargetLimits = TargetLimits()
+    mattr: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, target: tvm.target.Target) -> TargetInfo:
@@ -604,6 +611,7 @@ class TargetInfo:
             str(attrs["arch"]) if attrs.get("arch") else None,
             str(attrs["mcpu"]) if attrs.get("mcpu") else None,
             limits,
+            tuple(str(entry) for entry in attrs.get("mattr", None) or ()),
         )
 
     @classmethod
@@ -619,7 +627,7 @@ class TargetInfo:
             if kind == "cuda"
             else TargetLimits()
         )
-        return cls(kind, summary.get("arch"), summary.get("mcpu"), limits)
+        return cls(kind, summary.get("arch"), summary.get("mcpu"), limits, tuple(summary.get("mattr", ())))
 
     @property
     def has_binary_tensor_cores(self) -> bool:
@@ -638,12 +646,14 @@ class TargetInfo:
         detail = self.arch if self.kind == "cuda" else self.mcpu
         return f"{self.kind}-{detail or 'generic'}"
 
-    def summary(self) -> dict[str, str]:
+    def summary(self) -> dict[str, Any]:
         """JSON-ready description stored in manifests."""
-        out = {"kind": self.kind}
+        out: dict = {"kind": self.kind}
         for key in ("mcpu", "arch"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
+        if self.mattr:  # which ISA a library holds: AMX or not, AVX2 builds of an AVX-512 CPU
+            out["mattr"] = list(self.mattr)
         return out
 
     def local_device(self) -> tvm.runtime.Device | None:

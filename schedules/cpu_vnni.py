@@ -89,6 +89,16 @@ class CPUVnniGemm(KnobRule):
         """See :meth:`ScheduleRule.matches`; also needs the CPU features and a fitting format."""
         return super().matches(func) and _replaceable(func, _operands, self.target)
 
+    @override
+    def knob_variant(self) -> str:
+        """The instruction sets the kernel is built with: ``avx512``, ``avxvnni`` or ``avx2``, plus
+        ``+gfni`` and ``+amx`` where the target has them (an mcpu's tuning log holds all its builds)."""
+        target = _target_or_host(self.target)
+        extra = [
+            name for name, has in (("gfni", _has_gfni(target)), ("amx", amx_gemm.target_runs_tiles(target))) if has
+        ]
+        return "+".join([_isa_of(target), *extra])
+
     def apply(self, func: tir.PrimFunc) -> s_tir.Schedule:
         """The AVX-512 kernel for ``func`` (already scheduled) with the default knobs."""
         return s_tir.Schedule(vnni_kernel_for(func, target=self.target), debug_mask=0)

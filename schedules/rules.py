@@ -147,6 +147,12 @@ class KnobRule(ScheduleRule):
 
     label: str
 
+    def knob_variant(self) -> str:
+        """What besides the workload decides the kernel a knob setting builds (e.g. the CPU's
+        instruction sets): part of the knob-log key (:func:`~pbtvm.schedules.tuning.space.knob_key`),
+        so knobs timed on one kernel are not used for another. Empty: the workload alone."""
+        return ""
+
     def knob_settings(self, func: tir.PrimFunc) -> list[dict]:
         """Knob settings to measure, the default first."""
         raise NotImplementedError

@@ -327,7 +327,7 @@ def test_target_strings_in_every_form():
     """A kind, a JSON dict (with or without spaces) and the command-line form TVM 0.20+ no longer
     parses (``llvm -mcpu=... -mattr=...``) give the same targets; unreadable text names the problem."""
     from pbtvm.errors import InputError
-    from pbtvm.target import host_mattr, host_mcpu, resolve_target, unportable_off
+    from pbtvm.target import TargetInfo, host_mattr, host_mcpu, resolve_target, unportable_off
 
     for text in ("llvm -mcpu=haswell -mattr=+avx2,-fma", '{"kind":"llvm","mcpu":"haswell","mattr":["+avx2","-fma"]}'):
         target = resolve_target(text)
@@ -336,6 +336,10 @@ def test_target_strings_in_every_form():
         # a resolved Target resolves to itself: its mattr is an ffi Array, not a list (was refused, so
         # on hosts with AMX, whose default target has an mattr, `pbtvm eval` failed before compiling)
         assert str(resolve_target(target)) == str(target), text
+    # manifests and inspect show the features beside mcpu (an AMX build and one without looked alike)
+    summary = TargetInfo.of(resolve_target("llvm -mcpu=haswell -mattr=-fma")).summary()
+    assert summary == {"kind": "llvm", "mcpu": "haswell", "mattr": ["-fma"]}
+    assert TargetInfo.from_summary(summary).summary() == summary
     host = resolve_target("llvm")  # on hosts with AMX this one carries an mattr of its own
     assert str(resolve_target(host)) == str(host)
     assert resolve_target("nvidia/nvidia-h100").attrs["arch"] == "sm_90a"  # a TVM tag (was "unsupported kind")
@@ -357,6 +361,7 @@ def test_target_strings_in_every_form():
         ("llvm -mcpu=znver4 -mattr=+avx512vnn", "CPU feature 'avx512vnn'.*did you mean 'avx512vnni'"),
         ("llvm -mattr=-AMX-TILE", "CPU feature 'AMX-TILE' \\(mattr '-AMX-TILE'\\); did you mean 'amx-tile'"),
         ("llvm -mattr=avx2", "mattr entry 'avx2' must be a sign.*'\\+avx2' turns it on, '-avx2' off"),
+        ("cuda -mcpu=sm_90", "a CUDA target takes its GPU as arch, not mcpu: -arch=sm_90"),
     ]:
         with pytest.raises(InputError, match=message):
             resolve_target(text)

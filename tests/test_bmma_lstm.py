@@ -247,7 +247,7 @@ def test_tuner_measures_the_knobs_and_compile_replays_the_fastest(tmp_path):
     log = TuningLog(tmp_path, SM90)
     log.write_knobs({key: {**setting, "k_split": 3} for key, setting in log.read_knobs().items()})
     lookup, used = tuning.tuned_lookup(tmp_path, SM90)
-    with pytest.warns(UserWarning, match="'k_split': 3.* are not among the settings this version offers"):
+    with pytest.warns(UserWarning, match="'k_split': 3.* are not among the settings this kernel offers"):
         assert lookup(func) is None
     assert not used
 

@@ -410,3 +410,15 @@ def test_knob_search_then_compile_from_log(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the tuned model itself: no warning
         pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
+    # The keys name the instruction sets the kernels were built with: the same mcpu's AVX2 build
+    # (one log directory) is tuned on its own, not "already in the log" with AVX-512 knobs.
+    assert all(key.split(":")[2].split("-")[1].startswith("avx512") for key in chosen), chosen
+    avx2 = pbtvm.tune(model, example, "llvm -mattr=-avx512vnni,-avxvnni", bits=4, work_dir=tmp_path, trials=2)
+    assert [k.name.endswith("(avx2)") for k in avx2.kernels] == [True, True]
+    logged = json.loads((log / "pbtvm_cpu_kernels.json").read_text())
+    assert len(logged) == 4 and sum("-avx2" in key for key in logged) == 2, logged
+    # A log written before the keys named them (name:b1:hash) still serves this machine's builds.
+    (log / "pbtvm_cpu_kernels.json").write_text(json.dumps({key.rsplit("-", 1)[0]: v for key, v in chosen.items()}))
+    assert (
+        len(pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path).manifest["tuning"]["tuned_kernels"]) == 2
+    )

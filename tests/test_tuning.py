@@ -414,7 +414,7 @@ def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
         (  # the same name at this batch: its workload hash changed
             {"pb_gemm_w4a8_kNW_48x64"},
             ["pb_gemm_w4a8_kNW_48x64:b8:ab", "pb_gemm_w4a8_kNW_48x64:b1:cd"],
-            "or kernels changed since they were tuned: tune this model)",
+            "or builds for other instruction sets: tune this model for this target)",
         ),
         (  # the same layer in another weight layout
             {"pb_dense_act_w4a8o_lut16x4_16x48", "pb_dense_act_w4a8o_lut16x4_48x64"},

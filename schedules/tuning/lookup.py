@@ -134,13 +134,16 @@ class TunedLookup:
 
     def _knob_kernel(self, rule: KnobRule, func: tir.PrimFunc) -> tir.PrimFunc | None:
         """The kernel with the logged knobs of ``func`` (offered and buildable), else None."""
-        chosen = self.knobs.get(knob_key(func, self.batch))
+        chosen = self.knobs.get(knob_key(func, self.batch, rule.knob_variant()))
+        if chosen is None:  # a log written before the key named the instruction sets
+            chosen = self.knobs.get(knob_key(func, self.batch))
         if chosen is None:
             return None
         if not _offered(rule, func, chosen):  # only settings the tests check run
             warnings.warn(
                 f"pbtvm: logged knobs {chosen} for {kernel_name(func)} are not among the settings this "
-                "version offers; default used",
+                "kernel offers on this target (tuned for other instruction sets, or by another pbtvm version); "
+                "default used",
                 stacklevel=3,
             )
             self._refused = True
@@ -265,7 +268,8 @@ def unmatched_reason(asked: set[str], held: list[str], batch: int, searched: lis
     if str(batch) in batches:
         return (
             "it has kernels of these names at this batch whose workloads differ (another model's layers of the "
-            "same shape and format, or kernels changed since they were tuned: tune this model)"
+            "same shape and format, kernels changed since they were tuned, or builds for other instruction "
+            "sets: tune this model for this target)"
         )
     other = sorted(int(b) for b in batches if b.isdigit())
     if other:

@@ -132,7 +132,7 @@ def _tune(
             rule = tunable_rule(func, target)
             if rule is None:
                 continue
-            key = knob_key(func, batch) if isinstance(rule, KnobRule) else None
+            key = knob_key(func, batch, rule.knob_variant()) if isinstance(rule, KnobRule) else None
             mod = tvm.IRModule({"main": workload(func, batch)})
             ident = key or tvm_ffi.structural_hash(mod)
             if ident in seen:

@@ -181,11 +181,15 @@ def sample_candidates(
     return out
 
 
-def knob_key(func: tir.PrimFunc, batch: int) -> str:
-    """Knob-log key of one :class:`KnobRule` kernel workload: its name plus a hash of the workload at ``batch``."""
+def knob_key(func: tir.PrimFunc, batch: int, variant: str = "") -> str:
+    """Knob-log key of one :class:`KnobRule` kernel workload: its name plus a hash of the workload
+    at ``batch``, and the rule's :meth:`~pbtvm.schedules.rules.KnobRule.knob_variant` after the hash
+    (``name:b8:1f2e-avx512+gfni+amx``): one mcpu's log keeps the knobs of its AVX2, AVX-512 and
+    AMX builds apart."""
     import tvm_ffi
 
-    return f"{kernel_name(func)}:b{batch}:{tvm_ffi.structural_hash(workload(func, batch)):x}"
+    suffix = f"-{variant}" if variant else ""
+    return f"{kernel_name(func)}:b{batch}:{tvm_ffi.structural_hash(workload(func, batch)):x}{suffix}"
 
 
 #: Prefix of :func:`default_pin_key` entries in the knob log.
