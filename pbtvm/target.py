@@ -294,14 +294,14 @@ def resolve_target(target: Any) -> tvm.target.Target:
             del spec["mcpu"]
         if "mcpu" in spec:
             _check_llvm_cpu(str(spec["mcpu"]), spec.get("mtriple"))
-        else:  # the host, with the tile instructions its CPU's name may not imply
-            spec["mcpu"] = host_mcpu()
-            extra = _this_host_mattr(spec["mcpu"])
-            given = _check_llvm_mattr(spec["mattr"], spec.get("mtriple")) if "mattr" in spec else []
-            if extra and not any(entry[1:].startswith("amx") for entry in given):  # "-mattr=-gfni" keeps AMX
-                spec["mattr"] = given + list(extra)
         if "mattr" in spec:
             spec["mattr"] = _check_llvm_mattr(spec["mattr"], spec.get("mtriple"))
+        if "mcpu" not in spec:  # the host, with the tile instructions its CPU's name may not imply
+            spec["mcpu"] = host_mcpu()
+            extra = _this_host_mattr(spec["mcpu"])
+            given = spec.get("mattr", [])
+            if extra and not any(entry[1:].startswith("amx") for entry in given):  # "-mattr=-gfni" keeps AMX
+                spec["mattr"] = [*given, *extra]
         off = unportable_off(str(spec["mcpu"]), spec.get("mattr", []))
         if off:  # a Zen build runs on Intel CPUs too
             spec["mattr"] = [*spec.get("mattr", []), *off]
