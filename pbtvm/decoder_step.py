@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .bitplane import BitplaneFormat
-from .recurrent import flat_weights
+from .recurrent import current_weight, flat_weights
 
 __all__ = ["StepParts", "embedding_table"]
 
@@ -24,13 +24,14 @@ def _np(t: Any) -> np.ndarray:
 def embedding_table(embedding: Any) -> np.ndarray:
     """The rows ``embedding`` returns, float32 [num_embeddings, embedding_dim]: with ``max_norm``,
     each row as torch renormalises it when looked up (in place, so a row looked up again is
-    returned as it was the first time); the module's own table is not changed."""
+    returned as it was the first time); the module's own table is not changed. A table computed
+    by a ``weight_norm`` / ``spectral_norm`` hook is computed now (:func:`current_weight`)."""
     import torch
 
     if embedding.max_norm is None:
-        return _np(embedding.weight)
+        return _np(current_weight(embedding, "weight"))
     with torch.no_grad():
-        table = embedding.weight.detach().clone()
+        table = current_weight(embedding, "weight").clone()
         rows = torch.arange(table.shape[0], device=table.device)
         torch.embedding_renorm_(table, rows, embedding.max_norm, embedding.norm_type)
     return _np(table)
@@ -142,10 +143,10 @@ def _head_weights(bb: Any, parts: StepParts) -> tuple:
     from .schedules.cpu_vnni import one_kernel_layer
 
     head = parts.head
-    w_out = _np(head.weight)
+    w_out = _np(current_weight(head, "weight"))  # as head's forward computes it (weight_norm ...)
     has_bias = head.bias is not None
     fmt, [packed] = lower_weights([w_out], parts.fmt, parts.quant)
-    weights = [*packed, *([relax.const(_np(head.bias), "float32")] if has_bias else [])]
+    weights = [*packed, *([relax.const(_np(current_weight(head, "bias")), "float32")] if has_bias else [])]
     n, k = head.out_features, head.in_features
     pack = None
     if parts.kind == "cuda" or one_kernel_layer(fmt, k):  # AVX-512 CPUs: quantize + GEMM in one kernel

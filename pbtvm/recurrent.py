@@ -118,9 +118,8 @@ def has_own_forward(lstm: Any) -> bool:
     return type(lstm).forward is not torch.nn.LSTM.forward or "forward" in vars(lstm)
 
 
-def flat_weights(lstm: Any) -> dict[str, Any]:
-    """``lstm``'s weights by name (``_flat_weights_names`` order), as its forward would use them
-    now, detached.
+def current_weight(module: Any, name: str) -> Any:
+    """``module``'s tensor ``name`` (a weight or bias) as its forward would use it now, detached.
 
     A ``torch.nn.utils.parametrize`` parametrization computes its weight when read. A
     ``torch.nn.utils.weight_norm`` or ``spectral_norm`` hook computes it before each forward and
@@ -132,18 +131,20 @@ def flat_weights(lstm: Any) -> dict[str, Any]:
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    hooks = {h.name: h for h in lstm._forward_pre_hooks.values() if isinstance(h, WeightNorm | SpectralNorm)}
-    out = {}
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm | SpectralNorm)]
+    hook = next((h for h in hooks if h.name == name), None)
     with torch.no_grad():
-        for name in lstm._flat_weights_names:
-            hook = hooks.get(name)
-            if isinstance(hook, SpectralNorm):
-                out[name] = hook.compute_weight(lstm, do_power_iteration=False).detach()
-            elif hook is not None:
-                out[name] = hook.compute_weight(lstm).detach()
-            else:
-                out[name] = getattr(lstm, name).detach()
-    return out
+        if isinstance(hook, SpectralNorm):
+            return hook.compute_weight(module, do_power_iteration=False).detach()
+        if hook is not None:
+            return hook.compute_weight(module).detach()
+        return getattr(module, name).detach()
+
+
+def flat_weights(lstm: Any) -> dict[str, Any]:
+    """``lstm``'s weights by name (``_flat_weights_names`` order), as its forward would use them
+    now, detached (:func:`current_weight`)."""
+    return {name: current_weight(lstm, name) for name in lstm._flat_weights_names}
 
 
 def _computed_weights(lstm: Any) -> list | None:

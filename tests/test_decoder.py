@@ -85,6 +85,46 @@ def test_decoder_looks_up_rows_as_an_embedding_with_max_norm_returns_them():
         torch.testing.assert_close(out[0], want[t], atol=1e-4, rtol=1e-4)
 
 
+def test_decoder_computes_a_head_and_embedding_wrapped_by_weight_norm_hooks():
+    """A ``weight_norm`` / ``spectral_norm`` hook leaves its last weight on the module, stale once
+    ``g`` / ``v`` changed (an optimizer step, a loaded state dict): the decoder read that stale
+    head and table (logits 0.2-0.6 off at W16A16, no warning); it computes them as the forward does."""
+    import warnings
+
+    torch.manual_seed(3)
+    lstm = torch.nn.LSTM(8, 12).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        pairs = [
+            (
+                torch.nn.utils.weight_norm(torch.nn.Embedding(30, 8)),
+                torch.nn.utils.weight_norm(torch.nn.Linear(12, 30)),
+            ),
+            (
+                torch.nn.utils.spectral_norm(torch.nn.Embedding(30, 8)),
+                torch.nn.utils.spectral_norm(torch.nn.Linear(12, 30)),
+            ),
+        ]
+    tokens = torch.tensor([1, 7, 29])
+    for embedding, head in pairs:
+        embedding.eval(), head.eval()
+        with torch.no_grad():  # changed after the hooks last ran
+            for module in (embedding, head):
+                for name, p in module.named_parameters():
+                    if name.endswith(("_g", "_orig")):
+                        p.mul_(3.0)
+                if hasattr(module, "bias") and module.bias is not None:
+                    module.bias.add_(0.5)
+            want = head(lstm(embedding(tokens).unsqueeze(1))[0][:, 0])  # runs the hooks: fresh weights
+        for module in (embedding, head):  # leave stale values where the decoder once read them
+            module.weight = module.weight.detach() * 0
+        dec = compile_decoder(lstm, "llvm", 16, 16, embedding=embedding, head=head, generate_chunk=0)
+        state = None
+        for t in range(len(tokens)):
+            out, state = dec(tokens[t : t + 1], state)
+            torch.testing.assert_close(out[0], want[t], atol=1e-4, rtol=1e-4)
+
+
 def test_decoder_exports_and_loads(tmp_path, capsys):
     model = _lm(hidden=24, layers=1)
     dec = compile_decoder(model.lstm, "llvm", 3, embedding=model.embedding, head=model.head, batch=1)
