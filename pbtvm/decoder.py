@@ -154,6 +154,8 @@ class PBDecoder:
     num_layers, hidden_size, batch : int
     vocab : int or None
         Embedding rows when the step starts from token ids, else None (it takes ``x`` [B, I]).
+    outputs : int
+        Values per row of ``out``: the head's outputs (logits), else ``hidden_size``.
     check_tokens : bool
         Check that token ids lie in ``[0, vocab)`` (default True). Host ids cost nothing; ids in
         a CUDA tensor are copied to the host for it, a synchronisation per token: set False to
@@ -168,6 +170,7 @@ class PBDecoder:
         self.format = model.format
         self.num_layers, self.hidden_size = meta["num_layers"], meta["hidden_size"]
         self.batch, self.vocab = meta["batch"], meta["vocab"]
+        self.outputs = int(meta["outputs"])  # the head's outputs (logits per row), else hidden_size
         self.check_tokens = True
         self.generate_chunk = int(meta.get("generate_chunk", 0))
         self._chunk_inputs = None  # generate()'s kept chunk inputs, made on first use

@@ -211,7 +211,7 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
 
 
 def _as_sampling(sampling: Any) -> Sampling:
-    if sampling is None or sampling == "greedy":
+    if sampling is None or (isinstance(sampling, str) and sampling == "greedy"):
         return GREEDY
     if isinstance(sampling, Sampling):
         return sampling
@@ -236,9 +236,12 @@ def _check_request(
         isinstance(eos_token, bool) or not isinstance(eos_token, int | np.integer) or not 0 <= eos_token < dec.vocab
     ):
         raise InputError(f"eos_token must be None or a token id in [0, {dec.vocab}), got {eos_token!r}")
-    ids = prompt.detach().cpu().numpy() if hasattr(prompt, "detach") else np.asarray(prompt)
-    if ids.dtype.kind not in "iu":
-        raise InputTypeError(f"prompt must hold integer token ids, got dtype {ids.dtype}")
+    if eos_token is not None and eos_token >= dec.outputs:
+        raise InputError(
+            f"eos_token {eos_token} is not one of the head's {dec.outputs} outputs: generate() could never pick it, "
+            "so it would never stop early"
+        )
+    ids = _prompt_ids(prompt, dec.batch)
     if ids.ndim == 1 and dec.batch == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[0] != dec.batch or ids.shape[1] < 1:
@@ -246,6 +249,25 @@ def _check_request(
     if ids.min() < 0 or ids.max() >= dec.vocab:
         raise InputError(f"token ids must lie in [0, {dec.vocab}), got {ids.min()}..{ids.max()}")
     return ids.astype(np.int64)
+
+
+def _prompt_ids(prompt: Any, batch: int) -> np.ndarray:
+    """``prompt`` (tensor, array, list of ids or of rows) as an integer numpy array; an error names
+    what is wrong with it (rows of different lengths, no ids, ids no int64 holds, not integers)."""
+    if hasattr(prompt, "detach"):
+        ids = prompt.detach().cpu().numpy()
+    else:
+        try:
+            ids = np.asarray(prompt)
+        except (ValueError, OverflowError) as err:  # ragged rows; ints past uint64
+            raise InputError(f"prompt must be [batch, length] token ids, rows of one length: {err}") from None
+    if ids.size == 0:  # a list [] or [[], []] is float64 to numpy: the shape is what is wrong
+        raise InputError(f"prompt must have shape [batch={batch}, length >= 1], got {tuple(ids.shape)}")
+    if ids.dtype == object and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in ids.flat):
+        raise InputError(f"token ids must lie in [0, {2**63}), got {min(ids.flat)}..{max(ids.flat)}")
+    if ids.dtype.kind not in "iu":
+        raise InputTypeError(f"prompt must hold integer token ids, got dtype {ids.dtype}")
+    return ids
 
 
 def _trim(tokens: np.ndarray, eos: int | None) -> int:

@@ -368,6 +368,18 @@ def test_generate_rejects_bad_arguments(dec3):
         dec3.generate(ok, 4, eos_token=40)
     with pytest.raises(TypeError, match="sampling must be"):
         dec3.generate(ok, 4, "nucleus")
+    # numpy's own errors before: "inhomogeneous shape", "dtype float64", "truth value ... ambiguous"
+    with pytest.raises(ValueError, match=r"rows of one length"):
+        dec3.generate([[1, 2, 3], [4, 5], [6, 7]], 4)
+    for empty in ([], [[], [], []]):
+        with pytest.raises(ValueError, match=r"prompt must have shape \[batch=3, length >= 1\], got \((0,|3, 0)\)"):
+            dec3.generate(empty, 4)
+    with pytest.raises(
+        ValueError, match=r"token ids must lie in \[0, 9223372036854775808\), got 1\.\.18446744073709551616"
+    ):
+        dec3.generate([[1, 2**64], [1, 2], [1, 2]], 4)
+    with pytest.raises(TypeError, match="sampling must be"):
+        dec3.generate(ok, 4, np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="bitlayers"):
         dec3.generate(ok, 4, bitlayers=5)
     with pytest.raises(ValueError, match="temperature"):
@@ -405,6 +417,10 @@ def test_generate_needs_a_head_over_the_embeddings_vocabulary():
     wide = torch.nn.Embedding(60, 8)
     dec = compile_decoder(lstm, "llvm", 4, embedding=wide, head=torch.nn.Linear(12, 20), generate_chunk=4)
     np.testing.assert_array_equal(dec.generate(np.array([[55, 2]]), 6), generate_stepwise(dec, np.array([[55, 2]]), 6))
+    assert dec.outputs == 20
+    # an end token the head cannot pick never ends generation: it ran to max_new_tokens silently
+    with pytest.raises(ValueError, match="eos_token 50 is not one of the head's 20 outputs"):
+        dec.generate(np.array([[55, 2]]), 6, eos_token=50)
 
 
 def test_sampling_takes_numpy_scalars_and_any_large_top_k(dec3):
