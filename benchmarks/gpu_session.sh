@@ -20,7 +20,8 @@
 #               seeded sampling), then benchmarks/bench_generate.py: tokens/s of generate() at W1/W2/W4/W8,
 #               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph, each W-k with the default
 #               layout (binary tensor cores on sm_80+) and kNW (CUDA-core popcount), the 16 decoders compiled
-#               first, one process per core (<= ~6 min; STEPS=generate)
+#               first, one process per core (<= ~6 min; STEPS=generate); then benchmarks/bench_pick.py: the
+#               pick kernel alone per top_k (radix threshold past 8, unmeasured on a GPU so far), <= 90 s
 # A device call is limited to 600 s, so run further steps in another call (STEPS=bmma-tune ...).
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
@@ -94,6 +95,7 @@ if [[ $STEPS == *" generate "* ]]; then
   step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests/test_generate.py
   step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
     --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto,kNW}
+  step bench_pick "${PICK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_pick.py --target cuda --vocab 10000 50257
 fi
 # The device tool returns at most 8 files from $OUT: past that, everything goes into one archive
 # (a call cut off at its limit returns what it wrote, up to 8 files).

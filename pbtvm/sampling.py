@@ -115,12 +115,7 @@ def pick_reference(
         if temperature <= 0 or nonfinite:
             tok = best
         else:
-            keep = np.ones(vocab, bool)
-            if 0 < top_k < vocab:
-                order = np.lexsort((np.arange(vocab), -row.astype(np.float64)))
-                keep[:] = False
-                keep[order[:top_k]] = True
-            w = np.where(keep, np.exp((row.astype(np.float64) - np.float64(row[best])) / temperature), 0.0)
+            w = sampling_weights(row, temperature, top_k)
             running = np.cumsum(w)  # sequential, like the kernel
             target = philox_uniform(seed, counter, r)[()] * running[-1]
             hits = np.flatnonzero((w > 0) & (running > target))
@@ -128,6 +123,19 @@ def pick_reference(
         tokens[r] = tok
         new_done[r] |= (DONE_FINISHED if eos >= 0 and tok == eos else 0) | (DONE_NONFINITE if nonfinite else 0)
     return tokens, new_done
+
+
+def sampling_weights(row: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
+    """Step 5's weights of one row that samples (no NaN, largest logit finite), float64 [V]:
+    ``exp((l_i - max) / T)`` for the first ``top_k`` logits in (value descending, index ascending)
+    order (all when ``top_k <= 0`` or ``>= V``; ``-0.0`` ties ``+0.0``), 0 for the others."""
+    vocab = row.shape[0]
+    keep = np.ones(vocab, bool)
+    if 0 < top_k < vocab:
+        order = np.lexsort((np.arange(vocab), -row.astype(np.float64)))
+        keep[:] = False
+        keep[order[:top_k]] = True
+    return np.where(keep, np.exp((row.astype(np.float64) - np.float64(row.max())) / temperature), 0.0)
 
 
 def pick_func(batch: int, vocab: int, chunk: int, target_kind: str) -> tir.PrimFunc:
@@ -169,4 +177,5 @@ __all__ = [
     "philox_uniform",
     "pick_func",
     "pick_reference",
+    "sampling_weights",
 ]

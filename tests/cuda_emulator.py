@@ -139,6 +139,11 @@ template <typename T> static T __shfl_up_sync(unsigned, T value, unsigned delta,
   int in_segment = my_lane % width;
   return emu_shfl(value, in_segment >= (int)delta ? my_lane - (int)delta : my_lane);
 }
+// CUDA: a source lane in a later segment than the caller's returns the caller's own value.
+template <typename T> static T __shfl_xor_sync(unsigned, T value, int lane_mask, int width = 32) {
+  int src = my_lane ^ lane_mask;
+  return emu_shfl(value, src < (my_lane / width + 1) * width ? src : my_lane);
+}
 thread_local Barrier* my_block;
 static void __syncthreads() { my_block->arrive_and_wait(); }
 static void emu_bmma(int* d0, int* d1, int* d2, int* d3, unsigned a0, unsigned a1, unsigned a2, unsigned a3,

@@ -15,7 +15,7 @@ from pbtvm import library
 from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
-from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference
+from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
 
 from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
@@ -66,6 +66,9 @@ def _random_pick_cases(rng, batch, vocab, chunk, n):
         logits = (rng.standard_normal((batch, vocab)) * 2).astype(np.float32)
         if trial % 5 == 0:
             logits[:, 3] = logits[:, 7] = logits.max(axis=1)  # a tie at the top
+        if trial % 4 == 2:  # ties everywhere (-0.0 beside +0.0 too) and masked tokens: the top-k threshold
+            logits = np.round(logits)
+            logits[rng.random(logits.shape) < 0.1] = -np.inf
         if rng.random() < 0.4:
             _nonfinite_row(rng, logits[rng.integers(batch)], int(rng.integers(4)))
         forced = np.where(rng.random((chunk, batch)) < 0.3, rng.integers(0, vocab, (chunk, batch)), -1)
@@ -75,7 +78,7 @@ def _random_pick_cases(rng, batch, vocab, chunk, n):
                 rng.integers(0, 2**62),
                 rng.integers(0, 2**40),
                 rng.integers(-1, vocab),
-                [0, 1, 5, vocab - 1, vocab, 99][rng.integers(6)],
+                [0, 1, 2, 3, 5, 17, vocab - 1, vocab, 99][rng.integers(9)],
             ]
         )
         yield (
@@ -89,15 +92,25 @@ def _random_pick_cases(rng, batch, vocab, chunk, n):
 
 
 def _check_pick(run, batch, vocab, chunk, n):
+    """``run`` returns the kernel's token, done and weights: tokens and flags equal the reference's,
+    and every row that sampled weighted the tokens the reference keeps (its top-k set)."""
     rng = np.random.default_rng(0)
+    sampled = 0
     for logits, forced, done, ctrl, temp, step in _random_pick_cases(rng, batch, vocab, chunk, n):
-        token, new_done = run(logits, forced, done, ctrl, temp, step)
+        token, new_done, weights = run(logits, forced, done, ctrl, temp, step)
         seed, counter, eos, top_k = (int(v) for v in ctrl)
         want = pick_reference(
             logits, done, temperature=temp, top_k=top_k, seed=seed, counter=counter + step, eos=eos, forced=forced[step]
         )
         np.testing.assert_array_equal(token, want[0])
         np.testing.assert_array_equal(new_done, want[1])
+        for r in range(batch):
+            row = logits[r]
+            if forced[step, r] < 0 and not done[r] & 1 and temp > 0 and np.isfinite(row.max()):
+                kept = sampling_weights(row, temp, top_k) > 0
+                np.testing.assert_array_equal(weights[r] > 0, kept, err_msg=f"top_k={top_k}")
+                sampled += 1
+    assert sampled >= n // 4
 
 
 def test_reference_pick_of_nonfinite_logits_follows_torch_argmax_and_flags_the_row():
@@ -150,7 +163,7 @@ def test_cpu_pick_kernel_equals_the_reference():
         ]
         ins = [tvm.runtime.tensor(a) for a in (logits, forced, done, ctrl, np.array([temp]))]
         ex(*ins, step, *outs)
-        return outs[0].numpy(), outs[1].numpy()
+        return outs[0].numpy(), outs[1].numpy(), outs[2].numpy()
 
     _check_pick(run, batch, vocab, chunk, 240)
 
@@ -180,9 +193,9 @@ def test_cuda_pick_kernel_emulated_equals_the_reference():
             done_out_ptr=new_done,
             weights_ptr=weights,
         )
-        return token, new_done
+        return token, new_done, weights
 
-    _check_pick(run, batch, vocab, chunk, 36)
+    _check_pick(run, batch, vocab, chunk, 72)
 
 
 @pytest.mark.gpu
@@ -199,7 +212,7 @@ def test_cuda_pick_kernel_on_gpu_equals_the_reference():
         outs = [tvm.runtime.empty(s, d, dev) for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)]
         ins = [tvm.runtime.tensor(a, dev) for a in (logits, forced, done, ctrl, np.array([temp]))]
         kern(*ins, step, *outs)
-        return outs[0].numpy(), outs[1].numpy()
+        return outs[0].numpy(), outs[1].numpy(), outs[2].numpy()
 
     _check_pick(run, batch, vocab, chunk, 240)
 
