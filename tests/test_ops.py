@@ -145,6 +145,29 @@ def test_dense_matches_float_reference(bits, codebook, rng):
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("codebook", [None, "offset_binary"])
+def test_dense_outputs_near_the_float32_range_stay_finite(codebook, rng, monkeypatch):
+    """The epilogue ran in float32 and ``s_x * (acc + ...)``, about ``y / s_w``, overflowed first:
+    outputs of ~1e35 (finite in torch and in the float64 reference) came out +-inf. Both CPU
+    kernels (quantize + GEMM in one, and the popcount GEMM) now round the float64 value once."""
+    fmt = bp.BitplaneFormat(8, 8, codebook)
+    n, k = 8, 1000
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp, bias = bp.pack_weights(q, fmt), rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    x = (x / np.abs(x).max(1, keepdims=True) * np.array([[1e34], [1e36], [3e36], [1.0]])).astype(np.float32)
+    ref = qz.pb_linear_reference(x, wp, ws, bias, fmt)
+    assert np.isfinite(ref).all() and np.abs(ref[2]).max() > 1e37  # ~1e35 overflowed before
+    kerns = [kernels.build(kernels.dense_act_func(fmt, n, k, True), CPU)]
+    monkeypatch.setenv("PBTVM_CPU_KERNEL", "popcount")
+    kerns.append(kernels.build(kernels.dense_act_func(fmt, n, k, True), CPU))
+    for kern in kerns:
+        y = _t(np.full((4, n), np.nan, np.float32))
+        kern(_t(x), _t(wp), _t(ws), _t(bias), 8, y)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("bits", "act_bits", "layout", "bias"),
     [(1, 8, "kNW", True), (4, 8, "kNW", False), (3, 16, "NkW", True), (16, 16, "kNW", True)],

@@ -59,15 +59,20 @@ def dense_value(
     -----
     With a zero point, ``floor(z)`` (clamped to the code range) is subtracted in the integer
     accumulator, exactly; only ``z - floor(z)`` goes through float32, so large codes do not cancel.
+    The weight scale multiplies first: ``(acc + ...) s_w`` is ``y / s_x``, at most ``qmax`` times the
+    weights' row sum ``sum |w|`` whatever the activations. Scaled by ``s_x`` first, the
+    intermediate was ``y / s_w`` (thousands of times ``y``) and outputs of ~1e35, finite in torch
+    and in the float64 reference, came out ±inf. (Float64 throughout measured 10 % slower on a
+    512x784 layer at batch 8.)
     """
     off = truncation_offset(fmt, bitlayers)
     if not fmt.has_zero_point:
-        y = (x_scale * (off * rowsum.astype("float32") + _as(acc, "float32"))) * w_scale[n]
+        y = ((off * rowsum.astype("float32") + _as(acc, "float32")) * w_scale[n]) * x_scale
     else:
         zero = w_scale[1, n]
         z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
         exact = acc - z_int.astype(_dtype(acc)) * rowsum
-        y = (x_scale * ((off - (zero - z_int)) * rowsum.astype("float32") + _as(exact, "float32"))) * w_scale[0, n]
+        y = (((off - (zero - z_int)) * rowsum.astype("float32") + _as(exact, "float32")) * w_scale[0, n]) * x_scale
     return y + bias[n] if bias is not None else y
 
 
