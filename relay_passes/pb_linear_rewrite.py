@@ -83,6 +83,7 @@ _ELEMENTWISE = {
     "relax.add": np.add,
     "relax.subtract": np.subtract,
     "relax.divide": np.divide,
+    "relax.negative": np.negative,
 }
 #: Ops :meth:`_Rewriter._constant` evaluates over constants.
 _FOLDED_OPS = ("relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.reshape", *_ELEMENTWISE)
@@ -235,11 +236,11 @@ class _Rewriter(PyExprMutator):
     def _folded(self, call: relax.Call) -> np.ndarray | None:
         """A layout op (transpose, new or dropped axes, reshape) or an elementwise op of constants, in
         numpy, as torch's decompositions of ``einsum('bsd,ed->bse', x, W)`` and ``x @ (W * 0.5).T``
-        leave the weight; None where an operand is not a constant."""
+        leave the weight (and ``-W``); None where an operand is not a constant."""
         name, attrs = _op_name(call), call.attrs
         if name in _ELEMENTWISE:
-            a, b = (self._constant(arg) for arg in call.args)
-            return None if a is None or b is None else _ELEMENTWISE[name](a, b)
+            values = [self._constant(arg) for arg in call.args]
+            return None if any(v is None for v in values) else _ELEMENTWISE[name](*values)
         value = self._constant(call.args[0])
         if value is None:
             return None

@@ -1166,6 +1166,28 @@ def test_slices_of_constant_weights_are_converted_and_named():
             _close(got, want, rel=1e-3)
 
 
+def test_a_negated_weight_is_folded_like_a_scaled_one():
+    """``x @ (-W).T`` stayed in full precision (``W * 0.5`` was folded, ``neg`` was not)."""
+
+    class Negated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16, 32))
+
+        def forward(self, x):
+            return x @ (-self.w).T, F.linear(x, -self.w * 0.5)
+
+    torch.manual_seed(4)
+    model = Negated().eval()
+    x = torch.randn(3, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left in full precision
+        m = pbtvm.compile(model, (x,), bits=16, act_bits=16)
+    assert len(m.converted_layers) == 2
+    for got, want in zip(m(x), model(x), strict=True):
+        _close(got, want, rel=1e-3)
+
+
 def test_an_input_broadcast_over_the_batch_keeps_the_batch_dynamic():
     """HF-style ``position_ids`` of shape ``[1, S]`` beside ``ids`` of ``[B, S]``: the whole model was
     compiled for the example's batch; the input broadcast over the batch now keeps size 1."""
