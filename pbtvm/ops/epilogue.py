@@ -59,21 +59,28 @@ def dense_value(
     -----
     With a zero point, ``floor(z)`` (clamped to the code range) is subtracted in the integer
     accumulator, exactly; only ``z - floor(z)`` goes through float32, so large codes do not cancel.
-    The weight scale multiplies first: ``(acc + ...) s_w`` is ``y / s_x``, at most ``qmax`` times the
-    weights' row sum ``sum |w|`` whatever the activations. Scaled by ``s_x`` first, the
-    intermediate was ``y / s_w`` (thousands of times ``y``) and outputs of ~1e35, finite in torch
-    and in the float64 reference, came out ±inf. (Float64 throughout measured 10 % slower on a
-    512x784 layer at batch 8.)
+    ``s_x (acc + ...)`` is ``y / s_w``, thousands of times ``y``: where it overflows (huge
+    activations; outputs of ~1e35, finite in torch and in the float64 reference, came out ±inf),
+    ``s_w`` multiplies first instead (``y / s_x``, at most ``qmax`` times the row's ``sum |w|``), so
+    an output is ±inf only where both orders overflow. Elsewhere the result is the plain order's,
+    bit for bit (bias inside the select, so a CPU build keeps its multiply-add). (``s_w`` always first spilled registers in the one-launch BMMA kernel, which
+    runs at its 64-register cap, and overflowed for huge weights; float64 throughout measured
+    10 % slower on a 512x784 CPU layer at batch 8.)
     """
     off = truncation_offset(fmt, bitlayers)
     if not fmt.has_zero_point:
-        y = ((off * rowsum.astype("float32") + _as(acc, "float32")) * w_scale[n]) * x_scale
+        value, scale = off * rowsum.astype("float32") + _as(acc, "float32"), w_scale[n]
     else:
         zero = w_scale[1, n]
         z_int = tir.max(tir.min(tir.floor(zero), tir.const(2**fmt.bits - 1, "float32")), tir.const(0, "float32"))
         exact = acc - z_int.astype(_dtype(acc)) * rowsum
-        y = (((off - (zero - z_int)) * rowsum.astype("float32") + _as(exact, "float32")) * w_scale[0, n]) * x_scale
-    return y + bias[n] if bias is not None else y
+        value, scale = (off - (zero - z_int)) * rowsum.astype("float32") + _as(exact, "float32"), w_scale[0, n]
+    by_rows = x_scale * value  # y / s_w: overflows first when s_w is small and y huge
+    overflowed = tir.abs(by_rows) > tir.max_value("float32")  # tir.isinf takes no vectors
+    plain, by_weights = by_rows * scale, (value * scale) * x_scale
+    if bias is not None:  # inside the select: the plain order's multiply-add stays one
+        plain, by_weights = plain + bias[n], by_weights + bias[n]
+    return tir.Select(overflowed, by_weights, plain)
 
 
 def _as(expr: Any, dtype: str) -> Any:
