@@ -241,7 +241,7 @@ def _check_request(
             f"eos_token {eos_token} is not one of the head's {dec.outputs} outputs: generate() could never pick it, "
             "so it would never stop early"
         )
-    ids = _prompt_ids(prompt, dec.batch)
+    ids = _prompt_ids(prompt, dec.batch, dec.vocab)
     if ids.ndim == 1 and dec.batch == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[0] != dec.batch or ids.shape[1] < 1:
@@ -251,23 +251,32 @@ def _check_request(
     return ids.astype(np.int64)
 
 
-def _prompt_ids(prompt: Any, batch: int) -> np.ndarray:
+def _prompt_ids(prompt: Any, batch: int, vocab: int) -> np.ndarray:
     """``prompt`` (tensor, array, list of ids or of rows) as an integer numpy array; an error names
-    what is wrong with it (rows of different lengths, no ids, ids no int64 holds, not integers)."""
+    what is wrong with it (rows of different lengths, no ids, ids past int64, not integers)."""
     if hasattr(prompt, "detach"):
         ids = prompt.detach().cpu().numpy()
     else:
         try:
             ids = np.asarray(prompt)
-        except (ValueError, OverflowError) as err:  # ragged rows; ints past uint64
+        except (ValueError, OverflowError) as err:  # ragged rows; an int no float holds beside floats
             raise InputError(f"prompt must be [batch, length] token ids, rows of one length: {err}") from None
     if ids.size == 0:  # a list [] or [[], []] is float64 to numpy: the shape is what is wrong
         raise InputError(f"prompt must have shape [batch={batch}, length >= 1], got {tuple(ids.shape)}")
-    if ids.dtype == object and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in ids.flat):
-        raise InputError(f"token ids must lie in [0, {2**63}), got {min(ids.flat)}..{max(ids.flat)}")
+    if ids.dtype.kind in "fO" and not isinstance(prompt, np.ndarray):  # a list with ids past int64
+        values = list(np.asarray(prompt, dtype=object).flat)
+        if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
+            lo, hi = (_short_int(f(values)) for f in (min, max))
+            raise InputError(f"token ids must lie in [0, {vocab}), got {lo}..{hi}")
     if ids.dtype.kind not in "iu":
         raise InputTypeError(f"prompt must hold integer token ids, got dtype {ids.dtype}")
     return ids
+
+
+def _short_int(value: int) -> str:
+    """``value`` as digits, cut to its first three and its length past 20 of them."""
+    text = str(value)
+    return text if len(text) <= 20 else f"{text[:3]}...({len(text)} digits)"
 
 
 def _trim(tokens: np.ndarray, eos: int | None) -> int:

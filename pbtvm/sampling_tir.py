@@ -367,7 +367,7 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
     Eight passes fix the k-th largest order key (:func:`_order_key`) 4 bits at a time, from the
     top: each thread counts its strided logits that share the digits fixed so far by their next
     digit (16 counters in registers), warps sum them with butterfly shuffles, lane 0's sums go
-    through shared memory (``hc`` int32 [threads, 16]), and every thread takes, from the top
+    through shared memory (``hc`` int32 [16, threads]), and every thread takes, from the top
     digit down, the one holding the rank still sought (``sel[0]``). Of the logits with that key,
     the first ``sel[0]`` in index order are kept: each thread counts them in its contiguous
     segment, a scan of the counts (``ss``) finds the segment holding the last one, whose index
@@ -382,7 +382,8 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
         for j in range(strides):
             i: T.int64 = T.Cast("int64", j * threads) + T.Cast("int64", t)
             if i < T.int64(vocab):
-                key = T.Bind(_order_key(logits[r, i]))
+                logit = T.Bind(logits[r, i])  # loaded once (the key's select reads it twice)
+                key = T.Bind(_order_key(logit))
                 if key & _nibble_prefix_mask(d) == ku[0]:
                     digit = T.Bind(T.Cast("int32", T.shift_right(key, _nibble_shift(d)) & T.uint32(15)))
                     for b in T.unroll(16):
@@ -390,13 +391,13 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
         for b in T.unroll(16):
             for o in T.unroll(5):
                 cnt[b] = cnt[b] + _shfl_xor(cnt[b], T.shift_right(16, o))
-            hc[t, b] = cnt[b]
+            hc[b, t] = cnt[b]  # consecutive threads, consecutive words: no bank conflict
         T.tvm_storage_sync("shared")
         sel[1] = T.int64(0)  # found
         for bb in T.unroll(16):
             sel[2] = T.int64(0)
             for w in range(threads // 32):
-                sel[2] = sel[2] + T.Cast("int64", hc[w * 32, 15 - bb])
+                sel[2] = sel[2] + T.Cast("int64", hc[15 - bb, w * 32])
             if sel[1] == T.int64(0):
                 if sel[2] >= sel[0]:
                     ku[0] = ku[0] | T.shift_left(T.Cast("uint32", 15 - bb), _nibble_shift(d))
@@ -407,8 +408,10 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
     sel[1] = T.int64(0)  # keys equal to ku[0] in this thread's segment
     for j in range(seg):
         i: T.int64 = T.Cast("int64", t * seg + j)
-        if i < T.int64(vocab) and _order_key(logits[r, i]) == ku[0]:
-            sel[1] = sel[1] + T.int64(1)
+        if i < T.int64(vocab):  # nested: CUDA codegen loads a select's operands before the if
+            logit = T.Bind(logits[r, i])
+            if _order_key(logit) == ku[0]:
+                sel[1] = sel[1] + T.int64(1)
     ss[t] = T.Cast("float64", sel[1])
     T.tvm_storage_sync("shared")
     for lvl in T.unroll(threads.bit_length() - 1):  # inclusive Hillis-Steele scan of the counts
@@ -426,10 +429,12 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
     if sel[2] < sel[0] and sel[0] <= iv[2]:
         for j in range(seg):
             i: T.int64 = T.Cast("int64", t * seg + j)
-            if i < T.int64(vocab) and iv[1] == T.int64(vocab) and _order_key(logits[r, i]) == ku[0]:
-                sel[2] = sel[2] + T.int64(1)
-                if sel[2] == sel[0]:
-                    iv[1] = i
+            if i < T.int64(vocab) and iv[1] == T.int64(vocab):
+                logit = T.Bind(logits[r, i])
+                if _order_key(logit) == ku[0]:
+                    sel[2] = sel[2] + T.int64(1)
+                    if sel[2] == sel[0]:
+                        iv[1] = i
     si[t] = iv[1]
     T.tvm_storage_sync("shared")
     sel[1] = T.int64(0)  # bisect for the owner: the first thread whose inclusive count reaches sel[0]
@@ -446,9 +451,10 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
 
 
 def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
-    """One block per row: strided candidate scans with shared-memory tree reductions (argmax and
-    each top-k pass), contiguous per-thread weight segments, a scan of their sums, and the thread
-    whose segment holds ``u * total`` picks the token."""
+    """One block per row: strided candidate scans with shared-memory tree reductions (argmax, and
+    each ordered top-k pass up to :data:`CUDA_TOPK_PASSES_MAX`; a larger top-k by radix,
+    :func:`_cuda_kth_by_radix`), contiguous per-thread weight segments, a scan of their sums, and
+    the thread whose segment holds ``u * total`` picks the token."""
     if threads & (threads - 1):
         raise InputError(f"threads must be a power of two, got {threads}")
     B, V, N, TPB = batch, vocab, chunk, threads
@@ -477,7 +483,7 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
         iv = T.decl_buffer((4,), "int64", scope="local")  # argmax, threshold index, candidate, token
         dv = T.decl_buffer((4,), "float64", scope="local")  # running sum, scan value, u * total, exclusive
         ph = T.decl_buffer((6,), "uint32", scope="local")
-        hc = T.decl_buffer((TPB, 16), "int32", scope="shared")  # top-k by radix: digit counts
+        hc = T.decl_buffer((16, TPB), "int32", scope="shared")  # top-k by radix: digit counts
         cnt = T.decl_buffer((16,), "int32", scope="local")
         ku = T.decl_buffer((1,), "uint32", scope="local")
         sel = T.decl_buffer((3,), "int64", scope="local")

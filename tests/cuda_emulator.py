@@ -409,3 +409,21 @@ def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int,
     grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
     block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
     return grid, block
+
+
+def guarded(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` whose last byte ends where an unreadable page begins: an emulated kernel
+    reading past the end faults (a segmentation fault of the test process) instead of reading
+    whatever the heap holds there, which a GPU's compute-sanitizer would report."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    pages = -(-array.nbytes // page) + 1
+    region = mmap.mmap(-1, pages * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    if ctypes.CDLL(None).mprotect(ctypes.c_void_p(base + (pages - 1) * page), page, 0) != 0:
+        raise OSError("mprotect failed: no guard page")
+    raw = np.frombuffer(region, np.uint8, count=array.nbytes, offset=(pages - 1) * page - array.nbytes)
+    out = raw.view(array.dtype).reshape(array.shape)  # holds ``region`` (its buffer) alive
+    out[...] = array
+    return out

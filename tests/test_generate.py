@@ -18,7 +18,7 @@ from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
 
 from .concurrency import run_threads
-from .cuda_emulator import EmulatedKernel
+from .cuda_emulator import EmulatedKernel, guarded
 from .test_decoder import _kernel_calls, _vm_functions
 
 SM90 = {"kind": "cuda", "arch": "sm_90"}
@@ -168,13 +168,17 @@ def test_cpu_pick_kernel_equals_the_reference():
     _check_pick(run, batch, vocab, chunk, 240)
 
 
-def test_cuda_pick_kernel_emulated_equals_the_reference():
-    """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU."""
+@pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36)])
+def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
+    """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU.
+    700 = 2 full strides + a partial one, segments of 3; 100: fewer logits than threads. The
+    logits end at an unreadable page: the radix top-k read up to 255 floats past a row (past the
+    buffer on the last row), loaded before the bounds test that guarded only the compare."""
     from pbtvm.cuda import build, cuda_source
     from pbtvm.sampling import PICK_THREADS
     from pbtvm.target import resolve_target
 
-    batch, vocab, chunk = 2, 700, 3  # 700 = 2 full strides + a partial one; segments of 3
+    chunk = 3
     src = cuda_source(build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)))
     kernel = EmulatedKernel(src, warp_ops=False)
 
@@ -183,7 +187,7 @@ def test_cuda_pick_kernel_emulated_equals_the_reference():
         kernel(
             (batch, 1, 1),
             (PICK_THREADS, 1, 1),
-            logits_ptr=logits,
+            logits_ptr=guarded(logits),
             forced_ptr=forced,
             done_in_ptr=done,
             ctrl_ptr=ctrl.astype(np.int64),
@@ -195,7 +199,7 @@ def test_cuda_pick_kernel_emulated_equals_the_reference():
         )
         return token, new_done, weights
 
-    _check_pick(run, batch, vocab, chunk, 72)
+    _check_pick(run, batch, vocab, chunk, cases)
 
 
 @pytest.mark.gpu
@@ -387,10 +391,13 @@ def test_generate_rejects_bad_arguments(dec3):
     for empty in ([], [[], [], []]):
         with pytest.raises(ValueError, match=r"prompt must have shape \[batch=3, length >= 1\], got \((0,|3, 0)\)"):
             dec3.generate(empty, 4)
-    with pytest.raises(
-        ValueError, match=r"token ids must lie in \[0, 9223372036854775808\), got 1\.\.18446744073709551616"
+    for big, shown in (
+        (2**64, "18446744073709551616"),
+        (2**63, "9223372036854775808"),
+        (10**400, r"100\.\.\.\(401 digits\)"),
     ):
-        dec3.generate([[1, 2**64], [1, 2], [1, 2]], 4)
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, 40\), got 1\.\.{shown}$"):
+            dec3.generate([[1, big], [1, 2], [1, 2]], 4)
     with pytest.raises(TypeError, match="sampling must be"):
         dec3.generate(ok, 4, np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="bitlayers"):
