@@ -15,6 +15,9 @@ reductions and epilogue. The lanes of a warp run one after another between warp-
 here; the order alternates between ascending and descending thread index from one round of the
 scheduler to the next, and a kernel's launches alternate the order they start with (the first
 ascending), so a kernel launched twice shows a missing barrier whichever thread writes first.
+Every buffer of a launch is a copy that ends at an unreadable page (:data:`GUARD`, on unless
+``PBTVM_EMULATOR_GUARD=0``), so a read or write past its end faults as compute-sanitizer would
+report it (the radix top-k of the pick kernel read up to 255 floats past the logits).
 What it cannot check: timing, and races that neither order exposes. Shuffle masks are not
 checked (the generated kernels use full warps). A thread that returns no longer counts at
 ``__syncthreads`` (as on a GPU, where an exited thread releases the block barrier); warp
@@ -41,6 +44,9 @@ from typing import Any
 
 import numpy as np
 
+#: Whether every buffer of a launch ends at an unreadable page (:func:`guarded`), so that a read
+#: or write past its end faults.
+GUARD = os.environ.get("PBTVM_EMULATOR_GUARD", "1") != "0"
 #: Seconds an emulated launch may run (the slowest case in the tests takes a few seconds).
 TIMEOUT_S = float(os.environ.get("PBTVM_EMULATOR_TIMEOUT", 300))
 
@@ -343,11 +349,14 @@ class EmulatedKernel:
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], **args: object) -> None:
         """Run the kernel; ``args`` by the source's parameter names (``xp_ptr``, ``batch`` ...)."""
-        keep, ptrs, scalars = [], [], []
+        keep, ptrs, scalars, given = [], [], [], []
         for t, n in self.params:
             if "*" in t:
                 arr = args[n]
                 assert isinstance(arr, np.ndarray) and arr.flags.c_contiguous, n
+                if GUARD and arr.nbytes:  # every buffer ends at an unreadable page; copied back after
+                    given.append((arr, guarded(arr)))
+                    arr = given[-1][1]
                 keep.append(arr)
                 ptrs.append(arr.ctypes.data_as(ctypes.c_void_p))
             else:
@@ -388,6 +397,8 @@ class EmulatedKernel:
             )
         if failure:
             raise failure[0]
+        for arr, copy in given:
+            arr[...] = copy
 
 
 def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
