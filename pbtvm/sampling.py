@@ -22,7 +22,9 @@ In 3-5, ``done[r]`` gains :data:`DONE_FINISHED` when the token is ``eos`` (``eos
 
 ``ctrl`` carries ``(seed, counter, eos, top_k)`` as int64 and ``temp`` the temperature as
 float64, so one compiled kernel serves every mode. The CPU kernel sums in index order like the
-twin (equal up to the last bit of ``exp`` in float64); the CUDA kernel (one block per row) sums
+twin; its ``exp`` is vectorized arithmetic within an ulp of libm's
+(:func:`pbtvm.ops.vector_math.exp_f64`), so a token differs only where ``u * sum`` lies within
+float64 rounding of a bucket boundary; the CUDA kernel (one block per row) sums
 per thread segment and scans, equal to the twin unless ``u * sum`` lies within float64 rounding
 of a bucket boundary. A ``-inf`` logit is never drawn; a row of ``-inf`` alone gives index 0
 when greedy and is non-finite when sampling.

@@ -12,6 +12,7 @@ from tvm.script import tirx as T
 from ._tvm import tir
 from .errors import InputError
 from .ops.common import CPU_SCRATCH
+from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
 
 
@@ -221,6 +222,24 @@ def _kth_by_bisection(logits, r, k, fv, iv, cnt, ku, sel, vocab):
     fv[1] = logits[r, iv[1]]
 
 
+#: float64 lanes of the CPU pick's weight loop (a zmm register; LLVM splits wider vectors).
+EXP_LANES = 8
+
+
+@T.macro(hygienic=False)
+def _weight(logits, weights, r, i, fv, iv, ctrl, temp, vocab):
+    """``weights[r, i]``: ``exp((l_i - max) / T)`` for a kept logit (all, or the top-k set up to the
+    threshold ``(fv[1], iv[1])``), else 0; :func:`exp_f64` (vectorizable, within an ulp of libm)."""
+    weights[r, i] = T.Select(
+        ctrl[3] <= T.int64(0)
+        or ctrl[3] >= T.int64(vocab)
+        or logits[r, i] > fv[1]
+        or (logits[r, i] == fv[1] and i <= iv[1]),
+        exp_f64((T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]),
+        T.float64(0),
+    )
+
+
 def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
     """Rows in a parallel loop; every pass over the vocabulary in index order."""
     B, V, N = batch, vocab, chunk
@@ -276,19 +295,14 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                     else:
                         iv[1] = T.int64(V)  # keep all: (v, i) <= (threshold) for every element
                         fv[1] = T.min_value("float32")
+                    # every weight, 8 at a time (also for a top-k: a branch per logit costs more)
+                    for c in range(T.int64(V // EXP_LANES)):
+                        for v in T.vectorized(EXP_LANES):
+                            _weight(logits, weights, r, c * EXP_LANES + v, fv, iv, ctrl, temp, V)
+                    for i in range(T.int64(V - V % EXP_LANES), T.int64(V)):
+                        _weight(logits, weights, r, i, fv, iv, ctrl, temp, V)
                     dv[0] = T.float64(0)
-                    for i in range(T.int64(V)):
-                        if (
-                            ctrl[3] <= T.int64(0)
-                            or ctrl[3] >= T.int64(V)
-                            or logits[r, i] > fv[1]
-                            or (logits[r, i] == fv[1] and i <= iv[1])
-                        ):
-                            weights[r, i] = T.exp(
-                                (T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]
-                            )
-                        else:
-                            weights[r, i] = T.float64(0)
+                    for i in range(T.int64(V)):  # summed in index order, as the reference
                         dv[0] = dv[0] + weights[r, i]
                     _philox_uniform(ph, ctrl, step, r, dv, 2)
                     dv[2] = dv[2] * dv[0]

@@ -231,3 +231,22 @@ def test_vector_exp_sigmoid_tanh_match_numpy():
     args[0].copyfrom(np.full(n, np.nan, np.float32))
     func(*args)
     assert all(np.isnan(a.numpy()).all() for a in args[1:]), "NaN must propagate (torch does)"
+
+
+def test_float64_exp_is_within_an_ulp_of_libm():
+    """The pick kernel's sampling weights: ``exp_f64`` on ``x <= 0`` (vectorized arithmetic, where
+    ``tir.exp`` is one libm call per logit, most of the 60 µs of sampling 10,000 logits) is within an
+    ulp of numpy's, subnormal results included, 0 exactly where numpy's is (``-inf`` too)."""
+    n = 1 << 15
+    x = te.placeholder((n,), "float64", "x")
+    out = te.compute((n,), lambda i: vmath.exp_f64(x[i]), name="e")
+    func = kernels.build(te.create_prim_func([x, out]).with_attr("tirx.is_scheduled", True), CPU, schedule=False)
+    rng = np.random.default_rng(0)
+    edges = [0.0, -0.0, -np.inf, -1e-300, -708.39, -708.4, -745.13, -745.14, -745.2, -800.0]
+    values = np.concatenate([-rng.uniform(0, 30, n // 2), -rng.uniform(0, 760, n // 2 - len(edges)), edges])
+    args = [tvm.runtime.tensor(values), tvm.runtime.tensor(np.zeros(n))]
+    func(*args)
+    got, want = args[1].numpy(), np.exp(values)
+    np.testing.assert_array_equal(got > 0, want > 0)
+    ulps = np.abs(got - want) / np.spacing(np.maximum(want, 5e-324))
+    assert ulps.max() <= 1, values[np.argmax(ulps)]

@@ -10,9 +10,11 @@ and ``tanh`` are built from it the way TVM lowers them for llvm.
 
 from __future__ import annotations
 
+import math
+
 from .._tvm import tir
 
-__all__ = ["exp", "sigmoid", "tanh"]
+__all__ = ["exp", "exp_f64", "sigmoid", "tanh"]
 
 #: Cephes expf: ln 2 = LN2_HI + LN2_LO with LN2_HI exact in a few bits, and the polynomial.
 LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
@@ -53,3 +55,39 @@ def tanh(x: tir.PrimExpr) -> tir.PrimExpr:
     e = exp(_f32(-2.0) * tir.abs(x))
     magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
     return tir.Select(x < _f32(0.0), -magnitude, magnitude)
+
+
+#: ``ln 2 = EXP64_C1 + EXP64_C2`` (Cephes: ``n EXP64_C1`` exact for the ``n`` that occur) and the
+#: Taylor coefficients ``1 / k!`` of ``e^r`` on ``|r| <= ln2 / 2`` (degree 13: truncation < 1e-17).
+EXP64_C1, EXP64_C2 = 6.93145751953125e-1, 1.42860682030941723212e-6
+EXP64_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
+#: Below this ``e^x`` is under half the smallest subnormal double: 0.
+EXP64_ZERO_BELOW = -745.2
+
+
+def _f64(value: float) -> tir.PrimExpr:
+    return tir.const(value, "float64")
+
+
+def _pow2_f64(n: tir.PrimExpr) -> tir.PrimExpr:
+    """``2^n`` (``n`` an int64 in [-1022, 1023]) built in the exponent bits."""
+    return tir.reinterpret("float64", tir.shift_left(n + tir.const(1023, "int64"), tir.const(52, "int64")))
+
+
+def exp_f64(x: tir.PrimExpr) -> tir.PrimExpr:
+    """``e^x`` of a float64 expression ``x <= 0`` (NaN not handled), within an ulp or two of libm:
+    plain arithmetic that LLVM vectorizes, where ``tir.exp`` is one libm call per element.
+
+    Subnormal results as libm's: ``2^n`` applied as two normal factors, so the result rounds once.
+    ``-inf`` and anything below :data:`EXP64_ZERO_BELOW` give 0.
+    """
+    clamped = tir.max(tir.min(x, _f64(0.0)), _f64(-746.0))
+    n = tir.floor(clamped * _f64(1.4426950408889634073599) + _f64(0.5))
+    r = clamped - n * _f64(EXP64_C1) - n * _f64(EXP64_C2)
+    er = _f64(EXP64_TAYLOR[0])
+    for c in EXP64_TAYLOR[1:]:  # Horner: no division (a vector divide costs more than the rest)
+        er = er * r + _f64(c)
+    ni = n.astype("int64")
+    half = tir.shift_right(ni, tir.const(1, "int64"))  # n = half + (n - half), both >= -538
+    value = er * _pow2_f64(half) * _pow2_f64(ni - half)
+    return tir.Select(x < _f64(EXP64_ZERO_BELOW), _f64(0.0), value)
