@@ -138,14 +138,6 @@ def _first_best(logits, r, fv, iv, mx, nan, vocab):
     fv[0] = logits[r, iv[0]]
 
 
-#: Top-k up to this many elements finds its threshold with ``top_k - 1`` ordered passes over the
-#: row, each finding the next element (scalar: ~15 µs for 10,000 logits on the 2-vCPU Xeon, so
-#: top_k 50 took 745 µs); a larger one by bisection on the order key (:func:`_kth_by_bisection`:
-#: 34 vectorized counting passes of one float compare per logit, ~14 µs for 10,000 logits
-#: whatever ``top_k`` is).
-TOPK_PASSES_MAX = 2
-
-
 def _vec(value, dtype, lanes):
     c = tir.const(value, dtype)
     return c if lanes == 1 else tir.Broadcast(c, lanes)
@@ -197,7 +189,9 @@ def _count_keys_at_least(logits, r, key, cnt, out, fv, vocab):
 @T.macro(hygienic=False)
 def _kth_by_bisection(logits, r, k, fv, iv, cnt, ku, sel, vocab):
     """``fv[1]``, ``iv[1]``: the ``k``-th element of row ``r`` in (value descending, index ascending)
-    order, the threshold ``k - 1`` ordered passes find, in 34 passes whatever ``k`` is.
+    order (the top-k threshold), in 34 passes whatever ``k`` is: ~14 µs for 10,000 logits on the
+    2-vCPU Xeon, where finding it with ``k - 1`` ordered passes (~15 µs each) took 745 µs at
+    ``k = 50``.
 
     The k-th largest order key (:func:`_order_key`) is the largest ``K`` with at least ``k`` keys
     ``>= K``: 32 counting passes fix its bits from the top. Of the keys equal to it, the first
@@ -293,22 +287,11 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                 _first_best(logits, r, fv, iv, lanes_max, lanes_nan, V)
                 iv[3] = iv[0]
                 if temp[0] > T.float64(0) and not _nonfinite(fv[0], temp):
-                    fv[1] = fv[0]
+                    fv[1] = fv[0]  # top_k 1: the threshold is the best logit
                     iv[1] = iv[0]
-                    if ctrl[3] > T.int64(TOPK_PASSES_MAX) and ctrl[3] < T.int64(V):
+                    if ctrl[3] > T.int64(1) and ctrl[3] < T.int64(V):
                         _kth_by_bisection(logits, r, ctrl[3], fv, iv, lanes_count, ku, sel, V)
-                    elif ctrl[3] > T.int64(0) and ctrl[3] < T.int64(V):
-                        for _p in range(ctrl[3] - T.int64(1)):
-                            iv[2] = T.int64(V)
-                            for i in range(T.int64(V)):
-                                if (logits[r, i] < fv[1] or (logits[r, i] == fv[1] and i > iv[1])) and (
-                                    iv[2] == T.int64(V) or logits[r, i] > fv[2]
-                                ):
-                                    fv[2] = logits[r, i]
-                                    iv[2] = i
-                            fv[1] = fv[2]
-                            iv[1] = iv[2]
-                    else:
+                    elif ctrl[3] <= T.int64(0) or ctrl[3] >= T.int64(V):
                         iv[1] = T.int64(V)  # keep all: (v, i) <= (threshold) for every element
                         fv[1] = T.min_value("float32")
                     # every weight, 8 at a time (also for a top-k: a branch per logit costs more)
