@@ -229,6 +229,8 @@ def _kth_by_bisection(logits, r, k, fv, iv, cnt, ku, sel, vocab):
             sel[1] = sel[1] + T.int64(1)
             if sel[1] == sel[0]:
                 iv[1] = i
+    if iv[1] < T.int64(0):  # no logit has the key: only with subnormals flushed (DAZ; the count's
+        iv[1] = iv[0]  # float compare and the key disagree there): keep the best one, never read logits[r, -1]
     fv[1] = logits[r, iv[1]]
 
 
@@ -271,8 +273,8 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
         lanes_nan = T.decl_buffer((B, PICK_LANES), "int32", scope=CPU_SCRATCH)
         lanes_count = T.decl_buffer((B, PICK_LANES), "int32", scope=CPU_SCRATCH)  # top-k by bisection
         for r in T.parallel(T.int64(B)):
-            fv = T.decl_buffer((3,), "float32", scope=CPU_SCRATCH)  # max, threshold value, candidate value
-            iv = T.decl_buffer((5,), "int64", scope=CPU_SCRATCH)  # argmax, threshold index, candidate, token, last
+            fv = T.decl_buffer((3,), "float32", scope=CPU_SCRATCH)  # max, threshold value, bisection's bound
+            iv = T.decl_buffer((5,), "int64", scope=CPU_SCRATCH)  # argmax, threshold index, (unused), token, last
             dv = T.decl_buffer((3,), "float64", scope=CPU_SCRATCH)  # total, running sum, u
             ph = T.decl_buffer((6,), "uint32", scope=CPU_SCRATCH)
             ku = T.decl_buffer((2,), "uint32", scope=CPU_SCRATCH)  # top-k by bisection
@@ -315,7 +317,7 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                             if dv[1] > dv[2]:
                                 iv[3] = i
                     if iv[3] < T.int64(0):
-                        iv[3] = iv[4]
+                        iv[3] = T.Select(iv[4] >= T.int64(0), iv[4], iv[0])  # no weight > 0: the best
                 token[r] = iv[3]
                 done_out[r] = done_in[r] | _new_flags(iv[3], fv[0], ctrl, temp)
 
@@ -459,6 +461,8 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
         else:
             sel[1] = T.shift_right(sel[1] + sel[2], 1) + T.int64(1)
     iv[1] = si[sel[1]]
+    if iv[1] >= T.int64(vocab):  # no owner (keys that disagree with a flushed subnormal): the best
+        iv[1] = iv[0]
     fv[1] = logits[r, iv[1]]
     T.tvm_storage_sync("shared")
 

@@ -151,11 +151,15 @@ def test_reference_sampler_follows_the_softmax_and_top_k():
     assert set(top2) == {0, 1}  # the tie is broken by the lower index
 
 
-def test_cpu_pick_kernel_equals_the_reference():
+@pytest.mark.parametrize("mcpu", ["host", "x86-64"])
+def test_cpu_pick_kernel_equals_the_reference(mcpu):
+    """The kernel as generate() builds it for this CPU (vector exp, bisection) and for a generic x86-64."""
     from pbtvm._tvm import tvm
+    from pbtvm.target import resolve_target
 
     batch, vocab, chunk = 3, 50, 4
-    ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm"), target="llvm")
+    target = resolve_target("llvm" if mcpu == "host" else {"kind": "llvm", "mcpu": mcpu})
+    ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm"), target=target)
 
     def run(logits, forced, done, ctrl, temp, step):
         outs = [
@@ -166,6 +170,35 @@ def test_cpu_pick_kernel_equals_the_reference():
         return outs[0].numpy(), outs[1].numpy(), outs[2].numpy()
 
     _check_pick(run, batch, vocab, chunk, 240)
+
+
+def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
+    """With denormals flushed (``torch.set_flush_denormal(True)``, DAZ), the bisection's float
+    compares and the order keys disagree on subnormal logits: the top-k threshold index stayed -1,
+    the kernel read ``logits[r, -1]`` (the row before) and, after a NaN there, returned token -1."""
+    from pbtvm._tvm import tvm
+    from pbtvm.target import resolve_target
+
+    batch, vocab = 2, 40
+    ex = tvm.compile(pick_func(batch, vocab, 1, "llvm"), target=resolve_target("llvm"))
+    row = -np.arange(vocab, dtype=np.float32) - 1
+    row[0], row[1], row[2] = 1.0, 1e-40, -1e-40
+    logits = np.stack([np.zeros(vocab, np.float32), row])
+    logits[0, -1] = np.nan  # row 0 is non-finite; its last logit is what row 1 read
+    assert torch.set_flush_denormal(True)  # x86 with SSE3: DAZ and FTZ on this thread
+    try:
+        for top_k in (2, 3):
+            outs = [
+                tvm.runtime.tensor(np.zeros(s, d))
+                for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)
+            ]
+            ctrl = np.array([5, 0, -1, top_k], np.int64)
+            ins = [logits, np.full((1, batch), -1, np.int64), np.zeros(batch, np.int64), ctrl, np.array([1.0])]
+            ex(*(tvm.runtime.tensor(a) for a in ins), 0, *outs)
+            token = outs[0].numpy()
+            assert token[0] == vocab - 1 and 0 <= token[1] < top_k, token  # row 0: its NaN; row 1: a kept one
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36)])

@@ -61,8 +61,6 @@ def tanh(x: tir.PrimExpr) -> tir.PrimExpr:
 #: Taylor coefficients ``1 / k!`` of ``e^r`` on ``|r| <= ln2 / 2`` (degree 13: truncation < 1e-17).
 EXP64_C1, EXP64_C2 = 6.93145751953125e-1, 1.42860682030941723212e-6
 EXP64_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
-#: Below this ``e^x`` is under half the smallest subnormal double: 0.
-EXP64_ZERO_BELOW = -745.2
 
 
 def _f64(value: float) -> tir.PrimExpr:
@@ -75,11 +73,12 @@ def _pow2_f64(n: tir.PrimExpr) -> tir.PrimExpr:
 
 
 def exp_f64(x: tir.PrimExpr) -> tir.PrimExpr:
-    """``e^x`` of a float64 expression ``x <= 0`` (NaN not handled), within an ulp or two of libm:
-    plain arithmetic that LLVM vectorizes, where ``tir.exp`` is one libm call per element.
+    """``e^x`` of a float64 expression ``x <= 0``, within an ulp of libm: plain arithmetic that
+    vectorizes, where ``tir.exp`` is one libm call per element.
 
-    Subnormal results as libm's: ``2^n`` applied as two normal factors, so the result rounds once.
-    ``-inf`` and anything below :data:`EXP64_ZERO_BELOW` give 0.
+    Subnormal results as libm's: ``2^n`` applied as two normal factors, so the result rounds once;
+    ``x`` is clamped to ``[-746, 0]``, so ``-inf`` gives 0 (as does anything below -745.14), and a
+    positive ``x`` or NaN gives 1 (callers pass neither).
     """
     clamped = tir.max(tir.min(x, _f64(0.0)), _f64(-746.0))
     n = tir.floor(clamped * _f64(1.4426950408889634073599) + _f64(0.5))
@@ -89,5 +88,4 @@ def exp_f64(x: tir.PrimExpr) -> tir.PrimExpr:
         er = er * r + _f64(c)
     ni = n.astype("int64")
     half = tir.shift_right(ni, tir.const(1, "int64"))  # n = half + (n - half), both >= -538
-    value = er * _pow2_f64(half) * _pow2_f64(ni - half)
-    return tir.Select(x < _f64(EXP64_ZERO_BELOW), _f64(0.0), value)
+    return er * _pow2_f64(half) * _pow2_f64(ni - half)  # below -745.14 this rounds to 0
