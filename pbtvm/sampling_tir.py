@@ -138,18 +138,13 @@ def _first_best(logits, r, fv, iv, mx, nan, vocab):
     fv[0] = logits[r, iv[0]]
 
 
-def _vec(value, dtype, lanes):
-    c = tir.const(value, dtype)
-    return c if lanes == 1 else tir.Broadcast(c, lanes)
-
-
-def _order_key(x, lanes=1):
-    """uint32 (lanes) whose unsigned order is the float32 order of ``x`` (``-0.0`` as ``+0.0``, so
-    equal keys are equal numbers; no NaN reaches it: a row holding one is not sampled)."""
-    zero = _vec(0, "float32", lanes)
-    bits = tir.reinterpret(f"uint32x{lanes}" if lanes > 1 else "uint32", tir.Select(x == zero, zero, x))
-    negative = tir.shift_right(bits, _vec(31, "uint32", lanes)) != _vec(0, "uint32", lanes)
-    return bits ^ tir.Select(negative, _vec(0xFFFFFFFF, "uint32", lanes), _vec(0x80000000, "uint32", lanes))
+def _order_key(x):
+    """uint32 whose unsigned order is the float32 order of ``x`` (``-0.0`` as ``+0.0``, so equal
+    keys are equal numbers; no NaN reaches it: a row holding one is not sampled)."""
+    zero = tir.const(0, "float32")
+    bits = tir.reinterpret("uint32", tir.Select(x == zero, zero, x))
+    negative = tir.shift_right(bits, tir.const(31, "uint32")) != tir.const(0, "uint32")
+    return bits ^ tir.Select(negative, tir.const(0xFFFFFFFF, "uint32"), tir.const(0x80000000, "uint32"))
 
 
 def _reduce_add(lanes):
@@ -209,28 +204,27 @@ def _kth_by_bisection(logits, r, k, fv, iv, cnt, ku, sel, vocab):
     if ku[0] != T.uint32(0xFFFFFFFF):
         _count_keys_at_least(logits, r, ku[0] + T.uint32(1), cnt, sel, fv, vocab)
         sel[0] = k - sel[0]  # the rank sought among keys equal to ku[0]
+    fv[2] = _key_value(ku[0])  # logits with that key: equal to its float, compared as the counts are
     sel[1] = T.int64(0)  # keys equal to ku[0] seen so far
     iv[1] = T.int64(-1)
     for c in range(T.int64(vocab // PICK_LANES)):
         if iv[1] < T.int64(0):
-            equal = T.Bind(
-                _reduce_add(_ones(_order_key(_chunk(logits, r, c), PICK_LANES) == T.broadcast(ku[0], PICK_LANES)))
-            )
+            equal = T.Bind(_reduce_add(_ones(_chunk(logits, r, c) == T.broadcast(fv[2], PICK_LANES))))
             if sel[1] + equal < sel[0]:
                 sel[1] = sel[1] + equal
             else:
                 for j in range(PICK_LANES):
-                    if iv[1] < T.int64(0) and _order_key(logits[r, c * PICK_LANES + j]) == ku[0]:
+                    if iv[1] < T.int64(0) and logits[r, c * PICK_LANES + j] == fv[2]:
                         sel[1] = sel[1] + T.int64(1)
                         if sel[1] == sel[0]:
                             iv[1] = c * PICK_LANES + j
     for i in range(T.int64(vocab - vocab % PICK_LANES), T.int64(vocab)):
-        if iv[1] < T.int64(0) and _order_key(logits[r, i]) == ku[0]:
+        if iv[1] < T.int64(0) and logits[r, i] == fv[2]:
             sel[1] = sel[1] + T.int64(1)
             if sel[1] == sel[0]:
                 iv[1] = i
-    if iv[1] < T.int64(0):  # no logit has the key: only with subnormals flushed (DAZ; the count's
-        iv[1] = iv[0]  # float compare and the key disagree there): keep the best one, never read logits[r, -1]
+    if iv[1] < T.int64(0):  # none found: only with subnormals flushed (DAZ) might the passes
+        iv[1] = iv[0]  # disagree; keep the best logit rather than read logits[r, -1]
     fv[1] = logits[r, iv[1]]
 
 
@@ -274,7 +268,7 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
         lanes_count = T.decl_buffer((B, PICK_LANES), "int32", scope=CPU_SCRATCH)  # top-k by bisection
         for r in T.parallel(T.int64(B)):
             fv = T.decl_buffer((3,), "float32", scope=CPU_SCRATCH)  # max, threshold value, bisection's bound
-            iv = T.decl_buffer((5,), "int64", scope=CPU_SCRATCH)  # argmax, threshold index, (unused), token, last
+            iv = T.decl_buffer((4,), "int64", scope=CPU_SCRATCH)  # argmax, threshold index, token, last
             dv = T.decl_buffer((3,), "float64", scope=CPU_SCRATCH)  # total, running sum, u
             ph = T.decl_buffer((6,), "uint32", scope=CPU_SCRATCH)
             ku = T.decl_buffer((2,), "uint32", scope=CPU_SCRATCH)  # top-k by bisection
@@ -287,7 +281,7 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                 done_out[r] = done_in[r]
             else:
                 _first_best(logits, r, fv, iv, lanes_max, lanes_nan, V)
-                iv[3] = iv[0]
+                iv[2] = iv[0]
                 if temp[0] > T.float64(0) and not _nonfinite(fv[0], temp):
                     fv[1] = fv[0]  # top_k 1: the threshold is the best logit
                     iv[1] = iv[0]
@@ -308,18 +302,18 @@ def cpu_pick(batch: int, vocab: int, chunk: int) -> tir.PrimFunc:
                     _philox_uniform(ph, ctrl, step, r, dv, 2)
                     dv[2] = dv[2] * dv[0]
                     dv[1] = T.float64(0)
+                    iv[2] = T.int64(-1)
                     iv[3] = T.int64(-1)
-                    iv[4] = T.int64(-1)
                     for i in range(T.int64(V)):
-                        if iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
+                        if iv[2] < T.int64(0) and weights[r, i] > T.float64(0):
                             dv[1] = dv[1] + weights[r, i]
-                            iv[4] = i
+                            iv[3] = i
                             if dv[1] > dv[2]:
-                                iv[3] = i
-                    if iv[3] < T.int64(0):
-                        iv[3] = T.Select(iv[4] >= T.int64(0), iv[4], iv[0])  # no weight > 0: the best
-                token[r] = iv[3]
-                done_out[r] = done_in[r] | _new_flags(iv[3], fv[0], ctrl, temp)
+                                iv[2] = i
+                    if iv[2] < T.int64(0):
+                        iv[2] = T.Select(iv[3] >= T.int64(0), iv[3], iv[0])  # no weight > 0: the best
+                token[r] = iv[2]
+                done_out[r] = done_in[r] | _new_flags(iv[2], fv[0], ctrl, temp)
 
     return pick.with_attr("global_symbol", "pick")
 

@@ -63,9 +63,10 @@ def dense_value(
     activations; outputs of ~1e35, finite in torch and in the float64 reference, came out ±inf),
     ``s_w`` multiplies first instead (``y / s_x``, at most ``qmax`` times the row's ``sum |w|``), so
     an output is ±inf only where both orders overflow. Elsewhere the result is the plain order's,
-    bit for bit (bias inside the select, so a CPU build keeps its multiply-add). (``s_w`` always first spilled registers in the one-launch BMMA kernel, which
-    runs at its 64-register cap, and overflowed for huge weights; float64 throughout measured
-    10 % slower on a 512x784 CPU layer at batch 8.)
+    bit for bit (bias inside the select, so a CPU build keeps its multiply-add). (``s_w`` always
+    first spilled registers in the one-launch BMMA kernel, which runs at its 64-register cap, and
+    overflowed for huge weights; float64 throughout measured 10 % slower on a 512x784 CPU layer
+    at batch 8.)
     """
     off = truncation_offset(fmt, bitlayers)
     if not fmt.has_zero_point:
