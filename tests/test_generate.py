@@ -18,7 +18,7 @@ from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
 
 from .concurrency import run_threads
-from .cuda_emulator import EmulatedKernel, guarded
+from .cuda_emulator import EmulatedKernel
 from .test_decoder import _kernel_calls, _vm_functions
 
 SM90 = {"kind": "cuda", "arch": "sm_90"}
@@ -151,13 +151,12 @@ def test_reference_sampler_follows_the_softmax_and_top_k():
     assert set(top2) == {0, 1}  # the tie is broken by the lower index
 
 
-@pytest.mark.parametrize("mcpu", ["host", "x86-64"])
-def test_cpu_pick_kernel_equals_the_reference(mcpu):
-    """The kernel as generate() builds it for this CPU (vector exp, bisection) and for a generic x86-64."""
+def _cpu_pick(batch, vocab, chunk, mcpu="host"):
+    """The CPU pick kernel built for ``mcpu`` as ``run(logits, forced, done, ctrl, temp, step) ->
+    (token, done, weights)``."""
     from pbtvm._tvm import tvm
     from pbtvm.target import resolve_target
 
-    batch, vocab, chunk = 3, 50, 4
     target = resolve_target("llvm" if mcpu == "host" else {"kind": "llvm", "mcpu": mcpu})
     ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm"), target=target)
 
@@ -169,18 +168,22 @@ def test_cpu_pick_kernel_equals_the_reference(mcpu):
         ex(*ins, step, *outs)
         return outs[0].numpy(), outs[1].numpy(), outs[2].numpy()
 
-    _check_pick(run, batch, vocab, chunk, 240)
+    return run
+
+
+@pytest.mark.parametrize("mcpu", ["host", "x86-64"])
+def test_cpu_pick_kernel_equals_the_reference(mcpu):
+    """The kernel as generate() builds it for this CPU (vector exp, bisection) and for a generic x86-64."""
+    batch, vocab, chunk = 3, 50, 4
+    _check_pick(_cpu_pick(batch, vocab, chunk, mcpu), batch, vocab, chunk, 240)
 
 
 def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
     """With denormals flushed (``torch.set_flush_denormal(True)``, DAZ), the bisection's float
     compares and the order keys disagree on subnormal logits: the top-k threshold index stayed -1,
     the kernel read ``logits[r, -1]`` (the row before) and, after a NaN there, returned token -1."""
-    from pbtvm._tvm import tvm
-    from pbtvm.target import resolve_target
-
     batch, vocab = 2, 40
-    ex = tvm.compile(pick_func(batch, vocab, 1, "llvm"), target=resolve_target("llvm"))
+    run = _cpu_pick(batch, vocab, 1)
     row = -np.arange(vocab, dtype=np.float32) - 1
     row[0], row[1], row[2] = 1.0, 1e-40, -1e-40
     logits = np.stack([np.zeros(vocab, np.float32), row])
@@ -188,14 +191,8 @@ def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
     assert torch.set_flush_denormal(True)  # x86 with SSE3: DAZ and FTZ on this thread
     try:
         for top_k in (2, 3):
-            outs = [
-                tvm.runtime.tensor(np.zeros(s, d))
-                for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)
-            ]
             ctrl = np.array([5, 0, -1, top_k], np.int64)
-            ins = [logits, np.full((1, batch), -1, np.int64), np.zeros(batch, np.int64), ctrl, np.array([1.0])]
-            ex(*(tvm.runtime.tensor(a) for a in ins), 0, *outs)
-            token = outs[0].numpy()
+            token, _, _ = run(logits, np.full((1, batch), -1, np.int64), np.zeros(batch, np.int64), ctrl, 1.0, 0)
             assert token[0] == vocab - 1 and 0 <= token[1] < top_k, token  # row 0: its NaN; row 1: a kept one
     finally:
         torch.set_flush_denormal(False)
@@ -205,8 +202,9 @@ def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
 def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
     """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU.
     700 = 2 full strides + a partial one, segments of 3; 100: fewer logits than threads. The
-    logits end at an unreadable page: the radix top-k read up to 255 floats past a row (past the
-    buffer on the last row), loaded before the bounds test that guarded only the compare."""
+    emulator ends the logits at an unreadable page (``cuda_emulator.GUARD``): the radix top-k read
+    up to 255 floats past a row (past the buffer on the last row), loaded before the bounds test
+    that guarded only the compare."""
     from pbtvm.cuda import build, cuda_source
     from pbtvm.sampling import PICK_THREADS
     from pbtvm.target import resolve_target
@@ -220,7 +218,7 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
         kernel(
             (batch, 1, 1),
             (PICK_THREADS, 1, 1),
-            logits_ptr=guarded(logits),
+            logits_ptr=logits,
             forced_ptr=forced,
             done_in_ptr=done,
             ctrl_ptr=ctrl.astype(np.int64),
