@@ -116,7 +116,10 @@ def quantize_weights(
     if fmt.codebook == "bipolar":
         return weight_fit.fit_bipolar(w, importance if method == "mse" else None)
     if fmt.codebook == "offset_binary":
-        return weight_fit.fit_offset_binary(w, fmt.bits, method, importance)
+        with np.errstate(over="ignore"):  # named below
+            q, params = weight_fit.fit_offset_binary(w, fmt.bits, method, importance)
+        _check_steps(w, params[0], fmt)
+        return q, params
     if method == "mse":
         return weight_fit.fit_symmetric(w, fmt.weight_qmax, importance=importance)
     qmax = fmt.weight_qmax
@@ -124,6 +127,20 @@ def quantize_weights(
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.round(w / safe[:, None]), -qmax, qmax).astype(np.int32)
     return q, scale
+
+
+def _check_steps(w: np.ndarray, steps: np.ndarray, fmt: BitplaneFormat) -> None:
+    """Raise InputError where a row's code step overflowed float32: at one offset-binary bit the step
+    is the row's whole span, past ``FLT_MAX`` for rows holding both ~+-2e38 (inf: every output of
+    that row inf or NaN)."""
+    bad = np.flatnonzero(~np.isfinite(steps))
+    if bad.size:
+        row = w[bad[0]]
+        raise InputError(
+            f"weight row {bad[0]} spans {row.min():.3g}..{row.max():.3g} ({bad.size} such row(s)): its "
+            f"{fmt.bits}-bit offset-binary step exceeds float32's range; use the bipolar codebook at 1 bit, "
+            "more bits, or smaller weights"
+        )
 
 
 def dequantize_weights(q: np.ndarray, scale: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:

@@ -75,6 +75,21 @@ def test_bipolar_scale_of_huge_finite_weights_is_finite():
     np.testing.assert_allclose(scale, [3e37], rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["mse", "max"])
+def test_one_bit_offset_binary_step_past_float32_is_refused(method):
+    """At one offset-binary bit the step is the row's span: a finite row of +-3e38 got an infinite
+    scale (numpy's overflow warning only), every output of that row inf or NaN."""
+    w = np.ones((3, 64), np.float32)
+    w[1] = 3e38 * np.where(np.arange(64) % 2, 1, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error, not numpy's RuntimeWarning
+        with pytest.raises(ValueError, match=r"weight row 1 spans -3e\+38\.\.3e\+38 .*1-bit offset-binary step"):
+            qz.quantize_weights(w, bp.BitplaneFormat(1, 8, "offset_binary"), method)
+        for fmt in (bp.BitplaneFormat(1, 8), bp.BitplaneFormat(2, 8, "offset_binary")):  # finite steps
+            _, scale = qz.quantize_weights(w, fmt, method)
+            assert np.isfinite(scale).all()
+
+
 def test_constant_and_zero_rows_are_exact(rng):
     w = _weights(rng)
     for bits in (1, 2, 4):
