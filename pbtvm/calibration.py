@@ -3,7 +3,8 @@
 ``pbtvm.compile(model, x, calibration=batches)`` runs the torch model on the batches and records,
 for every matrix product of an activation by one of the model's own weights (``nn.Linear``,
 ``F.linear``, ``x @ W.T``, ``einsum``, attention's projections: whatever reaches torch's ``mm`` /
-``addmm`` / ``bmm`` / ``mv`` with a parameter or buffer as its second operand), the mean square of each input feature,
+``addmm`` / ``bmm`` / ``mv`` with a parameter or buffer, or its copy cast by ``torch.autocast``, as its
+second operand), the mean square of each input feature,
 ``E[x_k^2]``. The quantizer then minimizes ``sum_k E[x_k^2] (w_nk - w'_nk)^2`` per row instead of
 the plain weight MSE - the expected squared output error when inputs are uncorrelated
 (activation-aware, in the spirit of AWQ) - in the clip search, the least-squares refits and the
@@ -161,6 +162,7 @@ class _WeightProducts:
     ``nn.LSTM`` without oneDNN / cuDNN ``addmm`` / ``mm`` per layer (inputs) and step (states)."""
 
     def __init__(self, model: Any) -> None:
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         from .lowering import torch_weight_key
@@ -197,10 +199,25 @@ class _WeightProducts:
                 found = _weight_operand(func, args, owned)
                 if found is not None:
                     record(*found)
-                return func(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                if func is torch.ops.aten._to_copy.default and _storage(args[0]) in owned:
+                    outer._own_cast(out)
+                return out
 
+        self._owned = owned
+        self._casts: list = []
         self._mode_type = Products
         self._mode: Any = None
+
+    def _own_cast(self, cast: Any) -> None:
+        """A weight's copy in another dtype (``torch.autocast`` casts each weight before its product,
+        as the compiled graph does): products by it are products by a weight, keyed as the rewrite
+        keys the cast constant. Held until the batch ends, so no activation takes its storage's
+        address meanwhile."""
+        storage = _storage(cast) if cast.is_floating_point() else None
+        if storage is not None:
+            self._casts.append(cast)
+            self._owned.add(storage)
 
     def __enter__(self) -> _WeightProducts:
         self._mode = self._mode_type()
@@ -209,6 +226,8 @@ class _WeightProducts:
 
     def __exit__(self, *exc: Any) -> None:
         self._mode.__exit__(*exc)
+        self._owned.difference_update(_storage(t) for t in self._casts)
+        self._casts.clear()
 
 
 def _storage(t: Any) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import re
 import warnings
 from collections.abc import Iterator
@@ -235,6 +236,11 @@ def _import_eval_model(
     _check_runs(model, example_inputs)
     with recurrent.lstm_stand_ins(checked) as lstms:
         exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
+        unused = _unused_complex_state(exported)
+        if unused:  # TVM's importer converts every lifted tensor, read or not, and has no complex dtype
+            del lstms[1:]  # the trace again finds the same size-1 dimensions
+            with _real_stand_ins(model, unused):
+                exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
     if dynamic and lstms[1:]:
         by_layer: dict[str, list[str]] = {}
         for name, what in lstms[1:]:
@@ -363,6 +369,44 @@ def _with_modules(listed: str, exported: Any) -> str:
     return f"{named} in {', '.join(sorted(owners))}" if owners else named
 
 
+def _unused_complex_state(exported: Any) -> list[str]:
+    """Names of the complex parameters and buffers the exported graph lifts but never reads (a
+    rotary table kept beside a real implementation)."""
+    import torch
+
+    unread = {node.name for node in exported.graph.nodes if node.op == "placeholder" and not node.users}
+    state = exported.state_dict
+    return [
+        spec.target
+        for spec in exported.graph_signature.input_specs
+        if spec.arg.name in unread
+        and spec.kind.name in ("PARAMETER", "BUFFER")
+        and isinstance(state.get(spec.target), torch.Tensor)
+        and state[spec.target].is_complex()
+    ]
+
+
+@contextlib.contextmanager
+def _real_stand_ins(model: Any, names: list[str]) -> Iterator[None]:
+    """While active, each parameter or buffer of ``names`` (dotted paths) is a real float32 zero of
+    one element; restored on exit."""
+    import torch
+
+    swapped = []
+    try:
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            module = model.get_submodule(path)
+            table = module._parameters if attr in module._parameters else module._buffers
+            swapped.append((table, attr, table[attr]))
+            stand_in = torch.zeros(1)
+            table[attr] = torch.nn.Parameter(stand_in, requires_grad=False) if table is module._parameters else stand_in
+        yield
+    finally:
+        for table, attr, value in reversed(swapped):
+            table[attr] = value
+
+
 def _refuse_complex(exported: Any, example_inputs: tuple) -> None:
     """Raise InputError naming the complex inputs, parameters and buffers: TVM 0.27's importer has no
     complex dtype (it raised a bare NotImplementedError naming none of them)."""
@@ -400,7 +444,9 @@ def _check_runs(model: Any, example_inputs: tuple) -> None:
         raise InputError(
             f"the model does not run on the example input(s) ({shown}): {type(err).__name__}: {first_line(err)}"
         ) from err
-    outputs.describe(out)  # an output pbtvm cannot return (an int, a string) named before TVM's importer fails on it
+    # an output pbtvm cannot return (an int, a string) named before TVM's importer fails on it
+    if outputs.count_tensors(outputs.describe(out)) == 0:
+        raise InputTypeError(f"the model returns no tensor ({type(out).__name__}): there is nothing to compile")
     changed += [f"input {i}" for i, (x, v) in enumerate(zip(copies, versions, strict=True)) if _version(x) != v]
     if changed:
         warnings.warn(
@@ -431,7 +477,8 @@ def layer_names(model: Any) -> dict[str, str]:
     """Weight key -> readable layer name (torch module path and type) for every weight of ``model``.
 
     A weight held by several modules is named by the first that multiplies by it, so a language
-    model's head tied to its embedding table is named as the head: embeddings come last."""
+    model's head tied to its embedding table is named as the head: embeddings come last. Buffers
+    are named as parameters are (a frozen weight registered as a buffer)."""
     import torch
 
     lookups = (torch.nn.Embedding, torch.nn.EmbeddingBag)
@@ -447,11 +494,13 @@ def layer_names(model: Any) -> dict[str, str]:
             names.setdefault(torch_weight_key(weight), f"{name} ({type(module).__name__})")
         # other matrices a module may multiply by (nn.MultiheadAttention's in_proj_weight), by name,
         # also as ``x @ W`` takes them (the layer's weight is then W transposed); a vector ``v`` in
-        # ``x @ v`` is a layer of one output, weight [1, K]
-        for param, w in module.named_parameters(recurse=False):
-            if w.ndim in (1, 2) and w.is_floating_point():
+        # ``x @ v`` is a layer of one output, weight [1, K]; a stack of matrices [L, N, K] too, so
+        # that its entries ``W[i]`` are named after it
+        own = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        for param, w in own:  # a buffer too: a frozen weight registered as one
+            if w.ndim >= 1 and w.is_floating_point():
                 label = f"{f'{path}.' if path else ''}{param} ({type(module).__name__})"
-                names.setdefault(torch_weight_key(w if w.ndim == 2 else w[None]), label)
+                names.setdefault(torch_weight_key(w if w.ndim >= 2 else w[None]), label)
                 if param != "weight" and w.ndim == 2:
                     names.setdefault(torch_weight_key(w.t()), label)
     return names

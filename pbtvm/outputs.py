@@ -4,7 +4,8 @@
 returns that list. :func:`describe` records the structure as JSON so that
 :func:`rebuild` can return the outputs as the torch module does, also from a loaded library.
 
-A structure is ``"tensor"``, ``{"tuple": [s, ...]}``, ``{"list": [s, ...]}``,
+A structure is ``"tensor"``, ``"none"`` (a ``None`` in the output, as ``nn.MultiheadAttention``'s
+attention weights with ``need_weights=False``: no tensor), ``{"tuple": [s, ...]}``, ``{"list": [s, ...]}``,
 ``{"dict": [[key, s], ...]}`` (keys str or int, in the module's order) or
 ``{"namedtuple": {"class": "module:QualName", "fields": [name, ...], "items": [s, ...]}}`` (a
 ``collections.namedtuple`` or a ``torch.return_types`` result: ``out.logits``, ``y.max(1).values``).
@@ -20,6 +21,7 @@ from typing import Any
 from .errors import InputError, InputTypeError
 
 TENSOR = "tensor"
+NONE = "none"
 
 
 def describe(output: Any) -> Any:
@@ -34,6 +36,8 @@ def describe(output: Any) -> Any:
 
     if isinstance(output, torch.Tensor):
         return TENSOR
+    if output is None:
+        return NONE
     fields = _fields(type(output))
     if fields is not None and len(fields) == len(output):  # else (hidden fields) as a plain tuple
         kind = type(output)
@@ -55,13 +59,24 @@ def describe(output: Any) -> Any:
 
 
 def count(structure: Any) -> int:
+    """Number of leaves in ``structure``: its tensors and Nones (torch.export keeps a None as an
+    output, TVM as a null value), the compiled model's outputs."""
+    return len(_leaves(structure))
+
+
+def count_tensors(structure: Any) -> int:
     """Number of tensors in ``structure``."""
-    if structure == TENSOR:
-        return 1
+    return _leaves(structure).count(TENSOR)
+
+
+def _leaves(structure: Any) -> list[str]:
+    """The leaves of ``structure`` (``TENSOR`` or ``NONE``) in order."""
+    if structure in (TENSOR, NONE):
+        return [structure]
     ((kind, items),) = structure.items()
     if kind == "namedtuple":
         items = items["items"]
-    return sum(count(s if kind != "dict" else s[1]) for s in items)
+    return [leaf for s in items for leaf in _leaves(s if kind != "dict" else s[1])]
 
 
 def rebuild(structure: Any, leaves: list) -> Any:
@@ -73,8 +88,9 @@ def rebuild(structure: Any, leaves: list) -> Any:
     it = iter(leaves)
 
     def build(s: Any) -> Any:
-        if s == TENSOR:
-            return next(it)
+        if s in (TENSOR, NONE):
+            leaf = next(it)
+            return leaf if s == TENSOR else None
         ((kind, items),) = s.items()
         if kind == "dict":
             return {key: build(sub) for key, sub in items}
@@ -115,4 +131,4 @@ def _stand_in(name: str, fields: tuple) -> Any:
     return collections.namedtuple(name if name.isidentifier() else "Outputs", fields, rename=True)
 
 
-__all__ = ["TENSOR", "count", "describe", "rebuild"]
+__all__ = ["NONE", "TENSOR", "count", "count_tensors", "describe", "rebuild"]

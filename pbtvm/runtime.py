@@ -162,6 +162,13 @@ class CompiledModel:
             shown = "(" + ", ".join(str(w) for w in self._labels[index]) + ("," if len(want) == 1 else "") + ")"
             named = any(isinstance(w, str) and w != "batch" for w in self._labels[index])
             note = " (n0, n1, ...: any size, the same wherever a name repeats across inputs)" if named else ""
+            if len(shape) == len(want) and any(
+                isinstance(w, int) and w != s for w, s in zip(want[1:], shape[1:], strict=True)
+            ):
+                note += (
+                    "; a size the example fixed (only the batch, and an LSTM's sequence length, are run-time "
+                    "sizes): compile with an example of that size"
+                )
             raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}{note}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
@@ -370,7 +377,10 @@ def _is_torch(value: Any) -> bool:
 
 def _from_tvm(value: Any, as_torch: bool, copy: bool = False) -> Any:
     """``value`` (a VM output) as a torch tensor sharing its memory, or a copy when ``copy`` (memory
-    the model keeps: :func:`pbtvm.relay_passes.outputs_to_copy`), or as a numpy array (always a copy)."""
+    the model keeps: :func:`pbtvm.relay_passes.outputs_to_copy`), or as a numpy array (always a copy);
+    None for a null value (a ``None`` the model returns)."""
+    if value is None:
+        return None
     if as_torch:
         import torch
 

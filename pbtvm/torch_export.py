@@ -12,6 +12,7 @@ import inspect
 import io
 import logging
 import sys
+import traceback
 import warnings
 from typing import Any
 
@@ -90,6 +91,13 @@ def _export_dynamic_batch(model: Any, example_inputs: tuple) -> Any:
 def _export_advice(err: Exception) -> str:
     """What to change in the model for a ``torch.export`` failure pbtvm recognises, else a pointer."""
     text = f"{type(err).__name__}: {err}".lower()
+    frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(err.__traceback__)}
+    if "_detect_is_causal_mask" in frames:
+        return (
+            "; torch's nn.Transformer* layers compare a mask given without is_causal with a causal mask (its "
+            "values: not traceable): pass is_causal=True (a decoder: tgt_is_causal=True) with a causal mask, "
+            "is_causal=False with any other"
+        )
     if "inference tensor" in text:
         return (
             "; the model's parameters or buffers were made in torch.inference_mode, which torch.export cannot "

@@ -67,8 +67,11 @@ class ConversionReport:
     n_matmuls: int = 0
     #: Weight key of a constant's slice (``split`` / ``strided_slice``, as ``nn.MultiheadAttention``
     #: splits ``in_proj_weight`` into q, k, v for cross-attention) -> (whole constant's key, axis,
-    #: the slice along it).
-    parts: dict[str, tuple[str, int, slice]] = field(default_factory=dict)
+    #: the slice along it, or the index of one entry: ``W[i]`` of a stacked weight).
+    parts: dict[str, tuple[str, int, slice | int]] = field(default_factory=dict)
+    #: Weight key of a constant transposed, reshaped or cast to another dtype (``torch.autocast``)
+    #: -> the constant's key: the same weight, named as it.
+    derived: dict[str, str] = field(default_factory=dict)
 
 
 def _op_name(expr: relax.Expr) -> str | None:
@@ -86,7 +89,24 @@ _ELEMENTWISE = {
     "relax.negative": np.negative,
 }
 #: Ops :meth:`_Rewriter._constant` evaluates over constants.
-_FOLDED_OPS = ("relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.reshape", *_ELEMENTWISE)
+_FOLDED_OPS = (
+    "relax.permute_dims",
+    "relax.expand_dims",
+    "relax.squeeze",
+    "relax.reshape",
+    "relax.astype",
+    *_ELEMENTWISE,
+)
+
+
+def _cast(value: np.ndarray, dtype: str) -> np.ndarray:
+    """``value`` cast to ``dtype``; to bfloat16 rounded to nearest even and held as float32, as
+    bfloat16 constants are read (NaN / Inf weights are refused before packing)."""
+    if dtype != "bfloat16":
+        return np.ascontiguousarray(value.astype(dtype))
+    bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
 
 
 def _same_matrices(outer: relax.Expr, inner: relax.Expr) -> bool:
@@ -119,6 +139,9 @@ class _Linear:
 #: Ops through which a matmul's right operand may still be a constant weight (:func:`dense_shapes`):
 #: those the rewrite folds, cuts (:meth:`_Rewriter._constant`) or looks through (``_weight_of``).
 _WEIGHT_PATH_OPS = (*_FOLDED_OPS, "relax.broadcast_to", "relax.split", "relax.strided_slice")
+#: Ops computed from constants only where every operand is one (``take``: its indices too; a
+#: lookup of run-time ids in a constant table is not).
+_ALL_OPERANDS_OPS = (*_ELEMENTWISE, "relax.take")
 
 
 def _from_constants(expr: relax.Expr, bound: dict) -> bool:
@@ -131,7 +154,7 @@ def _from_constants(expr: relax.Expr, bound: dict) -> bool:
     if isinstance(expr, relax.TupleGetItem):
         return _from_constants(expr.tuple_value, bound)
     name = _op_name(expr)
-    if name in _ELEMENTWISE:
+    if name in _ALL_OPERANDS_OPS:
         return all(_from_constants(arg, bound) for arg in expr.args)
     return name in _WEIGHT_PATH_OPS and _from_constants(expr.args[0], bound)
 
@@ -226,6 +249,8 @@ class _Rewriter(PyExprMutator):
             return self._split_part(self._unwrap(expr.tuple_value), int(expr.index))
         if _op_name(expr) == "relax.strided_slice":
             return self._sliced(expr)
+        if _op_name(expr) == "relax.take":
+            return self._taken(expr)
         if _op_name(expr) in _FOLDED_OPS:
             return self._folded(expr)
         if not isinstance(expr, tvm.ir.Constant):
@@ -234,9 +259,11 @@ class _Rewriter(PyExprMutator):
         return value.astype(np.float32) if str(expr.value.dtype) == "bfloat16" else value
 
     def _folded(self, call: relax.Call) -> np.ndarray | None:
-        """A layout op (transpose, new or dropped axes, reshape) or an elementwise op of constants, in
-        numpy, as torch's decompositions of ``einsum('bsd,ed->bse', x, W)`` and ``x @ (W * 0.5).T``
-        leave the weight (and ``-W``); None where an operand is not a constant."""
+        """A layout op (transpose, new or dropped axes, reshape), a cast or an elementwise op of
+        constants, in numpy, as torch's decompositions of ``einsum('bsd,ed->bse', x, W)`` and ``x @
+        (W * 0.5).T`` leave the weight (and ``-W``, and ``torch.autocast`` its cast); None where an
+        operand is not a constant. A layout op's or cast's result is remembered in the report's
+        ``derived``, for naming."""
         name, attrs = _op_name(call), call.attrs
         if name in _ELEMENTWISE:
             values = [self._constant(arg) for arg in call.args]
@@ -245,15 +272,34 @@ class _Rewriter(PyExprMutator):
         if value is None:
             return None
         if name == "relax.permute_dims":
-            return np.transpose(value, None if attrs.axes is None else [int(a) for a in attrs.axes])
-        if name == "relax.expand_dims":
-            return np.expand_dims(value, tuple(int(a) for a in attrs.axis))
-        if name == "relax.squeeze":
-            return np.squeeze(value, None if attrs.axis is None else tuple(int(a) for a in attrs.axis))
-        shape = getattr(call.args[1], "values", None)  # relax.reshape to a constant shape
-        if shape is None or not all(isinstance(d, tir.IntImm) for d in shape):
+            result = np.transpose(value, None if attrs.axes is None else [int(a) for a in attrs.axes])
+        elif name == "relax.expand_dims":
+            result = np.expand_dims(value, tuple(int(a) for a in attrs.axis))
+        elif name == "relax.squeeze":
+            result = np.squeeze(value, None if attrs.axis is None else tuple(int(a) for a in attrs.axis))
+        elif name == "relax.astype":  # torch.autocast's cast of a weight
+            result = _cast(value, str(attrs.dtype))
+        else:  # relax.reshape to a constant shape
+            shape = getattr(call.args[1], "values", None)
+            if shape is None or not all(isinstance(d, tir.IntImm) for d in shape):
+                return None
+            result = np.reshape(value, [int(d) for d in shape])
+        self.report.derived.setdefault(weight_key(result), weight_key(value))
+        return result
+
+    def _taken(self, call: relax.Call) -> np.ndarray | None:
+        """``take(constant, constant indices, axis)``, as ``W[i]`` (torch's ``select``) of a stacked
+        weight leaves it, or None; a scalar index is remembered in the report's ``parts``."""
+        whole, indices = self._constant(call.args[0]), self._unwrap(call.args[1])
+        if whole is None or not isinstance(indices, tvm.ir.Constant):
             return None
-        return np.reshape(value, [int(d) for d in shape])
+        index = indices.value.numpy()
+        axis = None if call.attrs.axis is None else int(call.attrs.axis) % whole.ndim  # None: flattened
+        mode = "wrap" if str(call.attrs.mode) == "wrap" else "clip"  # in bounds after NormalizeConstantIndices
+        taken = np.ascontiguousarray(np.take(whole, index, axis=axis, mode=mode))
+        if index.ndim == 0 and axis is not None:
+            self.report.parts.setdefault(weight_key(taken), (weight_key(whole), axis, int(index)))
+        return taken
 
     def _part(self, whole: np.ndarray, axis: int, cut: slice) -> np.ndarray:
         """``whole[cut]`` along ``axis``, remembered in the report's ``parts`` for naming."""
@@ -323,16 +369,22 @@ class _Rewriter(PyExprMutator):
                 return None, "weight is not a constant"
             if inner.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
                 return inner, ""
-        const = self._constant(rhs)  # any other transpose is folded here
+        const = original = self._constant(rhs)  # any other transpose is folded here
         if const is None:
             return None, "weight is not a constant"
         if 2 < const.ndim <= x_rank and all(d == 1 for d in const.shape[:-2]):  # [1, K, N] beside x's axes
             const = const.reshape(const.shape[-2:])
         if const.ndim != 2:
             return None, f"weight has rank {const.ndim}, not 2"
-        part = self.report.parts.get(weight_key(const)) if self.report.parts else None  # no hash without slices
-        if part is not None:  # ``x @ W[a:b]``: the layer's weight is the slice transposed, named as the slice
-            self.report.parts.setdefault(weight_key(const.T), part)
+        if self.report.parts or self.report.derived:  # no hashes without slices or folded ops
+            # the layer's weight is the constant transposed: ``x @ W[a:b]`` named as the slice, a
+            # reshaped weight (einsum's) as the weight
+            key = weight_key(original)
+            part = self.report.parts.get(key)
+            if part is not None:
+                self.report.parts.setdefault(weight_key(const.T), part)
+            else:
+                self.report.derived.setdefault(weight_key(const.T), key)
         return const.T, ""
 
     def _constant_left(self, call: relax.Call) -> relax.Expr | None:
@@ -402,7 +454,9 @@ class _Rewriter(PyExprMutator):
         if key not in self._packed_weights:
             imp = [self.importance.get(key)]
             codebook = self.codebooks.get(key, self.codebook)
-            with naming_layer(self.layer_names.get(key, f"the dense layer with weight {list(weight.shape)}")):
+            origin = self.report.derived.get(key, key)  # a weight reshaped or cast: named as the model's
+            shown = self.layer_names.get(origin, f"the dense layer with weight {list(weight.shape)}")
+            with naming_layer(self.layer_names.get(key, shown)):
                 fmt, [(planes, params)] = lower_weights([weight], self.fmt, (codebook, self.method), imp)
             self._packed_weights[key] = (planes, params, fmt)
         return self._packed_weights[key]

@@ -69,6 +69,17 @@ def test_an_empty_example_is_refused_at_compile_time():
         pbtvm.compile(torch.nn.Linear(16, 8).eval(), (torch.randn(0, 16),))
 
 
+def test_a_size_the_example_fixed_is_named_as_such():
+    """Outside LSTMs only the batch is a run-time size: a sequence of another length was refused
+    without saying that the example's length is the only one."""
+    compiled = _compile(torch.nn.Linear(16, 8), torch.randn(2, 8, 16))
+    assert compiled(torch.randn(3, 8, 16)).shape == (3, 8, 8)
+    with pytest.raises(InputError, match=r"expects \(batch, 8, 16\); a size the example fixed .* compile with an"):
+        compiled(torch.randn(2, 5, 16))
+    with pytest.raises(InputError, match=r"expects \(batch, 8, 16\)$"):  # another rank: nothing to add
+        compiled(torch.randn(2, 16))
+
+
 class WithCount(torch.nn.Module):
     def __init__(self, extra) -> None:
         super().__init__()

@@ -1,6 +1,7 @@
 """Models at the edges of what ``pbtvm.compile`` imports (from an adversarial run): forwards that
 change state, products torch decomposes, models torch.export cannot trace, torch's own quantized
-modules, bfloat16 calibration."""
+modules, bfloat16 calibration; stacked and autocast weights, unread complex tensors, Transformer
+masks, None outputs (the thirty-second session)."""
 
 from __future__ import annotations
 
@@ -241,3 +242,168 @@ def test_a_product_of_constants_alone_stays_in_full_precision():
     assert compiled.converted_layers == ["lin (Linear)"]
     with torch.no_grad():
         assert _rel(compiled(x), model(x)) < 1e-4
+
+
+class _Stacked(nn.Module):
+    """Per-layer weights in one [L, N, K] parameter, each layer ``F.linear(x, self.w[i])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 16, 16) / 4)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.linear(x, self.w[0]))
+        x = torch.relu(x @ self.w[1].T)
+        return x @ (self.w[2] * 0.5).T
+
+
+class _Autocast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.l2(torch.relu(self.l1(x)))
+
+
+def test_entries_of_a_stacked_weight_are_pb_layers_named_by_index():
+    """``W[i]`` (torch's ``select``, a constant ``take``) was left in full precision."""
+    torch.manual_seed(0)
+    model, x = _Stacked().eval(), torch.randn(4, 16)
+    compiled, said = _compile(model, (x,), bits=8)
+    assert compiled.converted_layers == ["w[0] (_Stacked)", "w[1] (_Stacked)", "dense[16, 16]"], said
+    assert compiled.fp32_layers == [] and not said
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 0.02  # W8
+
+
+def test_layers_under_autocast_are_pb_layers_of_the_cast_weights():
+    """Under ``torch.autocast`` each weight is cast (``astype``) before its product: the layers were
+    left in full precision, named after the model. The PB layer quantizes the bfloat16-rounded
+    weight, as torch multiplies by it, and is named as the module; calibration applies."""
+    torch.manual_seed(0)
+    model, x = _Autocast().eval(), torch.randn(5, 32)
+    compiled, said = _compile(model, (x,), bits=16, act_bits=16)
+    assert compiled.converted_layers == ["l1 (Linear)", "l2 (Linear)"] and not said, said
+    with torch.no_grad():
+        want = model(x)
+    got = compiled(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert _rel(got, want) < 0.02  # bfloat16's own rounding
+    scales = torch.logspace(-2, 1, 32)  # unequal input columns: calibration matters
+    plain, _ = _compile(model, (x,), bits=2)
+    calibrated, said = _compile(model, (x,), bits=2, calibration=[torch.randn(16, 32) * scales])
+    assert calibrated.converted_layers == ["l1 (Linear)", "l2 (Linear)"] and not said, said
+    assert not torch.equal(plain(x * scales), calibrated(x * scales))
+
+
+class _UnusedComplex(nn.Module):
+    """A complex buffer and parameter that forward never reads (a rotary table kept beside a real one)."""
+
+    def __init__(self, reads: bool = False) -> None:
+        super().__init__()
+        self.lin, self.reads = nn.Linear(16, 8), reads
+        self.register_buffer("freqs_cis", torch.polar(torch.ones(8, 4), torch.randn(8, 4)))
+        self.phase = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+
+    def forward(self, x):
+        return self.lin(x) + self.freqs_cis.real.sum() if self.reads else self.lin(x)
+
+
+def test_complex_tensors_forward_never_reads_do_not_stop_compile():
+    """TVM's importer converts every lifted tensor, read or not: an unread complex buffer was refused
+    as if the model used it."""
+    torch.manual_seed(0)
+    model, x = _UnusedComplex().eval(), torch.randn(4, 16)
+    compiled, _ = _compile(model, (x,), bits=8)
+    assert compiled.converted_layers == ["lin (Linear)"]
+    assert model.freqs_cis.is_complex() and isinstance(model.phase, nn.Parameter) and model.phase.is_complex()
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 0.02
+    with pytest.raises(InputError, match="no complex tensors: freqs_cis; keep the model real"):
+        pbtvm.compile(_UnusedComplex(reads=True).eval(), (x,), bits=8)
+
+
+class _CausalEncoder(nn.Module):
+    def __init__(self, is_causal: bool | None) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.enc, self.is_causal = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), is_causal
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.enc(x, mask=mask, is_causal=self.is_causal)
+
+
+def test_a_transformer_mask_without_is_causal_gets_advice_that_fits():
+    """torch's nn.Transformer* layers compare a mask's values with a causal one when is_causal is not
+    given, which torch.export cannot trace: the advice was to rewrite a Python branch the model does
+    not have."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(InputError, match=r"pass is_causal=True \(a decoder: tgt_is_causal=True\) with a causal mask"):
+        pbtvm.compile(_CausalEncoder(None).eval(), (x,), bits=8)
+    model = _CausalEncoder(True).eval()
+    compiled, _ = _compile(model, (x,), bits=8)
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 0.05  # W8
+
+
+class _WithNones(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        out, weights = self.mha(x, x, x, need_weights=False)  # weights: None
+        return out, weights, {"none": None, "double": x * 2}
+
+
+def test_nones_in_the_output_come_back_as_none(tmp_path):
+    """``nn.MultiheadAttention(need_weights=False)`` returns ``(out, None)``: a model returning it was
+    refused ("the model returns a NoneType")."""
+    torch.manual_seed(0)
+    model, x = _WithNones().eval(), torch.randn(2, 5, 16)
+    compiled, _ = _compile(model, (x,), bits=8)
+    loaded = pbtvm.load(compiled.export(str(tmp_path / "nones.so")))
+    with torch.no_grad():
+        want = model(x)
+    for got in (compiled(x), loaded(x)):
+        assert got[1] is None and got[2]["none"] is None and list(got[2]) == ["none", "double"]
+        assert _rel(got[0], want[0]) < 0.05 and torch.equal(got[2]["double"], want[2]["double"])
+    assert compiled(x.numpy())[1] is None
+    with pytest.raises(InputTypeError, match=r"the model returns no tensor \(tuple\)"):
+        pbtvm.compile(_Returns(lambda _: (None, {"a": None})).eval(), (x,))
+
+
+class _Returns(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _BufferAndHeads(nn.Module):
+    """A frozen weight registered as a buffer, and per-head projections of one 4-D parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("frozen", torch.randn(24, 32) / 6)
+        self.qkv = nn.Parameter(torch.randn(3, 4, 8, 32) / 6)
+
+    def forward(self, x):
+        q, k, v = torch.einsum("btd,khed->kbhte", x, self.qkv)
+        return nn.functional.linear(x, self.frozen), q + k + v
+
+
+def test_buffer_weights_and_reshaped_weights_are_named():
+    """Both were listed as ``dense[N, K]``."""
+    torch.manual_seed(0)
+    model, x = _BufferAndHeads().eval(), torch.randn(2, 5, 32)
+    compiled, _ = _compile(model, (x,), bits=8)
+    assert sorted(compiled.converted_layers) == ["frozen (_BufferAndHeads)", "qkv (_BufferAndHeads)"]
+    with torch.no_grad():
+        assert max(_rel(g, w) for g, w in zip(compiled(x), model(x), strict=True)) < 0.02
