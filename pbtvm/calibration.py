@@ -172,6 +172,7 @@ class _WeightProducts:
         self.sums: dict[str, np.ndarray] = {}
         self.rows: dict[str, int] = {}
         keys: dict[tuple, str] = {}  # a weight view's identity -> its key (hashing a weight is not free)
+        self._keys = keys
         outer = self
 
         def record(x: Any, weight: Any) -> None:  # rows x [..., K] multiplied by weight [N, K]
@@ -226,7 +227,10 @@ class _WeightProducts:
 
     def __exit__(self, *exc: Any) -> None:
         self._mode.__exit__(*exc)
-        self._owned.difference_update(_storage(t) for t in self._casts)
+        freed = {_storage(t) for t in self._casts}  # the next batch's casts may take these addresses
+        self._owned.difference_update(freed)
+        for view in [view for view in self._keys if view[0] in freed]:
+            del self._keys[view]
         self._casts.clear()
 
 

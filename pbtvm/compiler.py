@@ -79,7 +79,10 @@ def _rewrite(
     # In the order the model runs them (the rewrite's graph order), each LSTM layer's W_hh right
     # after its W_ih (the lowering's projection): not every W_hh after the dense layers.
     recurrent = {c["weight_key"]: {**c, "name": names.get(c["weight_key"], c["name"])} for c in lstms.converted}
-    _name_parts(names, report)
+    for key in {c["weight_key"] for c in report.converted + report.skipped} - names.keys():
+        name = report.name_of(key, names)  # a slice, entry, transpose or cast of a named weight
+        if name is not None:
+            names[key] = name
     converted, listed = [], set()
     for c in report.converted:  # one entry per use: an LSTM run twice lists W_ih and W_hh twice
         converted.append({"name": names.get(c["weight_key"], f"dense{c['shape']}"), **c})
@@ -133,32 +136,6 @@ def _batch_format(
     if chosen.layout == LUT_LAYOUT and any(k is None or pb_lut.unsupported_reason(chosen, k) for _, k in shapes):
         return fmt
     return chosen
-
-
-def _name_parts(names: dict[str, str], report: Any) -> None:
-    """Add to ``names`` the weights the rewrite made from named ones: slices and entries (named by
-    the slice), transposes, reshapes and casts (named as the weight), also of each other."""
-    for _ in range(len(report.parts) + len(report.derived)):  # each round names one more level
-        added = {}
-        for part, (whole, axis, cut) in report.parts.items():
-            if whole in names and part not in names:
-                added[part] = _part_name(names[whole], axis, cut)
-        for derived, origin in report.derived.items():
-            if origin in names and derived not in names:
-                added[derived] = names[origin]
-        if not added:
-            return
-        names.update(added)
-
-
-def _part_name(whole: str, axis: int, cut: slice | int) -> str:
-    """``"a.in_proj_weight[32:96] (MultiheadAttention)"``: a slice along ``axis`` of a named weight
-    (``"experts[1] (MoE)"``: one entry, an index)."""
-    path, sep, kind = whole.partition(" (")
-    if isinstance(cut, int):
-        return f"{path}[{':, ' * axis}{cut}]{sep}{kind}"
-    step = f":{cut.step}" if cut.step not in (None, 1) else ""
-    return f"{path}[{':, ' * axis}{cut.start}:{cut.stop}{step}]{sep}{kind}"
 
 
 def _warn_recurrent(model: Any) -> None:

@@ -238,9 +238,15 @@ def _import_eval_model(
         exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
         unused = _unused_complex_state(exported)
         if unused:  # TVM's importer converts every lifted tensor, read or not, and has no complex dtype
+            found = lstms[1:]
             del lstms[1:]  # the trace again finds the same size-1 dimensions
-            with _real_stand_ins(model, unused):
-                exported, dynamic = export_program(model, example_inputs, dynamic_batch, bool(lstms))
+            with _real_stand_ins(model, unused), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the first trace's, said once
+                again, dynamic_again = export_program(model, example_inputs, dynamic_batch, bool(lstms))
+            if _ops(again) == _ops(exported):  # the same program (no branch on the dtype): keep it
+                exported, dynamic = again, dynamic_again
+            else:  # refused below, naming them
+                lstms[1:] = found
     if dynamic and lstms[1:]:
         by_layer: dict[str, list[str]] = {}
         for name, what in lstms[1:]:
@@ -375,7 +381,7 @@ def _unused_complex_state(exported: Any) -> list[str]:
     import torch
 
     unread = {node.name for node in exported.graph.nodes if node.op == "placeholder" and not node.users}
-    state = exported.state_dict
+    state = {**exported.state_dict, **exported.constants}  # a non-persistent buffer is a constant
     return [
         spec.target
         for spec in exported.graph_signature.input_specs
@@ -388,8 +394,8 @@ def _unused_complex_state(exported: Any) -> list[str]:
 
 @contextlib.contextmanager
 def _real_stand_ins(model: Any, names: list[str]) -> Iterator[None]:
-    """While active, each parameter or buffer of ``names`` (dotted paths) is a real float32 zero of
-    one element; restored on exit."""
+    """While active, each complex parameter or buffer of ``names`` (dotted paths) is a real zero of
+    its shape (a forward may read its size); restored on exit."""
     import torch
 
     swapped = []
@@ -399,12 +405,18 @@ def _real_stand_ins(model: Any, names: list[str]) -> Iterator[None]:
             module = model.get_submodule(path)
             table = module._parameters if attr in module._parameters else module._buffers
             swapped.append((table, attr, table[attr]))
-            stand_in = torch.zeros(1)
+            stand_in = torch.zeros(table[attr].shape, dtype=table[attr].real.dtype)
             table[attr] = torch.nn.Parameter(stand_in, requires_grad=False) if table is module._parameters else stand_in
         yield
     finally:
         for table, attr, value in reversed(swapped):
             table[attr] = value
+
+
+def _ops(exported: Any) -> list[tuple[str, ...]]:
+    """The exported graph's nodes as ``(op, target, args, kwargs)``, to compare two traces of one
+    model."""
+    return [(node.op, str(node.target), str(node.args), str(node.kwargs)) for node in exported.graph.nodes]
 
 
 def _refuse_complex(exported: Any, example_inputs: tuple) -> None:

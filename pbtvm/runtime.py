@@ -162,13 +162,11 @@ class CompiledModel:
             shown = "(" + ", ".join(str(w) for w in self._labels[index]) + ("," if len(want) == 1 else "") + ")"
             named = any(isinstance(w, str) and w != "batch" for w in self._labels[index])
             note = " (n0, n1, ...: any size, the same wherever a name repeats across inputs)" if named else ""
-            if len(shape) == len(want) and any(
-                isinstance(w, int) and w != s for w, s in zip(want[1:], shape[1:], strict=True)
-            ):
-                note += (
-                    "; a size the example fixed (only the batch, and an LSTM's sequence length, are run-time "
-                    "sizes): compile with an example of that size"
-                )
+            pairs = enumerate(zip(want, shape, strict=True)) if len(shape) == len(want) else ()
+            fixed = [d for d, (w, s) in pairs if isinstance(w, int) and w != s]
+            if fixed:
+                sizes = ", ".join(f"dimension {d} ({want[d]})" for d in fixed)
+                note += f"; {sizes}: fixed at the example's size, compile with an example of the size to run"
             raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}{note}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")

@@ -73,6 +73,31 @@ class ConversionReport:
     #: -> the constant's key: the same weight, named as it.
     derived: dict[str, str] = field(default_factory=dict)
 
+    def name_of(self, key: str, names: dict[str, str]) -> str | None:
+        """The name of the weight ``key`` from ``names`` (weight key -> name): its own, or that of
+        the weight it was cut from (``"a.in_proj_weight[32:96] (MultiheadAttention)"``, an entry
+        ``"experts[1] (MoE)"``) or transposed, reshaped or cast from; None if none is named."""
+        seen = set()
+        while key not in names and key not in seen:
+            seen.add(key)
+            if key in self.parts:
+                whole, axis, cut = self.parts[key]
+                whole_name = self.name_of(whole, names)
+                return None if whole_name is None else _part_name(whole_name, axis, cut)
+            if key not in self.derived:
+                return None
+            key = self.derived[key]
+        return names.get(key)
+
+
+def _part_name(whole: str, axis: int, cut: slice | int) -> str:
+    """``whole``'s name with the slice or index ``cut`` along ``axis``."""
+    path, sep, kind = whole.partition(" (")
+    if isinstance(cut, int):
+        return f"{path}[{':, ' * axis}{cut}]{sep}{kind}"
+    step = f":{cut.step}" if cut.step not in (None, 1) else ""
+    return f"{path}[{':, ' * axis}{cut.start}:{cut.stop}{step}]{sep}{kind}"
+
 
 def _op_name(expr: relax.Expr) -> str | None:
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
@@ -100,13 +125,13 @@ _FOLDED_OPS = (
 
 
 def _cast(value: np.ndarray, dtype: str) -> np.ndarray:
-    """``value`` cast to ``dtype``; to bfloat16 rounded to nearest even and held as float32, as
-    bfloat16 constants are read (NaN / Inf weights are refused before packing)."""
+    """``value`` cast to ``dtype``; to bfloat16 rounded as torch rounds (to nearest even, by
+    ``ml_dtypes``, TVM's own bfloat16) and held as float32, as bfloat16 constants are read."""
     if dtype != "bfloat16":
         return np.ascontiguousarray(value.astype(dtype))
-    bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
+    import ml_dtypes
+
+    return np.asarray(value, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def _same_matrices(outer: relax.Expr, inner: relax.Expr) -> bool:
@@ -454,9 +479,8 @@ class _Rewriter(PyExprMutator):
         if key not in self._packed_weights:
             imp = [self.importance.get(key)]
             codebook = self.codebooks.get(key, self.codebook)
-            origin = self.report.derived.get(key, key)  # a weight reshaped or cast: named as the model's
-            shown = self.layer_names.get(origin, f"the dense layer with weight {list(weight.shape)}")
-            with naming_layer(self.layer_names.get(key, shown)):
+            shown = self.report.name_of(key, self.layer_names)
+            with naming_layer(shown or f"the dense layer with weight {list(weight.shape)}"):
                 fmt, [(planes, params)] = lower_weights([weight], self.fmt, (codebook, self.method), imp)
             self._packed_weights[key] = (planes, params, fmt)
         return self._packed_weights[key]

@@ -276,6 +276,9 @@ def test_entries_of_a_stacked_weight_are_pb_layers_named_by_index():
     assert compiled.fp32_layers == [] and not said
     with torch.no_grad():
         assert _rel(compiled(x), model(x)) < 0.02  # W8
+        model.w[1, 3] = 3e38 * torch.where(torch.arange(16) % 2 == 0, 1.0, -1.0)  # the quantizer's errors too
+    with pytest.raises(InputError, match=r"layer w\[1\] \(_Stacked\): weight row 3 spans"):
+        pbtvm.compile(model, (x,), bits=1, codebook="offset_binary")
 
 
 def test_layers_under_autocast_are_pb_layers_of_the_cast_weights():
@@ -305,10 +308,12 @@ class _UnusedComplex(nn.Module):
         super().__init__()
         self.lin, self.reads = nn.Linear(16, 8), reads
         self.register_buffer("freqs_cis", torch.polar(torch.ones(8, 4), torch.randn(8, 4)))
+        self.register_buffer("rope", torch.polar(torch.ones(6, 4), torch.randn(6, 4)), persistent=False)
         self.phase = nn.Parameter(torch.randn(3, dtype=torch.complex64))
 
     def forward(self, x):
-        return self.lin(x) + self.freqs_cis.real.sum() if self.reads else self.lin(x)
+        y = self.lin(x)[:, : self.rope.shape[0]]  # its size only: a constant of the trace
+        return y + self.freqs_cis.real.sum() if self.reads else y
 
 
 def test_complex_tensors_forward_never_reads_do_not_stop_compile():
@@ -319,10 +324,17 @@ def test_complex_tensors_forward_never_reads_do_not_stop_compile():
     compiled, _ = _compile(model, (x,), bits=8)
     assert compiled.converted_layers == ["lin (Linear)"]
     assert model.freqs_cis.is_complex() and isinstance(model.phase, nn.Parameter) and model.phase.is_complex()
+    assert model.rope.is_complex() and "rope" not in model.state_dict()
     with torch.no_grad():
-        assert _rel(compiled(x), model(x)) < 0.02
+        want = model(x)
+    assert compiled(x).shape == want.shape == (4, 6)  # the stand-ins keep the tensors' sizes
+    assert _rel(compiled(x), want) < 0.02
     with pytest.raises(InputError, match="no complex tensors: freqs_cis; keep the model real"):
         pbtvm.compile(_UnusedComplex(reads=True).eval(), (x,), bits=8)
+    branches = _UnusedComplex().eval()  # a forward that differs for a real stand-in is refused the same way
+    branches.forward = lambda x: branches.lin(x) * (2 if branches.phase.is_complex() else 3)
+    with pytest.raises(InputError, match="no complex tensors: phase, freqs_cis, rope"):
+        pbtvm.compile(branches, (x,), bits=8)
 
 
 class _CausalEncoder(nn.Module):
@@ -407,3 +419,36 @@ def test_buffer_weights_and_reshaped_weights_are_named():
     assert sorted(compiled.converted_layers) == ["frozen (_BufferAndHeads)", "qkv (_BufferAndHeads)"]
     with torch.no_grad():
         assert max(_rel(g, w) for g, w in zip(compiled(x), model(x), strict=True)) < 0.02
+
+
+class _AutocastStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for layer in self.layers:
+                x = layer(x) * 10  # each layer's inputs 10x the last's
+            return x
+
+
+def test_calibration_under_autocast_keeps_layers_apart_over_batches():
+    """A cast copy's address is freed when its batch ends and taken by another weight's cast in the
+    next: its cached key filed one layer's inputs under another (a review's repro)."""
+    from pbtvm.calibration import input_importance
+    from pbtvm.lowering import torch_weight_key
+
+    torch.manual_seed(0)
+    model = _AutocastStack().eval()
+    batches = [torch.randn(8, 64) for _ in range(6)]
+    got = input_importance(model, batches)
+    want: dict[str, list] = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in batches:
+            for layer in model.layers:
+                want.setdefault(torch_weight_key(layer.weight.to(torch.bfloat16)), []).append(x.bfloat16().double())
+                x = layer(x) * 10
+    assert sorted(got) == sorted(want)
+    for key, rows in want.items():
+        np.testing.assert_allclose(got[key], (torch.cat(rows) ** 2).mean(0).numpy(), rtol=1e-6)
