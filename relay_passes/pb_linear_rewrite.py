@@ -401,15 +401,10 @@ class _Rewriter(PyExprMutator):
             const = const.reshape(const.shape[-2:])
         if const.ndim != 2:
             return None, f"weight has rank {const.ndim}, not 2"
-        if self.report.parts or self.report.derived:  # no hashes without slices or folded ops
-            # the layer's weight is the constant transposed: ``x @ W[a:b]`` named as the slice, a
-            # reshaped weight (einsum's) as the weight
-            key = weight_key(original)
-            part = self.report.parts.get(key)
-            if part is not None:
-                self.report.parts.setdefault(weight_key(const.T), part)
-            else:
-                self.report.derived.setdefault(weight_key(const.T), key)
+        if not isinstance(rhs, tvm.ir.Constant):  # cut or folded: no hashes for a model's own constant
+            # the layer's weight is the constant transposed, named as it (``x @ W[a:b]`` as the slice,
+            # einsum's reshaped weight as the weight)
+            self.report.derived.setdefault(weight_key(const.T), weight_key(original))
         return const.T, ""
 
     def _constant_left(self, call: relax.Call) -> relax.Expr | None:
