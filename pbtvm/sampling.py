@@ -137,7 +137,8 @@ def sampling_weights(row: np.ndarray, temperature: float, top_k: int) -> np.ndar
         order = np.lexsort((np.arange(vocab), -row.astype(np.float64)))
         keep[:] = False
         keep[order[:top_k]] = True
-    return np.where(keep, np.exp((row.astype(np.float64) - np.float64(row.max())) / temperature), 0.0)
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf, weight 0, as the kernel's exp gives
+        return np.where(keep, np.exp((row.astype(np.float64) - np.float64(row.max())) / temperature), 0.0)
 
 
 def pick_func(batch: int, vocab: int, chunk: int, target_kind: str) -> tir.PrimFunc:

@@ -88,10 +88,22 @@ def _export_dynamic_batch(model: Any, example_inputs: tuple) -> Any:
     return torch.export.export(model, traced, dynamic_shapes=by_signature(model, shapes))
 
 
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions its traceback shows it raised from or while handling
+    (``__cause__``, an unsuppressed ``__context__``), outermost first: torch.export re-raises some
+    failures wrapped."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
+    return chain
+
+
 def _export_advice(err: Exception) -> str:
     """What to change in the model for a ``torch.export`` failure pbtvm recognises, else a pointer."""
-    text = f"{type(err).__name__}: {err}".lower()
-    frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(err.__traceback__)}
+    chain = _causes(err)
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
+    frames = {frame.f_code.co_name for e in chain for frame, _ in traceback.walk_tb(e.__traceback__)}
     if "_detect_is_causal_mask" in frames:
         return (
             "; torch's nn.Transformer* layers compare a mask given without is_causal with a causal mask (its "

@@ -531,3 +531,13 @@ def test_cuda_generate_equals_its_stepwise_decoder():
         assert got.is_cuda
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
         torch.testing.assert_close(logits.cpu(), want_logits.cpu(), rtol=0, atol=1e-5)  # the same kernels
+
+
+def test_the_reference_weights_of_a_tiny_temperature_keep_the_best_logit_without_warnings():
+    """``(l - max) / 5e-324`` overflows to -inf for every logit below the best (weight 0), which
+    numpy warned of."""
+    row = np.array([0.5, -1.0, 2.0, 2.0 - 2**-22], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = sampling_weights(row, 5e-324, 0)
+    np.testing.assert_array_equal(weights, [0.0, 0.0, 1.0, 0.0])

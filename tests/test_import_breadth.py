@@ -452,3 +452,35 @@ def test_calibration_under_autocast_keeps_layers_apart_over_batches():
     assert sorted(got) == sorted(want)
     for key, rows in want.items():
         np.testing.assert_allclose(got[key], (torch.cat(rows) ** 2).mean(0).numpy(), rtol=1e-6)
+
+
+def test_export_advice_reads_the_errors_a_failure_was_raised_from():
+    """torch.export re-raises some failures wrapped (``raise ... from``): the advice looked at the
+    outer error's traceback and text only, and fell back to the generic pointer."""
+    from pbtvm.torch_export import _export_advice
+
+    def _detect_is_causal_mask():  # the frame name torch's Transformer layers fail in
+        raise RuntimeError("cannot trace")
+
+    def failed(inner):
+        try:
+            try:
+                inner()
+            except RuntimeError as cause:
+                raise ValueError("export failed") from cause
+        except ValueError as err:
+            return err
+
+    assert "pass is_causal=True" in _export_advice(failed(_detect_is_causal_mask))
+
+    def data_dependent():
+        raise RuntimeError("Could not guard on data-dependent expression u0 > 0")
+
+    assert "torch.where" in _export_advice(failed(data_dependent))
+    try:  # an error handled inside a suppressed context is not read
+        try:
+            data_dependent()
+        except RuntimeError:
+            raise ValueError("other") from None
+    except ValueError as err:
+        assert "torch.export's documentation" in _export_advice(err)
