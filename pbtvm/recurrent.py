@@ -77,10 +77,10 @@ def check_lstm(name: str, lstm: Any) -> None:
 
     _no_projection(f"pbtvm.compile: {name} ({type(lstm).__name__})", lstm)
     dtypes = {w.dtype for w in lstm.parameters()}
-    if dtypes != {torch.float32}:
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16, torch.float64}:
         raise InputTypeError(
             f"pbtvm.compile: {name} ({type(lstm).__name__}) has {sorted(map(str, dtypes))} weights; recurrent "
-            "layers need float32"
+            "layers need one of float32, float16, bfloat16 and float64"
         )
 
 
@@ -299,8 +299,8 @@ def convert_lstm_stack(node: Any, importer: Any) -> relax.Var:
     config = {"num_layers": int(num_layers), "bias": bool(has_bias), "batch_first": bool(batch_first), "dirs": dirs}
     dims = list(x.ty.shape.values)
     y_dims = [*dims[:2], dirs * hidden]
-    state = relax.TensorType(list(h0.ty.shape.values), "float32")
-    out = [relax.TensorType(y_dims, "float32"), state, state]
+    state = relax.TensorType(list(h0.ty.shape.values), x.ty.dtype)
+    out = [relax.TensorType(y_dims, x.ty.dtype), state, state]
     func = relax.ExternFunc(PLACEHOLDER_PREFIX + json.dumps(config, sort_keys=True))
     return importer.block_builder.emit(relax.call_dps_packed(func, [x, h0, c0, *weights], out))
 

@@ -17,7 +17,9 @@ longer range calls itself on both halves, carrying the state. Halving keeps the 
 log2(T): the Relax VM recurses in C++, and a one-step-per-call recursion overflowed the stack at
 T = 4000 on the 2-core EPYC (``benchmarks/bench_relax_time_loop.py``: 3-7 us of VM time per step
 for the halving loop from T = 100 to 100,000; the one-step loop 1.8 us at T = 100, 8.3 us at
-T = 1000, then a crash). A reverse direction (bidirectional LSTMs) visits the steps from T - 1 down.
+T = 1000, then a crash). A reverse direction (bidirectional LSTMs) visits the steps from T - 1 down. An LSTM of another
+float dtype (float16, bfloat16, float64) projects in its dtype, steps in float32, and casts its
+outputs and state back.
 
 The main function gains the ``bitlayers: R.Shape([L])`` parameter that PBLinearRewrite then
 reuses, so one knob reaches the projections, the cell kernels and the other dense layers.
@@ -112,6 +114,13 @@ def write_step_func(target_kind: str) -> tir.PrimFunc:
     return ib.get().without_attr("global_symbol")
 
 
+def _weight_value(const: relax.Constant) -> np.ndarray:
+    """A placeholder call's weight in numpy; bfloat16 (no numpy dtype) as float32, as
+    :func:`pbtvm.lowering.torch_weight_key` keys it."""
+    value = const.value.numpy()
+    return value.astype(np.float32) if str(const.value.dtype) == "bfloat16" else value
+
+
 def _seq(*bindings: tuple[relax.Var, relax.Expr]) -> relax.SeqExpr:
     """One binding block of ``(var, value)`` pairs; its value is the last var."""
     return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(v, e) for v, e in bindings])], bindings[-1][0])
@@ -202,11 +211,23 @@ class _Lowerer(PyExprMutator):
     # ------------------------------------------------------------------ one placeholder
     def _lower(self, call: relax.Call, config: dict) -> relax.Expr:
         emit = self.builder_.emit
-        x, h0, c0, *weights = call.args[1].fields
-        weights = [w.value.numpy() for w in weights]
+        x, h0, c0, *consts = call.args[1].fields
+        weights = [_weight_value(w) for w in consts]
         layers, dirs, has_bias = config["num_layers"], config["dirs"], config["bias"]
         per = 4 if has_bias else 2
         hidden = weights[1].shape[1]
+        # Another float dtype: each layer's input projection runs in it (a PB layer as any of that
+        # dtype), its steps in float32 as a float32 LSTM's; the layers' outputs and the final state
+        # are cast back, as torch's LSTM of that dtype gives them.
+        dtype = x.ty.dtype
+
+        def as_float32(value: relax.Expr) -> relax.Expr:
+            return value if dtype == "float32" else emit(relax.op.astype(value, "float32"))
+
+        def as_dtype(value: relax.Expr) -> relax.Expr:
+            return value if dtype == "float32" else emit(relax.op.astype(value, dtype))
+
+        h0, c0 = as_float32(h0), as_float32(c0)
         if config["batch_first"]:
             x = emit(relax.op.permute_dims(x, [1, 0, 2]))
         steps, batch = x.ty.shape.values[:2]
@@ -216,16 +237,19 @@ class _Lowerer(PyExprMutator):
             n_in = int(x.ty.shape.values[2])
             x2 = emit(relax.op.reshape(x, relax.ShapeExpr([steps * batch, n_in])))
             for d in range(dirs):
-                group = weights[(layer * dirs + d) * per : (layer * dirs + d + 1) * per]
+                first = (layer * dirs + d) * per
+                group = weights[first : first + per]
                 w_ih, w_hh = group[0], group[1]
                 suffix = "_reverse" if d else ""
                 check_named_weights(  # a weight holding NaN: say which
                     (self.layer_names.get(weight_key(w), f"weight_{param}_l{layer}{suffix} (LSTM)"), w)
                     for w, param in ((w_ih, "ih"), (w_hh, "hh"))
                 )
-                gx = emit(relax.op.matmul(x2, emit(relax.op.permute_dims(relax.const(w_ih, "float32")))))
+                gx = as_float32(emit(relax.op.matmul(x2, emit(relax.op.permute_dims(consts[first])))))
                 if has_bias:
-                    gx = emit(relax.op.add(gx, relax.const((group[2] + group[3]).astype(np.float32), "float32")))
+                    with np.errstate(over="ignore"):  # biases past float32 add to inf, as in torch's gates
+                        bias = (np.float32(group[2]) + np.float32(group[3])).astype(np.float32)
+                    gx = emit(relax.op.add(gx, relax.const(bias, "float32")))
                 gx = emit(relax.op.reshape(gx, relax.ShapeExpr([steps, batch, 4 * hidden])))
                 index = relax.const(layer * dirs + d, "int64")
                 h = emit(relax.op.take(h0, index, axis=0, mode="clip"))
@@ -247,10 +271,10 @@ class _Lowerer(PyExprMutator):
                 outs.append(emit(relax.TupleGetItem(res, 0)))
                 hs.append(emit(relax.TupleGetItem(res, 1)))
                 cs.append(emit(relax.TupleGetItem(res, 2)))
-            x = outs[0] if dirs == 1 else emit(relax.op.concat(outs, axis=2))
+            x = as_dtype(outs[0] if dirs == 1 else emit(relax.op.concat(outs, axis=2)))
         y = emit(relax.op.permute_dims(x, [1, 0, 2])) if config["batch_first"] else x
         self.n_lowered += 1
-        return relax.Tuple([y, emit(relax.op.stack(hs, axis=0)), emit(relax.op.stack(cs, axis=0))])
+        return relax.Tuple([y, as_dtype(emit(relax.op.stack(hs, axis=0))), as_dtype(emit(relax.op.stack(cs, axis=0)))])
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)

@@ -210,8 +210,10 @@ def test_direct_calls_of_torch_recurrent_ops_are_named_in_a_warning():
 def test_unsupported_lstms_are_clear_errors():
     with pytest.raises(ValueError, match="proj_size"):
         pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8, proj_size=3)), (torch.randn(5, 2, 4),))
-    with pytest.raises(TypeError, match="float32"):
-        pbtvm.compile(torch.nn.Sequential(torch.nn.LSTM(4, 8).double()), (torch.randn(5, 2, 4, dtype=torch.float64),))
+    mixed = torch.nn.LSTM(4, 8)
+    mixed.weight_hh_l0.data = mixed.weight_hh_l0.data.half()
+    with pytest.raises(TypeError, match=r"\['torch.float16', 'torch.float32'\] weights; recurrent layers need one of"):
+        pbtvm.compile(torch.nn.Sequential(mixed), (torch.randn(5, 2, 4),))
     lm, compiled = _compiled("word_lm", 8, 8)
     tokens, h0, c0 = lm.example(5, 3)
     with pytest.raises(ValueError, match="input 1 has shape"):
@@ -422,3 +424,58 @@ def test_cuda_matches_cpu_at_any_length():
         got = _flat(gpu(*(x.cuda() for x in inputs)))
         for g, w in zip(got, want, strict=True):
             assert _rel(g.cpu(), w) <= 1e-4
+
+
+def test_biases_that_overflow_float32_together_saturate_without_warnings():
+    """``b_ih + b_hh`` past float32 is an infinite gate input (as in torch's gates): the lowering
+    added them in numpy, which warned of the overflow."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 16).eval()
+    with torch.no_grad():
+        lstm.bias_ih_l0.fill_(3e38)
+        lstm.bias_hh_l0.fill_(3e38)
+    x = torch.randn(5, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled = pbtvm.compile(lstm, (x,), bits=8)
+        y, (h, c) = compiled(x)
+    with torch.no_grad():
+        want, (_h, want_c) = lstm(x)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(y)), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(c)), want_c, atol=1e-5, rtol=0)
+
+
+class _TaggerOf(torch.nn.Module):
+    """Embedding -> 2-layer bidirectional LSTM (batch first) -> Linear, returning the state too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(40, 8)
+        self.rnn = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = torch.nn.Linear(32, 40)
+
+    def forward(self, tokens):
+        y, (h, c) = self.rnn(self.embedding(tokens))
+        return self.head(y), h, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_lstms_of_other_float_dtypes_run_in_their_dtype(dtype):
+    """A half-precision (or float64) LSTM model was refused ("recurrent layers need float32"): its
+    input projections are PB layers of its dtype, its steps run in float32 and the outputs and
+    state come back in its dtype, every layer named, at any length and batch."""
+    torch.manual_seed(0)
+    model = _TaggerOf().to(dtype).eval()
+    reference = _TaggerOf().eval()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    compiled = pbtvm.compile(model, (torch.randint(0, 40, (2, 6)),), bits=8)
+    names = [layer["name"] for layer in compiled.manifest["layers"]["converted"]]
+    assert len(names) == 9 and "rnn.weight_hh_l1_reverse (LSTM)" in names and names[-1] == "head (Linear)"
+    tokens = torch.randint(0, 40, (3, 11))
+    outs = compiled(tokens)
+    with torch.no_grad():
+        want = reference(tokens)
+    for out, ref in zip(outs, want, strict=True):
+        assert out.dtype == dtype and out.shape == ref.shape
+        rel = float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+        assert rel < 2e-2, rel  # W8A8, and the dtype's own rounding (bfloat16: 2^-8)
