@@ -165,50 +165,50 @@ class _WeightProducts:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        from .lowering import torch_weight_key
-
-        owned = {_storage(t) for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()}
-        owned.discard(None)
         self.sums: dict[str, np.ndarray] = {}
         self.rows: dict[str, int] = {}
-        keys: dict[tuple, str] = {}  # a weight view's identity -> its key (hashing a weight is not free)
-        self._keys = keys
+        self._owned = {
+            _storage(t) for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()
+        }
+        self._owned.discard(None)
+        self._keys: dict[tuple, str] = {}  # a weight view's identity -> its key (hashing a weight is not free)
+        self._casts: list = []
+        self._to_copy = torch.ops.aten._to_copy.default
         outer = self
-
-        def record(x: Any, weight: Any) -> None:  # rows x [..., K] multiplied by weight [N, K]
-            try:
-                view = (
-                    _storage(weight),
-                    weight.storage_offset(),
-                    tuple(weight.shape),
-                    weight.stride(),
-                    weight._version,
-                )
-            except RuntimeError:  # an inference-mode tensor has no version counter: not cached
-                view = None
-            key = keys.get(view) if view else None
-            if key is None:
-                key = torch_weight_key(weight)
-                if view:
-                    keys[view] = key
-            rows = x.detach().cpu().double().reshape(-1, weight.shape[1]).numpy()
-            outer.sums[key] = outer.sums.get(key, 0.0) + (rows**2).sum(0)
-            outer.rows[key] = outer.rows.get(key, 0) + rows.shape[0]
 
         class Products(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                found = _weight_operand(func, args, owned)
-                if found is not None:
-                    record(*found)
-                out = func(*args, **(kwargs or {}))
-                if func is torch.ops.aten._to_copy.default and _storage(args[0]) in owned:
-                    outer._own_cast(out)
-                return out
+                return outer._dispatch(func, args, kwargs)
 
-        self._owned = owned
-        self._casts: list = []
         self._mode_type = Products
         self._mode: Any = None
+
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict | None) -> Any:
+        """Run one op, recording it first if it multiplies an activation by a weight."""
+        found = _weight_operand(func, args, self._owned)
+        if found is not None:
+            self._record(*found)
+        out = func(*args, **(kwargs or {}))
+        if func is self._to_copy and _storage(args[0]) in self._owned:
+            self._own_cast(out)
+        return out
+
+    def _record(self, x: Any, weight: Any) -> None:
+        """Add the squares of the rows of ``x`` [..., K] (multiplied by ``weight`` [N, K])."""
+        from .lowering import torch_weight_key
+
+        try:
+            view = (_storage(weight), weight.storage_offset(), tuple(weight.shape), weight.stride(), weight._version)
+        except RuntimeError:  # an inference-mode tensor has no version counter: not cached
+            view = None
+        key = self._keys.get(view) if view else None
+        if key is None:
+            key = torch_weight_key(weight)
+            if view:
+                self._keys[view] = key
+        rows = x.detach().cpu().double().reshape(-1, weight.shape[1]).numpy()
+        self.sums[key] = self.sums.get(key, 0.0) + (rows**2).sum(0)
+        self.rows[key] = self.rows.get(key, 0) + rows.shape[0]
 
     def _own_cast(self, cast: Any) -> None:
         """A weight's copy in another dtype (``torch.autocast`` casts each weight before its product,
