@@ -112,7 +112,13 @@ _ELEMENTWISE = {
     "relax.subtract": np.subtract,
     "relax.divide": np.divide,
     "relax.negative": np.negative,
+    # weight_norm's ``g * v / ||v||`` (torch's decomposition: abs, power 2, sum, power 0.5)
+    "relax.abs": np.abs,
+    "relax.power": np.power,
+    "relax.sqrt": np.sqrt,
 }
+#: Reductions folded over a constant operand (``weight_norm``'s norm of each row).
+_REDUCTIONS = {"relax.sum": np.sum}
 #: Ops :meth:`_Rewriter._constant` evaluates over constants.
 _FOLDED_OPS = (
     "relax.permute_dims",
@@ -121,6 +127,7 @@ _FOLDED_OPS = (
     "relax.reshape",
     "relax.astype",
     *_ELEMENTWISE,
+    *_REDUCTIONS,
 )
 
 
@@ -292,10 +299,22 @@ class _Rewriter(PyExprMutator):
         name, attrs = _op_name(call), call.attrs
         if name in _ELEMENTWISE:
             values = [self._constant(arg) for arg in call.args]
-            return None if any(v is None for v in values) else _ELEMENTWISE[name](*values)
+            if any(v is None for v in values):
+                return None
+            with np.errstate(all="ignore"):  # inf / NaN as TVM would compute them (the quantizer names them)
+                result = np.asarray(_ELEMENTWISE[name](*values))
+            # the operand that is the weight (``W * 0.5``, ``-W``, ``v * g / ||v||``): the one of the
+            # result's shape, where only one is
+            shaped = [v for v in values if v.shape == result.shape]
+            if len(shaped) == 1 and result.ndim >= 2:
+                self.report.derived.setdefault(weight_key(result), weight_key(shaped[0]))
+            return result
         value = self._constant(call.args[0])
         if value is None:
             return None
+        if name in _REDUCTIONS:
+            axes = None if attrs.axis is None else tuple(int(a) for a in attrs.axis)
+            return _REDUCTIONS[name](value, axis=axes, keepdims=bool(attrs.keepdims))
         if name == "relax.permute_dims":
             result = np.transpose(value, None if attrs.axes is None else [int(a) for a in attrs.axes])
         elif name == "relax.expand_dims":

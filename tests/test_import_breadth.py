@@ -484,3 +484,38 @@ def test_export_advice_reads_the_errors_a_failure_was_raised_from():
             raise ValueError("other") from None
     except ValueError as err:
         assert "torch.export's documentation" in _export_advice(err)
+
+
+class _ScaledWeights(nn.Module):
+    """Weights scaled or negated in forward: ``x @ (-W).T``, then ``@ (V * 0.5).T``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(8, 16))
+        self.V = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return (x @ (-self.W).T) @ (self.V * 0.5).T
+
+
+def test_weight_norm_layers_are_pb_layers_named_as_their_modules():
+    """``weight_norm`` (parametrization or hook) computes the weight as ``g * v / ||v||``: torch's
+    decomposition's abs, power and sum were not folded, so the layer stayed in full precision
+    ("weight is not a constant (made from constants by ops ...)"). Scaled weights are named too
+    (were ``dense[8, 8]``)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        model = nn.Sequential(
+            nn.utils.parametrizations.weight_norm(nn.Linear(16, 8)),
+            nn.ReLU(),
+            nn.utils.weight_norm(nn.Linear(8, 4)),
+        ).eval()
+    x = torch.randn(3, 16)
+    for module, names in ((model, ["0 (ParametrizedLinear)", "2.weight_v (Linear)"]), (_ScaledWeights(), ["W", "V"])):
+        compiled, warned = _compile(module, (x,), bits=8)
+        assert len(compiled.converted_layers) == 2 and not compiled.fp32_layers and not warned, warned
+        got = [layer["name"] for layer in compiled.manifest["layers"]["converted"]]
+        assert [name.split(" (")[0] for name in got] == [name.split(" (")[0] for name in names], got
+        with torch.no_grad():
+            assert _rel(compiled(x), module(x)) < 0.02  # W8A8
