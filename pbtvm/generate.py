@@ -106,7 +106,8 @@ def check_chunk(chunk: int | None, why_not: str | None) -> int:
 
 
 def add_generate_functions(bb: Any, parts: Any, chunk: int) -> None:
-    """Add ``generate_chunk`` and ``generate_chunk_logits`` to the module ``bb`` is building.
+    """Add ``generate_chunk``, ``generate_chunk_logits`` and ``prefill_chunk`` to the module ``bb``
+    is building.
 
     ``parts`` is the decoder's :class:`pbtvm.decoder_step.StepParts` (its weights are shared).
     """

@@ -25,6 +25,7 @@ from .relay_passes import (
     OwnConstants,
     PropagateNaN,
     ThroughFloat32,
+    TorchFloatDivision,
 )
 from .torch_export import export_program, input_specs
 from .torch_import import converters, module_name
@@ -301,7 +302,7 @@ def _import_eval_model(
     mod = OwnConstants()(mod)  # a snapshot: the importer's constants are the model's own tensors
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
     clip = ClipRuntimeIndices()
-    mod = PropagateNaN()(ThroughFloat32()(BuildableFloatChecks()(clip(mod))))
+    mod = PropagateNaN()(ThroughFloat32()(TorchFloatDivision()(BuildableFloatChecks()(clip(mod)))))
     # an index nobody reads (x.max(dim).values imports as max + argmax in a tuple) is not computed
     mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
     specs = input_specs(exported, example_inputs, batch_only=not lstms)

@@ -180,7 +180,7 @@ def choose_codebook(
     squared errors (weighted by ``importances`` when given), take the smallest; within
     :data:`TIE_MARGIN` (relative) the codebook without a zero point wins (one epilogue term
     fewer). k = 1: bipolar, always. The fitted-offset two-level code (offset binary at k = 1) has
-    the lower weight error but measured worse end to end: MNIST MLP 79.3 % vs 92.1 % (fp32
+    the lower weight error but measured worse end to end: MNIST MLP 79.4 % vs 92.1 % (fp32
     93.4 %), PTB LM equal (BENCHMARKS.md, issue 17), so it is only used when forced. The rule
     looks at all ``bits`` planes only: offset binary's top plane is not the sign plane, so a
     model run at ``bitlayers=1`` does far better with two's complement (MNIST W8 91.4 % vs 70.3 %;

@@ -210,6 +210,40 @@ def _arithmetic(op: Any, intrinsic: Any) -> Any:
     return convert
 
 
+def _div_mode(node: Any, importer: Any) -> relax.Var:
+    """``aten.div.Tensor_mode(a, b, rounding_mode)`` (``x // 2.0``, ``torch.div(x, y, rounding_mode=
+    "trunc")``) with a Python number operand made a constant of the tensor operand's dtype, or for
+    a float16 / bfloat16 tensor computed in float32 and rounded once, as torch's: TVM's converter
+    made every float number float32, so a float16 / bfloat16 / float64 ``x // 2.0`` failed to
+    import. Floor division is :class:`pbtvm.relay_passes.TorchFloatDivision`'s afterwards."""
+    args = importer.retrieve_args(node)
+    a, b = args[:2]
+    mode = args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+    tensor = next((x for x in (a, b) if isinstance(getattr(x, "ty", None), relax.TensorType)), None)
+    if tensor is None or any(_is_runtime_size(x) for x in (a, b)):
+        return importer._div(node)  # TVM 0.27's own converter (pinned version)
+    emit = importer.block_builder.emit
+    dtype = str(tensor.ty.dtype)
+    # torch takes a number beside a float16 / bfloat16 tensor in float32 (its op math), as the result
+    opmath = (
+        "float32" if dtype in ("float16", "bfloat16") and not all(isinstance(x, relax.Expr) for x in (a, b)) else dtype
+    )
+    a, b = (
+        relax.const(x, opmath)
+        if not isinstance(x, relax.Expr)
+        else x
+        if opmath == dtype
+        else emit(relax.op.astype(x, opmath))
+        for x in (a, b)
+    )
+    if mode == "floor":
+        result = emit(relax.op.floor_divide(a, b))
+    else:
+        result = emit(relax.op.divide(a, b))
+        result = emit(relax.op.trunc(result)) if mode == "trunc" else result
+    return result if opmath == dtype else emit(relax.op.astype(result, dtype))
+
+
 _REDUCTION_CONVERTERS = {
     "max.dim": _reduce_with_index(relax.op.max, relax.op.argmax),
     "min.dim": _reduce_with_index(relax.op.min, relax.op.argmin),
@@ -267,6 +301,7 @@ _ARITHMETIC_CONVERTERS = {
     "sub.Tensor": _arithmetic(relax.op.subtract, operator.sub),
     "mul.Tensor": _arithmetic(relax.op.multiply, operator.mul),
     "div.Tensor": _arithmetic(relax.op.divide, operator.truediv),
+    "div.Tensor_mode": _div_mode,
 }
 
 _MATMUL_CONVERTERS = {

@@ -7,7 +7,8 @@ One pass per file. ``pbtvm.compile`` runs :class:`OwnConstants` (a copy of the m
 TVM's importer shares), :class:`NormalizeConstantIndices` (TVM's importer
 emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
 ``take`` reads wherever an id points), :class:`BuildableFloatChecks` (``isfinite``, bool
-products and bfloat16 ``isnan`` in forms TVM builds), :class:`ThroughFloat32` (half-precision ops
+products and bfloat16 ``isnan`` in forms TVM builds), :class:`TorchFloatDivision` (float floor
+division and remainder as torch's), :class:`ThroughFloat32` (half-precision ops
 TVM cannot build, or builds wrong, in float32), :class:`PropagateNaN` (TVM's ``relu`` /
 ``clip`` / ``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
 time loop), :class:`PBLinearRewrite`, then (optionally) tunes the
@@ -23,6 +24,7 @@ from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_shapes
 from .pb_lstm_lowering import PBLSTMLowering, lstm_weight_sizes
 from .propagate_nan import PropagateNaN
 from .through_float32 import ThroughFloat32
+from .torch_float_division import TorchFloatDivision
 
 __all__ = [
     "ApplyPBSchedules",
@@ -35,6 +37,7 @@ __all__ = [
     "PBLinearRewrite",
     "PropagateNaN",
     "ThroughFloat32",
+    "TorchFloatDivision",
     "dense_shapes",
     "lstm_weight_sizes",
     "outputs_to_copy",

@@ -17,6 +17,14 @@ as a string and fails). This pass rewrites::
     isnan(x)          ->  isnan(astype(x, "float32"))    (bfloat16 x; isinf, isfinite alike)
     clip(i, -inf, hi) ->  clip(i, min of i's dtype, hi)  (integer i; a bound past the dtype alike)
     full(s, -inf)     ->  add(full(s, 0), -inf)          (+inf, NaN and full_like alike)
+    multiply(x, 0.0)  ->  multiply(x, [[0.0]])           (float x, the zero either side; divide,
+                                                          floor_divide, floor_mod by it alike)
+
+A constant scalar zero becomes a constant tensor of ones' shape: TVM's simplifier folds ``x * 0``
+to 0 (torch gives NaN for a NaN or infinite ``x``, ``y * 0`` of a layer's output with a NaN row
+came back 0) and refuses a constant zero divisor ("Divide by zero": ``y / 0``, ``y // 0.0``,
+``torch.remainder(y, 0.0)`` did not compile; torch gives ±inf and NaN). A tensor's elements are
+not folded.
 
 ``isnan`` replaces the self-comparison because TVM's simplifier may fold ``x == x`` to true
 (it does for bfloat16). Every bfloat16 value is exact in float32, so the tests give the same
@@ -44,6 +52,10 @@ SELF_COMPARISONS = {
 VALUE_TESTS = {"relax.isnan": relax.op.isnan, "relax.isinf": relax.op.isinf, "relax.isfinite": relax.op.isfinite}
 
 
+#: Ops by a constant scalar zero TVM folds or refuses -> the operands where that zero is meant.
+ZERO_OPERAND_OPS = {"relax.multiply": (0, 1), "relax.divide": (1,), "relax.floor_divide": (1,), "relax.floor_mod": (1,)}
+
+
 def _dtype(expr: relax.Expr) -> str | None:
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
@@ -56,6 +68,27 @@ def _non_finite(fill: relax.Expr) -> bool:
     if not str(fill.ty.dtype).startswith(("float", "bfloat")):
         return False
     return not np.isfinite(fill.value.numpy().astype(np.float64))  # bfloat16 through float64
+
+
+def _scalar_zero(expr: relax.Expr) -> bool:
+    """Whether ``expr`` is a constant float scalar equal to 0 (either sign)."""
+    if not isinstance(expr, tvm.ir.Constant) or expr.ty.ndim != 0:
+        return False
+    return str(expr.ty.dtype).startswith(("float", "bfloat")) and expr.value.numpy().astype(np.float64) == 0
+
+
+def _zero_as_tensor(call: relax.Call, op: str) -> relax.Expr | None:
+    """``call`` with its constant scalar zero operand (see :data:`ZERO_OPERAND_OPS`) as a tensor of
+    ones' shape, or None."""
+    for i in ZERO_OPERAND_OPS[op]:
+        other = call.args[1 - i]
+        ndim = other.ty.ndim if isinstance(other.ty, relax.TensorType) else -1
+        if _scalar_zero(call.args[i]) and ndim >= 1 and str(other.ty.dtype).startswith(("float", "bfloat")):
+            zero = call.args[i]
+            args = list(call.args)
+            args[i] = relax.const(zero.value.numpy().reshape((1,) * ndim), str(zero.ty.dtype))
+            return relax.Call(call.op, args, call.attrs)
+    return None
 
 
 def _integer_clip_bounds(call: relax.Call, dtype: str) -> tuple[int, int] | None:
@@ -84,6 +117,8 @@ def _buildable(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr |
         fill = call.args[1]
         zeros = emit(relax.Call(call.op, [call.args[0], relax.const(0, str(fill.ty.dtype))], call.attrs))
         return relax.op.add(zeros, fill)
+    if op in ZERO_OPERAND_OPS:
+        return _zero_as_tensor(call, op)
     if op == "relax.clip" and str(dtypes[0]).startswith(("int", "uint")):
         bounds = _integer_clip_bounds(call, dtypes[0])
         if bounds is not None:
@@ -95,7 +130,8 @@ def _buildable(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr |
 class BuildableFloatChecks(CallRewritePass):
     """Module pass: bool ``multiply`` / ``add`` as logical ops, a float compared with itself as
     ``isnan``, bfloat16 ``isnan`` / ``isinf`` / ``isfinite`` through float32, integer ``clip``
-    bounds within the dtype, a ``full`` of a non-finite value as zeros plus that value.
+    bounds within the dtype, a ``full`` of a non-finite value as zeros plus that value, a constant
+    scalar zero factor or divisor as a tensor.
 
     ``rewritten``: calls rewritten by the last run.
     """

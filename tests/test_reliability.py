@@ -1396,3 +1396,82 @@ def test_library_with_an_edited_manifest_refuses_to_load(tmp_path):
     edited.write_bytes(data.replace(b'"bits": 4', b'"bits": 2'))
     with pytest.raises(library.LibraryError, match="checksum mismatch"):
         pbtvm.load(edited)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_products_and_quotients_by_a_constant_zero_match_torch(dtype):
+    """TVM's simplifier folded ``y * 0`` to 0 (torch: NaN for a NaN or infinite ``y``; a layer's
+    output of a NaN row came back 0), and a constant zero divisor (``y / 0``, ``y // 0.0``,
+    ``torch.remainder(y, 0.0)``) stopped compile with an internal "Divide by zero"."""
+
+    class ByZero(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = self.l1(x)
+            return torch.stack(
+                [
+                    x * 0,
+                    0 * x,
+                    x * -0.0,
+                    x / 0,
+                    x // 0.0,
+                    torch.remainder(x, 0.0),
+                    torch.div(x, 0.0, rounding_mode="trunc"),
+                    y * 0 + x,
+                    y / 0,
+                ]
+            )
+
+    model = ByZero().eval().to(dtype)
+    m = _compile(model, torch.randn(2, 6, dtype=dtype), bits=16, act_bits=16)
+    x = torch.tensor(
+        [[1.0, float("inf"), float("nan"), -2.0, 0.0, -0.0], [0.5, -1.0, 2.0, 3.0, -4.0, 1.0]], dtype=dtype
+    )
+    got, want = m(x), model(x).detach()
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    numbers = ~want.isnan()
+    assert torch.equal(torch.signbit(got[numbers]), torch.signbit(want[numbers]))  # signed zeros, infinities
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_float_floor_division_and_remainder_match_torch(dtype):
+    """TVM computed float ``a // b`` as ``floor(a / b)`` and ``remainder`` as ``a - floor(a / b) * b``:
+    ``1.0 // 0.1`` was 10 (torch 9) and ``remainder(1.0, 0.1)`` -1.5e-8 (torch 0.09999999, the
+    divisor's sign), silently. And ``x // 2.0`` of a float16 / bfloat16 / float64 tensor did not
+    import (TVM made the number float32); int64 ``torch.div(x, 3, rounding_mode="trunc")`` neither."""
+
+    class Division(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.stack(
+                [
+                    x // 0.1,
+                    torch.remainder(x, 0.1),
+                    x // y,
+                    torch.remainder(x, y),
+                    torch.div(x, y, rounding_mode="floor"),
+                    torch.div(x, 2.0, rounding_mode="trunc"),
+                    3.0 // y,
+                    torch.remainder(-0.0 * x, y),
+                ]
+            )
+
+    model = Division().eval()
+    values = [1.0, -1.0, 7.0, -7.0, 0.3, 5.5, -0.0, 0.0, float("inf"), float("nan"), 1e-3, -2.5]
+    divisors = [0.1, 0.1, -2.0, 2.0, 0.1, -0.5, 3.0, -3.0, 2.0, 1.0, float("inf"), float("-inf")]
+    x, y = torch.tensor([values], dtype=dtype), torch.tensor([divisors], dtype=dtype)
+    m = _compile(model, x, y)
+    got, want = m(x, y), model(x, y)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    numbers = ~want.isnan()
+    assert torch.equal(torch.signbit(got[numbers]), torch.signbit(want[numbers]))  # signed zeros, infinities
+    ints = torch.tensor([[7, -7, 5, -5, 0, 9]])
+    m = _compile(_IntTrunc(), ints)
+    assert torch.equal(m(ints), _IntTrunc()(ints))
+
+
+class _IntTrunc(torch.nn.Module):
+    def forward(self, x):
+        return torch.div(x, 3, rounding_mode="trunc") + x // 2
