@@ -46,11 +46,12 @@ os.makedirs(work, exist_ok=True)
 # Tune
 # ----
 # Each distinct PB kernel (here three layers) is tuned. Where the kernel is a MetaSchedule template
-# (CUDA, and CPUs without AVX-512 VNNI) it becomes one task: pbtvm's design space (rows per task /
-# block, unroll depth, loop order, ...) searched by the evolutionary strategy with the XGBoost
-# cost model, ``trials`` candidates. On a CPU with AVX-512 VNNI the kernels are pbtvm's own
-# vectorized code with a few tile settings ("(avx512)" in the table): tuning measures those (at
-# most ``trials``, often 3) instead, and ``pbtvm inspect`` lists them under "knob search". Either
+# (CUDA, and the popcount kernels of CPUs without AVX2) it becomes one task: pbtvm's design space
+# (rows per task / block, unroll depth, loop order, ...) searched by the evolutionary strategy with
+# the XGBoost cost model, ``trials`` candidates. On a CPU with AVX2 or AVX-512 VNNI the kernels are
+# pbtvm's own vectorized code with a few tile settings ("(avx2)" / "(avx512)" in the table): tuning
+# measures those (at most ``trials``, often 3) instead, and ``pbtvm inspect`` lists them under
+# "knob search"; the AVX2 table-lookup layout (``lut16x4``) has one setting, nothing to tune. Either
 # way the default is measured first and stored too, so the log's best is never slower; and where the
 # best is not the default, the two are timed again side by side and the best is kept only if it
 # is still at least 3 % faster (one lucky measurement on a busy machine can look like a large gain).
