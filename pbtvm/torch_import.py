@@ -212,36 +212,45 @@ def _arithmetic(op: Any, intrinsic: Any) -> Any:
 
 def _div_mode(node: Any, importer: Any) -> relax.Var:
     """``aten.div.Tensor_mode(a, b, rounding_mode)`` (``x // 2.0``, ``torch.div(x, y, rounding_mode=
-    "trunc")``) with a Python number operand made a constant of the tensor operand's dtype, or for
-    a float16 / bfloat16 tensor computed in float32 and rounded once, as torch's: TVM's converter
-    made every float number float32, so a float16 / bfloat16 / float64 ``x // 2.0`` failed to
-    import. Floor division is :class:`pbtvm.relay_passes.TorchFloatDivision`'s afterwards."""
+    "trunc")``) with a Python number operand typed as torch types it: TVM's converter made every
+    float number a float32 constant and every int an int64 one, so a float16 / bfloat16 / float64
+    ``x // 2.0`` and an int32 ``x // 2`` failed to import.
+
+    torch's rules: an integer tensor and a float number compute in float32 (the default dtype);
+    a float16 / bfloat16 tensor and a number compute in float32 and round the result once (a
+    number in the first place rounded to the tensor's dtype first, one in the second place not);
+    otherwise the tensor's dtype. Floor division is :class:`pbtvm.relay_passes.TorchFloatDivision`'s
+    afterwards."""
     args = importer.retrieve_args(node)
     a, b = args[:2]
     mode = args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
-    tensor = next((x for x in (a, b) if isinstance(getattr(x, "ty", None), relax.TensorType)), None)
-    if tensor is None or any(_is_runtime_size(x) for x in (a, b)):
+    tensors = [x for x in (a, b) if isinstance(getattr(x, "ty", None), relax.TensorType)]
+    numbers = [x for x in (a, b) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if len(tensors) != 1 or len(numbers) != 1 or any(_is_runtime_size(x) for x in (a, b)):
         return importer._div(node)  # TVM 0.27's own converter (pinned version)
     emit = importer.block_builder.emit
-    dtype = str(tensor.ty.dtype)
-    # torch takes a number beside a float16 / bfloat16 tensor in float32 (its op math), as the result
-    opmath = (
-        "float32" if dtype in ("float16", "bfloat16") and not all(isinstance(x, relax.Expr) for x in (a, b)) else dtype
-    )
-    a, b = (
-        relax.const(x, opmath)
-        if not isinstance(x, relax.Expr)
-        else x
-        if opmath == dtype
-        else emit(relax.op.astype(x, opmath))
-        for x in (a, b)
-    )
+    dtype = str(tensors[0].ty.dtype)
+    floating = dtype.startswith(("float", "bfloat"))
+    if not floating and isinstance(numbers[0], float):
+        result_dtype = compute = "float32"
+    else:
+        result_dtype = dtype
+        compute = "float32" if dtype in ("float16", "bfloat16") else dtype
+
+    def operand(x: Any, first: bool) -> relax.Expr:
+        if isinstance(x, relax.Expr):
+            return x if str(x.ty.dtype) == compute else emit(relax.op.astype(x, compute))
+        if first and floating and compute != dtype:
+            return emit(relax.op.astype(relax.const(x, dtype), compute))
+        return relax.const(x, compute)
+
+    a, b = operand(a, True), operand(b, False)
     if mode == "floor":
         result = emit(relax.op.floor_divide(a, b))
     else:
         result = emit(relax.op.divide(a, b))
         result = emit(relax.op.trunc(result)) if mode == "trunc" else result
-    return result if opmath == dtype else emit(relax.op.astype(result, dtype))
+    return result if compute == result_dtype else emit(relax.op.astype(result, result_dtype))
 
 
 _REDUCTION_CONVERTERS = {

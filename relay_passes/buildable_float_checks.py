@@ -77,17 +77,19 @@ def _scalar_zero(expr: relax.Expr) -> bool:
     return str(expr.ty.dtype).startswith(("float", "bfloat")) and expr.value.numpy().astype(np.float64) == 0
 
 
-def _zero_as_tensor(call: relax.Call, op: str) -> relax.Expr | None:
+def _zero_as_tensor(call: relax.Call, op: str, emit: Callable) -> relax.Expr | None:
     """``call`` with its constant scalar zero operand (see :data:`ZERO_OPERAND_OPS`) as a tensor of
-    ones' shape, or None."""
+    ones' shape (a 0-d ``call``: ``[1]``, its result reshaped back), or None."""
     for i in ZERO_OPERAND_OPS[op]:
         other = call.args[1 - i]
         ndim = other.ty.ndim if isinstance(other.ty, relax.TensorType) else -1
-        if _scalar_zero(call.args[i]) and ndim >= 1 and str(other.ty.dtype).startswith(("float", "bfloat")):
+        if _scalar_zero(call.args[i]) and ndim >= 0 and str(other.ty.dtype).startswith(("float", "bfloat")):
             zero = call.args[i]
             args = list(call.args)
-            args[i] = relax.const(zero.value.numpy().reshape((1,) * ndim), str(zero.ty.dtype))
-            return relax.Call(call.op, args, call.attrs)
+            args[i] = relax.const(zero.value.numpy().reshape((1,) * max(ndim, 1)), str(zero.ty.dtype))
+            if ndim >= 1:
+                return relax.Call(call.op, args, call.attrs)
+            return relax.op.reshape(emit(relax.Call(call.op, args, call.attrs)), relax.ShapeExpr([]))  # 0-d
     return None
 
 
@@ -118,7 +120,7 @@ def _buildable(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr |
         zeros = emit(relax.Call(call.op, [call.args[0], relax.const(0, str(fill.ty.dtype))], call.attrs))
         return relax.op.add(zeros, fill)
     if op in ZERO_OPERAND_OPS:
-        return _zero_as_tensor(call, op)
+        return _zero_as_tensor(call, op, emit)
     if op == "relax.clip" and str(dtypes[0]).startswith(("int", "uint")):
         bounds = _integer_clip_bounds(call, dtypes[0])
         if bounds is not None:

@@ -105,6 +105,8 @@ def _op_name(expr: relax.Expr) -> str | None:
     return None
 
 
+#: The reason's words for a matmul of two run-time tensors (attention's ``q kᵀ``): no weight at all.
+RUNTIME_PRODUCT = "a product of run-time tensors"
 #: Elementwise ops folded over constant operands (numpy broadcasts as Relax does).
 _ELEMENTWISE = {
     "relax.multiply": np.multiply,
@@ -460,7 +462,7 @@ class _Rewriter(PyExprMutator):
                 if self._constant(x) is not None:
                     made = "the constant is the left operand, W @ x,"
                 elif self._reads_inputs(rhs):
-                    made = "a product of run-time tensors"
+                    made = RUNTIME_PRODUCT
                 else:
                     made = "made from constants by ops"
                 reason += f" ({made} {_shape_text(x)} @ {_shape_text(rhs)})"

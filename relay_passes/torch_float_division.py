@@ -16,8 +16,10 @@ ops, elementwise, for float operands::
     floor_divide(a, b) = where(b == 0, a / b, where(d != 0, f, (a / b) * 0))   (0 signed as a / b)
 
 The last product's zero is a tensor (a scalar would be folded, see
-:mod:`relay_passes.buildable_float_checks`). NaN and infinities come out as torch's: the same
-IEEE operations in the same order; float16 and bfloat16 in float32, rounded once, as torch's.
+:mod:`relay_passes.buildable_float_checks`). NaN and infinities come out as in torch's element-by-element
+definition (and Python's): the same IEEE operations in the same order; float16 and bfloat16 in
+float32, rounded once. (torch's vectorized CPU kernels, which it runs on larger tensors, can
+differ from that definition: float16 ``1.0 // -0.000458`` is -2184 there, -2182 in one element.)
 """
 
 from __future__ import annotations
@@ -43,15 +45,25 @@ def _torch_division(call: relax.Call, op: str | None, emit: Callable) -> relax.E
     """``call`` computed as torch computes it (module docstring), or None (another op, or not float)."""
     if op not in DIVISION_OPS or not all(_is_float(a) for a in call.args):
         return None
-    a, b = call.args
-    dtype = str(call.ty.dtype)
-    if any(str(x.ty.dtype) != dtype for x in (a, b)):
+    dtype, ndim = str(call.ty.dtype), call.ty.ndim
+    if any(str(x.ty.dtype) != dtype for x in call.args):
         return None  # TVM's type check refuses mixed dtypes already
-    if dtype not in ("float16", "bfloat16"):
-        return _division(a, b, op, dtype, call.ty.ndim, emit)
-    # torch computes float16 / bfloat16 in float32 and rounds the result once
-    a, b = (emit(relax.op.astype(x, "float32")) for x in (a, b))
-    return relax.op.astype(emit(_division(a, b, op, "float32", call.ty.ndim, emit)), dtype)
+    # a constant scalar operand as a tensor of ones' shape: TVM's simplifier folds ``0 % y`` to 0
+    # (dropping NaN and the zero's sign) and refuses a zero divisor; a 0-d result reshaped back
+    a, b = (_as_tensor(x, ndim) for x in call.args)
+    if dtype in ("float16", "bfloat16"):  # torch computes them in float32 and rounds the result once
+        a, b = (emit(relax.op.astype(x, "float32")) for x in (a, b))
+    result = _division(a, b, op, "float32" if dtype in ("float16", "bfloat16") else dtype, ndim, emit)
+    if dtype in ("float16", "bfloat16"):
+        result = relax.op.astype(emit(result), dtype)
+    return relax.op.reshape(emit(result), relax.ShapeExpr([])) if ndim == 0 else result
+
+
+def _as_tensor(x: relax.Expr, ndim: int) -> relax.Expr:
+    """A constant scalar ``x`` as a constant of shape ``(1,) * max(ndim, 1)``; anything else as it is."""
+    if isinstance(x, tvm.ir.Constant) and x.ty.ndim == 0:
+        return relax.const(x.value.numpy().reshape((1,) * max(ndim, 1)), str(x.ty.dtype))
+    return x
 
 
 def _division(a: relax.Expr, b: relax.Expr, op: str, dtype: str, ndim: int, emit: Callable) -> relax.Expr:
@@ -74,8 +86,6 @@ def _division(a: relax.Expr, b: relax.Expr, op: str, dtype: str, ndim: int, emit
     quotient = emit(relax.op.divide(a, b))
     zero = relax.const(np.zeros((1,) * max(ndim, 1), dtype), dtype)  # a tensor: not folded
     signed_zero = emit(relax.op.multiply(quotient, zero))
-    if ndim == 0:
-        signed_zero = emit(relax.op.reshape(signed_zero, relax.ShapeExpr([])))
     kept = emit(relax.op.where(emit(relax.op.not_equal(d, const(0.0))), f, signed_zero))
     return relax.op.where(emit(relax.op.equal(b, const(0.0))), quotient, kept)
 
