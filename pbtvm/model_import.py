@@ -19,6 +19,7 @@ from ._tvm import relax, tvm
 from .errors import InputError, InputTypeError, first_line, shape_text
 from .lowering import torch_weight_key
 from .relay_passes import (
+    BoundedSliceShapes,
     BuildableFloatChecks,
     ClipRuntimeIndices,
     NormalizeConstantIndices,
@@ -301,6 +302,7 @@ def _import_eval_model(
         ) from err
     mod = OwnConstants()(mod)  # a snapshot: the importer's constants are the model's own tensors
     mod = NormalizeConstantIndices()(mod)  # before anything lowers an out-of-bounds take
+    mod = BoundedSliceShapes()(mod)  # y[:1] of a run-time batch is [1, ...], not [min(1, batch), ...]
     clip = ClipRuntimeIndices()
     mod = PropagateNaN()(ThroughFloat32()(TorchFloatDivision()(BuildableFloatChecks()(clip(mod)))))
     # an index nobody reads (x.max(dim).values imports as max + argmax in a tuple) is not computed

@@ -5,7 +5,8 @@ graph IR, so every pass here is a Relax ``module_pass``. Installed as ``pbtvm.re
 
 One pass per file. ``pbtvm.compile`` runs :class:`OwnConstants` (a copy of the model's tensors
 TVM's importer shares), :class:`NormalizeConstantIndices` (TVM's importer
-emits out-of-bounds negative ``take`` indices), :class:`ClipRuntimeIndices` (its run-time
+emits out-of-bounds negative ``take`` indices), :class:`BoundedSliceShapes` (``y[:1]`` of a
+run-time batch has size 1), :class:`ClipRuntimeIndices` (its run-time
 ``take`` reads wherever an id points), :class:`BuildableFloatChecks` (``isfinite``, bool
 products and bfloat16 ``isnan`` in forms TVM builds), :class:`TorchFloatDivision` (float floor
 division and remainder as torch's), :class:`ThroughFloat32` (half-precision ops
@@ -16,6 +17,7 @@ PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline 
 """
 
 from .apply_pb_schedules import ApplyPBSchedules
+from .bounded_slice_shapes import BoundedSliceShapes
 from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
 from .normalize_constant_indices import NormalizeConstantIndices
@@ -28,6 +30,7 @@ from .torch_float_division import TorchFloatDivision
 
 __all__ = [
     "ApplyPBSchedules",
+    "BoundedSliceShapes",
     "BuildableFloatChecks",
     "ClipRuntimeIndices",
     "ConversionReport",

@@ -1483,3 +1483,26 @@ class _IntDivision(torch.nn.Module):
 
     def forward(self, x):
         return torch.div(x, 3, rounding_mode="trunc") + x // 2, x // 2.5, torch.div(x, 0.5, rounding_mode="trunc")
+
+
+def test_a_first_row_sliced_from_a_run_time_batch_broadcasts():
+    """``y[:1]`` of a run-time batch was typed ``[min(1, batch), 6]``: a binary op with it had a
+    broadcast TVM could not decide, and the build failed with "CodeGenVM cannot emit this Relax
+    operator directly" (``h - h[:1]``, ``x / y[:1]``, ``torch.remainder(x, y[:1])``)."""
+
+    class FirstRow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(6, 6)
+
+        def forward(self, x, y):
+            h = self.l1(x)
+            return h - h[:1], x / y[:1], torch.remainder(x, y[:1]), x * y[0:1, 2:4].sum()
+
+    torch.manual_seed(3)
+    model = FirstRow().eval()
+    m = _compile(model, torch.randn(2, 6), torch.randn(2, 6), bits=16, act_bits=16)
+    for batch in (1, 3, 5):
+        x, y = torch.randn(batch, 6), torch.randn(batch, 6)
+        for got, want in zip(m(x, y), model(x, y), strict=True):
+            _close(got, want.detach(), rel=1e-3)
