@@ -272,7 +272,8 @@ def test_entries_of_a_stacked_weight_are_pb_layers_named_by_index():
     torch.manual_seed(0)
     model, x = _Stacked().eval(), torch.randn(4, 16)
     compiled, said = _compile(model, (x,), bits=8)
-    assert compiled.converted_layers == ["w[0] (_Stacked)", "w[1] (_Stacked)", "w[2] (_Stacked)"], said  # w[2] * 0.5 too
+    # w[2] * 0.5 is named after w[2] too
+    assert compiled.converted_layers == ["w[0] (_Stacked)", "w[1] (_Stacked)", "w[2] (_Stacked)"], said
     assert compiled.fp32_layers == [] and not said
     with torch.no_grad():
         assert _rel(compiled(x), model(x)) < 0.02  # W8
