@@ -59,7 +59,7 @@ class LibraryError(ValueError):
 
 class ExportError(OSError):
     """The library could not be written: the compiler or linker failed on the output (a full disk, a
-    file system that refuses it); the message holds their reason."""
+    file system that refuses it) or ran out of memory; the message holds their reason."""
 
 
 # ====================================================================== ELF
@@ -418,12 +418,17 @@ _OUTPUT_FAILURES = (
     "Permission denied",
     "File too large",
     "cannot open output file",
+    # out of memory: the compiler's or assembler's own words, and the driver's when the kernel killed it
+    "virtual memory exhausted",
+    "Cannot allocate memory",
+    "Killed signal terminated program",
 )
 
 
 def _toolchain_reason(message: str) -> str | None:
     """The linker's or compiler's line in TVM's ``Compilation error`` message saying it could not
-    write its output (``ld: final link failed: No space left on device``); None for any other
+    write its output (``ld: final link failed: No space left on device``) or ran out of memory
+    (``g++: fatal error: Killed signal terminated program cc1plus``); None for any other
     error (a compile or link error is pbtvm's bug, reported as such)."""
     if not message.startswith("Compilation error"):
         return None

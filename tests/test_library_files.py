@@ -72,6 +72,11 @@ def test_linker_failures_name_the_linker_s_reason():
     broken = "Compilation error:\n/tmp/x/m.c:3:1: error: expected ';'\n/usr/bin/ld: lib0.o: undefined reference to `f'"
     assert library._toolchain_reason(broken) is None  # pbtvm's bug, not the file system's: reported as such
     assert issubclass(library.ExportError, OSError)
+    oom = "Compilation error:\ng++: fatal error: Killed signal terminated program cc1plus\ncompilation terminated."
+    assert library._toolchain_reason(oom) == "g++: fatal error: Killed signal terminated program cc1plus"
+    assert library._toolchain_reason("Compilation error:\ncc1plus: out of memory\nvirtual memory exhausted: x") == (
+        "virtual memory exhausted: x"
+    )
 
 
 def _fake_statvfs(monkeypatch, **fields):
