@@ -275,3 +275,25 @@ def test_weights_past_float32_range_are_named_as_such():
     with pytest.raises(ValueError, match="weights contain NaN or Inf"):
         qz.checked_weights(big)
     assert qz.checked_weights(np.ones((2, 3))).dtype == np.float32
+
+
+def test_codebooks_fitted_in_threads_equal_the_fits_in_one(monkeypatch, rng):
+    """Large layers fit their two codebooks in two threads (the fit is most of a large model's
+    compile time); the chosen codebook and every code and scale are those of one thread."""
+    weights = [rng.standard_normal((96, 80)).astype(np.float32), rng.standard_normal((96, 40)).astype(np.float32)]
+    importances = [rng.random(80), None]
+    fmt = bp.BitplaneFormat(3, 8)
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    monkeypatch.setattr(qz, "FIT_PARALLEL_MIN", 1 << 30)
+    assert qz._fit_threads(weights, 2) == 1
+    alone = qz.choose_codebook(weights, fmt, "mse", importances)
+    monkeypatch.setattr(qz, "FIT_PARALLEL_MIN", 0)
+    assert qz._fit_threads(weights, 2) == 2
+    threaded = qz.choose_codebook(weights, fmt, "mse", importances)
+    assert threaded[0] == alone[0]
+    for name, fits in alone[1].items():
+        for (q, s), (tq, ts) in zip(fits, threaded[1][name], strict=True):
+            np.testing.assert_array_equal(tq, q)
+            np.testing.assert_array_equal(ts, s)
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert qz._fit_threads(weights, 2) == 1
