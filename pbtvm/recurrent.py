@@ -297,6 +297,14 @@ def convert_lstm_stack(node: Any, importer: Any) -> relax.Var:
     dirs = 2 if bidirectional else 1
     hidden = int(weights[1].ty.shape.values[1])
     config = {"num_layers": int(num_layers), "bias": bool(has_bias), "batch_first": bool(batch_first), "dirs": dirs}
+    if x.ty.shape is None or h0.ty.shape is None:  # was an AttributeError, "a bug in pbtvm"
+        from .torch_import import module_name
+
+        raise InputError(
+            f"pbtvm.compile: TVM's importer lost the shape of the input of {module_name(node)} (a broadcast "
+            "of run-time sizes before it, such as x - x[:1] along the sequence or batch); compute that "
+            "step outside the compiled model or with sizes it can follow (x - x[0])"
+        )
     dims = list(x.ty.shape.values)
     y_dims = [*dims[:2], dirs * hidden]
     state = relax.TensorType(list(h0.ty.shape.values), x.ty.dtype)

@@ -9,7 +9,10 @@ failed with "CodeGenVM cannot emit this Relax operator directly" (``x / y[:1]``,
 ``torch.remainder(x, y[:1])``).
 
 This pass simplifies each slice's shape with the bounds and, where that changes it, states it
-with a ``match_cast``: ``y[:1]`` is ``[1, 6]``, and the op broadcasts as in torch.
+with a ``match_cast``: ``y[:1]`` and ``y[-1:]`` are ``[1, 6]``, and the op broadcasts as in torch.
+A bound is taken as at most 1: run-time sizes of 0 are refused before a call, and torch.export
+declares 2 for an LSTM model's sizes (its 0/1 specialization), which may be 1 (``x[:2]`` is
+``min(2, T)`` then, as before).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pbtvm._tvm import relax, tvm
 
 from .rewrite_calls import rewrite_every_function
 
+#: The largest run-time size the simplifier assumes.
+MAX_SIZE = 1 << 62
 #: Ops whose result sizes are expressions TVM leaves unsimplified.
 SLICE_OPS = ("relax.strided_slice",)
 
@@ -32,14 +37,21 @@ class _Bounded(PyExprMutator):
         super().__init__(mod)
         self.analyzer = Analyzer()
         self.cast = 0
+        self.lowered = 0
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self.analyzer = Analyzer()
         bounds = dict(func.attrs["tir_var_lower_bound"]) if func.attrs and "tir_var_lower_bound" in func.attrs else {}
         for var in relax.analysis.defined_symbolic_vars(func):
-            if var.name in bounds:
-                self.analyzer.update(var, ConstIntBound(int(bounds[var.name]), ConstIntBound.POS_INF))
-        return super().visit_function_(func)
+            if var.name in bounds:  # a run-time size: at least 1 (empty inputs are refused) and
+                # below 2^62 (the slice of ``x[-1:]`` ends at INT64_MAX); torch.export's bound of 2
+                # for an LSTM model's sizes comes from its 0/1 specialization: they may be 1
+                self.analyzer.update(var, ConstIntBound(min(int(bounds[var.name]), 1), MAX_SIZE))
+        new = super().visit_function_(func)
+        if any(int(b) > 1 for b in bounds.values()):  # TVM's own passes read the bounds too
+            self.lowered += 1
+            new = new.with_attr("tir_var_lower_bound", {name: min(int(b), 1) for name, b in bounds.items()})
+        return new
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)

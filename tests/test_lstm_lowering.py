@@ -479,3 +479,45 @@ def test_lstms_of_other_float_dtypes_run_in_their_dtype(dtype):
         assert out.dtype == dtype and out.shape == ref.shape
         rel = float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
         assert rel < 2e-2, rel  # W8A8, and the dtype's own rounding (bfloat16: 2^-8)
+
+
+class _SlicedBatch(torch.nn.Module):
+    """The first two rows of the batch of an LSTM's output, and the output minus its first step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(4, 8)
+
+    def forward(self, x):
+        return self.rnn(x)[0][:, :2], self.rnn(x)[0] - self.rnn(x)[0][:1]
+
+
+def test_slices_of_an_lstm_model_s_sizes_hold_at_one():
+    """torch.export declares every run-time size of an LSTM model at least 2 (its 0/1
+    specialisation); taken as a bound, ``y[:, :2]`` was cast to 2 rows and a batch of 1 failed
+    (BoundedSliceShapes, reviewed): bounds are taken as at most 1."""
+    torch.manual_seed(0)
+    model = _SlicedBatch().eval()
+    compiled = pbtvm.compile(model, (torch.randn(3, 3, 4),), bits=16, act_bits=16)
+    for steps, batch in ((1, 1), (1, 3), (4, 1), (5, 2)):
+        x = torch.randn(steps, batch, 4)
+        with torch.no_grad():
+            for got, want in zip(compiled(x), model(x), strict=True):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+
+
+def test_an_lstm_input_whose_shape_the_importer_lost_is_named():
+    """``lstm(x - x[:1])``: TVM's importer gives the difference no shape (a broadcast of run-time
+    sizes), and the LSTM's converter failed with an AttributeError called a bug in pbtvm."""
+
+    class Centred(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(4, 8)
+
+        def forward(self, x):
+            return self.rnn(x - x[:1])[0]
+
+    with pytest.raises(ValueError, match=r"lost the shape of the input of rnn \(LSTM\).*x - x\[0\]"):
+        pbtvm.compile(Centred().eval(), (torch.randn(3, 3, 4),), bits=8)

@@ -1497,7 +1497,7 @@ def test_a_first_row_sliced_from_a_run_time_batch_broadcasts():
 
         def forward(self, x, y):
             h = self.l1(x)
-            return h - h[:1], x / y[:1], torch.remainder(x, y[:1]), x * y[0:1, 2:4].sum()
+            return h - h[:1], x / y[:1], torch.remainder(x, y[:1]), x * y[0:1, 2:4].sum(), x - x[-1:]
 
     torch.manual_seed(3)
     model = FirstRow().eval()
