@@ -172,7 +172,8 @@ def check_codebook(codebook: str | None, bits: int, method: str = "mse") -> None
 
 #: Weights (elements over a layer's matrices) from which :func:`choose_codebook` fits its two
 #: codebooks in two threads: the fit is 75-92 % of a large model's compile time, about 1 µs per
-#: weight per codebook (a 2048x2048 W4 layer: 7.7 s in one thread, 3.7 s in two, 2 vCPUs).
+#: weight per codebook (a 2048-4096-2048 MLP at W4 compiles in 12.0 s instead of 15.5 on 2 vCPUs:
+#: part of the fit holds the GIL; ``benchmarks/bench_compile.py``, BENCHMARKS.md).
 FIT_PARALLEL_MIN = 1 << 18
 
 
