@@ -26,6 +26,8 @@ USAGE_ERROR = 2
 INTERNAL_ERROR = 1
 #: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
+#: Exit status when the reader of stdout left (128 + SIGPIPE, as a shell tool killed by it).
+BROKEN_PIPE = 141
 
 EPILOG = """\
 MODEL is one of
@@ -638,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("pbtvm: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:  # `pbtvm inspect x.so | head`: the reader left, as a shell tool it stops
+        with contextlib.suppress(Exception):  # Python's final flush of stdout would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except Exception as err:
         if args.debug:
             raise

@@ -544,3 +544,20 @@ def test_inspect_of_an_exported_lstm_directory(tmp_path, capsys):
     (tmp_path / "lstm.json").write_text("{")
     code, _, err = _run(["inspect", tmp_path], capsys)
     assert code == 2 and "lstm.json is corrupt" in err, err
+
+
+def test_a_reader_that_leaves_early_is_no_internal_error(tmp_path):
+    """``pbtvm inspect x.so | head -3``: the write to a closed pipe was reported as "internal error:
+    BrokenPipeError ... a bug in pbtvm"; it ends quietly with 141 (128 + SIGPIPE), as shell tools do."""
+    import torch
+
+    import pbtvm
+
+    path = tmp_path / "m.so"
+    pbtvm.compile(torch.nn.Linear(8, 4), (torch.randn(2, 8),), bits=4).export(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pbtvm.cli", "inspect", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the child has imported TVM, let alone written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
