@@ -140,15 +140,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return _inspect_log(path)
     if not path.is_file():
         raise CLIError(f"{path} is not a regular file (a device, FIFO or socket), not a pbtvm library")
-    from pbtvm.library import read_manifest
+    from pbtvm.library import LibraryError, read_library, read_manifest, verify_checksum
     from pbtvm.runtime import codebook_text, dim_labels
 
-    manifest = read_manifest(str(path))
+    data = read_library(str(path))
+    manifest = read_manifest(str(path), data)
     if args.json:
         print(json.dumps(manifest, indent=1))
         return 0
     fmt = manifest["format"]
     print(f"{path}: pbtvm {manifest['pbtvm_version']}, TVM {manifest['tvm_version']}")
+    try:  # the manifest alone shows a library load would refuse (edited, truncated, its blob gone)
+        verify_checksum(str(path), manifest, data)
+        print("  checks   manifest, weights and code match their checksums")
+    except LibraryError as err:
+        print(f"  checks   FAILED, pbtvm.load refuses it: {err}")
     print(f"  target   {manifest['target']}")
     if manifest.get("cpu_features"):
         print(f"  needs    {' '.join(manifest['cpu_features'])} (checked when loaded)")

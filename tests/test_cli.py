@@ -107,8 +107,17 @@ def test_compile_and_inspect(spec, tmp_path, capsys):
     code, out, _ = _run(["inspect", so], capsys)
     assert code == 0 and "W3A8 offset_binary" in out and out.count("PB ") == 2
     assert len(re.findall(r"^  PB .* offset_binary$", out, re.M)) == 2, out  # each layer's codebook
+    assert "checks   manifest, weights and code match their checksums" in out
     code, out, _ = _run(["inspect", so, "--json"], capsys)
     assert json.loads(out)["format"]["bits"] == 3
+    data = bytearray(so.read_bytes())  # a flipped weight byte: inspect says load would refuse it
+    from pbtvm import library
+
+    (blob,) = [s for s in library.elf_sections(bytes(data), str(so)) if s.name == library.DEVBIN_SECTION]
+    data[blob.offset + blob.size // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+    code, out, _ = _run(["inspect", so], capsys)
+    assert code == 0 and "checks   FAILED, pbtvm.load refuses it: " in out and "checksum mismatch" in out
 
 
 @pytest.mark.parametrize(
