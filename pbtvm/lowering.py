@@ -28,6 +28,13 @@ def weight_key(array: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def constant_array(const: Any) -> np.ndarray:
+    """The value of a Relax constant in numpy; bfloat16 (no numpy dtype) as float32, as
+    :func:`torch_weight_key` keys it."""
+    value = const.value.numpy()
+    return value.astype(np.float32) if str(const.value.dtype) == "bfloat16" else value
+
+
 def torch_weight_key(weight: Any) -> str:
     """:func:`weight_key` of a torch weight as the rewrite keys its constant (bfloat16, which numpy
     lacks, as float32)."""

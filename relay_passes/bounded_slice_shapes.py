@@ -37,7 +37,6 @@ class _Bounded(PyExprMutator):
         super().__init__(mod)
         self.analyzer = Analyzer()
         self.cast = 0
-        self.lowered = 0
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self.analyzer = Analyzer()
@@ -49,7 +48,6 @@ class _Bounded(PyExprMutator):
                 self.analyzer.update(var, ConstIntBound(min(int(bounds[var.name]), 1), MAX_SIZE))
         new = super().visit_function_(func)
         if any(int(b) > 1 for b in bounds.values()):  # TVM's own passes read the bounds too
-            self.lowered += 1
             new = new.with_attr("tir_var_lower_bound", {name: min(int(b), 1) for name, b in bounds.items()})
         return new
 

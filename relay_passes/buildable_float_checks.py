@@ -39,7 +39,7 @@ import numpy as np
 
 from pbtvm._tvm import relax, tvm
 
-from .rewrite_calls import CallRewritePass
+from .rewrite_calls import CallRewritePass, is_float, scalar_as_tensor
 
 #: Binary ops of two bool tensors, as the logical op torch means by them.
 BOOL_OPS = {"relax.multiply": relax.op.logical_and, "relax.add": relax.op.logical_or}
@@ -82,11 +82,10 @@ def _zero_as_tensor(call: relax.Call, op: str, emit: Callable) -> relax.Expr | N
     ones' shape (a 0-d ``call``: ``[1]``, its result reshaped back), or None."""
     for i in ZERO_OPERAND_OPS[op]:
         other = call.args[1 - i]
-        ndim = other.ty.ndim if isinstance(other.ty, relax.TensorType) else -1
-        if _scalar_zero(call.args[i]) and ndim >= 0 and str(other.ty.dtype).startswith(("float", "bfloat")):
-            zero = call.args[i]
+        ndim = other.ty.ndim if is_float(other) else -1
+        if _scalar_zero(call.args[i]) and ndim >= 0:
             args = list(call.args)
-            args[i] = relax.const(zero.value.numpy().reshape((1,) * max(ndim, 1)), str(zero.ty.dtype))
+            args[i] = scalar_as_tensor(call.args[i], ndim)
             if ndim >= 1:
                 return relax.Call(call.op, args, call.attrs)
             return relax.op.reshape(emit(relax.Call(call.op, args, call.attrs)), relax.ShapeExpr([]))  # 0-d

@@ -28,7 +28,7 @@ from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visito
 from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.errors import naming_layer
-from pbtvm.lowering import LayerRecord, lower_weights, weight_key
+from pbtvm.lowering import LayerRecord, constant_array, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.quantize import AUTO
@@ -289,8 +289,7 @@ class _Rewriter(PyExprMutator):
             return self._folded(expr)
         if not isinstance(expr, tvm.ir.Constant):
             return None
-        value = expr.value.numpy()
-        return value.astype(np.float32) if str(expr.value.dtype) == "bfloat16" else value
+        return constant_array(expr)
 
     def _folded(self, call: relax.Call) -> np.ndarray | None:
         """A layout op (transpose, new or dropped axes, reshape), a cast or an elementwise op of

@@ -35,7 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from pbtvm._tvm import relax, te, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
-from pbtvm.lowering import LayerRecord, check_named_weights, lower_weights, weight_key
+from pbtvm.lowering import LayerRecord, check_named_weights, constant_array, lower_weights, weight_key
 from pbtvm.names import KernelKind
 from pbtvm.ops import kernel_attrs, unit_major_rows
 from pbtvm.ops.lstm_cell import pb_lstm_cell_at
@@ -112,13 +112,6 @@ def write_step_func(target_kind: str) -> tir.PrimFunc:
                 with T.serial(tir.const(0, "int64"), total) as p:
                     store(p)
     return ib.get().without_attr("global_symbol")
-
-
-def _weight_value(const: relax.Constant) -> np.ndarray:
-    """A placeholder call's weight in numpy; bfloat16 (no numpy dtype) as float32, as
-    :func:`pbtvm.lowering.torch_weight_key` keys it."""
-    value = const.value.numpy()
-    return value.astype(np.float32) if str(const.value.dtype) == "bfloat16" else value
 
 
 def _seq(*bindings: tuple[relax.Var, relax.Expr]) -> relax.SeqExpr:
@@ -212,7 +205,7 @@ class _Lowerer(PyExprMutator):
     def _lower(self, call: relax.Call, config: dict) -> relax.Expr:
         emit = self.builder_.emit
         x, h0, c0, *consts = call.args[1].fields
-        weights = [_weight_value(w) for w in consts]
+        weights = [constant_array(w) for w in consts]
         layers, dirs, has_bias = config["num_layers"], config["dirs"], config["bias"]
         per = 4 if has_bias else 2
         hidden = weights[1].shape[1]
@@ -248,7 +241,7 @@ class _Lowerer(PyExprMutator):
                 gx = as_float32(emit(relax.op.matmul(x2, emit(relax.op.permute_dims(consts[first])))))
                 if has_bias:
                     with np.errstate(over="ignore"):  # biases past float32 add to inf, as in torch's gates
-                        bias = (np.float32(group[2]) + np.float32(group[3])).astype(np.float32)
+                        bias = group[2].astype(np.float32) + group[3].astype(np.float32)
                     gx = emit(relax.op.add(gx, relax.const(bias, "float32")))
                 gx = emit(relax.op.reshape(gx, relax.ShapeExpr([steps, batch, 4 * hidden])))
                 index = relax.const(layer * dirs + d, "int64")

@@ -36,7 +36,7 @@ import numpy as np
 
 from pbtvm._tvm import relax, tvm
 
-from .rewrite_calls import CallRewritePass
+from .rewrite_calls import CallRewritePass, is_float
 
 #: Ops of one tensor operand that drop NaN in TVM (argument 0 is the tensor).
 UNARY_OPS = ("relax.nn.relu", "relax.clip")
@@ -52,11 +52,6 @@ INDEX_OPS = ("relax.argmax", "relax.argmin")
 SORT_OPS = ("relax.argsort", "relax.sort", "relax.topk")
 #: ``median`` (values, and indices along an axis): a number even where the axis holds NaN.
 MEDIAN_OPS = ("relax.median",)
-
-
-def _is_float(expr: relax.Expr) -> bool:
-    ty = expr.ty
-    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat"))
 
 
 def _isnan_ready(x: relax.Expr) -> relax.Expr:
@@ -87,7 +82,7 @@ def _propagating(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr
     already does (not an op listed here, or a non-float operand)."""
     tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType)]
     ops = UNARY_OPS + BINARY_OPS + POOL_OPS + REDUCE_OPS + INDEX_OPS + SORT_OPS + MEDIAN_OPS
-    if op not in ops or not all(_is_float(a) for a in tensors):
+    if op not in ops or not all(is_float(a) for a in tensors):
         return None
     if op in SORT_OPS:
         return _sort(call, op, emit)

@@ -39,6 +39,19 @@ def rewrite_every_function(mutator: object, mod: tvm.IRModule) -> tvm.IRModule:
     return mutator.builder_.get()
 
 
+def is_float(expr: relax.Expr) -> bool:
+    """Whether ``expr`` is a tensor of a float dtype (bfloat16 included)."""
+    ty = expr.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat"))
+
+
+def scalar_as_tensor(const: relax.Constant, ndim: int) -> relax.Constant:
+    """The constant scalar ``const`` as a constant of shape ``(1,) * max(ndim, 1)``: TVM's simplifier
+    folds arithmetic with a scalar (``x * 0`` to 0) and refuses a zero divisor, a tensor's
+    elements it does not look into."""
+    return relax.const(const.value.numpy().reshape((1,) * max(ndim, 1)), str(const.ty.dtype))
+
+
 class CallRewritePass:
     """Base of a module pass that rewrites single calls with its ``rewrite`` function (a
     :data:`Rewrite`, set as a ``staticmethod``) in every Relax function.
@@ -61,4 +74,4 @@ class CallRewritePass:
         return mod
 
 
-__all__ = ["CallRewritePass", "Rewrite", "rewrite_every_function"]
+__all__ = ["CallRewritePass", "Rewrite", "is_float", "rewrite_every_function", "scalar_as_tensor"]

@@ -30,40 +30,29 @@ import numpy as np
 
 from pbtvm._tvm import relax, tvm
 
-from .rewrite_calls import CallRewritePass
+from .rewrite_calls import CallRewritePass, is_float, scalar_as_tensor
 
 #: The float ops this pass replaces.
 DIVISION_OPS = ("relax.floor_divide", "relax.floor_mod")
 
 
-def _is_float(expr: relax.Expr) -> bool:
-    ty = expr.ty
-    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat"))
-
-
 def _torch_division(call: relax.Call, op: str | None, emit: Callable) -> relax.Expr | None:
     """``call`` computed as torch computes it (module docstring), or None (another op, or not float)."""
-    if op not in DIVISION_OPS or not all(_is_float(a) for a in call.args):
+    if op not in DIVISION_OPS or not all(is_float(a) for a in call.args):
         return None
     dtype, ndim = str(call.ty.dtype), call.ty.ndim
     if any(str(x.ty.dtype) != dtype for x in call.args):
         return None  # TVM's type check refuses mixed dtypes already
-    # a constant scalar operand as a tensor of ones' shape: TVM's simplifier folds ``0 % y`` to 0
-    # (dropping NaN and the zero's sign) and refuses a zero divisor; a 0-d result reshaped back
-    a, b = (_as_tensor(x, ndim) for x in call.args)
-    if dtype in ("float16", "bfloat16"):  # torch computes them in float32 and rounds the result once
+    # a constant scalar operand as a tensor: TVM's simplifier folds ``0 % y`` to 0 (dropping NaN and
+    # the zero's sign) and refuses a zero divisor; a 0-d result reshaped back
+    a, b = (scalar_as_tensor(x, ndim) if isinstance(x, tvm.ir.Constant) and x.ty.ndim == 0 else x for x in call.args)
+    half = dtype in ("float16", "bfloat16")  # torch computes them in float32 and rounds the result once
+    if half:
         a, b = (emit(relax.op.astype(x, "float32")) for x in (a, b))
-    result = _division(a, b, op, "float32" if dtype in ("float16", "bfloat16") else dtype, ndim, emit)
-    if dtype in ("float16", "bfloat16"):
+    result = _division(a, b, op, "float32" if half else dtype, ndim, emit)
+    if half:
         result = relax.op.astype(emit(result), dtype)
     return relax.op.reshape(emit(result), relax.ShapeExpr([])) if ndim == 0 else result
-
-
-def _as_tensor(x: relax.Expr, ndim: int) -> relax.Expr:
-    """A constant scalar ``x`` as a constant of shape ``(1,) * max(ndim, 1)``; anything else as it is."""
-    if isinstance(x, tvm.ir.Constant) and x.ty.ndim == 0:
-        return relax.const(x.value.numpy().reshape((1,) * max(ndim, 1)), str(x.ty.dtype))
-    return x
 
 
 def _division(a: relax.Expr, b: relax.Expr, op: str, dtype: str, ndim: int, emit: Callable) -> relax.Expr:
