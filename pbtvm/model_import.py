@@ -312,7 +312,25 @@ def _import_eval_model(
         raise RuntimeError(f"main takes {len(mod['main'].params)} parameters for {len(specs)} model inputs")
     for i, rows in clip.input_ranges.items():  # checked by the compiled model at every call
         specs[i]["index_range"] = rows
+    _warn_minimums(specs)
     return mod, specs, dynamic
+
+
+def _warn_minimums(specs: list[dict]) -> None:
+    """Warn once per run-time dimension that the compiled model takes only from some size up
+    (``min`` in its input spec, :func:`pbtvm.size_bounds.assumed_minimums`)."""
+    said = set()
+    for i, spec in enumerate(specs):
+        for d, (least, why) in enumerate(zip(spec.get("min") or (), spec.get("min_why") or (), strict=True)):
+            symbol = spec["dims"][d]
+            if least is None or symbol in said:
+                continue
+            said.add(symbol)
+            warnings.warn(
+                f"pbtvm: dimension {d} of input {i} ({spec['name']}) is a run-time size from {least} up, not from 1: "
+                f"{why}; the compiled model refuses smaller sizes",
+                stacklevel=user_stacklevel(),  # the user's compile / tune call
+            )
 
 
 def _holds_sparse(exported: Any) -> bool:

@@ -170,6 +170,12 @@ class CompiledModel:
             raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}{note}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
+        for d, (least, why) in enumerate(zip(spec.get("min") or (), spec.get("min_why") or (), strict=True)):
+            if least is not None and shape[d] < least:
+                raise InputError(
+                    f"input {index} has size {shape[d]} in dimension {d}; the compiled model takes {least} or more "
+                    f"there: {why} (below it, the compiled program is not the model's)"
+                )
 
     def __call__(self, *inputs: Any, bitlayers: int | None = None, **named: Any) -> Any:
         """Run the model.

@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 from .errors import InputError
+from .size_bounds import assumed_minimums
 from .user_frame import user_stacklevel
 
 
@@ -38,9 +39,7 @@ def export_program(model: Any, example_inputs: tuple, dynamic_batch: bool, recur
             with _no_partial_graph_print():
                 if recurrent_dims:
                     with _quiet_size_one_log():
-                        shapes = _free_dims(model, example_inputs)
-                        program = torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, shapes))
-                    return program, True
+                        return _export_free_dims(model, example_inputs), True
                 return _export_dynamic_batch(model, example_inputs), True
         except Exception as err:
             if str(err).startswith("pbtvm.compile:"):  # an unsupported LSTM (recurrent.check_lstm)
@@ -196,20 +195,77 @@ def _quiet_size_one_log():
         torch_log.setLevel(level)
 
 
-def _free_dims(model: Any, example_inputs: tuple) -> tuple:
-    """``dynamic_shapes`` with ``Dim.AUTO`` on every dimension the model leaves free, None elsewhere.
+def _export_free_dims(model: Any, example_inputs: tuple) -> Any:
+    """``torch.export`` with every dimension the model leaves free dynamic down to size 1.
 
     A first export with ``Dim.AUTO`` everywhere tells which dimensions the model fixes (feature
-    sizes); TVM's importer would keep those symbolic too, so the real export marks them static.
+    sizes; TVM's importer would keep those symbolic too, so the real export marks them static) and
+    which free ones are one size (a batch shared by the tokens and an initial state). ``Dim.AUTO``
+    traces as if every free size were at least 2 (torch specialises 0 and 1), so a program whose
+    graph depends on it (``y[:2]`` of a length) is wrong at size 1: the real export declares each
+    free size ``Dim(min=1)``. Where torch refuses that (the model branches on a size being 1), the
+    ``Dim.AUTO`` program is kept: its sizes' lower bounds (2) are in its ``range_constraints``, which
+    :func:`input_specs` records and the compiled model checks.
     """
     import torch
 
     auto = torch.export.Dim.AUTO
     every = tuple({d: auto for d in range(x.ndim)} for x in example_inputs)
     probe = torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, every))
-    return tuple(
-        {d: auto for d, size in enumerate(shape) if _symbolic(size)} or None for shape in _user_input_shapes(probe)
-    )
+    shapes = _user_input_shapes(probe)
+    free = tuple({d: auto for d, size in enumerate(shape) if _symbolic(size)} or None for shape in shapes)
+    named = _dims_from_one(shapes)
+    while named is not None:
+        try:
+            return torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, named))
+        except Exception as err:  # torch refuses size 1 for a dimension: that one as Dim.AUTO
+            named = _without_refused(named, str(err))
+    return torch.export.export(model, example_inputs, dynamic_shapes=by_signature(model, free))
+
+
+def _without_refused(shapes: tuple, error: str) -> tuple | None:
+    """``shapes`` with ``Dim.AUTO`` for the ``Dim`` s torch's ``error`` names (``Constraints
+    violated (n0)!``); None if it names none of them (then every free size is ``Dim.AUTO``)."""
+    import re
+
+    import torch
+
+    refused = set(re.findall(r"\b(n\d+)\b", error.split("\n", 1)[0]))
+    relaxed, changed = [], False
+    for entry in shapes:
+        if entry is None:
+            relaxed.append(None)
+            continue
+        kept = {}
+        for d, dim in entry.items():
+            named = dim is not torch.export.Dim.AUTO and getattr(dim, "__name__", None) in refused
+            kept[d] = torch.export.Dim.AUTO if named else dim
+            changed = changed or named
+        relaxed.append(kept)
+    return tuple(relaxed) if changed else None
+
+
+def _dims_from_one(shapes: list) -> tuple | None:
+    """``dynamic_shapes`` with one ``Dim(min=1)`` per symbol of a probe export's input ``shapes``
+    (dimensions with one symbol share it); None where a size is an expression of symbols (torch
+    relates them: only ``Dim.AUTO`` keeps the relation)."""
+    import torch
+
+    dims: dict[Any, Any] = {}
+    out = []
+    for shape in shapes:
+        entry = {}
+        for d, size in enumerate(shape):
+            if not _symbolic(size):
+                continue
+            expr = size.node.expr
+            if not expr.is_Symbol:
+                return None
+            if expr not in dims:
+                dims[expr] = torch.export.Dim(f"n{len(dims)}", min=1)
+            entry[d] = dims[expr]
+        out.append(entry or None)
+    return tuple(out)
 
 
 def _symbolic(size: Any) -> bool:
@@ -230,8 +286,11 @@ def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -
     Where an input has symbolic dimensions, ``dims`` names each one's symbol (None for static
     ones): dimensions with one symbol must be equal at run time (e.g. the batch of the tokens
     and of an initial state). ``batch_only``: the export kept only the batch (dimension 0)
-    symbolic, and the symbol is named ``"batch"``; else torch's names (``s13``, ...).
+    symbolic, and the symbol is named ``"batch"``; else torch's names (``s13``, ...). Where the
+    program is right only from some size up (:func:`pbtvm.size_bounds.assumed_minimums`), ``min``
+    holds that size per dimension (None elsewhere) and ``min_why`` says why.
     """
+    minimums = assumed_minimums(exported)
     specs = []
     names = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     for name, shape, x in zip(names, _user_input_shapes(exported), example_inputs, strict=True):
@@ -242,6 +301,10 @@ def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -
         }
         if None in spec["shape"]:
             spec["dims"] = [("batch" if batch_only else str(d)) if _symbolic(d) else None for d in shape]
+            bounds = [minimums.get(d.node.expr) if _symbolic(d) else None for d in shape]
+            if any(bounds):
+                spec["min"] = [b and b[0] for b in bounds]
+                spec["min_why"] = [b and b[1] for b in bounds]
         specs.append(spec)
     return specs
 

@@ -1,0 +1,152 @@
+"""Run-time sizes below what torch.export assumed are refused, not run wrong.
+
+torch.export takes a slice ``x[:2]`` of a run-time size as 2 long (its "size-oblivious" rule) and
+an LSTM model's ``Dim.AUTO`` sizes as at least 2; the shapes of the reshapes after them come from
+those assumptions, so at size 1 the compiled model returned 2 rows where torch returns 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import pbtvm
+from pbtvm.errors import InputError
+from pbtvm.size_bounds import _assumed_length
+
+
+def _compiled(model, example, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = pbtvm.compile(model.eval(), (example,), bits=16, act_bits=16, **kw)
+    return compiled, [str(w.message) for w in caught if str(w.message).startswith("pbtvm: dimension")]
+
+
+def _same(compiled, model, x):
+    with torch.no_grad():
+        want = model(x)
+    got = compiled(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+
+
+class _FirstRows(torch.nn.Module):
+    """A layer over the first two rows of a 3-D batch (the layer's reshape takes torch's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x[:2])
+
+
+def test_a_slice_of_the_batch_is_refused_below_its_length(tmp_path):
+    torch.manual_seed(0)
+    model = _FirstRows().eval()
+    compiled, said = _compiled(model, torch.randn(4, 3, 6))
+    assert said == [
+        "pbtvm: dimension 0 of input 0 (x) is a run-time size from 2 up, not from 1: torch.export traced the "
+        "slice [:2] of dimension 0 (2 long) in <model> (_FirstRows) for a length >= 2; the compiled model refuses "
+        "smaller sizes"
+    ]
+    for batch in (2, 5):
+        _same(compiled, model, torch.randn(batch, 3, 6))
+    with pytest.raises(InputError, match=r"input 0 has size 1 in dimension 0; the compiled model takes 2 or more"):
+        compiled(torch.randn(1, 3, 6))  # returned 2 rows (torch: 1)
+    compiled.export(tmp_path / "m.so")
+    loaded = pbtvm.load(tmp_path / "m.so")
+    with pytest.raises(InputError, match="takes 2 or more"):
+        loaded(torch.randn(1, 3, 6))
+    _same(loaded, model, torch.randn(3, 3, 6))
+
+
+class _LstmHead(torch.nn.Module):
+    def __init__(self, keep=None) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(6, 8)
+        self.lin = torch.nn.Linear(8, 4)
+        self.keep = keep
+
+    def forward(self, x):
+        y = self.rnn(x)[0]
+        return self.lin(y if self.keep is None else y[: self.keep])
+
+
+def test_lstm_models_run_from_size_one_unless_a_slice_needs_more():
+    """Every free size was exported ``Dim.AUTO`` (at least 2): now ``Dim(min=1)``, so a model
+    without assumptions records none, and ``lin(y[:2])`` needs a length of 2, not a batch of 2."""
+    torch.manual_seed(0)
+    plain = _LstmHead().eval()
+    compiled, said = _compiled(plain, torch.randn(5, 3, 6))
+    assert said == [] and "min" not in compiled.manifest["inputs"][0]
+    for steps, batch in ((1, 1), (1, 3), (4, 1)):
+        _same(compiled, plain, torch.randn(steps, batch, 6))
+
+    sliced = _LstmHead(keep=2).eval()
+    compiled, said = _compiled(sliced, torch.randn(5, 3, 6))
+    assert len(said) == 1 and "dimension 0 of input 0 (x) is a run-time size from 2 up" in said[0]
+    assert compiled.manifest["inputs"][0]["min"] == [2, None, None]
+    for steps, batch in ((2, 1), (5, 3)):
+        _same(compiled, sliced, torch.randn(steps, batch, 6))
+    with pytest.raises(InputError, match="size 1 in dimension 0; the compiled model takes 2 or more"):
+        compiled(torch.randn(1, 2, 6))
+
+
+class _BranchOnLength(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(6, 8)
+
+    def forward(self, x):
+        y = self.rnn(x)[0]
+        if y.shape[0] > 1:  # torch.export refuses Dim(min=1) for the length: it stays Dim.AUTO (>= 2)
+            y = y[1:] - y[:-1]
+        return y
+
+
+def test_a_size_torch_export_keeps_at_two_is_refused_at_one_and_the_others_stay_free():
+    torch.manual_seed(0)
+    model = _BranchOnLength().eval()
+    compiled, said = _compiled(model, torch.randn(5, 3, 6))
+    assert said == [
+        "pbtvm: dimension 0 of input 0 (x) is a run-time size from 2 up, not from 1: torch.export traced the "
+        "model for sizes >= 2 there; the compiled model refuses smaller sizes"
+    ]
+    for steps, batch in ((2, 1), (3, 4)):
+        _same(compiled, model, torch.randn(steps, batch, 6))
+    with pytest.raises(InputError, match="size 1 in dimension 0"):
+        compiled(torch.randn(1, 1, 6))  # torch: the branch not taken; the program always takes it
+
+
+class _Sliced(torch.nn.Module):
+    def __init__(self, index) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, x):
+        return x[self.index] * 2
+
+
+@pytest.mark.parametrize(
+    ("index", "least"),
+    [
+        (slice(None, 2), 2),
+        (slice(1, 3), 3),
+        (slice(-3, -1), 3),
+        (slice(-2, None), 2),
+        (slice(None, 4, 2), 3),
+        (2, 3),
+        (-2, 2),
+        (slice(None, -1), None),  # follows the length: right at every size
+        (slice(1, None), None),
+        (-1, None),
+    ],
+)
+def test_the_length_each_slice_and_index_assumes(index, least):
+    program = torch.export.export(_Sliced(index), (torch.randn(6, 2),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    found = [_assumed_length(node) for node in program.graph.nodes]
+    lengths = [length for length, _, _ in filter(None, found) if length > 1]
+    assert lengths == ([] if least is None else [least])
