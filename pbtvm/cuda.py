@@ -100,6 +100,10 @@ def nvcc_compile_hook(arch: str) -> Iterator[None]:
             tvm_ffi.register_global_func(name, previous, override=True)
 
 
+#: schedule the ops PB layers leave in full precision (:mod:`pbtvm.schedules.cpu_default`)
+CPU_DEFAULT_SCHEDULE = True
+
+
 def cpu_fusion() -> Any:
     """Operator fusion for CPU builds: TVM's legalize-and-fuse passes, without constant folding.
 
@@ -168,6 +172,10 @@ def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
         if isinstance(mod, tvm.IRModule) and any(isinstance(f, relax.Function) for _, f in mod.functions_items()):
             with target:
                 mod = cpu_fusion()(mod)
+                if CPU_DEFAULT_SCHEDULE:
+                    from .schedules.cpu_default import cpu_default_schedule
+
+                    mod = cpu_default_schedule()(mod)
         return tvm.compile(mod, target=target)
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph else {}
     with nvcc_compile_hook(str(target.export()["arch"])), tvm.transform.PassContext(config=config):

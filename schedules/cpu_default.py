@@ -1,0 +1,149 @@
+"""A default CPU schedule for the ops PB layers leave in full precision.
+
+TVM 0.27's CPU pipeline lowers Relax operators without scheduling them: every loop serial and
+scalar. Around PB layers that is attention's products, softmax, LayerNorm, GELU, residual adds,
+which the scale run measured 4-20x slower than torch's (about 52 of the 63 ms of a GPT-2-sized
+W4 call). :func:`cpu_default_schedule` applies TVM dlight's CPU rules (``GEMV``, ``Reduction``:
+softmax / norms) and, for what they leave, :class:`ParallelVectorized`: spatial loops fused and
+run in parallel when the op is large enough to pay for a parallel region, the innermost spatial
+loop vectorized, and products whose output's last axis is also an operand's (``A @ B``) with that
+axis inside the reduction, so it vectorizes. PB kernels are scheduled already
+(``tirx.is_scheduled``) and are left alone.
+"""
+
+from __future__ import annotations
+
+from pbtvm._tvm import dlight, s_tir, tir, tvm
+
+#: below this many loop iterations (the static extents' product) an op stays serial: a parallel
+#: region costs a few microseconds, more than a small op (an LSTM step's gates at batch 1)
+PARALLEL_MIN_WORK = 16384
+
+#: float32 lanes when LLVM reports no vector width for the target
+FALLBACK_LANES = 8
+
+
+class ParallelVectorized(dlight.ScheduleRule):
+    """Every block after inlining: spatial loops fused and parallel above
+    :data:`PARALLEL_MIN_WORK`, the innermost spatial loop vectorized where its extent is static."""
+
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target, _: bool) -> s_tir.Schedule | None:
+        """The schedule of ``func`` on an ``llvm`` target, None where no block has a spatial loop."""
+        if not isinstance(func, tir.PrimFunc) or target.kind.name != "llvm":
+            return None
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        infos = try_inline(sch, infos)
+        scheduled = False
+        for info in infos:
+            scheduled |= self._schedule_block(sch, info, target)
+        return sch if scheduled else None
+
+    def _schedule_block(self, sch: s_tir.Schedule, info, target) -> bool:
+        block = info.block_rv
+        loops = sch.get_loops(block)
+        kinds = info.dom_kind()
+        if not loops or len(loops) != len(kinds) or "O" in kinds:
+            return False
+        spatial = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "S"]
+        reduction = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "R"]
+        if not spatial:
+            return False
+        extents = [_static_extent(sch, loop) for loop in loops]
+        work = 1
+        for extent in extents:
+            work *= extent or 1
+        lanes = _lanes(target, sch.get(block))
+        inner = spatial[-1]
+        inner_extent = _static_extent(sch, inner)
+        vectorizable = inner_extent is not None and _plain_dtypes(sch.get(block))
+        width = _vector_width(inner_extent, lanes) if vectorizable else 1
+        vector_inner = width >= 2
+        if reduction and not (vector_inner and _inner_axis_streams(sch.get(block), info)):
+            vector_inner = False  # a dot product: the reduction stays innermost, serial
+        outer = spatial[:-1] if vector_inner else spatial
+        if reduction:
+            sch.reorder(*outer, *reduction, *([inner] if vector_inner else []))
+        if vector_inner:
+            if width < inner_extent:
+                _, inner = sch.split(inner, factors=[None, width])
+            sch.vectorize(inner)
+        if outer and work >= PARALLEL_MIN_WORK:
+            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            sch.parallel(fused)
+        if reduction:
+            sch.decompose_reduction(block, reduction[0])
+        return True
+
+
+def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tir.IntImm) else None
+
+
+def _plain_dtypes(block) -> bool:
+    """Whether every buffer the block reads or writes has a dtype LLVM vectors hold directly:
+    TVM 0.27 lowers bfloat16 (and float8 / float4) through integer storage, and its legalization
+    fails on vectors of them ("dtype mismatch on BufferStore ... bfloat16x8")."""
+    return all(
+        str(region.source.dtype).startswith(("float16", "float32", "float64", "int", "uint", "bool"))
+        for region in (*block.reads, *block.writes)
+    )
+
+
+def _vector_width(extent: int, lanes: int) -> int:
+    """The vector width for an inner loop of ``extent``: all of it up to ``lanes``, else the
+    largest divisor of it up to ``lanes`` (no tail loop: 650 runs as 50 vectors of 13), 1 where
+    that is under 4 (a prime extent)."""
+    if extent <= lanes:
+        return extent
+    width = max(d for d in range(1, lanes + 1) if extent % d == 0)
+    return width if width >= 4 else 1
+
+
+def _lanes(target: tvm.target.Target, block) -> int:
+    """Vector lanes of the block's output dtype on ``target``."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    bits = llvm_get_vector_width(target)
+    dtype_bits = block.writes[0].source.dtype.bits if block.writes else 32
+    return max(bits // dtype_bits, 2) if bits > 0 else FALLBACK_LANES
+
+
+def _inner_axis_streams(block, info) -> bool:
+    """Whether the block's innermost spatial iterator is the last index of its output and of
+    every read that uses it (``C[i, j] += A[i, k] * B[k, j]``): with the reduction outside it,
+    the inner loop reads and writes contiguous memory."""
+    var = [it.var for it in info.iters if it.kind == "S"][-1]
+    if not block.writes:
+        return False
+
+    def last_is(region) -> bool:
+        index = region.region[-1].min if region.region else None
+        return isinstance(index, tir.Var) and index.same_as(var)
+
+    if not last_is(block.writes[0]):
+        return False
+    used = [read for read in block.reads if any(_uses(r.min, var) for r in read.region)]
+    return bool(used) and all(last_is(read) for read in used)
+
+
+def _uses(expr, var) -> bool:
+    from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
+
+    return any(used.same_as(var) for used in collect_vars_used_in_prim_expr(expr))
+
+
+def cpu_default_schedule() -> tvm.transform.Pass:
+    """dlight's CPU rules, then :class:`ParallelVectorized`, on every unscheduled PrimFunc."""
+    from tvm.s_tir.dlight import cpu
+
+    return dlight.ApplyDefaultSchedule(cpu.GEMV(), cpu.Reduction(), ParallelVectorized())
+
+
+__all__ = ["PARALLEL_MIN_WORK", "ParallelVectorized", "cpu_default_schedule"]
