@@ -169,6 +169,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for dims, spec in zip(labels, manifest["inputs"], strict=True)
     )
     print(f"  inputs   {shown}")
+    for i, (dims, spec) in enumerate(zip(labels, manifest["inputs"], strict=True)):
+        for d, least in enumerate(spec.get("min") or ()):
+            if least is not None:
+                print(f"  sizes    input {i} dimension {d} ({dims[d]}) from {least} up (smaller ones refused)")
+        for condition in spec.get("conditions", ()):
+            print(f"  sizes    {condition['shown']} (others refused)")
     for layer in converted:
         shape = f"{layer['shape'][0]}x{layer['shape'][1]}"
         print(f"  PB       {layer['name']}  {shape}  {layer.get('codebook', fmt['codebook'])}")

@@ -318,8 +318,16 @@ def _import_eval_model(
 
 def _warn_minimums(specs: list[dict]) -> None:
     """Warn once per run-time dimension that the compiled model takes only from some size up
-    (``min`` in its input spec, :func:`pbtvm.size_bounds.assumed_minimums`)."""
+    (``min`` in its input spec), and once per condition over several sizes (``conditions``;
+    :func:`pbtvm.size_bounds.assumed_conditions`)."""
     said = set()
+    for spec in specs:
+        for condition in spec.get("conditions", ()):
+            warnings.warn(
+                f"pbtvm: the compiled model takes only inputs with {condition['shown']}: {condition['why']}; it "
+                "refuses others",
+                stacklevel=user_stacklevel(),  # the user's compile / tune call
+            )
     for i, spec in enumerate(specs):
         for d, (least, why) in enumerate(zip(spec.get("min") or (), spec.get("min_why") or (), strict=True)):
             symbol = spec["dims"][d]

@@ -14,6 +14,7 @@ from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .errors import InputError, InputTypeError
 from .names import ENV_SKIP_CPU_CHECK, MANIFEST_DECODER
+from .size_bounds import evaluate_terms
 from .target import TargetInfo, missing_cpu_features, skip_cpu_check
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class CompiledModel:
         self._shapes = [tuple(spec["shape"]) for spec in manifest["inputs"]]
         self._labels = dim_labels(manifest["inputs"])
         self._ties = tied_dims(manifest["inputs"])
+        self._conditions = [c for spec in manifest["inputs"] for c in spec.get("conditions", ())]
         self._checked: list[tuple | None] = [None] * len(self._shapes)  # last accepted (kind, dtype, shape)
         self._staging: dict[tuple, Any] = {}  # (input, shape) -> aligned tensor that unaligned inputs are copied into
         structure = manifest.get("output_structure")
@@ -224,6 +226,13 @@ class CompiledModel:
                         f"input {j} has size {inputs[j].shape[e]} in dimension {e} and input {i} has "
                         f"{inputs[i].shape[d]} in dimension {d}: the model needs them equal (one run-time "
                         f"size, {self._labels[i][d]}, in both)"
+                    )
+            for condition in self._conditions:  # relations of run-time sizes torch's program assumed
+                if evaluate_terms(condition["terms"], [x.shape for x in inputs]) < 0:
+                    shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+                    raise InputError(
+                        f"the inputs' shapes {shapes} break {condition['shown']}: {condition['why']} "
+                        "(otherwise, the compiled program is not the model's)"
                     )
             if self.manifest["has_bitlayers"]:
                 args.append(self._bitlayers_arg(layers))

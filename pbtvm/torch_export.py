@@ -17,7 +17,6 @@ import warnings
 from typing import Any
 
 from .errors import InputError
-from .size_bounds import assumed_minimums
 from .user_frame import user_stacklevel
 
 
@@ -286,14 +285,23 @@ def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -
     Where an input has symbolic dimensions, ``dims`` names each one's symbol (None for static
     ones): dimensions with one symbol must be equal at run time (e.g. the batch of the tokens
     and of an initial state). ``batch_only``: the export kept only the batch (dimension 0)
-    symbolic, and the symbol is named ``"batch"``; else torch's names (``s13``, ...). Where the
-    program is right only from some size up (:func:`pbtvm.size_bounds.assumed_minimums`), ``min``
-    holds that size per dimension (None elsewhere) and ``min_why`` says why.
+    symbolic, and the symbol is named ``"batch"``; else torch's names (``s13``, ...).
+
+    Where the program is right only for some sizes (:func:`pbtvm.size_bounds.assumed_conditions`):
+    ``min`` holds the smallest size per dimension (None elsewhere) and ``min_why`` says why; a
+    condition over several sizes is recorded in ``conditions`` of the first input it involves
+    (``terms``: see :func:`pbtvm.size_bounds.polynomial_terms`, ``shown``, ``why``).
     """
-    minimums = assumed_minimums(exported)
-    specs = []
     names = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    for name, shape, x in zip(names, _user_input_shapes(exported), example_inputs, strict=True):
+    shapes = _user_input_shapes(exported)
+    where: dict[Any, tuple[int, int]] = {}
+    for i, shape in enumerate(shapes):
+        for d, size in enumerate(shape):
+            if _symbolic(size) and size.node.expr.is_Symbol:
+                where.setdefault(size.node.expr, (i, d))
+    minimums, conditions = _size_conditions(exported, where, names)
+    specs = []
+    for name, shape, x in zip(names, shapes, example_inputs, strict=True):
         spec = {
             "name": name,  # the forward's parameter name: the compiled model takes the input by it too
             "dtype": str(x.dtype).replace("torch.", ""),
@@ -306,7 +314,44 @@ def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -
                 spec["min"] = [b and b[0] for b in bounds]
                 spec["min_why"] = [b and b[1] for b in bounds]
         specs.append(spec)
+    for first, condition in conditions:
+        specs[first].setdefault("conditions", []).append(condition)
     return specs
+
+
+def _size_conditions(exported: Any, where: dict, names: list[str]) -> tuple[dict, list]:
+    """The program's size conditions (:func:`pbtvm.size_bounds.assumed_conditions`) as input
+    checks: {symbol: (smallest size, why)} for those of one size, [(first input, condition)] for
+    those over several (the others are named in a warning: not checked)."""
+    import sympy
+
+    from .size_bounds import assumed_conditions, polynomial_terms, smallest_value
+
+    minimums: dict[Any, tuple[int, str]] = {}
+    conditions, unchecked = [], []
+    shown = {s: sympy.Symbol(f"{names[i]}.shape[{d}]") for s, (i, d) in where.items()}
+    for expr, why in assumed_conditions(exported, shown):
+        symbols = expr.free_symbols
+        if len(symbols) == 1:
+            (symbol,) = symbols
+            least = smallest_value(expr, symbol)
+            if least is not None and least > minimums.get(symbol, (1, ""))[0]:
+                minimums[symbol] = (least, why)
+            continue
+        terms = polynomial_terms(expr, where)
+        text = f"{expr.subs(shown)} >= 0"
+        if terms is None:
+            unchecked.append(f"{text} ({why})")
+            continue
+        first = min(where[s][0] for s in symbols)
+        conditions.append((first, {"terms": terms, "shown": text, "why": why}))
+    if unchecked:
+        warnings.warn(
+            f"pbtvm: the compiled model is right only where {'; '.join(unchecked)}, which it cannot check at run "
+            "time: keep to those sizes",
+            stacklevel=user_stacklevel(),
+        )
+    return minimums, conditions
 
 
 __all__ = ["export_program", "input_specs"]

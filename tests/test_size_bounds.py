@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import pbtvm
+from pbtvm.cli import main
 from pbtvm.errors import InputError
-from pbtvm.size_bounds import _assumed_length
+from pbtvm.size_bounds import _node_conditions
 
 
 def _compiled(model, example, **kw):
@@ -43,14 +44,13 @@ class _FirstRows(torch.nn.Module):
         return self.lin(x[:2])
 
 
-def test_a_slice_of_the_batch_is_refused_below_its_length(tmp_path):
+def test_a_slice_of_the_batch_is_refused_below_its_length(tmp_path, capsys):
     torch.manual_seed(0)
     model = _FirstRows().eval()
     compiled, said = _compiled(model, torch.randn(4, 3, 6))
     assert said == [
         "pbtvm: dimension 0 of input 0 (x) is a run-time size from 2 up, not from 1: torch.export traced the "
-        "slice [:2] of dimension 0 (2 long) in <model> (_FirstRows) for a length >= 2; the compiled model refuses "
-        "smaller sizes"
+        "slice [:2] of dimension 0 (2 long) in <model> (_FirstRows); the compiled model refuses smaller sizes"
     ]
     for batch in (2, 5):
         _same(compiled, model, torch.randn(batch, 3, 6))
@@ -61,6 +61,8 @@ def test_a_slice_of_the_batch_is_refused_below_its_length(tmp_path):
     with pytest.raises(InputError, match="takes 2 or more"):
         loaded(torch.randn(1, 3, 6))
     _same(loaded, model, torch.randn(3, 3, 6))
+    assert main(["inspect", str(tmp_path / "m.so")]) == 0
+    assert "  sizes    input 0 dimension 0 (batch) from 2 up (smaller ones refused)\n" in capsys.readouterr().out
 
 
 class _LstmHead(torch.nn.Module):
@@ -121,6 +123,96 @@ def test_a_size_torch_export_keeps_at_two_is_refused_at_one_and_the_others_stay_
         compiled(torch.randn(1, 1, 6))  # torch: the branch not taken; the program always takes it
 
 
+class _LastTwo(torch.nn.Module):
+    """The slice's start written with the size: still 2 long in torch's program (a review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x[x.shape[0] - 2 :])
+
+
+class _TopTwo(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x.topk(2, dim=0).values)
+
+
+@pytest.mark.parametrize("model", [_LastTwo, _TopTwo])
+def test_a_slice_from_the_size_and_topk_are_refused_below_their_length(model):
+    """``x[n - 2:]`` returned 2 rows at batch 1 (torch: 1); ``topk(2)`` of a batch of 1 crashed
+    the process (torch raises)."""
+    torch.manual_seed(0)
+    module = model().eval()
+    compiled, said = _compiled(module, torch.randn(4, 3, 6))
+    assert len(said) == 1 and "from 2 up" in said[0]
+    _same(compiled, module, torch.randn(3, 3, 6))
+    with pytest.raises(InputError, match="size 1 in dimension 0; the compiled model takes 2 or more"):
+        compiled(torch.randn(1, 3, 6))
+
+
+class _Picked(torch.nn.Module):
+    """Rows picked by constant indices: torch raises an IndexError where the batch lacks them,
+    the compiled program clipped them (a review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rows", torch.tensor([0, 2]))
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x[[0, 1]] + x.index_select(0, self.rows))
+
+
+def test_constant_indices_are_refused_where_the_batch_lacks_them():
+    torch.manual_seed(0)
+    model = _Picked().eval()
+    compiled, said = _compiled(model, torch.randn(4, 6))
+    assert len(said) == 1 and "from 3 up" in said[0] and "constant indices [0..2] of dimension 0" in said[0]
+    _same(compiled, model, torch.randn(3, 6))
+    with pytest.raises(InputError, match="size 2 in dimension 0; the compiled model takes 3 or more"):
+        compiled(torch.randn(2, 6))
+
+
+class _HeadOfOtherLength(torch.nn.Module):
+    """Slices of an LSTM's output by another run-time size: torch assumes ``B <= T`` (``[:B]``)
+    and ``T * B >= 3`` (``flatten(0, 1)[:3]``), relations a smallest size per dimension cannot hold."""
+
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(6, 8)
+        self.lin = torch.nn.Linear(8, 4)
+        self.flat = flat
+
+    def forward(self, x):
+        y = self.rnn(x)[0]
+        return self.lin(y.flatten(0, 1)[:3].unsqueeze(1) if self.flat else y[: x.shape[1]])
+
+
+@pytest.mark.parametrize(
+    ("flat", "wrong", "right", "shown"),
+    [
+        (False, [(1, 3), (3, 5)], [(3, 3), (5, 2), (1, 1)], r"x\.shape\[0\] - x\.shape\[1\] >= 0"),
+        (True, [(1, 1), (1, 2), (2, 1)], [(3, 1), (1, 3), (2, 2)], r"x\.shape\[0\]\*x\.shape\[1\] - 3 >= 0"),
+    ],
+)
+def test_relations_between_run_time_sizes_are_checked(flat, wrong, right, shown):
+    torch.manual_seed(0)
+    model = _HeadOfOtherLength(flat).eval()
+    compiled, _ = _compiled(model, torch.randn(5, 3, 6))
+    for steps, batch in right:
+        _same(compiled, model, torch.randn(steps, batch, 6))
+    assert compiled.manifest["inputs"][0]["conditions"][0]["shown"] == shown.replace("\\", "")
+    for steps, batch in wrong:  # returned the traced length (torch: shorter)
+        with pytest.raises(InputError, match=rf"shapes \({steps}, {batch}, 6\) break {shown}: torch.export traced"):
+            compiled(torch.randn(steps, batch, 6))
+
+
 class _Sliced(torch.nn.Module):
     def __init__(self, index) -> None:
         super().__init__()
@@ -146,7 +238,10 @@ class _Sliced(torch.nn.Module):
     ],
 )
 def test_the_length_each_slice_and_index_assumes(index, least):
+    from pbtvm.size_bounds import _always_holds, smallest_value
+
     program = torch.export.export(_Sliced(index), (torch.randn(6, 2),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-    found = [_assumed_length(node) for node in program.graph.nodes]
-    lengths = [length for length, _, _ in filter(None, found) if length > 1]
+    found = [expr for node in program.graph.nodes for expr, _ in _node_conditions(node, {})]
+    found = [expr for expr in found if getattr(expr, "free_symbols", None) and not _always_holds(expr)]
+    lengths = [smallest_value(expr, *expr.free_symbols) for expr in found]
     assert lengths == ([] if least is None else [least])
