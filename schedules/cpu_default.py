@@ -3,12 +3,12 @@
 TVM 0.27's CPU pipeline lowers Relax operators without scheduling them: every loop serial and
 scalar. Around PB layers that is attention's products, softmax, LayerNorm, GELU, residual adds,
 which the scale run measured 4-20x slower than torch's (about 52 of the 63 ms of a GPT-2-sized
-W4 call). :func:`cpu_default_schedule` applies TVM dlight's CPU rules (``GEMV``, ``Reduction``:
-softmax / norms) and, for what they leave, :class:`ParallelVectorized`: spatial loops fused and
-run in parallel when the op is large enough to pay for a parallel region, the innermost spatial
-loop vectorized, and products whose output's last axis is also an operand's (``A @ B``) with that
-axis inside the reduction, so it vectorizes. PB kernels are scheduled already
-(``tirx.is_scheduled``) and are left alone.
+W4 call). :func:`cpu_default_schedule` applies TVM dlight's CPU ``Reduction`` rule (softmax /
+norms, :class:`RowReduction`) and, for what it leaves, :class:`ParallelVectorized`: spatial loops
+fused and run in parallel when the op is large enough to pay for a parallel region, the innermost
+spatial loop vectorized (not around libm calls), and products whose output's last axis is also
+an operand's (``A @ B``) with that axis inside the reduction, so it vectorizes. PB kernels are
+scheduled already (``tirx.is_scheduled``) and are left alone.
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ class ParallelVectorized(dlight.ScheduleRule):
         if not isinstance(func, tir.PrimFunc) or target.kind.name != "llvm":
             return None
         from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline
 
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos:
             return None
-        infos = try_inline(sch, infos)
+        # no inlining: a padding inlined into a convolution costs a bounds test per multiply-add
         scheduled = False
         for info in infos:
             scheduled |= self._schedule_block(sch, info, target)
@@ -61,11 +60,11 @@ class ParallelVectorized(dlight.ScheduleRule):
         lanes = _lanes(target, sch.get(block))
         inner = spatial[-1]
         inner_extent = _static_extent(sch, inner)
-        vectorizable = inner_extent is not None and _plain_dtypes(sch.get(block))
+        vectorizable = inner_extent is not None and _plain_dtypes(sch.get(block)) and not _calls_math(sch.get(block))
         width = _vector_width(inner_extent, lanes) if vectorizable else 1
         vector_inner = width >= 2
         if reduction and not (vector_inner and _inner_axis_streams(sch.get(block), info)):
-            vector_inner = False  # a dot product: the reduction stays innermost, serial
+            return False  # a dot product or a convolution: as TVM lowers it (measured faster than parallel)
         outer = spatial[:-1] if vector_inner else spatial
         if reduction:
             sch.reorder(*outer, *reduction, *([inner] if vector_inner else []))
@@ -86,23 +85,49 @@ def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
     return int(extent) if isinstance(extent, tir.IntImm) else None
 
 
+#: math functions LLVM's vectorizer calls once per lane (libm): a vector loop of them is slower
+#: than the scalar one (exp 1.4x, tanh 1.5x on [8, 64, 256], a review)
+_SCALAR_MATH = frozenset(
+    f"tirx.{name}"
+    for name in (
+        "exp", "exp2", "exp10", "expm1", "log", "log2", "log10", "log1p", "tanh", "sigmoid", "erf", "pow",
+        "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "fmod",
+    )
+)  # fmt: skip
+
+
+def _calls_math(block) -> bool:
+    """Whether the block's body calls a function of :data:`_SCALAR_MATH`."""
+    import tvm_ffi
+
+    found = False
+
+    def visit(call) -> None:
+        nonlocal found
+        found = found or getattr(call.op, "name", None) in _SCALAR_MATH
+
+    tvm_ffi.structural_walk(block.body, [(tvm.ir.Call, visit)], order="post")
+    return found
+
+
 def _plain_dtypes(block) -> bool:
     """Whether every buffer the block reads or writes has a dtype LLVM vectors hold directly:
     TVM 0.27 lowers bfloat16 (and float8 / float4) through integer storage, and its legalization
-    fails on vectors of them ("dtype mismatch on BufferStore ... bfloat16x8")."""
+    fails on vectors of them ("dtype mismatch on BufferStore ... bfloat16x8"); vectors of bool
+    compute wrong values (``~mask`` of a causal mask: attention came out 6.7 off)."""
     return all(
-        str(region.source.dtype).startswith(("float16", "float32", "float64", "int", "uint", "bool"))
+        str(region.source.dtype).startswith(("float16", "float32", "float64", "int", "uint"))
         for region in (*block.reads, *block.writes)
     )
 
 
 def _vector_width(extent: int, lanes: int) -> int:
-    """The vector width for an inner loop of ``extent``: all of it up to ``lanes``, else the
-    largest divisor of it up to ``lanes`` (no tail loop: 650 runs as 50 vectors of 13), 1 where
-    that is under 4 (a prime extent)."""
-    if extent <= lanes:
-        return extent
-    width = max(d for d in range(1, lanes + 1) if extent % d == 0)
+    """The vector width for an inner loop of ``extent``: the largest power of two up to ``lanes``
+    that divides it (no tail loop), 1 where that is under 4. (TVM 0.27's LLVM codegen fails
+    verification on some vectors of other widths: a 12-lane add of int64-indexed buffers.)"""
+    width = 1
+    while width * 2 <= lanes and extent % (width * 2) == 0:
+        width *= 2
     return width if width >= 4 else 1
 
 
@@ -139,11 +164,41 @@ def _uses(expr, var) -> bool:
     return any(used.same_as(var) for used in collect_vars_used_in_prim_expr(expr))
 
 
+class RowReduction(dlight.ScheduleRule):
+    """dlight's CPU ``Reduction`` rule (softmax, norms: rows reduced, then normalised) where it
+    fits: enough work for a parallel region (it parallelizes every op it takes), and every block
+    over the same rows (it computes each block at the row loop: a convolution's padding, wider
+    than its output, would be recomputed per output element)."""
+
+    def __init__(self) -> None:
+        from tvm.s_tir.dlight import cpu
+
+        self.rule = cpu.Reduction()
+
+    def apply(self, func: tir.PrimFunc, target: tvm.target.Target, tunable: bool) -> s_tir.Schedule | None:
+        """dlight's ``Reduction`` schedule of ``func``, None where it does not fit (above)."""
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        if not isinstance(func, tir.PrimFunc) or target.kind.name != "llvm":
+            return None
+        infos = normalize_prim_func(s_tir.Schedule(func))
+        if not infos or len(infos) < 2:
+            return None
+        rows = [str(it.dom) for it in infos[-1].iters if it.kind == "S"]
+        for info in infos:
+            kinds = info.dom_kind()
+            leading = len(kinds) - len(kinds.lstrip("S"))
+            if leading == 0 or [str(it.dom) for it in info.iters[:leading]] != rows[:leading]:
+                return None
+        work = 1
+        for it in infos[-1].iters:
+            work *= it.dom if isinstance(it.dom, int) else 1
+        return self.rule.apply(func, target, tunable) if work >= PARALLEL_MIN_WORK else None
+
+
 def cpu_default_schedule() -> tvm.transform.Pass:
-    """dlight's CPU rules, then :class:`ParallelVectorized`, on every unscheduled PrimFunc."""
-    from tvm.s_tir.dlight import cpu
-
-    return dlight.ApplyDefaultSchedule(cpu.GEMV(), cpu.Reduction(), ParallelVectorized())
+    """:class:`RowReduction`, then :class:`ParallelVectorized`, on every unscheduled PrimFunc."""
+    return dlight.ApplyDefaultSchedule(RowReduction(), ParallelVectorized())
 
 
-__all__ = ["PARALLEL_MIN_WORK", "ParallelVectorized", "cpu_default_schedule"]
+__all__ = ["PARALLEL_MIN_WORK", "ParallelVectorized", "RowReduction", "cpu_default_schedule"]
