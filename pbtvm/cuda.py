@@ -172,10 +172,11 @@ def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
         if isinstance(mod, tvm.IRModule) and any(isinstance(f, relax.Function) for _, f in mod.functions_items()):
             with target:
                 mod = cpu_fusion()(mod)
-                if CPU_DEFAULT_SCHEDULE:
-                    from .schedules.cpu_default import cpu_default_schedule
+                from .schedules.cpu_default import cpu_default_schedule, serial_indirect_accumulation
 
+                if CPU_DEFAULT_SCHEDULE:
                     mod = cpu_default_schedule()(mod)
+                mod = serial_indirect_accumulation()(mod)
         return tvm.compile(mod, target=target)
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph else {}
     with nvcc_compile_hook(str(target.export()["arch"])), tvm.transform.PassContext(config=config):
