@@ -329,7 +329,8 @@ def _warn_minimums(specs: list[dict]) -> None:
                 stacklevel=user_stacklevel(),  # the user's compile / tune call
             )
     for i, spec in enumerate(specs):
-        for d, (least, why) in enumerate(zip(spec.get("min") or (), spec.get("min_why") or (), strict=True)):
+        least_sizes = spec.get("min") or ()
+        for d, (least, why) in enumerate(zip(least_sizes, spec.get("min_why") or [""] * len(least_sizes), strict=True)):
             symbol = spec["dims"][d]
             if least is None or symbol in said:
                 continue

@@ -172,7 +172,8 @@ class CompiledModel:
             raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}{note}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
-        for d, (least, why) in enumerate(zip(spec.get("min") or (), spec.get("min_why") or (), strict=True)):
+        least_sizes = spec.get("min") or ()
+        for d, (least, why) in enumerate(zip(least_sizes, spec.get("min_why") or [""] * len(least_sizes), strict=True)):
             if least is not None and shape[d] < least:
                 raise InputError(
                     f"input {index} has size {shape[d]} in dimension {d}; the compiled model takes {least} or more "

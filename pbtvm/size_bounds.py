@@ -21,7 +21,7 @@ _SEARCH = 1024
 
 #: the sizes a condition over several symbols is tried at before it is kept (never broken there:
 #: it holds for every size, e.g. the length of ``y[::2]``)
-_GRID = (1, 2, 3, 4, 5, 7, 8, 16, 33)
+_GRID = (1, 2, 3, 4, 5, 7, 8, 16, 33, 1000, 10**6)
 
 
 def assumed_conditions(exported: Any, names: dict | None = None) -> list[tuple[Any, str]]:
@@ -53,10 +53,15 @@ def assumed_conditions(exported: Any, names: dict | None = None) -> list[tuple[A
             if getattr(expr, "free_symbols", None) and not _always_holds(expr):
                 found.append((expr, f"torch.export traced {what} in {module_name(node)}"))
     for symbol, bounds in exported.range_constraints.items():
-        low = _int(bounds.lower)
+        low, high = _int(bounds.lower), _int(bounds.upper)
         if getattr(symbol, "is_Symbol", False) and low is not None and low > 1:
             found.append((symbol - low, f"torch.export traced the model for sizes >= {low} there"))
-    return found
+        if getattr(symbol, "is_Symbol", False) and high is not None and high < 2**62:
+            found.append((high - symbol, f"torch.export traced the model for sizes <= {high} there"))
+    unique = {}
+    for expr, why in found:  # one op used twice, or a bound torch derived from one: said once
+        unique.setdefault(str(expr), (expr, why))
+    return list(unique.values())
 
 
 def _node_conditions(node: Any, names: dict) -> list[tuple[Any, str]]:
@@ -96,8 +101,8 @@ def _node_conditions(node: Any, names: dict) -> list[tuple[Any, str]]:
         return []  # a run-time step, or an empty slice: nothing read
     if isinstance(end, int) and end >= 2**62:
         end = None  # x[a:] (torch writes the end as the largest int64)
-    start = size + start if isinstance(start, int) and start < 0 else start
-    end = size + end if isinstance(end, int) and end < 0 else end
+    start = size + start if _negative(start) else start
+    end = size + end if end is not None and _negative(end) else end
     bounds = f"{_text(start, names, 0)}:{'' if end is None else _text(end, names)}{'' if step == 1 else f':{step}'}"
     shown = f"the slice [{bounds}] of dimension {dim} ({_text(length, names)} long)"
     if _same(length, size):  # taken whole: right where the bounds cover the dimension
@@ -110,7 +115,7 @@ def _node_conditions(node: Any, names: dict) -> list[tuple[Any, str]]:
 def _index_conditions(node: Any, exported: Any) -> list[tuple[Any, str]]:
     """``x[[0, 1]]`` / ``index_select`` of a symbolic dimension by constant indices: valid where
     the dimension holds the largest (and the most negative) of them; eager torch raises below,
-    the compiled program would clip them."""
+    the compiled program would clip them. (A constant ``gather`` index is not checked: clipped.)"""
     import torch
 
     aten = torch.ops.aten
@@ -120,7 +125,11 @@ def _index_conditions(node: Any, exported: Any) -> list[tuple[Any, str]]:
     if not isinstance(value, torch.Tensor):
         return []
     if node.target is aten.index.Tensor:
-        by_dim = enumerate(node.args[1])
+        by_dim, dim = [], 0
+        for index in node.args[1]:  # a boolean mask spans as many dimensions as it has
+            mask = index is not None and getattr(index.meta.get("val"), "dtype", None) in (torch.bool, torch.uint8)
+            by_dim.append((dim, None if mask else index))
+            dim += index.meta["val"].ndim if mask else 1
     else:
         by_dim = [(node.args[1] + value.ndim if node.args[1] < 0 else node.args[1], node.args[2])]
     conditions = []
@@ -164,6 +173,14 @@ def _expr(value: Any) -> Any:
     return value
 
 
+def _negative(value: Any) -> bool:
+    """Whether a slice bound counts from the end: a negative int, or an expression negative at
+    every size tried (``-x.shape[1]``)."""
+    if isinstance(value, int):
+        return value < 0
+    return bool(getattr(value, "free_symbols", None)) and _always_holds(-value - 1)
+
+
 def _same(a: Any, b: Any) -> bool:
     try:
         return bool(a - b == 0)
@@ -193,13 +210,14 @@ def _always_holds(expr: Any) -> bool:
 
 def smallest_value(expr: Any, symbol: Any) -> int | None:
     """The smallest value >= 1 of ``symbol`` from which ``expr >= 0`` holds (``expr`` grows with
-    it), None if that is 1, or if the search finds none."""
+    it: a length), None if the search finds none (then it is no lower bound: an upper one, or a
+    condition that holds nowhere)."""
     for value in range(1, _SEARCH):
         at = _int(expr.subs(symbol, value))
         if at is None:
             return None
         if at >= 0:
-            return value if value > 1 else None
+            return value if all((_int(expr.subs(symbol, v)) or 0) >= 0 for v in _GRID if v > value) else None
     return None
 
 
@@ -239,7 +257,7 @@ def evaluate_terms(terms: list, shapes: list) -> int:
 def _int(value: Any) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):  # infinite, or not a number
+    except (TypeError, ValueError, AttributeError, OverflowError):  # infinite (torch.int_oo), or not a number
         return None
 
 

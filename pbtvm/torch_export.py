@@ -321,8 +321,9 @@ def input_specs(exported: Any, example_inputs: tuple, batch_only: bool = True) -
 
 def _size_conditions(exported: Any, where: dict, names: list[str]) -> tuple[dict, list]:
     """The program's size conditions (:func:`pbtvm.size_bounds.assumed_conditions`) as input
-    checks: {symbol: (smallest size, why)} for those of one size, [(first input, condition)] for
-    those over several (the others are named in a warning: not checked)."""
+    checks: {symbol: (smallest size, why)} for lower bounds of one size, [(first input,
+    condition)] for polynomials over input sizes (several sizes, upper bounds); the others are
+    named in a warning (not checked)."""
     import sympy
 
     from .size_bounds import assumed_conditions, polynomial_terms, smallest_value
@@ -332,12 +333,13 @@ def _size_conditions(exported: Any, where: dict, names: list[str]) -> tuple[dict
     shown = {s: sympy.Symbol(f"{names[i]}.shape[{d}]") for s, (i, d) in where.items()}
     for expr, why in assumed_conditions(exported, shown):
         symbols = expr.free_symbols
-        if len(symbols) == 1:
+        if len(symbols) == 1 and next(iter(symbols)) in where:
             (symbol,) = symbols
             least = smallest_value(expr, symbol)
-            if least is not None and least > minimums.get(symbol, (1, ""))[0]:
-                minimums[symbol] = (least, why)
-            continue
+            if least is not None:  # a lower bound: the smallest size, per dimension
+                if least > minimums.get(symbol, (1, ""))[0]:
+                    minimums[symbol] = (least, why)
+                continue
         terms = polynomial_terms(expr, where)
         text = f"{expr.subs(shown)} >= 0"
         if terms is None:

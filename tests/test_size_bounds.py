@@ -213,6 +213,34 @@ def test_relations_between_run_time_sizes_are_checked(flat, wrong, right, shown)
             compiled(torch.randn(steps, batch, 6))
 
 
+class _LastOfOtherLength(torch.nn.Module):
+    """``y[-B:]`` of an LSTM's output: a start negative at every size, counted from the end (a
+    review: no condition was recorded, and (T, B) = (5, 6) returned 6 rows of 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(6, 8)
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.rnn(x)[0]
+        return self.lin(y[-y.shape[1] :] + y[-y.shape[1] :])  # twice: one condition, said once
+
+
+def test_a_start_counted_from_the_end_by_another_size_is_checked():
+    torch.manual_seed(0)
+    model = _LastOfOtherLength().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = pbtvm.compile(model, (torch.randn(5, 3, 6),), bits=16, act_bits=16)
+    said = [str(w.message) for w in caught if "x.shape[0] - x.shape[1] >= 0" in str(w.message)]
+    assert len(said) == 1 and len(compiled.manifest["inputs"][0]["conditions"]) == 1
+    for steps, batch in ((5, 3), (2, 1), (4, 4)):
+        _same(compiled, model, torch.randn(steps, batch, 6))
+    with pytest.raises(InputError, match=r"shapes \(5, 6, 6\) break x\.shape\[0\] - x\.shape\[1\] >= 0"):
+        compiled(torch.randn(5, 6, 6))
+
+
 class _Sliced(torch.nn.Module):
     def __init__(self, index) -> None:
         super().__init__()
