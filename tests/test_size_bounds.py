@@ -65,29 +65,30 @@ def test_a_slice_of_the_batch_is_refused_below_its_length(tmp_path, capsys):
     assert "  sizes    input 0 dimension 0 (batch) from 2 up (smaller ones refused)\n" in capsys.readouterr().out
 
 
-class _LstmHead(torch.nn.Module):
-    def __init__(self, keep=None) -> None:
+class _LstmThen(torch.nn.Module):
+    """An LSTM, then ``after(y)`` of its output ``y``, then a layer."""
+
+    def __init__(self, after=lambda y: y) -> None:
         super().__init__()
         self.rnn = torch.nn.LSTM(6, 8)
         self.lin = torch.nn.Linear(8, 4)
-        self.keep = keep
+        self.after = after
 
     def forward(self, x):
-        y = self.rnn(x)[0]
-        return self.lin(y if self.keep is None else y[: self.keep])
+        return self.lin(self.after(self.rnn(x)[0]))
 
 
 def test_lstm_models_run_from_size_one_unless_a_slice_needs_more():
     """Every free size was exported ``Dim.AUTO`` (at least 2): now ``Dim(min=1)``, so a model
     without assumptions records none, and ``lin(y[:2])`` needs a length of 2, not a batch of 2."""
     torch.manual_seed(0)
-    plain = _LstmHead().eval()
+    plain = _LstmThen().eval()
     compiled, said = _compiled(plain, torch.randn(5, 3, 6))
     assert said == [] and "min" not in compiled.manifest["inputs"][0]
     for steps, batch in ((1, 1), (1, 3), (4, 1)):
         _same(compiled, plain, torch.randn(steps, batch, 6))
 
-    sliced = _LstmHead(keep=2).eval()
+    sliced = _LstmThen(lambda y: y[:2]).eval()
     compiled, said = _compiled(sliced, torch.randn(5, 3, 6))
     assert len(said) == 1 and "dimension 0 of input 0 (x) is a run-time size from 2 up" in said[0]
     assert compiled.manifest["inputs"][0]["min"] == [2, None, None]
@@ -179,21 +180,6 @@ def test_constant_indices_are_refused_where_the_batch_lacks_them():
         compiled(torch.randn(2, 6))
 
 
-class _HeadOfOtherLength(torch.nn.Module):
-    """Slices of an LSTM's output by another run-time size: torch assumes ``B <= T`` (``[:B]``)
-    and ``T * B >= 3`` (``flatten(0, 1)[:3]``), relations a smallest size per dimension cannot hold."""
-
-    def __init__(self, flat: bool) -> None:
-        super().__init__()
-        self.rnn = torch.nn.LSTM(6, 8)
-        self.lin = torch.nn.Linear(8, 4)
-        self.flat = flat
-
-    def forward(self, x):
-        y = self.rnn(x)[0]
-        return self.lin(y.flatten(0, 1)[:3].unsqueeze(1) if self.flat else y[: x.shape[1]])
-
-
 @pytest.mark.parametrize(
     ("flat", "wrong", "right", "shown"),
     [
@@ -202,8 +188,11 @@ class _HeadOfOtherLength(torch.nn.Module):
     ],
 )
 def test_relations_between_run_time_sizes_are_checked(flat, wrong, right, shown):
+    """Slices of an LSTM's output by another run-time size: torch assumes ``B <= T`` (``[:B]``)
+    and ``T * B >= 3`` (``flatten(0, 1)[:3]``), relations a smallest size per dimension cannot hold."""
     torch.manual_seed(0)
-    model = _HeadOfOtherLength(flat).eval()
+    after = (lambda y: y.flatten(0, 1)[:3].unsqueeze(1)) if flat else (lambda y: y[: y.shape[1]])
+    model = _LstmThen(after).eval()
     compiled, _ = _compiled(model, torch.randn(5, 3, 6))
     for steps, batch in right:
         _same(compiled, model, torch.randn(steps, batch, 6))
@@ -213,23 +202,12 @@ def test_relations_between_run_time_sizes_are_checked(flat, wrong, right, shown)
             compiled(torch.randn(steps, batch, 6))
 
 
-class _LastOfOtherLength(torch.nn.Module):
-    """``y[-B:]`` of an LSTM's output: a start negative at every size, counted from the end (a
-    review: no condition was recorded, and (T, B) = (5, 6) returned 6 rows of 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = torch.nn.LSTM(6, 8)
-        self.lin = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = self.rnn(x)[0]
-        return self.lin(y[-y.shape[1] :] + y[-y.shape[1] :])  # twice: one condition, said once
-
-
 def test_a_start_counted_from_the_end_by_another_size_is_checked():
+    """``y[-B:]`` of an LSTM's output: a start negative at every size, counted from the end (a
+    review: no condition was recorded, and (T, B) = (5, 6) returned 6 rows of 5). Written twice:
+    one condition, said once."""
     torch.manual_seed(0)
-    model = _LastOfOtherLength().eval()
+    model = _LstmThen(lambda y: y[-y.shape[1] :] + y[-y.shape[1] :]).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = pbtvm.compile(model, (torch.randn(5, 3, 6),), bits=16, act_bits=16)
