@@ -24,8 +24,9 @@ FALLBACK_LANES = 8
 
 
 class ParallelVectorized(dlight.ScheduleRule):
-    """Every block after inlining: spatial loops fused and parallel above
-    :data:`PARALLEL_MIN_WORK`, the innermost spatial loop vectorized where its extent is static."""
+    """Every block as it is (nothing inlined): spatial loops fused and parallel above
+    :data:`PARALLEL_MIN_WORK`, the innermost spatial loop vectorized where its extent is static and
+    the block holds plain dtypes and no libm call; reductions only in the ``A @ B`` form."""
 
     def apply(self, func: tir.PrimFunc, target: tvm.target.Target, _: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` on an ``llvm`` target, None where no block has a spatial loop."""
@@ -64,7 +65,7 @@ class ParallelVectorized(dlight.ScheduleRule):
         width = _vector_width(inner_extent, lanes) if vectorizable else 1
         vector_inner = width >= 2
         if reduction and not (vector_inner and _inner_axis_streams(sch.get(block), info)):
-            return False  # a dot product or a convolution: as TVM lowers it (measured faster than parallel)
+            return False  # a dot product or a convolution: as TVM lowers it (a review measured convs slower)
         outer = spatial[:-1] if vector_inner else spatial
         if reduction:
             sch.reorder(*outer, *reduction, *([inner] if vector_inner else []))
