@@ -52,7 +52,10 @@ def assumed_conditions(exported: Any, names: dict | None = None) -> list[tuple[A
         for expr, what in listed:
             if getattr(expr, "free_symbols", None) and not _always_holds(expr):
                 found.append((expr, f"torch.export traced {what} in {module_name(node)}"))
+    inputs = _input_symbols(exported)
     for symbol, bounds in exported.range_constraints.items():
+        if symbol not in inputs:  # run_decompositions leaves its own tracing's symbols there
+            continue
         low, high = _int(bounds.lower), _int(bounds.upper)
         if getattr(symbol, "is_Symbol", False) and low is not None and low > 1:
             found.append((symbol - low, f"torch.export traced the model for sizes >= {low} there"))
@@ -62,6 +65,18 @@ def assumed_conditions(exported: Any, names: dict | None = None) -> list[tuple[A
     for expr, why in found:  # one op used twice, or a bound torch derived from one: said once
         unique.setdefault(str(expr), (expr, why))
     return list(unique.values())
+
+
+def _input_symbols(exported: Any) -> set:
+    """The size symbols of the program's inputs' shapes."""
+    import torch
+
+    found = set()
+    for node in exported.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        for size in value.shape if isinstance(value, torch.Tensor) else ():
+            found |= getattr(_expr(size), "free_symbols", set())
+    return found
 
 
 def _node_conditions(node: Any, names: dict) -> list[tuple[Any, str]]:

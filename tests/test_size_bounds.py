@@ -251,3 +251,15 @@ def test_the_length_each_slice_and_index_assumes(index, least):
     found = [expr for expr in found if getattr(expr, "free_symbols", None) and not _always_holds(expr)]
     lengths = [smallest_value(expr, *expr.free_symbols) for expr in found]
     assert lengths == ([] if least is None else [least])
+
+
+def test_ordinary_models_say_nothing_about_sizes():
+    """``run_decompositions`` leaves symbols of its own tracing in ``range_constraints`` (sizes
+    >= 2 no input has): they were warned as unchecked conditions on every plain MLP."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5)).eval()
+    for model, example in ((mlp, torch.randn(2, 40)), (_LstmThen(), torch.randn(5, 3, 6))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = pbtvm.compile(model.eval(), (example,), bits=8)
+        assert not [w for w in caught if "size" in str(w.message) or "right only where" in str(w.message)]
+        assert not {"min", "conditions"} & set(compiled.manifest["inputs"][0])
