@@ -19,6 +19,7 @@ from typing import Any
 
 from .cli_args import CLIError, bits_list, load_model, parse_target
 from .names import MANIFEST_DECODER
+from .size_bounds import size_minimums
 
 #: Exit status for a user error (bad argument, model or file).
 USAGE_ERROR = 2
@@ -170,9 +171,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     print(f"  inputs   {shown}")
     for i, (dims, spec) in enumerate(zip(labels, manifest["inputs"], strict=True)):
-        for d, least in enumerate(spec.get("min") or ()):
-            if least is not None:
-                print(f"  sizes    input {i} dimension {d} ({dims[d]}) from {least} up (smaller ones refused)")
+        for d, least, _ in size_minimums(spec):
+            print(f"  sizes    input {i} dimension {d} ({dims[d]}) from {least} up (smaller ones refused)")
         for condition in spec.get("conditions", ()):
             print(f"  sizes    {condition['shown']} (others refused)")
     for layer in converted:

@@ -28,6 +28,7 @@ from .relay_passes import (
     ThroughFloat32,
     TorchFloatDivision,
 )
+from .size_bounds import size_minimums
 from .torch_export import export_program, input_specs
 from .torch_import import converters, module_name
 from .user_frame import user_stacklevel
@@ -329,10 +330,9 @@ def _warn_minimums(specs: list[dict]) -> None:
                 stacklevel=user_stacklevel(),  # the user's compile / tune call
             )
     for i, spec in enumerate(specs):
-        least_sizes = spec.get("min") or ()
-        for d, (least, why) in enumerate(zip(least_sizes, spec.get("min_why") or [""] * len(least_sizes), strict=True)):
+        for d, least, why in size_minimums(spec):
             symbol = spec["dims"][d]
-            if least is None or symbol in said:
+            if symbol in said:
                 continue
             said.add(symbol)
             warnings.warn(

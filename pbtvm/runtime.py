@@ -14,7 +14,7 @@ from ._tvm import TVM_VERSION, relax, tvm
 from .bitplane import FORMAT_VERSION, BitplaneFormat
 from .errors import InputError, InputTypeError
 from .names import ENV_SKIP_CPU_CHECK, MANIFEST_DECODER
-from .size_bounds import evaluate_terms
+from .size_bounds import evaluate_terms, size_minimums
 from .target import TargetInfo, missing_cpu_features, skip_cpu_check
 
 logger = logging.getLogger(__name__)
@@ -172,9 +172,8 @@ class CompiledModel:
             raise InputError(f"input {index} has shape {tuple(shape)}, the model expects {shown}{note}")
         if any(s == 0 for s in shape):
             raise InputError(f"input {index} has an empty dimension: {tuple(shape)}")
-        least_sizes = spec.get("min") or ()
-        for d, (least, why) in enumerate(zip(least_sizes, spec.get("min_why") or [""] * len(least_sizes), strict=True)):
-            if least is not None and shape[d] < least:
+        for d, least, why in size_minimums(spec):
+            if shape[d] < least:
                 raise InputError(
                     f"input {index} has size {shape[d]} in dimension {d}; the compiled model takes {least} or more "
                     f"there: {why} (below it, the compiled program is not the model's)"

@@ -269,6 +269,13 @@ def evaluate_terms(terms: list, shapes: list) -> int:
     return total
 
 
+def size_minimums(spec: dict) -> list[tuple[int, int, str]]:
+    """(dimension, smallest size, why) of an input spec's ``min`` (``min_why`` may be missing)."""
+    least_sizes = spec.get("min") or ()
+    whys = spec.get("min_why") or [""] * len(least_sizes)
+    return [(d, least, why) for d, (least, why) in enumerate(zip(least_sizes, whys, strict=True)) if least is not None]
+
+
 def _int(value: Any) -> int | None:
     try:
         return int(value)
@@ -276,4 +283,4 @@ def _int(value: Any) -> int | None:
         return None
 
 
-__all__ = ["assumed_conditions", "evaluate_terms", "polynomial_terms", "smallest_value"]
+__all__ = ["assumed_conditions", "evaluate_terms", "polynomial_terms", "size_minimums", "smallest_value"]

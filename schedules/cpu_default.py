@@ -54,10 +54,7 @@ class ParallelVectorized(dlight.ScheduleRule):
         reduction = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "R"]
         if not spatial:
             return False
-        extents = [_static_extent(sch, loop) for loop in loops]
-        work = 1
-        for extent in extents:
-            work *= extent or 1
+        work = _static_work(_static_extent(sch, loop) for loop in loops)
         lanes = _lanes(target, sch.get(block))
         inner = spatial[-1]
         inner_extent = _static_extent(sch, inner)
@@ -79,6 +76,14 @@ class ParallelVectorized(dlight.ScheduleRule):
         if reduction:
             sch.decompose_reduction(block, reduction[0])
         return True
+
+
+def _static_work(extents) -> int:
+    """The product of the static loop extents (a run-time one, None, counts as 1)."""
+    work = 1
+    for extent in extents:
+        work *= extent or 1
+    return work
 
 
 def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -191,18 +196,13 @@ class RowReduction(dlight.ScheduleRule):
             leading = len(kinds) - len(kinds.lstrip("S"))
             if leading == 0 or [str(it.dom) for it in info.iters[:leading]] != rows[:leading]:
                 return None
-        work = 1
-        for it in infos[-1].iters:
-            work *= it.dom if isinstance(it.dom, int) else 1
+        work = _static_work(it.dom if isinstance(it.dom, int) else None for it in infos[-1].iters)
         return self.rule.apply(func, target, tunable) if work >= PARALLEL_MIN_WORK else None
 
 
 def cpu_default_schedule() -> tvm.transform.Pass:
     """:class:`RowReduction`, then :class:`ParallelVectorized`, on every unscheduled PrimFunc."""
     return dlight.ApplyDefaultSchedule(RowReduction(), ParallelVectorized())
-
-
-__all__ = ["PARALLEL_MIN_WORK", "ParallelVectorized", "RowReduction", "cpu_default_schedule"]
 
 
 def serial_indirect_accumulation() -> tvm.transform.Pass:
@@ -229,13 +229,10 @@ def serial_indirect_accumulation() -> tvm.transform.Pass:
 
     def serial(loop, mutator):
         body = mutator.mutate(loop.body)
-        if loop.kind == tir.ForKind.PARALLEL and racy(loop):
-            return tir.For(
-                loop.loop_var, loop.min, loop.extent, tir.ForKind.SERIAL, body, None, loop.annotations, step=loop.step
-            )
-        if body.same_as(loop.body):
+        made_serial = loop.kind == tir.ForKind.PARALLEL and racy(loop)
+        if not made_serial and body.same_as(loop.body):
             return loop
-        kind, binding = loop.kind, loop.thread_binding
+        kind, binding = (tir.ForKind.SERIAL, None) if made_serial else (loop.kind, loop.thread_binding)
         return tir.For(loop.loop_var, loop.min, loop.extent, kind, body, binding, loop.annotations, step=loop.step)
 
     @tvm.transform.module_pass(opt_level=0, name="pbtvm.SerialIndirectAccumulation")
@@ -260,3 +257,12 @@ def _loads(expr) -> list:
     found = []
     tvm_ffi.structural_walk(expr, [(tvm.ir.TensorLoad, found.append)], order="post")  # tir.BufferLoad's class
     return found
+
+
+__all__ = [
+    "PARALLEL_MIN_WORK",
+    "ParallelVectorized",
+    "RowReduction",
+    "cpu_default_schedule",
+    "serial_indirect_accumulation",
+]
