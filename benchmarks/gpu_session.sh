@@ -21,8 +21,12 @@
 #               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph, each W-k with the default
 #               layout (binary tensor cores on sm_80+) and kNW (CUDA-core popcount), the 16 decoders compiled
 #               first, one process per core (<= ~6 min; STEPS=generate); then benchmarks/bench_pick.py: the
-#               pick kernel alone per top_k (radix threshold past 8, unmeasured on a GPU so far), <= 90 s
-# A device call is limited to 600 s, so run further steps in another call (STEPS=bmma-tune ...).
+#               pick kernel alone per top_k (radix threshold past 8, unmeasured on a GPU so far), <= 90 s;
+#               its three parts are also steps of their own: generate-tests, generate-bench, pick
+#   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
+# Steps run in the order STEPS names them. A device call is limited to 600 s: set DEADLINE_S a little
+# under the call's timeout_s (every step's limit is cut to what is left), or run further steps in
+# another call (STEPS=bmma-tune ...). Per-step limits: BMMA_TESTS_TIMEOUT, BMMA_BENCH_TIMEOUT, ...
 # Run from the repo root after `. .device/b/boot.sh` (see README, "GPU machine"). The package is
 # staged as it installs (schedules/ and relay_passes/ inside pbtvm/), since the GPU machine has no
 # pip index to install it from.
@@ -39,16 +43,28 @@ export PYTHONPATH="$stage:/tmp/site"
 export PBTVM_REQUIRE_GPU=1  # tests/conftest.py: no GPU reachable stops pytest with the reason, never a green skip
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  echo "kernel $(uname -r), $(nproc) cores"
   python3 -c "import torch, tvm; print('torch', torch.__version__, 'tvm', tvm.__version__)"
   date -u
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
 # step NAME SECONDS COMMAND...: run COMMAND under `timeout`, all output to $OUT/NAME.log.
+# DEADLINE_S (seconds since this script started, 0: none) caps every step's limit, so a device call
+# with a timeout_s just above it ends with every log written and packed; a step left under 20 s is
+# skipped and says so.
 step() {
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
+  if [ "${DEADLINE_S:-0}" -gt 0 ]; then
+    local left=$((DEADLINE_S - SECONDS - 5))
+    if [ "$left" -lt 20 ]; then
+      echo "== $name: skipped, $left s left before DEADLINE_S=$DEADLINE_S" | tee -a "$OUT/steps.txt"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   # -k: a process stuck in a CUDA call (a hung kernel) ignores SIGTERM's KeyboardInterrupt; KILL it
   timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -56,47 +72,58 @@ step() {
   tail -n "${TAIL_LINES:-25}" "$OUT/$name.log"
 }
 
-STEPS=" ${STEPS:-bmma bmma-bench tests} "
 # -n 8: the tests build their kernels with nvcc on the CPU side, 8 processes share the GPU
 PYTEST_SERIAL=(python3 -m pytest -q -p no:cacheprovider -rfEs)
 PYTEST=("${PYTEST_SERIAL[@]}" -n 8)
-if [[ $STEPS == *" bmma "* ]]; then
-  step bmma_tests "${BMMA_TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu tests/test_bmma_gpu.py tests/test_bmma_lstm.py
-fi
-if [[ $STEPS == *" bmma-bench "* ]]; then
-  step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} --csv "$OUT/bmma_bench.csv"
-fi
-if [[ $STEPS == *" tests "* ]]; then
-  step gpu_tests "${TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu tests/test_gpu.py tests/test_lstm_cell.py \
-    tests/test_decoder.py tests/test_lstm_lowering.py
-fi
-if [[ $STEPS == *" bmma-tune "* ]]; then
-  step bmma_tune "${TUNE_TIMEOUT:-540}" python3 benchmarks/tune_layers.py --target cuda --layout mma16x256 \
-    --shapes "${TUNE_SHAPES:-4096x4096,11008x4096,2600x650}" --batch "${TUNE_BATCH:-1}" --trials "${TUNE_TRIALS:-32}" \
-    --work-dir "$OUT/bmma_tune_logs"
-fi
-if [[ $STEPS == *" layers "* ]]; then
-  step bench_layers "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py --in-block ${BENCH_ARGS:-} --csv "$OUT/bench.csv"
-fi
-if [[ $STEPS == *" profile "* ]]; then
-  step profile 120 python3 benchmarks/profile_decoder.py ${PROFILE_ARGS:-}
-fi
-if [[ $STEPS == *" lstm "* ]]; then
-  step bench_lstm "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --no-graph ${LSTM_ARGS:-}
-fi
-if [[ $STEPS == *" sanitize "* ]]; then
-  CANDIDATE=("tests/test_gpu.py::test_sampled_tunable_schedules_exact_on_gpu[1-2048]")
-  for tool in racecheck synccheck; do
-    step "sanitize_$tool" "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --print-limit 20 \
-      "${PYTEST_SERIAL[@]}" "${CANDIDATE[@]}"
-  done
-fi
-if [[ $STEPS == *" generate "* ]]; then
-  step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests/test_generate.py
-  step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
-    --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto,kNW}
-  step bench_pick "${PICK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_pick.py --target cuda --vocab 10000 50257
-fi
+run_step() {
+  case $1 in
+    bmma)
+      step bmma_tests "${BMMA_TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu tests/test_bmma_gpu.py tests/test_bmma_lstm.py ;;
+    bmma-bench)
+      step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} \
+        --csv "$OUT/bmma_bench.csv" ;;
+    exact)
+      step exact_tests "${EXACT_TESTS_TIMEOUT:-200}" "${PYTEST[@]}" -m gpu tests/test_bmma_gpu.py tests/test_bmma_lstm.py \
+        tests/test_generate.py ;;
+    tests)
+      step gpu_tests "${TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu tests/test_gpu.py tests/test_lstm_cell.py \
+        tests/test_decoder.py tests/test_lstm_lowering.py ;;
+    bmma-tune)
+      step bmma_tune "${TUNE_TIMEOUT:-540}" python3 benchmarks/tune_layers.py --target cuda --layout mma16x256 \
+        --shapes "${TUNE_SHAPES:-4096x4096,11008x4096,2600x650}" --batch "${TUNE_BATCH:-1}" \
+        --trials "${TUNE_TRIALS:-32}" --work-dir "$OUT/bmma_tune_logs" ;;
+    layers)
+      step bench_layers "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py --in-block ${BENCH_ARGS:-} \
+        --csv "$OUT/bench.csv" ;;
+    profile)
+      step profile 120 python3 benchmarks/profile_decoder.py ${PROFILE_ARGS:-} ;;
+    lstm)
+      step bench_lstm "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --no-graph ${LSTM_ARGS:-} ;;
+    sanitize)
+      local tool
+      for tool in racecheck synccheck; do
+        step "sanitize_$tool" "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --print-limit 20 \
+          "${PYTEST_SERIAL[@]}" "tests/test_gpu.py::test_sampled_tunable_schedules_exact_on_gpu[1-2048]"
+      done ;;
+    generate)
+      run_step generate-tests
+      run_step generate-bench
+      run_step pick ;;
+    generate-tests)
+      step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests/test_generate.py ;;
+    generate-bench)
+      step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
+        --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto,kNW} ;;
+    pick)
+      step bench_pick "${PICK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_pick.py --target cuda --vocab 10000 50257 ;;
+    *)
+      echo "== unknown step '$1' (see the list at the top of this script)" | tee -a "$OUT/steps.txt" ;;
+  esac
+}
+# Steps run in the order STEPS names them.
+for name in ${STEPS:-bmma bmma-bench tests}; do
+  run_step "$name"
+done
 # The device tool returns at most 8 files from $OUT: past that, everything goes into one archive
 # (a call cut off at its limit returns what it wrote, up to 8 files).
 files=$(find "$OUT" -type f | wc -l)
