@@ -198,10 +198,11 @@ def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
         torch.set_flush_denormal(False)
 
 
-@pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36)])
+@pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36), (1, 2600, 12)])
 def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
     """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU.
-    700 = 2 full strides + a partial one, segments of 3; 100: fewer logits than threads. The
+    700 = 2 full strides + a partial one, segments of 3; 100: fewer logits than threads; 2600: two
+    groups of loads (``CUDA_PICK_LOADS`` strides each), the second partial. The
     emulator ends the logits at an unreadable page (``cuda_emulator.GUARD``): the radix top-k read
     up to 255 floats past a row (past the buffer on the last row), loaded before the bounds test
     that guarded only the compare."""
