@@ -24,6 +24,8 @@
 #               pick kernel alone per top_k (radix threshold past 8, unmeasured on a GPU so far), <= 90 s;
 #               its three parts are also steps of their own: generate-tests, generate-bench, pick
 #   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
+#   ncu         Nsight Compute sections of the BMMA kernel alone (benchmarks/ncu_bmma.py), 4096x4096 W4,
+#               batch 1 and 64 (NCU_SHAPE, NCU_BATCHES); Firecracker machines only (gVisor has no counters)
 # Steps run in the order STEPS names them. A device call is limited to 600 s: set DEADLINE_S a little
 # under the call's timeout_s (every step's limit is cut to what is left), or run further steps in
 # another call (STEPS=bmma-tune ...). Per-step limits: BMMA_TESTS_TIMEOUT, BMMA_BENCH_TIMEOUT, ...
@@ -104,6 +106,16 @@ run_step() {
       for tool in racecheck synccheck; do
         step "sanitize_$tool" "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --print-limit 20 \
           "${PYTEST_SERIAL[@]}" "tests/test_gpu.py::test_sampled_tunable_schedules_exact_on_gpu[1-2048]"
+      done ;;
+    ncu)
+      # Nsight Compute on the BMMA kernel alone (why its time grows with batch): one launch per batch
+      local b ncu
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+      for b in ${NCU_BATCHES:-1 64}; do
+        step "ncu_bmma_b$b" "${NCU_TIMEOUT:-90}" "${ncu:-ncu}" --clock-control none --section SpeedOfLight \
+          --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
+          --section Occupancy --section LaunchStats -k regex:main_kernel --launch-skip 2 --launch-count 1 \
+          python3 benchmarks/ncu_bmma.py --shape "${NCU_SHAPE:-4096x4096}" --bits 4 --batch "$b"
       done ;;
     generate)
       run_step generate-tests
