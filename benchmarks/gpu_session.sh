@@ -98,7 +98,7 @@ run_step() {
       step bench_layers "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py --in-block ${BENCH_ARGS:-} \
         --csv "$OUT/bench.csv" ;;
     profile)
-      step profile 120 python3 benchmarks/profile_decoder.py ${PROFILE_ARGS:-} ;;
+      step profile "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_decoder.py ${PROFILE_ARGS:-} ;;
     lstm)
       step bench_lstm "${LSTM_TIMEOUT:-400}" python3 benchmarks/bench_lstm.py --target cuda --no-graph ${LSTM_ARGS:-} ;;
     sanitize)
