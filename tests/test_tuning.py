@@ -396,6 +396,38 @@ def _fake_log(path, target):
     return log
 
 
+def _commit_default_record(database, func, target, secs):
+    """Record ``func``'s default schedule as the tuner does: a trace replayed by the lookup."""
+    ms = tuning.meta_schedule()
+    mod = tvm.IRModule({"main": tuning.workload(func, 1)})
+    sch = tuning.tunable_rule(func, target).traced_default(mod["main"])
+    args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    database.commit_tuning_record(
+        ms.database.TuningRecord(sch.trace, database.commit_workload(mod), secs, target, args)
+    )
+
+
+def test_a_kernel_kept_at_its_default_is_decided_by_the_log(tmp_path):
+    """As in the H200 log of three BMMA kernels (2026-12-04): one searched kernel replays its record,
+    one whose best was not confirmed faster side by side has records and a default pin (the lookup
+    gives None, yet the log decided it: ``kept_default`` says so), one kernel the log does not hold."""
+    fmt = bp.BitplaneFormat(4, 8, layout="mma16x256")
+    tuned, kept, absent = (kernels.dense_func(fmt, n, 256) for n in (64, 128, 32))
+    log = _fake_log(tmp_path, SM90)
+    database = log.database()
+    for func in (tuned, kept):
+        _commit_default_record(database, func, SM90, [5e-6] * 3)
+    pin = {"schedule": "default", "us": 5.77, "default_us": 5.77, "search_us": 5.75}
+    log.write_knobs({tuning.default_pin_key(kept, 1): pin})
+    lookup, used = tuning.tuned_lookup(tmp_path, SM90)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "pbtvm: no local cuda device")  # no GPU here: replayed unchecked
+        got = [lookup(func) for func in (tuned, kept, absent)]
+    assert got[0] is not None and got[1] is None and got[2] is None
+    assert used == [tuning.kernel_name(tuned), tuning.kernel_name(kept)]
+    assert lookup.kept_default == [tuning.kernel_name(kept)]  # decided, as the default; absent: neither
+
+
 def test_log_for_another_target_is_ignored_with_a_warning(tmp_path):
     _fake_log(tmp_path, resolve_target({"kind": "cuda", "arch": "sm_80"}))
     with pytest.warns(UserWarning, match="cuda-sm_80 but none for cuda-sm_90"):

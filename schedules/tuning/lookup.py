@@ -6,7 +6,9 @@ mcpu, replays its trace onto the kernel (symbolic batch and ``bitlayers`` kept) 
 device can run it, checks the result against the default schedule (:mod:`pbtvm.schedules.verify`)
 before handing it over. A :class:`~pbtvm.schedules.rules.KnobRule` kernel gets its logged knobs.
 A kernel whose best the search could not confirm against its default (a
-:func:`.space.default_pin_key` entry in the knob log) keeps the default schedule. A log that
+:func:`.space.default_pin_key` entry in the knob log) keeps the default schedule: ``lookup``
+returns None for it, as for a kernel the log does not hold, and :attr:`TunedLookup.kept_default`
+tells the two apart. A log that
 decides none of a model's kernels says so, and why where its entries tell
 (:meth:`TunedLookup.warn_if_unmatched`, :func:`unmatched_reason`).
 """
@@ -90,7 +92,8 @@ def tuned_lookup(
         the lookups, :meth:`TunedLookup.warn_if_unmatched` says why a log decided none of them.
     used : list of str
         Filled with the names of the kernels whose schedule the log decided (a tuned one, or the
-        default where the log holds a kernel there), as lookups happen.
+        default where the log holds a kernel there, also in :attr:`TunedLookup.kept_default`), as
+        lookups happen.
     """
     log = TuningLog(work_dir, target)  # it refuses an empty work_dir
     with log.locked(exclusive=False) if log.work_dir.is_dir() else contextlib.nullcontext():
@@ -108,6 +111,10 @@ class TunedLookup:
     ----------
     used : list of str
         Names of the kernels whose schedule the log decided.
+    kept_default : list of str
+        Those of ``used`` the log holds at their default schedule (the search's best was not
+        confirmed faster side by side): the lookup returns None for them, as for a kernel the log
+        does not decide, yet the log did decide them.
     unfinished : list of str
         Names of the kernels a tuning run left unfinished (stopped before it re-timed the best):
         default schedules, not counted as decided by the log.
@@ -119,13 +126,15 @@ class TunedLookup:
         self.log, self.database, self.target, self.batch = log, database, target, batch
         self.knobs = log.read_knobs()
         self.used: list[str] = []
+        self.kept_default: list[str] = []  # in used: the log chose the default schedule
         self.unfinished: list[str] = []  # kernels an interrupted tuning run left unfinished
         self.asked: set[str] = set()
         self._checked: dict[int, bool | None] = {}  # kernel hash -> agrees with the default schedule
         self._refused = False  # a logged schedule was found and refused (with a warning saying why)
 
     def __call__(self, func: tir.PrimFunc) -> tir.PrimFunc | None:
-        """The tuned kernel for ``func``, or None for its default schedule."""
+        """The tuned kernel for ``func``, or None for its default schedule (chosen by the log where
+        :attr:`kept_default` names ``func``'s kernel afterwards)."""
         rule = tunable_rule(func, self.target)
         if rule is None:
             return None
@@ -168,8 +177,9 @@ class TunedLookup:
             if kernel_name(func) not in self.unfinished:
                 self.unfinished.append(kernel_name(func))
             return None
-        if pin is not None:  # best not confirmed faster side by side
-            self.used.append(kernel_name(func))  # the log chose the default schedule
+        if pin is not None:  # best not confirmed faster side by side: the log chose the default schedule
+            self.used.append(kernel_name(func))
+            self.kept_default.append(kernel_name(func))
             return None
         mod = tvm.IRModule({"main": workload(func, self.batch)})
         if not database.has_workload(mod):
