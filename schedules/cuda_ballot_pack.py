@@ -35,13 +35,18 @@ def pack_warps(k_dim: int) -> int:
     return warps
 
 
-#: Most activations a thread of the one-launch pack holds in registers (:func:`row_pack` with
-#: ``prefetch``): all its loads are issued at once. Loaded one chunk at a time, between the
+#: Most activations a thread of the one-launch pack holds in registers (:func:`row_pack`'s
+#: ``prefetch_max``): all its loads are issued at once. Loaded one chunk at a time, between the
 #: ballots, a batch-1 row took 5 us at K = 4096 and 19 us at K = 11008 on an H200.
 PREFETCH_MAX = 32
+#: The same for kernels that pack in the block before their BMMA products (one-launch dense
+#: layers, the LSTM step): fewer, since their register budget is tight (the registers are free
+#: again before the products). The W4 2x650 LSTM step took 10.7 us on an H200 with its two
+#: 650-wide rows read a chunk at a time, 24 dependent L2 reads.
+FUSED_PREFETCH_MAX = 8
 
 
-def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch: bool = False):
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0):
     """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
 
     ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
@@ -49,11 +54,10 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch: bool = False
     ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
     the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
     buffers of one element per thread, ``best``, ``total``, ``code``, ``vote`` one-element locals.
-    Every thread of the block must call it (it synchronizes the block). With ``prefetch`` (and at
-    most :data:`PREFETCH_MAX` activations a thread) each thread loads its activations into
-    registers first, all loads in flight together, and the max and the codes read them there;
-    otherwise they are read from ``x`` twice, a chunk at a time (fewer registers: the one-launch
-    BMMA kernels, whose register budget is tight, use this).
+    Every thread of the block must call it (it synchronizes the block). Where a thread has at most
+    ``prefetch_max`` activations of the row, it loads them into registers first, all loads in
+    flight together, and the max and the codes read them there; otherwise they are read from
+    ``x`` twice, a chunk at a time (fewer registers).
     """
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     qmax = float(fmt.act_qmax)
@@ -63,7 +67,7 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch: bool = False
     chunks = -(-words // warps)
     levels = threads.bit_length() - 1  # log2(threads): warps is a power of two
 
-    held = prefetch and rounds <= PREFETCH_MAX  # rounds == chunks: round r is chunk r's element
+    held = rounds <= prefetch_max  # rounds == chunks: round r is chunk r's element
 
     @T.macro
     def word(value, c, dest, row, warp, tx, red, best, total, code, vote):
@@ -142,7 +146,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)
-    pack = row_pack(fmt, k_dim, warps, prefetch=True)
+    pack = row_pack(fmt, k_dim, warps, PREFETCH_MAX)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):

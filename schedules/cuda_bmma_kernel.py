@@ -29,7 +29,7 @@ from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
 
-from .cuda_ballot_pack import row_pack
+from .cuda_ballot_pack import FUSED_PREFETCH_MAX, row_pack
 
 #: Lanes of the warp that executes one ``mma.sync``: the PTX ISA defines the m16n8k256 fragment
 #: layouts for 32 lanes (the rules check the target's warp size against it).
@@ -354,7 +354,7 @@ class BMMALeg:
         if not self.fused_pack:
             raise ValueError("pack_block is for a leg made with fused_pack=True")
         cfg, acc_t, block_batch, threads = self.cfg, self.acc_dtype, self.block_batch, self.cfg.threads
-        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES)
+        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, FUSED_PREFETCH_MAX)
 
         @T.macro
         def pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total):
