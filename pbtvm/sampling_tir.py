@@ -14,6 +14,7 @@ from .errors import InputError
 from .ops.common import CPU_SCRATCH
 from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
+from .schedules.cuda_bmma_kernel import LAUNCH_MIN_BLOCKS
 
 
 @T.macro(hygienic=False)
@@ -350,8 +351,8 @@ def _block_best(sv, si, cand_v, cand_i, t, threads, vocab):
 #: reduction with 16 barriers) up to this ``top_k``; a larger one by radix (:func:`_cuda_kth_by_radix`:
 #: 8 counting passes of 4-bit digits and one scan, whatever ``top_k`` is).
 CUDA_TOPK_PASSES_MAX = 8
-#: Logits a thread of the CUDA pick loads before it compares any of them (its strided scans): the
-#: loads of one group are in flight together. One at a time, a row of 10,000 logits took 12 µs to
+#: Logits a thread of the CUDA pick loads before it compares any of them (the argmax / top-k
+#: passes' strided scans): the loads of one group are in flight together. One at a time, a row of 10,000 logits took 12 µs to
 #: argmax on an H200 (40 dependent loads a thread at 256 threads), 50,257 took 46 µs.
 CUDA_PICK_LOADS = 8
 _FULL_MASK = 0xFFFFFFFF
@@ -384,7 +385,7 @@ def _nibble_prefix_mask(d):
 
 
 @T.macro(hygienic=False)
-def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, lv, threads, vocab, seg, strides):
+def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, threads, vocab, seg, strides):
     """Every thread's ``fv[1]``, ``iv[1]``: the ``k``-th element of row ``r`` in (value descending,
     index ascending) order, the threshold the ordered passes find.
 
@@ -396,24 +397,22 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, lv, th
     the first ``sel[0]`` in index order are kept: each thread counts them in its contiguous
     segment, a scan of the counts (``ss``) finds the segment holding the last one, whose index
     its thread writes (``si``; every thread bisects the scan for it). No shared access sits inside
-    a condition. ``cnt``: int32 [16], ``ku``: uint32 [1], ``sel``: int64 [3], ``lv``: float32
-    [:data:`CUDA_PICK_LOADS`] (local).
+    a condition. ``cnt``: int32 [16], ``ku``: uint32 [1], ``sel``: int64 [3] (local).
     """
     ku[0] = T.uint32(0)
     sel[0] = k
     for d in range(8):
         for b in T.unroll(16):
             cnt[b] = 0
-        for g in range((strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS):
-            _load_group(logits, r, t, g, lv, threads, vocab)
-            for u in T.unroll(CUDA_PICK_LOADS):
-                i: T.int64 = T.Cast("int64", (g * CUDA_PICK_LOADS + u) * threads) + T.Cast("int64", t)
-                if i < T.int64(vocab):
-                    key = T.Bind(_order_key(lv[u]))
-                    if key & _nibble_prefix_mask(d) == ku[0]:
-                        digit = T.Bind(T.Cast("int32", T.shift_right(key, _nibble_shift(d)) & T.uint32(15)))
-                        for b in T.unroll(16):
-                            cnt[b] = cnt[b] + T.Select(digit == b, 1, 0)
+        for j in range(strides):
+            i: T.int64 = T.Cast("int64", j * threads) + T.Cast("int64", t)
+            if i < T.int64(vocab):
+                logit = T.Bind(logits[r, i])  # loaded once (the key's select reads it twice)
+                key = T.Bind(_order_key(logit))
+                if key & _nibble_prefix_mask(d) == ku[0]:
+                    digit = T.Bind(T.Cast("int32", T.shift_right(key, _nibble_shift(d)) & T.uint32(15)))
+                    for b in T.unroll(16):
+                        cnt[b] = cnt[b] + T.Select(digit == b, 1, 0)
         for b in T.unroll(16):
             for o in T.unroll(5):
                 cnt[b] = cnt[b] + _shfl_xor(cnt[b], T.shift_right(16, o))
@@ -505,122 +504,125 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         r = T.launch_thread("blockIdx.x", B)
         t = T.launch_thread("threadIdx.x", TPB)
-        sv = T.decl_buffer((TPB,), "float32", scope="shared")
-        si = T.decl_buffer((TPB,), "int64", scope="shared")
-        ss = T.decl_buffer((TPB,), "float64", scope="shared")
-        fv = T.decl_buffer((3,), "float32", scope="local")  # max, threshold value, candidate value
-        iv = T.decl_buffer((4,), "int64", scope="local")  # argmax, threshold index, candidate, token
-        dv = T.decl_buffer((4,), "float64", scope="local")  # running sum, scan value, u * total, exclusive
-        ph = T.decl_buffer((6,), "uint32", scope="local")
-        hc = T.decl_buffer((16, TPB), "int32", scope="shared")  # top-k by radix: digit counts
-        cnt = T.decl_buffer((16,), "int32", scope="local")
-        ku = T.decl_buffer((1,), "uint32", scope="local")
-        sel = T.decl_buffer((3,), "int64", scope="local")
-        cv = T.decl_buffer((2,), "float32", scope="local")
-        ci = T.decl_buffer((2,), "int64", scope="local")
-        lv = T.decl_buffer((CUDA_PICK_LOADS,), "float32", scope="local")  # a group of logits (strided scans)
-        if t == 0:
-            if forced[step, r] >= T.int64(0):
-                token[r] = forced[step, r]
-                done_out[r] = done_in[r]
-            elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
-                token[r] = ctrl[2]
-                done_out[r] = done_in[r]
-        # Loops of extent 0 or 1 instead of branches: TVM inserts no barrier inside a condition.
-        for _act in range(
-            T.Cast("int64", forced[step, r] < T.int64(0) and done_in[r] & T.int64(DONE_FINISHED) == T.int64(0))
-        ):
-            # pass 0: argmax; passes 1..top_k-1: the next element in (value desc, index asc) order
-            for p in range(
-                T.if_then_else(
-                    temp[0] > T.float64(0)
-                    and ctrl[3] > T.int64(0)
-                    and ctrl[3] <= T.int64(CUDA_TOPK_PASSES_MAX)
-                    and ctrl[3] < T.int64(V),
-                    ctrl[3],
-                    T.int64(1),
-                )
+        # __launch_bounds__(TPB, 1): with the thread count alone ptxas aimed at two blocks an SM and
+        # spilled (64 registers, 28 bytes at 512 threads); a row needs one block.
+        with T.attr(0, LAUNCH_MIN_BLOCKS, 1):
+            sv = T.decl_buffer((TPB,), "float32", scope="shared")
+            si = T.decl_buffer((TPB,), "int64", scope="shared")
+            ss = T.decl_buffer((TPB,), "float64", scope="shared")
+            fv = T.decl_buffer((3,), "float32", scope="local")  # max, threshold value, candidate value
+            iv = T.decl_buffer((4,), "int64", scope="local")  # argmax, threshold index, candidate, token
+            dv = T.decl_buffer((4,), "float64", scope="local")  # running sum, scan value, u * total, exclusive
+            ph = T.decl_buffer((6,), "uint32", scope="local")
+            hc = T.decl_buffer((16, TPB), "int32", scope="shared")  # top-k by radix: digit counts
+            cnt = T.decl_buffer((16,), "int32", scope="local")
+            ku = T.decl_buffer((1,), "uint32", scope="local")
+            sel = T.decl_buffer((3,), "int64", scope="local")
+            cv = T.decl_buffer((2,), "float32", scope="local")
+            ci = T.decl_buffer((2,), "int64", scope="local")
+            lv = T.decl_buffer((CUDA_PICK_LOADS,), "float32", scope="local")  # a group of logits (strided scans)
+            if t == 0:
+                if forced[step, r] >= T.int64(0):
+                    token[r] = forced[step, r]
+                    done_out[r] = done_in[r]
+                elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
+                    token[r] = ctrl[2]
+                    done_out[r] = done_in[r]
+            # Loops of extent 0 or 1 instead of branches: TVM inserts no barrier inside a condition.
+            for _act in range(
+                T.Cast("int64", forced[step, r] < T.int64(0) and done_in[r] & T.int64(DONE_FINISHED) == T.int64(0))
             ):
-                iv[2] = T.int64(V)
-                for g in range((strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS):
-                    _load_group(logits, r, t, g, lv, TPB, V)
-                    for u in T.unroll(CUDA_PICK_LOADS):
-                        i: T.int64 = T.Cast("int64", (g * CUDA_PICK_LOADS + u) * TPB) + T.Cast("int64", t)
-                        if i < T.int64(V):
-                            if (p == T.int64(0) or lv[u] < fv[1] or (lv[u] == fv[1] and i > iv[1])) and (
-                                iv[2] == T.int64(V) or _comes_first(lv[u], fv[2])
-                            ):
-                                fv[2] = lv[u]
-                                iv[2] = i
-                sv[t] = fv[2]
-                si[t] = iv[2]
-                T.tvm_storage_sync("shared")
-                _block_best(sv, si, cv, ci, T.Cast("int64", t), TPB, V)
-                fv[1] = sv[0]
-                iv[1] = si[0]
-                if p == T.int64(0):
-                    fv[0] = sv[0]
-                    iv[0] = si[0]
-                T.tvm_storage_sync("shared")
-            for _sel in range(
-                T.Cast(
-                    "int64",
-                    temp[0] > T.float64(0)
-                    and not _nonfinite(fv[0], temp)
-                    and ctrl[3] > T.int64(CUDA_TOPK_PASSES_MAX)
-                    and ctrl[3] < T.int64(V),
-                )
-            ):
-                _cuda_kth_by_radix(logits, r, t, ctrl[3], fv, iv, cnt, ku, sel, hc, ss, si, lv, TPB, V, seg, strides)
-            if t == 0:  # greedy, non-finite, and the fallback when rounding leaves no owner: the best token
-                token[r] = iv[0]
-                done_out[r] = done_in[r] | _new_flags(iv[0], fv[0], ctrl, temp)
-            T.tvm_storage_sync("shared")
-            for _smp in range(T.Cast("int64", temp[0] > T.float64(0) and not _nonfinite(fv[0], temp))):
-                dv[0] = T.float64(0)
-                for j in range(seg):
-                    i: T.int64 = T.Cast("int64", t * seg + j)
-                    if i < T.int64(V):
-                        if (
-                            ctrl[3] <= T.int64(0)
-                            or ctrl[3] >= T.int64(V)
-                            or logits[r, i] > fv[1]
-                            or (logits[r, i] == fv[1] and i <= iv[1])
-                        ):
-                            weights[r, i] = T.exp(
-                                (T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]
-                            )
-                        else:
-                            weights[r, i] = T.float64(0)
-                        dv[0] = dv[0] + weights[r, i]
-                ss[t] = dv[0]
-                T.tvm_storage_sync("shared")
-                for lvl in T.unroll(TPB.bit_length() - 1):  # inclusive Hillis-Steele scan of the sums
-                    off: T.int64 = T.shift_left(T.int64(1), lvl)
-                    dv[1] = ss[t] + T.Select(
-                        T.Cast("int64", t) >= off, ss[T.max(T.Cast("int64", t) - off, T.int64(0))], T.float64(0)
+                # pass 0: argmax; passes 1..top_k-1: the next element in (value desc, index asc) order
+                for p in range(
+                    T.if_then_else(
+                        temp[0] > T.float64(0)
+                        and ctrl[3] > T.int64(0)
+                        and ctrl[3] <= T.int64(CUDA_TOPK_PASSES_MAX)
+                        and ctrl[3] < T.int64(V),
+                        ctrl[3],
+                        T.int64(1),
                     )
+                ):
+                    iv[2] = T.int64(V)
+                    for g in range((strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS):
+                        _load_group(logits, r, t, g, lv, TPB, V)
+                        for u in T.unroll(CUDA_PICK_LOADS):
+                            i: T.int64 = T.Cast("int64", (g * CUDA_PICK_LOADS + u) * TPB) + T.Cast("int64", t)
+                            if i < T.int64(V):
+                                if (p == T.int64(0) or lv[u] < fv[1] or (lv[u] == fv[1] and i > iv[1])) and (
+                                    iv[2] == T.int64(V) or _comes_first(lv[u], fv[2])
+                                ):
+                                    fv[2] = lv[u]
+                                    iv[2] = i
+                    sv[t] = fv[2]
+                    si[t] = iv[2]
                     T.tvm_storage_sync("shared")
-                    ss[t] = dv[1]
+                    _block_best(sv, si, cv, ci, T.Cast("int64", t), TPB, V)
+                    fv[1] = sv[0]
+                    iv[1] = si[0]
+                    if p == T.int64(0):
+                        fv[0] = sv[0]
+                        iv[0] = si[0]
                     T.tvm_storage_sync("shared")
-                _philox_uniform(ph, ctrl, step, r, dv, 2)
-                dv[2] = dv[2] * ss[TPB - 1]
-                dv[3] = T.Select(t > 0, ss[T.max(t - 1, 0)], T.float64(0))
-                dv[1] = ss[t]
-                if dv[3] <= dv[2] and dv[2] < dv[1]:
-                    iv[3] = T.int64(-1)
-                    iv[2] = T.int64(-1)
-                    dv[0] = dv[3]
+                for _sel in range(
+                    T.Cast(
+                        "int64",
+                        temp[0] > T.float64(0)
+                        and not _nonfinite(fv[0], temp)
+                        and ctrl[3] > T.int64(CUDA_TOPK_PASSES_MAX)
+                        and ctrl[3] < T.int64(V),
+                    )
+                ):
+                    _cuda_kth_by_radix(logits, r, t, ctrl[3], fv, iv, cnt, ku, sel, hc, ss, si, TPB, V, seg, strides)
+                if t == 0:  # greedy, non-finite, and the fallback when rounding leaves no owner: the best token
+                    token[r] = iv[0]
+                    done_out[r] = done_in[r] | _new_flags(iv[0], fv[0], ctrl, temp)
+                T.tvm_storage_sync("shared")
+                for _smp in range(T.Cast("int64", temp[0] > T.float64(0) and not _nonfinite(fv[0], temp))):
+                    dv[0] = T.float64(0)
                     for j in range(seg):
                         i: T.int64 = T.Cast("int64", t * seg + j)
-                        if i < T.int64(V) and iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
+                        if i < T.int64(V):
+                            if (
+                                ctrl[3] <= T.int64(0)
+                                or ctrl[3] >= T.int64(V)
+                                or logits[r, i] > fv[1]
+                                or (logits[r, i] == fv[1] and i <= iv[1])
+                            ):
+                                weights[r, i] = T.exp(
+                                    (T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]
+                                )
+                            else:
+                                weights[r, i] = T.float64(0)
                             dv[0] = dv[0] + weights[r, i]
-                            iv[2] = i
-                            if dv[0] > dv[2]:
-                                iv[3] = i
-                    if iv[3] < T.int64(0):
-                        iv[3] = iv[2]
-                    token[r] = iv[3]
-                    done_out[r] = done_in[r] | _new_flags(iv[3], fv[0], ctrl, temp)
+                    ss[t] = dv[0]
+                    T.tvm_storage_sync("shared")
+                    for lvl in T.unroll(TPB.bit_length() - 1):  # inclusive Hillis-Steele scan of the sums
+                        off: T.int64 = T.shift_left(T.int64(1), lvl)
+                        dv[1] = ss[t] + T.Select(
+                            T.Cast("int64", t) >= off, ss[T.max(T.Cast("int64", t) - off, T.int64(0))], T.float64(0)
+                        )
+                        T.tvm_storage_sync("shared")
+                        ss[t] = dv[1]
+                        T.tvm_storage_sync("shared")
+                    _philox_uniform(ph, ctrl, step, r, dv, 2)
+                    dv[2] = dv[2] * ss[TPB - 1]
+                    dv[3] = T.Select(t > 0, ss[T.max(t - 1, 0)], T.float64(0))
+                    dv[1] = ss[t]
+                    if dv[3] <= dv[2] and dv[2] < dv[1]:
+                        iv[3] = T.int64(-1)
+                        iv[2] = T.int64(-1)
+                        dv[0] = dv[3]
+                        for j in range(seg):
+                            i: T.int64 = T.Cast("int64", t * seg + j)
+                            if i < T.int64(V) and iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
+                                dv[0] = dv[0] + weights[r, i]
+                                iv[2] = i
+                                if dv[0] > dv[2]:
+                                    iv[3] = i
+                        if iv[3] < T.int64(0):
+                            iv[3] = iv[2]
+                        token[r] = iv[3]
+                        done_out[r] = done_in[r] | _new_flags(iv[3], fv[0], ctrl, temp)
 
     return pick.with_attr("global_symbol", "pick")

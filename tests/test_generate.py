@@ -15,7 +15,7 @@ from pbtvm import library
 from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
-from pbtvm.sampling import philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
+from pbtvm.sampling import PICK_THREADS, philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
 
 from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
@@ -207,7 +207,6 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
     up to 255 floats past a row (past the buffer on the last row), loaded before the bounds test
     that guarded only the compare."""
     from pbtvm.cuda import build, cuda_source
-    from pbtvm.sampling import PICK_THREADS
     from pbtvm.target import resolve_target
 
     chunk = 3
@@ -516,7 +515,7 @@ def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
     assert _kernel_calls(funcs["prefill_chunk"]) == ["prefill_chunk_in", "prefill_chunk_out"]
     assert _kernel_calls(funcs["prefill_chunk_cuda_graph_capture"]) == step[:3] * 3  # no head, no pick
     (src,) = library._cuda_sources(dec.model._module.mod)
-    assert re.search(r"__launch_bounds__\(256\) pick_token_kernel", src)
+    assert re.search(rf"__launch_bounds__\({PICK_THREADS}, 1\) pick_token_kernel", src)
     assert library.read_manifest(dec.export(tmp_path / "gen_sm90.so"))["decoder"]["generate_chunk"] == 3
 
 
