@@ -11,7 +11,7 @@ A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators s
 registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps of ``loads``
 tiles, loads their activation fragments once, then per weight plane ``i < bitlayers`` (run-time
 knob) the plane's fragments and their MMAs, and folds the popcounts into the accumulator as
-``acc += c_i * D_i``.
+``acc += c_i * D_i`` (the kernels that pack in the block loop over the planes outside).
 The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
 thread of the block sums one output's K-split parts and activation-plane columns with their
 coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
@@ -394,57 +394,85 @@ class BMMALeg:
             return weight_plane_coefficient(i, fmt, acc_t)
 
         @T.macro
+        def load_b(act, batch, s, by, tz, tx, bf):
+            """The activation fragments of K step ``s`` (``loads`` tiles) into ``bf``."""
+            for u in T.unroll(ld):
+                kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
+                for n in T.unroll(nt):
+                    col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
+                    for r in T.unroll(2):
+                        word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
+                        ok = T.meta_var(col % stride < n_act and col // stride < batch and word < words)
+                        if fused:  # the block's rows: (n*8 + tx//4) // stride
+                            bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                ok, act[col % stride, (n * 8 + tx // 4) // stride, word], T.uint32(0)
+                            )
+                        else:
+                            bf[(u * nt + n) * 2 + r] = T.if_then_else(
+                                ok, act[col % stride, col // stride, word], T.uint32(0)
+                            )
+
+        @T.macro
+        def load_a(wp, i, s, bx, tz, ty, tx, af):
+            """Weight plane ``i``'s fragments of K step ``s`` into ``af``."""
+            for u in T.unroll(ld):
+                kt = T.meta_var((s * ld + u) * ks + tz)
+                for m in T.unroll(mt):
+                    tile = T.meta_var((bx * wm + ty) * mt + m)
+                    if kt < k_tiles and tile < row_tiles:
+                        af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
+                    else:
+                        af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
+
+        @T.macro
+        def mmas(dot, af, bf):
+            for u in T.unroll(ld):
+                for m in T.unroll(mt):
+                    for n in T.unroll(nt):
+                        T.evaluate(
+                            T.ptx_legacy.mma(
+                                "m16n8k256", "row", "col", "int1", "int1", "int32",
+                                af.data, u * mt + m,  # in uint4 units
+                                bf.data, (u * nt + n) * 2,
+                                dot.data, (m * nt + n) * 4,
+                                False, "and", dtype="int32",
+                            )
+                        )  # fmt: skip
+
+        @T.macro
         def product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part):
             for e in T.unroll(frag):
                 acc[e] = T.Cast(acc_t, 0)
-            for s in range(steps):
-                # The activation fragments of these K tiles once, for every weight plane: loaded per
-                # plane they were ~90 % of the L1 wavefronts (eight 32-byte pieces a load), and at
-                # batch 64 the kernel was L1-bound (Nsight Compute on the H200: L1 86 %, DRAM 1 %).
-                for u in T.unroll(ld):
-                    kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
-                    for n in T.unroll(nt):
-                        col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
-                        for r in T.unroll(2):
-                            word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
-                            ok = T.meta_var(col % stride < n_act and col // stride < batch and word < words)
-                            if fused:  # the block's rows: (n*8 + tx//4) // stride
-                                bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                    ok, act[col % stride, (n * 8 + tx // 4) // stride, word], T.uint32(0)
-                                )
-                            else:
-                                bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                    ok, act[col % stride, col // stride, word], T.uint32(0)
-                                )
-                # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: unused
-                # planes are never read. Each plane's popcounts of these K tiles are folded into
-                # the accumulator with its coefficient right away (``acc += c_i * D_i``).
+            # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: unused planes
+            # are never read; a plane's popcounts are folded with its coefficient (acc += c_i D_i).
+            if fused:
+                # Planes outside: the activations (in shared memory) are read once per plane, and
+                # the one-launch kernels' tight register budget holds (the order below spilled
+                # 2-8 bytes in their W8 kernels at 11008x4096 and 4096x4096).
                 for i in T.unroll(bits):
                     if T.Cast("int64", i) < bitlayers:
-                        for u in T.unroll(ld):
-                            kt = T.meta_var((s * ld + u) * ks + tz)
-                            for m in T.unroll(mt):
-                                tile = T.meta_var((bx * wm + ty) * mt + m)
-                                if kt < k_tiles and tile < row_tiles:
-                                    af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
-                                else:
-                                    af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
                         for e in T.unroll(frag):
                             dot[e] = 0
-                        for u in T.unroll(ld):
-                            for m in T.unroll(mt):
-                                for n in T.unroll(nt):
-                                    T.evaluate(
-                                        T.ptx_legacy.mma(
-                                            "m16n8k256", "row", "col", "int1", "int1", "int32",
-                                            af.data, u * mt + m,  # in uint4 units
-                                            bf.data, (u * nt + n) * 2,
-                                            dot.data, (m * nt + n) * 4,
-                                            False, "and", dtype="int32",
-                                        )
-                                    )  # fmt: skip
+                        for s in range(steps):
+                            load_a(wp, i, s, bx, tz, ty, tx, af)
+                            load_b(act, batch, s, by, tz, tx, bf)
+                            mmas(dot, af, bf)
                         for e in T.unroll(frag):
                             acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+            else:
+                # K steps outside: the activation fragments (global) once for every plane. Loaded
+                # per plane they were ~90 % of the L1 wavefronts (eight 32-byte pieces a load), and
+                # at batch 64 the kernel was L1-bound (Nsight Compute, H200: L1 86 %, DRAM 1 %).
+                for s in range(steps):
+                    load_b(act, batch, s, by, tz, tx, bf)
+                    for i in T.unroll(bits):
+                        if T.Cast("int64", i) < bitlayers:
+                            load_a(wp, i, s, bx, tz, ty, tx, af)
+                            for e in T.unroll(frag):
+                                dot[e] = 0
+                            mmas(dot, af, bf)
+                            for e in T.unroll(frag):
+                                acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
             # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
             for m in T.unroll(mt):
                 for n in T.unroll(nt):
