@@ -24,6 +24,8 @@
 #               pick kernel alone per top_k (radix threshold past 8, unmeasured on a GPU so far), <= 90 s;
 #               its three parts are also steps of their own: generate-tests, generate-bench, pick
 #   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
+#   sweep       benchmarks/sweep_bmma.py: many BMMA configs per (shape, batch), W4, best vs default (CSV
+#               row by row; SWEEP_TIME_LIMIT stops the timing, SWEEP_ARGS picks the grid)
 #   ncu         Nsight Compute sections of the BMMA kernel alone (benchmarks/ncu_bmma.py), 4096x4096 W4,
 #               batch 1 and 64 (NCU_SHAPE, NCU_BATCHES); Firecracker machines only (gVisor has no counters)
 # Steps run in the order STEPS names them. A device call is limited to 600 s: set DEADLINE_S a little
@@ -107,6 +109,9 @@ run_step() {
         step "sanitize_$tool" "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --print-limit 20 \
           "${PYTEST_SERIAL[@]}" "tests/test_gpu.py::test_sampled_tunable_schedules_exact_on_gpu[1-2048]"
       done ;;
+    sweep)
+      step bmma_sweep "${SWEEP_TIMEOUT:-300}" python3 benchmarks/sweep_bmma.py --csv "$OUT/bmma_sweep.csv" \
+        --time-limit "${SWEEP_TIME_LIMIT:-240}" ${SWEEP_ARGS:---max-configs 48 --register-budget 200} ;;
     ncu)
       # Nsight Compute on the BMMA kernel alone (why its time grows with batch): one launch per batch
       local b ncu
