@@ -363,7 +363,7 @@ class BMMALeg:
             sums = T.alloc_shared((threads,), acc_t)
             best = T.alloc_local((1,), "float32")  # the max, then the inverse scale
             code = T.alloc_local((1,), "int32")
-            vote = T.alloc_local((1,), "uint32")
+            vote = T.alloc_local((2,), "uint32")
             for bb in range(block_batch):
                 if by * block_batch + bb < batch:  # block-uniform
                     pack(
