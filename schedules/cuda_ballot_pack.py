@@ -46,7 +46,7 @@ PREFETCH_MAX = 32
 FUSED_PREFETCH_MAX = 8
 
 
-def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0):
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False):
     """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
 
     ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
@@ -58,7 +58,8 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0)
     Every thread of the block must call it (it synchronizes the block). Where a thread has at most
     ``prefetch_max`` activations of the row, it loads them into registers first, all loads in
     flight together, and the max and the codes read them there; otherwise they are read from
-    ``x`` twice, a chunk at a time (fewer registers).
+    ``x`` twice, a chunk at a time (fewer registers). ``one_store``: a lane stores one word a
+    chunk (its plane's, kept with a select) instead of a store per plane from lane ``p``.
     """
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     qmax = float(fmt.act_qmax)
@@ -78,10 +79,14 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0)
             clamped = T.meta_var(act_code(value, act_prescale(red[0]), best[0], qmax))
             code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
             total[0] = total[0] + T.Cast(acc_t, code[0])
-            # Every lane votes for every plane and keeps plane tx's word (a select), then lanes
-            # below act_bits store theirs: one store a lane. A store per plane, each in a
-            # one-lane branch with its own address, made the pack instruction-bound (~19
-            # instructions a plane; a batch-1 row of 11008 took 15 us on one SM of an H200).
+            # Every lane votes for every plane (the word goes to a register first, so that the
+            # ballot is not sunk into a one-lane branch). With ``one_store`` each lane keeps
+            # plane tx's word (a select) and lanes below act_bits store theirs, one store a
+            # lane: a global store per plane, each in a one-lane branch with its own address,
+            # made the standalone pack instruction-bound (~19 instructions a plane; a batch-1
+            # row of 11008 took 15 us on one SM of an H200). Otherwise lane p stores plane p's
+            # word (to shared memory, in the kernels that pack in the block, where the select
+            # cost a W8 kernel 2 bytes of spills under its declared register budget).
             for p in T.unroll(n_act):
                 vote[0] = T.call_extern(
                     "uint32",
@@ -89,8 +94,11 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0)
                     T.uint32(0xFFFFFFFF),
                     T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
                 )
-                vote[1] = T.Select(tx == p, vote[0], vote[1])
-            if tx < n_act:
+                if one_store:
+                    vote[1] = T.Select(tx == p, vote[0], vote[1])
+                elif tx == p:
+                    dest[p, row, c * warps + warp] = vote[0]
+            if one_store and tx < n_act:
                 dest[tx, row, c * warps + warp] = vote[1]
 
     @T.macro
@@ -150,7 +158,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)
-    pack = row_pack(fmt, k_dim, warps, PREFETCH_MAX)
+    pack = row_pack(fmt, k_dim, warps, PREFETCH_MAX, one_store=True)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):

@@ -11,7 +11,8 @@ A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators s
 registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps of ``loads``
 tiles, loads their activation fragments once, then per weight plane ``i < bitlayers`` (run-time
 knob) the plane's fragments and their MMAs, and folds the popcounts into the accumulator as
-``acc += c_i * D_i`` (the kernels that pack in the block loop over the planes outside).
+``acc += c_i * D_i`` (kernels that pack in the block loop over the planes outside above W4 or
+with several column tiles a warp).
 The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
 thread of the block sums one output's K-split parts and activation-plane columns with their
 coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
@@ -43,6 +44,12 @@ DEFAULT_LIMITS = TargetInfo.from_summary({"kind": "cuda"}).limits
 #: and spilled: 40 registers and 8 bytes for the one-launch W2 kernel of 4096x11008 at its batch-8
 #: config (512 threads), 32 registers and 8 bytes for the W4A8 LSTM step.
 LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
+#: Most weight bits at which a kernel that packs in the block (:class:`BMMALeg` with
+#: ``fused_pack``) with one column tile a warp (batch 1-2 at 8 activation bits: the LSTM step and
+#: head of a decoder) loops over the planes inside each K step, as the two-launch kernel always
+#: does; otherwise the planes are the outer loop (fewer live registers: W8, and W4 with two column
+#: tiles at 11008x4096, spilled under the declared budget the other way).
+PLANES_INSIDE_MAX_FUSED_BITS = 4
 #: 32-bit registers of an SM (every sm_70+ GPU).
 SM_REGISTERS = 65536
 #: Registers a lane of a light one-launch config is given (:func:`light_config`): enough for every
@@ -389,6 +396,7 @@ class BMMALeg:
         mt, ks, ld, nt, frag = cfg.tiles_m, cfg.k_split, cfg.loads, cfg.tiles_n, self.frag
         wm, k_tiles, row_tiles, bits = cfg.warps_m, self.k_tiles, self.row_tiles, fmt.bits
         steps = -(-k_tiles // (ks * ld))
+        planes_outside = fused and (bits > PLANES_INSIDE_MAX_FUSED_BITS or nt > 1)
 
         def w_coef(i):
             return weight_plane_coefficient(i, fmt, acc_t)
@@ -445,10 +453,10 @@ class BMMALeg:
                 acc[e] = T.Cast(acc_t, 0)
             # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: unused planes
             # are never read; a plane's popcounts are folded with its coefficient (acc += c_i D_i).
-            if fused:
-                # Planes outside: the activations (in shared memory) are read once per plane, and
-                # the one-launch kernels' tight register budget holds (the order below spilled
-                # 2-8 bytes in their W8 kernels at 11008x4096 and 4096x4096).
+            if planes_outside:
+                # Planes outside: one-launch kernels above W4 or with several column tiles keep
+                # their tight register budget (the order below spilled 2-8 bytes in W8 kernels at
+                # 11008x4096 and 4096x4096, in W4 at 11008x4096 batch 8).
                 for i in T.unroll(bits):
                     if T.Cast("int64", i) < bitlayers:
                         for e in T.unroll(frag):
@@ -460,9 +468,12 @@ class BMMALeg:
                         for e in T.unroll(frag):
                             acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
             else:
-                # K steps outside: the activation fragments (global) once for every plane. Loaded
-                # per plane they were ~90 % of the L1 wavefronts (eight 32-byte pieces a load), and
-                # at batch 64 the kernel was L1-bound (Nsight Compute, H200: L1 86 %, DRAM 1 %).
+                # K steps outside: the activation fragments once for every plane. Loaded per
+                # plane from global memory they were ~90 % of the L1 wavefronts (eight 32-byte
+                # pieces a load), and at batch 64 the kernel was L1-bound (Nsight Compute, H200:
+                # L1 86 %, DRAM 1 %). And every used plane's weight loads of a step are issued
+                # together: planes outside, a small layer (the LSTM step, K = 650) waited for one
+                # weight load per plane and step in turn.
                 for s in range(steps):
                     load_b(act, batch, s, by, tz, tx, bf)
                     for i in T.unroll(bits):
