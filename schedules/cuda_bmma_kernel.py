@@ -421,13 +421,13 @@ class BMMALeg:
                             )
 
         @T.macro
-        def load_a(wp, i, s, bx, tz, ty, tx, af):
-            """Weight plane ``i``'s fragments of K step ``s`` into ``af``."""
+        def load_a(wp, i, s, bx, tz, ty, tx, af, used):
+            """Weight plane ``i``'s fragments of K step ``s`` into ``af`` (zero where not ``used``)."""
             for u in T.unroll(ld):
                 kt = T.meta_var((s * ld + u) * ks + tz)
                 for m in T.unroll(mt):
                     tile = T.meta_var((bx * wm + ty) * mt + m)
-                    if kt < k_tiles and tile < row_tiles:
+                    if used and kt < k_tiles and tile < row_tiles:
                         af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
                     else:
                         af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
@@ -462,7 +462,7 @@ class BMMALeg:
                         for e in T.unroll(frag):
                             dot[e] = 0
                         for s in range(steps):
-                            load_a(wp, i, s, bx, tz, ty, tx, af)
+                            load_a(wp, i, s, bx, tz, ty, tx, af, True)
                             load_b(act, batch, s, by, tz, tx, bf)
                             mmas(dot, af, bf)
                         for e in T.unroll(frag):
@@ -474,16 +474,18 @@ class BMMALeg:
                 # L1 86 %, DRAM 1 %). And every used plane's weight loads of a step are issued
                 # together: planes outside, a small layer (the LSTM step, K = 650) waited for one
                 # weight load per plane and step in turn.
+                # A plane past ``bitlayers`` is not read: its fragments are zero (a guarded load,
+                # not a branch around the plane: with one, the planes' loads of a step waited for
+                # each other, and a small layer got slower, 2600x650 W8 6.4 -> 9.5 us).
                 for s in range(steps):
                     load_b(act, batch, s, by, tz, tx, bf)
                     for i in T.unroll(bits):
-                        if T.Cast("int64", i) < bitlayers:
-                            load_a(wp, i, s, bx, tz, ty, tx, af)
-                            for e in T.unroll(frag):
-                                dot[e] = 0
-                            mmas(dot, af, bf)
-                            for e in T.unroll(frag):
-                                acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+                        load_a(wp, i, s, bx, tz, ty, tx, af, T.Cast("int64", i) < bitlayers)
+                        for e in T.unroll(frag):
+                            dot[e] = 0
+                        mmas(dot, af, bf)
+                        for e in T.unroll(frag):
+                            acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
             # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
             for m in T.unroll(mt):
                 for n in T.unroll(nt):
