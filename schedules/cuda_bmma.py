@@ -40,8 +40,12 @@ from .rules import TunableRule, format_of
 CONFIG_ANNOTATION = "pbtvm.bmma_config"
 #: Knob values the design space draws from (filtered per layer by :func:`config_space`).
 TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N = (1, 2, 4), (1, 2, 4), (1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)
-#: Rough per-lane register budget for accumulators and fragments (beyond it ptxas spills).
+#: Rough per-lane register budget for accumulators and fragments (:func:`.cuda_bmma_kernel.registers`)
+#: of the kernels that pack in the block (one-launch layers, the LSTM step: beyond it ptxas spills).
 REGISTER_BUDGET = 128
+#: The same for the two-launch dense kernel: 200 admits 4 x 4 register tiles, the fastest at batch
+#: 16-64 in the H200 sweep (2026-12-04).
+DENSE_REGISTER_BUDGET = 200
 #: Warps a layer should keep busy at batch 1 (132 SMs x ~16 warps: enough loads in flight).
 TARGET_WARPS = 2048
 _BASE = 100  # encode(): two decimal digits per knob
@@ -92,12 +96,21 @@ def config_space(
     ``limits``: the target's block limits.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
+    budget = REGISTER_BUDGET if fused_pack else DENSE_REGISTER_BUDGET
     out = [
         cfg
         for cfg in knob_grid(fmt, row_tiles, k_tiles, batch)
-        if not config_problem(fmt, k_dim, cfg, fused_pack, limits) and registers(fmt, k_dim, cfg) <= REGISTER_BUDGET
+        if not config_problem(fmt, k_dim, cfg, fused_pack, limits) and registers(fmt, k_dim, cfg) <= budget
     ]
     return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack, limits=limits)]
+
+
+#: Knobs of the default config at larger batches (:func:`default_config`), from the first sweep on
+#: an H200 (``benchmarks/sweep_bmma.py``, 4096x4096 and 11008x4096 W4A8, 2026-12-04): per batch the
+#: config with the best geometric mean over the two shapes. ``(largest batch rows, tiles_m,
+#: warps_m, k_split, tiles_n at 8 activation planes a row)``; past the last, the last. Batch 1 keeps
+#: the latency rule (its best was within 10 % of it on both shapes).
+BATCH_KNOBS = ((8, 2, 4, 4, 2), (32, 4, 2, 2, 4), (None, 4, 4, 1, 4))
 
 
 def default_config(
@@ -108,14 +121,31 @@ def default_config(
     fused_pack: bool = False,
     limits: TargetLimits = DEFAULT_LIMITS,
 ) -> BMMAConfig:
-    """The config used without tuning: enough warps for the DRAM at batch 1, K split to get there.
+    """The config used without tuning.
 
-    Column tiles: as many as ``batch`` needs, up to 4 (one weight fragment feeds them all).
-    Not yet measured on a GPU.
+    At one column tile (batch 1 at 8 activation planes): enough warps for the DRAM, the K split
+    to get there. Above it, :data:`BATCH_KNOBS` (larger register tiles: at batch 64 the 4096x4096
+    W4 kernel took 75 us with the batch-1 shape and 4 column tiles, 27 us with 4 x 4 tiles),
+    clamped to the layer's tiles. The one-launch kernel (``fused_pack``) keeps the batch-1 shape
+    with at most 2 column tiles (with 4 ptxas spilled, W8 8192x2048; not swept). Then the K split
+    and column tiles are halved until the config fits the block.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
     unit = row_column_tiles(fmt.act_bits)
     cols = -(-max(1, batch) * column_stride(fmt.act_bits) // 8)
+    fits = functools.partial(config_problem, fmt, k_dim, fused_pack=fused_pack, limits=limits)
+    if cols > unit and not fused_pack:
+        _, tiles_m, warps_m, k_split, tiles_n = next(
+            knobs for knobs in BATCH_KNOBS if knobs[0] is None or batch <= knobs[0]
+        )
+        tiles_n = min(tiles_n * unit, -(-cols // unit) * unit)
+        while tiles_m > 1 and tiles_m > row_tiles:
+            tiles_m //= 2
+        loads = 2 if k_tiles >= 2 else 1
+        while k_split > 1 and k_split * loads > k_tiles:
+            k_split //= 2
+        cfg = BMMAConfig(tiles_m=tiles_m, warps_m=warps_m, k_split=k_split, loads=loads, tiles_n=tiles_n)
+        return shrink_until_fit(cfg, fits, unit)
     tiles_n = unit
     # The one-launch kernel (fused_pack) stops at 2 tiles: with 4, ptxas spilled (W8, 8192x2048).
     while tiles_n * 2 <= min(cols, (2 if fused_pack else 4) * unit):
@@ -125,9 +155,7 @@ def default_config(
         k_split *= 2
     loads = 2 if k_tiles >= 2 * k_split else 1
     cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
-    return shrink_until_fit(
-        cfg, functools.partial(config_problem, fmt, k_dim, fused_pack=fused_pack, limits=limits), unit
-    )
+    return shrink_until_fit(cfg, fits, unit)
 
 
 def shrink_until_fit(cfg: BMMAConfig, problem: Callable[[BMMAConfig], str | None], unit: int) -> BMMAConfig:
