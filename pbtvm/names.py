@@ -38,6 +38,10 @@ ATTR_CPU_KERNEL = "pbtvm.cpu_kernel"
 #: Manifest key of an exported decoder's settings (:mod:`pbtvm.decoder`; :func:`pbtvm.load` gives
 #: such a library back as the decoder).
 MANIFEST_DECODER = "decoder"
+#: CUDA kernel attribute (an ``AttrStmt`` in the device region) that TVM prints as
+#: ``__launch_bounds__(threads, min_blocks)``: ptxas then may give a lane 65536 / (threads x
+#: min_blocks) registers (with the thread count alone it guesses, and some kernels spilled).
+ATTR_LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
 #: On a byte-code CPU GEMM: the batch from which it multiplies with the AMX tile instructions.
 ATTR_AMX_MIN_BATCH = "pbtvm.amx_min_batch"
 #: On a byte-code CPU kernel: the LLVM CPU features its instructions need (the build checks them).

@@ -11,10 +11,10 @@ from tvm.script import tirx as T
 
 from ._tvm import tir
 from .errors import InputError
+from .names import ATTR_LAUNCH_MIN_BLOCKS
 from .ops.common import CPU_SCRATCH
 from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
-from .schedules.cuda_bmma_kernel import LAUNCH_MIN_BLOCKS
 
 
 @T.macro(hygienic=False)
@@ -506,7 +506,7 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
         t = T.launch_thread("threadIdx.x", TPB)
         # __launch_bounds__(TPB, 1): with the thread count alone ptxas aimed at two blocks an SM and
         # spilled (64 registers, 28 bytes at 512 threads); a row needs one block.
-        with T.attr(0, LAUNCH_MIN_BLOCKS, 1):
+        with T.attr(0, ATTR_LAUNCH_MIN_BLOCKS, 1):
             sv = T.decl_buffer((TPB,), "float32", scope="shared")
             si = T.decl_buffer((TPB,), "int64", scope="shared")
             ss = T.decl_buffer((TPB,), "float64", scope="shared")

@@ -94,7 +94,9 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
                     T.uint32(0xFFFFFFFF),
                     T.bitwise_and(T.shift_right(code[0], n_act - 1 - p), 1) != 0,
                 )
-                if one_store:
+                if one_store and p == 0:
+                    vote[1] = vote[0]
+                elif one_store:
                     vote[1] = T.Select(tx == p, vote[0], vote[1])
                 elif tx == p:
                     dest[p, row, c * warps + warp] = vote[0]

@@ -111,6 +111,9 @@ def config_space(
 #: warps_m, k_split, tiles_n at 8 activation planes a row)``; past the last, the last. Batch 1 keeps
 #: the latency rule (its best was within 10 % of it on both shapes).
 BATCH_KNOBS = ((8, 2, 4, 4, 2), (32, 4, 2, 2, 4), (None, 4, 4, 1, 4))
+#: Most weight bits :data:`BATCH_KNOBS` serve (the sweep was W4; at W8 its batch-8 config spilled,
+#: 6000x1500: all planes' fragments of a K step in flight under ptxas's 64-register choice).
+BATCH_KNOBS_MAX_BITS = 4
 
 
 def default_config(
@@ -126,7 +129,8 @@ def default_config(
     At one column tile (batch 1 at 8 activation planes): enough warps for the DRAM, the K split
     to get there. Above it, :data:`BATCH_KNOBS` (larger register tiles: at batch 64 the 4096x4096
     W4 kernel took 75 us with the batch-1 shape and 4 column tiles, 27 us with 4 x 4 tiles),
-    clamped to the layer's tiles. The one-launch kernel (``fused_pack``) keeps the batch-1 shape
+    clamped to the layer's tiles and halved to :data:`DENSE_REGISTER_BUDGET`, up to
+    :data:`BATCH_KNOBS_MAX_BITS`; wider weights keep the batch-1 shape with up to 4 column tiles. The one-launch kernel (``fused_pack``) keeps the batch-1 shape
     with at most 2 column tiles (with 4 ptxas spilled, W8 8192x2048; not swept). Then the K split
     and column tiles are halved until the config fits the block.
     """
@@ -134,7 +138,7 @@ def default_config(
     unit = row_column_tiles(fmt.act_bits)
     cols = -(-max(1, batch) * column_stride(fmt.act_bits) // 8)
     fits = functools.partial(config_problem, fmt, k_dim, fused_pack=fused_pack, limits=limits)
-    if cols > unit and not fused_pack:
+    if cols > unit and not fused_pack and fmt.bits <= BATCH_KNOBS_MAX_BITS:
         _, tiles_m, warps_m, k_split, tiles_n = next(
             knobs for knobs in BATCH_KNOBS if knobs[0] is None or batch <= knobs[0]
         )
@@ -145,6 +149,13 @@ def default_config(
         while k_split > 1 and k_split * loads > k_tiles:
             k_split //= 2
         cfg = BMMAConfig(tiles_m=tiles_m, warps_m=warps_m, k_split=k_split, loads=loads, tiles_n=tiles_n)
+        # 16 activation bits double the column tiles, int64 accumulators the registers: the swept
+        # (W4A8) tiles spilled there (W4A16 4096x4096 batch 9: 372 LDL/STL); halve them to the budget.
+        while registers(fmt, k_dim, cfg) > DENSE_REGISTER_BUDGET and (cfg.tiles_n > unit or cfg.tiles_m > 1):
+            if cfg.tiles_n > unit:
+                cfg = dataclasses.replace(cfg, tiles_n=cfg.tiles_n // 2)
+            else:
+                cfg = dataclasses.replace(cfg, tiles_m=cfg.tiles_m // 2)
         return shrink_until_fit(cfg, fits, unit)
     tiles_n = unit
     # The one-launch kernel (fused_pack) stops at 2 tiles: with 4, ptxas spilled (W8, 8192x2048).

@@ -9,9 +9,9 @@ B operand 8 *columns* of activation planes: column ``c = b * stride + j`` is act
 
 A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators stay in
 registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps of ``loads``
-tiles, loads their activation fragments once, then per weight plane ``i < bitlayers`` (run-time
-knob) the plane's fragments and their MMAs, and folds the popcounts into the accumulator as
-``acc += c_i * D_i`` (kernels that pack in the block loop over the planes outside above W4 or
+tiles, loads their activation fragments once, then per weight plane the plane's fragments (zeros,
+never read, for a plane past ``bitlayers``, the run-time knob: its MMAs still run) and their MMAs,
+and folds the popcounts into the accumulator as ``acc += c_i * D_i`` (kernels that pack in the block loop over the planes outside above W4 or
 with several column tiles a warp).
 The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
 thread of the block sums one output's K-split parts and activation-plane columns with their
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
+from pbtvm import names
 from pbtvm._tvm import tir
 from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
 from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
@@ -43,10 +44,10 @@ DEFAULT_LIMITS = TargetInfo.from_summary({"kind": "cuda"}).limits
 #: register count itself, and for kernels that pack their activations in the block it chose too few
 #: and spilled: 40 registers and 8 bytes for the one-launch W2 kernel of 4096x11008 at its batch-8
 #: config (512 threads), 32 registers and 8 bytes for the W4A8 LSTM step.
-LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
+LAUNCH_MIN_BLOCKS = names.ATTR_LAUNCH_MIN_BLOCKS
 #: Most weight bits at which a kernel that packs in the block (:class:`BMMALeg` with
-#: ``fused_pack``) with one column tile a warp (batch 1-2 at 8 activation bits: the LSTM step and
-#: head of a decoder) loops over the planes inside each K step, as the two-launch kernel always
+#: ``fused_pack``) with one column tile a warp (batch 1 at 8 activation bits, 1-2 at 4: the LSTM
+#: step and head of a decoder) loops over the planes inside each K step, as the two-launch kernel always
 #: does; otherwise the planes are the outer loop (fewer live registers: W8, and W4 with two column
 #: tiles at 11008x4096, spilled under the declared budget the other way).
 PLANES_INSIDE_MAX_FUSED_BITS = 4
@@ -62,7 +63,7 @@ LANE_OVERHEAD = 32
 
 def registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
     """Rough 32-bit registers per lane for ``cfg``'s accumulators and fragments (vs
-    :data:`.cuda_bmma.REGISTER_BUDGET`)."""
+    :data:`.cuda_bmma.REGISTER_BUDGET`, :data:`.cuda_bmma.DENSE_REGISTER_BUDGET`)."""
     acc_words = 2 if fmt.accumulator_dtype(k_dim) == "int64" else 1
     frag = cfg.tiles_m * cfg.tiles_n * 4
     return frag * (acc_words + 1) + cfg.loads * (4 * cfg.tiles_m + 2 * cfg.tiles_n)
@@ -73,9 +74,10 @@ def light_config(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> bool:
     :data:`LANE_OVERHEAD`: its one-launch kernel then declares them (:data:`LAUNCH_MIN_BLOCKS`).
 
     Heavier configs, and the two-launch kernel, are left to ptxas's own choice, which spilled in
-    none of the configs checked (the heaviest of the design space included), while holding a
-    heavy config near its estimate did (W16 4096x4096, tiles_m 2, k_split 2, tiles_n 4: 56 bytes
-    at 168 registers).
+    none of the configs checked within the 128-register budget, while holding a heavy config near
+    its estimate did (W16 4096x4096, tiles_m 2, k_split 2, tiles_n 4: 56 bytes at 168 registers).
+    The two-launch design space now reaches 200 (:data:`.cuda_bmma.DENSE_REGISTER_BUDGET`), where
+    some configs spill a little (W16A8 4096x4096 ``1,1,1,4,8``: 2 LDL/STL); tuning measures them.
     """
     return registers(fmt, k_dim, cfg) + LANE_OVERHEAD <= LIGHT_LANE_REGISTERS
 
@@ -362,7 +364,9 @@ class BMMALeg:
         if not self.fused_pack:
             raise ValueError("pack_block is for a leg made with fused_pack=True")
         cfg, acc_t, block_batch, threads = self.cfg, self.acc_dtype, self.block_batch, self.cfg.threads
-        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, FUSED_PREFETCH_MAX)
+        # W16 kernels spilled 4 bytes with the activations held in registers (4096x4096, batch 1)
+        prefetch = FUSED_PREFETCH_MAX if self.fmt.bits <= 8 else 0
+        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, prefetch)
 
         @T.macro
         def pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total):

@@ -315,3 +315,20 @@ def test_recorded_default_replays_to_the_bmma_kernel():
     kernel = tuning.replay(func, traced.trace)
     assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script() and "mma" in kernel.script()
     assert tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "batch"),
+    [
+        (4, 16, 2600, 650, 9),  # tiles_n 8 (4 x 8 register tiles): estimate 320 registers
+        (16, 8, 4096, 4096, 16),  # int64 accumulators, 4 x 4 tiles: estimate 240
+        (4, 8, 4096, 4096, 64),  # the swept shape: fine
+    ],
+)
+def test_batch_knob_default_configs_do_not_spill(bits, act_bits, n, k, batch):
+    """The two-launch default past one column tile (BATCH_KNOBS) stays in registers."""
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    cfg = cuda_bmma.default_config(fmt, n, k, batch)
+    func = cuda_bmma.kernel_for(kernels.dense_func(fmt, n, k), cfg).with_attr("global_symbol", "k")
+    sass = source_sass(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)), "sm_90")
+    assert [bmma_problem(s) for s in sass.values()] == [None], cfg

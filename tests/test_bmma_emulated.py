@@ -19,7 +19,7 @@ from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.cuda import build, cuda_source
 from pbtvm.schedules import apply_default_schedule
-from pbtvm.schedules.cuda_ballot_pack import pack_warps
+from pbtvm.schedules.cuda_ballot_pack import PREFETCH_MAX, pack_warps
 from pbtvm.schedules.cuda_bmma import default_config
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
 from pbtvm.target import resolve_target
@@ -208,3 +208,86 @@ def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
         kernel(grid, block, **args)
         ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "batches", "codebook"),
+    [
+        (4, 4, 70, 300, (3, 7), None),  # act_bits 4: two rows a column tile
+        (4, 16, 70, 300, (2, 9), None),  # a batch row over 2 column tiles
+        (1, 8, 64, 256, (5,), None),  # bipolar, one K tile
+        (3, 8, 33, 20, (9,), "offset_binary"),  # K = 20
+        (8, 16, 40, 700, (33,), None),
+    ],
+)
+def test_batch_knob_default_configs_exact_in_emulation(bits, act_bits, n, k, batches, codebook, rng):
+    """The two-launch kernel at its default configs past one column tile (``BATCH_KNOBS``): act_bits
+    4 and 16, bipolar, K = 20, W8 (review of the batch defaults, 2026-12-04)."""
+    fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
+    for batch in batches:
+        cfg = default_config(fmt, n, k, batch)
+        _emulate_exact(bits, act_bits, n, k, (batch, 1), cfg, rng, codebook)
+
+
+def test_ballot_pack_chunked_path_one_store_exact_in_emulation(rng):
+    """K large enough that a thread holds more than PREFETCH_MAX activations (the chunked reads)
+    with the one-store select."""
+    k, batch, act_bits = 16 * 32 * (PREFETCH_MAX + 1) + 5, 2, 8
+    assert -(-k // (32 * pack_warps(k))) > PREFETCH_MAX
+    fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
+    func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
+    kernel = EmulatedKernel(cuda_source(build(func, SM90)))
+    x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
+    xq, xs = qz.quantize_activations(x, fmt)
+    xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+    scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
+    kernel((batch, 1, 1), (32, pack_warps(k), 1), x_ptr=x, xp_ptr=xp, x_scale_ptr=scale, rowsum_ptr=rowsum, batch=batch)
+    np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale, xs)
+    np.testing.assert_array_equal(rowsum, xq.sum(1))
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k", "batch", "cfg_args", "fused"),
+    [
+        (4, 8, 70, 700, 1, None, False),  # two-launch, planes inside, batch-1 default
+        (4, 4, 70, 300, 5, None, False),  # two-launch, batch-knob default
+        (3, 8, 33, 300, 1, (1, 2, 2, 1, 1), True),  # fused, planes inside (bits <= 4, one column tile)
+        (8, 8, 33, 300, 1, (1, 2, 2, 1, 1), True),  # fused, planes outside (W8)
+    ],
+)
+def test_planes_past_bitlayers_are_not_read_in_emulation(bits, act_bits, n, k, batch, cfg_args, fused, rng):
+    """The weights passed hold only the first ``layers`` planes, so that the guard page sits right
+    after them: a read of a plane >= bitlayers faults."""
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    cfg = BMMAConfig(*cfg_args) if cfg_args else default_config(fmt, n, k, batch)
+    func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=fused).with_attr("global_symbol", "k")
+    kernel = EmulatedKernel(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    q, ws = qz.quantize_weights(w, fmt)
+    wp = bp.pack_weights(q, fmt)
+    xq, xs = qz.quantize_activations(x, fmt)
+    grid = (-(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)), -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)), 1)
+    for layers in (1, bits - 1):
+        y = np.full((batch, n), np.nan, np.float32)
+        args = {"wp_ptr": np.ascontiguousarray(wp[:layers]), "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y}
+        if fused:
+            args["x_ptr"] = x
+        else:
+            args.update(
+                xp_ptr=bp.pack_activations(xq, fmt),
+                x_scale_ptr=xs,
+                rowsum_ptr=xq.sum(1).astype(fmt.accumulator_dtype(k)),
+            )
+        kernel(grid, (32, cfg.warps_m, cfg.k_split), **args, batch=batch, bitlayers=layers)
+        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_int64_accumulator_two_launch_batch_knobs_exact_in_emulation(rng):
+    """W4A16 at K = 8000: int64 accumulators (planes inside, folded per K step), batch-knob config."""
+    fmt = bp.BitplaneFormat(4, 16, layout=MMA)
+    assert fmt.accumulator_dtype(8000) == "int64"
+    _emulate_exact(4, 16, 20, 8000, (3,), default_config(fmt, 20, 8000, 3), rng)

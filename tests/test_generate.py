@@ -16,6 +16,7 @@ from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import PICK_THREADS, philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
+from pbtvm.sampling_tir import CUDA_PICK_LOADS
 
 from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
@@ -198,11 +199,11 @@ def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
         torch.set_flush_denormal(False)
 
 
-@pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36), (1, 2600, 12)])
+@pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36), (2, 5000, 24)])
 def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
-    """The generated CUDA (one block of 256 threads per row, tree reductions, scan), run on the CPU.
-    700 = 2 full strides + a partial one, segments of 3; 100: fewer logits than threads; 2600: two
-    groups of loads (``CUDA_PICK_LOADS`` strides each), the second partial. The
+    """The generated CUDA (one block of ``PICK_THREADS`` threads per row, tree reductions, scan),
+    run on the CPU. 700: a full stride and a partial one, segments of 2; 100: fewer logits than
+    threads; 5000: two groups of loads (``CUDA_PICK_LOADS`` strides each), the second partial. The
     emulator ends the logits at an unreadable page (``cuda_emulator.GUARD``): the radix top-k read
     up to 255 floats past a row (past the buffer on the last row), loaded before the bounds test
     that guarded only the compare."""
@@ -231,6 +232,72 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
         return token, new_done, weights
 
     _check_pick(run, batch, vocab, chunk, cases)
+
+
+def _pick_rows(vocab: int) -> list[np.ndarray]:
+    """Rows whose ties, NaNs and maxima sit on one thread's logits on both sides of a load-group
+    boundary (a group: ``CUDA_PICK_LOADS * PICK_THREADS`` logits)."""
+    g = CUDA_PICK_LOADS * PICK_THREADS
+    assert vocab > g, "needs two load groups"
+    rng = np.random.default_rng(3)
+    t = min(100, vocab - 1 - g)
+    # (indices, value) pairs set on a fresh normal row; the last row is rounded (ties for top-k)
+    cases = [
+        ([t, t + g], 50.0),  # a tie across the groups on one thread: the lower index wins
+        ([t + g, t + PICK_THREADS], 50.0),  # group 0's second stride wins
+        ([vocab - 1], 50.0),  # the last logit (the clamped loads read it too)
+        ([g, vocab - 1], np.nan),  # the first NaN, in group 1
+        ([vocab - 1], np.nan),  # a NaN beats an earlier inf (set below)
+        ([t, t + g, g - 1, g, vocab - 1], 7.0),
+        ([t, t + g, vocab - 1, g - 1], 40.0),
+    ]
+    rows = []
+    for k, (idx, value) in enumerate(cases):
+        row = (rng.standard_normal(vocab) * 2).astype(np.float32)
+        if k == len(cases) - 1:
+            row = np.round(row)
+            row[3] = 39.0
+        row[idx] = value
+        if k == 4:
+            row[t] = np.inf
+        rows.append(row)
+    row = np.full(vocab, -np.inf, np.float32)
+    row[vocab - 1] = 1.0
+    rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("vocab", [CUDA_PICK_LOADS * PICK_THREADS + 1, 5000])
+def test_cuda_pick_ties_and_nan_across_load_groups(vocab):
+    """The CUDA pick's grouped loads (review, 2026-12-04): greedy and top-k 2..17 on rows with ties
+    and NaNs across a load-group boundary, emulated; a load group that re-read another's logits
+    passed the other pick tests."""
+    from pbtvm.cuda import build, cuda_source
+    from pbtvm.target import resolve_target
+
+    batch, chunk = 1, 1
+    src = cuda_source(build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)))
+    kernel = EmulatedKernel(src, warp_ops=False)
+    for row in _pick_rows(vocab):
+        logits = row[None, :].copy()
+        for temp, top_k in ((0.0, 0), (1.0, 2), (1.0, 3), (1.0, 5), (2.5, 8), (1.0, 9), (1.0, 17)):
+            ctrl = np.array([5, 0, -1, top_k], np.int64)
+            forced = np.full((chunk, batch), -1, np.int64)
+            done = np.zeros(batch, np.int64)
+            token, new_done, weights = np.zeros(batch, np.int64), np.zeros(batch, np.int64), np.zeros((batch, vocab))
+            kernel(
+                (batch, 1, 1), (PICK_THREADS, 1, 1), logits_ptr=logits, forced_ptr=forced, done_in_ptr=done,
+                ctrl_ptr=ctrl, temp_ptr=np.array([temp]), step=0, token_ptr=token, done_out_ptr=new_done,
+                weights_ptr=weights,
+            )  # fmt: skip
+            want = pick_reference(
+                logits, done, temperature=temp, top_k=top_k, seed=5, counter=0, eos=-1, forced=forced[0]
+            )
+            np.testing.assert_array_equal(token, want[0], err_msg=f"temp={temp} top_k={top_k}")
+            np.testing.assert_array_equal(new_done, want[1])
+            if temp > 0 and np.isfinite(row.max()) and not np.isnan(row).any():
+                kept = sampling_weights(row, temp, top_k) > 0
+                np.testing.assert_array_equal(weights[0] > 0, kept, err_msg=f"top_k={top_k}")
 
 
 @pytest.mark.gpu
