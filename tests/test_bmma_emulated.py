@@ -97,15 +97,19 @@ def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
     """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too,
     and products a few ulps from a half, which a fused multiply-add would round otherwise)."""
     fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
-    func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
-    kernel = EmulatedKernel(cuda_source(build(func, SM90)))
     x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
     x[0] = near_tie_rows(rng, 1, k, fmt)[0]
     x[-1] = 0 if batch > 1 else x[-1]
-    x = np.concatenate([x, extreme_rows(rng, k)])  # FLT_MAX, tiny, subnormal, +-inf rows
-    batch = x.shape[0]
+    _check_ballot_pack(fmt, np.concatenate([x, extreme_rows(rng, k)]))  # FLT_MAX, tiny, subnormal, +-inf rows
+
+
+def _check_ballot_pack(fmt: bp.BitplaneFormat, x: np.ndarray) -> None:
+    """The emulated one-launch pack of ``x`` (float32 [B, K]): planes, scales and code sums exact."""
+    batch, k = x.shape
+    func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
+    kernel = EmulatedKernel(cuda_source(build(func, SM90)))
     xq, xs = qz.quantize_activations(x, fmt)
-    xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+    xp = np.full((fmt.act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
     scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
     kernel((batch, 1, 1), (32, pack_warps(k), 1), x_ptr=x, xp_ptr=xp, x_scale_ptr=scale, rowsum_ptr=rowsum, batch=batch)
     np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
@@ -234,17 +238,8 @@ def test_ballot_pack_chunked_path_one_store_exact_in_emulation(rng):
     with the one-store select."""
     k, batch, act_bits = 16 * 32 * (PREFETCH_MAX + 1) + 5, 2, 8
     assert -(-k // (32 * pack_warps(k))) > PREFETCH_MAX
-    fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
-    func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
-    kernel = EmulatedKernel(cuda_source(build(func, SM90)))
     x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
-    xq, xs = qz.quantize_activations(x, fmt)
-    xp = np.full((act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
-    scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
-    kernel((batch, 1, 1), (32, pack_warps(k), 1), x_ptr=x, xp_ptr=xp, x_scale_ptr=scale, rowsum_ptr=rowsum, batch=batch)
-    np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
-    np.testing.assert_array_equal(scale, xs)
-    np.testing.assert_array_equal(rowsum, xq.sum(1))
+    _check_ballot_pack(bp.BitplaneFormat(4, act_bits, layout=MMA), x)
 
 
 @pytest.mark.parametrize(
