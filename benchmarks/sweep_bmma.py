@@ -17,13 +17,14 @@ times. Every timing is a CSV row, written as it is measured.
     python benchmarks/sweep_bmma.py --shapes 4096x4096 --batches 64 --max-configs 0  # every config
     python benchmarks/sweep_bmma.py --dry-run --shapes 4096x4096 --batches 1 64 --max-configs 6
 
-The default grid (2 shapes x 4 batches, W4, 40 configs a point): batches 8, 16 and 64 have the
-same space, so they share their kernels. ``config_space`` admits register tiles up to
-``DENSE_REGISTER_BUDGET`` (200: the 4 x 4 and 2 x 8 tiles, 192 fragment bytes per MMA against the
-batch-1 shape's 384; the fastest at batch 16-64 on the H200, BENCHMARKS.md); ``--register-budget``
-sets another. ``--dry-run`` of the 200 grid before that (nvcc 13, sm_90): 3 of its 174 kernels
-spilled a little, 11008x4096 ``m4 w2 k2 l1 n4`` (12 LDL/STL, the same config at 4096x4096 none)
-and 4096x4096 ``m4 w1 k8 l1/l2 n1`` (2 each); they are timed like the others.
+The default grid (2 shapes x 4 batches, W4, 40 configs a point) is 142 kernels: batches 8, 16 and
+64 have the same space, so they share them. ``--register-budget 200`` adds the largest block
+tiles (``tiles_m`` 4 x ``tiles_n`` 4, 2 x 8: 192 fragment bytes per MMA against the batch-1
+shape's 384; the fastest at batch 16-64 on the H200, BENCHMARKS.md, and the defaults there since),
+which ``config_space``'s register estimate (128) leaves out. ``--dry-run`` of that grid (nvcc 13,
+sm_90): 3 of its 174 kernels spilled a little, 11008x4096 ``m4 w2 k2 l1 n4`` (12 LDL/STL, the same
+config at 4096x4096 none) and 4096x4096 ``m4 w1 k8 l1/l2 n1`` (2 each, in ``config_space``); they
+are timed like the others.
 
 ``--dry-run`` needs no GPU: it builds every kernel for sm_90 and checks its SASS with nvcc
 (``bench_bmma.check_kernel``: BMMA present, no register spills) and stops.
@@ -45,7 +46,7 @@ from bench_layers import append_csv_row, graph_time, n_sets_for, rand_u32
 from parallel_build import default_workers
 
 from pbtvm import bitplane as bp
-from pbtvm.schedules.cuda_bmma import DENSE_REGISTER_BUDGET, config_space, default_config, knob_grid
+from pbtvm.schedules.cuda_bmma import REGISTER_BUDGET, config_space, default_config, knob_grid
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, config_problem, registers
 from pbtvm.target import resolve_target
 
@@ -112,7 +113,7 @@ def space_of(point: Point, register_budget: int | None = None) -> list[BMMAConfi
     point : Point
     register_budget : int, optional
         None: ``config_space`` as the tuner sees it (registers within
-        :data:`~pbtvm.schedules.cuda_bmma.DENSE_REGISTER_BUDGET`). A number: the same filter with this
+        :data:`~pbtvm.schedules.cuda_bmma.REGISTER_BUDGET`). A number: the same filter with this
         budget instead, to reach tiles the budget leaves out (``--dry-run`` says
         whether ptxas spills them).
 
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "--register-budget",
         type=int,
         default=None,
-        help=f"widen the space to configs whose register estimate is within this (config_space: {DENSE_REGISTER_BUDGET})",
+        help=f"widen the space to configs whose register estimate is within this (config_space: {REGISTER_BUDGET})",
     )
     ap.add_argument("--csv", default=None, help="every timing, a row each, written as measured")
     ap.add_argument(

@@ -41,10 +41,13 @@ CONFIG_ANNOTATION = "pbtvm.bmma_config"
 #: Knob values the design space draws from (filtered per layer by :func:`config_space`).
 TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N = (1, 2, 4), (1, 2, 4), (1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)
 #: Rough per-lane register budget for accumulators and fragments (:func:`.cuda_bmma_kernel.registers`)
-#: of the kernels that pack in the block (one-launch layers, the LSTM step: beyond it ptxas spills).
+#: of the design space (beyond it ptxas may spill).
 REGISTER_BUDGET = 128
-#: The same for the two-launch dense kernel: 200 admits 4 x 4 register tiles, the fastest at batch
-#: 16-64 in the H200 sweep (2026-12-04).
+#: The budget of the two-launch kernel's default past one column tile (:data:`BATCH_KNOBS`): 200
+#: admits 4 x 4 register tiles, the fastest at batch 16-64 in the H200 sweep (2026-12-04), which
+#: build without spills at W1-W4 (checked); the design space keeps :data:`REGISTER_BUDGET` (random
+#: points of a 200 space spilled a little, e.g. W4A8 100x700 at batch 8: 4 bytes), so tuning
+#: measures these defaults as "the default" beside its search.
 DENSE_REGISTER_BUDGET = 200
 #: Warps a layer should keep busy at batch 1 (132 SMs x ~16 warps: enough loads in flight).
 TARGET_WARPS = 2048
@@ -96,11 +99,10 @@ def config_space(
     ``limits``: the target's block limits.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
-    budget = REGISTER_BUDGET if fused_pack else DENSE_REGISTER_BUDGET
     out = [
         cfg
         for cfg in knob_grid(fmt, row_tiles, k_tiles, batch)
-        if not config_problem(fmt, k_dim, cfg, fused_pack, limits) and registers(fmt, k_dim, cfg) <= budget
+        if not config_problem(fmt, k_dim, cfg, fused_pack, limits) and registers(fmt, k_dim, cfg) <= REGISTER_BUDGET
     ]
     return out or [default_config(fmt, n_out, k_dim, fused_pack=fused_pack, limits=limits)]
 

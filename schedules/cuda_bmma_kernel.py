@@ -76,8 +76,7 @@ def light_config(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> bool:
     Heavier configs, and the two-launch kernel, are left to ptxas's own choice, which spilled in
     none of the configs checked within the 128-register budget, while holding a heavy config near
     its estimate did (W16 4096x4096, tiles_m 2, k_split 2, tiles_n 4: 56 bytes at 168 registers).
-    The two-launch design space now reaches 200 (:data:`.cuda_bmma.DENSE_REGISTER_BUDGET`), where
-    some configs spill a little (W16A8 4096x4096 ``1,1,1,4,8``: 2 LDL/STL); tuning measures them.
+    Past it some configs spill a little (W16A8 4096x4096 ``1,1,1,4,8`` at 176: 2 LDL/STL).
     """
     return registers(fmt, k_dim, cfg) + LANE_OVERHEAD <= LIGHT_LANE_REGISTERS
 
