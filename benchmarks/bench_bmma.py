@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -140,15 +141,10 @@ def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part
     cfg, fused_cfg = layer_configs(n, k, bits, batch)
     pack, dense = built[pack_key(k, bits)], built["bmma", n, k, bits, cfg]
     fused = built["fused", n, k, bits, fused_cfg] if part == "fused" else None
-    sets = n_sets_for(4 * _prod(fmt.weight_shape(n, k)), l2)
-    ws = [
-        (rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda"))
-        for _ in range(sets)
-    ]
+    sets = n_sets_for(4 * math.prod(fmt.weight_shape(n, k)), l2)
+    ws = [weight_set(fmt, n, k) for _ in range(sets)]
     xs = [torch.randn(batch, k, device="cuda") for _ in range(sets)]
-    xp = rand_u32((fmt.act_bits, batch, fmt.words(k)))
-    sx, rs = torch.rand(batch, device="cuda"), torch.zeros(batch, dtype=torch.int32, device="cuda")
-    y = torch.empty(batch, n, device="cuda")
+    xp, sx, rs, y = packed_inputs(fmt, n, k, batch)
 
     def step(i: int) -> None:
         w, s, b = ws[i]
@@ -162,11 +158,19 @@ def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part
     return graph_time(step, sets)
 
 
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
+def weight_set(fmt: bp.BitplaneFormat, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random CUDA weights of an N x K layer: packed planes (uint32, ``fmt.weight_shape``), scales
+    and bias (float32 [N])."""
+    return rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda")
+
+
+def packed_inputs(fmt: bp.BitplaneFormat, n: int, k: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """The BMMA kernel's other CUDA arguments: random packed activations ``xp`` (uint32 [act_bits,
+    batch, W]), row scales (float32 [batch]), zero row sums (accumulator dtype [batch]) and the
+    output ``y`` (float32 [batch, N])."""
+    xp = rand_u32((fmt.act_bits, batch, fmt.words(k)))
+    rowsum = torch.zeros(batch, dtype=getattr(torch, fmt.accumulator_dtype(k)), device="cuda")
+    return xp, torch.rand(batch, device="cuda"), rowsum, torch.empty(batch, n, device="cuda")
 
 
 def dry_run(args: argparse.Namespace) -> int:

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_bmma import build_kernel, layer_configs
-from bench_layers import rand_u32
+from bench_bmma import build_kernel, layer_configs, packed_inputs, weight_set
 
 from pbtvm import bitplane as bp
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
@@ -39,10 +38,8 @@ def main() -> None:
         else layer_configs(n, k, args.bits, args.batch)[0]
     )
     kernel = build_kernel(("bmma", n, k, args.bits, cfg), resolve_target("cuda"))
-    w, s, b = rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda")
-    xp = rand_u32((fmt.act_bits, args.batch, fmt.words(k)))
-    sx, rs = torch.rand(args.batch, device="cuda"), torch.zeros(args.batch, dtype=torch.int32, device="cuda")
-    y = torch.empty(args.batch, n, device="cuda")
+    w, s, b = weight_set(fmt, n, k)
+    xp, sx, rs, y = packed_inputs(fmt, n, k, args.batch)
     for _ in range(args.launches):
         kernel(xp, sx, rs, w, s, b, args.bits, y)
     torch.cuda.synchronize()

@@ -41,8 +41,8 @@ from dataclasses import astuple, dataclass, fields
 
 import torch
 import tvm_ffi
-from bench_bmma import MMA, build_kernels
-from bench_layers import append_csv_row, graph_time, n_sets_for, rand_u32
+from bench_bmma import MMA, build_kernels, packed_inputs, weight_set
+from bench_layers import append_csv_row, graph_time, n_sets_for
 from parallel_build import default_workers
 
 from pbtvm import bitplane as bp
@@ -252,22 +252,16 @@ def dry_run(args: argparse.Namespace) -> int:
 class Bench:
     """A point's buffers on the device (weight sets rotated past the L2) and its default's output.
 
-    The inputs are those of ``bench_bmma.bench_bmma(..., part="gemm")``: random packed
-    activation planes, scales and weights, zero row sums.
+    The inputs are those of ``bench_bmma.bench_bmma(..., part="gemm")`` (``weight_set``,
+    ``packed_inputs``): random packed activation planes, scales and weights, zero row sums.
     """
 
     def __init__(self, point: Point, l2: int):
         fmt, n, k, batch = point.fmt, point.n, point.k, point.batch
         self.bits = point.bits
         self.sets = n_sets_for(4 * math.prod(fmt.weight_shape(n, k)), l2)
-        self.ws = [
-            (rand_u32(fmt.weight_shape(n, k)), torch.rand(n, device="cuda"), torch.randn(n, device="cuda"))
-            for _ in range(self.sets)
-        ]
-        self.xp = rand_u32((fmt.act_bits, batch, fmt.words(k)))
-        self.sx = torch.rand(batch, device="cuda")
-        self.rs = torch.zeros(batch, dtype=getattr(torch, fmt.accumulator_dtype(k)), device="cuda")
-        self.y = torch.empty(batch, n, device="cuda")
+        self.ws = [weight_set(fmt, n, k) for _ in range(self.sets)]
+        self.xp, self.sx, self.rs, self.y = packed_inputs(fmt, n, k, batch)
         self.reference: torch.Tensor | None = None
 
     def output(self, dense) -> torch.Tensor:
