@@ -352,21 +352,24 @@ def _block_best(sv, si, cand_v, cand_i, t, threads, vocab):
 #: 8 counting passes of 4-bit digits and one scan, whatever ``top_k`` is).
 CUDA_TOPK_PASSES_MAX = 8
 #: Logits a thread of the CUDA pick loads before it compares any of them (the argmax / top-k
-#: passes' strided scans): the loads of one group are in flight together. One at a time, a row of 10,000 logits took 12 µs to
-#: argmax on an H200 (40 dependent loads a thread at 256 threads), 50,257 took 46 µs.
+#: passes' strided scans): the loads of one group are in flight together. One at a time, a row of
+#: 10,000 logits took 12 µs to argmax on an H200 (40 dependent loads a thread at 256 threads),
+#: 50,257 took 46 µs.
 CUDA_PICK_LOADS = 8
 _FULL_MASK = 0xFFFFFFFF
 
 
+def _group_index(g, u, threads, t):
+    """The logit (int64) a thread ``t`` of ``threads`` scans as load ``u`` of its group ``g``."""
+    return tir.Cast("int64", (g * CUDA_PICK_LOADS + u) * threads) + tir.Cast("int64", t)
+
+
 @T.macro(hygienic=False)
 def _load_group(logits, r, t, g, lv, threads, vocab):
-    """``lv[u]`` = logit ``(g * CUDA_PICK_LOADS + u) * threads + t`` of row ``r`` (clamped to the
-    row's last: the caller skips indices past ``vocab``), every load issued before any is used."""
+    """``lv[u]`` = logit :func:`_group_index` of row ``r`` (clamped to the row's last: the caller
+    skips indices past ``vocab``), every load issued before any is used."""
     for u in T.unroll(CUDA_PICK_LOADS):
-        lv[u] = logits[
-            r,
-            T.min(T.Cast("int64", (g * CUDA_PICK_LOADS + u) * threads) + T.Cast("int64", t), T.int64(vocab - 1)),
-        ]
+        lv[u] = logits[r, T.min(_group_index(g, u, threads, t), T.int64(vocab - 1))]
 
 
 def _shfl_xor(value, lane_mask):
@@ -547,7 +550,7 @@ def cuda_pick(batch: int, vocab: int, chunk: int, threads: int) -> tir.PrimFunc:
                     for g in range((strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS):
                         _load_group(logits, r, t, g, lv, TPB, V)
                         for u in T.unroll(CUDA_PICK_LOADS):
-                            i: T.int64 = T.Cast("int64", (g * CUDA_PICK_LOADS + u) * TPB) + T.Cast("int64", t)
+                            i: T.int64 = _group_index(g, u, TPB, t)
                             if i < T.int64(V):
                                 if (p == T.int64(0) or lv[u] < fv[1] or (lv[u] == fv[1] and i > iv[1])) and (
                                     iv[2] == T.int64(V) or _comes_first(lv[u], fv[2])
