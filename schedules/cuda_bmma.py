@@ -132,9 +132,10 @@ def default_config(
     to get there. Above it, :data:`BATCH_KNOBS` (larger register tiles: at batch 64 the 4096x4096
     W4 kernel took 75 us with the batch-1 shape and 4 column tiles, 27 us with 4 x 4 tiles),
     clamped to the layer's tiles and halved to :data:`DENSE_REGISTER_BUDGET`, up to
-    :data:`BATCH_KNOBS_MAX_BITS`; wider weights keep the batch-1 shape with up to 4 column tiles. The one-launch kernel (``fused_pack``) keeps the batch-1 shape
-    with at most 2 column tiles (with 4 ptxas spilled, W8 8192x2048; not swept). Then the K split
-    and column tiles are halved until the config fits the block.
+    :data:`BATCH_KNOBS_MAX_BITS`; wider weights keep the batch-1 shape with up to 4 column tiles.
+    The one-launch kernel (``fused_pack``) keeps the batch-1 shape with at most 2 column tiles
+    (with 4 ptxas spilled, W8 8192x2048; not swept). Then the K split and column tiles are halved
+    until the config fits the block.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
     unit = row_column_tiles(fmt.act_bits)
@@ -145,7 +146,7 @@ def default_config(
             knobs for knobs in BATCH_KNOBS if knobs[0] is None or batch <= knobs[0]
         )
         tiles_n = min(tiles_n * unit, -(-cols // unit) * unit)
-        while tiles_m > 1 and tiles_m > row_tiles:
+        while tiles_m > row_tiles:
             tiles_m //= 2
         loads = 2 if k_tiles >= 2 else 1
         while k_split > 1 and k_split * loads > k_tiles:

@@ -11,8 +11,8 @@ A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators s
 registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps of ``loads``
 tiles, loads their activation fragments once, then per weight plane the plane's fragments (zeros,
 never read, for a plane past ``bitlayers``, the run-time knob: its MMAs still run) and their MMAs,
-and folds the popcounts into the accumulator as ``acc += c_i * D_i`` (kernels that pack in the block loop over the planes outside above W4 or
-with several column tiles a warp).
+and folds the popcounts into the accumulator as ``acc += c_i * D_i`` (kernels that pack in the
+block loop over the planes outside above W4 or with several column tiles a warp).
 The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
 thread of the block sums one output's K-split parts and activation-plane columns with their
 coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
@@ -47,10 +47,13 @@ DEFAULT_LIMITS = TargetInfo.from_summary({"kind": "cuda"}).limits
 LAUNCH_MIN_BLOCKS = names.ATTR_LAUNCH_MIN_BLOCKS
 #: Most weight bits at which a kernel that packs in the block (:class:`BMMALeg` with
 #: ``fused_pack``) with one column tile a warp (batch 1 at 8 activation bits, 1-2 at 4: the LSTM
-#: step and head of a decoder) loops over the planes inside each K step, as the two-launch kernel always
-#: does; otherwise the planes are the outer loop (fewer live registers: W8, and W4 with two column
-#: tiles at 11008x4096, spilled under the declared budget the other way).
+#: step and head of a decoder) loops over the planes inside each K step, as the two-launch kernel
+#: always does; otherwise the planes are the outer loop (fewer live registers: W8, and W4 with two
+#: column tiles at 11008x4096, spilled under the declared budget the other way).
 PLANES_INSIDE_MAX_FUSED_BITS = 4
+#: Most weight bits at which such a kernel's pack holds its activations in registers
+#: (:data:`.cuda_ballot_pack.FUSED_PREFETCH_MAX`): W16 spilled 4 bytes with them (4096x4096, batch 1).
+FUSED_PREFETCH_MAX_BITS = 8
 #: 32-bit registers of an SM (every sm_70+ GPU).
 SM_REGISTERS = 65536
 #: Registers a lane of a light one-launch config is given (:func:`light_config`): enough for every
@@ -363,8 +366,7 @@ class BMMALeg:
         if not self.fused_pack:
             raise ValueError("pack_block is for a leg made with fused_pack=True")
         cfg, acc_t, block_batch, threads = self.cfg, self.acc_dtype, self.block_batch, self.cfg.threads
-        # W16 kernels spilled 4 bytes with the activations held in registers (4096x4096, batch 1)
-        prefetch = FUSED_PREFETCH_MAX if self.fmt.bits <= 8 else 0
+        prefetch = FUSED_PREFETCH_MAX if self.fmt.bits <= FUSED_PREFETCH_MAX_BITS else 0
         pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, prefetch)
 
         @T.macro
