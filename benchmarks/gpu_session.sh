@@ -79,16 +79,17 @@ step() {
 # -n 8: the tests build their kernels with nvcc on the CPU side, 8 processes share the GPU
 PYTEST_SERIAL=(python3 -m pytest -q -p no:cacheprovider -rfEs)
 PYTEST=("${PYTEST_SERIAL[@]}" -n 8)
+BMMA_TEST_FILES=(tests/test_bmma_gpu.py tests/test_bmma_lstm.py)
+GENERATE_TEST_FILES=(tests/test_generate.py)
 run_step() {
   case $1 in
     bmma)
-      step bmma_tests "${BMMA_TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu tests/test_bmma_gpu.py tests/test_bmma_lstm.py ;;
+      step bmma_tests "${BMMA_TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu "${BMMA_TEST_FILES[@]}" ;;
     bmma-bench)
       step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} \
         --csv "$OUT/bmma_bench.csv" ;;
     exact)
-      step exact_tests "${EXACT_TESTS_TIMEOUT:-200}" "${PYTEST[@]}" -m gpu tests/test_bmma_gpu.py tests/test_bmma_lstm.py \
-        tests/test_generate.py ;;
+      step exact_tests "${EXACT_TESTS_TIMEOUT:-200}" "${PYTEST[@]}" -m gpu "${BMMA_TEST_FILES[@]}" "${GENERATE_TEST_FILES[@]}" ;;
     tests)
       step gpu_tests "${TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu tests/test_gpu.py tests/test_lstm_cell.py \
         tests/test_decoder.py tests/test_lstm_lowering.py ;;
@@ -127,7 +128,7 @@ run_step() {
       run_step generate-bench
       run_step pick ;;
     generate-tests)
-      step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu tests/test_generate.py ;;
+      step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu "${GENERATE_TEST_FILES[@]}" ;;
     generate-bench)
       step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
         --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto,kNW} ;;
