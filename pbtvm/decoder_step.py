@@ -50,14 +50,23 @@ class StepParts:
         self.converted: list[dict] = []
         self.cache: dict = {}
 
-    def emit_token(self, bb: Any, x: Any, hs: list, cs: list, n_bits: Any, head: bool = True) -> tuple:
-        """Embedding (if any), every layer, head (if any and ``head``); returns ``(out, [h'], [c'])``."""
+    def table(self) -> Any:
+        """The embedding's rows as one Relax constant (float32 ``[num_embeddings, dim]``)."""
         from ._tvm import relax
 
-        if self.embedding is not None:
-            if "table" not in self.cache:
-                self.cache["table"] = relax.const(embedding_table(self.embedding), "float32")
-            x = bb.emit(relax.op.take(self.cache["table"], x, axis=0, mode="clip"))
+        if "table" not in self.cache:
+            self.cache["table"] = relax.const(embedding_table(self.embedding), "float32")
+        return self.cache["table"]
+
+    def emit_token(
+        self, bb: Any, x: Any, hs: list, cs: list, n_bits: Any, head: bool = True, embedded: bool = False
+    ) -> tuple:
+        """Embedding (if any, unless ``x`` is ``embedded`` already), every layer, head (if any and
+        ``head``); returns ``(out, [h'], [c'])``."""
+        from ._tvm import relax
+
+        if self.embedding is not None and not embedded:
+            x = bb.emit(relax.op.take(self.table(), x, axis=0, mode="clip"))
         outs_h, outs_c = [], []
         for layer in range(self.lstm.num_layers):
             x, c_new = _emit_layer(bb, self, layer, x, hs[layer], cs[layer], n_bits)

@@ -6,9 +6,11 @@
 runs ``N = generate_chunk`` token steps unrolled::
 
     repack in:  token, forced [N, B], done, ctrl, temperature, h, c  ->  planned buffers
-    step j:     embedding, every layer, head (the decoder's kernels)  ->  logits [B, V]
+    step j:     embedding (step 0; then the pick's), every layer, head (the decoder's kernels)
+                ->  logits [B, V]
                 pick (pbtvm.sampling): forced[j] if >= 0, else eos for finished rows, else
-                greedy / sampled token; it is the next step's input
+                greedy / sampled token; it is the next step's input, and so is its embedding
+                row, which the pick kernel copies (no lookup kernel between steps)
     repack out: tokens [N, B], last token, done, ctrl (counter advanced by N), h, c
                 (, logits [N, B, V])
 
@@ -183,11 +185,14 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
     advance[CTRL_FIELDS.index("counter")] = chunk  # the next chunk's first random counter
     if with_logits:
         groups_out.append(CopyGroup("float32", ((batch, vocab),) * chunk, ((chunk, batch, vocab),)))
-    pick = bb.add_func(pick_func(batch, vocab, chunk, kind).without_attr("global_symbol"), "pick_token")
+    table_shape = (parts.embedding.num_embeddings, parts.embedding.embedding_dim)
+    pick = pick_func(batch, vocab, chunk, kind, embedding=table_shape)  # it also looks the token up
+    pick = bb.add_func(pick.without_attr("global_symbol"), "pick_token")
     picked_types = [
         relax.TensorType([batch], "int64"),
         relax.TensorType([batch], "int64"),
         relax.TensorType([batch, vocab], "float64"),
+        relax.TensorType([batch, table_shape[1]], "float32"),
     ]
     with bb.function(name, params, attrs=attrs):
         with bb.dataflow():
@@ -197,11 +202,14 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
             hs = [bb.emit(relax.TupleGetItem(copied, 5 + i)) for i in range(layers)]
             cs = [bb.emit(relax.TupleGetItem(copied, 5 + layers + i)) for i in range(layers)]
             tokens, logits = [], []
+            x = token  # then the pick's lookup of the token it chose
             for j in range(chunk):
-                out, hs, cs = parts.emit_token(bb, token, hs, cs, n_bits)
+                out, hs, cs = parts.emit_token(bb, x, hs, cs, n_bits, embedded=j > 0)
                 step = relax.prim_value(tir.IntImm("int64", j))
-                chosen = bb.emit(relax.call_tir(pick, [out, forced, done, ctrl, temp, step], picked_types))
+                args = [out, forced, done, ctrl, temp, parts.table(), step]
+                chosen = bb.emit(relax.call_tir(pick, args, picked_types))
                 token, done = bb.emit(relax.TupleGetItem(chosen, 0)), bb.emit(relax.TupleGetItem(chosen, 1))
+                x = bb.emit(relax.TupleGetItem(chosen, 3))
                 tokens.append(token)
                 logits.append(out)
             ctrl_next = bb.emit(relax.op.add(ctrl, relax.const(advance, "int64")))

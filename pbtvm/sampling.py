@@ -143,8 +143,13 @@ def sampling_weights(row: np.ndarray, temperature: float, top_k: int) -> np.ndar
         return np.where(keep, np.exp((row.astype(np.float64) - np.float64(row.max())) / temperature), 0.0)
 
 
-def pick_func(batch: int, vocab: int, chunk: int, target_kind: str) -> tir.PrimFunc:
-    """The pick kernel ``(logits, forced, done, ctrl, temp, step) -> (token, done', weights)``.
+def pick_func(
+    batch: int, vocab: int, chunk: int, target_kind: str, embedding: tuple[int, int] | None = None
+) -> tir.PrimFunc:
+    """The pick kernel ``(logits, forced, done, ctrl, temp, step) -> (token, done', weights)``;
+    with ``embedding``, ``(logits, forced, done, ctrl, temp, table, step) -> (token, done',
+    weights, x)``: ``x[r]`` is the table's row of the token (``take(table, token, mode="clip")``),
+    the next step's input, so generate() needs no lookup kernel between the pick and the layers.
 
     Parameters
     ----------
@@ -155,21 +160,24 @@ def pick_func(batch: int, vocab: int, chunk: int, target_kind: str) -> tir.PrimF
     target_kind : str
         ``"llvm"`` (rows in a parallel loop) or ``"cuda"`` (one block of :data:`PICK_THREADS`
         threads per row).
+    embedding : (int, int), optional
+        ``(rows, dim)`` of a float32 embedding table to look the token up in.
 
     Returns
     -------
     tir.PrimFunc
         Scheduled; ``ctrl`` int64 [4] (:data:`CTRL_FIELDS`), ``temp`` float64 [1], ``step`` int64;
-        outputs ``token`` int64 [B], ``done'`` int64 [B] and the float64 [B, V] weight scratch.
+        outputs ``token`` int64 [B], ``done'`` int64 [B] and the float64 [B, V] weight scratch
+        (and ``x`` float32 [B, dim] with ``embedding``).
     """
     if target_kind == "llvm":
         from .sampling_tir import cpu_pick
 
-        return cpu_pick(batch, vocab, chunk)
+        return cpu_pick(batch, vocab, chunk, embedding)
     if target_kind == "cuda":
         from .sampling_tir import cuda_pick
 
-        return cuda_pick(batch, vocab, chunk, PICK_THREADS)
+        return cuda_pick(batch, vocab, chunk, PICK_THREADS, embedding)
     raise InputError(f"pick_func has no schedule for target kind {target_kind!r}")
 
 

@@ -16,7 +16,7 @@ from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import PICK_THREADS, philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
-from pbtvm.sampling_tir import CUDA_PICK_LOADS
+from pbtvm.sampling_tir import CUDA_PICK_HELD_MAX, CUDA_PICK_LOADS
 
 from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
@@ -152,31 +152,49 @@ def test_reference_sampler_follows_the_softmax_and_top_k():
     assert set(top2) == {0, 1}  # the tie is broken by the lower index
 
 
-def _cpu_pick(batch, vocab, chunk, mcpu="host"):
+def _cpu_pick(batch, vocab, chunk, mcpu="host", embedding=None):
     """The CPU pick kernel built for ``mcpu`` as ``run(logits, forced, done, ctrl, temp, step) ->
-    (token, done, weights)``."""
+    (token, done, weights)``; with ``embedding`` (rows, dim) it also looks the token up in a
+    random table, which ``run`` checks (:func:`_check_lookup`)."""
     from pbtvm._tvm import tvm
     from pbtvm.target import resolve_target
 
     target = resolve_target("llvm" if mcpu == "host" else {"kind": "llvm", "mcpu": mcpu})
-    ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm"), target=target)
+    ex = tvm.compile(pick_func(batch, vocab, chunk, "llvm", embedding), target=target)
+    table = _table(embedding)
 
     def run(logits, forced, done, ctrl, temp, step):
-        outs = [
-            tvm.runtime.tensor(np.zeros(s, d)) for s, d in (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)
-        ]
+        shapes = (((batch,), "int64"),) * 2 + (((batch, vocab), "float64"),)
+        shapes += (((batch, embedding[1]), "float32"),) if embedding else ()
+        outs = [tvm.runtime.tensor(np.zeros(s, d)) for s, d in shapes]
         ins = [tvm.runtime.tensor(a) for a in (logits, forced, done, ctrl, np.array([temp]))]
+        ins += [tvm.runtime.tensor(table)] if embedding else []
         ex(*ins, step, *outs)
-        return outs[0].numpy(), outs[1].numpy(), outs[2].numpy()
+        token = outs[0].numpy()
+        if embedding:
+            _check_lookup(outs[3].numpy(), table, token)
+        return token, outs[1].numpy(), outs[2].numpy()
 
     return run
 
 
-@pytest.mark.parametrize("mcpu", ["host", "x86-64"])
-def test_cpu_pick_kernel_equals_the_reference(mcpu):
-    """The kernel as generate() builds it for this CPU (vector exp, bisection) and for a generic x86-64."""
+def _table(embedding):
+    """A random float32 embedding table of shape ``embedding`` (None: None)."""
+    return None if embedding is None else np.random.default_rng(9).standard_normal(embedding).astype(np.float32)
+
+
+def _check_lookup(x, table, token):
+    """The pick's lookup: row ``r`` of ``x`` is the table's row of ``token[r]``, clipped to the table
+    (``take(mode="clip")``), bit for bit."""
+    np.testing.assert_array_equal(x, table[np.clip(token, 0, table.shape[0] - 1)])
+
+
+@pytest.mark.parametrize(("mcpu", "embedding"), [("host", (53, 7)), ("x86-64", None)])
+def test_cpu_pick_kernel_equals_the_reference(mcpu, embedding):
+    """The kernel as generate() builds it for this CPU (vector exp, bisection, the lookup of the
+    token in the embedding) and for a generic x86-64 without the lookup."""
     batch, vocab, chunk = 3, 50, 4
-    _check_pick(_cpu_pick(batch, vocab, chunk, mcpu), batch, vocab, chunk, 240)
+    _check_pick(_cpu_pick(batch, vocab, chunk, mcpu, embedding), batch, vocab, chunk, 240)
 
 
 def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
@@ -199,23 +217,31 @@ def test_cpu_pick_never_reads_before_a_row_with_subnormals_flushed():
         torch.set_flush_denormal(False)
 
 
-@pytest.mark.parametrize(("batch", "vocab", "cases"), [(2, 700, 72), (1, 100, 36), (2, 5000, 24)])
-def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
-    """The generated CUDA (one block of ``PICK_THREADS`` threads per row, tree reductions, scan),
+@pytest.mark.parametrize(
+    ("batch", "vocab", "cases", "embedding"),
+    [(2, 700, 72, None), (1, 100, 36, (98, 600)), (2, 5000, 24, (5003, 37))],
+)
+def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases, embedding):
+    """The generated CUDA (one block of ``PICK_THREADS`` threads per row, shuffle reductions, scan),
     run on the CPU. 700: a full stride and a partial one, segments of 2; 100: fewer logits than
     threads; 5000: two groups of loads (``CUDA_PICK_LOADS`` strides each), the second partial. The
     emulator ends the logits at an unreadable page (``cuda_emulator.GUARD``): the radix top-k read
     up to 255 floats past a row (past the buffer on the last row), loaded before the bounds test
-    that guarded only the compare."""
+    that guarded only the compare. With the token's lookup in an embedding table: 600 wide (two
+    rounds of the block), rows fewer than the vocabulary (the clip), and 37 wide."""
     from pbtvm.cuda import build, cuda_source
     from pbtvm.target import resolve_target
 
     chunk = 3
-    src = cuda_source(build(pick_func(batch, vocab, chunk, "cuda"), resolve_target(SM90)))
+    src = cuda_source(build(pick_func(batch, vocab, chunk, "cuda", embedding), resolve_target(SM90)))
     kernel = EmulatedKernel(src, warp_ops=False)
+    table = _table(embedding)
 
     def run(logits, forced, done, ctrl, temp, step):
         token, new_done, weights = np.zeros(batch, np.int64), np.zeros(batch, np.int64), np.zeros((batch, vocab))
+        lookup = {}
+        if embedding:
+            lookup = {"table_ptr": table, "x_next_ptr": np.zeros((batch, embedding[1]), np.float32)}
         kernel(
             (batch, 1, 1),
             (PICK_THREADS, 1, 1),
@@ -228,7 +254,10 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases):
             token_ptr=token,
             done_out_ptr=new_done,
             weights_ptr=weights,
+            **lookup,
         )
+        if embedding:
+            _check_lookup(lookup["x_next_ptr"], table, token)
         return token, new_done, weights
 
     _check_pick(run, batch, vocab, chunk, cases)
@@ -267,11 +296,12 @@ def _pick_rows(vocab: int) -> list[np.ndarray]:
     return rows
 
 
-@pytest.mark.parametrize("vocab", [CUDA_PICK_LOADS * PICK_THREADS + 1, 5000])
+@pytest.mark.parametrize("vocab", [CUDA_PICK_LOADS * PICK_THREADS + 1, 5000, CUDA_PICK_HELD_MAX * PICK_THREADS + 1])
 def test_cuda_pick_ties_and_nan_across_load_groups(vocab):
     """The CUDA pick's grouped loads (review, 2026-12-04): greedy and top-k 2..17 on rows with ties
     and NaNs across a load-group boundary, emulated; a load group that re-read another's logits
-    passed the other pick tests."""
+    passed the other pick tests. The first two rows are held in registers, the last is one logit
+    too long for that (``CUDA_PICK_HELD_MAX``): a group at a time in every pass."""
     from pbtvm.cuda import build, cuda_source
     from pbtvm.target import resolve_target
 
@@ -570,17 +600,18 @@ def test_generate_survives_export_and_load(dec3, tmp_path):
 
 
 def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
-    """Between a chunk's two repacks every step (lookup, layers, head, pick) is captured."""
+    """Between a chunk's two repacks every step (layers, head, pick with the lookup of the next input) is
+    captured, after one lookup of the chunk's first token."""
     m = _lm(vocab=300, hidden=64, layers=2)
     dec = compile_decoder(m.lstm, SM90, 4, embedding=m.embedding, head=m.head, generate_chunk=3)
     funcs = _vm_functions(dec.model._module.as_text())
     for name in ("generate_chunk", "generate_chunk_logits"):
         assert _kernel_calls(funcs[name]) == [f"{name}_in", f"{name}_out"]
         assert "vm.builtin.cuda_graph.run_or_capture" in funcs[name]
-        step = ["take", "pb_lstm_step_l0", "pb_lstm_step_l0", "pb_dense_head", "pick_token"]
-        assert _kernel_calls(funcs[f"{name}_cuda_graph_capture"]) == step * 3 + ["add"]  # + the next counter
+        step = ["pb_lstm_step_l0", "pb_lstm_step_l0", "pb_dense_head", "pick_token"]  # the pick looks x up
+        assert _kernel_calls(funcs[f"{name}_cuda_graph_capture"]) == ["take", *step * 3, "add"]  # + the next counter
     assert _kernel_calls(funcs["prefill_chunk"]) == ["prefill_chunk_in", "prefill_chunk_out"]
-    assert _kernel_calls(funcs["prefill_chunk_cuda_graph_capture"]) == step[:3] * 3  # no head, no pick
+    assert _kernel_calls(funcs["prefill_chunk_cuda_graph_capture"]) == ["take", *step[:2]] * 3  # no head, no pick
     (src,) = library._cuda_sources(dec.model._module.mod)
     assert re.search(rf"__launch_bounds__\({PICK_THREADS}, 1\) pick_token_kernel", src)
     assert library.read_manifest(dec.export(tmp_path / "gen_sm90.so"))["decoder"]["generate_chunk"] == 3
