@@ -55,6 +55,12 @@ PLANES_INSIDE_MAX_FUSED_BITS = 4
 #: (:data:`.cuda_ballot_pack.FUSED_PREFETCH_MAX`): W16 spilled 4 bytes with them (4096x4096, batch 1).
 FUSED_PREFETCH_MAX_BITS = 8
 #: 32-bit registers of an SM (every sm_70+ GPU).
+#: Register tiles (``tiles_m * tiles_n``) up to which the K-steps-outside order reads a plane past
+#: ``bitlayers`` as zeros (a guarded load: every plane's loads of a step in flight together; with a
+#: branch around each plane, 2600x650 W8 took 9.5 us on an H200 instead of 6.4); larger tiles
+#: branch around the plane (guarded, their kernels took up to twice as long: 4096x4096 W4 at
+#: batch 64, 4 x 4 tiles, 27 -> 51 us).
+GUARDED_PLANES_MAX_TILES = 2
 SM_REGISTERS = 65536
 #: Registers a lane of a light one-launch config is given (:func:`light_config`): enough for every
 #: such config of the benchmark grid (``benchmarks/bench_bmma.py --dry-run --fused``), and a
@@ -402,6 +408,7 @@ class BMMALeg:
         wm, k_tiles, row_tiles, bits = cfg.warps_m, self.k_tiles, self.row_tiles, fmt.bits
         steps = -(-k_tiles // (ks * ld))
         planes_outside = fused and (bits > PLANES_INSIDE_MAX_FUSED_BITS or nt > 1)
+        guarded = mt * nt <= GUARDED_PLANES_MAX_TILES
 
         def w_coef(i):
             return weight_plane_coefficient(i, fmt, acc_t)
@@ -453,6 +460,15 @@ class BMMALeg:
                         )  # fmt: skip
 
         @T.macro
+        def plane_step(i, dot, af, bf, acc):
+            """Plane ``i``'s MMAs of a K step, folded into ``acc`` with its coefficient."""
+            for e in T.unroll(frag):
+                dot[e] = 0
+            mmas(dot, af, bf)
+            for e in T.unroll(frag):
+                acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+
+        @T.macro
         def product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part):
             for e in T.unroll(frag):
                 acc[e] = T.Cast(acc_t, 0)
@@ -482,15 +498,18 @@ class BMMALeg:
                 # A plane past ``bitlayers`` is not read: its fragments are zero (a guarded load,
                 # not a branch around the plane: with one, the planes' loads of a step waited for
                 # each other, and a small layer got slower, 2600x650 W8 6.4 -> 9.5 us).
+                # Larger register tiles (GUARDED_PLANES_MAX_TILES) branch around the plane: a
+                # plane's loads are many already, and guarded, ptxas interleaved them with the
+                # MMAs (4096x4096 W4 batch 64, 4 x 4 tiles: 27 -> 51 us).
                 for s in range(steps):
                     load_b(act, batch, s, by, tz, tx, bf)
                     for i in T.unroll(bits):
-                        load_a(wp, i, s, bx, tz, ty, tx, af, T.Cast("int64", i) < bitlayers)
-                        for e in T.unroll(frag):
-                            dot[e] = 0
-                        mmas(dot, af, bf)
-                        for e in T.unroll(frag):
-                            acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
+                        if guarded:
+                            load_a(wp, i, s, bx, tz, ty, tx, af, T.Cast("int64", i) < bitlayers)
+                            plane_step(i, dot, af, bf, acc)
+                        elif T.Cast("int64", i) < bitlayers:
+                            load_a(wp, i, s, bx, tz, ty, tx, af, True)
+                            plane_step(i, dot, af, bf, acc)
             # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
             for m in T.unroll(mt):
                 for n in T.unroll(nt):
