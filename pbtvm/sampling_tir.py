@@ -535,6 +535,53 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
     T.tvm_storage_sync("shared")
 
 
+def _kept(x, i, fv, iv, ctrl, vocab):
+    """Whether logit ``x`` at index ``i`` is weighted: all are without a top-k (``top_k <= 0`` or
+    ``>= vocab``), else those up to the threshold ``(fv[1], iv[1])`` in (value desc, index asc) order."""
+    return tir.Or(
+        tir.Or(ctrl[3] <= tir.const(0, "int64"), ctrl[3] >= tir.const(vocab, "int64")),
+        tir.Or(x > fv[1], tir.And(x == fv[1], i <= iv[1])),
+    )
+
+
+def _weight_of(x, fv, temp):
+    """``exp((x - max) / T)`` in float64."""
+    return tir.exp((tir.Cast("float64", x) - tir.Cast("float64", fv[0])) / temp[0])
+
+
+def _shfl_up(value, delta, dtype):
+    return tir.call_extern(dtype, "__shfl_up_sync", tir.const(_FULL_MASK, "uint32"), value, delta, 32)
+
+
+@T.macro(hygienic=False)
+def _block_scan(ss, dv, sc, t, threads):
+    """The block's inclusive scan of the threads' ``dv[0]`` (float64) in thread order: ``dv[1]``
+    the thread's inclusive sum, ``dv[3]`` the previous thread's (0 for thread 0), ``sc[2]`` the
+    last thread's (the total). Warps scan with ``__shfl_up_sync``, each thread stores its warp
+    inclusive value in its slot of ``ss`` (shared), and after one barrier every thread adds the
+    totals of the warps before its own (lane 31's slots), summed in warp order; the total is
+    the last thread's inclusive sum, summed in the same order, so the threads' intervals
+    ``[dv[3], dv[1])`` tile ``[0, total)`` exactly. (A Hillis-Steele scan through shared memory
+    had 18 barriers at 512 threads.) ``sc``: float64 [3] scratch. The caller synchronizes before
+    ``ss`` is written again.
+    """
+    dv[1] = dv[0]
+    for o in T.unroll(5):
+        dv[3] = _shfl_up(dv[1], T.shift_left(1, o), "float64")
+        dv[1] = dv[1] + T.Select(t % 32 >= T.shift_left(1, o), dv[3], T.float64(0))
+    ss[t] = dv[1]
+    T.tvm_storage_sync("shared")
+    sc[0] = T.float64(0)  # the warps before this thread's
+    sc[1] = T.float64(0)  # every warp but the last
+    for w in T.unroll(threads // 32 - 1):
+        sc[0] = sc[0] + T.Select(w < t // 32, ss[w * 32 + 31], T.float64(0))
+        sc[1] = sc[1] + ss[w * 32 + 31]
+    sc[2] = sc[1] + ss[threads - 1]
+    dv[3] = _shfl_up(dv[1], 1, "float64")  # the previous lane's warp-inclusive sum ...
+    dv[1] = sc[0] + dv[1]
+    dv[3] = T.Select(t % 32 == 0, sc[0], sc[0] + dv[3])  # ... made block-inclusive as its own is
+
+
 def cuda_pick(
     batch: int, vocab: int, chunk: int, threads: int, embedding: tuple[int, int] | None = None
 ) -> tir.PrimFunc:
@@ -555,6 +602,7 @@ def cuda_pick(
     strides = (V + TPB - 1) // TPB
     groups = (strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS
     held = groups * CUDA_PICK_LOADS <= CUDA_PICK_HELD_MAX  # the row in registers (else a group a pass)
+    held_seg = seg <= CUDA_PICK_HELD_MAX  # a sampling thread's segment in registers
 
     @T.prim_func
     def pick(
@@ -590,6 +638,9 @@ def cuda_pick(
             cv = T.decl_buffer((2,), "float32", scope="local")  # a candidate and a shuffled one
             ci = T.decl_buffer((2,), "int32", scope="local")
             lv = T.decl_buffer((groups * CUDA_PICK_LOADS if held else CUDA_PICK_LOADS,), "float32", scope="local")
+            sl = T.decl_buffer((seg if held_seg else 1,), "float32", scope="local")  # a segment's logits
+            wv = T.decl_buffer((seg if held_seg else 1,), "float64", scope="local")  # ... and weights
+            sc = T.decl_buffer((3,), "float64", scope="local")  # the scan's warp prefix, all-but-last, total
             # the row's logits first (a short row: all of them), then the control values: one wait
             if held:
                 for g in T.unroll(groups):
@@ -648,47 +699,51 @@ def cuda_pick(
                     done_out[r] = done_in[r] | _new_flags(iv[0], fv[0], ctrl, temp)
                 T.tvm_storage_sync("shared")
                 for _smp in range(T.Cast("int64", temp[0] > T.float64(0) and not _nonfinite(fv[0], temp))):
+                    # the weights of the thread's segment (contiguous: the running sum is in index order)
                     dv[0] = T.float64(0)
-                    for j in range(seg):
-                        i: T.int64 = T.Cast("int64", t * seg + j)
-                        if i < T.int64(V):
-                            if (
-                                ctrl[3] <= T.int64(0)
-                                or ctrl[3] >= T.int64(V)
-                                or logits[r, i] > fv[1]
-                                or (logits[r, i] == fv[1] and i <= iv[1])
-                            ):
-                                weights[r, i] = T.exp(
-                                    (T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]
-                                )
-                            else:
-                                weights[r, i] = T.float64(0)
-                            dv[0] = dv[0] + weights[r, i]
-                    ss[t] = dv[0]
-                    T.tvm_storage_sync("shared")
-                    for lvl in T.unroll(TPB.bit_length() - 1):  # inclusive Hillis-Steele scan of the sums
-                        off: T.int64 = T.shift_left(T.int64(1), lvl)
-                        dv[1] = ss[t] + T.Select(
-                            T.Cast("int64", t) >= off, ss[T.max(T.Cast("int64", t) - off, T.int64(0))], T.float64(0)
-                        )
-                        T.tvm_storage_sync("shared")
-                        ss[t] = dv[1]
-                        T.tvm_storage_sync("shared")
+                    if held_seg:
+                        for j in T.unroll(seg):  # every load in flight before the first weight
+                            sl[j] = logits[r, T.min(t * seg + j, V - 1)]
+                        for j in T.unroll(seg):
+                            wv[j] = T.Select(
+                                t * seg + j < V and _kept(sl[j], T.Cast("int64", t * seg + j), fv, iv, ctrl, V),
+                                _weight_of(sl[j], fv, temp),
+                                T.float64(0),
+                            )
+                            dv[0] = dv[0] + wv[j]
+                            if t * seg + j < V:
+                                weights[r, t * seg + j] = wv[j]
+                    else:
+                        for j in range(seg):
+                            i: T.int64 = T.Cast("int64", t * seg + j)
+                            if i < T.int64(V):
+                                if _kept(logits[r, i], i, fv, iv, ctrl, V):
+                                    weights[r, i] = _weight_of(logits[r, i], fv, temp)
+                                else:
+                                    weights[r, i] = T.float64(0)
+                                dv[0] = dv[0] + weights[r, i]
+                    _block_scan(ss, dv, sc, t, TPB)
                     _philox_uniform(ph, ctrl, step, r, dv, 2)
-                    dv[2] = dv[2] * ss[TPB - 1]
-                    dv[3] = T.Select(t > 0, ss[T.max(t - 1, 0)], T.float64(0))
-                    dv[1] = ss[t]
-                    if dv[3] <= dv[2] and dv[2] < dv[1]:
+                    dv[2] = dv[2] * sc[2]
+                    if dv[3] <= dv[2] and dv[2] < dv[1]:  # the owner: u * total in its segment
                         iv[3] = T.int64(-1)
                         iv[2] = T.int64(-1)
                         dv[0] = dv[3]
-                        for j in range(seg):
-                            i: T.int64 = T.Cast("int64", t * seg + j)
-                            if i < T.int64(V) and iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
-                                dv[0] = dv[0] + weights[r, i]
-                                iv[2] = i
-                                if dv[0] > dv[2]:
-                                    iv[3] = i
+                        if held_seg:
+                            for j in T.unroll(seg):
+                                if t * seg + j < V and iv[3] < T.int64(0) and wv[j] > T.float64(0):
+                                    dv[0] = dv[0] + wv[j]
+                                    iv[2] = T.Cast("int64", t * seg + j)
+                                    if dv[0] > dv[2]:
+                                        iv[3] = T.Cast("int64", t * seg + j)
+                        else:
+                            for j in range(seg):
+                                i: T.int64 = T.Cast("int64", t * seg + j)
+                                if i < T.int64(V) and iv[3] < T.int64(0) and weights[r, i] > T.float64(0):
+                                    dv[0] = dv[0] + weights[r, i]
+                                    iv[2] = i
+                                    if dv[0] > dv[2]:
+                                        iv[3] = i
                         if iv[3] < T.int64(0):
                             iv[3] = iv[2]
                         token[r] = iv[3]
