@@ -443,7 +443,20 @@ def _nibble_prefix_mask(d):
 
 
 @T.macro(hygienic=False)
-def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, threads, vocab, seg, strides):
+def _count_digit(x, i, d, ku, cnt, vocab):
+    """Counts ``x`` (logit ``i``) by its 4-bit digit ``d`` (``cnt[digit] += 1``) if ``i < vocab``
+    and its key has the digits fixed so far (``ku[0]``)."""
+    if i < T.int64(vocab):
+        logit = T.Bind(x)  # loaded once (the key's select reads it twice)
+        key = T.Bind(_order_key(logit))
+        if key & _nibble_prefix_mask(d) == ku[0]:
+            digit = T.Bind(T.Cast("int32", T.shift_right(key, _nibble_shift(d)) & T.uint32(15)))
+            for b in T.unroll(16):
+                cnt[b] = cnt[b] + T.Select(digit == b, 1, 0)
+
+
+@T.macro(hygienic=False)
+def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, threads, vocab, seg, strides, lv, held):
     """Every thread's ``fv[1]``, ``iv[1]``: the ``k``-th element of row ``r`` in (value descending,
     index ascending) order, the threshold the ordered passes find.
 
@@ -462,15 +475,14 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
     for d in range(8):
         for b in T.unroll(16):
             cnt[b] = 0
-        for j in range(strides):
-            i: T.int64 = T.Cast("int64", j * threads) + T.Cast("int64", t)
-            if i < T.int64(vocab):
-                logit = T.Bind(logits[r, i])  # loaded once (the key's select reads it twice)
-                key = T.Bind(_order_key(logit))
-                if key & _nibble_prefix_mask(d) == ku[0]:
-                    digit = T.Bind(T.Cast("int32", T.shift_right(key, _nibble_shift(d)) & T.uint32(15)))
-                    for b in T.unroll(16):
-                        cnt[b] = cnt[b] + T.Select(digit == b, 1, 0)
+        if held:  # the row's strided logits are in registers (lv[j]: logit j * threads + t)
+            for j in T.unroll(strides):
+                _count_digit(lv[j], T.Cast("int64", j * threads) + T.Cast("int64", t), d, ku, cnt, vocab)
+        else:
+            for j in range(strides):
+                i: T.int64 = T.Cast("int64", j * threads) + T.Cast("int64", t)
+                if i < T.int64(vocab):
+                    _count_digit(logits[r, i], i, d, ku, cnt, vocab)
         for b in T.unroll(16):
             for o in T.unroll(5):
                 cnt[b] = cnt[b] + _shfl_xor(cnt[b], T.shift_right(16, o))
@@ -693,7 +705,9 @@ def cuda_pick(
                         and ctrl[3] < T.int64(V),
                     )
                 ):
-                    _cuda_kth_by_radix(logits, r, t, ctrl[3], fv, iv, cnt, ku, sel, hc, ss, si, TPB, V, seg, strides)
+                    _cuda_kth_by_radix(
+                        logits, r, t, ctrl[3], fv, iv, cnt, ku, sel, hc, ss, si, TPB, V, seg, strides, lv, held
+                    )
                 if t == 0:  # greedy, non-finite, and the fallback when rounding leaves no owner: the best token
                     token[r] = iv[0]
                     done_out[r] = done_in[r] | _new_flags(iv[0], fv[0], ctrl, temp)
