@@ -11,6 +11,8 @@ The code sum is a second block reduction, the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm.script import tirx as T
 
 from pbtvm import names
@@ -64,21 +66,32 @@ def warp_reduce(v, op, dtype):
         v[0] = op(v[0], _shfl_xor(dtype, v[0], LANES >> (lvl + 1)))
 
 
-def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False):
-    """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
+@dataclass(frozen=True)
+class RowPackPhases:
+    """The phases of :func:`row_pack` as TVMScript macros, for a caller that packs several rows
+    with one barrier chain (the LSTM step packs its ``h`` and ``x`` rows together: both rows'
+    loads in flight at once, and one barrier a phase for both).
 
-    ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
-    reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
-    ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
-    the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
-    buffers of at least one element per warp (the warps' max and code sum), ``best``, ``total``,
-    ``code`` one-element locals, ``vote`` a two-element local (uint32).
-    Every thread of the block must call it (it synchronizes the block). Where a thread has at most
-    ``prefetch_max`` activations of the row, it loads them into registers first, all loads in
-    flight together, and the max and the codes read them there; otherwise they are read from
-    ``x`` twice, a chunk at a time (fewer registers). ``one_store``: a lane stores one word a
-    chunk (its plane's, kept with a select) instead of a store per plane from lane ``p``.
+    For one row, with the buffers of :func:`row_pack` and one-element locals ``amax`` (float32),
+    ``xv`` (float32, :attr:`held` elements) per row, every thread of the block:
+    ``load(x, b, warp, tx, xv)`` (nothing unless ``held``); ``warp_max(x, b, warp, tx, xv, red,
+    best)``; barrier; ``codes(x, b, dest, row, warp, tx, xv, red, sums, amax, best, total, code,
+    vote)``; barrier; ``finish(row, scale_out, sum_out, warp, tx, red, sums, amax, total)``;
+    barrier (before ``dest`` is read or ``red`` and ``sums`` are reused). ``total`` and ``amax``
+    must stay the row's own from ``codes`` to ``finish``.
     """
+
+    load: object
+    warp_max: object
+    codes: object
+    finish: object
+    held: int  # activations a thread holds in registers (1, unused, when it reads them twice)
+
+
+def row_pack_phases(
+    fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False
+) -> RowPackPhases:
+    """The phases of :func:`row_pack` (same arguments), for callers that interleave rows."""
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     qmax = float(fmt.act_qmax)
     acc_t = fmt.accumulator_dtype(k_dim)
@@ -127,12 +140,15 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
             amax[0] = T.max(amax[0], red[w])
 
     @T.macro
-    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):
-        best[0] = T.float32(0)
+    def load(x, b, warp, tx, xv):
         if held:
-            xv = T.alloc_local((rounds,), "float32")
             for r in T.unroll(rounds):
                 xv[r] = x[b, T.min(r * threads + warp * LANES + tx, k_dim - 1)]
+
+    @T.macro
+    def warp_max(x, b, warp, tx, xv, red, best):
+        best[0] = T.float32(0)
+        if held:
             for r in T.unroll(rounds):
                 if r * threads + warp * LANES + tx < k_dim:
                     best[0] = T.max(best[0], act_magnitude(xv[r]))
@@ -140,14 +156,15 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
             for r in range(rounds):
                 if r * threads + warp * LANES + tx < k_dim:
                     best[0] = T.max(best[0], act_magnitude(x[b, r * threads + warp * LANES + tx]))
-        # max |x| of the block: a warp reduces with shuffles, then every thread takes the max of
-        # the warps' results from shared memory (one barrier; a tree through shared memory took
-        # one barrier per level, 7 at 128 threads). The max is exact in any order.
+        # max |x| of the block: a warp reduces with shuffles, then (after the caller's barrier)
+        # every thread takes the max of the warps' results from shared memory: one barrier (a
+        # tree through shared memory took one per level, 7 at 128 threads). Exact in any order.
         warp_reduce(best, T.max, "float32")
         if tx == 0:
             red[warp] = best[0]
-        T.tvm_storage_sync("shared")
-        amax = T.alloc_local((1,), "float32")
+
+    @T.macro
+    def codes(x, b, dest, row, warp, tx, xv, red, sums, amax, best, total, code, vote):
         block_max(red, amax)
         total[0] = T.Cast(acc_t, 0)
         # the row's inverse scale once, in a register (recomputed from shared memory in every
@@ -164,7 +181,9 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
         warp_reduce(total, _add, acc_t)
         if tx == 0:
             sums[warp] = total[0]
-        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def finish(row, scale_out, sum_out, warp, tx, red, sums, amax, total):
         if warp * LANES + tx == 0:
             for w in T.unroll(1, warps):
                 total[0] = total[0] + sums[w]
@@ -173,6 +192,38 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
             # not give sums red's memory, which cost a barrier before the sums were stored
             block_max(red, amax)
             scale_out[row] = act_scale(amax[0], qmax)
+
+    return RowPackPhases(load, warp_max, codes, finish, rounds if held else 1)
+
+
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False):
+    """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
+
+    ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
+    reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
+    ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
+    the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
+    buffers of at least one element per warp (the warps' max and code sum), ``best``, ``total``,
+    ``code`` one-element locals, ``vote`` a two-element local (uint32).
+    Every thread of the block must call it (it synchronizes the block). Where a thread has at most
+    ``prefetch_max`` activations of the row, it loads them into registers first, all loads in
+    flight together, and the max and the codes read them there; otherwise they are read from
+    ``x`` twice, a chunk at a time (fewer registers). ``one_store``: a lane stores one word a
+    chunk (its plane's, kept with a select) instead of a store per plane from lane ``p``.
+    The phases one after the other (:func:`row_pack_phases`).
+    """
+    ph = row_pack_phases(fmt, k_dim, warps, prefetch_max, one_store)
+
+    @T.macro
+    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):
+        xv = T.alloc_local((ph.held,), "float32")
+        amax = T.alloc_local((1,), "float32")
+        ph.load(x, b, warp, tx, xv)
+        ph.warp_max(x, b, warp, tx, xv, red, best)
+        T.tvm_storage_sync("shared")
+        ph.codes(x, b, dest, row, warp, tx, xv, red, sums, amax, best, total, code, vote)
+        T.tvm_storage_sync("shared")
+        ph.finish(row, scale_out, sum_out, warp, tx, red, sums, amax, total)
         T.tvm_storage_sync("shared")  # dest is read, and red and sums are reused by the next row
 
     return pack

@@ -32,7 +32,7 @@ from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
 
-from .cuda_ballot_pack import FUSED_PREFETCH_MAX, row_pack
+from .cuda_ballot_pack import FUSED_PREFETCH_MAX, RowPackPhases, row_pack, row_pack_phases
 
 #: Lanes of the warp that executes one ``mma.sync``: the PTX ISA defines the m16n8k256 fragment
 #: layouts for 32 lanes (the rules check the target's warp size against it).
@@ -366,8 +366,7 @@ class BMMALeg:
         if not self.fused_pack:
             raise ValueError("pack_block is for a leg made with fused_pack=True")
         cfg, acc_t, block_batch, threads = self.cfg, self.acc_dtype, self.block_batch, self.cfg.threads
-        prefetch = FUSED_PREFETCH_MAX if self.fmt.bits <= FUSED_PREFETCH_MAX_BITS else 0
-        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, prefetch)
+        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, self._prefetch())
 
         @T.macro
         def pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total):
@@ -384,6 +383,17 @@ class BMMALeg:
                     )  # fmt: skip
 
         return pack_block
+
+    def _prefetch(self) -> int:
+        """The in-block pack's ``prefetch_max`` (:func:`.cuda_ballot_pack.row_pack`)."""
+        return FUSED_PREFETCH_MAX if self.fmt.bits <= FUSED_PREFETCH_MAX_BITS else 0
+
+    def pack_phases(self) -> RowPackPhases:
+        """The phases of :meth:`pack_block`'s row pack, for a kernel that packs the rows of several
+        legs with one barrier chain (:func:`.cuda_ballot_pack.row_pack_phases`). Needs ``fused_pack``."""
+        if not self.fused_pack:
+            raise ValueError("pack_phases is for a leg made with fused_pack=True")
+        return row_pack_phases(self.fmt, self.k_dim, self.cfg.threads // MMA_LANES, self._prefetch())
 
     def product(self):
         """A TVMScript macro: the block's integer plane products into shared memory ``part``.
