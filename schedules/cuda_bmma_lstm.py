@@ -38,6 +38,7 @@ from pbtvm.target import TargetLimits
 from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, shrink_until_fit
 from .cuda_bmma_kernel import (
     DEFAULT_LIMITS,
+    EARLY_LEG_REGISTERS,
     LAUNCH_MIN_BLOCKS,
     MMA_LANES,
     BMMAConfig,
@@ -264,8 +265,9 @@ def _gates_of(leg: BMMALeg, rows: int):
     ``block_rows`` rows of ``wp`` on the tensor cores, and stores each output's dense epilogue in
     ``gates[batch row, row]``.
     """
-    cfg, acc_t = leg.cfg, leg.acc_dtype
-    product, pack_block, shapes = leg.product(), leg.pack_block(), leg.packed_shapes()
+    cfg, acc_t, early = leg.cfg, leg.acc_dtype, leg.early_steps(EARLY_LEG_REGISTERS)
+    first_loads, product = leg.product(early) if early else (None, leg.product())
+    pack_block, shapes = leg.pack_block(), leg.packed_shapes()
     epilogue = _epilogue_of(leg, rows, bias=False, add=False)
 
     @T.macro
@@ -279,8 +281,14 @@ def _gates_of(leg: BMMALeg, rows: int):
         dot = T.alloc_local((leg.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
         bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
-        pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
-        product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+        if early > 0:  # the first K steps' weights in flight during the pack (see _gates_of_both)
+            af0 = T.alloc_local((early * leg.step_fragments,), "uint32x4")
+            first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
+            pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
+            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
+        else:
+            pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
+            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
         T.tvm_storage_sync("shared")
         epilogue(part, row_scale, row_code, w_scale, None, bitlayers, bx, tz, ty, tx, total, gates)
 
@@ -302,7 +310,10 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
     cfg, acc_h, acc_x = leg_h.cfg, leg_h.acc_dtype, leg_x.acc_dtype
     warps, block_batch = cfg.threads // MMA_LANES, leg_h.block_batch
     ph, px = leg_h.pack_phases(), leg_x.pack_phases()
-    product_h, product_x = leg_h.product(), leg_x.product()
+    early_h, early_x = leg_h.early_steps(EARLY_LEG_REGISTERS), leg_x.early_steps(EARLY_LEG_REGISTERS)
+    early = early_h > 0  # the same config and format: leg_x's is > 0 too
+    first_h, product_h = leg_h.product(early_h) if early else (None, leg_h.product())
+    first_x, product_x = leg_x.product(early_x) if early else (None, leg_x.product())
     shapes_h, shapes_x = leg_h.packed_shapes(), leg_x.packed_shapes()
     epilogue_h = _epilogue_of(leg_h, rows, bias=False, add=False)
     epilogue_x = _epilogue_of(leg_x, rows, bias, add=True)
@@ -335,6 +346,15 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
         T.tvm_storage_sync("shared")  # the packed rows are read, red and sums reused by the next row
 
     @T.macro
+    def pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x):
+        for bb in range(block_batch):
+            if by * block_batch + bb < batch:  # block-uniform
+                pack_both(
+                    h, x, by * block_batch + bb, bb, tz * cfg.warps_m + ty, tx,
+                    packed_h, packed_x, scale_h, scale_x, code_h, code_x,
+                )  # fmt: skip
+
+    @T.macro
     def gates_of(h, x, wp_hh, ws_hh, wp_ih, ws_ih, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates):
         part_h = T.alloc_shared(leg_h.part_shape, acc_h)
         part_x = T.alloc_shared(leg_x.part_shape, acc_x)
@@ -351,14 +371,21 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
         dot = T.alloc_local((leg_h.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
         bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
-        for bb in range(block_batch):
-            if by * block_batch + bb < batch:  # block-uniform
-                pack_both(
-                    h, x, by * block_batch + bb, bb, tz * cfg.warps_m + ty, tx,
-                    packed_h, packed_x, scale_h, scale_x, code_h, code_x,
-                )  # fmt: skip
-        product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h)
-        product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x)
+        if early:
+            # Both legs' first K steps of weights (every used plane) are loaded before the pack, so
+            # that its DRAM latency overlaps the pack's (the pack's registers are free again
+            # before the products): otherwise the weights were requested only after the pack.
+            af0_h = T.alloc_local((early_h * leg_h.step_fragments,), "uint32x4")
+            af0_x = T.alloc_local((early_x * leg_x.step_fragments,), "uint32x4")
+            first_h(wp_hh, bitlayers, bx, tz, ty, tx, af0_h)
+            first_x(wp_ih, bitlayers, bx, tz, ty, tx, af0_x)
+            pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
+            product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h, af0_h)
+            product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x, af0_x)
+        else:
+            pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
+            product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h)
+            product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x)
         T.tvm_storage_sync("shared")
         epilogue_h(part_h, scale_h, code_h, ws_hh, bias_buf, bitlayers, bx, tz, ty, tx, total_h, gates)
         # W_hh's value goes through shared memory before W_ih's is added, as with one leg after the
