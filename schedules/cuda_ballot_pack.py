@@ -2,13 +2,16 @@
 
 Used with the binary-tensor-core layout (``mma16x256``) in place of the three-launch pack of
 :mod:`.cuda` (~10 us on an H100 at batch 1, BENCHMARKS.md). A block per batch row: the threads
-reduce max |x| through shared memory, then each warp takes 32 consecutive activations at a time,
-quantizes one per lane exactly as :func:`pbtvm.ops.act_quantize_pack` (so as
-:func:`pbtvm.quantize.quantize_activations`), and builds the word of every plane with one
-``__ballot_sync``; lane ``p`` stores plane ``p``'s word. The code sum is a second block reduction.
+reduce max |x| (warp shuffles, then the warps' results through shared memory), then each warp
+takes 32 consecutive activations at a time, quantizes one per lane exactly as
+:func:`pbtvm.ops.act_quantize_pack` (so as :func:`pbtvm.quantize.quantize_activations`), and
+builds the word of every plane with one ``__ballot_sync``; lane ``p`` stores plane ``p``'s word.
+The code sum is a second block reduction, the same way.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
@@ -46,37 +49,64 @@ PREFETCH_MAX = 32
 FUSED_PREFETCH_MAX = 8
 
 
-def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False):
-    """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
+def _add(a, b):
+    return a + b
 
-    ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
-    reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
-    ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
-    the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
-    buffers of one element per thread, ``best``, ``total``, ``code`` one-element locals, ``vote``
-    a two-element local (uint32).
-    Every thread of the block must call it (it synchronizes the block). Where a thread has at most
-    ``prefetch_max`` activations of the row, it loads them into registers first, all loads in
-    flight together, and the max and the codes read them there; otherwise they are read from
-    ``x`` twice, a chunk at a time (fewer registers). ``one_store``: a lane stores one word a
-    chunk (its plane's, kept with a select) instead of a store per plane from lane ``p``.
+
+def _shfl_xor(dtype: str, value, lane_mask):
+    """``value`` of the lane ``lane ^ lane_mask`` (``__shfl_xor_sync``, every lane of the warp)."""
+    return T.call_extern(dtype, "__shfl_xor_sync", T.uint32(0xFFFFFFFF), value, lane_mask, LANES)
+
+
+@T.macro
+def warp_reduce(v, op, dtype):
+    """``v[0] = op`` over the warp's lanes (a butterfly of shuffles: every lane gets the result);
+    ``v`` a one-element local of ``dtype``."""
+    for lvl in T.unroll(LANES.bit_length() - 1):
+        v[0] = op(v[0], _shfl_xor(dtype, v[0], LANES >> (lvl + 1)))
+
+
+@dataclass(frozen=True)
+class RowPackPhases:
+    """The phases of :func:`row_pack` as TVMScript macros, for a caller that packs several rows
+    with one barrier chain (the LSTM step packs its ``h`` and ``x`` rows together: both rows'
+    loads in flight at once, and one barrier a phase for both).
+
+    For one row, with the buffers of :func:`row_pack` and one-element locals ``amax`` (float32),
+    ``xv`` (float32, :attr:`held` elements) per row, every thread of the block:
+    ``load(x, b, warp, tx, xv)`` (nothing unless ``held``); ``warp_max(x, b, warp, tx, xv, red,
+    best)``; barrier; ``codes(x, b, dest, row, warp, tx, xv, red, sums, amax, best, total, code,
+    vote)``; barrier; ``finish(row, scale_out, sum_out, warp, tx, red, sums, amax, total)``;
+    barrier (before ``dest`` is read or ``red`` and ``sums`` are reused). ``total`` and ``amax``
+    must stay the row's own from ``codes`` to ``finish``.
     """
+
+    load: object
+    warp_max: object
+    codes: object
+    finish: object
+    held: int  # activations a thread holds in registers (1, unused, when it reads them twice)
+
+
+def row_pack_phases(
+    fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False
+) -> RowPackPhases:
+    """The phases of :func:`row_pack` (same arguments), for callers that interleave rows."""
     n_act, words = fmt.act_bits, fmt.words(k_dim)
     qmax = float(fmt.act_qmax)
     acc_t = fmt.accumulator_dtype(k_dim)
     threads = LANES * warps
     rounds = -(-k_dim // threads)
     chunks = -(-words // warps)
-    levels = threads.bit_length() - 1  # log2(threads): warps is a power of two
 
     held = rounds <= prefetch_max  # rounds == chunks: round r is chunk r's element
 
     @T.macro
-    def word(value, c, dest, row, warp, tx, red, best, total, code, vote):
+    def word(value, c, dest, row, warp, tx, amax, best, total, code, vote):
         """Quantize ``value`` (the lane's activation of chunk ``c``) and store the chunk's words."""
         if c * warps + warp < words:  # warp-uniform: every lane reaches the ballots
             kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
-            clamped = T.meta_var(act_code(value, act_prescale(red[0]), best[0], qmax))
+            clamped = T.meta_var(act_code(value, act_prescale(amax[0]), best[0], qmax))
             code[0] = T.if_then_else(kk < k_dim, T.Cast("int32", clamped), 0)
             total[0] = total[0] + T.Cast(acc_t, code[0])
             # Every lane votes for every plane (the word goes to a register first, so that the
@@ -104,12 +134,21 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
                 dest[tx, row, c * warps + warp] = vote[1]
 
     @T.macro
-    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):
-        best[0] = T.float32(0)
+    def block_max(red, amax):
+        amax[0] = red[0]
+        for w in T.unroll(1, warps):
+            amax[0] = T.max(amax[0], red[w])
+
+    @T.macro
+    def load(x, b, warp, tx, xv):
         if held:
-            xv = T.alloc_local((rounds,), "float32")
             for r in T.unroll(rounds):
                 xv[r] = x[b, T.min(r * threads + warp * LANES + tx, k_dim - 1)]
+
+    @T.macro
+    def warp_max(x, b, warp, tx, xv, red, best):
+        best[0] = T.float32(0)
+        if held:
             for r in T.unroll(rounds):
                 if r * threads + warp * LANES + tx < k_dim:
                     best[0] = T.max(best[0], act_magnitude(xv[r]))
@@ -117,33 +156,75 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
             for r in range(rounds):
                 if r * threads + warp * LANES + tx < k_dim:
                     best[0] = T.max(best[0], act_magnitude(x[b, r * threads + warp * LANES + tx]))
-        red[warp * LANES + tx] = best[0]
-        T.tvm_storage_sync("shared")
-        for lvl in T.unroll(levels):
-            if warp * LANES + tx < (threads >> (lvl + 1)):
-                red[warp * LANES + tx] = T.max(red[warp * LANES + tx], red[warp * LANES + tx + (threads >> (lvl + 1))])
-            T.tvm_storage_sync("shared")
+        # max |x| of the block: a warp reduces with shuffles, then (after the caller's barrier)
+        # every thread takes the max of the warps' results from shared memory: one barrier (a
+        # tree through shared memory took one per level, 7 at 128 threads). Exact in any order.
+        warp_reduce(best, T.max, "float32")
+        if tx == 0:
+            red[warp] = best[0]
+
+    @T.macro
+    def codes(x, b, dest, row, warp, tx, xv, red, sums, amax, best, total, code, vote):
+        block_max(red, amax)
         total[0] = T.Cast(acc_t, 0)
         # the row's inverse scale once, in a register (recomputed from shared memory in every
         # chunk, with the prescale, the fused BMMA kernel spilled)
-        best[0] = act_inverse(red[0], qmax)
+        best[0] = act_inverse(amax[0], qmax)
         if held:
             for c in T.unroll(chunks):
-                word(xv[c], c, dest, row, warp, tx, red, best, total, code, vote)
+                word(xv[c], c, dest, row, warp, tx, amax, best, total, code, vote)
         else:
             for c in range(chunks):
                 kk = T.meta_var((c * warps + warp) * WORD_BITS + tx)
-                word(x[b, T.min(kk, k_dim - 1)], c, dest, row, warp, tx, red, best, total, code, vote)
-        sums[warp * LANES + tx] = total[0]
-        T.tvm_storage_sync("shared")
-        for lvl in T.unroll(levels):
-            if warp * LANES + tx < (threads >> (lvl + 1)):
-                sums[warp * LANES + tx] = sums[warp * LANES + tx] + sums[warp * LANES + tx + (threads >> (lvl + 1))]
-            T.tvm_storage_sync("shared")
+                word(x[b, T.min(kk, k_dim - 1)], c, dest, row, warp, tx, amax, best, total, code, vote)
+        # the code sum likewise (integers: exact in any order); only thread 0 needs it
+        warp_reduce(total, _add, acc_t)
+        if tx == 0:
+            sums[warp] = total[0]
+
+    @T.macro
+    def finish(row, scale_out, sum_out, warp, tx, red, sums, amax, total):
         if warp * LANES + tx == 0:
-            sum_out[row] = sums[0]
-            scale_out[row] = act_scale(red[0], qmax)
-        T.tvm_storage_sync("shared")  # red and sums are reused by the next row
+            for w in T.unroll(1, warps):
+                total[0] = total[0] + sums[w]
+            sum_out[row] = total[0]
+            # the max read again from red (the same value as amax): red stays live, so TVM does
+            # not give sums red's memory, which cost a barrier before the sums were stored
+            block_max(red, amax)
+            scale_out[row] = act_scale(amax[0], qmax)
+
+    return RowPackPhases(load, warp_max, codes, finish, rounds if held else 1)
+
+
+def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False):
+    """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
+
+    ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
+    reads ``x[b, :]`` and writes ``dest[plane, row, word]``, ``scale_out[row]`` and
+    ``sum_out[row]`` exactly as :func:`pbtvm.ops.act_quantize_pack`. ``warp`` is the warp's index in
+    the block, ``tx`` the lane; ``red`` (float32) and ``sums`` (accumulator dtype) are shared
+    buffers of at least one element per warp (the warps' max and code sum), ``best``, ``total``,
+    ``code`` one-element locals, ``vote`` a two-element local (uint32).
+    Every thread of the block must call it (it synchronizes the block). Where a thread has at most
+    ``prefetch_max`` activations of the row, it loads them into registers first, all loads in
+    flight together, and the max and the codes read them there; otherwise they are read from
+    ``x`` twice, a chunk at a time (fewer registers). ``one_store``: a lane stores one word a
+    chunk (its plane's, kept with a select) instead of a store per plane from lane ``p``.
+    The phases one after the other (:func:`row_pack_phases`).
+    """
+    ph = row_pack_phases(fmt, k_dim, warps, prefetch_max, one_store)
+
+    @T.macro
+    def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):
+        xv = T.alloc_local((ph.held,), "float32")
+        amax = T.alloc_local((1,), "float32")
+        ph.load(x, b, warp, tx, xv)
+        ph.warp_max(x, b, warp, tx, xv, red, best)
+        T.tvm_storage_sync("shared")
+        ph.codes(x, b, dest, row, warp, tx, xv, red, sums, amax, best, total, code, vote)
+        T.tvm_storage_sync("shared")
+        ph.finish(row, scale_out, sum_out, warp, tx, red, sums, amax, total)
+        T.tvm_storage_sync("shared")  # dest is read, and red and sums are reused by the next row
 
     return pack
 

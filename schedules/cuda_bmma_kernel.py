@@ -12,7 +12,8 @@ registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps 
 tiles, loads their activation fragments once, then per weight plane the plane's fragments (zeros,
 never read, for a plane past ``bitlayers``, the run-time knob: its MMAs still run) and their MMAs,
 and folds the popcounts into the accumulator as ``acc += c_i * D_i`` (kernels that pack in the
-block loop over the planes outside above W4 or with several column tiles a warp).
+block loop over the planes outside above W4 or with several column tiles a warp; otherwise they
+load their first K steps' weight fragments before the pack, where the registers allow).
 The epilogue goes through shared memory: every warp writes its accumulator tiles, then each
 thread of the block sums one output's K-split parts and activation-plane columns with their
 coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
@@ -32,7 +33,7 @@ from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
 
-from .cuda_ballot_pack import FUSED_PREFETCH_MAX, row_pack
+from .cuda_ballot_pack import FUSED_PREFETCH_MAX, RowPackPhases, row_pack, row_pack_phases
 
 #: Lanes of the warp that executes one ``mma.sync``: the PTX ISA defines the m16n8k256 fragment
 #: layouts for 32 lanes (the rules check the target's warp size against it).
@@ -68,6 +69,16 @@ SM_REGISTERS = 65536
 LIGHT_LANE_REGISTERS = 64
 #: Registers a lane needs beyond :func:`registers` (addresses, loop counters, the epilogue).
 LANE_OVERHEAD = 32
+#: Most registers a lane gives to one leg's weight fragments loaded before the in-block pack
+#: (:meth:`BMMALeg.early_steps`) where the block is not held to :data:`LIGHT_LANE_REGISTERS`
+#: (the LSTM step: both K steps of every W4 plane of a 650-wide leg at batch 1, 16 registers a step).
+EARLY_LEG_REGISTERS = 32
+#: Registers a lane of a declared light config needs beyond :func:`registers` and its early weight
+#: fragments (:func:`early_budget`); less than :data:`LANE_OVERHEAD`, since the fragments are
+#: live while the pack's registers are, not the epilogue's. Measured (ptxas, sm_90, 64 registers):
+#: the W4 10000x650 head (14 estimated) held both its K steps early, 32 registers, without spills;
+#: 4096x4096 W4 (20) spilled 8 bytes with its one step, 32 registers.
+EARLY_LANE_OVERHEAD = 18
 
 
 def registers(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> int:
@@ -88,6 +99,16 @@ def light_config(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig) -> bool:
     Past it some configs spill a little (W16A8 4096x4096 ``1,1,1,4,8`` at 176: 2 LDL/STL).
     """
     return registers(fmt, k_dim, cfg) + LANE_OVERHEAD <= LIGHT_LANE_REGISTERS
+
+
+def early_budget(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig, declared: bool) -> int:
+    """Registers a lane of a one-launch kernel may give to weight fragments loaded before its
+    in-block pack (:meth:`BMMALeg.early_steps`): what a declared light config
+    (:func:`light_config`) has left of :data:`LIGHT_LANE_REGISTERS` beside
+    :data:`EARLY_LANE_OVERHEAD`, else :data:`EARLY_LEG_REGISTERS`."""
+    if declared:
+        return max(0, LIGHT_LANE_REGISTERS - EARLY_LANE_OVERHEAD - registers(fmt, k_dim, cfg))
+    return EARLY_LEG_REGISTERS
 
 
 def launch_min_blocks(threads: int, lane_regs: int) -> int:
@@ -223,16 +244,20 @@ def bmma_dense_kernel(
     wshape = fmt.weight_shape(n_out, k_dim)
     threads, block_rows, block_batch = cfg.threads, leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
-    product, column_total = leg.product(), leg.column_total()
+    declare = fused_pack and light_config(fmt, k_dim, cfg)  # LAUNCH_MIN_BLOCKS, see light_config
+    min_blocks = launch_min_blocks(threads, LIGHT_LANE_REGISTERS)
+    # A one-launch kernel with the K steps outside loads its first K steps' weights before the
+    # pack, as many as the registers allow: under the declared 64, 4096x4096 W4 (loads 2, 32
+    # registers a step) spilled 8 bytes with one step early.
+    early = leg.early_steps(early_budget(fmt, k_dim, cfg, declare))
+    first_loads, product = leg.product(early) if early else (None, leg.product())
+    column_total = leg.column_total()
     pack_block, shapes = (leg.pack_block(), leg.packed_shapes()) if fused_pack else (None, None)
 
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
             return total + T.Cast(acc_t, offset) * codesum
         return dense_value(fmt, scale, codesum, total, w_scale, n, bias_buf if bias else None, layers)
-
-    declare = fused_pack and light_config(fmt, k_dim, cfg)  # LAUNCH_MIN_BLOCKS, see light_config
-    min_blocks = launch_min_blocks(threads, LIGHT_LANE_REGISTERS)
 
     @T.macro
     def block(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers, bx, by, tz, ty, tx):
@@ -246,8 +271,14 @@ def bmma_dense_kernel(
             xpack = T.alloc_shared(shapes["packed"], "uint32")
             rscale = T.alloc_shared(shapes["row_scale"], "float32")
             rcode = T.alloc_shared(shapes["row_code"], acc_t)
-            pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
-            product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+            if early > 0:
+                af0 = T.alloc_local((early * leg.step_fragments,), "uint32x4")
+                first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
+                pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
+                product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
+            else:
+                pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
+                product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
         else:
             product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
         T.tvm_storage_sync("shared")
@@ -372,8 +403,7 @@ class BMMALeg:
         if not self.fused_pack:
             raise ValueError("pack_block is for a leg made with fused_pack=True")
         cfg, acc_t, block_batch, threads = self.cfg, self.acc_dtype, self.block_batch, self.cfg.threads
-        prefetch = FUSED_PREFETCH_MAX if self.fmt.bits <= FUSED_PREFETCH_MAX_BITS else 0
-        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, prefetch)
+        pack = row_pack(self.fmt, self.k_dim, threads // MMA_LANES, self._prefetch())
 
         @T.macro
         def pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total):
@@ -391,7 +421,42 @@ class BMMALeg:
 
         return pack_block
 
-    def product(self):
+    def _prefetch(self) -> int:
+        """The in-block pack's ``prefetch_max`` (:func:`.cuda_ballot_pack.row_pack`)."""
+        return FUSED_PREFETCH_MAX if self.fmt.bits <= FUSED_PREFETCH_MAX_BITS else 0
+
+    def pack_phases(self) -> RowPackPhases:
+        """The phases of :meth:`pack_block`'s row pack, for a kernel that packs the rows of several
+        legs with one barrier chain (:func:`.cuda_ballot_pack.row_pack_phases`). Needs ``fused_pack``."""
+        if not self.fused_pack:
+            raise ValueError("pack_phases is for a leg made with fused_pack=True")
+        return row_pack_phases(self.fmt, self.k_dim, self.cfg.threads // MMA_LANES, self._prefetch())
+
+    @property
+    def planes_outside(self) -> bool:
+        """Whether :meth:`product` loops over the weight planes outside the K steps."""
+        bits, nt = self.fmt.bits, self.cfg.tiles_n
+        return self.fused_pack and (bits > PLANES_INSIDE_MAX_FUSED_BITS or nt > 1)
+
+    @property
+    def steps(self) -> int:
+        """K steps of a warp (``loads`` K tiles each)."""
+        return -(-self.k_tiles // (self.cfg.k_split * self.cfg.loads))
+
+    @property
+    def step_fragments(self) -> int:
+        """uint32x4 weight fragments of one K step, every plane's."""
+        return self.fmt.bits * self.cfg.loads * self.cfg.tiles_m
+
+    def early_steps(self, budget: int) -> int:
+        """K steps whose weight fragments :meth:`product` can take loaded before the in-block pack,
+        in ``budget`` registers a lane (all of them at most): 0 unless the leg packs in the block
+        with the K steps outside (the planes-outside order loads a plane's steps in turn)."""
+        if not self.fused_pack or self.planes_outside:
+            return 0
+        return min(self.steps, budget // (4 * self.step_fragments))
+
+    def product(self, early: int = 0):
         """A TVMScript macro: the block's integer plane products into shared memory ``part``.
 
         ``product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)``: ``act``
@@ -401,14 +466,23 @@ class BMMALeg:
         (``frag`` accumulators, ``frag`` int32, ``loads * tiles_m`` uint32x4, ``loads * tiles_n *
         2`` uint32); ``part`` shared, :attr:`part_shape`. The caller synchronizes the block before
         reading ``part``.
+
+        ``early`` (at most :meth:`early_steps`): returns ``(first_loads, product)``;
+        ``first_loads(wp, bitlayers, bx, tz, ty, tx, af0)`` loads the weight fragments of the
+        first ``early`` K steps, every plane's, into ``af0`` (``early * step_fragments``
+        uint32x4; zeros past ``bitlayers``, never read), to be called before the in-block pack so
+        that their DRAM latency overlaps it (the weights were otherwise requested only after the
+        pack), and ``product`` takes ``af0`` as a last argument and starts from it.
         """
         fmt, cfg = self.fmt, self.cfg
         n_act, words, acc_t, stride, fused = fmt.act_bits, self.words, self.acc_dtype, self.stride, self.fused_pack
         mt, ks, ld, nt, frag = cfg.tiles_m, cfg.k_split, cfg.loads, cfg.tiles_n, self.frag
         wm, k_tiles, row_tiles, bits = cfg.warps_m, self.k_tiles, self.row_tiles, fmt.bits
-        steps = -(-k_tiles // (ks * ld))
-        planes_outside = fused and (bits > PLANES_INSIDE_MAX_FUSED_BITS or nt > 1)
+        steps, step_frags = self.steps, self.step_fragments
+        planes_outside = self.planes_outside
         guarded = mt * nt <= GUARDED_PLANES_MAX_TILES
+        if early > self.early_steps(4 * step_frags * steps):
+            raise ValueError(f"{early} early K steps: the leg has {self.early_steps(4 * step_frags * steps)}")
 
         def w_coef(i):
             return weight_plane_coefficient(i, fmt, acc_t)
@@ -433,26 +507,27 @@ class BMMALeg:
                             )
 
         @T.macro
-        def load_a(wp, i, s, bx, tz, ty, tx, af, used):
-            """Weight plane ``i``'s fragments of K step ``s`` into ``af`` (zero where not ``used``)."""
+        def load_a(wp, i, s, bx, tz, ty, tx, af, used, base=0):
+            """Weight plane ``i``'s fragments of K step ``s`` into ``af`` from ``base`` on (zero
+            where not ``used``)."""
             for u in T.unroll(ld):
                 kt = T.meta_var((s * ld + u) * ks + tz)
                 for m in T.unroll(mt):
                     tile = T.meta_var((bx * wm + ty) * mt + m)
                     if used and kt < k_tiles and tile < row_tiles:
-                        af[u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
+                        af[base + u * mt + m] = wp[i, tile, kt, tx, T.ramp(0, 1, 4)]
                     else:
-                        af[u * mt + m] = T.Broadcast(T.uint32(0), 4)
+                        af[base + u * mt + m] = T.Broadcast(T.uint32(0), 4)
 
         @T.macro
-        def mmas(dot, af, bf):
+        def mmas(dot, af, bf, base=0):
             for u in T.unroll(ld):
                 for m in T.unroll(mt):
                     for n in T.unroll(nt):
                         T.evaluate(
                             T.ptx_legacy.mma(
                                 "m16n8k256", "row", "col", "int1", "int1", "int32",
-                                af.data, u * mt + m,  # in uint4 units
+                                af.data, base + u * mt + m,  # in uint4 units
                                 bf.data, (u * nt + n) * 2,
                                 dot.data, (m * nt + n) * 4,
                                 False, "and", dtype="int32",
@@ -460,16 +535,23 @@ class BMMALeg:
                         )  # fmt: skip
 
         @T.macro
-        def plane_step(i, dot, af, bf, acc):
-            """Plane ``i``'s MMAs of a K step, folded into ``acc`` with its coefficient."""
+        def first_loads(wp, bitlayers, bx, tz, ty, tx, af0):
+            for s in T.unroll(early):
+                for i in T.unroll(bits):
+                    used = T.meta_var(T.Cast("int64", i) < bitlayers)
+                    load_a(wp, i, s, bx, tz, ty, tx, af0, used, s * step_frags + i * ld * mt)
+
+        @T.macro
+        def plane(i, dot, af, bf, acc, base):
+            """Plane ``i``'s MMAs of a K step (fragments ``af[base:]``), folded into ``acc``."""
             for e in T.unroll(frag):
                 dot[e] = 0
-            mmas(dot, af, bf)
+            mmas(dot, af, bf, base)
             for e in T.unroll(frag):
                 acc[e] = acc[e] + w_coef(i) * T.Cast(acc_t, dot[e])
 
         @T.macro
-        def product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part):
+        def run(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0):
             for e in T.unroll(frag):
                 acc[e] = T.Cast(acc_t, 0)
             # Planes unrolled to ``bits`` under a uniform ``i < bitlayers`` guard: unused planes
@@ -498,24 +580,37 @@ class BMMALeg:
                 # A plane past ``bitlayers`` is not read: its fragments are zero (a guarded load,
                 # not a branch around the plane: with one, the planes' loads of a step waited for
                 # each other, and a small layer got slower, 2600x650 W8 6.4 -> 9.5 us).
+                # With ``early`` the first steps' weight fragments were loaded before the pack.
+                if early > 0:
+                    for s in T.unroll(early):
+                        load_b(act, batch, s, by, tz, tx, bf)
+                        for i in T.unroll(bits):
+                            plane(i, dot, af0, bf, acc, s * step_frags + i * ld * mt)
                 # Larger register tiles (GUARDED_PLANES_MAX_TILES) branch around the plane: a
                 # plane's loads are many already, and guarded, ptxas interleaved them with the
                 # MMAs (4096x4096 W4 batch 64, 4 x 4 tiles: 27 -> 51 us).
-                for s in range(steps):
+                for s in range(early, steps):
                     load_b(act, batch, s, by, tz, tx, bf)
                     for i in T.unroll(bits):
                         if guarded:
                             load_a(wp, i, s, bx, tz, ty, tx, af, T.Cast("int64", i) < bitlayers)
-                            plane_step(i, dot, af, bf, acc)
+                            plane(i, dot, af, bf, acc, 0)
                         elif T.Cast("int64", i) < bitlayers:
                             load_a(wp, i, s, bx, tz, ty, tx, af, True)
-                            plane_step(i, dot, af, bf, acc)
+                            plane(i, dot, af, bf, acc, 0)
             # C fragment: lane tx, register r holds row tx//4 + 8(r//2), column 2(tx%4) + r%2.
             for m in T.unroll(mt):
                 for n in T.unroll(nt):
                     for r in T.unroll(4):
                         row = T.meta_var(m * MMA_TILE_ROWS + tx // 4 + 8 * (r // 2))
                         part[tz, ty, row, n * 8 + 2 * (tx % 4) + r % 2] = acc[(m * nt + n) * 4 + r]
+
+        if early > 0:
+            return first_loads, run
+
+        @T.macro
+        def product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part):
+            run(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, None)
 
         return product
 

@@ -5,12 +5,13 @@ or read at step ``t`` of a sequence) or :func:`pbtvm.ops.pb_lstm_cell_input` (th
 projection from ``x`` and a packed ``W_ih`` too, for decoding one token), computed the way the
 BMMA dense kernel (:mod:`.cuda_bmma_kernel`) computes a layer:
 
-1. every block quantizes and packs its batch rows of ``h`` (and ``x``) into shared memory with
-   ``__ballot_sync`` (:func:`.cuda_ballot_pack.row_pack`; the rows are read from L2);
-2. its warps run the plane products of the block's gate rows of ``W_hh`` (and ``W_ih``) on the
-   tensor cores (:class:`.cuda_bmma_kernel.BMMALeg`, one leg per weight matrix, one after the
-   other), and each output's dense epilogue (:func:`pbtvm.ops.epilogue.dense_value`)
-   leaves the gate pre-activations in shared memory, ``W_hh``'s plus ``W_ih``'s (with the bias);
+1. every block quantizes and packs its batch rows of ``h`` (and ``x``, each row of ``h``
+   together with ``x``'s: one barrier chain for both) into shared memory with ``__ballot_sync``
+   (:func:`.cuda_ballot_pack.row_pack`; the rows are read from L2);
+2. its warps run the plane products of the block's gate rows of ``W_hh`` (and then ``W_ih``) on
+   the tensor cores (:class:`.cuda_bmma_kernel.BMMALeg`, one leg per weight matrix), and each
+   output's dense epilogue (:func:`pbtvm.ops.epilogue.dense_value`) leaves the gate
+   pre-activations in shared memory, ``W_hh``'s plus ``W_ih``'s (with the bias);
 3. the rows are unit-major (row ``4u + g``, :func:`pbtvm.ops.unit_major_rows`), so a block of
    ``16 * warps_m * tiles_m`` rows owns whole hidden units: a thread per (unit, batch row) adds
    ``gx`` (the forms that take it) and updates ``c`` and ``h``.
@@ -37,6 +38,7 @@ from pbtvm.target import TargetLimits
 from .cuda_bmma import REGISTER_BUDGET, default_config, knob_grid, shrink_until_fit
 from .cuda_bmma_kernel import (
     DEFAULT_LIMITS,
+    EARLY_LEG_REGISTERS,
     LAUNCH_MIN_BLOCKS,
     MMA_LANES,
     BMMAConfig,
@@ -132,8 +134,10 @@ def bmma_lstm_kernel(
         )
     rows, n_in, with_x = GATES * hidden, input_size or 1, input_size is not None
     leg_h = BMMALeg(fmt, rows, hidden, cfg, True, limits)
-    gates_h = _gates_of(leg_h, rows, bias=False, add=False)
-    gates_x = _gates_of(BMMALeg(fmt, rows, n_in, cfg, True, limits), rows, bias, add=True) if with_x else None
+    if with_x:
+        gates_of = _gates_of_both(leg_h, BMMALeg(fmt, rows, n_in, cfg, True, limits), rows, bias)
+    else:
+        gates_of = _gates_of(leg_h, rows)
     block_rows, block_batch, threads = leg_h.block_rows, leg_h.block_batch, cfg.threads
     units = block_rows // GATES
     cell_rounds = -(-(units * block_batch) // threads)
@@ -186,9 +190,13 @@ def bmma_lstm_kernel(
                             with T.attr(0, LAUNCH_MIN_BLOCKS, 1):  # see LAUNCH_MIN_BLOCKS
                                 gates = T.alloc_shared((block_batch, block_rows), "float32")
                                 gate = T.alloc_local((GATES,), "float32")
-                                gates_h(h, wp_hh, ws_hh, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates)
                                 if with_x:
-                                    gates_x(x, wp_ih, ws_ih, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates)
+                                    gates_of(
+                                        h, x, wp_hh, ws_hh, wp_ih, ws_ih, bias_buf, batch, bitlayers,
+                                        bx, by, tz, ty, tx, gates,
+                                    )  # fmt: skip
+                                else:
+                                    gates_of(h, wp_hh, ws_hh, batch, bitlayers, bx, by, tz, ty, tx, gates)
                                 T.tvm_storage_sync("shared")
                                 # the cell update: a thread per (hidden unit, batch row) of the block
                                 for o in range(cell_rounds):
@@ -212,39 +220,26 @@ def bmma_lstm_kernel(
     return without_params(kernel, unused)
 
 
-def _gates_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
-    """A TVMScript macro: one weight matrix's gate values for the block, into shared ``gates``.
+def _epilogue_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
+    """A TVMScript macro: the dense epilogue of one leg's products into shared ``gates``.
 
-    ``gates_of(act, wp, w_scale, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates)``: the
-    block packs its batch rows of ``act`` (float32 [B, K]) with ballots, runs the plane products
-    of its ``block_rows`` rows of ``wp`` on the tensor cores, and a thread per (row, batch row)
-    applies the dense epilogue (``bias_buf`` when ``bias``), storing the value in
-    ``gates[batch row, row]`` or, with ``add``, adding it to the value the same thread stored
-    there for the other leg (``W_hh``'s product plus ``W_ih``'s, the TE step's order).
+    ``epilogue(part, row_scale, row_code, w_scale, bias_buf, bitlayers, bx, tz, ty, tx, total,
+    gates)``: after :meth:`.cuda_bmma_kernel.BMMALeg.product` into ``part`` (and a barrier), a
+    thread per (row, batch row) applies the dense epilogue (``bias_buf`` when ``bias``), storing
+    the value in ``gates[batch row, row]`` or, with ``add``, adding it to the value the same
+    thread stored there for the other leg (``W_hh``'s product plus ``W_ih``'s, the TE step's
+    order). ``total`` is a one-element local of the leg's accumulator dtype.
     """
     fmt, cfg = leg.fmt, leg.cfg
-    threads, acc_t = cfg.threads, leg.acc_dtype
-    block_rows, block_batch = leg.block_rows, leg.block_batch
+    threads, block_rows, block_batch = cfg.threads, leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
-    product, column_total, pack_block, shapes = leg.product(), leg.column_total(), leg.pack_block(), leg.packed_shapes()
+    column_total = leg.column_total()
 
     def value(gates, bb, row, epilogue):
         return gates[bb, row] + epilogue if add else epilogue
 
     @T.macro
-    def gates_of(act, wp, w_scale, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates):
-        part = T.alloc_shared(leg.part_shape, acc_t)
-        packed = T.alloc_shared(shapes["packed"], "uint32")
-        row_scale = T.alloc_shared(shapes["row_scale"], "float32")
-        row_code = T.alloc_shared(shapes["row_code"], acc_t)
-        total = T.alloc_local((1,), acc_t)
-        acc = T.alloc_local((leg.frag,), acc_t)
-        dot = T.alloc_local((leg.frag,), "int32")
-        af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
-        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
-        pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
-        product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
-        T.tvm_storage_sync("shared")
+    def epilogue(part, row_scale, row_code, w_scale, bias_buf, bitlayers, bx, tz, ty, tx, total, gates):
         for o in range(out_rounds):  # a thread per (row, batch row), the same in both legs
             idx = T.meta_var(o * threads + (tz * cfg.warps_m + ty) * MMA_LANES + tx)
             n_glob = T.meta_var(bx * block_rows + idx % block_rows)
@@ -257,6 +252,146 @@ def _gates_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
                         w_scale, n_glob, bias_buf if bias else None, bitlayers,
                     ),
                 )  # fmt: skip
+
+    return epilogue
+
+
+def _gates_of(leg: BMMALeg, rows: int):
+    """A TVMScript macro: ``W_hh``'s gate values for the block, into shared ``gates`` (the forms
+    that take ``gx``).
+
+    ``gates_of(h, wp, w_scale, batch, bitlayers, bx, by, tz, ty, tx, gates)``: the block packs
+    its batch rows of ``h`` (float32 [B, K]) with ballots, runs the plane products of its
+    ``block_rows`` rows of ``wp`` on the tensor cores, and stores each output's dense epilogue in
+    ``gates[batch row, row]``.
+    """
+    cfg, acc_t, early = leg.cfg, leg.acc_dtype, leg.early_steps(EARLY_LEG_REGISTERS)
+    first_loads, product = leg.product(early) if early else (None, leg.product())
+    pack_block, shapes = leg.pack_block(), leg.packed_shapes()
+    epilogue = _epilogue_of(leg, rows, bias=False, add=False)
+
+    @T.macro
+    def gates_of(h, wp, w_scale, batch, bitlayers, bx, by, tz, ty, tx, gates):
+        part = T.alloc_shared(leg.part_shape, acc_t)
+        packed = T.alloc_shared(shapes["packed"], "uint32")
+        row_scale = T.alloc_shared(shapes["row_scale"], "float32")
+        row_code = T.alloc_shared(shapes["row_code"], acc_t)
+        total = T.alloc_local((1,), acc_t)
+        acc = T.alloc_local((leg.frag,), acc_t)
+        dot = T.alloc_local((leg.frag,), "int32")
+        af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
+        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        if early > 0:  # the first K steps' weights in flight during the pack (see _gates_of_both)
+            af0 = T.alloc_local((early * leg.step_fragments,), "uint32x4")
+            first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
+            pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
+            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
+        else:
+            pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
+            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+        T.tvm_storage_sync("shared")
+        epilogue(part, row_scale, row_code, w_scale, None, bitlayers, bx, tz, ty, tx, total, gates)
+
+    return gates_of
+
+
+def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
+    """A TVMScript macro: both weight matrices' gate values for the block, into shared ``gates``
+    (the step with its input projection).
+
+    ``gates_of(h, x, wp_hh, ws_hh, wp_ih, ws_ih, bias_buf, batch, bitlayers, bx, by, tz, ty, tx,
+    gates)``: the block packs each batch row of ``h`` and of ``x`` together, one barrier chain for
+    both rows (:meth:`.cuda_bmma_kernel.BMMALeg.pack_phases`: both rows' L2 loads in flight at
+    once), then runs the plane products of ``W_hh`` and of ``W_ih``, then the epilogues: ``gates``
+    holds ``W_hh``'s value plus ``W_ih``'s (with the bias when ``bias``), as :func:`_gates_of`
+    twice. One leg after the other (pack, products, epilogue, then the next leg), the two 650-wide
+    rows of the W4A8 decoder's step were read one after the other, each behind its own barriers.
+    """
+    cfg, acc_h, acc_x = leg_h.cfg, leg_h.acc_dtype, leg_x.acc_dtype
+    warps, block_batch = cfg.threads // MMA_LANES, leg_h.block_batch
+    ph, px = leg_h.pack_phases(), leg_x.pack_phases()
+    early_h, early_x = leg_h.early_steps(EARLY_LEG_REGISTERS), leg_x.early_steps(EARLY_LEG_REGISTERS)
+    early = early_h > 0  # the same config and format: leg_x's is > 0 too
+    first_h, product_h = leg_h.product(early_h) if early else (None, leg_h.product())
+    first_x, product_x = leg_x.product(early_x) if early else (None, leg_x.product())
+    shapes_h, shapes_x = leg_h.packed_shapes(), leg_x.packed_shapes()
+    epilogue_h = _epilogue_of(leg_h, rows, bias=False, add=False)
+    epilogue_x = _epilogue_of(leg_x, rows, bias, add=True)
+
+    @T.macro
+    def pack_both(h, x, row, bb, warp, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x):
+        red_h = T.alloc_shared((warps,), "float32")
+        red_x = T.alloc_shared((warps,), "float32")
+        sums_h = T.alloc_shared((warps,), acc_h)
+        sums_x = T.alloc_shared((warps,), acc_x)
+        xv_h = T.alloc_local((ph.held,), "float32")
+        xv_x = T.alloc_local((px.held,), "float32")
+        amax_h = T.alloc_local((1,), "float32")
+        amax_x = T.alloc_local((1,), "float32")
+        total_h = T.alloc_local((1,), acc_h)
+        total_x = T.alloc_local((1,), acc_x)
+        best = T.alloc_local((1,), "float32")
+        code = T.alloc_local((1,), "int32")
+        vote = T.alloc_local((2,), "uint32")
+        ph.load(h, row, warp, tx, xv_h)
+        px.load(x, row, warp, tx, xv_x)
+        ph.warp_max(h, row, warp, tx, xv_h, red_h, best)
+        px.warp_max(x, row, warp, tx, xv_x, red_x, best)
+        T.tvm_storage_sync("shared")
+        ph.codes(h, row, packed_h, bb, warp, tx, xv_h, red_h, sums_h, amax_h, best, total_h, code, vote)
+        px.codes(x, row, packed_x, bb, warp, tx, xv_x, red_x, sums_x, amax_x, best, total_x, code, vote)
+        T.tvm_storage_sync("shared")
+        ph.finish(bb, scale_h, code_h, warp, tx, red_h, sums_h, amax_h, total_h)
+        px.finish(bb, scale_x, code_x, warp, tx, red_x, sums_x, amax_x, total_x)
+        T.tvm_storage_sync("shared")  # the packed rows are read, red and sums reused by the next row
+
+    @T.macro
+    def pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x):
+        for bb in range(block_batch):
+            if by * block_batch + bb < batch:  # block-uniform
+                pack_both(
+                    h, x, by * block_batch + bb, bb, tz * cfg.warps_m + ty, tx,
+                    packed_h, packed_x, scale_h, scale_x, code_h, code_x,
+                )  # fmt: skip
+
+    @T.macro
+    def gates_of(h, x, wp_hh, ws_hh, wp_ih, ws_ih, bias_buf, batch, bitlayers, bx, by, tz, ty, tx, gates):
+        part_h = T.alloc_shared(leg_h.part_shape, acc_h)
+        part_x = T.alloc_shared(leg_x.part_shape, acc_x)
+        packed_h = T.alloc_shared(shapes_h["packed"], "uint32")
+        packed_x = T.alloc_shared(shapes_x["packed"], "uint32")
+        scale_h = T.alloc_shared(shapes_h["row_scale"], "float32")
+        scale_x = T.alloc_shared(shapes_x["row_scale"], "float32")
+        code_h = T.alloc_shared(shapes_h["row_code"], acc_h)
+        code_x = T.alloc_shared(shapes_x["row_code"], acc_x)
+        total_h = T.alloc_local((1,), acc_h)
+        total_x = T.alloc_local((1,), acc_x)
+        acc_h_f = T.alloc_local((leg_h.frag,), acc_h)
+        acc_x_f = T.alloc_local((leg_x.frag,), acc_x)
+        dot = T.alloc_local((leg_h.frag,), "int32")
+        af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
+        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        if early:
+            # Both legs' first K steps of weights (every used plane) are loaded before the pack, so
+            # that its DRAM latency overlaps the pack's (the pack's registers are free again
+            # before the products): otherwise the weights were requested only after the pack.
+            af0_h = T.alloc_local((early_h * leg_h.step_fragments,), "uint32x4")
+            af0_x = T.alloc_local((early_x * leg_x.step_fragments,), "uint32x4")
+            first_h(wp_hh, bitlayers, bx, tz, ty, tx, af0_h)
+            first_x(wp_ih, bitlayers, bx, tz, ty, tx, af0_x)
+            pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
+            product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h, af0_h)
+            product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x, af0_x)
+        else:
+            pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
+            product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h)
+            product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x)
+        T.tvm_storage_sync("shared")
+        epilogue_h(part_h, scale_h, code_h, ws_hh, bias_buf, bitlayers, bx, tz, ty, tx, total_h, gates)
+        # W_hh's value goes through shared memory before W_ih's is added, as with one leg after the
+        # other: the float sum is rounded the same way (no multiply-add across the two values)
+        T.tvm_storage_sync("shared")
+        epilogue_x(part_x, scale_x, code_x, ws_ih, bias_buf, bitlayers, bx, tz, ty, tx, total_x, gates)
 
     return gates_of
 

@@ -105,6 +105,9 @@ INPUT_CASES = [  # (input, hidden, bits, act_bits, codebook, batch, bias, cfg or
     (64, 48, 16, 8, None, 2, True, None),  # 16-bit weights
     (700, 100, 4, 8, None, 3, True, BMMAConfig(2, 2, 2, 2, 2)),  # every knob above 1, K split across warps
     (20, 33, 2, 8, None, 1, True, BMMAConfig(1, 1, 1, 1, 1)),  # one warp a block, legs of one word
+    # h and x packed together, x's 700 read twice (22 a lane > FUSED_PREFETCH_MAX), h's held;
+    # x's weights: 2 of 3 K steps loaded before the pack (EARLY_LEG_REGISTERS)
+    (700, 40, 3, 8, None, 3, True, BMMAConfig(1, 1, 1, 1, 1)),
 ]
 
 
