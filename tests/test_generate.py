@@ -263,6 +263,21 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases, emb
     _check_pick(run, batch, vocab, chunk, cases)
 
 
+@pytest.mark.parametrize(("vocab", "embedding"), [(10000, (10000, 650)), (8192, None), (50257, (50257, 768))])
+def test_cuda_pick_builds_without_spills(vocab, embedding):
+    """The pick's register budget (``__launch_bounds__(512, 1)``: 128 a thread) holds its logits in
+    registers (10,000: three load groups; 8,192: a sampling segment of 16 too) without spills, and
+    a long row (50,257: a group at a time) too; at 10,000 with the segment held as well it spilled
+    28 bytes (``CUDA_PICK_HELD_SEGMENT_MAX``)."""
+    from pbtvm.cuda import build, cuda_source
+    from pbtvm.sass import local_memory_ops, source_sass
+    from pbtvm.target import resolve_target
+
+    src = cuda_source(build(pick_func(1, vocab, 4, "cuda", embedding), resolve_target(SM90)))
+    (sass,) = source_sass(src, "sm_90").values()
+    assert local_memory_ops(sass) == 0
+
+
 def _pick_rows(vocab: int) -> list[np.ndarray]:
     """Rows whose ties, NaNs and maxima sit on one thread's logits on both sides of a load-group
     boundary (a group: ``CUDA_PICK_LOADS * PICK_THREADS`` logits)."""
