@@ -250,9 +250,9 @@ def bmma_dense_kernel(
     # pack, as many as the registers allow: under the declared 64, 4096x4096 W4 (loads 2, 32
     # registers a step) spilled 8 bytes with one step early.
     early = leg.early_steps(early_budget(fmt, k_dim, cfg, declare))
-    first_loads, product = leg.product(early) if early else (None, leg.product())
+    product = leg.product()
     column_total = leg.column_total()
-    pack_block, shapes = (leg.pack_block(), leg.packed_shapes()) if fused_pack else (None, None)
+    packed_product, shapes = (leg.packed_product(early), leg.packed_shapes()) if fused_pack else (None, None)
 
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
@@ -271,14 +271,9 @@ def bmma_dense_kernel(
             xpack = T.alloc_shared(shapes["packed"], "uint32")
             rscale = T.alloc_shared(shapes["row_scale"], "float32")
             rcode = T.alloc_shared(shapes["row_code"], acc_t)
-            if early > 0:
-                af0 = T.alloc_local((early * leg.step_fragments,), "uint32x4")
-                first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
-                pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
-                product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
-            else:
-                pack_block(x, batch, by, tz, ty, tx, xpack, rscale, rcode, total)
-                product(xpack, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+            packed_product(
+                x, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, xpack, rscale, rcode, total
+            )
         else:
             product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
         T.tvm_storage_sync("shared")
@@ -613,6 +608,58 @@ class BMMALeg:
             run(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, None)
 
         return product
+
+    def packed_product(self, early: int = 0):
+        """A TVMScript macro: :meth:`pack_block` of the block's rows, then :meth:`product` of them,
+        with the weight fragments of the first ``early`` K steps loaded before the pack.
+
+        ``packed_product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part,
+        packed, row_scale, row_code, total)``: ``act`` float32 ``[B, K]``; ``packed``,
+        ``row_scale``, ``row_code`` the shared buffers of :meth:`packed_shapes`; the rest as in
+        :meth:`product`. Needs ``fused_pack``.
+        """
+        pack_block, step_frags = self.pack_block(), self.step_fragments
+        if early == 0:
+            product = self.product()
+
+            @T.macro
+            def packed_product(
+                act,
+                wp,
+                bitlayers,
+                batch,
+                bx,
+                by,
+                tz,
+                ty,
+                tx,
+                acc,
+                dot,
+                af,
+                bf,
+                part,
+                packed,
+                row_scale,
+                row_code,
+                total,
+            ):
+                pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
+                product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+
+            return packed_product
+
+        first_loads, product = self.product(early)
+
+        @T.macro
+        def packed_product_early(
+            act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, packed, row_scale, row_code, total
+        ):
+            af0 = T.alloc_local((early * step_frags,), "uint32x4")
+            first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
+            pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
+            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
+
+        return packed_product_early
 
     def column_total(self):
         """A TVMScript macro: ``column_total(part, total, idx)`` sets ``total[0]`` to the integer product

@@ -265,9 +265,9 @@ def _gates_of(leg: BMMALeg, rows: int):
     ``block_rows`` rows of ``wp`` on the tensor cores, and stores each output's dense epilogue in
     ``gates[batch row, row]``.
     """
-    cfg, acc_t, early = leg.cfg, leg.acc_dtype, leg.early_steps(EARLY_LEG_REGISTERS)
-    first_loads, product = leg.product(early) if early else (None, leg.product())
-    pack_block, shapes = leg.pack_block(), leg.packed_shapes()
+    cfg, acc_t = leg.cfg, leg.acc_dtype
+    # the first K steps' weights in flight during the pack (see _gates_of_both)
+    packed_product, shapes = leg.packed_product(leg.early_steps(EARLY_LEG_REGISTERS)), leg.packed_shapes()
     epilogue = _epilogue_of(leg, rows, bias=False, add=False)
 
     @T.macro
@@ -281,14 +281,9 @@ def _gates_of(leg: BMMALeg, rows: int):
         dot = T.alloc_local((leg.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
         bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
-        if early > 0:  # the first K steps' weights in flight during the pack (see _gates_of_both)
-            af0 = T.alloc_local((early * leg.step_fragments,), "uint32x4")
-            first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
-            pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
-            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
-        else:
-            pack_block(h, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
-            product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
+        packed_product(
+            h, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, packed, row_scale, row_code, total
+        )
         T.tvm_storage_sync("shared")
         epilogue(part, row_scale, row_code, w_scale, None, bitlayers, bx, tz, ty, tx, total, gates)
 
