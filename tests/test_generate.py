@@ -263,12 +263,12 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases, emb
     _check_pick(run, batch, vocab, chunk, cases)
 
 
-@pytest.mark.parametrize(("vocab", "embedding"), [(10000, (10000, 650)), (8192, None), (50257, (50257, 768))])
+@pytest.mark.parametrize(("vocab", "embedding"), [(10000, (10000, 650)), (8192, None)])
 def test_cuda_pick_builds_without_spills(vocab, embedding):
     """The pick's register budget (``__launch_bounds__(512, 1)``: 128 a thread) holds its logits in
-    registers (10,000: three load groups; 8,192: a sampling segment of 16 too) without spills, and
-    a long row (50,257: a group at a time) too; at 10,000 with the segment held as well it spilled
-    28 bytes (``CUDA_PICK_HELD_SEGMENT_MAX``)."""
+    registers (10,000: three load groups; 8,192: a sampling segment of 16 too) without spills; at
+    10,000 with the segment held as well it spilled 28 bytes (``CUDA_PICK_HELD_SEGMENT_MAX``). A
+    row past ``CUDA_PICK_HELD_MAX`` logits a thread (50,257: 64 registers) is far from the cap."""
     from pbtvm.cuda import build, cuda_source
     from pbtvm.sass import local_memory_ops, source_sass
     from pbtvm.target import resolve_target
