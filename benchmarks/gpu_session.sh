@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU sitting: environment facts, GPU tests, benchmarks. Every step writes its full output to a
 # file under $OUT (nothing filtered) and runs under its own `timeout`; the console gets the tail.
-# STEPS picks what runs. The default, "bmma bmma-bench tests", is issue 13's sitting (step limits
-# 150 + 240 + 150 s, so under 10 min with the bundle's unpacking; on an H200: BMMA exactness, the
-# BMMA layer benchmark, then the other GPU tests). Call it right after the bundle's first call:
-# the machine stays warm (and /tmp/boot/part0 with it) only 30 s.
+# STEPS picks what runs. The default, "exact generate-bench bmma-bench profile", measures both GPU
+# issues in one call: on an H200 (2026-12-04) 63 + 67 + 49 + 54 s, ~240 s with the bundle's
+# unpacking (the BMMA and generate() GPU tests, generate() tokens/s vs torch, the BMMA layer grid,
+# the decoder's per-kernel time). Call it right after the bundle's first call: the machine stays
+# warm (and /tmp/boot/part0 with it) only 30 s.
 #   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
 #               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers);
 #               tests/test_bmma_lstm.py: the BMMA LSTM step, the mma16x256 decoder and its generate()
@@ -19,9 +20,9 @@
 #   generate    issue 16: tests/test_generate.py on the GPU (generate() == the stepwise decoder, greedy and
 #               seeded sampling), then benchmarks/bench_generate.py: tokens/s of generate() at W1/W2/W4/W8,
 #               batch 1 and 8, vs torch fp32/fp16 eager and in a CUDA graph, each W-k with the default
-#               layout (binary tensor cores on sm_80+) and kNW (CUDA-core popcount), the 16 decoders compiled
-#               first, one process per core (<= ~6 min; STEPS=generate); then benchmarks/bench_pick.py: the
-#               pick kernel alone per top_k (radix threshold past 8, unmeasured on a GPU so far), <= 90 s;
+#               layout (binary tensor cores on sm_80+; GEN_ARGS="--layouts auto,kNW" adds the CUDA-core
+#               popcount rows), the decoders compiled first, one process per core (~70 s); then
+#               benchmarks/bench_pick.py: the pick kernel alone per top_k, vocab 10,000 and 50,257 (~50 s);
 #               its three parts are also steps of their own: generate-tests, generate-bench, pick
 #   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
 #   sweep       benchmarks/sweep_bmma.py: many BMMA configs per (shape, batch), W4, best vs default (CSV
@@ -131,7 +132,7 @@ run_step() {
       step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu "${GENERATE_TEST_FILES[@]}" ;;
     generate-bench)
       step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
-        --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto,kNW} ;;
+        --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto} ;;
     pick)
       step bench_pick "${PICK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_pick.py --target cuda --vocab 10000 50257 ;;
     *)
@@ -139,7 +140,7 @@ run_step() {
   esac
 }
 # Steps run in the order STEPS names them.
-for name in ${STEPS:-bmma bmma-bench tests}; do
+for name in ${STEPS:-exact generate-bench bmma-bench profile}; do
   run_step "$name"
 done
 # The device tool returns at most 8 files from $OUT: past that, everything goes into one archive
