@@ -9,8 +9,10 @@ B operand 8 *columns* of activation planes: column ``c = b * stride + j`` is act
 
 A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators stay in
 registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps of ``loads``
-tiles, loads their activation fragments once, then per weight plane the plane's fragments (zeros,
-never read, for a plane past ``bitlayers``, the run-time knob: its MMAs still run) and their MMAs,
+tiles, loads their activation fragments once, then per weight plane the plane's fragments and
+their MMAs (a plane past ``bitlayers``, the run-time knob, is never read: up to
+:data:`GUARDED_PLANES_MAX_TILES` register tiles, and in the K steps loaded before the pack, its
+fragments are zeros and its MMAs still run; larger tiles branch around it in the other steps),
 and folds the popcounts into the accumulator as ``acc += c_i * D_i`` (kernels that pack in the
 block loop over the planes outside above W4 or with several column tiles a warp; otherwise they
 load their first K steps' weight fragments before the pack, where the registers allow).
@@ -55,13 +57,13 @@ PLANES_INSIDE_MAX_FUSED_BITS = 4
 #: Most weight bits at which such a kernel's pack holds its activations in registers
 #: (:data:`.cuda_ballot_pack.FUSED_PREFETCH_MAX`): W16 spilled 4 bytes with them (4096x4096, batch 1).
 FUSED_PREFETCH_MAX_BITS = 8
-#: 32-bit registers of an SM (every sm_70+ GPU).
 #: Register tiles (``tiles_m * tiles_n``) up to which the K-steps-outside order reads a plane past
 #: ``bitlayers`` as zeros (a guarded load: every plane's loads of a step in flight together; with a
 #: branch around each plane, 2600x650 W8 took 9.5 us on an H200 instead of 6.4); larger tiles
 #: branch around the plane (guarded, their kernels took up to twice as long: 4096x4096 W4 at
 #: batch 64, 4 x 4 tiles, 27 -> 51 us).
 GUARDED_PLANES_MAX_TILES = 2
+#: 32-bit registers of an SM (every sm_70+ GPU).
 SM_REGISTERS = 65536
 #: Registers a lane of a light one-launch config is given (:func:`light_config`): enough for every
 #: such config of the benchmark grid (``benchmarks/bench_bmma.py --dry-run --fused``), and a

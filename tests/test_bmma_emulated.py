@@ -249,6 +249,7 @@ def test_ballot_pack_chunked_path_one_store_exact_in_emulation(rng):
         (4, 4, 70, 300, 5, None, False),  # two-launch, batch-knob default (2 x 2 tiles: a branch a plane)
         (3, 8, 33, 300, 1, (1, 2, 2, 1, 1), True),  # fused, planes inside (bits <= 4, one column tile)
         (4, 8, 33, 1300, 1, (1, 2, 2, 1, 1), True),  # fused, 2 of 3 K steps' weights loaded before the pack
+        (2, 8, 100, 1300, 2, (3, 1, 1, 1, 1), True),  # fused, 3 tiles: 1 K step early, a branch a plane after
         (8, 8, 33, 300, 1, (1, 2, 2, 1, 1), True),  # fused, planes outside (W8)
     ],
 )

@@ -69,7 +69,9 @@ def _step_with_input(rng, fmt: bp.BitplaneFormat, n_in: int, hidden: int, batch:
     """Random weights, bias, input and state for the step with its input projection.
 
     Returns ``run(cfg, bitlayers) -> (h', c')`` (the emulated kernel of ``cfg``, built once per
-    config) and ``reference(bitlayers) -> (h', c')`` (numpy).
+    config) and ``reference(bitlayers) -> (h', c')`` (numpy). ``run`` passes both legs' weights
+    cut to their first ``bitlayers`` planes, so that the emulator's guard page sits right after
+    them: a read of a plane past ``bitlayers`` faults.
     """
     wp_ih, ws_ih = _weights(rng, 4 * hidden, n_in, fmt)
     wp_hh, ws_hh = _weights(rng, 4 * hidden, hidden, fmt)
@@ -84,9 +86,11 @@ def _step_with_input(rng, fmt: bp.BitplaneFormat, n_in: int, hidden: int, batch:
         if cfg not in kernels_by_cfg:
             kernels_by_cfg[cfg] = _emulated(bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias))
         launch, (h_out, c_out) = _launch(fmt, hidden, cfg, batch), _outputs(batch, hidden)
+        planes = {k: np.ascontiguousarray(args[k][:layers]) for k in ("wp_ih_ptr", "wp_hh_ptr")}
         kernels_by_cfg[cfg](
-            launch["grid"], launch["block"], **args, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch, bitlayers=layers
-        )
+            launch["grid"], launch["block"], **{**args, **planes}, h_out_ptr=h_out, c_out_ptr=c_out, batch=batch,
+            bitlayers=layers,
+        )  # fmt: skip
         return h_out, c_out
 
     def reference(layers: int) -> tuple:
@@ -108,6 +112,9 @@ INPUT_CASES = [  # (input, hidden, bits, act_bits, codebook, batch, bias, cfg or
     # h and x packed together, x's 700 read twice (22 a lane > FUSED_PREFETCH_MAX), h's held;
     # x's weights: 2 of 3 K steps loaded before the pack (EARLY_LEG_REGISTERS)
     (700, 40, 3, 8, None, 3, True, BMMAConfig(1, 1, 1, 1, 1)),
+    # 3 row tiles a warp (> GUARDED_PLANES_MAX_TILES): a plane past bitlayers zero-loaded in the K
+    # step loaded before the pack, branched around in the later steps of the x leg
+    (700, 40, 2, 8, None, 2, True, BMMAConfig(3, 1, 1, 1, 1)),
 ]
 
 
