@@ -623,8 +623,8 @@ def cuda_pick(
     the thread whose segment holds ``u * total`` picks the token. With ``embedding``, after a
     barrier (the token, written by one thread, is then visible to the block) the block copies the
     token's row of the table."""
-    if threads & (threads - 1):
-        raise InputError(f"threads must be a power of two, got {threads}")
+    if threads & (threads - 1) or threads < 32:
+        raise InputError(f"threads must be a power of two of at least a warp (32), got {threads}")
     B, V, N, TPB = batch, vocab, chunk, threads
     E_ROWS, E_DIM = embedding or (1, 1)
     embed = embedding is not None

@@ -278,6 +278,16 @@ def test_cuda_pick_builds_without_spills(vocab, embedding):
     assert local_memory_ops(sass) == 0
 
 
+def test_cuda_pick_refuses_a_block_that_is_not_whole_warps():
+    """The warp-shuffle reductions need full warps and a power-of-two count of them."""
+    from pbtvm.errors import InputError
+    from pbtvm.sampling_tir import cuda_pick
+
+    for threads in (16, 48):
+        with pytest.raises(InputError, match="at least a warp"):
+            cuda_pick(1, 100, 1, threads)
+
+
 def _pick_rows(vocab: int) -> list[np.ndarray]:
     """Rows whose ties, NaNs and maxima sit on one thread's logits on both sides of a load-group
     boundary (a group: ``CUDA_PICK_LOADS * PICK_THREADS`` logits)."""
