@@ -33,6 +33,7 @@ from pbtvm.names import KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.quantize import AUTO
 from pbtvm.schedules.cpu_vnni import one_kernel_layer
+from pbtvm.schedules.cuda_bmma import one_launch_layer
 
 from .block_builder import blocks_closed_on_error
 from .te_call import emit_te_call
@@ -529,7 +530,9 @@ class _Rewriter(PyExprMutator):
         wp, ws, fmt = self._packed(weight)
         has_bias = bias is not None
         bias_const = [relax.const(np.asarray(bias, np.float32), "float32")] if has_bias else []
-        if one_kernel_layer(fmt, k_dim):
+        rows = x2.ty.shape.values[0]
+        static_rows = int(rows) if isinstance(rows, tir.IntImm) else None
+        if one_kernel_layer(fmt, k_dim) or one_launch_layer(fmt, n_out, k_dim, static_rows):
             out = self._emit_te(
                 lambda x_t, wp_t, ws_t, *rest: pb_dense_act(
                     x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt

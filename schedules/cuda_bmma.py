@@ -36,6 +36,27 @@ from .cuda_bmma_kernel import (
 )
 from .rules import TunableRule, format_of
 
+#: Most weights (``N * K``) of a dense layer that ``compile`` builds as one launch (the in-block
+#: pack, :func:`.cuda_bmma_kernel.bmma_dense_kernel` with ``fused_pack``) when its batch is 1 and
+#: static. Measured on an H200 (BENCHMARKS.md, thirty-seventh session), one launch vs ballot pack +
+#: kernel at batch 1: W4 4096x4096 7.0 vs 9.6 µs, 8192x2048 6.1 vs 9.0, 6000x1500 5.5 vs 8.1,
+#: 2600x650 3.8 vs 7.3 (W1-W8 alike); larger layers lose at some widths (11008x4096 W1 10.5 vs
+#: 8.8, 4096x11008 W4 22.2 vs 17.9: each block packs the whole row). Above batch 1 the one-launch
+#: kernel is 2-4x slower at K >= 1500, and a symbolic batch may be any.
+ONE_LAUNCH_MAX_WEIGHTS = 4096 * 4096
+
+
+def one_launch_layer(fmt: BitplaneFormat, n_out: int, k_dim: int, rows: int | None, target=None) -> bool:
+    """Whether ``compile`` builds a CUDA dense layer as one kernel that packs its input (in the
+    block) instead of a ballot pack and a BMMA kernel: the ``mma16x256`` layout, a static batch of
+    ``rows == 1`` and at most :data:`ONE_LAUNCH_MAX_WEIGHTS` weights. ``target`` defaults to the
+    current target (``with target:``)."""
+    target = target or tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "cuda" or fmt.layout != MMA_LAYOUT:
+        return False
+    return rows == 1 and n_out * k_dim <= ONE_LAUNCH_MAX_WEIGHTS
+
+
 #: Block annotation holding the sampled config (see :func:`encode`).
 CONFIG_ANNOTATION = "pbtvm.bmma_config"
 #: Knob values the design space draws from (filtered per layer by :func:`config_space`).

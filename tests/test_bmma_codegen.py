@@ -285,6 +285,29 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
         assert body.count("VOTE.ANY") >= 8, name  # a ballot per plane
 
 
+def test_compile_at_a_static_batch_of_one_builds_one_launch_layers(tmp_path):
+    """``dynamic_batch=False`` at batch 1: every dense layer one kernel that packs its own input in
+    the block (``pb_dense_act``, BMMA, no spills), no pack kernels; the rule's bounds
+    (``ONE_LAUNCH_MAX_WEIGHTS``, a static batch of 1, the mma layout). The dynamic-batch build above
+    keeps pack + kernel for every layer."""
+    torch.manual_seed(0)
+    model = MLP((300, 130, 64, 10)).eval()
+    m = pbtvm.compile(model, (torch.randn(1, 300),), target=SM90, bits=4, dynamic_batch=False)
+    m.export(str(tmp_path / "m.so"))
+    (binary,) = library.cuda_binaries(str(tmp_path / "m.so"))
+    sass = sass_by_kernel(binary)
+    assert not any(k.startswith("pb_act_pack") for k in sass)
+    one_launch = {k: v for k, v in sass.items() if k.startswith("pb_dense_act")}
+    _assert_bmma_no_spills(one_launch, expect=3)
+    with SM90:
+        fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+        assert cuda_bmma.one_launch_layer(fmt, 4096, 4096, 1)
+        assert not cuda_bmma.one_launch_layer(fmt, 4096, 4097, 1)  # too many weights
+        assert not cuda_bmma.one_launch_layer(fmt, 64, 64, None)  # a symbolic batch
+        assert not cuda_bmma.one_launch_layer(fmt, 64, 64, 2)
+        assert not cuda_bmma.one_launch_layer(bp.BitplaneFormat(4, 8), 64, 64, 1)  # the CUDA-core layout
+
+
 @pytest.mark.parametrize(
     ("arch", "want"),
     [("sm_75", "kNW"), ("sm_80", MMA), ("sm_86", MMA), ("sm_89", MMA), ("sm_90", MMA), ("sm_90a", MMA)],

@@ -148,3 +148,15 @@ def test_compiled_mma_model_matches_cpu_on_gpu():
     x = np.random.default_rng(3).standard_normal((9, 300)).astype(np.float32)
     for layers in (None, 2):
         np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_static_batch_one_model_matches_cpu_on_gpu():
+    """``dynamic_batch=False`` at batch 1: the one-launch layers (``schedules.cuda_bmma.one_launch_layer``)."""
+    torch.manual_seed(0)
+    model = MLP((300, 257, 64, 10)).eval()
+    ex = (torch.randn(1, 300),)
+    gpu = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA, dynamic_batch=False)
+    cpu = pbtvm.compile(model, ex, target="llvm", bits=4, dynamic_batch=False)
+    x = np.random.default_rng(4).standard_normal((1, 300)).astype(np.float32)
+    for layers in (None, 2):
+        np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
