@@ -9,6 +9,9 @@ Word-level LSTM LM with random weights (speed does not depend on training), gree
   ~100 vs ~5 ms per token for 2x650 on the 2-core EPYC); on CUDA also ``+graph``: one step (model, argmax, feedback) captured as
   a CUDA graph and replayed per token, the strongest torch baseline for launch overhead.
 * ``PB Wk generate``: :meth:`pbtvm.decoder.PBDecoder.generate`, ``--chunk`` tokens per call.
+* ``--sample T,K``: also ``torch fp16 (+graph) sampled`` (top-k, softmax, ``torch.multinomial`` in
+  the step) and ``PB Wk generate sampled`` (:class:`pbtvm.generate.Sampling`), each compared with
+  the sampled torch rows.
 * ``PB Wk stepwise``: the same decoder called token by token from Python (argmax in torch): the
   host overhead generate() removes.
 
@@ -47,6 +50,7 @@ from parallel_build import build_all, default_workers
 from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.cli_args import parse_target
 from pbtvm.decoder import compile_decoder, load_decoder
+from pbtvm.generate import Sampling
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--target", default="cuda", help="llvm, cuda or a JSON target dict")
@@ -61,6 +65,13 @@ ap.add_argument("--prompt", type=int, default=64, help="prompt length for the pr
 ap.add_argument("--repeats", type=int, default=5)
 ap.add_argument("--breakdown", action="store_true", help="CPU: print every kernel's own time")
 ap.add_argument("--skip-torch", action="store_true", help="no torch rows (quick host-overhead checks)")
+ap.add_argument(
+    "--sample",
+    default=None,
+    metavar="T,K",
+    help="also time seeded sampling at temperature T over the top K logits (e.g. 0.8,40): torch fp16 "
+    "(+graph on CUDA: softmax, top-k, multinomial in the step) and PB generate(), rows marked 'sampled'",
+)
 ap.add_argument(
     "--layouts",
     default="auto",
@@ -133,8 +144,27 @@ class CellLM(torch.nn.Module):
         return self.head(x)[None], (torch.stack(hs), torch.stack(cs))
 
 
-def torch_loop(m, batch: int, graph: bool):
-    """Greedy decoding in torch: the chosen token stays on the device and is fed back."""
+def sampling() -> tuple[float, int] | None:
+    """``--sample`` as ``(temperature, top_k)``, or None."""
+    if args.sample is None:
+        return None
+    t, k = args.sample.split(",")
+    return float(t), int(k)
+
+
+def torch_pick(logits, mode: tuple[float, int] | None):
+    """The next token [1, B]: argmax, or a draw from the softmax of the top-k ``logits / T``."""
+    if mode is None:
+        return logits.argmax(-1)
+    temperature, top_k = mode
+    values, index = torch.topk(logits[0].float() / temperature, top_k, dim=-1)
+    drawn = torch.multinomial(torch.softmax(values, dim=-1), 1)
+    return index.gather(-1, drawn).T
+
+
+def torch_loop(m, batch: int, graph: bool, mode: tuple[float, int] | None = None):
+    """Decoding in torch (greedy, or ``mode`` = (T, top-k) sampling): the chosen token stays on the
+    device and is fed back."""
     dtype = next(m.parameters()).dtype
     tok = torch.ones(1, batch, dtype=torch.long, device=dev)
     h = torch.zeros(args.layers, batch, args.hidden, device=dev, dtype=dtype)
@@ -142,7 +172,7 @@ def torch_loop(m, batch: int, graph: bool):
 
     def step() -> None:
         logits, (h2, c2) = m(tok, (h, c))
-        tok.copy_(logits.argmax(-1))
+        tok.copy_(torch_pick(logits, mode))
         h.copy_(h2)
         c.copy_(c2)
 
@@ -313,6 +343,14 @@ def decoder(built: dict, bits: int, batch: int, layout: str):
     return lm_decoder(model, target, bits, batch, layout, args.chunk)
 
 
+def _torch_best(name: str, batch: int, default: float) -> float:
+    """The best torch tokens/s at ``batch`` in the mode of row ``name`` (sampled rows against the
+    sampled torch rows, if any)."""
+    torch_rows = [r for r in rows if r[0].startswith("torch") and r[1] == batch]
+    same_mode = [r[3] for r in torch_rows if r[0].endswith("sampled") == name.endswith("sampled")]
+    return max(same_mode or [r[3] for r in torch_rows], default=default)
+
+
 def run() -> None:
     """Every row, then the table."""
     layouts = args.layouts.split(",")
@@ -332,6 +370,12 @@ def run() -> None:
                             add(f"{label} +graph", batch, median_s(torch_loop(variant, batch, True)), args.tokens)
                     except RuntimeError as err:  # e.g. an fp16 op missing on the CPU
                         print(f"  {label} batch {batch}: {str(err).splitlines()[0]}")
+                if sampling() is not None and dtype == torch.float16:
+                    try:
+                        loop = torch_loop(m, batch, cuda, sampling())
+                        add(f"{name}{' +graph' if cuda else ''} sampled", batch, median_s(loop), args.tokens)
+                    except RuntimeError as err:
+                        print(f"  {name} sampled batch {batch}: {str(err).splitlines()[0]}")
 
         for bits in bits_list:
             for batch in batches:
@@ -345,6 +389,10 @@ def run() -> None:
                         rounds = host_overhead(dec, batch, prompt)
                         gen_s, note = args.tokens * statistics.median(rounds["generate"]), ratio_note(rounds)
                     add(f"{label} generate", batch, gen_s, args.tokens, note)
+                    if sampling() is not None:
+                        how = Sampling(temperature=sampling()[0], top_k=sampling()[1], seed=0)
+                        sampled_s = median_s(lambda dec=dec, p=prompt, how=how: dec.generate(p, args.tokens, how))
+                        add(f"{label} generate sampled", batch, sampled_s, args.tokens)
                     step_s = median_s(stepwise(dec, batch), max(1, args.repeats // 2))
                     add(f"{label} stepwise", batch, step_s, args.tokens)
                 if not cuda:
@@ -359,10 +407,11 @@ def run() -> None:
                     add(f"PB W{bits} prompt/seq", batch, median_s(lambda pb=pb, p=long_prompt: pb(p.T)), args.prompt)
 
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\ngenerate(), greedy, {args.tokens} new tokens, {args.layers}x{args.hidden}, vocab {args.vocab}, {device}")
+    mode = "greedy" + (f" (rows 'sampled': T, top-k = {args.sample})" if args.sample else "")
+    print(f"\ngenerate(), {mode}, {args.tokens} new tokens, {args.layers}x{args.hidden}, vocab {args.vocab}, {device}")
     print(f"{'model':<24}{'batch':>6}{'us/token':>11}{'tokens/s':>11}{'vs best torch (same batch)':>28}")
     for name, batch, us, tps, note in rows:
-        base = max((r[3] for r in rows if r[0].startswith("torch") and r[1] == batch), default=tps)
+        base = _torch_best(name, batch, tps)
         print(f"{name:<24}{batch:>6}{us:>11.1f}{tps:>11.0f}{tps / base:>27.2f}x  {note}")
 
 

@@ -132,7 +132,7 @@ run_step() {
       step generate_tests "${GEN_TESTS_TIMEOUT:-120}" "${PYTEST[@]}" -m gpu "${GENERATE_TEST_FILES[@]}" ;;
     generate-bench)
       step bench_generate "${GEN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_generate.py --target cuda \
-        --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto} ;;
+        --bits "${GEN_BITS:-4,1,2,8}" --batch 1,8 ${GEN_ARGS:---layouts auto --sample 0.8,40} ;;
     pick)
       step bench_pick "${PICK_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_pick.py --target cuda --vocab 10000 50257 ;;
     *)
