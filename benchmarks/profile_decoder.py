@@ -28,6 +28,7 @@ ap.add_argument("--layers", type=int, default=2)
 ap.add_argument("--vocab", type=int, default=10000)
 ap.add_argument("--bits", type=int, default=4)
 ap.add_argument("--tokens", type=int, default=100)
+ap.add_argument("--batch", type=int, default=1, help="the decoder's (static) batch")
 ap.add_argument("--no-graph", action="store_true", help="build without a CUDA graph")
 ap.add_argument("--cell-units", type=int, default=None, help="override schedules.cuda.CELL_UNITS")
 ap.add_argument("--dense-act-rows", type=int, default=None, help="override schedules.cuda.DENSE_ACT_ROWS")
@@ -49,13 +50,14 @@ dec = compile_decoder(
     head=model.head,
     cuda_graph=not args.no_graph,
     generate_chunk=args.chunk,
+    batch=args.batch,
 )
 print(
     f"compiled in {time.perf_counter() - t0:.1f} s: {dec}, CELL_UNITS={cuda_rules.CELL_UNITS}, "
     f"DENSE_ACT_ROWS={cuda_rules.DENSE_ACT_ROWS}"
 )
 dec.check_tokens = False
-tok = torch.tensor([1], device="cuda")
+tok = torch.ones(args.batch, dtype=torch.long, device="cuda")
 state = dec.initial_state("cuda")
 
 
@@ -102,7 +104,10 @@ def kernel_table(fn, title: str) -> float:
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(ev.name, []).append(ev.device_time)
-    print(f"\n{title}: GPU time per token by kernel ({args.tokens} tokens, W{args.bits}, {args.layers}x{args.hidden})")
+    print(
+        f"\n{title}: GPU time per token by kernel ({args.tokens} tokens, W{args.bits}, {args.layers}x{args.hidden}, "
+        f"batch {args.batch})"
+    )
     total = 0.0
     for name, ts in sorted(kernels.items(), key=lambda kv: -sum(kv[1])):
         per_token = sum(ts) / args.tokens
@@ -122,7 +127,7 @@ print(f"  dec(tok, state) + sync      {median_us(python_call):>9.1f} us")
 print(f"  vm['main'](...) + sync      {median_us(vm_call):>9.1f} us")
 print(f"  vm + tvm dev.sync           {median_us(vm_call_sync):>9.1f} us")
 
-prompt = torch.ones(1, 1, dtype=torch.long, device="cuda")
+prompt = torch.ones(args.batch, 1, dtype=torch.long, device="cuda")
 
 
 def generate() -> None:
