@@ -12,7 +12,7 @@ from tvm.script import tirx as T
 from ._tvm import tir
 from .errors import InputError
 from .names import ATTR_LAUNCH_MIN_BLOCKS
-from .ops.common import CPU_SCRATCH
+from .ops.common import CPU_SCRATCH, shfl_up, shfl_xor
 from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
 
@@ -337,13 +337,6 @@ def cpu_pick(batch: int, vocab: int, chunk: int, embedding: tuple[int, int] | No
     return _with_embedding(pick, embedding)
 
 
-_FULL_MASK = 0xFFFFFFFF
-
-
-def _shfl_xor(value, lane_mask, dtype="int32"):
-    return tir.call_extern(dtype, "__shfl_xor_sync", tir.const(_FULL_MASK, "uint32"), value, lane_mask, 32)
-
-
 def _beats(value, index, best, best_index, vocab):
     """Whether candidate ``(value, index)`` comes before ``(best, best_index)`` in the pick's order
     (the first NaN, else the largest value, ties to the lower index); index ``vocab`` is none."""
@@ -362,8 +355,8 @@ def _warp_best(cv, ci, vocab):
     warp's best: a butterfly of five ``__shfl_xor_sync`` rounds, after which every lane holds it (the
     order is total, so both lanes of a pair keep the same one). ``cv[1]``, ``ci[1]``: scratch."""
     for o in T.unroll(5):
-        cv[1] = _shfl_xor(cv[0], T.shift_right(16, o), "float32")
-        ci[1] = _shfl_xor(ci[0], T.shift_right(16, o))
+        cv[1] = shfl_xor("float32", cv[0], T.shift_right(16, o))
+        ci[1] = shfl_xor("int32", ci[0], T.shift_right(16, o))
         take = T.Bind(_beats(cv[1], ci[1], cv[0], ci[0], T.int32(vocab)))
         cv[0] = T.Select(take, cv[1], cv[0])
         ci[0] = T.Select(take, ci[1], ci[0])
@@ -503,7 +496,7 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
                     _count_digit(logits[r, i], i, d, ku, cnt, vocab)
         for b in T.unroll(16):
             for o in T.unroll(5):
-                cnt[b] = cnt[b] + _shfl_xor(cnt[b], T.shift_right(16, o))
+                cnt[b] = cnt[b] + shfl_xor("int32", cnt[b], T.shift_right(16, o))
             hc[b, t] = cnt[b]  # consecutive threads, consecutive words: no bank conflict
         T.tvm_storage_sync("shared")
         sel[1] = T.int64(0)  # found
@@ -579,10 +572,6 @@ def _weight_of(x, fv, temp):
     return tir.exp((tir.Cast("float64", x) - tir.Cast("float64", fv[0])) / temp[0])
 
 
-def _shfl_up(value, delta, dtype):
-    return tir.call_extern(dtype, "__shfl_up_sync", tir.const(_FULL_MASK, "uint32"), value, delta, 32)
-
-
 @T.macro(hygienic=False)
 def _block_scan(ss, dv, sc, t, threads):
     """The block's inclusive scan of the threads' ``dv[0]`` (float64) in thread order: ``dv[1]``
@@ -597,7 +586,7 @@ def _block_scan(ss, dv, sc, t, threads):
     """
     dv[1] = dv[0]
     for o in T.unroll(5):
-        dv[3] = _shfl_up(dv[1], T.shift_left(1, o), "float64")
+        dv[3] = shfl_up("float64", dv[1], T.shift_left(1, o))
         dv[1] = dv[1] + T.Select(t % 32 >= T.shift_left(1, o), dv[3], T.float64(0))
     ss[t] = dv[1]
     T.tvm_storage_sync("shared")
@@ -607,7 +596,7 @@ def _block_scan(ss, dv, sc, t, threads):
         sc[0] = sc[0] + T.Select(w < t // 32, ss[w * 32 + 31], T.float64(0))
         sc[1] = sc[1] + ss[w * 32 + 31]
     sc[2] = sc[1] + ss[threads - 1]
-    dv[3] = _shfl_up(dv[1], 1, "float64")  # the previous lane's warp-inclusive sum ...
+    dv[3] = shfl_up("float64", dv[1], 1)  # the previous lane's warp-inclusive sum ...
     dv[1] = sc[0] + dv[1]
     dv[3] = T.Select(t % 32 == 0, sc[0], sc[0] + dv[3])  # ... made block-inclusive as its own is
 

@@ -18,7 +18,7 @@ from tvm.script import tirx as T
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
-from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_prescale, act_scale
+from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, shfl_xor
 
 from .rules import ScheduleRule, format_of
 
@@ -53,17 +53,12 @@ def _add(a, b):
     return a + b
 
 
-def _shfl_xor(dtype: str, value, lane_mask):
-    """``value`` of the lane ``lane ^ lane_mask`` (``__shfl_xor_sync``, every lane of the warp)."""
-    return T.call_extern(dtype, "__shfl_xor_sync", T.uint32(0xFFFFFFFF), value, lane_mask, LANES)
-
-
 @T.macro
 def warp_reduce(v, op, dtype):
     """``v[0] = op`` over the warp's lanes (a butterfly of shuffles: every lane gets the result);
     ``v`` a one-element local of ``dtype``."""
     for lvl in T.unroll(LANES.bit_length() - 1):
-        v[0] = op(v[0], _shfl_xor(dtype, v[0], LANES >> (lvl + 1)))
+        v[0] = op(v[0], shfl_xor(dtype, v[0], LANES >> (lvl + 1)))
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,18 @@ def act_code(v: tir.PrimExpr, up: tir.PrimExpr, inv: tir.PrimExpr, qmax: float, 
     """
     q = tir.nearbyint((v * _lanes(up, lanes)) * _lanes(inv, lanes))
     return tir.max(tir.min(q, _lanes(tir.const(qmax, "float32"), lanes)), _lanes(tir.const(-qmax, "float32"), lanes))
+
+
+#: The lanes of a CUDA warp, and the member mask naming all of them in the ``__*_sync`` intrinsics.
+WARP_LANES = 32
+FULL_WARP_MASK = 0xFFFFFFFF
+
+
+def shfl_xor(dtype: str, value, lane_mask):
+    """``value`` of lane ``lane ^ lane_mask`` (CUDA ``__shfl_xor_sync`` over the whole warp)."""
+    return tir.call_extern(dtype, "__shfl_xor_sync", tir.const(FULL_WARP_MASK, "uint32"), value, lane_mask, WARP_LANES)
+
+
+def shfl_up(dtype: str, value, delta):
+    """``value`` of lane ``lane - delta`` (its own below ``delta``; CUDA ``__shfl_up_sync``)."""
+    return tir.call_extern(dtype, "__shfl_up_sync", tir.const(FULL_WARP_MASK, "uint32"), value, delta, WARP_LANES)
