@@ -238,6 +238,15 @@ def _kth_by_bisection(logits, r, k, fv, iv, cnt, ku, sel, vocab):
     fv[1] = logits[r, iv[1]]
 
 
+def _kept(x, i, fv, iv, ctrl, vocab):
+    """Whether logit ``x`` at index ``i`` is weighted: all are without a top-k (``top_k <= 0`` or
+    ``>= vocab``), else those up to the threshold ``(fv[1], iv[1])`` in (value desc, index asc) order."""
+    return tir.Or(
+        tir.Or(ctrl[3] <= tir.const(0, "int64"), ctrl[3] >= tir.const(vocab, "int64")),
+        tir.Or(x > fv[1], tir.And(x == fv[1], i <= iv[1])),
+    )
+
+
 #: float64 lanes of the CPU pick's weight loop (a zmm register; LLVM splits wider vectors).
 EXP_LANES = 8
 
@@ -247,10 +256,7 @@ def _weight(logits, weights, r, i, fv, iv, ctrl, temp, vocab):
     """``weights[r, i]``: ``exp((l_i - max) / T)`` for a kept logit (all, or the top-k set up to the
     threshold ``(fv[1], iv[1])``), else 0; :func:`exp_f64` (vectorizable, within an ulp of libm)."""
     weights[r, i] = T.Select(
-        ctrl[3] <= T.int64(0)
-        or ctrl[3] >= T.int64(vocab)
-        or logits[r, i] > fv[1]
-        or (logits[r, i] == fv[1] and i <= iv[1]),
+        _kept(logits[r, i], i, fv, iv, ctrl, vocab),
         exp_f64((T.Cast("float64", logits[r, i]) - T.Cast("float64", fv[0])) / temp[0]),
         T.float64(0),
     )
@@ -428,14 +434,14 @@ def _scan_first_best(lv, at, g, cv, ci, t, threads, vocab):
 
 
 @T.macro(hygienic=False)
-def _scan_group(lv, at, g, p, fv, iv, t, threads, vocab):
-    """Pass ``p``'s candidate of the thread (``fv[2]``, ``iv[2]``) over the group ``g`` held in
-    ``lv[at:]``: in pass 0 the first best, in a later one the first best after the previous
-    pass's element (``fv[1]``, ``iv[1]``) in (value descending, index ascending) order."""
+def _scan_group(lv, at, g, fv, iv, t, threads, vocab):
+    """An ordered top-k pass's candidate of the thread (``fv[2]``, ``iv[2]``) over the group ``g``
+    held in ``lv[at:]``: the first best after the previous pass's element (``fv[1]``, ``iv[1]``)
+    in (value descending, index ascending) order (pass 0 is :func:`_scan_first_best`)."""
     for u in T.unroll(CUDA_PICK_LOADS):
         i: T.int64 = _group_index(g, u, threads, t)
         if i < T.int64(vocab):
-            if (p == 0 or lv[at + u] < fv[1] or (lv[at + u] == fv[1] and i > iv[1])) and (
+            if (lv[at + u] < fv[1] or (lv[at + u] == fv[1] and i > iv[1])) and (
                 iv[2] == T.int64(vocab) or _comes_first(lv[at + u], fv[2])
             ):
                 fv[2] = lv[at + u]
@@ -556,15 +562,6 @@ def _cuda_kth_by_radix(logits, r, t, k, fv, iv, cnt, ku, sel, hc, ss, si, thread
         iv[1] = iv[0]
     fv[1] = logits[r, iv[1]]
     T.tvm_storage_sync("shared")
-
-
-def _kept(x, i, fv, iv, ctrl, vocab):
-    """Whether logit ``x`` at index ``i`` is weighted: all are without a top-k (``top_k <= 0`` or
-    ``>= vocab``), else those up to the threshold ``(fv[1], iv[1])`` in (value desc, index asc) order."""
-    return tir.Or(
-        tir.Or(ctrl[3] <= tir.const(0, "int64"), ctrl[3] >= tir.const(vocab, "int64")),
-        tir.Or(x > fv[1], tir.And(x == fv[1], i <= iv[1])),
-    )
 
 
 def _weight_of(x, fv, temp):
@@ -700,11 +697,11 @@ def cuda_pick(
                     else:
                         if held:
                             for g in T.unroll(groups):
-                                _scan_group(lv, g * CUDA_PICK_LOADS, g, p, fv, iv, t, TPB, V)
+                                _scan_group(lv, g * CUDA_PICK_LOADS, g, fv, iv, t, TPB, V)
                         else:
                             for g in range(groups):
                                 _load_group(logits, r, t, g, lv, 0, TPB, V)
-                                _scan_group(lv, 0, g, p, fv, iv, t, TPB, V)
+                                _scan_group(lv, 0, g, fv, iv, t, TPB, V)
                         cv[0] = fv[2]
                         ci[0] = T.Cast("int32", iv[2])
                     _block_best(sv, si, cv, ci, t, TPB, V)
