@@ -76,6 +76,23 @@ def _with_embedding(pick: tir.PrimFunc, embedding: tuple[int, int] | None) -> ti
     return pick.with_attr("global_symbol", "pick")
 
 
+def _picks(forced, done_in, step, r):
+    """Whether row ``r`` picks its token at ``step``: not forced, not finished."""
+    return tir.And(forced[step, r] < tir.const(0, "int64"), done_in[r] & tir.const(DONE_FINISHED, "int64") == 0)
+
+
+@T.macro(hygienic=False)
+def _forced_or_finished(forced, done_in, ctrl, step, r, token, done_out):
+    """A forced row's token is ``forced[step, r]``, a finished row's ``eos`` (``ctrl[2]``); both
+    keep their ``done`` flags. Rows that pick (:func:`_picks`) are left to the caller."""
+    if forced[step, r] >= T.int64(0):
+        token[r] = forced[step, r]
+        done_out[r] = done_in[r]
+    elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
+        token[r] = ctrl[2]
+        done_out[r] = done_in[r]
+
+
 #: Logits per vector in the CPU pick's scans (two ymm registers of float32).
 PICK_LANES = 16
 
@@ -294,13 +311,8 @@ def cpu_pick(batch: int, vocab: int, chunk: int, embedding: tuple[int, int] | No
             ph = T.decl_buffer((6,), "uint32", scope=CPU_SCRATCH)
             ku = T.decl_buffer((2,), "uint32", scope=CPU_SCRATCH)  # top-k by bisection
             sel = T.decl_buffer((2,), "int64", scope=CPU_SCRATCH)
-            if forced[step, r] >= T.int64(0):
-                token[r] = forced[step, r]
-                done_out[r] = done_in[r]
-            elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
-                token[r] = ctrl[2]
-                done_out[r] = done_in[r]
-            else:
+            _forced_or_finished(forced, done_in, ctrl, step, r, token, done_out)
+            if _picks(forced, done_in, step, r):
                 _first_best(logits, r, fv, iv, lanes_max, lanes_nan, V)
                 iv[2] = iv[0]
                 if temp[0] > T.float64(0) and not _nonfinite(fv[0], temp):
@@ -662,16 +674,9 @@ def cuda_pick(
                 for g in T.unroll(groups):
                     _load_group(logits, r, t, g, lv, g * CUDA_PICK_LOADS, TPB, V)
             if t == 0:
-                if forced[step, r] >= T.int64(0):
-                    token[r] = forced[step, r]
-                    done_out[r] = done_in[r]
-                elif done_in[r] & T.int64(DONE_FINISHED) != T.int64(0):
-                    token[r] = ctrl[2]
-                    done_out[r] = done_in[r]
+                _forced_or_finished(forced, done_in, ctrl, step, r, token, done_out)
             # Loops of extent 0 or 1 instead of branches: TVM inserts no barrier inside a condition.
-            for _act in range(
-                T.Cast("int64", forced[step, r] < T.int64(0) and done_in[r] & T.int64(DONE_FINISHED) == T.int64(0))
-            ):
+            for _act in range(T.Cast("int64", _picks(forced, done_in, step, r))):
                 # pass 0: argmax; passes 1..top_k-1: the next element in (value desc, index asc) order
                 for p in range(
                     T.if_then_else(
