@@ -165,10 +165,10 @@ def weight_set(fmt: bp.BitplaneFormat, n: int, k: int) -> tuple[torch.Tensor, to
 
 
 def packed_inputs(fmt: bp.BitplaneFormat, n: int, k: int, batch: int) -> tuple[torch.Tensor, ...]:
-    """The BMMA kernel's other CUDA arguments: random packed activations ``xp`` (uint32 [act_bits,
-    batch, W]), row scales (float32 [batch]), zero row sums (accumulator dtype [batch]) and the
+    """The BMMA kernel's other CUDA arguments: random packed activations ``xp`` (uint32,
+    ``fmt.act_shape(batch, K)``), row scales (float32 [batch]), zero row sums (accumulator dtype [batch]) and the
     output ``y`` (float32 [batch, N])."""
-    xp = rand_u32((fmt.act_bits, batch, fmt.words(k)))
+    xp = rand_u32(fmt.act_shape(batch, k))
     rowsum = torch.zeros(batch, dtype=getattr(torch, fmt.accumulator_dtype(k)), device="cuda")
     return xp, torch.rand(batch, device="cuda"), rowsum, torch.empty(batch, n, device="cuda")
 

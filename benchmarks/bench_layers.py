@@ -98,7 +98,7 @@ def bench_pb(n: int, k: int, batch: int, bits: int, l2: int, cache: dict, part: 
         for _ in range(sets)
     ]
     xs = [torch.randn(batch, k, device="cuda") for _ in range(sets)]
-    xp = torch.empty(fmt.act_bits, batch, fmt.words(k), dtype=torch.int32, device="cuda").view(torch.uint32)
+    xp = torch.empty(fmt.act_shape(batch, k), dtype=torch.int32, device="cuda").view(torch.uint32)
     sx, rs = torch.empty(batch, device="cuda"), torch.empty(batch, dtype=acc, device="cuda")
     y = torch.empty(batch, n, device="cuda")
 

@@ -134,7 +134,7 @@ def _emit_head(bb: Any, parts: StepParts, x: Any, n_bits: Any) -> Any:
     args = [x, *weights]
     if pack is not None:
         packed_types = [
-            relax.TensorType([fmt.act_bits, batch, fmt.words(k)], "uint32"),
+            relax.TensorType(list(fmt.act_shape(batch, k)), "uint32"),
             relax.TensorType([batch], "float32"),
             relax.TensorType([batch], fmt.accumulator_dtype(k)),
         ]

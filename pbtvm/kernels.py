@@ -33,7 +33,7 @@ def act_pack_func(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
 
 def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tuple:
     batch = _batch_var()
-    xp = te.placeholder((fmt.act_bits, batch, fmt.words(k_dim)), "uint32", "xp")
+    xp = te.placeholder(fmt.act_shape(batch, k_dim), "uint32", "xp")
     xs = te.placeholder((batch,), "float32", "x_scale")
     rs = te.placeholder((batch,), fmt.accumulator_dtype(k_dim), "rowsum")
     wp = te.placeholder(fmt.weight_shape(n_out, k_dim), "uint32", "wp")

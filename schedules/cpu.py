@@ -103,11 +103,11 @@ class CPUActPack(ScheduleRule):
 
 
 def _schedule_pack(sch: s_tir.Schedule, tag: str = "") -> None:
-    """Quantization inlined into packing; packing parallel over (plane, row, word)."""
+    """Quantization inlined into packing; packing parallel over the packed words."""
     inline_act_quantization(sch, tag)
     pack = sch.get_sblock(names.XPACK + tag)
-    p, b, w, t = sch.get_loops(pack)
-    sch.parallel(sch.fuse(p, b, w))
+    *words, t = sch.get_loops(pack)  # (plane, row, word), or the mma16x256 order's 4 axes
+    sch.parallel(sch.fuse(*words))
     sch.unroll(t)
 
 

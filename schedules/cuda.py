@@ -204,8 +204,8 @@ class CUDAActPack(ScheduleRule):
         sch.bind(bo, "blockIdx.x")
         sch.bind(bi, "threadIdx.x")
         pack = sch.get_sblock(names.XPACK)
-        p, b, w, t = sch.get_loops(pack)
-        fo, fi = sch.split(sch.fuse(p, b, w), [None, PACK_THREADS])
+        *words, t = sch.get_loops(pack)  # (plane, row, word) or the mma16x256 order's 4 axes
+        fo, fi = sch.split(sch.fuse(*words), [None, PACK_THREADS])
         sch.bind(fo, "blockIdx.x")
         sch.bind(fi, "threadIdx.x")
         sch.unroll(t)

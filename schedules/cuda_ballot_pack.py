@@ -17,7 +17,7 @@ from tvm.script import tirx as T
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
-from pbtvm.bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_WORDS, WORD_BITS, BitplaneFormat
 from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, shfl_xor
 
 from .rules import ScheduleRule, format_of
@@ -84,10 +84,24 @@ class RowPackPhases:
 
 
 def row_pack_phases(
-    fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False
+    fmt: BitplaneFormat,
+    k_dim: int,
+    warps: int,
+    prefetch_max: int = 0,
+    one_store: bool = False,
+    act_order: bool = False,
 ) -> RowPackPhases:
     """The phases of :func:`row_pack` (same arguments), for callers that interleave rows."""
     n_act, words = fmt.act_bits, fmt.words(k_dim)
+    if act_order and not one_store:
+        raise ValueError("act_order stores with one_store (a lane a plane, the padding planes' lanes zeros)")
+    # lanes that store a word: one a plane, and in the packed activations' order (act_order) the
+    # zero padding planes of the mma16x256 layout too
+    storing = fmt.act_shape(1, k_dim)[2] if act_order and fmt.layout == MMA_LAYOUT else n_act
+
+    def dest_index(plane, row, word):
+        return fmt.act_index(plane, row, word) if act_order else (plane, row, word)
+
     qmax = float(fmt.act_qmax)
     acc_t = fmt.accumulator_dtype(k_dim)
     threads = LANES * warps
@@ -125,8 +139,11 @@ def row_pack_phases(
                     vote[1] = T.Select(tx == p, vote[0], vote[1])
                 elif tx == p:
                     dest[p, row, c * warps + warp] = vote[0]
-            if one_store and tx < n_act:
-                dest[tx, row, c * warps + warp] = vote[1]
+            if one_store and storing > n_act:
+                if tx < storing:
+                    dest[dest_index(tx, row, c * warps + warp)] = T.if_then_else(tx < n_act, vote[1], T.uint32(0))
+            elif one_store and tx < n_act:
+                dest[dest_index(tx, row, c * warps + warp)] = vote[1]
 
     @T.macro
     def block_max(red, amax):
@@ -191,7 +208,9 @@ def row_pack_phases(
     return RowPackPhases(load, warp_max, codes, finish, rounds if held else 1)
 
 
-def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False):
+def row_pack(
+    fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0, one_store: bool = False, act_order: bool = False
+):
     """A TVMScript macro: the block (``warps`` warps) quantizes and packs one activation row.
 
     ``pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote)``
@@ -205,9 +224,11 @@ def row_pack(fmt: BitplaneFormat, k_dim: int, warps: int, prefetch_max: int = 0,
     flight together, and the max and the codes read them there; otherwise they are read from
     ``x`` twice, a chunk at a time (fewer registers). ``one_store``: a lane stores one word a
     chunk (its plane's, kept with a select) instead of a store per plane from lane ``p``.
-    The phases one after the other (:func:`row_pack_phases`).
+    ``act_order`` (with ``one_store``): ``dest`` is the packed activations of ``fmt``
+    (:meth:`~pbtvm.bitplane.BitplaneFormat.act_index`; in the ``mma16x256`` layout the lanes of
+    its padding planes store zeros). The phases one after the other (:func:`row_pack_phases`).
     """
-    ph = row_pack_phases(fmt, k_dim, warps, prefetch_max, one_store)
+    ph = row_pack_phases(fmt, k_dim, warps, prefetch_max, one_store, act_order)
 
     @T.macro
     def pack(x, b, dest, row, scale_out, sum_out, warp, tx, red, sums, best, total, code, vote):
@@ -230,20 +251,25 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     Returns
     -------
     tir.PrimFunc
-        ``(x f32 [B, K], xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B])``, symbolic B:
-        the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled.
+        ``(x f32 [B, K], xp u32 fmt.act_shape(B, K), x_scale f32 [B], rowsum acc [B])``, symbolic
+        B: the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled. Every word of
+        ``xp`` is written (the padding planes and words of the ``mma16x256`` order with zeros).
     """
-    n_act, words = fmt.act_bits, fmt.words(k_dim)
+    words = fmt.words(k_dim)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)
-    pack = row_pack(fmt, k_dim, warps, PREFETCH_MAX, one_store=True)
+    pack = row_pack(fmt, k_dim, warps, PREFETCH_MAX, one_store=True, act_order=True)
+    # the words of the last K tile past W (mma16x256: K tiles of 8 words), zero in every stored plane
+    shape = fmt.act_shape(1, k_dim)
+    pad_words = shape[1] * MMA_TILE_WORDS - words if fmt.layout == MMA_LAYOUT else 0
+    pad_lanes = shape[2] if fmt.layout == MMA_LAYOUT else 0
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         batch = T.int64()
         x = T.match_buffer(x_h, (batch, k_dim), "float32")
-        xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
+        xp = T.match_buffer(xp_h, fmt.act_shape(batch, k_dim), "uint32")
         x_scale = T.match_buffer(xs_h, (batch,), "float32")
         rowsum = T.match_buffer(rs_h, (batch,), acc_t)
         with T.sblock("root"):  # Relax expects a root block (RewriteDataflowReshape)
@@ -256,6 +282,9 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
                         total = T.alloc_local((1,), acc_t)
                         code = T.alloc_local((1,), "int32")
                         vote = T.alloc_local((2,), "uint32")
+                        if pad_words > 0 and ty == 0 and tx < pad_lanes:
+                            for pw in T.unroll(pad_words):
+                                xp[fmt.act_index(tx, b, words + pw)] = T.uint32(0)
                         pack(x, b, xp, b, x_scale, rowsum, ty, tx, red, sums, best, total, code, vote)
 
     return kernel

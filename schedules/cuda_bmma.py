@@ -216,7 +216,7 @@ def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | No
     if _fused(func):
         n_out, has_bias, batch = int(buffers[2].shape[-1]), len(buffers) == 5, buffers[0].shape[0]
     else:
-        n_out, has_bias, batch = int(buffers[4].shape[-1]), len(buffers) == 7, buffers[0].shape[1]
+        n_out, has_bias, batch = int(buffers[4].shape[-1]), len(buffers) == 7, buffers[1].shape[0]  # x_scale [B]
     k_dim = int(func.attrs[names.ATTR_K])
     return fmt, n_out, k_dim, has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
 

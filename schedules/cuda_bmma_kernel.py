@@ -6,6 +6,9 @@ the ``mma16x256`` layout (:data:`pbtvm.bitplane.LAYOUTS`). The MMA's A operand i
 B operand 8 *columns* of activation planes: column ``c = b * stride + j`` is activation plane
 ``j`` of batch row ``b`` (``stride`` = act_bits rounded up to 2, 4, 8 or 16; columns with
 ``j >= act_bits`` are zero). At batch 1 and act_bits 8 one MMA covers all 8 activation planes.
+The packed activations are in the B-fragment order (:mod:`pbtvm.bitplane.mma_layout`): a lane
+loads its two words of a K tile with one 8-byte load, a warp an 8-column tile as 256 contiguous
+bytes (act_bits 5..16).
 
 A warp owns ``tiles_m`` row tiles x ``tiles_n`` column tiles (the accumulators stay in
 registers) and a ``1 / k_split`` share of the K tiles; it loops over K in steps of ``loads``
@@ -30,7 +33,7 @@ from tvm.script import tirx as T
 
 from pbtvm import names
 from pbtvm._tvm import tir
-from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat, act_column_stride
 from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
@@ -148,9 +151,8 @@ class BMMAConfig:
         return MMA_LANES * self.warps_m * self.k_split
 
 
-def column_stride(act_bits: int) -> int:
-    """MMA columns per batch row: act_bits rounded up to 2, 4, 8 or 16 (so rows never straddle tiles)."""
-    return next(s for s in (2, 4, 8, 16) if s >= act_bits)
+#: MMA columns per batch row: act_bits rounded up to 2, 4, 8 or 16 (so rows never straddle tiles).
+column_stride = act_column_stride
 
 
 def row_column_tiles(act_bits: int) -> int:
@@ -229,7 +231,7 @@ def bmma_dense_kernel(
     Returns
     -------
     tir.PrimFunc
-        ``(xp u32 [act_bits, B, W], x_scale f32 [B], rowsum acc [B], wp u32 fmt.weight_shape(N, K),
+        ``(xp u32 fmt.act_shape(B, K), x_scale f32 [B], rowsum acc [B], wp u32 fmt.weight_shape(N, K),
         w_scale f32 [N][, bias f32 [N]], bitlayers int64, y f32 [B, N])`` with a symbolic B: the
         signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound). With
         ``integer``: ``(xp, rowsum, wp, bitlayers, acc [B, N])``, ``acc`` in
@@ -242,7 +244,7 @@ def bmma_dense_kernel(
     if integer and fused_pack:
         raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
     leg = BMMALeg(fmt, n_out, k_dim, cfg, fused_pack, limits)
-    n_act, words, acc_t, offset = fmt.act_bits, leg.words, leg.acc_dtype, fmt.weight_offset
+    acc_t, offset = leg.acc_dtype, fmt.weight_offset
     wshape = fmt.weight_shape(n_out, k_dim)
     threads, block_rows, block_batch = cfg.threads, leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
@@ -267,7 +269,7 @@ def bmma_dense_kernel(
         acc = T.alloc_local((leg.frag,), acc_t)
         dot = T.alloc_local((leg.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")  # one 16-byte A fragment each
-        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        bf = T.alloc_local(*leg.b_fragments)
         total = T.alloc_local((1,), acc_t)
         if fused_pack:  # this block's batch rows, packed into shared memory first
             xpack = T.alloc_shared(shapes["packed"], "uint32")
@@ -310,7 +312,7 @@ def bmma_dense_kernel(
         T.func_attr({"tirx.noalias": True})
         batch = T.int64()
         x = T.match_buffer(x_h, (batch, k_dim), "float32")
-        xp = T.match_buffer(xp_h, (n_act, batch, words), "uint32")
+        xp = T.match_buffer(xp_h, fmt.act_shape(batch, k_dim), "uint32")
         x_scale = T.match_buffer(xs_h, (batch,), "float32")
         rowsum = T.match_buffer(rs_h, (batch,), acc_t)
         wp = T.match_buffer(wp_h, wshape, "uint32")
@@ -381,6 +383,14 @@ class BMMALeg:
     def grid_y(self, batch: tir.PrimExpr) -> tir.PrimExpr:
         """Blocks along the batch: ``ceil(batch * stride / (8 tiles_n))``."""
         return (batch * self.stride + self.cfg.tiles_n * 8 - 1) // (self.cfg.tiles_n * 8)
+
+    @property
+    def b_fragments(self) -> tuple[tuple[int], str]:
+        """Shape and dtype of the warp's B fragments (``bf`` of :meth:`product`): ``loads *
+        tiles_n`` uint32x2 (one 8-byte load each from the B-fragment order in global memory),
+        or with ``fused_pack`` twice as many uint32 (from the block's planes in shared memory)."""
+        n = self.cfg.loads * self.cfg.tiles_n
+        return ((2 * n,), "uint32") if self.fused_pack else ((n,), "uint32x2")
 
     def packed_shapes(self) -> dict[str, tuple]:
         """Shapes of the shared buffers :meth:`pack_block` fills: ``packed``, ``row_scale``, ``row_code``."""
@@ -457,11 +467,11 @@ class BMMALeg:
         """A TVMScript macro: the block's integer plane products into shared memory ``part``.
 
         ``product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)``: ``act``
-        is the packed activations, ``[act_bits, B, W]`` (global, rows by batch index) or with
+        is the packed activations, ``fmt.act_shape(B, K)`` (global, the B-fragment order) or with
         ``fused_pack`` the block's ``[act_bits, block_batch, W]`` (shared); ``wp`` the weights in
         the ``mma16x256`` layout; ``acc``, ``dot``, ``af``, ``bf`` the warp's register fragments
-        (``frag`` accumulators, ``frag`` int32, ``loads * tiles_m`` uint32x4, ``loads * tiles_n *
-        2`` uint32); ``part`` shared, :attr:`part_shape`. The caller synchronizes the block before
+        (``frag`` accumulators, ``frag`` int32, ``loads * tiles_m`` uint32x4, :attr:`b_fragments`);
+        ``part`` shared, :attr:`part_shape`. The caller synchronizes the block before
         reading ``part``.
 
         ``early`` (at most :meth:`early_steps`): returns ``(first_loads, product)``;
@@ -478,6 +488,7 @@ class BMMALeg:
         steps, step_frags = self.steps, self.step_fragments
         planes_outside = self.planes_outside
         guarded = mt * nt <= GUARDED_PLANES_MAX_TILES
+        b_unit = 2 if fused else 1  # elements of bf a B fragment takes (b_fragments)
         if early > self.early_steps(4 * step_frags * steps):
             raise ValueError(f"{early} early K steps: the leg has {self.early_steps(4 * step_frags * steps)}")
 
@@ -491,17 +502,18 @@ class BMMALeg:
                 kt = T.meta_var((s * ld + u) * ks + tz)  # K tile
                 for n in T.unroll(nt):
                     col = T.meta_var((by * nt + n) * 8 + tx // 4)  # B fragment column
-                    for r in T.unroll(2):
-                        word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
-                        ok = T.meta_var(col % stride < n_act and col // stride < batch and word < words)
-                        if fused:  # the block's rows: (n*8 + tx//4) // stride
+                    if fused:  # the block's rows, [plane, (n*8 + tx//4) // stride, word] in shared memory
+                        for r in T.unroll(2):
+                            word = T.meta_var(kt * MMA_TILE_WORDS + tx % 4 + 4 * r)
+                            ok = T.meta_var(col % stride < n_act and col // stride < batch and word < words)
                             bf[(u * nt + n) * 2 + r] = T.if_then_else(
                                 ok, act[col % stride, (n * 8 + tx // 4) // stride, word], T.uint32(0)
                             )
-                        else:
-                            bf[(u * nt + n) * 2 + r] = T.if_then_else(
-                                ok, act[col % stride, col // stride, word], T.uint32(0)
-                            )
+                    elif col // stride < batch and kt < k_tiles:
+                        # B-fragment order: the lane's two words adjacent, zero padding planes
+                        bf[u * nt + n] = act[col // stride, kt, col % stride, T.ramp(2 * (tx % 4), 1, 2)]
+                    else:
+                        bf[u * nt + n] = T.Broadcast(T.uint32(0), 2)
 
         @T.macro
         def load_a(wp, i, s, bx, tz, ty, tx, af, used, base=0):
@@ -525,7 +537,7 @@ class BMMALeg:
                             T.ptx_legacy.mma(
                                 "m16n8k256", "row", "col", "int1", "int1", "int32",
                                 af.data, base + u * mt + m,  # in uint4 units
-                                bf.data, (u * nt + n) * 2,
+                                bf.data, (u * nt + n) * b_unit,  # in uint32 or uint2 units
                                 dot.data, (m * nt + n) * 4,
                                 False, "and", dtype="int32",
                             )
@@ -570,8 +582,9 @@ class BMMALeg:
             else:
                 # K steps outside: the activation fragments once for every plane. Loaded per
                 # plane from global memory they were ~90 % of the L1 wavefronts (eight 32-byte
-                # pieces a load), and at batch 64 the kernel was L1-bound (Nsight Compute, H200:
-                # L1 86 %, DRAM 1 %). And every used plane's weight loads of a step are issued
+                # pieces a load in the [act_bits, B, W] order that preceded the B-fragment order),
+                # and at batch 64 the kernel was L1-bound (Nsight Compute, H200: L1 86 %, DRAM
+                # 1 %). And every used plane's weight loads of a step are issued
                 # together: planes outside, a small layer (the LSTM step, K = 650) waited for one
                 # weight load per plane and step in turn.
                 # A plane past ``bitlayers`` is not read: its fragments are zero (a guarded load,

@@ -280,7 +280,7 @@ def _gates_of(leg: BMMALeg, rows: int):
         acc = T.alloc_local((leg.frag,), acc_t)
         dot = T.alloc_local((leg.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
-        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        bf = T.alloc_local(*leg.b_fragments)
         packed_product(
             h, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, packed, row_scale, row_code, total
         )
@@ -365,7 +365,7 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
         acc_x_f = T.alloc_local((leg_x.frag,), acc_x)
         dot = T.alloc_local((leg_h.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
-        bf = T.alloc_local((cfg.loads * cfg.tiles_n * 2,), "uint32")
+        bf = T.alloc_local(*leg_h.b_fragments)
         if early:
             # Both legs' first K steps of weights (every used plane) are loaded before the pack, so
             # that its DRAM latency overlaps the pack's (the pack's registers are free again

@@ -59,6 +59,71 @@ def test_mma_layout_is_the_a_fragment_order():
             assert fmt.weight_index(1, 16 + row, 8 + word) == (1, 1, 1, lane, reg)
 
 
+@pytest.mark.parametrize("act_bits", [2, 3, 4, 7, 8, 9, 16])
+@pytest.mark.parametrize(("b", "k"), [(1, 1), (3, 256), (2, 700)])
+def test_mma_activation_order_round_trip_index_and_padding(act_bits, b, k, rng):
+    """The activations' B-fragment order: every word where act_index says, padding planes (past
+    act_bits, up to the column stride) and words (past ceil(K/32), up to the K tile) zero."""
+    fmt, flat = bp.BitplaneFormat(4, act_bits, layout=MMA), bp.BitplaneFormat(4, act_bits)
+    xq = rng.integers(-fmt.act_qmax - 1, fmt.act_qmax + 1, (b, k))
+    xp, planes = bp.pack_activations(xq, fmt), bp.pack_activations(xq, flat)
+    stride = bp.act_column_stride(act_bits)
+    assert xp.shape == fmt.act_shape(b, k) == (b, -(-fmt.words(k) // 8), stride, 8)
+    assert fmt.act_batch_axis == 0 and flat.act_shape(b, k) == planes.shape and flat.act_batch_axis == 1
+    p, r, w = np.meshgrid(np.arange(act_bits), np.arange(b), np.arange(fmt.words(k)), indexing="ij")
+    np.testing.assert_array_equal(xp[fmt.act_index(p, r, w)], planes)
+    assert xp.sum(dtype=np.uint64) == planes.sum(dtype=np.uint64)  # padding is zero
+    np.testing.assert_array_equal(bp.act_planes(xp, fmt)[:, :, : fmt.words(k)], planes)
+    np.testing.assert_array_equal(bp.plane_rowsum(xp, fmt), xq.sum(1))
+
+
+def test_mma_activation_order_is_the_b_fragment_order():
+    """Lane l, register r of a B fragment holds word l%4 + 4r of column l//4 (PTX m16n8k256 .b1),
+    column c = plane c % stride of batch row c // stride: lane l's two words are adjacent (one
+    8-byte load a lane), a row's columns of a K tile contiguous, and with stride >= 8 an 8-column
+    tile's 64 words too, lane l's at 2l and 2l + 1."""
+    for act_bits in (2, 4, 8, 16):
+        fmt = bp.BitplaneFormat(2, act_bits, layout=MMA)
+        stride, batch, kt = bp.act_column_stride(act_bits), 4, 1
+        offset = np.arange(np.prod(fmt.act_shape(batch, 512))).reshape(fmt.act_shape(batch, 512))
+        for tile in range(batch * stride // 8):
+            first = tile * 8  # the tile's first column
+            tile_start = offset[fmt.act_index(first % stride, first // stride, 8 * kt)]
+            for lane in range(32):
+                col = tile * 8 + lane // 4
+                row_start = offset[fmt.act_index(0, col // stride, 8 * kt)]
+                for reg in range(2):
+                    at = offset[fmt.act_index(col % stride, col // stride, 8 * kt + lane % 4 + 4 * reg)]
+                    assert at == row_start + 8 * (col % stride) + 2 * (lane % 4) + reg, (act_bits, tile, lane)
+                    assert stride < 8 or at == tile_start + 2 * lane + reg, (act_bits, tile, lane)
+
+
+def test_mma_activations_of_the_wrong_shape_are_refused():
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    xq = np.ones((2, 300), np.int64)
+    wp = bp.pack_weights(np.ones((5, 300), np.int64), fmt)
+    with pytest.raises(InputError, match=r"\[B, k_tiles, 8, 8\]"):
+        bp.bitplane_matmul(wp, bp.pack_activations(xq, bp.BitplaneFormat(4, 8)), fmt, n_rows=5)
+    with pytest.raises(InputError, match=r"\[8, B, W\]"):
+        bp.plane_rowsum(bp.pack_activations(xq, fmt), bp.BitplaneFormat(4, 8))
+
+
+@pytest.mark.parametrize("act_bits", [3, 8, 16])
+def test_te_activation_pack_on_mma_order_matches_numpy_on_cpu(act_bits, rng):
+    """The TE pack (the CPU build of what the CUDA ballot pack replaces) writes the B-fragment
+    order, zero padding included."""
+    fmt, k, b = bp.BitplaneFormat(4, act_bits, layout=MMA), 700, 3
+    x = rng.standard_normal((b, k)).astype(np.float32)
+    run = tvm.compile(kernels.act_pack_func(fmt, k), target="llvm")["main"]
+    xp = tvm.runtime.tensor(np.full(fmt.act_shape(b, k), 0xDEADBEEF, np.uint32))
+    scale = tvm.runtime.tensor(np.zeros(b, np.float32))
+    rowsum = tvm.runtime.tensor(np.zeros(b, fmt.accumulator_dtype(k)))
+    run(tvm.runtime.tensor(x), xp, scale, rowsum)
+    xq, xs = qz.quantize_activations(x, fmt)
+    np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))
+    np.testing.assert_array_equal(scale.numpy(), xs)
+
+
 @pytest.mark.parametrize("bits", [1, 3, 8])
 @pytest.mark.parametrize("act_bits", [4, 8, 16])
 def test_bitplane_matmul_on_mma_layout_is_exact(bits, act_bits, rng):
@@ -72,7 +137,7 @@ def test_bitplane_matmul_on_mma_layout_is_exact(bits, act_bits, rng):
     for layers in range(1, bits + 1):
         np.testing.assert_array_equal(
             bp.bitplane_matmul(wp, xp, fmt, layers, n_rows=n),
-            bp.bitplane_matmul(bp.pack_weights(q, flat), xp, flat, layers),
+            bp.bitplane_matmul(bp.pack_weights(q, flat), bp.pack_activations(xq, flat), flat, layers),
         )
 
 

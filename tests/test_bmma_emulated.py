@@ -109,7 +109,7 @@ def _check_ballot_pack(fmt: bp.BitplaneFormat, x: np.ndarray) -> None:
     func = apply_default_schedule(kernels.act_pack_func(fmt, k), SM90).with_attr("global_symbol", "pack")
     kernel = EmulatedKernel(cuda_source(build(func, SM90)))
     xq, xs = qz.quantize_activations(x, fmt)
-    xp = np.full((fmt.act_bits, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+    xp = np.full(fmt.act_shape(batch, k), 0xDEADBEEF, np.uint32)  # every word written, padding too
     scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
     kernel((batch, 1, 1), (32, pack_warps(k), 1), x_ptr=x, xp_ptr=xp, x_scale_ptr=scale, rowsum_ptr=rowsum, batch=batch)
     np.testing.assert_array_equal(xp, bp.pack_activations(xq, fmt))
@@ -127,13 +127,13 @@ def test_ballot_pack_keeps_the_nan_policy_in_emulation(rng):
     emulated = EmulatedKernel(
         cuda_source(build(apply_default_schedule(func, SM90).with_attr("global_symbol", "pack"), SM90))
     )
-    on_cpu = kernels.build(kernels.act_pack_func(bp.BitplaneFormat(4, 8), k), CPU)
+    on_cpu = kernels.build(kernels.act_pack_func(fmt, k), CPU)  # the TE pack, in the same order
     x = rng.standard_normal((batch, k)).astype(np.float32)
     x[0, 7] = np.nan
     x[1, 3], x[2, 5], x[2, 9] = np.inf, -np.inf, np.inf
     outs = []
     for run in ("cuda", "cpu"):
-        xp = np.full((8, batch, fmt.words(k)), 0xDEADBEEF, np.uint32)
+        xp = np.full(fmt.act_shape(batch, k), 0xDEADBEEF, np.uint32)
         scale, rowsum = np.full(batch, -1, np.float32), np.full(batch, -1, fmt.accumulator_dtype(k))
         if run == "cuda":
             emulated(
@@ -154,7 +154,7 @@ def test_ballot_pack_keeps_the_nan_policy_in_emulation(rng):
     assert np.isnan(scale[0]) and scale[1] == scale[2] == np.inf and np.isfinite(scale[3])
     np.testing.assert_array_equal(scale, cpu_scale)
     # the NaN row's codes are whatever NaN converts to (x86 and a GPU differ); its outputs are NaN
-    np.testing.assert_array_equal(xp[:, 1:], cpu_xp[:, 1:])
+    np.testing.assert_array_equal(xp[1:], cpu_xp[1:])  # rows are the first axis in mma16x256
     np.testing.assert_array_equal(rowsum[1:], cpu_rowsum[1:])
 
 

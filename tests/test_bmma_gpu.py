@@ -87,7 +87,7 @@ def test_ballot_pack_exact_on_gpu(act_bits, rng):
     x[3] = 0
     xq, xs = qz.quantize_activations(x, fmt)
     kern = kernels.build(kernels.act_pack_func(fmt, k), resolve_target("cuda"))
-    xp = _t(np.full((act_bits, b, fmt.words(k)), 0xDEADBEEF, np.uint32))
+    xp = _t(np.full(fmt.act_shape(b, k), 0xDEADBEEF, np.uint32))
     scale, rowsum = _t(np.full(b, -1, np.float32)), _t(np.full(b, -1, fmt.accumulator_dtype(k)))
     kern(_t(x), xp, scale, rowsum)
     np.testing.assert_array_equal(xp.numpy(), bp.pack_activations(xq, fmt))

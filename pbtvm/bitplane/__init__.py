@@ -38,6 +38,8 @@ complement and offset binary; each bit 0 or 1 with mean 1/2) is added back as
 
 Planes are packed along K into little-endian uint32 words: bit ``t`` of word ``w`` holds element
 ``32*w + t``. K is zero-padded to a multiple of 32; padded bits are 0 in both operands.
+Packed activations are ``[act_bits, B, W]``, except in the ``mma16x256`` layout, where they are
+in the tensor core's B-fragment order (:meth:`BitplaneFormat.act_shape`).
 """
 
 from .format import (
@@ -50,8 +52,9 @@ from .format import (
     BitplaneFormat,
 )
 from .lut_layout import LUT_LAYOUT, LUT_TILE_ROWS
-from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
+from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, act_column_stride, mma_act_index, mma_tile_index
 from .reference import (
+    act_planes,
     bitplane_matmul,
     pack_activations,
     pack_planes,
@@ -79,7 +82,10 @@ __all__ = [
     "pack_weights",
     "unpack_weights",
     "pack_activations",
+    "act_planes",
     "bitplane_matmul",
     "plane_rowsum",
     "mma_tile_index",
+    "mma_act_index",
+    "act_column_stride",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import InputError, check_int
 from .lut_layout import LUT_LAYOUT, lut_shape, lut_word
-from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_tile_index
+from .mma_layout import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, mma_act_index, mma_act_shape, mma_tile_index
 
 #: Bumped whenever the meaning of packed bytes changes; stored in every manifest and tuning key.
 FORMAT_VERSION = 1
@@ -19,7 +19,8 @@ WORD_BITS = 32
 #: planes are contiguous); ``mma16x256``: each plane cut into 16-row x 256-bit tiles stored in the
 #: A-fragment order of ``mma.m16n8k256.b1`` (see :func:`mma_tile_index`), shape
 #: ``[planes, ceil(N/16), ceil(words/8), 32 lanes, 4]``: a warp loads a tile as one 16-byte load
-#: per lane. Rows and words are zero-padded to whole tiles. ``lut16x4``: plane pairs of 16-row
+#: per lane. Rows and words are zero-padded to whole tiles; in this layout the activations are
+#: packed in the B-fragment order too (:meth:`BitplaneFormat.act_shape`). ``lut16x4``: plane pairs of 16-row
 #: tiles as the 4-bit table indices of the AVX2 table-lookup kernel (:mod:`pbtvm.bitplane.lut_layout`),
 #: shape ``[ceil(planes/2), ceil(N/16), 4 * words, 8]``.
 LAYOUTS = ("kNW", "NkW", MMA_LAYOUT, LUT_LAYOUT)
@@ -106,6 +107,27 @@ class BitplaneFormat:
         if self.layout == LUT_LAYOUT:
             return lut_shape(self.bits, n, self.words(k_dim))
         return (n, self.bits, self.words(k_dim))
+
+    def act_shape(self, batch: Any, k_dim: int) -> tuple[Any, ...]:
+        """Shape of the packed activations of ``batch`` rows of ``k_dim`` (``batch`` may be symbolic).
+
+        ``[act_bits, B, W]``, or in the ``mma16x256`` layout the B-fragment order of
+        ``mma.m16n8k256.b1``, ``[B, ceil(W/8), stride, 8]`` (:mod:`pbtvm.bitplane.mma_layout`).
+        """
+        if self.layout == MMA_LAYOUT:
+            return mma_act_shape(self.act_bits, batch, self.words(k_dim))
+        return (self.act_bits, batch, self.words(k_dim))
+
+    @property
+    def act_batch_axis(self) -> int:
+        """The batch axis of :meth:`act_shape`."""
+        return 0 if self.layout == MMA_LAYOUT else 1
+
+    def act_index(self, plane: Any, row: Any, word: Any) -> tuple[Any, ...]:
+        """Index of (plane, row, word) in the packed activations; works for ints and TIR vars."""
+        if self.layout == MMA_LAYOUT:
+            return mma_act_index(plane, row, word)
+        return (plane, row, word)
 
     def weight_index(self, plane: Any, row: Any, word: Any) -> tuple[Any, Any, Any]:
         """Index of (plane, row, word) in the packed weight array; works for ints and TIR vars.

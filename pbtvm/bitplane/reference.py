@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from .format import WORD_BITS, BitplaneFormat
 from .lut_layout import LUT_LAYOUT, from_lut_tiles, to_lut_tiles
-from .mma_layout import MMA_LAYOUT, from_mma_tiles, to_mma_tiles
+from .mma_layout import MMA_LAYOUT, from_mma_act, from_mma_tiles, to_mma_act, to_mma_tiles
 
 
 def pack_planes(codes: np.ndarray, nbits: int) -> np.ndarray:
@@ -99,14 +99,26 @@ def unpack_weights(packed: np.ndarray, k_dim: int, fmt: BitplaneFormat, n_rows: 
 
 
 def pack_activations(xq: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
-    """Pack activation codes ``xq`` ``[B, K]`` into ``[act_bits, B, ceil(K/32)]`` uint32 planes."""
-    return pack_planes(xq, fmt.act_bits)
+    """Pack activation codes ``xq`` ``[B, K]`` into ``fmt.act_shape(B, K)`` uint32 planes:
+    ``[act_bits, B, ceil(K/32)]``, or the B-fragment order in the ``mma16x256`` layout."""
+    planes = pack_planes(xq, fmt.act_bits)
+    return to_mma_act(planes) if fmt.layout == MMA_LAYOUT else planes
+
+
+def act_planes(xp: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
+    """Packed activations of any layout as ``[act_bits, B, W]`` planes (W padded to 8 in ``mma16x256``)."""
+    if fmt.layout == MMA_LAYOUT:
+        return from_mma_act(xp, fmt.act_bits)
+    xp = np.asarray(xp, np.uint32)
+    if xp.ndim != 3 or xp.shape[0] != fmt.act_bits:
+        raise InputError(f"{fmt.name} activations are [{fmt.act_bits}, B, W], got shape {xp.shape}")
+    return xp
 
 
 def plane_rowsum(xp: np.ndarray, fmt: BitplaneFormat) -> np.ndarray:
     """``rowsum[b] = sum_j d_j popcount(X_j[b, :])`` = sum of the activation codes, int64 [B]."""
     d = np.array(fmt.act_plane_coefficients, np.int64)
-    pc = np.bitwise_count(np.asarray(xp, np.uint32)).sum(-1, dtype=np.int64)  # [a, B]
+    pc = np.bitwise_count(act_planes(xp, fmt)).sum(-1, dtype=np.int64)  # [a, B]
     return (d[:, None] * pc).sum(0)
 
 
@@ -119,7 +131,7 @@ def bitplane_matmul(
     ----------
     wp : np.ndarray, uint32, shape ``fmt.weight_shape(N, K)``
         Packed weight planes.
-    xp : np.ndarray, uint32, shape [act_bits, B, W]
+    xp : np.ndarray, uint32, shape ``fmt.act_shape(B, K)``
         Packed activation planes.
     fmt : BitplaneFormat
     bitlayers : int, optional
@@ -135,9 +147,7 @@ def bitplane_matmul(
     """
     bitlayers = fmt.check_bitlayers(bitlayers)
     planes = _plane_major(np.asarray(wp, np.uint32), fmt, n_rows)
-    xp = np.asarray(xp, np.uint32)
-    if fmt.layout == MMA_LAYOUT:  # words padded to 8: the padding is zero, drop it
-        planes = planes[:, :, : xp.shape[2]]
+    packed, xp = xp, act_planes(xp, fmt)  # words padded to 8 in mma16x256, as the weights
     if planes.shape[2] != xp.shape[2]:
         raise InputError(f"word count mismatch: weights {planes.shape}, activations {xp.shape}")
     c = fmt.plane_coefficients(bitlayers)
@@ -147,4 +157,4 @@ def bitplane_matmul(
         for j, dj in enumerate(d):
             pc = np.bitwise_count(xp[j][:, None, :] & planes[i][None, :, :]).sum(-1, dtype=np.int64)
             acc += ci * dj * pc
-    return acc + fmt.weight_offset * plane_rowsum(xp, fmt)[:, None]
+    return acc + fmt.weight_offset * plane_rowsum(packed, fmt)[:, None]

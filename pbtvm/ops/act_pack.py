@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import names
 from .._tvm import te, tir
-from ..bitplane import WORD_BITS, BitplaneFormat
+from ..bitplane import MMA_LAYOUT, MMA_TILE_WORDS, WORD_BITS, BitplaneFormat
 from .common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, plane_bit
 
 __all__ = ["act_quantize_pack"]
@@ -31,14 +31,14 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
     Returns
     -------
     list of te.Tensor
-        ``xp`` uint32 [act_bits, B, ceil(K/32)], ``x_scale`` float32 [B] and
+        ``xp`` uint32 ``fmt.act_shape(B, K)`` (``[act_bits, B, ceil(K/32)]``, or the B-fragment
+        order of the ``mma16x256`` layout, zero in its padding planes and words), ``x_scale`` float32 [B] and
         ``rowsum`` [B] (``fmt.accumulator_dtype(K)``, the sum of the activation codes).
     """
     if x.dtype != "float32":
         raise TypeError(f"act_quantize_pack expects float32 activations, got {x.dtype}")
     batch, k_dim = x.shape
     k_int = int(k_dim)
-    nwords = fmt.words(k_int)
     qmax = float(fmt.act_qmax)
     acc_dtype = fmt.accumulator_dtype(k_int)
     r = te.reduce_axis((0, k_dim), "r")
@@ -58,9 +58,22 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
             tir.shift_right(xq[b, tir.min(kk, k_int - 1)], plane_bit(p, fmt.act_bits).astype("int32")), 1
         )
         bit = tir.if_then_else(kk < k_int, bit, 0).astype("uint32")
-        return te.sum(tir.shift_left(bit, t.astype("uint32")), axis=t)
+        return tir.shift_left(bit, t.astype("uint32"))
 
-    xp = te.compute((fmt.act_bits, batch, nwords), pack, name=names.XPACK + tag)
+    if fmt.layout == MMA_LAYOUT:
+
+        def fragment_word(b, kt, j, e):  # inverse of mma_act_index; words past W pack to zero
+            word = kt * MMA_TILE_WORDS + e // 2 + 4 * (e % 2)
+            bit = tir.if_then_else(
+                j < fmt.act_bits, pack(tir.min(j, fmt.act_bits - 1), b, word), tir.const(0, "uint32")
+            )
+            return te.sum(bit, axis=t)
+
+        xp = te.compute(fmt.act_shape(batch, k_int), fragment_word, name=names.XPACK + tag)
+    else:
+        xp = te.compute(
+            fmt.act_shape(batch, k_int), lambda p, b, w: te.sum(pack(p, b, w), axis=t), name=names.XPACK + tag
+        )
     r2 = te.reduce_axis((0, k_dim), "r2")
     rowsum = te.compute((batch,), lambda b: te.sum(xq[b, r2].astype(acc_dtype), axis=r2), name=names.ROWSUM + tag)
     return [xp, x_scale, rowsum]

@@ -37,7 +37,9 @@ def _check(xp: te.Tensor, wp: te.Tensor, fmt: BitplaneFormat, k_dim: int, n_rows
     want = fmt.weight_shape(int(n_rows), k_dim)
     if tuple(int(s) for s in wp.shape) != want:
         raise ValueError(f"packed weights have shape {tuple(wp.shape)}, {fmt.name} wants {want}")
-    if int(xp.shape[0]) != fmt.act_bits or int(xp.shape[2]) != fmt.words(k_dim):
+    axis = fmt.act_batch_axis
+    got_x = [int(s) for k, s in enumerate(xp.shape) if k != axis]
+    if got_x != [s for k, s in enumerate(fmt.act_shape(1, k_dim)) if k != axis]:
         raise ValueError(f"packed activations have shape {tuple(xp.shape)}, incompatible with {fmt.name}, K={k_dim}")
 
 
@@ -53,17 +55,19 @@ def _plane_sum(
     n_rows = _rows(wp, fmt, n_rows)
     _check(xp, wp, fmt, k_dim, n_rows)
     acc_dtype = fmt.accumulator_dtype(k_dim)
-    batch = xp.shape[1]
+    batch = xp.shape[fmt.act_batch_axis]
     i = te.reduce_axis((0, bitlayers), "i")
     j = te.reduce_axis((0, fmt.act_bits), "j")
-    w = te.reduce_axis((0, xp.shape[2]), "w")
+    w = te.reduce_axis((0, fmt.words(k_dim)), "w")
 
     def body(b, n):
         # Plane i itself (i < bitlayers <= bits), written so that TVM can see it is within the buffer:
         # reading plane i put a schedule's register copy of the weights under ``if (i < bits)``, and
         # ptxas dropped such a load (tests/test_cuda_template_emulated.py).
         plane = tir.min(i, fmt.bits - 1)
-        pc = tir.popcount(tir.bitwise_and(fmt.weight_word(wp, plane, n, w), xp[j, b, w])).astype(acc_dtype)
+        pc = tir.popcount(tir.bitwise_and(fmt.weight_word(wp, plane, n, w), xp[fmt.act_index(j, b, w)])).astype(
+            acc_dtype
+        )
         coef = weight_plane_coefficient(i, fmt, acc_dtype) * plane_coefficient(j, fmt.act_bits, True, acc_dtype)
         return te.sum(pc * coef, axis=[i, j, w])
 
@@ -86,7 +90,7 @@ def pb_int_product(
 
     Parameters
     ----------
-    xp : te.Tensor, uint32, [act_bits, B, W]
+    xp : te.Tensor, uint32, ``fmt.act_shape(B, K)``
     rowsum : te.Tensor, [B], accumulator dtype
     wp : te.Tensor, uint32, ``fmt.weight_shape(N, K)``
     bitlayers : PrimExpr, int64
