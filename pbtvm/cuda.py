@@ -149,7 +149,7 @@ def cuda_source(executable: Any) -> str:
     return executable.mod.imports[0].inspect_source()
 
 
-def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
+def build(mod: Any, target: Any, cuda_graph: bool = False, config: dict | None = None) -> Any:
     """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch and,
     on CPUs, the Relax operators fused first (:func:`cpu_fusion`).
 
@@ -160,6 +160,10 @@ def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
     cuda_graph : bool
         Run TVM's CUDA-graph rewrite on the Relax functions (``relax.backend.use_cuda_graph``):
         static regions are captured on their first run and replayed as one graph launch.
+    config : dict, optional
+        More pass options for a CUDA build (e.g. ``{"tirx.disable_cse_tir": True}``: a kernel with a
+        dispatch by batch then takes no host-computed common subexpressions as parameters, which
+        the kernel emulator of the tests cannot supply).
 
     Returns
     -------
@@ -178,6 +182,6 @@ def build(mod: Any, target: Any, cuda_graph: bool = False) -> Any:
                     mod = cpu_default_schedule()(mod)
                 mod = serial_indirect_accumulation()(mod)
         return tvm.compile(mod, target=target)
-    config = {"relax.backend.use_cuda_graph": True} if cuda_graph else {}
+    config = {**({"relax.backend.use_cuda_graph": True} if cuda_graph else {}), **(config or {})}
     with nvcc_compile_hook(str(target.export()["arch"])), tvm.transform.PassContext(config=config):
         return tvm.compile(mod, target=target)

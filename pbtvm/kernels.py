@@ -31,8 +31,8 @@ def act_pack_func(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     )
 
 
-def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tuple:
-    batch = _batch_var()
+def _operands(fmt: BitplaneFormat, n_out: int, k_dim: int, batch: int | None = None) -> tuple:
+    batch = _batch_var() if batch is None else batch
     xp = te.placeholder(fmt.act_shape(batch, k_dim), "uint32", "xp")
     xs = te.placeholder((batch,), "float32", "x_scale")
     rs = te.placeholder((batch,), fmt.accumulator_dtype(k_dim), "rowsum")
@@ -47,13 +47,15 @@ def int_product_func(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tir.PrimFun
     return te.create_prim_func([xp, rs, wp, layers, acc]).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim))
 
 
-def dense_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
-    """``(xp, x_scale, rowsum, wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``.
+def dense_func(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True, batch: int | None = None
+) -> tir.PrimFunc:
+    """``(xp, x_scale, rowsum, wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``, B symbolic or ``batch``.
 
     ``w_scale`` has ``fmt.scale_shape(N)`` (``[2, N]`` scales and zero points for offset binary),
     as in every builder here.
     """
-    xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim)
+    xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim, batch)
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)

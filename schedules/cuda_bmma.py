@@ -193,6 +193,32 @@ def default_config(
     return shrink_until_fit(cfg, fits, unit)
 
 
+#: :data:`CONFIG_ANNOTATION` of a layer with a symbolic batch built without tuning: a kernel per
+#: batch range, chosen at run time (:func:`dispatch_configs`). 0 is no config's code (knobs >= 1).
+DISPATCH_CODE = 0
+#: Batch sizes whose :func:`default_config` the dispatch of a symbolic batch serves: up to 1, up to
+#: each :data:`BATCH_KNOBS` bound, then any larger (the last bound's, at twice it: 64).
+DISPATCH_BATCHES = (1, *(knobs[0] for knobs in BATCH_KNOBS[:-1]))
+
+
+def dispatch_configs(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, limits: TargetLimits = DEFAULT_LIMITS
+) -> list[tuple[int | None, BMMAConfig]]:
+    """The two-launch kernel's configs by batch for a symbolic batch: ``(largest batch or None,
+    config)`` pairs, :func:`default_config` at each :data:`DISPATCH_BATCHES` bound (adjacent equal
+    configs merged). At batch 64 the 4096x4096 W4 kernel took 75 us with the batch-1 config and
+    27 us with its own (H200, BENCHMARKS.md): a model compiled for any batch had only the first."""
+    bounds = [*DISPATCH_BATCHES, None]
+    configs = [default_config(fmt, n_out, k_dim, most or 2 * DISPATCH_BATCHES[-1], limits=limits) for most in bounds]
+    out: list[tuple[int | None, BMMAConfig]] = []
+    for most, cfg in zip(bounds, configs, strict=True):
+        if out and out[-1][1] == cfg:
+            out[-1] = (most, cfg)
+        else:
+            out.append((most, cfg))
+    return out
+
+
 def shrink_until_fit(cfg: BMMAConfig, problem: Callable[[BMMAConfig], str | None], unit: int) -> BMMAConfig:
     """``cfg`` with its K split halved, then its column tiles (down to ``unit``, one batch row's),
     until ``problem(cfg)`` is None; the smallest when nothing fits (the kernel builder then says why)."""
@@ -233,11 +259,21 @@ def materialize(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> ti
     (a tuning workload) gets a kernel specialized to all planes.
     """
     code = _annotated_config(func)
-    return func if code is None else kernel_for(func, decode(code), limits)
+    if code is None:
+        return func
+    if code == DISPATCH_CODE:
+        fmt, n_out, k_dim, *_ = _layer(func)
+        return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits), limits)
+    return kernel_for(func, decode(code), limits)
 
 
-def kernel_for(func: tir.PrimFunc, cfg: BMMAConfig, limits: TargetLimits = DEFAULT_LIMITS) -> tir.PrimFunc:
-    """The BMMA kernel with config ``cfg`` for a PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
+def kernel_for(
+    func: tir.PrimFunc,
+    cfg: BMMAConfig | list[tuple[int | None, BMMAConfig]],
+    limits: TargetLimits = DEFAULT_LIMITS,
+) -> tir.PrimFunc:
+    """The BMMA kernel with config ``cfg`` (or a dispatch by batch, :func:`dispatch_configs`) for a
+    PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
     fmt, n_out, k_dim, has_bias, _ = _layer(func)
     kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func), limits=limits)
     if all(tir.is_buffer_var(p) for p in func.params):  # bitlayers fixed by specialize
@@ -289,10 +325,15 @@ class CUDABmmaGemm(TunableRule):
         return s_tir.Schedule(materialize(sch.mod["main"], self.limits), debug_mask=0)
 
     def schedule(self, sch: s_tir.Schedule) -> None:
-        """Annotate the ``pb_gemm`` block with :func:`default_config` (:func:`materialize` builds it)."""
+        """Annotate the ``pb_gemm`` block with :func:`default_config` (:func:`materialize` builds
+        it); with a symbolic batch, the two-launch kernel with :data:`DISPATCH_CODE` (a config per
+        batch range, :func:`dispatch_configs`)."""
         func = sch.mod["main"]
         fmt, n_out, k_dim, _, batch = self._layer(func)
-        code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func), self.limits))
+        if batch is None and not _fused(func):
+            code = DISPATCH_CODE
+        else:
+            code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func), self.limits))
         sch.annotate(sch.get_sblock(names.GEMM), CONFIG_ANNOTATION, code)
 
     def variants(self, func: tir.PrimFunc) -> list[dict]:

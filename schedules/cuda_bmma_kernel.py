@@ -27,6 +27,7 @@ coefficients ``d_j`` and applies offset / truncation correction, scales and bias
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tvm.script import tirx as T
@@ -204,12 +205,12 @@ def bmma_dense_kernel(
     n_out: int,
     k_dim: int,
     bias: bool,
-    cfg: BMMAConfig,
+    cfg: BMMAConfig | Sequence[tuple[int | None, BMMAConfig]],
     integer: bool = False,
     fused_pack: bool = False,
     limits: TargetLimits = DEFAULT_LIMITS,
 ) -> tir.PrimFunc:
-    """The BMMA PB dense kernel for one layer shape and configuration.
+    """The BMMA PB dense kernel for one layer shape and configuration (or one per batch size).
 
     Parameters
     ----------
@@ -219,7 +220,9 @@ def bmma_dense_kernel(
         N (output features) and K (input features, unpadded).
     bias : bool
         Whether the layer has a bias.
-    cfg : BMMAConfig
+    cfg : BMMAConfig, or a sequence of (largest batch or None, BMMAConfig)
+        One config, or a dispatch by batch size: the first pair whose largest batch is at least the
+        run-time batch (None: any) chooses the launch, one kernel per config (the host branches).
     integer : bool
         Return the exact integer product instead (for exactness tests): the signature of
         :func:`pbtvm.kernels.int_product_func`, ``bias`` ignored.
@@ -243,9 +246,75 @@ def bmma_dense_kernel(
     """
     if integer and fused_pack:
         raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
+    configs = [(None, cfg)] if isinstance(cfg, BMMAConfig) else list(cfg)
+    if not configs or configs[-1][0] is not None or any(most is None for most, _ in configs[:-1]):
+        raise ValueError(f"a dispatch by batch ends with (None, config) and only there, got {configs}")
+    run = _dispatch([(most, _launch(fmt, n_out, k_dim, bias, c, integer, fused_pack, limits)) for most, c in configs])
+    acc_t, wshape = fmt.accumulator_dtype(k_dim), fmt.weight_shape(n_out, k_dim)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x_h: T.handle,
+        xp_h: T.handle,
+        xs_h: T.handle,
+        rs_h: T.handle,
+        wp_h: T.handle,
+        ws_h: T.handle,
+        b_h: T.handle,
+        bitlayers: T.int64,
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k_dim), "float32")
+        xp = T.match_buffer(xp_h, fmt.act_shape(batch, k_dim), "uint32")
+        x_scale = T.match_buffer(xs_h, (batch,), "float32")
+        rowsum = T.match_buffer(rs_h, (batch,), acc_t)
+        wp = T.match_buffer(wp_h, wshape, "uint32")
+        w_scale = T.match_buffer(ws_h, fmt.scale_shape(n_out), "float32")
+        bias_buf = T.match_buffer(b_h, (n_out,), "float32")
+        y = T.match_buffer(y_h, (batch, n_out), acc_t if integer else "float32")
+        run(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers)
+
+    # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
+    if integer:
+        return without_params(kernel, (0, 2, 5, 6))
+    unused = (1, 2, 3) if fused_pack else (0,)
+    return without_params(kernel, unused if bias else (*unused, 6))
+
+
+def _dispatch(launches: list[tuple[int | None, object]]):
+    """A TVMScript macro running the first launch whose largest batch is at least ``batch``
+    (the last one's is None: any); ``launches`` as :func:`_launch` makes them."""
+    (most, first), rest = launches[0], launches[1:]
+    if not rest:
+        return first
+    later = _dispatch(rest)
+
+    @T.macro
+    def run(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers):
+        if batch <= most:
+            first(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers)
+        else:
+            later(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers)
+
+    return run
+
+
+def _launch(
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    bias: bool,
+    cfg: BMMAConfig,
+    integer: bool,
+    fused_pack: bool,
+    limits: TargetLimits,
+):
+    """A TVMScript macro launching the kernel of one config (:func:`bmma_dense_kernel`'s
+    arguments): ``launch(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers)``."""
     leg = BMMALeg(fmt, n_out, k_dim, cfg, fused_pack, limits)
     acc_t, offset = leg.acc_dtype, fmt.weight_offset
-    wshape = fmt.weight_shape(n_out, k_dim)
     threads, block_rows, block_batch = cfg.threads, leg.block_rows, leg.block_batch
     out_rounds = -(-(block_rows * block_batch) // threads)
     declare = fused_pack and light_config(fmt, k_dim, cfg)  # LAUNCH_MIN_BLOCKS, see light_config
@@ -297,28 +366,8 @@ def bmma_dense_kernel(
                         total[0], x_scale[b_glob], rowsum[b_glob], n_glob, w_scale, bias_buf, bitlayers
                     )
 
-    @T.prim_func(private=True)
-    def kernel(
-        x_h: T.handle,
-        xp_h: T.handle,
-        xs_h: T.handle,
-        rs_h: T.handle,
-        wp_h: T.handle,
-        ws_h: T.handle,
-        b_h: T.handle,
-        bitlayers: T.int64,
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True})
-        batch = T.int64()
-        x = T.match_buffer(x_h, (batch, k_dim), "float32")
-        xp = T.match_buffer(xp_h, fmt.act_shape(batch, k_dim), "uint32")
-        x_scale = T.match_buffer(xs_h, (batch,), "float32")
-        rowsum = T.match_buffer(rs_h, (batch,), acc_t)
-        wp = T.match_buffer(wp_h, wshape, "uint32")
-        w_scale = T.match_buffer(ws_h, fmt.scale_shape(n_out), "float32")
-        bias_buf = T.match_buffer(b_h, (n_out,), "float32")
-        y = T.match_buffer(y_h, (batch, n_out), acc_t if integer else "float32")
+    @T.macro
+    def launch(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers):
         for bx in T.thread_binding(leg.grid_x, thread="blockIdx.x"):
             for by in T.thread_binding(leg.grid_y(batch), thread="blockIdx.y"):
                 for tz in T.thread_binding(cfg.k_split, thread="threadIdx.z"):
@@ -332,11 +381,7 @@ def bmma_dense_kernel(
                                 block(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers,
                                       bx, by, tz, ty, tx)  # fmt: skip
 
-    # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
-    if integer:
-        return without_params(kernel, (0, 2, 5, 6))
-    unused = (1, 2, 3) if fused_pack else (0,)
-    return without_params(kernel, unused if bias else (*unused, 6))
+    return launch
 
 
 class BMMALeg:
@@ -386,11 +431,10 @@ class BMMALeg:
 
     @property
     def b_fragments(self) -> tuple[tuple[int], str]:
-        """Shape and dtype of the warp's B fragments (``bf`` of :meth:`product`): ``loads *
-        tiles_n`` uint32x2 (one 8-byte load each from the B-fragment order in global memory),
-        or with ``fused_pack`` twice as many uint32 (from the block's planes in shared memory)."""
-        n = self.cfg.loads * self.cfg.tiles_n
-        return ((2 * n,), "uint32") if self.fused_pack else ((n,), "uint32x2")
+        """Shape and dtype of the warp's B fragments (``bf`` of :meth:`product`): two uint32 each,
+        ``loads * tiles_n`` of them (from the B-fragment order in global memory one 8-byte load
+        each, from the block's planes in shared memory two 4-byte loads)."""
+        return ((2 * self.cfg.loads * self.cfg.tiles_n,), "uint32")
 
     def packed_shapes(self) -> dict[str, tuple]:
         """Shapes of the shared buffers :meth:`pack_block` fills: ``packed``, ``row_scale``, ``row_code``."""
@@ -488,7 +532,6 @@ class BMMALeg:
         steps, step_frags = self.steps, self.step_fragments
         planes_outside = self.planes_outside
         guarded = mt * nt <= GUARDED_PLANES_MAX_TILES
-        b_unit = 2 if fused else 1  # elements of bf a B fragment takes (b_fragments)
         if early > self.early_steps(4 * step_frags * steps):
             raise ValueError(f"{early} early K steps: the leg has {self.early_steps(4 * step_frags * steps)}")
 
@@ -509,11 +552,20 @@ class BMMALeg:
                             bf[(u * nt + n) * 2 + r] = T.if_then_else(
                                 ok, act[col % stride, (n * 8 + tx // 4) // stride, word], T.uint32(0)
                             )
-                    elif col // stride < batch and kt < k_tiles:
-                        # B-fragment order: the lane's two words adjacent, zero padding planes
-                        bf[u * nt + n] = act[col // stride, kt, col % stride, T.ramp(2 * (tx % 4), 1, 2)]
                     else:
-                        bf[u * nt + n] = T.Broadcast(T.uint32(0), 2)
+                        # B-fragment order: the lane's two words adjacent (one 8-byte load), zero
+                        # padding planes. Read as uint64 into two uint32 registers: a uint2 array of
+                        # fragments was put on the stack by ptxas in some kernels (W1 33x20, 4 x 2 tiles).
+                        pair = T.decl_buffer((batch * k_tiles * stride * 4,), "uint64", data=act.data)
+                        if col // stride < batch and kt < k_tiles:
+                            both = T.meta_var(
+                                pair[((col // stride * k_tiles + kt) * stride + col % stride) * 4 + tx % 4]
+                            )
+                            bf[(u * nt + n) * 2] = T.Cast("uint32", both)
+                            bf[(u * nt + n) * 2 + 1] = T.Cast("uint32", T.shift_right(both, T.uint64(32)))
+                        else:
+                            bf[(u * nt + n) * 2] = T.uint32(0)
+                            bf[(u * nt + n) * 2 + 1] = T.uint32(0)
 
         @T.macro
         def load_a(wp, i, s, bx, tz, ty, tx, af, used, base=0):
@@ -537,7 +589,7 @@ class BMMALeg:
                             T.ptx_legacy.mma(
                                 "m16n8k256", "row", "col", "int1", "int1", "int32",
                                 af.data, base + u * mt + m,  # in uint4 units
-                                bf.data, (u * nt + n) * b_unit,  # in uint32 or uint2 units
+                                bf.data, (u * nt + n) * 2,
                                 dot.data, (m * nt + n) * 4,
                                 False, "and", dtype="int32",
                             )

@@ -299,13 +299,20 @@ def _operands(text: str) -> list[str]:
         i = j
 
 
-def _translate(source: str, warp_ops: bool = True) -> tuple[str, str, list[tuple[str, str]]]:
-    """(C++ kernel text, kernel name, [(type, name)] parameters) of the one kernel in ``source``."""
-    start = source.index('extern "C" __global__')
-    body = source[start:]
-    body = body[body.index(";") + 1 :]  # skip the declaration, keep the definition
-    body = body[body.index('extern "C" __global__') :]
-    sig = re.match(r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\((.*?)\) \{', body, re.S)
+#: A kernel's definition (not its declaration: no ``;`` before the ``{``).
+_DEFINITION = re.compile(r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\(([^;{]*?)\) \{', re.S)
+
+
+def _translate(source: str, warp_ops: bool = True, kernel: str | None = None) -> tuple[str, str, list[tuple[str, str]]]:
+    """(C++ kernel text, kernel name, [(type, name)] parameters) of the one kernel in ``source``
+    (or of the one named ``kernel``, in a source with several)."""
+    defs = list(_DEFINITION.finditer(source))
+    if kernel is None and len(defs) != 1:
+        raise ValueError(f"{len(defs)} kernels in the source: name one ({[d.group(1) for d in defs]})")
+    pick = defs[0] if kernel is None else next(d for d in defs if d.group(1) == kernel)
+    after = source.find('extern "C"', pick.end())
+    body = source[pick.start() : after if after >= 0 else len(source)]
+    sig = _DEFINITION.match(body)
     name, params = sig.group(1), [p.strip() for p in sig.group(2).split(",")]
     parsed = [(" ".join(p.split()[:-1]).replace("__restrict__", "").strip(), p.split()[-1]) for p in params]
 
@@ -325,8 +332,8 @@ def _translate(source: str, warp_ops: bool = True) -> tuple[str, str, list[tuple
 class EmulatedKernel:
     """A generated CUDA kernel compiled for the CPU; call with numpy arrays and int scalars by name."""
 
-    def __init__(self, source: str, warp_ops: bool = True) -> None:
-        text, self.name, self.params = _translate(source, warp_ops)
+    def __init__(self, source: str, warp_ops: bool = True, kernel: str | None = None) -> None:
+        text, self.name, self.params = _translate(source, warp_ops, kernel)
         ptrs = [n for t, n in self.params if "*" in t]
         call = ", ".join(
             f"({t})ptrs[{ptrs.index(n)}]"
@@ -421,6 +428,51 @@ def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int,
     grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
     block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
     return grid, block
+
+
+def dispatched_launch(func: Any, batch: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]]:
+    """(index, grid, block) of the launch a kernel with a dispatch by batch runs at ``batch``
+    (``schedules.cuda_bmma_kernel.bmma_dense_kernel`` with several configs): its host branches on
+    the batch evaluated, then the taken nest of thread-bound loops. The index counts the nests in
+    order (the generated kernels ``<name>_kernel``, ``<name>_kernel_1`` ...)."""
+    from tvm import sym as arith
+
+    from pbtvm._tvm import tir
+
+    def at_batch(expr):
+        analyzer = arith.Analyzer()
+        for var in tir.analysis.undefined_vars(expr):
+            analyzer.bind(var, tir.const(batch, "int64"))  # the only free variable: the batch
+        return int(analyzer.simplify(expr))
+
+    def nests(node) -> int:
+        if isinstance(node, tir.IfThenElse):
+            return nests(node.then_case) + (nests(node.else_case) if node.else_case is not None else 0)
+        if isinstance(node, tir.For) and node.thread_binding is not None:
+            return 1
+        return nests(node.body)
+
+    index, extents, node = 0, {}, func.body
+    while True:
+        if isinstance(node, tir.IfThenElse) and not extents:
+            if at_batch(node.condition):
+                node = node.then_case
+            else:
+                index, node = index + nests(node.then_case), node.else_case
+        elif isinstance(node, tir.For) and node.thread_binding is not None:
+            extents[node.thread_binding.thread_tag] = at_batch(node.extent)
+            node = node.body
+        elif extents:
+            break
+        else:
+            node = node.body
+    grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
+    return index, grid, tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
+
+
+def kernel_name(symbol: str, index: int) -> str:
+    """The name TVM gives the ``index``-th kernel (:func:`dispatched_launch`) of ``symbol``."""
+    return f"{symbol}_kernel" if index == 0 else f"{symbol}_kernel_{index}"
 
 
 def guarded(array: np.ndarray) -> np.ndarray:

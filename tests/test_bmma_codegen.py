@@ -15,14 +15,15 @@ import pbtvm
 from pbtvm import bitplane as bp
 from pbtvm import kernels, library
 from pbtvm import quantize as qz
-from pbtvm._tvm import tvm
+from pbtvm._tvm import tir, tvm
 from pbtvm.cuda import build, cuda_source
 from pbtvm.errors import InputError
 from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel, source_sass
 from pbtvm.schedules import apply_default_schedule, cuda_bmma, tuning
-from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, config_problem
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg, bmma_dense_kernel, config_problem
 from pbtvm.target import resolve_target, weight_layout
 
+from .cuda_emulator import dispatched_launch
 from .models import MLP
 
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -204,9 +205,39 @@ def test_bmma_check_fails_on_a_kernel_without_tensor_cores():
     ],
 )
 def test_default_bmma_kernel_sass_has_bmma_and_no_spills(bits, act_bits, n, k, bias):
+    """Every kernel of the default (a symbolic batch: one per batch range) has BMMA, no spills."""
     fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
     func = apply_default_schedule(kernels.dense_func(fmt, n, k, bias=bias), SM90)
-    _assert_bmma_no_spills(_sass(func))
+    _assert_bmma_no_spills(_sass(func), expect=len(cuda_bmma.dispatch_configs(fmt, n, k)))
+
+
+@pytest.mark.parametrize(("bits", "act_bits"), [(4, 8), (8, 8), (2, 16)])
+def test_symbolic_batch_dispatches_a_config_per_batch_range(bits, act_bits):
+    """A layer compiled for any batch (``dense_func``, symbolic B) gets a kernel per batch range
+    (cuda_bmma.dispatch_configs), each with BMMA and no spills; the host launches the range's
+    config: at each range's bounds the grid and block are that config's."""
+    fmt, n, k = bp.BitplaneFormat(bits, act_bits, layout=MMA), 2600, 650
+    func = apply_default_schedule(kernels.dense_func(fmt, n, k), SM90)
+    dispatch = cuda_bmma.dispatch_configs(fmt, n, k)
+    assert len(dispatch) == (4 if bits <= cuda_bmma.BATCH_KNOBS_MAX_BITS else 2)
+    assert dispatch[0] == (1, cuda_bmma.default_config(fmt, n, k, 1))
+    _assert_bmma_no_spills(_sass(func), expect=len(dispatch))
+    lowest = 1
+    for index, (most, cfg) in enumerate(dispatch):
+        for batch in sorted({lowest, most or 2 * lowest}):
+            leg = BMMALeg(fmt, n, k, cfg)
+            grid = (leg.grid_x, int(leg.grid_y(tir.const(batch, "int64"))), 1)
+            assert dispatched_launch(func, batch) == (index, grid, (32, cfg.warps_m, cfg.k_split)), (batch, cfg)
+        lowest = (most or 0) + 1
+
+
+def test_a_static_batch_keeps_one_kernel():
+    """A static batch builds one kernel, its batch's default config: the dispatch is for a symbolic batch."""
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    func = apply_default_schedule(kernels.dense_func(fmt, 2600, 650, batch=16), SM90)
+    _assert_bmma_no_spills(_sass(func), expect=1)
+    cfg = cuda_bmma.default_config(fmt, 2600, 650, 16)
+    assert dispatched_launch(func, 16)[2] == (32, cfg.warps_m, cfg.k_split)
 
 
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (4096, 11008), (2600, 650)])
@@ -331,6 +362,10 @@ def test_tuning_builder_materializes_candidates():
 
 
 # ------------------------------------------------------------------ compile
+#: The MLP's layers (N, K) in the compile tests below.
+LAYERS = ((130, 300), (64, 130), (10, 64))
+
+
 def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     torch.manual_seed(0)
     model = MLP((300, 130, 64, 10)).eval()
@@ -340,7 +375,8 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     (binary,) = library.cuda_binaries(str(tmp_path / "m.so"))
     sass = sass_by_kernel(binary)
     dense = {k: v for k, v in sass.items() if k.startswith("pb_dense")}
-    _assert_bmma_no_spills(dense, expect=3)
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)  # a kernel per batch range of each layer (any batch)
+    _assert_bmma_no_spills(dense, expect=sum(len(cuda_bmma.dispatch_configs(fmt, n, k)) for n, k in LAYERS))
     assert not any(BMMA_OPCODE in v for k, v in sass.items() if k not in dense)
     # One launch per activation pack (the ballot pack), not the three of the CUDA-core path. (Its
     # register spills are not asserted: ptxas spills 12 bytes at some K, e.g. 300, see BENCHMARKS.md.)
@@ -402,7 +438,11 @@ def test_recorded_default_replays_to_the_bmma_kernel():
     assert cuda_bmma.CONFIG_ANNOTATION in traced.mod["main"].script()
     kernel = tuning.replay(func, traced.trace)
     assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script() and "mma" in kernel.script()
-    assert tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
+    # the workload's (batch 1) config: a tuned log holds one config, for the batch it was tuned at
+    # (untuned, the symbolic batch gets a config per batch range)
+    batch_one = cuda_bmma.kernel_for(func, cuda_bmma.default_config(bp.BitplaneFormat(4, 8, layout=MMA), 64, 512, 1))
+    assert tvm_ffi.structural_equal(kernel, batch_one)
+    assert not tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
 
 
 @pytest.mark.parametrize(

@@ -18,14 +18,14 @@ from pbtvm import kernels
 from pbtvm import quantize as qz
 from pbtvm._tvm import tvm
 from pbtvm.cuda import build, cuda_source
-from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules import apply_default_schedule, cuda_bmma
 from pbtvm.schedules.cuda_ballot_pack import PREFETCH_MAX, pack_warps
 from pbtvm.schedules.cuda_bmma import default_config
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
 from pbtvm.target import resolve_target
 
 from .activations import extreme_rows, near_tie_rows
-from .cuda_emulator import EmulatedKernel, launch_dims
+from .cuda_emulator import EmulatedKernel, dispatched_launch, kernel_name
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -190,28 +190,37 @@ def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebo
 @pytest.mark.parametrize("fused", [False, True])
 def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
     """The kernel the rule builds from a ``dense_func`` / ``dense_act_func`` (what ``compile`` runs) takes
-    the codebook and N from the PrimFunc: offset binary's scales are ``[2, N]`` (scales, zero points)."""
+    the codebook and N from the PrimFunc: offset binary's scales are ``[2, N]`` (scales, zero points).
+    For any batch (``dense_func``) it is a kernel per batch range (cuda_bmma.dispatch_configs): the
+    one the host launches at each batch, emulated, is exact."""
     fmt = bp.BitplaneFormat(3, 8, "offset_binary", layout=MMA)
-    n, k, batch = 100, 300, 2
+    n, k = 100, 300
     func = (kernels.dense_act_func if fused else kernels.dense_func)(fmt, n, k)
     sched = apply_default_schedule(func, SM90).with_attr("global_symbol", "rule")
-    kernel = EmulatedKernel(cuda_source(build(sched, SM90)))
+    # no host-side CSE: the dispatch's kernels would take the branches' common subexpressions
+    source = cuda_source(build(sched, SM90, config={"tirx.disable_cse_tir": True}))
     q, ws = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     wp = bp.pack_weights(q, fmt)
-    x = rng.standard_normal((batch, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    xq, xs = qz.quantize_activations(x, fmt)
-    grid, block = launch_dims(sched, batch)
-    for layers in (1, 3):
-        y = np.full((batch, n), np.nan, np.float32)
-        args = {"wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y, "batch": batch, "bitlayers": layers}
-        if fused:
-            args["x_ptr"] = x
-        else:
-            args.update(xp_ptr=bp.pack_activations(xq, fmt), x_scale_ptr=xs, rowsum_ptr=xq.sum(1).astype(np.int32))
-        kernel(grid, block, **args)
-        ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
-        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    launched = set()
+    for batch in (2,) if fused else (1, 2, 9, 33):
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        xq, xs = qz.quantize_activations(x, fmt)
+        index, grid, block = dispatched_launch(sched, batch)
+        launched.add(index)
+        kernel = EmulatedKernel(source, kernel=kernel_name("rule", index))
+        for layers in (1, 3):
+            y = np.full((batch, n), np.nan, np.float32)
+            args = {"wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y, "batch": batch}
+            args["bitlayers"] = layers
+            if fused:
+                args["x_ptr"] = x
+            else:
+                args.update(xp_ptr=bp.pack_activations(xq, fmt), x_scale_ptr=xs, rowsum_ptr=xq.sum(1).astype(np.int32))
+            kernel(grid, block, **args)
+            ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert len(launched) == (1 if fused else len(cuda_bmma.dispatch_configs(fmt, n, k)))
 
 
 @pytest.mark.parametrize(

@@ -95,17 +95,24 @@ def test_ballot_pack_exact_on_gpu(act_bits, rng):
     np.testing.assert_array_equal(rowsum.numpy(), xq.sum(1))
 
 
-@pytest.mark.parametrize(("bits", "batch"), [(1, 1), (4, 64), (8, 3)])
-def test_bmma_dense_layer_on_gpu(bits, batch, rng):
-    """The default schedule of a ``pb_gemm`` in the mma layout (float epilogue, bias) vs the reference."""
+@pytest.mark.parametrize(("bits", "batches"), [(1, (1, 2)), (4, (1, 8, 9, 32, 33, 64)), (8, (3, 40))])
+def test_bmma_dense_layer_on_gpu(bits, batches, rng):
+    """The default schedule of a ``pb_gemm`` in the mma layout (float epilogue, bias) vs the
+    reference; any batch: a kernel per batch range (cuda_bmma.dispatch_configs), each range's bounds."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     w = rng.standard_normal((N_OUT, K_DIM)).astype(np.float32)
-    x = rng.standard_normal((batch, K_DIM)).astype(np.float32)
     bias = rng.standard_normal(N_OUT).astype(np.float32)
     q, ws = qz.quantize_weights(w, fmt)
     wp = bp.pack_weights(q, fmt)
-    xq, xs = qz.quantize_activations(x, fmt)
     kern = kernels.build(kernels.dense_func(fmt, N_OUT, K_DIM), resolve_target("cuda"))
+    for batch in batches:
+        x = rng.standard_normal((batch, K_DIM)).astype(np.float32)
+        _check_dense(kern, fmt, x, wp, ws, bias, bits)
+
+
+def _check_dense(kern, fmt: bp.BitplaneFormat, x: np.ndarray, wp, ws, bias, bits: int) -> None:
+    batch = x.shape[0]
+    xq, xs = qz.quantize_activations(x, fmt)
     y = _t(np.full((batch, N_OUT), np.nan, np.float32))
     for layers in sorted({1, bits}):
         kern(
@@ -145,9 +152,10 @@ def test_compiled_mma_model_matches_cpu_on_gpu():
     ex = (torch.randn(2, 300),)
     gpu = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
     cpu = pbtvm.compile(model, ex, target="llvm", bits=4)
-    x = np.random.default_rng(3).standard_normal((9, 300)).astype(np.float32)
-    for layers in (None, 2):
-        np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
+    for batch in (1, 9, 40):  # the batch ranges' kernels (cuda_bmma.dispatch_configs)
+        x = np.random.default_rng(batch).standard_normal((batch, 300)).astype(np.float32)
+        for layers in (None, 2):
+            np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_static_batch_one_model_matches_cpu_on_gpu():
