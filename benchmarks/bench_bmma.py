@@ -53,7 +53,8 @@ FUSED_MAX_BATCH = 16
 
 def layer_configs(n: int, k: int, bits: int, batch: int) -> tuple[BMMAConfig, BMMAConfig]:
     """(config of the BMMA kernel, config of the one-launch kernel) for a layer at ``batch``
-    (``pbtvm.compile`` uses ``default_config(batch=1)`` or a tuning log)."""
+    (``pbtvm.compile`` builds these for the run-time batch's range, ``cuda_bmma.dispatch_configs``,
+    or a tuning log's config for its batch's range)."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     return default_config(fmt, n, k, batch), default_config(fmt, n, k, batch, fused_pack=True)
 

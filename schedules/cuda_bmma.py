@@ -59,6 +59,10 @@ def one_launch_layer(fmt: BitplaneFormat, n_out: int, k_dim: int, rows: int | No
 
 #: Block annotation holding the sampled config (see :func:`encode`).
 CONFIG_ANNOTATION = "pbtvm.bmma_config"
+#: Block annotation holding the static batch a config was chosen (or tuned) at: replayed on the
+#: layer with a symbolic batch, the config serves that batch's range of the dispatch
+#: (:func:`dispatch_configs`), the other ranges keep their defaults.
+BATCH_ANNOTATION = "pbtvm.bmma_batch"
 #: Knob values the design space draws from (filtered per layer by :func:`config_space`).
 TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N = (1, 2, 4), (1, 2, 4), (1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)
 #: Rough per-lane register budget for accumulators and fragments (:func:`.cuda_bmma_kernel.registers`)
@@ -202,14 +206,24 @@ DISPATCH_BATCHES = (1, *(knobs[0] for knobs in BATCH_KNOBS[:-1]))
 
 
 def dispatch_configs(
-    fmt: BitplaneFormat, n_out: int, k_dim: int, limits: TargetLimits = DEFAULT_LIMITS
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    limits: TargetLimits = DEFAULT_LIMITS,
+    tuned: tuple[int, BMMAConfig] | None = None,
 ) -> list[tuple[int | None, BMMAConfig]]:
     """The two-launch kernel's configs by batch for a symbolic batch: ``(largest batch or None,
     config)`` pairs, :func:`default_config` at each :data:`DISPATCH_BATCHES` bound (adjacent equal
-    configs merged). At batch 64 the 4096x4096 W4 kernel took 75 us with the batch-1 config and
-    27 us with its own (H200, BENCHMARKS.md): a model compiled for any batch had only the first."""
+    configs merged); ``tuned`` = (batch, config) takes the range of that batch. At batch 64 the
+    4096x4096 W4 kernel took 75 us with the batch-1 config and 27 us with its own (H200,
+    BENCHMARKS.md): a model compiled for any batch had only the first. (A range's config is its
+    upper bound's: at act_bits <= 4 batch 2 runs the batch-8 config, one column tile a warp more
+    than a static batch of 2 gets.)"""
     bounds = [*DISPATCH_BATCHES, None]
     configs = [default_config(fmt, n_out, k_dim, most or 2 * DISPATCH_BATCHES[-1], limits=limits) for most in bounds]
+    if tuned is not None:
+        at = next(i for i, most in enumerate(bounds) if most is None or tuned[0] <= most)
+        configs[at] = tuned[1]
     out: list[tuple[int | None, BMMAConfig]] = []
     for most, cfg in zip(bounds, configs, strict=True):
         if out and out[-1][1] == cfg:
@@ -258,12 +272,17 @@ def materialize(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> ti
     The kernel keeps ``func``'s attributes; a ``func`` whose ``bitlayers`` was specialized away
     (a tuning workload) gets a kernel specialized to all planes.
     """
-    code = _annotated_config(func)
+    code, at_batch = _annotated_config(func)
     if code is None:
         return func
+    fmt, n_out, k_dim, _, batch = _layer(func)
+    symbolic = batch is None and not _fused(func)
     if code == DISPATCH_CODE:
-        fmt, n_out, k_dim, *_ = _layer(func)
+        if not symbolic:
+            raise ValueError(f"{DISPATCH_CODE} (a dispatch by batch) is for a two-launch layer with a symbolic batch")
         return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits), limits)
+    if symbolic and at_batch is not None:  # a config found at one batch (tuning), replayed for any
+        return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits, (at_batch, decode(code))), limits)
     return kernel_for(func, decode(code), limits)
 
 
@@ -282,17 +301,17 @@ def kernel_for(
     return kernel.with_attrs(dict(func.attrs))
 
 
-def _annotated_config(func: tir.PrimFunc) -> int | None:
-    """The config code annotated on ``func``'s ``pb_gemm`` block, or None (no block / annotation)."""
+def _annotated_config(func: tir.PrimFunc) -> tuple[int | None, int | None]:
+    """The config code and batch annotated on ``func``'s ``pb_gemm`` block (None where missing)."""
     if names.kernel_kind(func) not in (names.KernelKind.GEMM, names.KernelKind.DENSE_ACT):
-        return None
+        return None, None
     sch = s_tir.Schedule(func, debug_mask=0)
     try:
         block = sch.get(sch.get_sblock(names.GEMM))
     except Exception:
-        return None
-    code = block.annotations.get(CONFIG_ANNOTATION)
-    return None if code is None else int(code)
+        return None, None
+    code, batch = (block.annotations.get(key) for key in (CONFIG_ANNOTATION, BATCH_ANNOTATION))
+    return (None if code is None else int(code)), (None if batch is None else int(batch))
 
 
 def materialize_module(mod: tvm.IRModule, limits: TargetLimits = DEFAULT_LIMITS) -> tvm.IRModule:
@@ -335,6 +354,7 @@ class CUDABmmaGemm(TunableRule):
         else:
             code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func), self.limits))
         sch.annotate(sch.get_sblock(names.GEMM), CONFIG_ANNOTATION, code)
+        _annotate_batch(sch, batch)
 
     def variants(self, func: tir.PrimFunc) -> list[dict]:
         """One design space: ``{"configs": [encoded config, ...]}``, every config of :func:`config_space`."""
@@ -347,6 +367,7 @@ class CUDABmmaGemm(TunableRule):
         codes = variant["configs"]
         code = sch.sample_categorical(codes, [1.0 / len(codes)] * len(codes))
         sch.annotate(block, CONFIG_ANNOTATION, code)
+        _annotate_batch(sch, self._layer(sch.mod["main"])[4])
 
     def _layer(self, func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | None]:
         """:func:`_layer`, after checking the target's warp size (the MMA fragments need 32 lanes).
@@ -359,6 +380,12 @@ class CUDABmmaGemm(TunableRule):
         if self.limits.warp_size != MMA_LANES:
             raise ValueError(f"mma.sync needs {MMA_LANES}-lane warps; the target has {self.limits.warp_size}")
         return _layer(func)
+
+
+def _annotate_batch(sch: s_tir.Schedule, batch: int | None) -> None:
+    """Record the static batch a config was chosen at (:data:`BATCH_ANNOTATION`); none if symbolic."""
+    if batch is not None:
+        sch.annotate(sch.get_sblock(names.GEMM), BATCH_ANNOTATION, batch)
 
 
 class CUDABmmaDenseAct(CUDABmmaGemm):

@@ -553,14 +553,15 @@ class BMMALeg:
                                 ok, act[col % stride, (n * 8 + tx // 4) // stride, word], T.uint32(0)
                             )
                     else:
-                        # B-fragment order: the lane's two words adjacent (one 8-byte load), zero
-                        # padding planes. Read as uint64 into two uint32 registers: a uint2 array of
-                        # fragments was put on the stack by ptxas in some kernels (W1 33x20, 4 x 2 tiles).
+                        # B-fragment order: the lane's two words adjacent (one 8-byte load; the
+                        # padding planes and words are zero, though no output reads them: column_total
+                        # sums planes < act_bits, padding words meet zero weights). Read as one uint64
+                        # into two uint32 registers, the low word first (little-endian: register r=0):
+                        # a uint2 array of fragments was put on the stack by ptxas (W1 33x20, 2 x 4 tiles).
                         pair = T.decl_buffer((batch * k_tiles * stride * 4,), "uint64", data=act.data)
                         if col // stride < batch and kt < k_tiles:
-                            both = T.meta_var(
-                                pair[((col // stride * k_tiles + kt) * stride + col % stride) * 4 + tx % 4]
-                            )
+                            b, t, j, e = T.meta_var(fmt.act_index(col % stride, col // stride, kt * 8 + tx % 4))
+                            both = T.meta_var(pair[(((b * k_tiles + t) * stride + j) * 8 + e) // 2])
                             bf[(u * nt + n) * 2] = T.Cast("uint32", both)
                             bf[(u * nt + n) * 2 + 1] = T.Cast("uint32", T.shift_right(both, T.uint64(32)))
                         else:

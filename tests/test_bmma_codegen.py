@@ -13,9 +13,9 @@ import tvm_ffi
 
 import pbtvm
 from pbtvm import bitplane as bp
-from pbtvm import kernels, library
+from pbtvm import kernels, library, names
 from pbtvm import quantize as qz
-from pbtvm._tvm import tir, tvm
+from pbtvm._tvm import s_tir, tir, tvm
 from pbtvm.cuda import build, cuda_source
 from pbtvm.errors import InputError
 from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel, source_sass
@@ -331,7 +331,8 @@ def test_config_space_is_valid_and_encoded_losslessly():
 
 
 def test_two_sampled_candidates_build_to_bmma(rng):
-    """Two candidates of the tunable template: sampled, replayed onto the symbolic kernel, built."""
+    """Two candidates of the tunable template: sampled, replayed onto the symbolic kernel (the
+    sampled config serves the tuning batch's range of the dispatch), built."""
     fmt = bp.BitplaneFormat(4, 8, layout=MMA)
     func = kernels.dense_func(fmt, 100, 700)
     (space,) = tuning.tune_context(func, SM90, batch=8, seed=0).generate_design_space()
@@ -342,7 +343,10 @@ def test_two_sampled_candidates_build_to_bmma(rng):
         trace = space.trace.with_decision(inst, int(pick), remove_postproc=True)
         kernel = tuning.replay(func, trace)
         assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script()  # materialized
-        _assert_bmma_no_spills(_sass(kernel.with_attr("global_symbol", "k")))
+        sampled = cuda_bmma.decode(choices[pick])
+        assert dispatched_launch(kernel, 8)[2] == (32, sampled.warps_m, sampled.k_split)
+        dispatch = cuda_bmma.dispatch_configs(fmt, 100, 700, tuned=(8, sampled))
+        _assert_bmma_no_spills(_sass(kernel.with_attr("global_symbol", "k")), expect=len(dispatch))
 
 
 @pytest.mark.slow
@@ -438,11 +442,30 @@ def test_recorded_default_replays_to_the_bmma_kernel():
     assert cuda_bmma.CONFIG_ANNOTATION in traced.mod["main"].script()
     kernel = tuning.replay(func, traced.trace)
     assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script() and "mma" in kernel.script()
-    # the workload's (batch 1) config: a tuned log holds one config, for the batch it was tuned at
-    # (untuned, the symbolic batch gets a config per batch range)
-    batch_one = cuda_bmma.kernel_for(func, cuda_bmma.default_config(bp.BitplaneFormat(4, 8, layout=MMA), 64, 512, 1))
-    assert tvm_ffi.structural_equal(kernel, batch_one)
-    assert not tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
+    # the workload's batch-1 config serves batch 1 of the symbolic layer's dispatch: the default's
+    assert tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
+
+
+def test_a_config_tuned_at_one_batch_serves_that_batch_range_of_any_batch():
+    """A config tuned at batch 16 (its trace's batch annotation), replayed on the layer with a
+    symbolic batch, takes the dispatch range of batch 16 (9..32); the other ranges keep their
+    defaults. Without the annotation (logs of earlier versions) the config serves every batch."""
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    func = kernels.dense_func(fmt, 256, 512)
+    tuned = BMMAConfig(tiles_m=1, warps_m=1, k_split=2, loads=1, tiles_n=2)
+    sch = s_tir.Schedule(func, debug_mask=0)
+    sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.CONFIG_ANNOTATION, cuda_bmma.encode(tuned))
+    sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.BATCH_ANNOTATION, 16)
+    kernel = cuda_bmma.materialize(sch.mod["main"])
+    dispatch = cuda_bmma.dispatch_configs(fmt, 256, 512)
+    want = [(most, tuned if most == 32 else cfg) for most, cfg in dispatch]
+    assert tvm_ffi.structural_equal(kernel, cuda_bmma.kernel_for(func, want))
+    for batch, index in ((1, 0), (8, 1), (9, 2), (32, 2), (33, 3)):
+        assert dispatched_launch(kernel, batch)[0] == index
+    assert dispatched_launch(kernel, 16)[2] == (32, tuned.warps_m, tuned.k_split)
+    unannotated = s_tir.Schedule(func, debug_mask=0)
+    unannotated.annotate(unannotated.get_sblock(names.GEMM), cuda_bmma.CONFIG_ANNOTATION, cuda_bmma.encode(tuned))
+    assert tvm_ffi.structural_equal(cuda_bmma.materialize(unannotated.mod["main"]), cuda_bmma.kernel_for(func, tuned))
 
 
 @pytest.mark.parametrize(

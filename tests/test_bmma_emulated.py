@@ -91,11 +91,13 @@ def test_batch_64_exact_in_emulation(rng):
 
 
 @pytest.mark.parametrize(
-    ("act_bits", "k", "batch"), [(2, 1001, 3), (8, 4096, 1), (16, 650, 3), (4, 11008, 2), (8, 20, 3)]
+    ("act_bits", "k", "batch"),
+    [(2, 1001, 3), (8, 4096, 1), (16, 650, 3), (4, 11008, 2), (8, 20, 3), (3, 700, 2), (12, 300, 2)],
 )
 def test_ballot_pack_exact_in_emulation(act_bits, k, batch, rng):
     """The one-launch ``__ballot_sync`` pack: planes, scales and code sums bit-exact (a zero row too,
-    and products a few ulps from a half, which a fused multiply-add would round otherwise)."""
+    and products a few ulps from a half, which a fused multiply-add would round otherwise); act_bits
+    3 and 12 have zero padding planes in the B-fragment order (4 and 16 columns a row)."""
     fmt = bp.BitplaneFormat(4, act_bits, layout=MMA)
     x = (rng.standard_normal((batch, k)) * 5).astype(np.float32)
     x[0] = near_tie_rows(rng, 1, k, fmt)[0]
