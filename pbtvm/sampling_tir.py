@@ -460,6 +460,20 @@ def _scan_group(lv, at, g, fv, iv, t, threads, vocab):
                 iv[2] = i
 
 
+@T.macro(hygienic=False)
+def _scan_row(scan, logits, r, t, lv, held, groups, best_v, best_i, threads, vocab):
+    """``scan(lv, at, g, best_v, best_i, t, threads, vocab)`` (:func:`_scan_first_best` or
+    :func:`_scan_group`) over every group of row ``r``: from the registers where the row is
+    ``held`` (all of it in ``lv``), else each group loaded into ``lv`` in turn."""
+    if held:
+        for g in T.unroll(groups):
+            scan(lv, g * CUDA_PICK_LOADS, g, best_v, best_i, t, threads, vocab)
+    else:
+        for g in range(groups):
+            _load_group(logits, r, t, g, lv, 0, threads, vocab)
+            scan(lv, 0, g, best_v, best_i, t, threads, vocab)
+
+
 def _nibble_shift(d):
     """The shift of 4-bit digit ``d`` (0 = most significant) of a key: ``28 - 4 d`` (uint32)."""
     return tir.Cast("uint32", 28 - 4 * d)
@@ -692,21 +706,9 @@ def cuda_pick(
                     cv[0] = T.float32(0)
                     iv[2] = T.int64(V)
                     if p == 0:  # the argmax: int32 compares (the pick is one SM's instructions)
-                        if held:
-                            for g in T.unroll(groups):
-                                _scan_first_best(lv, g * CUDA_PICK_LOADS, g, cv, ci, t, TPB, V)
-                        else:
-                            for g in range(groups):
-                                _load_group(logits, r, t, g, lv, 0, TPB, V)
-                                _scan_first_best(lv, 0, g, cv, ci, t, TPB, V)
+                        _scan_row(_scan_first_best, logits, r, t, lv, held, groups, cv, ci, TPB, V)
                     else:
-                        if held:
-                            for g in T.unroll(groups):
-                                _scan_group(lv, g * CUDA_PICK_LOADS, g, fv, iv, t, TPB, V)
-                        else:
-                            for g in range(groups):
-                                _load_group(logits, r, t, g, lv, 0, TPB, V)
-                                _scan_group(lv, 0, g, fv, iv, t, TPB, V)
+                        _scan_row(_scan_group, logits, r, t, lv, held, groups, fv, iv, TPB, V)
                         cv[0] = fv[2]
                         ci[0] = T.Cast("int32", iv[2])
                     _block_best(sv, si, cv, ci, t, TPB, V)
