@@ -17,7 +17,7 @@ from tvm.script import tirx as T
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
-from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_WORDS, WORD_BITS, BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_WORDS, WORD_BITS, BitplaneFormat, act_column_stride
 from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, shfl_xor
 
 from .rules import ScheduleRule, format_of
@@ -97,7 +97,7 @@ def row_pack_phases(
         raise ValueError("act_order stores with one_store (a lane a plane, the padding planes' lanes zeros)")
     # lanes that store a word: one a plane, and in the packed activations' order (act_order) the
     # zero padding planes of the mma16x256 layout too
-    storing = fmt.act_shape(1, k_dim)[2] if act_order and fmt.layout == MMA_LAYOUT else n_act
+    storing = act_column_stride(n_act) if act_order and fmt.layout == MMA_LAYOUT else n_act
 
     def dest_index(plane, row, word):
         return fmt.act_index(plane, row, word) if act_order else (plane, row, word)
@@ -260,9 +260,9 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     warps = pack_warps(k_dim)
     pack = row_pack(fmt, k_dim, warps, PREFETCH_MAX, one_store=True, act_order=True)
     # the words of the last K tile past W (mma16x256: K tiles of 8 words), zero in every stored plane
-    shape = fmt.act_shape(1, k_dim)
-    pad_words = shape[1] * MMA_TILE_WORDS - words if fmt.layout == MMA_LAYOUT else 0
-    pad_lanes = shape[2] if fmt.layout == MMA_LAYOUT else 0
+    mma = fmt.layout == MMA_LAYOUT
+    pad_words = fmt.act_shape(1, k_dim)[1] * MMA_TILE_WORDS - words if mma else 0
+    pad_lanes = act_column_stride(fmt.act_bits) if mma else 0
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):

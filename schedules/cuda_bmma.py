@@ -21,7 +21,7 @@ from dataclasses import astuple
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.bitplane import MMA_LAYOUT, BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, BitplaneFormat, act_column_stride
 from pbtvm.target import TargetInfo, TargetLimits
 
 from .cuda_bmma_kernel import (
@@ -29,7 +29,6 @@ from .cuda_bmma_kernel import (
     MMA_LANES,
     BMMAConfig,
     bmma_dense_kernel,
-    column_stride,
     config_problem,
     registers,
     row_column_tiles,
@@ -102,7 +101,7 @@ def knob_grid(fmt: BitplaneFormat, row_tiles: int, k_tiles: int, batch: int | No
     column tiles whole batch rows and, for a static ``batch``, no more than it needs. Whether a
     config fits the block (shared memory, threads, registers) is the caller's check."""
     unit = row_column_tiles(fmt.act_bits)
-    max_cols = max(unit, -(-batch * column_stride(fmt.act_bits) // 8)) if batch else max(TILES_N) * unit
+    max_cols = max(unit, -(-batch * act_column_stride(fmt.act_bits) // 8)) if batch else max(TILES_N) * unit
     for mt, wm, ks, ld, nt in itertools.product(TILES_M, WARPS_M, K_SPLIT, LOADS, TILES_N):
         cfg = BMMAConfig(mt, wm, ks, ld, nt * unit)
         if mt <= row_tiles and ks * ld <= k_tiles and cfg.tiles_n <= max_cols:
@@ -164,7 +163,7 @@ def default_config(
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
     unit = row_column_tiles(fmt.act_bits)
-    cols = -(-max(1, batch) * column_stride(fmt.act_bits) // 8)
+    cols = -(-max(1, batch) * act_column_stride(fmt.act_bits) // 8)
     fits = functools.partial(config_problem, fmt, k_dim, fused_pack=fused_pack, limits=limits)
     if cols > unit and not fused_pack and fmt.bits <= BATCH_KNOBS_MAX_BITS:
         _, tiles_m, warps_m, k_split, tiles_n = next(

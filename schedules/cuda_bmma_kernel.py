@@ -152,13 +152,9 @@ class BMMAConfig:
         return MMA_LANES * self.warps_m * self.k_split
 
 
-#: MMA columns per batch row: act_bits rounded up to 2, 4, 8 or 16 (so rows never straddle tiles).
-column_stride = act_column_stride
-
-
 def row_column_tiles(act_bits: int) -> int:
     """8-column MMA tiles one batch row spans: 1 for up to 8 activation planes, 2 for 9..16."""
-    return max(1, column_stride(act_bits) // 8)
+    return max(1, act_column_stride(act_bits) // 8)
 
 
 def config_problem(
@@ -173,7 +169,7 @@ def config_problem(
     ``fused_pack``: the block also packs its batch rows' activation planes into shared memory.
     ``limits``: the target's shared memory and threads per block.
     """
-    stride = column_stride(fmt.act_bits)
+    stride = act_column_stride(fmt.act_bits)
     if (8 * cfg.tiles_n) % stride:
         return f"tiles_n={cfg.tiles_n} splits a batch row of {stride} columns"
     if fused_pack:
@@ -195,7 +191,7 @@ def shared_bytes(fmt: BitplaneFormat, k_dim: int, cfg: BMMAConfig, fused_pack: b
     acc_bytes = 8 if fmt.accumulator_dtype(k_dim) == "int64" else 4
     shared = cfg.k_split * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS * cfg.tiles_n * 8 * acc_bytes
     if fused_pack:
-        block_batch = 8 * cfg.tiles_n // column_stride(fmt.act_bits)
+        block_batch = 8 * cfg.tiles_n // act_column_stride(fmt.act_bits)
         shared += 4 * fmt.act_bits * block_batch * fmt.words(k_dim) + cfg.threads * (4 + acc_bytes) + 12 * block_batch
     return shared
 
@@ -417,7 +413,7 @@ class BMMALeg:
         self.fmt, self.n_rows, self.k_dim, self.cfg, self.fused_pack = fmt, n_rows, k_dim, cfg, fused_pack
         self.words = fmt.words(k_dim)
         self.acc_dtype = fmt.accumulator_dtype(k_dim)
-        self.stride = column_stride(fmt.act_bits)
+        self.stride = act_column_stride(fmt.act_bits)
         _, self.row_tiles, self.k_tiles, *_ = fmt.weight_shape(n_rows, k_dim)
         self.block_rows = cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS
         self.block_batch = cfg.tiles_n * 8 // self.stride
@@ -558,10 +554,10 @@ class BMMALeg:
                         # sums planes < act_bits, padding words meet zero weights). Read as one uint64
                         # into two uint32 registers, the low word first (little-endian: register r=0):
                         # a uint2 array of fragments was put on the stack by ptxas (W1 33x20, 2 x 4 tiles).
-                        pair = T.decl_buffer((batch * k_tiles * stride * 4,), "uint64", data=act.data)
+                        pair = T.decl_buffer((batch, k_tiles, stride, MMA_TILE_WORDS // 2), "uint64", data=act.data)
                         if col // stride < batch and kt < k_tiles:
                             b, t, j, e = T.meta_var(fmt.act_index(col % stride, col // stride, kt * 8 + tx % 4))
-                            both = T.meta_var(pair[(((b * k_tiles + t) * stride + j) * 8 + e) // 2])
+                            both = T.meta_var(pair[b, t, j, e // 2])
                             bf[(u * nt + n) * 2] = T.Cast("uint32", both)
                             bf[(u * nt + n) * 2 + 1] = T.Cast("uint32", T.shift_right(both, T.uint64(32)))
                         else:

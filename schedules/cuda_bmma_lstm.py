@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir
-from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, BitplaneFormat, act_column_stride
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetLimits
 
@@ -43,7 +43,6 @@ from .cuda_bmma_kernel import (
     MMA_LANES,
     BMMAConfig,
     BMMALeg,
-    column_stride,
     config_problem,
     registers,
     row_column_tiles,
@@ -66,7 +65,7 @@ def lstm_config_problem(
         problem = config_problem(fmt, k_dim, cfg, True, limits)
         if problem:
             return problem
-    block_batch = cfg.tiles_n * 8 // column_stride(fmt.act_bits)
+    block_batch = cfg.tiles_n * 8 // act_column_stride(fmt.act_bits)
     gates = 4 * block_batch * cfg.warps_m * cfg.tiles_m * MMA_TILE_ROWS  # the gate pre-activations
     shared = sum(shared_bytes(fmt, k_dim, cfg, True) for k_dim in legs) + gates
     if shared > limits.max_shared_memory_per_block:

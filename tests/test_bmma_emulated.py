@@ -21,7 +21,7 @@ from pbtvm.cuda import build, cuda_source
 from pbtvm.schedules import apply_default_schedule, cuda_bmma
 from pbtvm.schedules.cuda_ballot_pack import PREFETCH_MAX, pack_warps
 from pbtvm.schedules.cuda_bmma import default_config
-from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel, column_stride
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel
 from pbtvm.target import resolve_target
 
 from .activations import extreme_rows, near_tie_rows
@@ -48,7 +48,7 @@ def _emulate_exact(
         xp = bp.pack_activations(xq, fmt)
         grid = (
             -(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)),
-            -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)),
+            -(-batch * bp.act_column_stride(act_bits) // (8 * cfg.tiles_n)),
             1,
         )
         for layers in sorted({1, (bits + 1) // 2, bits}):
@@ -180,7 +180,11 @@ def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebo
     bias = rng.standard_normal(n).astype(np.float32)
     q, ws = qz.quantize_weights(w, fmt)
     wp = bp.pack_weights(q, fmt)
-    grid = (-(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)), -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)), 1)
+    grid = (
+        -(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)),
+        -(-batch * bp.act_column_stride(act_bits) // (8 * cfg.tiles_n)),
+        1,
+    )
     for layers in sorted({1, bits}):
         y = np.full((batch, n), np.nan, np.float32)
         args = {"x_ptr": x, "wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y}
@@ -277,7 +281,11 @@ def test_planes_past_bitlayers_are_not_read_in_emulation(bits, act_bits, n, k, b
     q, ws = qz.quantize_weights(w, fmt)
     wp = bp.pack_weights(q, fmt)
     xq, xs = qz.quantize_activations(x, fmt)
-    grid = (-(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)), -(-batch * column_stride(act_bits) // (8 * cfg.tiles_n)), 1)
+    grid = (
+        -(-wp.shape[1] // (cfg.warps_m * cfg.tiles_m)),
+        -(-batch * bp.act_column_stride(act_bits) // (8 * cfg.tiles_n)),
+        1,
+    )
     for layers in (1, bits - 1):
         y = np.full((batch, n), np.nan, np.float32)
         args = {"wp_ptr": np.ascontiguousarray(wp[:layers]), "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y}

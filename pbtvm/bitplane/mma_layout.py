@@ -56,6 +56,12 @@ def mma_act_index(plane: Any, row: Any, word: Any) -> tuple[Any, Any, Any, Any]:
     return (row, word // MMA_TILE_WORDS, plane, 2 * (w8 % 4) + w8 // 4)
 
 
+def mma_act_word(k_tile: Any, element: Any) -> Any:
+    """The word (``8 k_tile + w``) held by ``element`` (0..7) of a K tile in the B-fragment order:
+    the inverse of :func:`mma_act_index`'s last index. Works for ints and TIR."""
+    return k_tile * MMA_TILE_WORDS + element // 2 + 4 * (element % 2)
+
+
 def to_mma_act(planes: np.ndarray) -> np.ndarray:
     """``[act_bits, B, W]`` activation planes -> ``[B, ceil(W/8), stride, 8]`` (zero-padded)."""
     a, b, w = planes.shape

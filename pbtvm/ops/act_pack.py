@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .. import names
 from .._tvm import te, tir
-from ..bitplane import MMA_LAYOUT, MMA_TILE_WORDS, WORD_BITS, BitplaneFormat
+from ..bitplane import MMA_LAYOUT, WORD_BITS, BitplaneFormat
+from ..bitplane.mma_layout import mma_act_word
 from .common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, plane_bit
 
 __all__ = ["act_quantize_pack"]
@@ -62,10 +63,9 @@ def act_quantize_pack(x: te.Tensor, fmt: BitplaneFormat, tag: str = "") -> list[
 
     if fmt.layout == MMA_LAYOUT:
 
-        def fragment_word(b, kt, j, e):  # inverse of mma_act_index; words past W pack to zero
-            word = kt * MMA_TILE_WORDS + e // 2 + 4 * (e % 2)
+        def fragment_word(b, kt, j, e):  # words past W pack to zero
             bit = tir.if_then_else(
-                j < fmt.act_bits, pack(tir.min(j, fmt.act_bits - 1), b, word), tir.const(0, "uint32")
+                j < fmt.act_bits, pack(tir.min(j, fmt.act_bits - 1), b, mma_act_word(kt, e)), tir.const(0, "uint32")
             )
             return te.sum(bit, axis=t)
 
