@@ -1,7 +1,9 @@
 """PB layers on binary tensor cores (BMMA, ``mma16x256`` weights) vs torch fp16 / int4 and the roofline.
 
 Side by side in one run, on one GPU: the PB layer on the BMMA kernel (activation pack + BMMA
-kernel, and the BMMA kernel alone), optionally pbtvm's default CUDA-core PB layer, torch fp16
+kernel, and the BMMA kernel alone), optionally the one-launch kernel (``--fused``), the layer as
+``pbtvm.compile`` builds it for any batch (``--compiled``: one function that dispatches by batch),
+pbtvm's default CUDA-core PB layer, torch fp16
 (cuBLAS, the better of ``F.linear`` and ``x @ W.T``), torch int4 (tinygemm, group 128), and the
 k-bit DRAM roofline from the copy bandwidth measured in the same run. Every time is the median of
 CUDA-graph replays in which each call reads another weight set (the sets exceed twice the L2),
@@ -38,11 +40,11 @@ from bench_layers import (
 from parallel_build import build_all, default_workers
 
 from pbtvm import bitplane as bp
-from pbtvm import kernels
+from pbtvm import kernels, names
 from pbtvm._tvm import tvm
 from pbtvm.cuda import cuda_source
 from pbtvm.sass import bmma_problem, dropped_global_loads, source_sass
-from pbtvm.schedules.cuda_bmma import default_config, kernel_for
+from pbtvm.schedules.cuda_bmma import ONE_LAUNCH_MAX_WEIGHTS, default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
 
@@ -59,14 +61,19 @@ def layer_configs(n: int, k: int, bits: int, batch: int) -> tuple[BMMAConfig, BM
     return default_config(fmt, n, k, batch), default_config(fmt, n, k, batch, fused_pack=True)
 
 
-def kernel_keys(shapes: list[str], bits: list[int], batches: list[int], fused_max_batch: int | None) -> list[tuple]:
+def kernel_keys(
+    shapes: list[str], bits: list[int], batches: list[int], fused_max_batch: int | None, compiled: bool = False
+) -> list[tuple]:
     """Every kernel a run times, once: ``("pack", K, rowsum dtype)`` (the pack depends on nothing else:
-    W-k layers share it), ``("bmma", N, K, bits, config)`` and, with ``fused_max_batch``,
-    ``("fused", N, K, bits, config)`` for batches up to it."""
+    W-k layers share it), ``("bmma", N, K, bits, config)``, with ``fused_max_batch``
+    ``("fused", N, K, bits, config)`` for batches up to it, and with ``compiled``
+    ``("compiled", N, K, bits)`` (:func:`compiled_layer`)."""
     keys: dict[tuple, None] = {}
     for shape in shapes:
         n, k = (int(v) for v in shape.split("x"))
         for w in bits:
+            if compiled:
+                keys.update({pack_key(k, w): None, ("compiled", n, k, w): None})
             for batch in batches:
                 cfg, fused_cfg = layer_configs(n, k, w, batch)
                 keys.update({pack_key(k, w): None, ("bmma", n, k, w, cfg): None})
@@ -89,10 +96,24 @@ def build_kernel(key: tuple, target) -> tvm.runtime.Executable:
             if f.accumulator_dtype(key[1]) == key[2]
         )
         return kernels.build(kernels.act_pack_func(fmt, key[1]), target)
+    if key[0] == "compiled":
+        return kernels.build(compiled_layer(*key[1:]), target)
     kind, n, k, bits, cfg = key
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     func = kernels.dense_act_func(fmt, n, k) if kind == "fused" else kernels.dense_func(fmt, n, k)
     return kernels.build(kernel_for(func, cfg).with_attr("tirx.is_scheduled", True), target, schedule=False)
+
+
+def compiled_layer(n: int, k: int, bits: int):
+    """The PB product function ``pbtvm.compile`` builds for an N x K layer with a symbolic batch
+    whose input no other layer reads (``relay_passes.pb_linear_rewrite``): up to
+    ``ONE_LAUNCH_MAX_WEIGHTS`` weights ``pb_dense_act`` with ``ATTR_IN_BLOCK_MAX_BATCH`` (one launch
+    at batch 1, ballot pack + BMMA kernel above), else the BMMA kernel of a dispatch by batch after
+    the separate ballot pack."""
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    if n * k <= ONE_LAUNCH_MAX_WEIGHTS:
+        return kernels.dense_act_func(fmt, n, k).with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, 1)
+    return kernels.dense_func(fmt, n, k)
 
 
 def export_kernel(job: tuple, path: str) -> None:
@@ -109,7 +130,7 @@ def check_kernel(job: tuple, path: str) -> None:
     source = cuda_source(build_kernel(key, target))
     sass = source_sass(source, "sm_90")
     problems = []
-    if key[0] in ("bmma", "fused"):
+    if key[0] in ("bmma", "fused", "compiled"):
         problems.append(bmma_problem("".join(sass.values())))
     dropped = dropped_global_loads(source, "sm_90", sass)
     if dropped:
@@ -135,13 +156,20 @@ def _read_json(path: str) -> dict:
 
 
 def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str) -> float:
-    """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone) or
-    "fused" (one kernel: every block packs its batch rows, then the BMMA product); ``built``
+    """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone),
+    "fused" (one kernel: every block packs its batch rows, then the BMMA product) or "compiled"
+    (:func:`compiled_layer`, after the ballot pack where it does not pack itself); ``built``
     holds the kernels (:func:`build_kernels`)."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     cfg, fused_cfg = layer_configs(n, k, bits, batch)
     pack, dense = built[pack_key(k, bits)], built["bmma", n, k, bits, cfg]
     fused = built["fused", n, k, bits, fused_cfg] if part == "fused" else None
+    if part == "compiled":
+        compiled, fused = built["compiled", n, k, bits], None
+        if n * k <= ONE_LAUNCH_MAX_WEIGHTS:
+            fused = compiled
+        else:
+            dense, part = compiled, "layer"
     sets = n_sets_for(4 * math.prod(fmt.weight_shape(n, k)), l2)
     ws = [weight_set(fmt, n, k) for _ in range(sets)]
     xs = [torch.randn(batch, k, device="cuda") for _ in range(sets)]
@@ -149,7 +177,7 @@ def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part
 
     def step(i: int) -> None:
         w, s, b = ws[i]
-        if part == "fused":
+        if fused is not None:
             fused(xs[i], w, s, b, bits, y)
             return
         if part == "layer":
@@ -178,7 +206,9 @@ def dry_run(args: argparse.Namespace) -> int:
     """Build every kernel the benchmark would run, for sm_90, without a device; nvcc + SASS check."""
     target = resolve_target({"kind": "cuda", "arch": "sm_90"})
     t0 = time.time()
-    keys = kernel_keys(args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None)
+    keys = kernel_keys(
+        args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None, args.compiled
+    )
     problems = build_kernels(keys, target, args.jobs, check=True)
     bad = {key: p for key, p in problems.items() if p}
     print(f"dry run: {len(keys)} kernels built for sm_90 and checked with nvcc in {time.time() - t0:.0f}s")
@@ -187,7 +217,7 @@ def dry_run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def print_table(rows: list[dict], fused: bool) -> None:
+def print_table(rows: list[dict], fused: bool, compiled: bool = False) -> None:
     """The Markdown table of BENCHMARKS.md (ratios > 1: the BMMA layer is faster)."""
 
     def us(v: float | None) -> str:
@@ -196,14 +226,14 @@ def print_table(rows: list[dict], fused: bool) -> None:
     def ratio(a: float | None, b: float) -> str:
         return "n/a" if a is None else f"{a / b:.2f}"
 
-    extra = " one-launch µs |" if fused else ""
+    extra = (" one-launch µs |" if fused else "") + (" compiled µs |" if compiled else "")
     print(
         "\n| shape (NxK) | batch | W | BMMA layer µs |" + extra + " BMMA kernel µs | k-bit roofline µs | "
         "% roofline (layer / kernel) | fp16 µs | int4 µs | fp16/layer | int4/layer |"
     )
-    print("|---" * (12 if fused else 11) + "|")
+    print("|---" * (11 + fused + compiled) + "|")
     for r in rows:
-        one = f" {us(r.get('fused_us'))} |" if fused else ""
+        one = (f" {us(r.get('fused_us'))} |" if fused else "") + (f" {us(r.get('compiled_us'))} |" if compiled else "")
         print(
             f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['bmma_layer_us']:.1f} |{one} {r['bmma_kernel_us']:.1f} | "
             f"{r['roof_us']:.1f} | {r['pct_roof_layer']:.0f}% / {r['pct_roof_kernel']:.0f}% | {r['fp16_us']:.1f} | "
@@ -220,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-default", action="store_true", help="also time pbtvm's CUDA-core PB layer")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build every kernel for sm_90 and stop")
     ap.add_argument("--fused", action="store_true", help="also the one-launch kernel (pack inside the BMMA kernel)")
+    ap.add_argument("--compiled", action="store_true", help="also the layer as pbtvm.compile builds it (any batch)")
     ap.add_argument("--fused-max-batch", type=int, default=FUSED_MAX_BATCH, help="largest batch timed with --fused")
     ap.add_argument(
         "--jobs", type=int, default=default_workers(), help="processes that build the kernels (default: cores - 1)"
@@ -231,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: this benchmark needs a GPU (try --dry-run)", file=sys.stderr)
         return 2
     t0 = time.time()
-    keys = kernel_keys(args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None)
+    keys = kernel_keys(
+        args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None, args.compiled
+    )
     print(f"building {len(keys)} kernels in {args.jobs} processes", flush=True)
     built = build_kernels(keys, resolve_target("cuda"), args.jobs)
     print(f"built in {time.time() - t0:.0f}s", flush=True)
@@ -267,19 +300,26 @@ def main(argv: list[str] | None = None) -> int:
                     fused = batch <= args.fused_max_batch
                     r["fused_us"] = bench_bmma(n, k, batch, bits, l2, built, "fused") * 1e6 if fused else None
                     r["fused_config"] = str(layer_configs(n, k, bits, batch)[1]) if fused else None
+                if args.compiled:
+                    try:
+                        r["compiled_us"] = bench_bmma(n, k, batch, bits, l2, built, "compiled") * 1e6
+                    except Exception as err:  # report it, time the rest
+                        print(f"  compiled layer {shape} b={batch} W{bits}: {err}", file=sys.stderr, flush=True)
+                        r["compiled_us"] = None
                 if args.with_default:
                     r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
                 rows.append(r)
                 if args.csv:  # row by row, so a run cut short by its timeout keeps what it measured
                     append_csv_row(args.csv, r, first=len(rows) == 1)
                 one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
+                one += f"  compiled {r['compiled_us']:7.1f}" if r.get("compiled_us") else ""
                 print(
                     f"  {shape:>11} b={batch:<2} W{bits}A8  layer {r['bmma_layer_us']:7.1f} us{one}  kernel "
                     f"{r['bmma_kernel_us']:7.1f}  roof {r['roof_us']:5.1f} ({r['pct_roof_kernel']:.0f}% kernel)  "
                     f"fp16 {fp16 * 1e6:6.1f}  int4 {r['int4_us'] or float('nan'):6.1f}  [{time.time() - t0:.0f}s]",
                     flush=True,
                 )
-    print_table(rows, args.fused)
+    print_table(rows, args.fused, args.compiled)
     return 0
 
 

@@ -9,9 +9,10 @@
 #   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
 #               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers);
 #               tests/test_bmma_lstm.py: the BMMA LSTM step, the mma16x256 decoder and its generate()
-#   bmma-bench  benchmarks/bench_bmma.py --fused: BMMA layer (ballot pack + BMMA kernel) and the one-launch
-#               kernel vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by row (its ~116
-#               kernels are built first, one process per core)
+#   bmma-bench  benchmarks/bench_bmma.py --fused --compiled: BMMA layer (ballot pack + BMMA kernel), the
+#               one-launch kernel and the layer as compile builds it for any batch (one launch at batch 1,
+#               pack + kernel above) vs torch fp16 (cuBLAS), int4 tinygemm, roofline; CSV written row by
+#               row (its ~140 kernels are built first, one process per core)
 #   tests       every other `gpu`-marked test (test_gpu, test_lstm_cell, test_decoder, test_lstm_lowering)
 #   bmma-tune   benchmarks/tune_layers.py --layout mma16x256 on three shapes (MetaSchedule on the GPU)
 #   layers / profile / lstm   the CUDA-core PB layer benchmark, decoder profile, LSTM step benchmark
@@ -87,7 +88,7 @@ run_step() {
     bmma)
       step bmma_tests "${BMMA_TESTS_TIMEOUT:-150}" "${PYTEST[@]}" -m gpu "${BMMA_TEST_FILES[@]}" ;;
     bmma-bench)
-      step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused} \
+      step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused --compiled} \
         --csv "$OUT/bmma_bench.csv" ;;
     exact)
       step exact_tests "${EXACT_TESTS_TIMEOUT:-200}" "${PYTEST[@]}" -m gpu "${BMMA_TEST_FILES[@]}" "${GENERATE_TEST_FILES[@]}" ;;

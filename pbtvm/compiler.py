@@ -47,13 +47,15 @@ def _rewrite(
     quantizer: str = "mse",
     calibration: Any = None,
     auto_layout: bool = False,
+    tune_batch: int = 1,
 ):
     """Import the model and run the PB graph rewrite (kernels not yet scheduled).
 
     ``auto_layout``: ``fmt``'s layout is what ``layout="auto"`` gave; the dense layers' rows (or
     the dynamic batch) then decide it (:func:`_batch_format`), with an LSTM as for a dynamic batch
     (its steps run the batch's rows, its projections every step's). Returns ``(mod, specs,
-    dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got.
+    dynamic, converted, skipped, fmt)``, ``fmt`` the format the dense layers got. ``tune_batch``:
+    the batch the kernels are tuned at or looked up for (:class:`PBLinearRewrite`).
     """
     t0 = time.perf_counter()
     owners: list[str] = []
@@ -75,7 +77,9 @@ def _rewrite(
             fmt, codebook, quantizer, names, importance
         )  # first: its input projections are dense layers
         mod = lstms(mod)
-        rewrite = PBLinearRewrite(fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks)
+        rewrite = PBLinearRewrite(
+            fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks, tune_batch=tune_batch
+        )
         mod = rewrite(mod)
     report = rewrite.report
     # In the order the model runs them (the rewrite's graph order), each LSTM layer's W_hh right
@@ -213,7 +217,7 @@ def tune(
     trials = check_int("trials", trials, 1)
     batch = check_int("batch", batch, 1)
     auto = layout == AUTO_LAYOUT
-    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, auto)
+    mod, *_ = _rewrite(model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, None, auto, batch)
     return tune_kernels(
         _pb_kernels(mod), tvm_target, work_dir, trials_per_kernel=trials, batch=batch, runner=runner, progress=progress
     )
@@ -347,7 +351,16 @@ def compile(
         trials = check_int("trials", trials, 1)
     tune_batch = check_int("tune_batch", tune_batch, 1)
     mod, specs, dynamic, converted, skipped, fmt = _rewrite(
-        model, example_inputs, fmt, tvm_target, dynamic_batch, codebook, quantizer, calibration, layout == AUTO_LAYOUT
+        model,
+        example_inputs,
+        fmt,
+        tvm_target,
+        dynamic_batch,
+        codebook,
+        quantizer,
+        calibration,
+        layout == AUTO_LAYOUT,
+        tune_batch,
     )
     _warn_recurrent(model)
     _warn_skipped(skipped)

@@ -42,6 +42,12 @@ MANIFEST_DECODER = "decoder"
 #: ``__launch_bounds__(threads, min_blocks)``: ptxas then may give a lane 65536 / (threads x
 #: min_blocks) registers (with the thread count alone it guesses, and some kernels spilled).
 ATTR_LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
+#: On a ``pb_dense_act`` PrimFunc with a symbolic batch in the ``mma16x256`` layout (a CUDA dense
+#: layer of ``compile``): the largest batch at which its blocks pack their own rows (one launch);
+#: above it the function runs the ballot pack and the two-launch BMMA kernel (a dispatch by batch,
+#: :func:`pbtvm.schedules.cuda_bmma.dispatch_configs`). Without it such a function is one launch at
+#: every batch (a decoder's head).
+ATTR_IN_BLOCK_MAX_BATCH = "pbtvm.in_block_max_batch"
 #: On a byte-code CPU GEMM: the batch from which it multiplies with the AMX tile instructions.
 ATTR_AMX_MIN_BATCH = "pbtvm.amx_min_batch"
 #: On a byte-code CPU kernel: the LLVM CPU features its instructions need (the build checks them).

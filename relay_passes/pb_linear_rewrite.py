@@ -29,11 +29,11 @@ from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.errors import naming_layer
 from pbtvm.lowering import LayerRecord, constant_array, lower_weights, weight_key
-from pbtvm.names import KernelKind
+from pbtvm.names import ATTR_IN_BLOCK_MAX_BATCH, KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.quantize import AUTO
 from pbtvm.schedules.cpu_vnni import one_kernel_layer
-from pbtvm.schedules.cuda_bmma import one_launch_layer
+from pbtvm.schedules.cuda_bmma import ONE_LAUNCH_MAX_BATCH, one_launch_layer
 
 from .block_builder import blocks_closed_on_error
 from .te_call import emit_te_call
@@ -251,9 +251,11 @@ class _Rewriter(PyExprMutator):
         importance: dict | None,
         layer_names: dict[str, str],
         codebooks: dict[str, str | None] | None = None,
+        tune_batch: int = 1,
     ) -> None:
         super().__init__(mod)
         self.codebooks = codebooks or {}
+        self.tune_batch = tune_batch
         self.fmt = fmt
         self.importance = importance or {}
         self.codebook = codebook
@@ -532,14 +534,22 @@ class _Rewriter(PyExprMutator):
         bias_const = [relax.const(np.asarray(bias, np.float32), "float32")] if has_bias else []
         rows = x2.ty.shape.values[0]
         static_rows = int(rows) if isinstance(rows, tir.IntImm) else None
-        if one_kernel_layer(fmt, k_dim) or one_launch_layer(fmt, n_out, k_dim, static_rows):
+        # A symbolic batch packs in the layer only where no other layer shares the input's pack:
+        # above batch 1 the function packs its own rows (a launch) where a shared pack is one.
+        one_launch = one_launch_layer(fmt, n_out, k_dim, static_rows, tune_batch=self.tune_batch) and (
+            static_rows is not None or self._read_once(x)
+        )
+        if one_kernel_layer(fmt, k_dim) or one_launch:
+            attrs = kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim)
+            if one_launch and static_rows is None:  # one launch at batch 1, pack + kernel above
+                attrs[ATTR_IN_BLOCK_MAX_BATCH] = ONE_LAUNCH_MAX_BATCH
             out = self._emit_te(
                 lambda x_t, wp_t, ws_t, *rest: pb_dense_act(
                     x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt
                 ),
                 [x2, wp, ws, *bias_const],
                 f"pb_dense_act_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
-                kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim),
+                attrs,
                 (self.bitlayers,),
             )
             return self._finish_linear(out, out_dtype, ty, dims, n_out)
@@ -690,6 +700,10 @@ class PBLinearRewrite:
     codebooks : dict, optional
         :func:`weight_key` -> codebook for particular weights (e.g. an LSTM's input projection,
         whose codebook :class:`PBLSTMLowering` chose with its recurrent weight); others ``codebook``.
+    tune_batch : int
+        The batch the kernels are tuned at (or their tuning log looked up for): a CUDA layer with a
+        symbolic batch packs in its own function (:func:`pbtvm.schedules.cuda_bmma.one_launch_layer`)
+        only where that batch runs the one-launch kernel.
 
     Attributes
     ----------
@@ -705,8 +719,10 @@ class PBLinearRewrite:
         importance: dict | None = None,
         layer_names: dict[str, str] | None = None,
         codebooks: dict[str, str | None] | None = None,
+        tune_batch: int = 1,
     ) -> None:
         self.fmt = fmt
+        self.tune_batch = tune_batch
         self.codebooks = dict(codebooks or {})
         self.codebook = codebook
         self.method = method
@@ -717,7 +733,15 @@ class PBLinearRewrite:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
         self.report = ConversionReport()
         rewriter = _Rewriter(
-            mod, self.fmt, self.report, self.codebook, self.method, self.importance, self.layer_names, self.codebooks
+            mod,
+            self.fmt,
+            self.report,
+            self.codebook,
+            self.method,
+            self.importance,
+            self.layer_names,
+            self.codebooks,
+            self.tune_batch,
         )
         with blocks_closed_on_error(rewriter.builder_):
             for gvar, func in mod.functions_items():

@@ -245,16 +245,12 @@ def row_pack(
     return pack
 
 
-def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
-    """The one-launch ballot pack for rows of ``k_dim`` activations (a block per row, :func:`row_pack`).
-
-    Returns
-    -------
-    tir.PrimFunc
-        ``(x f32 [B, K], xp u32 fmt.act_shape(B, K), x_scale f32 [B], rowsum acc [B])``, symbolic
-        B: the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled. Every word of
-        ``xp`` is written (the padding planes and words of the ``mma16x256`` order with zeros).
-    """
+def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int):
+    """A TVMScript macro launching the one-launch ballot pack (a block per row, :func:`row_pack`):
+    ``launch(x, xp, x_scale, rowsum, batch)`` with ``x`` float32 ``[batch, K]``, ``xp`` uint32
+    ``fmt.act_shape(batch, K)``, ``x_scale`` float32 ``[batch]``, ``rowsum`` ``[batch]`` in
+    ``fmt.accumulator_dtype(K)``. Every word of ``xp`` is written (the padding planes and words of
+    the ``mma16x256`` order with zeros)."""
     words = fmt.words(k_dim)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)
@@ -263,6 +259,38 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
     mma = fmt.layout == MMA_LAYOUT
     pad_words = fmt.act_shape(1, k_dim)[1] * MMA_TILE_WORDS - words if mma else 0
     pad_lanes = act_column_stride(fmt.act_bits) if mma else 0
+
+    @T.macro
+    def launch(x, xp, x_scale, rowsum, batch):
+        for b in T.thread_binding(batch, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                    red = T.alloc_shared((LANES * warps,), "float32")
+                    sums = T.alloc_shared((LANES * warps,), acc_t)
+                    best = T.alloc_local((1,), "float32")  # the max, then the inverse scale
+                    total = T.alloc_local((1,), acc_t)
+                    code = T.alloc_local((1,), "int32")
+                    vote = T.alloc_local((2,), "uint32")
+                    if pad_words > 0 and ty == 0 and tx < pad_lanes:
+                        for pw in T.unroll(pad_words):
+                            xp[fmt.act_index(tx, b, words + pw)] = T.uint32(0)
+                    pack(x, b, xp, b, x_scale, rowsum, ty, tx, red, sums, best, total, code, vote)
+
+    return launch
+
+
+def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
+    """The one-launch ballot pack for rows of ``k_dim`` activations (:func:`ballot_pack_launch`).
+
+    Returns
+    -------
+    tir.PrimFunc
+        ``(x f32 [B, K], xp u32 fmt.act_shape(B, K), x_scale f32 [B], rowsum acc [B])``, symbolic
+        B: the signature of :func:`pbtvm.kernels.act_pack_func`. Already scheduled. Every word of
+        ``xp`` is written (the padding planes and words of the ``mma16x256`` order with zeros).
+    """
+    acc_t = fmt.accumulator_dtype(k_dim)
+    launch = ballot_pack_launch(fmt, k_dim)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
@@ -273,19 +301,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
         x_scale = T.match_buffer(xs_h, (batch,), "float32")
         rowsum = T.match_buffer(rs_h, (batch,), acc_t)
         with T.sblock("root"):  # Relax expects a root block (RewriteDataflowReshape)
-            for b in T.thread_binding(batch, thread="blockIdx.x"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for tx in T.thread_binding(LANES, thread="threadIdx.x"):
-                        red = T.alloc_shared((LANES * warps,), "float32")
-                        sums = T.alloc_shared((LANES * warps,), acc_t)
-                        best = T.alloc_local((1,), "float32")  # the max, then the inverse scale
-                        total = T.alloc_local((1,), acc_t)
-                        code = T.alloc_local((1,), "int32")
-                        vote = T.alloc_local((2,), "uint32")
-                        if pad_words > 0 and ty == 0 and tx < pad_lanes:
-                            for pw in T.unroll(pad_words):
-                                xp[fmt.act_index(tx, b, words + pw)] = T.uint32(0)
-                        pack(x, b, xp, b, x_scale, rowsum, ty, tx, red, sums, best, total, code, vote)
+            launch(x, xp, x_scale, rowsum, batch)
 
     return kernel
 

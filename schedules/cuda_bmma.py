@@ -36,24 +36,35 @@ from .cuda_bmma_kernel import (
 from .rules import TunableRule, format_of
 
 #: Most weights (``N * K``) of a dense layer that ``compile`` builds as one launch (the in-block
-#: pack, :func:`.cuda_bmma_kernel.bmma_dense_kernel` with ``fused_pack``) when its batch is 1 and
-#: static. Measured on an H200 (BENCHMARKS.md, thirty-seventh session), one launch vs ballot pack +
-#: kernel at batch 1: W4 4096x4096 7.0 vs 9.6 µs, 8192x2048 6.1 vs 9.0, 6000x1500 5.5 vs 8.1,
-#: 2600x650 3.8 vs 7.3 (W1-W8 alike); larger layers lose at some widths (11008x4096 W1 10.5 vs
-#: 8.8, 4096x11008 W4 22.2 vs 17.9: each block packs the whole row). Above batch 1 the one-launch
-#: kernel is 2-4x slower at K >= 1500, and a symbolic batch may be any.
+#: pack, :func:`.cuda_bmma_kernel.bmma_dense_kernel` with ``fused_pack``) at batch 1. Measured on an
+#: H200 (BENCHMARKS.md, thirty-seventh session), one launch vs ballot pack + kernel at batch 1: W4
+#: 4096x4096 7.0 vs 9.6 µs, 8192x2048 6.1 vs 9.0, 6000x1500 5.5 vs 8.1, 2600x650 3.8 vs 7.3 (W1-W8
+#: alike); larger layers lose at some widths (11008x4096 W1 10.5 vs 8.8, 4096x11008 W4 22.2 vs
+#: 17.9: each block packs the whole row).
 ONE_LAUNCH_MAX_WEIGHTS = 4096 * 4096
+#: Largest batch such a layer runs in one launch. Above batch 1 the one-launch kernel was 2-4x
+#: slower than pack + kernel at K >= 1500 (6000x1500 W4 batch 16: 28.4 vs 14.5 µs), so a layer
+#: with a symbolic batch dispatches: one launch up to here, the ballot pack and the two-launch
+#: kernel above (:data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`, :func:`dispatch_configs`).
+ONE_LAUNCH_MAX_BATCH = 1
 
 
-def one_launch_layer(fmt: BitplaneFormat, n_out: int, k_dim: int, rows: int | None, target=None) -> bool:
-    """Whether ``compile`` builds a CUDA dense layer as one kernel that packs its input (in the
-    block) instead of a ballot pack and a BMMA kernel: the ``mma16x256`` layout, a static batch of
-    ``rows == 1`` and at most :data:`ONE_LAUNCH_MAX_WEIGHTS` weights. ``target`` defaults to the
-    current target (``with target:``)."""
+def one_launch_layer(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, rows: int | None, target=None, tune_batch: int = 1
+) -> bool:
+    """Whether ``compile`` builds a CUDA dense layer as ``pb_dense_act`` (one function that packs
+    its input) instead of a ballot pack and a BMMA kernel: the ``mma16x256`` layout, at most
+    :data:`ONE_LAUNCH_MAX_WEIGHTS` weights, and a static batch of ``rows`` up to
+    :data:`ONE_LAUNCH_MAX_BATCH` (one launch) or a symbolic batch (``rows`` None: one launch up to
+    that batch, a dispatch to pack + kernel above) whose tuning batch ``tune_batch`` is in the
+    one-launch range (the function tuned is the one that runs at that batch). ``target`` defaults to
+    the current target (``with target:``)."""
     target = target or tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "cuda" or fmt.layout != MMA_LAYOUT:
         return False
-    return rows == 1 and n_out * k_dim <= ONE_LAUNCH_MAX_WEIGHTS
+    if n_out * k_dim > ONE_LAUNCH_MAX_WEIGHTS:
+        return False
+    return (rows if rows is not None else tune_batch) <= ONE_LAUNCH_MAX_BATCH
 
 
 #: Block annotation holding the sampled config (see :func:`encode`).
@@ -210,25 +221,39 @@ def dispatch_configs(
     k_dim: int,
     limits: TargetLimits = DEFAULT_LIMITS,
     tuned: tuple[int, BMMAConfig] | None = None,
-) -> list[tuple[int | None, BMMAConfig]]:
-    """The two-launch kernel's configs by batch for a symbolic batch: ``(largest batch or None,
-    config)`` pairs, :func:`default_config` at each :data:`DISPATCH_BATCHES` bound (adjacent equal
-    configs merged); ``tuned`` = (batch, config) takes the range of that batch. At batch 64 the
-    4096x4096 W4 kernel took 75 us with the batch-1 config and 27 us with its own (H200,
-    BENCHMARKS.md): a model compiled for any batch had only the first. (A range's config is its
-    upper bound's: at act_bits <= 4 batch 2 runs the batch-8 config, one column tile a warp more
-    than a static batch of 2 gets.)"""
-    bounds = [*DISPATCH_BATCHES, None]
-    configs = [default_config(fmt, n_out, k_dim, most or 2 * DISPATCH_BATCHES[-1], limits=limits) for most in bounds]
+    in_block_max: int | None = None,
+) -> list[tuple[int | None, BMMAConfig, bool]]:
+    """The configs by batch for a symbolic batch: ``(largest batch or None, config, in_block)``
+    entries, the two-launch kernel's :func:`default_config` at each :data:`DISPATCH_BATCHES` bound
+    (adjacent equal entries merged; ``in_block`` False). At batch 64 the 4096x4096 W4 kernel took
+    75 us with the batch-1 config and 27 us with its own (H200, BENCHMARKS.md): a model compiled
+    for any batch had only the first. (A range's config is its upper bound's: at act_bits <= 4
+    batch 2 runs the batch-8 config, one column tile a warp more than a static batch of 2 gets.)
+
+    ``in_block_max`` (a ``pb_dense_act`` layer, :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`): up to
+    that batch the one-launch kernel's default (``in_block`` True), the two-launch ranges above it.
+    ``tuned`` = (batch, config) takes the range of that batch, in the block for a ``pb_dense_act``
+    layer (its tuning measured the one-launch kernel), else two-launch.
+    """
+    fused = in_block_max is not None
+    bounds = [*(b for b in DISPATCH_BATCHES if not fused or b > in_block_max), None]
+    if fused:
+        bounds.insert(0, in_block_max)
+    entries = [
+        (most, default_config(fmt, n_out, k_dim, most, fused_pack=True, limits=limits), True)
+        if fused and i == 0
+        else (most, default_config(fmt, n_out, k_dim, most or 2 * DISPATCH_BATCHES[-1], limits=limits), False)
+        for i, most in enumerate(bounds)
+    ]
     if tuned is not None:
         at = next(i for i, most in enumerate(bounds) if most is None or tuned[0] <= most)
-        configs[at] = tuned[1]
-    out: list[tuple[int | None, BMMAConfig]] = []
-    for most, cfg in zip(bounds, configs, strict=True):
-        if out and out[-1][1] == cfg:
-            out[-1] = (most, cfg)
+        entries[at] = (bounds[at], tuned[1], fused)
+    out: list[tuple[int | None, BMMAConfig, bool]] = []
+    for most, cfg, in_block in entries:
+        if out and out[-1][1:] == (cfg, in_block):
+            out[-1] = (most, cfg, in_block)
         else:
-            out.append((most, cfg))
+            out.append((most, cfg, in_block))
     return out
 
 
@@ -260,6 +285,12 @@ def _layer(func: tir.PrimFunc) -> tuple[BitplaneFormat, int, int, bool, int | No
     return fmt, n_out, k_dim, has_bias, int(batch) if isinstance(batch, tir.IntImm) else None
 
 
+def _in_block_max(func: tir.PrimFunc) -> int | None:
+    """:data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH` of a ``pb_dense_act`` PrimFunc (None if absent)."""
+    value = (func.attrs or {}).get(names.ATTR_IN_BLOCK_MAX_BATCH) if _fused(func) else None
+    return None if value is None else int(value)
+
+
 def _fused(func: tir.PrimFunc) -> bool:
     """Whether ``func`` packs its activations itself (``pb_dense_act``)."""
     return names.kernel_kind(func) == names.KernelKind.DENSE_ACT
@@ -275,13 +306,18 @@ def materialize(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> ti
     if code is None:
         return func
     fmt, n_out, k_dim, _, batch = _layer(func)
-    symbolic = batch is None and not _fused(func)
+    in_block_max = _in_block_max(func)
+    symbolic = batch is None and (not _fused(func) or in_block_max is not None)
     if code == DISPATCH_CODE:
         if not symbolic:
-            raise ValueError(f"{DISPATCH_CODE} (a dispatch by batch) is for a two-launch layer with a symbolic batch")
-        return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits), limits)
+            raise ValueError(
+                f"{DISPATCH_CODE} (a dispatch by batch) is for a layer with a symbolic batch: two-launch, or "
+                f"pb_dense_act with {names.ATTR_IN_BLOCK_MAX_BATCH}"
+            )
+        return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits, in_block_max=in_block_max), limits)
     if symbolic and at_batch is not None:  # a config found at one batch (tuning), replayed for any
-        return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits, (at_batch, decode(code))), limits)
+        tuned = (at_batch, decode(code))
+        return kernel_for(func, dispatch_configs(fmt, n_out, k_dim, limits, tuned, in_block_max), limits)
     return kernel_for(func, decode(code), limits)
 
 
@@ -344,11 +380,12 @@ class CUDABmmaGemm(TunableRule):
 
     def schedule(self, sch: s_tir.Schedule) -> None:
         """Annotate the ``pb_gemm`` block with :func:`default_config` (:func:`materialize` builds
-        it); with a symbolic batch, the two-launch kernel with :data:`DISPATCH_CODE` (a config per
-        batch range, :func:`dispatch_configs`)."""
+        it); with a symbolic batch, the two-launch kernel, and ``pb_dense_act`` with
+        :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`, with :data:`DISPATCH_CODE` (a config per batch
+        range, :func:`dispatch_configs`)."""
         func = sch.mod["main"]
         fmt, n_out, k_dim, _, batch = self._layer(func)
-        if batch is None and not _fused(func):
+        if batch is None and (not _fused(func) or _in_block_max(func) is not None):
             code = DISPATCH_CODE
         else:
             code = encode(default_config(fmt, n_out, k_dim, batch or 1, _fused(func), self.limits))

@@ -39,7 +39,7 @@ from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
 from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
 
-from .cuda_ballot_pack import FUSED_PREFETCH_MAX, RowPackPhases, row_pack, row_pack_phases
+from .cuda_ballot_pack import FUSED_PREFETCH_MAX, RowPackPhases, ballot_pack_launch, row_pack, row_pack_phases
 
 #: Lanes of the warp that executes one ``mma.sync``: the PTX ISA defines the m16n8k256 fragment
 #: layouts for 32 lanes (the rules check the target's warp size against it).
@@ -216,9 +216,13 @@ def bmma_dense_kernel(
         N (output features) and K (input features, unpadded).
     bias : bool
         Whether the layer has a bias.
-    cfg : BMMAConfig, or a sequence of (largest batch or None, BMMAConfig)
-        One config, or a dispatch by batch size: the first pair whose largest batch is at least the
-        run-time batch (None: any) chooses the launch, one kernel per config (the host branches).
+    cfg : BMMAConfig, or a sequence of (largest batch or None, BMMAConfig[, in_block])
+        One config, or a dispatch by batch size: the first entry whose largest batch is at least
+        the run-time batch (None: any) chooses the launch, one kernel per config (the host
+        branches). With ``fused_pack``, an entry whose ``in_block`` is False (default True) runs
+        the ballot pack (:func:`.cuda_ballot_pack.ballot_pack_launch`, one launch) into a
+        workspace and then the two-launch kernel of its config: past batch 1 that beats every
+        block packing its own rows (BENCHMARKS.md, H200).
     integer : bool
         Return the exact integer product instead (for exactness tests): the signature of
         :func:`pbtvm.kernels.int_product_func`, ``bias`` ignored.
@@ -242,10 +246,19 @@ def bmma_dense_kernel(
     """
     if integer and fused_pack:
         raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
-    configs = [(None, cfg)] if isinstance(cfg, BMMAConfig) else list(cfg)
-    if not configs or configs[-1][0] is not None or any(most is None for most, _ in configs[:-1]):
+    configs = [(None, cfg, fused_pack)] if isinstance(cfg, BMMAConfig) else [(*e, fused_pack)[:3] for e in cfg]
+    if not configs or configs[-1][0] is not None or any(most is None for most, *_ in configs[:-1]):
         raise ValueError(f"a dispatch by batch ends with (None, config) and only there, got {configs}")
-    run = _dispatch([(most, _launch(fmt, n_out, k_dim, bias, c, integer, fused_pack, limits)) for most, c in configs])
+    if not fused_pack and any(in_block for *_, in_block in configs):
+        raise ValueError("a launch that packs in the block needs fused_pack (the kernel reads x)")
+    run = _dispatch(
+        [
+            (most, _launch(fmt, n_out, k_dim, bias, c, integer, fused_pack, limits))
+            if in_block or not fused_pack
+            else (most, _pack_then_launch(fmt, n_out, k_dim, bias, c, limits))
+            for most, c, in_block in configs
+        ]
+    )
     acc_t, wshape = fmt.accumulator_dtype(k_dim), fmt.weight_shape(n_out, k_dim)
 
     @T.prim_func(private=True)
@@ -295,6 +308,25 @@ def _dispatch(launches: list[tuple[int | None, object]]):
             later(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers)
 
     return run
+
+
+def _pack_then_launch(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, cfg: BMMAConfig, limits: TargetLimits):
+    """A TVMScript macro with :func:`_launch`'s arguments for a kernel that reads ``x``: the ballot
+    pack of every batch row into workspaces (global memory the host allocates, TVM's workspace
+    pool), then the two-launch kernel of ``cfg`` on them (``xp``, ``x_scale``, ``rowsum`` unused)."""
+    pack = ballot_pack_launch(fmt, k_dim)
+    product = _launch(fmt, n_out, k_dim, bias, cfg, False, False, limits)
+    acc_t = fmt.accumulator_dtype(k_dim)
+
+    @T.macro
+    def launch(x, _xp, _x_scale, _rowsum, wp, w_scale, bias_buf, y, batch, bitlayers):
+        packed = T.alloc_buffer(fmt.act_shape(batch, k_dim), "uint32", scope="global")
+        scale = T.alloc_buffer((batch,), "float32", scope="global")
+        codesum = T.alloc_buffer((batch,), acc_t, scope="global")
+        pack(x, packed, scale, codesum, batch)
+        product(x, packed, scale, codesum, wp, w_scale, bias_buf, y, batch, bitlayers)
+
+    return launch
 
 
 def _launch(

@@ -430,11 +430,12 @@ def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int,
     return grid, block
 
 
-def dispatched_launch(func: Any, batch: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]]:
-    """(index, grid, block) of the launch a kernel with a dispatch by batch runs at ``batch``
-    (``schedules.cuda_bmma_kernel.bmma_dense_kernel`` with several configs): its host branches on
-    the batch evaluated, then the taken nest of thread-bound loops. The index counts the nests in
-    order (the generated kernels ``<name>_kernel``, ``<name>_kernel_1`` ...)."""
+def dispatched_launches(func: Any, batch: int) -> list[tuple[int, tuple[int, int, int], tuple[int, int, int]]]:
+    """(index, grid, block) of each launch, in order, that a kernel with a dispatch by batch runs
+    at ``batch`` (``schedules.cuda_bmma_kernel.bmma_dense_kernel`` with several configs): its host
+    branches on the batch evaluated, then the taken branch's nests of thread-bound loops (a
+    range of a ``pb_dense_act`` dispatch runs two: the ballot pack, then the BMMA kernel). The
+    index counts the nests in order (the generated kernels ``<name>_kernel``, ``<name>_kernel_1`` ...)."""
     from tvm import sym as arith
 
     from pbtvm._tvm import tir
@@ -445,29 +446,51 @@ def dispatched_launch(func: Any, batch: int) -> tuple[int, tuple[int, int, int],
             analyzer.bind(var, tir.const(batch, "int64"))  # the only free variable: the batch
         return int(analyzer.simplify(expr))
 
+    def children(node) -> list:
+        if isinstance(node, tir.SeqStmt):
+            return list(node.seq)
+        return [node.body] if hasattr(node, "body") and node.body is not None else []
+
     def nests(node) -> int:
         if isinstance(node, tir.IfThenElse):
             return nests(node.then_case) + (nests(node.else_case) if node.else_case is not None else 0)
         if isinstance(node, tir.For) and node.thread_binding is not None:
             return 1
-        return nests(node.body)
+        return sum(nests(c) for c in children(node))
 
-    index, extents, node = 0, {}, func.body
-    while True:
-        if isinstance(node, tir.IfThenElse) and not extents:
-            if at_batch(node.condition):
-                node = node.then_case
-            else:
-                index, node = index + nests(node.then_case), node.else_case
-        elif isinstance(node, tir.For) and node.thread_binding is not None:
+    def launch(node) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        extents = {}
+        while isinstance(node, tir.For) and node.thread_binding is not None:
             extents[node.thread_binding.thread_tag] = at_batch(node.extent)
             node = node.body
-        elif extents:
-            break
-        else:
-            node = node.body
-    grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
-    return index, grid, tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
+        grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
+        return grid, tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
+
+    def walk(node, index: int, out: list) -> int:
+        """Append the launches ``node`` runs; returns the index past its nests."""
+        if isinstance(node, tir.IfThenElse):
+            if at_batch(node.condition):
+                walk(node.then_case, index, out)
+            elif node.else_case is not None:
+                walk(node.else_case, index + nests(node.then_case), out)
+            return index + nests(node)
+        if isinstance(node, tir.For) and node.thread_binding is not None:
+            out.append((index, *launch(node)))
+            return index + 1
+        for child in children(node):
+            index = walk(child, index, out)
+        return index
+
+    out: list = []
+    walk(func.body, 0, out)
+    return out
+
+
+def dispatched_launch(func: Any, batch: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]]:
+    """The one launch (:func:`dispatched_launches`) a kernel runs at ``batch``."""
+    launches = dispatched_launches(func, batch)
+    assert len(launches) == 1, f"{len(launches)} launches at batch {batch}"
+    return launches[0]
 
 
 def kernel_name(symbol: str, index: int) -> str:

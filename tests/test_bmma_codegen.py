@@ -16,6 +16,7 @@ from pbtvm import bitplane as bp
 from pbtvm import kernels, library, names
 from pbtvm import quantize as qz
 from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.compiler import _rewrite
 from pbtvm.cuda import build, cuda_source
 from pbtvm.errors import InputError
 from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel, source_sass
@@ -23,7 +24,7 @@ from pbtvm.schedules import apply_default_schedule, cuda_bmma, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg, bmma_dense_kernel, config_problem
 from pbtvm.target import resolve_target, weight_layout
 
-from .cuda_emulator import dispatched_launch
+from .cuda_emulator import dispatched_launch, dispatched_launches
 from .models import MLP
 
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -220,10 +221,10 @@ def test_symbolic_batch_dispatches_a_config_per_batch_range(bits, act_bits):
     func = apply_default_schedule(kernels.dense_func(fmt, n, k), SM90)
     dispatch = cuda_bmma.dispatch_configs(fmt, n, k)
     assert len(dispatch) == (4 if bits <= cuda_bmma.BATCH_KNOBS_MAX_BITS else 2)
-    assert dispatch[0] == (1, cuda_bmma.default_config(fmt, n, k, 1))
+    assert dispatch[0] == (1, cuda_bmma.default_config(fmt, n, k, 1), False)
     _assert_bmma_no_spills(_sass(func), expect=len(dispatch))
     lowest = 1
-    for index, (most, cfg) in enumerate(dispatch):
+    for index, (most, cfg, _) in enumerate(dispatch):
         for batch in sorted({lowest, most or 2 * lowest}):
             leg = BMMALeg(fmt, n, k, cfg)
             grid = (leg.grid_x, int(leg.grid_y(tir.const(batch, "int64"))), 1)
@@ -370,7 +371,18 @@ def test_tuning_builder_materializes_candidates():
 LAYERS = ((130, 300), (64, 130), (10, 64))
 
 
+def _products_and_packs(sass: dict[str, str], prefix: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The kernels named ``prefix...`` split into PB products (BMMA) and ballot packs (the rest)."""
+    mine = {k: v for k, v in sass.items() if k.startswith(prefix)}
+    products = {k: v for k, v in mine.items() if BMMA_OPCODE in v}
+    return products, {k: v for k, v in mine.items() if k not in products}
+
+
 def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
+    """A symbolic batch (the default): every layer of the MLP (each reads an input no other layer
+    reads) is one ``pb_dense_act`` function that dispatches by batch: at batch 1 one kernel that
+    packs in the block, above it a ballot pack and a BMMA kernel per range
+    (``cuda_bmma.dispatch_configs(in_block_max=1)``). Every product kernel BMMA and no spills."""
     torch.manual_seed(0)
     model = MLP((300, 130, 64, 10)).eval()
     m = pbtvm.compile(model, (torch.randn(2, 300),), target=SM90, bits=4)  # layout="auto"
@@ -378,23 +390,60 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     m.export(str(tmp_path / "m.so"))
     (binary,) = library.cuda_binaries(str(tmp_path / "m.so"))
     sass = sass_by_kernel(binary)
-    dense = {k: v for k, v in sass.items() if k.startswith("pb_dense")}
-    fmt = bp.BitplaneFormat(4, 8, layout=MMA)  # a kernel per batch range of each layer (any batch)
-    _assert_bmma_no_spills(dense, expect=sum(len(cuda_bmma.dispatch_configs(fmt, n, k)) for n, k in LAYERS))
-    assert not any(BMMA_OPCODE in v for k, v in sass.items() if k not in dense)
-    # One launch per activation pack (the ballot pack), not the three of the CUDA-core path. (Its
-    # register spills are not asserted: ptxas spills 12 bytes at some K, e.g. 300, see BENCHMARKS.md.)
-    packs = {k: v for k, v in sass.items() if k.startswith("pb_act_pack")}
-    assert sorted(packs) == [f"pb_act_pack_a8_k{k}_kernel" for k in (130, 300, 64)]
+    products, packs = _products_and_packs(sass, "pb_dense_act")
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    ranges = [len(cuda_bmma.dispatch_configs(fmt, n, k, in_block_max=1)) for n, k in LAYERS]
+    _assert_bmma_no_spills(products, expect=sum(ranges))
+    assert len(packs) == sum(ranges) - len(LAYERS)  # one a range above batch 1
     for name, body in packs.items():
         assert body.count("VOTE.ANY") >= 8, name  # a ballot per plane
+    assert not any(k.startswith("pb_act_pack") for k in sass)
+    assert not any(BMMA_OPCODE in v for k, v in sass.items() if not k.startswith("pb_dense"))
+
+
+class _SharedInput(torch.nn.Module):
+    """Two layers reading the same input: one activation pack for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(300, 130), torch.nn.Linear(300, 130)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) * self.b(x)
+
+
+def test_compile_shares_the_pack_of_an_input_two_layers_read(tmp_path):
+    """Two layers on one input with a symbolic batch: one ballot pack kernel (one launch, not the
+    three of the CUDA-core path) and the two-launch BMMA kernel per batch range; and
+    tuned at batch 8 (``tune_batch``) a layer reading its input alone is pack + kernel too: the
+    function tuned is the one that runs at that batch."""
+    torch.manual_seed(0)
+    m = pbtvm.compile(_SharedInput().eval(), (torch.randn(2, 300),), target=SM90, bits=4)
+    m.export(str(tmp_path / "m.so"))
+    (binary,) = library.cuda_binaries(str(tmp_path / "m.so"))
+    sass = sass_by_kernel(binary)
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    products, _ = _products_and_packs(sass, "pb_dense")
+    # the two layers call one function (same shape and format; the weights are its arguments)
+    _assert_bmma_no_spills(products, expect=len(cuda_bmma.dispatch_configs(fmt, 130, 300)))
+    assert not any(k.startswith("pb_dense_act") for k in sass)
+    packs = {k: v for k, v in sass.items() if k.startswith("pb_act_pack")}
+    assert sorted(packs) == ["pb_act_pack_a8_k300_kernel"]
+    assert packs["pb_act_pack_a8_k300_kernel"].count("VOTE.ANY") >= 8
+    with SM90:
+        assert cuda_bmma.one_launch_layer(fmt, 130, 300, None)
+        assert not cuda_bmma.one_launch_layer(fmt, 130, 300, None, tune_batch=8)
+    mlp, example = MLP((300, 130, 64, 10)).eval(), (torch.randn(2, 300),)
+    for tune_batch, want in ((1, names.KernelKind.DENSE_ACT), (8, names.KernelKind.GEMM)):
+        mod, *_ = _rewrite(mlp, example, fmt, SM90, True, tune_batch=tune_batch)
+        kinds = {names.kernel_kind(f) for _, f in mod.functions_items() if isinstance(f, tir.PrimFunc)}
+        assert want in kinds and not kinds & {names.KernelKind.DENSE_ACT, names.KernelKind.GEMM} - {want}
 
 
 def test_compile_at_a_static_batch_of_one_builds_one_launch_layers(tmp_path):
     """``dynamic_batch=False`` at batch 1: every dense layer one kernel that packs its own input in
     the block (``pb_dense_act``, BMMA, no spills), no pack kernels; the rule's bounds
-    (``ONE_LAUNCH_MAX_WEIGHTS``, a static batch of 1, the mma layout). The dynamic-batch build above
-    keeps pack + kernel for every layer."""
+    (``ONE_LAUNCH_MAX_WEIGHTS``, a static batch of 1 or a symbolic one tuned at 1, the mma layout)."""
     torch.manual_seed(0)
     model = MLP((300, 130, 64, 10)).eval()
     m = pbtvm.compile(model, (torch.randn(1, 300),), target=SM90, bits=4, dynamic_batch=False)
@@ -408,7 +457,8 @@ def test_compile_at_a_static_batch_of_one_builds_one_launch_layers(tmp_path):
         fmt = bp.BitplaneFormat(4, 8, layout=MMA)
         assert cuda_bmma.one_launch_layer(fmt, 4096, 4096, 1)
         assert not cuda_bmma.one_launch_layer(fmt, 4096, 4097, 1)  # too many weights
-        assert not cuda_bmma.one_launch_layer(fmt, 64, 64, None)  # a symbolic batch
+        assert not cuda_bmma.one_launch_layer(fmt, 4096, 4097, None)
+        assert cuda_bmma.one_launch_layer(fmt, 64, 64, None)  # a symbolic batch: dispatches
         assert not cuda_bmma.one_launch_layer(fmt, 64, 64, 2)
         assert not cuda_bmma.one_launch_layer(bp.BitplaneFormat(4, 8), 64, 64, 1)  # the CUDA-core layout
 
@@ -458,7 +508,7 @@ def test_a_config_tuned_at_one_batch_serves_that_batch_range_of_any_batch():
     sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.BATCH_ANNOTATION, 16)
     kernel = cuda_bmma.materialize(sch.mod["main"])
     dispatch = cuda_bmma.dispatch_configs(fmt, 256, 512)
-    want = [(most, tuned if most == 32 else cfg) for most, cfg in dispatch]
+    want = [(most, tuned if most == 32 else cfg) for most, cfg, _ in dispatch]
     assert tvm_ffi.structural_equal(kernel, cuda_bmma.kernel_for(func, want))
     for batch, index in ((1, 0), (8, 1), (9, 2), (32, 2), (33, 3)):
         assert dispatched_launch(kernel, batch)[0] == index
@@ -483,3 +533,34 @@ def test_batch_knob_default_configs_do_not_spill(bits, act_bits, n, k, batch):
     func = cuda_bmma.kernel_for(kernels.dense_func(fmt, n, k), cfg).with_attr("global_symbol", "k")
     sass = source_sass(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)), "sm_90")
     assert [bmma_problem(s) for s in sass.values()] == [None], cfg
+
+
+def test_dense_act_dispatch_default_and_tuned_configs():
+    """``pb_dense_act`` with a symbolic batch and ``ATTR_IN_BLOCK_MAX_BATCH`` (compile's dense layer):
+    the default is one kernel at batch 1 and pack + kernel per range above; the tuner's default
+    trace (at batch 1) replays to it; a config tuned at batch 1 takes the one-launch range, one
+    tuned at 16 runs in the block in 9..32 (the tuner measured the one-launch kernel there). Without
+    the attribute (a decoder's head) the function stays one launch at every batch."""
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    plain = kernels.dense_act_func(fmt, 256, 512)
+    func = plain.with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, 1)
+    dispatch = cuda_bmma.dispatch_configs(fmt, 256, 512, in_block_max=1)
+    rule = tuning.tunable_rule(func, SM90)
+    kernel = rule.apply(func).mod["main"]
+    assert tvm_ffi.structural_equal(kernel, cuda_bmma.kernel_for(func, dispatch))
+    assert [len(dispatched_launches(kernel, b)) for b in (1, 2, 8, 9, 33)] == [1, 2, 2, 2, 2]
+    traced = rule.traced_default(tuning.workload(func, 1))
+    assert tvm_ffi.structural_equal(tuning.replay(func, traced.trace), kernel)
+    tuned = BMMAConfig(tiles_m=1, warps_m=1, k_split=2, loads=1, tiles_n=2)
+    for at, want in ((1, [(1, tuned, True), *dispatch[1:]]), (16, [*dispatch[:2], (32, tuned, True), dispatch[3]])):
+        sch = s_tir.Schedule(func, debug_mask=0)
+        sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.CONFIG_ANNOTATION, cuda_bmma.encode(tuned))
+        sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.BATCH_ANNOTATION, at)
+        assert cuda_bmma.dispatch_configs(fmt, 256, 512, tuned=(at, tuned), in_block_max=1) == want
+        replayed = cuda_bmma.materialize(sch.mod["main"])
+        assert tvm_ffi.structural_equal(replayed, cuda_bmma.kernel_for(func, want))
+        assert dispatched_launches(replayed, at)[-1][2] == (32, tuned.warps_m, tuned.k_split)
+    one = apply_default_schedule(plain, SM90)
+    assert all(len(dispatched_launches(one, b)) == 1 for b in (1, 9, 33))
+    with pytest.raises(ValueError, match="packs in the block needs fused_pack"):
+        bmma_dense_kernel(fmt, 256, 512, True, [(1, tuned, True), (None, tuned)])
