@@ -44,7 +44,7 @@ from pbtvm import kernels, names
 from pbtvm._tvm import tvm
 from pbtvm.cuda import cuda_source
 from pbtvm.sass import bmma_problem, dropped_global_loads, source_sass
-from pbtvm.schedules.cuda_bmma import ONE_LAUNCH_MAX_WEIGHTS, default_config, kernel_for
+from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
 from pbtvm.target import resolve_target
 
@@ -106,14 +106,11 @@ def build_kernel(key: tuple, target) -> tvm.runtime.Executable:
 
 def compiled_layer(n: int, k: int, bits: int):
     """The PB product function ``pbtvm.compile`` builds for an N x K layer with a symbolic batch
-    whose input no other layer reads (``relay_passes.pb_linear_rewrite``): up to
-    ``ONE_LAUNCH_MAX_WEIGHTS`` weights ``pb_dense_act`` with ``ATTR_IN_BLOCK_MAX_BATCH`` (one launch
-    at batch 1, ballot pack + BMMA kernel above), else the BMMA kernel of a dispatch by batch after
-    the separate ballot pack."""
+    whose input no other layer reads (``kernels.compiled_dense_func``): ``pb_dense_act`` that
+    dispatches (one launch at small batches, ballot pack + BMMA kernel above), or above
+    ``ONE_LAUNCH_MAX_WEIGHTS`` the BMMA kernels of a dispatch after the separate ballot pack."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-    if n * k <= ONE_LAUNCH_MAX_WEIGHTS:
-        return kernels.dense_act_func(fmt, n, k).with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, 1)
-    return kernels.dense_func(fmt, n, k)
+    return kernels.compiled_dense_func(fmt, n, k, resolve_target({"kind": "cuda", "arch": "sm_90"}))
 
 
 def export_kernel(job: tuple, path: str) -> None:
@@ -164,9 +161,9 @@ def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part
     cfg, fused_cfg = layer_configs(n, k, bits, batch)
     pack, dense = built[pack_key(k, bits)], built["bmma", n, k, bits, cfg]
     fused = built["fused", n, k, bits, fused_cfg] if part == "fused" else None
-    if part == "compiled":
+    if part == "compiled":  # packs its input itself, or after the separate pack
         compiled, fused = built["compiled", n, k, bits], None
-        if n * k <= ONE_LAUNCH_MAX_WEIGHTS:
+        if names.kernel_kind(compiled_layer(n, k, bits)) == names.KernelKind.DENSE_ACT:
             fused = compiled
         else:
             dense, part = compiled, "layer"

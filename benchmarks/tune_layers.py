@@ -18,7 +18,7 @@ import time
 
 from pbtvm.bitplane import BitplaneFormat
 from pbtvm.cli_args import parse_target
-from pbtvm.kernels import dense_func
+from pbtvm.kernels import compiled_dense_func
 from pbtvm.schedules import tuning
 from pbtvm.target import resolve_target, weight_layout
 
@@ -41,7 +41,9 @@ args = parser.parse_args()
 target = resolve_target(parse_target(args.target))
 fmt = BitplaneFormat(args.bits, 8, layout=weight_layout(args.layout, target))
 shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-funcs = [dense_func(fmt, n, k) for n, k in shapes]
+# what compile builds for these layers, tuned at this batch (on CUDA a pb_dense_act that packs its
+# input where one_launch_layer says so, else the BMMA kernel after the ballot pack)
+funcs = [compiled_dense_func(fmt, n, k, target, tune_batch=args.batch) for n, k in shapes]
 report = tuning.tune_kernels(funcs, target, args.work_dir, trials_per_kernel=args.trials, batch=args.batch)
 
 

@@ -307,7 +307,10 @@ def compile(
         Tuning log directory. Without ``tune`` an existing log is used as is (no search); a log
         for another target / TVM / format version is ignored with a warning.
     trials, tune_batch : int
-        Candidates per kernel and batch size when tuning (see :func:`tune`).
+        Candidates per kernel and batch size when tuning or looking the log up (see :func:`tune`;
+        ignored without ``work_dir``). On CUDA a dense layer built for its tuning batch is the
+        function that runs at it: past the small batches that run in one launch, pack + kernel
+        (:func:`pbtvm.schedules.cuda_bmma.one_launch_layer`).
     codebook : str or None
         Weight codebook. ``"auto"`` (default): per layer, the codebook with the lowest weight
         squared error (:func:`pbtvm.quantize.choose_codebook`; in practice offset binary, whose
@@ -360,7 +363,7 @@ def compile(
         quantizer,
         calibration,
         layout == AUTO_LAYOUT,
-        tune_batch,
+        tune_batch if tune or work_dir is not None else 1,  # without a log the batch tunes nothing
     )
     _warn_recurrent(model)
     _warn_skipped(skipped)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ._tvm import te, tir, tvm
 from .bitplane import BitplaneFormat
-from .names import ATTR_BITS, ATTR_INPUT_SIZE, KernelKind
+from .names import ATTR_BITS, ATTR_IN_BLOCK_MAX_BATCH, ATTR_INPUT_SIZE, KernelKind
 from .ops import (
     act_quantize_pack,
     kernel_attrs,
@@ -73,6 +73,22 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
     y = pb_dense_act(x, wp, ws, b, layers, fmt)
     args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
     return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim))
+
+
+def compiled_dense_func(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, target: tvm.target.Target, bias: bool = True, tune_batch: int = 1
+) -> tir.PrimFunc:
+    """The PB product PrimFunc ``pbtvm.compile`` builds on a CUDA ``target`` for a dense layer with
+    a symbolic batch whose input no other layer reads (``relay_passes.pb_linear_rewrite``), tuned at
+    ``tune_batch``: :func:`dense_act_func` with :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH` where
+    :func:`pbtvm.schedules.cuda_bmma.one_launch_layer` says so (it packs its input itself, in the
+    block up to that batch), else :func:`dense_func` (after :func:`act_pack_func`). For benchmarks
+    and tuning that should run what ``compile`` runs (on CPUs: :func:`dense_func`)."""
+    from .schedules.cuda_bmma import one_launch_layer, one_launch_max_batch
+
+    if one_launch_layer(fmt, n_out, k_dim, None, target, tune_batch):
+        return dense_act_func(fmt, n_out, k_dim, bias).with_attr(ATTR_IN_BLOCK_MAX_BATCH, one_launch_max_batch(k_dim))
+    return dense_func(fmt, n_out, k_dim, bias)
 
 
 def lstm_cell_func(fmt: BitplaneFormat, hidden: int) -> tir.PrimFunc:

@@ -33,7 +33,7 @@ from pbtvm.names import ATTR_IN_BLOCK_MAX_BATCH, KernelKind
 from pbtvm.ops import act_quantize_pack, kernel_attrs, pb_dense, pb_dense_act
 from pbtvm.quantize import AUTO
 from pbtvm.schedules.cpu_vnni import one_kernel_layer
-from pbtvm.schedules.cuda_bmma import ONE_LAUNCH_MAX_BATCH, one_launch_layer
+from pbtvm.schedules.cuda_bmma import one_launch_layer, one_launch_max_batch
 
 from .block_builder import blocks_closed_on_error
 from .te_call import emit_te_call
@@ -239,6 +239,18 @@ class _VarReads(PyExprVisitor):
         self.reads[var] = self.reads.get(var, 0) + 1
 
 
+def _matmul_reads(func: relax.Function) -> dict[relax.Var, int]:
+    """How many ``matmul`` calls of ``func`` read each variable as their left operand."""
+    counts: dict[relax.Var, int] = {}
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and _op_name(expr) == "relax.matmul" and isinstance(expr.args[0], relax.Var):
+            counts[expr.args[0]] = counts.get(expr.args[0], 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(
@@ -267,6 +279,7 @@ class _Rewriter(PyExprMutator):
         self._act_packs: list[tuple[relax.Expr, relax.Expr]] = []
         self._linears: list[_Linear] = []
         self._reads: dict[relax.Var, int] = {}  # of the function being rewritten, before the rewrite
+        self._matmul_reads: dict[relax.Var, int] = {}  # the same, as a matmul's left operand
         self.n_rewritten = 0
 
     # ------------------------------------------------------------------ matching helpers
@@ -535,14 +548,15 @@ class _Rewriter(PyExprMutator):
         rows = x2.ty.shape.values[0]
         static_rows = int(rows) if isinstance(rows, tir.IntImm) else None
         # A symbolic batch packs in the layer only where no other layer shares the input's pack:
-        # above batch 1 the function packs its own rows (a launch) where a shared pack is one.
+        # past its one-launch batches the function packs its own rows (a launch) where a shared
+        # pack is one.
         one_launch = one_launch_layer(fmt, n_out, k_dim, static_rows, tune_batch=self.tune_batch) and (
-            static_rows is not None or self._read_once(x)
+            static_rows is not None or self._one_matmul_reads(x, x2)
         )
         if one_kernel_layer(fmt, k_dim) or one_launch:
             attrs = kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim)
-            if one_launch and static_rows is None:  # one launch at batch 1, pack + kernel above
-                attrs[ATTR_IN_BLOCK_MAX_BATCH] = ONE_LAUNCH_MAX_BATCH
+            if one_launch and static_rows is None:  # one launch at small batches, pack + kernel above
+                attrs[ATTR_IN_BLOCK_MAX_BATCH] = one_launch_max_batch(k_dim)
             out = self._emit_te(
                 lambda x_t, wp_t, ws_t, *rest: pb_dense_act(
                     x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt
@@ -584,13 +598,21 @@ class _Rewriter(PyExprMutator):
         self._linears.append(_Linear(x, weight, bias, result, out_dtype))
         return result
 
-    def _reads_of(self, var: relax.Var) -> int:
-        """How often the function read ``var`` before the rewrite; for a variable the rewrite made
-        anew (a matmul's variable typed looser than the PB result), its original's count."""
-        if var in self._reads:
-            return self._reads[var]
+    def _reads_of(self, var: relax.Var, counts: dict | None = None) -> int:
+        """How often the function read ``var`` before the rewrite (``counts``: of those reads, the
+        ones :attr:`_matmul_reads` counts); for a variable the rewrite made anew (a matmul's
+        variable typed looser than the PB result), its original's count."""
+        counts = self._reads if counts is None else counts
+        if var in counts:
+            return counts[var]
         originals = (v for v in self._reads if isinstance(v, relax.Var) and self.get_var_remap(v) is not None)
-        return max((self._reads[v] for v in originals if self.get_var_remap(v).same_as(var)), default=1)
+        return max((counts.get(v, 0) for v in originals if self.get_var_remap(v).same_as(var)), default=1)
+
+    def _one_matmul_reads(self, x: relax.Expr, x2: relax.Expr) -> bool:
+        """Whether the layer's float32 2-D input ``x2`` (from ``x``) is read by no other matmul, so
+        no other layer would share its activation pack (:meth:`_act_pack`): a reshape or cast
+        made for this layer is its own; other readers (a residual add) share nothing."""
+        return not x2.same_as(x) or not isinstance(x, relax.Var) or self._reads_of(x, self._matmul_reads) <= 1
 
     def _read_once(self, expr: relax.Expr) -> bool:
         """Whether ``expr`` (and every variable it is bound through) is read only here: a bias
@@ -657,6 +679,7 @@ class _Rewriter(PyExprMutator):
         reads = _VarReads()
         reads.visit_expr(func)
         self._reads = reads.reads
+        self._matmul_reads = _matmul_reads(func)
         last = func.params[-1] if func.params else None
         if last is not None and last.name == "bitlayers" and isinstance(last.ty, relax.ShapeType):
             self.bitlayers = last.ty.values[0]

@@ -42,11 +42,26 @@ from .rules import TunableRule, format_of
 #: alike); larger layers lose at some widths (11008x4096 W1 10.5 vs 8.8, 4096x11008 W4 22.2 vs
 #: 17.9: each block packs the whole row).
 ONE_LAUNCH_MAX_WEIGHTS = 4096 * 4096
-#: Largest batch such a layer runs in one launch. Above batch 1 the one-launch kernel was 2-4x
-#: slower than pack + kernel at K >= 1500 (6000x1500 W4 batch 16: 28.4 vs 14.5 µs), so a layer
-#: with a symbolic batch dispatches: one launch up to here, the ballot pack and the two-launch
-#: kernel above (:data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`, :func:`dispatch_configs`).
+#: Largest batch such a layer runs in one launch, above :data:`ONE_LAUNCH_SMALL_K`. Above batch 1
+#: the one-launch kernel was 2-4x slower than pack + kernel at K >= 1500 (H200, thirty-seventh
+#: session, every W: 6000x1500 W4 batch 8 16.4 vs 10.9 µs, batch 16 28.4 vs 14.5), so a layer with
+#: a symbolic batch dispatches: one launch up to here, the ballot pack and the two-launch kernel
+#: above (:data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`, :func:`dispatch_configs`).
 ONE_LAUNCH_MAX_BATCH = 1
+#: Largest K at which one launch won above batch 1 too: at 2600x650 it won at batches 8 and 16,
+#: W1-W8 (same sitting; W4 7.2 vs 9.7 µs at batch 8, 8.0 vs 12.9 at 16: a block packs a short row
+#: quickly, and the layer's second launch costs more than that).
+ONE_LAUNCH_SMALL_K = 650
+#: Largest batch one launch serves at K up to :data:`ONE_LAUNCH_SMALL_K`: the largest timed there
+#: (``bench_bmma.py --fused-max-batch``).
+ONE_LAUNCH_SMALL_K_MAX_BATCH = 16
+
+
+def one_launch_max_batch(k_dim: int) -> int:
+    """Largest batch at which a dense layer of ``k_dim`` inputs runs as the one-launch kernel:
+    :data:`ONE_LAUNCH_SMALL_K_MAX_BATCH` up to :data:`ONE_LAUNCH_SMALL_K`, else
+    :data:`ONE_LAUNCH_MAX_BATCH`."""
+    return ONE_LAUNCH_SMALL_K_MAX_BATCH if k_dim <= ONE_LAUNCH_SMALL_K else ONE_LAUNCH_MAX_BATCH
 
 
 def one_launch_layer(
@@ -55,16 +70,17 @@ def one_launch_layer(
     """Whether ``compile`` builds a CUDA dense layer as ``pb_dense_act`` (one function that packs
     its input) instead of a ballot pack and a BMMA kernel: the ``mma16x256`` layout, at most
     :data:`ONE_LAUNCH_MAX_WEIGHTS` weights, and a static batch of ``rows`` up to
-    :data:`ONE_LAUNCH_MAX_BATCH` (one launch) or a symbolic batch (``rows`` None: one launch up to
+    :func:`one_launch_max_batch` (one launch) or a symbolic batch (``rows`` None: one launch up to
     that batch, a dispatch to pack + kernel above) whose tuning batch ``tune_batch`` is in the
-    one-launch range (the function tuned is the one that runs at that batch). ``target`` defaults to
-    the current target (``with target:``)."""
+    one-launch range (the function tuned is the one that runs at that batch). ``compile`` also
+    needs a symbolic batch's input read by no other layer (``relay_passes.pb_linear_rewrite``: else
+    the layers share one pack). ``target`` defaults to the current target (``with target:``)."""
     target = target or tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "cuda" or fmt.layout != MMA_LAYOUT:
         return False
     if n_out * k_dim > ONE_LAUNCH_MAX_WEIGHTS:
         return False
-    return (rows if rows is not None else tune_batch) <= ONE_LAUNCH_MAX_BATCH
+    return (rows if rows is not None else tune_batch) <= one_launch_max_batch(k_dim)
 
 
 #: Block annotation holding the sampled config (see :func:`encode`).
@@ -231,23 +247,24 @@ def dispatch_configs(
     batch 2 runs the batch-8 config, one column tile a warp more than a static batch of 2 gets.)
 
     ``in_block_max`` (a ``pb_dense_act`` layer, :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`): up to
-    that batch the one-launch kernel's default (``in_block`` True), the two-launch ranges above it.
-    ``tuned`` = (batch, config) takes the range of that batch, in the block for a ``pb_dense_act``
-    layer (its tuning measured the one-launch kernel), else two-launch.
+    that batch the one-launch kernel's defaults (``in_block`` True; at the bounds up to it and at
+    it), the two-launch ranges above it.
+    ``tuned`` = (batch, config) takes the range of that batch, in the block where that range is
+    (a ``pb_dense_act`` layer's tuning measured the one-launch kernel), else two-launch (``compile``
+    tunes no ``pb_dense_act`` past ``in_block_max``: the function tuned is the one that runs).
     """
     fused = in_block_max is not None
-    bounds = [*(b for b in DISPATCH_BATCHES if not fused or b > in_block_max), None]
-    if fused:
-        bounds.insert(0, in_block_max)
+    in_block = sorted({b for b in DISPATCH_BATCHES if b <= in_block_max} | {in_block_max}) if fused else []
+    bounds = [*in_block, *(b for b in DISPATCH_BATCHES if not fused or b > in_block_max), None]
     entries = [
         (most, default_config(fmt, n_out, k_dim, most, fused_pack=True, limits=limits), True)
-        if fused and i == 0
+        if most in in_block
         else (most, default_config(fmt, n_out, k_dim, most or 2 * DISPATCH_BATCHES[-1], limits=limits), False)
-        for i, most in enumerate(bounds)
+        for most in bounds
     ]
     if tuned is not None:
         at = next(i for i, most in enumerate(bounds) if most is None or tuned[0] <= most)
-        entries[at] = (bounds[at], tuned[1], fused)
+        entries[at] = (bounds[at], tuned[1], bounds[at] in in_block)
     out: list[tuple[int | None, BMMAConfig, bool]] = []
     for most, cfg, in_block in entries:
         if out and out[-1][1:] == (cfg, in_block):
@@ -323,7 +340,7 @@ def materialize(func: tir.PrimFunc, limits: TargetLimits = DEFAULT_LIMITS) -> ti
 
 def kernel_for(
     func: tir.PrimFunc,
-    cfg: BMMAConfig | list[tuple[int | None, BMMAConfig]],
+    cfg: BMMAConfig | list[tuple[int | None, BMMAConfig, bool]],
     limits: TargetLimits = DEFAULT_LIMITS,
 ) -> tir.PrimFunc:
     """The BMMA kernel with config ``cfg`` (or a dispatch by batch, :func:`dispatch_configs`) for a
@@ -425,10 +442,11 @@ def _annotate_batch(sch: s_tir.Schedule, batch: int | None) -> None:
 
 
 class CUDABmmaDenseAct(CUDABmmaGemm):
-    """``pb_dense_act`` in the ``mma16x256`` layout: one kernel, each block packs its batch rows first.
-
-    For small batches (one launch per layer); which batch the two-launch path overtakes it is
-    for the GPU to measure (``benchmarks/bench_bmma.py --fused``).
+    """``pb_dense_act`` in the ``mma16x256`` layout: one kernel, each block packs its batch rows
+    first (a decoder's head, a layer of a static small batch); with a symbolic batch and
+    :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH` (``compile``'s dense layer) a dispatch: that kernel
+    up to that batch, the ballot pack and the two-launch kernel above (:func:`dispatch_configs`;
+    the crossover measured on an H200, :func:`one_launch_max_batch`).
     """
 
     kernel = names.KernelKind.DENSE_ACT

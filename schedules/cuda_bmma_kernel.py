@@ -219,10 +219,11 @@ def bmma_dense_kernel(
     cfg : BMMAConfig, or a sequence of (largest batch or None, BMMAConfig[, in_block])
         One config, or a dispatch by batch size: the first entry whose largest batch is at least
         the run-time batch (None: any) chooses the launch, one kernel per config (the host
-        branches). With ``fused_pack``, an entry whose ``in_block`` is False (default True) runs
-        the ballot pack (:func:`.cuda_ballot_pack.ballot_pack_launch`, one launch) into a
-        workspace and then the two-launch kernel of its config: past batch 1 that beats every
-        block packing its own rows (BENCHMARKS.md, H200).
+        branches). With ``fused_pack``, entries whose ``in_block`` is False (default True) come
+        after those whose is True: past the last of those the function runs the ballot pack
+        (:func:`.cuda_ballot_pack.ballot_pack_launch`, one launch) into workspaces, then the
+        two-launch kernel of the entry's config: past small batches that beats every block
+        packing its own rows (BENCHMARKS.md, H200).
     integer : bool
         Return the exact integer product instead (for exactness tests): the signature of
         :func:`pbtvm.kernels.int_product_func`, ``bias`` ignored.
@@ -239,8 +240,8 @@ def bmma_dense_kernel(
         signature of :func:`pbtvm.kernels.dense_func`. Already scheduled (thread-bound). With
         ``integer``: ``(xp, rowsum, wp, bitlayers, acc [B, N])``, ``acc`` in
         ``fmt.accumulator_dtype(K)``, equal to :func:`pbtvm.bitplane.bitplane_matmul`. With
-        ``fused_pack`` (one launch per layer: each block quantizes and packs its batch rows into
-        shared memory with ``__ballot_sync`` first, :func:`.cuda_ballot_pack.row_pack`):
+        ``fused_pack`` (one launch per layer where ``in_block``: each block quantizes and packs its
+        batch rows into shared memory with ``__ballot_sync`` first, :func:`.cuda_ballot_pack.row_pack`):
         ``(x f32 [B, K], wp, w_scale[, bias], bitlayers, y)``, the signature of
         :func:`pbtvm.kernels.dense_act_func`.
     """
@@ -251,14 +252,20 @@ def bmma_dense_kernel(
         raise ValueError(f"a dispatch by batch ends with (None, config) and only there, got {configs}")
     if not fused_pack and any(in_block for *_, in_block in configs):
         raise ValueError("a launch that packs in the block needs fused_pack (the kernel reads x)")
-    run = _dispatch(
-        [
-            (most, _launch(fmt, n_out, k_dim, bias, c, integer, fused_pack, limits))
-            if in_block or not fused_pack
-            else (most, _pack_then_launch(fmt, n_out, k_dim, bias, c, limits))
-            for most, c, in_block in configs
-        ]
-    )
+    in_block = [(most, c) for most, c, inside in configs if fused_pack and inside]
+    packed = [(most, c) for most, c, inside in configs if not (fused_pack and inside)]
+    if configs[: len(in_block)] != [(most, c, True) for most, c in in_block]:
+        raise ValueError(f"the launches that pack in the block come first, got {configs}")
+
+    def dispatch(entries: list, fused: bool):
+        return _dispatch([(most, _launch(fmt, n_out, k_dim, bias, c, integer, fused, limits)) for most, c in entries])
+
+    if not fused_pack or not packed:
+        run = dispatch(packed if not fused_pack else in_block, fused_pack)
+    else:
+        run = _pack_then(fmt, k_dim, dispatch(packed, False))
+        if in_block:
+            run = _dispatch([(in_block[-1][0], dispatch(in_block, True)), (None, run)])
     acc_t, wshape = fmt.accumulator_dtype(k_dim), fmt.weight_shape(n_out, k_dim)
 
     @T.prim_func(private=True)
@@ -294,7 +301,8 @@ def bmma_dense_kernel(
 
 def _dispatch(launches: list[tuple[int | None, object]]):
     """A TVMScript macro running the first launch whose largest batch is at least ``batch``
-    (the last one's is None: any); ``launches`` as :func:`_launch` makes them."""
+    (the last one's is None: any); ``launches`` are ``(largest batch, macro)`` pairs, each macro
+    with :func:`_launch`'s arguments (a launch, a pack then a launch, or a dispatch of them)."""
     (most, first), rest = launches[0], launches[1:]
     if not rest:
         return first
@@ -310,12 +318,12 @@ def _dispatch(launches: list[tuple[int | None, object]]):
     return run
 
 
-def _pack_then_launch(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool, cfg: BMMAConfig, limits: TargetLimits):
+def _pack_then(fmt: BitplaneFormat, k_dim: int, product):
     """A TVMScript macro with :func:`_launch`'s arguments for a kernel that reads ``x``: the ballot
-    pack of every batch row into workspaces (global memory the host allocates, TVM's workspace
-    pool), then the two-launch kernel of ``cfg`` on them (``xp``, ``x_scale``, ``rowsum`` unused)."""
+    pack of every batch row into workspaces (global memory the host allocates from TVM's workspace
+    pool, at the function's entry), then ``product`` (a two-launch kernel's launch, or a dispatch
+    of them) on them (``xp``, ``x_scale``, ``rowsum`` unused)."""
     pack = ballot_pack_launch(fmt, k_dim)
-    product = _launch(fmt, n_out, k_dim, bias, cfg, False, False, limits)
     acc_t = fmt.accumulator_dtype(k_dim)
 
     @T.macro

@@ -433,9 +433,21 @@ def launch_dims(func: Any, batch: int) -> tuple[tuple[int, int, int], tuple[int,
 def dispatched_launches(func: Any, batch: int) -> list[tuple[int, tuple[int, int, int], tuple[int, int, int]]]:
     """(index, grid, block) of each launch, in order, that a kernel with a dispatch by batch runs
     at ``batch`` (``schedules.cuda_bmma_kernel.bmma_dense_kernel`` with several configs): its host
-    branches on the batch evaluated, then the taken branch's nests of thread-bound loops (a
-    range of a ``pb_dense_act`` dispatch runs two: the ballot pack, then the BMMA kernel). The
-    index counts the nests in order (the generated kernels ``<name>_kernel``, ``<name>_kernel_1`` ...)."""
+    branches on the batch evaluated, then the taken branch's nests of thread-bound loops (past the
+    one-launch range a ``pb_dense_act`` dispatch runs two: the ballot pack, then the BMMA kernel).
+    The index counts the nests in order (the generated kernels ``<name>_kernel``,
+    ``<name>_kernel_1`` ...)."""
+    return _host_path(func, batch)[0]
+
+
+def host_workspaces(func: Any, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{kernel parameter name: (shape, dtype)}`` of the global buffers the host allocates on the
+    path it takes at ``batch`` (TVM's workspaces, passed to the kernels as ``<name>_ptr``)."""
+    return _host_path(func, batch)[1]
+
+
+def _host_path(func: Any, batch: int) -> tuple[list, dict]:
+    """(launches, workspaces) of :func:`dispatched_launches` and :func:`host_workspaces`."""
     from tvm import sym as arith
 
     from pbtvm._tvm import tir
@@ -449,7 +461,7 @@ def dispatched_launches(func: Any, batch: int) -> list[tuple[int, tuple[int, int
     def children(node) -> list:
         if isinstance(node, tir.SeqStmt):
             return list(node.seq)
-        return [node.body] if hasattr(node, "body") and node.body is not None else []
+        return [node.body] if getattr(node, "body", None) is not None else []
 
     def nests(node) -> int:
         if isinstance(node, tir.IfThenElse):
@@ -466,24 +478,28 @@ def dispatched_launches(func: Any, batch: int) -> list[tuple[int, tuple[int, int
         grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
         return grid, tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
 
-    def walk(node, index: int, out: list) -> int:
-        """Append the launches ``node`` runs; returns the index past its nests."""
+    launches, workspaces = [], {}
+
+    def walk(node, index: int) -> int:
+        """Record the launches and allocations ``node`` runs; returns the index past its nests."""
         if isinstance(node, tir.IfThenElse):
             if at_batch(node.condition):
-                walk(node.then_case, index, out)
+                walk(node.then_case, index)
             elif node.else_case is not None:
-                walk(node.else_case, index + nests(node.then_case), out)
+                walk(node.else_case, index + nests(node.then_case))
             return index + nests(node)
         if isinstance(node, tir.For) and node.thread_binding is not None:
-            out.append((index, *launch(node)))
+            launches.append((index, *launch(node)))
             return index + 1
+        if isinstance(node, tir.AllocBuffer):
+            buf = node.buffer
+            workspaces[f"{buf.name}_ptr"] = (tuple(at_batch(d) for d in buf.shape), str(buf.dtype))
         for child in children(node):
-            index = walk(child, index, out)
+            index = walk(child, index)
         return index
 
-    out: list = []
-    walk(func.body, 0, out)
-    return out
+    walk(func.body, 0)
+    return launches, workspaces
 
 
 def dispatched_launch(func: Any, batch: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]]:

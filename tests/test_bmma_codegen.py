@@ -380,9 +380,10 @@ def _products_and_packs(sass: dict[str, str], prefix: str) -> tuple[dict[str, st
 
 def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     """A symbolic batch (the default): every layer of the MLP (each reads an input no other layer
-    reads) is one ``pb_dense_act`` function that dispatches by batch: at batch 1 one kernel that
-    packs in the block, above it a ballot pack and a BMMA kernel per range
-    (``cuda_bmma.dispatch_configs(in_block_max=1)``). Every product kernel BMMA and no spills."""
+    reads) is one ``pb_dense_act`` function that dispatches by batch: up to its one-launch batch
+    (``cuda_bmma.one_launch_max_batch``: 16 at these K <= 650) kernels that pack in the block,
+    above it a ballot pack and a BMMA kernel per range (``cuda_bmma.dispatch_configs``). Every
+    product kernel BMMA and no spills."""
     torch.manual_seed(0)
     model = MLP((300, 130, 64, 10)).eval()
     m = pbtvm.compile(model, (torch.randn(2, 300),), target=SM90, bits=4)  # layout="auto"
@@ -392,9 +393,11 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     sass = sass_by_kernel(binary)
     products, packs = _products_and_packs(sass, "pb_dense_act")
     fmt = bp.BitplaneFormat(4, 8, layout=MMA)
-    ranges = [len(cuda_bmma.dispatch_configs(fmt, n, k, in_block_max=1)) for n, k in LAYERS]
-    _assert_bmma_no_spills(products, expect=sum(ranges))
-    assert len(packs) == sum(ranges) - len(LAYERS)  # one a range above batch 1
+    dispatches = [cuda_bmma.dispatch_configs(fmt, n, k, in_block_max=16) for n, k in LAYERS]
+    assert all(cuda_bmma.one_launch_max_batch(k) == 16 for _, k in LAYERS)
+    _assert_bmma_no_spills(products, expect=sum(len(d) for d in dispatches))
+    # each function one ballot pack, for all its ranges past the block
+    assert all(not d[-1][2] for d in dispatches) and len(packs) == len(LAYERS)
     for name, body in packs.items():
         assert body.count("VOTE.ANY") >= 8, name  # a ballot per plane
     assert not any(k.startswith("pb_act_pack") for k in sass)
@@ -412,11 +415,23 @@ class _SharedInput(torch.nn.Module):
         return self.a(x) * self.b(x)
 
 
+class _Residual(torch.nn.Module):
+    """A layer whose input an add reads too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(300, 300)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x)
+        return self.a(h) + h
+
+
 def test_compile_shares_the_pack_of_an_input_two_layers_read(tmp_path):
     """Two layers on one input with a symbolic batch: one ballot pack kernel (one launch, not the
     three of the CUDA-core path) and the two-launch BMMA kernel per batch range; and
-    tuned at batch 8 (``tune_batch``) a layer reading its input alone is pack + kernel too: the
-    function tuned is the one that runs at that batch."""
+    tuned past its one-launch batches (``tune_batch``) a layer reading its input alone is pack +
+    kernel too: the function tuned is the one that runs at that batch."""
     torch.manual_seed(0)
     m = pbtvm.compile(_SharedInput().eval(), (torch.randn(2, 300),), target=SM90, bits=4)
     m.export(str(tmp_path / "m.so"))
@@ -432,12 +447,24 @@ def test_compile_shares_the_pack_of_an_input_two_layers_read(tmp_path):
     assert packs["pb_act_pack_a8_k300_kernel"].count("VOTE.ANY") >= 8
     with SM90:
         assert cuda_bmma.one_launch_layer(fmt, 130, 300, None)
-        assert not cuda_bmma.one_launch_layer(fmt, 130, 300, None, tune_batch=8)
-    mlp, example = MLP((300, 130, 64, 10)).eval(), (torch.randn(2, 300),)
-    for tune_batch, want in ((1, names.KernelKind.DENSE_ACT), (8, names.KernelKind.GEMM)):
-        mod, *_ = _rewrite(mlp, example, fmt, SM90, True, tune_batch=tune_batch)
-        kinds = {names.kernel_kind(f) for _, f in mod.functions_items() if isinstance(f, tir.PrimFunc)}
-        assert want in kinds and not kinds & {names.KernelKind.DENSE_ACT, names.KernelKind.GEMM} - {want}
+        assert cuda_bmma.one_launch_layer(fmt, 130, 300, None, tune_batch=16)
+        assert not cuda_bmma.one_launch_layer(fmt, 130, 300, None, tune_batch=17)
+
+    def kinds(model: torch.nn.Module, tune_batch: int = 1) -> set:
+        mod, *_ = _rewrite(model, (torch.randn(2, 300),), fmt, SM90, True, tune_batch=tune_batch)
+        found = {names.kernel_kind(f) for _, f in mod.functions_items() if isinstance(f, tir.PrimFunc)}
+        return found & {names.KernelKind.DENSE_ACT, names.KernelKind.GEMM}
+
+    mlp = MLP((300, 130, 64, 10)).eval()
+    assert kinds(mlp) == {names.KernelKind.DENSE_ACT}
+    assert kinds(mlp, tune_batch=17) == {names.KernelKind.GEMM}
+    assert kinds(_SharedInput().eval()) == {names.KernelKind.GEMM}
+    assert kinds(_Residual().eval()) == {names.KernelKind.DENSE_ACT}  # an add reading the input shares no pack
+    # compile passes its tune_batch to the rewrite where a log is looked up (the CLI refuses it without one)
+    m = pbtvm.compile(mlp, (torch.randn(2, 300),), target=SM90, bits=4, work_dir=tmp_path, tune_batch=17)
+    assert any(
+        k.startswith("pb_act_pack") for k in sass_by_kernel(library.cuda_binaries(m.export(str(tmp_path / "t.so")))[0])
+    )
 
 
 def test_compile_at_a_static_batch_of_one_builds_one_launch_layers(tmp_path):
@@ -459,7 +486,9 @@ def test_compile_at_a_static_batch_of_one_builds_one_launch_layers(tmp_path):
         assert not cuda_bmma.one_launch_layer(fmt, 4096, 4097, 1)  # too many weights
         assert not cuda_bmma.one_launch_layer(fmt, 4096, 4097, None)
         assert cuda_bmma.one_launch_layer(fmt, 64, 64, None)  # a symbolic batch: dispatches
-        assert not cuda_bmma.one_launch_layer(fmt, 64, 64, 2)
+        assert not cuda_bmma.one_launch_layer(fmt, 64, 651, 2)
+        assert cuda_bmma.one_launch_layer(fmt, 64, 650, 16)  # small K: one launch up to batch 16
+        assert not cuda_bmma.one_launch_layer(fmt, 64, 650, 17)
         assert not cuda_bmma.one_launch_layer(bp.BitplaneFormat(4, 8), 64, 64, 1)  # the CUDA-core layout
 
 
@@ -539,7 +568,7 @@ def test_dense_act_dispatch_default_and_tuned_configs():
     """``pb_dense_act`` with a symbolic batch and ``ATTR_IN_BLOCK_MAX_BATCH`` (compile's dense layer):
     the default is one kernel at batch 1 and pack + kernel per range above; the tuner's default
     trace (at batch 1) replays to it; a config tuned at batch 1 takes the one-launch range, one
-    tuned at 16 runs in the block in 9..32 (the tuner measured the one-launch kernel there). Without
+    tuned at 16 (compile makes none: it tunes what runs there) serves 9..32 as the two-launch kernel. Without
     the attribute (a decoder's head) the function stays one launch at every batch."""
     fmt = bp.BitplaneFormat(4, 8, layout=MMA)
     plain = kernels.dense_act_func(fmt, 256, 512)
@@ -552,7 +581,7 @@ def test_dense_act_dispatch_default_and_tuned_configs():
     traced = rule.traced_default(tuning.workload(func, 1))
     assert tvm_ffi.structural_equal(tuning.replay(func, traced.trace), kernel)
     tuned = BMMAConfig(tiles_m=1, warps_m=1, k_split=2, loads=1, tiles_n=2)
-    for at, want in ((1, [(1, tuned, True), *dispatch[1:]]), (16, [*dispatch[:2], (32, tuned, True), dispatch[3]])):
+    for at, want in ((1, [(1, tuned, True), *dispatch[1:]]), (16, [*dispatch[:2], (32, tuned, False), dispatch[3]])):
         sch = s_tir.Schedule(func, debug_mask=0)
         sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.CONFIG_ANNOTATION, cuda_bmma.encode(tuned))
         sch.annotate(sch.get_sblock(names.GEMM), cuda_bmma.BATCH_ANNOTATION, at)

@@ -25,7 +25,7 @@ from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel
 from pbtvm.target import resolve_target
 
 from .activations import extreme_rows, near_tie_rows
-from .cuda_emulator import EmulatedKernel, dispatched_launch, dispatched_launches, kernel_name
+from .cuda_emulator import EmulatedKernel, dispatched_launch, dispatched_launches, host_workspaces, kernel_name
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
@@ -229,24 +229,34 @@ def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
     assert len(launched) == (1 if fused else len(cuda_bmma.dispatch_configs(fmt, n, k)))
 
 
+def _garbage(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` holding what a kernel must not read (NaN, a bit pattern)."""
+    if np.dtype(dtype).kind == "f":
+        return np.full(shape, np.nan, dtype)
+    return np.full(shape, 0xA5A5A5A5, np.uint32).astype(dtype)
+
+
 @pytest.mark.parametrize(
-    ("bits", "act_bits", "codebook", "n", "k"),
+    ("bits", "act_bits", "codebook", "n", "k", "in_block_max"),
     [
-        (4, 8, None, 300, 700),  # K not a multiple of 256: the pack writes the padding words
-        (3, 4, "offset_binary", 100, 300),  # two batch rows a column tile; zero points
-        (2, 16, None, 70, 260),  # a batch row over 2 column tiles
+        (4, 8, None, 300, 700, 1),  # K not a multiple of 256: the pack writes the padding words
+        (3, 4, "offset_binary", 100, 300, 16),  # two batch rows a column tile; zero points
+        (2, 16, None, 70, 260, 1),  # a batch row over 2 column tiles
+        (16, 16, None, 70, 260, 1),  # int64 accumulators: the code sums' workspace too
     ],
 )
-def test_dense_act_dispatch_packs_in_block_then_in_a_workspace_in_emulation(bits, act_bits, codebook, n, k, rng):
+def test_dense_act_dispatch_packs_in_block_then_in_a_workspace_in_emulation(
+    bits, act_bits, codebook, n, k, in_block_max, rng
+):
     """``pb_dense_act`` with a symbolic batch and ``ATTR_IN_BLOCK_MAX_BATCH`` (a CUDA dense layer of
-    ``compile``): at batch 1 one launch (the blocks pack their row), above it the ballot pack into
-    workspaces and the two-launch kernel of the range (``cuda_bmma.dispatch_configs``); every launch
-    the host runs at batches 1, 2, 9, 33, emulated in order, gives the reference. The workspaces
-    start as garbage: the pack writes every word the kernel reads."""
+    ``compile``): up to that batch one launch (the blocks pack their rows), above it the ballot pack
+    into workspaces and the two-launch kernel of the range (``cuda_bmma.dispatch_configs``); every
+    launch the host runs at batches 1, 2, 9, 17, 33, emulated in order, gives the reference. The
+    workspaces start as garbage: the pack writes every word the kernel reads."""
     from pbtvm import names
 
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
-    func = kernels.dense_act_func(fmt, n, k).with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, 1)
+    func = kernels.dense_act_func(fmt, n, k).with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, in_block_max)
     sched = apply_default_schedule(func, SM90).with_attr("global_symbol", "layer")
     source = cuda_source(build(sched, SM90, config={"tirx.disable_cse_tir": True}))
     q, ws = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
@@ -254,28 +264,31 @@ def test_dense_act_dispatch_packs_in_block_then_in_a_workspace_in_emulation(bits
     bias = rng.standard_normal(n).astype(np.float32)
     emulated: dict[int, EmulatedKernel] = {}
     ranges = set()
-    for batch in (1, 2, 9, 33):
+    for batch in (1, 2, 9, 17, 33):
         launches = dispatched_launches(sched, batch)
-        assert len(launches) == (1 if batch == 1 else 2), (batch, launches)
-        ranges.add(launches[0][0])
+        assert len(launches) == (1 if batch <= in_block_max else 2), (batch, launches)
+        ranges.add(launches[-1][0])  # the product kernel (one pack serves every range past the block)
         x = (rng.standard_normal((batch, k)) * 3).astype(np.float32)
         for layers in (1, bits):
             y = np.full((batch, n), np.nan, np.float32)
             args = {"x_ptr": x, "wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y}
             args.update(batch=batch, bitlayers=layers)
-            args.update(  # the host's workspaces, not cleared
-                packed_ptr=np.full(fmt.act_shape(batch, k), 0xA5A5A5A5, np.uint32),
-                scale_ptr=np.full(batch, np.nan, np.float32),
-                codesum_ptr=np.full(batch, 12345, fmt.accumulator_dtype(k)),
-            )
+            # the host's workspaces as it allocates them (the emulator guards their ends), not cleared
+            workspaces = host_workspaces(sched, batch)
+            scalars = {"scale_ptr": ((batch,), "float32"), "codesum_ptr": ((batch,), fmt.accumulator_dtype(k))}
+            assert (batch <= in_block_max) == (not workspaces)
+            assert workspaces in ({}, {"packed_ptr": (fmt.act_shape(batch, k), "uint32"), **scalars})
+            args.update({name: _garbage(shape, dtype) for name, (shape, dtype) in workspaces.items()})
             for index, grid, block in launches:
                 if index not in emulated:
                     emulated[index] = EmulatedKernel(source, kernel=kernel_name("layer", index))
                 emulated[index](grid, block, **args)
             ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=f"batch {batch}")
-    dispatch = cuda_bmma.dispatch_configs(fmt, n, k, in_block_max=1)
-    assert dispatch[0][2] and not any(in_block for *_, in_block in dispatch[1:])
+    dispatch = cuda_bmma.dispatch_configs(fmt, n, k, in_block_max=in_block_max)
+    assert [in_block for most, _, in_block in dispatch] == [
+        most is not None and most <= in_block_max for most, *_ in dispatch
+    ]
     assert len(ranges) == len(dispatch)
 
 

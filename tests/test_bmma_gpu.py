@@ -146,18 +146,20 @@ def test_fused_pack_kernel_on_gpu(bits, batch, rng):
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize(("bits", "batches"), [(4, (1, 2, 8, 9, 32, 33, 64)), (8, (1, 40))])
-def test_dense_act_dispatch_on_gpu(bits, batches, rng):
+@pytest.mark.parametrize(
+    ("bits", "in_block_max", "batches"), [(4, 1, (1, 2, 8, 9, 32, 33, 64)), (8, 1, (1, 40)), (2, 16, (8, 16, 17, 40))]
+)
+def test_dense_act_dispatch_on_gpu(bits, in_block_max, batches, rng):
     """``pb_dense_act`` with a symbolic batch and ``ATTR_IN_BLOCK_MAX_BATCH`` (compile's dense layer):
-    one launch at batch 1, the ballot pack into workspaces and the BMMA kernel of each range above
-    (cuda_bmma.dispatch_configs(in_block_max=1)), vs the reference at each range's bounds."""
+    one launch up to that batch, the ballot pack into workspaces and the BMMA kernel of each range
+    above (cuda_bmma.dispatch_configs), vs the reference at each range's bounds."""
     from pbtvm import names
 
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     q, ws = qz.quantize_weights(rng.standard_normal((N_OUT, K_DIM)).astype(np.float32), fmt)
     wp = bp.pack_weights(q, fmt)
     bias = rng.standard_normal(N_OUT).astype(np.float32)
-    func = kernels.dense_act_func(fmt, N_OUT, K_DIM).with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, 1)
+    func = kernels.dense_act_func(fmt, N_OUT, K_DIM).with_attr(names.ATTR_IN_BLOCK_MAX_BATCH, in_block_max)
     kern = kernels.build(func, resolve_target("cuda"))
     for batch in batches:
         x = rng.standard_normal((batch, K_DIM)).astype(np.float32)
@@ -174,7 +176,7 @@ def test_compiled_mma_model_matches_cpu_on_gpu():
     ex = (torch.randn(2, 300),)
     gpu = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
     cpu = pbtvm.compile(model, ex, target="llvm", bits=4)
-    for batch in (1, 9, 40):  # one launch at 1, pack + the ranges' kernels above (cuda_bmma.dispatch_configs)
+    for batch in (1, 9, 40):  # one launch up to 16 at these K, pack + the ranges' kernels above (dispatch_configs)
         x = np.random.default_rng(batch).standard_normal((batch, 300)).astype(np.float32)
         for layers in (None, 2):
             np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)

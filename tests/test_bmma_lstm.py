@@ -328,6 +328,8 @@ def test_compiled_lstm_for_sm90_runs_every_product_on_bmma_by_default(tmp_path):
     # a pb_dense_act dispatch's ranges past batch 1 run a ballot pack before their product kernel
     packs = [k for k in layers if k.startswith("pb_dense_act") and BMMA_OPCODE not in sass[k]]
     assert all("VOTE.ANY" in sass[k] for k in packs), packs
+    dispatching = {re.sub(r"_kernel(_\d+)?$", "", k) for k in layers if k.startswith("pb_dense_act")}
+    assert len(packs) == len(dispatching)  # one pack a function, for every range past the block
     products = [k for k in layers if k not in packs]
     assert any(k.startswith("pb_lstm_cell_seq") for k in products)
     _assert_bmma(sass, products)
