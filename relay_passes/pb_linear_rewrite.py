@@ -277,6 +277,7 @@ class _Rewriter(PyExprMutator):
         self.bitlayers = tir.Var("bitlayers", "int64")
         self._packed_weights: dict[str, tuple[tvm.ir.Constant, tvm.ir.Constant, BitplaneFormat]] = {}
         self._act_packs: list[tuple[relax.Expr, relax.Expr]] = []
+        self._float_inputs: list[tuple[relax.Expr, relax.Expr]] = []  # (input, its float32 rows)
         self._linears: list[_Linear] = []
         self._reads: dict[relax.Var, int] = {}  # of the function being rewritten, before the rewrite
         self._matmul_reads: dict[relax.Var, int] = {}  # the same, as a matmul's left operand
@@ -532,16 +533,28 @@ class _Rewriter(PyExprMutator):
         self._act_packs.append((x2, packed))
         return packed
 
+    def _float_rows(self, x: relax.Expr, k_dim: int) -> relax.Expr:
+        """``x`` as float32 ``[rows, K]``: itself, or one reshape / cast per input for every layer
+        that reads it (layers on one 3-D or fp16 input then share its activation pack, as q, k
+        and v projections or an MLP's gate and up do)."""
+        for src, rows in self._float_inputs:
+            if src.same_as(x):
+                return rows
+        rows = x
+        if x.ty.ndim != 2:
+            rows = self.builder_.emit(relax.op.reshape(rows, [-1, k_dim]))
+        if str(x.ty.dtype) != "float32":
+            rows = self.builder_.emit(relax.op.astype(rows, "float32"))
+        if not rows.same_as(x):
+            self._float_inputs.append((x, rows))
+        return rows
+
     def _emit_linear(self, x: relax.Expr, weight: np.ndarray, bias: np.ndarray | None, out_dtype: str) -> relax.Expr:
         """PB layer on ``x``; computes in float32, returns ``out_dtype`` (the matmul's)."""
         n_out, k_dim = (int(d) for d in weight.shape)
         ty = x.ty
         dims = list(ty.shape.values)
-        x2 = x
-        if ty.ndim != 2:
-            x2 = self.builder_.emit(relax.op.reshape(x2, [-1, k_dim]))
-        if str(ty.dtype) != "float32":
-            x2 = self.builder_.emit(relax.op.astype(x2, "float32"))
+        x2 = self._float_rows(x, k_dim)
         wp, ws, fmt = self._packed(weight)
         has_bias = bias is not None
         bias_const = [relax.const(np.asarray(bias, np.float32), "float32")] if has_bias else []
@@ -551,7 +564,7 @@ class _Rewriter(PyExprMutator):
         # past its one-launch batches the function packs its own rows (a launch) where a shared
         # pack is one.
         one_launch = one_launch_layer(fmt, n_out, k_dim, static_rows, tune_batch=self.tune_batch) and (
-            static_rows is not None or self._one_matmul_reads(x, x2)
+            static_rows is not None or self._one_matmul_reads(x)
         )
         if one_kernel_layer(fmt, k_dim) or one_launch:
             attrs = kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim)
@@ -608,11 +621,11 @@ class _Rewriter(PyExprMutator):
         originals = (v for v in self._reads if isinstance(v, relax.Var) and self.get_var_remap(v) is not None)
         return max((counts.get(v, 0) for v in originals if self.get_var_remap(v).same_as(var)), default=1)
 
-    def _one_matmul_reads(self, x: relax.Expr, x2: relax.Expr) -> bool:
-        """Whether the layer's float32 2-D input ``x2`` (from ``x``) is read by no other matmul, so
-        no other layer would share its activation pack (:meth:`_act_pack`): a reshape or cast
-        made for this layer is its own; other readers (a residual add) share nothing."""
-        return not x2.same_as(x) or not isinstance(x, relax.Var) or self._reads_of(x, self._matmul_reads) <= 1
+    def _one_matmul_reads(self, x: relax.Expr) -> bool:
+        """Whether the layer's input ``x`` is read by no other matmul, so that no other layer would
+        share its activation pack (:meth:`_act_pack`, through :meth:`_float_rows`); other readers
+        (a residual add) share nothing."""
+        return not isinstance(x, relax.Var) or self._reads_of(x, self._matmul_reads) <= 1
 
     def _read_once(self, expr: relax.Expr) -> bool:
         """Whether ``expr`` (and every variable it is bound through) is read only here: a bias
@@ -634,6 +647,17 @@ class _Rewriter(PyExprMutator):
         return None
 
     # ------------------------------------------------------------------ visitor
+    def visit_dataflow_block_(self, block: relax.DataflowBlock) -> relax.BindingBlock:
+        """The block, its layers sharing packs and float inputs only among themselves (a variable
+        emitted in one dataflow block is not visible in the next)."""
+        self._act_packs, self._float_inputs = [], []
+        return super().visit_dataflow_block_(block)
+
+    def visit_binding_block_(self, block: relax.BindingBlock) -> relax.BindingBlock:
+        """As :meth:`visit_dataflow_block_`, for a block outside a dataflow region."""
+        self._act_packs, self._float_inputs = [], []
+        return super().visit_binding_block_(block)
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         name = _op_name(call)

@@ -152,6 +152,36 @@ def test_identical_weights_packed_once_and_activation_packed_once(rng):
     assert text.count("pb_act_pack") == 1, text
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_layers_on_one_3d_input_share_its_rows_and_pack(dtype, rng):
+    """Two layers on one [B, T, K] input (q and k projections, an MLP's gate and up): one reshape
+    to rows (and one cast from fp16), one activation pack, as for a 2-D float32 input; a second
+    dataflow block reading the same input gets its own (a block's variables end with it)."""
+    batch = tir.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([batch, 3, K], dtype))
+    bb = relax.BlockBuilder()
+
+    def layer(inp):
+        w = rng.standard_normal((N, K)).astype(dtype)
+        return bb.emit(relax.op.matmul(inp, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0]))))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit_output(bb.emit(relax.op.add(layer(x), layer(x))))
+        a = bb.emit(relax.op.negative(a))  # a binding outside: the next dataflow block is another
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.add(a, layer(x))))
+        bb.emit_func_output(out)
+    rewrite = PBLinearRewrite(FMT)
+    mod = rewrite(bb.get())
+    assert len(rewrite.report.converted) == 3
+    text = mod["main"].script()
+    assert text.count("pb_act_pack") == 2, text  # one a block
+    assert text.count("R.dataflow()") == 2 and text.count("R.reshape(x") == 2, text
+    assert text.count("R.astype(") == (2 + 3 if dtype == "float16" else 0), text  # in: one a block; out: one a layer
+    relax.analysis.well_formed(mod)  # raises where a variable is used outside its block
+
+
 @pytest.mark.parametrize("loose", [False, True])
 def test_a_result_also_read_without_its_bias_runs_the_layer_once(loose, rng):
     """``h = x @ W.T; return h, h + b``: one PB layer and a float add of the bias, not the layer
