@@ -28,6 +28,9 @@
 #   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
 #   sweep       benchmarks/sweep_bmma.py: many BMMA configs per (shape, batch), W4, best vs default (CSV
 #               row by row; SWEEP_TIME_LIMIT stops the timing, SWEEP_ARGS picks the grid)
+#   crossover   benchmarks/bench_bmma.py --fused --compiled at K between 650 and 1500 (CROSSOVER_ARGS), W4,
+#               batch 2-16: where one launch stops beating pack + kernel (cuda_bmma.one_launch_max_batch
+#               uses 650, the largest K timed where it won past batch 1)
 #   ncu         Nsight Compute sections of the BMMA kernel alone (benchmarks/ncu_bmma.py), 4096x4096 W4,
 #               batch 1 and 64 (NCU_SHAPE, NCU_BATCHES); Firecracker machines only (gVisor has no counters)
 # Steps run in the order STEPS names them. A device call is limited to 600 s: set DEADLINE_S a little
@@ -90,6 +93,10 @@ run_step() {
     bmma-bench)
       step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused --compiled} \
         --csv "$OUT/bmma_bench.csv" ;;
+    crossover)
+      step bmma_crossover "${CROSSOVER_TIMEOUT:-180}" python3 benchmarks/bench_bmma.py --fused --compiled \
+        ${CROSSOVER_ARGS:---shapes 4096x800 4096x1024 4096x1280 --batches 2 4 8 16 --bits 4} \
+        --csv "$OUT/bmma_crossover.csv" ;;
     exact)
       step exact_tests "${EXACT_TESTS_TIMEOUT:-200}" "${PYTEST[@]}" -m gpu "${BMMA_TEST_FILES[@]}" "${GENERATE_TEST_FILES[@]}" ;;
     tests)
