@@ -185,8 +185,8 @@ def default_config(
     clamped to the layer's tiles and halved to :data:`DENSE_REGISTER_BUDGET`, up to
     :data:`BATCH_KNOBS_MAX_BITS`; wider weights keep the batch-1 shape with up to 4 column tiles.
     The one-launch kernel (``fused_pack``) keeps the batch-1 shape with at most 2 column tiles
-    (with 4 ptxas spilled, W8 8192x2048; not swept). Then the K split and column tiles are halved
-    until the config fits the block.
+    (with 4 ptxas spilled, W8 8192x2048; not swept), fewer past :data:`FUSED_REGISTER_BUDGET`.
+    Then the K split and column tiles are halved until the config fits the block.
     """
     _, row_tiles, k_tiles, *_ = fmt.weight_shape(n_out, k_dim)
     unit = row_column_tiles(fmt.act_bits)
@@ -220,7 +220,18 @@ def default_config(
         k_split *= 2
     loads = 2 if k_tiles >= 2 * k_split else 1
     cfg = BMMAConfig(tiles_m=1, warps_m=2, k_split=k_split, loads=loads, tiles_n=tiles_n)
+    while fused_pack and cfg.tiles_n > unit and registers(fmt, k_dim, cfg) > FUSED_REGISTER_BUDGET:
+        cfg = dataclasses.replace(cfg, tiles_n=cfg.tiles_n // 2)
     return shrink_until_fit(cfg, fits, unit)
+
+
+#: Most :func:`.cuda_bmma_kernel.registers` of the one-launch kernel's default past one batch row:
+#: W8A16 at 2600x650 with two batch rows a warp (4 column tiles, int64 accumulators: 60) spilled
+#: 2 LDL/STL (sm_90, nvcc 13.0); the defaults checked at K 130 to 650 (W2-W16, A4-A16, batch
+#: 2-16) are 44 or less and build without spills. Only A16 defaults change with it (A4 and A8 stay
+#: within it); at K >= 2048 they take one batch row a warp (56 -> 32), where ``compile`` runs the
+#: one-launch kernel at batch 1 only (:func:`one_launch_max_batch`).
+FUSED_REGISTER_BUDGET = 48
 
 
 #: :data:`CONFIG_ANNOTATION` of a layer with a symbolic batch built without tuning: a kernel per

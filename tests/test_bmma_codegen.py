@@ -21,7 +21,7 @@ from pbtvm.cuda import build, cuda_source
 from pbtvm.errors import InputError
 from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel, source_sass
 from pbtvm.schedules import apply_default_schedule, cuda_bmma, tuning
-from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg, bmma_dense_kernel, config_problem
+from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg, bmma_dense_kernel, config_problem, registers
 from pbtvm.target import resolve_target, weight_layout
 
 from .cuda_emulator import dispatched_launch, dispatched_launches
@@ -230,6 +230,17 @@ def test_symbolic_batch_dispatches_a_config_per_batch_range(bits, act_bits):
             grid = (leg.grid_x, int(leg.grid_y(tir.const(batch, "int64"))), 1)
             assert dispatched_launch(func, batch) == (index, grid, (32, cfg.warps_m, cfg.k_split)), (batch, cfg)
         lowest = (most or 0) + 1
+
+
+@pytest.mark.parametrize(("bits", "act_bits"), [(8, 16), (16, 16), (4, 16)])
+def test_one_launch_defaults_past_one_batch_row_do_not_spill(bits, act_bits):
+    """The one-launch kernel's default at batch 16 and K = 650 (``compile`` runs it there since the
+    one-launch bound, ``cuda_bmma.one_launch_max_batch``): BMMA and no spills; W8A16's 4 column
+    tiles with int64 accumulators spilled 2 LDL/STL before ``FUSED_REGISTER_BUDGET``."""
+    fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
+    cfg = cuda_bmma.default_config(fmt, 2600, 650, 16, fused_pack=True)
+    assert registers(fmt, 650, cfg) <= cuda_bmma.FUSED_REGISTER_BUDGET
+    _assert_bmma_no_spills(_sass(cuda_bmma.kernel_for(kernels.dense_act_func(fmt, 2600, 650), cfg)))
 
 
 def test_a_static_batch_keeps_one_kernel():
