@@ -41,8 +41,8 @@ args = parser.parse_args()
 target = resolve_target(parse_target(args.target))
 fmt = BitplaneFormat(args.bits, 8, layout=weight_layout(args.layout, target))
 shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-# what compile builds for these layers, tuned at this batch (on CUDA a pb_dense_act that packs its
-# input where one_launch_layer says so, else the BMMA kernel after the ballot pack)
+# what compile builds for these layers, tuned at this batch (a pb_dense_act that packs its input
+# where one_launch_layer / one_kernel_layer say so, else the product kernel after the pack)
 funcs = [compiled_dense_func(fmt, n, k, target, tune_batch=args.batch) for n, k in shapes]
 report = tuning.tune_kernels(funcs, target, args.work_dir, trials_per_kernel=args.trials, batch=args.batch)
 

@@ -78,16 +78,20 @@ def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = Tru
 def compiled_dense_func(
     fmt: BitplaneFormat, n_out: int, k_dim: int, target: tvm.target.Target, bias: bool = True, tune_batch: int = 1
 ) -> tir.PrimFunc:
-    """The PB product PrimFunc ``pbtvm.compile`` builds on a CUDA ``target`` for a dense layer with
-    a symbolic batch whose input no other layer reads (``relay_passes.pb_linear_rewrite``), tuned at
-    ``tune_batch``: :func:`dense_act_func` with :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH` where
-    :func:`pbtvm.schedules.cuda_bmma.one_launch_layer` says so (it packs its input itself, in the
-    block up to that batch), else :func:`dense_func` (after :func:`act_pack_func`). For benchmarks
-    and tuning that should run what ``compile`` runs (on CPUs: :func:`dense_func`)."""
+    """The PB product PrimFunc ``pbtvm.compile`` builds on ``target`` for a dense layer with a
+    symbolic batch whose input no other layer reads (``relay_passes.pb_linear_rewrite``), tuned at
+    ``tune_batch``: on CUDA :func:`dense_act_func` with :data:`pbtvm.names.ATTR_IN_BLOCK_MAX_BATCH`
+    where :func:`pbtvm.schedules.cuda_bmma.one_launch_layer` says so (it packs its input itself,
+    in the block up to that batch); on CPUs :func:`dense_act_func` where
+    :func:`pbtvm.schedules.cpu_vnni.one_kernel_layer` says so; else :func:`dense_func` (after
+    :func:`act_pack_func`). For benchmarks and tuning that should run what ``compile`` runs."""
+    from .schedules.cpu_vnni import one_kernel_layer
     from .schedules.cuda_bmma import one_launch_layer, one_launch_max_batch
 
     if one_launch_layer(fmt, n_out, k_dim, None, target, tune_batch):
         return dense_act_func(fmt, n_out, k_dim, bias).with_attr(ATTR_IN_BLOCK_MAX_BATCH, one_launch_max_batch(k_dim))
+    if one_kernel_layer(fmt, k_dim, target):
+        return dense_act_func(fmt, n_out, k_dim, bias)
     return dense_func(fmt, n_out, k_dim, bias)
 
 

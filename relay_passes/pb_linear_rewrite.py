@@ -17,6 +17,7 @@ share one activation pack. Every rewritten function gains a last parameter
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -649,14 +650,25 @@ class _Rewriter(PyExprMutator):
     # ------------------------------------------------------------------ visitor
     def visit_dataflow_block_(self, block: relax.DataflowBlock) -> relax.BindingBlock:
         """The block, its layers sharing packs and float inputs only among themselves (a variable
-        emitted in one dataflow block is not visible in the next)."""
-        self._act_packs, self._float_inputs = [], []
-        return super().visit_dataflow_block_(block)
+        emitted in one block is not visible in the next, nor outside an ``If`` branch or a
+        nested function, whose blocks are visited inside the enclosing block's)."""
+        with self._block_caches():
+            return super().visit_dataflow_block_(block)
 
     def visit_binding_block_(self, block: relax.BindingBlock) -> relax.BindingBlock:
         """As :meth:`visit_dataflow_block_`, for a block outside a dataflow region."""
+        with self._block_caches():
+            return super().visit_binding_block_(block)
+
+    @contextlib.contextmanager
+    def _block_caches(self):
+        """Empty pack and float-input caches for one block; the enclosing block's back after it."""
+        saved = self._act_packs, self._float_inputs
         self._act_packs, self._float_inputs = [], []
-        return super().visit_binding_block_(block)
+        try:
+            yield
+        finally:
+            self._act_packs, self._float_inputs = saved
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)

@@ -232,15 +232,25 @@ def test_symbolic_batch_dispatches_a_config_per_batch_range(bits, act_bits):
         lowest = (most or 0) + 1
 
 
-@pytest.mark.parametrize(("bits", "act_bits"), [(8, 16), (16, 16), (4, 16)])
-def test_one_launch_defaults_past_one_batch_row_do_not_spill(bits, act_bits):
-    """The one-launch kernel's default at batch 16 and K = 650 (``compile`` runs it there since the
-    one-launch bound, ``cuda_bmma.one_launch_max_batch``): BMMA and no spills; W8A16's 4 column
-    tiles with int64 accumulators spilled 2 LDL/STL before ``FUSED_REGISTER_BUDGET``."""
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "n", "k"),
+    [
+        (8, 16, 2600, 650),
+        (16, 16, 2600, 650),
+        (4, 16, 2600, 650),
+        (16, 16, 130, 300),
+        (12, 16, 130, 650),
+        (16, 12, 70, 260),
+    ],
+)
+def test_one_launch_defaults_past_one_batch_row_do_not_spill(bits, act_bits, n, k):
+    """The one-launch kernel's default at batch 16 and K <= 650 (``compile`` runs it there since the
+    one-launch bound, ``cuda_bmma.one_launch_max_batch``): BMMA and no spills; with 4 column tiles
+    and int64 accumulators these spilled 2 to 66 LDL/STL before ``FUSED_REGISTER_BUDGET``."""
     fmt = bp.BitplaneFormat(bits, act_bits, layout=MMA)
-    cfg = cuda_bmma.default_config(fmt, 2600, 650, 16, fused_pack=True)
-    assert registers(fmt, 650, cfg) <= cuda_bmma.FUSED_REGISTER_BUDGET
-    _assert_bmma_no_spills(_sass(cuda_bmma.kernel_for(kernels.dense_act_func(fmt, 2600, 650), cfg)))
+    cfg = cuda_bmma.default_config(fmt, n, k, 16, fused_pack=True)
+    assert registers(fmt, k, cfg) <= cuda_bmma.FUSED_REGISTER_BUDGET
+    _assert_bmma_no_spills(_sass(cuda_bmma.kernel_for(kernels.dense_act_func(fmt, n, k), cfg)))
 
 
 def test_a_static_batch_keeps_one_kernel():

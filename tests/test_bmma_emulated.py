@@ -242,7 +242,7 @@ def _garbage(shape: tuple[int, ...], dtype: str) -> np.ndarray:
         (4, 8, None, 300, 700, 1),  # K not a multiple of 256: the pack writes the padding words
         (3, 4, "offset_binary", 100, 300, 16),  # two batch rows a column tile; zero points
         (2, 16, None, 70, 260, 1),  # a batch row over 2 column tiles
-        (16, 16, None, 70, 260, 1),  # int64 accumulators: the code sums' workspace too
+        (16, 16, None, 70, 260, 16),  # int64 accumulators: the code sums' workspace; compile's bound at K = 260
     ],
 )
 def test_dense_act_dispatch_packs_in_block_then_in_a_workspace_in_emulation(

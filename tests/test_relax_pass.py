@@ -182,6 +182,36 @@ def test_layers_on_one_3d_input_share_its_rows_and_pack(dtype, rng):
     relax.analysis.well_formed(mod)  # raises where a variable is used outside its block
 
 
+def test_layers_in_if_branches_share_nothing_across_the_branch(rng):
+    """A layer on ``x`` before an ``If``, one in each branch, one after: the branches (blocks of
+    their own, visited inside the enclosing block) get their own rows and packs, the layers before
+    and after share theirs, and the module is well-formed (a branch's pack was reused after it)."""
+    batch = tir.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([batch, 3, K], "float32"))
+    cond = relax.Var("c", relax.TensorType([], "bool"))
+
+    def weight_t():
+        return relax.op.permute_dims(relax.const(rng.standard_normal((N, K)).astype(np.float32)), [1, 0])
+
+    def branch() -> relax.SeqExpr:
+        wt = relax.Var("wt", relax.TensorType([K, N], "float32"))
+        v = relax.Var("v", relax.TensorType([batch, 3, N], "float32"))
+        bindings = [relax.VarBinding(wt, weight_t()), relax.VarBinding(v, relax.op.matmul(x, wt))]
+        return relax.SeqExpr([relax.BindingBlock(bindings)], v)
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, cond]):
+        a = bb.emit(relax.op.matmul(x, bb.emit(weight_t())))
+        b = bb.emit(relax.If(cond, branch(), branch()))
+        d = bb.emit(relax.op.matmul(x, bb.emit(weight_t())))
+        bb.emit_func_output(bb.emit(relax.op.add(relax.op.add(a, b), d)))
+    rewrite = PBLinearRewrite(FMT)
+    mod = rewrite(bb.get())
+    assert len(rewrite.report.converted) == 4
+    relax.analysis.well_formed(mod)  # raises where a variable is used outside its block
+    assert mod["main"].script().count("pb_act_pack") == 3  # before and after: one; a branch: one each
+
+
 @pytest.mark.parametrize("loose", [False, True])
 def test_a_result_also_read_without_its_bias_runs_the_layer_once(loose, rng):
     """``h = x @ W.T; return h, h + b``: one PB layer and a float add of the bias, not the layer
