@@ -617,8 +617,8 @@ class _Rewriter(PyExprMutator):
         ones :attr:`_matmul_reads` counts); for a variable the rewrite made anew (a matmul's
         variable typed looser than the PB result), its original's count."""
         counts = self._reads if counts is None else counts
-        if var in counts:
-            return counts[var]
+        if var in self._reads:  # a variable of the function before the rewrite
+            return counts.get(var, 0)
         originals = (v for v in self._reads if isinstance(v, relax.Var) and self.get_var_remap(v) is not None)
         return max((counts.get(v, 0) for v in originals if self.get_var_remap(v).same_as(var)), default=1)
 

@@ -284,6 +284,28 @@ def test_broadcast_to_variant(rng):
     np.testing.assert_allclose(_run(mod, xv, tvm.runtime.ShapeTuple([4])).numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_broadcast_input_with_a_dynamic_batch_on_cuda():
+    """The 3-D exporter path (``broadcast_to`` of the input) with a symbolic batch on sm_90: the
+    input is read by no matmul itself, and counting its matmul reads went on to look for a variable
+    the rewrite had made anew, which crashed TVM's mutator (null node); it is one pb_dense_act."""
+    from pbtvm.target import resolve_target
+
+    w = np.random.default_rng(0).standard_normal((N, K)).astype(np.float32)
+    n = tir.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([n, 3, K], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            xb = bb.emit(relax.op.broadcast_to(x, [n, 3, K]))
+            wt = bb.emit(relax.op.broadcast_to(relax.op.permute_dims(relax.const(w), [1, 0]), [K, N]))
+            out = bb.emit_output(bb.emit(relax.op.matmul(xb, wt)))
+        bb.emit_func_output(out)
+    with resolve_target({"kind": "cuda", "arch": "sm_90"}):
+        mod = PBLinearRewrite(bp.BitplaneFormat(4, 8, layout="mma16x256"))(bb.get())
+    relax.analysis.well_formed(mod)
+    assert mod["main"].script().count("pb_dense_act") == 1
+
+
 @pytest.mark.parametrize("strides", [[2], None])
 def test_slices_of_a_constant_are_constants_with_or_without_strides(strides):
     """``strided_slice`` may leave its strides out (TVM's own converters emit such slices); the
