@@ -7,11 +7,15 @@ pbtvm's default CUDA-core PB layer, torch fp16
 (cuBLAS, the better of ``F.linear`` and ``x @ W.T``), torch int4 (tinygemm, group 128), and the
 k-bit DRAM roofline from the copy bandwidth measured in the same run. Every time is the median of
 CUDA-graph replays in which each call reads another weight set (the sets exceed twice the L2),
-as in ``bench_layers.py``, whose helpers this uses.
+as in ``bench_layers.py``, whose helpers this uses. ``--pdl`` chooses the PB kernels: ``on`` as
+``compile`` builds them on sm_90 (programmatic dependent launch: a kernel starts while the one
+before it runs and prefetches its weights meanwhile), ``off`` without it (``PBTVM_CUDA_PDL=0``),
+``both`` a row of each, side by side.
 
     python benchmarks/bench_bmma.py --csv out/bmma.csv                 # the issue-13 grid
     python benchmarks/bench_bmma.py --shapes 4096x4096 --batches 1 --bits 4 --with-default
     python benchmarks/bench_bmma.py --dry-run                          # no GPU: build every kernel
+    python benchmarks/bench_bmma.py --shapes 4096x4096 --bits 4 --pdl both --fused --compiled
 
 Every kernel is built first, in ``--jobs`` processes (``parallel_build.py``), then timed.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -46,7 +51,7 @@ from pbtvm.cuda import cuda_source
 from pbtvm.sass import bmma_problem, dropped_global_loads, source_sass
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig
-from pbtvm.target import resolve_target
+from pbtvm.target import TargetInfo, resolve_target
 
 MMA = "mma16x256"
 #: Largest batch the one-launch kernel is timed at with ``--fused`` (``--fused-max-batch``).
@@ -87,21 +92,40 @@ def pack_key(k: int, bits: int) -> tuple:
     return ("pack", k, bp.BitplaneFormat(bits, 8, layout=MMA).accumulator_dtype(k))
 
 
-def build_kernel(key: tuple, target) -> tvm.runtime.Executable:
-    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target``."""
+#: ``--pdl`` values: which PB kernels a run builds and times (True: programmatic dependent launch).
+PDL_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
+def build_kernel(key: tuple, target, pdl: bool = True) -> tvm.runtime.Executable:
+    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target``; with ``pdl`` (on sm_90+)
+    written for and launched with programmatic dependent launch, as ``compile`` builds it, else
+    as with ``PBTVM_CUDA_PDL=0``."""
+    previous = os.environ.get(names.ENV_CUDA_PDL)
+    os.environ[names.ENV_CUDA_PDL] = "1" if pdl else "0"
+    try:
+        return _build_kernel(key, target, pdl)
+    finally:
+        if previous is None:
+            del os.environ[names.ENV_CUDA_PDL]
+        else:
+            os.environ[names.ENV_CUDA_PDL] = previous
+
+
+def _build_kernel(key: tuple, target, pdl: bool) -> tvm.runtime.Executable:
     if key[0] == "pack":
         fmt = next(
             f
             for f in (bp.BitplaneFormat(b, 8, layout=MMA) for b in range(1, 17))
             if f.accumulator_dtype(key[1]) == key[2]
         )
-        return kernels.build(kernels.act_pack_func(fmt, key[1]), target)
+        return kernels.build(kernels.act_pack_func(fmt, key[1]), target, programmatic=pdl)
     if key[0] == "compiled":
-        return kernels.build(compiled_layer(*key[1:]), target)
+        return kernels.build(compiled_layer(*key[1:]), target, programmatic=pdl)
     kind, n, k, bits, cfg = key
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     func = kernels.dense_act_func(fmt, n, k) if kind == "fused" else kernels.dense_func(fmt, n, k)
-    return kernels.build(kernel_for(func, cfg).with_attr("tirx.is_scheduled", True), target, schedule=False)
+    kernel = kernel_for(func, cfg, TargetInfo.of(target).limits).with_attr("tirx.is_scheduled", True)
+    return kernels.build(kernel, target, schedule=False, programmatic=pdl)
 
 
 def compiled_layer(n: int, k: int, bits: int):
@@ -114,17 +138,17 @@ def compiled_layer(n: int, k: int, bits: int):
 
 
 def export_kernel(job: tuple, path: str) -> None:
-    """Worker (:func:`parallel_build.build_all`): ``job = (key, target)``, the kernel written to ``path``."""
-    key, target = job
-    build_kernel(key, target).export_library(path)
+    """Worker (:func:`parallel_build.build_all`): ``job = (key, target, pdl)``, the kernel written to ``path``."""
+    key, target, pdl = job
+    build_kernel(key, target, pdl).export_library(path)
 
 
 def check_kernel(job: tuple, path: str) -> None:
     """Worker of the dry run: build the kernel, nvcc it for sm_90 and write to ``path`` (JSON)
     whether its SASS lacks BMMA or has local-memory spills (a PB product kernel must have neither)
     or another number of global loads than its PTX (any kernel)."""
-    key, target = job
-    source = cuda_source(build_kernel(key, target))
+    key, target, pdl = job
+    source = cuda_source(build_kernel(key, target, pdl))
     sass = source_sass(source, "sm_90")
     problems = []
     if key[0] in ("bmma", "fused", "compiled"):
@@ -137,14 +161,17 @@ def check_kernel(job: tuple, path: str) -> None:
         json.dump({"problem": problem}, f)
 
 
-def build_kernels(keys: list[tuple], target, workers: int, check: bool = False) -> dict:
-    """Build ``keys`` in ``workers`` processes: {key: executable}, or with ``check`` {key: problem or None}."""
+def build_kernels(keys: list[tuple], target, workers: int, check: bool = False, pdl: tuple = (True,)) -> dict:
+    """Build ``keys`` in ``workers`` processes for each ``pdl`` mode (:func:`build_kernel`):
+    {(key, pdl): executable}, or with ``check`` {(key, pdl): problem or None}."""
+    jobs = [(key, target, mode) for mode in pdl for key in keys]
     with tempfile.TemporaryDirectory(prefix="pbtvm_bench_bmma_") as tmp:
         worker = check_kernel if check else export_kernel
-        paths = build_all(worker, [(key, target) for key in keys], tmp, workers, label=lambda job: str(job[0]))
+        paths = build_all(worker, jobs, tmp, workers, label=lambda job: f"{job[0]}{'' if job[2] else ' no PDL'}")
+        done = [(key, mode) for key, _, mode in jobs]
         if check:
-            return {key: _read_json(path)["problem"] for key, path in zip(keys, paths, strict=True)}
-        return {key: tvm.runtime.Executable(tvm.runtime.load_module(p)) for key, p in zip(keys, paths, strict=True)}
+            return {job: _read_json(path)["problem"] for job, path in zip(done, paths, strict=True)}
+        return {job: tvm.runtime.Executable(tvm.runtime.load_module(p)) for job, p in zip(done, paths, strict=True)}
 
 
 def _read_json(path: str) -> dict:
@@ -152,17 +179,17 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str) -> float:
+def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str, pdl: bool = True) -> float:
     """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone),
     "fused" (one kernel: every block packs its batch rows, then the BMMA product) or "compiled"
     (:func:`compiled_layer`, after the ballot pack where it does not pack itself); ``built``
-    holds the kernels (:func:`build_kernels`)."""
+    holds the kernels (:func:`build_kernels`), ``pdl`` which of them."""
     fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
     cfg, fused_cfg = layer_configs(n, k, bits, batch)
-    pack, dense = built[pack_key(k, bits)], built["bmma", n, k, bits, cfg]
-    fused = built["fused", n, k, bits, fused_cfg] if part == "fused" else None
+    pack, dense = built[pack_key(k, bits), pdl], built[("bmma", n, k, bits, cfg), pdl]
+    fused = built[("fused", n, k, bits, fused_cfg), pdl] if part == "fused" else None
     if part == "compiled":  # packs its input itself, or after the separate pack
-        compiled, fused = built["compiled", n, k, bits], None
+        compiled, fused = built[("compiled", n, k, bits), pdl], None
         if names.kernel_kind(compiled_layer(n, k, bits)) == names.KernelKind.DENSE_ACT:
             fused = compiled
         else:
@@ -206,9 +233,9 @@ def dry_run(args: argparse.Namespace) -> int:
     keys = kernel_keys(
         args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None, args.compiled
     )
-    problems = build_kernels(keys, target, args.jobs, check=True)
+    problems = build_kernels(keys, target, args.jobs, check=True, pdl=PDL_MODES[args.pdl])
     bad = {key: p for key, p in problems.items() if p}
-    print(f"dry run: {len(keys)} kernels built for sm_90 and checked with nvcc in {time.time() - t0:.0f}s")
+    print(f"dry run: {len(problems)} kernels built for sm_90 and checked with nvcc in {time.time() - t0:.0f}s")
     for key, problem in bad.items():
         print(f"  {problem}: {key}", file=sys.stderr)
     return 1 if bad else 0
@@ -225,17 +252,56 @@ def print_table(rows: list[dict], fused: bool, compiled: bool = False) -> None:
 
     extra = (" one-launch µs |" if fused else "") + (" compiled µs |" if compiled else "")
     print(
-        "\n| shape (NxK) | batch | W | BMMA layer µs |" + extra + " BMMA kernel µs | k-bit roofline µs | "
+        "\n| shape (NxK) | batch | W | PDL | BMMA layer µs |" + extra + " BMMA kernel µs | k-bit roofline µs | "
         "% roofline (layer / kernel) | fp16 µs | int4 µs | fp16/layer | int4/layer |"
     )
-    print("|---" * (11 + fused + compiled) + "|")
+    print("|---" * (12 + fused + compiled) + "|")
     for r in rows:
         one = (f" {us(r.get('fused_us'))} |" if fused else "") + (f" {us(r.get('compiled_us'))} |" if compiled else "")
         print(
-            f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['bmma_layer_us']:.1f} |{one} {r['bmma_kernel_us']:.1f} | "
+            f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['pdl']} | {r['bmma_layer_us']:.1f} |{one} "
+            f"{r['bmma_kernel_us']:.1f} | "
             f"{r['roof_us']:.1f} | {r['pct_roof_layer']:.0f}% / {r['pct_roof_kernel']:.0f}% | {r['fp16_us']:.1f} | "
             f"{us(r['int4_us'])} | {ratio(r['fp16_us'], r['bmma_layer_us'])} | {ratio(r['int4_us'], r['bmma_layer_us'])} |"
         )
+
+
+def time_row(args, built, shape, batch, bits, pdl, l2, bw, fp16, int4, old_cache) -> dict:
+    """One row of the table: the PB layer's parts at ``shape``, ``batch``, W``bits`` with the
+    ``pdl`` kernels, beside the torch times ``fp16`` and ``int4`` (seconds) measured once for both."""
+    n, k = (int(v) for v in shape.split("x"))
+    fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
+    layer = bench_bmma(n, k, batch, bits, l2, built, "layer", pdl)
+    gemm = bench_bmma(n, k, batch, bits, l2, built, "gemm", pdl)
+    roof = (bits * n * fmt.words(k) * 4 + batch * (k + n) * 4) / bw
+    r = {
+        "shape": shape,
+        "batch": batch,
+        "bits": bits,
+        "pdl": "on" if pdl else "off",
+        "config": str(layer_configs(n, k, bits, batch)[0]),
+        "bmma_layer_us": layer * 1e6,
+        "bmma_kernel_us": gemm * 1e6,
+        "roof_us": roof * 1e6,
+        "pct_roof_layer": 100 * roof / layer,
+        "pct_roof_kernel": 100 * roof / gemm,
+        "fp16_us": fp16 * 1e6,
+        "int4_us": None if int4 is None else int4 * 1e6,
+        "copy_tb_s": bw / 1e12,
+    }
+    if args.fused:
+        fused = batch <= args.fused_max_batch
+        r["fused_us"] = bench_bmma(n, k, batch, bits, l2, built, "fused", pdl) * 1e6 if fused else None
+        r["fused_config"] = str(layer_configs(n, k, bits, batch)[1]) if fused else None
+    if args.compiled:
+        try:
+            r["compiled_us"] = bench_bmma(n, k, batch, bits, l2, built, "compiled", pdl) * 1e6
+        except Exception as err:  # report it, time the rest
+            print(f"  compiled layer {shape} b={batch} W{bits}: {err}", file=sys.stderr, flush=True)
+            r["compiled_us"] = None
+    if args.with_default:
+        r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compiled", action="store_true", help="also the layer as pbtvm.compile builds it (any batch)")
     ap.add_argument("--fused-max-batch", type=int, default=FUSED_MAX_BATCH, help="largest batch timed with --fused")
     ap.add_argument(
+        "--pdl", choices=sorted(PDL_MODES), default="on", help="PB kernels with programmatic dependent launch (sm_90)"
+    )
+    ap.add_argument(
         "--jobs", type=int, default=default_workers(), help="processes that build the kernels (default: cores - 1)"
     )
     args = ap.parse_args(argv)
@@ -263,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shapes, args.bits, args.batches, args.fused_max_batch if args.fused else None, args.compiled
     )
     print(f"building {len(keys)} kernels in {args.jobs} processes", flush=True)
-    built = build_kernels(keys, resolve_target("cuda"), args.jobs)
+    built = build_kernels(keys, resolve_target("cuda"), args.jobs, pdl=PDL_MODES[args.pdl])
     print(f"built in {time.time() - t0:.0f}s", flush=True)
     props = torch.cuda.get_device_properties(0)
     l2, bw = props.L2_cache_size, measure_bandwidth()
@@ -275,47 +344,20 @@ def main(argv: list[str] | None = None) -> int:
             fp16 = bench_torch(n, k, batch, torch.float16, l2)
             int4 = bench_int4(n, k, batch, l2)
             for bits in args.bits:
-                fmt = bp.BitplaneFormat(bits, 8, layout=MMA)
-                layer = bench_bmma(n, k, batch, bits, l2, built, "layer")
-                gemm = bench_bmma(n, k, batch, bits, l2, built, "gemm")
-                roof = (bits * n * fmt.words(k) * 4 + batch * (k + n) * 4) / bw
-                r = {
-                    "shape": shape,
-                    "batch": batch,
-                    "bits": bits,
-                    "config": str(layer_configs(n, k, bits, batch)[0]),
-                    "bmma_layer_us": layer * 1e6,
-                    "bmma_kernel_us": gemm * 1e6,
-                    "roof_us": roof * 1e6,
-                    "pct_roof_layer": 100 * roof / layer,
-                    "pct_roof_kernel": 100 * roof / gemm,
-                    "fp16_us": fp16 * 1e6,
-                    "int4_us": None if int4 is None else int4 * 1e6,
-                    "copy_tb_s": bw / 1e12,
-                }
-                if args.fused:
-                    fused = batch <= args.fused_max_batch
-                    r["fused_us"] = bench_bmma(n, k, batch, bits, l2, built, "fused") * 1e6 if fused else None
-                    r["fused_config"] = str(layer_configs(n, k, bits, batch)[1]) if fused else None
-                if args.compiled:
-                    try:
-                        r["compiled_us"] = bench_bmma(n, k, batch, bits, l2, built, "compiled") * 1e6
-                    except Exception as err:  # report it, time the rest
-                        print(f"  compiled layer {shape} b={batch} W{bits}: {err}", file=sys.stderr, flush=True)
-                        r["compiled_us"] = None
-                if args.with_default:
-                    r["cuda_core_layer_us"] = bench_pb(n, k, batch, bits, l2, old_cache) * 1e6
-                rows.append(r)
-                if args.csv:  # row by row, so a run cut short by its timeout keeps what it measured
-                    append_csv_row(args.csv, r, first=len(rows) == 1)
-                one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
-                one += f"  compiled {r['compiled_us']:7.1f}" if r.get("compiled_us") else ""
-                print(
-                    f"  {shape:>11} b={batch:<2} W{bits}A8  layer {r['bmma_layer_us']:7.1f} us{one}  kernel "
-                    f"{r['bmma_kernel_us']:7.1f}  roof {r['roof_us']:5.1f} ({r['pct_roof_kernel']:.0f}% kernel)  "
-                    f"fp16 {fp16 * 1e6:6.1f}  int4 {r['int4_us'] or float('nan'):6.1f}  [{time.time() - t0:.0f}s]",
-                    flush=True,
-                )
+                for pdl in PDL_MODES[args.pdl]:
+                    r = time_row(args, built, shape, batch, bits, pdl, l2, bw, fp16, int4, old_cache)
+                    rows.append(r)
+                    if args.csv:  # row by row, so a run cut short by its timeout keeps what it measured
+                        append_csv_row(args.csv, r, first=len(rows) == 1)
+                    one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
+                    one += f"  compiled {r['compiled_us']:7.1f}" if r.get("compiled_us") else ""
+                    print(
+                        f"  {shape:>11} b={batch:<2} W{bits}A8 PDL {r['pdl']:<3}  layer {r['bmma_layer_us']:7.1f} us{one}"
+                        f"  kernel {r['bmma_kernel_us']:7.1f}  roof {r['roof_us']:5.1f} ({r['pct_roof_kernel']:.0f}% "
+                        f"kernel)  fp16 {fp16 * 1e6:6.1f}  int4 {r['int4_us'] or float('nan'):6.1f}  "
+                        f"[{time.time() - t0:.0f}s]",
+                        flush=True,
+                    )
     print_table(rows, args.fused, args.compiled)
     return 0
 

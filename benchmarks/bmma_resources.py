@@ -6,7 +6,9 @@ shared memory, spills, and the BMMA instructions in its SASS (``--fused``: also 
 kernel that packs its own rows, which the decoder head uses); then the one-launch activation pack;
 then the LSTM step (``schedules/cuda_bmma_lstm.py``) of an H x H layer in its two model forms
 (the decoder's step with the input projection inside, the time loop's step reading ``gx`` at
-step ``t``) at the default config for each batch. Prints Markdown tables.
+step ``t``) at the default config for each batch. Prints Markdown tables. The kernels are
+sm_90's, written for programmatic dependent launch as ``compile`` builds them there
+(``PBTVM_CUDA_PDL=0``: without it).
 
     python benchmarks/bmma_resources.py [--shapes 4096x4096 ...] [--bits 1 2 4 8]
     python benchmarks/bmma_resources.py --lstm-only --lstm-hidden 650 1500
@@ -26,7 +28,7 @@ from pbtvm.schedules import apply_default_schedule
 from pbtvm.schedules.cuda_ballot_pack import pack_warps
 from pbtvm.schedules.cuda_bmma import default_config, kernel_for
 from pbtvm.schedules.cuda_bmma_lstm import bmma_lstm_kernel, default_lstm_config
-from pbtvm.target import resolve_target
+from pbtvm.target import TargetInfo, resolve_target
 
 
 def main() -> int:
@@ -44,6 +46,7 @@ def main() -> int:
     if args.lstm_only:
         args.shapes, args.packs_only = [], True
     target = resolve_target({"kind": "cuda", "arch": "sm_90"})
+    limits = TargetInfo.of(target).limits
     print(
         "| shape (NxK) | W | batch | kernel | config (tiles_m, warps_m, k_split, loads, tiles_n) | threads | "
         "registers | smem B | spill B | BMMA in SASS | LDL/STL |"
@@ -57,7 +60,7 @@ def main() -> int:
                 for fused in (False, True) if args.fused and batch <= FUSED_MAX_BATCH else (False,):
                     cfg = default_config(fmt, n, k, batch, fused_pack=fused)
                     func = kernels.dense_act_func(fmt, n, k) if fused else kernels.dense_func(fmt, n, k)
-                    kernel = kernel_for(func, cfg).with_attr("global_symbol", "pb_bmma")
+                    kernel = kernel_for(func, cfg, limits).with_attr("global_symbol", "pb_bmma")
                     name = "one-launch" if fused else "BMMA"
                     print(f"| {shape} | {bits} | {batch} | {name} | {_usage_cells(kernel, cfg, target)}", flush=True)
     print(
@@ -75,11 +78,11 @@ def main() -> int:
             f"{use['spill_stores'] + use['spill_loads']} | {sass.count('VOTE.ANY')} | {local_memory_ops(sass)} |",
             flush=True,
         )
-    _lstm_table(args, target)
+    _lstm_table(args, target, limits)
     return 0
 
 
-def _lstm_table(args: argparse.Namespace, target) -> None:
+def _lstm_table(args: argparse.Namespace, target, limits) -> None:
     """ptxas usage of the BMMA LSTM step's default configs (both model forms)."""
     print(
         "\n| LSTM H (= I) | W | batch | form | config | threads | registers | smem B | spill B | BMMA in SASS | LDL/STL |"
@@ -90,8 +93,10 @@ def _lstm_table(args: argparse.Namespace, target) -> None:
             fmt = bp.BitplaneFormat(bits, 8, layout="mma16x256")
             for batch in args.batches:
                 for form, n_in in (("decoder (x inside)", hidden), ("time loop (gx[t])", None)):
-                    cfg = default_lstm_config(fmt, hidden, n_in, batch)
-                    kernel = bmma_lstm_kernel(fmt, hidden, cfg, n_in, bias=n_in is not None, sequence=n_in is None)
+                    cfg = default_lstm_config(fmt, hidden, n_in, batch, limits)
+                    kernel = bmma_lstm_kernel(
+                        fmt, hidden, cfg, n_in, bias=n_in is not None, sequence=n_in is None, limits=limits
+                    )
                     kernel = kernel.with_attr("global_symbol", "pb_step")
                     print(f"| {hidden} | {bits} | {batch} | {form} | {_usage_cells(kernel, cfg, target)}", flush=True)
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU sitting: environment facts, GPU tests, benchmarks. Every step writes its full output to a
 # file under $OUT (nothing filtered) and runs under its own `timeout`; the console gets the tail.
-# STEPS picks what runs. The default, "exact generate-bench bmma-bench profile", measures both GPU
-# issues in one call: on an H200 (2026-12-04) 63 + 67 + 49 + 54 s, ~240 s with the bundle's
-# unpacking (the BMMA and generate() GPU tests, generate() tokens/s vs torch, the BMMA layer grid,
-# the decoder's per-kernel time). Call it right after the bundle's first call: the machine stays
-# warm (and /tmp/boot/part0 with it) only 30 s.
+# STEPS picks what runs. The default, "exact pdl generate-bench profile", measures both GPU issues in
+# one call (the BMMA and generate() GPU tests, the BMMA layers with and without programmatic
+# dependent launch, generate() tokens/s vs torch, the decoder's per-kernel time; on an H200
+# (2026-12-04) exact, generate-bench and profile took 63 + 67 + 54 s, pdl is new: ~60 s estimated).
+# Call it right after the bundle's first call: the machine stays warm (and /tmp/boot/part0 with it)
+# only 30 s.
 #   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
 #               (k = 1..8, 16; act_bits 4/8/16; batch 1/3/8/64; odd N; K % 256 != 0; every bitlayers);
 #               tests/test_bmma_lstm.py: the BMMA LSTM step, the mma16x256 decoder and its generate()
@@ -28,6 +29,10 @@
 #   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
 #   sweep       benchmarks/sweep_bmma.py: many BMMA configs per (shape, batch), W4, best vs default (CSV
 #               row by row; SWEEP_TIME_LIMIT stops the timing, SWEEP_ARGS picks the grid)
+#   pdl         benchmarks/bench_bmma.py --pdl both --fused --compiled on the W4 shapes of issue 13's bar
+#               (PDL_ARGS), batch 1/8/16: every PB kernel with programmatic dependent launch (compile's
+#               default on sm_90: it starts while the kernel before it runs and prefetches its weights
+#               into L2) and without (PBTVM_CUDA_PDL=0), a row each, side by side
 #   crossover   benchmarks/bench_bmma.py --fused --compiled at K between 650 and 1500 (CROSSOVER_ARGS), W4,
 #               batch 2-16: where one launch stops beating pack + kernel (cuda_bmma.one_launch_max_batch
 #               uses 650, the largest K timed where it won past batch 1)
@@ -93,6 +98,10 @@ run_step() {
     bmma-bench)
       step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused --compiled} \
         --csv "$OUT/bmma_bench.csv" ;;
+    pdl)
+      step bmma_pdl "${PDL_TIMEOUT:-150}" python3 benchmarks/bench_bmma.py --pdl both --fused --compiled \
+        ${PDL_ARGS:---shapes 4096x4096 11008x4096 8192x2048 2600x650 --batches 1 8 16 --bits 4} \
+        --csv "$OUT/bmma_pdl.csv" ;;
     crossover)
       step bmma_crossover "${CROSSOVER_TIMEOUT:-180}" python3 benchmarks/bench_bmma.py --fused --compiled \
         ${CROSSOVER_ARGS:---shapes 4096x800 4096x1024 4096x1280 --batches 2 4 8 16 --bits 4} \
@@ -148,7 +157,7 @@ run_step() {
   esac
 }
 # Steps run in the order STEPS names them.
-for name in ${STEPS:-exact generate-bench bmma-bench profile}; do
+for name in ${STEPS:-exact pdl generate-bench profile}; do
   run_step "$name"
 done
 # The device tool returns at most 8 files from $OUT: past that, everything goes into one archive

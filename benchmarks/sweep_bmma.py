@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     points, configs, keys = plan(args)
     print_plan(points, configs, keys, args.jobs)
-    built = build_kernels(keys, resolve_target("cuda"), args.jobs)
+    built = {key: ex for (key, _), ex in build_kernels(keys, resolve_target("cuda"), args.jobs).items()}
     props = torch.cuda.get_device_properties(0)
     print(f"built in {time.time() - t0:.0f}s; device {props.name}, L2 {props.L2_cache_size / 1e6:.0f} MB", flush=True)
     sweep = Sweep(args, built, props.L2_cache_size, t0)

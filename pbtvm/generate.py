@@ -152,7 +152,8 @@ def _prefill_function(bb: Any, parts: Any, chunk: int) -> None:
 
 
 def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: str) -> None:
-    from ._tvm import relax, tir
+    from ._tvm import relax, tir, tvm
+    from .target import TargetInfo
 
     lstm, batch, kind = parts.lstm, parts.batch, parts.kind
     layers, vocab = lstm.num_layers, parts.head.out_features
@@ -186,7 +187,10 @@ def _chunk_function(bb: Any, parts: Any, chunk: int, with_logits: bool, name: st
     if with_logits:
         groups_out.append(CopyGroup("float32", ((batch, vocab),) * chunk, ((chunk, batch, vocab),)))
     table_shape = (parts.embedding.num_embeddings, parts.embedding.embedding_dim)
-    pick = pick_func(batch, vocab, chunk, kind, embedding=table_shape)  # it also looks the token up
+    target = tvm.target.Target.current(allow_none=True)  # the decoder is built under its target
+    programmatic = target is not None and TargetInfo.of(target).limits.programmatic_launch
+    # the pick also looks its token up
+    pick = pick_func(batch, vocab, chunk, kind, embedding=table_shape, programmatic=programmatic)
     pick = bb.add_func(pick.without_attr("global_symbol"), "pick_token")
     picked_types = [
         relax.TensorType([batch], "int64"),

@@ -136,16 +136,27 @@ def lstm_cell_input_func(fmt: BitplaneFormat, input_size: int, hidden: int, bias
     return te.create_prim_func(args).with_attrs(attrs)
 
 
-def build(func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True) -> tvm.runtime.Executable:
+def build(
+    func: tir.PrimFunc, target: tvm.target.Target, schedule: bool = True, programmatic: bool = False
+) -> tvm.runtime.Executable:
     """Schedule ``func`` with the default rule for ``target`` (unless told not to) and compile it;
     a PB kernel (one with the :data:`pbtvm.names.ATTR_BITS` attribute) gets the entry check of
-    ``bitlayers`` that compiled models have (``1 <= bitlayers <= bits``)."""
+    ``bitlayers`` that compiled models have (``1 <= bitlayers <= bits``).
+
+    ``programmatic``: launch its kernels with programmatic dependent launch where they are written
+    for it (CUDA sm_90+, :mod:`pbtvm.schedules.cuda_pdl`), as ``compile`` does for layers whose
+    weights are constants. The caller promises that no kernel on the stream writes the weights
+    while such a kernel may run: it reads them before it waits for the kernel before it.
+    """
     from .cuda import build as cuda_aware_build
     from .relay_passes.apply_pb_schedules import check_bitlayers
     from .schedules import apply_default_schedule
+    from .schedules.cuda_pdl import early_read_indices, with_programmatic_launch
 
     if schedule:
         func = apply_default_schedule(func, target)
     if func.attrs is not None and ATTR_BITS in func.attrs:
         func = check_bitlayers(func)
+    if programmatic and early_read_indices(func) is not None:
+        func = with_programmatic_launch(func)
     return cuda_aware_build(func, target)

@@ -158,6 +158,11 @@ class _Reader:
     def vec(self) -> list[int]:
         return [self.u64() for _ in range(self.u64())]
 
+    def skip(self, n: int) -> None:
+        if self.pos + n > len(self.data):
+            raise LibraryError("TVM module blob is truncated")
+        self.pos += n
+
 
 def _u64(v: int) -> bytes:
     return struct.pack("<Q", v)
@@ -640,3 +645,34 @@ def cuda_binaries(path: str) -> list[bytes]:
     if blob is None:
         return []
     return [cuda_payload_code(m.payload) for m in parse_blob(blob)[2] if m.kind == "cuda"]
+
+
+def cuda_launch_tags(path: str) -> dict[str, list[str]]:
+    """``{kernel: launch tags}`` of the CUDA modules packed in a pbtvm library: the thread axes
+    and the launch flags each kernel is launched with (TVM's function info, e.g.
+    :data:`pbtvm.names.LAUNCH_PROGRAMMATIC`).
+
+    Raises
+    ------
+    LibraryError
+        If a CUDA module's function info does not parse (another TVM's serialization).
+    """
+    blob = read_elf_section(path, DEVBIN_SECTION)
+    out: dict[str, list[str]] = {}
+    for m in parse_blob(blob)[2] if blob is not None else []:
+        if m.kind != "cuda":
+            continue
+        r = _Reader(m.payload)
+        r.raw()  # the format
+        try:
+            for _ in range(r.u64()):  # name, name, arg types (DLDataType), launch tags, arg tags (int32)
+                name = r.raw().decode()
+                r.raw()
+                r.skip(4 * r.u64())
+                out[name] = [r.raw().decode() for _ in range(r.u64())]
+                r.skip(4 * r.u64())
+        except (struct.error, UnicodeDecodeError) as err:
+            raise LibraryError(f"cannot read the CUDA function info in {path}") from err
+        if r.pos + 8 + len(cuda_payload_code(m.payload)) != len(m.payload):
+            raise LibraryError(f"the CUDA function info in {path} does not end where its code starts")
+    return out

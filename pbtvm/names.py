@@ -48,12 +48,27 @@ ATTR_LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
 #: :func:`pbtvm.schedules.cuda_bmma.dispatch_configs`). Without it such a function is one launch at
 #: every batch (a decoder's head).
 ATTR_IN_BLOCK_MAX_BATCH = "pbtvm.in_block_max_batch"
+#: On a CUDA kernel PrimFunc written for programmatic dependent launch (sm_90+: every kernel of it
+#: waits for the kernel before it with ``griddepcontrol.wait`` before it reads anything that
+#: kernel may write, and lets the next one start early): the names of the buffer parameters it may
+#: read before that wait (the weight planes, whose loads then overlap the previous kernel). Such a
+#: PrimFunc is launched with :data:`LAUNCH_PROGRAMMATIC` only where those buffers are constants
+#: (:class:`relay_passes.ApplyPBSchedules`): nothing on the stream writes them.
+ATTR_EARLY_READS = "pbtvm.early_reads"
+#: TVM's kernel launch flag (spelt as TVM spells it) for CUDA's programmatic stream serialization:
+#: the kernel may start before the kernel before it in the stream ends (``cuLaunchKernelEx``).
+LAUNCH_PROGRAMMATIC = "tirx.use_programtic_dependent_launch"
+#: PrimFunc attribute holding the launch flags of its kernels (TVM's ``tirx.kernel_launch_params``).
+ATTR_KERNEL_LAUNCH_PARAMS = "tirx.kernel_launch_params"
 #: On a byte-code CPU GEMM: the batch from which it multiplies with the AMX tile instructions.
 ATTR_AMX_MIN_BATCH = "pbtvm.amx_min_batch"
 #: On a byte-code CPU kernel: the LLVM CPU features its instructions need (the build checks them).
 ATTR_CPU_FEATURES = "pbtvm.cpu_features"
 #: Environment variable: ``popcount`` forces the portable CPU kernels (for comparisons).
 ENV_CPU_KERNEL = "PBTVM_CPU_KERNEL"
+#: Environment variable: ``0`` builds CUDA kernels without programmatic dependent launch
+#: (:attr:`pbtvm.target.TargetLimits.programmatic_launch`; for comparisons).
+ENV_CUDA_PDL = "PBTVM_CUDA_PDL"
 #: Environment variable: ``1`` keeps torch importable in pbtvm's TVM worker processes (:mod:`pbtvm.worker_env`).
 ENV_WORKER_TORCH = "PBTVM_WORKER_TORCH"
 #: Environment variable: ``1`` makes :func:`pbtvm.load` skip comparing a CPU library's x86 features

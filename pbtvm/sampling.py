@@ -144,7 +144,12 @@ def sampling_weights(row: np.ndarray, temperature: float, top_k: int) -> np.ndar
 
 
 def pick_func(
-    batch: int, vocab: int, chunk: int, target_kind: str, embedding: tuple[int, int] | None = None
+    batch: int,
+    vocab: int,
+    chunk: int,
+    target_kind: str,
+    embedding: tuple[int, int] | None = None,
+    programmatic: bool = False,
 ) -> tir.PrimFunc:
     """The pick kernel ``(logits, forced, done, ctrl, temp, step) -> (token, done', weights)``;
     with ``embedding``, ``(logits, forced, done, ctrl, temp, table, step) -> (token, done',
@@ -162,6 +167,9 @@ def pick_func(
         threads per row).
     embedding : (int, int), optional
         ``(rows, dim)`` of a float32 embedding table to look the token up in.
+    programmatic : bool
+        CUDA sm_90+: the kernel is written for programmatic dependent launch
+        (:attr:`pbtvm.target.TargetLimits.programmatic_launch`; ``compile`` then launches it so).
 
     Returns
     -------
@@ -177,7 +185,7 @@ def pick_func(
     if target_kind == "cuda":
         from .sampling_tir import cuda_pick
 
-        return cuda_pick(batch, vocab, chunk, PICK_THREADS, embedding)
+        return cuda_pick(batch, vocab, chunk, PICK_THREADS, embedding, programmatic)
     raise InputError(f"pick_func has no schedule for target kind {target_kind!r}")
 
 

@@ -15,6 +15,7 @@ from .names import ATTR_LAUNCH_MIN_BLOCKS
 from .ops.common import CPU_SCRATCH, shfl_up, shfl_xor
 from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
+from .schedules.cuda_pdl import declare_early_reads
 
 
 @T.macro(hygienic=False)
@@ -625,7 +626,12 @@ def _block_scan(ss, dv, sc, t, threads):
 
 
 def cuda_pick(
-    batch: int, vocab: int, chunk: int, threads: int, embedding: tuple[int, int] | None = None
+    batch: int,
+    vocab: int,
+    chunk: int,
+    threads: int,
+    embedding: tuple[int, int] | None = None,
+    programmatic: bool = False,
 ) -> tir.PrimFunc:
     """One block per row: strided candidate scans (the row held in registers up to
     :data:`CUDA_PICK_HELD_MAX` logits a thread, else :data:`CUDA_PICK_LOADS` loads in flight a thread)
@@ -634,7 +640,9 @@ def cuda_pick(
     :func:`_cuda_kth_by_radix`), contiguous per-thread weight segments, a scan of their sums, and
     the thread whose segment holds ``u * total`` picks the token. With ``embedding``, after a
     barrier (the token, written by one thread, is then visible to the block) the block copies the
-    token's row of the table."""
+    token's row of the table. ``programmatic`` (sm_90+): written for programmatic dependent launch
+    (:mod:`pbtvm.schedules.cuda_pdl`): it lets the next kernel start, then waits for the one
+    before it (the head) before it reads anything."""
     if threads & (threads - 1) or threads < 32:
         raise InputError(f"threads must be a power of two of at least a warp (32), got {threads}")
     B, V, N, TPB = batch, vocab, chunk, threads
@@ -683,6 +691,9 @@ def cuda_pick(
             sl = T.decl_buffer((seg if held_seg else 1,), "float32", scope="local")  # a segment's logits
             wv = T.decl_buffer((seg if held_seg else 1,), "float64", scope="local")  # ... and weights
             sc = T.decl_buffer((3,), "float64", scope="local")  # the scan's warp prefix, all-but-last, total
+            if programmatic:
+                T.ptx.griddepcontrol.launch_dependents()
+                T.ptx.griddepcontrol.wait()
             # the row's logits first (a short row: all of them), then the control values: one wait
             if held:
                 for g in T.unroll(groups):
@@ -791,4 +802,4 @@ def cuda_pick(
                     if e * TPB + t < E_DIM:
                         x_next[r, e * TPB + t] = table[iv[0], e * TPB + t]
 
-    return _with_embedding(pick, embedding)
+    return declare_early_reads(_with_embedding(pick, embedding), [], programmatic)

@@ -19,6 +19,10 @@ _LOCAL_MEMORY = re.compile(r"\b(LDL|STL)(\.\w+)*\b")
 _PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)(?=\.entry\s|\Z)", re.S)
 _PTX_GLOBAL_LOAD = re.compile(r"(?<![\w.])ldu?\.global\.")  # also inside inline-asm braces
 _SASS_GLOBAL_LOAD = re.compile(r"\bLDG\.")  # not LDGSTS (cp.async) or LDGDEPBAR
+#: A kernel's definition in TVM's CUDA C++ (not its declaration: no ``;`` before the ``{``).
+_CUDA_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\(([^;{]*?)\) \{', re.S)
+#: TVM's helper for ``griddepcontrol.wait`` (programmatic dependent launch).
+GRID_WAIT_CALL = "tvm_builtin_ptx_griddepcontrol_wait()"
 
 
 def sass_by_kernel(binary: bytes) -> dict[str, str]:
@@ -119,3 +123,19 @@ def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
             if m:
                 current[key] = int(m.group(1))
     return usage
+
+
+def reads_before_wait(source: str) -> dict[str, set[str] | None]:
+    """``{kernel: pointer parameters named before its griddepcontrol.wait}`` of TVM's CUDA C++
+    ``source`` (None for a kernel without the wait): what a kernel launched with programmatic
+    dependent launch may read (or write) before the kernel before it ends. Textual, so
+    conservative: an address computed from a parameter counts as a read."""
+    out: dict[str, set[str] | None] = {}
+    defs = list(_CUDA_KERNEL.finditer(source))
+    for d, after in zip(defs, [*defs[1:], None], strict=True):
+        name = d.group(1)
+        params = {p.split()[-1] for p in d.group(2).split(",") if "*" in p}
+        body = source[d.end() : after.start() if after else len(source)]
+        at = body.find(GRID_WAIT_CALL)
+        out[name] = None if at < 0 else {p for p in params if re.search(rf"\b{p}\b", body[:at])}
+    return out

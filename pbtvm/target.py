@@ -15,7 +15,7 @@ from typing import Any
 from ._tvm import tvm
 from .bitplane import LUT_LAYOUT, MMA_LAYOUT
 from .errors import InputError, InputTypeError, first_line
-from .names import ENV_CPU_KERNEL, ENV_SKIP_CPU_CHECK
+from .names import ENV_CPU_KERNEL, ENV_CUDA_PDL, ENV_SKIP_CPU_CHECK
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ DYNAMIC_BATCH = "dynamic"
 #: First arch with ``mma.sync.m16n8k256 .b1 .and.popc`` (PTX ISA: sm_80; sm_75 has only
 #: m8n8k128 ``.xor.popc``).
 BMMA_MIN_SM = 80
+#: First arch with programmatic dependent launch (``griddepcontrol``, PTX ISA: sm_90).
+PDL_MIN_SM = 90
+
+
+def programmatic_launch(arch: str | None) -> bool:
+    """Whether kernels built for CUDA ``arch`` (``sm_XY``) use programmatic dependent launch: sm_90
+    and newer, unless the environment variable :data:`pbtvm.names.ENV_CUDA_PDL` is ``0``."""
+    match = re.fullmatch(r"sm_(\d+)[a-z]?", arch or "")
+    if match is None or int(match.group(1)) < PDL_MIN_SM:
+        return False
+    return os.environ.get(ENV_CUDA_PDL, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def host_mcpu() -> str:
@@ -557,11 +568,15 @@ class TargetLimits:
         Largest thread block (1 on a CPU).
     max_shared_memory_per_block : int
         Bytes of shared memory one block may use (0 on a CPU).
+    programmatic_launch : bool
+        Whether kernels wait for the kernel before them with ``griddepcontrol.wait`` and let the
+        next one start early (programmatic dependent launch, CUDA sm_90+: :func:`programmatic_launch`).
     """
 
     warp_size: int = 1
     max_threads_per_block: int = 1
     max_shared_memory_per_block: int = 0
+    programmatic_launch: bool = False
 
 
 @dataclass(frozen=True)
@@ -605,6 +620,7 @@ class TargetInfo:
                     for key in ("max_threads_per_block", "max_shared_memory_per_block")
                 },
                 warp_size=int(attrs.get("thread_warp_size", CUDA_LIMITS["thread_warp_size"])),
+                programmatic_launch=programmatic_launch(str(attrs["arch"]) if attrs.get("arch") else None),
             )
         return cls(
             kind,
@@ -623,6 +639,7 @@ class TargetInfo:
                 CUDA_LIMITS["thread_warp_size"],
                 CUDA_LIMITS["max_threads_per_block"],
                 CUDA_LIMITS["max_shared_memory_per_block"],
+                programmatic_launch(summary.get("arch")),
             )
             if kind == "cuda"
             else TargetLimits()

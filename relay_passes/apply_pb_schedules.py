@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pbtvm import names
 from pbtvm._tvm import tir, tvm
 from pbtvm.schedules import apply_default_schedule
+from pbtvm.schedules.cuda_pdl import programmatic_callees, with_programmatic_launch
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ def check_bitlayers(func: tir.PrimFunc) -> tir.PrimFunc:
 class ApplyPBSchedules:
     """Schedule every PrimFunc tagged ``pbtvm.kernel`` and mark it scheduled and opaque.
 
+    Kernels written for programmatic dependent launch (CUDA sm_90+,
+    :mod:`pbtvm.schedules.cuda_pdl`) that ``main`` and friends call with constant weights are
+    launched with it: they start while the kernel before them still runs and stream their
+    weights meanwhile.
+
     Parameters
     ----------
     target : tvm.target.Target
@@ -67,4 +73,7 @@ class ApplyPBSchedules:
             updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
         for gvar, func in updates.items():
             mod[gvar] = func
+        early = programmatic_callees(mod)
+        for gvar in [gv for gv in mod.get_global_vars() if gv.name_hint in early]:
+            mod[gvar] = with_programmatic_launch(mod[gvar])
         return mod

@@ -20,6 +20,7 @@ from pbtvm._tvm import s_tir, tir
 from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_WORDS, WORD_BITS, BitplaneFormat, act_column_stride
 from pbtvm.ops.common import act_code, act_inverse, act_magnitude, act_prescale, act_scale, shfl_xor
 
+from .cuda_pdl import declare_early_reads, let_next_start, wait_for_previous
 from .rules import ScheduleRule, format_of
 
 #: Most warps a pack block uses (512 threads).
@@ -245,12 +246,13 @@ def row_pack(
     return pack
 
 
-def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int):
+def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int, programmatic: bool = False):
     """A TVMScript macro launching the one-launch ballot pack (a block per row, :func:`row_pack`):
     ``launch(x, xp, x_scale, rowsum, batch)`` with ``x`` float32 ``[batch, K]``, ``xp`` uint32
     ``fmt.act_shape(batch, K)``, ``x_scale`` float32 ``[batch]``, ``rowsum`` ``[batch]`` in
     ``fmt.accumulator_dtype(K)``. Every word of ``xp`` is written (the padding planes and words of
-    the ``mma16x256`` order with zeros)."""
+    the ``mma16x256`` order with zeros). ``programmatic``: the kernel lets the next one start, then
+    waits for the one before it before it reads or writes anything (:mod:`.cuda_pdl`)."""
     words = fmt.words(k_dim)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)
@@ -259,6 +261,7 @@ def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int):
     mma = fmt.layout == MMA_LAYOUT
     pad_words = fmt.act_shape(1, k_dim)[1] * MMA_TILE_WORDS - words if mma else 0
     pad_lanes = act_column_stride(fmt.act_bits) if mma else 0
+    start, wait = let_next_start(programmatic), wait_for_previous(programmatic)
 
     @T.macro
     def launch(x, xp, x_scale, rowsum, batch):
@@ -271,6 +274,8 @@ def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int):
                     total = T.alloc_local((1,), acc_t)
                     code = T.alloc_local((1,), "int32")
                     vote = T.alloc_local((2,), "uint32")
+                    start()
+                    wait()
                     if pad_words > 0 and ty == 0 and tx < pad_lanes:
                         for pw in T.unroll(pad_words):
                             xp[fmt.act_index(tx, b, words + pw)] = T.uint32(0)
@@ -279,8 +284,9 @@ def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int):
     return launch
 
 
-def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
-    """The one-launch ballot pack for rows of ``k_dim`` activations (:func:`ballot_pack_launch`).
+def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int, programmatic: bool = False) -> tir.PrimFunc:
+    """The one-launch ballot pack for rows of ``k_dim`` activations (:func:`ballot_pack_launch`;
+    ``programmatic``: written for programmatic dependent launch, reading nothing before it waits).
 
     Returns
     -------
@@ -290,7 +296,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
         ``xp`` is written (the padding planes and words of the ``mma16x256`` order with zeros).
     """
     acc_t = fmt.accumulator_dtype(k_dim)
-    launch = ballot_pack_launch(fmt, k_dim)
+    launch = ballot_pack_launch(fmt, k_dim, programmatic)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
@@ -303,7 +309,7 @@ def ballot_pack_kernel(fmt: BitplaneFormat, k_dim: int) -> tir.PrimFunc:
         with T.sblock("root"):  # Relax expects a root block (RewriteDataflowReshape)
             launch(x, xp, x_scale, rowsum, batch)
 
-    return kernel
+    return declare_early_reads(kernel, [], programmatic)
 
 
 class CUDABallotPack(ScheduleRule):
@@ -326,5 +332,6 @@ class CUDABallotPack(ScheduleRule):
         """
         if self.limits.warp_size != LANES:
             raise ValueError(f"the ballot pack needs {LANES}-lane warps; the target has {self.limits.warp_size}")
-        kernel = ballot_pack_kernel(format_of(func), int(func.attrs[names.ATTR_K])).with_attrs(dict(func.attrs))
+        kernel = ballot_pack_kernel(format_of(func), int(func.attrs[names.ATTR_K]), self.limits.programmatic_launch)
+        kernel = kernel.with_attrs(dict(func.attrs))
         return s_tir.Schedule(kernel, debug_mask=0)

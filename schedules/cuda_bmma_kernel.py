@@ -23,6 +23,12 @@ The epilogue goes through shared memory: every warp writes its accumulator tiles
 thread of the block sums one output's K-split parts and activation-plane columns with their
 coefficients ``d_j`` and applies offset / truncation correction, scales and bias exactly as
 :func:`pbtvm.ops.pb_dense`.
+
+On sm_90+ (:attr:`pbtvm.target.TargetLimits.programmatic_launch`) every kernel is written for
+programmatic dependent launch (:mod:`.cuda_pdl`): it lets the next kernel start, prefetches its
+block's weight rows into the L2 (:meth:`BMMALeg.prefetch`) and only then waits for the kernel
+before it, before it reads activations or writes anything; ``compile`` launches it so where the
+weights are constants.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pbtvm.ops.epilogue import dense_value
 from pbtvm.target import TargetInfo, TargetLimits
 
 from .cuda_ballot_pack import FUSED_PREFETCH_MAX, RowPackPhases, ballot_pack_launch, row_pack, row_pack_phases
+from .cuda_pdl import declare_early_reads, let_next_start, wait_for_previous
 
 #: Lanes of the warp that executes one ``mma.sync``: the PTX ISA defines the m16n8k256 fragment
 #: layouts for 32 lanes (the rules check the target's warp size against it).
@@ -67,6 +74,10 @@ FUSED_PREFETCH_MAX_BITS = 8
 #: branch around the plane (guarded, their kernels took up to twice as long: 4096x4096 W4 at
 #: batch 64, 4 x 4 tiles, 27 -> 51 us).
 GUARDED_PLANES_MAX_TILES = 2
+#: Most weight bytes of a layer whose kernel prefetches them all into the L2 before it waits for
+#: the kernel before it (:meth:`BMMALeg.prefetch`): about half the L2 of an H100 (50 MB) or H200
+#: (60 MB), the sm_90 GPUs; larger layers prefetch the first K tiles of every row tile, this much.
+PREFETCH_MAX_BYTES = 24 * 2**20
 #: 32-bit registers of an SM (every sm_70+ GPU).
 SM_REGISTERS = 65536
 #: Registers a lane of a light one-launch config is given (:func:`light_config`): enough for every
@@ -263,7 +274,7 @@ def bmma_dense_kernel(
     if not fused_pack or not packed:
         run = dispatch(packed if not fused_pack else in_block, fused_pack)
     else:
-        run = _pack_then(fmt, k_dim, dispatch(packed, False))
+        run = _pack_then(fmt, k_dim, dispatch(packed, False), limits.programmatic_launch)
         if in_block:
             run = _dispatch([(in_block[-1][0], dispatch(in_block, True)), (None, run)])
     acc_t, wshape = fmt.accumulator_dtype(k_dim), fmt.weight_shape(n_out, k_dim)
@@ -294,9 +305,12 @@ def bmma_dense_kernel(
 
     # Parameters: x, xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, y; drop what this mode does not read.
     if integer:
-        return without_params(kernel, (0, 2, 5, 6))
-    unused = (1, 2, 3) if fused_pack else (0,)
-    return without_params(kernel, unused if bias else (*unused, 6))
+        kernel = without_params(kernel, (0, 2, 5, 6))
+    else:
+        unused = (1, 2, 3) if fused_pack else (0,)
+        kernel = without_params(kernel, unused if bias else (*unused, 6))
+    # the weight planes are read before griddepcontrol.wait (BMMALeg.product's early steps)
+    return declare_early_reads(kernel, ["wp"], limits.programmatic_launch)
 
 
 def _dispatch(launches: list[tuple[int | None, object]]):
@@ -318,12 +332,13 @@ def _dispatch(launches: list[tuple[int | None, object]]):
     return run
 
 
-def _pack_then(fmt: BitplaneFormat, k_dim: int, product):
+def _pack_then(fmt: BitplaneFormat, k_dim: int, product, programmatic: bool = False):
     """A TVMScript macro with :func:`_launch`'s arguments for a kernel that reads ``x``: the ballot
     pack of every batch row into workspaces (global memory the host allocates from TVM's workspace
     pool, at the function's entry), then ``product`` (a two-launch kernel's launch, or a dispatch
-    of them) on them (``xp``, ``x_scale``, ``rowsum`` unused)."""
-    pack = ballot_pack_launch(fmt, k_dim)
+    of them) on them (``xp``, ``x_scale``, ``rowsum`` unused). ``programmatic``: the pack is written
+    for programmatic dependent launch (:mod:`.cuda_pdl`)."""
+    pack = ballot_pack_launch(fmt, k_dim, programmatic)
     acc_t = fmt.accumulator_dtype(k_dim)
 
     @T.macro
@@ -362,6 +377,7 @@ def _launch(
     product = leg.product()
     column_total = leg.column_total()
     packed_product, shapes = (leg.packed_product(early), leg.packed_shapes()) if fused_pack else (None, None)
+    start, prefetch, wait = let_next_start(leg.programmatic), leg.prefetch(), wait_for_previous(leg.programmatic)
 
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
@@ -376,7 +392,8 @@ def _launch(
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")  # one 16-byte A fragment each
         bf = T.alloc_local(*leg.b_fragments)
         total = T.alloc_local((1,), acc_t)
-        if fused_pack:  # this block's batch rows, packed into shared memory first
+        start()
+        if fused_pack:  # this block's batch rows, packed into shared memory first (it waits in there)
             xpack = T.alloc_shared(shapes["packed"], "uint32")
             rscale = T.alloc_shared(shapes["row_scale"], "float32")
             rcode = T.alloc_shared(shapes["row_code"], acc_t)
@@ -384,6 +401,8 @@ def _launch(
                 x, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, xpack, rscale, rcode, total
             )
         else:
+            prefetch(wp, bitlayers, bx, tz, ty, tx)
+            wait()
             product(xp, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
         T.tvm_storage_sync("shared")
         for o in range(out_rounds):  # a thread per output (row fastest: coalesced y)
@@ -451,6 +470,9 @@ class BMMALeg:
         if problem:
             raise ValueError(f"BMMA config {cfg} does not fit {fmt.name} N={n_rows} K={k_dim}: {problem}")
         self.fmt, self.n_rows, self.k_dim, self.cfg, self.fused_pack = fmt, n_rows, k_dim, cfg, fused_pack
+        #: Whether the kernel waits for the one before it (programmatic dependent launch,
+        #: :mod:`.cuda_pdl`): after the early weight loads, before it reads activations.
+        self.programmatic = limits.programmatic_launch
         self.words = fmt.words(k_dim)
         self.acc_dtype = fmt.accumulator_dtype(k_dim)
         self.stride = act_column_stride(fmt.act_bits)
@@ -519,6 +541,42 @@ class BMMALeg:
             raise ValueError("pack_phases is for a leg made with fused_pack=True")
         return row_pack_phases(self.fmt, self.k_dim, self.cfg.threads // MMA_LANES, self._prefetch())
 
+    def prefetch(self):
+        """A TVMScript macro ``prefetch(wp, bitlayers, bx, tz, ty, tx)``: with :attr:`programmatic`,
+        the block's weight rows of every plane below ``bitlayers`` into the L2 cache
+        (``cp.async.bulk.prefetch.L2``: a row tile's first :meth:`prefetch_k_tiles` K tiles, one
+        contiguous range, a thread each), for a kernel that may run before the one before it
+        ends: the weights stream from DRAM during that wait (:mod:`.cuda_pdl`). Registers
+        would hold them too, but ptxas moved such loads past the wait (their ``ld.global.nc``
+        ignores the wait's memory clobber); a prefetch is an asm statement it keeps in place.
+        Nothing without :attr:`programmatic`."""
+        fmt, cfg, row_tiles = self.fmt, self.cfg, self.row_tiles
+        wm, mt, threads = cfg.warps_m, cfg.tiles_m, cfg.threads
+        ranges = fmt.bits * wm * mt  # (plane, block row tile) pairs
+        tile_bytes = MMA_TILE_ROWS * MMA_TILE_WORDS * 4 * self.prefetch_k_tiles()
+        enabled = self.programmatic
+
+        @T.macro
+        def prefetch(wp, bitlayers, bx, tz, ty, tx):
+            if enabled:
+                for r in range(-(-ranges // threads)):
+                    idx = T.meta_var(r * threads + (tz * wm + ty) * MMA_LANES + tx)
+                    plane = T.meta_var(idx // (wm * mt))
+                    tile = T.meta_var(bx * wm * mt + idx % (wm * mt))
+                    if idx < ranges and tile < row_tiles and T.Cast("int64", plane) < bitlayers:
+                        T.ptx.cp.async_.bulk.prefetch.L2.global_(
+                            wp.ptr_to([plane, tile, 0, 0, 0]), T.uint32(tile_bytes)
+                        )
+
+        return prefetch
+
+    def prefetch_k_tiles(self) -> int:
+        """K tiles of each row tile :meth:`prefetch` fetches: all of them, or the share of
+        :data:`PREFETCH_MAX_BYTES` of a layer with more weights (every block prefetching its own
+        would evict the first ones from the L2 before they are read)."""
+        total = self.fmt.bits * self.row_tiles * self.k_tiles * MMA_TILE_ROWS * MMA_TILE_WORDS * 4
+        return max(1, min(self.k_tiles, self.k_tiles * PREFETCH_MAX_BYTES // total))
+
     @property
     def planes_outside(self) -> bool:
         """Whether :meth:`product` loops over the weight planes outside the K steps."""
@@ -560,6 +618,7 @@ class BMMALeg:
         uint32x4; zeros past ``bitlayers``, never read), to be called before the in-block pack so
         that their DRAM latency overlaps it (the weights were otherwise requested only after the
         pack), and ``product`` takes ``af0`` as a last argument and starts from it.
+        ``product`` reads activations: with :attr:`programmatic` the caller waits before it.
         """
         fmt, cfg = self.fmt, self.cfg
         n_act, words, acc_t, stride, fused = fmt.act_bits, self.words, self.acc_dtype, self.stride, self.fused_pack
@@ -715,7 +774,9 @@ class BMMALeg:
 
     def packed_product(self, early: int = 0):
         """A TVMScript macro: :meth:`pack_block` of the block's rows, then :meth:`product` of them,
-        with the weight fragments of the first ``early`` K steps loaded before the pack.
+        with the weight fragments of the first ``early`` K steps loaded before the pack (with
+        :attr:`programmatic`: the weights prefetched, those fragments loaded, then the wait for
+        the kernel before this one, then the pack).
 
         ``packed_product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part,
         packed, row_scale, row_code, total)``: ``act`` float32 ``[B, K]``; ``packed``,
@@ -723,6 +784,7 @@ class BMMALeg:
         :meth:`product`. Needs ``fused_pack``.
         """
         pack_block, step_frags = self.pack_block(), self.step_fragments
+        prefetch, wait = self.prefetch(), wait_for_previous(self.programmatic)
         if early == 0:
             product = self.product()
 
@@ -747,6 +809,8 @@ class BMMALeg:
                 row_code,
                 total,
             ):
+                prefetch(wp, bitlayers, bx, tz, ty, tx)
+                wait()
                 pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
                 product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part)
 
@@ -759,7 +823,9 @@ class BMMALeg:
             act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, packed, row_scale, row_code, total
         ):
             af0 = T.alloc_local((early * step_frags,), "uint32x4")
+            prefetch(wp, bitlayers, bx, tz, ty, tx)
             first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
+            wait()
             pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
             product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
 

@@ -49,6 +49,7 @@ from .cuda_bmma_kernel import (
     shared_bytes,
     without_params,
 )
+from .cuda_pdl import declare_early_reads, let_next_start, wait_for_previous
 from .rules import KnobRule, format_of, lstm_cell_operands
 
 #: Gates per hidden unit (i, f, g, o): a unit's rows ``4u .. 4u + 3`` are adjacent (unit-major).
@@ -138,6 +139,7 @@ def bmma_lstm_kernel(
     else:
         gates_of = _gates_of(leg_h, rows)
     block_rows, block_batch, threads = leg_h.block_rows, leg_h.block_batch, cfg.threads
+    start = let_next_start(leg_h.programmatic)  # gates_of waits (after its weight prefetch)
     units = block_rows // GATES
     cell_rounds = -(-(units * block_batch) // threads)
 
@@ -189,6 +191,7 @@ def bmma_lstm_kernel(
                             with T.attr(0, LAUNCH_MIN_BLOCKS, 1):  # see LAUNCH_MIN_BLOCKS
                                 gates = T.alloc_shared((block_batch, block_rows), "float32")
                                 gate = T.alloc_local((GATES,), "float32")
+                                start()
                                 if with_x:
                                     gates_of(
                                         h, x, wp_hh, ws_hh, wp_ih, ws_ih, bias_buf, batch, bitlayers,
@@ -216,7 +219,8 @@ def bmma_lstm_kernel(
         unused = (4, 5, 10) if bias else (3, 4, 5, 10)
     else:
         unused = (0, 1, 2, 3, 4) if sequence else (0, 1, 2, 3, 5, 10)
-    return without_params(kernel, unused)
+    # the weight planes are prefetched before griddepcontrol.wait (BMMALeg.prefetch)
+    return declare_early_reads(without_params(kernel, unused), ["wp_ih"] * with_x + ["wp_hh"], leg_h.programmatic)
 
 
 def _epilogue_of(leg: BMMALeg, rows: int, bias: bool, add: bool):
@@ -308,6 +312,7 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
     early = early_h > 0  # the same config and format: leg_x's is > 0 too
     first_h, product_h = leg_h.product(early_h) if early else (None, leg_h.product())
     first_x, product_x = leg_x.product(early_x) if early else (None, leg_x.product())
+    prefetch_h, prefetch_x, wait = leg_h.prefetch(), leg_x.prefetch(), wait_for_previous(leg_h.programmatic)
     shapes_h, shapes_x = leg_h.packed_shapes(), leg_x.packed_shapes()
     epilogue_h = _epilogue_of(leg_h, rows, bias=False, add=False)
     epilogue_x = _epilogue_of(leg_x, rows, bias, add=True)
@@ -365,6 +370,8 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
         dot = T.alloc_local((leg_h.frag,), "int32")
         af = T.alloc_local((cfg.loads * cfg.tiles_m,), "uint32x4")
         bf = T.alloc_local(*leg_h.b_fragments)
+        prefetch_h(wp_hh, bitlayers, bx, tz, ty, tx)
+        prefetch_x(wp_ih, bitlayers, bx, tz, ty, tx)
         if early:
             # Both legs' first K steps of weights (every used plane) are loaded before the pack, so
             # that its DRAM latency overlaps the pack's (the pack's registers are free again
@@ -373,10 +380,12 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
             af0_x = T.alloc_local((early_x * leg_x.step_fragments,), "uint32x4")
             first_h(wp_hh, bitlayers, bx, tz, ty, tx, af0_h)
             first_x(wp_ih, bitlayers, bx, tz, ty, tx, af0_x)
+            wait()
             pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
             product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h, af0_h)
             product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x, af0_x)
         else:
+            wait()
             pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
             product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h)
             product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x)

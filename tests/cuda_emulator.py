@@ -67,6 +67,11 @@ _PRELUDE = r"""
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// Programmatic dependent launch and the L2 prefetch (TVM's helpers): no-ops here, where a
+// kernel's launches run one after another.
+static inline void tvm_builtin_ptx_griddepcontrol_launch_dependents() {}
+static inline void tvm_builtin_ptx_griddepcontrol_wait() {}
+static inline void tvm_builtin_ptx_cp_async_bulk_prefetch_async_bulk_prefetch_L2_global(const void*, unsigned) {}
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 static inline uint2 make_uint2(unsigned a, unsigned b) { return uint2{a, b}; }
 static inline float max(float a, float b) { return fmaxf(a, b); }

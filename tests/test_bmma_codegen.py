@@ -6,6 +6,8 @@ The GPU exactness checks of the same kernels are in ``tests/test_bmma_gpu.py``.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,19 +17,21 @@ import pbtvm
 from pbtvm import bitplane as bp
 from pbtvm import kernels, library, names
 from pbtvm import quantize as qz
-from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm._tvm import relax, s_tir, tir, tvm
 from pbtvm.compiler import _rewrite
 from pbtvm.cuda import build, cuda_source
 from pbtvm.errors import InputError
-from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, sass_by_kernel, source_sass
-from pbtvm.schedules import apply_default_schedule, cuda_bmma, tuning
+from pbtvm.relay_passes import ApplyPBSchedules
+from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, reads_before_wait, sass_by_kernel, source_sass
+from pbtvm.schedules import apply_default_schedule, cuda_bmma, cuda_pdl, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg, bmma_dense_kernel, config_problem, registers
-from pbtvm.target import resolve_target, weight_layout
+from pbtvm.target import TargetInfo, resolve_target, weight_layout
 
 from .cuda_emulator import dispatched_launch, dispatched_launches
 from .models import MLP
 
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+SM90_LIMITS = TargetInfo.of(SM90).limits  # the kernels programmatic dependent launch (cuda_pdl)
 MMA = "mma16x256"
 
 
@@ -423,6 +427,18 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
         assert body.count("VOTE.ANY") >= 8, name  # a ballot per plane
     assert not any(k.startswith("pb_act_pack") for k in sass)
     assert not any(BMMA_OPCODE in v for k, v in sass.items() if not k.startswith("pb_dense"))
+    # Programmatic dependent launch (sm_90): every PB kernel (its weights are constants) starts
+    # while the kernel before it runs; before it waits it names only its weights (their L2
+    # prefetch), after it lets the next kernel start. TVM's other kernels are launched plainly.
+    tags = library.cuda_launch_tags(str(tmp_path / "m.so"))
+    assert {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v} == set(products) | set(packs)
+    (src,) = library._cuda_sources(m._module.mod)
+    reads = reads_before_wait(src)
+    assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in packs)
+    for name, body in {**products, **packs}.items():
+        order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
+        want = ["PREEXIT", "UBLKPF.L2", "ACQBULK"] if name in products else ["PREEXIT", "ACQBULK"]
+        assert order == want, (name, order)
 
 
 class _SharedInput(torch.nn.Module):
@@ -513,6 +529,48 @@ def test_compile_at_a_static_batch_of_one_builds_one_launch_layers(tmp_path):
         assert not cuda_bmma.one_launch_layer(bp.BitplaneFormat(4, 8), 64, 64, 1)  # the CUDA-core layout
 
 
+def _layer_module(constant_weights: bool) -> tvm.IRModule:
+    """``main`` calling a PB dense layer whose weights are a constant, or ``main``'s parameter."""
+    fmt, n, k = bp.BitplaneFormat(4, 8, layout=MMA), 64, 256
+    wshape = fmt.weight_shape(n, k)
+    x = relax.Var("x", relax.TensorType([1, k], "float32"))
+    w_var = relax.Var("w", relax.TensorType(list(wshape), "uint32"))
+    w = relax.const(np.zeros(wshape, np.uint32), "uint32") if constant_weights else w_var
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x] if constant_weights else [x, w_var]):
+        gv = bb.add_func(kernels.dense_act_func(fmt, n, k, bias=False).without_attr("global_symbol"), "layer")
+        args = [x, w, relax.const(np.ones(n, np.float32), "float32"), relax.prim_value(tir.IntImm("int64", 4))]
+        bb.emit_func_output(bb.emit(relax.call_tir(gv, args, relax.TensorType([1, n], "float32"))))
+    return bb.get()
+
+
+@pytest.mark.parametrize("constant_weights", [True, False])
+def test_programmatic_launch_only_where_the_weights_are_constants(constant_weights):
+    """A PB kernel reads its weights before it waits for the kernel before it: it is launched
+    early only where they are constants (nothing on the stream writes them); with weights a
+    caller passes, plainly (its code still waits: without the launch flag a no-op)."""
+    with SM90:
+        mod = ApplyPBSchedules(SM90)(_layer_module(constant_weights))
+    attrs = mod["layer"].attrs
+    assert list(attrs[names.ATTR_EARLY_READS]) == ["wp"]
+    flags = [str(f) for f in attrs.get(names.ATTR_KERNEL_LAUNCH_PARAMS, [])]
+    assert (names.LAUNCH_PROGRAMMATIC in flags) == constant_weights
+
+
+def test_programmatic_launch_needs_a_kernel_written_for_it(monkeypatch):
+    """No launch flag for a kernel that does not wait (it could read its input before it is
+    written): sm_80 and ``PBTVM_CUDA_PDL=0`` build kernels without griddepcontrol or prefetch."""
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    plain = apply_default_schedule(kernels.dense_func(fmt, 64, 256), resolve_target({"kind": "cuda", "arch": "sm_80"}))
+    with pytest.raises(ValueError, match="not written for programmatic dependent launch"):
+        cuda_pdl.with_programmatic_launch(plain)
+    monkeypatch.setenv(names.ENV_CUDA_PDL, "0")
+    assert not TargetInfo.of(SM90).limits.programmatic_launch
+    source = cuda_source(build(apply_default_schedule(kernels.dense_func(fmt, 64, 256), SM90), SM90))
+    assert "griddepcontrol" not in source and "prefetch" not in source
+    assert set(reads_before_wait(source).values()) == {None}
+
+
 @pytest.mark.parametrize(
     ("arch", "want"),
     [("sm_75", "kNW"), ("sm_80", MMA), ("sm_86", MMA), ("sm_89", MMA), ("sm_90", MMA), ("sm_90a", MMA)],
@@ -540,7 +598,7 @@ def test_recorded_default_replays_to_the_bmma_kernel():
     rule = tuning.tunable_rule(func, SM90)
     traced = rule.traced_default(tuning.workload(func, 1))
     assert cuda_bmma.CONFIG_ANNOTATION in traced.mod["main"].script()
-    kernel = tuning.replay(func, traced.trace)
+    kernel = tuning.replay(func, traced.trace, SM90_LIMITS)
     assert cuda_bmma.CONFIG_ANNOTATION not in kernel.script() and "mma" in kernel.script()
     # the workload's batch-1 config serves batch 1 of the symbolic layer's dispatch: the default's
     assert tvm_ffi.structural_equal(kernel, rule.apply(func).mod["main"])
@@ -597,10 +655,10 @@ def test_dense_act_dispatch_default_and_tuned_configs():
     dispatch = cuda_bmma.dispatch_configs(fmt, 256, 512, in_block_max=1)
     rule = tuning.tunable_rule(func, SM90)
     kernel = rule.apply(func).mod["main"]
-    assert tvm_ffi.structural_equal(kernel, cuda_bmma.kernel_for(func, dispatch))
+    assert tvm_ffi.structural_equal(kernel, cuda_bmma.kernel_for(func, dispatch, SM90_LIMITS))
     assert [len(dispatched_launches(kernel, b)) for b in (1, 2, 8, 9, 33)] == [1, 2, 2, 2, 2]
     traced = rule.traced_default(tuning.workload(func, 1))
-    assert tvm_ffi.structural_equal(tuning.replay(func, traced.trace), kernel)
+    assert tvm_ffi.structural_equal(tuning.replay(func, traced.trace, SM90_LIMITS), kernel)
     tuned = BMMAConfig(tiles_m=1, warps_m=1, k_split=2, loads=1, tiles_n=2)
     for at, want in ((1, [(1, tuned, True), *dispatch[1:]]), (16, [*dispatch[:2], (32, tuned, False), dispatch[3]])):
         sch = s_tir.Schedule(func, debug_mask=0)

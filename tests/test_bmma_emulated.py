@@ -22,13 +22,16 @@ from pbtvm.schedules import apply_default_schedule, cuda_bmma
 from pbtvm.schedules.cuda_ballot_pack import PREFETCH_MAX, pack_warps
 from pbtvm.schedules.cuda_bmma import default_config
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, bmma_dense_kernel
-from pbtvm.target import resolve_target
+from pbtvm.target import TargetInfo, resolve_target
 
 from .activations import extreme_rows, near_tie_rows
 from .cuda_emulator import EmulatedKernel, dispatched_launch, dispatched_launches, host_workspaces, kernel_name
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to emulate the kernel")
 SM90 = resolve_target({"kind": "cuda", "arch": "sm_90"})
+#: sm_90's limits: the kernels are written for programmatic dependent launch (griddepcontrol,
+#: the weights prefetched into L2 before the wait: no-ops in the emulator, the code around them runs)
+SM90_LIMITS = TargetInfo.of(SM90).limits
 CPU = resolve_target("llvm")
 MMA = "mma16x256"
 
@@ -38,7 +41,8 @@ def _emulate_exact(
 ):
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
     cfg = cfg or default_config(fmt, n, k)
-    func = bmma_dense_kernel(fmt, n, k, False, cfg, integer=True).with_attr("global_symbol", "bmma_int")
+    func = bmma_dense_kernel(fmt, n, k, False, cfg, integer=True, limits=SM90_LIMITS)
+    func = func.with_attr("global_symbol", "bmma_int")
     kernel = EmulatedKernel(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)))
     q, _ = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
     wp = bp.pack_weights(q, fmt)
@@ -172,7 +176,8 @@ def test_ballot_pack_keeps_the_nan_policy_in_emulation(rng):
 def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebook, rng):
     """One launch per layer: the blocks pack their batch rows (ballots into shared memory) first."""
     fmt = bp.BitplaneFormat(bits, act_bits, codebook, layout=MMA)
-    func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True).with_attr("global_symbol", "fused")
+    func = bmma_dense_kernel(fmt, n, k, True, cfg, fused_pack=True, limits=SM90_LIMITS)
+    func = func.with_attr("global_symbol", "fused")
     kernel = EmulatedKernel(cuda_source(build(func.with_attr("tirx.is_scheduled", True), SM90)))
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((batch, k)).astype(np.float32)

@@ -192,3 +192,27 @@ def test_compiled_static_batch_one_model_matches_cpu_on_gpu():
     x = np.random.default_rng(4).standard_normal((1, 300)).astype(np.float32)
     for layers in (None, 2):
         np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
+
+
+def test_programmatic_launch_chain_matches_plain_launch_on_gpu(monkeypatch):
+    """Programmatic dependent launch (sm_90+, ``compile``'s default there): each PB kernel starts
+    while the one before it runs, prefetches its weights and waits before it reads the previous
+    layer's output. A deep model called many times in a row gives the same bits as the same
+    model built without it (``PBTVM_CUDA_PDL=0``): a read before the wait would show as a mismatch."""
+    from pbtvm import names
+
+    if not pbtvm.target.programmatic_launch(pbtvm.target.local_cuda_arch()):
+        pytest.skip("the GPU has no programmatic dependent launch (sm_90+)")
+    torch.manual_seed(0)
+    model = MLP((1024, 1024, 1024, 1024, 1024, 1024, 10)).eval()
+    ex = (torch.randn(2, 1024),)
+    early = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
+    monkeypatch.setenv(names.ENV_CUDA_PDL, "0")
+    plain = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
+    for batch in (1, 9, 40):  # one launch (K <= 650: none here), pack + kernel, another range
+        xs = [
+            np.random.default_rng(batch * 100 + i).standard_normal((batch, 1024)).astype(np.float32) for i in range(3)
+        ]
+        want = [plain(x) for x in xs]
+        for i in range(60):  # back to back: the next call's first kernel overlaps this call's last
+            np.testing.assert_array_equal(early(xs[i % 3]), want[i % 3], err_msg=f"batch {batch}, call {i}")

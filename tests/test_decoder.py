@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pbtvm import library
+from pbtvm import names as pbtvm_names
 from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.lstm import compile_lstm
 from pbtvm.repack import CopyGroup, repack_func
+from pbtvm.sass import reads_before_wait
 
 SM90 = {"kind": "cuda", "arch": "sm_90"}
 
@@ -232,6 +234,14 @@ def test_cuda_decoder_captures_every_step_kernel_in_one_graph(tmp_path):
     assert dec.model.manifest["decoder"]["cuda_graph"] is True
     path = dec.export(tmp_path / "decoder_sm90.so")  # a CUDA library exports without a GPU
     assert library.read_manifest(path)["decoder"]["batch"] == 1
+    # programmatic dependent launch (sm_90): the step and the head start while the kernel before
+    # them runs (their weights are constants), reading only their weights before they wait
+    tags = library.cuda_launch_tags(str(path))
+    early = {k for k, v in tags.items() if pbtvm_names.LAUNCH_PROGRAMMATIC in v}
+    assert early == {"pb_dense_head_kernel", "pb_lstm_step_l0_kernel"}
+    reads = reads_before_wait(src)
+    assert reads["pb_lstm_step_l0_kernel"] == {"wp_ih_ptr", "wp_hh_ptr"}
+    assert reads["pb_dense_head_kernel"] == {"wp_ptr"}
 
 
 def test_cuda_decoder_without_graph_calls_kernels_from_main():

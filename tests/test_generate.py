@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import pbtvm
-from pbtvm import library
+from pbtvm import library, names
 from pbtvm.apps.ptb import word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import PICK_THREADS, philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
 from pbtvm.sampling_tir import CUDA_PICK_HELD_MAX, CUDA_PICK_LOADS
+from pbtvm.sass import reads_before_wait
 
 from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
@@ -233,7 +234,10 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases, emb
     from pbtvm.target import resolve_target
 
     chunk = 3
-    src = cuda_source(build(pick_func(batch, vocab, chunk, "cuda", embedding), resolve_target(SM90)))
+    # as generate() builds it on sm_90: written for programmatic dependent launch (no-ops here)
+    pick = pick_func(batch, vocab, chunk, "cuda", embedding, programmatic=True)
+    src = cuda_source(build(pick, resolve_target(SM90)))
+    assert "griddepcontrol_wait" in src
     kernel = EmulatedKernel(src, warp_ops=False)
     table = _table(embedding)
 
@@ -639,7 +643,13 @@ def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
     assert _kernel_calls(funcs["prefill_chunk_cuda_graph_capture"]) == ["take", *step[:2]] * 3  # no head, no pick
     (src,) = library._cuda_sources(dec.model._module.mod)
     assert re.search(rf"__launch_bounds__\({PICK_THREADS}, 1\) pick_token_kernel", src)
-    assert library.read_manifest(dec.export(tmp_path / "gen_sm90.so"))["decoder"]["generate_chunk"] == 3
+    path = dec.export(tmp_path / "gen_sm90.so")
+    assert library.read_manifest(path)["decoder"]["generate_chunk"] == 3
+    # programmatic dependent launch (sm_90): a token's kernels each start while the one before runs
+    tags = library.cuda_launch_tags(str(path))
+    early = {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v}
+    assert early == {"pb_lstm_step_l0_kernel", "pb_dense_head_kernel", "pick_token_kernel"}
+    assert reads_before_wait(src)["pick_token_kernel"] == set()  # it reads nothing before it waits
 
 
 @pytest.mark.gpu

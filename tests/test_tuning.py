@@ -161,7 +161,7 @@ def test_tune_then_compile_from_log(tmp_path, monkeypatch):
     assert at_8.manifest["tuning"]["tuned_kernels"] == []
 
     # A tuned record whose kernel computes something else (here: nothing) is refused, loudly.
-    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: func.with_body(tir.Evaluate(0)))
+    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace, *_limits: func.with_body(tir.Evaluate(0)))
     with pytest.warns(UserWarning, match="computes a different result than the default schedule"):
         refused = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert refused.manifest["tuning"]["tuned_kernels"] == []
@@ -186,7 +186,7 @@ def test_an_unconfirmed_best_pins_the_kernel_to_its_default(tmp_path, monkeypatc
     assert all(k.startswith(tuning.DEFAULT_PIN) and v["schedule"] == "default" for k, v in pins.items())
 
     replayed = []
-    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: replayed.append(func) or func)
+    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace, *_limits: replayed.append(func) or func)
     m = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert replayed == []
     assert sorted(m.manifest["tuning"]["tuned_kernels"]) == sorted(k.name for k in report.kernels)  # from the log
@@ -221,7 +221,7 @@ def test_a_stopped_run_holds_its_kernels_at_the_default_until_tuned_again(tmp_pa
     held = json.loads((log / tuning.KNOB_LOG).read_text())
     assert len(held) == 2 and all(v == {"schedule": "default", "pending": True} for v in held.values())
     replayed = []
-    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace: replayed.append(func) or func)
+    monkeypatch.setattr(tuning.lookup, "replay", lambda func, _trace, *_limits: replayed.append(func) or func)
     with pytest.warns(UserWarning, match="stopped before it finished pb_gemm.*tune again to finish"):
         compiled = pbtvm.compile(model, example, "llvm", bits=4, work_dir=tmp_path)
     assert replayed == [] and compiled.manifest["tuning"]["tuned_kernels"] == []  # none decided by the log

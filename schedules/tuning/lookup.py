@@ -24,8 +24,10 @@ from pathlib import Path
 import tvm_ffi
 
 from pbtvm._tvm import s_tir, tir, tvm
+from pbtvm.target import TargetInfo, TargetLimits
 
 from .. import cuda_bmma
+from ..cuda_bmma_kernel import DEFAULT_LIMITS
 from ..rules import KnobRule
 from ..verify import agrees_with_default
 from .log import TuningLog, target_key
@@ -48,15 +50,17 @@ def _offered(rule: KnobRule, func: tir.PrimFunc, chosen: dict) -> bool:
     return whole and setting in offered  # 4.0 or "4" is not a setting the tuner writes
 
 
-def replay(func: tir.PrimFunc, trace: object) -> tir.PrimFunc:
+def replay(func: tir.PrimFunc, trace: object, limits: TargetLimits = DEFAULT_LIMITS) -> tir.PrimFunc:
     """Apply a trace found on :func:`.space.workload` to the symbolic kernel ``func``.
 
     The templates' instructions do not depend on the batch or ``bitlayers`` extents, so the
-    trace (with its sampled decisions) replays on the kernel that keeps both symbolic.
+    trace (with its sampled decisions) replays on the kernel that keeps both symbolic. ``limits``:
+    the target's (:attr:`pbtvm.target.TargetInfo.limits`), which a BMMA kernel is written for (its
+    programmatic dependent launch on sm_90+, as the default schedule's).
     """
     sch = s_tir.Schedule(func)
     trace.apply_to_schedule(sch, remove_postproc=False)
-    return cuda_bmma.materialize(sch.mod["main"])  # a BMMA config becomes its kernel
+    return cuda_bmma.materialize(sch.mod["main"], limits)  # a BMMA config becomes its kernel
 
 
 def _record_for(
@@ -189,7 +193,7 @@ class TunedLookup:
             self._refused = self._refused or foreign
             return None
         try:
-            scheduled = replay(func, record.trace)
+            scheduled = replay(func, record.trace, TargetInfo.of(target).limits)
         except Exception as err:
             warnings.warn(
                 f"pbtvm: tuned schedule for {kernel_name(func)} does not apply ({err}); default used", stacklevel=3

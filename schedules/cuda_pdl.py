@@ -1,0 +1,139 @@
+"""Programmatic dependent launch (CUDA sm_90+) for the PB kernels.
+
+A kernel launched with CUDA's programmatic stream serialization (:data:`pbtvm.names.LAUNCH_PROGRAMMATIC`)
+may start while the kernel before it in the stream still runs, once every block of that kernel
+has run ``griddepcontrol.launch_dependents`` (or ended); ``griddepcontrol.wait`` then waits until
+that kernel has ended and its writes are visible. Without the flag both instructions are no-ops.
+
+At batch 1 a PB layer reads a few MB of weights in a few microseconds, and the gap between two
+kernels (launch, the first loads' DRAM latency, the last blocks' tail) was about as long (H200:
+4096x4096 W4 kernel 5.3 us for 8.4 MB, of which ~3 us did not grow with the weights; ncu: the
+SMs active 63 % of the kernel's time, thirty-seventh session). So every PB kernel written here
+lets the next kernel start at once (``launch_dependents`` first), loads what nothing on the
+stream writes before it waits (its first weight fragments: the loads are in flight during the
+wait), and only then reads activations or writes anything.
+
+The kernels say which buffers they read before the wait (:data:`pbtvm.names.ATTR_EARLY_READS`);
+:func:`programmatic_callees` launches a kernel early only where those are constants at every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tvm.script import tirx as T
+
+from pbtvm import names
+from pbtvm._tvm import relax, tir, tvm
+
+
+def let_next_start(enabled: bool):
+    """A TVMScript macro for the start of a kernel: with ``enabled``, let the next kernel in the
+    stream launch now (``griddepcontrol.launch_dependents``; its blocks wait before they read
+    what this one writes)."""
+
+    @T.macro
+    def start():
+        if enabled:
+            T.ptx.griddepcontrol.launch_dependents()
+
+    return start
+
+
+def wait_for_previous(enabled: bool):
+    """A TVMScript macro: with ``enabled``, wait until the kernel before this one in the stream has
+    ended and its writes are visible (``griddepcontrol.wait``); before it a kernel reads only the
+    buffers it declares (:func:`declare_early_reads`), and writes nothing."""
+
+    @T.macro
+    def wait():
+        if enabled:
+            T.ptx.griddepcontrol.wait()
+
+    return wait
+
+
+def declare_early_reads(func: tir.PrimFunc, params: Iterable[str], enabled: bool) -> tir.PrimFunc:
+    """``func`` marked as written for programmatic dependent launch (with ``enabled``), reading the
+    buffer parameters named ``params`` (e.g. ``"wp"``) before it waits; unchanged
+    otherwise.
+
+    Raises
+    ------
+    ValueError
+        If a name is not one of ``func``'s buffer parameters.
+    """
+    if not enabled:
+        return func
+    params = list(params)
+    have = {p.name for p in func.params if tir.is_buffer_var(p)}
+    missing = [p for p in params if p not in have]
+    if missing:
+        raise ValueError(f"early reads {missing} are not buffer parameters of the kernel ({sorted(have)})")
+    return func.with_attr(names.ATTR_EARLY_READS, params)
+
+
+def early_read_indices(func: tir.PrimFunc) -> list[int] | None:
+    """Positions of the parameters ``func`` reads before it waits, or None if it was not written for
+    programmatic dependent launch (no :data:`pbtvm.names.ATTR_EARLY_READS`)."""
+    early = (func.attrs or {}).get(names.ATTR_EARLY_READS)
+    if early is None:
+        return None
+    wanted = {str(n) for n in early}
+    return [i for i, p in enumerate(func.params) if p.name in wanted]
+
+
+def with_programmatic_launch(func: tir.PrimFunc) -> tir.PrimFunc:
+    """``func`` whose kernels are launched with :data:`pbtvm.names.LAUNCH_PROGRAMMATIC`.
+
+    The caller promises that nothing on the stream writes the buffers ``func`` reads before it
+    waits (:data:`pbtvm.names.ATTR_EARLY_READS`; ``compile`` checks they are constants).
+
+    Raises
+    ------
+    ValueError
+        If ``func`` was not written for programmatic dependent launch: a kernel that does not wait
+        could read its input before the kernel writing it has ended.
+    """
+    if early_read_indices(func) is None:
+        raise ValueError(
+            f"the kernel was not written for programmatic dependent launch (no {names.ATTR_EARLY_READS}): "
+            "launched early it could read its inputs before they are written"
+        )
+    flags = [str(f) for f in (func.attrs or {}).get(names.ATTR_KERNEL_LAUNCH_PARAMS, [])]
+    if names.LAUNCH_PROGRAMMATIC in flags:
+        return func
+    return func.with_attr(names.ATTR_KERNEL_LAUNCH_PARAMS, [*flags, names.LAUNCH_PROGRAMMATIC])
+
+
+def programmatic_callees(mod: tvm.IRModule) -> set[str]:
+    """Names of the PrimFuncs of ``mod`` to launch with programmatic dependent launch: those
+    written for it (:func:`early_read_indices`) that Relax functions call (``call_tir``) only with
+    constants for the buffers they read before they wait."""
+    candidates = {
+        gv.name_hint: early
+        for gv, f in mod.functions_items()
+        if isinstance(f, tir.PrimFunc) and (early := early_read_indices(f)) is not None
+    }
+    if not candidates:
+        return set()
+    constant: dict[str, bool] = {}  # every call_tir so far passed constants
+    callee_uses: dict[str, int] = {}  # references as call_tir's callee
+    uses: dict[str, int] = {}  # all references
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(node) -> None:
+        if isinstance(node, relax.GlobalVar) and node.name_hint in candidates:
+            uses[node.name_hint] = uses.get(node.name_hint, 0) + 1
+        if isinstance(node, relax.Call) and node.op.same_as(call_tir) and node.args[0].name_hint in candidates:
+            name = node.args[0].name_hint
+            args = node.args[1].fields if isinstance(node.args[1], relax.Tuple) else [node.args[1]]
+            ok = all(i < len(args) and isinstance(args[i], tvm.ir.Constant) for i in candidates[name])
+            constant[name] = constant.get(name, True) and ok
+            callee_uses[name] = callee_uses.get(name, 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    # a PrimFunc referenced other than as a call_tir callee has callers this cannot see
+    return {name for name, ok in constant.items() if ok and uses.get(name, 0) == callee_uses[name]}
