@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ def nvcc_output(source: str, arch: str, kind: str, *options: str) -> tuple[bytes
     """
     if not arch.startswith("sm_"):
         raise InputError(f"CUDA arch must look like 'sm_90', got {arch!r}")
+    source = without_restrict_where_waiting(source)
     nvcc = find_nvcc()
     with tempfile.TemporaryDirectory(prefix="pbtvm_nvcc_") as tmp:
         src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.out")
@@ -81,6 +83,41 @@ def nvcc_output(source: str, arch: str, kind: str, *options: str) -> tuple[bytes
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         with open(out, "rb") as f:
             return f.read(), proc.stderr
+
+
+#: TVM's call of ``griddepcontrol.wait`` in CUDA C++ (programmatic dependent launch).
+GRID_WAIT_CALL = "tvm_builtin_ptx_griddepcontrol_wait()"
+#: A kernel's declaration or definition in TVM's CUDA C++: name, then its parameter list.
+_KERNEL_SIGNATURE = re.compile(r'(extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\()([^;{)]*)\)')
+
+
+def without_restrict_where_waiting(source: str) -> str:
+    """TVM's CUDA C++ ``source`` with no ``__restrict__`` on the parameters of the kernels that
+    wait for the kernel before them (``griddepcontrol.wait``, :mod:`pbtvm.schedules.cuda_pdl`).
+
+    TVM marks every kernel parameter ``__restrict__``, and nvcc then reads a buffer the kernel never
+    writes with ``ld.global.nc``, which the PTX ISA allows only for memory that stays read-only for
+    the kernel's whole lifetime. Under programmatic dependent launch that lifetime overlaps the
+    kernel before it, which may still be writing the kernel's input, and ptxas did move such loads
+    above the wait (sm_90 SASS: ``LDG.E.CONSTANT`` of ``x`` before ``ACQBULK`` in one-launch
+    layers, the LSTM step and the decoder head). Without ``__restrict__`` the loads are coherent
+    ones, which stay after the wait. Other kernels are unchanged.
+    """
+    bodies = {m.group(2): m.end() for m in _KERNEL_SIGNATURE.finditer(source) if source[m.end() :].lstrip()[:1] == "{"}
+    starts = sorted(bodies.values())
+    waiting = set()
+    for name, at in bodies.items():
+        end = next((s for s in starts if s > at), len(source))
+        if GRID_WAIT_CALL in source[at:end]:
+            waiting.add(name)
+    if not waiting:
+        return source
+
+    def plain(m: re.Match) -> str:
+        params = m.group(3).replace(" __restrict__", "") if m.group(2) in waiting else m.group(3)
+        return m.group(1) + params + ")"
+
+    return _KERNEL_SIGNATURE.sub(plain, source)
 
 
 @contextlib.contextmanager

@@ -663,12 +663,14 @@ def cuda_launch_tags(path: str) -> dict[str, list[str]]:
         if m.kind != "cuda":
             continue
         r = _Reader(m.payload)
-        r.raw()  # the format
         try:
+            r.raw()  # the format
             for _ in range(r.u64()):  # name, name, arg types (DLDataType), launch tags, arg tags (int32)
                 name = r.raw().decode()
                 r.raw()
                 r.skip(4 * r.u64())
+                if name in out:
+                    raise LibraryError(f"kernel {name} is in two CUDA modules of {path}")
                 out[name] = [r.raw().decode() for _ in range(r.u64())]
                 r.skip(4 * r.u64())
         except (struct.error, UnicodeDecodeError) as err:

@@ -129,7 +129,8 @@ def reads_before_wait(source: str) -> dict[str, set[str] | None]:
     """``{kernel: pointer parameters named before its griddepcontrol.wait}`` of TVM's CUDA C++
     ``source`` (None for a kernel without the wait): what a kernel launched with programmatic
     dependent launch may read (or write) before the kernel before it ends. Textual, so
-    conservative: an address computed from a parameter counts as a read."""
+    conservative: an address computed from a parameter counts as a read. ptxas may still move a
+    load above the wait: :func:`loads_before_wait` checks the SASS."""
     out: dict[str, set[str] | None] = {}
     defs = list(_CUDA_KERNEL.finditer(source))
     for d, after in zip(defs, [*defs[1:], None], strict=True):
@@ -139,3 +140,15 @@ def reads_before_wait(source: str) -> dict[str, set[str] | None]:
         at = body.find(GRID_WAIT_CALL)
         out[name] = None if at < 0 else {p for p in params if re.search(rf"\b{p}\b", body[:at])}
     return out
+
+
+def loads_before_wait(sass: str) -> list[str] | None:
+    """The global loads (``LDG``) and stores (``STG``) of a kernel's SASS before its
+    ``griddepcontrol.wait`` (``ACQBULK``), None if it has none: a kernel launched with
+    programmatic dependent launch that reads or writes global memory before it may race with the
+    kernel before it (its L2 prefetch, ``UBLKPF``, is no load)."""
+    lines = [line.split(";")[0].strip() for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    at = next((i for i, line in enumerate(lines) if "ACQBULK" in line), None)
+    if at is None:
+        return None
+    return [line for line in lines[:at] if re.search(r"\b(LDG|STG|LD|ST|ATOM|RED)\.", line)]

@@ -639,7 +639,6 @@ class TargetInfo:
                 CUDA_LIMITS["thread_warp_size"],
                 CUDA_LIMITS["max_threads_per_block"],
                 CUDA_LIMITS["max_shared_memory_per_block"],
-                programmatic_launch(summary.get("arch")),
             )
             if kind == "cuda"
             else TargetLimits()

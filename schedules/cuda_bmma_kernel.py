@@ -775,8 +775,8 @@ class BMMALeg:
     def packed_product(self, early: int = 0):
         """A TVMScript macro: :meth:`pack_block` of the block's rows, then :meth:`product` of them,
         with the weight fragments of the first ``early`` K steps loaded before the pack (with
-        :attr:`programmatic`: the weights prefetched, those fragments loaded, then the wait for
-        the kernel before this one, then the pack).
+        :attr:`programmatic`: the weights prefetched, the wait for the kernel before this one,
+        those fragments loaded (from the L2 by then, or in flight), then the pack).
 
         ``packed_product(act, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part,
         packed, row_scale, row_code, total)``: ``act`` float32 ``[B, K]``; ``packed``,
@@ -824,8 +824,8 @@ class BMMALeg:
         ):
             af0 = T.alloc_local((early * step_frags,), "uint32x4")
             prefetch(wp, bitlayers, bx, tz, ty, tx)
+            wait()  # before it only the prefetch: a load could be moved past it by ptxas either way
             first_loads(wp, bitlayers, bx, tz, ty, tx, af0)
-            wait()
             pack_block(act, batch, by, tz, ty, tx, packed, row_scale, row_code, total)
             product(packed, wp, bitlayers, batch, bx, by, tz, ty, tx, acc, dot, af, bf, part, af0)
 

@@ -378,9 +378,9 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
             # before the products): otherwise the weights were requested only after the pack.
             af0_h = T.alloc_local((early_h * leg_h.step_fragments,), "uint32x4")
             af0_x = T.alloc_local((early_x * leg_x.step_fragments,), "uint32x4")
+            wait()  # before it only the prefetch (cuda_pdl)
             first_h(wp_hh, bitlayers, bx, tz, ty, tx, af0_h)
             first_x(wp_ih, bitlayers, bx, tz, ty, tx, af0_x)
-            wait()
             pack_rows(h, x, batch, by, tz, ty, tx, packed_h, packed_x, scale_h, scale_x, code_h, code_x)
             product_h(packed_h, wp_hh, bitlayers, batch, bx, by, tz, ty, tx, acc_h_f, dot, af, bf, part_h, af0_h)
             product_x(packed_x, wp_ih, bitlayers, batch, bx, by, tz, ty, tx, acc_x_f, dot, af, bf, part_x, af0_x)

@@ -9,9 +9,15 @@ At batch 1 a PB layer reads a few MB of weights in a few microseconds, and the g
 kernels (launch, the first loads' DRAM latency, the last blocks' tail) was about as long (H200:
 4096x4096 W4 kernel 5.3 us for 8.4 MB, of which ~3 us did not grow with the weights; ncu: the
 SMs active 63 % of the kernel's time, thirty-seventh session). So every PB kernel written here
-lets the next kernel start at once (``launch_dependents`` first), loads what nothing on the
-stream writes before it waits (its first weight fragments: the loads are in flight during the
-wait), and only then reads activations or writes anything.
+lets the next kernel start at once (``launch_dependents`` first), prefetches into the L2 what
+nothing on the stream writes (its block's weight rows, ``cp.async.bulk.prefetch``: they stream
+from DRAM during the wait), waits, and only then loads anything or writes anything.
+
+Nothing but that prefetch comes before the wait, and it stays there in the SASS
+(:func:`pbtvm.sass.loads_before_wait`): register loads of the weights before the wait were moved
+past it by ptxas, and with TVM's ``__restrict__`` parameters ptxas moved loads of the activations
+(``ld.global.nc``) above it, so :func:`pbtvm.cuda.without_restrict_where_waiting` compiles the
+kernels that wait without ``__restrict__``.
 
 The kernels say which buffers they read before the wait (:data:`pbtvm.names.ATTR_EARLY_READS`);
 :func:`programmatic_callees` launches a kernel early only where those are constants at every call.
@@ -42,8 +48,8 @@ def let_next_start(enabled: bool):
 
 def wait_for_previous(enabled: bool):
     """A TVMScript macro: with ``enabled``, wait until the kernel before this one in the stream has
-    ended and its writes are visible (``griddepcontrol.wait``); before it a kernel reads only the
-    buffers it declares (:func:`declare_early_reads`), and writes nothing."""
+    ended and its writes are visible (``griddepcontrol.wait``); before it a kernel only prefetches
+    the buffers it declares (:func:`declare_early_reads`) into the L2: it loads and writes nothing."""
 
     @T.macro
     def wait():

@@ -19,10 +19,18 @@ from pbtvm import kernels, library, names
 from pbtvm import quantize as qz
 from pbtvm._tvm import relax, s_tir, tir, tvm
 from pbtvm.compiler import _rewrite
-from pbtvm.cuda import build, cuda_source
+from pbtvm.cuda import build, cuda_source, without_restrict_where_waiting
 from pbtvm.errors import InputError
 from pbtvm.relay_passes import ApplyPBSchedules
-from pbtvm.sass import BMMA_OPCODE, bmma_problem, ptxas_usage, reads_before_wait, sass_by_kernel, source_sass
+from pbtvm.sass import (
+    BMMA_OPCODE,
+    bmma_problem,
+    loads_before_wait,
+    ptxas_usage,
+    reads_before_wait,
+    sass_by_kernel,
+    source_sass,
+)
 from pbtvm.schedules import apply_default_schedule, cuda_bmma, cuda_pdl, tuning
 from pbtvm.schedules.cuda_bmma_kernel import BMMAConfig, BMMALeg, bmma_dense_kernel, config_problem, registers
 from pbtvm.target import TargetInfo, resolve_target, weight_layout
@@ -439,6 +447,8 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
         order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
         want = ["PREEXIT", "UBLKPF.L2", "ACQBULK"] if name in products else ["PREEXIT", "ACQBULK"]
         assert order == want, (name, order)
+        # nor did ptxas move a load above the wait (it did, with TVM's __restrict__: ld.global.nc)
+        assert loads_before_wait(body) == [], name
 
 
 class _SharedInput(torch.nn.Module):
@@ -555,6 +565,23 @@ def test_programmatic_launch_only_where_the_weights_are_constants(constant_weigh
     assert list(attrs[names.ATTR_EARLY_READS]) == ["wp"]
     flags = [str(f) for f in attrs.get(names.ATTR_KERNEL_LAUNCH_PARAMS, [])]
     assert (names.LAUNCH_PROGRAMMATIC in flags) == constant_weights
+
+
+def test_kernels_that_wait_are_compiled_without_restrict():
+    """nvcc reads a ``__restrict__`` buffer the kernel never writes with ``ld.global.nc``, which
+    ptxas moved above ``griddepcontrol.wait``: a kernel that waits loses ``__restrict__`` (in its
+    declaration and definition), any other keeps it."""
+    decl = 'extern "C" __global__ void __launch_bounds__(64) {}(float* __restrict__ x_ptr, int64_t n)'
+    source = "".join(
+        f"{decl.format(name)};\n{decl.format(name)} {{\n  {body}\n}}\n\n"
+        for name, body in (
+            ("waits", "tvm_builtin_ptx_griddepcontrol_wait();\n  x_ptr[0] = 1;"),
+            ("plain", "x_ptr[0] = 1;"),
+        )
+    )
+    out = without_restrict_where_waiting(source)
+    assert out.count("waits(float* x_ptr, int64_t n)") == 2 and out.count("plain(float* __restrict__ x_ptr") == 2
+    assert without_restrict_where_waiting(out) == out
 
 
 def test_programmatic_launch_needs_a_kernel_written_for_it(monkeypatch):

@@ -197,22 +197,26 @@ def test_compiled_static_batch_one_model_matches_cpu_on_gpu():
 def test_programmatic_launch_chain_matches_plain_launch_on_gpu(monkeypatch):
     """Programmatic dependent launch (sm_90+, ``compile``'s default there): each PB kernel starts
     while the one before it runs, prefetches its weights and waits before it reads the previous
-    layer's output. A deep model called many times in a row gives the same bits as the same
-    model built without it (``PBTVM_CUDA_PDL=0``): a read before the wait would show as a mismatch."""
+    layer's output. Dense layers back to back (no activation between them: every kernel of a call
+    is launched early), one launch at K <= 650 up to batch 16, pack + kernel above, called many
+    times in a row: the same bits as the model built without it (``PBTVM_CUDA_PDL=0``); a read
+    before the wait would show as a mismatch."""
     from pbtvm import names
 
     if not pbtvm.target.programmatic_launch(pbtvm.target.local_cuda_arch()):
         pytest.skip("the GPU has no programmatic dependent launch (sm_90+)")
     torch.manual_seed(0)
-    model = MLP((1024, 1024, 1024, 1024, 1024, 1024, 10)).eval()
-    ex = (torch.randn(2, 1024),)
+    widths = (512, 640, 512, 1024, 1024, 600, 10)
+    model = torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))).eval()
+    ex = (torch.randn(2, widths[0]),)
     early = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
     monkeypatch.setenv(names.ENV_CUDA_PDL, "0")
     plain = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
-    for batch in (1, 9, 40):  # one launch (K <= 650: none here), pack + kernel, another range
+    for batch in (1, 9, 40):
         xs = [
-            np.random.default_rng(batch * 100 + i).standard_normal((batch, 1024)).astype(np.float32) for i in range(3)
+            np.random.default_rng(batch * 100 + i).standard_normal((batch, widths[0])).astype(np.float32)
+            for i in range(3)
         ]
         want = [plain(x) for x in xs]
-        for i in range(60):  # back to back: the next call's first kernel overlaps this call's last
+        for i in range(60):
             np.testing.assert_array_equal(early(xs[i % 3]), want[i % 3], err_msg=f"batch {batch}, call {i}")

@@ -14,7 +14,7 @@ from pbtvm.apps.ptb import PBWordLM, word_lm
 from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.lstm import compile_lstm
 from pbtvm.repack import CopyGroup, repack_func
-from pbtvm.sass import reads_before_wait
+from pbtvm.sass import loads_before_wait, reads_before_wait, source_sass
 
 SM90 = {"kind": "cuda", "arch": "sm_90"}
 
@@ -242,6 +242,8 @@ def test_cuda_decoder_captures_every_step_kernel_in_one_graph(tmp_path):
     reads = reads_before_wait(src)
     assert reads["pb_lstm_step_l0_kernel"] == {"wp_ih_ptr", "wp_hh_ptr"}
     assert reads["pb_dense_head_kernel"] == {"wp_ptr"}
+    sass = source_sass(src, "sm_90")  # and ptxas moved no load above the wait (x and h did, with __restrict__)
+    assert all(loads_before_wait(sass[k]) == [] for k in early)
 
 
 def test_cuda_decoder_without_graph_calls_kernels_from_main():

@@ -17,7 +17,7 @@ from pbtvm.decoder import compile_decoder, load_decoder
 from pbtvm.generate import Sampling, generate_stepwise
 from pbtvm.sampling import PICK_THREADS, philox4x32, philox_uniform, pick_func, pick_reference, sampling_weights
 from pbtvm.sampling_tir import CUDA_PICK_HELD_MAX, CUDA_PICK_LOADS
-from pbtvm.sass import reads_before_wait
+from pbtvm.sass import loads_before_wait, reads_before_wait, source_sass
 
 from .concurrency import run_threads
 from .cuda_emulator import EmulatedKernel
@@ -650,6 +650,7 @@ def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
     early = {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v}
     assert early == {"pb_lstm_step_l0_kernel", "pb_dense_head_kernel", "pick_token_kernel"}
     assert reads_before_wait(src)["pick_token_kernel"] == set()  # it reads nothing before it waits
+    assert loads_before_wait(source_sass(src, "sm_90")["pick_token_kernel"]) == []  # nor does its SASS
 
 
 @pytest.mark.gpu
@@ -664,6 +665,27 @@ def test_cuda_generate_equals_its_stepwise_decoder():
         assert got.is_cuda
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
         torch.testing.assert_close(logits.cpu(), want_logits.cpu(), rtol=0, atol=1e-5)  # the same kernels
+
+
+@pytest.mark.gpu
+def test_cuda_generate_with_programmatic_launch_equals_without(monkeypatch):
+    """generate() on sm_90+ chains step, step, head and pick kernels that each start while the one
+    before runs (programmatic dependent launch): the same tokens and logits, bit for bit, as the
+    decoder built without it (``PBTVM_CUDA_PDL=0``). A read before a wait would show here."""
+    from pbtvm.target import local_cuda_arch, programmatic_launch
+
+    if not programmatic_launch(local_cuda_arch()):
+        pytest.skip("the GPU has no programmatic dependent launch (sm_90+)")
+    m = _lm(vocab=500, hidden=256, layers=2)
+    early = compile_decoder(m.lstm, "cuda", 4, embedding=m.embedding, head=m.head, batch=2, generate_chunk=8)
+    monkeypatch.setenv(names.ENV_CUDA_PDL, "0")
+    plain = compile_decoder(m.lstm, "cuda", 4, embedding=m.embedding, head=m.head, batch=2, generate_chunk=8)
+    prompt = torch.randint(0, 500, (2, 7), device="cuda")
+    for sampling in MODES:
+        got, logits = early.generate(prompt, 40, sampling, return_logits=True)
+        want, want_logits = plain.generate(prompt, 40, sampling, return_logits=True)
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(logits.cpu(), want_logits.cpu(), rtol=0, atol=0)
 
 
 def test_the_reference_weights_of_a_tiny_temperature_keep_the_best_logit_without_warnings():
