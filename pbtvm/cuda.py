@@ -96,12 +96,12 @@ def without_restrict_where_waiting(source: str) -> str:
     wait for the kernel before them (``griddepcontrol.wait``, :mod:`pbtvm.schedules.cuda_pdl`).
 
     TVM marks every kernel parameter ``__restrict__``, and nvcc then reads a buffer the kernel never
-    writes with ``ld.global.nc``, which the PTX ISA allows only for memory that stays read-only for
-    the kernel's whole lifetime. Under programmatic dependent launch that lifetime overlaps the
-    kernel before it, which may still be writing the kernel's input, and ptxas did move such loads
-    above the wait (sm_90 SASS: ``LDG.E.CONSTANT`` of ``x`` before ``ACQBULK`` in one-launch
-    layers, the LSTM step and the decoder head). Without ``__restrict__`` the loads are coherent
-    ones, which stay after the wait. Other kernels are unchanged.
+    writes with ``ld.global.nc`` (``LDG.E.CONSTANT``), which the PTX ISA allows only for memory that
+    stays read-only for the kernel's whole lifetime. Under programmatic dependent launch that
+    lifetime overlaps the kernel before it, which may still be writing the kernel's input; ptxas
+    did move such loads of ``x`` above the wait (``ACQBULK``) in one-launch layers, the LSTM step
+    and the decoder head, and nothing makes a non-coherent load after the wait see that kernel's
+    writes. Without ``__restrict__`` they are coherent loads. Other kernels are unchanged.
     """
     bodies = {m.group(2): m.end() for m in _KERNEL_SIGNATURE.finditer(source) if source[m.end() :].lstrip()[:1] == "{"}
     starts = sorted(bodies.values())

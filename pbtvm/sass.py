@@ -21,6 +21,11 @@ _PTX_GLOBAL_LOAD = re.compile(r"(?<![\w.])ldu?\.global\.")  # also inside inline
 _SASS_GLOBAL_LOAD = re.compile(r"\bLDG\.")  # not LDGSTS (cp.async) or LDGDEPBAR
 #: A kernel's definition in TVM's CUDA C++ (not its declaration: no ``;`` before the ``{``).
 _CUDA_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\(([^;{]*?)\) \{', re.S)
+#: sm_90 SASS opcodes that read or write global (or generic) memory: loads, stores, atomics and
+#: reductions, ``cp.async`` (LDGSTS), bulk and tensor copies (not ``UBLKPF``, the L2 prefetch).
+GLOBAL_ACCESS = re.compile(
+    r"\b(LDG|STG|LD|ST|ATOMG?|REDG?|LDGSTS|UBLKCP|UBLKRED|UTMALDG|UTMASTG|UTMAREDG|SULD|SUST|SUATOM|SURED)\b"
+)
 #: TVM's helper for ``griddepcontrol.wait`` (programmatic dependent launch).
 GRID_WAIT_CALL = "tvm_builtin_ptx_griddepcontrol_wait()"
 
@@ -143,12 +148,14 @@ def reads_before_wait(source: str) -> dict[str, set[str] | None]:
 
 
 def loads_before_wait(sass: str) -> list[str] | None:
-    """The global loads (``LDG``) and stores (``STG``) of a kernel's SASS before its
-    ``griddepcontrol.wait`` (``ACQBULK``), None if it has none: a kernel launched with
+    """The instructions of a kernel's SASS that access global memory (:data:`GLOBAL_ACCESS`) before
+    its first ``griddepcontrol.wait`` (``ACQBULK``), None if it has none: a kernel launched with
     programmatic dependent launch that reads or writes global memory before it may race with the
-    kernel before it (its L2 prefetch, ``UBLKPF``, is no load)."""
-    lines = [line.split(";")[0].strip() for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    kernel before it (its L2 prefetch, ``UBLKPF``, moves nothing into the kernel). Text order:
+    every branch before the wait in the PB kernels is local."""
+    offset = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*")  # an instruction line starts with its offset
+    lines = [offset.sub("", line.split(";")[0]).strip() for line in sass.splitlines() if offset.match(line)]
     at = next((i for i, line in enumerate(lines) if "ACQBULK" in line), None)
     if at is None:
         return None
-    return [line for line in lines[:at] if re.search(r"\b(LDG|STG|LD|ST|ATOM|RED)\.", line)]
+    return [line for line in lines[:at] if GLOBAL_ACCESS.search(line)]

@@ -13,11 +13,13 @@ lets the next kernel start at once (``launch_dependents`` first), prefetches int
 nothing on the stream writes (its block's weight rows, ``cp.async.bulk.prefetch``: they stream
 from DRAM during the wait), waits, and only then loads anything or writes anything.
 
-Nothing but that prefetch comes before the wait, and it stays there in the SASS
-(:func:`pbtvm.sass.loads_before_wait`): register loads of the weights before the wait were moved
-past it by ptxas, and with TVM's ``__restrict__`` parameters ptxas moved loads of the activations
-(``ld.global.nc``) above it, so :func:`pbtvm.cuda.without_restrict_where_waiting` compiles the
-kernels that wait without ``__restrict__``.
+Nothing but that prefetch comes before the wait, in the SASS too
+(:func:`pbtvm.sass.loads_before_wait`): register loads of the weights before the wait were kept
+there by ptxas in some kernels and moved past it in others (an asm prefetch stays in place); and
+with TVM's ``__restrict__`` parameters nvcc read the activations with ``ld.global.nc``, which
+ptxas moved above the wait and which is not coherent with the kernel before it anyway, so
+:func:`pbtvm.cuda.without_restrict_where_waiting` compiles the kernels that wait without
+``__restrict__`` (no ``LDG.E.CONSTANT`` in them).
 
 The kernels say which buffers they read before the wait (:data:`pbtvm.names.ATTR_EARLY_READS`);
 :func:`programmatic_callees` launches a kernel early only where those are constants at every call.

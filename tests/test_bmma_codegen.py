@@ -447,8 +447,10 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
         order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
         want = ["PREEXIT", "UBLKPF.L2", "ACQBULK"] if name in products else ["PREEXIT", "ACQBULK"]
         assert order == want, (name, order)
-        # nor did ptxas move a load above the wait (it did, with TVM's __restrict__: ld.global.nc)
-        assert loads_before_wait(body) == [], name
+        # nor did ptxas move a load above the wait (it did, with TVM's __restrict__: ld.global.nc),
+        # and no load is non-coherent (ld.global.nc: read-only for the kernel's lifetime, which
+        # overlaps the kernel before it): compiled without __restrict__
+        assert loads_before_wait(body) == [] and "LDG.E.CONSTANT" not in body, name
 
 
 class _SharedInput(torch.nn.Module):
@@ -582,6 +584,26 @@ def test_kernels_that_wait_are_compiled_without_restrict():
     out = without_restrict_where_waiting(source)
     assert out.count("waits(float* x_ptr, int64_t n)") == 2 and out.count("plain(float* __restrict__ x_ptr") == 2
     assert without_restrict_where_waiting(out) == out
+
+
+def test_loads_before_wait_sees_every_global_access():
+    """The SASS check of what precedes ``griddepcontrol.wait`` (ACQBULK): loads, stores, atomics,
+    reductions and cp.async count, the L2 prefetch (UBLKPF) does not; no wait at all is None."""
+
+    def listing(*ops: str) -> str:
+        return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+
+    accesses = [
+        "LDG.E.128 R4, desc[UR4][R2.64]",
+        "STG.E desc[UR4][R6.64], R9",
+        "ATOMG.E.ADD.STRONG.GPU PT, R0, [R2.64], R5",
+    ]
+    accesses += ["REDG.E.ADD.STRONG.GPU desc[UR4][R2.64], R5", "LDGSTS.E [R3], desc[UR4][R4.64]", "LD.E R4, [R2.64]"]
+    for op in accesses:
+        assert loads_before_wait(listing("PREEXIT", op, "ACQBULK", "EXIT")) == [op], op
+    assert loads_before_wait(listing("PREEXIT", "UBLKPF.L2 [UR8], UR6", "LDC R1, c[0x0][0x28]", "ACQBULK")) == []
+    assert loads_before_wait(listing("ACQBULK", "LDG.E R4, desc[UR4][R2.64]")) == []
+    assert loads_before_wait(listing("LDG.E R4, desc[UR4][R2.64]", "EXIT")) is None
 
 
 def test_programmatic_launch_needs_a_kernel_written_for_it(monkeypatch):

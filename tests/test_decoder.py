@@ -243,7 +243,7 @@ def test_cuda_decoder_captures_every_step_kernel_in_one_graph(tmp_path):
     assert reads["pb_lstm_step_l0_kernel"] == {"wp_ih_ptr", "wp_hh_ptr"}
     assert reads["pb_dense_head_kernel"] == {"wp_ptr"}
     sass = source_sass(src, "sm_90")  # and ptxas moved no load above the wait (x and h did, with __restrict__)
-    assert all(loads_before_wait(sass[k]) == [] for k in early)
+    assert all(loads_before_wait(sass[k]) == [] and "LDG.E.CONSTANT" not in sass[k] for k in early)  # coherent
 
 
 def test_cuda_decoder_without_graph_calls_kernels_from_main():

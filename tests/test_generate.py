@@ -650,7 +650,8 @@ def test_cuda_generate_chunk_is_one_graph_with_the_pick_kernel(tmp_path):
     early = {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v}
     assert early == {"pb_lstm_step_l0_kernel", "pb_dense_head_kernel", "pick_token_kernel"}
     assert reads_before_wait(src)["pick_token_kernel"] == set()  # it reads nothing before it waits
-    assert loads_before_wait(source_sass(src, "sm_90")["pick_token_kernel"]) == []  # nor does its SASS
+    pick_sass = source_sass(src, "sm_90")["pick_token_kernel"]
+    assert loads_before_wait(pick_sass) == [] and "LDG.E.CONSTANT" not in pick_sass  # nor its SASS; coherent loads
 
 
 @pytest.mark.gpu
