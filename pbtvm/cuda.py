@@ -91,6 +91,19 @@ GRID_WAIT_CALL = "tvm_builtin_ptx_griddepcontrol_wait()"
 _KERNEL_SIGNATURE = re.compile(r'(extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\()([^;{)]*)\)')
 
 
+def kernel_definitions(source: str) -> list[tuple[str, str, str]]:
+    """``(name, parameter list, body)`` of each kernel defined in TVM's CUDA C++ ``source`` (not its
+    declarations); a body runs to the next kernel's declaration or definition."""
+    signatures = list(_KERNEL_SIGNATURE.finditer(source))
+    out = []
+    ends = [m.start() for m in signatures[1:]] + [len(source)]
+    for m, end in zip(signatures, ends[: len(signatures)], strict=True):
+        body = source[m.end() : end]
+        if body.lstrip()[:1] == "{":
+            out.append((m.group(2), m.group(3), body))
+    return out
+
+
 def without_restrict_where_waiting(source: str) -> str:
     """TVM's CUDA C++ ``source`` with no ``__restrict__`` on the parameters of the kernels that
     wait for the kernel before them (``griddepcontrol.wait``, :mod:`pbtvm.schedules.cuda_pdl`).
@@ -103,13 +116,7 @@ def without_restrict_where_waiting(source: str) -> str:
     and the decoder head, and nothing makes a non-coherent load after the wait see that kernel's
     writes. Without ``__restrict__`` they are coherent loads. Other kernels are unchanged.
     """
-    bodies = {m.group(2): m.end() for m in _KERNEL_SIGNATURE.finditer(source) if source[m.end() :].lstrip()[:1] == "{"}
-    starts = sorted(bodies.values())
-    waiting = set()
-    for name, at in bodies.items():
-        end = next((s for s in starts if s > at), len(source))
-        if GRID_WAIT_CALL in source[at:end]:
-            waiting.add(name)
+    waiting = {name for name, _, body in kernel_definitions(source) if GRID_WAIT_CALL in body}
     if not waiting:
         return source
 

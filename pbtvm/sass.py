@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tempfile
 
-from .cuda import compile_fatbin, compile_ptx, nvcc_output
+from .cuda import GRID_WAIT_CALL, compile_fatbin, compile_ptx, kernel_definitions, nvcc_output
 from .tools import cuobjdump
 
 #: The native binary tensor-core instruction of ``mma.sync.m16n8k256 .b1 .and.popc`` on sm_80+.
@@ -19,15 +19,11 @@ _LOCAL_MEMORY = re.compile(r"\b(LDL|STL)(\.\w+)*\b")
 _PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)(?=\.entry\s|\Z)", re.S)
 _PTX_GLOBAL_LOAD = re.compile(r"(?<![\w.])ldu?\.global\.")  # also inside inline-asm braces
 _SASS_GLOBAL_LOAD = re.compile(r"\bLDG\.")  # not LDGSTS (cp.async) or LDGDEPBAR
-#: A kernel's definition in TVM's CUDA C++ (not its declaration: no ``;`` before the ``{``).
-_CUDA_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\(([^;{]*?)\) \{', re.S)
 #: sm_90 SASS opcodes that read or write global (or generic) memory: loads, stores, atomics and
 #: reductions, ``cp.async`` (LDGSTS), bulk and tensor copies (not ``UBLKPF``, the L2 prefetch).
 GLOBAL_ACCESS = re.compile(
     r"\b(LDG|STG|LD|ST|ATOMG?|REDG?|LDGSTS|UBLKCP|UBLKRED|UTMALDG|UTMASTG|UTMAREDG|SULD|SUST|SUATOM|SURED)\b"
 )
-#: TVM's helper for ``griddepcontrol.wait`` (programmatic dependent launch).
-GRID_WAIT_CALL = "tvm_builtin_ptx_griddepcontrol_wait()"
 
 
 def sass_by_kernel(binary: bytes) -> dict[str, str]:
@@ -137,11 +133,8 @@ def reads_before_wait(source: str) -> dict[str, set[str] | None]:
     conservative: an address computed from a parameter counts as a read. ptxas may still move a
     load above the wait: :func:`loads_before_wait` checks the SASS."""
     out: dict[str, set[str] | None] = {}
-    defs = list(_CUDA_KERNEL.finditer(source))
-    for d, after in zip(defs, [*defs[1:], None], strict=True):
-        name = d.group(1)
-        params = {p.split()[-1] for p in d.group(2).split(",") if "*" in p}
-        body = source[d.end() : after.start() if after else len(source)]
+    for name, param_list, body in kernel_definitions(source):
+        params = {p.split()[-1] for p in param_list.split(",") if "*" in p}
         at = body.find(GRID_WAIT_CALL)
         out[name] = None if at < 0 else {p for p in params if re.search(rf"\b{p}\b", body[:at])}
     return out
