@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -127,21 +128,33 @@ def without_restrict_where_waiting(source: str) -> str:
     return _KERNEL_SIGNATURE.sub(plain, source)
 
 
+#: Held while :func:`nvcc_compile_hook` is active. The hook is one process-wide TVM global: two
+#: threads building for two arches at once could compile with the other's arch, and restoring in
+#: exit order could leave the wrong hook registered. Reentrant: a build inside a build nests.
+_HOOK_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def nvcc_compile_hook(arch: str) -> Iterator[None]:
-    """While active, TVM compiles CUDA modules with nvcc into fatbins for ``arch``."""
+    """While active, TVM compiles CUDA modules with nvcc into fatbins for ``arch``.
+
+    Builds through the hook take turns across threads (:data:`_HOOK_LOCK`). A TVM without its CUDA
+    runtime (the wheel on a host without a GPU) does not call it: the module keeps the source,
+    which :mod:`pbtvm.library` compiles with :func:`compile_fatbin` at export.
+    """
     name = "tvm_callback_cuda_compile"
-    previous = tvm_ffi.get_global_func(name, allow_missing=True)
 
     def hook(code: str, *_: object) -> bytes:
         return compile_fatbin(str(code), arch)
 
-    tvm_ffi.register_global_func(name, hook, override=True)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(name, previous, override=True)
+    with _HOOK_LOCK:
+        previous = tvm_ffi.get_global_func(name, allow_missing=True)
+        tvm_ffi.register_global_func(name, hook, override=True)
+        try:
+            yield
+        finally:
+            if previous is not None:
+                tvm_ffi.register_global_func(name, previous, override=True)
 
 
 #: schedule the ops PB layers leave in full precision (:mod:`pbtvm.schedules.cpu_default`)

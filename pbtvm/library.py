@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +239,50 @@ def _cuda_sources(mod: Any) -> list[str]:
     return out
 
 
+def compiled_imports_blob(mod: Any, cuda_arch: str | None) -> bytes:
+    """TVM's serialized import tree of ``mod`` (what its loader reads at :data:`BLOB_SYMBOL`), with
+    every CUDA module that holds source (TVM keeps source on a host without a CUDA driver)
+    replaced by an nvcc-built fatbin for ``cuda_arch`` (:func:`pbtvm.cuda.compile_fatbin`).
+
+    Raises
+    ------
+    LibraryError
+        If ``mod`` has CUDA kernels and ``cuda_arch`` is None.
+    """
+    pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
+    with without_scope_warnings():  # TVM logs a line per weight as it serializes the constants
+        row_ptr, children, modules = parse_blob(bytes(pack(mod).numpy()))
+    sources = None
+    for m in modules:
+        if m.kind == "cuda":
+            if cuda_arch is None:
+                raise LibraryError("the module has CUDA kernels but no CUDA arch was given")
+            sources = sources if sources is not None else _cuda_sources(mod)
+            m.payload = _source_to_fatbin(m.payload, sources, cuda_arch)
+    return serialize_blob(row_ptr, children, modules)
+
+
+def pack_compiled_imports_c(cuda_arch: str) -> Callable[[Any, bool, str, str], str]:
+    """An ``fpack_imports`` for ``Module.export_library`` that writes the imports as C source
+    (:func:`compiled_imports_blob` in a byte array): CUDA kernels leave as fatbins built as
+    ``compile`` builds them, not as source the loading host compiles with its own NVRTC.
+
+    For small modules (a tuning candidate: no weights): the array is C text, which ``tar``
+    exports carry to the host that links them; :func:`export_library` includes large blobs by
+    ``.incbin`` instead.
+    """
+
+    def fpack_imports(mod: Any, is_system_lib: bool, prefix: str, workspace: str) -> str:
+        if is_system_lib or prefix:
+            raise ValueError("pbtvm packs the imports of shared libraries, not of system libs")
+        out = os.path.join(workspace, "pbtvm_devc.c")
+        with open(out, "w") as f:
+            f.write(_c_array(BLOB_SYMBOL, DEVBIN_SECTION, compiled_imports_blob(mod, cuda_arch)))
+        return out
+
+    return fpack_imports
+
+
 def _incbin_asm(name: str, section: str, data_path: str, size: int) -> str:
     """Assembly (GNU as, any ELF target) defining the exported byte array ``name`` of ``size``
     bytes in its own ELF section, read from the file ``data_path`` by ``.incbin``.
@@ -327,22 +371,12 @@ def export_library(executable: Any, path: str, manifest: dict, cuda_arch: str | 
     cuda_arch : str or None
         ``sm_XY`` to compile any remaining CUDA source for; None for CPU modules.
     """
-    pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
     manifest_c = None
 
     def fpack_imports(mod: Any, is_system_lib: bool, prefix: str, workspace: str) -> str:
         if is_system_lib or prefix:
             raise ValueError("pbtvm exports are shared libraries, not system libs")
-        with without_scope_warnings():  # TVM logs a line per weight as it serializes the constants
-            row_ptr, children, modules = parse_blob(bytes(pack(mod).numpy()))
-        sources = None
-        for m in modules:
-            if m.kind == "cuda":
-                if cuda_arch is None:
-                    raise LibraryError("the module has CUDA kernels but no CUDA arch was given")
-                sources = sources if sources is not None else _cuda_sources(mod)
-                m.payload = _source_to_fatbin(m.payload, sources, cuda_arch)
-        blob = serialize_blob(row_ptr, children, modules)
+        blob = compiled_imports_blob(mod, cuda_arch)
         data = os.path.join(workspace, "pbtvm_devbin.bin")
         with open(data, "wb") as f:
             f.write(blob)

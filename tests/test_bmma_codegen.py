@@ -384,8 +384,13 @@ def test_two_sampled_candidates_build_to_bmma(rng):
 
 
 @pytest.mark.slow
-def test_tuning_builder_materializes_candidates():
-    """The tuning builder (worker processes) builds a sampled BMMA candidate with nvcc."""
+def test_tuning_builder_materializes_candidates(tmp_path):
+    """The tuning builder (worker processes) builds a sampled BMMA candidate with nvcc, and its
+    artifact carries the kernel as a fatbin (TVM keeps CUDA source on a host without a driver:
+    the runner's host would compile that with its own NVRTC and options)."""
+    from tvm.support import cc
+    from tvm.support.tar import untar
+
     from pbtvm._tvm import meta_schedule
 
     ms = meta_schedule()
@@ -394,9 +399,15 @@ def test_tuning_builder_materializes_candidates():
     builder = tuning.default_builder(SM90)
     try:
         (res,) = builder.build([ms.builder.BuilderInput(space.mod, SM90)])
+        assert res.error_msg is None, res.error_msg
+        untar(res.artifact_path, str(tmp_path))
+        cc.create_shared(str(tmp_path / "candidate.so"), sorted(str(p) for p in tmp_path.iterdir()))
     finally:
         builder.close()
-    assert res.error_msg is None, res.error_msg
+    (cuda,) = [m for m in library.device_modules(str(tmp_path / "candidate.so")) if m["kind"] == "cuda"]
+    assert cuda["format"] == "fatbin"
+    (image,) = library.cuda_binaries(str(tmp_path / "candidate.so"))
+    assert all(BMMA_OPCODE in code for code in sass_by_kernel(image).values())
 
 
 # ------------------------------------------------------------------ compile

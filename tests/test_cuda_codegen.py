@@ -227,3 +227,41 @@ def test_an_arch_nvcc_cannot_build_is_named():
         pytest.skip("this nvcc still builds sm_70")
     with pytest.raises(InputError, match="cannot build for sm_70: .*Unsupported gpu architecture"):
         compile_fatbin("__global__ void k() {}", "sm_70")
+
+
+def test_nvcc_compile_hooks_of_two_threads_take_turns():
+    """TVM's compile hook is one process-wide global: a second thread's hook waits until the
+    first thread's block ends, and the hook registered before is back after both."""
+    import threading
+
+    import tvm_ffi
+
+    from pbtvm.cuda import nvcc_compile_hook
+
+    name = "tvm_callback_cuda_compile"
+    before = tvm_ffi.get_global_func(name, allow_missing=True)
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with nvcc_compile_hook("sm_90"):
+            hook = tvm_ffi.get_global_func(name)
+            entered.set()
+            release.wait(10)
+            seen.append(tvm_ffi.get_global_func(name).same_as(hook))
+
+    def second() -> None:
+        entered.wait(10)
+        with nvcc_compile_hook("sm_80"):
+            seen.append("second")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    entered.wait(10)
+    threads[1].join(0.5)
+    assert threads[1].is_alive() and seen == []  # the second waits for the first block
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert seen == [True, "second"]
+    assert tvm_ffi.get_global_func(name, allow_missing=True).same_as(before)

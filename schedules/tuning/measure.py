@@ -52,11 +52,25 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params: dict 
 
 def _build_and_export(f_build: Callable, mod: tvm.IRModule, target: tvm.target.Target, root: str) -> str:
     """Runs in a builder worker: build ``mod`` and export it to a tar file in a fresh directory
-    under ``root`` (as MetaSchedule's ``default_export`` does under the system's temp dir); its path."""
+    under ``root`` (as MetaSchedule's ``default_export`` does under the system's temp dir); its path.
+
+    CUDA kernels go into the tar as nvcc-built fatbins (:func:`pbtvm.library.pack_compiled_imports_c`):
+    on a host without a CUDA driver TVM keeps them as source, and the runner's host would then
+    compile them with its NVRTC, without ``compile``'s nvcc options (no ``--fmad=false``, the
+    ``__restrict__`` kept where a kernel waits for the one before it): another binary than the
+    one ``compile`` launches.
+    """
     from tvm.support.tar import tar
 
+    from pbtvm.library import pack_compiled_imports_c
+
     path = os.path.join(tempfile.mkdtemp(dir=root), "tvm_tmp_mod." + tar.output_format)
-    f_build(mod, target, None).export_library(path, fcompile=tar)
+    built = f_build(mod, target, None)
+    if target.kind.name == "cuda":
+        arch = str(target.export()["arch"])
+        built.export_library(path, fcompile=tar, fpack_imports=pack_compiled_imports_c(arch))
+    else:
+        built.export_library(path, fcompile=tar)
     return path
 
 
