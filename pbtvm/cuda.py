@@ -239,6 +239,10 @@ def build(mod: Any, target: Any, cuda_graph: bool = False, config: dict | None =
                     mod = cpu_default_schedule()(mod)
                 mod = serial_indirect_accumulation()(mod)
         return tvm.compile(mod, target=target)
+    from .schedules.cuda_pdl import WAIT_FIRST_PIPELINE
+    from .target import TargetInfo
+
     config = {**({"relax.backend.use_cuda_graph": True} if cuda_graph else {}), **(config or {})}
+    pipeline = WAIT_FIRST_PIPELINE if TargetInfo.of(target).limits.programmatic_launch else "default"
     with nvcc_compile_hook(str(target.export()["arch"])), tvm.transform.PassContext(config=config):
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target, tir_pipeline=pipeline)

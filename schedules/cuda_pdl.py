@@ -145,3 +145,76 @@ def programmatic_callees(mod: tvm.IRModule) -> set[str]:
             relax.analysis.post_order_visit(func.body, visit)
     # a PrimFunc referenced other than as a call_tir callee has callers this cannot see
     return {name for name, ok in constant.items() if ok and uses.get(name, 0) == callee_uses[name]}
+
+
+# ---------------------------------------------------------------- every other kernel: wait first
+#: TVM's launch flag for dynamic shared memory: its runtime requires it last among the flags.
+DYN_SHARED_MEMORY = "tirx.use_dyn_shared_memory"
+#: Name of the TIR pipeline :func:`pbtvm.cuda.build` compiles with where the target launches
+#: programmatically: TVM's own (``s_tir``), then :func:`wait_first_kernels` on the device kernels.
+WAIT_FIRST_PIPELINE = "pbtvm_wait_first"
+_GRID_CONTROL = "tirx.ptx.griddepcontrol"
+_CALLING_CONV_KERNEL = 2  # tvm::CallingConv::kDeviceKernelLaunch: a kernel SplitHostDevice made
+
+
+def _grid_control(action: str) -> tir.Stmt:
+    return tir.Evaluate(getattr(T.ptx.griddepcontrol, action)())
+
+
+def uses_grid_control(func: tir.PrimFunc) -> bool:
+    """Whether ``func``'s body calls ``griddepcontrol`` (a kernel written for programmatic
+    dependent launch: whether it is launched so is decided where it is called)."""
+    import tvm_ffi
+
+    found = False
+
+    def visit(call) -> None:
+        nonlocal found
+        found = found or getattr(call.op, "name", None) == _GRID_CONTROL
+
+    tvm_ffi.structural_walk(func.body, [(tvm.ir.Call, visit)], order="post")
+    return found
+
+
+def wait_first(kernel: tir.PrimFunc) -> tir.PrimFunc:
+    """A device kernel (a PrimFunc of SplitHostDevice) that waits for the kernel before it in the
+    stream before anything else, lets the next one launch at once, and is launched with
+    :data:`pbtvm.names.LAUNCH_PROGRAMMATIC`; unchanged if it already uses ``griddepcontrol``.
+
+    Safe for any kernel: it reads and writes nothing before the wait, so launched early it only
+    waits (on an SM the kernel before it has left: its blocks have all started, they let it
+    launch first thing). What it gains: the PB kernel after it launches as it starts and
+    prefetches its weights while it runs, and its own launch overlaps the kernel before it, so
+    the relu, add or norm kernels between PB layers no longer break the chain.
+    """
+    if uses_grid_control(kernel):
+        return kernel
+    flags = [str(f) for f in (kernel.attrs or {}).get(names.ATTR_KERNEL_LAUNCH_PARAMS, [])]
+    last = [f for f in flags if f == DYN_SHARED_MEMORY]
+    flags = [f for f in flags if f != DYN_SHARED_MEMORY and f != names.LAUNCH_PROGRAMMATIC]
+    body = tir.SeqStmt([_grid_control("launch_dependents"), _grid_control("wait"), kernel.body])
+    return kernel.with_body(body).with_attr(names.ATTR_KERNEL_LAUNCH_PARAMS, [*flags, names.LAUNCH_PROGRAMMATIC, *last])
+
+
+@tvm.transform.module_pass(opt_level=0, name="pbtvm.WaitFirstKernels")
+def wait_first_kernels(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Device-module pass: :func:`wait_first` on every kernel (PrimFuncs with TVM's kernel-launch
+    calling convention); other functions unchanged."""
+    out = mod.clone()
+    for gv, func in mod.functions_items():
+        conv = (func.attrs or {}).get("calling_conv") if isinstance(func, tir.PrimFunc) else None
+        if conv is not None and int(conv) == _CALLING_CONV_KERNEL:
+            out.update_func(gv, wait_first(func))
+    return out
+
+
+def _wait_first_pipeline():
+    pipeline, host_passes, device_passes = tvm.tirx.get_tir_pipeline("s_tir")
+
+    def device_then_wait_first() -> tvm.transform.Pass:
+        return tvm.transform.Sequential([wait_first_kernels, device_passes()], name="pbtvm.wait_first_device")
+
+    return pipeline, host_passes, device_then_wait_first
+
+
+tvm.tirx.compilation_pipeline.register_tir_pipeline(WAIT_FIRST_PIPELINE, _wait_first_pipeline)

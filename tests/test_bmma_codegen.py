@@ -448,13 +448,16 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     assert not any(BMMA_OPCODE in v for k, v in sass.items() if not k.startswith("pb_dense"))
     # Programmatic dependent launch (sm_90): every PB kernel (its weights are constants) starts
     # while the kernel before it runs; before it waits it names only its weights (their L2
-    # prefetch), after it lets the next kernel start. TVM's other kernels are launched plainly.
+    # prefetch), after it lets the next kernel start. TVM's other kernels (the relu between the
+    # layers) wait first and let the next start (cuda_pdl.wait_first): the chain is not broken.
     tags = library.cuda_launch_tags(str(tmp_path / "m.so"))
-    assert {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v} == set(products) | set(packs)
+    others = {k: v for k, v in sass.items() if k not in products and k not in packs}
+    assert sorted(others) == ["fused_relu1_tir_isnan1_where1_kernel", "fused_relu_tir_isnan_where_kernel"]
+    assert {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v} == set(sass)
     (src,) = library._cuda_sources(m._module.mod)
     reads = reads_before_wait(src)
-    assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in packs)
-    for name, body in {**products, **packs}.items():
+    assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in [*packs, *others])
+    for name, body in sass.items():
         order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
         want = ["PREEXIT", "UBLKPF.L2", "ACQBULK"] if name in products else ["PREEXIT", "ACQBULK"]
         assert order == want, (name, order)
@@ -629,6 +632,36 @@ def test_programmatic_launch_needs_a_kernel_written_for_it(monkeypatch):
     source = cuda_source(build(apply_default_schedule(kernels.dense_func(fmt, 64, 256), SM90), SM90))
     assert "griddepcontrol" not in source and "prefetch" not in source
     assert set(reads_before_wait(source).values()) == {None}
+
+
+def _device_kernel(flags: list[str], body: str) -> tir.PrimFunc:
+    """A PrimFunc as SplitHostDevice leaves a kernel: TVM's kernel calling convention, launch flags."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def kernel(x: T.Buffer((64,), "float32")):
+        for i in T.thread_binding(64, thread="threadIdx.x"):
+            if body == "waits":
+                T.ptx.griddepcontrol.wait()
+            x[i] = x[i] + T.float32(1)
+
+    return kernel.with_attr("calling_conv", tir.IntImm("int32", 2)).with_attr(names.ATTR_KERNEL_LAUNCH_PARAMS, flags)
+
+
+def test_wait_first_puts_the_flag_before_dynamic_shared_memory():
+    """TVM's kernels are launched early and wait first (``cuda_pdl.wait_first``); the runtime needs
+    the dynamic shared memory flag last; a kernel written for programmatic launch (it waits
+    already: whether it launches early was decided where it is called) is left as it is."""
+    kernel = _device_kernel(["threadIdx.x", cuda_pdl.DYN_SHARED_MEMORY], "plain")
+    done = cuda_pdl.wait_first(kernel)
+    flags = [str(f) for f in done.attrs[names.ATTR_KERNEL_LAUNCH_PARAMS]]
+    assert flags == ["threadIdx.x", names.LAUNCH_PROGRAMMATIC, cuda_pdl.DYN_SHARED_MEMORY]
+    first = [str(stmt.value.args[0].value) for stmt in list(done.body.seq)[:2]]
+    assert first == ["launch_dependents", "wait"] and done.body.seq[2].same_as(kernel.body)
+    assert cuda_pdl.uses_grid_control(done) and not cuda_pdl.uses_grid_control(kernel)
+    assert cuda_pdl.wait_first(done).same_as(done)
+    written = _device_kernel(["threadIdx.x"], "waits")
+    assert cuda_pdl.wait_first(written).same_as(written)
 
 
 @pytest.mark.parametrize(

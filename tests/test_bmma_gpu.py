@@ -194,20 +194,39 @@ def test_compiled_static_batch_one_model_matches_cpu_on_gpu():
         np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
 
 
-def test_programmatic_launch_chain_matches_plain_launch_on_gpu(monkeypatch):
+class _MixedBlock(torch.nn.Module):
+    """PB layers with TVM's kernels between them: GELU, relu, a residual add, a layer norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512)
+        self.norm, self.out = torch.nn.LayerNorm(512), torch.nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.down(torch.nn.functional.gelu(self.up(x)))) + x
+        return self.out(self.norm(h))
+
+
+def _dense_stack() -> torch.nn.Module:
+    widths = (512, 640, 512, 1024, 1024, 600, 10)
+    return torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)))
+
+
+@pytest.mark.parametrize("make", [_dense_stack, _MixedBlock], ids=["dense", "mixed"])
+def test_programmatic_launch_chain_matches_plain_launch_on_gpu(monkeypatch, make):
     """Programmatic dependent launch (sm_90+, ``compile``'s default there): each PB kernel starts
     while the one before it runs, prefetches its weights and waits before it reads the previous
-    layer's output. Dense layers back to back (no activation between them: every kernel of a call
-    is launched early), one launch at K <= 650 up to batch 16, pack + kernel above, called many
-    times in a row: the same bits as the model built without it (``PBTVM_CUDA_PDL=0``); a read
-    before the wait would show as a mismatch."""
+    layer's output; TVM's kernels between them wait first (``cuda_pdl.wait_first``). Dense layers
+    back to back, and with GELU / relu / add / layer norm between them; one launch at K <= 650 up
+    to batch 16, pack + kernel above; called many times in a row: the same bits as the model
+    built without it (``PBTVM_CUDA_PDL=0``); a read before the wait would show as a mismatch."""
     from pbtvm import names
 
     if not pbtvm.target.programmatic_launch(pbtvm.target.local_cuda_arch()):
         pytest.skip("the GPU has no programmatic dependent launch (sm_90+)")
     torch.manual_seed(0)
-    widths = (512, 640, 512, 1024, 1024, 600, 10)
-    model = torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))).eval()
+    model = make().eval()
+    widths = (512,)
     ex = (torch.randn(2, widths[0]),)
     early = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
     monkeypatch.setenv(names.ENV_CUDA_PDL, "0")

@@ -235,13 +235,15 @@ def test_cuda_decoder_captures_every_step_kernel_in_one_graph(tmp_path):
     path = dec.export(tmp_path / "decoder_sm90.so")  # a CUDA library exports without a GPU
     assert library.read_manifest(path)["decoder"]["batch"] == 1
     # programmatic dependent launch (sm_90): the step and the head start while the kernel before
-    # them runs (their weights are constants), reading only their weights before they wait
+    # them runs (their weights are constants), reading only their weights before they wait; TVM's
+    # kernels (take, repacks) start early too and wait first (cuda_pdl.wait_first)
     tags = library.cuda_launch_tags(str(path))
     early = {k for k, v in tags.items() if pbtvm_names.LAUNCH_PROGRAMMATIC in v}
-    assert early == {"pb_dense_head_kernel", "pb_lstm_step_l0_kernel"}
+    assert early == set(names)
     reads = reads_before_wait(src)
     assert reads["pb_lstm_step_l0_kernel"] == {"wp_ih_ptr", "wp_hh_ptr"}
     assert reads["pb_dense_head_kernel"] == {"wp_ptr"}
+    assert all(reads[k] == set() for k in ("repack_in_kernel", "repack_out_kernel", "take_kernel"))
     sass = source_sass(src, "sm_90")  # and ptxas moved no load above the wait (x and h did, with __restrict__)
     assert all(loads_before_wait(sass[k]) == [] and "LDG.E.CONSTANT" not in sass[k] for k in early)  # coherent
 
