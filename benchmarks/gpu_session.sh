@@ -34,6 +34,10 @@
 #               (PDL_ARGS), batch 1/8/16: every PB kernel with programmatic dependent launch (compile's
 #               default on sm_90: it starts while the kernel before it runs and prefetches its weights
 #               into L2) and without (PBTVM_CUDA_PDL=0), a row each, side by side
+#   models      benchmarks/bench_models_gpu.py: whole compiled models (2 pre-norm feed-forward blocks at
+#               4096/11008 + head; a 6-layer 4096 ReLU MLP), W4, batch 1 and 8, with and without PDL (TVM's
+#               relu/GELU/add/norm kernels wait first), each in a torch CUDA graph, vs torch fp16 in a graph
+#               and the roofline (MODELS_ARGS; 4 compiles first, ~3 min estimated): run it in the second call
 #   crossover   benchmarks/bench_bmma.py --fused --compiled at K between 650 and 1500 (CROSSOVER_ARGS), W4,
 #               batch 2-16: where one launch stops beating pack + kernel (cuda_bmma.one_launch_max_batch
 #               uses 650, the largest K timed where it won past batch 1)
@@ -103,6 +107,9 @@ run_step() {
       step bmma_pdl "${PDL_TIMEOUT:-150}" python3 benchmarks/bench_bmma.py --pdl both --fused --compiled \
         ${PDL_ARGS:---shapes 4096x4096 11008x4096 8192x2048 2600x650 --batches 1 8 16 --bits 4} \
         --csv "$OUT/bmma_pdl.csv" ;;
+    models)
+      step bench_models "${MODELS_TIMEOUT:-300}" python3 benchmarks/bench_models_gpu.py ${MODELS_ARGS:-} \
+        --csv "$OUT/bench_models.csv" ;;
     crossover)
       step bmma_crossover "${CROSSOVER_TIMEOUT:-180}" python3 benchmarks/bench_bmma.py --fused --compiled \
         ${CROSSOVER_ARGS:---shapes 4096x800 4096x1024 4096x1280 --batches 2 4 8 16 --bits 4} \

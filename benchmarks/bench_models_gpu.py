@@ -1,0 +1,226 @@
+"""Whole compiled models on a CUDA GPU: programmatic dependent launch on vs off, vs torch fp16.
+
+``bench_bmma.py --pdl both`` times one layer called back to back, where every kernel is a PB
+kernel. In a model TVM's own kernels (GELU, relu, residual add, layer norm) run between the PB
+layers; since ``cuda_pdl.wait_first`` they wait first and let the next kernel start too. This
+times what a user runs: ``pbtvm.compile`` of a transformer-style feed-forward stack and of a
+ReLU MLP, each built twice in one run (default, and ``PBTVM_CUDA_PDL=0``), every call captured in
+a torch CUDA graph (the launches a graph replays; no host time), beside the torch fp16 model in
+a CUDA graph (cuBLAS) and the k-bit weight roofline at the copy bandwidth measured in the same
+run. The stacks are sized past the 60 MB L2 at W4 (``--blocks``): calls do not find their
+weights in the L2.
+
+Usage::
+
+    python benchmarks/bench_models_gpu.py [--hidden 4096] [--blocks 2] [--batches 1 8] [--bits 4] [--csv out.csv]
+    python benchmarks/bench_models_gpu.py --dry-run   # no GPU: build both variants for sm_90, check the launch flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import tvm_ffi
+from bench_layers import append_csv_row, measure_bandwidth
+
+import pbtvm
+from pbtvm import library, names
+
+
+class FeedForward(torch.nn.Module):
+    """``blocks`` pre-norm transformer feed-forward blocks: x + down(gelu(up(norm(x)))), then a head."""
+
+    def __init__(self, hidden: int, ffn: int, blocks: int) -> None:
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(hidden) for _ in range(blocks))
+        self.ups = torch.nn.ModuleList(torch.nn.Linear(hidden, ffn) for _ in range(blocks))
+        self.downs = torch.nn.ModuleList(torch.nn.Linear(ffn, hidden) for _ in range(blocks))
+        self.head = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, up, down in zip(self.norms, self.ups, self.downs, strict=True):
+            x = x + down(torch.nn.functional.gelu(up(norm(x))))
+        return self.head(x)
+
+
+class ReluMLP(torch.nn.Module):
+    """``layers`` square Linear + ReLU layers (the paper's MLP shape, widened)."""
+
+    def __init__(self, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def make_models(hidden: int, blocks: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    ffn = (hidden * 8 // 3 + 255) // 256 * 256  # 4096 -> 11008 (LLaMA's ratio, rounded)
+    return {
+        f"ffn{blocks}x{hidden}-{ffn}": FeedForward(hidden, ffn, blocks).eval(),
+        f"mlp{3 * blocks}x{hidden}": ReluMLP(hidden, 3 * blocks).eval(),
+    }
+
+
+def weight_count(model: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@contextlib.contextmanager
+def pdl_env(on: bool):
+    """``PBTVM_CUDA_PDL`` for the compile inside (the target reads it when it is resolved)."""
+    old = os.environ.get(names.ENV_CUDA_PDL)
+    os.environ[names.ENV_CUDA_PDL] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(names.ENV_CUDA_PDL, None)
+        else:
+            os.environ[names.ENV_CUDA_PDL] = old
+
+
+def compile_both(model: torch.nn.Module, example: torch.Tensor, target, bits: int) -> dict[bool, object]:
+    """The model compiled with and without programmatic dependent launch, ``{pdl: compiled}``."""
+    built = {}
+    for on in (True, False):
+        with pdl_env(on):
+            t0 = time.time()
+            built[on] = pbtvm.compile(model, (example,), target=target, bits=bits)
+            print(f"  compiled pdl={'on' if on else 'off'} in {time.time() - t0:.0f} s", flush=True)
+    return built
+
+
+def launch_flags(compiled, path: str) -> tuple[int, int]:
+    """(kernels launched early, kernels) of ``compiled`` exported to ``path``."""
+    compiled.export(path)
+    tags = library.cuda_launch_tags(path)
+    return sum(names.LAUNCH_PROGRAMMATIC in v for v in tags.values()), len(tags)
+
+
+def graph_us(call, calls: int = 20) -> float:
+    """Microseconds per ``call()`` replayed from a torch CUDA graph of ``calls`` calls (median of 7)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+        for _ in range(3):  # module load, the allocator's pool, outside the capture
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph, stream=stream)):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def stream_us(call, calls: int = 50) -> float:
+    """Microseconds per ``call()`` launched back to back on the current stream (median of 5 rounds;
+    the host's time per call counts where it exceeds the GPU's)."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(calls):
+            call()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Build both variants of each model for sm_90 here (no GPU) and check the launch flags."""
+    import tempfile
+
+    target = {"kind": "cuda", "arch": "sm_90"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in make_models(args.hidden, args.blocks).items():
+            print(name, flush=True)
+            built = compile_both(model, torch.randn(2, args.hidden), target, args.bits[0])
+            on, total = launch_flags(built[True], os.path.join(tmp, "on.so"))
+            off, total_off = launch_flags(built[False], os.path.join(tmp, "off.so"))
+            print(f"  pdl on: {on}/{total} kernels launched early; off: {off}/{total_off}")
+            if on != total or off != 0:
+                print("dry run: wrong launch flags", file=sys.stderr)
+                return 1
+    print(f"dry run: {len(make_models(args.hidden, args.blocks))} models built for sm_90 with and without PDL")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--blocks", type=int, default=2, help="feed-forward blocks (the MLP has 3 layers per block)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--bits", nargs="+", type=int, default=[4])
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: build for sm_90 and check the launch flags")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (or --dry-run)", file=sys.stderr)
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    bw = measure_bandwidth()
+    print(f"device {props.name}, L2 {props.L2_cache_size / 1e6:.0f} MB, copy bandwidth {bw / 1e12:.2f} TB/s, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    first = True
+    print(f"{'model':>22} {'bits':>4} {'batch':>5} {'pdl on us':>10} {'pdl off us':>10} {'off/on':>6} "
+          f"{'fp16 us':>8} {'fp16/on':>7} {'roof us':>8} {'%roof':>6} timing")  # fmt: skip
+    for name, model in make_models(args.hidden, args.blocks).items():
+        half = copy.deepcopy(model).to("cuda", torch.float16)
+        for bits in args.bits:
+            print(f"{name} W{bits}", flush=True)
+            built = compile_both(model, torch.randn(2, args.hidden), "cuda", bits)
+            for batch in args.batches:
+                x = torch.randn(batch, args.hidden, device="cuda")
+                xh = x.half()
+                try:
+                    method = "graph"
+                    on, off = (graph_us(lambda m=built[p], x=x: m(x)) for p in (True, False))
+                except Exception as err:  # the capture failed: time the calls as they are launched
+                    print(f"  batch {batch}: capture failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "timing back-to-back calls (host time included)", file=sys.stderr)  # fmt: skip
+                    method = "stream"
+                    on, off = (stream_us(lambda m=built[p], x=x: m(x)) for p in (True, False))
+                with torch.no_grad():
+                    fp16 = graph_us(lambda h=half, xh=xh: h(xh))
+                roof = (weight_count(model) * bits / 8 + 2 * batch * args.hidden * 4) / bw * 1e6
+                row = {
+                    "model": name, "bits": bits, "batch": batch, "method": method, "pdl_on_us": on, "pdl_off_us": off,
+                    "off_over_on": off / on, "fp16_us": fp16, "fp16_over_on": fp16 / on, "roof_us": roof,
+                    "pct_roof": 100 * roof / on,
+                }  # fmt: skip
+                print(f"{name:>22} {bits:>4} {batch:>5} {on:10.1f} {off:10.1f} {off / on:6.2f} {fp16:8.1f} "
+                      f"{fp16 / on:7.2f} {roof:8.1f} {100 * roof / on:6.1f} {method}", flush=True)  # fmt: skip
+                if args.csv:
+                    append_csv_row(args.csv, row, first)
+                    first = False
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
