@@ -541,7 +541,7 @@ class BMMALeg:
             raise ValueError("pack_phases is for a leg made with fused_pack=True")
         return row_pack_phases(self.fmt, self.k_dim, self.cfg.threads // MMA_LANES, self._prefetch())
 
-    def prefetch(self):
+    def prefetch(self, budget: int = PREFETCH_MAX_BYTES):
         """A TVMScript macro ``prefetch(wp, bitlayers, bx, tz, ty, tx)``: with :attr:`programmatic`,
         the block's weight rows of every plane below ``bitlayers`` into the L2 cache
         (``cp.async.bulk.prefetch.L2``: a row tile's first :meth:`prefetch_k_tiles` K tiles, one
@@ -549,11 +549,12 @@ class BMMALeg:
         ends: the weights stream from DRAM during that wait (:mod:`.cuda_pdl`). Registers
         would hold them too, but ptxas moved such loads past the wait (their ``ld.global.nc``
         ignores the wait's memory clobber); a prefetch is an asm statement it keeps in place.
-        Nothing without :attr:`programmatic`."""
+        ``budget``: the most bytes the kernel's blocks prefetch together (this leg's share where
+        a kernel has several). Nothing without :attr:`programmatic`."""
         fmt, cfg, row_tiles = self.fmt, self.cfg, self.row_tiles
         wm, mt, threads = cfg.warps_m, cfg.tiles_m, cfg.threads
         ranges = fmt.bits * wm * mt  # (plane, block row tile) pairs
-        tile_bytes = MMA_TILE_ROWS * MMA_TILE_WORDS * 4 * self.prefetch_k_tiles()
+        tile_bytes = MMA_TILE_ROWS * MMA_TILE_WORDS * 4 * self.prefetch_k_tiles(budget)
         enabled = self.programmatic
 
         @T.macro
@@ -570,12 +571,16 @@ class BMMALeg:
 
         return prefetch
 
-    def prefetch_k_tiles(self) -> int:
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this leg's weight planes (all ``fmt.bits`` of them, padded to whole tiles)."""
+        return self.fmt.bits * self.row_tiles * self.k_tiles * MMA_TILE_ROWS * MMA_TILE_WORDS * 4
+
+    def prefetch_k_tiles(self, budget: int = PREFETCH_MAX_BYTES) -> int:
         """K tiles of each row tile :meth:`prefetch` fetches: all of them, or the share of
-        :data:`PREFETCH_MAX_BYTES` of a layer with more weights (every block prefetching its own
-        would evict the first ones from the L2 before they are read)."""
-        total = self.fmt.bits * self.row_tiles * self.k_tiles * MMA_TILE_ROWS * MMA_TILE_WORDS * 4
-        return max(1, min(self.k_tiles, self.k_tiles * PREFETCH_MAX_BYTES // total))
+        ``budget`` (:data:`PREFETCH_MAX_BYTES`) of a layer with more weights (every block
+        prefetching its own would evict the first ones from the L2 before they are read)."""
+        return max(1, min(self.k_tiles, self.k_tiles * budget // self.weight_bytes))
 
     @property
     def planes_outside(self) -> bool:

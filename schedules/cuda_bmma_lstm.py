@@ -41,6 +41,7 @@ from .cuda_bmma_kernel import (
     EARLY_LEG_REGISTERS,
     LAUNCH_MIN_BLOCKS,
     MMA_LANES,
+    PREFETCH_MAX_BYTES,
     BMMAConfig,
     BMMALeg,
     config_problem,
@@ -293,6 +294,16 @@ def _gates_of(leg: BMMALeg, rows: int):
     return gates_of
 
 
+def prefetch_budgets(leg_h: BMMALeg, leg_x: BMMALeg) -> tuple[int, int]:
+    """The step's :data:`.cuda_bmma_kernel.PREFETCH_MAX_BYTES` split between its two weight
+    matrices by their sizes: the kernel's blocks prefetch that much in all, as a dense layer's do
+    (with the whole budget each, one step kernel could prefetch 48 MB: most of an H200's 60 MB L2,
+    evicting its first prefetches before they are read)."""
+    total = leg_h.weight_bytes + leg_x.weight_bytes
+    share_h = PREFETCH_MAX_BYTES * leg_h.weight_bytes // total
+    return share_h, PREFETCH_MAX_BYTES - share_h
+
+
 def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
     """A TVMScript macro: both weight matrices' gate values for the block, into shared ``gates``
     (the step with its input projection).
@@ -312,7 +323,9 @@ def _gates_of_both(leg_h: BMMALeg, leg_x: BMMALeg, rows: int, bias: bool):
     early = early_h > 0  # the same config and format: leg_x's is > 0 too
     first_h, product_h = leg_h.product(early_h) if early else (None, leg_h.product())
     first_x, product_x = leg_x.product(early_x) if early else (None, leg_x.product())
-    prefetch_h, prefetch_x, wait = leg_h.prefetch(), leg_x.prefetch(), wait_for_previous(leg_h.programmatic)
+    budget_h, budget_x = prefetch_budgets(leg_h, leg_x)
+    prefetch_h, prefetch_x = leg_h.prefetch(budget_h), leg_x.prefetch(budget_x)
+    wait = wait_for_previous(leg_h.programmatic)
     shapes_h, shapes_x = leg_h.packed_shapes(), leg_x.packed_shapes()
     epilogue_h = _epilogue_of(leg_h, rows, bias=False, add=False)
     epilogue_x = _epilogue_of(leg_x, rows, bias, add=True)

@@ -35,6 +35,7 @@ from pbtvm.schedules.cuda_bmma_lstm import (
     default_lstm_config,
     lstm_config_problem,
     lstm_config_space,
+    prefetch_budgets,
 )
 from pbtvm.schedules.tuning.log import TuningLog
 from pbtvm.target import resolve_target
@@ -378,3 +379,27 @@ def test_mma_decoder_and_generate_on_gpu_equal_the_cpu_decoder():
     for sampling in MODES[:2]:
         got = gpu.generate(prompt, 20, sampling)
         torch.testing.assert_close(got.cpu(), generate_stepwise(gpu, prompt, 20, sampling).cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("bits", "hidden", "n_in"), [(4, 256, 128), (8, 2048, 1024), (8, 2048, 2048), (4, 4096, 4096)])
+def test_step_prefetches_one_budget_for_both_weight_matrices(bits, hidden, n_in):
+    """Under programmatic launch the step prefetches both matrices' planes into the L2 before it
+    waits: at most ``PREFETCH_MAX_BYTES`` together (as one dense layer), split by their sizes;
+    all of both where they fit."""
+    from pbtvm.schedules.cuda_bmma_kernel import MMA_TILE_ROWS, MMA_TILE_WORDS, PREFETCH_MAX_BYTES
+    from pbtvm.target import TargetInfo
+
+    fmt, limits = bp.BitplaneFormat(bits, 8, layout=MMA), TargetInfo.of(SM90).limits
+    cfg = default_lstm_config(fmt, hidden, n_in, limits=limits)
+    legs = BMMALeg(fmt, 4 * hidden, hidden, cfg, True, limits), BMMALeg(fmt, 4 * hidden, n_in, cfg, True, limits)
+    budgets = prefetch_budgets(*legs)
+    assert sum(budgets) == PREFETCH_MAX_BYTES
+    tile = MMA_TILE_ROWS * MMA_TILE_WORDS * 4
+    fetched = [
+        leg.fmt.bits * leg.row_tiles * leg.prefetch_k_tiles(b) * tile for leg, b in zip(legs, budgets, strict=True)
+    ]
+    whole = [leg.weight_bytes for leg in legs]
+    if sum(whole) <= PREFETCH_MAX_BYTES:
+        assert fetched == whole
+    else:
+        assert sum(fetched) <= PREFETCH_MAX_BYTES and all(f < w for f, w in zip(fetched, whole, strict=True))
