@@ -9,8 +9,10 @@ k-bit DRAM roofline from the copy bandwidth measured in the same run. Every time
 CUDA-graph replays in which each call reads another weight set (the sets exceed twice the L2),
 as in ``bench_layers.py``, whose helpers this uses. ``--pdl`` chooses the PB kernels: ``on`` as
 ``compile`` builds them on sm_90 (programmatic dependent launch: a kernel starts while the one
-before it runs and prefetches its weights meanwhile), ``off`` without it (``PBTVM_CUDA_PDL=0``),
-``both`` a row of each, side by side.
+before it runs and prefetches its weights meanwhile; the next launches after a kernel's wait),
+``start`` with the next launching as a kernel starts (``PBTVM_CUDA_PDL=start``: kernels may run
+ahead more than one deep), ``off`` without it (``PBTVM_CUDA_PDL=0``), ``both`` on and off, ``all``
+the three, a row each, side by side.
 
     python benchmarks/bench_bmma.py --csv out/bmma.csv                 # the issue-13 grid
     python benchmarks/bench_bmma.py --shapes 4096x4096 --batches 1 --bits 4 --with-default
@@ -92,18 +94,22 @@ def pack_key(k: int, bits: int) -> tuple:
     return ("pack", k, bp.BitplaneFormat(bits, 8, layout=MMA).accumulator_dtype(k))
 
 
-#: ``--pdl`` values: which PB kernels a run builds and times (True: programmatic dependent launch).
-PDL_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+#: ``--pdl`` values: which PB kernels a run builds and times. A kernel's mode: ``on``, programmatic
+#: dependent launch as ``compile`` builds it (the next kernel launches after this one's wait);
+#: ``start``, the next launches as this one starts (``PBTVM_CUDA_PDL=start``); ``off``, without
+#: (``PBTVM_CUDA_PDL=0``).
+PDL_MODES = {"on": ("on",), "off": ("off",), "start": ("start",), "both": ("on", "off"), "all": ("on", "start", "off")}
+#: ``PBTVM_CUDA_PDL`` of each mode.
+PDL_ENV = {"on": "1", "start": names.PDL_AT_START, "off": "0"}
 
 
-def build_kernel(key: tuple, target, pdl: bool = True) -> tvm.runtime.Executable:
-    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target``; with ``pdl`` (on sm_90+)
-    written for and launched with programmatic dependent launch, as ``compile`` builds it, else
-    as with ``PBTVM_CUDA_PDL=0``."""
+def build_kernel(key: tuple, target, pdl: str = "on") -> tvm.runtime.Executable:
+    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target`` in the ``pdl`` mode
+    (:data:`PDL_MODES`; on sm_90+)."""
     previous = os.environ.get(names.ENV_CUDA_PDL)
-    os.environ[names.ENV_CUDA_PDL] = "1" if pdl else "0"
+    os.environ[names.ENV_CUDA_PDL] = PDL_ENV[pdl]
     try:
-        return _build_kernel(key, target, pdl)
+        return _build_kernel(key, target, pdl != "off")
     finally:
         if previous is None:
             del os.environ[names.ENV_CUDA_PDL]
@@ -138,7 +144,7 @@ def compiled_layer(n: int, k: int, bits: int):
 
 
 def export_kernel(job: tuple, path: str) -> None:
-    """Worker (:func:`parallel_build.build_all`): ``job = (key, target, pdl)``, the kernel written to ``path``."""
+    """Worker (:func:`parallel_build.build_all`): ``job = (key, target, pdl mode)``, the kernel written to ``path``."""
     key, target, pdl = job
     build_kernel(key, target, pdl).export_library(path)
 
@@ -161,13 +167,15 @@ def check_kernel(job: tuple, path: str) -> None:
         json.dump({"problem": problem}, f)
 
 
-def build_kernels(keys: list[tuple], target, workers: int, check: bool = False, pdl: tuple = (True,)) -> dict:
+def build_kernels(keys: list[tuple], target, workers: int, check: bool = False, pdl: tuple = ("on",)) -> dict:
     """Build ``keys`` in ``workers`` processes for each ``pdl`` mode (:func:`build_kernel`):
     {(key, pdl): executable}, or with ``check`` {(key, pdl): problem or None}."""
     jobs = [(key, target, mode) for mode in pdl for key in keys]
     with tempfile.TemporaryDirectory(prefix="pbtvm_bench_bmma_") as tmp:
         worker = check_kernel if check else export_kernel
-        paths = build_all(worker, jobs, tmp, workers, label=lambda job: f"{job[0]}{'' if job[2] else ' no PDL'}")
+        paths = build_all(
+            worker, jobs, tmp, workers, label=lambda job: f"{job[0]}{'' if job[2] == 'on' else ' PDL ' + job[2]}"
+        )
         done = [(key, mode) for key, _, mode in jobs]
         if check:
             return {job: _read_json(path)["problem"] for job, path in zip(done, paths, strict=True)}
@@ -179,7 +187,7 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str, pdl: bool = True) -> float:
+def bench_bmma(n: int, k: int, batch: int, bits: int, l2: int, built: dict, part: str, pdl: str = "on") -> float:
     """Seconds per call: ``part`` "layer" (pack + BMMA kernel), "gemm" (BMMA kernel alone),
     "fused" (one kernel: every block packs its batch rows, then the BMMA product) or "compiled"
     (:func:`compiled_layer`, after the ballot pack where it does not pack itself); ``built``
@@ -278,7 +286,7 @@ def time_row(args, built, shape, batch, bits, pdl, l2, bw, fp16, int4, old_cache
         "shape": shape,
         "batch": batch,
         "bits": bits,
-        "pdl": "on" if pdl else "off",
+        "pdl": pdl,
         "config": str(layer_configs(n, k, bits, batch)[0]),
         "bmma_layer_us": layer * 1e6,
         "bmma_kernel_us": gemm * 1e6,
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     one = f"  one-launch {r['fused_us']:7.1f}" if r.get("fused_us") else ""
                     one += f"  compiled {r['compiled_us']:7.1f}" if r.get("compiled_us") else ""
                     print(
-                        f"  {shape:>11} b={batch:<2} W{bits}A8 PDL {r['pdl']:<3}  layer {r['bmma_layer_us']:7.1f} us{one}"
+                        f"  {shape:>11} b={batch:<2} W{bits}A8 PDL {r['pdl']:<5}  layer {r['bmma_layer_us']:7.1f} us{one}"
                         f"  kernel {r['bmma_kernel_us']:7.1f}  roof {r['roof_us']:5.1f} ({r['pct_roof_kernel']:.0f}% "
                         f"kernel)  fp16 {fp16 * 1e6:6.1f}  int4 {r['int4_us'] or float('nan'):6.1f}  "
                         f"[{time.time() - t0:.0f}s]",

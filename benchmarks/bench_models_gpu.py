@@ -1,14 +1,16 @@
-"""Whole compiled models on a CUDA GPU: programmatic dependent launch on vs off, vs torch fp16.
+"""Whole compiled models on a CUDA GPU: programmatic dependent launch modes, vs torch fp16.
 
 ``bench_bmma.py --pdl both`` times one layer called back to back, where every kernel is a PB
 kernel. In a model TVM's own kernels (GELU, relu, residual add, layer norm) run between the PB
-layers; since ``cuda_pdl.wait_first`` they wait first and let the next kernel start too. This
-times what a user runs: ``pbtvm.compile`` of a transformer-style feed-forward stack and of a
-ReLU MLP, each built twice in one run (default, and ``PBTVM_CUDA_PDL=0``), every call captured in
-a torch CUDA graph (the launches a graph replays; no host time), beside the torch fp16 model in
-a CUDA graph (cuBLAS) and the k-bit weight roofline at the copy bandwidth measured in the same
-run. The stacks are sized past the 60 MB L2 at W4 (``--blocks``): calls do not find their
-weights in the L2.
+layers (where the activation is not folded into the layer); since ``cuda_pdl.wait_first`` they
+wait first and let the next kernel launch too. This times what a user runs: ``pbtvm.compile`` of
+a transformer-style feed-forward stack and of a ReLU MLP, each built three times in one run
+(default: the next kernel launches after a kernel's wait; ``PBTVM_CUDA_PDL=start``: as it
+starts; ``PBTVM_CUDA_PDL=0``: no PDL), every call captured in a torch CUDA graph (the launches a
+graph replays; no host time), beside the torch fp16 model in a CUDA graph (cuBLAS) and the
+k-bit weight roofline at the copy bandwidth measured in the same run. At the defaults both
+stacks hold more than the 60 MB L2 at W4 (FFN, 2 blocks: 99 MB; MLP, 8 x 4096^2: 67 MB): calls
+do not find their weights in the L2.
 
 Usage::
 
@@ -68,7 +70,7 @@ def make_models(hidden: int, blocks: int) -> dict[str, torch.nn.Module]:
     ffn = (hidden * 8 // 3 + 255) // 256 * 256  # 4096 -> 11008 (LLaMA's ratio, rounded)
     return {
         f"ffn{blocks}x{hidden}-{ffn}": FeedForward(hidden, ffn, blocks).eval(),
-        f"mlp{3 * blocks}x{hidden}": ReluMLP(hidden, 3 * blocks).eval(),
+        f"mlp{4 * blocks}x{hidden}": ReluMLP(hidden, 4 * blocks).eval(),
     }
 
 
@@ -76,11 +78,16 @@ def weight_count(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+#: The builds compared, by ``PBTVM_CUDA_PDL``: compile's default, the next kernel launching as a
+#: kernel starts, no programmatic launch.
+MODES = {"on": "1", "start": names.PDL_AT_START, "off": "0"}
+
+
 @contextlib.contextmanager
-def pdl_env(on: bool):
-    """``PBTVM_CUDA_PDL`` for the compile inside (the target reads it when it is resolved)."""
+def pdl_env(mode: str):
+    """``PBTVM_CUDA_PDL`` of ``mode`` (:data:`MODES`) for the compile inside (read as it builds)."""
     old = os.environ.get(names.ENV_CUDA_PDL)
-    os.environ[names.ENV_CUDA_PDL] = "1" if on else "0"
+    os.environ[names.ENV_CUDA_PDL] = MODES[mode]
     try:
         yield
     finally:
@@ -90,14 +97,14 @@ def pdl_env(on: bool):
             os.environ[names.ENV_CUDA_PDL] = old
 
 
-def compile_both(model: torch.nn.Module, example: torch.Tensor, target, bits: int) -> dict[bool, object]:
-    """The model compiled with and without programmatic dependent launch, ``{pdl: compiled}``."""
+def compile_modes(model: torch.nn.Module, example: torch.Tensor, target, bits: int) -> dict[str, object]:
+    """The model compiled in every mode of :data:`MODES`, ``{mode: compiled}``."""
     built = {}
-    for on in (True, False):
-        with pdl_env(on):
+    for mode in MODES:
+        with pdl_env(mode):
             t0 = time.time()
-            built[on] = pbtvm.compile(model, (example,), target=target, bits=bits)
-            print(f"  compiled pdl={'on' if on else 'off'} in {time.time() - t0:.0f} s", flush=True)
+            built[mode] = pbtvm.compile(model, (example,), target=target, bits=bits)
+            print(f"  compiled pdl={mode} in {time.time() - t0:.0f} s", flush=True)
     return built
 
 
@@ -135,18 +142,19 @@ def graph_us(call, calls: int = 20) -> float:
 def stream_us(call, calls: int = 50) -> float:
     """Microseconds per ``call()`` launched back to back on the current stream (median of 5 rounds;
     the host's time per call counts where it exceeds the GPU's)."""
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(calls):
+    with tvm_ffi.use_torch_stream():  # TVM launches on torch's current stream, where the events are
+        for _ in range(3):
             call()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(calls):
+                call()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) * 1e3 / calls)
     return statistics.median(times)
 
 
@@ -155,24 +163,24 @@ def dry_run(args: argparse.Namespace) -> int:
     import tempfile
 
     target = {"kind": "cuda", "arch": "sm_90"}
+    models = make_models(args.hidden, args.blocks)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model in make_models(args.hidden, args.blocks).items():
+        for name, model in models.items():
             print(name, flush=True)
-            built = compile_both(model, torch.randn(2, args.hidden), target, args.bits[0])
-            on, total = launch_flags(built[True], os.path.join(tmp, "on.so"))
-            off, total_off = launch_flags(built[False], os.path.join(tmp, "off.so"))
-            print(f"  pdl on: {on}/{total} kernels launched early; off: {off}/{total_off}")
-            if on != total or off != 0:
+            built = compile_modes(model, torch.randn(2, args.hidden), target, args.bits[0])
+            flags = {mode: launch_flags(m, os.path.join(tmp, f"{mode}.so")) for mode, m in built.items()}
+            print("  " + "; ".join(f"pdl {mode}: {e}/{n} kernels launched early" for mode, (e, n) in flags.items()))
+            if any(e != n for mode, (e, n) in flags.items() if mode != "off") or flags["off"][0] != 0:
                 print("dry run: wrong launch flags", file=sys.stderr)
                 return 1
-    print(f"dry run: {len(make_models(args.hidden, args.blocks))} models built for sm_90 with and without PDL")
+    print(f"dry run: {len(models)} models built for sm_90 in the modes {', '.join(MODES)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--blocks", type=int, default=2, help="feed-forward blocks (the MLP has 3 layers per block)")
+    ap.add_argument("--blocks", type=int, default=2, help="feed-forward blocks (the MLP has 4 layers per block)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--bits", nargs="+", type=int, default=[4])
     ap.add_argument("--csv", default=None)
@@ -188,34 +196,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {props.name}, L2 {props.L2_cache_size / 1e6:.0f} MB, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
     first = True
-    print(f"{'model':>22} {'bits':>4} {'batch':>5} {'pdl on us':>10} {'pdl off us':>10} {'off/on':>6} "
-          f"{'fp16 us':>8} {'fp16/on':>7} {'roof us':>8} {'%roof':>6} timing")  # fmt: skip
+    print(f"{'model':>22} {'bits':>4} {'batch':>5} {'on us':>8} {'start us':>8} {'off us':>8} {'off/on':>6} "
+          f"{'start/on':>8} {'fp16 us':>8} {'fp16/on':>7} {'roof us':>8} {'%roof':>6} timing")  # fmt: skip
     for name, model in make_models(args.hidden, args.blocks).items():
         half = copy.deepcopy(model).to("cuda", torch.float16)
         for bits in args.bits:
             print(f"{name} W{bits}", flush=True)
-            built = compile_both(model, torch.randn(2, args.hidden), "cuda", bits)
+            built = compile_modes(model, torch.randn(2, args.hidden), "cuda", bits)
             for batch in args.batches:
                 x = torch.randn(batch, args.hidden, device="cuda")
                 xh = x.half()
                 try:
                     method = "graph"
-                    on, off = (graph_us(lambda m=built[p], x=x: m(x)) for p in (True, False))
+                    us = {mode: graph_us(lambda m=m, x=x: m(x)) for mode, m in built.items()}
                 except Exception as err:  # the capture failed: time the calls as they are launched
                     print(f"  batch {batch}: capture failed ({type(err).__name__}: {str(err)[:200]}); "
                           "timing back-to-back calls (host time included)", file=sys.stderr)  # fmt: skip
                     method = "stream"
-                    on, off = (stream_us(lambda m=built[p], x=x: m(x)) for p in (True, False))
+                    us = {mode: stream_us(lambda m=m, x=x: m(x)) for mode, m in built.items()}
                 with torch.no_grad():
                     fp16 = graph_us(lambda h=half, xh=xh: h(xh))
+                on, start, off = us["on"], us["start"], us["off"]
                 roof = (weight_count(model) * bits / 8 + 2 * batch * args.hidden * 4) / bw * 1e6
                 row = {
-                    "model": name, "bits": bits, "batch": batch, "method": method, "pdl_on_us": on, "pdl_off_us": off,
-                    "off_over_on": off / on, "fp16_us": fp16, "fp16_over_on": fp16 / on, "roof_us": roof,
-                    "pct_roof": 100 * roof / on,
+                    "model": name, "bits": bits, "batch": batch, "method": method, "pdl_on_us": on,
+                    "pdl_start_us": start, "pdl_off_us": off, "off_over_on": off / on, "start_over_on": start / on,
+                    "fp16_us": fp16, "fp16_over_on": fp16 / on, "roof_us": roof, "pct_roof": 100 * roof / on,
                 }  # fmt: skip
-                print(f"{name:>22} {bits:>4} {batch:>5} {on:10.1f} {off:10.1f} {off / on:6.2f} {fp16:8.1f} "
-                      f"{fp16 / on:7.2f} {roof:8.1f} {100 * roof / on:6.1f} {method}", flush=True)  # fmt: skip
+                print(f"{name:>22} {bits:>4} {batch:>5} {on:8.1f} {start:8.1f} {off:8.1f} {off / on:6.2f} "
+                      f"{start / on:8.2f} {fp16:8.1f} {fp16 / on:7.2f} {roof:8.1f} {100 * roof / on:6.1f} {method}",
+                      flush=True)  # fmt: skip
                 if args.csv:
                     append_csv_row(args.csv, row, first)
                     first = False

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU sitting: environment facts, GPU tests, benchmarks. Every step writes its full output to a
 # file under $OUT (nothing filtered) and runs under its own `timeout`; the console gets the tail.
-# STEPS picks what runs. The default, "exact pdl generate-bench", measures both GPU issues in one
-# call (the BMMA and generate() GPU tests, the BMMA layers with and without programmatic dependent
-# launch, generate() tokens/s vs torch; on an H200 (2026-12-04) exact and generate-bench took 63 and
-# 67 s, exact now has two more tests and pdl is new: ~100 s estimated; profile, the decoder's
-# per-kernel time, 54 s, goes in a second call or with a DEADLINE_S past 300).
+# STEPS picks what runs. The default, "exact pdl", fits one call: the BMMA and generate() GPU tests
+# (on an H200, 2026-12-04, 63 s; since then four PDL-vs-plain tests, which compile two models each:
+# ~120 s estimated) and the BMMA layers in the three programmatic-launch modes (on / start / off,
+# ~120 s estimated). The second call: STEPS="models generate-bench" (whole models in the three PDL
+# modes, ~4 min; generate() tokens/s vs torch, 67 s); then profile (the decoder's per-kernel time, 54 s).
 # Call it right after the bundle's first call: the machine stays warm (and /tmp/boot/part0 with it)
 # only 30 s.
 #   bmma        tests/test_bmma_gpu.py: the binary-tensor-core kernel equals the numpy reference
@@ -30,14 +30,17 @@
 #   exact       bmma's tests and generate-tests in one pytest run (one worker start-up for both issues)
 #   sweep       benchmarks/sweep_bmma.py: many BMMA configs per (shape, batch), W4, best vs default (CSV
 #               row by row; SWEEP_TIME_LIMIT stops the timing, SWEEP_ARGS picks the grid)
-#   pdl         benchmarks/bench_bmma.py --pdl both --fused --compiled on the W4 shapes of issue 13's bar
+#   pdl         benchmarks/bench_bmma.py --pdl all --fused --compiled on W4 shapes of issue 13's bar
 #               (PDL_ARGS), batch 1/8/16: every PB kernel with programmatic dependent launch (compile's
 #               default on sm_90: it starts while the kernel before it runs and prefetches its weights
-#               into L2) and without (PBTVM_CUDA_PDL=0), a row each, side by side
+#               into L2; the next launches after its wait), with the next launching as it starts
+#               (PBTVM_CUDA_PDL=start: kernels run ahead more than one deep) and without
+#               (PBTVM_CUDA_PDL=0), a row each, side by side
 #   models      benchmarks/bench_models_gpu.py: whole compiled models (2 pre-norm feed-forward blocks at
-#               4096/11008 + head; a 6-layer 4096 ReLU MLP), W4, batch 1 and 8, with and without PDL (TVM's
-#               relu/GELU/add/norm kernels wait first), each in a torch CUDA graph, vs torch fp16 in a graph
-#               and the roofline (MODELS_ARGS; 4 compiles first, ~3 min estimated): run it in the second call
+#               4096/11008 + head; an 8-layer 4096 ReLU MLP), W4, batch 1 and 8, in the three PDL modes
+#               (on / start / off; TVM's add/norm kernels wait first, ReLU and GELU are in the layers),
+#               each in a torch CUDA graph, vs torch fp16 in a graph and the roofline (MODELS_ARGS; 6
+#               compiles first, ~4 min estimated): the second call
 #   crossover   benchmarks/bench_bmma.py --fused --compiled at K between 650 and 1500 (CROSSOVER_ARGS), W4,
 #               batch 2-16: where one launch stops beating pack + kernel (cuda_bmma.one_launch_max_batch
 #               uses 650, the largest K timed where it won past batch 1)
@@ -104,11 +107,11 @@ run_step() {
       step bmma_bench "${BMMA_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_bmma.py ${BMMA_BENCH_ARGS:---fused --compiled} \
         --csv "$OUT/bmma_bench.csv" ;;
     pdl)
-      step bmma_pdl "${PDL_TIMEOUT:-150}" python3 benchmarks/bench_bmma.py --pdl both --fused --compiled \
-        ${PDL_ARGS:---shapes 4096x4096 11008x4096 8192x2048 2600x650 --batches 1 8 16 --bits 4} \
+      step bmma_pdl "${PDL_TIMEOUT:-200}" python3 benchmarks/bench_bmma.py --pdl all --fused --compiled \
+        ${PDL_ARGS:---shapes 4096x4096 11008x4096 2600x650 --batches 1 8 16 --bits 4} \
         --csv "$OUT/bmma_pdl.csv" ;;
     models)
-      step bench_models "${MODELS_TIMEOUT:-300}" python3 benchmarks/bench_models_gpu.py ${MODELS_ARGS:-} \
+      step bench_models "${MODELS_TIMEOUT:-400}" python3 benchmarks/bench_models_gpu.py ${MODELS_ARGS:-} \
         --csv "$OUT/bench_models.csv" ;;
     crossover)
       step bmma_crossover "${CROSSOVER_TIMEOUT:-180}" python3 benchmarks/bench_bmma.py --fused --compiled \
@@ -165,7 +168,7 @@ run_step() {
   esac
 }
 # Steps run in the order STEPS names them.
-for name in ${STEPS:-exact pdl generate-bench}; do
+for name in ${STEPS:-exact pdl}; do
   run_step "$name"
 done
 # The device tool returns at most 8 files from $OUT: past that, everything goes into one archive

@@ -55,6 +55,12 @@ ATTR_IN_BLOCK_MAX_BATCH = "pbtvm.in_block_max_batch"
 #: PrimFunc is launched with :data:`LAUNCH_PROGRAMMATIC` only where those buffers are constants
 #: (:class:`relay_passes.ApplyPBSchedules`): nothing on the stream writes them.
 ATTR_EARLY_READS = "pbtvm.early_reads"
+#: On a PB dense PrimFunc: the activation its epilogue applies to each output (one of
+#: :data:`ACTIVATIONS`), folded into the layer by :class:`relay_passes.FuseActivationIntoPB`.
+ATTR_ACTIVATION = "pbtvm.activation"
+#: Activations a PB dense epilogue applies: ``relu`` keeps NaN, as torch's does; ``gelu``
+#: (erf), ``gelu_tanh`` and ``silu`` by TVM's own formulas (its legalization of ``relax.nn.*``).
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 #: TVM's kernel launch flag (spelt as TVM spells it) for CUDA's programmatic stream serialization:
 #: the kernel may start before the kernel before it in the stream ends (``cuLaunchKernelEx``).
 LAUNCH_PROGRAMMATIC = "tirx.use_programtic_dependent_launch"
@@ -67,8 +73,12 @@ ATTR_CPU_FEATURES = "pbtvm.cpu_features"
 #: Environment variable: ``popcount`` forces the portable CPU kernels (for comparisons).
 ENV_CPU_KERNEL = "PBTVM_CPU_KERNEL"
 #: Environment variable: ``0`` builds CUDA kernels without programmatic dependent launch
-#: (:attr:`pbtvm.target.TargetLimits.programmatic_launch`; for comparisons).
+#: (:attr:`pbtvm.target.TargetLimits.programmatic_launch`; for comparisons); :data:`PDL_AT_START`
+#: builds them to let the next kernel launch as they start, not after their wait
+#: (:func:`pbtvm.schedules.cuda_pdl.next_launches_at_start`; for comparisons).
 ENV_CUDA_PDL = "PBTVM_CUDA_PDL"
+#: The :data:`ENV_CUDA_PDL` value for ``launch_dependents`` first in every kernel.
+PDL_AT_START = "start"
 #: Environment variable: ``1`` keeps torch importable in pbtvm's TVM worker processes (:mod:`pbtvm.worker_env`).
 ENV_WORKER_TORCH = "PBTVM_WORKER_TORCH"
 #: Environment variable: ``1`` makes :func:`pbtvm.load` skip comparing a CPU library's x86 features

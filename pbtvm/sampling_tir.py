@@ -15,7 +15,7 @@ from .names import ATTR_LAUNCH_MIN_BLOCKS
 from .ops.common import CPU_SCRATCH, shfl_up, shfl_xor
 from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
-from .schedules.cuda_pdl import declare_early_reads
+from .schedules.cuda_pdl import declare_early_reads, next_launches_at_start
 
 
 @T.macro(hygienic=False)
@@ -413,6 +413,11 @@ CUDA_PICK_LOADS = 8
 #: all in flight together and with the control values, and read there by every ordered pass. A
 #: longer row loads a group at a time in each pass.
 CUDA_PICK_HELD_MAX = 32
+#: :data:`CUDA_PICK_HELD_MAX` of a pick written for programmatic dependent launch: it is compiled
+#: without ``__restrict__`` (:func:`pbtvm.cuda.without_restrict_where_waiting`: no non-coherent
+#: loads), and at 24 logits a thread (a row of 10,000) it then spilled 16-24 bytes past its 128
+#: registers (ptxas, sm_90); at 16 it takes 82 registers and the row is read a group a pass.
+CUDA_PICK_HELD_MAX_WAITING = 16
 #: Most logits of a sampling thread's contiguous segment (and their float64 weights) held in
 #: registers; a longer segment is read from memory. At 20 (a row of 10,000 at 512 threads) the
 #: kernel passed the 128 registers its launch bounds allow and spilled 28 bytes.
@@ -634,15 +639,16 @@ def cuda_pick(
     programmatic: bool = False,
 ) -> tir.PrimFunc:
     """One block per row: strided candidate scans (the row held in registers up to
-    :data:`CUDA_PICK_HELD_MAX` logits a thread, else :data:`CUDA_PICK_LOADS` loads in flight a thread)
+    :data:`CUDA_PICK_HELD_MAX` logits a thread (:data:`CUDA_PICK_HELD_MAX_WAITING` with
+    ``programmatic``), else :data:`CUDA_PICK_LOADS` loads in flight a thread)
     with warp-shuffle reductions (argmax, and
     each ordered top-k pass up to :data:`CUDA_TOPK_PASSES_MAX`; a larger top-k by radix,
     :func:`_cuda_kth_by_radix`), contiguous per-thread weight segments, a scan of their sums, and
     the thread whose segment holds ``u * total`` picks the token. With ``embedding``, after a
     barrier (the token, written by one thread, is then visible to the block) the block copies the
     token's row of the table. ``programmatic`` (sm_90+): written for programmatic dependent launch
-    (:mod:`pbtvm.schedules.cuda_pdl`): it lets the next kernel start, then waits for the one
-    before it (the head) before it reads anything."""
+    (:mod:`pbtvm.schedules.cuda_pdl`): it waits for the one before it (the head) before it
+    reads anything, then lets the next kernel launch (before the wait with ``PBTVM_CUDA_PDL=start``)."""
     if threads & (threads - 1) or threads < 32:
         raise InputError(f"threads must be a power of two of at least a warp (32), got {threads}")
     B, V, N, TPB = batch, vocab, chunk, threads
@@ -651,8 +657,11 @@ def cuda_pick(
     seg = (V + TPB - 1) // TPB
     strides = (V + TPB - 1) // TPB
     groups = (strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS
-    held = groups * CUDA_PICK_LOADS <= CUDA_PICK_HELD_MAX  # the row in registers (else a group a pass)
+    held_max = CUDA_PICK_HELD_MAX_WAITING if programmatic else CUDA_PICK_HELD_MAX
+    held = groups * CUDA_PICK_LOADS <= held_max  # the row in registers (else a group a pass)
     held_seg = seg <= CUDA_PICK_HELD_SEGMENT_MAX  # a sampling thread's segment in registers
+    next_first = programmatic and next_launches_at_start()
+    next_after = programmatic and not next_first
 
     @T.prim_func
     def pick(
@@ -691,9 +700,12 @@ def cuda_pick(
             sl = T.decl_buffer((seg if held_seg else 1,), "float32", scope="local")  # a segment's logits
             wv = T.decl_buffer((seg if held_seg else 1,), "float64", scope="local")  # ... and weights
             sc = T.decl_buffer((3,), "float64", scope="local")  # the scan's warp prefix, all-but-last, total
-            if programmatic:
+            if next_first:
                 T.ptx.griddepcontrol.launch_dependents()
+            if programmatic:
                 T.ptx.griddepcontrol.wait()
+            if next_after:
+                T.ptx.griddepcontrol.launch_dependents()
             # the row's logits first (a short row: all of them), then the control values: one wait
             if held:
                 for g in T.unroll(groups):

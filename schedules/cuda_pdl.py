@@ -9,9 +9,11 @@ At batch 1 a PB layer reads a few MB of weights in a few microseconds, and the g
 kernels (launch, the first loads' DRAM latency, the last blocks' tail) was about as long (H200:
 4096x4096 W4 kernel 5.3 us for 8.4 MB, of which ~3 us did not grow with the weights; ncu: the
 SMs active 63 % of the kernel's time, thirty-seventh session). So every PB kernel written here
-lets the next kernel start at once (``launch_dependents`` first), prefetches into the L2 what
-nothing on the stream writes (its block's weight rows, ``cp.async.bulk.prefetch``: they stream
-from DRAM during the wait), waits, and only then loads anything or writes anything.
+prefetches into the L2 what nothing on the stream writes (its block's weight rows,
+``cp.async.bulk.prefetch``: they stream from DRAM during the wait), waits, lets the next kernel
+launch (``launch_dependents``; at the start instead with ``PBTVM_CUDA_PDL=start``,
+:func:`next_launches_at_start`), and only then loads anything or writes anything. The next
+kernel thus launches while this one computes, and one kernel at most runs ahead.
 
 Nothing but that prefetch comes before the wait, in the SASS too
 (:func:`pbtvm.sass.loads_before_wait`): register loads of the weights before the wait were kept
@@ -27,6 +29,7 @@ The kernels say which buffers they read before the wait (:data:`pbtvm.names.ATTR
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from tvm.script import tirx as T
@@ -35,14 +38,30 @@ from pbtvm import names
 from pbtvm._tvm import relax, tir, tvm
 
 
+def next_launches_at_start() -> bool:
+    """Whether kernels let the next kernel launch as they start (``PBTVM_CUDA_PDL=start``), rather
+    than right after their wait (the default), read when a kernel is built.
+
+    After the wait, at most one kernel runs ahead of the one computing: it launches once the
+    kernel before it has ended, and prefetches its weights while the one in between runs. At the
+    start, every kernel whose blocks find room launches at once, however far down the stream: a
+    chain of PB layers could have several prefetching up to :data:`.cuda_bmma_kernel.PREFETCH_MAX_BYTES`
+    each, more than the L2 holds, evicting each other's weights before they are read (a review's
+    concern, not measured: ``bench_bmma.py`` / ``bench_models_gpu.py`` compare both on a GPU).
+    """
+    return os.environ.get(names.ENV_CUDA_PDL, "").strip().lower() == names.PDL_AT_START
+
+
 def let_next_start(enabled: bool):
-    """A TVMScript macro for the start of a kernel: with ``enabled``, let the next kernel in the
-    stream launch now (``griddepcontrol.launch_dependents``; its blocks wait before they read
-    what this one writes)."""
+    """A TVMScript macro for the start of a kernel: with ``enabled`` and :func:`next_launches_at_start`,
+    let the next kernel in the stream launch now (``griddepcontrol.launch_dependents``; its
+    blocks wait before they read what this one writes); else nothing (:func:`wait_for_previous`
+    lets it launch)."""
+    emit = enabled and next_launches_at_start()
 
     @T.macro
     def start():
-        if enabled:
+        if emit:
             T.ptx.griddepcontrol.launch_dependents()
 
     return start
@@ -50,13 +69,17 @@ def let_next_start(enabled: bool):
 
 def wait_for_previous(enabled: bool):
     """A TVMScript macro: with ``enabled``, wait until the kernel before this one in the stream has
-    ended and its writes are visible (``griddepcontrol.wait``); before it a kernel only prefetches
+    ended and its writes are visible (``griddepcontrol.wait``), then (unless
+    :func:`next_launches_at_start`) let the next kernel launch; before it a kernel only prefetches
     the buffers it declares (:func:`declare_early_reads`) into the L2: it loads and writes nothing."""
+    then_next = enabled and not next_launches_at_start()
 
     @T.macro
     def wait():
         if enabled:
             T.ptx.griddepcontrol.wait()
+        if then_next:
+            T.ptx.griddepcontrol.launch_dependents()
 
     return wait
 
@@ -178,21 +201,23 @@ def uses_grid_control(func: tir.PrimFunc) -> bool:
 
 def wait_first(kernel: tir.PrimFunc) -> tir.PrimFunc:
     """A device kernel (a PrimFunc of SplitHostDevice) that waits for the kernel before it in the
-    stream before anything else, lets the next one launch at once, and is launched with
-    :data:`pbtvm.names.LAUNCH_PROGRAMMATIC`; unchanged if it already uses ``griddepcontrol``.
+    stream before anything else, then lets the next one launch (both first where
+    :func:`next_launches_at_start`), and is launched with :data:`pbtvm.names.LAUNCH_PROGRAMMATIC`;
+    unchanged if it already uses ``griddepcontrol``.
 
     Safe for any kernel: it reads and writes nothing before the wait, so launched early it only
-    waits (on an SM the kernel before it has left: its blocks have all started, they let it
-    launch first thing). What it gains: the PB kernel after it launches as it starts and
-    prefetches its weights while it runs, and its own launch overlaps the kernel before it, so
-    the relu, add or norm kernels between PB layers no longer break the chain.
+    waits (it launches once every block of the kernel before it has started, so it takes no
+    room those blocks need). What it gains: its own launch overlaps the kernel before it, and the
+    PB kernel after it launches while it runs and prefetches its weights meanwhile, so the add or
+    norm kernels between PB layers no longer break the chain.
     """
     if uses_grid_control(kernel):
         return kernel
     flags = [str(f) for f in (kernel.attrs or {}).get(names.ATTR_KERNEL_LAUNCH_PARAMS, [])]
     last = [f for f in flags if f == DYN_SHARED_MEMORY]
     flags = [f for f in flags if f != DYN_SHARED_MEMORY and f != names.LAUNCH_PROGRAMMATIC]
-    body = tir.SeqStmt([_grid_control("launch_dependents"), _grid_control("wait"), kernel.body])
+    order = ("launch_dependents", "wait") if next_launches_at_start() else ("wait", "launch_dependents")
+    body = tir.SeqStmt([*(_grid_control(action) for action in order), kernel.body])
     return kernel.with_body(body).with_attr(names.ATTR_KERNEL_LAUNCH_PARAMS, [*flags, names.LAUNCH_PROGRAMMATIC, *last])
 
 

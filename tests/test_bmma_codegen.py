@@ -448,8 +448,9 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     assert not any(BMMA_OPCODE in v for k, v in sass.items() if not k.startswith("pb_dense"))
     # Programmatic dependent launch (sm_90): every PB kernel (its weights are constants) starts
     # while the kernel before it runs; before it waits it names only its weights (their L2
-    # prefetch), after it lets the next kernel start. TVM's other kernels (the relu between the
-    # layers) wait first and let the next start (cuda_pdl.wait_first): the chain is not broken.
+    # prefetch), after the wait it lets the next kernel launch (one kernel runs ahead at most).
+    # TVM's other kernels (the relu between the layers) wait first, then let the next launch
+    # (cuda_pdl.wait_first): the chain is not broken.
     tags = library.cuda_launch_tags(str(tmp_path / "m.so"))
     others = {k: v for k, v in sass.items() if k not in products and k not in packs}
     assert sorted(others) == ["fused_relu1_tir_isnan1_where1_kernel", "fused_relu_tir_isnan_where_kernel"]
@@ -459,7 +460,7 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in [*packs, *others])
     for name, body in sass.items():
         order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
-        want = ["PREEXIT", "UBLKPF.L2", "ACQBULK"] if name in products else ["PREEXIT", "ACQBULK"]
+        want = ["UBLKPF.L2", "ACQBULK", "PREEXIT"] if name in products else ["ACQBULK", "PREEXIT"]
         assert order == want, (name, order)
         # nor did ptxas move a load above the wait (it did, with TVM's __restrict__: ld.global.nc),
         # and no load is non-coherent (ld.global.nc: read-only for the kernel's lifetime, which
@@ -634,6 +635,21 @@ def test_programmatic_launch_needs_a_kernel_written_for_it(monkeypatch):
     assert set(reads_before_wait(source).values()) == {None}
 
 
+@pytest.mark.parametrize("mode", ["1", names.PDL_AT_START])
+def test_the_next_kernel_launches_after_the_wait_or_at_the_start(monkeypatch, mode):
+    """By default a PB kernel lets the next one launch right after its wait (one kernel runs ahead
+    at most); with ``PBTVM_CUDA_PDL=start`` as it starts (for comparisons on a GPU)."""
+    monkeypatch.setenv(names.ENV_CUDA_PDL, mode)
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    source = cuda_source(build(apply_default_schedule(kernels.dense_func(fmt, 64, 256), SM90), SM90))
+    kernels_sass = source_sass(source, "sm_90")
+    assert len(kernels_sass) == len(cuda_bmma.dispatch_configs(fmt, 64, 256))  # a kernel per batch range
+    for body in kernels_sass.values():
+        order = re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)
+        at_start = ["PREEXIT", "UBLKPF.L2", "ACQBULK"]
+        assert order == (at_start if mode == names.PDL_AT_START else ["UBLKPF.L2", "ACQBULK", "PREEXIT"])
+
+
 def _device_kernel(flags: list[str], body: str) -> tir.PrimFunc:
     """A PrimFunc as SplitHostDevice leaves a kernel: TVM's kernel calling convention, launch flags."""
     from tvm.script import tirx as T
@@ -648,16 +664,20 @@ def _device_kernel(flags: list[str], body: str) -> tir.PrimFunc:
     return kernel.with_attr("calling_conv", tir.IntImm("int32", 2)).with_attr(names.ATTR_KERNEL_LAUNCH_PARAMS, flags)
 
 
-def test_wait_first_puts_the_flag_before_dynamic_shared_memory():
-    """TVM's kernels are launched early and wait first (``cuda_pdl.wait_first``); the runtime needs
-    the dynamic shared memory flag last; a kernel written for programmatic launch (it waits
-    already: whether it launches early was decided where it is called) is left as it is."""
+@pytest.mark.parametrize("mode", ["1", names.PDL_AT_START])
+def test_wait_first_puts_the_flag_before_dynamic_shared_memory(monkeypatch, mode):
+    """TVM's kernels are launched early and wait first (``cuda_pdl.wait_first``), then let the next
+    kernel launch (before the wait with ``PBTVM_CUDA_PDL=start``); the runtime needs the dynamic
+    shared memory flag last; a kernel written for programmatic launch (it waits already: whether
+    it launches early was decided where it is called) is left as it is."""
+    monkeypatch.setenv(names.ENV_CUDA_PDL, mode)
     kernel = _device_kernel(["threadIdx.x", cuda_pdl.DYN_SHARED_MEMORY], "plain")
     done = cuda_pdl.wait_first(kernel)
     flags = [str(f) for f in done.attrs[names.ATTR_KERNEL_LAUNCH_PARAMS]]
     assert flags == ["threadIdx.x", names.LAUNCH_PROGRAMMATIC, cuda_pdl.DYN_SHARED_MEMORY]
     first = [str(stmt.value.args[0].value) for stmt in list(done.body.seq)[:2]]
-    assert first == ["launch_dependents", "wait"] and done.body.seq[2].same_as(kernel.body)
+    want = ["launch_dependents", "wait"] if mode == names.PDL_AT_START else ["wait", "launch_dependents"]
+    assert first == want and done.body.seq[2].same_as(kernel.body)
     assert cuda_pdl.uses_grid_control(done) and not cuda_pdl.uses_grid_control(kernel)
     assert cuda_pdl.wait_first(done).same_as(done)
     written = _device_kernel(["threadIdx.x"], "waits")
