@@ -21,6 +21,7 @@ from .names import kernel_kind
 from .quantize import AUTO, check_codebook
 from .relay_passes import (
     ApplyPBSchedules,
+    FuseActivationIntoPB,
     PBLinearRewrite,
     PBLSTMLowering,
     dense_shapes,
@@ -81,6 +82,8 @@ def _rewrite(
             fmt, codebook, quantizer, importance, layer_names=names, codebooks=lstms.codebooks, tune_batch=tune_batch
         )
         mod = rewrite(mod)
+        if tvm_target.kind.name == "cuda":
+            mod = FuseActivationIntoPB()(mod)  # Linear + ReLU one kernel (mma16x256 layers)
     report = rewrite.report
     # In the order the model runs them (the rewrite's graph order), each LSTM layer's W_hh right
     # after its W_ih (the lowering's projection): not every W_hh after the dense layers.

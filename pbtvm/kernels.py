@@ -48,31 +48,39 @@ def int_product_func(fmt: BitplaneFormat, n_out: int, k_dim: int) -> tir.PrimFun
 
 
 def dense_func(
-    fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True, batch: int | None = None
+    fmt: BitplaneFormat,
+    n_out: int,
+    k_dim: int,
+    bias: bool = True,
+    batch: int | None = None,
+    activation: str | None = None,
 ) -> tir.PrimFunc:
     """``(xp, x_scale, rowsum, wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``, B symbolic or ``batch``.
 
     ``w_scale`` has ``fmt.scale_shape(N)`` (``[2, N]`` scales and zero points for offset binary),
-    as in every builder here.
+    as in every builder here. ``activation``: applied to every output (:func:`pbtvm.ops.pb_dense`).
     """
     xp, xs, rs, wp, layers = _operands(fmt, n_out, k_dim, batch)
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
-    y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim)
+    y = pb_dense(xp, xs, rs, wp, ws, b, layers, fmt, k_dim, activation=activation)
     args = [xp, xs, rs, wp, ws] + ([b] if bias else []) + [layers, y]
-    return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim))
+    return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.GEMM, fmt, k_dim, activation))
 
 
-def dense_act_func(fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True) -> tir.PrimFunc:
-    """``(x f32 [B, K], wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``: pack and PB GEMM in one."""
+def dense_act_func(
+    fmt: BitplaneFormat, n_out: int, k_dim: int, bias: bool = True, activation: str | None = None
+) -> tir.PrimFunc:
+    """``(x f32 [B, K], wp, w_scale[, bias], bitlayers) -> y f32 [B, N]``: pack and PB GEMM in one
+    (``activation`` applied to every output)."""
     x = te.placeholder((_batch_var(), k_dim), "float32", "x")
     wp = te.placeholder(fmt.weight_shape(n_out, k_dim), "uint32", "wp")
     ws = te.placeholder(fmt.scale_shape(n_out), "float32", "w_scale")
     b = te.placeholder((n_out,), "float32", "bias") if bias else None
     layers = tir.Var("bitlayers", "int64")
-    y = pb_dense_act(x, wp, ws, b, layers, fmt)
+    y = pb_dense_act(x, wp, ws, b, layers, fmt, activation)
     args = [x, wp, ws] + ([b] if bias else []) + [layers, y]
-    return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim))
+    return te.create_prim_func(args).with_attrs(kernel_attrs(KernelKind.DENSE_ACT, fmt, k_dim, activation))
 
 
 def compiled_dense_func(

@@ -12,7 +12,8 @@ products and bfloat16 ``isnan`` in forms TVM builds), :class:`TorchFloatDivision
 division and remainder as torch's), :class:`ThroughFloat32` (half-precision ops
 TVM cannot build, or builds wrong, in float32), :class:`PropagateNaN` (TVM's ``relu`` /
 ``clip`` / ``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
-time loop), :class:`PBLinearRewrite`, then (optionally) tunes the
+time loop), :class:`PBLinearRewrite`, on CUDA :class:`FuseActivationIntoPB` (a layer's ReLU into its
+binary-tensor-core kernel), then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
 """
 
@@ -20,6 +21,7 @@ from .apply_pb_schedules import ApplyPBSchedules
 from .bounded_slice_shapes import BoundedSliceShapes
 from .buildable_float_checks import BuildableFloatChecks
 from .clip_runtime_indices import ClipRuntimeIndices
+from .fuse_activation import FuseActivationIntoPB
 from .normalize_constant_indices import NormalizeConstantIndices
 from .own_constants import OwnConstants, outputs_to_copy
 from .pb_linear_rewrite import ConversionReport, PBLinearRewrite, dense_shapes
@@ -34,6 +36,7 @@ __all__ = [
     "BuildableFloatChecks",
     "ClipRuntimeIndices",
     "ConversionReport",
+    "FuseActivationIntoPB",
     "NormalizeConstantIndices",
     "OwnConstants",
     "PBLSTMLowering",

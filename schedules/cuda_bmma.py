@@ -357,7 +357,11 @@ def kernel_for(
     """The BMMA kernel with config ``cfg`` (or a dispatch by batch, :func:`dispatch_configs`) for a
     PB dense PrimFunc in the mma layout (see :func:`materialize`)."""
     fmt, n_out, k_dim, has_bias, _ = _layer(func)
-    kernel = bmma_dense_kernel(fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func), limits=limits)
+    activation = (func.attrs or {}).get(names.ATTR_ACTIVATION)
+    kernel = bmma_dense_kernel(
+        fmt, n_out, k_dim, has_bias, cfg, fused_pack=_fused(func), limits=limits,
+        activation=None if activation is None else str(activation),
+    )  # fmt: skip
     if all(tir.is_buffer_var(p) for p in func.params):  # bitlayers fixed by specialize
         layers = next(p for p in kernel.params if not tir.is_buffer_var(p))
         kernel = kernel.specialize({layers: tir.const(fmt.bits, "int64")})

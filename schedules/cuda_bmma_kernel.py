@@ -42,7 +42,7 @@ from pbtvm import names
 from pbtvm._tvm import tir
 from pbtvm.bitplane import MMA_LAYOUT, MMA_TILE_ROWS, MMA_TILE_WORDS, BitplaneFormat, act_column_stride
 from pbtvm.ops.common import plane_coefficient, weight_plane_coefficient
-from pbtvm.ops.epilogue import dense_value
+from pbtvm.ops.epilogue import activated, dense_value
 from pbtvm.target import TargetInfo, TargetLimits
 
 from .cuda_ballot_pack import FUSED_PREFETCH_MAX, RowPackPhases, ballot_pack_launch, row_pack, row_pack_phases
@@ -216,6 +216,7 @@ def bmma_dense_kernel(
     integer: bool = False,
     fused_pack: bool = False,
     limits: TargetLimits = DEFAULT_LIMITS,
+    activation: str | None = None,
 ) -> tir.PrimFunc:
     """The BMMA PB dense kernel for one layer shape and configuration (or one per batch size).
 
@@ -242,6 +243,9 @@ def bmma_dense_kernel(
         Pack the activations in the kernel (see Returns).
     limits : TargetLimits
         The target's block limits (``cfg`` must fit them).
+    activation : str, optional
+        Applied to every float output in the epilogue (:func:`pbtvm.ops.epilogue.activated`):
+        the layer's ``relu`` folded in, one kernel less.
 
     Returns
     -------
@@ -258,6 +262,8 @@ def bmma_dense_kernel(
     """
     if integer and fused_pack:
         raise ValueError("the integer-output kernel reads packed activations (no fused_pack)")
+    if integer and activation is not None:
+        raise ValueError("the integer-output kernel has no float epilogue to apply an activation in")
     configs = [(None, cfg, fused_pack)] if isinstance(cfg, BMMAConfig) else [(*e, fused_pack)[:3] for e in cfg]
     if not configs or configs[-1][0] is not None or any(most is None for most, *_ in configs[:-1]):
         raise ValueError(f"a dispatch by batch ends with (None, config) and only there, got {configs}")
@@ -269,7 +275,9 @@ def bmma_dense_kernel(
         raise ValueError(f"the launches that pack in the block come first, got {configs}")
 
     def dispatch(entries: list, fused: bool):
-        return _dispatch([(most, _launch(fmt, n_out, k_dim, bias, c, integer, fused, limits)) for most, c in entries])
+        return _dispatch(
+            [(most, _launch(fmt, n_out, k_dim, bias, c, integer, fused, limits, activation)) for most, c in entries]
+        )
 
     if not fused_pack or not packed:
         run = dispatch(packed if not fused_pack else in_block, fused_pack)
@@ -361,6 +369,7 @@ def _launch(
     integer: bool,
     fused_pack: bool,
     limits: TargetLimits,
+    activation: str | None = None,
 ):
     """A TVMScript macro launching the kernel of one config (:func:`bmma_dense_kernel`'s
     arguments): ``launch(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers)``."""
@@ -382,7 +391,8 @@ def _launch(
     def result(total, scale, codesum, n, w_scale, bias_buf, layers):
         if integer:
             return total + T.Cast(acc_t, offset) * codesum
-        return dense_value(fmt, scale, codesum, total, w_scale, n, bias_buf if bias else None, layers)
+        value = dense_value(fmt, scale, codesum, total, w_scale, n, bias_buf if bias else None, layers)
+        return activated(value, activation)
 
     @T.macro
     def block(x, xp, x_scale, rowsum, wp, w_scale, bias_buf, y, batch, bitlayers, bx, by, tz, ty, tx):

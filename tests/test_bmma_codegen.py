@@ -446,18 +446,21 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
         assert body.count("VOTE.ANY") >= 8, name  # a ballot per plane
     assert not any(k.startswith("pb_act_pack") for k in sass)
     assert not any(BMMA_OPCODE in v for k, v in sass.items() if not k.startswith("pb_dense"))
+    # The ReLUs are in the first two layers' epilogues (FuseActivationIntoPB): no kernel of TVM's
+    assert set(sass) == set(products) | set(packs)
+    relu = {k.split("_kernel")[0] for k in sass if "_relu_kernel" in k}
+    assert relu == {
+        "pb_dense_act_w4a8o_mma16x256_n130_k300_bias_relu",
+        "pb_dense_act_w4a8o_mma16x256_n64_k130_bias_relu",
+    }
     # Programmatic dependent launch (sm_90): every PB kernel (its weights are constants) starts
     # while the kernel before it runs; before it waits it names only its weights (their L2
     # prefetch), after the wait it lets the next kernel launch (one kernel runs ahead at most).
-    # TVM's other kernels (the relu between the layers) wait first, then let the next launch
-    # (cuda_pdl.wait_first): the chain is not broken.
     tags = library.cuda_launch_tags(str(tmp_path / "m.so"))
-    others = {k: v for k, v in sass.items() if k not in products and k not in packs}
-    assert sorted(others) == ["fused_relu1_tir_isnan1_where1_kernel", "fused_relu_tir_isnan_where_kernel"]
     assert {k for k, v in tags.items() if names.LAUNCH_PROGRAMMATIC in v} == set(sass)
     (src,) = library._cuda_sources(m._module.mod)
     reads = reads_before_wait(src)
-    assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in [*packs, *others])
+    assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in packs)
     for name, body in sass.items():
         order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
         want = ["UBLKPF.L2", "ACQBULK", "PREEXIT"] if name in products else ["ACQBULK", "PREEXIT"]

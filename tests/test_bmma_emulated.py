@@ -8,6 +8,7 @@ on a device (the hardware MMA itself).
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy as np
@@ -232,6 +233,53 @@ def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
             ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert len(launched) == (1 if fused else len(cuda_bmma.dispatch_configs(fmt, n, k)))
+
+
+def _activation_reference(y: np.ndarray, activation: str) -> np.ndarray:
+    """numpy of :func:`pbtvm.ops.epilogue.activated` (in float64)."""
+    v = y.astype(np.float64)
+    if activation == "relu":
+        return np.where(np.isnan(v), v, np.maximum(v, 0))
+    if activation == "gelu":
+        return v * (0.5 + 0.5 * np.vectorize(math.erf)(v / math.sqrt(2)))
+    if activation == "gelu_tanh":
+        return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+    return v / (1 + np.exp(-v))  # silu
+
+
+@pytest.mark.parametrize(
+    ("fused", "activation"), [(False, "relu"), (True, "relu"), (True, "gelu"), (False, "gelu_tanh"), (True, "silu")]
+)
+def test_activation_in_the_epilogue_in_emulation(fused, activation, rng):
+    """A layer with its activation folded in (``pbtvm.names.ATTR_ACTIVATION``, what ``compile`` makes
+    of Linear + ReLU / GELU / SiLU on sm_80+): the rule's kernel applies it to every output, NaN
+    kept (a row with a NaN gives NaN outputs, and the activation keeps them, as torch does)."""
+    fmt = bp.BitplaneFormat(4, 8, layout=MMA)
+    n, k = 100, 300
+    func = (kernels.dense_act_func if fused else kernels.dense_func)(fmt, n, k, activation=activation)
+    sched = apply_default_schedule(func, SM90).with_attr("global_symbol", "rule")
+    source = cuda_source(build(sched, SM90, config={"tirx.disable_cse_tir": True}))
+    q, ws = qz.quantize_weights(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    wp = bp.pack_weights(q, fmt)
+    bias = rng.standard_normal(n).astype(np.float32)
+    batch = 3
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    x[1, 5] = np.nan
+    xq, xs = qz.quantize_activations(x, fmt)
+    index, grid, block = dispatched_launch(sched, batch)
+    kernel = EmulatedKernel(source, kernel=kernel_name("rule", index))
+    for layers in (2, 4):
+        y = np.full((batch, n), -5, np.float32)
+        args = {"wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y, "batch": batch, "bitlayers": layers}
+        if fused:
+            args["x_ptr"] = x
+        else:
+            args.update(xp_ptr=bp.pack_activations(xq, fmt), x_scale_ptr=xs, rowsum_ptr=xq.sum(1).astype(np.int32))
+        kernel(grid, block, **args)
+        plain = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
+        ref = _activation_reference(plain, activation)
+        assert np.isnan(y[1]).all() and (plain[[0, 2]] < -1).any()  # where the activations differ most
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.nanmax(np.abs(ref)))
 
 
 def _garbage(shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -32,9 +32,10 @@ __all__ = [
 KERNEL_VERSION = 3
 
 
-def kernel_attrs(kernel: names.KernelKind, fmt: BitplaneFormat, k_dim: int) -> dict:
-    """PrimFunc attributes for a PB kernel; schedules and the tuner key on them."""
-    return {
+def kernel_attrs(kernel: names.KernelKind, fmt: BitplaneFormat, k_dim: int, activation: str | None = None) -> dict:
+    """PrimFunc attributes for a PB kernel; schedules and the tuner key on them (``activation``:
+    :data:`pbtvm.names.ATTR_ACTIVATION`, only where the epilogue applies one)."""
+    attrs = {
         names.ATTR_KERNEL: names.KernelKind(kernel).value,
         names.ATTR_BITS: fmt.bits,
         names.ATTR_ACT_BITS: fmt.act_bits,
@@ -43,3 +44,6 @@ def kernel_attrs(kernel: names.KernelKind, fmt: BitplaneFormat, k_dim: int) -> d
         names.ATTR_K: int(k_dim),
         names.ATTR_FORMAT_VERSION: fmt.version,
     }
+    if activation is not None:
+        attrs[names.ATTR_ACTIVATION] = activation
+    return attrs

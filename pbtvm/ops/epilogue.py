@@ -9,12 +9,43 @@ build their outputs with :func:`dense_value`, so they agree with each other term
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .._tvm import tir
 from ..bitplane import BitplaneFormat
+from ..names import ACTIVATIONS
 
-__all__ = ["dense_value", "output_value", "truncation_offset"]
+__all__ = ["activated", "dense_value", "output_value", "truncation_offset"]
+
+
+def activated(value: tir.PrimExpr, activation: str | None) -> tir.PrimExpr:
+    """``value`` (float32) through the layer's activation (:data:`pbtvm.names.ACTIVATIONS`): ``relu``
+    keeps NaN as torch's does (``max`` alone would make it 0), the others are TVM's formulas for
+    ``relax.nn.gelu`` / ``gelu_tanh`` / ``silu`` (so a fused layer computes what the separate
+    kernel did); None: unchanged.
+
+    Raises
+    ------
+    ValueError
+        If ``activation`` is not one of them.
+    """
+    if activation is None:
+        return value
+
+    def c(v: float) -> tir.PrimExpr:
+        return tir.const(v, "float32")
+
+    if activation == "relu":
+        return tir.Select(tir.isnan(value), value, tir.max(value, c(0.0)))
+    if activation == "gelu":  # x (1/2 + erf(x / sqrt 2) / 2), as TVM legalizes relax.nn.gelu
+        return value * (c(0.5) + tir.erf(value * c(0.5**0.5)) * c(0.5))
+    if activation == "gelu_tanh":
+        inner = c(math.sqrt(2.0 / math.pi)) * value * (c(1.0) + c(0.044715) * value * value)
+        return c(0.5) * value * (c(1.0) + tir.tanh(inner))
+    if activation == "silu":
+        return value * tir.sigmoid(value)
+    raise ValueError(f"unknown activation {activation!r}: the PB epilogue applies {', '.join(ACTIVATIONS)}")
 
 
 def truncation_offset(fmt: BitplaneFormat, bitlayers: tir.PrimExpr) -> tir.PrimExpr:

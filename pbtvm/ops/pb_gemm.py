@@ -18,7 +18,7 @@ from .._tvm import te, tir
 from ..bitplane import LUT_LAYOUT, MMA_LAYOUT, BitplaneFormat
 from .act_pack import act_quantize_pack
 from .common import plane_coefficient, weight_plane_coefficient
-from .epilogue import dense_value
+from .epilogue import activated, dense_value
 
 __all__ = ["pb_int_product", "pb_dense", "pb_dense_act", "dense_epilogue"]
 
@@ -122,8 +122,10 @@ def pb_dense(
     fmt: BitplaneFormat,
     k_dim: int,
     tag: str = "",
+    activation: str | None = None,
 ) -> te.Tensor:
-    """PB linear layer on packed activations: ``(acc + (off + corr - z) rowsum) s_x s_w + bias``.
+    """PB linear layer on packed activations: ``(acc + (off + corr - z) rowsum) s_x s_w + bias``,
+    through ``activation`` (:func:`pbtvm.ops.epilogue.activated`) if given.
 
     Parameters
     ----------
@@ -139,6 +141,9 @@ def pb_dense(
     bias : te.Tensor, float32, [N], or None
     tag : str
         Suffix of the block names (``pb_gemm<tag>``, ``pb_out<tag>``).
+    activation : str, optional
+        One of :data:`pbtvm.names.ACTIVATIONS`, applied to every output (the layer's next op
+        folded in: :class:`pbtvm.relay_passes.FuseActivationIntoPB`).
 
     Returns
     -------
@@ -146,7 +151,7 @@ def pb_dense(
         Matches :func:`pbtvm.quantize.pb_linear_reference` within float32 rounding.
     """
     acc = _plane_sum(xp, wp, bitlayers, fmt, k_dim, tag, int(w_scale.shape[-1]))
-    return dense_epilogue(acc, x_scale, rowsum, w_scale, bias, bitlayers, fmt, tag)
+    return dense_epilogue(acc, x_scale, rowsum, w_scale, bias, bitlayers, fmt, tag, activation)
 
 
 def dense_epilogue(
@@ -158,8 +163,10 @@ def dense_epilogue(
     bitlayers: tir.PrimExpr,
     fmt: BitplaneFormat,
     tag: str = "",
+    activation: str | None = None,
 ) -> te.Tensor:
-    """``(acc + (off + corr - z) rowsum) s_x s_w + bias`` for an integer ``acc`` [B, N] (block ``pb_out<tag>``).
+    """``(acc + (off + corr - z) rowsum) s_x s_w + bias`` for an integer ``acc`` [B, N] (block ``pb_out<tag>``),
+    through ``activation`` if given.
 
     ``w_scale`` is ``fmt.scale_shape(N)``: the scales, and with a zero point also ``z`` (see
     :func:`pb_dense`).
@@ -171,7 +178,7 @@ def dense_epilogue(
     def epilogue(b, n):
         # x_scale and rowsum are read before acc so that a PrimFunc computing them too (the fused
         # LSTM cell) orders their blocks before the GEMM; the float arithmetic is unchanged.
-        return dense_value(fmt, x_scale[b], rowsum[b], acc[b, n], w_scale, n, bias, bitlayers)
+        return activated(dense_value(fmt, x_scale[b], rowsum[b], acc[b, n], w_scale, n, bias, bitlayers), activation)
 
     return te.compute(acc.shape, epilogue, name=names.DENSE_OUT + tag)
 
@@ -183,6 +190,7 @@ def pb_dense_act(
     bias: te.Tensor | None,
     bitlayers: tir.PrimExpr,
     fmt: BitplaneFormat,
+    activation: str | None = None,
 ) -> te.Tensor:
     """PB linear layer on float activations: :func:`act_quantize_pack` then :func:`pb_dense`.
 
@@ -193,7 +201,7 @@ def pb_dense_act(
     Parameters
     ----------
     x : te.Tensor, float32, [B, K]
-    wp, w_scale, bias, bitlayers, fmt
+    wp, w_scale, bias, bitlayers, fmt, activation
         As in :func:`pb_dense`.
 
     Returns
@@ -201,4 +209,4 @@ def pb_dense_act(
     te.Tensor, float32, [B, N]
     """
     xp, x_scale, rowsum = act_quantize_pack(x, fmt)
-    return pb_dense(xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, fmt, int(x.shape[1]))
+    return pb_dense(xp, x_scale, rowsum, wp, w_scale, bias, bitlayers, fmt, int(x.shape[1]), activation=activation)
