@@ -208,7 +208,10 @@ def cuda_source(executable: Any) -> str:
 
 def build(mod: Any, target: Any, cuda_graph: bool = False, config: dict | None = None) -> Any:
     """``tvm.compile(mod, target)``, with CUDA kernels built by nvcc for the target's arch and,
-    on CPUs, the Relax operators fused first (:func:`cpu_fusion`).
+    on CPUs, the Relax operators fused first (:func:`cpu_fusion`). Where the target launches
+    programmatically (sm_90+, :attr:`pbtvm.target.TargetLimits.programmatic_launch`), every kernel
+    that does not use ``griddepcontrol`` is rewritten to wait first and launched early
+    (:func:`pbtvm.schedules.cuda_pdl.wait_first`, TIR pipeline ``pbtvm_wait_first``).
 
     Parameters
     ----------

@@ -154,7 +154,9 @@ def build(
     ``programmatic``: launch its kernels with programmatic dependent launch where they are written
     for it (CUDA sm_90+, :mod:`pbtvm.schedules.cuda_pdl`), as ``compile`` does for layers whose
     weights are constants. The caller promises that no kernel on the stream writes the weights
-    while such a kernel may run: it reads them before it waits for the kernel before it.
+    while such a kernel may run: it reads them before it waits for the kernel before it. Kernels
+    that do not use ``griddepcontrol`` at all (a TVM-scheduled one) are launched early either way
+    on such targets: they wait first (:func:`pbtvm.schedules.cuda_pdl.wait_first`).
     """
     from .cuda import build as cuda_aware_build
     from .relay_passes.apply_pb_schedules import check_bitlayers

@@ -226,16 +226,20 @@ def test_programmatic_launch_chain_matches_plain_launch_on_gpu(monkeypatch, make
         pytest.skip("the GPU has no programmatic dependent launch (sm_90+)")
     torch.manual_seed(0)
     model = make().eval()
-    widths = (512,)
-    ex = (torch.randn(2, widths[0]),)
+    ex = (torch.randn(2, 512),)
     early = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
     monkeypatch.setenv(names.ENV_CUDA_PDL, "0")
     plain = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
     for batch in (1, 9, 40):
-        xs = [
-            np.random.default_rng(batch * 100 + i).standard_normal((batch, widths[0])).astype(np.float32)
-            for i in range(3)
-        ]
+        xs = [np.random.default_rng(batch * 100 + i).standard_normal((batch, 512)).astype(np.float32) for i in range(3)]
         want = [plain(x) for x in xs]
         for i in range(60):
             np.testing.assert_array_equal(early(xs[i % 3]), want[i % 3], err_msg=f"batch {batch}, call {i}")
+        # Device tensors, calls back to back with no copy or sync between them: a call's first
+        # kernel launches while the call before's last one runs (the overlap a CUDA graph has too).
+        on_device = [torch.from_numpy(x).cuda() for x in xs]
+        torch.cuda.synchronize()
+        outs = [early(on_device[i % 3]) for i in range(60)]
+        torch.cuda.synchronize()
+        for i, out in enumerate(outs):
+            np.testing.assert_array_equal(out.cpu().numpy(), want[i % 3], err_msg=f"batch {batch}, device call {i}")

@@ -403,3 +403,13 @@ def test_step_prefetches_one_budget_for_both_weight_matrices(bits, hidden, n_in)
         assert fetched == whole
     else:
         assert sum(fetched) <= PREFETCH_MAX_BYTES and all(f < w for f, w in zip(fetched, whole, strict=True))
+    if (bits, hidden, n_in) == (8, 2048, 2048):  # the kernel prefetches that: each leg 6 of its 8 K tiles
+        step = bmma_lstm_kernel(fmt, hidden, cfg, n_in, limits=limits).with_attr("global_symbol", "step")
+        sizes = re.findall(
+            r"prefetch_L2_global\(\(&\((wp_\w+)_ptr\[.*?\(uint\)(\d+)\);", cuda_source(build(step, SM90))
+        )
+        want = {
+            f"wp_{leg}": leg_.prefetch_k_tiles(b) * tile
+            for leg, leg_, b in zip(("hh", "ih"), legs, budgets, strict=True)
+        }
+        assert dict((name, int(n)) for name, n in sizes) == want == {"wp_hh": 6 * tile, "wp_ih": 6 * tile}
