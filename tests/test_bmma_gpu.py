@@ -182,6 +182,42 @@ def test_compiled_mma_model_matches_cpu_on_gpu():
             np.testing.assert_allclose(gpu(x, bitlayers=layers), cpu(x, bitlayers=layers), rtol=1e-4, atol=1e-4)
 
 
+class _Activations(torch.nn.Module):
+    """A layer before each activation the CUDA build folds into it (FuseActivationIntoPB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            torch.nn.Linear(a, b) for a, b in ((300, 257), (257, 130), (130, 64), (64, 10))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.a(x))
+        h = torch.nn.functional.silu(self.b(h))
+        return self.d(torch.relu(self.c(h)))
+
+
+def test_activations_in_the_layers_match_cpu_on_gpu():
+    """GELU, SiLU and ReLU in the BMMA kernels' epilogues (sm_80+) give the CPU build's outputs,
+    where TVM runs them as ops of their own; a NaN row stays NaN."""
+    torch.manual_seed(0)
+    model = _Activations().eval()
+    ex = (torch.randn(2, 300),)
+    gpu = pbtvm.compile(model, ex, target="cuda", bits=4, layout=MMA)
+    cpu = pbtvm.compile(model, ex, target="llvm", bits=4)
+    from pbtvm import library
+
+    (source,) = library._cuda_sources(gpu._module.mod)
+    assert all(f"_{act}_kernel" in source for act in ("gelu", "silu", "relu"))
+    for batch in (1, 5, 33):
+        x = np.random.default_rng(batch).standard_normal((batch, 300)).astype(np.float32)
+        x[-1, 7] = np.nan
+        for layers in (None, 2):
+            got, want = gpu(x, bitlayers=layers), cpu(x, bitlayers=layers)
+            assert np.isnan(got[-1]).all() and np.isnan(want[-1]).all()
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_compiled_static_batch_one_model_matches_cpu_on_gpu():
     """``dynamic_batch=False`` at batch 1: the one-launch layers (``schedules.cuda_bmma.one_launch_layer``)."""
     torch.manual_seed(0)
