@@ -83,7 +83,7 @@ def _rewrite(
         )
         mod = rewrite(mod)
         if tvm_target.kind.name == "cuda":
-            mod = FuseActivationIntoPB()(mod)  # Linear + ReLU one kernel (mma16x256 layers)
+            mod = FuseActivationIntoPB()(mod)  # Linear + ReLU / GELU / SiLU one kernel (mma16x256)
     report = rewrite.report
     # In the order the model runs them (the rewrite's graph order), each LSTM layer's W_hh right
     # after its W_ih (the lowering's projection): not every W_hh after the dense layers.

@@ -50,7 +50,7 @@ ATTR_LAUNCH_MIN_BLOCKS = "tirx.launch_bounds_min_blocks_per_sm"
 ATTR_IN_BLOCK_MAX_BATCH = "pbtvm.in_block_max_batch"
 #: On a CUDA kernel PrimFunc written for programmatic dependent launch (sm_90+: every kernel of it
 #: waits for the kernel before it with ``griddepcontrol.wait`` before it reads anything that
-#: kernel may write, and lets the next one start early): the names of the buffer parameters it may
+#: kernel may write, then lets the next one launch): the names of the buffer parameters it may
 #: read before that wait (the weight planes, whose loads then overlap the previous kernel). Such a
 #: PrimFunc is launched with :data:`LAUNCH_PROGRAMMATIC` only where those buffers are constants
 #: (:class:`relay_passes.ApplyPBSchedules`): nothing on the stream writes them.

@@ -409,15 +409,14 @@ CUDA_TOPK_PASSES_MAX = 8
 #: 50,257 took 46 µs.
 CUDA_PICK_LOADS = 8
 #: Most logits a thread of the CUDA pick holds in registers (every group of a row up to
-#: ``PICK_THREADS * CUDA_PICK_HELD_MAX`` logits, 16,384 at 512 threads): loaded once at the start,
+#: ``PICK_THREADS * CUDA_PICK_HELD_MAX`` logits, 8,192 at 512 threads): loaded once at the start,
 #: all in flight together and with the control values, and read there by every ordered pass. A
-#: longer row loads a group at a time in each pass.
-CUDA_PICK_HELD_MAX = 32
-#: :data:`CUDA_PICK_HELD_MAX` of a pick written for programmatic dependent launch: it is compiled
-#: without ``__restrict__`` (:func:`pbtvm.cuda.without_restrict_where_waiting`: no non-coherent
-#: loads), and at 24 logits a thread (a row of 10,000) it then spilled 16-24 bytes past its 128
-#: registers (ptxas, sm_90); at 16 it takes 82 registers and the row is read a group a pass.
-CUDA_PICK_HELD_MAX_WAITING = 16
+#: longer row loads a group at a time in each pass. At 32 (rows up to 16,384) a row of 10,000 (24
+#: a thread) spilled 16-24 bytes past the 128 registers once the kernel was compiled without
+#: ``__restrict__`` (sm_90 with programmatic launch: :func:`pbtvm.cuda.without_restrict_where_waiting`),
+#: and 6 local-memory operations on sm_80 with the embedding lookup; at 16 no build spills
+#: (ptxas: 82-89 registers at 10,000; the row is read a group a pass).
+CUDA_PICK_HELD_MAX = 16
 #: Most logits of a sampling thread's contiguous segment (and their float64 weights) held in
 #: registers; a longer segment is read from memory. At 20 (a row of 10,000 at 512 threads) the
 #: kernel passed the 128 registers its launch bounds allow and spilled 28 bytes.
@@ -639,8 +638,7 @@ def cuda_pick(
     programmatic: bool = False,
 ) -> tir.PrimFunc:
     """One block per row: strided candidate scans (the row held in registers up to
-    :data:`CUDA_PICK_HELD_MAX` logits a thread (:data:`CUDA_PICK_HELD_MAX_WAITING` with
-    ``programmatic``), else :data:`CUDA_PICK_LOADS` loads in flight a thread)
+    :data:`CUDA_PICK_HELD_MAX` logits a thread, else :data:`CUDA_PICK_LOADS` loads in flight a thread)
     with warp-shuffle reductions (argmax, and
     each ordered top-k pass up to :data:`CUDA_TOPK_PASSES_MAX`; a larger top-k by radix,
     :func:`_cuda_kth_by_radix`), contiguous per-thread weight segments, a scan of their sums, and
@@ -657,8 +655,7 @@ def cuda_pick(
     seg = (V + TPB - 1) // TPB
     strides = (V + TPB - 1) // TPB
     groups = (strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS
-    held_max = CUDA_PICK_HELD_MAX_WAITING if programmatic else CUDA_PICK_HELD_MAX
-    held = groups * CUDA_PICK_LOADS <= held_max  # the row in registers (else a group a pass)
+    held = groups * CUDA_PICK_LOADS <= CUDA_PICK_HELD_MAX  # the row in registers (else a group a pass)
     held_seg = seg <= CUDA_PICK_HELD_SEGMENT_MAX  # a sampling thread's segment in registers
     next_first = programmatic and next_launches_at_start()
     next_after = programmatic and not next_first

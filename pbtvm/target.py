@@ -569,8 +569,9 @@ class TargetLimits:
     max_shared_memory_per_block : int
         Bytes of shared memory one block may use (0 on a CPU).
     programmatic_launch : bool
-        Whether kernels wait for the kernel before them with ``griddepcontrol.wait`` and let the
-        next one start early (programmatic dependent launch, CUDA sm_90+: :func:`programmatic_launch`).
+        Whether kernels are launched while the kernel before them runs, wait for it with
+        ``griddepcontrol.wait``, then let the next one launch (programmatic dependent launch, CUDA
+        sm_90+: :func:`programmatic_launch`).
     """
 
     warp_size: int = 1

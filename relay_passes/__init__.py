@@ -12,7 +12,7 @@ products and bfloat16 ``isnan`` in forms TVM builds), :class:`TorchFloatDivision
 division and remainder as torch's), :class:`ThroughFloat32` (half-precision ops
 TVM cannot build, or builds wrong, in float32), :class:`PropagateNaN` (TVM's ``relu`` /
 ``clip`` / ``maximum`` / ``minimum`` drop NaN, torch's keep it), :class:`PBLSTMLowering` (LSTM layers into a PB
-time loop), :class:`PBLinearRewrite`, on CUDA :class:`FuseActivationIntoPB` (a layer's ReLU into its
+time loop), :class:`PBLinearRewrite`, on CUDA :class:`FuseActivationIntoPB` (a layer's ReLU / GELU / SiLU into its
 binary-tensor-core kernel), then (optionally) tunes the
 PB kernels it emitted, then :class:`ApplyPBSchedules`; TVM's own Relax pipeline follows.
 """

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from pbtvm import names
 from pbtvm._tvm import tir, tvm
-from pbtvm.bitplane import MMA_LAYOUT
 from pbtvm.schedules import apply_default_schedule
 from pbtvm.schedules.cuda_pdl import programmatic_callees, with_programmatic_launch
+from pbtvm.schedules.rules import check_activation
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,6 @@ def check_bitlayers(func: tir.PrimFunc) -> tir.PrimFunc:
     # (condition, kind, ...): pass the constructor's order.
     check = tir.AssertStmt(cond, tvm.ir.StringImm("ValueError"), [tvm.ir.StringImm(message)])
     return func.with_body(tir.SeqStmt([check, func.body]))
-
-
-def _check_activation(name: str, func: tir.PrimFunc) -> None:
-    """Raise ValueError for a PB function with an activation (:data:`pbtvm.names.ATTR_ACTIVATION`)
-    that only the binary-tensor-core kernels apply: the CPU and CUDA-core kernels are built from
-    the format and would drop it, silently."""
-    activation = (func.attrs or {}).get(names.ATTR_ACTIVATION)
-    layout = (func.attrs or {}).get(names.ATTR_LAYOUT)
-    if activation is not None and str(layout) != MMA_LAYOUT:
-        raise ValueError(
-            f"{name}: its epilogue applies {activation}, which only the {MMA_LAYOUT} (binary tensor core) "
-            f"kernels do; this one is in the {layout} layout (FuseActivationIntoPB folds activations only there)"
-        )
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyPBSchedules")
@@ -78,7 +65,7 @@ class ApplyPBSchedules:
         for gvar, func in mod.functions_items():
             if not isinstance(func, tir.PrimFunc) or names.kernel_kind(func) is None:
                 continue
-            _check_activation(gvar.name_hint, func)
+            check_activation(func, gvar.name_hint)  # a tuned schedule skips rule_for's check
             scheduled = self.lookup(func) if self.lookup is not None else None
             if scheduled is None:
                 scheduled = apply_default_schedule(func, self.target)

@@ -14,8 +14,10 @@ the activation in its epilogue (``pbtvm.names.ATTR_ACTIVATION``, :func:`pbtvm.op
 NaN kept), then drops the dead bindings. ``gelu`` (erf or tanh) and ``silu`` (``relax.nn.silu``, or
 ``z * sigmoid(z)`` as torch's SiLU imports) of a layer's output go in the same way (through a reshape only: a cast to fp16 before them rounds their input).
 
-Only layers in the ``mma16x256`` layout (CUDA sm_80+): their kernel (:mod:`pbtvm.schedules.cuda_bmma`)
-applies the attribute; the CPU and CUDA-core kernels are built from the format and would not.
+Only layers in the ``mma16x256`` layout (CUDA sm_80+), whose kernel (:mod:`pbtvm.schedules.cuda_bmma`)
+applies the attribute (the AVX-512 and table-lookup kernels are built from the format and would
+drop it: :func:`pbtvm.schedules.rules.check_activation` refuses that), and only within one dataflow
+block.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ class _Function:
         self.values: dict = {}
         self.uses: dict = {}
         for block in func.body.blocks:
-            for binding in block.bindings:
+            for binding in block.bindings:  # VarBinding and MatchCast: both read their value
                 if isinstance(binding, relax.VarBinding):
                     self.values[binding.var] = binding.value
-                    self._count(binding.value)
+                self._count(binding.value)
         self._count(func.body.body)
 
     def _count(self, expr: relax.Expr) -> None:
@@ -112,12 +114,15 @@ class _Fuser(relax.PyExprMutator):
             activation, reads = "relu", 3
         else:
             return None
-        if not isinstance(z, relax.Var) or fn.uses.get(z) != reads:
+        # Dataflow variables all: the layer, the ops between and the activation are in one dataflow
+        # block (a DataflowVar is read only in its own), so the new call, which takes the
+        # activation's place, has the layer's inputs in scope and nothing between writes them.
+        if not isinstance(z, relax.DataflowVar) or fn.uses.get(z) != reads:
             return None
         # relu commutes with a reshape and with a cast between floats; the others only with a reshape
         through = _PASS_THROUGH if activation == "relu" else ("relax.reshape",)
         chain, var = [], z
-        while _op_name(value := fn.value(var)) in through and isinstance(value.args[0], relax.Var):
+        while _op_name(value := fn.value(var)) in through and isinstance(value.args[0], relax.DataflowVar):
             chain.append(value)
             var = value.args[0]
             if fn.uses.get(var) != 1:

@@ -251,8 +251,8 @@ def ballot_pack_launch(fmt: BitplaneFormat, k_dim: int, programmatic: bool = Fal
     ``launch(x, xp, x_scale, rowsum, batch)`` with ``x`` float32 ``[batch, K]``, ``xp`` uint32
     ``fmt.act_shape(batch, K)``, ``x_scale`` float32 ``[batch]``, ``rowsum`` ``[batch]`` in
     ``fmt.accumulator_dtype(K)``. Every word of ``xp`` is written (the padding planes and words of
-    the ``mma16x256`` order with zeros). ``programmatic``: the kernel lets the next one start, then
-    waits for the one before it before it reads or writes anything (:mod:`.cuda_pdl`)."""
+    the ``mma16x256`` order with zeros). ``programmatic``: the kernel waits for the one before it
+    before it reads or writes anything, then lets the next one launch (:mod:`.cuda_pdl`)."""
     words = fmt.words(k_dim)
     acc_t = fmt.accumulator_dtype(k_dim)
     warps = pack_warps(k_dim)

@@ -25,10 +25,10 @@ coefficients ``d_j`` and applies offset / truncation correction, scales and bias
 :func:`pbtvm.ops.pb_dense`.
 
 On sm_90+ (:attr:`pbtvm.target.TargetLimits.programmatic_launch`) every kernel is written for
-programmatic dependent launch (:mod:`.cuda_pdl`): it lets the next kernel start, prefetches its
-block's weight rows into the L2 (:meth:`BMMALeg.prefetch`) and only then waits for the kernel
-before it, before it reads activations or writes anything; ``compile`` launches it so where the
-weights are constants.
+programmatic dependent launch (:mod:`.cuda_pdl`): it prefetches its block's weight rows into the
+L2 (:meth:`BMMALeg.prefetch`), then waits for the kernel before it, before it reads activations or
+writes anything, then lets the next kernel launch; ``compile`` launches it so where the weights
+are constants.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def bmma_dense_kernel(
         The target's block limits (``cfg`` must fit them).
     activation : str, optional
         Applied to every float output in the epilogue (:func:`pbtvm.ops.epilogue.activated`):
-        the layer's ``relu`` folded in, one kernel less.
+        the layer's ReLU, GELU or SiLU folded in, one kernel less.
 
     Returns
     -------

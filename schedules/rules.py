@@ -25,7 +25,7 @@ import logging
 
 from pbtvm import names
 from pbtvm._tvm import s_tir, tir, tvm
-from pbtvm.bitplane import BitplaneFormat
+from pbtvm.bitplane import MMA_LAYOUT, BitplaneFormat
 from pbtvm.target import TargetInfo, TargetLimits
 
 logger = logging.getLogger(__name__)
@@ -247,14 +247,29 @@ def rules_for(target: tvm.target.Target) -> list[ScheduleRule]:
     return [cls(target) for cls in rule_classes(target.kind.name)]
 
 
+def check_activation(func: tir.PrimFunc, name: str = "the PB kernel") -> None:
+    """Raise ValueError for a PB function with an activation (:data:`pbtvm.names.ATTR_ACTIVATION`)
+    outside the ``mma16x256`` layout: only the binary-tensor-core kernels apply it (the AVX-512 and
+    table-lookup kernels are built from the format and would drop it, silently)."""
+    attrs = func.attrs or {}
+    activation, layout = attrs.get(names.ATTR_ACTIVATION), attrs.get(names.ATTR_LAYOUT)
+    if activation is not None and str(layout) != MMA_LAYOUT:
+        raise ValueError(
+            f"{name}: its epilogue applies {activation}, which only the {MMA_LAYOUT} (binary tensor core) "
+            f"kernels do; this one is in the {layout} layout (FuseActivationIntoPB folds activations only there)"
+        )
+
+
 def rule_for(func: tir.PrimFunc, target: tvm.target.Target) -> ScheduleRule:
     """The first rule for ``target`` that handles ``func``.
 
     Raises
     ------
     ValueError
-        If ``func`` is a PB kernel that no rule for ``target`` handles.
+        If ``func`` is a PB kernel that no rule for ``target`` handles, or has an activation
+        outside the ``mma16x256`` layout (:func:`check_activation`).
     """
+    check_activation(func)
     for rule in rules_for(target):
         if rule.matches(func):
             return rule

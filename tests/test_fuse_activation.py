@@ -1,20 +1,21 @@
 """``FuseActivationIntoPB``: a PB layer's ReLU folded into its binary-tensor-core kernel on CUDA.
 
 The kernels themselves (the relu in the epilogue, NaN kept) run in ``tests/test_bmma_emulated.py``
-(``test_relu_in_the_epilogue_in_emulation``) and on a GPU in ``tests/test_bmma_gpu.py`` (models with
+(``test_activation_in_the_epilogue_in_emulation``) and on a GPU in ``tests/test_bmma_gpu.py`` (models with
 ReLU against the CPU build).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from pbtvm import bitplane as bp
 from pbtvm import kernels, names
-from pbtvm._tvm import relax, tvm
+from pbtvm._tvm import relax, tir, tvm
 from pbtvm.compiler import _rewrite
-from pbtvm.relay_passes import ApplyPBSchedules
+from pbtvm.relay_passes import ApplyPBSchedules, FuseActivationIntoPB
 from pbtvm.target import resolve_target
 
 from .models import MLP
@@ -140,11 +141,54 @@ def test_relu_stays_a_kernel_where_the_layer_is_not_on_binary_tensor_cores(targe
 
 def test_an_activation_outside_the_tensor_core_layout_is_refused():
     """Only the binary-tensor-core kernels apply the epilogue's activation: a CPU kernel built
-    from the format would drop it, so scheduling one is an error naming the function."""
+    from the format would drop it (the AVX-512 one gave outputs down to -44 for a relu), so
+    scheduling one is an error naming the function, in a module and alone."""
     func = kernels.dense_func(bp.BitplaneFormat(4, 8), 16, 64, activation="relu").without_attr("global_symbol")
     mod = tvm.IRModule({"layer": func})
     with pytest.raises(ValueError, match="layer: its epilogue applies relu"):
         ApplyPBSchedules(resolve_target("llvm"))(mod)
+    with pytest.raises(ValueError, match="epilogue applies relu, which only the mma16x256"):
+        kernels.build(func, resolve_target("llvm"))
+
+
+class _TwoHeads(torch.nn.Module):
+    """Two layers reading one input (one shared activation pack: ``pb_dense`` layers), each with a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(300, 130), torch.nn.Linear(300, 130)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a(x)) * torch.relu(self.b(x))
+
+
+def test_layers_sharing_an_activation_pack_take_their_relus():
+    torch.manual_seed(0)
+    mod = _rewritten(_TwoHeads(), torch.randn(40, 300))  # a batch past the one-launch range
+    calls = [op for op in _ops(mod) if op.startswith("pb_")]
+    assert calls[0].startswith("pb_act_pack") and len(calls) == 3
+    assert all(c.startswith("pb_dense_w4") and c.endswith("_relu") for c in calls[1:])
+    assert "relax.nn.relu" not in _ops(mod) and relax.analysis.check_well_formed(mod)
+
+
+def test_an_activation_outside_the_layers_dataflow_block_stays_a_kernel():
+    """The fused call takes the activation's place: only inside the layer's dataflow block are its
+    inputs in scope there (and nothing writes them in between)."""
+    fmt, n, k = MMA, 64, 256
+    func = kernels.dense_act_func(fmt, n, k, bias=False).without_attr("global_symbol")
+    x = relax.Var("x", relax.TensorType([2, k], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        gv = bb.add_func(func, "layer")
+        with bb.dataflow():
+            rows = bb.emit(relax.op.reshape(x, [2, k]))
+            wp = relax.const(np.zeros(fmt.weight_shape(n, k), np.uint32), "uint32")
+            ws = relax.const(np.ones(fmt.scale_shape(n), np.float32), "float32")
+            layers = relax.prim_value(tir.IntImm("int64", 4))
+            out = bb.emit_output(relax.call_tir(gv, [rows, wp, ws, layers], relax.TensorType([2, n], "float32")))
+        bb.emit_func_output(bb.emit(relax.op.nn.gelu(out)))
+    mod = FuseActivationIntoPB()(bb.get())
+    assert "relax.nn.gelu" in _ops(mod) and relax.analysis.check_well_formed(mod)
 
 
 class _FeedForward(torch.nn.Module):

@@ -267,29 +267,29 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases, emb
     _check_pick(run, batch, vocab, chunk, cases)
 
 
-@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize(("arch", "pdl"), [("sm_90", "1"), ("sm_90", "0"), ("sm_80", "1")])
 @pytest.mark.parametrize(("vocab", "embedding"), [(10000, (10000, 650)), (8192, None)])
-def test_cuda_pick_builds_without_spills(vocab, embedding, pdl, monkeypatch):
+def test_cuda_pick_builds_without_spills(vocab, embedding, arch, pdl, monkeypatch):
     """The pick's register budget (``__launch_bounds__(512, 1)``: 128 a thread) holds its logits in
-    registers (10,000: three load groups; 8,192: a sampling segment of 16 too) without spills; at
-    10,000 with the segment held as well it spilled 28 bytes (``CUDA_PICK_HELD_SEGMENT_MAX``). A
-    row past ``CUDA_PICK_HELD_MAX`` logits a thread (50,257: 64 registers) is far from the cap.
-    With programmatic dependent launch (sm_90's default, as generate() builds it) the pick is
-    compiled without ``__restrict__``: it holds up to ``CUDA_PICK_HELD_MAX_WAITING`` (at 10,000 the
-    held row spilled 24 bytes there); with ``PBTVM_CUDA_PDL=0`` as before."""
+    registers (up to ``CUDA_PICK_HELD_MAX``: 8,192 a sampling segment of 16 too; 10,000 a group a
+    pass) without spills; at 10,000 with the segment held as well it spilled 28 bytes
+    (``CUDA_PICK_HELD_SEGMENT_MAX``), with the row held 16-24 bytes once compiled without
+    ``__restrict__`` (sm_90's programmatic launch: written for it, as generate() builds it, or
+    made to wait first by the build) and on sm_80 with the lookup. A row past it (50,257: 64
+    registers) is far from the cap."""
     from pbtvm.cuda import build, cuda_source
     from pbtvm.sass import local_memory_ops, source_sass
     from pbtvm.target import TargetInfo, resolve_target
 
-    if not pdl:
-        monkeypatch.setenv(names.ENV_CUDA_PDL, "0")
-    target = resolve_target(SM90)
+    monkeypatch.setenv(names.ENV_CUDA_PDL, pdl)
+    target = resolve_target({"kind": "cuda", "arch": arch})
     programmatic = TargetInfo.of(target).limits.programmatic_launch
-    assert programmatic == pdl
-    src = cuda_source(build(pick_func(1, vocab, 4, "cuda", embedding, programmatic), target))
-    assert ("griddepcontrol" in src) == pdl
-    (sass,) = source_sass(src, "sm_90").values()
-    assert local_memory_ops(sass) == 0
+    assert programmatic == (arch == "sm_90" and pdl == "1")
+    for written_for_it in {programmatic, False}:
+        src = cuda_source(build(pick_func(1, vocab, 4, "cuda", embedding, written_for_it), target))
+        assert ("griddepcontrol" in src) == programmatic  # wait_first, where not written for it
+        (sass,) = source_sass(src, arch).values()
+        assert local_memory_ops(sass) == 0, (written_for_it, local_memory_ops(sass))
 
 
 def test_cuda_pick_refuses_a_block_that_is_not_whole_warps():

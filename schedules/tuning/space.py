@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator
 from pbtvm import names
 from pbtvm._tvm import meta_schedule, s_tir, tir, tvm
 
-from ..rules import KnobRule, TunableRule, rules_for
+from ..rules import KnobRule, TunableRule, check_activation, rules_for
 
 
 def tunable_rule(func: tir.PrimFunc, target: tvm.target.Target) -> TunableRule | KnobRule | None:
     """The rule that tunes ``func`` on ``target``: the matching rule if it is tunable, else None."""
     if names.kernel_kind(func) is None:
         return None
+    check_activation(func)
     rule = next((r for r in rules_for(target) if r.matches(func)), None)
     return rule if isinstance(rule, TunableRule | KnobRule) else None
 
@@ -102,9 +103,10 @@ def kernel_name(func: tir.PrimFunc) -> str:
     a = func.attrs
     n_rows = int(func.params[-1].shape[-1])
     zp = "o" if str(a.get(names.ATTR_CODEBOOK, "")) == "offset_binary" else ""  # zero-point epilogue
+    act = f"_{a[names.ATTR_ACTIVATION]}" if names.ATTR_ACTIVATION in a else ""  # folded into the epilogue
     return (
         f"{a[names.ATTR_KERNEL]}_w{a[names.ATTR_BITS]}a{a[names.ATTR_ACT_BITS]}{zp}_{a[names.ATTR_LAYOUT]}"
-        f"_{n_rows}x{a[names.ATTR_K]}"
+        f"_{n_rows}x{a[names.ATTR_K]}{act}"
     )
 
 
