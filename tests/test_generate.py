@@ -267,8 +267,15 @@ def test_cuda_pick_kernel_emulated_equals_the_reference(batch, vocab, cases, emb
     _check_pick(run, batch, vocab, chunk, cases)
 
 
-@pytest.mark.parametrize(("arch", "pdl"), [("sm_90", "1"), ("sm_90", "0"), ("sm_80", "1")])
-@pytest.mark.parametrize(("vocab", "embedding"), [(10000, (10000, 650)), (8192, None)])
+@pytest.mark.parametrize(
+    ("vocab", "embedding", "arch", "pdl"),
+    [
+        (10000, (10000, 650), "sm_90", "1"),
+        (10000, (10000, 650), "sm_90", "0"),
+        (10000, (10000, 650), "sm_80", "1"),
+        (8192, None, "sm_90", "1"),
+    ],
+)
 def test_cuda_pick_builds_without_spills(vocab, embedding, arch, pdl, monkeypatch):
     """The pick's register budget (``__launch_bounds__(512, 1)``: 128 a thread) holds its logits in
     registers (up to ``CUDA_PICK_HELD_MAX``: 8,192 a sampling segment of 16 too; 10,000 a group a
