@@ -30,7 +30,7 @@ import time
 
 import torch
 import tvm_ffi
-from bench_layers import append_csv_row, measure_bandwidth
+from bench_layers import append_csv_row, graph_time, measure_bandwidth
 
 import pbtvm
 from pbtvm import library, names
@@ -116,27 +116,9 @@ def launch_flags(compiled, path: str) -> tuple[int, int]:
 
 
 def graph_us(call, calls: int = 20) -> float:
-    """Microseconds per ``call()`` replayed from a torch CUDA graph of ``calls`` calls (median of 7)."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
-        for _ in range(3):  # module load, the allocator's pool, outside the capture
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph, stream=stream)):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(times)
+    """Microseconds per ``call()`` replayed from a torch CUDA graph of ``calls`` calls
+    (:func:`bench_layers.graph_time`: median of 7 replays, warmed up outside the capture)."""
+    return graph_time(lambda _: call(), 1, calls) * 1e6
 
 
 def stream_us(call, calls: int = 50) -> float:

@@ -199,6 +199,16 @@ def test_fused_pack_kernel_in_emulation(bits, act_bits, n, k, batch, cfg, codebo
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def _rule_args(fused: bool, fmt, x, wp, ws, bias, y, layers: int) -> dict:
+    """The emulated launch arguments of the rule's dense kernel: ``x`` itself where it packs its
+    rows (``dense_act_func``), else ``x`` quantized and packed (``dense_func``)."""
+    args = {"wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y, "batch": len(x), "bitlayers": layers}
+    if fused:
+        return {**args, "x_ptr": x}
+    xq, xs = qz.quantize_activations(x, fmt)
+    return {**args, "xp_ptr": bp.pack_activations(xq, fmt), "x_scale_ptr": xs, "rowsum_ptr": xq.sum(1).astype(np.int32)}
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
     """The kernel the rule builds from a ``dense_func`` / ``dense_act_func`` (what ``compile`` runs) takes
@@ -217,19 +227,12 @@ def test_rule_kernel_for_offset_binary_in_emulation(fused, rng):
     launched = set()
     for batch in (2,) if fused else (1, 2, 9, 33):
         x = rng.standard_normal((batch, k)).astype(np.float32)
-        xq, xs = qz.quantize_activations(x, fmt)
         index, grid, block = dispatched_launch(sched, batch)
         launched.add(index)
         kernel = EmulatedKernel(source, kernel=kernel_name("rule", index))
         for layers in (1, 3):
             y = np.full((batch, n), np.nan, np.float32)
-            args = {"wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y, "batch": batch}
-            args["bitlayers"] = layers
-            if fused:
-                args["x_ptr"] = x
-            else:
-                args.update(xp_ptr=bp.pack_activations(xq, fmt), x_scale_ptr=xs, rowsum_ptr=xq.sum(1).astype(np.int32))
-            kernel(grid, block, **args)
+            kernel(grid, block, **_rule_args(fused, fmt, x, wp, ws, bias, y, layers))
             ref = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert len(launched) == (1 if fused else len(cuda_bmma.dispatch_configs(fmt, n, k)))
@@ -265,17 +268,11 @@ def test_activation_in_the_epilogue_in_emulation(fused, activation, rng):
     batch = 3
     x = rng.standard_normal((batch, k)).astype(np.float32)
     x[1, 5] = np.nan
-    xq, xs = qz.quantize_activations(x, fmt)
     index, grid, block = dispatched_launch(sched, batch)
     kernel = EmulatedKernel(source, kernel=kernel_name("rule", index))
     for layers in (2, 4):
         y = np.full((batch, n), -5, np.float32)
-        args = {"wp_ptr": wp, "w_scale_ptr": ws, "bias_buf_ptr": bias, "y_ptr": y, "batch": batch, "bitlayers": layers}
-        if fused:
-            args["x_ptr"] = x
-        else:
-            args.update(xp_ptr=bp.pack_activations(xq, fmt), x_scale_ptr=xs, rowsum_ptr=xq.sum(1).astype(np.int32))
-        kernel(grid, block, **args)
+        kernel(grid, block, **_rule_args(fused, fmt, x, wp, ws, bias, y, layers))
         plain = qz.pb_linear_reference(x, wp, ws, bias, fmt, layers)
         ref = _activation_reference(plain, activation)
         assert np.isnan(y[1]).all() and (plain[[0, 2]] < -1).any()  # where the activations differ most
