@@ -15,7 +15,7 @@ from .names import ATTR_LAUNCH_MIN_BLOCKS
 from .ops.common import CPU_SCRATCH, shfl_up, shfl_xor
 from .ops.vector_math import exp_f64
 from .sampling import _M0, _M1, _W0, _W1, DONE_FINISHED, DONE_NONFINITE
-from .schedules.cuda_pdl import declare_early_reads, next_launches_at_start
+from .schedules.cuda_pdl import declare_early_reads, let_next_start, wait_for_previous
 
 
 @T.macro(hygienic=False)
@@ -657,8 +657,7 @@ def cuda_pick(
     groups = (strides + CUDA_PICK_LOADS - 1) // CUDA_PICK_LOADS
     held = groups * CUDA_PICK_LOADS <= CUDA_PICK_HELD_MAX  # the row in registers (else a group a pass)
     held_seg = seg <= CUDA_PICK_HELD_SEGMENT_MAX  # a sampling thread's segment in registers
-    next_first = programmatic and next_launches_at_start()
-    next_after = programmatic and not next_first
+    start, wait = let_next_start(programmatic), wait_for_previous(programmatic)
 
     @T.prim_func
     def pick(
@@ -697,12 +696,8 @@ def cuda_pick(
             sl = T.decl_buffer((seg if held_seg else 1,), "float32", scope="local")  # a segment's logits
             wv = T.decl_buffer((seg if held_seg else 1,), "float64", scope="local")  # ... and weights
             sc = T.decl_buffer((3,), "float64", scope="local")  # the scan's warp prefix, all-but-last, total
-            if next_first:
-                T.ptx.griddepcontrol.launch_dependents()
-            if programmatic:
-                T.ptx.griddepcontrol.wait()
-            if next_after:
-                T.ptx.griddepcontrol.launch_dependents()
+            start()
+            wait()
             # the row's logits first (a short row: all of them), then the control values: one wait
             if held:
                 for g in T.unroll(groups):
