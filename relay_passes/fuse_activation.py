@@ -25,8 +25,9 @@ from __future__ import annotations
 from pbtvm import names
 from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import MMA_LAYOUT
-from pbtvm.ops import pb_dense, pb_dense_act
 
+from .pb_linear_rewrite import dense_layer_compute
+from .rewrite_calls import op_name
 from .te_call import emit_te_call
 
 __all__ = ["FuseActivationIntoPB"]
@@ -36,10 +37,6 @@ _PASS_THROUGH = ("relax.reshape", "relax.astype")
 _KINDS = (names.KernelKind.DENSE_ACT, names.KernelKind.GEMM)
 #: Activations of one op (NaN passes through them in TVM as in torch), by op name.
 _UNARY = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.silu": "silu"}
-
-
-def _op_name(expr: relax.Expr) -> str | None:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
 
 
 class _Function:
@@ -97,7 +94,7 @@ class _Fuser(relax.PyExprMutator):
         """``(layer call, [reshape / astype calls from the layer's output on], activation)`` if
         ``call`` is ``where(isnan(z), z, relu(z))`` (:class:`PropagateNaN`'s relu) or one of
         :data:`_UNARY` of a PB layer's output ``z`` that nothing else reads."""
-        fn, op = self.fn, _op_name(call)
+        fn, op = self.fn, op_name(call)
         if op in _UNARY:
             z, activation, reads = call.args[0], _UNARY[op], 1
         elif op == "relax.multiply" and (silu := self._silu_operand(call)) is not None:
@@ -105,7 +102,7 @@ class _Fuser(relax.PyExprMutator):
         elif op == "relax.where":
             cond, z, kept = call.args
             is_nan, relu = fn.value(cond), fn.value(kept)
-            if _op_name(is_nan) != "relax.isnan" or _op_name(relu) != "relax.nn.relu":
+            if op_name(is_nan) != "relax.isnan" or op_name(relu) != "relax.nn.relu":
                 return None
             if not (is_nan.args[0].same_as(z) and relu.args[0].same_as(z)):
                 return None
@@ -122,14 +119,14 @@ class _Fuser(relax.PyExprMutator):
         # relu commutes with a reshape and with a cast between floats; the others only with a reshape
         through = _PASS_THROUGH if activation == "relu" else ("relax.reshape",)
         chain, var = [], z
-        while _op_name(value := fn.value(var)) in through and isinstance(value.args[0], relax.DataflowVar):
+        while op_name(value := fn.value(var)) in through and isinstance(value.args[0], relax.DataflowVar):
             chain.append(value)
             var = value.args[0]
             if fn.uses.get(var) != 1:
                 return None
         if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
             return None
-        if any(_op_name(step) == "relax.astype" and not str(step.ty.dtype).startswith("float") for step in chain):
+        if any(op_name(step) == "relax.astype" and not str(step.ty.dtype).startswith("float") for step in chain):
             return None
         return value, chain, activation
 
@@ -137,7 +134,7 @@ class _Fuser(relax.PyExprMutator):
         """``z`` where ``call`` is ``z * sigmoid(z)`` (torch's SiLU as imported), the sigmoid read once."""
         for z, other in (call.args, reversed(call.args)):
             sig = self.fn.value(other)
-            if _op_name(sig) == "relax.sigmoid" and sig.args[0].same_as(z) and self.fn.uses.get(other) == 1:
+            if op_name(sig) == "relax.sigmoid" and sig.args[0].same_as(z) and self.fn.uses.get(other) == 1:
                 return z
         return None
 
@@ -158,16 +155,9 @@ class _Fuser(relax.PyExprMutator):
         if not isinstance(getattr(args[-1], "ty", None), tvm.ir.PrimType):  # bitlayers, a run-time int
             return None
         tensors, layers = args[:-1], args[-1]
-        k_dim = int(attrs[names.ATTR_K])
         fused = names.kernel_kind(func) == names.KernelKind.DENSE_ACT
         has_bias = len(tensors) == (4 if fused else 6)
-
-        def compute(*t):
-            bias, bitlayers = (t[-2] if has_bias else None), t[-1]
-            if fused:
-                return pb_dense_act(t[0], t[1], t[2], bias, bitlayers, fmt, activation)
-            return pb_dense(*t[:5], bias, bitlayers, fmt, k_dim, activation=activation)
-
+        compute = dense_layer_compute(fused, fmt, int(attrs[names.ATTR_K]), has_bias, activation)
         attrs[names.ATTR_ACTIVATION] = activation
         return emit_te_call(self.builder_, compute, tensors, f"{gvar.name_hint}_{activation}", attrs, (layers,))
 

@@ -37,6 +37,7 @@ from pbtvm.schedules.cpu_vnni import one_kernel_layer
 from pbtvm.schedules.cuda_bmma import one_launch_layer, one_launch_max_batch
 
 from .block_builder import blocks_closed_on_error
+from .rewrite_calls import op_name
 from .te_call import emit_te_call
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,20 @@ def _part_name(whole: str, axis: int, cut: slice | int) -> str:
     return f"{path}[{':, ' * axis}{cut.start}:{cut.stop}{step}]{sep}{kind}"
 
 
-def _op_name(expr: relax.Expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
+def dense_layer_compute(fused: bool, fmt: BitplaneFormat, k_dim: int, has_bias: bool, activation: str | None = None):
+    """The TE compute of a PB dense layer's function, as :func:`emit_te_call` calls it with the
+    layer's tensors and ``bitlayers``: ``(x, wp, w_scale[, bias], bitlayers)`` for
+    :func:`pbtvm.ops.pb_dense_act` (``fused``: it packs its input), else ``(xp, x_scale, rowsum,
+    wp, w_scale[, bias], bitlayers)`` for :func:`pbtvm.ops.pb_dense`; ``activation`` in the
+    epilogue (:class:`FuseActivationIntoPB`)."""
+
+    def compute(*t):
+        bias, bitlayers = (t[-2] if has_bias else None), t[-1]
+        if fused:
+            return pb_dense_act(t[0], t[1], t[2], bias, bitlayers, fmt, activation)
+        return pb_dense(*t[:5], bias, bitlayers, fmt, k_dim, activation=activation)
+
+    return compute
 
 
 #: The reason's words for a matmul of two run-time tensors (attention's ``q kᵀ``): no weight at all.
@@ -189,7 +200,7 @@ def _from_constants(expr: relax.Expr, bound: dict) -> bool:
         return True
     if isinstance(expr, relax.TupleGetItem):
         return _from_constants(expr.tuple_value, bound)
-    name = _op_name(expr)
+    name = op_name(expr)
     if name in _ALL_OPERANDS_OPS:
         return all(_from_constants(arg, bound) for arg in expr.args)
     return name in _WEIGHT_PATH_OPS and _from_constants(expr.args[0], bound)
@@ -210,7 +221,7 @@ def dense_shapes(mod: tvm.IRModule) -> list[tuple[int | None, int | None]]:
     bound: dict = {}  # every function's variables (distinct objects) and their values
 
     def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Call) and _op_name(expr) == "relax.matmul":
+        if isinstance(expr, relax.Call) and op_name(expr) == "relax.matmul":
             matmuls.append(expr)
 
     for _, func in mod.functions_items():
@@ -245,7 +256,7 @@ def _matmul_reads(func: relax.Function) -> dict[relax.Var, int]:
     counts: dict[relax.Var, int] = {}
 
     def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Call) and _op_name(expr) == "relax.matmul" and isinstance(expr.args[0], relax.Var):
+        if isinstance(expr, relax.Call) and op_name(expr) == "relax.matmul" and isinstance(expr.args[0], relax.Var):
             counts[expr.args[0]] = counts.get(expr.args[0], 0) + 1
 
     relax.analysis.post_order_visit(func.body, visit)
@@ -299,11 +310,11 @@ class _Rewriter(PyExprMutator):
         expr = self._unwrap(expr)
         if isinstance(expr, relax.TupleGetItem):
             return self._split_part(self._unwrap(expr.tuple_value), int(expr.index))
-        if _op_name(expr) == "relax.strided_slice":
+        if op_name(expr) == "relax.strided_slice":
             return self._sliced(expr)
-        if _op_name(expr) == "relax.take":
+        if op_name(expr) == "relax.take":
             return self._taken(expr)
-        if _op_name(expr) in _FOLDED_OPS:
+        if op_name(expr) in _FOLDED_OPS:
             return self._folded(expr)
         if not isinstance(expr, tvm.ir.Constant):
             return None
@@ -315,7 +326,7 @@ class _Rewriter(PyExprMutator):
         (W * 0.5).T`` leave the weight (and ``-W``, and ``torch.autocast`` its cast); None where an
         operand is not a constant. A layout op's or cast's result is remembered in the report's
         ``derived``, for naming."""
-        name, attrs = _op_name(call), call.attrs
+        name, attrs = op_name(call), call.attrs
         if name in _ELEMENTWISE:
             values = [self._constant(arg) for arg in call.args]
             if any(v is None for v in values):
@@ -372,7 +383,7 @@ class _Rewriter(PyExprMutator):
 
     def _split_part(self, split: relax.Expr, index: int) -> np.ndarray | None:
         """Part ``index`` of ``split(constant, indices_or_sections, axis)``, or None."""
-        whole = self._constant(split.args[0]) if _op_name(split) == "relax.split" else None
+        whole = self._constant(split.args[0]) if op_name(split) == "relax.split" else None
         if whole is None:
             return None
         axis = int(split.attrs.axis) % whole.ndim
@@ -423,9 +434,9 @@ class _Rewriter(PyExprMutator):
         as torch's decomposition of ``nn.Linear`` on a non-contiguous 4-D input makes it (``bmm`` of
         ``reshape(broadcast_to(permute_dims(W)), [B*H, K, N])``): every matrix of it is W."""
         rhs = self._unwrap(rhs)
-        while _op_name(rhs) in ("relax.broadcast_to", "relax.reshape") and _same_matrices(rhs, rhs.args[0]):
+        while op_name(rhs) in ("relax.broadcast_to", "relax.reshape") and _same_matrices(rhs, rhs.args[0]):
             rhs = self._unwrap(rhs.args[0])
-        if _op_name(rhs) == "relax.permute_dims":  # W^T: the layer's weight is W itself
+        if op_name(rhs) == "relax.permute_dims":  # W^T: the layer's weight is W itself
             axes = rhs.attrs.axes
             inner = self._constant(rhs.args[0])
             if inner is None:
@@ -487,7 +498,7 @@ class _Rewriter(PyExprMutator):
         if not np.issubdtype(weight.dtype, np.floating):
             return None, None, f"weight dtype {weight.dtype} is not floating point"
         xv = self._unwrap(x)
-        if _op_name(xv) == "relax.broadcast_to":  # the exporter's no-op broadcast of 3-D inputs
+        if op_name(xv) == "relax.broadcast_to":  # the exporter's no-op broadcast of 3-D inputs
             inner = xv.args[0]
             if tvm_ffi.structural_equal(inner.ty.shape, x.ty.shape):
                 x = inner
@@ -572,9 +583,7 @@ class _Rewriter(PyExprMutator):
             if one_launch and static_rows is None:  # one launch at small batches, pack + kernel above
                 attrs[ATTR_IN_BLOCK_MAX_BATCH] = one_launch_max_batch(k_dim)
             out = self._emit_te(
-                lambda x_t, wp_t, ws_t, *rest: pb_dense_act(
-                    x_t, wp_t, ws_t, rest[0] if has_bias else None, rest[-1], fmt
-                ),
+                dense_layer_compute(True, fmt, k_dim, has_bias),
                 [x2, wp, ws, *bias_const],
                 f"pb_dense_act_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
                 attrs,
@@ -583,15 +592,9 @@ class _Rewriter(PyExprMutator):
             return self._finish_linear(out, out_dtype, ty, dims, n_out)
         packed = self._act_pack(x2, k_dim)
         xp, xs, rowsum = (self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(3))
-        tensors = [xp, xs, rowsum, wp, ws, *bias_const]
-
-        def compute(xp_t, xs_t, rs_t, wp_t, ws_t, *rest):
-            b_t = rest[0] if has_bias else None
-            return pb_dense(xp_t, xs_t, rs_t, wp_t, ws_t, b_t, rest[-1], fmt, k_dim)
-
         out = self._emit_te(
-            compute,
-            tensors,
+            dense_layer_compute(False, fmt, k_dim, has_bias),
+            [xp, xs, rowsum, wp, ws, *bias_const],
             f"pb_dense_{fmt.name.replace('-', '_')}_n{n_out}_k{k_dim}" + ("_bias" if has_bias else ""),
             kernel_attrs(KernelKind.GEMM, fmt, k_dim),
             (self.bitlayers,),
@@ -672,7 +675,7 @@ class _Rewriter(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        name = _op_name(call)
+        name = op_name(call)
         if name == "relax.add":
             for lhs, rhs in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
                 lin = self._linear_of(lhs)

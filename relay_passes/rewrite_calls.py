@@ -39,6 +39,11 @@ def rewrite_every_function(mutator: object, mod: tvm.IRModule) -> tvm.IRModule:
     return mutator.builder_.get()
 
 
+def op_name(expr: relax.Expr) -> str | None:
+    """The name of ``expr``'s op if it is a call of one (``relax.reshape``), else None."""
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
 def is_float(expr: relax.Expr) -> bool:
     """Whether ``expr`` is a tensor of a float dtype (bfloat16 included)."""
     ty = expr.ty
@@ -74,4 +79,4 @@ class CallRewritePass:
         return mod
 
 
-__all__ = ["CallRewritePass", "Rewrite", "is_float", "rewrite_every_function", "scalar_as_tensor"]
+__all__ = ["CallRewritePass", "Rewrite", "is_float", "op_name", "rewrite_every_function", "scalar_as_tensor"]
