@@ -25,12 +25,14 @@ Every kernel is built first, in ``--jobs`` processes (``parallel_build.py``), th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 from bench_layers import (
@@ -103,18 +105,25 @@ PDL_MODES = {"on": ("on",), "off": ("off",), "start": ("start",), "both": ("on",
 PDL_ENV = {"on": "1", "start": names.PDL_AT_START, "off": "0"}
 
 
-def build_kernel(key: tuple, target, pdl: str = "on") -> tvm.runtime.Executable:
-    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target`` in the ``pdl`` mode
-    (:data:`PDL_MODES`; on sm_90+)."""
+@contextlib.contextmanager
+def pdl_env(mode: str) -> Iterator[None]:
+    """``PBTVM_CUDA_PDL`` of ``mode`` (:data:`PDL_ENV`) for the builds inside (read as they build)."""
     previous = os.environ.get(names.ENV_CUDA_PDL)
-    os.environ[names.ENV_CUDA_PDL] = PDL_ENV[pdl]
+    os.environ[names.ENV_CUDA_PDL] = PDL_ENV[mode]
     try:
-        return _build_kernel(key, target, pdl != "off")
+        yield
     finally:
         if previous is None:
             del os.environ[names.ENV_CUDA_PDL]
         else:
             os.environ[names.ENV_CUDA_PDL] = previous
+
+
+def build_kernel(key: tuple, target, pdl: str = "on") -> tvm.runtime.Executable:
+    """Compile the kernel ``key`` (see :func:`kernel_keys`) for ``target`` in the ``pdl`` mode
+    (:data:`PDL_MODES`; on sm_90+)."""
+    with pdl_env(pdl):
+        return _build_kernel(key, target, pdl != "off")
 
 
 def _build_kernel(key: tuple, target, pdl: bool) -> tvm.runtime.Executable:

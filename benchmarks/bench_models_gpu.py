@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics
@@ -30,6 +29,7 @@ import time
 
 import torch
 import tvm_ffi
+from bench_bmma import PDL_ENV, pdl_env
 from bench_layers import append_csv_row, graph_time, measure_bandwidth
 
 import pbtvm
@@ -78,29 +78,11 @@ def weight_count(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-#: The builds compared, by ``PBTVM_CUDA_PDL``: compile's default, the next kernel launching as a
-#: kernel starts, no programmatic launch.
-MODES = {"on": "1", "start": names.PDL_AT_START, "off": "0"}
-
-
-@contextlib.contextmanager
-def pdl_env(mode: str):
-    """``PBTVM_CUDA_PDL`` of ``mode`` (:data:`MODES`) for the compile inside (read as it builds)."""
-    old = os.environ.get(names.ENV_CUDA_PDL)
-    os.environ[names.ENV_CUDA_PDL] = MODES[mode]
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(names.ENV_CUDA_PDL, None)
-        else:
-            os.environ[names.ENV_CUDA_PDL] = old
-
-
 def compile_modes(model: torch.nn.Module, example: torch.Tensor, target, bits: int) -> dict[str, object]:
-    """The model compiled in every mode of :data:`MODES`, ``{mode: compiled}``."""
+    """The model compiled in every programmatic-launch mode (``bench_bmma.PDL_ENV``: on, start,
+    off), ``{mode: compiled}``."""
     built = {}
-    for mode in MODES:
+    for mode in PDL_ENV:
         with pdl_env(mode):
             t0 = time.time()
             built[mode] = pbtvm.compile(model, (example,), target=target, bits=bits)
@@ -155,7 +137,7 @@ def dry_run(args: argparse.Namespace) -> int:
             if any(e != n for mode, (e, n) in flags.items() if mode != "off") or flags["off"][0] != 0:
                 print("dry run: wrong launch flags", file=sys.stderr)
                 return 1
-    print(f"dry run: {len(models)} models built for sm_90 in the modes {', '.join(MODES)}")
+    print(f"dry run: {len(models)} models built for sm_90 in the modes {', '.join(PDL_ENV)}")
     return 0
 
 
