@@ -415,6 +415,12 @@ def test_tuning_builder_materializes_candidates(tmp_path):
 LAYERS = ((130, 300), (64, 130), (10, 64))
 
 
+def _grid_control_order(sass: str) -> list[str]:
+    """The kernel's launch_dependents (PREEXIT), L2 prefetches (UBLKPF.L2) and griddepcontrol.wait
+    (ACQBULK), in SASS order."""
+    return re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", sass)
+
+
 def _products_and_packs(sass: dict[str, str], prefix: str) -> tuple[dict[str, str], dict[str, str]]:
     """The kernels named ``prefix...`` split into PB products (BMMA) and ballot packs (the rest)."""
     mine = {k: v for k, v in sass.items() if k.startswith(prefix)}
@@ -462,7 +468,7 @@ def test_compile_for_sm90_exports_bmma_kernels_by_default(tmp_path):
     reads = reads_before_wait(src)
     assert all(reads[k] == {"wp_ptr"} for k in products) and all(reads[k] == set() for k in packs)
     for name, body in sass.items():
-        order = [op for op in re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)]
+        order = _grid_control_order(body)
         want = ["UBLKPF.L2", "ACQBULK", "PREEXIT"] if name in products else ["ACQBULK", "PREEXIT"]
         assert order == want, (name, order)
         # nor did ptxas move a load above the wait (it did, with TVM's __restrict__: ld.global.nc),
@@ -648,7 +654,7 @@ def test_the_next_kernel_launches_after_the_wait_or_at_the_start(monkeypatch, mo
     kernels_sass = source_sass(source, "sm_90")
     assert len(kernels_sass) == len(cuda_bmma.dispatch_configs(fmt, 64, 256))  # a kernel per batch range
     for body in kernels_sass.values():
-        order = re.findall(r"\b(PREEXIT|UBLKPF\.L2|ACQBULK)\b", body)
+        order = _grid_control_order(body)
         at_start = ["PREEXIT", "UBLKPF.L2", "ACQBULK"]
         assert order == (at_start if mode == names.PDL_AT_START else ["UBLKPF.L2", "ACQBULK", "PREEXIT"])
 
