@@ -2,7 +2,8 @@
 
 The kernels themselves (the relu in the epilogue, NaN kept) run in ``tests/test_bmma_emulated.py``
 (``test_activation_in_the_epilogue_in_emulation``) and on a GPU in ``tests/test_bmma_gpu.py`` (models with
-ReLU against the CPU build).
+ReLU against the CPU build); whole fused graphs (3-D, fp16, NaN rows) run on the CPU here, their PB
+functions as TE computes, against the same graphs unfused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from pbtvm import bitplane as bp
-from pbtvm import kernels, names
+from pbtvm import compiler, kernels, names
 from pbtvm._tvm import relax, tir, tvm
 from pbtvm.compiler import _rewrite
 from pbtvm.relay_passes import ApplyPBSchedules, FuseActivationIntoPB
@@ -226,3 +227,44 @@ def test_gelu_after_a_cast_to_half_stays_a_kernel():
     torch.manual_seed(0)
     mod = _rewritten(_FeedForward(torch.nn.GELU()).half(), torch.randn(2, 64).half())
     assert "relax.nn.gelu" in _ops(mod)
+
+
+def _run_on_cpu(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    """``main(x, bitlayers=4)`` of a rewritten module built for ``llvm`` as it stands: the PB
+    functions unscheduled, i.e. their TE computes (the mma16x256 layout's semantics) run serially."""
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.ShapeTuple([4]))
+    return (out[0] if isinstance(out, tvm.ir.Array) else out).numpy()  # torch import: (out,)
+
+
+@pytest.mark.parametrize(
+    ("model", "example", "activation"),
+    [
+        (lambda: MLP((70, 96, 40, 10)), torch.randn(3, 70), "relu"),
+        (_Sequence, torch.randn(2, 5, 64), "relu"),
+        (_HalfReLU, torch.randn(3, 64).half(), "relu"),
+        (lambda: _FeedForward(torch.nn.GELU()), torch.randn(2, 5, 64), "gelu"),
+        (lambda: _FeedForward(torch.nn.GELU(approximate="tanh")), torch.randn(4, 64), "gelu_tanh"),
+        (lambda: _FeedForward(torch.nn.SiLU()), torch.randn(2, 3, 64), "silu"),
+    ],
+    ids=["mlp", "reshape", "half", "gelu-3d", "gelu_tanh", "silu-3d"],
+)
+def test_fused_models_compute_what_the_unfused_ones_do(model, example, activation, monkeypatch):
+    """End to end on the CPU: the sm_90 graph with the activations in the layers equals the same
+    graph with them as ops of their own (float32 epilogue vs TVM's op on the same float32 values:
+    within 1e-6), a NaN input row included; both near torch (W4A8)."""
+    torch.manual_seed(0)
+    net = model().eval()
+    x = example.clone()
+    x[0, ..., 3] = float("nan")  # relu / gelu / silu keep a NaN row NaN, fused or not
+    fused = _rewritten(net, example)
+    assert activation in {_activation(fused, gv.name_hint) for gv in fused.get_global_vars()}
+    monkeypatch.setattr(compiler, "FuseActivationIntoPB", lambda: lambda mod: mod)
+    plain = _rewritten(net, example)
+    assert not any(_activation(plain, gv.name_hint) for gv in plain.get_global_vars())
+    got, want = _run_on_cpu(fused, x.numpy()), _run_on_cpu(plain, x.numpy())
+    assert np.isnan(got[0]).all() and not np.isnan(got[1:]).any()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        ref = net(x).float().numpy()
+    assert np.abs(got[1:] - ref[1:]).max() <= 0.1 * np.abs(ref[1:]).max()
