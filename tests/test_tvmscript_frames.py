@@ -79,3 +79,17 @@ def test_a_macro_called_outside_a_parsed_function_raises_as_before():
 
     with pytest.raises(RuntimeError, match="__current_script_parser__ not available"):
         noop()
+
+
+def test_a_tvm_that_names_its_parser_otherwise_keeps_its_own_lookup(monkeypatch, caplog):
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    def theirs(_macro):
+        return None
+
+    monkeypatch.setattr(ScriptMacro, "_find_parser_def", theirs)
+    monkeypatch.setattr(ScriptMacro, "parser_object_name", "__another_name__")
+    with caplog.at_level("WARNING", logger="pbtvm.tvmscript_frames"):
+        tvmscript_frames.install()
+    assert ScriptMacro._find_parser_def is theirs
+    assert "'__another_name__'" in caplog.text and "keep TVM's own lookup" in caplog.text
