@@ -6,8 +6,9 @@ that is running it: TVM 0.27's ``ScriptMacro._find_parser_def`` takes
 ``__current_script_parser__``. ``getouterframes`` builds a ``FrameInfo`` for every frame of the
 stack (file name, source lines, ``inspect.getmodule`` — a scan of ``sys.modules``, slower the more
 modules are loaded: cpython issue 92041) only to read ``frame.f_globals``. The evaluator recurses
-deeply, so with torch imported each macro call cost ~0.2 s: one PB BMMA kernel (dozens of macro
-calls) took ~19 s to parse, ~85 % of compiling a three-layer model for sm_90.
+deeply, so with torch imported each macro call cost up to ~0.2 s: one PB BMMA kernel (~90 macro
+calls) took ~19 s to parse under pytest, and compiling a three-layer MLP for sm_90 from a script
+took 18.8 s where it takes 6.5 s with the walk (BENCHMARKS.md, forty-second session).
 
 :func:`install` replaces the method with one that follows ``f_back`` and reads the same globals in
 the same order: the same parser, the same error when there is none.
