@@ -238,23 +238,24 @@ def _run_on_cpu(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("model", "example", "activation"),
+    ("model", "shape", "dtype", "activation"),
     [
-        (lambda: MLP((70, 96, 40, 10)), torch.randn(3, 70), "relu"),
-        (_Sequence, torch.randn(2, 5, 64), "relu"),
-        (_HalfReLU, torch.randn(3, 64).half(), "relu"),
-        (lambda: _FeedForward(torch.nn.GELU()), torch.randn(2, 5, 64), "gelu"),
-        (lambda: _FeedForward(torch.nn.GELU(approximate="tanh")), torch.randn(4, 64), "gelu_tanh"),
-        (lambda: _FeedForward(torch.nn.SiLU()), torch.randn(2, 3, 64), "silu"),
+        (lambda: MLP((70, 96, 40, 10)), (3, 70), torch.float32, "relu"),
+        (_Sequence, (2, 5, 64), torch.float32, "relu"),
+        (_HalfReLU, (3, 64), torch.float16, "relu"),
+        (lambda: _FeedForward(torch.nn.GELU()), (2, 5, 64), torch.float32, "gelu"),
+        (lambda: _FeedForward(torch.nn.GELU(approximate="tanh")), (4, 64), torch.float32, "gelu_tanh"),
+        (lambda: _FeedForward(torch.nn.SiLU()), (2, 3, 64), torch.float32, "silu"),
     ],
     ids=["mlp", "reshape", "half", "gelu-3d", "gelu_tanh", "silu-3d"],
 )
-def test_fused_models_compute_what_the_unfused_ones_do(model, example, activation, monkeypatch):
+def test_fused_models_compute_what_the_unfused_ones_do(model, shape, dtype, activation, monkeypatch):
     """End to end on the CPU: the sm_90 graph with the activations in the layers equals the same
     graph with them as ops of their own (float32 epilogue vs TVM's op on the same float32 values:
-    within 1e-6), a NaN input row included; both near torch (W4A8)."""
+    within 1e-6), a NaN input row included; both near torch (W4A8: relative RMS error < 0.2)."""
     torch.manual_seed(0)
     net = model().eval()
+    example = torch.randn(shape).to(dtype)
     x = example.clone()
     x[0, ..., 3] = float("nan")  # relu / gelu / silu keep a NaN row NaN, fused or not
     fused = _rewritten(net, example)
@@ -266,5 +267,5 @@ def test_fused_models_compute_what_the_unfused_ones_do(model, example, activatio
     assert np.isnan(got[0]).all() and not np.isnan(got[1:]).any()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        ref = net(x).float().numpy()
-    assert np.abs(got[1:] - ref[1:]).max() <= 0.1 * np.abs(ref[1:]).max()
+        ref = net(x).float().numpy()[1:]
+    assert np.linalg.norm(got[1:] - ref) < 0.2 * np.linalg.norm(ref)
