@@ -16,16 +16,13 @@ fuse with another operation, so every target computes the same codes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import os
 
 import numpy as np
 
 from . import weight_fit
 from .bitplane import BitplaneFormat, bitplane_matmul, pack_activations, plane_rowsum
 from .errors import InputError, InputTypeError
-from .threads import physical_cores
 
 #: Weight quantization methods: clip search minimizing the weight MSE, or the original max scaling.
 METHODS = ("mse", "max")
@@ -170,26 +167,6 @@ def check_codebook(codebook: str | None, bits: int, method: str = "mse") -> None
     BitplaneFormat(bits, codebook=codebook)  # bits / codebook compatibility, with its message
 
 
-#: Weights (elements over a layer's matrices) from which :func:`choose_codebook` fits its two
-#: codebooks in two threads: the fit is 75-92 % of a large model's compile time, about 1 µs per
-#: weight per codebook (a 2048-4096-2048 MLP at W4 compiles in 12.0 s instead of 15.5 on 2 vCPUs:
-#: part of the fit holds the GIL; ``benchmarks/bench_compile.py``, BENCHMARKS.md).
-FIT_PARALLEL_MIN = 1 << 18
-
-
-def _fit_threads(weights: list[np.ndarray], candidates: int) -> int:
-    """Threads for fitting ``candidates`` codebooks to ``weights``: one below
-    :data:`FIT_PARALLEL_MIN` weights, else up to the threads pbtvm's kernels use
-    (``TVM_NUM_THREADS``, :mod:`pbtvm.threads`)."""
-    if sum(int(np.size(w)) for w in weights) < FIT_PARALLEL_MIN:
-        return 1
-    try:
-        threads = int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
-    except ValueError:
-        threads = physical_cores()
-    return max(1, min(candidates, threads))
-
-
 def _candidates(bits: int) -> tuple[str, ...]:
     return ("bipolar", "offset_binary") if bits == 1 else ("twos_complement", "offset_binary")
 
@@ -239,12 +216,7 @@ def choose_codebook(
         return [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
 
     candidates = _candidates(fmt.bits)
-    workers = _fit_threads(weights, len(candidates))
-    if workers > 1:  # the fits are independent numpy work, which releases the GIL: same results
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pbtvm-fit") as pool:
-            quantized = dict(zip(candidates, pool.map(fit, candidates), strict=True))
-    else:
-        quantized = {name: fit(name) for name in candidates}
+    quantized = {name: fit(name) for name in candidates}  # each on every thread (weight_fit._each_chunk)
     for name in candidates:
         f = dataclasses.replace(fmt, codebook=name)
         errors[name] = 0.0

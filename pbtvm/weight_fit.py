@@ -2,7 +2,8 @@
 
 Every codebook of :class:`pbtvm.bitplane.BitplaneFormat` has a fitter here; each works on whole
 ``[N, K]`` matrices at once (vectorized over rows, in row chunks so an 11008 x 4096 matrix stays
-within a few hundred MB) and returns integer codes plus per-row float parameters.
+within a few hundred MB, the chunks on every thread: :func:`fit_threads`) and returns integer codes
+plus per-row float parameters, the same whatever the chunks and threads.
 
 * ``twos_complement`` (symmetric, ``w ~= s q``, ``|q| <= 2^(k-1) - 1``): the scale is searched over
   clip ratios ``r * max|w| / qmax`` for ``r`` in :data:`CLIP_RATIOS`, then refined by alternating
@@ -27,9 +28,14 @@ other weight). Fitting then takes about 2-3x as long.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+from collections.abc import Callable
+
 import numpy as np
 
 from .errors import InputError
+from .threads import physical_cores
 
 __all__ = ["CLIP_RATIOS", "REFINE_STEPS", "fit_symmetric", "fit_offset_binary", "fit_bipolar", "fit_two_level"]
 
@@ -42,12 +48,47 @@ REFINE_STEPS = 4
 CENTER_MARGIN = 0.05
 #: Rows per chunk: keeps the [rows, K] float32 temporaries near 64 MB for K = 4096.
 _CHUNK_ELEMS = 1 << 24
+#: Weights from which a matrix is fitted in row chunks on several threads (:func:`fit_threads`): the
+#: fit is most of a large model's compile time (~1 µs per weight per codebook); a 2048-4096-2048
+#: MLP at W4 compiles in 8.8 s instead of 11.0 with the two codebooks on one thread each (2 vCPUs,
+#: ``benchmarks/bench_compile.py``), and more cores now take part.
+FIT_PARALLEL_MIN = 1 << 18
 
 
-def _chunks(n: int, k: int):
-    step = max(1, _CHUNK_ELEMS // max(k, 1))
-    for lo in range(0, n, step):
-        yield slice(lo, min(n, lo + step))
+def _chunks(n: int, k: int, parts: int = 1) -> list[slice]:
+    """Row slices of an ``[n, k]`` matrix: ``parts`` chunks or more, whose elements together stay
+    within :data:`_CHUNK_ELEMS` when ``parts`` of them are fitted at once."""
+    step = max(1, min(_CHUNK_ELEMS // max(k, 1) // parts, -(-n // parts)))
+    return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _each_chunk(n: int, k: int, fit_rows: Callable[[slice], None]) -> None:
+    """Call ``fit_rows`` on every row chunk (:func:`_chunks`), on :func:`fit_threads` threads.
+
+    Each row's fit depends on that row alone (and on the shared column weights), so the chunks
+    write disjoint rows and the result is that of one thread; numpy releases the GIL in the
+    array work. A thread pool per call: nothing is left running (or broken by a fork) after it.
+    """
+    threads = fit_threads(n * k)
+    chunks = _chunks(n, k, threads)
+    if threads == 1 or len(chunks) == 1:
+        for rows in chunks:
+            fit_rows(rows)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="pbtvm-fit") as pool:
+        for done in [pool.submit(fit_rows, rows) for rows in chunks]:
+            done.result()
+
+
+def fit_threads(elements: int) -> int:
+    """Threads that fit a matrix of ``elements`` weights: one below :data:`FIT_PARALLEL_MIN`,
+    else the threads pbtvm's kernels use (``TVM_NUM_THREADS``, :mod:`pbtvm.threads`)."""
+    if elements < FIT_PARALLEL_MIN:
+        return 1
+    try:
+        return max(1, int(os.environ.get("TVM_NUM_THREADS") or physical_cores()))
+    except ValueError:
+        return physical_cores()
 
 
 def _dot(a: np.ndarray, b: np.ndarray, c: np.ndarray | None) -> np.ndarray:
@@ -132,8 +173,11 @@ def fit_symmetric(
     scale = np.empty(n, np.float32)
     c = column_weights(importance, k)
     c = c if method == "mse" else None  # "max": the row's full range, as without calibration
-    for rows in _chunks(n, k):
+
+    def fit_rows(rows: slice) -> None:
         q[rows], scale[rows] = _fit_symmetric_rows(w[rows], qmax, method, c)
+
+    _each_chunk(n, k, fit_rows)
     return q, scale
 
 
@@ -197,7 +241,8 @@ def fit_offset_binary(
     params = np.empty((2, n), np.float32)
     c = column_weights(importance, k)
     c = c if method == "mse" else None  # "max": the row's full range, as without calibration
-    for rows in _chunks(n, k):
+
+    def fit_rows(rows: slice) -> None:
         if bits == 1 and method == "mse":
             q[rows], s, z = fit_two_level(w[rows], c)  # the exact optimum, weighted or not
         else:
@@ -207,6 +252,8 @@ def fit_offset_binary(
                     w[rows], c, (q[rows], s, z), _fit_offset_rows(w[rows], 2**bits - 1, method)
                 )
         params[0, rows], params[1, rows] = s, z
+
+    _each_chunk(n, k, fit_rows)
     return q, params
 
 

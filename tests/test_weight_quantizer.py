@@ -277,23 +277,32 @@ def test_weights_past_float32_range_are_named_as_such():
     assert qz.checked_weights(np.ones((2, 3))).dtype == np.float32
 
 
-def test_codebooks_fitted_in_threads_equal_the_fits_in_one(monkeypatch, rng):
-    """Large layers fit their two codebooks in two threads (the fit is most of a large model's
-    compile time); the chosen codebook and every code and scale are those of one thread."""
-    weights = [rng.standard_normal((96, 80)).astype(np.float32), rng.standard_normal((96, 40)).astype(np.float32)]
+@pytest.mark.parametrize("bits", [1, 3])
+def test_fits_in_row_chunks_on_threads_equal_the_fit_in_one(monkeypatch, rng, bits):
+    """Large matrices are fitted in row chunks on several threads (the fit is most of a large
+    model's compile time); the chosen codebook and every code and scale are those of one chunk on
+    one thread, for every codebook, with and without column weights."""
+    weights = [rng.standard_normal((96, 80)).astype(np.float32), rng.standard_normal((97, 40)).astype(np.float32)]
+    weights[0][5] = 0.0  # an all-zero row
     importances = [rng.random(80), None]
-    fmt = bp.BitplaneFormat(3, 8)
-    monkeypatch.setenv("TVM_NUM_THREADS", "2")
-    monkeypatch.setattr(qz, "FIT_PARALLEL_MIN", 1 << 30)
-    assert qz._fit_threads(weights, 2) == 1
+    fmt = bp.BitplaneFormat(bits, 8)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    monkeypatch.setattr(weight_fit, "FIT_PARALLEL_MIN", 1 << 30)
+    assert weight_fit.fit_threads(96 * 80) == 1
     alone = qz.choose_codebook(weights, fmt, "mse", importances)
-    monkeypatch.setattr(qz, "FIT_PARALLEL_MIN", 0)
-    assert qz._fit_threads(weights, 2) == 2
+    offset = [weight_fit.fit_offset_binary(w, bits, "mse", imp) for w, imp in zip(weights, importances, strict=True)]
+    monkeypatch.setattr(weight_fit, "FIT_PARALLEL_MIN", 0)
+    monkeypatch.setattr(weight_fit, "_CHUNK_ELEMS", 2000)  # chunks of 8 rows (K = 80), 16 rows (K = 40)
+    assert weight_fit.fit_threads(96 * 80) == 3 and len(weight_fit._chunks(96, 80, 3)) == 12
     threaded = qz.choose_codebook(weights, fmt, "mse", importances)
     assert threaded[0] == alone[0]
     for name, fits in alone[1].items():
         for (q, s), (tq, ts) in zip(fits, threaded[1][name], strict=True):
             np.testing.assert_array_equal(tq, q)
             np.testing.assert_array_equal(ts, s)
+    for (q, p), w, imp in zip(offset, weights, importances, strict=True):  # k = 1: the two-level fit
+        tq, tp = weight_fit.fit_offset_binary(w, bits, "mse", imp)
+        np.testing.assert_array_equal(tq, q)
+        np.testing.assert_array_equal(tp, p)
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
-    assert qz._fit_threads(weights, 2) == 1
+    assert weight_fit.fit_threads(96 * 80) == 1
