@@ -27,6 +27,7 @@ parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
 parser.add_argument("--repeat", type=int, default=2)
 parser.add_argument("--target", default="llvm", help="llvm, cuda or a JSON target dict")
 args = parser.parse_args()
+target = parse_target(args.target)
 
 print(f"pbtvm from {os.path.dirname(pbtvm.__file__)}, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}")
 torch.manual_seed(0)
@@ -39,6 +40,6 @@ for bits in args.bits:
     times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
-        pbtvm.compile(model, example, target=parse_target(args.target), bits=bits)
+        pbtvm.compile(model, example, target=target, bits=bits)
         times.append(time.perf_counter() - start)
     print(f"widths {args.widths} W{bits} {args.target}: compile {min(times):.1f} s (best of {args.repeat})")

@@ -27,7 +27,7 @@ from pbtvm._tvm import relax, tir, tvm
 from pbtvm.bitplane import MMA_LAYOUT
 
 from .pb_linear_rewrite import dense_layer_compute
-from .rewrite_calls import op_name
+from .rewrite_calls import op_name, rewrite_every_function
 from .te_call import emit_te_call
 
 __all__ = ["FuseActivationIntoPB"]
@@ -174,8 +174,6 @@ class FuseActivationIntoPB:
         self.fused = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: D102
-        from .rewrite_calls import rewrite_every_function
-
         mutator = _Fuser(mod)
         mod = rewrite_every_function(mutator, mod)
         self.fused = mutator.fused
