@@ -24,7 +24,7 @@ def weight_key(array: np.ndarray) -> str:
     """Content hash of a weight array (dtype, shape and bytes); equal weights share a key."""
     a = np.ascontiguousarray(array)
     h = hashlib.sha1(f"{a.dtype}{a.shape}".encode())
-    h.update(a.tobytes())
+    h.update(a.data)  # the bytes without a copy
     return h.hexdigest()[:16]
 
 

@@ -216,17 +216,23 @@ def choose_codebook(
         return [quantize_weights(w, f, method, imp) for w, imp in zip(weights, imps, strict=True)]
 
     candidates = _candidates(fmt.bits)
-    quantized = {name: fit(name) for name in candidates}  # each on every thread (weight_fit._each_chunk)
+    quantized = {name: fit(name) for name in candidates}  # each on every thread (weight_fit.each_chunk)
     for name in candidates:
         f = dataclasses.replace(fmt, codebook=name)
         errors[name] = 0.0
         for w, imp, (q, s) in zip(weights, imps, quantized[name], strict=True):
-            sq = (np.asarray(w, np.float64) - dequantize_weights(q, s, f)) ** 2
-            c = weight_fit.column_weights(imp, sq.shape[1])
-            errors[name] += float(sq.sum() if c is None else (sq @ c).sum())
+            errors[name] += _squared_error(w, q, s, f, weight_fit.column_weights(imp, w.shape[1]))
     plain, offset = _candidates(fmt.bits)
     best = offset if errors[offset] < errors[plain] * (1 - TIE_MARGIN) else plain
     return best, quantized
+
+
+def _squared_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, fmt: BitplaneFormat, c: np.ndarray | None) -> float:
+    """Total (column-weighted) squared error of ``w`` [N, K] against its dequantized codes ``q`` /
+    ``scale`` (``[N]`` or ``[2, N]``), in row chunks on every thread (the whole-matrix float64
+    difference went to DRAM)."""
+    errors = weight_fit.row_squared_errors(w, lambda rows: dequantize_weights(q[rows], scale[..., rows], fmt), c)
+    return float(errors.sum())
 
 
 def layer_format(

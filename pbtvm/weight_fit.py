@@ -1,9 +1,9 @@
 """Data-free weight quantizers: per-row scale / clipping search minimizing the weight MSE.
 
 Every codebook of :class:`pbtvm.bitplane.BitplaneFormat` has a fitter here; each works on whole
-``[N, K]`` matrices at once (vectorized over rows, in row chunks so an 11008 x 4096 matrix stays
-within a few hundred MB, the chunks on every thread: :func:`fit_threads`) and returns integer codes
-plus per-row float parameters, the same whatever the chunks and threads.
+``[N, K]`` matrices at once (vectorized over rows, in row chunks small enough that the ~140 passes
+over each stay in the core's caches, the chunks on every thread: :func:`fit_threads`) and returns
+integer codes plus per-row float parameters, the same whatever the chunks and threads.
 
 * ``twos_complement`` (symmetric, ``w ~= s q``, ``|q| <= 2^(k-1) - 1``): the scale is searched over
   clip ratios ``r * max|w| / qmax`` for ``r`` in :data:`CLIP_RATIOS`, then refined by alternating
@@ -37,7 +37,16 @@ import numpy as np
 from .errors import InputError
 from .threads import physical_cores
 
-__all__ = ["CLIP_RATIOS", "REFINE_STEPS", "fit_symmetric", "fit_offset_binary", "fit_bipolar", "fit_two_level"]
+__all__ = [
+    "CLIP_RATIOS",
+    "REFINE_STEPS",
+    "each_chunk",
+    "fit_bipolar",
+    "fit_offset_binary",
+    "fit_symmetric",
+    "fit_two_level",
+    "row_squared_errors",
+]
 
 #: Clip ratios tried per row (fractions of the row's max |w|, or of its half range).
 CLIP_RATIOS = np.linspace(0.30, 1.0, 15)
@@ -46,8 +55,11 @@ REFINE_STEPS = 4
 #: Offset binary keeps the centred zero point (symmetric grid, signs kept) unless a free zero point
 #: lowers the row's squared error by more than this fraction (measured, BENCHMARKS.md issue 17).
 CENTER_MARGIN = 0.05
-#: Rows per chunk: keeps the [rows, K] float32 temporaries near 64 MB for K = 4096.
-_CHUNK_ELEMS = 1 << 24
+#: Weights per row chunk (one row at least): each of the fit's ~140 passes over a chunk then reads
+#: and writes ~1 MB float64 temporaries, which stay in the core's L2 / L3, instead of going to DRAM.
+#: 1024 x 4096 on one core (AMD EPYC, 2 MB L2): two's complement W4 368 -> 53 ns a weight, offset
+#: binary 666 -> 128 (chunks of 2^24 weights before; 2^16-2^18 equal, 2^14 slower).
+_CHUNK_ELEMS = 1 << 17
 #: Weights from which a matrix is fitted in row chunks on several threads (:func:`fit_threads`): the
 #: fit is most of a large model's compile time (~1 µs per weight per codebook); a 2048-4096-2048
 #: MLP at W4 compiles in 8.8 s instead of 11.0 with the two codebooks on one thread each (2 vCPUs,
@@ -56,18 +68,19 @@ FIT_PARALLEL_MIN = 1 << 18
 
 
 def _chunks(n: int, k: int, parts: int = 1) -> list[slice]:
-    """Row slices of an ``[n, k]`` matrix: ``parts`` chunks or more, whose elements together stay
-    within :data:`_CHUNK_ELEMS` when ``parts`` of them are fitted at once."""
-    step = max(1, min(_CHUNK_ELEMS // max(k, 1) // parts, -(-n // parts)))
+    """Row slices of an ``[n, k]`` matrix: ``parts`` chunks or more (``n`` allowing), each of at
+    most :data:`_CHUNK_ELEMS` weights or one row."""
+    step = max(1, min(_CHUNK_ELEMS // max(k, 1), -(-n // parts)))
     return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def _each_chunk(n: int, k: int, fit_rows: Callable[[slice], None]) -> None:
+def each_chunk(n: int, k: int, fit_rows: Callable[[slice], None]) -> None:
     """Call ``fit_rows`` on every row chunk (:func:`_chunks`), on :func:`fit_threads` threads.
 
     Each row's fit depends on that row alone (and on the shared column weights), so the chunks
     write disjoint rows and the result is that of one thread; numpy releases the GIL in the
-    array work. A thread pool per call: nothing is left running (or broken by a fork) after it.
+    array work; an exception in a chunk is raised here. A thread pool per call: nothing is left
+    running (or broken by a fork) after it.
     """
     threads = fit_threads(n * k)
     chunks = _chunks(n, k, threads)
@@ -89,6 +102,35 @@ def fit_threads(elements: int) -> int:
         return max(1, int(os.environ.get("TVM_NUM_THREADS") or physical_cores()))
     except ValueError:
         return physical_cores()
+
+
+def row_squared_errors(
+    w: np.ndarray, approx_rows: Callable[[slice], np.ndarray], c: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-row (weighted) squared error of an approximation of ``w``, in row chunks on every
+    thread (:func:`each_chunk`): the whole-matrix float64 difference went to DRAM.
+
+    Parameters
+    ----------
+    w : np.ndarray, float, [N, K]
+    approx_rows : callable
+        ``approx_rows(rows)``: the approximation of ``w[rows]``, float [len(rows), K].
+    c : np.ndarray, float64, [K], optional
+        Column weights (:func:`column_weights`); None: plain squared error.
+
+    Returns
+    -------
+    np.ndarray, float64, [N]
+        ``sum_k c_k (w_nk - approx_nk)^2``, each row's independent of the chunks.
+    """
+    n, k = w.shape
+    errors = np.empty(n)
+
+    def error_rows(rows: slice) -> None:
+        errors[rows] = _sse(np.asarray(w[rows], np.float64), approx_rows(rows), c)
+
+    each_chunk(n, k, error_rows)
+    return errors
 
 
 def _dot(a: np.ndarray, b: np.ndarray, c: np.ndarray | None) -> np.ndarray:
@@ -177,7 +219,7 @@ def fit_symmetric(
     def fit_rows(rows: slice) -> None:
         q[rows], scale[rows] = _fit_symmetric_rows(w[rows], qmax, method, c)
 
-    _each_chunk(n, k, fit_rows)
+    each_chunk(n, k, fit_rows)
     return q, scale
 
 
@@ -253,7 +295,7 @@ def fit_offset_binary(
                 )
         params[0, rows], params[1, rows] = s, z
 
-    _each_chunk(n, k, fit_rows)
+    each_chunk(n, k, fit_rows)
     return q, params
 
 

@@ -34,6 +34,23 @@ def test_pack_unpack_roundtrip_and_exact_product(name, rng):
     np.testing.assert_array_equal(bp.plane_rowsum(xp, fmt), xq.sum(1))
 
 
+@pytest.mark.parametrize("chunk", [1, 100, 1 << 17])
+def test_pack_planes_in_row_chunks_follows_the_bit_order(monkeypatch, rng, chunk):
+    """pack_planes packs in row chunks (one row, 3 rows of K = 33, all at once): bit ``t`` of word
+    ``w`` of plane ``p`` is bit ``nbits - 1 - p`` of ``codes[r, 32 w + t]``, written out here bit
+    by bit; negative codes give their two's complement bits."""
+    monkeypatch.setattr(bp.reference, "_PACK_CHUNK_ELEMS", chunk)
+    for nbits, k in [(4, 33), (16, 64), (1, 5)]:
+        codes = rng.integers(-(2 ** (nbits - 1)), 2 ** (nbits - 1), size=(10, k))
+        planes = bp.pack_planes(codes, nbits)
+        words = -(-k // 32)
+        bits = np.zeros((10, words * 32), np.uint64)
+        for p in range(nbits):
+            bits[:, :k] = (codes >> (nbits - 1 - p)) & 1
+            want = (bits.reshape(10, words, 32) << np.arange(32, dtype=np.uint64)).sum(axis=2)
+            np.testing.assert_array_equal(planes[p], want.astype(np.uint32))
+
+
 @pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_bitlayers_truncates_low_planes(bits, offset, rng):

@@ -292,7 +292,7 @@ def test_fits_in_row_chunks_on_threads_equal_the_fit_in_one(monkeypatch, rng, bi
     alone = qz.choose_codebook(weights, fmt, "mse", importances)
     offset = [weight_fit.fit_offset_binary(w, bits, "mse", imp) for w, imp in zip(weights, importances, strict=True)]
     monkeypatch.setattr(weight_fit, "FIT_PARALLEL_MIN", 0)
-    monkeypatch.setattr(weight_fit, "_CHUNK_ELEMS", 2000)  # chunks of 8 rows (K = 80), 16 rows (K = 40)
+    monkeypatch.setattr(weight_fit, "_CHUNK_ELEMS", 640)  # chunks of 8 rows (K = 80), 16 rows (K = 40)
     assert weight_fit.fit_threads(96 * 80) == 3 and len(weight_fit._chunks(96, 80, 3)) == 12
     threaded = qz.choose_codebook(weights, fmt, "mse", importances)
     assert threaded[0] == alone[0]
@@ -306,3 +306,18 @@ def test_fits_in_row_chunks_on_threads_equal_the_fit_in_one(monkeypatch, rng, bi
         np.testing.assert_array_equal(tp, p)
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     assert weight_fit.fit_threads(96 * 80) == 1
+
+
+def test_row_squared_errors_in_chunks_on_threads(monkeypatch, rng):
+    """choose_codebook's error: per row, in row chunks on several threads (weighted and not), equal
+    to the whole-matrix float64 formula to rounding."""
+    w = rng.standard_normal((50, 70)).astype(np.float32)
+    approx = np.round(w * 2) / 2
+    c = weight_fit.column_weights(rng.random(70), 70)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    monkeypatch.setattr(weight_fit, "FIT_PARALLEL_MIN", 0)
+    monkeypatch.setattr(weight_fit, "_CHUNK_ELEMS", 700)  # 10 rows a chunk: 5 chunks
+    for cols in (None, c):
+        got = weight_fit.row_squared_errors(w, lambda rows: approx[rows], cols)
+        d = (w.astype(np.float64) - approx) ** 2
+        np.testing.assert_allclose(got, d.sum(1) if cols is None else d @ cols, rtol=1e-12)
