@@ -57,13 +57,13 @@ REFINE_STEPS = 4
 CENTER_MARGIN = 0.05
 #: Weights per row chunk (one row at least): each of the fit's ~140 passes over a chunk then reads
 #: and writes ~1 MB float64 temporaries, which stay in the core's L2 / L3, instead of going to DRAM.
-#: 1024 x 4096 on one core (AMD EPYC, 2 MB L2): two's complement W4 368 -> 53 ns a weight, offset
-#: binary 666 -> 128 (chunks of 2^24 weights before; 2^16-2^18 equal, 2^14 slower).
+#: Chunks of 2^16-2^18 weights fitted equally fast on an AMD EPYC (2 MB L2), 2^14 slower (numpy's
+#: cost per call), 2^24 (before) 3-6x slower (BENCHMARKS.md, forty-third session).
 _CHUNK_ELEMS = 1 << 17
 #: Weights from which a matrix is fitted in row chunks on several threads (:func:`fit_threads`): the
-#: fit is most of a large model's compile time (~1 µs per weight per codebook); a 2048-4096-2048
-#: MLP at W4 compiles in 8.8 s instead of 11.0 with the two codebooks on one thread each (2 vCPUs,
-#: ``benchmarks/bench_compile.py``), and more cores now take part.
+#: fit is most of a large model's compile time (~50-120 ns per weight per codebook on one core);
+#: a 2048-4096-2048 MLP at W4 compiled in 8.8 s instead of 11.0 with the two codebooks on one
+#: thread each (2 vCPUs, ``benchmarks/bench_compile.py``), and more cores now take part.
 FIT_PARALLEL_MIN = 1 << 18
 
 
