@@ -10,6 +10,7 @@ rewrites any CUDA module still holding source into a fatbin when it exports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -34,6 +35,45 @@ def find_nvcc() -> str:
     if found is None:
         raise RuntimeError("nvcc was not found (set CUDA_HOME or put it on PATH): it is needed to build CUDA kernels")
     return found
+
+
+@functools.cache
+def nvcc_archs(nvcc: str) -> tuple[str, ...]:
+    """The ``sm_XY`` archs the nvcc at path ``nvcc`` builds (``nvcc --list-gpu-arch``), oldest
+    first; empty where it cannot say."""
+    try:
+        proc = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(f"sm_{n}" for n in sorted({int(d) for d in re.findall(r"compute_(\d+)", proc.stdout)}))
+
+
+def check_nvcc_builds(arch: str) -> None:
+    """Refuse, before anything is built, a CUDA ``arch`` (``sm_90``, ``sm_90a`` ...) the nvcc that
+    pbtvm would use cannot build (one it dropped, like sm_70 in nvcc 13, or no GPU's, like sm_99);
+    nothing is checked without an nvcc or where it cannot list its archs.
+
+    Raises
+    ------
+    InputError
+        Naming the archs this nvcc builds.
+    """
+    nvcc = find_cuda_tool("nvcc")
+    known = nvcc_archs(nvcc) if nvcc else ()
+    base = re.match(r"sm_(\d+)", arch)
+    if known and base and f"sm_{base.group(1)}" not in known:
+        raise InputError(_unbuildable_arch(nvcc, arch))
+
+
+def _unbuildable_arch(nvcc: str, arch: str, nvcc_said: str | None = None) -> str:
+    """The message for an ``arch`` the ``nvcc`` cannot build (with what nvcc said, if it ran)."""
+    known = nvcc_archs(nvcc)
+    builds = f"it builds for {', '.join(known)}" if known else "it lists no archs"
+    said = f" ({nvcc_said})" if nvcc_said else ""
+    return (
+        f"this nvcc ({nvcc}) cannot build for {arch}{said}; {builds}: give the GPU's compute capability "
+        f"among those (e.g. sm_90 for an H100 or H200), or use an nvcc that supports {arch}"
+    )
 
 
 def compile_fatbin(source: str, arch: str) -> bytes:
@@ -77,10 +117,7 @@ def nvcc_output(source: str, arch: str, kind: str, *options: str) -> tuple[bytes
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             if "Unsupported gpu architecture" in proc.stderr:  # the user's arch, not a bug of pbtvm
-                raise InputError(
-                    f"this nvcc ({nvcc}) cannot build for {arch}: {proc.stderr.strip().splitlines()[-1]}; pick a "
-                    "newer arch or an nvcc that still supports it"
-                )
+                raise InputError(_unbuildable_arch(nvcc, arch, proc.stderr.strip().splitlines()[-1]))
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         with open(out, "rb") as f:
             return f.read(), proc.stderr

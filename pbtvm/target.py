@@ -14,6 +14,7 @@ from typing import Any
 
 from ._tvm import tvm
 from .bitplane import LUT_LAYOUT, MMA_LAYOUT
+from .cuda import check_nvcc_builds
 from .errors import InputError, InputTypeError, first_line
 from .names import ENV_CPU_KERNEL, ENV_CUDA_PDL, ENV_SKIP_CPU_CHECK
 
@@ -332,8 +333,9 @@ def resolve_target(target: Any) -> tvm.target.Target:
                     "Pass an explicit arch, e.g. target={'kind': 'cuda', 'arch': 'sm_90'}"
                 )
             spec["arch"] = arch
-        if not re.fullmatch(r"sm_\d+[a-z]?", str(spec["arch"])):
+        if not re.fullmatch(r"sm_[1-9]\d{1,2}[a-z]?", str(spec["arch"])):  # TVM needs major and minor digits
             raise InputError(f"CUDA arch {spec['arch']!r} must look like 'sm_90' (sm_ and the compute capability)")
+        check_nvcc_builds(str(spec["arch"]))
         for key, value in CUDA_LIMITS.items():
             spec.setdefault(key, value)
         return tvm.target.Target(_clean(spec), host=host)

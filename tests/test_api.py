@@ -358,6 +358,10 @@ def test_target_strings_in_every_form():
         ("metal", "unsupported target kind"),
         ("llvm -mcpu=skylake-avx51", "LLVM does not know the CPU 'skylake-avx51'.*did you mean 'skylake-avx512'"),
         ('{"kind": "cuda", "arch": "sm90"}', "CUDA arch 'sm90' must look like 'sm_90'"),
+        (
+            '{"kind": "cuda", "arch": "sm_9"}',
+            "CUDA arch 'sm_9' must look like 'sm_90'",
+        ),  # was TVM's ValueError at build
         ("llvm -mcpu=znver4 -mattr=+avx512vnn", "CPU feature 'avx512vnn'.*did you mean 'avx512vnni'"),
         ("llvm -mattr=-AMX-TILE", "CPU feature 'AMX-TILE' \\(mattr '-AMX-TILE'\\); did you mean 'amx-tile'"),
         ("llvm -mattr=avx2", "mattr entry 'avx2' must be a sign.*'\\+avx2' turns it on, '-avx2' off"),

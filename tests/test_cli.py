@@ -53,11 +53,16 @@ def _run(argv, capsys):
     return code, out.out, out.err
 
 
-def test_console_script_help():
-    proc = subprocess.run([sys.executable, "-m", "pbtvm.cli", "--help"], capture_output=True, text=True, check=False)
+@pytest.mark.parametrize("module", ["pbtvm.cli", "pbtvm"])
+def test_console_script_help(module):
+    """``python -m pbtvm`` is the command line too (it said "'pbtvm' is a package and cannot be
+    directly executed"), with its argument errors' exit status."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     for cmd in ("compile", "tune", "bench", "eval", "inspect"):
         assert cmd in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", module, "compile"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "pbtvm" in proc.stderr and "error" in proc.stderr
 
 
 #: In a fresh process: the CLI's help and an argument error, then a pbtvm input error raised inside

@@ -211,7 +211,9 @@ def test_arch_specific_builds_run_on_their_base_arch(monkeypatch):
 
 
 def test_an_arch_nvcc_cannot_build_is_named():
-    """An arch this nvcc dropped (nvcc 13: sm_70) is the user's choice, not an internal error."""
+    """An arch this nvcc dropped (nvcc 13: sm_70) or no GPU has (sm_99) is the user's choice, not an
+    internal error: refused when the target is resolved (it compiled, then export failed), and by
+    nvcc's own message where a build gets that far, each naming the archs this nvcc builds."""
     import shutil
     import subprocess
 
@@ -223,10 +225,16 @@ def test_an_arch_nvcc_cannot_build_is_named():
         archs = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("no nvcc")
-    if "compute_70" in archs:
-        pytest.skip("this nvcc still builds sm_70")
-    with pytest.raises(InputError, match="cannot build for sm_70: .*Unsupported gpu architecture"):
+    if "compute_70" in archs or "compute_90" not in archs:
+        pytest.skip("this nvcc still builds sm_70, or not sm_90")
+    with pytest.raises(
+        InputError, match=r"cannot build for sm_70 \(.*Unsupported gpu architecture.*builds for .*sm_90"
+    ):
         compile_fatbin("__global__ void k() {}", "sm_70")
+    for arch in ("sm_70", "sm_99"):
+        with pytest.raises(InputError, match=f"cannot build for {arch}; it builds for .*sm_90.*: give the GPU's"):
+            resolve_target({"kind": "cuda", "arch": arch})
+    assert resolve_target({"kind": "cuda", "arch": "sm_90a"}).attrs["arch"] == "sm_90a"
 
 
 def test_nvcc_compile_hooks_of_two_threads_take_turns():

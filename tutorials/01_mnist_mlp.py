@@ -7,7 +7,7 @@ PrecisionBatching at several weight bitwidths, compare accuracy with fp32 on 1,0
 digits, turn the run-time ``bitlayers`` knob, and export/reload a deployable ``.so``.
 
 Run: ``python tutorials/01_mnist_mlp.py`` (``--quick``, for CI: W4 only). The first run trains
-the model (about a minute on 2 cores) and caches it in ``~/.cache/pbtvm``; later runs load it.
+the model (seconds on 2 cores) and caches it in ``~/.cache/pbtvm``; later runs load it.
 """
 
 import argparse

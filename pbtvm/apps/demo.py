@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     t0 = time.time()
     cached = os.path.exists(builtin_mnist_mlp_path())
-    if not cached:
-        print("training the MNIST MLP once (about a minute on 2 cores; cached for later runs) ...")
-    model, split = builtin_mnist_mlp()
+    model, split = builtin_mnist_mlp()  # says on stderr when it trains
     fp32 = torch_accuracy(model, split.x_test, split.y_test)
     how = "loaded from" if cached else f"trained in {time.time() - t0:.0f}s, saved to"
     print(
