@@ -74,8 +74,9 @@ def _chunks(n: int, k: int, parts: int = 1) -> list[slice]:
     return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def each_chunk(n: int, k: int, fit_rows: Callable[[slice], None]) -> None:
-    """Call ``fit_rows`` on every row chunk (:func:`_chunks`), on :func:`fit_threads` threads.
+def each_chunk(n: int, k: int, work: Callable[[slice], None]) -> None:
+    """Call ``work(rows)`` on every row chunk (:func:`_chunks`) of an ``[n, k]`` matrix, on
+    :func:`fit_threads` threads: a fit, or its error (:func:`row_squared_errors`).
 
     Each row's fit depends on that row alone (and on the shared column weights), so the chunks
     write disjoint rows and the result is that of one thread; numpy releases the GIL in the
@@ -86,10 +87,10 @@ def each_chunk(n: int, k: int, fit_rows: Callable[[slice], None]) -> None:
     chunks = _chunks(n, k, threads)
     if threads == 1 or len(chunks) == 1:
         for rows in chunks:
-            fit_rows(rows)
+            work(rows)
         return
     with concurrent.futures.ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="pbtvm-fit") as pool:
-        for done in [pool.submit(fit_rows, rows) for rows in chunks]:
+        for done in [pool.submit(work, rows) for rows in chunks]:
             done.result()
 
 
